@@ -1,0 +1,9 @@
+//! ferry: replicates a message broker's data directory from a leader to followers.
+//!
+//! The protocol is a sans-IO core (`frame`, `session`) driven by thin I/O shells
+//! (`engine`). See `docs/ARCHITECTURE.md` for the code map and the invariants
+//! that hold between the modules.
+
+pub mod index;
+pub mod paths;
+pub mod watch;
