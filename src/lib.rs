@@ -4,6 +4,10 @@
 //! (`engine`). See `docs/ARCHITECTURE.md` for the code map and the invariants
 //! that hold between the modules.
 
+pub mod auth;
+pub mod catalog;
+pub mod frame;
 pub mod index;
+pub mod lag;
 pub mod paths;
 pub mod watch;

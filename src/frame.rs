@@ -1,0 +1,880 @@
+//! The wire format: the preamble, every frame type, and every limit, exactly as `docs/PROTOCOL.md`
+//! describes them. Pure functions over byte slices: no I/O, no state beyond one frame.
+//!
+//! Decoding never trusts a length before checking it against its named limit, so a peer cannot
+//! make us allocate or wait for more than `MAX_FRAME_BODY_BYTES` of header. A DATA frame's payload
+//! is *not* part of the decoded frame: the session hands it to the I/O shell, which moves it
+//! straight from the socket into the file (and, on the leader, from the file into the socket).
+
+use crate::paths::{PathError, RelPath, MAX_PATH_LEN_BYTES};
+
+pub const PREAMBLE_BYTES: usize = 16;
+pub const MAGIC: [u8; 8] = *b"FERRY\0\r\n";
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Capability bits this build understands (none are defined in version 1).
+pub const CAPABILITIES: u32 = 0;
+pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
+pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
+pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
+pub const MAX_INVENTORY_FILES: u64 = 1_000_000;
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+pub const NONCE_BYTES: usize = 32;
+pub const MAC_BYTES: usize = 32;
+pub const DIGEST_BYTES: usize = 20;
+/// Length of the `body_len` field that opens every frame.
+pub const FRAME_LEN_FIELD_BYTES: usize = 4;
+/// The leader sends a MARK at least this often when it has nothing else to send.
+pub const KEEPALIVE_INTERVAL_MS: u64 = 500;
+/// A follower that hears nothing from its leader for this long drops the connection.
+pub const LEADER_SILENCE_TIMEOUT_MS: u64 = 5000;
+
+pub type Nonce = [u8; NONCE_BYTES];
+pub type Mac = [u8; MAC_BYTES];
+pub type Digest = [u8; DIGEST_BYTES];
+
+const T_CHALLENGE: u8 = 0x01;
+const T_AUTH: u8 = 0x02;
+const T_WELCOME: u8 = 0x03;
+const T_ERROR: u8 = 0x04;
+const T_INDEX: u8 = 0x10;
+const T_INDEX_END: u8 = 0x11;
+const T_HAVE: u8 = 0x12;
+const T_HAVE_END: u8 = 0x13;
+const T_DATA: u8 = 0x20;
+const T_BEGIN_WHOLE: u8 = 0x21;
+const T_COMMIT_WHOLE: u8 = 0x22;
+const T_TRUNCATE: u8 = 0x23;
+const T_DELETE: u8 = 0x24;
+const T_MARK: u8 = 0x25;
+const T_ACK: u8 = 0x30;
+
+const DATA_FLAG_TEMP: u8 = 0x01;
+const MARK_FLAG_SYNC_DONE: u8 = 0x01;
+
+/// What a follower promises before it acks, from weakest to strongest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Durability {
+    /// The frames were received.
+    Received = 0,
+    /// The bytes are in the follower's page cache.
+    Written = 1,
+    /// The bytes survive a power loss (syncfs done).
+    Synced = 2,
+}
+
+impl Durability {
+    pub const ALL: [Durability; 3] = [
+        Durability::Received,
+        Durability::Written,
+        Durability::Synced,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Received => "received",
+            Durability::Written => "written",
+            Durability::Synced => "synced",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Durability> {
+        Durability::ALL.get(usize::from(v)).copied()
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Durability::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| {
+                format!("unknown durability {s:?}: expected received, written or synced")
+            })
+    }
+}
+
+/// ERROR frame codes (`docs/PROTOCOL.md`, frame 0x04).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadMagic,
+    VersionMismatch,
+    AuthFailed,
+    Limit,
+    BadFrame,
+    BadPath,
+    Io,
+    Shutdown,
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::BadMagic => 1,
+            ErrorCode::VersionMismatch => 2,
+            ErrorCode::AuthFailed => 3,
+            ErrorCode::Limit => 4,
+            ErrorCode::BadFrame => 5,
+            ErrorCode::BadPath => 6,
+            ErrorCode::Io => 7,
+            ErrorCode::Shutdown => 8,
+            ErrorCode::Unknown(v) => v,
+        }
+    }
+
+    pub fn from_u16(v: u16) -> ErrorCode {
+        match v {
+            1 => ErrorCode::BadMagic,
+            2 => ErrorCode::VersionMismatch,
+            3 => ErrorCode::AuthFailed,
+            4 => ErrorCode::Limit,
+            5 => ErrorCode::BadFrame,
+            6 => ErrorCode::BadPath,
+            7 => ErrorCode::Io,
+            8 => ErrorCode::Shutdown,
+            other => ErrorCode::Unknown(other),
+        }
+    }
+}
+
+/// Why bytes from a peer were rejected. Each names the cause and, for limits, the limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("not a ferry peer (bad magic {found:02x?})")]
+    BadMagic { found: [u8; 8] },
+    #[error(
+        "protocol version mismatch: peer speaks version {peer}, this ferry speaks version {ours}"
+    )]
+    VersionMismatch { peer: u16, ours: u16 },
+    #[error("frame body of {body_len} bytes exceeds MAX_FRAME_BODY_BYTES ({max})")]
+    FrameTooLarge { body_len: u32, max: u32 },
+    #[error("DATA payload of {data_len} bytes exceeds MAX_DATA_BYTES ({max})")]
+    DataTooLarge { data_len: u32, max: u32 },
+    #[error("ERROR message of {len} bytes exceeds MAX_ERROR_MESSAGE_BYTES ({max})")]
+    MessageTooLong { len: usize, max: usize },
+    #[error("empty frame (body_len 0)")]
+    Empty,
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    #[error("malformed {frame} frame: {why}")]
+    Malformed { frame: &'static str, why: String },
+    #[error("bad path in {frame} frame: {source}")]
+    BadPath {
+        frame: &'static str,
+        source: PathError,
+    },
+}
+
+impl FrameError {
+    /// The ERROR code a peer should be told for this rejection.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FrameError::BadMagic { .. } => ErrorCode::BadMagic,
+            FrameError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            FrameError::FrameTooLarge { .. }
+            | FrameError::DataTooLarge { .. }
+            | FrameError::MessageTooLong { .. } => ErrorCode::Limit,
+            FrameError::BadPath { .. } => ErrorCode::BadPath,
+            FrameError::Empty | FrameError::UnknownType(_) | FrameError::Malformed { .. } => {
+                ErrorCode::BadFrame
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    pub version: u16,
+    pub capabilities: u32,
+}
+
+impl Preamble {
+    pub fn ours() -> Preamble {
+        Preamble {
+            version: PROTOCOL_VERSION,
+            capabilities: CAPABILITIES,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; PREAMBLE_BYTES] {
+        let mut out = [0u8; PREAMBLE_BYTES];
+        out[0..8].copy_from_slice(&MAGIC);
+        out[8..10].copy_from_slice(&self.version.to_le_bytes());
+        out[12..16].copy_from_slice(&self.capabilities.to_le_bytes());
+        out
+    }
+
+    /// Decodes a peer's preamble; the version is returned as is (the session decides on a mismatch).
+    pub fn decode(bytes: &[u8; PREAMBLE_BYTES]) -> Result<Preamble, FrameError> {
+        let mut magic = [0u8; 8];
+        magic.copy_from_slice(&bytes[0..8]);
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic { found: magic });
+        }
+        Ok(Preamble {
+            version: u16::from_le_bytes([bytes[8], bytes[9]]),
+            capabilities: u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]),
+        })
+    }
+}
+
+/// One frame, as decoded. A `Data` frame's payload follows it on the wire and is not included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Challenge {
+        leader_nonce: Nonce,
+    },
+    Auth {
+        follower_nonce: Nonce,
+        follower_mac: Mac,
+    },
+    Welcome {
+        leader_mac: Mac,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Index {
+        len_bytes: u64,
+        path: RelPath,
+    },
+    IndexEnd {
+        count: u64,
+    },
+    Have {
+        len_bytes: u64,
+        digest: Digest,
+        path: RelPath,
+    },
+    HaveEnd {
+        count: u64,
+        durability: Durability,
+    },
+    Data {
+        temp: bool,
+        offset: u64,
+        data_len: u32,
+        path: RelPath,
+    },
+    BeginWhole {
+        len_bytes: u64,
+        path: RelPath,
+    },
+    CommitWhole {
+        path: RelPath,
+    },
+    Truncate {
+        len_bytes: u64,
+        path: RelPath,
+    },
+    Delete {
+        path: RelPath,
+    },
+    Mark {
+        position: u64,
+        sync_done: bool,
+    },
+    Ack {
+        received: u64,
+        written: u64,
+        synced: u64,
+    },
+}
+
+impl Frame {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Challenge { .. } => "CHALLENGE",
+            Frame::Auth { .. } => "AUTH",
+            Frame::Welcome { .. } => "WELCOME",
+            Frame::Error { .. } => "ERROR",
+            Frame::Index { .. } => "INDEX",
+            Frame::IndexEnd { .. } => "INDEX_END",
+            Frame::Have { .. } => "HAVE",
+            Frame::HaveEnd { .. } => "HAVE_END",
+            Frame::Data { .. } => "DATA",
+            Frame::BeginWhole { .. } => "BEGIN_WHOLE",
+            Frame::CommitWhole { .. } => "COMMIT_WHOLE",
+            Frame::Truncate { .. } => "TRUNCATE",
+            Frame::Delete { .. } => "DELETE",
+            Frame::Mark { .. } => "MARK",
+            Frame::Ack { .. } => "ACK",
+        }
+    }
+
+    /// An ERROR frame whose message is cut to `MAX_ERROR_MESSAGE_BYTES` on a char boundary.
+    pub fn error(code: ErrorCode, message: &str) -> Frame {
+        let mut end = message.len().min(MAX_ERROR_MESSAGE_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        Frame::Error {
+            code,
+            message: message[..end].to_string(),
+        }
+    }
+
+    /// Appends the frame's bytes (without any DATA payload) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; FRAME_LEN_FIELD_BYTES]);
+        match self {
+            Frame::Challenge { leader_nonce } => {
+                out.push(T_CHALLENGE);
+                out.extend_from_slice(leader_nonce);
+            }
+            Frame::Auth {
+                follower_nonce,
+                follower_mac,
+            } => {
+                out.push(T_AUTH);
+                out.extend_from_slice(follower_nonce);
+                out.extend_from_slice(follower_mac);
+            }
+            Frame::Welcome { leader_mac } => {
+                out.push(T_WELCOME);
+                out.extend_from_slice(leader_mac);
+            }
+            Frame::Error { code, message } => {
+                out.push(T_ERROR);
+                out.extend_from_slice(&code.to_u16().to_le_bytes());
+                let msg = &message.as_bytes()[..message.len().min(MAX_ERROR_MESSAGE_BYTES)];
+                out.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+                out.extend_from_slice(msg);
+            }
+            Frame::Index { len_bytes, path } => {
+                out.push(T_INDEX);
+                out.extend_from_slice(&len_bytes.to_le_bytes());
+                put_path(out, path);
+            }
+            Frame::IndexEnd { count } => {
+                out.push(T_INDEX_END);
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            Frame::Have {
+                len_bytes,
+                digest,
+                path,
+            } => {
+                out.push(T_HAVE);
+                out.extend_from_slice(&len_bytes.to_le_bytes());
+                out.extend_from_slice(digest);
+                put_path(out, path);
+            }
+            Frame::HaveEnd { count, durability } => {
+                out.push(T_HAVE_END);
+                out.extend_from_slice(&count.to_le_bytes());
+                out.push(*durability as u8);
+            }
+            Frame::Data {
+                temp,
+                offset,
+                data_len,
+                path,
+            } => {
+                out.push(T_DATA);
+                out.push(if *temp { DATA_FLAG_TEMP } else { 0 });
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&data_len.to_le_bytes());
+                put_path(out, path);
+            }
+            Frame::BeginWhole { len_bytes, path } => {
+                out.push(T_BEGIN_WHOLE);
+                out.extend_from_slice(&len_bytes.to_le_bytes());
+                put_path(out, path);
+            }
+            Frame::CommitWhole { path } => {
+                out.push(T_COMMIT_WHOLE);
+                put_path(out, path);
+            }
+            Frame::Truncate { len_bytes, path } => {
+                out.push(T_TRUNCATE);
+                out.extend_from_slice(&len_bytes.to_le_bytes());
+                put_path(out, path);
+            }
+            Frame::Delete { path } => {
+                out.push(T_DELETE);
+                put_path(out, path);
+            }
+            Frame::Mark {
+                position,
+                sync_done,
+            } => {
+                out.push(T_MARK);
+                out.extend_from_slice(&position.to_le_bytes());
+                out.push(if *sync_done { MARK_FLAG_SYNC_DONE } else { 0 });
+            }
+            Frame::Ack {
+                received,
+                written,
+                synced,
+            } => {
+                out.push(T_ACK);
+                out.extend_from_slice(&received.to_le_bytes());
+                out.extend_from_slice(&written.to_le_bytes());
+                out.extend_from_slice(&synced.to_le_bytes());
+            }
+        }
+        let body_len = (out.len() - start - FRAME_LEN_FIELD_BYTES) as u32;
+        debug_assert!(
+            body_len <= MAX_FRAME_BODY_BYTES,
+            "encoded a frame over the limit"
+        );
+        out[start..start + FRAME_LEN_FIELD_BYTES].copy_from_slice(&body_len.to_le_bytes());
+    }
+
+    /// Decodes one frame from the front of `buf`. `Ok(None)` means more bytes are needed (never
+    /// more than `FRAME_LEN_FIELD_BYTES + MAX_FRAME_BODY_BYTES`). On success, returns the frame
+    /// and the number of bytes it took (a DATA payload is not consumed).
+    pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+        let Some(len_field) = buf.get(..FRAME_LEN_FIELD_BYTES) else {
+            return Ok(None);
+        };
+        let body_len = u32::from_le_bytes([len_field[0], len_field[1], len_field[2], len_field[3]]);
+        if body_len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if body_len > MAX_FRAME_BODY_BYTES {
+            return Err(FrameError::FrameTooLarge {
+                body_len,
+                max: MAX_FRAME_BODY_BYTES,
+            });
+        }
+        let total = FRAME_LEN_FIELD_BYTES + body_len as usize;
+        let Some(body) = buf.get(FRAME_LEN_FIELD_BYTES..total) else {
+            return Ok(None);
+        };
+        let frame = decode_body(
+            body[0],
+            Reader {
+                name: type_name(body[0])?,
+                rest: &body[1..],
+            },
+        )?;
+        Ok(Some((frame, total)))
+    }
+}
+
+fn type_name(t: u8) -> Result<&'static str, FrameError> {
+    Ok(match t {
+        T_CHALLENGE => "CHALLENGE",
+        T_AUTH => "AUTH",
+        T_WELCOME => "WELCOME",
+        T_ERROR => "ERROR",
+        T_INDEX => "INDEX",
+        T_INDEX_END => "INDEX_END",
+        T_HAVE => "HAVE",
+        T_HAVE_END => "HAVE_END",
+        T_DATA => "DATA",
+        T_BEGIN_WHOLE => "BEGIN_WHOLE",
+        T_COMMIT_WHOLE => "COMMIT_WHOLE",
+        T_TRUNCATE => "TRUNCATE",
+        T_DELETE => "DELETE",
+        T_MARK => "MARK",
+        T_ACK => "ACK",
+        other => return Err(FrameError::UnknownType(other)),
+    })
+}
+
+fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
+    let frame = match t {
+        T_CHALLENGE => Frame::Challenge {
+            leader_nonce: r.array()?,
+        },
+        T_AUTH => Frame::Auth {
+            follower_nonce: r.array()?,
+            follower_mac: r.array()?,
+        },
+        T_WELCOME => Frame::Welcome {
+            leader_mac: r.array()?,
+        },
+        T_ERROR => {
+            let code = ErrorCode::from_u16(r.u16()?);
+            let len = usize::from(r.u16()?);
+            if len > MAX_ERROR_MESSAGE_BYTES {
+                return Err(FrameError::MessageTooLong {
+                    len,
+                    max: MAX_ERROR_MESSAGE_BYTES,
+                });
+            }
+            let message = String::from_utf8_lossy(r.bytes(len)?).into_owned();
+            Frame::Error { code, message }
+        }
+        T_INDEX => Frame::Index {
+            len_bytes: r.u64()?,
+            path: r.path()?,
+        },
+        T_INDEX_END => Frame::IndexEnd { count: r.u64()? },
+        T_HAVE => Frame::Have {
+            len_bytes: r.u64()?,
+            digest: r.array()?,
+            path: r.path()?,
+        },
+        T_HAVE_END => {
+            let count = r.u64()?;
+            let level = r.u8()?;
+            let durability = Durability::from_u8(level)
+                .ok_or_else(|| r.malformed(format!("unknown durability level {level}")))?;
+            Frame::HaveEnd { count, durability }
+        }
+        T_DATA => {
+            let flags = r.u8()?;
+            if flags & !DATA_FLAG_TEMP != 0 {
+                return Err(r.malformed(format!("unknown flags 0x{flags:02x}")));
+            }
+            let offset = r.u64()?;
+            let data_len = r.u32()?;
+            if data_len > MAX_DATA_BYTES {
+                return Err(FrameError::DataTooLarge {
+                    data_len,
+                    max: MAX_DATA_BYTES,
+                });
+            }
+            if offset.checked_add(u64::from(data_len)).is_none() {
+                return Err(r.malformed(format!("offset {offset} + {data_len} overflows")));
+            }
+            Frame::Data {
+                temp: flags & DATA_FLAG_TEMP != 0,
+                offset,
+                data_len,
+                path: r.path()?,
+            }
+        }
+        T_BEGIN_WHOLE => Frame::BeginWhole {
+            len_bytes: r.u64()?,
+            path: r.path()?,
+        },
+        T_COMMIT_WHOLE => Frame::CommitWhole { path: r.path()? },
+        T_TRUNCATE => Frame::Truncate {
+            len_bytes: r.u64()?,
+            path: r.path()?,
+        },
+        T_DELETE => Frame::Delete { path: r.path()? },
+        T_MARK => {
+            let position = r.u64()?;
+            let flags = r.u8()?;
+            if flags & !MARK_FLAG_SYNC_DONE != 0 {
+                return Err(r.malformed(format!("unknown flags 0x{flags:02x}")));
+            }
+            Frame::Mark {
+                position,
+                sync_done: flags & MARK_FLAG_SYNC_DONE != 0,
+            }
+        }
+        T_ACK => Frame::Ack {
+            received: r.u64()?,
+            written: r.u64()?,
+            synced: r.u64()?,
+        },
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    r.finish()?;
+    Ok(frame)
+}
+
+fn put_path(out: &mut Vec<u8>, path: &RelPath) {
+    let bytes = path.as_str().as_bytes();
+    debug_assert!(bytes.len() <= MAX_PATH_LEN_BYTES);
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A cursor over one frame's fields that turns every short read into a named `Malformed` error.
+struct Reader<'a> {
+    name: &'static str,
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn malformed(&self, why: String) -> FrameError {
+        FrameError::Malformed {
+            frame: self.name,
+            why,
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.rest.len() < n {
+            return Err(self.malformed(format!(
+                "needs {n} more bytes, only {} left in the frame",
+                self.rest.len()
+            )));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.bytes(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn path(&mut self) -> Result<RelPath, FrameError> {
+        let len = usize::from(self.u16()?);
+        if len > MAX_PATH_LEN_BYTES {
+            return Err(self.malformed(format!(
+                "path of {len} bytes exceeds MAX_PATH_LEN_BYTES ({MAX_PATH_LEN_BYTES})"
+            )));
+        }
+        let raw = self.bytes(len)?;
+        RelPath::from_bytes(raw).map_err(|source| FrameError::BadPath {
+            frame: self.name,
+            source,
+        })
+    }
+
+    fn finish(&self) -> Result<(), FrameError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(self.malformed(format!("{} unexpected trailing bytes", self.rest.len())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn path(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn roundtrip(f: &Frame) -> Frame {
+        let mut buf = Vec::new();
+        f.encode(&mut buf);
+        let (g, used) = Frame::decode(&buf).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        g
+    }
+
+    #[test]
+    fn data_header_layout_matches_the_spec() {
+        let mut buf = Vec::new();
+        Frame::Data {
+            temp: true,
+            offset: 0x0102,
+            data_len: 7,
+            path: path("ab"),
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            buf,
+            [
+                18, 0, 0, 0, // body_len = 16 + path_len
+                0x20, 0x01, // type, flags TEMP
+                0x02, 0x01, 0, 0, 0, 0, 0, 0, // offset
+                7, 0, 0, 0, // data_len
+                2, 0, b'a', b'b'
+            ]
+        );
+    }
+
+    #[test]
+    fn preamble_layout_and_bad_magic() {
+        let p = Preamble {
+            version: 1,
+            capabilities: 0,
+        }
+        .encode();
+        assert_eq!(&p[..8], b"FERRY\0\r\n");
+        assert_eq!(&p[8..10], &[1, 0]);
+        assert_eq!(Preamble::decode(&p).unwrap().version, 1);
+        let mut http = [0u8; 16];
+        http.copy_from_slice(b"GET / HTTP/1.1\r\n");
+        let err = Preamble::decode(&http).unwrap_err();
+        assert!(err.to_string().contains("bad magic"), "{err}");
+        assert_eq!(err.code(), ErrorCode::BadMagic);
+    }
+
+    #[test]
+    fn oversized_frame_is_rejected_naming_the_limit_before_its_body_arrives() {
+        let buf = (MAX_FRAME_BODY_BYTES + 1).to_le_bytes();
+        let err = Frame::decode(&buf).unwrap_err();
+        assert!(err.to_string().contains("MAX_FRAME_BODY_BYTES"), "{err}");
+        assert_eq!(err.code(), ErrorCode::Limit);
+    }
+
+    #[test]
+    fn oversized_data_payload_is_rejected_naming_the_limit() {
+        let mut buf = Vec::new();
+        Frame::Data {
+            temp: false,
+            offset: 0,
+            data_len: 1,
+            path: path("a"),
+        }
+        .encode(&mut buf);
+        buf[14..18].copy_from_slice(&(MAX_DATA_BYTES + 1).to_le_bytes());
+        let err = Frame::decode(&buf).unwrap_err();
+        assert!(err.to_string().contains("MAX_DATA_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn escaping_paths_are_rejected_as_bad_path() {
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "a\0b",
+            ".ferry/digests",
+            "a//b",
+        ] {
+            let mut buf = Vec::new();
+            Frame::Delete { path: path("x") }.encode(&mut buf);
+            buf.truncate(5);
+            buf.extend_from_slice(&(bad.len() as u16).to_le_bytes());
+            buf.extend_from_slice(bad.as_bytes());
+            let body_len = (buf.len() - 4) as u32;
+            buf[..4].copy_from_slice(&body_len.to_le_bytes());
+            let err = Frame::decode(&buf).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::BadPath, "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_type_and_trailing_bytes_are_named() {
+        let err = Frame::decode(&[1, 0, 0, 0, 0x7f]).unwrap_err();
+        assert_eq!(err, FrameError::UnknownType(0x7f));
+        let mut buf = Vec::new();
+        Frame::IndexEnd { count: 3 }.encode(&mut buf);
+        buf.push(0);
+        buf[0] += 1;
+        let err = Frame::decode(&buf).unwrap_err();
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[test]
+    fn error_messages_are_cut_to_the_limit_on_a_char_boundary() {
+        let long = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
+        let Frame::Error { message, .. } = roundtrip(&Frame::error(ErrorCode::Io, &long)) else {
+            panic!("not an error frame")
+        };
+        assert!(message.len() <= MAX_ERROR_MESSAGE_BYTES);
+        assert!(message.chars().all(|c| c == 'é'));
+    }
+
+    fn arb_path() -> impl Strategy<Value = RelPath> {
+        "[a-z0-9_]{1,12}(/[a-z0-9_.]{1,12}){0,3}"
+            .prop_filter_map("valid", |s| RelPath::new(&s).ok())
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            any::<[u8; 32]>().prop_map(|n| Frame::Challenge { leader_nonce: n }),
+            (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(n, m)| Frame::Auth {
+                follower_nonce: n,
+                follower_mac: m
+            }),
+            any::<[u8; 32]>().prop_map(|m| Frame::Welcome { leader_mac: m }),
+            (any::<u16>(), "[ -~]{0,64}").prop_map(|(c, m)| Frame::Error {
+                code: ErrorCode::from_u16(c),
+                message: m
+            }),
+            (any::<u64>(), arb_path()).prop_map(|(l, p)| Frame::Index {
+                len_bytes: l,
+                path: p
+            }),
+            any::<u64>().prop_map(|c| Frame::IndexEnd { count: c }),
+            (any::<u64>(), any::<[u8; 20]>(), arb_path()).prop_map(|(l, d, p)| Frame::Have {
+                len_bytes: l,
+                digest: d,
+                path: p
+            }),
+            (any::<u64>(), 0u8..3).prop_map(|(c, d)| Frame::HaveEnd {
+                count: c,
+                durability: Durability::from_u8(d).unwrap()
+            }),
+            (
+                any::<bool>(),
+                0u64..u64::MAX / 2,
+                0..=MAX_DATA_BYTES,
+                arb_path()
+            )
+                .prop_map(|(t, o, l, p)| Frame::Data {
+                    temp: t,
+                    offset: o,
+                    data_len: l,
+                    path: p
+                }),
+            (any::<u64>(), arb_path()).prop_map(|(l, p)| Frame::BeginWhole {
+                len_bytes: l,
+                path: p
+            }),
+            arb_path().prop_map(|p| Frame::CommitWhole { path: p }),
+            (any::<u64>(), arb_path()).prop_map(|(l, p)| Frame::Truncate {
+                len_bytes: l,
+                path: p
+            }),
+            arb_path().prop_map(|p| Frame::Delete { path: p }),
+            (any::<u64>(), any::<bool>()).prop_map(|(p, s)| Frame::Mark {
+                position: p,
+                sync_done: s
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(r, w, s)| Frame::Ack {
+                received: r,
+                written: w,
+                synced: s
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_frame_roundtrips(f in arb_frame()) {
+            prop_assert_eq!(roundtrip(&f), f);
+        }
+
+        #[test]
+        fn a_stream_split_anywhere_decodes_to_the_same_frames(
+            frames in proptest::collection::vec(arb_frame(), 1..8), cut in 0usize..4096
+        ) {
+            let mut wire = Vec::new();
+            for f in &frames { f.encode(&mut wire); }
+            let cut = cut.min(wire.len());
+            // Feed the first `cut` bytes, then all: a prefix either yields whole frames or asks for more.
+            let mut got = Vec::new();
+            let mut pos = 0;
+            for end in [cut, wire.len()] {
+                while let Some((f, used)) = Frame::decode(&wire[pos..end]).unwrap() {
+                    got.push(f);
+                    pos += used;
+                }
+            }
+            prop_assert_eq!(pos, wire.len());
+            prop_assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics_and_never_overreads(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(Some((_, used))) = Frame::decode(&bytes) {
+                prop_assert!(used <= bytes.len());
+            }
+        }
+    }
+}
