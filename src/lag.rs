@@ -1,0 +1,224 @@
+//! Per-follower ack tracking on the leader: watermarks at each durability level, time since the
+//! last ack, ack latency as an HDR histogram, and the follower's state.
+//!
+//! Time is a parameter (`now`), never read here, so the session tests drive it deterministically.
+//! Memory is bounded: at most `MARKS_IN_FLIGHT_MAX` unacked marks are remembered for latency; when
+//! a stalled follower exceeds that, the oldest are forgotten (their latency samples are lost, the
+//! watermarks are not).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::frame::Durability;
+
+/// Default deadline after which a follower with unacked marks is reported as lagging.
+pub const ACK_TIMEOUT_MS_DEFAULT: u64 = 1000;
+pub const MARKS_IN_FLIGHT_MAX: usize = 4096;
+/// Ack latencies above this are clamped into the histogram's top bucket.
+const LATENCY_US_MAX: u64 = 3_600_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowerState {
+    /// Authenticating or receiving the initial sync.
+    Syncing,
+    /// In sync and acking within the deadline.
+    Streaming,
+    /// Has unacked marks older than the ack deadline.
+    Lagging,
+    /// The connection is gone.
+    Disconnected,
+}
+
+impl FollowerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            FollowerState::Syncing => "syncing",
+            FollowerState::Streaming => "streaming",
+            FollowerState::Lagging => "lagging",
+            FollowerState::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// What the leader knows of one follower at a moment, for `followers()` and `wait_for`.
+#[derive(Debug, Clone)]
+pub struct LagSnapshot {
+    pub state: FollowerState,
+    pub durability: Option<Durability>,
+    /// Highest acked position at each level (index by `Durability::index()`).
+    pub acked: [u64; 3],
+    /// `leader_position - acked` at each level.
+    pub lag_bytes: [u64; 3],
+    pub since_last_ack_ms: Option<u64>,
+    pub ack_latency_p50_us: u64,
+    pub ack_latency_p99_us: u64,
+    pub ack_latency_p999_us: u64,
+}
+
+#[derive(Debug)]
+pub struct LagTracker {
+    durability: Option<Durability>,
+    acked: [u64; 3],
+    last_ack_at: Option<Instant>,
+    marks_unacked: VecDeque<(u64, Instant)>,
+    latency_us: Histogram<u64>,
+    sync_done_position: Option<u64>,
+    in_sync: bool,
+    disconnected: bool,
+    ack_timeout: Duration,
+}
+
+impl LagTracker {
+    pub fn new(ack_timeout: Duration) -> LagTracker {
+        let latency_us = match Histogram::new_with_bounds(1, LATENCY_US_MAX, 3) {
+            Ok(h) => h,
+            Err(_) => unreachable!("constant histogram bounds are valid"),
+        };
+        LagTracker {
+            durability: None,
+            acked: [0; 3],
+            last_ack_at: None,
+            marks_unacked: VecDeque::new(),
+            latency_us,
+            sync_done_position: None,
+            in_sync: false,
+            disconnected: false,
+            ack_timeout,
+        }
+    }
+
+    /// The follower told us (in HAVE_END) at which level it acks.
+    pub fn set_durability(&mut self, durability: Durability) {
+        self.durability = Some(durability);
+    }
+
+    pub fn on_mark_sent(&mut self, position: u64, sync_done: bool, now: Instant) {
+        if sync_done {
+            self.sync_done_position = Some(position);
+        }
+        if self.marks_unacked.len() == MARKS_IN_FLIGHT_MAX {
+            self.marks_unacked.pop_front();
+        }
+        self.marks_unacked.push_back((position, now));
+    }
+
+    /// An ACK arrived (already validated by the session as monotonic and ordered).
+    pub fn on_ack(&mut self, acked: [u64; 3], now: Instant) {
+        self.acked = acked;
+        self.last_ack_at = Some(now);
+        let level = self.acked_at_own_level();
+        while let Some(&(position, sent_at)) = self.marks_unacked.front() {
+            if position > level {
+                break;
+            }
+            let us = now.saturating_duration_since(sent_at).as_micros() as u64;
+            // Samples are clamped into range, so recording cannot fail.
+            let _ = self.latency_us.record(us.clamp(1, LATENCY_US_MAX));
+            self.marks_unacked.pop_front();
+        }
+        if let Some(p) = self.sync_done_position {
+            if level >= p {
+                self.in_sync = true;
+            }
+        }
+    }
+
+    fn acked_at_own_level(&self) -> u64 {
+        self.acked[self.durability.unwrap_or(Durability::Received).index()]
+    }
+
+    pub fn on_disconnect(&mut self) {
+        self.disconnected = true;
+    }
+
+    pub fn acked(&self) -> [u64; 3] {
+        self.acked
+    }
+
+    pub fn state(&self, now: Instant) -> FollowerState {
+        if self.disconnected {
+            return FollowerState::Disconnected;
+        }
+        let overdue = self
+            .marks_unacked
+            .front()
+            .is_some_and(|&(_, sent_at)| now.saturating_duration_since(sent_at) > self.ack_timeout);
+        match (self.in_sync, overdue) {
+            (_, true) if self.in_sync || self.last_ack_at.is_some() => FollowerState::Lagging,
+            (true, false) => FollowerState::Streaming,
+            _ => FollowerState::Syncing,
+        }
+    }
+
+    pub fn snapshot(&self, leader_position: u64, now: Instant) -> LagSnapshot {
+        let q = |f: f64| self.latency_us.value_at_quantile(f);
+        LagSnapshot {
+            state: self.state(now),
+            durability: self.durability,
+            acked: self.acked,
+            lag_bytes: self.acked.map(|a| leader_position.saturating_sub(a)),
+            since_last_ack_ms: self
+                .last_ack_at
+                .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+            ack_latency_p50_us: q(0.5),
+            ack_latency_p99_us: q(0.99),
+            ack_latency_p999_us: q(0.999),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_that_stops_acking_is_lagging_after_the_deadline_then_recovers() {
+        let t0 = Instant::now();
+        let mut lag = LagTracker::new(Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT));
+        lag.set_durability(Durability::Synced);
+        lag.on_mark_sent(100, true, t0);
+        assert_eq!(lag.state(t0), FollowerState::Syncing);
+        lag.on_ack([100, 100, 100], t0 + Duration::from_millis(3));
+        assert_eq!(lag.state(t0), FollowerState::Streaming);
+        let snap = lag.snapshot(100, t0 + Duration::from_millis(3));
+        assert_eq!(snap.lag_bytes, [0, 0, 0]);
+        assert!((2900..=3100).contains(&snap.ack_latency_p50_us), "{snap:?}");
+
+        let t1 = t0 + Duration::from_secs(1);
+        lag.on_mark_sent(200, false, t1);
+        assert_eq!(
+            lag.state(t1 + Duration::from_millis(999)),
+            FollowerState::Streaming
+        );
+        assert_eq!(
+            lag.state(t1 + Duration::from_millis(1001)),
+            FollowerState::Lagging
+        );
+        // Received and written are not enough for a follower that acks at `synced`.
+        lag.on_ack([200, 200, 100], t1 + Duration::from_millis(1002));
+        assert_eq!(
+            lag.state(t1 + Duration::from_millis(1003)),
+            FollowerState::Lagging
+        );
+        assert_eq!(lag.snapshot(200, t1).lag_bytes, [0, 0, 100]);
+        lag.on_ack([200, 200, 200], t1 + Duration::from_millis(1004));
+        assert_eq!(
+            lag.state(t1 + Duration::from_millis(1005)),
+            FollowerState::Streaming
+        );
+        lag.on_disconnect();
+        assert_eq!(lag.state(t1), FollowerState::Disconnected);
+    }
+
+    #[test]
+    fn unacked_marks_are_bounded() {
+        let t0 = Instant::now();
+        let mut lag = LagTracker::new(Duration::from_secs(1));
+        for i in 0..(MARKS_IN_FLIGHT_MAX as u64 * 2) {
+            lag.on_mark_sent(i, false, t0);
+        }
+        assert_eq!(lag.marks_unacked.len(), MARKS_IN_FLIGHT_MAX);
+    }
+}
