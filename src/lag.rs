@@ -129,6 +129,10 @@ impl LagTracker {
         self.acked[self.durability.unwrap_or(Durability::Received).index()]
     }
 
+    pub fn durability(&self) -> Option<Durability> {
+        self.durability
+    }
+
     pub fn on_disconnect(&mut self) {
         self.disconnected = true;
     }

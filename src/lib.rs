@@ -10,4 +10,5 @@ pub mod frame;
 pub mod index;
 pub mod lag;
 pub mod paths;
+pub mod session;
 pub mod watch;

@@ -1,0 +1,379 @@
+//! The follower's end of the connection, as a sans-IO state machine.
+//!
+//! `handle_input` parses frames and returns at most one `FollowerAction` per call: the shell
+//! performs it (writes into the data dir, scans the inventory, ...) and then calls again with the
+//! rest of its buffer, so actions are applied strictly in wire order. A `Write` action is followed
+//! on the wire by its payload: the shell moves those bytes into the file itself (from what it has
+//! buffered, then straight from the socket) before feeding more input.
+//!
+//! The session owns the three ack watermarks. A MARK returned as an action has, by the time the
+//! shell asks for the next action, had everything before it applied, so it is both received and
+//! written; the shell reports `synced` after a syncfs it started once `written` had reached a
+//! position. `poll_ack` coalesces: one ACK at most per call, only when the level the follower
+//! acks at has advanced.
+
+use std::collections::HashMap;
+
+use super::{queue_error, take_preamble, SessionError};
+use crate::auth::{tags_equal, Secret};
+use crate::frame::{
+    Digest, Durability, Frame, Nonce, Preamble, MAX_INVENTORY_FILES, MAX_WHOLE_IN_FLIGHT,
+    PREAMBLE_BYTES,
+};
+use crate::paths::RelPath;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowerPhase {
+    AwaitPreamble,
+    AwaitChallenge,
+    AwaitWelcome,
+    AwaitIndex,
+    /// INDEX_END arrived; the shell is building the inventory.
+    AwaitInventory,
+    Streaming,
+    Closed,
+}
+
+/// What the shell must do, in this order, before feeding more input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowerAction {
+    /// The leader's index arrived (path, cut length): scan the data dir and call `inventory`.
+    Inventory {
+        index: Vec<(RelPath, u64)>,
+    },
+    /// The next `len_bytes` on the wire go to `path` at `offset` (into its temp file if `temp`).
+    Write {
+        path: RelPath,
+        temp: bool,
+        offset: u64,
+        len_bytes: u64,
+    },
+    /// Start a whole-file transfer into a new temp file.
+    BeginWhole {
+        path: RelPath,
+        len_bytes: u64,
+    },
+    /// Check the temp file holds `len_bytes` and rename it over `path`.
+    CommitWhole {
+        path: RelPath,
+        len_bytes: u64,
+    },
+    Truncate {
+        path: RelPath,
+        len_bytes: u64,
+    },
+    Delete {
+        path: RelPath,
+    },
+    /// Everything up to `position` has been applied; `sync_done` ends the initial sync.
+    Mark {
+        position: u64,
+        sync_done: bool,
+    },
+}
+
+/// One file the follower holds, as reported in HAVE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaveEntry {
+    pub path: RelPath,
+    pub len_bytes: u64,
+    pub digest: Digest,
+}
+
+pub struct FollowerSession {
+    secret: Secret,
+    follower_nonce: Nonce,
+    pending_leader_nonce: Option<Nonce>,
+    durability: Durability,
+    phase: FollowerPhase,
+    out: Vec<u8>,
+    index: Vec<(RelPath, u64)>,
+    wholes: HashMap<RelPath, u64>,
+    /// received, written, synced.
+    watermarks: [u64; 3],
+    acked_level: u64,
+    mark_last: u64,
+    sync_done_position: Option<u64>,
+}
+
+impl FollowerSession {
+    /// A session about to talk to a leader: the preamble is queued.
+    pub fn new(secret: Secret, follower_nonce: Nonce, durability: Durability) -> FollowerSession {
+        FollowerSession {
+            secret,
+            follower_nonce,
+            pending_leader_nonce: None,
+            durability,
+            phase: FollowerPhase::AwaitPreamble,
+            out: Preamble::ours().encode().to_vec(),
+            index: Vec::new(),
+            wholes: HashMap::new(),
+            watermarks: [0; 3],
+            acked_level: 0,
+            mark_last: 0,
+            sync_done_position: None,
+        }
+    }
+
+    pub fn phase(&self) -> FollowerPhase {
+        self.phase
+    }
+
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// received, written, synced.
+    pub fn watermarks(&self) -> [u64; 3] {
+        self.watermarks
+    }
+
+    /// Ends the session because of `err` (for example a write into the data dir failed): an
+    /// ERROR naming it is queued for the leader.
+    pub fn fail(&mut self, err: &SessionError) {
+        if self.phase != FollowerPhase::Closed {
+            queue_error(&mut self.out, err);
+            self.phase = FollowerPhase::Closed;
+        }
+    }
+
+    /// Feeds bytes from the leader. Returns how many were consumed and the action to perform
+    /// before calling again. For `Write`, the payload is not consumed: the shell takes it.
+    pub fn handle_input(
+        &mut self,
+        buf: &[u8],
+    ) -> Result<(usize, Option<FollowerAction>), SessionError> {
+        let result = self.handle_input_inner(buf);
+        if let Err(err) = &result {
+            self.fail(err);
+        }
+        result
+    }
+
+    fn handle_input_inner(
+        &mut self,
+        buf: &[u8],
+    ) -> Result<(usize, Option<FollowerAction>), SessionError> {
+        let mut consumed = 0;
+        if self.phase == FollowerPhase::AwaitPreamble {
+            match take_preamble(buf)? {
+                None => return Ok((0, None)),
+                Some(_) => {
+                    consumed = PREAMBLE_BYTES;
+                    self.phase = FollowerPhase::AwaitChallenge;
+                }
+            }
+        }
+        while self.phase != FollowerPhase::Closed && self.phase != FollowerPhase::AwaitInventory {
+            let Some((frame, used)) = Frame::decode(&buf[consumed..])? else {
+                break;
+            };
+            consumed += used;
+            if let Some(action) = self.handle_frame(frame)? {
+                return Ok((consumed, Some(action)));
+            }
+        }
+        Ok((consumed, None))
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Result<Option<FollowerAction>, SessionError> {
+        use FollowerPhase as P;
+        if let Frame::Error { code, message } = frame {
+            return Err(SessionError::Peer { code, message });
+        }
+        let action = match (self.phase, frame) {
+            (P::AwaitChallenge, Frame::Challenge { leader_nonce }) => {
+                let follower_mac = self
+                    .secret
+                    .follower_tag(&leader_nonce, &self.follower_nonce);
+                Frame::Auth {
+                    follower_nonce: self.follower_nonce,
+                    follower_mac,
+                }
+                .encode(&mut self.out);
+                // Kept to check the leader's proof in WELCOME.
+                self.pending_leader_nonce = Some(leader_nonce);
+                self.phase = P::AwaitWelcome;
+                None
+            }
+            (P::AwaitWelcome, Frame::Welcome { leader_mac }) => {
+                let Some(leader_nonce) = self.pending_leader_nonce.take() else {
+                    return Err(SessionError::AuthFailed("WELCOME before CHALLENGE".into()));
+                };
+                let expected = self.secret.leader_tag(&leader_nonce, &self.follower_nonce);
+                if !tags_equal(&expected, &leader_mac) {
+                    return Err(SessionError::AuthFailed(
+                        "the leader's proof does not match: it does not know our secret".into(),
+                    ));
+                }
+                self.phase = P::AwaitIndex;
+                None
+            }
+            (P::AwaitIndex, Frame::Index { len_bytes, path }) => {
+                if self.index.len() as u64 >= MAX_INVENTORY_FILES {
+                    return Err(SessionError::Limit(format!(
+                        "more than MAX_INVENTORY_FILES ({MAX_INVENTORY_FILES}) INDEX frames"
+                    )));
+                }
+                self.index.push((path, len_bytes));
+                None
+            }
+            (P::AwaitIndex, Frame::IndexEnd { count }) => {
+                if count != self.index.len() as u64 {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "INDEX_END",
+                        why: format!(
+                            "it counts {count} INDEX frames but {} arrived",
+                            self.index.len()
+                        ),
+                    });
+                }
+                self.phase = P::AwaitInventory;
+                Some(FollowerAction::Inventory {
+                    index: std::mem::take(&mut self.index),
+                })
+            }
+            (
+                P::Streaming,
+                Frame::Data {
+                    temp,
+                    offset,
+                    data_len,
+                    path,
+                },
+            ) => {
+                if temp && !self.wholes.contains_key(&path) {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "DATA",
+                        why: format!("TEMP data for {path} without BEGIN_WHOLE"),
+                    });
+                }
+                Some(FollowerAction::Write {
+                    path,
+                    temp,
+                    offset,
+                    len_bytes: u64::from(data_len),
+                })
+            }
+            (P::Streaming, Frame::BeginWhole { len_bytes, path }) => {
+                if !self.wholes.contains_key(&path) && self.wholes.len() >= MAX_WHOLE_IN_FLIGHT {
+                    return Err(SessionError::Limit(format!(
+                        "more than MAX_WHOLE_IN_FLIGHT ({MAX_WHOLE_IN_FLIGHT}) whole-file transfers open"
+                    )));
+                }
+                self.wholes.insert(path.clone(), len_bytes);
+                Some(FollowerAction::BeginWhole { path, len_bytes })
+            }
+            (P::Streaming, Frame::CommitWhole { path }) => {
+                let Some(len_bytes) = self.wholes.remove(&path) else {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "COMMIT_WHOLE",
+                        why: format!("no BEGIN_WHOLE for {path}"),
+                    });
+                };
+                Some(FollowerAction::CommitWhole { path, len_bytes })
+            }
+            (P::Streaming, Frame::Truncate { len_bytes, path }) => {
+                Some(FollowerAction::Truncate { path, len_bytes })
+            }
+            (P::Streaming, Frame::Delete { path }) => Some(FollowerAction::Delete { path }),
+            (
+                P::Streaming,
+                Frame::Mark {
+                    position,
+                    sync_done,
+                },
+            ) => {
+                if position < self.mark_last {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "MARK",
+                        why: format!(
+                            "position {position} is below the previous {}",
+                            self.mark_last
+                        ),
+                    });
+                }
+                self.mark_last = position;
+                if sync_done {
+                    self.sync_done_position = Some(position);
+                }
+                // Frames are applied in order, so everything before this MARK is written.
+                self.watermarks[0] = position;
+                self.watermarks[1] = position;
+                Some(FollowerAction::Mark {
+                    position,
+                    sync_done,
+                })
+            }
+            (_, frame) => {
+                return Err(SessionError::out_of_order(
+                    &frame,
+                    format!(
+                        "not allowed while the follower is in phase {:?}",
+                        self.phase
+                    ),
+                ))
+            }
+        };
+        Ok(action)
+    }
+
+    /// The shell scanned its data dir after `FollowerAction::Inventory`: each entry's digest
+    /// covers `min(its length, the leader's cut)` (all zero for a path the index lacks).
+    pub fn inventory(&mut self, haves: Vec<HaveEntry>) {
+        if self.phase != FollowerPhase::AwaitInventory {
+            return;
+        }
+        let count = haves.len() as u64;
+        for have in haves {
+            Frame::Have {
+                len_bytes: have.len_bytes,
+                digest: have.digest,
+                path: have.path,
+            }
+            .encode(&mut self.out);
+        }
+        Frame::HaveEnd {
+            count,
+            durability: self.durability,
+        }
+        .encode(&mut self.out);
+        self.phase = FollowerPhase::Streaming;
+    }
+
+    /// A syncfs that began once `written` had reached `position` has completed.
+    pub fn synced(&mut self, position: u64) {
+        let position = position.min(self.watermarks[1]);
+        self.watermarks[2] = self.watermarks[2].max(position);
+    }
+
+    /// Queues an ACK if the watermark at this follower's durability level advanced since the last.
+    pub fn poll_ack(&mut self) -> bool {
+        if self.phase != FollowerPhase::Streaming {
+            return false;
+        }
+        let level = self.watermarks[self.durability.index()];
+        if level <= self.acked_level {
+            return false;
+        }
+        self.acked_level = level;
+        let [received, written, synced] = self.watermarks;
+        Frame::Ack {
+            received,
+            written,
+            synced,
+        }
+        .encode(&mut self.out);
+        true
+    }
+
+    /// The initial sync is done and durable at this follower's level (what `--once` waits for).
+    pub fn sync_done_durable(&self) -> bool {
+        self.sync_done_position
+            .is_some_and(|p| self.watermarks[self.durability.index()] >= p)
+    }
+}

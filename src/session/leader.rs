@@ -1,0 +1,666 @@
+//! The leader's end of one follower connection, as a sans-IO state machine.
+//!
+//! Bytes from the socket go in through `handle_input`; frames to send accumulate in an output
+//! buffer the shell drains with `take_output`. File payloads never pass through here: for each
+//! DATA frame, `poll_transmit` puts the frame header in the output and returns a
+//! `Transmit::Payload` telling the shell which range of which file to splice after it.
+//!
+//! Per follower the session keeps only what each file looked like when last shipped
+//! (`sent`: generation and length) and a FIFO of paths changed since (`dirty`): memory grows
+//! with the number of files, never with the bytes the follower is behind. The data dir is the
+//! queue; a slow follower simply finds more to read when its socket is ready.
+//!
+//! Work happens in rounds. A round starts with the paths dirty at that moment and the catalog's
+//! position then; once each of them has been shipped (each as it is now, so at least as new as at
+//! the round's start), every change up to that position is on the wire, and a MARK says so.
+//! The first round after the inventory is the initial sync; its MARK carries `SYNC_DONE`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::{queue_error, take_preamble, SessionError};
+use crate::auth::{tags_equal, Secret};
+use crate::catalog::{Catalog, CatalogEntry};
+use crate::frame::{
+    Digest, Durability, Frame, Nonce, Preamble, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES,
+    MAX_INVENTORY_FILES,
+};
+use crate::lag::LagTracker;
+use crate::paths::RelPath;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaderPhase {
+    AwaitPreamble,
+    AwaitAuth,
+    AwaitInventory,
+    /// HAVE_END arrived; the shell is hashing the prefixes `digest_requests` asked for.
+    AwaitDigests,
+    Streaming,
+    Closed,
+}
+
+/// The leader must hash the first `len_bytes` of `path` to compare with the follower's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestRequest {
+    pub path: RelPath,
+    pub len_bytes: u64,
+}
+
+/// What the shell must do next to move file bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// Open `path` (for `generation`), fstat it, and call `begin_whole` or `whole_unavailable`.
+    OpenWhole { path: RelPath, generation: u64 },
+    /// Send everything in the output, then exactly `len_bytes` of the file at `offset`.
+    Payload {
+        path: RelPath,
+        generation: u64,
+        offset: u64,
+        len_bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sent {
+    generation: u64,
+    len_bytes: u64,
+}
+
+#[derive(Debug)]
+enum Job {
+    AwaitOpen {
+        path: RelPath,
+        generation: u64,
+    },
+    Whole {
+        path: RelPath,
+        generation: u64,
+        offset: u64,
+        len_bytes: u64,
+    },
+    Tail {
+        path: RelPath,
+        generation: u64,
+        offset: u64,
+        end: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Have {
+    len_bytes: u64,
+    digest: Digest,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    position: u64,
+    paths_left: usize,
+}
+
+pub struct LeaderSession {
+    secret: Secret,
+    leader_nonce: Nonce,
+    phase: LeaderPhase,
+    out: Vec<u8>,
+    /// The index as sent: each file's cut and generation.
+    index: HashMap<RelPath, CatalogEntry>,
+    index_position: u64,
+    haves: HashMap<RelPath, Have>,
+    haves_count: u64,
+    digest_requests: Option<Vec<DigestRequest>>,
+    sent: HashMap<RelPath, Sent>,
+    dirty: VecDeque<RelPath>,
+    dirty_set: HashSet<RelPath>,
+    job: Option<Job>,
+    round: Option<Round>,
+    sync_done_sent: bool,
+    mark_last: Option<(u64, Instant)>,
+    lag: LagTracker,
+    bytes_payload_total: u64,
+}
+
+impl LeaderSession {
+    /// A session for a follower that just connected: the preamble and CHALLENGE are queued.
+    pub fn new(secret: Secret, leader_nonce: Nonce, ack_timeout: Duration) -> LeaderSession {
+        let mut out = Preamble::ours().encode().to_vec();
+        Frame::Challenge { leader_nonce }.encode(&mut out);
+        LeaderSession {
+            secret,
+            leader_nonce,
+            phase: LeaderPhase::AwaitPreamble,
+            out,
+            index: HashMap::new(),
+            index_position: 0,
+            haves: HashMap::new(),
+            haves_count: 0,
+            digest_requests: None,
+            sent: HashMap::new(),
+            dirty: VecDeque::new(),
+            dirty_set: HashSet::new(),
+            job: None,
+            round: None,
+            sync_done_sent: false,
+            mark_last: None,
+            lag: LagTracker::new(ack_timeout),
+            bytes_payload_total: 0,
+        }
+    }
+
+    pub fn phase(&self) -> LeaderPhase {
+        self.phase
+    }
+
+    pub fn lag(&self) -> &LagTracker {
+        &self.lag
+    }
+
+    /// Payload bytes this session has asked the shell to send.
+    pub fn bytes_payload_total(&self) -> u64 {
+        self.bytes_payload_total
+    }
+
+    /// The bytes to send, in order; the buffer is left empty.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Ends the session because of `err`: an ERROR frame naming it is queued for the follower.
+    pub fn fail(&mut self, err: &SessionError) {
+        if self.phase != LeaderPhase::Closed {
+            queue_error(&mut self.out, err);
+            self.phase = LeaderPhase::Closed;
+            self.lag.on_disconnect();
+        }
+    }
+
+    /// The connection is gone.
+    pub fn on_disconnect(&mut self) {
+        self.phase = LeaderPhase::Closed;
+        self.lag.on_disconnect();
+    }
+
+    /// Feeds bytes received from the follower. Returns how many were consumed (the rest is an
+    /// incomplete frame to be fed again with more bytes). On error, an ERROR frame is queued and
+    /// the session is closed: send the output, then close the connection.
+    pub fn handle_input(
+        &mut self,
+        buf: &[u8],
+        catalog: &Catalog,
+        now: Instant,
+    ) -> Result<usize, SessionError> {
+        let result = self.handle_input_inner(buf, catalog, now);
+        if let Err(err) = &result {
+            self.fail(err);
+        }
+        result
+    }
+
+    fn handle_input_inner(
+        &mut self,
+        buf: &[u8],
+        catalog: &Catalog,
+        now: Instant,
+    ) -> Result<usize, SessionError> {
+        let mut consumed = 0;
+        if self.phase == LeaderPhase::AwaitPreamble {
+            match take_preamble(buf)? {
+                None => return Ok(0),
+                Some(_) => {
+                    consumed = crate::frame::PREAMBLE_BYTES;
+                    self.phase = LeaderPhase::AwaitAuth;
+                }
+            }
+        }
+        while self.phase != LeaderPhase::Closed {
+            let Some((frame, used)) = Frame::decode(&buf[consumed..])? else {
+                break;
+            };
+            consumed += used;
+            self.handle_frame(frame, catalog, now)?;
+        }
+        Ok(consumed)
+    }
+
+    fn handle_frame(
+        &mut self,
+        frame: Frame,
+        catalog: &Catalog,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        if let Frame::Error { code, message } = frame {
+            return Err(SessionError::Peer { code, message });
+        }
+        match (self.phase, frame) {
+            (
+                LeaderPhase::AwaitAuth,
+                Frame::Auth {
+                    follower_nonce,
+                    follower_mac,
+                },
+            ) => {
+                let expected = self
+                    .secret
+                    .follower_tag(&self.leader_nonce, &follower_nonce);
+                if !tags_equal(&expected, &follower_mac) {
+                    return Err(SessionError::AuthFailed(
+                        "wrong secret: the follower's HMAC does not match ours".into(),
+                    ));
+                }
+                let leader_mac = self.secret.leader_tag(&self.leader_nonce, &follower_nonce);
+                Frame::Welcome { leader_mac }.encode(&mut self.out);
+                self.send_index(catalog);
+                self.phase = LeaderPhase::AwaitInventory;
+                Ok(())
+            }
+            (
+                LeaderPhase::AwaitInventory,
+                Frame::Have {
+                    len_bytes,
+                    digest,
+                    path,
+                },
+            ) => {
+                self.haves_count += 1;
+                if self.haves_count > MAX_INVENTORY_FILES {
+                    return Err(SessionError::Limit(format!(
+                        "more than MAX_INVENTORY_FILES ({MAX_INVENTORY_FILES}) HAVE frames"
+                    )));
+                }
+                self.haves.insert(path, Have { len_bytes, digest });
+                Ok(())
+            }
+            (LeaderPhase::AwaitInventory, Frame::HaveEnd { count, durability }) => {
+                if count != self.haves_count {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "HAVE_END",
+                        why: format!(
+                            "it counts {count} HAVE frames but {} arrived",
+                            self.haves_count
+                        ),
+                    });
+                }
+                self.lag.set_durability(durability);
+                self.digest_requests = Some(self.plan_digests());
+                self.phase = LeaderPhase::AwaitDigests;
+                Ok(())
+            }
+            (
+                LeaderPhase::AwaitDigests | LeaderPhase::Streaming,
+                Frame::Ack {
+                    received,
+                    written,
+                    synced,
+                },
+            ) => self.on_ack([received, written, synced], now),
+            (_, frame) => Err(SessionError::out_of_order(
+                &frame,
+                format!("not allowed while the leader is in phase {:?}", self.phase),
+            )),
+        }
+    }
+
+    fn send_index(&mut self, catalog: &Catalog) {
+        let snapshot = catalog.snapshot();
+        let count = snapshot.len() as u64;
+        for (path, entry) in snapshot {
+            Frame::Index {
+                len_bytes: entry.len_bytes,
+                path: path.clone(),
+            }
+            .encode(&mut self.out);
+            self.index.insert(path, entry);
+        }
+        Frame::IndexEnd { count }.encode(&mut self.out);
+        self.index_position = catalog.position();
+    }
+
+    /// For each file both sides hold, the leader needs the digest of `min(f, L)` bytes.
+    fn plan_digests(&self) -> Vec<DigestRequest> {
+        let mut requests: Vec<DigestRequest> = self
+            .haves
+            .iter()
+            .filter_map(|(path, have)| {
+                let cut = self.index.get(path)?;
+                Some(DigestRequest {
+                    path: path.clone(),
+                    len_bytes: have.len_bytes.min(cut.len_bytes),
+                })
+            })
+            .collect();
+        requests.sort_by(|a, b| a.path.cmp(&b.path));
+        requests
+    }
+
+    /// The prefixes the shell must hash (once, after HAVE_END), then pass to `digests_ready`.
+    pub fn digest_requests(&mut self) -> Option<Vec<DigestRequest>> {
+        self.digest_requests.take()
+    }
+
+    /// The leader's digests for the requested prefixes (`None`: the file could not be read that
+    /// far). Decides, per file, what the follower needs, and starts the initial sync.
+    pub fn digests_ready(&mut self, digests: Vec<(RelPath, Option<Digest>)>) {
+        if self.phase != LeaderPhase::AwaitDigests {
+            return;
+        }
+        let ours: HashMap<RelPath, Option<Digest>> = digests.into_iter().collect();
+        let mut follower_only: Vec<&RelPath> = Vec::new();
+        for (path, have) in &self.haves {
+            let Some(cut) = self.index.get(path) else {
+                follower_only.push(path);
+                continue;
+            };
+            let matches = ours
+                .get(path)
+                .is_some_and(|d| d.as_ref() == Some(&have.digest));
+            if !matches {
+                continue; // not in `sent`: shipped whole, into a temp file renamed over it
+            }
+            if have.len_bytes > cut.len_bytes {
+                Frame::Truncate {
+                    len_bytes: cut.len_bytes,
+                    path: path.clone(),
+                }
+                .encode(&mut self.out);
+            }
+            self.sent.insert(
+                path.clone(),
+                Sent {
+                    generation: cut.generation,
+                    len_bytes: have.len_bytes.min(cut.len_bytes),
+                },
+            );
+        }
+        follower_only.sort();
+        for path in follower_only {
+            Frame::Delete { path: path.clone() }.encode(&mut self.out);
+        }
+        let mut paths: Vec<RelPath> = self.index.keys().cloned().collect();
+        paths.sort();
+        for path in paths {
+            self.note_changed(path);
+        }
+        self.haves.clear();
+        self.phase = LeaderPhase::Streaming;
+    }
+
+    /// `path` changed in the catalog. Call for every change, while holding the catalog's lock,
+    /// before the next `poll_transmit` reads the catalog.
+    pub fn note_changed(&mut self, path: RelPath) {
+        if self.dirty_set.insert(path.clone()) {
+            self.dirty.push_back(path);
+        }
+    }
+
+    /// Paths changed and not yet shipped (for tests and metrics).
+    pub fn dirty_files(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// The next thing to send. Frames go into the output; a `Transmit` asks the shell to open a
+    /// file or send a payload. `None`: nothing to do until input, a change or `poll_timeout`.
+    pub fn poll_transmit(&mut self, catalog: &Catalog, now: Instant) -> Option<Transmit> {
+        if self.phase != LeaderPhase::Streaming {
+            return None;
+        }
+        loop {
+            if let Some(job) = self.job.take() {
+                if let Some(t) = self.advance_job(job) {
+                    return Some(t);
+                }
+                continue;
+            }
+            if let Some(round) = self.round {
+                if round.paths_left == 0 {
+                    self.send_mark(round.position, now);
+                    self.round = None;
+                    continue;
+                }
+                let Some(path) = self.dirty.pop_front() else {
+                    // note_changed only adds; a round never counts more paths than are queued.
+                    self.round = None;
+                    continue;
+                };
+                self.dirty_set.remove(&path);
+                self.round = Some(Round {
+                    position: round.position,
+                    paths_left: round.paths_left - 1,
+                });
+                self.plan_path(path, catalog);
+                continue;
+            }
+            if !self.dirty.is_empty() {
+                self.round = Some(Round {
+                    position: catalog.position(),
+                    paths_left: self.dirty.len(),
+                });
+                continue;
+            }
+            if !self.sync_done_sent {
+                // An empty index: the sync is trivially done.
+                self.send_mark(catalog.position(), now);
+                continue;
+            }
+            if self.keepalive_due(now) {
+                self.send_mark(catalog.position(), now);
+            }
+            return None;
+        }
+    }
+
+    /// When the shell must call `poll_transmit` again even without input or changes.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase != LeaderPhase::Streaming {
+            return None;
+        }
+        let (_, at) = self.mark_last?;
+        Some(at + Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+    }
+
+    fn keepalive_due(&self, now: Instant) -> bool {
+        match self.mark_last {
+            None => true,
+            Some((_, at)) => now >= at + Duration::from_millis(KEEPALIVE_INTERVAL_MS),
+        }
+    }
+
+    fn send_mark(&mut self, position: u64, now: Instant) {
+        // Positions on a connection never decrease, even if the shell fed an older catalog.
+        let position = position.max(self.mark_last.map_or(0, |(p, _)| p));
+        let sync_done = !self.sync_done_sent;
+        Frame::Mark {
+            position,
+            sync_done,
+        }
+        .encode(&mut self.out);
+        self.sync_done_sent = true;
+        self.mark_last = Some((position, now));
+        self.lag.on_mark_sent(position, sync_done, now);
+    }
+
+    /// Compares what the follower holds of `path` with the catalog and plans the difference.
+    fn plan_path(&mut self, path: RelPath, catalog: &Catalog) {
+        let current = catalog.get(&path);
+        let sent = self.sent.get(&path).copied();
+        match (current, sent) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                self.sent.remove(&path);
+                Frame::Delete { path }.encode(&mut self.out);
+            }
+            (Some(cur), Some(s))
+                if cur.generation == s.generation && cur.len_bytes == s.len_bytes => {}
+            (Some(cur), Some(s))
+                if cur.generation == s.generation && cur.len_bytes > s.len_bytes =>
+            {
+                self.job = Some(Job::Tail {
+                    path,
+                    generation: cur.generation,
+                    offset: s.len_bytes,
+                    end: cur.len_bytes,
+                });
+            }
+            (Some(cur), _) => {
+                self.job = Some(Job::AwaitOpen {
+                    path,
+                    generation: cur.generation,
+                });
+            }
+        }
+    }
+
+    fn advance_job(&mut self, job: Job) -> Option<Transmit> {
+        match job {
+            Job::AwaitOpen { path, generation } => {
+                let t = Transmit::OpenWhole {
+                    path: path.clone(),
+                    generation,
+                };
+                self.job = Some(Job::AwaitOpen { path, generation });
+                Some(t)
+            }
+            Job::Whole {
+                path,
+                generation,
+                offset,
+                len_bytes,
+            } => {
+                if offset == len_bytes {
+                    Frame::CommitWhole { path: path.clone() }.encode(&mut self.out);
+                    self.sent.insert(
+                        path,
+                        Sent {
+                            generation,
+                            len_bytes,
+                        },
+                    );
+                    return None;
+                }
+                let chunk = (len_bytes - offset).min(MAX_DATA_BYTES as u64);
+                let t = self.data(&path, generation, true, offset, chunk);
+                self.job = Some(Job::Whole {
+                    path,
+                    generation,
+                    offset: offset + chunk,
+                    len_bytes,
+                });
+                Some(t)
+            }
+            Job::Tail {
+                path,
+                generation,
+                offset,
+                end,
+            } => {
+                if offset == end {
+                    self.sent.insert(
+                        path,
+                        Sent {
+                            generation,
+                            len_bytes: end,
+                        },
+                    );
+                    return None;
+                }
+                let chunk = (end - offset).min(MAX_DATA_BYTES as u64);
+                let t = self.data(&path, generation, false, offset, chunk);
+                self.job = Some(Job::Tail {
+                    path,
+                    generation,
+                    offset: offset + chunk,
+                    end,
+                });
+                Some(t)
+            }
+        }
+    }
+
+    fn data(
+        &mut self,
+        path: &RelPath,
+        generation: u64,
+        temp: bool,
+        offset: u64,
+        len_bytes: u64,
+    ) -> Transmit {
+        debug_assert!(len_bytes > 0 && len_bytes <= MAX_DATA_BYTES as u64);
+        Frame::Data {
+            temp,
+            offset,
+            data_len: len_bytes as u32,
+            path: path.clone(),
+        }
+        .encode(&mut self.out);
+        self.bytes_payload_total += len_bytes;
+        Transmit::Payload {
+            path: path.clone(),
+            generation,
+            offset,
+            len_bytes,
+        }
+    }
+
+    /// The shell opened the file asked for by `Transmit::OpenWhole`; it is `file_len_bytes` long.
+    /// Ships the catalog's length for that generation, or less if the file is shorter (it was
+    /// replaced again meanwhile, and that newer change is already queued).
+    pub fn begin_whole(&mut self, path: &RelPath, file_len_bytes: u64, catalog: &Catalog) {
+        let Some(Job::AwaitOpen { generation, .. }) = &self.job else {
+            return;
+        };
+        let generation = *generation;
+        let len_bytes = match catalog.get(path) {
+            Some(cur) if cur.generation == generation => cur.len_bytes.min(file_len_bytes),
+            _ => file_len_bytes,
+        };
+        Frame::BeginWhole {
+            len_bytes,
+            path: path.clone(),
+        }
+        .encode(&mut self.out);
+        self.job = Some(Job::Whole {
+            path: path.clone(),
+            generation,
+            offset: 0,
+            len_bytes,
+        });
+    }
+
+    /// The file asked for by `Transmit::OpenWhole` is gone; its removal is (or will be) a change
+    /// of its own, so nothing is sent now.
+    pub fn whole_unavailable(&mut self, path: &RelPath) {
+        if matches!(&self.job, Some(Job::AwaitOpen { path: p, .. }) if p == path) {
+            self.job = None;
+        }
+    }
+
+    fn on_ack(&mut self, acked: [u64; 3], now: Instant) -> Result<(), SessionError> {
+        let [received, written, synced] = acked;
+        let why = if !(received >= written && written >= synced) {
+            Some("watermarks must satisfy received >= written >= synced".to_string())
+        } else if received > self.mark_last.map_or(0, |(p, _)| p) {
+            Some(format!("received {received} is beyond the last MARK sent"))
+        } else if acked
+            .iter()
+            .zip(self.lag.acked().iter())
+            .any(|(new, old)| new < old)
+        {
+            Some("a watermark went backwards".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(SessionError::OutOfOrder { frame: "ACK", why });
+        }
+        self.lag.on_ack(acked, now);
+        Ok(())
+    }
+
+    /// The level at which this follower acks, once its inventory has arrived.
+    pub fn durability(&self) -> Option<Durability> {
+        self.lag.durability()
+    }
+}

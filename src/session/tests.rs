@@ -1,0 +1,521 @@
+//! A leader session against a follower session in one thread, without sockets or disks: the
+//! files on each side are byte vectors, the wire is two byte queues, time is a parameter.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use sha1::{Digest as _, Sha1};
+
+use super::follower::{FollowerAction, FollowerPhase, FollowerSession, HaveEntry};
+use super::leader::{LeaderPhase, LeaderSession, Transmit};
+use super::SessionError;
+use crate::auth::Secret;
+use crate::catalog::Catalog;
+use crate::frame::{Digest, Durability, ErrorCode, Frame, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES};
+use crate::lag::FollowerState;
+use crate::paths::RelPath;
+
+fn p(s: &str) -> RelPath {
+    RelPath::new(s).unwrap()
+}
+
+fn sha1(bytes: &[u8]) -> Digest {
+    Sha1::digest(bytes).into()
+}
+
+type Files = HashMap<RelPath, Vec<u8>>;
+
+struct Sim {
+    catalog: Catalog,
+    leader_files: Files,
+    leader: LeaderSession,
+    follower_files: Files,
+    follower_temps: Files,
+    follower: FollowerSession,
+    to_follower: Vec<u8>,
+    to_leader: Vec<u8>,
+    now: Instant,
+    leader_error: Option<SessionError>,
+    follower_error: Option<SessionError>,
+    marks_seen: Vec<(u64, bool)>,
+}
+
+impl Sim {
+    fn new(leader_files: Files, follower_files: Files) -> Sim {
+        Sim::with_secrets(leader_files, follower_files, b"s3cret", b"s3cret")
+    }
+
+    fn with_secrets(leader_files: Files, follower_files: Files, ls: &[u8], fs: &[u8]) -> Sim {
+        let catalog = Catalog::new(
+            leader_files
+                .iter()
+                .map(|(p, b)| (p.clone(), b.len() as u64)),
+        );
+        let secret_l = Secret::new(ls.to_vec()).unwrap();
+        let secret_f = Secret::new(fs.to_vec()).unwrap();
+        Sim {
+            catalog,
+            leader_files,
+            leader: LeaderSession::new(secret_l, [7; 32], Duration::from_millis(1000)),
+            follower_files,
+            follower_temps: HashMap::new(),
+            follower: FollowerSession::new(secret_f, [9; 32], Durability::Synced),
+            to_follower: Vec::new(),
+            to_leader: Vec::new(),
+            now: Instant::now(),
+            leader_error: None,
+            follower_error: None,
+            marks_seen: Vec::new(),
+        }
+    }
+
+    /// The leader-side change sources: write the bytes, record the change, tell the session.
+    fn append(&mut self, path: &str, bytes: &[u8]) {
+        let path = p(path);
+        let file = self.leader_files.entry(path.clone()).or_default();
+        let offset = file.len() as u64;
+        file.extend_from_slice(bytes);
+        self.catalog.append(&path, offset, bytes.len() as u64);
+        self.leader.note_changed(path);
+    }
+
+    fn replace(&mut self, path: &str, bytes: &[u8]) {
+        let path = p(path);
+        self.leader_files.insert(path.clone(), bytes.to_vec());
+        self.catalog.replace(&path, bytes.len() as u64);
+        self.leader.note_changed(path);
+    }
+
+    fn delete(&mut self, path: &str) {
+        let path = p(path);
+        self.leader_files.remove(&path);
+        self.catalog.delete(&path);
+        self.leader.note_changed(path);
+    }
+
+    /// One turn of the leader: input, digests, transmits. Returns whether anything moved.
+    fn step_leader(&mut self) -> bool {
+        let mut moved = false;
+        if self.leader_error.is_none() && !self.to_leader.is_empty() {
+            match self
+                .leader
+                .handle_input(&self.to_leader, &self.catalog, self.now)
+            {
+                Ok(n) => {
+                    moved |= n > 0;
+                    self.to_leader.drain(..n);
+                }
+                Err(e) => self.leader_error = Some(e),
+            }
+        }
+        if let Some(requests) = self.leader.digest_requests() {
+            let digests = requests
+                .into_iter()
+                .map(|r| {
+                    let d = self
+                        .leader_files
+                        .get(&r.path)
+                        .and_then(|b| b.get(..r.len_bytes as usize).map(sha1));
+                    (r.path, d)
+                })
+                .collect();
+            self.leader.digests_ready(digests);
+            moved = true;
+        }
+        while let Some(t) = self.leader.poll_transmit(&self.catalog, self.now) {
+            moved = true;
+            match t {
+                Transmit::OpenWhole { path, .. } => match self.leader_files.get(&path) {
+                    Some(b) => {
+                        let len = b.len() as u64;
+                        self.leader.begin_whole(&path, len, &self.catalog)
+                    }
+                    None => self.leader.whole_unavailable(&path),
+                },
+                Transmit::Payload {
+                    path,
+                    offset,
+                    len_bytes,
+                    ..
+                } => {
+                    self.to_follower.extend(self.leader.take_output());
+                    let b = &self.leader_files[&path];
+                    self.to_follower
+                        .extend_from_slice(&b[offset as usize..(offset + len_bytes) as usize]);
+                }
+            }
+        }
+        let out = self.leader.take_output();
+        moved |= !out.is_empty();
+        self.to_follower.extend(out);
+        moved
+    }
+
+    fn step_follower(&mut self) -> bool {
+        let mut moved = false;
+        while self.follower_error.is_none() {
+            let (n, action) = match self.follower.handle_input(&self.to_follower) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.follower_error = Some(e);
+                    break;
+                }
+            };
+            self.to_follower.drain(..n);
+            moved |= n > 0;
+            let Some(action) = action else { break };
+            self.apply(action);
+        }
+        // Synced durability: this "disk" syncs instantly, after the batch.
+        let written = self.follower.watermarks()[1];
+        self.follower.synced(written);
+        self.follower.poll_ack();
+        let out = self.follower.take_output();
+        moved |= !out.is_empty();
+        self.to_leader.extend(out);
+        moved
+    }
+
+    fn apply(&mut self, action: FollowerAction) {
+        match action {
+            FollowerAction::Inventory { index } => {
+                let cuts: HashMap<_, _> = index.into_iter().collect();
+                let mut haves: Vec<HaveEntry> = self
+                    .follower_files
+                    .iter()
+                    .map(|(path, b)| {
+                        let digest = match cuts.get(path) {
+                            Some(&cut) => sha1(&b[..b.len().min(cut as usize)]),
+                            None => [0; 20],
+                        };
+                        HaveEntry {
+                            path: path.clone(),
+                            len_bytes: b.len() as u64,
+                            digest,
+                        }
+                    })
+                    .collect();
+                haves.sort_by(|a, b| a.path.cmp(&b.path));
+                self.follower.inventory(haves);
+            }
+            FollowerAction::Write {
+                path,
+                temp,
+                offset,
+                len_bytes,
+            } => {
+                let payload: Vec<u8> = self.to_follower.drain(..len_bytes as usize).collect();
+                let files = if temp {
+                    &mut self.follower_temps
+                } else {
+                    &mut self.follower_files
+                };
+                let file = files.entry(path).or_default();
+                let end = (offset + len_bytes) as usize;
+                if file.len() < end {
+                    file.resize(end, 0);
+                }
+                file[offset as usize..end].copy_from_slice(&payload);
+            }
+            FollowerAction::BeginWhole { path, .. } => {
+                self.follower_temps.insert(path, Vec::new());
+            }
+            FollowerAction::CommitWhole { path, len_bytes } => {
+                let b = self.follower_temps.remove(&path).unwrap();
+                assert_eq!(b.len() as u64, len_bytes);
+                self.follower_files.insert(path, b);
+            }
+            FollowerAction::Truncate { path, len_bytes } => {
+                if let Some(b) = self.follower_files.get_mut(&path) {
+                    b.truncate(len_bytes as usize);
+                }
+            }
+            FollowerAction::Delete { path } => {
+                self.follower_files.remove(&path);
+            }
+            FollowerAction::Mark {
+                position,
+                sync_done,
+            } => self.marks_seen.push((position, sync_done)),
+        }
+    }
+
+    /// Runs both sides until nothing moves. Returns the payload bytes the leader sent.
+    fn run(&mut self) -> u64 {
+        let before = self.leader.bytes_payload_total();
+        for _ in 0..10_000 {
+            let a = self.step_leader();
+            let b = self.step_follower();
+            if !a && !b {
+                return self.leader.bytes_payload_total() - before;
+            }
+        }
+        panic!("the sessions did not settle");
+    }
+
+    fn assert_in_sync(&self) {
+        assert!(self.leader_error.is_none(), "{:?}", self.leader_error);
+        assert!(self.follower_error.is_none(), "{:?}", self.follower_error);
+        let mut l: Vec<_> = self.leader_files.iter().collect();
+        let mut f: Vec<_> = self.follower_files.iter().collect();
+        l.sort();
+        f.sort();
+        assert_eq!(l, f, "follower copy differs from the leader");
+        assert!(
+            self.follower_temps.is_empty(),
+            "a whole-file transfer was left open"
+        );
+    }
+}
+
+fn files(entries: &[(&str, &[u8])]) -> Files {
+    entries.iter().map(|(k, v)| (p(k), v.to_vec())).collect()
+}
+
+fn big(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn empty_follower_receives_every_file_whole() {
+    let seg = big(MAX_DATA_BYTES as usize + 1000, 1);
+    let mut sim = Sim::new(
+        files(&[("a.json", b"{}"), ("q/1/seg.0", &seg), ("q/empty", b"")]),
+        Files::new(),
+    );
+    let sent = sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sent, 2 + seg.len() as u64);
+    assert_eq!(sim.follower.phase(), FollowerPhase::Streaming);
+    assert!(sim.follower.sync_done_durable());
+    let position = sim.catalog.position();
+    assert_eq!(sim.marks_seen.first(), Some(&(position, true)));
+    assert_eq!(sim.leader.lag().acked(), [position; 3]);
+}
+
+#[test]
+fn follower_with_a_prefix_gets_only_the_tail() {
+    let seg = big(100_000, 2);
+    let mut sim = Sim::new(
+        files(&[("seg.0", &seg), ("same", b"unchanged")]),
+        files(&[("seg.0", &seg[..60_000]), ("same", b"unchanged")]),
+    );
+    let sent = sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sent, 40_000, "only the missing tail crosses the wire");
+}
+
+#[test]
+fn longer_follower_copy_with_matching_prefix_is_truncated_without_payload() {
+    let seg = big(10_000, 3);
+    let mut sim = Sim::new(files(&[("seg.0", &seg[..4000])]), files(&[("seg.0", &seg)]));
+    let sent = sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sent, 0);
+}
+
+#[test]
+fn mismatched_copy_is_resent_whole_and_extra_files_are_deleted() {
+    let mut sim = Sim::new(
+        files(&[("meta.json", b"{\"v\":2}"), ("seg.0", b"abcdef")]),
+        files(&[
+            ("meta.json", b"{\"v\":1}"),
+            ("seg.0", b"abX"),
+            ("stale/old", b"x"),
+        ]),
+    );
+    let sent = sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sent, 7 + 6);
+}
+
+#[test]
+fn changes_after_the_sync_stream_appends_replaces_and_deletes() {
+    let mut sim = Sim::new(files(&[("seg.0", b"hello"), ("meta", b"1")]), Files::new());
+    sim.run();
+    sim.append("seg.0", b" world");
+    sim.replace("meta", b"22");
+    sim.append("new/dir/seg.1", b"fresh");
+    let sent = sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sent, 6 + 2 + 5);
+    sim.delete("meta");
+    sim.run();
+    sim.assert_in_sync();
+    let position = sim.catalog.position();
+    assert_eq!(sim.leader.lag().acked(), [position; 3]);
+    let snap = sim.leader.lag().snapshot(position, sim.now);
+    assert_eq!(snap.lag_bytes, [0; 3]);
+    assert_eq!(snap.state, FollowerState::Streaming);
+}
+
+#[test]
+fn writes_during_the_initial_sync_are_shipped_without_pausing_the_writer() {
+    let mut sim = Sim::new(files(&[("seg.0", b"0123")]), files(&[("seg.0", b"01")]));
+    // Run until the leader has sent its index, then write before the inventory is answered.
+    sim.step_leader();
+    sim.step_follower();
+    sim.step_leader();
+    assert_eq!(sim.leader.phase(), LeaderPhase::AwaitInventory);
+    sim.append("seg.0", b"4567");
+    sim.append("seg.1", b"new");
+    sim.run();
+    sim.assert_in_sync();
+}
+
+#[test]
+fn many_appends_coalesce_into_one_range_per_file() {
+    let mut sim = Sim::new(files(&[("seg.0", b"")]), Files::new());
+    sim.run();
+    for _ in 0..1000 {
+        sim.append("seg.0", b"m");
+    }
+    assert_eq!(
+        sim.leader.dirty_files(),
+        1,
+        "pending state is per file, not per append"
+    );
+    let marks_before = sim.marks_seen.len();
+    assert_eq!(sim.run(), 1000);
+    sim.assert_in_sync();
+    assert_eq!(sim.marks_seen.len(), marks_before + 1);
+}
+
+#[test]
+fn idle_leader_sends_a_keepalive_mark_after_the_interval() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    sim.run();
+    let marks = sim.marks_seen.len();
+    sim.run();
+    assert_eq!(sim.marks_seen.len(), marks, "no mark before the interval");
+    let due = sim.leader.poll_timeout().unwrap();
+    assert_eq!(due, sim.now + Duration::from_millis(KEEPALIVE_INTERVAL_MS));
+    sim.now = due;
+    sim.run();
+    assert_eq!(sim.marks_seen.len(), marks + 1);
+}
+
+#[test]
+fn wrong_secret_is_refused_and_reported_on_both_sides() {
+    let mut sim = Sim::with_secrets(files(&[("a", b"1")]), Files::new(), b"right", b"wrong");
+    sim.run();
+    assert!(matches!(
+        sim.leader_error,
+        Some(SessionError::AuthFailed(_))
+    ));
+    match &sim.follower_error {
+        Some(SessionError::Peer { code, message }) => {
+            assert_eq!(*code, ErrorCode::AuthFailed);
+            assert!(message.contains("wrong secret"), "{message}");
+        }
+        other => panic!("follower saw {other:?}"),
+    }
+    assert!(sim.follower_files.is_empty());
+}
+
+#[test]
+fn version_mismatch_is_reported_with_both_versions() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    let mut bad = crate::frame::Preamble::ours().encode();
+    bad[8] = 9;
+    sim.to_leader.extend_from_slice(&bad);
+    sim.step_leader();
+    let err = sim.leader_error.clone().unwrap();
+    assert_eq!(err.code(), ErrorCode::VersionMismatch);
+    assert!(
+        err.to_string().contains('9') && err.to_string().contains('1'),
+        "{err}"
+    );
+}
+
+#[test]
+fn garbage_instead_of_a_preamble_is_bad_magic() {
+    let mut sim = Sim::new(Files::new(), Files::new());
+    sim.to_leader
+        .extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    sim.step_leader();
+    assert_eq!(
+        sim.leader_error.clone().unwrap().code(),
+        ErrorCode::BadMagic
+    );
+}
+
+#[test]
+fn a_path_escaping_the_data_dir_is_refused_with_bad_path() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    // Handshake up to the inventory, then a HAVE naming "../etc/passwd", built by hand.
+    sim.step_leader();
+    sim.step_follower();
+    sim.step_leader();
+    sim.to_leader.clear();
+    let path = b"../etc/passwd";
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&(1u32 + 8 + 20 + 2 + path.len() as u32).to_le_bytes());
+    frame.push(0x12);
+    frame.extend_from_slice(&5u64.to_le_bytes());
+    frame.extend_from_slice(&[0; 20]);
+    frame.extend_from_slice(&(path.len() as u16).to_le_bytes());
+    frame.extend_from_slice(path);
+    sim.to_leader.extend_from_slice(&frame);
+    sim.step_leader();
+    let err = sim.leader_error.clone().unwrap();
+    assert_eq!(err.code(), ErrorCode::BadPath);
+    assert!(err.to_string().contains(".."), "{err}");
+    assert_eq!(sim.leader.phase(), LeaderPhase::Closed);
+}
+
+#[test]
+fn an_ack_beyond_the_last_mark_is_refused() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    sim.run();
+    Frame::Ack {
+        received: 1_000_000,
+        written: 0,
+        synced: 0,
+    }
+    .encode(&mut sim.to_leader);
+    sim.step_leader();
+    assert!(matches!(
+        sim.leader_error,
+        Some(SessionError::OutOfOrder { frame: "ACK", .. })
+    ));
+}
+
+#[test]
+fn temp_data_without_begin_whole_is_refused_by_the_follower() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    sim.run();
+    Frame::Data {
+        temp: true,
+        offset: 0,
+        data_len: 1,
+        path: p("zzz"),
+    }
+    .encode(&mut sim.to_follower);
+    sim.to_follower.push(b'x');
+    sim.step_follower();
+    assert!(matches!(
+        sim.follower_error,
+        Some(SessionError::OutOfOrder { frame: "DATA", .. })
+    ));
+}
+
+#[test]
+fn a_follower_that_stops_acking_is_lagging_after_the_deadline() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    sim.run();
+    sim.append("a", b"more");
+    sim.step_leader(); // shipped and marked, but the follower never answers
+    let t0 = sim.now;
+    let position = sim.catalog.position();
+    let snap = sim.leader.lag().snapshot(position, t0);
+    assert_eq!(snap.state, FollowerState::Streaming);
+    assert_eq!(snap.lag_bytes, [4; 3]);
+    let snap = sim
+        .leader
+        .lag()
+        .snapshot(position, t0 + Duration::from_millis(1001));
+    assert_eq!(snap.state, FollowerState::Lagging);
+}
