@@ -1,39 +1,515 @@
-//! (placeholder until the full module lands) Validated relative paths.
+//! Relative paths that cannot escape the data dir, and the data dir handle all file access uses.
+//!
+//! Two layers keep writes inside the dir. `RelPath` refuses, by syntax, anything that could
+//! point elsewhere (absolute, `..`, empty or `.` components, NUL) and ferry's own state under
+//! `.ferry/`. `DataDir` then resolves every path with openat2(2) and `RESOLVE_BENEATH`, relative
+//! to the dir's fd, so a symlink inside the dir that points outside it is refused by the kernel,
+//! race-free, instead of being followed.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 pub const MAX_PATH_LEN_BYTES: usize = 4096;
+/// ferry's own state: `DIR/.ferry/`, never replicated, never deleted by a sync.
 pub const STATE_DIR_NAME: &str = ".ferry";
+const TEMP_DIR_NAME: &str = "tmp";
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PathError {
-    #[error("path {0:?} is not valid")]
-    Invalid(String),
+    #[error("empty path")]
+    Empty,
+    #[error("path is {len_bytes} bytes, over MAX_PATH_LEN_BYTES ({max_bytes})")]
+    TooLong { len_bytes: usize, max_bytes: usize },
+    #[error("path {0:?} is absolute; paths are relative to the data dir")]
+    Absolute(String),
+    #[error("path {0:?} has a `..` component, which would escape the data dir")]
+    DotDot(String),
+    #[error("path {0:?} has an empty or `.` component")]
+    EmptyOrDotComponent(String),
+    #[error("path {0:?} contains a NUL byte")]
+    Nul(String),
     #[error("path is not UTF-8")]
     NotUtf8,
+    #[error("path {0:?} is inside ferry's own state dir `.ferry/`")]
+    StateDir(String),
 }
 
+/// A validated path relative to the data dir, `/`-separated.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(String);
+
 impl RelPath {
     pub fn new(s: &str) -> Result<RelPath, PathError> {
-        let ok = !s.is_empty()
-            && s.len() <= MAX_PATH_LEN_BYTES
-            && !s.contains('\0')
-            && s.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
-            && s.split('/').next() != Some(STATE_DIR_NAME);
-        if ok {
-            Ok(RelPath(s.to_string()))
-        } else {
-            Err(PathError::Invalid(s.to_string()))
+        if s.is_empty() {
+            return Err(PathError::Empty);
         }
+        if s.len() > MAX_PATH_LEN_BYTES {
+            return Err(PathError::TooLong {
+                len_bytes: s.len(),
+                max_bytes: MAX_PATH_LEN_BYTES,
+            });
+        }
+        if s.contains('\0') {
+            return Err(PathError::Nul(s.to_string()));
+        }
+        if s.starts_with('/') {
+            return Err(PathError::Absolute(s.to_string()));
+        }
+        for component in s.split('/') {
+            match component {
+                ".." => return Err(PathError::DotDot(s.to_string())),
+                "" | "." => return Err(PathError::EmptyOrDotComponent(s.to_string())),
+                _ => {}
+            }
+        }
+        if s.split('/').next() == Some(STATE_DIR_NAME) {
+            return Err(PathError::StateDir(s.to_string()));
+        }
+        Ok(RelPath(s.to_string()))
     }
+
     pub fn from_bytes(b: &[u8]) -> Result<RelPath, PathError> {
         RelPath::new(std::str::from_utf8(b).map_err(|_| PathError::NotUtf8)?)
     }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `"a/b/c"` -> `Some("a/b")`; `"c"` -> `None`.
+    pub fn parent(&self) -> Option<&str> {
+        self.0.rsplit_once('/').map(|(p, _)| p)
+    }
+
+    pub fn file_name(&self) -> &str {
+        self.0.rsplit_once('/').map_or(&self.0, |(_, f)| f)
+    }
 }
+
 impl std::fmt::Display for RelPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The error a resolution that would leave the data dir turns into.
+#[derive(Debug, thiserror::Error)]
+#[error("path {path:?} escapes the data dir (a symlink or `..` points outside it)")]
+pub struct EscapeError {
+    pub path: String,
+}
+
+/// Whether `e` is a refusal to leave the data dir (vs. an ordinary I/O error).
+pub fn is_escape(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<EscapeError>())
+}
+
+/// A file being received whole, under `DIR/.ferry/tmp/`, until `DataDir::commit_temp`.
+pub struct TempFile {
+    pub file: File,
+    name: String,
+}
+
+/// A data directory, opened once; every access to a file in it resolves beneath it.
+pub struct DataDir {
+    root: PathBuf,
+    root_fd: OwnedFd,
+    temp_seq: AtomicU64,
+}
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+fn with_path(e: io::Error, rel: &str) -> io::Error {
+    if is_escape(&e) {
+        return e;
+    }
+    io::Error::new(e.kind(), format!("{rel}: {e}"))
+}
+
+impl DataDir {
+    /// Opens `root` (created if missing) and its `.ferry/` and `.ferry/tmp/` dirs.
+    pub fn open(root: &Path) -> io::Result<DataDir> {
+        std::fs::create_dir_all(root.join(STATE_DIR_NAME).join(TEMP_DIR_NAME)).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot create {}: {e}", root.display()))
+        })?;
+        DataDir::open_existing(root)
+    }
+
+    /// Opens an existing dir without creating anything (for read-only uses like `checksum`).
+    pub fn open_existing(root: &Path) -> io::Result<DataDir> {
+        let dir = File::open(root).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot open {}: {e}", root.display()))
+        })?;
+        if !dir.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        Ok(DataDir {
+            root: root.to_path_buf(),
+            root_fd: OwnedFd::from(dir),
+            temp_seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn root_fd(&self) -> BorrowedFd<'_> {
+        self.root_fd.as_fd()
+    }
+
+    /// openat2(2) of `rel` beneath `dirfd`, refusing symlinks that lead outside.
+    fn openat2(dirfd: BorrowedFd<'_>, rel: &str, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+        let c = cstring(rel)?;
+        // SAFETY: open_how is plain data; zeroed is a valid value that we then fill in.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (flags | libc::O_CLOEXEC) as u64;
+        how.mode = if flags & libc::O_CREAT != 0 {
+            u64::from(mode)
+        } else {
+            0
+        };
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: `c` is a NUL-terminated string and `how` a valid open_how, both alive for the
+        // call; the size passed is exactly that of `how`; dirfd is a borrowed, open fd.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dirfd.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EXDEV) | Some(libc::ELOOP) => io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    EscapeError {
+                        path: rel.to_string(),
+                    },
+                ),
+                _ => e,
+            });
+        }
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn open_dir_beneath(&self, rel_dir: &str) -> io::Result<OwnedFd> {
+        DataDir::openat2(
+            self.root_fd(),
+            rel_dir,
+            libc::O_DIRECTORY | libc::O_RDONLY | libc::O_PATH,
+            0,
+        )
+    }
+
+    /// Creates `rel_dir` and its missing ancestors, one component at a time, each beneath root.
+    fn make_dirs(&self, rel_dir: &str) -> io::Result<OwnedFd> {
+        let mut current = self.open_dir_beneath(".")?;
+        for component in rel_dir.split('/') {
+            let c = cstring(component)?;
+            // SAFETY: mkdirat with an open dir fd and a NUL-terminated single component.
+            let rc = unsafe { libc::mkdirat(current.as_raw_fd(), c.as_ptr(), 0o755) };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(e);
+                }
+            }
+            current = DataDir::openat2(
+                current.as_fd(),
+                component,
+                libc::O_DIRECTORY | libc::O_RDONLY | libc::O_PATH,
+                0,
+            )?;
+        }
+        // Re-resolve the whole path from root, so the result is known to lie beneath it.
+        self.open_dir_beneath(rel_dir)
+    }
+
+    fn parent_fd(&self, rel: &RelPath, create: bool) -> io::Result<OwnedFd> {
+        match rel.parent() {
+            None => self.open_dir_beneath("."),
+            Some(p) if create => self.make_dirs(p),
+            Some(p) => self.open_dir_beneath(p),
+        }
+    }
+
+    pub fn open_read(&self, rel: &RelPath) -> io::Result<File> {
+        let fd = DataDir::openat2(self.root_fd(), rel.as_str(), libc::O_RDONLY, 0)
+            .map_err(|e| with_path(e, rel.as_str()))?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens `rel` for writing, creating it (and its parent dirs) if missing; never truncates.
+    pub fn open_write(&self, rel: &RelPath) -> io::Result<File> {
+        let parent = self
+            .parent_fd(rel, true)
+            .map_err(|e| with_path(e, rel.as_str()))?;
+        let fd = DataDir::openat2(
+            parent.as_fd(),
+            rel.file_name(),
+            libc::O_WRONLY | libc::O_CREAT,
+            0o644,
+        )
+        .map_err(|e| with_path(e, rel.as_str()))?;
+        Ok(File::from(fd))
+    }
+
+    fn temp_dir_rel() -> String {
+        format!("{STATE_DIR_NAME}/{TEMP_DIR_NAME}")
+    }
+
+    /// A new, empty temp file for a whole-file transfer of `rel`.
+    pub fn create_temp(&self, rel: &RelPath) -> io::Result<TempFile> {
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let stem: String = rel
+            .file_name()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-' || *c == '_')
+            .take(64)
+            .collect();
+        let name = format!("{}-{seq}-{stem}", std::process::id());
+        let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        let fd = DataDir::openat2(
+            tmp.as_fd(),
+            &name,
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            0o644,
+        )?;
+        Ok(TempFile {
+            file: File::from(fd),
+            name,
+        })
+    }
+
+    /// Renames a complete temp file over `rel` (atomically replacing any old copy).
+    pub fn commit_temp(&self, temp: TempFile, rel: &RelPath) -> io::Result<()> {
+        let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        let parent = self
+            .parent_fd(rel, true)
+            .map_err(|e| with_path(e, rel.as_str()))?;
+        let from = cstring(&temp.name)?;
+        let to = cstring(rel.file_name())?;
+        // SAFETY: both dir fds are open; both names are NUL-terminated single components, so
+        // the rename stays within dirs already resolved beneath root.
+        let rc = unsafe {
+            libc::renameat(
+                tmp.as_raw_fd(),
+                from.as_ptr(),
+                parent.as_raw_fd(),
+                to.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(with_path(io::Error::last_os_error(), rel.as_str()));
+        }
+        Ok(())
+    }
+
+    /// Deletes `rel` (absent is fine), then any parent dirs it left empty.
+    pub fn remove(&self, rel: &RelPath) -> io::Result<()> {
+        let parent = match self.parent_fd(rel, false) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(with_path(e, rel.as_str())),
+        };
+        let name = cstring(rel.file_name())?;
+        // SAFETY: unlinkat on an open dir fd with a NUL-terminated single component.
+        if unsafe { libc::unlinkat(parent.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(with_path(e, rel.as_str()));
+            }
+        }
+        let mut dir = rel.parent();
+        while let Some(d) = dir {
+            let (up, leaf) = match d.rsplit_once('/') {
+                Some((up, leaf)) => (Some(up), leaf),
+                None => (None, d),
+            };
+            let Ok(up_fd) = (match up {
+                Some(u) => self.open_dir_beneath(u),
+                None => self.open_dir_beneath("."),
+            }) else {
+                break;
+            };
+            let leaf = cstring(leaf)?;
+            // SAFETY: as above; AT_REMOVEDIR only removes an empty directory.
+            if unsafe { libc::unlinkat(up_fd.as_raw_fd(), leaf.as_ptr(), libc::AT_REMOVEDIR) } != 0
+            {
+                break;
+            }
+            dir = up;
+        }
+        Ok(())
+    }
+
+    pub fn truncate(&self, rel: &RelPath, len_bytes: u64) -> io::Result<()> {
+        let fd = DataDir::openat2(self.root_fd(), rel.as_str(), libc::O_WRONLY, 0)
+            .map_err(|e| with_path(e, rel.as_str()))?;
+        File::from(fd)
+            .set_len(len_bytes)
+            .map_err(|e| with_path(e, rel.as_str()))
+    }
+
+    /// Makes everything written to the data dir's filesystem durable (one syscall for all files).
+    pub fn syncfs(&self) -> io::Result<()> {
+        // SAFETY: syncfs on our open root fd.
+        if unsafe { libc::syncfs(self.root_fd.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Removes temp files a crash left behind.
+    pub fn clear_temps(&self) -> io::Result<()> {
+        let tmp = self.root.join(STATE_DIR_NAME).join(TEMP_DIR_NAME);
+        for entry in std::fs::read_dir(&tmp)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `DIR/.ferry/<name>`.
+    pub fn state_path(&self, name: &str) -> PathBuf {
+        self.root.join(STATE_DIR_NAME).join(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn relative_paths_are_accepted() {
+        for ok in ["a", "a/b.seg", "dir/sub/x.json", ".hidden", "a/.ferry"] {
+            assert_eq!(p(ok).as_str(), ok);
+        }
+        assert_eq!(p("a/b/c").parent(), Some("a/b"));
+        assert_eq!(p("c").parent(), None);
+        assert_eq!(p("a/b/c").file_name(), "c");
+    }
+
+    #[test]
+    fn paths_that_could_escape_are_refused_naming_the_cause() {
+        let cases: [(&str, &str); 9] = [
+            ("", "empty"),
+            ("/abs", "absolute"),
+            ("a/../b", "`..`"),
+            ("..", "`..`"),
+            ("a//b", "empty or `.`"),
+            ("a/", "empty or `.`"),
+            ("./a", "empty or `.`"),
+            ("a\0b", "NUL"),
+            (".ferry/x", "state dir"),
+        ];
+        for (bad, cause) in cases {
+            let e = RelPath::new(bad).unwrap_err().to_string();
+            assert!(e.contains(cause), "{bad:?}: {e}");
+        }
+        let long = "x".repeat(MAX_PATH_LEN_BYTES + 1);
+        assert!(RelPath::new(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("MAX_PATH_LEN_BYTES"));
+        assert_eq!(RelPath::from_bytes(&[0xff]), Err(PathError::NotUtf8));
+    }
+
+    #[test]
+    fn nested_files_are_written_and_read_beneath_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        use std::os::unix::fs::FileExt;
+        dir.open_write(&p("q/1/seg"))
+            .unwrap()
+            .write_all_at(b"hello", 0)
+            .unwrap();
+        let mut s = String::new();
+        dir.open_read(&p("q/1/seg"))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "hello");
+        assert!(tmp.path().join(".ferry/tmp").is_dir());
+    }
+
+    #[test]
+    fn commit_temp_replaces_atomically_and_remove_prunes_empty_dirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+        std::fs::write(tmp.path().join("a/b/f"), b"old").unwrap();
+        let t = dir.create_temp(&p("a/b/f")).unwrap();
+        use std::io::Write;
+        (&t.file).write_all(b"new!").unwrap();
+        dir.commit_temp(t, &p("a/b/f")).unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("a/b/f")).unwrap(), b"new!");
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join(".ferry/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
+        dir.remove(&p("a/b/f")).unwrap();
+        assert!(!tmp.path().join("a").exists(), "empty parents are pruned");
+        dir.remove(&p("never/there")).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_pointing_outside_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("evil")).unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        for e in [
+            dir.open_write(&p("evil/x")).unwrap_err(),
+            dir.open_read(&p("evil/secret")).unwrap_err(),
+            dir.commit_temp(dir.create_temp(&p("x")).unwrap(), &p("evil/x"))
+                .unwrap_err(),
+        ] {
+            assert!(is_escape(&e), "{e}");
+            assert!(e.to_string().contains("escapes the data dir"), "{e}");
+        }
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            1,
+            "nothing created outside"
+        );
+    }
+
+    #[test]
+    fn clear_temps_empties_the_temp_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let _ = dir.create_temp(&p("x")).unwrap();
+        dir.clear_temps().unwrap();
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join(".ferry/tmp"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

@@ -371,6 +371,11 @@ impl FollowerSession {
         true
     }
 
+    /// The position of the MARK that ended the initial sync, once it arrived.
+    pub fn sync_done_position(&self) -> Option<u64> {
+        self.sync_done_position
+    }
+
     /// The initial sync is done and durable at this follower's level (what `--once` waits for).
     pub fn sync_done_durable(&self) -> bool {
         self.sync_done_position

@@ -24,6 +24,12 @@ pub enum SessionError {
     OutOfOrder { frame: &'static str, why: String },
     #[error("{0}")]
     Limit(String),
+    /// A local disk operation failed (reported to the peer as IO).
+    #[error("{0}")]
+    Io(String),
+    /// A path from the peer would escape the data dir (reported as BAD_PATH).
+    #[error("{0}")]
+    BadPath(String),
     #[error("the peer reported an error ({}): {message}", code_name(*.code))]
     Peer { code: ErrorCode, message: String },
 }
@@ -35,6 +41,8 @@ impl SessionError {
             SessionError::AuthFailed(_) => ErrorCode::AuthFailed,
             SessionError::OutOfOrder { .. } => ErrorCode::BadFrame,
             SessionError::Limit(_) => ErrorCode::Limit,
+            SessionError::Io(_) => ErrorCode::Io,
+            SessionError::BadPath(_) => ErrorCode::BadPath,
             SessionError::Peer { code, .. } => *code,
         }
     }
