@@ -1,1 +1,726 @@
-//! (in progress)
+//! inotify on the data dir, turned into replication changes, for `ferry lead` beside an
+//! unmodified program that writes with write(2).
+//!
+//! Every directory under the root is watched (new subdirectories as they appear, their existing
+//! content reported at once so nothing created before the watch is missed), except ferry's own
+//! `.ferry/` and symlinks, which are never followed. Events are read in batches, deduplicated per
+//! path, and each touched file is stat'ed once and compared with what was last reported:
+//!
+//! - it grew, and the bytes just before the old end and at the start are unchanged: `Grew`
+//!   (an append: only the new range ships);
+//! - it shrank, was created or renamed over, its sampled bytes changed, or its mtime changed at
+//!   the same size (an in-place overwrite): `Rewritten` (the whole file ships);
+//! - same size and mtime: nothing. The event was for a write an earlier stat already saw. This
+//!   is why mtime is tracked: appends coalesced into one stat must not look like overwrites.
+//! - gone: `Removed`.
+//!
+//! The sampled bytes (up to `SAMPLE_BYTES` at the start and before the end) catch a file that
+//! was truncated and rewritten longer between two looks, which sizes alone would take for an
+//! append. Limits: mmap writes raise no inotify event at all, so programs that write through a
+//! mmap must use the library API (`Leader::append`); an in-place overwrite that keeps the size
+//! within the filesystem's mtime granularity of an earlier write, and leaves the sampled bytes
+//! alone, can go unseen. On queue overflow the whole tree is rescanned and diffed.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use crate::paths::{RelPath, STATE_DIR_NAME};
+
+/// Bytes compared at the start and before the old end of a file that grew.
+const SAMPLE_BYTES: usize = 64;
+/// Bytes read from the inotify fd at once.
+const EVENT_BUFFER_BYTES: usize = 64 * 1024;
+const EVENT_HEADER_BYTES: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The file grew: bytes `[from_bytes, to_bytes)` are new and ship as an append.
+    Grew {
+        path: RelPath,
+        from_bytes: u64,
+        to_bytes: u64,
+    },
+    /// Created, renamed over, shrunk, truncated or overwritten in place: ship the whole file.
+    Rewritten { path: RelPath, len_bytes: u64 },
+    /// Deleted or moved away.
+    Removed { path: RelPath },
+}
+
+pub type Sink = Box<dyn FnMut(Change) + Send>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    len_bytes: u64,
+    mtime_ns: i64,
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+pub struct Watcher {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct State {
+    root: PathBuf,
+    inotify: OwnedFd,
+    dirs: HashMap<i32, String>,
+    files: HashMap<RelPath, Seen>,
+    sink: Sink,
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+impl Watcher {
+    /// Watches `root`. `known` is what the caller already has (path -> (len_bytes, mtime_ns)),
+    /// e.g. from its initial scan; anything that differs from it by the time the watches are
+    /// in place is reported at once.
+    pub fn start(
+        root: &Path,
+        known: HashMap<RelPath, (u64, i64)>,
+        sink: Sink,
+    ) -> io::Result<Watcher> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: inotify_init1 returned a new fd owned by nobody else.
+        let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: as above, for an eventfd used to stop the thread.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: eventfd returned a new fd owned by nobody else.
+        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let mut state = State {
+            root: root.to_path_buf(),
+            inotify,
+            dirs: HashMap::new(),
+            files: HashMap::new(),
+            sink,
+        };
+        // What the caller knows, without samples: a later growth is checked against the
+        // file's current bytes, taken now.
+        for (path, (len_bytes, mtime_ns)) in known {
+            let (head, tail) = state.samples(&path, len_bytes);
+            state.files.insert(
+                path,
+                Seen {
+                    len_bytes,
+                    mtime_ns,
+                    head,
+                    tail,
+                },
+            );
+        }
+        state.add_tree("")?;
+        state.rescan();
+        let stop_fd = stop.as_raw_fd();
+        let thread = std::thread::Builder::new()
+            .name("ferry-watch".into())
+            .spawn(move || state.run(stop_fd))?;
+        Ok(Watcher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops watching and joins the thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 into our eventfd.
+        unsafe {
+            libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What one batch of events said about a file.
+#[derive(Default, Clone, Copy)]
+struct Touched {
+    recreated: bool,
+}
+
+impl State {
+    fn emit(&mut self, change: Change) {
+        tracing::debug!("watch: {change:?}");
+        (self.sink)(change);
+    }
+
+    fn abs(&self, rel: &str) -> PathBuf {
+        if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(rel)
+        }
+    }
+
+    fn samples(&self, path: &RelPath, len_bytes: u64) -> (Vec<u8>, Vec<u8>) {
+        let Ok(file) = File::open(self.abs(path.as_str())) else {
+            return (Vec::new(), Vec::new());
+        };
+        let n = (len_bytes as usize).min(SAMPLE_BYTES);
+        let mut head = vec![0u8; n];
+        let mut tail = vec![0u8; n];
+        if file.read_exact_at(&mut head, 0).is_err()
+            || file.read_exact_at(&mut tail, len_bytes - n as u64).is_err()
+        {
+            return (Vec::new(), Vec::new());
+        }
+        (head, tail)
+    }
+
+    fn add_watch(&mut self, rel: &str) -> io::Result<()> {
+        let c = std::ffi::CString::new(self.abs(rel).into_os_string().into_encoded_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        let mask = libc::IN_MODIFY
+            | libc::IN_CLOSE_WRITE
+            | libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_MOVED_FROM
+            | libc::IN_MOVED_TO
+            | libc::IN_ATTRIB
+            | libc::IN_DELETE_SELF
+            | libc::IN_ONLYDIR
+            | libc::IN_DONT_FOLLOW
+            | libc::IN_EXCL_UNLINK;
+        // SAFETY: a valid inotify fd and a NUL-terminated path alive for the call.
+        let wd = unsafe { libc::inotify_add_watch(self.inotify.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.dirs.insert(wd, rel.to_string());
+        Ok(())
+    }
+
+    /// Watches `rel` and every directory under it; returns the files found beneath it.
+    fn add_tree(&mut self, rel: &str) -> io::Result<Vec<RelPath>> {
+        let mut files = Vec::new();
+        let mut stack = vec![rel.to_string()];
+        while let Some(dir) = stack.pop() {
+            match self.add_watch(&dir) {
+                Ok(()) => {}
+                // Gone or replaced by a non-dir meanwhile: its own events will say so.
+                Err(e) if dir != rel || !rel.is_empty() => {
+                    tracing::debug!("not watching {dir:?}: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let Ok(entries) = std::fs::read_dir(self.abs(&dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    tracing::warn!("skipping {:?}: the name is not UTF-8", entry.path());
+                    continue;
+                };
+                if dir.is_empty() && name == STATE_DIR_NAME {
+                    continue;
+                }
+                let child = join(&dir, &name);
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => stack.push(child),
+                    Ok(t) if t.is_file() => {
+                        if let Ok(p) = RelPath::new(&child) {
+                            files.push(p);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    /// Stats `path` and reports how it differs from what was last seen.
+    fn check(&mut self, path: &RelPath, touched: Touched) {
+        let meta = match std::fs::symlink_metadata(self.abs(path.as_str())) {
+            Ok(m) if m.is_file() => m,
+            _ => {
+                if self.files.remove(path).is_some() {
+                    self.emit(Change::Removed { path: path.clone() });
+                }
+                return;
+            }
+        };
+        let (len_bytes, mtime) = (meta.len(), mtime_ns(&meta));
+        let old = self.files.get(path).cloned();
+        let change = match old {
+            None => Some(Change::Rewritten {
+                path: path.clone(),
+                len_bytes,
+            }),
+            Some(_) if touched.recreated => Some(Change::Rewritten {
+                path: path.clone(),
+                len_bytes,
+            }),
+            Some(old) if len_bytes > old.len_bytes => {
+                let (head, tail) = self.samples(path, old.len_bytes);
+                if head == old.head && tail == old.tail {
+                    Some(Change::Grew {
+                        path: path.clone(),
+                        from_bytes: old.len_bytes,
+                        to_bytes: len_bytes,
+                    })
+                } else {
+                    Some(Change::Rewritten {
+                        path: path.clone(),
+                        len_bytes,
+                    })
+                }
+            }
+            Some(old) if len_bytes < old.len_bytes || mtime != old.mtime_ns => {
+                Some(Change::Rewritten {
+                    path: path.clone(),
+                    len_bytes,
+                })
+            }
+            Some(_) => None,
+        };
+        if let Some(change) = change {
+            let (head, tail) = self.samples(path, len_bytes);
+            self.files.insert(
+                path.clone(),
+                Seen {
+                    len_bytes,
+                    mtime_ns: mtime,
+                    head,
+                    tail,
+                },
+            );
+            self.emit(change);
+        }
+    }
+
+    /// Walks the whole tree (re-adding watches) and reports every difference.
+    fn rescan(&mut self) {
+        let found = match self.add_tree("") {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("cannot rescan {}: {e}", self.root.display());
+                return;
+            }
+        };
+        let present: HashSet<RelPath> = found.iter().cloned().collect();
+        let gone: Vec<RelPath> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.files.remove(&path);
+            self.emit(Change::Removed { path });
+        }
+        for path in found {
+            self.check(&path, Touched::default());
+        }
+    }
+
+    fn run(mut self, stop_fd: i32) {
+        let mut buf = vec![0u8; EVENT_BUFFER_BYTES];
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.inotify.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!("inotify poll failed: {e}; the watcher stops");
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            let mut events = Vec::new();
+            loop {
+                // SAFETY: reads into our buffer, at most its length.
+                let n = unsafe {
+                    libc::read(self.inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                };
+                if n <= 0 {
+                    break;
+                }
+                parse_events(&buf[..n as usize], &mut events);
+            }
+            self.handle(events);
+        }
+    }
+
+    fn handle(&mut self, events: Vec<(i32, u32, String)>) {
+        let mut order: Vec<RelPath> = Vec::new();
+        let mut touched: HashMap<RelPath, Touched> = HashMap::new();
+        let mut overflow = false;
+        for (wd, mask, name) in events {
+            if mask & libc::IN_Q_OVERFLOW != 0 {
+                overflow = true;
+                continue;
+            }
+            if mask & libc::IN_IGNORED != 0 {
+                self.dirs.remove(&wd);
+                continue;
+            }
+            let Some(dir) = self.dirs.get(&wd).cloned() else {
+                continue;
+            };
+            if name.is_empty() {
+                continue; // an event on the directory itself
+            }
+            if dir.is_empty() && name == STATE_DIR_NAME {
+                continue;
+            }
+            let rel = join(&dir, &name);
+            if mask & libc::IN_ISDIR != 0 {
+                if mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
+                    self.forget_dir(&rel);
+                }
+                if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                    match self.add_tree(&rel) {
+                        Ok(files) => {
+                            for f in files {
+                                if touched
+                                    .insert(f.clone(), Touched { recreated: true })
+                                    .is_none()
+                                {
+                                    order.push(f);
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!("cannot watch the new directory {rel:?}: {e}"),
+                    }
+                }
+                continue;
+            }
+            let path = match RelPath::new(&rel) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("ignoring a change to {rel:?}: {e}");
+                    continue;
+                }
+            };
+            let entry = touched.entry(path.clone()).or_insert_with(|| {
+                order.push(path.clone());
+                Touched::default()
+            });
+            if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                entry.recreated = true;
+            }
+        }
+        if overflow {
+            tracing::warn!(
+                "inotify queue overflowed: events were dropped; rescanning {}",
+                self.root.display()
+            );
+            self.rescan();
+            return;
+        }
+        for path in order {
+            let t = touched.get(&path).copied().unwrap_or_default();
+            self.check(&path, t);
+        }
+    }
+
+    /// A directory was deleted or moved away: every file known under it is gone.
+    fn forget_dir(&mut self, rel: &str) {
+        let prefix = format!("{rel}/");
+        let gone: Vec<RelPath> = self
+            .files
+            .keys()
+            .filter(|p| p.as_str().starts_with(&prefix))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.files.remove(&path);
+            self.emit(Change::Removed { path });
+        }
+        let wds: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter(|(_, d)| *d == rel || d.starts_with(&prefix))
+            .map(|(wd, _)| *wd)
+            .collect();
+        for wd in wds {
+            self.dirs.remove(&wd);
+            // SAFETY: removing a watch descriptor from our own inotify fd; failure is harmless.
+            unsafe {
+                libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd);
+            }
+        }
+    }
+}
+
+/// Parses `struct inotify_event` records: wd i32, mask u32, cookie u32, len u32, name[len].
+fn parse_events(mut buf: &[u8], out: &mut Vec<(i32, u32, String)>) {
+    while buf.len() >= EVENT_HEADER_BYTES {
+        let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
+        let wd = i32::from_ne_bytes(word(0));
+        let mask = u32::from_ne_bytes(word(4));
+        let len = u32::from_ne_bytes(word(12)) as usize;
+        let Some(name_bytes) = buf.get(EVENT_HEADER_BYTES..EVENT_HEADER_BYTES + len) else {
+            return;
+        };
+        let end = name_bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(name_bytes.len());
+        match std::str::from_utf8(&name_bytes[..end]) {
+            Ok(name) => out.push((wd, mask, name.to_string())),
+            Err(_) => tracing::warn!("ignoring an event for a name that is not UTF-8"),
+        }
+        buf = &buf[EVENT_HEADER_BYTES + len..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc::{channel, Receiver};
+    use std::time::Duration;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    fn watch(root: &Path, known: HashMap<RelPath, (u64, i64)>) -> (Watcher, Receiver<Change>) {
+        let (tx, rx) = channel();
+        let sink: Sink = Box::new(move |c| {
+            let _ = tx.send(c);
+        });
+        (Watcher::start(root, known, sink).unwrap(), rx)
+    }
+
+    fn next(rx: &Receiver<Change>) -> Change {
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("no change within 5 s")
+    }
+
+    fn known(root: &Path, names: &[&str]) -> HashMap<RelPath, (u64, i64)> {
+        names
+            .iter()
+            .map(|n| {
+                let m = std::fs::metadata(root.join(n)).unwrap();
+                (p(n), (m.len(), mtime_ns(&m)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_append_is_reported_as_growth_with_exact_offsets() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
+        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path().join("seg"))
+            .unwrap()
+            .write_all(b"678")
+            .unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Grew {
+                path: p("seg"),
+                from_bytes: 5,
+                to_bytes: 8
+            }
+        );
+        w.stop();
+    }
+
+    #[test]
+    fn a_file_in_a_new_nested_directory_is_seen_then_its_appends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (w, rx) = watch(tmp.path(), HashMap::new());
+        std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+        std::fs::write(tmp.path().join("a/b/c.seg"), b"xy").unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Rewritten {
+                path: p("a/b/c.seg"),
+                len_bytes: 2
+            }
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path().join("a/b/c.seg"))
+            .unwrap()
+            .write_all(b"z")
+            .unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Grew {
+                path: p("a/b/c.seg"),
+                from_bytes: 2,
+                to_bytes: 3
+            }
+        );
+        w.stop();
+    }
+
+    #[test]
+    fn rename_over_truncate_and_delete_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("meta.json"), b"{\"v\":1}").unwrap();
+        std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
+        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["meta.json", "seg"]));
+        std::fs::write(tmp.path().join("meta.tmp"), b"{\"v\":22}").unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Rewritten {
+                path: p("meta.tmp"),
+                len_bytes: 8
+            }
+        );
+        std::fs::rename(tmp.path().join("meta.tmp"), tmp.path().join("meta.json")).unwrap();
+        let mut got = vec![next(&rx), next(&rx)];
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            got,
+            vec![
+                Change::Removed {
+                    path: p("meta.tmp")
+                },
+                Change::Rewritten {
+                    path: p("meta.json"),
+                    len_bytes: 8
+                },
+            ]
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp.path().join("seg"))
+            .unwrap()
+            .set_len(4)
+            .unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Rewritten {
+                path: p("seg"),
+                len_bytes: 4
+            }
+        );
+        std::fs::remove_file(tmp.path().join("seg")).unwrap();
+        assert_eq!(next(&rx), Change::Removed { path: p("seg") });
+        w.stop();
+    }
+
+    #[test]
+    fn truncate_then_a_longer_rewrite_is_not_taken_for_an_append() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"old content").unwrap();
+        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["f"]));
+        // Truncate and rewrite in one go, as `echo ... > f` does.
+        std::fs::write(tmp.path().join("f"), b"brand new, longer content").unwrap();
+        let mut last = next(&rx);
+        while let Ok(c) = rx.recv_timeout(Duration::from_millis(300)) {
+            last = c;
+        }
+        assert!(
+            matches!(last, Change::Rewritten { len_bytes: 25, .. }),
+            "{last:?}"
+        );
+        w.stop();
+    }
+
+    #[test]
+    fn ferry_state_is_ignored_and_coalesced_appends_are_not_overwrites() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join(".ferry")).unwrap();
+        std::fs::write(tmp.path().join("seg"), b"").unwrap();
+        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        std::fs::write(tmp.path().join(".ferry/digests"), b"x").unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path().join("seg"))
+            .unwrap();
+        for _ in 0..500 {
+            f.write_all(b"0123456789").unwrap();
+        }
+        let mut end = 0;
+        while end < 5000 {
+            match next(&rx) {
+                Change::Grew {
+                    path,
+                    from_bytes,
+                    to_bytes,
+                } => {
+                    assert_eq!(path, p("seg"), "nothing from .ferry/");
+                    assert_eq!(from_bytes, end, "ranges are contiguous");
+                    end = to_bytes;
+                }
+                other => panic!("an append was reported as {other:?}"),
+            }
+        }
+        assert_eq!(end, 5000);
+        w.stop();
+    }
+
+    #[test]
+    fn changes_between_the_scan_and_the_start_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a"), b"1").unwrap();
+        let k = known(tmp.path(), &["a"]);
+        std::fs::write(tmp.path().join("b"), b"22").unwrap();
+        std::fs::remove_file(tmp.path().join("a")).unwrap();
+        let (w, rx) = watch(tmp.path(), k);
+        let mut got = vec![next(&rx), next(&rx)];
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            got,
+            vec![
+                Change::Removed { path: p("a") },
+                Change::Rewritten {
+                    path: p("b"),
+                    len_bytes: 2
+                }
+            ]
+        );
+        w.stop();
+    }
+}
