@@ -6,9 +6,12 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod engine;
+pub mod follower;
 pub mod frame;
 pub mod index;
 pub mod lag;
+pub mod leader;
 pub mod paths;
 pub mod session;
 pub mod watch;

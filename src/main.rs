@@ -1,1 +1,195 @@
-fn main() {}
+//! The `ferry` command line: `lead`, `follow`, `checksum` and `demo`.
+//!
+//! Each subcommand is a thin layer over the library: it parses flags, reads the secret, sets up
+//! logging, and maps errors to one clear message and a non-zero exit.
+
+mod demo;
+mod lead;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use ferry::auth::Secret;
+use ferry::engine::EngineKind;
+use ferry::frame::Durability;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Replicates a message broker's data directory from a leader to followers, in real time",
+    long_about = "Replicates a message broker's data directory from a leader to followers, in real time.\n\n\
+        The leader ships file ranges straight from the page cache (io_uring splice, or sendfile on \
+        the fallback engine); followers keep byte-identical copies and ack what they hold at the \
+        durability they were asked for.\n\n\
+        The shared secret comes from --secret-file FILE or the FERRY_SECRET environment variable.\n\
+        Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct SecretArgs {
+    /// File holding the shared secret (trailing newline ignored). FERRY_SECRET may be used instead.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve DIR to followers, replicating every change made to it (inotify; see README for mmap).
+    Lead {
+        /// The data directory to replicate.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Address to listen on for followers, e.g. 0.0.0.0:7070.
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        secret: SecretArgs,
+        /// I/O engine; by default io_uring when it works here, else the fallback (logged).
+        #[arg(long, value_name = "uring|fallback")]
+        io_engine: Option<EngineKind>,
+        /// A follower that has not acked a MARK for this long is reported as lagging.
+        #[arg(long, value_name = "MS", default_value_t = ferry::lag::ACK_TIMEOUT_MS_DEFAULT)]
+        ack_timeout_ms: u64,
+    },
+    /// Keep DIR a byte-identical copy of the leader's data directory.
+    Follow {
+        /// Where the copy lives. Files the leader lacks are removed (never DIR/.ferry/).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The leader's address, host:port.
+        #[arg(long, value_name = "ADDR")]
+        leader: String,
+        #[command(flatten)]
+        secret: SecretArgs,
+        /// What must hold before this follower acks: received, written (page cache) or synced (syncfs).
+        #[arg(long, value_name = "LEVEL", default_value = "synced")]
+        durability: Durability,
+        /// Exit 0 once DIR matches the leader's index as of the connection (a one-shot sync).
+        #[arg(long)]
+        once: bool,
+        /// I/O engine; by default io_uring when it works here, else the fallback (logged).
+        #[arg(long, value_name = "uring|fallback")]
+        io_engine: Option<EngineKind>,
+    },
+    /// Print `<sha1>  <path>` for every replicated file in DIR, sorted, so replicas compare with diff.
+    Checksum {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Run a leader and two followers in a temporary directory under a write load, show live
+    /// lag, and check that all copies match.
+    Demo {
+        /// How long the writer appends.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        seconds: u64,
+        /// I/O engine for the leader and followers.
+        #[arg(long, value_name = "uring|fallback")]
+        io_engine: Option<EngineKind>,
+    },
+}
+
+fn read_secret(args: &SecretArgs) -> anyhow::Result<Secret> {
+    let bytes = match (&args.secret_file, std::env::var_os("FERRY_SECRET")) {
+        (Some(path), _) => {
+            let mut bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
+            }
+            bytes
+        }
+        (None, Some(value)) => value.into_encoded_bytes(),
+        (None, None) => bail!(
+            "no secret: pass --secret-file FILE or set FERRY_SECRET (leader and followers must share it)"
+        ),
+    };
+    Secret::new(bytes).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Lead {
+            data_dir,
+            listen,
+            secret,
+            io_engine,
+            ack_timeout_ms,
+        } => {
+            let secret = read_secret(&secret)?;
+            lead::run(data_dir, listen, secret, io_engine, ack_timeout_ms)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Follow {
+            data_dir,
+            leader,
+            secret,
+            durability,
+            once,
+            io_engine,
+        } => {
+            let secret = read_secret(&secret)?;
+            let config = ferry::follower::FollowConfig {
+                data_dir,
+                leader,
+                secret,
+                durability,
+                once,
+                engine: io_engine,
+            };
+            let report = ferry::follower::run(config)?;
+            if once {
+                println!(
+                    "in sync: {} files in the leader's index, {} payload bytes received in {:.3} s",
+                    report.index_files,
+                    report.payload_bytes,
+                    report.sync_elapsed.unwrap_or_default().as_secs_f64()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Checksum { dir } => {
+            let lines = ferry::index::checksum_dir(&dir)
+                .with_context(|| format!("cannot checksum {}", dir.display()))?;
+            let mut out = String::new();
+            for line in lines {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            use std::io::Write;
+            std::io::stdout().write_all(out.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { seconds, io_engine } => demo::run(seconds, io_engine),
+    }
+}

@@ -1,0 +1,99 @@
+//! The fallback engine's payload moves, for hosts where io_uring is blocked (Docker's default
+//! seccomp profile refuses io_uring_setup): sendfile(2) from the page cache to the socket on the
+//! leader, recv(2) + pwrite(2) on the follower, each driven by tokio's readiness events.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Sends `[offset, offset + len_bytes)` of `file` with sendfile(2).
+pub async fn send_file(
+    stream: &TcpStream,
+    file: RawFd,
+    offset: u64,
+    len_bytes: u64,
+) -> io::Result<()> {
+    let socket = stream.as_raw_fd();
+    let mut off = offset as libc::off_t;
+    let end = offset + len_bytes;
+    while (off as u64) < end {
+        let left = (end - off as u64) as usize;
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                // SAFETY: both fds are open for the duration of the call (the stream and the file
+                // are borrowed by our caller), and `off` is a valid, exclusively borrowed off_t.
+                let r = unsafe { libc::sendfile(socket, file, &mut off, left) };
+                if r < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(r as usize)
+                }
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ended {} bytes before the range to send (it shrank meanwhile)",
+                    end - off as u64
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Receives `len_bytes` into `file` at `offset`: recv(2) into `buf`, then pwrite(2).
+pub async fn recv_file(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    file: &std::fs::File,
+    offset: u64,
+    len_bytes: u64,
+) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut offset = offset;
+    let mut left = len_bytes;
+    while left > 0 {
+        let want = (left as usize).min(buf.len());
+        let n = read(stream, &mut buf[..want]).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the leader closed the connection {left} bytes before the end of a payload"
+                ),
+            ));
+        }
+        file.write_all_at(&buf[..n], offset)?;
+        offset += n as u64;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+pub async fn read(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! The I/O shells' common ground: which engine runs, and the connection type both the leader
+//! and the follower drivers use, whichever engine is underneath.
+//!
+//! Two engines speak the same protocol. `uring` (tokio-uring, the default) moves payloads with
+//! IORING_OP_SPLICE; `fallback` (plain tokio) uses sendfile(2) and recv(2) + pwrite(2), for hosts
+//! where io_uring is blocked. Both run a current-thread runtime with a `LocalSet`, so the drivers
+//! are written once and use `tokio::task::spawn_local`, `tokio::time` and `tokio::sync` alike.
+//! `Conn` and `Listener` are enums rather than traits: there are exactly two engines, and an enum
+//! keeps the drivers free of generics.
+
+pub mod fallback;
+pub mod uring;
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Bytes a splice pipe holds; each splice moves at most this much.
+pub const PIPE_CAPACITY_BYTES: usize = 1024 * 1024;
+/// Bytes the fallback follower reads from the socket per recv(2) of a payload.
+pub const FALLBACK_RECV_BUFFER_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Uring,
+    Fallback,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Fallback => "fallback",
+        }
+    }
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<EngineKind, String> {
+        match s {
+            "uring" => Ok(EngineKind::Uring),
+            "fallback" => Ok(EngineKind::Fallback),
+            other => Err(format!(
+                "unknown I/O engine {other:?}: expected uring or fallback"
+            )),
+        }
+    }
+}
+
+/// Why io_uring cannot be used here, or `None` when it can (ring setup and SPLICE both work).
+pub fn uring_unavailable() -> Option<String> {
+    let ring = match io_uring::IoUring::new(4) {
+        Ok(ring) => ring,
+        Err(e) => return Some(format!("io_uring_setup failed: {e}")),
+    };
+    let mut probe = io_uring::Probe::new();
+    if let Err(e) = ring.submitter().register_probe(&mut probe) {
+        return Some(format!("io_uring probe failed: {e}"));
+    }
+    if !probe.is_supported(io_uring::opcode::Splice::CODE) {
+        return Some("the kernel's io_uring lacks IORING_OP_SPLICE".into());
+    }
+    None
+}
+
+/// The engine to run: the one asked for, or io_uring when it works here, else the fallback
+/// with a warning that says why.
+pub fn choose(requested: Option<EngineKind>) -> io::Result<EngineKind> {
+    match requested {
+        Some(EngineKind::Uring) => match uring_unavailable() {
+            None => Ok(EngineKind::Uring),
+            Some(why) => Err(io::Error::other(format!(
+                "--io-engine uring was asked for, but {why}"
+            ))),
+        },
+        Some(EngineKind::Fallback) => Ok(EngineKind::Fallback),
+        None => match uring_unavailable() {
+            None => Ok(EngineKind::Uring),
+            Some(why) => {
+                tracing::warn!(
+                    "io_uring is not usable ({why}); using the fallback engine (sendfile); \
+                     pass --io-engine fallback to silence this"
+                );
+                Ok(EngineKind::Fallback)
+            }
+        },
+    }
+}
+
+/// Runs `make()`'s future to completion on `kind`'s runtime, on this thread.
+pub fn run<F, Fut>(kind: EngineKind, make: F) -> Fut::Output
+where
+    F: FnOnce() -> Fut,
+    Fut: Future,
+{
+    match kind {
+        EngineKind::Uring => tokio_uring::start(make()),
+        EngineKind::Fallback => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                // Building a current-thread runtime only fails if the OS refuses an epoll fd.
+                Err(e) => panic!("cannot start the tokio runtime: {e}"),
+            };
+            tokio::task::LocalSet::new().block_on(&runtime, make())
+        }
+    }
+}
+
+/// A pipe used as the kernel-side buffer of splice.
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    pub capacity_bytes: usize,
+}
+
+impl Pipe {
+    pub fn new() -> io::Result<Pipe> {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A bigger pipe means fewer splices per payload; when the limit refuses, the default stays.
+        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; the result is checked.
+        let set = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_CAPACITY_BYTES as libc::c_int,
+            )
+        };
+        let capacity_bytes = if set > 0 { set as usize } else { 64 * 1024 };
+        Ok(Pipe {
+            read,
+            write,
+            capacity_bytes,
+        })
+    }
+}
+
+pub enum Listener {
+    Uring(tokio_uring::net::TcpListener),
+    Fallback(tokio::net::TcpListener),
+}
+
+impl Listener {
+    pub fn bind(kind: EngineKind, addr: SocketAddr) -> io::Result<Listener> {
+        let std = std::net::TcpListener::bind(addr)?;
+        std.set_nonblocking(true)?;
+        Ok(match kind {
+            EngineKind::Uring => Listener::Uring(tokio_uring::net::TcpListener::from_std(std)),
+            EngineKind::Fallback => Listener::Fallback(tokio::net::TcpListener::from_std(std)?),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Listener::Uring(l) => l.local_addr(),
+            Listener::Fallback(l) => l.local_addr(),
+        }
+    }
+
+    pub async fn accept(&self) -> io::Result<(Conn, SocketAddr)> {
+        let (conn, peer) = match self {
+            Listener::Uring(l) => {
+                let (s, peer) = l.accept().await?;
+                (Conn::uring(s), peer)
+            }
+            Listener::Fallback(l) => {
+                let (s, peer) = l.accept().await?;
+                (Conn::fallback(s), peer)
+            }
+        };
+        conn.set_nodelay()?;
+        Ok((conn, peer))
+    }
+}
+
+enum Stream {
+    Uring(tokio_uring::net::TcpStream),
+    Fallback(tokio::net::TcpStream),
+}
+
+/// One TCP connection. Methods take `&self`, so a reader task and a writer task can share it
+/// through an `Rc` (each payload method keeps its own pipe or buffer).
+pub struct Conn {
+    stream: Stream,
+    send_pipe: RefCell<Option<Pipe>>,
+    recv_pipe: RefCell<Option<Pipe>>,
+    recv_buf: RefCell<Vec<u8>>,
+}
+
+impl Conn {
+    fn uring(s: tokio_uring::net::TcpStream) -> Conn {
+        Conn::new(Stream::Uring(s))
+    }
+
+    fn fallback(s: tokio::net::TcpStream) -> Conn {
+        Conn::new(Stream::Fallback(s))
+    }
+
+    fn new(stream: Stream) -> Conn {
+        Conn {
+            stream,
+            send_pipe: RefCell::new(None),
+            recv_pipe: RefCell::new(None),
+            recv_buf: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub async fn connect(kind: EngineKind, addr: SocketAddr) -> io::Result<Conn> {
+        let conn = match kind {
+            EngineKind::Uring => Conn::uring(tokio_uring::net::TcpStream::connect(addr).await?),
+            EngineKind::Fallback => Conn::fallback(tokio::net::TcpStream::connect(addr).await?),
+        };
+        conn.set_nodelay()?;
+        Ok(conn)
+    }
+
+    fn set_nodelay(&self) -> io::Result<()> {
+        match &self.stream {
+            Stream::Uring(s) => s.set_nodelay(true),
+            Stream::Fallback(s) => s.set_nodelay(true),
+        }
+    }
+
+    fn raw_fd(&self) -> i32 {
+        match &self.stream {
+            Stream::Uring(s) => s.as_raw_fd(),
+            Stream::Fallback(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Reads what is available into `buf` (cleared first, filled up to its capacity).
+    /// `Ok(0)` is the end of the stream.
+    pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        buf.clear();
+        match &self.stream {
+            Stream::Uring(s) => s.read(buf).await,
+            Stream::Fallback(s) => {
+                let cap = buf.capacity();
+                buf.resize(cap, 0);
+                let r = fallback::read(s, &mut buf).await;
+                buf.truncate(*r.as_ref().unwrap_or(&0));
+                (r, buf)
+            }
+        }
+    }
+
+    pub async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match &self.stream {
+            Stream::Uring(s) => s.write_all(buf).await,
+            Stream::Fallback(s) => {
+                let r = fallback::write_all(s, &buf).await;
+                (r, buf)
+            }
+        }
+    }
+
+    /// Sends `[offset, offset + len_bytes)` of `file` without copying it through user space.
+    pub async fn send_file(
+        &self,
+        file: &std::fs::File,
+        offset: u64,
+        len_bytes: u64,
+    ) -> io::Result<()> {
+        match &self.stream {
+            Stream::Uring(_) => {
+                let pipe = take_pipe(&self.send_pipe)?;
+                let r = uring::send_file(self.raw_fd(), &pipe, file.as_raw_fd(), offset, len_bytes)
+                    .await;
+                // A pipe left holding bytes after an error would corrupt the next payload.
+                if r.is_ok() {
+                    *self.send_pipe.borrow_mut() = Some(pipe);
+                }
+                r
+            }
+            Stream::Fallback(s) => {
+                fallback::send_file(s, file.as_raw_fd(), offset, len_bytes).await
+            }
+        }
+    }
+
+    /// Receives the next `len_bytes` of the stream into `file` at `offset`.
+    pub async fn recv_file(
+        &self,
+        file: &std::fs::File,
+        offset: u64,
+        len_bytes: u64,
+    ) -> io::Result<()> {
+        match &self.stream {
+            Stream::Uring(_) => {
+                let pipe = take_pipe(&self.recv_pipe)?;
+                let r = uring::recv_file(self.raw_fd(), &pipe, file.as_raw_fd(), offset, len_bytes)
+                    .await;
+                if r.is_ok() {
+                    *self.recv_pipe.borrow_mut() = Some(pipe);
+                }
+                r
+            }
+            Stream::Fallback(s) => {
+                let mut buf = std::mem::take(&mut *self.recv_buf.borrow_mut());
+                if buf.is_empty() {
+                    buf = vec![0; FALLBACK_RECV_BUFFER_BYTES];
+                }
+                let r = fallback::recv_file(s, &mut buf, file, offset, len_bytes).await;
+                *self.recv_buf.borrow_mut() = buf;
+                r
+            }
+        }
+    }
+
+    /// Shuts both directions down, so the peer sees the end of the stream.
+    pub fn shutdown(&self) {
+        // SAFETY: shutdown(2) on our own open socket fd; failure (already closed) is harmless.
+        unsafe {
+            libc::shutdown(self.raw_fd(), libc::SHUT_RDWR);
+        }
+    }
+}
+
+fn take_pipe(slot: &RefCell<Option<Pipe>>) -> io::Result<Pipe> {
+    match slot.borrow_mut().take() {
+        Some(pipe) => Ok(pipe),
+        None => Pipe::new(),
+    }
+}

@@ -1,0 +1,118 @@
+//! The only code that writes into a follower's data dir: it turns the session's actions into
+//! file operations through `DataDir`, which refuses any path that escapes the dir.
+//!
+//! Whole-file transfers go into temp files under `DIR/.ferry/tmp/` and are renamed over the real
+//! name only once complete, so a torn file never appears under its real name. Open files are
+//! cached per path (dropped when the path is renamed over or deleted, since the cached fd would
+//! then point at the old inode).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use crate::paths::{DataDir, RelPath, TempFile};
+use crate::session::follower::FollowerAction;
+use crate::session::SessionError;
+
+/// Open files kept per connection.
+const OPEN_FILES_MAX: usize = 256;
+
+pub struct Apply {
+    dir: Arc<DataDir>,
+    open: HashMap<RelPath, File>,
+    temps: HashMap<RelPath, TempFile>,
+}
+
+/// Maps a disk error on `path` to what the leader is told: BAD_PATH for an escape, else IO.
+pub fn disk_error(what: &str, path: &RelPath, e: io::Error) -> SessionError {
+    if crate::paths::is_escape(&e) {
+        SessionError::BadPath(format!("refusing to {what} {path}: {e}"))
+    } else {
+        SessionError::Io(format!("cannot {what} {path}: {e}"))
+    }
+}
+
+impl Apply {
+    pub fn new(dir: Arc<DataDir>) -> Apply {
+        Apply {
+            dir,
+            open: HashMap::new(),
+            temps: HashMap::new(),
+        }
+    }
+
+    /// The file a `Write` action's payload goes to.
+    pub fn file_for_write(&mut self, path: &RelPath, temp: bool) -> Result<&File, SessionError> {
+        if temp {
+            return match self.temps.get(path) {
+                Some(t) => Ok(&t.file),
+                None => Err(SessionError::Io(format!("no temp file open for {path}"))),
+            };
+        }
+        if !self.open.contains_key(path) {
+            if self.open.len() >= OPEN_FILES_MAX {
+                self.open.clear();
+            }
+            let file = self
+                .dir
+                .open_write(path)
+                .map_err(|e| disk_error("write", path, e))?;
+            self.open.insert(path.clone(), file);
+        }
+        match self.open.get(path) {
+            Some(f) => Ok(f),
+            None => Err(SessionError::Io(format!(
+                "{path} vanished from the open-file cache"
+            ))),
+        }
+    }
+
+    /// Applies every action but `Write` (payload), `Inventory` and `Mark` (the driver's).
+    pub fn apply(&mut self, action: FollowerAction) -> Result<(), SessionError> {
+        match action {
+            FollowerAction::BeginWhole { path, .. } => {
+                let temp = self
+                    .dir
+                    .create_temp(&path)
+                    .map_err(|e| disk_error("create a temp file for", &path, e))?;
+                self.temps.insert(path, temp);
+            }
+            FollowerAction::CommitWhole { path, len_bytes } => {
+                let Some(temp) = self.temps.remove(&path) else {
+                    return Err(SessionError::Io(format!("no temp file open for {path}")));
+                };
+                let have = temp
+                    .file
+                    .metadata()
+                    .map_err(|e| disk_error("stat the temp file of", &path, e))?
+                    .len();
+                if have != len_bytes {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "COMMIT_WHOLE",
+                        why: format!("{path}: the temp file holds {have} bytes, BEGIN_WHOLE said {len_bytes}"),
+                    });
+                }
+                self.open.remove(&path);
+                self.dir
+                    .commit_temp(temp, &path)
+                    .map_err(|e| disk_error("rename into place", &path, e))?;
+            }
+            FollowerAction::Truncate { path, len_bytes } => {
+                self.dir
+                    .truncate(&path, len_bytes)
+                    .map_err(|e| disk_error("truncate", &path, e))?;
+            }
+            FollowerAction::Delete { path } => {
+                self.open.remove(&path);
+                self.dir
+                    .remove(&path)
+                    .map_err(|e| disk_error("delete", &path, e))?;
+            }
+            FollowerAction::Write { .. }
+            | FollowerAction::Inventory { .. }
+            | FollowerAction::Mark { .. } => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,426 @@
+//! The follower's driver: connects to the leader, runs a `session::follower::FollowerSession`,
+//! applies its actions to the data dir (`apply`), syncs in batches, and reconnects with backoff.
+//!
+//! Payload bytes go from the socket to the file without the session seeing them: whatever the
+//! read buffer already holds is written first, the rest moves with `Conn::recv_file` (splice
+//! through a pipe on io_uring, recv + pwrite on the fallback engine).
+//!
+//! With `--durability synced` a sync task runs beside the reader: whenever `written` is ahead of
+//! `synced` it runs one syncfs(2) for everything written so far, then acks. Syncs are batched:
+//! while one runs, later marks accumulate and the next syncfs covers them all.
+
+pub mod apply;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::auth::{random_nonce, Secret};
+use crate::engine::{self, Conn, EngineKind};
+use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
+use crate::index::{scan, DigestCache};
+use crate::paths::{DataDir, RelPath};
+use crate::session::follower::{FollowerAction, FollowerSession, HaveEntry};
+use crate::session::SessionError;
+use apply::{disk_error, Apply};
+
+/// Bytes read from the leader's socket per read (frames, and payload that came along).
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct FollowConfig {
+    pub data_dir: std::path::PathBuf,
+    /// host:port of the leader.
+    pub leader: String,
+    pub secret: Secret,
+    pub durability: Durability,
+    /// Exit once the data dir matches the leader's index as of the connection.
+    pub once: bool,
+    pub engine: Option<EngineKind>,
+}
+
+/// What one connection achieved.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    /// File bytes received (DATA payloads).
+    pub payload_bytes: u64,
+    /// Files in the leader's index.
+    pub index_files: usize,
+    /// Time from connecting to the initial sync being durable.
+    pub sync_elapsed: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The leader refused us, or we refused it, for a reason a retry will not fix.
+    #[error(transparent)]
+    Refused(SessionError),
+    #[error(transparent)]
+    Session(SessionError),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl FollowError {
+    fn from_session(e: SessionError) -> FollowError {
+        let fatal = match &e {
+            SessionError::AuthFailed(_) => true,
+            SessionError::Frame(
+                FrameError::BadMagic { .. } | FrameError::VersionMismatch { .. },
+            ) => true,
+            SessionError::Peer { code, .. } => matches!(
+                code,
+                ErrorCode::AuthFailed | ErrorCode::VersionMismatch | ErrorCode::BadMagic
+            ),
+            _ => false,
+        };
+        if fatal {
+            FollowError::Refused(e)
+        } else {
+            FollowError::Session(e)
+        }
+    }
+}
+
+/// Follows the leader until stopped (or, with `once`, until the initial sync is durable).
+pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
+    let dir = Arc::new(DataDir::open(&config.data_dir)?);
+    dir.clear_temps()?;
+    let kind = engine::choose(config.engine)?;
+    tracing::info!(
+        "following {} into {} with the {} engine, acking at {}",
+        config.leader,
+        dir.root().display(),
+        kind.name(),
+        config.durability.name()
+    );
+    engine::run(kind, move || follow_loop(kind, config, dir))
+}
+
+async fn follow_loop(
+    kind: EngineKind,
+    config: FollowConfig,
+    dir: Arc<DataDir>,
+) -> Result<SyncReport, FollowError> {
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let cache = Rc::new(RefCell::new(Some(DigestCache::load(&dir))));
+    loop {
+        let started = Instant::now();
+        let result = follow_once(kind, &config, &dir, &cache).await;
+        match result {
+            Ok(report) if config.once => return Ok(report),
+            Err(e @ FollowError::Refused(_)) => return Err(e),
+            Err(e) if config.once => return Err(e),
+            Ok(_) => tracing::warn!("the leader closed the connection; reconnecting"),
+            Err(e) => tracing::warn!("{e}; reconnecting in {} ms", backoff.as_millis()),
+        }
+        if started.elapsed() > RECONNECT_BACKOFF_MAX {
+            backoff = RECONNECT_BACKOFF_MIN;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+}
+
+async fn resolve(leader: &str) -> io::Result<SocketAddr> {
+    let mut addrs = tokio::net::lookup_host(leader).await?;
+    addrs.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{leader} resolves to no address"),
+        )
+    })
+}
+
+/// One connection, from connect to its end.
+async fn follow_once(
+    kind: EngineKind,
+    config: &FollowConfig,
+    dir: &Arc<DataDir>,
+    cache: &Rc<RefCell<Option<DigestCache>>>,
+) -> Result<SyncReport, FollowError> {
+    let addr = resolve(&config.leader).await?;
+    let conn = Rc::new(Conn::connect(kind, addr).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot connect to the leader at {addr}: {e}"),
+        )
+    })?);
+    tracing::info!("connected to the leader at {addr}");
+    let session = Rc::new(RefCell::new(FollowerSession::new(
+        config.secret.clone(),
+        random_nonce()?,
+        config.durability,
+    )));
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::task::spawn_local(write_loop(conn.clone(), out_rx));
+    let sync_wake = Rc::new(Notify::new());
+    let syncer = tokio::task::spawn_local(sync_loop(
+        dir.clone(),
+        session.clone(),
+        sync_wake.clone(),
+        out_tx.clone(),
+    ));
+    let mut ctx = Ctx {
+        config,
+        dir,
+        conn: &conn,
+        session: &session,
+        out_tx: &out_tx,
+        sync_wake: &sync_wake,
+        cache,
+        apply: Apply::new(dir.clone()),
+        report: SyncReport::default(),
+        started: Instant::now(),
+    };
+    let result = ctx.run().await;
+    if let Err(FollowError::Session(e) | FollowError::Refused(e)) = &result {
+        // Tell the leader why we are leaving (nothing is sent back for its own ERROR).
+        let mut s = session.borrow_mut();
+        s.fail(e);
+        let _ = out_tx.send(s.take_output());
+    }
+    syncer.abort();
+    drop(ctx);
+    drop(out_tx);
+    // Let the writer flush what is queued (the final ACK or ERROR), within reason.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    conn.shutdown();
+    result
+}
+
+struct Ctx<'a> {
+    config: &'a FollowConfig,
+    dir: &'a Arc<DataDir>,
+    conn: &'a Rc<Conn>,
+    session: &'a Rc<RefCell<FollowerSession>>,
+    out_tx: &'a mpsc::UnboundedSender<Vec<u8>>,
+    sync_wake: &'a Rc<Notify>,
+    cache: &'a Rc<RefCell<Option<DigestCache>>>,
+    apply: Apply,
+    report: SyncReport,
+    started: Instant,
+}
+
+impl Ctx<'_> {
+    fn send_output(&self) {
+        let out = self.session.borrow_mut().take_output();
+        if !out.is_empty() {
+            let _ = self.out_tx.send(out);
+        }
+    }
+
+    async fn run(&mut self) -> Result<SyncReport, FollowError> {
+        self.send_output();
+        let mut input: Vec<u8> = Vec::new();
+        let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
+        loop {
+            self.process(&mut input).await?;
+            let durability = self.config.durability;
+            let watermarks = self.session.borrow().watermarks();
+            if durability == Durability::Synced && watermarks[1] > watermarks[2] {
+                if self.config.once && self.session.borrow().sync_done_position().is_some() {
+                    // One last sync, inline: --once exits as soon as it is durable.
+                    let dir = self.dir.clone();
+                    let target = watermarks[1];
+                    spawn_syncfs(dir).await.map_err(FollowError::Io)?;
+                    self.session.borrow_mut().synced(target);
+                } else {
+                    self.sync_wake.notify_one();
+                }
+            }
+            self.session.borrow_mut().poll_ack();
+            self.send_output();
+            if self.config.once && self.session.borrow().sync_done_durable() {
+                self.report.sync_elapsed = Some(self.started.elapsed());
+                return Ok(self.report.clone());
+            }
+            let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
+            let (r, b) = match tokio::time::timeout(silence, self.conn.read(buf)).await {
+                Ok(x) => x,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms"),
+                    )
+                    .into())
+                }
+            };
+            let n =
+                r.map_err(|e| io::Error::new(e.kind(), format!("reading from the leader: {e}")))?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the leader closed the connection",
+                )
+                .into());
+            }
+            input.extend_from_slice(&b[..n]);
+            buf = b;
+        }
+    }
+
+    /// Parses and applies every complete frame in `input`, in order.
+    async fn process(&mut self, input: &mut Vec<u8>) -> Result<(), FollowError> {
+        loop {
+            let parsed = self.session.borrow_mut().handle_input(input);
+            let (n, action) = parsed.map_err(FollowError::from_session)?;
+            input.drain(..n);
+            let Some(action) = action else {
+                return Ok(());
+            };
+            match action {
+                FollowerAction::Inventory { index } => {
+                    self.report.index_files = index.len();
+                    let haves = self.inventory(index).await?;
+                    self.session.borrow_mut().inventory(haves);
+                    self.send_output();
+                }
+                FollowerAction::Write {
+                    path,
+                    temp,
+                    offset,
+                    len_bytes,
+                } => {
+                    let buffered = (len_bytes as usize).min(input.len());
+                    let file = self
+                        .apply
+                        .file_for_write(&path, temp)
+                        .map_err(FollowError::Session)?;
+                    file.write_all_at(&input[..buffered], offset)
+                        .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                    input.drain(..buffered);
+                    let rest = len_bytes - buffered as u64;
+                    if rest > 0 {
+                        self.conn
+                            .recv_file(file, offset + buffered as u64, rest)
+                            .await
+                            .map_err(|e| {
+                                io::Error::new(e.kind(), format!("receiving {path}: {e}"))
+                            })?;
+                    }
+                    self.report.payload_bytes += len_bytes;
+                }
+                FollowerAction::Mark {
+                    sync_done: true,
+                    position,
+                } => {
+                    tracing::info!(
+                        "initial sync received: {} files in the index, {} payload bytes in {:.2} s (position {position})",
+                        self.report.index_files,
+                        self.report.payload_bytes,
+                        self.started.elapsed().as_secs_f64()
+                    );
+                }
+                FollowerAction::Mark { .. } => {}
+                other => self.apply.apply(other).map_err(FollowError::Session)?,
+            }
+        }
+    }
+
+    /// HAVE entries for every file here, digests from the cache where the file is unchanged.
+    async fn inventory(
+        &mut self,
+        index: Vec<(RelPath, u64)>,
+    ) -> Result<Vec<HaveEntry>, FollowError> {
+        let Some(mut cache) = self.cache.borrow_mut().take() else {
+            return Err(io::Error::other("digest cache in use").into());
+        };
+        let dir = self.dir.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let cuts: HashMap<RelPath, u64> = index.into_iter().collect();
+            let result = build_inventory(&dir, &mut cache, &cuts);
+            (result, cache)
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("inventory task failed: {e}")))?;
+        let (result, cache) = joined;
+        *self.cache.borrow_mut() = Some(cache);
+        Ok(result?)
+    }
+}
+
+fn build_inventory(
+    dir: &DataDir,
+    cache: &mut DigestCache,
+    cuts: &HashMap<RelPath, u64>,
+) -> io::Result<Vec<HaveEntry>> {
+    let files = scan(dir)?;
+    let mut haves = Vec::with_capacity(files.len());
+    for meta in files {
+        let digest = match cuts.get(&meta.path) {
+            Some(&cut) => cache.digest_prefix(dir, &meta, meta.len_bytes.min(cut))?,
+            None => [0; crate::frame::DIGEST_BYTES],
+        };
+        haves.push(HaveEntry {
+            path: meta.path,
+            len_bytes: meta.len_bytes,
+            digest,
+        });
+    }
+    cache.retain(|p| cuts.contains_key(p));
+    if let Err(e) = cache.save(dir) {
+        tracing::warn!("cannot save the digest cache: {e}");
+    }
+    Ok(haves)
+}
+
+async fn spawn_syncfs(dir: Arc<DataDir>) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || dir.syncfs())
+        .await
+        .map_err(|e| io::Error::other(format!("syncfs task failed: {e}")))?
+        .map_err(|e| io::Error::new(e.kind(), format!("syncfs of the data dir failed: {e}")))
+}
+
+async fn write_loop(conn: Rc<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(mut out) = rx.recv().await {
+        // Coalesce whatever else is queued into one write.
+        while let Ok(more) = rx.try_recv() {
+            out.extend_from_slice(&more);
+        }
+        let (r, _) = conn.write_all(out).await;
+        if let Err(e) = r {
+            tracing::debug!("writing to the leader failed: {e}");
+            return;
+        }
+    }
+}
+
+/// Batches syncs: each round syncs everything written so far, then acks.
+async fn sync_loop(
+    dir: Arc<DataDir>,
+    session: Rc<RefCell<FollowerSession>>,
+    wake: Rc<Notify>,
+    out_tx: mpsc::UnboundedSender<Vec<u8>>,
+) {
+    loop {
+        wake.notified().await;
+        loop {
+            let [_, written, synced] = session.borrow().watermarks();
+            if written <= synced {
+                break;
+            }
+            if let Err(e) = spawn_syncfs(dir.clone()).await {
+                tracing::error!("{e}; acks at the synced level stop until it succeeds");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let mut s = session.borrow_mut();
+            s.synced(written);
+            s.poll_ack();
+            let out = s.take_output();
+            if !out.is_empty() && out_tx.send(out).is_err() {
+                return;
+            }
+        }
+    }
+}

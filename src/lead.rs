@@ -1,0 +1,144 @@
+//! `ferry lead`: a leader beside an unmodified program. The initial scan registers every file;
+//! the inotify watcher turns later writes into appends, replacements and deletes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use ferry::auth::Secret;
+use ferry::engine::EngineKind;
+use ferry::index::scan;
+use ferry::lag::FollowerState;
+use ferry::leader::{Leader, LeaderConfig};
+use ferry::paths::DataDir;
+use ferry::watch::{Change, Watcher};
+
+pub fn run(
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    secret: Secret,
+    engine: Option<EngineKind>,
+    ack_timeout_ms: u64,
+) -> anyhow::Result<()> {
+    let signals = block_termination_signals()?;
+    let dir = DataDir::open(&data_dir)
+        .with_context(|| format!("cannot open the data dir {}", data_dir.display()))?;
+    let files = scan(&dir).with_context(|| format!("cannot scan {}", data_dir.display()))?;
+    let known: HashMap<_, _> = files
+        .iter()
+        .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
+        .collect();
+    let total_bytes: u64 = files.iter().map(|m| m.len_bytes).sum();
+    tracing::info!(
+        "{} files, {total_bytes} bytes in {}",
+        files.len(),
+        data_dir.display()
+    );
+    let mut config = LeaderConfig::new(&data_dir, listen, secret);
+    config.engine = engine;
+    config.ack_timeout = Duration::from_millis(ack_timeout_ms);
+    let leader = Arc::new(Leader::start(
+        config,
+        files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
+    )?);
+    // The line tests and scripts wait for; it carries the actual port when ADDR had port 0.
+    tracing::info!("listening on {}", leader.local_addr());
+    let sink = {
+        let leader = leader.clone();
+        Box::new(move |change: Change| {
+            let result = match &change {
+                Change::Grew {
+                    path,
+                    from_bytes,
+                    to_bytes,
+                } => leader.append(path.as_str(), *from_bytes, to_bytes - from_bytes),
+                Change::Rewritten { path, len_bytes } => {
+                    leader.replace_file_with_len(path.as_str(), *len_bytes)
+                }
+                Change::Removed { path } => leader.delete_file(path.as_str()),
+            };
+            if let Err(e) = result {
+                tracing::warn!("ignoring {change:?}: {e}");
+            }
+        })
+    };
+    let watcher = Watcher::start(&data_dir, known, sink)
+        .with_context(|| format!("cannot watch {} with inotify", data_dir.display()))?;
+    let mut states: HashMap<u64, FollowerState> = HashMap::new();
+    loop {
+        if let Some(signal) = wait_signal(&signals, Duration::from_millis(500)) {
+            tracing::info!("signal {signal}: shutting down");
+            break;
+        }
+        log_state_changes(&leader, &mut states);
+    }
+    watcher.stop();
+    if let Ok(leader) = Arc::try_unwrap(leader) {
+        leader.shutdown();
+    }
+    Ok(())
+}
+
+/// One log line per follower state change (lagging, back to streaming, disconnected).
+fn log_state_changes(leader: &Leader, states: &mut HashMap<u64, FollowerState>) {
+    for f in leader.followers() {
+        let before = states.insert(f.id, f.lag.state);
+        if before == Some(f.lag.state) {
+            continue;
+        }
+        let level = f.lag.durability.map(|d| d.index()).unwrap_or(0);
+        let since = f
+            .lag
+            .since_last_ack_ms
+            .map(|ms| format!("{ms} ms ago"))
+            .unwrap_or_else(|| "never".into());
+        match f.lag.state {
+            FollowerState::Lagging => tracing::warn!(
+                "follower #{} ({}) is lagging: {} bytes behind, last ack {since}",
+                f.id,
+                f.peer,
+                f.lag.lag_bytes[level]
+            ),
+            state => tracing::info!(
+                "follower #{} ({}) is {}: {} bytes behind, last ack {since}",
+                f.id,
+                f.peer,
+                state.name(),
+                f.lag.lag_bytes[level]
+            ),
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts), so they can be
+/// waited for with sigtimedwait instead of killing the process mid-write.
+fn block_termination_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it before any other use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only write into it and
+    // into this thread's signal mask.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(set)
+}
+
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` and `ts` are valid for the call; a null siginfo pointer is allowed.
+    let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (signal > 0).then_some(signal)
+}

@@ -1,0 +1,708 @@
+//! The leader as a library: the change API a broker calls, and the server that ships changes.
+//!
+//! A broker (or `ferry lead`, fed by the inotify watcher) tells the `Leader` what changed with
+//! `append`, `replace_file` and `delete_file`. Those calls only update the catalog and mark the
+//! path dirty for each connected follower, under one short lock: they never wait for a follower,
+//! never touch a socket and never copy data, so a slow or stopped follower costs the writer
+//! nothing. The data dir is the queue: a follower's session reads the bytes from the file when
+//! its socket is ready.
+//!
+//! The server runs on its own thread with the chosen I/O engine. Each connection is a task that
+//! drives a `session::leader::LeaderSession`; a second task per connection reads the socket, so
+//! acks keep arriving while a payload is being spliced out.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::auth::{random_nonce, Secret};
+use crate::catalog::Catalog;
+use crate::engine::{self, Conn, EngineKind, Listener};
+use crate::frame::{Durability, ErrorCode, Frame};
+use crate::index::DigestCache;
+use crate::lag::{FollowerState, LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
+use crate::paths::{DataDir, PathError, RelPath};
+use crate::session::leader::{LeaderSession, Transmit};
+use crate::session::SessionError;
+
+/// Bytes read from a follower's socket per read.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Disconnected followers kept in `followers()` for the operator to see.
+const DISCONNECTED_KEPT_MAX: usize = 16;
+/// Open files kept per connection for shipping payloads.
+const OPEN_FILES_PER_CONNECTION_MAX: usize = 256;
+
+#[derive(Clone)]
+pub struct LeaderConfig {
+    pub data_dir: std::path::PathBuf,
+    pub listen: SocketAddr,
+    pub secret: Secret,
+    /// `None`: io_uring when it works here, else the fallback with a warning.
+    pub engine: Option<EngineKind>,
+    pub ack_timeout: Duration,
+}
+
+impl LeaderConfig {
+    pub fn new(
+        data_dir: impl Into<std::path::PathBuf>,
+        listen: SocketAddr,
+        secret: Secret,
+    ) -> LeaderConfig {
+        LeaderConfig {
+            data_dir: data_dir.into(),
+            listen,
+            secret,
+            engine: None,
+            ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT),
+        }
+    }
+}
+
+/// What the leader knows of one follower connection.
+#[derive(Debug, Clone)]
+pub struct FollowerInfo {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub lag: LagSnapshot,
+    pub payload_bytes_sent: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("cannot stat {path}: {source}")]
+    Stat { path: String, source: io::Error },
+}
+
+struct Slot {
+    peer: SocketAddr,
+    inbox: HashSet<RelPath>,
+    wake: Arc<Notify>,
+    lag: Option<LagSnapshot>,
+    payload_bytes_sent: u64,
+    disconnected_at: Option<Instant>,
+}
+
+struct Hub {
+    catalog: Catalog,
+    slots: HashMap<u64, Slot>,
+    next_id: u64,
+}
+
+struct Shared {
+    hub: Mutex<Hub>,
+    /// Signalled whenever a follower's acks (or its connection) changed, for `wait_for`.
+    acked: Condvar,
+    stopping: AtomicBool,
+    shutdown: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Hub> {
+        // A panic while holding the lock leaves a consistent catalog (every update is one
+        // assignment), so a poisoned lock is still usable.
+        self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The running leader: the change API for the writer, and a server thread for the followers.
+pub struct Leader {
+    shared: Arc<Shared>,
+    dir: Arc<DataDir>,
+    local_addr: SocketAddr,
+    engine: EngineKind,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Leader {
+    /// Opens the data dir and starts serving followers on `config.listen`. The catalog starts
+    /// with `files` (path, logical length), e.g. from a scan; more can be registered later.
+    pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
+        let dir = Arc::new(DataDir::open(&config.data_dir)?);
+        dir.clear_temps()?;
+        let engine = engine::choose(config.engine)?;
+        let shared = Arc::new(Shared {
+            hub: Mutex::new(Hub {
+                catalog: Catalog::new(files),
+                slots: HashMap::new(),
+                next_id: 1,
+            }),
+            acked: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            shutdown: Notify::new(),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let shared = shared.clone();
+            let dir = dir.clone();
+            std::thread::Builder::new()
+                .name("ferry-leader".into())
+                .spawn(move || {
+                    engine::run(engine, move || serve(engine, config, shared, dir, ready_tx))
+                })?
+        };
+        let local_addr = match ready_rx.recv() {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(io::Error::other(
+                    "the leader's server thread exited at start",
+                ))
+            }
+        };
+        tracing::info!(
+            "leading {} on {local_addr} with the {} engine",
+            dir.root().display(),
+            engine.name()
+        );
+        Ok(Leader {
+            shared,
+            dir,
+            local_addr,
+            engine,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    /// The current replication position (what `wait_for` compares against).
+    pub fn position(&self) -> u64 {
+        self.shared.lock().catalog.position()
+    }
+
+    fn record(&self, path: &RelPath, change: impl FnOnce(&mut Catalog) -> u64) -> u64 {
+        let mut hub = self.shared.lock();
+        let position = change(&mut hub.catalog);
+        for slot in hub.slots.values_mut() {
+            if slot.disconnected_at.is_none() {
+                if !slot.inbox.contains(path) {
+                    slot.inbox.insert(path.clone());
+                }
+                slot.wake.notify_one();
+            }
+        }
+        position
+    }
+
+    /// A file the followers must hold, `len_bytes` long (its logical length: a preallocated
+    /// segment may be longer on disk). Shipped whole unless it is already known at that length.
+    pub fn register_file(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
+        let path = RelPath::new(path)?;
+        {
+            let hub = self.shared.lock();
+            if hub
+                .catalog
+                .get(&path)
+                .is_some_and(|e| e.len_bytes == len_bytes)
+            {
+                return Ok(hub.catalog.position());
+            }
+        }
+        Ok(self.record(&path, |c| c.replace(&path, len_bytes)))
+    }
+
+    /// `length` bytes were written at `offset` of `path` (already in the file, e.g. through an
+    /// mmap). Returns the replication position that covers them, for `wait_for`.
+    pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
+        let path = RelPath::new(path)?;
+        Ok(self.record(&path, |c| c.append(&path, offset, length)))
+    }
+
+    /// `path` was rewritten as a whole (e.g. a JSON file renamed over); its size is taken now.
+    pub fn replace_file(&self, path: &str) -> Result<u64, ChangeError> {
+        let rel = RelPath::new(path)?;
+        let len_bytes = self
+            .dir
+            .open_read(&rel)
+            .and_then(|f| f.metadata())
+            .map_err(|source| ChangeError::Stat {
+                path: path.to_string(),
+                source,
+            })?
+            .len();
+        Ok(self.record(&rel, |c| c.replace(&rel, len_bytes)))
+    }
+
+    /// Like `replace_file`, with the length given (for `ferry lead`'s watcher, which stat'ed it).
+    pub fn replace_file_with_len(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
+        let rel = RelPath::new(path)?;
+        Ok(self.record(&rel, |c| c.replace(&rel, len_bytes)))
+    }
+
+    pub fn delete_file(&self, path: &str) -> Result<u64, ChangeError> {
+        let rel = RelPath::new(path)?;
+        Ok(self.record(&rel, |c| c.delete(&rel)))
+    }
+
+    /// Every follower connected now, and the last few that disconnected.
+    pub fn followers(&self) -> Vec<FollowerInfo> {
+        let hub = self.shared.lock();
+        let position = hub.catalog.position();
+        let mut all: Vec<FollowerInfo> = hub
+            .slots
+            .iter()
+            .filter_map(|(&id, slot)| {
+                let mut lag = slot.lag.clone()?;
+                if slot.disconnected_at.is_some() {
+                    lag.state = FollowerState::Disconnected;
+                }
+                for level in 0..3 {
+                    lag.lag_bytes[level] = position.saturating_sub(lag.acked[level]);
+                }
+                Some(FollowerInfo {
+                    id,
+                    peer: slot.peer,
+                    lag,
+                    payload_bytes_sent: slot.payload_bytes_sent,
+                })
+            })
+            .collect();
+        all.sort_by_key(|f| f.id);
+        all
+    }
+
+    /// Waits until at least `min_followers` followers acked `position` at `durability` (or
+    /// stronger). Returns false if `timeout` passed first. For publish confirms.
+    pub fn wait_for(
+        &self,
+        position: u64,
+        durability: Durability,
+        min_followers: usize,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut hub = self.shared.lock();
+        loop {
+            let count = hub
+                .slots
+                .values()
+                .filter(|s| s.disconnected_at.is_none())
+                .filter_map(|s| s.lag.as_ref())
+                .filter(|lag| lag.acked[durability.index()] >= position)
+                .count();
+            if count >= min_followers {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            hub = match self.shared.acked.wait_timeout(hub, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
+    /// Stops serving: followers are told the leader is shutting down.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.shutdown.notify_waiters();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve(
+    engine: EngineKind,
+    config: LeaderConfig,
+    shared: Arc<Shared>,
+    dir: Arc<DataDir>,
+    ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
+) {
+    let listener = match Listener::bind(engine, config.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", config.listen),
+            )));
+            return;
+        }
+    };
+    let _ = ready.send(listener.local_addr());
+    let digests = Rc::new(std::cell::RefCell::new(Some(DigestCache::load(&dir))));
+    // The accept loop is never cancelled while serving: an io_uring accept dropped mid-flight
+    // would lose the connection it completes with.
+    let accept_loop = accept_loop(listener, config, shared.clone(), dir, digests);
+    tokio::select! {
+        _ = accept_loop => {}
+        _ = stopping(&shared) => {}
+    }
+}
+
+/// Resolves once `Leader::stop` was called.
+async fn stopping(shared: &Shared) {
+    while !shared.stopping.load(Ordering::SeqCst) {
+        tokio::select! {
+            _ = shared.shutdown.notified() => {}
+            // notify_waiters() wakes only tasks already waiting: re-check the flag now and then.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    config: LeaderConfig,
+    shared: Arc<Shared>,
+    dir: Arc<DataDir>,
+    digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
+) {
+    loop {
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of fds and the like: keep serving the followers already connected.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ctx = ConnCtx {
+            shared: shared.clone(),
+            dir: dir.clone(),
+            secret: config.secret.clone(),
+            ack_timeout: config.ack_timeout,
+            digests: digests.clone(),
+        };
+        tokio::task::spawn_local(async move {
+            let conn = Rc::new(conn);
+            let id = ctx.register(peer);
+            tracing::info!("follower #{id} connected from {peer}");
+            match serve_follower(&ctx, id, conn.clone()).await {
+                Ok(()) => tracing::info!("follower #{id} ({peer}) disconnected"),
+                Err(e) => tracing::warn!("follower #{id} ({peer}): {e}"),
+            }
+            conn.shutdown();
+            ctx.unregister(id);
+        });
+    }
+}
+
+struct ConnCtx {
+    shared: Arc<Shared>,
+    dir: Arc<DataDir>,
+    secret: Secret,
+    ack_timeout: Duration,
+    /// The leader's digest cache; taken by a connection while it hashes (`None` meanwhile).
+    digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
+}
+
+impl ConnCtx {
+    fn register(&self, peer: SocketAddr) -> u64 {
+        let mut hub = self.shared.lock();
+        let id = hub.next_id;
+        hub.next_id += 1;
+        hub.slots.insert(
+            id,
+            Slot {
+                peer,
+                inbox: HashSet::new(),
+                wake: Arc::new(Notify::new()),
+                lag: None,
+                payload_bytes_sent: 0,
+                disconnected_at: None,
+            },
+        );
+        id
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut hub = self.shared.lock();
+        if let Some(slot) = hub.slots.get_mut(&id) {
+            slot.disconnected_at = Some(Instant::now());
+            slot.inbox.clear();
+            if slot.lag.is_none() {
+                hub.slots.remove(&id);
+            }
+        }
+        let mut gone: Vec<(Instant, u64)> = hub
+            .slots
+            .iter()
+            .filter_map(|(&id, s)| Some((s.disconnected_at?, id)))
+            .collect();
+        if gone.len() > DISCONNECTED_KEPT_MAX {
+            gone.sort();
+            for (_, id) in &gone[..gone.len() - DISCONNECTED_KEPT_MAX] {
+                hub.slots.remove(id);
+            }
+        }
+        self.shared.acked.notify_all();
+    }
+}
+
+/// Why a follower connection ended badly.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("{0}")]
+    Session(#[from] SessionError),
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+}
+
+async fn serve_follower(ctx: &ConnCtx, id: u64, conn: Rc<Conn>) -> Result<(), ServeError> {
+    let mut session = LeaderSession::new(ctx.secret.clone(), random_nonce()?, ctx.ack_timeout);
+    let wake = ctx
+        .shared
+        .lock()
+        .slots
+        .get(&id)
+        .map(|s| s.wake.clone())
+        .unwrap_or_default();
+    let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
+    let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));
+    let result = drive(ctx, id, &conn, &mut session, &wake, &mut input_rx).await;
+    reader.abort();
+    if let Err(ServeError::Session(e)) = &result {
+        // Tell the follower why, best effort: the connection is closing anyway.
+        session.fail(e);
+        let out = session.take_output();
+        if !out.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.write_all(out)).await;
+        }
+    }
+    result
+}
+
+async fn read_loop(conn: Rc<Conn>, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
+    let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
+    loop {
+        let (r, b) = conn.read(buf).await;
+        match r {
+            Ok(0) => {
+                let _ = tx.send(Ok(Vec::new())).await;
+                return;
+            }
+            Ok(n) => {
+                if tx.send(Ok(b[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+        buf = b;
+    }
+}
+
+/// The connection's main loop: feed input, ship what the session asks for, sleep until input,
+/// a change or a timer.
+async fn drive(
+    ctx: &ConnCtx,
+    id: u64,
+    conn: &Conn,
+    session: &mut LeaderSession,
+    wake: &Notify,
+    input_rx: &mut mpsc::Receiver<io::Result<Vec<u8>>>,
+) -> Result<(), ServeError> {
+    let mut input: Vec<u8> = Vec::new();
+    let mut files: HashMap<RelPath, (u64, File)> = HashMap::new();
+    let mut eof = false;
+    loop {
+        // Everything the reader has, without waiting.
+        while let Ok(chunk) = input_rx.try_recv() {
+            eof |= take_chunk(chunk?, &mut input);
+        }
+        let now = Instant::now();
+        let transmit = {
+            let mut hub = ctx.shared.lock();
+            let hub = &mut *hub;
+            if !input.is_empty() {
+                let n = session.handle_input(&input, &hub.catalog, now)?;
+                input.drain(..n);
+            }
+            if let Some(slot) = hub.slots.get_mut(&id) {
+                for path in slot.inbox.drain() {
+                    session.note_changed(path);
+                }
+            }
+            let t = session.poll_transmit(&hub.catalog, now);
+            publish(hub, id, session, now);
+            ctx.shared.acked.notify_all();
+            t
+        };
+        if eof {
+            return Ok(());
+        }
+        if ctx.shared.stopping.load(Ordering::SeqCst) {
+            let mut out = Vec::new();
+            Frame::error(ErrorCode::Shutdown, "the leader is shutting down").encode(&mut out);
+            let _ = conn.write_all(out).await;
+            return Ok(());
+        }
+        if let Some(requests) = session.digest_requests() {
+            let results = hash_prefixes(ctx, requests).await;
+            session.digests_ready(results);
+            continue;
+        }
+        match transmit {
+            Some(Transmit::OpenWhole { path, generation }) => {
+                match ctx
+                    .dir
+                    .open_read(&path)
+                    .and_then(|f| Ok((f.metadata()?.len(), f)))
+                {
+                    Ok((len, file)) => {
+                        let hub = ctx.shared.lock();
+                        session.begin_whole(&path, len, &hub.catalog);
+                        drop(hub);
+                        if files.len() >= OPEN_FILES_PER_CONNECTION_MAX {
+                            files.clear();
+                        }
+                        files.insert(path, (generation, file));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        session.whole_unavailable(&path);
+                    }
+                    Err(e) => {
+                        return Err(SessionError::Io(format!("cannot read {path}: {e}")).into());
+                    }
+                }
+            }
+            Some(Transmit::Payload {
+                path,
+                generation,
+                offset,
+                len_bytes,
+            }) => {
+                flush(conn, session).await?;
+                let fresh = !matches!(files.get(&path), Some((g, _)) if *g == generation);
+                if fresh {
+                    let file = ctx
+                        .dir
+                        .open_read(&path)
+                        .map_err(|e| SessionError::Io(format!("cannot read {path}: {e}")))?;
+                    files.insert(path.clone(), (generation, file));
+                }
+                if let Some((_, file)) = files.get(&path) {
+                    conn.send_file(file, offset, len_bytes).await.map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("sending {path} [{offset}, +{len_bytes}): {e}"),
+                        )
+                    })?;
+                }
+            }
+            None => {
+                flush(conn, session).await?;
+                let timeout = session
+                    .poll_timeout()
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(500));
+                tokio::select! {
+                    chunk = input_rx.recv() => match chunk {
+                        Some(chunk) => eof |= take_chunk(chunk?, &mut input),
+                        None => return Ok(()),
+                    },
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep_until(timeout) => {}
+                    _ = ctx.shared.shutdown.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Appends a chunk from the reader to `input`; true at the end of the stream.
+fn take_chunk(chunk: Vec<u8>, input: &mut Vec<u8>) -> bool {
+    if chunk.is_empty() {
+        return true;
+    }
+    input.extend_from_slice(&chunk);
+    false
+}
+
+async fn flush(conn: &Conn, session: &mut LeaderSession) -> Result<(), ServeError> {
+    if session.has_output() {
+        let (r, _) = conn.write_all(session.take_output()).await;
+        r?;
+    }
+    Ok(())
+}
+
+fn publish(hub: &mut Hub, id: u64, session: &LeaderSession, now: Instant) {
+    let position = hub.catalog.position();
+    if let Some(slot) = hub.slots.get_mut(&id) {
+        if session.durability().is_some() {
+            slot.lag = Some(session.lag().snapshot(position, now));
+        }
+        slot.payload_bytes_sent = session.bytes_payload_total();
+    }
+}
+
+/// Hashes the prefixes a follower's inventory asks for, off the runtime thread.
+async fn hash_prefixes(
+    ctx: &ConnCtx,
+    requests: Vec<crate::session::leader::DigestRequest>,
+) -> Vec<(RelPath, Option<crate::frame::Digest>)> {
+    // One connection hashes at a time with the shared cache; others wait their turn.
+    let mut cache = loop {
+        if let Some(c) = ctx.digests.borrow_mut().take() {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let dir = ctx.dir.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let results: Vec<_> = requests
+            .into_iter()
+            .map(|r| {
+                let digest = cache.digest_path_prefix(&dir, &r.path, r.len_bytes);
+                if let Err(e) = &digest {
+                    tracing::warn!("cannot hash {}: {e}", r.path);
+                }
+                (r.path, digest.ok())
+            })
+            .collect();
+        if let Err(e) = cache.save(&dir) {
+            tracing::warn!("cannot save the digest cache: {e}");
+        }
+        (results, cache)
+    })
+    .await;
+    match joined {
+        Ok((results, cache)) => {
+            *ctx.digests.borrow_mut() = Some(cache);
+            results
+        }
+        Err(e) => {
+            tracing::error!("hashing task failed: {e}");
+            *ctx.digests.borrow_mut() = Some(DigestCache::load(&ctx.dir));
+            Vec::new()
+        }
+    }
+}
