@@ -1,0 +1,196 @@
+//! Bad input against a real `ferry lead`: each gets a clean, named rejection, and the leader
+//! keeps serving a real follower afterwards.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use ferry::auth::Secret;
+use ferry::frame::{ErrorCode, Frame, Preamble, PREAMBLE_BYTES};
+
+/// Reads everything the leader sends until it closes, and decodes the frames after its preamble.
+fn frames_until_close(stream: &mut TcpStream) -> Vec<Frame> {
+    frames_after(stream, Vec::new())
+}
+
+/// Like `frames_until_close`, for a stream of which `all` was already read.
+fn frames_after(stream: &mut TcpStream, mut all: Vec<u8>) -> Vec<Frame> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.read_to_end(&mut all);
+    assert!(all.len() >= PREAMBLE_BYTES, "the leader sent no preamble");
+    let mut rest = &all[PREAMBLE_BYTES..];
+    let mut frames = Vec::new();
+    while let Ok(Some((frame, used))) = Frame::decode(rest) {
+        frames.push(frame);
+        rest = &rest[used..];
+    }
+    frames
+}
+
+fn last_error(frames: &[Frame]) -> (ErrorCode, String) {
+    match frames.last() {
+        Some(Frame::Error { code, message }) => (*code, message.clone()),
+        other => panic!("expected an ERROR frame last, got {other:?}"),
+    }
+}
+
+fn assert_still_serving(env: &Env, addr: SocketAddr) {
+    let out = follow_once(env, &env.dir("good"), addr, "fallback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn wrong_magic_is_refused_as_bad_magic() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("a"), b"1");
+    let leader = start_leader(&env, &ld, "uring");
+    let mut s = TcpStream::connect(leader.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (code, message) = last_error(&frames_until_close(&mut s));
+    assert_eq!(code, ErrorCode::BadMagic);
+    assert!(message.contains("magic"), "{message}");
+    leader.proc.wait_log("magic", Duration::from_secs(5));
+    assert_still_serving(&env, leader.addr);
+}
+
+#[test]
+fn wrong_version_is_refused_naming_both_versions() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let leader = start_leader(&env, &ld, "fallback");
+    let mut s = TcpStream::connect(leader.addr).unwrap();
+    let mut preamble = Preamble::ours().encode();
+    preamble[8..10].copy_from_slice(&99u16.to_le_bytes());
+    s.write_all(&preamble).unwrap();
+    let (code, message) = last_error(&frames_until_close(&mut s));
+    assert_eq!(code, ErrorCode::VersionMismatch);
+    assert!(message.contains("99") && message.contains('1'), "{message}");
+    assert_still_serving(&env, leader.addr);
+}
+
+#[test]
+fn a_follower_facing_a_leader_of_another_version_exits_naming_it() {
+    let env = Env::new();
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = fake.accept().unwrap();
+        let mut preamble = Preamble::ours().encode();
+        preamble[8..10].copy_from_slice(&7u16.to_le_bytes());
+        let _ = s.write_all(&preamble);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    let out = follow_once(&env, &env.dir("f"), addr, "fallback");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("version"), "{stderr}");
+}
+
+/// Does the handshake as a follower would, up to the leader's INDEX_END.
+fn authenticate(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&Preamble::ours().encode()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut frames = Vec::new();
+    while !frames.iter().any(|f| matches!(f, Frame::Challenge { .. })) {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() >= PREAMBLE_BYTES {
+            let mut rest = &buf[PREAMBLE_BYTES..];
+            frames.clear();
+            while let Ok(Some((f, used))) = Frame::decode(rest) {
+                frames.push(f);
+                rest = &rest[used..];
+            }
+        }
+    }
+    let Some(Frame::Challenge { leader_nonce }) = frames.first().cloned() else {
+        unreachable!()
+    };
+    let secret = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+    let follower_nonce = [5u8; 32];
+    let mut out = Vec::new();
+    Frame::Auth {
+        follower_nonce,
+        follower_mac: secret.follower_tag(&leader_nonce, &follower_nonce),
+    }
+    .encode(&mut out);
+    s.write_all(&out).unwrap();
+    (s, buf)
+}
+
+#[test]
+fn a_path_escaping_the_data_dir_is_refused_as_bad_path() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("seg"), b"data");
+    let leader = start_leader(&env, &ld, "uring");
+    for bad in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "a/../../b",
+        ".ferry/digests",
+    ] {
+        let (mut s, seen) = authenticate(leader.addr);
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&(1u32 + 8 + 20 + 2 + bad.len() as u32).to_le_bytes());
+        frame.push(0x12); // HAVE
+        frame.extend_from_slice(&4u64.to_le_bytes());
+        frame.extend_from_slice(&[0; 20]);
+        frame.extend_from_slice(&(bad.len() as u16).to_le_bytes());
+        frame.extend_from_slice(bad.as_bytes());
+        s.write_all(&frame).unwrap();
+        let (code, message) = last_error(&frames_after(&mut s, seen));
+        assert_eq!(code, ErrorCode::BadPath, "{bad}: {message}");
+        assert!(message.contains(bad), "{message}");
+    }
+    assert_still_serving(&env, leader.addr);
+}
+
+#[test]
+fn an_oversized_frame_is_refused_naming_the_limit() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let leader = start_leader(&env, &ld, "uring");
+    let (mut s, seen) = authenticate(leader.addr);
+    s.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+    s.write_all(&[0x12]).unwrap();
+    let (code, message) = last_error(&frames_after(&mut s, seen));
+    assert_eq!(code, ErrorCode::Limit);
+    assert!(message.contains("MAX_FRAME_BODY_BYTES"), "{message}");
+    assert_still_serving(&env, leader.addr);
+}
+
+#[test]
+fn a_frame_out_of_order_is_refused() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let leader = start_leader(&env, &ld, "fallback");
+    let mut s = TcpStream::connect(leader.addr).unwrap();
+    let mut out = Preamble::ours().encode().to_vec();
+    Frame::Ack {
+        received: 0,
+        written: 0,
+        synced: 0,
+    }
+    .encode(&mut out);
+    s.write_all(&out).unwrap();
+    let (code, message) = last_error(&frames_until_close(&mut s));
+    assert_eq!(code, ErrorCode::BadFrame);
+    assert!(message.contains("out of order"), "{message}");
+    assert_still_serving(&env, leader.addr);
+}

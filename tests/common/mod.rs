@@ -1,0 +1,232 @@
+//! Helpers for the integration tests: real `ferry` processes on 127.0.0.1 with real files.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "integration-test-secret";
+pub const ENGINES: [&str; 2] = ["uring", "fallback"];
+
+pub fn ferry() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.env("RUST_LOG", "info").env_remove("FERRY_SECRET");
+    cmd
+}
+
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub secret_file: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let secret_file = tmp.path().join("secret");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        Env { tmp, secret_file }
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
+
+/// A running process whose stderr is collected line by line.
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, log }
+    }
+
+    /// Waits until a log line contains `needle`; returns it.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line containing {needle:?} within {timeout:?}; log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct LeaderProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+pub fn start_leader(env: &Env, dir: &Path, engine: &str) -> LeaderProc {
+    let mut cmd = ferry();
+    cmd.arg("lead")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--secret-file")
+        .arg(&env.secret_file)
+        .arg("--io-engine")
+        .arg(engine);
+    let proc = Proc::spawn(cmd);
+    let line = proc.wait_log("listening on ", Duration::from_secs(20));
+    let addr = line
+        .rsplit("listening on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    LeaderProc { proc, addr }
+}
+
+pub fn follow_cmd(env: &Env, dir: &Path, addr: SocketAddr, engine: &str) -> Command {
+    let mut cmd = ferry();
+    cmd.arg("follow")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--leader")
+        .arg(addr.to_string())
+        .arg("--secret-file")
+        .arg(&env.secret_file)
+        .arg("--io-engine")
+        .arg(engine);
+    cmd
+}
+
+/// Runs `ferry follow --once` to completion (bounded by a 60 s watchdog).
+pub fn follow_once(env: &Env, dir: &Path, addr: SocketAddr, engine: &str) -> Output {
+    let mut cmd = follow_cmd(env, dir, addr, engine);
+    cmd.arg("--once");
+    run_bounded(cmd, Duration::from_secs(60))
+}
+
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let done = Arc::new(Mutex::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if *flag.lock().unwrap() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY-free: a plain kill(1) of a child that overran its time.
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+    });
+    let out = child.wait_with_output().unwrap();
+    *done.lock().unwrap() = true;
+    out
+}
+
+pub fn start_follower(
+    env: &Env,
+    dir: &Path,
+    addr: SocketAddr,
+    engine: &str,
+    durability: &str,
+) -> Proc {
+    let mut cmd = follow_cmd(env, dir, addr, engine);
+    cmd.arg("--durability").arg(durability);
+    Proc::spawn(cmd)
+}
+
+pub fn checksum(dir: &Path) -> String {
+    let out = ferry().arg("checksum").arg(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Polls until both dirs have identical checksums; panics with both listings at the deadline.
+pub fn wait_identical(a: &Path, b: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (x, y) = (checksum(a), checksum(b));
+        if x == y {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not identical after {timeout:?}\nleader:\n{x}\nfollower:\n{y}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The "payload bytes received" figure from `ferry follow --once`'s summary line.
+pub fn payload_bytes(out: &Output) -> u64 {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("in sync:"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no summary line; stdout:\n{stdout}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let before = line.split(" payload bytes").next().unwrap();
+    before.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+pub fn write(path: &Path, bytes: &[u8]) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
+}

@@ -1,0 +1,228 @@
+//! `ferry lead` and `ferry follow` as real processes on 127.0.0.1 with real files, on both
+//! I/O engines.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::time::Duration;
+
+use common::*;
+
+fn nested_tree(root: &std::path::Path) -> u64 {
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("meta.json", b"{\"version\":1}".to_vec()),
+        (
+            "queues/q1/segments/00000001.seg",
+            pattern(5 * 1024 * 1024 + 17, 1),
+        ),
+        ("queues/q1/segments/00000002.seg", pattern(70_000, 2)),
+        ("queues/q2/acks", Vec::new()),
+        ("a/b/c/d/e/deep.bin", pattern(1234, 3)),
+    ];
+    let mut total = 0;
+    for (path, bytes) in files {
+        total += bytes.len() as u64;
+        write(&root.join(path), &bytes);
+    }
+    total
+}
+
+#[test]
+fn full_sync_copies_nested_dirs_byte_identical_on_both_engines() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+        let total = nested_tree(&ld);
+        let leader = start_leader(&env, &ld, engine);
+        let out = follow_once(&env, &fd, leader.addr, engine);
+        assert!(
+            out.status.success(),
+            "{engine}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(payload_bytes(&out), total, "{engine}: every byte once");
+        assert_eq!(checksum(&ld), checksum(&fd), "{engine}");
+        assert!(checksum(&ld).lines().count() == 5);
+    }
+}
+
+#[test]
+fn restarted_follower_resumes_without_resending_unchanged_bytes() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+        let total = nested_tree(&ld);
+        let leader = start_leader(&env, &ld, engine);
+        let first = follow_once(&env, &fd, leader.addr, engine);
+        assert!(
+            first.status.success(),
+            "{}",
+            String::from_utf8_lossy(&first.stderr)
+        );
+        assert_eq!(payload_bytes(&first), total);
+
+        // Nothing changed: nothing is sent.
+        let again = follow_once(&env, &fd, leader.addr, engine);
+        assert!(again.status.success());
+        assert_eq!(
+            payload_bytes(&again),
+            0,
+            "{engine}: an unchanged dir costs no payload"
+        );
+
+        // The writer appends 1000 bytes while the follower is down: only those travel.
+        let seg = ld.join("queues/q1/segments/00000002.seg");
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(&pattern(1000, 9))
+            .unwrap();
+        let resumed = wait_for_payload(&env, &fd, &leader, engine, 1000);
+        assert_eq!(resumed, 1000, "{engine}: only the appended tail is sent");
+        assert_eq!(checksum(&ld), checksum(&fd));
+
+        // A byte flipped behind ferry's back on the follower: that file is repaired whole.
+        let copy = fd.join("a/b/c/d/e/deep.bin");
+        let mut bytes = std::fs::read(&copy).unwrap();
+        bytes[10] ^= 0xff;
+        std::fs::write(&copy, bytes).unwrap();
+        let repaired = follow_once(&env, &fd, leader.addr, engine);
+        assert!(
+            repaired.status.success(),
+            "{}",
+            String::from_utf8_lossy(&repaired.stderr)
+        );
+        assert_eq!(payload_bytes(&repaired), 1234, "{engine}");
+        assert_eq!(checksum(&ld), checksum(&fd));
+    }
+}
+
+/// `follow --once` until the leader's watcher has recorded the append (it is asynchronous).
+fn wait_for_payload(
+    env: &Env,
+    fd: &std::path::Path,
+    leader: &LeaderProc,
+    engine: &str,
+    want: u64,
+) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = follow_once(env, fd, leader.addr, engine);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = payload_bytes(&out);
+        if got == want || std::time::Instant::now() > deadline {
+            return got;
+        }
+        assert_eq!(got, 0, "partial resend");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn streaming_replicates_appends_replaces_truncates_deletes_and_new_dirs() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+        nested_tree(&ld);
+        let leader = start_leader(&env, &ld, engine);
+        let _follower = start_follower(&env, &fd, leader.addr, engine, "synced");
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+
+        // Appends with write(2).
+        let seg = ld.join("queues/q1/segments/00000002.seg");
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        for i in 0..200u32 {
+            f.write_all(&pattern(512, i as u8)).unwrap();
+        }
+        // Rename-over of a JSON file.
+        write(&ld.join("meta.json.tmp"), b"{\"version\":2,\"more\":true}");
+        std::fs::rename(ld.join("meta.json.tmp"), ld.join("meta.json")).unwrap();
+        // Truncate, in-place overwrite, delete, and a new nested subdirectory.
+        OpenOptions::new()
+            .write(true)
+            .open(ld.join("queues/q1/segments/00000001.seg"))
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        std::fs::remove_file(ld.join("a/b/c/d/e/deep.bin")).unwrap();
+        write(
+            &ld.join("queues/q3/new/segments/00000001.seg"),
+            &pattern(300_000, 5),
+        );
+        OpenOptions::new()
+            .append(true)
+            .open(ld.join("queues/q3/new/segments/00000001.seg"))
+            .unwrap()
+            .write_all(b"tail")
+            .unwrap();
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        assert!(!fd.join("a/b/c/d/e/deep.bin").exists());
+    }
+}
+
+#[test]
+fn wrong_secret_exits_nonzero_naming_the_cause_and_the_leader_keeps_serving() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd, bad) = (env.dir("leader"), env.dir("follower"), env.dir("bad"));
+        nested_tree(&ld);
+        let leader = start_leader(&env, &ld, engine);
+        let mut cmd = ferry();
+        cmd.args(["follow", "--once", "--io-engine", engine, "--leader"])
+            .arg(leader.addr.to_string())
+            .arg("--data-dir")
+            .arg(&bad)
+            .env("FERRY_SECRET", "not-the-secret");
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("wrong secret"), "{engine}: {stderr}");
+        leader.proc.wait_log("wrong secret", Duration::from_secs(5));
+        assert_eq!(checksum(&bad), "", "nothing was written without the secret");
+        let ok = follow_once(&env, &fd, leader.addr, engine);
+        assert!(ok.status.success(), "the leader still serves others");
+    }
+}
+
+#[test]
+fn missing_secret_is_refused_before_starting() {
+    let env = Env::new();
+    let out = ferry()
+        .args(["follow", "--leader", "127.0.0.1:1", "--data-dir"])
+        .arg(env.dir("f"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--secret-file") && stderr.contains("FERRY_SECRET"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn follower_refuses_to_write_through_a_symlink_pointing_outside_its_dir() {
+    let env = Env::new();
+    let (ld, fd, outside) = (env.dir("leader"), env.dir("follower"), env.dir("outside"));
+    write(&ld.join("evil/x.seg"), b"payload");
+    std::os::unix::fs::symlink(&outside, fd.join("evil")).unwrap();
+    let leader = start_leader(&env, &ld, "fallback");
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("escapes the data dir"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside"
+    );
+    leader
+        .proc
+        .wait_log("escapes the data dir", Duration::from_secs(5));
+}
