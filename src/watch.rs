@@ -57,6 +57,8 @@ pub type Sink = Box<dyn FnMut(Change) + Send>;
 struct Seen {
     len_bytes: u64,
     mtime_ns: i64,
+    /// Inode number: a rename-over gives the path a new one, even at the same size and mtime.
+    ino: u64,
     head: Vec<u8>,
     tail: Vec<u8>,
 }
@@ -122,11 +124,13 @@ impl Watcher {
         // file's current bytes, taken now.
         for (path, (len_bytes, mtime_ns)) in known {
             let (head, tail) = state.samples(&path, len_bytes);
+            let ino = std::fs::symlink_metadata(state.abs(path.as_str())).map_or(0, |m| m.ino());
             state.files.insert(
                 path,
                 Seen {
                     len_bytes,
                     mtime_ns,
+                    ino,
                     head,
                     tail,
                 },
@@ -283,10 +287,19 @@ impl State {
                 path: path.clone(),
                 len_bytes,
             }),
-            Some(_) if touched.recreated => Some(Change::Rewritten {
-                path: path.clone(),
-                len_bytes,
-            }),
+            // Created or renamed over: the same inode at the same size and mtime is a file
+            // already reported (seen by a directory scan before its own event arrived).
+            Some(old)
+                if touched.recreated
+                    && (old.ino != meta.ino()
+                        || old.len_bytes != len_bytes
+                        || old.mtime_ns != mtime) =>
+            {
+                Some(Change::Rewritten {
+                    path: path.clone(),
+                    len_bytes,
+                })
+            }
             Some(old) if len_bytes > old.len_bytes => {
                 let (head, tail) = self.samples(path, old.len_bytes);
                 if head == old.head && tail == old.tail {
@@ -317,6 +330,7 @@ impl State {
                 Seen {
                     len_bytes,
                     mtime_ns: mtime,
+                    ino: meta.ino(),
                     head,
                     tail,
                 },
@@ -541,6 +555,37 @@ mod tests {
             .expect("no change within 5 s")
     }
 
+    /// The length a change leaves the file at (None for a removal).
+    fn len_after(c: &Change) -> Option<u64> {
+        match c {
+            Change::Grew { to_bytes, .. } => Some(*to_bytes),
+            Change::Rewritten { len_bytes, .. } => Some(*len_bytes),
+            Change::Removed { .. } => None,
+        }
+    }
+
+    /// Changes for `path` until one leaves it at `len_bytes`. A file written right after its
+    /// creation may first be seen empty: `Rewritten { 0 }` then `Grew { 0, n }` is as good as
+    /// `Rewritten { n }`. Asserts the sequence starts with `Rewritten` and grows contiguously.
+    fn created(rx: &Receiver<Change>, path: &str, len_bytes: u64) {
+        let first = next(rx);
+        assert!(
+            matches!(&first, Change::Rewritten { path: q, .. } if q.as_str() == path),
+            "{first:?}"
+        );
+        let mut at = len_after(&first).unwrap();
+        while at != len_bytes {
+            match next(rx) {
+                Change::Grew {
+                    path: q,
+                    from_bytes,
+                    to_bytes,
+                } if q.as_str() == path && from_bytes == at => at = to_bytes,
+                other => panic!("after {first:?}, {other:?}"),
+            }
+        }
+    }
+
     fn known(root: &Path, names: &[&str]) -> HashMap<RelPath, (u64, i64)> {
         names
             .iter()
@@ -579,13 +624,7 @@ mod tests {
         let (w, rx) = watch(tmp.path(), HashMap::new());
         std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
         std::fs::write(tmp.path().join("a/b/c.seg"), b"xy").unwrap();
-        assert_eq!(
-            next(&rx),
-            Change::Rewritten {
-                path: p("a/b/c.seg"),
-                len_bytes: 2
-            }
-        );
+        created(&rx, "a/b/c.seg", 2);
         std::fs::OpenOptions::new()
             .append(true)
             .open(tmp.path().join("a/b/c.seg"))
@@ -610,13 +649,7 @@ mod tests {
         std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
         let (w, rx) = watch(tmp.path(), known(tmp.path(), &["meta.json", "seg"]));
         std::fs::write(tmp.path().join("meta.tmp"), b"{\"v\":22}").unwrap();
-        assert_eq!(
-            next(&rx),
-            Change::Rewritten {
-                path: p("meta.tmp"),
-                len_bytes: 8
-            }
-        );
+        created(&rx, "meta.tmp", 8);
         std::fs::rename(tmp.path().join("meta.tmp"), tmp.path().join("meta.json")).unwrap();
         let mut got = vec![next(&rx), next(&rx)];
         got.sort_by_key(|c| format!("{c:?}"));

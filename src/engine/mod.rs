@@ -19,8 +19,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Bytes a splice pipe holds; each splice moves at most this much.
 pub const PIPE_CAPACITY_BYTES: usize = 1024 * 1024;
-/// Bytes the fallback follower reads from the socket per recv(2) of a payload.
-pub const FALLBACK_RECV_BUFFER_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
@@ -195,7 +193,6 @@ pub struct Conn {
     stream: Stream,
     send_pipe: RefCell<Option<Pipe>>,
     recv_pipe: RefCell<Option<Pipe>>,
-    recv_buf: RefCell<Vec<u8>>,
 }
 
 impl Conn {
@@ -212,7 +209,6 @@ impl Conn {
             stream,
             send_pipe: RefCell::new(None),
             recv_pipe: RefCell::new(None),
-            recv_buf: RefCell::new(Vec::new()),
         }
     }
 
@@ -307,12 +303,12 @@ impl Conn {
                 r
             }
             Stream::Fallback(s) => {
-                let mut buf = std::mem::take(&mut *self.recv_buf.borrow_mut());
-                if buf.is_empty() {
-                    buf = vec![0; FALLBACK_RECV_BUFFER_BYTES];
+                let pipe = take_pipe(&self.recv_pipe)?;
+                let r =
+                    fallback::splice_recv_file(s, &pipe, file.as_raw_fd(), offset, len_bytes).await;
+                if r.is_ok() {
+                    *self.recv_pipe.borrow_mut() = Some(pipe);
                 }
-                let r = fallback::recv_file(s, &mut buf, file, offset, len_bytes).await;
-                *self.recv_buf.borrow_mut() = buf;
                 r
             }
         }

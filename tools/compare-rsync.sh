@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Full sync of a directory of 16 files into an empty follower dir over loopback:
+# `ferry follow --once` against an rsync daemon, measured in the same run on the same files,
+# reported as a ratio (these machines are shared and noisy; absolute figures drift).
+#
+# usage: tools/compare-rsync.sh [TOTAL_MIB]   (default 2048: 16 files of 128 MiB)
+# Needs a release build (cargo build --release) and rsync (installed with apt-get when missing).
+set -euo pipefail
+total_mib=${1:-2048}
+files=16
+root=$(cd "$(dirname "$0")/.." && pwd)
+ferry="$root/target/release/ferry"
+[ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+for tool in rsync bc; do command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }; done
+
+work=$(mktemp -d /var/tmp/ferry-vs-rsync.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+mkdir -p "$work/src/queues"
+for i in $(seq 1 $files); do
+  head -c $((total_mib * 1024 * 1024 / files)) /dev/urandom > "$work/src/queues/$(printf %08d "$i").seg"
+done
+echo secret > "$work/secret"
+now() { date +%s.%N; }
+
+# rsync daemon serving the same directory.
+cat > "$work/rsyncd.conf" <<CONF
+use chroot = no
+uid = root
+gid = root
+[src]
+  path = $work/src
+  read only = yes
+CONF
+rsync --daemon --no-detach --port 18730 --address 127.0.0.1 --config "$work/rsyncd.conf" &
+pids+=($!)
+
+"$ferry" lead --data-dir "$work/src" --listen 127.0.0.1:18731 --secret-file "$work/secret" \
+  2> "$work/lead.log" &
+pids+=($!)
+for _ in $(seq 100); do grep -q "listening on" "$work/lead.log" && break; sleep 0.1; done
+# Warm the leader's page cache the same way for both (the files were just written).
+cat "$work"/src/queues/* > /dev/null
+
+run_rsync() {
+  rm -rf "$work/dst"; mkdir "$work/dst"; sync
+  local t0; t0=$(now)
+  rsync -a --exclude .ferry "rsync://127.0.0.1:18730/src/" "$work/dst/"
+  echo "$(now) - $t0" | bc
+}
+run_ferry() {
+  rm -rf "$work/dst"; mkdir "$work/dst"; sync
+  local t0; t0=$(now)
+  "$ferry" follow --once --data-dir "$work/dst" --leader 127.0.0.1:18731 --secret-file "$work/secret" \
+    --durability "$1" > /dev/null 2>> "$work/follow.log"
+  echo "$(now) - $t0" | bc
+}
+
+rsync_s=$(run_rsync)
+written_s=$(run_ferry written)
+synced_s=$(run_ferry synced)
+rsync2_s=$(run_rsync)
+rsync_best=$(echo "if ($rsync_s < $rsync2_s) $rsync_s else $rsync2_s" | bc)
+printf 'full sync of %d MiB in %d files over loopback\n' "$total_mib" "$files"
+printf '  rsync daemon (best of 2):            %6.2f s\n' "$rsync_best"
+printf '  ferry follow --once (written):       %6.2f s   %.2fx faster than rsync\n' "$written_s" "$(echo "$rsync_best / $written_s" | bc -l)"
+printf '  ferry follow --once (synced, syncfs): %5.2f s   %.2fx faster than rsync\n' "$synced_s" "$(echo "$rsync_best / $synced_s" | bc -l)"
