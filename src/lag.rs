@@ -57,6 +57,36 @@ pub struct LagSnapshot {
     pub ack_latency_p999_us: u64,
 }
 
+/// The inputs of a follower's state; see `LagTracker::view`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LagView {
+    pub disconnected: bool,
+    pub in_sync: bool,
+    pub last_ack_at: Option<Instant>,
+    pub oldest_unacked_mark_at: Option<Instant>,
+    pub ack_timeout: Duration,
+}
+
+impl LagView {
+    /// The state at `now`. `stalled_since`: since when the leader has had something for this
+    /// follower that it could not get onto the wire (a full socket), if it has; it counts like
+    /// an unacked MARK, so a follower that stops reading is lagging after the same deadline.
+    pub fn state(&self, now: Instant, stalled_since: Option<Instant>) -> FollowerState {
+        if self.disconnected {
+            return FollowerState::Disconnected;
+        }
+        let late = |at: Option<Instant>| {
+            at.is_some_and(|at| now.saturating_duration_since(at) > self.ack_timeout)
+        };
+        let overdue = late(self.oldest_unacked_mark_at) || late(stalled_since);
+        match (self.in_sync, overdue) {
+            (_, true) if self.in_sync || self.last_ack_at.is_some() => FollowerState::Lagging,
+            (true, false) => FollowerState::Streaming,
+            _ => FollowerState::Syncing,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct LagTracker {
     durability: Option<Durability>,
@@ -142,17 +172,18 @@ impl LagTracker {
     }
 
     pub fn state(&self, now: Instant) -> FollowerState {
-        if self.disconnected {
-            return FollowerState::Disconnected;
-        }
-        let overdue = self
-            .marks_unacked
-            .front()
-            .is_some_and(|&(_, sent_at)| now.saturating_duration_since(sent_at) > self.ack_timeout);
-        match (self.in_sync, overdue) {
-            (_, true) if self.in_sync || self.last_ack_at.is_some() => FollowerState::Lagging,
-            (true, false) => FollowerState::Streaming,
-            _ => FollowerState::Syncing,
+        self.view().state(now, None)
+    }
+
+    /// What the state depends on, small and `Copy`, for reports computed later than the
+    /// tracker's own updates (a connection blocked on a full socket does not update it).
+    pub fn view(&self) -> LagView {
+        LagView {
+            disconnected: self.disconnected,
+            in_sync: self.in_sync,
+            last_ack_at: self.last_ack_at,
+            oldest_unacked_mark_at: self.marks_unacked.front().map(|&(_, at)| at),
+            ack_timeout: self.ack_timeout,
         }
     }
 

@@ -28,7 +28,7 @@ use crate::catalog::Catalog;
 use crate::engine::{self, Conn, EngineKind, Listener};
 use crate::frame::{Durability, ErrorCode, Frame};
 use crate::index::DigestCache;
-use crate::lag::{FollowerState, LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
+use crate::lag::{FollowerState, LagSnapshot, LagView, ACK_TIMEOUT_MS_DEFAULT};
 use crate::paths::{DataDir, PathError, RelPath};
 use crate::session::leader::{LeaderSession, Transmit};
 use crate::session::SessionError;
@@ -86,8 +86,13 @@ pub enum ChangeError {
 struct Slot {
     peer: SocketAddr,
     inbox: HashSet<RelPath>,
+    /// When the inbox last went from empty to not empty (the session has not picked it up since).
+    inbox_since: Option<Instant>,
+    /// When the session started a payload it has not finished sending.
+    sending_since: Option<Instant>,
     wake: Arc<Notify>,
     lag: Option<LagSnapshot>,
+    view: Option<LagView>,
     payload_bytes_sent: u64,
     disconnected_at: Option<Instant>,
 }
@@ -195,6 +200,9 @@ impl Leader {
         let position = change(&mut hub.catalog);
         for slot in hub.slots.values_mut() {
             if slot.disconnected_at.is_none() {
+                if slot.inbox.is_empty() {
+                    slot.inbox_since = Some(Instant::now());
+                }
                 if !slot.inbox.contains(path) {
                     slot.inbox.insert(path.clone());
                 }
@@ -258,11 +266,24 @@ impl Leader {
     pub fn followers(&self) -> Vec<FollowerInfo> {
         let hub = self.shared.lock();
         let position = hub.catalog.position();
+        let now = Instant::now();
         let mut all: Vec<FollowerInfo> = hub
             .slots
             .iter()
             .filter_map(|(&id, slot)| {
                 let mut lag = slot.lag.clone()?;
+                // The snapshot is as of the session's last update; a session blocked on a full
+                // socket makes none, so the state and ages are recomputed for now.
+                if let Some(view) = slot.view {
+                    let stalled_since = match (slot.inbox_since, slot.sending_since) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    lag.state = view.state(now, stalled_since);
+                    lag.since_last_ack_ms = view
+                        .last_ack_at
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64);
+                }
                 if slot.disconnected_at.is_some() {
                     lag.state = FollowerState::Disconnected;
                 }
@@ -430,13 +451,22 @@ impl ConnCtx {
             Slot {
                 peer,
                 inbox: HashSet::new(),
+                inbox_since: None,
+                sending_since: None,
                 wake: Arc::new(Notify::new()),
                 lag: None,
+                view: None,
                 payload_bytes_sent: 0,
                 disconnected_at: None,
             },
         );
         id
+    }
+
+    fn set_sending(&self, id: u64, since: Option<Instant>) {
+        if let Some(slot) = self.shared.lock().slots.get_mut(&id) {
+            slot.sending_since = since;
+        }
     }
 
     fn unregister(&self, id: u64) {
@@ -549,6 +579,7 @@ async fn drive(
                 for path in slot.inbox.drain() {
                     session.note_changed(path);
                 }
+                slot.inbox_since = None;
             }
             let t = session.poll_transmit(&hub.catalog, now);
             publish(hub, id, session, now);
@@ -609,7 +640,10 @@ async fn drive(
                     files.insert(path.clone(), (generation, file));
                 }
                 if let Some((_, file)) = files.get(&path) {
-                    conn.send_file(file, offset, len_bytes).await.map_err(|e| {
+                    ctx.set_sending(id, Some(Instant::now()));
+                    let sent = conn.send_file(file, offset, len_bytes).await;
+                    ctx.set_sending(id, None);
+                    sent.map_err(|e| {
                         io::Error::new(
                             e.kind(),
                             format!("sending {path} [{offset}, +{len_bytes}): {e}"),
@@ -659,6 +693,7 @@ fn publish(hub: &mut Hub, id: u64, session: &LeaderSession, now: Instant) {
     if let Some(slot) = hub.slots.get_mut(&id) {
         if session.durability().is_some() {
             slot.lag = Some(session.lag().snapshot(position, now));
+            slot.view = Some(session.lag().view());
         }
         slot.payload_bytes_sent = session.bytes_payload_total();
     }

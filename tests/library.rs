@@ -1,0 +1,153 @@
+//! The leader embedded as a library, the way a broker uses it, with real `ferry follow`
+//! processes: appends of bytes already in the file, publish confirms with `wait_for`, the
+//! per-follower lag report, and a stopped follower that must not hold anyone back.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry::auth::Secret;
+use ferry::frame::Durability;
+use ferry::lag::FollowerState;
+use ferry::leader::{Leader, LeaderConfig};
+
+fn start(dir: &Path, engine: &str) -> Leader {
+    let secret = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+    let mut config = LeaderConfig::new(dir, "127.0.0.1:0".parse().unwrap(), secret);
+    config.engine = Some(engine.parse().unwrap());
+    config.ack_timeout = Duration::from_millis(300);
+    Leader::start(config, Vec::new()).unwrap()
+}
+
+/// Writes `count` messages into a segment the way a broker does (bytes first, then `append`).
+fn publish(leader: &Leader, dir: &Path, segment: &str, offset: &mut u64, count: usize) -> u64 {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(segment))
+        .unwrap();
+    let mut position = 0;
+    for i in 0..count {
+        let message = pattern(1024, i as u8);
+        file.write_all_at(&message, *offset).unwrap();
+        position = leader.append(segment, *offset, 1024).unwrap();
+        *offset += 1024;
+    }
+    position
+}
+
+fn wait_state(leader: &Leader, id: u64, state: FollowerState) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = leader.followers().into_iter().find(|f| f.id == id);
+        if f.as_ref().is_some_and(|f| f.lag.state == state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follower #{id} never became {state:?}: {f:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn appends_are_confirmed_with_wait_for_and_followers_report_their_lag() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let ld = env.dir("leader");
+        let leader = start(&ld, engine);
+        let _f1 = start_follower(&env, &env.dir("f1"), leader.local_addr(), engine, "synced");
+        let _f2 = start_follower(&env, &env.dir("f2"), leader.local_addr(), engine, "written");
+        let mut offset = 0;
+        let position = publish(&leader, &ld, "seg.0", &mut offset, 500);
+        assert!(
+            leader.wait_for(position, Durability::Written, 2, Duration::from_secs(20)),
+            "{engine}: both followers hold the bytes in their page cache"
+        );
+        assert!(leader.wait_for(position, Durability::Synced, 1, Duration::from_secs(20)));
+        std::fs::write(ld.join("meta.json"), b"{\"segments\":1}").unwrap();
+        let position = leader.replace_file("meta.json").unwrap();
+        assert!(leader.wait_for(position, Durability::Written, 2, Duration::from_secs(20)));
+        let followers = leader.followers();
+        assert_eq!(followers.len(), 2);
+        for f in &followers {
+            assert_eq!(f.lag.lag_bytes[Durability::Written.index()], 0, "{f:?}");
+            assert!(f.payload_bytes_sent >= 500 * 1024);
+        }
+        wait_identical(&ld, &env.tmp.path().join("f1"), Duration::from_secs(10));
+        wait_identical(&ld, &env.tmp.path().join("f2"), Duration::from_secs(10));
+        // Nobody has acked a position that does not exist yet.
+        assert!(!leader.wait_for(
+            position + 1,
+            Durability::Received,
+            1,
+            Duration::from_millis(200)
+        ));
+    }
+}
+
+#[test]
+fn a_stopped_follower_is_marked_lagging_and_holds_back_neither_writer_nor_others() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let leader = start(&ld, "uring");
+    let stalled = start_follower(
+        &env,
+        &env.dir("stalled"),
+        leader.local_addr(),
+        "uring",
+        "synced",
+    );
+    // Known by its id: the only follower until the second one starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stalled_id = loop {
+        if let Some(f) = leader.followers().first() {
+            break f.id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first follower never connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _healthy = start_follower(
+        &env,
+        &env.dir("healthy"),
+        leader.local_addr(),
+        "uring",
+        "synced",
+    );
+    let mut offset = 0;
+    let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
+    assert!(leader.wait_for(position, Durability::Synced, 2, Duration::from_secs(20)));
+
+    // SIGSTOP the first follower: it stops reading, acking, everything.
+    let pid = stalled.child.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // The writer keeps going (about 40 MiB, far beyond any socket buffer) ...
+    let position = publish(&leader, &ld, "seg.0", &mut offset, 40_000);
+    // ... and the healthy follower confirms all of it while the other is stopped.
+    assert!(leader.wait_for(position, Durability::Synced, 1, Duration::from_secs(30)));
+    wait_state(&leader, stalled_id, FollowerState::Lagging);
+    let lagging = leader
+        .followers()
+        .into_iter()
+        .find(|f| f.id == stalled_id)
+        .unwrap();
+    assert!(lagging.lag.lag_bytes[Durability::Synced.index()] > 0);
+
+    // Resumed, it catches up from the files: nothing was queued in memory for it.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert!(leader.wait_for(position, Durability::Synced, 2, Duration::from_secs(30)));
+    wait_state(&leader, stalled_id, FollowerState::Streaming);
+    wait_identical(
+        &ld,
+        &env.tmp.path().join("stalled"),
+        Duration::from_secs(10),
+    );
+}
