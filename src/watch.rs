@@ -10,6 +10,8 @@
 //!   (an append: only the new range ships);
 //! - it shrank, was created or renamed over, its sampled bytes changed, or its mtime changed at
 //!   the same size (an in-place overwrite): `Rewritten` (the whole file ships);
+//! - same size, new mtime, still after `SETTLE_MAX`: the same (a write(2) sets the mtime before
+//!   the size, so an append caught mid-way is given a few ms to show its size);
 //! - same size and mtime: nothing. The event was for a write an earlier stat already saw. This
 //!   is why mtime is tracked: appends coalesced into one stat must not look like overwrites.
 //! - gone: `Removed`.
@@ -33,6 +35,8 @@ use crate::paths::{RelPath, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
 const SAMPLE_BYTES: usize = 64;
+/// How long a file that looks overwritten in place is watched for an append in flight.
+const SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 /// Bytes read from the inotify fd at once.
 const EVENT_BUFFER_BYTES: usize = 64 * 1024;
 const EVENT_HEADER_BYTES: usize = 16;
@@ -271,7 +275,7 @@ impl State {
 
     /// Stats `path` and reports how it differs from what was last seen.
     fn check(&mut self, path: &RelPath, touched: Touched) {
-        let meta = match std::fs::symlink_metadata(self.abs(path.as_str())) {
+        let mut meta = match std::fs::symlink_metadata(self.abs(path.as_str())) {
             Ok(m) if m.is_file() => m,
             _ => {
                 if self.files.remove(path).is_some() {
@@ -280,8 +284,14 @@ impl State {
                 return;
             }
         };
-        let (len_bytes, mtime) = (meta.len(), mtime_ns(&meta));
         let old = self.files.get(path).cloned();
+        if let Some(old) = &old {
+            if !touched.recreated && meta.len() == old.len_bytes && mtime_ns(&meta) != old.mtime_ns
+            {
+                meta = self.settle(path, meta);
+            }
+        }
+        let (len_bytes, mtime) = (meta.len(), mtime_ns(&meta));
         let change = match old {
             None => Some(Change::Rewritten {
                 path: path.clone(),
@@ -337,6 +347,22 @@ impl State {
             );
             self.emit(change);
         }
+    }
+
+    /// A write(2) sets the mtime before the new size, so a stat in the middle of an append sees
+    /// "same size, new mtime", which reads as an in-place overwrite. Re-stat for a few ms: an
+    /// append in flight shows its new size by then.
+    fn settle(&self, path: &RelPath, meta: std::fs::Metadata) -> std::fs::Metadata {
+        let deadline = std::time::Instant::now() + SETTLE_MAX;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            match std::fs::symlink_metadata(self.abs(path.as_str())) {
+                Ok(m) if m.is_file() && m.len() != meta.len() => return m,
+                Ok(_) => {}
+                Err(_) => return meta,
+            }
+        }
+        meta
     }
 
     /// Walks the whole tree (re-adding watches) and reports every difference.
