@@ -1,7 +1,7 @@
 //! The fallback engine's payload moves, for hosts where io_uring is blocked (Docker's default
 //! seccomp profile refuses io_uring_setup): sendfile(2) from the page cache to the socket on the
-//! leader, splice(2) socket -> pipe -> file on the follower (measured faster here than recv(2) +
-//! pwrite(2): one copy instead of two), each driven by tokio's readiness events.
+//! leader, driven by tokio's readiness events. (The follower's receive path, shared by both
+//! engines, is in `engine::receive`.)
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -66,85 +66,6 @@ pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
-    }
-    Ok(())
-}
-
-/// Receives `len_bytes` into `file` at `offset` with splice(2): socket -> pipe -> file, so the
-/// bytes are never copied through user space. The socket side is non-blocking and driven by
-/// tokio's readiness; the pipe -> file side writes into the page cache and does not block on
-/// the network.
-pub async fn splice_recv_file(
-    stream: &TcpStream,
-    pipe: &super::Pipe,
-    file: RawFd,
-    offset: u64,
-    len_bytes: u64,
-) -> io::Result<()> {
-    let socket = stream.as_raw_fd();
-    let mut offset = offset as libc::loff_t;
-    let mut left = len_bytes;
-    while left > 0 {
-        let chunk = (left as usize).min(pipe.capacity_bytes);
-        let n = stream
-            .async_io(Interest::READABLE, || {
-                // SAFETY: the socket and the pipe's write end are open fds borrowed for the call;
-                // null offsets are allowed for a socket and a pipe.
-                let r = unsafe {
-                    libc::splice(
-                        socket,
-                        std::ptr::null_mut(),
-                        pipe.write.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        chunk,
-                        libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-                    )
-                };
-                if r < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(r as usize)
-                }
-            })
-            .await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the leader closed the connection {left} bytes before the end of a payload"
-                ),
-            ));
-        }
-        let mut in_pipe = n;
-        while in_pipe > 0 {
-            // SAFETY: the pipe's read end and the file are open fds; `offset` is a valid loff_t
-            // the kernel advances.
-            let w = unsafe {
-                libc::splice(
-                    pipe.read.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    file,
-                    &mut offset,
-                    in_pipe,
-                    libc::SPLICE_F_MOVE,
-                )
-            };
-            if w < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if w == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "splice into the file moved nothing",
-                ));
-            }
-            in_pipe -= w as usize;
-        }
-        left -= n as u64;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! keeps the drivers free of generics.
 
 pub mod fallback;
+pub mod receive;
 pub mod uring;
 
 use std::cell::RefCell;
@@ -17,8 +18,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// Bytes a splice pipe holds; each splice moves at most this much.
-pub const PIPE_CAPACITY_BYTES: usize = 1024 * 1024;
+/// Bytes a leader's splice pipe holds (asked for); each splice moves at most this much.
+pub const SEND_PIPE_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes a follower's receive pipe holds (asked for).
+pub const RECEIVE_PIPE_BYTES: usize = 1024 * 1024;
+/// The size asked for when a bigger one is refused (the default pipe-max-size).
+pub const PIPE_CAPACITY_FALLBACK_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
@@ -118,7 +123,8 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    pub fn new() -> io::Result<Pipe> {
+    /// A pipe of `capacity_bytes` if allowed (see below).
+    pub fn new(capacity_bytes: usize) -> io::Result<Pipe> {
         let mut fds = [0i32; 2];
         // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -126,16 +132,23 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // A bigger pipe means fewer splices per payload; when the limit refuses, the default stays.
-        // SAFETY: F_SETPIPE_SZ on a pipe fd we own; the result is checked.
-        let set = unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_CAPACITY_BYTES as libc::c_int,
-            )
-        };
-        let capacity_bytes = if set > 0 { set as usize } else { 64 * 1024 };
+        // A bigger pipe means fewer splices per payload. Above /proc/sys/fs/pipe-max-size only a
+        // privileged process may go; then the largest allowed size is asked for, and failing
+        // that the pipe keeps its default (F_GETPIPE_SZ tells which).
+        for want in [capacity_bytes, PIPE_CAPACITY_FALLBACK_BYTES] {
+            // SAFETY: F_SETPIPE_SZ on a pipe fd we own; the result is checked.
+            if unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int) }
+                > 0
+            {
+                break;
+            }
+        }
+        // SAFETY: F_GETPIPE_SZ on a pipe fd we own.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if size <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let capacity_bytes = size as usize;
         Ok(Pipe {
             read,
             write,
@@ -191,8 +204,7 @@ enum Stream {
 /// through an `Rc` (each payload method keeps its own pipe or buffer).
 pub struct Conn {
     stream: Stream,
-    send_pipe: RefCell<Option<Pipe>>,
-    recv_pipe: RefCell<Option<Pipe>>,
+    send_pipes: RefCell<Option<[Pipe; 2]>>,
 }
 
 impl Conn {
@@ -207,16 +219,16 @@ impl Conn {
     fn new(stream: Stream) -> Conn {
         Conn {
             stream,
-            send_pipe: RefCell::new(None),
-            recv_pipe: RefCell::new(None),
+            send_pipes: RefCell::new(None),
         }
     }
 
-    pub async fn connect(kind: EngineKind, addr: SocketAddr) -> io::Result<Conn> {
-        let conn = match kind {
-            EngineKind::Uring => Conn::uring(tokio_uring::net::TcpStream::connect(addr).await?),
-            EngineKind::Fallback => Conn::fallback(tokio::net::TcpStream::connect(addr).await?),
-        };
+    /// A follower's connection. It is a tokio stream on both engines: the follower's payloads
+    /// come off the socket with non-blocking splice(2) driven by readiness (`receive`), which
+    /// tokio-uring's completion-based stream cannot offer; with the io_uring engine the writes
+    /// into files still go through the ring.
+    pub async fn connect(addr: SocketAddr) -> io::Result<Conn> {
+        let conn = Conn::fallback(tokio::net::TcpStream::connect(addr).await?);
         conn.set_nodelay()?;
         Ok(conn)
     }
@@ -270,12 +282,17 @@ impl Conn {
     ) -> io::Result<()> {
         match &self.stream {
             Stream::Uring(_) => {
-                let pipe = take_pipe(&self.send_pipe)?;
-                let r = uring::send_file(self.raw_fd(), &pipe, file.as_raw_fd(), offset, len_bytes)
-                    .await;
-                // A pipe left holding bytes after an error would corrupt the next payload.
+                let taken = self.send_pipes.borrow_mut().take();
+                let pipes = match taken {
+                    Some(p) => p,
+                    None => [Pipe::new(SEND_PIPE_BYTES)?, Pipe::new(SEND_PIPE_BYTES)?],
+                };
+                let r =
+                    uring::send_file(self.raw_fd(), &pipes, file.as_raw_fd(), offset, len_bytes)
+                        .await;
+                // Pipes left holding bytes after an error would corrupt the next payload.
                 if r.is_ok() {
-                    *self.send_pipe.borrow_mut() = Some(pipe);
+                    *self.send_pipes.borrow_mut() = Some(pipes);
                 }
                 r
             }
@@ -285,32 +302,11 @@ impl Conn {
         }
     }
 
-    /// Receives the next `len_bytes` of the stream into `file` at `offset`.
-    pub async fn recv_file(
-        &self,
-        file: &std::fs::File,
-        offset: u64,
-        len_bytes: u64,
-    ) -> io::Result<()> {
+    /// The tokio stream under a follower's connection (see `connect`), for `receive::Receiver`.
+    pub fn tokio_stream(&self) -> Option<&tokio::net::TcpStream> {
         match &self.stream {
-            Stream::Uring(_) => {
-                let pipe = take_pipe(&self.recv_pipe)?;
-                let r = uring::recv_file(self.raw_fd(), &pipe, file.as_raw_fd(), offset, len_bytes)
-                    .await;
-                if r.is_ok() {
-                    *self.recv_pipe.borrow_mut() = Some(pipe);
-                }
-                r
-            }
-            Stream::Fallback(s) => {
-                let pipe = take_pipe(&self.recv_pipe)?;
-                let r =
-                    fallback::splice_recv_file(s, &pipe, file.as_raw_fd(), offset, len_bytes).await;
-                if r.is_ok() {
-                    *self.recv_pipe.borrow_mut() = Some(pipe);
-                }
-                r
-            }
+            Stream::Fallback(s) => Some(s),
+            Stream::Uring(_) => None,
         }
     }
 
@@ -320,12 +316,5 @@ impl Conn {
         unsafe {
             libc::shutdown(self.raw_fd(), libc::SHUT_RDWR);
         }
-    }
-}
-
-fn take_pipe(slot: &RefCell<Option<Pipe>>) -> io::Result<Pipe> {
-    match slot.borrow_mut().take() {
-        Some(pipe) => Ok(pipe),
-        None => Pipe::new(),
     }
 }

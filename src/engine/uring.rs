@@ -45,7 +45,12 @@ async fn splice(
 }
 
 /// Moves `len` bytes from the pipe to `fd_out` (at `off_out`, or its position when -1).
-async fn drain_pipe(pipe: &Pipe, fd_out: RawFd, mut off_out: i64, mut len: u32) -> io::Result<()> {
+pub(crate) async fn drain_pipe(
+    pipe: &Pipe,
+    fd_out: RawFd,
+    mut off_out: i64,
+    mut len: u32,
+) -> io::Result<()> {
     while len > 0 {
         let n = splice(pipe.read.as_raw_fd(), -1, fd_out, off_out, len).await?;
         if n == 0 {
@@ -62,58 +67,50 @@ async fn drain_pipe(pipe: &Pipe, fd_out: RawFd, mut off_out: i64, mut len: u32) 
     Ok(())
 }
 
-/// Sends `[offset, offset + len_bytes)` of `file` to `socket`, page cache -> pipe -> socket.
-pub async fn send_file(
-    socket: RawFd,
-    pipe: &Pipe,
-    file: RawFd,
-    offset: u64,
-    len_bytes: u64,
-) -> io::Result<()> {
-    let mut offset = offset;
-    let mut left = len_bytes;
-    while left > 0 {
-        let chunk = left.min(pipe.capacity_bytes as u64) as u32;
-        let n = splice(file, offset as i64, pipe.write.as_raw_fd(), -1, chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the file ended {left} bytes before the range to send (it shrank meanwhile)"
-                ),
-            ));
-        }
-        drain_pipe(pipe, socket, -1, n).await?;
-        offset += u64::from(n);
-        left -= u64::from(n);
+/// Fills `pipe` with up to `len` bytes of `file` at `offset`; an error if the file ends first.
+async fn fill_pipe(pipe: &Pipe, file: RawFd, offset: u64, len: u32, left: u64) -> io::Result<u32> {
+    let n = splice(file, offset as i64, pipe.write.as_raw_fd(), -1, len).await?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the file ended {left} bytes before the range to send (it shrank meanwhile)"),
+        ));
     }
-    Ok(())
+    Ok(n)
 }
 
-/// Receives `len_bytes` from `socket` into `file` at `offset`, socket -> pipe -> file.
-pub async fn recv_file(
+/// Sends `[offset, offset + len_bytes)` of `file` to `socket`, page cache -> pipe -> socket.
+/// Two pipes alternate, so the kernel fills one from the file while it drains the other into
+/// the socket (each SPLICE runs on an io-wq worker, so the two overlap on two cores).
+pub async fn send_file(
     socket: RawFd,
-    pipe: &Pipe,
+    pipes: &[Pipe; 2],
     file: RawFd,
     offset: u64,
     len_bytes: u64,
 ) -> io::Result<()> {
+    let chunk_max = pipes[0].capacity_bytes.min(pipes[1].capacity_bytes) as u64;
     let mut offset = offset;
     let mut left = len_bytes;
-    while left > 0 {
-        let chunk = left.min(pipe.capacity_bytes as u64) as u32;
-        let n = splice(socket, -1, pipe.write.as_raw_fd(), -1, chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the leader closed the connection {left} bytes before the end of a payload"
-                ),
-            ));
-        }
-        drain_pipe(pipe, file, offset as i64, n).await?;
-        offset += u64::from(n);
-        left -= u64::from(n);
+    if left == 0 {
+        return Ok(());
     }
-    Ok(())
+    let mut current = 0usize;
+    let mut in_current =
+        fill_pipe(&pipes[0], file, offset, left.min(chunk_max) as u32, left).await?;
+    loop {
+        offset += u64::from(in_current);
+        left -= u64::from(in_current);
+        if left == 0 {
+            return drain_pipe(&pipes[current], socket, -1, in_current).await;
+        }
+        let next = 1 - current;
+        let (drained, filled) = tokio::join!(
+            drain_pipe(&pipes[current], socket, -1, in_current),
+            fill_pipe(&pipes[next], file, offset, left.min(chunk_max) as u32, left),
+        );
+        drained?;
+        in_current = filled?;
+        current = next;
+    }
 }

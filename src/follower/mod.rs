@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::auth::{random_nonce, Secret};
+use crate::engine::receive::Receiver;
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
@@ -149,7 +150,7 @@ async fn follow_once(
     cache: &Rc<RefCell<Option<DigestCache>>>,
 ) -> Result<SyncReport, FollowError> {
     let addr = resolve(&config.leader).await?;
-    let conn = Rc::new(Conn::connect(kind, addr).await.map_err(|e| {
+    let conn = Rc::new(Conn::connect(addr).await.map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot connect to the leader at {addr}: {e}"),
@@ -179,6 +180,7 @@ async fn follow_once(
         sync_wake: &sync_wake,
         cache,
         apply: Apply::new(dir.clone()),
+        receiver: Receiver::new(kind),
         report: SyncReport::default(),
         started: Instant::now(),
     };
@@ -207,6 +209,7 @@ struct Ctx<'a> {
     sync_wake: &'a Rc<Notify>,
     cache: &'a Rc<RefCell<Option<DigestCache>>>,
     apply: Apply,
+    receiver: Receiver,
     report: SyncReport,
     started: Instant,
 }
@@ -301,8 +304,16 @@ impl Ctx<'_> {
                     input.drain(..buffered);
                     let rest = len_bytes - buffered as u64;
                     if rest > 0 {
-                        self.conn
-                            .recv_file(file, offset + buffered as u64, rest)
+                        // The writes may outlive this call (and the cached fd): they own a dup.
+                        let file =
+                            Arc::new(file.try_clone().map_err(|e| {
+                                FollowError::Session(disk_error("write", &path, e))
+                            })?);
+                        let stream = self.conn.tokio_stream().ok_or_else(|| {
+                            io::Error::other("the follower's connection has no tokio stream")
+                        })?;
+                        self.receiver
+                            .receive(stream, &file, offset + buffered as u64, rest)
                             .await
                             .map_err(|e| {
                                 io::Error::new(e.kind(), format!("receiving {path}: {e}"))
@@ -311,20 +322,33 @@ impl Ctx<'_> {
                     self.report.payload_bytes += len_bytes;
                 }
                 FollowerAction::Mark {
-                    sync_done: true,
+                    sync_done,
                     position,
                 } => {
-                    tracing::info!(
-                        "initial sync received: {} files in the index, {} payload bytes in {:.2} s (position {position})",
-                        self.report.index_files,
-                        self.report.payload_bytes,
-                        self.started.elapsed().as_secs_f64()
-                    );
+                    self.flush_writes().await?;
+                    self.session.borrow_mut().written(position);
+                    if sync_done {
+                        tracing::info!(
+                            "initial sync received: {} files in the index, {} payload bytes in {:.2} s (position {position})",
+                            self.report.index_files,
+                            self.report.payload_bytes,
+                            self.started.elapsed().as_secs_f64()
+                        );
+                    }
                 }
-                FollowerAction::Mark { .. } => {}
-                other => self.apply.apply(other).map_err(FollowError::Session)?,
+                other => {
+                    // Commits, truncates and deletes see every earlier write completed.
+                    self.flush_writes().await?;
+                    self.apply.apply(other).map_err(FollowError::Session)?;
+                }
             }
         }
+    }
+
+    async fn flush_writes(&mut self) -> Result<(), FollowError> {
+        self.receiver.flush().await.map_err(|e| {
+            FollowError::Session(SessionError::Io(format!("writing a payload failed: {e}")))
+        })
     }
 
     /// HAVE entries for every file here, digests from the cache where the file is unchanged.

@@ -6,10 +6,9 @@
 //! on the wire by its payload: the shell moves those bytes into the file itself (from what it has
 //! buffered, then straight from the socket) before feeding more input.
 //!
-//! The session owns the three ack watermarks. A MARK returned as an action has, by the time the
-//! shell asks for the next action, had everything before it applied, so it is both received and
-//! written; the shell reports `synced` after a syncfs it started once `written` had reached a
-//! position. `poll_ack` coalesces: one ACK at most per call, only when the level the follower
+//! The session owns the three ack watermarks. A MARK makes its position `received`; the shell
+//! reports `written` once every action before the MARK has been applied (its writes completed),
+//! and `synced` after a syncfs it started once `written` had reached a position. `poll_ack` coalesces: one ACK at most per call, only when the level the follower
 //! acks at has advanced.
 
 use std::collections::HashMap;
@@ -301,9 +300,9 @@ impl FollowerSession {
                 if sync_done {
                     self.sync_done_position = Some(position);
                 }
-                // Frames are applied in order, so everything before this MARK is written.
+                // Everything before this MARK has been received. It is written once the shell has
+                // finished applying it and says so with `written`.
                 self.watermarks[0] = position;
-                self.watermarks[1] = position;
                 Some(FollowerAction::Mark {
                     position,
                     sync_done,
@@ -343,6 +342,13 @@ impl FollowerSession {
         }
         .encode(&mut self.out);
         self.phase = FollowerPhase::Streaming;
+    }
+
+    /// Every action up to the MARK at `position` has been applied to the data dir (its writes
+    /// completed, into the page cache at least).
+    pub fn written(&mut self, position: u64) {
+        let position = position.min(self.watermarks[0]);
+        self.watermarks[1] = self.watermarks[1].max(position);
     }
 
     /// A syncfs that began once `written` had reached `position` has completed.

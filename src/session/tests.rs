@@ -236,7 +236,10 @@ impl Sim {
             FollowerAction::Mark {
                 position,
                 sync_done,
-            } => self.marks_seen.push((position, sync_done)),
+            } => {
+                self.marks_seen.push((position, sync_done));
+                self.follower.written(position);
+            }
         }
     }
 
