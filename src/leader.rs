@@ -630,7 +630,6 @@ async fn drive(
                 offset,
                 len_bytes,
             }) => {
-                flush(conn, session).await?;
                 let fresh = !matches!(files.get(&path), Some((g, _)) if *g == generation);
                 if fresh {
                     let file = ctx
@@ -639,6 +638,20 @@ async fn drive(
                         .map_err(|e| SessionError::Io(format!("cannot read {path}: {e}")))?;
                     files.insert(path.clone(), (generation, file));
                 }
+                let file_len = match files.get(&path) {
+                    Some((_, file)) => file.metadata().map(|m| m.len()).unwrap_or(0),
+                    None => 0,
+                };
+                if file_len < offset + len_bytes {
+                    // Truncated or replaced since the range was planned: take the header back;
+                    // that change ships on its own. (A shrink during the splice below still
+                    // ends the connection: the frame's length is already on the wire.)
+                    tracing::debug!("{path} is {file_len} bytes, shorter than [{offset}, +{len_bytes}): skipped");
+                    session.payload_unavailable();
+                    files.remove(&path);
+                    continue;
+                }
+                flush(conn, session).await?;
                 if let Some((_, file)) = files.get(&path) {
                     ctx.set_sending(id, Some(Instant::now()));
                     let sent = conn.send_file(file, offset, len_bytes).await;

@@ -118,6 +118,10 @@ pub struct LeaderSession {
     mark_last: Option<(u64, Instant)>,
     lag: LagTracker,
     bytes_payload_total: u64,
+    /// Where the last DATA header starts in `out`, so `payload_unavailable` can take it back.
+    data_header_at: usize,
+    /// The payload bytes of that DATA frame.
+    data_last_bytes: u64,
 }
 
 impl LeaderSession {
@@ -144,6 +148,8 @@ impl LeaderSession {
             mark_last: None,
             lag: LagTracker::new(ack_timeout),
             bytes_payload_total: 0,
+            data_header_at: 0,
+            data_last_bytes: 0,
         }
     }
 
@@ -588,6 +594,8 @@ impl LeaderSession {
         len_bytes: u64,
     ) -> Transmit {
         debug_assert!(len_bytes > 0 && len_bytes <= MAX_DATA_BYTES as u64);
+        self.data_header_at = self.out.len();
+        self.data_last_bytes = len_bytes;
         Frame::Data {
             temp,
             offset,
@@ -601,6 +609,41 @@ impl LeaderSession {
             generation,
             offset,
             len_bytes,
+        }
+    }
+
+    /// The file is shorter than the range the last `Transmit::Payload` asked for (it was
+    /// truncated or replaced meanwhile; that change is, or will be, reported on its own). Call
+    /// before sending anything of the output: the DATA header is taken back and the transfer
+    /// of this file dropped. The follower keeps its copy as it was (an unfinished whole-file
+    /// transfer stays in its temp file, replaced by the next one), so nothing torn is shown.
+    pub fn payload_unavailable(&mut self) {
+        let Some(job) = self.job.take() else {
+            return;
+        };
+        self.out.truncate(self.data_header_at);
+        self.bytes_payload_total -= self.data_last_bytes;
+        // This round did not ship everything up to its position, so it ends without a MARK;
+        // the next one starts after the change that shrank the file.
+        self.round = None;
+        match job {
+            Job::Tail {
+                path,
+                generation,
+                offset,
+                ..
+            } => {
+                // `offset` is already past the chunk that was not sent.
+                let shipped = offset - self.data_last_bytes;
+                self.sent.insert(
+                    path,
+                    Sent {
+                        generation,
+                        len_bytes: shipped,
+                    },
+                );
+            }
+            Job::Whole { .. } | Job::AwaitOpen { .. } => {}
         }
     }
 

@@ -522,3 +522,32 @@ fn a_follower_that_stops_acking_is_lagging_after_the_deadline() {
         .snapshot(position, t0 + Duration::from_millis(1001));
     assert_eq!(snap.state, FollowerState::Lagging);
 }
+
+#[test]
+fn a_range_gone_before_sending_is_taken_back_and_the_rewrite_ships() {
+    let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
+    sim.run();
+    let marks = sim.marks_seen.len();
+    sim.append("seg", b"abcdef");
+    // The leader plans the tail, then finds the file truncated before sending anything.
+    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+    assert!(
+        matches!(t, Some(Transmit::Payload { len_bytes: 6, .. })),
+        "{t:?}"
+    );
+    sim.leader.payload_unavailable();
+    assert!(
+        sim.leader.take_output().is_empty(),
+        "the DATA header was taken back"
+    );
+    assert_eq!(sim.leader.poll_transmit(&sim.catalog, sim.now), None);
+    assert!(
+        sim.leader.take_output().is_empty(),
+        "no MARK for a round that shipped nothing"
+    );
+    // The truncation, as the change source reports it.
+    sim.replace("seg", b"012");
+    sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sim.marks_seen.len(), marks + 1);
+}
