@@ -37,6 +37,8 @@ use crate::session::SessionError;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Disconnected followers kept in `followers()` for the operator to see.
 const DISCONNECTED_KEPT_MAX: usize = 16;
+/// How often a connection refreshes its lag report when no ack arrived.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 /// Open files kept per connection for shipping payloads.
 const OPEN_FILES_PER_CONNECTION_MAX: usize = 256;
 
@@ -200,13 +202,14 @@ impl Leader {
         let position = change(&mut hub.catalog);
         for slot in hub.slots.values_mut() {
             if slot.disconnected_at.is_none() {
-                if slot.inbox.is_empty() {
-                    slot.inbox_since = Some(Instant::now());
-                }
+                // A path already waiting needs nothing: the session was woken when it arrived.
                 if !slot.inbox.contains(path) {
+                    if slot.inbox.is_empty() {
+                        slot.inbox_since = Some(Instant::now());
+                    }
                     slot.inbox.insert(path.clone());
+                    slot.wake.notify_one();
                 }
-                slot.wake.notify_one();
             }
         }
         position
@@ -562,16 +565,18 @@ async fn drive(
     let mut input: Vec<u8> = Vec::new();
     let mut files: HashMap<RelPath, (u64, File)> = HashMap::new();
     let mut eof = false;
+    let mut published_at: Option<Instant> = None;
     loop {
         // Everything the reader has, without waiting.
         while let Ok(chunk) = input_rx.try_recv() {
             eof |= take_chunk(chunk?, &mut input);
         }
         let now = Instant::now();
-        let transmit = {
+        let had_input = !input.is_empty();
+        let (transmit, position) = {
             let mut hub = ctx.shared.lock();
             let hub = &mut *hub;
-            if !input.is_empty() {
+            if had_input {
                 let n = session.handle_input(&input, &hub.catalog, now)?;
                 input.drain(..n);
             }
@@ -582,10 +587,14 @@ async fn drive(
                 slot.inbox_since = None;
             }
             let t = session.poll_transmit(&hub.catalog, now);
-            publish(hub, id, session, now);
-            ctx.shared.acked.notify_all();
-            t
+            (t, hub.catalog.position())
         };
+        // The report for followers() and wait_for: at once after acks, else now and then. It is
+        // computed outside the lock, which writers share.
+        if had_input || !published_at.is_some_and(|at| now < at + PUBLISH_INTERVAL) {
+            publish(ctx, id, session, position, now);
+            published_at = Some(now);
+        }
         if eof {
             return Ok(());
         }
@@ -701,15 +710,20 @@ async fn flush(conn: &Conn, session: &mut LeaderSession) -> Result<(), ServeErro
     Ok(())
 }
 
-fn publish(hub: &mut Hub, id: u64, session: &LeaderSession, now: Instant) {
-    let position = hub.catalog.position();
+fn publish(ctx: &ConnCtx, id: u64, session: &LeaderSession, position: u64, now: Instant) {
+    let lag = session
+        .durability()
+        .map(|_| (session.lag().snapshot(position, now), session.lag().view()));
+    let mut hub = ctx.shared.lock();
     if let Some(slot) = hub.slots.get_mut(&id) {
-        if session.durability().is_some() {
-            slot.lag = Some(session.lag().snapshot(position, now));
-            slot.view = Some(session.lag().view());
+        if let Some((snapshot, view)) = lag {
+            slot.lag = Some(snapshot);
+            slot.view = Some(view);
         }
         slot.payload_bytes_sent = session.bytes_payload_total();
     }
+    drop(hub);
+    ctx.shared.acked.notify_all();
 }
 
 /// Hashes the prefixes a follower's inventory asks for, off the runtime thread.
