@@ -240,20 +240,26 @@ impl DigestCache {
     ) -> io::Result<Digest> {
         let file = dir.open_read(path)?;
         let stat = file.metadata()?;
-        let (size_bytes, mtime_ns) = (stat.len(), mtime_ns(&stat));
+        let (size_bytes, mtime) = (stat.len(), mtime_ns(&stat));
         if let Some(e) = self.entries.get(path) {
-            if e.size_bytes == size_bytes && e.mtime_ns == mtime_ns && e.covered_bytes == len_bytes
-            {
+            if e.size_bytes == size_bytes && e.mtime_ns == mtime && e.covered_bytes == len_bytes {
                 return Ok(e.digest);
             }
         }
         let digest = sha1_prefix(&file, len_bytes)?;
         self.hashed_bytes += len_bytes;
+        // Changed while being hashed: the digest is of some mix of old and new bytes; use it
+        // (it can only cause a resend) but do not remember it against either state.
+        let after = file.metadata()?;
+        if after.len() != size_bytes || mtime_ns(&after) != mtime {
+            self.entries.remove(path);
+            return Ok(digest);
+        }
         self.entries.insert(
             path.clone(),
             CacheEntry {
                 size_bytes,
-                mtime_ns,
+                mtime_ns: mtime,
                 covered_bytes: len_bytes,
                 digest,
             },
