@@ -286,8 +286,8 @@ impl State {
         };
         let old = self.files.get(path).cloned();
         if let Some(old) = &old {
-            if !touched.recreated && meta.len() == old.len_bytes && mtime_ns(&meta) != old.mtime_ns
-            {
+            let same_file = !touched.recreated || old.ino == meta.ino();
+            if same_file && meta.len() == old.len_bytes && mtime_ns(&meta) != old.mtime_ns {
                 meta = self.settle(path, meta);
             }
         }
@@ -297,19 +297,13 @@ impl State {
                 path: path.clone(),
                 len_bytes,
             }),
-            // Created or renamed over: the same inode at the same size and mtime is a file
-            // already reported (seen by a directory scan before its own event arrived).
-            Some(old)
-                if touched.recreated
-                    && (old.ino != meta.ino()
-                        || old.len_bytes != len_bytes
-                        || old.mtime_ns != mtime) =>
-            {
-                Some(Change::Rewritten {
-                    path: path.clone(),
-                    len_bytes,
-                })
-            }
+            // Created or renamed over: a new inode. The same inode is the file already known
+            // (seen by a directory scan before its own, now stale, create event arrived), and is
+            // compared like any other event.
+            Some(old) if touched.recreated && old.ino != meta.ino() => Some(Change::Rewritten {
+                path: path.clone(),
+                len_bytes,
+            }),
             Some(old) if len_bytes > old.len_bytes => {
                 let (head, tail) = self.samples(path, old.len_bytes);
                 if head == old.head && tail == old.tail {
