@@ -305,8 +305,8 @@ impl Leader {
         all
     }
 
-    /// Waits until at least `min_followers` followers acked `position` at `durability` (or
-    /// stronger). Returns false if `timeout` passed first. For publish confirms.
+    /// Waits until at least `min_followers` connected followers acked `position` at
+    /// `durability`. Returns false if `timeout` passed first. For publish confirms.
     pub fn wait_for(
         &self,
         position: u64,
@@ -314,22 +314,48 @@ impl Leader {
         min_followers: usize,
         timeout: Duration,
     ) -> bool {
+        self.wait_until(durability, min_followers, timeout, |acked| {
+            acked >= position
+        })
+        .is_some_and(|acked| acked >= position)
+    }
+
+    /// The highest position that at least `min_followers` connected followers have acked at
+    /// `durability` (0 when fewer are connected; the current position when `min_followers` is 0).
+    pub fn acked_position(&self, durability: Durability, min_followers: usize) -> u64 {
+        acked_in(&self.shared.lock(), durability, min_followers).unwrap_or(0)
+    }
+
+    /// Waits until `acked_position(durability, min_followers)` is beyond `beyond`, or `timeout`
+    /// passed; returns it either way. (How a load generator measures append-to-ack latency
+    /// without one waiter per message.)
+    pub fn wait_acked_beyond(
+        &self,
+        beyond: u64,
+        durability: Durability,
+        min_followers: usize,
+        timeout: Duration,
+    ) -> u64 {
+        self.wait_until(durability, min_followers, timeout, |acked| acked > beyond)
+            .unwrap_or(0)
+    }
+
+    /// Waits until `done` holds for the position acked by `min_followers` at `durability` (or
+    /// `timeout`); returns that position, `None` while fewer followers are connected.
+    fn wait_until(
+        &self,
+        durability: Durability,
+        min_followers: usize,
+        timeout: Duration,
+        done: impl Fn(u64) -> bool,
+    ) -> Option<u64> {
         let deadline = Instant::now() + timeout;
         let mut hub = self.shared.lock();
         loop {
-            let count = hub
-                .slots
-                .values()
-                .filter(|s| s.disconnected_at.is_none())
-                .filter_map(|s| s.lag.as_ref())
-                .filter(|lag| lag.acked[durability.index()] >= position)
-                .count();
-            if count >= min_followers {
-                return true;
-            }
+            let acked = acked_in(&hub, durability, min_followers);
             let now = Instant::now();
-            if now >= deadline {
-                return false;
+            if acked.is_some_and(&done) || now >= deadline {
+                return acked;
             }
             hub = match self.shared.acked.wait_timeout(hub, deadline - now) {
                 Ok((guard, _)) => guard,
@@ -356,6 +382,22 @@ impl Drop for Leader {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The position acked at `durability` by the `min_followers`-th best connected follower.
+fn acked_in(hub: &Hub, durability: Durability, min_followers: usize) -> Option<u64> {
+    if min_followers == 0 {
+        return Some(hub.catalog.position());
+    }
+    let mut acked: Vec<u64> = hub
+        .slots
+        .values()
+        .filter(|s| s.disconnected_at.is_none())
+        .filter_map(|s| s.lag.as_ref())
+        .map(|lag| lag.acked[durability.index()])
+        .collect();
+    acked.sort_unstable_by(|a, b| b.cmp(a));
+    acked.get(min_followers - 1).copied()
 }
 
 async fn serve(

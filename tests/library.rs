@@ -81,6 +81,9 @@ fn appends_are_confirmed_with_wait_for_and_followers_report_their_lag() {
         }
         wait_identical(&ld, &env.tmp.path().join("f1"), Duration::from_secs(10));
         wait_identical(&ld, &env.tmp.path().join("f2"), Duration::from_secs(10));
+        assert!(leader.acked_position(Durability::Written, 2) >= position);
+        // Three followers were asked for; two are connected.
+        assert!(!leader.wait_for(0, Durability::Received, 3, Duration::from_millis(100)));
         // Nobody has acked a position that does not exist yet.
         assert!(!leader.wait_for(
             position + 1,
