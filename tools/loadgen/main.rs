@@ -1,0 +1,719 @@
+//! loadgen: stresses ferry the way a broker does and reports what it costs.
+//!
+//! Library mode (the default): writer threads append messages into mmap'd, preallocated
+//! segments that roll over at `--segment-bytes`, and tell an embedded `ferry::leader::Leader`
+//! with `append`, as a broker embedding ferry would. Write mode: the writers use write(2) in a
+//! directory watched by a `ferry lead` process. Either way `--followers` `ferry follow`
+//! processes on 127.0.0.1 replicate it at `--durability`.
+//!
+//! It measures messages/s and MB/s; the latency from `append()` to acked by every follower (an
+//! HDR histogram, library mode only: the leader's positions are not visible across processes);
+//! the cost of the `append()` call itself; per-follower lag over time; CPU seconds and peak RSS
+//! of every process. Faults (`--kill-follower-every`, `--stall-follower`) are injected on a
+//! timer and the latencies seen while one is active are reported apart. At the end it compares
+//! every follower's checksums with the leader's and exits 1 if any differ.
+
+mod procs;
+mod report;
+mod segments;
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use ferry::auth::Secret;
+use ferry::engine::EngineKind;
+use ferry::frame::Durability;
+use ferry::index::checksum_dir;
+use ferry::leader::{Leader, LeaderConfig};
+use procs::Proc;
+use report::{histogram, Report, Sample, Usage};
+use segments::SegmentWriter;
+
+/// How often lag, throughput and process usage are sampled.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the followers get to hold everything after the writers stop.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Messages a writer hands to the confirmer at once.
+const CONFIRM_BATCH: usize = 1024;
+
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    about = "Stress ferry like a broker: writers, followers, faults; report throughput, latency, lag and cost"
+)]
+struct Args {
+    /// library: mmap'd segments and an embedded leader told with append(); write: write(2) into
+    /// a directory watched by a `ferry lead` process.
+    #[arg(long, default_value = "library", value_parser = ["library", "write"])]
+    mode: String,
+    /// `ferry follow` processes to run.
+    #[arg(long, default_value_t = 2)]
+    followers: usize,
+    /// What the followers promise before they ack.
+    #[arg(long, default_value = "synced")]
+    durability: Durability,
+    /// How long the writers run (e.g. 10s, 500ms, 2m), unless --messages is given.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Stop after this many messages instead of after --duration.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Message size in bytes, or a range MIN-MAX drawn uniformly.
+    #[arg(long, default_value = "1024", value_parser = parse_size_range)]
+    message_bytes: (usize, usize),
+    /// Messages per second over all writers; 0 means as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Writer threads, each with its own segments.
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
+    /// Segment size; a segment rolls over when the next message would not fit (LavinMQ: 8 MiB).
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    segment_bytes: u64,
+    /// Write the summary as JSON to this file (field names in the README).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw throughput and per-follower lag over time as SVG to this file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// SIGKILL one follower (in turn) this often, and restart it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    kill_follower_every: Option<Duration>,
+    /// SIGSTOP the first follower for this long, a third into the run, then SIGCONT it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    stall_follower: Option<Duration>,
+    /// I/O engine for the leader and the followers.
+    #[arg(long, value_name = "uring|fallback")]
+    io_engine: Option<EngineKind>,
+    /// Where to put the data dirs (default: a new temporary directory, removed at the end).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s, 500ms or 2m"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        other => return Err(format!("unknown unit {other:?} in {s:?}: use ms, s or m")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_size_range(s: &str) -> Result<(usize, usize), String> {
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{v:?} is not a byte count"))
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => (parse(s)?, parse(s)?),
+    };
+    if lo == 0 || lo > hi {
+        return Err(format!(
+            "message size {s:?} must be N or MIN-MAX with 0 < MIN <= MAX"
+        ));
+    }
+    Ok((lo, hi))
+}
+
+/// State shared by the threads of a run.
+struct Shared {
+    stop: AtomicBool,
+    in_fault: AtomicBool,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("loadgen: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<bool> {
+    if args.followers == 0 || args.writers == 0 {
+        bail!("--followers and --writers must be at least 1");
+    }
+    let tmp = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            None
+        }
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("ferry-loadgen-")
+                .tempdir_in("/var/tmp")?,
+        ),
+    };
+    let root = args.dir.clone().unwrap_or_else(|| {
+        tmp.as_ref()
+            .map(|t| t.path().to_path_buf())
+            .unwrap_or_default()
+    });
+    let leader_dir = root.join("leader");
+    std::fs::create_dir_all(&leader_dir)?;
+    let secret_file = root.join("secret");
+    std::fs::write(&secret_file, "loadgen-secret")?;
+    let library = args.mode == "library";
+
+    // The leader: embedded, or a `ferry lead` process.
+    let (leader, lead_proc, addr) = if library {
+        let secret = Secret::new(b"loadgen-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut config = LeaderConfig::new(&leader_dir, "127.0.0.1:0".parse()?, secret);
+        config.engine = args.io_engine;
+        let leader = Arc::new(Leader::start(config, Vec::new())?);
+        let addr = leader.local_addr();
+        (Some(leader), None, addr)
+    } else {
+        let (proc, addr) = start_lead(&leader_dir, &secret_file, args.io_engine)?;
+        (None, Some(proc), addr)
+    };
+    let engine_name = args
+        .io_engine
+        .map(|e| e.name().to_string())
+        .or_else(|| leader.as_ref().map(|l| l.engine().name().to_string()))
+        .unwrap_or_else(|| "auto".into());
+
+    let mut followers = Vec::new();
+    for i in 1..=args.followers {
+        let dir = root.join(format!("follower{i}"));
+        let mut a: Vec<OsString> = vec!["follow".into(), "--data-dir".into(), dir.clone().into()];
+        a.extend([
+            "--leader".into(),
+            addr.to_string().into(),
+            "--secret-file".into(),
+            secret_file.clone().into(),
+        ]);
+        a.extend(["--durability".into(), args.durability.name().into()]);
+        if let Some(e) = args.io_engine {
+            a.extend(["--io-engine".into(), e.name().into()]);
+        }
+        followers.push(Proc::spawn(format!("follower{i}"), dir, a)?);
+    }
+    let followers = Arc::new(Mutex::new(followers));
+    if let Some(leader) = &leader {
+        if !leader.wait_for(0, args.durability, args.followers, Duration::from_secs(30)) {
+            bail!("the followers did not all connect within 30 s");
+        }
+    }
+
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        in_fault: AtomicBool::new(false),
+        messages: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+    });
+    let started = Instant::now();
+
+    // Confirmer: append-to-ack latency, without one waiter per message.
+    let (confirm_tx, confirm_rx) = mpsc::channel::<Vec<(u64, Instant, bool)>>();
+    let confirmer = leader.clone().map(|leader| {
+        let durability = args.durability;
+        let n = args.followers;
+        std::thread::spawn(move || confirm(&leader, durability, n, confirm_rx))
+    });
+
+    // Writers.
+    let per_writer_rate = args.rate as f64 / args.writers as f64;
+    let per_writer_messages = args.messages.map(|m| m.div_ceil(args.writers as u64));
+    let mut writer_threads = Vec::new();
+    for w in 0..args.writers {
+        let leader = leader.clone();
+        let shared = shared.clone();
+        let dir = leader_dir.clone();
+        let tx = confirm_tx.clone();
+        let (lo, hi) = args.message_bytes;
+        let segment_bytes = args.segment_bytes;
+        let deadline = started + args.duration;
+        writer_threads.push(std::thread::spawn(move || {
+            write_loop(WriterPlan {
+                id: w,
+                dir,
+                leader,
+                shared,
+                tx,
+                size: (lo, hi),
+                segment_bytes,
+                rate: per_writer_rate,
+                messages: per_writer_messages,
+                deadline: if per_writer_messages.is_some() {
+                    None
+                } else {
+                    Some(deadline)
+                },
+            })
+        }));
+    }
+    drop(confirm_tx);
+
+    // Faults.
+    let faults = {
+        let followers = followers.clone();
+        let shared = shared.clone();
+        let leader = leader.clone();
+        let kill_every = args.kill_follower_every;
+        let stall = args.stall_follower;
+        let stall_at = args.duration / 3;
+        let durability = args.durability;
+        let n = args.followers;
+        std::thread::spawn(move || {
+            inject_faults(
+                &followers,
+                &shared,
+                leader.as_deref(),
+                kill_every,
+                stall,
+                stall_at,
+                durability,
+                n,
+            )
+        })
+    };
+
+    // Sampler and progress line, until the writers are done.
+    let mut samples = Vec::new();
+    let mut last = (Instant::now(), 0u64);
+    let mut last_print = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    while writer_threads.iter().any(|t| !t.is_finished()) {
+        std::thread::sleep(SAMPLE_INTERVAL);
+        let now = Instant::now();
+        let bytes = shared.bytes.load(Ordering::Relaxed);
+        let mb_per_s = (bytes - last.1) as f64 / 1e6 / now.duration_since(last.0).as_secs_f64();
+        last = (now, bytes);
+        let lag_bytes = follower_lags(leader.as_deref(), args.durability, args.followers);
+        for p in followers
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter_mut()
+        {
+            p.sample();
+        }
+        samples.push(Sample {
+            t_s: now.duration_since(started).as_secs_f64(),
+            mb_per_s,
+            lag_bytes: lag_bytes.clone(),
+        });
+        if now.duration_since(last_print) >= Duration::from_secs(1) {
+            last_print = now;
+            let lags: Vec<String> = lag_bytes
+                .iter()
+                .map(|l| l.map_or("-".into(), |v| format!("{:.1}MB", v as f64 / 1e6)))
+                .collect();
+            let line = format!(
+                "{:6.1} s  {:>10} msgs  {:7.1} MB/s  lag [{}]{}",
+                now.duration_since(started).as_secs_f64(),
+                shared.messages.load(Ordering::Relaxed),
+                mb_per_s,
+                lags.join(" "),
+                if shared.in_fault.load(Ordering::Relaxed) {
+                    "  (fault)"
+                } else {
+                    ""
+                }
+            );
+            if tty {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("{line}");
+            }
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    let mut call_ns = histogram();
+    let mut call_fault_ns = histogram();
+    for t in writer_threads {
+        match t.join() {
+            Ok(Ok((normal, fault))) => {
+                call_ns.add(normal).ok();
+                call_fault_ns.add(fault).ok();
+            }
+            Ok(Err(e)) => return Err(e.context("a writer failed")),
+            Err(_) => bail!("a writer thread panicked"),
+        }
+    }
+    let elapsed_s = started.elapsed().as_secs_f64();
+    shared.stop.store(true, Ordering::SeqCst);
+    let (kills, stalls) = faults
+        .join()
+        .map_err(|_| anyhow::anyhow!("the fault thread panicked"))?;
+
+    // Convergence: every follower holds everything at its durability, then checksums.
+    let writers_done = Instant::now();
+    let mut converged_s = None;
+    if let Some(leader) = &leader {
+        let position = leader.position();
+        if leader.wait_for(position, args.durability, args.followers, CONVERGE_TIMEOUT) {
+            converged_s = Some(writers_done.elapsed().as_secs_f64());
+        }
+    }
+    let (ack_us, ack_fault_us) = match confirmer {
+        Some(t) => t
+            .join()
+            .map_err(|_| anyhow::anyhow!("the confirmer panicked"))?,
+        None => (histogram(), histogram()),
+    };
+    let expected = checksum_dir(&leader_dir)?;
+    let mut checksums_match = true;
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    for p in followers
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+    {
+        loop {
+            let same = checksum_dir(&p.dir)
+                .map(|got| got == expected)
+                .unwrap_or(false);
+            if same || Instant::now() > deadline {
+                checksums_match &= same;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if converged_s.is_none() && checksums_match {
+        converged_s = Some(writers_done.elapsed().as_secs_f64());
+    }
+
+    let mut follower_usage = Vec::new();
+    for p in followers
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter_mut()
+    {
+        p.stop();
+        let (cpu_s, rss_peak_kib) = p.usage();
+        follower_usage.push(Usage {
+            name: p.name.clone(),
+            cpu_s,
+            rss_peak_kib,
+        });
+    }
+    let leader_usage = match lead_proc {
+        Some(mut p) => {
+            p.stop();
+            let (cpu_s, rss_peak_kib) = p.usage();
+            Usage {
+                name: "leader (ferry lead)".into(),
+                cpu_s,
+                rss_peak_kib,
+            }
+        }
+        None => {
+            let (cpu_s, rss_peak_kib) = procs::self_usage();
+            Usage {
+                name: "leader (embedded, with the writers)".into(),
+                cpu_s,
+                rss_peak_kib,
+            }
+        }
+    };
+    let report = Report {
+        mode: args.mode.clone(),
+        engine: engine_name,
+        durability: args.durability.name().into(),
+        followers: args.followers,
+        writers: args.writers,
+        elapsed_s,
+        messages: shared.messages.load(Ordering::Relaxed),
+        bytes: shared.bytes.load(Ordering::Relaxed),
+        append_to_ack_us: ack_us,
+        append_to_ack_fault_us: ack_fault_us,
+        append_call_ns: call_ns,
+        append_call_fault_ns: call_fault_ns,
+        leader: leader_usage,
+        follower_usage,
+        samples,
+        kills,
+        stalls,
+        converged_s,
+        checksums_match,
+    };
+    print!("{}", report.text());
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.json())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report.svg())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(leader) = leader {
+        if let Ok(leader) = Arc::try_unwrap(leader) {
+            leader.shutdown();
+        }
+    }
+    Ok(checksums_match)
+}
+
+fn start_lead(
+    dir: &Path,
+    secret_file: &Path,
+    engine: Option<EngineKind>,
+) -> anyhow::Result<(Proc, std::net::SocketAddr)> {
+    // Pick a free port, then hand it to `ferry lead` (whose log line would also tell it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut a: Vec<OsString> = vec![
+        "lead".into(),
+        "--data-dir".into(),
+        dir.into(),
+        "--listen".into(),
+        addr.to_string().into(),
+    ];
+    a.extend(["--secret-file".into(), secret_file.into()]);
+    if let Some(e) = engine {
+        a.extend(["--io-engine".into(), e.name().into()]);
+    }
+    let proc = Proc::spawn("leader".into(), dir.to_path_buf(), a)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("`ferry lead` did not listen on {addr} within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((proc, addr))
+}
+
+fn follower_lags(leader: Option<&Leader>, durability: Durability, n: usize) -> Vec<Option<u64>> {
+    let Some(leader) = leader else {
+        return vec![None; n];
+    };
+    let mut lags: Vec<Option<u64>> = leader
+        .followers()
+        .into_iter()
+        .filter(|f| f.lag.state != ferry::lag::FollowerState::Disconnected)
+        .map(|f| Some(f.lag.lag_bytes[durability.index()]))
+        .collect();
+    lags.resize(n, None);
+    lags
+}
+
+struct WriterPlan {
+    id: usize,
+    dir: PathBuf,
+    leader: Option<Arc<Leader>>,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Vec<(u64, Instant, bool)>>,
+    size: (usize, usize),
+    segment_bytes: u64,
+    rate: f64,
+    messages: Option<u64>,
+    deadline: Option<Instant>,
+}
+
+type Hist = hdrhistogram::Histogram<u64>;
+
+/// One writer: messages into segments, each told to the leader; returns the append() call
+/// latencies (ns), outside and during faults.
+fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
+    let mut segments = SegmentWriter::new(
+        &plan.dir,
+        plan.id,
+        plan.segment_bytes,
+        plan.leader.is_some(),
+    );
+    let mut normal = histogram();
+    let mut fault = histogram();
+    let payload: Vec<u8> = (0..plan.size.1)
+        .map(|i| (i * 131 + plan.id * 7) as u8)
+        .collect();
+    let mut batch = Vec::with_capacity(CONFIRM_BATCH);
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ plan.id as u64;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        if plan.messages.is_some_and(|m| sent >= m)
+            || plan.deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            break;
+        }
+        if plan.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(sent as f64 / plan.rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let len = plan.size.0 + (rng as usize) % (plan.size.1 - plan.size.0 + 1);
+        let written = segments.write(&payload[..len])?;
+        if let Some(leader) = &plan.leader {
+            let in_fault = plan.shared.in_fault.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            let position = leader.append(&written.path, written.offset, len as u64)?;
+            let ns = t0.elapsed().as_nanos() as u64;
+            let _ = if in_fault {
+                fault.record(ns.max(1))
+            } else {
+                normal.record(ns.max(1))
+            };
+            batch.push((position, t0, in_fault));
+            if batch.len() == CONFIRM_BATCH {
+                let _ = plan.tx.send(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(CONFIRM_BATCH),
+                ));
+            }
+        }
+        sent += 1;
+        plan.shared.messages.fetch_add(1, Ordering::Relaxed);
+        plan.shared.bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+    if !batch.is_empty() {
+        let _ = plan.tx.send(batch);
+    }
+    segments.finish()?;
+    Ok((normal, fault))
+}
+
+/// Matches appended positions with the position every follower has acked.
+fn confirm(
+    leader: &Leader,
+    durability: Durability,
+    n: usize,
+    rx: mpsc::Receiver<Vec<(u64, Instant, bool)>>,
+) -> (Hist, Hist) {
+    let mut normal = histogram();
+    let mut fault = histogram();
+    let mut pending: std::collections::VecDeque<(u64, Instant, bool)> = Default::default();
+    let mut acked = 0;
+    let mut senders_gone = false;
+    loop {
+        loop {
+            match rx.try_recv() {
+                Ok(batch) => pending.extend(batch),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    senders_gone = true;
+                    break;
+                }
+            }
+        }
+        if pending.is_empty() {
+            if senders_gone {
+                break;
+            }
+            if let Ok(batch) = rx.recv_timeout(Duration::from_millis(50)) {
+                pending.extend(batch);
+            }
+            continue;
+        }
+        acked = leader.wait_acked_beyond(acked, durability, n, Duration::from_millis(50));
+        let now = Instant::now();
+        while let Some(&(position, at, in_fault)) = pending.front() {
+            if position > acked {
+                break;
+            }
+            let us = now.duration_since(at).as_micros() as u64;
+            let _ = if in_fault {
+                fault.record(us.max(1))
+            } else {
+                normal.record(us.max(1))
+            };
+            pending.pop_front();
+        }
+        if senders_gone && pending.front().is_some() && now.elapsed() > CONVERGE_TIMEOUT {
+            break;
+        }
+    }
+    (normal, fault)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn inject_faults(
+    followers: &Mutex<Vec<Proc>>,
+    shared: &Shared,
+    leader: Option<&Leader>,
+    kill_every: Option<Duration>,
+    stall: Option<Duration>,
+    stall_at: Duration,
+    durability: Durability,
+    n: usize,
+) -> (u64, u64) {
+    let started = Instant::now();
+    let (mut kills, mut stalls) = (0, 0);
+    let mut next_kill = kill_every.map(|d| started + d);
+    let mut stall_plan = stall.map(|d| (started + stall_at, d));
+    let mut victim = 0usize;
+    // A fault lasts until every follower holds what was written when it ended.
+    let recover = |shared: &Shared| {
+        if let Some(leader) = leader {
+            let position = leader.position();
+            leader.wait_for(position, durability, n, CONVERGE_TIMEOUT);
+        }
+        shared.in_fault.store(false, Ordering::Relaxed);
+    };
+    while !shared.stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = Instant::now();
+        if let Some(at) = next_kill {
+            if now >= at {
+                shared.in_fault.store(true, Ordering::Relaxed);
+                if let Ok(mut f) = followers.lock() {
+                    let i = victim % f.len();
+                    if let Err(e) = f[i].kill_and_restart() {
+                        eprintln!("loadgen: cannot restart {}: {e}", f[i].name);
+                    }
+                }
+                victim += 1;
+                kills += 1;
+                recover(shared);
+                next_kill = kill_every.map(|d| Instant::now() + d);
+            }
+        }
+        if let Some((at, how_long)) = stall_plan {
+            if now >= at {
+                shared.in_fault.store(true, Ordering::Relaxed);
+                if let Ok(f) = followers.lock() {
+                    f[0].signal(libc::SIGSTOP);
+                }
+                std::thread::sleep(how_long);
+                if let Ok(f) = followers.lock() {
+                    f[0].signal(libc::SIGCONT);
+                }
+                stalls += 1;
+                recover(shared);
+                stall_plan = None;
+            }
+        }
+    }
+    (kills, stalls)
+}

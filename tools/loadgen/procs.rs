@@ -1,0 +1,123 @@
+//! The `ferry` processes loadgen runs beside itself, and what they cost: CPU seconds and peak
+//! RSS read from /proc, summed over every incarnation of a follower that was killed and
+//! restarted.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// CPU seconds (user + system) and peak RSS in KiB of a live process, from /proc.
+pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after ')' and state.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())?;
+    Some(((utime + stime) / ticks, hwm_kib))
+}
+
+/// CPU seconds and peak RSS (KiB) of this process so far.
+pub fn self_usage() -> (f64, u64) {
+    // SAFETY: rusage is plain data and getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to our rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (
+        secs(usage.ru_utime) + secs(usage.ru_stime),
+        usage.ru_maxrss as u64,
+    )
+}
+
+pub struct Proc {
+    pub name: String,
+    pub dir: PathBuf,
+    args: Vec<OsString>,
+    child: Child,
+    /// CPU seconds of incarnations already gone.
+    cpu_s_past: f64,
+    rss_peak_kib: u64,
+    last: (f64, u64),
+}
+
+impl Proc {
+    pub fn spawn(name: String, dir: PathBuf, args: Vec<OsString>) -> io::Result<Proc> {
+        let child = Self::start(&args)?;
+        Ok(Proc {
+            name,
+            dir,
+            args,
+            child,
+            cpu_s_past: 0.0,
+            rss_peak_kib: 0,
+            last: (0.0, 0),
+        })
+    }
+
+    fn start(args: &[OsString]) -> io::Result<Child> {
+        let exe = std::env::var_os("FERRY_BIN")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let me = std::env::current_exe().ok()?;
+                Some(me.with_file_name("ferry"))
+            })
+            .ok_or_else(|| io::Error::other("cannot locate the ferry binary"))?;
+        Command::new(&exe)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", exe.display())))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Records the process's current usage (call now and then, and before it goes away).
+    pub fn sample(&mut self) {
+        if let Some(now) = proc_usage(self.pid()) {
+            self.last = now;
+            self.rss_peak_kib = self.rss_peak_kib.max(now.1);
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// SIGKILL, then a fresh incarnation with the same arguments.
+    pub fn kill_and_restart(&mut self) -> io::Result<()> {
+        self.sample();
+        self.cpu_s_past += self.last.0;
+        self.last = (0.0, 0);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::start(&self.args)?;
+        Ok(())
+    }
+
+    /// Total CPU seconds and peak RSS (KiB) over every incarnation.
+    pub fn usage(&self) -> (f64, u64) {
+        (self.cpu_s_past + self.last.0, self.rss_peak_kib)
+    }
+
+    pub fn stop(&mut self) {
+        self.sample();
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

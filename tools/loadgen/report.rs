@@ -1,0 +1,371 @@
+//! loadgen's results: the summary printed at the end, the `--json` file (stable field names,
+//! documented in the README) and the `--plot` SVG (throughput and per-follower lag over time).
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+
+/// One sample of the run, taken every `SAMPLE_INTERVAL`.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub t_s: f64,
+    pub mb_per_s: f64,
+    /// Per follower, bytes behind at the chosen durability (`None`: not connected / unknown).
+    pub lag_bytes: Vec<Option<u64>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub name: String,
+    pub cpu_s: f64,
+    pub rss_peak_kib: u64,
+}
+
+pub struct Report {
+    pub mode: String,
+    pub engine: String,
+    pub durability: String,
+    pub followers: usize,
+    pub writers: usize,
+    pub elapsed_s: f64,
+    pub messages: u64,
+    pub bytes: u64,
+    pub append_to_ack_us: Histogram<u64>,
+    pub append_to_ack_fault_us: Histogram<u64>,
+    pub append_call_ns: Histogram<u64>,
+    pub append_call_fault_ns: Histogram<u64>,
+    pub leader: Usage,
+    pub follower_usage: Vec<Usage>,
+    pub samples: Vec<Sample>,
+    pub kills: u64,
+    pub stalls: u64,
+    pub converged_s: Option<f64>,
+    pub checksums_match: bool,
+}
+
+pub fn histogram() -> Histogram<u64> {
+    match Histogram::new_with_bounds(1, 3_600_000_000_000, 3) {
+        Ok(h) => h,
+        Err(_) => unreachable!("constant bounds are valid"),
+    }
+}
+
+fn quantiles_json(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "null".into();
+    }
+    format!(
+        "{{\"count\": {}, \"p50\": {}, \"p99\": {}, \"p999\": {}, \"max\": {}}}",
+        h.len(),
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max()
+    )
+}
+
+fn quantiles_text(h: &Histogram<u64>, unit: &str) -> String {
+    if h.is_empty() {
+        return "no samples".into();
+    }
+    format!(
+        "p50 {} {unit}, p99 {} {unit}, p999 {} {unit}, max {} {unit} ({} samples)",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max(),
+        h.len()
+    )
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn usage_json(u: &Usage) -> String {
+    format!(
+        "{{\"name\": {}, \"cpu_s\": {:.3}, \"rss_peak_mib\": {:.1}}}",
+        json_str(&u.name),
+        u.cpu_s,
+        u.rss_peak_kib as f64 / 1024.0
+    )
+}
+
+impl Report {
+    pub fn messages_per_s(&self) -> f64 {
+        self.messages as f64 / self.elapsed_s.max(1e-9)
+    }
+
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed_s.max(1e-9)
+    }
+
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "loadgen: {} mode, {} engine, {} writer(s), {} follower(s) acking at {}",
+            self.mode, self.engine, self.writers, self.followers, self.durability
+        );
+        let _ = writeln!(
+            s,
+            "  {} messages, {:.1} MB in {:.2} s: {:.0} messages/s, {:.1} MB/s",
+            self.messages,
+            self.bytes as f64 / 1e6,
+            self.elapsed_s,
+            self.messages_per_s(),
+            self.mb_per_s()
+        );
+        let _ = writeln!(
+            s,
+            "  append() to acked by all: {}",
+            quantiles_text(&self.append_to_ack_us, "us")
+        );
+        let _ = writeln!(
+            s,
+            "  append() call: {}",
+            quantiles_text(&self.append_call_ns, "ns")
+        );
+        if self.kills + self.stalls > 0 {
+            let _ = writeln!(
+                s,
+                "  during faults ({} kills, {} stalls): append() to acked {}; append() call {}",
+                self.kills,
+                self.stalls,
+                quantiles_text(&self.append_to_ack_fault_us, "us"),
+                quantiles_text(&self.append_call_fault_ns, "ns")
+            );
+        }
+        for u in std::iter::once(&self.leader).chain(&self.follower_usage) {
+            let _ = writeln!(
+                s,
+                "  {}: {:.2} CPU s, peak RSS {:.1} MiB",
+                u.name,
+                u.cpu_s,
+                u.rss_peak_kib as f64 / 1024.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  followers identical to the leader: {}{}",
+            if self.checksums_match { "yes" } else { "NO" },
+            self.converged_s
+                .map(|t| format!(" ({t:.3} s after the writers stopped)"))
+                .unwrap_or_default()
+        );
+        s
+    }
+
+    pub fn json(&self) -> String {
+        let mut s = String::from("{\n");
+        let _ = writeln!(s, "  \"mode\": {},", json_str(&self.mode));
+        let _ = writeln!(s, "  \"engine\": {},", json_str(&self.engine));
+        let _ = writeln!(s, "  \"durability\": {},", json_str(&self.durability));
+        let _ = writeln!(s, "  \"writers\": {},", self.writers);
+        let _ = writeln!(s, "  \"followers\": {},", self.followers);
+        let _ = writeln!(s, "  \"elapsed_s\": {:.3},", self.elapsed_s);
+        let _ = writeln!(s, "  \"messages\": {},", self.messages);
+        let _ = writeln!(s, "  \"bytes\": {},", self.bytes);
+        let _ = writeln!(s, "  \"messages_per_s\": {:.1},", self.messages_per_s());
+        let _ = writeln!(s, "  \"mb_per_s\": {:.3},", self.mb_per_s());
+        let _ = writeln!(
+            s,
+            "  \"append_to_ack_us\": {},",
+            quantiles_json(&self.append_to_ack_us)
+        );
+        let _ = writeln!(
+            s,
+            "  \"append_to_ack_during_faults_us\": {},",
+            quantiles_json(&self.append_to_ack_fault_us)
+        );
+        let _ = writeln!(
+            s,
+            "  \"append_call_ns\": {},",
+            quantiles_json(&self.append_call_ns)
+        );
+        let _ = writeln!(
+            s,
+            "  \"append_call_during_faults_ns\": {},",
+            quantiles_json(&self.append_call_fault_ns)
+        );
+        let _ = writeln!(s, "  \"leader\": {},", usage_json(&self.leader));
+        let followers: Vec<String> = self.follower_usage.iter().map(usage_json).collect();
+        let _ = writeln!(s, "  \"follower_usage\": [{}],", followers.join(", "));
+        let _ = writeln!(s, "  \"kills\": {},", self.kills);
+        let _ = writeln!(s, "  \"stalls\": {},", self.stalls);
+        let samples: Vec<String> = self
+            .samples
+            .iter()
+            .map(|x| {
+                let lags: Vec<String> = x
+                    .lag_bytes
+                    .iter()
+                    .map(|l| l.map_or("null".into(), |v| v.to_string()))
+                    .collect();
+                format!(
+                    "{{\"t_s\": {:.2}, \"mb_per_s\": {:.3}, \"lag_bytes\": [{}]}}",
+                    x.t_s,
+                    x.mb_per_s,
+                    lags.join(", ")
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  \"samples\": [\n    {}\n  ],", samples.join(",\n    "));
+        let _ = writeln!(
+            s,
+            "  \"converged_s\": {},",
+            self.converged_s
+                .map_or("null".into(), |t| format!("{t:.3}"))
+        );
+        let _ = writeln!(s, "  \"checksums_match\": {}", self.checksums_match);
+        s.push_str("}\n");
+        s
+    }
+
+    /// Two panels over time: throughput, and each follower's lag.
+    pub fn svg(&self) -> String {
+        const W: f64 = 960.0;
+        const PANEL_H: f64 = 220.0;
+        const LEFT: f64 = 90.0;
+        const RIGHT: f64 = 20.0;
+        const TOP: f64 = 40.0;
+        const GAP: f64 = 70.0;
+        let colors = [
+            "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+        ];
+        let t_max = self.samples.last().map_or(1.0, |x| x.t_s).max(1e-3);
+        let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t / t_max;
+        let mut s = String::new();
+        let h_total = TOP + 2.0 * PANEL_H + GAP + 50.0;
+        let _ = writeln!(
+            s,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h_total}\" font-family=\"sans-serif\" font-size=\"12\">"
+        );
+        let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+        let _ = writeln!(
+            s,
+            "<text x=\"{LEFT}\" y=\"20\" font-size=\"15\">ferry loadgen: {} mode, {} followers at {}, {:.0} msg/s, {:.1} MB/s</text>",
+            self.mode,
+            self.followers,
+            self.durability,
+            self.messages_per_s(),
+            self.mb_per_s()
+        );
+        let panel = |s: &mut String, top: f64, title: &str, max: f64, unit: &str| {
+            let _ = writeln!(
+                s,
+                "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{}\" height=\"{PANEL_H}\" fill=\"none\" stroke=\"#999\"/>",
+                W - LEFT - RIGHT
+            );
+            let _ = writeln!(s, "<text x=\"{LEFT}\" y=\"{}\">{title}</text>", top - 6.0);
+            for i in 0..=4 {
+                let v = max * f64::from(i) / 4.0;
+                let y = top + PANEL_H - PANEL_H * f64::from(i) / 4.0;
+                let _ = writeln!(
+                    s,
+                    "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><line x1=\"{LEFT}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#eee\"/>",
+                    LEFT - 6.0,
+                    y + 4.0,
+                    human(v, unit),
+                    W - RIGHT
+                );
+            }
+        };
+        let mb_max = self.samples.iter().map(|x| x.mb_per_s).fold(1e-9, f64::max) * 1.1;
+        panel(&mut s, TOP, "throughput", mb_max, "MB/s");
+        let points: Vec<String> = self
+            .samples
+            .iter()
+            .map(|p| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(p.t_s),
+                    TOP + PANEL_H - PANEL_H * p.mb_per_s / mb_max
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"#333\" stroke-width=\"1.5\" points=\"{}\"/>",
+            points.join(" ")
+        );
+        let top2 = TOP + PANEL_H + GAP;
+        let lag_max = self
+            .samples
+            .iter()
+            .flat_map(|x| x.lag_bytes.iter().flatten())
+            .fold(1.0_f64, |m, &v| m.max(v as f64))
+            * 1.1;
+        panel(
+            &mut s,
+            top2,
+            &format!("lag at {} (bytes)", self.durability),
+            lag_max,
+            "B",
+        );
+        for f in 0..self.followers {
+            let color = colors[f % colors.len()];
+            let points: Vec<String> = self
+                .samples
+                .iter()
+                .filter_map(|p| {
+                    let v = (*p.lag_bytes.get(f)?)? as f64;
+                    Some(format!(
+                        "{:.1},{:.1}",
+                        x(p.t_s),
+                        top2 + PANEL_H - PANEL_H * v / lag_max
+                    ))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                points.join(" ")
+            );
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{}\" fill=\"{color}\">follower {}</text>",
+                W - RIGHT - 90.0,
+                top2 + 16.0 + 14.0 * f as f64,
+                f + 1
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seconds (0 to {t_max:.1})</text>",
+            (LEFT + W - RIGHT) / 2.0,
+            top2 + PANEL_H + 30.0
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn human(v: f64, unit: &str) -> String {
+    let (v, prefix) = if v >= 1e9 {
+        (v / 1e9, "G")
+    } else if v >= 1e6 {
+        (v / 1e6, "M")
+    } else if v >= 1e3 {
+        (v / 1e3, "k")
+    } else {
+        (v, "")
+    };
+    if unit == "B" {
+        format!("{v:.1} {prefix}B")
+    } else {
+        format!("{v:.1}")
+    }
+}
