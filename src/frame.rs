@@ -27,6 +27,8 @@ pub const FRAME_LEN_FIELD_BYTES: usize = 4;
 pub const KEEPALIVE_INTERVAL_MS: u64 = 500;
 /// A follower that hears nothing from its leader for this long drops the connection.
 pub const LEADER_SILENCE_TIMEOUT_MS: u64 = 5000;
+/// A connection must send its preamble and a valid AUTH within this, or the leader closes it.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 pub type Nonce = [u8; NONCE_BYTES];
 pub type Mac = [u8; MAC_BYTES];

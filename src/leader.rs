@@ -608,12 +608,14 @@ async fn drive(
     let mut files: HashMap<RelPath, (u64, File)> = HashMap::new();
     let mut eof = false;
     let mut published_at: Option<Instant> = None;
+    let connected_at = Instant::now();
     loop {
         // Everything the reader has, without waiting.
         while let Ok(chunk) = input_rx.try_recv() {
             eof |= take_chunk(chunk?, &mut input);
         }
         let now = Instant::now();
+        session.check_handshake_deadline(connected_at, now)?;
         let had_input = !input.is_empty();
         let (transmit, position) = {
             let mut hub = ctx.shared.lock();

@@ -194,3 +194,22 @@ fn a_frame_out_of_order_is_refused() {
     assert!(message.contains("out of order"), "{message}");
     assert_still_serving(&env, leader.addr);
 }
+
+#[test]
+fn an_idle_unauthenticated_connection_is_closed_after_the_handshake_timeout() {
+    let env = Env::new();
+    let leader = start_leader(&env, &env.dir("leader"), "fallback");
+    let mut s = TcpStream::connect(leader.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = std::time::Instant::now();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "closed too early"
+    );
+    let frames = frames_after(&mut s, all);
+    let (code, message) = last_error(&frames);
+    assert_eq!(code, ErrorCode::Limit);
+    assert!(message.contains("HANDSHAKE_TIMEOUT_MS"), "{message}");
+}

@@ -22,8 +22,8 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::frame::{
-    Digest, Durability, Frame, Nonce, Preamble, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES,
-    MAX_INVENTORY_FILES,
+    Digest, Durability, Frame, Nonce, Preamble, HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS,
+    MAX_DATA_BYTES, MAX_INVENTORY_FILES,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -456,6 +456,31 @@ impl LeaderSession {
             }
             return None;
         }
+    }
+
+    /// Ends a session that has not authenticated `HANDSHAKE_TIMEOUT_MS` after `connected_at`
+    /// (an ERROR naming the limit is queued). Only unauthenticated peers are timed: a follower
+    /// hashing a large inventory may take as long as it needs.
+    pub fn check_handshake_deadline(
+        &mut self,
+        connected_at: Instant,
+        now: Instant,
+    ) -> Result<(), SessionError> {
+        let handshaking = matches!(
+            self.phase,
+            LeaderPhase::AwaitPreamble | LeaderPhase::AwaitAuth
+        );
+        if handshaking
+            && now.saturating_duration_since(connected_at)
+                >= Duration::from_millis(HANDSHAKE_TIMEOUT_MS)
+        {
+            let err = SessionError::Limit(format!(
+                "no preamble and AUTH within HANDSHAKE_TIMEOUT_MS ({HANDSHAKE_TIMEOUT_MS} ms)"
+            ));
+            self.fail(&err);
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// When the shell must call `poll_transmit` again even without input or changes.

@@ -551,3 +551,27 @@ fn a_range_gone_before_sending_is_taken_back_and_the_rewrite_ships() {
     sim.assert_in_sync();
     assert_eq!(sim.marks_seen.len(), marks + 1);
 }
+
+#[test]
+fn a_connection_that_never_finishes_the_handshake_is_closed_naming_the_limit() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    let t0 = sim.now;
+    assert!(sim
+        .leader
+        .check_handshake_deadline(t0, t0 + Duration::from_millis(9_999))
+        .is_ok());
+    let err = sim
+        .leader
+        .check_handshake_deadline(t0, t0 + Duration::from_millis(10_000))
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Limit);
+    assert!(err.to_string().contains("HANDSHAKE_TIMEOUT_MS"), "{err}");
+    assert_eq!(sim.leader.phase(), LeaderPhase::Closed);
+    // A session past its handshake is not affected.
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    sim.run();
+    assert!(sim
+        .leader
+        .check_handshake_deadline(t0, t0 + Duration::from_secs(3600))
+        .is_ok());
+}
