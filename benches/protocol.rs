@@ -1,0 +1,119 @@
+//! The protocol core's costs, without I/O: encoding and decoding the frames on the hot path
+//! (DATA headers and ACKs), the lag tracker's updates, and building an index with digests.
+//!
+//! `cargo bench --bench protocol`
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ferry::frame::{Durability, Frame};
+use ferry::index::{scan, DigestCache};
+use ferry::lag::LagTracker;
+use ferry::paths::{DataDir, RelPath};
+
+fn frames(c: &mut Criterion) {
+    let path = RelPath::new("queues/q1/segments/00000042.seg").expect("a valid path");
+    let data = Frame::Data {
+        temp: false,
+        offset: 123_456_789,
+        data_len: 1024,
+        path,
+    };
+    let ack = Frame::Ack {
+        received: 1 << 40,
+        written: 1 << 40,
+        synced: 1 << 39,
+    };
+    let mut group = c.benchmark_group("frame");
+    group.throughput(Throughput::Elements(1));
+    let mut out = Vec::with_capacity(256);
+    group.bench_function("encode_data_header", |b| {
+        b.iter(|| {
+            out.clear();
+            data.encode(&mut out);
+            out.len()
+        })
+    });
+    let mut encoded = Vec::new();
+    data.encode(&mut encoded);
+    group.bench_function("decode_data_header", |b| {
+        b.iter(|| Frame::decode(&encoded).expect("valid").map(|(_, n)| n))
+    });
+    let mut acks = Vec::new();
+    ack.encode(&mut acks);
+    group.bench_function("decode_ack", |b| {
+        b.iter(|| Frame::decode(&acks).expect("valid").map(|(_, n)| n))
+    });
+    group.finish();
+}
+
+fn lag(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lag_tracker");
+    group.throughput(Throughput::Elements(1));
+    let mut tracker = LagTracker::new(Duration::from_secs(1));
+    tracker.set_durability(Durability::Synced);
+    let t0 = Instant::now();
+    let mut position = 0u64;
+    group.bench_function("mark_then_ack", |b| {
+        b.iter(|| {
+            position += 1024;
+            let at = t0 + Duration::from_nanos(position);
+            tracker.on_mark_sent(position, false, at);
+            tracker.on_ack([position; 3], at + Duration::from_micros(300));
+        })
+    });
+    group.bench_function("snapshot", |b| {
+        b.iter(|| {
+            tracker
+                .snapshot(position, t0 + Duration::from_secs(1))
+                .lag_bytes
+        })
+    });
+    group.finish();
+}
+
+fn index(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = DataDir::open(tmp.path()).expect("data dir");
+    let files = 64usize;
+    let file_bytes = 1024 * 1024;
+    for i in 0..files {
+        let path = tmp.path().join(format!("q{}/seg{i}", i % 8));
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, vec![i as u8; file_bytes]).expect("write");
+    }
+    let mut group = c.benchmark_group("index_64_files_of_1MiB");
+    group.sample_size(20);
+    group.throughput(Throughput::Bytes((files * file_bytes) as u64));
+    group.bench_function("scan_and_hash_cold", |b| {
+        b.iter_batched(
+            DigestCache::default,
+            |mut cache| {
+                for meta in scan(&dir).expect("scan") {
+                    cache
+                        .digest_prefix(&dir, &meta, meta.len_bytes)
+                        .expect("digest");
+                }
+                cache.hashed_bytes()
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    let mut warm = DigestCache::default();
+    for meta in scan(&dir).expect("scan") {
+        warm.digest_prefix(&dir, &meta, meta.len_bytes)
+            .expect("digest");
+    }
+    group.bench_function("scan_and_hash_cached", |b| {
+        b.iter(|| {
+            for meta in scan(&dir).expect("scan") {
+                warm.digest_prefix(&dir, &meta, meta.len_bytes)
+                    .expect("digest");
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(protocol, frames, lag, index);
+criterion_main!(protocol);
