@@ -49,7 +49,8 @@ pub struct FileMeta {
     pub mtime_ns: i64,
 }
 
-fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+/// A file's mtime in nanoseconds since the epoch, as the digest cache and the watcher compare it.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(meta.mtime_nsec())

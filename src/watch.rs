@@ -31,6 +31,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
+use crate::index::mtime_ns;
 use crate::paths::{RelPath, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
@@ -78,12 +79,6 @@ struct State {
     dirs: HashMap<i32, String>,
     files: HashMap<RelPath, Seen>,
     sink: Sink,
-}
-
-fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
-    meta.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(meta.mtime_nsec())
 }
 
 fn join(dir: &str, name: &str) -> String {
