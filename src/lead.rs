@@ -23,6 +23,7 @@ pub fn run(
     secret: Secret,
     engine: Option<EngineKind>,
     ack_timeout_ms: u64,
+    http: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let signals = block_termination_signals()?;
     let dir = DataDir::open(&data_dir)
@@ -45,6 +46,22 @@ pub fn run(
         config,
         files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
     )?);
+    let _http = match http {
+        Some(addr) => {
+            let leader = leader.clone();
+            let server = ferry::http::HttpServer::start(
+                addr,
+                Arc::new(move || ferry::status::Status::Leader {
+                    engine: leader.engine().name().to_string(),
+                    position: leader.position(),
+                    followers: leader.followers().iter().map(Into::into).collect(),
+                }),
+            )?;
+            tracing::info!("metrics on http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     // The line tests and scripts wait for; it carries the actual port when ADDR had port 0.
     tracing::info!("listening on {}", leader.local_addr());
     let sink = {
@@ -77,6 +94,7 @@ pub fn run(
         log_state_changes(&leader, &mut states);
     }
     watcher.stop();
+    drop(_http);
     if let Ok(leader) = Arc::try_unwrap(leader) {
         leader.shutdown();
     }

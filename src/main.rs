@@ -5,6 +5,7 @@
 
 mod demo;
 mod lead;
+mod status_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,9 @@ enum Command {
         /// A follower that has not acked a MARK for this long is reported as lagging.
         #[arg(long, value_name = "MS", default_value_t = ferry::lag::ACK_TIMEOUT_MS_DEFAULT)]
         ack_timeout_ms: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
     },
     /// Keep DIR a byte-identical copy of the leader's data directory.
     Follow {
@@ -78,6 +82,20 @@ enum Command {
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
         #[arg(long, value_name = "uring|fallback")]
         io_engine: Option<EngineKind>,
+        /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+    },
+    /// Show a leader's followers (or a follower's own state), from its --http endpoint.
+    Status {
+        /// The node's --http address, e.g. http://127.0.0.1:9100 or 127.0.0.1:9100.
+        url: String,
+        /// Print the node's /status JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh the table in place every second until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Print `<sha1>  <path>` for every replicated file in DIR, sorted, so replicas compare with diff.
     Checksum {
@@ -145,9 +163,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret,
             io_engine,
             ack_timeout_ms,
+            http,
         } => {
             let secret = read_secret(&secret)?;
-            lead::run(data_dir, listen, secret, io_engine, ack_timeout_ms)?;
+            lead::run(data_dir, listen, secret, io_engine, ack_timeout_ms, http)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Follow {
@@ -157,8 +176,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             durability,
             once,
             io_engine,
+            http,
         } => {
             let secret = read_secret(&secret)?;
+            let status = std::sync::Arc::new(std::sync::Mutex::new(ferry::status::FollowerSelf {
+                leader: leader.clone(),
+                durability: durability.name().to_string(),
+                ..Default::default()
+            }));
+            let _http = match http {
+                Some(addr) => {
+                    let engine_name = match io_engine {
+                        Some(e) => e.name().to_string(),
+                        None if ferry::engine::uring_unavailable().is_none() => "uring".into(),
+                        None => "fallback".into(),
+                    };
+                    let status = status.clone();
+                    let server = ferry::http::HttpServer::start(
+                        addr,
+                        std::sync::Arc::new(move || ferry::status::Status::Follower {
+                            engine: engine_name.clone(),
+                            me: status.lock().map(|s| s.clone()).unwrap_or_default(),
+                        }),
+                    )?;
+                    tracing::info!("metrics on http://{}/metrics", server.local_addr());
+                    Some(server)
+                }
+                None => None,
+            };
             let config = ferry::follower::FollowConfig {
                 data_dir,
                 leader,
@@ -166,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 durability,
                 once,
                 engine: io_engine,
+                status,
             };
             let report = ferry::follower::run(config)?;
             if once {
@@ -188,6 +234,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             use std::io::Write;
             std::io::stdout().write_all(out.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { url, json, watch } => {
+            status_cli::run(&url, json, watch)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { seconds, io_engine } => demo::run(seconds, io_engine),

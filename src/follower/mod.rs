@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
@@ -30,6 +30,7 @@ use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
 use crate::session::follower::{FollowerAction, FollowerSession, HaveEntry};
 use crate::session::SessionError;
+use crate::status::FollowerSelf;
 use apply::{disk_error, Apply};
 
 /// Bytes read from the leader's socket per read (frames, and payload that came along).
@@ -47,6 +48,8 @@ pub struct FollowConfig {
     /// Exit once the data dir matches the leader's index as of the connection.
     pub once: bool,
     pub engine: Option<EngineKind>,
+    /// What this follower reports about itself (for `--http`); the driver keeps it current.
+    pub status: Arc<Mutex<FollowerSelf>>,
 }
 
 /// What one connection achieved.
@@ -117,6 +120,10 @@ async fn follow_loop(
     loop {
         let started = Instant::now();
         let result = follow_once(kind, &config, &dir, &cache).await;
+        if let Ok(mut st) = config.status.lock() {
+            st.connected = false;
+            st.last_error = result.as_ref().err().map(|e| e.to_string());
+        }
         match result {
             Ok(report) if config.once => return Ok(report),
             Err(e @ FollowError::Refused(_)) => return Err(e),
@@ -157,6 +164,13 @@ async fn follow_once(
         )
     })?);
     tracing::info!("connected to the leader at {addr}");
+    if let Ok(mut st) = config.status.lock() {
+        st.connected = true;
+        st.connects += 1;
+        st.last_error = None;
+        st.sync_done = false;
+        st.watermarks = [0; 3];
+    }
     let session = Rc::new(RefCell::new(FollowerSession::new(
         config.secret.clone(),
         random_nonce()?,
@@ -243,6 +257,11 @@ impl Ctx<'_> {
             }
             self.session.borrow_mut().poll_ack();
             self.send_output();
+            if let Ok(mut st) = self.config.status.lock() {
+                let session = self.session.borrow();
+                st.watermarks = session.watermarks();
+                st.sync_done = session.sync_done_position().is_some();
+            }
             if self.config.once && self.session.borrow().sync_done_durable() {
                 self.report.sync_elapsed = Some(self.started.elapsed());
                 return Ok(self.report.clone());
@@ -320,6 +339,9 @@ impl Ctx<'_> {
                             })?;
                     }
                     self.report.payload_bytes += len_bytes;
+                    if let Ok(mut st) = self.config.status.lock() {
+                        st.payload_bytes_received += len_bytes;
+                    }
                 }
                 FollowerAction::Mark {
                     sync_done,

@@ -44,7 +44,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
         let mut child = cmd
             .stderr(Stdio::piped())
             .stdout(Stdio::piped())

@@ -1,0 +1,94 @@
+//! The operator's view of a running leader and follower: `--http` endpoints and `ferry status`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry::status::parse_prometheus;
+
+fn http_addr(proc: &Proc) -> String {
+    let line = proc.wait_log("metrics on http://", Duration::from_secs(20));
+    let rest = line.rsplit("http://").next().unwrap();
+    rest.trim().trim_end_matches("/metrics").to_string()
+}
+
+/// Polls `ferry status ADDR` until its output contains every needle.
+fn status_until(addr: &str, args: &[&str], needles: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ferry().arg("status").args(args).arg(addr).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && needles.iter().all(|n| text.contains(n)) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`ferry status {args:?} {addr}` never showed {needles:?}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn leader_and_follower_report_metrics_status_and_a_table() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(100_000, 1));
+    let mut cmd = ferry();
+    cmd.args([
+        "lead",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(&ld)
+    .arg("--secret-file")
+    .arg(&env.secret_file);
+    let leader = Proc::spawn(cmd);
+    let leader_http = http_addr(&leader);
+    let line = leader.wait_log("listening on ", Duration::from_secs(20));
+    let addr = line
+        .rsplit("listening on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut cmd = follow_cmd(&env, &fd, addr, "uring");
+    cmd.args(["--durability", "written", "--http", "127.0.0.1:0"]);
+    let follower = Proc::spawn(cmd);
+    let follower_http = http_addr(&follower);
+
+    // The table a broker operator reads.
+    let table = status_until(&leader_http, &[], &["streaming", "written", "100.0 kB"]);
+    assert!(
+        table.contains("ADDRESS") && table.contains("P99 ACK"),
+        "{table}"
+    );
+    // The same facts as JSON and as Prometheus text.
+    let json = status_until(&leader_http, &["--json"], &["\"state\": \"streaming\""]);
+    assert!(json.contains("\"payload_bytes_sent\": 100000"), "{json}");
+    let metrics = ferry::http::get(&leader_http, "/metrics").unwrap();
+    let samples = parse_prometheus(&metrics);
+    let lag = samples
+        .iter()
+        .find(|s| s.name == "ferry_follower_lag_bytes" && s.label("level") == Some("written"))
+        .unwrap_or_else(|| panic!("no lag in\n{metrics}"));
+    assert_eq!(lag.value, 0.0);
+    assert!(samples
+        .iter()
+        .any(|s| s.name == "ferry_info" && s.label("engine").is_some()));
+
+    // The follower's own view.
+    let mine = status_until(
+        &follower_http,
+        &[],
+        &["connected: yes", "initial sync done: yes"],
+    );
+    assert!(mine.contains("written: position 100000"), "{mine}");
+    assert!(ferry::http::get(&follower_http, "/nope").is_err());
+}
