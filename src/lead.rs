@@ -85,13 +85,35 @@ pub fn run(
     };
     let watcher = Watcher::start(&data_dir, known, sink)
         .with_context(|| format!("cannot watch {} with inotify", data_dir.display()))?;
+    let notifier = ferry::notify::Notifier::from_env();
+    notifier.ready(&format!(
+        "leading {} on {}",
+        data_dir.display(),
+        leader.local_addr()
+    ));
     let mut states: HashMap<u64, FollowerState> = HashMap::new();
+    let tick = notifier
+        .watchdog_interval()
+        .map_or(Duration::from_millis(500), |w| {
+            w.min(Duration::from_millis(500))
+        });
     loop {
-        if let Some(signal) = wait_signal(&signals, Duration::from_millis(500)) {
+        if let Some(signal) = wait_signal(&signals, tick) {
             tracing::info!("signal {signal}: shutting down");
+            notifier.status("shutting down");
             break;
         }
         log_state_changes(&leader, &mut states);
+        notifier.watchdog();
+        let lagging = states
+            .values()
+            .filter(|s| **s == FollowerState::Lagging)
+            .count();
+        let connected = states
+            .values()
+            .filter(|s| **s != FollowerState::Disconnected)
+            .count();
+        notifier.status(&format!("{connected} followers, {lagging} lagging"));
     }
     watcher.stop();
     drop(_http);

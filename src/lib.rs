@@ -13,6 +13,7 @@ pub mod http;
 pub mod index;
 pub mod lag;
 pub mod leader;
+pub mod notify;
 pub mod paths;
 pub mod session;
 pub mod status;

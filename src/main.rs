@@ -3,6 +3,7 @@
 //! Each subcommand is a thin layer over the library: it parses flags, reads the secret, sets up
 //! logging, and maps errors to one clear message and a non-zero exit.
 
+mod config;
 mod demo;
 mod lead;
 mod status_cli;
@@ -30,14 +31,19 @@ use ferry::frame::Durability;
         Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 struct Cli {
+    /// Read settings from this TOML file (`key = value`, `[lead]`/`[follow]` sections); flags
+    /// and FERRY_* environment variables win over it. FERRY_CONFIG may name it instead.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(clap::Args, Clone)]
 struct SecretArgs {
-    /// File holding the shared secret (trailing newline ignored). FERRY_SECRET may be used instead.
-    #[arg(long, value_name = "FILE")]
+    /// File holding the shared secret (trailing newline ignored). FERRY_SECRET may hold the
+    /// secret itself instead.
+    #[arg(long, value_name = "FILE", env = "FERRY_SECRET_FILE")]
     secret_file: Option<PathBuf>,
 }
 
@@ -46,44 +52,49 @@ enum Command {
     /// Serve DIR to followers, replicating every change made to it (inotify; see README for mmap).
     Lead {
         /// The data directory to replicate.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
         data_dir: PathBuf,
         /// Address to listen on for followers, e.g. 0.0.0.0:7070.
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", env = "FERRY_LISTEN")]
         listen: std::net::SocketAddr,
         #[command(flatten)]
         secret: SecretArgs,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
-        #[arg(long, value_name = "uring|fallback")]
+        #[arg(long, value_name = "uring|fallback", env = "FERRY_IO_ENGINE")]
         io_engine: Option<EngineKind>,
         /// A follower that has not acked a MARK for this long is reported as lagging.
-        #[arg(long, value_name = "MS", default_value_t = ferry::lag::ACK_TIMEOUT_MS_DEFAULT)]
+        #[arg(long, value_name = "MS", default_value_t = ferry::lag::ACK_TIMEOUT_MS_DEFAULT, env = "FERRY_ACK_TIMEOUT_MS")]
         ack_timeout_ms: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
         http: Option<std::net::SocketAddr>,
     },
     /// Keep DIR a byte-identical copy of the leader's data directory.
     Follow {
         /// Where the copy lives. Files the leader lacks are removed (never DIR/.ferry/).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
         data_dir: PathBuf,
         /// The leader's address, host:port.
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", env = "FERRY_LEADER")]
         leader: String,
         #[command(flatten)]
         secret: SecretArgs,
         /// What must hold before this follower acks: received, written (page cache) or synced (syncfs).
-        #[arg(long, value_name = "LEVEL", default_value = "synced")]
+        #[arg(
+            long,
+            value_name = "LEVEL",
+            default_value = "synced",
+            env = "FERRY_DURABILITY"
+        )]
         durability: Durability,
         /// Exit 0 once DIR matches the leader's index as of the connection (a one-shot sync).
-        #[arg(long)]
+        #[arg(long, env = "FERRY_ONCE")]
         once: bool,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
-        #[arg(long, value_name = "uring|fallback")]
+        #[arg(long, value_name = "uring|fallback", env = "FERRY_IO_ENGINE")]
         io_engine: Option<EngineKind>,
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
         http: Option<std::net::SocketAddr>,
     },
     /// Show a leader's followers (or a follower's own state), from its --http endpoint.
@@ -109,7 +120,7 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 10)]
         seconds: u64,
         /// I/O engine for the leader and followers.
-        #[arg(long, value_name = "uring|fallback")]
+        #[arg(long, value_name = "uring|fallback", env = "FERRY_IO_ENGINE")]
         io_engine: Option<EngineKind>,
     },
 }
@@ -132,6 +143,33 @@ fn read_secret(args: &SecretArgs) -> anyhow::Result<Secret> {
     Secret::new(bytes).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Tells systemd (when it runs us) that the follower is ready once its first sync is applied,
+/// and keeps its watchdog fed while the follower's state can be read.
+fn spawn_follower_notifier(status: std::sync::Arc<std::sync::Mutex<ferry::status::FollowerSelf>>) {
+    let notifier = ferry::notify::Notifier::from_env();
+    let tick = notifier
+        .watchdog_interval()
+        .map_or(std::time::Duration::from_millis(500), |w| {
+            w.min(std::time::Duration::from_millis(500))
+        });
+    let _ = std::thread::Builder::new()
+        .name("ferry-notify".into())
+        .spawn(move || {
+            let mut ready = false;
+            loop {
+                let Ok(me) = status.lock().map(|s| s.clone()) else {
+                    return;
+                };
+                if !ready && me.sync_done {
+                    ready = true;
+                    notifier.ready(&format!("in sync with {}", me.leader));
+                }
+                notifier.watchdog();
+                std::thread::sleep(tick);
+            }
+        });
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -144,7 +182,26 @@ fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = <Cli as clap::CommandFactory>::command();
+    let known = |sub: &str| -> Vec<String> {
+        command
+            .find_subcommand(sub)
+            .map(|c| {
+                c.get_arguments()
+                    .filter_map(|a| a.get_long().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let args = match config::apply(args, &["lead", "follow"], known) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     init_logging();
     match run(cli) {
         Ok(code) => code,
@@ -204,6 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
+            spawn_follower_notifier(status.clone());
             let config = ferry::follower::FollowConfig {
                 data_dir,
                 leader,

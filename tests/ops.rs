@@ -92,3 +92,84 @@ fn leader_and_follower_report_metrics_status_and_a_table() {
     assert!(mine.contains("written: position 100000"), "{mine}");
     assert!(ferry::http::get(&follower_http, "/nope").is_err());
 }
+
+#[test]
+fn under_systemd_the_leader_reports_ready_and_feeds_the_watchdog() {
+    let env = Env::new();
+    let socket_path = env.tmp.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut cmd = ferry();
+    cmd.args(["lead", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(env.dir("leader"))
+        .arg("--secret-file")
+        .arg(&env.secret_file)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000");
+    let _leader = Proc::spawn(cmd);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        let n = socket.recv(&mut buf).expect("a notification within 20 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(ready.contains("STATUS=leading"), "{ready}");
+}
+
+#[test]
+fn settings_come_from_flags_then_environment_then_the_config_file() {
+    let env = Env::new();
+    let (ld, fd, other) = (env.dir("leader"), env.dir("follower"), env.dir("other"));
+    write(&ld.join("seg"), b"from the config file");
+    let leader = start_leader(&env, &ld, "fallback");
+    let config = env.tmp.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# a follower's settings\nsecret_file = \"{}\"\n[follow]\ndata_dir = \"{}\"\nleader = \"{}\"\nonce = true\ndurability = \"written\"\n",
+            env.secret_file.display(),
+            other.display(),
+            leader.addr
+        ),
+    )
+    .unwrap();
+    // The file gives everything but the data dir, which the environment overrides.
+    let mut cmd = ferry();
+    cmd.arg("follow")
+        .arg("--config")
+        .arg(&config)
+        .env("FERRY_DATA_DIR", &fd);
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(checksum(&ld), checksum(&fd));
+    assert_eq!(checksum(&other), "", "the environment won over the file");
+    // A flag wins over both.
+    let flagged = env.dir("flagged");
+    let mut cmd = ferry();
+    cmd.args(["follow", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&flagged)
+        .env("FERRY_DATA_DIR", &fd);
+    assert!(run_bounded(cmd, Duration::from_secs(60)).status.success());
+    assert_eq!(checksum(&ld), checksum(&flagged));
+    // An unknown key is refused, naming it.
+    std::fs::write(&config, "listen_adress = \"127.0.0.1:1\"\n").unwrap();
+    let out = ferry()
+        .args(["lead", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown key `listen-adress`"), "{stderr}");
+}
