@@ -10,6 +10,7 @@
 //! while one runs, later marks accumulate and the next syncfs covers them all.
 
 pub mod apply;
+mod progress;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -195,6 +196,7 @@ async fn follow_once(
         cache,
         apply: Apply::new(dir.clone()),
         receiver: Receiver::new(kind),
+        progress: None,
         report: SyncReport::default(),
         started: Instant::now(),
     };
@@ -224,6 +226,7 @@ struct Ctx<'a> {
     cache: &'a Rc<RefCell<Option<DigestCache>>>,
     apply: Apply,
     receiver: Receiver,
+    progress: Option<progress::Progress>,
     report: SyncReport,
     started: Instant,
 }
@@ -303,7 +306,17 @@ impl Ctx<'_> {
             match action {
                 FollowerAction::Inventory { index } => {
                     self.report.index_files = index.len();
+                    let cuts: Vec<(RelPath, u64)> = index.clone();
                     let haves = self.inventory(index).await?;
+                    let held: HashMap<&RelPath, u64> =
+                        haves.iter().map(|h| (&h.path, h.len_bytes)).collect();
+                    let expected: u64 = cuts
+                        .iter()
+                        .map(|(p, cut)| {
+                            cut.saturating_sub(held.get(p).copied().unwrap_or(0).min(*cut))
+                        })
+                        .sum();
+                    self.progress = Some(progress::Progress::new(cuts.len(), expected));
                     self.session.borrow_mut().inventory(haves);
                     self.send_output();
                 }
@@ -339,6 +352,9 @@ impl Ctx<'_> {
                             })?;
                     }
                     self.report.payload_bytes += len_bytes;
+                    if let Some(p) = &mut self.progress {
+                        p.on_bytes(len_bytes);
+                    }
                     if let Ok(mut st) = self.config.status.lock() {
                         st.payload_bytes_received += len_bytes;
                     }
@@ -350,6 +366,9 @@ impl Ctx<'_> {
                     self.flush_writes().await?;
                     self.session.borrow_mut().written(position);
                     if sync_done {
+                        if let Some(mut p) = self.progress.take() {
+                            p.finish();
+                        }
                         tracing::info!(
                             "initial sync received: {} files in the index, {} payload bytes in {:.2} s (position {position})",
                             self.report.index_files,
