@@ -75,6 +75,10 @@ pub struct FollowerInfo {
     pub peer: SocketAddr,
     pub lag: LagSnapshot,
     pub payload_bytes_sent: u64,
+    /// Whole-file transfers committed on this connection.
+    pub files_sent: u64,
+    /// While its initial sync runs: (payload bytes sent for it, bytes planned).
+    pub sync_bytes: Option<(u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +100,8 @@ struct Slot {
     lag: Option<LagSnapshot>,
     view: Option<LagView>,
     payload_bytes_sent: u64,
+    files_sent: u64,
+    sync_bytes: Option<(u64, u64)>,
     disconnected_at: Option<Instant>,
 }
 
@@ -298,6 +304,8 @@ impl Leader {
                     peer: slot.peer,
                     lag,
                     payload_bytes_sent: slot.payload_bytes_sent,
+                    files_sent: slot.files_sent,
+                    sync_bytes: slot.sync_bytes,
                 })
             })
             .collect();
@@ -502,6 +510,8 @@ impl ConnCtx {
                 lag: None,
                 view: None,
                 payload_bytes_sent: 0,
+                files_sent: 0,
+                sync_bytes: None,
                 disconnected_at: None,
             },
         );
@@ -609,6 +619,7 @@ async fn drive(
     let mut eof = false;
     let mut published_at: Option<Instant> = None;
     let connected_at = Instant::now();
+    let mut sync_started: Option<Instant> = None;
     loop {
         // Everything the reader has, without waiting.
         while let Ok(chunk) = input_rx.try_recv() {
@@ -651,7 +662,20 @@ async fn drive(
         if let Some(requests) = session.digest_requests() {
             let results = hash_prefixes(ctx, requests).await;
             session.digests_ready(results);
+            if let Some((_, planned)) = session.sync_progress() {
+                tracing::info!("follower #{id}: initial sync started, {planned} bytes to send");
+            }
+            sync_started = Some(Instant::now());
             continue;
+        }
+        if let (Some(at), true) = (sync_started, session.sync_done_sent()) {
+            sync_started = None;
+            tracing::info!(
+                "follower #{id}: initial sync sent: {} payload bytes, {} whole files, in {:.2} s",
+                session.bytes_payload_total(),
+                session.files_whole_total(),
+                at.elapsed().as_secs_f64()
+            );
         }
         match transmit {
             Some(Transmit::OpenWhole { path, generation }) => {
@@ -765,6 +789,8 @@ fn publish(ctx: &ConnCtx, id: u64, session: &LeaderSession, position: u64, now: 
             slot.view = Some(view);
         }
         slot.payload_bytes_sent = session.bytes_payload_total();
+        slot.files_sent = session.files_whole_total();
+        slot.sync_bytes = session.sync_progress();
     }
     drop(hub);
     ctx.shared.acked.notify_all();

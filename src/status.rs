@@ -21,6 +21,9 @@ pub struct FollowerRow {
     pub since_last_ack_ms: Option<u64>,
     pub ack_latency_us: [u64; 3],
     pub payload_bytes_sent: u64,
+    pub files_sent: u64,
+    /// While its initial sync runs: (bytes sent for it, bytes planned).
+    pub sync_bytes: Option<(u64, u64)>,
 }
 
 impl From<&FollowerInfo> for FollowerRow {
@@ -39,6 +42,8 @@ impl From<&FollowerInfo> for FollowerRow {
                 f.lag.ack_latency_p999_us,
             ],
             payload_bytes_sent: f.payload_bytes_sent,
+            files_sent: f.files_sent,
+            sync_bytes: f.sync_bytes,
         }
     }
 }
@@ -202,6 +207,15 @@ impl Status {
                                     );
                                 }
                             }
+                            "ferry_follower_files_sent_total" => {
+                                let _ = writeln!(s, "{name}{{{l}}} {}", f.files_sent);
+                            }
+                            "ferry_follower_sync_bytes" => {
+                                if let Some((sent, planned)) = f.sync_bytes {
+                                    let _ = writeln!(s, "{name}{{{l},kind=\"sent\"}} {sent}");
+                                    let _ = writeln!(s, "{name}{{{l},kind=\"planned\"}} {planned}");
+                                }
+                            }
                             _ => {
                                 let _ = writeln!(s, "{name}{{{l}}} {}", f.payload_bytes_sent);
                             }
@@ -296,7 +310,7 @@ impl Status {
 
 pub fn follower_json(f: &FollowerRow) -> String {
     format!(
-        "{{\"id\": {}, \"peer\": {}, \"state\": {}, \"durability\": {}, \"acked\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"lag_bytes\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"last_ack_ms_ago\": {}, \"ack_latency_us\": {{\"p50\": {}, \"p99\": {}, \"p999\": {}}}, \"payload_bytes_sent\": {}}}",
+        "{{\"id\": {}, \"peer\": {}, \"state\": {}, \"durability\": {}, \"acked\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"lag_bytes\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"last_ack_ms_ago\": {}, \"ack_latency_us\": {{\"p50\": {}, \"p99\": {}, \"p999\": {}}}, \"payload_bytes_sent\": {}, \"files_sent\": {}, \"sync_bytes\": {}}}",
         f.id,
         json_str(&f.peer),
         json_str(&f.state),
@@ -311,7 +325,11 @@ pub fn follower_json(f: &FollowerRow) -> String {
         f.ack_latency_us[0],
         f.ack_latency_us[1],
         f.ack_latency_us[2],
-        f.payload_bytes_sent
+        f.payload_bytes_sent,
+        f.files_sent,
+        f.sync_bytes.map_or("null".into(), |(sent, planned)| format!(
+            "{{\"sent\": {sent}, \"planned\": {planned}}}"
+        ))
     )
 }
 
@@ -405,6 +423,8 @@ mod tests {
                 since_last_ack_ms: Some(1500),
                 ack_latency_us: [100, 2000, 9000],
                 payload_bytes_sent: 12345,
+                files_sent: 2,
+                sync_bytes: Some((10, 100)),
             }],
         }
     }

@@ -97,6 +97,7 @@ pub fn table(samples: &[Sample]) -> String {
         last_ack: Option<f64>,
         p99: Option<f64>,
         sent: f64,
+        sync: [Option<f64>; 2],
     }
     let mut rows: BTreeMap<u64, Row> = BTreeMap::new();
     for s in samples {
@@ -120,6 +121,11 @@ pub fn table(samples: &[Sample]) -> String {
                 row.p99 = Some(s.value)
             }
             "ferry_follower_payload_bytes_sent_total" => row.sent = s.value,
+            "ferry_follower_sync_bytes" => match s.label("kind") {
+                Some("sent") => row.sync[0] = Some(s.value),
+                Some("planned") => row.sync[1] = Some(s.value),
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -130,12 +136,18 @@ pub fn table(samples: &[Sample]) -> String {
     );
     for (id, r) in &rows {
         let level = LEVELS.iter().position(|l| *l == r.durability).unwrap_or(0);
+        let state = match r.sync {
+            [Some(sent), Some(planned)] if planned > 0.0 => {
+                format!("{} {:.0}%", r.state, (100.0 * sent / planned).min(99.0))
+            }
+            _ => r.state.clone(),
+        };
         let _ = writeln!(
             out,
             "{:>4}  {:<21}  {:<12}  {:<10}  {:>12}  {:>10}  {:>10}  {:>10}",
             id,
             r.peer,
-            r.state,
+            state,
             r.durability,
             bytes(r.lag[level]),
             r.last_ack

@@ -118,6 +118,11 @@ pub struct LeaderSession {
     mark_last: Option<(u64, Instant)>,
     lag: LagTracker,
     bytes_payload_total: u64,
+    /// Whole-file transfers committed.
+    files_whole_total: u64,
+    /// The initial sync's payload, as planned when the inventory was compared: (bytes
+    /// already sent when it started, bytes it plans to send).
+    sync_plan: Option<(u64, u64)>,
     /// Where the last DATA header starts in `out`, so `payload_unavailable` can take it back.
     data_header_at: usize,
     /// The payload bytes of that DATA frame.
@@ -148,6 +153,8 @@ impl LeaderSession {
             mark_last: None,
             lag: LagTracker::new(ack_timeout),
             bytes_payload_total: 0,
+            files_whole_total: 0,
+            sync_plan: None,
             data_header_at: 0,
             data_last_bytes: 0,
         }
@@ -164,6 +171,26 @@ impl LeaderSession {
     /// Payload bytes this session has asked the shell to send.
     pub fn bytes_payload_total(&self) -> u64 {
         self.bytes_payload_total
+    }
+
+    /// Whole-file transfers committed on this connection.
+    pub fn files_whole_total(&self) -> u64 {
+        self.files_whole_total
+    }
+
+    /// While the initial sync runs: (payload bytes sent for it, bytes planned). `None` before
+    /// the inventory was compared and once the sync's MARK is sent.
+    pub fn sync_progress(&self) -> Option<(u64, u64)> {
+        if self.sync_done_sent {
+            return None;
+        }
+        let (start, planned) = self.sync_plan?;
+        Some((self.bytes_payload_total - start, planned))
+    }
+
+    /// The MARK that ends the initial sync has been sent.
+    pub fn sync_done_sent(&self) -> bool {
+        self.sync_done_sent
     }
 
     /// The bytes to send, in order; the buffer is left empty.
@@ -387,6 +414,14 @@ impl LeaderSession {
         }
         let mut paths: Vec<RelPath> = self.index.keys().cloned().collect();
         paths.sort();
+        let planned_bytes: u64 = paths
+            .iter()
+            .map(|p| {
+                let cut = self.index.get(p).map_or(0, |e| e.len_bytes);
+                cut - self.sent.get(p).map_or(0, |s| s.len_bytes.min(cut))
+            })
+            .sum();
+        self.sync_plan = Some((self.bytes_payload_total, planned_bytes));
         for path in paths {
             self.note_changed(path);
         }
@@ -562,6 +597,7 @@ impl LeaderSession {
             } => {
                 if offset == len_bytes {
                     Frame::CommitWhole { path: path.clone() }.encode(&mut self.out);
+                    self.files_whole_total += 1;
                     self.sent.insert(
                         path,
                         Sent {

@@ -308,6 +308,12 @@ fn follower_with_a_prefix_gets_only_the_tail() {
     let sent = sim.run();
     sim.assert_in_sync();
     assert_eq!(sent, 40_000, "only the missing tail crosses the wire");
+    assert_eq!(
+        sim.leader.sync_progress(),
+        None,
+        "no progress once the sync is done"
+    );
+    assert_eq!(sim.leader.files_whole_total(), 0);
 }
 
 #[test]
@@ -332,6 +338,7 @@ fn mismatched_copy_is_resent_whole_and_extra_files_are_deleted() {
     let sent = sim.run();
     sim.assert_in_sync();
     assert_eq!(sent, 7 + 6);
+    assert_eq!(sim.leader.files_whole_total(), 2);
 }
 
 #[test]
@@ -574,4 +581,51 @@ fn a_connection_that_never_finishes_the_handshake_is_closed_naming_the_limit() {
         .leader
         .check_handshake_deadline(t0, t0 + Duration::from_secs(3600))
         .is_ok());
+}
+
+#[test]
+fn the_initial_sync_reports_what_it_planned_and_what_it_sent() {
+    let seg = big(3 * MAX_DATA_BYTES as usize, 4);
+    let mut sim = Sim::new(
+        files(&[("seg", &seg), ("small", b"abc")]),
+        files(&[("seg", &seg[..1000])]),
+    );
+    // Up to the inventory's comparison, before any payload.
+    loop {
+        let n = sim
+            .leader
+            .handle_input(&sim.to_leader, &sim.catalog, sim.now)
+            .unwrap();
+        sim.to_leader.drain(..n);
+        if let Some(requests) = sim.leader.digest_requests() {
+            let digests = requests
+                .into_iter()
+                .map(|r| {
+                    let d = sim.leader_files[&r.path][..r.len_bytes as usize].to_vec();
+                    (r.path, Some(sha1(&d)))
+                })
+                .collect();
+            sim.leader.digests_ready(digests);
+            break;
+        }
+        let out = sim.leader.take_output();
+        sim.to_follower.extend(out);
+        sim.step_follower();
+    }
+    let planned = (seg.len() - 1000 + 3) as u64;
+    assert_eq!(sim.leader.sync_progress(), Some((0, planned)));
+    // One payload chunk out: progress moves.
+    let mut moved = false;
+    while let Some(t) = sim.leader.poll_transmit(&sim.catalog, sim.now) {
+        if let Transmit::Payload { len_bytes, .. } = t {
+            assert_eq!(sim.leader.sync_progress(), Some((len_bytes, planned)));
+            moved = true;
+            break;
+        }
+        if let Transmit::OpenWhole { path, .. } = t {
+            let len = sim.leader_files[&path].len() as u64;
+            sim.leader.begin_whole(&path, len, &sim.catalog);
+        }
+    }
+    assert!(moved);
 }
