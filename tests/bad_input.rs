@@ -213,3 +213,51 @@ fn an_idle_unauthenticated_connection_is_closed_after_the_handshake_timeout() {
     assert_eq!(code, ErrorCode::Limit);
     assert!(message.contains("HANDSHAKE_TIMEOUT_MS"), "{message}");
 }
+
+#[test]
+fn unknown_frame_types_and_nul_in_paths_are_refused_by_name() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("seg"), b"data");
+    let leader = start_leader(&env, &ld, "uring");
+    // An unknown frame type after authenticating.
+    let (mut s, seen) = authenticate(leader.addr);
+    s.write_all(&[1, 0, 0, 0, 0x7f]).unwrap();
+    let (code, message) = last_error(&frames_after(&mut s, seen));
+    assert_eq!(code, ErrorCode::BadFrame);
+    assert!(
+        message.contains("0x7f") || message.contains("unknown"),
+        "{message}"
+    );
+    // A HAVE whose path holds a NUL byte.
+    let (mut s, seen) = authenticate(leader.addr);
+    let bad = b"seg\0evil";
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&(1u32 + 8 + 20 + 2 + bad.len() as u32).to_le_bytes());
+    frame.push(0x12);
+    frame.extend_from_slice(&4u64.to_le_bytes());
+    frame.extend_from_slice(&[0; 20]);
+    frame.extend_from_slice(&(bad.len() as u16).to_le_bytes());
+    frame.extend_from_slice(bad);
+    s.write_all(&frame).unwrap();
+    let (code, message) = last_error(&frames_after(&mut s, seen));
+    assert_eq!(code, ErrorCode::BadPath);
+    assert!(message.contains("NUL"), "{message}");
+    assert_still_serving(&env, leader.addr);
+}
+
+#[test]
+fn a_connection_closed_in_the_middle_of_a_frame_leaves_the_leader_serving() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("seg"), b"data");
+    let leader = start_leader(&env, &ld, "fallback");
+    let (mut s, _) = authenticate(leader.addr);
+    // The first 3 bytes of a 40-byte frame, then the connection goes away.
+    s.write_all(&[40, 0, 0]).unwrap();
+    drop(s);
+    leader
+        .proc
+        .wait_log("disconnected", Duration::from_secs(10));
+    assert_still_serving(&env, leader.addr);
+}

@@ -96,6 +96,20 @@ fn restarted_follower_resumes_without_resending_unchanged_bytes() {
         );
         assert_eq!(payload_bytes(&repaired), 1234, "{engine}");
         assert_eq!(checksum(&ld), checksum(&fd));
+
+        // Truncated behind ferry's back: the missing tail comes back, nothing more.
+        let seg_copy = fd.join("queues/q1/segments/00000002.seg");
+        let full = std::fs::metadata(&seg_copy).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg_copy)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+        let regrown = follow_once(&env, &fd, leader.addr, engine);
+        assert!(regrown.status.success());
+        assert_eq!(payload_bytes(&regrown), full - 100, "{engine}");
+        assert_eq!(checksum(&ld), checksum(&fd));
     }
 }
 
