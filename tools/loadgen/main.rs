@@ -584,7 +584,7 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
         if let Some(leader) = &plan.leader {
             let in_fault = plan.shared.in_fault.load(Ordering::Relaxed);
             let t0 = Instant::now();
-            let position = leader.append(&written.path, written.offset, len as u64)?;
+            let position = leader.append(written.path, written.offset, len as u64)?;
             let ns = t0.elapsed().as_nanos() as u64;
             let _ = if in_fault {
                 fault.record(ns.max(1))

@@ -14,6 +14,8 @@ pub struct SegmentWriter {
     segment_bytes: u64,
     use_mmap: bool,
     segment_no: u64,
+    /// `rel(segment_no)`, formatted once per segment rather than once per message.
+    segment_path: String,
     offset: u64,
     file: Option<File>,
     map: Option<Mmap>,
@@ -71,8 +73,8 @@ impl Drop for Mmap {
 unsafe impl Send for Mmap {}
 
 /// Where a message landed: the file (relative to the data dir) and its offset.
-pub struct Written {
-    pub path: String,
+pub struct Written<'a> {
+    pub path: &'a str,
     pub offset: u64,
 }
 
@@ -84,6 +86,7 @@ impl SegmentWriter {
             segment_bytes,
             use_mmap,
             segment_no: 0,
+            segment_path: String::new(),
             offset: 0,
             file: None,
             map: None,
@@ -99,7 +102,8 @@ impl SegmentWriter {
             self.finish()?;
             self.segment_no += 1;
         }
-        let path = self.dir.join(self.rel(self.segment_no));
+        self.segment_path = self.rel(self.segment_no);
+        let path = self.dir.join(&self.segment_path);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -120,7 +124,7 @@ impl SegmentWriter {
     }
 
     /// Writes one message; rolls over to a new segment when it would not fit.
-    pub fn write(&mut self, message: &[u8]) -> io::Result<Written> {
+    pub fn write(&mut self, message: &[u8]) -> io::Result<Written<'_>> {
         if self.file.is_none() || self.offset + message.len() as u64 > self.segment_bytes {
             self.open_next()?;
         }
@@ -132,7 +136,7 @@ impl SegmentWriter {
         }
         self.offset += message.len() as u64;
         Ok(Written {
-            path: self.rel(self.segment_no),
+            path: &self.segment_path,
             offset,
         })
     }
