@@ -85,7 +85,8 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn json_str(s: &str) -> String {
+/// `s` as a JSON string literal, escaped.
+pub fn json_str(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {

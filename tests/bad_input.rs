@@ -97,6 +97,18 @@ fn a_follower_facing_a_leader_of_another_version_exits_naming_it() {
     assert!(stderr.contains("version"), "{stderr}");
 }
 
+/// A HAVE frame built by hand, so its path can be anything at all.
+fn raw_have(path: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&(1u32 + 8 + 20 + 2 + path.len() as u32).to_le_bytes());
+    frame.push(0x12); // HAVE
+    frame.extend_from_slice(&4u64.to_le_bytes());
+    frame.extend_from_slice(&[0; 20]);
+    frame.extend_from_slice(&(path.len() as u16).to_le_bytes());
+    frame.extend_from_slice(path);
+    frame
+}
+
 /// Does the handshake as a follower would, up to the leader's INDEX_END.
 fn authenticate(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -146,14 +158,7 @@ fn a_path_escaping_the_data_dir_is_refused_as_bad_path() {
         ".ferry/digests",
     ] {
         let (mut s, seen) = authenticate(leader.addr);
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&(1u32 + 8 + 20 + 2 + bad.len() as u32).to_le_bytes());
-        frame.push(0x12); // HAVE
-        frame.extend_from_slice(&4u64.to_le_bytes());
-        frame.extend_from_slice(&[0; 20]);
-        frame.extend_from_slice(&(bad.len() as u16).to_le_bytes());
-        frame.extend_from_slice(bad.as_bytes());
-        s.write_all(&frame).unwrap();
+        s.write_all(&raw_have(bad.as_bytes())).unwrap();
         let (code, message) = last_error(&frames_after(&mut s, seen));
         assert_eq!(code, ErrorCode::BadPath, "{bad}: {message}");
         assert!(message.contains(bad), "{message}");
@@ -231,15 +236,7 @@ fn unknown_frame_types_and_nul_in_paths_are_refused_by_name() {
     );
     // A HAVE whose path holds a NUL byte.
     let (mut s, seen) = authenticate(leader.addr);
-    let bad = b"seg\0evil";
-    let mut frame = Vec::new();
-    frame.extend_from_slice(&(1u32 + 8 + 20 + 2 + bad.len() as u32).to_le_bytes());
-    frame.push(0x12);
-    frame.extend_from_slice(&4u64.to_le_bytes());
-    frame.extend_from_slice(&[0; 20]);
-    frame.extend_from_slice(&(bad.len() as u16).to_le_bytes());
-    frame.extend_from_slice(bad);
-    s.write_all(&frame).unwrap();
+    s.write_all(&raw_have(b"seg\0evil")).unwrap();
     let (code, message) = last_error(&frames_after(&mut s, seen));
     assert_eq!(code, ErrorCode::BadPath);
     assert!(message.contains("NUL"), "{message}");

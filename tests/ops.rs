@@ -50,14 +50,7 @@ fn leader_and_follower_report_metrics_status_and_a_table() {
     .arg(&env.secret_file);
     let leader = Proc::spawn(cmd);
     let leader_http = http_addr(&leader);
-    let line = leader.wait_log("listening on ", Duration::from_secs(20));
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let addr = listen_addr(&leader);
     let mut cmd = follow_cmd(&env, &fd, addr, "uring");
     cmd.args(["--durability", "written", "--http", "127.0.0.1:0"]);
     let follower = Proc::spawn(cmd);

@@ -107,15 +107,19 @@ pub fn start_leader(env: &Env, dir: &Path, engine: &str) -> LeaderProc {
         .arg("--io-engine")
         .arg(engine);
     let proc = Proc::spawn(cmd);
+    let addr = listen_addr(&proc);
+    LeaderProc { proc, addr }
+}
+
+/// The replication address a `ferry lead` process logged ("listening on ADDR").
+pub fn listen_addr(proc: &Proc) -> SocketAddr {
     let line = proc.wait_log("listening on ", Duration::from_secs(20));
-    let addr = line
-        .rsplit("listening on ")
+    line.rsplit("listening on ")
         .next()
         .unwrap()
         .trim()
         .parse()
-        .unwrap();
-    LeaderProc { proc, addr }
+        .unwrap()
 }
 
 pub fn follow_cmd(env: &Env, dir: &Path, addr: SocketAddr, engine: &str) -> Command {

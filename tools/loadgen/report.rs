@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use ferry::status::json_str;
 use hdrhistogram::Histogram;
 
 /// One sample of the run, taken every `SAMPLE_INTERVAL`.
@@ -76,22 +77,6 @@ fn quantiles_text(h: &Histogram<u64>, unit: &str) -> String {
         h.max(),
         h.len()
     )
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn usage_json(u: &Usage) -> String {
