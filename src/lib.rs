@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod cluster;
 pub mod engine;
 pub mod follower;
 pub mod frame;

@@ -97,6 +97,44 @@ enum Command {
         #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
         http: Option<std::net::SocketAddr>,
     },
+    /// Join a cluster of nodes that elect a leader through etcd: lead when elected, else follow.
+    Node {
+        /// The data directory.
+        #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379).
+        #[arg(
+            long,
+            value_name = "URL[,URL...]",
+            env = "FERRY_ETCD",
+            value_delimiter = ','
+        )]
+        etcd: Vec<String>,
+        /// Address to listen on for followers when leading.
+        #[arg(long, value_name = "ADDR", env = "FERRY_LISTEN")]
+        listen: std::net::SocketAddr,
+        /// host:port the other nodes reach this node's --listen at.
+        #[arg(long, value_name = "ADDR", env = "FERRY_ADVERTISE")]
+        advertise: String,
+        /// Key prefix in etcd; nodes with the same prefix form one cluster.
+        #[arg(long, default_value = "ferry", env = "FERRY_PREFIX")]
+        prefix: String,
+        /// Seconds a leader's etcd lease lives without keepalives; a dead leader is replaced, and
+        /// a leader cut off from etcd stops leading, within about this long.
+        #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster::LEASE_TTL_S_DEFAULT, env = "FERRY_LEASE_TTL")]
+        lease_ttl: i64,
+        #[command(flatten)]
+        secret: SecretArgs,
+        /// I/O engine; by default io_uring when it works here, else the fallback (logged).
+        #[arg(long, value_name = "uring|fallback", env = "FERRY_IO_ENGINE")]
+        io_engine: Option<EngineKind>,
+        /// Shell command run once this node is elected leader.
+        #[arg(long, value_name = "CMD", env = "FERRY_ON_LEADER_ELECTED")]
+        on_leader_elected: Option<String>,
+        /// Shell command run when this node stops leading (fenced or lease lost).
+        #[arg(long, value_name = "CMD", env = "FERRY_ON_LEADER_LOST")]
+        on_leader_lost: Option<String>,
+    },
     /// Show a leader's followers (or a follower's own state), from its --http endpoint.
     Status {
         /// The node's --http address, e.g. http://127.0.0.1:9100 or 127.0.0.1:9100.
@@ -194,7 +232,7 @@ fn main() -> ExitCode {
             })
             .unwrap_or_default()
     };
-    let args = match config::apply(args, &["lead", "follow"], known) {
+    let args = match config::apply(args, &["lead", "follow", "node"], known) {
         Ok(args) => args,
         Err(e) => {
             eprintln!("ferry: error: {e:#}");
@@ -270,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 once,
                 engine: io_engine,
                 status,
+                stop: Default::default(),
             };
             let report = ferry::follower::run(config)?;
             if once {
@@ -292,6 +331,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             use std::io::Write;
             std::io::stdout().write_all(out.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node {
+            data_dir,
+            etcd,
+            listen,
+            advertise,
+            prefix,
+            lease_ttl,
+            secret,
+            io_engine,
+            on_leader_elected,
+            on_leader_lost,
+        } => {
+            let secret = read_secret(&secret)?;
+            ferry::cluster::run(ferry::cluster::NodeConfig {
+                data_dir,
+                etcd,
+                listen,
+                advertise,
+                prefix,
+                lease_ttl_s: lease_ttl,
+                secret,
+                engine: io_engine,
+                on_leader_elected,
+                on_leader_lost,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { url, json, watch } => {

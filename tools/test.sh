@@ -1,9 +1,22 @@
 #!/usr/bin/env bash
 # The test command the README gives: format, lints, then every unit, property and integration
-# test (the integration tests start real `ferry` processes on 127.0.0.1, on both I/O engines).
-# Installs nothing today: the core engine needs only the Rust toolchain.
+# test (the integration tests start real `ferry` processes on 127.0.0.1, on both I/O engines, and
+# a real etcd-server for the cluster tests).
+# Installs what it needs when missing: protoc (etcd-client's build) and etcd-server (Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+missing=()
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v etcd >/dev/null || missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Debian starts etcd as a service on install; the tests run their own.
+  $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
+fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked

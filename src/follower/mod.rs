@@ -51,6 +51,8 @@ pub struct FollowConfig {
     pub engine: Option<EngineKind>,
     /// What this follower reports about itself (for `--http`); the driver keeps it current.
     pub status: Arc<Mutex<FollowerSelf>>,
+    /// Set to stop following (checked after every read and between connections).
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What one connection achieved.
@@ -119,6 +121,9 @@ async fn follow_loop(
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let cache = Rc::new(RefCell::new(Some(DigestCache::load(&dir))));
     loop {
+        if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(SyncReport::default());
+        }
         let started = Instant::now();
         let result = follow_once(kind, &config, &dir, &cache).await;
         if let Ok(mut st) = config.status.lock() {
@@ -291,6 +296,9 @@ impl Ctx<'_> {
             }
             input.extend_from_slice(&b[..n]);
             buf = b;
+            if self.config.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(self.report.clone());
+            }
         }
     }
 

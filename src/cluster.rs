@@ -1,0 +1,263 @@
+//! `ferry node`: one of several nodes that elect a leader through etcd (a real etcd cluster,
+//! never a home-made one). The leader runs `ferry lead`'s engine; the others follow it.
+//!
+//! Each node holds an etcd lease it keeps alive, and campaigns on `PREFIX/leader` with its
+//! advertised address as the value. While it waits it follows whoever holds the election. Once
+//! elected it stops following and leads. If its lease lapses (keepalive failures, cut off from
+//! etcd) it is fenced: it stops leading at once, runs the on-leader-lost hook, and campaigns
+//! again as a follower.
+//!
+//! Not yet here (issue 4 stays open): only in-sync followers campaigning (the ISR kept in etcd),
+//! the shared secret stored in etcd, handoff, and the embedding API for role callbacks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use etcd_client::Client;
+
+use crate::auth::Secret;
+use crate::engine::EngineKind;
+use crate::frame::Durability;
+use crate::index::scan;
+use crate::leader::{Leader, LeaderConfig};
+use crate::paths::DataDir;
+use crate::status::FollowerSelf;
+use crate::watch::{Change, Watcher};
+
+/// Lease time-to-live by default: a dead leader is replaced within about this long.
+pub const LEASE_TTL_S_DEFAULT: i64 = 2;
+
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub etcd: Vec<String>,
+    pub listen: SocketAddr,
+    /// host:port the other nodes reach this one's replication port at.
+    pub advertise: String,
+    pub prefix: String,
+    pub lease_ttl_s: i64,
+    pub secret: Secret,
+    pub engine: Option<EngineKind>,
+    pub on_leader_elected: Option<String>,
+    pub on_leader_lost: Option<String>,
+}
+
+/// A follower running on its own thread, stoppable.
+struct FollowerRun {
+    leader: String,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl FollowerRun {
+    fn start(config: &NodeConfig, leader: String) -> FollowerRun {
+        let stop = Arc::new(AtomicBool::new(false));
+        let follow = crate::follower::FollowConfig {
+            data_dir: config.data_dir.clone(),
+            leader: leader.clone(),
+            secret: config.secret.clone(),
+            durability: Durability::Synced,
+            once: false,
+            engine: config.engine,
+            status: Arc::new(Mutex::new(FollowerSelf::default())),
+            stop: stop.clone(),
+        };
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = crate::follower::run(follow) {
+                tracing::error!("following stopped: {e}");
+            }
+        });
+        FollowerRun {
+            leader,
+            stop,
+            thread,
+        }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+/// The leader side: the engine plus the inotify watcher that feeds it.
+struct LeaderRun {
+    leader: Arc<Leader>,
+    watcher: Watcher,
+}
+
+impl LeaderRun {
+    fn start(config: &NodeConfig) -> anyhow::Result<LeaderRun> {
+        let dir = DataDir::open(&config.data_dir)?;
+        let files = scan(&dir)?;
+        let known: HashMap<_, _> = files
+            .iter()
+            .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
+            .collect();
+        let mut lc = LeaderConfig::new(&config.data_dir, config.listen, config.secret.clone());
+        lc.engine = config.engine;
+        let leader = Arc::new(Leader::start(
+            lc,
+            files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
+        )?);
+        let sink = {
+            let leader = leader.clone();
+            Box::new(move |change: Change| {
+                let r = match &change {
+                    Change::Grew {
+                        path,
+                        from_bytes,
+                        to_bytes,
+                    } => leader.append(path.as_str(), *from_bytes, to_bytes - from_bytes),
+                    Change::Rewritten { path, len_bytes } => {
+                        leader.replace_file_with_len(path.as_str(), *len_bytes)
+                    }
+                    Change::Removed { path } => leader.delete_file(path.as_str()),
+                };
+                if let Err(e) = r {
+                    tracing::warn!("ignoring {change:?}: {e}");
+                }
+            })
+        };
+        let watcher = Watcher::start(&config.data_dir, known, sink)?;
+        Ok(LeaderRun { leader, watcher })
+    }
+
+    fn stop(self) {
+        self.watcher.stop();
+        if let Ok(leader) = Arc::try_unwrap(self.leader) {
+            leader.shutdown();
+        }
+    }
+}
+
+fn run_hook(hook: &Option<String>, what: &str) {
+    if let Some(cmd) = hook {
+        match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
+            Ok(s) if s.success() => tracing::info!("{what} hook ran: {cmd}"),
+            Ok(s) => tracing::warn!("{what} hook {cmd:?} exited with {s}"),
+            Err(e) => tracing::warn!("{what} hook {cmd:?} could not run: {e}"),
+        }
+    }
+}
+
+/// Runs the node until the process is killed.
+pub fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(node_loop(config))
+}
+
+async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
+    let election = format!("{}/leader", config.prefix);
+    loop {
+        let mut client = Client::connect(&config.etcd, None)
+            .await
+            .with_context(|| format!("cannot reach etcd at {}", config.etcd.join(",")))?;
+        let lease = client.lease_grant(config.lease_ttl_s, None).await?.id();
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let keepalive = {
+            let lost = lease_lost.clone();
+            let every = Duration::from_millis((config.lease_ttl_s as u64 * 1000 / 3).max(100));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    // A keepalive that fails or does not answer in time fences us: better to stop
+                    // leading early than to lead on a lease that may have lapsed.
+                    let answer = tokio::time::timeout(every, async {
+                        keeper.keep_alive().await?;
+                        responses.message().await
+                    })
+                    .await;
+                    let alive = matches!(answer, Ok(Ok(Some(r))) if r.ttl() > 0);
+                    if !alive {
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            })
+        };
+        tracing::info!(
+            "node {} joined the election {election} (lease ttl {} s)",
+            config.advertise,
+            config.lease_ttl_s
+        );
+
+        // Follow whoever leads while campaigning.
+        let mut campaign_client = client.clone();
+        let name = election.clone();
+        let value = config.advertise.clone();
+        let mut campaign =
+            tokio::spawn(async move { campaign_client.campaign(name, value, lease).await });
+        let mut following: Option<FollowerRun> = None;
+        let elected = loop {
+            if lease_lost.load(Ordering::SeqCst) {
+                break false;
+            }
+            tokio::select! {
+                r = &mut campaign => match r {
+                    Ok(Ok(_)) => break true,
+                    Ok(Err(e)) => { tracing::warn!("campaign failed: {e}"); break false; }
+                    Err(e) => { tracing::warn!("campaign task failed: {e}"); break false; }
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            let current = match client.leader(election.clone()).await {
+                Ok(r) => r
+                    .kv()
+                    .and_then(|kv| kv.value_str().ok())
+                    .map(str::to_string),
+                Err(_) => None,
+            };
+            if let Some(current) = current.filter(|c| *c != config.advertise) {
+                if following.as_ref().map(|f| &f.leader) != Some(&current) {
+                    if let Some(f) = following.take() {
+                        tokio::task::spawn_blocking(move || f.stop()).await.ok();
+                    }
+                    tracing::info!("following the leader at {current}");
+                    following = Some(FollowerRun::start(&config, current));
+                }
+            }
+        };
+        if let Some(f) = following.take() {
+            tokio::task::spawn_blocking(move || f.stop()).await.ok();
+        }
+        if !elected {
+            campaign.abort();
+            keepalive.abort();
+            let _ = client.lease_revoke(lease).await;
+            tracing::warn!("lease lost before being elected; joining again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+
+        tracing::info!(
+            "elected leader: serving on {} as {}",
+            config.listen,
+            config.advertise
+        );
+        let leading = {
+            let c = config.clone();
+            tokio::task::spawn_blocking(move || LeaderRun::start(&c)).await??
+        };
+        run_hook(&config.on_leader_elected, "on-leader-elected");
+        // Lead until the lease lapses: then stop at once (fenced) and start over as a follower.
+        while !lease_lost.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::warn!("lease lost: fenced, no longer leading");
+        tokio::task::spawn_blocking(move || leading.stop())
+            .await
+            .ok();
+        run_hook(&config.on_leader_lost, "on-leader-lost");
+        keepalive.abort();
+    }
+}

@@ -1,0 +1,240 @@
+//! `ferry node` with a real etcd-server: one node leads, the others follow it; when the leader
+//! is killed with SIGKILL another is elected, the rest re-point, and the old one rejoins.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Etcd {
+    proc: Proc,
+    url: String,
+}
+
+fn start_etcd(dir: &Path) -> Etcd {
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "t", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("t={peer_url}")]);
+    let proc = Proc::spawn(cmd);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not start:\n{}",
+            proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Etcd { proc, url }
+}
+
+struct Node {
+    proc: Proc,
+    dir: PathBuf,
+    advertise: String,
+    args: (String, PathBuf),
+}
+
+fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
+    let advertise = format!("127.0.0.1:{port}");
+    let mut cmd = ferry();
+    cmd.args([
+        "node",
+        "--lease-ttl",
+        "2",
+        "--io-engine",
+        "fallback",
+        "--etcd",
+        etcd,
+    ])
+    .args([
+        "--listen",
+        &advertise,
+        "--advertise",
+        &advertise,
+        "--data-dir",
+    ])
+    .arg(dir)
+    .arg("--secret-file")
+    .arg(&env.secret_file);
+    Node {
+        proc: Proc::spawn(cmd),
+        dir: dir.to_path_buf(),
+        advertise,
+        args: (etcd.to_string(), dir.to_path_buf()),
+    }
+}
+
+/// The index of the node that logs being elected, waiting up to `timeout`.
+fn wait_leader(nodes: &[&Node], timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let leaders: Vec<usize> = (0..nodes.len())
+            .filter(|&i| nodes[i].proc.log_text().contains("elected leader"))
+            .collect();
+        if leaders.len() == 1 {
+            return leaders[0];
+        }
+        assert!(leaders.len() < 2, "two leaders: {leaders:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no leader elected within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_every_node_converges() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| start_node(&env, &etcd.url, &env.dir(&format!("n{i}")), free_port()))
+        .collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let first = wait_leader(&refs, Duration::from_secs(30));
+    let others: Vec<usize> = (0..3).filter(|&i| i != first).collect();
+    for &i in &others {
+        nodes[i].proc.wait_log(
+            &format!("following the leader at {}", nodes[first].advertise),
+            Duration::from_secs(20),
+        );
+    }
+    write(&nodes[first].dir.join("q/seg"), &pattern(200_000, 1));
+    for &i in &others {
+        wait_identical(&nodes[first].dir, &nodes[i].dir, Duration::from_secs(20));
+    }
+
+    // kill -9 the leader: another is elected, and the last one follows it.
+    let mut nodes = nodes;
+    let killed_at = Instant::now();
+    let _ = nodes[first].proc.child.kill();
+    let _ = nodes[first].proc.child.wait();
+    let survivors: Vec<&Node> = others.iter().map(|&i| &nodes[i]).collect();
+    let second = others[wait_leader(&survivors, Duration::from_secs(30))];
+    eprintln!(
+        "new leader elected {:.2} s after kill -9",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let third = *others.iter().find(|&&i| i != second).unwrap();
+    nodes[third].proc.wait_log(
+        &format!("following the leader at {}", nodes[second].advertise),
+        Duration::from_secs(20),
+    );
+    write(&nodes[second].dir.join("q/seg2"), &pattern(50_000, 2));
+    wait_identical(
+        &nodes[second].dir,
+        &nodes[third].dir,
+        Duration::from_secs(20),
+    );
+
+    // The old leader comes back as a follower and converges.
+    let (etcd_url, dir) = nodes[first].args.clone();
+    let port: u16 = nodes[first]
+        .advertise
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let back = start_node(&env, &etcd_url, &dir, port);
+    back.proc.wait_log(
+        &format!("following the leader at {}", nodes[second].advertise),
+        Duration::from_secs(20),
+    );
+    wait_identical(&nodes[second].dir, &back.dir, Duration::from_secs(20));
+    drop(etcd);
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_is_fenced_within_the_lease_ttl_and_runs_its_hooks() {
+    let env = Env::new();
+    let mut etcd = start_etcd(&env.dir("etcd"));
+    let port = free_port();
+    let advertise = format!("127.0.0.1:{port}");
+    let elected_marker = env.tmp.path().join("elected");
+    let lost_marker = env.tmp.path().join("lost");
+    let mut cmd = ferry();
+    cmd.args([
+        "node",
+        "--lease-ttl",
+        "2",
+        "--io-engine",
+        "fallback",
+        "--etcd",
+        &etcd.url,
+    ])
+    .args([
+        "--listen",
+        &advertise,
+        "--advertise",
+        &advertise,
+        "--data-dir",
+    ])
+    .arg(env.dir("n0"))
+    .arg("--secret-file")
+    .arg(&env.secret_file)
+    .arg("--on-leader-elected")
+    .arg(format!("touch {}", elected_marker.display()))
+    .arg("--on-leader-lost")
+    .arg(format!("touch {}", lost_marker.display()));
+    let node = Proc::spawn(cmd);
+    node.wait_log("elected leader", Duration::from_secs(30));
+    node.wait_log("on-leader-elected hook ran", Duration::from_secs(10));
+    assert!(elected_marker.exists());
+    // Serving: a follower can sync from it.
+    assert!(
+        follow_once(&env, &env.dir("f"), advertise.parse().unwrap(), "fallback")
+            .status
+            .success()
+    );
+
+    let cut_at = Instant::now();
+    let _ = etcd.proc.child.kill();
+    let _ = etcd.proc.child.wait();
+    node.wait_log("fenced", Duration::from_secs(10));
+    let fenced_s = cut_at.elapsed().as_secs_f64();
+    eprintln!("fenced {fenced_s:.2} s after etcd went away");
+    assert!(
+        fenced_s <= 2.5,
+        "fenced after {fenced_s:.2} s, beyond the 2 s lease TTL"
+    );
+    node.wait_log("on-leader-lost hook ran", Duration::from_secs(10));
+    assert!(lost_marker.exists());
+    // No longer serving replication.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&advertise).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "still listening after being fenced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
