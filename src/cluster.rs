@@ -46,11 +46,49 @@ pub struct NodeConfig {
     pub engine: Option<EngineKind>,
     pub on_leader_elected: Option<String>,
     pub on_leader_lost: Option<String>,
+    /// Serve /metrics and /status here (the role they report follows the election).
+    pub http: Option<SocketAddr>,
+}
+
+/// What the node is doing now, for its `--http` endpoints.
+#[derive(Clone)]
+enum Role {
+    Candidate,
+    Following(Arc<Mutex<FollowerSelf>>),
+    Leading(Arc<Leader>),
+}
+
+type SharedRole = Arc<Mutex<Role>>;
+
+fn set_role(shared: &SharedRole, role: Role) {
+    if let Ok(mut r) = shared.lock() {
+        *r = role;
+    }
+}
+
+fn node_status(shared: &SharedRole, engine: &str) -> crate::status::Status {
+    let role = shared.lock().map(|r| r.clone()).unwrap_or(Role::Candidate);
+    match role {
+        Role::Leading(leader) => crate::status::Status::Leader {
+            engine: leader.engine().name().to_string(),
+            position: leader.position(),
+            followers: leader.followers().iter().map(Into::into).collect(),
+        },
+        Role::Following(me) => crate::status::Status::Follower {
+            engine: engine.to_string(),
+            me: me.lock().map(|m| m.clone()).unwrap_or_default(),
+        },
+        Role::Candidate => crate::status::Status::Follower {
+            engine: engine.to_string(),
+            me: FollowerSelf::default(),
+        },
+    }
 }
 
 /// A follower running on its own thread, stoppable.
 struct FollowerRun {
     leader: String,
+    status: Arc<Mutex<FollowerSelf>>,
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
@@ -58,6 +96,11 @@ struct FollowerRun {
 impl FollowerRun {
     fn start(config: &NodeConfig, leader: String) -> FollowerRun {
         let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Mutex::new(FollowerSelf {
+            leader: leader.clone(),
+            durability: Durability::Synced.name().to_string(),
+            ..Default::default()
+        }));
         let follow = crate::follower::FollowConfig {
             data_dir: config.data_dir.clone(),
             leader: leader.clone(),
@@ -65,7 +108,7 @@ impl FollowerRun {
             durability: Durability::Synced,
             once: false,
             engine: config.engine,
-            status: Arc::new(Mutex::new(FollowerSelf::default())),
+            status: status.clone(),
             stop: stop.clone(),
         };
         let thread = std::thread::spawn(move || {
@@ -75,6 +118,7 @@ impl FollowerRun {
         });
         FollowerRun {
             leader,
+            status,
             stop,
             thread,
         }
@@ -157,6 +201,24 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
 
 async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
     let election = format!("{}/leader", config.prefix);
+    let role: SharedRole = Arc::new(Mutex::new(Role::Candidate));
+    let _http = match config.http {
+        Some(addr) => {
+            let role = role.clone();
+            let engine = match config.engine {
+                Some(e) => e.name().to_string(),
+                None if crate::engine::uring_unavailable().is_none() => "uring".into(),
+                None => "fallback".into(),
+            };
+            let server = crate::http::HttpServer::start(
+                addr,
+                Arc::new(move || node_status(&role, &engine)),
+            )?;
+            tracing::info!("metrics on http://{}/metrics", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     loop {
         let mut client = Client::connect(&config.etcd, None)
             .await
@@ -223,13 +285,16 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
                         tokio::task::spawn_blocking(move || f.stop()).await.ok();
                     }
                     tracing::info!("following the leader at {current}");
-                    following = Some(FollowerRun::start(&config, current));
+                    let run = FollowerRun::start(&config, current);
+                    set_role(&role, Role::Following(run.status.clone()));
+                    following = Some(run);
                 }
             }
         };
         if let Some(f) = following.take() {
             tokio::task::spawn_blocking(move || f.stop()).await.ok();
         }
+        set_role(&role, Role::Candidate);
         if !elected {
             campaign.abort();
             keepalive.abort();
@@ -248,6 +313,7 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
             let c = config.clone();
             tokio::task::spawn_blocking(move || LeaderRun::start(&c)).await??
         };
+        set_role(&role, Role::Leading(leading.leader.clone()));
         run_hook(&config.on_leader_elected, "on-leader-elected");
         // Lead until the lease lapses: then stop at once (fenced) and start over as a follower.
         while !lease_lost.load(Ordering::SeqCst) {

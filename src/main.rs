@@ -134,6 +134,9 @@ enum Command {
         /// Shell command run when this node stops leading (fenced or lease lost).
         #[arg(long, value_name = "CMD", env = "FERRY_ON_LEADER_LOST")]
         on_leader_lost: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
+        #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
+        http: Option<std::net::SocketAddr>,
     },
     /// Show a leader's followers (or a follower's own state), from its --http endpoint.
     Status {
@@ -344,6 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             io_engine,
             on_leader_elected,
             on_leader_lost,
+            http,
         } => {
             let secret = read_secret(&secret)?;
             ferry::cluster::run(ferry::cluster::NodeConfig {
@@ -357,6 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine: io_engine,
                 on_leader_elected,
                 on_leader_lost,
+                http,
             })?;
             Ok(ExitCode::SUCCESS)
         }

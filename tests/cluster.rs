@@ -71,6 +71,8 @@ fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
         "2",
         "--io-engine",
         "fallback",
+        "--http",
+        "127.0.0.1:0",
         "--etcd",
         etcd,
     ])
@@ -131,6 +133,22 @@ fn a_killed_leader_is_replaced_and_every_node_converges() {
     for &i in &others {
         wait_identical(&nodes[first].dir, &nodes[i].dir, Duration::from_secs(20));
     }
+    // Each node's --http reports its role.
+    let role = |n: &Node| {
+        let line = n
+            .proc
+            .wait_log("metrics on http://", Duration::from_secs(10));
+        let addr = line
+            .rsplit("http://")
+            .next()
+            .unwrap()
+            .trim()
+            .trim_end_matches("/metrics")
+            .to_string();
+        ferry::http::get(&addr, "/status").unwrap()
+    };
+    assert!(role(&nodes[first]).contains("\"role\": \"leader\""));
+    assert!(role(&nodes[others[0]]).contains("\"role\": \"follower\""));
 
     // kill -9 the leader: another is elected, and the last one follows it.
     let mut nodes = nodes;
