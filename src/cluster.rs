@@ -191,6 +191,39 @@ fn run_hook(hook: &Option<String>, what: &str) {
     }
 }
 
+/// The cluster's shared secret, kept in etcd at `PREFIX/secret`: created at random, atomically,
+/// by whichever node comes first (a transaction that puts it only if the key does not exist),
+/// then read by every node. Anyone who can read that key can join the cluster: protect etcd.
+pub fn secret_from_etcd(etcd: &[String], prefix: &str) -> anyhow::Result<Secret> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut client = Client::connect(etcd, None)
+            .await
+            .with_context(|| format!("cannot reach etcd at {}", etcd.join(",")))?;
+        let key = format!("{prefix}/secret");
+        let nonce = crate::auth::random_nonce()?;
+        let fresh: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), fresh, None)]);
+        let created = client.txn(txn).await?.succeeded();
+        let got = client.get(key.clone(), None).await?;
+        let value = got
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec())
+            .ok_or_else(|| anyhow::anyhow!("{key} vanished from etcd right after being set"))?;
+        tracing::info!(
+            "shared secret {} etcd at {key}",
+            if created { "created in" } else { "read from" }
+        );
+        Secret::new(value).map_err(|e| anyhow::anyhow!("the secret at {key}: {e}"))
+    })
+}
+
 /// Runs the node until the process is killed.
 pub fn run(config: NodeConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -137,6 +137,10 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
         #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
         http: Option<std::net::SocketAddr>,
+        /// Keep the shared secret in etcd at PREFIX/secret (created at random by the first node)
+        /// instead of --secret-file / FERRY_SECRET.
+        #[arg(long, env = "FERRY_SECRET_FROM_ETCD")]
+        secret_from_etcd: bool,
     },
     /// Show a leader's followers (or a follower's own state), from its --http endpoint.
     Status {
@@ -348,8 +352,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             on_leader_elected,
             on_leader_lost,
             http,
+            secret_from_etcd,
         } => {
-            let secret = read_secret(&secret)?;
+            let secret = if secret_from_etcd {
+                ferry::cluster::secret_from_etcd(&etcd, &prefix)?
+            } else {
+                read_secret(&secret)?
+            };
             ferry::cluster::run(ferry::cluster::NodeConfig {
                 data_dir,
                 etcd,

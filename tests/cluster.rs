@@ -256,3 +256,48 @@ fn a_leader_cut_off_from_etcd_is_fenced_within_the_lease_ttl_and_runs_its_hooks(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn the_secret_can_live_in_etcd_and_a_diverged_copy_is_cut_back_with_a_log_line() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let spawn = |dir: &Path| {
+        let advertise = format!("127.0.0.1:{}", free_port());
+        let mut cmd = ferry();
+        cmd.args([
+            "node",
+            "--secret-from-etcd",
+            "--lease-ttl",
+            "2",
+            "--io-engine",
+            "fallback",
+        ])
+        .args([
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            &advertise,
+            "--advertise",
+            &advertise,
+        ])
+        .arg("--data-dir")
+        .arg(dir);
+        (Proc::spawn(cmd), advertise)
+    };
+    // B leads with a 100-byte segment; A comes back with the same 100 bytes plus 50 that B never
+    // had (a former leader's unreplicated tail).
+    let (b_dir, a_dir) = (env.dir("b"), env.dir("a"));
+    let seg = pattern(150, 3);
+    write(&b_dir.join("seg"), &seg[..100]);
+    write(&a_dir.join("seg"), &seg);
+    let (b, _) = spawn(&b_dir);
+    b.wait_log("elected leader", Duration::from_secs(30));
+    b.wait_log("shared secret created in etcd", Duration::from_secs(5));
+    let (a, _) = spawn(&a_dir);
+    a.wait_log("shared secret read from etcd", Duration::from_secs(30));
+    a.wait_log(
+        "discarding 50 bytes of seg beyond the leader's copy",
+        Duration::from_secs(30),
+    );
+    wait_identical(&b_dir, &a_dir, Duration::from_secs(20));
+}

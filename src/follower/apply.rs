@@ -93,17 +93,37 @@ impl Apply {
                         why: format!("{path}: the temp file holds {have} bytes, BEGIN_WHOLE said {len_bytes}"),
                     });
                 }
+                if let Ok(held) = self.dir.open_read(&path).and_then(|f| f.metadata()) {
+                    tracing::info!(
+                        "replacing {path} ({} bytes) with the leader's copy ({len_bytes} bytes)",
+                        held.len()
+                    );
+                }
                 self.open.remove(&path);
                 self.dir
                     .commit_temp(temp, &path)
                     .map_err(|e| disk_error("rename into place", &path, e))?;
             }
             FollowerAction::Truncate { path, len_bytes } => {
+                // A copy longer than the leader's: its tail was never part of what this leader
+                // replicated (a former leader's unreplicated writes). Say what is discarded.
+                if let Ok(held) = self.dir.open_read(&path).and_then(|f| f.metadata()) {
+                    if held.len() > len_bytes {
+                        tracing::warn!(
+                            "discarding {} bytes of {path} beyond the leader's copy ({} bytes kept)",
+                            held.len() - len_bytes,
+                            len_bytes
+                        );
+                    }
+                }
                 self.dir
                     .truncate(&path, len_bytes)
                     .map_err(|e| disk_error("truncate", &path, e))?;
             }
             FollowerAction::Delete { path } => {
+                if self.dir.open_read(&path).is_ok() {
+                    tracing::info!("removing {path}: the leader does not have it");
+                }
                 self.open.remove(&path);
                 self.dir
                     .remove(&path)
