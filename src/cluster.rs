@@ -110,6 +110,7 @@ impl FollowerRun {
             engine: config.engine,
             status: status.clone(),
             stop: stop.clone(),
+            node_id: Some(config.advertise.clone()),
         };
         let thread = std::thread::spawn(move || {
             if let Err(e) = crate::follower::run(follow) {
@@ -224,6 +225,47 @@ pub fn secret_from_etcd(etcd: &[String], prefix: &str) -> anyhow::Result<Secret>
     })
 }
 
+/// How often a leader refreshes the in-sync replica set in etcd (when it changed).
+const ISR_INTERVAL: Duration = Duration::from_millis(300);
+
+/// Whether `me` may campaign: no ISR written yet (a new cluster: anyone may lead), or in it.
+fn may_campaign(isr: &Option<Vec<String>>, me: &str) -> bool {
+    match isr {
+        None => true,
+        Some(members) => members.iter().any(|m| m == me),
+    }
+}
+
+/// The ISR as stored at `key` (comma-separated node ids); `None` if never written or unreadable.
+async fn read_isr(client: &mut Client, key: &str) -> Option<Vec<String>> {
+    let resp = client.get(key, None).await.ok()?;
+    let kv = resp.kvs().first()?;
+    let value = kv.value_str().ok()?;
+    Some(
+        value
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Writes the ISR in a transaction guarded by our election key still holding our address, so a
+/// deposed leader (its key gone with its lease) cannot write it. Ok(false): the guard failed.
+async fn write_isr(
+    client: &mut Client,
+    leader_key: &[u8],
+    me: &str,
+    isr_key: &str,
+    isr: &[String],
+) -> Result<bool, etcd_client::Error> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let txn = Txn::new()
+        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
+        .and_then([TxnOp::put(isr_key, isr.join(","), None)]);
+    Ok(client.txn(txn).await?.succeeded())
+}
+
 /// Runs the node until the process is killed.
 pub fn run(config: NodeConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -234,6 +276,8 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
 
 async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
     let election = format!("{}/leader", config.prefix);
+    let isr_key = format!("{}/isr", config.prefix);
+    let mut following: Option<FollowerRun> = None;
     let role: SharedRole = Arc::new(Mutex::new(Role::Candidate));
     let _http = match config.http {
         Some(addr) => {
@@ -286,24 +330,58 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
             config.lease_ttl_s
         );
 
-        // Follow whoever leads while campaigning.
-        let mut campaign_client = client.clone();
-        let name = election.clone();
-        let value = config.advertise.clone();
-        let mut campaign =
-            tokio::spawn(async move { campaign_client.campaign(name, value, lease).await });
-        let mut following: Option<FollowerRun> = None;
+        // Follow whoever leads; campaign only while this node is in the in-sync replica set
+        // (or no ISR was ever written: a new cluster), since only those hold every acked byte.
+        let mut campaign: Option<
+            tokio::task::JoinHandle<Result<etcd_client::CampaignResponse, etcd_client::Error>>,
+        > = None;
+        let mut leader_key: Option<Vec<u8>> = None;
+        let mut isr_excluded_logged = false;
         let elected = loop {
             if lease_lost.load(Ordering::SeqCst) {
                 break false;
             }
-            tokio::select! {
-                r = &mut campaign => match r {
-                    Ok(Ok(_)) => break true,
-                    Ok(Err(e)) => { tracing::warn!("campaign failed: {e}"); break false; }
-                    Err(e) => { tracing::warn!("campaign task failed: {e}"); break false; }
-                },
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            let isr = read_isr(&mut client, &isr_key).await;
+            let eligible = may_campaign(&isr, &config.advertise);
+            match (&campaign, eligible) {
+                (None, true) => {
+                    let mut c = client.clone();
+                    let (name, value) = (election.clone(), config.advertise.clone());
+                    campaign = Some(tokio::spawn(
+                        async move { c.campaign(name, value, lease).await },
+                    ));
+                    isr_excluded_logged = false;
+                }
+                (None, false) if !isr_excluded_logged => {
+                    tracing::info!(
+                        "not in the in-sync replica set {isr:?}: following, not campaigning"
+                    );
+                    isr_excluded_logged = true;
+                }
+                (Some(_), false) => {
+                    // Queued as a candidate but no longer in sync: withdraw (revoking the lease
+                    // removes the candidacy) and join again.
+                    tracing::info!(
+                        "dropped from the in-sync replica set: withdrawing from the election"
+                    );
+                    break false;
+                }
+                _ => {}
+            }
+            if let Some(task) = campaign.as_mut() {
+                tokio::select! {
+                    r = task => match r {
+                        Ok(Ok(resp)) => {
+                            leader_key = resp.leader().map(|l| l.key().to_vec());
+                            break true;
+                        }
+                        Ok(Err(e)) => { tracing::warn!("campaign failed: {e}"); break false; }
+                        Err(e) => { tracing::warn!("campaign task failed: {e}"); break false; }
+                    },
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             let current = match client.leader(election.clone()).await {
                 Ok(r) => r
@@ -324,18 +402,20 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
                 }
             }
         };
+        if !elected {
+            if let Some(task) = campaign {
+                task.abort();
+            }
+            keepalive.abort();
+            let _ = client.lease_revoke(lease).await;
+            tracing::info!("joining the election again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         if let Some(f) = following.take() {
             tokio::task::spawn_blocking(move || f.stop()).await.ok();
         }
         set_role(&role, Role::Candidate);
-        if !elected {
-            campaign.abort();
-            keepalive.abort();
-            let _ = client.lease_revoke(lease).await;
-            tracing::warn!("lease lost before being elected; joining again");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
 
         tracing::info!(
             "elected leader: serving on {} as {}",
@@ -349,8 +429,40 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
         set_role(&role, Role::Leading(leading.leader.clone()));
         run_hook(&config.on_leader_elected, "on-leader-elected");
         // Lead until the lease lapses: then stop at once (fenced) and start over as a follower.
+        // Meanwhile keep the ISR in etcd, written only while our election key stands.
+        let mut isr_written: Option<Vec<String>> = None;
+        let mut isr_at = tokio::time::Instant::now();
         while !lease_lost.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            if isr_at.elapsed() < ISR_INTERVAL {
+                continue;
+            }
+            isr_at = tokio::time::Instant::now();
+            let mut isr: Vec<String> = leading
+                .leader
+                .followers()
+                .into_iter()
+                .filter(|f| f.lag.state == crate::lag::FollowerState::Streaming)
+                .filter_map(|f| f.node_id)
+                .collect();
+            isr.push(config.advertise.clone());
+            isr.sort();
+            isr.dedup();
+            if isr_written.as_ref() == Some(&isr) {
+                continue;
+            }
+            let Some(key) = leader_key.clone() else { break };
+            match write_isr(&mut client, &key, &config.advertise, &isr_key, &isr).await {
+                Ok(true) => {
+                    tracing::info!("in-sync replica set: {}", isr.join(","));
+                    isr_written = Some(isr);
+                }
+                Ok(false) => {
+                    tracing::warn!("the election key is gone: not the leader any more");
+                    break;
+                }
+                Err(e) => tracing::warn!("cannot write the in-sync replica set: {e}"),
+            }
         }
         tracing::warn!("lease lost: fenced, no longer leading");
         tokio::task::spawn_blocking(move || leading.stop())

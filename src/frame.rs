@@ -27,6 +27,8 @@ pub const FRAME_LEN_FIELD_BYTES: usize = 4;
 pub const KEEPALIVE_INTERVAL_MS: u64 = 500;
 /// A follower that hears nothing from its leader for this long drops the connection.
 pub const LEADER_SILENCE_TIMEOUT_MS: u64 = 5000;
+/// The longest node id a NODE_ID frame may carry.
+pub const MAX_NODE_ID_BYTES: usize = 256;
 /// A connection must send its preamble and a valid AUTH within this, or the leader closes it.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
@@ -49,6 +51,7 @@ const T_TRUNCATE: u8 = 0x23;
 const T_DELETE: u8 = 0x24;
 const T_MARK: u8 = 0x25;
 const T_ACK: u8 = 0x30;
+const T_NODE_ID: u8 = 0x14;
 
 const DATA_FLAG_TEMP: u8 = 0x01;
 const MARK_FLAG_SYNC_DONE: u8 = 0x01;
@@ -258,6 +261,9 @@ pub enum Frame {
         count: u64,
         durability: Durability,
     },
+    NodeId {
+        id: String,
+    },
     Data {
         temp: bool,
         offset: u64,
@@ -300,6 +306,7 @@ impl Frame {
             Frame::IndexEnd { .. } => "INDEX_END",
             Frame::Have { .. } => "HAVE",
             Frame::HaveEnd { .. } => "HAVE_END",
+            Frame::NodeId { .. } => "NODE_ID",
             Frame::Data { .. } => "DATA",
             Frame::BeginWhole { .. } => "BEGIN_WHOLE",
             Frame::CommitWhole { .. } => "COMMIT_WHOLE",
@@ -373,6 +380,12 @@ impl Frame {
                 out.push(T_HAVE_END);
                 out.extend_from_slice(&count.to_le_bytes());
                 out.push(*durability as u8);
+            }
+            Frame::NodeId { id } => {
+                debug_assert!(!id.is_empty() && id.len() <= MAX_NODE_ID_BYTES);
+                out.push(T_NODE_ID);
+                out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+                out.extend_from_slice(id.as_bytes());
             }
             Frame::Data {
                 temp,
@@ -473,6 +486,7 @@ fn type_name(t: u8) -> Result<&'static str, FrameError> {
         T_INDEX_END => "INDEX_END",
         T_HAVE => "HAVE",
         T_HAVE_END => "HAVE_END",
+        T_NODE_ID => "NODE_ID",
         T_DATA => "DATA",
         T_BEGIN_WHOLE => "BEGIN_WHOLE",
         T_COMMIT_WHOLE => "COMMIT_WHOLE",
@@ -524,6 +538,18 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
             let durability = Durability::from_u8(level)
                 .ok_or_else(|| r.malformed(format!("unknown durability level {level}")))?;
             Frame::HaveEnd { count, durability }
+        }
+        T_NODE_ID => {
+            let len = usize::from(r.u16()?);
+            if len == 0 || len > MAX_NODE_ID_BYTES {
+                return Err(r.malformed(format!(
+                    "node id of {len} bytes is outside 1..=MAX_NODE_ID_BYTES ({MAX_NODE_ID_BYTES})"
+                )));
+            }
+            let id = std::str::from_utf8(r.bytes(len)?)
+                .map_err(|_| r.malformed("node id is not UTF-8".into()))?
+                .to_string();
+            Frame::NodeId { id }
         }
         T_DATA => {
             let flags = r.u8()?;
@@ -808,6 +834,7 @@ mod tests {
                 digest: d,
                 path: p
             }),
+            "[a-z0-9.:]{1,64}".prop_map(|id| Frame::NodeId { id }),
             (any::<u64>(), 0u8..3).prop_map(|(c, d)| Frame::HaveEnd {
                 count: c,
                 durability: Durability::from_u8(d).unwrap()

@@ -72,6 +72,8 @@ impl LeaderConfig {
 #[derive(Debug, Clone)]
 pub struct FollowerInfo {
     pub id: u64,
+    /// The node id the follower named itself with (NODE_ID), if any.
+    pub node_id: Option<String>,
     pub peer: SocketAddr,
     pub lag: LagSnapshot,
     pub payload_bytes_sent: u64,
@@ -100,6 +102,7 @@ struct Slot {
     lag: Option<LagSnapshot>,
     view: Option<LagView>,
     payload_bytes_sent: u64,
+    node_id: Option<String>,
     files_sent: u64,
     sync_bytes: Option<(u64, u64)>,
     disconnected_at: Option<Instant>,
@@ -301,6 +304,7 @@ impl Leader {
                 }
                 Some(FollowerInfo {
                     id,
+                    node_id: slot.node_id.clone(),
                     peer: slot.peer,
                     lag,
                     payload_bytes_sent: slot.payload_bytes_sent,
@@ -510,6 +514,7 @@ impl ConnCtx {
                 lag: None,
                 view: None,
                 payload_bytes_sent: 0,
+                node_id: None,
                 files_sent: 0,
                 sync_bytes: None,
                 disconnected_at: None,
@@ -790,6 +795,7 @@ fn publish(ctx: &ConnCtx, id: u64, session: &LeaderSession, position: u64, now: 
         }
         slot.payload_bytes_sent = session.bytes_payload_total();
         slot.files_sent = session.files_whole_total();
+        slot.node_id = session.node_id().map(str::to_string);
         slot.sync_bytes = session.sync_progress();
     }
     drop(hub);

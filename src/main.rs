@@ -316,6 +316,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine: io_engine,
                 status,
                 stop: Default::default(),
+                node_id: None,
             };
             let report = ferry::follower::run(config)?;
             if once {

@@ -150,6 +150,14 @@ fn a_killed_leader_is_replaced_and_every_node_converges() {
     assert!(role(&nodes[first]).contains("\"role\": \"leader\""));
     assert!(role(&nodes[others[0]]).contains("\"role\": \"follower\""));
 
+    // Only nodes in the in-sync replica set may take over: wait until both followers are in it.
+    let mut all: Vec<String> = nodes.iter().map(|n| n.advertise.clone()).collect();
+    all.sort();
+    nodes[first].proc.wait_log(
+        &format!("in-sync replica set: {}", all.join(",")),
+        Duration::from_secs(20),
+    );
+
     // kill -9 the leader: another is elected, and the last one follows it.
     let mut nodes = nodes;
     let killed_at = Instant::now();
@@ -300,4 +308,46 @@ fn the_secret_can_live_in_etcd_and_a_diverged_copy_is_cut_back_with_a_log_line()
         Duration::from_secs(30),
     );
     wait_identical(&b_dir, &a_dir, Duration::from_secs(20));
+}
+
+#[test]
+fn the_leader_keeps_the_in_sync_replica_set_in_etcd_and_drops_a_stopped_follower() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| start_node(&env, &etcd.url, &env.dir(&format!("n{i}")), free_port()))
+        .collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let leader = wait_leader(&refs, Duration::from_secs(30));
+    let mut all: Vec<String> = nodes.iter().map(|n| n.advertise.clone()).collect();
+    all.sort();
+    nodes[leader].proc.wait_log(
+        &format!("in-sync replica set: {}", all.join(",")),
+        Duration::from_secs(20),
+    );
+    // Stop one follower: the leader marks it lagging and the ISR shrinks without it.
+    let stopped = (0..3).find(|&i| i != leader).unwrap();
+    let pid = nodes[stopped].proc.child.id() as i32;
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    write(&nodes[leader].dir.join("seg"), &pattern(10_000, 4));
+    let mut rest: Vec<String> = all
+        .iter()
+        .filter(|a| **a != nodes[stopped].advertise)
+        .cloned()
+        .collect();
+    rest.sort();
+    nodes[leader].proc.wait_log(
+        &format!("in-sync replica set: {}", rest.join(",")),
+        Duration::from_secs(20),
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // Back and caught up, it is in sync again.
+    wait_identical(
+        &nodes[leader].dir,
+        &nodes[stopped].dir,
+        Duration::from_secs(30),
+    );
+    drop(etcd);
 }

@@ -53,6 +53,8 @@ pub struct FollowConfig {
     pub status: Arc<Mutex<FollowerSelf>>,
     /// Set to stop following (checked after every read and between connections).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Named to the leader in NODE_ID (`ferry node` uses its advertised address).
+    pub node_id: Option<String>,
 }
 
 /// What one connection achieved.
@@ -177,10 +179,11 @@ async fn follow_once(
         st.sync_done = false;
         st.watermarks = [0; 3];
     }
-    let session = Rc::new(RefCell::new(FollowerSession::new(
+    let session = Rc::new(RefCell::new(FollowerSession::with_node_id(
         config.secret.clone(),
         random_nonce()?,
         config.durability,
+        config.node_id.clone(),
     )));
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::task::spawn_local(write_loop(conn.clone(), out_rx));

@@ -80,6 +80,8 @@ pub struct HaveEntry {
 }
 
 pub struct FollowerSession {
+    /// Sent in NODE_ID before the inventory, when set.
+    node_id: Option<String>,
     secret: Secret,
     follower_nonce: Nonce,
     pending_leader_nonce: Option<Nonce>,
@@ -93,12 +95,24 @@ pub struct FollowerSession {
     acked_level: u64,
     mark_last: u64,
     sync_done_position: Option<u64>,
+    sync_done_acked: bool,
 }
 
 impl FollowerSession {
     /// A session about to talk to a leader: the preamble is queued.
     pub fn new(secret: Secret, follower_nonce: Nonce, durability: Durability) -> FollowerSession {
+        FollowerSession::with_node_id(secret, follower_nonce, durability, None)
+    }
+
+    /// Like `new`, for a follower that names itself to the leader (NODE_ID) as `node_id`.
+    pub fn with_node_id(
+        secret: Secret,
+        follower_nonce: Nonce,
+        durability: Durability,
+        node_id: Option<String>,
+    ) -> FollowerSession {
         FollowerSession {
+            node_id,
             secret,
             follower_nonce,
             pending_leader_nonce: None,
@@ -111,6 +125,7 @@ impl FollowerSession {
             acked_level: 0,
             mark_last: 0,
             sync_done_position: None,
+            sync_done_acked: false,
         }
     }
 
@@ -327,6 +342,9 @@ impl FollowerSession {
         if self.phase != FollowerPhase::AwaitInventory {
             return;
         }
+        if let Some(id) = self.node_id.clone() {
+            Frame::NodeId { id }.encode(&mut self.out);
+        }
         let count = haves.len() as u64;
         for have in haves {
             Frame::Have {
@@ -363,9 +381,14 @@ impl FollowerSession {
             return false;
         }
         let level = self.watermarks[self.durability.index()];
-        if level <= self.acked_level {
+        // The end of the initial sync is acked once even at position 0 (an empty index), so
+        // the leader learns the follower is in sync without waiting for a first write.
+        let sync_ack_due =
+            !self.sync_done_acked && self.sync_done_position.is_some_and(|p| level >= p);
+        if level <= self.acked_level && !sync_ack_due {
             return false;
         }
+        self.sync_done_acked |= sync_ack_due;
         self.acked_level = level;
         let [received, written, synced] = self.watermarks;
         Frame::Ack {

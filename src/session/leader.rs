@@ -115,6 +115,7 @@ pub struct LeaderSession {
     job: Option<Job>,
     round: Option<Round>,
     sync_done_sent: bool,
+    node_id: Option<String>,
     mark_last: Option<(u64, Instant)>,
     lag: LagTracker,
     bytes_payload_total: u64,
@@ -150,6 +151,7 @@ impl LeaderSession {
             job: None,
             round: None,
             sync_done_sent: false,
+            node_id: None,
             mark_last: None,
             lag: LagTracker::new(ack_timeout),
             bytes_payload_total: 0,
@@ -171,6 +173,11 @@ impl LeaderSession {
     /// Payload bytes this session has asked the shell to send.
     pub fn bytes_payload_total(&self) -> u64 {
         self.bytes_payload_total
+    }
+
+    /// The id the follower gave in NODE_ID, if any.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
     }
 
     /// Whole-file transfers committed on this connection.
@@ -305,6 +312,10 @@ impl LeaderSession {
                     )));
                 }
                 self.haves.insert(path, Have { len_bytes, digest });
+                Ok(())
+            }
+            (LeaderPhase::AwaitInventory, Frame::NodeId { id }) if self.node_id.is_none() => {
+                self.node_id = Some(id);
                 Ok(())
             }
             (LeaderPhase::AwaitInventory, Frame::HaveEnd { count, durability }) => {

@@ -629,3 +629,12 @@ fn the_initial_sync_reports_what_it_planned_and_what_it_sent() {
     }
     assert!(moved);
 }
+
+#[test]
+fn a_follower_of_an_empty_dir_is_in_sync_without_waiting_for_a_write() {
+    let mut sim = Sim::new(Files::new(), Files::new());
+    sim.run();
+    sim.assert_in_sync();
+    let snap = sim.leader.lag().snapshot(0, sim.now);
+    assert_eq!(snap.state, FollowerState::Streaming, "{snap:?}");
+}
