@@ -10,7 +10,6 @@
 //! Not yet here (issue 4 stays open): only in-sync followers campaigning (the ISR kept in etcd),
 //! the shared secret stored in etcd, handoff, and the embedding API for role callbacks.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +23,8 @@ use etcd_client::Client;
 use crate::auth::Secret;
 use crate::engine::EngineKind;
 use crate::frame::Durability;
-use crate::index::scan;
-use crate::leader::{Leader, LeaderConfig};
-use crate::paths::DataDir;
+use crate::leader::{Leader, LeaderConfig, WatchedLeader};
 use crate::status::FollowerSelf;
-use crate::watch::{Change, Watcher};
 
 /// Lease time-to-live by default: a dead leader is replaced within about this long.
 pub const LEASE_TTL_S_DEFAULT: i64 = 2;
@@ -69,11 +65,7 @@ fn set_role(shared: &SharedRole, role: Role) {
 fn node_status(shared: &SharedRole, engine: &str) -> crate::status::Status {
     let role = shared.lock().map(|r| r.clone()).unwrap_or(Role::Candidate);
     match role {
-        Role::Leading(leader) => crate::status::Status::Leader {
-            engine: leader.engine().name().to_string(),
-            position: leader.position(),
-            followers: leader.followers().iter().map(Into::into).collect(),
-        },
+        Role::Leading(leader) => leader.status(),
         Role::Following(me) => crate::status::Status::Follower {
             engine: engine.to_string(),
             me: me.lock().map(|m| m.clone()).unwrap_or_default(),
@@ -128,57 +120,6 @@ impl FollowerRun {
     fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.thread.join();
-    }
-}
-
-/// The leader side: the engine plus the inotify watcher that feeds it.
-struct LeaderRun {
-    leader: Arc<Leader>,
-    watcher: Watcher,
-}
-
-impl LeaderRun {
-    fn start(config: &NodeConfig) -> anyhow::Result<LeaderRun> {
-        let dir = DataDir::open(&config.data_dir)?;
-        let files = scan(&dir)?;
-        let known: HashMap<_, _> = files
-            .iter()
-            .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
-            .collect();
-        let mut lc = LeaderConfig::new(&config.data_dir, config.listen, config.secret.clone());
-        lc.engine = config.engine;
-        let leader = Arc::new(Leader::start(
-            lc,
-            files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
-        )?);
-        let sink = {
-            let leader = leader.clone();
-            Box::new(move |change: Change| {
-                let r = match &change {
-                    Change::Grew {
-                        path,
-                        from_bytes,
-                        to_bytes,
-                    } => leader.append(path.as_str(), *from_bytes, to_bytes - from_bytes),
-                    Change::Rewritten { path, len_bytes } => {
-                        leader.replace_file_with_len(path.as_str(), *len_bytes)
-                    }
-                    Change::Removed { path } => leader.delete_file(path.as_str()),
-                };
-                if let Err(e) = r {
-                    tracing::warn!("ignoring {change:?}: {e}");
-                }
-            })
-        };
-        let watcher = Watcher::start(&config.data_dir, known, sink)?;
-        Ok(LeaderRun { leader, watcher })
-    }
-
-    fn stop(self) {
-        self.watcher.stop();
-        if let Ok(leader) = Arc::try_unwrap(self.leader) {
-            leader.shutdown();
-        }
     }
 }
 
@@ -424,7 +365,12 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
         );
         let leading = {
             let c = config.clone();
-            tokio::task::spawn_blocking(move || LeaderRun::start(&c)).await??
+            tokio::task::spawn_blocking(move || {
+                let mut lc = LeaderConfig::new(&c.data_dir, c.listen, c.secret.clone());
+                lc.engine = c.engine;
+                WatchedLeader::start(lc)
+            })
+            .await??
         };
         set_role(&role, Role::Leading(leading.leader.clone()));
         run_hook(&config.on_leader_elected, "on-leader-elected");

@@ -7,15 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-
 use ferry::auth::Secret;
 use ferry::engine::EngineKind;
-use ferry::index::scan;
 use ferry::lag::FollowerState;
-use ferry::leader::{Leader, LeaderConfig};
-use ferry::paths::DataDir;
-use ferry::watch::{Change, Watcher};
+use ferry::leader::{Leader, LeaderConfig, WatchedLeader};
 
 pub fn run(
     data_dir: PathBuf,
@@ -26,26 +21,11 @@ pub fn run(
     http: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let signals = block_termination_signals()?;
-    let dir = DataDir::open(&data_dir)
-        .with_context(|| format!("cannot open the data dir {}", data_dir.display()))?;
-    let files = scan(&dir).with_context(|| format!("cannot scan {}", data_dir.display()))?;
-    let known: HashMap<_, _> = files
-        .iter()
-        .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
-        .collect();
-    let total_bytes: u64 = files.iter().map(|m| m.len_bytes).sum();
-    tracing::info!(
-        "{} files, {total_bytes} bytes in {}",
-        files.len(),
-        data_dir.display()
-    );
     let mut config = LeaderConfig::new(&data_dir, listen, secret);
     config.engine = engine;
     config.ack_timeout = Duration::from_millis(ack_timeout_ms);
-    let leader = Arc::new(Leader::start(
-        config,
-        files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
-    )?);
+    let watched = WatchedLeader::start(config)?;
+    let leader = watched.leader.clone();
     let _http = match http {
         Some(addr) => {
             let leader = leader.clone();
@@ -64,27 +44,6 @@ pub fn run(
     };
     // The line tests and scripts wait for; it carries the actual port when ADDR had port 0.
     tracing::info!("listening on {}", leader.local_addr());
-    let sink = {
-        let leader = leader.clone();
-        Box::new(move |change: Change| {
-            let result = match &change {
-                Change::Grew {
-                    path,
-                    from_bytes,
-                    to_bytes,
-                } => leader.append(path.as_str(), *from_bytes, to_bytes - from_bytes),
-                Change::Rewritten { path, len_bytes } => {
-                    leader.replace_file_with_len(path.as_str(), *len_bytes)
-                }
-                Change::Removed { path } => leader.delete_file(path.as_str()),
-            };
-            if let Err(e) = result {
-                tracing::warn!("ignoring {change:?}: {e}");
-            }
-        })
-    };
-    let watcher = Watcher::start(&data_dir, known, sink)
-        .with_context(|| format!("cannot watch {} with inotify", data_dir.display()))?;
     let notifier = ferry::notify::Notifier::from_env();
     notifier.ready(&format!(
         "leading {} on {}",
@@ -115,11 +74,9 @@ pub fn run(
             .count();
         notifier.status(&format!("{connected} followers, {lagging} lagging"));
     }
-    watcher.stop();
     drop(_http);
-    if let Ok(leader) = Arc::try_unwrap(leader) {
-        leader.shutdown();
-    }
+    drop(leader);
+    watched.stop();
     Ok(())
 }
 

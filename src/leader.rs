@@ -27,11 +27,12 @@ use crate::auth::{random_nonce, Secret};
 use crate::catalog::Catalog;
 use crate::engine::{self, Conn, EngineKind, Listener};
 use crate::frame::{Durability, ErrorCode, Frame};
-use crate::index::DigestCache;
+use crate::index::{scan, DigestCache};
 use crate::lag::{FollowerState, LagSnapshot, LagView, ACK_TIMEOUT_MS_DEFAULT};
 use crate::paths::{DataDir, PathError, RelPath};
 use crate::session::leader::{LeaderSession, Transmit};
 use crate::session::SessionError;
+use crate::watch::{Change, Watcher};
 
 /// Bytes read from a follower's socket per read.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -269,6 +270,30 @@ impl Leader {
         Ok(self.record(&rel, |c| c.replace(&rel, len_bytes)))
     }
 
+    /// Records a change the inotify watcher saw.
+    pub fn apply(&self, change: &Change) -> Result<u64, ChangeError> {
+        match change {
+            Change::Grew {
+                path,
+                from_bytes,
+                to_bytes,
+            } => self.append(path.as_str(), *from_bytes, to_bytes - from_bytes),
+            Change::Rewritten { path, len_bytes } => {
+                self.replace_file_with_len(path.as_str(), *len_bytes)
+            }
+            Change::Removed { path } => self.delete_file(path.as_str()),
+        }
+    }
+
+    /// The facts `--http` reports about this leader.
+    pub fn status(&self) -> crate::status::Status {
+        crate::status::Status::Leader {
+            engine: self.engine().name().to_string(),
+            position: self.position(),
+            followers: self.followers().iter().map(Into::into).collect(),
+        }
+    }
+
     pub fn delete_file(&self, path: &str) -> Result<u64, ChangeError> {
         let rel = RelPath::new(path)?;
         Ok(self.record(&rel, |c| c.delete(&rel)))
@@ -386,6 +411,59 @@ impl Leader {
         self.shared.shutdown.notify_waiters();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// A leader fed by the inotify watcher on its data dir: `ferry lead`, and `ferry node` while
+/// elected. Every file found at start is registered; later writes reach it as changes.
+pub struct WatchedLeader {
+    pub leader: Arc<Leader>,
+    watcher: Watcher,
+}
+
+impl WatchedLeader {
+    pub fn start(config: LeaderConfig) -> io::Result<WatchedLeader> {
+        let data_dir = config.data_dir.clone();
+        let files = scan(&DataDir::open(&data_dir)?).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
+        })?;
+        let known: HashMap<_, _> = files
+            .iter()
+            .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
+            .collect();
+        tracing::info!(
+            "{} files, {} bytes in {}",
+            files.len(),
+            files.iter().map(|m| m.len_bytes).sum::<u64>(),
+            data_dir.display()
+        );
+        let leader = Arc::new(Leader::start(
+            config,
+            files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
+        )?);
+        let sink = {
+            let leader = leader.clone();
+            Box::new(move |change: Change| {
+                if let Err(e) = leader.apply(&change) {
+                    tracing::warn!("ignoring {change:?}: {e}");
+                }
+            })
+        };
+        let watcher = Watcher::start(&data_dir, known, sink).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot watch {} with inotify: {e}", data_dir.display()),
+            )
+        })?;
+        Ok(WatchedLeader { leader, watcher })
+    }
+
+    /// Stops watching, then serving.
+    pub fn stop(self) {
+        self.watcher.stop();
+        if let Ok(leader) = Arc::try_unwrap(self.leader) {
+            leader.shutdown();
         }
     }
 }
