@@ -95,6 +95,10 @@ struct Args {
     /// I/O engine for the leader and the followers.
     #[arg(long, value_name = "uring|fallback")]
     io_engine: Option<EngineKind>,
+    /// Before the run, measure the disk's raw write rate the way `dd bs=1M conv=fdatasync` does
+    /// (this many MiB into the run's directory), and report the run against it.
+    #[arg(long, value_name = "MIB")]
+    dd_baseline: Option<u64>,
     /// Where to put the data dirs (default: a new temporary directory, removed at the end).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -231,6 +235,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
+    let dd_mb_per_s = match args.dd_baseline {
+        Some(mib) => Some(dd_baseline(&root, mib)?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         in_fault: AtomicBool::new(false),
@@ -466,6 +474,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         stalls,
         converged_s,
         checksums_match,
+        dd_mb_per_s,
     };
     print!("{}", report.text());
     if let Some(path) = &args.json {
@@ -482,6 +491,25 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     Ok(checksums_match)
+}
+
+/// MB/s of writing `mib` MiB in 1 MiB writes and one fdatasync, as `dd bs=1M conv=fdatasync`.
+fn dd_baseline(root: &Path, mib: u64) -> anyhow::Result<f64> {
+    use std::io::Write as _;
+    let path = root.join("dd-baseline");
+    let block = vec![0x5a_u8; 1024 * 1024];
+    let started = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    for _ in 0..mib {
+        f.write_all(&block)?;
+    }
+    f.sync_data()?;
+    let secs = started.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    let rate = (mib * 1024 * 1024) as f64 / 1e6 / secs;
+    eprintln!("dd baseline: {mib} MiB in {secs:.2} s = {rate:.1} MB/s");
+    Ok(rate)
 }
 
 fn start_lead(

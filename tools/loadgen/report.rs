@@ -42,6 +42,8 @@ pub struct Report {
     pub stalls: u64,
     pub converged_s: Option<f64>,
     pub checksums_match: bool,
+    /// `--dd-baseline`: the disk's raw rate measured before the run.
+    pub dd_mb_per_s: Option<f64>,
 }
 
 pub fn histogram() -> Histogram<u64> {
@@ -97,6 +99,12 @@ impl Report {
         self.bytes as f64 / 1e6 / self.elapsed_s.max(1e-9)
     }
 
+    /// MB/s counting until every follower held everything (writing plus catching up).
+    pub fn acked_mb_per_s(&self) -> Option<f64> {
+        let total_s = self.elapsed_s + self.converged_s?;
+        Some(self.bytes as f64 / 1e6 / total_s.max(1e-9))
+    }
+
     pub fn text(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -131,6 +139,14 @@ impl Report {
                 self.stalls,
                 quantiles_text(&self.append_to_ack_fault_us, "us"),
                 quantiles_text(&self.append_call_fault_ns, "ns")
+            );
+        }
+        if let (Some(dd), Some(acked)) = (self.dd_mb_per_s, self.acked_mb_per_s()) {
+            let _ = writeln!(
+                s,
+                "  acked at {}: {acked:.1} MB/s = {:.2}x the dd baseline ({dd:.1} MB/s)",
+                self.durability,
+                acked / dd
             );
         }
         for u in std::iter::once(&self.leader).chain(&self.follower_usage) {
@@ -213,6 +229,18 @@ impl Report {
             "  \"converged_s\": {},",
             self.converged_s
                 .map_or("null".into(), |t| format!("{t:.3}"))
+        );
+        let _ = writeln!(
+            s,
+            "  \"acked_mb_per_s\": {},",
+            self.acked_mb_per_s()
+                .map_or("null".into(), |v| format!("{v:.3}"))
+        );
+        let _ = writeln!(
+            s,
+            "  \"dd_baseline_mb_per_s\": {},",
+            self.dd_mb_per_s
+                .map_or("null".into(), |v| format!("{v:.3}"))
         );
         let _ = writeln!(s, "  \"checksums_match\": {}", self.checksums_match);
         s.push_str("}\n");
