@@ -258,3 +258,26 @@ fn a_connection_closed_in_the_middle_of_a_frame_leaves_the_leader_serving() {
         .wait_log("disconnected", Duration::from_secs(10));
     assert_still_serving(&env, leader.addr);
 }
+
+#[test]
+fn hundreds_of_idle_and_garbage_connections_leave_a_real_follower_unaffected() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("seg"), &pattern(1_000_000, 7));
+    let leader = start_leader(&env, &ld, "uring");
+    // 300 connections that say nothing, and 100 that send garbage and stay open.
+    let mut idle: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(leader.addr).unwrap())
+        .collect();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(leader.addr).unwrap();
+        let _ = s.write_all(&[0xff; 64]);
+        idle.push(s);
+    }
+    // A real follower syncs and then streams a change, while all of them hang around.
+    let _follower = start_follower(&env, &fd, leader.addr, "uring", "synced");
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+    write(&ld.join("seg2"), &pattern(300_000, 8));
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+    drop(idle);
+}
