@@ -59,11 +59,11 @@ struct Node {
     proc: Proc,
     dir: PathBuf,
     advertise: String,
-    args: (String, PathBuf),
 }
 
-fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
-    let advertise = format!("127.0.0.1:{port}");
+/// `ferry node` with the settings every test shares (2 s lease, fallback engine), listening and
+/// advertising on `advertise`. The caller adds the secret and anything else.
+fn node_cmd(etcd: &str, dir: &Path, advertise: &str) -> Command {
     let mut cmd = ferry();
     cmd.args([
         "node",
@@ -71,26 +71,29 @@ fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
         "2",
         "--io-engine",
         "fallback",
-        "--http",
-        "127.0.0.1:0",
         "--etcd",
         etcd,
     ])
     .args([
         "--listen",
-        &advertise,
+        advertise,
         "--advertise",
-        &advertise,
+        advertise,
         "--data-dir",
     ])
-    .arg(dir)
-    .arg("--secret-file")
-    .arg(&env.secret_file);
+    .arg(dir);
+    cmd
+}
+
+fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
+    let advertise = format!("127.0.0.1:{port}");
+    let mut cmd = node_cmd(etcd, dir, &advertise);
+    cmd.args(["--http", "127.0.0.1:0", "--secret-file"])
+        .arg(&env.secret_file);
     Node {
         proc: Proc::spawn(cmd),
         dir: dir.to_path_buf(),
         advertise,
-        args: (etcd.to_string(), dir.to_path_buf()),
     }
 }
 
@@ -182,7 +185,6 @@ fn a_killed_leader_is_replaced_and_every_node_converges() {
     );
 
     // The old leader comes back as a follower and converges.
-    let (etcd_url, dir) = nodes[first].args.clone();
     let port: u16 = nodes[first]
         .advertise
         .rsplit(':')
@@ -190,7 +192,7 @@ fn a_killed_leader_is_replaced_and_every_node_converges() {
         .unwrap()
         .parse()
         .unwrap();
-    let back = start_node(&env, &etcd_url, &dir, port);
+    let back = start_node(&env, &etcd.url, &nodes[first].dir, port);
     back.proc.wait_log(
         &format!("following the leader at {}", nodes[second].advertise),
         Duration::from_secs(20),
@@ -207,30 +209,13 @@ fn a_leader_cut_off_from_etcd_is_fenced_within_the_lease_ttl_and_runs_its_hooks(
     let advertise = format!("127.0.0.1:{port}");
     let elected_marker = env.tmp.path().join("elected");
     let lost_marker = env.tmp.path().join("lost");
-    let mut cmd = ferry();
-    cmd.args([
-        "node",
-        "--lease-ttl",
-        "2",
-        "--io-engine",
-        "fallback",
-        "--etcd",
-        &etcd.url,
-    ])
-    .args([
-        "--listen",
-        &advertise,
-        "--advertise",
-        &advertise,
-        "--data-dir",
-    ])
-    .arg(env.dir("n0"))
-    .arg("--secret-file")
-    .arg(&env.secret_file)
-    .arg("--on-leader-elected")
-    .arg(format!("touch {}", elected_marker.display()))
-    .arg("--on-leader-lost")
-    .arg(format!("touch {}", lost_marker.display()));
+    let mut cmd = node_cmd(&etcd.url, &env.dir("n0"), &advertise);
+    cmd.arg("--secret-file")
+        .arg(&env.secret_file)
+        .arg("--on-leader-elected")
+        .arg(format!("touch {}", elected_marker.display()))
+        .arg("--on-leader-lost")
+        .arg(format!("touch {}", lost_marker.display()));
     let node = Proc::spawn(cmd);
     node.wait_log("elected leader", Duration::from_secs(30));
     node.wait_log("on-leader-elected hook ran", Duration::from_secs(10));
@@ -271,25 +256,8 @@ fn the_secret_can_live_in_etcd_and_a_diverged_copy_is_cut_back_with_a_log_line()
     let etcd = start_etcd(&env.dir("etcd"));
     let spawn = |dir: &Path| {
         let advertise = format!("127.0.0.1:{}", free_port());
-        let mut cmd = ferry();
-        cmd.args([
-            "node",
-            "--secret-from-etcd",
-            "--lease-ttl",
-            "2",
-            "--io-engine",
-            "fallback",
-        ])
-        .args([
-            "--etcd",
-            &etcd.url,
-            "--listen",
-            &advertise,
-            "--advertise",
-            &advertise,
-        ])
-        .arg("--data-dir")
-        .arg(dir);
+        let mut cmd = node_cmd(&etcd.url, dir, &advertise);
+        cmd.arg("--secret-from-etcd");
         (Proc::spawn(cmd), advertise)
     };
     // B leads with a 100-byte segment; A comes back with the same 100 bytes plus 50 that B never
