@@ -38,6 +38,8 @@ use apply::{disk_error, Apply};
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a sleeping follower looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Clone)]
 pub struct FollowConfig {
@@ -142,8 +144,21 @@ async fn follow_loop(
         if started.elapsed() > RECONNECT_BACKOFF_MAX {
             backoff = RECONNECT_BACKOFF_MIN;
         }
-        tokio::time::sleep(backoff).await;
+        sleep_unless_stopped(backoff, &config.stop).await;
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+}
+
+/// Sleeps for `duration`, or less if `stop` is set meanwhile: a node that was just elected must
+/// not wait out its follower's reconnect backoff before it can lead.
+async fn sleep_unless_stopped(duration: Duration, stop: &std::sync::atomic::AtomicBool) {
+    let deadline = Instant::now() + duration;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(STOP_POLL)).await;
     }
 }
 
