@@ -29,6 +29,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::index::mtime_ns;
@@ -70,6 +72,8 @@ struct Seen {
 
 pub struct Watcher {
     stop: OwnedFd,
+    /// Set before signalling `stop`: rescan the whole tree once more before exiting.
+    rescan_on_stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -138,17 +142,28 @@ impl Watcher {
         state.add_tree("")?;
         state.rescan();
         let stop_fd = stop.as_raw_fd();
+        let rescan_on_stop = Arc::new(AtomicBool::new(false));
+        let rescan = rescan_on_stop.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-watch".into())
-            .spawn(move || state.run(stop_fd))?;
+            .spawn(move || state.run(stop_fd, &rescan))?;
         Ok(Watcher {
             stop,
+            rescan_on_stop,
             thread: Some(thread),
         })
     }
 
     /// Stops watching and joins the thread.
     pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Reports every change made up to now, then stops: the thread handles the events already
+    /// queued and compares the whole tree once more with what it reported. For a final drain,
+    /// once the writer has stopped.
+    pub fn flush_and_stop(mut self) {
+        self.rescan_on_stop.store(true, Ordering::SeqCst);
         self.shutdown();
     }
 
@@ -379,7 +394,7 @@ impl State {
         }
     }
 
-    fn run(mut self, stop_fd: i32) {
+    fn run(mut self, stop_fd: i32, rescan_on_stop: &AtomicBool) {
         let mut buf = vec![0u8; EVENT_BUFFER_BYTES];
         loop {
             let mut fds = [
@@ -405,6 +420,9 @@ impl State {
                 return;
             }
             if fds[1].revents != 0 {
+                if rescan_on_stop.load(Ordering::SeqCst) {
+                    self.rescan();
+                }
                 return;
             }
             let mut events = Vec::new();
@@ -631,6 +649,34 @@ mod tests {
             }
         );
         w.stop();
+    }
+
+    #[test]
+    fn flush_and_stop_reports_a_write_made_just_before_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
+        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path().join("seg"))
+            .unwrap()
+            .write_all(b"678")
+            .unwrap();
+        std::fs::write(tmp.path().join("new.json"), b"{}").unwrap();
+        // No waiting: the events may still sit in inotify's queue or in the settle window.
+        w.flush_and_stop();
+        let got: Vec<Change> = rx.try_iter().collect();
+        assert!(
+            got.iter()
+                .any(|c| matches!(c, Change::Grew { to_bytes: 8, .. })),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(
+                |c| matches!(c, Change::Rewritten { path, .. } if path.as_str() == "new.json")
+            ),
+            "{got:?}"
+        );
     }
 
     #[test]
