@@ -137,7 +137,7 @@ pub struct Leader {
     dir: Arc<DataDir>,
     local_addr: SocketAddr,
     engine: EngineKind,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Leader {
@@ -186,7 +186,7 @@ impl Leader {
             dir,
             local_addr,
             engine,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -377,6 +377,39 @@ impl Leader {
             .unwrap_or(0)
     }
 
+    /// Waits until the connected follower that named itself `node_id` acked `position` at
+    /// `durability`; false if `timeout` passed first. A handoff waits on its target this way.
+    pub fn wait_node_acked(
+        &self,
+        node_id: &str,
+        position: u64,
+        durability: Durability,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut hub = self.shared.lock();
+        loop {
+            let acked = hub
+                .slots
+                .values()
+                .filter(|s| s.disconnected_at.is_none() && s.node_id.as_deref() == Some(node_id))
+                .filter_map(|s| s.lag.as_ref())
+                .map(|lag| lag.acked[durability.index()])
+                .max();
+            let now = Instant::now();
+            if acked.is_some_and(|a| a >= position) {
+                return true;
+            }
+            if now >= deadline || self.is_stopped() {
+                return false;
+            }
+            hub = match self.shared.acked.wait_timeout(hub, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
     /// Waits until `done` holds for the position acked by `min_followers` at `durability` (or
     /// `timeout`); returns that position, `None` while fewer followers are connected.
     fn wait_until(
@@ -389,6 +422,9 @@ impl Leader {
         let deadline = Instant::now() + timeout;
         let mut hub = self.shared.lock();
         loop {
+            if self.is_stopped() {
+                return None;
+            }
             let acked = acked_in(&hub, durability, min_followers);
             let now = Instant::now();
             if acked.is_some_and(&done) || now >= deadline {
@@ -402,16 +438,27 @@ impl Leader {
     }
 
     /// Stops serving: followers are told the leader is shutting down.
-    pub fn shutdown(mut self) {
-        self.stop();
+    pub fn shutdown(self) {
+        self.stop_serving();
     }
 
-    fn stop(&mut self) {
+    /// Stops serving and returns once the server thread is gone: no follower is served or
+    /// heard from afterwards, and `wait_for` and friends answer at once. Changes recorded
+    /// after it are kept but shipped to no one. Through `&self` because a fenced node must stop
+    /// even while its embedder still holds the `Arc<Leader>` it was given.
+    pub fn stop_serving(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.shutdown.notify_waiters();
-        if let Some(t) = self.thread.take() {
+        self.shared.acked.notify_all();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
+    }
+
+    /// Whether `stop_serving` (or shutdown) ran.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
     }
 }
 
@@ -422,55 +469,69 @@ pub struct WatchedLeader {
     watcher: Watcher,
 }
 
+/// What a scan found: path -> (length in bytes, mtime in ns), the watcher's starting point.
+pub type Known = HashMap<RelPath, (u64, i64)>;
+
+/// Scans the data dir and starts a leader with every file found registered.
+pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
+    let data_dir = config.data_dir.clone();
+    let files = scan(&DataDir::open(&data_dir)?).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
+    })?;
+    let known: Known = files
+        .iter()
+        .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
+        .collect();
+    tracing::info!(
+        "{} files, {} bytes in {}",
+        files.len(),
+        files.iter().map(|m| m.len_bytes).sum::<u64>(),
+        data_dir.display()
+    );
+    let leader = Arc::new(Leader::start(
+        config,
+        files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
+    )?);
+    Ok((leader, known))
+}
+
+/// Feeds `leader` every change inotify sees in its data dir from now on (`known` being what
+/// the leader already has).
+pub fn watch(leader: &Arc<Leader>, known: Known) -> io::Result<Watcher> {
+    let data_dir = leader.data_dir().root().to_path_buf();
+    let sink = {
+        let leader = leader.clone();
+        Box::new(move |change: Change| {
+            if let Err(e) = leader.apply(&change) {
+                tracing::warn!("ignoring {change:?}: {e}");
+            }
+        })
+    };
+    Watcher::start(&data_dir, known, sink).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot watch {} with inotify: {e}", data_dir.display()),
+        )
+    })
+}
+
 impl WatchedLeader {
     pub fn start(config: LeaderConfig) -> io::Result<WatchedLeader> {
-        let data_dir = config.data_dir.clone();
-        let files = scan(&DataDir::open(&data_dir)?).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
-        })?;
-        let known: HashMap<_, _> = files
-            .iter()
-            .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
-            .collect();
-        tracing::info!(
-            "{} files, {} bytes in {}",
-            files.len(),
-            files.iter().map(|m| m.len_bytes).sum::<u64>(),
-            data_dir.display()
-        );
-        let leader = Arc::new(Leader::start(
-            config,
-            files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
-        )?);
-        let sink = {
-            let leader = leader.clone();
-            Box::new(move |change: Change| {
-                if let Err(e) = leader.apply(&change) {
-                    tracing::warn!("ignoring {change:?}: {e}");
-                }
-            })
-        };
-        let watcher = Watcher::start(&data_dir, known, sink).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot watch {} with inotify: {e}", data_dir.display()),
-            )
-        })?;
+        let (leader, known) = start_scanned(config)?;
+        let watcher = watch(&leader, known)?;
         Ok(WatchedLeader { leader, watcher })
     }
 
     /// Stops watching, then serving.
     pub fn stop(self) {
         self.watcher.stop();
-        if let Ok(leader) = Arc::try_unwrap(self.leader) {
-            leader.shutdown();
-        }
+        self.leader.stop_serving();
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.stop();
+        self.stop_serving();
     }
 }
 
