@@ -7,9 +7,11 @@
 //! etcd) it is fenced: it stops leading at once, runs the on-leader-lost hook, and campaigns
 //! again as a follower.
 //!
-//! Not yet here (issue 4 stays open): only in-sync followers campaigning (the ISR kept in etcd),
-//! the shared secret stored in etcd, handoff, and the embedding API for role callbacks.
+//! Only members of the in-sync replica set (kept by the leader at `PREFIX/isr`) campaign.
+//! `ferry handoff` moves leadership with zero loss (see `handoff`), and `Node` runs the same
+//! election inside an embedding broker, telling it its role through `RoleEvent`s.
 
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +25,7 @@ use etcd_client::Client;
 use crate::auth::Secret;
 use crate::engine::EngineKind;
 use crate::frame::Durability;
-use crate::leader::{Leader, LeaderConfig, WatchedLeader};
+use crate::leader::{Leader, LeaderConfig};
 use crate::status::FollowerSelf;
 
 /// Lease time-to-live by default: a dead leader is replaced within about this long.
@@ -125,6 +127,7 @@ impl FollowerRun {
 
 fn run_hook(hook: &Option<String>, what: &str) {
     if let Some(cmd) = hook {
+        tracing::info!("running the {what} hook: {cmd}");
         match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
             Ok(s) if s.success() => tracing::info!("{what} hook ran: {cmd}"),
             Ok(s) => tracing::warn!("{what} hook {cmd:?} exited with {s}"),
@@ -207,17 +210,261 @@ async fn write_isr(
     Ok(client.txn(txn).await?.succeeded())
 }
 
-/// Runs the node until the process is killed.
+/// What a node tells its embedder (or `ferry node`'s hooks) about its role. Called on a
+/// blocking thread, never on the node's own: a slow callback delays the role change it answers,
+/// not the lease keepalives.
+pub enum RoleEvent {
+    /// Elected and serving followers. With `Feed::Library` the embedder now writes and reports
+    /// its writes to this leader (`append`, `replace_file`, ...).
+    Elected(Arc<Leader>),
+    /// A handoff to node `to` starts its final drain: stop writing before returning. What was
+    /// written until then reaches `to` before this node resigns.
+    Draining { to: String },
+    /// No longer leading: fenced, handed off, or leaving. The `Arc<Leader>` given at election
+    /// no longer serves anyone.
+    Lost,
+    /// Following the leader whose replication address is `leader`.
+    Following { leader: String },
+}
+
+pub type RoleCallback = Box<dyn FnMut(RoleEvent) + Send>;
+
+/// How the leader learns of writes while this node leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// inotify on the data dir (`ferry node` beside an unmodified application).
+    Watch,
+    /// The embedder calls the `Leader` it receives with `RoleEvent::Elected`.
+    Library,
+}
+
+/// A node running on its own thread, for embedders: `leave` stops it (resigning at once if it
+/// leads, so another node takes over without waiting for the lease to lapse).
+pub struct Node {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    pub fn start(config: NodeConfig, feed: Feed, on_role: RoleCallback) -> io::Result<Node> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("ferry-node".into())
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(node_loop(config, feed, on_role, stop))
+                })?
+        };
+        Ok(Node {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Leaves the cluster: stops leading or following and revokes the lease. Returns the
+    /// error that stopped the node early, if one did.
+    pub fn leave(mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(anyhow::anyhow!("the node's thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `ferry node`: runs until SIGTERM or SIGINT (then leaves the cluster cleanly), running the
+/// configured hooks on role changes. The lost hook runs when a handoff starts its final drain
+/// (the application must stop writing) and when leadership is lost otherwise.
 pub fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let (elected, lost) = (
+        config.on_leader_elected.clone(),
+        config.on_leader_lost.clone(),
+    );
+    let mut drained = false;
+    let on_role: RoleCallback = Box::new(move |event| match event {
+        RoleEvent::Elected(_) => {
+            drained = false;
+            run_hook(&elected, "on-leader-elected");
+        }
+        RoleEvent::Draining { .. } => {
+            drained = true;
+            run_hook(&lost, "on-leader-lost");
+        }
+        RoleEvent::Lost if !drained => run_hook(&lost, "on-leader-lost"),
+        RoleEvent::Lost | RoleEvent::Following { .. } => {}
+    });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(node_loop(config))
+    let stop = Arc::new(AtomicBool::new(false));
+    runtime.block_on(async {
+        let signals = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tracing::info!("signal received: leaving the cluster");
+                stop.store(true, Ordering::SeqCst);
+            })
+        };
+        let result = node_loop(config, Feed::Watch, on_role, stop).await;
+        signals.abort();
+        result
+    })
 }
 
-async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
-    let election = format!("{}/leader", config.prefix);
-    let isr_key = format!("{}/isr", config.prefix);
+/// Runs the role callback on a blocking thread and waits for it.
+async fn tell(on_role: &Arc<Mutex<RoleCallback>>, event: RoleEvent) {
+    let on_role = on_role.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Ok(mut f) = on_role.lock() {
+            f(event);
+        }
+    })
+    .await;
+}
+
+/// This node's leader while it leads: the server, and the watcher feeding it (Feed::Watch).
+struct Leading {
+    leader: Arc<Leader>,
+    watcher: Option<crate::watch::Watcher>,
+}
+
+impl Leading {
+    async fn start(config: &NodeConfig, feed: Feed) -> anyhow::Result<Leading> {
+        let c = config.clone();
+        let started = tokio::task::spawn_blocking(move || -> std::io::Result<Leading> {
+            let mut lc = LeaderConfig::new(&c.data_dir, c.listen, c.secret.clone());
+            lc.engine = c.engine;
+            let (leader, known) = crate::leader::start_scanned(lc)?;
+            let watcher = match feed {
+                Feed::Watch => Some(crate::leader::watch(&leader, known)?),
+                Feed::Library => None,
+            };
+            Ok(Leading { leader, watcher })
+        })
+        .await??;
+        Ok(started)
+    }
+
+    /// Reports every write made so far to the leader and stops watching (the writer has
+    /// stopped: a handoff's final drain).
+    async fn flush_watcher(&mut self) {
+        if let Some(w) = self.watcher.take() {
+            let _ = tokio::task::spawn_blocking(move || w.flush_and_stop()).await;
+        }
+    }
+
+    /// Watches again after an aborted handoff.
+    async fn rewatch(&mut self, feed: Feed) -> std::io::Result<()> {
+        if feed != Feed::Watch || self.watcher.is_some() {
+            return Ok(());
+        }
+        let leader = self.leader.clone();
+        let watcher = tokio::task::spawn_blocking(move || {
+            let dir = crate::paths::DataDir::open(leader.data_dir().root())?;
+            let known = crate::index::scan(&dir)?
+                .into_iter()
+                .map(|m| (m.path, (m.len_bytes, m.mtime_ns)))
+                .collect();
+            crate::leader::watch(&leader, known)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.watcher = Some(watcher);
+        Ok(())
+    }
+
+    async fn stop(mut self) {
+        self.flush_watcher().await;
+        let leader = self.leader;
+        let _ = tokio::task::spawn_blocking(move || leader.stop_serving()).await;
+    }
+}
+
+/// The etcd keys of one cluster.
+struct Keys {
+    election: String,
+    isr: String,
+    handoff: String,
+    handoff_result: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Keys {
+        Keys {
+            election: format!("{prefix}/leader"),
+            isr: format!("{prefix}/isr"),
+            handoff: format!("{prefix}/handoff"),
+            handoff_result: format!("{prefix}/handoff-result"),
+        }
+    }
+}
+
+/// Starts a lease and a task that keeps it alive; the flag is set once a keepalive fails or
+/// goes unanswered (then the lease may lapse at any moment: whoever leads on it is fenced).
+async fn keep_lease(
+    client: &mut Client,
+    ttl_s: i64,
+) -> anyhow::Result<(i64, Arc<AtomicBool>, tokio::task::JoinHandle<()>)> {
+    let lease = client.lease_grant(ttl_s, None).await?.id();
+    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+    let lost = Arc::new(AtomicBool::new(false));
+    let task = {
+        let lost = lost.clone();
+        let every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                // A keepalive that fails or does not answer in time fences us: better to stop
+                // leading early than to lead on a lease that may have lapsed.
+                let answer = tokio::time::timeout(every, async {
+                    keeper.keep_alive().await?;
+                    responses.message().await
+                })
+                .await;
+                let alive = matches!(answer, Ok(Ok(Some(r))) if r.ttl() > 0);
+                if !alive {
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        })
+    };
+    Ok((lease, lost, task))
+}
+
+async fn node_loop(
+    config: NodeConfig,
+    feed: Feed,
+    on_role: RoleCallback,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let keys = Keys::new(&config.prefix);
+    let on_role = Arc::new(Mutex::new(on_role));
     let mut following: Option<FollowerRun> = None;
     let role: SharedRole = Arc::new(Mutex::new(Role::Candidate));
     let _http = match config.http {
@@ -237,37 +484,16 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    loop {
+    let stopping = || stop.load(Ordering::SeqCst);
+    while !stopping() {
         let mut client = Client::connect(&config.etcd, None)
             .await
             .with_context(|| format!("cannot reach etcd at {}", config.etcd.join(",")))?;
-        let lease = client.lease_grant(config.lease_ttl_s, None).await?.id();
-        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
-        let lease_lost = Arc::new(AtomicBool::new(false));
-        let keepalive = {
-            let lost = lease_lost.clone();
-            let every = Duration::from_millis((config.lease_ttl_s as u64 * 1000 / 3).max(100));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    // A keepalive that fails or does not answer in time fences us: better to stop
-                    // leading early than to lead on a lease that may have lapsed.
-                    let answer = tokio::time::timeout(every, async {
-                        keeper.keep_alive().await?;
-                        responses.message().await
-                    })
-                    .await;
-                    let alive = matches!(answer, Ok(Ok(Some(r))) if r.ttl() > 0);
-                    if !alive {
-                        lost.store(true, Ordering::SeqCst);
-                        return;
-                    }
-                }
-            })
-        };
+        let (lease, lease_lost, keepalive) = keep_lease(&mut client, config.lease_ttl_s).await?;
         tracing::info!(
-            "node {} joined the election {election} (lease ttl {} s)",
+            "node {} joined the election {} (lease ttl {} s)",
             config.advertise,
+            keys.election,
             config.lease_ttl_s
         );
 
@@ -279,15 +505,15 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
         let mut leader_key: Option<Vec<u8>> = None;
         let mut isr_excluded_logged = false;
         let elected = loop {
-            if lease_lost.load(Ordering::SeqCst) {
+            if lease_lost.load(Ordering::SeqCst) || stopping() {
                 break false;
             }
-            let isr = read_isr(&mut client, &isr_key).await;
+            let isr = read_isr(&mut client, &keys.isr).await;
             let eligible = may_campaign(&isr, &config.advertise);
             match (&campaign, eligible) {
                 (None, true) => {
                     let mut c = client.clone();
-                    let (name, value) = (election.clone(), config.advertise.clone());
+                    let (name, value) = (keys.election.clone(), config.advertise.clone());
                     campaign = Some(tokio::spawn(
                         async move { c.campaign(name, value, lease).await },
                     ));
@@ -313,6 +539,16 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
                 tokio::select! {
                     r = task => match r {
                         Ok(Ok(resp)) => {
+                            // The ISR may have changed while we were queued (a handoff names its
+                            // target alone): winning outside it must not lead to serving.
+                            let isr = read_isr(&mut client, &keys.isr).await;
+                            if !may_campaign(&isr, &config.advertise) {
+                                tracing::info!(
+                                    "won the election outside the in-sync replica set {isr:?}: \
+                                     resigning"
+                                );
+                                break false;
+                            }
                             leader_key = resp.leader().map(|l| l.key().to_vec());
                             break true;
                         }
@@ -324,7 +560,7 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
             } else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let current = match client.leader(election.clone()).await {
+            let current = match client.leader(keys.election.clone()).await {
                 Ok(r) => r
                     .kv()
                     .and_then(|kv| kv.value_str().ok())
@@ -337,9 +573,10 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
                         tokio::task::spawn_blocking(move || f.stop()).await.ok();
                     }
                     tracing::info!("following the leader at {current}");
-                    let run = FollowerRun::start(&config, current);
+                    let run = FollowerRun::start(&config, current.clone());
                     set_role(&role, Role::Following(run.status.clone()));
                     following = Some(run);
+                    tell(&on_role, RoleEvent::Following { leader: current }).await;
                 }
             }
         };
@@ -349,6 +586,9 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
             }
             keepalive.abort();
             let _ = client.lease_revoke(lease).await;
+            if stopping() {
+                break;
+            }
             tracing::info!("joining the election again");
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -363,27 +603,63 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
             config.listen,
             config.advertise
         );
-        let leading = {
-            let c = config.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut lc = LeaderConfig::new(&c.data_dir, c.listen, c.secret.clone());
-                lc.engine = c.engine;
-                WatchedLeader::start(lc)
-            })
-            .await??
-        };
+        let mut leading = Leading::start(&config, feed).await?;
         set_role(&role, Role::Leading(leading.leader.clone()));
-        run_hook(&config.on_leader_elected, "on-leader-elected");
+        tell(&on_role, RoleEvent::Elected(leading.leader.clone())).await;
         // Lead until the lease lapses: then stop at once (fenced) and start over as a follower.
-        // Meanwhile keep the ISR in etcd, written only while our election key stands.
+        // Meanwhile keep the ISR in etcd, written only while our election key stands, and
+        // answer handoff requests.
         let mut isr_written: Option<Vec<String>> = None;
         let mut isr_at = tokio::time::Instant::now();
-        while !lease_lost.load(Ordering::SeqCst) {
+        let why = loop {
+            if lease_lost.load(Ordering::SeqCst) {
+                break Stepped::Fenced;
+            }
+            if stopping() {
+                break Stepped::Leaving;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
             if isr_at.elapsed() < ISR_INTERVAL {
                 continue;
             }
             isr_at = tokio::time::Instant::now();
+            let Some(key) = leader_key.clone() else {
+                break Stepped::Fenced;
+            };
+            if let Some(request) = take_handoff_request(&mut client, &keys).await {
+                let mut writer_stopped = false;
+                let ctx = HandoffCtx {
+                    client: &mut client,
+                    keys: &keys,
+                    leader_key: &key,
+                    me: &config.advertise,
+                    on_role: &on_role,
+                    lease_lost: &lease_lost,
+                    writer_stopped: &mut writer_stopped,
+                };
+                match handoff(ctx, &mut leading, &request).await {
+                    Ok(()) => break Stepped::HandedOff,
+                    Err(e) => {
+                        tracing::warn!("handoff failed, still leading: {e}");
+                        let _ = client
+                            .put(keys.handoff_result.clone(), format!("error {e}"), None)
+                            .await;
+                        if lease_lost.load(Ordering::SeqCst) {
+                            break Stepped::Fenced;
+                        }
+                        if let Err(e) = leading.rewatch(feed).await {
+                            tracing::error!("cannot watch the data dir again: {e}");
+                            break Stepped::Leaving;
+                        }
+                        if writer_stopped {
+                            // The writer was told to stop for the drain: it may write again.
+                            tell(&on_role, RoleEvent::Elected(leading.leader.clone())).await;
+                        }
+                        isr_written = None;
+                        continue;
+                    }
+                }
+            }
             let mut isr: Vec<String> = leading
                 .leader
                 .followers()
@@ -397,24 +673,277 @@ async fn node_loop(config: NodeConfig) -> anyhow::Result<()> {
             if isr_written.as_ref() == Some(&isr) {
                 continue;
             }
-            let Some(key) = leader_key.clone() else { break };
-            match write_isr(&mut client, &key, &config.advertise, &isr_key, &isr).await {
+            match write_isr(&mut client, &key, &config.advertise, &keys.isr, &isr).await {
                 Ok(true) => {
                     tracing::info!("in-sync replica set: {}", isr.join(","));
                     isr_written = Some(isr);
                 }
                 Ok(false) => {
                     tracing::warn!("the election key is gone: not the leader any more");
-                    break;
+                    break Stepped::Fenced;
                 }
                 Err(e) => tracing::warn!("cannot write the in-sync replica set: {e}"),
             }
+        };
+        match why {
+            Stepped::Fenced => tracing::warn!("lease lost: fenced, no longer leading"),
+            Stepped::HandedOff => tracing::info!("handed off: no longer leading"),
+            Stepped::Leaving => tracing::info!("leaving: no longer leading"),
         }
-        tracing::warn!("lease lost: fenced, no longer leading");
-        tokio::task::spawn_blocking(move || leading.stop())
-            .await
-            .ok();
-        run_hook(&config.on_leader_lost, "on-leader-lost");
+        set_role(&role, Role::Candidate);
+        leading.stop().await;
+        tell(&on_role, RoleEvent::Lost).await;
         keepalive.abort();
+        // Revoking the lease deletes our election key at once: the next candidate need not wait
+        // for it to lapse. (A fenced node's lease may be gone already; the error is moot.)
+        let _ = client.lease_revoke(lease).await;
     }
+    if let Some(f) = following.take() {
+        tokio::task::spawn_blocking(move || f.stop()).await.ok();
+    }
+    tracing::info!("left the cluster");
+    Ok(())
+}
+
+/// Why a node stopped leading.
+enum Stepped {
+    Fenced,
+    HandedOff,
+    Leaving,
+}
+
+/// Reads and deletes a pending handoff request (`PREFIX/handoff`): the target's node id, or
+/// `*` for the most caught-up in-sync follower.
+async fn take_handoff_request(client: &mut Client, keys: &Keys) -> Option<String> {
+    let resp = client.get(keys.handoff.clone(), None).await.ok()?;
+    let value = resp.kvs().first()?.value_str().ok()?.to_string();
+    let _ = client.delete(keys.handoff.clone(), None).await;
+    Some(value)
+}
+
+/// How long a handoff waits for its target to catch up, first while the writer runs, then
+/// during the final drain with the writer stopped.
+const HANDOFF_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
+const HANDOFF_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct HandoffCtx<'a> {
+    client: &'a mut Client,
+    keys: &'a Keys,
+    leader_key: &'a [u8],
+    me: &'a str,
+    on_role: &'a Arc<Mutex<RoleCallback>>,
+    lease_lost: &'a Arc<AtomicBool>,
+    /// Set once the writer was told to stop (`RoleEvent::Draining`).
+    writer_stopped: &'a mut bool,
+}
+
+/// Hands leadership to `request` (a node id or `*`): waits until the target holds everything
+/// synced while the writer runs, asks the writer to stop (`RoleEvent::Draining`), ships and
+/// waits for the rest (the final drain), then names the target alone as the ISR and records
+/// the outcome, in one transaction guarded by our election key. The caller then resigns.
+/// On error, nothing was resigned; if the writer was stopped, the caller resumes it.
+async fn handoff(ctx: HandoffCtx<'_>, leading: &mut Leading, request: &str) -> anyhow::Result<()> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let leader = leading.leader.clone();
+    let followers = leader.followers();
+    // Any connected follower will do, streaming or lagging: the handoff waits below until it
+    // holds everything synced, which is what makes it safe.
+    let in_sync: Vec<(String, u64)> = followers
+        .iter()
+        .filter(|f| f.lag.state != crate::lag::FollowerState::Disconnected)
+        .filter_map(|f| Some((f.node_id.clone()?, f.lag.acked[Durability::Synced.index()])))
+        .collect();
+    let target = if request == "*" {
+        in_sync
+            .iter()
+            .max_by_key(|(_, acked)| *acked)
+            .map(|(id, _)| id.clone())
+    } else {
+        in_sync
+            .iter()
+            .find(|(id, _)| id == request)
+            .map(|(id, _)| id.clone())
+    };
+    let Some(target) = target else {
+        let states: Vec<String> = followers
+            .iter()
+            .map(|f| {
+                let id = f.node_id.clone().unwrap_or_else(|| f.peer.to_string());
+                format!("{id} {}", f.lag.state.name())
+            })
+            .collect();
+        anyhow::bail!(
+            "no connected follower named {request} (followers: {})",
+            if states.is_empty() {
+                "none".to_string()
+            } else {
+                states.join(", ")
+            }
+        );
+    };
+    tracing::info!("handoff to {target} requested: waiting for it to catch up");
+    // Waits in short slices so that a lease lost meanwhile stops the handoff (and the leading)
+    // at once.
+    let wait = |position: u64, timeout: Duration| {
+        let (leader, target) = (leader.clone(), target.clone());
+        let lease_lost = ctx.lease_lost.clone();
+        async move {
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                if lease_lost.load(Ordering::SeqCst) {
+                    return Err(anyhow::anyhow!("the lease was lost"));
+                }
+                let (leader, target) = (leader.clone(), target.clone());
+                let done = tokio::task::spawn_blocking(move || {
+                    let slice = Duration::from_millis(100);
+                    leader.wait_node_acked(&target, position, Durability::Synced, slice)
+                })
+                .await?;
+                if done {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+    };
+    if !wait(leader.position(), HANDOFF_CATCH_UP_TIMEOUT).await? {
+        anyhow::bail!(
+            "{target} did not catch up within {} s",
+            HANDOFF_CATCH_UP_TIMEOUT.as_secs()
+        );
+    }
+    let paused_at = std::time::Instant::now();
+    tracing::info!("handoff to {target}: stopping the writer for the final drain");
+    tell(ctx.on_role, RoleEvent::Draining { to: target.clone() }).await;
+    *ctx.writer_stopped = true;
+    let before = leader.position();
+    leading.flush_watcher().await;
+    let position = leader.position();
+    if !wait(position, HANDOFF_DRAIN_TIMEOUT).await? {
+        anyhow::bail!(
+            "{target} did not sync the final drain within {} s",
+            HANDOFF_DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    let pause_ms = paused_at.elapsed().as_millis();
+    let outcome = format!(
+        "ok from={} to={target} position={position} drain_bytes={} pause_ms={pause_ms}",
+        ctx.me,
+        position.saturating_sub(before)
+    );
+    let txn = Txn::new()
+        .when([Compare::value(
+            ctx.leader_key.to_vec(),
+            CompareOp::Equal,
+            ctx.me,
+        )])
+        .and_then([
+            TxnOp::put(ctx.keys.isr.clone(), target.clone(), None),
+            TxnOp::put(ctx.keys.handoff_result.clone(), outcome.clone(), None),
+        ]);
+    if !ctx.client.txn(txn).await?.succeeded() {
+        anyhow::bail!("the election key is gone: not the leader any more");
+    }
+    tracing::info!(
+        "handoff to {target}: writer paused {pause_ms} ms for the final drain (position \
+         {position}); resigning"
+    );
+    Ok(())
+}
+
+/// What `ferry handoff` reports.
+pub struct HandoffReport {
+    pub from: String,
+    pub to: String,
+    /// The old leader's own figure: from stopping the writer to the target holding everything.
+    pub pause_ms: u64,
+    /// From the request until the target held the election and accepted replication
+    /// connections, as seen by the requester.
+    pub serving_after_ms: u64,
+}
+
+/// Asks the current leader to hand over to `to` (or the most caught-up in-sync follower) and
+/// waits until the target is elected and serving. Errors name the cause (no leader, refused,
+/// timed out).
+pub fn request_handoff(
+    etcd: &[String],
+    prefix: &str,
+    to: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<HandoffReport> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let keys = Keys::new(prefix);
+        let mut client = Client::connect(etcd, None)
+            .await
+            .with_context(|| format!("cannot reach etcd at {}", etcd.join(",")))?;
+        let current = current_leader(&mut client, &keys).await.ok_or_else(|| {
+            anyhow::anyhow!("no leader at {}: nothing to hand off", keys.election)
+        })?;
+        if to == Some(current.as_str()) {
+            anyhow::bail!("{current} already leads");
+        }
+        let started = std::time::Instant::now();
+        client.delete(keys.handoff_result.clone(), None).await?;
+        client
+            .put(keys.handoff.clone(), to.unwrap_or("*"), None)
+            .await?;
+        let deadline = started + timeout;
+        let mut outcome: Option<String> = None;
+        loop {
+            if std::time::Instant::now() > deadline {
+                let _ = client.delete(keys.handoff.clone(), None).await;
+                anyhow::bail!(
+                    "no handoff within {} s ({})",
+                    timeout.as_secs(),
+                    match &outcome {
+                        Some(o) => format!("the leader reported: {o}"),
+                        None => format!("{current} did not answer"),
+                    }
+                );
+            }
+            if outcome.is_none() {
+                let resp = client.get(keys.handoff_result.clone(), None).await?;
+                outcome = resp
+                    .kvs()
+                    .first()
+                    .and_then(|kv| kv.value_str().ok())
+                    .map(str::to_string);
+                if let Some(err) = outcome.as_deref().and_then(|o| o.strip_prefix("error ")) {
+                    anyhow::bail!("{current} refused the handoff: {err}");
+                }
+            }
+            if let Some(o) = &outcome {
+                let field = |name: &str| {
+                    o.split(' ')
+                        .find_map(|f| f.strip_prefix(&format!("{name}=")[..]))
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let target = field("to");
+                // Done once the target holds the election and accepts replication connections
+                // (a node listens only while it leads).
+                if current_leader(&mut client, &keys).await.as_deref() == Some(target.as_str())
+                    && tokio::net::TcpStream::connect(target.as_str())
+                        .await
+                        .is_ok()
+                {
+                    return Ok(HandoffReport {
+                        from: field("from"),
+                        to: target,
+                        pause_ms: field("pause_ms").parse().unwrap_or(0),
+                        serving_after_ms: started.elapsed().as_millis() as u64,
+                    });
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+async fn current_leader(client: &mut Client, keys: &Keys) -> Option<String> {
+    let resp = client.leader(keys.election.clone()).await.ok()?;
+    resp.kv()?.value_str().ok().map(str::to_string)
 }

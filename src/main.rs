@@ -131,7 +131,9 @@ enum Command {
         /// Shell command run once this node is elected leader.
         #[arg(long, value_name = "CMD", env = "FERRY_ON_LEADER_ELECTED")]
         on_leader_elected: Option<String>,
-        /// Shell command run when this node stops leading (fenced or lease lost).
+        /// Shell command run when this node stops leading (fenced, lease lost, leaving), and
+        /// when a handoff starts its final drain: the application must have stopped writing
+        /// when it returns.
         #[arg(long, value_name = "CMD", env = "FERRY_ON_LEADER_LOST")]
         on_leader_lost: Option<String>,
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
@@ -141,6 +143,29 @@ enum Command {
         /// instead of --secret-file / FERRY_SECRET.
         #[arg(long, env = "FERRY_SECRET_FROM_ETCD")]
         secret_from_etcd: bool,
+    },
+    /// Move leadership of a `ferry node` cluster to another node with zero loss: the leader
+    /// waits until the target holds everything synced, runs its on-leader-lost hook (the
+    /// application stops writing), ships the rest, then resigns to the target.
+    Handoff {
+        /// etcd endpoints, comma-separated.
+        #[arg(
+            long,
+            value_name = "URL[,URL...]",
+            env = "FERRY_ETCD",
+            value_delimiter = ','
+        )]
+        etcd: Vec<String>,
+        /// Key prefix in etcd of the cluster.
+        #[arg(long, default_value = "ferry", env = "FERRY_PREFIX")]
+        prefix: String,
+        /// The node (its --advertise address) to hand over to; by default the in-sync follower
+        /// that has synced the most.
+        #[arg(long, value_name = "NODE_ID")]
+        to: Option<String>,
+        /// Give up (and leave the leader leading) after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 90)]
+        timeout: u64,
     },
     /// Show a leader's followers (or a follower's own state), from its --http endpoint.
     Status {
@@ -373,6 +398,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 on_leader_lost,
                 http,
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Handoff {
+            etcd,
+            prefix,
+            to,
+            timeout,
+        } => {
+            let report = ferry::cluster::request_handoff(
+                &etcd,
+                &prefix,
+                to.as_deref(),
+                std::time::Duration::from_secs(timeout),
+            )?;
+            println!(
+                "leadership moved from {} to {}: writer paused {} ms for the final drain; {} \
+                 serving {} ms after the request",
+                report.from, report.to, report.pause_ms, report.to, report.serving_after_ms
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { url, json, watch } => {

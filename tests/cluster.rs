@@ -330,3 +330,272 @@ fn the_leader_keeps_the_in_sync_replica_set_in_etcd_and_drops_a_stopped_follower
     );
     drop(etcd);
 }
+
+/// Appends 4 KiB chunks to `seg` until `stop` exists, then creates `stopped` (the way an
+/// application answers the on-leader-lost hook). Returns every byte it wrote.
+fn writer_until_told(
+    seg: PathBuf,
+    stop: PathBuf,
+    stopped: PathBuf,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        std::fs::create_dir_all(seg.parent().unwrap()).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&seg)
+            .unwrap();
+        let mut all = Vec::new();
+        let mut i = 0u32;
+        while !stop.exists() {
+            let chunk = pattern(4096, (i % 251) as u8);
+            f.write_all(&chunk).unwrap();
+            all.extend_from_slice(&chunk);
+            i += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::fs::write(&stopped, b"").unwrap();
+        all
+    })
+}
+
+fn handoff(etcd: &str, to: Option<&str>) -> std::process::Output {
+    let mut cmd = ferry();
+    cmd.args(["handoff", "--etcd", etcd, "--timeout", "60"]);
+    if let Some(to) = to {
+        cmd.args(["--to", to]);
+    }
+    run_bounded(cmd, Duration::from_secs(90))
+}
+
+/// The value at `key` in etcd, read with the same client the nodes use.
+fn read_key(etcd: &str, key: &str) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
+        let resp = client.get(key, None).await.ok()?;
+        let kv = resp.kvs().first()?;
+        kv.value_str().ok().map(str::to_string)
+    })
+}
+
+fn elections_won(n: &Node) -> usize {
+    n.proc.log_text().matches("elected leader").count()
+}
+
+#[test]
+fn handoff_moves_leadership_under_load_with_zero_loss_and_reports_the_pause() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let marker = |i: usize, what: &str| env.tmp.path().join(format!("n{i}.{what}"));
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let dir = env.dir(&format!("n{i}"));
+            let advertise = format!("127.0.0.1:{}", free_port());
+            let mut cmd = node_cmd(&etcd.url, &dir, &advertise);
+            // The application stops writing when told, and the hook returns once it has.
+            let hook = format!(
+                "touch {} && while [ ! -e {} ]; do sleep 0.01; done",
+                marker(i, "stop").display(),
+                marker(i, "stopped").display()
+            );
+            cmd.arg("--secret-file")
+                .arg(&env.secret_file)
+                .arg("--on-leader-lost")
+                .arg(hook);
+            Node {
+                proc: Proc::spawn(cmd),
+                dir,
+                advertise,
+            }
+        })
+        .collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let first = wait_leader(&refs, Duration::from_secs(30));
+    let mut all: Vec<String> = nodes.iter().map(|n| n.advertise.clone()).collect();
+    all.sort();
+    let in_sync = format!("in-sync replica set: {}", all.join(","));
+    nodes[first]
+        .proc
+        .wait_log(&in_sync, Duration::from_secs(20));
+
+    // A target that is not in sync is refused with the reason, and the leader leads on.
+    let refused = handoff(&etcd.url, Some("127.0.0.1:1"));
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("refused the handoff: no connected follower named 127.0.0.1:1 (followers: "),
+        "{err}"
+    );
+
+    let writer = writer_until_told(
+        nodes[first].dir.join("q/seg"),
+        marker(first, "stop"),
+        marker(first, "stopped"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let target = (0..3).find(|&i| i != first).unwrap();
+    let third = (0..3).find(|&i| i != first && i != target).unwrap();
+    let out = handoff(&etcd.url, Some(&nodes[target].advertise));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "leadership moved from {} to {}: writer paused ",
+            nodes[first].advertise, nodes[target].advertise
+        )),
+        "{stdout}"
+    );
+    eprintln!("{stdout}");
+    let written = writer.join().unwrap();
+    assert!(
+        written.len() > 4096,
+        "the writer wrote {} bytes",
+        written.len()
+    );
+    // Zero loss: the moment the target leads, it holds every byte the application wrote.
+    assert_eq!(
+        std::fs::read(nodes[target].dir.join("q/seg")).unwrap(),
+        written,
+        "the new leader lacks bytes written before the handoff"
+    );
+    assert_eq!(elections_won(&nodes[target]), 1);
+    // Only the named node took over, though the third was in sync and queued too.
+    assert_eq!(elections_won(&nodes[third]), 0);
+    for i in [first, third] {
+        nodes[i].proc.wait_log(
+            &format!("following the leader at {}", nodes[target].advertise),
+            Duration::from_secs(20),
+        );
+    }
+    write(&nodes[target].dir.join("q/after"), &pattern(10_000, 9));
+    for i in [first, third] {
+        wait_identical(&nodes[target].dir, &nodes[i].dir, Duration::from_secs(20));
+    }
+
+    // Without --to, leadership goes to an in-sync follower. (No application writes on the
+    // target: its hook returns at once.)
+    std::fs::write(marker(target, "stopped"), b"").unwrap();
+    nodes[target]
+        .proc
+        .wait_log(&in_sync, Duration::from_secs(20));
+    let out = handoff(&etcd.url, None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "leadership moved from {} to ",
+            nodes[target].advertise
+        )),
+        "{stdout}"
+    );
+    drop(etcd);
+}
+
+#[test]
+fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_once() {
+    use ferry::cluster::{Feed, Node as EmbeddedNode, NodeConfig, RoleEvent};
+    use std::sync::mpsc;
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let secret = ferry::auth::Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+    let port = free_port();
+    let config = NodeConfig {
+        data_dir: env.dir("embedded"),
+        etcd: vec![etcd.url.clone()],
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        advertise: format!("127.0.0.1:{port}"),
+        prefix: "ferry".into(),
+        lease_ttl_s: 2,
+        secret,
+        engine: Some(ferry::engine::EngineKind::Fallback),
+        on_leader_elected: None,
+        on_leader_lost: None,
+        http: None,
+    };
+    let (events, roles) = mpsc::channel();
+    let node = EmbeddedNode::start(
+        config,
+        Feed::Library,
+        Box::new(move |e| {
+            let _ = events.send(e);
+        }),
+    )
+    .unwrap();
+    // Alone in the cluster, it is elected and gets the leader to report its writes to.
+    let leader = match roles.recv_timeout(Duration::from_secs(30)).unwrap() {
+        RoleEvent::Elected(leader) => leader,
+        _ => panic!("the first role event is not Elected"),
+    };
+    let other = start_node(&env, &etcd.url, &env.dir("other"), free_port());
+    other.proc.wait_log(
+        &format!("following the leader at 127.0.0.1:{port}"),
+        Duration::from_secs(20),
+    );
+    // Both in the in-sync replica set: the other node may take over.
+    let both = {
+        let mut v = [format!("127.0.0.1:{port}"), other.advertise.clone()];
+        v.sort();
+        v.join(",")
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read_key(&etcd.url, "ferry/isr").as_deref() != Some(both.as_str()) {
+        assert!(Instant::now() < deadline, "the ISR never held both nodes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The broker writes (no inotify here: Feed::Library) and tells the leader.
+    let seg = pattern(100_000, 5);
+    write(&env.dir("embedded").join("q/seg"), &seg);
+    leader.register_file("q/seg", 0).unwrap();
+    let position = leader.append("q/seg", 0, seg.len() as u64).unwrap();
+    assert!(
+        leader.wait_for(
+            position,
+            ferry::frame::Durability::Synced,
+            1,
+            Duration::from_secs(20)
+        ),
+        "not acked: {:?}\n{}",
+        leader.followers(),
+        other.proc.log_text()
+    );
+    assert_eq!(std::fs::read(other.dir.join("q/seg")).unwrap(), seg);
+
+    // Leaving revokes the lease: the other node leads well before a 2 s lease could lapse.
+    let left_at = Instant::now();
+    let leave = std::thread::spawn(move || node.leave());
+    assert!(matches!(
+        roles.recv_timeout(Duration::from_secs(10)).unwrap(),
+        RoleEvent::Lost
+    ));
+    assert!(
+        leader.is_stopped(),
+        "the embedder's leader still serves after Lost"
+    );
+    leave.join().unwrap().unwrap();
+    other
+        .proc
+        .wait_log("elected leader", Duration::from_secs(10));
+    let took = left_at.elapsed();
+    eprintln!(
+        "the other node elected {:.2} s after leave()",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "took {took:?}: as if the lease had to lapse"
+    );
+    drop(etcd);
+}
