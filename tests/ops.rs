@@ -166,3 +166,70 @@ fn settings_come_from_flags_then_environment_then_the_config_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown key `listen-adress`"), "{stderr}");
 }
+
+/// A pseudo-terminal: (master, slave).
+fn openpty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds into our locals; null name, termios and winsize are allowed.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just created by openpty and are owned by nobody else.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+#[test]
+fn a_full_sync_draws_a_progress_bar_on_a_terminal_and_logs_lines_otherwise() {
+    use std::io::Read;
+    let env = Env::new();
+    let ld = env.dir("leader");
+    for i in 0..8u8 {
+        write(&ld.join(format!("seg{i}")), &pattern(4_000_000, i));
+    }
+    let leader = start_leader(&env, &ld, "fallback");
+
+    // On a terminal: a bar redrawn in place with carriage returns, and a final "done".
+    let (master, slave) = openpty();
+    let mut cmd = follow_cmd(&env, &env.dir("tty"), leader.addr, "fallback");
+    cmd.arg("--once").stderr(std::process::Stdio::from(slave));
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd); // closes our copy of the slave: reads see EIO once the child exits
+    let mut screen = Vec::new();
+    let mut master = std::fs::File::from(master);
+    let mut buf = [0u8; 4096];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => screen.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    let screen = String::from_utf8_lossy(&screen);
+    assert!(screen.contains("\r["), "no bar drawn in place:\n{screen}");
+    assert!(screen.contains("ETA"), "{screen}");
+    assert!(screen.contains("(8 files in the index)"), "{screen}");
+    assert!(
+        screen.contains(&format!("[{}] done", "#".repeat(30))),
+        "no finished bar:\n{screen}"
+    );
+
+    // Not a terminal: log lines, no carriage returns.
+    let out = follow_once(&env, &env.dir("pipe"), leader.addr, "fallback");
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("INFO initial sync: "), "{log}");
+    assert!(!log.contains('\r'), "a bar was drawn into a pipe:\n{log}");
+}
