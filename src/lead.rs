@@ -1,7 +1,6 @@
 //! `ferry lead`: a leader beside an unmodified program. The initial scan registers every file;
 //! the inotify watcher turns later writes into appends, replacements and deletes.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use ferry::auth::Secret;
 use ferry::engine::EngineKind;
 use ferry::lag::FollowerState;
-use ferry::leader::{Leader, LeaderConfig, WatchedLeader};
+use ferry::leader::{LeaderConfig, WatchedLeader};
 
 pub fn run(
     data_dir: PathBuf,
@@ -50,7 +49,6 @@ pub fn run(
         data_dir.display(),
         leader.local_addr()
     ));
-    let mut states: HashMap<u64, FollowerState> = HashMap::new();
     let tick = notifier
         .watchdog_interval()
         .map_or(Duration::from_millis(500), |w| {
@@ -62,15 +60,16 @@ pub fn run(
             notifier.status("shutting down");
             break;
         }
-        log_state_changes(&leader, &mut states);
+        // The leader itself logs each follower's state changes.
         notifier.watchdog();
-        let lagging = states
-            .values()
-            .filter(|s| **s == FollowerState::Lagging)
+        let followers = leader.followers();
+        let lagging = followers
+            .iter()
+            .filter(|f| f.lag.state == FollowerState::Lagging)
             .count();
-        let connected = states
-            .values()
-            .filter(|s| **s != FollowerState::Disconnected)
+        let connected = followers
+            .iter()
+            .filter(|f| f.lag.state != FollowerState::Disconnected)
             .count();
         notifier.status(&format!("{connected} followers, {lagging} lagging"));
     }
@@ -78,37 +77,6 @@ pub fn run(
     drop(leader);
     watched.stop();
     Ok(())
-}
-
-/// One log line per follower state change (lagging, back to streaming, disconnected).
-fn log_state_changes(leader: &Leader, states: &mut HashMap<u64, FollowerState>) {
-    for f in leader.followers() {
-        let before = states.insert(f.id, f.lag.state);
-        if before == Some(f.lag.state) {
-            continue;
-        }
-        let level = f.lag.durability.map(|d| d.index()).unwrap_or(0);
-        let since = f
-            .lag
-            .since_last_ack_ms
-            .map(|ms| format!("{ms} ms ago"))
-            .unwrap_or_else(|| "never".into());
-        match f.lag.state {
-            FollowerState::Lagging => tracing::warn!(
-                "follower #{} ({}) is lagging: {} bytes behind, last ack {since}",
-                f.id,
-                f.peer,
-                f.lag.lag_bytes[level]
-            ),
-            state => tracing::info!(
-                "follower #{} ({}) is {}: {} bytes behind, last ack {since}",
-                f.id,
-                f.peer,
-                state.name(),
-                f.lag.lag_bytes[level]
-            ),
-        }
-    }
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts), so they can be

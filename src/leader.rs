@@ -107,6 +107,24 @@ struct Slot {
     files_sent: u64,
     sync_bytes: Option<(u64, u64)>,
     disconnected_at: Option<Instant>,
+    /// The state last logged for this follower (a line is logged when it changes).
+    logged_state: Option<FollowerState>,
+}
+
+impl Slot {
+    /// The follower's state at `now`, from its last report and what the leader knows since
+    /// (`None` before its first report).
+    fn state(&self, now: Instant) -> Option<FollowerState> {
+        if self.disconnected_at.is_some() {
+            return Some(FollowerState::Disconnected);
+        }
+        let view = self.view?;
+        let stalled_since = match (self.inbox_since, self.sending_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Some(view.state(now, stalled_since))
+    }
 }
 
 struct Hub {
@@ -312,18 +330,11 @@ impl Leader {
                 // The snapshot is as of the session's last update; a session blocked on a full
                 // socket makes none, so the state and ages are recomputed for now.
                 if let Some(view) = slot.view {
-                    let stalled_since = match (slot.inbox_since, slot.sending_since) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    lag.state = view.state(now, stalled_since);
                     lag.since_last_ack_ms = view
                         .last_ack_at
                         .map(|t| now.saturating_duration_since(t).as_millis() as u64);
                 }
-                if slot.disconnected_at.is_some() {
-                    lag.state = FollowerState::Disconnected;
-                }
+                lag.state = slot.state(now).unwrap_or(lag.state);
                 for level in 0..3 {
                     lag.lag_bytes[level] = position.saturating_sub(lag.acked[level]);
                 }
@@ -575,7 +586,54 @@ async fn serve(
     let accept_loop = accept_loop(listener, config, shared.clone(), dir, digests);
     tokio::select! {
         _ = accept_loop => {}
+        _ = log_state_changes(&shared) => {}
         _ = stopping(&shared) => {}
+    }
+}
+
+/// How often the leader looks for followers whose state changed, to log it.
+const STATE_LOG_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Logs a line whenever a follower starts or stops lagging (or finishes its initial sync): what
+/// an operator acts on. Computed here rather than in the sessions, since a session blocked on a
+/// full socket reports nothing.
+async fn log_state_changes(shared: &Shared) {
+    loop {
+        tokio::time::sleep(STATE_LOG_INTERVAL).await;
+        let mut hub = shared.lock();
+        let position = hub.catalog.position();
+        let now = Instant::now();
+        for (id, slot) in hub.slots.iter_mut() {
+            let Some(state) = slot.state(now) else {
+                continue;
+            };
+            if slot.logged_state == Some(state) || state == FollowerState::Disconnected {
+                continue;
+            }
+            let was = slot.logged_state.replace(state);
+            let Some(lag) = &slot.lag else { continue };
+            let level = lag.durability.unwrap_or(Durability::Received);
+            let lag_bytes = position.saturating_sub(lag.acked[level.index()]);
+            let peer = slot.peer;
+            match (was, state) {
+                (_, FollowerState::Lagging) => tracing::warn!(
+                    "follower #{id} ({peer}) is lagging: {lag_bytes} bytes behind at {}, last \
+                     ack {}",
+                    level.name(),
+                    slot.view
+                        .and_then(|v| v.last_ack_at)
+                        .map(|t| format!("{} ms ago", now.saturating_duration_since(t).as_millis()))
+                        .unwrap_or_else(|| "never".into())
+                ),
+                (Some(FollowerState::Lagging), FollowerState::Streaming) => tracing::info!(
+                    "follower #{id} ({peer}) caught up: streaming again ({lag_bytes} bytes behind)"
+                ),
+                (_, FollowerState::Streaming) => {
+                    tracing::info!("follower #{id} ({peer}) is in sync: streaming")
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -657,6 +715,7 @@ impl ConnCtx {
                 files_sent: 0,
                 sync_bytes: None,
                 disconnected_at: None,
+                logged_state: None,
             },
         );
         id

@@ -233,3 +233,27 @@ fn a_full_sync_draws_a_progress_bar_on_a_terminal_and_logs_lines_otherwise() {
     assert!(log.contains("INFO initial sync: "), "{log}");
     assert!(!log.contains('\r'), "a bar was drawn into a pipe:\n{log}");
 }
+
+#[test]
+fn the_leader_logs_a_follower_that_starts_lagging_and_one_that_catches_up() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("seg"), &pattern(10_000, 1));
+    let leader = start_leader(&env, &ld, "fallback");
+    let follower = start_follower(&env, &fd, leader.addr, "fallback", "written");
+    leader
+        .proc
+        .wait_log("is in sync: streaming", Duration::from_secs(20));
+    let pid = follower.child.id() as i32;
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    write(&ld.join("seg2"), &pattern(100_000, 2));
+    let line = leader.proc.wait_log("is lagging", Duration::from_secs(20));
+    assert!(line.contains("bytes behind at written, last ack"), "{line}");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    leader
+        .proc
+        .wait_log("caught up: streaming again", Duration::from_secs(20));
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+}
