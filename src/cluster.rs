@@ -485,11 +485,35 @@ async fn node_loop(
         None => None,
     };
     let stopping = || stop.load(Ordering::SeqCst);
+    let mut etcd_backoff = ETCD_RETRY_MIN;
     while !stopping() {
-        let mut client = Client::connect(&config.etcd, None)
-            .await
-            .with_context(|| format!("cannot reach etcd at {}", config.etcd.join(",")))?;
-        let (lease, lease_lost, keepalive) = keep_lease(&mut client, config.lease_ttl_s).await?;
+        // etcd unreachable (not started yet, partitioned): keep following whoever we followed,
+        // and retry. Without etcd no node can be elected, so none may lead.
+        let joined = async {
+            let mut client = Client::connect(&config.etcd, None).await?;
+            let (lease, lost, task) = keep_lease(&mut client, config.lease_ttl_s).await?;
+            anyhow::Ok((client, lease, lost, task))
+        };
+        let (mut client, lease, lease_lost, keepalive) = match joined.await {
+            Ok(joined) => {
+                etcd_backoff = ETCD_RETRY_MIN;
+                joined
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot reach etcd at {}: {}; retrying in {} ms",
+                    config.etcd.join(","),
+                    e.root_cause(),
+                    etcd_backoff.as_millis()
+                );
+                let deadline = tokio::time::Instant::now() + etcd_backoff;
+                while !stopping() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                etcd_backoff = (etcd_backoff * 2).min(ETCD_RETRY_MAX);
+                continue;
+            }
+        };
         tracing::info!(
             "node {} joined the election {} (lease ttl {} s)",
             config.advertise,
@@ -705,6 +729,10 @@ async fn node_loop(
     Ok(())
 }
 
+/// Backoff between attempts to reach etcd.
+const ETCD_RETRY_MIN: Duration = Duration::from_millis(250);
+const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Why a node stopped leading.
 enum Stepped {
     Fenced,
@@ -879,9 +907,18 @@ pub fn request_handoff(
         let mut client = Client::connect(etcd, None)
             .await
             .with_context(|| format!("cannot reach etcd at {}", etcd.join(",")))?;
-        let current = current_leader(&mut client, &keys).await.ok_or_else(|| {
-            anyhow::anyhow!("no leader at {}: nothing to hand off", keys.election)
-        })?;
+        let Some(current) = current_leader(&mut client, &keys).await else {
+            // Tell "etcd unreachable" from "no leader".
+            if let Err(e) = client.get(keys.election.clone(), None).await {
+                let e = anyhow::Error::from(e);
+                anyhow::bail!(
+                    "cannot reach etcd at {}: {}",
+                    etcd.join(","),
+                    e.root_cause()
+                );
+            }
+            anyhow::bail!("no leader at {}: nothing to hand off", keys.election);
+        };
         if to == Some(current.as_str()) {
             anyhow::bail!("{current} already leads");
         }

@@ -23,7 +23,11 @@ struct Etcd {
 }
 
 fn start_etcd(dir: &Path) -> Etcd {
-    let (client, peer) = (free_port(), free_port());
+    start_etcd_on(dir, free_port())
+}
+
+fn start_etcd_on(dir: &Path, client: u16) -> Etcd {
+    let peer = free_port();
     let url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     let mut cmd = Command::new("etcd");
@@ -598,4 +602,38 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         "took {took:?}: as if the lease had to lapse"
     );
     drop(etcd);
+}
+
+#[test]
+fn a_node_started_before_etcd_says_so_and_is_elected_once_etcd_is_up() {
+    let env = Env::new();
+    let etcd_port = free_port();
+    let url = format!("http://127.0.0.1:{etcd_port}");
+    let node = start_node(&env, &url, &env.dir("n0"), free_port());
+    let line = node
+        .proc
+        .wait_log("cannot reach etcd at", Duration::from_secs(20));
+    assert!(
+        line.contains(&format!("cannot reach etcd at {url}: "))
+            && line.contains("Connection refused")
+            && line.contains("retrying in"),
+        "{line}"
+    );
+    let out = run_bounded(
+        {
+            let mut cmd = ferry();
+            cmd.args(["handoff", "--etcd", &url]);
+            cmd
+        },
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot reach etcd at {url}: ")),
+        "{err}"
+    );
+    let _etcd = start_etcd_on(&env.dir("etcd"), etcd_port);
+    node.proc
+        .wait_log("elected leader", Duration::from_secs(30));
 }
