@@ -52,6 +52,9 @@ pub struct LagSnapshot {
     /// `leader_position - acked` at each level.
     pub lag_bytes: [u64; 3],
     pub since_last_ack_ms: Option<u64>,
+    /// Lag in time: how long the oldest change not yet acked at the follower's level has
+    /// waited (sent and unacked, or not yet sent); 0 when it holds everything.
+    pub lag_ms: u64,
     pub ack_latency_p50_us: u64,
     pub ack_latency_p99_us: u64,
     pub ack_latency_p999_us: u64,
@@ -194,6 +197,9 @@ impl LagTracker {
             durability: self.durability,
             acked: self.acked,
             lag_bytes: self.acked.map(|a| leader_position.saturating_sub(a)),
+            lag_ms: self.marks_unacked.front().map_or(0, |&(_, at)| {
+                now.saturating_duration_since(at).as_millis() as u64
+            }),
             since_last_ack_ms: self
                 .last_ack_at
                 .map(|t| now.saturating_duration_since(t).as_millis() as u64),

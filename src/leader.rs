@@ -119,11 +119,16 @@ impl Slot {
             return Some(FollowerState::Disconnected);
         }
         let view = self.view?;
-        let stalled_since = match (self.inbox_since, self.sending_since) {
+        Some(view.state(now, self.stalled_since()))
+    }
+
+    /// Since when the leader has had something for this follower that it could not get onto
+    /// the wire, if it has.
+    fn stalled_since(&self) -> Option<Instant> {
+        match (self.inbox_since, self.sending_since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
-        Some(view.state(now, stalled_since))
+        }
     }
 }
 
@@ -333,6 +338,12 @@ impl Leader {
                     lag.since_last_ack_ms = view
                         .last_ack_at
                         .map(|t| now.saturating_duration_since(t).as_millis() as u64);
+                    let waiting_since = [view.oldest_unacked_mark_at, slot.stalled_since()]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    lag.lag_ms = waiting_since
+                        .map_or(0, |t| now.saturating_duration_since(t).as_millis() as u64);
                 }
                 lag.state = slot.state(now).unwrap_or(lag.state);
                 for level in 0..3 {

@@ -19,6 +19,8 @@ pub struct FollowerRow {
     pub acked: [u64; 3],
     pub lag_bytes: [u64; 3],
     pub since_last_ack_ms: Option<u64>,
+    /// See `LagSnapshot::lag_ms`.
+    pub lag_ms: u64,
     pub ack_latency_us: [u64; 3],
     pub payload_bytes_sent: u64,
     pub files_sent: u64,
@@ -36,6 +38,7 @@ impl From<&FollowerInfo> for FollowerRow {
             acked: f.lag.acked,
             lag_bytes: f.lag.lag_bytes,
             since_last_ack_ms: f.lag.since_last_ack_ms,
+            lag_ms: f.lag.lag_ms,
             ack_latency_us: [
                 f.lag.ack_latency_p50_us,
                 f.lag.ack_latency_p99_us,
@@ -160,6 +163,11 @@ impl Status {
                         "Seconds since the last ack.",
                     ),
                     (
+                        "ferry_follower_lag_seconds",
+                        "gauge",
+                        "How long the oldest change not acked at the follower's level has waited.",
+                    ),
+                    (
                         "ferry_follower_ack_latency_seconds",
                         "summary",
                         "From MARK sent to acked at the follower's level.",
@@ -198,6 +206,10 @@ impl Status {
                                 if let Some(ms) = f.since_last_ack_ms {
                                     let _ = writeln!(s, "{name}{{{l}}} {:.3}", ms as f64 / 1000.0);
                                 }
+                            }
+                            "ferry_follower_lag_seconds" => {
+                                let _ =
+                                    writeln!(s, "{name}{{{l}}} {:.3}", f.lag_ms as f64 / 1000.0);
                             }
                             "ferry_follower_ack_latency_seconds" => {
                                 for (q, us) in QUANTILES.iter().zip(f.ack_latency_us) {
@@ -311,7 +323,7 @@ impl Status {
 
 pub fn follower_json(f: &FollowerRow) -> String {
     format!(
-        "{{\"id\": {}, \"peer\": {}, \"state\": {}, \"durability\": {}, \"acked\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"lag_bytes\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"last_ack_ms_ago\": {}, \"ack_latency_us\": {{\"p50\": {}, \"p99\": {}, \"p999\": {}}}, \"payload_bytes_sent\": {}, \"files_sent\": {}, \"sync_bytes\": {}}}",
+        "{{\"id\": {}, \"peer\": {}, \"state\": {}, \"durability\": {}, \"acked\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"lag_bytes\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"last_ack_ms_ago\": {}, \"lag_ms\": {}, \"ack_latency_us\": {{\"p50\": {}, \"p99\": {}, \"p999\": {}}}, \"payload_bytes_sent\": {}, \"files_sent\": {}, \"sync_bytes\": {}}}",
         f.id,
         json_str(&f.peer),
         json_str(&f.state),
@@ -323,6 +335,7 @@ pub fn follower_json(f: &FollowerRow) -> String {
         f.lag_bytes[1],
         f.lag_bytes[2],
         opt_json(&f.since_last_ack_ms),
+        f.lag_ms,
         f.ack_latency_us[0],
         f.ack_latency_us[1],
         f.ack_latency_us[2],
@@ -422,6 +435,7 @@ mod tests {
                 acked: [900, 800, 700],
                 lag_bytes: [100, 200, 300],
                 since_last_ack_ms: Some(1500),
+                lag_ms: 2500,
                 ack_latency_us: [100, 2000, 9000],
                 payload_bytes_sent: 12345,
                 files_sent: 2,
@@ -449,6 +463,7 @@ mod tests {
             Some("lagging")
         );
         assert_eq!(find("ferry_follower_last_ack_seconds", None).value, 1.5);
+        assert_eq!(find("ferry_follower_lag_seconds", None).value, 2.5);
     }
 
     #[test]

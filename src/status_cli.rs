@@ -95,6 +95,7 @@ pub fn table(samples: &[Sample]) -> String {
         durability: String,
         lag: [f64; 3],
         last_ack: Option<f64>,
+        lag_s: Option<f64>,
         p99: Option<f64>,
         sent: f64,
         sync: [Option<f64>; 2],
@@ -117,6 +118,7 @@ pub fn table(samples: &[Sample]) -> String {
                 }
             }
             "ferry_follower_last_ack_seconds" => row.last_ack = Some(s.value),
+            "ferry_follower_lag_seconds" => row.lag_s = Some(s.value),
             "ferry_follower_ack_latency_seconds" if s.label("quantile") == Some("0.99") => {
                 row.p99 = Some(s.value)
             }
@@ -131,8 +133,8 @@ pub fn table(samples: &[Sample]) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>4}  {:<21}  {:<12}  {:<10}  {:>12}  {:>10}  {:>10}  {:>10}",
-        "ID", "ADDRESS", "STATE", "DURABILITY", "LAG", "LAST ACK", "P99 ACK", "SENT"
+        "{:>4}  {:<21}  {:<12}  {:<10}  {:>12}  {:>9}  {:>10}  {:>10}  {:>10}",
+        "ID", "ADDRESS", "STATE", "DURABILITY", "LAG", "LAG TIME", "LAST ACK", "P99 ACK", "SENT"
     );
     for (id, r) in &rows {
         let level = LEVELS.iter().position(|l| *l == r.durability).unwrap_or(0);
@@ -144,12 +146,13 @@ pub fn table(samples: &[Sample]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>4}  {:<21}  {:<12}  {:<10}  {:>12}  {:>10}  {:>10}  {:>10}",
+            "{:>4}  {:<21}  {:<12}  {:<10}  {:>12}  {:>9}  {:>10}  {:>10}  {:>10}",
             id,
             r.peer,
             state,
             r.durability,
             bytes(r.lag[level]),
+            r.lag_s.map_or("-".into(), |s| format!("{s:.1} s")),
             r.last_ack
                 .map_or("never".into(), |s| format!("{s:.1} s ago")),
             r.p99

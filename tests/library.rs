@@ -143,6 +143,8 @@ fn a_stopped_follower_is_marked_lagging_and_holds_back_neither_writer_nor_others
         .find(|f| f.id == stalled_id)
         .unwrap();
     assert!(lagging.lag.lag_bytes[Durability::Synced.index()] > 0);
+    // Lagging means something has waited beyond the ack timeout (1 s): the lag in time says so.
+    assert!(lagging.lag.lag_ms >= 1000, "lag_ms {}", lagging.lag.lag_ms);
 
     // Resumed, it catches up from the files: nothing was queued in memory for it.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);

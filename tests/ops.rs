@@ -59,12 +59,13 @@ fn leader_and_follower_report_metrics_status_and_a_table() {
     // The table a broker operator reads.
     let table = status_until(&leader_http, &[], &["streaming", "written", "100.0 kB"]);
     assert!(
-        table.contains("ADDRESS") && table.contains("P99 ACK"),
+        table.contains("ADDRESS") && table.contains("LAG TIME") && table.contains("P99 ACK"),
         "{table}"
     );
     // The same facts as JSON and as Prometheus text.
     let json = status_until(&leader_http, &["--json"], &["\"state\": \"streaming\""]);
     assert!(json.contains("\"payload_bytes_sent\": 100000"), "{json}");
+    assert!(json.contains("\"lag_ms\": 0,"), "{json}");
     let metrics = ferry::http::get(&leader_http, "/metrics").unwrap();
     let samples = parse_prometheus(&metrics);
     let lag = samples
