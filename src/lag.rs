@@ -131,6 +131,11 @@ impl LagTracker {
         if sync_done {
             self.sync_done_position = Some(position);
         }
+        // A MARK at a position already acked gets no ACK of its own (the follower acks only
+        // when its watermark advances): waiting for one would call an idle follower lagging.
+        if self.durability.is_some() && position <= self.acked_at_own_level() && !sync_done {
+            return;
+        }
         if self.marks_unacked.len() == MARKS_IN_FLIGHT_MAX {
             self.marks_unacked.pop_front();
         }
@@ -251,6 +256,20 @@ mod tests {
         );
         lag.on_disconnect();
         assert_eq!(lag.state(t1), FollowerState::Disconnected);
+    }
+
+    #[test]
+    fn a_mark_at_a_position_already_acked_is_not_waited_for() {
+        let t0 = Instant::now();
+        let mut lag = LagTracker::new(Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT));
+        lag.set_durability(Durability::Written);
+        lag.on_mark_sent(100, true, t0);
+        lag.on_ack([100, 100, 0], t0);
+        // Nothing new since: the follower will not ack this MARK, and need not.
+        lag.on_mark_sent(100, false, t0);
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(lag.state(later), FollowerState::Streaming);
+        assert_eq!(lag.snapshot(100, later).lag_ms, 0);
     }
 
     #[test]
