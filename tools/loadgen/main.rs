@@ -92,6 +92,11 @@ struct Args {
     /// SIGSTOP the first follower for this long, a third into the run, then SIGCONT it.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     stall_follower: Option<Duration>,
+    /// The last follower joins a third into the run instead of at the start, with a full sync
+    /// of this many MiB preloaded into the leader's dir (its own files, beside the segments).
+    /// The window from its start until it holds everything counts as a fault.
+    #[arg(long, value_name = "MIB")]
+    join_follower: Option<u64>,
     /// I/O engine for the leader and the followers.
     #[arg(long, value_name = "uring|fallback")]
     io_engine: Option<EngineKind>,
@@ -168,7 +173,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if args.writers == 0 {
         bail!("--writers must be at least 1");
     }
-    if args.followers == 0 && (args.kill_follower_every.is_some() || args.stall_follower.is_some())
+    if args.followers == 0
+        && (args.kill_follower_every.is_some()
+            || args.stall_follower.is_some()
+            || args.join_follower.is_some())
     {
         bail!("fault injection needs at least one follower");
     }
@@ -193,13 +201,17 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let secret_file = root.join("secret");
     std::fs::write(&secret_file, "loadgen-secret")?;
     let library = args.mode == "library";
+    let preloaded = match args.join_follower {
+        Some(mib) => preload(&leader_dir, mib)?,
+        None => Vec::new(),
+    };
 
     // The leader: embedded, or a `ferry lead` process.
     let (leader, lead_proc, addr) = if library {
         let secret = Secret::new(b"loadgen-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut config = LeaderConfig::new(&leader_dir, "127.0.0.1:0".parse()?, secret);
         config.engine = args.io_engine;
-        let leader = Arc::new(Leader::start(config, Vec::new())?);
+        let leader = Arc::new(Leader::start(config, preloaded)?);
         let addr = leader.local_addr();
         (Some(leader), None, addr)
     } else {
@@ -212,8 +224,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         .or_else(|| leader.as_ref().map(|l| l.engine().name().to_string()))
         .unwrap_or_else(|| "auto".into());
 
-    let mut followers = Vec::new();
-    for i in 1..=args.followers {
+    let follower_args = |i: usize| {
         let dir = root.join(format!("follower{i}"));
         let mut a: Vec<OsString> = vec!["follow".into(), "--data-dir".into(), dir.clone().into()];
         a.extend([
@@ -226,11 +237,18 @@ fn run(args: Args) -> anyhow::Result<bool> {
         if let Some(e) = args.io_engine {
             a.extend(["--io-engine".into(), e.name().into()]);
         }
-        followers.push(Proc::spawn(format!("follower{i}"), dir, a)?);
+        (format!("follower{i}"), dir, a)
+    };
+    let at_start = args.followers - usize::from(args.join_follower.is_some());
+    let mut followers = Vec::new();
+    for i in 1..=at_start {
+        let (name, dir, a) = follower_args(i);
+        followers.push(Proc::spawn(name, dir, a)?);
     }
+    let joiner = args.join_follower.map(|_| follower_args(args.followers));
     let followers = Arc::new(Mutex::new(followers));
     if let Some(leader) = &leader {
-        if !leader.wait_for(0, args.durability, args.followers, Duration::from_secs(30)) {
+        if !leader.wait_for(0, args.durability, at_start, Duration::from_secs(30)) {
             bail!("the followers did not all connect within 30 s");
         }
     }
@@ -303,9 +321,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 &followers,
                 &shared,
                 leader.as_deref(),
-                kill_every,
-                stall,
-                stall_at,
+                Faults {
+                    kill_every,
+                    stall,
+                    stall_at,
+                    join: joiner.map(|j| (stall_at, j)),
+                },
                 durability,
                 n,
             )
@@ -379,7 +400,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let elapsed_s = started.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::SeqCst);
-    let (kills, stalls) = faults
+    let (kills, stalls, joins) = faults
         .join()
         .map_err(|_| anyhow::anyhow!("the fault thread panicked"))?;
 
@@ -472,6 +493,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         samples,
         kills,
         stalls,
+        joins,
         converged_s,
         checksums_match,
         dd_mb_per_s,
@@ -694,19 +716,63 @@ fn confirm(
     (normal, fault)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What to inject, and when (from the start of the run).
+struct Faults {
+    kill_every: Option<Duration>,
+    stall: Option<Duration>,
+    stall_at: Duration,
+    /// When the late follower starts, and how.
+    join: Option<(Duration, FollowerSpec)>,
+}
+
+/// A follower process to start: name, data dir, `ferry` arguments.
+type FollowerSpec = (String, PathBuf, Vec<OsString>);
+
+/// Writes `mib` MiB into 64 MiB files under `dir/preload/` for a joining follower's full sync;
+/// returns them as the leader registers them.
+fn preload(dir: &std::path::Path, mib: u64) -> anyhow::Result<Vec<(ferry::paths::RelPath, u64)>> {
+    const FILE_MIB: u64 = 64;
+    let sub = dir.join("preload");
+    std::fs::create_dir_all(&sub)?;
+    let chunk: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut files = Vec::new();
+    let mut left = mib;
+    let mut n = 0;
+    while left > 0 {
+        let this = left.min(FILE_MIB);
+        let name = format!("preload/{n:04}.seg");
+        let mut f = std::fs::File::create(dir.join(&name))?;
+        for _ in 0..this {
+            f.write_all(&chunk)?;
+        }
+        files.push((
+            ferry::paths::RelPath::new(&name).map_err(|e| anyhow::anyhow!("{e}"))?,
+            this * 1024 * 1024,
+        ));
+        left -= this;
+        n += 1;
+    }
+    eprintln!("loadgen: preloaded {mib} MiB in {n} files for the joining follower");
+    Ok(files)
+}
+
 fn inject_faults(
     followers: &Mutex<Vec<Proc>>,
     shared: &Shared,
     leader: Option<&Leader>,
-    kill_every: Option<Duration>,
-    stall: Option<Duration>,
-    stall_at: Duration,
+    plan: Faults,
     durability: Durability,
     n: usize,
-) -> (u64, u64) {
+) -> (u64, u64, u64) {
+    let Faults {
+        kill_every,
+        stall,
+        stall_at,
+        join,
+    } = plan;
     let started = Instant::now();
-    let (mut kills, mut stalls) = (0, 0);
+    let (mut kills, mut stalls, mut joins) = (0, 0, 0);
+    let mut join_plan = join.map(|(at, how)| (started + at, how));
     let mut next_kill = kill_every.map(|d| started + d);
     let mut stall_plan = stall.map(|d| (started + stall_at, d));
     let mut victim = 0usize;
@@ -736,6 +802,21 @@ fn inject_faults(
                 next_kill = kill_every.map(|d| Instant::now() + d);
             }
         }
+        if join_plan.as_ref().is_some_and(|(at, _)| now >= *at) {
+            if let Some((_, (name, dir, args))) = join_plan.take() {
+                shared.in_fault.store(true, Ordering::Relaxed);
+                match Proc::spawn(name, dir, args) {
+                    Ok(p) => {
+                        if let Ok(mut f) = followers.lock() {
+                            f.push(p);
+                        }
+                        joins += 1;
+                    }
+                    Err(e) => eprintln!("loadgen: cannot start the joining follower: {e}"),
+                }
+                recover(shared);
+            }
+        }
         if let Some((at, how_long)) = stall_plan {
             if now >= at {
                 shared.in_fault.store(true, Ordering::Relaxed);
@@ -752,5 +833,5 @@ fn inject_faults(
             }
         }
     }
-    (kills, stalls)
+    (kills, stalls, joins)
 }

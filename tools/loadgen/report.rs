@@ -40,6 +40,7 @@ pub struct Report {
     pub samples: Vec<Sample>,
     pub kills: u64,
     pub stalls: u64,
+    pub joins: u64,
     pub converged_s: Option<f64>,
     pub checksums_match: bool,
     /// `--dd-baseline`: the disk's raw rate measured before the run.
@@ -131,12 +132,14 @@ impl Report {
             "  append() call: {}",
             quantiles_text(&self.append_call_ns, "ns")
         );
-        if self.kills + self.stalls > 0 {
+        if self.kills + self.stalls + self.joins > 0 {
             let _ = writeln!(
                 s,
-                "  during faults ({} kills, {} stalls): append() to acked {}; append() call {}",
+                "  during faults ({} kills, {} stalls, {} joins): append() to acked {}; append() \
+                 call {}",
                 self.kills,
                 self.stalls,
+                self.joins,
                 quantiles_text(&self.append_to_ack_fault_us, "us"),
                 quantiles_text(&self.append_call_fault_ns, "ns")
             );
@@ -206,6 +209,7 @@ impl Report {
         let _ = writeln!(s, "  \"follower_usage\": [{}],", followers.join(", "));
         let _ = writeln!(s, "  \"kills\": {},", self.kills);
         let _ = writeln!(s, "  \"stalls\": {},", self.stalls);
+        let _ = writeln!(s, "  \"joins\": {},", self.joins);
         let samples: Vec<String> = self
             .samples
             .iter()
