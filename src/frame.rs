@@ -63,7 +63,7 @@ pub enum Durability {
     Received = 0,
     /// The bytes are in the follower's page cache.
     Written = 1,
-    /// The bytes survive a power loss (syncfs done).
+    /// The bytes survive a power loss (fdatasync/fsync done).
     Synced = 2,
 }
 

@@ -79,7 +79,7 @@ enum Command {
         leader: String,
         #[command(flatten)]
         secret: SecretArgs,
-        /// What must hold before this follower acks: received, written (page cache) or synced (syncfs).
+        /// What must hold before this follower acks: received, written (page cache) or synced (fdatasync).
         #[arg(
             long,
             value_name = "LEVEL",

@@ -366,10 +366,29 @@ impl DataDir {
     }
 
     /// Makes everything written to the data dir's filesystem durable (one syscall for all files).
-    pub fn syncfs(&self) -> io::Result<()> {
-        // SAFETY: syncfs on our open root fd.
-        if unsafe { libc::syncfs(self.root_fd.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
+    /// Makes durable the data of `files` (fdatasync) and the entries of `dirs` (fsync; "" is
+    /// the root). A path gone since (deleted or renamed over later) is skipped: its directory's
+    /// sync records that.
+    pub fn sync_paths<'a>(
+        &self,
+        files: impl IntoIterator<Item = &'a RelPath>,
+        dirs: impl IntoIterator<Item = &'a str>,
+    ) -> io::Result<()> {
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+        for rel in files {
+            match self.open_read(rel) {
+                Ok(f) => f.sync_data().map_err(|e| with_path(e, rel.as_str()))?,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for rel_dir in dirs {
+            let name = if rel_dir.is_empty() { "." } else { rel_dir };
+            match DataDir::openat2(self.root_fd(), name, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
+                Ok(fd) => File::from(fd).sync_all().map_err(|e| with_path(e, name))?,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(with_path(e, name)),
+            }
         }
         Ok(())
     }

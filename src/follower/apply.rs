@@ -6,11 +6,14 @@
 //! cached per path (dropped when the path is renamed over or deleted, since the cached fd would
 //! then point at the old inode).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::rc::Rc;
 use std::sync::Arc;
 
+use super::Dirty;
 use crate::paths::{DataDir, RelPath, TempFile};
 use crate::session::follower::FollowerAction;
 use crate::session::SessionError;
@@ -22,6 +25,8 @@ pub struct Apply {
     dir: Arc<DataDir>,
     open: HashMap<RelPath, File>,
     temps: HashMap<RelPath, TempFile>,
+    /// What the next sync round must make durable (shared with the sync task).
+    dirty: Rc<RefCell<Dirty>>,
 }
 
 /// Maps a disk error on `path` to what the leader is told: BAD_PATH for an escape, else IO.
@@ -34,12 +39,23 @@ pub fn disk_error(what: &str, path: &RelPath, e: io::Error) -> SessionError {
 }
 
 impl Apply {
-    pub fn new(dir: Arc<DataDir>) -> Apply {
+    pub fn new(dir: Arc<DataDir>, dirty: Rc<RefCell<Dirty>>) -> Apply {
         Apply {
             dir,
             open: HashMap::new(),
             temps: HashMap::new(),
+            dirty,
         }
+    }
+
+    /// A payload is about to be written into `path` (under its real name).
+    pub fn note_written(&mut self, path: &RelPath) {
+        self.dirty.borrow_mut().file(path);
+    }
+
+    /// Everything noted since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        self.dirty.borrow_mut().take()
     }
 
     /// The file a `Write` action's payload goes to.
@@ -58,6 +74,8 @@ impl Apply {
                 .dir
                 .open_write(path)
                 .map_err(|e| disk_error("write", path, e))?;
+            // Opening may have created it (and its directories).
+            self.dirty.borrow_mut().entry(path);
             self.open.insert(path.clone(), file);
         }
         match self.open.get(path) {
@@ -103,6 +121,9 @@ impl Apply {
                 self.dir
                     .commit_temp(temp, &path)
                     .map_err(|e| disk_error("rename into place", &path, e))?;
+                let mut dirty = self.dirty.borrow_mut();
+                dirty.file(&path);
+                dirty.entry(&path);
             }
             FollowerAction::Truncate { path, len_bytes } => {
                 // A copy longer than the leader's: its tail was never part of what this leader
@@ -119,6 +140,7 @@ impl Apply {
                 self.dir
                     .truncate(&path, len_bytes)
                     .map_err(|e| disk_error("truncate", &path, e))?;
+                self.dirty.borrow_mut().file(&path);
             }
             FollowerAction::Delete { path } => {
                 if self.dir.open_read(&path).is_ok() {
@@ -128,6 +150,7 @@ impl Apply {
                 self.dir
                     .remove(&path)
                     .map_err(|e| disk_error("delete", &path, e))?;
+                self.dirty.borrow_mut().entry(&path);
             }
             FollowerAction::Write { .. }
             | FollowerAction::Inventory { .. }

@@ -6,11 +6,15 @@
 //! through a pipe on io_uring, recv + pwrite on the fallback engine).
 //!
 //! With `--durability synced` a sync task runs beside the reader: whenever `written` is ahead of
-//! `synced` it runs one syncfs(2) for everything written so far, then acks. Syncs are batched:
-//! while one runs, later marks accumulate and the next syncfs covers them all.
+//! `synced` it makes durable everything written so far (fdatasync of each file written, fsync of
+//! each directory changed: `dirty`), then acks. Syncs are batched: while one round runs, later
+//! marks accumulate and the next round covers them all.
 
 pub mod apply;
+mod dirty;
 mod progress;
+
+pub use dirty::Dirty;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -203,9 +207,11 @@ async fn follow_once(
     let (out_tx, out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::task::spawn_local(write_loop(conn.clone(), out_rx));
     let sync_wake = Rc::new(Notify::new());
+    let dirty = Rc::new(RefCell::new(Dirty::default()));
     let syncer = tokio::task::spawn_local(sync_loop(
         dir.clone(),
         session.clone(),
+        dirty.clone(),
         sync_wake.clone(),
         out_tx.clone(),
     ));
@@ -217,7 +223,7 @@ async fn follow_once(
         out_tx: &out_tx,
         sync_wake: &sync_wake,
         cache,
-        apply: Apply::new(dir.clone()),
+        apply: Apply::new(dir.clone(), dirty.clone()),
         receiver: Receiver::new(kind),
         progress: None,
         report: SyncReport::default(),
@@ -271,14 +277,17 @@ impl Ctx<'_> {
             let durability = self.config.durability;
             let watermarks = self.session.borrow().watermarks();
             if durability == Durability::Synced && watermarks[1] > watermarks[2] {
-                if self.config.once && self.session.borrow().sync_done_position().is_some() {
-                    // One last sync, inline: --once exits as soon as it is durable.
-                    let dir = self.dir.clone();
-                    let target = watermarks[1];
-                    spawn_syncfs(dir).await.map_err(FollowError::Io)?;
-                    self.session.borrow_mut().synced(target);
-                } else {
+                if !self.config.once {
                     self.sync_wake.notify_one();
+                } else if self.session.borrow().sync_done_position().is_some() {
+                    // --once syncs once, inline, at the end (so no round of the sync task is in
+                    // flight with part of the dirty set), and exits as soon as it is durable.
+                    let round = self.apply.take_dirty();
+                    let target = watermarks[1];
+                    sync_round(self.dir.clone(), round)
+                        .await
+                        .map_err(FollowError::Io)?;
+                    self.session.borrow_mut().synced(target);
                 }
             }
             self.session.borrow_mut().poll_ack();
@@ -353,6 +362,9 @@ impl Ctx<'_> {
                     len_bytes,
                 } => {
                     let buffered = (len_bytes as usize).min(input.len());
+                    if !temp {
+                        self.apply.note_written(&path);
+                    }
                     let file = self
                         .apply
                         .file_for_write(&path, temp)
@@ -465,11 +477,15 @@ fn build_inventory(
     Ok(haves)
 }
 
-async fn spawn_syncfs(dir: Arc<DataDir>) -> io::Result<()> {
-    tokio::task::spawn_blocking(move || dir.syncfs())
+/// Makes one round's dirty set durable, on a blocking thread.
+async fn sync_round(dir: Arc<DataDir>, round: Dirty) -> io::Result<()> {
+    if round.is_empty() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || round.sync(&dir))
         .await
-        .map_err(|e| io::Error::other(format!("syncfs task failed: {e}")))?
-        .map_err(|e| io::Error::new(e.kind(), format!("syncfs of the data dir failed: {e}")))
+        .map_err(|e| io::Error::other(format!("sync task failed: {e}")))?
+        .map_err(|e| io::Error::new(e.kind(), format!("syncing the data dir failed: {e}")))
 }
 
 async fn write_loop(conn: Rc<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -490,18 +506,27 @@ async fn write_loop(conn: Rc<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
 async fn sync_loop(
     dir: Arc<DataDir>,
     session: Rc<RefCell<FollowerSession>>,
+    dirty: Rc<RefCell<Dirty>>,
     wake: Rc<Notify>,
     out_tx: mpsc::UnboundedSender<Vec<u8>>,
 ) {
+    let mut failed: Option<Dirty> = None;
     loop {
         wake.notified().await;
         loop {
+            // The watermark and the dirty set are read together (no await between): the round
+            // makes durable exactly what was written up to `written`.
             let [_, written, synced] = session.borrow().watermarks();
             if written <= synced {
                 break;
             }
-            if let Err(e) = spawn_syncfs(dir.clone()).await {
+            let mut round = dirty.borrow_mut().take();
+            if let Some(earlier) = failed.take() {
+                round.merge(earlier);
+            }
+            if let Err(e) = sync_round(dir.clone(), round.clone()).await {
                 tracing::error!("{e}; acks at the synced level stop until it succeeds");
+                failed = Some(round);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }

@@ -8,7 +8,8 @@
 //!
 //! The session owns the three ack watermarks. A MARK makes its position `received`; the shell
 //! reports `written` once every action before the MARK has been applied (its writes completed),
-//! and `synced` after a syncfs it started once `written` had reached a position. `poll_ack` coalesces: one ACK at most per call, only when the level the follower
+//! and `synced` after a sync (of what was written) it started once `written` had reached a
+//! position. `poll_ack` coalesces: one ACK at most per call, only when the level the follower
 //! acks at has advanced.
 
 use std::collections::HashMap;
@@ -369,7 +370,7 @@ impl FollowerSession {
         self.watermarks[1] = self.watermarks[1].max(position);
     }
 
-    /// A syncfs that began once `written` had reached `position` has completed.
+    /// A sync that began once `written` had reached `position` has completed.
     pub fn synced(&mut self, position: u64) {
         let position = position.min(self.watermarks[1]);
         self.watermarks[2] = self.watermarks[2].max(position);

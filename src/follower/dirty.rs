@@ -1,0 +1,97 @@
+//! What the next `synced` round must make durable: the files written or truncated since the
+//! last round began, and the directories whose entries changed (a file created, renamed into
+//! place or deleted). Syncing exactly these, rather than syncfs(2) of the whole filesystem,
+//! leaves other writers' dirty pages alone: on a shared disk (the leader's own copy on the same
+//! machine, a broker's other files) syncfs paid for all of them.
+
+use std::collections::HashSet;
+use std::io;
+
+use crate::paths::{DataDir, RelPath};
+
+#[derive(Default, Debug, Clone)]
+pub struct Dirty {
+    files: HashSet<RelPath>,
+    dirs: HashSet<String>,
+}
+
+impl Dirty {
+    /// `path`'s data or length changed.
+    pub fn file(&mut self, path: &RelPath) {
+        if !self.files.contains(path) {
+            self.files.insert(path.clone());
+        }
+    }
+
+    /// `path` was created, renamed into place or deleted: its directory and every ancestor
+    /// (any of which the change may have created) must be synced.
+    pub fn entry(&mut self, path: &RelPath) {
+        let mut dir = path.parent().unwrap_or("");
+        loop {
+            if !self.dirs.insert(dir.to_string()) {
+                return; // its ancestors are in already
+            }
+            if dir.is_empty() {
+                return;
+            }
+            dir = dir.rsplit_once('/').map_or("", |(parent, _)| parent);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.dirs.is_empty()
+    }
+
+    /// Adds what `other` noted (a failed round, retried with the next).
+    pub fn merge(&mut self, other: Dirty) {
+        self.files.extend(other.files);
+        self.dirs.extend(other.dirs);
+    }
+
+    /// Everything noted so far, leaving this empty for the next round.
+    pub fn take(&mut self) -> Dirty {
+        std::mem::take(self)
+    }
+
+    /// fdatasync of every file, then fsync of every directory.
+    pub fn sync(&self, dir: &DataDir) -> io::Result<()> {
+        dir.sync_paths(&self.files, self.dirs.iter().map(String::as_str))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_marks_its_directory_and_every_ancestor_once() {
+        let mut d = Dirty::default();
+        d.entry(&RelPath::new("a/b/c.seg").unwrap());
+        d.entry(&RelPath::new("a/b/d.seg").unwrap());
+        d.entry(&RelPath::new("top.json").unwrap());
+        let mut dirs: Vec<&str> = d.dirs.iter().map(String::as_str).collect();
+        dirs.sort();
+        assert_eq!(dirs, ["", "a", "a/b"]);
+    }
+
+    #[test]
+    fn sync_skips_a_file_deleted_since_and_syncs_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let kept = RelPath::new("q/kept").unwrap();
+        let gone = RelPath::new("q/gone").unwrap();
+        for p in [&kept, &gone] {
+            use std::io::Write;
+            dir.open_write(p).unwrap().write_all(b"x").unwrap();
+        }
+        let mut d = Dirty::default();
+        for p in [&kept, &gone] {
+            d.file(p);
+            d.entry(p);
+        }
+        dir.remove(&gone).unwrap();
+        let round = d.take();
+        assert!(d.is_empty());
+        round.sync(&dir).unwrap();
+    }
+}
