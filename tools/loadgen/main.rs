@@ -107,6 +107,11 @@ struct Args {
     /// Where to put the data dirs (default: a new temporary directory, removed at the end).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Put the leader's data dir here instead (it must not exist or be empty; it is removed at
+    /// the end), e.g. on /dev/shm: on one machine the leader's writes otherwise share the
+    /// followers' disk, which separate machines do not.
+    #[arg(long, value_name = "DIR")]
+    leader_dir: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -196,7 +201,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .map(|t| t.path().to_path_buf())
             .unwrap_or_default()
     });
-    let leader_dir = root.join("leader");
+    let leader_dir = args
+        .leader_dir
+        .clone()
+        .unwrap_or_else(|| root.join("leader"));
+    if std::fs::read_dir(&leader_dir).is_ok_and(|mut d| d.next().is_some()) {
+        bail!("--leader-dir {} is not empty", leader_dir.display());
+    }
     std::fs::create_dir_all(&leader_dir)?;
     let secret_file = root.join("secret");
     std::fs::write(&secret_file, "loadgen-secret")?;
@@ -475,6 +486,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
             }
         }
     };
+    // The disk's rate drifts on a shared machine: measure it again after the run and compare
+    // against the mean of before and after.
+    let dd_mb_per_s = match (dd_mb_per_s, args.dd_baseline) {
+        (Some(before), Some(mib)) => Some((before + dd_baseline(&root, mib)?) / 2.0),
+        _ => None,
+    };
     let report = Report {
         mode: args.mode.clone(),
         engine: engine_name,
@@ -508,9 +525,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(leader) = leader {
-        if let Ok(leader) = Arc::try_unwrap(leader) {
-            leader.shutdown();
-        }
+        leader.stop_serving();
+    }
+    if args.leader_dir.is_some() {
+        // It was empty: what is there now is the run's, and may sit in RAM (/dev/shm).
+        let _ = std::fs::remove_dir_all(&leader_dir);
     }
     Ok(checksums_match)
 }
