@@ -263,16 +263,25 @@ fn a_connection_closed_in_the_middle_of_a_frame_leaves_the_leader_serving() {
 }
 
 #[test]
-fn hundreds_of_idle_and_garbage_connections_leave_a_real_follower_unaffected() {
+fn a_thousand_idle_and_garbage_connections_leave_a_real_follower_unaffected() {
+    // This process holds the thousand sockets: lift its soft limit on open files (ferry lifts
+    // its own).
+    // SAFETY: rlimit is plain data; getrlimit and setrlimit only read and write it.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
     let env = Env::new();
     let (ld, fd) = (env.dir("leader"), env.dir("follower"));
     write(&ld.join("seg"), &pattern(1_000_000, 7));
     let leader = start_leader(&env, &ld, "uring");
-    // 300 connections that say nothing, and 100 that send garbage and stay open.
-    let mut idle: Vec<TcpStream> = (0..300)
+    // 700 connections that say nothing, and 300 that send garbage and stay open.
+    let mut idle: Vec<TcpStream> = (0..700)
         .map(|_| TcpStream::connect(leader.addr).unwrap())
         .collect();
-    for _ in 0..100 {
+    for _ in 0..300 {
         let mut s = TcpStream::connect(leader.addr).unwrap();
         let _ = s.write_all(&[0xff; 64]);
         idle.push(s);
