@@ -728,7 +728,19 @@ impl LeaderSession {
                     },
                 );
             }
-            Job::Whole { .. } | Job::AwaitOpen { .. } => {}
+            Job::Whole { path, .. } => {
+                // The follower has this transfer open. Whatever the file's next change, it is
+                // sent whole (a new BEGIN_WHOLE replaces the transfer) or, if the file is gone,
+                // deleted, and a DELETE ends the transfer on the follower.
+                self.sent.insert(
+                    path,
+                    Sent {
+                        generation: GENERATION_NONE,
+                        len_bytes: 0,
+                    },
+                );
+            }
+            Job::AwaitOpen { .. } => {}
         }
     }
 

@@ -232,6 +232,7 @@ impl Sim {
             }
             FollowerAction::Delete { path } => {
                 self.follower_files.remove(&path);
+                self.follower_temps.remove(&path);
             }
             FollowerAction::Mark {
                 position,
@@ -673,6 +674,35 @@ fn a_file_deleted_before_its_mismatched_copy_is_replaced_is_deleted_on_the_follo
         sim.to_follower.extend(out);
     }
     sim.delete("a");
+    sim.run();
+    sim.assert_in_sync();
+}
+
+#[test]
+fn whole_file_transfers_cut_short_and_then_deleted_do_not_pile_up_on_the_follower() {
+    // A file shrinks after BEGIN_WHOLE went out (the DATA is taken back), then is deleted: the
+    // transfer must not stay open on the follower, or MAX_WHOLE_IN_FLIGHT such files on one
+    // connection make the next BEGIN_WHOLE fail with LIMIT.
+    let mut sim = Sim::new(Files::new(), Files::new());
+    sim.run();
+    for i in 0..=crate::frame::MAX_WHOLE_IN_FLIGHT {
+        let name = format!("x{i}");
+        sim.replace(&name, b"0123456789");
+        let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+        assert!(matches!(t, Some(Transmit::OpenWhole { .. })), "{t:?}");
+        sim.leader.begin_whole(&p(&name), 10, &sim.catalog);
+        let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+        assert!(matches!(t, Some(Transmit::Payload { .. })), "{t:?}");
+        sim.leader.payload_unavailable();
+        sim.delete(&name);
+        sim.run();
+        assert!(
+            sim.follower_error.is_none(),
+            "file {i}: {:?}",
+            sim.follower_error
+        );
+    }
+    sim.replace("last", b"x");
     sim.run();
     sim.assert_in_sync();
 }
