@@ -2,7 +2,8 @@
 # The test command the README gives: format, lints, then every unit, property and integration
 # test (the integration tests start real `ferry` processes on 127.0.0.1, on both I/O engines, and
 # a real etcd-server for the cluster tests).
-# Installs what it needs when missing: protoc (etcd-client's build) and etcd-server (Debian).
+# Installs what it needs when missing: protoc (etcd-client's build) and etcd-server (Debian);
+# tools/fuzz.sh, run last, installs a C++ compiler for libFuzzer if there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -20,3 +21,6 @@ fi
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+# A short fuzzing run: builds the targets in fuzz/ (a separate workspace) and runs each for 20 s
+# on a copy of its seed corpus; fails on any crash. tools/fuzz.sh SECONDS for a longer run.
+./tools/fuzz.sh 20

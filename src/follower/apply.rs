@@ -147,6 +147,10 @@ impl Apply {
                     tracing::info!("removing {path}: the leader does not have it");
                 }
                 self.open.remove(&path);
+                // A whole-file transfer of `path` the leader gave up on ends: its temp file stays
+                // in `.ferry/tmp/` until `clear_temps` at the next start, like one replaced by a
+                // new BEGIN_WHOLE.
+                self.temps.remove(&path);
                 self.dir
                     .remove(&path)
                     .map_err(|e| disk_error("delete", &path, e))?;

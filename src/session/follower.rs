@@ -62,6 +62,7 @@ pub enum FollowerAction {
         path: RelPath,
         len_bytes: u64,
     },
+    /// Remove `path`, and drop the temp file of any whole-file transfer of it in progress.
     Delete {
         path: RelPath,
     },
@@ -295,7 +296,11 @@ impl FollowerSession {
             (P::Streaming, Frame::Truncate { len_bytes, path }) => {
                 Some(FollowerAction::Truncate { path, len_bytes })
             }
-            (P::Streaming, Frame::Delete { path }) => Some(FollowerAction::Delete { path }),
+            (P::Streaming, Frame::Delete { path }) => {
+                // A whole-file transfer of `path` the leader gave up on ends here.
+                self.wholes.remove(&path);
+                Some(FollowerAction::Delete { path })
+            }
             (
                 P::Streaming,
                 Frame::Mark {

@@ -60,6 +60,9 @@ pub enum Transmit {
     },
 }
 
+/// The generation of a follower's copy that matches none of ours (catalog generations start at 1).
+const GENERATION_NONE: u64 = 0;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Sent {
     generation: u64,
@@ -402,7 +405,17 @@ impl LeaderSession {
                 .get(path)
                 .is_some_and(|d| d.as_ref() == Some(&have.digest));
             if !matches {
-                continue; // not in `sent`: shipped whole, into a temp file renamed over it
+                // Shipped whole, into a temp file renamed over it. Until then the follower holds
+                // a copy of no generation of ours: recorded so that, if the file is gone before
+                // it ships, the follower is told to delete that copy.
+                self.sent.insert(
+                    path.clone(),
+                    Sent {
+                        generation: GENERATION_NONE,
+                        len_bytes: 0,
+                    },
+                );
+                continue;
             }
             if have.len_bytes > cut.len_bytes {
                 Frame::Truncate {
@@ -715,7 +728,19 @@ impl LeaderSession {
                     },
                 );
             }
-            Job::Whole { .. } | Job::AwaitOpen { .. } => {}
+            Job::Whole { path, .. } => {
+                // The follower has this transfer open. Whatever the file's next change, it is
+                // sent whole (a new BEGIN_WHOLE replaces the transfer) or, if the file is gone,
+                // deleted, and a DELETE ends the transfer on the follower.
+                self.sent.insert(
+                    path,
+                    Sent {
+                        generation: GENERATION_NONE,
+                        len_bytes: 0,
+                    },
+                );
+            }
+            Job::AwaitOpen { .. } => {}
         }
     }
 

@@ -232,6 +232,7 @@ impl Sim {
             }
             FollowerAction::Delete { path } => {
                 self.follower_files.remove(&path);
+                self.follower_temps.remove(&path);
             }
             FollowerAction::Mark {
                 position,
@@ -637,4 +638,71 @@ fn a_follower_of_an_empty_dir_is_in_sync_without_waiting_for_a_write() {
     sim.assert_in_sync();
     let snap = sim.leader.lag().snapshot(0, sim.now);
     assert_eq!(snap.state, FollowerState::Streaming, "{snap:?}");
+}
+
+#[test]
+fn a_file_deleted_before_its_mismatched_copy_is_replaced_is_deleted_on_the_follower() {
+    // Found by the session_pair fuzz target: the follower's copy of "a" differs from the
+    // leader's, so it is to be re-sent whole; the leader deletes "a" after sending its index
+    // and before the whole-file transfer starts. The follower must not keep its stale copy.
+    let mut sim = Sim::new(
+        files(&[("a", b"leader"), ("b", b"1")]),
+        files(&[("a", b"stale copy"), ("b", b"1")]),
+    );
+    sim.step_leader();
+    sim.step_follower();
+    sim.step_leader();
+    assert_eq!(sim.leader.phase(), LeaderPhase::AwaitInventory);
+    sim.delete("a");
+    sim.run();
+    sim.assert_in_sync();
+    // The same once the comparison is done: deleted before the transfer is opened.
+    let mut sim = Sim::new(files(&[("a", b"leader")]), files(&[("a", b"stale copy")]));
+    loop {
+        sim.step_follower();
+        let n = sim
+            .leader
+            .handle_input(&sim.to_leader, &sim.catalog, sim.now)
+            .unwrap();
+        sim.to_leader.drain(..n);
+        if let Some(requests) = sim.leader.digest_requests() {
+            let digests = requests.into_iter().map(|r| (r.path, None)).collect();
+            sim.leader.digests_ready(digests);
+            break;
+        }
+        let out = sim.leader.take_output();
+        sim.to_follower.extend(out);
+    }
+    sim.delete("a");
+    sim.run();
+    sim.assert_in_sync();
+}
+
+#[test]
+fn whole_file_transfers_cut_short_and_then_deleted_do_not_pile_up_on_the_follower() {
+    // A file shrinks after BEGIN_WHOLE went out (the DATA is taken back), then is deleted: the
+    // transfer must not stay open on the follower, or MAX_WHOLE_IN_FLIGHT such files on one
+    // connection make the next BEGIN_WHOLE fail with LIMIT.
+    let mut sim = Sim::new(Files::new(), Files::new());
+    sim.run();
+    for i in 0..=crate::frame::MAX_WHOLE_IN_FLIGHT {
+        let name = format!("x{i}");
+        sim.replace(&name, b"0123456789");
+        let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+        assert!(matches!(t, Some(Transmit::OpenWhole { .. })), "{t:?}");
+        sim.leader.begin_whole(&p(&name), 10, &sim.catalog);
+        let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+        assert!(matches!(t, Some(Transmit::Payload { .. })), "{t:?}");
+        sim.leader.payload_unavailable();
+        sim.delete(&name);
+        sim.run();
+        assert!(
+            sim.follower_error.is_none(),
+            "file {i}: {:?}",
+            sim.follower_error
+        );
+    }
+    sim.replace("last", b"x");
+    sim.run();
+    sim.assert_in_sync();
 }
