@@ -147,6 +147,68 @@ impl Receiver {
         Ok(())
     }
 
+    /// Whether writes handed out are still in flight.
+    pub fn busy(&self) -> bool {
+        self.free.len() < self.pipes_total
+    }
+
+    /// Writes `bytes` (payload that came in the read buffer along with frames) into `file` at
+    /// `offset`, behind every write already handed out: copied into pipes and queued like a
+    /// payload from the socket. Written directly, they could land past earlier bytes still in
+    /// flight, and a crash in between would leave a hole of zeros under the file's real name.
+    /// Call when `busy`; otherwise writing directly is just as safe. See `flush` for completion.
+    pub async fn write_behind(
+        &mut self,
+        file: &Arc<File>,
+        offset: u64,
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        let mut offset = offset;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let pipe = self.next_pipe().await?;
+            // A free pipe is empty, so up to its capacity goes in without blocking.
+            let n = rest.len().min(pipe.capacity_bytes);
+            let mut put = 0;
+            while put < n {
+                // SAFETY: the pipe's write end is an open fd we own; the pointer and length
+                // describe initialized bytes of `rest`.
+                let w = unsafe {
+                    libc::write(
+                        pipe.write.as_raw_fd(),
+                        rest[put..n].as_ptr().cast(),
+                        n - put,
+                    )
+                };
+                if w < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    self.pipes_total -= 1;
+                    return Err(e);
+                }
+                if w == 0 {
+                    self.pipes_total -= 1;
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "write into an empty pipe moved nothing",
+                    ));
+                }
+                put += w as usize;
+            }
+            self.submit(Job {
+                pipe,
+                file: file.clone(),
+                offset,
+                len_bytes: n,
+            })?;
+            offset += n as u64;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+
     fn submit(&mut self, job: Job) -> io::Result<()> {
         let done = self.done_tx.clone();
         match self.writer {

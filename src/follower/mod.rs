@@ -369,8 +369,20 @@ impl Ctx<'_> {
                         .apply
                         .file_for_write(&path, temp)
                         .map_err(FollowError::Session)?;
-                    file.write_all_at(&input[..buffered], offset)
-                        .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                    if buffered > 0 && self.receiver.busy() {
+                        // Behind the writes in flight, never past them: no hole under a real
+                        // name if we die in between.
+                        let dup = file
+                            .try_clone()
+                            .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                        self.receiver
+                            .write_behind(&Arc::new(dup), offset, &input[..buffered])
+                            .await
+                            .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                    } else {
+                        file.write_all_at(&input[..buffered], offset)
+                            .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                    }
                     input.drain(..buffered);
                     let rest = len_bytes - buffered as u64;
                     if rest > 0 {

@@ -1,0 +1,430 @@
+//! Fault injection against real `ferry` processes (issue 6): a follower killed with SIGKILL at
+//! random points of its sync, a follower whose disk fills, a leader partitioned from etcd and
+//! its followers by network namespaces, and a cluster leader killed under load.
+//!
+//! What a follower may show under a file's real name, from how it writes (src/follower/apply.rs
+//! and the session): a file it lacks, or whose copy does not match, arrives whole in
+//! `.ferry/tmp/` and is renamed over the real name once its length checks out; only a copy that
+//! is already a byte prefix of the leader's gets DATA under its real name, at offsets from its
+//! end. So at any instant, even right after a SIGKILL, every visible file is either the copy the
+//! follower held before (untouched), or a byte prefix of the leader's copy; and a prefix shorter
+//! than the leader's file only for a file the follower already held as a prefix (a tail being
+//! appended). `check_not_torn` asserts exactly that.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+/// The seed of every random choice here unless `FERRY_FAULT_SEED` says otherwise.
+const SEED_DEFAULT: u64 = 0x5eed_f417;
+
+fn seed() -> u64 {
+    let seed = std::env::var("FERRY_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SEED_DEFAULT);
+    eprintln!("seed {seed} (set FERRY_FAULT_SEED to replay another)");
+    seed
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// splitmix64: small, seeded, the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix(self.0)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Log-uniform in [lo, hi): many small files, a few big ones.
+    fn size(&mut self, lo: u64, hi: u64) -> u64 {
+        let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
+        (a + self.unit() * (b - a)).exp() as u64
+    }
+}
+
+/// Random bytes that file contents are cut from. Its length is prime, so no power-of-two offset
+/// (a pipe, a frame, a page) lines up with its period.
+fn pool() -> &'static [u8] {
+    const POOL_BYTES: u64 = 1_000_003;
+    static POOL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let mut rng = Rng(0x9001);
+        let mut pool: Vec<u8> = (0..POOL_BYTES.div_ceil(8))
+            .flat_map(|_| rng.next().to_le_bytes())
+            .collect();
+        pool.truncate(POOL_BYTES as usize);
+        pool
+    })
+}
+
+/// Bytes `[offset, offset + len)` of the file whose content is keyed by `key`: any range can be
+/// regenerated, appending the next range extends the same content, and files of different keys
+/// differ (the pool read from another starting point). Slices, not a loop per byte: fast even
+/// in a debug build.
+fn content(key: u64, offset: u64, len: u64) -> Vec<u8> {
+    let pool = pool();
+    let period = pool.len() as u64;
+    let mut at = ((key % period + offset % period) % period) as usize;
+    let mut out = Vec::with_capacity(len as usize);
+    while (out.len() as u64) < len {
+        let n = (len as usize - out.len()).min(pool.len() - at);
+        out.extend_from_slice(&pool[at..at + n]);
+        at = 0;
+    }
+    out
+}
+
+/// What a file of the test's model holds: `content(key, 0, len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spec {
+    key: u64,
+    len: u64,
+}
+
+type Model = BTreeMap<String, Spec>;
+
+fn append_to(path: &Path, spec: &mut Spec, more: u64) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(&content(spec.key, spec.len, more)).unwrap();
+    spec.len += more;
+}
+
+/// Writes `spec` to `path` the way a broker rewrites a small file: a new file renamed over it.
+fn replace(scratch: &Path, path: &Path, spec: Spec) {
+    let tmp = scratch.join("replacement");
+    std::fs::write(&tmp, content(spec.key, 0, spec.len)).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Length of the common prefix of two byte strings (compared in blocks: memcmp, even in a
+/// debug build).
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut at = 0;
+    while at < n {
+        let end = (at + 65536).min(n);
+        if a[at..end] != b[at..end] {
+            let (x, y) = (&a[at..end], &b[at..end]);
+            return at + x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(0);
+        }
+        at = end;
+    }
+    n
+}
+
+/// The invariant of this file's header, for a follower (not running) that held `before` and is
+/// syncing towards a leader holding `now`. Returns how many payload bytes the follower still
+/// lacks (what a resumed sync must send), or what is torn.
+fn check_not_torn(fd: &Path, ld: &Path, before: &Model, now: &Model) -> Result<u64, String> {
+    let held = files(fd);
+    for path in before.keys() {
+        if now.contains_key(path) && !held.contains_key(path) {
+            return Err(format!(
+                "{path} vanished: the follower held it and the leader still has it"
+            ));
+        }
+    }
+    let mut lacking = 0;
+    for (path, spec) in now {
+        if !held.contains_key(path) {
+            lacking += spec.len;
+        }
+    }
+    for (path, at) in &held {
+        let mine = std::fs::read(at).unwrap();
+        let old = before.get(path);
+        let is_old =
+            || old.is_some_and(|o| o.len == mine.len() as u64 && content(o.key, 0, o.len) == mine);
+        let Some(spec) = now.get(path) else {
+            // The leader deleted it: the follower's old copy, or nothing, never anything else.
+            if !is_old() {
+                return Err(format!(
+                    "{path}: {} bytes, neither the old copy nor absent",
+                    mine.len()
+                ));
+            }
+            continue;
+        };
+        let theirs = std::fs::read(ld.join(path)).unwrap();
+        assert_eq!(
+            theirs.len() as u64,
+            spec.len,
+            "the leader's {path} is not what the test wrote"
+        );
+        let prefix = common_prefix(&mine, &theirs);
+        if prefix == mine.len() {
+            lacking += spec.len - mine.len() as u64;
+            if prefix == theirs.len() {
+                continue; // complete
+            }
+            // A proper prefix: only a tail being appended to a copy that was already a prefix.
+            let was_prefix = old.is_some_and(|o| o.key == spec.key && o.len <= mine.len() as u64);
+            if !was_prefix {
+                return Err(format!(
+                    "{path} is torn: it holds the first {} of the leader's {} bytes, but the \
+                     follower did not hold a prefix of it before ({old:?})",
+                    mine.len(),
+                    theirs.len()
+                ));
+            }
+        } else if is_old() {
+            lacking += spec.len; // the old copy of a rewritten file: re-sent whole
+        } else {
+            return Err(format!(
+                "{path} is torn: {} bytes, differs from the leader's {} bytes at offset {prefix}, \
+                 and is not the follower's old copy ({old:?})",
+                mine.len(),
+                theirs.len()
+            ));
+        }
+    }
+    Ok(lacking)
+}
+
+/// The text of `line` between `a` and the next `b`.
+fn between<'a>(line: &'a str, a: &str, b: &str) -> &'a str {
+    let rest = line
+        .split(a)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {a:?} in {line:?}"));
+    rest.split(b).next().unwrap()
+}
+
+fn temp_files(fd: &Path) -> Vec<(String, u64)> {
+    std::fs::read_dir(fd.join(".ferry/tmp"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    (e.file_name().to_string_lossy().to_string(), len)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn follow_once_written(env: &Env, fd: &Path, leader: &LeaderProc, engine: &str) -> Output {
+    let mut cmd = follow_cmd(env, fd, leader.addr, engine);
+    cmd.args(["--once", "--durability", "written"]);
+    run_bounded(cmd, Duration::from_secs(60))
+}
+
+/// Builds the leader's tree: `total` bytes over files of 1 KiB to 24 MiB in a few directories,
+/// plus an empty one.
+fn build_tree(ld: &Path, rng: &mut Rng, total: u64) -> Model {
+    let mut model = Model::new();
+    model.insert("empty".into(), Spec { key: 0, len: 0 });
+    let mut sum = 0;
+    let mut i = 0;
+    while sum < total {
+        let len = rng.size(1024, 24 * MIB).min(total - sum).max(1);
+        let spec = Spec {
+            key: rng.next(),
+            len,
+        };
+        model.insert(format!("q{}/{i:08}.seg", i % 5), spec);
+        sum += len;
+        i += 1;
+    }
+    for (path, spec) in &model {
+        write(&ld.join(path), &content(spec.key, 0, spec.len));
+    }
+    model
+}
+
+/// One round's changes while the follower is down: 2 to 12 MiB appended to each of three
+/// files, two rewritten with new content and length, one created, then random deletes down to
+/// `limit` bytes in all.
+fn mutate(ld: &Path, scratch: &Path, rng: &mut Rng, model: &mut Model, round: usize, limit: u64) {
+    let paths: Vec<String> = model.keys().filter(|p| *p != "empty").cloned().collect();
+    // Tails of several DATA frames (MAX_DATA_BYTES is 4 MiB): a kill may land between frames.
+    for _ in 0..3 {
+        let path = &paths[rng.below(paths.len() as u64) as usize];
+        let more = 2 * MIB + rng.below(10 * MIB);
+        append_to(&ld.join(path), model.get_mut(path).unwrap(), more);
+    }
+    for _ in 0..2 {
+        let path = &paths[rng.below(paths.len() as u64) as usize];
+        let spec = Spec {
+            key: rng.next(),
+            len: rng.size(1024, 8 * MIB),
+        };
+        replace(scratch, &ld.join(path), spec);
+        model.insert(path.clone(), spec);
+    }
+    let spec = Spec {
+        key: rng.next(),
+        len: rng.size(1024, 8 * MIB),
+    };
+    let path = format!("new/{round:03}.seg");
+    replace(scratch, &ld.join(&path), spec);
+    model.insert(path, spec);
+    // Deletes keep the tree near its first size, so rounds stay alike.
+    while model.values().map(|s| s.len).sum::<u64>() > limit {
+        let paths: Vec<String> = model.keys().filter(|p| *p != "empty").cloned().collect();
+        let gone = &paths[rng.below(paths.len() as u64) as usize];
+        std::fs::remove_file(ld.join(gone)).unwrap();
+        model.remove(gone);
+    }
+}
+
+#[test]
+fn a_follower_killed_at_random_points_of_its_sync_never_shows_a_torn_file_and_converges() {
+    const ROUNDS: usize = 20;
+    let mut rng = Rng(seed());
+    let env = Env::new();
+    let (ld, fd, scratch) = (env.dir("leader"), env.dir("follower"), env.dir("scratch"));
+    let mut model = build_tree(&ld, &mut rng, 160 * MIB);
+    let total: u64 = model.values().map(|s| s.len).sum();
+    eprintln!("leader: {} files, {} MiB", model.len(), total / MIB);
+    let leader = start_leader(&env, &ld, "uring");
+
+    // The leader's payload rate here: each kill lands within the time its sync should take.
+    let mark = leader.proc.log_len();
+    let out = follow_once_written(&env, &env.dir("calibration"), &leader, "uring");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = leader
+        .proc
+        .wait_log_since(mark, "initial sync sent: ", Duration::from_secs(10));
+    let seconds: f64 = between(&line, " whole files, in ", " s").parse().unwrap();
+    let mut bytes_per_s = total as f64 / seconds.max(0.001);
+    std::fs::remove_dir_all(env.dir("calibration")).unwrap();
+    eprintln!("a full sync takes {seconds:.2} s here");
+
+    let mut before = Model::new(); // what the follower holds
+    let (mut mid_sync, mut mid_whole, mut mid_tail) = (0, 0, 0);
+    for round in 0..ROUNDS {
+        // Each engine gets both kinds of round. Even rounds: a full sync into an emptied dir.
+        // Odd rounds: catching up after changes (tails appended under the real names).
+        let engine = ENGINES[(round / 2) % 2];
+        if round > 0 {
+            mutate(&ld, &scratch, &mut rng, &mut model, round, total);
+        }
+        if round % 2 == 0 {
+            std::fs::remove_dir_all(&fd).unwrap();
+            std::fs::create_dir_all(&fd).unwrap();
+            before.clear();
+        }
+        let unit = rng.unit();
+
+        // The kill comes a random fraction of the sync's expected time after the leader starts
+        // sending (it logs how many bytes it plans to send).
+        let mark = leader.proc.log_len();
+        let mut follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        let line =
+            leader
+                .proc
+                .wait_log_since(mark, "initial sync started, ", Duration::from_secs(20));
+        let planned: f64 = between(&line, "initial sync started, ", " bytes")
+            .parse()
+            .unwrap();
+        let delay = Duration::from_secs_f64(unit * planned / bytes_per_s);
+        std::thread::sleep(delay);
+        follower.child.kill().unwrap();
+        follower.child.wait().unwrap();
+
+        let synced = follower.log_text().contains("initial sync received");
+        let temps = temp_files(&fd);
+        let lacking = check_not_torn(&fd, &ld, &before, &model).unwrap_or_else(|e| {
+            panic!("round {round} ({engine}, killed {delay:?} into the sync): {e}")
+        });
+        let tails = files(&fd)
+            .iter()
+            .filter(|(p, at)| {
+                let len = std::fs::metadata(at).unwrap().len();
+                model.get(*p).is_some_and(|s| len < s.len)
+                    && before.get(*p).is_some_and(|o| o.len < len)
+            })
+            .count();
+        mid_sync += usize::from(!synced);
+        mid_whole += usize::from(temps.iter().any(|(_, len)| *len > 0));
+        mid_tail += usize::from(tails > 0);
+        eprintln!(
+            "round {round:2} {engine:8} killed {:3} ms into a sync of {:3} MiB: {}, {} temp \
+             files, {tails} tails part-appended, {} MiB still lacking",
+            delay.as_millis(),
+            planned as u64 / MIB,
+            if synced { "after it" } else { "mid-sync" },
+            temps.len(),
+            lacking / MIB
+        );
+
+        // Restarted, it converges, and receives only what it lacks.
+        let mark = leader.proc.log_len();
+        let out = follow_once_written(&env, &fd, &leader, engine);
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            payload_bytes(&out),
+            lacking,
+            "round {round}: resumed, not re-sent"
+        );
+        if let Some(diff) = tree_difference(&ld, &fd) {
+            panic!("round {round}: not converged: {diff}");
+        }
+        assert_eq!(
+            temp_files(&fd),
+            vec![],
+            "round {round}: temp files left behind"
+        );
+        before = model.clone();
+        // The fastest sync seen sets the pace: kills should land before the end, not after.
+        let line = leader
+            .proc
+            .wait_log_since(mark, "initial sync sent: ", Duration::from_secs(10));
+        let bytes: f64 = between(&line, "initial sync sent: ", " payload")
+            .parse()
+            .unwrap();
+        let seconds: f64 = between(&line, " whole files, in ", " s").parse().unwrap();
+        if bytes >= (16 * MIB) as f64 {
+            bytes_per_s = bytes_per_s.max(bytes / seconds.max(0.001));
+        }
+    }
+    eprintln!(
+        "{mid_sync} of {ROUNDS} kills landed mid-sync, {mid_whole} mid whole-file transfer, \
+         {mid_tail} mid tail append"
+    );
+    assert!(
+        mid_sync >= ROUNDS / 2 && mid_whole >= 3 && mid_tail >= 1,
+        "too few kills landed mid-sync for the test to mean anything"
+    );
+    // The final word, by ferry's own checksums.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| checksum(&ld));
+        let b = s.spawn(|| checksum(&fd));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(a, b);
+}
