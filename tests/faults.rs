@@ -15,9 +15,9 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
-use std::process::Output;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -427,4 +427,211 @@ fn a_follower_killed_at_random_points_of_its_sync_never_shows_a_torn_file_and_co
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_eq!(a, b);
+}
+
+/// A tmpfs mounted over a test's dir, unmounted (lazily, so a panic cannot leave it busy) on drop.
+struct Tmpfs {
+    at: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as mount(8) takes it: "8m") at `at`, or says why it cannot.
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs, String> {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs {
+            at: at.to_path_buf(),
+        })
+    }
+
+    fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start with the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a system setting.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_s)
+}
+
+/// The leader's followers as its `/metrics` reports them: (state, synced lag bytes) by id.
+fn followers_seen(http: &str) -> BTreeMap<String, (String, f64)> {
+    let text = ferry::http::get(http, "/metrics").unwrap_or_default();
+    let mut rows: BTreeMap<String, (String, f64)> = BTreeMap::new();
+    for s in ferry::status::parse_prometheus(&text) {
+        let Some(id) = s.label("id").map(str::to_string) else {
+            continue;
+        };
+        if s.name == "ferry_follower_state" {
+            rows.entry(id).or_default().0 = s.label("state").unwrap_or("").to_string();
+        } else if s.name == "ferry_follower_lag_bytes" && s.label("level") == Some("synced") {
+            rows.entry(id).or_default().1 = s.value;
+        }
+    }
+    rows
+}
+
+#[test]
+fn a_follower_whose_disk_fills_says_so_shows_no_torn_file_and_recovers_when_space_returns() {
+    for engine in ENGINES {
+        if !disk_fills(engine) {
+            return;
+        }
+    }
+}
+
+/// The disk-full scenario with the follower on `engine`; false if it cannot run here.
+fn disk_fills(engine: &str) -> bool {
+    eprintln!("-- follower engine {engine}");
+    let env = Env::new();
+    let (ld, fd, scratch) = (env.dir("leader"), env.dir("follower"), env.dir("scratch"));
+    let disk = match Tmpfs::mount(&fd, "8m") {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot mount a tmpfs ({why}); a full disk needs root to test");
+            return false;
+        }
+    };
+    // What fits: 2 MiB.
+    let mut model = Model::new();
+    model.insert(
+        "q/seg".into(),
+        Spec {
+            key: 1,
+            len: 2 * MIB,
+        },
+    );
+    model.insert("meta".into(), Spec { key: 2, len: 1000 });
+    for (path, spec) in &model {
+        write(&ld.join(path), &content(spec.key, 0, spec.len));
+    }
+    let mut cmd = lead_cmd(&env, &ld, "uring");
+    cmd.args(["--http", "127.0.0.1:0"]);
+    let leader = Proc::spawn(cmd);
+    let (addr, leader_http) = (listen_addr(&leader), http_addr(&leader));
+    let mut cmd = follow_cmd(&env, &fd, addr, engine);
+    cmd.args(["--durability", "synced", "--http", "127.0.0.1:0"]);
+    let mut follower = Proc::spawn(cmd);
+    let follower_http = http_addr(&follower);
+    wait_same_files(&ld, &fd, Duration::from_secs(20));
+    let before = model.clone();
+
+    // The leader grows past what fits: a 5 MiB tail on the segment, a new 6 MiB file.
+    let mark = follower.log_len();
+    append_to(&ld.join("q/seg"), model.get_mut("q/seg").unwrap(), 5 * MIB);
+    let spec = Spec {
+        key: 3,
+        len: 6 * MIB,
+    };
+    replace(&scratch, &ld.join("q/seg2"), spec);
+    model.insert("q/seg2".into(), spec);
+
+    // A clear error, naming the cause and the file, on both sides.
+    let line = follower.wait_log_since(mark, "No space left on device", Duration::from_secs(20));
+    assert!(
+        line.contains("q/seg"),
+        "the follower's error names no file: {line}"
+    );
+    eprintln!("follower: {line}");
+    let line = leader.wait_log("No space left on device", Duration::from_secs(10));
+    eprintln!("leader: {line}");
+    let status = ferry::http::get(&follower_http, "/status").unwrap();
+    assert!(status.contains("No space left on device"), "{status}");
+
+    // The leader counts it out of sync: no connection of it is streaming, and it lags.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out_of_sync = |rows: &BTreeMap<String, (String, f64)>| {
+        !rows.is_empty()
+            && rows.values().all(|(state, _)| state != "streaming")
+            && rows.values().any(|(_, lag)| *lag > 0.0)
+    };
+    while !out_of_sync(&followers_seen(&leader_http)) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            followers_seen(&leader_http)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It stays alive and retries without spinning: under half a core over 3 s, and still out
+    // of sync meanwhile.
+    let pid = follower.child.id();
+    let (cpu, wall) = (cpu_time(pid), Instant::now());
+    while wall.elapsed() < Duration::from_secs(3) {
+        assert!(
+            follower.child.try_wait().unwrap().is_none(),
+            "the follower exited"
+        );
+        let rows = followers_seen(&leader_http);
+        assert!(out_of_sync(&rows), "back in sync on a full disk? {rows:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let used = cpu_time(pid) - cpu;
+    eprintln!(
+        "while the disk is full: {used:?} of CPU in 3 s; leader sees {:?}",
+        followers_seen(&leader_http)
+    );
+    assert!(
+        used < Duration::from_millis(1500),
+        "spinning: {used:?} of CPU in 3 s"
+    );
+
+    // Nothing torn: the old segment's copy has at most grown along the leader's, the new file is
+    // absent or whole; whatever partial transfer there is sits in .ferry/tmp.
+    check_not_torn(&fd, &ld, &before, &model).unwrap();
+    // Nor do failed transfers pile up in .ferry/tmp holding space: at most the one under way.
+    let temps = temp_files(&fd);
+    assert!(
+        temps.len() <= 1,
+        "temp files of failed transfers kept: {temps:?}"
+    );
+
+    // Space returns: the same process catches up, no restart.
+    let mark = follower.log_len();
+    disk.resize("64m");
+    wait_same_files(&ld, &fd, Duration::from_secs(30));
+    follower.wait_log_since(mark, "initial sync received", Duration::from_secs(10));
+    assert!(follower.child.try_wait().unwrap().is_none());
+    assert_eq!(temp_files(&fd), vec![], "temp files left behind");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !followers_seen(&leader_http)
+        .values()
+        .any(|(state, lag)| state == "streaming" && *lag == 0.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            followers_seen(&leader_http)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }

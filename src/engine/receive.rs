@@ -26,11 +26,50 @@ pub const RECEIVE_PIPES_MAX: usize = 4;
 struct Job {
     pipe: Pipe,
     file: Arc<File>,
+    /// The file's path, for the error if the write fails.
+    path: Arc<str>,
     offset: u64,
     len_bytes: usize,
 }
 
 type Done = (Pipe, io::Result<()>);
+
+/// A payload write into a file failed (the disk, not the socket). It travels inside the
+/// `io::Error` the receiver returns, so the follower can tell the leader and name the file.
+#[derive(Debug)]
+pub struct WriteFailed {
+    pub path: Arc<str>,
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for WriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write {}: {}", self.path, self.source)
+    }
+}
+
+impl std::error::Error for WriteFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl WriteFailed {
+    fn wrap(path: &Arc<str>, e: io::Error) -> io::Error {
+        io::Error::new(
+            e.kind(),
+            WriteFailed {
+                path: path.clone(),
+                source: e,
+            },
+        )
+    }
+}
+
+/// Whether `e` is a failed write into a file (`WriteFailed`) rather than a socket error.
+pub fn is_write_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<WriteFailed>())
+}
 
 /// Who moves a full pipe into its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,12 +145,14 @@ impl Receiver {
         }
     }
 
-    /// Receives the next `len_bytes` of `stream` into `file` at `offset`. Returns once every
-    /// byte is off the socket; the writes may still be in flight (see `flush`).
+    /// Receives the next `len_bytes` of `stream` into `file` (at `path`) at `offset`. Returns
+    /// once every byte is off the socket; the writes may still be in flight (see `flush`). A
+    /// failed write (this one's or an earlier one's) is a `WriteFailed`.
     pub async fn receive(
         &mut self,
         stream: &TcpStream,
         file: &Arc<File>,
+        path: &Arc<str>,
         offset: u64,
         len_bytes: u64,
     ) -> io::Result<()> {
@@ -138,6 +179,7 @@ impl Receiver {
             self.submit(Job {
                 pipe,
                 file: file.clone(),
+                path: path.clone(),
                 offset,
                 len_bytes: n,
             })?;
@@ -160,6 +202,7 @@ impl Receiver {
     pub async fn write_behind(
         &mut self,
         file: &Arc<File>,
+        path: &Arc<str>,
         offset: u64,
         bytes: &[u8],
     ) -> io::Result<()> {
@@ -200,6 +243,7 @@ impl Receiver {
             self.submit(Job {
                 pipe,
                 file: file.clone(),
+                path: path.clone(),
                 offset,
                 len_bytes: n,
             })?;
@@ -220,7 +264,8 @@ impl Receiver {
                         job.offset as i64,
                         job.len_bytes as u32,
                     )
-                    .await;
+                    .await
+                    .map_err(|e| WriteFailed::wrap(&job.path, e));
                     let _ = done.send((job.pipe, r));
                 });
                 Ok(())
@@ -239,7 +284,8 @@ impl Receiver {
         }
     }
 
-    /// Waits until every write handed out has completed; the first error, if any.
+    /// Waits until every write handed out has completed; the first error (a `WriteFailed`), if
+    /// any.
     pub async fn flush(&mut self) -> io::Result<()> {
         while self.free.len() < self.pipes_total {
             match self.done_rx.recv().await {
@@ -321,7 +367,8 @@ fn spawn_writer(done: mpsc::UnboundedSender<Done>) -> io::Result<std::sync::mpsc
         .name("ferry-writer".into())
         .spawn(move || {
             for job in rx {
-                let r = drain_blocking(&job.pipe, job.file.as_raw_fd(), job.offset, job.len_bytes);
+                let r = drain_blocking(&job.pipe, job.file.as_raw_fd(), job.offset, job.len_bytes)
+                    .map_err(|e| WriteFailed::wrap(&job.path, e));
                 if done.send((job.pipe, r)).is_err() {
                     return;
                 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::auth::{random_nonce, Secret};
-use crate::engine::receive::Receiver;
+use crate::engine::receive::{is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
@@ -42,6 +42,8 @@ use apply::{disk_error, Apply};
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a follower that sent an ERROR waits for the leader to close before it does.
+const ERROR_LINGER: Duration = Duration::from_secs(2);
 /// How often a sleeping follower looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(10);
 
@@ -230,17 +232,41 @@ async fn follow_once(
         started: Instant::now(),
     };
     let result = ctx.run().await;
+    let mut told = false;
     if let Err(FollowError::Session(e) | FollowError::Refused(e)) = &result {
         // Tell the leader why we are leaving (nothing is sent back for its own ERROR).
         let mut s = session.borrow_mut();
         s.fail(e);
         let _ = out_tx.send(s.take_output());
+        told = !matches!(e, SessionError::Peer { .. });
     }
     syncer.abort();
     drop(ctx);
+    // Whole-file transfers this connection left unfinished: their partial temp files would hold
+    // disk space (what a full disk lacks) until the process restarts. The next connection
+    // begins them anew.
+    if let Err(e) = dir.clear_temps() {
+        tracing::warn!("cannot clear the temp files of unfinished transfers: {e}");
+    }
     drop(out_tx);
     // Let the writer flush what is queued (the final ACK or ERROR), within reason.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if told {
+        // Closing with the leader's data unread would reset the connection, and the leader,
+        // still sending, would see a broken pipe instead of our ERROR: drop what it sends
+        // until it closes, within reason.
+        let _ = tokio::time::timeout(ERROR_LINGER, async {
+            let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
+            loop {
+                let (r, b) = conn.read(buf).await;
+                match r {
+                    Ok(n) if n > 0 => buf = b,
+                    _ => return,
+                }
+            }
+        })
+        .await;
+    }
     conn.shutdown();
     result
 }
@@ -369,6 +395,7 @@ impl Ctx<'_> {
                         .apply
                         .file_for_write(&path, temp)
                         .map_err(FollowError::Session)?;
+                    let label: Arc<str> = Arc::from(path.as_str());
                     if buffered > 0 && self.receiver.busy() {
                         // Behind the writes in flight, never past them: no hole under a real
                         // name if we die in between.
@@ -376,9 +403,9 @@ impl Ctx<'_> {
                             .try_clone()
                             .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
                         self.receiver
-                            .write_behind(&Arc::new(dup), offset, &input[..buffered])
+                            .write_behind(&Arc::new(dup), &label, offset, &input[..buffered])
                             .await
-                            .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                            .map_err(|e| write_error(e, &path))?;
                     } else {
                         file.write_all_at(&input[..buffered], offset)
                             .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
@@ -395,10 +422,15 @@ impl Ctx<'_> {
                             io::Error::other("the follower's connection has no tokio stream")
                         })?;
                         self.receiver
-                            .receive(stream, &file, offset + buffered as u64, rest)
+                            .receive(stream, &file, &label, offset + buffered as u64, rest)
                             .await
                             .map_err(|e| {
-                                io::Error::new(e.kind(), format!("receiving {path}: {e}"))
+                                if is_write_failure(&e) {
+                                    write_error(e, &path)
+                                } else {
+                                    io::Error::new(e.kind(), format!("receiving {path}: {e}"))
+                                        .into()
+                                }
                             })?;
                     }
                     self.report.payload_bytes += len_bytes;
@@ -438,7 +470,11 @@ impl Ctx<'_> {
 
     async fn flush_writes(&mut self) -> Result<(), FollowError> {
         self.receiver.flush().await.map_err(|e| {
-            FollowError::Session(SessionError::Io(format!("writing a payload failed: {e}")))
+            if is_write_failure(&e) {
+                FollowError::Session(SessionError::Io(e.to_string()))
+            } else {
+                FollowError::Session(SessionError::Io(format!("writing a payload failed: {e}")))
+            }
         })
     }
 
@@ -461,6 +497,16 @@ impl Ctx<'_> {
         let (result, cache) = joined;
         *self.cache.borrow_mut() = Some(cache);
         Ok(result?)
+    }
+}
+
+/// A write into the data dir failed (`WriteFailed` names the file, else `path` is named): the
+/// session ends with an ERROR telling the leader why, not as a mere network error.
+fn write_error(e: io::Error, path: &RelPath) -> FollowError {
+    if is_write_failure(&e) {
+        FollowError::Session(SessionError::Io(e.to_string()))
+    } else {
+        FollowError::Session(disk_error("write", path, e))
     }
 }
 
