@@ -635,3 +635,262 @@ fn disk_fills(engine: &str) -> bool {
     }
     true
 }
+
+/// A `ferry node` of a test cluster (2 s lease, fallback engine, `--http` on a free port).
+struct Node {
+    proc: Proc,
+    dir: PathBuf,
+    port: u16,
+    advertise: String,
+}
+
+fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
+    let advertise = format!("127.0.0.1:{port}");
+    let mut cmd = ferry();
+    cmd.args(["node", "--lease-ttl", "2", "--io-engine", "fallback"])
+        .args([
+            "--etcd",
+            etcd,
+            "--listen",
+            &advertise,
+            "--advertise",
+            &advertise,
+        ])
+        .args(["--http", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .arg("--secret-file")
+        .arg(&env.secret_file);
+    Node {
+        proc: Proc::spawn(cmd),
+        dir: dir.to_path_buf(),
+        port,
+        advertise,
+    }
+}
+
+/// A leader's position and its connected followers' (state, synced acked position), from its
+/// `/metrics`; `None` unless it answers as a leader.
+fn leader_view(http: &str) -> Option<(u64, Vec<(String, u64)>)> {
+    let text = ferry::http::get(http, "/metrics").ok()?;
+    let samples = ferry::status::parse_prometheus(&text);
+    samples
+        .iter()
+        .find(|s| s.name == "ferry_info" && s.label("role") == Some("leader"))?;
+    let position = samples
+        .iter()
+        .find(|s| s.name == "ferry_position_bytes")?
+        .value as u64;
+    let mut rows: BTreeMap<String, (String, u64)> = BTreeMap::new();
+    for s in &samples {
+        let Some(id) = s.label("id").map(str::to_string) else {
+            continue;
+        };
+        if s.name == "ferry_follower_state" {
+            rows.entry(id).or_default().0 = s.label("state").unwrap_or("").to_string();
+        } else if s.name == "ferry_follower_acked_position" && s.label("level") == Some("synced") {
+            rows.entry(id).or_default().1 = s.value as u64;
+        }
+    }
+    let connected = rows
+        .into_values()
+        .filter(|(state, _)| state != "disconnected")
+        .collect();
+    Some((position, connected))
+}
+
+/// Appends `content(key, ...)` to a file in 16 KiB writes, about 8 MB/s, until stopped; `len`
+/// is the file's length after the last completed write.
+struct Appender {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    len: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Appender {
+    fn start(path: PathBuf, key: u64, from: u64) -> Appender {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let len = std::sync::Arc::new(AtomicU64::new(from));
+        let (s, l) = (stop.clone(), len.clone());
+        let thread = std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let mut at = from;
+            while !s.load(Ordering::SeqCst) {
+                f.write_all(&content(key, at, 16 * 1024)).unwrap();
+                at += 16 * 1024;
+                l.store(at, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Appender {
+            stop,
+            len,
+            thread: Some(thread),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.len.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops writing; the file's final length.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.len()
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
+    const ROUNDS: usize = 3;
+    const KEY: u64 = 77;
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    // Every node starts with the same 1 MiB segment: positions then map to its length.
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| {
+            let dir = env.dir(&format!("n{i}"));
+            write(&dir.join("q/seg"), &content(KEY, 0, MIB));
+            start_node(&env, &etcd.url, &dir, free_port())
+        })
+        .collect();
+    let mut all: Vec<String> = nodes.iter().map(|n| n.advertise.clone()).collect();
+    all.sort();
+    let isr_all = format!("in-sync replica set: {}", all.join(","));
+
+    let mut leader = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(i) = (0..3).find(|&i| nodes[i].proc.log_text().contains("elected leader")) {
+                break i;
+            }
+            assert!(Instant::now() < deadline, "no leader elected");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut elected_mark = 0;
+    for round in 0..ROUNDS {
+        let http = http_addr(&nodes[leader].proc);
+        let seg = nodes[leader].dir.join("q/seg");
+        // Ready: every node in the ISR (so either follower may take over), both followers
+        // streaming, identical, and everything acked as synced.
+        nodes[leader]
+            .proc
+            .wait_log_since(elected_mark, &isr_all, Duration::from_secs(30));
+        for i in (0..3).filter(|&i| i != leader) {
+            wait_same_files(&nodes[leader].dir, &nodes[i].dir, Duration::from_secs(30));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (position, _) = loop {
+            if let Some((p, f)) = leader_view(&http) {
+                if f.len() == 2 && f.iter().all(|(s, a)| s == "streaming" && *a == p) {
+                    break (p, f);
+                }
+            }
+            assert!(Instant::now() < deadline, "{:?}", leader_view(&http));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Only appends to this one file change the position from here on.
+        let start_len = std::fs::metadata(&seg).unwrap().len();
+        let base = position - start_len;
+
+        // Under load: wait until both followers ack as synced 2 MiB more than they had.
+        let writer = Appender::start(seg.clone(), KEY, start_len);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let acked = loop {
+            if let Some((_, f)) = leader_view(&http) {
+                let least = f.iter().map(|(_, a)| *a).min().unwrap_or(0);
+                if f.len() == 2 && least >= position + 2 * MIB {
+                    break least - base;
+                }
+            }
+            assert!(Instant::now() < deadline, "{:?}", leader_view(&http));
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let written_then = writer.len();
+        assert!(
+            acked <= written_then,
+            "acked {acked} bytes of a file written to {written_then}: positions misread"
+        );
+
+        // SIGKILL the leader while the writer goes on; then the writer stops (its host died).
+        let marks: Vec<usize> = nodes.iter().map(|n| n.proc.log_len()).collect();
+        let killed_at = Instant::now();
+        nodes[leader].proc.child.kill().unwrap();
+        nodes[leader].proc.child.wait().unwrap();
+        let written = writer.stop();
+        let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        let next = {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let elected: Vec<usize> = survivors
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        nodes[i]
+                            .proc
+                            .log_text()
+                            .lines()
+                            .skip(marks[i])
+                            .any(|l| l.contains("elected leader"))
+                    })
+                    .collect();
+                assert!(elected.len() < 2, "two leaders: {elected:?}");
+                if let Some(&i) = elected.first() {
+                    break i;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no new leader 30 s after the kill"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let failover = killed_at.elapsed();
+
+        // Every byte acked as synced by both followers is on the new leader, byte for byte.
+        let theirs = std::fs::read(nodes[next].dir.join("q/seg")).unwrap();
+        let killed = std::fs::read(&seg).unwrap();
+        eprintln!(
+            "round {round}: killed the leader with {written} bytes written, {acked} acked as \
+             synced by both followers; node {next} elected {:.2} s later holding {} bytes",
+            failover.as_secs_f64(),
+            theirs.len()
+        );
+        assert!(
+            theirs.len() as u64 >= acked,
+            "round {round}: the new leader holds {} bytes, {acked} were acked as synced",
+            theirs.len()
+        );
+        let acked = acked as usize;
+        assert_eq!(common_prefix(&theirs[..acked], &killed[..acked]), acked);
+        assert_eq!(theirs[..acked], content(KEY, 0, acked as u64)[..]);
+
+        // The killed node comes back (same dir and address) and follows the new leader.
+        let (dir, port) = (nodes[leader].dir.clone(), nodes[leader].port);
+        nodes[leader] = start_node(&env, &etcd.url, &dir, port);
+        nodes[leader].proc.wait_log(
+            &format!("following the leader at {}", nodes[next].advertise),
+            Duration::from_secs(30),
+        );
+        elected_mark = marks[next];
+        leader = next;
+    }
+    // Everyone converges on the last leader's copy.
+    for i in (0..3).filter(|&i| i != leader) {
+        wait_same_files(&nodes[leader].dir, &nodes[i].dir, Duration::from_secs(30));
+    }
+    drop(etcd);
+}
