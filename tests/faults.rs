@@ -894,3 +894,117 @@ fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
     }
     drop(etcd);
 }
+
+/// Reads frames from a follower until one matches `done`; the frames read.
+fn read_frames_until(
+    s: &mut std::net::TcpStream,
+    buf: &mut Vec<u8>,
+    done: impl Fn(&ferry::frame::Frame) -> bool,
+) -> Vec<ferry::frame::Frame> {
+    use std::io::Read;
+    let mut frames = Vec::new();
+    loop {
+        while let Some((frame, used)) = ferry::frame::Frame::decode(buf).unwrap() {
+            buf.drain(..used);
+            let last = done(&frame);
+            frames.push(frame);
+            if last {
+                return frames;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the follower closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A fake leader that authenticates a follower, offers one 1 MiB file, sends the first 1000
+/// bytes of it and then nothing more, holding the connection open. Returns the socket.
+fn leader_going_silent_mid_payload(mut s: std::net::TcpStream) -> std::net::TcpStream {
+    use ferry::frame::{Frame, Preamble, PREAMBLE_BYTES};
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let leader_nonce = [1u8; 32];
+    let mut out = Preamble::ours().encode().to_vec();
+    Frame::Challenge { leader_nonce }.encode(&mut out);
+    s.write_all(&out).unwrap();
+    let mut preamble = [0u8; PREAMBLE_BYTES];
+    s.read_exact(&mut preamble).unwrap();
+    let mut buf = Vec::new();
+    let auth = read_frames_until(&mut s, &mut buf, |f| matches!(f, Frame::Auth { .. }));
+    let Some(Frame::Auth { follower_nonce, .. }) = auth.last().cloned() else {
+        unreachable!()
+    };
+    let secret = ferry::auth::Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+    let path = ferry::paths::RelPath::new("seg").unwrap();
+    let mut out = Vec::new();
+    Frame::Welcome {
+        leader_mac: secret.leader_tag(&leader_nonce, &follower_nonce),
+    }
+    .encode(&mut out);
+    Frame::Index {
+        len_bytes: MIB,
+        path: path.clone(),
+    }
+    .encode(&mut out);
+    Frame::IndexEnd { count: 1 }.encode(&mut out);
+    s.write_all(&out).unwrap();
+    read_frames_until(&mut s, &mut buf, |f| matches!(f, Frame::HaveEnd { .. }));
+    let mut out = Vec::new();
+    Frame::BeginWhole {
+        len_bytes: MIB,
+        path: path.clone(),
+    }
+    .encode(&mut out);
+    Frame::Data {
+        temp: true,
+        offset: 0,
+        data_len: MIB as u32,
+        path,
+    }
+    .encode(&mut out);
+    out.extend_from_slice(&content(9, 0, 1000));
+    s.write_all(&out).unwrap();
+    s
+}
+
+#[test]
+fn a_follower_whose_leader_goes_silent_mid_payload_gives_up_and_reconnects() {
+    // What a partition in the middle of a transfer looks like to a follower: no FIN, no RST,
+    // just no more bytes. It must not wait forever (a node elected meanwhile would wait for it
+    // to stop); it gives up after LEADER_SILENCE_TIMEOUT_MS, as between frames.
+    std::thread::scope(|scope| {
+        for engine in ENGINES {
+            scope.spawn(move || {
+                let env = Env::new();
+                let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = fake.local_addr().unwrap();
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let (first, _) = fake.accept().unwrap();
+                    let _held = leader_going_silent_mid_payload(first);
+                    let _ = tx.send(Instant::now());
+                    let (_second, _) = fake.accept().unwrap();
+                    let _ = tx.send(Instant::now());
+                });
+                let follower = start_follower(&env, &env.dir("f"), addr, engine, "written");
+                let silent_from = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+                let again = rx
+                    .recv_timeout(Duration::from_secs(15))
+                    .unwrap_or_else(|_| {
+                        panic!(
+                            "{engine}: still waiting 15 s after the leader went silent:\n{}",
+                            follower.log_text()
+                        )
+                    });
+                let line = follower.wait_log("sent nothing for", Duration::from_secs(1));
+                eprintln!(
+                    "{engine}: reconnected {:.2} s after the leader went silent: {line}",
+                    (again - silent_from).as_secs_f64()
+                );
+                assert!(line.contains("before the end of a payload"), "{line}");
+            });
+        }
+    });
+}

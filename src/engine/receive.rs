@@ -13,12 +13,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::{EngineKind, Pipe};
+use crate::frame::LEADER_SILENCE_TIMEOUT_MS;
 
 /// Pipes in rotation per connection (each holds up to `RECEIVE_PIPE_BYTES`).
 pub const RECEIVE_PIPES_MAX: usize = 4;
@@ -161,7 +163,21 @@ impl Receiver {
         while left > 0 {
             let pipe = self.next_pipe().await?;
             let chunk = (left as usize).min(pipe.capacity_bytes);
-            let n = match splice_in(stream, &pipe, chunk).await {
+            // A leader that goes silent in the middle of a payload is given up on like one that
+            // goes silent between frames (the follower reconnects).
+            let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
+            let spliced = tokio::time::timeout(silence, splice_in(stream, &pipe, chunk))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms, {left} \
+                             bytes before the end of a payload"
+                        ),
+                    ))
+                });
+            let n = match spliced {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

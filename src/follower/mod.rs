@@ -155,6 +155,13 @@ async fn follow_loop(
     }
 }
 
+/// Resolves once `stop` is set.
+async fn stopped(stop: &std::sync::atomic::AtomicBool) {
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(STOP_POLL).await;
+    }
+}
+
 /// Sleeps for `duration`, or less if `stop` is set meanwhile: a node that was just elected must
 /// not wait out its follower's reconnect backoff before it can lead.
 async fn sleep_unless_stopped(duration: Duration, stop: &std::sync::atomic::AtomicBool) {
@@ -300,6 +307,9 @@ impl Ctx<'_> {
         let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
         loop {
             self.process(&mut input).await?;
+            if self.config.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(self.report.clone());
+            }
             let durability = self.config.durability;
             let watermarks = self.session.borrow().watermarks();
             if durability == Durability::Synced && watermarks[1] > watermarks[2] {
@@ -328,15 +338,21 @@ impl Ctx<'_> {
                 return Ok(self.report.clone());
             }
             let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
-            let (r, b) = match tokio::time::timeout(silence, self.conn.read(buf)).await {
-                Ok(x) => x,
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms"),
-                    )
-                    .into())
-                }
+            let read = tokio::time::timeout(silence, self.conn.read(buf));
+            // Stopping must not wait for a leader that went silent (a node elected meanwhile
+            // waits for this follower to stop before it can lead).
+            let (r, b) = tokio::select! {
+                read = read => match read {
+                    Ok(x) => x,
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms"),
+                        )
+                        .into())
+                    }
+                },
+                () = stopped(&self.config.stop) => return Ok(self.report.clone()),
             };
             let n =
                 r.map_err(|e| io::Error::new(e.kind(), format!("reading from the leader: {e}")))?;
@@ -421,17 +437,25 @@ impl Ctx<'_> {
                         let stream = self.conn.tokio_stream().ok_or_else(|| {
                             io::Error::other("the follower's connection has no tokio stream")
                         })?;
-                        self.receiver
-                            .receive(stream, &file, &label, offset + buffered as u64, rest)
-                            .await
-                            .map_err(|e| {
-                                if is_write_failure(&e) {
-                                    write_error(e, &path)
-                                } else {
-                                    io::Error::new(e.kind(), format!("receiving {path}: {e}"))
-                                        .into()
-                                }
-                            })?;
+                        let receive = self.receiver.receive(
+                            stream,
+                            &file,
+                            &label,
+                            offset + buffered as u64,
+                            rest,
+                        );
+                        let received = tokio::select! {
+                            r = receive => r,
+                            // `run` sees the flag next and ends the connection.
+                            () = stopped(&self.config.stop) => return Ok(()),
+                        };
+                        received.map_err(|e| {
+                            if is_write_failure(&e) {
+                                write_error(e, &path)
+                            } else {
+                                io::Error::new(e.kind(), format!("receiving {path}: {e}")).into()
+                            }
+                        })?;
                     }
                     self.report.payload_bytes += len_bytes;
                     if let Some(p) = &mut self.progress {
