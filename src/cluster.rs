@@ -634,6 +634,12 @@ async fn node_loop(
         // Meanwhile keep the ISR in etcd, written only while our election key stands, and
         // answer handoff requests.
         let mut isr_written: Option<Vec<String>> = None;
+        // Every etcd call in this loop is bounded by this (as long as a keepalive may take
+        // before the lease counts as lost): cut off from etcd, a call never returns, and waiting
+        // on it would keep the loop from seeing the lease lapse. A partitioned leader would
+        // never be fenced.
+        let etcd_call_timeout =
+            Duration::from_millis((config.lease_ttl_s as u64 * 1000 / 3).max(100));
         let mut isr_at = tokio::time::Instant::now();
         let why = loop {
             if lease_lost.load(Ordering::SeqCst) {
@@ -650,7 +656,12 @@ async fn node_loop(
             let Some(key) = leader_key.clone() else {
                 break Stepped::Fenced;
             };
-            if let Some(request) = take_handoff_request(&mut client, &keys).await {
+            let request =
+                tokio::time::timeout(etcd_call_timeout, take_handoff_request(&mut client, &keys))
+                    .await
+                    .ok()
+                    .flatten();
+            if let Some(request) = request {
                 let mut writer_stopped = false;
                 let ctx = HandoffCtx {
                     client: &mut client,
@@ -697,16 +708,22 @@ async fn node_loop(
             if isr_written.as_ref() == Some(&isr) {
                 continue;
             }
-            match write_isr(&mut client, &key, &config.advertise, &keys.isr, &isr).await {
-                Ok(true) => {
+            // (An abandoned write that reaches etcd later fails its guard: our key is gone.)
+            let write = write_isr(&mut client, &key, &config.advertise, &keys.isr, &isr);
+            match tokio::time::timeout(etcd_call_timeout, write).await {
+                Ok(Ok(true)) => {
                     tracing::info!("in-sync replica set: {}", isr.join(","));
                     isr_written = Some(isr);
                 }
-                Ok(false) => {
+                Ok(Ok(false)) => {
                     tracing::warn!("the election key is gone: not the leader any more");
                     break Stepped::Fenced;
                 }
-                Err(e) => tracing::warn!("cannot write the in-sync replica set: {e}"),
+                Ok(Err(e)) => tracing::warn!("cannot write the in-sync replica set: {e}"),
+                Err(_) => tracing::warn!(
+                    "cannot write the in-sync replica set: etcd did not answer within {} ms",
+                    etcd_call_timeout.as_millis()
+                ),
             }
         };
         match why {

@@ -895,6 +895,224 @@ fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
     drop(etcd);
 }
 
+/// A network namespace joined to the host by a veth pair (host side `.1`, namespace side `.2`
+/// of a /30), torn down on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let pid = std::process::id();
+        let subnet = format!("10.213.{}", pid % 250);
+        let net = Netns {
+            name: format!("ferry-test-{pid}"),
+            host_if: format!("fy{pid}h"),
+            host_ip: format!("{subnet}.1"),
+            ns_ip: format!("{subnet}.2"),
+        };
+        let ns_if = format!("fy{pid}n");
+        let (host_cidr, ns_cidr) = (format!("{}/30", net.host_ip), format!("{}/30", net.ns_ip));
+        let name = net.name.as_str();
+        ip(&["netns", "add", name])?;
+        ip(&[
+            "link",
+            "add",
+            &net.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", name])?;
+        ip(&["addr", "add", &host_cidr, "dev", &net.host_if])?;
+        ip(&["link", "set", &net.host_if, "up"])?;
+        ip(&["-n", name, "addr", "add", &ns_cidr, "dev", &ns_if])?;
+        ip(&["-n", name, "link", "set", &ns_if, "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(net)
+    }
+
+    /// A command run inside the namespace.
+    fn exec(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Cuts (or restores) the link: the namespace can reach nothing outside it, nor be reached.
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]).unwrap();
+    }
+
+    /// Whether a TCP connection to `addr` succeeds from inside the namespace (within 1 s).
+    fn connects(&self, addr: &str) -> bool {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let mut cmd = self.exec("timeout");
+        cmd.args([
+            "1",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{host}/{port}"),
+        ]);
+        cmd.stderr(std::process::Stdio::null());
+        cmd.status().is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// `ferry node` arguments shared by the partition test's two nodes.
+fn node_args(cmd: &mut Command, env: &Env, etcd: &str, dir: &Path, advertise: &str) {
+    cmd.env("RUST_LOG", "info")
+        .env_remove("FERRY_SECRET")
+        .args(["node", "--lease-ttl", "2", "--io-engine", "fallback"])
+        .args([
+            "--etcd",
+            etcd,
+            "--listen",
+            advertise,
+            "--advertise",
+            advertise,
+        ])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--secret-file")
+        .arg(&env.secret_file);
+}
+
+#[test]
+fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writes_never_count() {
+    let net = match Netns::create() {
+        Ok(net) => net,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot build a network namespace ({why}); needs root and iproute2");
+            return;
+        }
+    };
+    let env = Env::new();
+    let etcd = start_etcd_on(&env.dir("etcd"), &["127.0.0.1", &net.host_ip]);
+    let etcd_port = etcd.url.rsplit(':').next().unwrap();
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &content(5, 0, MIB));
+
+    // A leads from inside the namespace, reaching etcd over the veth.
+    let a_adv = format!("{}:7070", net.ns_ip);
+    let ns_etcd = format!("http://{}:{etcd_port}", net.host_ip);
+    let start_a = || {
+        let mut cmd = net.exec(env!("CARGO_BIN_EXE_ferry"));
+        node_args(&mut cmd, &env, &ns_etcd, &a_dir, &a_adv);
+        Proc::spawn(cmd)
+    };
+    let mut a = start_a();
+    a.wait_log("elected leader", Duration::from_secs(30));
+    // B, outside, follows it over the veth.
+    let b_adv = format!("{}:{}", net.host_ip, free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    node_args(&mut cmd, &env, &etcd.url, &b_dir, &b_adv);
+    let b = Proc::spawn(cmd);
+    b.wait_log(
+        &format!("following the leader at {a_adv}"),
+        Duration::from_secs(30),
+    );
+    wait_same_files(&a_dir, &b_dir, Duration::from_secs(20));
+    let mut isr = [a_adv.clone(), b_adv.clone()];
+    isr.sort();
+    a.wait_log(
+        &format!("in-sync replica set: {}", isr.join(",")),
+        Duration::from_secs(20),
+    );
+    assert!(net.connects(&a_adv));
+
+    // Cut the link: A loses etcd and B at once.
+    let (a_mark, b_mark) = (a.log_len(), b.log_len());
+    let cut = Instant::now();
+    net.link(false);
+    a.wait_log_since(a_mark, "fenced", Duration::from_secs(10));
+    let fenced = cut.elapsed();
+    // It stops serving at once: seen from inside the namespace, nothing listens any more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.connects(&a_adv) {
+        assert!(
+            Instant::now() < deadline,
+            "still serving 10 s after being fenced"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = cut.elapsed();
+    b.wait_log_since(b_mark, "elected leader", Duration::from_secs(30));
+    let replaced = cut.elapsed();
+    eprintln!(
+        "after the cut: A fenced in {:.2} s, not serving in {:.2} s; B elected in {:.2} s",
+        fenced.as_secs_f64(),
+        stopped.as_secs_f64(),
+        replaced.as_secs_f64()
+    );
+    assert!(
+        fenced <= Duration::from_millis(2500),
+        "fenced after {fenced:?}, lease TTL 2 s"
+    );
+    assert!(
+        stopped <= fenced + Duration::from_millis(1000),
+        "fenced at {fenced:?} but served until {stopped:?}"
+    );
+    // B's lease outlives A's by nothing: it leads once etcd expires A's (TTL 2 s), without
+    // first waiting out its silent connection to A.
+    assert!(
+        replaced <= Duration::from_secs(4),
+        "B took over after {replaced:?}"
+    );
+
+    // Writes on the cut-off side (its broker goes on) were never acked by anyone; B takes its
+    // own, different ones.
+    let mut a_seg = Spec { key: 6, len: MIB };
+    append_to(&a_dir.join("q/seg"), &mut a_seg, 300_000);
+    let mut b_seg = Spec { key: 7, len: MIB };
+    append_to(&b_dir.join("q/seg"), &mut b_seg, 100_000);
+
+    // The link comes back, and A with it (restarted, as its supervisor would: cut off from
+    // etcd, a fenced node exits rather than wait). It follows B and ends with B's copy: what it
+    // took after the cut is gone.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    net.link(true);
+    let a = start_a();
+    a.wait_log(
+        &format!("following the leader at {b_adv}"),
+        Duration::from_secs(30),
+    );
+    wait_same_files(&b_dir, &a_dir, Duration::from_secs(30));
+    a.wait_log("replacing q/seg", Duration::from_secs(5));
+    let held = std::fs::read(a_dir.join("q/seg")).unwrap();
+    assert_eq!(held.len() as u64, MIB + 100_000);
+    assert_eq!(held[MIB as usize..], content(7, MIB, 100_000)[..]);
+}
+
 /// Reads frames from a follower until one matches `done`; the frames read.
 fn read_frames_until(
     s: &mut std::net::TcpStream,
