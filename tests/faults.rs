@@ -1,15 +1,19 @@
 //! Fault injection against real `ferry` processes (issue 6): a follower killed with SIGKILL at
-//! random points of its sync, a follower whose disk fills, a leader partitioned from etcd and
-//! its followers by network namespaces, and a cluster leader killed under load.
+//! random points of its sync, a follower whose disk fills, a cluster leader killed under load, a
+//! leader partitioned from etcd and its followers by network namespaces, and a leader that goes
+//! silent in the middle of a payload. Random choices come from one seed, printed
+//! (`FERRY_FAULT_SEED` replays another); tests that need root (tmpfs, namespaces) say why they
+//! skip without it.
 //!
 //! What a follower may show under a file's real name, from how it writes (src/follower/apply.rs
 //! and the session): a file it lacks, or whose copy does not match, arrives whole in
 //! `.ferry/tmp/` and is renamed over the real name once its length checks out; only a copy that
 //! is already a byte prefix of the leader's gets DATA under its real name, at offsets from its
-//! end. So at any instant, even right after a SIGKILL, every visible file is either the copy the
-//! follower held before (untouched), or a byte prefix of the leader's copy; and a prefix shorter
-//! than the leader's file only for a file the follower already held as a prefix (a tail being
-//! appended). `check_not_torn` asserts exactly that.
+//! end, and those bytes reach the file in wire order (`Receiver::write_behind`). So at any
+//! instant, even right after a SIGKILL, every visible file is either the copy the follower held
+//! before (untouched), or a byte prefix of the leader's copy; and a prefix shorter than the
+//! leader's file only for a file the follower already held as a prefix (a tail being appended).
+//! `check_not_torn` asserts exactly that.
 
 mod common;
 
