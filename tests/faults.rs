@@ -650,19 +650,8 @@ struct Node {
 
 fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
     let advertise = format!("127.0.0.1:{port}");
-    let mut cmd = ferry();
-    cmd.args(["node", "--lease-ttl", "2", "--io-engine", "fallback"])
-        .args([
-            "--etcd",
-            etcd,
-            "--listen",
-            &advertise,
-            "--advertise",
-            &advertise,
-        ])
-        .args(["--http", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .arg("--secret-file")
+    let mut cmd = node_cmd(etcd, dir, &advertise);
+    cmd.args(["--http", "127.0.0.1:0", "--secret-file"])
         .arg(&env.secret_file);
     Node {
         proc: Proc::spawn(cmd),
@@ -991,25 +980,6 @@ impl Drop for Netns {
     }
 }
 
-/// `ferry node` arguments shared by the partition test's two nodes.
-fn node_args(cmd: &mut Command, env: &Env, etcd: &str, dir: &Path, advertise: &str) {
-    cmd.env("RUST_LOG", "info")
-        .env_remove("FERRY_SECRET")
-        .args(["node", "--lease-ttl", "2", "--io-engine", "fallback"])
-        .args([
-            "--etcd",
-            etcd,
-            "--listen",
-            advertise,
-            "--advertise",
-            advertise,
-        ])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--secret-file")
-        .arg(&env.secret_file);
-}
-
 #[test]
 fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writes_never_count() {
     let net = match Netns::create() {
@@ -1020,7 +990,7 @@ fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writ
         }
     };
     let env = Env::new();
-    let etcd = start_etcd_on(&env.dir("etcd"), &["127.0.0.1", &net.host_ip]);
+    let etcd = start_etcd_at(&env.dir("etcd"), &["127.0.0.1", &net.host_ip], free_port());
     let etcd_port = etcd.url.rsplit(':').next().unwrap();
     let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
     write(&a_dir.join("q/seg"), &content(5, 0, MIB));
@@ -1030,15 +1000,17 @@ fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writ
     let ns_etcd = format!("http://{}:{etcd_port}", net.host_ip);
     let start_a = || {
         let mut cmd = net.exec(env!("CARGO_BIN_EXE_ferry"));
-        node_args(&mut cmd, &env, &ns_etcd, &a_dir, &a_adv);
+        cmd.env("RUST_LOG", "info").env_remove("FERRY_SECRET");
+        node_args(&mut cmd, &ns_etcd, &a_dir, &a_adv);
+        cmd.arg("--secret-file").arg(&env.secret_file);
         Proc::spawn(cmd)
     };
     let mut a = start_a();
     a.wait_log("elected leader", Duration::from_secs(30));
     // B, outside, follows it over the veth.
     let b_adv = format!("{}:{}", net.host_ip, free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    node_args(&mut cmd, &env, &etcd.url, &b_dir, &b_adv);
+    let mut cmd = node_cmd(&etcd.url, &b_dir, &b_adv);
+    cmd.arg("--secret-file").arg(&env.secret_file);
     let b = Proc::spawn(cmd);
     b.wait_log(
         &format!("following the leader at {a_adv}"),

@@ -352,6 +352,29 @@ pub fn wait_same_files(a: &Path, b: &Path, timeout: Duration) {
     }
 }
 
+/// `ferry node` with the settings the cluster tests share (2 s lease, fallback engine), listening
+/// and advertising on `advertise`. The caller adds the secret and anything else.
+pub fn node_cmd(etcd: &str, dir: &Path, advertise: &str) -> Command {
+    let mut cmd = ferry();
+    node_args(&mut cmd, etcd, dir, advertise);
+    cmd
+}
+
+/// `node_cmd`'s arguments, on a command that runs `ferry` some other way.
+pub fn node_args(cmd: &mut Command, etcd: &str, dir: &Path, advertise: &str) {
+    cmd.args(["node", "--lease-ttl", "2", "--io-engine", "fallback"])
+        .args([
+            "--etcd",
+            etcd,
+            "--listen",
+            advertise,
+            "--advertise",
+            advertise,
+        ])
+        .arg("--data-dir")
+        .arg(dir);
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -368,13 +391,18 @@ pub struct Etcd {
 }
 
 pub fn start_etcd(dir: &Path) -> Etcd {
-    start_etcd_on(dir, &["127.0.0.1"])
+    start_etcd_on(dir, free_port())
 }
 
-/// etcd serving clients on a free port of each of `ips` (the same port on all of them), its
-/// peer port on the first.
-pub fn start_etcd_on(dir: &Path, ips: &[&str]) -> Etcd {
-    let (client, peer) = (free_port(), free_port());
+/// etcd serving clients on 127.0.0.1:`client` (a restarted etcd can keep its port).
+pub fn start_etcd_on(dir: &Path, client: u16) -> Etcd {
+    start_etcd_at(dir, &["127.0.0.1"], client)
+}
+
+/// etcd serving clients on port `client` of each of `ips`, its peer port on the first; `url`
+/// names the first.
+pub fn start_etcd_at(dir: &Path, ips: &[&str], client: u16) -> Etcd {
+    let peer = free_port();
     let urls: Vec<String> = ips
         .iter()
         .map(|ip| format!("http://{ip}:{client}"))
