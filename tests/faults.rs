@@ -888,6 +888,13 @@ fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
     drop(etcd);
 }
 
+/// Seconds into the day of a log line's timestamp (`2026-11-23T13:27:44.426413Z  INFO ...`).
+fn log_seconds(line: &str) -> f64 {
+    let time = line.split('T').nth(1).unwrap().split('Z').next().unwrap();
+    let hms: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
+    hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]
+}
+
 /// A network namespace joined to the host by a veth pair (host side `.1`, namespace side `.2`
 /// of a /30), torn down on drop.
 struct Netns {
@@ -998,14 +1005,13 @@ fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writ
     // A leads from inside the namespace, reaching etcd over the veth.
     let a_adv = format!("{}:7070", net.ns_ip);
     let ns_etcd = format!("http://{}:{etcd_port}", net.host_ip);
-    let start_a = || {
+    let a = {
         let mut cmd = net.exec(env!("CARGO_BIN_EXE_ferry"));
         cmd.env("RUST_LOG", "info").env_remove("FERRY_SECRET");
         node_args(&mut cmd, &ns_etcd, &a_dir, &a_adv);
         cmd.arg("--secret-file").arg(&env.secret_file);
         Proc::spawn(cmd)
     };
-    let mut a = start_a();
     a.wait_log("elected leader", Duration::from_secs(30));
     // B, outside, follows it over the veth.
     let b_adv = format!("{}:{}", net.host_ip, free_port());
@@ -1029,7 +1035,7 @@ fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writ
     let (a_mark, b_mark) = (a.log_len(), b.log_len());
     let cut = Instant::now();
     net.link(false);
-    a.wait_log_since(a_mark, "fenced", Duration::from_secs(10));
+    let fenced_line = a.wait_log_since(a_mark, "fenced", Duration::from_secs(10));
     let fenced = cut.elapsed();
     // It stops serving at once: seen from inside the namespace, nothing listens any more.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1041,7 +1047,7 @@ fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writ
         std::thread::sleep(Duration::from_millis(20));
     }
     let stopped = cut.elapsed();
-    b.wait_log_since(b_mark, "elected leader", Duration::from_secs(30));
+    let elected_line = b.wait_log_since(b_mark, "elected leader", Duration::from_secs(30));
     let replaced = cut.elapsed();
     eprintln!(
         "after the cut: A fenced in {:.2} s, not serving in {:.2} s; B elected in {:.2} s",
@@ -1057,11 +1063,19 @@ fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writ
         stopped <= fenced + Duration::from_millis(1000),
         "fenced at {fenced:?} but served until {stopped:?}"
     );
-    // B's lease outlives A's by nothing: it leads once etcd expires A's (TTL 2 s), without
-    // first waiting out its silent connection to A.
+    // B leads once etcd expires A's lease (TTL 2 s), without first waiting out its silent
+    // connection to A; and never while A may still serve. By the two processes' log clocks
+    // (one host): A's fence, plus the time it took to stop listening, comes before B's election.
     assert!(
         replaced <= Duration::from_secs(4),
         "B took over after {replaced:?}"
+    );
+    let margin =
+        log_seconds(&elected_line) - log_seconds(&fenced_line) - (stopped - fenced).as_secs_f64();
+    eprintln!("A stopped serving {margin:.2} s before B was elected");
+    assert!(
+        margin > 0.0,
+        "two leaders: A {fenced_line:?}, B {elected_line:?}"
     );
 
     // Writes on the cut-off side (its broker goes on) were never acked by anyone; B takes its
@@ -1071,19 +1085,21 @@ fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writ
     let mut b_seg = Spec { key: 7, len: MIB };
     append_to(&b_dir.join("q/seg"), &mut b_seg, 100_000);
 
-    // The link comes back, and A with it (restarted, as its supervisor would: cut off from
-    // etcd, a fenced node exits rather than wait). It follows B and ends with B's copy: what it
-    // took after the cut is gone.
-    let _ = a.child.kill();
-    let _ = a.child.wait();
+    // The link comes back: A, a follower now, rejoins by itself, follows B and ends with B's
+    // copy: what it took after the cut is gone.
     net.link(true);
-    let a = start_a();
-    a.wait_log(
+    let healed = Instant::now();
+    a.wait_log_since(
+        a_mark,
         &format!("following the leader at {b_adv}"),
         Duration::from_secs(30),
     );
+    eprintln!(
+        "A follows B {:.2} s after the link is back",
+        healed.elapsed().as_secs_f64()
+    );
     wait_same_files(&b_dir, &a_dir, Duration::from_secs(30));
-    a.wait_log("replacing q/seg", Duration::from_secs(5));
+    a.wait_log_since(a_mark, "replacing q/seg", Duration::from_secs(5));
     let held = std::fs::read(a_dir.join("q/seg")).unwrap();
     assert_eq!(held.len() as u64, MIB + 100_000);
     assert_eq!(held[MIB as usize..], content(7, MIB, 100_000)[..]);
