@@ -299,19 +299,6 @@ fn handoff(etcd: &str, to: Option<&str>) -> std::process::Output {
 }
 
 /// The value at `key` in etcd, read with the same client the nodes use.
-fn read_key(etcd: &str, key: &str) -> Option<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
-        let resp = client.get(key, None).await.ok()?;
-        let kv = resp.kvs().first()?;
-        kv.value_str().ok().map(str::to_string)
-    })
-}
-
 fn elections_won(n: &Node) -> usize {
     n.proc.log_text().matches("elected leader").count()
 }

@@ -375,6 +375,20 @@ pub fn node_args(cmd: &mut Command, etcd: &str, dir: &Path, advertise: &str) {
         .arg(dir);
 }
 
+/// The value of `key` in etcd, if it is set and etcd answers.
+pub fn read_key(etcd: &str, key: &str) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
+        let resp = client.get(key, None).await.ok()?;
+        let kv = resp.kvs().first()?;
+        kv.value_str().ok().map(str::to_string)
+    })
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
