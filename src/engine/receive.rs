@@ -5,6 +5,13 @@
 //! which the kernel runs on an io-wq worker; with the fallback engine it is a writer thread doing
 //! the same splice(2). `RECEIVE_PIPES_MAX` pipes rotate; `flush` waits for every write in flight.
 //!
+//! Writes into a file under its real name (`Dest::in_order`) always go through the writer
+//! thread, one after the other, each to its end: such a file only ever grows by a prefix of what
+//! is in flight, so a crash leaves no hole under a real name. SPLICEs on the ring run
+//! concurrently on io-wq workers (and a short one's remainder queues behind the next), so a
+//! later range could land first; they carry only whole-file transfers into `.ferry/tmp/`, which
+//! are renamed into place after `flush`.
+//!
 //! Measured here: a single task doing both splices (or recv + pwrite) is CPU-bound on one core;
 //! the copy into the page cache is the expensive half, and overlapping it with the receive is
 //! what brings a full sync near the machine's raw splice figure.
@@ -25,11 +32,19 @@ use crate::frame::LEADER_SILENCE_TIMEOUT_MS;
 /// Pipes in rotation per connection (each holds up to `RECEIVE_PIPE_BYTES`).
 pub const RECEIVE_PIPES_MAX: usize = 4;
 
+/// Where a payload goes.
+#[derive(Clone)]
+pub struct Dest {
+    pub file: Arc<File>,
+    /// The file's path, for the error if a write fails.
+    pub path: Arc<str>,
+    /// The file is under its real name: its writes must land in order (see the module doc).
+    pub in_order: bool,
+}
+
 struct Job {
     pipe: Pipe,
-    file: Arc<File>,
-    /// The file's path, for the error if the write fails.
-    path: Arc<str>,
+    dest: Dest,
     offset: u64,
     len_bytes: usize,
 }
@@ -147,14 +162,13 @@ impl Receiver {
         }
     }
 
-    /// Receives the next `len_bytes` of `stream` into `file` (at `path`) at `offset`. Returns
-    /// once every byte is off the socket; the writes may still be in flight (see `flush`). A
-    /// failed write (this one's or an earlier one's) is a `WriteFailed`.
+    /// Receives the next `len_bytes` of `stream` into `dest` at `offset`. Returns once every
+    /// byte is off the socket; the writes may still be in flight (see `flush`). A failed write
+    /// (this one's or an earlier one's) is a `WriteFailed`.
     pub async fn receive(
         &mut self,
         stream: &TcpStream,
-        file: &Arc<File>,
-        path: &Arc<str>,
+        dest: &Dest,
         offset: u64,
         len_bytes: u64,
     ) -> io::Result<()> {
@@ -194,8 +208,7 @@ impl Receiver {
             };
             self.submit(Job {
                 pipe,
-                file: file.clone(),
-                path: path.clone(),
+                dest: dest.clone(),
                 offset,
                 len_bytes: n,
             })?;
@@ -210,18 +223,13 @@ impl Receiver {
         self.free.len() < self.pipes_total
     }
 
-    /// Writes `bytes` (payload that came in the read buffer along with frames) into `file` at
+    /// Writes `bytes` (payload that came in the read buffer along with frames) into `dest` at
     /// `offset`, behind every write already handed out: copied into pipes and queued like a
     /// payload from the socket. Written directly, they could land past earlier bytes still in
     /// flight, and a crash in between would leave a hole of zeros under the file's real name.
-    /// Call when `busy`; otherwise writing directly is just as safe. See `flush` for completion.
-    pub async fn write_behind(
-        &mut self,
-        file: &Arc<File>,
-        path: &Arc<str>,
-        offset: u64,
-        bytes: &[u8],
-    ) -> io::Result<()> {
+    /// Needed for an `in_order` dest while `busy`; otherwise writing directly is just as safe.
+    /// See `flush` for completion.
+    pub async fn write_behind(&mut self, dest: &Dest, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let mut offset = offset;
         let mut rest = bytes;
         while !rest.is_empty() {
@@ -258,8 +266,7 @@ impl Receiver {
             }
             self.submit(Job {
                 pipe,
-                file: file.clone(),
-                path: path.clone(),
+                dest: dest.clone(),
                 offset,
                 len_bytes: n,
             })?;
@@ -271,32 +278,28 @@ impl Receiver {
 
     fn submit(&mut self, job: Job) -> io::Result<()> {
         let done = self.done_tx.clone();
-        match self.writer {
-            Writer::Ring => {
-                tokio::task::spawn_local(async move {
-                    let r = super::uring::drain_pipe(
-                        &job.pipe,
-                        job.file.as_raw_fd(),
-                        job.offset as i64,
-                        job.len_bytes as u32,
-                    )
-                    .await
-                    .map_err(|e| WriteFailed::wrap(&job.path, e));
-                    let _ = done.send((job.pipe, r));
-                });
-                Ok(())
-            }
-            Writer::Thread => {
-                if self.thread.is_none() {
-                    self.thread = Some(spawn_writer(done)?);
-                }
-                match &self.thread {
-                    Some(tx) => tx
-                        .send(job)
-                        .map_err(|_| io::Error::other("the payload writer thread stopped")),
-                    None => Err(io::Error::other("no payload writer thread")),
-                }
-            }
+        if self.writer == Writer::Ring && !job.dest.in_order {
+            tokio::task::spawn_local(async move {
+                let r = super::uring::drain_pipe(
+                    &job.pipe,
+                    job.dest.file.as_raw_fd(),
+                    job.offset as i64,
+                    job.len_bytes as u32,
+                )
+                .await
+                .map_err(|e| WriteFailed::wrap(&job.dest.path, e));
+                let _ = done.send((job.pipe, r));
+            });
+            return Ok(());
+        }
+        if self.thread.is_none() {
+            self.thread = Some(spawn_writer(done)?);
+        }
+        match &self.thread {
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| io::Error::other("the payload writer thread stopped")),
+            None => Err(io::Error::other("no payload writer thread")),
         }
     }
 
@@ -383,8 +386,9 @@ fn spawn_writer(done: mpsc::UnboundedSender<Done>) -> io::Result<std::sync::mpsc
         .name("ferry-writer".into())
         .spawn(move || {
             for job in rx {
-                let r = drain_blocking(&job.pipe, job.file.as_raw_fd(), job.offset, job.len_bytes)
-                    .map_err(|e| WriteFailed::wrap(&job.path, e));
+                let fd = job.dest.file.as_raw_fd();
+                let r = drain_blocking(&job.pipe, fd, job.offset, job.len_bytes)
+                    .map_err(|e| WriteFailed::wrap(&job.dest.path, e));
                 if done.send((job.pipe, r)).is_err() {
                     return;
                 }

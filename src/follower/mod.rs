@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::auth::{random_nonce, Secret};
-use crate::engine::receive::{is_write_failure, Receiver};
+use crate::engine::receive::{is_write_failure, Dest, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
@@ -411,15 +411,22 @@ impl Ctx<'_> {
                         .apply
                         .file_for_write(&path, temp)
                         .map_err(FollowError::Session)?;
-                    let label: Arc<str> = Arc::from(path.as_str());
-                    if buffered > 0 && self.receiver.busy() {
+                    // Writes handed to the receiver may outlive this call (and the cached fd):
+                    // they own a dup.
+                    let dest = || -> Result<Dest, FollowError> {
+                        Ok(Dest {
+                            file: Arc::new(file.try_clone().map_err(|e| {
+                                FollowError::Session(disk_error("write", &path, e))
+                            })?),
+                            path: Arc::from(path.as_str()),
+                            in_order: !temp,
+                        })
+                    };
+                    if buffered > 0 && !temp && self.receiver.busy() {
                         // Behind the writes in flight, never past them: no hole under a real
                         // name if we die in between.
-                        let dup = file
-                            .try_clone()
-                            .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
                         self.receiver
-                            .write_behind(&Arc::new(dup), &label, offset, &input[..buffered])
+                            .write_behind(&dest()?, offset, &input[..buffered])
                             .await
                             .map_err(|e| write_error(e, &path))?;
                     } else {
@@ -429,21 +436,13 @@ impl Ctx<'_> {
                     input.drain(..buffered);
                     let rest = len_bytes - buffered as u64;
                     if rest > 0 {
-                        // The writes may outlive this call (and the cached fd): they own a dup.
-                        let file =
-                            Arc::new(file.try_clone().map_err(|e| {
-                                FollowError::Session(disk_error("write", &path, e))
-                            })?);
                         let stream = self.conn.tokio_stream().ok_or_else(|| {
                             io::Error::other("the follower's connection has no tokio stream")
                         })?;
-                        let receive = self.receiver.receive(
-                            stream,
-                            &file,
-                            &label,
-                            offset + buffered as u64,
-                            rest,
-                        );
+                        let dest = dest()?;
+                        let receive =
+                            self.receiver
+                                .receive(stream, &dest, offset + buffered as u64, rest);
                         let received = tokio::select! {
                             r = receive => r,
                             // `run` sees the flag next and ends the connection.
