@@ -634,6 +634,10 @@ async fn node_loop(
         // Meanwhile keep the ISR in etcd, written only while our election key stands, and
         // answer handoff requests.
         let mut isr_written: Option<Vec<String>> = None;
+        // Every etcd call in this loop goes through `bounded` (see there), for at most as long
+        // as a keepalive may take.
+        let etcd_call_timeout =
+            Duration::from_millis((config.lease_ttl_s as u64 * 1000 / 3).max(100));
         let mut isr_at = tokio::time::Instant::now();
         let why = loop {
             if lease_lost.load(Ordering::SeqCst) {
@@ -650,7 +654,14 @@ async fn node_loop(
             let Some(key) = leader_key.clone() else {
                 break Stepped::Fenced;
             };
-            if let Some(request) = take_handoff_request(&mut client, &keys).await {
+            let request = bounded(
+                &lease_lost,
+                etcd_call_timeout,
+                take_handoff_request(&mut client, &keys),
+            )
+            .await
+            .flatten();
+            if let Some(request) = request {
                 let mut writer_stopped = false;
                 let ctx = HandoffCtx {
                     client: &mut client,
@@ -697,16 +708,22 @@ async fn node_loop(
             if isr_written.as_ref() == Some(&isr) {
                 continue;
             }
-            match write_isr(&mut client, &key, &config.advertise, &keys.isr, &isr).await {
-                Ok(true) => {
+            // (An abandoned write that reaches etcd later fails its guard: our key is gone.)
+            let write = write_isr(&mut client, &key, &config.advertise, &keys.isr, &isr);
+            match bounded(&lease_lost, etcd_call_timeout, write).await {
+                Some(Ok(true)) => {
                     tracing::info!("in-sync replica set: {}", isr.join(","));
                     isr_written = Some(isr);
                 }
-                Ok(false) => {
+                Some(Ok(false)) => {
                     tracing::warn!("the election key is gone: not the leader any more");
                     break Stepped::Fenced;
                 }
-                Err(e) => tracing::warn!("cannot write the in-sync replica set: {e}"),
+                Some(Err(e)) => tracing::warn!("cannot write the in-sync replica set: {e}"),
+                None => tracing::warn!(
+                    "cannot write the in-sync replica set: etcd did not answer within {} ms",
+                    etcd_call_timeout.as_millis()
+                ),
             }
         };
         match why {
@@ -727,6 +744,26 @@ async fn node_loop(
     }
     tracing::info!("left the cluster");
     Ok(())
+}
+
+/// Runs a leader's etcd call for at most `limit`, and not past the moment its lease is lost
+/// (`None` then). Cut off from etcd, a call never returns; awaiting it would keep the leading
+/// loop from seeing the lease lapse, and a partitioned leader would never be fenced.
+async fn bounded<T>(
+    lease_lost: &AtomicBool,
+    limit: Duration,
+    call: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let lapsed = async {
+        while !lease_lost.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::select! {
+        r = call => Some(r),
+        () = lapsed => None,
+        () = tokio::time::sleep(limit) => None,
+    }
 }
 
 /// Backoff between attempts to reach etcd.

@@ -4,89 +4,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Etcd {
-    proc: Proc,
-    url: String,
-}
-
-fn start_etcd(dir: &Path) -> Etcd {
-    start_etcd_on(dir, free_port())
-}
-
-fn start_etcd_on(dir: &Path, client: u16) -> Etcd {
-    let peer = free_port();
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut cmd = Command::new("etcd");
-    cmd.args(["--name", "t", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("t={peer_url}")]);
-    let proc = Proc::spawn(cmd);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "etcd did not start:\n{}",
-            proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Etcd { proc, url }
-}
 
 struct Node {
     proc: Proc,
     dir: PathBuf,
     advertise: String,
-}
-
-/// `ferry node` with the settings every test shares (2 s lease, fallback engine), listening and
-/// advertising on `advertise`. The caller adds the secret and anything else.
-fn node_cmd(etcd: &str, dir: &Path, advertise: &str) -> Command {
-    let mut cmd = ferry();
-    cmd.args([
-        "node",
-        "--lease-ttl",
-        "2",
-        "--io-engine",
-        "fallback",
-        "--etcd",
-        etcd,
-    ])
-    .args([
-        "--listen",
-        advertise,
-        "--advertise",
-        advertise,
-        "--data-dir",
-    ])
-    .arg(dir);
-    cmd
 }
 
 fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
@@ -374,19 +299,6 @@ fn handoff(etcd: &str, to: Option<&str>) -> std::process::Output {
 }
 
 /// The value at `key` in etcd, read with the same client the nodes use.
-fn read_key(etcd: &str, key: &str) -> Option<String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
-        let resp = client.get(key, None).await.ok()?;
-        let kv = resp.kvs().first()?;
-        kv.value_str().ok().map(str::to_string)
-    })
-}
-
 fn elections_won(n: &Node) -> usize {
     n.proc.log_text().matches("elected leader").count()
 }

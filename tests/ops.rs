@@ -7,12 +7,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use ferry::status::parse_prometheus;
 
-fn http_addr(proc: &Proc) -> String {
-    let line = proc.wait_log("metrics on http://", Duration::from_secs(20));
-    let rest = line.rsplit("http://").next().unwrap();
-    rest.trim().trim_end_matches("/metrics").to_string()
-}
-
 /// Polls `ferry status ADDR` until its output contains every needle.
 fn status_until(addr: &str, args: &[&str], needles: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);

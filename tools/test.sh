@@ -2,13 +2,15 @@
 # The test command the README gives: format, lints, then every unit, property and integration
 # test (the integration tests start real `ferry` processes on 127.0.0.1, on both I/O engines, and
 # a real etcd-server for the cluster tests).
-# Installs what it needs when missing: protoc (etcd-client's build) and etcd-server (Debian);
-# tools/fuzz.sh, run last, installs a C++ compiler for libFuzzer if there is none.
+# Installs what it needs when missing: protoc (etcd-client's build), etcd-server and iproute2
+# (Debian); tools/fuzz.sh, run last, installs a C++ compiler for libFuzzer if there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v etcd >/dev/null || missing+=(etcd-server)
+# ip(8) for the partition test's network namespaces (it skips, saying so, without root).
+command -v ip >/dev/null || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

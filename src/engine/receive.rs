@@ -5,6 +5,13 @@
 //! which the kernel runs on an io-wq worker; with the fallback engine it is a writer thread doing
 //! the same splice(2). `RECEIVE_PIPES_MAX` pipes rotate; `flush` waits for every write in flight.
 //!
+//! Writes into a file under its real name (`Dest::in_order`) always go through the writer
+//! thread, one after the other, each to its end: such a file only ever grows by a prefix of what
+//! is in flight, so a crash leaves no hole under a real name. SPLICEs on the ring run
+//! concurrently on io-wq workers (and a short one's remainder queues behind the next), so a
+//! later range could land first; they carry only whole-file transfers into `.ferry/tmp/`, which
+//! are renamed into place after `flush`.
+//!
 //! Measured here: a single task doing both splices (or recv + pwrite) is CPU-bound on one core;
 //! the copy into the page cache is the expensive half, and overlapping it with the receive is
 //! what brings a full sync near the machine's raw splice figure.
@@ -13,24 +20,73 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::{EngineKind, Pipe};
+use crate::frame::LEADER_SILENCE_TIMEOUT_MS;
 
 /// Pipes in rotation per connection (each holds up to `RECEIVE_PIPE_BYTES`).
 pub const RECEIVE_PIPES_MAX: usize = 4;
 
+/// Where a payload goes.
+#[derive(Clone)]
+pub struct Dest {
+    pub file: Arc<File>,
+    /// The file's path, for the error if a write fails.
+    pub path: Arc<str>,
+    /// The file is under its real name: its writes must land in order (see the module doc).
+    pub in_order: bool,
+}
+
 struct Job {
     pipe: Pipe,
-    file: Arc<File>,
+    dest: Dest,
     offset: u64,
     len_bytes: usize,
 }
 
 type Done = (Pipe, io::Result<()>);
+
+/// A payload write into a file failed (the disk, not the socket). It travels inside the
+/// `io::Error` the receiver returns, so the follower can tell the leader and name the file.
+#[derive(Debug)]
+pub struct WriteFailed {
+    pub path: Arc<str>,
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for WriteFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write {}: {}", self.path, self.source)
+    }
+}
+
+impl std::error::Error for WriteFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl WriteFailed {
+    fn wrap(path: &Arc<str>, e: io::Error) -> io::Error {
+        io::Error::new(
+            e.kind(),
+            WriteFailed {
+                path: path.clone(),
+                source: e,
+            },
+        )
+    }
+}
+
+/// Whether `e` is a failed write into a file (`WriteFailed`) rather than a socket error.
+pub fn is_write_failure(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<WriteFailed>())
+}
 
 /// Who moves a full pipe into its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,12 +162,13 @@ impl Receiver {
         }
     }
 
-    /// Receives the next `len_bytes` of `stream` into `file` at `offset`. Returns once every
-    /// byte is off the socket; the writes may still be in flight (see `flush`).
+    /// Receives the next `len_bytes` of `stream` into `dest` at `offset`. Returns once every
+    /// byte is off the socket; the writes may still be in flight (see `flush`). A failed write
+    /// (this one's or an earlier one's) is a `WriteFailed`.
     pub async fn receive(
         &mut self,
         stream: &TcpStream,
-        file: &Arc<File>,
+        dest: &Dest,
         offset: u64,
         len_bytes: u64,
     ) -> io::Result<()> {
@@ -120,7 +177,21 @@ impl Receiver {
         while left > 0 {
             let pipe = self.next_pipe().await?;
             let chunk = (left as usize).min(pipe.capacity_bytes);
-            let n = match splice_in(stream, &pipe, chunk).await {
+            // A leader that goes silent in the middle of a payload is given up on like one that
+            // goes silent between frames (the follower reconnects).
+            let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
+            let spliced = tokio::time::timeout(silence, splice_in(stream, &pipe, chunk))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms, {left} \
+                             bytes before the end of a payload"
+                        ),
+                    ))
+                });
+            let n = match spliced {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -137,7 +208,7 @@ impl Receiver {
             };
             self.submit(Job {
                 pipe,
-                file: file.clone(),
+                dest: dest.clone(),
                 offset,
                 len_bytes: n,
             })?;
@@ -147,37 +218,93 @@ impl Receiver {
         Ok(())
     }
 
+    /// Whether writes handed out are still in flight.
+    pub fn busy(&self) -> bool {
+        self.free.len() < self.pipes_total
+    }
+
+    /// Writes `bytes` (payload that came in the read buffer along with frames) into `dest` at
+    /// `offset`, behind every write already handed out: copied into pipes and queued like a
+    /// payload from the socket. Written directly, they could land past earlier bytes still in
+    /// flight, and a crash in between would leave a hole of zeros under the file's real name.
+    /// Needed for an `in_order` dest while `busy`; otherwise writing directly is just as safe.
+    /// See `flush` for completion.
+    pub async fn write_behind(&mut self, dest: &Dest, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut offset = offset;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let pipe = self.next_pipe().await?;
+            // A free pipe is empty, so up to its capacity goes in without blocking.
+            let n = rest.len().min(pipe.capacity_bytes);
+            let mut put = 0;
+            while put < n {
+                // SAFETY: the pipe's write end is an open fd we own; the pointer and length
+                // describe initialized bytes of `rest`.
+                let w = unsafe {
+                    libc::write(
+                        pipe.write.as_raw_fd(),
+                        rest[put..n].as_ptr().cast(),
+                        n - put,
+                    )
+                };
+                if w < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    self.pipes_total -= 1;
+                    return Err(e);
+                }
+                if w == 0 {
+                    self.pipes_total -= 1;
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "write into an empty pipe moved nothing",
+                    ));
+                }
+                put += w as usize;
+            }
+            self.submit(Job {
+                pipe,
+                dest: dest.clone(),
+                offset,
+                len_bytes: n,
+            })?;
+            offset += n as u64;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+
     fn submit(&mut self, job: Job) -> io::Result<()> {
         let done = self.done_tx.clone();
-        match self.writer {
-            Writer::Ring => {
-                tokio::task::spawn_local(async move {
-                    let r = super::uring::drain_pipe(
-                        &job.pipe,
-                        job.file.as_raw_fd(),
-                        job.offset as i64,
-                        job.len_bytes as u32,
-                    )
-                    .await;
-                    let _ = done.send((job.pipe, r));
-                });
-                Ok(())
-            }
-            Writer::Thread => {
-                if self.thread.is_none() {
-                    self.thread = Some(spawn_writer(done)?);
-                }
-                match &self.thread {
-                    Some(tx) => tx
-                        .send(job)
-                        .map_err(|_| io::Error::other("the payload writer thread stopped")),
-                    None => Err(io::Error::other("no payload writer thread")),
-                }
-            }
+        if self.writer == Writer::Ring && !job.dest.in_order {
+            tokio::task::spawn_local(async move {
+                let r = super::uring::drain_pipe(
+                    &job.pipe,
+                    job.dest.file.as_raw_fd(),
+                    job.offset as i64,
+                    job.len_bytes as u32,
+                )
+                .await
+                .map_err(|e| WriteFailed::wrap(&job.dest.path, e));
+                let _ = done.send((job.pipe, r));
+            });
+            return Ok(());
+        }
+        if self.thread.is_none() {
+            self.thread = Some(spawn_writer(done)?);
+        }
+        match &self.thread {
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| io::Error::other("the payload writer thread stopped")),
+            None => Err(io::Error::other("no payload writer thread")),
         }
     }
 
-    /// Waits until every write handed out has completed; the first error, if any.
+    /// Waits until every write handed out has completed; the first error (a `WriteFailed`), if
+    /// any.
     pub async fn flush(&mut self) -> io::Result<()> {
         while self.free.len() < self.pipes_total {
             match self.done_rx.recv().await {
@@ -259,7 +386,9 @@ fn spawn_writer(done: mpsc::UnboundedSender<Done>) -> io::Result<std::sync::mpsc
         .name("ferry-writer".into())
         .spawn(move || {
             for job in rx {
-                let r = drain_blocking(&job.pipe, job.file.as_raw_fd(), job.offset, job.len_bytes);
+                let fd = job.dest.file.as_raw_fd();
+                let r = drain_blocking(&job.pipe, fd, job.offset, job.len_bytes)
+                    .map_err(|e| WriteFailed::wrap(&job.dest.path, e));
                 if done.send((job.pipe, r)).is_err() {
                     return;
                 }

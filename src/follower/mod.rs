@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::auth::{random_nonce, Secret};
-use crate::engine::receive::Receiver;
+use crate::engine::receive::{is_write_failure, Dest, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
@@ -42,6 +42,8 @@ use apply::{disk_error, Apply};
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a follower that sent an ERROR waits for the leader to close before it does.
+const ERROR_LINGER: Duration = Duration::from_secs(2);
 /// How often a sleeping follower looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(10);
 
@@ -153,6 +155,13 @@ async fn follow_loop(
     }
 }
 
+/// Resolves once `stop` is set.
+async fn stopped(stop: &std::sync::atomic::AtomicBool) {
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(STOP_POLL).await;
+    }
+}
+
 /// Sleeps for `duration`, or less if `stop` is set meanwhile: a node that was just elected must
 /// not wait out its follower's reconnect backoff before it can lead.
 async fn sleep_unless_stopped(duration: Duration, stop: &std::sync::atomic::AtomicBool) {
@@ -230,17 +239,41 @@ async fn follow_once(
         started: Instant::now(),
     };
     let result = ctx.run().await;
+    let mut told = false;
     if let Err(FollowError::Session(e) | FollowError::Refused(e)) = &result {
         // Tell the leader why we are leaving (nothing is sent back for its own ERROR).
         let mut s = session.borrow_mut();
         s.fail(e);
         let _ = out_tx.send(s.take_output());
+        told = !matches!(e, SessionError::Peer { .. });
     }
     syncer.abort();
     drop(ctx);
+    // Whole-file transfers this connection left unfinished: their partial temp files would hold
+    // disk space (what a full disk lacks) until the process restarts. The next connection
+    // begins them anew.
+    if let Err(e) = dir.clear_temps() {
+        tracing::warn!("cannot clear the temp files of unfinished transfers: {e}");
+    }
     drop(out_tx);
     // Let the writer flush what is queued (the final ACK or ERROR), within reason.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    if told {
+        // Closing with the leader's data unread would reset the connection, and the leader,
+        // still sending, would see a broken pipe instead of our ERROR: drop what it sends
+        // until it closes, within reason.
+        let _ = tokio::time::timeout(ERROR_LINGER, async {
+            let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
+            loop {
+                let (r, b) = conn.read(buf).await;
+                match r {
+                    Ok(n) if n > 0 => buf = b,
+                    _ => return,
+                }
+            }
+        })
+        .await;
+    }
     conn.shutdown();
     result
 }
@@ -274,6 +307,9 @@ impl Ctx<'_> {
         let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
         loop {
             self.process(&mut input).await?;
+            if self.config.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(self.report.clone());
+            }
             let durability = self.config.durability;
             let watermarks = self.session.borrow().watermarks();
             if durability == Durability::Synced && watermarks[1] > watermarks[2] {
@@ -302,15 +338,21 @@ impl Ctx<'_> {
                 return Ok(self.report.clone());
             }
             let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
-            let (r, b) = match tokio::time::timeout(silence, self.conn.read(buf)).await {
-                Ok(x) => x,
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms"),
-                    )
-                    .into())
-                }
+            let read = tokio::time::timeout(silence, self.conn.read(buf));
+            // Stopping must not wait for a leader that went silent (a node elected meanwhile
+            // waits for this follower to stop before it can lead).
+            let (r, b) = tokio::select! {
+                read = read => match read {
+                    Ok(x) => x,
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms"),
+                        )
+                        .into())
+                    }
+                },
+                () = stopped(&self.config.stop) => return Ok(self.report.clone()),
             };
             let n =
                 r.map_err(|e| io::Error::new(e.kind(), format!("reading from the leader: {e}")))?;
@@ -369,25 +411,50 @@ impl Ctx<'_> {
                         .apply
                         .file_for_write(&path, temp)
                         .map_err(FollowError::Session)?;
-                    file.write_all_at(&input[..buffered], offset)
-                        .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                    // Writes handed to the receiver may outlive this call (and the cached fd):
+                    // they own a dup.
+                    let dest = || -> Result<Dest, FollowError> {
+                        Ok(Dest {
+                            file: Arc::new(file.try_clone().map_err(|e| {
+                                FollowError::Session(disk_error("write", &path, e))
+                            })?),
+                            path: Arc::from(path.as_str()),
+                            in_order: !temp,
+                        })
+                    };
+                    if buffered > 0 && !temp && self.receiver.busy() {
+                        // Behind the writes in flight, never past them: no hole under a real
+                        // name if we die in between.
+                        self.receiver
+                            .write_behind(&dest()?, offset, &input[..buffered])
+                            .await
+                            .map_err(|e| write_error(e, &path))?;
+                    } else {
+                        file.write_all_at(&input[..buffered], offset)
+                            .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
+                    }
                     input.drain(..buffered);
                     let rest = len_bytes - buffered as u64;
                     if rest > 0 {
-                        // The writes may outlive this call (and the cached fd): they own a dup.
-                        let file =
-                            Arc::new(file.try_clone().map_err(|e| {
-                                FollowError::Session(disk_error("write", &path, e))
-                            })?);
                         let stream = self.conn.tokio_stream().ok_or_else(|| {
                             io::Error::other("the follower's connection has no tokio stream")
                         })?;
-                        self.receiver
-                            .receive(stream, &file, offset + buffered as u64, rest)
-                            .await
-                            .map_err(|e| {
-                                io::Error::new(e.kind(), format!("receiving {path}: {e}"))
-                            })?;
+                        let dest = dest()?;
+                        let receive =
+                            self.receiver
+                                .receive(stream, &dest, offset + buffered as u64, rest);
+                        let received = tokio::select! {
+                            r = receive => r,
+                            // `run` sees the flag next and ends the connection.
+                            () = stopped(&self.config.stop) => return Ok(()),
+                        };
+                        received.map_err(|e| {
+                            if is_write_failure(&e) {
+                                write_error(e, &path)
+                            } else {
+                                io::Error::new(e.kind(), format!("receiving {path}: {e}")).into()
+                            }
+                        })?;
                     }
                     self.report.payload_bytes += len_bytes;
                     if let Some(p) = &mut self.progress {
@@ -426,7 +493,11 @@ impl Ctx<'_> {
 
     async fn flush_writes(&mut self) -> Result<(), FollowError> {
         self.receiver.flush().await.map_err(|e| {
-            FollowError::Session(SessionError::Io(format!("writing a payload failed: {e}")))
+            if is_write_failure(&e) {
+                FollowError::Session(SessionError::Io(e.to_string()))
+            } else {
+                FollowError::Session(SessionError::Io(format!("writing a payload failed: {e}")))
+            }
         })
     }
 
@@ -449,6 +520,16 @@ impl Ctx<'_> {
         let (result, cache) = joined;
         *self.cache.borrow_mut() = Some(cache);
         Ok(result?)
+    }
+}
+
+/// A write into the data dir failed (`WriteFailed` names the file, else `path` is named): the
+/// session ends with an ERROR telling the leader why, not as a mere network error.
+fn write_error(e: io::Error, path: &RelPath) -> FollowError {
+    if is_write_failure(&e) {
+        FollowError::Session(SessionError::Io(e.to_string()))
+    } else {
+        FollowError::Session(disk_error("write", path, e))
     }
 }
 

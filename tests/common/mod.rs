@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: real `ferry` processes on 127.0.0.1 with real files.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,31 @@ impl Proc {
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
+
+    /// Lines logged so far: a mark for `wait_log_since`.
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Like `wait_log`, among the lines logged after the first `from`, and polling more often
+    /// (for a test that acts right after a log line).
+    pub fn wait_log_since(&self, from: usize, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log.lock().unwrap()[from..]
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line containing {needle:?} within {timeout:?}; log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -95,7 +121,8 @@ pub struct LeaderProc {
     pub addr: SocketAddr,
 }
 
-pub fn start_leader(env: &Env, dir: &Path, engine: &str) -> LeaderProc {
+/// `ferry lead` on an ephemeral port of 127.0.0.1; the caller may add flags.
+pub fn lead_cmd(env: &Env, dir: &Path, engine: &str) -> Command {
     let mut cmd = ferry();
     cmd.arg("lead")
         .arg("--data-dir")
@@ -106,9 +133,20 @@ pub fn start_leader(env: &Env, dir: &Path, engine: &str) -> LeaderProc {
         .arg(&env.secret_file)
         .arg("--io-engine")
         .arg(engine);
-    let proc = Proc::spawn(cmd);
+    cmd
+}
+
+pub fn start_leader(env: &Env, dir: &Path, engine: &str) -> LeaderProc {
+    let proc = Proc::spawn(lead_cmd(env, dir, engine));
     let addr = listen_addr(&proc);
     LeaderProc { proc, addr }
+}
+
+/// The `--http` address a process logged ("metrics on http://ADDR/metrics").
+pub fn http_addr(proc: &Proc) -> String {
+    let line = proc.wait_log("metrics on http://", Duration::from_secs(20));
+    let rest = line.rsplit("http://").next().unwrap();
+    rest.trim().trim_end_matches("/metrics").to_string()
 }
 
 /// The replication address a `ferry lead` process logged ("listening on ADDR").
@@ -233,4 +271,181 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
         .collect()
+}
+
+/// Every regular file under `dir` by its relative path, ferry's own `.ferry/` left out (what
+/// `ferry checksum` lists).
+pub fn files(dir: &Path) -> BTreeMap<String, PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() && rel != ".ferry" {
+                walk(root, &path, out);
+            } else if kind.is_file() {
+                out.insert(rel, path);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `None` if both trees hold the same files with the same bytes; else the first difference.
+/// Byte comparison: much faster than `checksum` (a debug build's SHA-1) on big trees.
+pub fn tree_difference(a: &Path, b: &Path) -> Option<String> {
+    let (fa, fb) = (files(a), files(b));
+    let (na, nb): (Vec<&String>, Vec<&String>) = (fa.keys().collect(), fb.keys().collect());
+    if na != nb {
+        let only_a: Vec<_> = na.iter().filter(|p| !fb.contains_key(**p)).collect();
+        let only_b: Vec<_> = nb.iter().filter(|p| !fa.contains_key(**p)).collect();
+        return Some(format!(
+            "only in {}: {only_a:?}; only in {}: {only_b:?}",
+            a.display(),
+            b.display()
+        ));
+    }
+    for (rel, pa) in &fa {
+        let (x, y) = (
+            std::fs::read(pa).unwrap_or_default(),
+            std::fs::read(&fb[rel]).unwrap_or_default(),
+        );
+        if x != y {
+            let at = x
+                .iter()
+                .zip(&y)
+                .position(|(p, q)| p != q)
+                .unwrap_or(x.len().min(y.len()));
+            return Some(format!(
+                "{rel}: {} vs {} bytes, first difference at {at}",
+                x.len(),
+                y.len()
+            ));
+        }
+    }
+    None
+}
+
+/// Polls until `tree_difference(a, b)` is `None`; panics with the last difference at the deadline.
+pub fn wait_same_files(a: &Path, b: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some(diff) = tree_difference(a, b) else {
+            return;
+        };
+        assert!(
+            Instant::now() < deadline,
+            "not identical after {timeout:?}: {diff}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ferry node` with the settings the cluster tests share (2 s lease, fallback engine), listening
+/// and advertising on `advertise`. The caller adds the secret and anything else.
+pub fn node_cmd(etcd: &str, dir: &Path, advertise: &str) -> Command {
+    let mut cmd = ferry();
+    node_args(&mut cmd, etcd, dir, advertise);
+    cmd
+}
+
+/// `node_cmd`'s arguments, on a command that runs `ferry` some other way.
+pub fn node_args(cmd: &mut Command, etcd: &str, dir: &Path, advertise: &str) {
+    cmd.args(["node", "--lease-ttl", "2", "--io-engine", "fallback"])
+        .args([
+            "--etcd",
+            etcd,
+            "--listen",
+            advertise,
+            "--advertise",
+            advertise,
+        ])
+        .arg("--data-dir")
+        .arg(dir);
+}
+
+/// The value of `key` in etcd, if it is set and etcd answers.
+pub fn read_key(etcd: &str, key: &str) -> Option<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
+        let resp = client.get(key, None).await.ok()?;
+        let kv = resp.kvs().first()?;
+        kv.value_str().ok().map(str::to_string)
+    })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A single-member etcd cluster (Debian's etcd-server), killed on drop.
+pub struct Etcd {
+    pub proc: Proc,
+    /// The client URL on the first address it listens on.
+    pub url: String,
+}
+
+pub fn start_etcd(dir: &Path) -> Etcd {
+    start_etcd_on(dir, free_port())
+}
+
+/// etcd serving clients on 127.0.0.1:`client` (a restarted etcd can keep its port).
+pub fn start_etcd_on(dir: &Path, client: u16) -> Etcd {
+    start_etcd_at(dir, &["127.0.0.1"], client)
+}
+
+/// etcd serving clients on port `client` of each of `ips`, its peer port on the first; `url`
+/// names the first.
+pub fn start_etcd_at(dir: &Path, ips: &[&str], client: u16) -> Etcd {
+    let peer = free_port();
+    let urls: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("http://{ip}:{client}"))
+        .collect();
+    let peer_url = format!("http://{}:{peer}", ips[0]);
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "t", "--data-dir"])
+        .arg(dir)
+        .args(["--listen-client-urls", &urls.join(",")])
+        .args(["--advertise-client-urls", &urls[0]])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("t={peer_url}")]);
+    let proc = Proc::spawn(cmd);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect((ips[0], client)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not start:\n{}",
+            proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Etcd {
+        proc,
+        url: urls[0].clone(),
+    }
 }
