@@ -85,7 +85,12 @@ struct FollowerRun {
     status: Arc<Mutex<FollowerSelf>>,
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
+    started: std::time::Instant,
 }
+
+/// How soon a follower that gave up (refused: wrong secret or version, not ferry at that
+/// address) is started again while the same leader holds the election.
+const FOLLOWER_RESTART_INTERVAL: Duration = Duration::from_secs(2);
 
 impl FollowerRun {
     fn start(config: &NodeConfig, leader: String) -> FollowerRun {
@@ -116,7 +121,14 @@ impl FollowerRun {
             status,
             stop,
             thread,
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// It gave up on its own (the follower returns only on a refusal it cannot retry) and may
+    /// be started again.
+    fn gave_up(&self) -> bool {
+        self.thread.is_finished() && self.started.elapsed() >= FOLLOWER_RESTART_INTERVAL
     }
 
     fn stop(self) {
@@ -592,9 +604,17 @@ async fn node_loop(
                 Err(_) => None,
             };
             if let Some(current) = current.filter(|c| *c != config.advertise) {
-                if following.as_ref().map(|f| &f.leader) != Some(&current) {
+                let same = following.as_ref().map(|f| &f.leader) == Some(&current);
+                // Following the same leader again after a refusal: the address may answer
+                // differently later (a proxy or another service there for a while, a secret
+                // being rotated), and the node must not stay idle until the leader changes.
+                let retry = same && following.as_ref().is_some_and(FollowerRun::gave_up);
+                if !same || retry {
                     if let Some(f) = following.take() {
                         tokio::task::spawn_blocking(move || f.stop()).await.ok();
+                    }
+                    if retry {
+                        tracing::warn!("following {current} again after it refused us");
                     }
                     tracing::info!("following the leader at {current}");
                     let run = FollowerRun::start(&config, current.clone());

@@ -549,3 +549,26 @@ fn a_node_started_before_etcd_says_so_and_is_elected_once_etcd_is_up() {
     node.proc
         .wait_log("elected leader", Duration::from_secs(30));
 }
+
+#[test]
+fn a_node_refused_by_the_leader_keeps_trying_instead_of_idling_until_the_leader_changes() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let leader = start_node(&env, &etcd.url, &env.dir("a"), free_port());
+    leader
+        .proc
+        .wait_log("elected leader", Duration::from_secs(30));
+    // Another node with the wrong secret: refused at every attempt, and it says so each time.
+    let wrong = env.tmp.path().join("wrong-secret");
+    std::fs::write(&wrong, "not the cluster's secret").unwrap();
+    let advertise = format!("127.0.0.1:{}", free_port());
+    let mut cmd = node_cmd(&etcd.url, &env.dir("b"), &advertise);
+    cmd.arg("--secret-file").arg(&wrong);
+    let other = Proc::spawn(cmd);
+    other.wait_log("wrong secret", Duration::from_secs(20));
+    other.wait_log(
+        &format!("following {} again after it refused us", leader.advertise),
+        Duration::from_secs(20),
+    );
+    drop(etcd);
+}
