@@ -27,6 +27,10 @@ pub struct Apply {
     temps: HashMap<RelPath, TempFile>,
     /// What the next sync round must make durable (shared with the sync task).
     dirty: Rc<RefCell<Dirty>>,
+    /// fdatasync a whole file's temp copy before renaming it over the real name (`synced`
+    /// followers): after a power loss the name then holds the old copy or the complete new one,
+    /// never a renamed but unwritten file.
+    sync_before_commit: bool,
 }
 
 /// Maps a disk error on `path` to what the leader is told: BAD_PATH for an escape, else IO.
@@ -39,12 +43,13 @@ pub fn disk_error(what: &str, path: &RelPath, e: io::Error) -> SessionError {
 }
 
 impl Apply {
-    pub fn new(dir: Arc<DataDir>, dirty: Rc<RefCell<Dirty>>) -> Apply {
+    pub fn new(dir: Arc<DataDir>, dirty: Rc<RefCell<Dirty>>, sync_before_commit: bool) -> Apply {
         Apply {
             dir,
             open: HashMap::new(),
             temps: HashMap::new(),
             dirty,
+            sync_before_commit,
         }
     }
 
@@ -116,6 +121,11 @@ impl Apply {
                         "replacing {path} ({} bytes) with the leader's copy ({len_bytes} bytes)",
                         held.len()
                     );
+                }
+                if self.sync_before_commit {
+                    temp.file
+                        .sync_data()
+                        .map_err(|e| disk_error("sync the temp file of", &path, e))?;
                 }
                 self.open.remove(&path);
                 self.dir

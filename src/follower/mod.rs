@@ -232,7 +232,11 @@ async fn follow_once(
         out_tx: &out_tx,
         sync_wake: &sync_wake,
         cache,
-        apply: Apply::new(dir.clone(), dirty.clone()),
+        apply: Apply::new(
+            dir.clone(),
+            dirty.clone(),
+            config.durability == Durability::Synced,
+        ),
         receiver: Receiver::new(kind),
         progress: None,
         report: SyncReport::default(),
