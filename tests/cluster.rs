@@ -8,24 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-struct Node {
-    proc: Proc,
-    dir: PathBuf,
-    advertise: String,
-}
-
-fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
-    let advertise = format!("127.0.0.1:{port}");
-    let mut cmd = node_cmd(etcd, dir, &advertise);
-    cmd.args(["--http", "127.0.0.1:0", "--secret-file"])
-        .arg(&env.secret_file);
-    Node {
-        proc: Proc::spawn(cmd),
-        dir: dir.to_path_buf(),
-        advertise,
-    }
-}
-
 /// The index of the node that logs being elected, waiting up to `timeout`.
 fn wait_leader(nodes: &[&Node], timeout: Duration) -> usize {
     let deadline = Instant::now() + timeout;
@@ -125,14 +107,7 @@ fn a_killed_leader_is_replaced_and_every_node_converges() {
     );
 
     // The old leader comes back as a follower and converges.
-    let port: u16 = nodes[first]
-        .advertise
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let back = start_node(&env, &etcd.url, &nodes[first].dir, port);
+    let back = start_node(&env, &etcd.url, &nodes[first].dir, nodes[first].port);
     back.proc.wait_log(
         &format!("following the leader at {}", nodes[second].advertise),
         Duration::from_secs(20),
@@ -298,6 +273,18 @@ fn handoff(etcd: &str, to: Option<&str>) -> std::process::Output {
     run_bounded(cmd, Duration::from_secs(90))
 }
 
+/// `ferry handoff` that must succeed; its stdout.
+fn handoff_ok(etcd: &str, to: Option<&str>) -> String {
+    let out = handoff(etcd, to);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The value at `key` in etcd, read with the same client the nodes use.
 fn elections_won(n: &Node) -> usize {
     n.proc.log_text().matches("elected leader").count()
@@ -311,7 +298,8 @@ fn handoff_moves_leadership_under_load_with_zero_loss_and_reports_the_pause() {
     let nodes: Vec<Node> = (0..3)
         .map(|i| {
             let dir = env.dir(&format!("n{i}"));
-            let advertise = format!("127.0.0.1:{}", free_port());
+            let port = free_port();
+            let advertise = format!("127.0.0.1:{port}");
             let mut cmd = node_cmd(&etcd.url, &dir, &advertise);
             // The application stops writing when told, and the hook returns once it has.
             let hook = format!(
@@ -326,6 +314,7 @@ fn handoff_moves_leadership_under_load_with_zero_loss_and_reports_the_pause() {
             Node {
                 proc: Proc::spawn(cmd),
                 dir,
+                port,
                 advertise,
             }
         })
@@ -356,13 +345,7 @@ fn handoff_moves_leadership_under_load_with_zero_loss_and_reports_the_pause() {
     std::thread::sleep(Duration::from_millis(300));
     let target = (0..3).find(|&i| i != first).unwrap();
     let third = (0..3).find(|&i| i != first && i != target).unwrap();
-    let out = handoff(&etcd.url, Some(&nodes[target].advertise));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = handoff_ok(&etcd.url, Some(&nodes[target].advertise));
     assert!(
         stdout.contains(&format!(
             "leadership moved from {} to {}: writer paused ",
@@ -403,13 +386,7 @@ fn handoff_moves_leadership_under_load_with_zero_loss_and_reports_the_pause() {
     nodes[target]
         .proc
         .wait_log(&in_sync, Duration::from_secs(20));
-    let out = handoff(&etcd.url, None);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = handoff_ok(&etcd.url, None);
     assert!(
         stdout.contains(&format!(
             "leadership moved from {} to ",

@@ -640,27 +640,6 @@ fn disk_fills(engine: &str) -> bool {
     true
 }
 
-/// A `ferry node` of a test cluster (2 s lease, fallback engine, `--http` on a free port).
-struct Node {
-    proc: Proc,
-    dir: PathBuf,
-    port: u16,
-    advertise: String,
-}
-
-fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
-    let advertise = format!("127.0.0.1:{port}");
-    let mut cmd = node_cmd(etcd, dir, &advertise);
-    cmd.args(["--http", "127.0.0.1:0", "--secret-file"])
-        .arg(&env.secret_file);
-    Node {
-        proc: Proc::spawn(cmd),
-        dir: dir.to_path_buf(),
-        port,
-        advertise,
-    }
-}
-
 /// A leader's position and its connected followers' (state, synced acked position), from its
 /// `/metrics`; `None` unless it answers as a leader.
 fn leader_view(http: &str) -> Option<(u64, Vec<(String, u64)>)> {

@@ -375,6 +375,27 @@ pub fn node_args(cmd: &mut Command, etcd: &str, dir: &Path, advertise: &str) {
         .arg(dir);
 }
 
+/// A `ferry node` of a test cluster (2 s lease, fallback engine, `--http` on a free port).
+pub struct Node {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub advertise: String,
+}
+
+pub fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
+    let advertise = format!("127.0.0.1:{port}");
+    let mut cmd = node_cmd(etcd, dir, &advertise);
+    cmd.args(["--http", "127.0.0.1:0", "--secret-file"])
+        .arg(&env.secret_file);
+    Node {
+        proc: Proc::spawn(cmd),
+        dir: dir.to_path_buf(),
+        port,
+        advertise,
+    }
+}
+
 /// The value of `key` in etcd, if it is set and etcd answers.
 pub fn read_key(etcd: &str, key: &str) -> Option<String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
