@@ -583,6 +583,15 @@ mod tests {
         (Watcher::start(root, known, sink).unwrap(), rx)
     }
 
+    fn append(path: &Path, bytes: &[u8]) {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+    }
+
     fn next(rx: &Receiver<Change>) -> Change {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("no change within 5 s")
@@ -634,12 +643,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
         let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(tmp.path().join("seg"))
-            .unwrap()
-            .write_all(b"678")
-            .unwrap();
+        append(&tmp.path().join("seg"), b"678");
         assert_eq!(
             next(&rx),
             Change::Grew {
@@ -656,12 +660,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
         let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(tmp.path().join("seg"))
-            .unwrap()
-            .write_all(b"678")
-            .unwrap();
+        append(&tmp.path().join("seg"), b"678");
         std::fs::write(tmp.path().join("new.json"), b"{}").unwrap();
         // No waiting: the events may still sit in inotify's queue or in the settle window.
         w.flush_and_stop();
@@ -686,12 +685,7 @@ mod tests {
         std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
         std::fs::write(tmp.path().join("a/b/c.seg"), b"xy").unwrap();
         created(&rx, "a/b/c.seg", 2);
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(tmp.path().join("a/b/c.seg"))
-            .unwrap()
-            .write_all(b"z")
-            .unwrap();
+        append(&tmp.path().join("a/b/c.seg"), b"z");
         assert_eq!(
             next(&rx),
             Change::Grew {
