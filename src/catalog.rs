@@ -104,15 +104,6 @@ impl Catalog {
         self.position
     }
 
-    /// The file was cut to `len_bytes`, its first bytes unchanged. Returns the new position.
-    pub fn truncate(&mut self, path: &RelPath, len_bytes: u64) -> u64 {
-        if let Some(entry) = self.files.get_mut(path) {
-            entry.len_bytes = entry.len_bytes.min(len_bytes);
-        }
-        self.position += 1;
-        self.position
-    }
-
     /// The file is gone. Returns the new position.
     pub fn delete(&mut self, path: &RelPath) -> u64 {
         if self.files.remove(path).is_some() {

@@ -267,6 +267,10 @@ impl Leader {
 
     /// `length` bytes were written at `offset` of `path` (already in the file, e.g. through an
     /// mmap). Returns the replication position that covers them, for `wait_for`.
+    ///
+    /// Segments are append-only: what ships is the file's growth, up to `offset + length`.
+    /// Bytes rewritten below what followers already hold are not sent again; a file changed in
+    /// place is reported with `replace_file`, which ships it whole.
     pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
         let path = RelPath::new(path)?;
         Ok(self.record(&path, |c| c.append(&path, offset, length)))
