@@ -9,7 +9,7 @@ set -euo pipefail
 total_mib=${1:-2048}
 files=16
 root=$(cd "$(dirname "$0")/.." && pwd)
-ferry="$root/target/release/ferry"
+ferry="${FERRY_BIN:-$root/target/release/ferry}"
 [ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 for tool in rsync bc; do command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }; done
 

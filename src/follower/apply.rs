@@ -27,7 +27,7 @@ pub struct Apply {
     temps: HashMap<RelPath, TempFile>,
     /// What the next sync round must make durable (shared with the sync task).
     dirty: Rc<RefCell<Dirty>>,
-    /// fdatasync a whole file's temp copy before renaming it over the real name (`synced`
+    /// fdatasync a whole file's temp copy before renaming it over an existing copy (`synced`
     /// followers): after a power loss the name then holds the old copy or the complete new one,
     /// never a renamed but unwritten file.
     sync_before_commit: bool,
@@ -116,13 +116,17 @@ impl Apply {
                         why: format!("{path}: the temp file holds {have} bytes, BEGIN_WHOLE said {len_bytes}"),
                     });
                 }
-                if let Ok(held) = self.dir.open_read(&path).and_then(|f| f.metadata()) {
+                let held = self.dir.open_read(&path).and_then(|f| f.metadata()).ok();
+                if let Some(held) = &held {
                     tracing::info!(
                         "replacing {path} ({} bytes) with the leader's copy ({len_bytes} bytes)",
                         held.len()
                     );
                 }
-                if self.sync_before_commit {
+                // Only over an existing copy: a new name holds nothing that was acked, and
+                // syncing each new file here would stall the stream (a full sync would wait for
+                // the disk file by file instead of once at the end).
+                if self.sync_before_commit && held.is_some() {
                     temp.file
                         .sync_data()
                         .map_err(|e| disk_error("sync the temp file of", &path, e))?;
