@@ -155,14 +155,11 @@ fn a_leader_cut_off_from_etcd_is_fenced_within_the_lease_ttl_and_runs_its_hooks(
     node.wait_log("on-leader-lost hook ran", Duration::from_secs(10));
     assert!(lost_marker.exists());
     // No longer serving replication.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&advertise).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "still listening after being fenced"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "stopped listening after being fenced",
+        || std::net::TcpStream::connect(&advertise).is_err(),
+    );
 }
 
 #[test]
@@ -443,11 +440,11 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         v.sort();
         v.join(",")
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while read_key(&etcd.url, "ferry/isr").as_deref() != Some(both.as_str()) {
-        assert!(Instant::now() < deadline, "the ISR never held both nodes");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        "the ISR holding both nodes",
+        || read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str()),
+    );
     // The broker writes (no inotify here: Feed::Library) and tells the leader.
     let seg = pattern(100_000, 5);
     write(&env.dir("embedded").join("q/seg"), &seg);

@@ -228,6 +228,15 @@ pub fn checksum(dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Polls `done` every 20 ms until it holds; fails naming `what` if `timeout` passes first.
+pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Polls until both dirs have identical checksums; panics with both listings at the deadline.
 pub fn wait_identical(a: &Path, b: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
