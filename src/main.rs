@@ -47,6 +47,22 @@ struct SecretArgs {
     secret_file: Option<PathBuf>,
 }
 
+/// Where a cluster lives: the etcd endpoints and its key prefix (`node` and `handoff`).
+#[derive(clap::Args, Clone)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379).
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        env = "FERRY_ETCD",
+        value_delimiter = ','
+    )]
+    etcd: Vec<String>,
+    /// Key prefix in etcd; nodes with the same prefix form one cluster.
+    #[arg(long, default_value = "ferry", env = "FERRY_PREFIX")]
+    prefix: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve DIR to followers, replicating every change made to it (inotify; see README for mmap).
@@ -102,23 +118,14 @@ enum Command {
         /// The data directory.
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
         data_dir: PathBuf,
-        /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379).
-        #[arg(
-            long,
-            value_name = "URL[,URL...]",
-            env = "FERRY_ETCD",
-            value_delimiter = ','
-        )]
-        etcd: Vec<String>,
+        #[command(flatten)]
+        cluster: EtcdArgs,
         /// Address to listen on for followers when leading.
         #[arg(long, value_name = "ADDR", env = "FERRY_LISTEN")]
         listen: std::net::SocketAddr,
         /// host:port the other nodes reach this node's --listen at.
         #[arg(long, value_name = "ADDR", env = "FERRY_ADVERTISE")]
         advertise: String,
-        /// Key prefix in etcd; nodes with the same prefix form one cluster.
-        #[arg(long, default_value = "ferry", env = "FERRY_PREFIX")]
-        prefix: String,
         /// Seconds a leader's etcd lease lives without keepalives; a dead leader is replaced, and
         /// a leader cut off from etcd stops leading, within about this long.
         #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster::LEASE_TTL_S_DEFAULT, env = "FERRY_LEASE_TTL")]
@@ -148,17 +155,8 @@ enum Command {
     /// waits until the target holds everything synced, runs its on-leader-lost hook (the
     /// application stops writing), ships the rest, then resigns to the target.
     Handoff {
-        /// etcd endpoints, comma-separated.
-        #[arg(
-            long,
-            value_name = "URL[,URL...]",
-            env = "FERRY_ETCD",
-            value_delimiter = ','
-        )]
-        etcd: Vec<String>,
-        /// Key prefix in etcd of the cluster.
-        #[arg(long, default_value = "ferry", env = "FERRY_PREFIX")]
-        prefix: String,
+        #[command(flatten)]
+        cluster: EtcdArgs,
         /// The node (its --advertise address) to hand over to; by default the in-sync follower
         /// that has synced the most.
         #[arg(long, value_name = "NODE_ID")]
@@ -382,10 +380,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Node {
             data_dir,
-            etcd,
+            cluster: EtcdArgs { etcd, prefix },
             listen,
             advertise,
-            prefix,
             lease_ttl,
             secret,
             io_engine,
@@ -415,8 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Handoff {
-            etcd,
-            prefix,
+            cluster: EtcdArgs { etcd, prefix },
             to,
             timeout,
         } => {
