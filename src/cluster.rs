@@ -596,13 +596,7 @@ async fn node_loop(
             } else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let current = match client.leader(keys.election.clone()).await {
-                Ok(r) => r
-                    .kv()
-                    .and_then(|kv| kv.value_str().ok())
-                    .map(str::to_string),
-                Err(_) => None,
-            };
+            let current = current_leader(&mut client, &keys).await;
             if let Some(current) = current.filter(|c| *c != config.advertise) {
                 let same = following.as_ref().map(|f| &f.leader) == Some(&current);
                 // Following the same leader again after a refusal: the address may answer
