@@ -398,10 +398,7 @@ impl Leading {
         let leader = self.leader.clone();
         let watcher = tokio::task::spawn_blocking(move || {
             let dir = crate::paths::DataDir::open(leader.data_dir().root())?;
-            let known = crate::index::scan(&dir)?
-                .into_iter()
-                .map(|m| (m.path, (m.len_bytes, m.mtime_ns)))
-                .collect();
+            let known = crate::leader::known_of(&crate::index::scan(&dir)?);
             crate::leader::watch(&leader, known)
         })
         .await

@@ -498,16 +498,21 @@ pub struct WatchedLeader {
 /// What a scan found: path -> (length in bytes, mtime in ns), the watcher's starting point.
 pub type Known = HashMap<RelPath, (u64, i64)>;
 
+/// What the watcher needs of a scan: each file's length and mtime.
+pub fn known_of(files: &[crate::index::FileMeta]) -> Known {
+    files
+        .iter()
+        .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
+        .collect()
+}
+
 /// Scans the data dir and starts a leader with every file found registered.
 pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
     let data_dir = config.data_dir.clone();
     let files = scan(&DataDir::open(&data_dir)?).map_err(|e| {
         io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
     })?;
-    let known: Known = files
-        .iter()
-        .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
-        .collect();
+    let known = known_of(&files);
     tracing::info!(
         "{} files, {} bytes in {}",
         files.len(),
