@@ -515,10 +515,7 @@ async fn node_loop(
                     e.root_cause(),
                     etcd_backoff.as_millis()
                 );
-                let deadline = tokio::time::Instant::now() + etcd_backoff;
-                while !stopping() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                crate::follower::sleep_unless_stopped(etcd_backoff, &stop).await;
                 etcd_backoff = (etcd_backoff * 2).min(ETCD_RETRY_MAX);
                 continue;
             }

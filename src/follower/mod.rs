@@ -164,7 +164,7 @@ async fn stopped(stop: &std::sync::atomic::AtomicBool) {
 
 /// Sleeps for `duration`, or less if `stop` is set meanwhile: a node that was just elected must
 /// not wait out its follower's reconnect backoff before it can lead.
-async fn sleep_unless_stopped(duration: Duration, stop: &std::sync::atomic::AtomicBool) {
+pub(crate) async fn sleep_unless_stopped(duration: Duration, stop: &std::sync::atomic::AtomicBool) {
     let deadline = Instant::now() + duration;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
         let left = deadline.saturating_duration_since(Instant::now());
