@@ -419,12 +419,23 @@ pub fn read_key(etcd: &str, key: &str) -> Option<String> {
     })
 }
 
+/// A port for a process the test starts later (a node's --listen, etcd's ports). Taken below
+/// the kernel's ephemeral range (32768 and up on Linux): a port the kernel hands out for bind(0)
+/// can go to any outgoing connection before the process binds it, which made a node fail with
+/// "Address already in use". Each test process walks its own stretch of 10000..32000.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() * 1009) % SPAN;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 /// A single-member etcd cluster (Debian's etcd-server), killed on drop.
