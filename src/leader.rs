@@ -843,6 +843,8 @@ async fn drive(
     let mut published_at: Option<Instant> = None;
     let connected_at = Instant::now();
     let mut sync_started: Option<Instant> = None;
+    // A payload sits in the socket with MORE set, waiting for what follows it.
+    let mut corked = false;
     loop {
         // Everything the reader has, without waiting.
         while let Ok(chunk) = input_rx.try_recv() {
@@ -951,11 +953,20 @@ async fn drive(
                     files.remove(&path);
                     continue;
                 }
-                flush(conn, session).await?;
+                // The header leaves with its payload, and the payload with what follows it
+                // (the round's MARK, or the next header): one segment, not three, for a small
+                // append, so the follower reads them in one go.
+                if len_bytes > 0 && session.has_output() {
+                    let (r, _) = conn.write_all_before_payload(session.take_output()).await;
+                    r?;
+                } else {
+                    flush(conn, session, &mut corked).await?;
+                }
                 if let Some((_, file)) = files.get(&path) {
                     ctx.set_sending(id, Some(Instant::now()));
                     let sent = conn.send_file(file, offset, len_bytes).await;
                     ctx.set_sending(id, None);
+                    corked = len_bytes > 0;
                     sent.map_err(|e| {
                         io::Error::new(
                             e.kind(),
@@ -965,7 +976,10 @@ async fn drive(
                 }
             }
             None => {
-                flush(conn, session).await?;
+                flush(conn, session, &mut corked).await?;
+                if std::mem::take(&mut corked) {
+                    conn.push()?;
+                }
                 let timeout = session
                     .poll_timeout()
                     .map(tokio::time::Instant::from_std)
@@ -993,10 +1007,16 @@ fn take_chunk(chunk: Vec<u8>, input: &mut Vec<u8>) -> bool {
     false
 }
 
-async fn flush(conn: &Conn, session: &mut LeaderSession) -> Result<(), ServeError> {
+/// Writes the session's output; that pushes out a payload left corked before it too.
+async fn flush(
+    conn: &Conn,
+    session: &mut LeaderSession,
+    corked: &mut bool,
+) -> Result<(), ServeError> {
     if session.has_output() {
         let (r, _) = conn.write_all(session.take_output()).await;
         r?;
+        *corked = false;
     }
     Ok(())
 }

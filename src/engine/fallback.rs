@@ -57,6 +57,37 @@ pub async fn read(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Like `write_all`, with MSG_MORE (see `uring::send_all_more`).
+pub async fn send_all_more(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    let socket = stream.as_raw_fd();
+    while !buf.is_empty() {
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                // SAFETY: the socket is open (borrowed through `stream`) and `buf` is a valid,
+                // initialised slice for the duration of the call.
+                let r = unsafe {
+                    libc::send(
+                        socket,
+                        buf.as_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_MORE | libc::MSG_DONTWAIT,
+                    )
+                };
+                if r < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(r as usize)
+                }
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
 pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         stream.writable().await?;

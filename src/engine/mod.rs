@@ -273,6 +273,19 @@ impl Conn {
         }
     }
 
+    /// Writes `buf` and holds it back (MSG_MORE) for the payload that follows it: a frame
+    /// header and a small payload then leave in one segment, and the follower reads both at
+    /// once. Only call it right before `send_file`, which pushes everything out.
+    pub async fn write_all_before_payload(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        match &self.stream {
+            Stream::Uring(s) => uring::send_all_more(s.as_raw_fd(), buf).await,
+            Stream::Fallback(s) => {
+                let r = fallback::send_all_more(s, &buf).await;
+                (r, buf)
+            }
+        }
+    }
+
     /// Sends `[offset, offset + len_bytes)` of `file` without copying it through user space.
     pub async fn send_file(
         &self,
@@ -308,6 +321,12 @@ impl Conn {
             Stream::Fallback(s) => Some(s),
             Stream::Uring(_) => None,
         }
+    }
+
+    /// Sends what `send_file` left corked in the socket (see `uring::send_file`) now.
+    pub fn push(&self) -> io::Result<()> {
+        // Setting TCP_NODELAY (again) pushes every pending segment out.
+        self.set_nodelay()
     }
 
     /// Shuts both directions down, so the peer sees the end of the stream.

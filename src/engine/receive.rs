@@ -285,6 +285,7 @@ impl Receiver {
                     job.dest.file.as_raw_fd(),
                     job.offset as i64,
                     job.len_bytes as u32,
+                    0,
                 )
                 .await
                 .map_err(|e| WriteFailed::wrap(&job.dest.path, e));

@@ -38,10 +38,87 @@ async fn splice(
     fd_out: RawFd,
     off_out: i64,
     len: u32,
+    flags: u32,
 ) -> io::Result<u32> {
-    let sqe =
-        opcode::Splice::new(types::Fd(fd_in), off_in, types::Fd(fd_out), off_out, len).build();
+    let sqe = opcode::Splice::new(types::Fd(fd_in), off_in, types::Fd(fd_out), off_out, len)
+        .flags(flags)
+        .build();
     UnsubmittedOneshot::new((), SpliceDone, sqe).submit().await
+}
+
+/// One non-blocking splice(2) on the calling thread; `None` when it would block. An offset of
+/// `None` means the fd's own position.
+fn splice_now(
+    fd_in: RawFd,
+    off_in: Option<u64>,
+    fd_out: RawFd,
+    len: usize,
+    flags: u32,
+) -> Option<io::Result<usize>> {
+    let mut off = off_in.unwrap_or(0) as libc::loff_t;
+    let off_ptr: *mut libc::loff_t = match off_in {
+        Some(_) => &mut off,
+        None => std::ptr::null_mut(),
+    };
+    // SAFETY: both fds are open for the duration of the call (our caller borrows them), and
+    // `off_ptr` is null or points to `off`, a live local.
+    let r = unsafe {
+        libc::splice(
+            fd_in,
+            off_ptr,
+            fd_out,
+            std::ptr::null_mut(),
+            len,
+            flags | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return (e.kind() != io::ErrorKind::WouldBlock).then_some(Err(e));
+    }
+    Some(Ok(r as usize))
+}
+
+/// Turns a SEND completion into the byte count sent, handing the buffer back.
+struct SendDone;
+
+impl OneshotOutputTransform for SendDone {
+    type Output = (io::Result<u32>, Vec<u8>);
+    type StoredData = Vec<u8>;
+
+    fn transform_oneshot_output(self, buf: Vec<u8>, cqe: cqueue::Entry) -> Self::Output {
+        let result = cqe.result();
+        if result < 0 {
+            (Err(io::Error::from_raw_os_error(-result)), buf)
+        } else {
+            (Ok(result as u32), buf)
+        }
+    }
+}
+
+/// Sends all of `buf` with MSG_MORE: the kernel holds the bytes back until what follows (a
+/// payload spliced into the socket) fills a segment or is sent without MORE, so a frame header
+/// and its payload travel together instead of as a tiny segment of their own.
+pub(crate) async fn send_all_more(socket: RawFd, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    let mut buf = buf;
+    let mut sent = 0usize;
+    while sent < buf.len() {
+        let left = (buf.len() - sent).min(u32::MAX as usize) as u32;
+        // The pointer is into `buf`'s heap allocation, which the oneshot keeps as its stored
+        // data until the completion arrives (tokio-uring holds it even if this future is
+        // dropped first), so the kernel never reads freed memory.
+        let sqe = opcode::Send::new(types::Fd(socket), buf[sent..].as_ptr(), left)
+            .flags(libc::MSG_MORE)
+            .build();
+        let (r, b) = UnsubmittedOneshot::new(buf, SendDone, sqe).submit().await;
+        buf = b;
+        match r {
+            Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+            Ok(n) => sent += n as usize,
+            Err(e) => return (Err(e), buf),
+        }
+    }
+    (Ok(()), buf)
 }
 
 /// Moves `len` bytes from the pipe to `fd_out` (at `off_out`, or its position when -1).
@@ -50,9 +127,10 @@ pub(crate) async fn drain_pipe(
     fd_out: RawFd,
     mut off_out: i64,
     mut len: u32,
+    flags: u32,
 ) -> io::Result<()> {
     while len > 0 {
-        let n = splice(pipe.read.as_raw_fd(), -1, fd_out, off_out, len).await?;
+        let n = splice(pipe.read.as_raw_fd(), -1, fd_out, off_out, len, flags).await?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -67,21 +145,41 @@ pub(crate) async fn drain_pipe(
     Ok(())
 }
 
+fn shrank(left: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the file ended {left} bytes before the range to send (it shrank meanwhile)"),
+    )
+}
+
 /// Fills `pipe` with up to `len` bytes of `file` at `offset`; an error if the file ends first.
 async fn fill_pipe(pipe: &Pipe, file: RawFd, offset: u64, len: u32, left: u64) -> io::Result<u32> {
-    let n = splice(file, offset as i64, pipe.write.as_raw_fd(), -1, len).await?;
+    let n = splice(file, offset as i64, pipe.write.as_raw_fd(), -1, len, 0).await?;
     if n == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("the file ended {left} bytes before the range to send (it shrank meanwhile)"),
-        ));
+        return Err(shrank(left));
     }
     Ok(n)
 }
 
+/// Payloads up to this size are first moved with splice(2) on the calling thread.
+///
+/// The ring runs every SPLICE on an io-wq worker (the kernel forces it async), which costs two
+/// thread hand-offs per payload: for a lone small append that is most of its latency. A page of
+/// a file just appended to sits in the page cache, so splicing it into an empty pipe and on into
+/// the socket does not block; a socket without room finishes through the ring. Bigger payloads
+/// (a busy writer's coalesced appends) stay on the workers, which run on another core while this
+/// thread serves the other followers: inline up to 256 KiB cost 20-25% of the 1 KiB-message
+/// throughput to 2 followers (`loadgen`, tmpfs, same-run comparison), one page cost nothing
+/// measurable and cut the median append-to-ack at 10,000 msgs/s from ~0.8 ms to ~0.25 ms.
+pub const INLINE_SPLICE_BYTES_MAX: u64 = 4096;
+
 /// Sends `[offset, offset + len_bytes)` of `file` to `socket`, page cache -> pipe -> socket.
 /// Two pipes alternate, so the kernel fills one from the file while it drains the other into
 /// the socket (each SPLICE runs on an io-wq worker, so the two overlap on two cores).
+///
+/// The last splice into the socket carries SPLICE_F_MORE: the payload waits in the socket
+/// for what follows it (typically the round's MARK), and the caller must push it out with
+/// a write without MORE, or with `push`, before it waits for anything.
 pub async fn send_file(
     socket: RawFd,
     pipes: &[Pipe; 2],
@@ -89,11 +187,35 @@ pub async fn send_file(
     offset: u64,
     len_bytes: u64,
 ) -> io::Result<()> {
+    let more = libc::SPLICE_F_MORE;
     let chunk_max = pipes[0].capacity_bytes.min(pipes[1].capacity_bytes) as u64;
     let mut offset = offset;
     let mut left = len_bytes;
     if left == 0 {
         return Ok(());
+    }
+    if left <= INLINE_SPLICE_BYTES_MAX.min(chunk_max) {
+        let pipe = &pipes[0];
+        if let Some(filled) =
+            splice_now(file, Some(offset), pipe.write.as_raw_fd(), left as usize, 0)
+        {
+            let n = filled?;
+            if n == 0 {
+                return Err(shrank(left));
+            }
+            let out = match splice_now(pipe.read.as_raw_fd(), None, socket, n, more) {
+                Some(r) => r?,
+                None => 0,
+            };
+            if out < n {
+                drain_pipe(pipe, socket, -1, (n - out) as u32, more).await?;
+            }
+            offset += n as u64;
+            left -= n as u64;
+            if left == 0 {
+                return Ok(());
+            }
+        }
     }
     let mut current = 0usize;
     let mut in_current =
@@ -102,11 +224,11 @@ pub async fn send_file(
         offset += u64::from(in_current);
         left -= u64::from(in_current);
         if left == 0 {
-            return drain_pipe(&pipes[current], socket, -1, in_current).await;
+            return drain_pipe(&pipes[current], socket, -1, in_current, more).await;
         }
         let next = 1 - current;
         let (drained, filled) = tokio::join!(
-            drain_pipe(&pipes[current], socket, -1, in_current),
+            drain_pipe(&pipes[current], socket, -1, in_current, more),
             fill_pipe(&pipes[next], file, offset, left.min(chunk_max) as u32, left),
         );
         drained?;
