@@ -53,6 +53,10 @@ seconds="${1:-60}"
 # libFuzzer takes -max_total_time=0 as "no limit".
 [[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "usage: tools/fuzz.sh [SECONDS_PER_TARGET >= 1]" >&2; exit 2; }
 cargo fmt --check --manifest-path fuzz/Cargo.toml
+# The harness is code that can be wrong too: the same lints as the main crate (uninstrumented,
+# into its own target dir, so the instrumented build below is not invalidated).
+CARGO_TARGET_DIR="$target_dir/clippy" \
+  cargo clippy --locked --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 build
 
 work="$(mktemp -d)"
