@@ -319,6 +319,21 @@ impl DataDir {
         Ok(())
     }
 
+    /// Removes a temp file that will never be committed (a whole-file transfer the leader gave
+    /// up on or started over), so abandoned transfers do not pile up in `.ferry/tmp/`.
+    pub fn discard_temp(&self, temp: TempFile) -> io::Result<()> {
+        let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        let name = cstring(&temp.name)?;
+        drop(temp.file);
+        // SAFETY: unlinkat on an open dir fd with a NUL-terminated single component (a name
+        // create_temp made), so it stays inside `.ferry/tmp/`.
+        let rc = unsafe { libc::unlinkat(tmp.as_raw_fd(), name.as_ptr(), 0) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Deletes `rel` (absent is fine), then any parent dirs it left empty.
     pub fn remove(&self, rel: &RelPath) -> io::Result<()> {
         let parent = match self.parent_fd(rel, false) {

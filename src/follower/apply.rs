@@ -91,6 +91,14 @@ impl Apply {
         }
     }
 
+    /// Removes an abandoned temp copy of `path`. A failure only leaves a stray file in
+    /// `.ferry/tmp/` (removed at the next start), so it is logged, not fatal.
+    fn discard(&self, temp: TempFile, path: &RelPath) {
+        if let Err(e) = self.dir.discard_temp(temp) {
+            tracing::warn!("cannot remove the abandoned temp copy of {path}: {e}");
+        }
+    }
+
     /// Applies every action but `Write` (payload), `Inventory` and `Mark` (the driver's).
     pub fn apply(&mut self, action: FollowerAction) -> Result<(), SessionError> {
         match action {
@@ -99,7 +107,10 @@ impl Apply {
                     .dir
                     .create_temp(&path)
                     .map_err(|e| disk_error("create a temp file for", &path, e))?;
-                self.temps.insert(path, temp);
+                // A transfer of the same file started over: the earlier copy is not needed.
+                if let Some(old) = self.temps.insert(path.clone(), temp) {
+                    self.discard(old, &path);
+                }
             }
             FollowerAction::CommitWhole { path, len_bytes } => {
                 let Some(temp) = self.temps.remove(&path) else {
@@ -161,10 +172,10 @@ impl Apply {
                     tracing::info!("removing {path}: the leader does not have it");
                 }
                 self.open.remove(&path);
-                // A whole-file transfer of `path` the leader gave up on ends: its temp file stays
-                // in `.ferry/tmp/` until `clear_temps` at the next start, like one replaced by a
-                // new BEGIN_WHOLE.
-                self.temps.remove(&path);
+                // A whole-file transfer of `path` the leader gave up on ends here.
+                if let Some(temp) = self.temps.remove(&path) {
+                    self.discard(temp, &path);
+                }
                 self.dir
                     .remove(&path)
                     .map_err(|e| disk_error("delete", &path, e))?;
@@ -175,5 +186,60 @@ impl Apply {
             | FollowerAction::Mark { .. } => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn temp_files(root: &std::path::Path) -> usize {
+        std::fs::read_dir(root.join(".ferry/tmp")).map_or(0, |d| d.count())
+    }
+
+    #[test]
+    fn abandoned_whole_file_transfers_leave_no_temp_file_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Arc::new(DataDir::open(tmp.path()).unwrap());
+        let mut apply = Apply::new(dir, Rc::default(), false);
+        let path = RelPath::new("q/meta.json").unwrap();
+        let begin = || FollowerAction::BeginWhole {
+            path: path.clone(),
+            len_bytes: 10,
+        };
+        apply.apply(begin()).unwrap();
+        apply
+            .file_for_write(&path, true)
+            .unwrap()
+            .write_all_at(b"12345", 0)
+            .unwrap();
+        assert_eq!(temp_files(tmp.path()), 1);
+        // Started over (the file changed during its transfer): one temp file, not two.
+        apply.apply(begin()).unwrap();
+        assert_eq!(temp_files(tmp.path()), 1);
+        // Given up on (the file vanished on the leader): none.
+        apply
+            .apply(FollowerAction::Delete { path: path.clone() })
+            .unwrap();
+        assert_eq!(temp_files(tmp.path()), 0);
+        // A transfer that completes still commits.
+        apply.apply(begin()).unwrap();
+        apply
+            .file_for_write(&path, true)
+            .unwrap()
+            .write_all_at(b"0123456789", 0)
+            .unwrap();
+        apply
+            .apply(FollowerAction::CommitWhole {
+                path: path.clone(),
+                len_bytes: 10,
+            })
+            .unwrap();
+        assert_eq!(temp_files(tmp.path()), 0);
+        assert_eq!(
+            std::fs::read(tmp.path().join("q/meta.json")).unwrap(),
+            b"0123456789"
+        );
     }
 }
