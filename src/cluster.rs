@@ -617,7 +617,7 @@ async fn node_loop(
                 task.abort();
             }
             keepalive.abort();
-            let _ = client.lease_revoke(lease).await;
+            revoke(&mut client, lease, config.lease_ttl_s).await;
             if stopping() {
                 break;
             }
@@ -745,7 +745,7 @@ async fn node_loop(
         keepalive.abort();
         // Revoking the lease deletes our election key at once: the next candidate need not wait
         // for it to lapse. (A fenced node's lease may be gone already; the error is moot.)
-        let _ = client.lease_revoke(lease).await;
+        revoke(&mut client, lease, config.lease_ttl_s).await;
     }
     if let Some(f) = following.take() {
         tokio::task::spawn_blocking(move || f.stop()).await.ok();
@@ -771,6 +771,21 @@ async fn bounded<T>(
         r = call => Some(r),
         () = lapsed => None,
         () = tokio::time::sleep(limit) => None,
+    }
+}
+
+/// Revokes our lease, giving up after a third of its TTL. A node cut off from etcd (the usual
+/// reason it was fenced) would otherwise wait on the call for as long as the dead connection
+/// lasts before it rejoins; an unrevoked lease lapses by itself within its TTL anyway.
+async fn revoke(client: &mut Client, lease: i64, ttl_s: i64) {
+    let limit = Duration::from_millis((ttl_s.max(1) as u64 * 1000 / 3).max(100));
+    match tokio::time::timeout(limit, client.lease_revoke(lease)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!("revoking lease {lease:x}: {e}"),
+        Err(_) => tracing::info!(
+            "etcd did not answer the revoke of lease {lease:x} within {} ms; it lapses by itself",
+            limit.as_millis()
+        ),
     }
 }
 
