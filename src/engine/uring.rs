@@ -46,39 +46,6 @@ async fn splice(
     UnsubmittedOneshot::new((), SpliceDone, sqe).submit().await
 }
 
-/// One non-blocking splice(2) on the calling thread; `None` when it would block. An offset of
-/// `None` means the fd's own position.
-fn splice_now(
-    fd_in: RawFd,
-    off_in: Option<u64>,
-    fd_out: RawFd,
-    len: usize,
-    flags: u32,
-) -> Option<io::Result<usize>> {
-    let mut off = off_in.unwrap_or(0) as libc::loff_t;
-    let off_ptr: *mut libc::loff_t = match off_in {
-        Some(_) => &mut off,
-        None => std::ptr::null_mut(),
-    };
-    // SAFETY: both fds are open for the duration of the call (our caller borrows them), and
-    // `off_ptr` is null or points to `off`, a live local.
-    let r = unsafe {
-        libc::splice(
-            fd_in,
-            off_ptr,
-            fd_out,
-            std::ptr::null_mut(),
-            len,
-            flags | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return (e.kind() != io::ErrorKind::WouldBlock).then_some(Err(e));
-    }
-    Some(Ok(r as usize))
-}
-
 /// Turns a SEND completion into the byte count sent, handing the buffer back.
 struct SendDone;
 
@@ -161,18 +128,6 @@ async fn fill_pipe(pipe: &Pipe, file: RawFd, offset: u64, len: u32, left: u64) -
     Ok(n)
 }
 
-/// Payloads up to this size are first moved with splice(2) on the calling thread.
-///
-/// The ring runs every SPLICE on an io-wq worker (the kernel forces it async), which costs two
-/// thread hand-offs per payload: for a lone small append that is most of its latency. A page of
-/// a file just appended to sits in the page cache, so splicing it into an empty pipe and on into
-/// the socket does not block; a socket without room finishes through the ring. Bigger payloads
-/// (a busy writer's coalesced appends) stay on the workers, which run on another core while this
-/// thread serves the other followers: inline up to 256 KiB cost 20-25% of the 1 KiB-message
-/// throughput to 2 followers (`loadgen`, tmpfs, same-run comparison), one page cost nothing
-/// measurable and cut the median append-to-ack at 10,000 msgs/s from ~0.8 ms to ~0.25 ms.
-pub const INLINE_SPLICE_BYTES_MAX: u64 = 4096;
-
 /// Sends `[offset, offset + len_bytes)` of `file` to `socket`, page cache -> pipe -> socket.
 /// Two pipes alternate, so the kernel fills one from the file while it drains the other into
 /// the socket (each SPLICE runs on an io-wq worker, so the two overlap on two cores).
@@ -193,29 +148,6 @@ pub async fn send_file(
     let mut left = len_bytes;
     if left == 0 {
         return Ok(());
-    }
-    if left <= INLINE_SPLICE_BYTES_MAX.min(chunk_max) {
-        let pipe = &pipes[0];
-        if let Some(filled) =
-            splice_now(file, Some(offset), pipe.write.as_raw_fd(), left as usize, 0)
-        {
-            let n = filled?;
-            if n == 0 {
-                return Err(shrank(left));
-            }
-            let out = match splice_now(pipe.read.as_raw_fd(), None, socket, n, more) {
-                Some(r) => r?,
-                None => 0,
-            };
-            if out < n {
-                drain_pipe(pipe, socket, -1, (n - out) as u32, more).await?;
-            }
-            offset += n as u64;
-            left -= n as u64;
-            if left == 0 {
-                return Ok(());
-            }
-        }
     }
     let mut current = 0usize;
     let mut in_current =
