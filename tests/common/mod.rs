@@ -219,13 +219,16 @@ pub fn start_follower(
 }
 
 pub fn checksum(dir: &Path) -> String {
+    try_checksum(dir).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `ferry checksum DIR`, or its error (a file can vanish while a dir is still changing).
+pub fn try_checksum(dir: &Path) -> Result<String, String> {
     let out = ferry().arg("checksum").arg(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8(out.stdout).unwrap())
 }
 
 /// Polls `done` every 20 ms until it holds; fails naming `what` if `timeout` passes first.
@@ -241,10 +244,12 @@ pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool)
 pub fn wait_identical(a: &Path, b: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let (x, y) = (checksum(a), checksum(b));
-        if x == y {
-            return;
-        }
+        // A follower still applying a delete can lose a file under `ferry checksum`: that is
+        // "not identical yet", not a failure.
+        let (x, y) = match (try_checksum(a), try_checksum(b)) {
+            (Ok(x), Ok(y)) if x == y => return,
+            (x, y) => (x.unwrap_or_else(|e| e), y.unwrap_or_else(|e| e)),
+        };
         assert!(
             Instant::now() < deadline,
             "not identical after {timeout:?}\nleader:\n{x}\nfollower:\n{y}"
