@@ -112,18 +112,14 @@ pub(crate) async fn drain_pipe(
     Ok(())
 }
 
-fn shrank(left: u64) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::UnexpectedEof,
-        format!("the file ended {left} bytes before the range to send (it shrank meanwhile)"),
-    )
-}
-
 /// Fills `pipe` with up to `len` bytes of `file` at `offset`; an error if the file ends first.
 async fn fill_pipe(pipe: &Pipe, file: RawFd, offset: u64, len: u32, left: u64) -> io::Result<u32> {
     let n = splice(file, offset as i64, pipe.write.as_raw_fd(), -1, len, 0).await?;
     if n == 0 {
-        return Err(shrank(left));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the file ended {left} bytes before the range to send (it shrank meanwhile)"),
+        ));
     }
     Ok(n)
 }
