@@ -444,7 +444,7 @@ async fn keep_lease(
     let lost = Arc::new(AtomicBool::new(false));
     let task = {
         let lost = lost.clone();
-        let every = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+        let every = ttl_third(ttl_s);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -644,8 +644,7 @@ async fn node_loop(
         let mut isr_written: Option<Vec<String>> = None;
         // Every etcd call in this loop goes through `bounded` (see there), for at most as long
         // as a keepalive may take.
-        let etcd_call_timeout =
-            Duration::from_millis((config.lease_ttl_s as u64 * 1000 / 3).max(100));
+        let etcd_call_timeout = ttl_third(config.lease_ttl_s);
         let mut isr_at = tokio::time::Instant::now();
         let why = loop {
             if lease_lost.load(Ordering::SeqCst) {
@@ -774,11 +773,17 @@ async fn bounded<T>(
     }
 }
 
+/// A third of a lease's TTL (at least 100 ms): how often the lease is kept alive, and so how
+/// long any one etcd call of a node may take before the lease could lapse behind it.
+fn ttl_third(ttl_s: i64) -> Duration {
+    Duration::from_millis((ttl_s.max(0) as u64 * 1000 / 3).max(100))
+}
+
 /// Revokes our lease, giving up after a third of its TTL. A node cut off from etcd (the usual
 /// reason it was fenced) would otherwise wait on the call for as long as the dead connection
 /// lasts before it rejoins; an unrevoked lease lapses by itself within its TTL anyway.
 async fn revoke(client: &mut Client, lease: i64, ttl_s: i64) {
-    let limit = Duration::from_millis((ttl_s.max(1) as u64 * 1000 / 3).max(100));
+    let limit = ttl_third(ttl_s);
     match tokio::time::timeout(limit, client.lease_revoke(lease)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::debug!("revoking lease {lease:x}: {e}"),
