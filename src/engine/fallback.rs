@@ -57,8 +57,9 @@ pub async fn read(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Like `write_all`, with MSG_MORE (see `uring::send_all_more`).
-pub async fn send_all_more(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+/// Sends all of `buf` with send(2) `flags` (MSG_MORE for a header that its payload follows, see
+/// `uring::send_all_more`; 0 for a plain write).
+pub async fn send_all(stream: &TcpStream, mut buf: &[u8], flags: libc::c_int) -> io::Result<()> {
     let socket = stream.as_raw_fd();
     while !buf.is_empty() {
         let n = stream
@@ -70,7 +71,7 @@ pub async fn send_all_more(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()>
                         socket,
                         buf.as_ptr().cast(),
                         buf.len(),
-                        libc::MSG_MORE | libc::MSG_DONTWAIT,
+                        flags | libc::MSG_DONTWAIT,
                     )
                 };
                 if r < 0 {
@@ -84,19 +85,6 @@ pub async fn send_all_more(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()>
             return Err(io::ErrorKind::WriteZero.into());
         }
         buf = &buf[n..];
-    }
-    Ok(())
-}
-
-pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
     }
     Ok(())
 }

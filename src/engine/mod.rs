@@ -267,7 +267,7 @@ impl Conn {
         match &self.stream {
             Stream::Uring(s) => s.write_all(buf).await,
             Stream::Fallback(s) => {
-                let r = fallback::write_all(s, &buf).await;
+                let r = fallback::send_all(s, &buf, 0).await;
                 (r, buf)
             }
         }
@@ -280,7 +280,7 @@ impl Conn {
         match &self.stream {
             Stream::Uring(s) => uring::send_all_more(s.as_raw_fd(), buf).await,
             Stream::Fallback(s) => {
-                let r = fallback::send_all_more(s, &buf).await;
+                let r = fallback::send_all(s, &buf, libc::MSG_MORE).await;
                 (r, buf)
             }
         }
