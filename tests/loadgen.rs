@@ -53,3 +53,41 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
     );
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
 }
+
+#[test]
+fn writer_cpu_is_checked_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |cpu: &str, json: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--duration", "300ms", "--followers", "1", "--rate", "1000"])
+            .args(["--durability", "written", "--writer-cpu", cpu, "--json"])
+            .arg(json)
+            .arg("--dir")
+            .arg(tmp.path().join(format!("data-{cpu}")))
+            .output()
+            .unwrap()
+    };
+    let out = run("4095", &tmp.path().join("none.json"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--writer-cpu 4095") || stderr.contains("CPU 4095"),
+        "the error names the CPU: {stderr}"
+    );
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return; // one CPU: nothing to keep the writers apart on
+    }
+    let json = tmp.path().join("pinned.json");
+    let out = run("0", &json);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("writers alone on CPU 0"), "{stdout}");
+    let report = std::fs::read_to_string(&json).unwrap();
+    assert!(report.contains("\"writer_cpu\": 0,"), "{report}");
+}

@@ -13,6 +13,7 @@
 //! timer and the latencies seen while one is active are reported apart. At the end it compares
 //! every follower's checksums with the leader's and exits 1 if any differ.
 
+mod cpus;
 mod procs;
 mod report;
 mod segments;
@@ -112,6 +113,11 @@ struct Args {
     /// followers' disk, which separate machines do not.
     #[arg(long, value_name = "DIR")]
     leader_dir: Option<PathBuf>,
+    /// Run the writer threads on this CPU alone, and everything else (the leader's server
+    /// thread, the followers) on the other CPUs: on one machine the followers otherwise take
+    /// the writer's CPU time, which followers on other machines do not.
+    #[arg(long, value_name = "N")]
+    writer_cpu: Option<usize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -184,6 +190,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
             || args.join_follower.is_some())
     {
         bail!("fault injection needs at least one follower");
+    }
+    // Before any thread or process starts: they inherit it.
+    if let Some(cpu) = args.writer_cpu {
+        cpus::keep_off(cpu)?;
     }
     let tmp = match &args.dir {
         Some(d) => {
@@ -305,6 +315,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 tx,
                 size: (lo, hi),
                 segment_bytes,
+                cpu: args.writer_cpu,
                 rate: per_writer_rate,
                 messages: per_writer_messages,
                 deadline: if per_writer_messages.is_some() {
@@ -498,6 +509,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         durability: args.durability.name().into(),
         followers: args.followers,
         writers: args.writers,
+        writer_cpu: args.writer_cpu,
         elapsed_s,
         messages: shared.messages.load(Ordering::Relaxed),
         bytes: shared.bytes.load(Ordering::Relaxed),
@@ -607,6 +619,8 @@ struct WriterPlan {
     tx: mpsc::Sender<Vec<(u64, Instant, bool)>>,
     size: (usize, usize),
     segment_bytes: u64,
+    /// `--writer-cpu`.
+    cpu: Option<usize>,
     rate: f64,
     messages: Option<u64>,
     deadline: Option<Instant>,
@@ -617,6 +631,9 @@ type Hist = hdrhistogram::Histogram<u64>;
 /// One writer: messages into segments, each told to the leader; returns the append() call
 /// latencies (ns), outside and during faults.
 fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
+    if let Some(cpu) = plan.cpu {
+        cpus::pin_to(cpu).with_context(|| format!("cannot pin a writer to CPU {cpu}"))?;
+    }
     let mut segments = SegmentWriter::new(
         &plan.dir,
         plan.id,

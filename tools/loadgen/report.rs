@@ -28,6 +28,8 @@ pub struct Report {
     pub durability: String,
     pub followers: usize,
     pub writers: usize,
+    /// `--writer-cpu`: the CPU the writers had to themselves.
+    pub writer_cpu: Option<usize>,
     pub elapsed_s: f64,
     pub messages: u64,
     pub bytes: u64,
@@ -113,6 +115,12 @@ impl Report {
             "loadgen: {} mode, {} engine, {} writer(s), {} follower(s) acking at {}",
             self.mode, self.engine, self.writers, self.followers, self.durability
         );
+        if let Some(cpu) = self.writer_cpu {
+            let _ = writeln!(
+                s,
+                "  writers alone on CPU {cpu}, everything else on the others"
+            );
+        }
         let _ = writeln!(
             s,
             "  {} messages, {:.1} MB in {:.2} s: {:.0} messages/s, {:.1} MB/s",
@@ -178,6 +186,11 @@ impl Report {
         let _ = writeln!(s, "  \"engine\": {},", json_str(&self.engine));
         let _ = writeln!(s, "  \"durability\": {},", json_str(&self.durability));
         let _ = writeln!(s, "  \"writers\": {},", self.writers);
+        let _ = writeln!(
+            s,
+            "  \"writer_cpu\": {},",
+            self.writer_cpu.map_or("null".into(), |c| c.to_string())
+        );
         let _ = writeln!(s, "  \"followers\": {},", self.followers);
         let _ = writeln!(s, "  \"elapsed_s\": {:.3},", self.elapsed_s);
         let _ = writeln!(s, "  \"messages\": {},", self.messages);
