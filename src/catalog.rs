@@ -17,7 +17,7 @@ pub struct CatalogEntry {
     pub generation: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Catalog {
     files: HashMap<RelPath, CatalogEntry>,
     position: u64,
@@ -68,6 +68,26 @@ impl Catalog {
         let mut all: Vec<_> = self.files.iter().map(|(p, e)| (p.clone(), *e)).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    /// Brings this copy of `source` (a clone taken earlier, or refreshed since) up to date,
+    /// given every path changed in `source` since then: their entries and the position are
+    /// copied, nothing else is looked at. A session plans from such a copy, so it holds the
+    /// writers' lock only for as long as the copying takes.
+    pub fn refresh_from(&mut self, source: &Catalog, changed: &[RelPath]) {
+        for path in changed {
+            match (source.files.get(path), self.files.get_mut(path)) {
+                (Some(entry), Some(mine)) => *mine = *entry,
+                (Some(entry), None) => {
+                    self.files.insert(path.clone(), *entry);
+                }
+                (None, _) => {
+                    self.files.remove(path);
+                }
+            }
+        }
+        self.position = source.position;
+        self.generation_next = source.generation_next;
     }
 
     /// `len_bytes` new bytes at `offset` (a file not yet known is created). Returns the new position.
@@ -143,6 +163,26 @@ mod tests {
             "deleting an absent file changes nothing"
         );
         assert_eq!(c.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn a_copy_refreshed_with_the_changed_paths_equals_the_source() {
+        let mut source = Catalog::new([(p("a"), 10), (p("b"), 5), (p("c"), 1)]);
+        let mut copy = source.clone();
+        source.append(&p("a"), 10, 4);
+        source.replace(&p("b"), 2);
+        source.delete(&p("c"));
+        source.append(&p("d"), 0, 7);
+        copy.refresh_from(&source, &[p("a"), p("b"), p("c"), p("d")]);
+        assert_eq!(copy.snapshot(), source.snapshot());
+        assert_eq!(copy.position(), source.position());
+        // Only the paths named are looked at.
+        source.append(&p("a"), 14, 1);
+        source.append(&p("d"), 7, 1);
+        copy.refresh_from(&source, &[p("d")]);
+        assert_eq!(copy.get(&p("a")).unwrap().len_bytes, 14);
+        assert_eq!(copy.get(&p("d")), source.get(&p("d")));
+        assert_eq!(copy.position(), source.position());
     }
 
     #[test]

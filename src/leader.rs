@@ -92,14 +92,20 @@ pub enum ChangeError {
     Stat { path: String, source: io::Error },
 }
 
+/// A connected follower's paths changed since its session last looked: all the writer touches
+/// per follower.
+struct Inbox {
+    paths: HashSet<RelPath>,
+    /// When it last went from empty to not empty (the session has not picked it up since).
+    since: Option<Instant>,
+    wake: Arc<Notify>,
+}
+
+/// What a session reports about its follower, for `followers()`, `wait_for` and the state log.
 struct Slot {
     peer: SocketAddr,
-    inbox: HashSet<RelPath>,
-    /// When the inbox last went from empty to not empty (the session has not picked it up since).
-    inbox_since: Option<Instant>,
     /// When the session started a payload it has not finished sending.
     sending_since: Option<Instant>,
-    wake: Arc<Notify>,
     lag: Option<LagSnapshot>,
     view: Option<LagView>,
     payload_bytes_sent: u64,
@@ -113,34 +119,43 @@ struct Slot {
 
 impl Slot {
     /// The follower's state at `now`, from its last report and what the leader knows since
-    /// (`None` before its first report).
-    fn state(&self, now: Instant) -> Option<FollowerState> {
+    /// (`None` before its first report). `inbox_since`: see `Inbox::since`.
+    fn state(&self, now: Instant, inbox_since: Option<Instant>) -> Option<FollowerState> {
         if self.disconnected_at.is_some() {
             return Some(FollowerState::Disconnected);
         }
         let view = self.view?;
-        Some(view.state(now, self.stalled_since()))
+        Some(view.state(now, self.stalled_since(inbox_since)))
     }
 
     /// Since when the leader has had something for this follower that it could not get onto
     /// the wire, if it has.
-    fn stalled_since(&self) -> Option<Instant> {
-        match (self.inbox_since, self.sending_since) {
+    fn stalled_since(&self, inbox_since: Option<Instant>) -> Option<Instant> {
+        match (inbox_since, self.sending_since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 }
 
+/// What the writer shares with the sessions: the catalog and the inboxes.
 struct Hub {
     catalog: Catalog,
+    inboxes: HashMap<u64, Inbox>,
+}
+
+/// What the sessions report. The writer never takes this lock, so a session publishing its
+/// acks, or a broker waiting for them, never makes an `append` wait.
+struct Board {
     slots: HashMap<u64, Slot>,
     next_id: u64,
 }
 
 struct Shared {
     hub: Mutex<Hub>,
-    /// Signalled whenever a follower's acks (or its connection) changed, for `wait_for`.
+    board: Mutex<Board>,
+    /// Signalled (with `board`) whenever a follower's acks (or its connection) changed, for
+    /// `wait_for`.
     acked: Condvar,
     stopping: AtomicBool,
     shutdown: Notify,
@@ -151,6 +166,18 @@ impl Shared {
         // A panic while holding the lock leaves a consistent catalog (every update is one
         // assignment), so a poisoned lock is still usable.
         self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn board(&self) -> MutexGuard<'_, Board> {
+        // Reports only: a poisoned one is still usable.
+        self.board.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The position now, and since when each connected follower's inbox has waited.
+    fn pending(&self) -> (u64, HashMap<u64, Option<Instant>>) {
+        let hub = self.lock();
+        let since = hub.inboxes.iter().map(|(&id, i)| (id, i.since)).collect();
+        (hub.catalog.position(), since)
     }
 }
 
@@ -173,6 +200,9 @@ impl Leader {
         let shared = Arc::new(Shared {
             hub: Mutex::new(Hub {
                 catalog: Catalog::new(files),
+                inboxes: HashMap::new(),
+            }),
+            board: Mutex::new(Board {
                 slots: HashMap::new(),
                 next_id: 1,
             }),
@@ -233,16 +263,14 @@ impl Leader {
     fn record(&self, path: &RelPath, change: impl FnOnce(&mut Catalog) -> u64) -> u64 {
         let mut hub = self.shared.lock();
         let position = change(&mut hub.catalog);
-        for slot in hub.slots.values_mut() {
-            if slot.disconnected_at.is_none() {
-                // A path already waiting needs nothing: the session was woken when it arrived.
-                if !slot.inbox.contains(path) {
-                    if slot.inbox.is_empty() {
-                        slot.inbox_since = Some(Instant::now());
-                    }
-                    slot.inbox.insert(path.clone());
-                    slot.wake.notify_one();
+        for inbox in hub.inboxes.values_mut() {
+            // A path already waiting needs nothing: the session was woken when it arrived.
+            if !inbox.paths.contains(path) {
+                if inbox.paths.is_empty() {
+                    inbox.since = Some(Instant::now());
                 }
+                inbox.paths.insert(path.clone());
+                inbox.wake.notify_one();
             }
         }
         position
@@ -328,28 +356,30 @@ impl Leader {
 
     /// Every follower connected now, and the last few that disconnected.
     pub fn followers(&self) -> Vec<FollowerInfo> {
-        let hub = self.shared.lock();
-        let position = hub.catalog.position();
+        let (position, inbox_since) = self.shared.pending();
+        let board = self.shared.board();
         let now = Instant::now();
-        let mut all: Vec<FollowerInfo> = hub
+        let mut all: Vec<FollowerInfo> = board
             .slots
             .iter()
             .filter_map(|(&id, slot)| {
                 let mut lag = slot.lag.clone()?;
+                let inbox_since = inbox_since.get(&id).copied().flatten();
                 // The snapshot is as of the session's last update; a session blocked on a full
                 // socket makes none, so the state and ages are recomputed for now.
                 if let Some(view) = slot.view {
                     lag.since_last_ack_ms = view
                         .last_ack_at
                         .map(|t| now.saturating_duration_since(t).as_millis() as u64);
-                    let waiting_since = [view.oldest_unacked_mark_at, slot.stalled_since()]
-                        .into_iter()
-                        .flatten()
-                        .min();
+                    let waiting_since =
+                        [view.oldest_unacked_mark_at, slot.stalled_since(inbox_since)]
+                            .into_iter()
+                            .flatten()
+                            .min();
                     lag.lag_ms = waiting_since
                         .map_or(0, |t| now.saturating_duration_since(t).as_millis() as u64);
                 }
-                lag.state = slot.state(now).unwrap_or(lag.state);
+                lag.state = slot.state(now, inbox_since).unwrap_or(lag.state);
                 for level in 0..3 {
                     lag.lag_bytes[level] = position.saturating_sub(lag.acked[level]);
                 }
@@ -386,7 +416,10 @@ impl Leader {
     /// The highest position that at least `min_followers` connected followers have acked at
     /// `durability` (0 when fewer are connected; the current position when `min_followers` is 0).
     pub fn acked_position(&self, durability: Durability, min_followers: usize) -> u64 {
-        acked_in(&self.shared.lock(), durability, min_followers).unwrap_or(0)
+        if min_followers == 0 {
+            return self.position();
+        }
+        acked_in(&self.shared.board(), durability, min_followers).unwrap_or(0)
     }
 
     /// Waits until `acked_position(durability, min_followers)` is beyond `beyond`, or `timeout`
@@ -413,9 +446,9 @@ impl Leader {
         timeout: Duration,
     ) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut hub = self.shared.lock();
+        let mut board = self.shared.board();
         loop {
-            let acked = hub
+            let acked = board
                 .slots
                 .values()
                 .filter(|s| s.disconnected_at.is_none() && s.node_id.as_deref() == Some(node_id))
@@ -429,7 +462,7 @@ impl Leader {
             if now >= deadline || self.is_stopped() {
                 return false;
             }
-            hub = match self.shared.acked.wait_timeout(hub, deadline - now) {
+            board = match self.shared.acked.wait_timeout(board, deadline - now) {
                 Ok((guard, _)) => guard,
                 Err(p) => p.into_inner().0,
             };
@@ -445,18 +478,22 @@ impl Leader {
         timeout: Duration,
         done: impl Fn(u64) -> bool,
     ) -> Option<u64> {
+        if min_followers == 0 {
+            // Nobody to wait for: everything recorded counts as acked.
+            return (!self.is_stopped()).then(|| self.position());
+        }
         let deadline = Instant::now() + timeout;
-        let mut hub = self.shared.lock();
+        let mut board = self.shared.board();
         loop {
             if self.is_stopped() {
                 return None;
             }
-            let acked = acked_in(&hub, durability, min_followers);
+            let acked = acked_in(&board, durability, min_followers);
             let now = Instant::now();
             if acked.is_some_and(&done) || now >= deadline {
                 return acked;
             }
-            hub = match self.shared.acked.wait_timeout(hub, deadline - now) {
+            board = match self.shared.acked.wait_timeout(board, deadline - now) {
                 Ok((guard, _)) => guard,
                 Err(p) => p.into_inner().0,
             };
@@ -566,12 +603,10 @@ impl Drop for Leader {
     }
 }
 
-/// The position acked at `durability` by the `min_followers`-th best connected follower.
-fn acked_in(hub: &Hub, durability: Durability, min_followers: usize) -> Option<u64> {
-    if min_followers == 0 {
-        return Some(hub.catalog.position());
-    }
-    let mut acked: Vec<u64> = hub
+/// The position acked at `durability` by the `min_followers`-th best connected follower
+/// (`min_followers` at least 1: with none, the answer is the catalog's position).
+fn acked_in(board: &Board, durability: Durability, min_followers: usize) -> Option<u64> {
+    let mut acked: Vec<u64> = board
         .slots
         .values()
         .filter(|s| s.disconnected_at.is_none())
@@ -579,7 +614,7 @@ fn acked_in(hub: &Hub, durability: Durability, min_followers: usize) -> Option<u
         .map(|lag| lag.acked[durability.index()])
         .collect();
     acked.sort_unstable_by(|a, b| b.cmp(a));
-    acked.get(min_followers - 1).copied()
+    acked.get(min_followers.saturating_sub(1)).copied()
 }
 
 async fn serve(
@@ -620,11 +655,11 @@ const STATE_LOG_INTERVAL: Duration = Duration::from_millis(250);
 async fn log_state_changes(shared: &Shared) {
     loop {
         tokio::time::sleep(STATE_LOG_INTERVAL).await;
-        let mut hub = shared.lock();
-        let position = hub.catalog.position();
+        let (position, inbox_since) = shared.pending();
+        let mut board = shared.board();
         let now = Instant::now();
-        for (id, slot) in hub.slots.iter_mut() {
-            let Some(state) = slot.state(now) else {
+        for (id, slot) in board.slots.iter_mut() {
+            let Some(state) = slot.state(now, inbox_since.get(id).copied().flatten()) else {
                 continue;
             };
             if slot.logged_state == Some(state) || state == FollowerState::Disconnected {
@@ -694,9 +729,9 @@ async fn accept_loop(
         };
         tokio::task::spawn_local(async move {
             let conn = Rc::new(conn);
-            let id = ctx.register(peer);
+            let (id, wake) = ctx.register(peer);
             tracing::info!("follower #{id} connected from {peer}");
-            match serve_follower(&ctx, id, conn.clone()).await {
+            match serve_follower(&ctx, id, &wake, conn.clone()).await {
                 Ok(()) => tracing::info!("follower #{id} ({peer}) disconnected"),
                 Err(e) => tracing::warn!("follower #{id} ({peer}): {e}"),
             }
@@ -716,18 +751,16 @@ struct ConnCtx {
 }
 
 impl ConnCtx {
-    fn register(&self, peer: SocketAddr) -> u64 {
-        let mut hub = self.shared.lock();
-        let id = hub.next_id;
-        hub.next_id += 1;
-        hub.slots.insert(
+    /// A new connection: its report slot and its inbox. Returns its id and what wakes it.
+    fn register(&self, peer: SocketAddr) -> (u64, Arc<Notify>) {
+        let mut board = self.shared.board();
+        let id = board.next_id;
+        board.next_id += 1;
+        board.slots.insert(
             id,
             Slot {
                 peer,
-                inbox: HashSet::new(),
-                inbox_since: None,
                 sending_since: None,
-                wake: Arc::new(Notify::new()),
                 lag: None,
                 view: None,
                 payload_bytes_sent: 0,
@@ -738,25 +771,35 @@ impl ConnCtx {
                 logged_state: None,
             },
         );
-        id
+        drop(board);
+        let wake = Arc::new(Notify::new());
+        self.shared.lock().inboxes.insert(
+            id,
+            Inbox {
+                paths: HashSet::new(),
+                since: None,
+                wake: wake.clone(),
+            },
+        );
+        (id, wake)
     }
 
     fn set_sending(&self, id: u64, since: Option<Instant>) {
-        if let Some(slot) = self.shared.lock().slots.get_mut(&id) {
+        if let Some(slot) = self.shared.board().slots.get_mut(&id) {
             slot.sending_since = since;
         }
     }
 
     fn unregister(&self, id: u64) {
-        let mut hub = self.shared.lock();
-        if let Some(slot) = hub.slots.get_mut(&id) {
+        self.shared.lock().inboxes.remove(&id);
+        let mut board = self.shared.board();
+        if let Some(slot) = board.slots.get_mut(&id) {
             slot.disconnected_at = Some(Instant::now());
-            slot.inbox.clear();
             if slot.lag.is_none() {
-                hub.slots.remove(&id);
+                board.slots.remove(&id);
             }
         }
-        let mut gone: Vec<(Instant, u64)> = hub
+        let mut gone: Vec<(Instant, u64)> = board
             .slots
             .iter()
             .filter_map(|(&id, s)| Some((s.disconnected_at?, id)))
@@ -764,7 +807,7 @@ impl ConnCtx {
         if gone.len() > DISCONNECTED_KEPT_MAX {
             gone.sort();
             for (_, id) in &gone[..gone.len() - DISCONNECTED_KEPT_MAX] {
-                hub.slots.remove(id);
+                board.slots.remove(id);
             }
         }
         self.shared.acked.notify_all();
@@ -780,18 +823,16 @@ enum ServeError {
     Io(#[from] io::Error),
 }
 
-async fn serve_follower(ctx: &ConnCtx, id: u64, conn: Rc<Conn>) -> Result<(), ServeError> {
+async fn serve_follower(
+    ctx: &ConnCtx,
+    id: u64,
+    wake: &Notify,
+    conn: Rc<Conn>,
+) -> Result<(), ServeError> {
     let mut session = LeaderSession::new(ctx.secret.clone(), random_nonce()?, ctx.ack_timeout);
-    let wake = ctx
-        .shared
-        .lock()
-        .slots
-        .get(&id)
-        .map(|s| s.wake.clone())
-        .unwrap_or_default();
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
     let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));
-    let result = drive(ctx, id, &conn, &mut session, &wake, &mut input_rx).await;
+    let result = drive(ctx, id, &conn, &mut session, wake, &mut input_rx).await;
     reader.abort();
     if let Err(ServeError::Session(e)) = &result {
         // Tell the follower why, best effort: the connection is closing anyway.
@@ -845,6 +886,11 @@ async fn drive(
     let mut sync_started: Option<Instant> = None;
     // A payload sits in the socket with MORE set, waiting for what follows it.
     let mut corked = false;
+    // The session plans from its own copy of the catalog, refreshed with the paths in its
+    // inbox: the writers' lock is held for the copying only, never while frames are parsed
+    // or encoded.
+    let mut own_catalog: Option<Catalog> = None;
+    let mut changed: Vec<RelPath> = Vec::new();
     loop {
         // Everything the reader has, without waiting.
         while let Ok(chunk) = input_rx.try_recv() {
@@ -853,22 +899,30 @@ async fn drive(
         let now = Instant::now();
         session.check_handshake_deadline(connected_at, now)?;
         let had_input = !input.is_empty();
-        let (transmit, position) = {
+        let catalog = {
             let mut hub = ctx.shared.lock();
             let hub = &mut *hub;
-            if had_input {
-                let n = session.handle_input(&input, &hub.catalog, now)?;
-                input.drain(..n);
+            if let Some(inbox) = hub.inboxes.get_mut(&id) {
+                changed.extend(inbox.paths.drain());
+                inbox.since = None;
             }
-            if let Some(slot) = hub.slots.get_mut(&id) {
-                for path in slot.inbox.drain() {
-                    session.note_changed(path);
+            match &mut own_catalog {
+                Some(mine) => {
+                    mine.refresh_from(&hub.catalog, &changed);
+                    mine
                 }
-                slot.inbox_since = None;
+                None => own_catalog.insert(hub.catalog.clone()),
             }
-            let t = session.poll_transmit(&hub.catalog, now);
-            (t, hub.catalog.position())
         };
+        if had_input {
+            let n = session.handle_input(&input, catalog, now)?;
+            input.drain(..n);
+        }
+        for path in changed.drain(..) {
+            session.note_changed(path);
+        }
+        let transmit = session.poll_transmit(catalog, now);
+        let position = catalog.position();
         // The report for followers() and wait_for: at once after acks, else now and then. It is
         // computed outside the lock, which writers share.
         if had_input || !published_at.is_some_and(|at| now < at + PUBLISH_INTERVAL) {
@@ -910,9 +964,7 @@ async fn drive(
                     .and_then(|f| Ok((f.metadata()?.len(), f)))
                 {
                     Ok((len, file)) => {
-                        let hub = ctx.shared.lock();
-                        session.begin_whole(&path, len, &hub.catalog);
-                        drop(hub);
+                        session.begin_whole(&path, len, catalog);
                         if files.len() >= OPEN_FILES_PER_CONNECTION_MAX {
                             files.clear();
                         }
@@ -1025,8 +1077,8 @@ fn publish(ctx: &ConnCtx, id: u64, session: &LeaderSession, position: u64, now: 
     let lag = session
         .durability()
         .map(|_| (session.lag().snapshot(position, now), session.lag().view()));
-    let mut hub = ctx.shared.lock();
-    if let Some(slot) = hub.slots.get_mut(&id) {
+    let mut board = ctx.shared.board();
+    if let Some(slot) = board.slots.get_mut(&id) {
         if let Some((snapshot, view)) = lag {
             slot.lag = Some(snapshot);
             slot.view = Some(view);
@@ -1036,7 +1088,7 @@ fn publish(ctx: &ConnCtx, id: u64, session: &LeaderSession, position: u64, now: 
         slot.node_id = session.node_id().map(str::to_string);
         slot.sync_bytes = session.sync_progress();
     }
-    drop(hub);
+    drop(board);
     ctx.shared.acked.notify_all();
 }
 

@@ -453,8 +453,8 @@ impl LeaderSession {
         self.phase = LeaderPhase::Streaming;
     }
 
-    /// `path` changed in the catalog. Call for every change, while holding the catalog's lock,
-    /// before the next `poll_transmit` reads the catalog.
+    /// `path` changed in the catalog. Call for every change that the catalog passed to the
+    /// next `poll_transmit` holds (the shell may pass a copy refreshed with exactly these).
     pub fn note_changed(&mut self, path: RelPath) {
         if self.dirty_set.insert(path.clone()) {
             self.dirty.push_back(path);
