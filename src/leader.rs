@@ -889,7 +889,7 @@ async fn drive(
     // The session plans from its own copy of the catalog, refreshed with the paths in its
     // inbox: the writers' lock is held for the copying only, never while frames are parsed
     // or encoded.
-    let mut own_catalog: Option<Catalog> = None;
+    let mut catalog = ctx.shared.lock().catalog.clone();
     let mut changed: Vec<RelPath> = Vec::new();
     loop {
         // Everything the reader has, without waiting.
@@ -899,29 +899,23 @@ async fn drive(
         let now = Instant::now();
         session.check_handshake_deadline(connected_at, now)?;
         let had_input = !input.is_empty();
-        let catalog = {
+        {
             let mut hub = ctx.shared.lock();
             let hub = &mut *hub;
             if let Some(inbox) = hub.inboxes.get_mut(&id) {
                 changed.extend(inbox.paths.drain());
                 inbox.since = None;
             }
-            match &mut own_catalog {
-                Some(mine) => {
-                    mine.refresh_from(&hub.catalog, &changed);
-                    mine
-                }
-                None => own_catalog.insert(hub.catalog.clone()),
-            }
-        };
+            catalog.refresh_from(&hub.catalog, &changed);
+        }
         if had_input {
-            let n = session.handle_input(&input, catalog, now)?;
+            let n = session.handle_input(&input, &catalog, now)?;
             input.drain(..n);
         }
         for path in changed.drain(..) {
             session.note_changed(path);
         }
-        let transmit = session.poll_transmit(catalog, now);
+        let transmit = session.poll_transmit(&catalog, now);
         let position = catalog.position();
         // The report for followers() and wait_for: at once after acks, else now and then. It is
         // computed outside the lock, which writers share.
@@ -964,7 +958,7 @@ async fn drive(
                     .and_then(|f| Ok((f.metadata()?.len(), f)))
                 {
                     Ok((len, file)) => {
-                        session.begin_whole(&path, len, catalog);
+                        session.begin_whole(&path, len, &catalog);
                         if files.len() >= OPEN_FILES_PER_CONNECTION_MAX {
                             files.clear();
                         }
