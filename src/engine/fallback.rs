@@ -26,11 +26,7 @@ pub async fn send_file(
                 // SAFETY: both fds are open for the duration of the call (the stream and the file
                 // are borrowed by our caller), and `off` is a valid, exclusively borrowed off_t.
                 let r = unsafe { libc::sendfile(socket, file, &mut off, left) };
-                if r < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(r as usize)
-                }
+                super::byte_count(r)
             })
             .await?;
         if n == 0 {
@@ -74,11 +70,7 @@ pub async fn send_all(stream: &TcpStream, mut buf: &[u8], flags: libc::c_int) ->
                         flags | libc::MSG_DONTWAIT,
                     )
                 };
-                if r < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(r as usize)
-                }
+                super::byte_count(r)
             })
             .await?;
         if n == 0 {

@@ -53,6 +53,15 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
+/// What a read/write-like syscall returned: the bytes it moved, or the errno it set.
+fn byte_count(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// Why io_uring cannot be used here, or `None` when it can (ring setup and SPLICE both work).
 pub fn uring_unavailable() -> Option<String> {
     let ring = match io_uring::IoUring::new(4) {

@@ -337,11 +337,7 @@ async fn splice_in(stream: &TcpStream, pipe: &Pipe, len_bytes: usize) -> io::Res
                     libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
                 )
             };
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(r as usize)
-            }
+            super::byte_count(r)
         })
         .await
 }
