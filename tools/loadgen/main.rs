@@ -44,7 +44,8 @@ const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Messages a writer hands to the confirmer at once, at most.
 const CONFIRM_BATCH: usize = 1024;
-/// How long a message may wait in a writer's batch before the batch goes to the confirmer.
+/// How long a message may wait in a writer's batch before the batch goes to the confirmer (a
+/// writer that is about to sleep, under `--rate`, hands its batch over first).
 const CONFIRM_DELAY_MAX: Duration = Duration::from_micros(50);
 
 #[derive(Parser)]
@@ -659,6 +660,15 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
             let due = started + Duration::from_secs_f64(sent as f64 / plan.rate);
             let now = Instant::now();
             if due > now {
+                // Nothing else would hand the batch over while the writer sleeps: at a low
+                // rate its messages would wait for the next one, and the confirmer would
+                // count that wait as replication latency.
+                if !batch.is_empty() {
+                    let _ = plan.tx.send(std::mem::replace(
+                        &mut batch,
+                        Vec::with_capacity(CONFIRM_BATCH),
+                    ));
+                }
                 std::thread::sleep(due - now);
             }
         }
