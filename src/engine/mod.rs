@@ -282,6 +282,15 @@ impl Conn {
         }
     }
 
+    /// Writes what the socket takes of `buf` now, without waiting: `WouldBlock` when it takes
+    /// nothing. A completion-based (io_uring) stream cannot try; it always says `WouldBlock`.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match &self.stream {
+            Stream::Fallback(s) => s.try_write(buf),
+            Stream::Uring(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
     /// Writes `buf` and holds it back (MSG_MORE) for the payload that follows it: a frame
     /// header and a small payload then leave in one segment, and the follower reads both at
     /// once. Only call it right before `send_file`, which pushes everything out.

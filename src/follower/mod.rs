@@ -12,6 +12,7 @@
 
 pub mod apply;
 mod dirty;
+mod outbox;
 mod progress;
 
 pub use dirty::Dirty;
@@ -25,7 +26,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::auth::{random_nonce, Secret};
 use crate::engine::receive::{is_write_failure, Dest, Receiver};
@@ -37,6 +38,7 @@ use crate::session::follower::{FollowerAction, FollowerSession, HaveEntry};
 use crate::session::SessionError;
 use crate::status::FollowerSelf;
 use apply::{disk_error, Apply};
+use outbox::Outbox;
 
 /// Bytes read from the leader's socket per read (frames, and payload that came along).
 const READ_BUFFER_BYTES: usize = 256 * 1024;
@@ -213,8 +215,9 @@ async fn follow_once(
         config.durability,
         config.node_id.clone(),
     )));
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::task::spawn_local(write_loop(conn.clone(), out_rx));
+    let (outbox, write_task) = Outbox::new(conn.clone());
+    let outbox = Rc::new(outbox);
+    let writer = tokio::task::spawn_local(write_task);
     let sync_wake = Rc::new(Notify::new());
     let dirty = Rc::new(RefCell::new(Dirty::default()));
     let syncer = tokio::task::spawn_local(sync_loop(
@@ -222,14 +225,14 @@ async fn follow_once(
         session.clone(),
         dirty.clone(),
         sync_wake.clone(),
-        out_tx.clone(),
+        outbox.clone(),
     ));
     let mut ctx = Ctx {
         config,
         dir,
         conn: &conn,
         session: &session,
-        out_tx: &out_tx,
+        outbox: &outbox,
         sync_wake: &sync_wake,
         cache,
         apply: Apply::new(
@@ -248,7 +251,7 @@ async fn follow_once(
         // Tell the leader why we are leaving (nothing is sent back for its own ERROR).
         let mut s = session.borrow_mut();
         s.fail(e);
-        let _ = out_tx.send(s.take_output());
+        let _ = outbox.send(s.take_output());
         told = !matches!(e, SessionError::Peer { .. });
     }
     syncer.abort();
@@ -259,7 +262,7 @@ async fn follow_once(
     if let Err(e) = dir.clear_temps() {
         tracing::warn!("cannot clear the temp files of unfinished transfers: {e}");
     }
-    drop(out_tx);
+    drop(outbox);
     // Let the writer flush what is queued (the final ACK or ERROR), within reason.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     if told {
@@ -287,7 +290,7 @@ struct Ctx<'a> {
     dir: &'a Arc<DataDir>,
     conn: &'a Rc<Conn>,
     session: &'a Rc<RefCell<FollowerSession>>,
-    out_tx: &'a mpsc::UnboundedSender<Vec<u8>>,
+    outbox: &'a Rc<Outbox>,
     sync_wake: &'a Rc<Notify>,
     cache: &'a Rc<RefCell<Option<DigestCache>>>,
     apply: Apply,
@@ -300,9 +303,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn send_output(&self) {
         let out = self.session.borrow_mut().take_output();
-        if !out.is_empty() {
-            let _ = self.out_tx.send(out);
-        }
+        let _ = self.outbox.send(out);
     }
 
     async fn run(&mut self) -> Result<SyncReport, FollowError> {
@@ -474,6 +475,10 @@ impl Ctx<'_> {
                 } => {
                     self.flush_writes().await?;
                     self.session.borrow_mut().written(position);
+                    // Acked now, not after the rest of the read buffer: rounds that came in
+                    // behind this MARK (their payloads still to write) would delay it.
+                    self.session.borrow_mut().poll_ack();
+                    self.send_output();
                     if sync_done {
                         if let Some(mut p) = self.progress.take() {
                             p.finish();
@@ -573,27 +578,13 @@ async fn sync_round(dir: Arc<DataDir>, round: Dirty) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("syncing the data dir failed: {e}")))
 }
 
-async fn write_loop(conn: Rc<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(mut out) = rx.recv().await {
-        // Coalesce whatever else is queued into one write.
-        while let Ok(more) = rx.try_recv() {
-            out.extend_from_slice(&more);
-        }
-        let (r, _) = conn.write_all(out).await;
-        if let Err(e) = r {
-            tracing::debug!("writing to the leader failed: {e}");
-            return;
-        }
-    }
-}
-
 /// Batches syncs: each round syncs everything written so far, then acks.
 async fn sync_loop(
     dir: Arc<DataDir>,
     session: Rc<RefCell<FollowerSession>>,
     dirty: Rc<RefCell<Dirty>>,
     wake: Rc<Notify>,
-    out_tx: mpsc::UnboundedSender<Vec<u8>>,
+    outbox: Rc<Outbox>,
 ) {
     let mut failed: Option<Dirty> = None;
     loop {
@@ -618,8 +609,7 @@ async fn sync_loop(
             let mut s = session.borrow_mut();
             s.synced(written);
             s.poll_ack();
-            let out = s.take_output();
-            if !out.is_empty() && out_tx.send(out).is_err() {
+            if outbox.send(s.take_output()).is_err() {
                 return;
             }
         }

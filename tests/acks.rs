@@ -1,0 +1,162 @@
+//! A real `ferry follow` against a leader driven by hand (ferry's own `LeaderSession` over a
+//! plain socket), so the test decides how the leader's bytes are cut into writes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry::auth::Secret;
+use ferry::catalog::Catalog;
+use ferry::frame::{Frame, PREAMBLE_BYTES};
+use ferry::paths::RelPath;
+use ferry::session::leader::{LeaderSession, Transmit};
+
+struct HandLeader {
+    stream: TcpStream,
+    session: LeaderSession,
+    catalog: Catalog,
+    files: HashMap<RelPath, Vec<u8>>,
+    /// What the session has not consumed yet.
+    input: Vec<u8>,
+    /// The same bytes, for the test's own decoding of the frames.
+    frames_raw: Vec<u8>,
+    preamble_left: usize,
+}
+
+impl HandLeader {
+    /// Everything the session has to send now, payloads inline, as one buffer.
+    fn output(&mut self) -> Vec<u8> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        if self.session.digest_requests().is_some() {
+            self.session.digests_ready(Vec::new());
+        }
+        while let Some(t) = self.session.poll_transmit(&self.catalog, now) {
+            match t {
+                Transmit::OpenWhole { path, .. } => {
+                    let len = self.files[&path].len() as u64;
+                    self.session.begin_whole(&path, len, &self.catalog);
+                }
+                Transmit::Payload {
+                    path,
+                    offset,
+                    len_bytes,
+                    ..
+                } => {
+                    out.extend(self.session.take_output());
+                    let file = &self.files[&path];
+                    out.extend_from_slice(&file[offset as usize..(offset + len_bytes) as usize]);
+                }
+            }
+        }
+        out.extend(self.session.take_output());
+        out
+    }
+
+    /// Reads once from the follower and feeds the session; returns the frames completed.
+    fn read(&mut self) -> Vec<Frame> {
+        let mut buf = [0u8; 4096];
+        let n = self
+            .stream
+            .read(&mut buf)
+            .expect("reading from the follower");
+        assert!(n > 0, "the follower closed the connection");
+        self.input.extend_from_slice(&buf[..n]);
+        self.frames_raw.extend_from_slice(&buf[..n]);
+        let used = self
+            .session
+            .handle_input(&self.input, &self.catalog, Instant::now())
+            .expect("the follower's input is valid");
+        self.input.drain(..used);
+        // The follower's preamble comes first and is not a frame.
+        if self.frames_raw.len() < self.preamble_left {
+            self.preamble_left -= self.frames_raw.len();
+            self.frames_raw.clear();
+        } else {
+            self.frames_raw.drain(..self.preamble_left);
+            self.preamble_left = 0;
+        }
+        let mut frames = Vec::new();
+        while let Ok(Some((frame, used))) = Frame::decode(&self.frames_raw) {
+            frames.push(frame);
+            self.frames_raw.drain(..used);
+        }
+        frames
+    }
+
+    fn append(&mut self, path: &RelPath, bytes: &[u8]) {
+        let file = self.files.entry(path.clone()).or_default();
+        let offset = file.len() as u64;
+        file.extend_from_slice(bytes);
+        self.catalog.append(path, offset, bytes.len() as u64);
+        self.session.note_changed(path.clone());
+    }
+}
+
+/// Three rounds (DATA, payload, MARK each) reach the follower in one read: it acks each MARK
+/// as it reaches it, rather than once for the whole read, so the first round's ack does not
+/// wait for the later rounds' payloads to be written.
+#[test]
+fn a_follower_acks_every_mark_even_when_several_arrive_in_one_read() {
+    let env = Env::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _follower = start_follower(&env, &env.dir("f"), addr, "fallback", "written");
+    let (stream, _) = listener.accept().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let secret = std::fs::read_to_string(&env.secret_file).unwrap();
+    let seg = RelPath::new("seg.0").unwrap();
+    let mut leader = HandLeader {
+        stream,
+        session: LeaderSession::new(
+            Secret::new(secret.trim().as_bytes().to_vec()).unwrap(),
+            [7; 32],
+            Duration::from_secs(10),
+        ),
+        catalog: Catalog::new([(seg.clone(), 0)]),
+        files: HashMap::from([(seg.clone(), Vec::new())]),
+        input: Vec::new(),
+        frames_raw: Vec::new(),
+        preamble_left: PREAMBLE_BYTES,
+    };
+    // Handshake and initial sync, until the follower acks the MARK that ends the sync.
+    let sync_acked = loop {
+        let out = leader.output();
+        leader.stream.write_all(&out).unwrap();
+        let acks: Vec<u64> = leader
+            .read()
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Ack { written, .. } => Some(written),
+                _ => None,
+            })
+            .collect();
+        if let Some(&at) = acks.last() {
+            break at;
+        }
+    };
+    let mut rounds = Vec::new();
+    let mut marks = Vec::new();
+    for i in 0..3u8 {
+        leader.append(&seg, &[i; 1000]);
+        rounds.extend(leader.output());
+        marks.push(leader.catalog.position());
+    }
+    assert!(marks[0] > sync_acked);
+    leader.stream.write_all(&rounds).unwrap();
+    let mut acked = Vec::new();
+    while acked.last() != marks.last() {
+        for f in leader.read() {
+            if let Frame::Ack { written, .. } = f {
+                acked.push(written);
+            }
+        }
+    }
+    assert_eq!(acked, marks, "one ACK per MARK, in order");
+}
