@@ -1001,8 +1001,10 @@ async fn drive(
                 }
                 // The header leaves with its payload, and the payload with what follows it
                 // (the round's MARK, or the next header): one segment, not three, for a small
-                // append, so the follower reads them in one go.
-                if len_bytes > 0 && session.has_output() {
+                // append, so the follower reads them in one go. Output with a MARK in it leaves
+                // at once instead: while rounds follow each other, held bytes would wait for a
+                // full segment, and the follower's ack with them.
+                if len_bytes > 0 && session.has_output() && !session.output_has_mark() {
                     let (r, _) = conn.write_all_before_payload(session.take_output()).await;
                     r?;
                 } else {

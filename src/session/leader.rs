@@ -106,6 +106,9 @@ pub struct LeaderSession {
     leader_nonce: Nonce,
     phase: LeaderPhase,
     out: Vec<u8>,
+    /// A MARK is among the bytes in `out`: they must leave at once, not wait in the socket for
+    /// what follows (see `output_has_mark`).
+    mark_in_output: bool,
     /// The index as sent: each file's cut and generation.
     index: HashMap<RelPath, CatalogEntry>,
     index_position: u64,
@@ -156,6 +159,7 @@ impl LeaderSession {
             sync_done_sent: false,
             node_id: None,
             mark_last: None,
+            mark_in_output: false,
             lag: LagTracker::new(ack_timeout),
             bytes_payload_total: 0,
             files_whole_total: 0,
@@ -205,7 +209,16 @@ impl LeaderSession {
 
     /// The bytes to send, in order; the buffer is left empty.
     pub fn take_output(&mut self) -> Vec<u8> {
+        self.mark_in_output = false;
         std::mem::take(&mut self.out)
+    }
+
+    /// The output holds a MARK. The shell must not hold such output back for the payload that
+    /// follows it (MSG_MORE): the follower acks when it reads the MARK, and while the leader
+    /// keeps streaming, held bytes leave only once a full TCP segment (64 KiB on loopback) has
+    /// gathered behind them.
+    pub fn output_has_mark(&self) -> bool {
+        self.mark_in_output
     }
 
     pub fn has_output(&self) -> bool {
@@ -567,6 +580,7 @@ impl LeaderSession {
             sync_done,
         }
         .encode(&mut self.out);
+        self.mark_in_output = true;
         self.sync_done_sent = true;
         self.mark_last = Some((position, now));
         self.lag.on_mark_sent(position, sync_done, now);

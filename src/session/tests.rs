@@ -395,6 +395,31 @@ fn many_appends_coalesce_into_one_range_per_file() {
 }
 
 #[test]
+fn output_holding_a_mark_is_flagged_so_the_shell_sends_it_at_once() {
+    let mut sim = Sim::new(files(&[("seg.0", b"")]), Files::new());
+    sim.run();
+    sim.append("seg.0", b"first");
+    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+    assert!(matches!(t, Some(Transmit::Payload { .. })));
+    assert!(
+        sim.leader.has_output() && !sim.leader.output_has_mark(),
+        "a lone header may wait in the socket for its payload"
+    );
+    sim.leader.take_output();
+    // The next round begins before the shell asked again: the first round's MARK, then the
+    // second round's header.
+    sim.append("seg.0", b"second");
+    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+    assert!(matches!(t, Some(Transmit::Payload { .. })));
+    assert!(
+        sim.leader.output_has_mark(),
+        "a MARK must not wait in the socket for the next payload"
+    );
+    sim.leader.take_output();
+    assert!(!sim.leader.output_has_mark());
+}
+
+#[test]
 fn idle_leader_sends_a_keepalive_mark_after_the_interval() {
     let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
     sim.run();
