@@ -87,9 +87,13 @@ mod tests {
     use std::io::Read;
     use std::time::Duration;
 
-    /// An ACK reaches the leader's socket before the follower's runtime runs anything else.
-    #[test]
-    fn sends_at_once_without_yielding() {
+    /// Runs `test` on a current-thread runtime, given an outbox on a follower's connection
+    /// (its writer task spawned) and the leader's end of that connection.
+    fn with_outbox<F, Fut>(test: F)
+    where
+        F: FnOnce(Outbox, tokio::task::JoinHandle<()>, std::net::TcpStream) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -99,12 +103,20 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async move {
             let conn = Rc::new(Conn::connect(addr).await.unwrap());
-            let (mut peer, _) = listener.accept().unwrap();
-            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let (peer, _) = listener.accept().unwrap();
             // Writable readiness is learned from the reactor once.
             tokio::task::yield_now().await;
             let (outbox, task) = Outbox::new(conn);
-            let _writer = tokio::task::spawn_local(task);
+            let writer = tokio::task::spawn_local(task);
+            test(outbox, writer, peer).await;
+        });
+    }
+
+    /// An ACK reaches the leader's socket before the follower's runtime runs anything else.
+    #[test]
+    fn sends_at_once_without_yielding() {
+        with_outbox(|outbox, _writer, mut peer| async move {
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             outbox.send(b"ack one".to_vec()).unwrap();
             // No await between the send and the read: a queued write would not have left.
             let mut got = [0u8; 7];
@@ -116,19 +128,7 @@ mod tests {
     /// Bytes that did not fit wait in the task, and later sends queue behind them, in order.
     #[test]
     fn keeps_order_when_the_socket_is_full() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
-            let conn = Rc::new(Conn::connect(addr).await.unwrap());
-            let (peer, _) = listener.accept().unwrap();
-            tokio::task::yield_now().await;
-            let (outbox, task) = Outbox::new(conn);
-            let writer = tokio::task::spawn_local(task);
+        with_outbox(|outbox, writer, peer| async move {
             // Far more than the socket buffers hold, sent while the leader reads slowly: the
             // socket keeps draining while bytes wait in the task, which runs only at the end.
             let chunks: Vec<Vec<u8>> = (0..64u32)
