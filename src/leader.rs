@@ -1012,8 +1012,37 @@ async fn drive(
                 }
                 if let Some((_, file)) = files.get(&path) {
                     ctx.set_sending(id, Some(Instant::now()));
-                    let sent = conn.send_file(file, offset, len_bytes).await;
+                    let send = conn.send_file(file, offset, len_bytes);
+                    tokio::pin!(send);
+                    // The follower's ACKs count while the payload is on its way, not after:
+                    // a splice waits for an io-wq worker, and `wait_for` waits for the ACK.
+                    // Bad input ends the connection only once the payload is whole on the
+                    // wire, so the ERROR frame that follows never lands inside it.
+                    let mut deferred: Option<ServeError> = None;
+                    let sent = loop {
+                        tokio::select! {
+                            biased;
+                            sent = &mut send => break sent,
+                            chunk = input_rx.recv(), if !eof && deferred.is_none() => {
+                                let now = Instant::now();
+                                let taken = take_input(chunk, &mut input, &mut eof).and_then(|()| {
+                                    Ok(session.handle_input(&input, &catalog, now)?)
+                                });
+                                match taken {
+                                    Ok(n) => {
+                                        input.drain(..n);
+                                        publish(ctx, id, session, position, now);
+                                        published_at = Some(now);
+                                    }
+                                    Err(e) => deferred = Some(e),
+                                }
+                            }
+                        }
+                    };
                     ctx.set_sending(id, None);
+                    if let Some(e) = deferred {
+                        return Err(e);
+                    }
                     corked = len_bytes > 0;
                     sent.map_err(|e| {
                         io::Error::new(
@@ -1044,6 +1073,19 @@ async fn drive(
             }
         }
     }
+}
+
+/// Takes what the reader sent: a chunk into `input`, or the end of the stream into `eof`.
+fn take_input(
+    chunk: Option<io::Result<Vec<u8>>>,
+    input: &mut Vec<u8>,
+    eof: &mut bool,
+) -> Result<(), ServeError> {
+    match chunk {
+        Some(chunk) => *eof |= take_chunk(chunk?, input),
+        None => *eof = true,
+    }
+    Ok(())
 }
 
 /// Appends a chunk from the reader to `input`; true at the end of the stream.

@@ -1,5 +1,7 @@
-//! A real `ferry follow` against a leader driven by hand (ferry's own `LeaderSession` over a
-//! plain socket), so the test decides how the leader's bytes are cut into writes.
+//! Acks on a real connection, with one side driven by hand so that the test decides the
+//! timing: a real `ferry follow` against ferry's own `LeaderSession` over a plain socket (the
+//! test cuts the leader's bytes into writes), and a real embedded leader against a
+//! `FollowerSession` over a plain socket (the test decides when the follower reads and acks).
 
 mod common;
 
@@ -11,8 +13,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use ferry::auth::Secret;
 use ferry::catalog::Catalog;
-use ferry::frame::{Frame, PREAMBLE_BYTES};
+use ferry::frame::{Durability, Frame, PREAMBLE_BYTES};
+use ferry::leader::{Leader, LeaderConfig};
 use ferry::paths::RelPath;
+use ferry::session::follower::{FollowerAction, FollowerSession};
 use ferry::session::leader::{LeaderSession, Transmit};
 
 struct HandLeader {
@@ -159,4 +163,125 @@ fn a_follower_acks_every_mark_even_when_several_arrive_in_one_read() {
         }
     }
     assert_eq!(acked, marks, "one ACK per MARK, in order");
+}
+
+/// A follower session over a blocking socket; payload bytes are read and dropped.
+struct HandFollower {
+    stream: TcpStream,
+    session: FollowerSession,
+    /// Read from the socket, not consumed by the session yet.
+    input: Vec<u8>,
+}
+
+impl HandFollower {
+    fn send(&mut self) {
+        let out = self.session.take_output();
+        self.stream.write_all(&out).expect("writing to the leader");
+    }
+
+    fn fill(&mut self) {
+        let mut buf = [0u8; 4096];
+        let n = self.stream.read(&mut buf).expect("reading from the leader");
+        assert!(n > 0, "the leader closed the connection");
+        self.input.extend_from_slice(&buf[..n]);
+    }
+
+    /// Feeds the session until it asks for an action (sending what it queues meanwhile).
+    fn next_action(&mut self) -> FollowerAction {
+        loop {
+            let (used, action) = self
+                .session
+                .handle_input(&self.input)
+                .expect("the leader's input is valid");
+            self.input.drain(..used);
+            self.send();
+            if let Some(action) = action {
+                return action;
+            }
+            self.fill();
+        }
+    }
+
+    /// Takes `len_bytes` of payload off the wire.
+    fn skip(&mut self, mut len_bytes: u64) {
+        loop {
+            let n = (self.input.len() as u64).min(len_bytes);
+            self.input.drain(..n as usize);
+            len_bytes -= n;
+            if len_bytes == 0 {
+                return;
+            }
+            self.fill();
+        }
+    }
+
+    /// Follows actions, payloads dropped, until a MARK at `position` or beyond.
+    fn until_mark(&mut self, position: u64) -> u64 {
+        loop {
+            match self.next_action() {
+                FollowerAction::Inventory { .. } => self.session.inventory(Vec::new()),
+                FollowerAction::Write { len_bytes, .. } => self.skip(len_bytes),
+                FollowerAction::Mark { position: at, .. } if at >= position => return at,
+                _ => {}
+            }
+        }
+    }
+
+    fn ack_written(&mut self, position: u64) {
+        self.session.written(position);
+        self.session.poll_ack();
+        self.send();
+    }
+}
+
+/// A follower acks a small round while the leader is stuck in the middle of a payload far
+/// larger than the socket buffers (the follower stopped reading): the leader counts the ACK
+/// at once, so `wait_for` answers, instead of after the whole payload has gone out.
+#[test]
+fn the_leader_counts_an_ack_that_arrives_while_a_payload_is_in_flight() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let dir = env.dir("leader");
+        let secret = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+        let mut config = LeaderConfig::new(&dir, "127.0.0.1:0".parse().unwrap(), secret.clone());
+        config.engine = Some(engine.parse().unwrap());
+        let leader = Leader::start(config, Vec::new()).unwrap();
+        let stream = TcpStream::connect(leader.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut follower = HandFollower {
+            stream,
+            session: FollowerSession::new(secret, [9; 32], Durability::Written),
+            input: Vec::new(),
+        };
+        follower.send();
+        let synced = follower.until_mark(0);
+        follower.ack_written(synced);
+
+        write(&dir.join("small"), &[1; 1024]);
+        let small = leader.append("small", 0, 1024).unwrap();
+        follower.until_mark(small);
+        // Far more than the socket buffers hold (sparse: the leader sends zeroes).
+        const BIG_BYTES: u64 = 256 << 20;
+        std::fs::File::create(dir.join("big"))
+            .and_then(|f| f.set_len(BIG_BYTES))
+            .unwrap();
+        leader.append("big", 0, BIG_BYTES).unwrap();
+        // The first bytes of the big payload arrived: the leader is in the middle of sending
+        // it, and stays there while this follower does not read.
+        loop {
+            if let FollowerAction::Write { len_bytes, .. } = follower.next_action() {
+                assert!(len_bytes > 1 << 20, "{engine}: a payload larger than 1 MiB");
+                break;
+            }
+        }
+        follower.fill();
+        follower.ack_written(small);
+        assert!(
+            leader.wait_for(small, Durability::Written, 1, Duration::from_secs(10)),
+            "{engine}: the ACK of the small round was not counted while the big payload was \
+             in flight"
+        );
+    }
 }
