@@ -4,6 +4,9 @@
 //! task already fills the next pipe. With the io_uring engine the writer is an IORING_OP_SPLICE,
 //! which the kernel runs on an io-wq worker; with the fallback engine it is a writer thread doing
 //! the same splice(2). `RECEIVE_PIPES_MAX` pipes rotate; `flush` waits for every write in flight.
+//! A payload of at most `INLINE_RECEIVE_BYTES_MAX` that finds nothing in flight (a round of
+//! small appends while streaming) is spliced both ways by the task itself: for a few KiB the
+//! hand-off costs more than the copy it moves to another core.
 //!
 //! Writes into a file under its real name (`Dest::in_order`) always go through the writer
 //! thread, one after the other, each to its end: such a file only ever grows by a prefix of what
@@ -31,6 +34,12 @@ use crate::frame::LEADER_SILENCE_TIMEOUT_MS;
 
 /// Pipes in rotation per connection (each holds up to `RECEIVE_PIPE_BYTES`).
 pub const RECEIVE_PIPES_MAX: usize = 4;
+
+/// A payload up to this long, arriving while no write is in flight, is written by the
+/// connection's task itself (socket -> pipe -> file, both splices here): handing a few KiB to
+/// the writer costs two thread switches and a wake-up of this runtime, more than the copy.
+/// Longer payloads are pipelined as the module doc says.
+pub const INLINE_RECEIVE_BYTES_MAX: u64 = 64 * 1024;
 
 /// Where a payload goes.
 #[derive(Clone)]
@@ -174,6 +183,7 @@ impl Receiver {
     ) -> io::Result<()> {
         let mut offset = offset;
         let mut left = len_bytes;
+        let inline = len_bytes <= INLINE_RECEIVE_BYTES_MAX && !self.busy();
         while left > 0 {
             let pipe = self.next_pipe().await?;
             let chunk = (left as usize).min(pipe.capacity_bytes);
@@ -206,12 +216,22 @@ impl Receiver {
                     return Err(e);
                 }
             };
-            self.submit(Job {
-                pipe,
-                dest: dest.clone(),
-                offset,
-                len_bytes: n,
-            })?;
+            if inline {
+                // Nothing else is in flight, so the file grows in order here too.
+                let fd = dest.file.as_raw_fd();
+                if let Err(e) = drain_blocking(&pipe, fd, offset, n) {
+                    self.pipes_total -= 1;
+                    return Err(WriteFailed::wrap(&dest.path, e));
+                }
+                self.free.push(pipe);
+            } else {
+                self.submit(Job {
+                    pipe,
+                    dest: dest.clone(),
+                    offset,
+                    len_bytes: n,
+                })?;
+            }
             offset += n as u64;
             left -= n as u64;
         }
