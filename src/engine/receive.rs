@@ -36,10 +36,11 @@ use crate::frame::LEADER_SILENCE_TIMEOUT_MS;
 pub const RECEIVE_PIPES_MAX: usize = 4;
 
 /// A payload up to this long, arriving while no write is in flight, is written by the
-/// connection's task itself (socket -> pipe -> file, both splices here): handing a few KiB to
-/// the writer costs two thread switches and a wake-up of this runtime, more than the copy.
-/// Longer payloads are pipelined as the module doc says.
-pub const INLINE_RECEIVE_BYTES_MAX: u64 = 64 * 1024;
+/// connection's task itself (socket -> pipe -> file, both splices here): handing a round of
+/// small appends to the writer costs two thread switches and a wake-up of this runtime, more
+/// than overlapping its copy saves (the MARK after it waits for the write anyway). Longer
+/// payloads (a full sync's files, 1 MiB appends) are pipelined as the module doc says.
+pub const INLINE_RECEIVE_BYTES_MAX: u64 = 256 * 1024;
 
 /// Where a payload goes.
 #[derive(Clone)]
