@@ -226,12 +226,7 @@ impl Receiver {
                 }
                 self.free.push(pipe);
             } else {
-                self.submit(Job {
-                    pipe,
-                    dest: dest.clone(),
-                    offset,
-                    len_bytes: n,
-                })?;
+                self.submit(pipe, dest, offset, n)?;
             }
             offset += n as u64;
             left -= n as u64;
@@ -285,19 +280,21 @@ impl Receiver {
                 }
                 put += w as usize;
             }
-            self.submit(Job {
-                pipe,
-                dest: dest.clone(),
-                offset,
-                len_bytes: n,
-            })?;
+            self.submit(pipe, dest, offset, n)?;
             offset += n as u64;
             rest = &rest[n..];
         }
         Ok(())
     }
 
-    fn submit(&mut self, job: Job) -> io::Result<()> {
+    /// Hands the `len_bytes` in `pipe` to the writer, for `dest` at `offset`.
+    fn submit(&mut self, pipe: Pipe, dest: &Dest, offset: u64, len_bytes: usize) -> io::Result<()> {
+        let job = Job {
+            pipe,
+            dest: dest.clone(),
+            offset,
+            len_bytes,
+        };
         let done = self.done_tx.clone();
         if self.writer == Writer::Ring && !job.dest.in_order {
             tokio::task::spawn_local(async move {
