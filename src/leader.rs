@@ -1062,10 +1062,7 @@ async fn drive(
                     .map(tokio::time::Instant::from_std)
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(500));
                 tokio::select! {
-                    chunk = input_rx.recv() => match chunk {
-                        Some(chunk) => eof |= take_chunk(chunk?, &mut input),
-                        None => return Ok(()),
-                    },
+                    chunk = input_rx.recv() => take_input(chunk, &mut input, &mut eof)?,
                     _ = wake.notified() => {}
                     _ = tokio::time::sleep_until(timeout) => {}
                     _ = ctx.shared.shutdown.notified() => {}

@@ -19,6 +19,17 @@ use ferry::paths::RelPath;
 use ferry::session::follower::{FollowerAction, FollowerSession};
 use ferry::session::leader::{LeaderSession, Transmit};
 
+/// One read(2), retried when a signal interrupts it before any byte arrived (the embedded
+/// leader's threads live in this test process).
+fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 struct HandLeader {
     stream: TcpStream,
     session: LeaderSession,
@@ -64,10 +75,7 @@ impl HandLeader {
     /// Reads once from the follower and feeds the session; returns the frames completed.
     fn read(&mut self) -> Vec<Frame> {
         let mut buf = [0u8; 4096];
-        let n = self
-            .stream
-            .read(&mut buf)
-            .expect("reading from the follower");
+        let n = read_some(&mut self.stream, &mut buf).expect("reading from the follower");
         assert!(n > 0, "the follower closed the connection");
         self.input.extend_from_slice(&buf[..n]);
         self.frames_raw.extend_from_slice(&buf[..n]);
@@ -181,7 +189,7 @@ impl HandFollower {
 
     fn fill(&mut self) {
         let mut buf = [0u8; 4096];
-        let n = self.stream.read(&mut buf).expect("reading from the leader");
+        let n = read_some(&mut self.stream, &mut buf).expect("reading from the leader");
         assert!(n > 0, "the leader closed the connection");
         self.input.extend_from_slice(&buf[..n]);
     }

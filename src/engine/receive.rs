@@ -8,9 +8,10 @@
 //! small appends while streaming) is spliced both ways by the task itself: for a few KiB the
 //! hand-off costs more than the copy it moves to another core.
 //!
-//! Writes into a file under its real name (`Dest::in_order`) always go through the writer
-//! thread, one after the other, each to its end: such a file only ever grows by a prefix of what
-//! is in flight, so a crash leaves no hole under a real name. SPLICEs on the ring run
+//! Writes into a file under its real name (`Dest::in_order`) go through the writer thread (or
+//! the task itself, when nothing is in flight), one after the other, each to its end: such a
+//! file only ever grows by a prefix of what is in flight, so a crash leaves no hole under a
+//! real name. SPLICEs on the ring run
 //! concurrently on io-wq workers (and a short one's remainder queues behind the next), so a
 //! later range could land first; they carry only whole-file transfers into `.ferry/tmp/`, which
 //! are renamed into place after `flush`.
