@@ -91,3 +91,60 @@ fn writer_cpu_is_checked_and_reported() {
     let report = std::fs::read_to_string(&json).unwrap();
     assert!(report.contains("\"writer_cpu\": 0,"), "{report}");
 }
+
+/// `--mode raw`, the baseline a library run is divided by: the same writer, each append spliced
+/// to receiver threads with no ferry. Its figures mean something only if every receiver got
+/// every byte, in order: the run checks that against the segments and fails otherwise.
+#[test]
+fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("raw.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--mode", "raw", "--followers", "2", "--messages", "30000"])
+        // Several segments, and message sizes that do not divide them.
+        .args(["--message-bytes", "100-3000", "--segment-bytes", "1048576"])
+        .arg("--json")
+        .arg(&json)
+        .arg("--dir")
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("every receiver's stream identical to the segments: yes"),
+        "{stdout}"
+    );
+    let report = std::fs::read_to_string(&json).unwrap();
+    for field in [
+        "\"mode\": \"raw\"",
+        "\"messages\": 30000,",
+        "\"append_to_ack_us\": null",
+        "\"checksums_match\": true",
+    ] {
+        assert!(report.contains(field), "{field} missing from\n{report}");
+    }
+    let segments = std::fs::read_dir(tmp.path().join("data/leader/queues/w0"))
+        .unwrap()
+        .count();
+    assert!(segments > 10, "only {segments} segments");
+    for r in ["raw1", "raw2"] {
+        let stream = std::fs::metadata(tmp.path().join("data").join(r).join("stream")).unwrap();
+        assert!(stream.len() > 30000 * 100, "{r}: {} bytes", stream.len());
+    }
+
+    // Two writers would interleave their segments in the stream: refused, saying why.
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--mode", "raw", "--writers", "2", "--messages", "10"])
+        .arg("--dir")
+        .arg(tmp.path().join("two"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("one writer"), "{stderr}");
+}

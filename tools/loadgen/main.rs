@@ -15,6 +15,7 @@
 
 mod cpus;
 mod procs;
+mod raw;
 mod report;
 mod segments;
 
@@ -55,10 +56,14 @@ const CONFIRM_DELAY_MAX: Duration = Duration::from_micros(50);
 )]
 struct Args {
     /// library: mmap'd segments and an embedded leader told with append(); write: write(2) into
-    /// a directory watched by a `ferry lead` process.
-    #[arg(long, default_value = "library", value_parser = ["library", "write"])]
+    /// a directory watched by a `ferry lead` process; raw: the library mode's writer with no
+    /// ferry, each append spliced to --followers receiver threads over loopback TCP (no
+    /// protocol, no acks): the machine's limit for the same workload, to run beside a library
+    /// run.
+    #[arg(long, default_value = "library", value_parser = ["library", "write", "raw"])]
     mode: String,
-    /// `ferry follow` processes to run (0: the writer's baseline, nobody to replicate to).
+    /// `ferry follow` processes to run (0: the writer's baseline, nobody to replicate to); in
+    /// raw mode, receivers.
     #[arg(long, default_value_t = 2)]
     followers: usize,
     /// What the followers promise before they ack.
@@ -192,6 +197,19 @@ fn run(args: Args) -> anyhow::Result<bool> {
     {
         bail!("fault injection needs at least one follower");
     }
+    let raw_mode = args.mode == "raw";
+    if raw_mode {
+        if args.writers != 1 {
+            bail!("--mode raw takes one writer (its segments in order are the receivers' stream)");
+        }
+        if args.kill_follower_every.is_some()
+            || args.stall_follower.is_some()
+            || args.join_follower.is_some()
+            || args.io_engine.is_some()
+        {
+            bail!("--mode raw runs no ferry: faults and --io-engine apply to ferry followers only");
+        }
+    }
     // Before any thread or process starts: they inherit it.
     if let Some(cpu) = args.writer_cpu {
         cpus::keep_off(cpu)?;
@@ -229,7 +247,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     };
 
     // The leader: embedded, or a `ferry lead` process.
-    let (leader, lead_proc, addr) = if library {
+    let (leader, lead_proc, addr) = if raw_mode {
+        (None, None, "127.0.0.1:0".parse()?)
+    } else if library {
         let secret = Secret::new(b"loadgen-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut config = LeaderConfig::new(&leader_dir, "127.0.0.1:0".parse()?, secret);
         config.engine = args.io_engine;
@@ -240,11 +260,23 @@ fn run(args: Args) -> anyhow::Result<bool> {
         let (proc, addr) = start_lead(&leader_dir, &secret_file, args.io_engine)?;
         (None, Some(proc), addr)
     };
-    let engine_name = args
-        .io_engine
-        .map(|e| e.name().to_string())
-        .or_else(|| leader.as_ref().map(|l| l.engine().name().to_string()))
-        .unwrap_or_else(|| "auto".into());
+    let fanout = if raw_mode {
+        Some(Arc::new(raw::Fanout::start(
+            &leader_dir,
+            &root,
+            args.followers,
+        )?))
+    } else {
+        None
+    };
+    let engine_name = if raw_mode {
+        "splice".to_string()
+    } else {
+        args.io_engine
+            .map(|e| e.name().to_string())
+            .or_else(|| leader.as_ref().map(|l| l.engine().name().to_string()))
+            .unwrap_or_else(|| "auto".into())
+    };
 
     let follower_args = |i: usize| {
         let dir = root.join(format!("follower{i}"));
@@ -261,7 +293,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
         (format!("follower{i}"), dir, a)
     };
-    let at_start = args.followers - usize::from(args.join_follower.is_some());
+    let at_start = if raw_mode {
+        0
+    } else {
+        args.followers - usize::from(args.join_follower.is_some())
+    };
     let mut followers = Vec::new();
     for i in 1..=at_start {
         let (name, dir, a) = follower_args(i);
@@ -306,6 +342,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let mut writer_threads = Vec::new();
     for w in 0..args.writers {
         let leader = leader.clone();
+        let fanout = fanout.clone();
         let shared = shared.clone();
         let dir = leader_dir.clone();
         let tx = confirm_tx.clone();
@@ -317,6 +354,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 id: w,
                 dir,
                 leader,
+                fanout,
                 shared,
                 tx,
                 size: (lo, hi),
@@ -372,7 +410,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         let bytes = shared.bytes.load(Ordering::Relaxed);
         let mb_per_s = (bytes - last.1) as f64 / 1e6 / now.duration_since(last.0).as_secs_f64();
         last = (now, bytes);
-        let lag_bytes = follower_lags(leader.as_deref(), args.durability, args.followers);
+        let lag_bytes = match &fanout {
+            Some(f) => f.lags(),
+            None => follower_lags(leader.as_deref(), args.durability, args.followers),
+        };
         for p in followers
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -447,8 +488,20 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .map_err(|_| anyhow::anyhow!("the confirmer panicked"))?,
         None => (histogram(), histogram()),
     };
-    let expected = checksum_dir(&leader_dir)?;
     let mut checksums_match = true;
+    if let Some(fanout) = fanout {
+        let fanout = Arc::try_unwrap(fanout)
+            .map_err(|_| anyhow::anyhow!("a writer still holds the raw fan-out"))?;
+        let drained = fanout.finish()?;
+        converged_s = Some(writers_done.elapsed().as_secs_f64());
+        checksums_match = drained.streams_match()?;
+    }
+    // Raw mode has no follower processes: this compares nothing there.
+    let expected = if raw_mode {
+        Vec::new()
+    } else {
+        checksum_dir(&leader_dir)?
+    };
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     for p in followers
         .lock()
@@ -497,7 +550,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         None => {
             let (cpu_s, rss_peak_kib) = procs::self_usage();
             Usage {
-                name: "leader (embedded, with the writers)".into(),
+                name: if raw_mode {
+                    "loadgen (the writer, raw senders and receivers)".into()
+                } else {
+                    "leader (embedded, with the writers)".into()
+                },
                 cpu_s,
                 rss_peak_kib,
             }
@@ -512,7 +569,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let report = Report {
         mode: args.mode.clone(),
         engine: engine_name,
-        durability: args.durability.name().into(),
+        // Raw receivers ack nothing.
+        durability: if raw_mode {
+            "none".into()
+        } else {
+            args.durability.name().into()
+        },
         followers: args.followers,
         writers: args.writers,
         writer_cpu: args.writer_cpu,
@@ -621,6 +683,8 @@ struct WriterPlan {
     id: usize,
     dir: PathBuf,
     leader: Option<Arc<Leader>>,
+    /// `--mode raw`: appends go here instead of to a leader.
+    fanout: Option<Arc<raw::Fanout>>,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Vec<(u64, Instant, bool)>>,
     size: (usize, usize),
@@ -644,7 +708,7 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
         &plan.dir,
         plan.id,
         plan.segment_bytes,
-        plan.leader.is_some(),
+        plan.leader.is_some() || plan.fanout.is_some(),
     );
     let mut normal = histogram();
     let mut fault = histogram();
@@ -702,6 +766,10 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
                     Vec::with_capacity(CONFIRM_BATCH),
                 ));
             }
+        } else if let Some(fanout) = &plan.fanout {
+            let t0 = Instant::now();
+            fanout.append(written.path, written.offset, len as u64);
+            let _ = normal.record((t0.elapsed().as_nanos() as u64).max(1));
         }
         sent += 1;
         plan.shared.messages.fetch_add(1, Ordering::Relaxed);

@@ -110,11 +110,21 @@ impl Report {
 
     pub fn text(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "loadgen: {} mode, {} engine, {} writer(s), {} follower(s) acking at {}",
-            self.mode, self.engine, self.writers, self.followers, self.durability
-        );
+        let raw = self.mode == "raw";
+        if raw {
+            let _ = writeln!(
+                s,
+                "loadgen: raw mode (no ferry: splice to {} receiver(s), no protocol, no acks), \
+                 {} writer(s)",
+                self.followers, self.writers
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "loadgen: {} mode, {} engine, {} writer(s), {} follower(s) acking at {}",
+                self.mode, self.engine, self.writers, self.followers, self.durability
+            );
+        }
         if let Some(cpu) = self.writer_cpu {
             let _ = writeln!(
                 s,
@@ -130,11 +140,13 @@ impl Report {
             self.messages_per_s(),
             self.mb_per_s()
         );
-        let _ = writeln!(
-            s,
-            "  append() to acked by all: {}",
-            quantiles_text(&self.append_to_ack_us, "us")
-        );
+        if !raw {
+            let _ = writeln!(
+                s,
+                "  append() to acked by all: {}",
+                quantiles_text(&self.append_to_ack_us, "us")
+            );
+        }
         let _ = writeln!(
             s,
             "  append() call: {}",
@@ -171,7 +183,12 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "  followers identical to the leader: {}{}",
+            "  {}: {}{}",
+            if raw {
+                "every receiver's stream identical to the segments"
+            } else {
+                "followers identical to the leader"
+            },
             if self.checksums_match { "yes" } else { "NO" },
             self.converged_s
                 .map(|t| format!(" ({t:.3} s after the writers stopped)"))

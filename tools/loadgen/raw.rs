@@ -1,0 +1,384 @@
+//! `--mode raw`: the machine's limit for loadgen's own workload, measured the way ferry is.
+//!
+//! The writer is the library mode's (messages into mmap'd segments, one call per message), but
+//! each call hands the range to a fan-out instead of a ferry leader: one sender thread per
+//! receiver splices new ranges file -> pipe -> loopback TCP, and the receiver thread splices
+//! socket -> pipe -> one file. No protocol, no index, no acks, no process boundary: only the
+//! copies every replica needs (the writer's pages, each receiver's pages, the loopback
+//! transfer) and one wake-up when a sender was idle. A ferry run divided by a raw run of the
+//! same options, interleaved, is ferry's share of what this machine can do for the workload;
+//! the raw figure alone says whether a target can be met here at all.
+//!
+//! One writer only: its segments, concatenated in order, are then exactly each receiver's
+//! stream, which `finish` checks byte for byte (SHA-1).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use ferry::engine::{Pipe, RECEIVE_PIPE_BYTES, SEND_PIPE_BYTES};
+use sha1::{Digest, Sha1};
+
+/// An idle sender waits until this many bytes are there to send (or the log closes): big
+/// splices and one wake-up per MiB, as fast as a transfer can go, whatever it does to latency
+/// (raw mode measures throughput only).
+const BATCH_BYTES: u64 = 1024 * 1024;
+
+/// Appended ranges not yet sent by every sender, in the order they were appended.
+struct Log {
+    /// `entries[0]` is range number `first_index`; a range that continues the last one (same
+    /// segment, contiguous) extends it instead of adding one.
+    entries: VecDeque<Range>,
+    first_index: u64,
+    /// Per sender, the number of the range it is sending.
+    cursors: Vec<u64>,
+    /// Every segment, in the order it was first appended to (what `finish` compares).
+    segments: Vec<Arc<str>>,
+    appended_bytes: u64,
+    /// Per sender, the `appended_bytes` it waits for, if it waits.
+    waits_for: Vec<Option<u64>>,
+    /// The least of `waits_for` (u64::MAX: nobody to wake).
+    wake_at_bytes: u64,
+    closed: bool,
+}
+
+impl Log {
+    fn set_wait(&mut self, sender: usize, until: Option<u64>) {
+        self.waits_for[sender] = until;
+        self.wake_at_bytes = self
+            .waits_for
+            .iter()
+            .flatten()
+            .copied()
+            .min()
+            .unwrap_or(u64::MAX);
+    }
+}
+
+struct Range {
+    path: Arc<str>,
+    start: u64,
+    end: u64,
+}
+
+struct Shared {
+    log: Mutex<Log>,
+    grew: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        // Only a panicking sender could poison it, and then its join reports the panic.
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Receiver {
+    received_bytes: Arc<AtomicU64>,
+    path: PathBuf,
+    thread: JoinHandle<io::Result<()>>,
+}
+
+pub struct Fanout {
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    senders: Vec<JoinHandle<io::Result<()>>>,
+    receivers: Vec<Receiver>,
+}
+
+impl Fanout {
+    /// Receivers write into `recv_root/raw<i>/stream`; segments are read from `dir`.
+    pub fn start(dir: &Path, recv_root: &Path, receivers: usize) -> io::Result<Fanout> {
+        let shared = Arc::new(Shared {
+            log: Mutex::new(Log {
+                entries: VecDeque::new(),
+                first_index: 0,
+                cursors: vec![0; receivers],
+                segments: Vec::new(),
+                appended_bytes: 0,
+                waits_for: vec![None; receivers],
+                wake_at_bytes: u64::MAX,
+                closed: false,
+            }),
+            grew: Condvar::new(),
+        });
+        let mut fanout = Fanout {
+            dir: dir.to_path_buf(),
+            shared,
+            senders: Vec::new(),
+            receivers: Vec::new(),
+        };
+        for i in 0..receivers {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            let out_dir = recv_root.join(format!("raw{}", i + 1));
+            std::fs::create_dir_all(&out_dir)?;
+            let path = out_dir.join("stream");
+            let out = File::create(&path)?;
+            let received_bytes = Arc::new(AtomicU64::new(0));
+            let counter = received_bytes.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("raw-receiver{}", i + 1))
+                .spawn(move || receive(listener, out, &counter))?;
+            fanout.receivers.push(Receiver {
+                received_bytes,
+                path,
+                thread,
+            });
+            let socket = TcpStream::connect(addr)?;
+            let shared = fanout.shared.clone();
+            let dir = fanout.dir.clone();
+            fanout.senders.push(
+                std::thread::Builder::new()
+                    .name(format!("raw-sender{}", i + 1))
+                    .spawn(move || send(&shared, i, &dir, socket))?,
+            );
+        }
+        Ok(fanout)
+    }
+
+    /// The writer wrote `[offset, offset + len_bytes)` of `path` (relative to the dir).
+    pub fn append(&self, path: &str, offset: u64, len_bytes: u64) {
+        let mut log = self.shared.lock();
+        log.appended_bytes += len_bytes;
+        match log.entries.back_mut() {
+            Some(last) if &*last.path == path && last.end == offset => last.end += len_bytes,
+            _ => {
+                let path: Arc<str> = match log.segments.last() {
+                    Some(p) if &**p == path => p.clone(),
+                    _ => {
+                        let p: Arc<str> = Arc::from(path);
+                        log.segments.push(p.clone());
+                        p
+                    }
+                };
+                log.entries.push_back(Range {
+                    path,
+                    start: offset,
+                    end: offset + len_bytes,
+                });
+            }
+        }
+        if log.appended_bytes >= log.wake_at_bytes {
+            // Every waiter wakes and waits again if its own mark is not reached yet.
+            log.wake_at_bytes = u64::MAX;
+            self.shared.grew.notify_all();
+        }
+    }
+
+    /// Per receiver, the bytes appended that it does not hold yet.
+    pub fn lags(&self) -> Vec<Option<u64>> {
+        let appended = self.shared.lock().appended_bytes;
+        self.receivers
+            .iter()
+            .map(|r| Some(appended.saturating_sub(r.received_bytes.load(Ordering::Relaxed))))
+            .collect()
+    }
+
+    /// Once the writer has finished its segments: lets the senders drain and close, and waits
+    /// until every receiver holds everything.
+    pub fn finish(self) -> anyhow::Result<Drained> {
+        let segments = {
+            let mut log = self.shared.lock();
+            log.closed = true;
+            self.shared.grew.notify_all();
+            log.segments.clone()
+        };
+        for s in self.senders {
+            join(s, "a raw sender")?;
+        }
+        let mut streams = Vec::new();
+        for r in self.receivers {
+            join(r.thread, "a raw receiver")?;
+            streams.push(r.path);
+        }
+        Ok(Drained {
+            segments: segments.iter().map(|s| self.dir.join(&**s)).collect(),
+            streams,
+        })
+    }
+}
+
+/// What a finished fan-out wrote, to compare.
+pub struct Drained {
+    segments: Vec<PathBuf>,
+    streams: Vec<PathBuf>,
+}
+
+impl Drained {
+    /// Whether every receiver's stream is the writer's segments concatenated, byte for byte.
+    pub fn streams_match(&self) -> io::Result<bool> {
+        let mut expected = Sha1::new();
+        for s in &self.segments {
+            hash_file(s, &mut expected)?;
+        }
+        let expected = expected.finalize();
+        let mut all_same = true;
+        for path in &self.streams {
+            let mut got = Sha1::new();
+            hash_file(path, &mut got)?;
+            all_same &= got.finalize() == expected;
+        }
+        Ok(all_same)
+    }
+}
+
+fn join(thread: JoinHandle<io::Result<()>>, what: &str) -> anyhow::Result<()> {
+    match thread.join() {
+        Ok(r) => r.map_err(|e| anyhow::anyhow!("{what} failed: {e}")),
+        Err(_) => anyhow::bail!("{what} panicked"),
+    }
+}
+
+fn hash_file(path: &Path, into: &mut Sha1) -> io::Result<()> {
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        into.update(&buf[..n]);
+    }
+}
+
+/// Sender `me`: every range in order, from the segment file to the socket, once `BATCH_BYTES`
+/// are there to send; returns once the log is closed and everything in it is sent (dropping
+/// the socket ends the receiver's stream).
+fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result<()> {
+    let pipe = Pipe::new(SEND_PIPE_BYTES)?;
+    let mut index = 0u64;
+    let mut sent_to = None::<u64>;
+    let mut sent_bytes = 0u64;
+    let mut open: Option<(Arc<str>, File)> = None;
+    loop {
+        let (path, from, to) = {
+            let mut log = shared.lock();
+            while log.appended_bytes - sent_bytes < BATCH_BYTES && !log.closed {
+                log.set_wait(me, Some(sent_bytes + BATCH_BYTES));
+                log = shared.grew.wait(log).unwrap_or_else(|p| p.into_inner());
+                log.set_wait(me, None);
+            }
+            loop {
+                let at = (index - log.first_index) as usize;
+                match log.entries.get(at) {
+                    Some(r) if sent_to.unwrap_or(r.start) < r.end => {
+                        break (Some(r.path.clone()), sent_to.unwrap_or(r.start), r.end);
+                    }
+                    // This range is sent and a later one exists: move on, and let go of the
+                    // ranges every sender has passed.
+                    Some(_) if at + 1 < log.entries.len() => {
+                        index += 1;
+                        sent_to = None;
+                        log.cursors[me] = index;
+                        let oldest = log.cursors.iter().copied().min().unwrap_or(index);
+                        while log.first_index < oldest {
+                            log.entries.pop_front();
+                            log.first_index += 1;
+                        }
+                    }
+                    _ if log.closed => return Ok(()),
+                    // Sent everything there is: wait for the next batch.
+                    _ => break (None, 0, 0),
+                }
+            }
+        };
+        let Some(path) = path else { continue };
+        let file = match &open {
+            Some((p, f)) if Arc::ptr_eq(p, &path) => f,
+            _ => {
+                let f = File::open(dir.join(&*path))?;
+                &open.insert((path, f)).1
+            }
+        };
+        let mut offset = from as libc::loff_t;
+        while (offset as u64) < to {
+            let want = ((to - offset as u64) as usize).min(pipe.capacity_bytes);
+            let n = splice(
+                file.as_raw_fd(),
+                Some(&mut offset),
+                pipe.write.as_raw_fd(),
+                None,
+                want,
+            )?;
+            if n == 0 {
+                return Err(io::Error::other(
+                    "the segment ended before an appended range",
+                ));
+            }
+            let mut left = n;
+            while left > 0 {
+                left -= splice(pipe.read.as_raw_fd(), None, socket.as_raw_fd(), None, left)?;
+            }
+        }
+        sent_bytes += to - from;
+        sent_to = Some(to);
+    }
+}
+
+/// One receiver: the socket's bytes into `out`, in order, until the sender closes.
+fn receive(listener: TcpListener, out: File, received_bytes: &AtomicU64) -> io::Result<()> {
+    let (socket, _) = listener.accept()?;
+    let pipe = Pipe::new(RECEIVE_PIPE_BYTES)?;
+    let mut offset: libc::loff_t = 0;
+    loop {
+        let n = splice(
+            socket.as_raw_fd(),
+            None,
+            pipe.write.as_raw_fd(),
+            None,
+            pipe.capacity_bytes,
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            let w = splice(
+                pipe.read.as_raw_fd(),
+                None,
+                out.as_raw_fd(),
+                Some(&mut offset),
+                left,
+            )?;
+            if w == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "splice into the stream moved nothing",
+                ));
+            }
+            left -= w;
+        }
+        received_bytes.store(offset as u64, Ordering::Relaxed);
+    }
+}
+
+/// Blocking splice(2), retried when a signal interrupts it.
+fn splice(
+    fd_in: RawFd,
+    off_in: Option<&mut libc::loff_t>,
+    fd_out: RawFd,
+    off_out: Option<&mut libc::loff_t>,
+    len_bytes: usize,
+) -> io::Result<usize> {
+    let p_in = off_in.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
+    let p_out = off_out.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
+    loop {
+        // SAFETY: both fds are open (borrowed from live File/TcpStream/Pipe values for the
+        // call); each offset pointer is null or points to a live loff_t the kernel advances.
+        let r = unsafe { libc::splice(fd_in, p_in, fd_out, p_out, len_bytes, libc::SPLICE_F_MOVE) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
