@@ -457,24 +457,27 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let mut call_ns = histogram();
     let mut call_fault_ns = histogram();
+    // When the last writer's last message went in: the sampler notices only at its next tick,
+    // up to SAMPLE_INTERVAL later, which the rate and the convergence time must not count.
+    let mut writers_done = started;
     for t in writer_threads {
         match t.join() {
-            Ok(Ok((normal, fault))) => {
+            Ok(Ok((normal, fault, done_at))) => {
                 call_ns.add(normal).ok();
                 call_fault_ns.add(fault).ok();
+                writers_done = writers_done.max(done_at);
             }
             Ok(Err(e)) => return Err(e.context("a writer failed")),
             Err(_) => bail!("a writer thread panicked"),
         }
     }
-    let elapsed_s = started.elapsed().as_secs_f64();
+    let elapsed_s = writers_done.duration_since(started).as_secs_f64();
     shared.stop.store(true, Ordering::SeqCst);
     let (kills, stalls, joins) = faults
         .join()
         .map_err(|_| anyhow::anyhow!("the fault thread panicked"))?;
 
     // Convergence: every follower holds everything at its durability, then checksums.
-    let writers_done = Instant::now();
     let mut converged_s = None;
     if let Some(leader) = &leader {
         let position = leader.position();
@@ -699,8 +702,8 @@ struct WriterPlan {
 type Hist = hdrhistogram::Histogram<u64>;
 
 /// One writer: messages into segments, each told to the leader; returns the append() call
-/// latencies (ns), outside and during faults.
-fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
+/// latencies (ns), outside and during faults, and when its last message was appended.
+fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
     if let Some(cpu) = plan.cpu {
         cpus::pin_to(cpu).with_context(|| format!("cannot pin a writer to CPU {cpu}"))?;
     }
@@ -775,11 +778,12 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist)> {
         plan.shared.messages.fetch_add(1, Ordering::Relaxed);
         plan.shared.bytes.fetch_add(len as u64, Ordering::Relaxed);
     }
+    let done_at = Instant::now();
     if !batch.is_empty() {
         let _ = plan.tx.send(batch);
     }
     segments.finish()?;
-    Ok((normal, fault))
+    Ok((normal, fault, done_at))
 }
 
 /// Matches appended positions with the position every follower has acked; `wait_acked_beyond`
