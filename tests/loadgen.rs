@@ -98,43 +98,50 @@ fn writer_cpu_is_checked_and_reported() {
 #[test]
 fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("raw.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["--mode", "raw", "--followers", "2", "--messages", "30000"])
-        // Several segments, and message sizes that do not divide them.
-        .args(["--message-bytes", "100-3000", "--segment-bytes", "1048576"])
-        .arg("--json")
-        .arg(&json)
-        .arg("--dir")
-        .arg(tmp.path().join("data"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("every receiver's stream identical to the segments: yes"),
-        "{stdout}"
-    );
-    let report = std::fs::read_to_string(&json).unwrap();
-    for field in [
-        "\"mode\": \"raw\"",
-        "\"messages\": 30000,",
-        "\"append_to_ack_us\": null",
-        "\"checksums_match\": true",
-    ] {
-        assert!(report.contains(field), "{field} missing from\n{report}");
-    }
-    let segments = std::fs::read_dir(tmp.path().join("data/leader/queues/w0"))
-        .unwrap()
-        .count();
-    assert!(segments > 10, "only {segments} segments");
-    for r in ["raw1", "raw2"] {
-        let stream = std::fs::metadata(tmp.path().join("data").join(r).join("stream")).unwrap();
-        assert!(stream.len() > 30000 * 100, "{r}: {} bytes", stream.len());
+    // Each append sent at once, and in batches of 1 MiB (the last one partial: sent when the
+    // writer is done).
+    for batch in ["0", "1048576"] {
+        let json = tmp.path().join(format!("raw-{batch}.json"));
+        let data = tmp.path().join(format!("data-{batch}"));
+        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(["--mode", "raw", "--followers", "2", "--messages", "30000"])
+            .args(["--raw-batch-bytes", batch])
+            // Several segments, and message sizes that do not divide them.
+            .args(["--message-bytes", "100-3000", "--segment-bytes", "1048576"])
+            .arg("--json")
+            .arg(&json)
+            .arg("--dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("every receiver's stream identical to the segments: yes"),
+            "{stdout}"
+        );
+        let report = std::fs::read_to_string(&json).unwrap();
+        for field in [
+            "\"mode\": \"raw\"",
+            "\"messages\": 30000,",
+            // Every message's latency to received by both, so none was left out.
+            "\"append_to_ack_us\": {\"count\": 30000,",
+            "\"checksums_match\": true",
+        ] {
+            assert!(report.contains(field), "{field} missing from\n{report}");
+        }
+        let segments = std::fs::read_dir(data.join("leader/queues/w0"))
+            .unwrap()
+            .count();
+        assert!(segments > 10, "only {segments} segments");
+        for r in ["raw1", "raw2"] {
+            let stream = std::fs::metadata(data.join(r).join("stream")).unwrap();
+            assert!(stream.len() > 30000 * 100, "{r}: {} bytes", stream.len());
+        }
     }
 
     // Two writers would interleave their segments in the stream: refused, saying why.

@@ -119,6 +119,11 @@ struct Args {
     /// followers' disk, which separate machines do not.
     #[arg(long, value_name = "DIR")]
     leader_dir: Option<PathBuf>,
+    /// --mode raw: a sender waits until this many bytes are there to send. 0 sends each append
+    /// at once, like ferry (the latency floor); 1048576 makes big splices (the throughput
+    /// ceiling).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    raw_batch_bytes: u64,
     /// Run the writer threads on this CPU alone, and everything else (the leader's server
     /// thread, the followers) on the other CPUs: on one machine the followers otherwise take
     /// the writer's CPU time, which followers on other machines do not.
@@ -265,6 +270,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             &leader_dir,
             &root,
             args.followers,
+            args.raw_batch_bytes,
         )?))
     } else {
         None
@@ -325,16 +331,25 @@ fn run(args: Args) -> anyhow::Result<bool> {
 
     // Confirmer: append-to-ack latency, without one waiter per message.
     let (confirm_tx, confirm_rx) = mpsc::channel::<Vec<(u64, Instant, bool)>>();
-    let confirmer = leader.clone().map(|leader| {
-        let durability = args.durability;
-        let n = args.followers;
-        std::thread::spawn(move || {
+    let confirmer = match (leader.clone(), fanout.clone()) {
+        (Some(leader), _) => {
+            let durability = args.durability;
+            let n = args.followers;
+            Some(std::thread::spawn(move || {
+                confirm(
+                    |beyond, timeout| leader.wait_acked_beyond(beyond, durability, n, timeout),
+                    confirm_rx,
+                )
+            }))
+        }
+        (None, Some(fanout)) => Some(std::thread::spawn(move || {
             confirm(
-                |beyond, timeout| leader.wait_acked_beyond(beyond, durability, n, timeout),
+                |beyond, timeout| fanout.wait_received_beyond(beyond, timeout),
                 confirm_rx,
             )
-        })
-    });
+        })),
+        (None, None) => None,
+    };
 
     // Writers.
     let per_writer_rate = args.rate as f64 / args.writers as f64;
@@ -472,6 +487,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     let elapsed_s = writers_done.duration_since(started).as_secs_f64();
+    if let Some(fanout) = &fanout {
+        fanout.close();
+    }
     shared.stop.store(true, Ordering::SeqCst);
     let (kills, stalls, joins) = faults
         .join()
@@ -749,10 +767,14 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
         rng ^= rng << 17;
         let len = plan.size.0 + (rng as usize) % (plan.size.1 - plan.size.0 + 1);
         let written = segments.write(&payload[..len])?;
-        if let Some(leader) = &plan.leader {
-            let in_fault = plan.shared.in_fault.load(Ordering::Relaxed);
-            let t0 = Instant::now();
-            let position = leader.append(written.path, written.offset, len as u64)?;
+        let in_fault = plan.shared.in_fault.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        let position = match (&plan.leader, &plan.fanout) {
+            (Some(leader), _) => Some(leader.append(written.path, written.offset, len as u64)?),
+            (None, Some(fanout)) => Some(fanout.append(written.path, written.offset, len as u64)),
+            (None, None) => None,
+        };
+        if let Some(position) = position {
             let ns = t0.elapsed().as_nanos() as u64;
             let _ = if in_fault {
                 fault.record(ns.max(1))
@@ -769,10 +791,6 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
                     Vec::with_capacity(CONFIRM_BATCH),
                 ));
             }
-        } else if let Some(fanout) = &plan.fanout {
-            let t0 = Instant::now();
-            fanout.append(written.path, written.offset, len as u64);
-            let _ = normal.record((t0.elapsed().as_nanos() as u64).max(1));
         }
         sent += 1;
         plan.shared.messages.fetch_add(1, Ordering::Relaxed);

@@ -21,14 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ferry::engine::{Pipe, RECEIVE_PIPE_BYTES, SEND_PIPE_BYTES};
 use sha1::{Digest, Sha1};
-
-/// An idle sender waits until this many bytes are there to send (or the log closes): big
-/// splices and one wake-up per MiB, as fast as a transfer can go, whatever it does to latency
-/// (raw mode measures throughput only).
-const BATCH_BYTES: u64 = 1024 * 1024;
 
 /// Appended ranges not yet sent by every sender, in the order they were appended.
 struct Log {
@@ -70,17 +66,38 @@ struct Range {
 struct Shared {
     log: Mutex<Log>,
     grew: Condvar,
+    /// An idle sender waits until this many bytes are there to send (at least one).
+    batch_bytes: u64,
+    /// Per receiver, the bytes it holds (written into its stream).
+    received_bytes: Vec<AtomicU64>,
+    /// The least of `received_bytes`, for `wait_received_beyond`.
+    held_by_all: Mutex<u64>,
+    held: Condvar,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Log> {
-        // Only a panicking sender could poison it, and then its join reports the panic.
+        // Only a panicking thread could poison it, and then its join reports the panic.
         self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn received(&self, receiver: usize, bytes: u64) {
+        self.received_bytes[receiver].store(bytes, Ordering::SeqCst);
+        let least = self
+            .received_bytes
+            .iter()
+            .map(|r| r.load(Ordering::SeqCst))
+            .min()
+            .unwrap_or(bytes);
+        let mut held = self.held_by_all.lock().unwrap_or_else(|p| p.into_inner());
+        if least > *held {
+            *held = least;
+            self.held.notify_all();
+        }
     }
 }
 
 struct Receiver {
-    received_bytes: Arc<AtomicU64>,
     path: PathBuf,
     thread: JoinHandle<io::Result<()>>,
 }
@@ -93,8 +110,15 @@ pub struct Fanout {
 }
 
 impl Fanout {
-    /// Receivers write into `recv_root/raw<i>/stream`; segments are read from `dir`.
-    pub fn start(dir: &Path, recv_root: &Path, receivers: usize) -> io::Result<Fanout> {
+    /// Receivers write into `recv_root/raw<i>/stream`; segments are read from `dir`. A sender
+    /// waits for `batch_bytes` to send: 0 sends each append as soon as it can (the latency
+    /// floor), 1 MiB gives big splices and one wake-up per MiB (the throughput ceiling).
+    pub fn start(
+        dir: &Path,
+        recv_root: &Path,
+        receivers: usize,
+        batch_bytes: u64,
+    ) -> io::Result<Fanout> {
         let shared = Arc::new(Shared {
             log: Mutex::new(Log {
                 entries: VecDeque::new(),
@@ -107,6 +131,10 @@ impl Fanout {
                 closed: false,
             }),
             grew: Condvar::new(),
+            batch_bytes: batch_bytes.max(1),
+            received_bytes: (0..receivers).map(|_| AtomicU64::new(0)).collect(),
+            held_by_all: Mutex::new(0),
+            held: Condvar::new(),
         });
         let mut fanout = Fanout {
             dir: dir.to_path_buf(),
@@ -121,16 +149,11 @@ impl Fanout {
             std::fs::create_dir_all(&out_dir)?;
             let path = out_dir.join("stream");
             let out = File::create(&path)?;
-            let received_bytes = Arc::new(AtomicU64::new(0));
-            let counter = received_bytes.clone();
+            let shared = fanout.shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("raw-receiver{}", i + 1))
-                .spawn(move || receive(listener, out, &counter))?;
-            fanout.receivers.push(Receiver {
-                received_bytes,
-                path,
-                thread,
-            });
+                .spawn(move || receive(listener, out, &shared, i))?;
+            fanout.receivers.push(Receiver { path, thread });
             let socket = TcpStream::connect(addr)?;
             let shared = fanout.shared.clone();
             let dir = fanout.dir.clone();
@@ -143,8 +166,9 @@ impl Fanout {
         Ok(fanout)
     }
 
-    /// The writer wrote `[offset, offset + len_bytes)` of `path` (relative to the dir).
-    pub fn append(&self, path: &str, offset: u64, len_bytes: u64) {
+    /// The writer wrote `[offset, offset + len_bytes)` of `path` (relative to the dir). Returns
+    /// the bytes appended so far, the position `wait_received_beyond` compares.
+    pub fn append(&self, path: &str, offset: u64, len_bytes: u64) -> u64 {
         let mut log = self.shared.lock();
         log.appended_bytes += len_bytes;
         match log.entries.back_mut() {
@@ -170,26 +194,46 @@ impl Fanout {
             log.wake_at_bytes = u64::MAX;
             self.shared.grew.notify_all();
         }
+        log.appended_bytes
+    }
+
+    /// Waits up to `timeout` until every receiver holds more than `beyond` bytes; returns what
+    /// they all hold.
+    pub fn wait_received_beyond(&self, beyond: u64, timeout: Duration) -> u64 {
+        let held = self
+            .shared
+            .held_by_all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (held, _) = self
+            .shared
+            .held
+            .wait_timeout_while(held, timeout, |h| *h <= beyond)
+            .unwrap_or_else(|p| p.into_inner());
+        *held
     }
 
     /// Per receiver, the bytes appended that it does not hold yet.
     pub fn lags(&self) -> Vec<Option<u64>> {
         let appended = self.shared.lock().appended_bytes;
-        self.receivers
+        self.shared
+            .received_bytes
             .iter()
-            .map(|r| Some(appended.saturating_sub(r.received_bytes.load(Ordering::Relaxed))))
+            .map(|r| Some(appended.saturating_sub(r.load(Ordering::Relaxed))))
             .collect()
     }
 
-    /// Once the writer has finished its segments: lets the senders drain and close, and waits
-    /// until every receiver holds everything.
+    /// The writer is done: the senders send what is left, whatever the batch, and close.
+    pub fn close(&self) {
+        let mut log = self.shared.lock();
+        log.closed = true;
+        self.shared.grew.notify_all();
+    }
+
+    /// After `close`: waits until every receiver holds everything.
     pub fn finish(self) -> anyhow::Result<Drained> {
-        let segments = {
-            let mut log = self.shared.lock();
-            log.closed = true;
-            self.shared.grew.notify_all();
-            log.segments.clone()
-        };
+        self.close();
+        let segments = self.shared.lock().segments.clone();
         for s in self.senders {
             join(s, "a raw sender")?;
         }
@@ -248,8 +292,8 @@ fn hash_file(path: &Path, into: &mut Sha1) -> io::Result<()> {
     }
 }
 
-/// Sender `me`: every range in order, from the segment file to the socket, once `BATCH_BYTES`
-/// are there to send; returns once the log is closed and everything in it is sent (dropping
+/// Sender `me`: every range in order, from the segment file to the socket, once a batch is
+/// there to send; returns once the log is closed and everything in it is sent (dropping
 /// the socket ends the receiver's stream).
 fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result<()> {
     let pipe = Pipe::new(SEND_PIPE_BYTES)?;
@@ -260,8 +304,8 @@ fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result
     loop {
         let (path, from, to) = {
             let mut log = shared.lock();
-            while log.appended_bytes - sent_bytes < BATCH_BYTES && !log.closed {
-                log.set_wait(me, Some(sent_bytes + BATCH_BYTES));
+            while log.appended_bytes - sent_bytes < shared.batch_bytes && !log.closed {
+                log.set_wait(me, Some(sent_bytes + shared.batch_bytes));
                 log = shared.grew.wait(log).unwrap_or_else(|p| p.into_inner());
                 log.set_wait(me, None);
             }
@@ -323,7 +367,7 @@ fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result
 }
 
 /// One receiver: the socket's bytes into `out`, in order, until the sender closes.
-fn receive(listener: TcpListener, out: File, received_bytes: &AtomicU64) -> io::Result<()> {
+fn receive(listener: TcpListener, out: File, shared: &Shared, me: usize) -> io::Result<()> {
     let (socket, _) = listener.accept()?;
     let pipe = Pipe::new(RECEIVE_PIPE_BYTES)?;
     let mut offset: libc::loff_t = 0;
@@ -355,7 +399,7 @@ fn receive(listener: TcpListener, out: File, received_bytes: &AtomicU64) -> io::
             }
             left -= w;
         }
-        received_bytes.store(offset as u64, Ordering::Relaxed);
+        shared.received(me, offset as u64);
     }
 }
 

@@ -140,13 +140,12 @@ impl Report {
             self.messages_per_s(),
             self.mb_per_s()
         );
-        if !raw {
-            let _ = writeln!(
-                s,
-                "  append() to acked by all: {}",
-                quantiles_text(&self.append_to_ack_us, "us")
-            );
-        }
+        let _ = writeln!(
+            s,
+            "  append() to {} by all: {}",
+            if raw { "received" } else { "acked" },
+            quantiles_text(&self.append_to_ack_us, "us")
+        );
         let _ = writeln!(
             s,
             "  append() call: {}",
