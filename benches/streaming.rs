@@ -239,6 +239,10 @@ fn benches(c: &mut Criterion) {
             .expect("follower");
             assert!(l.wait_for(0, Durability::Written, 1, Duration::from_secs(30)));
             // Each iteration streams a fresh segment, deleted afterwards to bound disk use.
+            // Untimed, as the baseline's are: the copy is written back before the clock
+            // starts (the baseline's source is clean too), and the follower has removed the
+            // previous copy (the baseline removes its output before each transfer).
+            let copy_dir = tmp.path().join(format!("{name}-{engine}-copy"));
             let mut n = 0u64;
             group.throughput(Throughput::Bytes(total));
             group.bench_function(format!("{name}/{engine}"), |b| {
@@ -248,9 +252,17 @@ fn benches(c: &mut Criterion) {
                         n += 1;
                         let seg = format!("seg{n}");
                         copy_prefix(&src, &dir.join(&seg), total);
+                        File::open(dir.join(&seg))
+                            .and_then(|f| f.sync_data())
+                            .expect("sync the segment");
                         elapsed += stream(&l, &seg, 0, total, chunk);
                         std::fs::remove_file(dir.join(&seg)).expect("remove");
-                        l.delete_file(&seg).expect("delete");
+                        let position = l.delete_file(&seg).expect("delete");
+                        assert!(
+                            l.wait_for(position, Durability::Written, 1, Duration::from_secs(30)),
+                            "the follower did not ack the delete"
+                        );
+                        assert!(!copy_dir.join(&seg).exists(), "acked but not deleted");
                     }
                     elapsed
                 })
