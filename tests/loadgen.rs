@@ -1,52 +1,52 @@
 //! `loadgen` end to end, briefly: a writer, a follower killed and restarted under load, and the
 //! report files it promises.
 
+use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
-    let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("run.json");
-    let svg = tmp.path().join("run.svg");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "--duration",
-            "2s",
-            "--followers",
-            "2",
-            "--durability",
-            "written",
-        ])
-        .args(["--rate", "20000", "--kill-follower-every", "700ms"])
-        .arg("--json")
-        .arg(&json)
-        .arg("--plot")
-        .arg(&svg)
-        .arg("--dir")
-        .arg(tmp.path().join("data"))
-        .output()
-        .unwrap();
+/// Runs `cmd`, asserts that it succeeded and that its summary says `says`, and that the JSON
+/// report it wrote to `json` holds each of `fields`; returns that report.
+fn run_reporting(cmd: &mut Command, says: &str, json: &Path, fields: &[&str]) -> String {
+    let out = cmd.arg("--json").arg(json).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        stdout.contains("followers identical to the leader: yes"),
-        "{stdout}"
-    );
-    let report = std::fs::read_to_string(&json).unwrap();
-    for field in [
-        "\"messages_per_s\"",
-        "\"append_to_ack_us\": {\"count\"",
-        "\"follower_usage\"",
-        "\"samples\"",
-        "\"checksums_match\": true",
-    ] {
+    assert!(stdout.contains(says), "{stdout}");
+    let report = std::fs::read_to_string(json).unwrap();
+    for field in fields {
         assert!(report.contains(field), "{field} missing from\n{report}");
     }
+    report
+}
+
+#[test]
+fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("run.json");
+    let svg = tmp.path().join("run.svg");
+    let report = run_reporting(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--duration", "2s", "--followers", "2"])
+            .args(["--durability", "written"])
+            .args(["--rate", "20000", "--kill-follower-every", "700ms"])
+            .arg("--plot")
+            .arg(&svg)
+            .arg("--dir")
+            .arg(tmp.path().join("data")),
+        "followers identical to the leader: yes",
+        &json,
+        &[
+            "\"messages_per_s\"",
+            "\"append_to_ack_us\": {\"count\"",
+            "\"follower_usage\"",
+            "\"samples\"",
+            "\"checksums_match\": true",
+        ],
+    );
     assert!(
         !report.contains("\"kills\": 0,"),
         "no follower was killed:\n{report}"
@@ -103,37 +103,24 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     for batch in ["0", "1048576"] {
         let json = tmp.path().join(format!("raw-{batch}.json"));
         let data = tmp.path().join(format!("data-{batch}"));
-        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .args(["--mode", "raw", "--followers", "2", "--messages", "30000"])
-            .args(["--raw-batch-bytes", batch])
-            // Several segments, and message sizes that do not divide them.
-            .args(["--message-bytes", "100-3000", "--segment-bytes", "1048576"])
-            .arg("--json")
-            .arg(&json)
-            .arg("--dir")
-            .arg(&data)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_reporting(
+            Command::new(env!("CARGO_BIN_EXE_loadgen"))
+                .args(["--mode", "raw", "--followers", "2", "--messages", "30000"])
+                .args(["--raw-batch-bytes", batch])
+                // Several segments, and message sizes that do not divide them.
+                .args(["--message-bytes", "100-3000", "--segment-bytes", "1048576"])
+                .arg("--dir")
+                .arg(&data),
+            "every receiver's stream identical to the segments: yes",
+            &json,
+            &[
+                "\"mode\": \"raw\"",
+                "\"messages\": 30000,",
+                // Every message's latency to received by both, so none was left out.
+                "\"append_to_ack_us\": {\"count\": 30000,",
+                "\"checksums_match\": true",
+            ],
         );
-        assert!(
-            stdout.contains("every receiver's stream identical to the segments: yes"),
-            "{stdout}"
-        );
-        let report = std::fs::read_to_string(&json).unwrap();
-        for field in [
-            "\"mode\": \"raw\"",
-            "\"messages\": 30000,",
-            // Every message's latency to received by both, so none was left out.
-            "\"append_to_ack_us\": {\"count\": 30000,",
-            "\"checksums_match\": true",
-        ] {
-            assert!(report.contains(field), "{field} missing from\n{report}");
-        }
         let segments = std::fs::read_dir(data.join("leader/queues/w0"))
             .unwrap()
             .count();
