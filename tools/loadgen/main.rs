@@ -356,8 +356,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let per_writer_messages = args.messages.map(|m| m.div_ceil(args.writers as u64));
     let mut writer_threads = Vec::new();
     for w in 0..args.writers {
-        let leader = leader.clone();
-        let fanout = fanout.clone();
+        let sink = match (&leader, &fanout) {
+            (Some(leader), _) => Some(Sink::Leader(leader.clone())),
+            (None, Some(fanout)) => Some(Sink::Raw(fanout.clone())),
+            (None, None) => None,
+        };
         let shared = shared.clone();
         let dir = leader_dir.clone();
         let tx = confirm_tx.clone();
@@ -368,8 +371,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             write_loop(WriterPlan {
                 id: w,
                 dir,
-                leader,
-                fanout,
+                sink,
                 shared,
                 tx,
                 size: (lo, hi),
@@ -517,8 +519,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         converged_s = Some(writers_done.elapsed().as_secs_f64());
         checksums_match = drained.streams_match()?;
     }
-    // Raw mode has no follower processes: this compares nothing there.
-    let expected = if raw_mode {
+    // Only ferry followers are compared here (none with --followers 0 or in raw mode).
+    let expected = if followers
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .is_empty()
+    {
         Vec::new()
     } else {
         checksum_dir(&leader_dir)?
@@ -703,9 +709,8 @@ fn follower_lags(leader: Option<&Leader>, durability: Durability, n: usize) -> V
 struct WriterPlan {
     id: usize,
     dir: PathBuf,
-    leader: Option<Arc<Leader>>,
-    /// `--mode raw`: appends go here instead of to a leader.
-    fanout: Option<Arc<raw::Fanout>>,
+    /// Whom the writer tells of each message; none in write mode (`ferry lead` watches).
+    sink: Option<Sink>,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Vec<(u64, Instant, bool)>>,
     size: (usize, usize),
@@ -717,6 +722,23 @@ struct WriterPlan {
     deadline: Option<Instant>,
 }
 
+/// Where a library-style writer reports its appends.
+enum Sink {
+    Leader(Arc<Leader>),
+    /// `--mode raw`.
+    Raw(Arc<raw::Fanout>),
+}
+
+impl Sink {
+    /// The position that covers the append, for the confirmer.
+    fn append(&self, path: &str, offset: u64, len_bytes: u64) -> anyhow::Result<u64> {
+        Ok(match self {
+            Sink::Leader(leader) => leader.append(path, offset, len_bytes)?,
+            Sink::Raw(fanout) => fanout.append(path, offset, len_bytes),
+        })
+    }
+}
+
 type Hist = hdrhistogram::Histogram<u64>;
 
 /// One writer: messages into segments, each told to the leader; returns the append() call
@@ -725,12 +747,8 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
     if let Some(cpu) = plan.cpu {
         cpus::pin_to(cpu).with_context(|| format!("cannot pin a writer to CPU {cpu}"))?;
     }
-    let mut segments = SegmentWriter::new(
-        &plan.dir,
-        plan.id,
-        plan.segment_bytes,
-        plan.leader.is_some() || plan.fanout.is_some(),
-    );
+    let mut segments =
+        SegmentWriter::new(&plan.dir, plan.id, plan.segment_bytes, plan.sink.is_some());
     let mut normal = histogram();
     let mut fault = histogram();
     let payload: Vec<u8> = (0..plan.size.1)
@@ -767,14 +785,10 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
         rng ^= rng << 17;
         let len = plan.size.0 + (rng as usize) % (plan.size.1 - plan.size.0 + 1);
         let written = segments.write(&payload[..len])?;
-        let in_fault = plan.shared.in_fault.load(Ordering::Relaxed);
-        let t0 = Instant::now();
-        let position = match (&plan.leader, &plan.fanout) {
-            (Some(leader), _) => Some(leader.append(written.path, written.offset, len as u64)?),
-            (None, Some(fanout)) => Some(fanout.append(written.path, written.offset, len as u64)),
-            (None, None) => None,
-        };
-        if let Some(position) = position {
+        if let Some(sink) = &plan.sink {
+            let in_fault = plan.shared.in_fault.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            let position = sink.append(written.path, written.offset, len as u64)?;
             let ns = t0.elapsed().as_nanos() as u64;
             let _ = if in_fault {
                 fault.record(ns.max(1))
