@@ -879,7 +879,7 @@ async fn drive(
     input_rx: &mut mpsc::Receiver<io::Result<Vec<u8>>>,
 ) -> Result<(), ServeError> {
     let mut input: Vec<u8> = Vec::new();
-    let mut files: HashMap<RelPath, (u64, File)> = HashMap::new();
+    let mut files = OpenFiles::new();
     let mut eof = false;
     let mut published_at: Option<Instant> = None;
     let connected_at = Instant::now();
@@ -913,6 +913,12 @@ async fn drive(
             input.drain(..n);
         }
         for path in changed.drain(..) {
+            // A deleted or replaced file's old inode is not kept open here: its disk space (a
+            // segment that retention removed) comes back only once nobody holds it.
+            let current = catalog.get(&path).map(|e| e.generation);
+            if files.get(&path).is_some_and(|(g, _)| Some(*g) != current) {
+                files.remove(&path);
+            }
             session.note_changed(path);
         }
         let transmit = session.poll_transmit(&catalog, now);
@@ -959,10 +965,7 @@ async fn drive(
                 {
                     Ok((len, file)) => {
                         session.begin_whole(&path, len, &catalog);
-                        if files.len() >= OPEN_FILES_PER_CONNECTION_MAX {
-                            files.clear();
-                        }
-                        files.insert(path, (generation, file));
+                        keep_open(&mut files, path, generation, file);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         session.whole_unavailable(&path);
@@ -978,23 +981,19 @@ async fn drive(
                 offset,
                 len_bytes,
             }) => {
-                let fresh = !matches!(files.get(&path), Some((g, _)) if *g == generation);
-                if fresh {
-                    let file = ctx
-                        .dir
-                        .open_read(&path)
-                        .map_err(|e| SessionError::Io(format!("cannot read {path}: {e}")))?;
-                    files.insert(path.clone(), (generation, file));
-                }
-                let file_len = match files.get(&path) {
-                    Some((_, file)) => file.metadata().map(|m| m.len()).unwrap_or(0),
-                    None => 0,
-                };
-                if file_len < offset + len_bytes {
-                    // Truncated or replaced since the range was planned: take the header back;
-                    // that change ships on its own. (A shrink during the splice below still
-                    // ends the connection: the frame's length is already on the wire.)
-                    tracing::debug!("{path} is {file_len} bytes, shorter than [{offset}, +{len_bytes}): skipped");
+                if !payload_available(
+                    ctx,
+                    &mut files,
+                    &catalog,
+                    &path,
+                    generation,
+                    offset + len_bytes,
+                )? {
+                    // Truncated, replaced or deleted since the range was planned: take the
+                    // header back; that change ships on its own. (A shrink during the splice
+                    // below still ends the connection: the frame's length is already on the
+                    // wire.)
+                    tracing::debug!("{path} no longer has [{offset}, +{len_bytes}): skipped");
                     session.payload_unavailable();
                     files.remove(&path);
                     continue;
@@ -1070,6 +1069,45 @@ async fn drive(
             }
         }
     }
+}
+
+/// The files a connection keeps open to ship payloads from: path -> (generation, file).
+type OpenFiles = HashMap<RelPath, (u64, File)>;
+
+fn keep_open(files: &mut OpenFiles, path: RelPath, generation: u64, file: File) {
+    if files.len() >= OPEN_FILES_PER_CONNECTION_MAX {
+        files.clear();
+    }
+    files.insert(path, (generation, file));
+}
+
+/// Whether `path` at `generation` still holds the bytes up to `end`, opening it if needed
+/// (then it is in `files`). Not when the catalog has moved on to another generation or none
+/// (replaced or deleted: reopening the name would send another file's bytes), nor when the
+/// file is gone or shorter.
+fn payload_available(
+    ctx: &ConnCtx,
+    files: &mut OpenFiles,
+    catalog: &crate::catalog::Catalog,
+    path: &RelPath,
+    generation: u64,
+    end: u64,
+) -> Result<bool, ServeError> {
+    if catalog.get(path).map(|e| e.generation) != Some(generation) {
+        return Ok(false);
+    }
+    if !matches!(files.get(path), Some((g, _)) if *g == generation) {
+        match ctx.dir.open_read(path) {
+            Ok(file) => keep_open(files, path.clone(), generation, file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(SessionError::Io(format!("cannot read {path}: {e}")).into()),
+        }
+    }
+    let len_bytes = match files.get(path) {
+        Some((_, file)) => file.metadata().map(|m| m.len()).unwrap_or(0),
+        None => 0,
+    };
+    Ok(len_bytes >= end)
 }
 
 /// Takes what the reader sent: a chunk into `input`, or the end of the stream into `eof`.

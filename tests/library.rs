@@ -198,3 +198,58 @@ fn a_lone_small_append_is_acked_without_waiting_for_the_keepalive() {
         );
     }
 }
+
+/// The files of `dir` that this process holds open although they were deleted: their disk
+/// space (and page cache) cannot be reclaimed while an fd keeps them.
+fn deleted_but_open(dir: &Path) -> Vec<String> {
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .filter(|t| t.starts_with(&prefix) && t.ends_with(" (deleted)"))
+        .collect()
+}
+
+/// A broker's retention deletes old segments and rewrites small files by renaming over them;
+/// the disk space must come back at once, not when the leader happens to close the file.
+#[test]
+fn a_deleted_segment_or_a_replaced_file_is_not_held_open_by_the_leader() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let ld = env.dir("leader");
+        let leader = start(&ld, engine);
+        let _f = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
+        let mut offsets = [0u64; 3];
+        for (i, offset) in offsets.iter_mut().enumerate() {
+            let position = publish(&leader, &ld, &format!("seg.{i}"), offset, 100);
+            assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        }
+        for generation in 0..3 {
+            std::fs::write(
+                ld.join("meta.tmp"),
+                format!("{{\"generation\":{generation}}}"),
+            )
+            .unwrap();
+            std::fs::rename(ld.join("meta.tmp"), ld.join("meta.json")).unwrap();
+            let position = leader.replace_file("meta.json").unwrap();
+            assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        }
+        // Retention: the two oldest segments go.
+        for segment in ["seg.0", "seg.1"] {
+            std::fs::remove_file(ld.join(segment)).unwrap();
+            let position = leader.delete_file(segment).unwrap();
+            assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        }
+        // Once the follower acked the deletes, the leader holds none of the old files.
+        assert_eq!(
+            deleted_but_open(&ld),
+            Vec::<String>::new(),
+            "{engine}: deleted files still open in the leader"
+        );
+        // And it still ships what remains.
+        let position = publish(&leader, &ld, "seg.2", &mut offsets[2], 10);
+        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        wait_identical(&ld, &env.tmp.path().join("f"), Duration::from_secs(10));
+    }
+}
