@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Bytes a leader's splice pipe holds (asked for); each splice moves at most this much.
 pub const SEND_PIPE_BYTES: usize = 4 * 1024 * 1024;
@@ -163,6 +163,60 @@ impl Pipe {
             write,
             capacity_bytes,
         })
+    }
+}
+
+impl Pipe {
+    /// Moves exactly `len_bytes` out of the pipe into `fd_out`, blocking: at `*off_out`
+    /// (advanced as bytes land) when given, else at `fd_out`'s own position (a socket, a pipe).
+    pub fn drain_blocking(
+        &self,
+        fd_out: RawFd,
+        mut off_out: Option<&mut libc::loff_t>,
+        len_bytes: usize,
+    ) -> io::Result<()> {
+        let mut left = len_bytes;
+        while left > 0 {
+            let n = splice_blocking(
+                self.read.as_raw_fd(),
+                None,
+                fd_out,
+                off_out.as_deref_mut(),
+                left,
+            )?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "splice out of the pipe moved nothing",
+                ));
+            }
+            left -= n;
+        }
+        Ok(())
+    }
+}
+
+/// One blocking splice(2) of up to `len_bytes`, retried when a signal interrupts it. An offset
+/// is `None` for an fd read or written at its own position (pipes and sockets must be); a
+/// given one is advanced by the kernel. For threads that may block: never call it on a
+/// runtime thread.
+pub fn splice_blocking(
+    fd_in: RawFd,
+    off_in: Option<&mut libc::loff_t>,
+    fd_out: RawFd,
+    off_out: Option<&mut libc::loff_t>,
+    len_bytes: usize,
+) -> io::Result<usize> {
+    let p_in = off_in.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
+    let p_out = off_out.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
+    loop {
+        // SAFETY: the caller passes open fds (borrowed for the call); each offset pointer is
+        // null or points to a live, exclusively borrowed loff_t the kernel advances.
+        let r = unsafe { libc::splice(fd_in, p_in, fd_out, p_out, len_bytes, libc::SPLICE_F_MOVE) };
+        match byte_count(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
     }
 }
 

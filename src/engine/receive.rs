@@ -22,7 +22,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,8 +220,8 @@ impl Receiver {
             };
             if inline {
                 // Nothing else is in flight, so the file grows in order here too.
-                let fd = dest.file.as_raw_fd();
-                if let Err(e) = drain_blocking(&pipe, fd, offset, n) {
+                let mut at = offset as libc::loff_t;
+                if let Err(e) = pipe.drain_blocking(dest.file.as_raw_fd(), Some(&mut at), n) {
                     self.pipes_total -= 1;
                     return Err(WriteFailed::wrap(&dest.path, e));
                 }
@@ -361,49 +361,16 @@ async fn splice_in(stream: &TcpStream, pipe: &Pipe, len_bytes: usize) -> io::Res
         .await
 }
 
-/// Blocking splice of exactly `len_bytes` from the pipe into `file` at `offset`.
-fn drain_blocking(pipe: &Pipe, file: RawFd, offset: u64, len_bytes: usize) -> io::Result<()> {
-    let mut offset = offset as libc::loff_t;
-    let mut left = len_bytes;
-    while left > 0 {
-        // SAFETY: the pipe's read end and the file are open fds (the job owns both); `offset`
-        // is a valid loff_t the kernel advances.
-        let w = unsafe {
-            libc::splice(
-                pipe.read.as_raw_fd(),
-                std::ptr::null_mut(),
-                file,
-                &mut offset,
-                left,
-                libc::SPLICE_F_MOVE,
-            )
-        };
-        if w < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if w == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "splice into the file moved nothing",
-            ));
-        }
-        left -= w as usize;
-    }
-    Ok(())
-}
-
 fn spawn_writer(done: mpsc::UnboundedSender<Done>) -> io::Result<std::sync::mpsc::Sender<Job>> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("ferry-writer".into())
         .spawn(move || {
             for job in rx {
-                let fd = job.dest.file.as_raw_fd();
-                let r = drain_blocking(&job.pipe, fd, job.offset, job.len_bytes)
+                let mut at = job.offset as libc::loff_t;
+                let r = job
+                    .pipe
+                    .drain_blocking(job.dest.file.as_raw_fd(), Some(&mut at), job.len_bytes)
                     .map_err(|e| WriteFailed::wrap(&job.dest.path, e));
                 if done.send((job.pipe, r)).is_err() {
                     return;

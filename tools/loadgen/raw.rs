@@ -16,14 +16,14 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ferry::engine::{Pipe, RECEIVE_PIPE_BYTES, SEND_PIPE_BYTES};
+use ferry::engine::{splice_blocking, Pipe, RECEIVE_PIPE_BYTES, SEND_PIPE_BYTES};
 use sha1::{Digest, Sha1};
 
 /// Appended ranges not yet sent by every sender, in the order they were appended.
@@ -344,7 +344,7 @@ fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result
         let mut offset = from as libc::loff_t;
         while (offset as u64) < to {
             let want = ((to - offset as u64) as usize).min(pipe.capacity_bytes);
-            let n = splice(
+            let n = splice_blocking(
                 file.as_raw_fd(),
                 Some(&mut offset),
                 pipe.write.as_raw_fd(),
@@ -356,10 +356,7 @@ fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result
                     "the segment ended before an appended range",
                 ));
             }
-            let mut left = n;
-            while left > 0 {
-                left -= splice(pipe.read.as_raw_fd(), None, socket.as_raw_fd(), None, left)?;
-            }
+            pipe.drain_blocking(socket.as_raw_fd(), None, n)?;
         }
         sent_bytes += to - from;
         sent_to = Some(to);
@@ -372,7 +369,7 @@ fn receive(listener: TcpListener, out: File, shared: &Shared, me: usize) -> io::
     let pipe = Pipe::new(RECEIVE_PIPE_BYTES)?;
     let mut offset: libc::loff_t = 0;
     loop {
-        let n = splice(
+        let n = splice_blocking(
             socket.as_raw_fd(),
             None,
             pipe.write.as_raw_fd(),
@@ -382,47 +379,7 @@ fn receive(listener: TcpListener, out: File, shared: &Shared, me: usize) -> io::
         if n == 0 {
             return Ok(());
         }
-        let mut left = n;
-        while left > 0 {
-            let w = splice(
-                pipe.read.as_raw_fd(),
-                None,
-                out.as_raw_fd(),
-                Some(&mut offset),
-                left,
-            )?;
-            if w == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "splice into the stream moved nothing",
-                ));
-            }
-            left -= w;
-        }
+        pipe.drain_blocking(out.as_raw_fd(), Some(&mut offset), n)?;
         shared.received(me, offset as u64);
-    }
-}
-
-/// Blocking splice(2), retried when a signal interrupts it.
-fn splice(
-    fd_in: RawFd,
-    off_in: Option<&mut libc::loff_t>,
-    fd_out: RawFd,
-    off_out: Option<&mut libc::loff_t>,
-    len_bytes: usize,
-) -> io::Result<usize> {
-    let p_in = off_in.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
-    let p_out = off_out.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
-    loop {
-        // SAFETY: both fds are open (borrowed from live File/TcpStream/Pipe values for the
-        // call); each offset pointer is null or points to a live loff_t the kernel advances.
-        let r = unsafe { libc::splice(fd_in, p_in, fd_out, p_out, len_bytes, libc::SPLICE_F_MOVE) };
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }
