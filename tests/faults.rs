@@ -9,10 +9,11 @@
 //! and the session): a file it lacks, or whose copy does not match, arrives whole in
 //! `.ferry/tmp/` and is renamed over the real name once its length checks out; only a copy that
 //! is already a byte prefix of the leader's gets DATA under its real name, at offsets from its
-//! end, and those bytes reach the file in wire order (`Receiver::write_behind`). So at any
-//! instant, even right after a SIGKILL, every visible file is either the copy the follower held
-//! before (untouched), or a byte prefix of the leader's copy; and a prefix shorter than the
-//! leader's file only for a file the follower already held as a prefix (a tail being appended).
+//! end, and those bytes reach the file in wire order (each write completes before the next,
+//! `engine::receive`). So at any instant, even right after a SIGKILL, every visible file is
+//! either the copy the follower held before (untouched), or a byte prefix of the leader's copy;
+//! and a prefix shorter than the leader's file only for a file the follower already held as a
+//! prefix (a tail being appended).
 //! `check_not_torn` asserts exactly that.
 
 mod common;

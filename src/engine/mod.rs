@@ -1,9 +1,9 @@
 //! The I/O shells' common ground: which engine runs, and the connection type both the leader
 //! and the follower drivers use, whichever engine is underneath.
 //!
-//! Two engines speak the same protocol. `uring` (tokio-uring, the default) moves payloads with
-//! IORING_OP_SPLICE; `fallback` (plain tokio) uses sendfile(2) and recv(2) + pwrite(2), for hosts
-//! where io_uring is blocked. Both run a current-thread runtime with a `LocalSet`, so the drivers
+//! Two engines speak the same protocol. On the leader, `uring` (tokio-uring, the default) moves
+//! payloads with IORING_OP_SPLICE and `fallback` (plain tokio) with sendfile(2), for hosts where
+//! io_uring is blocked. A follower receives payloads with splice(2) on either (`receive`). Both run a current-thread runtime with a `LocalSet`, so the drivers
 //! are written once and use `tokio::task::spawn_local`, `tokio::time` and `tokio::sync` alike.
 //! `Conn` and `Listener` are enums rather than traits: there are exactly two engines, and an enum
 //! keeps the drivers free of generics.
@@ -288,8 +288,7 @@ impl Conn {
 
     /// A follower's connection. It is a tokio stream on both engines: the follower's payloads
     /// come off the socket with non-blocking splice(2) driven by readiness (`receive`), which
-    /// tokio-uring's completion-based stream cannot offer; with the io_uring engine the writes
-    /// into files still go through the ring.
+    /// tokio-uring's completion-based stream cannot offer.
     pub async fn connect(addr: SocketAddr) -> io::Result<Conn> {
         let conn = Conn::fallback(tokio::net::TcpStream::connect(addr).await?);
         conn.set_nodelay()?;

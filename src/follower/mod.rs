@@ -2,8 +2,9 @@
 //! applies its actions to the data dir (`apply`), syncs in batches, and reconnects with backoff.
 //!
 //! Payload bytes go from the socket to the file without the session seeing them: whatever the
-//! read buffer already holds is written first, the rest moves with `Conn::recv_file` (splice
-//! through a pipe on io_uring, recv + pwrite on the fallback engine).
+//! read buffer already holds is written first, the rest moves socket -> pipe -> file with
+//! splice(2) on the connection's task (`engine::receive`), on both engines. Each write has
+//! completed before the next frame is looked at, so a MARK is acked as written at once.
 //!
 //! With `--durability synced` a sync task runs beside the reader: whenever `written` is ahead of
 //! `synced` it makes durable everything written so far (fdatasync of each file written, fsync of
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::auth::{random_nonce, Secret};
-use crate::engine::receive::{is_write_failure, Dest, Receiver};
+use crate::engine::receive::{is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
@@ -122,14 +123,10 @@ pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
         kind.name(),
         config.durability.name()
     );
-    engine::run(kind, move || follow_loop(kind, config, dir))
+    engine::run(kind, move || follow_loop(config, dir))
 }
 
-async fn follow_loop(
-    kind: EngineKind,
-    config: FollowConfig,
-    dir: Arc<DataDir>,
-) -> Result<SyncReport, FollowError> {
+async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncReport, FollowError> {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let cache = Rc::new(RefCell::new(Some(DigestCache::load(&dir))));
     loop {
@@ -137,7 +134,7 @@ async fn follow_loop(
             return Ok(SyncReport::default());
         }
         let started = Instant::now();
-        let result = follow_once(kind, &config, &dir, &cache).await;
+        let result = follow_once(&config, &dir, &cache).await;
         if let Ok(mut st) = config.status.lock() {
             st.connected = false;
             st.last_error = result.as_ref().err().map(|e| e.to_string());
@@ -189,7 +186,6 @@ async fn resolve(leader: &str) -> io::Result<SocketAddr> {
 
 /// One connection, from connect to its end.
 async fn follow_once(
-    kind: EngineKind,
     config: &FollowConfig,
     dir: &Arc<DataDir>,
     cache: &Rc<RefCell<Option<DigestCache>>>,
@@ -240,7 +236,7 @@ async fn follow_once(
             dirty.clone(),
             config.durability == Durability::Synced,
         ),
-        receiver: Receiver::new(kind),
+        receiver: Receiver::new(),
         progress: None,
         report: SyncReport::default(),
         started: Instant::now(),
@@ -416,38 +412,23 @@ impl Ctx<'_> {
                         .apply
                         .file_for_write(&path, temp)
                         .map_err(FollowError::Session)?;
-                    // Writes handed to the receiver may outlive this call (and the cached fd):
-                    // they own a dup.
-                    let dest = || -> Result<Dest, FollowError> {
-                        Ok(Dest {
-                            file: Arc::new(file.try_clone().map_err(|e| {
-                                FollowError::Session(disk_error("write", &path, e))
-                            })?),
-                            path: Arc::from(path.as_str()),
-                            in_order: !temp,
-                        })
-                    };
-                    if buffered > 0 && !temp && self.receiver.busy() {
-                        // Behind the writes in flight, never past them: no hole under a real
-                        // name if we die in between.
-                        self.receiver
-                            .write_behind(&dest()?, offset, &input[..buffered])
-                            .await
-                            .map_err(|e| write_error(e, &path))?;
-                    } else {
-                        file.write_all_at(&input[..buffered], offset)
-                            .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
-                    }
+                    // What the read buffer holds first, then the rest from the socket: each
+                    // write completes before the next, so the file grows in wire order.
+                    file.write_all_at(&input[..buffered], offset)
+                        .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
                     input.drain(..buffered);
                     let rest = len_bytes - buffered as u64;
                     if rest > 0 {
                         let stream = self.conn.tokio_stream().ok_or_else(|| {
                             io::Error::other("the follower's connection has no tokio stream")
                         })?;
-                        let dest = dest()?;
-                        let receive =
-                            self.receiver
-                                .receive(stream, &dest, offset + buffered as u64, rest);
+                        let receive = self.receiver.receive(
+                            stream,
+                            file,
+                            path.as_str(),
+                            offset + buffered as u64,
+                            rest,
+                        );
                         let received = tokio::select! {
                             r = receive => r,
                             // `run` sees the flag next and ends the connection.
@@ -473,7 +454,7 @@ impl Ctx<'_> {
                     sync_done,
                     position,
                 } => {
-                    self.flush_writes().await?;
+                    // Every write before this MARK has completed (see `receive`).
                     self.session.borrow_mut().written(position);
                     // Acked now, not after the rest of the read buffer: rounds that came in
                     // behind this MARK (their payloads still to write) would delay it.
@@ -491,23 +472,9 @@ impl Ctx<'_> {
                         );
                     }
                 }
-                other => {
-                    // Commits, truncates and deletes see every earlier write completed.
-                    self.flush_writes().await?;
-                    self.apply.apply(other).map_err(FollowError::Session)?;
-                }
+                other => self.apply.apply(other).map_err(FollowError::Session)?,
             }
         }
-    }
-
-    async fn flush_writes(&mut self) -> Result<(), FollowError> {
-        self.receiver.flush().await.map_err(|e| {
-            if is_write_failure(&e) {
-                FollowError::Session(SessionError::Io(e.to_string()))
-            } else {
-                FollowError::Session(SessionError::Io(format!("writing a payload failed: {e}")))
-            }
-        })
     }
 
     /// HAVE entries for every file here, digests from the cache where the file is unchanged.
