@@ -43,6 +43,7 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
             "\"messages_per_s\"",
             "\"append_to_ack_us\": {\"count\"",
             "\"follower_usage\"",
+            "\"latency_queue_peak_mib\"",
             "\"samples\"",
             "\"checksums_match\": true",
         ],

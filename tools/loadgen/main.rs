@@ -505,11 +505,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
             converged_s = Some(writers_done.elapsed().as_secs_f64());
         }
     }
-    let (ack_us, ack_fault_us) = match confirmer {
+    let (ack_us, ack_fault_us, latency_queue_peak_bytes) = match confirmer {
         Some(t) => t
             .join()
             .map_err(|_| anyhow::anyhow!("the confirmer panicked"))?,
-        None => (histogram(), histogram()),
+        None => (histogram(), histogram(), 0),
     };
     let mut checksums_match = true;
     if let Some(fanout) = fanout {
@@ -621,6 +621,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         converged_s,
         checksums_match,
         dd_mb_per_s,
+        latency_queue_peak_bytes,
     };
     print!("{}", report.text());
     if let Some(path) = &args.json {
@@ -820,13 +821,16 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
 
 /// Matches appended positions with the position every follower has acked; `wait_acked_beyond`
 /// is `Leader::wait_acked_beyond` at the run's durability and follower count.
+/// Also returns the most memory its queue of positions not yet acked held, in bytes: it grows
+/// with the followers' lag, and in library mode it is part of the leader process's RSS.
 fn confirm(
     mut wait_acked_beyond: impl FnMut(u64, Duration) -> u64,
     rx: mpsc::Receiver<Vec<(u64, Instant, bool)>>,
-) -> (Hist, Hist) {
+) -> (Hist, Hist, u64) {
     let mut normal = histogram();
     let mut fault = histogram();
     let mut pending: std::collections::VecDeque<(u64, Instant, bool)> = Default::default();
+    let mut pending_capacity_max = 0;
     let mut acked = 0;
     let mut senders_gone_at: Option<Instant> = None;
     loop {
@@ -840,6 +844,7 @@ fn confirm(
                 }
             }
         }
+        pending_capacity_max = pending_capacity_max.max(pending.capacity());
         if pending.is_empty() {
             if senders_gone_at.is_some() {
                 break;
@@ -876,7 +881,8 @@ fn confirm(
             break;
         }
     }
-    (normal, fault)
+    let entry_bytes = std::mem::size_of::<(u64, Instant, bool)>();
+    (normal, fault, (pending_capacity_max * entry_bytes) as u64)
 }
 
 /// What to inject, and when (from the start of the run).
@@ -1013,7 +1019,7 @@ mod tests {
         tx.send(vec![(5, Instant::now(), false)]).unwrap();
         let tx = RefCell::new(Some(tx));
         let mut waits = Vec::new();
-        let (normal, _) = confirm(
+        let (normal, _, _) = confirm(
             |beyond, _| {
                 waits.push(beyond);
                 // While the confirmer waits, the writer hands over its last batch (covered by

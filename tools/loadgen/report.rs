@@ -47,6 +47,9 @@ pub struct Report {
     pub checksums_match: bool,
     /// `--dd-baseline`: the disk's raw rate measured before the run.
     pub dd_mb_per_s: Option<f64>,
+    /// The most memory loadgen's own queue of appends not yet acked held (it grows with the
+    /// followers' lag): part of `leader`'s RSS when the leader is embedded.
+    pub latency_queue_peak_bytes: u64,
 }
 
 pub fn histogram() -> Histogram<u64> {
@@ -100,6 +103,10 @@ impl Report {
 
     pub fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.elapsed_s.max(1e-9)
+    }
+
+    pub fn latency_queue_peak_mib(&self) -> f64 {
+        self.latency_queue_peak_bytes as f64 / (1024.0 * 1024.0)
     }
 
     /// MB/s counting until every follower held everything (writing plus catching up).
@@ -171,10 +178,21 @@ impl Report {
                 acked / dd
             );
         }
-        for u in std::iter::once(&self.leader).chain(&self.follower_usage) {
+        for (i, u) in std::iter::once(&self.leader)
+            .chain(&self.follower_usage)
+            .enumerate()
+        {
+            let queue = if i == 0 && self.latency_queue_peak_bytes > 0 {
+                format!(
+                    " (of it, loadgen's queue of appends not yet acked: up to {:.1} MiB)",
+                    self.latency_queue_peak_mib()
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "  {}: {:.2} CPU s, peak RSS {:.1} MiB",
+                "  {}: {:.2} CPU s, peak RSS {:.1} MiB{queue}",
                 u.name,
                 u.cpu_s,
                 u.rss_peak_kib as f64 / 1024.0
@@ -234,6 +252,11 @@ impl Report {
             quantiles_json(&self.append_call_fault_ns)
         );
         let _ = writeln!(s, "  \"leader\": {},", usage_json(&self.leader));
+        let _ = writeln!(
+            s,
+            "  \"latency_queue_peak_mib\": {:.1},",
+            self.latency_queue_peak_mib()
+        );
         let followers: Vec<String> = self.follower_usage.iter().map(usage_json).collect();
         let _ = writeln!(s, "  \"follower_usage\": [{}],", followers.join(", "));
         let _ = writeln!(s, "  \"kills\": {},", self.kills);
