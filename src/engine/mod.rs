@@ -3,8 +3,9 @@
 //!
 //! Two engines speak the same protocol. On the leader, `uring` (tokio-uring, the default) moves
 //! payloads with IORING_OP_SPLICE and `fallback` (plain tokio) with sendfile(2), for hosts where
-//! io_uring is blocked. A follower receives payloads with splice(2) on either (`receive`). Both run a current-thread runtime with a `LocalSet`, so the drivers
-//! are written once and use `tokio::task::spawn_local`, `tokio::time` and `tokio::sync` alike.
+//! io_uring is blocked. A follower receives payloads with splice(2) on either (`receive`). Both
+//! run a current-thread runtime with a `LocalSet`, so the drivers are written once and use
+//! `tokio::task::spawn_local`, `tokio::time` and `tokio::sync` alike.
 //! `Conn` and `Listener` are enums rather than traits: there are exactly two engines, and an enum
 //! keeps the drivers free of generics.
 
@@ -164,9 +165,7 @@ impl Pipe {
             capacity_bytes,
         })
     }
-}
 
-impl Pipe {
     /// Moves exactly `len_bytes` out of the pipe into `fd_out`, blocking: at `*off_out`
     /// (advanced as bytes land) when given, else at `fd_out`'s own position (a socket, a pipe).
     pub fn drain_blocking(
@@ -198,8 +197,9 @@ impl Pipe {
 
 /// One blocking splice(2) of up to `len_bytes`, retried when a signal interrupts it. An offset
 /// is `None` for an fd read or written at its own position (pipes and sockets must be); a
-/// given one is advanced by the kernel. For threads that may block: never call it on a
-/// runtime thread.
+/// given one is advanced by the kernel. It blocks the calling thread: on a runtime thread only
+/// into a file or a pipe, never into a socket a peer may stop reading (the leader's sessions
+/// share one thread, so their payloads go through the ring instead).
 pub fn splice_blocking(
     fd_in: RawFd,
     off_in: Option<&mut libc::loff_t>,
