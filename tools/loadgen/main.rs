@@ -821,7 +821,7 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
 
 /// Matches appended positions with the position every follower has acked; `wait_acked_beyond`
 /// is `Leader::wait_acked_beyond` at the run's durability and follower count.
-/// Also returns the most memory its queue of positions not yet acked held, in bytes: it grows
+/// Also returns the most bytes of entries its queue of positions not yet acked held: it grows
 /// with the followers' lag, and in library mode it is part of the leader process's RSS.
 fn confirm(
     mut wait_acked_beyond: impl FnMut(u64, Duration) -> u64,
@@ -830,7 +830,7 @@ fn confirm(
     let mut normal = histogram();
     let mut fault = histogram();
     let mut pending: std::collections::VecDeque<(u64, Instant, bool)> = Default::default();
-    let mut pending_capacity_max = 0;
+    let mut pending_len_max = 0;
     let mut acked = 0;
     let mut senders_gone_at: Option<Instant> = None;
     loop {
@@ -844,7 +844,7 @@ fn confirm(
                 }
             }
         }
-        pending_capacity_max = pending_capacity_max.max(pending.capacity());
+        pending_len_max = pending_len_max.max(pending.len());
         if pending.is_empty() {
             if senders_gone_at.is_some() {
                 break;
@@ -882,7 +882,7 @@ fn confirm(
         }
     }
     let entry_bytes = std::mem::size_of::<(u64, Instant, bool)>();
-    (normal, fault, (pending_capacity_max * entry_bytes) as u64)
+    (normal, fault, (pending_len_max * entry_bytes) as u64)
 }
 
 /// What to inject, and when (from the start of the run).

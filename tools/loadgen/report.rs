@@ -47,8 +47,8 @@ pub struct Report {
     pub checksums_match: bool,
     /// `--dd-baseline`: the disk's raw rate measured before the run.
     pub dd_mb_per_s: Option<f64>,
-    /// The most memory loadgen's own queue of appends not yet acked held (it grows with the
-    /// followers' lag): part of `leader`'s RSS when the leader is embedded.
+    /// The most bytes of entries loadgen's own queue of appends not yet acked held (it grows
+    /// with the followers' lag): part of `leader`'s RSS when the leader is embedded.
     pub latency_queue_peak_bytes: u64,
 }
 
@@ -184,7 +184,7 @@ impl Report {
         {
             let queue = if i == 0 && self.latency_queue_peak_bytes > 0 {
                 format!(
-                    " (of it, loadgen's queue of appends not yet acked: up to {:.1} MiB)",
+                    " (loadgen's queue of appends not yet acked held up to {:.1} MiB of it)",
                     self.latency_queue_peak_mib()
                 )
             } else {
