@@ -495,6 +495,8 @@ async fn node_loop(
     };
     let stopping = || stop.load(Ordering::SeqCst);
     let mut etcd_backoff = ETCD_RETRY_MIN;
+    // Set when this node could not lead: no campaign before then.
+    let mut campaign_after: Option<tokio::time::Instant> = None;
     while !stopping() {
         // etcd unreachable (not started yet, partitioned): keep following whoever we followed,
         // and retry. Without etcd no node can be elected, so none may lead.
@@ -540,7 +542,9 @@ async fn node_loop(
             }
             let isr = read_isr(&mut client, &keys.isr).await;
             let eligible = may_campaign(&isr, &config.advertise);
+            let held_back = campaign_after.is_some_and(|t| tokio::time::Instant::now() < t);
             match (&campaign, eligible) {
+                (None, true) if held_back => {}
                 (None, true) => {
                     let mut c = client.clone();
                     let (name, value) = (keys.election.clone(), config.advertise.clone());
@@ -635,7 +639,22 @@ async fn node_loop(
             config.listen,
             config.advertise
         );
-        let mut leading = Leading::start(&config, feed).await?;
+        let mut leading = match Leading::start(&config, feed).await {
+            Ok(leading) => leading,
+            Err(e) => {
+                // Exiting would leave our election key in place until the lease lapsed, and
+                // nobody would lead meanwhile.
+                tracing::error!(
+                    "elected, but cannot lead: {e:#}; resigning so that another node can lead, \
+                     and not campaigning again for {} s",
+                    CANNOT_LEAD_BACKOFF.as_secs()
+                );
+                keepalive.abort();
+                revoke(&mut client, lease, config.lease_ttl_s).await;
+                campaign_after = Some(tokio::time::Instant::now() + CANNOT_LEAD_BACKOFF);
+                continue;
+            }
+        };
         set_role(&role, Role::Leading(leading.leader.clone()));
         tell(&on_role, RoleEvent::Elected(leading.leader.clone())).await;
         // Lead until the lease lapses: then stop at once (fenced) and start over as a follower.
@@ -795,6 +814,9 @@ async fn revoke(client: &mut Client, lease: i64, ttl_s: i64) {
 }
 
 /// Backoff between attempts to reach etcd.
+/// How long a node that was elected but could not lead (its --listen address taken, its data
+/// dir unreadable) stays out of the election after resigning, following whoever leads.
+const CANNOT_LEAD_BACKOFF: Duration = Duration::from_secs(5);
 const ETCD_RETRY_MIN: Duration = Duration::from_millis(250);
 const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
 

@@ -546,3 +546,33 @@ fn a_node_refused_by_the_leader_keeps_trying_instead_of_idling_until_the_leader_
     );
     drop(etcd);
 }
+
+/// A node elected while something else holds its --listen port cannot serve. It says so,
+/// naming the address, resigns at once so that another node leads, and stays in the cluster
+/// as a follower instead of exiting with its lease still holding the election.
+#[test]
+fn an_elected_node_that_cannot_listen_resigns_and_follows_the_next_leader() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let a_port = free_port();
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", a_port)).unwrap();
+    let mut a = start_node(&env, &etcd.url, &env.dir("a"), a_port);
+    let line = a.proc.wait_log("cannot lead", Duration::from_secs(20));
+    assert!(
+        line.contains(&a.advertise) && line.contains("resigning"),
+        "the error names the address and what the node does about it: {line}"
+    );
+    let b = start_node(&env, &etcd.url, &env.dir("b"), free_port());
+    b.proc.wait_log("elected leader", Duration::from_secs(20));
+    a.proc.wait_log(
+        &format!("following the leader at {}", b.advertise),
+        Duration::from_secs(20),
+    );
+    write(&b.dir.join("q/seg"), &pattern(100_000, 3));
+    wait_identical(&b.dir, &a.dir, Duration::from_secs(20));
+    assert!(
+        a.proc.child.try_wait().unwrap().is_none(),
+        "the node that could not lead is still running"
+    );
+    drop(etcd);
+}
