@@ -87,6 +87,15 @@ fn quantiles_text(h: &Histogram<u64>, unit: &str) -> String {
     )
 }
 
+fn usage_text(u: &Usage) -> String {
+    format!(
+        "{}: {:.2} CPU s, peak RSS {:.1} MiB",
+        u.name,
+        u.cpu_s,
+        u.rss_peak_kib as f64 / 1024.0
+    )
+}
+
 fn usage_json(u: &Usage) -> String {
     format!(
         "{{\"name\": {}, \"cpu_s\": {:.3}, \"rss_peak_mib\": {:.1}}}",
@@ -178,25 +187,17 @@ impl Report {
                 acked / dd
             );
         }
-        for (i, u) in std::iter::once(&self.leader)
-            .chain(&self.follower_usage)
-            .enumerate()
-        {
-            let queue = if i == 0 && self.latency_queue_peak_bytes > 0 {
-                format!(
-                    " (loadgen's queue of appends not yet acked held up to {:.1} MiB of it)",
-                    self.latency_queue_peak_mib()
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                s,
-                "  {}: {:.2} CPU s, peak RSS {:.1} MiB{queue}",
-                u.name,
-                u.cpu_s,
-                u.rss_peak_kib as f64 / 1024.0
-            );
+        let queue = if self.latency_queue_peak_bytes > 0 {
+            format!(
+                " (loadgen's queue of appends not yet acked held up to {:.1} MiB of it)",
+                self.latency_queue_peak_mib()
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "  {}{queue}", usage_text(&self.leader));
+        for u in &self.follower_usage {
+            let _ = writeln!(s, "  {}", usage_text(u));
         }
         let _ = writeln!(
             s,
