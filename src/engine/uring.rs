@@ -1,5 +1,6 @@
-//! The io_uring engine's payload moves: file -> pipe -> socket and socket -> pipe -> file with
-//! IORING_OP_SPLICE, so file bytes never enter user space.
+//! The io_uring engine's payload moves on the leader: file -> pipe -> socket with
+//! IORING_OP_SPLICE, so file bytes never enter user space. (A follower receives the same way on
+//! both engines: `engine::receive`.)
 //!
 //! tokio-uring 0.5 has no splice op; `tokio_uring::UnsubmittedOneshot` takes a raw io-uring 0.6
 //! submission entry, and a SPLICE entry yields exactly one completion, which is what a oneshot
@@ -88,16 +89,10 @@ pub(crate) async fn send_all_more(socket: RawFd, buf: Vec<u8>) -> (io::Result<()
     (Ok(()), buf)
 }
 
-/// Moves `len` bytes from the pipe to `fd_out` (at `off_out`, or its position when -1).
-pub(crate) async fn drain_pipe(
-    pipe: &Pipe,
-    fd_out: RawFd,
-    mut off_out: i64,
-    mut len: u32,
-    flags: u32,
-) -> io::Result<()> {
+/// Moves `len` bytes from the pipe into `socket`.
+async fn drain_pipe(pipe: &Pipe, socket: RawFd, mut len: u32, flags: u32) -> io::Result<()> {
     while len > 0 {
-        let n = splice(pipe.read.as_raw_fd(), -1, fd_out, off_out, len, flags).await?;
+        let n = splice(pipe.read.as_raw_fd(), -1, socket, -1, len, flags).await?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -105,9 +100,6 @@ pub(crate) async fn drain_pipe(
             ));
         }
         len -= n;
-        if off_out >= 0 {
-            off_out += i64::from(n);
-        }
     }
     Ok(())
 }
@@ -152,11 +144,11 @@ pub async fn send_file(
         offset += u64::from(in_current);
         left -= u64::from(in_current);
         if left == 0 {
-            return drain_pipe(&pipes[current], socket, -1, in_current, more).await;
+            return drain_pipe(&pipes[current], socket, in_current, more).await;
         }
         let next = 1 - current;
         let (drained, filled) = tokio::join!(
-            drain_pipe(&pipes[current], socket, -1, in_current, more),
+            drain_pipe(&pipes[current], socket, in_current, more),
             fill_pipe(&pipes[next], file, offset, left.min(chunk_max) as u32, left),
         );
         drained?;
