@@ -197,6 +197,33 @@ impl LagTracker {
 
     pub fn snapshot(&self, leader_position: u64, now: Instant) -> LagSnapshot {
         let q = |f: f64| self.latency_us.value_at_quantile(f);
+        self.snapshot_with(leader_position, now, [q(0.5), q(0.99), q(0.999)])
+    }
+
+    /// `snapshot`, with the ack latency quantiles copied from `previous` instead of computed:
+    /// each one walks the histogram, which costs more than the rest of a report made on every
+    /// ack.
+    pub fn snapshot_reusing_quantiles(
+        &self,
+        leader_position: u64,
+        now: Instant,
+        previous: &LagSnapshot,
+    ) -> LagSnapshot {
+        let quantiles = [
+            previous.ack_latency_p50_us,
+            previous.ack_latency_p99_us,
+            previous.ack_latency_p999_us,
+        ];
+        self.snapshot_with(leader_position, now, quantiles)
+    }
+
+    fn snapshot_with(
+        &self,
+        leader_position: u64,
+        now: Instant,
+        quantiles_us: [u64; 3],
+    ) -> LagSnapshot {
+        let [p50, p99, p999] = quantiles_us;
         LagSnapshot {
             state: self.state(now),
             durability: self.durability,
@@ -208,9 +235,9 @@ impl LagTracker {
             since_last_ack_ms: self
                 .last_ack_at
                 .map(|t| now.saturating_duration_since(t).as_millis() as u64),
-            ack_latency_p50_us: q(0.5),
-            ack_latency_p99_us: q(0.99),
-            ack_latency_p999_us: q(0.999),
+            ack_latency_p50_us: p50,
+            ack_latency_p99_us: p99,
+            ack_latency_p999_us: p999,
         }
     }
 }
@@ -280,5 +307,25 @@ mod tests {
             lag.on_mark_sent(i, false, t0);
         }
         assert_eq!(lag.marks_unacked.len(), MARKS_IN_FLIGHT_MAX);
+    }
+
+    #[test]
+    fn a_snapshot_reusing_quantiles_has_fresh_watermarks_and_the_earlier_latencies() {
+        let t0 = Instant::now();
+        let mut lag = LagTracker::new(Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT));
+        lag.set_durability(Durability::Written);
+        lag.on_mark_sent(100, false, t0);
+        lag.on_ack([100, 100, 0], t0 + Duration::from_millis(3));
+        let first = lag.snapshot(300, t0 + Duration::from_millis(3));
+        lag.on_mark_sent(200, false, t0 + Duration::from_millis(10));
+        lag.on_ack([200, 200, 0], t0 + Duration::from_millis(60));
+        let now = t0 + Duration::from_millis(60);
+        let quick = lag.snapshot_reusing_quantiles(300, now, &first);
+        assert_eq!(quick.acked, [200, 200, 0]);
+        assert_eq!(quick.lag_bytes, [100, 100, 300]);
+        assert_eq!(quick.since_last_ack_ms, Some(0));
+        assert_eq!(quick.ack_latency_p99_us, first.ack_latency_p99_us);
+        // A full snapshot counts the 50 ms ack.
+        assert!(lag.snapshot(300, now).ack_latency_p99_us >= 49_000);
     }
 }

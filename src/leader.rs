@@ -149,6 +149,9 @@ struct Hub {
 struct Board {
     slots: HashMap<u64, Slot>,
     next_id: u64,
+    /// Threads waiting on `Shared::acked`: a report wakes them only if there are any (a
+    /// condvar's notify is a syscall even when nobody waits).
+    waiters: usize,
 }
 
 struct Shared {
@@ -171,6 +174,21 @@ impl Shared {
     fn board(&self) -> MutexGuard<'_, Board> {
         // Reports only: a poisoned one is still usable.
         self.board.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits (at most `timeout`) for a session's report, counted in `Board::waiters`.
+    fn wait_acked<'a>(
+        &self,
+        mut board: MutexGuard<'a, Board>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Board> {
+        board.waiters += 1;
+        let mut board = match self.acked.wait_timeout(board, timeout) {
+            Ok((guard, _)) => guard,
+            Err(p) => p.into_inner().0,
+        };
+        board.waiters -= 1;
+        board
     }
 
     /// The position now, and since when each connected follower's inbox has waited.
@@ -205,6 +223,7 @@ impl Leader {
             board: Mutex::new(Board {
                 slots: HashMap::new(),
                 next_id: 1,
+                waiters: 0,
             }),
             acked: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -462,10 +481,7 @@ impl Leader {
             if now >= deadline || self.is_stopped() {
                 return false;
             }
-            board = match self.shared.acked.wait_timeout(board, deadline - now) {
-                Ok((guard, _)) => guard,
-                Err(p) => p.into_inner().0,
-            };
+            board = self.shared.wait_acked(board, deadline - now);
         }
     }
 
@@ -493,10 +509,7 @@ impl Leader {
             if acked.is_some_and(&done) || now >= deadline {
                 return acked;
             }
-            board = match self.shared.acked.wait_timeout(board, deadline - now) {
-                Ok((guard, _)) => guard,
-                Err(p) => p.into_inner().0,
-            };
+            board = self.shared.wait_acked(board, deadline - now);
         }
     }
 
@@ -881,7 +894,7 @@ async fn drive(
     let mut input: Vec<u8> = Vec::new();
     let mut files = OpenFiles::new();
     let mut eof = false;
-    let mut published_at: Option<Instant> = None;
+    let mut reporter = Reporter::default();
     let connected_at = Instant::now();
     let mut sync_started: Option<Instant> = None;
     // A payload sits in the socket with MORE set, waiting for what follows it.
@@ -925,9 +938,8 @@ async fn drive(
         let position = catalog.position();
         // The report for followers() and wait_for: at once after acks, else now and then. It is
         // computed outside the lock, which writers share.
-        if had_input || !published_at.is_some_and(|at| now < at + PUBLISH_INTERVAL) {
-            publish(ctx, id, session, position, now);
-            published_at = Some(now);
+        if had_input || reporter.due(now) {
+            reporter.publish(ctx, id, session, position, now);
         }
         if eof {
             return Ok(());
@@ -1030,8 +1042,7 @@ async fn drive(
                                 match taken {
                                     Ok(n) => {
                                         input.drain(..n);
-                                        publish(ctx, id, session, position, now);
-                                        published_at = Some(now);
+                                        reporter.publish(ctx, id, session, position, now);
                                     }
                                     Err(e) => deferred = Some(e),
                                 }
@@ -1146,23 +1157,67 @@ async fn flush(
     Ok(())
 }
 
-fn publish(ctx: &ConnCtx, id: u64, session: &LeaderSession, position: u64, now: Instant) {
-    let lag = session
-        .durability()
-        .map(|_| (session.lag().snapshot(position, now), session.lag().view()));
-    let mut board = ctx.shared.board();
-    if let Some(slot) = board.slots.get_mut(&id) {
-        if let Some((snapshot, view)) = lag {
-            slot.lag = Some(snapshot);
-            slot.view = Some(view);
-        }
-        slot.payload_bytes_sent = session.bytes_payload_total();
-        slot.files_sent = session.files_whole_total();
-        slot.node_id = session.node_id().map(str::to_string);
-        slot.sync_bytes = session.sync_progress();
+/// What a connection reports to the board (for `followers()`, `wait_for` and the state log):
+/// at once after acks, else every `PUBLISH_INTERVAL`.
+#[derive(Default)]
+struct Reporter {
+    published_at: Option<Instant>,
+    /// When the ack latency quantiles were last computed: at most once per interval, however
+    /// often acks arrive.
+    quantiles_at: Option<Instant>,
+}
+
+impl Reporter {
+    fn due(&self, now: Instant) -> bool {
+        !self
+            .published_at
+            .is_some_and(|at| now < at + PUBLISH_INTERVAL)
     }
-    drop(board);
-    ctx.shared.acked.notify_all();
+
+    /// Computed outside the board's lock, which `wait_for` shares.
+    fn publish(
+        &mut self,
+        ctx: &ConnCtx,
+        id: u64,
+        session: &LeaderSession,
+        position: u64,
+        now: Instant,
+    ) {
+        let lag = session.lag();
+        let tracked = session.durability().is_some();
+        let quantiles_due = !self
+            .quantiles_at
+            .is_some_and(|at| now < at + PUBLISH_INTERVAL);
+        let full = (tracked && quantiles_due).then(|| lag.snapshot(position, now));
+        if full.is_some() {
+            self.quantiles_at = Some(now);
+        }
+        self.published_at = Some(now);
+        let mut board = ctx.shared.board();
+        let waiters = board.waiters;
+        if let Some(slot) = board.slots.get_mut(&id) {
+            if tracked {
+                slot.lag = Some(match (full, &slot.lag) {
+                    (Some(snapshot), _) => snapshot,
+                    (None, Some(previous)) => {
+                        lag.snapshot_reusing_quantiles(position, now, previous)
+                    }
+                    (None, None) => lag.snapshot(position, now),
+                });
+                slot.view = Some(lag.view());
+            }
+            slot.payload_bytes_sent = session.bytes_payload_total();
+            slot.files_sent = session.files_whole_total();
+            if slot.node_id.is_none() {
+                slot.node_id = session.node_id().map(str::to_string);
+            }
+            slot.sync_bytes = session.sync_progress();
+        }
+        drop(board);
+        if waiters > 0 {
+            ctx.shared.acked.notify_all();
+        }
+    }
 }
 
 /// Hashes the prefixes a follower's inventory asks for, off the runtime thread.
