@@ -149,9 +149,43 @@ struct Hub {
 struct Board {
     slots: HashMap<u64, Slot>,
     next_id: u64,
-    /// Threads waiting on `Shared::acked`: a report wakes them only if there are any (a
-    /// condvar's notify is a syscall even when nobody waits).
-    waiters: usize,
+    /// What the threads blocked on `Shared::acked` wait for. A report wakes them only when
+    /// one of them has what it waits for (or waits for any report): waking a thread is a
+    /// syscall, and most acks (one follower's, when a waiter needs two) satisfy nobody.
+    waits: Vec<Wait>,
+    next_wait_token: u64,
+}
+
+/// One thread blocked in `Shared::wait_acked`.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// Who registered it, to remove it.
+    token: u64,
+    /// `None`: woken by any report.
+    wanted: Option<Wanted>,
+}
+
+/// `position` acked by at least `min_followers` connected followers at `durability`.
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    durability: Durability,
+    min_followers: usize,
+    position: u64,
+}
+
+impl Wanted {
+    fn met(&self, board: &Board) -> bool {
+        acked_in(board, self.durability, self.min_followers).is_some_and(|a| a >= self.position)
+    }
+}
+
+impl Board {
+    /// Whether a report just made should wake the waiting threads.
+    fn wake_due(&self) -> bool {
+        self.waits
+            .iter()
+            .any(|w| w.wanted.map_or(true, |wanted| wanted.met(self)))
+    }
 }
 
 struct Shared {
@@ -176,18 +210,22 @@ impl Shared {
         self.board.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits (at most `timeout`) for a session's report, counted in `Board::waiters`.
+    /// Waits (at most `timeout`) for a report that gives `wanted` (`None`: any report), or for
+    /// a follower to disconnect or the leader to stop.
     fn wait_acked<'a>(
         &self,
         mut board: MutexGuard<'a, Board>,
+        wanted: Option<Wanted>,
         timeout: Duration,
     ) -> MutexGuard<'a, Board> {
-        board.waiters += 1;
+        let token = board.next_wait_token;
+        board.next_wait_token += 1;
+        board.waits.push(Wait { token, wanted });
         let mut board = match self.acked.wait_timeout(board, timeout) {
             Ok((guard, _)) => guard,
             Err(p) => p.into_inner().0,
         };
-        board.waiters -= 1;
+        board.waits.retain(|w| w.token != token);
         board
     }
 
@@ -223,7 +261,8 @@ impl Leader {
             board: Mutex::new(Board {
                 slots: HashMap::new(),
                 next_id: 1,
-                waiters: 0,
+                waits: Vec::new(),
+                next_wait_token: 0,
             }),
             acked: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -426,10 +465,8 @@ impl Leader {
         min_followers: usize,
         timeout: Duration,
     ) -> bool {
-        self.wait_until(durability, min_followers, timeout, |acked| {
-            acked >= position
-        })
-        .is_some_and(|acked| acked >= position)
+        self.wait_until(durability, min_followers, timeout, position)
+            .is_some_and(|acked| acked >= position)
     }
 
     /// The highest position that at least `min_followers` connected followers have acked at
@@ -451,7 +488,7 @@ impl Leader {
         min_followers: usize,
         timeout: Duration,
     ) -> u64 {
-        self.wait_until(durability, min_followers, timeout, |acked| acked > beyond)
+        self.wait_until(durability, min_followers, timeout, beyond.saturating_add(1))
             .unwrap_or(0)
     }
 
@@ -481,18 +518,20 @@ impl Leader {
             if now >= deadline || self.is_stopped() {
                 return false;
             }
-            board = self.shared.wait_acked(board, deadline - now);
+            // A node's acks are not what `Wanted` describes: any report wakes this one.
+            board = self.shared.wait_acked(board, None, deadline - now);
         }
     }
 
-    /// Waits until `done` holds for the position acked by `min_followers` at `durability` (or
-    /// `timeout`); returns that position, `None` while fewer followers are connected.
+    /// Waits until the position acked by `min_followers` at `durability` is at least
+    /// `position` (or `timeout`); returns that acked position, `None` while fewer followers are
+    /// connected.
     fn wait_until(
         &self,
         durability: Durability,
         min_followers: usize,
         timeout: Duration,
-        done: impl Fn(u64) -> bool,
+        position: u64,
     ) -> Option<u64> {
         if min_followers == 0 {
             // Nobody to wait for: everything recorded counts as acked.
@@ -506,10 +545,15 @@ impl Leader {
             }
             let acked = acked_in(&board, durability, min_followers);
             let now = Instant::now();
-            if acked.is_some_and(&done) || now >= deadline {
+            if acked.is_some_and(|a| a >= position) || now >= deadline {
                 return acked;
             }
-            board = self.shared.wait_acked(board, deadline - now);
+            let wanted = Wanted {
+                durability,
+                min_followers,
+                position,
+            };
+            board = self.shared.wait_acked(board, Some(wanted), deadline - now);
         }
     }
 
@@ -1194,7 +1238,6 @@ impl Reporter {
         }
         self.published_at = Some(now);
         let mut board = ctx.shared.board();
-        let waiters = board.waiters;
         if let Some(slot) = board.slots.get_mut(&id) {
             if tracked {
                 slot.lag = Some(match (full, &slot.lag) {
@@ -1213,8 +1256,9 @@ impl Reporter {
             }
             slot.sync_bytes = session.sync_progress();
         }
+        let wake = board.wake_due();
         drop(board);
-        if waiters > 0 {
+        if wake {
             ctx.shared.acked.notify_all();
         }
     }
