@@ -253,3 +253,53 @@ fn a_deleted_segment_or_a_replaced_file_is_not_held_open_by_the_leader() {
         wait_identical(&ld, &env.tmp.path().join("f"), Duration::from_secs(10));
     }
 }
+
+/// write(2)-family system calls this thread has made (`syscw` in `/proc/thread-self/io`):
+/// waking another thread through an eventfd is one.
+fn write_syscalls_of_this_thread() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .map(|n| n.trim().parse().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn appends_while_a_follower_keeps_up_make_no_system_call_on_the_writers_thread() {
+    // 100,000 appends of 1 KiB per second, for 0.2 s.
+    const APPENDS: u64 = 20_000;
+    const APPEND_INTERVAL: Duration = Duration::from_micros(10);
+    for engine in ENGINES {
+        let env = Env::new();
+        let ld = env.dir("leader");
+        let leader = start(&ld, engine);
+        let fd = env.dir("f1");
+        let _f = start_follower(&env, &fd, leader.local_addr(), engine, "written");
+        write(
+            &ld.join("seg.0"),
+            &pattern(((APPENDS + 1) * 1024) as usize, 7),
+        );
+        let first = leader.append("seg.0", 0, 1024).unwrap();
+        assert!(leader.wait_for(first, Durability::Written, 1, Duration::from_secs(20)));
+
+        let before = write_syscalls_of_this_thread();
+        let started = Instant::now();
+        let mut position = first;
+        for i in 1..=APPENDS {
+            while started.elapsed() < APPEND_INTERVAL * (i as u32) {
+                std::hint::spin_loop();
+            }
+            position = leader.append("seg.0", i * 1024, 1024).unwrap();
+        }
+        let syscalls = write_syscalls_of_this_thread() - before;
+        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        wait_identical(&ld, &fd, Duration::from_secs(10));
+        // Waking the follower's connection for every batch it ships would be one per batch:
+        // thousands here. A few are allowed, for when this thread was descheduled long enough
+        // for the connection to go to sleep.
+        assert!(
+            syscalls < APPENDS / 200,
+            "{engine}: {syscalls} system calls on the writer's thread for {APPENDS} appends"
+        );
+    }
+}

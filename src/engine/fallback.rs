@@ -4,8 +4,10 @@
 //! engines, is in `engine::receive`.)
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -82,4 +84,73 @@ pub async fn send_all(stream: &TcpStream, mut buf: &[u8], flags: libc::c_int) ->
         buf = &buf[n..];
     }
     Ok(())
+}
+
+/// A one-shot timer of microsecond precision, a timerfd: tokio's timer wheel rounds sleeps up to
+/// the next millisecond.
+pub struct FineTimer {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl FineTimer {
+    pub fn new() -> io::Result<FineTimer> {
+        // SAFETY: timerfd_create takes no pointers.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created, is valid, and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the `OwnedFd` keeps the timerfd open for as long as the `AsyncFd` owns it,
+        // and its `as_raw_fd` always returns that one descriptor.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+        Ok(FineTimer { fd })
+    }
+
+    /// Sleeps for `duration` (at least 1 ns: a zero setting would disarm the timer). Arming
+    /// resets an expiry left from a sleep that was dropped before it ended.
+    pub async fn sleep(&self, duration: Duration) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: duration.as_secs() as libc::time_t,
+                tv_nsec: duration.subsec_nanos().max(1) as libc::c_long,
+            },
+        };
+        // SAFETY: the fd is open (owned by `self`), `spec` is a valid itimerspec that outlives
+        // the call, and the old value may be null.
+        let r =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut expirations = [0u8; 8];
+            let read = guard.try_io(|fd| {
+                // SAFETY: reads at most 8 bytes into the 8-byte buffer from an open fd.
+                let r = unsafe {
+                    libc::read(
+                        fd.as_raw_fd(),
+                        expirations.as_mut_ptr().cast(),
+                        expirations.len(),
+                    )
+                };
+                super::byte_count(r)
+            });
+            match read {
+                Ok(r) => return r.map(|_| ()),
+                // Readiness left from an earlier expiry that arming cleared: wait on.
+                Err(_would_block) => continue,
+            }
+        }
+    }
 }

@@ -125,6 +125,32 @@ where
     }
 }
 
+/// Sleeps of microsecond precision on this thread's engine (tokio's own timer rounds up to the
+/// next millisecond): an io_uring TIMEOUT, or a timerfd on the fallback engine.
+pub enum FineTimer {
+    Uring,
+    Fallback(fallback::FineTimer),
+}
+
+impl FineTimer {
+    pub fn new(kind: EngineKind) -> io::Result<FineTimer> {
+        Ok(match kind {
+            EngineKind::Uring => FineTimer::Uring,
+            EngineKind::Fallback => FineTimer::Fallback(fallback::FineTimer::new()?),
+        })
+    }
+
+    pub async fn sleep(&self, duration: std::time::Duration) -> io::Result<()> {
+        match self {
+            FineTimer::Uring => {
+                uring::sleep(duration).await;
+                Ok(())
+            }
+            FineTimer::Fallback(timer) => timer.sleep(duration).await,
+        }
+    }
+}
+
 /// A pipe used as the kernel-side buffer of splice.
 pub struct Pipe {
     pub read: OwnedFd,
@@ -302,6 +328,14 @@ impl Conn {
         }
     }
 
+    /// The engine this connection runs on.
+    pub fn engine(&self) -> EngineKind {
+        match &self.stream {
+            Stream::Uring(_) => EngineKind::Uring,
+            Stream::Fallback(_) => EngineKind::Fallback,
+        }
+    }
+
     fn raw_fd(&self) -> i32 {
         match &self.stream {
             Stream::Uring(s) => s.as_raw_fd(),
@@ -402,6 +436,41 @@ impl Conn {
         // SAFETY: shutdown(2) on our own open socket fd; failure (already closed) is harmless.
         unsafe {
             libc::shutdown(self.raw_fd(), libc::SHUT_RDWR);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Each sleep lasts at least its duration, also right after one dropped before it ended
+    /// (whose expiry must not end the next early), and every one ends.
+    #[test]
+    fn fine_timer_sleeps_at_least_as_long_as_asked_and_wakes_up() {
+        for kind in [EngineKind::Uring, EngineKind::Fallback] {
+            if kind == EngineKind::Uring && uring_unavailable().is_some() {
+                continue;
+            }
+            run(kind, || async move {
+                let timer = FineTimer::new(kind).unwrap();
+                let short = Duration::from_micros(100);
+                for _ in 0..20 {
+                    let started = Instant::now();
+                    timer.sleep(short).await.unwrap();
+                    assert!(started.elapsed() >= short, "{kind:?}");
+                }
+                // Dropped before its end: its expiry comes while nobody waits.
+                let dropped = tokio::time::timeout(Duration::from_millis(1), async {
+                    timer.sleep(Duration::from_millis(20)).await.unwrap();
+                });
+                assert!(dropped.await.is_err(), "{kind:?}");
+                std::thread::sleep(Duration::from_millis(25));
+                let started = Instant::now();
+                timer.sleep(Duration::from_millis(5)).await.unwrap();
+                assert!(started.elapsed() >= Duration::from_millis(5), "{kind:?}");
+            });
         }
     }
 }

@@ -156,3 +156,29 @@ pub async fn send_file(
         current = next;
     }
 }
+
+/// Turns a TIMEOUT completion into `()`: -ETIME is the timer expiring, the normal end; anything
+/// else (a cancellation) ends the sleep early, which costs the caller one extra look.
+struct TimeoutDone;
+
+impl OneshotOutputTransform for TimeoutDone {
+    type Output = ();
+    type StoredData = Box<types::Timespec>;
+
+    fn transform_oneshot_output(self, _ts: Box<types::Timespec>, _cqe: cqueue::Entry) {}
+}
+
+/// Sleeps for `duration` with IORING_OP_TIMEOUT: microsecond precision, where tokio's timer
+/// wheel rounds up to the next millisecond.
+pub(crate) async fn sleep(duration: std::time::Duration) {
+    let ts = Box::new(
+        types::Timespec::new()
+            .sec(duration.as_secs())
+            .nsec(duration.subsec_nanos()),
+    );
+    // The pointer is into the box, which the oneshot keeps as its stored data until the
+    // completion arrives (also if this future is dropped first): the kernel reads it at
+    // submission, and it is still there.
+    let sqe = opcode::Timeout::new(&*ts as *const types::Timespec).build();
+    UnsubmittedOneshot::new(ts, TimeoutDone, sqe).submit().await
+}
