@@ -55,6 +55,11 @@ impl Catalog {
         self.files.get(path).copied()
     }
 
+    /// The catalog's own copy of `path`, if it has the file: cloning it shares the allocation.
+    pub fn key(&self, path: &str) -> Option<&RelPath> {
+        self.files.get_key_value(path).map(|(k, _)| k)
+    }
+
     pub fn len(&self) -> usize {
         self.files.len()
     }

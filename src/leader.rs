@@ -328,12 +328,25 @@ impl Leader {
         self.shared.lock().catalog.position()
     }
 
-    fn record(&self, path: &RelPath, change: impl FnOnce(&mut Catalog) -> u64) -> u64 {
+    /// Applies `change` to the catalog and puts `path` (already checked with `RelPath::check`)
+    /// into every follower's inbox.
+    fn record(
+        &self,
+        path: &str,
+        change: impl FnOnce(&mut Catalog, &RelPath) -> u64,
+    ) -> Result<u64, ChangeError> {
         let mut hub = self.shared.lock();
-        let position = change(&mut hub.catalog);
+        // The catalog's copy of a known path: the inboxes get clones of it, which share its
+        // allocation. A new string per append would be freed by the session's thread, and a
+        // writer whose malloc cache the sessions keep emptying takes its arena's lock.
+        let path = match hub.catalog.key(path) {
+            Some(known) => known.clone(),
+            None => RelPath::new(path)?,
+        };
+        let position = change(&mut hub.catalog, &path);
         for inbox in hub.inboxes.values_mut() {
             // A path already waiting needs nothing: the session was woken when it arrived.
-            if !inbox.paths.contains(path) {
+            if !inbox.paths.contains(&path) {
                 if inbox.paths.is_empty() {
                     inbox.since = Some(Instant::now());
                 }
@@ -343,7 +356,7 @@ impl Leader {
                 }
             }
         }
-        position
+        Ok(position)
     }
 
     /// A file the followers must hold, `len_bytes` long (its logical length: a preallocated
@@ -360,7 +373,7 @@ impl Leader {
                 return Ok(hub.catalog.position());
             }
         }
-        Ok(self.record(&path, |c| c.replace(&path, len_bytes)))
+        self.record(path.as_str(), |c, path| c.replace(path, len_bytes))
     }
 
     /// `length` bytes were written at `offset` of `path` (already in the file, e.g. through an
@@ -370,8 +383,9 @@ impl Leader {
     /// Bytes rewritten below what followers already hold are not sent again; a file changed in
     /// place is reported with `replace_file`, which ships it whole.
     pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
-        let path = RelPath::new(path)?;
-        Ok(self.record(&path, |c| c.append(&path, offset, length)))
+        // Checked without a copy: the catalog has one of every path it knows.
+        RelPath::check(path)?;
+        self.record(path, |c, path| c.append(path, offset, length))
     }
 
     /// `path` was rewritten as a whole (e.g. a JSON file renamed over); its size is taken now.
@@ -386,13 +400,13 @@ impl Leader {
                 source,
             })?
             .len();
-        Ok(self.record(&rel, |c| c.replace(&rel, len_bytes)))
+        self.record(rel.as_str(), |c, rel| c.replace(rel, len_bytes))
     }
 
     /// Like `replace_file`, with the length given (for `ferry lead`'s watcher, which stat'ed it).
     pub fn replace_file_with_len(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
         let rel = RelPath::new(path)?;
-        Ok(self.record(&rel, |c| c.replace(&rel, len_bytes)))
+        self.record(rel.as_str(), |c, rel| c.replace(rel, len_bytes))
     }
 
     /// Records a change the inotify watcher saw.
@@ -421,7 +435,7 @@ impl Leader {
 
     pub fn delete_file(&self, path: &str) -> Result<u64, ChangeError> {
         let rel = RelPath::new(path)?;
-        Ok(self.record(&rel, |c| c.delete(&rel)))
+        self.record(rel.as_str(), |c, rel| c.delete(rel))
     }
 
     /// Every follower connected now, and the last few that disconnected.

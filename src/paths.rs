@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 pub const MAX_PATH_LEN_BYTES: usize = 4096;
 /// ferry's own state: `DIR/.ferry/`, never replicated, never deleted by a sync.
@@ -38,12 +39,28 @@ pub enum PathError {
     StateDir(String),
 }
 
-/// A validated path relative to the data dir, `/`-separated.
+/// A validated path relative to the data dir, `/`-separated. Clones share one allocation (a
+/// writer's `append` puts the catalog's copy into each follower's inbox: a reference count, not
+/// a string that the session's thread would then free), and sets of them are searched by `&str`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RelPath(String);
+pub struct RelPath(Arc<str>);
+
+impl std::borrow::Borrow<str> for RelPath {
+    // Hash and Eq are the str's (a newtype's derived impls hash and compare its one field), as
+    // Borrow requires.
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 impl RelPath {
     pub fn new(s: &str) -> Result<RelPath, PathError> {
+        RelPath::check(s)?;
+        Ok(RelPath(s.into()))
+    }
+
+    /// Whether `s` is a valid `RelPath`, without making one.
+    pub fn check(s: &str) -> Result<(), PathError> {
         if s.is_empty() {
             return Err(PathError::Empty);
         }
@@ -69,7 +86,7 @@ impl RelPath {
         if s.split('/').next() == Some(STATE_DIR_NAME) {
             return Err(PathError::StateDir(s.to_string()));
         }
-        Ok(RelPath(s.to_string()))
+        Ok(())
     }
 
     pub fn from_bytes(b: &[u8]) -> Result<RelPath, PathError> {
@@ -86,7 +103,7 @@ impl RelPath {
     }
 
     pub fn file_name(&self) -> &str {
-        self.0.rsplit_once('/').map_or(&self.0, |(_, f)| f)
+        self.0.rsplit_once('/').map_or(&*self.0, |(_, f)| f)
     }
 }
 
@@ -447,6 +464,18 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_path_is_found_by_its_text_and_its_clones_share_one_allocation() {
+        let path = p("queues/q1/seg.0");
+        let copy = path.clone();
+        assert!(std::ptr::eq(path.as_str(), copy.as_str()));
+        let set: std::collections::HashSet<RelPath> = [path].into_iter().collect();
+        assert!(set.contains("queues/q1/seg.0"));
+        assert!(!set.contains("queues/q1/seg.1"));
+        assert!(RelPath::check("queues/q1/seg.0").is_ok());
+        assert!(matches!(RelPath::check("../x"), Err(PathError::DotDot(_))));
     }
 
     #[test]
