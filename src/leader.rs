@@ -345,7 +345,8 @@ impl Leader {
         };
         let position = change(&mut hub.catalog, &path);
         for inbox in hub.inboxes.values_mut() {
-            // A path already waiting needs nothing: the session was woken when it arrived.
+            // A path already waiting needs nothing: the session learnt of it when it arrived
+            // (woken then, or finding it at its next poll).
             if !inbox.paths.contains(&path) {
                 if inbox.paths.is_empty() {
                     inbox.since = Some(Instant::now());
