@@ -43,7 +43,7 @@ const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 /// While changes keep arriving, a connection looks at its inbox this often instead of having the
 /// writer wake it: a wake is a system call on the writer's thread (and, on a VM, an interrupt to
 /// another CPU), which costs an `append` many times what the rest of it does.
-const INBOX_POLL_INTERVAL: Duration = Duration::from_micros(100);
+const INBOX_POLL_INTERVAL: Duration = Duration::from_micros(200);
 /// How long a connection keeps looking after the last change it found, before it goes back to
 /// sleeping until the writer wakes it: an idle leader costs no CPU.
 const INBOX_POLL_IDLE_MAX: Duration = Duration::from_millis(1);
