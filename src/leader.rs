@@ -1252,19 +1252,22 @@ async fn flush(
 #[derive(Default)]
 struct Reporter {
     published_at: Option<Instant>,
-    /// When the ack latency quantiles were last computed: at most once per interval, however
-    /// often acks arrive.
-    quantiles_at: Option<Instant>,
+    /// The last report whose ack latency quantiles were computed, and when: they are computed
+    /// at most once per `PUBLISH_INTERVAL`, however often acks arrive, and copied meanwhile.
+    quantiles_from: Option<(Instant, LagSnapshot)>,
+}
+
+/// Whether `PUBLISH_INTERVAL` has passed since `at` (or nothing happened yet).
+fn interval_passed(at: Option<Instant>, now: Instant) -> bool {
+    !at.is_some_and(|at| now < at + PUBLISH_INTERVAL)
 }
 
 impl Reporter {
     fn due(&self, now: Instant) -> bool {
-        !self
-            .published_at
-            .is_some_and(|at| now < at + PUBLISH_INTERVAL)
+        interval_passed(self.published_at, now)
     }
 
-    /// Computed outside the board's lock, which `wait_for` shares.
+    /// The report is made outside the board's lock, which `wait_for` shares.
     fn publish(
         &mut self,
         ctx: &ConnCtx,
@@ -1274,26 +1277,23 @@ impl Reporter {
         now: Instant,
     ) {
         let lag = session.lag();
-        let tracked = session.durability().is_some();
-        let quantiles_due = !self
-            .quantiles_at
-            .is_some_and(|at| now < at + PUBLISH_INTERVAL);
-        let full = (tracked && quantiles_due).then(|| lag.snapshot(position, now));
-        if full.is_some() {
-            self.quantiles_at = Some(now);
-        }
+        let snapshot = session.durability().map(|_| match &self.quantiles_from {
+            Some((at, previous)) if !interval_passed(Some(*at), now) => {
+                lag.snapshot_reusing_quantiles(position, now, previous)
+            }
+            _ => {
+                let snapshot = lag.snapshot(position, now);
+                self.quantiles_from = Some((now, snapshot.clone()));
+                snapshot
+            }
+        });
+        let view = lag.view();
         self.published_at = Some(now);
         let mut board = ctx.shared.board();
         if let Some(slot) = board.slots.get_mut(&id) {
-            if tracked {
-                slot.lag = Some(match (full, &slot.lag) {
-                    (Some(snapshot), _) => snapshot,
-                    (None, Some(previous)) => {
-                        lag.snapshot_reusing_quantiles(position, now, previous)
-                    }
-                    (None, None) => lag.snapshot(position, now),
-                });
-                slot.view = Some(lag.view());
+            if let Some(snapshot) = snapshot {
+                slot.lag = Some(snapshot);
+                slot.view = Some(view);
             }
             slot.payload_bytes_sent = session.bytes_payload_total();
             slot.files_sent = session.files_whole_total();
