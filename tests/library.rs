@@ -164,6 +164,43 @@ fn a_stopped_follower_is_marked_lagging_and_holds_back_neither_writer_nor_others
     );
 }
 
+/// A follower stopped for longer than `LEADER_SILENCE_TIMEOUT_MS` (SIGSTOP, a paused VM) finds
+/// the leader's frames waiting in its socket when it resumes: the leader was not silent, so it
+/// carries on over the same connection instead of dropping it and syncing again.
+#[test]
+fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let ld = env.dir("leader");
+        let leader = start(&ld, engine);
+        let follower = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
+        let mut offset = 0;
+        let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
+        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        let id = leader.followers()[0].id;
+
+        let pid = follower.child.id() as i32;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        publish(&leader, &ld, "seg.0", &mut offset, 100);
+        // Stopped beyond the timeout: on resume, the follower's timer has run out.
+        std::thread::sleep(Duration::from_millis(
+            ferry::frame::LEADER_SILENCE_TIMEOUT_MS + 1500,
+        ));
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+
+        let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
+        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        let ids: Vec<u64> = leader.followers().iter().map(|f| f.id).collect();
+        assert_eq!(
+            ids,
+            vec![id],
+            "{engine}: the follower reconnected; its log:\n{}",
+            follower.log_text()
+        );
+        wait_identical(&ld, &env.tmp.path().join("f"), Duration::from_secs(10));
+    }
+}
+
 /// A lone small append (a broker's one message in a quiet moment) is shipped at once: the
 /// leader holds a payload back only while something else is about to follow it in the same
 /// segment, never until the next keepalive.

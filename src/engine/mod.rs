@@ -440,6 +440,12 @@ impl Conn {
     }
 }
 
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> i32 {
+        self.raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,8 +94,7 @@ impl Receiver {
             let chunk = (left as usize).min(pipe.capacity_bytes);
             // A leader that goes silent in the middle of a payload is given up on like one that
             // goes silent between frames (the follower reconnects).
-            let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
-            let n = match tokio::time::timeout(silence, splice_in(stream, &pipe, chunk)).await {
+            let n = match unless_silent(stream, splice_in(stream, &pipe, chunk)).await {
                 Ok(Ok(0)) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -107,7 +106,7 @@ impl Receiver {
                 }
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(e),
-                Err(_) => {
+                Err(Silent) => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!(
@@ -124,6 +123,38 @@ impl Receiver {
         self.pipe = Some(pipe);
         Ok(())
     }
+}
+
+/// The leader went silent: nothing arrived for `LEADER_SILENCE_TIMEOUT_MS`.
+#[derive(Debug)]
+pub struct Silent;
+
+/// Runs `io` (a read of `stream`) until it ends, or until the leader has sent nothing for
+/// `LEADER_SILENCE_TIMEOUT_MS`. A timer that ran out while bytes wait in the socket measured
+/// this process's own pause (SIGSTOP, a suspended VM, a long swap-in), not the leader's
+/// silence: the wait goes on, and `io` gets them.
+pub async fn unless_silent<T>(
+    socket: &impl AsRawFd,
+    io: impl std::future::Future<Output = T>,
+) -> Result<T, Silent> {
+    let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
+    tokio::pin!(io);
+    loop {
+        match tokio::time::timeout(silence, &mut io).await {
+            Ok(done) => return Ok(done),
+            Err(_) if bytes_waiting(socket) => continue,
+            Err(_) => return Err(Silent),
+        }
+    }
+}
+
+/// Whether the socket holds received bytes not read yet.
+fn bytes_waiting(socket: &impl AsRawFd) -> bool {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD on our own open socket fd writes one c_int, into `queued`, which lives
+    // across the call.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    r == 0 && queued > 0
 }
 
 /// One non-blocking splice socket -> pipe, waiting for readability as needed.

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::auth::{random_nonce, Secret};
-use crate::engine::receive::{is_write_failure, Receiver};
+use crate::engine::receive::{self, is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
@@ -338,14 +338,13 @@ impl Ctx<'_> {
                 self.report.sync_elapsed = Some(self.started.elapsed());
                 return Ok(self.report.clone());
             }
-            let silence = Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS);
-            let read = tokio::time::timeout(silence, self.conn.read(buf));
+            let read = receive::unless_silent(&**self.conn, self.conn.read(buf));
             // Stopping must not wait for a leader that went silent (a node elected meanwhile
             // waits for this follower to stop before it can lead).
             let (r, b) = tokio::select! {
                 read = read => match read {
                     Ok(x) => x,
-                    Err(_) => {
+                    Err(receive::Silent) => {
                         return Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             format!("the leader sent nothing for {LEADER_SILENCE_TIMEOUT_MS} ms"),
