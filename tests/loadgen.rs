@@ -45,6 +45,9 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
             "\"follower_usage\"",
             "\"latency_queue_peak_mib\"",
             "\"samples\"",
+            "\"in_fault\": ",
+            "\"writer_samples\": [\n    [{\"t_s\": ",
+            "\"append_call_p99_ns\": ",
             "\"checksums_match\": true",
         ],
     );

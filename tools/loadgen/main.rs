@@ -36,7 +36,7 @@ use ferry::frame::Durability;
 use ferry::index::checksum_dir;
 use ferry::leader::{Leader, LeaderConfig};
 use procs::Proc;
-use report::{histogram, Report, Sample, Usage};
+use report::{histogram, Report, Sample, Usage, WriterSample};
 use segments::SegmentWriter;
 
 /// How often lag, throughput and process usage are sampled.
@@ -384,6 +384,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 } else {
                     Some(deadline)
                 },
+                run_started: started,
             })
         }));
     }
@@ -442,6 +443,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             t_s: now.duration_since(started).as_secs_f64(),
             mb_per_s,
             lag_bytes: lag_bytes.clone(),
+            in_fault: shared.in_fault.load(Ordering::Relaxed),
         });
         if now.duration_since(last_print) >= Duration::from_secs(1) {
             last_print = now;
@@ -477,12 +479,14 @@ fn run(args: Args) -> anyhow::Result<bool> {
     // When the last writer's last message went in: the sampler notices only at its next tick,
     // up to SAMPLE_INTERVAL later, which the rate and the convergence time must not count.
     let mut writers_done = started;
+    let mut writer_samples = Vec::new();
     for t in writer_threads {
         match t.join() {
-            Ok(Ok((normal, fault, done_at))) => {
-                call_ns.add(normal).ok();
-                call_fault_ns.add(fault).ok();
-                writers_done = writers_done.max(done_at);
+            Ok(Ok(w)) => {
+                call_ns.add(w.normal).ok();
+                call_fault_ns.add(w.fault).ok();
+                writers_done = writers_done.max(w.done_at);
+                writer_samples.push(w.samples);
             }
             Ok(Err(e)) => return Err(e.context("a writer failed")),
             Err(_) => bail!("a writer thread panicked"),
@@ -615,6 +619,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         leader: leader_usage,
         follower_usage,
         samples,
+        writer_samples,
         kills,
         stalls,
         joins,
@@ -721,6 +726,8 @@ struct WriterPlan {
     rate: f64,
     messages: Option<u64>,
     deadline: Option<Instant>,
+    /// When the run started: the time axis of the writer's samples.
+    run_started: Instant,
 }
 
 /// Where a library-style writer reports its appends.
@@ -742,9 +749,19 @@ impl Sink {
 
 type Hist = hdrhistogram::Histogram<u64>;
 
-/// One writer: messages into segments, each told to the leader; returns the append() call
-/// latencies (ns), outside and during faults, and when its last message was appended.
-fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
+/// What one writer measured.
+struct WriterResult {
+    /// `append()` call latencies (ns), outside and during faults.
+    normal: Hist,
+    fault: Hist,
+    /// The p99 of each `SAMPLE_INTERVAL`.
+    samples: Vec<WriterSample>,
+    /// When its last message was appended.
+    done_at: Instant,
+}
+
+/// One writer: messages into segments, each told to the leader.
+fn write_loop(plan: WriterPlan) -> anyhow::Result<WriterResult> {
     if let Some(cpu) = plan.cpu {
         cpus::pin_to(cpu).with_context(|| format!("cannot pin a writer to CPU {cpu}"))?;
     }
@@ -752,6 +769,9 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
         SegmentWriter::new(&plan.dir, plan.id, plan.segment_bytes, plan.sink.is_some());
     let mut normal = histogram();
     let mut fault = histogram();
+    let mut window = histogram();
+    let mut window_started = Instant::now();
+    let mut samples = Vec::new();
     let payload: Vec<u8> = (0..plan.size.1)
         .map(|i| (i * 131 + plan.id * 7) as u8)
         .collect();
@@ -796,6 +816,17 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
             } else {
                 normal.record(ns.max(1))
             };
+            let _ = window.record(ns.max(1));
+            if t0.duration_since(window_started) >= SAMPLE_INTERVAL {
+                // Between two timed calls: what this takes (a walk of the histogram, tens of
+                // microseconds every 100 ms) is caught up on at the next messages.
+                samples.push(WriterSample {
+                    t_s: t0.duration_since(plan.run_started).as_secs_f64(),
+                    append_call_p99_ns: window.value_at_quantile(0.99),
+                });
+                window.reset();
+                window_started = t0;
+            }
             batch.push((position, t0, in_fault));
             // Handed over when full or when its oldest entry has waited CONFIRM_DELAY_MAX, so
             // batching adds at most that much to the measured latency.
@@ -816,7 +847,12 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<(Hist, Hist, Instant)> {
         let _ = plan.tx.send(batch);
     }
     segments.finish()?;
-    Ok((normal, fault, done_at))
+    Ok(WriterResult {
+        normal,
+        fault,
+        samples,
+        done_at,
+    })
 }
 
 /// Matches appended positions with the position every follower has acked; `wait_acked_beyond`

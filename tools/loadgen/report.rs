@@ -13,6 +13,15 @@ pub struct Sample {
     pub mb_per_s: f64,
     /// Per follower, bytes behind at the chosen durability (`None`: not connected / unknown).
     pub lag_bytes: Vec<Option<u64>>,
+    /// A fault (a killed, stopped or joining follower) was under way.
+    pub in_fault: bool,
+}
+
+/// A writer's `append()` calls over one `SAMPLE_INTERVAL`, ending at `t_s`.
+#[derive(Debug, Clone)]
+pub struct WriterSample {
+    pub t_s: f64,
+    pub append_call_p99_ns: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -40,6 +49,8 @@ pub struct Report {
     pub leader: Usage,
     pub follower_usage: Vec<Usage>,
     pub samples: Vec<Sample>,
+    /// Per writer (library and raw modes; none in write mode, where nothing is timed).
+    pub writer_samples: Vec<Vec<WriterSample>>,
     pub kills: u64,
     pub stalls: u64,
     pub joins: u64,
@@ -273,14 +284,36 @@ impl Report {
                     .map(|l| l.map_or("null".into(), |v| v.to_string()))
                     .collect();
                 format!(
-                    "{{\"t_s\": {:.2}, \"mb_per_s\": {:.3}, \"lag_bytes\": [{}]}}",
+                    "{{\"t_s\": {:.2}, \"mb_per_s\": {:.3}, \"lag_bytes\": [{}], \"in_fault\": {}}}",
                     x.t_s,
                     x.mb_per_s,
-                    lags.join(", ")
+                    lags.join(", "),
+                    x.in_fault
                 )
             })
             .collect();
         let _ = writeln!(s, "  \"samples\": [\n    {}\n  ],", samples.join(",\n    "));
+        let writers: Vec<String> = self
+            .writer_samples
+            .iter()
+            .map(|w| {
+                let points: Vec<String> = w
+                    .iter()
+                    .map(|x| {
+                        format!(
+                            "{{\"t_s\": {:.2}, \"append_call_p99_ns\": {}}}",
+                            x.t_s, x.append_call_p99_ns
+                        )
+                    })
+                    .collect();
+                format!("[{}]", points.join(", "))
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "  \"writer_samples\": [\n    {}\n  ],",
+            writers.join(",\n    ")
+        );
         let _ = writeln!(
             s,
             "  \"converged_s\": {},",
@@ -304,7 +337,8 @@ impl Report {
         s
     }
 
-    /// Two panels over time: throughput, and each follower's lag.
+    /// Three panels over time: throughput, each follower's lag, and the writers' `append()` p99;
+    /// faults shaded.
     pub fn svg(&self) -> String {
         const W: f64 = 960.0;
         const PANEL_H: f64 = 220.0;
@@ -318,7 +352,7 @@ impl Report {
         let t_max = self.samples.last().map_or(1.0, |x| x.t_s).max(1e-3);
         let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t / t_max;
         let mut s = String::new();
-        let h_total = TOP + 2.0 * PANEL_H + GAP + 50.0;
+        let h_total = TOP + 3.0 * PANEL_H + 2.0 * GAP + 50.0;
         let _ = writeln!(
             s,
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h_total}\" font-family=\"sans-serif\" font-size=\"12\">"
@@ -353,8 +387,31 @@ impl Report {
                 );
             }
         };
+        // Each sample in a fault shades the interval it ends.
+        let mut fault_spans: Vec<(f64, f64)> = Vec::new();
+        let mut from_s = 0.0;
+        for p in &self.samples {
+            if p.in_fault {
+                match fault_spans.last_mut() {
+                    Some(span) if span.1 == from_s => span.1 = p.t_s,
+                    _ => fault_spans.push((from_s, p.t_s)),
+                }
+            }
+            from_s = p.t_s;
+        }
+        let shade = |s: &mut String, top: f64| {
+            for &(a, b) in &fault_spans {
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{PANEL_H}\" fill=\"#fdd\"/>",
+                    x(a),
+                    x(b) - x(a)
+                );
+            }
+        };
         let mb_max = self.samples.iter().map(|x| x.mb_per_s).fold(1e-9, f64::max) * 1.1;
-        panel(&mut s, TOP, "throughput", mb_max, "MB/s");
+        shade(&mut s, TOP);
+        panel(&mut s, TOP, "throughput (faults shaded)", mb_max, "MB/s");
         let points: Vec<String> = self
             .samples
             .iter()
@@ -378,6 +435,7 @@ impl Report {
             .flat_map(|x| x.lag_bytes.iter().flatten())
             .fold(1.0_f64, |m, &v| m.max(v as f64))
             * 1.1;
+        shade(&mut s, top2);
         panel(
             &mut s,
             top2,
@@ -412,11 +470,45 @@ impl Report {
                 f + 1
             );
         }
+        let top3 = top2 + PANEL_H + GAP;
+        let ns_max = self
+            .writer_samples
+            .iter()
+            .flatten()
+            .map(|w| w.append_call_p99_ns as f64)
+            .fold(1.0_f64, f64::max)
+            * 1.1;
+        shade(&mut s, top3);
+        panel(
+            &mut s,
+            top3,
+            "writers' append() call, p99 of each 100 ms (ns)",
+            ns_max,
+            "ns",
+        );
+        for (w, samples) in self.writer_samples.iter().enumerate() {
+            let color = colors[w % colors.len()];
+            let points: Vec<String> = samples
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(p.t_s),
+                        top3 + PANEL_H - PANEL_H * p.append_call_p99_ns as f64 / ns_max
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                points.join(" ")
+            );
+        }
         let _ = writeln!(
             s,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seconds (0 to {t_max:.1})</text>",
             (LEFT + W - RIGHT) / 2.0,
-            top2 + PANEL_H + 30.0
+            top3 + PANEL_H + 30.0
         );
         s.push_str("</svg>\n");
         s
@@ -436,6 +528,6 @@ fn human(v: f64, unit: &str) -> String {
     if unit == "B" {
         format!("{v:.1} {prefix}B")
     } else {
-        format!("{v:.1}")
+        format!("{v:.1}{prefix}")
     }
 }
