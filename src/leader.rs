@@ -979,6 +979,11 @@ async fn drive(
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
     // at it every INBOX_POLL_INTERVAL, and the writer need not wake it.
     let mut changes_seen_at: Option<Instant> = None;
+    // When the session last looked at its inbox. While polling, it looks no more often than
+    // every INBOX_POLL_INTERVAL, however often acks wake it: a look that finds a few appends
+    // starts a round for them, and with acks back sooner than the poll, rounds of a handful of
+    // messages cost the leader and the follower CPU per message (README, Performance).
+    let mut inbox_seen_at: Option<Instant> = None;
     let timer = FineTimer::new(conn.engine())?;
     loop {
         // Everything the reader has, without waiting.
@@ -988,7 +993,8 @@ async fn drive(
         let now = Instant::now();
         session.check_handshake_deadline(connected_at, now)?;
         let had_input = !input.is_empty();
-        {
+        if look_due(changes_seen_at, inbox_seen_at, now) {
+            inbox_seen_at = Some(now);
             let mut hub = ctx.shared.lock();
             let hub = &mut *hub;
             if let Some(inbox) = hub.inboxes.get_mut(&id) {
@@ -1154,10 +1160,11 @@ async fn drive(
                     .map(tokio::time::Instant::from_std)
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(500));
                 let poll = polling(changes_seen_at, now);
+                let next_look = next_look_in(inbox_seen_at, Instant::now());
                 tokio::select! {
                     chunk = input_rx.recv() => take_input(chunk, &mut input, &mut eof)?,
                     _ = wake.notified() => {}
-                    slept = timer.sleep(INBOX_POLL_INTERVAL), if poll => slept?,
+                    slept = timer.sleep(next_look), if poll => slept?,
                     _ = tokio::time::sleep_until(timeout) => {}
                     _ = ctx.shared.shutdown.notified() => {}
                 }
@@ -1170,6 +1177,24 @@ async fn drive(
 /// every `INBOX_POLL_INTERVAL` now, rather than waiting for the writer to wake it.
 fn polling(changes_seen_at: Option<Instant>, now: Instant) -> bool {
     changes_seen_at.is_some_and(|at| now.saturating_duration_since(at) < INBOX_POLL_IDLE_MAX)
+}
+
+/// Whether the session looks at its inbox now: always when idle (not `polling`: the writer
+/// wakes it, and it must see the inbox empty to ask for that), else once INBOX_POLL_INTERVAL
+/// has passed since it last looked at `inbox_seen_at`.
+fn look_due(
+    changes_seen_at: Option<Instant>,
+    inbox_seen_at: Option<Instant>,
+    now: Instant,
+) -> bool {
+    !polling(changes_seen_at, now) || next_look_in(inbox_seen_at, now).is_zero()
+}
+
+/// How long until the next look while polling: INBOX_POLL_INTERVAL after the last.
+fn next_look_in(inbox_seen_at: Option<Instant>, now: Instant) -> Duration {
+    inbox_seen_at.map_or(Duration::ZERO, |at| {
+        INBOX_POLL_INTERVAL.saturating_sub(now.saturating_duration_since(at))
+    })
 }
 
 /// The files a connection keeps open to ship payloads from: path -> (generation, file).
@@ -1350,5 +1375,30 @@ async fn hash_prefixes(
             *ctx.digests.borrow_mut() = Some(DigestCache::load(&ctx.dir));
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While polling, acks that wake the session often do not make it look at the inbox more
+    /// often than every INBOX_POLL_INTERVAL; an idle session (the writer wakes it) always looks.
+    #[test]
+    fn the_inbox_is_looked_at_once_per_poll_interval_while_polling() {
+        let t0 = Instant::now();
+        let seen = Some(t0);
+        let looked = Some(t0);
+        let soon = t0 + INBOX_POLL_INTERVAL / 4;
+        assert!(!look_due(seen, looked, soon));
+        assert_eq!(next_look_in(looked, soon), INBOX_POLL_INTERVAL * 3 / 4);
+        let later = t0 + INBOX_POLL_INTERVAL;
+        assert!(look_due(seen, looked, later));
+        assert_eq!(next_look_in(looked, later), Duration::ZERO);
+        // Never looked, or idle (no changes within INBOX_POLL_IDLE_MAX): look at once.
+        assert!(look_due(seen, None, soon));
+        assert!(look_due(None, looked, soon));
+        let idle = t0 + INBOX_POLL_IDLE_MAX;
+        assert!(look_due(seen, Some(idle), idle + INBOX_POLL_INTERVAL / 4));
     }
 }
