@@ -146,3 +146,49 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("one writer"), "{stderr}");
 }
+
+#[test]
+fn probe_cpus_measures_a_cache_line_round_trip_between_two_cpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let same = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--probe-cpus", "0:0", "--duration", "300ms"])
+        .output()
+        .unwrap();
+    assert!(!same.status.success());
+    assert!(
+        String::from_utf8_lossy(&same.stderr).contains("two different CPUs"),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return; // one CPU: nothing to bounce a line between
+    }
+    let json = tmp.path().join("probe.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--probe-cpus", "0:1", "--duration", "600ms", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("cache line round trip CPU 0 <-> CPU 1"),
+        "{stdout}"
+    );
+    let report = std::fs::read_to_string(&json).unwrap();
+    assert!(report.starts_with("{\"probe_cpus\": [0, 1]"), "{report}");
+    // Two windows of 250 ms at least, each a positive round trip.
+    let trips: Vec<f64> = report
+        .split("\"round_trip_ns\": ")
+        .skip(1)
+        .map(|s| s.split('}').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        trips.len() >= 2 && trips.iter().all(|&ns| ns > 0.0),
+        "{report}"
+    );
+}

@@ -40,15 +40,21 @@ fn apply(set: &libc::cpu_set_t) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPUs this thread may run on.
+pub fn allowed() -> io::Result<Vec<usize>> {
+    let set = current()?;
+    Ok((0..CPUS_MAX)
+        // SAFETY: `c` is below CPU_SETSIZE, so the bit is inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 /// Keeps this thread, and every thread and process it starts from now on, off `cpu`. Fails
 /// when `cpu` is not one this process may run on, or is the only one.
 pub fn keep_off(cpu: usize) -> anyhow::Result<()> {
     check(cpu)?;
     let mut set = current()?;
-    let allowed: Vec<usize> = (0..CPUS_MAX)
-        // SAFETY: `c` is below CPU_SETSIZE, so the bit is inside `set`.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect();
+    let allowed = allowed()?;
     if !allowed.contains(&cpu) {
         anyhow::bail!("--writer-cpu {cpu}: this process may only run on CPUs {allowed:?}");
     }

@@ -14,6 +14,7 @@
 //! every follower's checksums with the leader's and exits 1 if any differ.
 
 mod cpus;
+mod probe;
 mod procs;
 mod raw;
 mod report;
@@ -129,6 +130,24 @@ struct Args {
     /// the writer's CPU time, which followers on other machines do not.
     #[arg(long, value_name = "N")]
     writer_cpu: Option<usize>,
+    /// Instead of a run: bounce one cache line between CPUs A and B for --duration and print its
+    /// round trip every 250 ms (on a VM, the host decides it, and it can change by several
+    /// times from one second to the next: what a follower costs the writer's append() moves
+    /// with it).
+    #[arg(long, value_name = "A:B", value_parser = parse_cpu_pair)]
+    probe_cpus: Option<(usize, usize)>,
+}
+
+fn parse_cpu_pair(s: &str) -> Result<(usize, usize), String> {
+    let parse = |c: &str| {
+        c.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("{s:?}: expected two CPU numbers as A:B, e.g. 0:1"))
+    };
+    match s.split_once(':') {
+        Some((a, b)) => Ok((parse(a)?, parse(b)?)),
+        None => Err(format!("{s:?}: expected two CPU numbers as A:B, e.g. 0:1")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -192,6 +211,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<bool> {
+    if let Some((a, b)) = args.probe_cpus {
+        let samples = probe::run(a, b, args.duration)?;
+        print!("{}", probe::summary(a, b, &samples));
+        if let Some(path) = &args.json {
+            std::fs::write(path, probe::json(a, b, &samples))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(true);
+    }
     if args.writers == 0 {
         bail!("--writers must be at least 1");
     }
