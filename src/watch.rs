@@ -42,6 +42,11 @@ const SAMPLE_BYTES: usize = 64;
 const SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 /// Bytes read from the inotify fd at once.
 const EVENT_BUFFER_BYTES: usize = 64 * 1024;
+/// After handling a batch of events the watcher rests this long before it looks again, so
+/// that a writer's next appends gather in inotify's queue, where the kernel merges repeated
+/// events of one file into one: one stat and one `Grew` for many write(2)s, instead of a
+/// wake-up, a stat and two samples read for every few.
+const WATCH_BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_micros(200);
 const EVENT_HEADER_BYTES: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -436,7 +441,10 @@ impl State {
                 }
                 parse_events(&buf[..n as usize], &mut events);
             }
-            self.handle(events);
+            if !events.is_empty() {
+                self.handle(events);
+                std::thread::sleep(WATCH_BATCH_INTERVAL);
+            }
         }
     }
 
@@ -636,6 +644,49 @@ mod tests {
                 (p(n), (m.len(), mtime_ns(&m)))
             })
             .collect()
+    }
+
+    /// A writer's rapid appends to one file come out as a few contiguous `Grew`s, not one per
+    /// wake-up: the watcher rests WATCH_BATCH_INTERVAL after each batch, and inotify merges
+    /// the repeated events meanwhile.
+    #[test]
+    fn rapid_appends_are_reported_in_few_contiguous_growths() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("seg"), b"").unwrap();
+        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp.path().join("seg"))
+            .unwrap();
+        const WRITES: u64 = 2000;
+        const WRITE_BYTES: u64 = 64;
+        let started = std::time::Instant::now();
+        for _ in 0..WRITES {
+            file.write_all(&[7u8; WRITE_BYTES as usize]).unwrap();
+        }
+        let elapsed = started.elapsed();
+        let mut at = 0;
+        let mut growths = 0u128;
+        while at != WRITES * WRITE_BYTES {
+            match next(&rx) {
+                Change::Grew {
+                    from_bytes,
+                    to_bytes,
+                    ..
+                } if from_bytes == at => {
+                    at = to_bytes;
+                    growths += 1;
+                }
+                other => panic!("at {at}: {other:?}"),
+            }
+        }
+        // One batch per interval while the writer wrote, and the last one after it.
+        let batches_max = elapsed.as_micros() / WATCH_BATCH_INTERVAL.as_micros() + 3;
+        assert!(
+            growths <= batches_max,
+            "{growths} growths for {WRITES} writes in {elapsed:?} (at most {batches_max})"
+        );
+        w.stop();
     }
 
     #[test]
