@@ -367,7 +367,28 @@ impl Report {
             self.messages_per_s(),
             self.mb_per_s()
         );
+        // Each sample in a fault shades the interval it ends.
+        let mut fault_spans: Vec<(f64, f64)> = Vec::new();
+        let mut from_s = 0.0;
+        for p in &self.samples {
+            if p.in_fault {
+                match fault_spans.last_mut() {
+                    Some(span) if span.1 == from_s => span.1 = p.t_s,
+                    _ => fault_spans.push((from_s, p.t_s)),
+                }
+            }
+            from_s = p.t_s;
+        }
+        // A panel's frame, title, scale and fault shading.
         let panel = |s: &mut String, top: f64, title: &str, max: f64, unit: &str| {
+            for &(a, b) in &fault_spans {
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{PANEL_H}\" fill=\"#fdd\"/>",
+                    x(a),
+                    x(b) - x(a)
+                );
+            }
             let _ = writeln!(
                 s,
                 "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{}\" height=\"{PANEL_H}\" fill=\"none\" stroke=\"#999\"/>",
@@ -387,46 +408,29 @@ impl Report {
                 );
             }
         };
-        // Each sample in a fault shades the interval it ends.
-        let mut fault_spans: Vec<(f64, f64)> = Vec::new();
-        let mut from_s = 0.0;
-        for p in &self.samples {
-            if p.in_fault {
-                match fault_spans.last_mut() {
-                    Some(span) if span.1 == from_s => span.1 = p.t_s,
-                    _ => fault_spans.push((from_s, p.t_s)),
-                }
-            }
-            from_s = p.t_s;
-        }
-        let shade = |s: &mut String, top: f64| {
-            for &(a, b) in &fault_spans {
-                let _ = writeln!(
-                    s,
-                    "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{PANEL_H}\" fill=\"#fdd\"/>",
-                    x(a),
-                    x(b) - x(a)
-                );
-            }
+        // One line in the panel at `top` whose scale ends at `max`, through (t_s, value) points.
+        let curve = |s: &mut String,
+                     top: f64,
+                     max: f64,
+                     color: &str,
+                     points: &mut dyn Iterator<Item = (f64, f64)>| {
+            let points: Vec<String> = points
+                .map(|(t, v)| format!("{:.1},{:.1}", x(t), top + PANEL_H - PANEL_H * v / max))
+                .collect();
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                points.join(" ")
+            );
         };
         let mb_max = self.samples.iter().map(|x| x.mb_per_s).fold(1e-9, f64::max) * 1.1;
-        shade(&mut s, TOP);
         panel(&mut s, TOP, "throughput (faults shaded)", mb_max, "MB/s");
-        let points: Vec<String> = self
-            .samples
-            .iter()
-            .map(|p| {
-                format!(
-                    "{:.1},{:.1}",
-                    x(p.t_s),
-                    TOP + PANEL_H - PANEL_H * p.mb_per_s / mb_max
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"#333\" stroke-width=\"1.5\" points=\"{}\"/>",
-            points.join(" ")
+        curve(
+            &mut s,
+            TOP,
+            mb_max,
+            "#333",
+            &mut self.samples.iter().map(|p| (p.t_s, p.mb_per_s)),
         );
         let top2 = TOP + PANEL_H + GAP;
         let lag_max = self
@@ -435,7 +439,6 @@ impl Report {
             .flat_map(|x| x.lag_bytes.iter().flatten())
             .fold(1.0_f64, |m, &v| m.max(v as f64))
             * 1.1;
-        shade(&mut s, top2);
         panel(
             &mut s,
             top2,
@@ -445,22 +448,15 @@ impl Report {
         );
         for f in 0..self.followers {
             let color = colors[f % colors.len()];
-            let points: Vec<String> = self
-                .samples
-                .iter()
-                .filter_map(|p| {
-                    let v = (*p.lag_bytes.get(f)?)? as f64;
-                    Some(format!(
-                        "{:.1},{:.1}",
-                        x(p.t_s),
-                        top2 + PANEL_H - PANEL_H * v / lag_max
-                    ))
-                })
-                .collect();
-            let _ = writeln!(
-                s,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
-                points.join(" ")
+            curve(
+                &mut s,
+                top2,
+                lag_max,
+                color,
+                &mut self
+                    .samples
+                    .iter()
+                    .filter_map(|p| Some((p.t_s, (*p.lag_bytes.get(f)?)? as f64))),
             );
             let _ = writeln!(
                 s,
@@ -478,7 +474,6 @@ impl Report {
             .map(|w| w.append_call_p99_ns as f64)
             .fold(1.0_f64, f64::max)
             * 1.1;
-        shade(&mut s, top3);
         panel(
             &mut s,
             top3,
@@ -487,21 +482,12 @@ impl Report {
             "ns",
         );
         for (w, samples) in self.writer_samples.iter().enumerate() {
-            let color = colors[w % colors.len()];
-            let points: Vec<String> = samples
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{:.1},{:.1}",
-                        x(p.t_s),
-                        top3 + PANEL_H - PANEL_H * p.append_call_p99_ns as f64 / ns_max
-                    )
-                })
-                .collect();
-            let _ = writeln!(
-                s,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
-                points.join(" ")
+            curve(
+                &mut s,
+                top3,
+                ns_max,
+                colors[w % colors.len()],
+                &mut samples.iter().map(|p| (p.t_s, p.append_call_p99_ns as f64)),
             );
         }
         let _ = writeln!(
