@@ -336,13 +336,6 @@ impl Conn {
         }
     }
 
-    fn raw_fd(&self) -> i32 {
-        match &self.stream {
-            Stream::Uring(s) => s.as_raw_fd(),
-            Stream::Fallback(s) => s.as_raw_fd(),
-        }
-    }
-
     /// Reads what is available into `buf` (cleared first, filled up to its capacity).
     /// `Ok(0)` is the end of the stream.
     pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
@@ -402,9 +395,14 @@ impl Conn {
                     Some(p) => p,
                     None => [Pipe::new(SEND_PIPE_BYTES)?, Pipe::new(SEND_PIPE_BYTES)?],
                 };
-                let r =
-                    uring::send_file(self.raw_fd(), &pipes, file.as_raw_fd(), offset, len_bytes)
-                        .await;
+                let r = uring::send_file(
+                    self.as_raw_fd(),
+                    &pipes,
+                    file.as_raw_fd(),
+                    offset,
+                    len_bytes,
+                )
+                .await;
                 // Pipes left holding bytes after an error would corrupt the next payload.
                 if r.is_ok() {
                     *self.send_pipes.borrow_mut() = Some(pipes);
@@ -435,14 +433,17 @@ impl Conn {
     pub fn shutdown(&self) {
         // SAFETY: shutdown(2) on our own open socket fd; failure (already closed) is harmless.
         unsafe {
-            libc::shutdown(self.raw_fd(), libc::SHUT_RDWR);
+            libc::shutdown(self.as_raw_fd(), libc::SHUT_RDWR);
         }
     }
 }
 
 impl AsRawFd for Conn {
-    fn as_raw_fd(&self) -> i32 {
-        self.raw_fd()
+    fn as_raw_fd(&self) -> RawFd {
+        match &self.stream {
+            Stream::Uring(s) => s.as_raw_fd(),
+            Stream::Fallback(s) => s.as_raw_fd(),
+        }
     }
 }
 

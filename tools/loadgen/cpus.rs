@@ -40,13 +40,17 @@ fn apply(set: &libc::cpu_set_t) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPUs in `set`.
+fn members(set: &libc::cpu_set_t) -> Vec<usize> {
+    (0..CPUS_MAX)
+        // SAFETY: `c` is below CPU_SETSIZE, so the bit is inside `set`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
+        .collect()
+}
+
 /// The CPUs this thread may run on.
 pub fn allowed() -> io::Result<Vec<usize>> {
-    let set = current()?;
-    Ok((0..CPUS_MAX)
-        // SAFETY: `c` is below CPU_SETSIZE, so the bit is inside `set`.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect())
+    Ok(members(&current()?))
 }
 
 /// Keeps this thread, and every thread and process it starts from now on, off `cpu`. Fails
@@ -54,7 +58,7 @@ pub fn allowed() -> io::Result<Vec<usize>> {
 pub fn keep_off(cpu: usize) -> anyhow::Result<()> {
     check(cpu)?;
     let mut set = current()?;
-    let allowed = allowed()?;
+    let allowed = members(&set);
     if !allowed.contains(&cpu) {
         anyhow::bail!("--writer-cpu {cpu}: this process may only run on CPUs {allowed:?}");
     }

@@ -139,15 +139,13 @@ struct Args {
 }
 
 fn parse_cpu_pair(s: &str) -> Result<(usize, usize), String> {
-    let parse = |c: &str| {
-        c.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("{s:?}: expected two CPU numbers as A:B, e.g. 0:1"))
-    };
-    match s.split_once(':') {
-        Some((a, b)) => Ok((parse(a)?, parse(b)?)),
-        None => Err(format!("{s:?}: expected two CPU numbers as A:B, e.g. 0:1")),
-    }
+    let pair = s.split_once(':').and_then(|(a, b)| {
+        Some((
+            a.trim().parse::<usize>().ok()?,
+            b.trim().parse::<usize>().ok()?,
+        ))
+    });
+    pair.ok_or_else(|| format!("{s:?}: expected two CPU numbers as A:B, e.g. 0:1"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
