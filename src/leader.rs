@@ -11,7 +11,7 @@
 //! drives a `session::leader::LeaderSession`; a second task per connection reads the socket, so
 //! acks keep arriving while a payload is being spliced out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::auth::{random_nonce, Secret};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{self, Conn, EngineKind, FineTimer, Listener};
 use crate::frame::{Durability, ErrorCode, Frame};
 use crate::index::{scan, DigestCache};
@@ -99,10 +99,10 @@ pub enum ChangeError {
     Stat { path: String, source: io::Error },
 }
 
-/// A connected follower's paths changed since its session last looked: all the writer touches
+/// A connected follower's files changed since its session last looked: all the writer touches
 /// per follower.
 struct Inbox {
-    paths: HashSet<RelPath>,
+    changes: ChangeList,
     /// When it last went from empty to not empty (the session has not picked it up since).
     since: Option<Instant>,
     wake: Arc<Notify>,
@@ -328,34 +328,29 @@ impl Leader {
         self.shared.lock().catalog.position()
     }
 
-    /// Applies `change` to the catalog and puts `path` (already checked with `RelPath::check`)
-    /// into every follower's inbox.
+    /// Applies `change` to the catalog and puts what it changed into every follower's inbox.
+    /// Returns the position after it.
     fn record(
         &self,
-        path: &str,
-        change: impl FnOnce(&mut Catalog, &RelPath) -> u64,
+        change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, PathError>,
     ) -> Result<u64, ChangeError> {
         let mut hub = self.shared.lock();
-        // The catalog's copy of a known path: the inboxes get clones of it, which share its
-        // allocation. A new string per append would be freed by the session's thread, and a
-        // writer whose malloc cache the sessions keep emptying takes its arena's lock.
-        let path = match hub.catalog.key(path) {
-            Some(known) => known.clone(),
-            None => RelPath::new(path)?,
+        let hub = &mut *hub;
+        let changed = change(&mut hub.catalog)?;
+        let position = hub.catalog.position();
+        let Some(changed) = changed else {
+            return Ok(position);
         };
-        let position = change(&mut hub.catalog, &path);
         for inbox in hub.inboxes.values_mut() {
-            // A path already waiting needs nothing: the session learnt of it when it arrived
-            // (woken then, or finding it at its next poll).
-            if !inbox.paths.contains(&path) {
-                if inbox.paths.is_empty() {
-                    inbox.since = Some(Instant::now());
-                }
-                inbox.paths.insert(path.clone());
+            // Only the first change since the session looked can wake it: the session learns
+            // of the others with that one (woken then, or finding it at its next poll).
+            if inbox.changes.is_empty() {
+                inbox.since = Some(Instant::now());
                 if std::mem::take(&mut inbox.wake_wanted) {
                     inbox.wake.notify_one();
                 }
             }
+            inbox.changes.push(changed, position);
         }
         Ok(position)
     }
@@ -374,7 +369,7 @@ impl Leader {
                 return Ok(hub.catalog.position());
             }
         }
-        self.record(path.as_str(), |c, path| c.replace(path, len_bytes))
+        self.record(|c| c.replace(path.as_str(), len_bytes).map(Some))
     }
 
     /// `length` bytes were written at `offset` of `path` (already in the file, e.g. through an
@@ -384,9 +379,8 @@ impl Leader {
     /// Bytes rewritten below what followers already hold are not sent again; a file changed in
     /// place is reported with `replace_file`, which ships it whole.
     pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
-        // Checked without a copy: the catalog has one of every path it knows.
-        RelPath::check(path)?;
-        self.record(path, |c, path| c.append(path, offset, length))
+        // A path the catalog knows is not checked again (nor copied).
+        self.record(|c| c.append(path, offset, length).map(Some))
     }
 
     /// `path` was rewritten as a whole (e.g. a JSON file renamed over); its size is taken now.
@@ -401,13 +395,12 @@ impl Leader {
                 source,
             })?
             .len();
-        self.record(rel.as_str(), |c, rel| c.replace(rel, len_bytes))
+        self.record(|c| c.replace(rel.as_str(), len_bytes).map(Some))
     }
 
     /// Like `replace_file`, with the length given (for `ferry lead`'s watcher, which stat'ed it).
     pub fn replace_file_with_len(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
-        let rel = RelPath::new(path)?;
-        self.record(rel.as_str(), |c, rel| c.replace(rel, len_bytes))
+        self.record(|c| c.replace(path, len_bytes).map(Some))
     }
 
     /// Records a change the inotify watcher saw.
@@ -435,8 +428,7 @@ impl Leader {
     }
 
     pub fn delete_file(&self, path: &str) -> Result<u64, ChangeError> {
-        let rel = RelPath::new(path)?;
-        self.record(rel.as_str(), |c, rel| c.delete(rel))
+        self.record(|c| c.delete(path))
     }
 
     /// Every follower connected now, and the last few that disconnected.
@@ -860,7 +852,7 @@ impl ConnCtx {
         self.shared.lock().inboxes.insert(
             id,
             Inbox {
-                paths: HashSet::new(),
+                changes: ChangeList::default(),
                 since: None,
                 wake: wake.clone(),
                 wake_wanted: true,
@@ -971,10 +963,14 @@ async fn drive(
     let mut sync_started: Option<Instant> = None;
     // A payload sits in the socket with MORE set, waiting for what follows it.
     let mut corked = false;
-    // The session plans from its own copy of the catalog, refreshed with the paths in its
-    // inbox: the writers' lock is held for the copying only, never while frames are parsed
-    // or encoded.
-    let mut catalog = ctx.shared.lock().catalog.clone();
+    // The session plans from its own copy of the catalog, brought up to date with the changes
+    // in its inbox: the writers' lock is held for that only, never while frames are parsed or
+    // encoded. The copy is detached (`catalog`, on why), and made outside the lock.
+    let mut catalog = {
+        let shared = ctx.shared.lock().catalog.clone();
+        shared.detached()
+    };
+    let mut changes: Vec<FileChange> = Vec::new();
     let mut changed: Vec<RelPath> = Vec::new();
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
     // at it every INBOX_POLL_INTERVAL, and the writer need not wake it.
@@ -998,16 +994,15 @@ async fn drive(
             let mut hub = ctx.shared.lock();
             let hub = &mut *hub;
             if let Some(inbox) = hub.inboxes.get_mut(&id) {
-                if !inbox.paths.is_empty() {
+                if let Some(position) = inbox.changes.take(&mut changes) {
                     changes_seen_at = Some(now);
+                    catalog.apply(&hub.catalog, &changes, position, &mut changed);
                 }
-                changed.extend(inbox.paths.drain());
                 inbox.since = None;
                 // Set here, while the inbox is seen empty under the lock: a change from now on
                 // either wakes the session or waits at most one poll interval.
                 inbox.wake_wanted = !polling(changes_seen_at, now);
             }
-            catalog.refresh_from(&hub.catalog, &changed);
         }
         if had_input {
             let n = session.handle_input(&input, &catalog, now)?;

@@ -40,8 +40,8 @@ pub enum PathError {
 }
 
 /// A validated path relative to the data dir, `/`-separated. Clones share one allocation (a
-/// writer's `append` puts the catalog's copy into each follower's inbox: a reference count, not
-/// a string that the session's thread would then free), and sets of them are searched by `&str`.
+/// reference count); `unshared` makes a copy with its own, for another thread (`catalog`, on
+/// why). Sets of them are searched by `&str`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelPath(Arc<str>);
 
@@ -95,6 +95,17 @@ impl RelPath {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A copy with an allocation of its own: cloning or dropping it never writes the cache
+    /// line of the original's reference count.
+    pub fn unshared(&self) -> RelPath {
+        RelPath(Arc::from(&*self.0))
+    }
+
+    #[cfg(test)]
+    pub fn shares_allocation(&self, other: &RelPath) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 
     /// `"a/b/c"` -> `Some("a/b")`; `"c"` -> `None`.

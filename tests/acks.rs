@@ -104,7 +104,9 @@ impl HandLeader {
         let file = self.files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(bytes);
-        self.catalog.append(path, offset, bytes.len() as u64);
+        self.catalog
+            .append(path.as_str(), offset, bytes.len() as u64)
+            .expect("a RelPath passes the catalog's check");
         self.session.note_changed(path.clone());
     }
 }

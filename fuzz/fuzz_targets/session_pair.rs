@@ -122,14 +122,20 @@ impl Pair {
         let file = self.leader.files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(&bytes);
-        self.leader.catalog.append(&path, offset, n as u64);
+        self.leader
+            .catalog
+            .append(path.as_str(), offset, n as u64)
+            .expect("a RelPath passes the catalog's check");
         self.leader.session.note_changed(path);
     }
 
     fn replace(&mut self, path: RelPath, len: usize) {
         let bytes = self.contents(len);
         self.leader.files.insert(path.clone(), bytes);
-        self.leader.catalog.replace(&path, len as u64);
+        self.leader
+            .catalog
+            .replace(path.as_str(), len as u64)
+            .expect("a RelPath passes the catalog's check");
         self.leader.session.note_changed(path);
     }
 
@@ -143,13 +149,19 @@ impl Pair {
         };
         let len = usize::from(b) % (file.len() + 1);
         file.truncate(len);
-        self.leader.catalog.replace(&path, len as u64);
+        self.leader
+            .catalog
+            .replace(path.as_str(), len as u64)
+            .expect("a RelPath passes the catalog's check");
         self.leader.session.note_changed(path);
     }
 
     fn delete(&mut self, path: RelPath) {
         self.leader.files.remove(&path);
-        self.leader.catalog.delete(&path);
+        self.leader
+            .catalog
+            .delete(path.as_str())
+            .expect("a RelPath passes the catalog's check");
         self.leader.session.note_changed(path);
     }
 
@@ -159,10 +171,16 @@ impl Pair {
             match self.leader.files.get(&path) {
                 Some(b) => {
                     let len = b.len() as u64;
-                    self.leader.catalog.replace(&path, len);
+                    self.leader
+                        .catalog
+                        .replace(path.as_str(), len)
+                        .expect("a RelPath passes the catalog's check");
                 }
                 None => {
-                    self.leader.catalog.delete(&path);
+                    self.leader
+                        .catalog
+                        .delete(path.as_str())
+                        .expect("a RelPath passes the catalog's check");
                 }
             }
             self.leader.session.note_changed(path);

@@ -75,21 +75,27 @@ impl Sim {
         let file = self.leader_files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(bytes);
-        self.catalog.append(&path, offset, bytes.len() as u64);
+        self.catalog
+            .append(path.as_str(), offset, bytes.len() as u64)
+            .expect("a RelPath passes the catalog's check");
         self.leader.note_changed(path);
     }
 
     fn replace(&mut self, path: &str, bytes: &[u8]) {
         let path = p(path);
         self.leader_files.insert(path.clone(), bytes.to_vec());
-        self.catalog.replace(&path, bytes.len() as u64);
+        self.catalog
+            .replace(path.as_str(), bytes.len() as u64)
+            .expect("a RelPath passes the catalog's check");
         self.leader.note_changed(path);
     }
 
     fn delete(&mut self, path: &str) {
         let path = p(path);
         self.leader_files.remove(&path);
-        self.catalog.delete(&path);
+        self.catalog
+            .delete(path.as_str())
+            .expect("a RelPath passes the catalog's check");
         self.leader.note_changed(path);
     }
 

@@ -60,7 +60,8 @@ impl Run {
         file.extend_from_slice(bytes);
         self.leader
             .catalog
-            .append(&path, offset, bytes.len() as u64);
+            .append(path.as_str(), offset, bytes.len() as u64)
+            .expect("a RelPath passes the catalog's check");
         self.leader.session.note_changed(path);
     }
 }
@@ -83,12 +84,18 @@ fn record(streaming: bool) -> Recording {
         run.append("seg/001", &pattern(100, 7));
         let path = p("meta.json");
         run.leader.files.insert(path.clone(), b"{\"v\":2}".to_vec());
-        run.leader.catalog.replace(&path, 7);
+        run.leader
+            .catalog
+            .replace(path.as_str(), 7)
+            .expect("a RelPath passes the catalog's check");
         run.leader.session.note_changed(path);
         run.settle();
         let path = p("a");
         run.leader.files.remove(&path);
-        run.leader.catalog.delete(&path);
+        run.leader
+            .catalog
+            .delete(path.as_str())
+            .expect("a RelPath passes the catalog's check");
         run.leader.session.note_changed(path);
         run.settle();
         run.leader.now += Duration::from_millis(KEEPALIVE_INTERVAL_MS);
