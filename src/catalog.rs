@@ -58,14 +58,17 @@ impl Catalog {
         let mut catalog = Catalog::default();
         for (path, len_bytes) in files {
             catalog.position += len_bytes;
-            let generation = catalog.next_generation();
-            catalog.insert(
-                path,
-                CatalogEntry {
-                    len_bytes,
-                    generation,
-                },
-            );
+            let entry = CatalogEntry {
+                len_bytes,
+                generation: catalog.next_generation(),
+            };
+            // A path listed twice: the last length stands, under one id.
+            match catalog.files.get_mut(&path) {
+                Some(slot) => slot.entry = entry,
+                None => {
+                    catalog.insert(path, entry);
+                }
+            }
         }
         catalog
     }
@@ -191,31 +194,19 @@ impl Catalog {
     /// A copy whose paths have their own allocations, for a session to keep in step with
     /// `apply`: nothing in it is shared memory the session's thread would write.
     pub fn detached(&self) -> Catalog {
-        let paths: HashMap<FileId, RelPath> = self
-            .paths
-            .iter()
-            .map(|(&id, path)| (id, path.unshared()))
-            .collect();
-        let files = paths
-            .iter()
-            .filter_map(|(&id, path)| {
-                let slot = self.files.get(path)?;
-                Some((
-                    path.clone(),
-                    Slot {
-                        id,
-                        entry: slot.entry,
-                    },
-                ))
-            })
-            .collect();
-        Catalog {
-            files,
-            paths,
+        let mut copy = Catalog {
+            files: HashMap::with_capacity(self.files.len()),
+            paths: HashMap::with_capacity(self.files.len()),
             position: self.position,
             generation_next: self.generation_next,
             id_next: self.id_next,
+        };
+        for (path, slot) in &self.files {
+            let path = path.unshared();
+            copy.paths.insert(slot.id, path.clone());
+            copy.files.insert(path, *slot);
         }
+        copy
     }
 
     /// Brings this detached copy of `source` up to date with every change made to `source` since
@@ -374,6 +365,15 @@ mod tests {
         assert!(c.delete("a/../../b").is_err());
         assert!(c.is_empty());
         assert_eq!(c.position(), 0);
+    }
+
+    #[test]
+    fn a_path_listed_twice_at_start_is_one_file() {
+        let c = Catalog::new([(p("a"), 10), (p("a"), 4)]);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.get(&p("a")).unwrap().len_bytes, 4);
+        assert_eq!(c.paths.len(), 1);
+        assert_eq!(c.detached().snapshot(), c.snapshot());
     }
 
     #[test]
