@@ -207,9 +207,7 @@ fn the_leader_keeps_the_in_sync_replica_set_in_etcd_and_drops_a_stopped_follower
     );
     // Stop one follower: the leader marks it lagging and the ISR shrinks without it.
     let stopped = (0..3).find(|&i| i != leader).unwrap();
-    let pid = nodes[stopped].proc.child.id() as i32;
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    signal(&nodes[stopped].proc.child, libc::SIGSTOP);
     write(&nodes[leader].dir.join("seg"), &pattern(10_000, 4));
     let mut rest: Vec<String> = all
         .iter()
@@ -221,8 +219,7 @@ fn the_leader_keeps_the_in_sync_replica_set_in_etcd_and_drops_a_stopped_follower
         &format!("in-sync replica set: {}", rest.join(",")),
         Duration::from_secs(20),
     );
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    signal(&nodes[stopped].proc.child, libc::SIGCONT);
     // Back and caught up, it is in sync again.
     wait_identical(
         &nodes[leader].dir,

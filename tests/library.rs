@@ -133,8 +133,7 @@ fn a_stopped_follower_is_marked_lagging_and_holds_back_neither_writer_nor_others
     assert!(leader.wait_for(position, Durability::Synced, 2, Duration::from_secs(20)));
 
     // SIGSTOP the first follower: it stops reading, acking, everything.
-    let pid = stalled.child.id() as i32;
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    signal(&stalled.child, libc::SIGSTOP);
     // The writer keeps going (about 40 MiB, far beyond any socket buffer) ...
     let position = publish(&leader, &ld, "seg.0", &mut offset, 40_000);
     // ... and the healthy follower confirms all of it while the other is stopped.
@@ -154,7 +153,7 @@ fn a_stopped_follower_is_marked_lagging_and_holds_back_neither_writer_nor_others
     );
 
     // Resumed, it catches up from the files: nothing was queued in memory for it.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    signal(&stalled.child, libc::SIGCONT);
     assert!(leader.wait_for(position, Durability::Synced, 2, Duration::from_secs(30)));
     wait_state(&leader, stalled_id, FollowerState::Streaming);
     wait_identical(
@@ -179,14 +178,13 @@ fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
         assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
         let id = leader.followers()[0].id;
 
-        let pid = follower.child.id() as i32;
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        signal(&follower.child, libc::SIGSTOP);
         publish(&leader, &ld, "seg.0", &mut offset, 100);
         // Stopped beyond the timeout: on resume, the follower's timer has run out.
         std::thread::sleep(Duration::from_millis(
             ferry::frame::LEADER_SILENCE_TIMEOUT_MS + 1500,
         ));
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        signal(&follower.child, libc::SIGCONT);
 
         let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
         assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));

@@ -239,14 +239,11 @@ fn the_leader_logs_a_follower_that_starts_lagging_and_one_that_catches_up() {
     leader
         .proc
         .wait_log("is in sync: streaming", Duration::from_secs(20));
-    let pid = follower.child.id() as i32;
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    signal(&follower.child, libc::SIGSTOP);
     write(&ld.join("seg2"), &pattern(100_000, 2));
     let line = leader.proc.wait_log("is lagging", Duration::from_secs(20));
     assert!(line.contains("bytes behind at written, last ack"), "{line}");
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    signal(&follower.child, libc::SIGCONT);
     leader
         .proc
         .wait_log("caught up: streaming again", Duration::from_secs(20));

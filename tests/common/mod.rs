@@ -206,6 +206,14 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
     out
 }
 
+/// Sends `signal` (SIGSTOP, SIGCONT) to this test's child process `child`.
+pub fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is of a child
+    // we spawned and have not waited for, so it cannot have been reused.
+    let rc = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(rc, 0, "kill({}, {signal})", child.id());
+}
+
 pub fn start_follower(
     env: &Env,
     dir: &Path,
