@@ -43,6 +43,53 @@ struct HandLeader {
 }
 
 impl HandLeader {
+    /// A `ferry follow` (with `engine`, at `written`, into `env.dir("f")`) connected to a leader
+    /// driven by hand that holds `seg`, empty, past the handshake and the initial sync. Returns
+    /// both and the position the sync's MARK was acked at.
+    fn start(env: &Env, engine: &str, seg: &RelPath) -> (HandLeader, Proc, u64) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let follower = start_follower(env, &env.dir("f"), addr, engine, "written");
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let secret = std::fs::read_to_string(&env.secret_file).unwrap();
+        let mut leader = HandLeader {
+            stream,
+            session: LeaderSession::new(
+                Secret::new(secret.trim().as_bytes().to_vec()).unwrap(),
+                [7; 32],
+                Duration::from_secs(10),
+            ),
+            catalog: Catalog::new([(seg.clone(), 0)]),
+            files: HashMap::from([(seg.clone(), Vec::new())]),
+            input: Vec::new(),
+            frames_raw: Vec::new(),
+            preamble_left: PREAMBLE_BYTES,
+        };
+        // Handshake and initial sync, until the follower acks the MARK that ends the sync.
+        loop {
+            let out = leader.output();
+            leader.stream.write_all(&out).unwrap();
+            let acked = leader.acks().last().copied();
+            if let Some(at) = acked {
+                return (leader, follower, at);
+            }
+        }
+    }
+
+    /// Reads once from the follower: the `written` positions of the ACKs completed.
+    fn acks(&mut self) -> Vec<u64> {
+        self.read()
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Ack { written, .. } => Some(written),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Everything the session has to send now, payloads inline, as one buffer.
     fn output(&mut self) -> Vec<u8> {
         let now = Instant::now();
@@ -117,44 +164,8 @@ impl HandLeader {
 #[test]
 fn a_follower_acks_every_mark_even_when_several_arrive_in_one_read() {
     let env = Env::new();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let _follower = start_follower(&env, &env.dir("f"), addr, "fallback", "written");
-    let (stream, _) = listener.accept().unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let secret = std::fs::read_to_string(&env.secret_file).unwrap();
     let seg = RelPath::new("seg.0").unwrap();
-    let mut leader = HandLeader {
-        stream,
-        session: LeaderSession::new(
-            Secret::new(secret.trim().as_bytes().to_vec()).unwrap(),
-            [7; 32],
-            Duration::from_secs(10),
-        ),
-        catalog: Catalog::new([(seg.clone(), 0)]),
-        files: HashMap::from([(seg.clone(), Vec::new())]),
-        input: Vec::new(),
-        frames_raw: Vec::new(),
-        preamble_left: PREAMBLE_BYTES,
-    };
-    // Handshake and initial sync, until the follower acks the MARK that ends the sync.
-    let sync_acked = loop {
-        let out = leader.output();
-        leader.stream.write_all(&out).unwrap();
-        let acks: Vec<u64> = leader
-            .read()
-            .into_iter()
-            .filter_map(|f| match f {
-                Frame::Ack { written, .. } => Some(written),
-                _ => None,
-            })
-            .collect();
-        if let Some(&at) = acks.last() {
-            break at;
-        }
-    };
+    let (mut leader, _follower, sync_acked) = HandLeader::start(&env, "fallback", &seg);
     let mut rounds = Vec::new();
     let mut marks = Vec::new();
     for i in 0..3u8 {
@@ -166,13 +177,67 @@ fn a_follower_acks_every_mark_even_when_several_arrive_in_one_read() {
     leader.stream.write_all(&rounds).unwrap();
     let mut acked = Vec::new();
     while acked.last() != marks.last() {
-        for f in leader.read() {
-            if let Frame::Ack { written, .. } = f {
-                acked.push(written);
-            }
-        }
+        acked.extend(leader.acks());
     }
     assert_eq!(acked, marks, "one ACK per MARK, in order");
+}
+
+/// A follower stopped (SIGSTOP, a paused VM) in the middle of a payload, for longer than
+/// `LEADER_SILENCE_TIMEOUT_MS`, while the rest of the payload waits in its socket: on resume
+/// it takes the rest and acks, instead of calling the leader silent and dropping the
+/// connection (its payload receive asks the socket before it believes its timer).
+#[test]
+fn a_follower_stopped_inside_a_payload_takes_the_rest_on_resume() {
+    const PAYLOAD_BYTES: usize = 64 * 1024;
+    for engine in ["fallback", "uring"] {
+        let env = Env::new();
+        let seg = RelPath::new("seg.0").unwrap();
+        let (mut leader, follower, _) = HandLeader::start(&env, engine, &seg);
+        leader.append(&seg, &[5; PAYLOAD_BYTES]);
+        let round = leader.output();
+        let mark = leader.catalog.position();
+        let Ok(Some((Frame::Data { data_len, .. }, header_bytes))) = Frame::decode(&round) else {
+            panic!("the round starts with a DATA frame");
+        };
+        assert_eq!(data_len as usize, PAYLOAD_BYTES);
+        // The header and half the payload; the other half and the MARK come later.
+        let sent_bytes = PAYLOAD_BYTES / 2;
+        let (first, rest) = round.split_at(header_bytes + sent_bytes);
+        leader.stream.write_all(first).unwrap();
+        // Waiting for the rest: the half is in the file, and the follower's main thread (which
+        // runs the connection) sleeps, in the receive of this payload.
+        let copy = env.dir("f").join("seg.0");
+        let stat = format!("/proc/{}/stat", follower.child.id());
+        wait_until(Duration::from_secs(10), "the first half written", || {
+            let len = std::fs::metadata(&copy).map_or(0, |m| m.len());
+            let state = std::fs::read_to_string(&stat).unwrap_or_default();
+            // The state follows the command name, which is in parentheses.
+            let sleeping = state
+                .rsplit_once(") ")
+                .is_some_and(|(_, f)| f.starts_with('S'));
+            len == sent_bytes as u64 && sleeping
+        });
+        signal(&follower.child, libc::SIGSTOP);
+        leader.stream.write_all(rest).unwrap();
+        std::thread::sleep(Duration::from_millis(
+            ferry::frame::LEADER_SILENCE_TIMEOUT_MS + 1500,
+        ));
+        signal(&follower.child, libc::SIGCONT);
+        let mut acked = Vec::new();
+        while acked.last() != Some(&mark) {
+            acked.extend(leader.acks());
+        }
+        assert_eq!(
+            std::fs::read(&copy).unwrap(),
+            vec![5; PAYLOAD_BYTES],
+            "{engine}: the follower's copy"
+        );
+        assert!(
+            !follower.log_text().contains("the leader sent nothing"),
+            "{engine}: {}",
+            follower.log_text()
+        );
+    }
 }
 
 /// A follower session over a blocking socket; payload bytes are read and dropped.
