@@ -1,11 +1,13 @@
 //! The protocol core's costs, without I/O: encoding and decoding the frames on the hot path
-//! (DATA headers and ACKs), the lag tracker's updates, and building an index with digests.
+//! (DATA headers and ACKs), the lag tracker's updates, building an index with digests, and what
+//! a connecting follower's session copies of the catalog (under the writers' lock, then not).
 //!
 //! `cargo bench --bench protocol`
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ferry::catalog::{Catalog, CatalogPart};
 use ferry::frame::{Durability, Frame};
 use ferry::index::{scan, DigestCache};
 use ferry::lag::LagTracker;
@@ -115,5 +117,31 @@ fn index(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(protocol, frames, lag, index);
+/// A connecting follower's session takes the writer's catalog 256 files per hold of the writers'
+/// lock (an `append` waits meanwhile), against cloning it all at once (as it did before), and
+/// the whole detached copy (made outside the lock).
+fn catalog_copy(c: &mut Criterion) {
+    let files = 100_000u64;
+    let catalog = Catalog::new((0..files).map(|i| {
+        let path = format!("queues/q{}/segments/{i:020}.seg", i % 100);
+        (RelPath::new(&path).expect("a valid path"), 8 << 20)
+    }));
+    let mut group = c.benchmark_group("catalog_100k_files");
+    group.sample_size(20);
+    group.bench_function("take_256_files_one_lock_hold", |b| {
+        b.iter_batched(
+            CatalogPart::default,
+            |mut part| {
+                catalog.take_part(50_000, 256, &mut part);
+                part
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("clone_all_at_once", |b| b.iter(|| catalog.clone()));
+    group.bench_function("copy_all_100k_files", |b| b.iter(|| catalog.detached()));
+    group.finish();
+}
+
+criterion_group!(protocol, frames, lag, index, catalog_copy);
 criterion_main!(protocol);

@@ -15,7 +15,7 @@
 //! session a `ChangeList` of `(id, entry)` pairs, and the session keeps a detached copy, whose
 //! paths share no allocation (no reference count) with the writer's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::paths::{PathError, RelPath};
 
@@ -45,8 +45,18 @@ struct Slot {
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     files: HashMap<RelPath, Slot>,
-    /// The path of every file in `files`, by id.
-    paths: HashMap<FileId, RelPath>,
+    /// The path of every file in `files`, by id (in id order, for `copy_part`).
+    paths: BTreeMap<FileId, RelPath>,
+    position: u64,
+    generation_next: u64,
+    id_next: FileId,
+}
+
+/// Files taken from a catalog by `take_part`, under the writers' lock, for `add_part` to copy
+/// outside it.
+#[derive(Debug, Default)]
+pub struct CatalogPart {
+    files: Vec<(RelPath, Slot)>,
     position: u64,
     generation_next: u64,
     id_next: FileId,
@@ -194,19 +204,60 @@ impl Catalog {
     /// A copy whose paths have their own allocations, for a session to keep in step with
     /// `apply`: nothing in it is shared memory the session's thread would write.
     pub fn detached(&self) -> Catalog {
-        let mut copy = Catalog {
-            files: HashMap::with_capacity(self.files.len()),
-            paths: HashMap::with_capacity(self.files.len()),
-            position: self.position,
-            generation_next: self.generation_next,
-            id_next: self.id_next,
-        };
-        for (path, slot) in &self.files {
-            let path = path.unshared();
-            copy.paths.insert(slot.id, path.clone());
-            copy.files.insert(path, *slot);
-        }
+        let mut copy = Catalog::default();
+        let mut part = CatalogPart::default();
+        self.take_part(0, usize::MAX, &mut part);
+        copy.add_part(&mut part);
         copy
+    }
+
+    /// Takes into `part` at most `max_files` files from id `from_id` on, and the position.
+    /// Returns the id to go on from, or `None` once all are taken. A session builds its copy
+    /// a part per hold of the writers' lock (`add_part` outside it): with the catalog changing
+    /// between parts, the copy equals it once every change made since the first part is
+    /// applied (`apply`).
+    pub fn take_part(
+        &self,
+        from_id: FileId,
+        max_files: usize,
+        part: &mut CatalogPart,
+    ) -> Option<FileId> {
+        let mut next = None;
+        for (n, (&id, path)) in self.paths.range(from_id..).enumerate() {
+            if n == max_files {
+                next = Some(id);
+                break;
+            }
+            if let Some(slot) = self.files.get(path) {
+                part.files.push((path.clone(), *slot));
+            }
+        }
+        part.position = self.position;
+        part.generation_next = self.generation_next;
+        part.id_next = self.id_next;
+        next
+    }
+
+    /// Adds what `take_part` took (emptying `part`) to this detached copy, each path copied
+    /// into an allocation of its own.
+    pub fn add_part(&mut self, part: &mut CatalogPart) {
+        for (path, slot) in part.files.drain(..) {
+            self.insert_detached(path.unshared(), slot);
+        }
+        self.position = part.position;
+        self.generation_next = part.generation_next;
+        self.id_next = part.id_next;
+    }
+
+    /// Adds a file to a detached copy under the source's id. An older file at this path, whose
+    /// delete the copy has not seen yet, goes now (and its delete will find nothing).
+    fn insert_detached(&mut self, path: RelPath, slot: Slot) {
+        if let Some(old) = self.files.insert(path.clone(), slot) {
+            if old.id != slot.id {
+                self.paths.remove(&old.id);
+            }
+        }
+        self.paths.insert(slot.id, path);
     }
 
     /// Brings this detached copy of `source` up to date with every change made to `source` since
@@ -234,12 +285,7 @@ impl Catalog {
                             id: change.id,
                             entry,
                         };
-                        // An older file at this path, whose delete comes later in `changes`,
-                        // goes now (and its delete finds nothing).
-                        if let Some(old) = self.files.insert(path.clone(), slot) {
-                            self.paths.remove(&old.id);
-                        }
-                        self.paths.insert(change.id, path.clone());
+                        self.insert_detached(path.clone(), slot);
                         changed.push(path);
                     }
                 }
@@ -442,6 +488,43 @@ mod tests {
         // Files created and deleted, over and over, leave no ids behind in either.
         assert_eq!(copy.paths.len(), copy.files.len());
         assert_eq!(writer.catalog.paths.len(), writer.catalog.files.len());
+    }
+
+    #[test]
+    fn a_copy_made_in_parts_while_the_source_changes_equals_it_after_a_look() {
+        let names: Vec<String> = (0..40).map(|i| format!("q{}/seg{i}", i % 4)).collect();
+        let mut writer = Writer {
+            catalog: Catalog::new(names.iter().map(|n| (p(n), 100))),
+            list: ChangeList::default(),
+        };
+        let mut copy = Catalog::default();
+        let mut from_id = 0;
+        let mut step = 0u64;
+        loop {
+            let mut part = CatalogPart::default();
+            let next = writer.catalog.take_part(from_id, 3, &mut part);
+            copy.add_part(&mut part);
+            if from_id == 0 {
+                // Copied in this first part, deleted, created again: a new id, in the last part.
+                writer.change(3, &names[0]);
+                writer.change(0, &names[0]);
+            }
+            // Between two parts: appends, replaces and deletes, before and after the part
+            // copied.
+            for _ in 0..4 {
+                step += 1;
+                let name = &names[(step * 7 % names.len() as u64) as usize];
+                writer.change(step, name);
+            }
+            match next {
+                Some(id) => from_id = id,
+                None => break,
+            }
+        }
+        look(&mut writer, &mut copy);
+        assert_eq!(copy.snapshot(), writer.catalog.snapshot());
+        assert_eq!(copy.position(), writer.catalog.position());
+        assert_eq!(copy.paths.len(), copy.files.len());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::auth::{random_nonce, Secret};
-use crate::catalog::{Catalog, ChangeList, FileChange};
+use crate::catalog::{Catalog, CatalogPart, ChangeList, FileChange};
 use crate::engine::{self, Conn, EngineKind, FineTimer, Listener};
 use crate::frame::{Durability, ErrorCode, Frame};
 use crate::index::{scan, DigestCache};
@@ -40,6 +40,10 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 const DISCONNECTED_KEPT_MAX: usize = 16;
 /// How often a connection refreshes its lag report when no ack arrived.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+/// A connecting follower's session takes the catalog this many files per hold of the writers'
+/// lock (`cargo bench --bench protocol -- catalog` measures one hold).
+const CATALOG_COPY_FILES_PER_LOCK: usize = 256;
+
 /// While changes keep arriving, a connection looks at its inbox this often instead of having the
 /// writer wake it: a wake is a system call on the writer's thread (and, on a VM, an interrupt to
 /// another CPU), which costs an `append` many times what the rest of it does.
@@ -965,11 +969,24 @@ async fn drive(
     let mut corked = false;
     // The session plans from its own copy of the catalog, brought up to date with the changes
     // in its inbox: the writers' lock is held for that only, never while frames are parsed or
-    // encoded. The copy is detached (`catalog`, on why), and made outside the lock.
-    let mut catalog = {
-        let shared = ctx.shared.lock().catalog.clone();
-        shared.detached()
-    };
+    // encoded. The copy is detached (`catalog`, on why) and made a part per hold of the lock,
+    // so a catalog of many files does not hold up the writers; the changes made meanwhile are
+    // in the inbox (registered before), which the first look applies.
+    let mut catalog = Catalog::default();
+    let mut part = CatalogPart::default();
+    let mut from_id = 0;
+    loop {
+        let next =
+            ctx.shared
+                .lock()
+                .catalog
+                .take_part(from_id, CATALOG_COPY_FILES_PER_LOCK, &mut part);
+        catalog.add_part(&mut part);
+        match next {
+            Some(id) => from_id = id,
+            None => break,
+        }
+    }
     let mut changes: Vec<FileChange> = Vec::new();
     let mut changed: Vec<RelPath> = Vec::new();
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
