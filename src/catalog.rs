@@ -45,7 +45,7 @@ struct Slot {
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     files: HashMap<RelPath, Slot>,
-    /// The path of every file in `files`, by id (in id order, for `copy_part`).
+    /// The path of every file in `files`, by id (in id order, for `take_part`).
     paths: BTreeMap<FileId, RelPath>,
     position: u64,
     generation_next: u64,
