@@ -58,8 +58,6 @@ pub struct Catalog {
 pub struct CatalogPart {
     files: Vec<(RelPath, Slot)>,
     position: u64,
-    generation_next: u64,
-    id_next: FileId,
 }
 
 impl Catalog {
@@ -202,13 +200,33 @@ impl Catalog {
     }
 
     /// A copy whose paths have their own allocations, for a session to keep in step with
-    /// `apply`: nothing in it is shared memory the session's thread would write.
+    /// `apply`: nothing in it is shared memory the session's thread would write. It is read,
+    /// never changed otherwise (it numbers no files of its own).
     pub fn detached(&self) -> Catalog {
+        Catalog::detached_in_parts(usize::MAX, |from_id, max_files, part| {
+            self.take_part(from_id, max_files, part)
+        })
+    }
+
+    /// A detached copy built `max_files` at a time: `take` calls `take_part` on the source with
+    /// the arguments it is given (a session holds the writers' lock for that call only), and
+    /// each part is copied in after it. The changes made to the source between parts are to be
+    /// applied afterwards (`apply`).
+    pub fn detached_in_parts(
+        max_files: usize,
+        mut take: impl FnMut(FileId, usize, &mut CatalogPart) -> Option<FileId>,
+    ) -> Catalog {
         let mut copy = Catalog::default();
         let mut part = CatalogPart::default();
-        self.take_part(0, usize::MAX, &mut part);
-        copy.add_part(&mut part);
-        copy
+        let mut from_id = 0;
+        loop {
+            let next = take(from_id, max_files, &mut part);
+            copy.add_part(&mut part);
+            match next {
+                Some(id) => from_id = id,
+                None => return copy,
+            }
+        }
     }
 
     /// Takes into `part` at most `max_files` files from id `from_id` on, and the position.
@@ -233,8 +251,6 @@ impl Catalog {
             }
         }
         part.position = self.position;
-        part.generation_next = self.generation_next;
-        part.id_next = self.id_next;
         next
     }
 
@@ -245,8 +261,6 @@ impl Catalog {
             self.insert_detached(path.unshared(), slot);
         }
         self.position = part.position;
-        self.generation_next = part.generation_next;
-        self.id_next = part.id_next;
     }
 
     /// Adds a file to a detached copy under the source's id. An older file at this path, whose
@@ -497,13 +511,9 @@ mod tests {
             catalog: Catalog::new(names.iter().map(|n| (p(n), 100))),
             list: ChangeList::default(),
         };
-        let mut copy = Catalog::default();
-        let mut from_id = 0;
         let mut step = 0u64;
-        loop {
-            let mut part = CatalogPart::default();
-            let next = writer.catalog.take_part(from_id, 3, &mut part);
-            copy.add_part(&mut part);
+        let mut copy = Catalog::detached_in_parts(3, |from_id, max_files, part| {
+            let next = writer.catalog.take_part(from_id, max_files, part);
             if from_id == 0 {
                 // Copied in this first part, deleted, created again: a new id, in the last part.
                 writer.change(3, &names[0]);
@@ -516,11 +526,8 @@ mod tests {
                 let name = &names[(step * 7 % names.len() as u64) as usize];
                 writer.change(step, name);
             }
-            match next {
-                Some(id) => from_id = id,
-                None => break,
-            }
-        }
+            next
+        });
         look(&mut writer, &mut copy);
         assert_eq!(copy.snapshot(), writer.catalog.snapshot());
         assert_eq!(copy.position(), writer.catalog.position());

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use crate::auth::{random_nonce, Secret};
-use crate::catalog::{Catalog, CatalogPart, ChangeList, FileChange};
+use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{self, Conn, EngineKind, FineTimer, Listener};
 use crate::frame::{Durability, ErrorCode, Frame};
 use crate::index::{scan, DigestCache};
@@ -972,21 +972,13 @@ async fn drive(
     // encoded. The copy is detached (`catalog`, on why) and made a part per hold of the lock,
     // so a catalog of many files does not hold up the writers; the changes made meanwhile are
     // in the inbox (registered before), which the first look applies.
-    let mut catalog = Catalog::default();
-    let mut part = CatalogPart::default();
-    let mut from_id = 0;
-    loop {
-        let next =
+    let mut catalog =
+        Catalog::detached_in_parts(CATALOG_COPY_FILES_PER_LOCK, |from_id, max_files, part| {
             ctx.shared
                 .lock()
                 .catalog
-                .take_part(from_id, CATALOG_COPY_FILES_PER_LOCK, &mut part);
-        catalog.add_part(&mut part);
-        match next {
-            Some(id) => from_id = id,
-            None => break,
-        }
-    }
+                .take_part(from_id, max_files, part)
+        });
     let mut changes: Vec<FileChange> = Vec::new();
     let mut changed: Vec<RelPath> = Vec::new();
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
