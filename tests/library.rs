@@ -43,6 +43,15 @@ fn publish(leader: &Leader, dir: &Path, segment: &str, offset: &mut u64, count: 
     position
 }
 
+/// Asserts that a follower acks `position` at `written` within 20 s.
+#[track_caller]
+fn acked_written(leader: &Leader, position: u64) {
+    assert!(
+        leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)),
+        "position {position} not acked at written within 20 s"
+    );
+}
+
 fn wait_state(leader: &Leader, id: u64, state: FollowerState) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -175,7 +184,7 @@ fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
         let follower = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
         let mut offset = 0;
         let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
-        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        acked_written(&leader, position);
         let id = leader.followers()[0].id;
 
         signal(&follower.child, libc::SIGSTOP);
@@ -187,7 +196,7 @@ fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
         signal(&follower.child, libc::SIGCONT);
 
         let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
-        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        acked_written(&leader, position);
         let ids: Vec<u64> = leader.followers().iter().map(|f| f.id).collect();
         assert_eq!(
             ids,
@@ -211,7 +220,7 @@ fn a_lone_small_append_is_acked_without_waiting_for_the_keepalive() {
         let _f = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
         let mut offset = 0;
         let position = publish(&leader, &ld, "seg.0", &mut offset, 1);
-        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        acked_written(&leader, position);
         let mut latencies_ms = Vec::new();
         for _ in 0..15 {
             // A quiet moment: nothing else follows this append for a while.
@@ -220,7 +229,7 @@ fn a_lone_small_append_is_acked_without_waiting_for_the_keepalive() {
             ));
             let started = Instant::now();
             let position = publish(&leader, &ld, "seg.0", &mut offset, 1);
-            assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+            acked_written(&leader, position);
             latencies_ms.push(started.elapsed().as_millis());
         }
         latencies_ms.sort();
@@ -258,7 +267,7 @@ fn a_deleted_segment_or_a_replaced_file_is_not_held_open_by_the_leader() {
         let mut offsets = [0u64; 3];
         for (i, offset) in offsets.iter_mut().enumerate() {
             let position = publish(&leader, &ld, &format!("seg.{i}"), offset, 100);
-            assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+            acked_written(&leader, position);
         }
         for generation in 0..3 {
             std::fs::write(
@@ -268,13 +277,13 @@ fn a_deleted_segment_or_a_replaced_file_is_not_held_open_by_the_leader() {
             .unwrap();
             std::fs::rename(ld.join("meta.tmp"), ld.join("meta.json")).unwrap();
             let position = leader.replace_file("meta.json").unwrap();
-            assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+            acked_written(&leader, position);
         }
         // Retention: the two oldest segments go.
         for segment in ["seg.0", "seg.1"] {
             std::fs::remove_file(ld.join(segment)).unwrap();
             let position = leader.delete_file(segment).unwrap();
-            assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+            acked_written(&leader, position);
         }
         // Once the follower acked the deletes, the leader holds none of the old files.
         assert_eq!(
@@ -284,7 +293,7 @@ fn a_deleted_segment_or_a_replaced_file_is_not_held_open_by_the_leader() {
         );
         // And it still ships what remains.
         let position = publish(&leader, &ld, "seg.2", &mut offsets[2], 10);
-        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        acked_written(&leader, position);
         wait_identical(&ld, &env.tmp.path().join("f"), Duration::from_secs(10));
     }
 }
@@ -315,7 +324,7 @@ fn appends_while_a_follower_keeps_up_make_no_system_call_on_the_writers_thread()
             &pattern(((APPENDS + 1) * 1024) as usize, 7),
         );
         let first = leader.append("seg.0", 0, 1024).unwrap();
-        assert!(leader.wait_for(first, Durability::Written, 1, Duration::from_secs(20)));
+        acked_written(&leader, first);
 
         let before = write_syscalls_of_this_thread();
         let started = Instant::now();
@@ -327,7 +336,7 @@ fn appends_while_a_follower_keeps_up_make_no_system_call_on_the_writers_thread()
             position = leader.append("seg.0", i * 1024, 1024).unwrap();
         }
         let syscalls = write_syscalls_of_this_thread() - before;
-        assert!(leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)));
+        acked_written(&leader, position);
         wait_identical(&ld, &fd, Duration::from_secs(10));
         // Waking the follower's connection for every batch it ships would be one per batch:
         // thousands here. A few are allowed, for when this thread was descheduled long enough
