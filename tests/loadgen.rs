@@ -147,6 +147,53 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     assert!(stderr.contains("one writer"), "{stderr}");
 }
 
+/// `--raw-baseline`: the same workload through the plain fan-out first, in the same
+/// invocation, and the library run reported against it, so the ratio needs no second command.
+#[test]
+fn raw_baseline_runs_the_fan_out_first_and_reports_the_run_against_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("run.json");
+    let report = run_reporting(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--raw-baseline", "--followers", "2", "--messages", "20000"])
+            .args(["--durability", "written", "--rate", "50000"])
+            .arg("--dir")
+            .arg(tmp.path().join("data")),
+        "against the plain fan-out run just before",
+        &json,
+        &[
+            "\"mode\": \"library\"",
+            "\"raw_baseline\": {\"delivered_messages_per_s\": ",
+            "\"append_to_received_p99_us\": ",
+            "\"delivered_messages_per_s_vs_raw\": ",
+            "\"checksums_match\": true",
+        ],
+    );
+    // Both runs delivered the 20,000 messages at about 50,000 a second, so the ratio is near 1.
+    let ratio: f64 = report
+        .split("\"delivered_messages_per_s_vs_raw\": ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '\n']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ratio in\n{report}"));
+    assert!((0.5..2.0).contains(&ratio), "ratio {ratio} in\n{report}");
+
+    // The fan-out takes one writer: a baseline for several is refused before anything runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--raw-baseline", "--writers", "2", "--messages", "10"])
+        .arg("--dir")
+        .arg(tmp.path().join("two"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--raw-baseline") && stderr.contains("one writer"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn probe_cpus_measures_a_cache_line_round_trip_between_two_cpus() {
     let tmp = tempfile::tempdir().unwrap();

@@ -37,7 +37,7 @@ use ferry::frame::Durability;
 use ferry::index::checksum_dir;
 use ferry::leader::{Leader, LeaderConfig};
 use procs::Proc;
-use report::{histogram, Report, Sample, Usage, WriterSample};
+use report::{histogram, RawBaseline, Report, Sample, Usage, WriterSample};
 use segments::SegmentWriter;
 
 /// How often lag, throughput and process usage are sampled.
@@ -112,6 +112,12 @@ struct Args {
     /// (this many MiB into the run's directory), and report the run against it.
     #[arg(long, value_name = "MIB")]
     dd_baseline: Option<u64>,
+    /// Library mode: first run the same workload through the plain splice fan-out (`--mode
+    /// raw` in a child loadgen: the same writer, message sizes, segments, rate, duration or
+    /// count, a receiver per follower), then report this run against it: messages/s delivered
+    /// to every follower, and append() to acked beside the fan-out's append() to received.
+    #[arg(long)]
+    raw_baseline: bool,
     /// Where to put the data dirs (default: a new temporary directory, removed at the end).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -241,9 +247,22 @@ fn run(args: Args) -> anyhow::Result<bool> {
             bail!("--mode raw runs no ferry: faults and --io-engine apply to ferry followers only");
         }
     }
-    // Before any thread or process starts: they inherit it.
-    if let Some(cpu) = args.writer_cpu {
-        cpus::keep_off(cpu)?;
+    if args.raw_baseline {
+        if args.mode != "library" {
+            bail!(
+                "--raw-baseline compares a library mode run; this is --mode {}",
+                args.mode
+            );
+        }
+        if args.writers != 1 {
+            bail!("--raw-baseline: the fan-out takes one writer (its segments in order are the receivers' stream)");
+        }
+        if args.kill_follower_every.is_some()
+            || args.stall_follower.is_some()
+            || args.join_follower.is_some()
+        {
+            bail!("--raw-baseline compares runs without faults: the fan-out has no followers to fault");
+        }
     }
     let tmp = match &args.dir {
         Some(d) => {
@@ -269,6 +288,17 @@ fn run(args: Args) -> anyhow::Result<bool> {
         bail!("--leader-dir {} is not empty", leader_dir.display());
     }
     std::fs::create_dir_all(&leader_dir)?;
+    // The fan-out runs alone, before this run starts anything, and the child it runs in may
+    // use every CPU (keep_off below would take the writer's from it).
+    let raw_baseline = if args.raw_baseline {
+        Some(run_raw_baseline(&args, &root)?)
+    } else {
+        None
+    };
+    // Before any thread or process starts: they inherit it.
+    if let Some(cpu) = args.writer_cpu {
+        cpus::keep_off(cpu)?;
+    }
     let secret_file = root.join("secret");
     std::fs::write(&secret_file, "loadgen-secret")?;
     let library = args.mode == "library";
@@ -652,6 +682,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         converged_s,
         checksums_match,
         dd_mb_per_s,
+        raw_baseline,
         latency_queue_peak_bytes,
     };
     print!("{}", report.text());
@@ -671,6 +702,47 @@ fn run(args: Args) -> anyhow::Result<bool> {
         let _ = std::fs::remove_dir_all(&leader_dir);
     }
     Ok(checksums_match)
+}
+
+/// Runs this run's workload through the plain fan-out in a child loadgen (`--mode raw`, under
+/// `root`) and reads what it measured from its JSON report. Its summary goes to stderr.
+fn run_raw_baseline(args: &Args, root: &Path) -> anyhow::Result<RawBaseline> {
+    let dir = root.join("raw-baseline");
+    let json = root.join("raw-baseline.json");
+    let (lo, hi) = args.message_bytes;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--mode", "raw"])
+        .args(["--followers", &args.followers.to_string()])
+        .args(["--message-bytes", &format!("{lo}-{hi}")])
+        .args(["--segment-bytes", &args.segment_bytes.to_string()])
+        .args(["--raw-batch-bytes", &args.raw_batch_bytes.to_string()])
+        .args(["--rate", &args.rate.to_string()])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::from(std::io::stderr()));
+    match args.messages {
+        Some(m) => cmd.args(["--messages", &m.to_string()]),
+        None => cmd.args(["--duration", &format!("{}ms", args.duration.as_millis())]),
+    };
+    if let Some(cpu) = args.writer_cpu {
+        cmd.args(["--writer-cpu", &cpu.to_string()]);
+    }
+    eprintln!("raw baseline: the same workload through the plain fan-out first");
+    let status = cmd
+        .status()
+        .context("cannot run loadgen --mode raw for --raw-baseline")?;
+    if !status.success() {
+        bail!("the raw baseline (loadgen --mode raw) failed: {status}");
+    }
+    let text = std::fs::read_to_string(&json)
+        .with_context(|| format!("cannot read the raw baseline's {}", json.display()))?;
+    let baseline = RawBaseline::from_json(&text)
+        .with_context(|| format!("the raw baseline's report lacks a figure:\n{text}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&json);
+    Ok(baseline)
 }
 
 /// MB/s of writing `mib` MiB in 1 MiB writes and one fdatasync, as `dd bs=1M conv=fdatasync`.

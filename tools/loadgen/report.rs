@@ -58,9 +58,52 @@ pub struct Report {
     pub checksums_match: bool,
     /// `--dd-baseline`: the disk's raw rate measured before the run.
     pub dd_mb_per_s: Option<f64>,
+    /// `--raw-baseline`: the same workload through the plain fan-out, run just before.
+    pub raw_baseline: Option<RawBaseline>,
     /// The most bytes of entries loadgen's own queue of appends not yet acked held (it grows
     /// with the followers' lag): part of `leader`'s RSS when the leader is embedded.
     pub latency_queue_peak_bytes: u64,
+}
+
+/// What `--raw-baseline`'s fan-out run measured, read back from its JSON report.
+pub struct RawBaseline {
+    /// Messages over the time until every receiver held them all.
+    pub delivered_messages_per_s: f64,
+    pub append_to_received_p50_us: f64,
+    pub append_to_received_p99_us: f64,
+    pub cpu_s: f64,
+}
+
+impl RawBaseline {
+    /// From a `--mode raw` run's `--json` report; `None` if a figure is missing (a run that
+    /// delivered nothing has no latencies).
+    pub fn from_json(json: &str) -> Option<RawBaseline> {
+        let messages = json_number(json, &["messages"])?;
+        let elapsed_s = json_number(json, &["elapsed_s"])?;
+        let converged_s = json_number(json, &["converged_s"])?;
+        Some(RawBaseline {
+            delivered_messages_per_s: messages / (elapsed_s + converged_s).max(1e-9),
+            append_to_received_p50_us: json_number(json, &["append_to_ack_us", "p50"])?,
+            append_to_received_p99_us: json_number(json, &["append_to_ack_us", "p99"])?,
+            cpu_s: json_number(json, &["leader", "cpu_s"])?,
+        })
+    }
+}
+
+/// The number at `path` in a report this program wrote (`Report::json`): each key is looked
+/// for after the one before it, which in that format finds the field nested under it. `None`
+/// for a missing key or a value that is not a number (such as `null`).
+fn json_number(json: &str, path: &[&str]) -> Option<f64> {
+    let mut rest = json;
+    for key in path {
+        let needle = format!("\"{key}\": ");
+        let at = rest.find(&needle)?;
+        rest = &rest[at + needle.len()..];
+    }
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | 'e' | 'E' | '+')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 pub fn histogram() -> Histogram<u64> {
@@ -127,6 +170,12 @@ impl Report {
 
     pub fn latency_queue_peak_mib(&self) -> f64 {
         self.latency_queue_peak_bytes as f64 / (1024.0 * 1024.0)
+    }
+
+    /// Messages/s counting until every follower held everything (writing plus catching up).
+    pub fn delivered_messages_per_s(&self) -> Option<f64> {
+        let total_s = self.elapsed_s + self.converged_s?;
+        Some(self.messages as f64 / total_s.max(1e-9))
     }
 
     /// MB/s counting until every follower held everything (writing plus catching up).
@@ -196,6 +245,21 @@ impl Report {
                 "  acked at {}: {acked:.1} MB/s = {:.2}x the dd baseline ({dd:.1} MB/s)",
                 self.durability,
                 acked / dd
+            );
+        }
+        if let Some(raw) = &self.raw_baseline {
+            let delivered = self.delivered_messages_per_s().unwrap_or(0.0);
+            let _ = writeln!(
+                s,
+                "  against the plain fan-out run just before (--raw-baseline): {delivered:.0} \
+                 messages/s delivered to every follower = {:.2}x its {:.0}; append() to acked \
+                 p50 {} us, p99 {} us, against its append() to received p50 {:.0} us, p99 {:.0} us",
+                delivered / raw.delivered_messages_per_s.max(1e-9),
+                raw.delivered_messages_per_s,
+                self.append_to_ack_us.value_at_quantile(0.5),
+                self.append_to_ack_us.value_at_quantile(0.99),
+                raw.append_to_received_p50_us,
+                raw.append_to_received_p99_us
             );
         }
         let queue = if self.latency_queue_peak_bytes > 0 {
@@ -332,6 +396,33 @@ impl Report {
             self.dd_mb_per_s
                 .map_or("null".into(), |v| format!("{v:.3}"))
         );
+        match &self.raw_baseline {
+            Some(raw) => {
+                let _ = writeln!(
+                    s,
+                    "  \"raw_baseline\": {{\"delivered_messages_per_s\": {:.1}, \
+                     \"append_to_received_p50_us\": {:.0}, \"append_to_received_p99_us\": {:.0}, \
+                     \"cpu_s\": {:.3}}},",
+                    raw.delivered_messages_per_s,
+                    raw.append_to_received_p50_us,
+                    raw.append_to_received_p99_us,
+                    raw.cpu_s
+                );
+                let _ = writeln!(
+                    s,
+                    "  \"delivered_messages_per_s_vs_raw\": {},",
+                    self.delivered_messages_per_s()
+                        .map_or("null".into(), |v| format!(
+                            "{:.3}",
+                            v / raw.delivered_messages_per_s.max(1e-9)
+                        ))
+                );
+            }
+            None => {
+                let _ = writeln!(s, "  \"raw_baseline\": null,");
+                let _ = writeln!(s, "  \"delivered_messages_per_s_vs_raw\": null,");
+            }
+        }
         let _ = writeln!(s, "  \"checksums_match\": {}", self.checksums_match);
         s.push_str("}\n");
         s
@@ -515,5 +606,30 @@ fn human(v: f64, unit: &str) -> String {
         format!("{v:.1} {prefix}B")
     } else {
         format!("{v:.1}{prefix}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fields of a raw run's report that `--raw-baseline` reads, nested where `json()`
+    /// puts them, next to fields whose names contain theirs.
+    #[test]
+    fn a_raw_baseline_is_read_from_the_fields_a_raw_report_has() {
+        let json = "{\n  \"mode\": \"raw\",\n  \"elapsed_s\": 4.000,\n  \"messages\": 2000000,\n  \
+                    \"messages_per_s\": 500000.0,\n  \"append_to_ack_us\": {\"count\": 2000000, \
+                    \"p50\": 110, \"p99\": 1500, \"p999\": 3000, \"max\": 9000},\n  \
+                    \"append_call_ns\": {\"count\": 2000000, \"p50\": 70, \"p99\": 600},\n  \
+                    \"leader\": {\"name\": \"loadgen\", \"cpu_s\": 9.250, \"rss_peak_mib\": 20.0},\n  \
+                    \"converged_s\": 1.000,\n  \"checksums_match\": true\n}\n";
+        let raw = RawBaseline::from_json(json).unwrap();
+        assert_eq!(raw.delivered_messages_per_s, 400_000.0);
+        assert_eq!(raw.append_to_received_p50_us, 110.0);
+        assert_eq!(raw.append_to_received_p99_us, 1500.0);
+        assert_eq!(raw.cpu_s, 9.25);
+        // A run that never converged has no delivered rate.
+        let unconverged = json.replace("\"converged_s\": 1.000", "\"converged_s\": null");
+        assert!(RawBaseline::from_json(&unconverged).is_none());
     }
 }
