@@ -22,6 +22,19 @@ fn run_reporting(cmd: &mut Command, says: &str, json: &Path, fields: &[&str]) ->
     report
 }
 
+/// Runs loadgen with `args` (and a data dir under `tmp`), asserts that it refused, and returns
+/// what it said on stderr.
+fn refused(tmp: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .arg("--dir")
+        .arg(tmp.join("refused"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} ran");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
     let tmp = tempfile::tempdir().unwrap();
@@ -136,14 +149,10 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     }
 
     // Two writers would interleave their segments in the stream: refused, saying why.
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["--mode", "raw", "--writers", "2", "--messages", "10"])
-        .arg("--dir")
-        .arg(tmp.path().join("two"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(
+        tmp.path(),
+        &["--mode", "raw", "--writers", "2", "--messages", "10"],
+    );
     assert!(stderr.contains("one writer"), "{stderr}");
 }
 
@@ -180,14 +189,10 @@ fn raw_baseline_runs_the_fan_out_first_and_reports_the_run_against_it() {
     assert!((0.5..2.0).contains(&ratio), "ratio {ratio} in\n{report}");
 
     // The fan-out takes one writer: a baseline for several is refused before anything runs.
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["--raw-baseline", "--writers", "2", "--messages", "10"])
-        .arg("--dir")
-        .arg(tmp.path().join("two"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(
+        tmp.path(),
+        &["--raw-baseline", "--writers", "2", "--messages", "10"],
+    );
     assert!(
         stderr.contains("--raw-baseline") && stderr.contains("one writer"),
         "{stderr}"
