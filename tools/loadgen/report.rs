@@ -60,8 +60,9 @@ pub struct Report {
     pub dd_mb_per_s: Option<f64>,
     /// `--raw-baseline`: the same workload through the plain fan-out, run just before.
     pub raw_baseline: Option<RawBaseline>,
-    /// The most bytes of entries loadgen's own queue of appends not yet acked held (it grows
-    /// with the followers' lag): part of `leader`'s RSS when the leader is embedded.
+    /// The most bytes loadgen's own queue of appends not yet acked had allocated (it grows
+    /// with the followers' lag, to up to twice the appends in it): part of `leader`'s RSS
+    /// when the leader is embedded.
     pub latency_queue_peak_bytes: u64,
 }
 
