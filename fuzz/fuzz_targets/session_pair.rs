@@ -123,20 +123,13 @@ impl Pair {
         let offset = file.len() as u64;
         file.extend_from_slice(&bytes);
         self.leader
-            .catalog
-            .append(path.as_str(), offset, n as u64)
-            .expect("a RelPath passes the catalog's check");
-        self.leader.session.note_changed(path);
+            .record(path, |c, p| c.append(p, offset, n as u64));
     }
 
     fn replace(&mut self, path: RelPath, len: usize) {
         let bytes = self.contents(len);
         self.leader.files.insert(path.clone(), bytes);
-        self.leader
-            .catalog
-            .replace(path.as_str(), len as u64)
-            .expect("a RelPath passes the catalog's check");
-        self.leader.session.note_changed(path);
+        self.leader.record(path, |c, p| c.replace(p, len as u64));
     }
 
     /// A file cut short, reported as the watcher (and `Leader::apply`) reports a shrink: as a
@@ -149,20 +142,12 @@ impl Pair {
         };
         let len = usize::from(b) % (file.len() + 1);
         file.truncate(len);
-        self.leader
-            .catalog
-            .replace(path.as_str(), len as u64)
-            .expect("a RelPath passes the catalog's check");
-        self.leader.session.note_changed(path);
+        self.leader.record(path, |c, p| c.replace(p, len as u64));
     }
 
     fn delete(&mut self, path: RelPath) {
         self.leader.files.remove(&path);
-        self.leader
-            .catalog
-            .delete(path.as_str())
-            .expect("a RelPath passes the catalog's check");
-        self.leader.session.note_changed(path);
+        self.leader.record(path, |c, p| c.delete(p));
     }
 
     /// What the change source reports for each file changed behind the catalog's back.
@@ -171,19 +156,10 @@ impl Pair {
             match self.leader.files.get(&path) {
                 Some(b) => {
                     let len = b.len() as u64;
-                    self.leader
-                        .catalog
-                        .replace(path.as_str(), len)
-                        .expect("a RelPath passes the catalog's check");
+                    self.leader.record(path, |c, p| c.replace(p, len));
                 }
-                None => {
-                    self.leader
-                        .catalog
-                        .delete(path.as_str())
-                        .expect("a RelPath passes the catalog's check");
-                }
+                None => self.leader.record(path, |c, p| c.delete(p)),
             }
-            self.leader.session.note_changed(path);
         }
     }
 

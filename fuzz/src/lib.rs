@@ -14,7 +14,7 @@ use ferry::catalog::Catalog;
 use ferry::frame::{
     Digest, Durability, ErrorCode, Frame, Nonce, Preamble, MAX_DATA_BYTES, PREAMBLE_BYTES,
 };
-use ferry::paths::RelPath;
+use ferry::paths::{PathError, RelPath};
 use ferry::session::follower::{FollowerAction, FollowerPhase, FollowerSession, HaveEntry};
 use ferry::session::leader::{LeaderPhase, LeaderSession, Transmit};
 use ferry::session::SessionError;
@@ -427,6 +427,16 @@ pub struct LeaderShell {
 }
 
 impl LeaderShell {
+    /// Applies `change` to the catalog and tells the session, as the leader's writer does.
+    pub fn record<T>(
+        &mut self,
+        path: RelPath,
+        change: impl FnOnce(&mut Catalog, &str) -> Result<T, PathError>,
+    ) {
+        change(&mut self.catalog, path.as_str()).expect("a RelPath passes the catalog's check");
+        self.session.note_changed(path);
+    }
+
     pub fn new(files: Files, now: Instant) -> LeaderShell {
         let catalog = Catalog::new(files.iter().map(|(p, b)| (p.clone(), b.len() as u64)));
         LeaderShell {

@@ -13,7 +13,7 @@ use crate::auth::Secret;
 use crate::catalog::Catalog;
 use crate::frame::{Digest, Durability, ErrorCode, Frame, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES};
 use crate::lag::FollowerState;
-use crate::paths::RelPath;
+use crate::paths::{PathError, RelPath};
 
 fn p(s: &str) -> RelPath {
     RelPath::new(s).unwrap()
@@ -69,34 +69,36 @@ impl Sim {
         }
     }
 
+    /// Applies `change` to the catalog and tells the session, as the leader's writer does.
+    fn record<T>(
+        &mut self,
+        path: RelPath,
+        change: impl FnOnce(&mut Catalog, &str) -> Result<T, PathError>,
+    ) {
+        change(&mut self.catalog, path.as_str()).expect("a RelPath passes the catalog's check");
+        self.leader.note_changed(path);
+    }
+
     /// The leader-side change sources: write the bytes, record the change, tell the session.
     fn append(&mut self, path: &str, bytes: &[u8]) {
         let path = p(path);
         let file = self.leader_files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(bytes);
-        self.catalog
-            .append(path.as_str(), offset, bytes.len() as u64)
-            .expect("a RelPath passes the catalog's check");
-        self.leader.note_changed(path);
+        let len_bytes = bytes.len() as u64;
+        self.record(path, |c, p| c.append(p, offset, len_bytes));
     }
 
     fn replace(&mut self, path: &str, bytes: &[u8]) {
         let path = p(path);
         self.leader_files.insert(path.clone(), bytes.to_vec());
-        self.catalog
-            .replace(path.as_str(), bytes.len() as u64)
-            .expect("a RelPath passes the catalog's check");
-        self.leader.note_changed(path);
+        self.record(path, |c, p| c.replace(p, bytes.len() as u64));
     }
 
     fn delete(&mut self, path: &str) {
         let path = p(path);
         self.leader_files.remove(&path);
-        self.catalog
-            .delete(path.as_str())
-            .expect("a RelPath passes the catalog's check");
-        self.leader.note_changed(path);
+        self.record(path, |c, p| c.delete(p));
     }
 
     /// One turn of the leader: input, digests, transmits. Returns whether anything moved.

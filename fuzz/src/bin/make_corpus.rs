@@ -58,11 +58,9 @@ impl Run {
         let file = self.leader.files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(bytes);
+        let len_bytes = bytes.len() as u64;
         self.leader
-            .catalog
-            .append(path.as_str(), offset, bytes.len() as u64)
-            .expect("a RelPath passes the catalog's check");
-        self.leader.session.note_changed(path);
+            .record(path, |c, p| c.append(p, offset, len_bytes));
     }
 }
 
@@ -84,19 +82,11 @@ fn record(streaming: bool) -> Recording {
         run.append("seg/001", &pattern(100, 7));
         let path = p("meta.json");
         run.leader.files.insert(path.clone(), b"{\"v\":2}".to_vec());
-        run.leader
-            .catalog
-            .replace(path.as_str(), 7)
-            .expect("a RelPath passes the catalog's check");
-        run.leader.session.note_changed(path);
+        run.leader.record(path, |c, p| c.replace(p, 7));
         run.settle();
         let path = p("a");
         run.leader.files.remove(&path);
-        run.leader
-            .catalog
-            .delete(path.as_str())
-            .expect("a RelPath passes the catalog's check");
-        run.leader.session.note_changed(path);
+        run.leader.record(path, |c, p| c.delete(p));
         run.settle();
         run.leader.now += Duration::from_millis(KEEPALIVE_INTERVAL_MS);
         run.settle();
