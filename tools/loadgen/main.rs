@@ -955,10 +955,6 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<WriterResult> {
     })
 }
 
-/// Matches appended positions with the position every follower has acked; `wait_acked_beyond`
-/// is `Leader::wait_acked_beyond` at the run's durability and follower count.
-/// Also returns the most bytes of entries its queue of positions not yet acked held: it grows
-/// with the followers' lag, and in library mode it is part of the leader process's RSS.
 /// One timed append on its way to the confirmer. The confirmer queues one per message until
 /// it is acked: millions when followers lag, inside the embedded leader's process, whose RSS
 /// the run reports. So it is 16 bytes (a position, a time and a flag as three fields took 32).
@@ -993,6 +989,10 @@ impl Appended {
     }
 }
 
+/// Matches appended positions with the position every follower has acked; `wait_acked_beyond`
+/// is `Leader::wait_acked_beyond` at the run's durability and follower count.
+/// Also returns the most bytes its queue of appends not yet acked had allocated: it grows with
+/// the followers' lag, and in library mode it is part of the leader process's RSS.
 fn confirm(
     mut wait_acked_beyond: impl FnMut(u64, Duration) -> u64,
     rx: mpsc::Receiver<Vec<Appended>>,
