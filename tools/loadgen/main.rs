@@ -144,6 +144,16 @@ struct Args {
     probe_cpus: Option<(usize, usize)>,
 }
 
+impl Args {
+    /// Whether a fault is to be injected (`--kill-follower-every`, `--stall-follower`,
+    /// `--join-follower`).
+    fn faults_asked(&self) -> bool {
+        self.kill_follower_every.is_some()
+            || self.stall_follower.is_some()
+            || self.join_follower.is_some()
+    }
+}
+
 fn parse_cpu_pair(s: &str) -> Result<(usize, usize), String> {
     let pair = s.split_once(':').and_then(|(a, b)| {
         Some((
@@ -227,11 +237,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if args.writers == 0 {
         bail!("--writers must be at least 1");
     }
-    if args.followers == 0
-        && (args.kill_follower_every.is_some()
-            || args.stall_follower.is_some()
-            || args.join_follower.is_some())
-    {
+    if args.followers == 0 && args.faults_asked() {
         bail!("fault injection needs at least one follower");
     }
     let raw_mode = args.mode == "raw";
@@ -239,11 +245,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         if args.writers != 1 {
             bail!("--mode raw takes one writer (its segments in order are the receivers' stream)");
         }
-        if args.kill_follower_every.is_some()
-            || args.stall_follower.is_some()
-            || args.join_follower.is_some()
-            || args.io_engine.is_some()
-        {
+        if args.faults_asked() || args.io_engine.is_some() {
             bail!("--mode raw runs no ferry: faults and --io-engine apply to ferry followers only");
         }
     }
@@ -257,10 +259,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         if args.writers != 1 {
             bail!("--raw-baseline: the fan-out takes one writer (its segments in order are the receivers' stream)");
         }
-        if args.kill_follower_every.is_some()
-            || args.stall_follower.is_some()
-            || args.join_follower.is_some()
-        {
+        if args.faults_asked() {
             bail!("--raw-baseline compares runs without faults: the fan-out has no followers to fault");
         }
     }
