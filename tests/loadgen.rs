@@ -64,6 +64,21 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
             "\"checksums_match\": true",
         ],
     );
+    // Where the machine's CPU time went over the run: busy, idle, stolen by the host.
+    let split: Vec<f64> = ["busy_percent", "idle_percent", "steal_percent"]
+        .iter()
+        .map(|field| {
+            let at = report.find(&format!("\"{field}\": ")).unwrap() + field.len() + 4;
+            let end = report[at..].find([',', '}']).unwrap();
+            report[at..at + end].trim().parse().unwrap()
+        })
+        .collect();
+    assert!(split.iter().all(|p| (0.0..=100.0).contains(p)), "{split:?}");
+    assert!((split.iter().sum::<f64>() - 100.0).abs() < 0.5, "{split:?}");
+    assert!(
+        split[0] > 0.0,
+        "a run with a writer and 2 followers was not busy: {split:?}"
+    );
     assert!(
         !report.contains("\"kills\": 0,"),
         "no follower was killed:\n{report}"

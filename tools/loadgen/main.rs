@@ -14,6 +14,7 @@
 //! every follower's checksums with the leader's and exits 1 if any differ.
 
 mod cpus;
+mod machine;
 mod probe;
 mod procs;
 mod raw;
@@ -384,6 +385,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     });
     // Every timed append is after it: none is counted from a later epoch.
     epoch();
+    let cpu_times_at_start = machine::CpuTimes::now();
     let started = Instant::now();
 
     // Confirmer: append-to-ack latency, without one waiter per message.
@@ -550,6 +552,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     let elapsed_s = writers_done.duration_since(started).as_secs_f64();
+    let machine_cpu = cpu_times_at_start
+        .zip(machine::CpuTimes::now())
+        .and_then(|(start, end)| start.split_until(end));
     if let Some(fanout) = &fanout {
         fanout.close();
     }
@@ -685,6 +690,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         dd_mb_per_s,
         raw_baseline,
         latency_queue_peak_bytes,
+        machine_cpu,
     };
     print!("{}", report.text());
     if let Some(path) = &args.json {

@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use ferry::status::json_str;
 use hdrhistogram::Histogram;
 
+use crate::machine::CpuSplit;
+
 /// One sample of the run, taken every `SAMPLE_INTERVAL`.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -64,7 +66,12 @@ pub struct Report {
     /// with the followers' lag, to up to twice the appends in it): part of `leader`'s RSS
     /// when the leader is embedded.
     pub latency_queue_peak_bytes: u64,
+    /// How the machine's CPU time split while the writers ran (`None` without /proc/stat).
+    pub machine_cpu: Option<CpuSplit>,
 }
+
+/// Steal at or above which the summary warns that the host, not the run, set the latencies.
+const STEAL_WARN_PERCENT: f64 = 10.0;
 
 /// What `--raw-baseline`'s fan-out run measured, read back from its JSON report.
 pub struct RawBaseline {
@@ -275,6 +282,21 @@ impl Report {
         for u in &self.follower_usage {
             let _ = writeln!(s, "  {}", usage_text(u));
         }
+        if let Some(m) = self.machine_cpu {
+            let _ = writeln!(
+                s,
+                "  the machine's CPUs while the writers ran: {:.0}% busy, {:.0}% idle, {:.0}% \
+                 stolen by the host{}",
+                m.busy_percent,
+                m.idle_percent,
+                m.steal_percent,
+                if m.steal_percent >= STEAL_WARN_PERCENT {
+                    " (latency figures of such a run say more about the host than about ferry)"
+                } else {
+                    ""
+                }
+            );
+        }
         let _ = writeln!(
             s,
             "  {}: {}{}",
@@ -336,6 +358,14 @@ impl Report {
         );
         let followers: Vec<String> = self.follower_usage.iter().map(usage_json).collect();
         let _ = writeln!(s, "  \"follower_usage\": [{}],", followers.join(", "));
+        let _ = writeln!(
+            s,
+            "  \"machine_cpu\": {},",
+            self.machine_cpu.map_or("null".into(), |m| format!(
+                "{{\"busy_percent\": {:.1}, \"idle_percent\": {:.1}, \"steal_percent\": {:.1}}}",
+                m.busy_percent, m.idle_percent, m.steal_percent
+            ))
+        );
         let _ = writeln!(s, "  \"kills\": {},", self.kills);
         let _ = writeln!(s, "  \"stalls\": {},", self.stalls);
         let _ = writeln!(s, "  \"joins\": {},", self.joins);
