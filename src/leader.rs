@@ -1118,7 +1118,8 @@ async fn drive(
                     let send = conn.send_file(file, offset, len_bytes);
                     tokio::pin!(send);
                     // The follower's ACKs count while the payload is on its way, not after:
-                    // a splice waits for an io-wq worker, and `wait_for` waits for the ACK.
+                    // a payload may wait for room in the socket or for an io-wq worker, and
+                    // `wait_for` waits for the ACK.
                     // Bad input ends the connection only once the payload is whole on the
                     // wire, so the ERROR frame that follows never lands inside it.
                     let mut deferred: Option<ServeError> = None;

@@ -272,7 +272,7 @@ impl Listener {
         let (conn, peer) = match self {
             Listener::Uring(l) => {
                 let (s, peer) = l.accept().await?;
-                (Conn::uring(s), peer)
+                (Conn::uring(s)?, peer)
             }
             Listener::Fallback(l) => {
                 let (s, peer) = l.accept().await?;
@@ -297,8 +297,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn uring(s: tokio_uring::net::TcpStream) -> Conn {
-        Conn::new(Stream::Uring(s))
+    fn uring(s: tokio_uring::net::TcpStream) -> io::Result<Conn> {
+        uring::set_nonblocking(s.as_raw_fd())?;
+        Ok(Conn::new(Stream::Uring(s)))
     }
 
     fn fallback(s: tokio::net::TcpStream) -> Conn {

@@ -1,6 +1,14 @@
-//! The io_uring engine's payload moves on the leader: file -> pipe -> socket with
-//! IORING_OP_SPLICE, so file bytes never enter user space. (A follower receives the same way on
-//! both engines: `engine::receive`.)
+//! The io_uring engine's payload moves on the leader: file -> pipe -> socket with splice, so file
+//! bytes never enter user space. (A follower receives the same way on both engines:
+//! `engine::receive`.)
+//!
+//! io_uring runs every SPLICE on an io-wq worker thread: it cannot know whether the file's
+//! pages are in memory, so it never tries one inline. For the appends a broker just made, which
+//! are, that hand-off was most of a payload's cost: a worker's wake-up, a completion, this
+//! thread's wake-up. So a range that fits in a pipe and is wholly in the page cache (cachestat(2)
+//! says so) moves with two splice(2) calls right here, the socket non-blocking, and io_uring only
+//! waits for room in the socket when it is full (POLL_ADD). A range that may need the disk, or
+//! is longer than a pipe (a full sync, a follower catching up), goes through the ring as before.
 //!
 //! tokio-uring 0.5 has no splice op; `tokio_uring::UnsubmittedOneshot` takes a raw io-uring 0.6
 //! submission entry, and a SPLICE entry yields exactly one completion, which is what a oneshot
@@ -47,6 +55,30 @@ async fn splice(
     UnsubmittedOneshot::new((), SpliceDone, sqe).submit().await
 }
 
+/// Turns a POLL_ADD completion into `Ok` (the fd is ready, or has an error for the next call
+/// to report) or the poll's own error.
+struct PollDone;
+
+impl OneshotOutputTransform for PollDone {
+    type Output = io::Result<()>;
+    type StoredData = ();
+
+    fn transform_oneshot_output(self, _data: (), cqe: cqueue::Entry) -> io::Result<()> {
+        let result = cqe.result();
+        if result < 0 {
+            Err(io::Error::from_raw_os_error(-result))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Waits until `socket` has room to write (or an error, which the next write reports).
+async fn writable(socket: RawFd) -> io::Result<()> {
+    let sqe = opcode::PollAdd::new(types::Fd(socket), libc::POLLOUT as u32).build();
+    UnsubmittedOneshot::new((), PollDone, sqe).submit().await
+}
+
 /// Turns a SEND completion into the byte count sent, handing the buffer back.
 struct SendDone;
 
@@ -89,10 +121,18 @@ pub(crate) async fn send_all_more(socket: RawFd, buf: Vec<u8>) -> (io::Result<()
     (Ok(()), buf)
 }
 
-/// Moves `len` bytes from the pipe into `socket`.
+/// Moves `len` bytes from the pipe into `socket` through the ring (an io-wq worker), waiting
+/// for room whenever the (non-blocking) socket is full.
 async fn drain_pipe(pipe: &Pipe, socket: RawFd, mut len: u32, flags: u32) -> io::Result<()> {
     while len > 0 {
-        let n = splice(pipe.read.as_raw_fd(), -1, socket, -1, len, flags).await?;
+        let n = match splice(pipe.read.as_raw_fd(), -1, socket, -1, len, flags).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                writable(socket).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -102,6 +142,130 @@ async fn drain_pipe(pipe: &Pipe, socket: RawFd, mut len: u32, flags: u32) -> io:
         len -= n;
     }
     Ok(())
+}
+
+/// Moves `len` bytes from the pipe into `socket` on this thread, waiting for room (POLL_ADD)
+/// whenever the (non-blocking) socket is full.
+async fn drain_pipe_here(pipe: &Pipe, socket: RawFd, mut len: u32, flags: u32) -> io::Result<()> {
+    while len > 0 {
+        match splice_here(pipe.read.as_raw_fd(), None, socket, len, flags) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "splice out of the pipe moved nothing",
+                ))
+            }
+            Ok(n) => len -= n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(socket).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One splice(2) on this thread that waits for nothing: SPLICE_F_NONBLOCK for the pipe, and
+/// the socket's own O_NONBLOCK (see `set_nonblocking`). Retried when a signal interrupts it.
+/// A file's pages must be in memory, or this thread waits for the disk.
+fn splice_here(
+    fd_in: RawFd,
+    off_in: Option<&mut libc::loff_t>,
+    fd_out: RawFd,
+    len: u32,
+    flags: u32,
+) -> io::Result<u32> {
+    let p_in = off_in.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
+    loop {
+        // SAFETY: the caller passes open fds, borrowed for the call; the input offset pointer is
+        // null or points to a live, exclusively borrowed loff_t, which the kernel advances; the
+        // output is at its fd's own position (null).
+        let r = unsafe {
+            libc::splice(
+                fd_in,
+                p_in,
+                fd_out,
+                std::ptr::null_mut(),
+                len as usize,
+                flags | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        match super::byte_count(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // At most `len`, a u32.
+            other => return other.map(|n| n as u32),
+        }
+    }
+}
+
+/// Makes a leader's socket non-blocking, as `send_file` needs: its splices on this thread must
+/// never wait for a follower that stopped reading. The ring's own operations on it (reads,
+/// sends) wait for readiness with a poll, as they do on any socket.
+pub(crate) fn set_nonblocking(socket: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on an fd the caller keeps open; no pointers.
+    let flags = unsafe { libc::fcntl(socket, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on the same fd, with its own flags plus O_NONBLOCK; no pointers.
+    if unsafe { libc::fcntl(socket, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// cachestat(2), Linux 6.5: a syscall added after the tables were unified, so the same number on
+/// every architecture Rust targets (the libc crate does not name it for all of them yet).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range` of the kernel's uapi (`linux/mman.h`).
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of the kernel's uapi (`linux/mman.h`): page counts.
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Whether every page of `[offset, offset + len_bytes)` of `file` is in the page cache, so that
+/// a splice out of it cannot wait for the disk. `false` when the kernel cannot say (before 6.5,
+/// or a file system without a page cache): such ranges take the ring, which never blocks this
+/// thread. Pages evicted right after the look would make one splice wait for the disk, once.
+fn range_cached(file: RawFd, offset: u64, len_bytes: u64) -> bool {
+    if len_bytes == 0 {
+        return true;
+    }
+    // SAFETY: sysconf has no memory effects.
+    let page_bytes = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => return false,
+    };
+    let pages = (offset + len_bytes - 1) / page_bytes - offset / page_bytes + 1;
+    let range = CachestatRange {
+        off: offset,
+        len: len_bytes,
+    };
+    let mut stat = Cachestat::default();
+    // SAFETY: `range` and `stat` are live, properly laid out (`repr(C)` copies of the uapi
+    // structs) for the whole call; the kernel reads the one and writes the other; the fd is
+    // open (borrowed by the caller); flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file,
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    r == 0 && stat.nr_cache >= pages
 }
 
 /// Fills `pipe` with up to `len` bytes of `file` at `offset`; an error if the file ends first.
@@ -118,8 +282,10 @@ async fn fill_pipe(pipe: &Pipe, file: RawFd, offset: u64, len: u32, left: u64) -
 
 /// Sends `[offset, offset + len_bytes)` of `file` to `socket`, page cache -> pipe -> socket.
 ///
-/// A range that fits in a pipe (every append a broker makes, and most ranges) goes as one
-/// linked pair (`send_linked`). A longer one goes in pipe-sized chunks through two pipes that
+/// `socket` must be non-blocking (`set_nonblocking`). A range that fits in a pipe (every
+/// append a broker makes, and most ranges) goes with splice(2) on this thread when its pages
+/// are in the page cache (`send_here`), else as one linked pair through the ring
+/// (`send_linked`). A longer one goes in pipe-sized chunks through two pipes that
 /// alternate, so the kernel fills one from the file while it drains the other into the socket
 /// (each SPLICE runs on an io-wq worker, so the two overlap on two cores).
 ///
@@ -133,6 +299,30 @@ pub async fn send_file(
     offset: u64,
     len_bytes: u64,
 ) -> io::Result<()> {
+    send_file_by(Route::Cached, socket, pipes, file, offset, len_bytes).await
+}
+
+/// How `send_file_by` moves a range that fits in a pipe.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Route {
+    /// On this thread when its pages are all in the page cache, else through the ring.
+    Cached,
+    /// Through the ring whatever the page cache holds (tests: the route a cold range takes).
+    #[cfg(test)]
+    Ring,
+    /// On this thread whatever the page cache holds (tests: the route a hot range takes).
+    #[cfg(test)]
+    Here,
+}
+
+async fn send_file_by(
+    route: Route,
+    socket: RawFd,
+    pipes: &[Pipe; 2],
+    file: RawFd,
+    offset: u64,
+    len_bytes: u64,
+) -> io::Result<()> {
     let more = libc::SPLICE_F_MORE;
     let chunk_max = pipes[0].capacity_bytes.min(pipes[1].capacity_bytes) as u64;
     if len_bytes == 0 {
@@ -140,7 +330,18 @@ pub async fn send_file(
     }
     let (mut offset, mut left) = (offset, len_bytes);
     if left <= chunk_max {
-        let sent = send_linked(&pipes[0], socket, file, offset, left as u32, more).await?;
+        let here = match route {
+            Route::Cached => range_cached(file, offset, left),
+            #[cfg(test)]
+            Route::Ring => false,
+            #[cfg(test)]
+            Route::Here => true,
+        };
+        let sent = if here {
+            send_here(&pipes[0], socket, file, offset, left as u32, more).await?
+        } else {
+            send_linked(&pipes[0], socket, file, offset, left as u32, more).await?
+        };
         offset += u64::from(sent);
         left -= u64::from(sent);
         if left == 0 {
@@ -167,6 +368,30 @@ pub async fn send_file(
     }
 }
 
+/// Moves up to `len` bytes (at most a pipe's worth, in the page cache) file -> `pipe` ->
+/// socket with splice(2) on this thread, waiting only for room in the socket. Returns the bytes
+/// sent; fewer than `len` (none, at the end of the file) leave the rest to the caller's ring
+/// path, which says why.
+async fn send_here(
+    pipe: &Pipe,
+    socket: RawFd,
+    file: RawFd,
+    offset: u64,
+    len: u32,
+    flags: u32,
+) -> io::Result<u32> {
+    let mut at = offset as libc::loff_t;
+    // The pipe is empty and holds `len` bytes, or one page fewer when the range starts inside
+    // a page: a short fill, which the caller completes.
+    let filled = match splice_here(file, Some(&mut at), pipe.write.as_raw_fd(), len, 0) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    drain_pipe_here(pipe, socket, filled, flags).await?;
+    Ok(filled)
+}
+
 /// Moves up to `len` bytes (at most a pipe's worth) file -> `pipe` -> socket with the two
 /// SPLICEs submitted together, the fill linked to the drain (IOSQE_IO_LINK): one io-wq worker
 /// runs both back to back, where two separate submissions cost a completion, a wake-up of this
@@ -176,8 +401,9 @@ pub async fn send_file(
 ///
 /// A short fill (the file ended, or an offset inside a page needed one page more than the pipe
 /// has slots) fails the link: the kernel cancels the drain (ECANCELED), which then moved
-/// nothing. The drain waits in its worker for room in the socket, as any drain does (the
-/// socket is blocking), but not for bytes in the pipe (SPLICE_F_NONBLOCK): should the two
+/// nothing. The drain does not wait for room in the socket (it is non-blocking: EAGAIN, and
+/// what is left goes out from this thread once there is room), nor for bytes in the pipe
+/// (SPLICE_F_NONBLOCK): should the two
 /// entries not be linked after all (tokio-uring submits its queue when it is full, which can
 /// fall between them), a drain that finds the pipe empty says EAGAIN instead of waiting for a
 /// fill that may fail. Whatever the pipe holds after the pair, a blocking drain then moves.
@@ -224,7 +450,7 @@ async fn send_linked(
             "splice out of the pipe moved {drained} bytes where {filled} went in"
         )));
     }
-    drain_pipe(pipe, socket, filled - drained, flags).await?;
+    drain_pipe_here(pipe, socket, filled - drained, flags).await?;
     Ok(filled)
 }
 
@@ -286,15 +512,17 @@ mod tests {
         fn transform_oneshot_output(self, _data: (), _cqe: cqueue::Entry) {}
     }
 
-    /// What `send_file` puts on a loopback socket for each of `ranges` of a file holding
+    /// What `send_file_by` puts on a loopback socket for each of `ranges` of a file holding
     /// `data`, one after another, read by a thread until the sender closes: (bytes received,
-    /// the first error). Fails if the sender has not returned within 20 s.
+    /// the first error, the CPU time of the sender's thread). Fails if the sender has not
+    /// returned within 20 s.
     fn send_and_receive(
         data: &[u8],
         pipe_bytes: usize,
+        route: Route,
         setup: Setup,
         ranges: &[(u64, u64)],
-    ) -> (Vec<u8>, io::Result<()>) {
+    ) -> (Vec<u8>, io::Result<()>, std::time::Duration) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("segment");
         std::fs::File::create(&path)
@@ -313,8 +541,9 @@ mod tests {
             got
         });
         let mut socket = TcpStream::connect(addr).unwrap();
+        // As the leader's connections are (`Conn::uring`).
+        set_nonblocking(socket.as_raw_fd()).unwrap();
         if setup == Setup::FullSocket {
-            socket.set_nonblocking(true).unwrap();
             let filler = [FILLER; 4096];
             loop {
                 match socket.write(&filler) {
@@ -323,7 +552,6 @@ mod tests {
                     Err(e) => panic!("{e}"),
                 }
             }
-            socket.set_nonblocking(false).unwrap();
         } else {
             start_tx.send(()).unwrap();
         }
@@ -348,7 +576,8 @@ mod tests {
                                 nops.push(UnsubmittedOneshot::new((), NopDone, nop).submit());
                             }
                         }
-                        let sent = send_file(
+                        let sent = send_file_by(
+                            route,
                             socket.as_raw_fd(),
                             &pipes,
                             file.as_raw_fd(),
@@ -372,12 +601,28 @@ mod tests {
                 tokio::join!(send, start_reader).0
             });
             drop(socket);
-            let _ = done_tx.send(result);
+            let _ = done_tx.send((result, thread_cpu()));
         });
-        let result = done_rx
+        let (result, sender_cpu) = done_rx
             .recv_timeout(std::time::Duration::from_secs(20))
             .expect("send_file did not return within 20 s");
-        (receiver.join().unwrap(), result)
+        (receiver.join().unwrap(), result, sender_cpu)
+    }
+
+    /// CPU time (user and system) of the calling thread so far.
+    fn thread_cpu() -> std::time::Duration {
+        // SAFETY: rusage is plain data, and getrusage only writes into the one we pass.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid pointer to our rusage.
+        assert_eq!(
+            unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) },
+            0
+        );
+        let t = |tv: libc::timeval| {
+            std::time::Duration::from_secs(tv.tv_sec as u64)
+                + std::time::Duration::from_micros(tv.tv_usec as u64)
+        };
+        t(usage.ru_utime) + t(usage.ru_stime)
     }
 
     const FILLER: u8 = 0xa5;
@@ -394,8 +639,9 @@ mod tests {
         why.is_none()
     }
 
-    /// A range within one pipe (the linked fill and drain, also when the queue keeps them
-    /// apart) and ranges of several pipes, at an offset inside the file, arrive exactly.
+    /// A range within one pipe (on this thread; through the ring as the linked fill and
+    /// drain, also when the queue keeps them apart) and ranges of several pipes, at an offset
+    /// inside the file, arrive exactly.
     #[test]
     fn a_range_arrives_exactly_whether_it_fits_one_pipe_or_many() {
         if !uring_works() {
@@ -403,7 +649,12 @@ mod tests {
         }
         let data = pattern(3 * 1024 * 1024 + 123);
         let pipe_bytes = 64 * 1024;
-        for setup in [Setup::Plain, Setup::QueueFull] {
+        for (route, setup) in [
+            (Route::Cached, Setup::Plain),
+            (Route::Here, Setup::Plain),
+            (Route::Ring, Setup::Plain),
+            (Route::Ring, Setup::QueueFull),
+        ] {
             for (offset, len) in [
                 (0u64, 1u64),
                 (1000, 1024),
@@ -411,17 +662,19 @@ mod tests {
                 (5, 64 * 1024 + 1),
                 (123, 3 * 1024 * 1024),
             ] {
-                let (got, result) = send_and_receive(&data, pipe_bytes, setup, &[(offset, len)]);
+                let (got, result, _) =
+                    send_and_receive(&data, pipe_bytes, route, setup, &[(offset, len)]);
                 result.unwrap();
                 let want = &data[offset as usize..(offset + len) as usize];
-                assert_eq!(got.len(), want.len(), "[{offset}, +{len})");
-                assert!(got == want, "[{offset}, +{len}) arrived with other bytes");
+                assert_eq!(got.len(), want.len(), "[{offset}, +{len}) {route:?}");
+                assert!(got == want, "[{offset}, +{len}) {route:?}: other bytes");
             }
         }
     }
 
-    /// A range sent into a socket that is full (the linked drain waits in its worker until the
-    /// reader makes room), and ranges after it, arrive whole and in order.
+    /// A range sent into a socket that is full (the sender waits for room without blocking
+    /// its thread, and without spinning), and ranges after it, arrive whole and in order, on
+    /// either route and for ranges longer than a pipe.
     #[test]
     fn ranges_sent_into_a_full_socket_arrive_whole_and_in_order() {
         if !uring_works() {
@@ -429,25 +682,33 @@ mod tests {
         }
         let data = pattern(1024 * 1024);
         let ranges: Vec<(u64, u64)> = (0..50u64)
-            .map(|i| (i * 4099 % 900_000, 20_000 + i * 37))
+            .map(|i| (i * 4099 % 900_000, 20_000 + i * 1337))
             .collect();
-        let (got, result) = send_and_receive(&data, 64 * 1024, Setup::FullSocket, &ranges);
-        result.unwrap();
-        let filler_bytes = got.iter().take_while(|&&b| b == FILLER).count();
-        assert!(filler_bytes > 0);
-        let want: Vec<u8> = ranges
-            .iter()
-            .flat_map(|&(offset, len)| {
-                data[offset as usize..(offset + len) as usize]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        assert_eq!(got.len() - filler_bytes, want.len());
-        assert!(
-            got[filler_bytes..] == want[..],
-            "the ranges arrived with other bytes"
-        );
+        for route in [Route::Here, Route::Ring] {
+            let (got, result, sender_cpu) =
+                send_and_receive(&data, 64 * 1024, route, Setup::FullSocket, &ranges);
+            result.unwrap();
+            // The reader starts 100 ms in: a sender that spun on EAGAIN meanwhile burnt them.
+            assert!(
+                sender_cpu < std::time::Duration::from_millis(50),
+                "{route:?}: the sender's thread used {sender_cpu:?} of CPU"
+            );
+            let filler_bytes = got.iter().take_while(|&&b| b == FILLER).count();
+            assert!(filler_bytes > 0, "{route:?}");
+            let want: Vec<u8> = ranges
+                .iter()
+                .flat_map(|&(offset, len)| {
+                    data[offset as usize..(offset + len) as usize]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            assert_eq!(got.len() - filler_bytes, want.len(), "{route:?}");
+            assert!(
+                got[filler_bytes..] == want[..],
+                "{route:?}: the ranges arrived with other bytes"
+            );
+        }
     }
 
     /// A file that ends inside the range (it shrank after the range was planned): the bytes it
@@ -460,14 +721,24 @@ mod tests {
             return;
         }
         let data = pattern(100 * 1024);
-        for (setup, offset, len, pipe_bytes) in [
-            (Setup::Plain, 0u64, 150 * 1024u64, 256 * 1024usize),
-            (Setup::Plain, 1000, 150 * 1024, 64 * 1024),
-            (Setup::Plain, 100 * 1024, 10, 64 * 1024),
-            (Setup::QueueFull, 0, 150 * 1024, 256 * 1024),
-            (Setup::QueueFull, 100 * 1024, 10, 64 * 1024),
+        for (route, setup, offset, len, pipe_bytes) in [
+            (
+                Route::Here,
+                Setup::Plain,
+                0u64,
+                150 * 1024u64,
+                256 * 1024usize,
+            ),
+            (Route::Here, Setup::Plain, 100 * 1024, 10, 64 * 1024),
+            (Route::Cached, Setup::Plain, 0, 150 * 1024, 256 * 1024),
+            (Route::Ring, Setup::Plain, 0, 150 * 1024, 256 * 1024),
+            (Route::Ring, Setup::Plain, 1000, 150 * 1024, 64 * 1024),
+            (Route::Ring, Setup::Plain, 100 * 1024, 10, 64 * 1024),
+            (Route::Ring, Setup::QueueFull, 0, 150 * 1024, 256 * 1024),
+            (Route::Ring, Setup::QueueFull, 100 * 1024, 10, 64 * 1024),
         ] {
-            let (got, result) = send_and_receive(&data, pipe_bytes, setup, &[(offset, len)]);
+            let (got, result, _) =
+                send_and_receive(&data, pipe_bytes, route, setup, &[(offset, len)]);
             let err = result.expect_err("a range past the end of the file was sent");
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
             let missing = offset + len - data.len() as u64;
@@ -476,7 +747,45 @@ mod tests {
                     .contains(&format!("the file ended {missing} bytes before")),
                 "{err}"
             );
-            assert!(got == data[offset as usize..], "[{offset}, +{len})");
+            assert!(
+                got == data[offset as usize..],
+                "[{offset}, +{len}) {route:?}"
+            );
         }
+    }
+
+    /// A range is cached once its file was written, and not once its pages were dropped, nor
+    /// past the end of the file: the route a payload takes turns on this.
+    #[test]
+    fn a_range_counts_as_cached_only_when_all_its_pages_are_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&pattern(256 * 1024)).unwrap();
+        let fd = file.as_raw_fd();
+        assert!(range_cached(fd, 0, 256 * 1024));
+        assert!(range_cached(fd, 5000, 10_000));
+        assert!(!range_cached(fd, 200 * 1024, 64 * 1024), "past the end");
+        file.sync_all().unwrap();
+        // SAFETY: fadvise on our open fd; no pointers.
+        let r = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        if dir.path().starts_with("/dev/shm") || is_tmpfs(dir.path()) {
+            eprintln!("skipped the dropped pages: tmpfs keeps them");
+            return;
+        }
+        assert!(!range_cached(fd, 0, 256 * 1024), "its pages were dropped");
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(back.len(), 256 * 1024);
+        assert!(range_cached(fd, 0, 256 * 1024), "read back");
+    }
+
+    fn is_tmpfs(path: &std::path::Path) -> bool {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statfs is plain data; the kernel writes it; `c` is a valid C string.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, both pointers valid for the call.
+        assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+        st.f_type == libc::TMPFS_MAGIC
     }
 }
