@@ -171,6 +171,48 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     assert!(stderr.contains("one writer"), "{stderr}");
 }
 
+/// `--rounds`: the run repeated in children, a line per round and the medians, with every
+/// round's report and the medians in the JSON file.
+#[test]
+fn rounds_repeat_the_run_and_report_each_round_and_the_medians() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("rounds.json");
+    let data = tmp.path().join("data");
+    let report = run_reporting(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--rounds", "2", "--raw-baseline", "--followers", "1"])
+            .args(["--messages", "5000", "--rate", "20000"])
+            .args(["--durability=written", "--dir"])
+            .arg(&data),
+        "median",
+        &json,
+        &[
+            "\"rounds\": [",
+            "\"median\": {\"messages_per_s\": ",
+            "\"delivered_messages_per_s_vs_raw\": ",
+        ],
+    );
+    // Each round is a whole run against its own fan-out, its followers checked.
+    assert_eq!(
+        report.matches("\"mode\": \"library\"").count(),
+        2,
+        "{report}"
+    );
+    assert_eq!(report.matches("\"checksums_match\": true").count(), 2);
+    assert_eq!(report.matches("\"raw_baseline\": {").count(), 2);
+    // Nothing of the rounds is left in the dir.
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+
+    let stderr = refused(tmp.path(), &["--rounds", "0", "--messages", "10"]);
+    assert!(stderr.contains("--rounds must be at least 1"), "{stderr}");
+    let stderr = refused(
+        tmp.path(),
+        &["--rounds", "2", "--plot", "x.svg", "--messages", "10"],
+    );
+    assert!(stderr.contains("--plot draws one run"), "{stderr}");
+}
+
 /// `--raw-baseline`: the same workload through the plain fan-out first, in the same
 /// invocation, and the library run reported against it, so the ratio needs no second command.
 #[test]

@@ -19,6 +19,7 @@ mod probe;
 mod procs;
 mod raw;
 mod report;
+mod rounds;
 mod segments;
 
 use std::ffi::OsString;
@@ -143,6 +144,12 @@ struct Args {
     /// with it).
     #[arg(long, value_name = "A:B", value_parser = parse_cpu_pair)]
     probe_cpus: Option<(usize, usize)>,
+    /// Repeat the run this many times, each in a child loadgen (with --raw-baseline, the
+    /// fan-out and then ferry, back to back, every round), then print a line of figures per
+    /// round and their medians: on a shared machine one run is one sample. With --json, the
+    /// file holds every round's report and the medians
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    rounds: u32,
 }
 
 impl Args {
@@ -264,6 +271,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
             bail!("--raw-baseline compares runs without faults: the fan-out has no followers to fault");
         }
     }
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if args.rounds > 1 && args.plot.is_some() {
+        bail!("--plot draws one run: leave it out with --rounds, or run one round");
+    }
     let tmp = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -280,6 +293,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .map(|t| t.path().to_path_buf())
             .unwrap_or_default()
     });
+    if args.rounds > 1 {
+        let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+        return rounds::run(
+            &rounds::child_args(&argv),
+            args.rounds,
+            &root,
+            args.json.as_deref(),
+        );
+    }
     let leader_dir = args
         .leader_dir
         .clone()

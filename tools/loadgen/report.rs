@@ -101,7 +101,7 @@ impl RawBaseline {
 /// The number at `path` in a report this program wrote (`Report::json`): each key is looked
 /// for after the one before it, which in that format finds the field nested under it. `None`
 /// for a missing key or a value that is not a number (such as `null`).
-fn json_number(json: &str, path: &[&str]) -> Option<f64> {
+pub fn json_number(json: &str, path: &[&str]) -> Option<f64> {
     let mut rest = json;
     for key in path {
         let needle = format!("\"{key}\": ");
