@@ -190,6 +190,7 @@ fn rounds_repeat_the_run_and_report_each_round_and_the_medians() {
         &[
             "\"rounds\": [",
             "\"median\": {\"messages_per_s\": ",
+            "\"raw_cpu_s\": ",
             "\"delivered_messages_per_s_vs_raw\": ",
         ],
     );

@@ -31,7 +31,7 @@ enum Figure {
     FollowersCpu,
 }
 
-const COLUMNS: [Column; 9] = [
+const COLUMNS: [Column; 10] = [
     Column {
         header: "msgs/s",
         key: "messages_per_s",
@@ -79,6 +79,12 @@ const COLUMNS: [Column; 9] = [
         key: "raw_append_to_received_p99_us",
         figure: Figure::At(&["raw_baseline", "append_to_received_p99_us"]),
         decimals: 0,
+    },
+    Column {
+        header: "fan-out CPU s",
+        key: "raw_cpu_s",
+        figure: Figure::At(&["raw_baseline", "cpu_s"]),
+        decimals: 2,
     },
     Column {
         header: "delivered vs fan-out",
