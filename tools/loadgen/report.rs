@@ -100,13 +100,17 @@ impl RawBaseline {
 
 /// The number at `path` in a report this program wrote (`Report::json`): each key is looked
 /// for after the one before it, which in that format finds the field nested under it. `None`
-/// for a missing key or a value that is not a number (such as `null`).
+/// for a missing key, a `null` on the way, or a value that is not a number.
 pub fn json_number(json: &str, path: &[&str]) -> Option<f64> {
     let mut rest = json;
     for key in path {
         let needle = format!("\"{key}\": ");
         let at = rest.find(&needle)?;
         rest = &rest[at + needle.len()..];
+        // Nothing is under a null: the next key found would be another field's.
+        if rest.starts_with("null") {
+            return None;
+        }
     }
     let end = rest
         .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | 'e' | 'E' | '+')))
@@ -662,5 +666,16 @@ mod tests {
         // A run that never converged has no delivered rate.
         let unconverged = json.replace("\"converged_s\": 1.000", "\"converged_s\": null");
         assert!(RawBaseline::from_json(&unconverged).is_none());
+    }
+
+    /// A field that is `null` (no samples) has no number under it: the one of the next object
+    /// with that key is not taken for its own.
+    #[test]
+    fn a_null_object_has_no_fields_and_lends_none_from_the_next() {
+        let json =
+            "{\n  \"append_to_ack_us\": null,\n  \"append_to_ack_during_faults_us\": null,\n  \
+                    \"append_call_ns\": {\"count\": 5, \"p50\": 70, \"p99\": 600}\n}\n";
+        assert_eq!(json_number(json, &["append_to_ack_us", "p99"]), None);
+        assert_eq!(json_number(json, &["append_call_ns", "p99"]), Some(600.0));
     }
 }

@@ -31,7 +31,7 @@ enum Figure {
     FollowersCpu,
 }
 
-const COLUMNS: [Column; 10] = [
+const COLUMNS: [Column; 12] = [
     Column {
         header: "msgs/s",
         key: "messages_per_s",
@@ -48,6 +48,18 @@ const COLUMNS: [Column; 10] = [
         header: "p99 us",
         key: "append_to_ack_p99_us",
         figure: Figure::At(&["append_to_ack_us", "p99"]),
+        decimals: 0,
+    },
+    Column {
+        header: "append() p99 ns",
+        key: "append_call_p99_ns",
+        figure: Figure::At(&["append_call_ns", "p99"]),
+        decimals: 0,
+    },
+    Column {
+        header: "in faults p99 ns",
+        key: "append_call_during_faults_p99_ns",
+        figure: Figure::At(&["append_call_during_faults_ns", "p99"]),
         decimals: 0,
     },
     Column {
