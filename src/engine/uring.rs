@@ -401,12 +401,12 @@ async fn send_here(
 ///
 /// A short fill (the file ended, or an offset inside a page needed one page more than the pipe
 /// has slots) fails the link: the kernel cancels the drain (ECANCELED), which then moved
-/// nothing. The drain does not wait for room in the socket (it is non-blocking: EAGAIN, and
-/// what is left goes out from this thread once there is room), nor for bytes in the pipe
-/// (SPLICE_F_NONBLOCK): should the two
-/// entries not be linked after all (tokio-uring submits its queue when it is full, which can
-/// fall between them), a drain that finds the pipe empty says EAGAIN instead of waiting for a
-/// fill that may fail. Whatever the pipe holds after the pair, a blocking drain then moves.
+/// nothing. The drain waits neither for room in the socket (it is non-blocking: EAGAIN) nor
+/// for bytes in the pipe (SPLICE_F_NONBLOCK): should the two entries not be linked after all
+/// (tokio-uring submits its queue when it is full, which can fall between them), a drain that
+/// finds the pipe empty says EAGAIN instead of waiting for a fill that may fail. Whatever the
+/// pipe holds after the pair goes out from this thread (`drain_pipe_here`) as the socket
+/// makes room.
 async fn send_linked(
     pipe: &Pipe,
     socket: RawFd,
