@@ -990,6 +990,10 @@ async fn drive(
     // messages cost the leader and the follower CPU per message (README, Performance).
     let mut inbox_seen_at: Option<Instant> = None;
     let timer = FineTimer::new(conn.engine())?;
+    // The sleep until the next look, with the `inbox_seen_at` it counts from: kept across turns
+    // of the loop, so that the acks that wake the session in between do not arm a timer each
+    // (arming a fine timer reprograms the CPU's timer, which on a VM is an exit to the host).
+    let mut look_sleep = None;
     loop {
         // Everything the reader has, without waiting.
         while let Ok(chunk) = input_rx.try_recv() {
@@ -1165,16 +1169,34 @@ async fn drive(
                     .map(tokio::time::Instant::from_std)
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(500));
                 let poll = polling(changes_seen_at, now);
-                let next_look = next_look_in(inbox_seen_at, Instant::now());
+                if !poll {
+                    look_sleep = None;
+                } else if !matches!(&look_sleep, Some((from, _)) if *from == inbox_seen_at) {
+                    let next_look = next_look_in(inbox_seen_at, Instant::now());
+                    look_sleep = Some((inbox_seen_at, Box::pin(timer.sleep(next_look))));
+                }
                 tokio::select! {
                     chunk = input_rx.recv() => take_input(chunk, &mut input, &mut eof)?,
                     _ = wake.notified() => {}
-                    slept = timer.sleep(next_look), if poll => slept?,
+                    slept = until_look(&mut look_sleep), if poll => {
+                        look_sleep = None;
+                        slept?
+                    }
                     _ = tokio::time::sleep_until(timeout) => {}
                     _ = ctx.shared.shutdown.notified() => {}
                 }
             }
         }
+    }
+}
+
+/// Waits for the sleep in `look_sleep`, forever if there is none.
+async fn until_look<F: std::future::Future<Output = io::Result<()>>>(
+    look_sleep: &mut Option<(Option<Instant>, std::pin::Pin<Box<F>>)>,
+) -> io::Result<()> {
+    match look_sleep {
+        Some((_, sleep)) => sleep.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
