@@ -29,9 +29,11 @@ enum Figure {
     At(&'static [&'static str]),
     /// The CPU seconds of all followers together.
     FollowersCpu,
+    /// One number over another (`--dd-baseline`: what was acked over what dd wrote).
+    Ratio(&'static [&'static str], &'static [&'static str]),
 }
 
-const COLUMNS: [Column; 12] = [
+const COLUMNS: [Column; 13] = [
     Column {
         header: "msgs/s",
         key: "messages_per_s",
@@ -81,6 +83,12 @@ const COLUMNS: [Column; 12] = [
         decimals: 1,
     },
     Column {
+        header: "acked vs dd",
+        key: "acked_vs_dd",
+        figure: Figure::Ratio(&["acked_mb_per_s"], &["dd_baseline_mb_per_s"]),
+        decimals: 2,
+    },
+    Column {
         header: "fan-out p50 us",
         key: "raw_append_to_received_p50_us",
         figure: Figure::At(&["raw_baseline", "append_to_received_p50_us"]),
@@ -119,6 +127,10 @@ impl Figure {
                     .filter_map(|(at, _)| json_number(&list[at..], &["cpu_s"]))
                     .collect();
                 (!cpus.is_empty()).then(|| cpus.iter().sum())
+            }
+            Figure::Ratio(over, under) => {
+                let under = json_number(json, under)?;
+                (under > 0.0).then_some(json_number(json, over)? / under)
             }
         }
     }
@@ -317,7 +329,8 @@ mod tests {
                  \"follower_usage\": [{{\"name\": \"f1\", \"cpu_s\": 0.250, \"rss_peak_mib\": \
                  1.0}}, {{\"name\": \"f2\", \"cpu_s\": 0.500, \"rss_peak_mib\": 1.0}}],\n  \
                  \"machine_cpu\": {{\"busy_percent\": 90.0, \"idle_percent\": 5.0, \
-                 \"steal_percent\": {steal:.1}}},\n  \"raw_baseline\": null\n}}\n"
+                 \"steal_percent\": {steal:.1}}},\n  \"acked_mb_per_s\": 450.0,\n  \
+                 \"dd_baseline_mb_per_s\": 500.0,\n  \"raw_baseline\": null\n}}\n"
             )
         };
         let (text, json) = summary(&[report(900, 1.0), report(3000, 20.0), report(1000, 3.0)]);
@@ -339,6 +352,11 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"steal_percent\": 3.000"), "{json}");
+        assert!(json.contains("\"acked_vs_dd\": 0.900"), "{json}");
+        assert!(
+            lines[0].contains("acked vs dd") && lines[4].contains("0.90"),
+            "{text}"
+        );
         assert_eq!(json.matches("\"messages_per_s\": 1000.0,").count(), 3);
     }
 }
