@@ -225,7 +225,7 @@ impl Pipe {
 /// is `None` for an fd read or written at its own position (pipes and sockets must be); a
 /// given one is advanced by the kernel. It blocks the calling thread: on a runtime thread only
 /// into a file or a pipe, never into a socket a peer may stop reading (the leader's sessions
-/// share one thread, so their payloads go through the ring instead).
+/// share one thread, so their payloads go through the ring, or `splice_with` non-blocking).
 pub fn splice_blocking(
     fd_in: RawFd,
     off_in: Option<&mut libc::loff_t>,
@@ -233,12 +233,32 @@ pub fn splice_blocking(
     off_out: Option<&mut libc::loff_t>,
     len_bytes: usize,
 ) -> io::Result<usize> {
+    splice_with(
+        fd_in,
+        off_in,
+        fd_out,
+        off_out,
+        len_bytes,
+        libc::SPLICE_F_MOVE,
+    )
+}
+
+/// One splice(2) with `flags`, retried when a signal interrupts it; offsets as for
+/// `splice_blocking`.
+pub(crate) fn splice_with(
+    fd_in: RawFd,
+    off_in: Option<&mut libc::loff_t>,
+    fd_out: RawFd,
+    off_out: Option<&mut libc::loff_t>,
+    len_bytes: usize,
+    flags: libc::c_uint,
+) -> io::Result<usize> {
     let p_in = off_in.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
     let p_out = off_out.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
     loop {
         // SAFETY: the caller passes open fds (borrowed for the call); each offset pointer is
         // null or points to a live, exclusively borrowed loff_t the kernel advances.
-        let r = unsafe { libc::splice(fd_in, p_in, fd_out, p_out, len_bytes, libc::SPLICE_F_MOVE) };
+        let r = unsafe { libc::splice(fd_in, p_in, fd_out, p_out, len_bytes, flags) };
         match byte_count(r) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other,

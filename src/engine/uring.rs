@@ -164,7 +164,7 @@ async fn drain_pipe_here(pipe: &Pipe, socket: RawFd, mut len: u32, flags: u32) -
 }
 
 /// One splice(2) on this thread that waits for nothing: SPLICE_F_NONBLOCK for the pipe, and
-/// the socket's own O_NONBLOCK (see `set_nonblocking`). Retried when a signal interrupts it.
+/// the socket's own O_NONBLOCK (see `set_nonblocking`). The output is at its fd's own position.
 /// A file's pages must be in memory, or this thread waits for the disk.
 fn splice_here(
     fd_in: RawFd,
@@ -173,27 +173,9 @@ fn splice_here(
     len: u32,
     flags: u32,
 ) -> io::Result<u32> {
-    let p_in = off_in.map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t);
-    loop {
-        // SAFETY: the caller passes open fds, borrowed for the call; the input offset pointer is
-        // null or points to a live, exclusively borrowed loff_t, which the kernel advances; the
-        // output is at its fd's own position (null).
-        let r = unsafe {
-            libc::splice(
-                fd_in,
-                p_in,
-                fd_out,
-                std::ptr::null_mut(),
-                len as usize,
-                flags | libc::SPLICE_F_NONBLOCK,
-            )
-        };
-        match super::byte_count(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // At most `len`, a u32.
-            other => return other.map(|n| n as u32),
-        }
-    }
+    let flags = flags | libc::SPLICE_F_NONBLOCK;
+    // At most `len`, a u32.
+    super::splice_with(fd_in, off_in, fd_out, None, len as usize, flags).map(|n| n as u32)
 }
 
 /// Makes a leader's socket non-blocking, as `send_file` needs: its splices on this thread must
