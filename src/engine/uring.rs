@@ -23,10 +23,11 @@ use tokio_uring::{OneshotOutputTransform, UnsubmittedOneshot};
 
 use super::Pipe;
 
-/// Turns a SPLICE completion into the byte count it moved.
-struct SpliceDone;
+/// Turns a completion into its result, or the errno it carries: a SPLICE's byte count, a
+/// POLL_ADD's ready events.
+struct Done;
 
-impl OneshotOutputTransform for SpliceDone {
+impl OneshotOutputTransform for Done {
     type Output = io::Result<u32>;
     type StoredData = ();
 
@@ -52,31 +53,14 @@ async fn splice(
     let sqe = opcode::Splice::new(types::Fd(fd_in), off_in, types::Fd(fd_out), off_out, len)
         .flags(flags)
         .build();
-    UnsubmittedOneshot::new((), SpliceDone, sqe).submit().await
-}
-
-/// Turns a POLL_ADD completion into `Ok` (the fd is ready, or has an error for the next call
-/// to report) or the poll's own error.
-struct PollDone;
-
-impl OneshotOutputTransform for PollDone {
-    type Output = io::Result<()>;
-    type StoredData = ();
-
-    fn transform_oneshot_output(self, _data: (), cqe: cqueue::Entry) -> io::Result<()> {
-        let result = cqe.result();
-        if result < 0 {
-            Err(io::Error::from_raw_os_error(-result))
-        } else {
-            Ok(())
-        }
-    }
+    UnsubmittedOneshot::new((), Done, sqe).submit().await
 }
 
 /// Waits until `socket` has room to write (or an error, which the next write reports).
 async fn writable(socket: RawFd) -> io::Result<()> {
     let sqe = opcode::PollAdd::new(types::Fd(socket), libc::POLLOUT as u32).build();
-    UnsubmittedOneshot::new((), PollDone, sqe).submit().await
+    UnsubmittedOneshot::new((), Done, sqe).submit().await?;
+    Ok(())
 }
 
 /// Turns a SEND completion into the byte count sent, handing the buffer back.
@@ -417,8 +401,8 @@ async fn send_linked(
     .build();
     // Both are pushed onto the submission queue here, one after the other, before either is
     // polled: nothing else runs on this thread in between.
-    let fill = UnsubmittedOneshot::new((), SpliceDone, fill).submit();
-    let drain = UnsubmittedOneshot::new((), SpliceDone, drain).submit();
+    let fill = UnsubmittedOneshot::new((), Done, fill).submit();
+    let drain = UnsubmittedOneshot::new((), Done, drain).submit();
     let (filled, drained) = tokio::join!(fill, drain);
     let drained = match drained {
         Ok(n) => n,
