@@ -302,3 +302,43 @@ fn probe_cpus_measures_a_cache_line_round_trip_between_two_cpus() {
         "{report}"
     );
 }
+
+/// `--mode write`: `ferry lead` beside a writer using write(2). The run follows the followers
+/// through the leader's `--http` endpoint as it does the embedded leader: every sample holds
+/// each follower's lag, and the convergence time is when each acked the leader's position.
+#[test]
+fn write_mode_reports_each_followers_lag_from_ferry_lead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("write.json");
+    let report = run_reporting(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--mode", "write", "--followers", "2", "--duration", "1s"])
+            .args(["--durability", "written", "--rate", "20000"])
+            .arg("--dir")
+            .arg(tmp.path().join("data")),
+        "followers identical to the leader: yes",
+        &json,
+        &["\"mode\": \"write\"", "\"checksums_match\": true"],
+    );
+    let lags: Vec<&str> = report
+        .split("\"lag_bytes\": [")
+        .skip(1)
+        .filter_map(|rest| rest.split(']').next())
+        .collect();
+    assert!(lags.len() >= 5, "too few samples in\n{report}");
+    for lag in &lags {
+        let values: Vec<u64> = lag
+            .split(", ")
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("lag [{lag}] in\n{report}"))
+            })
+            .collect();
+        assert_eq!(values.len(), 2, "[{lag}]");
+    }
+    assert!(
+        !report.contains("\"converged_s\": null"),
+        "no convergence time in\n{report}"
+    );
+}

@@ -14,6 +14,7 @@
 //! every follower's checksums with the leader's and exits 1 if any differ.
 
 mod cpus;
+mod leader_view;
 mod machine;
 mod probe;
 mod procs;
@@ -38,6 +39,7 @@ use ferry::engine::EngineKind;
 use ferry::frame::Durability;
 use ferry::index::checksum_dir;
 use ferry::leader::{Leader, LeaderConfig};
+use leader_view::LeaderView;
 use procs::Proc;
 use report::{histogram, RawBaseline, Report, Sample, Usage, WriterSample};
 use segments::SegmentWriter;
@@ -330,18 +332,20 @@ fn run(args: Args) -> anyhow::Result<bool> {
     };
 
     // The leader: embedded, or a `ferry lead` process.
-    let (leader, lead_proc, addr) = if raw_mode {
-        (None, None, "127.0.0.1:0".parse()?)
+    let (leader, lead_proc, addr, view) = if raw_mode {
+        (None, None, "127.0.0.1:0".parse()?, None)
     } else if library {
         let secret = Secret::new(b"loadgen-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut config = LeaderConfig::new(&leader_dir, "127.0.0.1:0".parse()?, secret);
         config.engine = args.io_engine;
         let leader = Arc::new(Leader::start(config, preloaded)?);
         let addr = leader.local_addr();
-        (Some(leader), None, addr)
+        let view = LeaderView::Embedded(leader.clone());
+        (Some(leader), None, addr, Some(Arc::new(view)))
     } else {
-        let (proc, addr) = start_lead(&leader_dir, &secret_file, args.io_engine)?;
-        (None, Some(proc), addr)
+        let (proc, addr, http) = start_lead(&leader_dir, &secret_file, args.io_engine)?;
+        let view = LeaderView::Lead(http.to_string());
+        (None, Some(proc), addr, Some(Arc::new(view)))
     };
     let fanout = if raw_mode {
         Some(Arc::new(raw::Fanout::start(
@@ -389,8 +393,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let joiner = args.join_follower.map(|_| follower_args(args.followers));
     let followers = Arc::new(Mutex::new(followers));
-    if let Some(leader) = &leader {
-        if !leader.wait_for(0, args.durability, at_start, Duration::from_secs(30)) {
+    if let Some(view) = &view {
+        if !view.wait_for(0, args.durability, at_start, Duration::from_secs(30)) {
             bail!("the followers did not all connect within 30 s");
         }
     }
@@ -405,6 +409,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         messages: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
     });
+    let position_at_start = view.as_ref().and_then(|v| v.position());
     // Every timed append is after it: none is counted from a later epoch.
     epoch();
     let cpu_times_at_start = machine::CpuTimes::now();
@@ -475,7 +480,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let faults = {
         let followers = followers.clone();
         let shared = shared.clone();
-        let leader = leader.clone();
+        let view = view.clone();
         let kill_every = args.kill_follower_every;
         let stall = args.stall_follower;
         let stall_at = args.duration / 3;
@@ -485,7 +490,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             inject_faults(
                 &followers,
                 &shared,
-                leader.as_deref(),
+                view.as_deref(),
                 Faults {
                     kill_every,
                     stall,
@@ -511,7 +516,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         last = (now, bytes);
         let lag_bytes = match &fanout {
             Some(f) => f.lags(),
-            None => follower_lags(leader.as_deref(), args.durability, args.followers),
+            None => match &view {
+                Some(view) => view.lags(args.durability, args.followers),
+                None => vec![None; args.followers],
+            },
         };
         for p in followers
             .lock()
@@ -587,9 +595,16 @@ fn run(args: Args) -> anyhow::Result<bool> {
 
     // Convergence: every follower holds everything at its durability, then checksums.
     let mut converged_s = None;
-    if let Some(leader) = &leader {
-        let position = leader.position();
-        if leader.wait_for(position, args.durability, args.followers, CONVERGE_TIMEOUT) {
+    let everything = match (&leader, position_at_start) {
+        (Some(leader), _) => Some(leader.position()),
+        // `ferry lead` may not have seen the last writes yet: its position grows by each
+        // append's length (docs/PROTOCOL.md, Positions), so everything is where it started
+        // plus what the writers wrote.
+        (None, Some(start)) => Some(start + shared.bytes.load(Ordering::Relaxed)),
+        (None, None) => None,
+    };
+    if let (Some(view), Some(position)) = (&view, everything) {
+        if view.wait_for(position, args.durability, args.followers, CONVERGE_TIMEOUT) {
             converged_s = Some(writers_done.elapsed().as_secs_f64());
         }
     }
@@ -797,18 +812,24 @@ fn start_lead(
     dir: &Path,
     secret_file: &Path,
     engine: Option<EngineKind>,
-) -> anyhow::Result<(Proc, std::net::SocketAddr)> {
-    // Pick a free port, then hand it to `ferry lead` (whose log line would also tell it).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+) -> anyhow::Result<(Proc, std::net::SocketAddr, std::net::SocketAddr)> {
+    // Pick free ports, then hand them to `ferry lead` (whose log line would also tell them).
+    // Both held until both are known, so that the two differ. Its /metrics tells loadgen the
+    // followers' lag and what they acked.
+    let (replication, metrics) = (
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+    );
+    let (addr, http) = (replication.local_addr()?, metrics.local_addr()?);
+    drop((replication, metrics));
     let mut a: Vec<OsString> = vec![
         "lead".into(),
         "--data-dir".into(),
         dir.into(),
         "--listen".into(),
         addr.to_string().into(),
+        "--http".into(),
+        http.to_string().into(),
     ];
     a.extend(["--secret-file".into(), secret_file.into()]);
     if let Some(e) = engine {
@@ -816,27 +837,15 @@ fn start_lead(
     }
     let proc = Proc::spawn("leader".into(), dir.to_path_buf(), a)?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            bail!("`ferry lead` did not listen on {addr} within 20 s");
+    for listening in [addr, http] {
+        while std::net::TcpStream::connect(listening).is_err() {
+            if Instant::now() > deadline {
+                bail!("`ferry lead` did not listen on {listening} within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((proc, addr))
-}
-
-fn follower_lags(leader: Option<&Leader>, durability: Durability, n: usize) -> Vec<Option<u64>> {
-    let Some(leader) = leader else {
-        return vec![None; n];
-    };
-    let mut lags: Vec<Option<u64>> = leader
-        .followers()
-        .into_iter()
-        .filter(|f| f.lag.state != ferry::lag::FollowerState::Disconnected)
-        .map(|f| Some(f.lag.lag_bytes[durability.index()]))
-        .collect();
-    lags.resize(n, None);
-    lags
+    Ok((proc, addr, http))
 }
 
 struct WriterPlan {
@@ -1124,7 +1133,7 @@ fn preload(dir: &std::path::Path, mib: u64) -> anyhow::Result<Vec<(ferry::paths:
 fn inject_faults(
     followers: &Mutex<Vec<Proc>>,
     shared: &Shared,
-    leader: Option<&Leader>,
+    leader: Option<&LeaderView>,
     plan: Faults,
     durability: Durability,
     n: usize,
@@ -1144,8 +1153,9 @@ fn inject_faults(
     // A fault lasts until every follower holds what was written when it ended.
     let recover = |shared: &Shared| {
         if let Some(leader) = leader {
-            let position = leader.position();
-            leader.wait_for(position, durability, n, CONVERGE_TIMEOUT);
+            if let Some(position) = leader.position() {
+                leader.wait_for(position, durability, n, CONVERGE_TIMEOUT);
+            }
         }
         shared.in_fault.store(false, Ordering::Relaxed);
     };

@@ -1,0 +1,169 @@
+//! What loadgen reads of the leader it drives, whichever it is: the embedded one through the
+//! library API, or `ferry lead` (write mode, a process of its own) through its `--http`
+//! endpoint, as an operator's scraper would. Both give the leader's position, each connected
+//! follower's lag, and a wait for every follower to ack a position: the sampler, the fault
+//! windows and the convergence time use them alike.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry::frame::Durability;
+use ferry::leader::Leader;
+use ferry::status::{parse_prometheus, Sample};
+
+/// How often a wait on `ferry lead` asks it again.
+const LEAD_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+pub enum LeaderView {
+    Embedded(Arc<Leader>),
+    /// `ferry lead`'s `--http` address (`127.0.0.1:PORT`).
+    Lead(String),
+}
+
+/// One look at `ferry lead`'s `/metrics`.
+#[derive(Debug, PartialEq)]
+struct LeadFigures {
+    position_bytes: u64,
+    /// `(lag_bytes, acked_position)` at the run's durability of each follower connected now,
+    /// in the order of their ids.
+    followers: Vec<(u64, u64)>,
+}
+
+impl LeaderView {
+    /// The leader's position; `None` when `ferry lead` does not answer.
+    pub fn position(&self) -> Option<u64> {
+        match self {
+            LeaderView::Embedded(leader) => Some(leader.position()),
+            LeaderView::Lead(http) => {
+                lead_figures(http, Durability::Written).map(|f| f.position_bytes)
+            }
+        }
+    }
+
+    /// Each connected follower's lag at `durability`, then `None` up to `n` entries.
+    pub fn lags(&self, durability: Durability, n: usize) -> Vec<Option<u64>> {
+        let mut lags: Vec<Option<u64>> = match self {
+            LeaderView::Embedded(leader) => leader
+                .followers()
+                .into_iter()
+                .filter(|f| f.lag.state != ferry::lag::FollowerState::Disconnected)
+                .map(|f| Some(f.lag.lag_bytes[durability.index()]))
+                .collect(),
+            LeaderView::Lead(http) => lead_figures(http, durability)
+                .map(|f| f.followers.iter().map(|&(lag, _)| Some(lag)).collect())
+                .unwrap_or_default(),
+        };
+        lags.resize(n, None);
+        lags
+    }
+
+    /// Waits until at least `n` connected followers acked `position` at `durability`; false if
+    /// `timeout` passed first.
+    pub fn wait_for(
+        &self,
+        position: u64,
+        durability: Durability,
+        n: usize,
+        timeout: Duration,
+    ) -> bool {
+        match self {
+            LeaderView::Embedded(leader) => leader.wait_for(position, durability, n, timeout),
+            LeaderView::Lead(http) => {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    let acked = lead_figures(http, durability).is_some_and(|f| {
+                        f.followers.iter().filter(|&&(_, a)| a >= position).count() >= n
+                    });
+                    if acked {
+                        return true;
+                    }
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(LEAD_POLL_INTERVAL);
+                }
+            }
+        }
+    }
+}
+
+fn lead_figures(http: &str, durability: Durability) -> Option<LeadFigures> {
+    let text = ferry::http::get(http, "/metrics").ok()?;
+    figures(&parse_prometheus(&text), durability)
+}
+
+/// From the samples of `ferry lead`'s `/metrics`: `ferry_position_bytes`, and per follower id
+/// `ferry_follower_state` (1 for its current state) and `ferry_follower_lag_bytes` /
+/// `ferry_follower_acked_position` at the level named like `durability`.
+fn figures(samples: &[Sample], durability: Durability) -> Option<LeadFigures> {
+    let position_bytes = samples
+        .iter()
+        .find(|s| s.name == "ferry_position_bytes")?
+        .value as u64;
+    let level = durability.name();
+    let at_level = |name: &str, id: &str| {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == name && s.label("id") == Some(id) && s.label("level") == Some(level)
+            })
+            .map(|s| s.value as u64)
+    };
+    let mut connected: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.name == "ferry_follower_state" && s.value == 1.0)
+        .filter(|s| s.label("state") != Some("disconnected"))
+        .filter_map(|s| s.label("id"))
+        .collect();
+    connected.sort_by_key(|id| (id.len(), *id));
+    let followers = connected
+        .into_iter()
+        .filter_map(|id| {
+            Some((
+                at_level("ferry_follower_lag_bytes", id)?,
+                at_level("ferry_follower_acked_position", id)?,
+            ))
+        })
+        .collect();
+    Some(LeadFigures {
+        position_bytes,
+        followers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_take_the_runs_level_and_skip_followers_gone() {
+        let metrics = "\
+# TYPE ferry_position_bytes counter
+ferry_position_bytes 5000
+ferry_follower_state{id=\"10\",peer=\"127.0.0.1:2\",state=\"streaming\",durability=\"written\"} 1
+ferry_follower_state{id=\"2\",peer=\"127.0.0.1:1\",state=\"syncing\",durability=\"written\"} 1
+ferry_follower_state{id=\"3\",peer=\"127.0.0.1:3\",state=\"disconnected\",durability=\"written\"} 1
+ferry_follower_lag_bytes{id=\"10\",peer=\"127.0.0.1:2\",level=\"received\"} 0
+ferry_follower_lag_bytes{id=\"10\",peer=\"127.0.0.1:2\",level=\"written\"} 100
+ferry_follower_lag_bytes{id=\"2\",peer=\"127.0.0.1:1\",level=\"written\"} 4000
+ferry_follower_lag_bytes{id=\"3\",peer=\"127.0.0.1:3\",level=\"written\"} 5000
+ferry_follower_acked_position{id=\"10\",peer=\"127.0.0.1:2\",level=\"written\"} 4900
+ferry_follower_acked_position{id=\"2\",peer=\"127.0.0.1:1\",level=\"written\"} 1000
+ferry_follower_acked_position{id=\"3\",peer=\"127.0.0.1:3\",level=\"written\"} 0
+";
+        let samples = parse_prometheus(metrics);
+        assert_eq!(
+            figures(&samples, Durability::Written),
+            Some(LeadFigures {
+                position_bytes: 5000,
+                followers: vec![(4000, 1000), (100, 4900)],
+            })
+        );
+        // No level `synced` in these samples: no follower figures at it.
+        assert_eq!(
+            figures(&samples, Durability::Synced).map(|f| f.followers.len()),
+            Some(0)
+        );
+        assert_eq!(figures(&samples[1..], Durability::Written), None);
+    }
+}
