@@ -62,6 +62,7 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
             "\"writer_samples\": [\n    [{\"t_s\": ",
             "\"append_call_p99_ns\": ",
             "\"checksums_match\": true",
+            "\"free_page_reporting_order\": ",
         ],
     );
     // Where the machine's CPU time went over the run: busy, idle, stolen by the host.

@@ -1,7 +1,8 @@
 //! What the whole machine's CPUs did while the writers ran, from /proc/stat: busy, idle, or
 //! stolen by the host (a VM's vCPU that was ready to run while the hypervisor ran something
 //! else). On a shared VM the steal moves latency figures by whole milliseconds from one hour to
-//! the next, so a report carries it beside them.
+//! the next, so a report carries it beside them. A VM may also take freed memory back
+//! (`free_page_reporting_order`), which makes every first touch of new memory slow.
 
 /// Jiffies summed over all CPUs, read from the `cpu` line of /proc/stat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +64,65 @@ impl CpuTimes {
     }
 }
 
+/// Where the kernel says which free-block order it reports to the host.
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+/// The virtio devices bound to the balloon driver.
+const BALLOON_DEVICES: &str = "/sys/bus/virtio/drivers/virtio_balloon";
+/// VIRTIO_BALLOON_F_REPORTING, the balloon's feature bit for free page reporting.
+const BALLOON_F_REPORTING: usize = 5;
+/// The largest free block the page allocator keeps (x86-64's MAX_PAGE_ORDER, 4 MiB): a
+/// reporting order above it reports nothing.
+const MAX_PAGE_ORDER: u32 = 10;
+
+/// Whether this VM gives freed memory back to its host (virtio-balloon free page reporting),
+/// and from which block order (pages of 4 KiB << order): the host takes back each free block
+/// that large, so touching that memory again, as every new page of a tmpfs file or the page
+/// cache does, first faults on the host. Copies into new memory then run at a fraction of their
+/// speed (README, Performance), which moves every figure that writes fresh pages. `None`: no
+/// such device, or reporting stopped.
+pub fn free_page_reporting_order() -> Option<u32> {
+    let features: Vec<String> = std::fs::read_dir(BALLOON_DEVICES)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("features")).ok())
+        .collect();
+    let order = std::fs::read_to_string(PAGE_REPORTING_ORDER).ok();
+    reporting_order(&features, order.as_deref())
+}
+
+fn reporting_order(balloon_features: &[String], order: Option<&str>) -> Option<u32> {
+    let offered = balloon_features
+        .iter()
+        .any(|f| f.as_bytes().get(BALLOON_F_REPORTING) == Some(&b'1'));
+    let order: u32 = order?.trim().parse().ok()?;
+    (offered && order <= MAX_PAGE_ORDER).then_some(order)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_page_reporting_needs_a_balloon_that_offers_it_and_an_order_a_block_can_have() {
+        // virtio's features file: one character per bit, bit 5 is VIRTIO_BALLOON_F_REPORTING.
+        let reporting = "0110010100000000000000000000000010000000".to_string();
+        let stats_only = "0110000100000000000000000000000010000000".to_string();
+        let offered = std::slice::from_ref(&reporting);
+        assert_eq!(reporting_order(offered, Some("5\n")), Some(5));
+        assert_eq!(
+            reporting_order(&[stats_only.clone(), reporting.clone()], Some("9")),
+            Some(9)
+        );
+        assert_eq!(reporting_order(&[stats_only], Some("5")), None);
+        assert_eq!(reporting_order(&[], Some("5")), None);
+        // No page_reporting module: nothing reports.
+        assert_eq!(reporting_order(offered, None), None);
+        // An order above the largest free block stops it (how an operator turns it off).
+        assert_eq!(reporting_order(offered, Some("11")), None);
+        assert_eq!(reporting_order(offered, Some("x")), None);
+        assert_eq!(reporting_order(&["01".to_string()], Some("5")), None);
+    }
 
     #[test]
     fn the_split_counts_irq_time_as_busy_iowait_as_idle_and_leaves_guest_time_out() {

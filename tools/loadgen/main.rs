@@ -728,6 +728,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         raw_baseline,
         latency_queue_peak_bytes,
         machine_cpu,
+        free_page_reporting_order: machine::free_page_reporting_order(),
     };
     print!("{}", report.text());
     if let Some(path) = &args.json {

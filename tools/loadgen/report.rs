@@ -68,6 +68,9 @@ pub struct Report {
     pub latency_queue_peak_bytes: u64,
     /// How the machine's CPU time split while the writers ran (`None` without /proc/stat).
     pub machine_cpu: Option<CpuSplit>,
+    /// The order of the free blocks this VM hands back to its host, if it does
+    /// (`machine::free_page_reporting_order`).
+    pub free_page_reporting_order: Option<u32>,
 }
 
 /// Steal at or above which the summary warns that the host, not the run, set the latencies.
@@ -301,6 +304,15 @@ impl Report {
                 }
             );
         }
+        if let Some(order) = self.free_page_reporting_order {
+            let _ = writeln!(
+                s,
+                "  this VM hands freed memory back to its host (free page reporting, blocks of {} \
+                 KiB and up): each new page written costs a fault on the host, so copies into \
+                 new memory are slow and vary with how recently it was freed",
+                4u64 << order
+            );
+        }
         let _ = writeln!(
             s,
             "  {}: {}{}",
@@ -369,6 +381,12 @@ impl Report {
                 "{{\"busy_percent\": {:.1}, \"idle_percent\": {:.1}, \"steal_percent\": {:.1}}}",
                 m.busy_percent, m.idle_percent, m.steal_percent
             ))
+        );
+        let _ = writeln!(
+            s,
+            "  \"free_page_reporting_order\": {},",
+            self.free_page_reporting_order
+                .map_or("null".into(), |o| o.to_string())
         );
         let _ = writeln!(s, "  \"kills\": {},", self.kills);
         let _ = writeln!(s, "  \"stalls\": {},", self.stalls);
