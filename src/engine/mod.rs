@@ -23,6 +23,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub const SEND_PIPE_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes a follower's receive pipe holds (asked for).
 pub const RECEIVE_PIPE_BYTES: usize = 1024 * 1024;
+/// What `Conn::read_more` adds to a buffer that came with no spare capacity: a read of 0
+/// bytes would look like the end of the stream.
+const READ_MORE_MIN_BYTES: usize = 4096;
+
 /// The size asked for when a bigger one is refused (the default pipe-max-size).
 pub const PIPE_CAPACITY_FALLBACK_BYTES: usize = 1024 * 1024;
 
@@ -361,8 +365,26 @@ impl Conn {
     /// `Ok(0)` is the end of the stream.
     pub async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         buf.clear();
+        self.read_more(buf).await
+    }
+
+    /// Reads what is available into `buf`'s spare capacity, after the bytes it holds (which it
+    /// keeps): a reader that parses in place reads on behind a partial frame without moving
+    /// the bytes it has. A buffer with no room left gets `READ_MORE_MIN_BYTES` more first.
+    /// `Ok(0)` is the end of the stream.
+    pub async fn read_more(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        if buf.capacity() == buf.len() {
+            buf.reserve(READ_MORE_MIN_BYTES);
+        }
         match &self.stream {
-            Stream::Uring(s) => s.read(buf).await,
+            Stream::Uring(s) => {
+                use tokio_uring::buf::BoundedBuf;
+                let held = buf.len();
+                // The kernel writes from `held` on, and the slice sets the length to
+                // `held + n` when it returns.
+                let (r, slice) = s.read(buf.slice(held..)).await;
+                (r, slice.into_inner())
+            }
             Stream::Fallback(s) => {
                 let r = fallback::read(s, &mut buf).await;
                 (r, buf)
@@ -498,6 +520,43 @@ mod tests {
                 let started = Instant::now();
                 timer.sleep(Duration::from_millis(5)).await.unwrap();
                 assert!(started.elapsed() >= Duration::from_millis(5), "{kind:?}");
+            });
+        }
+    }
+
+    /// `read_more` keeps what the buffer holds and appends after it, on both engines, also
+    /// when the buffer came with no room left.
+    #[test]
+    fn read_more_appends_to_what_the_buffer_holds() {
+        for kind in [EngineKind::Uring, EngineKind::Fallback] {
+            if kind == EngineKind::Uring && uring_unavailable().is_some() {
+                continue;
+            }
+            run(kind, || async move {
+                let listener = Listener::bind(kind, "127.0.0.1:0".parse().unwrap()).unwrap();
+                let addr = listener.local_addr().unwrap();
+                let (client, accepted) = tokio::join!(Conn::connect(addr), listener.accept());
+                let (client, (server, _)) = (client.unwrap(), accepted.unwrap());
+                // The accepted side runs on `kind`'s stream; the connecting one is always a
+                // tokio stream (a follower's).
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let mut held = Vec::with_capacity(64);
+                    held.extend_from_slice(b"held:");
+                    for (sent, full) in [(&b"abc"[..], false), (&b"defg"[..], true)] {
+                        if full {
+                            held.shrink_to_fit();
+                            assert_eq!(held.capacity(), held.len());
+                        }
+                        let (r, _) = from.write_all(sent.to_vec()).await;
+                        r.unwrap();
+                        let before = held.len();
+                        let (r, back) = to.read_more(held).await;
+                        held = back;
+                        assert_eq!(r.unwrap(), sent.len(), "{kind:?}");
+                        assert_eq!(&held[before..], sent, "{kind:?}");
+                    }
+                    assert_eq!(held, b"held:abcdefg", "{kind:?}");
+                }
             });
         }
     }

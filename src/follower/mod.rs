@@ -13,10 +13,12 @@
 
 pub mod apply;
 mod dirty;
+mod input;
 mod outbox;
 mod progress;
 
 pub use dirty::Dirty;
+use input::Input;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -304,8 +306,7 @@ impl Ctx<'_> {
 
     async fn run(&mut self) -> Result<SyncReport, FollowError> {
         self.send_output();
-        let mut input: Vec<u8> = Vec::new();
-        let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
+        let mut input = Input::new();
         loop {
             self.process(&mut input).await?;
             if self.config.stop.load(std::sync::atomic::Ordering::SeqCst) {
@@ -338,7 +339,10 @@ impl Ctx<'_> {
                 self.report.sync_elapsed = Some(self.started.elapsed());
                 return Ok(self.report.clone());
             }
-            let read = receive::unless_silent(&**self.conn, self.conn.read(buf));
+            let read = receive::unless_silent(
+                &**self.conn,
+                self.conn.read_more(input.for_read(READ_BUFFER_BYTES)),
+            );
             // Stopping must not wait for a leader that went silent (a node elected meanwhile
             // waits for this follower to stop before it can lead).
             let (r, b) = tokio::select! {
@@ -363,8 +367,7 @@ impl Ctx<'_> {
                 )
                 .into());
             }
-            input.extend_from_slice(&b[..n]);
-            buf = b;
+            input.refill(b);
             if self.config.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(self.report.clone());
             }
@@ -372,11 +375,11 @@ impl Ctx<'_> {
     }
 
     /// Parses and applies every complete frame in `input`, in order.
-    async fn process(&mut self, input: &mut Vec<u8>) -> Result<(), FollowError> {
+    async fn process(&mut self, input: &mut Input) -> Result<(), FollowError> {
         loop {
-            let parsed = self.session.borrow_mut().handle_input(input);
+            let parsed = self.session.borrow_mut().handle_input(input.unread());
             let (n, action) = parsed.map_err(FollowError::from_session)?;
-            input.drain(..n);
+            input.consume(n);
             let Some(action) = action else {
                 return Ok(());
             };
@@ -403,7 +406,7 @@ impl Ctx<'_> {
                     offset,
                     len_bytes,
                 } => {
-                    let buffered = (len_bytes as usize).min(input.len());
+                    let buffered = (len_bytes as usize).min(input.unread().len());
                     if !temp {
                         self.apply.note_written(&path);
                     }
@@ -413,9 +416,9 @@ impl Ctx<'_> {
                         .map_err(FollowError::Session)?;
                     // What the read buffer holds first, then the rest from the socket: each
                     // write completes before the next, so the file grows in wire order.
-                    file.write_all_at(&input[..buffered], offset)
+                    file.write_all_at(&input.unread()[..buffered], offset)
                         .map_err(|e| FollowError::Session(disk_error("write", &path, e)))?;
-                    input.drain(..buffered);
+                    input.consume(buffered);
                     let rest = len_bytes - buffered as u64;
                     if rest > 0 {
                         let stream = self.conn.tokio_stream().ok_or_else(|| {
