@@ -318,7 +318,7 @@ fn write_mode_reports_each_followers_lag_from_ferry_lead() {
             .args(["--durability", "written", "--rate", "20000"])
             .arg("--dir")
             .arg(tmp.path().join("data")),
-        "followers identical to the leader: yes",
+        "no append() to time in write mode; acked at written by all: ",
         &json,
         &["\"mode\": \"write\"", "\"checksums_match\": true"],
     );
