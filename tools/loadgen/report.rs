@@ -231,6 +231,7 @@ impl Report {
             self.messages_per_s(),
             self.mb_per_s()
         );
+        let faulted = self.kills + self.stalls + self.joins > 0;
         if self.mode == "write" {
             // Nothing calls append(): `ferry lead` finds the writes itself, so what a follower
             // holds is known by the byte, not by the message.
@@ -243,6 +244,13 @@ impl Report {
                         "{mb:.1} MB/s from the first write to the last ack"
                     ))
             );
+            if faulted {
+                let _ = writeln!(
+                    s,
+                    "  faults: {} kills, {} stalls, {} joins",
+                    self.kills, self.stalls, self.joins
+                );
+            }
         } else {
             let _ = writeln!(
                 s,
@@ -255,24 +263,18 @@ impl Report {
                 "  append() call: {}",
                 quantiles_text(&self.append_call_ns, "ns")
             );
-        }
-        if self.mode == "write" && self.kills + self.stalls + self.joins > 0 {
-            let _ = writeln!(
-                s,
-                "  faults: {} kills, {} stalls, {} joins",
-                self.kills, self.stalls, self.joins
-            );
-        } else if self.kills + self.stalls + self.joins > 0 {
-            let _ = writeln!(
-                s,
-                "  during faults ({} kills, {} stalls, {} joins): append() to acked {}; append() \
-                 call {}",
-                self.kills,
-                self.stalls,
-                self.joins,
-                quantiles_text(&self.append_to_ack_fault_us, "us"),
-                quantiles_text(&self.append_call_fault_ns, "ns")
-            );
+            if faulted {
+                let _ = writeln!(
+                    s,
+                    "  during faults ({} kills, {} stalls, {} joins): append() to acked {}; \
+                     append() call {}",
+                    self.kills,
+                    self.stalls,
+                    self.joins,
+                    quantiles_text(&self.append_to_ack_fault_us, "us"),
+                    quantiles_text(&self.append_call_fault_ns, "ns")
+                );
+            }
         }
         if let (Some(dd), Some(acked)) = (self.dd_mb_per_s, self.acked_mb_per_s()) {
             let _ = writeln!(
