@@ -343,3 +343,43 @@ fn write_mode_reports_each_followers_lag_from_ferry_lead() {
         "no convergence time in\n{report}"
     );
 }
+
+/// The embedded leader's CPU seconds are what the writer and the leader spent on the run, from
+/// the first append until every follower acked: not loadgen's own checksums of every data dir
+/// afterwards, nor its setup. Full speed keeps the machine busy through the run, so CPU time
+/// spent outside it shows as more than the machine's CPUs could give in that time.
+#[test]
+fn leader_cpu_covers_the_run_not_loadgens_checksums() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("run.json");
+    let report = run_reporting(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--messages", "1024", "--message-bytes", "1048576"])
+            .args(["--followers", "1", "--durability", "written"])
+            .arg("--dir")
+            .arg(tmp.path().join("data")),
+        "followers identical to the leader: yes",
+        &json,
+        &["\"converged_s\": "],
+    );
+    let number_after = |key: &str| -> f64 {
+        let at = report
+            .find(key)
+            .unwrap_or_else(|| panic!("{key}: {report}"))
+            + key.len();
+        let end = report[at..].find([',', '}']).unwrap();
+        report[at..at + end].trim().parse().unwrap()
+    };
+    let run_s = number_after("\"elapsed_s\": ") + number_after("\"converged_s\": ");
+    let leader_cpu_s =
+        number_after("\"leader\": {\"name\": \"leader (embedded, with the writers)\", \"cpu_s\": ");
+    let follower_cpu_s = number_after("\"follower_usage\": [{\"name\": \"follower1\", \"cpu_s\": ");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // The follower's start (an empty initial sync) is outside the run: a little slack for it.
+    assert!(
+        leader_cpu_s + follower_cpu_s <= cpus * run_s + 0.2,
+        "leader {leader_cpu_s} CPU s and follower {follower_cpu_s} CPU s in a run of {run_s} s \
+         on {cpus} CPUs\n{report}"
+    );
+}

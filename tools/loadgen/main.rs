@@ -413,6 +413,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     // Every timed append is after it: none is counted from a later epoch.
     epoch();
     let cpu_times_at_start = machine::CpuTimes::now();
+    // This process's CPU from here until every follower holds everything: the writers' and
+    // the embedded leader's (or the fan-out's) cost of the run, without setup or the checksums.
+    let self_cpu_s_at_start = procs::self_usage().0;
     let started = Instant::now();
 
     // Confirmer: append-to-ack latency, without one waiter per message.
@@ -614,12 +617,19 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .map_err(|_| anyhow::anyhow!("the confirmer panicked"))?,
         None => (histogram(), histogram(), 0),
     };
+    let drained = match fanout {
+        Some(fanout) => {
+            let fanout = Arc::try_unwrap(fanout)
+                .map_err(|_| anyhow::anyhow!("a writer still holds the raw fan-out"))?;
+            let drained = fanout.finish()?;
+            converged_s = Some(writers_done.elapsed().as_secs_f64());
+            Some(drained)
+        }
+        None => None,
+    };
+    let self_cpu_s_in_run = procs::self_usage().0 - self_cpu_s_at_start;
     let mut checksums_match = true;
-    if let Some(fanout) = fanout {
-        let fanout = Arc::try_unwrap(fanout)
-            .map_err(|_| anyhow::anyhow!("a writer still holds the raw fan-out"))?;
-        let drained = fanout.finish()?;
-        converged_s = Some(writers_done.elapsed().as_secs_f64());
+    if let Some(drained) = drained {
         checksums_match = drained.streams_match()?;
     }
     // Only ferry followers are compared here (none with --followers 0 or in raw mode).
@@ -678,14 +688,14 @@ fn run(args: Args) -> anyhow::Result<bool> {
             }
         }
         None => {
-            let (cpu_s, rss_peak_kib) = procs::self_usage();
+            let rss_peak_kib = procs::self_usage().1;
             Usage {
                 name: if raw_mode {
                     "loadgen (the writer, raw senders and receivers)".into()
                 } else {
                     "leader (embedded, with the writers)".into()
                 },
-                cpu_s,
+                cpu_s: self_cpu_s_in_run,
                 rss_peak_kib,
             }
         }
