@@ -10,10 +10,12 @@
 //! with the number of files, never with the bytes the follower is behind. The data dir is the
 //! queue; a slow follower simply finds more to read when its socket is ready.
 //!
-//! Work happens in rounds. A round starts with the paths dirty at that moment and the catalog's
-//! position then; once each of them has been shipped (each as it is now, so at least as new as at
-//! the round's start), every change up to that position is on the wire, and a MARK says so.
-//! The first round after the inventory is the initial sync; its MARK carries `SYNC_DONE`.
+//! Changed paths wait in a FIFO, each once, and are shipped in turn, each as it is when its turn
+//! comes. Whenever new changes have been noted, a marker records the catalog's position and how
+//! far the FIFO reaches then: once every path up to there has been shipped (each at least as new
+//! as the marker), every change up to that position is on the wire, and a MARK says so. So a
+//! session working through a backlog marks each batch of changes as soon as it is shipped, not
+//! once at the end. The first MARK after the inventory ends the initial sync: `SYNC_DONE`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -95,11 +97,18 @@ struct Have {
     digest: Digest,
 }
 
+/// A position to MARK once the FIFO of changed paths has been shipped up to a point.
 #[derive(Debug, Clone, Copy)]
-struct Round {
+struct Marker {
     position: u64,
-    paths_left: usize,
+    /// Reached when `LeaderSession::paths_taken` (paths taken off the FIFO) gets here.
+    paths_taken_target: u64,
 }
+
+/// Markers kept at once. A session that notes batches faster than it ships them (a follower far
+/// behind) moves the last marker on instead of adding one: its MARKs come further apart, and
+/// the state stays per file, never per change.
+const MARKERS_MAX: usize = 64;
 
 pub struct LeaderSession {
     secret: Secret,
@@ -119,7 +128,9 @@ pub struct LeaderSession {
     dirty: VecDeque<RelPath>,
     dirty_set: HashSet<RelPath>,
     job: Option<Job>,
-    round: Option<Round>,
+    /// Paths taken off `dirty` so far, to tell when a marker is reached.
+    paths_taken: u64,
+    markers: VecDeque<Marker>,
     sync_done_sent: bool,
     node_id: Option<String>,
     mark_last: Option<(u64, Instant)>,
@@ -155,7 +166,8 @@ impl LeaderSession {
             dirty: VecDeque::new(),
             dirty_set: HashSet::new(),
             job: None,
-            round: None,
+            paths_taken: 0,
+            markers: VecDeque::new(),
             sync_done_sent: false,
             node_id: None,
             mark_last: None,
@@ -485,6 +497,7 @@ impl LeaderSession {
         if self.phase != LeaderPhase::Streaming {
             return None;
         }
+        self.mark_queued(catalog.position());
         loop {
             if let Some(job) = self.job.take() {
                 if let Some(t) = self.advance_job(job) {
@@ -492,30 +505,24 @@ impl LeaderSession {
                 }
                 continue;
             }
-            if let Some(round) = self.round {
-                if round.paths_left == 0 {
-                    self.send_mark(round.position, now);
-                    self.round = None;
-                    continue;
+            // Every path queued before the reached markers has been shipped (the job above is
+            // done): one MARK for the furthest of them.
+            let mut reached = None;
+            while let Some(m) = self.markers.front() {
+                if m.paths_taken_target > self.paths_taken {
+                    break;
                 }
-                let Some(path) = self.dirty.pop_front() else {
-                    // note_changed only adds; a round never counts more paths than are queued.
-                    self.round = None;
-                    continue;
-                };
-                self.dirty_set.remove(&path);
-                self.round = Some(Round {
-                    position: round.position,
-                    paths_left: round.paths_left - 1,
-                });
-                self.plan_path(path, catalog);
+                reached = Some(m.position);
+                self.markers.pop_front();
+            }
+            if let Some(position) = reached {
+                self.send_mark(position, now);
                 continue;
             }
-            if !self.dirty.is_empty() {
-                self.round = Some(Round {
-                    position: catalog.position(),
-                    paths_left: self.dirty.len(),
-                });
+            if let Some(path) = self.dirty.pop_front() {
+                self.dirty_set.remove(&path);
+                self.paths_taken += 1;
+                self.plan_path(path, catalog);
                 continue;
             }
             if !self.sync_done_sent {
@@ -568,6 +575,29 @@ impl LeaderSession {
         match self.mark_last {
             None => true,
             Some((_, at)) => now >= at + Duration::from_millis(KEEPALIVE_INTERVAL_MS),
+        }
+    }
+
+    /// Records that every change up to `position` (the catalog's, whose changes have all been
+    /// noted) is shipped once the paths queued now are: each change since the last marker either
+    /// queued its path or found it queued already, and a queued path ships as it is when taken.
+    fn mark_queued(&mut self, position: u64) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let target = self.paths_taken + self.dirty.len() as u64;
+        let full = self.markers.len() >= MARKERS_MAX;
+        match self.markers.back_mut() {
+            // No path queued since the last marker (the changes since went to queued paths),
+            // or no room: the last marker covers these changes too.
+            Some(last) if last.paths_taken_target >= target || full => {
+                last.position = last.position.max(position);
+                last.paths_taken_target = last.paths_taken_target.max(target);
+            }
+            _ => self.markers.push_back(Marker {
+                position,
+                paths_taken_target: target,
+            }),
         }
     }
 
@@ -722,9 +752,9 @@ impl LeaderSession {
         };
         self.out.truncate(self.data_header_at);
         self.bytes_payload_total -= self.data_last_bytes;
-        // This round did not ship everything up to its position, so it ends without a MARK;
-        // the next one starts after the change that shrank the file.
-        self.round = None;
+        // This path was not shipped, so no pending marker can be claimed; the markers that
+        // follow the change that shrank the file (which queues it again) will be.
+        self.markers.clear();
         match job {
             Job::Tail {
                 path,

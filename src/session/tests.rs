@@ -130,8 +130,21 @@ impl Sim {
             self.leader.digests_ready(digests);
             moved = true;
         }
-        while let Some(t) = self.leader.poll_transmit(&self.catalog, self.now) {
+        while self.transmit_one() {
             moved = true;
+        }
+        let out = self.leader.take_output();
+        moved |= !out.is_empty();
+        self.to_follower.extend(out);
+        moved
+    }
+
+    /// One `poll_transmit` of the leader, carried out. Returns whether there was one.
+    fn transmit_one(&mut self) -> bool {
+        let Some(t) = self.leader.poll_transmit(&self.catalog, self.now) else {
+            return false;
+        };
+        {
             match t {
                 Transmit::OpenWhole { path, .. } => match self.leader_files.get(&path) {
                     Some(b) => {
@@ -153,10 +166,7 @@ impl Sim {
                 }
             }
         }
-        let out = self.leader.take_output();
-        moved |= !out.is_empty();
-        self.to_follower.extend(out);
-        moved
+        true
     }
 
     fn step_follower(&mut self) -> bool {
@@ -400,6 +410,50 @@ fn many_appends_coalesce_into_one_range_per_file() {
     assert_eq!(sim.run(), 1000);
     sim.assert_in_sync();
     assert_eq!(sim.marks_seen.len(), marks_before + 1);
+}
+
+/// A session busy shipping a large change (a follower catching up) takes the changes made
+/// meanwhile in several batches: each batch's position is marked as soon as its files are on
+/// the wire, so the follower acks (and the leader's `wait_for` callers hear) as the backlog
+/// drains, not once at its end.
+#[test]
+fn each_batch_of_changes_is_marked_once_its_files_are_shipped() {
+    let mut sim = Sim::new(files(&[("seg.0", b"")]), Files::new());
+    sim.run();
+    let marks_before = sim.marks_seen.len();
+    sim.append("seg.0", &big(3 * MAX_DATA_BYTES as usize, 1));
+    let first = sim.catalog.position();
+    assert!(sim.transmit_one(), "the first chunk of seg.0");
+    sim.append("seg.1", b"one");
+    let second = sim.catalog.position();
+    assert!(sim.transmit_one(), "the second chunk of seg.0");
+    sim.append("seg.2", b"two");
+    let third = sim.catalog.position();
+    sim.run();
+    sim.assert_in_sync();
+    let positions: Vec<u64> = sim.marks_seen[marks_before..]
+        .iter()
+        .map(|&(position, _)| position)
+        .collect();
+    assert_eq!(positions, [first, second, third]);
+}
+
+/// A change to a file still waiting in the queue is shipped with it, and the MARK that
+/// follows claims it at once, rather than at the next keepalive.
+#[test]
+fn a_change_to_a_queued_file_is_marked_when_that_file_ships() {
+    let mut sim = Sim::new(files(&[("seg.0", b""), ("seg.1", b"")]), Files::new());
+    sim.run();
+    let marks_before = sim.marks_seen.len();
+    sim.append("seg.0", &big(2 * MAX_DATA_BYTES as usize, 2));
+    sim.append("seg.1", b"one");
+    assert!(sim.transmit_one(), "the first chunk of seg.0");
+    sim.append("seg.1", b" more");
+    let last = sim.catalog.position();
+    sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sim.marks_seen.last().map(|&(p, _)| p), Some(last));
+    assert!(sim.marks_seen.len() > marks_before);
 }
 
 #[test]
