@@ -22,6 +22,16 @@ fn run_reporting(cmd: &mut Command, says: &str, json: &Path, fields: &[&str]) ->
     report
 }
 
+/// The number that follows `key` (which ends with `": "`) in a JSON report.
+fn number_after(report: &str, key: &str) -> f64 {
+    let at = report
+        .find(key)
+        .unwrap_or_else(|| panic!("{key} missing from\n{report}"))
+        + key.len();
+    let end = report[at..].find([',', '}']).unwrap();
+    report[at..at + end].trim().parse().unwrap()
+}
+
 /// Runs loadgen with `args` (and a data dir under `tmp`), asserts that it refused, and returns
 /// what it said on stderr.
 fn refused(tmp: &Path, args: &[&str]) -> String {
@@ -68,11 +78,7 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
     // Where the machine's CPU time went over the run: busy, idle, stolen by the host.
     let split: Vec<f64> = ["busy_percent", "idle_percent", "steal_percent"]
         .iter()
-        .map(|field| {
-            let at = report.find(&format!("\"{field}\": ")).unwrap() + field.len() + 4;
-            let end = report[at..].find([',', '}']).unwrap();
-            report[at..at + end].trim().parse().unwrap()
-        })
+        .map(|field| number_after(&report, &format!("\"{field}\": ")))
         .collect();
     assert!(split.iter().all(|p| (0.0..=100.0).contains(p)), "{split:?}");
     assert!((split.iter().sum::<f64>() - 100.0).abs() < 0.5, "{split:?}");
@@ -363,18 +369,16 @@ fn leader_cpu_covers_the_run_not_loadgens_checksums() {
         &json,
         &["\"converged_s\": "],
     );
-    let number_after = |key: &str| -> f64 {
-        let at = report
-            .find(key)
-            .unwrap_or_else(|| panic!("{key}: {report}"))
-            + key.len();
-        let end = report[at..].find([',', '}']).unwrap();
-        report[at..at + end].trim().parse().unwrap()
-    };
-    let run_s = number_after("\"elapsed_s\": ") + number_after("\"converged_s\": ");
-    let leader_cpu_s =
-        number_after("\"leader\": {\"name\": \"leader (embedded, with the writers)\", \"cpu_s\": ");
-    let follower_cpu_s = number_after("\"follower_usage\": [{\"name\": \"follower1\", \"cpu_s\": ");
+    let run_s =
+        number_after(&report, "\"elapsed_s\": ") + number_after(&report, "\"converged_s\": ");
+    let leader_cpu_s = number_after(
+        &report,
+        "\"leader\": {\"name\": \"leader (embedded, with the writers)\", \"cpu_s\": ",
+    );
+    let follower_cpu_s = number_after(
+        &report,
+        "\"follower_usage\": [{\"name\": \"follower1\", \"cpu_s\": ",
+    );
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     // The follower's start (an empty initial sync) is outside the run: a little slack for it.
     assert!(
