@@ -38,6 +38,11 @@ struct Sim {
     leader_error: Option<SessionError>,
     follower_error: Option<SessionError>,
     marks_seen: Vec<(u64, bool)>,
+    /// Each append as (position after it, path, file length after it), for tests that check
+    /// every MARK against them (`check_marks`; only for scripts that never replace, truncate
+    /// or delete, which would make an older prefix legitimately absent).
+    appends: Vec<(u64, RelPath, usize)>,
+    check_marks: bool,
 }
 
 impl Sim {
@@ -66,6 +71,8 @@ impl Sim {
             leader_error: None,
             follower_error: None,
             marks_seen: Vec::new(),
+            appends: Vec::new(),
+            check_marks: false,
         }
     }
 
@@ -86,7 +93,10 @@ impl Sim {
         let offset = file.len() as u64;
         file.extend_from_slice(bytes);
         let len_bytes = bytes.len() as u64;
-        self.record(path, |c, p| c.append(p, offset, len_bytes));
+        self.record(path.clone(), |c, p| c.append(p, offset, len_bytes));
+        let position = self.catalog.position();
+        self.appends
+            .push((position, path, (offset + len_bytes) as usize));
     }
 
     fn replace(&mut self, path: &str, bytes: &[u8]) {
@@ -257,6 +267,9 @@ impl Sim {
                 sync_done,
             } => {
                 self.marks_seen.push((position, sync_done));
+                if self.check_marks {
+                    self.assert_mark_covers_appends(position);
+                }
                 self.follower.written(position);
             }
         }
@@ -273,6 +286,34 @@ impl Sim {
             }
         }
         panic!("the sessions did not settle");
+    }
+
+    /// Every append at or below `position` is in the follower's copy, which an append-only
+    /// script only ever extends.
+    fn assert_mark_covers_appends(&self, position: u64) {
+        // Per file, the longest an append at or below `position` made it: its prefix holds
+        // every earlier one's.
+        let mut longest: HashMap<&RelPath, (u64, usize)> = HashMap::new();
+        for (at, path, len) in self.appends.iter().filter(|a| a.0 <= position) {
+            let e = longest.entry(path).or_insert((*at, *len));
+            if *len > e.1 {
+                *e = (*at, *len);
+            }
+        }
+        for (path, (at, len)) in longest {
+            let have = self.follower_files.get(path).map_or(&[][..], |b| &b[..]);
+            assert!(
+                have.len() >= len && have[..len] == self.leader_files[path][..len],
+                "MARK {position}: {path} holds {} bytes, the append at {at} made it {len}",
+                have.len()
+            );
+        }
+    }
+
+    /// Moves the leader's pending output to the follower's side.
+    fn flush_leader(&mut self) {
+        let out = self.leader.take_output();
+        self.to_follower.extend(out);
     }
 
     fn assert_in_sync(&self) {
@@ -454,6 +495,62 @@ fn a_change_to_a_queued_file_is_marked_when_that_file_ships() {
     sim.assert_in_sync();
     assert_eq!(sim.marks_seen.last().map(|&(p, _)| p), Some(last));
     assert!(sim.marks_seen.len() > marks_before);
+}
+
+/// MARKs claim no more than is on the wire: random scripts of appends to many files, the
+/// leader shipping in short bursts (a socket that takes little at a time) so batches pile up
+/// past `MARKERS_MAX`, checked at every MARK the follower reads.
+#[test]
+fn every_mark_covers_every_append_at_or_below_it() {
+    let paths: Vec<String> = (0..80).map(|i| format!("q/{}/seg.{i}", i % 7)).collect();
+    for seed in 1..=10u64 {
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut sim = Sim::new(files(&[(paths[0].as_str(), b"x")]), Files::new());
+        sim.check_marks = true;
+        sim.run();
+        let marks_before = sim.marks_seen.len();
+        for _ in 0..400 {
+            match next() % 8 {
+                0..=4 => {
+                    let path = &paths[(next() % paths.len() as u64) as usize];
+                    // Mostly small, now and then more than one DATA frame's worth.
+                    let len = match next() % 40 {
+                        0 => MAX_DATA_BYTES as usize + 1 + (next() % 1000) as usize,
+                        _ => 1 + (next() % 4000) as usize,
+                    };
+                    sim.append(path, &big(len, next() as u8));
+                    // A poll between appends: each one a batch of its own.
+                    if next() % 2 == 0 {
+                        sim.transmit_one();
+                        sim.flush_leader();
+                    }
+                }
+                5 => {
+                    for _ in 0..next() % 3 {
+                        sim.transmit_one();
+                    }
+                    sim.flush_leader();
+                }
+                6 => {
+                    sim.step_follower();
+                }
+                _ => {
+                    sim.step_leader();
+                }
+            }
+        }
+        sim.run();
+        sim.assert_in_sync();
+        assert!(sim.marks_seen.len() > marks_before + 1, "seed {seed}");
+        let position = sim.catalog.position();
+        assert_eq!(sim.marks_seen.last().map(|m| m.0), Some(position));
+    }
 }
 
 #[test]
