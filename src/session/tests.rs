@@ -154,26 +154,24 @@ impl Sim {
         let Some(t) = self.leader.poll_transmit(&self.catalog, self.now) else {
             return false;
         };
-        {
-            match t {
-                Transmit::OpenWhole { path, .. } => match self.leader_files.get(&path) {
-                    Some(b) => {
-                        let len = b.len() as u64;
-                        self.leader.begin_whole(&path, len, &self.catalog)
-                    }
-                    None => self.leader.whole_unavailable(&path),
-                },
-                Transmit::Payload {
-                    path,
-                    offset,
-                    len_bytes,
-                    ..
-                } => {
-                    self.to_follower.extend(self.leader.take_output());
-                    let b = &self.leader_files[&path];
-                    self.to_follower
-                        .extend_from_slice(&b[offset as usize..(offset + len_bytes) as usize]);
+        match t {
+            Transmit::OpenWhole { path, .. } => match self.leader_files.get(&path) {
+                Some(b) => {
+                    let len = b.len() as u64;
+                    self.leader.begin_whole(&path, len, &self.catalog)
                 }
+                None => self.leader.whole_unavailable(&path),
+            },
+            Transmit::Payload {
+                path,
+                offset,
+                len_bytes,
+                ..
+            } => {
+                self.to_follower.extend(self.leader.take_output());
+                let b = &self.leader_files[&path];
+                self.to_follower
+                    .extend_from_slice(&b[offset as usize..(offset + len_bytes) as usize]);
             }
         }
         true
