@@ -40,6 +40,17 @@ impl LeaderView {
         }
     }
 
+    /// The position that covers everything the writers wrote so far: the embedded leader's
+    /// own (an append is recorded before it returns); `ferry lead`'s watcher may not have seen
+    /// the last writes yet, but its position grows by each append's length (docs/PROTOCOL.md,
+    /// Positions), so there it is where it started plus the bytes written since.
+    pub fn position_of_written(&self, start: Option<u64>, bytes_written: u64) -> Option<u64> {
+        match self {
+            LeaderView::Embedded(leader) => Some(leader.position()),
+            LeaderView::Lead(_) => start.map(|start| start + bytes_written),
+        }
+    }
+
     /// Each connected follower's lag at `durability`, then `None` up to `n` entries.
     pub fn lags(&self, durability: Durability, n: usize) -> Vec<Option<u64>> {
         let mut lags: Vec<Option<u64>> = match self {

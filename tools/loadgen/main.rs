@@ -494,6 +494,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 &followers,
                 &shared,
                 view.as_deref(),
+                position_at_start,
                 Faults {
                     kill_every,
                     stall,
@@ -598,14 +599,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
 
     // Convergence: every follower holds everything at its durability, then checksums.
     let mut converged_s = None;
-    let everything = match (&leader, position_at_start) {
-        (Some(leader), _) => Some(leader.position()),
-        // `ferry lead` may not have seen the last writes yet: its position grows by each
-        // append's length (docs/PROTOCOL.md, Positions), so everything is where it started
-        // plus what the writers wrote.
-        (None, Some(start)) => Some(start + shared.bytes.load(Ordering::Relaxed)),
-        (None, None) => None,
-    };
+    let everything = view.as_ref().and_then(|v| {
+        v.position_of_written(position_at_start, shared.bytes.load(Ordering::Relaxed))
+    });
     if let (Some(view), Some(position)) = (&view, everything) {
         if view.wait_for(position, args.durability, args.followers, CONVERGE_TIMEOUT) {
             converged_s = Some(writers_done.elapsed().as_secs_f64());
@@ -1145,6 +1141,7 @@ fn inject_faults(
     followers: &Mutex<Vec<Proc>>,
     shared: &Shared,
     leader: Option<&LeaderView>,
+    position_at_start: Option<u64>,
     plan: Faults,
     durability: Durability,
     n: usize,
@@ -1164,7 +1161,8 @@ fn inject_faults(
     // A fault lasts until every follower holds what was written when it ended.
     let recover = |shared: &Shared| {
         if let Some(leader) = leader {
-            if let Some(position) = leader.position() {
+            let written = shared.bytes.load(Ordering::Relaxed);
+            if let Some(position) = leader.position_of_written(position_at_start, written) {
                 leader.wait_for(position, durability, n, CONVERGE_TIMEOUT);
             }
         }
