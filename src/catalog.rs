@@ -34,6 +34,9 @@ pub type FileId = u64;
 pub struct FileChange {
     pub id: FileId,
     pub entry: Option<CatalogEntry>,
+    /// The catalog's position just before the change (in a `ChangeList`, before the first of
+    /// the file's changes it holds): every change at or below it was made before this one.
+    pub since: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +140,7 @@ impl Catalog {
                 FileChange {
                     id: slot.id,
                     entry: Some(slot.entry),
+                    since: self.position,
                 }
             }
             None => {
@@ -149,6 +153,7 @@ impl Catalog {
                 FileChange {
                     id,
                     entry: Some(entry),
+                    since: self.position,
                 }
             }
         };
@@ -177,10 +182,12 @@ impl Catalog {
                 (self.insert(path, entry), entry)
             }
         };
+        let since = self.position;
         self.position += len_bytes.max(1);
         Ok(FileChange {
             id,
             entry: Some(entry),
+            since,
         })
     }
 
@@ -192,10 +199,12 @@ impl Catalog {
             return Ok(None);
         };
         self.paths.remove(&slot.id);
+        let since = self.position;
         self.position += 1;
         Ok(Some(FileChange {
             id: slot.id,
             entry: None,
+            since,
         }))
     }
 
@@ -277,13 +286,14 @@ impl Catalog {
     /// Brings this detached copy of `source` up to date with every change made to `source` since
     /// the copy was taken or last brought up to date (`changes`: the latest of each file, in any
     /// order) and `source`'s position after them. `source` is read only for the paths of files
-    /// new to the copy. The paths changed are pushed to `changed`.
+    /// new to the copy. The paths changed are pushed to `changed`, each with the position just
+    /// before its first change here (`FileChange::since`).
     pub fn apply(
         &mut self,
         source: &Catalog,
         changes: &[FileChange],
         position: u64,
-        changed: &mut Vec<RelPath>,
+        changed: &mut Vec<(RelPath, u64)>,
     ) {
         for change in changes {
             match change.entry {
@@ -292,7 +302,7 @@ impl Catalog {
                         if let Some(slot) = self.files.get_mut(path) {
                             slot.entry = entry;
                         }
-                        changed.push(path.clone());
+                        changed.push((path.clone(), change.since));
                     } else if let Some(path) = source.paths.get(&change.id) {
                         let path = path.unshared();
                         let slot = Slot {
@@ -300,14 +310,14 @@ impl Catalog {
                             entry,
                         };
                         self.insert_detached(path.clone(), slot);
-                        changed.push(path);
+                        changed.push((path, change.since));
                     }
                 }
                 None => {
                     // Unknown: never seen, or its path already taken by a newer file.
                     if let Some(path) = self.paths.remove(&change.id) {
                         self.files.remove(&path);
-                        changed.push(path);
+                        changed.push((path, change.since));
                     }
                 }
             }
@@ -346,7 +356,10 @@ impl ChangeList {
         self.position = position;
         if let Some(last) = self.changes.last_mut() {
             if last.id == change.id {
-                *last = change;
+                *last = FileChange {
+                    since: last.since,
+                    ..change
+                };
                 return;
             }
         }
@@ -356,7 +369,10 @@ impl ChangeList {
             self.changes.dedup_by(|later, kept| {
                 let same = later.id == kept.id;
                 if same {
-                    *kept = *later;
+                    *kept = FileChange {
+                        since: kept.since.min(later.since),
+                        ..*later
+                    };
                 }
                 same
             });
@@ -470,7 +486,7 @@ mod tests {
         if let Some(position) = writer.list.take(&mut taken) {
             copy.apply(&writer.catalog, &taken, position, &mut changed);
         }
-        changed
+        changed.into_iter().map(|(path, _)| path).collect()
     }
 
     #[test]
@@ -610,6 +626,7 @@ mod tests {
                 FileChange {
                     id: 7,
                     entry: entry(len),
+                    since: len,
                 },
                 len,
             );
@@ -621,6 +638,7 @@ mod tests {
                 FileChange {
                     id: len % 3,
                     entry: entry(len),
+                    since: len,
                 },
                 len,
             );

@@ -980,7 +980,7 @@ async fn drive(
                 .take_part(from_id, max_files, part)
         });
     let mut changes: Vec<FileChange> = Vec::new();
-    let mut changed: Vec<RelPath> = Vec::new();
+    let mut changed: Vec<(RelPath, u64)> = Vec::new();
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
     // at it every INBOX_POLL_INTERVAL, and the writer need not wake it.
     let mut changes_seen_at: Option<Instant> = None;
@@ -1021,14 +1021,14 @@ async fn drive(
             let n = session.handle_input(&input, &catalog, now)?;
             input.drain(..n);
         }
-        for path in changed.drain(..) {
+        for (path, since) in changed.drain(..) {
             // A deleted or replaced file's old inode is not kept open here: its disk space (a
             // segment that retention removed) comes back only once nobody holds it.
             let current = catalog.get(&path).map(|e| e.generation);
             if files.get(&path).is_some_and(|(g, _)| Some(*g) != current) {
                 files.remove(&path);
             }
-            session.note_changed(path);
+            session.note_changed(path, since);
         }
         let transmit = session.poll_transmit(&catalog, now);
         let position = catalog.position();

@@ -151,10 +151,11 @@ impl HandLeader {
         let file = self.files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(bytes);
-        self.catalog
+        let change = self
+            .catalog
             .append(path.as_str(), offset, bytes.len() as u64)
             .expect("a RelPath passes the catalog's check");
-        self.session.note_changed(path.clone());
+        self.session.note_changed(path.clone(), change.since);
     }
 }
 

@@ -433,8 +433,9 @@ impl LeaderShell {
         path: RelPath,
         change: impl FnOnce(&mut Catalog, &str) -> Result<T, PathError>,
     ) {
+        let since = self.catalog.position();
         change(&mut self.catalog, path.as_str()).expect("a RelPath passes the catalog's check");
-        self.session.note_changed(path);
+        self.session.note_changed(path, since);
     }
 
     pub fn new(files: Files, now: Instant) -> LeaderShell {

@@ -13,9 +13,12 @@
 //! Changed paths wait in a FIFO, each once, and are shipped in turn, each as it is when its turn
 //! comes. Whenever new changes have been noted, a marker records the catalog's position and how
 //! far the FIFO reaches then: once every path up to there has been shipped (each at least as new
-//! as the marker), every change up to that position is on the wire, and a MARK says so. So a
-//! session working through a backlog marks each batch of changes as soon as it is shipped, not
-//! once at the end. The first MARK after the inventory ends the initial sync: `SYNC_DONE`.
+//! as the marker), every change up to that position is on the wire, and a MARK says so. Within
+//! a batch, the new paths are queued in the order of their first change, each with a marker at
+//! the position just before it: once the paths ahead of it are shipped, every change made before
+//! its own first one is. So a session working through a backlog, even one taken in a single
+//! look, marks it as it drains, not once at the end. The first MARK after the inventory ends the
+//! initial sync: `SYNC_DONE`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -105,10 +108,10 @@ struct Marker {
     paths_taken_target: u64,
 }
 
-/// Markers kept at once. A session that notes batches faster than it ships them (a follower far
-/// behind) moves the last marker on instead of adding one: its MARKs come further apart, and
-/// the state stays per file, never per change.
-const MARKERS_MAX: usize = 64;
+/// Markers kept at once (16 bytes each). Past that (a follower far behind, a backlog of many
+/// files) the last marker moves on instead of a new one being added: MARKs come further apart,
+/// and the state stays per file, never per change.
+const MARKERS_MAX: usize = 1024;
 
 pub struct LeaderSession {
     secret: Secret,
@@ -126,6 +129,9 @@ pub struct LeaderSession {
     digest_requests: Option<Vec<DigestRequest>>,
     sent: HashMap<RelPath, Sent>,
     dirty: VecDeque<RelPath>,
+    /// For each path in `dirty`, the position just before its first change noted since it was
+    /// queued (`FileChange::since`).
+    dirty_since: VecDeque<u64>,
     dirty_set: HashSet<RelPath>,
     job: Option<Job>,
     /// Paths taken off `dirty` so far, to tell when a marker is reached.
@@ -164,6 +170,7 @@ impl LeaderSession {
             digest_requests: None,
             sent: HashMap::new(),
             dirty: VecDeque::new(),
+            dirty_since: VecDeque::new(),
             dirty_set: HashSet::new(),
             job: None,
             paths_taken: 0,
@@ -472,17 +479,19 @@ impl LeaderSession {
             .sum();
         self.sync_plan = Some((self.bytes_payload_total, planned_bytes));
         for path in paths {
-            self.note_changed(path);
+            self.note_changed(path, self.index_position);
         }
         self.haves.clear();
         self.phase = LeaderPhase::Streaming;
     }
 
-    /// `path` changed in the catalog. Call for every change that the catalog passed to the
-    /// next `poll_transmit` holds (the shell may pass a copy refreshed with exactly these).
-    pub fn note_changed(&mut self, path: RelPath) {
+    /// `path` changed in the catalog, first at `since` (the catalog's position just before:
+    /// `FileChange::since`). Call for every change that the catalog passed to the next
+    /// `poll_transmit` holds (the shell may pass a copy refreshed with exactly these).
+    pub fn note_changed(&mut self, path: RelPath, since: u64) {
         if self.dirty_set.insert(path.clone()) {
             self.dirty.push_back(path);
+            self.dirty_since.push_back(since);
         }
     }
 
@@ -520,6 +529,7 @@ impl LeaderSession {
                 continue;
             }
             if let Some(path) = self.dirty.pop_front() {
+                self.dirty_since.pop_front();
                 self.dirty_set.remove(&path);
                 self.paths_taken += 1;
                 self.plan_path(path, catalog);
@@ -585,7 +595,36 @@ impl LeaderSession {
         if self.dirty.is_empty() {
             return;
         }
+        // The paths queued since the last marker: this batch. Queued in the order of their
+        // first change, each (but the first) behind a marker at the position just before it.
+        // Not in the initial sync's batch, whose first MARK must be the one that ends it.
+        let covered = self
+            .markers
+            .back()
+            .map_or(self.paths_taken, |m| m.paths_taken_target);
+        let new_from = covered.saturating_sub(self.paths_taken) as usize;
+        if new_from + 1 < self.dirty.len() && (self.sync_done_sent || !self.markers.is_empty()) {
+            let mut batch: Vec<(u64, RelPath)> = self
+                .dirty_since
+                .drain(new_from..)
+                .zip(self.dirty.drain(new_from..))
+                .collect();
+            batch.sort_by_key(|(since, _)| *since);
+            for (i, (since, path)) in batch.into_iter().enumerate() {
+                if i > 0 {
+                    let ahead = self.paths_taken + self.dirty.len() as u64;
+                    self.push_marker(since, ahead);
+                }
+                self.dirty.push_back(path);
+                self.dirty_since.push_back(since);
+            }
+        }
         let target = self.paths_taken + self.dirty.len() as u64;
+        self.push_marker(position, target);
+    }
+
+    /// A marker at `position`, reached once `paths_taken` gets to `target`.
+    fn push_marker(&mut self, position: u64, target: u64) {
         let full = self.markers.len() >= MARKERS_MAX;
         match self.markers.back_mut() {
             // No path queued since the last marker (the changes since went to queued paths),

@@ -82,8 +82,9 @@ impl Sim {
         path: RelPath,
         change: impl FnOnce(&mut Catalog, &str) -> Result<T, PathError>,
     ) {
+        let since = self.catalog.position();
         change(&mut self.catalog, path.as_str()).expect("a RelPath passes the catalog's check");
-        self.leader.note_changed(path);
+        self.leader.note_changed(path, since);
     }
 
     /// The leader-side change sources: write the bytes, record the change, tell the session.
@@ -475,6 +476,29 @@ fn each_batch_of_changes_is_marked_once_its_files_are_shipped() {
         .map(|&(position, _)| position)
         .collect();
     assert_eq!(positions, [first, second, third]);
+}
+
+/// A follower that resumes after a stall (or whose session was blocked on a full socket) finds
+/// its whole backlog in one look: each file of it is marked as soon as it, and every file
+/// changed before it, is on the wire.
+#[test]
+fn a_backlog_taken_in_one_look_is_marked_file_by_file() {
+    let mut sim = Sim::new(files(&[("seg.0", b"")]), Files::new());
+    sim.run();
+    let marks_before = sim.marks_seen.len();
+    sim.append("seg.0", &big(2 * MAX_DATA_BYTES as usize, 3));
+    let after_seg0 = sim.catalog.position();
+    sim.append("seg.1", &big(1000, 4));
+    let after_seg1 = sim.catalog.position();
+    sim.append("seg.2", b"x");
+    let after_seg2 = sim.catalog.position();
+    sim.run();
+    sim.assert_in_sync();
+    let positions: Vec<u64> = sim.marks_seen[marks_before..]
+        .iter()
+        .map(|&(position, _)| position)
+        .collect();
+    assert_eq!(positions, [after_seg0, after_seg1, after_seg2]);
 }
 
 /// A change to a file still waiting in the queue is shipped with it, and the MARK that
