@@ -309,6 +309,11 @@ impl Sim {
         }
     }
 
+    /// The positions of the MARKs the follower read after the first `from`.
+    fn mark_positions_since(&self, from: usize) -> Vec<u64> {
+        self.marks_seen[from..].iter().map(|&(p, _)| p).collect()
+    }
+
     /// Moves the leader's pending output to the follower's side.
     fn flush_leader(&mut self) {
         let out = self.leader.take_output();
@@ -471,11 +476,10 @@ fn each_batch_of_changes_is_marked_once_its_files_are_shipped() {
     let third = sim.catalog.position();
     sim.run();
     sim.assert_in_sync();
-    let positions: Vec<u64> = sim.marks_seen[marks_before..]
-        .iter()
-        .map(|&(position, _)| position)
-        .collect();
-    assert_eq!(positions, [first, second, third]);
+    assert_eq!(
+        sim.mark_positions_since(marks_before),
+        [first, second, third]
+    );
 }
 
 /// A follower that resumes after a stall (or whose session was blocked on a full socket) finds
@@ -494,11 +498,10 @@ fn a_backlog_taken_in_one_look_is_marked_file_by_file() {
     let after_seg2 = sim.catalog.position();
     sim.run();
     sim.assert_in_sync();
-    let positions: Vec<u64> = sim.marks_seen[marks_before..]
-        .iter()
-        .map(|&(position, _)| position)
-        .collect();
-    assert_eq!(positions, [after_seg0, after_seg1, after_seg2]);
+    assert_eq!(
+        sim.mark_positions_since(marks_before),
+        [after_seg0, after_seg1, after_seg2]
+    );
 }
 
 /// A change to a file still waiting in the queue is shipped with it, and the MARK that
