@@ -128,10 +128,9 @@ pub struct LeaderSession {
     haves_count: u64,
     digest_requests: Option<Vec<DigestRequest>>,
     sent: HashMap<RelPath, Sent>,
-    dirty: VecDeque<RelPath>,
-    /// For each path in `dirty`, the position just before its first change noted since it was
-    /// queued (`FileChange::since`).
-    dirty_since: VecDeque<u64>,
+    /// Each path with the position just before its first change noted since it was queued
+    /// (`FileChange::since`).
+    dirty: VecDeque<(RelPath, u64)>,
     dirty_set: HashSet<RelPath>,
     job: Option<Job>,
     /// Paths taken off `dirty` so far, to tell when a marker is reached.
@@ -170,7 +169,6 @@ impl LeaderSession {
             digest_requests: None,
             sent: HashMap::new(),
             dirty: VecDeque::new(),
-            dirty_since: VecDeque::new(),
             dirty_set: HashSet::new(),
             job: None,
             paths_taken: 0,
@@ -490,8 +488,7 @@ impl LeaderSession {
     /// `poll_transmit` holds (the shell may pass a copy refreshed with exactly these).
     pub fn note_changed(&mut self, path: RelPath, since: u64) {
         if self.dirty_set.insert(path.clone()) {
-            self.dirty.push_back(path);
-            self.dirty_since.push_back(since);
+            self.dirty.push_back((path, since));
         }
     }
 
@@ -528,8 +525,7 @@ impl LeaderSession {
                 self.send_mark(position, now);
                 continue;
             }
-            if let Some(path) = self.dirty.pop_front() {
-                self.dirty_since.pop_front();
+            if let Some((path, _)) = self.dirty.pop_front() {
                 self.dirty_set.remove(&path);
                 self.paths_taken += 1;
                 self.plan_path(path, catalog);
@@ -604,19 +600,14 @@ impl LeaderSession {
             .map_or(self.paths_taken, |m| m.paths_taken_target);
         let new_from = covered.saturating_sub(self.paths_taken) as usize;
         if new_from + 1 < self.dirty.len() && (self.sync_done_sent || !self.markers.is_empty()) {
-            let mut batch: Vec<(u64, RelPath)> = self
-                .dirty_since
-                .drain(new_from..)
-                .zip(self.dirty.drain(new_from..))
-                .collect();
-            batch.sort_by_key(|(since, _)| *since);
-            for (i, (since, path)) in batch.into_iter().enumerate() {
+            let mut batch: Vec<(RelPath, u64)> = self.dirty.drain(new_from..).collect();
+            batch.sort_by_key(|&(_, since)| since);
+            for (i, queued) in batch.into_iter().enumerate() {
                 if i > 0 {
                     let ahead = self.paths_taken + self.dirty.len() as u64;
-                    self.push_marker(since, ahead);
+                    self.push_marker(queued.1, ahead);
                 }
-                self.dirty.push_back(path);
-                self.dirty_since.push_back(since);
+                self.dirty.push_back(queued);
             }
         }
         let target = self.paths_taken + self.dirty.len() as u64;
