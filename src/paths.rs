@@ -136,6 +136,11 @@ pub fn is_escape(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<EscapeError>())
 }
 
+/// The directories (relative to the data dir's root, `""` for the root itself) whose entries a
+/// change created, renamed or removed: the ones an fsync must reach for the change to survive a
+/// power loss.
+pub type DirsChanged = Vec<String>;
+
 /// A file being received whole, under `DIR/.ferry/tmp/`, until `DataDir::commit_temp`.
 pub struct TempFile {
     pub file: File,
@@ -243,19 +248,24 @@ impl DataDir {
         )
     }
 
-    /// Creates `rel_dir` and its missing ancestors, one component at a time, each beneath root.
-    fn make_dirs(&self, rel_dir: &str) -> io::Result<OwnedFd> {
+    /// Creates `rel_dir` and its missing ancestors, one component at a time, each beneath root,
+    /// and notes in `changed` the parent of each directory it created.
+    fn make_dirs(&self, rel_dir: &str, changed: &mut Vec<String>) -> io::Result<OwnedFd> {
         let mut current = self.open_dir_beneath(".")?;
+        let mut made = 0;
         for component in rel_dir.split('/') {
             let c = cstring(component)?;
             // SAFETY: mkdirat with an open dir fd and a NUL-terminated single component.
             let rc = unsafe { libc::mkdirat(current.as_raw_fd(), c.as_ptr(), 0o755) };
-            if rc != 0 {
+            if rc == 0 {
+                changed.push(rel_dir[..made].trim_end_matches('/').to_string());
+            } else {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EEXIST) {
                     return Err(e);
                 }
             }
+            made += component.len() + 1;
             current = DataDir::openat2(
                 current.as_fd(),
                 component,
@@ -267,11 +277,13 @@ impl DataDir {
         self.open_dir_beneath(rel_dir)
     }
 
-    fn parent_fd(&self, rel: &RelPath, create: bool) -> io::Result<OwnedFd> {
-        match rel.parent() {
-            None => self.open_dir_beneath("."),
-            Some(p) if create => self.make_dirs(p),
-            Some(p) => self.open_dir_beneath(p),
+    /// `rel`'s directory, created with its missing ancestors if `changed` is given (which then
+    /// notes the directories whose entries that changed).
+    fn parent_fd(&self, rel: &RelPath, changed: Option<&mut Vec<String>>) -> io::Result<OwnedFd> {
+        match (rel.parent(), changed) {
+            (None, _) => self.open_dir_beneath("."),
+            (Some(p), Some(changed)) => self.make_dirs(p, changed),
+            (Some(p), None) => self.open_dir_beneath(p),
         }
     }
 
@@ -282,9 +294,17 @@ impl DataDir {
     }
 
     /// Opens `rel` for writing, creating it (and its parent dirs) if missing; never truncates.
-    pub fn open_write(&self, rel: &RelPath) -> io::Result<File> {
+    /// Also returns the directories whose entries that changed (`DirsChanged`): none when the
+    /// file was there.
+    pub fn open_write(&self, rel: &RelPath) -> io::Result<(File, DirsChanged)> {
+        match DataDir::openat2(self.root_fd(), rel.as_str(), libc::O_WRONLY, 0) {
+            Ok(fd) => return Ok((File::from(fd), Vec::new())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(with_path(e, rel.as_str())),
+        }
+        let mut changed = Vec::new();
         let parent = self
-            .parent_fd(rel, true)
+            .parent_fd(rel, Some(&mut changed))
             .map_err(|e| with_path(e, rel.as_str()))?;
         let fd = DataDir::openat2(
             parent.as_fd(),
@@ -293,7 +313,8 @@ impl DataDir {
             0o644,
         )
         .map_err(|e| with_path(e, rel.as_str()))?;
-        Ok(File::from(fd))
+        changed.push(rel.parent().unwrap_or("").to_string());
+        Ok((File::from(fd), changed))
     }
 
     fn temp_dir_rel() -> String {
@@ -323,11 +344,13 @@ impl DataDir {
         })
     }
 
-    /// Renames a complete temp file over `rel` (atomically replacing any old copy).
-    pub fn commit_temp(&self, temp: TempFile, rel: &RelPath) -> io::Result<()> {
+    /// Renames a complete temp file over `rel` (atomically replacing any old copy); returns
+    /// the directories whose entries that changed.
+    pub fn commit_temp(&self, temp: TempFile, rel: &RelPath) -> io::Result<DirsChanged> {
         let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        let mut changed = Vec::new();
         let parent = self
-            .parent_fd(rel, true)
+            .parent_fd(rel, Some(&mut changed))
             .map_err(|e| with_path(e, rel.as_str()))?;
         let from = cstring(&temp.name)?;
         let to = cstring(rel.file_name())?;
@@ -344,7 +367,8 @@ impl DataDir {
         if rc != 0 {
             return Err(with_path(io::Error::last_os_error(), rel.as_str()));
         }
-        Ok(())
+        changed.push(rel.parent().unwrap_or("").to_string());
+        Ok(changed)
     }
 
     /// Removes a temp file that will never be committed (a whole-file transfer the leader gave
@@ -362,11 +386,13 @@ impl DataDir {
         Ok(())
     }
 
-    /// Deletes `rel` (absent is fine), then any parent dirs it left empty.
-    pub fn remove(&self, rel: &RelPath) -> io::Result<()> {
-        let parent = match self.parent_fd(rel, false) {
+    /// Deletes `rel` (absent is fine), then any parent dirs it left empty; returns the
+    /// directories whose entries that changed.
+    pub fn remove(&self, rel: &RelPath) -> io::Result<DirsChanged> {
+        let mut changed = Vec::new();
+        let parent = match self.parent_fd(rel, None) {
             Ok(fd) => fd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(changed),
             Err(e) => return Err(with_path(e, rel.as_str())),
         };
         let name = cstring(rel.file_name())?;
@@ -376,6 +402,8 @@ impl DataDir {
             if e.kind() != io::ErrorKind::NotFound {
                 return Err(with_path(e, rel.as_str()));
             }
+        } else {
+            changed.push(rel.parent().unwrap_or("").to_string());
         }
         let mut dir = rel.parent();
         while let Some(d) = dir {
@@ -395,9 +423,10 @@ impl DataDir {
             {
                 break;
             }
+            changed.push(up.unwrap_or("").to_string());
             dir = up;
         }
-        Ok(())
+        Ok(changed)
     }
 
     pub fn truncate(&self, rel: &RelPath, len_bytes: u64) -> io::Result<()> {
@@ -408,7 +437,17 @@ impl DataDir {
             .map_err(|e| with_path(e, rel.as_str()))
     }
 
-    /// Makes everything written to the data dir's filesystem durable (one syscall for all files).
+    /// Makes everything written to the data dir's filesystem durable, syncfs(2): what an earlier
+    /// process left in the page cache (a follower killed before its last sync round), which a
+    /// new one holds and acks without having written it.
+    pub fn sync_filesystem(&self) -> io::Result<()> {
+        // SAFETY: syncfs on the root dir's fd, which this DataDir owns and keeps open.
+        if unsafe { libc::syncfs(self.root_fd().as_raw_fd()) } != 0 {
+            return Err(with_path(io::Error::last_os_error(), "."));
+        }
+        Ok(())
+    }
+
     /// Makes durable the data of `files` (fdatasync) and the entries of `dirs` (fsync; "" is
     /// the root). A path gone since (deleted or renamed over later) is skipped: its directory's
     /// sync records that.
@@ -531,6 +570,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         dir.open_write(&p("q/1/seg"))
             .unwrap()
+            .0
             .write_all_at(b"hello", 0)
             .unwrap();
         let mut s = String::new();

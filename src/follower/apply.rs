@@ -75,12 +75,11 @@ impl Apply {
             if self.open.len() >= OPEN_FILES_MAX {
                 self.open.clear();
             }
-            let file = self
+            let (file, changed) = self
                 .dir
                 .open_write(path)
                 .map_err(|e| disk_error("write", path, e))?;
-            // Opening may have created it (and its directories).
-            self.dirty.borrow_mut().entry(path);
+            self.dirty.borrow_mut().dirs_changed(changed);
             self.open.insert(path.clone(), file);
         }
         match self.open.get(path) {
@@ -143,12 +142,13 @@ impl Apply {
                         .map_err(|e| disk_error("sync the temp file of", &path, e))?;
                 }
                 self.open.remove(&path);
-                self.dir
+                let changed = self
+                    .dir
                     .commit_temp(temp, &path)
                     .map_err(|e| disk_error("rename into place", &path, e))?;
                 let mut dirty = self.dirty.borrow_mut();
                 dirty.file(&path);
-                dirty.entry(&path);
+                dirty.dirs_changed(changed);
             }
             FollowerAction::Truncate { path, len_bytes } => {
                 // A copy longer than the leader's: its tail was never part of what this leader
@@ -176,10 +176,11 @@ impl Apply {
                 if let Some(temp) = self.temps.remove(&path) {
                     self.discard(temp, &path);
                 }
-                self.dir
+                let changed = self
+                    .dir
                     .remove(&path)
                     .map_err(|e| disk_error("delete", &path, e))?;
-                self.dirty.borrow_mut().entry(&path);
+                self.dirty.borrow_mut().dirs_changed(changed);
             }
             FollowerAction::Write { .. }
             | FollowerAction::Inventory { .. }
@@ -196,6 +197,80 @@ mod tests {
 
     fn temp_files(root: &std::path::Path) -> usize {
         std::fs::read_dir(root.join(".ferry/tmp")).map_or(0, |d| d.count())
+    }
+
+    /// A synced round fsyncs a directory only where an entry in it changed: a segment written
+    /// again costs no directory sync, and a new one in a nested layout (a vhost, a queue, its
+    /// segments) costs its own directory, not every ancestor up to the root.
+    #[test]
+    fn a_round_syncs_only_the_directories_whose_entries_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("vh/q1")).unwrap();
+        std::fs::write(tmp.path().join("vh/q1/seg.0"), b"").unwrap();
+        let dir = Arc::new(DataDir::open(tmp.path()).unwrap());
+        let mut apply = Apply::new(dir, Rc::default(), false);
+        let p = |s: &str| RelPath::new(s).unwrap();
+        let dirs_of_round = |apply: &mut Apply| {
+            let round = apply.take_dirty();
+            round
+                .dirs()
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+
+        apply.file_for_write(&p("vh/q1/seg.0"), false).unwrap();
+        assert_eq!(
+            dirs_of_round(&mut apply),
+            Vec::<String>::new(),
+            "an existing file"
+        );
+        apply.file_for_write(&p("vh/q1/seg.1"), false).unwrap();
+        assert_eq!(dirs_of_round(&mut apply), ["vh/q1"], "a new file");
+        apply.file_for_write(&p("vh/q2/seg.0"), false).unwrap();
+        assert_eq!(
+            dirs_of_round(&mut apply),
+            ["vh", "vh/q2"],
+            "a new directory"
+        );
+        apply.file_for_write(&p("top/a/seg.0"), false).unwrap();
+        assert_eq!(
+            dirs_of_round(&mut apply),
+            ["", "top", "top/a"],
+            "new directories"
+        );
+
+        // A whole file renamed into place, over an old copy or not: its directory.
+        for name in ["vh/q1/meta.json", "vh/q1/meta.json", "vh/q3/meta.json"] {
+            apply
+                .apply(FollowerAction::BeginWhole {
+                    path: p(name),
+                    len_bytes: 0,
+                })
+                .unwrap();
+            apply
+                .apply(FollowerAction::CommitWhole {
+                    path: p(name),
+                    len_bytes: 0,
+                })
+                .unwrap();
+        }
+        assert_eq!(dirs_of_round(&mut apply), ["vh", "vh/q1", "vh/q3"]);
+
+        // A delete: its directory, and the parent of each directory it left empty and removed.
+        apply
+            .apply(FollowerAction::Delete {
+                path: p("vh/q1/seg.1"),
+            })
+            .unwrap();
+        assert_eq!(dirs_of_round(&mut apply), ["vh/q1"]);
+        apply
+            .apply(FollowerAction::Delete {
+                path: p("top/a/seg.0"),
+            })
+            .unwrap();
+        assert_eq!(dirs_of_round(&mut apply), ["", "top", "top/a"]);
+        assert!(!tmp.path().join("top").exists());
     }
 
     #[test]

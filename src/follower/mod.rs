@@ -8,7 +8,8 @@
 //!
 //! With `--durability synced` a sync task runs beside the reader: whenever `written` is ahead of
 //! `synced` it makes durable everything written so far (fdatasync of each file written, fsync of
-//! each directory changed: `dirty`), then acks. Syncs are batched: while one round runs, later
+//! each directory whose entries changed: `dirty`), then acks; what an earlier process left in
+//! the page cache is made durable once at start (syncfs). Syncs are batched: while one round runs, later
 //! marks accumulate and the next round covers them all.
 
 pub mod apply;
@@ -117,6 +118,23 @@ impl FollowError {
 pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
     let dir = Arc::new(DataDir::open(&config.data_dir)?);
     dir.clear_temps()?;
+    if config.durability == Durability::Synced {
+        // A sync round makes durable what this process wrote, and the directories whose
+        // entries it changed; what an earlier one left unsynced is made durable here, once,
+        // before anything is acked.
+        let started = Instant::now();
+        dir.sync_filesystem().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot sync the data dir's filesystem: {e}"),
+            )
+        })?;
+        tracing::info!(
+            "synced what an earlier run left in {} (syncfs, {} ms)",
+            dir.root().display(),
+            started.elapsed().as_millis()
+        );
+    }
     let kind = engine::choose(config.engine)?;
     tracing::info!(
         "following {} into {} with the {} engine, acking at {}",
