@@ -1076,6 +1076,10 @@ async fn drive(
                         keep_open(&mut files, path, generation, file);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        tracing::info!(
+                            "follower #{id}: {path} is gone before it could be sent; acks hold \
+                             at the last MARK until its deletion is reported"
+                        );
                         session.whole_unavailable(&path);
                     }
                     Err(e) => {
@@ -1101,7 +1105,10 @@ async fn drive(
                     // header back; that change ships on its own. (A shrink during the splice
                     // below still ends the connection: the frame's length is already on the
                     // wire.)
-                    tracing::debug!("{path} no longer has [{offset}, +{len_bytes}): skipped");
+                    tracing::info!(
+                        "follower #{id}: {path} no longer has [{offset}, +{len_bytes}): skipped; \
+                         acks hold at the last MARK until its change is reported"
+                    );
                     session.payload_unavailable();
                     files.remove(&path);
                     continue;

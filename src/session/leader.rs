@@ -136,6 +136,14 @@ pub struct LeaderSession {
     /// Paths taken off `dirty` so far, to tell when a marker is reached.
     paths_taken: u64,
     markers: VecDeque<Marker>,
+    /// Paths whose bytes were gone when they were to be sent (the file shrank, was replaced or
+    /// deleted) and whose change has not been noted since. While any is here no MARK claims a
+    /// position beyond the last one sent: the follower never got those bytes, and holds the
+    /// file's next state only once that change is noted and shipped.
+    vanished: HashSet<RelPath>,
+    /// No marker below this position: above the change of every file whose bytes vanished, since
+    /// a MARK between those bytes and that change would claim bytes the follower never gets.
+    markers_from: u64,
     sync_done_sent: bool,
     node_id: Option<String>,
     mark_last: Option<(u64, Instant)>,
@@ -173,6 +181,8 @@ impl LeaderSession {
             job: None,
             paths_taken: 0,
             markers: VecDeque::new(),
+            vanished: HashSet::new(),
+            markers_from: 0,
             sync_done_sent: false,
             node_id: None,
             mark_last: None,
@@ -487,6 +497,9 @@ impl LeaderSession {
     /// `FileChange::since`). Call for every change that the catalog passed to the next
     /// `poll_transmit` holds (the shell may pass a copy refreshed with exactly these).
     pub fn note_changed(&mut self, path: RelPath, since: u64) {
+        if self.vanished.remove(&path) {
+            self.markers_from = self.markers_from.max(since + 1);
+        }
         if self.dirty_set.insert(path.clone()) {
             self.dirty.push_back((path, since));
         }
@@ -530,6 +543,13 @@ impl LeaderSession {
                 self.paths_taken += 1;
                 self.plan_path(path, catalog);
                 continue;
+            }
+            if !self.vanished.is_empty() {
+                // Only a keepalive, which repeats the last claim.
+                if self.sync_done_sent && self.keepalive_due(now) {
+                    self.send_mark(0, now);
+                }
+                return None;
             }
             if !self.sync_done_sent {
                 // An empty index: the sync is trivially done.
@@ -588,7 +608,7 @@ impl LeaderSession {
     /// noted) is shipped once the paths queued now are: each change since the last marker either
     /// queued its path or found it queued already, and a queued path ships as it is when taken.
     fn mark_queued(&mut self, position: u64) {
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() || !self.vanished.is_empty() {
             return;
         }
         // The paths queued since the last marker: this batch. Queued in the order of their
@@ -603,7 +623,7 @@ impl LeaderSession {
             let mut batch: Vec<(RelPath, u64)> = self.dirty.drain(new_from..).collect();
             batch.sort_by_key(|&(_, since)| since);
             for (i, queued) in batch.into_iter().enumerate() {
-                if i > 0 {
+                if i > 0 && queued.1 >= self.markers_from {
                     let ahead = self.paths_taken + self.dirty.len() as u64;
                     self.push_marker(queued.1, ahead);
                 }
@@ -782,9 +802,12 @@ impl LeaderSession {
         };
         self.out.truncate(self.data_header_at);
         self.bytes_payload_total -= self.data_last_bytes;
-        // This path was not shipped, so no pending marker can be claimed; the markers that
-        // follow the change that shrank the file (which queues it again) will be.
+        // This path was not shipped, so no pending marker can be claimed, nor any made before
+        // the change that shrank the file is noted (and queues it again).
         self.markers.clear();
+        if let Job::Tail { path, .. } | Job::Whole { path, .. } = &job {
+            self.note_vanished(path);
+        }
         match job {
             Job::Tail {
                 path,
@@ -844,10 +867,25 @@ impl LeaderSession {
     }
 
     /// The file asked for by `Transmit::OpenWhole` is gone; its removal is (or will be) a change
-    /// of its own, so nothing is sent now.
+    /// of its own, so nothing is sent now, and no MARK claims the file until that change is
+    /// noted.
     pub fn whole_unavailable(&mut self, path: &RelPath) {
         if matches!(&self.job, Some(Job::AwaitOpen { path: p, .. }) if p == path) {
             self.job = None;
+            self.markers.clear();
+            self.note_vanished(path);
+        }
+    }
+
+    /// `path`'s bytes were gone when they were to be sent: MARKs hold until its change is
+    /// noted, and none is made below that change (if it was noted already, the path is queued
+    /// again, with the position before it).
+    fn note_vanished(&mut self, path: &RelPath) {
+        match self.dirty.iter().find(|(queued, _)| queued == path) {
+            Some(&(_, since)) => self.markers_from = self.markers_from.max(since + 1),
+            None => {
+                self.vanished.insert(path.clone());
+            }
         }
     }
 

@@ -769,6 +769,82 @@ fn a_range_gone_before_sending_is_taken_back_and_the_rewrite_ships() {
     assert_eq!(sim.marks_seen.len(), marks + 1);
 }
 
+/// A file found shorter (or gone) when its bytes were to be sent was changed by its writer, and
+/// that change may reach the session only later (`ferry lead`'s watcher, a broker's call). Until
+/// it does, no MARK may claim the appends the follower never got: not a marker's, not the
+/// keepalive's, which repeats what was claimed.
+#[test]
+fn no_mark_claims_bytes_that_vanished_until_their_change_is_noted() {
+    let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
+    sim.run();
+    let claimed = sim.marks_seen.last().unwrap().0;
+    let from = sim.marks_seen.len();
+
+    // A tail found truncated: its DATA is taken back.
+    sim.append("seg", b"abcdef");
+    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+    assert!(matches!(t, Some(Transmit::Payload { .. })), "{t:?}");
+    sim.leader.payload_unavailable();
+    // Another file's append ships meanwhile; then the keepalive falls due.
+    sim.append("other", b"x");
+    sim.run();
+    sim.now += Duration::from_millis(KEEPALIVE_INTERVAL_MS);
+    sim.run();
+    // A new file found gone when opened to be sent whole.
+    sim.replace("gone", b"12345");
+    sim.leader_files.remove(&p("gone"));
+    sim.run();
+    sim.now += Duration::from_millis(KEEPALIVE_INTERVAL_MS);
+    sim.run();
+    let marks = sim.mark_positions_since(from);
+    assert!(!marks.is_empty(), "keepalives still go out");
+    assert!(
+        marks.iter().all(|&m| m == claimed),
+        "claimed {claimed} before the truncation, then {marks:?}"
+    );
+
+    // The changes, as their sources report them: the truncation and the deletion.
+    sim.replace("seg", b"012");
+    sim.record(p("gone"), |c, p| c.delete(p));
+    sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sim.marks_seen.last().unwrap().0, sim.catalog.position());
+}
+
+/// Once the change of a file whose bytes vanished is noted, the MARKs resume, but none between
+/// those bytes and that change: the follower never gets them, and the file's next state ships
+/// behind the change. (A backlog taken in one look is marked file by file, at the position
+/// before each file's first change: those before the change must not be sent.)
+#[test]
+fn no_mark_falls_between_vanished_bytes_and_the_change_that_explains_them() {
+    let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
+    sim.run();
+    let from = sim.marks_seen.len();
+    sim.append("seg", b"abcdef");
+    let vanished_at = sim.catalog.position();
+    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+    assert!(matches!(t, Some(Transmit::Payload { .. })), "{t:?}");
+    sim.leader.payload_unavailable();
+    // A backlog the session takes in one look: other files, the truncation, more files.
+    sim.append("a", b"1");
+    sim.append("b", b"2");
+    sim.replace("seg", b"012");
+    let changed_at = sim.catalog.position();
+    sim.append("c", b"3");
+    sim.append("d", b"4");
+    sim.run();
+    sim.assert_in_sync();
+    let marks = sim.mark_positions_since(from);
+    assert!(
+        marks.len() > 1,
+        "the backlog is still marked file by file: {marks:?}"
+    );
+    assert!(
+        marks.iter().all(|&m| m < vanished_at || m >= changed_at),
+        "MARKs {marks:?}; the vanished bytes are at {vanished_at}, their change at {changed_at}"
+    );
+}
+
 #[test]
 fn a_connection_that_never_finishes_the_handshake_is_closed_naming_the_limit() {
     let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
