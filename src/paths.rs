@@ -252,20 +252,21 @@ impl DataDir {
     /// and notes in `changed` the parent of each directory it created.
     fn make_dirs(&self, rel_dir: &str, changed: &mut Vec<String>) -> io::Result<OwnedFd> {
         let mut current = self.open_dir_beneath(".")?;
-        let mut made = 0;
+        let mut prefix_len = 0;
         for component in rel_dir.split('/') {
             let c = cstring(component)?;
             // SAFETY: mkdirat with an open dir fd and a NUL-terminated single component.
             let rc = unsafe { libc::mkdirat(current.as_raw_fd(), c.as_ptr(), 0o755) };
             if rc == 0 {
-                changed.push(rel_dir[..made].trim_end_matches('/').to_string());
+                // The directory holding the new one: `rel_dir` up to this component.
+                changed.push(rel_dir[..prefix_len].trim_end_matches('/').to_string());
             } else {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EEXIST) {
                     return Err(e);
                 }
             }
-            made += component.len() + 1;
+            prefix_len += component.len() + 1;
             current = DataDir::openat2(
                 current.as_fd(),
                 component,

@@ -1,9 +1,10 @@
 //! What the next `synced` round must make durable: the files written or truncated since the
 //! last round began, and the directories whose entries changed (a file created, renamed into
-//! place or deleted), exactly those: each fsync costs the disk a cache flush, and a broker that
-//! rolls a segment in `vhost/queue/` must not pay one for every ancestor up to the root. Syncing exactly these, rather than syncfs(2) of the whole filesystem,
-//! leaves other writers' dirty pages alone: on a shared disk (the leader's own copy on the same
-//! machine, a broker's other files) syncfs paid for all of them.
+//! place or deleted), exactly those. Each fsync costs the disk a cache flush: a segment rolled
+//! over in `vhost/queue/` pays for that directory, not for every ancestor up to the root. And
+//! syncing these rather than syncfs(2) of the whole filesystem leaves other writers' dirty pages
+//! alone: on a shared disk (the leader's own copy on the same machine, a broker's other files)
+//! syncfs paid for all of them.
 
 use std::collections::HashSet;
 use std::io;

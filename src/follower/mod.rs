@@ -9,8 +9,8 @@
 //! With `--durability synced` a sync task runs beside the reader: whenever `written` is ahead of
 //! `synced` it makes durable everything written so far (fdatasync of each file written, fsync of
 //! each directory whose entries changed: `dirty`), then acks; what an earlier process left in
-//! the page cache is made durable once at start (syncfs). Syncs are batched: while one round runs, later
-//! marks accumulate and the next round covers them all.
+//! the page cache is made durable once at start (syncfs). Syncs are batched: while one round
+//! runs, later marks accumulate and the next round covers them all.
 
 pub mod apply;
 mod dirty;
