@@ -312,6 +312,23 @@ impl Sim {
     }
 
     /// Moves the leader's pending output to the follower's side. Returns whether there was any.
+    /// A follower in sync with "seg" (10 bytes), then an append to it whose range, once
+    /// planned, is found gone from the file (truncated behind the catalog): the DATA header is
+    /// taken back. Returns the catalog's position after the append.
+    fn with_a_vanished_tail() -> (Sim, u64) {
+        let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
+        sim.run();
+        sim.append("seg", b"abcdef");
+        let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+        assert!(
+            matches!(t, Some(Transmit::Payload { len_bytes: 6, .. })),
+            "{t:?}"
+        );
+        sim.leader.payload_unavailable();
+        let position = sim.catalog.position();
+        (sim, position)
+    }
+
     fn flush_leader(&mut self) -> bool {
         let out = self.leader.take_output();
         let any = !out.is_empty();
@@ -742,17 +759,8 @@ fn a_follower_that_stops_acking_is_lagging_after_the_deadline() {
 
 #[test]
 fn a_range_gone_before_sending_is_taken_back_and_the_rewrite_ships() {
-    let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
-    sim.run();
+    let (mut sim, _) = Sim::with_a_vanished_tail();
     let marks = sim.marks_seen.len();
-    sim.append("seg", b"abcdef");
-    // The leader plans the tail, then finds the file truncated before sending anything.
-    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
-    assert!(
-        matches!(t, Some(Transmit::Payload { len_bytes: 6, .. })),
-        "{t:?}"
-    );
-    sim.leader.payload_unavailable();
     assert!(
         sim.leader.take_output().is_empty(),
         "the DATA header was taken back"
@@ -775,16 +783,10 @@ fn a_range_gone_before_sending_is_taken_back_and_the_rewrite_ships() {
 /// keepalive's, which repeats what was claimed.
 #[test]
 fn no_mark_claims_bytes_that_vanished_until_their_change_is_noted() {
-    let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
-    sim.run();
+    // A tail found truncated: its DATA is taken back.
+    let (mut sim, _) = Sim::with_a_vanished_tail();
     let claimed = sim.marks_seen.last().unwrap().0;
     let from = sim.marks_seen.len();
-
-    // A tail found truncated: its DATA is taken back.
-    sim.append("seg", b"abcdef");
-    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
-    assert!(matches!(t, Some(Transmit::Payload { .. })), "{t:?}");
-    sim.leader.payload_unavailable();
     // Another file's append ships meanwhile; then the keepalive falls due.
     sim.append("other", b"x");
     sim.run();
@@ -817,14 +819,8 @@ fn no_mark_claims_bytes_that_vanished_until_their_change_is_noted() {
 /// before each file's first change: those before the change must not be sent.)
 #[test]
 fn no_mark_falls_between_vanished_bytes_and_the_change_that_explains_them() {
-    let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
-    sim.run();
+    let (mut sim, vanished_at) = Sim::with_a_vanished_tail();
     let from = sim.marks_seen.len();
-    sim.append("seg", b"abcdef");
-    let vanished_at = sim.catalog.position();
-    let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
-    assert!(matches!(t, Some(Transmit::Payload { .. })), "{t:?}");
-    sim.leader.payload_unavailable();
     // A backlog the session takes in one look: other files, the truncation, more files.
     sim.append("a", b"1");
     sim.append("b", b"2");
