@@ -241,39 +241,12 @@ fn follower_refuses_to_write_through_a_symlink_pointing_outside_its_dir() {
         .wait_log("escapes the data dir", Duration::from_secs(5));
 }
 
-/// Pages of `path` not yet written back, by cachestat(2) (Linux 6.5); `None` where the kernel
-/// lacks it.
+/// Pages of `path` not yet written back (cachestat(2), Linux 6.5); `None` where the kernel
+/// cannot say.
 fn dirty_pages(path: &std::path::Path) -> Option<u64> {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        cache: u64,
-        dirty: u64,
-        writeback: u64,
-        evicted: u64,
-        recently_evicted: u64,
-    }
     use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).unwrap();
-    let range = Range { off: 0, len: 0 };
-    let mut stat = Stat::default();
-    // SAFETY: cachestat (451 on every architecture) with an open fd and pointers to structs laid
-    // out as the kernel's `cachestat_range` and `cachestat`, both alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            451,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0,
-        )
-    };
-    (rc == 0).then_some(stat.dirty)
+    ferry::engine::uring::cachestat(file.as_raw_fd(), 0, 0).map(|stat| stat.nr_dirty)
 }
 
 /// A follower killed before its last sync round leaves bytes in the page cache that a new run

@@ -191,29 +191,18 @@ struct CachestatRange {
 
 /// `struct cachestat` of the kernel's uapi (`linux/mman.h`): page counts.
 #[repr(C)]
-#[derive(Default)]
-struct Cachestat {
-    nr_cache: u64,
-    nr_dirty: u64,
-    nr_writeback: u64,
-    nr_evicted: u64,
-    nr_recently_evicted: u64,
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Cachestat {
+    pub nr_cache: u64,
+    pub nr_dirty: u64,
+    pub nr_writeback: u64,
+    pub nr_evicted: u64,
+    pub nr_recently_evicted: u64,
 }
 
-/// Whether every page of `[offset, offset + len_bytes)` of `file` is in the page cache, so that
-/// a splice out of it cannot wait for the disk. `false` when the kernel cannot say (before 6.5,
-/// or a file system without a page cache): such ranges take the ring, which never blocks this
-/// thread. Pages evicted right after the look would make one splice wait for the disk, once.
-fn range_cached(file: RawFd, offset: u64, len_bytes: u64) -> bool {
-    if len_bytes == 0 {
-        return true;
-    }
-    // SAFETY: sysconf has no memory effects.
-    let page_bytes = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-        p if p > 0 => p as u64,
-        _ => return false,
-    };
-    let pages = (offset + len_bytes - 1) / page_bytes - offset / page_bytes + 1;
+/// cachestat(2) of `[offset, offset + len_bytes)` of `file` (`len_bytes` 0: to the end);
+/// `None` when the kernel cannot say (before 6.5, or a file system without a page cache).
+pub fn cachestat(file: RawFd, offset: u64, len_bytes: u64) -> Option<Cachestat> {
     let range = CachestatRange {
         off: offset,
         len: len_bytes,
@@ -231,7 +220,24 @@ fn range_cached(file: RawFd, offset: u64, len_bytes: u64) -> bool {
             0u32,
         )
     };
-    r == 0 && stat.nr_cache >= pages
+    (r == 0).then_some(stat)
+}
+
+/// Whether every page of `[offset, offset + len_bytes)` of `file` is in the page cache, so that
+/// a splice out of it cannot wait for the disk. `false` when the kernel cannot say (before 6.5,
+/// or a file system without a page cache): such ranges take the ring, which never blocks this
+/// thread. Pages evicted right after the look would make one splice wait for the disk, once.
+fn range_cached(file: RawFd, offset: u64, len_bytes: u64) -> bool {
+    if len_bytes == 0 {
+        return true;
+    }
+    // SAFETY: sysconf has no memory effects.
+    let page_bytes = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => return false,
+    };
+    let pages = (offset + len_bytes - 1) / page_bytes - offset / page_bytes + 1;
+    cachestat(file, offset, len_bytes).is_some_and(|stat| stat.nr_cache >= pages)
 }
 
 /// Fills `pipe` with up to `len` bytes of `file` at `offset`; an error if the file ends first.
