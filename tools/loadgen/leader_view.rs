@@ -68,6 +68,32 @@ impl LeaderView {
         lags
     }
 
+    /// Waits until at least `n` followers are in sync (state `streaming`: their initial sync
+    /// done, nothing overdue); false if `timeout` passed first. A run's clock starts after it,
+    /// so no follower's initial sync is timed as part of the run.
+    pub fn wait_in_sync(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let streaming = match self {
+                LeaderView::Embedded(leader) => leader
+                    .followers()
+                    .iter()
+                    .filter(|f| f.lag.state == ferry::lag::FollowerState::Streaming)
+                    .count(),
+                LeaderView::Lead(http) => ferry::http::get(http, "/metrics")
+                    .map(|text| streaming(&parse_prometheus(&text)))
+                    .unwrap_or(0),
+            };
+            if streaming >= n {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(LEAD_POLL_INTERVAL);
+        }
+    }
+
     /// Waits until at least `n` connected followers acked `position` at `durability`; false if
     /// `timeout` passed first.
     pub fn wait_for(
@@ -96,6 +122,15 @@ impl LeaderView {
             }
         }
     }
+}
+
+/// How many followers `ferry lead`'s `/metrics` samples show in state `streaming`.
+fn streaming(samples: &[Sample]) -> usize {
+    samples
+        .iter()
+        .filter(|s| s.name == "ferry_follower_state" && s.value == 1.0)
+        .filter(|s| s.label("state") == Some("streaming"))
+        .count()
 }
 
 fn lead_figures(http: &str, durability: Durability) -> Option<LeadFigures> {
@@ -176,5 +211,7 @@ ferry_follower_acked_position{id=\"3\",peer=\"127.0.0.1:3\",level=\"written\"} 0
             Some(0)
         );
         assert_eq!(figures(&samples[1..], Durability::Written), None);
+        // Of the three, one is in sync: "syncing" and "disconnected" are not.
+        assert_eq!(streaming(&samples), 1);
     }
 }

@@ -48,6 +48,9 @@ use segments::SegmentWriter;
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long the followers get to hold everything after the writers stop.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the followers at the start get to connect and finish their initial sync (of
+/// `--join-follower`'s preload, say) before the run's clock starts.
+const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// Messages a writer hands to the confirmer at once, at most.
 const CONFIRM_BATCH: usize = 1024;
 /// How long a message may wait in a writer's batch before the batch goes to the confirmer (a
@@ -123,6 +126,8 @@ struct Args {
     #[arg(long)]
     raw_baseline: bool,
     /// Where to put the data dirs (default: a new temporary directory, removed at the end).
+    /// A run whose followers match the leader removes the dirs it made there; one that does
+    /// not leaves them to inspect. A follower's dir that holds files is refused.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// Put the leader's data dir here instead (it must not exist or be empty; it is removed at
@@ -308,9 +313,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
         .leader_dir
         .clone()
         .unwrap_or_else(|| root.join("leader"));
-    if std::fs::read_dir(&leader_dir).is_ok_and(|mut d| d.next().is_some()) {
-        bail!("--leader-dir {} is not empty", leader_dir.display());
-    }
+    let made = RunDirs::new(&root, &leader_dir, &args);
+    made.refuse_leftovers()?;
     std::fs::create_dir_all(&leader_dir)?;
     // The fan-out runs alone, before this run starts anything, and the child it runs in may
     // use every CPU (keep_off below would take the writer's from it).
@@ -323,7 +327,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if let Some(cpu) = args.writer_cpu {
         cpus::keep_off(cpu)?;
     }
-    let secret_file = root.join("secret");
+    let secret_file = made.secret.clone();
     std::fs::write(&secret_file, "loadgen-secret")?;
     let library = args.mode == "library";
     let preloaded = match args.join_follower {
@@ -394,8 +398,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let joiner = args.join_follower.map(|_| follower_args(args.followers));
     let followers = Arc::new(Mutex::new(followers));
     if let Some(view) = &view {
-        if !view.wait_for(0, args.durability, at_start, Duration::from_secs(30)) {
-            bail!("the followers did not all connect within 30 s");
+        if !view.wait_in_sync(at_start, IN_SYNC_TIMEOUT) {
+            bail!(
+                "the followers were not all connected and in sync within {} s",
+                IN_SYNC_TIMEOUT.as_secs()
+            );
         }
     }
 
@@ -748,11 +755,72 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if let Some(leader) = leader {
         leader.stop_serving();
     }
-    if args.leader_dir.is_some() {
-        // It was empty: what is there now is the run's, and may sit in RAM (/dev/shm).
-        let _ = std::fs::remove_dir_all(&leader_dir);
+    if checksums_match {
+        made.remove();
+    } else {
+        eprintln!(
+            "loadgen: the run's data dirs are left to inspect: {}",
+            made.list()
+        );
     }
     Ok(checksums_match)
+}
+
+/// What a run makes under its root (and `--leader-dir`): the leader's data dir, each
+/// follower's, the raw receivers' and the secret file. Each was empty or absent at the start
+/// (`refuse_leftovers`), so all that is in them is the run's.
+struct RunDirs {
+    leader: PathBuf,
+    /// The followers' data dirs, then the raw receivers' (raw mode).
+    dirs: Vec<PathBuf>,
+    secret: PathBuf,
+}
+
+impl RunDirs {
+    fn new(root: &Path, leader: &Path, args: &Args) -> RunDirs {
+        let prefix = if args.mode == "raw" {
+            "raw"
+        } else {
+            "follower"
+        };
+        RunDirs {
+            leader: leader.to_path_buf(),
+            dirs: (1..=args.followers)
+                .map(|i| root.join(format!("{prefix}{i}")))
+                .collect(),
+            secret: root.join("secret"),
+        }
+    }
+
+    /// Refuses a data dir that holds files: the leader's would be replicated as the run's, and
+    /// a follower would spend the run's first moments deleting what it holds.
+    fn refuse_leftovers(&self) -> anyhow::Result<()> {
+        for dir in std::iter::once(&self.leader).chain(&self.dirs) {
+            if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
+                bail!(
+                    "{} is not empty (an earlier run that stopped before cleaning up, or \
+                     someone else's files): remove it, or give another --dir or --leader-dir",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self) {
+        for dir in std::iter::once(&self.leader).chain(&self.dirs) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let _ = std::fs::remove_file(&self.secret);
+    }
+
+    fn list(&self) -> String {
+        let dirs: Vec<String> = std::iter::once(&self.leader)
+            .chain(&self.dirs)
+            .map(|d| d.display().to_string())
+            .collect();
+        dirs.join(", ")
+    }
 }
 
 /// Runs this run's workload through the plain fan-out in a child loadgen (`--mode raw`, under
