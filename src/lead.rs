@@ -11,18 +11,31 @@ use ferry::engine::EngineKind;
 use ferry::lag::FollowerState;
 use ferry::leader::{LeaderConfig, WatchedLeader};
 
+/// `ferry lead`'s settings beyond where and what to serve.
+pub struct Settings {
+    pub engine: Option<EngineKind>,
+    pub ack_timeout_ms: u64,
+    pub tcp_congestion: Option<String>,
+    pub http: Option<SocketAddr>,
+}
+
 pub fn run(
     data_dir: PathBuf,
     listen: SocketAddr,
     secret: Secret,
-    engine: Option<EngineKind>,
-    ack_timeout_ms: u64,
-    http: Option<SocketAddr>,
+    settings: Settings,
 ) -> anyhow::Result<()> {
+    let Settings {
+        engine,
+        ack_timeout_ms,
+        tcp_congestion,
+        http,
+    } = settings;
     let signals = block_termination_signals()?;
     let mut config = LeaderConfig::new(&data_dir, listen, secret);
     config.engine = engine;
     config.ack_timeout = Duration::from_millis(ack_timeout_ms);
+    config.tcp_congestion = tcp_congestion;
     let watched = WatchedLeader::start(config)?;
     let leader = watched.leader.clone();
     let _http = match http {

@@ -62,6 +62,11 @@ pub struct LeaderConfig {
     /// `None`: io_uring when it works here, else the fallback with a warning.
     pub engine: Option<EngineKind>,
     pub ack_timeout: Duration,
+    /// The TCP congestion control the leader sends to followers with (TCP_CONGESTION on the
+    /// listening socket, which every accepted connection inherits); `None` keeps the system's
+    /// (`net.ipv4.tcp_congestion_control`). Where that is BBR without the fq qdisc, the kernel
+    /// paces each round's burst, which costs latency and CPU on a fast link (README, Use).
+    pub tcp_congestion: Option<String>,
 }
 
 impl LeaderConfig {
@@ -76,6 +81,7 @@ impl LeaderConfig {
             secret,
             engine: None,
             ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT),
+            tcp_congestion: None,
         }
     }
 }
@@ -704,7 +710,7 @@ async fn serve(
     dir: Arc<DataDir>,
     ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
 ) {
-    let listener = match Listener::bind(engine, config.listen) {
+    let listener = match Listener::bind(engine, config.listen, config.tcp_congestion.as_deref()) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(io::Error::new(

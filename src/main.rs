@@ -81,6 +81,11 @@ enum Command {
         /// A follower that has not acked a MARK for this long is reported as lagging.
         #[arg(long, value_name = "MS", default_value_t = ferry::lag::ACK_TIMEOUT_MS_DEFAULT, env = "FERRY_ACK_TIMEOUT_MS")]
         ack_timeout_ms: u64,
+        /// TCP congestion control for the connections to followers (e.g. cubic); by default
+        /// the system's. BBR without the fq qdisc paces every round, costing latency on a fast
+        /// link (README).
+        #[arg(long, value_name = "NAME", env = "FERRY_TCP_CONGESTION")]
+        tcp_congestion: Option<String>,
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
         #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
         http: Option<std::net::SocketAddr>,
@@ -302,10 +307,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret,
             io_engine,
             ack_timeout_ms,
+            tcp_congestion,
             http,
         } => {
             let secret = read_secret(&secret)?;
-            lead::run(data_dir, listen, secret, io_engine, ack_timeout_ms, http)?;
+            let settings = lead::Settings {
+                engine: io_engine,
+                ack_timeout_ms,
+                tcp_congestion,
+                http,
+            };
+            lead::run(data_dir, listen, secret, settings)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Follow {

@@ -347,3 +347,76 @@ fn appends_while_a_follower_keeps_up_make_no_system_call_on_the_writers_thread()
         );
     }
 }
+
+/// The congestion control asked for (`LeaderConfig::tcp_congestion`) is what every follower's
+/// connection sends with, on both engines, whatever the system's default: found here among
+/// this process's own sockets, as the one whose peer is the test's client.
+#[test]
+fn connections_to_followers_use_the_congestion_control_asked_for() {
+    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    // reno is built into every kernel; cubic is the usual default where it is not.
+    let asked = if default.trim() == "reno" {
+        "cubic"
+    } else {
+        "reno"
+    };
+    for engine in ["uring", "fallback"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let secret = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+        let mut config = LeaderConfig::new(tmp.path(), "127.0.0.1:0".parse().unwrap(), secret);
+        config.engine = Some(engine.parse().unwrap());
+        config.tcp_congestion = Some(asked.to_string());
+        let leader = Leader::start(config, Vec::new()).unwrap();
+        let client = std::net::TcpStream::connect(leader.local_addr()).unwrap();
+        let me = client.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let found = loop {
+            if let Some(cc) = congestion_of_socket_with_peer(me) {
+                break cc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{engine}: no accepted socket for {me}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(found, asked, "{engine}");
+    }
+}
+
+/// TCP_CONGESTION of this process's socket whose peer is `peer`, if it has one.
+fn congestion_of_socket_with_peer(peer: std::net::SocketAddr) -> Option<String> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    for entry in std::fs::read_dir("/proc/self/fd").ok()? {
+        let Ok(fd) = entry.ok()?.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the fd is open in this process while we look (a race with a close only makes
+        // the calls below fail); it is borrowed, not owned, so nothing closes it.
+        let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+        let Ok(stream) = sock.try_clone_to_owned().map(std::net::TcpStream::from) else {
+            continue;
+        };
+        if stream.peer_addr().ok() != Some(peer) {
+            continue;
+        }
+        let mut name = [0u8; 16];
+        let mut len = name.len() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `name`, which outlives the call.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                name.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r != 0 {
+            continue;
+        }
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        return Some(String::from_utf8_lossy(&name[..end]).into_owned());
+    }
+    None
+}

@@ -249,3 +249,20 @@ fn the_leader_logs_a_follower_that_starts_lagging_and_one_that_catches_up() {
         .wait_log("caught up: streaming again", Duration::from_secs(20));
     wait_identical(&ld, &fd, Duration::from_secs(20));
 }
+
+/// `--tcp-congestion` names an algorithm this kernel may not have: `ferry lead` refuses to
+/// start, naming it and where the available ones are listed, rather than serving with another.
+#[test]
+fn an_unavailable_congestion_control_is_refused_naming_it() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let mut cmd = lead_cmd(&env, &ld, "fallback");
+    cmd.args(["--tcp-congestion", "no-such-cc"]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no-such-cc") && stderr.contains("tcp_available_congestion_control"),
+        "{stderr}"
+    );
+}

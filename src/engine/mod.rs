@@ -270,14 +270,58 @@ pub(crate) fn splice_with(
     }
 }
 
+/// Sets TCP_CONGESTION on `socket`; an algorithm this kernel lacks, or one an unprivileged
+/// process may not choose, is an error that names it and where to look.
+pub fn set_congestion(socket: &impl AsRawFd, name: &str) -> io::Result<()> {
+    // SAFETY: setsockopt reads `name.len()` bytes from the string's buffer, which outlives the
+    // call; the fd is an open socket borrowed for it.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    let why = match e.raw_os_error() {
+        Some(libc::ENOENT) => {
+            "not available in this kernel (/proc/sys/net/ipv4/tcp_available_congestion_control \
+             lists those that are; a module such as tcp_bbr may need loading)"
+        }
+        Some(libc::EPERM) => {
+            "not allowed for this user (/proc/sys/net/ipv4/tcp_allowed_congestion_control \
+             lists those that are)"
+        }
+        _ => "refused",
+    };
+    Err(io::Error::new(
+        e.kind(),
+        format!("TCP congestion control {name:?}: {why}: {e}"),
+    ))
+}
+
 pub enum Listener {
     Uring(tokio_uring::net::TcpListener),
     Fallback(tokio::net::TcpListener),
 }
 
 impl Listener {
-    pub fn bind(kind: EngineKind, addr: SocketAddr) -> io::Result<Listener> {
+    /// Listens on `addr`; with `congestion`, every connection accepted uses that TCP
+    /// congestion control (set on the listening socket, which they inherit).
+    pub fn bind(
+        kind: EngineKind,
+        addr: SocketAddr,
+        congestion: Option<&str>,
+    ) -> io::Result<Listener> {
         let std = std::net::TcpListener::bind(addr)?;
+        if let Some(name) = congestion {
+            set_congestion(&std, name)?;
+        }
         std.set_nonblocking(true)?;
         Ok(match kind {
             EngineKind::Uring => Listener::Uring(tokio_uring::net::TcpListener::from_std(std)),
@@ -533,7 +577,7 @@ mod tests {
                 continue;
             }
             run(kind, || async move {
-                let listener = Listener::bind(kind, "127.0.0.1:0".parse().unwrap()).unwrap();
+                let listener = Listener::bind(kind, "127.0.0.1:0".parse().unwrap(), None).unwrap();
                 let addr = listener.local_addr().unwrap();
                 let (client, accepted) = tokio::join!(Conn::connect(addr), listener.accept());
                 let (client, (server, _)) = (client.unwrap(), accepted.unwrap());

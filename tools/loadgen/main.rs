@@ -115,6 +115,10 @@ struct Args {
     /// I/O engine for the leader and the followers.
     #[arg(long, value_name = "uring|fallback")]
     io_engine: Option<EngineKind>,
+    /// TCP congestion control of the leader's connections to the followers (ferry's
+    /// `--tcp-congestion`) and of the raw fan-out's senders; by default the system's
+    #[arg(long, value_name = "NAME")]
+    tcp_congestion: Option<String>,
     /// Before the run, measure the disk's raw write rate the way `dd bs=1M conv=fdatasync` does
     /// (this many MiB into the run's directory), and report the run against it.
     #[arg(long, value_name = "MIB")]
@@ -342,12 +346,18 @@ fn run(args: Args) -> anyhow::Result<bool> {
         let secret = Secret::new(b"loadgen-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut config = LeaderConfig::new(&leader_dir, "127.0.0.1:0".parse()?, secret);
         config.engine = args.io_engine;
+        config.tcp_congestion = args.tcp_congestion.clone();
         let leader = Arc::new(Leader::start(config, preloaded)?);
         let addr = leader.local_addr();
         let view = LeaderView::Embedded(leader.clone());
         (Some(leader), None, addr, Some(Arc::new(view)))
     } else {
-        let (proc, addr, http) = start_lead(&leader_dir, &secret_file, args.io_engine)?;
+        let (proc, addr, http) = start_lead(
+            &leader_dir,
+            &secret_file,
+            args.io_engine,
+            args.tcp_congestion.as_deref(),
+        )?;
         let view = LeaderView::Lead(http.to_string());
         (None, Some(proc), addr, Some(Arc::new(view)))
     };
@@ -357,6 +367,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             &root,
             args.followers,
             args.raw_batch_bytes,
+            args.tcp_congestion.as_deref(),
         )?))
     } else {
         None
@@ -712,6 +723,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let report = Report {
         mode: args.mode.clone(),
         engine: engine_name,
+        tcp_congestion: args.tcp_congestion.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into())
+        }),
         // Raw receivers ack nothing.
         durability: if raw_mode {
             "none".into()
@@ -848,6 +864,9 @@ fn run_raw_baseline(args: &Args, root: &Path) -> anyhow::Result<RawBaseline> {
     if let Some(cpu) = args.writer_cpu {
         cmd.args(["--writer-cpu", &cpu.to_string()]);
     }
+    if let Some(cc) = &args.tcp_congestion {
+        cmd.args(["--tcp-congestion", cc]);
+    }
     eprintln!("raw baseline: the same workload through the plain fan-out first");
     let status = cmd
         .status()
@@ -887,6 +906,7 @@ fn start_lead(
     dir: &Path,
     secret_file: &Path,
     engine: Option<EngineKind>,
+    tcp_congestion: Option<&str>,
 ) -> anyhow::Result<(Proc, std::net::SocketAddr, std::net::SocketAddr)> {
     // Pick free ports, then hand them to `ferry lead` (whose log line would also tell them).
     // Both held until both are known, so that the two differ. Its /metrics tells loadgen the
@@ -907,6 +927,9 @@ fn start_lead(
         http.to_string().into(),
     ];
     a.extend(["--secret-file".into(), secret_file.into()]);
+    if let Some(cc) = tcp_congestion {
+        a.extend(["--tcp-congestion".into(), cc.into()]);
+    }
     if let Some(e) = engine {
         a.extend(["--io-engine".into(), e.name().into()]);
     }

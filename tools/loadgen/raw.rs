@@ -118,6 +118,7 @@ impl Fanout {
         recv_root: &Path,
         receivers: usize,
         batch_bytes: u64,
+        tcp_congestion: Option<&str>,
     ) -> io::Result<Fanout> {
         let shared = Arc::new(Shared {
             log: Mutex::new(Log {
@@ -155,6 +156,9 @@ impl Fanout {
                 .spawn(move || receive(listener, out, &shared, i))?;
             fanout.receivers.push(Receiver { path, thread });
             let socket = TcpStream::connect(addr)?;
+            if let Some(cc) = tcp_congestion {
+                ferry::engine::set_congestion(&socket, cc)?;
+            }
             let shared = fanout.shared.clone();
             let dir = fanout.dir.clone();
             fanout.senders.push(

@@ -36,6 +36,9 @@ pub struct Usage {
 pub struct Report {
     pub mode: String,
     pub engine: String,
+    /// The TCP congestion control the leader (or the fan-out) sent with: asked for, or the
+    /// system's default.
+    pub tcp_congestion: String,
     pub durability: String,
     pub followers: usize,
     pub writers: usize,
@@ -206,14 +209,19 @@ impl Report {
             let _ = writeln!(
                 s,
                 "loadgen: raw mode (no ferry: splice to {} receiver(s), no protocol, no acks), \
-                 {} writer(s)",
-                self.followers, self.writers
+                 {} writer(s), TCP {}",
+                self.followers, self.writers, self.tcp_congestion
             );
         } else {
             let _ = writeln!(
                 s,
-                "loadgen: {} mode, {} engine, {} writer(s), {} follower(s) acking at {}",
-                self.mode, self.engine, self.writers, self.followers, self.durability
+                "loadgen: {} mode, {} engine, TCP {}, {} writer(s), {} follower(s) acking at {}",
+                self.mode,
+                self.engine,
+                self.tcp_congestion,
+                self.writers,
+                self.followers,
+                self.durability
             );
         }
         if let Some(cpu) = self.writer_cpu {
@@ -355,6 +363,11 @@ impl Report {
         let mut s = String::from("{\n");
         let _ = writeln!(s, "  \"mode\": {},", json_str(&self.mode));
         let _ = writeln!(s, "  \"engine\": {},", json_str(&self.engine));
+        let _ = writeln!(
+            s,
+            "  \"tcp_congestion\": {},",
+            json_str(&self.tcp_congestion)
+        );
         let _ = writeln!(s, "  \"durability\": {},", json_str(&self.durability));
         let _ = writeln!(s, "  \"writers\": {},", self.writers);
         let _ = writeln!(
