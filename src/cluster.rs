@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub lease_ttl_s: i64,
     pub secret: Secret,
     pub engine: Option<EngineKind>,
+    /// The TCP congestion control to lead with (`LeaderConfig::tcp_congestion`).
+    pub tcp_congestion: Option<String>,
     pub on_leader_elected: Option<String>,
     pub on_leader_lost: Option<String>,
     /// Serve /metrics and /status here (the role they report follows the election).
@@ -259,6 +261,7 @@ pub struct Node {
 
 impl Node {
     pub fn start(config: NodeConfig, feed: Feed, on_role: RoleCallback) -> io::Result<Node> {
+        check_settings(&config)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -301,7 +304,17 @@ impl Drop for Node {
 /// `ferry node`: runs until SIGTERM or SIGINT (then leaves the cluster cleanly), running the
 /// configured hooks on role changes. The lost hook runs when a handoff starts its final drain
 /// (the application must stop writing) and when leadership is lost otherwise.
+/// What a node can check before it joins: leading may come hours later, and a congestion
+/// control this kernel cannot use is refused now rather than then.
+fn check_settings(config: &NodeConfig) -> io::Result<()> {
+    match &config.tcp_congestion {
+        Some(name) => crate::engine::check_congestion(name),
+        None => Ok(()),
+    }
+}
+
 pub fn run(config: NodeConfig) -> anyhow::Result<()> {
+    check_settings(&config)?;
     let (elected, lost) = (
         config.on_leader_elected.clone(),
         config.on_leader_lost.clone(),
@@ -371,6 +384,7 @@ impl Leading {
         let started = tokio::task::spawn_blocking(move || -> std::io::Result<Leading> {
             let mut lc = LeaderConfig::new(&c.data_dir, c.listen, c.secret.clone());
             lc.engine = c.engine;
+            lc.tcp_congestion = c.tcp_congestion.clone();
             let (leader, known) = crate::leader::start_scanned(lc)?;
             let watcher = match feed {
                 Feed::Watch => Some(crate::leader::watch(&leader, known)?),

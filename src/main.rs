@@ -155,6 +155,10 @@ enum Command {
         /// instead of --secret-file / FERRY_SECRET.
         #[arg(long, env = "FERRY_SECRET_FROM_ETCD")]
         secret_from_etcd: bool,
+        /// TCP congestion control to lead with (e.g. cubic); by default the system's. Checked
+        /// at start (see `ferry lead --help`).
+        #[arg(long, value_name = "NAME", env = "FERRY_TCP_CONGESTION")]
+        tcp_congestion: Option<String>,
     },
     /// Move leadership of a `ferry node` cluster to another node with zero loss: the leader
     /// waits until the target holds everything synced, runs its on-leader-lost hook (the
@@ -402,6 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             on_leader_lost,
             http,
             secret_from_etcd,
+            tcp_congestion,
         } => {
             let secret = if secret_from_etcd {
                 ferry::cluster::secret_from_etcd(&etcd, &prefix)?
@@ -417,6 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 lease_ttl_s: lease_ttl,
                 secret,
                 engine: io_engine,
+                tcp_congestion,
                 on_leader_elected,
                 on_leader_lost,
                 http,

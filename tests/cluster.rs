@@ -408,6 +408,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         lease_ttl_s: 2,
         secret,
         engine: Some(ferry::engine::EngineKind::Fallback),
+        tcp_congestion: None,
         on_leader_elected: None,
         on_leader_lost: None,
         http: None,

@@ -266,3 +266,32 @@ fn an_unavailable_congestion_control_is_refused_naming_it() {
         "{stderr}"
     );
 }
+
+/// `ferry node` leads only once elected, maybe hours later: a congestion control it could not
+/// use is refused at start, before it goes near etcd, not when it wins an election.
+#[test]
+fn a_node_refuses_an_unavailable_congestion_control_at_start() {
+    let env = Env::new();
+    let mut cmd = ferry();
+    cmd.arg("node")
+        .arg("--data-dir")
+        .arg(env.dir("node"))
+        // Nothing listens here: the node must fail before it tries.
+        .args(["--etcd", "http://127.0.0.1:1", "--listen", "127.0.0.1:0"])
+        .args([
+            "--advertise",
+            "127.0.0.1:1",
+            "--tcp-congestion",
+            "no-such-cc",
+        ])
+        .arg("--secret-file")
+        .arg(&env.secret_file);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no-such-cc") && stderr.contains("tcp_available_congestion_control"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("etcd"), "it went to etcd first: {stderr}");
+}

@@ -305,6 +305,19 @@ pub fn set_congestion(socket: &impl AsRawFd, name: &str) -> io::Result<()> {
     ))
 }
 
+/// Whether a TCP socket may use the congestion control `name` here (the same error as
+/// `set_congestion`), tried on a socket made for it and closed.
+pub fn check_congestion(name: &str) -> io::Result<()> {
+    // SAFETY: socket(2) takes no pointers; the fd it returns is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_congestion(&socket, name)
+}
+
 pub enum Listener {
     Uring(tokio_uring::net::TcpListener),
     Fallback(tokio::net::TcpListener),
