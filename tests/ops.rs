@@ -258,13 +258,7 @@ fn an_unavailable_congestion_control_is_refused_naming_it() {
     let ld = env.dir("leader");
     let mut cmd = lead_cmd(&env, &ld, "fallback");
     cmd.args(["--tcp-congestion", "no-such-cc"]);
-    let out = run_bounded(cmd, Duration::from_secs(30));
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("no-such-cc") && stderr.contains("tcp_available_congestion_control"),
-        "{stderr}"
-    );
+    refused_naming_no_such_cc(cmd);
 }
 
 /// `ferry node` leads only once elected, maybe hours later: a congestion control it could not
@@ -286,12 +280,19 @@ fn a_node_refuses_an_unavailable_congestion_control_at_start() {
         ])
         .arg("--secret-file")
         .arg(&env.secret_file);
+    let stderr = refused_naming_no_such_cc(cmd);
+    assert!(!stderr.contains("etcd"), "it went to etcd first: {stderr}");
+}
+
+/// Runs `cmd`, asserts that it failed naming the congestion control `no-such-cc` and where the
+/// available ones are listed, and returns its stderr.
+fn refused_naming_no_such_cc(cmd: std::process::Command) -> String {
     let out = run_bounded(cmd, Duration::from_secs(30));
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         stderr.contains("no-such-cc") && stderr.contains("tcp_available_congestion_control"),
         "{stderr}"
     );
-    assert!(!stderr.contains("etcd"), "it went to etcd first: {stderr}");
+    stderr
 }
