@@ -382,7 +382,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     };
 
     let follower_args = |i: usize| {
-        let dir = root.join(format!("follower{i}"));
+        let dir = follower_dir(&root, i);
         let mut a: Vec<OsString> = vec!["follow".into(), "--data-dir".into(), dir.clone().into()];
         a.extend([
             "--leader".into(),
@@ -782,6 +782,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     Ok(checksums_match)
 }
 
+/// Follower `i`'s (from 1) data dir under a run's root.
+fn follower_dir(root: &Path, i: usize) -> PathBuf {
+    root.join(format!("follower{i}"))
+}
+
 /// What a run makes under its root (and `--leader-dir`): the leader's data dir, each
 /// follower's, the raw receivers' and the secret file. Each was empty or absent at the start
 /// (`refuse_leftovers`), so all that is in them is the run's.
@@ -794,24 +799,27 @@ struct RunDirs {
 
 impl RunDirs {
     fn new(root: &Path, leader: &Path, args: &Args) -> RunDirs {
-        let prefix = if args.mode == "raw" {
-            "raw"
+        let dir = if args.mode == "raw" {
+            raw::receiver_dir
         } else {
-            "follower"
+            follower_dir
         };
         RunDirs {
             leader: leader.to_path_buf(),
-            dirs: (1..=args.followers)
-                .map(|i| root.join(format!("{prefix}{i}")))
-                .collect(),
+            dirs: (1..=args.followers).map(|i| dir(root, i)).collect(),
             secret: root.join("secret"),
         }
+    }
+
+    /// The leader's data dir, then the others.
+    fn all(&self) -> impl Iterator<Item = &PathBuf> {
+        std::iter::once(&self.leader).chain(&self.dirs)
     }
 
     /// Refuses a data dir that holds files: the leader's would be replicated as the run's, and
     /// a follower would spend the run's first moments deleting what it holds.
     fn refuse_leftovers(&self) -> anyhow::Result<()> {
-        for dir in std::iter::once(&self.leader).chain(&self.dirs) {
+        for dir in self.all() {
             if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
                 bail!(
                     "{} is not empty (an earlier run that stopped before cleaning up, or \
@@ -824,17 +832,14 @@ impl RunDirs {
     }
 
     fn remove(&self) {
-        for dir in std::iter::once(&self.leader).chain(&self.dirs) {
+        for dir in self.all() {
             let _ = std::fs::remove_dir_all(dir);
         }
         let _ = std::fs::remove_file(&self.secret);
     }
 
     fn list(&self) -> String {
-        let dirs: Vec<String> = std::iter::once(&self.leader)
-            .chain(&self.dirs)
-            .map(|d| d.display().to_string())
-            .collect();
+        let dirs: Vec<String> = self.all().map(|d| d.display().to_string()).collect();
         dirs.join(", ")
     }
 }

@@ -102,6 +102,11 @@ struct Receiver {
     thread: JoinHandle<io::Result<()>>,
 }
 
+/// Receiver `i`'s (from 1) dir under `recv_root`, where it writes its `stream`.
+pub fn receiver_dir(recv_root: &Path, i: usize) -> PathBuf {
+    recv_root.join(format!("raw{i}"))
+}
+
 pub struct Fanout {
     dir: PathBuf,
     shared: Arc<Shared>,
@@ -146,7 +151,7 @@ impl Fanout {
         for i in 0..receivers {
             let listener = TcpListener::bind("127.0.0.1:0")?;
             let addr = listener.local_addr()?;
-            let out_dir = recv_root.join(format!("raw{}", i + 1));
+            let out_dir = receiver_dir(recv_root, i + 1);
             std::fs::create_dir_all(&out_dir)?;
             let path = out_dir.join("stream");
             let out = File::create(&path)?;
