@@ -27,6 +27,11 @@ pub const FRAME_LEN_FIELD_BYTES: usize = 4;
 pub const KEEPALIVE_INTERVAL_MS: u64 = 500;
 /// A follower that hears nothing from its leader for this long drops the connection.
 pub const LEADER_SILENCE_TIMEOUT_MS: u64 = 5000;
+/// How long MARKs may repeat the last claim because bytes vanished from a file whose change
+/// nobody reported, before the leader records the file as it is on disk itself. `ferry lead`'s
+/// watcher reports such a change within milliseconds; a library user who cut a file back
+/// without `replace_file` never does.
+pub const VANISHED_HOLD_TIMEOUT_MS: u64 = 5000;
 /// The longest node id a NODE_ID frame may carry.
 pub const MAX_NODE_ID_BYTES: usize = 256;
 /// A connection must send its preamble and a valid AUTH within this, or the leader closes it.

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::auth::{random_nonce, Secret};
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{self, Conn, EngineKind, FineTimer, Listener};
-use crate::frame::{Durability, ErrorCode, Frame};
+use crate::frame::{Durability, ErrorCode, Frame, VANISHED_HOLD_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
 use crate::lag::{FollowerState, LagSnapshot, LagView, ACK_TIMEOUT_MS_DEFAULT};
 use crate::paths::{DataDir, PathError, RelPath};
@@ -230,6 +230,33 @@ impl Shared {
         self.board.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Applies `change` to the catalog and puts what it changed into every follower's inbox.
+    /// Returns the position after it.
+    fn record(
+        &self,
+        change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, PathError>,
+    ) -> Result<u64, ChangeError> {
+        let mut hub = self.lock();
+        let hub = &mut *hub;
+        let changed = change(&mut hub.catalog)?;
+        let position = hub.catalog.position();
+        let Some(changed) = changed else {
+            return Ok(position);
+        };
+        for inbox in hub.inboxes.values_mut() {
+            // Only the first change since the session looked can wake it: the session learns
+            // of the others with that one (woken then, or finding it at its next poll).
+            if inbox.changes.is_empty() {
+                inbox.since = Some(Instant::now());
+                if std::mem::take(&mut inbox.wake_wanted) {
+                    inbox.wake.notify_one();
+                }
+            }
+            inbox.changes.push(changed, position);
+        }
+        Ok(position)
+    }
+
     /// Waits (at most `timeout`) for a report that gives `wanted` (`None`: any report), or for
     /// a follower to disconnect or the leader to stop.
     fn wait_acked<'a>(
@@ -338,31 +365,12 @@ impl Leader {
         self.shared.lock().catalog.position()
     }
 
-    /// Applies `change` to the catalog and puts what it changed into every follower's inbox.
-    /// Returns the position after it.
+    /// `Shared::record`.
     fn record(
         &self,
         change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, PathError>,
     ) -> Result<u64, ChangeError> {
-        let mut hub = self.shared.lock();
-        let hub = &mut *hub;
-        let changed = change(&mut hub.catalog)?;
-        let position = hub.catalog.position();
-        let Some(changed) = changed else {
-            return Ok(position);
-        };
-        for inbox in hub.inboxes.values_mut() {
-            // Only the first change since the session looked can wake it: the session learns
-            // of the others with that one (woken then, or finding it at its next poll).
-            if inbox.changes.is_empty() {
-                inbox.since = Some(Instant::now());
-                if std::mem::take(&mut inbox.wake_wanted) {
-                    inbox.wake.notify_one();
-                }
-            }
-            inbox.changes.push(changed, position);
-        }
-        Ok(position)
+        self.shared.record(change)
     }
 
     /// A file the followers must hold, `len_bytes` long (its logical length: a preallocated
@@ -955,6 +963,54 @@ async fn read_loop(conn: Rc<Conn>, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
     }
 }
 
+/// Records `path` as it is on disk (replaced at its length now, or deleted), for a session
+/// whose MARKs have held for `VANISHED_HOLD_TIMEOUT_MS` because bytes vanished from it and no
+/// change explaining that was reported. Nothing is recorded if the file's generation moved on
+/// since the session's copy of the catalog (another session recorded it, or its writer reported
+/// a replacement or deletion meanwhile): that change is on its way to the session.
+fn record_unreported(ctx: &ConnCtx, id: u64, path: &RelPath, catalog: &Catalog) {
+    let held = catalog.get(path).map(|e| e.generation);
+    let on_disk = match ctx.dir.open_read(path).and_then(|f| f.metadata()) {
+        Ok(meta) => Some(meta.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(
+                "follower #{id}: acks held {VANISHED_HOLD_TIMEOUT_MS} ms for {path}, whose bytes \
+                 vanished with no change reported; cannot read it to record it: {e}"
+            );
+            return;
+        }
+    };
+    let mut moved_on = false;
+    let recorded = ctx.shared.record(|c| {
+        if c.get(path).map(|e| e.generation) != held {
+            moved_on = true;
+            return Ok(None);
+        }
+        match on_disk {
+            Some(len_bytes) => c.replace(path.as_str(), len_bytes).map(Some),
+            None => c.delete(path.as_str()),
+        }
+    });
+    let what = match on_disk {
+        Some(len_bytes) => format!("replaced, {len_bytes} bytes long"),
+        None => "deleted".to_string(),
+    };
+    match recorded {
+        Ok(_) if moved_on => tracing::info!(
+            "follower #{id}: acks held {VANISHED_HOLD_TIMEOUT_MS} ms for {path}, whose bytes \
+             vanished; a change to it was recorded meanwhile, which ends the hold"
+        ),
+        Ok(position) => tracing::warn!(
+            "follower #{id}: acks held {VANISHED_HOLD_TIMEOUT_MS} ms for {path}, whose bytes \
+             vanished with no change reported (a library user reports a file cut back or \
+             rewritten with replace_file, a removed one with delete_file); recorded it as the \
+             disk has it: {what}, at position {position}"
+        ),
+        Err(e) => tracing::warn!("follower #{id}: cannot record {path} as {what}: {e}"),
+    }
+}
+
 /// The connection's main loop: feed input, ship what the session asks for, sleep until input,
 /// a change or a timer.
 async fn drive(
@@ -1092,6 +1148,12 @@ async fn drive(
                         return Err(SessionError::Io(format!("cannot read {path}: {e}")).into());
                     }
                 }
+            }
+            Some(Transmit::RecordUnreported { paths }) => {
+                for path in paths {
+                    record_unreported(ctx, id, &path, &catalog);
+                }
+                continue;
             }
             Some(Transmit::Payload {
                 path,

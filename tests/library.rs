@@ -243,6 +243,56 @@ fn a_lone_small_append_is_acked_without_waiting_for_the_keepalive() {
     }
 }
 
+/// A broker that truncates a segment and never says so (no `replace_file`), then reports an
+/// append of bytes the file no longer has, holds the acks only for a while: no ack may claim
+/// bytes the follower never got, but after `VANISHED_HOLD_TIMEOUT_MS` the leader records the
+/// file as it is on disk, ships it, and acks flow again with the follower's copy identical.
+#[test]
+fn an_unreported_truncation_holds_acks_only_until_the_leader_records_it_itself() {
+    use ferry::frame::VANISHED_HOLD_TIMEOUT_MS;
+    for engine in ENGINES {
+        let env = Env::new();
+        let ld = env.dir("leader");
+        let leader = start(&ld, engine);
+        let _f = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
+        let mut offset = 0;
+        let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
+        acked_written(&leader, position);
+        // Two more messages written, the segment cut back to 4 of them behind the leader's
+        // back, and the stale append reported.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(ld.join("seg.0"))
+            .unwrap();
+        file.write_all_at(&pattern(2048, 10), offset).unwrap();
+        file.set_len(4 * 1024).unwrap();
+        let stale = leader.append("seg.0", offset, 2048).unwrap();
+        let started = Instant::now();
+        assert!(
+            !leader.wait_for(stale, Durability::Received, 1, Duration::from_millis(500)),
+            "{engine}: acked bytes the follower cannot have got"
+        );
+        let mut offset = 4 * 1024;
+        let position = publish(&leader, &ld, "seg.0", &mut offset, 1);
+        assert!(
+            leader.wait_for(
+                position,
+                Durability::Written,
+                1,
+                Duration::from_millis(VANISHED_HOLD_TIMEOUT_MS + 15_000)
+            ),
+            "{engine}: acks still held {:?} after the bytes vanished",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(VANISHED_HOLD_TIMEOUT_MS),
+            "{engine}: acks resumed after {:?}, before the broker had its chance to report",
+            started.elapsed()
+        );
+        wait_identical(&ld, &env.tmp.path().join("f"), Duration::from_secs(10));
+    }
+}
+
 /// The files of `dir` that this process holds open although they were deleted: their disk
 /// space (and page cache) cannot be reclaimed while an fd keeps them.
 fn deleted_but_open(dir: &Path) -> Vec<String> {

@@ -618,6 +618,19 @@ impl LeaderShell {
                         None => self.session.payload_unavailable(),
                     }
                 }
+                Transmit::RecordUnreported { paths } => {
+                    // As the leader's shell does: each file as it is now. The script's own
+                    // report of the change, if it comes later, is one more change.
+                    for path in paths {
+                        match self.files.get(&path) {
+                            Some(b) => {
+                                let len = b.len() as u64;
+                                self.record(path, |c, p| c.replace(p, len));
+                            }
+                            None => self.record(path, |c, p| c.delete(p)),
+                        }
+                    }
+                }
             }
             if budget != 0 && turns >= budget {
                 break;

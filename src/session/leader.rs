@@ -28,7 +28,7 @@ use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::frame::{
     Digest, Durability, Frame, Nonce, Preamble, HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS,
-    MAX_DATA_BYTES, MAX_INVENTORY_FILES,
+    MAX_DATA_BYTES, MAX_INVENTORY_FILES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -63,6 +63,12 @@ pub enum Transmit {
         offset: u64,
         len_bytes: u64,
     },
+    /// The bytes of these files vanished (`payload_unavailable`, `whole_unavailable`) and the
+    /// MARKs have repeated the last claim for `VANISHED_HOLD_TIMEOUT_MS` since, with no change
+    /// reported that explains it: record each file as it is on disk now (replaced at its
+    /// length, or deleted), in the catalog the writers feed, as its writer should have.
+    /// Asked again after another timeout while the hold lasts.
+    RecordUnreported { paths: Vec<RelPath> },
 }
 
 /// The generation of a follower's copy that matches none of ours (catalog generations start at 1).
@@ -144,6 +150,11 @@ pub struct LeaderSession {
     /// No marker below this position: above the change of every file whose bytes vanished, since
     /// a MARK between those bytes and that change would claim bytes the follower never gets.
     markers_from: u64,
+    /// Since when MARKs have repeated the last claim because bytes vanished: set at the first
+    /// `poll_transmit` of a hold, moved on at each `RecordUnreported`, cleared when a MARK
+    /// claims more. (Not cleared by a change that merely queues a vanished file again: an
+    /// append to a file still shorter than the catalog says explains nothing.)
+    held_since: Option<Instant>,
     sync_done_sent: bool,
     node_id: Option<String>,
     mark_last: Option<(u64, Instant)>,
@@ -183,6 +194,7 @@ impl LeaderSession {
             markers: VecDeque::new(),
             vanished: HashSet::new(),
             markers_from: 0,
+            held_since: None,
             sync_done_sent: false,
             node_id: None,
             mark_last: None,
@@ -545,6 +557,13 @@ impl LeaderSession {
                 continue;
             }
             if !self.vanished.is_empty() {
+                let since = *self.held_since.get_or_insert(now);
+                if now >= since + Duration::from_millis(VANISHED_HOLD_TIMEOUT_MS) {
+                    self.held_since = Some(now);
+                    let mut paths: Vec<RelPath> = self.vanished.iter().cloned().collect();
+                    paths.sort();
+                    return Some(Transmit::RecordUnreported { paths });
+                }
                 // Only a keepalive, which repeats the last claim.
                 if self.sync_done_sent && self.keepalive_due(now) {
                     self.send_mark(0, now);
@@ -594,7 +613,13 @@ impl LeaderSession {
             return None;
         }
         let (_, at) = self.mark_last?;
-        Some(at + Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+        let keepalive = at + Duration::from_millis(KEEPALIVE_INTERVAL_MS);
+        match self.held_since {
+            Some(since) if !self.vanished.is_empty() => {
+                Some(keepalive.min(since + Duration::from_millis(VANISHED_HOLD_TIMEOUT_MS)))
+            }
+            _ => Some(keepalive),
+        }
     }
 
     fn keepalive_due(&self, now: Instant) -> bool {
@@ -653,7 +678,12 @@ impl LeaderSession {
 
     fn send_mark(&mut self, position: u64, now: Instant) {
         // Positions on a connection never decrease, even if the shell fed an older catalog.
-        let position = position.max(self.mark_last.map_or(0, |(p, _)| p));
+        let claimed = self.mark_last.map_or(0, |(p, _)| p);
+        let position = position.max(claimed);
+        if position > claimed {
+            // A MARK claims more: whatever vanished has been explained and shipped.
+            self.held_since = None;
+        }
         let sync_done = !self.sync_done_sent;
         Frame::Mark {
             position,

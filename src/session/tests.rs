@@ -11,7 +11,10 @@ use super::leader::{LeaderPhase, LeaderSession, Transmit};
 use super::SessionError;
 use crate::auth::Secret;
 use crate::catalog::Catalog;
-use crate::frame::{Digest, Durability, ErrorCode, Frame, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES};
+use crate::frame::{
+    Digest, Durability, ErrorCode, Frame, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES,
+    VANISHED_HOLD_TIMEOUT_MS,
+};
 use crate::lag::FollowerState;
 use crate::paths::{PathError, RelPath};
 
@@ -43,6 +46,8 @@ struct Sim {
     /// or delete, which would make an older prefix legitimately absent).
     appends: Vec<(u64, RelPath, usize)>,
     check_marks: bool,
+    /// The paths of each `Transmit::RecordUnreported`, in order.
+    unreported_asks: Vec<Vec<RelPath>>,
 }
 
 impl Sim {
@@ -73,6 +78,7 @@ impl Sim {
             marks_seen: Vec::new(),
             appends: Vec::new(),
             check_marks: false,
+            unreported_asks: Vec::new(),
         }
     }
 
@@ -166,10 +172,27 @@ impl Sim {
                 len_bytes,
                 ..
             } => {
-                self.to_follower.extend(self.leader.take_output());
-                let b = &self.leader_files[&path];
-                self.to_follower
-                    .extend_from_slice(&b[offset as usize..(offset + len_bytes) as usize]);
+                let range = offset as usize..(offset + len_bytes) as usize;
+                match self.leader_files.get(&path).and_then(|b| b.get(range)) {
+                    Some(bytes) => {
+                        self.to_follower.extend(self.leader.take_output());
+                        self.to_follower.extend_from_slice(bytes);
+                    }
+                    None => self.leader.payload_unavailable(),
+                }
+            }
+            Transmit::RecordUnreported { paths } => {
+                self.unreported_asks.push(paths.clone());
+                // As the leader's shell does: each file as it is now, replaced or deleted.
+                for path in paths {
+                    match self.leader_files.get(&path) {
+                        Some(b) => {
+                            let len_bytes = b.len() as u64;
+                            self.record(path, |c, p| c.replace(p, len_bytes));
+                        }
+                        None => self.record(path, |c, p| c.delete(p)),
+                    }
+                }
             }
         }
         true
@@ -839,6 +862,85 @@ fn no_mark_falls_between_vanished_bytes_and_the_change_that_explains_them() {
         marks.iter().all(|&m| m < vanished_at || m >= changed_at),
         "MARKs {marks:?}; the vanished bytes are at {vanished_at}, their change at {changed_at}"
     );
+}
+
+/// The change that explains vanished bytes may never come (a library user who cut a segment
+/// back and did not say so). The hold lasts `VANISHED_HOLD_TIMEOUT_MS`, counted from when it
+/// began, then the session asks its shell, once per timeout, to record those files as they are
+/// on disk; that change ships like any other, and the MARKs resume.
+#[test]
+fn a_hold_nobody_explains_asks_the_shell_to_record_the_files_as_they_are() {
+    let (mut sim, _) = Sim::with_a_vanished_tail();
+    // What the disk holds: the file was cut back to 3 bytes.
+    sim.leader_files.insert(p("seg"), b"012".to_vec());
+    let t0 = sim.now;
+    let hold = Duration::from_millis(VANISHED_HOLD_TIMEOUT_MS);
+    assert_eq!(sim.leader.poll_transmit(&sim.catalog, t0), None);
+    // An append to the same file, reported, does not explain the vanished bytes (the file is
+    // still shorter than the catalog says), nor does it start the hold over.
+    sim.now = t0 + hold / 2;
+    sim.append("seg", b"xy");
+    sim.run();
+    assert!(sim.unreported_asks.is_empty());
+    // Waking for the keepalive just before the hold's end, the shell is told to wake at it.
+    sim.now = t0 + hold - Duration::from_millis(100);
+    sim.run();
+    assert!(sim.unreported_asks.is_empty(), "{:?}", sim.unreported_asks);
+    assert_eq!(sim.leader.poll_timeout(), Some(t0 + hold));
+    let claimed = sim.marks_seen.last().unwrap().0;
+    assert!(claimed < sim.catalog.position());
+    sim.now = t0 + hold;
+    assert_eq!(
+        sim.leader.poll_transmit(&sim.catalog, sim.now),
+        Some(Transmit::RecordUnreported {
+            paths: vec![p("seg")]
+        })
+    );
+    // Once per timeout, not at every turn.
+    assert_eq!(sim.leader.poll_transmit(&sim.catalog, sim.now), None);
+    // The shell records the file as the disk has it: it ships, and the MARKs claim it.
+    sim.replace("seg", b"012xy");
+    sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sim.marks_seen.last().unwrap().0, sim.catalog.position());
+    // The hold is over: however long things stay quiet, nothing more is asked.
+    let position = sim.catalog.position();
+    for _ in 0..4 {
+        sim.now += hold;
+        sim.run();
+    }
+    assert!(sim.unreported_asks.is_empty(), "{:?}", sim.unreported_asks);
+    assert_eq!(sim.catalog.position(), position);
+}
+
+/// If recording a file from disk does not end the hold (the shell could not read it), the
+/// session asks again a timeout later, for every file whose bytes are still missing.
+#[test]
+fn a_hold_the_shell_could_not_end_is_asked_about_again_a_timeout_later() {
+    let (mut sim, _) = Sim::with_a_vanished_tail();
+    sim.replace("gone", b"12345");
+    sim.leader_files.remove(&p("gone"));
+    sim.run();
+    let hold = Duration::from_millis(VANISHED_HOLD_TIMEOUT_MS);
+    let t0 = sim.now;
+    let mut asks = Vec::new();
+    for _ in 0..2 {
+        sim.now += hold;
+        // The shell fails to record anything: it asks again only after another timeout.
+        while let Some(t) = sim.leader.poll_transmit(&sim.catalog, sim.now) {
+            asks.push((sim.now - t0, t));
+        }
+        sim.leader.take_output();
+    }
+    let expected = |after| {
+        (
+            after,
+            Transmit::RecordUnreported {
+                paths: vec![p("gone"), p("seg")],
+            },
+        )
+    };
+    assert_eq!(asks, vec![expected(hold), expected(hold * 2)]);
 }
 
 #[test]
