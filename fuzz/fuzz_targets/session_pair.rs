@@ -8,9 +8,11 @@
 //!
 //! Input: `[leader_files, follower_files_lo, follower_files_hi, options, ops...]` (see `setup`
 //! and `Op`). Asserts everything the single-session harnesses do on both sides, and, when the
-//! script injected nothing: neither side fails, and once every change has been reported and
-//! both sides have settled, the follower's files equal the leader's, both are streaming, and
-//! the follower has acked the leader's position at every level.
+//! script injected nothing: at every MARK the follower reads, it holds every append at or below
+//! that position, or what the file became behind the catalog (`ferry_fuzz::Claims`); neither
+//! side fails; and once every change has been reported and both sides have settled, the
+//! follower's files equal the leader's, both are streaming, and the follower has acked the
+//! leader's position at every level.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use ferry::frame::{Durability, Frame, KEEPALIVE_INTERVAL_MS};
 use ferry::paths::RelPath;
 use ferry::session::follower::FollowerPhase;
 use ferry::session::leader::LeaderPhase;
-use ferry_fuzz::{files_diff, p, pattern, sha1, Files, FollowerShell, LeaderShell};
+use ferry_fuzz::{files_diff, p, pattern, sha1, Claims, Files, FollowerShell, LeaderShell};
 use libfuzzer_sys::fuzz_target;
 
 /// The paths a script works on: the first six may exist at the start; 20 in all, more than
@@ -89,6 +91,9 @@ impl Pair {
     fn step_leader(&mut self, budget: usize) -> bool {
         let consumed = self.leader.handle();
         let out = self.leader.drive(budget);
+        for path in std::mem::take(&mut self.leader.recorded_unreported) {
+            self.forget(&path);
+        }
         let moved = consumed || !out.is_empty();
         self.follower.inbuf.extend(out);
         moved
@@ -122,13 +127,59 @@ impl Pair {
         let file = self.leader.files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(&bytes);
+        let recorded_len = self.recorded_len(&path);
         self.leader
-            .record(path, |c, p| c.append(p, offset, n as u64));
+            .record(path.clone(), |c, p| c.append(p, offset, n as u64));
+        if self.unreported.contains(&path) {
+            // A file changed behind the catalog, grown: one more state it has had.
+            let now = self.leader.files.get(&path).cloned();
+            self.claims_behind(&path, now.as_deref(), recorded_len);
+        } else if n > 0 {
+            // (An empty append moves no position: a MARK at it may be one sent before it.)
+            let position = self.leader.catalog.position();
+            if let Some(claims) = &mut self.follower.claims {
+                claims.appended(&path, position, &self.leader.files[&path]);
+            }
+        }
+    }
+
+    fn recorded_len(&self, path: &RelPath) -> u64 {
+        self.leader.catalog.get(path).map_or(0, |e| e.len_bytes)
+    }
+
+    /// A change to `path` was recorded: the claims of its appends end there.
+    fn forget(&mut self, path: &RelPath) {
+        if let Some(claims) = &mut self.follower.claims {
+            claims.forget(path);
+        }
+    }
+
+    /// `path` holds `now` (`None`: deleted) behind the catalog, which says `recorded_len`.
+    fn claims_behind(&mut self, path: &RelPath, now: Option<&[u8]>, recorded_len: u64) {
+        if let Some(claims) = &mut self.follower.claims {
+            match now {
+                // As long as recorded or longer: its bytes may ship as a tail (`Claims`).
+                Some(b) if b.len() as u64 >= recorded_len => claims.forget(path),
+                _ => claims.changed_behind(path, now),
+            }
+        }
+    }
+
+    /// `path` rewritten (`Some`) or deleted behind the catalog's back, reported later.
+    fn change_behind(&mut self, path: RelPath, bytes: Option<Vec<u8>>) {
+        let recorded_len = self.recorded_len(&path);
+        self.claims_behind(&path, bytes.as_deref(), recorded_len);
+        match bytes {
+            Some(b) => self.leader.files.insert(path.clone(), b),
+            None => self.leader.files.remove(&path),
+        };
+        self.unreported.push(path);
     }
 
     fn replace(&mut self, path: RelPath, len: usize) {
         let bytes = self.contents(len);
         self.leader.files.insert(path.clone(), bytes);
+        self.forget(&path);
         self.leader.record(path, |c, p| c.replace(p, len as u64));
     }
 
@@ -142,17 +193,20 @@ impl Pair {
         };
         let len = usize::from(b) % (file.len() + 1);
         file.truncate(len);
+        self.forget(&path);
         self.leader.record(path, |c, p| c.replace(p, len as u64));
     }
 
     fn delete(&mut self, path: RelPath) {
         self.leader.files.remove(&path);
+        self.forget(&path);
         self.leader.record(path, |c, p| c.delete(p));
     }
 
     /// What the change source reports for each file changed behind the catalog's back.
     fn report(&mut self) {
         for path in std::mem::take(&mut self.unreported) {
+            self.forget(&path);
             match self.leader.files.get(&path) {
                 Some(b) => {
                     let len = b.len() as u64;
@@ -269,9 +323,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let (leader_files, follower_files) = setup(*leader_sel, u16::from_le_bytes([*lo, *hi]));
     let durability = Durability::ALL[usize::from(options % 3)];
+    let mut follower = FollowerShell::new(follower_files, durability, options & 4 != 0);
+    follower.claims = Some(Claims::default());
     let mut pair = Pair {
         leader: LeaderShell::new(leader_files, Instant::now()),
-        follower: FollowerShell::new(follower_files, durability, options & 4 != 0),
+        follower,
         paths: PATHS.iter().map(|s| p(s)).collect(),
         unreported: Vec::new(),
         injected: false,
@@ -343,13 +399,11 @@ fuzz_target!(|data: &[u8]| {
                 let path = pair.path(input.byte().unwrap_or(0));
                 let len = usize::from(input.byte().unwrap_or(0)) * 8;
                 let bytes = pair.contents(len);
-                pair.leader.files.insert(path.clone(), bytes);
-                pair.unreported.push(path);
+                pair.change_behind(path, Some(bytes));
             }
             10 => {
                 let path = pair.path(input.byte().unwrap_or(0));
-                pair.leader.files.remove(&path);
-                pair.unreported.push(path);
+                pair.change_behind(path, None);
             }
             11 => pair.report(),
             12 => {
@@ -360,6 +414,10 @@ fuzz_target!(|data: &[u8]| {
                 pair.frame_to_follower(&mut input);
                 pair.injected = true;
             }
+        }
+        if pair.injected {
+            // Made-up frames may claim anything.
+            pair.follower.claims = None;
         }
     }
 

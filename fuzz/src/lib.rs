@@ -423,6 +423,8 @@ pub struct LeaderShell {
     pub wire: WireChecker,
     /// Every byte the session reported consumed, in order.
     pub consumed: Vec<u8>,
+    /// The paths the shell recorded as they were, asked by `Transmit::RecordUnreported`.
+    pub recorded_unreported: Vec<RelPath>,
     rank: u8,
 }
 
@@ -449,6 +451,7 @@ impl LeaderShell {
             error: None,
             wire: WireChecker::new(Side::Leader),
             consumed: Vec::new(),
+            recorded_unreported: Vec::new(),
             rank: 0,
         }
     }
@@ -622,6 +625,7 @@ impl LeaderShell {
                     // As the leader's shell does: each file as it is now. The script's own
                     // report of the change, if it comes later, is one more change.
                     for path in paths {
+                        self.recorded_unreported.push(path.clone());
                         match self.files.get(&path) {
                             Some(b) => {
                                 let len = b.len() as u64;
@@ -668,6 +672,8 @@ pub struct FollowerShell {
     pub marks: Vec<(u64, bool)>,
     /// A write reached past `MAX_SIM_FILE_BYTES`, so file contents are no longer exact.
     pub lossy: bool,
+    /// Checked at each MARK unless `None` (frames injected, or contents no longer exact).
+    pub claims: Option<Claims>,
     pending: Option<PendingWrite>,
     /// BEGIN_WHOLE lengths of the transfers the session said were open.
     wholes: HashMap<RelPath, u64>,
@@ -692,6 +698,7 @@ impl FollowerShell {
             consumed: Vec::new(),
             marks: Vec::new(),
             lossy: false,
+            claims: None,
             pending: None,
             wholes: HashMap::new(),
             rank: 0,
@@ -825,6 +832,7 @@ impl FollowerShell {
         let end = offset + bytes.len() as u64;
         if end > MAX_SIM_FILE_BYTES {
             self.lossy = true;
+            self.claims = None;
             return;
         }
         let files = if temp {
@@ -938,10 +946,107 @@ impl FollowerShell {
                     assert_eq!(self.session.sync_done_position(), Some(position));
                 }
                 self.marks.push((position, sync_done));
+                if let Some(claims) = &mut self.claims {
+                    claims.check(position, &self.files);
+                }
                 self.session.written(position);
             }
         }
         Ok(())
+    }
+}
+
+/// What each MARK claims, from the appends a script recorded: a MARK at position M says the
+/// follower holds every append recorded at or below M. Checked at every MARK the follower
+/// reads, in wire order (`FollowerShell::step`).
+///
+/// Per file, the model keeps the appends since its last other change (those that moved the
+/// position: a MARK at an empty append's position may be one sent before it), and, if the file
+/// was then cut back or deleted behind the catalog (a change not yet reported), each state it
+/// has had since. The follower must hold the appended bytes (shipped before they vanished) or
+/// one of those states (or a prefix of one: a file rewritten twice behind the catalog while it
+/// was being sent whole); a MARK claiming bytes the follower never got while they vanished
+/// fails here. The harness forgets a file when a change to it is recorded (reported, or
+/// recorded by the leader after `VANISHED_HOLD_TIMEOUT_MS`), and when behind the catalog it
+/// becomes at least as long as recorded (rewritten, or grown by appends): that is outside the
+/// append-only contract, and its new bytes may ship as a tail before the change is reported.
+#[derive(Default)]
+pub struct Claims {
+    files: HashMap<RelPath, FileClaims>,
+    /// MARKs checked against at least one append (for the target's own test of this check).
+    pub checked: u64,
+}
+
+#[derive(Default)]
+struct FileClaims {
+    /// (position after the append, the file's length after it), in order.
+    appends: Vec<(u64, usize)>,
+    /// The file's bytes after the last append.
+    bytes: Vec<u8>,
+    /// The file's states since, changed behind the catalog (`None`: deleted).
+    since: Vec<Option<Vec<u8>>>,
+}
+
+impl Claims {
+    /// An append recorded at `position`, after which the file holds `bytes`.
+    pub fn appended(&mut self, path: &RelPath, position: u64, bytes: &[u8]) {
+        let file = self.files.entry(path.clone()).or_default();
+        if !file.since.is_empty() {
+            // Appends to a file changed behind the catalog prove nothing until it is reported.
+            return;
+        }
+        file.appends.push((position, bytes.len()));
+        file.bytes = bytes.to_vec();
+    }
+
+    /// `path` was cut back, rewritten or deleted (`None`) behind the catalog.
+    pub fn changed_behind(&mut self, path: &RelPath, now: Option<&[u8]>) {
+        if let Some(file) = self.files.get_mut(path) {
+            file.since.push(now.map(<[u8]>::to_vec));
+        }
+    }
+
+    /// A change to `path` was recorded (or the harness can no longer say what it holds).
+    pub fn forget(&mut self, path: &RelPath) {
+        self.files.remove(path);
+    }
+
+    /// The follower read a MARK at `position` and holds `files`.
+    fn check(&mut self, position: u64, files: &Files) {
+        let mut any = false;
+        for (path, claims) in &self.files {
+            let Some(len) = claims
+                .appends
+                .iter()
+                .filter(|&&(at, _)| at <= position)
+                .map(|&(_, len)| len)
+                .max()
+            else {
+                continue;
+            };
+            any = true;
+            let have = files.get(path).map(Vec::as_slice);
+            let appended = have.is_some_and(|b| b.len() >= len && b[..len] == claims.bytes[..len]);
+            let a_later_state = claims.since.iter().any(|state| match (state, have) {
+                (None, None) => true,
+                (Some(state), Some(have)) => {
+                    state == have || (!have.is_empty() && state.starts_with(have))
+                }
+                _ => false,
+            });
+            assert!(
+                appended || a_later_state,
+                "MARK {position} claims the first {len} bytes of {path} as appended; the \
+                 follower holds {:?} bytes, and the file has since been {:?} bytes long",
+                have.map(<[u8]>::len),
+                claims
+                    .since
+                    .iter()
+                    .map(|s| s.as_ref().map(Vec::len))
+                    .collect::<Vec<_>>()
+            );
+        }
+        self.checked += u64::from(any);
     }
 }
 

@@ -300,6 +300,22 @@ fn main() {
             &[4, 2, 200, 9, 2, 1, 2, 0, 3, 11, 2, 0, 3],
         ],
     );
+    // The same, with the change never reported by the script until the end: the leader
+    // records the file as it is once the hold has lasted VANISHED_HOLD_TIMEOUT_MS (2 x 2550
+    // ms), and the appends after that are shipped and claimed.
+    write(
+        &dir,
+        t,
+        "vanishing-range-unreported",
+        &[
+            &files,
+            &[8 | 2],
+            &[
+                4, 2, 200, 9, 2, 1, 2, 0, 3, 8, 255, 2, 0, 3, 8, 255, 2, 0, 3, 2, 0, 3, 4, 0, 9, 2,
+                0, 3,
+            ],
+        ],
+    );
     // A whole-file transfer cut short (its file shrinks after BEGIN_WHOLE), then deleted.
     write(
         &dir,
