@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -50,6 +50,18 @@ fn acked_written(leader: &Leader, position: u64) {
         leader.wait_for(position, Durability::Written, 1, Duration::from_secs(20)),
         "position {position} not acked at written within 20 s"
     );
+}
+
+/// A leader on `engine` with one follower at `written` that has acked the first `count`
+/// messages of `seg.0`. Returns both, the leader's dir and the offset after those messages.
+fn with_a_follower_in_sync(env: &Env, engine: &str, count: usize) -> (Leader, Proc, PathBuf, u64) {
+    let ld = env.dir("leader");
+    let leader = start(&ld, engine);
+    let follower = start_follower(env, &env.dir("f"), leader.local_addr(), engine, "written");
+    let mut offset = 0;
+    let position = publish(&leader, &ld, "seg.0", &mut offset, count);
+    acked_written(&leader, position);
+    (leader, follower, ld, offset)
 }
 
 fn wait_state(leader: &Leader, id: u64, state: FollowerState) {
@@ -179,12 +191,7 @@ fn a_stopped_follower_is_marked_lagging_and_holds_back_neither_writer_nor_others
 fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
     for engine in ENGINES {
         let env = Env::new();
-        let ld = env.dir("leader");
-        let leader = start(&ld, engine);
-        let follower = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
-        let mut offset = 0;
-        let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
-        acked_written(&leader, position);
+        let (leader, follower, ld, mut offset) = with_a_follower_in_sync(&env, engine, 10);
         let id = leader.followers()[0].id;
 
         signal(&follower.child, libc::SIGSTOP);
@@ -215,12 +222,7 @@ fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
 fn a_lone_small_append_is_acked_without_waiting_for_the_keepalive() {
     for engine in ENGINES {
         let env = Env::new();
-        let ld = env.dir("leader");
-        let leader = start(&ld, engine);
-        let _f = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
-        let mut offset = 0;
-        let position = publish(&leader, &ld, "seg.0", &mut offset, 1);
-        acked_written(&leader, position);
+        let (leader, _f, ld, mut offset) = with_a_follower_in_sync(&env, engine, 1);
         let mut latencies_ms = Vec::new();
         for _ in 0..15 {
             // A quiet moment: nothing else follows this append for a while.
@@ -252,12 +254,7 @@ fn an_unreported_truncation_holds_acks_only_until_the_leader_records_it_itself()
     use ferry::frame::VANISHED_HOLD_TIMEOUT_MS;
     for engine in ENGINES {
         let env = Env::new();
-        let ld = env.dir("leader");
-        let leader = start(&ld, engine);
-        let _f = start_follower(&env, &env.dir("f"), leader.local_addr(), engine, "written");
-        let mut offset = 0;
-        let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
-        acked_written(&leader, position);
+        let (leader, _f, ld, offset) = with_a_follower_in_sync(&env, engine, 10);
         // Two more messages written, the segment cut back to 4 of them behind the leader's
         // back, and the stale append reported.
         let file = std::fs::OpenOptions::new()
