@@ -71,6 +71,8 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
             "\"in_fault\": ",
             "\"writer_samples\": [\n    [{\"t_s\": ",
             "\"append_call_p99_ns\": ",
+            "\"ack_samples\": [{\"t_s\": 0.10, \"messages\": ",
+            "\"append_to_ack_p99_us\": ",
             "\"checksums_match\": true",
             "\"free_page_reporting_order\": ",
         ],

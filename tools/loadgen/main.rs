@@ -41,7 +41,7 @@ use ferry::index::checksum_dir;
 use ferry::leader::{Leader, LeaderConfig};
 use leader_view::LeaderView;
 use procs::Proc;
-use report::{histogram, RawBaseline, Report, Sample, Usage, WriterSample};
+use report::{histogram, AckSample, RawBaseline, Report, Sample, Usage, WriterSample};
 use segments::SegmentWriter;
 
 /// How often lag, throughput and process usage are sampled.
@@ -98,7 +98,8 @@ struct Args {
     /// Write the summary as JSON to this file (field names in the README).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Draw throughput and per-follower lag over time as SVG to this file.
+    /// Draw throughput, per-follower lag, the append-to-ack p99 and the writers' append() p99 over
+    /// time as SVG to this file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     /// SIGKILL one follower (in turn) this often, and restart it.
@@ -446,6 +447,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 confirm(
                     |beyond, timeout| leader.wait_acked_beyond(beyond, durability, n, timeout),
                     confirm_rx,
+                    started,
                 )
             }))
         }
@@ -453,6 +455,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             confirm(
                 |beyond, timeout| fanout.wait_received_beyond(beyond, timeout),
                 confirm_rx,
+                started,
             )
         })),
         (None, None) => None,
@@ -625,11 +628,16 @@ fn run(args: Args) -> anyhow::Result<bool> {
             converged_s = Some(writers_done.elapsed().as_secs_f64());
         }
     }
-    let (ack_us, ack_fault_us, latency_queue_peak_bytes) = match confirmer {
+    let confirmed = match confirmer {
         Some(t) => t
             .join()
             .map_err(|_| anyhow::anyhow!("the confirmer panicked"))?,
-        None => (histogram(), histogram(), 0),
+        None => Confirmed {
+            normal: histogram(),
+            fault: histogram(),
+            queue_peak_bytes: 0,
+            ack_samples: Vec::new(),
+        },
     };
     let drained = match fanout {
         Some(fanout) => {
@@ -740,14 +748,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
         elapsed_s,
         messages: shared.messages.load(Ordering::Relaxed),
         bytes: shared.bytes.load(Ordering::Relaxed),
-        append_to_ack_us: ack_us,
-        append_to_ack_fault_us: ack_fault_us,
+        append_to_ack_us: confirmed.normal,
+        append_to_ack_fault_us: confirmed.fault,
         append_call_ns: call_ns,
         append_call_fault_ns: call_fault_ns,
         leader: leader_usage,
         follower_usage,
         samples,
         writer_samples,
+        ack_samples: confirmed.ack_samples,
         kills,
         stalls,
         joins,
@@ -755,7 +764,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         checksums_match,
         dd_mb_per_s,
         raw_baseline,
-        latency_queue_peak_bytes,
+        latency_queue_peak_bytes: confirmed.queue_peak_bytes,
         machine_cpu,
         free_page_reporting_order: machine::free_page_reporting_order(),
     };
@@ -1128,16 +1137,90 @@ impl Appended {
     }
 }
 
+/// What the confirmer measured.
+struct Confirmed {
+    /// Append-to-ack latencies (us), outside and during faults.
+    normal: Hist,
+    fault: Hist,
+    /// The most bytes its queue of appends not yet acked had allocated: it grows with the
+    /// followers' lag, and in library mode it is part of the leader process's RSS.
+    queue_peak_bytes: u64,
+    /// Per `SAMPLE_INTERVAL` of append time since `run_started`.
+    ack_samples: Vec<AckSample>,
+}
+
+/// The latencies of the messages appended in each `SAMPLE_INTERVAL`, reported once every
+/// message of an interval has surely been acked. Writers hand over batches at most
+/// `CONFIRM_DELAY_MAX` late, so an interval is closed once one `ACK_WINDOWS_OPEN` intervals
+/// newer has messages; a straggler older than that counts in the oldest open interval.
+struct AckWindows {
+    run_started: Instant,
+    open: std::collections::BTreeMap<u64, Hist>,
+    closed_below: u64,
+    samples: Vec<AckSample>,
+}
+
+/// Intervals of append time kept open for late batches (at most a few hundred bytes each).
+const ACK_WINDOWS_OPEN: u64 = 10;
+
+impl AckWindows {
+    fn new(run_started: Instant) -> AckWindows {
+        AckWindows {
+            run_started,
+            open: Default::default(),
+            closed_below: 0,
+            samples: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, appended_at: Instant, us: u64) {
+        let since_start = appended_at.saturating_duration_since(self.run_started);
+        let index = (since_start.as_nanos() / SAMPLE_INTERVAL.as_nanos()) as u64;
+        let index = index.max(self.closed_below);
+        let window = self.open.entry(index).or_insert_with(|| {
+            // Two significant digits: enough to read a tail, and a small histogram.
+            Hist::new(2).unwrap_or_else(|_| unreachable!("2 digits are valid"))
+        });
+        let _ = window.record(us);
+        while self
+            .open
+            .first_key_value()
+            .is_some_and(|(&oldest, _)| oldest + ACK_WINDOWS_OPEN <= index)
+        {
+            self.close_oldest();
+        }
+    }
+
+    fn close_oldest(&mut self) {
+        if let Some((index, h)) = self.open.pop_first() {
+            self.closed_below = index + 1;
+            self.samples.push(AckSample {
+                t_s: ((index + 1) as u128 * SAMPLE_INTERVAL.as_millis()) as f64 / 1000.0,
+                messages: h.len(),
+                append_to_ack_p99_us: h.value_at_quantile(0.99),
+                append_to_ack_max_us: h.max(),
+            });
+        }
+    }
+
+    fn finish(mut self) -> Vec<AckSample> {
+        while !self.open.is_empty() {
+            self.close_oldest();
+        }
+        self.samples
+    }
+}
+
 /// Matches appended positions with the position every follower has acked; `wait_acked_beyond`
 /// is `Leader::wait_acked_beyond` at the run's durability and follower count.
-/// Also returns the most bytes its queue of appends not yet acked had allocated: it grows with
-/// the followers' lag, and in library mode it is part of the leader process's RSS.
 fn confirm(
     mut wait_acked_beyond: impl FnMut(u64, Duration) -> u64,
     rx: mpsc::Receiver<Vec<Appended>>,
-) -> (Hist, Hist, u64) {
+    run_started: Instant,
+) -> Confirmed {
     let mut normal = histogram();
     let mut fault = histogram();
+    let mut windows = AckWindows::new(run_started);
     let mut pending: std::collections::VecDeque<Appended> = Default::default();
     // What the queue's allocation held at most: its capacity, which doubling leaves at up to
     // twice the appends in it, and which is what the process's RSS carries.
@@ -1174,12 +1257,13 @@ fn confirm(
             if appended.position > acked {
                 break;
             }
-            let us = now.duration_since(appended.at()).as_micros() as u64;
+            let us = (now.duration_since(appended.at()).as_micros() as u64).max(1);
             let _ = if appended.in_fault() {
-                fault.record(us.max(1))
+                fault.record(us)
             } else {
-                normal.record(us.max(1))
+                normal.record(us)
             };
+            windows.record(appended.at(), us);
             pending.pop_front();
         }
         // Followers that never ack everything do not keep the run from ending.
@@ -1190,7 +1274,12 @@ fn confirm(
         }
     }
     let entry_bytes = std::mem::size_of::<Appended>();
-    (normal, fault, (pending_capacity_max * entry_bytes) as u64)
+    Confirmed {
+        normal,
+        fault,
+        queue_peak_bytes: (pending_capacity_max * entry_bytes) as u64,
+        ack_samples: windows.finish(),
+    }
 }
 
 /// What to inject, and when (from the start of the run).
@@ -1335,6 +1424,41 @@ mod tests {
         }
     }
 
+    /// Each message's latency also counts in the `SAMPLE_INTERVAL` it was appended in, from
+    /// the run's start, so a tail can be placed in time (`ack_samples`).
+    #[test]
+    fn latencies_are_also_reported_per_interval_of_append_time() {
+        // Times are kept from `epoch()`, as a run starts after it; the messages below are
+        // appended up to 250 ms after it, all in the past once acked.
+        let run_started = epoch();
+        std::thread::sleep(Duration::from_millis(300));
+        let (tx, rx) = mpsc::channel();
+        // Appended 50 and 60 ms into the run (the first interval), then 250 ms in (the third);
+        // all acked at once, so the first interval's wait is 200 ms longer than the third's.
+        let at = |ms| run_started + Duration::from_millis(ms);
+        tx.send(vec![
+            Appended::new(1, at(50), false),
+            Appended::new(2, at(60), false),
+            Appended::new(3, at(250), false),
+        ])
+        .unwrap();
+        drop(tx);
+        let confirmed = confirm(|_, _| 3, rx, run_started);
+        let windows: Vec<(f64, u64)> = confirmed
+            .ack_samples
+            .iter()
+            .map(|w| (w.t_s, w.messages))
+            .collect();
+        assert_eq!(windows, vec![(0.1, 2), (0.3, 1)]);
+        let (first, third) = (&confirmed.ack_samples[0], &confirmed.ack_samples[1]);
+        // Two significant digits: within 1% of each figure.
+        let longer_us = first
+            .append_to_ack_max_us
+            .abs_diff(third.append_to_ack_max_us);
+        assert!(longer_us.abs_diff(200_000) < 10_000, "{first:?} {third:?}");
+        assert_eq!(first.append_to_ack_p99_us, first.append_to_ack_max_us);
+    }
+
     /// A batch that reaches the confirmer after the ack covering it was seen is counted at
     /// once. Waiting for a further ack instead added the wait's 50 ms timeout to the last
     /// messages of a run, where no further ack comes: the reported max was 51 ms.
@@ -1345,7 +1469,7 @@ mod tests {
             .unwrap();
         let tx = RefCell::new(Some(tx));
         let mut waits = Vec::new();
-        let (normal, _, _) = confirm(
+        let confirmed = confirm(
             |beyond, _| {
                 waits.push(beyond);
                 // While the confirmer waits, the writer hands over its last batch (covered by
@@ -1357,8 +1481,9 @@ mod tests {
                 10
             },
             rx,
+            Instant::now(),
         );
-        assert_eq!(normal.len(), 2, "both messages are counted");
+        assert_eq!(confirmed.normal.len(), 2, "both messages are counted");
         assert_eq!(waits, vec![0], "one wait, for the first ack only");
     }
 }

@@ -1,5 +1,6 @@
 //! loadgen's results: the summary printed at the end, the `--json` file (stable field names,
-//! documented in the README) and the `--plot` SVG (throughput and per-follower lag over time).
+//! documented in the README) and the `--plot` SVG (throughput, per-follower lag and latencies over
+//! time).
 
 use std::fmt::Write as _;
 
@@ -24,6 +25,16 @@ pub struct Sample {
 pub struct WriterSample {
     pub t_s: f64,
     pub append_call_p99_ns: u64,
+}
+
+/// Append-to-ack latency of the messages appended in one `SAMPLE_INTERVAL` of the run, ending at
+/// `t_s`: where in the run a tail happened.
+#[derive(Debug, Clone)]
+pub struct AckSample {
+    pub t_s: f64,
+    pub messages: u64,
+    pub append_to_ack_p99_us: u64,
+    pub append_to_ack_max_us: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -56,6 +67,8 @@ pub struct Report {
     pub samples: Vec<Sample>,
     /// Per writer (library and raw modes; none in write mode, where nothing is timed).
     pub writer_samples: Vec<Vec<WriterSample>>,
+    /// Per interval of append time (none in write mode, where nothing is timed).
+    pub ack_samples: Vec<AckSample>,
     pub kills: u64,
     pub stalls: u64,
     pub joins: u64,
@@ -466,6 +479,18 @@ impl Report {
             "  \"writer_samples\": [\n    {}\n  ],",
             writers.join(",\n    ")
         );
+        let acks: Vec<String> = self
+            .ack_samples
+            .iter()
+            .map(|x| {
+                format!(
+                    "{{\"t_s\": {:.2}, \"messages\": {}, \"append_to_ack_p99_us\": {}, \
+                     \"append_to_ack_max_us\": {}}}",
+                    x.t_s, x.messages, x.append_to_ack_p99_us, x.append_to_ack_max_us
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  \"ack_samples\": [{}],", acks.join(",\n    "));
         let _ = writeln!(
             s,
             "  \"converged_s\": {},",
@@ -531,7 +556,7 @@ impl Report {
         let t_max = self.samples.last().map_or(1.0, |x| x.t_s).max(1e-3);
         let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t / t_max;
         let mut s = String::new();
-        let h_total = TOP + 3.0 * PANEL_H + 2.0 * GAP + 50.0;
+        let h_total = TOP + 4.0 * PANEL_H + 3.0 * GAP + 50.0;
         let _ = writeln!(
             s,
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h_total}\" font-family=\"sans-serif\" font-size=\"12\">"
@@ -646,6 +671,33 @@ impl Report {
             );
         }
         let top3 = top2 + PANEL_H + GAP;
+        let us_max = self
+            .ack_samples
+            .iter()
+            .map(|a| a.append_to_ack_p99_us as f64)
+            .fold(1.0_f64, f64::max)
+            * 1.1;
+        panel(
+            &mut s,
+            top3,
+            &format!(
+                "append() to acked by all at {}, p99 of each 100 ms of appends (us)",
+                self.durability
+            ),
+            us_max,
+            "us",
+        );
+        curve(
+            &mut s,
+            top3,
+            us_max,
+            "#333",
+            &mut self
+                .ack_samples
+                .iter()
+                .map(|a| (a.t_s, a.append_to_ack_p99_us as f64)),
+        );
+        let top4 = top3 + PANEL_H + GAP;
         let ns_max = self
             .writer_samples
             .iter()
@@ -655,7 +707,7 @@ impl Report {
             * 1.1;
         panel(
             &mut s,
-            top3,
+            top4,
             "writers' append() call, p99 of each 100 ms (ns)",
             ns_max,
             "ns",
@@ -663,7 +715,7 @@ impl Report {
         for (w, samples) in self.writer_samples.iter().enumerate() {
             curve(
                 &mut s,
-                top3,
+                top4,
                 ns_max,
                 colors[w % colors.len()],
                 &mut samples.iter().map(|p| (p.t_s, p.append_call_p99_ns as f64)),
@@ -673,7 +725,7 @@ impl Report {
             s,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seconds (0 to {t_max:.1})</text>",
             (LEFT + W - RIGHT) / 2.0,
-            top3 + PANEL_H + 30.0
+            top4 + PANEL_H + 30.0
         );
         s.push_str("</svg>\n");
         s
