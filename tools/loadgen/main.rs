@@ -1150,17 +1150,20 @@ struct Confirmed {
 }
 
 /// The latencies of the messages appended in each `SAMPLE_INTERVAL`, reported once every
-/// message of an interval has surely been acked. Writers hand over batches at most
-/// `CONFIRM_DELAY_MAX` late, so an interval is closed once one `ACK_WINDOWS_OPEN` intervals
-/// newer has messages; a straggler older than that counts in the oldest open interval.
+/// message of an interval has surely been acked. Writers hand their batches over at most
+/// `CONFIRM_DELAY_MAX` late, so an interval is closed once a message appended
+/// `ACK_WINDOWS_OPEN` intervals after it is counted; a straggler from a closed interval counts
+/// in the first interval not closed yet. The confirmer meets the intervals nearly in order:
+/// the one a message belongs to is looked for from the newest.
 struct AckWindows {
     run_started: Instant,
-    open: std::collections::BTreeMap<u64, Hist>,
+    /// Open intervals, oldest first, with their latencies (us).
+    open: std::collections::VecDeque<(u64, Hist)>,
     closed_below: u64,
     samples: Vec<AckSample>,
 }
 
-/// Intervals of append time kept open for late batches (at most a few hundred bytes each).
+/// Intervals of append time kept open for late batches (a few KiB each).
 const ACK_WINDOWS_OPEN: u64 = 10;
 
 impl AckWindows {
@@ -1174,25 +1177,32 @@ impl AckWindows {
     }
 
     fn record(&mut self, appended_at: Instant, us: u64) {
-        let since_start = appended_at.saturating_duration_since(self.run_started);
-        let index = (since_start.as_nanos() / SAMPLE_INTERVAL.as_nanos()) as u64;
-        let index = index.max(self.closed_below);
-        let window = self.open.entry(index).or_insert_with(|| {
-            // Two significant digits: enough to read a tail, and a small histogram.
-            Hist::new(2).unwrap_or_else(|_| unreachable!("2 digits are valid"))
-        });
-        let _ = window.record(us);
+        let since_start_ns = appended_at
+            .saturating_duration_since(self.run_started)
+            .as_nanos() as u64;
+        let index = (since_start_ns / SAMPLE_INTERVAL.as_nanos() as u64).max(self.closed_below);
+        let at = match self.open.iter().rposition(|&(i, _)| i <= index) {
+            Some(at) if self.open[at].0 == index => at,
+            found => {
+                let at = found.map_or(0, |at| at + 1);
+                // Two significant digits: enough to read a tail, and a small histogram.
+                let h = Hist::new(2).unwrap_or_else(|_| unreachable!("2 digits are valid"));
+                self.open.insert(at, (index, h));
+                at
+            }
+        };
+        let _ = self.open[at].1.record(us);
         while self
             .open
-            .first_key_value()
-            .is_some_and(|(&oldest, _)| oldest + ACK_WINDOWS_OPEN <= index)
+            .front()
+            .is_some_and(|&(oldest, _)| oldest + ACK_WINDOWS_OPEN <= index)
         {
             self.close_oldest();
         }
     }
 
     fn close_oldest(&mut self) {
-        if let Some((index, h)) = self.open.pop_first() {
+        if let Some((index, h)) = self.open.pop_front() {
             self.closed_below = index + 1;
             self.samples.push(AckSample {
                 t_s: ((index + 1) as u128 * SAMPLE_INTERVAL.as_millis()) as f64 / 1000.0,
@@ -1457,6 +1467,30 @@ mod tests {
             .abs_diff(third.append_to_ack_max_us);
         assert!(longer_us.abs_diff(200_000) < 10_000, "{first:?} {third:?}");
         assert_eq!(first.append_to_ack_p99_us, first.append_to_ack_max_us);
+    }
+
+    /// Intervals met out of order are reported in order; one is closed once a message from
+    /// `ACK_WINDOWS_OPEN` intervals later is counted, and a straggler for it then counts in the
+    /// first interval still open, not in a second report of its own.
+    #[test]
+    fn ack_intervals_are_reported_in_order_and_once_each() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut windows = AckWindows::new(t0);
+        windows.record(at(250), 5);
+        windows.record(at(50), 7);
+        // 1.35 s in: the intervals up to 0.3 s are closed.
+        windows.record(at(1350), 9);
+        windows.record(at(150), 11);
+        let samples: Vec<(f64, u64, u64)> = windows
+            .finish()
+            .iter()
+            .map(|w| (w.t_s, w.messages, w.append_to_ack_max_us))
+            .collect();
+        assert_eq!(
+            samples,
+            vec![(0.1, 1, 7), (0.3, 1, 5), (0.4, 1, 11), (1.4, 1, 9)]
+        );
     }
 
     /// A batch that reaches the confirmer after the ack covering it was seen is counted at
