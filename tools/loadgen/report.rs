@@ -627,7 +627,7 @@ impl Report {
                 points.join(" ")
             );
         };
-        let mb_max = self.samples.iter().map(|x| x.mb_per_s).fold(1e-9, f64::max) * 1.1;
+        let mb_max = scale_top(self.samples.iter().map(|x| x.mb_per_s), 1e-9);
         panel(&mut s, TOP, "throughput (faults shaded)", mb_max, "MB/s");
         curve(
             &mut s,
@@ -637,12 +637,13 @@ impl Report {
             &mut self.samples.iter().map(|p| (p.t_s, p.mb_per_s)),
         );
         let top2 = TOP + PANEL_H + GAP;
-        let lag_max = self
-            .samples
-            .iter()
-            .flat_map(|x| x.lag_bytes.iter().flatten())
-            .fold(1.0_f64, |m, &v| m.max(v as f64))
-            * 1.1;
+        let lag_max = scale_top(
+            self.samples
+                .iter()
+                .flat_map(|x| x.lag_bytes.iter().flatten())
+                .map(|&v| v as f64),
+            1.0,
+        );
         panel(
             &mut s,
             top2,
@@ -671,12 +672,12 @@ impl Report {
             );
         }
         let top3 = top2 + PANEL_H + GAP;
-        let us_max = self
-            .ack_samples
-            .iter()
-            .map(|a| a.append_to_ack_p99_us as f64)
-            .fold(1.0_f64, f64::max)
-            * 1.1;
+        let us_max = scale_top(
+            self.ack_samples
+                .iter()
+                .map(|a| a.append_to_ack_p99_us as f64),
+            1.0,
+        );
         panel(
             &mut s,
             top3,
@@ -698,13 +699,13 @@ impl Report {
                 .map(|a| (a.t_s, a.append_to_ack_p99_us as f64)),
         );
         let top4 = top3 + PANEL_H + GAP;
-        let ns_max = self
-            .writer_samples
-            .iter()
-            .flatten()
-            .map(|w| w.append_call_p99_ns as f64)
-            .fold(1.0_f64, f64::max)
-            * 1.1;
+        let ns_max = scale_top(
+            self.writer_samples
+                .iter()
+                .flatten()
+                .map(|w| w.append_call_p99_ns as f64),
+            1.0,
+        );
         panel(
             &mut s,
             top4,
@@ -730,6 +731,11 @@ impl Report {
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// The top of a panel's scale: 10% above the largest value, or above `floor` if none is larger.
+fn scale_top(values: impl Iterator<Item = f64>, floor: f64) -> f64 {
+    values.fold(floor, f64::max) * 1.1
 }
 
 fn human(v: f64, unit: &str) -> String {
