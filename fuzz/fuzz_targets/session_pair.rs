@@ -207,13 +207,7 @@ impl Pair {
     fn report(&mut self) {
         for path in std::mem::take(&mut self.unreported) {
             self.forget(&path);
-            match self.leader.files.get(&path) {
-                Some(b) => {
-                    let len = b.len() as u64;
-                    self.leader.record(path, |c, p| c.replace(p, len));
-                }
-                None => self.leader.record(path, |c, p| c.delete(p)),
-            }
+            self.leader.record_as_it_is(path);
         }
     }
 

@@ -440,6 +440,18 @@ impl LeaderShell {
         self.session.note_changed(path, since);
     }
 
+    /// Records `path` as its file is now, replaced at its length or deleted, as a change
+    /// source reports a file changed behind the catalog.
+    pub fn record_as_it_is(&mut self, path: RelPath) {
+        match self.files.get(&path) {
+            Some(b) => {
+                let len = b.len() as u64;
+                self.record(path, |c, p| c.replace(p, len));
+            }
+            None => self.record(path, |c, p| c.delete(p)),
+        }
+    }
+
     pub fn new(files: Files, now: Instant) -> LeaderShell {
         let catalog = Catalog::new(files.iter().map(|(p, b)| (p.clone(), b.len() as u64)));
         LeaderShell {
@@ -622,17 +634,11 @@ impl LeaderShell {
                     }
                 }
                 Transmit::RecordUnreported { paths } => {
-                    // As the leader's shell does: each file as it is now. The script's own
-                    // report of the change, if it comes later, is one more change.
+                    // As the leader's shell does. The script's own report of the change, if
+                    // it comes later, is one more change.
                     for path in paths {
                         self.recorded_unreported.push(path.clone());
-                        match self.files.get(&path) {
-                            Some(b) => {
-                                let len = b.len() as u64;
-                                self.record(path, |c, p| c.replace(p, len));
-                            }
-                            None => self.record(path, |c, p| c.delete(p)),
-                        }
+                        self.record_as_it_is(path);
                     }
                 }
             }
@@ -946,7 +952,7 @@ impl FollowerShell {
                     assert_eq!(self.session.sync_done_position(), Some(position));
                 }
                 self.marks.push((position, sync_done));
-                if let Some(claims) = &mut self.claims {
+                if let Some(claims) = &self.claims {
                     claims.check(position, &self.files);
                 }
                 self.session.written(position);
@@ -973,8 +979,6 @@ impl FollowerShell {
 #[derive(Default)]
 pub struct Claims {
     files: HashMap<RelPath, FileClaims>,
-    /// MARKs checked against at least one append (for the target's own test of this check).
-    pub checked: u64,
 }
 
 #[derive(Default)]
@@ -1012,8 +1016,7 @@ impl Claims {
     }
 
     /// The follower read a MARK at `position` and holds `files`.
-    fn check(&mut self, position: u64, files: &Files) {
-        let mut any = false;
+    fn check(&self, position: u64, files: &Files) {
         for (path, claims) in &self.files {
             let Some(len) = claims
                 .appends
@@ -1024,7 +1027,6 @@ impl Claims {
             else {
                 continue;
             };
-            any = true;
             let have = files.get(path).map(Vec::as_slice);
             let appended = have.is_some_and(|b| b.len() >= len && b[..len] == claims.bytes[..len]);
             let a_later_state = claims.since.iter().any(|state| match (state, have) {
@@ -1046,7 +1048,6 @@ impl Claims {
                     .collect::<Vec<_>>()
             );
         }
-        self.checked += u64::from(any);
     }
 }
 
