@@ -41,14 +41,7 @@ pub fn run(
     let _http = match http {
         Some(addr) => {
             let leader = leader.clone();
-            let server = ferry::http::HttpServer::start(
-                addr,
-                Arc::new(move || ferry::status::Status::Leader {
-                    engine: leader.engine().name().to_string(),
-                    position: leader.position(),
-                    followers: leader.followers().iter().map(Into::into).collect(),
-                }),
-            )?;
+            let server = ferry::http::HttpServer::start(addr, Arc::new(move || leader.status()))?;
             tracing::info!("metrics on http://{}/metrics", server.local_addr());
             Some(server)
         }

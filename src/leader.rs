@@ -290,6 +290,8 @@ pub struct Leader {
     dir: Arc<DataDir>,
     local_addr: SocketAddr,
     engine: EngineKind,
+    /// The TCP congestion control followers' connections use, as the listening socket has it.
+    tcp_congestion: String,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -300,6 +302,7 @@ impl Leader {
         let dir = Arc::new(DataDir::open(&config.data_dir)?);
         dir.clear_temps()?;
         let engine = engine::choose(config.engine)?;
+        let congestion_asked = config.tcp_congestion.is_some();
         let shared = Arc::new(Shared {
             hub: Mutex::new(Hub {
                 catalog: Catalog::new(files),
@@ -325,8 +328,8 @@ impl Leader {
                     engine::run(engine, move || serve(engine, config, shared, dir, ready_tx))
                 })?
         };
-        let local_addr = match ready_rx.recv() {
-            Ok(Ok(addr)) => addr,
+        let (local_addr, tcp_congestion) = match ready_rx.recv() {
+            Ok(Ok(ready)) => ready,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(io::Error::other(
@@ -335,15 +338,29 @@ impl Leader {
             }
         };
         tracing::info!(
-            "leading {} on {local_addr} with the {} engine",
+            "leading {} on {local_addr} with the {} engine, TCP congestion control {tcp_congestion} ({})",
             dir.root().display(),
-            engine.name()
+            engine.name(),
+            if congestion_asked {
+                "asked for"
+            } else {
+                "the system's default"
+            }
         );
+        if tcp_congestion == "bbr" {
+            tracing::info!(
+                "bbr paces every send with a kernel timer of its own where the interface has no fq \
+                 qdisc (loopback never has one): on a LAN, --tcp-congestion cubic \
+                 (LeaderConfig::tcp_congestion) costs less CPU; in ferry's loopback benchmarks it \
+                 carried up to twice the 1 KiB messages (README, Use)"
+            );
+        }
         Ok(Leader {
             shared,
             dir,
             local_addr,
             engine,
+            tcp_congestion,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -354,6 +371,11 @@ impl Leader {
 
     pub fn engine(&self) -> EngineKind {
         self.engine
+    }
+
+    /// The TCP congestion control followers' connections use ("cubic", "bbr", ...).
+    pub fn tcp_congestion(&self) -> &str {
+        &self.tcp_congestion
     }
 
     pub fn data_dir(&self) -> &DataDir {
@@ -440,6 +462,7 @@ impl Leader {
     pub fn status(&self) -> crate::status::Status {
         crate::status::Status::Leader {
             engine: self.engine().name().to_string(),
+            tcp_congestion: self.tcp_congestion.clone(),
             position: self.position(),
             followers: self.followers().iter().map(Into::into).collect(),
         }
@@ -716,7 +739,7 @@ async fn serve(
     config: LeaderConfig,
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
-    ready: std::sync::mpsc::Sender<io::Result<SocketAddr>>,
+    ready: std::sync::mpsc::Sender<io::Result<(SocketAddr, String)>>,
 ) {
     let listener = match Listener::bind(engine, config.listen, config.tcp_congestion.as_deref()) {
         Ok(l) => l,
@@ -728,7 +751,11 @@ async fn serve(
             return;
         }
     };
-    let _ = ready.send(listener.local_addr());
+    // What the operator is told the connections use; unreadable only on a broken kernel.
+    let congestion = listener
+        .congestion()
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let _ = ready.send(listener.local_addr().map(|addr| (addr, congestion)));
     let digests = Rc::new(std::cell::RefCell::new(Some(DigestCache::load(&dir))));
     // The accept loop is never cancelled while serving: an io_uring accept dropped mid-flight
     // would lose the connection it completes with.

@@ -69,6 +69,8 @@ pub struct FollowerSelf {
 pub enum Status {
     Leader {
         engine: String,
+        /// The TCP congestion control the leader sends to followers with.
+        tcp_congestion: String,
         position: u64,
         followers: Vec<FollowerRow>,
     },
@@ -116,18 +118,20 @@ impl Status {
         match self {
             Status::Leader {
                 engine,
+                tcp_congestion,
                 position,
                 followers,
             } => {
                 let _ = writeln!(
                     s,
-                    "# HELP ferry_info The node's role, I/O engine and version."
+                    "# HELP ferry_info The node's role, I/O engine and version; a leader's TCP congestion control."
                 );
                 let _ = writeln!(s, "# TYPE ferry_info gauge");
                 let _ = writeln!(
                     s,
-                    "ferry_info{{role=\"leader\",engine=\"{}\",version=\"{version}\"}} 1",
-                    label(engine)
+                    "ferry_info{{role=\"leader\",engine=\"{}\",version=\"{version}\",tcp_congestion=\"{}\"}} 1",
+                    label(engine),
+                    label(tcp_congestion)
                 );
                 let _ = writeln!(
                     s,
@@ -291,14 +295,16 @@ impl Status {
         match self {
             Status::Leader {
                 engine,
+                tcp_congestion,
                 position,
                 followers,
             } => {
                 let rows: Vec<String> = followers.iter().map(follower_json).collect();
                 format!(
-                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"position\": {position}, \"followers\": [{}]}}\n",
+                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"position\": {position}, \"followers\": [{}]}}\n",
                     json_str(engine),
                     json_str(env!("CARGO_PKG_VERSION")),
+                    json_str(tcp_congestion),
                     rows.join(", ")
                 )
             }
@@ -426,6 +432,7 @@ mod tests {
     fn leader() -> Status {
         Status::Leader {
             engine: "uring".into(),
+            tcp_congestion: "cubic".into(),
             position: 1000,
             followers: vec![FollowerRow {
                 id: 3,

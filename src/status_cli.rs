@@ -82,9 +82,13 @@ pub fn table(samples: &[Sample]) -> String {
         }
         return out;
     }
+    // A leader older than the label has no congestion control to show.
+    let congestion = info
+        .and_then(|i| i.label("tcp_congestion"))
+        .map_or(String::new(), |c| format!(", TCP {c}"));
     let _ = writeln!(
         out,
-        "leader ({engine} engine), position {:.0}",
+        "leader ({engine} engine{congestion}), position {:.0}",
         value("ferry_position_bytes").unwrap_or(0.0)
     );
     // One row per follower id, filled from the samples that carry that id.

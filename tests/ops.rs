@@ -296,3 +296,60 @@ fn refused_naming_no_such_cc(cmd: std::process::Command) -> String {
     );
     stderr
 }
+
+/// An operator can tell which TCP congestion control the leader sends with, and whether it was
+/// asked for or is the system's: in the line it logs at start, in `/status` and in `ferry_info`.
+/// BBR gets a line of its own, since without an fq qdisc it costs CPU and throughput (README).
+#[test]
+fn the_leader_reports_the_congestion_control_it_sends_with() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let mut cmd = lead_cmd(&env, &ld, "fallback");
+    // reno is built into every kernel.
+    cmd.args(["--tcp-congestion", "reno", "--http", "127.0.0.1:0"]);
+    let leader = Proc::spawn(cmd);
+    leader.wait_log(
+        "with the fallback engine, TCP congestion control reno (asked for)",
+        Duration::from_secs(20),
+    );
+    let http = http_addr(&leader);
+    status_until(&http, &["--json"], &["\"tcp_congestion\": \"reno\""]);
+    status_until(&http, &[], &["leader (fallback engine, TCP reno)"]);
+    let metrics = ferry::http::get(&http, "/metrics").unwrap();
+    assert!(
+        parse_prometheus(&metrics)
+            .iter()
+            .any(|s| s.name == "ferry_info" && s.label("tcp_congestion") == Some("reno")),
+        "{metrics}"
+    );
+    assert!(
+        !leader.log_text().contains("fq qdisc"),
+        "{}",
+        leader.log_text()
+    );
+    drop(leader);
+
+    let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    let leader = Proc::spawn(lead_cmd(&env, &ld, "fallback"));
+    leader.wait_log(
+        &format!(
+            "TCP congestion control {} (the system's default)",
+            system.trim()
+        ),
+        Duration::from_secs(20),
+    );
+    drop(leader);
+
+    let available =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap();
+    // Where bbr is a module not loaded yet, the leader would refuse it (tested above).
+    if available.split_whitespace().any(|n| n == "bbr") {
+        let mut cmd = lead_cmd(&env, &ld, "fallback");
+        cmd.args(["--tcp-congestion", "bbr"]);
+        let leader = Proc::spawn(cmd);
+        let line = leader.wait_log("TCP congestion control bbr", Duration::from_secs(20));
+        assert!(line.contains("(asked for)"), "{line}");
+        let hint = leader.wait_log("fq qdisc", Duration::from_secs(20));
+        assert!(hint.contains("--tcp-congestion cubic"), "{hint}");
+    }
+}

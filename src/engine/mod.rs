@@ -305,6 +305,33 @@ pub fn set_congestion(socket: &impl AsRawFd, name: &str) -> io::Result<()> {
     ))
 }
 
+/// The TCP congestion control `socket` uses (TCP_CONGESTION), e.g. "cubic".
+pub fn congestion_of(socket: &impl AsRawFd) -> io::Result<String> {
+    // TCP_CA_NAME_MAX in the kernel: names are at most 15 bytes and a NUL.
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `name`, which lives across the call,
+    // and stores the length it wrote in `len`; the fd is an open socket borrowed for it.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let written = &name[..(len as usize).min(name.len())];
+    let end = written
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(written.len());
+    Ok(String::from_utf8_lossy(&written[..end]).into_owned())
+}
+
 /// Whether a TCP socket may use the congestion control `name` here (the same error as
 /// `set_congestion`), tried on a socket made for it and closed.
 pub fn check_congestion(name: &str) -> io::Result<()> {
@@ -346,6 +373,14 @@ impl Listener {
         match self {
             Listener::Uring(l) => l.local_addr(),
             Listener::Fallback(l) => l.local_addr(),
+        }
+    }
+
+    /// The TCP congestion control the connections it accepts inherit.
+    pub fn congestion(&self) -> io::Result<String> {
+        match self {
+            Listener::Uring(l) => congestion_of(l),
+            Listener::Fallback(l) => congestion_of(l),
         }
     }
 
