@@ -10,6 +10,8 @@
 //!   follower's ack of the last. Raw: the transfer of the same segment into a new file.
 //!
 //! `cargo bench --bench streaming`; compare each `thrpt` line with its group's `raw`.
+//! `FERRY_BENCH_TCP_CONGESTION=cubic` sends with that TCP congestion control, raw and ferry alike
+//! (by default the system's; BBR without an fq qdisc, as on loopback, paces every send).
 
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry::auth::Secret;
-use ferry::engine::{splice_blocking, Pipe};
+use ferry::engine::{set_congestion, splice_blocking, Pipe};
 use ferry::frame::Durability;
 use ferry::leader::{Leader, LeaderConfig};
 
@@ -28,6 +30,11 @@ const BIG_BYTES: u64 = 256 * 1024 * 1024;
 const SMALL_BYTES: u64 = 64 * 1024 * 1024;
 const PIPE_BYTES: usize = 1024 * 1024;
 const SECRET: &str = "bench-secret";
+
+/// The TCP congestion control asked for in FERRY_BENCH_TCP_CONGESTION, if any.
+fn congestion() -> Option<String> {
+    std::env::var("FERRY_BENCH_TCP_CONGESTION").ok()
+}
 
 fn write_file(path: &Path, len: u64) {
     let chunk: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7) as u8).collect();
@@ -63,6 +70,9 @@ fn raw_transfer(src: &Path, dst: &Path, len: u64) {
         }
     });
     let sock = TcpStream::connect(addr).expect("connect");
+    if let Some(name) = congestion() {
+        set_congestion(&sock, &name).expect("FERRY_BENCH_TCP_CONGESTION");
+    }
     let file = File::open(src).expect("open src");
     let pipe = Pipe::new(PIPE_BYTES).expect("pipe");
     let mut off = 0i64;
@@ -105,6 +115,7 @@ fn leader(dir: &Path, engine: &str) -> Leader {
     let secret = Secret::new(SECRET.as_bytes().to_vec()).expect("secret");
     let mut config = LeaderConfig::new(dir, "127.0.0.1:0".parse().expect("addr"), secret);
     config.engine = Some(engine.parse().expect("engine"));
+    config.tcp_congestion = congestion();
     Leader::start(config, Vec::new()).expect("leader")
 }
 
