@@ -350,7 +350,7 @@ impl Leader {
         if tcp_congestion == "bbr" {
             tracing::info!(
                 "bbr paces every send with a kernel timer of its own where the interface has no fq \
-                 qdisc (loopback never has one): on a LAN, --tcp-congestion cubic \
+                 qdisc (loopback has none unless given one): on a LAN, --tcp-congestion cubic \
                  (LeaderConfig::tcp_congestion) costs less CPU; in ferry's loopback benchmarks it \
                  carried up to twice the 1 KiB messages (README, Use)"
             );
