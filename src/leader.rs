@@ -347,13 +347,9 @@ impl Leader {
                 "the system's default"
             }
         );
-        if tcp_congestion == "bbr" {
-            tracing::info!(
-                "bbr paces every send with a kernel timer of its own where the interface has no fq \
-                 qdisc (loopback has none unless given one): on a LAN, --tcp-congestion cubic \
-                 (LeaderConfig::tcp_congestion) costs less CPU; in ferry's loopback benchmarks it \
-                 carried up to twice the 1 KiB messages (README, Use)"
-            );
+        let default_qdisc = std::fs::read_to_string("/proc/sys/net/core/default_qdisc").ok();
+        if let Some(hint) = pacing_hint(&tcp_congestion, default_qdisc.as_deref().map(str::trim)) {
+            tracing::info!("{hint}");
         }
         Ok(Leader {
             shared,
@@ -765,6 +761,23 @@ async fn serve(
         _ = log_state_changes(&shared) => {}
         _ = stopping(&shared) => {}
     }
+}
+
+/// What the leader tells the operator when it sends with `congestion` and new interfaces get
+/// `default_qdisc` (`None`: unreadable): bbr without fq paces every send with a kernel timer of
+/// its own, which cost ferry half its throughput in this project's benchmarks. Nothing where fq
+/// is the default (an operator who set up bbr with fq; loopback still has no qdisc, README).
+fn pacing_hint(congestion: &str, default_qdisc: Option<&str>) -> Option<String> {
+    if congestion != "bbr" || default_qdisc == Some("fq") {
+        return None;
+    }
+    Some(format!(
+        "bbr paces every send with a kernel timer of its own on an interface without the fq \
+         qdisc (the system's default qdisc is {}; loopback has none): on a LAN, \
+         --tcp-congestion cubic (LeaderConfig::tcp_congestion) costs less CPU; in ferry's \
+         loopback benchmarks it carried up to twice the 1 KiB messages (README, Use)",
+        default_qdisc.unwrap_or("unknown")
+    ))
 }
 
 /// How often the leader looks for followers whose state changed, to log it.
@@ -1510,6 +1523,17 @@ async fn hash_prefixes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bbr line is for a leader that likely paces in the kernel: bbr where new interfaces
+    /// do not get fq (or that cannot be read); not for cubic, nor for bbr beside fq.
+    #[test]
+    fn the_pacing_hint_comes_with_bbr_where_the_default_qdisc_is_not_fq() {
+        let hint = pacing_hint("bbr", Some("pfifo_fast")).unwrap_or_default();
+        assert!(hint.contains("pfifo_fast") && hint.contains("--tcp-congestion cubic"));
+        assert!(pacing_hint("bbr", None).is_some());
+        assert_eq!(pacing_hint("bbr", Some("fq")), None);
+        assert_eq!(pacing_hint("cubic", Some("pfifo_fast")), None);
+    }
 
     /// While polling, acks that wake the session often do not make it look at the inbox more
     /// often than every INBOX_POLL_INTERVAL; an idle session (the writer wakes it) always looks.
