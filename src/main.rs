@@ -82,8 +82,8 @@ enum Command {
         #[arg(long, value_name = "MS", default_value_t = ferry::lag::ACK_TIMEOUT_MS_DEFAULT, env = "FERRY_ACK_TIMEOUT_MS")]
         ack_timeout_ms: u64,
         /// TCP congestion control for the connections to followers (e.g. cubic); by default
-        /// the system's. BBR without the fq qdisc paces every round, costing latency on a fast
-        /// link (README).
+        /// the system's. BBR without the fq qdisc paces every send with a kernel timer, costing
+        /// CPU, throughput and latency on a fast link (README).
         #[arg(long, value_name = "NAME", env = "FERRY_TCP_CONGESTION")]
         tcp_congestion: Option<String>,
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
