@@ -383,14 +383,6 @@ impl Leader {
         self.shared.lock().catalog.position()
     }
 
-    /// `Shared::record`.
-    fn record(
-        &self,
-        change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, PathError>,
-    ) -> Result<u64, ChangeError> {
-        self.shared.record(change)
-    }
-
     /// A file the followers must hold, `len_bytes` long (its logical length: a preallocated
     /// segment may be longer on disk). Shipped whole unless it is already known at that length.
     pub fn register_file(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
@@ -405,7 +397,8 @@ impl Leader {
                 return Ok(hub.catalog.position());
             }
         }
-        self.record(|c| c.replace(path.as_str(), len_bytes).map(Some))
+        self.shared
+            .record(|c| c.replace(path.as_str(), len_bytes).map(Some))
     }
 
     /// `length` bytes were written at `offset` of `path` (already in the file, e.g. through an
@@ -416,7 +409,8 @@ impl Leader {
     /// place is reported with `replace_file`, which ships it whole.
     pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
         // A path the catalog knows is not checked again (nor copied).
-        self.record(|c| c.append(path, offset, length).map(Some))
+        self.shared
+            .record(|c| c.append(path, offset, length).map(Some))
     }
 
     /// `path` was rewritten as a whole (e.g. a JSON file renamed over); its size is taken now.
@@ -431,12 +425,13 @@ impl Leader {
                 source,
             })?
             .len();
-        self.record(|c| c.replace(rel.as_str(), len_bytes).map(Some))
+        self.shared
+            .record(|c| c.replace(rel.as_str(), len_bytes).map(Some))
     }
 
     /// Like `replace_file`, with the length given (for `ferry lead`'s watcher, which stat'ed it).
     pub fn replace_file_with_len(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
-        self.record(|c| c.replace(path, len_bytes).map(Some))
+        self.shared.record(|c| c.replace(path, len_bytes).map(Some))
     }
 
     /// Records a change the inotify watcher saw.
@@ -465,7 +460,7 @@ impl Leader {
     }
 
     pub fn delete_file(&self, path: &str) -> Result<u64, ChangeError> {
-        self.record(|c| c.delete(path))
+        self.shared.record(|c| c.delete(path))
     }
 
     /// Every follower connected now, and the last few that disconnected.
