@@ -23,6 +23,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub const SEND_PIPE_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes a follower's receive pipe holds (asked for).
 pub const RECEIVE_PIPE_BYTES: usize = 1024 * 1024;
+/// While a payload streams in, the follower waits for this many bytes (or the rest of the
+/// payload, if less) before it reads (SO_RCVLOWAT): a paced sender (bbr) delivers a 64 KiB
+/// segment at a time, and a read per segment doubled the follower's wake-ups and splices.
+pub const RECEIVE_WAKE_BYTES: usize = 256 * 1024;
 /// What `Conn::read_more` adds to a buffer that came with no spare capacity: a read of 0
 /// bytes would look like the end of the stream.
 const READ_MORE_MIN_BYTES: usize = 4096;

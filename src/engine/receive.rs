@@ -1,7 +1,9 @@
 //! The follower's payload path, the same on both engines: the connection's task moves each
 //! payload socket -> pipe with non-blocking splice(2) (page references, no copy), waiting for
 //! readability as needed, then pipe -> file with a blocking splice(2) (the one copy, into the
-//! page cache), a pipe's worth at a time, the way a plain splice receiver does.
+//! page cache), a pipe's worth at a time, the way a plain splice receiver does. While a payload
+//! streams in, the socket wakes the task only once `RECEIVE_WAKE_BYTES` (or the rest of the
+//! payload) is there: a paced sender delivers a segment at a time.
 //!
 //! Each write has completed when `receive` returns, so a file under its real name only ever
 //! grows by a prefix of what arrived (a crash leaves no hole), bytes never land out of wire
@@ -21,7 +23,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::Pipe;
+use super::{Pipe, RECEIVE_WAKE_BYTES};
 use crate::frame::LEADER_SILENCE_TIMEOUT_MS;
 
 /// A payload write into a file failed (the disk, not the socket). It travels inside the
@@ -90,8 +92,10 @@ impl Receiver {
         };
         let mut at = offset as libc::loff_t;
         let mut left = len_bytes;
+        let mut wake = WakeThreshold::of(stream);
         while left > 0 {
             let chunk = (left as usize).min(pipe.capacity_bytes);
+            wake.set(left.min(RECEIVE_WAKE_BYTES as u64) as usize);
             ack_at_once(stream);
             // A leader that goes silent in the middle of a payload is given up on like one that
             // goes silent between frames (the follower reconnects).
@@ -184,6 +188,56 @@ fn ack_at_once(socket: &impl AsRawFd) {
     let _ = r;
 }
 
+/// How many received bytes a socket must hold before a wait for readability ends
+/// (SO_RCVLOWAT), set for the length of one payload and back to 1 byte when dropped, whatever
+/// way `receive` ends: between payloads a frame of a few bytes must wake the follower. The
+/// kernel still wakes a reader below the threshold when the receive window or buffer runs low,
+/// and a non-blocking read takes whatever is there, so a raised threshold delays no byte that
+/// the rest of the payload would not have to wait for anyway.
+struct WakeThreshold<'a> {
+    socket: &'a TcpStream,
+    /// The threshold in effect: 1 byte, the socket's default, until `set`.
+    bytes: usize,
+}
+
+impl<'a> WakeThreshold<'a> {
+    fn of(socket: &'a TcpStream) -> WakeThreshold<'a> {
+        WakeThreshold { socket, bytes: 1 }
+    }
+
+    /// Asks the socket to wake its reader once `bytes` are there (called only when it changes).
+    fn set(&mut self, bytes: usize) {
+        if bytes == self.bytes {
+            return;
+        }
+        let value = libc::c_int::try_from(bytes)
+            .unwrap_or(libc::c_int::MAX)
+            .max(1);
+        // SAFETY: setsockopt reads one c_int from `value`, which outlives the call; the fd is
+        // an open socket borrowed for the threshold's life.
+        let r = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // Only a hint, as `ack_at_once`: a socket that refused it wakes its reader for every
+        // arrival, which costs wake-ups, not bytes. What is in effect is what `Drop` restores.
+        if r == 0 {
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl Drop for WakeThreshold<'_> {
+    fn drop(&mut self) {
+        self.set(1);
+    }
+}
+
 /// One non-blocking splice socket -> pipe, waiting for readability as needed.
 async fn splice_in(stream: &TcpStream, pipe: &Pipe, len_bytes: usize) -> io::Result<usize> {
     let socket = stream.as_raw_fd();
@@ -210,6 +264,7 @@ async fn splice_in(stream: &TcpStream, pipe: &Pipe, len_bytes: usize) -> io::Res
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use std::os::fd::RawFd;
 
     /// Whether `socket` ACKs received data at once rather than holding the ACK back for a reply
     /// to ride on (TCP_QUICKACK reads 0 in the kernel's interactive, "pingpong", mode).
@@ -285,5 +340,104 @@ mod tests {
         });
         assert_eq!(file.metadata().unwrap().len(), PAYLOAD_BYTES as u64);
         drop(sender.join().unwrap());
+    }
+
+    /// The bytes `socket` must hold before a wait for readability ends (SO_RCVLOWAT).
+    fn wake_threshold(socket: RawFd) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one c_int into `value` and its size into `len`, both live
+        // across the call; the fd is an open socket.
+        let r = unsafe {
+            libc::getsockopt(
+                socket,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "getsockopt SO_RCVLOWAT: {}",
+            io::Error::last_os_error()
+        );
+        value
+    }
+
+    /// A payload that trickles in (a paced sender: bbr sends a 64 KiB segment per timer on
+    /// loopback) wakes the follower once `RECEIVE_WAKE_BYTES`, or the rest of the payload, is
+    /// there, not for every segment; once the payload is in, the next frame wakes it at once.
+    #[test]
+    fn a_trickling_payload_wakes_the_follower_per_quarter_mib_then_frames_at_once() {
+        const PAYLOAD_BYTES: usize = 2 * RECEIVE_WAKE_BYTES + 1000;
+        const FIRST_BYTES: usize = 100 * 1024;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut leader = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (follower, _) = listener.accept().unwrap();
+        let follower_fd = follower.as_raw_fd();
+        let sender = std::thread::spawn(move || {
+            let payload = vec![7u8; PAYLOAD_BYTES];
+            leader.write_all(&payload[..FIRST_BYTES]).unwrap();
+            // The receiver has taken what came and waits for more: for how much? (Asked
+            // until well within the silence after which the receiver gives up on the leader.)
+            let deadline =
+                std::time::Instant::now() + Duration::from_millis(LEADER_SILENCE_TIMEOUT_MS / 3);
+            let mut seen = wake_threshold(follower_fd);
+            while seen != RECEIVE_WAKE_BYTES as libc::c_int && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+                seen = wake_threshold(follower_fd);
+            }
+            leader.write_all(&payload[FIRST_BYTES..]).unwrap();
+            leader.write_all(b"mark").unwrap();
+            (leader, seen)
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::create(dir.path().join("seg")).unwrap();
+        follower.set_nonblocking(true).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let stream = TcpStream::from_std(follower).unwrap();
+            let mut receiver = Receiver::new();
+            receiver
+                .receive(&stream, &file, "seg", 0, PAYLOAD_BYTES as u64)
+                .await
+                .unwrap();
+            assert_eq!(
+                wake_threshold(stream.as_raw_fd()),
+                1,
+                "after the payload, a frame of a few bytes must wake the follower"
+            );
+            let mut mark = [0u8; 4];
+            let read = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut got = 0;
+                while got < mark.len() {
+                    stream.readable().await.unwrap();
+                    match stream.try_read(&mut mark[got..]) {
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => panic!("reading the frame after the payload: {e}"),
+                    }
+                }
+            })
+            .await;
+            assert!(
+                read.is_ok(),
+                "the frame after the payload never woke the follower"
+            );
+            assert_eq!(&mark, b"mark");
+        });
+        let (_leader, seen) = sender.join().unwrap();
+        assert_eq!(
+            seen, RECEIVE_WAKE_BYTES as libc::c_int,
+            "while the rest of a payload was awaited, the socket woke the follower for any byte"
+        );
+        let written = std::fs::read(dir.path().join("seg")).unwrap();
+        assert_eq!(written, vec![7u8; PAYLOAD_BYTES]);
     }
 }
