@@ -266,29 +266,63 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::fd::RawFd;
 
-    /// Whether `socket` ACKs received data at once rather than holding the ACK back for a reply
-    /// to ride on (TCP_QUICKACK reads 0 in the kernel's interactive, "pingpong", mode).
-    fn acks_at_once(socket: &impl AsRawFd) -> bool {
+    /// An int-valued socket option of `socket`.
+    fn sockopt(socket: RawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
         let mut value: libc::c_int = -1;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt writes one c_int into `value` and its size into `len`, both live
         // across the call; the fd is an open socket.
         let r = unsafe {
             libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_QUICKACK,
+                socket,
+                level,
+                name,
                 (&mut value as *mut libc::c_int).cast(),
                 &mut len,
             )
         };
-        assert_eq!(
-            r,
-            0,
-            "getsockopt TCP_QUICKACK: {}",
-            io::Error::last_os_error()
-        );
-        value == 1
+        assert_eq!(r, 0, "getsockopt: {}", io::Error::last_os_error());
+        value
+    }
+
+    /// Whether `socket` ACKs received data at once rather than holding the ACK back for a reply
+    /// to ride on (TCP_QUICKACK reads 0 in the kernel's interactive, "pingpong", mode).
+    fn acks_at_once(socket: &impl AsRawFd) -> bool {
+        sockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_QUICKACK) == 1
+    }
+
+    /// The bytes `socket` must hold before a wait for readability ends (SO_RCVLOWAT).
+    fn wake_threshold(socket: RawFd) -> libc::c_int {
+        sockopt(socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT)
+    }
+
+    /// What a test's follower receives into: a new file in a temporary dir, and a runtime with
+    /// `follower` made its non-blocking stream.
+    struct Receiving {
+        runtime: tokio::runtime::Runtime,
+        stream: TcpStream,
+        file: File,
+        dir: tempfile::TempDir,
+    }
+
+    fn receiving(follower: std::net::TcpStream) -> Receiving {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::create(dir.path().join("seg")).unwrap();
+        follower.set_nonblocking(true).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stream = {
+            let _in_runtime = runtime.enter();
+            TcpStream::from_std(follower).unwrap()
+        };
+        Receiving {
+            runtime,
+            stream,
+            file,
+            dir,
+        }
     }
 
     /// A follower answers the leader (acks), which puts its socket in the kernel's interactive
@@ -319,51 +353,19 @@ mod tests {
             leader.write_all(&vec![7u8; PAYLOAD_BYTES]).unwrap();
             leader
         });
-        let dir = tempfile::tempdir().unwrap();
-        let file = File::create(dir.path().join("seg")).unwrap();
-        follower.set_nonblocking(true).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let stream = TcpStream::from_std(follower).unwrap();
-            let mut receiver = Receiver::new();
-            receiver
-                .receive(&stream, &file, "seg", 0, PAYLOAD_BYTES as u64)
+        let r = receiving(follower);
+        r.runtime.block_on(async {
+            Receiver::new()
+                .receive(&r.stream, &r.file, "seg", 0, PAYLOAD_BYTES as u64)
                 .await
                 .unwrap();
-            assert!(
-                acks_at_once(&stream),
-                "still holding ACKs back after a payload"
-            );
         });
-        assert_eq!(file.metadata().unwrap().len(), PAYLOAD_BYTES as u64);
-        drop(sender.join().unwrap());
-    }
-
-    /// The bytes `socket` must hold before a wait for readability ends (SO_RCVLOWAT).
-    fn wake_threshold(socket: RawFd) -> libc::c_int {
-        let mut value: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes one c_int into `value` and its size into `len`, both live
-        // across the call; the fd is an open socket.
-        let r = unsafe {
-            libc::getsockopt(
-                socket,
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(
-            r,
-            0,
-            "getsockopt SO_RCVLOWAT: {}",
-            io::Error::last_os_error()
+        assert!(
+            acks_at_once(&r.stream),
+            "still holding ACKs back after a payload"
         );
-        value
+        assert_eq!(r.file.metadata().unwrap().len(), PAYLOAD_BYTES as u64);
+        drop(sender.join().unwrap());
     }
 
     /// A payload that trickles in (a paced sender: bbr sends a 64 KiB segment per timer on
@@ -394,18 +396,11 @@ mod tests {
             leader.write_all(b"mark").unwrap();
             (leader, seen)
         });
-        let dir = tempfile::tempdir().unwrap();
-        let file = File::create(dir.path().join("seg")).unwrap();
-        follower.set_nonblocking(true).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let stream = TcpStream::from_std(follower).unwrap();
-            let mut receiver = Receiver::new();
-            receiver
-                .receive(&stream, &file, "seg", 0, PAYLOAD_BYTES as u64)
+        let r = receiving(follower);
+        let stream = &r.stream;
+        r.runtime.block_on(async {
+            Receiver::new()
+                .receive(stream, &r.file, "seg", 0, PAYLOAD_BYTES as u64)
                 .await
                 .unwrap();
             assert_eq!(
@@ -437,7 +432,7 @@ mod tests {
             seen, RECEIVE_WAKE_BYTES as libc::c_int,
             "while the rest of a payload was awaited, the socket woke the follower for any byte"
         );
-        let written = std::fs::read(dir.path().join("seg")).unwrap();
+        let written = std::fs::read(r.dir.path().join("seg")).unwrap();
         assert_eq!(written, vec![7u8; PAYLOAD_BYTES]);
     }
 }
