@@ -249,7 +249,7 @@ fn benches(c: &mut Criterion) {
 
     // What the initial sync rows wrote, about 1.25 GiB not yet written back, goes before the
     // streaming rows start: deleted, it is never written, where left it would be written back
-    // during whichever row runs 30 s later (here, it seems, stream_1MiB's engines).
+    // during whichever rows run 30 s later (in one run: stream_1MiB's raw and uring rows).
     let _ = std::fs::remove_file(&raw_out);
     for engine in ["uring", "fallback"] {
         let _ = std::fs::remove_dir_all(tmp.path().join(format!("sync-{engine}")));

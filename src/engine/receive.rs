@@ -297,12 +297,13 @@ mod tests {
     }
 
     /// What a test's follower receives into: a new file in a temporary dir, and a runtime with
-    /// `follower` made its non-blocking stream.
+    /// `follower` made its non-blocking stream (dropped before the runtime: fields drop in
+    /// order).
     struct Receiving {
-        runtime: tokio::runtime::Runtime,
         stream: TcpStream,
         file: File,
         dir: tempfile::TempDir,
+        runtime: tokio::runtime::Runtime,
     }
 
     fn receiving(follower: std::net::TcpStream) -> Receiving {
@@ -318,10 +319,10 @@ mod tests {
             TcpStream::from_std(follower).unwrap()
         };
         Receiving {
-            runtime,
             stream,
             file,
             dir,
+            runtime,
         }
     }
 
