@@ -9,7 +9,13 @@
 //!   one `ferry follow --durability written` process; the time from the first append to the
 //!   follower's ack of the last. Raw: the transfer of the same segment into a new file.
 //!
-//! `cargo bench --bench streaming`; compare each `thrpt` line with its group's `raw`.
+//! Each ferry row also times a raw transfer of the same bytes beside every iteration of its own
+//! (untimed for criterion, before it in one iteration and after it in the next), and prints the
+//! median of those paired ratios when the row ends: rows run a minute apart on a host whose
+//! speed moves from minute to minute, and a pair's two transfers a fraction of a second apart.
+//!
+//! `cargo bench --bench streaming`; compare each `thrpt` line with its group's `raw`, and read
+//! the `paired` lines.
 //! `FERRY_BENCH_TCP_CONGESTION=cubic` sends with that TCP congestion control, raw and ferry alike
 //! (by default the system's; BBR without an fq qdisc, as on loopback, paces every send).
 
@@ -194,6 +200,64 @@ fn settle(path: &Path) {
         .expect("sync a data file");
 }
 
+/// Each ferry iteration of a row beside a raw transfer of the same bytes, in alternating order,
+/// and the ratio of each pair (raw time over ferry time: ferry's throughput as a share of raw's).
+struct Pairs {
+    row: String,
+    ratios: Vec<f64>,
+}
+
+impl Pairs {
+    fn new(row: String) -> Pairs {
+        Pairs {
+            row,
+            ratios: Vec::new(),
+        }
+    }
+
+    /// Runs `raw` and `ours` one after the other, `raw` first every other time, records their
+    /// ratio and returns `ours`' time.
+    fn run(&mut self, raw: impl FnOnce() -> Duration, ours: impl FnOnce() -> Duration) -> Duration {
+        let (raw_time, our_time) = if self.ratios.len() % 2 == 0 {
+            let raw_time = raw();
+            (raw_time, ours())
+        } else {
+            let our_time = ours();
+            (raw(), our_time)
+        };
+        self.ratios
+            .push(raw_time.as_secs_f64() / our_time.as_secs_f64());
+        our_time
+    }
+
+    /// The median ratio, the middle half and the range, on stdout beside criterion's lines.
+    fn report(mut self) {
+        if self.ratios.is_empty() {
+            return;
+        }
+        self.ratios.sort_by(f64::total_cmp);
+        let n = self.ratios.len();
+        let at = |share: f64| self.ratios[((n - 1) as f64 * share).round() as usize];
+        println!(
+            "{}: paired with raw, {:.2}x (median of {n} pairs; middle half {:.2}x to {:.2}x, \
+             all {:.2}x to {:.2}x)",
+            self.row,
+            at(0.5),
+            at(0.25),
+            at(0.75),
+            self.ratios[0],
+            self.ratios[n - 1]
+        );
+    }
+}
+
+/// How long `f` took.
+fn timed(f: impl FnOnce()) -> Duration {
+    let started = Instant::now();
+    f();
+    started.elapsed()
+}
+
 /// Segment names are never reused, so no follower can mistake one for an earlier copy.
 static SEGMENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -230,21 +294,31 @@ fn benches(c: &mut Criterion) {
         settle(&sync_dir.join("seg"));
         let l = leader(&sync_dir, engine);
         l.register_file("seg", BIG_BYTES).expect("register");
-        group.bench_function(format!("initial_sync_256MiB/{engine}"), |b| {
-            let dst = tmp.path().join(format!("sync-copy-{engine}"));
-            b.iter_batched(
-                || {
+        let row = format!("initial_sync_256MiB/{engine}");
+        let mut pairs = Pairs::new(row.clone());
+        let dst = tmp.path().join(format!("sync-copy-{engine}"));
+        let raw_dst = tmp.path().join(format!("sync-raw-{engine}"));
+        group.bench_function(row, |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
                     let _ = std::fs::remove_dir_all(&dst);
-                },
-                |()| {
-                    let status = follower(&l, &dst, &secret_file, engine, true)
-                        .status()
-                        .expect("follow");
-                    assert!(status.success());
-                },
-                criterion::BatchSize::PerIteration,
-            )
+                    let _ = std::fs::remove_file(&raw_dst);
+                    let raw = || timed(|| raw_transfer(&src, &raw_dst, BIG_BYTES));
+                    let sync = || {
+                        timed(|| {
+                            let status = follower(&l, &dst, &secret_file, engine, true)
+                                .status()
+                                .expect("follow");
+                            assert!(status.success());
+                        })
+                    };
+                    elapsed += pairs.run(raw, sync);
+                }
+                elapsed
+            })
         });
+        pairs.report();
     }
 
     // What the initial sync rows wrote, about 1.25 GiB not yet written back, goes before the
@@ -254,6 +328,7 @@ fn benches(c: &mut Criterion) {
     for engine in ["uring", "fallback"] {
         let _ = std::fs::remove_dir_all(tmp.path().join(format!("sync-{engine}")));
         let _ = std::fs::remove_dir_all(tmp.path().join(format!("sync-copy-{engine}")));
+        let _ = std::fs::remove_file(tmp.path().join(format!("sync-raw-{engine}")));
     }
 
     // Streaming appends of bytes already in the file; each row's raw baseline runs right
@@ -287,9 +362,19 @@ fn benches(c: &mut Criterion) {
                 .spawn()
                 .expect("follower");
             assert!(l.wait_for(0, Durability::Written, 1, Duration::from_secs(30)));
-            group.bench_function(format!("{name}/{engine}"), |b| {
+            let row = format!("{name}/{engine}");
+            let mut pairs = Pairs::new(row.clone());
+            group.bench_function(row, |b| {
                 b.iter_custom(|iters| {
-                    let transfer = |seg: &str| stream(&l, seg, 0, total, chunk);
+                    let transfer = |seg: &str| {
+                        let raw = || {
+                            let copy = out.join(seg);
+                            let took = timed(|| raw_transfer(&dir.join(seg), &copy, total));
+                            std::fs::remove_file(copy).expect("remove");
+                            took
+                        };
+                        pairs.run(raw, || stream(&l, seg, 0, total, chunk))
+                    };
                     // The follower removes its copy, and acks that, before the next segment.
                     let cleanup = |seg: &str| {
                         let position = l.delete_file(seg).expect("delete");
@@ -302,6 +387,7 @@ fn benches(c: &mut Criterion) {
                     stream_iterations(iters, &src, &dir, total, transfer, cleanup)
                 })
             });
+            pairs.report();
             let _ = child.kill();
             let _ = child.wait();
         }
