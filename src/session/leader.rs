@@ -100,6 +100,22 @@ enum Job {
     },
 }
 
+impl Job {
+    /// Whether the catalog no longer holds the generation this job ships: the file was
+    /// rewritten or deleted, and that change recorded, since the job was planned.
+    fn superseded(&self, catalog: &Catalog) -> bool {
+        match self {
+            Job::Whole {
+                path, generation, ..
+            }
+            | Job::Tail {
+                path, generation, ..
+            } => catalog.get(path).map(|entry| entry.generation) != Some(*generation),
+            Job::AwaitOpen { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Have {
     len_bytes: u64,
@@ -531,6 +547,13 @@ impl LeaderSession {
         self.mark_queued(catalog.position());
         loop {
             if let Some(job) = self.job.take() {
+                if job.superseded(catalog) {
+                    // What is left to read may be the new version's, which the path's queued
+                    // change ships instead.
+                    self.drop_job(job, 0);
+                    self.mark_queued(catalog.position());
+                    continue;
+                }
                 if let Some(t) = self.advance_job(job) {
                     return Some(t);
                 }
@@ -832,8 +855,16 @@ impl LeaderSession {
         };
         self.out.truncate(self.data_header_at);
         self.bytes_payload_total -= self.data_last_bytes;
+        // The job's offset is already past the chunk that was not sent.
+        self.drop_job(job, self.data_last_bytes);
+    }
+
+    /// Gives up the transfer `job`, whose file changed under it: `unsent_bytes` before its
+    /// offset did not go out. The follower keeps its copy as it was (an unfinished whole-file
+    /// transfer stays in its temp file, replaced by the next one).
+    fn drop_job(&mut self, job: Job, unsent_bytes: u64) {
         // This path was not shipped, so no pending marker can be claimed, nor any made before
-        // the change that shrank the file is noted (and queues it again).
+        // the change that explains it is noted (and queues it again).
         self.markers.clear();
         if let Job::Tail { path, .. } | Job::Whole { path, .. } = &job {
             self.note_vanished(path);
@@ -845,8 +876,7 @@ impl LeaderSession {
                 offset,
                 ..
             } => {
-                // `offset` is already past the chunk that was not sent.
-                let shipped = offset - self.data_last_bytes;
+                let shipped = offset - unsent_bytes;
                 self.sent.insert(
                     path,
                     Sent {
@@ -872,8 +902,10 @@ impl LeaderSession {
     }
 
     /// The shell opened the file asked for by `Transmit::OpenWhole`; it is `file_len_bytes` long.
-    /// Ships the catalog's length for that generation, or less if the file is shorter (it was
-    /// replaced again meanwhile, and that newer change is already queued).
+    /// Ships the catalog's length for that generation, or less if the file is shorter (changed
+    /// behind the catalog). If the catalog has moved on to another generation, the file was
+    /// rewritten or deleted since it was planned: nothing is sent, and its queued change ships
+    /// the new version.
     pub fn begin_whole(&mut self, path: &RelPath, file_len_bytes: u64, catalog: &Catalog) {
         let Some(Job::AwaitOpen { generation, .. }) = &self.job else {
             return;
@@ -881,7 +913,10 @@ impl LeaderSession {
         let generation = *generation;
         let len_bytes = match catalog.get(path) {
             Some(cur) if cur.generation == generation => cur.len_bytes.min(file_len_bytes),
-            _ => file_len_bytes,
+            _ => {
+                self.whole_unavailable(path);
+                return;
+            }
         };
         Frame::BeginWhole {
             len_bytes,

@@ -28,6 +28,9 @@ fn sha1(bytes: &[u8]) -> Digest {
 
 type Files = HashMap<RelPath, Vec<u8>>;
 
+/// A MARK's position and what the follower held of a file when it read it (`None`: absent).
+type CopyAtMark = (u64, Option<Vec<u8>>);
+
 struct Sim {
     catalog: Catalog,
     leader_files: Files,
@@ -48,6 +51,8 @@ struct Sim {
     check_marks: bool,
     /// The paths of each `Transmit::RecordUnreported`, in order.
     unreported_asks: Vec<Vec<RelPath>>,
+    /// A file whose copy on the follower is noted at every MARK, with the MARK's position.
+    watched: Option<(RelPath, Vec<CopyAtMark>)>,
 }
 
 impl Sim {
@@ -79,6 +84,7 @@ impl Sim {
             appends: Vec::new(),
             check_marks: false,
             unreported_asks: Vec::new(),
+            watched: None,
         }
     }
 
@@ -288,6 +294,9 @@ impl Sim {
                 self.marks_seen.push((position, sync_done));
                 if self.check_marks {
                     self.assert_mark_covers_appends(position);
+                }
+                if let Some((path, seen)) = &mut self.watched {
+                    seen.push((position, self.follower_files.get(path).cloned()));
                 }
                 self.follower.written(position);
             }
@@ -1088,4 +1097,56 @@ fn whole_file_transfers_cut_short_and_then_deleted_do_not_pile_up_on_the_followe
     sim.replace("last", b"x");
     sim.run();
     sim.assert_in_sync();
+}
+
+/// A file rewritten in place while it is being sent whole (a small file rewritten with
+/// O_TRUNC, say, and the change recorded) would reach the follower as neither version: the
+/// bytes read after the rewrite, cut at the length planned before it. The session drops the
+/// transfer of the older version instead, uncommitted, whatever its shell checks (this one
+/// reads whatever the file holds), and no MARK claims it: at every MARK the follower holds the
+/// version recorded at or below it, or a later one, never a mix.
+#[test]
+fn a_file_rewritten_while_sent_whole_is_never_committed_as_a_mix() {
+    let (v1, v2, v3): (&[u8], &[u8], &[u8]) = (b"{\"v\":1}", b"{\"v\":2222}", b"{\"v\":33333333}");
+    for rewritten_after_open in [true, false] {
+        let mut sim = Sim::new(files(&[("meta.json", v1)]), Files::new());
+        sim.run();
+        sim.watched = Some((p("meta.json"), Vec::new()));
+        sim.replace("meta.json", v2);
+        let v2_at = sim.catalog.position();
+        let t = sim.leader.poll_transmit(&sim.catalog, sim.now);
+        assert!(matches!(t, Some(Transmit::OpenWhole { .. })), "{t:?}");
+        if rewritten_after_open {
+            // Opened at v2's length; then rewritten in place before its bytes are read.
+            sim.leader
+                .begin_whole(&p("meta.json"), v2.len() as u64, &sim.catalog);
+            sim.replace("meta.json", v3);
+        } else {
+            // Rewritten between the session's plan and the shell's open.
+            sim.replace("meta.json", v3);
+            sim.leader
+                .begin_whole(&p("meta.json"), v3.len() as u64, &sim.catalog);
+        }
+        let v3_at = sim.catalog.position();
+        sim.run();
+        sim.assert_in_sync();
+        let (_, seen) = sim.watched.take().unwrap();
+        assert!(!seen.is_empty());
+        for (mark, have) in seen {
+            let have = have.as_deref();
+            let ok = if mark >= v3_at {
+                have == Some(v3)
+            } else if mark >= v2_at {
+                have == Some(v2) || have == Some(v3)
+            } else {
+                have == Some(v1) || have == Some(v2) || have == Some(v3)
+            };
+            assert!(
+                ok,
+                "rewritten after open: {rewritten_after_open}; MARK {mark} (v2 at {v2_at}, \
+                 v3 at {v3_at}): the follower holds {:?}",
+                have.map(String::from_utf8_lossy)
+            );
+        }
+    }
 }
