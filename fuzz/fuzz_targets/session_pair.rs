@@ -124,6 +124,11 @@ impl Pair {
 
     fn append(&mut self, path: RelPath, n: usize) {
         let bytes = self.contents(n);
+        if n == 0 && !self.leader.files.contains_key(&path) {
+            // An empty append creates the file without moving the position: a MARK at it may
+            // come before or after the creation.
+            self.forget(&path);
+        }
         let file = self.leader.files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(&bytes);
@@ -179,8 +184,21 @@ impl Pair {
     fn replace(&mut self, path: RelPath, len: usize) {
         let bytes = self.contents(len);
         self.leader.files.insert(path.clone(), bytes);
-        self.forget(&path);
-        self.leader.record(path, |c, p| c.replace(p, len as u64));
+        self.leader
+            .record(path.clone(), |c, p| c.replace(p, len as u64));
+        self.rewritten(&path);
+    }
+
+    /// A rewrite or delete of `path` was recorded, if the position moved: what it claims.
+    fn rewritten(&mut self, path: &RelPath) {
+        let position = self.leader.catalog.position();
+        if let Some(claims) = &mut self.follower.claims {
+            claims.rewritten(
+                path,
+                position,
+                self.leader.files.get(path).map(Vec::as_slice),
+            );
+        }
     }
 
     /// A file cut short, reported as the watcher (and `Leader::apply`) reports a shrink: as a
@@ -193,14 +211,21 @@ impl Pair {
         };
         let len = usize::from(b) % (file.len() + 1);
         file.truncate(len);
-        self.forget(&path);
-        self.leader.record(path, |c, p| c.replace(p, len as u64));
+        self.leader
+            .record(path.clone(), |c, p| c.replace(p, len as u64));
+        self.rewritten(&path);
     }
 
     fn delete(&mut self, path: RelPath) {
         self.leader.files.remove(&path);
-        self.forget(&path);
-        self.leader.record(path, |c, p| c.delete(p));
+        let before = self.leader.catalog.position();
+        self.leader.record(path.clone(), |c, p| c.delete(p));
+        if self.leader.catalog.position() > before {
+            self.rewritten(&path);
+        } else {
+            // Not in the catalog: deleted from the disk only, and no change was recorded.
+            self.forget(&path);
+        }
     }
 
     /// What the change source reports for each file changed behind the catalog's back.

@@ -962,20 +962,23 @@ impl FollowerShell {
     }
 }
 
-/// What each MARK claims, from the appends a script recorded: a MARK at position M says the
-/// follower holds every append recorded at or below M. Checked at every MARK the follower
+/// What each MARK claims, from the changes a script recorded: a MARK at position M says the
+/// follower holds every change recorded at or below M. Checked at every MARK the follower
 /// reads, in wire order (`FollowerShell::step`).
 ///
-/// Per file, the model keeps the appends since its last other change (those that moved the
-/// position: a MARK at an empty append's position may be one sent before it), and, if the file
-/// was then cut back or deleted behind the catalog (a change not yet reported), each state it
-/// has had since. The follower must hold the appended bytes (shipped before they vanished) or
-/// one of those states (or a prefix of one: a file rewritten twice behind the catalog while it
-/// was being sent whole); a MARK claiming bytes the follower never got while they vanished
-/// fails here. The harness forgets a file when a change to it is recorded (reported, or
-/// recorded by the leader after `VANISHED_HOLD_TIMEOUT_MS`), and when behind the catalog it
-/// becomes at least as long as recorded (rewritten, or grown by appends): that is outside the
-/// append-only contract, and its new bytes may ship as a tail before the change is reported.
+/// Per file, the model keeps each state recorded since the harness last forgot it, with the
+/// position that recorded it: appended to (those that moved the position: a MARK at an empty
+/// append's position may be one sent before it), rewritten whole (a replace, or a cut reported
+/// as one), or deleted. At a MARK the follower must hold the last state recorded at or below it
+/// or one recorded later (the leader ships what the file is when it gets to it); after an
+/// append, any file that begins with the appended bytes. If the file was then cut back or
+/// deleted behind the catalog (a change not yet reported), each state it has had since also
+/// passes (or a prefix of one: a file rewritten twice behind the catalog while it was being sent
+/// whole); a MARK claiming bytes the follower never got while they vanished fails here. The
+/// harness forgets a file when a change it cannot place is recorded (reported, or recorded by
+/// the leader after `VANISHED_HOLD_TIMEOUT_MS`), and when behind the catalog it becomes at
+/// least as long as recorded (rewritten, or grown by appends): that is outside the append-only
+/// contract, and its new bytes may ship as a tail before the change is reported.
 #[derive(Default)]
 pub struct Claims {
     files: HashMap<RelPath, FileClaims>,
@@ -983,24 +986,47 @@ pub struct Claims {
 
 #[derive(Default)]
 struct FileClaims {
-    /// (position after the append, the file's length after it), in order.
-    appends: Vec<(u64, usize)>,
-    /// The file's bytes after the last append.
-    bytes: Vec<u8>,
+    /// Each recorded state, in order: (the position after it, how it was made, the file's
+    /// bytes then, `None`: deleted).
+    recorded: Vec<(u64, Made, Option<Vec<u8>>)>,
     /// The file's states since, changed behind the catalog (`None`: deleted).
     since: Vec<Option<Vec<u8>>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Made {
+    Appended,
+    Whole,
 }
 
 impl Claims {
     /// An append recorded at `position`, after which the file holds `bytes`.
     pub fn appended(&mut self, path: &RelPath, position: u64, bytes: &[u8]) {
+        self.recorded(path, position, Made::Appended, Some(bytes));
+    }
+
+    /// `path` rewritten whole to `bytes`, or deleted (`None`), recorded at `position`.
+    pub fn rewritten(&mut self, path: &RelPath, position: u64, bytes: Option<&[u8]>) {
+        if self
+            .files
+            .get(path)
+            .is_some_and(|file| !file.since.is_empty())
+        {
+            // What it held behind the catalog is gone from the disk, and the states the model
+            // kept for it may still ship: forgotten until the next change.
+            self.forget(path);
+        }
+        self.recorded(path, position, Made::Whole, bytes);
+    }
+
+    fn recorded(&mut self, path: &RelPath, position: u64, made: Made, bytes: Option<&[u8]>) {
         let file = self.files.entry(path.clone()).or_default();
         if !file.since.is_empty() {
             // Appends to a file changed behind the catalog prove nothing until it is reported.
             return;
         }
-        file.appends.push((position, bytes.len()));
-        file.bytes = bytes.to_vec();
+        file.recorded
+            .push((position, made, bytes.map(<[u8]>::to_vec)));
     }
 
     /// `path` was cut back, rewritten or deleted (`None`) behind the catalog.
@@ -1010,7 +1036,8 @@ impl Claims {
         }
     }
 
-    /// A change to `path` was recorded (or the harness can no longer say what it holds).
+    /// A change to `path` was recorded that the model cannot place (or the harness can no
+    /// longer say what it holds).
     pub fn forget(&mut self, path: &RelPath) {
         self.files.remove(path);
     }
@@ -1018,17 +1045,20 @@ impl Claims {
     /// The follower read a MARK at `position` and holds `files`.
     fn check(&self, position: u64, files: &Files) {
         for (path, claims) in &self.files {
-            let Some(len) = claims
-                .appends
+            let Some(last) = claims
+                .recorded
                 .iter()
-                .filter(|&&(at, _)| at <= position)
-                .map(|&(_, len)| len)
-                .max()
+                .rposition(|&(at, _, _)| at <= position)
             else {
                 continue;
             };
             let have = files.get(path).map(Vec::as_slice);
-            let appended = have.is_some_and(|b| b.len() >= len && b[..len] == claims.bytes[..len]);
+            let (_, made, claimed) = &claims.recorded[last];
+            let appended = *made == Made::Appended
+                && matches!((claimed, have), (Some(c), Some(h)) if h.starts_with(c));
+            let recorded_later = claims.recorded[last..]
+                .iter()
+                .any(|(_, _, state)| state.as_deref() == have);
             let a_later_state = claims.since.iter().any(|state| match (state, have) {
                 (None, None) => true,
                 (Some(state), Some(have)) => {
@@ -1037,10 +1067,16 @@ impl Claims {
                 _ => false,
             });
             assert!(
-                appended || a_later_state,
-                "MARK {position} claims the first {len} bytes of {path} as appended; the \
-                 follower holds {:?} bytes, and the file has since been {:?} bytes long",
+                appended || recorded_later || a_later_state,
+                "MARK {position} claims {path} as {made:?} to {:?} bytes; the follower holds \
+                 {:?} bytes, the file was recorded at {:?} bytes since, and has been {:?} \
+                 bytes long behind the catalog",
+                claimed.as_ref().map(Vec::len),
                 have.map(<[u8]>::len),
+                claims.recorded[last + 1..]
+                    .iter()
+                    .map(|(_, _, s)| s.as_ref().map(Vec::len))
+                    .collect::<Vec<_>>(),
                 claims
                     .since
                     .iter()
