@@ -189,7 +189,8 @@ impl Pair {
         self.rewritten(&path);
     }
 
-    /// A rewrite or delete of `path` was recorded, if the position moved: what it claims.
+    /// A rewrite or delete of `path` was just recorded (the position moved): what every MARK
+    /// at or past it claims.
     fn rewritten(&mut self, path: &RelPath) {
         let position = self.leader.catalog.position();
         if let Some(claims) = &mut self.follower.claims {
