@@ -91,8 +91,8 @@ impl Pair {
     fn step_leader(&mut self, budget: usize) -> bool {
         let consumed = self.leader.handle();
         let out = self.leader.drive(budget);
-        for path in std::mem::take(&mut self.leader.recorded_unreported) {
-            self.forget(&path);
+        for (path, at) in std::mem::take(&mut self.leader.recorded_unreported) {
+            self.recorded_as_it_is(&path, at);
         }
         let moved = consumed || !out.is_empty();
         self.follower.inbuf.extend(out);
@@ -232,8 +232,18 @@ impl Pair {
     /// What the change source reports for each file changed behind the catalog's back.
     fn report(&mut self) {
         for path in std::mem::take(&mut self.unreported) {
-            self.forget(&path);
-            self.leader.record_as_it_is(path);
+            let at = self.leader.record_as_it_is(path.clone());
+            self.recorded_as_it_is(&path, at);
+        }
+    }
+
+    /// `path` was recorded as the disk has it (`at`: the position after, if that moved it):
+    /// the claims made before, on a file changed behind the catalog, end there, and the
+    /// recorded state is claimed from `at` on.
+    fn recorded_as_it_is(&mut self, path: &RelPath, at: Option<u64>) {
+        self.forget(path);
+        if let (Some(at), Some(claims)) = (at, &mut self.follower.claims) {
+            claims.rewritten(path, at, self.leader.files.get(path).map(Vec::as_slice));
         }
     }
 

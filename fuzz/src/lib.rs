@@ -423,8 +423,9 @@ pub struct LeaderShell {
     pub wire: WireChecker,
     /// Every byte the session reported consumed, in order.
     pub consumed: Vec<u8>,
-    /// The paths the shell recorded as they were, asked by `Transmit::RecordUnreported`.
-    pub recorded_unreported: Vec<RelPath>,
+    /// The paths the shell recorded as they were, asked by `Transmit::RecordUnreported`, each
+    /// with the position after its change (`None`: nothing to record, the position did not move).
+    pub recorded_unreported: Vec<(RelPath, Option<u64>)>,
     rank: u8,
 }
 
@@ -441,8 +442,10 @@ impl LeaderShell {
     }
 
     /// Records `path` as its file is now, replaced at its length or deleted, as a change
-    /// source reports a file changed behind the catalog.
-    pub fn record_as_it_is(&mut self, path: RelPath) {
+    /// source reports a file changed behind the catalog. Returns the position after the change,
+    /// if there was one (a file neither on disk nor in the catalog has none).
+    pub fn record_as_it_is(&mut self, path: RelPath) -> Option<u64> {
+        let before = self.catalog.position();
         match self.files.get(&path) {
             Some(b) => {
                 let len = b.len() as u64;
@@ -450,6 +453,8 @@ impl LeaderShell {
             }
             None => self.record(path, |c, p| c.delete(p)),
         }
+        let after = self.catalog.position();
+        (after > before).then_some(after)
     }
 
     pub fn new(files: Files, now: Instant) -> LeaderShell {
@@ -637,8 +642,8 @@ impl LeaderShell {
                     // As the leader's shell does. The script's own report of the change, if
                     // it comes later, is one more change.
                     for path in paths {
-                        self.recorded_unreported.push(path.clone());
-                        self.record_as_it_is(path);
+                        let at = self.record_as_it_is(path.clone());
+                        self.recorded_unreported.push((path, at));
                     }
                 }
             }
@@ -974,11 +979,12 @@ impl FollowerShell {
 /// append, any file that begins with the appended bytes. If the file was then cut back or
 /// deleted behind the catalog (a change not yet reported), each state it has had since also
 /// passes (or a prefix of one: a file rewritten twice behind the catalog while it was being sent
-/// whole); a MARK claiming bytes the follower never got while they vanished fails here. The
-/// harness forgets a file when a change it cannot place is recorded (reported, or recorded by
-/// the leader after `VANISHED_HOLD_TIMEOUT_MS`), and when behind the catalog it becomes at
-/// least as long as recorded (rewritten, or grown by appends): that is outside the append-only
-/// contract, and its new bytes may ship as a tail before the change is reported.
+/// whole); a MARK claiming bytes the follower never got while they vanished fails here. When
+/// such a file is recorded as the disk has it (reported, or recorded by the leader after
+/// `VANISHED_HOLD_TIMEOUT_MS`), the harness forgets what it claimed before and claims that
+/// state from then on. It forgets a file too when behind the catalog it becomes at least as
+/// long as recorded (rewritten, or grown by appends): that is outside the append-only contract,
+/// and its new bytes may ship as a tail before the change is reported.
 #[derive(Default)]
 pub struct Claims {
     files: HashMap<RelPath, FileClaims>,
