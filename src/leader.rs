@@ -1204,8 +1204,8 @@ async fn drive(
                     generation,
                     offset + len_bytes,
                 )? {
-                    // Truncated, replaced or deleted since the range was planned: take the
-                    // header back; that change ships on its own. (A shrink during the splice
+                    // Cut back or removed behind the catalog since the range was planned:
+                    // take the header back; that change ships on its own. (A shrink during the splice
                     // below still ends the connection: the frame's length is already on the
                     // wire.)
                     tracing::info!(
@@ -1345,9 +1345,9 @@ fn keep_open(files: &mut OpenFiles, path: RelPath, generation: u64, file: File) 
 }
 
 /// Whether `path` at `generation` still holds the bytes up to `end`, opening it if needed
-/// (then it is in `files`). Not when the catalog has moved on to another generation or none
-/// (replaced or deleted: reopening the name would send another file's bytes), nor when the
-/// file is gone or shorter.
+/// (then it is in `files`). Not when the file is gone or shorter. The session asks only for
+/// the generation `catalog` holds (it drops a transfer the catalog has moved past,
+/// `Job::superseded`), so reopening the name cannot send another version's bytes for it.
 fn payload_available(
     ctx: &ConnCtx,
     files: &mut OpenFiles,
@@ -1356,9 +1356,11 @@ fn payload_available(
     generation: u64,
     end: u64,
 ) -> Result<bool, ServeError> {
-    if catalog.get(path).map(|e| e.generation) != Some(generation) {
-        return Ok(false);
-    }
+    debug_assert_eq!(
+        catalog.get(path).map(|e| e.generation),
+        Some(generation),
+        "a payload of {path} planned for a generation the catalog has moved past"
+    );
     if !matches!(files.get(path), Some((g, _)) if *g == generation) {
         match ctx.dir.open_read(path) {
             Ok(file) => keep_open(files, path.clone(), generation, file),
