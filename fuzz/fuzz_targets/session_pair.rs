@@ -133,15 +133,15 @@ impl Pair {
         let offset = file.len() as u64;
         file.extend_from_slice(&bytes);
         let recorded_len = self.recorded_len(&path);
-        self.leader
+        let at = self
+            .leader
             .record(path.clone(), |c, p| c.append(p, offset, n as u64));
         if self.unreported.contains(&path) {
             // A file changed behind the catalog, grown: one more state it has had.
             let now = self.leader.files.get(&path).cloned();
             self.claims_behind(&path, now.as_deref(), recorded_len);
-        } else if n > 0 {
+        } else if let Some(position) = at {
             // (An empty append moves no position: a MARK at it may be one sent before it.)
-            let position = self.leader.catalog.position();
             if let Some(claims) = &mut self.follower.claims {
                 claims.appended(&path, position, &self.leader.files[&path]);
             }
@@ -184,21 +184,22 @@ impl Pair {
     fn replace(&mut self, path: RelPath, len: usize) {
         let bytes = self.contents(len);
         self.leader.files.insert(path.clone(), bytes);
-        self.leader
+        let at = self
+            .leader
             .record(path.clone(), |c, p| c.replace(p, len as u64));
-        self.rewritten(&path);
+        self.rewritten(&path, at);
     }
 
-    /// A rewrite or delete of `path` was just recorded (the position moved): what every MARK
-    /// at or past it claims.
-    fn rewritten(&mut self, path: &RelPath) {
-        let position = self.leader.catalog.position();
-        if let Some(claims) = &mut self.follower.claims {
-            claims.rewritten(
-                path,
-                position,
-                self.leader.files.get(path).map(Vec::as_slice),
-            );
+    /// A rewrite or delete of `path` was recorded, `at` the position after it: what every MARK
+    /// at or past it claims. (`None`: no change was recorded, a file deleted from the disk
+    /// only; what it held is no longer known.)
+    fn rewritten(&mut self, path: &RelPath, at: Option<u64>) {
+        match (at, &mut self.follower.claims) {
+            (Some(at), Some(claims)) => {
+                claims.rewritten(path, at, self.leader.files.get(path).map(Vec::as_slice))
+            }
+            (None, _) => self.forget(path),
+            (Some(_), None) => {}
         }
     }
 
@@ -212,21 +213,16 @@ impl Pair {
         };
         let len = usize::from(b) % (file.len() + 1);
         file.truncate(len);
-        self.leader
+        let at = self
+            .leader
             .record(path.clone(), |c, p| c.replace(p, len as u64));
-        self.rewritten(&path);
+        self.rewritten(&path, at);
     }
 
     fn delete(&mut self, path: RelPath) {
         self.leader.files.remove(&path);
-        let before = self.leader.catalog.position();
-        self.leader.record(path.clone(), |c, p| c.delete(p));
-        if self.leader.catalog.position() > before {
-            self.rewritten(&path);
-        } else {
-            // Not in the catalog: deleted from the disk only, and no change was recorded.
-            self.forget(&path);
-        }
+        let at = self.leader.record(path.clone(), |c, p| c.delete(p));
+        self.rewritten(&path, at);
     }
 
     /// What the change source reports for each file changed behind the catalog's back.
@@ -242,9 +238,7 @@ impl Pair {
     /// recorded state is claimed from `at` on.
     fn recorded_as_it_is(&mut self, path: &RelPath, at: Option<u64>) {
         self.forget(path);
-        if let (Some(at), Some(claims)) = (at, &mut self.follower.claims) {
-            claims.rewritten(path, at, self.leader.files.get(path).map(Vec::as_slice));
-        }
+        self.rewritten(path, at);
     }
 
     /// A well-formed frame the follower side could send, with fields from the script.

@@ -431,30 +431,30 @@ pub struct LeaderShell {
 
 impl LeaderShell {
     /// Applies `change` to the catalog and tells the session, as the leader's writer does.
+    /// Returns the position after the change, if it moved it (an empty append, or a delete of
+    /// a file the catalog does not hold, does not).
     pub fn record<T>(
         &mut self,
         path: RelPath,
         change: impl FnOnce(&mut Catalog, &str) -> Result<T, PathError>,
-    ) {
+    ) -> Option<u64> {
         let since = self.catalog.position();
         change(&mut self.catalog, path.as_str()).expect("a RelPath passes the catalog's check");
         self.session.note_changed(path, since);
+        let after = self.catalog.position();
+        (after > since).then_some(after)
     }
 
     /// Records `path` as its file is now, replaced at its length or deleted, as a change
-    /// source reports a file changed behind the catalog. Returns the position after the change,
-    /// if there was one (a file neither on disk nor in the catalog has none).
+    /// source reports a file changed behind the catalog; as `record`, the position after it.
     pub fn record_as_it_is(&mut self, path: RelPath) -> Option<u64> {
-        let before = self.catalog.position();
         match self.files.get(&path) {
             Some(b) => {
                 let len = b.len() as u64;
-                self.record(path, |c, p| c.replace(p, len));
+                self.record(path, |c, p| c.replace(p, len))
             }
             None => self.record(path, |c, p| c.delete(p)),
         }
-        let after = self.catalog.position();
-        (after > before).then_some(after)
     }
 
     pub fn new(files: Files, now: Instant) -> LeaderShell {
