@@ -51,6 +51,15 @@ const INBOX_POLL_INTERVAL: Duration = Duration::from_micros(200);
 /// How long a connection keeps looking after the last change it found, before it goes back to
 /// sleeping until the writer wakes it: an idle leader costs no CPU.
 const INBOX_POLL_IDLE_MAX: Duration = Duration::from_millis(1);
+/// Until its initial sync is sent, a connection looks this often instead: nothing it finds is
+/// acked before the sync's last MARK anyway, and each look pulls the writers' lock and inbox over to the
+/// session's CPU, which the writer's next `append` pays to pull back. While a follower joined
+/// with a 2 GiB full sync, the writer's `append()` p99 was lower with looks every 5 ms than
+/// every 200 us in 12 interleaved pairs of 12 (docs/PERFORMANCE.md).
+const INBOX_POLL_INTERVAL_SYNCING: Duration = Duration::from_millis(5);
+/// `INBOX_POLL_IDLE_MAX` for a connection sending its initial sync: longer than its look
+/// interval, or finding nothing new at one look would make the writer wake it again.
+const INBOX_POLL_IDLE_MAX_SYNCING: Duration = Duration::from_millis(25);
 /// Open files kept per connection for shipping payloads.
 const OPEN_FILES_PER_CONNECTION_MAX: usize = 256;
 
@@ -1079,7 +1088,8 @@ async fn drive(
     let mut changes: Vec<FileChange> = Vec::new();
     let mut changed: Vec<(RelPath, u64)> = Vec::new();
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
-    // at it every INBOX_POLL_INTERVAL, and the writer need not wake it.
+    // at it every INBOX_POLL_INTERVAL, and the writer need not wake it (until the initial sync
+    // is sent, the `_SYNCING` ones: `poll_rate`).
     let mut changes_seen_at: Option<Instant> = None;
     // When the session last looked at its inbox. While polling, it looks no more often than
     // every INBOX_POLL_INTERVAL, however often acks wake it: a look that finds a few appends
@@ -1087,9 +1097,10 @@ async fn drive(
     // messages cost the leader and the follower CPU per message (README, Performance).
     let mut inbox_seen_at: Option<Instant> = None;
     let timer = FineTimer::new(conn.engine())?;
-    // The sleep until the next look, with the `inbox_seen_at` it counts from: kept across turns
-    // of the loop, so that the acks that wake the session in between do not arm a timer each
-    // (arming a fine timer reprograms the CPU's timer, which on a VM is an exit to the host).
+    // The sleep until the next look, with the `inbox_seen_at` it counts from and the interval it
+    // waits (`poll_rate`): kept across turns of the loop, so that the acks that wake the session
+    // in between do not arm a timer each (arming a fine timer reprograms the CPU's timer, which
+    // on a VM is an exit to the host).
     let mut look_sleep = None;
     loop {
         // Everything the reader has, without waiting.
@@ -1099,7 +1110,8 @@ async fn drive(
         let now = Instant::now();
         session.check_handshake_deadline(connected_at, now)?;
         let had_input = !input.is_empty();
-        if look_due(changes_seen_at, inbox_seen_at, now) {
+        let rate = poll_rate(session.sync_done_sent());
+        if look_due(changes_seen_at, inbox_seen_at, now, rate) {
             inbox_seen_at = Some(now);
             let mut hub = ctx.shared.lock();
             let hub = &mut *hub;
@@ -1111,7 +1123,7 @@ async fn drive(
                 inbox.since = None;
                 // Set here, while the inbox is seen empty under the lock: a change from now on
                 // either wakes the session or waits at most one poll interval.
-                inbox.wake_wanted = !polling(changes_seen_at, now);
+                inbox.wake_wanted = !polling(changes_seen_at, now, rate);
             }
         }
         if had_input {
@@ -1278,12 +1290,15 @@ async fn drive(
                     .poll_timeout()
                     .map(tokio::time::Instant::from_std)
                     .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(500));
-                let poll = polling(changes_seen_at, now);
+                // Again: the round may have sent the initial sync's last MARK.
+                let rate = poll_rate(session.sync_done_sent());
+                let poll = polling(changes_seen_at, now, rate);
+                let from = (inbox_seen_at, rate.interval);
                 if !poll {
                     look_sleep = None;
-                } else if !matches!(&look_sleep, Some((from, _)) if *from == inbox_seen_at) {
-                    let next_look = next_look_in(inbox_seen_at, Instant::now());
-                    look_sleep = Some((inbox_seen_at, Box::pin(timer.sleep(next_look))));
+                } else if !matches!(&look_sleep, Some((armed, _)) if *armed == from) {
+                    let next_look = next_look_in(inbox_seen_at, Instant::now(), rate);
+                    look_sleep = Some((from, Box::pin(timer.sleep(next_look))));
                 }
                 tokio::select! {
                     chunk = input_rx.recv() => take_input(chunk, &mut input, &mut eof)?,
@@ -1300,9 +1315,13 @@ async fn drive(
     }
 }
 
+/// What a sleep until the next look was armed for: the look it counts from (`inbox_seen_at`)
+/// and the interval it waits (`PollRate::interval`).
+type LookFrom = (Option<Instant>, Duration);
+
 /// Waits for the sleep in `look_sleep`, forever if there is none.
 async fn until_look<F: std::future::Future<Output = io::Result<()>>>(
-    look_sleep: &mut Option<(Option<Instant>, std::pin::Pin<Box<F>>)>,
+    look_sleep: &mut Option<(LookFrom, std::pin::Pin<Box<F>>)>,
 ) -> io::Result<()> {
     match look_sleep {
         Some((_, sleep)) => sleep.as_mut().await,
@@ -1310,27 +1329,52 @@ async fn until_look<F: std::future::Future<Output = io::Result<()>>>(
     }
 }
 
+/// How often a session looks at its inbox while changes keep arriving (`interval`), and for how
+/// long after the last change it found (`idle_max`).
+#[derive(Debug, Clone, Copy)]
+struct PollRate {
+    interval: Duration,
+    idle_max: Duration,
+}
+
+/// The rate for a session that has sent its initial sync (`sync_done_sent`), or is sending it.
+fn poll_rate(sync_done_sent: bool) -> PollRate {
+    if sync_done_sent {
+        PollRate {
+            interval: INBOX_POLL_INTERVAL,
+            idle_max: INBOX_POLL_IDLE_MAX,
+        }
+    } else {
+        PollRate {
+            interval: INBOX_POLL_INTERVAL_SYNCING,
+            idle_max: INBOX_POLL_IDLE_MAX_SYNCING,
+        }
+    }
+}
+
 /// Whether a session that last found changes in its inbox at `changes_seen_at` looks at it
-/// every `INBOX_POLL_INTERVAL` now, rather than waiting for the writer to wake it.
-fn polling(changes_seen_at: Option<Instant>, now: Instant) -> bool {
-    changes_seen_at.is_some_and(|at| now.saturating_duration_since(at) < INBOX_POLL_IDLE_MAX)
+/// every `rate.interval` now, rather than waiting for the writer to wake it.
+fn polling(changes_seen_at: Option<Instant>, now: Instant, rate: PollRate) -> bool {
+    changes_seen_at.is_some_and(|at| now.saturating_duration_since(at) < rate.idle_max)
 }
 
 /// Whether the session looks at its inbox now: always when idle (not `polling`: the writer
-/// wakes it, and it must see the inbox empty to ask for that), else once INBOX_POLL_INTERVAL
-/// has passed since it last looked at `inbox_seen_at`.
+/// wakes it, and it must see the inbox empty to ask for that), else once `rate.interval` has
+/// passed since it last looked at `inbox_seen_at`.
 fn look_due(
     changes_seen_at: Option<Instant>,
     inbox_seen_at: Option<Instant>,
     now: Instant,
+    rate: PollRate,
 ) -> bool {
-    !polling(changes_seen_at, now) || next_look_in(inbox_seen_at, now).is_zero()
+    !polling(changes_seen_at, now, rate) || next_look_in(inbox_seen_at, now, rate).is_zero()
 }
 
-/// How long until the next look while polling: INBOX_POLL_INTERVAL after the last.
-fn next_look_in(inbox_seen_at: Option<Instant>, now: Instant) -> Duration {
+/// How long until the next look while polling: `rate.interval` after the last.
+fn next_look_in(inbox_seen_at: Option<Instant>, now: Instant, rate: PollRate) -> Duration {
     inbox_seen_at.map_or(Duration::ZERO, |at| {
-        INBOX_POLL_INTERVAL.saturating_sub(now.saturating_duration_since(at))
+        rate.interval
+            .saturating_sub(now.saturating_duration_since(at))
     })
 }
 
@@ -1536,19 +1580,55 @@ mod tests {
     /// often than every INBOX_POLL_INTERVAL; an idle session (the writer wakes it) always looks.
     #[test]
     fn the_inbox_is_looked_at_once_per_poll_interval_while_polling() {
+        let rate = poll_rate(true);
         let t0 = Instant::now();
         let seen = Some(t0);
         let looked = Some(t0);
         let soon = t0 + INBOX_POLL_INTERVAL / 4;
-        assert!(!look_due(seen, looked, soon));
-        assert_eq!(next_look_in(looked, soon), INBOX_POLL_INTERVAL * 3 / 4);
+        assert!(!look_due(seen, looked, soon, rate));
+        assert_eq!(
+            next_look_in(looked, soon, rate),
+            INBOX_POLL_INTERVAL * 3 / 4
+        );
         let later = t0 + INBOX_POLL_INTERVAL;
-        assert!(look_due(seen, looked, later));
-        assert_eq!(next_look_in(looked, later), Duration::ZERO);
+        assert!(look_due(seen, looked, later, rate));
+        assert_eq!(next_look_in(looked, later, rate), Duration::ZERO);
         // Never looked, or idle (no changes within INBOX_POLL_IDLE_MAX): look at once.
-        assert!(look_due(seen, None, soon));
-        assert!(look_due(None, looked, soon));
+        assert!(look_due(seen, None, soon, rate));
+        assert!(look_due(None, looked, soon, rate));
         let idle = t0 + INBOX_POLL_IDLE_MAX;
-        assert!(look_due(seen, Some(idle), idle + INBOX_POLL_INTERVAL / 4));
+        assert!(look_due(
+            seen,
+            Some(idle),
+            idle + INBOX_POLL_INTERVAL / 4,
+            rate
+        ));
+    }
+
+    /// Until the initial sync is sent, the changes a session finds wait behind the whole sync
+    /// anyway, and each look moves the writers' cache lines to the session's CPU: it looks every
+    /// INBOX_POLL_INTERVAL_SYNCING, stays polling that long without changes too (so the writer
+    /// does not start waking it), and goes back to the streaming rate once the sync is sent.
+    #[test]
+    fn a_session_sending_its_initial_sync_looks_at_the_inbox_less_often() {
+        let syncing = poll_rate(false);
+        let t0 = Instant::now();
+        let (seen, looked) = (Some(t0), Some(t0));
+        let streaming_due = t0 + INBOX_POLL_INTERVAL;
+        assert!(INBOX_POLL_INTERVAL_SYNCING > INBOX_POLL_IDLE_MAX);
+        assert!(!look_due(seen, looked, streaming_due, syncing));
+        assert!(polling(seen, t0 + INBOX_POLL_INTERVAL_SYNCING, syncing));
+        assert_eq!(
+            next_look_in(looked, streaming_due, syncing),
+            INBOX_POLL_INTERVAL_SYNCING - INBOX_POLL_INTERVAL
+        );
+        let due = t0 + INBOX_POLL_INTERVAL_SYNCING;
+        assert!(look_due(seen, looked, due, syncing));
+        // Idle for INBOX_POLL_IDLE_MAX_SYNCING: the writer wakes it, it looks whenever woken.
+        let idle = t0 + INBOX_POLL_IDLE_MAX_SYNCING;
+        assert!(!polling(seen, idle, syncing));
+        assert!(look_due(seen, Some(idle), idle, syncing));
+        // Sync sent: the next look is due at the streaming rate.
+        assert!(look_due(seen, looked, streaming_due, poll_rate(true)));
     }
 }
