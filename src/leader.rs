@@ -52,10 +52,10 @@ const INBOX_POLL_INTERVAL: Duration = Duration::from_micros(200);
 /// sleeping until the writer wakes it: an idle leader costs no CPU.
 const INBOX_POLL_IDLE_MAX: Duration = Duration::from_millis(1);
 /// Until its initial sync is sent, a connection looks this often instead: nothing it finds is
-/// acked before the sync's last MARK anyway, and each look pulls the writers' lock and inbox over to the
-/// session's CPU, which the writer's next `append` pays to pull back. While a follower joined
-/// with a 2 GiB full sync, the writer's `append()` p99 was lower with looks every 5 ms than
-/// every 200 us in 12 interleaved pairs of 12 (docs/PERFORMANCE.md).
+/// acked before the sync's last MARK anyway, and each look pulls the writers' lock and inbox
+/// over to the session's CPU, which the writer's next `append` pays to pull back. While a
+/// follower joined with a 2 GiB full sync, the writer's `append()` p99 was lower with looks
+/// every 5 ms than every 200 us in 12 interleaved pairs of 12 (docs/PERFORMANCE.md).
 const INBOX_POLL_INTERVAL_SYNCING: Duration = Duration::from_millis(5);
 /// `INBOX_POLL_IDLE_MAX` for a connection sending its initial sync: longer than its look
 /// interval, or finding nothing new at one look would make the writer wake it again.
@@ -1605,10 +1605,11 @@ mod tests {
         ));
     }
 
-    /// Until the initial sync is sent, the changes a session finds wait behind the whole sync
-    /// anyway, and each look moves the writers' cache lines to the session's CPU: it looks every
-    /// INBOX_POLL_INTERVAL_SYNCING, stays polling that long without changes too (so the writer
-    /// does not start waking it), and goes back to the streaming rate once the sync is sent.
+    /// Until the initial sync is sent, nothing a session finds is acked before the sync's last
+    /// MARK anyway, and each look moves the writers' cache lines to the session's CPU: it looks
+    /// every INBOX_POLL_INTERVAL_SYNCING, stays polling that long without changes too (so the
+    /// writer does not start waking it), and goes back to the streaming rate once the sync is
+    /// sent.
     #[test]
     fn a_session_sending_its_initial_sync_looks_at_the_inbox_less_often() {
         let syncing = poll_rate(false);
