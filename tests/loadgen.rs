@@ -71,7 +71,7 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
             "\"in_fault\": ",
             "\"writer_samples\": [\n    [{\"t_s\": ",
             "\"append_call_p99_ns\": ",
-            "\"ack_samples\": [{\"t_s\": 0.10, \"messages\": ",
+            "\"ack_samples\": [{\"t_s\": ",
             "\"append_to_ack_p99_us\": ",
             "\"checksums_match\": true",
             "\"free_page_reporting_order\": ",
@@ -88,6 +88,19 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
         split[0] > 0.0,
         "a run with a writer and 2 followers was not busy: {split:?}"
     );
+    // Every message appended lands in one 100 ms interval of ack_samples, whenever the writer
+    // got going and however late its acks came.
+    let acks_from = report.find("\"ack_samples\": [").unwrap();
+    let acks = &report[acks_from..acks_from + report[acks_from..].find(']').unwrap()];
+    let mut sampled = 0.0;
+    let mut last_t_s = 0.0;
+    for sample in acks.split("{\"t_s\": ").skip(1) {
+        let t_s: f64 = sample[..sample.find(',').unwrap()].parse().unwrap();
+        assert!(t_s > last_t_s, "ack_samples out of order:\n{acks}");
+        last_t_s = t_s;
+        sampled += number_after(sample, "\"messages\": ");
+    }
+    assert_eq!(sampled, number_after(&report, "\"messages\": "), "{report}");
     assert!(
         !report.contains("\"kills\": 0,"),
         "no follower was killed:\n{report}"
