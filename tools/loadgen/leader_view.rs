@@ -24,9 +24,9 @@ pub enum LeaderView {
 #[derive(Debug, PartialEq)]
 struct LeadFigures {
     position_bytes: u64,
-    /// `(lag_bytes, acked_position)` at the run's durability of each follower connected now,
-    /// in the order of their ids.
-    followers: Vec<(u64, u64)>,
+    /// `(peer port, lag_bytes, acked_position)` at the run's durability of each follower
+    /// connected now, in the order of their ids.
+    followers: Vec<(Option<u16>, u64, u64)>,
 }
 
 impl LeaderView {
@@ -51,21 +51,23 @@ impl LeaderView {
         }
     }
 
-    /// Each connected follower's lag at `durability`, then `None` up to `n` entries.
-    pub fn lags(&self, durability: Durability, n: usize) -> Vec<Option<u64>> {
-        let mut lags: Vec<Option<u64>> = match self {
+    /// Per follower process, given as the local ports of its TCP sockets
+    /// (`procs::local_tcp_ports`), the lag at `durability` of the connection the leader has
+    /// from one of them: `None` while it has none. Connections come and go in any order as
+    /// followers are killed and restart, so they are matched by port, never by position.
+    pub fn lags(&self, durability: Durability, ports: &[Vec<u16>]) -> Vec<Option<u64>> {
+        let connected: Vec<(Option<u16>, u64)> = match self {
             LeaderView::Embedded(leader) => leader
                 .followers()
                 .into_iter()
                 .filter(|f| f.lag.state != ferry::lag::FollowerState::Disconnected)
-                .map(|f| Some(f.lag.lag_bytes[durability.index()]))
+                .map(|f| (Some(f.peer.port()), f.lag.lag_bytes[durability.index()]))
                 .collect(),
             LeaderView::Lead(http) => lead_figures(http, durability)
-                .map(|f| f.followers.iter().map(|&(lag, _)| Some(lag)).collect())
+                .map(|f| f.followers.iter().map(|&(p, lag, _)| (p, lag)).collect())
                 .unwrap_or_default(),
         };
-        lags.resize(n, None);
-        lags
+        lags_of(&connected, ports)
     }
 
     /// Waits until at least `n` followers are in sync (state `streaming`: their initial sync
@@ -109,7 +111,11 @@ impl LeaderView {
                 let deadline = Instant::now() + timeout;
                 loop {
                     let acked = lead_figures(http, durability).is_some_and(|f| {
-                        f.followers.iter().filter(|&&(_, a)| a >= position).count() >= n
+                        f.followers
+                            .iter()
+                            .filter(|&&(_, _, a)| a >= position)
+                            .count()
+                            >= n
                     });
                     if acked {
                         return true;
@@ -122,6 +128,20 @@ impl LeaderView {
             }
         }
     }
+}
+
+/// Of the `connected` followers' `(peer port, lag)`, the lag of the one each process (given by
+/// its sockets' local ports) connects from.
+fn lags_of(connected: &[(Option<u16>, u64)], ports: &[Vec<u16>]) -> Vec<Option<u64>> {
+    ports
+        .iter()
+        .map(|mine| {
+            connected
+                .iter()
+                .find(|(peer, _)| peer.is_some_and(|p| mine.contains(&p)))
+                .map(|&(_, lag)| lag)
+        })
+        .collect()
 }
 
 /// How many followers `ferry lead`'s `/metrics` samples show in state `streaming`.
@@ -155,17 +175,21 @@ fn figures(samples: &[Sample], durability: Durability) -> Option<LeadFigures> {
             })
             .map(|s| s.value as u64)
     };
-    let mut connected: Vec<&str> = samples
+    let mut connected: Vec<(&str, Option<u16>)> = samples
         .iter()
         .filter(|s| s.name == "ferry_follower_state" && s.value == 1.0)
         .filter(|s| s.label("state") != Some("disconnected"))
-        .filter_map(|s| s.label("id"))
+        .filter_map(|s| {
+            let port = s.label("peer")?.rsplit_once(':')?.1.parse().ok();
+            Some((s.label("id")?, port))
+        })
         .collect();
-    connected.sort_by_key(|id| (id.len(), *id));
+    connected.sort_by_key(|(id, _)| (id.len(), *id));
     let followers = connected
         .into_iter()
-        .filter_map(|id| {
+        .filter_map(|(id, port)| {
             Some((
+                port,
                 at_level("ferry_follower_lag_bytes", id)?,
                 at_level("ferry_follower_acked_position", id)?,
             ))
@@ -202,7 +226,7 @@ ferry_follower_acked_position{id=\"3\",peer=\"127.0.0.1:3\",level=\"written\"} 0
             figures(&samples, Durability::Written),
             Some(LeadFigures {
                 position_bytes: 5000,
-                followers: vec![(4000, 1000), (100, 4900)],
+                followers: vec![(Some(1), 4000, 1000), (Some(2), 100, 4900)],
             })
         );
         // No level `synced` in these samples: no follower figures at it.
@@ -213,5 +237,17 @@ ferry_follower_acked_position{id=\"3\",peer=\"127.0.0.1:3\",level=\"written\"} 0
         assert_eq!(figures(&samples[1..], Durability::Written), None);
         // Of the three, one is in sync: "syncing" and "disconnected" are not.
         assert_eq!(streaming(&samples), 1);
+    }
+
+    /// A follower killed and restarted connects again after the others: its lag is still
+    /// reported as its own, found by the port it connects from.
+    #[test]
+    fn each_process_gets_the_lag_of_the_connection_from_its_own_port() {
+        let connected = [(Some(40002), 100), (None, 7), (Some(40001), 5000)];
+        let ports = [vec![40001], vec![40002, 9100], vec![40003]];
+        assert_eq!(
+            lags_of(&connected, &ports),
+            vec![Some(5000), Some(100), None]
+        );
     }
 }

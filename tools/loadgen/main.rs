@@ -539,20 +539,27 @@ fn run(args: Args) -> anyhow::Result<bool> {
         let bytes = shared.bytes.load(Ordering::Relaxed);
         let mb_per_s = (bytes - last.1) as f64 / 1e6 / now.duration_since(last.0).as_secs_f64();
         last = (now, bytes);
-        let lag_bytes = match &fanout {
-            Some(f) => f.lags(),
-            None => match &view {
-                Some(view) => view.lags(args.durability, args.followers),
-                None => vec![None; args.followers],
-            },
-        };
-        for p in followers
+        // Each follower process's sockets, so that its lag is its own whichever order the
+        // leader's connections are in (`follower1` first, a late joiner last).
+        let mut ports = vec![Vec::new(); args.followers];
+        for (i, p) in followers
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .iter_mut()
+            .enumerate()
         {
             p.sample();
+            if fanout.is_none() && i < ports.len() {
+                ports[i] = procs::local_tcp_ports(p.pid());
+            }
         }
+        let lag_bytes = match &fanout {
+            Some(f) => f.lags(),
+            None => match &view {
+                Some(view) => view.lags(args.durability, &ports),
+                None => vec![None; args.followers],
+            },
+        };
         samples.push(Sample {
             t_s: now.duration_since(started).as_secs_f64(),
             mb_per_s,

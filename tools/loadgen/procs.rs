@@ -27,6 +27,51 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     Some(((utime + stime) / ticks, hwm_kib))
 }
 
+/// The local ports of the TCP sockets process `pid` holds open (its file descriptors' socket
+/// inodes, looked up in its network namespace's /proc tables): how a follower process is told
+/// apart among the connections a leader reports, by their peer addresses. Empty if /proc does
+/// not say (the process is gone).
+pub fn local_tcp_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_str()?;
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        // "sl local_address rem_address st ... uid timeout inode ...", the address as
+        // hex IP ':' hex port.
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(inode)) = (fields.get(1), fields.get(9)) else {
+                continue;
+            };
+            if !inodes.iter().any(|i| i == inode) {
+                continue;
+            }
+            if let Some(port) = local
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports
+}
+
 /// CPU seconds and peak RSS (KiB) of this process so far.
 pub fn self_usage() -> (f64, u64) {
     // SAFETY: rusage is plain data and getrusage only writes into it.
@@ -119,5 +164,29 @@ impl Proc {
         self.signal(libc::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_s_tcp_ports_are_those_of_the_sockets_it_holds() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let ports = local_tcp_ports(std::process::id());
+        let (listening, connected) = (
+            listener.local_addr().unwrap().port(),
+            client.local_addr().unwrap().port(),
+        );
+        assert!(ports.contains(&listening), "{listening} not in {ports:?}");
+        assert!(ports.contains(&connected), "{connected} not in {ports:?}");
+        drop(client);
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = other.local_addr().unwrap().port();
+        drop(other);
+        assert!(!local_tcp_ports(std::process::id()).contains(&port));
+        assert!(local_tcp_ports(u32::MAX).is_empty());
     }
 }
