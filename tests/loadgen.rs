@@ -74,6 +74,7 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
             "\"ack_samples\": [{\"t_s\": ",
             "\"append_to_ack_p99_us\": ",
             "\"checksums_match\": true",
+            "\"faults\": [{\"kind\": \"kill\", \"follower\": \"follower1\", \"at_s\": ",
             "\"free_page_reporting_order\": ",
         ],
     );
@@ -105,7 +106,12 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
         !report.contains("\"kills\": 0,"),
         "no follower was killed:\n{report}"
     );
-    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    // The plot names the fault where it happened and has a time axis to read it off.
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    for text in [">follower1 killed</text>", ">1 s</text>"] {
+        assert!(svg.contains(text), "{text} missing from\n{svg}");
+    }
 }
 
 #[test]

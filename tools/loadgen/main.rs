@@ -41,7 +41,9 @@ use ferry::index::checksum_dir;
 use ferry::leader::{Leader, LeaderConfig};
 use leader_view::LeaderView;
 use procs::Proc;
-use report::{histogram, AckSample, RawBaseline, Report, Sample, Usage, WriterSample};
+use report::{
+    histogram, AckSample, FaultKind, FaultSpan, RawBaseline, Report, Sample, Usage, WriterSample,
+};
 use segments::SegmentWriter;
 
 /// How often lag, throughput and process usage are sampled.
@@ -521,6 +523,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     stall,
                     stall_at,
                     join: joiner.map(|j| (stall_at, j)),
+                    run_started: started,
                 },
                 durability,
                 n,
@@ -621,9 +624,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
         fanout.close();
     }
     shared.stop.store(true, Ordering::SeqCst);
-    let (kills, stalls, joins) = faults
+    let faults = faults
         .join()
         .map_err(|_| anyhow::anyhow!("the fault thread panicked"))?;
+    let count = |kind| faults.iter().filter(|f| f.kind == kind).count() as u64;
+    let (kills, stalls, joins) = (
+        count(FaultKind::Kill),
+        count(FaultKind::Stall),
+        count(FaultKind::Join),
+    );
 
     // Convergence: every follower holds everything at its durability, then checksums.
     let mut converged_s = None;
@@ -767,6 +776,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         kills,
         stalls,
         joins,
+        faults,
         converged_s,
         checksums_match,
         dd_mb_per_s,
@@ -1306,6 +1316,8 @@ struct Faults {
     stall_at: Duration,
     /// When the late follower starts, and how.
     join: Option<(Duration, FollowerSpec)>,
+    /// What the times in the fault log count from.
+    run_started: Instant,
 }
 
 /// A follower process to start: name, data dir, `ferry` arguments.
@@ -1339,6 +1351,7 @@ fn preload(dir: &std::path::Path, mib: u64) -> anyhow::Result<Vec<(ferry::paths:
     Ok(files)
 }
 
+/// Injects the planned faults until the run stops; returns the log of what it did.
 fn inject_faults(
     followers: &Mutex<Vec<Proc>>,
     shared: &Shared,
@@ -1347,28 +1360,42 @@ fn inject_faults(
     plan: Faults,
     durability: Durability,
     n: usize,
-) -> (u64, u64, u64) {
+) -> Vec<FaultSpan> {
     let Faults {
         kill_every,
         stall,
         stall_at,
         join,
+        run_started,
     } = plan;
     let started = Instant::now();
-    let (mut kills, mut stalls, mut joins) = (0, 0, 0);
+    let since_start = |at: Instant| at.duration_since(run_started).as_secs_f64();
+    let mut log = Vec::new();
     let mut join_plan = join.map(|(at, how)| (started + at, how));
     let mut next_kill = kill_every.map(|d| started + d);
     let mut stall_plan = stall.map(|d| (started + stall_at, d));
     let mut victim = 0usize;
-    // A fault lasts until every follower holds what was written when it ended.
-    let recover = |shared: &Shared| {
+    // A fault lasts until every follower holds what was written when it ended; logged with
+    // the time that happened (`None` if it did not within CONVERGE_TIMEOUT).
+    let recover = |shared: &Shared, kind: FaultKind, follower: String, at: Instant| {
+        let ended = Instant::now();
+        let mut recovered_s = None;
         if let Some(leader) = leader {
             let written = shared.bytes.load(Ordering::Relaxed);
             if let Some(position) = leader.position_of_written(position_at_start, written) {
-                leader.wait_for(position, durability, n, CONVERGE_TIMEOUT);
+                if leader.wait_for(position, durability, n, CONVERGE_TIMEOUT) {
+                    recovered_s = Some(since_start(Instant::now()));
+                }
             }
         }
         shared.in_fault.store(false, Ordering::Relaxed);
+        FaultSpan {
+            kind,
+            follower,
+            at_s: since_start(at),
+            ended_s: since_start(ended),
+            recovered_s,
+        }
     };
     while !shared.stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(10));
@@ -1376,50 +1403,54 @@ fn inject_faults(
         if let Some(at) = next_kill {
             if now >= at {
                 shared.in_fault.store(true, Ordering::Relaxed);
+                let mut name = String::new();
                 if let Ok(mut f) = followers.lock() {
                     let i = victim % f.len();
+                    name = f[i].name.clone();
                     if let Err(e) = f[i].kill_and_restart() {
                         eprintln!("loadgen: cannot restart {}: {e}", f[i].name);
                     }
                 }
                 victim += 1;
-                kills += 1;
-                recover(shared);
+                log.push(recover(shared, FaultKind::Kill, name, now));
                 next_kill = kill_every.map(|d| Instant::now() + d);
             }
         }
         if join_plan.as_ref().is_some_and(|(at, _)| now >= *at) {
             if let Some((_, (name, dir, args))) = join_plan.take() {
                 shared.in_fault.store(true, Ordering::Relaxed);
-                match Proc::spawn(name, dir, args) {
+                match Proc::spawn(name.clone(), dir, args) {
                     Ok(p) => {
                         if let Ok(mut f) = followers.lock() {
                             f.push(p);
                         }
-                        joins += 1;
+                        log.push(recover(shared, FaultKind::Join, name, now));
                     }
-                    Err(e) => eprintln!("loadgen: cannot start the joining follower: {e}"),
+                    Err(e) => {
+                        eprintln!("loadgen: cannot start the joining follower: {e}");
+                        shared.in_fault.store(false, Ordering::Relaxed);
+                    }
                 }
-                recover(shared);
             }
         }
         if let Some((at, how_long)) = stall_plan {
             if now >= at {
                 shared.in_fault.store(true, Ordering::Relaxed);
+                let mut name = String::new();
                 if let Ok(f) = followers.lock() {
+                    name = f[0].name.clone();
                     f[0].signal(libc::SIGSTOP);
                 }
                 std::thread::sleep(how_long);
                 if let Ok(f) = followers.lock() {
                     f[0].signal(libc::SIGCONT);
                 }
-                stalls += 1;
-                recover(shared);
+                log.push(recover(shared, FaultKind::Stall, name, now));
                 stall_plan = None;
             }
         }
     }
-    (kills, stalls, joins)
+    log
 }
 
 #[cfg(test)]

@@ -37,6 +37,53 @@ pub struct AckSample {
     pub append_to_ack_max_us: u64,
 }
 
+/// What a fault did to a follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// SIGKILL, then started again at once (`--kill-follower-every`).
+    Kill,
+    /// SIGSTOP, then SIGCONT (`--stall-follower`).
+    Stall,
+    /// Started late, with a full sync to do (`--join-follower`).
+    Join,
+}
+
+impl FaultKind {
+    /// Its name in the JSON report.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Stall => "stall",
+            FaultKind::Join => "join",
+        }
+    }
+
+    /// What the plot says happened to the follower.
+    fn happened(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "killed",
+            FaultKind::Stall => "stopped",
+            FaultKind::Join => "joins",
+        }
+    }
+}
+
+/// One injected fault, in seconds from the start of the run.
+#[derive(Debug, Clone)]
+pub struct FaultSpan {
+    pub kind: FaultKind,
+    /// The follower it hit, by its process name (`follower2`).
+    pub follower: String,
+    /// When it began: SIGKILL or SIGSTOP sent, the late follower started.
+    pub at_s: f64,
+    /// When the follower could go on: started again, sent SIGCONT, or (joining) started.
+    pub ended_s: f64,
+    /// When every follower held what had been written by `ended_s`, at the run's durability;
+    /// `None` if that did not happen within loadgen's convergence timeout, or if there was no
+    /// leader to ask (raw mode).
+    pub recovered_s: Option<f64>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Usage {
     pub name: String,
@@ -72,6 +119,8 @@ pub struct Report {
     pub kills: u64,
     pub stalls: u64,
     pub joins: u64,
+    /// Every fault injected, in order.
+    pub faults: Vec<FaultSpan>,
     pub converged_s: Option<f64>,
     pub checksums_match: bool,
     /// `--dd-baseline`: the disk's raw rate measured before the run.
@@ -439,6 +488,22 @@ impl Report {
         let _ = writeln!(s, "  \"kills\": {},", self.kills);
         let _ = writeln!(s, "  \"stalls\": {},", self.stalls);
         let _ = writeln!(s, "  \"joins\": {},", self.joins);
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{\"kind\": {}, \"follower\": {}, \"at_s\": {:.3}, \"ended_s\": {:.3}, \
+                     \"recovered_s\": {}}}",
+                    json_str(f.kind.name()),
+                    json_str(&f.follower),
+                    f.at_s,
+                    f.ended_s,
+                    f.recovered_s.map_or("null".into(), |t| format!("{t:.3}"))
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  \"faults\": [{}],", faults.join(",\n    "));
         let samples: Vec<String> = self
             .samples
             .iter()
@@ -541,22 +606,25 @@ impl Report {
         s
     }
 
-    /// Three panels over time: throughput, each follower's lag, and the writers' `append()` p99;
-    /// faults shaded.
+    /// Four panels over time (throughput, each follower's lag, append-to-ack p99, the writers'
+    /// `append()` p99) on one time axis, each fault shaded and named where it began.
     pub fn svg(&self) -> String {
         const W: f64 = 960.0;
         const PANEL_H: f64 = 220.0;
         const LEFT: f64 = 90.0;
         const RIGHT: f64 = 20.0;
-        const TOP: f64 = 40.0;
+        const TOP: f64 = 70.0;
         const GAP: f64 = 70.0;
+        /// About how wide a character of the 12 px labels is.
+        const CHAR_W: f64 = 6.5;
         let colors = [
             "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
         ];
         let t_max = self.samples.last().map_or(1.0, |x| x.t_s).max(1e-3);
-        let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t / t_max;
+        let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t.clamp(0.0, t_max) / t_max;
+        let t_step = time_step(t_max);
         let mut s = String::new();
-        let h_total = TOP + 4.0 * PANEL_H + 3.0 * GAP + 50.0;
+        let h_total = TOP + 4.0 * PANEL_H + 3.0 * GAP + 60.0;
         let _ = writeln!(
             s,
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h_total}\" font-family=\"sans-serif\" font-size=\"12\">"
@@ -571,27 +639,44 @@ impl Report {
             self.messages_per_s(),
             self.mb_per_s()
         );
-        // Each sample in a fault shades the interval it ends.
-        let mut fault_spans: Vec<(f64, f64)> = Vec::new();
-        let mut from_s = 0.0;
-        for p in &self.samples {
-            if p.in_fault {
-                match fault_spans.last_mut() {
-                    Some(span) if span.1 == from_s => span.1 = p.t_s,
-                    _ => fault_spans.push((from_s, p.t_s)),
-                }
-            }
-            from_s = p.t_s;
+        if !self.faults.is_empty() {
+            let _ = writeln!(
+                s,
+                "<text x=\"{LEFT}\" y=\"38\" fill=\"#555\">shaded: each fault, from when it began \
+                 until every follower held what was written by its end; darker while the follower \
+                 was down or stopped</text>"
+            );
         }
-        // A panel's frame, title, scale and fault shading.
-        let panel = |s: &mut String, top: f64, title: &str, max: f64, unit: &str| {
-            for &(a, b) in &fault_spans {
-                let _ = writeln!(
-                    s,
-                    "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{PANEL_H}\" fill=\"#fdd\"/>",
-                    x(a),
-                    x(b) - x(a)
-                );
+        // A panel's frame, title, scales and fault shading; returns the top of its scale.
+        let panel = |s: &mut String, top: f64, title: &str, max: f64, unit: Unit| -> f64 {
+            let mut label_end = f64::MIN;
+            for f in &self.faults {
+                let end = f.recovered_s.unwrap_or(f.ended_s).max(f.ended_s);
+                let what = format!("{} {}", f.follower, f.kind.happened());
+                for (to, fill) in [(end, "#fdecec"), (f.ended_s, "#f8d2d2")] {
+                    let _ = writeln!(
+                        s,
+                        "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{PANEL_H}\" fill=\"{fill}\"><title>{what} at {:.2} s, until {:.2} s, caught up {}</title></rect>",
+                        x(f.at_s),
+                        (x(to) - x(f.at_s)).max(1.0),
+                        f.at_s,
+                        f.ended_s,
+                        f.recovered_s
+                            .map_or("not within the run".into(), |t| format!("at {t:.2} s"))
+                    );
+                }
+                // Named where it began (moved left to end inside the panel), unless that would
+                // overlap the name before.
+                let width = CHAR_W * what.len() as f64;
+                let at = (x(f.at_s) + 3.0).min(W - RIGHT - 3.0 - width);
+                if at > label_end {
+                    let _ = writeln!(
+                        s,
+                        "<text x=\"{at:.1}\" y=\"{}\" fill=\"#a33\">{what}</text>",
+                        top + 14.0
+                    );
+                    label_end = at + width;
+                }
             }
             let _ = writeln!(
                 s,
@@ -599,18 +684,31 @@ impl Report {
                 W - LEFT - RIGHT
             );
             let _ = writeln!(s, "<text x=\"{LEFT}\" y=\"{}\">{title}</text>", top - 6.0);
-            for i in 0..=4 {
-                let v = max * f64::from(i) / 4.0;
-                let y = top + PANEL_H - PANEL_H * f64::from(i) / 4.0;
+            let (step, scale_top) = scale(max);
+            for i in 0..=(scale_top / step).round() as u32 {
+                let v = step * f64::from(i);
+                let y = top + PANEL_H - PANEL_H * v / scale_top;
                 let _ = writeln!(
                     s,
-                    "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><line x1=\"{LEFT}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#eee\"/>",
+                    "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><line x1=\"{LEFT}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/>",
                     LEFT - 6.0,
                     y + 4.0,
-                    human(v, unit),
+                    label(v, unit),
                     W - RIGHT
                 );
             }
+            for i in 0..=(t_max / t_step + 1e-9).floor() as u32 {
+                let t = t_step * f64::from(i);
+                let _ = writeln!(
+                    s,
+                    "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{top}\" y2=\"{1}\" stroke=\"#eee\"/><text x=\"{0:.1}\" y=\"{2}\" text-anchor=\"middle\" fill=\"#555\">{3}</text>",
+                    x(t),
+                    top + PANEL_H,
+                    top + PANEL_H + 15.0,
+                    seconds_label(t)
+                );
+            }
+            scale_top
         };
         // One line in the panel at `top` whose scale ends at `max`, through (t_s, value) points.
         let curve = |s: &mut String,
@@ -627,8 +725,14 @@ impl Report {
                 points.join(" ")
             );
         };
-        let mb_max = scale_top(self.samples.iter().map(|x| x.mb_per_s), 1e-9);
-        panel(&mut s, TOP, "throughput (faults shaded)", mb_max, "MB/s");
+        let largest = |values: &mut dyn Iterator<Item = f64>| values.fold(0.0, f64::max);
+        let mb_max = panel(
+            &mut s,
+            TOP,
+            "throughput: what the writers wrote, per second",
+            largest(&mut self.samples.iter().map(|x| x.mb_per_s)),
+            Unit::MbPerS,
+        );
         curve(
             &mut s,
             TOP,
@@ -637,19 +741,18 @@ impl Report {
             &mut self.samples.iter().map(|p| (p.t_s, p.mb_per_s)),
         );
         let top2 = TOP + PANEL_H + GAP;
-        let lag_max = scale_top(
-            self.samples
-                .iter()
-                .flat_map(|x| x.lag_bytes.iter().flatten())
-                .map(|&v| v as f64),
-            1.0,
-        );
-        panel(
+        let lag_max = panel(
             &mut s,
             top2,
-            &format!("lag at {} (bytes)", self.durability),
-            lag_max,
-            "B",
+            &format!("lag: bytes each follower is behind at {}", self.durability),
+            largest(
+                &mut self
+                    .samples
+                    .iter()
+                    .flat_map(|x| x.lag_bytes.iter().flatten())
+                    .map(|&v| v as f64),
+            ),
+            Unit::Bytes,
         );
         for f in 0..self.followers {
             let color = colors[f % colors.len()];
@@ -663,30 +766,30 @@ impl Report {
                     .iter()
                     .filter_map(|p| Some((p.t_s, (*p.lag_bytes.get(f)?)? as f64))),
             );
+            // The legend on the title's line, right-aligned, clear of the fault names.
             let _ = writeln!(
                 s,
-                "<text x=\"{}\" y=\"{}\" fill=\"{color}\">follower {}</text>",
-                W - RIGHT - 90.0,
-                top2 + 16.0 + 14.0 * f as f64,
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"{color}\">follower{}</text>",
+                W - RIGHT - 80.0 * (self.followers - 1 - f) as f64,
+                top2 - 6.0,
                 f + 1
             );
         }
         let top3 = top2 + PANEL_H + GAP;
-        let us_max = scale_top(
-            self.ack_samples
-                .iter()
-                .map(|a| a.append_to_ack_p99_us as f64),
-            1.0,
-        );
-        panel(
+        let us_max = panel(
             &mut s,
             top3,
             &format!(
-                "append() to acked by all at {}, p99 of each 100 ms of appends (us)",
+                "append() to acked by all at {}: p99 of the messages appended in each 100 ms",
                 self.durability
             ),
-            us_max,
-            "us",
+            largest(
+                &mut self
+                    .ack_samples
+                    .iter()
+                    .map(|a| a.append_to_ack_p99_us as f64),
+            ),
+            Unit::Us,
         );
         curve(
             &mut s,
@@ -699,59 +802,110 @@ impl Report {
                 .map(|a| (a.t_s, a.append_to_ack_p99_us as f64)),
         );
         let top4 = top3 + PANEL_H + GAP;
-        let ns_max = scale_top(
-            self.writer_samples
-                .iter()
-                .flatten()
-                .map(|w| w.append_call_p99_ns as f64),
-            1.0,
-        );
-        panel(
+        let ns_max = panel(
             &mut s,
             top4,
-            "writers' append() call, p99 of each 100 ms (ns)",
-            ns_max,
-            "ns",
+            "the writers' append() call: p99 of each 100 ms",
+            largest(
+                &mut self
+                    .writer_samples
+                    .iter()
+                    .flatten()
+                    .map(|w| w.append_call_p99_ns as f64),
+            ),
+            Unit::Ns,
         );
         for (w, samples) in self.writer_samples.iter().enumerate() {
             curve(
                 &mut s,
                 top4,
                 ns_max,
-                colors[w % colors.len()],
+                match self.writer_samples.len() {
+                    1 => "#333",
+                    _ => colors[w % colors.len()],
+                },
                 &mut samples.iter().map(|p| (p.t_s, p.append_call_p99_ns as f64)),
             );
         }
         let _ = writeln!(
             s,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">seconds (0 to {t_max:.1})</text>",
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">time from the start of the run</text>",
             (LEFT + W - RIGHT) / 2.0,
-            top4 + PANEL_H + 30.0
+            top4 + PANEL_H + 40.0
         );
         s.push_str("</svg>\n");
         s
     }
 }
 
-/// The top of a panel's scale: 10% above the largest value, or above `floor` if none is larger.
-fn scale_top(values: impl Iterator<Item = f64>, floor: f64) -> f64 {
-    values.fold(floor, f64::max) * 1.1
+/// What a scale's values are.
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    MbPerS,
+    Bytes,
+    Us,
+    Ns,
 }
 
-fn human(v: f64, unit: &str) -> String {
-    let (v, prefix) = if v >= 1e9 {
-        (v / 1e9, "G")
-    } else if v >= 1e6 {
-        (v / 1e6, "M")
-    } else if v >= 1e3 {
-        (v / 1e3, "k")
-    } else {
-        (v, "")
+/// A scale for values up to `max`: a round step (1, 2, 2.5 or 5 times a power of ten) that
+/// gives about five ticks, and the first multiple of it above `max`.
+fn scale(max: f64) -> (f64, f64) {
+    if max.is_nan() || max <= 0.0 {
+        return (1.0, 1.0);
+    }
+    let rough = max / 5.0;
+    let magnitude = 10f64.powf(rough.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|&step| step >= rough)
+        .unwrap_or(10.0 * magnitude);
+    (step, ((max / step).floor() + 1.0) * step)
+}
+
+/// The time axis's step for a run of `t_max` seconds: at most six intervals.
+fn time_step(t_max: f64) -> f64 {
+    const STEPS_S: [f64; 14] = [
+        0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    ];
+    STEPS_S
+        .into_iter()
+        .find(|&step| t_max / step <= 6.0)
+        .unwrap_or(3600.0)
+}
+
+/// `v` with at most two decimals, without trailing zeros.
+fn trimmed(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// `v` (in `unit`) in the largest unit it is at least one of: "250 ms", "1.5 GB/s".
+fn label(v: f64, unit: Unit) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let units: &[(f64, &str)] = match unit {
+        Unit::MbPerS => &[(1.0, "MB/s"), (1e3, "GB/s")],
+        Unit::Bytes => &[(1.0, "B"), (1e3, "kB"), (1e6, "MB"), (1e9, "GB")],
+        Unit::Us => &[(1.0, "us"), (1e3, "ms"), (1e6, "s")],
+        Unit::Ns => &[(1.0, "ns"), (1e3, "us"), (1e6, "ms"), (1e9, "s")],
     };
-    if unit == "B" {
-        format!("{v:.1} {prefix}B")
+    let (factor, name) = units
+        .iter()
+        .rev()
+        .find(|(factor, _)| v >= factor * (1.0 - 1e-9))
+        .unwrap_or(&units[0]);
+    format!("{} {name}", trimmed(v / factor))
+}
+
+/// A point on the time axis: seconds, or whole minutes from two on.
+fn seconds_label(t: f64) -> String {
+    let minutes = t / 60.0;
+    if t >= 120.0 && (minutes - minutes.round()).abs() < 1e-9 {
+        format!("{} min", minutes.round())
     } else {
-        format!("{v:.1}{prefix}")
+        format!("{} s", trimmed(t))
     }
 }
 
@@ -777,6 +931,150 @@ mod tests {
         // A run that never converged has no delivered rate.
         let unconverged = json.replace("\"converged_s\": 1.000", "\"converged_s\": null");
         assert!(RawBaseline::from_json(&unconverged).is_none());
+    }
+
+    /// A report of `t_max_s` seconds, sampled every 100 ms at 100 MB/s with one follower
+    /// lagging by 60 MB at the end, its acks at 1.2 ms and the writer's calls at 450 ns.
+    fn plotted(t_max_s: f64, faults: Vec<FaultSpan>) -> Report {
+        let n = (t_max_s * 10.0).round() as usize;
+        let t = |i: usize| (i + 1) as f64 / 10.0;
+        Report {
+            mode: "library".into(),
+            engine: "uring".into(),
+            tcp_congestion: "cubic".into(),
+            durability: "written".into(),
+            followers: 1,
+            writers: 1,
+            writer_cpu: None,
+            elapsed_s: t_max_s,
+            messages: 1000,
+            bytes: 1_024_000,
+            append_to_ack_us: histogram(),
+            append_to_ack_fault_us: histogram(),
+            append_call_ns: histogram(),
+            append_call_fault_ns: histogram(),
+            leader: Usage::default(),
+            follower_usage: Vec::new(),
+            samples: (0..n)
+                .map(|i| Sample {
+                    t_s: t(i),
+                    mb_per_s: 100.0,
+                    lag_bytes: vec![Some(60_000_000 * i as u64 / n as u64)],
+                    in_fault: false,
+                })
+                .collect(),
+            writer_samples: vec![(0..n)
+                .map(|i| WriterSample {
+                    t_s: t(i),
+                    append_call_p99_ns: 450,
+                })
+                .collect()],
+            ack_samples: (0..n)
+                .map(|i| AckSample {
+                    t_s: t(i),
+                    messages: 100,
+                    append_to_ack_p99_us: 1200,
+                    append_to_ack_max_us: 1500,
+                })
+                .collect(),
+            kills: 0,
+            stalls: 0,
+            joins: 0,
+            faults,
+            converged_s: Some(0.1),
+            checksums_match: true,
+            dd_mb_per_s: None,
+            raw_baseline: None,
+            latency_queue_peak_bytes: 0,
+            machine_cpu: None,
+            free_page_reporting_order: None,
+        }
+    }
+
+    /// The text of every `<text>` element in `svg`.
+    fn texts(svg: &str) -> Vec<&str> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| Some(&t[t.find('>')? + 1..t.find("</text>")?]))
+            .collect()
+    }
+
+    /// An operator reads when things happened off the time axis, and what they measured off
+    /// scales in round numbers with their units.
+    #[test]
+    fn the_plot_has_a_time_axis_and_round_scales_with_units() {
+        let svg = plotted(4.0, Vec::new()).svg();
+        let texts = texts(&svg);
+        for second in ["0 s", "1 s", "2 s", "3 s", "4 s"] {
+            assert!(texts.contains(&second), "no {second} tick in {texts:?}");
+        }
+        for label in ["100 MB/s", "60 MB", "1 ms", "400 ns"] {
+            assert!(texts.contains(&label), "no {label} on a scale in {texts:?}");
+        }
+    }
+
+    #[test]
+    fn scales_step_in_round_numbers_to_just_above_the_largest_value() {
+        assert_eq!(scale(112.8), (25.0, 125.0));
+        assert_eq!(scale(100.0), (20.0, 120.0));
+        assert_eq!(scale(1200.0), (250.0, 1250.0));
+        assert_eq!(scale(60e6), (20e6, 80e6));
+        assert_eq!(scale(0.0), (1.0, 1.0));
+        assert_eq!(time_step(4.0), 1.0);
+        assert_eq!(time_step(0.7), 0.2);
+        assert_eq!(time_step(20.0), 5.0);
+        assert_eq!(time_step(600.0), 120.0);
+    }
+
+    #[test]
+    fn values_are_labelled_in_the_unit_that_reads_best() {
+        assert_eq!(label(0.0, Unit::Us), "0");
+        assert_eq!(label(500.0, Unit::Us), "500 us");
+        assert_eq!(label(1500.0, Unit::Us), "1.5 ms");
+        assert_eq!(label(250_000.0, Unit::Us), "250 ms");
+        assert_eq!(label(1_000_000.0, Unit::Us), "1 s");
+        assert_eq!(label(1100.0, Unit::Ns), "1.1 us");
+        assert_eq!(label(2500.0, Unit::MbPerS), "2.5 GB/s");
+        assert_eq!(label(20e6, Unit::Bytes), "20 MB");
+        assert_eq!(seconds_label(0.5), "0.5 s");
+        assert_eq!(seconds_label(120.0), "2 min");
+    }
+
+    /// A shaded span says which follower was killed, stopped or joined, where it happened.
+    #[test]
+    fn the_plot_names_each_fault_where_it_happened() {
+        let stall = FaultSpan {
+            kind: FaultKind::Stall,
+            follower: "follower1".into(),
+            at_s: 1.0,
+            ended_s: 2.0,
+            recovered_s: Some(2.5),
+        };
+        let svg = plotted(4.0, vec![stall]).svg();
+        assert!(
+            texts(&svg).contains(&"follower1 stopped"),
+            "the stall is not named in {svg}"
+        );
+        // Shaded from where it began (x of 1.0 s: 90 + 850 * 1/4) to where it was caught up.
+        assert!(svg.contains("<rect x=\"302.5\""), "{svg}");
+        let json = plotted(
+            4.0,
+            vec![FaultSpan {
+                kind: FaultKind::Kill,
+                follower: "follower2".into(),
+                at_s: 1.0,
+                ended_s: 1.05,
+                recovered_s: None,
+            }],
+        )
+        .json();
+        assert!(
+            json.contains(
+                "\"faults\": [{\"kind\": \"kill\", \"follower\": \"follower2\", \"at_s\": 1.000, \
+                 \"ended_s\": 1.050, \"recovered_s\": null}]"
+            ),
+            "{json}"
+        );
     }
 
     /// A field that is `null` (no samples) has no number under it: the one of the next object
