@@ -114,6 +114,38 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
     }
 }
 
+/// A follower that joins late is waited for only from when it starts: the appends before it
+/// count as acked once the followers already running hold them, not after its full sync.
+#[test]
+fn a_late_joiner_syncs_and_the_appends_before_it_do_not_wait_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("run.json");
+    let report = run_reporting(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--duration", "3s", "--followers", "2", "--rate", "20000"])
+            .args(["--durability", "written", "--join-follower", "64"])
+            .arg("--dir")
+            .arg(tmp.path().join("data")),
+        "followers identical to the leader: yes",
+        &json,
+        &[
+            "\"joins\": 1,",
+            "\"faults\": [{\"kind\": \"join\", \"follower\": \"follower2\"",
+        ],
+    );
+    // It joins a second into the run: waiting for it, the appends of that first second would
+    // put the p99 of those outside the fault at 0.6 s or more.
+    let at_s = number_after(&report, "\"at_s\": ");
+    assert!(at_s >= 1.0, "joined at {at_s} s:\n{report}");
+    let outside = &report[report.find("\"append_to_ack_us\": ").unwrap()..];
+    let p99_us = number_after(outside, "\"p99\": ");
+    assert!(
+        p99_us < 500_000.0,
+        "p99 {p99_us} us outside the fault:\n{report}"
+    );
+}
+
 #[test]
 fn writer_cpu_is_checked_and_reported() {
     let tmp = tempfile::tempdir().unwrap();

@@ -27,7 +27,7 @@ use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -224,6 +224,9 @@ fn parse_size_range(s: &str) -> Result<(usize, usize), String> {
 struct Shared {
     stop: AtomicBool,
     in_fault: AtomicBool,
+    /// How many followers an append must be acked by: those running, a late joiner counted
+    /// from when it starts (before, the appends it will sync were never waiting on it).
+    followers_running: AtomicUsize,
     messages: AtomicU64,
     bytes: AtomicU64,
 }
@@ -427,6 +430,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         in_fault: AtomicBool::new(false),
+        followers_running: AtomicUsize::new(at_start),
         messages: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
     });
@@ -444,10 +448,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let confirmer = match (leader.clone(), fanout.clone()) {
         (Some(leader), _) => {
             let durability = args.durability;
-            let n = args.followers;
+            let shared = shared.clone();
             Some(std::thread::spawn(move || {
                 confirm(
-                    |beyond, timeout| leader.wait_acked_beyond(beyond, durability, n, timeout),
+                    |beyond, timeout| {
+                        let n = shared.followers_running.load(Ordering::Relaxed);
+                        leader.wait_acked_beyond(beyond, durability, n, timeout)
+                    },
                     confirm_rx,
                     started,
                 )
@@ -1424,6 +1431,7 @@ fn inject_faults(
                         if let Ok(mut f) = followers.lock() {
                             f.push(p);
                         }
+                        shared.followers_running.fetch_add(1, Ordering::Relaxed);
                         log.push(recover(shared, FaultKind::Join, name, now));
                     }
                     Err(e) => {
