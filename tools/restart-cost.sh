@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# What a follower's restart costs once it holds everything: `ferry follow --once` three times
+# into the same dir over loopback, all in one run on the same files, so the figures compare as
+# ratios (these machines are shared and noisy):
+#   1. full copy into an empty dir (the baseline);
+#   2. again, every file already there: what a follower restarted after a sync pays;
+#   3. again: what a restart pays once the digest caches know every file's length.
+# Each line gives the wall time and the CPU seconds the leader and the follower used.
+#
+# usage: [DIR=/var/tmp] [ENGINE=uring|fallback] tools/restart-cost.sh [TOTAL_MIB]
+#   (default 1024: 128 segments of 8 MiB)
+# Needs a release build (cargo build --release).
+set -euo pipefail
+total_mib=${1:-1024}
+segment_mib=8
+root=$(cd "$(dirname "$0")/.." && pwd)
+ferry="${FERRY_BIN:-$root/target/release/ferry}"
+[ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+
+work=$(mktemp -d "${DIR:-/var/tmp}/ferry-restart.XXXXXX")
+lead_pid=
+cleanup() { [ -n "$lead_pid" ] && kill "$lead_pid" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+mkdir -p "$work/src/queues" "$work/dst"
+for i in $(seq 1 $((total_mib / segment_mib))); do
+  head -c $((segment_mib * 1024 * 1024)) /dev/urandom > "$work/src/queues/$(printf %08d "$i").seg"
+done
+echo secret > "$work/secret"
+
+"$ferry" lead ${ENGINE:+--io-engine $ENGINE} --data-dir "$work/src" --listen 127.0.0.1:18741 \
+  --secret-file "$work/secret" 2> "$work/lead.log" &
+lead_pid=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/lead.log" && break; sleep 0.1; done
+
+ticks=$(getconf CLK_TCK)
+# CPU seconds (user + system) of process $1, or of the children reaped so far with "self".
+cpu_s() {
+  if [ "$1" = self ]; then
+    awk -v t="$ticks" '{ print ($16 + $17) / t }' /proc/$$/stat
+  else
+    awk -v t="$ticks" '{ print ($14 + $15) / t }' "/proc/$1/stat"
+  fi
+}
+
+run() {
+  local lead0 self0 t0 t1
+  lead0=$(cpu_s "$lead_pid"); self0=$(cpu_s self); t0=$(date +%s.%N)
+  "$ferry" follow --once --data-dir "$work/dst" --leader 127.0.0.1:18741 \
+    --secret-file "$work/secret" --durability written ${ENGINE:+--io-engine $ENGINE} \
+    > /dev/null 2>> "$work/follow.log"
+  t1=$(date +%s.%N)
+  awk -v what="$1" -v t1="$t1" -v t0="$t0" -v l="$(cpu_s "$lead_pid")" -v l0="$lead0" \
+    -v f="$(cpu_s self)" -v f0="$self0" \
+    'BEGIN { printf "%-44s %6.3f s wall, leader %5.2f CPU s, follower %5.2f CPU s\n", what, t1 - t0, l - l0, f - f0 }'
+}
+
+echo "$total_mib MiB in $((total_mib / segment_mib)) files under $work"
+run "1. full copy into an empty dir"
+run "2. restart holding everything, caches cold"
+run "3. restart holding everything, caches warm"
