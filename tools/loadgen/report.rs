@@ -138,6 +138,9 @@ pub struct Report {
     pub free_page_reporting_order: Option<u32>,
 }
 
+/// Faults the summary lists one per line; the rest are counted (all are in the JSON).
+const FAULT_LINES_MAX: usize = 10;
+
 /// Steal at or above which the summary warns that the host, not the run, set the latencies.
 const STEAL_WARN_PERCENT: f64 = 10.0;
 
@@ -345,6 +348,34 @@ impl Report {
                     quantiles_text(&self.append_call_fault_ns, "ns")
                 );
             }
+        }
+        for f in self.faults.iter().take(FAULT_LINES_MAX) {
+            let what = match f.kind {
+                FaultKind::Kill => {
+                    format!("killed at {:.2} s, restarted at {:.2} s", f.at_s, f.ended_s)
+                }
+                FaultKind::Stall => {
+                    format!("stopped at {:.2} s, resumed at {:.2} s", f.at_s, f.ended_s)
+                }
+                FaultKind::Join => format!("started late at {:.2} s", f.at_s),
+            };
+            let _ = writeln!(
+                s,
+                "    {} {what}, {}",
+                f.follower,
+                f.recovered_s
+                    .map_or("not caught up within the run".into(), |t| format!(
+                        "caught up {:.3} s after it began",
+                        t - f.at_s
+                    ))
+            );
+        }
+        if self.faults.len() > FAULT_LINES_MAX {
+            let _ = writeln!(
+                s,
+                "    and {} more (faults[] in the --json report)",
+                self.faults.len() - FAULT_LINES_MAX
+            );
         }
         if let (Some(dd), Some(acked)) = (self.dd_mb_per_s, self.acked_mb_per_s()) {
             let _ = writeln!(
@@ -1074,6 +1105,39 @@ mod tests {
                  \"ended_s\": 1.050, \"recovered_s\": null}]"
             ),
             "{json}"
+        );
+    }
+
+    /// The summary says how long each fault took to be caught up, up to a screenful.
+    #[test]
+    fn the_summary_lists_the_faults_and_how_long_each_took() {
+        let fault = |i: usize| FaultSpan {
+            kind: FaultKind::Kill,
+            follower: format!("follower{}", i % 2 + 1),
+            at_s: i as f64,
+            ended_s: i as f64 + 0.01,
+            recovered_s: (i != 1).then_some(i as f64 + 0.25),
+        };
+        let mut report = plotted(4.0, (0..FAULT_LINES_MAX + 2).map(fault).collect());
+        report.kills = report.faults.len() as u64;
+        let text = report.text();
+        assert!(
+            text.contains("    follower1 killed at 0.00 s, restarted at 0.01 s, caught up 0.250 s after it began\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "    follower2 killed at 1.00 s, restarted at 1.01 s, not caught up within the run\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("    and 2 more (faults[] in the --json report)\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&format!("killed at {}.00 s", FAULT_LINES_MAX)),
+            "{text}"
         );
     }
 
