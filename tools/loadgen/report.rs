@@ -742,19 +742,45 @@ impl Report {
             scale_top
         };
         // One line in the panel at `top` whose scale ends at `max`, through (t_s, value) points.
+        // A line in the panel at `top` whose scale ends at `max`, through (t_s, value) points;
+        // a point without a value (a follower not connected) breaks it.
         let curve = |s: &mut String,
                      top: f64,
                      max: f64,
                      color: &str,
-                     points: &mut dyn Iterator<Item = (f64, f64)>| {
-            let points: Vec<String> = points
-                .map(|(t, v)| format!("{:.1},{:.1}", x(t), top + PANEL_H - PANEL_H * v / max))
-                .collect();
+                     points: &mut dyn Iterator<Item = (f64, Option<f64>)>| {
+            let mut runs: Vec<Vec<String>> = vec![Vec::new()];
+            for (t, v) in points {
+                match (v, runs.last_mut()) {
+                    (Some(v), Some(run)) => run.push(format!(
+                        "{:.1},{:.1}",
+                        x(t),
+                        top + PANEL_H - PANEL_H * v / max
+                    )),
+                    _ => runs.push(Vec::new()),
+                }
+            }
+            for run in runs.iter().filter(|r| !r.is_empty()) {
+                let _ = writeln!(
+                    s,
+                    "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+                    run.join(" ")
+                );
+            }
+        };
+        // Said in a panel with nothing to draw.
+        let empty = |s: &mut String, top: f64, why: &str| {
             let _ = writeln!(
                 s,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
-                points.join(" ")
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{why}</text>",
+                (LEFT + W - RIGHT) / 2.0,
+                top + PANEL_H / 2.0
             );
+        };
+        let untimed = if self.mode == "write" {
+            "nothing timed: write mode calls no append()"
+        } else {
+            "no samples"
         };
         let largest = |values: &mut dyn Iterator<Item = f64>| values.fold(0.0, f64::max);
         let mb_max = panel(
@@ -769,7 +795,7 @@ impl Report {
             TOP,
             mb_max,
             "#333",
-            &mut self.samples.iter().map(|p| (p.t_s, p.mb_per_s)),
+            &mut self.samples.iter().map(|p| (p.t_s, Some(p.mb_per_s))),
         );
         let top2 = TOP + PANEL_H + GAP;
         let lag_max = panel(
@@ -792,10 +818,10 @@ impl Report {
                 top2,
                 lag_max,
                 color,
-                &mut self
-                    .samples
-                    .iter()
-                    .filter_map(|p| Some((p.t_s, (*p.lag_bytes.get(f)?)? as f64))),
+                &mut self.samples.iter().map(|p| {
+                    let lag = p.lag_bytes.get(f).copied().flatten();
+                    (p.t_s, lag.map(|v| v as f64))
+                }),
             );
             // The legend on the title's line, right-aligned, clear of the fault names.
             let _ = writeln!(
@@ -830,8 +856,11 @@ impl Report {
             &mut self
                 .ack_samples
                 .iter()
-                .map(|a| (a.t_s, a.append_to_ack_p99_us as f64)),
+                .map(|a| (a.t_s, Some(a.append_to_ack_p99_us as f64))),
         );
+        if self.ack_samples.is_empty() {
+            empty(&mut s, top3, untimed);
+        }
         let top4 = top3 + PANEL_H + GAP;
         let ns_max = panel(
             &mut s,
@@ -855,8 +884,13 @@ impl Report {
                     1 => "#333",
                     _ => colors[w % colors.len()],
                 },
-                &mut samples.iter().map(|p| (p.t_s, p.append_call_p99_ns as f64)),
+                &mut samples
+                    .iter()
+                    .map(|p| (p.t_s, Some(p.append_call_p99_ns as f64))),
             );
+        }
+        if self.writer_samples.iter().all(Vec::is_empty) {
+            empty(&mut s, top4, untimed);
         }
         let _ = writeln!(
             s,
@@ -1105,6 +1139,32 @@ mod tests {
                  \"ended_s\": 1.050, \"recovered_s\": null}]"
             ),
             "{json}"
+        );
+    }
+
+    /// A follower not connected for a while is a gap in its line, not a straight line across;
+    /// a panel with nothing to draw says why.
+    #[test]
+    fn the_plot_leaves_gaps_where_nothing_was_known_and_says_why_a_panel_is_empty() {
+        let mut report = plotted(4.0, Vec::new());
+        report.samples[10].lag_bytes = vec![None];
+        report.samples[11].lag_bytes = vec![None];
+        let svg = report.svg();
+        let lag_lines = svg
+            .lines()
+            .filter(|l| l.starts_with("<polyline") && l.contains("#d62728"))
+            .count();
+        assert_eq!(lag_lines, 2, "{svg}");
+        report.mode = "write".into();
+        report.ack_samples.clear();
+        report.writer_samples.clear();
+        let texts = texts(&report.svg()).join("\n");
+        assert_eq!(
+            texts
+                .matches("nothing timed: write mode calls no append()")
+                .count(),
+            2,
+            "{texts}"
         );
     }
 
