@@ -51,12 +51,11 @@ impl LeaderView {
         }
     }
 
-    /// Per follower process, given as the local ports of its TCP sockets
-    /// (`procs::local_tcp_ports`), the lag at `durability` of the connection the leader has
-    /// from one of them: `None` while it has none. Connections come and go in any order as
-    /// followers are killed and restart, so they are matched by port, never by position.
-    pub fn lags(&self, durability: Durability, ports: &[Vec<u16>]) -> Vec<Option<u64>> {
-        let connected: Vec<(Option<u16>, u64)> = match self {
+    /// Each connected follower's peer port and lag at `durability`, for `lags_of`, which
+    /// matches them to follower processes by port: connections come and go in any order as
+    /// followers are killed and restart, so never by position.
+    pub fn connected(&self, durability: Durability) -> Vec<(Option<u16>, u64)> {
+        match self {
             LeaderView::Embedded(leader) => leader
                 .followers()
                 .into_iter()
@@ -66,8 +65,7 @@ impl LeaderView {
             LeaderView::Lead(http) => lead_figures(http, durability)
                 .map(|f| f.followers.iter().map(|&(p, lag, _)| (p, lag)).collect())
                 .unwrap_or_default(),
-        };
-        lags_of(&connected, ports)
+        }
     }
 
     /// Waits until at least `n` followers are in sync (state `streaming`: their initial sync
@@ -131,8 +129,9 @@ impl LeaderView {
 }
 
 /// Of the `connected` followers' `(peer port, lag)`, the lag of the one each process (given by
-/// its sockets' local ports) connects from.
-fn lags_of(connected: &[(Option<u16>, u64)], ports: &[Vec<u16>]) -> Vec<Option<u64>> {
+/// its sockets' local ports, `procs::Proc::tcp_ports`) connects from; `None` while it has no
+/// connection.
+pub fn lags_of(connected: &[(Option<u16>, u64)], ports: &[Vec<u16>]) -> Vec<Option<u64>> {
     ports
         .iter()
         .map(|mine| {

@@ -551,6 +551,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         last = (now, bytes);
         // Each follower process's sockets, so that its lag is its own whichever order the
         // leader's connections are in (`follower1` first, a late joiner last).
+        let connected = match (&fanout, &view) {
+            (None, Some(view)) => view.connected(args.durability),
+            _ => Vec::new(),
+        };
+        let peers: Vec<u16> = connected.iter().filter_map(|c| c.0).collect();
         let mut ports = vec![Vec::new(); args.followers];
         for (i, p) in followers
             .lock()
@@ -559,16 +564,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .enumerate()
         {
             p.sample();
-            if fanout.is_none() && i < ports.len() {
-                ports[i] = procs::local_tcp_ports(p.pid());
+            if view.is_some() && fanout.is_none() && i < ports.len() {
+                ports[i] = p.tcp_ports(&peers).to_vec();
             }
         }
         let lag_bytes = match &fanout {
             Some(f) => f.lags(),
-            None => match &view {
-                Some(view) => view.lags(args.durability, &ports),
-                None => vec![None; args.followers],
-            },
+            None => leader_view::lags_of(&connected, &ports),
         };
         samples.push(Sample {
             t_s: now.duration_since(started).as_secs_f64(),

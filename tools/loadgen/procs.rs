@@ -47,7 +47,12 @@ pub fn local_tcp_ports(pid: u32) -> Vec<u16> {
         })
         .collect();
     let mut ports = Vec::new();
+    // Each read walks the kernel's whole table of TCP sockets (about 6 ms here): the IPv6
+    // one only if the IPv4 one had none of them.
     for table in ["tcp", "tcp6"] {
+        if !ports.is_empty() {
+            break;
+        }
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
@@ -94,6 +99,8 @@ pub struct Proc {
     cpu_s_past: f64,
     rss_peak_kib: u64,
     last: (f64, u64),
+    /// The local TCP ports last found for the process with this pid (`tcp_ports`).
+    ports: (u32, Vec<u16>),
 }
 
 impl Proc {
@@ -107,6 +114,7 @@ impl Proc {
             cpu_s_past: 0.0,
             rss_peak_kib: 0,
             last: (0.0, 0),
+            ports: (0, Vec::new()),
         })
     }
 
@@ -128,6 +136,17 @@ impl Proc {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The local ports of the process's TCP sockets, looked up again (`local_tcp_ports`, a
+    /// few milliseconds) only when none of those found before is among `peers`: after a
+    /// restart or a reconnection, not at every sample.
+    pub fn tcp_ports(&mut self, peers: &[u16]) -> &[u16] {
+        let pid = self.pid();
+        if self.ports.0 != pid || !self.ports.1.iter().any(|p| peers.contains(p)) {
+            self.ports = (pid, local_tcp_ports(pid));
+        }
+        &self.ports.1
     }
 
     /// Records the process's current usage (call now and then, and before it goes away).
