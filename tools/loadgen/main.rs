@@ -224,9 +224,6 @@ fn parse_size_range(s: &str) -> Result<(usize, usize), String> {
 struct Shared {
     stop: AtomicBool,
     in_fault: AtomicBool,
-    /// How many followers an append must be acked by: those running, a late joiner counted
-    /// from when it starts (before, the appends it will sync were never waiting on it).
-    followers_running: AtomicUsize,
     messages: AtomicU64,
     bytes: AtomicU64,
 }
@@ -430,7 +427,6 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         in_fault: AtomicBool::new(false),
-        followers_running: AtomicUsize::new(at_start),
         messages: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
     });
@@ -445,14 +441,19 @@ fn run(args: Args) -> anyhow::Result<bool> {
 
     // Confirmer: append-to-ack latency, without one waiter per message.
     let (confirm_tx, confirm_rx) = mpsc::channel::<Vec<Appended>>();
+    // How many followers an append must be acked by: those running, a late joiner counted from
+    // when it starts (before, the appends it will sync were never waiting on it). Read at every
+    // wait of the confirmer: on a cache line of its own, not the one the writers' counters in
+    // `Shared` bounce on.
+    let followers_running = Arc::new(CacheLine(AtomicUsize::new(at_start)));
     let confirmer = match (leader.clone(), fanout.clone()) {
         (Some(leader), _) => {
             let durability = args.durability;
-            let shared = shared.clone();
+            let followers_running = followers_running.clone();
             Some(std::thread::spawn(move || {
                 confirm(
                     |beyond, timeout| {
-                        let n = shared.followers_running.load(Ordering::Relaxed);
+                        let n = followers_running.0.load(Ordering::Relaxed);
                         leader.wait_acked_beyond(beyond, durability, n, timeout)
                     },
                     confirm_rx,
@@ -531,6 +532,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     stall_at,
                     join: joiner.map(|j| (stall_at, j)),
                     run_started: started,
+                    followers_running,
                 },
                 durability,
                 n,
@@ -1327,7 +1329,13 @@ struct Faults {
     join: Option<(Duration, FollowerSpec)>,
     /// What the times in the fault log count from.
     run_started: Instant,
+    /// Counts the late joiner in once it starts (see the confirmer).
+    followers_running: Arc<CacheLine<AtomicUsize>>,
 }
+
+/// A value alone on its cache line (128 bytes: two lines, as adjacent-line prefetch pairs them).
+#[repr(align(128))]
+struct CacheLine<T>(T);
 
 /// A follower process to start: name, data dir, `ferry` arguments.
 type FollowerSpec = (String, PathBuf, Vec<OsString>);
@@ -1376,6 +1384,7 @@ fn inject_faults(
         stall_at,
         join,
         run_started,
+        followers_running,
     } = plan;
     let started = Instant::now();
     let since_start = |at: Instant| at.duration_since(run_started).as_secs_f64();
@@ -1433,7 +1442,7 @@ fn inject_faults(
                         if let Ok(mut f) = followers.lock() {
                             f.push(p);
                         }
-                        shared.followers_running.fetch_add(1, Ordering::Relaxed);
+                        followers_running.0.fetch_add(1, Ordering::Relaxed);
                         log.push(recover(shared, FaultKind::Join, name, now));
                     }
                     Err(e) => {
