@@ -30,7 +30,7 @@ use crate::frame::{Durability, ErrorCode, Frame, VANISHED_HOLD_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
 use crate::lag::{FollowerState, LagSnapshot, LagView, ACK_TIMEOUT_MS_DEFAULT};
 use crate::paths::{DataDir, PathError, RelPath};
-use crate::session::leader::{LeaderSession, Transmit};
+use crate::session::leader::{LeaderPhase, LeaderSession, Transmit};
 use crate::session::SessionError;
 use crate::watch::{Change, Watcher};
 
@@ -1155,13 +1155,17 @@ async fn drive(
             let _ = conn.write_all(out).await;
             return Ok(());
         }
+        // Asked for as the follower's HAVEs arrive: hashed here while the follower still
+        // hashes the rest of its inventory; the sync starts with the last answer after HAVE_END.
         if let Some(requests) = session.digest_requests() {
-            let results = hash_prefixes(ctx, requests).await;
+            // Saved once the inventory is all in (no more batches come), not per batch.
+            let save = session.phase() == LeaderPhase::AwaitDigests;
+            let results = hash_prefixes(ctx, requests, save).await;
             session.digests_ready(results);
-            if let Some((_, planned)) = session.sync_progress() {
+            if let (None, Some((_, planned))) = (sync_started, session.sync_progress()) {
                 tracing::info!("follower #{id}: initial sync started, {planned} bytes to send");
+                sync_started = Some(Instant::now());
             }
-            sync_started = Some(Instant::now());
             continue;
         }
         if let (Some(at), true) = (sync_started, session.sync_done_sent()) {
@@ -1522,6 +1526,7 @@ impl Reporter {
 async fn hash_prefixes(
     ctx: &ConnCtx,
     requests: Vec<crate::session::leader::DigestRequest>,
+    save: bool,
 ) -> Vec<(RelPath, Option<crate::frame::Digest>)> {
     // One connection hashes at a time with the shared cache; others wait their turn.
     let mut cache = loop {
@@ -1531,6 +1536,7 @@ async fn hash_prefixes(
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let dir = ctx.dir.clone();
+    let paths: Vec<RelPath> = requests.iter().map(|r| r.path.clone()).collect();
     let joined = tokio::task::spawn_blocking(move || {
         let results: Vec<_> = requests
             .into_iter()
@@ -1542,8 +1548,10 @@ async fn hash_prefixes(
                 (r.path, digest.ok())
             })
             .collect();
-        if let Err(e) = cache.save(&dir) {
-            tracing::warn!("cannot save the digest cache: {e}");
+        if save {
+            if let Err(e) = cache.save(&dir) {
+                tracing::warn!("cannot save the digest cache: {e}");
+            }
         }
         (results, cache)
     })
@@ -1554,9 +1562,10 @@ async fn hash_prefixes(
             results
         }
         Err(e) => {
+            // Every copy then compares as different, and is re-sent whole.
             tracing::error!("hashing task failed: {e}");
             *ctx.digests.borrow_mut() = Some(DigestCache::load(&ctx.dir));
-            Vec::new()
+            paths.into_iter().map(|p| (p, None)).collect()
         }
     }
 }

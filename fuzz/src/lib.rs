@@ -589,8 +589,16 @@ impl LeaderShell {
         if self.error.is_some() {
             return Vec::new();
         }
+        // Asked for as the HAVEs arrive, and at HAVE_END (an empty list) if none was left.
         if let Some(requests) = self.session.digest_requests() {
-            assert_eq!(self.session.phase(), LeaderPhase::AwaitDigests);
+            let phase = self.session.phase();
+            assert!(
+                matches!(
+                    phase,
+                    LeaderPhase::AwaitInventory | LeaderPhase::AwaitDigests
+                ),
+                "digests asked for in phase {phase:?}"
+            );
             let digests = requests
                 .into_iter()
                 .map(|r| {
@@ -603,6 +611,10 @@ impl LeaderShell {
                 })
                 .collect();
             self.session.digests_ready(digests);
+            // This shell answers every request at once: past HAVE_END, that plans the sync.
+            if phase == LeaderPhase::AwaitDigests {
+                assert_eq!(self.session.phase(), LeaderPhase::Streaming);
+            }
         }
         let mut wire = Vec::new();
         let mut turns = 0usize;

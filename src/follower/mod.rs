@@ -405,9 +405,7 @@ impl Ctx<'_> {
                 FollowerAction::Inventory { index } => {
                     self.report.index_files = index.len();
                     let cuts: Vec<(RelPath, u64)> = index.clone();
-                    let haves = self.inventory(index).await?;
-                    let held: HashMap<&RelPath, u64> =
-                        haves.iter().map(|h| (&h.path, h.len_bytes)).collect();
+                    let held = self.send_inventory(index).await?;
                     let expected: u64 = cuts
                         .iter()
                         .map(|(p, cut)| {
@@ -415,8 +413,6 @@ impl Ctx<'_> {
                         })
                         .sum();
                     self.progress = Some(progress::Progress::new(cuts.len(), expected));
-                    self.session.borrow_mut().inventory(haves);
-                    self.send_output();
                 }
                 FollowerAction::Write {
                     path,
@@ -497,25 +493,46 @@ impl Ctx<'_> {
         }
     }
 
-    /// HAVE entries for every file here, digests from the cache where the file is unchanged.
-    async fn inventory(
+    /// Sends HAVE entries for every file here, digests from the cache where the file is
+    /// unchanged, each as soon as it is known (the leader hashes its side of it meanwhile),
+    /// then HAVE_END; returns the length of each file.
+    async fn send_inventory(
         &mut self,
         index: Vec<(RelPath, u64)>,
-    ) -> Result<Vec<HaveEntry>, FollowError> {
+    ) -> Result<HashMap<RelPath, u64>, FollowError> {
         let Some(mut cache) = self.cache.borrow_mut().take() else {
             return Err(io::Error::other("digest cache in use").into());
         };
         let dir = self.dir.clone();
-        let joined = tokio::task::spawn_blocking(move || {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let hashing = tokio::task::spawn_blocking(move || {
             let cuts: HashMap<RelPath, u64> = index.into_iter().collect();
-            let result = build_inventory(&dir, &mut cache, &cuts);
+            let result = build_inventory(&dir, &mut cache, &cuts, |have| {
+                // The receiver outlives this task unless the connection failed.
+                let _ = tx.send(have);
+            });
             (result, cache)
-        })
-        .await
-        .map_err(|e| io::Error::other(format!("inventory task failed: {e}")))?;
-        let (result, cache) = joined;
+        });
+        let mut held = HashMap::new();
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            for have in &batch {
+                held.insert(have.path.clone(), have.len_bytes);
+            }
+            self.session.borrow_mut().inventory_part(batch);
+            self.send_output();
+        }
+        let (result, cache) = hashing
+            .await
+            .map_err(|e| io::Error::other(format!("inventory task failed: {e}")))?;
         *self.cache.borrow_mut() = Some(cache);
-        Ok(result?)
+        result?;
+        self.session.borrow_mut().inventory_end();
+        self.send_output();
+        Ok(held)
     }
 }
 
@@ -529,19 +546,20 @@ fn write_error(e: io::Error, path: &RelPath) -> FollowError {
     }
 }
 
+/// Scans the data dir and passes each file's HAVE entry to `emit` as soon as its digest is
+/// known, then saves the cache.
 fn build_inventory(
     dir: &DataDir,
     cache: &mut DigestCache,
     cuts: &HashMap<RelPath, u64>,
-) -> io::Result<Vec<HaveEntry>> {
-    let files = scan(dir)?;
-    let mut haves = Vec::with_capacity(files.len());
-    for meta in files {
+    mut emit: impl FnMut(HaveEntry),
+) -> io::Result<()> {
+    for meta in scan(dir)? {
         let digest = match cuts.get(&meta.path) {
             Some(&cut) => cache.digest_prefix(dir, &meta, meta.len_bytes.min(cut))?,
             None => [0; crate::frame::DIGEST_BYTES],
         };
-        haves.push(HaveEntry {
+        emit(HaveEntry {
             path: meta.path,
             len_bytes: meta.len_bytes,
             digest,
@@ -551,7 +569,7 @@ fn build_inventory(
     if let Err(e) = cache.save(dir) {
         tracing::warn!("cannot save the digest cache: {e}");
     }
-    Ok(haves)
+    Ok(())
 }
 
 /// Makes one round's dirty set durable, on a blocking thread.

@@ -98,6 +98,8 @@ pub struct FollowerSession {
     mark_last: u64,
     sync_done_position: Option<u64>,
     sync_done_acked: bool,
+    /// HAVE frames queued so far (`inventory_part`), for HAVE_END's count.
+    haves_sent: u64,
 }
 
 impl FollowerSession {
@@ -128,6 +130,7 @@ impl FollowerSession {
             mark_last: 0,
             sync_done_position: None,
             sync_done_acked: false,
+            haves_sent: 0,
         }
     }
 
@@ -345,14 +348,22 @@ impl FollowerSession {
     /// The shell scanned its data dir after `FollowerAction::Inventory`: each entry's digest
     /// covers `min(its length, the leader's cut)` (all zero for a path the index lacks).
     pub fn inventory(&mut self, haves: Vec<HaveEntry>) {
+        self.inventory_part(haves);
+        self.inventory_end();
+    }
+
+    /// Part of the inventory, as `inventory`, queued as HAVE frames at once: sent while the
+    /// shell hashes the rest, the leader hashes its side of these meanwhile.
+    pub fn inventory_part(&mut self, haves: Vec<HaveEntry>) {
         if self.phase != FollowerPhase::AwaitInventory {
             return;
         }
-        if let Some(id) = self.node_id.clone() {
+        // NODE_ID first, once.
+        if let Some(id) = self.node_id.take() {
             Frame::NodeId { id }.encode(&mut self.out);
         }
-        let count = haves.len() as u64;
         for have in haves {
+            self.haves_sent += 1;
             Frame::Have {
                 len_bytes: have.len_bytes,
                 digest: have.digest,
@@ -360,8 +371,16 @@ impl FollowerSession {
             }
             .encode(&mut self.out);
         }
+    }
+
+    /// The inventory is complete: HAVE_END.
+    pub fn inventory_end(&mut self) {
+        if self.phase != FollowerPhase::AwaitInventory {
+            return;
+        }
+        self.inventory_part(Vec::new());
         Frame::HaveEnd {
-            count,
+            count: self.haves_sent,
             durability: self.durability,
         }
         .encode(&mut self.out);

@@ -38,7 +38,7 @@ pub enum LeaderPhase {
     AwaitPreamble,
     AwaitAuth,
     AwaitInventory,
-    /// HAVE_END arrived; the shell is hashing the prefixes `digest_requests` asked for.
+    /// HAVE_END arrived; the shell is still hashing prefixes `digest_requests` asked for.
     AwaitDigests,
     Streaming,
     Closed,
@@ -148,7 +148,16 @@ pub struct LeaderSession {
     index_position: u64,
     haves: HashMap<RelPath, Have>,
     haves_count: u64,
-    digest_requests: Option<Vec<DigestRequest>>,
+    /// Prefixes to hash, asked for as each HAVE arrives (so the leader hashes while the
+    /// follower still hashes the rest of its inventory), not yet taken by the shell.
+    digest_requests: Vec<DigestRequest>,
+    /// Taken by the shell and not yet answered in `digests_ready`.
+    digests_outstanding: usize,
+    /// The answers so far: our digest of the prefix each HAVE asked for.
+    digests: HashMap<RelPath, Option<Digest>>,
+    /// HAVE_END arrived with nothing left to hash: `digest_requests` returns an empty list
+    /// once, whose `digests_ready` plans the sync.
+    plan_due: bool,
     sent: HashMap<RelPath, Sent>,
     /// Each path with the position just before its first change noted since it was queued
     /// (`FileChange::since`).
@@ -201,7 +210,10 @@ impl LeaderSession {
             index_position: 0,
             haves: HashMap::new(),
             haves_count: 0,
-            digest_requests: None,
+            digest_requests: Vec::new(),
+            digests_outstanding: 0,
+            digests: HashMap::new(),
+            plan_due: false,
             sent: HashMap::new(),
             dirty: VecDeque::new(),
             dirty_set: HashSet::new(),
@@ -382,6 +394,19 @@ impl LeaderSession {
                         "more than MAX_INVENTORY_FILES ({MAX_INVENTORY_FILES}) HAVE frames"
                     )));
                 }
+                if self.haves.contains_key(&path) {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "HAVE",
+                        why: format!("a second HAVE for {path} in one inventory"),
+                    });
+                }
+                // Both sides hold it: our digest of the prefix the follower's covers.
+                if let Some(cut) = self.index.get(&path) {
+                    self.digest_requests.push(DigestRequest {
+                        path: path.clone(),
+                        len_bytes: len_bytes.min(cut.len_bytes),
+                    });
+                }
                 self.haves.insert(path, Have { len_bytes, digest });
                 Ok(())
             }
@@ -400,8 +425,8 @@ impl LeaderSession {
                     });
                 }
                 self.lag.set_durability(durability);
-                self.digest_requests = Some(self.plan_digests());
                 self.phase = LeaderPhase::AwaitDigests;
+                self.plan_due = self.digests_outstanding == 0 && self.digest_requests.is_empty();
                 Ok(())
             }
             (
@@ -434,35 +459,37 @@ impl LeaderSession {
         self.index_position = catalog.position();
     }
 
-    /// For each file both sides hold, the leader needs the digest of `min(f, L)` bytes.
-    fn plan_digests(&self) -> Vec<DigestRequest> {
-        let mut requests: Vec<DigestRequest> = self
-            .haves
-            .iter()
-            .filter_map(|(path, have)| {
-                let cut = self.index.get(path)?;
-                Some(DigestRequest {
-                    path: path.clone(),
-                    len_bytes: have.len_bytes.min(cut.len_bytes),
-                })
-            })
-            .collect();
-        requests.sort_by(|a, b| a.path.cmp(&b.path));
-        requests
-    }
-
-    /// The prefixes the shell must hash (once, after HAVE_END), then pass to `digests_ready`.
+    /// The prefixes the shell must hash, then pass to `digests_ready`: those of the HAVEs
+    /// that arrived since the last call (for each file both sides hold, the first `min(f, L)`
+    /// bytes), or, once, an empty list when HAVE_END found nothing left to hash. `None` when
+    /// there is nothing to do.
     pub fn digest_requests(&mut self) -> Option<Vec<DigestRequest>> {
-        self.digest_requests.take()
+        if self.digest_requests.is_empty() && !std::mem::take(&mut self.plan_due) {
+            return None;
+        }
+        self.digests_outstanding += self.digest_requests.len();
+        Some(std::mem::take(&mut self.digest_requests))
     }
 
-    /// The leader's digests for the requested prefixes (`None`: the file could not be read that
-    /// far). Decides, per file, what the follower needs, and starts the initial sync.
+    /// The leader's digests for requested prefixes, one per request (`None`: the file could
+    /// not be read that far). Once HAVE_END has arrived and every request is answered, decides
+    /// per file what the follower needs, and starts the initial sync.
     pub fn digests_ready(&mut self, digests: Vec<(RelPath, Option<Digest>)>) {
-        if self.phase != LeaderPhase::AwaitDigests {
+        if !matches!(
+            self.phase,
+            LeaderPhase::AwaitInventory | LeaderPhase::AwaitDigests
+        ) {
             return;
         }
-        let ours: HashMap<RelPath, Option<Digest>> = digests.into_iter().collect();
+        self.digests_outstanding = self.digests_outstanding.saturating_sub(digests.len());
+        self.digests.extend(digests);
+        if self.phase != LeaderPhase::AwaitDigests
+            || self.digests_outstanding > 0
+            || !self.digest_requests.is_empty()
+        {
+            return;
+        }
+        let ours = std::mem::take(&mut self.digests);
         let mut follower_only: Vec<&RelPath> = Vec::new();
         for (path, have) in &self.haves {
             let Some(cut) = self.index.get(path) else {

@@ -976,6 +976,100 @@ fn a_connection_that_never_finishes_the_handshake_is_closed_naming_the_limit() {
         .is_ok());
 }
 
+/// The leader asks for its own digest of a file as soon as the follower's HAVE for it arrives,
+/// so that both sides hash at once rather than one after the other, and plans the sync only once
+/// HAVE_END and every digest are in, in whatever order they come.
+#[test]
+fn the_leader_hashes_each_prefix_as_soon_as_its_have_arrives() {
+    let mut sim = Sim::new(
+        files(&[("a", b"leader a"), ("b", b"leader b")]),
+        files(&[("a", b"leader"), ("b", b"stale")]),
+    );
+    // The handshake, up to the follower's inventory (HAVE a, HAVE b, HAVE_END) in to_leader.
+    while sim.leader.phase() != LeaderPhase::AwaitInventory || sim.to_leader.is_empty() {
+        let n = sim
+            .leader
+            .handle_input(&sim.to_leader, &sim.catalog, sim.now)
+            .unwrap();
+        sim.to_leader.drain(..n);
+        let out = sim.leader.take_output();
+        sim.to_follower.extend(out);
+        assert!(sim.step_follower() || n > 0, "the handshake stalled");
+    }
+    let digest_of =
+        |sim: &Sim, path: &RelPath, len: u64| Some(sha1(&sim.leader_files[path][..len as usize]));
+    // Fed a byte at a time: each request is answered at once, but b's only after HAVE_END.
+    let inventory = std::mem::take(&mut sim.to_leader);
+    let mut asked_before_end = Vec::new();
+    let mut held = Vec::new();
+    for byte in inventory {
+        sim.to_leader.push(byte);
+        let n = sim
+            .leader
+            .handle_input(&sim.to_leader, &sim.catalog, sim.now)
+            .unwrap();
+        sim.to_leader.drain(..n);
+        for r in sim.leader.digest_requests().unwrap_or_default() {
+            if sim.leader.phase() == LeaderPhase::AwaitInventory {
+                asked_before_end.push(r.path.to_string());
+            }
+            if r.path.as_str() == "b" {
+                held.push(r);
+            } else {
+                let d = digest_of(&sim, &r.path, r.len_bytes);
+                sim.leader.digests_ready(vec![(r.path, d)]);
+            }
+        }
+    }
+    assert_eq!(asked_before_end, ["a", "b"]);
+    assert_eq!(sim.leader.phase(), LeaderPhase::AwaitDigests);
+    assert_eq!(
+        sim.leader.sync_progress(),
+        None,
+        "planned without b's digest"
+    );
+    for r in held {
+        let d = digest_of(&sim, &r.path, r.len_bytes);
+        sim.leader.digests_ready(vec![(r.path, d)]);
+    }
+    // a resumes from its 6 bytes, b is re-sent whole.
+    assert_eq!(sim.leader.sync_progress(), Some((0, 2 + 8)));
+    sim.run();
+    sim.assert_in_sync();
+}
+
+/// An inventory names each file once: a second HAVE for a path would leave the leader unsure
+/// which length its digest belongs to, and is refused by name.
+#[test]
+fn a_second_have_for_a_path_is_a_bad_frame() {
+    let mut sim = Sim::new(files(&[("a", b"leader a")]), Files::new());
+    while sim.leader.phase() != LeaderPhase::AwaitInventory {
+        let n = sim
+            .leader
+            .handle_input(&sim.to_leader, &sim.catalog, sim.now)
+            .unwrap();
+        sim.to_leader.drain(..n);
+        let out = sim.leader.take_output();
+        sim.to_follower.extend(out);
+        assert!(sim.step_follower() || n > 0, "the handshake stalled");
+    }
+    sim.to_leader.clear();
+    for len_bytes in [8, 3] {
+        Frame::Have {
+            len_bytes,
+            digest: [0; 20],
+            path: RelPath::new("a").unwrap(),
+        }
+        .encode(&mut sim.to_leader);
+    }
+    let err = sim
+        .leader
+        .handle_input(&sim.to_leader, &sim.catalog, sim.now)
+        .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame);
+    assert!(err.to_string().contains("a second HAVE for a"), "{err}");
+}
+
 #[test]
 fn the_initial_sync_reports_what_it_planned_and_what_it_sent() {
     let seg = big(3 * MAX_DATA_BYTES as usize, 4);
