@@ -204,6 +204,20 @@ impl Sim {
         true
     }
 
+    /// Moves the handshake along, a leader turn then a follower turn, until `done`.
+    fn handshake_until(&mut self, done: impl Fn(&Sim) -> bool) {
+        while !done(self) {
+            let n = self
+                .leader
+                .handle_input(&self.to_leader, &self.catalog, self.now)
+                .unwrap();
+            self.to_leader.drain(..n);
+            let out = self.leader.take_output();
+            self.to_follower.extend(out);
+            assert!(self.step_follower() || n > 0, "the handshake stalled");
+        }
+    }
+
     fn step_follower(&mut self) -> bool {
         let mut moved = false;
         while self.follower_error.is_none() {
@@ -986,16 +1000,9 @@ fn the_leader_hashes_each_prefix_as_soon_as_its_have_arrives() {
         files(&[("a", b"leader"), ("b", b"stale")]),
     );
     // The handshake, up to the follower's inventory (HAVE a, HAVE b, HAVE_END) in to_leader.
-    while sim.leader.phase() != LeaderPhase::AwaitInventory || sim.to_leader.is_empty() {
-        let n = sim
-            .leader
-            .handle_input(&sim.to_leader, &sim.catalog, sim.now)
-            .unwrap();
-        sim.to_leader.drain(..n);
-        let out = sim.leader.take_output();
-        sim.to_follower.extend(out);
-        assert!(sim.step_follower() || n > 0, "the handshake stalled");
-    }
+    sim.handshake_until(|sim| {
+        sim.leader.phase() == LeaderPhase::AwaitInventory && !sim.to_leader.is_empty()
+    });
     let digest_of =
         |sim: &Sim, path: &RelPath, len: u64| Some(sha1(&sim.leader_files[path][..len as usize]));
     // Fed a byte at a time: each request is answered at once, but b's only after HAVE_END.
@@ -1043,16 +1050,7 @@ fn the_leader_hashes_each_prefix_as_soon_as_its_have_arrives() {
 #[test]
 fn a_second_have_for_a_path_is_a_bad_frame() {
     let mut sim = Sim::new(files(&[("a", b"leader a")]), Files::new());
-    while sim.leader.phase() != LeaderPhase::AwaitInventory {
-        let n = sim
-            .leader
-            .handle_input(&sim.to_leader, &sim.catalog, sim.now)
-            .unwrap();
-        sim.to_leader.drain(..n);
-        let out = sim.leader.take_output();
-        sim.to_follower.extend(out);
-        assert!(sim.step_follower() || n > 0, "the handshake stalled");
-    }
+    sim.handshake_until(|sim| sim.leader.phase() == LeaderPhase::AwaitInventory);
     sim.to_leader.clear();
     for len_bytes in [8, 3] {
         Frame::Have {
