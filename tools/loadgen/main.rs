@@ -638,12 +638,6 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let faults = faults
         .join()
         .map_err(|_| anyhow::anyhow!("the fault thread panicked"))?;
-    let count = |kind| faults.iter().filter(|f| f.kind == kind).count() as u64;
-    let (kills, stalls, joins) = (
-        count(FaultKind::Kill),
-        count(FaultKind::Stall),
-        count(FaultKind::Join),
-    );
 
     // Convergence: every follower holds everything at its durability, then checksums.
     let mut converged_s = None;
@@ -784,9 +778,6 @@ fn run(args: Args) -> anyhow::Result<bool> {
         samples,
         writer_samples,
         ack_samples: confirmed.ack_samples,
-        kills,
-        stalls,
-        joins,
         faults,
         converged_s,
         checksums_match,

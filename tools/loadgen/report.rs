@@ -116,10 +116,7 @@ pub struct Report {
     pub writer_samples: Vec<Vec<WriterSample>>,
     /// Per interval of append time (none in write mode, where nothing is timed).
     pub ack_samples: Vec<AckSample>,
-    pub kills: u64,
-    pub stalls: u64,
-    pub joins: u64,
-    /// Every fault injected, in order.
+    /// Every fault injected, in order (the counts of each kind are `fault_count`).
     pub faults: Vec<FaultSpan>,
     pub converged_s: Option<f64>,
     pub checksums_match: bool,
@@ -243,6 +240,11 @@ fn usage_json(u: &Usage) -> String {
 }
 
 impl Report {
+    /// How many faults of `kind` the run injected.
+    pub fn fault_count(&self, kind: FaultKind) -> u64 {
+        self.faults.iter().filter(|f| f.kind == kind).count() as u64
+    }
+
     pub fn messages_per_s(&self) -> f64 {
         self.messages as f64 / self.elapsed_s.max(1e-9)
     }
@@ -304,7 +306,12 @@ impl Report {
             self.messages_per_s(),
             self.mb_per_s()
         );
-        let faulted = self.kills + self.stalls + self.joins > 0;
+        let faulted = !self.faults.is_empty();
+        let (kills, stalls, joins) = (
+            self.fault_count(FaultKind::Kill),
+            self.fault_count(FaultKind::Stall),
+            self.fault_count(FaultKind::Join),
+        );
         if self.mode == "write" {
             // Nothing calls append(): `ferry lead` finds the writes itself, so what a follower
             // holds is known by the byte, not by the message.
@@ -318,11 +325,7 @@ impl Report {
                     ))
             );
             if faulted {
-                let _ = writeln!(
-                    s,
-                    "  faults: {} kills, {} stalls, {} joins",
-                    self.kills, self.stalls, self.joins
-                );
+                let _ = writeln!(s, "  faults: {kills} kills, {stalls} stalls, {joins} joins");
             }
         } else {
             let _ = writeln!(
@@ -339,11 +342,8 @@ impl Report {
             if faulted {
                 let _ = writeln!(
                     s,
-                    "  during faults ({} kills, {} stalls, {} joins): append() to acked {}; \
-                     append() call {}",
-                    self.kills,
-                    self.stalls,
-                    self.joins,
+                    "  during faults ({kills} kills, {stalls} stalls, {joins} joins): append() to \
+                     acked {}; append() call {}",
                     quantiles_text(&self.append_to_ack_fault_us, "us"),
                     quantiles_text(&self.append_call_fault_ns, "ns")
                 );
@@ -516,9 +516,13 @@ impl Report {
             self.free_page_reporting_order
                 .map_or("null".into(), |o| o.to_string())
         );
-        let _ = writeln!(s, "  \"kills\": {},", self.kills);
-        let _ = writeln!(s, "  \"stalls\": {},", self.stalls);
-        let _ = writeln!(s, "  \"joins\": {},", self.joins);
+        for (name, kind) in [
+            ("kills", FaultKind::Kill),
+            ("stalls", FaultKind::Stall),
+            ("joins", FaultKind::Join),
+        ] {
+            let _ = writeln!(s, "  \"{name}\": {},", self.fault_count(kind));
+        }
         let faults: Vec<String> = self
             .faults
             .iter()
@@ -1042,9 +1046,6 @@ mod tests {
                     append_to_ack_max_us: 1500,
                 })
                 .collect(),
-            kills: 0,
-            stalls: 0,
-            joins: 0,
             faults,
             converged_s: Some(0.1),
             checksums_match: true,
@@ -1178,8 +1179,7 @@ mod tests {
             ended_s: i as f64 + 0.01,
             recovered_s: (i != 1).then_some(i as f64 + 0.25),
         };
-        let mut report = plotted(4.0, (0..FAULT_LINES_MAX + 2).map(fault).collect());
-        report.kills = report.faults.len() as u64;
+        let report = plotted(4.0, (0..FAULT_LINES_MAX + 2).map(fault).collect());
         let text = report.text();
         assert!(
             text.contains("    follower1 killed at 0.00 s, restarted at 0.01 s, caught up 0.250 s after it began\n"),
