@@ -23,6 +23,15 @@ use crate::paths::{PathError, RelPath};
 pub struct CatalogEntry {
     pub len_bytes: u64,
     pub generation: u64,
+    /// The position this generation was born at (`docs/PROTOCOL.md`, *Positions*): right after
+    /// the change that began it, or one more if that change added no position; 0 for the files
+    /// the catalog started with. A MARK at or above it was sent after that change shipped.
+    pub born_at: u64,
+}
+
+/// Where a generation begun by a change of `len_bytes` at position `since` is born.
+fn born_at(since: u64, len_bytes: u64) -> u64 {
+    since.saturating_add(len_bytes.max(1))
 }
 
 /// A file's number in a catalog: given when its path first appears (or appears again after a
@@ -72,6 +81,7 @@ impl Catalog {
             let entry = CatalogEntry {
                 len_bytes,
                 generation: catalog.next_generation(),
+                born_at: 0,
             };
             // A path listed twice: the last length stands, under one id.
             match catalog.files.get_mut(&path) {
@@ -148,6 +158,7 @@ impl Catalog {
                 let entry = CatalogEntry {
                     len_bytes: end,
                     generation: self.next_generation(),
+                    born_at: born_at(self.position, len_bytes),
                 };
                 let id = self.insert(path, entry);
                 FileChange {
@@ -164,12 +175,14 @@ impl Catalog {
     /// The file was rewritten as a whole and is now `len_bytes` long: a new generation. The
     /// position grows by `len_bytes` (at least 1).
     pub fn replace(&mut self, path: &str, len_bytes: u64) -> Result<FileChange, PathError> {
+        let born_at = born_at(self.position, len_bytes);
         let (id, entry) = match self.files.get_mut(path) {
             Some(slot) => {
                 self.generation_next += 1;
                 slot.entry = CatalogEntry {
                     len_bytes,
                     generation: self.generation_next,
+                    born_at,
                 };
                 (slot.id, slot.entry)
             }
@@ -178,6 +191,7 @@ impl Catalog {
                 let entry = CatalogEntry {
                     len_bytes,
                     generation: self.next_generation(),
+                    born_at,
                 };
                 (self.insert(path, entry), entry)
             }
@@ -403,6 +417,26 @@ mod tests {
     }
 
     #[test]
+    fn a_generation_is_born_after_the_change_that_began_it_and_appends_keep_it() {
+        let mut c = Catalog::new([(p("old"), 10)]);
+        assert_eq!(c.get(&p("old")).unwrap().born_at, 0, "there at the start");
+        c.append("new", 0, 5).unwrap();
+        assert_eq!(c.get(&p("new")).unwrap().born_at, 15);
+        c.append("new", 5, 5).unwrap();
+        assert_eq!(c.get(&p("new")).unwrap().born_at, 15, "an append keeps it");
+        // Created empty: the position does not move, so a MARK at it may predate the file.
+        c.append("empty", 0, 0).unwrap();
+        assert_eq!(c.position(), 20);
+        assert_eq!(c.get(&p("empty")).unwrap().born_at, 21);
+        c.replace("new", 0).unwrap();
+        assert_eq!(c.position(), 21);
+        assert_eq!(c.get(&p("new")).unwrap().born_at, 21);
+        // The change a session copy gets carries it.
+        let change = c.replace("old", 4).unwrap();
+        assert_eq!(change.entry.map(|e| e.born_at), Some(25));
+    }
+
+    #[test]
     fn position_counts_changed_bytes_and_replace_bumps_generation() {
         let mut c = Catalog::new([(p("a"), 10), (p("b"), 5)]);
         assert_eq!(c.position(), 15);
@@ -413,12 +447,18 @@ mod tests {
             c.get(&p("a")).unwrap(),
             CatalogEntry {
                 len_bytes: 14,
-                generation: g
+                generation: g,
+                born_at: 0,
             }
         );
         c.replace("a", 3).unwrap();
         assert_eq!(c.position(), 22);
         assert_ne!(c.get(&p("a")).unwrap().generation, g);
+        assert_eq!(
+            c.get(&p("a")).unwrap().born_at,
+            22,
+            "right after the replace"
+        );
         assert!(c.delete("b").unwrap().is_some());
         assert_eq!(c.position(), 23);
         assert_eq!(
@@ -618,6 +658,7 @@ mod tests {
             Some(CatalogEntry {
                 len_bytes,
                 generation: 1,
+                born_at: 0,
             })
         };
         // One file appended to over and over: one entry, the latest.

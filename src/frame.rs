@@ -11,7 +11,9 @@ use crate::paths::{PathError, RelPath, MAX_PATH_LEN_BYTES};
 pub const PREAMBLE_BYTES: usize = 16;
 pub const MAGIC: [u8; 8] = *b"FERRY\0\r\n";
 pub const PROTOCOL_VERSION: u16 = 1;
-/// Capability bits this build understands (none are defined in version 1).
+/// Capability bit: held records (INSTANCE, HAVE_HELD; `docs/PROTOCOL.md`, *Held records*).
+pub const CAPABILITY_HELD: u32 = 0x1;
+/// Capability bits this build understands and offers (`HELD` once both sessions speak it).
 pub const CAPABILITIES: u32 = 0;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
@@ -21,6 +23,8 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 pub const NONCE_BYTES: usize = 32;
 pub const MAC_BYTES: usize = 32;
 pub const DIGEST_BYTES: usize = 20;
+/// A leader's instance id (INSTANCE, HAVE_HELD).
+pub const INSTANCE_ID_BYTES: usize = 16;
 /// Length of the `body_len` field that opens every frame.
 pub const FRAME_LEN_FIELD_BYTES: usize = 4;
 /// The leader sends a MARK at least this often when it has nothing else to send.
@@ -40,11 +44,14 @@ pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub type Nonce = [u8; NONCE_BYTES];
 pub type Mac = [u8; MAC_BYTES];
 pub type Digest = [u8; DIGEST_BYTES];
+/// Drawn at random when a leader starts: its positions mean something only within it.
+pub type InstanceId = [u8; INSTANCE_ID_BYTES];
 
 const T_CHALLENGE: u8 = 0x01;
 const T_AUTH: u8 = 0x02;
 const T_WELCOME: u8 = 0x03;
 const T_ERROR: u8 = 0x04;
+const T_INSTANCE: u8 = 0x05;
 const T_INDEX: u8 = 0x10;
 const T_INDEX_END: u8 = 0x11;
 const T_HAVE: u8 = 0x12;
@@ -57,6 +64,7 @@ const T_DELETE: u8 = 0x24;
 const T_MARK: u8 = 0x25;
 const T_ACK: u8 = 0x30;
 const T_NODE_ID: u8 = 0x14;
+const T_HAVE_HELD: u8 = 0x15;
 
 const DATA_FLAG_TEMP: u8 = 0x01;
 const MARK_FLAG_SYNC_DONE: u8 = 0x01;
@@ -250,6 +258,9 @@ pub enum Frame {
         code: ErrorCode,
         message: String,
     },
+    Instance {
+        instance: InstanceId,
+    },
     Index {
         len_bytes: u64,
         path: RelPath,
@@ -260,6 +271,12 @@ pub enum Frame {
     Have {
         len_bytes: u64,
         digest: Digest,
+        path: RelPath,
+    },
+    HaveHeld {
+        len_bytes: u64,
+        position: u64,
+        instance: InstanceId,
         path: RelPath,
     },
     HaveEnd {
@@ -307,9 +324,11 @@ impl Frame {
             Frame::Auth { .. } => "AUTH",
             Frame::Welcome { .. } => "WELCOME",
             Frame::Error { .. } => "ERROR",
+            Frame::Instance { .. } => "INSTANCE",
             Frame::Index { .. } => "INDEX",
             Frame::IndexEnd { .. } => "INDEX_END",
             Frame::Have { .. } => "HAVE",
+            Frame::HaveHeld { .. } => "HAVE_HELD",
             Frame::HaveEnd { .. } => "HAVE_END",
             Frame::NodeId { .. } => "NODE_ID",
             Frame::Data { .. } => "DATA",
@@ -362,6 +381,10 @@ impl Frame {
                 out.extend_from_slice(&(msg.len() as u16).to_le_bytes());
                 out.extend_from_slice(msg);
             }
+            Frame::Instance { instance } => {
+                out.push(T_INSTANCE);
+                out.extend_from_slice(instance);
+            }
             Frame::Index { len_bytes, path } => {
                 out.push(T_INDEX);
                 out.extend_from_slice(&len_bytes.to_le_bytes());
@@ -379,6 +402,18 @@ impl Frame {
                 out.push(T_HAVE);
                 out.extend_from_slice(&len_bytes.to_le_bytes());
                 out.extend_from_slice(digest);
+                put_path(out, path);
+            }
+            Frame::HaveHeld {
+                len_bytes,
+                position,
+                instance,
+                path,
+            } => {
+                out.push(T_HAVE_HELD);
+                out.extend_from_slice(&len_bytes.to_le_bytes());
+                out.extend_from_slice(&position.to_le_bytes());
+                out.extend_from_slice(instance);
                 put_path(out, path);
             }
             Frame::HaveEnd { count, durability } => {
@@ -487,9 +522,11 @@ fn type_name(t: u8) -> Result<&'static str, FrameError> {
         T_AUTH => "AUTH",
         T_WELCOME => "WELCOME",
         T_ERROR => "ERROR",
+        T_INSTANCE => "INSTANCE",
         T_INDEX => "INDEX",
         T_INDEX_END => "INDEX_END",
         T_HAVE => "HAVE",
+        T_HAVE_HELD => "HAVE_HELD",
         T_HAVE_END => "HAVE_END",
         T_NODE_ID => "NODE_ID",
         T_DATA => "DATA",
@@ -527,6 +564,9 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
             let message = String::from_utf8_lossy(r.bytes(len)?).into_owned();
             Frame::Error { code, message }
         }
+        T_INSTANCE => Frame::Instance {
+            instance: r.array()?,
+        },
         T_INDEX => Frame::Index {
             len_bytes: r.u64()?,
             path: r.path()?,
@@ -535,6 +575,12 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
         T_HAVE => Frame::Have {
             len_bytes: r.u64()?,
             digest: r.array()?,
+            path: r.path()?,
+        },
+        T_HAVE_HELD => Frame::HaveHeld {
+            len_bytes: r.u64()?,
+            position: r.u64()?,
+            instance: r.array()?,
             path: r.path()?,
         },
         T_HAVE_END => {
@@ -729,6 +775,37 @@ mod tests {
     }
 
     #[test]
+    fn held_frames_and_the_capability_bit_match_the_spec() {
+        let held = Preamble {
+            version: 1,
+            capabilities: CAPABILITY_HELD,
+        };
+        assert_eq!(&held.encode()[12..16], &[1, 0, 0, 0], "HELD is bit 0");
+        let mut buf = Vec::new();
+        Frame::Instance { instance: [7; 16] }.encode(&mut buf);
+        let mut want = vec![17, 0, 0, 0, 0x05];
+        want.extend_from_slice(&[7; 16]);
+        assert_eq!(buf, want);
+
+        buf.clear();
+        Frame::HaveHeld {
+            len_bytes: 0x0102,
+            position: 0x0304,
+            instance: [9; 16],
+            path: path("ab"),
+        }
+        .encode(&mut buf);
+        let mut want = vec![
+            37, 0, 0, 0,    // body_len = 35 + path_len
+            0x15, // type
+            0x02, 0x01, 0, 0, 0, 0, 0, 0, // len_bytes
+            0x04, 0x03, 0, 0, 0, 0, 0, 0, // position
+        ];
+        want.extend_from_slice(&[9; 16]);
+        want.extend_from_slice(&[2, 0, b'a', b'b']);
+        assert_eq!(buf, want);
+    }
+    #[test]
     fn preamble_layout_and_bad_magic() {
         let p = Preamble {
             version: 1,
@@ -840,6 +917,15 @@ mod tests {
                 path: p
             }),
             "[a-z0-9.:]{1,64}".prop_map(|id| Frame::NodeId { id }),
+            any::<[u8; 16]>().prop_map(|instance| Frame::Instance { instance }),
+            (any::<u64>(), any::<u64>(), any::<[u8; 16]>(), arb_path()).prop_map(
+                |(l, p, i, path)| Frame::HaveHeld {
+                    len_bytes: l,
+                    position: p,
+                    instance: i,
+                    path
+                }
+            ),
             (any::<u64>(), 0u8..3).prop_map(|(c, d)| Frame::HaveEnd {
                 count: c,
                 durability: Durability::from_u8(d).unwrap()
