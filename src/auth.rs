@@ -63,9 +63,21 @@ pub fn tags_equal(a: &Mac, b: &Mac) -> bool {
 /// A fresh random nonce from the kernel's CSPRNG.
 pub fn random_nonce() -> std::io::Result<Nonce> {
     let mut nonce = [0u8; NONCE_BYTES];
+    fill_random(&mut nonce)?;
+    Ok(nonce)
+}
+
+/// A leader's instance id, from the kernel's CSPRNG.
+pub fn random_instance() -> std::io::Result<crate::frame::InstanceId> {
+    let mut id = [0u8; crate::frame::INSTANCE_ID_BYTES];
+    fill_random(&mut id)?;
+    Ok(id)
+}
+
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
-    while filled < NONCE_BYTES {
-        let rest = &mut nonce[filled..];
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
         // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes for the duration of the call.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         if n < 0 {
@@ -77,7 +89,7 @@ pub fn random_nonce() -> std::io::Result<Nonce> {
         }
         filled += n as usize;
     }
-    Ok(nonce)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ pub const MAGIC: [u8; 8] = *b"FERRY\0\r\n";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Capability bit: held records (INSTANCE, HAVE_HELD; `docs/PROTOCOL.md`, *Held records*).
 pub const CAPABILITY_HELD: u32 = 0x1;
-/// Capability bits this build understands and offers (`HELD` once both sessions speak it).
-pub const CAPABILITIES: u32 = 0;
+/// Capability bits this build understands and offers.
+pub const CAPABILITIES: u32 = CAPABILITY_HELD;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;

@@ -47,6 +47,8 @@ pub struct FileMeta {
     pub path: RelPath,
     pub len_bytes: u64,
     pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
 }
 
 /// A file's mtime in nanoseconds since the epoch, as the digest cache and the watcher compare it.
@@ -54,6 +56,13 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(meta.mtime_nsec())
+}
+
+/// A file's ctime in nanoseconds since the epoch.
+pub fn ctime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.ctime_nsec())
 }
 
 /// Every replicated file under the data dir, sorted by path.
@@ -94,6 +103,8 @@ fn scan_root(root: &Path) -> io::Result<Vec<FileMeta>> {
                         path,
                         len_bytes: meta.len(),
                         mtime_ns: mtime_ns(&meta),
+                        ctime_ns: ctime_ns(&meta),
+                        ino: meta.ino(),
                     }),
                     Err(e) => tracing::warn!("skipping {child_rel:?}: {e}"),
                 }

@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::auth::{random_nonce, Secret};
+use crate::auth::{random_instance, random_nonce, Secret};
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{self, Conn, EngineKind, FineTimer, Listener};
-use crate::frame::{Durability, ErrorCode, Frame, VANISHED_HOLD_TIMEOUT_MS};
+use crate::frame::{Durability, ErrorCode, Frame, InstanceId, VANISHED_HOLD_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
 use crate::lag::{FollowerState, LagSnapshot, LagView, ACK_TIMEOUT_MS_DEFAULT};
 use crate::paths::{DataDir, PathError, RelPath};
@@ -751,6 +751,17 @@ async fn serve(
             return;
         }
     };
+    // Positions mean something only within this instance (held records).
+    let instance = match random_instance() {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(
+                e.kind(),
+                format!("cannot draw the leader's instance id: {e}"),
+            )));
+            return;
+        }
+    };
     // What the operator is told the connections use; unreadable only on a broken kernel.
     let congestion = listener
         .congestion()
@@ -759,7 +770,7 @@ async fn serve(
     let digests = Rc::new(std::cell::RefCell::new(Some(DigestCache::load(&dir))));
     // The accept loop is never cancelled while serving: an io_uring accept dropped mid-flight
     // would lose the connection it completes with.
-    let accept_loop = accept_loop(listener, config, shared.clone(), dir, digests);
+    let accept_loop = accept_loop(listener, config, shared.clone(), dir, digests, instance);
     tokio::select! {
         _ = accept_loop => {}
         _ = log_state_changes(&shared) => {}
@@ -847,6 +858,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
     digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
+    instance: InstanceId,
 ) {
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -864,6 +876,7 @@ async fn accept_loop(
             secret: config.secret.clone(),
             ack_timeout: config.ack_timeout,
             digests: digests.clone(),
+            instance,
         };
         tokio::task::spawn_local(async move {
             let conn = Rc::new(conn);
@@ -886,6 +899,7 @@ struct ConnCtx {
     ack_timeout: Duration,
     /// The leader's digest cache; taken by a connection while it hashes (`None` meanwhile).
     digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
+    instance: InstanceId,
 }
 
 impl ConnCtx {
@@ -968,7 +982,12 @@ async fn serve_follower(
     wake: &Notify,
     conn: Rc<Conn>,
 ) -> Result<(), ServeError> {
-    let mut session = LeaderSession::new(ctx.secret.clone(), random_nonce()?, ctx.ack_timeout);
+    let mut session = LeaderSession::new(
+        ctx.secret.clone(),
+        random_nonce()?,
+        ctx.ack_timeout,
+        ctx.instance,
+    );
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
     let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));
     let result = drive(ctx, id, &conn, &mut session, wake, &mut input_rx).await;
@@ -1163,7 +1182,15 @@ async fn drive(
             let results = hash_prefixes(ctx, requests, save).await;
             session.digests_ready(results);
             if let (None, Some((_, planned))) = (sync_started, session.sync_progress()) {
-                tracing::info!("follower #{id}: initial sync started, {planned} bytes to send");
+                let r = session.inventory_report();
+                tracing::info!(
+                    "follower #{id}: initial sync started, {planned} bytes to send; its \
+                     inventory: {} files held since an earlier connection to this leader, {} \
+                     held records refused (sent whole), {} files compared by digest",
+                    r.held_accepted,
+                    r.held_refused,
+                    r.digests_compared
+                );
                 sync_started = Some(Instant::now());
             }
             continue;

@@ -61,6 +61,7 @@ impl HandLeader {
                 Secret::new(secret.trim().as_bytes().to_vec()).unwrap(),
                 [7; 32],
                 Duration::from_secs(10),
+                [7; 16],
             ),
             catalog: Catalog::new([(seg.clone(), 0)]),
             files: HashMap::from([(seg.clone(), Vec::new())]),

@@ -113,6 +113,89 @@ fn restarted_follower_resumes_without_resending_unchanged_bytes() {
     }
 }
 
+/// The length the follower's held record (`.ferry/held`, a journal whose later lines stand)
+/// notes for `path`, if it notes it.
+fn held_len(follower_dir: &std::path::Path, path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(follower_dir.join(".ferry/held")).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| l.splitn(7, ' ').collect::<Vec<_>>().try_into().ok())
+        .find(|f: &[&str; 7]| f[6] == path)
+        .and_then(|f| f[3].parse().ok())
+}
+
+fn append(path: &std::path::Path, bytes: &[u8]) {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
+}
+
+/// A follower killed (SIGKILL) and started again against the same leader resumes from its
+/// held record: the files it holds as they were are not hashed on either side, and only what
+/// changed while it was down travels. A file the leader rewrote meanwhile is refused and sent
+/// whole; a copy changed on the follower's disk behind ferry's back is hashed and repaired.
+#[test]
+fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
+    let seg = "queues/q1/segments/00000002.seg";
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd, wd) = (env.dir("leader"), env.dir("follower"), env.dir("witness"));
+        nested_tree(&ld);
+        let leader = start_leader(&env, &ld, engine);
+        let mut follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        // A second follower that stays up shows when the leader has recorded a change.
+        let _witness = start_follower(&env, &wd, leader.addr, engine, "written");
+        append(&ld.join(seg), &pattern(1000, 9));
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        wait_until(
+            Duration::from_secs(10),
+            "the held record notes the segment as grown",
+            || held_len(&fd, seg) == Some(71_000),
+        );
+        follower.child.kill().unwrap();
+        follower.child.wait().unwrap();
+
+        // While it is down: an append, a rewrite at the same size on the leader, and a byte
+        // flipped in the follower's copy of another file.
+        append(&ld.join(seg), &pattern(500, 10));
+        write(&ld.join("meta.json"), b"{\"version\":2}");
+        let copy = fd.join("a/b/c/d/e/deep.bin");
+        let mut bytes = std::fs::read(&copy).unwrap();
+        bytes[10] ^= 0xff;
+        std::fs::write(&copy, bytes).unwrap();
+        wait_identical(&ld, &wd, Duration::from_secs(20));
+
+        let mark = leader.proc.log_len();
+        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        let line = follower.wait_log("inventory: ", Duration::from_secs(10));
+        assert!(
+            line.contains(
+                "5 files, 4 held since an earlier connection to this leader, 1234 bytes hashed"
+            ),
+            "{engine}: only the changed copy is hashed: {line}"
+        );
+        let line =
+            leader
+                .proc
+                .wait_log_since(mark, "initial sync started", Duration::from_secs(10));
+        assert!(
+            line.contains(
+                "3 files held since an earlier connection to this leader, 1 held records \
+                 refused (sent whole), 1 files compared by digest"
+            ),
+            "{engine}: {line}"
+        );
+        assert!(
+            line.contains(&format!("{} bytes to send", 500 + 13 + 1234)),
+            "{engine}: the tail, the rewritten file and the repaired one: {line}"
+        );
+    }
+}
+
 /// `follow --once` until the leader's watcher has recorded the append (it is asynchronous).
 fn wait_for_payload(
     env: &Env,

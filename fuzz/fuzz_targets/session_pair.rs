@@ -21,7 +21,9 @@ use ferry::frame::{Durability, Frame, KEEPALIVE_INTERVAL_MS};
 use ferry::paths::RelPath;
 use ferry::session::follower::FollowerPhase;
 use ferry::session::leader::LeaderPhase;
-use ferry_fuzz::{files_diff, p, pattern, sha1, Claims, Files, FollowerShell, LeaderShell};
+use ferry_fuzz::{
+    files_diff, p, pattern, sha1, Claims, Files, FollowerShell, LeaderShell, LEADER_INSTANCE,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// The paths a script works on: the first six may exist at the start; 20 in all, more than
@@ -247,6 +249,17 @@ impl Pair {
         let path = self.path(input.byte().unwrap_or(0));
         let mark = self.leader.wire.mark_last().unwrap_or(0);
         let frame = match kind % 4 {
+            // A held record, of this leader or another, as of the last MARK or before it.
+            0 if kind & 8 != 0 => Frame::HaveHeld {
+                len_bytes: u64::from(input.byte().unwrap_or(0)),
+                position: mark.saturating_sub(u64::from(input.byte().unwrap_or(0))),
+                instance: if kind & 16 == 0 {
+                    LEADER_INSTANCE
+                } else {
+                    [kind; 16]
+                },
+                path,
+            },
             0 => {
                 let len = u64::from(input.byte().unwrap_or(0));
                 // Half the time the digest the leader will find, so the resume paths run.

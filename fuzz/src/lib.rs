@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 use ferry::auth::{tags_equal, Secret};
 use ferry::catalog::Catalog;
 use ferry::frame::{
-    Digest, Durability, ErrorCode, Frame, Nonce, Preamble, MAX_DATA_BYTES, PREAMBLE_BYTES,
+    Digest, Durability, ErrorCode, Frame, InstanceId, Nonce, Preamble, MAX_DATA_BYTES,
+    PREAMBLE_BYTES,
 };
 use ferry::paths::{PathError, RelPath};
-use ferry::session::follower::{FollowerAction, FollowerPhase, FollowerSession, HaveEntry};
+use ferry::session::follower::{
+    FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
+};
 use ferry::session::leader::{LeaderPhase, LeaderSession, Transmit};
 use ferry::session::SessionError;
 use sha1::{Digest as _, Sha1};
@@ -25,6 +28,7 @@ use sha1::{Digest as _, Sha1};
 /// authentication.
 pub const SECRET: &[u8] = b"ferry-fuzz-secret";
 pub const LEADER_NONCE: Nonce = [0x4c; 32];
+pub const LEADER_INSTANCE: InstanceId = [0x49; 16];
 pub const FOLLOWER_NONCE: Nonce = [0x46; 32];
 /// The follower's node id in the harnesses that send one.
 pub const NODE_ID: &str = "fuzz-node-1";
@@ -139,6 +143,7 @@ pub struct WireChecker {
     pub frames: Vec<Frame>,
     listed: u64,
     node_id_sent: bool,
+    instance_sent: bool,
     mark_last: Option<u64>,
     ack_last: [u64; 3],
     /// Whole-file transfers begun and not committed: bytes of TEMP DATA sent into each.
@@ -156,6 +161,7 @@ impl WireChecker {
             frames: Vec::new(),
             listed: 0,
             node_id_sent: false,
+            instance_sent: false,
             mark_last: None,
             ack_last: [0; 3],
             wholes: HashMap::new(),
@@ -252,6 +258,11 @@ impl WireChecker {
         match (side, self.phase, frame) {
             (Side::Leader, S::First, Frame::Challenge { .. }) => self.phase = S::Welcome,
             (Side::Leader, S::Welcome, Frame::Welcome { .. }) => self.phase = S::Listing,
+            (Side::Leader, S::Listing, Frame::Instance { .. }) => {
+                assert!(!self.instance_sent, "INSTANCE sent twice");
+                assert_eq!(self.listed, 0, "INSTANCE after INDEX");
+                self.instance_sent = true;
+            }
             (Side::Leader, S::Listing, Frame::Index { .. }) => self.listed += 1,
             (Side::Leader, S::Listing, Frame::IndexEnd { count }) => {
                 assert_eq!(*count, self.listed, "INDEX_END miscounts the INDEX frames");
@@ -320,7 +331,9 @@ impl WireChecker {
                 assert_eq!(self.listed, 0, "NODE_ID after HAVE");
                 self.node_id_sent = true;
             }
-            (Side::Follower, S::Listing, Frame::Have { .. }) => self.listed += 1,
+            (Side::Follower, S::Listing, Frame::Have { .. } | Frame::HaveHeld { .. }) => {
+                self.listed += 1
+            }
             (Side::Follower, S::Listing, Frame::HaveEnd { count, .. }) => {
                 assert_eq!(*count, self.listed, "HAVE_END miscounts the HAVE frames");
                 self.phase = S::Streaming;
@@ -462,7 +475,7 @@ impl LeaderShell {
         LeaderShell {
             catalog,
             files,
-            session: LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT),
+            session: LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT, LEADER_INSTANCE),
             now,
             inbuf: Vec::new(),
             error: None,
@@ -873,7 +886,9 @@ impl FollowerShell {
 
     fn apply(&mut self, action: FollowerAction) -> Result<(), SessionError> {
         match action {
-            FollowerAction::Inventory { index } => {
+            // The shell keeps no held record: every file is reported by digest, whatever
+            // instance (from a fuzzed INSTANCE) the leader named.
+            FollowerAction::Inventory { index, .. } => {
                 assert_eq!(self.session.phase(), FollowerPhase::AwaitInventory);
                 let cuts: HashMap<_, _> = index.into_iter().collect();
                 let mut haves: Vec<HaveEntry> = self
@@ -887,7 +902,7 @@ impl FollowerShell {
                         HaveEntry {
                             path: path.clone(),
                             len_bytes: b.len() as u64,
-                            digest,
+                            proof: HaveProof::Digest(digest),
                         }
                     })
                     .collect();

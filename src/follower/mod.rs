@@ -14,15 +14,17 @@
 
 pub mod apply;
 mod dirty;
+mod held;
 mod input;
 mod outbox;
 mod progress;
 
 pub use dirty::Dirty;
+use held::{HeldRecord, Stamp, HELD_CHECKPOINT_INTERVAL_MS};
 use input::Input;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -35,10 +37,10 @@ use tokio::sync::Notify;
 use crate::auth::{random_nonce, Secret};
 use crate::engine::receive::{self, is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
-use crate::frame::{Durability, ErrorCode, FrameError, LEADER_SILENCE_TIMEOUT_MS};
+use crate::frame::{Durability, ErrorCode, FrameError, InstanceId, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
-use crate::session::follower::{FollowerAction, FollowerSession, HaveEntry};
+use crate::session::follower::{FollowerAction, FollowerSession, HaveEntry, HaveProof};
 use crate::session::SessionError;
 use crate::status::FollowerSelf;
 use apply::{disk_error, Apply};
@@ -149,12 +151,13 @@ pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
 async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncReport, FollowError> {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let cache = Rc::new(RefCell::new(Some(DigestCache::load(&dir))));
+    let held = Arc::new(Mutex::new(HeldRecord::load(&dir)));
     loop {
         if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(SyncReport::default());
         }
         let started = Instant::now();
-        let result = follow_once(&config, &dir, &cache).await;
+        let result = follow_once(&config, &dir, &cache, &held).await;
         if let Ok(mut st) = config.status.lock() {
             st.connected = false;
             st.last_error = result.as_ref().err().map(|e| e.to_string());
@@ -209,6 +212,7 @@ async fn follow_once(
     config: &FollowConfig,
     dir: &Arc<DataDir>,
     cache: &Rc<RefCell<Option<DigestCache>>>,
+    held: &Arc<Mutex<HeldRecord>>,
 ) -> Result<SyncReport, FollowError> {
     let addr = resolve(&config.leader).await?;
     let conn = Rc::new(Conn::connect(addr).await.map_err(|e| {
@@ -251,6 +255,15 @@ async fn follow_once(
         outbox: &outbox,
         sync_wake: &sync_wake,
         cache,
+        held: Held {
+            record: held.clone(),
+            instance: None,
+            index: Vec::new(),
+            touched: HashSet::new(),
+            mark_last: None,
+            recorded_at: Instant::now(),
+            recording: None,
+        },
         apply: Apply::new(
             dir.clone(),
             dirty.clone(),
@@ -262,6 +275,8 @@ async fn follow_once(
         started: Instant::now(),
     };
     let result = ctx.run().await;
+    // However the connection ended, what was applied after its last MARK is recorded.
+    ctx.held.finish(dir).await;
     let mut told = false;
     if let Err(FollowError::Session(e) | FollowError::Refused(e)) = &result {
         // Tell the leader why we are leaving (nothing is sent back for its own ERROR).
@@ -309,6 +324,7 @@ struct Ctx<'a> {
     outbox: &'a Rc<Outbox>,
     sync_wake: &'a Rc<Notify>,
     cache: &'a Rc<RefCell<Option<DigestCache>>>,
+    held: Held,
     apply: Apply,
     receiver: Receiver,
     progress: Option<progress::Progress>,
@@ -402,10 +418,12 @@ impl Ctx<'_> {
                 return Ok(());
             };
             match action {
-                FollowerAction::Inventory { index } => {
+                FollowerAction::Inventory { index, instance } => {
                     self.report.index_files = index.len();
+                    self.held.instance = instance;
+                    self.held.index = index.iter().map(|(p, _)| p.clone()).collect();
                     let cuts: Vec<(RelPath, u64)> = index.clone();
-                    let held = self.send_inventory(index).await?;
+                    let held = self.send_inventory(index, instance).await?;
                     let expected: u64 = cuts
                         .iter()
                         .map(|(p, cut)| {
@@ -423,6 +441,7 @@ impl Ctx<'_> {
                     let buffered = (len_bytes as usize).min(input.unread().len());
                     if !temp {
                         self.apply.note_written(&path);
+                        self.held.touched(&path);
                     }
                     let file = self
                         .apply
@@ -472,6 +491,7 @@ impl Ctx<'_> {
                 } => {
                     // Every write before this MARK has completed (see `receive`).
                     self.session.borrow_mut().written(position);
+                    self.held.on_mark(self.dir, position, sync_done);
                     // Acked now, not after the rest of the read buffer: rounds that came in
                     // behind this MARK (their payloads still to write) would delay it.
                     self.session.borrow_mut().poll_ack();
@@ -488,7 +508,15 @@ impl Ctx<'_> {
                         );
                     }
                 }
-                other => self.apply.apply(other).map_err(FollowError::Session)?,
+                other => {
+                    match &other {
+                        FollowerAction::CommitWhole { path, .. }
+                        | FollowerAction::Truncate { path, .. }
+                        | FollowerAction::Delete { path } => self.held.touched(path),
+                        _ => {}
+                    }
+                    self.apply.apply(other).map_err(FollowError::Session)?
+                }
             }
         }
     }
@@ -499,15 +527,22 @@ impl Ctx<'_> {
     async fn send_inventory(
         &mut self,
         index: Vec<(RelPath, u64)>,
+        instance: Option<InstanceId>,
     ) -> Result<HashMap<RelPath, u64>, FollowError> {
         let Some(mut cache) = self.cache.borrow_mut().take() else {
             return Err(io::Error::other("digest cache in use").into());
         };
         let dir = self.dir.clone();
+        let record = self.held.record.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let hashing = tokio::task::spawn_blocking(move || {
             let cuts: HashMap<RelPath, u64> = index.into_iter().collect();
-            let result = build_inventory(&dir, &mut cache, &cuts, |have| {
+            let mut record = match record.lock() {
+                Ok(r) => r,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let held = instance.map(|i| (&mut *record, i));
+            let result = build_inventory(&dir, &mut cache, held, &cuts, |have| {
                 // The receiver outlives this task unless the connection failed.
                 let _ = tx.send(have);
             });
@@ -546,30 +581,128 @@ fn write_error(e: io::Error, path: &RelPath) -> FollowError {
     }
 }
 
-/// Scans the data dir and passes each file's HAVE entry to `emit` as soon as its digest is
-/// known, then saves the cache.
+/// Scans the data dir and passes each file's HAVE entry to `emit` as soon as it is known:
+/// held, when `held` (the record and the leader's instance) vouches for the file as it is now,
+/// else by its digest; then saves the cache.
 fn build_inventory(
     dir: &DataDir,
     cache: &mut DigestCache,
+    mut held: Option<(&mut HeldRecord, InstanceId)>,
     cuts: &HashMap<RelPath, u64>,
     mut emit: impl FnMut(HaveEntry),
 ) -> io::Result<()> {
+    let hashed_before = cache.hashed_bytes();
+    let (mut files, mut held_files) = (0u64, 0u64);
     for meta in scan(dir)? {
-        let digest = match cuts.get(&meta.path) {
-            Some(&cut) => cache.digest_prefix(dir, &meta, meta.len_bytes.min(cut))?,
-            None => [0; crate::frame::DIGEST_BYTES],
+        files += 1;
+        let held_at = match (&held, cuts.get(&meta.path)) {
+            (Some((record, instance)), Some(&cut)) if meta.len_bytes <= cut => {
+                record.held_at(&meta.path, instance, &Stamp::of_meta(&meta))
+            }
+            _ => None,
+        };
+        let proof = match (held_at, cuts.get(&meta.path)) {
+            (Some(position), _) => {
+                held_files += 1;
+                HaveProof::Held { position }
+            }
+            (None, Some(&cut)) => {
+                HaveProof::Digest(cache.digest_prefix(dir, &meta, meta.len_bytes.min(cut))?)
+            }
+            (None, None) => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
         };
         emit(HaveEntry {
             path: meta.path,
             len_bytes: meta.len_bytes,
-            digest,
+            proof,
         });
     }
+    tracing::info!(
+        "inventory: {files} files, {held_files} held since an earlier connection to this leader, \
+         {} bytes hashed",
+        cache.hashed_bytes() - hashed_before
+    );
     cache.retain(|p| cuts.contains_key(p));
     if let Err(e) = cache.save(dir) {
         tracing::warn!("cannot save the digest cache: {e}");
     }
+    if let Some((record, _)) = &mut held {
+        record.retain(|p| cuts.contains_key(p));
+    }
     Ok(())
+}
+
+/// The connection's side of the held record: which files changed since it was last written,
+/// and when to write it again.
+struct Held {
+    record: Arc<Mutex<HeldRecord>>,
+    /// The leader's, when `HELD` is in use; nothing is recorded without it.
+    instance: Option<InstanceId>,
+    /// The leader's index: every file in it is as the leader's once the initial sync is done.
+    index: Vec<RelPath>,
+    /// Files written, replaced, truncated or deleted since the record last looked at them.
+    touched: HashSet<RelPath>,
+    /// The last MARK this connection applied.
+    mark_last: Option<u64>,
+    recorded_at: Instant,
+    /// The record being updated on a blocking thread.
+    recording: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Held {
+    fn touched(&mut self, path: &RelPath) {
+        if self.instance.is_some() && !self.touched.contains(path) {
+            self.touched.insert(path.clone());
+        }
+    }
+
+    /// Every frame before a MARK at `position` has been applied. Records the files changed since
+    /// the last time, at most every `HELD_CHECKPOINT_INTERVAL_MS`, and every file in the index
+    /// when the MARK ends the initial sync.
+    fn on_mark(&mut self, dir: &Arc<DataDir>, position: u64, sync_done: bool) {
+        if self.instance.is_none() {
+            return;
+        }
+        self.mark_last = Some(position);
+        if sync_done {
+            self.touched.extend(std::mem::take(&mut self.index));
+        }
+        let busy = self.recording.as_ref().is_some_and(|t| !t.is_finished());
+        let due = sync_done
+            || self.recorded_at.elapsed() >= Duration::from_millis(HELD_CHECKPOINT_INTERVAL_MS);
+        if busy || !due || self.touched.is_empty() {
+            return;
+        }
+        self.recorded_at = Instant::now();
+        self.recording = self.start_recording(dir);
+    }
+
+    fn start_recording(&mut self, dir: &Arc<DataDir>) -> Option<tokio::task::JoinHandle<()>> {
+        let (instance, position) = (self.instance?, self.mark_last?);
+        let paths = std::mem::take(&mut self.touched);
+        let (dir, record) = (dir.clone(), self.record.clone());
+        Some(tokio::task::spawn_blocking(move || {
+            let mut record = match record.lock() {
+                Ok(r) => r,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            record.record(&dir, instance, position, paths);
+            record.save_or_warn(&dir);
+        }))
+    }
+
+    /// The connection ended: records what changed since the last time (after its last MARK).
+    async fn finish(&mut self, dir: &Arc<DataDir>) {
+        if let Some(task) = self.recording.take() {
+            let _ = task.await;
+        }
+        if self.touched.is_empty() {
+            return;
+        }
+        if let Some(task) = self.start_recording(dir) {
+            let _ = task.await;
+        }
+    }
 }
 
 /// Makes one round's dirty set durable, on a blocking thread.

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::frame::{
-    Digest, Durability, Frame, Nonce, Preamble, MAX_INVENTORY_FILES, MAX_WHOLE_IN_FLIGHT,
-    PREAMBLE_BYTES,
+    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, CAPABILITY_HELD,
+    MAX_INVENTORY_FILES, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES,
 };
 use crate::paths::RelPath;
 
@@ -38,8 +38,11 @@ pub enum FollowerPhase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FollowerAction {
     /// The leader's index arrived (path, cut length): scan the data dir and call `inventory`.
+    /// `instance`: the leader's, when `HELD` is in use (files the held record vouches for
+    /// from this instance may be reported as held instead of by digest).
     Inventory {
         index: Vec<(RelPath, u64)>,
+        instance: Option<InstanceId>,
     },
     /// The next `len_bytes` on the wire go to `path` at `offset` (into its temp file if `temp`).
     Write {
@@ -73,12 +76,22 @@ pub enum FollowerAction {
     },
 }
 
-/// One file the follower holds, as reported in HAVE.
+/// One file the follower holds, as reported in HAVE or HAVE_HELD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaveEntry {
     pub path: RelPath,
     pub len_bytes: u64,
-    pub digest: Digest,
+    pub proof: HaveProof,
+}
+
+/// Why the follower's copy is what it says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HaveProof {
+    /// SHA-1 of its first `min(len_bytes, the leader's cut)` bytes (HAVE).
+    Digest(Digest),
+    /// Unchanged since a MARK at `position` of the leader instance the Inventory action named
+    /// (HAVE_HELD).
+    Held { position: u64 },
 }
 
 pub struct FollowerSession {
@@ -100,6 +113,10 @@ pub struct FollowerSession {
     sync_done_acked: bool,
     /// HAVE frames queued so far (`inventory_part`), for HAVE_END's count.
     haves_sent: u64,
+    /// Both preambles offered `HELD`.
+    held_in_use: bool,
+    /// The leader's instance, from INSTANCE.
+    instance: Option<InstanceId>,
 }
 
 impl FollowerSession {
@@ -131,6 +148,8 @@ impl FollowerSession {
             sync_done_position: None,
             sync_done_acked: false,
             haves_sent: 0,
+            held_in_use: false,
+            instance: None,
         }
     }
 
@@ -181,7 +200,8 @@ impl FollowerSession {
         if self.phase == FollowerPhase::AwaitPreamble {
             match take_preamble(buf)? {
                 None => return Ok((0, None)),
-                Some(_) => {
+                Some(peer) => {
+                    self.held_in_use = peer.capabilities & CAPABILITIES & CAPABILITY_HELD != 0;
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }
@@ -232,6 +252,12 @@ impl FollowerSession {
                 self.phase = P::AwaitIndex;
                 None
             }
+            (P::AwaitIndex, Frame::Instance { instance })
+                if self.held_in_use && self.instance.is_none() && self.index.is_empty() =>
+            {
+                self.instance = Some(instance);
+                None
+            }
             (P::AwaitIndex, Frame::Index { len_bytes, path }) => {
                 if self.index.len() as u64 >= MAX_INVENTORY_FILES {
                     return Err(SessionError::Limit(format!(
@@ -254,6 +280,7 @@ impl FollowerSession {
                 self.phase = P::AwaitInventory;
                 Some(FollowerAction::Inventory {
                     index: std::mem::take(&mut self.index),
+                    instance: self.instance,
                 })
             }
             (
@@ -346,7 +373,8 @@ impl FollowerSession {
     }
 
     /// The shell scanned its data dir after `FollowerAction::Inventory`: each entry's digest
-    /// covers `min(its length, the leader's cut)` (all zero for a path the index lacks).
+    /// covers `min(its length, the leader's cut)` (all zero for a path the index lacks); a
+    /// held entry is for the instance that action named.
     pub fn inventory(&mut self, haves: Vec<HaveEntry>) {
         self.inventory_part(haves);
         self.inventory_end();
@@ -364,12 +392,27 @@ impl FollowerSession {
         }
         for have in haves {
             self.haves_sent += 1;
-            Frame::Have {
-                len_bytes: have.len_bytes,
-                digest: have.digest,
-                path: have.path,
-            }
-            .encode(&mut self.out);
+            let frame = match (have.proof, self.instance) {
+                (HaveProof::Digest(digest), _) => Frame::Have {
+                    len_bytes: have.len_bytes,
+                    digest,
+                    path: have.path,
+                },
+                (HaveProof::Held { position }, Some(instance)) => Frame::HaveHeld {
+                    len_bytes: have.len_bytes,
+                    position,
+                    instance,
+                    path: have.path,
+                },
+                // No instance to vouch by (a shell's mistake): a digest that matches nothing
+                // gets the file re-sent whole, never a wrong copy kept.
+                (HaveProof::Held { .. }, None) => Frame::Have {
+                    len_bytes: have.len_bytes,
+                    digest: [0; crate::frame::DIGEST_BYTES],
+                    path: have.path,
+                },
+            };
+            frame.encode(&mut self.out);
         }
     }
 

@@ -27,8 +27,9 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::frame::{
-    Digest, Durability, Frame, Nonce, Preamble, HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS,
-    MAX_DATA_BYTES, MAX_INVENTORY_FILES, VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, CAPABILITY_HELD,
+    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES,
+    VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -119,7 +120,28 @@ impl Job {
 #[derive(Debug)]
 struct Have {
     len_bytes: u64,
-    digest: Digest,
+    proof: Proof,
+}
+
+/// Why a follower says its copy matches ours.
+#[derive(Debug)]
+enum Proof {
+    /// HAVE: the digest of its first `min(f, L)` bytes.
+    Digest(Digest),
+    /// HAVE_HELD: unchanged since a MARK at `position` of leader `instance`.
+    Held { position: u64, instance: InstanceId },
+}
+
+/// How a follower's inventory was compared (for the log and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InventoryReport {
+    /// Files the follower vouched for by its held record, accepted without hashing.
+    pub held_accepted: u64,
+    /// Held records refused (another instance, a generation born since, a longer copy): those
+    /// files are sent whole.
+    pub held_refused: u64,
+    /// Files compared by digest: the leader hashed its prefix of each.
+    pub digests_compared: u64,
 }
 
 /// A position to MARK once the FIFO of changed paths has been shipped up to a point.
@@ -138,6 +160,11 @@ const MARKERS_MAX: usize = 1024;
 pub struct LeaderSession {
     secret: Secret,
     leader_nonce: Nonce,
+    /// This leader's instance id, sent in INSTANCE and checked in HAVE_HELD.
+    instance: InstanceId,
+    /// Both preambles offered `HELD`.
+    held_in_use: bool,
+    inventory_report: InventoryReport,
     phase: LeaderPhase,
     out: Vec<u8>,
     /// A MARK is among the bytes in `out`: they must leave at once, not wait in the socket for
@@ -198,12 +225,20 @@ pub struct LeaderSession {
 
 impl LeaderSession {
     /// A session for a follower that just connected: the preamble and CHALLENGE are queued.
-    pub fn new(secret: Secret, leader_nonce: Nonce, ack_timeout: Duration) -> LeaderSession {
+    pub fn new(
+        secret: Secret,
+        leader_nonce: Nonce,
+        ack_timeout: Duration,
+        instance: InstanceId,
+    ) -> LeaderSession {
         let mut out = Preamble::ours().encode().to_vec();
         Frame::Challenge { leader_nonce }.encode(&mut out);
         LeaderSession {
             secret,
             leader_nonce,
+            instance,
+            held_in_use: false,
+            inventory_report: InventoryReport::default(),
             phase: LeaderPhase::AwaitPreamble,
             out,
             index: HashMap::new(),
@@ -267,6 +302,11 @@ impl LeaderSession {
         }
         let (start, planned) = self.sync_plan?;
         Some((self.bytes_payload_total - start, planned))
+    }
+
+    /// How the follower's inventory was compared; complete once the sync is planned.
+    pub fn inventory_report(&self) -> InventoryReport {
+        self.inventory_report
     }
 
     /// The MARK that ends the initial sync has been sent.
@@ -333,7 +373,8 @@ impl LeaderSession {
         if self.phase == LeaderPhase::AwaitPreamble {
             match take_preamble(buf)? {
                 None => return Ok(0),
-                Some(_) => {
+                Some(peer) => {
+                    self.held_in_use = peer.capabilities & CAPABILITIES & CAPABILITY_HELD != 0;
                     consumed = crate::frame::PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
@@ -376,6 +417,12 @@ impl LeaderSession {
                 }
                 let leader_mac = self.secret.leader_tag(&self.leader_nonce, &follower_nonce);
                 Frame::Welcome { leader_mac }.encode(&mut self.out);
+                if self.held_in_use {
+                    Frame::Instance {
+                        instance: self.instance,
+                    }
+                    .encode(&mut self.out);
+                }
                 self.send_index(catalog);
                 self.phase = LeaderPhase::AwaitInventory;
                 Ok(())
@@ -388,18 +435,7 @@ impl LeaderSession {
                     path,
                 },
             ) => {
-                self.haves_count += 1;
-                if self.haves_count > MAX_INVENTORY_FILES {
-                    return Err(SessionError::Limit(format!(
-                        "more than MAX_INVENTORY_FILES ({MAX_INVENTORY_FILES}) HAVE frames"
-                    )));
-                }
-                if self.haves.contains_key(&path) {
-                    return Err(SessionError::OutOfOrder {
-                        frame: "HAVE",
-                        why: format!("a second HAVE for {path} in one inventory"),
-                    });
-                }
+                self.count_have("HAVE", &path)?;
                 // Both sides hold it: our digest of the prefix the follower's covers.
                 if let Some(cut) = self.index.get(&path) {
                     self.digest_requests.push(DigestRequest {
@@ -407,7 +443,28 @@ impl LeaderSession {
                         len_bytes: len_bytes.min(cut.len_bytes),
                     });
                 }
-                self.haves.insert(path, Have { len_bytes, digest });
+                let proof = Proof::Digest(digest);
+                self.haves.insert(path, Have { len_bytes, proof });
+                Ok(())
+            }
+            (
+                LeaderPhase::AwaitInventory,
+                Frame::HaveHeld {
+                    len_bytes,
+                    position,
+                    instance,
+                    path,
+                },
+            ) => {
+                if !self.held_in_use {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "HAVE_HELD",
+                        why: "the HELD capability is not in use on this connection".into(),
+                    });
+                }
+                self.count_have("HAVE_HELD", &path)?;
+                let proof = Proof::Held { position, instance };
+                self.haves.insert(path, Have { len_bytes, proof });
                 Ok(())
             }
             (LeaderPhase::AwaitInventory, Frame::NodeId { id }) if self.node_id.is_none() => {
@@ -442,6 +499,33 @@ impl LeaderSession {
                 format!("not allowed while the leader is in phase {:?}", self.phase),
             )),
         }
+    }
+
+    /// One more HAVE or HAVE_HELD for `path`: within `MAX_INVENTORY_FILES`, and the first for it.
+    fn count_have(&mut self, frame: &'static str, path: &RelPath) -> Result<(), SessionError> {
+        self.haves_count += 1;
+        if self.haves_count > MAX_INVENTORY_FILES {
+            return Err(SessionError::Limit(format!(
+                "more than MAX_INVENTORY_FILES ({MAX_INVENTORY_FILES}) HAVE frames"
+            )));
+        }
+        if self.haves.contains_key(path) {
+            return Err(SessionError::OutOfOrder {
+                frame,
+                why: format!("a second HAVE for {path} in one inventory"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a held record vouches for the follower's copy (`docs/PROTOCOL.md`, *Held
+    /// records*): our instance, a copy no longer than the cut, and a generation born at or
+    /// before the MARK it names, which is one this instance had reached.
+    fn held_matches(&self, have: &Have, cut: &CatalogEntry, position: u64, of: InstanceId) -> bool {
+        of == self.instance
+            && have.len_bytes <= cut.len_bytes
+            && cut.born_at <= position
+            && position <= self.index_position
     }
 
     fn send_index(&mut self, catalog: &Catalog) {
@@ -496,9 +580,21 @@ impl LeaderSession {
                 follower_only.push(path);
                 continue;
             };
-            let matches = ours
-                .get(path)
-                .is_some_and(|d| d.as_ref() == Some(&have.digest));
+            let matches = match have.proof {
+                Proof::Digest(digest) => {
+                    self.inventory_report.digests_compared += 1;
+                    ours.get(path).is_some_and(|d| d.as_ref() == Some(&digest))
+                }
+                Proof::Held { position, instance } => {
+                    let held = self.held_matches(have, cut, position, instance);
+                    if held {
+                        self.inventory_report.held_accepted += 1;
+                    } else {
+                        self.inventory_report.held_refused += 1;
+                    }
+                    held
+                }
+            };
             if !matches {
                 // Shipped whole, into a temp file renamed over it. Until then the follower holds
                 // a copy of no generation of ours: recorded so that, if the file is gone before

@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 
 use sha1::{Digest as _, Sha1};
 
-use super::follower::{FollowerAction, FollowerPhase, FollowerSession, HaveEntry};
-use super::leader::{LeaderPhase, LeaderSession, Transmit};
+use super::follower::{FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof};
+use super::leader::{InventoryReport, LeaderPhase, LeaderSession, Transmit};
 use super::SessionError;
 use crate::auth::Secret;
 use crate::catalog::Catalog;
 use crate::frame::{
-    Digest, Durability, ErrorCode, Frame, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES,
-    VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, ErrorCode, Frame, InstanceId, Preamble, KEEPALIVE_INTERVAL_MS,
+    MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
 use crate::paths::{PathError, RelPath};
@@ -27,6 +27,9 @@ fn sha1(bytes: &[u8]) -> Digest {
 }
 
 type Files = HashMap<RelPath, Vec<u8>>;
+
+/// The simulated leader's instance id.
+const INSTANCE: InstanceId = [5; 16];
 
 /// A MARK's position and what the follower held of a file when it read it (`None`: absent).
 type CopyAtMark = (u64, Option<Vec<u8>>);
@@ -53,6 +56,11 @@ struct Sim {
     unreported_asks: Vec<Vec<RelPath>>,
     /// A file whose copy on the follower is noted at every MARK, with the MARK's position.
     watched: Option<(RelPath, Vec<CopyAtMark>)>,
+    /// Files the follower reports as held since a MARK at this position (HAVE_HELD), as its
+    /// held record would.
+    held_claims: HashMap<RelPath, u64>,
+    /// Every prefix the leader was asked to hash.
+    leader_hashed: Vec<RelPath>,
 }
 
 impl Sim {
@@ -71,7 +79,7 @@ impl Sim {
         Sim {
             catalog,
             leader_files,
-            leader: LeaderSession::new(secret_l, [7; 32], Duration::from_millis(1000)),
+            leader: LeaderSession::new(secret_l, [7; 32], Duration::from_millis(1000), INSTANCE),
             follower_files,
             follower_temps: HashMap::new(),
             follower: FollowerSession::new(secret_f, [9; 32], Durability::Synced),
@@ -85,6 +93,8 @@ impl Sim {
             check_marks: false,
             unreported_asks: Vec::new(),
             watched: None,
+            held_claims: HashMap::new(),
+            leader_hashed: Vec::new(),
         }
     }
 
@@ -140,6 +150,8 @@ impl Sim {
             }
         }
         if let Some(requests) = self.leader.digest_requests() {
+            self.leader_hashed
+                .extend(requests.iter().map(|r| r.path.clone()));
             let digests = requests
                 .into_iter()
                 .map(|r| {
@@ -245,20 +257,24 @@ impl Sim {
 
     fn apply(&mut self, action: FollowerAction) {
         match action {
-            FollowerAction::Inventory { index } => {
+            FollowerAction::Inventory { index, instance } => {
+                assert_eq!(instance, Some(INSTANCE), "HELD is in use between these two");
                 let cuts: HashMap<_, _> = index.into_iter().collect();
                 let mut haves: Vec<HaveEntry> = self
                     .follower_files
                     .iter()
                     .map(|(path, b)| {
-                        let digest = match cuts.get(path) {
-                            Some(&cut) => sha1(&b[..b.len().min(cut as usize)]),
-                            None => [0; 20],
+                        let proof = match (self.held_claims.get(path), cuts.get(path)) {
+                            (Some(&position), _) => HaveProof::Held { position },
+                            (None, Some(&cut)) => {
+                                HaveProof::Digest(sha1(&b[..b.len().min(cut as usize)]))
+                            }
+                            (None, None) => HaveProof::Digest([0; 20]),
                         };
                         HaveEntry {
                             path: path.clone(),
                             len_bytes: b.len() as u64,
-                            digest,
+                            proof,
                         }
                     })
                     .collect();
@@ -1241,4 +1257,141 @@ fn a_file_rewritten_while_sent_whole_is_never_committed_as_a_mix() {
             );
         }
     }
+}
+
+/// A copy the follower's held record vouches for, since a MARK of this leader instance that
+/// came after the file's generation was born, resumes from its length: the leader hashes
+/// nothing and sends only the tail.
+#[test]
+fn a_copy_held_since_a_mark_of_this_leader_resumes_without_hashing() {
+    let seg = big(150, 3);
+    let mut sim = Sim::new(
+        files(&[("seg", &seg), ("meta", b"{}")]),
+        files(&[("seg", &seg[..100]), ("meta", b"{}")]),
+    );
+    sim.held_claims.insert(p("seg"), 100);
+    sim.run();
+    sim.assert_in_sync();
+    assert_eq!(
+        sim.leader_hashed,
+        [p("meta")],
+        "only the file not held is hashed"
+    );
+    assert_eq!(
+        sim.leader.inventory_report(),
+        InventoryReport {
+            held_accepted: 1,
+            held_refused: 0,
+            digests_compared: 1,
+        }
+    );
+    assert_eq!(sim.leader.bytes_payload_total(), 50, "the tail only");
+}
+
+/// A file replaced after the MARK a held record names is another generation: the follower's
+/// copy is of the one before, so it is refused and the file is sent whole.
+#[test]
+fn a_held_copy_older_than_the_files_generation_is_refused_and_sent_whole() {
+    let mut sim = Sim::new(
+        files(&[("cfg", b"{\"v\":1}")]),
+        files(&[("cfg", b"{\"v\":1}")]),
+    );
+    let before = sim.catalog.position();
+    sim.replace("cfg", b"{\"v\":2}");
+    sim.held_claims.insert(p("cfg"), before);
+    sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sim.follower_files[&p("cfg")], b"{\"v\":2}");
+    assert!(sim.leader_hashed.is_empty());
+    assert_eq!(sim.leader.inventory_report().held_refused, 1);
+    assert_eq!(sim.leader.files_whole_total(), 1);
+}
+
+/// What a held record cannot vouch for: another leader instance's positions, a position this
+/// leader never reached, a copy longer than the leader's cut. Each is sent whole.
+#[test]
+fn held_records_of_another_instance_a_future_position_or_a_longer_copy_are_refused() {
+    let mut sim = Sim::new(
+        files(&[("a", b"aaaa"), ("b", b"bbbb"), ("c", b"cccc")]),
+        Files::new(),
+    );
+    sim.handshake_until(|sim| sim.leader.phase() == LeaderPhase::AwaitInventory);
+    sim.to_leader.clear();
+    let position = sim.catalog.position();
+    for (path, len_bytes, position, instance) in [
+        ("a", 4, position, [6; 16]),
+        ("b", 4, position + 1, INSTANCE),
+        ("c", 5, position, INSTANCE),
+    ] {
+        Frame::HaveHeld {
+            len_bytes,
+            position,
+            instance,
+            path: p(path),
+        }
+        .encode(&mut sim.to_leader);
+    }
+    Frame::HaveEnd {
+        count: 3,
+        durability: Durability::Written,
+    }
+    .encode(&mut sim.to_leader);
+    sim.leader
+        .handle_input(&sim.to_leader, &sim.catalog, sim.now)
+        .unwrap();
+    let requests = sim.leader.digest_requests().unwrap();
+    assert!(requests.is_empty(), "nothing to hash: {requests:?}");
+    sim.leader.digests_ready(Vec::new());
+    assert_eq!(
+        sim.leader.inventory_report(),
+        InventoryReport {
+            held_accepted: 0,
+            held_refused: 3,
+            digests_compared: 0,
+        }
+    );
+    assert_eq!(sim.leader.sync_progress(), Some((0, 12)), "all three whole");
+}
+
+/// HELD is used only when both preambles offer it: to a follower that does not, the leader
+/// sends no INSTANCE, and a HAVE_HELD from it is refused by name.
+#[test]
+fn without_the_held_capability_there_is_no_instance_and_have_held_is_a_bad_frame() {
+    let secret = Secret::new(b"s3cret".to_vec()).unwrap();
+    let catalog = Catalog::new([(p("a"), 4)]);
+    let mut leader = LeaderSession::new(secret.clone(), [7; 32], Duration::from_secs(1), INSTANCE);
+    let mut input = Preamble {
+        version: 1,
+        capabilities: 0,
+    }
+    .encode()
+    .to_vec();
+    Frame::Auth {
+        follower_nonce: [9; 32],
+        follower_mac: secret.follower_tag(&[7; 32], &[9; 32]),
+    }
+    .encode(&mut input);
+    let now = Instant::now();
+    let n = leader.handle_input(&input, &catalog, now).unwrap();
+    assert_eq!(n, input.len());
+    let out = leader.take_output();
+    let mut rest = &out[crate::frame::PREAMBLE_BYTES..];
+    let mut names = Vec::new();
+    while let Some((frame, used)) = Frame::decode(rest).unwrap() {
+        names.push(frame.name());
+        rest = &rest[used..];
+    }
+    assert_eq!(names, ["CHALLENGE", "WELCOME", "INDEX", "INDEX_END"]);
+
+    let mut held = Vec::new();
+    Frame::HaveHeld {
+        len_bytes: 4,
+        position: 4,
+        instance: INSTANCE,
+        path: p("a"),
+    }
+    .encode(&mut held);
+    let err = leader.handle_input(&held, &catalog, now).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame);
+    assert!(err.to_string().contains("HELD capability"), "{err}");
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ferry::frame::{Durability, ErrorCode, Frame, Preamble, KEEPALIVE_INTERVAL_MS, PREAMBLE_BYTES};
 use ferry_fuzz::{
     follower_files, leader_files, p, pattern, secret, FollowerShell, LeaderShell, FOLLOWER_NONCE,
-    LEADER_NONCE,
+    LEADER_INSTANCE, LEADER_NONCE,
 };
 
 struct Recording {
@@ -165,6 +165,15 @@ fn main() {
             path: path.clone(),
         },
         Frame::IndexEnd { count: 1 },
+        Frame::Instance {
+            instance: LEADER_INSTANCE,
+        },
+        Frame::HaveHeld {
+            len_bytes: 100,
+            position: 5000,
+            instance: LEADER_INSTANCE,
+            path: path.clone(),
+        },
         Frame::Have {
             len_bytes: 100,
             digest: [0xab; 20],
@@ -232,6 +241,21 @@ fn main() {
         "inventory",
         &[&[0, 0], upto(to_leader, "HAVE_END", 0)],
     );
+    // An inventory of held records: one this leader accepts, one of another instance.
+    let mut held = upto(to_leader, "AUTH", 0).to_vec();
+    for (path, instance) in [("a", LEADER_INSTANCE), ("meta.json", [0; 16])] {
+        held.extend(encoded(&Frame::HaveHeld {
+            len_bytes: 3,
+            position: 0,
+            instance,
+            path: p(path),
+        }));
+    }
+    held.extend(encoded(&Frame::HaveEnd {
+        count: 2,
+        durability: Durability::Written,
+    }));
+    write(&dir, t, "inventory-held", &[&[0, 0], &held]);
     write(&dir, t, "synced-bytewise", &[&[9, 0], to_leader]);
     write(&dir, t, "synced-bytewise-keepalive", &[&[9, 5], to_leader]);
     write(
