@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# What a follower's restart costs once it holds everything: `ferry follow --once` three times
-# into the same dir over loopback, all in one run on the same files, so the figures compare as
-# ratios (these machines are shared and noisy):
-#   1. full copy into an empty dir (the baseline);
-#   2. again, every file already there: what a follower restarted after a sync pays;
-#   3. again: what a restart pays once the digest caches know every file's length.
-# Each line gives the wall time and the CPU seconds the leader and the follower used.
+# What a follower's restart costs once it holds everything, over loopback, all in one run, so
+# the figures compare as ratios (these machines are shared and noisy):
+#   1. `ferry follow --once` into an empty dir: a full copy (the baseline);
+#   2. again, every file already there: a restart right after a sync;
+#   3. again;
+#   4. a `ferry follow` that stays up while the leader's dir grows by as much again (new
+#      segments, shipped as they are written), killed with SIGKILL once it holds them all, then
+#      `ferry follow --once`: a restart after streaming, what the held record is for.
+# Each line gives the wall time and the CPU seconds the leader and the follower used (in 4,
+# the restart's only).
 #
 # usage: [DIR=/var/tmp] [ENGINE=uring|fallback] tools/restart-cost.sh [TOTAL_MIB]
 #   (default 1024: 128 segments of 8 MiB)
@@ -56,5 +59,20 @@ run() {
 
 echo "$total_mib MiB in $((total_mib / segment_mib)) files under $work"
 run "1. full copy into an empty dir"
-run "2. restart holding everything, caches cold"
-run "3. restart holding everything, caches warm"
+run "2. restart right after the copy"
+run "3. restart again"
+
+# Bytes of the files under $1, ferry's state left out.
+bytes_under() { find "$1" -path "$1/.ferry" -prune -o -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'; }
+"$ferry" follow --data-dir "$work/dst" --leader 127.0.0.1:18741 --secret-file "$work/secret" \
+  --durability written ${ENGINE:+--io-engine $ENGINE} 2>> "$work/follow.log" &
+follow_pid=$!
+for i in $(seq 1 $((total_mib / segment_mib))); do
+  head -c $((segment_mib * 1024 * 1024)) /dev/urandom > "$work/src/queues/s$(printf %08d "$i").seg"
+done
+want=$(bytes_under "$work/src")
+until [ "$(bytes_under "$work/dst")" = "$want" ]; do sleep 0.1; done
+# The follower notes what it holds at a MARK at most once a second (HELD_CHECKPOINT_INTERVAL_MS).
+sleep 1.5
+kill -9 "$follow_pid"; wait "$follow_pid" 2>/dev/null || true
+run "4. restart after streaming $total_mib MiB more, killed"
