@@ -2,9 +2,11 @@
 //! steps of either side (the leader with a transmit budget, as a full socket would impose),
 //! changes on the leader (append, replace, truncate, delete; and rewrites or deletes of a file
 //! that the change source reports only later, so payload ranges vanish under the leader), time,
-//! and bytes injected into either direction, raw or as well-formed frames. This reaches the
-//! inventory, initial sync, DATA/BEGIN_WHOLE/COMMIT_WHOLE, MARK and ACK paths that bytes alone
-//! cannot reach past the HMAC.
+//! bytes injected into either direction, raw or as well-formed frames, and reconnections (the
+//! connection dropped, or the follower killed), after which the follower reports the files its
+//! held record vouches for as HAVE_HELD. This reaches the inventory, initial sync,
+//! DATA/BEGIN_WHOLE/COMMIT_WHOLE, MARK, ACK and held-record paths that bytes alone cannot
+//! reach past the HMAC.
 //!
 //! Input: `[leader_files, follower_files_lo, follower_files_hi, options, ops...]` (see `setup`
 //! and `Op`). Asserts everything the single-session harnesses do on both sides, and, when the
@@ -105,6 +107,18 @@ impl Pair {
         let (moved, out) = self.follower.step();
         self.leader.inbuf.extend(out);
         moved
+    }
+
+    /// The connection drops (`graceful`) or the follower is killed, and both sides start a
+    /// new one, through the handshake and the follower's inventory, where the files its held
+    /// record vouches for go as HAVE_HELD.
+    fn reconnect(&mut self, graceful: bool) {
+        self.leader.reconnect();
+        self.follower.reconnect(graceful);
+        self.step_leader(0);
+        self.step_follower();
+        self.step_leader(0);
+        self.step_follower();
     }
 
     /// Both sides until nothing moves.
@@ -389,7 +403,7 @@ fuzz_target!(|data: &[u8]| {
         if ops > 512 {
             break;
         }
-        match op % 14 {
+        match op % 15 {
             0 => {
                 let n = usize::from(input.byte().unwrap_or(0));
                 let bytes = input.bytes(n).to_vec();
@@ -446,6 +460,10 @@ fuzz_target!(|data: &[u8]| {
             12 => {
                 pair.frame_to_leader(&mut input);
                 pair.injected = true;
+            }
+            14 => {
+                let graceful = input.byte().unwrap_or(0) & 1 != 0;
+                pair.reconnect(graceful);
             }
             _ => {
                 pair.frame_to_follower(&mut input);

@@ -6,7 +6,7 @@
 //! Every assertion here is a property of the sessions, not of the input: the fuzzer's bytes may
 //! be anything, and whatever they are, a violation is a bug in ferry (or in this harness).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ferry::auth::{tags_equal, Secret};
@@ -443,6 +443,17 @@ pub struct LeaderShell {
 }
 
 impl LeaderShell {
+    /// The connection ends and a new one begins: a new session of the same leader instance,
+    /// on the same catalog and files.
+    pub fn reconnect(&mut self) {
+        self.session = LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT, LEADER_INSTANCE);
+        self.inbuf.clear();
+        self.error = None;
+        self.wire = WireChecker::new(Side::Leader);
+        self.consumed.clear();
+        self.rank = 0;
+    }
+
     /// Applies `change` to the catalog and tells the session, as the leader's writer does.
     /// Returns the position after the change, if it moved it (an empty append, or a delete of
     /// a file the catalog does not hold, does not).
@@ -714,6 +725,22 @@ pub struct FollowerShell {
     /// BEGIN_WHOLE lengths of the transfers the session said were open.
     wholes: HashMap<RelPath, u64>,
     rank: u8,
+    /// The held record, as `follower::held` keeps it: per file, the MARK after which it was
+    /// looked at and its stamp then.
+    held: HashMap<RelPath, (u64, u64)>,
+    /// Each file's stamp: a number that changes with every change to the file (its inode,
+    /// size, mtime and ctime, in `follower::held`).
+    stamps: HashMap<RelPath, u64>,
+    stamp_next: u64,
+    /// Files changed since the record last looked at them.
+    touched: HashSet<RelPath>,
+    /// A look begun at a MARK (its position and paths), taken at the next action: the real
+    /// one runs on another thread while the frames after that MARK are applied.
+    looking: Option<(u64, Vec<RelPath>)>,
+    /// The leader's index of this connection, looked at whole at its SYNC_DONE MARK.
+    index: Vec<RelPath>,
+    /// HAVE_HELD entries sent, over all connections.
+    pub held_sent: u64,
 }
 
 impl FollowerShell {
@@ -738,6 +765,70 @@ impl FollowerShell {
             pending: None,
             wholes: HashMap::new(),
             rank: 0,
+            held: HashMap::new(),
+            stamps: HashMap::new(),
+            stamp_next: 0,
+            touched: HashSet::new(),
+            looking: None,
+            index: Vec::new(),
+            held_sent: 0,
+        }
+    }
+
+    /// The connection ends and a new one begins, on the same files. `graceful`: the process
+    /// lived on (a dropped connection), so the look in progress completes and what changed
+    /// since the last MARK is looked at; otherwise it was killed, and neither happens.
+    pub fn reconnect(&mut self, graceful: bool) {
+        if graceful {
+            self.finish_look();
+            let last = self.marks.last().map(|m| m.0);
+            if let Some(position) = last {
+                let paths = self.touched.drain().collect();
+                self.looking = Some((position, paths));
+                self.finish_look();
+            }
+        } else {
+            self.looking = None;
+        }
+        self.session =
+            FollowerSession::with_node_id(secret(), FOLLOWER_NONCE, self.durability, None);
+        self.temps.clear();
+        self.inbuf.clear();
+        self.error = None;
+        self.wire = WireChecker::new(Side::Follower);
+        self.consumed.clear();
+        self.marks.clear();
+        self.pending = None;
+        self.wholes.clear();
+        self.rank = 0;
+        self.index.clear();
+    }
+
+    /// `path` changed on this follower's disk.
+    fn changed(&mut self, path: &RelPath) {
+        self.stamp_next += 1;
+        if self.files.contains_key(path) {
+            self.stamps.insert(path.clone(), self.stamp_next);
+        } else {
+            self.stamps.remove(path);
+        }
+        self.touched.insert(path.clone());
+    }
+
+    /// Completes the look in progress: each file as it is now, under the MARK it began at.
+    fn finish_look(&mut self) {
+        let Some((position, paths)) = self.looking.take() else {
+            return;
+        };
+        for path in paths {
+            match self.stamps.get(&path) {
+                Some(&stamp) => {
+                    self.held.insert(path, (position, stamp));
+                }
+                None => {
+                    self.held.remove(&path);
+                }
+            }
         }
     }
 
@@ -876,37 +967,62 @@ impl FollowerShell {
         } else {
             &mut self.files
         };
-        let file = files.entry(path).or_default();
+        let file = files.entry(path.clone()).or_default();
         let (offset, end) = (offset as usize, end as usize);
         if file.len() < end {
             file.resize(end, 0);
         }
         file[offset..end].copy_from_slice(bytes);
+        if !temp {
+            self.changed(&path);
+        }
     }
 
     fn apply(&mut self, action: FollowerAction) -> Result<(), SessionError> {
+        // A look begun at the last MARK sees the files as they are when this action comes.
+        self.finish_look();
         match action {
-            // The shell keeps no held record: every file is reported by digest, whatever
-            // instance (from a fuzzed INSTANCE) the leader named.
-            FollowerAction::Inventory { index, .. } => {
+            // A file the held record saw as it is now, after a MARK of this leader instance,
+            // is reported as held (when the contents are exact); every other by digest.
+            FollowerAction::Inventory { index, instance } => {
                 assert_eq!(self.session.phase(), FollowerPhase::AwaitInventory);
+                self.index = index.iter().map(|(p, _)| p.clone()).collect();
                 let cuts: HashMap<_, _> = index.into_iter().collect();
+                self.held.retain(|p, _| cuts.contains_key(p));
                 let mut haves: Vec<HaveEntry> = self
                     .files
                     .iter()
                     .map(|(path, b)| {
-                        let digest = match cuts.get(path) {
-                            Some(&cut) => sha1(&b[..b.len().min(cut as usize)]),
-                            None => [0; 20],
+                        let len_bytes = b.len() as u64;
+                        let held = match (instance, self.held.get(path), cuts.get(path)) {
+                            (Some(_), Some(&(position, stamp)), Some(&cut))
+                                if !self.lossy
+                                    && len_bytes <= cut
+                                    && self.stamps.get(path) == Some(&stamp) =>
+                            {
+                                Some(position)
+                            }
+                            _ => None,
+                        };
+                        let proof = match (held, cuts.get(path)) {
+                            (Some(position), _) => HaveProof::Held { position },
+                            (None, Some(&cut)) => {
+                                HaveProof::Digest(sha1(&b[..b.len().min(cut as usize)]))
+                            }
+                            (None, None) => HaveProof::Digest([0; 20]),
                         };
                         HaveEntry {
                             path: path.clone(),
-                            len_bytes: b.len() as u64,
-                            proof: HaveProof::Digest(digest),
+                            len_bytes,
+                            proof,
                         }
                     })
                     .collect();
                 haves.sort_by(|a, b| a.path.cmp(&b.path));
+                self.held_sent += haves
+                    .iter()
+                    .filter(|h| matches!(h.proof, HaveProof::Held { .. }))
+                    .count() as u64;
                 self.session.inventory(haves);
                 assert_eq!(self.session.phase(), FollowerPhase::Streaming);
             }
@@ -956,18 +1072,21 @@ impl FollowerShell {
                         ),
                     });
                 }
-                self.files.insert(path, temp);
+                self.files.insert(path.clone(), temp);
+                self.changed(&path);
             }
             FollowerAction::Truncate { path, len_bytes } => {
                 if let Some(b) = self.files.get_mut(&path) {
                     b.truncate(usize::try_from(len_bytes).unwrap_or(usize::MAX));
                 }
+                self.changed(&path);
             }
             FollowerAction::Delete { path } => {
                 // A DELETE also ends a whole-file transfer of the path (docs/PROTOCOL.md).
                 self.wholes.remove(&path);
                 self.temps.remove(&path);
                 self.files.remove(&path);
+                self.changed(&path);
             }
             FollowerAction::Mark {
                 position,
@@ -988,6 +1107,14 @@ impl FollowerShell {
                     claims.check(position, &self.files);
                 }
                 self.session.written(position);
+                // The record looks at what changed since its last look (the whole index at
+                // the end of the initial sync), unless a look is still running.
+                if sync_done {
+                    self.touched.extend(self.index.drain(..));
+                }
+                if self.looking.is_none() {
+                    self.looking = Some((position, self.touched.drain().collect()));
+                }
             }
         }
         Ok(())

@@ -312,6 +312,22 @@ fn main() {
             ],
         ],
     );
+    // Reconnections after the sync: the follower killed (its last look lost), then a file
+    // replaced and the connection dropped before the follower heard of it: the files its held
+    // record saw as they are go as HAVE_HELD, and the replaced one's is refused.
+    write(
+        &dir,
+        t,
+        "reconnect-held",
+        &[
+            &files,
+            &[8 | 2],
+            &[
+                4, 2, 50, 2, 0, 3, 2, 0, 3, 14, 0, 2, 0, 3, 2, 0, 3, 5, 1, 3, 14, 1, 2, 0, 3, 2, 0,
+                3, 4, 2, 20, 2, 0, 3,
+            ],
+        ],
+    );
     // An append, then the file rewritten shorter behind the catalog's back before the tail is
     // read: the DATA is taken back; then the change is reported and shipped.
     write(
