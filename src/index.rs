@@ -307,11 +307,7 @@ pub fn checksum_dir(dir: &Path) -> io::Result<Vec<String>> {
 mod tests {
     use super::*;
 
-    fn setup() -> (tempfile::TempDir, DataDir) {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::open(tmp.path()).unwrap();
-        (tmp, dir)
-    }
+    use crate::paths::temp_data_dir as setup;
 
     #[test]
     fn scan_is_sorted_recursive_and_skips_state_and_symlinks() {

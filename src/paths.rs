@@ -508,6 +508,14 @@ impl DataDir {
     }
 }
 
+/// A data dir in a new temp dir, for unit tests (the temp dir goes when the first is dropped).
+#[cfg(test)]
+pub(crate) fn temp_data_dir() -> (tempfile::TempDir, DataDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = DataDir::open(tmp.path()).unwrap();
+    (tmp, dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -332,11 +332,7 @@ impl HeldRecord {
 mod tests {
     use super::*;
 
-    fn setup() -> (tempfile::TempDir, DataDir) {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::open(tmp.path()).unwrap();
-        (tmp, dir)
-    }
+    use crate::paths::temp_data_dir as setup;
 
     fn stamp_of(tmp: &tempfile::TempDir, name: &str) -> Stamp {
         Stamp::of(&std::fs::metadata(tmp.path().join(name)).unwrap())
