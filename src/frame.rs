@@ -219,6 +219,12 @@ impl Preamble {
         }
     }
 
+    /// Whether `capability` is in use with a peer that sent this preamble: both sides offer it
+    /// (the intersection of the two sets).
+    pub fn shares(&self, capability: u32) -> bool {
+        self.capabilities & CAPABILITIES & capability != 0
+    }
+
     pub fn encode(&self) -> [u8; PREAMBLE_BYTES] {
         let mut out = [0u8; PREAMBLE_BYTES];
         out[0..8].copy_from_slice(&MAGIC);

@@ -27,19 +27,21 @@ const HASH_CHUNK_BYTES: usize = 1024 * 1024;
 const CACHE_FILE_NAME: &str = "digests";
 const CACHE_HEADER: &str = "ferry-digests-v1";
 
-pub fn digest_hex(d: &Digest) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex, two digits a byte (digests here, instance ids in the held record).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn digest_from_hex(s: &str) -> Option<Digest> {
-    if s.len() != 40 {
+/// The `N` bytes written by `hex`; `None` unless `s` is exactly that.
+pub fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
         return None;
     }
-    let mut d = [0u8; 20];
-    for (i, byte) in d.iter_mut().enumerate() {
+    let mut bytes = [0u8; N];
+    for (i, byte) in bytes.iter_mut().enumerate() {
         *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
-    Some(d)
+    Some(bytes)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,7 +192,7 @@ impl DigestCache {
             let size_bytes = fields.next()?.parse().ok()?;
             let mtime_ns = fields.next()?.parse().ok()?;
             let covered_bytes = fields.next()?.parse().ok()?;
-            let digest = digest_from_hex(fields.next()?)?;
+            let digest = from_hex(fields.next()?)?;
             let path = RelPath::new(fields.next()?).ok()?;
             entries.insert(
                 path,
@@ -221,7 +223,7 @@ impl DigestCache {
                 e.size_bytes,
                 e.mtime_ns,
                 e.covered_bytes,
-                digest_hex(&e.digest),
+                hex(&e.digest),
                 path
             ));
         }
@@ -298,7 +300,7 @@ pub fn checksum_dir(dir: &Path) -> io::Result<Vec<String>> {
         let file = data.open_read(&meta.path)?;
         let len = file.metadata()?.len();
         let digest = sha1_prefix(&file, len)?;
-        lines.push(format!("{}  {}", digest_hex(&digest), meta.path));
+        lines.push(format!("{}  {}", hex(&digest), meta.path));
     }
     Ok(lines)
 }

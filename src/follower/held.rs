@@ -22,8 +22,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 
-use crate::frame::{InstanceId, INSTANCE_ID_BYTES};
-use crate::index::{ctime_ns, mtime_ns, FileMeta};
+use crate::frame::InstanceId;
+use crate::index::{ctime_ns, from_hex, hex, mtime_ns, FileMeta};
 use crate::paths::{DataDir, RelPath};
 
 /// How often a streaming follower records the files it changed (at a MARK, at most this often).
@@ -91,21 +91,6 @@ fn boot_id() -> Option<String> {
         .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn instance_from_hex(s: &str) -> Option<InstanceId> {
-    if s.len() != 2 * INSTANCE_ID_BYTES {
-        return None;
-    }
-    let mut id = [0u8; INSTANCE_ID_BYTES];
-    for (i, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(id)
-}
-
 impl HeldRecord {
     /// The record in `DIR/.ferry/held`; empty when missing, unreadable, corrupt or taken before
     /// the last reboot.
@@ -167,7 +152,7 @@ impl HeldRecord {
                 continue;
             }
             let mut f = line.splitn(7, ' ');
-            let instance = instance_from_hex(f.next()?)?;
+            let instance = from_hex(f.next()?)?;
             let position = f.next()?.parse().ok()?;
             let stamp = Stamp {
                 ino: f.next()?.parse().ok()?,

@@ -423,11 +423,11 @@ impl Ctx<'_> {
                     self.held.instance = instance;
                     self.held.index = index.iter().map(|(p, _)| p.clone()).collect();
                     let cuts: Vec<(RelPath, u64)> = index.clone();
-                    let held = self.send_inventory(index, instance).await?;
+                    let lengths = self.send_inventory(index, instance).await?;
                     let expected: u64 = cuts
                         .iter()
                         .map(|(p, cut)| {
-                            cut.saturating_sub(held.get(p).copied().unwrap_or(0).min(*cut))
+                            cut.saturating_sub(lengths.get(p).copied().unwrap_or(0).min(*cut))
                         })
                         .sum();
                     self.progress = Some(progress::Progress::new(cuts.len(), expected));
@@ -537,10 +537,7 @@ impl Ctx<'_> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let hashing = tokio::task::spawn_blocking(move || {
             let cuts: HashMap<RelPath, u64> = index.into_iter().collect();
-            let mut record = match record.lock() {
-                Ok(r) => r,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
             let held = instance.map(|i| (&mut *record, i));
             let result = build_inventory(&dir, &mut cache, held, &cuts, |have| {
                 // The receiver outlives this task unless the connection failed.
@@ -548,14 +545,14 @@ impl Ctx<'_> {
             });
             (result, cache)
         });
-        let mut held = HashMap::new();
+        let mut lengths = HashMap::new();
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
             for have in &batch {
-                held.insert(have.path.clone(), have.len_bytes);
+                lengths.insert(have.path.clone(), have.len_bytes);
             }
             self.session.borrow_mut().inventory_part(batch);
             self.send_output();
@@ -567,7 +564,7 @@ impl Ctx<'_> {
         result?;
         self.session.borrow_mut().inventory_end();
         self.send_output();
-        Ok(held)
+        Ok(lengths)
     }
 }
 
@@ -595,21 +592,27 @@ fn build_inventory(
     let (mut files, mut held_files) = (0u64, 0u64);
     for meta in scan(dir)? {
         files += 1;
-        let held_at = match (&held, cuts.get(&meta.path)) {
-            (Some((record, instance)), Some(&cut)) if meta.len_bytes <= cut => {
-                record.held_at(&meta.path, instance, &Stamp::of_meta(&meta))
+        let proof = match cuts.get(&meta.path) {
+            None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
+            Some(&cut) => {
+                let held_at = match &held {
+                    Some((record, instance)) if meta.len_bytes <= cut => {
+                        record.held_at(&meta.path, instance, &Stamp::of_meta(&meta))
+                    }
+                    _ => None,
+                };
+                match held_at {
+                    Some(position) => {
+                        held_files += 1;
+                        HaveProof::Held { position }
+                    }
+                    None => HaveProof::Digest(cache.digest_prefix(
+                        dir,
+                        &meta,
+                        meta.len_bytes.min(cut),
+                    )?),
+                }
             }
-            _ => None,
-        };
-        let proof = match (held_at, cuts.get(&meta.path)) {
-            (Some(position), _) => {
-                held_files += 1;
-                HaveProof::Held { position }
-            }
-            (None, Some(&cut)) => {
-                HaveProof::Digest(cache.digest_prefix(dir, &meta, meta.len_bytes.min(cut))?)
-            }
-            (None, None) => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
         };
         emit(HaveEntry {
             path: meta.path,
@@ -682,10 +685,7 @@ impl Held {
         let paths = std::mem::take(&mut self.touched);
         let (dir, record) = (dir.clone(), self.record.clone());
         Some(tokio::task::spawn_blocking(move || {
-            let mut record = match record.lock() {
-                Ok(r) => r,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
             record.record(&dir, instance, position, paths);
             record.save_or_warn(&dir);
         }))

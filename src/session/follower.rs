@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, CAPABILITY_HELD,
-    MAX_INVENTORY_FILES, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES,
+    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITY_HELD, MAX_INVENTORY_FILES,
+    MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES,
 };
 use crate::paths::RelPath;
 
@@ -201,7 +201,7 @@ impl FollowerSession {
             match take_preamble(buf)? {
                 None => return Ok((0, None)),
                 Some(peer) => {
-                    self.held_in_use = peer.capabilities & CAPABILITIES & CAPABILITY_HELD != 0;
+                    self.held_in_use = peer.shares(CAPABILITY_HELD);
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }

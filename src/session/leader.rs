@@ -27,9 +27,8 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, CAPABILITY_HELD,
-    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES,
-    VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITY_HELD, HANDSHAKE_TIMEOUT_MS,
+    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -374,7 +373,7 @@ impl LeaderSession {
             match take_preamble(buf)? {
                 None => return Ok(0),
                 Some(peer) => {
-                    self.held_in_use = peer.capabilities & CAPABILITIES & CAPABILITY_HELD != 0;
+                    self.held_in_use = peer.shares(CAPABILITY_HELD);
                     consumed = crate::frame::PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
