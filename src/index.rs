@@ -67,6 +67,47 @@ pub fn ctime_ns(meta: &std::fs::Metadata) -> i64 {
         .saturating_add(meta.ctime_nsec())
 }
 
+/// What a file looked like (the held record, the leader's record): any change to it, by ferry or
+/// behind its back, changes one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub ino: u64,
+    pub len_bytes: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Stamp {
+    pub fn of_meta(meta: &FileMeta) -> Stamp {
+        Stamp {
+            ino: meta.ino,
+            len_bytes: meta.len_bytes,
+            mtime_ns: meta.mtime_ns,
+            ctime_ns: meta.ctime_ns,
+        }
+    }
+
+    pub fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            ino: meta.ino(),
+            len_bytes: meta.len(),
+            mtime_ns: mtime_ns(meta),
+            ctime_ns: ctime_ns(meta),
+        }
+    }
+}
+
+pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// This boot's id: a record of stamps vouches for the page cache, which a reboot may not keep.
+/// `None` when unreadable.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string(BOOT_ID_PATH)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
+}
+
 /// Every replicated file under the data dir, sorted by path.
 pub fn scan(dir: &DataDir) -> io::Result<Vec<FileMeta>> {
     scan_root(dir.root())

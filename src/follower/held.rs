@@ -20,49 +20,18 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
 
 use crate::frame::InstanceId;
-use crate::index::{ctime_ns, from_hex, hex, mtime_ns, FileMeta};
+use crate::index::{boot_id, from_hex, hex, Stamp, BOOT_ID_PATH};
 use crate::paths::{DataDir, RelPath};
 
 /// How often a streaming follower records the files it changed (at a MARK, at most this often).
 pub const HELD_CHECKPOINT_INTERVAL_MS: u64 = 1000;
 const FILE_NAME: &str = "held";
 const HEADER: &str = "ferry-held-v1";
-const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 /// Journal lines a rewrite may leave behind beyond twice the entries, before it rewrites.
 const JOURNAL_SLACK_LINES: usize = 1024;
 const FORGET: &str = "-";
-
-/// What a file looked like: any change to it, by ferry or behind its back, changes one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    pub ino: u64,
-    pub len_bytes: u64,
-    pub mtime_ns: i64,
-    pub ctime_ns: i64,
-}
-
-impl Stamp {
-    pub fn of_meta(meta: &FileMeta) -> Stamp {
-        Stamp {
-            ino: meta.ino,
-            len_bytes: meta.len_bytes,
-            mtime_ns: meta.mtime_ns,
-            ctime_ns: meta.ctime_ns,
-        }
-    }
-
-    fn of(meta: &std::fs::Metadata) -> Stamp {
-        Stamp {
-            ino: meta.ino(),
-            len_bytes: meta.len(),
-            mtime_ns: mtime_ns(meta),
-            ctime_ns: ctime_ns(meta),
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
@@ -82,13 +51,6 @@ pub struct HeldRecord {
     unsaved: Vec<RelPath>,
     /// Entry lines in the file on disk, once this process has rewritten it (`None` before).
     journal_lines: Option<usize>,
-}
-
-fn boot_id() -> Option<String> {
-    std::fs::read_to_string(BOOT_ID_PATH)
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace))
 }
 
 impl HeldRecord {

@@ -19,8 +19,9 @@ mod input;
 mod outbox;
 mod progress;
 
+use crate::index::Stamp;
 pub use dirty::Dirty;
-use held::{HeldRecord, Stamp, HELD_CHECKPOINT_INTERVAL_MS};
+use held::{HeldRecord, HELD_CHECKPOINT_INTERVAL_MS};
 use input::Input;
 
 use std::cell::RefCell;
