@@ -34,6 +34,14 @@ fn born_at(since: u64, len_bytes: u64) -> u64 {
     since.saturating_add(len_bytes.max(1))
 }
 
+/// What a leader's record vouches for of a file (`docs/PROTOCOL.md`, *The leader's record*): its
+/// logical length and birth when the leader stopped, the file on disk unchanged since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub len_bytes: u64,
+    pub born_at: u64,
+}
+
 /// A file's number in a catalog: given when its path first appears (or appears again after a
 /// delete), never reused, the same in every copy of that catalog.
 pub type FileId = u64;
@@ -90,6 +98,43 @@ impl Catalog {
                     catalog.insert(path, entry);
                 }
             }
+        }
+        catalog
+    }
+
+    /// The catalog of a leader resuming an instance whose last position was `last_position`:
+    /// positions go on from one above it. A file keeps the birth `kept` gives it unless `files`
+    /// says it is shorter than then (cut back); every other file is born at the new position,
+    /// above every MARK of the instance. Files `kept` vouches for are in it whether or not
+    /// `files` lists them: they are as the last run's catalog had them.
+    pub fn resumed(
+        files: impl IntoIterator<Item = (RelPath, u64)>,
+        last_position: u64,
+        kept: &HashMap<RelPath, Kept>,
+    ) -> Catalog {
+        let mut catalog = Catalog {
+            position: last_position.saturating_add(1),
+            ..Catalog::default()
+        };
+        let mut listed: HashMap<RelPath, u64> = files.into_iter().collect();
+        for (path, k) in kept {
+            if !listed.contains_key(path) {
+                listed.insert(path.clone(), k.len_bytes);
+            }
+        }
+        let mut all: Vec<_> = listed.into_iter().collect();
+        all.sort();
+        for (path, len_bytes) in all {
+            let born_at = match kept.get(&path) {
+                Some(k) if len_bytes >= k.len_bytes => k.born_at,
+                _ => catalog.position,
+            };
+            let entry = CatalogEntry {
+                len_bytes,
+                generation: catalog.next_generation(),
+                born_at,
+            };
+            catalog.insert(path, entry);
         }
         catalog
     }
@@ -434,6 +479,32 @@ mod tests {
         // The change a session copy gets carries it.
         let change = c.replace("old", 4).unwrap();
         assert_eq!(change.entry.map(|e| e.born_at), Some(25));
+    }
+
+    #[test]
+    fn a_resumed_catalog_goes_on_above_the_last_position_and_keeps_only_what_is_vouched_for() {
+        let kept: HashMap<RelPath, Kept> = [("seg", 40, 7), ("cut", 30, 9), ("unlisted", 12, 3)]
+            .into_iter()
+            .map(|(path, len_bytes, born_at)| (p(path), Kept { len_bytes, born_at }))
+            .collect();
+        let files = [(p("seg"), 55), (p("cut"), 20), (p("new"), 8)];
+        let mut c = Catalog::resumed(files, 100, &kept);
+        assert_eq!(c.position(), 101, "above every MARK of the instance");
+        let born = |c: &Catalog, path: &str| c.get(&p(path)).unwrap().born_at;
+        assert_eq!(
+            born(&c, "seg"),
+            7,
+            "grown since: more of the same generation"
+        );
+        assert_eq!(c.get(&p("seg")).unwrap().len_bytes, 55);
+        assert_eq!(born(&c, "cut"), 101, "shorter than recorded: cut back");
+        assert_eq!(born(&c, "new"), 101, "not vouched for");
+        assert_eq!(c.get(&p("unlisted")).unwrap().len_bytes, 12);
+        assert_eq!(born(&c, "unlisted"), 3, "vouched for, though not listed");
+        c.append("seg", 55, 5).unwrap();
+        assert_eq!((c.position(), born(&c, "seg")), (106, 7));
+        c.replace("new", 2).unwrap();
+        assert_eq!(born(&c, "new"), 108);
     }
 
     #[test]

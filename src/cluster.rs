@@ -421,10 +421,19 @@ impl Leading {
         Ok(())
     }
 
+    /// Stops serving; a watcher still running reports what it has not yet once the files are
+    /// looked at for the leader's record.
     async fn stop(mut self) {
-        self.flush_watcher().await;
+        let watcher = self.watcher.take();
         let leader = self.leader;
-        let _ = tokio::task::spawn_blocking(move || leader.stop_serving()).await;
+        let stopped = move || {
+            leader.stop_serving_with(move || {
+                if let Some(w) = watcher {
+                    w.flush_and_stop();
+                }
+            })
+        };
+        let _ = tokio::task::spawn_blocking(stopped).await;
     }
 }
 

@@ -27,8 +27,9 @@ use crate::auth::{random_instance, random_nonce, Secret};
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{self, Conn, EngineKind, FineTimer, Listener};
 use crate::frame::{Durability, ErrorCode, Frame, InstanceId, VANISHED_HOLD_TIMEOUT_MS};
-use crate::index::{scan, DigestCache};
+use crate::index::{hex, scan, DigestCache};
 use crate::lag::{FollowerState, LagSnapshot, LagView, ACK_TIMEOUT_MS_DEFAULT};
+use crate::leader_record::{self, LEADER_RECORD_SETTLE_MS};
 use crate::paths::{DataDir, PathError, RelPath};
 use crate::session::leader::{LeaderPhase, LeaderSession, Transmit};
 use crate::session::SessionError;
@@ -302,19 +303,54 @@ pub struct Leader {
     /// The TCP congestion control followers' connections use, as the listening socket has it.
     tcp_congestion: String,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Positions mean something only within this instance (held records): drawn at start, or
+    /// resumed from the last graceful stop's record.
+    instance: InstanceId,
+    /// The record for the next start is written (by the first stop).
+    record_written: AtomicBool,
 }
 
 impl Leader {
     /// Opens the data dir and starts serving followers on `config.listen`. The catalog starts
     /// with `files` (path, logical length), e.g. from a scan; more can be registered later.
+    /// After a graceful stop in the same boot it resumes that run's instance, and the files
+    /// unchanged since keep what followers' held records know of them (`leader_record`).
     pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
         let dir = Arc::new(DataDir::open(&config.data_dir)?);
         dir.clear_temps()?;
         let engine = engine::choose(config.engine)?;
         let congestion_asked = config.tcp_congestion.is_some();
+        let resumed = leader_record::take(&dir);
+        let (catalog, instance) = match &resumed {
+            Some(r) => {
+                tracing::info!(
+                    "resuming instance {} from the last graceful stop: {} of {} files vouched \
+                     for (the rest changed since, within {LEADER_RECORD_SETTLE_MS} ms before \
+                     the stop, or gone: their followers' copies are hashed or sent whole), \
+                     positions from {}",
+                    hex(&r.instance),
+                    r.kept.len(),
+                    r.kept.len() + r.not_kept,
+                    r.last_position.saturating_add(1)
+                );
+                (
+                    Catalog::resumed(files, r.last_position, &r.kept),
+                    r.instance,
+                )
+            }
+            None => {
+                let instance = random_instance().map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot draw the leader's instance id: {e}"),
+                    )
+                })?;
+                (Catalog::new(files), instance)
+            }
+        };
         let shared = Arc::new(Shared {
             hub: Mutex::new(Hub {
-                catalog: Catalog::new(files),
+                catalog,
                 inboxes: HashMap::new(),
             }),
             board: Mutex::new(Board {
@@ -334,16 +370,24 @@ impl Leader {
             std::thread::Builder::new()
                 .name("ferry-leader".into())
                 .spawn(move || {
-                    engine::run(engine, move || serve(engine, config, shared, dir, ready_tx))
+                    engine::run(engine, move || {
+                        serve(engine, config, shared, dir, ready_tx, instance)
+                    })
                 })?
         };
-        let (local_addr, tcp_congestion) = match ready_rx.recv() {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(io::Error::other(
-                    "the leader's server thread exited at start",
-                ))
+        let ready = match ready_rx.recv() {
+            Ok(ready) => ready,
+            Err(_) => Err(io::Error::other(
+                "the leader's server thread exited at start",
+            )),
+        };
+        let (local_addr, tcp_congestion) = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                if let Some(r) = &resumed {
+                    r.put_back(&dir);
+                }
+                return Err(e);
             }
         };
         tracing::info!(
@@ -367,6 +411,8 @@ impl Leader {
             engine,
             tcp_congestion,
             thread: Mutex::new(Some(thread)),
+            instance,
+            record_written: AtomicBool::new(false),
         })
     }
 
@@ -625,14 +671,52 @@ impl Leader {
     /// Stops serving and returns once the server thread is gone: no follower is served or
     /// heard from afterwards, and `wait_for` and friends answer at once. Changes recorded
     /// after it are kept but shipped to no one. Through `&self` because a fenced node must stop
-    /// even while its embedder still holds the `Arc<Leader>` it was given.
+    /// even while its embedder still holds the `Arc<Leader>` it was given. The first stop
+    /// writes the record the next start resumes from (`leader_record`).
     pub fn stop_serving(&self) {
+        self.stop_serving_with(|| {});
+    }
+
+    /// `stop_serving`, with `report_pending` reporting every change not reported yet (the
+    /// watcher's last flush) once the files have been looked at for the record, before it is
+    /// written: what changed before the look is then in the catalog the record keeps.
+    pub fn stop_serving_with(&self, report_pending: impl FnOnce()) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.shutdown.notify_waiters();
         self.shared.acked.notify_all();
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = thread {
             let _ = t.join();
+        }
+        if self.record_written.swap(true, Ordering::SeqCst) {
+            report_pending();
+            return;
+        }
+        // No session is left, so no MARK beyond the position the record names was sent.
+        let paths: Vec<RelPath> = self
+            .shared
+            .lock()
+            .catalog
+            .snapshot()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let look = leader_record::look(&self.dir, &paths);
+        report_pending();
+        let (position, catalog) = {
+            let hub = self.shared.lock();
+            (hub.catalog.position(), hub.catalog.snapshot())
+        };
+        match leader_record::save(&self.dir, &self.instance, position, &catalog, &look) {
+            Ok(()) => tracing::info!(
+                "recorded instance {} at position {position} ({} files) for the next start",
+                hex(&self.instance),
+                catalog.len()
+            ),
+            Err(e) => tracing::warn!(
+                "cannot write the leader's record: {e}; the next start draws a new instance, and \
+                 its followers hash what changed since their last inventory"
+            ),
         }
     }
 
@@ -707,10 +791,12 @@ impl WatchedLeader {
         Ok(WatchedLeader { leader, watcher })
     }
 
-    /// Stops watching, then serving.
+    /// Stops serving, then watching: the watcher reports what it has not yet after the files
+    /// are looked at for the leader's record.
     pub fn stop(self) {
-        self.watcher.stop();
-        self.leader.stop_serving();
+        let watcher = self.watcher;
+        self.leader
+            .stop_serving_with(move || watcher.flush_and_stop());
     }
 }
 
@@ -740,6 +826,7 @@ async fn serve(
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
     ready: std::sync::mpsc::Sender<io::Result<(SocketAddr, String)>>,
+    instance: InstanceId,
 ) {
     let listener = match Listener::bind(engine, config.listen, config.tcp_congestion.as_deref()) {
         Ok(l) => l,
@@ -747,17 +834,6 @@ async fn serve(
             let _ = ready.send(Err(io::Error::new(
                 e.kind(),
                 format!("cannot listen on {}: {e}", config.listen),
-            )));
-            return;
-        }
-    };
-    // Positions mean something only within this instance (held records).
-    let instance = match random_instance() {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::new(
-                e.kind(),
-                format!("cannot draw the leader's instance id: {e}"),
             )));
             return;
         }

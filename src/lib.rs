@@ -14,6 +14,7 @@ pub mod http;
 pub mod index;
 pub mod lag;
 pub mod leader;
+pub mod leader_record;
 pub mod notify;
 pub mod paths;
 pub mod session;

@@ -196,6 +196,90 @@ fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
     }
 }
 
+/// A leader stopped with SIGTERM and started again on its data dir resumes its instance (its
+/// record, `.ferry/leader`): a follower that holds everything hashes nothing, and of the files
+/// only one rewritten while the leader was down travels (whole). A leader killed with SIGKILL
+/// leaves no record: its successor draws a new instance, and the follower hashes again.
+#[test]
+fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_nothing() {
+    let seg = "queues/q1/segments/00000002.seg";
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+        nested_tree(&ld);
+        let leader = start_leader(&env, &ld, engine);
+        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        append(&ld.join(seg), &pattern(1000, 9));
+        let last_write = std::time::Instant::now();
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        wait_until(
+            Duration::from_secs(10),
+            "the held record notes the segment as grown",
+            || held_len(&fd, seg) == Some(71_000),
+        );
+        drop(follower);
+        // The record vouches only for files unchanged for LEADER_RECORD_SETTLE_MS (1 s) when
+        // it is taken: the wait is that rule's, not a guess at another process's progress.
+        std::thread::sleep(Duration::from_millis(1100).saturating_sub(last_write.elapsed()));
+        let mut leader = leader;
+        signal(&leader.proc.child, libc::SIGTERM);
+        assert!(leader.proc.child.wait().unwrap().success(), "{engine}");
+        assert!(ld.join(".ferry/leader").exists(), "{engine}: no record");
+        // A start that fails before serving anyone (its port taken) leaves the record.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut cmd = ferry();
+        cmd.args(["lead", "--io-engine", engine, "--listen"])
+            .arg(taken.local_addr().unwrap().to_string())
+            .arg("--data-dir")
+            .arg(&ld)
+            .arg("--secret-file")
+            .arg(&env.secret_file);
+        let out = run_bounded(cmd, Duration::from_secs(20));
+        assert!(!out.status.success(), "{engine}: listened on a taken port");
+        assert!(ld.join(".ferry/leader").exists(), "{engine}: record lost");
+
+        write(&ld.join("meta.json"), b"{\"version\":2}");
+        let leader = start_leader(&env, &ld, engine);
+        let line = leader
+            .proc
+            .wait_log("resuming instance", Duration::from_secs(10));
+        assert!(
+            line.contains("4 of 5 files vouched for"),
+            "{engine}: {line}"
+        );
+        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        let line = follower.wait_log("inventory: ", Duration::from_secs(10));
+        assert!(
+            line.contains(
+                "5 files, 5 held since an earlier connection to this leader, 0 bytes hashed"
+            ),
+            "{engine}: nothing hashed: {line}"
+        );
+        let line = leader
+            .proc
+            .wait_log("initial sync started", Duration::from_secs(10));
+        assert!(
+            line.contains(
+                "4 files held since an earlier connection to this leader, 1 held records \
+                 refused (sent whole), 0 files compared by digest"
+            ),
+            "{engine}: {line}"
+        );
+        assert!(line.contains("13 bytes to send"), "{engine}: {line}");
+        drop(follower);
+
+        // Killed: no record, so a new instance, and the follower's held record is void.
+        drop(leader);
+        assert!(!ld.join(".ferry/leader").exists(), "{engine}: used once");
+        let leader = start_leader(&env, &ld, engine);
+        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        let line = follower.wait_log("inventory: ", Duration::from_secs(10));
+        assert!(line.contains("5 files, 0 held"), "{engine}: {line}");
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+    }
+}
+
 /// `follow --once` until the leader's watcher has recorded the append (it is asynchronous).
 fn wait_for_payload(
     env: &Env,

@@ -1,0 +1,318 @@
+//! The leader's record, `DIR/.ferry/leader` (`docs/PROTOCOL.md`, *The leader's record*): written
+//! when a leader stops gracefully, so that the next leader on the same data dir, in the same
+//! boot, resumes its instance, and its followers' held records stay good for every file that did
+//! not change in between.
+//!
+//! A stop looks at every file in the catalog (`look`), has the change sources report what they
+//! have not yet (`ferry lead`'s watcher), then writes the catalog's length and birth of each file
+//! with what the look saw (`save`). A start reads the record and deletes it before serving anyone
+//! (`take`): a record is good once, for the run right after the one that wrote it. It keeps a
+//! file's birth only if the file is as the look saw it and had not changed for
+//! `LEADER_RECORD_SETTLE_MS` before it: a change in the same clock tick as the look, or one
+//! made before it and reported only after, leaves the stamp as it was.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::catalog::{CatalogEntry, Kept};
+use crate::frame::InstanceId;
+use crate::index::{boot_id, from_hex, hex, Stamp};
+use crate::paths::{DataDir, RelPath};
+
+/// How much older than the record a file's ctime must be for a resumed instance to vouch for it.
+pub const LEADER_RECORD_SETTLE_MS: u64 = 1000;
+const FILE_NAME: &str = "leader";
+const HEADER: &str = "ferry-leader-v1";
+
+/// What a stop saw of its files, and when it began looking.
+pub struct Look {
+    stamps: HashMap<RelPath, Stamp>,
+    taken_ns: i64,
+}
+
+/// What a leader resumes from: the instance, its last position, and the files it vouches for.
+#[derive(Debug)]
+pub struct Resumed {
+    pub instance: InstanceId,
+    pub last_position: u64,
+    pub kept: HashMap<RelPath, Kept>,
+    /// Files in the record it no longer vouches for (changed since, changed too close to the
+    /// stop, gone).
+    pub not_kept: usize,
+    /// The record as it was read, for `put_back`.
+    text: String,
+}
+
+impl Resumed {
+    /// Writes the record back, for a start that failed before serving anyone (a port in use):
+    /// no MARK went out under it, so it is as good as it was for the next start.
+    pub fn put_back(&self, dir: &DataDir) {
+        let path = dir.state_path(FILE_NAME);
+        if let Err(e) = std::fs::write(&path, &self.text) {
+            tracing::warn!(
+                "cannot put the leader's record {} back: {e}",
+                path.display()
+            );
+        }
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// `path` as it is now, if it is a regular file that can be looked at.
+fn stamp_of(dir: &DataDir, path: &RelPath) -> Option<Stamp> {
+    let meta = dir.open_read(path).and_then(|f| f.metadata()).ok()?;
+    meta.is_file().then(|| Stamp::of(&meta))
+}
+
+/// Looks at each of `paths` now (the time taken first, so nothing looked at is newer).
+pub fn look<'a>(dir: &DataDir, paths: impl IntoIterator<Item = &'a RelPath>) -> Look {
+    let taken_ns = now_ns();
+    let stamps = paths
+        .into_iter()
+        .filter_map(|p| Some((p.clone(), stamp_of(dir, p)?)))
+        .collect();
+    Look { stamps, taken_ns }
+}
+
+/// Writes the record of instance `instance` stopped at `position` with `catalog`, each file as
+/// `look` saw it (files it did not see are left out). A temp file renamed over the old one; no
+/// fsync: after a reboot the record is ignored.
+pub fn save(
+    dir: &DataDir,
+    instance: &InstanceId,
+    position: u64,
+    catalog: &[(RelPath, CatalogEntry)],
+    look: &Look,
+) -> io::Result<()> {
+    let Some(boot) = boot_id() else {
+        return Err(io::Error::other(format!(
+            "cannot read {}",
+            crate::index::BOOT_ID_PATH
+        )));
+    };
+    let mut text = format!(
+        "{HEADER}\nboot {boot}\ninstance {}\nposition {position}\ntaken_ns {}\n",
+        hex(instance),
+        look.taken_ns
+    );
+    for (path, entry) in catalog {
+        let Some(s) = look.stamps.get(path) else {
+            continue;
+        };
+        if path.as_str().contains('\n') {
+            continue; // not representable in the line format; never vouched for
+        }
+        text.push_str(&format!(
+            "{} {} {} {} {} {} {path}\n",
+            entry.born_at, entry.len_bytes, s.ino, s.len_bytes, s.mtime_ns, s.ctime_ns
+        ));
+    }
+    let tmp = dir.state_path(&format!("{FILE_NAME}.tmp"));
+    File::create(&tmp)?.write_all(text.as_bytes())?;
+    std::fs::rename(&tmp, dir.state_path(FILE_NAME))
+}
+
+struct Parsed {
+    boot: String,
+    instance: InstanceId,
+    position: u64,
+    taken_ns: i64,
+    entries: Vec<(RelPath, Kept, Stamp)>,
+}
+
+fn parse(text: &str) -> Option<Parsed> {
+    // Written whole and renamed: a missing newline at the end means a corrupt file.
+    if !text.ends_with('\n') {
+        return None;
+    }
+    let mut lines = text.lines();
+    if lines.next()? != HEADER {
+        return None;
+    }
+    let mut field = |name: &str| lines.next()?.strip_prefix(name)?.strip_prefix(' ');
+    let boot = field("boot")?.to_string();
+    let instance = from_hex(field("instance")?)?;
+    let position = field("position")?.parse().ok()?;
+    let taken_ns = field("taken_ns")?.parse().ok()?;
+    let mut entries = Vec::new();
+    for line in lines {
+        let mut f = line.splitn(7, ' ');
+        let kept = Kept {
+            born_at: f.next()?.parse().ok()?,
+            len_bytes: f.next()?.parse().ok()?,
+        };
+        let stamp = Stamp {
+            ino: f.next()?.parse().ok()?,
+            len_bytes: f.next()?.parse().ok()?,
+            mtime_ns: f.next()?.parse().ok()?,
+            ctime_ns: f.next()?.parse().ok()?,
+        };
+        let path = RelPath::new(f.next()?).ok()?;
+        // A birth above the last position was never a MARK's to claim.
+        if kept.born_at > position {
+            return None;
+        }
+        entries.push((path, kept, stamp));
+    }
+    Some(Parsed {
+        boot,
+        instance,
+        position,
+        taken_ns,
+        entries,
+    })
+}
+
+/// The record left by the last graceful stop, deleted here so that it is used once; `None`
+/// (and the reason logged) when there is none to resume from.
+pub fn take(dir: &DataDir) -> Option<Resumed> {
+    take_for_boot(dir, boot_id())
+}
+
+fn take_for_boot(dir: &DataDir, boot: Option<String>) -> Option<Resumed> {
+    let path = dir.state_path(FILE_NAME);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!("ignoring the leader's record {}: {e}", path.display());
+            return None;
+        }
+    };
+    // Used once: a run that ends without writing one leaves its successor none.
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(
+            "cannot delete the leader's record {} ({e}), so it is not used: a new instance, and \
+             followers hash what changed since their last inventory",
+            path.display()
+        );
+        return None;
+    }
+    let Some(record) = parse(&text) else {
+        tracing::warn!(
+            "ignoring the leader's record {}: it is corrupt; a new instance",
+            path.display()
+        );
+        return None;
+    };
+    if boot.as_deref() != Some(record.boot.as_str()) {
+        tracing::info!(
+            "the leader's record {} is from before a reboot, which may have lost what it \
+             vouches for: a new instance",
+            path.display()
+        );
+        return None;
+    }
+    let settled_before = record
+        .taken_ns
+        .saturating_sub(LEADER_RECORD_SETTLE_MS as i64 * 1_000_000);
+    let total = record.entries.len();
+    let kept: HashMap<RelPath, Kept> = record
+        .entries
+        .into_iter()
+        .filter(|(path, _, stamp)| {
+            stamp.ctime_ns <= settled_before && stamp_of(dir, path).as_ref() == Some(stamp)
+        })
+        .map(|(path, kept, _)| (path, kept))
+        .collect();
+    Some(Resumed {
+        instance: record.instance,
+        last_position: record.position,
+        not_kept: total - kept.len(),
+        kept,
+        text,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::paths::temp_data_dir as setup;
+
+    fn entry(len_bytes: u64, born_at: u64) -> CatalogEntry {
+        CatalogEntry {
+            len_bytes,
+            generation: 1,
+            born_at,
+        }
+    }
+
+    /// A record of files "a" (born 5) and "b" (born 0), taken `age_ms` after they were written.
+    fn saved(age_ms: i64) -> (tempfile::TempDir, DataDir, [RelPath; 2]) {
+        let (tmp, dir) = setup();
+        std::fs::write(tmp.path().join("a"), b"hello").unwrap();
+        std::fs::write(tmp.path().join("b"), b"world!").unwrap();
+        let paths = [RelPath::new("a").unwrap(), RelPath::new("b").unwrap()];
+        let mut look = look(&dir, &paths);
+        look.taken_ns += age_ms * 1_000_000;
+        let catalog = [
+            (paths[0].clone(), entry(5, 5)),
+            (paths[1].clone(), entry(6, 0)),
+        ];
+        save(&dir, &[7; 16], 20, &catalog, &look).unwrap();
+        (tmp, dir, paths)
+    }
+
+    #[test]
+    fn a_record_resumes_the_instance_once_with_the_files_unchanged_since() {
+        let (tmp, dir, [a, b]) = saved(2000);
+        // Replaced by a rename since the stop: another inode.
+        std::fs::write(tmp.path().join("b.new"), b"WORLD!").unwrap();
+        std::fs::rename(tmp.path().join("b.new"), tmp.path().join("b")).unwrap();
+        let resumed = take_for_boot(&dir, boot_id()).unwrap();
+        assert_eq!(resumed.instance, [7; 16]);
+        assert_eq!(resumed.last_position, 20);
+        assert_eq!(
+            resumed.kept.get(&a),
+            Some(&Kept {
+                len_bytes: 5,
+                born_at: 5
+            })
+        );
+        assert_eq!(resumed.kept.get(&b), None, "rewritten since the stop");
+        assert_eq!(resumed.not_kept, 1);
+        assert!(
+            take_for_boot(&dir, boot_id()).is_none(),
+            "used once: deleted when taken"
+        );
+        resumed.put_back(&dir);
+        let again = take_for_boot(&dir, boot_id()).unwrap();
+        assert_eq!(
+            (again.instance, again.kept),
+            (resumed.instance, resumed.kept)
+        );
+    }
+
+    #[test]
+    fn a_file_changed_too_close_to_the_stop_is_not_vouched_for() {
+        let (_tmp, dir, [a, _]) = saved(LEADER_RECORD_SETTLE_MS as i64 / 2);
+        let resumed = take_for_boot(&dir, boot_id()).unwrap();
+        assert_eq!(resumed.kept.get(&a), None);
+        assert_eq!(resumed.not_kept, 2);
+    }
+
+    #[test]
+    fn a_record_from_another_boot_or_a_corrupt_one_resumes_nothing() {
+        let (tmp, dir, _) = saved(2000);
+        assert!(take_for_boot(&dir, Some("another-boot".into())).is_none());
+        assert!(!tmp.path().join(".ferry/leader").exists(), "still used up");
+
+        let (tmp, dir, _) = saved(2000);
+        let text = std::fs::read_to_string(tmp.path().join(".ferry/leader")).unwrap();
+        // A birth above the record's position is no birth this instance gave.
+        let bad = text.replace("\n5 5 ", "\n21 5 ");
+        assert_ne!(bad, text);
+        std::fs::write(tmp.path().join(".ferry/leader"), bad).unwrap();
+        assert!(take_for_boot(&dir, boot_id()).is_none());
+        std::fs::write(tmp.path().join(".ferry/leader"), &text[..text.len() - 1]).unwrap();
+        assert!(take_for_boot(&dir, boot_id()).is_none(), "torn");
+    }
+}
