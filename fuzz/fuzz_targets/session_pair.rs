@@ -3,8 +3,9 @@
 //! changes on the leader (append, replace, truncate, delete; and rewrites or deletes of a file
 //! that the change source reports only later, so payload ranges vanish under the leader), time,
 //! bytes injected into either direction, raw or as well-formed frames, and reconnections (the
-//! connection dropped, or the follower killed), after which the follower reports the files its
-//! held record vouches for as HAVE_HELD. This reaches the inventory, initial sync,
+//! connection dropped, or the follower killed; the leader restarted gracefully, resuming its
+//! instance from its record), after which the follower reports the files its held record
+//! vouches for as HAVE_HELD. This reaches the inventory, initial sync,
 //! DATA/BEGIN_WHOLE/COMMIT_WHOLE, MARK, ACK and held-record paths that bytes alone cannot
 //! reach past the HMAC.
 //!
@@ -111,9 +112,20 @@ impl Pair {
 
     /// The connection drops (`graceful`) or the follower is killed, and both sides start a
     /// new one, through the handshake and the follower's inventory, where the files its held
-    /// record vouches for go as HAVE_HELD.
-    fn reconnect(&mut self, graceful: bool) {
-        self.leader.reconnect();
+    /// record vouches for go as HAVE_HELD. With `leader_restarts`, the connection ends because
+    /// the leader stopped gracefully and started again, resuming its instance: its new catalog
+    /// holds the files as the disk has them, born anew where the record could not vouch.
+    fn reconnect(&mut self, graceful: bool, leader_restarts: bool) {
+        if leader_restarts {
+            let unreported = std::mem::take(&mut self.unreported);
+            self.leader.restart(&unreported);
+            let born = self.leader.catalog.position();
+            for path in &unreported {
+                self.recorded_as_it_is(path, Some(born));
+            }
+        } else {
+            self.leader.reconnect();
+        }
         self.follower.reconnect(graceful);
         self.step_leader(0);
         self.step_follower();
@@ -462,8 +474,8 @@ fuzz_target!(|data: &[u8]| {
                 pair.injected = true;
             }
             14 => {
-                let graceful = input.byte().unwrap_or(0) & 1 != 0;
-                pair.reconnect(graceful);
+                let how = input.byte().unwrap_or(0);
+                pair.reconnect(how & 1 != 0, how & 2 != 0);
             }
             _ => {
                 pair.frame_to_follower(&mut input);

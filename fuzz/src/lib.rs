@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ferry::auth::{tags_equal, Secret};
-use ferry::catalog::Catalog;
+use ferry::catalog::{Catalog, Kept};
 use ferry::frame::{
     Digest, Durability, ErrorCode, Frame, InstanceId, Nonce, Preamble, MAX_DATA_BYTES,
     PREAMBLE_BYTES,
@@ -452,6 +452,31 @@ impl LeaderShell {
         self.wire = WireChecker::new(Side::Leader);
         self.consumed.clear();
         self.rank = 0;
+    }
+
+    /// The leader stops gracefully and starts again on its files, resuming its instance from
+    /// its record (`ferry::leader_record`): positions go on above the last one, and each file
+    /// keeps its birth unless it is in `changed` (changed behind the catalog and not reported
+    /// when the record was taken: the record vouches for no file changed within
+    /// `LEADER_RECORD_SETTLE_MS` of it, and a report comes sooner). The connection ends.
+    pub fn restart(&mut self, changed: &[RelPath]) {
+        let last_position = self.catalog.position();
+        let kept: HashMap<RelPath, Kept> = self
+            .catalog
+            .snapshot()
+            .into_iter()
+            .filter(|(path, _)| !changed.contains(path))
+            .map(|(path, e)| {
+                let kept = Kept {
+                    len_bytes: e.len_bytes,
+                    born_at: e.born_at,
+                };
+                (path, kept)
+            })
+            .collect();
+        let files = self.files.iter().map(|(p, b)| (p.clone(), b.len() as u64));
+        self.catalog = Catalog::resumed(files, last_position, &kept);
+        self.reconnect();
     }
 
     /// Applies `change` to the catalog and tells the session, as the leader's writer does.

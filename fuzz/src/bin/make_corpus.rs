@@ -328,6 +328,22 @@ fn main() {
             ],
         ],
     );
+    // Streaming, then meta.json rewritten behind the catalog and, before that is reported, the
+    // leader restarted gracefully: it resumes its instance, the follower's held records stand
+    // for the other files, and meta.json, born anew, is refused and sent whole.
+    write(
+        &dir,
+        t,
+        "leader-restart",
+        &[
+            &files,
+            &[8 | 2],
+            &[
+                4, 2, 50, 2, 0, 3, 2, 0, 3, 9, 1, 4, 14, 3, 2, 0, 3, 2, 0, 3, 2, 0, 3, 4, 2, 20, 2,
+                0, 3, 14, 2, 2, 0, 3, 2, 0, 3,
+            ],
+        ],
+    );
     // An append, then the file rewritten shorter behind the catalog's back before the tail is
     // read: the DATA is taken back; then the change is reported and shipped.
     write(
