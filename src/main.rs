@@ -66,6 +66,9 @@ struct EtcdArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Serve DIR to followers, replicating every change made to it (inotify; see README for mmap).
+    ///
+    /// On SIGTERM or SIGINT it stops and writes DIR/.ferry/leader, from which the next `ferry
+    /// lead` on DIR (same boot) resumes: followers then hash none of the files unchanged since.
     Lead {
         /// The data directory to replicate.
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]

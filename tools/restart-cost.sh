@@ -6,9 +6,14 @@
 #   3. again;
 #   4. a `ferry follow` that stays up while the leader's dir grows by as much again (new
 #      segments, shipped as they are written), killed with SIGKILL once it holds them all, then
-#      `ferry follow --once`: a restart after streaming, what the held record is for.
+#      `ferry follow --once`: a restart after streaming, what the held record is for;
+#   5. `ferry lead` stopped with SIGTERM and started again, then `ferry follow --once`: the
+#      leader resumes its instance from its record (.ferry/leader);
+#   6. `ferry lead` killed with SIGKILL and started again (no record: a new instance), then
+#      `ferry follow --once`: what every leader restart cost before the record.
 # Each line gives the wall time and the CPU seconds the leader and the follower used (in 4,
-# the restart's only).
+# the restart's only); 5 and 6 also how long the old leader took to stop and the new one to
+# listen.
 #
 # usage: [DIR=/var/tmp] [ENGINE=uring|fallback] tools/restart-cost.sh [TOTAL_MIB]
 #   (default 1024: 128 segments of 8 MiB)
@@ -30,10 +35,34 @@ for i in $(seq 1 $((total_mib / segment_mib))); do
 done
 echo secret > "$work/secret"
 
-"$ferry" lead ${ENGINE:+--io-engine $ENGINE} --data-dir "$work/src" --listen 127.0.0.1:18741 \
-  --secret-file "$work/secret" 2> "$work/lead.log" &
-lead_pid=$!
-for _ in $(seq 100); do grep -q "listening on" "$work/lead.log" && break; sleep 0.1; done
+# Starts `ferry lead` and waits until it listens (its log from line $1); sets listen_s to how
+# long that took.
+start_leader() {
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$ferry" lead ${ENGINE:+--io-engine $ENGINE} --data-dir "$work/src" --listen 127.0.0.1:18741 \
+    --secret-file "$work/secret" 2>> "$work/lead.log" &
+  lead_pid=$!
+  until grep -q "listening on" <(tail -n +"$1" "$work/lead.log"); do sleep 0.01; done
+  t1=$(date +%s.%N)
+  listen_s=$(awk -v t1="$t1" -v t0="$t0" 'BEGIN { printf "%.3f", t1 - t0 }')
+}
+# Stops the leader with signal $1 and starts another; restart_note says how long each took.
+restart_leader() {
+  local lines t0 t1 stop_s
+  lines=$(($(wc -l < "$work/lead.log") + 1))
+  t0=$(date +%s.%N)
+  kill "-$1" "$lead_pid"; wait "$lead_pid" 2>/dev/null || true
+  t1=$(date +%s.%N)
+  stop_s=$(awk -v t1="$t1" -v t0="$t0" 'BEGIN { printf "%.3f", t1 - t0 }')
+  # A killed io_uring process's ring is torn down after it is reaped, and with it the
+  # listening socket (about 30 ms here): the new leader would find the port in use.
+  while ss -ltnH 'sport = :18741' | grep -q .; do sleep 0.01; done
+  start_leader "$lines"
+  restart_note="   (the old leader stopped in $stop_s s, the new one listened after $listen_s s)"
+}
+: > "$work/lead.log"
+start_leader 1
 
 ticks=$(getconf CLK_TCK)
 # CPU seconds (user + system) of process $1, or of the children reaped so far with "self".
@@ -76,3 +105,10 @@ until [ "$(bytes_under "$work/dst")" = "$want" ]; do sleep 0.1; done
 sleep 1.5
 kill -9 "$follow_pid"; wait "$follow_pid" 2>/dev/null || true
 run "4. restart after streaming $total_mib MiB more, killed"
+
+restart_leader TERM
+run "5. leader stopped (SIGTERM), started again"
+echo "$restart_note"
+restart_leader KILL
+run "6. leader killed (SIGKILL), started again"
+echo "$restart_note"
