@@ -95,6 +95,29 @@ impl Stamp {
             ctime_ns: ctime_ns(meta),
         }
     }
+
+    /// The four fields `Display` writes, the next four of `fields`.
+    pub fn parse<'a>(fields: &mut impl Iterator<Item = &'a str>) -> Option<Stamp> {
+        Some(Stamp {
+            ino: fields.next()?.parse().ok()?,
+            len_bytes: fields.next()?.parse().ok()?,
+            mtime_ns: fields.next()?.parse().ok()?,
+            ctime_ns: fields.next()?.parse().ok()?,
+        })
+    }
+}
+
+/// `ino len_bytes mtime_ns ctime_ns`, as the records write a stamp.
+impl std::fmt::Display for Stamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Stamp {
+            ino,
+            len_bytes,
+            mtime_ns,
+            ctime_ns,
+        } = self;
+        write!(f, "{ino} {len_bytes} {mtime_ns} {ctime_ns}")
+    }
 }
 
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";

@@ -110,8 +110,8 @@ pub fn save(
             continue; // not representable in the line format; never vouched for
         }
         text.push_str(&format!(
-            "{} {} {} {} {} {} {path}\n",
-            entry.born_at, entry.len_bytes, s.ino, s.len_bytes, s.mtime_ns, s.ctime_ns
+            "{} {} {s} {path}\n",
+            entry.born_at, entry.len_bytes
         ));
     }
     let tmp = dir.state_path(&format!("{FILE_NAME}.tmp"));
@@ -148,12 +148,7 @@ fn parse(text: &str) -> Option<Parsed> {
             born_at: f.next()?.parse().ok()?,
             len_bytes: f.next()?.parse().ok()?,
         };
-        let stamp = Stamp {
-            ino: f.next()?.parse().ok()?,
-            len_bytes: f.next()?.parse().ok()?,
-            mtime_ns: f.next()?.parse().ok()?,
-            ctime_ns: f.next()?.parse().ok()?,
-        };
+        let stamp = Stamp::parse(&mut f)?;
         let path = RelPath::new(f.next()?).ok()?;
         // A birth above the last position was never a MARK's to claim.
         if kept.born_at > position {

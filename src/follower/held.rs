@@ -116,12 +116,7 @@ impl HeldRecord {
             let mut f = line.splitn(7, ' ');
             let instance = from_hex(f.next()?)?;
             let position = f.next()?.parse().ok()?;
-            let stamp = Stamp {
-                ino: f.next()?.parse().ok()?,
-                len_bytes: f.next()?.parse().ok()?,
-                mtime_ns: f.next()?.parse().ok()?,
-                ctime_ns: f.next()?.parse().ok()?,
-            };
+            let stamp = Stamp::parse(&mut f)?;
             let path = RelPath::new(f.next()?).ok()?;
             entries.insert(
                 path,
@@ -142,14 +137,10 @@ impl HeldRecord {
         }
         match self.entries.get(path) {
             Some(e) => text.push_str(&format!(
-                "{} {} {} {} {} {} {}\n",
+                "{} {} {} {path}\n",
                 hex(&e.instance),
                 e.position,
-                e.stamp.ino,
-                e.stamp.len_bytes,
-                e.stamp.mtime_ns,
-                e.stamp.ctime_ns,
-                path
+                e.stamp
             )),
             None => text.push_str(&format!("{FORGET} {path}\n")),
         }
