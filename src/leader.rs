@@ -701,7 +701,20 @@ impl Leader {
             .into_iter()
             .map(|(p, _)| p)
             .collect();
-        let look = leader_record::look(&self.dir, &paths);
+        let mut look = leader_record::look(&self.dir, &paths);
+        if let Some(wait) = look.unsettled_for() {
+            // Files written in the last second would not be vouched for (the settle rule),
+            // and the files a broker wrote last are its active segments: worth the wait.
+            tracing::info!(
+                "waiting {} ms before recording instance {} for the next start: {} files \
+                 changed less than {LEADER_RECORD_SETTLE_MS} ms ago",
+                wait.as_millis(),
+                hex(&self.instance),
+                look.unsettled()
+            );
+            std::thread::sleep(wait);
+            look = leader_record::look(&self.dir, &paths);
+        }
         report_pending();
         let (position, catalog) = {
             let hub = self.shared.lock();

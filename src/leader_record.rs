@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::catalog::{CatalogEntry, Kept};
 use crate::frame::InstanceId;
@@ -69,6 +69,36 @@ fn now_ns() -> i64 {
 fn stamp_of(dir: &DataDir, path: &RelPath) -> Option<Stamp> {
     let meta = dir.open_read(path).and_then(|f| f.metadata()).ok()?;
     meta.is_file().then(|| Stamp::of(&meta))
+}
+
+impl Look {
+    /// How long until every file it saw will have been unchanged for
+    /// `LEADER_RECORD_SETTLE_MS`, if some changed more recently than that: a stop that waits
+    /// so long and looks again can vouch for the files written just before it.
+    pub fn unsettled_for(&self) -> Option<Duration> {
+        let settled_ns = LEADER_RECORD_SETTLE_MS as i64 * 1_000_000;
+        let newest = self.stamps.values().map(|s| s.ctime_ns).max()?;
+        let wait_ns = newest.saturating_add(settled_ns) - self.taken_ns;
+        (wait_ns > 0).then(|| Duration::from_nanos(wait_ns.min(settled_ns) as u64))
+    }
+
+    /// Files it saw changed within `LEADER_RECORD_SETTLE_MS` before it.
+    pub fn unsettled(&self) -> usize {
+        let settled_before = self.settled_before();
+        self.stamps
+            .values()
+            .filter(|s| s.ctime_ns > settled_before)
+            .count()
+    }
+
+    fn settled_before(&self) -> i64 {
+        settled_before(self.taken_ns)
+    }
+}
+
+/// The newest ctime a record taken at `taken_ns` vouches for.
+fn settled_before(taken_ns: i64) -> i64 {
+    taken_ns.saturating_sub(LEADER_RECORD_SETTLE_MS as i64 * 1_000_000)
 }
 
 /// Looks at each of `paths` now (the time taken first, so nothing looked at is newer).
@@ -205,9 +235,7 @@ fn take_for_boot(dir: &DataDir, boot: Option<String>) -> Option<Resumed> {
         );
         return None;
     }
-    let settled_before = record
-        .taken_ns
-        .saturating_sub(LEADER_RECORD_SETTLE_MS as i64 * 1_000_000);
+    let settled_before = settled_before(record.taken_ns);
     let total = record.entries.len();
     let kept: HashMap<RelPath, Kept> = record
         .entries
@@ -284,6 +312,21 @@ mod tests {
             (again.instance, again.kept),
             (resumed.instance, resumed.kept)
         );
+    }
+
+    #[test]
+    fn a_look_says_how_long_until_what_it_saw_has_settled() {
+        let (_tmp, dir, paths) = saved(0);
+        let fresh = look(&dir, &paths);
+        assert_eq!(fresh.unsettled(), 2, "both written just now");
+        let wait = fresh.unsettled_for().unwrap();
+        assert!(
+            wait <= Duration::from_millis(LEADER_RECORD_SETTLE_MS),
+            "{wait:?}"
+        );
+        let mut later = look(&dir, &paths);
+        later.taken_ns += LEADER_RECORD_SETTLE_MS as i64 * 1_000_000;
+        assert_eq!((later.unsettled(), later.unsettled_for()), (0, None));
     }
 
     #[test]
