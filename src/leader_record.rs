@@ -3,7 +3,8 @@
 //! boot, resumes its instance, and its followers' held records stay good for every file that did
 //! not change in between.
 //!
-//! A stop looks at every file in the catalog (`look`), has the change sources report what they
+//! A stop looks at every file in the catalog (`look`; again, once they have settled, if some
+//! changed less than `LEADER_RECORD_SETTLE_MS` before), has the change sources report what they
 //! have not yet (`ferry lead`'s watcher), then writes the catalog's length and birth of each file
 //! with what the look saw (`save`). A start reads the record and deletes it before serving anyone
 //! (`take`): a record is good once, for the run right after the one that wrote it. It keeps a
@@ -76,23 +77,19 @@ impl Look {
     /// `LEADER_RECORD_SETTLE_MS`, if some changed more recently than that: a stop that waits
     /// so long and looks again can vouch for the files written just before it.
     pub fn unsettled_for(&self) -> Option<Duration> {
-        let settled_ns = LEADER_RECORD_SETTLE_MS as i64 * 1_000_000;
         let newest = self.stamps.values().map(|s| s.ctime_ns).max()?;
-        let wait_ns = newest.saturating_add(settled_ns) - self.taken_ns;
-        (wait_ns > 0).then(|| Duration::from_nanos(wait_ns.min(settled_ns) as u64))
+        let wait_ns = newest.saturating_sub(settled_before(self.taken_ns));
+        let at_most = Duration::from_millis(LEADER_RECORD_SETTLE_MS);
+        (wait_ns > 0).then(|| Duration::from_nanos(wait_ns as u64).min(at_most))
     }
 
     /// Files it saw changed within `LEADER_RECORD_SETTLE_MS` before it.
     pub fn unsettled(&self) -> usize {
-        let settled_before = self.settled_before();
+        let settled_before = settled_before(self.taken_ns);
         self.stamps
             .values()
             .filter(|s| s.ctime_ns > settled_before)
             .count()
-    }
-
-    fn settled_before(&self) -> i64 {
-        settled_before(self.taken_ns)
     }
 }
 
