@@ -25,7 +25,7 @@ use etcd_client::Client;
 use crate::auth::Secret;
 use crate::engine::EngineKind;
 use crate::frame::Durability;
-use crate::leader::{Leader, LeaderConfig};
+use crate::leader::{Leader, LeaderConfig, Settle};
 use crate::status::FollowerSelf;
 
 /// Lease time-to-live by default: a dead leader is replaced within about this long.
@@ -422,17 +422,17 @@ impl Leading {
     }
 
     /// Stops serving; a watcher still running reports what it has not yet once the files are
-    /// looked at for the leader's record.
+    /// looked at for the leader's record. Without waiting for files just written to settle:
+    /// the lost hook and the lease's revocation, which let the next leader in, come after.
     async fn stop(mut self) {
         let watcher = self.watcher.take();
         let leader = self.leader;
-        let stopped = move || {
-            leader.stop_serving_with(move || {
-                if let Some(w) = watcher {
-                    w.flush_and_stop();
-                }
-            })
+        let report_pending = move || {
+            if let Some(w) = watcher {
+                w.flush_and_stop();
+            }
         };
+        let stopped = move || leader.stop_serving_with(report_pending, Settle::DoNotWait);
         let _ = tokio::task::spawn_blocking(stopped).await;
     }
 }

@@ -663,24 +663,31 @@ impl Leader {
         }
     }
 
-    /// Stops serving: followers are told the leader is shutting down.
+    /// Stops serving: followers are told the leader is shutting down. A graceful stop (as is
+    /// dropping the `Leader`): the record for the next start vouches for the files written
+    /// just before it too, after waiting for them to settle, at most
+    /// `LEADER_RECORD_SETTLE_MS` (`leader_record`).
     pub fn shutdown(self) {
-        self.stop_serving();
+        self.stop_serving_with(|| {}, Settle::Wait);
     }
 
     /// Stops serving and returns once the server thread is gone: no follower is served or
     /// heard from afterwards, and `wait_for` and friends answer at once. Changes recorded
     /// after it are kept but shipped to no one. Through `&self` because a fenced node must stop
     /// even while its embedder still holds the `Arc<Leader>` it was given. The first stop
-    /// writes the record the next start resumes from (`leader_record`).
+    /// writes the record the next start resumes from (`leader_record`); this one does not wait
+    /// for files written within `LEADER_RECORD_SETTLE_MS` to settle, so those are not vouched
+    /// for (`shutdown` waits).
     pub fn stop_serving(&self) {
-        self.stop_serving_with(|| {});
+        self.stop_serving_with(|| {}, Settle::DoNotWait);
     }
 
     /// `stop_serving`, with `report_pending` reporting every change not reported yet (the
     /// watcher's last flush) once the files have been looked at for the record, before it is
-    /// written: what changed before the look is then in the catalog the record keeps.
-    pub fn stop_serving_with(&self, report_pending: impl FnOnce()) {
+    /// written: what changed before the look is then in the catalog the record keeps. With
+    /// `Settle::Wait`, files changed less than `LEADER_RECORD_SETTLE_MS` before the look are
+    /// waited for and looked at again, so the record can vouch for them.
+    pub fn stop_serving_with(&self, report_pending: impl FnOnce(), settle: Settle) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.shutdown.notify_waiters();
         self.shared.acked.notify_all();
@@ -702,7 +709,7 @@ impl Leader {
             .map(|(p, _)| p)
             .collect();
         let mut look = leader_record::look(&self.dir, &paths);
-        if let Some(wait) = look.unsettled_for() {
+        if let Some(wait) = look.unsettled_for().filter(|_| settle == Settle::Wait) {
             // Files written in the last second would not be vouched for (the settle rule),
             // and the files a broker wrote last are its active segments: worth the wait.
             tracing::info!(
@@ -809,14 +816,24 @@ impl WatchedLeader {
     pub fn stop(self) {
         let watcher = self.watcher;
         self.leader
-            .stop_serving_with(move || watcher.flush_and_stop());
+            .stop_serving_with(move || watcher.flush_and_stop(), Settle::Wait);
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.stop_serving();
+        self.stop_serving_with(|| {}, Settle::Wait);
     }
+}
+
+/// Whether a stop waits for files written just before it to settle, so that the leader's
+/// record vouches for them (`Leader::stop_serving_with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// A graceful stop: up to `LEADER_RECORD_SETTLE_MS` longer.
+    Wait,
+    /// A prompt one (a fenced or departing node): those files go whole after the next start.
+    DoNotWait,
 }
 
 /// The position acked at `durability` by the `min_followers`-th best connected follower
