@@ -858,7 +858,7 @@ async fn serve(
     ready: std::sync::mpsc::Sender<io::Result<(SocketAddr, String)>>,
     instance: InstanceId,
 ) {
-    let listener = match Listener::bind(engine, config.listen, config.tcp_congestion.as_deref()) {
+    let listener = match bind_waiting(engine, config.listen, config.tcp_congestion.as_deref()) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(io::Error::new(
@@ -881,6 +881,37 @@ async fn serve(
         _ = accept_loop => {}
         _ = log_state_changes(&shared) => {}
         _ = stopping(&shared) => {}
+    }
+}
+
+/// How long a starting leader waits for its address while the kernel says it is in use: a leader
+/// killed with SIGKILL on io_uring holds its listening socket until its ring is torn down (about
+/// 30 ms after it was reaped, here), so a supervisor restarting it at once would otherwise fail.
+pub const LISTEN_RETRY_MS: u64 = 1000;
+const LISTEN_RETRY_STEP_MS: u64 = 20;
+
+/// `Listener::bind`, tried again for up to `LISTEN_RETRY_MS` while the address is in use (on the
+/// server thread, before it serves anyone: the sleeps block nobody).
+fn bind_waiting(
+    engine: EngineKind,
+    listen: SocketAddr,
+    congestion: Option<&str>,
+) -> io::Result<Listener> {
+    let deadline = Instant::now() + Duration::from_millis(LISTEN_RETRY_MS);
+    let mut said = false;
+    loop {
+        match Listener::bind(engine, listen, congestion) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                if !std::mem::replace(&mut said, true) {
+                    tracing::info!(
+                        "{listen} is in use; trying again for up to {LISTEN_RETRY_MS} ms (a \
+                         leader killed a moment ago may still hold it)"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(LISTEN_RETRY_STEP_MS));
+            }
+            other => return other,
+        }
     }
 }
 

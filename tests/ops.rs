@@ -361,3 +361,34 @@ fn the_leader_reports_the_congestion_control_it_sends_with() {
         }
     }
 }
+
+/// A port still held for a moment (a leader killed with SIGKILL on io_uring keeps its
+/// listening socket until its ring is torn down, about 30 ms here) is waited for, with a line
+/// saying so; one held for longer than `LISTEN_RETRY_MS` is an error naming the address.
+#[test]
+fn a_leader_waits_briefly_for_a_port_still_in_use_and_names_it_if_it_stays_so() {
+    let env = Env::new();
+    let dir = env.dir("leader");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let lead = |env: &Env| {
+        let mut cmd = ferry();
+        cmd.args(["lead", "--listen", &addr, "--data-dir"])
+            .arg(&dir)
+            .arg("--secret-file")
+            .arg(&env.secret_file);
+        cmd
+    };
+    let out = run_bounded(lead(&env), Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+
+    let leader = Proc::spawn(lead(&env));
+    leader.wait_log("in use; trying again", Duration::from_secs(10));
+    drop(taken);
+    leader.wait_log("listening on", Duration::from_secs(10));
+}

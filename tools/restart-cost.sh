@@ -43,7 +43,10 @@ start_leader() {
   "$ferry" lead ${ENGINE:+--io-engine $ENGINE} --data-dir "$work/src" --listen 127.0.0.1:18741 \
     --secret-file "$work/secret" 2>> "$work/lead.log" &
   lead_pid=$!
-  until grep -q "listening on" <(tail -n +"$1" "$work/lead.log"); do sleep 0.01; done
+  until grep -q "listening on" <(tail -n +"$1" "$work/lead.log"); do
+    kill -0 "$lead_pid" 2>/dev/null || { tail -n 3 "$work/lead.log" >&2; exit 1; }
+    sleep 0.01
+  done
   t1=$(date +%s.%N)
   listen_s=$(awk -v t1="$t1" -v t0="$t0" 'BEGIN { printf "%.3f", t1 - t0 }')
 }
@@ -55,9 +58,8 @@ restart_leader() {
   kill "-$1" "$lead_pid"; wait "$lead_pid" 2>/dev/null || true
   t1=$(date +%s.%N)
   stop_s=$(awk -v t1="$t1" -v t0="$t0" 'BEGIN { printf "%.3f", t1 - t0 }')
-  # A killed io_uring process's ring is torn down after it is reaped, and with it the
-  # listening socket (about 30 ms here): the new leader would find the port in use.
-  while ss -ltnH 'sport = :18741' | grep -q .; do sleep 0.01; done
+  # (After SIGKILL on io_uring the old listening socket outlives the process by about 30 ms;
+  # the new leader waits for it, LISTEN_RETRY_MS, and that wait is in listen_s.)
   start_leader "$lines"
   restart_note="   (the old leader stopped in $stop_s s, the new one listened after $listen_s s)"
 }
