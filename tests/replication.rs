@@ -169,31 +169,41 @@ fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
         wait_identical(&ld, &wd, Duration::from_secs(20));
 
         let mark = leader.proc.log_len();
-        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
-        wait_identical(&ld, &fd, Duration::from_secs(20));
-        let line = follower.wait_log("inventory: ", Duration::from_secs(10));
-        assert!(
-            line.contains(
-                "5 files, 4 held since an earlier connection to this leader, 1234 bytes hashed"
-            ),
-            "{engine}: only the changed copy is hashed: {line}"
-        );
-        let line =
-            leader
-                .proc
-                .wait_log_since(mark, "initial sync started", Duration::from_secs(10));
-        assert!(
-            line.contains(
-                "3 files held since an earlier connection to this leader, 1 held records \
-                 refused (sent whole), 1 files compared by digest"
-            ),
-            "{engine}: {line}"
-        );
-        assert!(
-            line.contains(&format!("{} bytes to send", 500 + 13 + 1234)),
-            "{engine}: the tail, the rewritten file and the repaired one: {line}"
+        // Only the changed copy is hashed; the tail, the rewritten file and the repaired one
+        // travel.
+        let _follower = resume(
+            (&env, &ld, &fd, engine),
+            (&leader, mark),
+            "5 files, 4 held since an earlier connection to this leader, 1234 bytes hashed",
+            (3, 1, 1, 500 + 13 + 1234),
         );
     }
+}
+
+/// Starts a follower on `fd` against `leader` and, once its copy is identical, checks its
+/// inventory line for `inventory`, and the leader's initial sync line (logged after line
+/// `mark` of its log) for `(held, refused, compared, bytes to send)`.
+fn resume(
+    (env, ld, fd, engine): (&Env, &std::path::Path, &std::path::Path, &str),
+    (leader, mark): (&LeaderProc, usize),
+    inventory: &str,
+    (held, refused, compared, to_send): (u64, u64, u64, u64),
+) -> Proc {
+    let follower = start_follower(env, fd, leader.addr, engine, "written");
+    wait_identical(ld, fd, Duration::from_secs(20));
+    let line = follower.wait_log("inventory: ", Duration::from_secs(10));
+    assert!(line.contains(inventory), "{engine}: {line}");
+    let line = leader
+        .proc
+        .wait_log_since(mark, "initial sync started", Duration::from_secs(10));
+    let says = format!(
+        "{held} files held since an earlier connection to this leader, {refused} held records \
+         refused (sent whole), {compared} files compared by digest"
+    );
+    assert!(line.contains(&says), "{engine}: {line}");
+    let sends = format!("{to_send} bytes to send");
+    assert!(line.contains(&sends), "{engine}: {line}");
+    follower
 }
 
 /// A leader stopped with SIGTERM and started again on its data dir resumes its instance (its
@@ -251,28 +261,12 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_nothing(
             line.contains("4 of 5 files vouched for"),
             "{engine}: {line}"
         );
-        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
-        wait_identical(&ld, &fd, Duration::from_secs(20));
-        let line = follower.wait_log("inventory: ", Duration::from_secs(10));
-        assert!(
-            line.contains(
-                "5 files, 5 held since an earlier connection to this leader, 0 bytes hashed"
-            ),
-            "{engine}: nothing hashed: {line}"
-        );
-        let line = leader
-            .proc
-            .wait_log("initial sync started", Duration::from_secs(10));
-        assert!(
-            line.contains(
-                "4 files held since an earlier connection to this leader, 1 held records \
-                 refused (sent whole), 0 files compared by digest"
-            ),
-            "{engine}: {line}"
-        );
-        assert!(
-            line.contains(&format!("{} bytes to send", 13 + 300)),
-            "{engine}: the rewritten file and the tail: {line}"
+        // Nothing hashed; the rewritten file and the tail travel.
+        let follower = resume(
+            (&env, &ld, &fd, engine),
+            (&leader, 0),
+            "5 files, 5 held since an earlier connection to this leader, 0 bytes hashed",
+            (4, 1, 0, 13 + 300),
         );
         drop(follower);
 
