@@ -113,17 +113,6 @@ fn restarted_follower_resumes_without_resending_unchanged_bytes() {
     }
 }
 
-/// The length the follower's held record (`.ferry/held`, a journal whose later lines stand)
-/// notes for `path`, if it notes it.
-fn held_len(follower_dir: &std::path::Path, path: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(follower_dir.join(".ferry/held")).ok()?;
-    text.lines()
-        .rev()
-        .filter_map(|l| l.splitn(7, ' ').collect::<Vec<_>>().try_into().ok())
-        .find(|f: &[&str; 7]| f[6] == path)
-        .and_then(|f| f[3].parse().ok())
-}
-
 fn append(path: &std::path::Path, bytes: &[u8]) {
     OpenOptions::new()
         .append(true)

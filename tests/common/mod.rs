@@ -503,3 +503,14 @@ pub fn start_etcd_at(dir: &Path, ips: &[&str], client: u16) -> Etcd {
         url: urls[0].clone(),
     }
 }
+
+/// The length the follower's held record (`.ferry/held`, a journal whose later lines stand)
+/// notes for `path`, if it notes it.
+pub fn held_len(follower_dir: &Path, path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(follower_dir.join(".ferry/held")).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| l.splitn(7, ' ').collect::<Vec<_>>().try_into().ok())
+        .find(|f: &[&str; 7]| f[6] == path)
+        .and_then(|f| f[3].parse().ok())
+}
