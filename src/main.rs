@@ -6,6 +6,7 @@
 mod config;
 mod demo;
 mod lead;
+mod signals;
 mod status_cli;
 
 use std::path::PathBuf;
@@ -94,6 +95,9 @@ enum Command {
         http: Option<std::net::SocketAddr>,
     },
     /// Keep DIR a byte-identical copy of the leader's data directory.
+    ///
+    /// SIGTERM or SIGINT stops it in order: it notes in DIR/.ferry/held what it holds, so its
+    /// restart hashes none of it, and exits 0 (non-zero with --once, which did not finish).
     Follow {
         /// Where the copy lives. Files the leader lacks are removed (never DIR/.ferry/).
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -250,6 +254,30 @@ fn spawn_follower_notifier(status: std::sync::Arc<std::sync::Mutex<ferry::status
         });
 }
 
+/// Waits on its own thread for SIGINT or SIGTERM (blocked as `signals`) and then sets `stop`:
+/// the follower ends its connection in order (its held record notes what it holds) and
+/// returns. The signal, once one came.
+fn stop_on_signal(
+    signals: libc::sigset_t,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::Arc<std::sync::OnceLock<i32>> {
+    let got = std::sync::Arc::new(std::sync::OnceLock::new());
+    let seen = got.clone();
+    let _ = std::thread::Builder::new()
+        .name("ferry-signals".into())
+        .spawn(move || loop {
+            if let Some(signal) =
+                signals::wait_signal(&signals, std::time::Duration::from_secs(3600))
+            {
+                tracing::info!("signal {signal}: stopping");
+                let _ = seen.set(signal);
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+        });
+    got
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -336,6 +364,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             io_engine,
             http,
         } => {
+            // Before any thread starts, so that every thread inherits the mask.
+            let signals = signals::block_termination_signals()?;
             let secret = read_secret(&secret)?;
             let status = std::sync::Arc::new(std::sync::Mutex::new(ferry::status::FollowerSelf {
                 leader: leader.clone(),
@@ -363,6 +393,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             spawn_follower_notifier(status.clone());
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped_by = stop_on_signal(signals, stop.clone());
             let config = ferry::follower::FollowConfig {
                 data_dir,
                 leader,
@@ -371,10 +403,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 once,
                 engine: io_engine,
                 status,
-                stop: Default::default(),
+                stop,
                 node_id: None,
             };
             let report = ferry::follower::run(config)?;
+            if let Some(signal) = stopped_by.get() {
+                if once {
+                    bail!("stopped by signal {signal} before the copy matched the leader's index");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             if once {
                 println!(
                     "in sync: {} files in the leader's index, {} payload bytes received in {:.3} s",

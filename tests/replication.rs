@@ -195,6 +195,40 @@ fn resume(
     follower
 }
 
+/// A follower stopped with SIGTERM (a service manager's stop) finishes cleanly: it exits 0
+/// having noted in its held record what it holds, so its restart hashes nothing, however
+/// recently the last bytes arrived.
+#[test]
+fn a_follower_stopped_with_sigterm_exits_cleanly_and_its_restart_hashes_nothing() {
+    let seg = "queues/q1/segments/00000002.seg";
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+        nested_tree(&ld);
+        let leader = start_leader(&env, &ld, engine);
+        let mut follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        follower.wait_log("initial sync received", Duration::from_secs(20));
+        append(&ld.join(seg), &pattern(1000, 9));
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        signal(&follower.child, libc::SIGTERM);
+        let status = follower.child.wait().unwrap();
+        assert!(status.success(), "{engine}: {status}");
+        assert_eq!(
+            held_len(&fd, seg),
+            Some(71_000),
+            "{engine}: noted at the stop"
+        );
+
+        let mark = leader.proc.log_len();
+        let _follower = resume(
+            (&env, &ld, &fd, engine),
+            (&leader, mark),
+            "5 files, 5 held since an earlier connection to this leader, 0 bytes hashed",
+            (5, 0, 0, 0),
+        );
+    }
+}
+
 /// A leader stopped with SIGTERM and started again on its data dir resumes its instance (its
 /// record, `.ferry/leader`): a follower that holds everything hashes nothing, and of the files
 /// only one rewritten while the leader was down travels (whole), and the tail of one appended

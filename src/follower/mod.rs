@@ -163,6 +163,10 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
             st.connected = false;
             st.last_error = result.as_ref().err().map(|e| e.to_string());
         }
+        if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // Asked to stop (a signal, or a node about to lead): however the connection ended.
+            return Ok(result.unwrap_or_default());
+        }
         match result {
             Ok(report) if config.once => return Ok(report),
             Err(e @ FollowError::Refused(_)) => return Err(e),
