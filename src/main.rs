@@ -256,14 +256,15 @@ fn spawn_follower_notifier(status: std::sync::Arc<std::sync::Mutex<ferry::status
 
 /// Waits on its own thread for SIGINT or SIGTERM (blocked as `signals`) and then sets `stop`:
 /// the follower ends its connection in order (its held record notes what it holds) and
-/// returns. The signal, once one came.
+/// returns. The signal, once one came. (Without that thread the signals would stay blocked, and
+/// SIGTERM would not stop the process: failing to start it is an error.)
 fn stop_on_signal(
     signals: libc::sigset_t,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::sync::Arc<std::sync::OnceLock<i32>> {
+) -> std::io::Result<std::sync::Arc<std::sync::OnceLock<i32>>> {
     let got = std::sync::Arc::new(std::sync::OnceLock::new());
     let seen = got.clone();
-    let _ = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("ferry-signals".into())
         .spawn(move || loop {
             if let Some(signal) =
@@ -274,8 +275,8 @@ fn stop_on_signal(
                 stop.store(true, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
-        });
-    got
+        })?;
+    Ok(got)
 }
 
 fn init_logging() {
@@ -394,7 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             spawn_follower_notifier(status.clone());
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let stopped_by = stop_on_signal(signals, stop.clone());
+            let stopped_by = stop_on_signal(signals, stop.clone())?;
             let config = ferry::follower::FollowConfig {
                 data_dir,
                 leader,
