@@ -229,6 +229,29 @@ fn a_follower_stopped_with_sigterm_exits_cleanly_and_its_restart_hashes_nothing(
     }
 }
 
+/// A `follow --once` stopped by SIGTERM before its copy matched does not claim it did: it
+/// exits non-zero naming the signal. (The leader is paused, so the sync cannot end first.)
+#[test]
+fn a_one_shot_sync_stopped_by_sigterm_exits_nonzero_naming_the_signal() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    nested_tree(&ld);
+    let leader = start_leader(&env, &ld, "fallback");
+    signal(&leader.proc.child, libc::SIGSTOP);
+    let mut cmd = follow_cmd(&env, &fd, leader.addr, "fallback");
+    cmd.arg("--once");
+    let mut follower = Proc::spawn(cmd);
+    follower.wait_log("connected to the leader", Duration::from_secs(10));
+    signal(&follower.child, libc::SIGTERM);
+    let status = follower.child.wait().unwrap();
+    signal(&leader.proc.child, libc::SIGCONT);
+    assert!(!status.success(), "{status}");
+    follower.wait_log(
+        "stopped by signal 15 before the copy matched",
+        Duration::from_secs(5),
+    );
+}
+
 /// A leader stopped with SIGTERM and started again on its data dir resumes its instance (its
 /// record, `.ferry/leader`): a follower that holds everything hashes nothing, and of the files
 /// only one rewritten while the leader was down travels (whole), and the tail of one appended
