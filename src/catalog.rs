@@ -118,9 +118,7 @@ impl Catalog {
         };
         let mut listed: HashMap<RelPath, u64> = files.into_iter().collect();
         for (path, k) in kept {
-            if !listed.contains_key(path) {
-                listed.insert(path.clone(), k.len_bytes);
-            }
+            listed.entry(path.clone()).or_insert(k.len_bytes);
         }
         let mut all: Vec<_> = listed.into_iter().collect();
         all.sort();

@@ -96,6 +96,12 @@ impl Stamp {
         }
     }
 
+    /// `path` in `dir` as it is now: `None` when it is not a regular file.
+    pub fn look(dir: &DataDir, path: &RelPath) -> io::Result<Option<Stamp>> {
+        let meta = dir.open_read(path)?.metadata()?;
+        Ok(meta.is_file().then(|| Stamp::of(&meta)))
+    }
+
     /// The four fields `Display` writes, the next four of `fields`.
     pub fn parse<'a>(fields: &mut impl Iterator<Item = &'a str>) -> Option<Stamp> {
         Some(Stamp {

@@ -68,8 +68,7 @@ fn now_ns() -> i64 {
 
 /// `path` as it is now, if it is a regular file that can be looked at.
 fn stamp_of(dir: &DataDir, path: &RelPath) -> Option<Stamp> {
-    let meta = dir.open_read(path).and_then(|f| f.metadata()).ok()?;
-    meta.is_file().then(|| Stamp::of(&meta))
+    Stamp::look(dir, path).ok().flatten()
 }
 
 impl Look {

@@ -229,10 +229,8 @@ impl HeldRecord {
     ) {
         for path in paths {
             self.unsaved.push(path.clone());
-            let looked = dir.open_read(&path).and_then(|f| f.metadata());
-            match looked {
-                Ok(meta) if meta.is_file() => {
-                    let stamp = Stamp::of(&meta);
+            match Stamp::look(dir, &path) {
+                Ok(Some(stamp)) => {
                     let entry = Entry {
                         instance,
                         position,
@@ -240,7 +238,7 @@ impl HeldRecord {
                     };
                     self.entries.insert(path, entry);
                 }
-                Ok(_) => {
+                Ok(None) => {
                     self.entries.remove(&path);
                 }
                 Err(e) => {
