@@ -13,6 +13,9 @@ pub const MAGIC: [u8; 8] = *b"FERRY\0\r\n";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Capability bit: held records (INSTANCE, HAVE_HELD; `docs/PROTOCOL.md`, *Held records*).
 pub const CAPABILITY_HELD: u32 = 0x1;
+/// Capability bit: with `HELD`, each file's birth in the index (INDEX_BORN), so the follower
+/// hashes what the leader would refuse as held (`docs/PROTOCOL.md`, *Held records*).
+pub const CAPABILITY_BIRTHS: u32 = 0x2;
 /// Capability bits this build understands and offers.
 pub const CAPABILITIES: u32 = CAPABILITY_HELD;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
@@ -65,6 +68,7 @@ const T_MARK: u8 = 0x25;
 const T_ACK: u8 = 0x30;
 const T_NODE_ID: u8 = 0x14;
 const T_HAVE_HELD: u8 = 0x15;
+const T_INDEX_BORN: u8 = 0x16;
 
 const DATA_FLAG_TEMP: u8 = 0x01;
 const MARK_FLAG_SYNC_DONE: u8 = 0x01;
@@ -271,6 +275,12 @@ pub enum Frame {
         len_bytes: u64,
         path: RelPath,
     },
+    /// INDEX with the position the file's generation was born at (`BIRTHS`).
+    IndexBorn {
+        len_bytes: u64,
+        born_at: u64,
+        path: RelPath,
+    },
     IndexEnd {
         count: u64,
     },
@@ -332,6 +342,7 @@ impl Frame {
             Frame::Error { .. } => "ERROR",
             Frame::Instance { .. } => "INSTANCE",
             Frame::Index { .. } => "INDEX",
+            Frame::IndexBorn { .. } => "INDEX_BORN",
             Frame::IndexEnd { .. } => "INDEX_END",
             Frame::Have { .. } => "HAVE",
             Frame::HaveHeld { .. } => "HAVE_HELD",
@@ -394,6 +405,16 @@ impl Frame {
             Frame::Index { len_bytes, path } => {
                 out.push(T_INDEX);
                 out.extend_from_slice(&len_bytes.to_le_bytes());
+                put_path(out, path);
+            }
+            Frame::IndexBorn {
+                len_bytes,
+                born_at,
+                path,
+            } => {
+                out.push(T_INDEX_BORN);
+                out.extend_from_slice(&len_bytes.to_le_bytes());
+                out.extend_from_slice(&born_at.to_le_bytes());
                 put_path(out, path);
             }
             Frame::IndexEnd { count } => {
@@ -530,6 +551,7 @@ fn type_name(t: u8) -> Result<&'static str, FrameError> {
         T_ERROR => "ERROR",
         T_INSTANCE => "INSTANCE",
         T_INDEX => "INDEX",
+        T_INDEX_BORN => "INDEX_BORN",
         T_INDEX_END => "INDEX_END",
         T_HAVE => "HAVE",
         T_HAVE_HELD => "HAVE_HELD",
@@ -575,6 +597,11 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
         },
         T_INDEX => Frame::Index {
             len_bytes: r.u64()?,
+            path: r.path()?,
+        },
+        T_INDEX_BORN => Frame::IndexBorn {
+            len_bytes: r.u64()?,
+            born_at: r.u64()?,
             path: r.path()?,
         },
         T_INDEX_END => Frame::IndexEnd { count: r.u64()? },
@@ -811,6 +838,35 @@ mod tests {
         want.extend_from_slice(&[2, 0, b'a', b'b']);
         assert_eq!(buf, want);
     }
+
+    #[test]
+    fn index_born_and_the_births_bit_match_the_spec() {
+        let births = Preamble {
+            version: 1,
+            capabilities: CAPABILITY_BIRTHS,
+        };
+        assert_eq!(&births.encode()[12..16], &[2, 0, 0, 0], "BIRTHS is bit 1");
+        let mut buf = Vec::new();
+        Frame::IndexBorn {
+            len_bytes: 0x0102,
+            born_at: 0x0304,
+            path: path("ab"),
+        }
+        .encode(&mut buf);
+        let want = [
+            21, 0, 0, 0,    // body_len = 19 + path_len
+            0x16, // type
+            0x02, 0x01, 0, 0, 0, 0, 0, 0, // len_bytes
+            0x04, 0x03, 0, 0, 0, 0, 0, 0, // born_at
+            2, 0, b'a', b'b',
+        ];
+        assert_eq!(buf, want);
+        assert_eq!(
+            roundtrip(&Frame::decode(&buf).unwrap().unwrap().0).name(),
+            "INDEX_BORN"
+        );
+    }
+
     #[test]
     fn preamble_layout_and_bad_magic() {
         let p = Preamble {
@@ -914,6 +970,11 @@ mod tests {
             }),
             (any::<u64>(), arb_path()).prop_map(|(l, p)| Frame::Index {
                 len_bytes: l,
+                path: p
+            }),
+            (any::<u64>(), any::<u64>(), arb_path()).prop_map(|(l, b, p)| Frame::IndexBorn {
+                len_bytes: l,
+                born_at: b,
                 path: p
             }),
             any::<u64>().prop_map(|c| Frame::IndexEnd { count: c }),
