@@ -17,7 +17,7 @@ pub const CAPABILITY_HELD: u32 = 0x1;
 /// hashes what the leader would refuse as held (`docs/PROTOCOL.md`, *Held records*).
 pub const CAPABILITY_BIRTHS: u32 = 0x2;
 /// Capability bits this build understands and offers.
-pub const CAPABILITIES: u32 = CAPABILITY_HELD;
+pub const CAPABILITIES: u32 = CAPABILITY_HELD | CAPABILITY_BIRTHS;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
@@ -209,6 +209,13 @@ impl FrameError {
     }
 }
 
+/// The capabilities in use on one connection (`Preamble::in_use`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InUse {
+    pub held: bool,
+    pub births: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preamble {
     pub version: u16,
@@ -223,10 +230,15 @@ impl Preamble {
         }
     }
 
-    /// Whether `capability` is in use with a peer that sent this preamble: both sides offer it
-    /// (the intersection of the two sets).
-    pub fn shares(&self, capability: u32) -> bool {
-        self.capabilities & CAPABILITIES & capability != 0
+    /// The capabilities in use with a peer that sent this preamble, ours having offered
+    /// `offered`: those both sides offer, `BIRTHS` only with `HELD`.
+    pub fn in_use(&self, offered: u32) -> InUse {
+        let both = self.capabilities & offered & CAPABILITIES;
+        let held = both & CAPABILITY_HELD != 0;
+        InUse {
+            held,
+            births: held && both & CAPABILITY_BIRTHS != 0,
+        }
     }
 
     pub fn encode(&self) -> [u8; PREAMBLE_BYTES] {

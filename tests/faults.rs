@@ -1133,11 +1133,16 @@ fn read_frames_until(
 /// A fake leader that authenticates a follower, offers one 1 MiB file, sends the first 1000
 /// bytes of it and then nothing more, holding the connection open. Returns the socket.
 fn leader_going_silent_mid_payload(mut s: std::net::TcpStream) -> std::net::TcpStream {
-    use ferry::frame::{Frame, Preamble, PREAMBLE_BYTES};
+    use ferry::frame::{Frame, Preamble, PREAMBLE_BYTES, PROTOCOL_VERSION};
     use std::io::Read;
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let leader_nonce = [1u8; 32];
-    let mut out = Preamble::ours().encode().to_vec();
+    // No capability: the index is plain INDEX frames and no INSTANCE is due.
+    let preamble = Preamble {
+        version: PROTOCOL_VERSION,
+        capabilities: 0,
+    };
+    let mut out = preamble.encode().to_vec();
     Frame::Challenge { leader_nonce }.encode(&mut out);
     s.write_all(&out).unwrap();
     let mut preamble = [0u8; PREAMBLE_BYTES];

@@ -124,8 +124,9 @@ fn append(path: &std::path::Path, bytes: &[u8]) {
 
 /// A follower killed (SIGKILL) and started again against the same leader resumes from its
 /// held record: the files it holds as they were are not hashed on either side, and only what
-/// changed while it was down travels. A file the leader rewrote meanwhile is refused and sent
-/// whole; a copy changed on the follower's disk behind ferry's back is hashed and repaired.
+/// changed while it was down travels. A file the leader rewrote meanwhile is hashed (the index
+/// says it began anew since the follower's record) and sent whole; a copy changed on the
+/// follower's disk behind ferry's back is hashed and repaired.
 #[test]
 fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
     let seg = "queues/q1/segments/00000002.seg";
@@ -158,13 +159,14 @@ fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
         wait_identical(&ld, &wd, Duration::from_secs(20));
 
         let mark = leader.proc.log_len();
-        // Only the changed copy is hashed; the tail, the rewritten file and the repaired one
-        // travel.
+        // Only the changed copy and the rewritten file are hashed; the tail, the rewritten
+        // file and the repaired one travel.
         let _follower = resume(
             (&env, &ld, &fd, engine),
             (&leader, mark),
-            "5 files, 4 held since an earlier connection to this leader, 1234 bytes hashed",
-            (3, 1, 1, 500 + 13 + 1234),
+            "5 files, 3 held since an earlier connection to this leader, 1247 bytes hashed \
+             (1 files held but changed on the leader since",
+            (3, 0, 2, 500 + 13 + 1234),
         );
     }
 }
@@ -253,12 +255,13 @@ fn a_one_shot_sync_stopped_by_sigterm_exits_nonzero_naming_the_signal() {
 }
 
 /// A leader stopped with SIGTERM and started again on its data dir resumes its instance (its
-/// record, `.ferry/leader`): a follower that holds everything hashes nothing, and of the files
-/// only one rewritten while the leader was down travels (whole), and the tail of one appended
-/// to right before the stop. A leader killed with SIGKILL
+/// record, `.ferry/leader`): a follower that holds everything hashes only the files changed
+/// while the leader was down, which the resumed leader cannot vouch for. Of the files, one
+/// rewritten while the leader was down travels (whole), and the tails of one appended to right
+/// before the stop and of one appended to while it was down. A leader killed with SIGKILL
 /// leaves no record: its successor draws a new instance, and the follower hashes again.
 #[test]
-fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_nothing() {
+fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_what_changed() {
     let seg = "queues/q1/segments/00000002.seg";
     for engine in ENGINES {
         let env = Env::new();
@@ -298,21 +301,26 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_nothing(
         assert!(!out.status.success(), "{engine}: listened on a taken port");
         assert!(ld.join(".ferry/leader").exists(), "{engine}: record lost");
 
+        // While it is down, the application goes on: a rewrite, and an append to a segment.
         write(&ld.join("meta.json"), b"{\"version\":2}");
+        append(&ld.join(seg), &pattern(700, 12));
         let leader = start_leader(&env, &ld, engine);
         let line = leader
             .proc
             .wait_log("resuming instance", Duration::from_secs(10));
         assert!(
-            line.contains("4 of 5 files vouched for"),
+            line.contains("3 of 5 files vouched for"),
             "{engine}: {line}"
         );
-        // Nothing hashed; the rewritten file and the tail travel.
+        // The two files changed while the leader was down are hashed on both sides (BIRTHS):
+        // the rewritten one travels whole, the segment only its new tail, as does the one
+        // appended to before the stop.
         let follower = resume(
             (&env, &ld, &fd, engine),
             (&leader, 0),
-            "5 files, 5 held since an earlier connection to this leader, 0 bytes hashed",
-            (4, 1, 0, 13 + 300),
+            "5 files, 3 held since an earlier connection to this leader, 71013 bytes hashed \
+             (2 files held but changed on the leader since",
+            (3, 0, 2, 13 + 300 + 700),
         );
         drop(follower);
 

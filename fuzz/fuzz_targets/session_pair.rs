@@ -5,22 +5,24 @@
 //! bytes injected into either direction, raw or as well-formed frames, and reconnections (the
 //! connection dropped, or the follower killed; the leader restarted gracefully, resuming its
 //! instance from its record), after which the follower reports the files its held record
-//! vouches for as HAVE_HELD. This reaches the inventory, initial sync,
-//! DATA/BEGIN_WHOLE/COMMIT_WHOLE, MARK, ACK and held-record paths that bytes alone cannot
-//! reach past the HMAC.
+//! vouches for as HAVE_HELD (bit 4 of `options`: a follower that does not offer `BIRTHS`, as an
+//! older build, so it claims files the leader then refuses). This reaches the inventory,
+//! initial sync, DATA/BEGIN_WHOLE/COMMIT_WHOLE, MARK, ACK and held-record paths that bytes
+//! alone cannot reach past the HMAC.
 //!
 //! Input: `[leader_files, follower_files_lo, follower_files_hi, options, ops...]` (see `setup`
 //! and `Op`). Asserts everything the single-session harnesses do on both sides, and, when the
 //! script injected nothing: at every MARK the follower reads, it holds every append at or below
 //! that position, or what the file became behind the catalog (`ferry_fuzz::Claims`); neither
-//! side fails; and once every change has been reported and both sides have settled, the
-//! follower's files equal the leader's, both are streaming, and the follower has acked the
-//! leader's position at every level.
+//! side fails; with `BIRTHS`, the leader refuses none of the follower's held claims; and once
+//! every change has been reported and both sides have settled, the follower's files equal the
+//! leader's, both are streaming, and the follower has acked the leader's position at every
+//! level.
 #![no_main]
 
 use std::time::{Duration, Instant};
 
-use ferry::frame::{Durability, Frame, KEEPALIVE_INTERVAL_MS};
+use ferry::frame::{Durability, Frame, CAPABILITY_HELD, KEEPALIVE_INTERVAL_MS};
 use ferry::paths::RelPath;
 use ferry::session::follower::FollowerPhase;
 use ferry::session::leader::LeaderPhase;
@@ -86,6 +88,8 @@ struct Pair {
     unreported: Vec<RelPath>,
     injected: bool,
     version: u8,
+    /// The follower offers `BIRTHS` (it does unless it is an older build).
+    births: bool,
 }
 
 impl Pair {
@@ -116,6 +120,7 @@ impl Pair {
     /// the leader stopped gracefully and started again, resuming its instance: its new catalog
     /// holds the files as the disk has them, born anew where the record could not vouch.
     fn reconnect(&mut self, graceful: bool, leader_restarts: bool) {
+        self.check_no_held_claim_refused();
         if leader_restarts {
             let unreported = std::mem::take(&mut self.unreported);
             self.leader.restart(&unreported);
@@ -131,6 +136,15 @@ impl Pair {
         self.step_follower();
         self.step_leader(0);
         self.step_follower();
+    }
+
+    /// With `BIRTHS`, the follower claims as held only what the leader accepts: it sees each
+    /// file's birth in the index, and MARKs never go past the leader's position.
+    fn check_no_held_claim_refused(&self) {
+        if self.births && !self.injected {
+            let report = self.leader.session.inventory_report();
+            assert_eq!(report.held_refused, 0, "held claims refused: {report:?}");
+        }
     }
 
     /// Both sides until nothing moves.
@@ -325,6 +339,12 @@ impl Pair {
         let n = u64::from(input.byte().unwrap_or(0));
         let out = &mut self.follower.inbuf;
         match kind % 8 {
+            0 if kind & 8 != 0 => Frame::IndexBorn {
+                len_bytes: n,
+                born_at: input.u64(),
+                path,
+            }
+            .encode(out),
             0 => Frame::Index { len_bytes: n, path }.encode(out),
             1 => Frame::IndexEnd { count: n }.encode(out),
             2 => {
@@ -386,7 +406,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let (leader_files, follower_files) = setup(*leader_sel, u16::from_le_bytes([*lo, *hi]));
     let durability = Durability::ALL[usize::from(options % 3)];
+    let births = options & 16 == 0;
     let mut follower = FollowerShell::new(follower_files, durability, options & 4 != 0);
+    if !births {
+        follower = follower.offering(CAPABILITY_HELD);
+    }
     follower.claims = Some(Claims::default());
     let mut pair = Pair {
         leader: LeaderShell::new(leader_files, Instant::now()),
@@ -395,6 +419,7 @@ fuzz_target!(|data: &[u8]| {
         unreported: Vec::new(),
         injected: false,
         version: 0,
+        births,
     };
     // The handshake: preambles, CHALLENGE, AUTH, WELCOME and the index. Bit 3 of `options`
     // goes on to the end of the initial sync before the script runs.
@@ -495,6 +520,7 @@ fuzz_target!(|data: &[u8]| {
     if pair.injected {
         return;
     }
+    pair.check_no_held_claim_refused();
     assert!(pair.leader.error.is_none(), "{:?}", pair.leader.error);
     assert!(pair.follower.error.is_none(), "{:?}", pair.follower.error);
     assert_eq!(pair.leader.session.phase(), LeaderPhase::Streaming);

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use ferry::auth::{tags_equal, Secret};
 use ferry::catalog::{Catalog, Kept};
 use ferry::frame::{
-    Digest, Durability, ErrorCode, Frame, InstanceId, Nonce, Preamble, MAX_DATA_BYTES,
-    PREAMBLE_BYTES,
+    Digest, Durability, ErrorCode, Frame, InstanceId, Nonce, Preamble, CAPABILITIES,
+    MAX_DATA_BYTES, PREAMBLE_BYTES, PROTOCOL_VERSION,
 };
 use ferry::paths::{PathError, RelPath};
 use ferry::session::follower::{
@@ -134,6 +134,8 @@ enum StreamPhase {
 /// monotonic positions. An ERROR frame must be the last thing sent.
 pub struct WireChecker {
     side: Side,
+    /// The preamble the session must open with.
+    preamble: Preamble,
     phase: StreamPhase,
     buf: Vec<u8>,
     payload_left: u64,
@@ -152,8 +154,18 @@ pub struct WireChecker {
 
 impl WireChecker {
     pub fn new(side: Side) -> WireChecker {
+        WireChecker::offering(side, CAPABILITIES)
+    }
+
+    /// A checker for a session that offers `capabilities` (`FollowerSession::offering`).
+    pub fn offering(side: Side, capabilities: u32) -> WireChecker {
+        let preamble = Preamble {
+            version: PROTOCOL_VERSION,
+            capabilities,
+        };
         WireChecker {
             side,
+            preamble,
             phase: StreamPhase::Preamble,
             buf: Vec::new(),
             payload_left: 0,
@@ -210,8 +222,8 @@ impl WireChecker {
                 };
                 assert_eq!(
                     *head,
-                    Preamble::ours().encode(),
-                    "{:?} did not open with our preamble",
+                    self.preamble.encode(),
+                    "{:?} did not open with the preamble it offers",
                     self.side
                 );
                 pos += PREAMBLE_BYTES;
@@ -263,7 +275,9 @@ impl WireChecker {
                 assert_eq!(self.listed, 0, "INSTANCE after INDEX");
                 self.instance_sent = true;
             }
-            (Side::Leader, S::Listing, Frame::Index { .. }) => self.listed += 1,
+            (Side::Leader, S::Listing, Frame::Index { .. } | Frame::IndexBorn { .. }) => {
+                self.listed += 1
+            }
             (Side::Leader, S::Listing, Frame::IndexEnd { count }) => {
                 assert_eq!(*count, self.listed, "INDEX_END miscounts the INDEX frames");
                 self.phase = S::Streaming;
@@ -766,6 +780,8 @@ pub struct FollowerShell {
     index: Vec<RelPath>,
     /// HAVE_HELD entries sent, over all connections.
     pub held_sent: u64,
+    /// The capabilities the session offers (`offering`).
+    offered: u32,
 }
 
 impl FollowerShell {
@@ -797,12 +813,25 @@ impl FollowerShell {
             looking: None,
             index: Vec::new(),
             held_sent: 0,
+            offered: CAPABILITIES,
         }
     }
 
     /// The connection ends and a new one begins, on the same files. `graceful`: the process
     /// lived on (a dropped connection), so the look in progress completes and what changed
     /// since the last MARK is looked at; otherwise it was killed, and neither happens.
+    /// A follower that offers only `capabilities`, as an older build (before any input).
+    pub fn offering(mut self, capabilities: u32) -> FollowerShell {
+        self.offered = capabilities & CAPABILITIES;
+        let session = std::mem::replace(
+            &mut self.session,
+            FollowerSession::new(secret(), FOLLOWER_NONCE, self.durability),
+        );
+        self.session = session.offering(self.offered);
+        self.wire = WireChecker::offering(Side::Follower, self.offered);
+        self
+    }
+
     pub fn reconnect(&mut self, graceful: bool) {
         if graceful {
             self.finish_look();
@@ -816,11 +845,12 @@ impl FollowerShell {
             self.looking = None;
         }
         self.session =
-            FollowerSession::with_node_id(secret(), FOLLOWER_NONCE, self.durability, None);
+            FollowerSession::with_node_id(secret(), FOLLOWER_NONCE, self.durability, None)
+                .offering(self.offered);
         self.temps.clear();
         self.inbuf.clear();
         self.error = None;
-        self.wire = WireChecker::new(Side::Follower);
+        self.wire = WireChecker::offering(Side::Follower, self.offered);
         self.consumed.clear();
         self.marks.clear();
         self.pending = None;
@@ -1020,9 +1050,9 @@ impl FollowerShell {
                     .map(|(path, b)| {
                         let len_bytes = b.len() as u64;
                         let held = match (instance, self.held.get(path), cuts.get(path)) {
-                            (Some(_), Some(&(position, stamp)), Some(&cut))
+                            (Some(_), Some(&(position, stamp)), Some(cut))
                                 if !self.lossy
-                                    && len_bytes <= cut
+                                    && cut.admits_held(len_bytes, position)
                                     && self.stamps.get(path) == Some(&stamp) =>
                             {
                                 Some(position)
@@ -1031,8 +1061,8 @@ impl FollowerShell {
                         };
                         let proof = match (held, cuts.get(path)) {
                             (Some(position), _) => HaveProof::Held { position },
-                            (None, Some(&cut)) => {
-                                HaveProof::Digest(sha1(&b[..b.len().min(cut as usize)]))
+                            (None, Some(cut)) => {
+                                HaveProof::Digest(sha1(&b[..b.len().min(cut.len_bytes as usize)]))
                             }
                             (None, None) => HaveProof::Digest([0; 20]),
                         };

@@ -41,7 +41,7 @@ use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{Durability, ErrorCode, FrameError, InstanceId, LEADER_SILENCE_TIMEOUT_MS};
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
-use crate::session::follower::{FollowerAction, FollowerSession, HaveEntry, HaveProof};
+use crate::session::follower::{Cut, FollowerAction, FollowerSession, HaveEntry, HaveProof};
 use crate::session::SessionError;
 use crate::status::FollowerSelf;
 use apply::{disk_error, Apply};
@@ -427,7 +427,10 @@ impl Ctx<'_> {
                     self.report.index_files = index.len();
                     self.held.instance = instance;
                     self.held.index = index.iter().map(|(p, _)| p.clone()).collect();
-                    let cuts: Vec<(RelPath, u64)> = index.clone();
+                    let cuts: Vec<(RelPath, u64)> = index
+                        .iter()
+                        .map(|(p, cut)| (p.clone(), cut.len_bytes))
+                        .collect();
                     let lengths = self.send_inventory(index, instance).await?;
                     let expected: u64 = cuts
                         .iter()
@@ -531,7 +534,7 @@ impl Ctx<'_> {
     /// then HAVE_END; returns the length of each file.
     async fn send_inventory(
         &mut self,
-        index: Vec<(RelPath, u64)>,
+        index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
     ) -> Result<HashMap<RelPath, u64>, FollowError> {
         let Some(mut cache) = self.cache.borrow_mut().take() else {
@@ -541,7 +544,7 @@ impl Ctx<'_> {
         let record = self.held.record.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let hashing = tokio::task::spawn_blocking(move || {
-            let cuts: HashMap<RelPath, u64> = index.into_iter().collect();
+            let cuts: HashMap<RelPath, Cut> = index.into_iter().collect();
             let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
             let held = instance.map(|i| (&mut *record, i));
             let result = build_inventory(&dir, &mut cache, held, &cuts, |have| {
@@ -584,38 +587,40 @@ fn write_error(e: io::Error, path: &RelPath) -> FollowError {
 }
 
 /// Scans the data dir and passes each file's HAVE entry to `emit` as soon as it is known:
-/// held, when `held` (the record and the leader's instance) vouches for the file as it is now,
-/// else by its digest; then saves the cache.
+/// held, when `held` (the record and the leader's instance) vouches for the file as it is now
+/// and the leader would accept that (`Cut::admits_held`), else by its digest; then saves the
+/// cache.
 fn build_inventory(
     dir: &DataDir,
     cache: &mut DigestCache,
     mut held: Option<(&mut HeldRecord, InstanceId)>,
-    cuts: &HashMap<RelPath, u64>,
+    cuts: &HashMap<RelPath, Cut>,
     mut emit: impl FnMut(HaveEntry),
 ) -> io::Result<()> {
     let hashed_before = cache.hashed_bytes();
-    let (mut files, mut held_files) = (0u64, 0u64);
+    let (mut files, mut held_files, mut born_since) = (0u64, 0u64, 0u64);
     for meta in scan(dir)? {
         files += 1;
         let proof = match cuts.get(&meta.path) {
             None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
-            Some(&cut) => {
+            Some(cut) => {
                 let held_at = match &held {
-                    Some((record, instance)) if meta.len_bytes <= cut => {
+                    Some((record, instance)) => {
                         record.held_at(&meta.path, instance, &Stamp::of_meta(&meta))
                     }
-                    _ => None,
+                    None => None,
                 };
                 match held_at {
-                    Some(position) => {
+                    Some(position) if cut.admits_held(meta.len_bytes, position) => {
                         held_files += 1;
                         HaveProof::Held { position }
                     }
-                    None => HaveProof::Digest(cache.digest_prefix(
-                        dir,
-                        &meta,
-                        meta.len_bytes.min(cut),
-                    )?),
+                    other => {
+                        // Held, but the leader's copy began anew since (or is shorter).
+                        born_since += u64::from(other.is_some());
+                        let prefix_bytes = meta.len_bytes.min(cut.len_bytes);
+                        HaveProof::Digest(cache.digest_prefix(dir, &meta, prefix_bytes)?)
+                    }
                 }
             }
         };
@@ -627,7 +632,7 @@ fn build_inventory(
     }
     tracing::info!(
         "inventory: {files} files, {held_files} held since an earlier connection to this leader, \
-         {} bytes hashed",
+         {} bytes hashed ({born_since} files held but changed on the leader since, so hashed)",
         cache.hashed_bytes() - hashed_before
     );
     cache.retain(|p| cuts.contains_key(p));

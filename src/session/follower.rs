@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITY_HELD, MAX_INVENTORY_FILES,
-    MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES,
+    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, MAX_INVENTORY_FILES,
+    MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES, PROTOCOL_VERSION,
 };
 use crate::paths::RelPath;
 
@@ -37,11 +37,12 @@ pub enum FollowerPhase {
 /// What the shell must do, in this order, before feeding more input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FollowerAction {
-    /// The leader's index arrived (path, cut length): scan the data dir and call `inventory`.
-    /// `instance`: the leader's, when `HELD` is in use (files the held record vouches for
-    /// from this instance may be reported as held instead of by digest).
+    /// The leader's index arrived (each path with what the index says of it): scan the data
+    /// dir and call `inventory`. `instance`: the leader's, when `HELD` is in use (files the held
+    /// record vouches for from this instance may be reported as held instead of by digest,
+    /// where `Cut::admits_held`).
     Inventory {
-        index: Vec<(RelPath, u64)>,
+        index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
     },
     /// The next `len_bytes` on the wire go to `path` at `offset` (into its temp file if `temp`).
@@ -76,6 +77,25 @@ pub enum FollowerAction {
     },
 }
 
+/// What the leader's index says of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// The leader's length when it took the index.
+    pub len_bytes: u64,
+    /// The position the file's generation was born at, when `BIRTHS` is in use (INDEX_BORN).
+    pub born_at: Option<u64>,
+}
+
+impl Cut {
+    /// Whether a copy of `len_bytes`, held since a MARK at `position` of the leader's instance,
+    /// may go as HAVE_HELD: the leader's own test (`docs/PROTOCOL.md`, *Held records*), so that
+    /// a copy it would refuse and send whole is hashed instead, and only a missing tail is sent.
+    /// Without a birth (no `BIRTHS`), only the length can be checked here.
+    pub fn admits_held(&self, len_bytes: u64, position: u64) -> bool {
+        len_bytes <= self.len_bytes && self.born_at.map_or(true, |born_at| born_at <= position)
+    }
+}
+
 /// One file the follower holds, as reported in HAVE or HAVE_HELD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HaveEntry {
@@ -103,7 +123,7 @@ pub struct FollowerSession {
     durability: Durability,
     phase: FollowerPhase,
     out: Vec<u8>,
-    index: Vec<(RelPath, u64)>,
+    index: Vec<(RelPath, Cut)>,
     wholes: HashMap<RelPath, u64>,
     /// received, written, synced.
     watermarks: [u64; 3],
@@ -113,8 +133,12 @@ pub struct FollowerSession {
     sync_done_acked: bool,
     /// HAVE frames queued so far (`inventory_part`), for HAVE_END's count.
     haves_sent: u64,
+    /// The capabilities our preamble offers (`offering`).
+    offered: u32,
     /// Both preambles offered `HELD`.
     held_in_use: bool,
+    /// Both offered `BIRTHS` as well as `HELD`: the index comes as INDEX_BORN.
+    births_in_use: bool,
     /// The leader's instance, from INSTANCE.
     instance: Option<InstanceId>,
 }
@@ -148,9 +172,23 @@ impl FollowerSession {
             sync_done_position: None,
             sync_done_acked: false,
             haves_sent: 0,
+            offered: CAPABILITIES,
             held_in_use: false,
+            births_in_use: false,
             instance: None,
         }
+    }
+
+    /// Offers only those of `capabilities` this build has, as an older build would: for tests
+    /// and fuzzing of peers of different versions. Call before any input.
+    pub fn offering(mut self, capabilities: u32) -> FollowerSession {
+        self.offered = capabilities & CAPABILITIES;
+        let preamble = Preamble {
+            version: PROTOCOL_VERSION,
+            capabilities: self.offered,
+        };
+        self.out = preamble.encode().to_vec();
+        self
     }
 
     pub fn phase(&self) -> FollowerPhase {
@@ -201,7 +239,8 @@ impl FollowerSession {
             match take_preamble(buf)? {
                 None => return Ok((0, None)),
                 Some(peer) => {
-                    self.held_in_use = peer.shares(CAPABILITY_HELD);
+                    let in_use = peer.in_use(self.offered);
+                    (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }
@@ -259,12 +298,34 @@ impl FollowerSession {
                 None
             }
             (P::AwaitIndex, Frame::Index { len_bytes, path }) => {
-                if self.index.len() as u64 >= MAX_INVENTORY_FILES {
-                    return Err(SessionError::Limit(format!(
-                        "more than MAX_INVENTORY_FILES ({MAX_INVENTORY_FILES}) INDEX frames"
-                    )));
+                if self.births_in_use {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "INDEX",
+                        why: "the BIRTHS capability is in use on this connection: the index \
+                              is INDEX_BORN frames"
+                            .into(),
+                    });
                 }
-                self.index.push((path, len_bytes));
+                let born_at = None;
+                self.push_index(path, Cut { len_bytes, born_at })?;
+                None
+            }
+            (
+                P::AwaitIndex,
+                Frame::IndexBorn {
+                    len_bytes,
+                    born_at,
+                    path,
+                },
+            ) => {
+                if !self.births_in_use {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "INDEX_BORN",
+                        why: "the BIRTHS capability is not in use on this connection".into(),
+                    });
+                }
+                let born_at = Some(born_at);
+                self.push_index(path, Cut { len_bytes, born_at })?;
                 None
             }
             (P::AwaitIndex, Frame::IndexEnd { count }) => {
@@ -370,6 +431,17 @@ impl FollowerSession {
             }
         };
         Ok(action)
+    }
+
+    /// One more file of the leader's index, within `MAX_INVENTORY_FILES`.
+    fn push_index(&mut self, path: RelPath, cut: Cut) -> Result<(), SessionError> {
+        if self.index.len() as u64 >= MAX_INVENTORY_FILES {
+            return Err(SessionError::Limit(format!(
+                "more than MAX_INVENTORY_FILES ({MAX_INVENTORY_FILES}) INDEX frames"
+            )));
+        }
+        self.index.push((path, cut));
+        Ok(())
     }
 
     /// The shell scanned its data dir after `FollowerAction::Inventory`: each entry's digest

@@ -27,8 +27,9 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITY_HELD, HANDSHAKE_TIMEOUT_MS,
-    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES, VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, HANDSHAKE_TIMEOUT_MS,
+    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES, PREAMBLE_BYTES,
+    VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -163,6 +164,8 @@ pub struct LeaderSession {
     instance: InstanceId,
     /// Both preambles offered `HELD`.
     held_in_use: bool,
+    /// Both offered `BIRTHS` as well as `HELD`: the index goes as INDEX_BORN.
+    births_in_use: bool,
     inventory_report: InventoryReport,
     phase: LeaderPhase,
     out: Vec<u8>,
@@ -237,6 +240,7 @@ impl LeaderSession {
             leader_nonce,
             instance,
             held_in_use: false,
+            births_in_use: false,
             inventory_report: InventoryReport::default(),
             phase: LeaderPhase::AwaitPreamble,
             out,
@@ -373,8 +377,9 @@ impl LeaderSession {
             match take_preamble(buf)? {
                 None => return Ok(0),
                 Some(peer) => {
-                    self.held_in_use = peer.shares(CAPABILITY_HELD);
-                    consumed = crate::frame::PREAMBLE_BYTES;
+                    let in_use = peer.in_use(CAPABILITIES);
+                    (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
+                    consumed = PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
             }
@@ -531,11 +536,19 @@ impl LeaderSession {
         let snapshot = catalog.snapshot();
         let count = snapshot.len() as u64;
         for (path, entry) in snapshot {
-            Frame::Index {
-                len_bytes: entry.len_bytes,
-                path: path.clone(),
-            }
-            .encode(&mut self.out);
+            let (len_bytes, born_at) = (entry.len_bytes, entry.born_at);
+            let frame = if self.births_in_use {
+                let path = path.clone();
+                Frame::IndexBorn {
+                    len_bytes,
+                    born_at,
+                    path,
+                }
+            } else {
+                let path = path.clone();
+                Frame::Index { len_bytes, path }
+            };
+            frame.encode(&mut self.out);
             self.index.insert(path, entry);
         }
         Frame::IndexEnd { count }.encode(&mut self.out);

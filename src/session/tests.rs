@@ -12,8 +12,8 @@ use super::SessionError;
 use crate::auth::Secret;
 use crate::catalog::Catalog;
 use crate::frame::{
-    Digest, Durability, ErrorCode, Frame, InstanceId, Preamble, KEEPALIVE_INTERVAL_MS,
-    MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, ErrorCode, Frame, InstanceId, Preamble, CAPABILITY_BIRTHS, CAPABILITY_HELD,
+    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
 use crate::paths::{PathError, RelPath};
@@ -264,16 +264,22 @@ impl Sim {
                     .follower_files
                     .iter()
                     .map(|(path, b)| {
+                        let len_bytes = b.len() as u64;
                         let proof = match (self.held_claims.get(path), cuts.get(path)) {
-                            (Some(&position), _) => HaveProof::Held { position },
-                            (None, Some(&cut)) => {
-                                HaveProof::Digest(sha1(&b[..b.len().min(cut as usize)]))
+                            // As the shell: held where the leader would accept it.
+                            (Some(&position), Some(cut))
+                                if cut.admits_held(len_bytes, position) =>
+                            {
+                                HaveProof::Held { position }
                             }
-                            (None, None) => HaveProof::Digest([0; 20]),
+                            (_, Some(cut)) => {
+                                HaveProof::Digest(sha1(&b[..b.len().min(cut.len_bytes as usize)]))
+                            }
+                            (_, None) => HaveProof::Digest([0; 20]),
                         };
                         HaveEntry {
                             path: path.clone(),
-                            len_bytes: b.len() as u64,
+                            len_bytes,
                             proof,
                         }
                     })
@@ -1289,13 +1295,20 @@ fn a_copy_held_since_a_mark_of_this_leader_resumes_without_hashing() {
 }
 
 /// A file replaced after the MARK a held record names is another generation: the follower's
-/// copy is of the one before, so it is refused and the file is sent whole.
+/// copy is of the one before, so it is refused and the file is sent whole. (A follower that
+/// does not offer BIRTHS, as an older build, cannot tell and claims it.)
 #[test]
 fn a_held_copy_older_than_the_files_generation_is_refused_and_sent_whole() {
     let mut sim = Sim::new(
         files(&[("cfg", b"{\"v\":1}")]),
         files(&[("cfg", b"{\"v\":1}")]),
     );
+    sim.follower = FollowerSession::new(
+        Secret::new(b"s3cret".to_vec()).unwrap(),
+        [9; 32],
+        Durability::Synced,
+    )
+    .offering(CAPABILITY_HELD);
     let before = sim.catalog.position();
     sim.replace("cfg", b"{\"v\":2}");
     sim.held_claims.insert(p("cfg"), before);
@@ -1305,6 +1318,165 @@ fn a_held_copy_older_than_the_files_generation_is_refused_and_sent_whole() {
     assert!(sim.leader_hashed.is_empty());
     assert_eq!(sim.leader.inventory_report().held_refused, 1);
     assert_eq!(sim.leader.files_whole_total(), 1);
+}
+
+/// With BIRTHS, the follower sees in the index that a file began anew after the MARK its held
+/// record names, and hashes it instead of claiming it: a copy that is still a prefix of the
+/// new generation (a segment appended to while a resumed leader was down) gets its tail only,
+/// where a refused claim would have cost the whole file.
+#[test]
+fn a_held_copy_of_a_file_born_since_is_compared_by_digest_and_gets_only_its_tail() {
+    let seg = big(150, 3);
+    let mut sim = Sim::new(
+        files(&[("seg", &seg[..120]), ("meta", b"{}")]),
+        files(&[("seg", &seg[..100]), ("meta", b"{}")]),
+    );
+    let before = sim.catalog.position();
+    sim.replace("seg", &seg);
+    sim.held_claims.insert(p("seg"), before);
+    sim.held_claims.insert(p("meta"), before);
+    sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sim.leader_hashed, [p("seg")], "only the file born since");
+    assert_eq!(
+        sim.leader.inventory_report(),
+        InventoryReport {
+            held_accepted: 1,
+            held_refused: 0,
+            digests_compared: 1,
+        }
+    );
+    assert_eq!(sim.leader.files_whole_total(), 0);
+    assert_eq!(sim.leader.bytes_payload_total(), 50, "the tail only");
+}
+
+/// What the leader's index frames are, for a follower whose preamble offers `capabilities`.
+fn index_frames_for(catalog: &Catalog, capabilities: u32) -> Vec<Frame> {
+    let secret = Secret::new(b"s3cret".to_vec()).unwrap();
+    let mut leader = LeaderSession::new(secret.clone(), [7; 32], Duration::from_secs(1), INSTANCE);
+    let mut input = Preamble {
+        version: 1,
+        capabilities,
+    }
+    .encode()
+    .to_vec();
+    Frame::Auth {
+        follower_nonce: [9; 32],
+        follower_mac: secret.follower_tag(&[7; 32], &[9; 32]),
+    }
+    .encode(&mut input);
+    leader
+        .handle_input(&input, catalog, Instant::now())
+        .unwrap();
+    let out = leader.take_output();
+    let mut rest = &out[crate::frame::PREAMBLE_BYTES..];
+    let mut frames = Vec::new();
+    while let Some((frame, used)) = Frame::decode(rest).unwrap() {
+        rest = &rest[used..];
+        if matches!(frame, Frame::Index { .. } | Frame::IndexBorn { .. }) {
+            frames.push(frame);
+        }
+    }
+    frames
+}
+
+/// What a follower whose preamble offers `ours` makes of a leader offering `theirs` that
+/// sends `index` as its index: the Inventory action, or the error.
+fn follower_given_index(
+    ours: u32,
+    theirs: u32,
+    index: Frame,
+) -> Result<FollowerAction, SessionError> {
+    let secret = Secret::new(b"s3cret".to_vec()).unwrap();
+    let mut follower =
+        FollowerSession::new(secret.clone(), [9; 32], Durability::Written).offering(ours);
+    let mut input = Preamble {
+        version: 1,
+        capabilities: theirs,
+    }
+    .encode()
+    .to_vec();
+    Frame::Challenge {
+        leader_nonce: [7; 32],
+    }
+    .encode(&mut input);
+    Frame::Welcome {
+        leader_mac: secret.leader_tag(&[7; 32], &[9; 32]),
+    }
+    .encode(&mut input);
+    index.encode(&mut input);
+    Frame::IndexEnd { count: 1 }.encode(&mut input);
+    let mut rest = &input[..];
+    loop {
+        let (n, action) = follower.handle_input(rest)?;
+        rest = &rest[n..];
+        if let Some(action) = action {
+            return Ok(action);
+        }
+        assert!(n > 0, "the follower stalled");
+    }
+}
+
+/// BIRTHS is used only when both sides offer it and HELD: then each file of the index goes as
+/// INDEX_BORN with its birth, and a plain INDEX is refused by name; an older peer on either
+/// side gets and sends INDEX, as before.
+#[test]
+fn the_index_carries_births_only_when_both_sides_offer_them() {
+    let mut catalog = Catalog::new([(p("a"), 4)]);
+    catalog.replace("a", 6).unwrap();
+    let born_at = catalog.get(&p("a")).unwrap().born_at;
+    assert!(born_at > 0);
+    let born = Frame::IndexBorn {
+        len_bytes: 6,
+        born_at,
+        path: p("a"),
+    };
+    let plain = Frame::Index {
+        len_bytes: 6,
+        path: p("a"),
+    };
+    let both = CAPABILITY_HELD | CAPABILITY_BIRTHS;
+    assert_eq!(
+        index_frames_for(&catalog, both),
+        std::slice::from_ref(&born)
+    );
+    for older in [0, CAPABILITY_HELD, CAPABILITY_BIRTHS] {
+        assert_eq!(
+            index_frames_for(&catalog, older),
+            std::slice::from_ref(&plain),
+            "{older}"
+        );
+    }
+
+    let FollowerAction::Inventory { index, .. } =
+        follower_given_index(both, both, born.clone()).unwrap()
+    else {
+        panic!("no inventory")
+    };
+    let cut = index[0].1;
+    assert_eq!(cut.born_at, Some(born_at));
+    assert!(cut.admits_held(6, born_at) && !cut.admits_held(6, born_at - 1));
+    assert!(!cut.admits_held(7, born_at), "a longer copy");
+    let FollowerAction::Inventory { index, .. } =
+        follower_given_index(both, CAPABILITY_HELD, plain.clone()).unwrap()
+    else {
+        panic!("no inventory")
+    };
+    assert_eq!(index[0].1.born_at, None, "an older leader");
+    assert!(index[0].1.admits_held(6, 0));
+
+    let err = follower_given_index(both, both, plain).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame);
+    assert!(
+        err.to_string().contains("BIRTHS capability is in use"),
+        "{err}"
+    );
+    let err = follower_given_index(CAPABILITY_HELD, both, born).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame);
+    assert!(
+        err.to_string().contains("BIRTHS capability is not in use"),
+        "{err}"
+    );
 }
 
 /// What a held record cannot vouch for: another leader instance's positions, a position this

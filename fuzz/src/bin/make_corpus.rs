@@ -164,6 +164,11 @@ fn main() {
             len_bytes: 4096,
             path: path.clone(),
         },
+        Frame::IndexBorn {
+            len_bytes: 4096,
+            born_at: 77,
+            path: path.clone(),
+        },
         Frame::IndexEnd { count: 1 },
         Frame::Instance {
             instance: LEADER_INSTANCE,
@@ -314,35 +319,45 @@ fn main() {
     );
     // Reconnections after the sync: the follower killed (its last look lost), then a file
     // replaced and the connection dropped before the follower heard of it: the files its held
-    // record saw as they are go as HAVE_HELD, and the replaced one's is refused.
+    // record saw as they are go as HAVE_HELD, and the replaced one, born since (INDEX_BORN),
+    // is hashed. As an older follower (options bit 4, no BIRTHS), it claims that one too, and
+    // the leader refuses it.
+    let reconnect_held = [
+        4, 2, 50, 2, 0, 3, 2, 0, 3, 14, 0, 2, 0, 3, 2, 0, 3, 5, 1, 3, 14, 1, 2, 0, 3, 2, 0, 3, 4,
+        2, 20, 2, 0, 3,
+    ];
     write(
         &dir,
         t,
         "reconnect-held",
-        &[
-            &files,
-            &[8 | 2],
-            &[
-                4, 2, 50, 2, 0, 3, 2, 0, 3, 14, 0, 2, 0, 3, 2, 0, 3, 5, 1, 3, 14, 1, 2, 0, 3, 2, 0,
-                3, 4, 2, 20, 2, 0, 3,
-            ],
-        ],
+        &[&files, &[8 | 2], &reconnect_held],
+    );
+    let older = [8 | 16 | 2];
+    write(
+        &dir,
+        t,
+        "reconnect-held-older",
+        &[&files, &older, &reconnect_held],
     );
     // Streaming, then meta.json rewritten behind the catalog and, before that is reported, the
     // leader restarted gracefully: it resumes its instance, the follower's held records stand
-    // for the other files, and meta.json, born anew, is refused and sent whole.
+    // for the other files, and meta.json, born anew, is hashed (by an older follower, claimed,
+    // refused and sent whole).
+    let leader_restart = [
+        4, 2, 50, 2, 0, 3, 2, 0, 3, 9, 1, 4, 14, 3, 2, 0, 3, 2, 0, 3, 2, 0, 3, 4, 2, 20, 2, 0, 3,
+        14, 2, 2, 0, 3, 2, 0, 3,
+    ];
     write(
         &dir,
         t,
         "leader-restart",
-        &[
-            &files,
-            &[8 | 2],
-            &[
-                4, 2, 50, 2, 0, 3, 2, 0, 3, 9, 1, 4, 14, 3, 2, 0, 3, 2, 0, 3, 2, 0, 3, 4, 2, 20, 2,
-                0, 3, 14, 2, 2, 0, 3, 2, 0, 3,
-            ],
-        ],
+        &[&files, &[8 | 2], &leader_restart],
+    );
+    write(
+        &dir,
+        t,
+        "leader-restart-older",
+        &[&files, &older, &leader_restart],
     );
     // An append, then the file rewritten shorter behind the catalog's back before the tail is
     // read: the DATA is taken back; then the change is reported and shipped.
