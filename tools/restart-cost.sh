@@ -9,11 +9,15 @@
 #      `ferry follow --once`: a restart after streaming, what the held record is for;
 #   5. `ferry lead` stopped with SIGTERM and started again, then `ferry follow --once`: the
 #      leader resumes its instance from its record (.ferry/leader);
-#   6. `ferry lead` killed with SIGKILL and started again (no record: a new instance), then
+#   6. `ferry lead` stopped with SIGTERM while the application goes on appending: 1 MiB to each
+#      of 16 segments while it is down (16 queues' active segments), then started again and
+#      `ferry follow --once`: the resumed leader cannot vouch for those 16, so they are hashed on
+#      both sides and only their new MiB travels (BIRTHS; before it, each went whole);
+#   7. `ferry lead` killed with SIGKILL and started again (no record: a new instance), then
 #      `ferry follow --once`: what every leader restart cost before the record.
 # Each line gives the wall time and the CPU seconds the leader and the follower used (in 4,
-# the restart's only); 5 and 6 also how long the old leader took to stop and the new one to
-# listen.
+# the restart's only); 5 to 7 also how long the old leader took to stop and the new one to
+# listen, and what the leader planned to send.
 #
 # usage: [DIR=/var/tmp] [ENGINE=uring|fallback] tools/restart-cost.sh [TOTAL_MIB]
 #   (default 1024: 128 segments of 8 MiB)
@@ -50,7 +54,8 @@ start_leader() {
   t1=$(date +%s.%N)
   listen_s=$(awk -v t1="$t1" -v t0="$t0" 'BEGIN { printf "%.3f", t1 - t0 }')
 }
-# Stops the leader with signal $1 and starts another; restart_note says how long each took.
+# Stops the leader with signal $1, runs $2 (if given) while it is down, and starts another;
+# restart_note says how long each took.
 restart_leader() {
   local lines t0 t1 stop_s
   lines=$(($(wc -l < "$work/lead.log") + 1))
@@ -58,6 +63,8 @@ restart_leader() {
   kill "-$1" "$lead_pid"; wait "$lead_pid" 2>/dev/null || true
   t1=$(date +%s.%N)
   stop_s=$(awk -v t1="$t1" -v t0="$t0" 'BEGIN { printf "%.3f", t1 - t0 }')
+  [ -z "${2:-}" ] || "$2"
+  lead_log_from=$lines
   # (After SIGKILL on io_uring the old listening socket outlives the process by about 30 ms;
   # the new leader waits for it, LISTEN_RETRY_MS, and that wait is in listen_s.)
   start_leader "$lines"
@@ -108,9 +115,27 @@ sleep 1.5
 kill -9 "$follow_pid"; wait "$follow_pid" 2>/dev/null || true
 run "4. restart after streaming $total_mib MiB more, killed"
 
+# What the leader's last initial sync planned (from its log since the restart).
+planned() {
+  tail -n +"$lead_log_from" "$work/lead.log" | grep -o 'initial sync started.*' | tail -n 1 |
+    sed 's/^initial sync started, /   (the leader planned /; s/; its inventory: /: /; s/$/)/' || true
+}
+# The application appending while the leader is down: 1 MiB to each of 16 segments.
+append_while_down() {
+  for i in $(seq 1 16); do
+    head -c $((1024 * 1024)) /dev/urandom >> "$work/src/queues/s$(printf %08d "$i").seg"
+  done
+}
+
 restart_leader TERM
 run "5. leader stopped (SIGTERM), started again"
 echo "$restart_note"
-restart_leader KILL
-run "6. leader killed (SIGKILL), started again"
+planned
+restart_leader TERM append_while_down
+run "6. ... and 16 MiB appended while it was down"
 echo "$restart_note"
+planned
+restart_leader KILL
+run "7. leader killed (SIGKILL), started again"
+echo "$restart_note"
+planned
