@@ -204,6 +204,8 @@ pub struct LeaderSession {
     /// No marker below this position: above the change of every file whose bytes vanished, since
     /// a MARK between those bytes and that change would claim bytes the follower never gets.
     markers_from: u64,
+    /// No MARK claims a position above this (`set_mark_ceiling`).
+    mark_ceiling: u64,
     /// Since when MARKs have repeated the last claim because bytes vanished: set at the first
     /// `poll_transmit` of a hold, moved on at each `RecordUnreported`, cleared when a MARK
     /// claims more. (Not cleared by a change that merely queues a vanished file again: an
@@ -261,6 +263,7 @@ impl LeaderSession {
             vanished: HashSet::new(),
             markers_from: 0,
             held_since: None,
+            mark_ceiling: u64::MAX,
             sync_done_sent: false,
             node_id: None,
             mark_last: None,
@@ -272,6 +275,14 @@ impl LeaderSession {
             data_header_at: 0,
             data_last_bytes: 0,
         }
+    }
+
+    /// No MARK from now on claims a position above `position`: the reservation of the
+    /// leader's record (`docs/PROTOCOL.md`, *The leader's record*), which every MARK of the
+    /// instance must stay under. A MARK due above it is sent at it (claiming less), and the
+    /// rest once the ceiling is raised. `u64::MAX` (the start) is no ceiling.
+    pub fn set_mark_ceiling(&mut self, position: u64) {
+        self.mark_ceiling = position;
     }
 
     pub fn phase(&self) -> LeaderPhase {
@@ -835,9 +846,10 @@ impl LeaderSession {
     }
 
     fn send_mark(&mut self, position: u64, now: Instant) {
-        // Positions on a connection never decrease, even if the shell fed an older catalog.
+        // Positions on a connection never decrease, even if the shell fed an older catalog (or
+        // lowered the ceiling), and never pass the ceiling otherwise.
         let claimed = self.mark_last.map_or(0, |(p, _)| p);
-        let position = position.max(claimed);
+        let position = position.min(self.mark_ceiling).max(claimed);
         if position > claimed {
             // A MARK claims more: whatever vanished has been explained and shipped.
             self.held_since = None;

@@ -566,6 +566,35 @@ fn each_batch_of_changes_is_marked_once_its_files_are_shipped() {
     );
 }
 
+/// No MARK goes above the ceiling the shell sets (the reservation of the leader's record,
+/// `docs/PROTOCOL.md`, *The leader's record*): what ships past it is marked at the ceiling,
+/// which claims less, and the rest once the ceiling is raised. The follower still gets every
+/// byte at once; only its acks wait.
+#[test]
+fn no_mark_goes_above_the_ceiling_until_it_is_raised() {
+    let mut sim = Sim::new(files(&[("seg", b"0123456789")]), Files::new());
+    sim.leader.set_mark_ceiling(15);
+    sim.run();
+    sim.append("seg", b"abc");
+    sim.run();
+    sim.append("seg", b"defgh");
+    sim.run();
+    sim.assert_in_sync();
+    let marks: Vec<u64> = sim.mark_positions_since(0);
+    assert_eq!(marks.iter().max(), Some(&15), "{marks:?}");
+    assert!(
+        marks.contains(&13),
+        "below the ceiling, as usual: {marks:?}"
+    );
+    assert_eq!(sim.follower.watermarks()[2], 15);
+
+    sim.leader.set_mark_ceiling(1000);
+    sim.now += Duration::from_millis(KEEPALIVE_INTERVAL_MS);
+    sim.run();
+    assert_eq!(sim.marks_seen.last().map(|m| m.0), Some(18));
+    assert_eq!(sim.follower.watermarks()[2], 18);
+}
+
 /// A follower that resumes after a stall (or whose session was blocked on a full socket) finds
 /// its whole backlog in one look: each file of it is marked as soon as it, and every file
 /// changed before it, is on the wire.
