@@ -27,7 +27,7 @@ use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -441,20 +441,30 @@ fn run(args: Args) -> anyhow::Result<bool> {
 
     // Confirmer: append-to-ack latency, without one waiter per message.
     let (confirm_tx, confirm_rx) = mpsc::channel::<Vec<Appended>>();
-    // How many followers an append must be acked by: those running, a late joiner counted from
-    // when it starts (before, the appends it will sync were never waiting on it). Read at every
-    // wait of the confirmer: on a cache line of its own, not the one the writers' counters in
-    // `Shared` bounce on.
-    let followers_running = Arc::new(CacheLine(AtomicUsize::new(at_start)));
+    // Which followers an append must be acked by: those running at the start, and a late
+    // joiner for the appends after the leader's position when it started (the ones before it
+    // syncs were never waiting on it). By position, not by when the confirmer gets to an
+    // append: a confirmer behind (a busy machine) would otherwise make appends from before the
+    // join wait for the joiner's full sync. Read at every wait of the confirmer: on a cache line
+    // of its own, not the one the writers' counters in `Shared` bounce on.
+    let joined_at = Arc::new(CacheLine(AtomicU64::new(u64::MAX)));
     let confirmer = match (leader.clone(), fanout.clone()) {
         (Some(leader), _) => {
             let durability = args.durability;
-            let followers_running = followers_running.clone();
+            let joined_at = joined_at.clone();
             Some(std::thread::spawn(move || {
                 confirm(
                     |beyond, timeout| {
-                        let n = followers_running.0.load(Ordering::Relaxed);
-                        leader.wait_acked_beyond(beyond, durability, n, timeout)
+                        let joined = || joined_at.0.load(Ordering::Acquire);
+                        if beyond < joined() {
+                            // Not beyond what the joiner started at (read again after the
+                            // wait: it may have started meanwhile).
+                            let got =
+                                leader.wait_acked_beyond(beyond, durability, at_start, timeout);
+                            got.min(joined())
+                        } else {
+                            leader.wait_acked_beyond(beyond, durability, at_start + 1, timeout)
+                        }
                     },
                     confirm_rx,
                     started,
@@ -532,7 +542,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     stall_at,
                     join: joiner.map(|j| (stall_at, j)),
                     run_started: started,
-                    followers_running,
+                    joined_at,
                 },
                 durability,
                 n,
@@ -1320,8 +1330,9 @@ struct Faults {
     join: Option<(Duration, FollowerSpec)>,
     /// What the times in the fault log count from.
     run_started: Instant,
-    /// Counts the late joiner in once it starts (see the confirmer).
-    followers_running: Arc<CacheLine<AtomicUsize>>,
+    /// The leader's position when the late joiner started, from which appends wait for it
+    /// too (see the confirmer); `u64::MAX` until then.
+    joined_at: Arc<CacheLine<AtomicU64>>,
 }
 
 /// A value alone on its cache line (128 bytes: two lines, as adjacent-line prefetch pairs them).
@@ -1375,7 +1386,7 @@ fn inject_faults(
         stall_at,
         join,
         run_started,
-        followers_running,
+        joined_at,
     } = plan;
     let started = Instant::now();
     let since_start = |at: Instant| at.duration_since(run_started).as_secs_f64();
@@ -1433,7 +1444,9 @@ fn inject_faults(
                         if let Ok(mut f) = followers.lock() {
                             f.push(p);
                         }
-                        followers_running.0.fetch_add(1, Ordering::Relaxed);
+                        // (Unknown: every append from now on waits for it too.)
+                        let at = leader.and_then(|v| v.position()).unwrap_or(0);
+                        joined_at.0.store(at, Ordering::Release);
                         log.push(recover(shared, FaultKind::Join, name, now));
                     }
                     Err(e) => {
