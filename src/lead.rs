@@ -18,6 +18,7 @@ pub struct Settings {
     pub engine: Option<EngineKind>,
     pub ack_timeout_ms: u64,
     pub tcp_congestion: Option<String>,
+    pub record_interval_ms: u64,
     pub http: Option<SocketAddr>,
 }
 
@@ -31,6 +32,7 @@ pub fn run(
         engine,
         ack_timeout_ms,
         tcp_congestion,
+        record_interval_ms,
         http,
     } = settings;
     let signals = block_termination_signals()?;
@@ -38,6 +40,7 @@ pub fn run(
     config.engine = engine;
     config.ack_timeout = Duration::from_millis(ack_timeout_ms);
     config.tcp_congestion = tcp_congestion;
+    config.record_interval = Duration::from_millis(record_interval_ms);
     let watched = WatchedLeader::start(config)?;
     let leader = watched.leader.clone();
     let _http = match http {

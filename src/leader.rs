@@ -29,7 +29,9 @@ use crate::engine::{self, Conn, EngineKind, FineTimer, Listener};
 use crate::frame::{Durability, ErrorCode, Frame, InstanceId, VANISHED_HOLD_TIMEOUT_MS};
 use crate::index::{hex, scan, DigestCache};
 use crate::lag::{FollowerState, LagSnapshot, LagView, ACK_TIMEOUT_MS_DEFAULT};
-use crate::leader_record::{self, LEADER_RECORD_SETTLE_MS};
+use crate::leader_record::{
+    self, LEADER_POSITION_RESERVE, LEADER_RECORD_INTERVAL_MS, LEADER_RECORD_SETTLE_MS,
+};
 use crate::paths::{DataDir, PathError, RelPath};
 use crate::session::leader::{LeaderPhase, LeaderSession, Transmit};
 use crate::session::SessionError;
@@ -77,6 +79,9 @@ pub struct LeaderConfig {
     /// (`net.ipv4.tcp_congestion_control`). Where that is BBR without the fq qdisc, the kernel
     /// paces each round's burst, which costs latency and CPU on a fast link (README, Use).
     pub tcp_congestion: Option<String>,
+    /// How often the serving leader rewrites its record (`leader_record`), so that if it dies
+    /// its successor resumes the instance; zero writes none until the stop.
+    pub record_interval: Duration,
 }
 
 impl LeaderConfig {
@@ -92,6 +97,7 @@ impl LeaderConfig {
             engine: None,
             ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT),
             tcp_congestion: None,
+            record_interval: Duration::from_millis(LEADER_RECORD_INTERVAL_MS),
         }
     }
 }
@@ -172,6 +178,12 @@ impl Slot {
 struct Hub {
     catalog: Catalog,
     inboxes: HashMap<u64, Inbox>,
+    /// The position the leader's record on disk reserves, if this run wrote one
+    /// (`checkpoint`).
+    reserved: Option<u64>,
+    /// No session's MARK goes above this: the reservation of the record on disk, or of the
+    /// one being written (`u64::MAX` while there is none). Sessions take it with their inbox.
+    mark_ceiling: u64,
 }
 
 /// What the sessions report. The writer never takes this lock, so a session publishing its
@@ -308,26 +320,121 @@ pub struct Leader {
     instance: InstanceId,
     /// The record for the next start is written (by the first stop).
     record_written: AtomicBool,
+    /// The thread writing the record while serving (`checkpoint`), until the stop.
+    checkpoints: Mutex<Option<Checkpoints>>,
+}
+
+/// The checkpoint thread, and the channel whose closing stops it.
+struct Checkpoints {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpoints {
+    /// Writes the record at once, then every `interval`, until stopped.
+    fn start(
+        shared: Arc<Shared>,
+        dir: Arc<DataDir>,
+        instance: InstanceId,
+        interval: Duration,
+    ) -> io::Result<Checkpoints> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ferry-record".into())
+            .spawn(move || loop {
+                checkpoint(&shared, &dir, &instance);
+                if stopped.recv_timeout(interval) != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return;
+                }
+            })?;
+        Ok(Checkpoints { stop, thread })
+    }
+
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// The paths of every file in the catalog now.
+fn catalog_paths(shared: &Shared) -> Vec<RelPath> {
+    let hub = shared.lock();
+    hub.catalog.snapshot().into_iter().map(|(p, _)| p).collect()
+}
+
+/// Writes the leader's record while it serves (`docs/PROTOCOL.md`, *The leader's record*): the
+/// files as a look sees them, and as position a reservation that no MARK passes from now until
+/// the next checkpoint, so that a successor of a leader that died resumes above every MARK it
+/// sent. A record that cannot be written is deleted, lest it promise less than MARKs send.
+fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId) {
+    let look = leader_record::look(dir, &catalog_paths(shared));
+    let (reserved, catalog) = {
+        let mut hub = shared.lock();
+        let reserved = hub
+            .catalog
+            .position()
+            .saturating_add(LEADER_POSITION_RESERVE)
+            .max(hub.reserved.unwrap_or(0));
+        // Every MARK so far is at or below the position; from now on, at or below `reserved`.
+        hub.mark_ceiling = hub.mark_ceiling.min(reserved);
+        (reserved, hub.catalog.snapshot())
+    };
+    let saved = leader_record::save(dir, instance, reserved, &catalog, &look);
+    let mut hub = shared.lock();
+    let first = hub.reserved.is_none();
+    match saved {
+        Ok(()) => {
+            hub.reserved = Some(reserved);
+            hub.mark_ceiling = reserved;
+            if first {
+                tracing::info!(
+                    "recorded instance {} ({} files), and again every checkpoint, so that if \
+                     this leader dies the next one resumes it",
+                    hex(instance),
+                    catalog.len()
+                );
+            }
+        }
+        Err(e) => match leader_record::remove(dir) {
+            Ok(()) => {
+                hub.reserved = None;
+                hub.mark_ceiling = u64::MAX;
+                tracing::warn!(
+                    "cannot write the leader's record: {e}; if this leader dies, the next one \
+                     draws a new instance and its followers hash what changed since their last \
+                     inventory"
+                );
+            }
+            Err(removing) => tracing::warn!(
+                "cannot write the leader's record ({e}) nor delete the last one ({removing}): \
+                 MARKs stay at or below its position, {}",
+                hub.mark_ceiling
+            ),
+        },
+    }
 }
 
 impl Leader {
     /// Opens the data dir and starts serving followers on `config.listen`. The catalog starts
     /// with `files` (path, logical length), e.g. from a scan; more can be registered later.
-    /// After a graceful stop in the same boot it resumes that run's instance, and the files
-    /// unchanged since keep what followers' held records know of them (`leader_record`).
+    /// After a stop in the same boot, or a run that died once it had written its record (every
+    /// `config.record_interval` while serving), it resumes that run's instance, and the files
+    /// unchanged since the record keep what followers' held records know of them
+    /// (`leader_record`).
     pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
         let dir = Arc::new(DataDir::open(&config.data_dir)?);
         dir.clear_temps()?;
         let engine = engine::choose(config.engine)?;
         let congestion_asked = config.tcp_congestion.is_some();
+        let record_interval = config.record_interval;
         let resumed = leader_record::take(&dir);
         let (catalog, instance) = match &resumed {
             Some(r) => {
                 tracing::info!(
-                    "resuming instance {} from the last graceful stop: {} of {} files vouched \
-                     for (the rest changed since, within {LEADER_RECORD_SETTLE_MS} ms before \
-                     the stop, or gone: their followers' copies are hashed or sent whole), \
-                     positions from {}",
+                    "resuming instance {} from its record: {} of {} files vouched for (the \
+                     rest changed since, within {LEADER_RECORD_SETTLE_MS} ms before the \
+                     record, or gone: their followers' copies are hashed), positions from {}",
                     hex(&r.instance),
                     r.kept.len(),
                     r.kept.len() + r.not_kept,
@@ -352,6 +459,8 @@ impl Leader {
             hub: Mutex::new(Hub {
                 catalog,
                 inboxes: HashMap::new(),
+                reserved: None,
+                mark_ceiling: u64::MAX,
             }),
             board: Mutex::new(Board {
                 slots: HashMap::new(),
@@ -404,6 +513,21 @@ impl Leader {
         if let Some(hint) = pacing_hint(&tcp_congestion, default_qdisc.as_deref().map(str::trim)) {
             tracing::info!("{hint}");
         }
+        let checkpoints = if record_interval.is_zero() {
+            None
+        } else {
+            let (shared, dir) = (shared.clone(), dir.clone());
+            match Checkpoints::start(shared, dir, instance, record_interval) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the thread that writes the leader's record ({e}): if \
+                         this leader dies, the next one draws a new instance"
+                    );
+                    None
+                }
+            }
+        };
         Ok(Leader {
             shared,
             dir,
@@ -413,6 +537,7 @@ impl Leader {
             thread: Mutex::new(Some(thread)),
             instance,
             record_written: AtomicBool::new(false),
+            checkpoints: Mutex::new(checkpoints),
         })
     }
 
@@ -695,19 +820,22 @@ impl Leader {
         if let Some(t) = thread {
             let _ = t.join();
         }
+        let checkpoints = self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = checkpoints {
+            c.stop();
+        }
         if self.record_written.swap(true, Ordering::SeqCst) {
             report_pending();
             return;
         }
-        // No session is left, so no MARK beyond the position the record names was sent.
-        let paths: Vec<RelPath> = self
-            .shared
-            .lock()
-            .catalog
-            .snapshot()
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
+        // No session is left, so no MARK beyond the position the record names was sent. (If
+        // this record cannot be written, the last checkpoint stays: its reservation is above
+        // every MARK too.)
+        let paths = catalog_paths(&self.shared);
         let mut look = leader_record::look(&self.dir, &paths);
         if let Some(wait) = look.unsettled_for().filter(|_| settle == Settle::Wait) {
             // Files written in the last second would not be vouched for (the settle rule),
@@ -1271,6 +1399,10 @@ async fn drive(
             inbox_seen_at = Some(now);
             let mut hub = ctx.shared.lock();
             let hub = &mut *hub;
+            // Taken with the changes: no MARK of this session goes above the positions it
+            // has seen (at most the catalog's then), so a lower ceiling set after this look
+            // binds it at its next look, before it can mark anything newer.
+            session.set_mark_ceiling(hub.mark_ceiling);
             if let Some(inbox) = hub.inboxes.get_mut(&id) {
                 if let Some(position) = inbox.changes.take(&mut changes) {
                     changes_seen_at = Some(now);

@@ -1,7 +1,8 @@
 //! The leader's record, `DIR/.ferry/leader` (`docs/PROTOCOL.md`, *The leader's record*): written
-//! when a leader stops gracefully, so that the next leader on the same data dir, in the same
-//! boot, resumes its instance, and its followers' held records stay good for every file that did
-//! not change in between.
+//! when a leader stops, and while it serves every `LEADER_RECORD_INTERVAL_MS` (a checkpoint,
+//! whose position is a reservation no MARK passes: `leader::checkpoint`), so that the next
+//! leader on the same data dir, in the same boot, resumes its instance, even after a crash, and
+//! its followers' held records stay good for every file that did not change in between.
 //!
 //! A stop looks at every file in the catalog (`look`; again, once they have settled, if some
 //! changed less than `LEADER_RECORD_SETTLE_MS` before), has the change sources report what they
@@ -24,10 +25,16 @@ use crate::paths::{DataDir, RelPath};
 
 /// How much older than the record a file's ctime must be for a resumed instance to vouch for it.
 pub const LEADER_RECORD_SETTLE_MS: u64 = 1000;
+/// How often a serving leader rewrites its record (a checkpoint), unless configured otherwise,
+/// so that a leader that dies leaves one.
+pub const LEADER_RECORD_INTERVAL_MS: u64 = 10_000;
+/// How far above its position a checkpoint reserves positions: until the next checkpoint, no
+/// MARK of the instance goes above the reservation, which the record names as its position.
+pub const LEADER_POSITION_RESERVE: u64 = 1 << 40;
 const FILE_NAME: &str = "leader";
 const HEADER: &str = "ferry-leader-v1";
 
-/// What a stop saw of its files, and when it began looking.
+/// What a stop (or a checkpoint) saw of its files, and when it began looking.
 pub struct Look {
     stamps: HashMap<RelPath, Stamp>,
     taken_ns: i64,
@@ -37,6 +44,8 @@ pub struct Look {
 #[derive(Debug)]
 pub struct Resumed {
     pub instance: InstanceId,
+    /// At or above every MARK of the instance: its position at a stop, the reservation of a
+    /// checkpoint.
     pub last_position: u64,
     pub kept: HashMap<RelPath, Kept>,
     /// Files in the record it no longer vouches for (changed since, changed too close to the
@@ -143,6 +152,15 @@ pub fn save(
     let tmp = dir.state_path(&format!("{FILE_NAME}.tmp"));
     File::create(&tmp)?.write_all(text.as_bytes())?;
     std::fs::rename(&tmp, dir.state_path(FILE_NAME))
+}
+
+/// Deletes the record (there being none is no error): what a checkpoint that could not be
+/// written does, so that no record promises less than the MARKs sent from then on.
+pub fn remove(dir: &DataDir) -> io::Result<()> {
+    match std::fs::remove_file(dir.state_path(FILE_NAME)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 struct Parsed {

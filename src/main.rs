@@ -70,6 +70,8 @@ enum Command {
     ///
     /// On SIGTERM or SIGINT it stops and writes DIR/.ferry/leader, from which the next `ferry
     /// lead` on DIR (same boot) resumes: followers then hash none of the files unchanged since.
+    /// While serving it rewrites that record every --record-interval-ms, so a crash or SIGKILL
+    /// leaves one too (followers then hash what changed since it).
     Lead {
         /// The data directory to replicate.
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -90,6 +92,11 @@ enum Command {
         /// CPU, throughput and latency on a fast link (README).
         #[arg(long, value_name = "NAME", env = "FERRY_TCP_CONGESTION")]
         tcp_congestion: Option<String>,
+        /// How often to rewrite DIR/.ferry/leader while serving, so that if this leader dies
+        /// the next one resumes its instance; shorter means less hashing after a crash, more
+        /// small writes. 0: only at a graceful stop.
+        #[arg(long, value_name = "MS", default_value_t = ferry::leader_record::LEADER_RECORD_INTERVAL_MS, env = "FERRY_RECORD_INTERVAL_MS")]
+        record_interval_ms: u64,
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.
         #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
         http: Option<std::net::SocketAddr>,
@@ -344,6 +351,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             io_engine,
             ack_timeout_ms,
             tcp_congestion,
+            record_interval_ms,
             http,
         } => {
             let secret = read_secret(&secret)?;
@@ -351,6 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine: io_engine,
                 ack_timeout_ms,
                 tcp_congestion,
+                record_interval_ms,
                 http,
             };
             lead::run(data_dir, listen, secret, settings)?;

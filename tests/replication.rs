@@ -259,7 +259,8 @@ fn a_one_shot_sync_stopped_by_sigterm_exits_nonzero_naming_the_signal() {
 /// while the leader was down, which the resumed leader cannot vouch for. Of the files, one
 /// rewritten while the leader was down travels (whole), and the tails of one appended to right
 /// before the stop and of one appended to while it was down. A leader killed with SIGKILL
-/// leaves no record: its successor draws a new instance, and the follower hashes again.
+/// whose checkpoints are off (`--record-interval-ms 0`) leaves no record: its successor draws a
+/// new instance, and the follower hashes again.
 #[test]
 fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_what_changed() {
     let seg = "queues/q1/segments/00000002.seg";
@@ -304,7 +305,7 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_wha
         // While it is down, the application goes on: a rewrite, and an append to a segment.
         write(&ld.join("meta.json"), b"{\"version\":2}");
         append(&ld.join(seg), &pattern(700, 12));
-        let leader = start_leader(&env, &ld, engine);
+        let leader = start_leader_with(&env, &ld, engine, &["--record-interval-ms", "0"]);
         let line = leader
             .proc
             .wait_log("resuming instance", Duration::from_secs(10));
@@ -332,6 +333,62 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_wha
         let line = follower.wait_log("inventory: ", Duration::from_secs(10));
         assert!(line.contains("5 files, 0 held"), "{engine}: {line}");
         wait_identical(&ld, &fd, Duration::from_secs(20));
+    }
+}
+
+/// A leader killed with SIGKILL leaves the record of its last checkpoint (written every
+/// `--record-interval-ms` while it serves), so the next one resumes its instance: a follower
+/// that holds everything hashes only the segment appended to after that checkpoint, and only
+/// its new bytes travel. Positions go on above the checkpoint's reservation.
+#[test]
+fn a_killed_leader_resumes_from_its_last_checkpoint_so_followers_hash_only_what_changed() {
+    let seg = "queues/q1/segments/00000002.seg";
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+        nested_tree(&ld);
+        let leader = start_leader_with(&env, &ld, engine, &["--record-interval-ms", "100"]);
+        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        append(&ld.join(seg), &pattern(1000, 9));
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        wait_until(
+            Duration::from_secs(10),
+            "the held record notes the segment as grown",
+            || held_len(&fd, seg) == Some(71_000),
+        );
+        drop(follower);
+        // A checkpoint vouches for files unchanged for LEADER_RECORD_SETTLE_MS before it.
+        let settled_ns = newest_ctime_ns(&ld) + 1_000_000_000;
+        wait_until(
+            Duration::from_secs(10),
+            "a checkpoint after the files settled",
+            || record_taken_ns(&ld).is_some_and(|t| t > settled_ns),
+        );
+        drop(leader);
+        assert!(ld.join(".ferry/leader").exists(), "{engine}: no record");
+
+        append(&ld.join(seg), &pattern(700, 12));
+        let leader = start_leader(&env, &ld, engine);
+        let line = leader
+            .proc
+            .wait_log("resuming instance", Duration::from_secs(10));
+        assert!(
+            line.contains("4 of 5 files vouched for"),
+            "{engine}: {line}"
+        );
+        let from: u64 = line
+            .rsplit("positions from ")
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{engine}: {line}"));
+        assert!(from > 1 << 40, "{engine}: above the reservation: {line}");
+        let _follower = resume(
+            (&env, &ld, &fd, engine),
+            (&leader, 0),
+            "5 files, 4 held since an earlier connection to this leader, 71000 bytes hashed \
+             (1 files held but changed on the leader since",
+            (4, 0, 1, 700),
+        );
     }
 }
 

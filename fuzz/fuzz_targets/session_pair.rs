@@ -4,7 +4,9 @@
 //! that the change source reports only later, so payload ranges vanish under the leader), time,
 //! bytes injected into either direction, raw or as well-formed frames, and reconnections (the
 //! connection dropped, or the follower killed; the leader restarted gracefully, resuming its
-//! instance from its record), after which the follower reports the files its held record
+//! instance from its record, or killed and resuming from its last checkpoint, whose
+//! reservation, small here, holds MARKs back until the next), after which the follower
+//! reports the files its held record
 //! vouches for as HAVE_HELD (bit 4 of `options`: a follower that does not offer `BIRTHS`, as an
 //! older build, so it claims files the leader then refuses). This reaches the inventory,
 //! initial sync, DATA/BEGIN_WHOLE/COMMIT_WHOLE, MARK, ACK and held-record paths that bytes
@@ -20,6 +22,7 @@
 //! level.
 #![no_main]
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use ferry::frame::{Durability, Frame, CAPABILITY_HELD, KEEPALIVE_INTERVAL_MS};
@@ -90,6 +93,9 @@ struct Pair {
     version: u8,
     /// The follower offers `BIRTHS` (it does unless it is an older build).
     births: bool,
+    /// Files changed on the leader's disk since its last checkpoint: their stamps differ from
+    /// the checkpoint's, so a leader that dies and resumes from it does not vouch for them.
+    changed_since_checkpoint: HashSet<RelPath>,
 }
 
 impl Pair {
@@ -119,9 +125,22 @@ impl Pair {
     /// record vouches for go as HAVE_HELD. With `leader_restarts`, the connection ends because
     /// the leader stopped gracefully and started again, resuming its instance: its new catalog
     /// holds the files as the disk has them, born anew where the record could not vouch.
-    fn reconnect(&mut self, graceful: bool, leader_restarts: bool) {
+    fn reconnect(&mut self, graceful: bool, leader_restarts: bool, leader_dies: bool) {
         self.check_no_held_claim_refused();
-        if leader_restarts {
+        if leader_dies && self.leader.has_checkpoint() {
+            // What the disk has is what the next run catalogs; nothing is left to report.
+            self.unreported.clear();
+            let changed = std::mem::take(&mut self.changed_since_checkpoint);
+            self.leader.crash_restart(&changed);
+            // The files it does not vouch for are born anew, as the disk has them.
+            let born = self.leader.catalog.position();
+            let files: Vec<RelPath> = self.leader.files.keys().cloned().collect();
+            for path in files {
+                if self.leader.catalog.get(&path).map(|e| e.born_at) == Some(born) {
+                    self.recorded_as_it_is(&path, Some(born));
+                }
+            }
+        } else if leader_restarts {
             let unreported = std::mem::take(&mut self.unreported);
             self.leader.restart(&unreported);
             let born = self.leader.catalog.position();
@@ -130,6 +149,9 @@ impl Pair {
             }
         } else {
             self.leader.reconnect();
+        }
+        if leader_restarts || leader_dies {
+            self.changed_since_checkpoint.clear();
         }
         self.follower.reconnect(graceful);
         self.step_leader(0);
@@ -145,6 +167,17 @@ impl Pair {
             let report = self.leader.session.inventory_report();
             assert_eq!(report.held_refused, 0, "held claims refused: {report:?}");
         }
+    }
+
+    /// A checkpoint of the leader's record, reserving `reserve` positions above its own.
+    fn checkpoint(&mut self, reserve: u64) {
+        self.leader.checkpoint(&self.unreported, reserve);
+        self.changed_since_checkpoint.clear();
+    }
+
+    /// `path` changed on the leader's disk.
+    fn touched(&mut self, path: &RelPath) {
+        self.changed_since_checkpoint.insert(path.clone());
     }
 
     /// Both sides until nothing moves.
@@ -171,6 +204,7 @@ impl Pair {
             // come before or after the creation.
             self.forget(&path);
         }
+        self.touched(&path);
         let file = self.leader.files.entry(path.clone()).or_default();
         let offset = file.len() as u64;
         file.extend_from_slice(&bytes);
@@ -216,6 +250,7 @@ impl Pair {
     fn change_behind(&mut self, path: RelPath, bytes: Option<Vec<u8>>) {
         let recorded_len = self.recorded_len(&path);
         self.claims_behind(&path, bytes.as_deref(), recorded_len);
+        self.touched(&path);
         match bytes {
             Some(b) => self.leader.files.insert(path.clone(), b),
             None => self.leader.files.remove(&path),
@@ -225,6 +260,7 @@ impl Pair {
 
     fn replace(&mut self, path: RelPath, len: usize) {
         let bytes = self.contents(len);
+        self.touched(&path);
         self.leader.files.insert(path.clone(), bytes);
         let at = self
             .leader
@@ -255,6 +291,7 @@ impl Pair {
         };
         let len = usize::from(b) % (file.len() + 1);
         file.truncate(len);
+        self.touched(&path);
         let at = self
             .leader
             .record(path.clone(), |c, p| c.replace(p, len as u64));
@@ -262,6 +299,7 @@ impl Pair {
     }
 
     fn delete(&mut self, path: RelPath) {
+        self.touched(&path);
         self.leader.files.remove(&path);
         let at = self.leader.record(path.clone(), |c, p| c.delete(p));
         self.rewritten(&path, at);
@@ -420,6 +458,7 @@ fuzz_target!(|data: &[u8]| {
         injected: false,
         version: 0,
         births,
+        changed_since_checkpoint: HashSet::new(),
     };
     // The handshake: preambles, CHALLENGE, AUTH, WELCOME and the index. Bit 3 of `options`
     // goes on to the end of the initial sync before the script runs.
@@ -500,7 +539,13 @@ fuzz_target!(|data: &[u8]| {
             }
             14 => {
                 let how = input.byte().unwrap_or(0);
-                pair.reconnect(how & 1 != 0, how & 2 != 0);
+                if how & 4 != 0 {
+                    // A reservation small enough for MARKs to reach it.
+                    let reserve = u64::from(input.byte().unwrap_or(0)) * 8;
+                    pair.checkpoint(reserve);
+                } else {
+                    pair.reconnect(how & 1 != 0, how & 2 != 0, how & 8 != 0);
+                }
             }
             _ => {
                 pair.frame_to_follower(&mut input);
@@ -514,6 +559,10 @@ fuzz_target!(|data: &[u8]| {
     }
 
     pair.report();
+    // The next checkpoint, far above: MARKs held at a reservation claim the rest.
+    if pair.leader.has_checkpoint() {
+        pair.checkpoint(1 << 40);
+    }
     pair.settle();
     pair.leader.now += Duration::from_millis(KEEPALIVE_INTERVAL_MS);
     pair.settle();

@@ -454,6 +454,9 @@ pub struct LeaderShell {
     /// with the position after its change (`None`: nothing to record, the position did not move).
     pub recorded_unreported: Vec<(RelPath, Option<u64>)>,
     rank: u8,
+    /// The leader's record as its last checkpoint wrote it: each file it vouches for, and the
+    /// reservation no MARK passes (`ferry::leader::checkpoint`).
+    checkpoint: Option<(HashMap<RelPath, Kept>, u64)>,
 }
 
 impl LeaderShell {
@@ -461,6 +464,10 @@ impl LeaderShell {
     /// on the same catalog and files.
     pub fn reconnect(&mut self) {
         self.session = LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT, LEADER_INSTANCE);
+        // The shell hands each session the reservation of the record on disk.
+        if let Some((_, reserved)) = &self.checkpoint {
+            self.session.set_mark_ceiling(*reserved);
+        }
         self.inbuf.clear();
         self.error = None;
         self.wire = WireChecker::new(Side::Leader);
@@ -475,8 +482,13 @@ impl LeaderShell {
     /// `LEADER_RECORD_SETTLE_MS` of it, and a report comes sooner). The connection ends.
     pub fn restart(&mut self, changed: &[RelPath]) {
         let last_position = self.catalog.position();
-        let kept: HashMap<RelPath, Kept> = self
-            .catalog
+        let kept = self.kept(changed);
+        self.resume(last_position, &kept);
+    }
+
+    /// What a record taken now vouches for: every file in the catalog but `changed`.
+    fn kept(&self, changed: &[RelPath]) -> HashMap<RelPath, Kept> {
+        self.catalog
             .snapshot()
             .into_iter()
             .filter(|(path, _)| !changed.contains(path))
@@ -487,10 +499,42 @@ impl LeaderShell {
                 };
                 (path, kept)
             })
-            .collect();
+            .collect()
+    }
+
+    /// A new run on the files, resuming the instance above `last_position`.
+    fn resume(&mut self, last_position: u64, kept: &HashMap<RelPath, Kept>) {
         let files = self.files.iter().map(|(p, b)| (p.clone(), b.len() as u64));
-        self.catalog = Catalog::resumed(files, last_position, &kept);
+        self.catalog = Catalog::resumed(files, last_position, kept);
+        self.checkpoint = None;
         self.reconnect();
+    }
+
+    /// A checkpoint of the leader's record while serving: it vouches for every file but
+    /// `changed` (changed behind the catalog and not yet reported: the settle rule), and reserves
+    /// positions up to `reserve` above the position (at least the last reservation); from now
+    /// on no MARK passes that.
+    pub fn checkpoint(&mut self, changed: &[RelPath], reserve: u64) {
+        let last = self.checkpoint.as_ref().map_or(0, |c| c.1);
+        let reserved = self.catalog.position().saturating_add(reserve).max(last);
+        self.checkpoint = Some((self.kept(changed), reserved));
+        self.session.set_mark_ceiling(reserved);
+    }
+
+    pub fn has_checkpoint(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+
+    /// The leader dies and starts again from its last checkpoint (if it wrote none, this only
+    /// reconnects): positions go on above the reservation, and a file keeps its birth unless
+    /// `changed_since` (its stamp then differs from the checkpoint's).
+    pub fn crash_restart(&mut self, changed_since: &HashSet<RelPath>) {
+        let Some((mut kept, reserved)) = self.checkpoint.take() else {
+            self.reconnect();
+            return;
+        };
+        kept.retain(|path, _| !changed_since.contains(path));
+        self.resume(reserved, &kept);
     }
 
     /// Applies `change` to the catalog and tells the session, as the leader's writer does.
@@ -533,6 +577,7 @@ impl LeaderShell {
             consumed: Vec::new(),
             recorded_unreported: Vec::new(),
             rank: 0,
+            checkpoint: None,
         }
     }
 

@@ -137,7 +137,14 @@ pub fn lead_cmd(env: &Env, dir: &Path, engine: &str) -> Command {
 }
 
 pub fn start_leader(env: &Env, dir: &Path, engine: &str) -> LeaderProc {
-    let proc = Proc::spawn(lead_cmd(env, dir, engine));
+    start_leader_with(env, dir, engine, &[])
+}
+
+/// `start_leader` with more flags.
+pub fn start_leader_with(env: &Env, dir: &Path, engine: &str, flags: &[&str]) -> LeaderProc {
+    let mut cmd = lead_cmd(env, dir, engine);
+    cmd.args(flags);
+    let proc = Proc::spawn(cmd);
     let addr = listen_addr(&proc);
     LeaderProc { proc, addr }
 }
@@ -506,6 +513,33 @@ pub fn start_etcd_at(dir: &Path, ips: &[&str], client: u16) -> Etcd {
 
 /// The length the follower's held record (`.ferry/held`, a journal whose later lines stand)
 /// notes for `path`, if it notes it.
+/// When the leader's record in `leader_dir` was taken (its look at the files), if there is one.
+pub fn record_taken_ns(leader_dir: &Path) -> Option<i64> {
+    let text = std::fs::read_to_string(leader_dir.join(".ferry/leader")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("taken_ns "))
+        .and_then(|n| n.parse().ok())
+}
+
+/// The newest ctime of the files under `dir` (ferry's state left out), in ns.
+pub fn newest_ctime_ns(dir: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut newest = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() && entry.file_name() != ".ferry" {
+                todo.push(entry.path());
+            } else if meta.is_file() {
+                newest = newest.max(meta.ctime() * 1_000_000_000 + meta.ctime_nsec());
+            }
+        }
+    }
+    newest
+}
+
 pub fn held_len(follower_dir: &Path, path: &str) -> Option<u64> {
     let text = std::fs::read_to_string(follower_dir.join(".ferry/held")).ok()?;
     text.lines()

@@ -359,6 +359,37 @@ fn main() {
         "leader-restart-older",
         &[&files, &older, &leader_restart],
     );
+    // Streaming, a checkpoint reserving 16 positions, appends past it (MARKs held at the
+    // reservation), then the leader killed: it resumes from the checkpoint above the
+    // reservation, the files appended to since are born anew and hashed, and only their tails
+    // travel.
+    write(
+        &dir,
+        t,
+        "leader-crash",
+        &[
+            &files,
+            &[8 | 2],
+            &[
+                4, 2, 50, 2, 0, 3, 2, 0, 3, 14, 4, 2, 4, 2, 30, 4, 1, 20, 2, 0, 3, 2, 0, 3, 14, 8,
+                2, 0, 3, 2, 0, 3, 2, 0, 3, 4, 2, 20, 2, 0, 3,
+            ],
+        ],
+    );
+    // A checkpoint reserving nothing: the MARKs after it stay at its position, keepalives
+    // included, until a second checkpoint raises the reservation.
+    write(
+        &dir,
+        t,
+        "checkpoint-ceiling",
+        &[
+            &files,
+            &[8 | 2],
+            &[
+                14, 4, 0, 4, 2, 50, 2, 0, 3, 8, 60, 2, 0, 3, 14, 4, 255, 8, 60, 2, 0, 3, 2, 0, 3,
+            ],
+        ],
+    );
     // An append, then the file rewritten shorter behind the catalog's back before the tail is
     // read: the DATA is taken back; then the change is reported and shipped.
     write(
