@@ -13,8 +13,11 @@
 #      of 16 segments while it is down (16 queues' active segments), then started again and
 #      `ferry follow --once`: the resumed leader cannot vouch for those 16, so they are hashed on
 #      both sides and only their new MiB travels (BIRTHS; before it, each went whole);
-#   7. `ferry lead` killed with SIGKILL and started again (no record: a new instance), then
-#      `ferry follow --once`: what every leader restart cost before the record.
+#   7. `ferry lead` killed with SIGKILL and started again, then `ferry follow --once`: it
+#      resumes from its last checkpoint (here the one it wrote as it started, in step 6), so
+#      only the files changed within a second before that are hashed; before checkpoints, a
+#      new instance, and both sides hashed everything (what every leader restart cost before
+#      the record; FERRY_BIN= an older build to see it).
 # Each line gives the wall time and the CPU seconds the leader and the follower used (in 4,
 # the restart's only); 5 to 7 also how long the old leader took to stop and the new one to
 # listen, and what the leader planned to send.
