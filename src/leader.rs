@@ -357,10 +357,19 @@ impl Checkpoints {
     }
 }
 
-/// The paths of every file in the catalog now.
+/// A copy of the catalog, taken a part of `CATALOG_COPY_FILES_PER_LOCK` files per hold of the
+/// writers' lock, so that a catalog of many files does not hold up an `append`. Not one moment's
+/// state: each part is as it was when taken (`Catalog::detached_in_parts`).
+fn catalog_copy(shared: &Shared) -> Catalog {
+    Catalog::detached_in_parts(CATALOG_COPY_FILES_PER_LOCK, |from_id, max_files, part| {
+        shared.lock().catalog.take_part(from_id, max_files, part)
+    })
+}
+
+/// The paths of every file in the catalog.
 fn catalog_paths(shared: &Shared) -> Vec<RelPath> {
-    let hub = shared.lock();
-    hub.catalog.snapshot().into_iter().map(|(p, _)| p).collect()
+    let copy = catalog_copy(shared);
+    copy.snapshot().into_iter().map(|(p, _)| p).collect()
 }
 
 /// Writes the leader's record while it serves (`docs/PROTOCOL.md`, *The leader's record*): the
@@ -369,7 +378,10 @@ fn catalog_paths(shared: &Shared) -> Vec<RelPath> {
 /// sent. A record that cannot be written is deleted, lest it promise less than MARKs send.
 fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId) {
     let look = leader_record::look(dir, &catalog_paths(shared));
-    let (reserved, catalog) = {
+    // Each entry is taken after the look (what changed it since changed the file's stamp) and
+    // before the reservation (so every birth is at or below it).
+    let catalog = catalog_copy(shared).snapshot();
+    let reserved = {
         let mut hub = shared.lock();
         let reserved = hub
             .catalog
@@ -378,7 +390,7 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId) {
             .max(hub.reserved.unwrap_or(0));
         // Every MARK so far is at or below the position; from now on, at or below `reserved`.
         hub.mark_ceiling = hub.mark_ceiling.min(reserved);
-        (reserved, hub.catalog.snapshot())
+        reserved
     };
     let saved = leader_record::save(dir, instance, reserved, &catalog, &look);
     let mut hub = shared.lock();
@@ -851,10 +863,9 @@ impl Leader {
             look = leader_record::look(&self.dir, &paths);
         }
         report_pending();
-        let (position, catalog) = {
-            let hub = self.shared.lock();
-            (hub.catalog.position(), hub.catalog.snapshot())
-        };
+        let catalog = catalog_copy(&self.shared).snapshot();
+        // Read after the copy: at or above every birth in it.
+        let position = self.shared.lock().catalog.position();
         match leader_record::save(&self.dir, &self.instance, position, &catalog, &look) {
             Ok(()) => tracing::info!(
                 "recorded instance {} at position {position} ({} files) for the next start",
@@ -1362,13 +1373,7 @@ async fn drive(
     // encoded. The copy is detached (`catalog`, on why) and made a part per hold of the lock,
     // so a catalog of many files does not hold up the writers; the changes made meanwhile are
     // in the inbox (registered before), which the first look applies.
-    let mut catalog =
-        Catalog::detached_in_parts(CATALOG_COPY_FILES_PER_LOCK, |from_id, max_files, part| {
-            ctx.shared
-                .lock()
-                .catalog
-                .take_part(from_id, max_files, part)
-        });
+    let mut catalog = catalog_copy(&ctx.shared);
     let mut changes: Vec<FileChange> = Vec::new();
     let mut changed: Vec<(RelPath, u64)> = Vec::new();
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
