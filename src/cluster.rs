@@ -385,6 +385,7 @@ impl Leading {
             let mut lc = LeaderConfig::new(&c.data_dir, c.listen, c.secret.clone());
             lc.engine = c.engine;
             lc.tcp_congestion = c.tcp_congestion.clone();
+            lc.change_source_flushes = feed == Feed::Watch;
             let (leader, known) = crate::leader::start_scanned(lc)?;
             let watcher = match feed {
                 Feed::Watch => Some(crate::leader::watch(&leader, known)?),

@@ -82,7 +82,18 @@ pub struct LeaderConfig {
     /// How often the serving leader rewrites its record (`leader_record`), so that if it dies
     /// its successor resumes the instance; zero writes none until the stop.
     pub record_interval: Duration,
+    /// The leader is fed by a change source that reports changes late (`ferry lead`'s
+    /// watcher): a checkpoint is written only once that source has reported every change made
+    /// before it (`Leader::set_checkpoint_flush`), so none before the source is attached.
+    pub change_source_flushes: bool,
 }
+
+/// Has a change source report every change made up to now to the leader; false if it cannot
+/// (stopped, or too slow), and the checkpoint is not written.
+pub type CheckpointFlush = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How long a checkpoint waits for the watcher to report what it has queued.
+const WATCHER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl LeaderConfig {
     pub fn new(
@@ -98,6 +109,7 @@ impl LeaderConfig {
             ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT),
             tcp_congestion: None,
             record_interval: Duration::from_millis(LEADER_RECORD_INTERVAL_MS),
+            change_source_flushes: false,
         }
     }
 }
@@ -238,6 +250,9 @@ struct Shared {
     acked: Condvar,
     stopping: AtomicBool,
     shutdown: Notify,
+    /// Whether checkpoints need `checkpoint_flush` (`LeaderConfig::change_source_flushes`).
+    flush_needed: bool,
+    checkpoint_flush: Mutex<Option<CheckpointFlush>>,
 }
 
 impl Shared {
@@ -324,7 +339,8 @@ pub struct Leader {
     checkpoints: Mutex<Option<Checkpoints>>,
 }
 
-/// The checkpoint thread, and the channel whose closing stops it.
+/// The checkpoint thread, and the channel that asks it for a checkpoint now (a message) or
+/// stops it (closing).
 struct Checkpoints {
     stop: std::sync::mpsc::Sender<()>,
     thread: JoinHandle<()>,
@@ -343,8 +359,8 @@ impl Checkpoints {
             .name("ferry-record".into())
             .spawn(move || loop {
                 checkpoint(&shared, &dir, &instance);
-                if stopped.recv_timeout(interval) != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                {
+                let asked = stopped.recv_timeout(interval);
+                if asked == Err(std::sync::mpsc::RecvTimeoutError::Disconnected) {
                     return;
                 }
             })?;
@@ -378,6 +394,26 @@ fn catalog_paths(shared: &Shared) -> Vec<RelPath> {
 /// sent. A record that cannot be written is deleted, lest it promise less than MARKs send.
 fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId) {
     let look = leader_record::look(dir, &catalog_paths(shared));
+    // What changed before the look must be in the catalog taken next (as at a stop).
+    let flush = shared
+        .checkpoint_flush
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let flushed = match flush {
+        Some(flush) => flush(),
+        None => !shared.flush_needed,
+    };
+    if !flushed {
+        if shared.lock().reserved.is_some() {
+            tracing::warn!(
+                "not writing a checkpoint of the leader's record: the watcher did not report \
+                 its changes (stopped, or slower than {} ms); the last checkpoint stays",
+                WATCHER_FLUSH_TIMEOUT.as_millis()
+            );
+        }
+        return;
+    }
     // Each entry is taken after the look (what changed it since changed the file's stamp) and
     // before the reservation (so every birth is at or below it).
     let catalog = catalog_copy(shared).snapshot();
@@ -483,6 +519,8 @@ impl Leader {
             acked: Condvar::new(),
             stopping: AtomicBool::new(false),
             shutdown: Notify::new(),
+            flush_needed: config.change_source_flushes,
+            checkpoint_flush: Mutex::new(None),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
@@ -879,6 +917,21 @@ impl Leader {
         }
     }
 
+    /// Sets what a checkpoint of the leader's record calls first, to have the change source
+    /// report every change made up to then (`watch` sets the watcher's), and asks for a
+    /// checkpoint now.
+    pub fn set_checkpoint_flush(&self, flush: Option<CheckpointFlush>) {
+        *self
+            .shared
+            .checkpoint_flush
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = flush;
+        let checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = checkpoints.as_ref() {
+            let _ = c.stop.send(());
+        }
+    }
+
     /// Whether `stop_serving` (or shutdown) ran.
     pub fn is_stopped(&self) -> bool {
         self.shared.stopping.load(Ordering::SeqCst)
@@ -935,16 +988,20 @@ pub fn watch(leader: &Arc<Leader>, known: Known) -> io::Result<Watcher> {
             }
         })
     };
-    Watcher::start(&data_dir, known, sink).map_err(|e| {
+    let watcher = Watcher::start(&data_dir, known, sink).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot watch {} with inotify: {e}", data_dir.display()),
         )
-    })
+    })?;
+    let flusher = watcher.flusher();
+    leader.set_checkpoint_flush(Some(Arc::new(move || flusher.flush(WATCHER_FLUSH_TIMEOUT))));
+    Ok(watcher)
 }
 
 impl WatchedLeader {
-    pub fn start(config: LeaderConfig) -> io::Result<WatchedLeader> {
+    pub fn start(mut config: LeaderConfig) -> io::Result<WatchedLeader> {
+        config.change_source_flushes = true;
         let (leader, known) = start_scanned(config)?;
         let watcher = watch(&leader, known)?;
         Ok(WatchedLeader { leader, watcher })

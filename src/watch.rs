@@ -30,8 +30,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::index::mtime_ns;
 use crate::paths::{RelPath, STATE_DIR_NAME};
@@ -79,7 +80,90 @@ pub struct Watcher {
     stop: OwnedFd,
     /// Set before signalling `stop`: rescan the whole tree once more before exiting.
     rescan_on_stop: Arc<AtomicBool>,
+    flusher: Flusher,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Asks a running watcher to report every change made up to now (`Watcher::flusher`): what a
+/// checkpoint of the leader's record needs before it takes the catalog.
+#[derive(Clone)]
+pub struct Flusher {
+    /// An eventfd the watcher's thread polls.
+    wake: Arc<OwnedFd>,
+    asks: Arc<(Mutex<FlushAsks>, Condvar)>,
+}
+
+#[derive(Default)]
+struct FlushAsks {
+    /// Flushes asked for so far, and answered.
+    asked: u64,
+    done: u64,
+    /// The watcher's thread has exited: nothing more is reported.
+    gone: bool,
+}
+
+impl Flusher {
+    fn new() -> io::Result<Flusher> {
+        // SAFETY: plain syscall; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: eventfd returned a new fd owned by nobody else.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let asks = Arc::new((Mutex::new(FlushAsks::default()), Condvar::new()));
+        Ok(Flusher { wake, asks })
+    }
+
+    /// Has the watcher report every change made before this call (the events inotify has
+    /// queued; after an overflow, a rescan of the tree) and returns true once it has; false if
+    /// the watcher has stopped or `timeout` passed first.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (lock, answered) = &*self.asks;
+        let mut asks = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if asks.gone {
+            return false;
+        }
+        asks.asked += 1;
+        let ticket = asks.asked;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 into our eventfd.
+        unsafe {
+            libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+        while asks.done < ticket && !asks.gone {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            asks = match answered.wait_timeout(asks, left) {
+                Ok((guard, _)) => guard,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        asks.done >= ticket
+    }
+
+    /// The flushes asked for so far, once the wake-up is taken off the eventfd.
+    fn take_asked(&self) -> u64 {
+        let mut counter: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe {
+            libc::read(self.wake.as_raw_fd(), (&mut counter as *mut u64).cast(), 8);
+        }
+        let (lock, _) = &*self.asks;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).asked
+    }
+
+    /// Every flush up to `asked` is done (or, `gone`, none ever will be).
+    fn answer(&self, asked: u64, gone: bool) {
+        let (lock, answered) = &*self.asks;
+        let mut asks = lock.lock().unwrap_or_else(|p| p.into_inner());
+        asks.done = asks.done.max(asked);
+        asks.gone |= gone;
+        answered.notify_all();
+    }
 }
 
 struct State {
@@ -149,14 +233,25 @@ impl Watcher {
         let stop_fd = stop.as_raw_fd();
         let rescan_on_stop = Arc::new(AtomicBool::new(false));
         let rescan = rescan_on_stop.clone();
+        let flusher = Flusher::new()?;
+        let flushes = flusher.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-watch".into())
-            .spawn(move || state.run(stop_fd, &rescan))?;
+            .spawn(move || {
+                state.run(stop_fd, &rescan, &flushes);
+                flushes.answer(0, true);
+            })?;
         Ok(Watcher {
             stop,
             rescan_on_stop,
+            flusher,
             thread: Some(thread),
         })
+    }
+
+    /// A handle that has this watcher report every change made up to now, from any thread.
+    pub fn flusher(&self) -> Flusher {
+        self.flusher.clone()
     }
 
     /// Stops watching and joins the thread.
@@ -399,7 +494,7 @@ impl State {
         }
     }
 
-    fn run(mut self, stop_fd: i32, rescan_on_stop: &AtomicBool) {
+    fn run(mut self, stop_fd: i32, rescan_on_stop: &AtomicBool, flusher: &Flusher) {
         let mut buf = vec![0u8; EVENT_BUFFER_BYTES];
         loop {
             let mut fds = [
@@ -413,9 +508,14 @@ impl State {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd {
+                    fd: flusher.wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
-            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -430,6 +530,9 @@ impl State {
                 }
                 return;
             }
+            // Every flush asked for before this: its changes are in inotify's queue by now
+            // (an event is queued before the write(2) returns), which is read to its end here.
+            let flushed = (fds[2].revents != 0).then(|| flusher.take_asked());
             let mut events = Vec::new();
             loop {
                 // SAFETY: reads into our buffer, at most its length.
@@ -443,7 +546,12 @@ impl State {
             }
             if !events.is_empty() {
                 self.handle(events);
-                std::thread::sleep(WATCH_BATCH_INTERVAL);
+                if flushed.is_none() {
+                    std::thread::sleep(WATCH_BATCH_INTERVAL);
+                }
+            }
+            if let Some(asked) = flushed {
+                flusher.answer(asked, false);
             }
         }
     }
@@ -726,6 +834,41 @@ mod tests {
                 |c| matches!(c, Change::Rewritten { path, .. } if path.as_str() == "new.json")
             ),
             "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_flush_reports_what_was_written_before_it_and_the_watcher_goes_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
+        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        let flusher = w.flusher();
+        let timeout = std::time::Duration::from_secs(10);
+        for (round, more) in [b"678", b"9ab"].iter().enumerate() {
+            append(&tmp.path().join("seg"), *more);
+            std::fs::write(tmp.path().join(format!("new{round}.json")), b"{}").unwrap();
+            // No waiting but the flush's own: the events may still be in inotify's queue.
+            assert!(flusher.flush(timeout));
+            let got: Vec<Change> = rx.try_iter().collect();
+            let to = 8 + 3 * round as u64;
+            assert!(
+                got.iter()
+                    .any(|c| matches!(c, Change::Grew { to_bytes, .. } if *to_bytes == to)),
+                "{got:?}"
+            );
+            assert!(
+                got.iter()
+                    .any(|c| matches!(c, Change::Rewritten { path, .. }
+                    if path.as_str() == format!("new{round}.json"))),
+                "{got:?}"
+            );
+        }
+        w.stop();
+        let asked = std::time::Instant::now();
+        assert!(!flusher.flush(timeout), "a stopped watcher flushes nothing");
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(1),
+            "and says so at once"
         );
     }
 
