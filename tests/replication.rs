@@ -171,6 +171,25 @@ fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
     }
 }
 
+/// Starts a follower on `fd`, appends 1,000 bytes to the leader's `seg` (of `nested_tree`:
+/// 70,000 to 71,000), waits until the follower holds it and its held record notes it, then
+/// kills it (SIGKILL).
+fn sync_then_kill_a_follower(
+    (env, ld, fd, engine): (&Env, &std::path::Path, &std::path::Path, &str),
+    leader: &LeaderProc,
+    seg: &str,
+) {
+    let follower = start_follower(env, fd, leader.addr, engine, "written");
+    append(&ld.join(seg), &pattern(1000, 9));
+    wait_identical(ld, fd, Duration::from_secs(20));
+    wait_until(
+        Duration::from_secs(10),
+        "the held record notes the segment as grown",
+        || held_len(fd, seg) == Some(71_000),
+    );
+    drop(follower);
+}
+
 /// Starts a follower on `fd` against `leader` and, once its copy is identical, checks its
 /// inventory line for `inventory`, and the leader's initial sync line (logged after line
 /// `mark` of its log) for `(held, refused, compared, bytes to send)`.
@@ -269,15 +288,7 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_wha
         let (ld, fd) = (env.dir("leader"), env.dir("follower"));
         nested_tree(&ld);
         let leader = start_leader(&env, &ld, engine);
-        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
-        append(&ld.join(seg), &pattern(1000, 9));
-        wait_identical(&ld, &fd, Duration::from_secs(20));
-        wait_until(
-            Duration::from_secs(10),
-            "the held record notes the segment as grown",
-            || held_len(&fd, seg) == Some(71_000),
-        );
-        drop(follower);
+        sync_then_kill_a_follower((&env, &ld, &fd, engine), &leader, seg);
         // An append right before the stop (the follower, gone, misses it): the leader waits
         // until the segment has settled (LEADER_RECORD_SETTLE_MS) before it records it, so it
         // can vouch for it, and only the tail travels.
@@ -348,15 +359,7 @@ fn a_killed_leader_resumes_from_its_last_checkpoint_so_followers_hash_only_what_
         let (ld, fd) = (env.dir("leader"), env.dir("follower"));
         nested_tree(&ld);
         let leader = start_leader_with(&env, &ld, engine, &["--record-interval-ms", "100"]);
-        let follower = start_follower(&env, &fd, leader.addr, engine, "written");
-        append(&ld.join(seg), &pattern(1000, 9));
-        wait_identical(&ld, &fd, Duration::from_secs(20));
-        wait_until(
-            Duration::from_secs(10),
-            "the held record notes the segment as grown",
-            || held_len(&fd, seg) == Some(71_000),
-        );
-        drop(follower);
+        sync_then_kill_a_follower((&env, &ld, &fd, engine), &leader, seg);
         // A checkpoint vouches for files unchanged for LEADER_RECORD_SETTLE_MS before it.
         let settled_ns = newest_ctime_ns(&ld) + 1_000_000_000;
         wait_until(

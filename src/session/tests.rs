@@ -1379,8 +1379,9 @@ fn a_held_copy_of_a_file_born_since_is_compared_by_digest_and_gets_only_its_tail
     assert_eq!(sim.leader.bytes_payload_total(), 50, "the tail only");
 }
 
-/// What the leader's index frames are, for a follower whose preamble offers `capabilities`.
-fn index_frames_for(catalog: &Catalog, capabilities: u32) -> Vec<Frame> {
+/// A leader session that a follower whose preamble offers `capabilities` has authenticated
+/// with, and every frame it sent after its preamble.
+fn leader_after_auth(catalog: &Catalog, capabilities: u32) -> (LeaderSession, Vec<Frame>) {
     let secret = Secret::new(b"s3cret".to_vec()).unwrap();
     let mut leader = LeaderSession::new(secret.clone(), [7; 32], Duration::from_secs(1), INSTANCE);
     let mut input = Preamble {
@@ -1394,19 +1395,27 @@ fn index_frames_for(catalog: &Catalog, capabilities: u32) -> Vec<Frame> {
         follower_mac: secret.follower_tag(&[7; 32], &[9; 32]),
     }
     .encode(&mut input);
-    leader
+    let n = leader
         .handle_input(&input, catalog, Instant::now())
         .unwrap();
+    assert_eq!(n, input.len());
     let out = leader.take_output();
     let mut rest = &out[crate::frame::PREAMBLE_BYTES..];
     let mut frames = Vec::new();
     while let Some((frame, used)) = Frame::decode(rest).unwrap() {
         rest = &rest[used..];
-        if matches!(frame, Frame::Index { .. } | Frame::IndexBorn { .. }) {
-            frames.push(frame);
-        }
+        frames.push(frame);
     }
+    (leader, frames)
+}
+
+/// What the leader's index frames are, for a follower whose preamble offers `capabilities`.
+fn index_frames_for(catalog: &Catalog, capabilities: u32) -> Vec<Frame> {
+    let (_, frames) = leader_after_auth(catalog, capabilities);
     frames
+        .into_iter()
+        .filter(|f| matches!(f, Frame::Index { .. } | Frame::IndexBorn { .. }))
+        .collect()
 }
 
 /// What a follower whose preamble offers `ours` makes of a leader offering `theirs` that
@@ -1558,30 +1567,9 @@ fn held_records_of_another_instance_a_future_position_or_a_longer_copy_are_refus
 /// sends no INSTANCE, and a HAVE_HELD from it is refused by name.
 #[test]
 fn without_the_held_capability_there_is_no_instance_and_have_held_is_a_bad_frame() {
-    let secret = Secret::new(b"s3cret".to_vec()).unwrap();
     let catalog = Catalog::new([(p("a"), 4)]);
-    let mut leader = LeaderSession::new(secret.clone(), [7; 32], Duration::from_secs(1), INSTANCE);
-    let mut input = Preamble {
-        version: 1,
-        capabilities: 0,
-    }
-    .encode()
-    .to_vec();
-    Frame::Auth {
-        follower_nonce: [9; 32],
-        follower_mac: secret.follower_tag(&[7; 32], &[9; 32]),
-    }
-    .encode(&mut input);
-    let now = Instant::now();
-    let n = leader.handle_input(&input, &catalog, now).unwrap();
-    assert_eq!(n, input.len());
-    let out = leader.take_output();
-    let mut rest = &out[crate::frame::PREAMBLE_BYTES..];
-    let mut names = Vec::new();
-    while let Some((frame, used)) = Frame::decode(rest).unwrap() {
-        names.push(frame.name());
-        rest = &rest[used..];
-    }
+    let (mut leader, frames) = leader_after_auth(&catalog, 0);
+    let names: Vec<&str> = frames.iter().map(Frame::name).collect();
     assert_eq!(names, ["CHALLENGE", "WELCOME", "INDEX", "INDEX_END"]);
 
     let mut held = Vec::new();
@@ -1592,7 +1580,9 @@ fn without_the_held_capability_there_is_no_instance_and_have_held_is_a_bad_frame
         path: p("a"),
     }
     .encode(&mut held);
-    let err = leader.handle_input(&held, &catalog, now).unwrap_err();
+    let err = leader
+        .handle_input(&held, &catalog, Instant::now())
+        .unwrap_err();
     assert_eq!(err.code(), ErrorCode::BadFrame);
     assert!(err.to_string().contains("HELD capability"), "{err}");
 }
