@@ -18,11 +18,15 @@ use ferry::leader::{Leader, LeaderConfig};
 const ACK_TIMEOUT_MS: u64 = 300;
 
 fn start(dir: &Path, engine: &str) -> Leader {
+    Leader::start(config(dir, engine), Vec::new()).unwrap()
+}
+
+fn config(dir: &Path, engine: &str) -> LeaderConfig {
     let secret = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
     let mut config = LeaderConfig::new(dir, "127.0.0.1:0".parse().unwrap(), secret);
     config.engine = Some(engine.parse().unwrap());
     config.ack_timeout = Duration::from_millis(ACK_TIMEOUT_MS);
-    Leader::start(config, Vec::new()).unwrap()
+    config
 }
 
 /// Writes `count` messages into a segment the way a broker does (bytes first, then `append`).
@@ -509,4 +513,52 @@ fn a_broker_restarting_its_leader_resumes_the_instance_and_its_positions() {
             .sum();
         assert_eq!(sent, 10 * 1024, "{engine}: only the new messages travel");
     }
+}
+
+/// The position the leader's record in `dir` names, if there is one.
+fn record_position(dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(".ferry/leader")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("position "))
+        .and_then(|n| n.parse().ok())
+}
+
+/// A serving leader rewrites its record every `record_interval`, reserving positions 2^40
+/// above its own. A checkpoint that cannot be written deletes the record (it would promise
+/// less than the MARKs sent from then on), and acks go on; once it can, the record is back.
+#[test]
+fn a_checkpoint_that_cannot_be_written_deletes_the_record_and_acks_go_on() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let mut config = config(&ld, "fallback");
+    config.record_interval = Duration::from_millis(50);
+    let leader = Leader::start(config, Vec::new()).unwrap();
+    let _follower = start_follower(
+        &env,
+        &env.dir("f"),
+        leader.local_addr(),
+        "fallback",
+        "written",
+    );
+    let mut offset = 0;
+    let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
+    acked_written(&leader, position);
+    wait_until(
+        Duration::from_secs(10),
+        "a checkpoint reserving positions above the leader's",
+        || record_position(&ld).is_some_and(|p| p >= position + (1 << 40)),
+    );
+
+    // The record is written to leader.tmp and renamed: a directory there makes that fail.
+    std::fs::create_dir(ld.join(".ferry/leader.tmp")).unwrap();
+    wait_until(Duration::from_secs(10), "the record deleted", || {
+        !ld.join(".ferry/leader").exists()
+    });
+    let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
+    acked_written(&leader, position);
+
+    std::fs::remove_dir(ld.join(".ferry/leader.tmp")).unwrap();
+    wait_until(Duration::from_secs(10), "the record written again", || {
+        record_position(&ld).is_some_and(|p| p >= position + (1 << 40))
+    });
 }
