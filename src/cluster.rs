@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub engine: Option<EngineKind>,
     /// The TCP congestion control to lead with (`LeaderConfig::tcp_congestion`).
     pub tcp_congestion: Option<String>,
+    /// How often to rewrite the leader's record while leading (`LeaderConfig::record_interval`).
+    pub record_interval: std::time::Duration,
     pub on_leader_elected: Option<String>,
     pub on_leader_lost: Option<String>,
     /// Serve /metrics and /status here (the role they report follows the election).
@@ -386,6 +388,7 @@ impl Leading {
             lc.engine = c.engine;
             lc.tcp_congestion = c.tcp_congestion.clone();
             lc.change_source_flushes = feed == Feed::Watch;
+            lc.record_interval = c.record_interval;
             let (leader, known) = crate::leader::start_scanned(lc)?;
             let watcher = match feed {
                 Feed::Watch => Some(crate::leader::watch(&leader, known)?),

@@ -173,6 +173,10 @@ enum Command {
         /// at start (see `ferry lead --help`).
         #[arg(long, value_name = "NAME", env = "FERRY_TCP_CONGESTION")]
         tcp_congestion: Option<String>,
+        /// While leading, how often to rewrite DIR/.ferry/leader, so that if this node dies and
+        /// leads again it resumes its instance (see `ferry lead --help`). 0: only when it stops.
+        #[arg(long, value_name = "MS", default_value_t = ferry::leader_record::LEADER_RECORD_INTERVAL_MS, env = "FERRY_RECORD_INTERVAL_MS")]
+        record_interval_ms: u64,
     },
     /// Move leadership of a `ferry node` cluster to another node with zero loss: the leader
     /// waits until the target holds everything synced, runs its on-leader-lost hook (the
@@ -458,6 +462,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http,
             secret_from_etcd,
             tcp_congestion,
+            record_interval_ms,
         } => {
             let secret = if secret_from_etcd {
                 ferry::cluster::secret_from_etcd(&etcd, &prefix)?
@@ -474,6 +479,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 secret,
                 engine: io_engine,
                 tcp_congestion,
+                record_interval: std::time::Duration::from_millis(record_interval_ms),
                 on_leader_elected,
                 on_leader_lost,
                 http,

@@ -72,6 +72,13 @@ fn a_killed_leader_is_replaced_and_every_node_converges() {
         Duration::from_secs(20),
     );
 
+    // While leading, it checkpoints its record (once its watcher can report what it queued).
+    let line = nodes[first]
+        .proc
+        .wait_log("recorded instance", Duration::from_secs(20));
+    assert!(line.contains("every checkpoint"), "{line}");
+    assert!(nodes[first].dir.join(".ferry/leader").exists());
+
     // kill -9 the leader: another is elected, and the last one follows it.
     let mut nodes = nodes;
     let killed_at = Instant::now();
@@ -409,6 +416,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         secret,
         engine: Some(ferry::engine::EngineKind::Fallback),
         tcp_congestion: None,
+        record_interval: std::time::Duration::from_secs(10),
         on_leader_elected: None,
         on_leader_lost: None,
         http: None,
