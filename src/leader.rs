@@ -190,11 +190,9 @@ impl Slot {
 struct Hub {
     catalog: Catalog,
     inboxes: HashMap<u64, Inbox>,
-    /// The position the leader's record on disk reserves, if this run wrote one
-    /// (`checkpoint`).
-    reserved: Option<u64>,
-    /// No session's MARK goes above this: the reservation of the record on disk, or of the
-    /// one being written (`u64::MAX` while there is none). Sessions take it with their inbox.
+    /// No session's MARK goes above this: the reservation of the leader's record this run
+    /// wrote (`checkpoint`), `u64::MAX` while there is none on disk; while a checkpoint is
+    /// written, the lower of that and the new one. Sessions take it with their inbox.
     mark_ceiling: u64,
 }
 
@@ -405,7 +403,7 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId) {
         None => !shared.flush_needed,
     };
     if !flushed {
-        if shared.lock().reserved.is_some() {
+        if shared.lock().mark_ceiling != u64::MAX {
             tracing::warn!(
                 "not writing a checkpoint of the leader's record: the watcher did not report \
                  its changes (stopped, or slower than {} ms); the last checkpoint stays",
@@ -417,23 +415,23 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId) {
     // Each entry is taken after the look (what changed it since changed the file's stamp) and
     // before the reservation (so every birth is at or below it).
     let catalog = catalog_copy(shared).snapshot();
-    let reserved = {
+    let (reserved, first) = {
         let mut hub = shared.lock();
+        // The reservation of the record on disk, if there is one: the ceiling.
+        let on_disk = (hub.mark_ceiling != u64::MAX).then_some(hub.mark_ceiling);
         let reserved = hub
             .catalog
             .position()
             .saturating_add(LEADER_POSITION_RESERVE)
-            .max(hub.reserved.unwrap_or(0));
+            .max(on_disk.unwrap_or(0));
         // Every MARK so far is at or below the position; from now on, at or below `reserved`.
         hub.mark_ceiling = hub.mark_ceiling.min(reserved);
-        reserved
+        (reserved, on_disk.is_none())
     };
     let saved = leader_record::save(dir, instance, reserved, &catalog, &look);
     let mut hub = shared.lock();
-    let first = hub.reserved.is_none();
     match saved {
         Ok(()) => {
-            hub.reserved = Some(reserved);
             hub.mark_ceiling = reserved;
             if first {
                 tracing::info!(
@@ -446,7 +444,6 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId) {
         }
         Err(e) => match leader_record::remove(dir) {
             Ok(()) => {
-                hub.reserved = None;
                 hub.mark_ceiling = u64::MAX;
                 tracing::warn!(
                     "cannot write the leader's record: {e}; if this leader dies, the next one \
@@ -507,7 +504,6 @@ impl Leader {
             hub: Mutex::new(Hub {
                 catalog,
                 inboxes: HashMap::new(),
-                reserved: None,
                 mark_ceiling: u64::MAX,
             }),
             board: Mutex::new(Board {
@@ -920,12 +916,12 @@ impl Leader {
     /// Sets what a checkpoint of the leader's record calls first, to have the change source
     /// report every change made up to then (`watch` sets the watcher's), and asks for a
     /// checkpoint now.
-    pub fn set_checkpoint_flush(&self, flush: Option<CheckpointFlush>) {
+    pub fn set_checkpoint_flush(&self, flush: CheckpointFlush) {
         *self
             .shared
             .checkpoint_flush
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = flush;
+            .unwrap_or_else(|p| p.into_inner()) = Some(flush);
         let checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = checkpoints.as_ref() {
             let _ = c.stop.send(());
@@ -995,7 +991,7 @@ pub fn watch(leader: &Arc<Leader>, known: Known) -> io::Result<Watcher> {
         )
     })?;
     let flusher = watcher.flusher();
-    leader.set_checkpoint_flush(Some(Arc::new(move || flusher.flush(WATCHER_FLUSH_TIMEOUT))));
+    leader.set_checkpoint_flush(Arc::new(move || flusher.flush(WATCHER_FLUSH_TIMEOUT)));
     Ok(watcher)
 }
 

@@ -209,7 +209,7 @@ fn parse(text: &str) -> Option<Parsed> {
     })
 }
 
-/// The record left by the last graceful stop, deleted here so that it is used once; `None`
+/// The record left by the last stop or checkpoint, deleted here so that it is used once; `None`
 /// (and the reason logged) when there is none to resume from.
 pub fn take(dir: &DataDir) -> Option<Resumed> {
     take_for_boot(dir, boot_id())
