@@ -59,8 +59,20 @@ fn acked_written(leader: &Leader, position: u64) {
 /// A leader on `engine` with one follower at `written` that has acked the first `count`
 /// messages of `seg.0`. Returns both, the leader's dir and the offset after those messages.
 fn with_a_follower_in_sync(env: &Env, engine: &str, count: usize) -> (Leader, Proc, PathBuf, u64) {
+    with_a_follower_in_sync_of(env, engine, count, |_| {})
+}
+
+/// `with_a_follower_in_sync`, the leader's config changed by `configure` first.
+fn with_a_follower_in_sync_of(
+    env: &Env,
+    engine: &str,
+    count: usize,
+    configure: impl FnOnce(&mut LeaderConfig),
+) -> (Leader, Proc, PathBuf, u64) {
     let ld = env.dir("leader");
-    let leader = start(&ld, engine);
+    let mut config = config(&ld, engine);
+    configure(&mut config);
+    let leader = Leader::start(config, Vec::new()).unwrap();
     let follower = start_follower(env, &env.dir("f"), leader.local_addr(), engine, "written");
     let mut offset = 0;
     let position = publish(&leader, &ld, "seg.0", &mut offset, count);
@@ -529,20 +541,11 @@ fn record_position(dir: &Path) -> Option<u64> {
 #[test]
 fn a_checkpoint_that_cannot_be_written_deletes_the_record_and_acks_go_on() {
     let env = Env::new();
-    let ld = env.dir("leader");
-    let mut config = config(&ld, "fallback");
-    config.record_interval = Duration::from_millis(50);
-    let leader = Leader::start(config, Vec::new()).unwrap();
-    let _follower = start_follower(
-        &env,
-        &env.dir("f"),
-        leader.local_addr(),
-        "fallback",
-        "written",
-    );
-    let mut offset = 0;
-    let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
-    acked_written(&leader, position);
+    let (leader, _follower, ld, mut offset) =
+        with_a_follower_in_sync_of(&env, "fallback", 10, |c| {
+            c.record_interval = Duration::from_millis(50);
+        });
+    let position = leader.position();
     wait_until(
         Duration::from_secs(10),
         "a checkpoint reserving positions above the leader's",
