@@ -525,14 +525,14 @@ impl LeaderShell {
         self.checkpoint.is_some()
     }
 
-    /// The leader dies and starts again from its last checkpoint (if it wrote none, this only
-    /// reconnects): positions go on above the reservation, and a file keeps its birth unless
+    /// The leader dies and starts again from its last checkpoint (`has_checkpoint` must
+    /// hold): positions go on above the reservation, and a file keeps its birth unless
     /// `changed_since` (its stamp then differs from the checkpoint's).
     pub fn crash_restart(&mut self, changed_since: &HashSet<RelPath>) {
-        let Some((mut kept, reserved)) = self.checkpoint.take() else {
-            self.reconnect();
-            return;
-        };
+        let (mut kept, reserved) = self
+            .checkpoint
+            .take()
+            .expect("a crash restart from a checkpoint the leader wrote");
         kept.retain(|path, _| !changed_since.contains(path));
         self.resume(reserved, &kept);
     }
