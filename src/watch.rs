@@ -84,6 +84,26 @@ pub struct Watcher {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A non-blocking eventfd, which the watcher's thread polls to be stopped or asked to flush.
+fn new_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if efd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: eventfd returned a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(efd) })
+}
+
+/// Makes `eventfd` readable (adds 1 to its counter).
+fn wake(eventfd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 into an eventfd we own.
+    unsafe {
+        libc::write(eventfd.as_raw_fd(), (&one as *const u64).cast(), 8);
+    }
+}
+
 /// Asks a running watcher to report every change made up to now (`Watcher::flusher`): what a
 /// checkpoint of the leader's record needs before it takes the catalog.
 #[derive(Clone)]
@@ -104,13 +124,7 @@ struct FlushAsks {
 
 impl Flusher {
     fn new() -> io::Result<Flusher> {
-        // SAFETY: plain syscall; the result is checked.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: eventfd returned a new fd owned by nobody else.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let wake = Arc::new(new_eventfd()?);
         let asks = Arc::new((Mutex::new(FlushAsks::default()), Condvar::new()));
         Ok(Flusher { wake, asks })
     }
@@ -127,11 +141,7 @@ impl Flusher {
         }
         asks.asked += 1;
         let ticket = asks.asked;
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 into our eventfd.
-        unsafe {
-            libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8);
-        }
+        wake(&self.wake);
         while asks.done < ticket && !asks.gone {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -198,13 +208,7 @@ impl Watcher {
         }
         // SAFETY: inotify_init1 returned a new fd owned by nobody else.
         let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: as above, for an eventfd used to stop the thread.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: eventfd returned a new fd owned by nobody else.
-        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let stop = new_eventfd()?;
         let mut state = State {
             root: root.to_path_buf(),
             inotify,
@@ -268,11 +272,7 @@ impl Watcher {
     }
 
     fn shutdown(&mut self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 into our eventfd.
-        unsafe {
-            libc::write(self.stop.as_raw_fd(), (&one as *const u64).cast(), 8);
-        }
+        wake(&self.stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
