@@ -604,12 +604,9 @@ fn build_inventory(
         let proof = match cuts.get(&meta.path) {
             None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
             Some(cut) => {
-                let held_at = match &held {
-                    Some((record, instance)) => {
-                        record.held_at(&meta.path, instance, &Stamp::of_meta(&meta))
-                    }
-                    None => None,
-                };
+                let held_at = held.as_ref().and_then(|(record, instance)| {
+                    record.held_at(&meta.path, instance, &Stamp::of_meta(&meta))
+                });
                 match held_at {
                     Some(position) if cut.admits_held(meta.len_bytes, position) => {
                         held_files += 1;
