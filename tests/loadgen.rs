@@ -358,6 +358,68 @@ fn probe_cpus_measures_a_cache_line_round_trip_between_two_cpus() {
     );
 }
 
+/// `--raw-baseline` for the `synced` streaming target: a write mode run (`ferry lead` beside a
+/// write(2) writer, the leader's copy elsewhere) against the same pipeline without ferry, whose
+/// writer writes with write(2) into a dir beside the leader's and whose receivers count only
+/// what fdatasync made durable; both quoted against dd in the same invocation.
+#[test]
+fn a_write_mode_run_is_compared_with_a_synced_fan_out_and_both_with_dd() {
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let json = tmp.path().join("run.json");
+    let leader_dir = tmp.path().join("elsewhere").join("leader");
+    let cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        .args(["--mode", "write", "--raw-baseline", "--followers", "1"])
+        .args(["--messages", "64", "--message-bytes", "65536"])
+        .args(["--durability", "synced", "--dd-baseline", "8"])
+        .arg("--leader-dir")
+        .arg(&leader_dir)
+        .arg("--dir")
+        .arg(tmp.path().join("data"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&cmd.stdout),
+        String::from_utf8_lossy(&cmd.stderr),
+    );
+    assert!(cmd.status.success(), "{stdout}\n{stderr}");
+    // The fan-out's run: its writer used write(2) beside the leader's dir, its receivers synced.
+    assert!(
+        stderr.contains(&format!(
+            "segments in {}",
+            leader_dir.join("raw-baseline").display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("receivers at synced"), "{stderr}");
+    for says in [
+        "against the plain fan-out run just before (--raw-baseline): ",
+        " MB/s acked at synced by every follower = ",
+        "the plain fan-out: ",
+        " MB/s synced by every receiver = ",
+        "x the dd baseline",
+    ] {
+        assert!(stdout.contains(says), "{says:?} missing from\n{stdout}");
+    }
+    let report = std::fs::read_to_string(&json).unwrap();
+    for field in [
+        "\"raw_baseline\": {\"delivered_messages_per_s\": ",
+        "\"delivered_mb_per_s\": ",
+        "\"durability\": \"synced\", \"writer\": \"write\"",
+        "\"checksums_match\": true",
+    ] {
+        assert!(report.contains(field), "{field} missing from\n{report}");
+    }
+    // Nothing of either run is left.
+    assert!(!leader_dir.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("data")).unwrap().count(),
+        0
+    );
+}
+
 /// `--mode write`: `ferry lead` beside a writer using write(2). The run follows the followers
 /// through the leader's `--http` endpoint as it does the embedded leader: every sample holds
 /// each follower's lag, and the convergence time is when each acked the leader's position.

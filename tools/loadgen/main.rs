@@ -66,10 +66,11 @@ const CONFIRM_DELAY_MAX: Duration = Duration::from_micros(50);
 )]
 struct Args {
     /// library: mmap'd segments and an embedded leader told with append(); write: write(2) into
-    /// a directory watched by a `ferry lead` process; raw: the library mode's writer with no
-    /// ferry, each append spliced to --followers receiver threads over loopback TCP (no
-    /// protocol, no acks): the machine's limit for the same workload, to run beside a library
-    /// run.
+    /// a directory watched by a `ferry lead` process; raw: the library mode's writer (or
+    /// --raw-writer write) with no ferry, each append spliced to --followers receiver threads
+    /// over loopback TCP (no protocol, no acks; at --durability synced each receiver counts
+    /// only what fdatasync made durable): the machine's limit for the same workload, to run
+    /// beside a library or write mode run.
     #[arg(long, default_value = "library", value_parser = ["library", "write", "raw"])]
     mode: String,
     /// `ferry follow` processes to run (0: the writer's baseline, nobody to replicate to); in
@@ -126,10 +127,11 @@ struct Args {
     /// (this many MiB into the run's directory), and report the run against it.
     #[arg(long, value_name = "MIB")]
     dd_baseline: Option<u64>,
-    /// Library mode: first run the same workload through the plain splice fan-out (`--mode
-    /// raw` in a child loadgen: the same writer, message sizes, segments, rate, duration or
-    /// count, a receiver per follower), then report this run against it: messages/s delivered
-    /// to every follower, and append() to acked beside the fan-out's append() to received.
+    /// Library or write mode: first run the same workload through the plain splice fan-out
+    /// (`--mode raw` in a child loadgen: the same writer, message sizes, segments, rate,
+    /// duration or count, a receiver per follower at the same durability, segments beside the
+    /// leader's dir), then report this run against it: messages/s delivered to every follower,
+    /// and append() to acked beside the fan-out's append() to received.
     #[arg(long)]
     raw_baseline: bool,
     /// Where to put the data dirs (default: a new temporary directory, removed at the end).
@@ -147,6 +149,10 @@ struct Args {
     /// ceiling).
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     raw_batch_bytes: u64,
+    /// --mode raw: how the writer writes its segments: mmap (library mode's writer) or write
+    /// (write(2), write mode's). --raw-baseline takes the run's own.
+    #[arg(long, default_value = "mmap", value_parser = ["mmap", "write"])]
+    raw_writer: String,
     /// Run the writer threads on this CPU alone, and everything else (the leader's server
     /// thread, the followers) on the other CPUs: on one machine the followers otherwise take
     /// the writer's CPU time, which followers on other machines do not.
@@ -272,11 +278,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
     if args.raw_baseline {
-        if args.mode != "library" {
-            bail!(
-                "--raw-baseline compares a library mode run; this is --mode {}",
-                args.mode
-            );
+        if raw_mode {
+            bail!("--raw-baseline compares a library or write mode run with --mode raw");
         }
         if args.writers != 1 {
             bail!("--raw-baseline: the fan-out takes one writer (its segments in order are the receivers' stream)");
@@ -326,7 +329,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     // The fan-out runs alone, before this run starts anything, and the child it runs in may
     // use every CPU (keep_off below would take the writer's from it).
     let raw_baseline = if args.raw_baseline {
-        Some(run_raw_baseline(&args, &root)?)
+        Some(run_raw_baseline(&args, &root, &leader_dir)?)
     } else {
         None
     };
@@ -371,6 +374,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             args.followers,
             args.raw_batch_bytes,
             args.tcp_congestion.as_deref(),
+            args.durability == Durability::Synced,
         )?))
     } else {
         None
@@ -496,6 +500,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
         let tx = confirm_tx.clone();
         let (lo, hi) = args.message_bytes;
         let segment_bytes = args.segment_bytes;
+        // Library mode's writer maps its segments; write mode's, and `--raw-writer write`'s,
+        // calls write(2).
+        let mmap = library || (raw_mode && args.raw_writer == "mmap");
         let deadline = started + args.duration;
         writer_threads.push(std::thread::spawn(move || {
             write_loop(WriterPlan {
@@ -506,6 +513,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 tx,
                 size: (lo, hi),
                 segment_bytes,
+                mmap,
                 cpu: args.writer_cpu,
                 rate: per_writer_rate,
                 messages: per_writer_messages,
@@ -767,12 +775,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into())
         }),
-        // Raw receivers ack nothing.
-        durability: if raw_mode {
-            "none".into()
-        } else {
-            args.durability.name().into()
-        },
+        // Raw receivers ack nothing: they either sync or not.
+        durability: raw::receivers_durability(args.durability).into(),
         followers: args.followers,
         writers: args.writers,
         writer_cpu: args.writer_cpu,
@@ -882,14 +886,24 @@ impl RunDirs {
     }
 }
 
-/// Runs this run's workload through the plain fan-out in a child loadgen (`--mode raw`, under
-/// `root`) and reads what it measured from its JSON report. Its summary goes to stderr.
-fn run_raw_baseline(args: &Args, root: &Path) -> anyhow::Result<RawBaseline> {
+/// Runs this run's workload through the plain fan-out in a child loadgen (`--mode raw`, its
+/// receivers under `root`, its segments in `leader_dir/raw-baseline`: on the leader's file
+/// system, removed when it ends) and reads what it measured from its JSON report. Its summary
+/// goes to stderr.
+fn run_raw_baseline(args: &Args, root: &Path, leader_dir: &Path) -> anyhow::Result<RawBaseline> {
     let dir = root.join("raw-baseline");
+    let segments = leader_dir.join("raw-baseline");
     let json = root.join("raw-baseline.json");
     let (lo, hi) = args.message_bytes;
+    let writer = if args.mode == "write" {
+        "write"
+    } else {
+        "mmap"
+    };
+    let durability = raw::receivers_durability(args.durability);
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["--mode", "raw"])
+    cmd.args(["--mode", "raw", "--raw-writer", writer])
+        .args(["--durability", args.durability.name()])
         .args(["--followers", &args.followers.to_string()])
         .args(["--message-bytes", &format!("{lo}-{hi}")])
         .args(["--segment-bytes", &args.segment_bytes.to_string()])
@@ -897,6 +911,8 @@ fn run_raw_baseline(args: &Args, root: &Path) -> anyhow::Result<RawBaseline> {
         .args(["--rate", &args.rate.to_string()])
         .arg("--dir")
         .arg(&dir)
+        .arg("--leader-dir")
+        .arg(&segments)
         .arg("--json")
         .arg(&json)
         .stdout(std::process::Stdio::from(std::io::stderr()));
@@ -910,7 +926,12 @@ fn run_raw_baseline(args: &Args, root: &Path) -> anyhow::Result<RawBaseline> {
     if let Some(cc) = &args.tcp_congestion {
         cmd.args(["--tcp-congestion", cc]);
     }
-    eprintln!("raw baseline: the same workload through the plain fan-out first");
+    eprintln!(
+        "raw baseline: the same workload through the plain fan-out first (its writer's \
+         {writer}, segments in {}, receivers at {durability} in {})",
+        segments.display(),
+        dir.display()
+    );
     let status = cmd
         .status()
         .context("cannot run loadgen --mode raw for --raw-baseline")?;
@@ -919,7 +940,7 @@ fn run_raw_baseline(args: &Args, root: &Path) -> anyhow::Result<RawBaseline> {
     }
     let text = std::fs::read_to_string(&json)
         .with_context(|| format!("cannot read the raw baseline's {}", json.display()))?;
-    let baseline = RawBaseline::from_json(&text)
+    let baseline = RawBaseline::from_json(&text, durability, writer)
         .with_context(|| format!("the raw baseline's report lacks a figure:\n{text}"))?;
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&json);
@@ -998,6 +1019,8 @@ struct WriterPlan {
     tx: mpsc::Sender<Vec<Appended>>,
     size: (usize, usize),
     segment_bytes: u64,
+    /// Through a shared mapping, or with write(2).
+    mmap: bool,
     /// `--writer-cpu`.
     cpu: Option<usize>,
     rate: f64,
@@ -1042,8 +1065,7 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<WriterResult> {
     if let Some(cpu) = plan.cpu {
         cpus::pin_to(cpu).with_context(|| format!("cannot pin a writer to CPU {cpu}"))?;
     }
-    let mut segments =
-        SegmentWriter::new(&plan.dir, plan.id, plan.segment_bytes, plan.sink.is_some());
+    let mut segments = SegmentWriter::new(&plan.dir, plan.id, plan.segment_bytes, plan.mmap);
     let mut normal = histogram();
     let mut fault = histogram();
     let mut window = histogram();

@@ -11,6 +11,11 @@
 //!
 //! One writer only: its segments, concatenated in order, are then exactly each receiver's
 //! stream, which `finish` checks byte for byte (SHA-1).
+//!
+//! Synced receivers (`--durability synced`) make their stream durable the way a ferry follower
+//! does at `synced`: a second thread per receiver calls fdatasync whenever the receiver has
+//! written past what it last synced (the writes made during one call wait for the next), and
+//! a byte counts as received only once a call that covers it has returned.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -24,7 +29,18 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ferry::engine::{splice_blocking, Pipe, RECEIVE_PIPE_BYTES, SEND_PIPE_BYTES};
+use ferry::frame::Durability;
 use sha1::{Digest, Sha1};
+
+/// What the receivers do at `durability`: "synced" (fdatasync before they count a byte) or
+/// "written" (spliced into the file: `received` and `written` alike).
+pub fn receivers_durability(durability: Durability) -> &'static str {
+    if durability == Durability::Synced {
+        "synced"
+    } else {
+        "written"
+    }
+}
 
 /// Appended ranges not yet sent by every sender, in the order they were appended.
 struct Log {
@@ -118,12 +134,14 @@ impl Fanout {
     /// Receivers write into `recv_root/raw<i>/stream`; segments are read from `dir`. A sender
     /// waits for `batch_bytes` to send: 0 sends each append as soon as it can (the latency
     /// floor), 1 MiB gives big splices and one wake-up per MiB (the throughput ceiling).
+    /// `synced` receivers count only what fdatasync made durable.
     pub fn start(
         dir: &Path,
         recv_root: &Path,
         receivers: usize,
         batch_bytes: u64,
         tcp_congestion: Option<&str>,
+        synced: bool,
     ) -> io::Result<Fanout> {
         let shared = Arc::new(Shared {
             log: Mutex::new(Log {
@@ -158,7 +176,7 @@ impl Fanout {
             let shared = fanout.shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("raw-receiver{}", i + 1))
-                .spawn(move || receive(listener, out, &shared, i))?;
+                .spawn(move || receive(listener, out, shared, i, synced))?;
             fanout.receivers.push(Receiver { path, thread });
             let socket = TcpStream::connect(addr)?;
             if let Some(cc) = tcp_congestion {
@@ -372,8 +390,34 @@ fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result
     }
 }
 
-/// One receiver: the socket's bytes into `out`, in order, until the sender closes.
-fn receive(listener: TcpListener, out: File, shared: &Shared, me: usize) -> io::Result<()> {
+/// One receiver: the socket's bytes into `out`, in order, until the sender closes; `synced`,
+/// with a `Syncer` beside it that counts them once durable. Returns once they all are.
+fn receive(
+    listener: TcpListener,
+    out: File,
+    shared: Arc<Shared>,
+    me: usize,
+    synced: bool,
+) -> io::Result<()> {
+    let syncer = if synced {
+        Some(Syncer::start(out.try_clone()?, shared.clone(), me)?)
+    } else {
+        None
+    };
+    let received = receive_into(listener, &out, &shared, me, syncer.as_ref());
+    // The syncer makes the last bytes durable (or stops, after a failed receive) before the
+    // receiver is done.
+    let synced = syncer.map_or(Ok(()), Syncer::finish);
+    received.and(synced)
+}
+
+fn receive_into(
+    listener: TcpListener,
+    out: &File,
+    shared: &Shared,
+    me: usize,
+    syncer: Option<&Syncer>,
+) -> io::Result<()> {
     let (socket, _) = listener.accept()?;
     let pipe = Pipe::new(RECEIVE_PIPE_BYTES)?;
     let mut offset: libc::loff_t = 0;
@@ -389,6 +433,124 @@ fn receive(listener: TcpListener, out: File, shared: &Shared, me: usize) -> io::
             return Ok(());
         }
         pipe.drain_blocking(out.as_raw_fd(), Some(&mut offset), n)?;
-        shared.received(me, offset as u64);
+        match syncer {
+            Some(syncer) => syncer.wrote(offset as u64),
+            None => shared.received(me, offset as u64),
+        }
+    }
+}
+
+/// A synced receiver's second thread: fdatasync of its stream in rounds, as a ferry follower's
+/// sync task does (while one call runs, later writes gather for the next), each round's bytes
+/// counted as received when its call returns.
+struct Syncer {
+    state: Arc<(Mutex<SyncState>, Condvar)>,
+    thread: JoinHandle<io::Result<()>>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    written_bytes: u64,
+    /// The receiver is done: sync what is left, then stop.
+    done: bool,
+}
+
+impl Syncer {
+    fn start(out: File, shared: Arc<Shared>, me: usize) -> io::Result<Syncer> {
+        let state = Arc::new((Mutex::new(SyncState::default()), Condvar::new()));
+        let thread = {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name(format!("raw-sync{}", me + 1))
+                .spawn(move || sync_rounds(&out, &state, &shared, me))?
+        };
+        Ok(Syncer { state, thread })
+    }
+
+    /// The receiver's stream is `written_bytes` long.
+    fn wrote(&self, written_bytes: u64) {
+        let (state, wake) = &*self.state;
+        state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .written_bytes = written_bytes;
+        wake.notify_one();
+    }
+
+    /// Syncs what is left, stops, and reports the first failed fdatasync.
+    fn finish(self) -> io::Result<()> {
+        let (state, wake) = &*self.state;
+        state.lock().unwrap_or_else(|p| p.into_inner()).done = true;
+        wake.notify_one();
+        match self.thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::other("a raw receiver's sync thread panicked")),
+        }
+    }
+}
+
+fn sync_rounds(
+    out: &File,
+    state: &(Mutex<SyncState>, Condvar),
+    shared: &Shared,
+    me: usize,
+) -> io::Result<()> {
+    let (state, wake) = state;
+    let mut synced_bytes = 0u64;
+    loop {
+        let (written_bytes, done) = {
+            let s = state.lock().unwrap_or_else(|p| p.into_inner());
+            let s = wake
+                .wait_while(s, |s| s.written_bytes == synced_bytes && !s.done)
+                .unwrap_or_else(|p| p.into_inner());
+            (s.written_bytes, s.done)
+        };
+        if written_bytes > synced_bytes {
+            out.sync_data()?;
+            synced_bytes = written_bytes;
+            shared.received(me, synced_bytes);
+        } else if done {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A synced receiver counts bytes as received only once fdatasync has returned for them,
+    /// as a ferry follower acks at `synced`: when every receiver is reported to hold the
+    /// segment, none of its pages is dirty or under writeback. (On a disk-backed file system:
+    /// /var/tmp, where loadgen puts its runs by default.)
+    #[test]
+    fn a_synced_receiver_reports_only_what_fdatasync_made_durable() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let segments = tmp.path().join("leader");
+        std::fs::create_dir_all(&segments).unwrap();
+        let len_bytes = 4u64 << 20;
+        let data: Vec<u8> = (0..len_bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(segments.join("seg"), &data).unwrap();
+
+        let fanout = Fanout::start(&segments, tmp.path(), 2, 0, None, true).unwrap();
+        fanout.append("seg", 0, len_bytes);
+        let mut held = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while held < len_bytes && std::time::Instant::now() < deadline {
+            held = fanout.wait_received_beyond(held, Duration::from_secs(1));
+        }
+        assert_eq!(held, len_bytes);
+        for i in 1..=2 {
+            let stream = File::open(receiver_dir(tmp.path(), i).join("stream")).unwrap();
+            let stat = ferry::engine::uring::cachestat(stream.as_raw_fd(), 0, 0)
+                .expect("cachestat(2): Linux 6.5 or later");
+            assert_eq!(
+                (stat.nr_dirty, stat.nr_writeback),
+                (0, 0),
+                "receiver {i} reported bytes not yet on disk"
+            );
+        }
+        let drained = fanout.finish().unwrap();
+        assert!(drained.streams_match().unwrap());
     }
 }

@@ -145,20 +145,35 @@ const STEAL_WARN_PERCENT: f64 = 10.0;
 pub struct RawBaseline {
     /// Messages over the time until every receiver held them all.
     pub delivered_messages_per_s: f64,
+    /// The same in MB/s.
+    pub delivered_mb_per_s: f64,
+    /// What its receivers did before they counted a byte: "written" or "synced".
+    pub durability: &'static str,
+    /// How its writer wrote: "mmap" or "write".
+    pub writer: &'static str,
     pub append_to_received_p50_us: f64,
     pub append_to_received_p99_us: f64,
     pub cpu_s: f64,
 }
 
 impl RawBaseline {
-    /// From a `--mode raw` run's `--json` report; `None` if a figure is missing (a run that
-    /// delivered nothing has no latencies).
-    pub fn from_json(json: &str) -> Option<RawBaseline> {
+    /// From a `--mode raw` run's `--json` report, run with `durability` and `writer`; `None`
+    /// if a figure is missing (a run that delivered nothing has no latencies).
+    pub fn from_json(
+        json: &str,
+        durability: &'static str,
+        writer: &'static str,
+    ) -> Option<RawBaseline> {
         let messages = json_number(json, &["messages"])?;
+        let bytes = json_number(json, &["bytes"])?;
         let elapsed_s = json_number(json, &["elapsed_s"])?;
         let converged_s = json_number(json, &["converged_s"])?;
+        let total_s = (elapsed_s + converged_s).max(1e-9);
         Some(RawBaseline {
-            delivered_messages_per_s: messages / (elapsed_s + converged_s).max(1e-9),
+            delivered_messages_per_s: messages / total_s,
+            delivered_mb_per_s: bytes / 1e6 / total_s,
+            durability,
+            writer,
             append_to_received_p50_us: json_number(json, &["append_to_ack_us", "p50"])?,
             append_to_received_p99_us: json_number(json, &["append_to_ack_us", "p99"])?,
             cpu_s: json_number(json, &["leader", "cpu_s"])?,
@@ -386,19 +401,43 @@ impl Report {
             );
         }
         if let Some(raw) = &self.raw_baseline {
-            let delivered = self.delivered_messages_per_s().unwrap_or(0.0);
-            let _ = writeln!(
-                s,
-                "  against the plain fan-out run just before (--raw-baseline): {delivered:.0} \
-                 messages/s delivered to every follower = {:.2}x its {:.0}; append() to acked \
-                 p50 {} us, p99 {} us, against its append() to received p50 {:.0} us, p99 {:.0} us",
-                delivered / raw.delivered_messages_per_s.max(1e-9),
-                raw.delivered_messages_per_s,
-                self.append_to_ack_us.value_at_quantile(0.5),
-                self.append_to_ack_us.value_at_quantile(0.99),
-                raw.append_to_received_p50_us,
-                raw.append_to_received_p99_us
-            );
+            if self.mode == "write" {
+                // No append() to time: the byte rates, as the synced target is stated.
+                let acked = self.acked_mb_per_s().unwrap_or(0.0);
+                let _ = writeln!(
+                    s,
+                    "  against the plain fan-out run just before (--raw-baseline): {acked:.1} \
+                     MB/s acked at {} by every follower = {:.2}x its {:.1} MB/s",
+                    self.durability,
+                    acked / raw.delivered_mb_per_s.max(1e-9),
+                    raw.delivered_mb_per_s
+                );
+            } else {
+                let delivered = self.delivered_messages_per_s().unwrap_or(0.0);
+                let _ = writeln!(
+                    s,
+                    "  against the plain fan-out run just before (--raw-baseline): {delivered:.0} \
+                     messages/s delivered to every follower = {:.2}x its {:.0}; append() to \
+                     acked p50 {} us, p99 {} us, against its append() to received p50 {:.0} us, \
+                     p99 {:.0} us",
+                    delivered / raw.delivered_messages_per_s.max(1e-9),
+                    raw.delivered_messages_per_s,
+                    self.append_to_ack_us.value_at_quantile(0.5),
+                    self.append_to_ack_us.value_at_quantile(0.99),
+                    raw.append_to_received_p50_us,
+                    raw.append_to_received_p99_us
+                );
+            }
+            if let Some(dd) = self.dd_mb_per_s {
+                // Whether the target can be met here at all: the same pipeline without ferry.
+                let _ = writeln!(
+                    s,
+                    "  the plain fan-out: {:.1} MB/s {} by every receiver = {:.2}x the dd baseline",
+                    raw.delivered_mb_per_s,
+                    raw.durability,
+                    raw.delivered_mb_per_s / dd.max(1e-9)
+                );
+            }
         }
         let queue = if self.latency_queue_peak_bytes > 0 {
             format!(
@@ -614,9 +653,13 @@ impl Report {
                 let _ = writeln!(
                     s,
                     "  \"raw_baseline\": {{\"delivered_messages_per_s\": {:.1}, \
+                     \"delivered_mb_per_s\": {:.3}, \"durability\": {}, \"writer\": {}, \
                      \"append_to_received_p50_us\": {:.0}, \"append_to_received_p99_us\": {:.0}, \
                      \"cpu_s\": {:.3}}},",
                     raw.delivered_messages_per_s,
+                    raw.delivered_mb_per_s,
+                    json_str(raw.durability),
+                    json_str(raw.writer),
                     raw.append_to_received_p50_us,
                     raw.append_to_received_p99_us,
                     raw.cpu_s
@@ -987,19 +1030,20 @@ mod tests {
     #[test]
     fn a_raw_baseline_is_read_from_the_fields_a_raw_report_has() {
         let json = "{\n  \"mode\": \"raw\",\n  \"elapsed_s\": 4.000,\n  \"messages\": 2000000,\n  \
-                    \"messages_per_s\": 500000.0,\n  \"append_to_ack_us\": {\"count\": 2000000, \
+                    \"bytes\": 2000000000,\n  \"messages_per_s\": 500000.0,\n  \"append_to_ack_us\": {\"count\": 2000000, \
                     \"p50\": 110, \"p99\": 1500, \"p999\": 3000, \"max\": 9000},\n  \
                     \"append_call_ns\": {\"count\": 2000000, \"p50\": 70, \"p99\": 600},\n  \
                     \"leader\": {\"name\": \"loadgen\", \"cpu_s\": 9.250, \"rss_peak_mib\": 20.0},\n  \
                     \"converged_s\": 1.000,\n  \"checksums_match\": true\n}\n";
-        let raw = RawBaseline::from_json(json).unwrap();
+        let raw = RawBaseline::from_json(json, "written", "mmap").unwrap();
         assert_eq!(raw.delivered_messages_per_s, 400_000.0);
+        assert_eq!(raw.delivered_mb_per_s, 400.0);
         assert_eq!(raw.append_to_received_p50_us, 110.0);
         assert_eq!(raw.append_to_received_p99_us, 1500.0);
         assert_eq!(raw.cpu_s, 9.25);
         // A run that never converged has no delivered rate.
         let unconverged = json.replace("\"converged_s\": 1.000", "\"converged_s\": null");
-        assert!(RawBaseline::from_json(&unconverged).is_none());
+        assert!(RawBaseline::from_json(&unconverged, "written", "mmap").is_none());
     }
 
     /// A report of `t_max_s` seconds, sampled every 100 ms at 100 MB/s with one follower
