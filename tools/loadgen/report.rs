@@ -1030,8 +1030,9 @@ mod tests {
     #[test]
     fn a_raw_baseline_is_read_from_the_fields_a_raw_report_has() {
         let json = "{\n  \"mode\": \"raw\",\n  \"elapsed_s\": 4.000,\n  \"messages\": 2000000,\n  \
-                    \"bytes\": 2000000000,\n  \"messages_per_s\": 500000.0,\n  \"append_to_ack_us\": {\"count\": 2000000, \
-                    \"p50\": 110, \"p99\": 1500, \"p999\": 3000, \"max\": 9000},\n  \
+                    \"bytes\": 2000000000,\n  \"messages_per_s\": 500000.0,\n  \
+                    \"append_to_ack_us\": {\"count\": 2000000, \"p50\": 110, \"p99\": 1500, \
+                    \"p999\": 3000, \"max\": 9000},\n  \
                     \"append_call_ns\": {\"count\": 2000000, \"p50\": 70, \"p99\": 600},\n  \
                     \"leader\": {\"name\": \"loadgen\", \"cpu_s\": 9.250, \"rss_peak_mib\": 20.0},\n  \
                     \"converged_s\": 1.000,\n  \"checksums_match\": true\n}\n";
