@@ -361,7 +361,8 @@ fn probe_cpus_measures_a_cache_line_round_trip_between_two_cpus() {
 /// `--raw-baseline` for the `synced` streaming target: a write mode run (`ferry lead` beside a
 /// write(2) writer, the leader's copy elsewhere) against the same pipeline without ferry, whose
 /// writer writes with write(2) into a dir beside the leader's and whose receivers count only
-/// what fdatasync made durable; both quoted against dd in the same invocation.
+/// what fdatasync made durable; both quoted against dd in the same invocation, once into one
+/// file and once into files of a segment each, as the followers write them.
 #[test]
 fn a_write_mode_run_is_compared_with_a_synced_fan_out_and_both_with_dd() {
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -372,6 +373,8 @@ fn a_write_mode_run_is_compared_with_a_synced_fan_out_and_both_with_dd() {
         .args(["--mode", "write", "--raw-baseline", "--followers", "1"])
         .args(["--messages", "64", "--message-bytes", "65536"])
         .args(["--durability", "synced", "--dd-baseline", "8"])
+        // Four segments of 1 MiB, and dd's 8 MiB once more as eight files of a segment each.
+        .args(["--segment-bytes", "1048576"])
         .arg("--leader-dir")
         .arg(&leader_dir)
         .arg("--dir")
@@ -400,6 +403,7 @@ fn a_write_mode_run_is_compared_with_a_synced_fan_out_and_both_with_dd() {
         "the plain fan-out: ",
         " MB/s synced by every receiver = ",
         "x the dd baseline",
+        "x dd per segment file (",
     ] {
         assert!(stdout.contains(says), "{says:?} missing from\n{stdout}");
     }
@@ -412,6 +416,11 @@ fn a_write_mode_run_is_compared_with_a_synced_fan_out_and_both_with_dd() {
     ] {
         assert!(report.contains(field), "{field} missing from\n{report}");
     }
+    assert!(
+        stderr.contains("dd per segment: 8 files of 1048576 bytes"),
+        "{stderr}"
+    );
+    assert!(number_after(&report, "\"dd_per_segment_mb_per_s\": ") > 0.0);
     // Nothing of either run is left.
     assert!(!leader_dir.exists());
     assert_eq!(

@@ -124,7 +124,8 @@ struct Args {
     #[arg(long, value_name = "NAME")]
     tcp_congestion: Option<String>,
     /// Before the run, measure the disk's raw write rate the way `dd bs=1M conv=fdatasync` does
-    /// (this many MiB into the run's directory), and report the run against it.
+    /// (this many MiB into the run's directory), and report the run against it; with segments
+    /// smaller than that, also as files of a segment each, each synced before the next.
     #[arg(long, value_name = "MIB")]
     dd_baseline: Option<u64>,
     /// Library or write mode: first run the same workload through the plain splice fan-out
@@ -426,6 +427,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
 
     let dd_mb_per_s = match args.dd_baseline {
         Some(mib) => Some(dd_baseline(&root, mib)?),
+        None => None,
+    };
+    let dd_per_segment_mb_per_s = match args.dd_baseline {
+        Some(mib) => dd_per_segment(&root, mib, args.segment_bytes)?,
         None => None,
     };
     let shared = Arc::new(Shared {
@@ -767,6 +772,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         (Some(before), Some(mib)) => Some((before + dd_baseline(&root, mib)?) / 2.0),
         _ => None,
     };
+    let dd_per_segment_mb_per_s = match (dd_per_segment_mb_per_s, args.dd_baseline) {
+        (Some(before), Some(mib)) => {
+            dd_per_segment(&root, mib, args.segment_bytes)?.map(|after| (before + after) / 2.0)
+        }
+        _ => None,
+    };
     let report = Report {
         mode: args.mode.clone(),
         engine: engine_name,
@@ -796,6 +807,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         converged_s,
         checksums_match,
         dd_mb_per_s,
+        dd_per_segment_mb_per_s,
         raw_baseline,
         latency_queue_peak_bytes: confirmed.queue_peak_bytes,
         machine_cpu,
@@ -964,6 +976,44 @@ fn dd_baseline(root: &Path, mib: u64) -> anyhow::Result<f64> {
     let rate = (mib * 1024 * 1024) as f64 / 1e6 / secs;
     eprintln!("dd baseline: {mib} MiB in {secs:.2} s = {rate:.1} MB/s");
     Ok(rate)
+}
+
+/// MB/s of writing `mib` MiB as the run lays it out, in files of `segment_bytes` each, every
+/// file as `dd bs=1M conv=fdatasync` writes one (written in 1 MiB writes, then fdatasync) and
+/// one after the other: what the disk gives a replica of segments, where `dd_baseline` writes
+/// a single file. Creating, allocating and syncing each file costs the file system something
+/// per file. `None` when the whole fits in one segment (that is `dd_baseline`).
+fn dd_per_segment(root: &Path, mib: u64, segment_bytes: u64) -> anyhow::Result<Option<f64>> {
+    use std::io::Write as _;
+    let total_bytes = mib * 1024 * 1024;
+    if segment_bytes == 0 || segment_bytes >= total_bytes {
+        return Ok(None);
+    }
+    let dir = root.join("dd-per-segment");
+    std::fs::create_dir_all(&dir)?;
+    let block = vec![0x5a_u8; 1024 * 1024];
+    let files = total_bytes.div_ceil(segment_bytes);
+    let started = Instant::now();
+    let mut left_bytes = total_bytes;
+    for n in 0..files {
+        let mut f = std::fs::File::create(dir.join(format!("{n:08}.seg")))?;
+        let mut file_left = segment_bytes.min(left_bytes);
+        left_bytes -= file_left;
+        while file_left > 0 {
+            let len = (block.len() as u64).min(file_left) as usize;
+            f.write_all(&block[..len])?;
+            file_left -= len as u64;
+        }
+        f.sync_data()?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&dir)?;
+    let rate = total_bytes as f64 / 1e6 / secs;
+    eprintln!(
+        "dd per segment: {files} files of {segment_bytes} bytes, each synced before the next, \
+         in {secs:.2} s = {rate:.1} MB/s"
+    );
+    Ok(Some(rate))
 }
 
 fn start_lead(

@@ -122,6 +122,8 @@ pub struct Report {
     pub checksums_match: bool,
     /// `--dd-baseline`: the disk's raw rate measured before the run.
     pub dd_mb_per_s: Option<f64>,
+    /// `--dd-baseline` again, into files of a segment each (`None`: the run fits in one).
+    pub dd_per_segment_mb_per_s: Option<f64>,
     /// `--raw-baseline`: the same workload through the plain fan-out, run just before.
     pub raw_baseline: Option<RawBaseline>,
     /// The most bytes loadgen's own queue of appends not yet acked had allocated (it grows
@@ -393,9 +395,12 @@ impl Report {
             );
         }
         if let (Some(dd), Some(acked)) = (self.dd_mb_per_s, self.acked_mb_per_s()) {
+            let per_segment = self.dd_per_segment_mb_per_s.map_or(String::new(), |per| {
+                format!(", {:.2}x dd per segment file ({per:.1} MB/s)", acked / per)
+            });
             let _ = writeln!(
                 s,
-                "  acked at {}: {acked:.1} MB/s = {:.2}x the dd baseline ({dd:.1} MB/s)",
+                "  acked at {}: {acked:.1} MB/s = {:.2}x the dd baseline ({dd:.1} MB/s){per_segment}",
                 self.durability,
                 acked / dd
             );
@@ -646,6 +651,12 @@ impl Report {
             s,
             "  \"dd_baseline_mb_per_s\": {},",
             self.dd_mb_per_s
+                .map_or("null".into(), |v| format!("{v:.3}"))
+        );
+        let _ = writeln!(
+            s,
+            "  \"dd_per_segment_mb_per_s\": {},",
+            self.dd_per_segment_mb_per_s
                 .map_or("null".into(), |v| format!("{v:.3}"))
         );
         match &self.raw_baseline {
@@ -1095,6 +1106,7 @@ mod tests {
             converged_s: Some(0.1),
             checksums_match: true,
             dd_mb_per_s: None,
+            dd_per_segment_mb_per_s: None,
             raw_baseline: None,
             latency_queue_peak_bytes: 0,
             machine_cpu: None,

@@ -33,7 +33,7 @@ enum Figure {
     Ratio(&'static [&'static str], &'static [&'static str]),
 }
 
-const COLUMNS: [Column; 13] = [
+const COLUMNS: [Column; 14] = [
     Column {
         header: "msgs/s",
         key: "messages_per_s",
@@ -86,6 +86,12 @@ const COLUMNS: [Column; 13] = [
         header: "acked vs dd",
         key: "acked_vs_dd",
         figure: Figure::Ratio(&["acked_mb_per_s"], &["dd_baseline_mb_per_s"]),
+        decimals: 2,
+    },
+    Column {
+        header: "vs dd per segment",
+        key: "acked_vs_dd_per_segment",
+        figure: Figure::Ratio(&["acked_mb_per_s"], &["dd_per_segment_mb_per_s"]),
         decimals: 2,
     },
     Column {
