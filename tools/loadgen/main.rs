@@ -787,7 +787,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 .unwrap_or_else(|_| "unknown".into())
         }),
         // Raw receivers ack nothing: they either sync or not.
-        durability: raw::receivers_durability(args.durability).into(),
+        durability: if raw_mode {
+            raw::receivers_durability(args.durability).into()
+        } else {
+            args.durability.name().into()
+        },
         followers: args.followers,
         writers: args.writers,
         writer_cpu: args.writer_cpu,
