@@ -425,14 +425,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
     }
 
-    let dd_mb_per_s = match args.dd_baseline {
-        Some(mib) => Some(dd_baseline(&root, mib)?),
-        None => None,
-    };
-    let dd_per_segment_mb_per_s = match args.dd_baseline {
-        Some(mib) => dd_per_segment(&root, mib, args.segment_bytes)?,
-        None => None,
-    };
+    let dd_before = args
+        .dd_baseline
+        .map(|mib| DdRates::measure(&root, mib, args.segment_bytes))
+        .transpose()?;
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
         in_fault: AtomicBool::new(false),
@@ -768,13 +764,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     };
     // The disk's rate drifts on a shared machine: measure it again after the run and compare
     // against the mean of before and after.
-    let dd_mb_per_s = match (dd_mb_per_s, args.dd_baseline) {
-        (Some(before), Some(mib)) => Some((before + dd_baseline(&root, mib)?) / 2.0),
-        _ => None,
-    };
-    let dd_per_segment_mb_per_s = match (dd_per_segment_mb_per_s, args.dd_baseline) {
+    let dd = match (dd_before, args.dd_baseline) {
         (Some(before), Some(mib)) => {
-            dd_per_segment(&root, mib, args.segment_bytes)?.map(|after| (before + after) / 2.0)
+            Some(before.mean(DdRates::measure(&root, mib, args.segment_bytes)?))
         }
         _ => None,
     };
@@ -810,8 +802,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
         faults,
         converged_s,
         checksums_match,
-        dd_mb_per_s,
-        dd_per_segment_mb_per_s,
+        dd_mb_per_s: dd.map(|d| d.one_file),
+        dd_per_segment_mb_per_s: dd.and_then(|d| d.per_segment),
         raw_baseline,
         latency_queue_peak_bytes: confirmed.queue_peak_bytes,
         machine_cpu,
@@ -963,45 +955,68 @@ fn run_raw_baseline(args: &Args, root: &Path, leader_dir: &Path) -> anyhow::Resu
     Ok(baseline)
 }
 
-/// MB/s of writing `mib` MiB in 1 MiB writes and one fdatasync, as `dd bs=1M conv=fdatasync`.
-fn dd_baseline(root: &Path, mib: u64) -> anyhow::Result<f64> {
-    use std::io::Write as _;
-    let path = root.join("dd-baseline");
-    let block = vec![0x5a_u8; 1024 * 1024];
-    let started = Instant::now();
-    let mut f = std::fs::File::create(&path)?;
-    for _ in 0..mib {
-        f.write_all(&block)?;
-    }
-    f.sync_data()?;
-    let secs = started.elapsed().as_secs_f64();
-    drop(f);
-    std::fs::remove_file(&path)?;
-    let rate = (mib * 1024 * 1024) as f64 / 1e6 / secs;
-    eprintln!("dd baseline: {mib} MiB in {secs:.2} s = {rate:.1} MB/s");
-    Ok(rate)
+/// The disk's raw write rates in MB/s, measured the way `dd bs=1M conv=fdatasync` does.
+#[derive(Clone, Copy)]
+struct DdRates {
+    /// The MiB into one file.
+    one_file: f64,
+    /// The same MiB as the run lays them out, in files of a segment each, one after the other,
+    /// each synced before the next: what the disk gives a replica of segments (creating,
+    /// allocating and syncing each file costs the file system something per file). `None` when
+    /// they fit in one segment.
+    per_segment: Option<f64>,
 }
 
-/// MB/s of writing `mib` MiB as the run lays it out, in files of `segment_bytes` each, every
-/// file as `dd bs=1M conv=fdatasync` writes one (written in 1 MiB writes, then fdatasync) and
-/// one after the other: what the disk gives a replica of segments, where `dd_baseline` writes
-/// a single file. Creating, allocating and syncing each file costs the file system something
-/// per file. `None` when the whole fits in one segment (that is `dd_baseline`).
-fn dd_per_segment(root: &Path, mib: u64, segment_bytes: u64) -> anyhow::Result<Option<f64>> {
-    use std::io::Write as _;
-    let total_bytes = mib * 1024 * 1024;
-    if segment_bytes == 0 || segment_bytes >= total_bytes {
-        return Ok(None);
+impl DdRates {
+    fn measure(root: &Path, mib: u64, segment_bytes: u64) -> anyhow::Result<DdRates> {
+        let total_bytes = mib * 1024 * 1024;
+        let (_, secs) = dd_files(&root.join("dd-baseline"), total_bytes, total_bytes)?;
+        let one_file = total_bytes as f64 / 1e6 / secs;
+        eprintln!("dd baseline: {mib} MiB in {secs:.2} s = {one_file:.1} MB/s");
+        let per_segment = if segment_bytes == 0 || segment_bytes >= total_bytes {
+            None
+        } else {
+            let dir = root.join("dd-per-segment");
+            let (files, secs) = dd_files(&dir, total_bytes, segment_bytes)?;
+            let rate = total_bytes as f64 / 1e6 / secs;
+            eprintln!(
+                "dd per segment: {files} files of {segment_bytes} bytes, each synced before the \
+                 next, in {secs:.2} s = {rate:.1} MB/s"
+            );
+            Some(rate)
+        };
+        Ok(DdRates {
+            one_file,
+            per_segment,
+        })
     }
-    let dir = root.join("dd-per-segment");
-    std::fs::create_dir_all(&dir)?;
+
+    /// The mean of two measurements (before and after a run: a shared disk drifts).
+    fn mean(self, other: DdRates) -> DdRates {
+        DdRates {
+            one_file: (self.one_file + other.one_file) / 2.0,
+            per_segment: self
+                .per_segment
+                .zip(other.per_segment)
+                .map(|(a, b)| (a + b) / 2.0),
+        }
+    }
+}
+
+/// Writes `total_bytes` into `dir` as files of `file_bytes` each (the last one shorter), one
+/// after the other, each as `dd bs=1M conv=fdatasync` writes one: 1 MiB writes, then
+/// fdatasync. Returns how many files and the seconds it took; removes `dir` after.
+fn dd_files(dir: &Path, total_bytes: u64, file_bytes: u64) -> std::io::Result<(u64, f64)> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
     let block = vec![0x5a_u8; 1024 * 1024];
-    let files = total_bytes.div_ceil(segment_bytes);
+    // `--dd-baseline 0` writes no file (and measures nothing, as before).
+    let files = total_bytes.div_ceil(file_bytes.max(1));
     let started = Instant::now();
     let mut left_bytes = total_bytes;
     for n in 0..files {
         let mut f = std::fs::File::create(dir.join(format!("{n:08}.seg")))?;
-        let mut file_left = segment_bytes.min(left_bytes);
+        let mut file_left = file_bytes.min(left_bytes);
         left_bytes -= file_left;
         while file_left > 0 {
             let len = (block.len() as u64).min(file_left) as usize;
@@ -1011,13 +1026,8 @@ fn dd_per_segment(root: &Path, mib: u64, segment_bytes: u64) -> anyhow::Result<O
         f.sync_data()?;
     }
     let secs = started.elapsed().as_secs_f64();
-    std::fs::remove_dir_all(&dir)?;
-    let rate = total_bytes as f64 / 1e6 / secs;
-    eprintln!(
-        "dd per segment: {files} files of {segment_bytes} bytes, each synced before the next, \
-         in {secs:.2} s = {rate:.1} MB/s"
-    );
-    Ok(Some(rate))
+    std::fs::remove_dir_all(dir)?;
+    Ok((files, secs))
 }
 
 fn start_lead(
