@@ -27,6 +27,10 @@ pub struct CatalogEntry {
     /// the change that began it, or one more if that change added no position; 0 for the files
     /// the catalog started with. A MARK at or above it was sent after that change shipped.
     pub born_at: u64,
+    /// This generation began with an append (a file created in place and grown), not whole: a
+    /// prefix of it is a state the file went through, so a follower without a copy may get it
+    /// as DATA under its real name (`docs/PROTOCOL.md`, *Sequence*).
+    pub born_by_append: bool,
 }
 
 /// Where a generation begun by a change of `len_bytes` at position `since` is born.
@@ -90,6 +94,7 @@ impl Catalog {
                 len_bytes,
                 generation: catalog.next_generation(),
                 born_at: 0,
+                born_by_append: false,
             };
             // A path listed twice: the last length stands, under one id.
             match catalog.files.get_mut(&path) {
@@ -131,6 +136,7 @@ impl Catalog {
                 len_bytes,
                 generation: catalog.next_generation(),
                 born_at,
+                born_by_append: false,
             };
             catalog.insert(path, entry);
         }
@@ -202,6 +208,7 @@ impl Catalog {
                     len_bytes: end,
                     generation: self.next_generation(),
                     born_at: born_at(self.position, len_bytes),
+                    born_by_append: true,
                 };
                 let id = self.insert(path, entry);
                 FileChange {
@@ -226,6 +233,7 @@ impl Catalog {
                     len_bytes,
                     generation: self.generation_next,
                     born_at,
+                    born_by_append: false,
                 };
                 (slot.id, slot.entry)
             }
@@ -235,6 +243,7 @@ impl Catalog {
                     len_bytes,
                     generation: self.next_generation(),
                     born_at,
+                    born_by_append: false,
                 };
                 (self.insert(path, entry), entry)
             }
@@ -518,6 +527,7 @@ mod tests {
                 len_bytes: 14,
                 generation: g,
                 born_at: 0,
+                born_by_append: false,
             }
         );
         c.replace("a", 3).unwrap();
@@ -728,6 +738,7 @@ mod tests {
                 len_bytes,
                 generation: 1,
                 born_at: 0,
+                born_by_append: true,
             })
         };
         // One file appended to over and over: one entry, the latest.

@@ -632,7 +632,10 @@ impl Leader {
     ///
     /// Segments are append-only: what ships is the file's growth, up to `offset + length`.
     /// Bytes rewritten below what followers already hold are not sent again; a file changed in
-    /// place is reported with `replace_file`, which ships it whole.
+    /// place is reported with `replace_file`, which ships it whole. A path new to the leader is
+    /// created by its first append, and reaches the followers as appends do, under its real
+    /// name from its first byte: report a file that must never show there in part (a JSON
+    /// file) with `replace_file`.
     pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
         // A path the catalog knows is not checked again (nor copied).
         self.shared

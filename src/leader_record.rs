@@ -279,6 +279,7 @@ mod tests {
             len_bytes,
             generation: 1,
             born_at,
+            born_by_append: true,
         }
     }
 

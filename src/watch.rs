@@ -52,13 +52,15 @@ const EVENT_HEADER_BYTES: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// The file grew: bytes `[from_bytes, to_bytes)` are new and ship as an append.
+    /// The file grew: bytes `[from_bytes, to_bytes)` are new and ship as an append. From 0: a
+    /// file created in place (a segment), new to the watcher.
     Grew {
         path: RelPath,
         from_bytes: u64,
         to_bytes: u64,
     },
-    /// Created, renamed over, shrunk, truncated or overwritten in place: ship the whole file.
+    /// Renamed in or over, created under a second name, found by a scan (its origin unknown),
+    /// recreated over a known file, shrunk, truncated or overwritten in place: ship it whole.
     Rewritten { path: RelPath, len_bytes: u64 },
     /// Deleted or moved away.
     Removed { path: RelPath },
@@ -289,6 +291,9 @@ impl Drop for Watcher {
 #[derive(Default, Clone, Copy)]
 struct Touched {
     recreated: bool,
+    /// The last event that gave the name a file was IN_CREATE: created in place (not renamed
+    /// in, not found by a scan of a new directory).
+    in_place: bool,
 }
 
 impl State {
@@ -403,6 +408,13 @@ impl State {
         }
         let (len_bytes, mtime) = (meta.len(), mtime_ns(&meta));
         let change = match old {
+            // Created in place, under its only name: it grew from nothing, as a segment does (a
+            // file with a second name appeared whole, as one renamed in did).
+            None if touched.in_place && meta.nlink() == 1 => Some(Change::Grew {
+                path: path.clone(),
+                from_bytes: 0,
+                to_bytes: len_bytes,
+            }),
             None => Some(Change::Rewritten {
                 path: path.clone(),
                 len_bytes,
@@ -587,10 +599,11 @@ impl State {
                     match self.add_tree(&rel) {
                         Ok(files) => {
                             for f in files {
-                                if touched
-                                    .insert(f.clone(), Touched { recreated: true })
-                                    .is_none()
-                                {
+                                let found = Touched {
+                                    recreated: true,
+                                    in_place: false,
+                                };
+                                if touched.insert(f.clone(), found).is_none() {
                                     order.push(f);
                                 }
                             }
@@ -613,6 +626,7 @@ impl State {
             });
             if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
                 entry.recreated = true;
+                entry.in_place = mask & libc::IN_CREATE != 0;
             }
         }
         if overflow {
@@ -723,12 +737,22 @@ mod tests {
     }
 
     /// Changes for `path` until one leaves it at `len_bytes`. A file written right after its
-    /// creation may first be seen empty: `Rewritten { 0 }` then `Grew { 0, n }` is as good as
-    /// `Rewritten { n }`. Asserts the sequence starts with `Rewritten` and grows contiguously.
-    fn created(rx: &Receiver<Change>, path: &str, len_bytes: u64) {
+    /// creation may first be seen empty: `Grew { 0, 0 }` then `Grew { 0, n }` is as good as
+    /// `Grew { 0, n }`. Asserts the sequence starts with `Grew` from 0 (a file created in place)
+    /// or, if `found_by_scan` (a new directory's files may be), `Rewritten`, and grows
+    /// contiguously.
+    fn created(rx: &Receiver<Change>, path: &str, len_bytes: u64, found_by_scan: bool) {
         let first = next(rx);
         assert!(
-            matches!(&first, Change::Rewritten { path: q, .. } if q.as_str() == path),
+            match &first {
+                Change::Grew {
+                    path: q,
+                    from_bytes: 0,
+                    ..
+                } => q.as_str() == path,
+                Change::Rewritten { path: q, .. } => found_by_scan && q.as_str() == path,
+                Change::Grew { .. } | Change::Removed { .. } => false,
+            },
             "{first:?}"
         );
         let mut at = len_after(&first).unwrap();
@@ -829,9 +853,12 @@ mod tests {
                 .any(|c| matches!(c, Change::Grew { to_bytes: 8, .. })),
             "{got:?}"
         );
+        // Seen by its event (created in place) or by the scan at the stop (found, origin
+        // unknown).
         assert!(
             got.iter().any(
-                |c| matches!(c, Change::Rewritten { path, .. } if path.as_str() == "new.json")
+                |c| matches!(c, Change::Grew { path, .. } | Change::Rewritten { path, .. }
+                if path.as_str() == "new.json" && len_after(c) == Some(2))
             ),
             "{got:?}"
         );
@@ -858,7 +885,7 @@ mod tests {
             );
             assert!(
                 got.iter()
-                    .any(|c| matches!(c, Change::Rewritten { path, .. }
+                    .any(|c| matches!(c, Change::Grew { path, to_bytes: 2, .. }
                     if path.as_str() == format!("new{round}.json"))),
                 "{got:?}"
             );
@@ -878,7 +905,7 @@ mod tests {
         let (w, rx) = watch(tmp.path(), HashMap::new());
         std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
         std::fs::write(tmp.path().join("a/b/c.seg"), b"xy").unwrap();
-        created(&rx, "a/b/c.seg", 2);
+        created(&rx, "a/b/c.seg", 2, true);
         append(&tmp.path().join("a/b/c.seg"), b"z");
         assert_eq!(
             next(&rx),
@@ -891,6 +918,39 @@ mod tests {
         w.stop();
     }
 
+    /// A file created in place grows from nothing, as a segment does, so its prefix may ship as
+    /// appends; one renamed into place, or given a second name, appeared whole and ships whole.
+    #[test]
+    fn a_file_created_in_place_grows_from_nothing_and_one_renamed_in_is_rewritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir_in(tmp.path().parent().unwrap()).unwrap();
+        let (w, rx) = watch(tmp.path(), HashMap::new());
+        std::fs::write(tmp.path().join("seg.1"), b"0123").unwrap();
+        created(&rx, "seg.1", 4, false);
+        std::fs::write(elsewhere.path().join("meta.json"), b"{\"v\":1}").unwrap();
+        std::fs::rename(
+            elsewhere.path().join("meta.json"),
+            tmp.path().join("meta.json"),
+        )
+        .unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Rewritten {
+                path: p("meta.json"),
+                len_bytes: 7
+            }
+        );
+        std::fs::hard_link(tmp.path().join("seg.1"), tmp.path().join("seg.1.link")).unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Rewritten {
+                path: p("seg.1.link"),
+                len_bytes: 4
+            }
+        );
+        w.stop();
+    }
+
     #[test]
     fn rename_over_truncate_and_delete_are_reported() {
         let tmp = tempfile::tempdir().unwrap();
@@ -898,7 +958,7 @@ mod tests {
         std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
         let (w, rx) = watch(tmp.path(), known(tmp.path(), &["meta.json", "seg"]));
         std::fs::write(tmp.path().join("meta.tmp"), b"{\"v\":22}").unwrap();
-        created(&rx, "meta.tmp", 8);
+        created(&rx, "meta.tmp", 8, false);
         std::fs::rename(tmp.path().join("meta.tmp"), tmp.path().join("meta.json")).unwrap();
         let mut got = vec![next(&rx), next(&rx)];
         got.sort_by_key(|c| format!("{c:?}"));

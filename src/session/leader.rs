@@ -888,6 +888,16 @@ impl LeaderSession {
                     end: cur.len_bytes,
                 });
             }
+            // Born by an append, and the follower holds no copy: it goes as appends do, under
+            // its real name (DATA creates it); see `docs/PROTOCOL.md`, *Sequence*.
+            (Some(cur), None) if cur.born_by_append && cur.len_bytes > 0 => {
+                self.job = Some(Job::Tail {
+                    path,
+                    generation: cur.generation,
+                    offset: 0,
+                    end: cur.len_bytes,
+                });
+            }
             (Some(cur), _) => {
                 self.job = Some(Job::AwaitOpen {
                     path,

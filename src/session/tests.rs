@@ -61,6 +61,8 @@ struct Sim {
     held_claims: HashMap<RelPath, u64>,
     /// Every prefix the leader was asked to hash.
     leader_hashed: Vec<RelPath>,
+    /// Every path a whole-file transfer began for, in order (BEGIN_WHOLE).
+    begun_whole: Vec<RelPath>,
 }
 
 impl Sim {
@@ -95,6 +97,7 @@ impl Sim {
             watched: None,
             held_claims: HashMap::new(),
             leader_hashed: Vec::new(),
+            begun_whole: Vec::new(),
         }
     }
 
@@ -307,6 +310,7 @@ impl Sim {
                 file[offset as usize..end].copy_from_slice(&payload);
             }
             FollowerAction::BeginWhole { path, .. } => {
+                self.begun_whole.push(path.clone());
                 self.follower_temps.insert(path, Vec::new());
             }
             FollowerAction::CommitWhole { path, len_bytes } => {
@@ -507,6 +511,37 @@ fn changes_after_the_sync_stream_appends_replaces_and_deletes() {
     let snap = sim.leader.lag().snapshot(position, sim.now);
     assert_eq!(snap.lag_bytes, [0; 3]);
     assert_eq!(snap.state, FollowerState::Streaming);
+}
+
+/// A file created by an append goes to the follower like any append, as DATA under its real
+/// name: a prefix of it is a state the leader's own file went through. One created by a
+/// replacement (a file renamed into place) goes whole, so the follower never shows a part of
+/// it; so does an empty one, which no DATA would create, and any new file over a copy the
+/// follower holds of an earlier one.
+#[test]
+fn only_files_born_whole_or_empty_or_over_a_held_copy_go_whole() {
+    let seg = big(MAX_DATA_BYTES as usize + 1000, 4);
+    let held = files(&[("old/seg.0", b"held")]);
+    let mut sim = Sim::new(held.clone(), held);
+    sim.run();
+    assert!(sim.begun_whole.is_empty());
+    sim.append("q/seg.1", &seg);
+    sim.replace("meta.json", b"{\"v\":1}");
+    sim.append("q/empty", b"");
+    sim.delete("old/seg.0");
+    sim.append("old/seg.0", b"born again");
+    let sent = sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sent, seg.len() as u64 + 7 + 10);
+    let mut whole = std::mem::take(&mut sim.begun_whole);
+    whole.sort();
+    assert_eq!(whole, [p("meta.json"), p("old/seg.0"), p("q/empty")]);
+    assert_eq!(sim.leader.files_whole_total(), 3);
+    // Once held, a file born by an append grows by its tail, as before.
+    sim.append("q/seg.1", b"more");
+    assert_eq!(sim.run(), 4);
+    sim.assert_in_sync();
+    assert!(sim.begun_whole.is_empty());
 }
 
 #[test]
