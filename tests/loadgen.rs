@@ -144,6 +144,20 @@ fn a_late_joiner_syncs_and_the_appends_before_it_do_not_wait_for_it() {
         p99_us < 500_000.0,
         "p99 {p99_us} us outside the fault:\n{report}"
     );
+    // The writer's cost of append() before the first fault, the same run's baseline for the
+    // one during it: about the first second's 20,000 calls, some of those outside the fault.
+    let counts = |key: &str| {
+        let at = report
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} missing:\n{report}"));
+        number_after(&report[at..], "\"count\": ")
+    };
+    let before = counts("\"append_call_before_faults_ns\": ");
+    let outside = counts("\"append_call_ns\": ");
+    assert!(
+        before >= 10_000.0 && before < outside,
+        "{before} calls before the join, {outside} outside it:\n{report}"
+    );
 }
 
 #[test]
@@ -210,6 +224,8 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
                 "\"messages\": 30000,",
                 // Every message's latency to received by both, so none was left out.
                 "\"append_to_ack_us\": {\"count\": 30000,",
+                // No fault, so no baseline before one.
+                "\"append_call_before_faults_ns\": null",
                 "\"checksums_match\": true",
             ],
         );

@@ -630,6 +630,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let mut call_ns = histogram();
     let mut call_fault_ns = histogram();
+    let mut call_before_faults_ns = histogram();
     // When the last writer's last message went in: the sampler notices only at its next tick,
     // up to SAMPLE_INTERVAL later, which the rate and the convergence time must not count.
     let mut writers_done = started;
@@ -639,6 +640,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             Ok(Ok(w)) => {
                 call_ns.add(w.normal).ok();
                 call_fault_ns.add(w.fault).ok();
+                call_before_faults_ns.add(w.before_faults).ok();
                 writers_done = writers_done.max(w.done_at);
                 writer_samples.push(w.samples);
             }
@@ -794,6 +796,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         append_to_ack_fault_us: confirmed.fault,
         append_call_ns: call_ns,
         append_call_fault_ns: call_fault_ns,
+        // Without a fault, every call came before one: no baseline to quote.
+        append_call_before_faults_ns: if faults.is_empty() {
+            histogram()
+        } else {
+            call_before_faults_ns
+        },
         leader: leader_usage,
         follower_usage,
         samples,
@@ -1118,6 +1126,9 @@ struct WriterResult {
     /// `append()` call latencies (ns), outside and during faults.
     normal: Hist,
     fault: Hist,
+    /// Those made before the first fault: the same run's baseline for `fault` (with
+    /// `--join-follower` alone, before any follower).
+    before_faults: Hist,
     /// The p99 of each `SAMPLE_INTERVAL`.
     samples: Vec<WriterSample>,
     /// When its last message was appended.
@@ -1132,6 +1143,8 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<WriterResult> {
     let mut segments = SegmentWriter::new(&plan.dir, plan.id, plan.segment_bytes, plan.mmap);
     let mut normal = histogram();
     let mut fault = histogram();
+    let mut before_faults = histogram();
+    let mut fault_seen = false;
     let mut window = histogram();
     let mut window_started = Instant::now();
     let mut samples = Vec::new();
@@ -1179,6 +1192,10 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<WriterResult> {
             } else {
                 normal.record(ns.max(1))
             };
+            fault_seen |= in_fault;
+            if !fault_seen {
+                let _ = before_faults.record(ns.max(1));
+            }
             let _ = window.record(ns.max(1));
             if t0.duration_since(window_started) >= SAMPLE_INTERVAL {
                 // Between two timed calls: what this takes (a walk of the histogram, tens of
@@ -1213,6 +1230,7 @@ fn write_loop(plan: WriterPlan) -> anyhow::Result<WriterResult> {
     Ok(WriterResult {
         normal,
         fault,
+        before_faults,
         samples,
         done_at,
     })

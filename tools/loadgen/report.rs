@@ -109,6 +109,9 @@ pub struct Report {
     pub append_to_ack_fault_us: Histogram<u64>,
     pub append_call_ns: Histogram<u64>,
     pub append_call_fault_ns: Histogram<u64>,
+    /// `append()` calls before the first fault began: the same run's baseline for
+    /// `append_call_fault_ns` (with `--join-follower` as the only fault, before any follower).
+    pub append_call_before_faults_ns: Histogram<u64>,
     pub leader: Usage,
     pub follower_usage: Vec<Usage>,
     pub samples: Vec<Sample>,
@@ -364,6 +367,11 @@ impl Report {
                     quantiles_text(&self.append_to_ack_fault_us, "us"),
                     quantiles_text(&self.append_call_fault_ns, "ns")
                 );
+                let _ = writeln!(
+                    s,
+                    "  before the first fault, in this run: append() call {}",
+                    quantiles_text(&self.append_call_before_faults_ns, "ns")
+                );
             }
         }
         for f in self.faults.iter().take(FAULT_LINES_MAX) {
@@ -537,6 +545,11 @@ impl Report {
             s,
             "  \"append_call_during_faults_ns\": {},",
             quantiles_json(&self.append_call_fault_ns)
+        );
+        let _ = writeln!(
+            s,
+            "  \"append_call_before_faults_ns\": {},",
+            quantiles_json(&self.append_call_before_faults_ns)
         );
         let _ = writeln!(s, "  \"leader\": {},", usage_json(&self.leader));
         let _ = writeln!(
@@ -1078,6 +1091,7 @@ mod tests {
             append_to_ack_fault_us: histogram(),
             append_call_ns: histogram(),
             append_call_fault_ns: histogram(),
+            append_call_before_faults_ns: histogram(),
             leader: Usage::default(),
             follower_usage: Vec::new(),
             samples: (0..n)

@@ -33,7 +33,7 @@ enum Figure {
     Ratio(&'static [&'static str], &'static [&'static str]),
 }
 
-const COLUMNS: [Column; 14] = [
+const COLUMNS: [Column; 15] = [
     Column {
         header: "msgs/s",
         key: "messages_per_s",
@@ -62,6 +62,12 @@ const COLUMNS: [Column; 14] = [
         header: "in faults p99 ns",
         key: "append_call_during_faults_p99_ns",
         figure: Figure::At(&["append_call_during_faults_ns", "p99"]),
+        decimals: 0,
+    },
+    Column {
+        header: "before faults p99 ns",
+        key: "append_call_before_faults_p99_ns",
+        figure: Figure::At(&["append_call_before_faults_ns", "p99"]),
         decimals: 0,
     },
     Column {
