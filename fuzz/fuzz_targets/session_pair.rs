@@ -129,7 +129,15 @@ impl Pair {
         self.check_no_held_claim_refused();
         if leader_dies && self.leader.has_checkpoint() {
             // What the disk has is what the next run catalogs; nothing is left to report.
-            self.unreported.clear();
+            // Every path the dead run knew of, cataloged or changed behind the catalog:
+            let mut known: Vec<RelPath> = self
+                .leader
+                .catalog
+                .snapshot()
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
+            known.append(&mut self.unreported);
             let changed = std::mem::take(&mut self.changed_since_checkpoint);
             self.leader.crash_restart(&changed);
             // The files it does not vouch for are born anew, as the disk has them.
@@ -138,6 +146,15 @@ impl Pair {
             for path in files {
                 if self.leader.catalog.get(&path).map(|e| e.born_at) == Some(born) {
                     self.recorded_as_it_is(&path, Some(born));
+                }
+            }
+            // One the new run does not catalog is gone from its start: the initial sync deletes
+            // the follower's copy before the first MARK, and every MARK of the new run is at or
+            // above `born`. (Without this, a claim of the dead run's outlived the file, and a
+            // file created later under the path was held against it.)
+            for path in known.iter().chain(&changed) {
+                if self.leader.catalog.get(path).is_none() {
+                    self.recorded_as_it_is(path, Some(born));
                 }
             }
         } else if leader_restarts {
