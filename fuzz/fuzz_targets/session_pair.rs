@@ -22,7 +22,7 @@
 //! level.
 #![no_main]
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use ferry::frame::{Durability, Frame, CAPABILITY_HELD, KEEPALIVE_INTERVAL_MS};
@@ -129,31 +129,33 @@ impl Pair {
         self.check_no_held_claim_refused();
         if leader_dies && self.leader.has_checkpoint() {
             // What the disk has is what the next run catalogs; nothing is left to report.
-            // Every path the dead run knew of, cataloged or changed behind the catalog:
-            let mut known: Vec<RelPath> = self
+            // Every path the dead run knew of (cataloged, changed since its checkpoint or behind
+            // the catalog) and every file on the disk:
+            let mut paths: BTreeSet<RelPath> = self
                 .leader
                 .catalog
                 .snapshot()
                 .into_iter()
                 .map(|(p, _)| p)
                 .collect();
-            known.append(&mut self.unreported);
+            paths.extend(self.unreported.drain(..));
+            paths.extend(self.leader.files.keys().cloned());
             let changed = std::mem::take(&mut self.changed_since_checkpoint);
+            paths.extend(changed.iter().cloned());
             self.leader.crash_restart(&changed);
-            // The files it does not vouch for are born anew, as the disk has them.
+            // What the record does not vouch for is as the disk has it from the new run's
+            // start: a file born anew, or gone (the initial sync deletes the follower's copy
+            // before the first MARK, and every MARK of the new run is at or above `born`;
+            // without that, a claim of the dead run's outlived the file, and a file created
+            // later under the path was held against it).
             let born = self.leader.catalog.position();
-            let files: Vec<RelPath> = self.leader.files.keys().cloned().collect();
-            for path in files {
-                if self.leader.catalog.get(&path).map(|e| e.born_at) == Some(born) {
-                    self.recorded_as_it_is(&path, Some(born));
-                }
-            }
-            // One the new run does not catalog is gone from its start: the initial sync deletes
-            // the follower's copy before the first MARK, and every MARK of the new run is at or
-            // above `born`. (Without this, a claim of the dead run's outlived the file, and a
-            // file created later under the path was held against it.)
-            for path in known.iter().chain(&changed) {
-                if self.leader.catalog.get(path).is_none() {
+            for path in &paths {
+                if self
+                    .leader
+                    .catalog
+                    .get(path)
+                    .is_none_or(|e| e.born_at == born)
+                {
                     self.recorded_as_it_is(path, Some(born));
                 }
             }
