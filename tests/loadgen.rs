@@ -160,6 +160,69 @@ fn a_late_joiner_syncs_and_the_appends_before_it_do_not_wait_for_it() {
     );
 }
 
+/// `--raw-join`: what a join costs the writer on this machine without ferry. With no follower,
+/// a third into the run, the preload is copied over loopback with splice (checked byte for
+/// byte), and the writer's calls meanwhile count as during a fault, against those before it.
+#[test]
+fn a_raw_join_copies_the_preload_without_ferry_and_times_the_writer_meanwhile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("run.json");
+    let data = tmp.path().join("data");
+    let report = run_reporting(
+        Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            .args(["--duration", "3s", "--followers", "0", "--rate", "20000"])
+            .args(["--durability", "written", "--raw-join", "64", "--dir"])
+            .arg(&data),
+        "raw copy started at",
+        &json,
+        &[
+            "\"raw_joins\": 1,",
+            "\"faults\": [{\"kind\": \"raw_join\", \"follower\": \"raw1\"",
+            "\"checksums_match\": true",
+        ],
+    );
+    let faults = &report[report.find("\"faults\": ").unwrap()..];
+    let at_s = number_after(faults, "\"at_s\": ");
+    let done_s = number_after(faults, "\"recovered_s\": ");
+    assert!(at_s >= 1.0 && done_s > at_s, "{report}");
+    let counts = |key: &str| {
+        let at = report
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} missing:\n{report}"));
+        number_after(&report[at..], "\"count\": ")
+    };
+    assert!(
+        counts("\"append_call_before_faults_ns\": ") >= 10_000.0,
+        "{report}"
+    );
+    assert!(
+        counts("\"append_call_during_faults_ns\": ") >= 1.0,
+        "{report}"
+    );
+    // The copy is the run's and goes with it.
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+
+    // A ferry join and a raw one in one run would overlap; raw mode has no ferry to compare.
+    let stderr = refused(
+        tmp.path(),
+        &[
+            "--raw-join",
+            "8",
+            "--join-follower",
+            "8",
+            "--messages",
+            "10",
+        ],
+    );
+    assert!(stderr.contains("--raw-join"), "{stderr}");
+    let stderr = refused(
+        tmp.path(),
+        &["--mode", "raw", "--raw-join", "8", "--messages", "10"],
+    );
+    assert!(stderr.contains("--raw-join"), "{stderr}");
+}
+
 #[test]
 fn writer_cpu_is_checked_and_reported() {
     let tmp = tempfile::tempdir().unwrap();

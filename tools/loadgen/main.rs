@@ -116,6 +116,13 @@ struct Args {
     /// The window from its start until it holds everything counts as a fault.
     #[arg(long, value_name = "MIB")]
     join_follower: Option<u64>,
+    /// What a join costs the writers on this machine without ferry, the baseline for
+    /// --join-follower: this many MiB preloaded as it does, and a third into the run copied to
+    /// a receiver over loopback TCP with splice on both sides (a sender and a receiver thread,
+    /// off --writer-cpu), checked byte for byte at the end. The copy counts as a fault; no
+    /// follower is needed.
+    #[arg(long, value_name = "MIB")]
+    raw_join: Option<u64>,
     /// I/O engine for the leader and the followers.
     #[arg(long, value_name = "uring|fallback")]
     io_engine: Option<EngineKind>,
@@ -175,8 +182,13 @@ struct Args {
 
 impl Args {
     /// Whether a fault is to be injected (`--kill-follower-every`, `--stall-follower`,
-    /// `--join-follower`).
+    /// `--join-follower`, `--raw-join`).
     fn faults_asked(&self) -> bool {
+        self.follower_faults_asked() || self.raw_join.is_some()
+    }
+
+    /// Whether a fault that needs a follower is to be injected.
+    fn follower_faults_asked(&self) -> bool {
         self.kill_follower_every.is_some()
             || self.stall_follower.is_some()
             || self.join_follower.is_some()
@@ -266,10 +278,16 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if args.writers == 0 {
         bail!("--writers must be at least 1");
     }
-    if args.followers == 0 && args.faults_asked() {
-        bail!("fault injection needs at least one follower");
+    if args.followers == 0 && args.follower_faults_asked() {
+        bail!("fault injection needs at least one follower (--raw-join does not)");
+    }
+    if args.raw_join.is_some() && args.join_follower.is_some() {
+        bail!("--raw-join and --join-follower both start a third into the run: run them apart");
     }
     let raw_mode = args.mode == "raw";
+    if raw_mode && args.raw_join.is_some() {
+        bail!("--raw-join is the baseline of a library or write mode run: --mode raw has no ferry");
+    }
     if raw_mode {
         if args.writers != 1 {
             bail!("--mode raw takes one writer (its segments in order are the receivers' stream)");
@@ -341,10 +359,19 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let secret_file = made.secret.clone();
     std::fs::write(&secret_file, "loadgen-secret")?;
     let library = args.mode == "library";
-    let preloaded = match args.join_follower {
+    let preloaded = match args.join_follower.or(args.raw_join) {
         Some(mib) => preload(&leader_dir, mib)?,
         None => Vec::new(),
     };
+    let raw_join = args.raw_join.map(|_| RawJoin {
+        files: preloaded
+            .iter()
+            .map(|(p, len)| (p.as_str().to_string(), *len))
+            .collect(),
+        dir: leader_dir.clone(),
+        recv_root: made.raw_join.clone(),
+        tcp_congestion: args.tcp_congestion.clone(),
+    });
 
     // The leader: embedded, or a `ferry lead` process.
     let (leader, lead_proc, addr, view) = if raw_mode {
@@ -550,6 +577,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     stall,
                     stall_at,
                     join: joiner.map(|j| (stall_at, j)),
+                    raw_join: raw_join.map(|r| (stall_at, r)),
                     run_started: started,
                     joined_at,
                 },
@@ -656,7 +684,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         fanout.close();
     }
     shared.stop.store(true, Ordering::SeqCst);
-    let faults = faults
+    let (faults, raw_copies) = faults
         .join()
         .map_err(|_| anyhow::anyhow!("the fault thread panicked"))?;
 
@@ -695,6 +723,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let mut checksums_match = true;
     if let Some(drained) = drained {
         checksums_match = drained.streams_match()?;
+    }
+    // A raw join that failed left no copy to compare (`recovered_s` is null).
+    checksums_match &= faults
+        .iter()
+        .all(|f| f.kind != FaultKind::RawJoin || f.recovered_s.is_some());
+    for copy in &raw_copies {
+        checksums_match &= copy.streams_match()?;
     }
     // Only ferry followers are compared here (none with --followers 0 or in raw mode).
     let expected = if followers
@@ -850,8 +885,10 @@ fn follower_dir(root: &Path, i: usize) -> PathBuf {
 /// (`refuse_leftovers`), so all that is in them is the run's.
 struct RunDirs {
     leader: PathBuf,
-    /// The followers' data dirs, then the raw receivers' (raw mode).
+    /// The followers' data dirs, then the raw receivers' (raw mode), then `raw_join` if asked.
     dirs: Vec<PathBuf>,
+    /// Where `--raw-join`'s receiver writes (under it, as `raw::receiver_dir` says).
+    raw_join: PathBuf,
     secret: PathBuf,
 }
 
@@ -862,9 +899,15 @@ impl RunDirs {
         } else {
             follower_dir
         };
+        let raw_join = root.join("raw-join");
+        let mut dirs: Vec<PathBuf> = (1..=args.followers).map(|i| dir(root, i)).collect();
+        if args.raw_join.is_some() {
+            dirs.push(raw_join.clone());
+        }
         RunDirs {
             leader: leader.to_path_buf(),
-            dirs: (1..=args.followers).map(|i| dir(root, i)).collect(),
+            dirs,
+            raw_join,
             secret: root.join("secret"),
         }
     }
@@ -1432,6 +1475,8 @@ struct Faults {
     stall_at: Duration,
     /// When the late follower starts, and how.
     join: Option<(Duration, FollowerSpec)>,
+    /// When the raw copy starts (`--raw-join`), and what it copies.
+    raw_join: Option<(Duration, RawJoin)>,
     /// What the times in the fault log count from.
     run_started: Instant,
     /// The leader's position when the late joiner started, from which appends wait for it
@@ -1445,6 +1490,15 @@ struct CacheLine<T>(T);
 
 /// A follower process to start: name, data dir, `ferry` arguments.
 type FollowerSpec = (String, PathBuf, Vec<OsString>);
+
+/// `--raw-join`'s copy: the preloaded files (relative to `dir`, with their lengths), and where
+/// the receiver writes.
+struct RawJoin {
+    files: Vec<(String, u64)>,
+    dir: PathBuf,
+    recv_root: PathBuf,
+    tcp_congestion: Option<String>,
+}
 
 /// Writes `mib` MiB into 64 MiB files under `dir/preload/` for a joining follower's full sync;
 /// returns them as the leader registers them.
@@ -1470,11 +1524,12 @@ fn preload(dir: &std::path::Path, mib: u64) -> anyhow::Result<Vec<(ferry::paths:
         left -= this;
         n += 1;
     }
-    eprintln!("loadgen: preloaded {mib} MiB in {n} files for the joining follower");
+    eprintln!("loadgen: preloaded {mib} MiB in {n} files for the join");
     Ok(files)
 }
 
-/// Injects the planned faults until the run stops; returns the log of what it did.
+/// Injects the planned faults until the run stops; returns the log of what it did, and what
+/// each raw join's receiver wrote (to compare once the run is over).
 fn inject_faults(
     followers: &Mutex<Vec<Proc>>,
     shared: &Shared,
@@ -1483,19 +1538,22 @@ fn inject_faults(
     plan: Faults,
     durability: Durability,
     n: usize,
-) -> Vec<FaultSpan> {
+) -> (Vec<FaultSpan>, Vec<raw::Drained>) {
     let Faults {
         kill_every,
         stall,
         stall_at,
         join,
+        raw_join,
         run_started,
         joined_at,
     } = plan;
+    let mut copies = Vec::new();
     let started = Instant::now();
     let since_start = |at: Instant| at.duration_since(run_started).as_secs_f64();
     let mut log = Vec::new();
     let mut join_plan = join.map(|(at, how)| (started + at, how));
+    let mut raw_join_plan = raw_join.map(|(at, what)| (started + at, what));
     let mut next_kill = kill_every.map(|d| started + d);
     let mut stall_plan = stall.map(|d| (started + stall_at, d));
     let mut victim = 0usize;
@@ -1560,6 +1618,36 @@ fn inject_faults(
                 }
             }
         }
+        if raw_join_plan.as_ref().is_some_and(|(at, _)| now >= *at) {
+            if let Some((_, what)) = raw_join_plan.take() {
+                shared.in_fault.store(true, Ordering::Relaxed);
+                let copied = raw::copy_once(
+                    &what.dir,
+                    &what.files,
+                    &what.recv_root,
+                    what.tcp_congestion.as_deref(),
+                );
+                let done = Instant::now();
+                shared.in_fault.store(false, Ordering::Relaxed);
+                let recovered_s = match copied {
+                    Ok(drained) => {
+                        copies.push(drained);
+                        Some(since_start(done))
+                    }
+                    Err(e) => {
+                        eprintln!("loadgen: the raw join's copy failed: {e:#}");
+                        None
+                    }
+                };
+                log.push(FaultSpan {
+                    kind: FaultKind::RawJoin,
+                    follower: "raw1".into(),
+                    at_s: since_start(now),
+                    ended_s: since_start(done),
+                    recovered_s,
+                });
+            }
+        }
         if let Some((at, how_long)) = stall_plan {
             if now >= at {
                 shared.in_fault.store(true, Ordering::Relaxed);
@@ -1577,7 +1665,7 @@ fn inject_faults(
             }
         }
     }
-    log
+    (log, copies)
 }
 
 #[cfg(test)]

@@ -276,6 +276,23 @@ impl Fanout {
     }
 }
 
+/// `--raw-join`: the copy a joining follower's full sync makes, without ferry. Sends `files`
+/// (under `dir`, each whole, in order) to one receiver under `recv_root` over loopback TCP,
+/// spliced on both sides in 1 MiB batches, and returns once the receiver holds them all (what
+/// it wrote, to compare later: hashing 2 GiB here would keep the CPU busy after the copy).
+pub fn copy_once(
+    dir: &Path,
+    files: &[(String, u64)],
+    recv_root: &Path,
+    tcp_congestion: Option<&str>,
+) -> anyhow::Result<Drained> {
+    let fanout = Fanout::start(dir, recv_root, 1, 1024 * 1024, tcp_congestion, false)?;
+    for (path, len_bytes) in files {
+        fanout.append(path, 0, *len_bytes);
+    }
+    fanout.finish()
+}
+
 /// What a finished fan-out wrote, to compare.
 pub struct Drained {
     segments: Vec<PathBuf>,

@@ -46,6 +46,9 @@ pub enum FaultKind {
     Stall,
     /// Started late, with a full sync to do (`--join-follower`).
     Join,
+    /// No follower: the preload copied over loopback with splice (`--raw-join`), the baseline
+    /// of `Join`.
+    RawJoin,
 }
 
 impl FaultKind {
@@ -55,6 +58,7 @@ impl FaultKind {
             FaultKind::Kill => "kill",
             FaultKind::Stall => "stall",
             FaultKind::Join => "join",
+            FaultKind::RawJoin => "raw_join",
         }
     }
 
@@ -64,6 +68,7 @@ impl FaultKind {
             FaultKind::Kill => "killed",
             FaultKind::Stall => "stopped",
             FaultKind::Join => "joins",
+            FaultKind::RawJoin => "copies the preload (no ferry)",
         }
     }
 }
@@ -332,6 +337,10 @@ impl Report {
             self.fault_count(FaultKind::Stall),
             self.fault_count(FaultKind::Join),
         );
+        let raw_joins = match self.fault_count(FaultKind::RawJoin) {
+            0 => String::new(),
+            n => format!(", {n} raw joins"),
+        };
         if self.mode == "write" {
             // Nothing calls append(): `ferry lead` finds the writes itself, so what a follower
             // holds is known by the byte, not by the message.
@@ -345,7 +354,10 @@ impl Report {
                     ))
             );
             if faulted {
-                let _ = writeln!(s, "  faults: {kills} kills, {stalls} stalls, {joins} joins");
+                let _ = writeln!(
+                    s,
+                    "  faults: {kills} kills, {stalls} stalls, {joins} joins{raw_joins}"
+                );
             }
         } else {
             let _ = writeln!(
@@ -362,8 +374,8 @@ impl Report {
             if faulted {
                 let _ = writeln!(
                     s,
-                    "  during faults ({kills} kills, {stalls} stalls, {joins} joins): append() to \
-                     acked {}; append() call {}",
+                    "  during faults ({kills} kills, {stalls} stalls, {joins} joins{raw_joins}): \
+                     append() to acked {}; append() call {}",
                     quantiles_text(&self.append_to_ack_fault_us, "us"),
                     quantiles_text(&self.append_call_fault_ns, "ns")
                 );
@@ -383,6 +395,7 @@ impl Report {
                     format!("stopped at {:.2} s, resumed at {:.2} s", f.at_s, f.ended_s)
                 }
                 FaultKind::Join => format!("started late at {:.2} s", f.at_s),
+                FaultKind::RawJoin => format!("raw copy started at {:.2} s", f.at_s),
             };
             let _ = writeln!(
                 s,
@@ -577,6 +590,7 @@ impl Report {
             ("kills", FaultKind::Kill),
             ("stalls", FaultKind::Stall),
             ("joins", FaultKind::Join),
+            ("raw_joins", FaultKind::RawJoin),
         ] {
             let _ = writeln!(s, "  \"{name}\": {},", self.fault_count(kind));
         }
