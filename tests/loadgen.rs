@@ -32,6 +32,14 @@ fn number_after(report: &str, key: &str) -> f64 {
     report[at..at + end].trim().parse().unwrap()
 }
 
+/// The `count` of the latency object `key` (which ends with `": "`) in a JSON report.
+fn count_in(report: &str, key: &str) -> f64 {
+    let at = report
+        .find(key)
+        .unwrap_or_else(|| panic!("{key} missing from\n{report}"));
+    number_after(&report[at..], "\"count\": ")
+}
+
 /// Runs loadgen with `args` (and a data dir under `tmp`), asserts that it refused, and returns
 /// what it said on stderr.
 fn refused(tmp: &Path, args: &[&str]) -> String {
@@ -146,14 +154,8 @@ fn a_late_joiner_syncs_and_the_appends_before_it_do_not_wait_for_it() {
     );
     // The writer's cost of append() before the first fault, the same run's baseline for the
     // one during it: about the first second's 20,000 calls, some of those outside the fault.
-    let counts = |key: &str| {
-        let at = report
-            .find(key)
-            .unwrap_or_else(|| panic!("{key} missing:\n{report}"));
-        number_after(&report[at..], "\"count\": ")
-    };
-    let before = counts("\"append_call_before_faults_ns\": ");
-    let outside = counts("\"append_call_ns\": ");
+    let before = count_in(&report, "\"append_call_before_faults_ns\": ");
+    let outside = count_in(&report, "\"append_call_ns\": ");
     assert!(
         before >= 10_000.0 && before < outside,
         "{before} calls before the join, {outside} outside it:\n{report}"
@@ -186,18 +188,12 @@ fn a_raw_join_copies_the_preload_without_ferry_and_times_the_writer_meanwhile() 
     let at_s = number_after(faults, "\"at_s\": ");
     let done_s = number_after(faults, "\"recovered_s\": ");
     assert!(at_s >= 1.0 && done_s > at_s, "{report}");
-    let counts = |key: &str| {
-        let at = report
-            .find(key)
-            .unwrap_or_else(|| panic!("{key} missing:\n{report}"));
-        number_after(&report[at..], "\"count\": ")
-    };
     assert!(
-        counts("\"append_call_before_faults_ns\": ") >= 10_000.0,
+        count_in(&report, "\"append_call_before_faults_ns\": ") >= 10_000.0,
         "{report}"
     );
     assert!(
-        counts("\"append_call_during_faults_ns\": ") >= 1.0,
+        count_in(&report, "\"append_call_during_faults_ns\": ") >= 1.0,
         "{report}"
     );
     // The copy is the run's and goes with it.
