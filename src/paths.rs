@@ -303,6 +303,24 @@ impl DataDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(with_path(e, rel.as_str())),
         }
+        // A new file in a dir that is there (a queue's next segment): one call, resolved from
+        // the root as the open above was, instead of a walk that opens each dir on the way.
+        let created = DataDir::openat2(
+            self.root_fd(),
+            rel.as_str(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o644,
+        );
+        match created {
+            Ok(fd) => {
+                let parent = rel.parent().unwrap_or("").to_string();
+                return Ok((File::from(fd), vec![parent]));
+            }
+            // A dir on the way is missing (made below), or the name is there now: a dangling
+            // symlink, or a file made since the open above (opened below, without O_EXCL).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EEXIST)) => {}
+            Err(e) => return Err(with_path(e, rel.as_str())),
+        }
         let mut changed = Vec::new();
         let parent = self
             .parent_fd(rel, Some(&mut changed))
@@ -589,6 +607,20 @@ mod tests {
             .unwrap();
         assert_eq!(s, "hello");
         assert!(tmp.path().join(".ferry/tmp").is_dir());
+    }
+
+    /// What `synced` must fsync for a new file to survive a crash: every dir whose entries the
+    /// open changed, and nothing for a file that was there.
+    #[test]
+    fn open_write_names_the_dirs_whose_entries_it_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        assert_eq!(dir.open_write(&p("q/1/seg.0")).unwrap().1, ["", "q", "q/1"]);
+        assert_eq!(dir.open_write(&p("q/1/seg.1")).unwrap().1, ["q/1"]);
+        assert_eq!(dir.open_write(&p("q/2/seg.0")).unwrap().1, ["q", "q/2"]);
+        assert!(dir.open_write(&p("q/1/seg.0")).unwrap().1.is_empty());
+        assert_eq!(dir.open_write(&p("top")).unwrap().1, [""]);
+        assert!(tmp.path().join("q/2/seg.0").is_file());
     }
 
     #[test]
