@@ -77,15 +77,16 @@ impl FaultKind {
 #[derive(Debug, Clone)]
 pub struct FaultSpan {
     pub kind: FaultKind,
-    /// The follower it hit, by its process name (`follower2`).
+    /// The follower it hit, by its process name (`follower2`); a raw join's receiver, `raw1`.
     pub follower: String,
-    /// When it began: SIGKILL or SIGSTOP sent, the late follower started.
+    /// When it began: SIGKILL or SIGSTOP sent, the late follower started, the raw copy begun.
     pub at_s: f64,
-    /// When the follower could go on: started again, sent SIGCONT, or (joining) started.
+    /// When the follower could go on: started again, sent SIGCONT, or (joining) started; when
+    /// a raw join's copy was done.
     pub ended_s: f64,
     /// When every follower held what had been written by `ended_s`, at the run's durability;
     /// `None` if that did not happen within loadgen's convergence timeout, or if there was no
-    /// leader to ask (raw mode).
+    /// leader to ask (raw mode). A raw join's: when its copy was done, `None` if it failed.
     pub recovered_s: Option<f64>,
 }
 
