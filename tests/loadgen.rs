@@ -4,6 +4,13 @@
 use std::path::Path;
 use std::process::Command;
 
+/// loadgen, starting this build's `ferry` for its followers (not one found on the PATH).
+fn loadgen() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    cmd.env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"));
+    cmd
+}
+
 /// Runs `cmd`, asserts that it succeeded and that its summary says `says`, and that the JSON
 /// report it wrote to `json` holds each of `fields`; returns that report.
 fn run_reporting(cmd: &mut Command, says: &str, json: &Path, fields: &[&str]) -> String {
@@ -43,7 +50,7 @@ fn count_in(report: &str, key: &str) -> f64 {
 /// Runs loadgen with `args` (and a data dir under `tmp`), asserts that it refused, and returns
 /// what it said on stderr.
 fn refused(tmp: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    let out = loadgen()
         .args(args)
         .arg("--dir")
         .arg(tmp.join("refused"))
@@ -59,8 +66,7 @@ fn loadgen_runs_with_a_killed_follower_and_writes_its_reports() {
     let json = tmp.path().join("run.json");
     let svg = tmp.path().join("run.svg");
     let report = run_reporting(
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--duration", "2s", "--followers", "2"])
             .args(["--durability", "written"])
             .args(["--rate", "20000", "--kill-follower-every", "700ms"])
@@ -129,8 +135,7 @@ fn a_late_joiner_syncs_and_the_appends_before_it_do_not_wait_for_it() {
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("run.json");
     let report = run_reporting(
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--duration", "3s", "--followers", "2", "--rate", "20000"])
             .args(["--durability", "written", "--join-follower", "64"])
             .arg("--dir")
@@ -171,8 +176,7 @@ fn a_raw_join_copies_the_preload_without_ferry_and_times_the_writer_meanwhile() 
     let json = tmp.path().join("run.json");
     let data = tmp.path().join("data");
     let report = run_reporting(
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--duration", "3s", "--followers", "0", "--rate", "20000"])
             .args(["--durability", "written", "--raw-join", "64", "--dir"])
             .arg(&data),
@@ -223,8 +227,7 @@ fn a_raw_join_copies_the_preload_without_ferry_and_times_the_writer_meanwhile() 
 fn writer_cpu_is_checked_and_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |cpu: &str, json: &std::path::Path| {
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--duration", "300ms", "--followers", "1", "--rate", "1000"])
             .args(["--durability", "written", "--writer-cpu", cpu, "--json"])
             .arg(json)
@@ -269,7 +272,7 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
         let json = tmp.path().join(format!("raw-{batch}.json"));
         let data = tmp.path().join(format!("data-{batch}"));
         let report = run_reporting(
-            Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            loadgen()
                 .args(["--mode", "raw", "--followers", "2", "--messages", "30000"])
                 .args(["--raw-batch-bytes", batch])
                 // Several segments, and message sizes that do not divide them.
@@ -309,8 +312,7 @@ fn rounds_repeat_the_run_and_report_each_round_and_the_medians() {
     let json = tmp.path().join("rounds.json");
     let data = tmp.path().join("data");
     let report = run_reporting(
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--rounds", "2", "--raw-baseline", "--followers", "1"])
             .args(["--messages", "5000", "--rate", "20000"])
             .args(["--durability=written", "--dir"])
@@ -351,8 +353,7 @@ fn raw_baseline_runs_the_fan_out_first_and_reports_the_run_against_it() {
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("run.json");
     let report = run_reporting(
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--raw-baseline", "--followers", "2", "--messages", "20000"])
             .args(["--durability", "received", "--rate", "50000"])
             .arg("--dir")
@@ -394,7 +395,7 @@ fn raw_baseline_runs_the_fan_out_first_and_reports_the_run_against_it() {
 #[test]
 fn probe_cpus_measures_a_cache_line_round_trip_between_two_cpus() {
     let tmp = tempfile::tempdir().unwrap();
-    let same = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    let same = loadgen()
         .args(["--probe-cpus", "0:0", "--duration", "300ms"])
         .output()
         .unwrap();
@@ -408,7 +409,7 @@ fn probe_cpus_measures_a_cache_line_round_trip_between_two_cpus() {
         return; // one CPU: nothing to bounce a line between
     }
     let json = tmp.path().join("probe.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    let out = loadgen()
         .args(["--probe-cpus", "0:1", "--duration", "600ms", "--json"])
         .arg(&json)
         .output()
@@ -447,8 +448,7 @@ fn a_write_mode_run_is_compared_with_a_synced_fan_out_and_both_with_dd() {
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
     let json = tmp.path().join("run.json");
     let leader_dir = tmp.path().join("elsewhere").join("leader");
-    let cmd = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+    let cmd = loadgen()
         .args(["--mode", "write", "--raw-baseline", "--followers", "1"])
         .args(["--messages", "64", "--message-bytes", "65536"])
         .args(["--durability", "synced", "--dd-baseline", "8"])
@@ -516,8 +516,7 @@ fn write_mode_reports_each_followers_lag_from_ferry_lead() {
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("write.json");
     let report = run_reporting(
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--mode", "write", "--followers", "2", "--duration", "1s"])
             .args(["--durability", "written", "--rate", "20000"])
             // Handed to `ferry lead`, which refuses a name it cannot use.
@@ -563,8 +562,7 @@ fn leader_cpu_covers_the_run_not_loadgens_checksums() {
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("run.json");
     let report = run_reporting(
-        Command::new(env!("CARGO_BIN_EXE_loadgen"))
-            .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+        loadgen()
             .args(["--messages", "1024", "--message-bytes", "1048576"])
             .args(["--followers", "1", "--durability", "written"])
             .arg("--dir")
@@ -603,8 +601,7 @@ fn a_run_on_a_given_dir_leaves_nothing_for_the_next_run_to_trip_over() {
     for round in ["first", "second"] {
         let json = tmp.path().join(format!("{round}.json"));
         run_reporting(
-            Command::new(env!("CARGO_BIN_EXE_loadgen"))
-                .env("FERRY_BIN", env!("CARGO_BIN_EXE_ferry"))
+            loadgen()
                 .args(["--messages", "64", "--message-bytes", "65536"])
                 .args(["--followers", "2", "--durability", "written"])
                 .arg("--dir")
