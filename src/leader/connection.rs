@@ -1,0 +1,816 @@
+//! One follower's connection: the task that drives its `LeaderSession`, the task that reads its
+//! socket, and when the session looks at its inbox.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+
+use crate::auth::{random_nonce, Secret};
+use crate::catalog::{Catalog, ChangeList, FileChange};
+use crate::engine::{Conn, FineTimer};
+use crate::frame::{ErrorCode, Frame, InstanceId, VANISHED_HOLD_TIMEOUT_MS};
+use crate::index::DigestCache;
+use crate::lag::LagSnapshot;
+use crate::paths::{DataDir, RelPath};
+use crate::session::leader::{LeaderPhase, LeaderSession, Transmit};
+use crate::session::SessionError;
+
+use super::hub::{catalog_copy, Inbox, Shared, Slot};
+
+/// Bytes read from a follower's socket per read.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Disconnected followers kept in `followers()` for the operator to see.
+const DISCONNECTED_KEPT_MAX: usize = 16;
+/// How often a connection refreshes its lag report when no ack arrived.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// While changes keep arriving, a connection looks at its inbox this often instead of having the
+/// writer wake it: a wake is a system call on the writer's thread (and, on a VM, an interrupt to
+/// another CPU), which costs an `append` many times what the rest of it does.
+const INBOX_POLL_INTERVAL: Duration = Duration::from_micros(200);
+/// How long a connection keeps looking after the last change it found, before it goes back to
+/// sleeping until the writer wakes it: an idle leader costs no CPU.
+const INBOX_POLL_IDLE_MAX: Duration = Duration::from_millis(1);
+/// Until its initial sync is sent, a connection looks this often instead: nothing it finds is
+/// acked before the sync's last MARK anyway, and each look pulls the writers' lock and inbox
+/// over to the session's CPU, which the writer's next `append` pays to pull back. While a
+/// follower joined with a 2 GiB full sync, the writer's `append()` p99 was lower with looks
+/// every 5 ms than every 200 us in 12 interleaved pairs of 12 (docs/PERFORMANCE.md).
+const INBOX_POLL_INTERVAL_SYNCING: Duration = Duration::from_millis(5);
+/// `INBOX_POLL_IDLE_MAX` for a connection sending its initial sync: longer than its look
+/// interval, or finding nothing new at one look would make the writer wake it again.
+const INBOX_POLL_IDLE_MAX_SYNCING: Duration = Duration::from_millis(25);
+/// Open files kept per connection for shipping payloads.
+const OPEN_FILES_PER_CONNECTION_MAX: usize = 256;
+
+pub(super) struct ConnCtx {
+    pub(super) shared: Arc<Shared>,
+    pub(super) dir: Arc<DataDir>,
+    pub(super) secret: Secret,
+    pub(super) ack_timeout: Duration,
+    /// The leader's digest cache; taken by a connection while it hashes (`None` meanwhile).
+    pub(super) digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
+    pub(super) instance: InstanceId,
+}
+
+impl ConnCtx {
+    /// A new connection: its report slot and its inbox. Returns its id and what wakes it.
+    pub(super) fn register(&self, peer: SocketAddr) -> (u64, Arc<Notify>) {
+        let mut board = self.shared.board();
+        let id = board.next_id;
+        board.next_id += 1;
+        board.slots.insert(
+            id,
+            Slot {
+                peer,
+                sending_since: None,
+                lag: None,
+                view: None,
+                payload_bytes_sent: 0,
+                node_id: None,
+                files_sent: 0,
+                sync_bytes: None,
+                disconnected_at: None,
+                logged_state: None,
+            },
+        );
+        drop(board);
+        let wake = Arc::new(Notify::new());
+        self.shared.lock().inboxes.insert(
+            id,
+            Inbox {
+                changes: ChangeList::default(),
+                since: None,
+                wake: wake.clone(),
+                wake_wanted: true,
+            },
+        );
+        (id, wake)
+    }
+
+    fn set_sending(&self, id: u64, since: Option<Instant>) {
+        if let Some(slot) = self.shared.board().slots.get_mut(&id) {
+            slot.sending_since = since;
+        }
+    }
+
+    pub(super) fn unregister(&self, id: u64) {
+        self.shared.lock().inboxes.remove(&id);
+        let mut board = self.shared.board();
+        if let Some(slot) = board.slots.get_mut(&id) {
+            slot.disconnected_at = Some(Instant::now());
+            if slot.lag.is_none() {
+                board.slots.remove(&id);
+            }
+        }
+        let mut gone: Vec<(Instant, u64)> = board
+            .slots
+            .iter()
+            .filter_map(|(&id, s)| Some((s.disconnected_at?, id)))
+            .collect();
+        if gone.len() > DISCONNECTED_KEPT_MAX {
+            gone.sort();
+            for (_, id) in &gone[..gone.len() - DISCONNECTED_KEPT_MAX] {
+                board.slots.remove(id);
+            }
+        }
+        self.shared.acked.notify_all();
+    }
+}
+
+/// Why a follower connection ended badly.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ServeError {
+    #[error("{0}")]
+    Session(#[from] SessionError),
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+}
+
+pub(super) async fn serve_follower(
+    ctx: &ConnCtx,
+    id: u64,
+    wake: &Notify,
+    conn: Rc<Conn>,
+) -> Result<(), ServeError> {
+    let mut session = LeaderSession::new(
+        ctx.secret.clone(),
+        random_nonce()?,
+        ctx.ack_timeout,
+        ctx.instance,
+    );
+    let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
+    let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));
+    let result = drive(ctx, id, &conn, &mut session, wake, &mut input_rx).await;
+    reader.abort();
+    if let Err(ServeError::Session(e)) = &result {
+        // Tell the follower why, best effort: the connection is closing anyway.
+        session.fail(e);
+        let out = session.take_output();
+        if !out.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.write_all(out)).await;
+        }
+    }
+    result
+}
+
+async fn read_loop(conn: Rc<Conn>, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
+    let mut buf = Vec::with_capacity(READ_BUFFER_BYTES);
+    loop {
+        let (r, b) = conn.read(buf).await;
+        match r {
+            Ok(0) => {
+                let _ = tx.send(Ok(Vec::new())).await;
+                return;
+            }
+            Ok(n) => {
+                if tx.send(Ok(b[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+        buf = b;
+    }
+}
+
+/// Records `path` as it is on disk (replaced at its length now, or deleted), for a session
+/// whose MARKs have held for `VANISHED_HOLD_TIMEOUT_MS` because bytes vanished from it and no
+/// change explaining that was reported. Nothing is recorded if the file's generation moved on
+/// since the session's copy of the catalog (another session recorded it, or its writer reported
+/// a replacement or deletion meanwhile): that change is on its way to the session.
+fn record_unreported(ctx: &ConnCtx, id: u64, path: &RelPath, catalog: &Catalog) {
+    let held = catalog.get(path).map(|e| e.generation);
+    let on_disk = match ctx.dir.open_read(path).and_then(|f| f.metadata()) {
+        Ok(meta) => Some(meta.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(
+                "follower #{id}: acks held {VANISHED_HOLD_TIMEOUT_MS} ms for {path}, whose bytes \
+                 vanished with no change reported; cannot read it to record it: {e}"
+            );
+            return;
+        }
+    };
+    let mut moved_on = false;
+    let recorded = ctx.shared.record(|c| {
+        if c.get(path).map(|e| e.generation) != held {
+            moved_on = true;
+            return Ok(None);
+        }
+        match on_disk {
+            Some(len_bytes) => c.replace(path.as_str(), len_bytes).map(Some),
+            None => c.delete(path.as_str()),
+        }
+    });
+    let what = match on_disk {
+        Some(len_bytes) => format!("replaced, {len_bytes} bytes long"),
+        None => "deleted".to_string(),
+    };
+    match recorded {
+        Ok(_) if moved_on => tracing::info!(
+            "follower #{id}: acks held {VANISHED_HOLD_TIMEOUT_MS} ms for {path}, whose bytes \
+             vanished; a change to it was recorded meanwhile, which ends the hold"
+        ),
+        Ok(position) => tracing::warn!(
+            "follower #{id}: acks held {VANISHED_HOLD_TIMEOUT_MS} ms for {path}, whose bytes \
+             vanished with no change reported (a library user reports a file cut back or \
+             rewritten with replace_file, a removed one with delete_file); recorded it as the \
+             disk has it: {what}, at position {position}"
+        ),
+        Err(e) => tracing::warn!("follower #{id}: cannot record {path} as {what}: {e}"),
+    }
+}
+
+/// The connection's main loop: feed input, ship what the session asks for, sleep until input,
+/// a change or a timer.
+async fn drive(
+    ctx: &ConnCtx,
+    id: u64,
+    conn: &Conn,
+    session: &mut LeaderSession,
+    wake: &Notify,
+    input_rx: &mut mpsc::Receiver<io::Result<Vec<u8>>>,
+) -> Result<(), ServeError> {
+    let mut input: Vec<u8> = Vec::new();
+    let mut files = OpenFiles::new();
+    let mut eof = false;
+    let mut reporter = Reporter::default();
+    let connected_at = Instant::now();
+    let mut sync_started: Option<Instant> = None;
+    // A payload sits in the socket with MORE set, waiting for what follows it.
+    let mut corked = false;
+    // The session plans from its own copy of the catalog, brought up to date with the changes
+    // in its inbox: the writers' lock is held for that only, never while frames are parsed or
+    // encoded. The copy is detached (`catalog`, on why) and made a part per hold of the lock,
+    // so a catalog of many files does not hold up the writers; the changes made meanwhile are
+    // in the inbox (registered before), which the first look applies.
+    let mut catalog = catalog_copy(&ctx.shared);
+    let mut changes: Vec<FileChange> = Vec::new();
+    let mut changed: Vec<(RelPath, u64)> = Vec::new();
+    // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
+    // at it every INBOX_POLL_INTERVAL, and the writer need not wake it (until the initial sync
+    // is sent, the `_SYNCING` ones: `poll_rate`).
+    let mut changes_seen_at: Option<Instant> = None;
+    // When the session last looked at its inbox. While polling, it looks no more often than
+    // every INBOX_POLL_INTERVAL, however often acks wake it: a look that finds a few appends
+    // starts a round for them, and with acks back sooner than the poll, rounds of a handful of
+    // messages cost the leader and the follower CPU per message (README, Performance).
+    let mut inbox_seen_at: Option<Instant> = None;
+    let timer = FineTimer::new(conn.engine())?;
+    // The sleep until the next look, with the `inbox_seen_at` it counts from and the interval it
+    // waits (`poll_rate`): kept across turns of the loop, so that the acks that wake the session
+    // in between do not arm a timer each (arming a fine timer reprograms the CPU's timer, which
+    // on a VM is an exit to the host).
+    let mut look_sleep = None;
+    loop {
+        // Everything the reader has, without waiting.
+        while let Ok(chunk) = input_rx.try_recv() {
+            eof |= take_chunk(chunk?, &mut input);
+        }
+        let now = Instant::now();
+        session.check_handshake_deadline(connected_at, now)?;
+        let had_input = !input.is_empty();
+        let rate = poll_rate(session.sync_done_sent());
+        if look_due(changes_seen_at, inbox_seen_at, now, rate) {
+            inbox_seen_at = Some(now);
+            let mut hub = ctx.shared.lock();
+            let hub = &mut *hub;
+            // Taken with the changes: no MARK of this session goes above the positions it
+            // has seen (at most the catalog's then), so a lower ceiling set after this look
+            // binds it at its next look, before it can mark anything newer.
+            session.set_mark_ceiling(hub.mark_ceiling);
+            if let Some(inbox) = hub.inboxes.get_mut(&id) {
+                if let Some(position) = inbox.changes.take(&mut changes) {
+                    changes_seen_at = Some(now);
+                    catalog.apply(&hub.catalog, &changes, position, &mut changed);
+                }
+                inbox.since = None;
+                // Set here, while the inbox is seen empty under the lock: a change from now on
+                // either wakes the session or waits at most one poll interval.
+                inbox.wake_wanted = !polling(changes_seen_at, now, rate);
+            }
+        }
+        if had_input {
+            let n = session.handle_input(&input, &catalog, now)?;
+            input.drain(..n);
+        }
+        for (path, since) in changed.drain(..) {
+            // A deleted or replaced file's old inode is not kept open here: its disk space (a
+            // segment that retention removed) comes back only once nobody holds it.
+            let current = catalog.get(&path).map(|e| e.generation);
+            if files.get(&path).is_some_and(|(g, _)| Some(*g) != current) {
+                files.remove(&path);
+            }
+            session.note_changed(path, since);
+        }
+        let transmit = session.poll_transmit(&catalog, now);
+        let position = catalog.position();
+        // The report for followers() and wait_for: at once after acks, else now and then. It is
+        // computed outside the lock, which writers share.
+        if had_input || reporter.due(now) {
+            reporter.publish(ctx, id, session, position, now);
+        }
+        if eof {
+            return Ok(());
+        }
+        if ctx.shared.stopping.load(Ordering::SeqCst) {
+            let mut out = Vec::new();
+            Frame::error(ErrorCode::Shutdown, "the leader is shutting down").encode(&mut out);
+            let _ = conn.write_all(out).await;
+            return Ok(());
+        }
+        // Asked for as the follower's HAVEs arrive: hashed here while the follower still
+        // hashes the rest of its inventory; the sync starts with the last answer after HAVE_END.
+        if let Some(requests) = session.digest_requests() {
+            // Saved once the inventory is all in (no more batches come), not per batch.
+            let save = session.phase() == LeaderPhase::AwaitDigests;
+            let results = hash_prefixes(ctx, requests, save).await;
+            session.digests_ready(results);
+            if let (None, Some((_, planned))) = (sync_started, session.sync_progress()) {
+                let r = session.inventory_report();
+                tracing::info!(
+                    "follower #{id}: initial sync started, {planned} bytes to send; its \
+                     inventory: {} files held since an earlier connection to this leader, {} \
+                     held records refused (sent whole), {} files compared by digest",
+                    r.held_accepted,
+                    r.held_refused,
+                    r.digests_compared
+                );
+                sync_started = Some(Instant::now());
+            }
+            continue;
+        }
+        if let (Some(at), true) = (sync_started, session.sync_done_sent()) {
+            sync_started = None;
+            tracing::info!(
+                "follower #{id}: initial sync sent: {} payload bytes, {} whole files, in {:.2} s",
+                session.bytes_payload_total(),
+                session.files_whole_total(),
+                at.elapsed().as_secs_f64()
+            );
+        }
+        match transmit {
+            Some(Transmit::OpenWhole { path, generation }) => {
+                match ctx
+                    .dir
+                    .open_read(&path)
+                    .and_then(|f| Ok((f.metadata()?.len(), f)))
+                {
+                    Ok((len, file)) => {
+                        session.begin_whole(&path, len, &catalog);
+                        keep_open(&mut files, path, generation, file);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        tracing::info!(
+                            "follower #{id}: {path} is gone before it could be sent; acks hold \
+                             at the last MARK until its deletion is reported"
+                        );
+                        session.whole_unavailable(&path);
+                    }
+                    Err(e) => {
+                        return Err(SessionError::Io(format!("cannot read {path}: {e}")).into());
+                    }
+                }
+            }
+            Some(Transmit::RecordUnreported { paths }) => {
+                for path in paths {
+                    record_unreported(ctx, id, &path, &catalog);
+                }
+                continue;
+            }
+            Some(Transmit::Payload {
+                path,
+                generation,
+                offset,
+                len_bytes,
+            }) => {
+                if !payload_available(
+                    ctx,
+                    &mut files,
+                    &catalog,
+                    &path,
+                    generation,
+                    offset + len_bytes,
+                )? {
+                    // Cut back or removed behind the catalog since the range was planned:
+                    // take the header back; that change ships on its own. (A shrink during the splice
+                    // below still ends the connection: the frame's length is already on the
+                    // wire.)
+                    tracing::info!(
+                        "follower #{id}: {path} no longer has [{offset}, +{len_bytes}): skipped; \
+                         acks hold at the last MARK until its change is reported"
+                    );
+                    session.payload_unavailable();
+                    files.remove(&path);
+                    continue;
+                }
+                // The header leaves with its payload, and the payload with what follows it
+                // (the round's MARK, or the next header): one segment, not three, for a small
+                // append, so the follower reads them in one go. Output with a MARK in it leaves
+                // at once instead: while rounds follow each other, held bytes would wait for a
+                // full segment, and the follower's ack with them.
+                if len_bytes > 0 && session.has_output() && !session.output_has_mark() {
+                    let (r, _) = conn.write_all_before_payload(session.take_output()).await;
+                    r?;
+                } else {
+                    flush(conn, session, &mut corked).await?;
+                }
+                if let Some((_, file)) = files.get(&path) {
+                    ctx.set_sending(id, Some(Instant::now()));
+                    let send = conn.send_file(file, offset, len_bytes);
+                    tokio::pin!(send);
+                    // The follower's ACKs count while the payload is on its way, not after:
+                    // a payload may wait for room in the socket or for an io-wq worker, and
+                    // `wait_for` waits for the ACK.
+                    // Bad input ends the connection only once the payload is whole on the
+                    // wire, so the ERROR frame that follows never lands inside it.
+                    let mut deferred: Option<ServeError> = None;
+                    let sent = loop {
+                        tokio::select! {
+                            biased;
+                            sent = &mut send => break sent,
+                            chunk = input_rx.recv(), if !eof && deferred.is_none() => {
+                                let now = Instant::now();
+                                let taken = take_input(chunk, &mut input, &mut eof).and_then(|()| {
+                                    Ok(session.handle_input(&input, &catalog, now)?)
+                                });
+                                match taken {
+                                    Ok(n) => {
+                                        input.drain(..n);
+                                        reporter.publish(ctx, id, session, position, now);
+                                    }
+                                    Err(e) => deferred = Some(e),
+                                }
+                            }
+                        }
+                    };
+                    ctx.set_sending(id, None);
+                    if let Some(e) = deferred {
+                        return Err(e);
+                    }
+                    corked = len_bytes > 0;
+                    sent.map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("sending {path} [{offset}, +{len_bytes}): {e}"),
+                        )
+                    })?;
+                }
+            }
+            None => {
+                flush(conn, session, &mut corked).await?;
+                if std::mem::take(&mut corked) {
+                    conn.push()?;
+                }
+                let timeout = session
+                    .poll_timeout()
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(500));
+                // Again: the round may have sent the initial sync's last MARK.
+                let rate = poll_rate(session.sync_done_sent());
+                let poll = polling(changes_seen_at, now, rate);
+                let from = (inbox_seen_at, rate.interval);
+                if !poll {
+                    look_sleep = None;
+                } else if !matches!(&look_sleep, Some((armed, _)) if *armed == from) {
+                    let next_look = next_look_in(inbox_seen_at, Instant::now(), rate);
+                    look_sleep = Some((from, Box::pin(timer.sleep(next_look))));
+                }
+                tokio::select! {
+                    chunk = input_rx.recv() => take_input(chunk, &mut input, &mut eof)?,
+                    _ = wake.notified() => {}
+                    slept = until_look(&mut look_sleep), if poll => {
+                        look_sleep = None;
+                        slept?
+                    }
+                    _ = tokio::time::sleep_until(timeout) => {}
+                    _ = ctx.shared.shutdown.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+/// What a sleep until the next look was armed for: the look it counts from (`inbox_seen_at`)
+/// and the interval it waits (`PollRate::interval`).
+type LookFrom = (Option<Instant>, Duration);
+
+/// Waits for the sleep in `look_sleep`, forever if there is none.
+async fn until_look<F: std::future::Future<Output = io::Result<()>>>(
+    look_sleep: &mut Option<(LookFrom, std::pin::Pin<Box<F>>)>,
+) -> io::Result<()> {
+    match look_sleep {
+        Some((_, sleep)) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How often a session looks at its inbox while changes keep arriving (`interval`), and for how
+/// long after the last change it found (`idle_max`).
+#[derive(Debug, Clone, Copy)]
+struct PollRate {
+    interval: Duration,
+    idle_max: Duration,
+}
+
+/// The rate for a session that has sent its initial sync (`sync_done_sent`), or is sending it.
+fn poll_rate(sync_done_sent: bool) -> PollRate {
+    if sync_done_sent {
+        PollRate {
+            interval: INBOX_POLL_INTERVAL,
+            idle_max: INBOX_POLL_IDLE_MAX,
+        }
+    } else {
+        PollRate {
+            interval: INBOX_POLL_INTERVAL_SYNCING,
+            idle_max: INBOX_POLL_IDLE_MAX_SYNCING,
+        }
+    }
+}
+
+/// Whether a session that last found changes in its inbox at `changes_seen_at` looks at it
+/// every `rate.interval` now, rather than waiting for the writer to wake it.
+fn polling(changes_seen_at: Option<Instant>, now: Instant, rate: PollRate) -> bool {
+    changes_seen_at.is_some_and(|at| now.saturating_duration_since(at) < rate.idle_max)
+}
+
+/// Whether the session looks at its inbox now: always when idle (not `polling`: the writer
+/// wakes it, and it must see the inbox empty to ask for that), else once `rate.interval` has
+/// passed since it last looked at `inbox_seen_at`.
+fn look_due(
+    changes_seen_at: Option<Instant>,
+    inbox_seen_at: Option<Instant>,
+    now: Instant,
+    rate: PollRate,
+) -> bool {
+    !polling(changes_seen_at, now, rate) || next_look_in(inbox_seen_at, now, rate).is_zero()
+}
+
+/// How long until the next look while polling: `rate.interval` after the last.
+fn next_look_in(inbox_seen_at: Option<Instant>, now: Instant, rate: PollRate) -> Duration {
+    inbox_seen_at.map_or(Duration::ZERO, |at| {
+        rate.interval
+            .saturating_sub(now.saturating_duration_since(at))
+    })
+}
+
+/// The files a connection keeps open to ship payloads from: path -> (generation, file).
+type OpenFiles = HashMap<RelPath, (u64, File)>;
+
+fn keep_open(files: &mut OpenFiles, path: RelPath, generation: u64, file: File) {
+    if files.len() >= OPEN_FILES_PER_CONNECTION_MAX {
+        files.clear();
+    }
+    files.insert(path, (generation, file));
+}
+
+/// Whether `path` at `generation` still holds the bytes up to `end`, opening it if needed
+/// (then it is in `files`). Not when the file is gone or shorter. The session asks only for
+/// the generation `catalog` holds (it drops a transfer the catalog has moved past,
+/// `Job::superseded`), so reopening the name cannot send another version's bytes for it.
+fn payload_available(
+    ctx: &ConnCtx,
+    files: &mut OpenFiles,
+    catalog: &crate::catalog::Catalog,
+    path: &RelPath,
+    generation: u64,
+    end: u64,
+) -> Result<bool, ServeError> {
+    debug_assert_eq!(
+        catalog.get(path).map(|e| e.generation),
+        Some(generation),
+        "a payload of {path} planned for a generation the catalog has moved past"
+    );
+    if !matches!(files.get(path), Some((g, _)) if *g == generation) {
+        match ctx.dir.open_read(path) {
+            Ok(file) => keep_open(files, path.clone(), generation, file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(SessionError::Io(format!("cannot read {path}: {e}")).into()),
+        }
+    }
+    let len_bytes = match files.get(path) {
+        Some((_, file)) => file.metadata().map(|m| m.len()).unwrap_or(0),
+        None => 0,
+    };
+    Ok(len_bytes >= end)
+}
+
+/// Takes what the reader sent: a chunk into `input`, or the end of the stream into `eof`.
+fn take_input(
+    chunk: Option<io::Result<Vec<u8>>>,
+    input: &mut Vec<u8>,
+    eof: &mut bool,
+) -> Result<(), ServeError> {
+    match chunk {
+        Some(chunk) => *eof |= take_chunk(chunk?, input),
+        None => *eof = true,
+    }
+    Ok(())
+}
+
+/// Appends a chunk from the reader to `input`; true at the end of the stream.
+fn take_chunk(chunk: Vec<u8>, input: &mut Vec<u8>) -> bool {
+    if chunk.is_empty() {
+        return true;
+    }
+    input.extend_from_slice(&chunk);
+    false
+}
+
+/// Writes the session's output; that pushes out a payload left corked before it too.
+async fn flush(
+    conn: &Conn,
+    session: &mut LeaderSession,
+    corked: &mut bool,
+) -> Result<(), ServeError> {
+    if session.has_output() {
+        let (r, _) = conn.write_all(session.take_output()).await;
+        r?;
+        *corked = false;
+    }
+    Ok(())
+}
+
+/// What a connection reports to the board (for `followers()`, `wait_for` and the state log):
+/// at once after acks, else every `PUBLISH_INTERVAL`.
+#[derive(Default)]
+struct Reporter {
+    published_at: Option<Instant>,
+    /// The last report whose ack latency quantiles were computed, and when: they are computed
+    /// at most once per `PUBLISH_INTERVAL`, however often acks arrive, and copied meanwhile.
+    quantiles_from: Option<(Instant, LagSnapshot)>,
+}
+
+/// Whether `PUBLISH_INTERVAL` has passed since `at` (or nothing happened yet).
+fn interval_passed(at: Option<Instant>, now: Instant) -> bool {
+    !at.is_some_and(|at| now < at + PUBLISH_INTERVAL)
+}
+
+impl Reporter {
+    fn due(&self, now: Instant) -> bool {
+        interval_passed(self.published_at, now)
+    }
+
+    /// The report is made outside the board's lock, which `wait_for` shares.
+    fn publish(
+        &mut self,
+        ctx: &ConnCtx,
+        id: u64,
+        session: &LeaderSession,
+        position: u64,
+        now: Instant,
+    ) {
+        let lag = session.lag();
+        let snapshot = session.durability().map(|_| match &self.quantiles_from {
+            Some((at, previous)) if !interval_passed(Some(*at), now) => {
+                lag.snapshot_reusing_quantiles(position, now, previous)
+            }
+            _ => {
+                let snapshot = lag.snapshot(position, now);
+                self.quantiles_from = Some((now, snapshot.clone()));
+                snapshot
+            }
+        });
+        let view = lag.view();
+        self.published_at = Some(now);
+        let mut board = ctx.shared.board();
+        if let Some(slot) = board.slots.get_mut(&id) {
+            if let Some(snapshot) = snapshot {
+                slot.lag = Some(snapshot);
+                slot.view = Some(view);
+            }
+            slot.payload_bytes_sent = session.bytes_payload_total();
+            slot.files_sent = session.files_whole_total();
+            if slot.node_id.is_none() {
+                slot.node_id = session.node_id().map(str::to_string);
+            }
+            slot.sync_bytes = session.sync_progress();
+        }
+        let wake = board.wake_due();
+        drop(board);
+        if wake {
+            ctx.shared.acked.notify_all();
+        }
+    }
+}
+
+/// Hashes the prefixes a follower's inventory asks for, off the runtime thread.
+async fn hash_prefixes(
+    ctx: &ConnCtx,
+    requests: Vec<crate::session::leader::DigestRequest>,
+    save: bool,
+) -> Vec<(RelPath, Option<crate::frame::Digest>)> {
+    // One connection hashes at a time with the shared cache; others wait their turn.
+    let mut cache = loop {
+        if let Some(c) = ctx.digests.borrow_mut().take() {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let dir = ctx.dir.clone();
+    let paths: Vec<RelPath> = requests.iter().map(|r| r.path.clone()).collect();
+    let joined = tokio::task::spawn_blocking(move || {
+        let results: Vec<_> = requests
+            .into_iter()
+            .map(|r| {
+                let digest = cache.digest_path_prefix(&dir, &r.path, r.len_bytes);
+                if let Err(e) = &digest {
+                    tracing::warn!("cannot hash {}: {e}", r.path);
+                }
+                (r.path, digest.ok())
+            })
+            .collect();
+        if save {
+            if let Err(e) = cache.save(&dir) {
+                tracing::warn!("cannot save the digest cache: {e}");
+            }
+        }
+        (results, cache)
+    })
+    .await;
+    match joined {
+        Ok((results, cache)) => {
+            *ctx.digests.borrow_mut() = Some(cache);
+            results
+        }
+        Err(e) => {
+            // Every copy then compares as different, and is re-sent whole.
+            tracing::error!("hashing task failed: {e}");
+            *ctx.digests.borrow_mut() = Some(DigestCache::load(&ctx.dir));
+            paths.into_iter().map(|p| (p, None)).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While polling, acks that wake the session often do not make it look at the inbox more
+    /// often than every INBOX_POLL_INTERVAL; an idle session (the writer wakes it) always looks.
+    #[test]
+    fn the_inbox_is_looked_at_once_per_poll_interval_while_polling() {
+        let rate = poll_rate(true);
+        let t0 = Instant::now();
+        let seen = Some(t0);
+        let looked = Some(t0);
+        let soon = t0 + INBOX_POLL_INTERVAL / 4;
+        assert!(!look_due(seen, looked, soon, rate));
+        assert_eq!(
+            next_look_in(looked, soon, rate),
+            INBOX_POLL_INTERVAL * 3 / 4
+        );
+        let later = t0 + INBOX_POLL_INTERVAL;
+        assert!(look_due(seen, looked, later, rate));
+        assert_eq!(next_look_in(looked, later, rate), Duration::ZERO);
+        // Never looked, or idle (no changes within INBOX_POLL_IDLE_MAX): look at once.
+        assert!(look_due(seen, None, soon, rate));
+        assert!(look_due(None, looked, soon, rate));
+        let idle = t0 + INBOX_POLL_IDLE_MAX;
+        assert!(look_due(
+            seen,
+            Some(idle),
+            idle + INBOX_POLL_INTERVAL / 4,
+            rate
+        ));
+    }
+
+    /// Until the initial sync is sent, nothing a session finds is acked before the sync's last
+    /// MARK anyway, and each look moves the writers' cache lines to the session's CPU: it looks
+    /// every INBOX_POLL_INTERVAL_SYNCING, stays polling that long without changes too (so the
+    /// writer does not start waking it), and goes back to the streaming rate once the sync is
+    /// sent.
+    #[test]
+    fn a_session_sending_its_initial_sync_looks_at_the_inbox_less_often() {
+        let syncing = poll_rate(false);
+        let t0 = Instant::now();
+        let (seen, looked) = (Some(t0), Some(t0));
+        let streaming_due = t0 + INBOX_POLL_INTERVAL;
+        assert!(INBOX_POLL_INTERVAL_SYNCING > INBOX_POLL_IDLE_MAX);
+        assert!(!look_due(seen, looked, streaming_due, syncing));
+        assert!(polling(seen, t0 + INBOX_POLL_INTERVAL_SYNCING, syncing));
+        assert_eq!(
+            next_look_in(looked, streaming_due, syncing),
+            INBOX_POLL_INTERVAL_SYNCING - INBOX_POLL_INTERVAL
+        );
+        let due = t0 + INBOX_POLL_INTERVAL_SYNCING;
+        assert!(look_due(seen, looked, due, syncing));
+        // Idle for INBOX_POLL_IDLE_MAX_SYNCING: the writer wakes it, it looks whenever woken.
+        let idle = t0 + INBOX_POLL_IDLE_MAX_SYNCING;
+        assert!(!polling(seen, idle, syncing));
+        assert!(look_due(seen, Some(idle), idle, syncing));
+        // Sync sent: the next look is due at the streaming rate.
+        assert!(look_due(seen, looked, streaming_due, poll_rate(true)));
+    }
+}

@@ -1,0 +1,236 @@
+//! What the writers share with the connections: the catalog and each follower's inbox under
+//! one lock (`Hub`), what the connections report under another (`Board`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::catalog::{Catalog, ChangeList, FileChange};
+use crate::frame::Durability;
+use crate::lag::{FollowerState, LagSnapshot, LagView};
+use crate::paths::{PathError, RelPath};
+
+use super::{ChangeError, CheckpointFlush};
+
+/// A connecting follower's session takes the catalog this many files per hold of the writers'
+/// lock (`cargo bench --bench protocol -- catalog` measures one hold).
+const CATALOG_COPY_FILES_PER_LOCK: usize = 256;
+
+/// A connected follower's files changed since its session last looked: all the writer touches
+/// per follower.
+pub(super) struct Inbox {
+    pub(super) changes: ChangeList,
+    /// When it last went from empty to not empty (the session has not picked it up since).
+    pub(super) since: Option<Instant>,
+    pub(super) wake: Arc<Notify>,
+    /// The session sleeps until woken: the writer wakes it with the next change. Otherwise it
+    /// looks every `INBOX_POLL_INTERVAL`, and the writer only adds the path.
+    pub(super) wake_wanted: bool,
+}
+
+/// What a session reports about its follower, for `followers()`, `wait_for` and the state log.
+pub(super) struct Slot {
+    pub(super) peer: SocketAddr,
+    /// When the session started a payload it has not finished sending.
+    pub(super) sending_since: Option<Instant>,
+    pub(super) lag: Option<LagSnapshot>,
+    pub(super) view: Option<LagView>,
+    pub(super) payload_bytes_sent: u64,
+    pub(super) node_id: Option<String>,
+    pub(super) files_sent: u64,
+    pub(super) sync_bytes: Option<(u64, u64)>,
+    pub(super) disconnected_at: Option<Instant>,
+    /// The state last logged for this follower (a line is logged when it changes).
+    pub(super) logged_state: Option<FollowerState>,
+}
+
+impl Slot {
+    /// The follower's state at `now`, from its last report and what the leader knows since
+    /// (`None` before its first report). `inbox_since`: see `Inbox::since`.
+    pub(super) fn state(
+        &self,
+        now: Instant,
+        inbox_since: Option<Instant>,
+    ) -> Option<FollowerState> {
+        if self.disconnected_at.is_some() {
+            return Some(FollowerState::Disconnected);
+        }
+        let view = self.view?;
+        Some(view.state(now, self.stalled_since(inbox_since)))
+    }
+
+    /// Since when the leader has had something for this follower that it could not get onto
+    /// the wire, if it has.
+    pub(super) fn stalled_since(&self, inbox_since: Option<Instant>) -> Option<Instant> {
+        match (inbox_since, self.sending_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What the writer shares with the sessions: the catalog and the inboxes.
+pub(super) struct Hub {
+    pub(super) catalog: Catalog,
+    pub(super) inboxes: HashMap<u64, Inbox>,
+    /// No session's MARK goes above this: the reservation of the leader's record this run
+    /// wrote (`checkpoint`), `u64::MAX` while there is none on disk; while a checkpoint is
+    /// written, the lower of that and the new one. Sessions take it with their inbox.
+    pub(super) mark_ceiling: u64,
+}
+
+/// What the sessions report. The writer never takes this lock, so a session publishing its
+/// acks, or a broker waiting for them, never makes an `append` wait.
+pub(super) struct Board {
+    pub(super) slots: HashMap<u64, Slot>,
+    pub(super) next_id: u64,
+    /// What the threads blocked on `Shared::acked` wait for. A report wakes them only when
+    /// one of them has what it waits for (or waits for any report): waking a thread is a
+    /// syscall, and most acks (one follower's, when a waiter needs two) satisfy nobody.
+    pub(super) waits: Vec<Wait>,
+    pub(super) next_wait_token: u64,
+}
+
+/// One thread blocked in `Shared::wait_acked`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Wait {
+    /// Who registered it, to remove it.
+    token: u64,
+    /// `None`: woken by any report.
+    wanted: Option<Wanted>,
+}
+
+/// `position` acked by at least `min_followers` connected followers at `durability`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Wanted {
+    pub(super) durability: Durability,
+    pub(super) min_followers: usize,
+    pub(super) position: u64,
+}
+
+impl Wanted {
+    fn met(&self, board: &Board) -> bool {
+        acked_in(board, self.durability, self.min_followers).is_some_and(|a| a >= self.position)
+    }
+}
+
+impl Board {
+    /// Whether a report just made should wake the waiting threads.
+    pub(super) fn wake_due(&self) -> bool {
+        self.waits
+            .iter()
+            .any(|w| w.wanted.map_or(true, |wanted| wanted.met(self)))
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) hub: Mutex<Hub>,
+    pub(super) board: Mutex<Board>,
+    /// Signalled (with `board`) whenever a follower's acks (or its connection) changed, for
+    /// `wait_for`.
+    pub(super) acked: Condvar,
+    pub(super) stopping: AtomicBool,
+    pub(super) shutdown: Notify,
+    /// Whether checkpoints need `checkpoint_flush` (`LeaderConfig::change_source_flushes`).
+    pub(super) flush_needed: bool,
+    pub(super) checkpoint_flush: Mutex<Option<CheckpointFlush>>,
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Hub> {
+        // A panic while holding the lock leaves a consistent catalog (every update is one
+        // assignment), so a poisoned lock is still usable.
+        self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn board(&self) -> MutexGuard<'_, Board> {
+        // Reports only: a poisoned one is still usable.
+        self.board.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change` to the catalog and puts what it changed into every follower's inbox.
+    /// Returns the position after it.
+    pub(super) fn record(
+        &self,
+        change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, PathError>,
+    ) -> Result<u64, ChangeError> {
+        let mut hub = self.lock();
+        let hub = &mut *hub;
+        let changed = change(&mut hub.catalog)?;
+        let position = hub.catalog.position();
+        let Some(changed) = changed else {
+            return Ok(position);
+        };
+        for inbox in hub.inboxes.values_mut() {
+            // Only the first change since the session looked can wake it: the session learns
+            // of the others with that one (woken then, or finding it at its next poll).
+            if inbox.changes.is_empty() {
+                inbox.since = Some(Instant::now());
+                if std::mem::take(&mut inbox.wake_wanted) {
+                    inbox.wake.notify_one();
+                }
+            }
+            inbox.changes.push(changed, position);
+        }
+        Ok(position)
+    }
+
+    /// Waits (at most `timeout`) for a report that gives `wanted` (`None`: any report), or for
+    /// a follower to disconnect or the leader to stop.
+    pub(super) fn wait_acked<'a>(
+        &self,
+        mut board: MutexGuard<'a, Board>,
+        wanted: Option<Wanted>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Board> {
+        let token = board.next_wait_token;
+        board.next_wait_token += 1;
+        board.waits.push(Wait { token, wanted });
+        let mut board = match self.acked.wait_timeout(board, timeout) {
+            Ok((guard, _)) => guard,
+            Err(p) => p.into_inner().0,
+        };
+        board.waits.retain(|w| w.token != token);
+        board
+    }
+
+    /// The position now, and since when each connected follower's inbox has waited.
+    pub(super) fn pending(&self) -> (u64, HashMap<u64, Option<Instant>>) {
+        let hub = self.lock();
+        let since = hub.inboxes.iter().map(|(&id, i)| (id, i.since)).collect();
+        (hub.catalog.position(), since)
+    }
+}
+
+/// A copy of the catalog, taken a part of `CATALOG_COPY_FILES_PER_LOCK` files per hold of the
+/// writers' lock, so that a catalog of many files does not hold up an `append`. Not one moment's
+/// state: each part is as it was when taken (`Catalog::detached_in_parts`).
+pub(super) fn catalog_copy(shared: &Shared) -> Catalog {
+    Catalog::detached_in_parts(CATALOG_COPY_FILES_PER_LOCK, |from_id, max_files, part| {
+        shared.lock().catalog.take_part(from_id, max_files, part)
+    })
+}
+
+/// The paths of every file in the catalog.
+pub(super) fn catalog_paths(shared: &Shared) -> Vec<RelPath> {
+    let copy = catalog_copy(shared);
+    copy.snapshot().into_iter().map(|(p, _)| p).collect()
+}
+
+/// The position acked at `durability` by the `min_followers`-th best connected follower
+/// (`min_followers` at least 1: with none, the answer is the catalog's position).
+pub(super) fn acked_in(board: &Board, durability: Durability, min_followers: usize) -> Option<u64> {
+    let mut acked: Vec<u64> = board
+        .slots
+        .values()
+        .filter(|s| s.disconnected_at.is_none())
+        .filter_map(|s| s.lag.as_ref())
+        .map(|lag| lag.acked[durability.index()])
+        .collect();
+    acked.sort_unstable_by(|a, b| b.cmp(a));
+    acked.get(min_followers.saturating_sub(1)).copied()
+}

@@ -1,0 +1,699 @@
+//! The leader as a library: the change API a broker calls, and the server that ships changes.
+//!
+//! A broker (or `ferry lead`, fed by the inotify watcher) tells the `Leader` what changed with
+//! `append`, `replace_file` and `delete_file`. Those calls only update the catalog and mark the
+//! path dirty for each connected follower, under one short lock: they never wait for a follower,
+//! never touch a socket and never copy data, so a slow or stopped follower costs the writer
+//! nothing. The data dir is the queue: a follower's session reads the bytes from the file when
+//! its socket is ready.
+//!
+//! The server runs on its own thread with the chosen I/O engine. Each connection is a task that
+//! drives a `session::leader::LeaderSession`; a second task per connection reads the socket, so
+//! acks keep arriving while a payload is being spliced out.
+
+mod checkpoint;
+mod connection;
+mod hub;
+mod server;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::auth::{random_instance, Secret};
+use crate::catalog::Catalog;
+use crate::engine::{self, EngineKind};
+use crate::frame::{Durability, InstanceId};
+use crate::index::{hex, scan};
+use crate::lag::{LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
+use crate::leader_record::{self, LEADER_RECORD_INTERVAL_MS, LEADER_RECORD_SETTLE_MS};
+use crate::paths::{DataDir, PathError, RelPath};
+use crate::watch::{Change, Watcher};
+
+use checkpoint::{Checkpoints, WATCHER_FLUSH_TIMEOUT};
+use hub::{acked_in, catalog_copy, catalog_paths, Board, Hub, Shared, Wanted};
+pub use server::LISTEN_RETRY_MS;
+use server::{pacing_hint, serve};
+
+#[derive(Clone)]
+pub struct LeaderConfig {
+    pub data_dir: std::path::PathBuf,
+    pub listen: SocketAddr,
+    pub secret: Secret,
+    /// `None`: io_uring when it works here, else the fallback with a warning.
+    pub engine: Option<EngineKind>,
+    pub ack_timeout: Duration,
+    /// The TCP congestion control the leader sends to followers with (TCP_CONGESTION on the
+    /// listening socket, which every accepted connection inherits); `None` keeps the system's
+    /// (`net.ipv4.tcp_congestion_control`). Where that is BBR without the fq qdisc, the kernel
+    /// paces each round's burst, which costs latency and CPU on a fast link (README, Use).
+    pub tcp_congestion: Option<String>,
+    /// How often the serving leader rewrites its record (`leader_record`), so that if it dies
+    /// its successor resumes the instance; zero writes none until the stop.
+    pub record_interval: Duration,
+    /// The leader is fed by a change source that reports changes late (`ferry lead`'s
+    /// watcher): a checkpoint is written only once that source has reported every change made
+    /// before it (`Leader::set_checkpoint_flush`), so none before the source is attached.
+    pub change_source_flushes: bool,
+}
+
+/// Has a change source report every change made up to now to the leader; false if it cannot
+/// (stopped, or too slow), and the checkpoint is not written.
+pub type CheckpointFlush = Arc<dyn Fn() -> bool + Send + Sync>;
+
+impl LeaderConfig {
+    pub fn new(
+        data_dir: impl Into<std::path::PathBuf>,
+        listen: SocketAddr,
+        secret: Secret,
+    ) -> LeaderConfig {
+        LeaderConfig {
+            data_dir: data_dir.into(),
+            listen,
+            secret,
+            engine: None,
+            ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT),
+            tcp_congestion: None,
+            record_interval: Duration::from_millis(LEADER_RECORD_INTERVAL_MS),
+            change_source_flushes: false,
+        }
+    }
+}
+
+/// What the leader knows of one follower connection.
+#[derive(Debug, Clone)]
+pub struct FollowerInfo {
+    pub id: u64,
+    /// The node id the follower named itself with (NODE_ID), if any.
+    pub node_id: Option<String>,
+    pub peer: SocketAddr,
+    pub lag: LagSnapshot,
+    pub payload_bytes_sent: u64,
+    /// Whole-file transfers committed on this connection.
+    pub files_sent: u64,
+    /// While its initial sync runs: (payload bytes sent for it, bytes planned).
+    pub sync_bytes: Option<(u64, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("cannot stat {path}: {source}")]
+    Stat { path: String, source: io::Error },
+}
+
+/// The running leader: the change API for the writer, and a server thread for the followers.
+pub struct Leader {
+    shared: Arc<Shared>,
+    dir: Arc<DataDir>,
+    local_addr: SocketAddr,
+    engine: EngineKind,
+    /// The TCP congestion control followers' connections use, as the listening socket has it.
+    tcp_congestion: String,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Positions mean something only within this instance (held records): drawn at start, or
+    /// resumed from the last graceful stop's record.
+    instance: InstanceId,
+    /// The record for the next start is written (by the first stop).
+    record_written: AtomicBool,
+    /// The thread writing the record while serving (`checkpoint`), until the stop.
+    checkpoints: Mutex<Option<Checkpoints>>,
+}
+
+impl Leader {
+    /// Opens the data dir and starts serving followers on `config.listen`. The catalog starts
+    /// with `files` (path, logical length), e.g. from a scan; more can be registered later.
+    /// After a stop in the same boot, or a run that died once it had written its record (every
+    /// `config.record_interval` while serving), it resumes that run's instance, and the files
+    /// unchanged since the record keep what followers' held records know of them
+    /// (`leader_record`).
+    pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
+        let dir = Arc::new(DataDir::open(&config.data_dir)?);
+        dir.clear_temps()?;
+        let engine = engine::choose(config.engine)?;
+        let congestion_asked = config.tcp_congestion.is_some();
+        let record_interval = config.record_interval;
+        let resumed = leader_record::take(&dir);
+        let (catalog, instance) = match &resumed {
+            Some(r) => {
+                tracing::info!(
+                    "resuming instance {} from its record: {} of {} files vouched for (the \
+                     rest changed since, within {LEADER_RECORD_SETTLE_MS} ms before the \
+                     record, or gone: their followers' copies are hashed), positions from {}",
+                    hex(&r.instance),
+                    r.kept.len(),
+                    r.kept.len() + r.not_kept,
+                    r.last_position.saturating_add(1)
+                );
+                (
+                    Catalog::resumed(files, r.last_position, &r.kept),
+                    r.instance,
+                )
+            }
+            None => {
+                let instance = random_instance().map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot draw the leader's instance id: {e}"),
+                    )
+                })?;
+                (Catalog::new(files), instance)
+            }
+        };
+        let shared = Arc::new(Shared {
+            hub: Mutex::new(Hub {
+                catalog,
+                inboxes: HashMap::new(),
+                mark_ceiling: u64::MAX,
+            }),
+            board: Mutex::new(Board {
+                slots: HashMap::new(),
+                next_id: 1,
+                waits: Vec::new(),
+                next_wait_token: 0,
+            }),
+            acked: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            flush_needed: config.change_source_flushes,
+            checkpoint_flush: Mutex::new(None),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let shared = shared.clone();
+            let dir = dir.clone();
+            std::thread::Builder::new()
+                .name("ferry-leader".into())
+                .spawn(move || {
+                    engine::run(engine, move || {
+                        serve(engine, config, shared, dir, ready_tx, instance)
+                    })
+                })?
+        };
+        let ready = match ready_rx.recv() {
+            Ok(ready) => ready,
+            Err(_) => Err(io::Error::other(
+                "the leader's server thread exited at start",
+            )),
+        };
+        let (local_addr, tcp_congestion) = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                if let Some(r) = &resumed {
+                    r.put_back(&dir);
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            "leading {} on {local_addr} with the {} engine, TCP congestion control {tcp_congestion} ({})",
+            dir.root().display(),
+            engine.name(),
+            if congestion_asked {
+                "asked for"
+            } else {
+                "the system's default"
+            }
+        );
+        let default_qdisc = std::fs::read_to_string("/proc/sys/net/core/default_qdisc").ok();
+        if let Some(hint) = pacing_hint(&tcp_congestion, default_qdisc.as_deref().map(str::trim)) {
+            tracing::info!("{hint}");
+        }
+        let checkpoints = if record_interval.is_zero() {
+            None
+        } else {
+            let (shared, dir) = (shared.clone(), dir.clone());
+            match Checkpoints::start(shared, dir, instance, record_interval) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot start the thread that writes the leader's record ({e}): if \
+                         this leader dies, the next one draws a new instance"
+                    );
+                    None
+                }
+            }
+        };
+        Ok(Leader {
+            shared,
+            dir,
+            local_addr,
+            engine,
+            tcp_congestion,
+            thread: Mutex::new(Some(thread)),
+            instance,
+            record_written: AtomicBool::new(false),
+            checkpoints: Mutex::new(checkpoints),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    /// The TCP congestion control followers' connections use ("cubic", "bbr", ...).
+    pub fn tcp_congestion(&self) -> &str {
+        &self.tcp_congestion
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    /// The current replication position (what `wait_for` compares against).
+    pub fn position(&self) -> u64 {
+        self.shared.lock().catalog.position()
+    }
+
+    /// A file the followers must hold, `len_bytes` long (its logical length: a preallocated
+    /// segment may be longer on disk). Shipped whole unless it is already known at that length.
+    pub fn register_file(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
+        let path = RelPath::new(path)?;
+        {
+            let hub = self.shared.lock();
+            if hub
+                .catalog
+                .get(&path)
+                .is_some_and(|e| e.len_bytes == len_bytes)
+            {
+                return Ok(hub.catalog.position());
+            }
+        }
+        self.shared
+            .record(|c| c.replace(path.as_str(), len_bytes).map(Some))
+    }
+
+    /// `length` bytes were written at `offset` of `path` (already in the file, e.g. through an
+    /// mmap). Returns the replication position that covers them, for `wait_for`.
+    ///
+    /// Segments are append-only: what ships is the file's growth, up to `offset + length`.
+    /// Bytes rewritten below what followers already hold are not sent again; a file changed in
+    /// place is reported with `replace_file`, which ships it whole. A path new to the leader is
+    /// created by its first append, and reaches the followers as appends do, under its real
+    /// name from its first byte: report a file that must never show there in part (a JSON
+    /// file) with `replace_file`.
+    pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
+        // A path the catalog knows is not checked again (nor copied).
+        self.shared
+            .record(|c| c.append(path, offset, length).map(Some))
+    }
+
+    /// `path` was rewritten as a whole (e.g. a JSON file renamed over); its size is taken now.
+    pub fn replace_file(&self, path: &str) -> Result<u64, ChangeError> {
+        let rel = RelPath::new(path)?;
+        let len_bytes = self
+            .dir
+            .open_read(&rel)
+            .and_then(|f| f.metadata())
+            .map_err(|source| ChangeError::Stat {
+                path: path.to_string(),
+                source,
+            })?
+            .len();
+        self.shared
+            .record(|c| c.replace(rel.as_str(), len_bytes).map(Some))
+    }
+
+    /// Like `replace_file`, with the length given (for `ferry lead`'s watcher, which stat'ed it).
+    pub fn replace_file_with_len(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {
+        self.shared.record(|c| c.replace(path, len_bytes).map(Some))
+    }
+
+    /// Records a change the inotify watcher saw.
+    pub fn apply(&self, change: &Change) -> Result<u64, ChangeError> {
+        match change {
+            Change::Grew {
+                path,
+                from_bytes,
+                to_bytes,
+            } => self.append(path.as_str(), *from_bytes, to_bytes - from_bytes),
+            Change::Rewritten { path, len_bytes } => {
+                self.replace_file_with_len(path.as_str(), *len_bytes)
+            }
+            Change::Removed { path } => self.delete_file(path.as_str()),
+        }
+    }
+
+    /// The facts `--http` reports about this leader.
+    pub fn status(&self) -> crate::status::Status {
+        crate::status::Status::Leader {
+            engine: self.engine().name().to_string(),
+            tcp_congestion: self.tcp_congestion.clone(),
+            position: self.position(),
+            followers: self.followers().iter().map(Into::into).collect(),
+        }
+    }
+
+    pub fn delete_file(&self, path: &str) -> Result<u64, ChangeError> {
+        self.shared.record(|c| c.delete(path))
+    }
+
+    /// Every follower connected now, and the last few that disconnected.
+    pub fn followers(&self) -> Vec<FollowerInfo> {
+        let (position, inbox_since) = self.shared.pending();
+        let board = self.shared.board();
+        let now = Instant::now();
+        let mut all: Vec<FollowerInfo> = board
+            .slots
+            .iter()
+            .filter_map(|(&id, slot)| {
+                let mut lag = slot.lag.clone()?;
+                let inbox_since = inbox_since.get(&id).copied().flatten();
+                // The snapshot is as of the session's last update; a session blocked on a full
+                // socket makes none, so the state and ages are recomputed for now.
+                if let Some(view) = slot.view {
+                    lag.since_last_ack_ms = view
+                        .last_ack_at
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64);
+                    let waiting_since =
+                        [view.oldest_unacked_mark_at, slot.stalled_since(inbox_since)]
+                            .into_iter()
+                            .flatten()
+                            .min();
+                    lag.lag_ms = waiting_since
+                        .map_or(0, |t| now.saturating_duration_since(t).as_millis() as u64);
+                }
+                lag.state = slot.state(now, inbox_since).unwrap_or(lag.state);
+                for level in 0..3 {
+                    lag.lag_bytes[level] = position.saturating_sub(lag.acked[level]);
+                }
+                Some(FollowerInfo {
+                    id,
+                    node_id: slot.node_id.clone(),
+                    peer: slot.peer,
+                    lag,
+                    payload_bytes_sent: slot.payload_bytes_sent,
+                    files_sent: slot.files_sent,
+                    sync_bytes: slot.sync_bytes,
+                })
+            })
+            .collect();
+        all.sort_by_key(|f| f.id);
+        all
+    }
+
+    /// Waits until at least `min_followers` connected followers acked `position` at
+    /// `durability`. Returns false if `timeout` passed first. For publish confirms.
+    pub fn wait_for(
+        &self,
+        position: u64,
+        durability: Durability,
+        min_followers: usize,
+        timeout: Duration,
+    ) -> bool {
+        self.wait_until(durability, min_followers, timeout, position)
+            .is_some_and(|acked| acked >= position)
+    }
+
+    /// The highest position that at least `min_followers` connected followers have acked at
+    /// `durability` (0 when fewer are connected; the current position when `min_followers` is 0).
+    pub fn acked_position(&self, durability: Durability, min_followers: usize) -> u64 {
+        if min_followers == 0 {
+            return self.position();
+        }
+        acked_in(&self.shared.board(), durability, min_followers).unwrap_or(0)
+    }
+
+    /// Waits until `acked_position(durability, min_followers)` is beyond `beyond`, or `timeout`
+    /// passed; returns it either way. (How a load generator measures append-to-ack latency
+    /// without one waiter per message.)
+    pub fn wait_acked_beyond(
+        &self,
+        beyond: u64,
+        durability: Durability,
+        min_followers: usize,
+        timeout: Duration,
+    ) -> u64 {
+        self.wait_until(durability, min_followers, timeout, beyond.saturating_add(1))
+            .unwrap_or(0)
+    }
+
+    /// Waits until the connected follower that named itself `node_id` acked `position` at
+    /// `durability`; false if `timeout` passed first. A handoff waits on its target this way.
+    pub fn wait_node_acked(
+        &self,
+        node_id: &str,
+        position: u64,
+        durability: Durability,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut board = self.shared.board();
+        loop {
+            let acked = board
+                .slots
+                .values()
+                .filter(|s| s.disconnected_at.is_none() && s.node_id.as_deref() == Some(node_id))
+                .filter_map(|s| s.lag.as_ref())
+                .map(|lag| lag.acked[durability.index()])
+                .max();
+            let now = Instant::now();
+            if acked.is_some_and(|a| a >= position) {
+                return true;
+            }
+            if now >= deadline || self.is_stopped() {
+                return false;
+            }
+            // A node's acks are not what `Wanted` describes: any report wakes this one.
+            board = self.shared.wait_acked(board, None, deadline - now);
+        }
+    }
+
+    /// Waits until the position acked by `min_followers` at `durability` is at least
+    /// `position` (or `timeout`); returns that acked position, `None` while fewer followers are
+    /// connected.
+    fn wait_until(
+        &self,
+        durability: Durability,
+        min_followers: usize,
+        timeout: Duration,
+        position: u64,
+    ) -> Option<u64> {
+        if min_followers == 0 {
+            // Nobody to wait for: everything recorded counts as acked.
+            return (!self.is_stopped()).then(|| self.position());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut board = self.shared.board();
+        loop {
+            if self.is_stopped() {
+                return None;
+            }
+            let acked = acked_in(&board, durability, min_followers);
+            let now = Instant::now();
+            if acked.is_some_and(|a| a >= position) || now >= deadline {
+                return acked;
+            }
+            let wanted = Wanted {
+                durability,
+                min_followers,
+                position,
+            };
+            board = self.shared.wait_acked(board, Some(wanted), deadline - now);
+        }
+    }
+
+    /// Stops serving: followers are told the leader is shutting down. A graceful stop (as is
+    /// dropping the `Leader`): the record for the next start vouches for the files written
+    /// just before it too, after waiting for them to settle, at most
+    /// `LEADER_RECORD_SETTLE_MS` (`leader_record`).
+    pub fn shutdown(self) {
+        self.stop_serving_with(|| {}, Settle::Wait);
+    }
+
+    /// Stops serving and returns once the server thread is gone: no follower is served or
+    /// heard from afterwards, and `wait_for` and friends answer at once. Changes recorded
+    /// after it are kept but shipped to no one. Through `&self` because a fenced node must stop
+    /// even while its embedder still holds the `Arc<Leader>` it was given. The first stop
+    /// writes the record the next start resumes from (`leader_record`); this one does not wait
+    /// for files written within `LEADER_RECORD_SETTLE_MS` to settle, so those are not vouched
+    /// for (`shutdown` waits).
+    pub fn stop_serving(&self) {
+        self.stop_serving_with(|| {}, Settle::DoNotWait);
+    }
+
+    /// `stop_serving`, with `report_pending` reporting every change not reported yet (the
+    /// watcher's last flush) once the files have been looked at for the record, before it is
+    /// written: what changed before the look is then in the catalog the record keeps. With
+    /// `Settle::Wait`, files changed less than `LEADER_RECORD_SETTLE_MS` before the look are
+    /// waited for and looked at again, so the record can vouch for them.
+    pub fn stop_serving_with(&self, report_pending: impl FnOnce(), settle: Settle) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.shutdown.notify_waiters();
+        self.shared.acked.notify_all();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        let checkpoints = self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = checkpoints {
+            c.stop();
+        }
+        if self.record_written.swap(true, Ordering::SeqCst) {
+            report_pending();
+            return;
+        }
+        // No session is left, so no MARK beyond the position the record names was sent. (If
+        // this record cannot be written, the last checkpoint stays: its reservation is above
+        // every MARK too.)
+        let paths = catalog_paths(&self.shared);
+        let mut look = leader_record::look(&self.dir, &paths);
+        if let Some(wait) = look.unsettled_for().filter(|_| settle == Settle::Wait) {
+            // Files written in the last second would not be vouched for (the settle rule),
+            // and the files a broker wrote last are its active segments: worth the wait.
+            tracing::info!(
+                "waiting {} ms before recording instance {} for the next start: {} files \
+                 changed less than {LEADER_RECORD_SETTLE_MS} ms ago",
+                wait.as_millis(),
+                hex(&self.instance),
+                look.unsettled()
+            );
+            std::thread::sleep(wait);
+            look = leader_record::look(&self.dir, &paths);
+        }
+        report_pending();
+        let catalog = catalog_copy(&self.shared).snapshot();
+        // Read after the copy: at or above every birth in it.
+        let position = self.shared.lock().catalog.position();
+        match leader_record::save(&self.dir, &self.instance, position, &catalog, &look) {
+            Ok(()) => tracing::info!(
+                "recorded instance {} at position {position} ({} files) for the next start",
+                hex(&self.instance),
+                catalog.len()
+            ),
+            Err(e) => tracing::warn!(
+                "cannot write the leader's record: {e}; the next start draws a new instance, and \
+                 its followers hash what changed since their last inventory"
+            ),
+        }
+    }
+
+    /// Sets what a checkpoint of the leader's record calls first, to have the change source
+    /// report every change made up to then (`watch` sets the watcher's), and asks for a
+    /// checkpoint now.
+    pub fn set_checkpoint_flush(&self, flush: CheckpointFlush) {
+        *self
+            .shared
+            .checkpoint_flush
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(flush);
+        let checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = checkpoints.as_ref() {
+            c.ask_now();
+        }
+    }
+
+    /// Whether `stop_serving` (or shutdown) ran.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+}
+
+/// A leader fed by the inotify watcher on its data dir: `ferry lead`, and `ferry node` while
+/// elected. Every file found at start is registered; later writes reach it as changes.
+pub struct WatchedLeader {
+    pub leader: Arc<Leader>,
+    watcher: Watcher,
+}
+
+/// What a scan found: path -> (length in bytes, mtime in ns), the watcher's starting point.
+pub type Known = HashMap<RelPath, (u64, i64)>;
+
+/// What the watcher needs of a scan: each file's length and mtime.
+pub fn known_of(files: &[crate::index::FileMeta]) -> Known {
+    files
+        .iter()
+        .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
+        .collect()
+}
+
+/// Scans the data dir and starts a leader with every file found registered.
+pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
+    let data_dir = config.data_dir.clone();
+    let files = scan(&DataDir::open(&data_dir)?).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
+    })?;
+    let known = known_of(&files);
+    tracing::info!(
+        "{} files, {} bytes in {}",
+        files.len(),
+        files.iter().map(|m| m.len_bytes).sum::<u64>(),
+        data_dir.display()
+    );
+    let leader = Arc::new(Leader::start(
+        config,
+        files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
+    )?);
+    Ok((leader, known))
+}
+
+/// Feeds `leader` every change inotify sees in its data dir from now on (`known` being what
+/// the leader already has).
+pub fn watch(leader: &Arc<Leader>, known: Known) -> io::Result<Watcher> {
+    let data_dir = leader.data_dir().root().to_path_buf();
+    let sink = {
+        let leader = leader.clone();
+        Box::new(move |change: Change| {
+            if let Err(e) = leader.apply(&change) {
+                tracing::warn!("ignoring {change:?}: {e}");
+            }
+        })
+    };
+    let watcher = Watcher::start(&data_dir, known, sink).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot watch {} with inotify: {e}", data_dir.display()),
+        )
+    })?;
+    let flusher = watcher.flusher();
+    leader.set_checkpoint_flush(Arc::new(move || flusher.flush(WATCHER_FLUSH_TIMEOUT)));
+    Ok(watcher)
+}
+
+impl WatchedLeader {
+    pub fn start(mut config: LeaderConfig) -> io::Result<WatchedLeader> {
+        config.change_source_flushes = true;
+        let (leader, known) = start_scanned(config)?;
+        let watcher = watch(&leader, known)?;
+        Ok(WatchedLeader { leader, watcher })
+    }
+
+    /// Stops serving, then watching: the watcher reports what it has not yet after the files
+    /// are looked at for the leader's record.
+    pub fn stop(self) {
+        let watcher = self.watcher;
+        self.leader
+            .stop_serving_with(move || watcher.flush_and_stop(), Settle::Wait);
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.stop_serving_with(|| {}, Settle::Wait);
+    }
+}
+
+/// Whether a stop waits for files written just before it to settle, so that the leader's
+/// record vouches for them (`Leader::stop_serving_with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// A graceful stop: up to `LEADER_RECORD_SETTLE_MS` longer.
+    Wait,
+    /// A prompt one (a fenced or departing node): those files go whole after the next start.
+    DoNotWait,
+}
