@@ -304,6 +304,38 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     assert!(stderr.contains("one writer"), "{stderr}");
 }
 
+/// `--raw-acks`: the fan-out's receivers send back over their socket what they hold (at
+/// `synced`, once fdatasync returned for it), and a message counts once every ack covering it
+/// came back: append() to acked through a round trip, as ferry's figure is, for a latency
+/// target to be set against. The streams are checked as without acks.
+#[test]
+fn raw_acks_count_a_message_once_every_receivers_ack_came_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    for durability in ["written", "synced"] {
+        let json = tmp.path().join(format!("acks-{durability}.json"));
+        let report = run_reporting(
+            loadgen()
+                .args(["--mode", "raw", "--raw-acks", "--followers", "2"])
+                .args(["--messages", "20000", "--durability", durability])
+                .args(["--message-bytes", "100-3000", "--segment-bytes", "1048576"])
+                .arg("--dir")
+                .arg(tmp.path().join(format!("data-{durability}"))),
+            "append() to acked by all",
+            &json,
+            &[
+                "\"raw_acks\": true",
+                "\"append_to_ack_us\": {\"count\": 20000,",
+                "\"checksums_match\": true",
+            ],
+        );
+        assert!(!report.contains("\"raw_acks\": false"), "{report}");
+    }
+
+    // Acks are the fan-out's: a ferry run without a baseline to pass them to is refused.
+    let stderr = refused(tmp.path(), &["--raw-acks", "--messages", "10"]);
+    assert!(stderr.contains("--raw-acks"), "{stderr}");
+}
+
 /// `--rounds`: the run repeated in children, a line per round and the medians, with every
 /// round's report and the medians in the JSON file.
 #[test]
@@ -354,8 +386,15 @@ fn raw_baseline_runs_the_fan_out_first_and_reports_the_run_against_it() {
     let json = tmp.path().join("run.json");
     let report = run_reporting(
         loadgen()
-            .args(["--raw-baseline", "--followers", "2", "--messages", "20000"])
-            .args(["--durability", "received", "--rate", "50000"])
+            .args(["--raw-baseline", "--raw-acks", "--followers", "2"])
+            .args([
+                "--messages",
+                "20000",
+                "--durability",
+                "received",
+                "--rate",
+                "50000",
+            ])
             .arg("--dir")
             .arg(tmp.path().join("data")),
         "against the plain fan-out run just before",
@@ -368,6 +407,8 @@ fn raw_baseline_runs_the_fan_out_first_and_reports_the_run_against_it() {
             "\"raw_baseline\": {\"delivered_messages_per_s\": ",
             "\"durability\": \"written\", \"writer\": \"mmap\"",
             "\"append_to_received_p99_us\": ",
+            // Its latencies came through acks over the socket, as ferry's (--raw-acks).
+            "\"acks\": true",
             "\"delivered_messages_per_s_vs_raw\": ",
             "\"checksums_match\": true",
         ],

@@ -53,6 +53,9 @@ pub fn run_raw_baseline(
     if let Some(cc) = &args.tcp_congestion {
         cmd.args(["--tcp-congestion", cc]);
     }
+    if args.raw_acks {
+        cmd.arg("--raw-acks");
+    }
     eprintln!(
         "raw baseline: the same workload through the plain fan-out first (its writer's \
          {writer}, segments in {}, receivers at {durability} in {})",

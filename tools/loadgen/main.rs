@@ -155,6 +155,12 @@ struct Args {
     /// ceiling).
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     raw_batch_bytes: u64,
+    /// --mode raw (and --raw-baseline's fan-out): each receiver sends back over its socket what
+    /// it holds, and a message counts once every receiver's ack covering it has come back, so
+    /// its latency is append() to acked through a round trip, as ferry's is, not append() to
+    /// received.
+    #[arg(long)]
+    raw_acks: bool,
     /// --mode raw: how the writer writes its segments: mmap (library mode's writer) or write
     /// (write(2), write mode's). --raw-baseline takes the run's own.
     #[arg(long, default_value = "mmap", value_parser = ["mmap", "write"])]
@@ -294,6 +300,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
             bail!("--mode raw runs no ferry: faults and --io-engine apply to ferry followers only");
         }
     }
+    if args.raw_acks && !raw_mode && !args.raw_baseline {
+        bail!("--raw-acks is the fan-out's: give it with --mode raw or --raw-baseline");
+    }
     if args.raw_baseline {
         if raw_mode {
             bail!("--raw-baseline compares a library or write mode run with --mode raw");
@@ -401,6 +410,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             args.raw_batch_bytes,
             args.tcp_congestion.as_deref(),
             args.durability == Durability::Synced,
+            args.raw_acks,
         )?))
     } else {
         None
@@ -846,6 +856,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         dd_mb_per_s: dd.map(|d| d.one_file),
         dd_per_segment_mb_per_s: dd.and_then(|d| d.per_segment),
         raw_baseline,
+        raw_acks: raw_mode.then_some(args.raw_acks),
         latency_queue_peak_bytes: confirmed.queue_peak_bytes,
         machine_cpu,
         free_page_reporting_order: machine::free_page_reporting_order(),

@@ -19,8 +19,8 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Read};
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,13 +128,18 @@ pub struct Fanout {
     shared: Arc<Shared>,
     senders: Vec<JoinHandle<io::Result<()>>>,
     receivers: Vec<Receiver>,
+    /// With acks over the sockets: per receiver, the thread that reads them.
+    ack_readers: Vec<JoinHandle<io::Result<()>>>,
 }
 
 impl Fanout {
     /// Receivers write into `recv_root/raw<i>/stream`; segments are read from `dir`. A sender
     /// waits for `batch_bytes` to send: 0 sends each append as soon as it can (the latency
     /// floor), 1 MiB gives big splices and one wake-up per MiB (the throughput ceiling).
-    /// `synced` receivers count only what fdatasync made durable.
+    /// `synced` receivers count only what fdatasync made durable. With `acks`, a receiver
+    /// sends what it holds back over its socket (`ACK_BYTES`, after each write, or each
+    /// fdatasync when synced), and it counts once a thread on the sending side has read it: a
+    /// round trip, as a ferry follower's ack makes, rather than a store into shared memory.
     pub fn start(
         dir: &Path,
         recv_root: &Path,
@@ -142,6 +147,7 @@ impl Fanout {
         batch_bytes: u64,
         tcp_congestion: Option<&str>,
         synced: bool,
+        acks: bool,
     ) -> io::Result<Fanout> {
         let shared = Arc::new(Shared {
             log: Mutex::new(Log {
@@ -165,6 +171,7 @@ impl Fanout {
             shared,
             senders: Vec::new(),
             receivers: Vec::new(),
+            ack_readers: Vec::new(),
         };
         for i in 0..receivers {
             let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -176,18 +183,33 @@ impl Fanout {
             let shared = fanout.shared.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("raw-receiver{}", i + 1))
-                .spawn(move || receive(listener, out, shared, i, synced))?;
+                .spawn(move || receive(listener, out, shared, i, synced, acks))?;
             fanout.receivers.push(Receiver { path, thread });
             let socket = TcpStream::connect(addr)?;
             if let Some(cc) = tcp_congestion {
                 ferry::engine::set_congestion(&socket, cc)?;
+            }
+            if acks {
+                let acks_in = socket.try_clone()?;
+                let shared = fanout.shared.clone();
+                fanout.ack_readers.push(
+                    std::thread::Builder::new()
+                        .name(format!("raw-acks{}", i + 1))
+                        .spawn(move || read_acks(acks_in, &shared, i))?,
+                );
             }
             let shared = fanout.shared.clone();
             let dir = fanout.dir.clone();
             fanout.senders.push(
                 std::thread::Builder::new()
                     .name(format!("raw-sender{}", i + 1))
-                    .spawn(move || send(&shared, i, &dir, socket))?,
+                    .spawn(move || {
+                        let sent = send(&shared, i, &dir, &socket);
+                        // Ends the receiver's stream; the ack reader's clone keeps the socket
+                        // open for the acks still to come.
+                        let _ = socket.shutdown(Shutdown::Write);
+                        sent
+                    })?,
             );
         }
         Ok(fanout)
@@ -269,6 +291,9 @@ impl Fanout {
             join(r.thread, "a raw receiver")?;
             streams.push(r.path);
         }
+        for a in self.ack_readers {
+            join(a, "a raw ack reader")?;
+        }
         Ok(Drained {
             segments: segments.iter().map(|s| self.dir.join(&**s)).collect(),
             streams,
@@ -286,7 +311,7 @@ pub fn copy_once(
     recv_root: &Path,
     tcp_congestion: Option<&str>,
 ) -> anyhow::Result<Drained> {
-    let fanout = Fanout::start(dir, recv_root, 1, 1024 * 1024, tcp_congestion, false)?;
+    let fanout = Fanout::start(dir, recv_root, 1, 1024 * 1024, tcp_congestion, false, false)?;
     for (path, len_bytes) in files {
         fanout.append(path, 0, *len_bytes);
     }
@@ -337,9 +362,9 @@ fn hash_file(path: &Path, into: &mut Sha1) -> io::Result<()> {
 }
 
 /// Sender `me`: every range in order, from the segment file to the socket, once a batch is
-/// there to send; returns once the log is closed and everything in it is sent (dropping
-/// the socket ends the receiver's stream).
-fn send(shared: &Shared, me: usize, dir: &Path, socket: TcpStream) -> io::Result<()> {
+/// there to send; returns once the log is closed and everything in it is sent (shutting the
+/// socket's sending side then ends the receiver's stream).
+fn send(shared: &Shared, me: usize, dir: &Path, socket: &TcpStream) -> io::Result<()> {
     let pipe = Pipe::new(SEND_PIPE_BYTES)?;
     let mut index = 0u64;
     let mut sent_to = None::<u64>;
@@ -415,27 +440,72 @@ fn receive(
     shared: Arc<Shared>,
     me: usize,
     synced: bool,
+    acks: bool,
 ) -> io::Result<()> {
-    let syncer = if synced {
-        Some(Syncer::start(out.try_clone()?, shared.clone(), me)?)
+    let (socket, _) = listener.accept()?;
+    let holds = if acks {
+        Holds::Ack(socket.try_clone()?)
     } else {
-        None
+        Holds::Shared(shared, me)
     };
-    let received = receive_into(listener, &out, &shared, me, syncer.as_ref());
+    let (holds, syncer) = if synced {
+        (None, Some(Syncer::start(out.try_clone()?, holds, me)?))
+    } else {
+        (Some(holds), None)
+    };
+    let received = receive_into(&socket, &out, holds.as_ref(), syncer.as_ref());
     // The syncer makes the last bytes durable (or stops, after a failed receive) before the
     // receiver is done.
     let synced = syncer.map_or(Ok(()), Syncer::finish);
     received.and(synced)
 }
 
+/// Where a receiver's count of what it holds goes: into the shared counts at once, or
+/// (`acks`) back over its socket, `ACK_BYTES` a count, for the sending side to count.
+enum Holds {
+    Shared(Arc<Shared>, usize),
+    Ack(TcpStream),
+}
+
+/// An ack: the bytes a receiver holds, little-endian.
+const ACK_BYTES: usize = 8;
+
+impl Holds {
+    fn now(&self, held_bytes: u64) -> io::Result<()> {
+        match self {
+            Holds::Shared(shared, me) => {
+                shared.received(*me, held_bytes);
+                Ok(())
+            }
+            Holds::Ack(socket) => {
+                let mut socket = socket;
+                socket.write_all(&held_bytes.to_le_bytes())
+            }
+        }
+    }
+}
+
+/// The sending side of receiver `me`'s acks: counts each as it arrives, until the receiver
+/// closes its socket.
+fn read_acks(mut socket: TcpStream, shared: &Shared, me: usize) -> io::Result<()> {
+    let mut ack = [0u8; ACK_BYTES];
+    loop {
+        match socket.read_exact(&mut ack) {
+            Ok(()) => shared.received(me, u64::from_le_bytes(ack)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Exactly one of `holds` and `syncer` is given: the bytes are held once written, or once
+/// the syncer made them durable.
 fn receive_into(
-    listener: TcpListener,
+    socket: &TcpStream,
     out: &File,
-    shared: &Shared,
-    me: usize,
+    holds: Option<&Holds>,
     syncer: Option<&Syncer>,
 ) -> io::Result<()> {
-    let (socket, _) = listener.accept()?;
     let pipe = Pipe::new(RECEIVE_PIPE_BYTES)?;
     let mut offset: libc::loff_t = 0;
     loop {
@@ -450,9 +520,10 @@ fn receive_into(
             return Ok(());
         }
         pipe.drain_blocking(out.as_raw_fd(), Some(&mut offset), n)?;
-        match syncer {
-            Some(syncer) => syncer.wrote(offset as u64),
-            None => shared.received(me, offset as u64),
+        match (syncer, holds) {
+            (Some(syncer), _) => syncer.wrote(offset as u64),
+            (None, Some(holds)) => holds.now(offset as u64)?,
+            (None, None) => {}
         }
     }
 }
@@ -473,13 +544,13 @@ struct SyncState {
 }
 
 impl Syncer {
-    fn start(out: File, shared: Arc<Shared>, me: usize) -> io::Result<Syncer> {
+    fn start(out: File, holds: Holds, me: usize) -> io::Result<Syncer> {
         let state = Arc::new((Mutex::new(SyncState::default()), Condvar::new()));
         let thread = {
             let state = state.clone();
             std::thread::Builder::new()
                 .name(format!("raw-sync{}", me + 1))
-                .spawn(move || sync_rounds(&out, &state, &shared, me))?
+                .spawn(move || sync_rounds(&out, &state, &holds))?
         };
         Ok(Syncer { state, thread })
     }
@@ -506,12 +577,7 @@ impl Syncer {
     }
 }
 
-fn sync_rounds(
-    out: &File,
-    state: &(Mutex<SyncState>, Condvar),
-    shared: &Shared,
-    me: usize,
-) -> io::Result<()> {
+fn sync_rounds(out: &File, state: &(Mutex<SyncState>, Condvar), holds: &Holds) -> io::Result<()> {
     let (state, wake) = state;
     let mut synced_bytes = 0u64;
     loop {
@@ -525,7 +591,7 @@ fn sync_rounds(
         if written_bytes > synced_bytes {
             out.sync_data()?;
             synced_bytes = written_bytes;
-            shared.received(me, synced_bytes);
+            holds.now(synced_bytes)?;
         } else if done {
             return Ok(());
         }
@@ -549,7 +615,7 @@ mod tests {
         let data: Vec<u8> = (0..len_bytes).map(|i| (i * 7 + i / 4096) as u8).collect();
         std::fs::write(segments.join("seg"), &data).unwrap();
 
-        let fanout = Fanout::start(&segments, tmp.path(), 2, 0, None, true).unwrap();
+        let fanout = Fanout::start(&segments, tmp.path(), 2, 0, None, true, false).unwrap();
         fanout.append("seg", 0, len_bytes);
         let mut held = 0;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -135,6 +135,9 @@ pub struct Report {
     pub dd_per_segment_mb_per_s: Option<f64>,
     /// `--raw-baseline`: the same workload through the plain fan-out, run just before.
     pub raw_baseline: Option<RawBaseline>,
+    /// `--mode raw`: whether the receivers acked over their sockets (`--raw-acks`), so that
+    /// `append_to_ack_us` is to acked, not to received; `None` in the other modes.
+    pub raw_acks: Option<bool>,
     /// The most bytes loadgen's own queue of appends not yet acked had allocated (it grows
     /// with the followers' lag, to up to twice the appends in it): part of `leader`'s RSS
     /// when the leader is embedded.
@@ -162,6 +165,9 @@ pub struct RawBaseline {
     pub durability: &'static str,
     /// How its writer wrote: "mmap" or "write".
     pub writer: &'static str,
+    /// Its receivers acked over their sockets (its report's `raw_acks`): its latencies are
+    /// append() to acked, not to received, though the fields keep their names.
+    pub acks: bool,
     pub append_to_received_p50_us: f64,
     pub append_to_received_p99_us: f64,
     pub cpu_s: f64,
@@ -185,6 +191,7 @@ impl RawBaseline {
             delivered_mb_per_s: bytes / 1e6 / total_s,
             durability,
             writer,
+            acks: json.contains("\"raw_acks\": true"),
             append_to_received_p50_us: json_number(json, &["append_to_ack_us", "p50"])?,
             append_to_received_p99_us: json_number(json, &["append_to_ack_us", "p99"])?,
             cpu_s: json_number(json, &["leader", "cpu_s"])?,
@@ -364,7 +371,11 @@ impl Report {
             let _ = writeln!(
                 s,
                 "  append() to {} by all: {}",
-                if raw { "received" } else { "acked" },
+                if raw && self.raw_acks != Some(true) {
+                    "received"
+                } else {
+                    "acked"
+                },
                 quantiles_text(&self.append_to_ack_us, "us")
             );
             let _ = writeln!(
@@ -445,12 +456,13 @@ impl Report {
                     s,
                     "  against the plain fan-out run just before (--raw-baseline): {delivered:.0} \
                      messages/s delivered to every follower = {:.2}x its {:.0}; append() to \
-                     acked p50 {} us, p99 {} us, against its append() to received p50 {:.0} us, \
+                     acked p50 {} us, p99 {} us, against its append() to {} p50 {:.0} us, \
                      p99 {:.0} us",
                     delivered / raw.delivered_messages_per_s.max(1e-9),
                     raw.delivered_messages_per_s,
                     self.append_to_ack_us.value_at_quantile(0.5),
                     self.append_to_ack_us.value_at_quantile(0.99),
+                    if raw.acks { "acked" } else { "received" },
                     raw.append_to_received_p50_us,
                     raw.append_to_received_p99_us
                 );
@@ -528,6 +540,11 @@ impl Report {
             json_str(&self.tcp_congestion)
         );
         let _ = writeln!(s, "  \"durability\": {},", json_str(&self.durability));
+        let _ = writeln!(
+            s,
+            "  \"raw_acks\": {},",
+            self.raw_acks.map_or("null".into(), |a| a.to_string())
+        );
         let _ = writeln!(s, "  \"writers\": {},", self.writers);
         let _ = writeln!(
             s,
@@ -693,12 +710,13 @@ impl Report {
                     s,
                     "  \"raw_baseline\": {{\"delivered_messages_per_s\": {:.1}, \
                      \"delivered_mb_per_s\": {:.3}, \"durability\": {}, \"writer\": {}, \
-                     \"append_to_received_p50_us\": {:.0}, \"append_to_received_p99_us\": {:.0}, \
-                     \"cpu_s\": {:.3}}},",
+                     \"acks\": {}, \"append_to_received_p50_us\": {:.0}, \
+                     \"append_to_received_p99_us\": {:.0}, \"cpu_s\": {:.3}}},",
                     raw.delivered_messages_per_s,
                     raw.delivered_mb_per_s,
                     json_str(raw.durability),
                     json_str(raw.writer),
+                    raw.acks,
                     raw.append_to_received_p50_us,
                     raw.append_to_received_p99_us,
                     raw.cpu_s
@@ -1076,6 +1094,13 @@ mod tests {
                     \"leader\": {\"name\": \"loadgen\", \"cpu_s\": 9.250, \"rss_peak_mib\": 20.0},\n  \
                     \"converged_s\": 1.000,\n  \"checksums_match\": true\n}\n";
         let raw = RawBaseline::from_json(json, "written", "mmap").unwrap();
+        assert!(!raw.acks);
+        let acked = json.replace(
+            "\"mode\": \"raw\",",
+            "\"mode\": \"raw\",\n  \"raw_acks\": true,",
+        );
+        let acked = RawBaseline::from_json(&acked, "written", "mmap").unwrap();
+        assert!(acked.acks);
         assert_eq!(raw.delivered_messages_per_s, 400_000.0);
         assert_eq!(raw.delivered_mb_per_s, 400.0);
         assert_eq!(raw.append_to_received_p50_us, 110.0);
@@ -1137,6 +1162,7 @@ mod tests {
             dd_mb_per_s: None,
             dd_per_segment_mb_per_s: None,
             raw_baseline: None,
+            raw_acks: None,
             latency_queue_peak_bytes: 0,
             machine_cpu: None,
             free_page_reporting_order: None,
