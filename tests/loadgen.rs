@@ -304,6 +304,42 @@ fn raw_mode_delivers_the_writers_segments_to_every_receiver() {
     assert!(stderr.contains("one writer"), "{stderr}");
 }
 
+/// Each follower's MARK-to-ACK latency as the leader measures it (its round trip: payload,
+/// follower, ack), per follower process, so that append-to-acked splits into the leader's part
+/// and the followers': from the embedded leader's API, and from `ferry lead`'s `/metrics` in
+/// write mode.
+#[test]
+fn each_followers_mark_to_ack_latency_is_reported_as_the_leader_measures_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    for mode in ["library", "write"] {
+        let json = tmp.path().join(format!("{mode}.json"));
+        let report = run_reporting(
+            loadgen()
+                .args(["--mode", mode, "--followers", "2", "--duration", "1s"])
+                .args(["--durability", "written", "--rate", "20000"])
+                .arg("--dir")
+                .arg(tmp.path().join(format!("data-{mode}"))),
+            "MARK to ACK p50 ",
+            &json,
+            &["\"follower_ack_latency_us\": [{\"p50\": "],
+        );
+        let at = report.find("\"follower_ack_latency_us\": [").unwrap();
+        let list = &report[at..at + report[at..].find(']').unwrap()];
+        let entries: Vec<[f64; 3]> = list
+            .split("{\"p50\": ")
+            .skip(1)
+            .map(|e| {
+                let e = format!("\"p50\": {e}");
+                ["p50", "p99", "p999"].map(|q| number_after(&e, &format!("\"{q}\": ")))
+            })
+            .collect();
+        assert_eq!(entries.len(), 2, "{mode}: {list}");
+        for [p50, p99, p999] in entries {
+            assert!(p50 >= 1.0 && p50 <= p99 && p99 <= p999, "{mode}: {list}");
+        }
+    }
+}
+
 /// `--raw-acks`: the fan-out's receivers send back over their socket what they hold (at
 /// `synced`, once fdatasync returned for it), and a message counts once every ack covering it
 /// came back: append() to acked through a round trip, as ferry's figure is, for a latency

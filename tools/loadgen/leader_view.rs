@@ -51,7 +51,7 @@ impl LeaderView {
         }
     }
 
-    /// Each connected follower's peer port and lag at `durability`, for `lags_of`, which
+    /// Each connected follower's peer port and lag at `durability`, for `per_process`, which
     /// matches them to follower processes by port: connections come and go in any order as
     /// followers are killed and restart, so never by position.
     pub fn connected(&self, durability: Durability) -> Vec<(Option<u16>, u64)> {
@@ -64,6 +64,31 @@ impl LeaderView {
                 .collect(),
             LeaderView::Lead(http) => lead_figures(http, durability)
                 .map(|f| f.followers.iter().map(|&(p, lag, _)| (p, lag)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Each connected follower's peer port and its MARK-to-ACK latency as the leader measures it
+    /// over the connection (p50, p99 and p999, in us), for `per_process`: the embedded one's
+    /// `followers()`, or `ferry lead`'s `ferry_follower_ack_latency_seconds`.
+    pub fn ack_latencies(&self) -> Vec<(Option<u16>, [u64; 3])> {
+        match self {
+            LeaderView::Embedded(leader) => leader
+                .followers()
+                .into_iter()
+                .filter(|f| f.lag.state != ferry::lag::FollowerState::Disconnected)
+                .map(|f| {
+                    let l = &f.lag;
+                    let us = [
+                        l.ack_latency_p50_us,
+                        l.ack_latency_p99_us,
+                        l.ack_latency_p999_us,
+                    ];
+                    (Some(f.peer.port()), us)
+                })
+                .collect(),
+            LeaderView::Lead(http) => ferry::http::get(http, "/metrics")
+                .map(|text| ack_latencies(&parse_prometheus(&text)))
                 .unwrap_or_default(),
         }
     }
@@ -128,17 +153,54 @@ impl LeaderView {
     }
 }
 
-/// Of the `connected` followers' `(peer port, lag)`, the lag of the one each process (given by
-/// its sockets' local ports, `procs::Proc::tcp_ports`) connects from; `None` while it has no
-/// connection.
-pub fn lags_of(connected: &[(Option<u16>, u64)], ports: &[Vec<u16>]) -> Vec<Option<u64>> {
+/// Of the `connected` followers' `(peer port, figure)`, the figure of the one each process
+/// (given by its sockets' local ports, `procs::Proc::tcp_ports`) connects from; `None` while
+/// it has no connection.
+pub fn per_process<T: Copy>(connected: &[(Option<u16>, T)], ports: &[Vec<u16>]) -> Vec<Option<T>> {
     ports
         .iter()
         .map(|mine| {
             connected
                 .iter()
                 .find(|(peer, _)| peer.is_some_and(|p| mine.contains(&p)))
-                .map(|&(_, lag)| lag)
+                .map(|&(_, figure)| figure)
+        })
+        .collect()
+}
+
+/// The id and peer port of each follower connected now, from `ferry_follower_state` (1 for its
+/// current state), in the order of their ids.
+fn connected_ids(samples: &[Sample]) -> Vec<(&str, Option<u16>)> {
+    let mut connected: Vec<(&str, Option<u16>)> = samples
+        .iter()
+        .filter(|s| s.name == "ferry_follower_state" && s.value == 1.0)
+        .filter(|s| s.label("state") != Some("disconnected"))
+        .filter_map(|s| {
+            let port = s.label("peer")?.rsplit_once(':')?.1.parse().ok();
+            Some((s.label("id")?, port))
+        })
+        .collect();
+    connected.sort_by_key(|(id, _)| (id.len(), *id));
+    connected
+}
+
+/// From `ferry lead`'s `/metrics` samples: each connected follower's peer port and its
+/// `ferry_follower_ack_latency_seconds` at the quantiles 0.5, 0.99 and 0.999, in us.
+fn ack_latencies(samples: &[Sample]) -> Vec<(Option<u16>, [u64; 3])> {
+    connected_ids(samples)
+        .into_iter()
+        .filter_map(|(id, port)| {
+            let at = |q: &str| {
+                samples
+                    .iter()
+                    .find(|s| {
+                        s.name == "ferry_follower_ack_latency_seconds"
+                            && s.label("id") == Some(id)
+                            && s.label("quantile") == Some(q)
+                    })
+                    .map(|s| (s.value * 1e6).round() as u64)
+            };
+            Some((port, [at("0.5")?, at("0.99")?, at("0.999")?]))
         })
         .collect()
 }
@@ -174,16 +236,7 @@ fn figures(samples: &[Sample], durability: Durability) -> Option<LeadFigures> {
             })
             .map(|s| s.value as u64)
     };
-    let mut connected: Vec<(&str, Option<u16>)> = samples
-        .iter()
-        .filter(|s| s.name == "ferry_follower_state" && s.value == 1.0)
-        .filter(|s| s.label("state") != Some("disconnected"))
-        .filter_map(|s| {
-            let port = s.label("peer")?.rsplit_once(':')?.1.parse().ok();
-            Some((s.label("id")?, port))
-        })
-        .collect();
-    connected.sort_by_key(|(id, _)| (id.len(), *id));
+    let connected = connected_ids(samples);
     let followers = connected
         .into_iter()
         .filter_map(|(id, port)| {
@@ -245,7 +298,7 @@ ferry_follower_acked_position{id=\"3\",peer=\"127.0.0.1:3\",level=\"written\"} 0
         let connected = [(Some(40002), 100), (None, 7), (Some(40001), 5000)];
         let ports = [vec![40001], vec![40002, 9100], vec![40003]];
         assert_eq!(
-            lags_of(&connected, &ports),
+            per_process(&connected, &ports),
             vec![Some(5000), Some(100), None]
         );
     }

@@ -627,7 +627,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         }
         let lag_bytes = match &fanout {
             Some(f) => f.lags(),
-            None => leader_view::lags_of(&connected, &ports),
+            None => leader_view::per_process(&connected, &ports),
         };
         samples.push(Sample {
             t_s: now.duration_since(started).as_secs_f64(),
@@ -770,6 +770,21 @@ fn run(args: Args) -> anyhow::Result<bool> {
         converged_s = Some(writers_done.elapsed().as_secs_f64());
     }
 
+    // Read before the followers stop: each one's round trip as the leader measured it.
+    let follower_ack_latency_us = match &view {
+        Some(view) => {
+            let connected = view.ack_latencies();
+            let peers: Vec<u16> = connected.iter().filter_map(|c| c.0).collect();
+            let ports: Vec<Vec<u16>> = followers
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .iter_mut()
+                .map(|p| p.tcp_ports(&peers).to_vec())
+                .collect();
+            leader_view::per_process(&connected, &ports)
+        }
+        None => Vec::new(),
+    };
     let mut follower_usage = Vec::new();
     for p in followers
         .lock()
@@ -847,6 +862,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         },
         leader: leader_usage,
         follower_usage,
+        follower_ack_latency_us,
         samples,
         writer_samples,
         ack_samples: confirmed.ack_samples,

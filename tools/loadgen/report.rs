@@ -120,6 +120,10 @@ pub struct Report {
     pub append_call_before_faults_ns: Histogram<u64>,
     pub leader: Usage,
     pub follower_usage: Vec<Usage>,
+    /// Per follower process (`follower1` first), its MARK-to-ACK latency as the leader measured
+    /// it over its last connection (p50, p99, p999 in us), read as the run ended; `None` for one
+    /// not connected then; empty with no leader (raw mode).
+    pub follower_ack_latency_us: Vec<Option<[u64; 3]>>,
     pub samples: Vec<Sample>,
     /// Per writer (library and raw modes; none in write mode, where nothing is timed).
     pub writer_samples: Vec<Vec<WriterSample>>,
@@ -487,8 +491,14 @@ impl Report {
             String::new()
         };
         let _ = writeln!(s, "  {}{queue}", usage_text(&self.leader));
-        for u in &self.follower_usage {
-            let _ = writeln!(s, "  {}", usage_text(u));
+        for (i, u) in self.follower_usage.iter().enumerate() {
+            let round_trip = match self.follower_ack_latency_us.get(i) {
+                Some(Some([p50, p99, _])) => {
+                    format!(", MARK to ACK p50 {p50} us, p99 {p99} us (as the leader measured it)")
+                }
+                _ => String::new(),
+            };
+            let _ = writeln!(s, "  {}{round_trip}", usage_text(u));
         }
         if let Some(m) = self.machine_cpu {
             let _ = writeln!(
@@ -590,6 +600,21 @@ impl Report {
         );
         let followers: Vec<String> = self.follower_usage.iter().map(usage_json).collect();
         let _ = writeln!(s, "  \"follower_usage\": [{}],", followers.join(", "));
+        let round_trips: Vec<String> = self
+            .follower_ack_latency_us
+            .iter()
+            .map(|l| match l {
+                Some([p50, p99, p999]) => {
+                    format!("{{\"p50\": {p50}, \"p99\": {p99}, \"p999\": {p999}}}")
+                }
+                None => "null".into(),
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "  \"follower_ack_latency_us\": [{}],",
+            round_trips.join(", ")
+        );
         let _ = writeln!(
             s,
             "  \"machine_cpu\": {},",
@@ -1134,6 +1159,7 @@ mod tests {
             append_call_before_faults_ns: histogram(),
             leader: Usage::default(),
             follower_usage: Vec::new(),
+            follower_ack_latency_us: Vec::new(),
             samples: (0..n)
                 .map(|i| Sample {
                     t_s: t(i),
