@@ -29,11 +29,14 @@ enum Figure {
     At(&'static [&'static str]),
     /// The CPU seconds of all followers together.
     FollowersCpu,
+    /// The largest p99 among the followers' MARK-to-ACK round trips (`follower_ack_latency_us`):
+    /// the part of append-to-acked the slowest follower took.
+    FollowerRoundTripP99Max,
     /// One number over another (`--dd-baseline`: what was acked over what dd wrote).
     Ratio(&'static [&'static str], &'static [&'static str]),
 }
 
-const COLUMNS: [Column; 15] = [
+const COLUMNS: [Column; 16] = [
     Column {
         header: "msgs/s",
         key: "messages_per_s",
@@ -50,6 +53,12 @@ const COLUMNS: [Column; 15] = [
         header: "p99 us",
         key: "append_to_ack_p99_us",
         figure: Figure::At(&["append_to_ack_us", "p99"]),
+        decimals: 0,
+    },
+    Column {
+        header: "follower RT p99 us",
+        key: "follower_ack_p99_us_max",
+        figure: Figure::FollowerRoundTripP99Max,
         decimals: 0,
     },
     Column {
@@ -139,6 +148,14 @@ impl Figure {
                     .filter_map(|(at, _)| json_number(&list[at..], &["cpu_s"]))
                     .collect();
                 (!cpus.is_empty()).then(|| cpus.iter().sum())
+            }
+            Figure::FollowerRoundTripP99Max => {
+                let start = json.find("\"follower_ack_latency_us\": [")?;
+                let list = &json[start..];
+                let list = &list[..list.find(']')?];
+                list.match_indices("\"p99\": ")
+                    .filter_map(|(at, _)| json_number(&list[at..], &["p99"]))
+                    .reduce(f64::max)
             }
             Figure::Ratio(over, under) => {
                 let under = json_number(json, under)?;
@@ -333,19 +350,25 @@ mod tests {
 
     #[test]
     fn the_table_has_a_row_per_round_and_the_medians_and_leaves_out_missing_columns() {
-        let report = |p99: u32, steal: f64| {
+        let report = |p99: u32, steal: f64, rt: u32| {
             format!(
                 "{{\n  \"messages_per_s\": 1000.0,\n  \"append_to_ack_us\": {{\"count\": 5, \
                  \"p50\": 10, \"p99\": {p99}, \"p999\": 1, \"max\": 1}},\n  \"leader\": \
                  {{\"name\": \"l\", \"cpu_s\": 1.500, \"rss_peak_mib\": 1.0}},\n  \
                  \"follower_usage\": [{{\"name\": \"f1\", \"cpu_s\": 0.250, \"rss_peak_mib\": \
                  1.0}}, {{\"name\": \"f2\", \"cpu_s\": 0.500, \"rss_peak_mib\": 1.0}}],\n  \
+                 \"follower_ack_latency_us\": [{{\"p50\": 80, \"p99\": {rt}, \"p999\": 900}}, \
+                 null, {{\"p50\": 90, \"p99\": 300, \"p999\": 800}}],\n  \
                  \"machine_cpu\": {{\"busy_percent\": 90.0, \"idle_percent\": 5.0, \
                  \"steal_percent\": {steal:.1}}},\n  \"acked_mb_per_s\": 450.0,\n  \
                  \"dd_baseline_mb_per_s\": 500.0,\n  \"raw_baseline\": null\n}}\n"
             )
         };
-        let (text, json) = summary(&[report(900, 1.0), report(3000, 20.0), report(1000, 3.0)]);
+        let (text, json) = summary(&[
+            report(900, 1.0, 200),
+            report(3000, 20.0, 700),
+            report(1000, 3.0, 400),
+        ]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "{text}");
         assert!(lines[0].contains("p99 us") && lines[0].contains("followers CPU s"));
@@ -370,5 +393,15 @@ mod tests {
             "{text}"
         );
         assert_eq!(json.matches("\"messages_per_s\": 1000.0,").count(), 3);
+        // The slowest follower's round trip (null: one not connected at the end), per round.
+        assert!(lines[0].contains("follower RT p99 us"), "{text}");
+        assert!(
+            lines[1].contains(" 300 ") && lines[2].contains(" 700 "),
+            "{text}"
+        );
+        assert!(
+            json.contains("\"follower_ack_p99_us_max\": 400.000"),
+            "{json}"
+        );
     }
 }
