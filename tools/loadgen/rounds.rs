@@ -140,21 +140,12 @@ impl Figure {
         match self {
             Figure::At(path) => json_number(json, path),
             Figure::FollowersCpu => {
-                let start = json.find("\"follower_usage\": [")?;
-                let list = &json[start..];
-                let list = &list[..list.find(']')?];
-                let cpus: Vec<f64> = list
-                    .match_indices("\"cpu_s\": ")
-                    .filter_map(|(at, _)| json_number(&list[at..], &["cpu_s"]))
-                    .collect();
+                let cpus = numbers_in_list(json, "follower_usage", "cpu_s")?;
                 (!cpus.is_empty()).then(|| cpus.iter().sum())
             }
             Figure::FollowerRoundTripP99Max => {
-                let start = json.find("\"follower_ack_latency_us\": [")?;
-                let list = &json[start..];
-                let list = &list[..list.find(']')?];
-                list.match_indices("\"p99\": ")
-                    .filter_map(|(at, _)| json_number(&list[at..], &["p99"]))
+                numbers_in_list(json, "follower_ack_latency_us", "p99")?
+                    .into_iter()
                     .reduce(f64::max)
             }
             Figure::Ratio(over, under) => {
@@ -163,6 +154,20 @@ impl Figure {
             }
         }
     }
+}
+
+/// Every `key` number in the report's list `list` (one per follower), in order; `None` without
+/// the list.
+fn numbers_in_list(json: &str, list: &str, key: &str) -> Option<Vec<f64>> {
+    let start = json.find(&format!("\"{list}\": ["))?;
+    let list = &json[start..];
+    let list = &list[..list.find(']')?];
+    let needle = format!("\"{key}\": ");
+    Some(
+        list.match_indices(&needle)
+            .filter_map(|(at, _)| json_number(&list[at..], &[key]))
+            .collect(),
+    )
 }
 
 /// This run's arguments for a child: `argv` (without the program name) less the parent's own
