@@ -448,16 +448,26 @@ fn receive(
     } else {
         Holds::Shared(shared, me)
     };
-    let (holds, syncer) = if synced {
-        (None, Some(Syncer::start(out.try_clone()?, holds, me)?))
+    let written = if synced {
+        Written::Synced(Syncer::start(out.try_clone()?, holds, me)?)
     } else {
-        (Some(holds), None)
+        Written::Held(holds)
     };
-    let received = receive_into(&socket, &out, holds.as_ref(), syncer.as_ref());
+    let received = receive_into(&socket, &out, &written);
     // The syncer makes the last bytes durable (or stops, after a failed receive) before the
     // receiver is done.
-    let synced = syncer.map_or(Ok(()), Syncer::finish);
+    let synced = match written {
+        Written::Synced(syncer) => syncer.finish(),
+        Written::Held(_) => Ok(()),
+    };
     received.and(synced)
+}
+
+/// What a receiver does with the length of its stream after each write: counts it as held at
+/// once, or hands it to its syncer, which counts it once fdatasync has returned for it.
+enum Written {
+    Held(Holds),
+    Synced(Syncer),
 }
 
 /// Where a receiver's count of what it holds goes: into the shared counts at once, or
@@ -498,14 +508,7 @@ fn read_acks(mut socket: TcpStream, shared: &Shared, me: usize) -> io::Result<()
     }
 }
 
-/// Exactly one of `holds` and `syncer` is given: the bytes are held once written, or once
-/// the syncer made them durable.
-fn receive_into(
-    socket: &TcpStream,
-    out: &File,
-    holds: Option<&Holds>,
-    syncer: Option<&Syncer>,
-) -> io::Result<()> {
+fn receive_into(socket: &TcpStream, out: &File, written: &Written) -> io::Result<()> {
     let pipe = Pipe::new(RECEIVE_PIPE_BYTES)?;
     let mut offset: libc::loff_t = 0;
     loop {
@@ -520,10 +523,9 @@ fn receive_into(
             return Ok(());
         }
         pipe.drain_blocking(out.as_raw_fd(), Some(&mut offset), n)?;
-        match (syncer, holds) {
-            (Some(syncer), _) => syncer.wrote(offset as u64),
-            (None, Some(holds)) => holds.now(offset as u64)?,
-            (None, None) => {}
+        match written {
+            Written::Held(holds) => holds.now(offset as u64)?,
+            Written::Synced(syncer) => syncer.wrote(offset as u64),
         }
     }
 }
