@@ -1,6 +1,7 @@
 //! `loadgen` end to end, briefly: a writer, a follower killed and restarted under load, and the
 //! report files it promises.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -665,6 +666,69 @@ fn leader_cpu_covers_the_run_not_loadgens_checksums() {
         "leader {leader_cpu_s} CPU s and follower {follower_cpu_s} CPU s in a run of {run_s} s \
          on {cpus} CPUs\n{report}"
     );
+}
+
+/// On one CPU for everything (loadgen, its writer, the leader, the followers), the leader's
+/// sending thread has to wait for the CPU while the writer and the follower run: loadgen reports
+/// that wait, as part of what the leader's process and its follower waited, in the summary and
+/// the JSON report. (`--mode write` reads the same from `ferry lead`'s threads.)
+#[test]
+fn the_time_the_leaders_sending_thread_waited_for_a_cpu_is_reported() {
+    for mode in ["library", "write"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let json = tmp.path().join("run.json");
+        let mut cmd = loadgen();
+        cmd.args(["--messages", "256", "--message-bytes", "1048576"])
+            .args([
+                "--followers",
+                "1",
+                "--durability",
+                "written",
+                "--mode",
+                mode,
+            ])
+            .arg("--dir")
+            .arg(tmp.path().join("data"));
+        // SAFETY: between fork and exec only sched_setaffinity runs, which is async-signal-safe
+        // and touches nothing but the set on this stack.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut one: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut one);
+                if libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let report = run_reporting(
+            &mut cmd,
+            "s of it the thread sending to the followers",
+            &json,
+            &["\"converged_s\": "],
+        );
+        let run_s =
+            number_after(&report, "\"elapsed_s\": ") + number_after(&report, "\"converged_s\": ");
+        let leader = &report[report.find("\"leader\": {").unwrap()..];
+        let leader_wait_s = number_after(leader, "\"cpu_wait_s\": ");
+        let sender_wait_s = number_after(leader, "\"sender_cpu_wait_s\": ");
+        let followers = &report[report.find("\"follower_usage\": [").unwrap()..];
+        let follower_wait_s = number_after(followers, "\"cpu_wait_s\": ");
+        assert!(
+            sender_wait_s > 0.001 && sender_wait_s <= leader_wait_s,
+            "{mode}: the sender waited {sender_wait_s} s, the leader's process \
+             {leader_wait_s} s\n{report}"
+        );
+        // One thread waits at most as long as the run (and the follower's start before it).
+        assert!(
+            sender_wait_s <= run_s + 0.5,
+            "{mode}: {sender_wait_s} s in {run_s} s"
+        );
+        assert!(
+            follower_wait_s > 0.0,
+            "{mode}: follower waited {follower_wait_s} s\n{report}"
+        );
+    }
 }
 
 /// `--dir` can be given again: a run whose followers matched the leader removes the data dirs

@@ -41,6 +41,11 @@ use hub::{acked_in, catalog_copy, catalog_paths, Board, Hub, Shared, Wanted};
 pub use server::LISTEN_RETRY_MS;
 use server::{pacing_hint, serve};
 
+/// The name of the leader's server thread: it accepts followers and runs every connection, so
+/// it looks at their inboxes and sends them their payloads (`loadgen` reports how long it
+/// waited for a CPU by this name).
+pub const SERVER_THREAD_NAME: &str = "ferry-leader";
+
 #[derive(Clone)]
 pub struct LeaderConfig {
     pub data_dir: std::path::PathBuf,
@@ -190,7 +195,7 @@ impl Leader {
             let shared = shared.clone();
             let dir = dir.clone();
             std::thread::Builder::new()
-                .name("ferry-leader".into())
+                .name(SERVER_THREAD_NAME.into())
                 .spawn(move || {
                     engine::run(engine, move || {
                         serve(engine, config, shared, dir, ready_tx, instance)

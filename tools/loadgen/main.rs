@@ -381,7 +381,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     });
 
     // The leader: embedded, or a `ferry lead` process.
-    let (leader, lead_proc, addr, view) = if raw_mode {
+    let (leader, mut lead_proc, addr, view) = if raw_mode {
         (None, None, "127.0.0.1:0".parse()?, None)
     } else if library {
         let secret = Secret::new(b"loadgen-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -477,6 +477,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
     // This process's CPU from here until every follower holds everything: the writers' and
     // the embedded leader's (or the fan-out's) cost of the run, without setup or the checksums.
     let self_cpu_s_at_start = procs::self_usage().0;
+    // Its threads' waits for a CPU over the same span (sampled with the followers', below).
+    let mut self_waits = procs::CpuWaits::from_now(std::process::id());
     let started = Instant::now();
 
     // Confirmer: append-to-ack latency, without one waiter per message.
@@ -625,6 +627,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 ports[i] = p.tcp_ports(&peers).to_vec();
             }
         }
+        self_waits.sample(std::process::id());
+        if let Some(p) = lead_proc.as_mut() {
+            p.sample();
+        }
         let lag_bytes = match &fanout {
             Some(f) => f.lags(),
             None => leader_view::per_process(&connected, &ports),
@@ -728,6 +734,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         None => None,
     };
     let self_cpu_s_in_run = procs::self_usage().0 - self_cpu_s_at_start;
+    self_waits.sample(std::process::id());
     let mut checksums_match = true;
     if let Some(drained) = drained {
         checksums_match = drained.streams_match()?;
@@ -796,6 +803,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
         follower_usage.push(Usage {
             name: p.name.clone(),
             cpu_s,
+            cpu_wait_s: p.cpu_waits().0,
+            sender_cpu_wait_s: None,
             rss_peak_kib,
         });
     }
@@ -803,9 +812,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         Some(mut p) => {
             p.stop();
             let (cpu_s, rss_peak_kib) = p.usage();
+            let (cpu_wait_s, sender_cpu_wait_s) = p.cpu_waits();
             Usage {
                 name: "leader (ferry lead)".into(),
                 cpu_s,
+                cpu_wait_s,
+                sender_cpu_wait_s,
                 rss_peak_kib,
             }
         }
@@ -818,6 +830,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     "leader (embedded, with the writers)".into()
                 },
                 cpu_s: self_cpu_s_in_run,
+                cpu_wait_s: self_waits.total_s(),
+                sender_cpu_wait_s: self_waits.thread_s(procs::SENDER_THREAD),
                 rss_peak_kib,
             }
         }

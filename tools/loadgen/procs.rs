@@ -1,7 +1,8 @@
-//! The `ferry` processes loadgen runs beside itself, and what they cost: CPU seconds and peak
-//! RSS read from /proc, summed over every incarnation of a follower that was killed and
-//! restarted.
+//! The `ferry` processes loadgen runs beside itself, and what they cost: CPU seconds, the time
+//! their threads waited for a CPU, and peak RSS, read from /proc, summed over every incarnation
+//! of a follower that was killed and restarted.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
@@ -25,6 +26,94 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())?;
     Some(((utime + stime) / ticks, hwm_kib))
+}
+
+/// The name of the thread in which an embedded leader, or `ferry lead`, sends to its followers.
+pub const SENDER_THREAD: &str = ferry::leader::SERVER_THREAD_NAME;
+
+/// What each thread of process `pid` has waited for a CPU so far (runnable, not running), in
+/// ns, by thread id, with the thread's name: the second field of /proc/PID/task/TID/schedstat.
+/// Empty if the process is gone or the kernel keeps no such figures (no CONFIG_SCHED_INFO).
+fn threads_cpu_wait_ns(pid: u32) -> HashMap<u32, (String, u64)> {
+    let mut waits = HashMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return waits;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread that ended meanwhile has no file left: it counts as of the last sample.
+        let Some(wait_ns) = std::fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|text| run_delay_ns(&text))
+        else {
+            continue;
+        };
+        let name = std::fs::read_to_string(task.path().join("comm"))
+            .map(|n| n.trim_end().to_string())
+            .unwrap_or_default();
+        waits.insert(tid, (name, wait_ns));
+    }
+    waits
+}
+
+/// The run delay in a schedstat line, `<on-CPU ns> <waiting ns> <timeslices>`.
+fn run_delay_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How long a process's threads waited for a CPU, from samples of /proc: each thread counts
+/// what it waited from its start (or, for a thread already there at `from_now`, from then)
+/// until the last sample that saw it, so a thread that ended between samples keeps what it
+/// waited until then. On a machine short of CPUs this is where latency goes that no profile
+/// of the process's own code shows.
+#[derive(Debug, Default)]
+pub struct CpuWaits {
+    /// Thread id -> (name, ns waited before counting began, ns at the last sample).
+    threads: HashMap<u32, (String, u64, u64)>,
+}
+
+impl CpuWaits {
+    /// Counting from now: what the threads of `pid` alive now have waited so far is left out.
+    pub fn from_now(pid: u32) -> CpuWaits {
+        let threads = threads_cpu_wait_ns(pid)
+            .into_iter()
+            .map(|(tid, (name, ns))| (tid, (name, ns, ns)))
+            .collect();
+        CpuWaits { threads }
+    }
+
+    pub fn sample(&mut self, pid: u32) {
+        for (tid, (name, ns)) in threads_cpu_wait_ns(pid) {
+            let t = self.threads.entry(tid).or_insert((String::new(), 0, 0));
+            // Named as of the last sample (a thread may name itself after it started).
+            t.0 = name;
+            t.2 = t.2.max(ns);
+        }
+    }
+
+    /// Seconds all threads seen waited; `None` if no sample saw any (no schedstats).
+    pub fn total_s(&self) -> Option<f64> {
+        self.sum_s(|_| true)
+    }
+
+    /// Seconds the threads named `name` waited; `None` if no sample saw one.
+    pub fn thread_s(&self, name: &str) -> Option<f64> {
+        self.sum_s(|n| n == name)
+    }
+
+    fn sum_s(&self, named: impl Fn(&str) -> bool) -> Option<f64> {
+        let mut seen = false;
+        let mut ns = 0u64;
+        for (name, first, last) in self.threads.values() {
+            if named(name) {
+                seen = true;
+                ns += last - first;
+            }
+        }
+        seen.then_some(ns as f64 / 1e9)
+    }
 }
 
 /// The local ports of the TCP sockets process `pid` holds open (its file descriptors' socket
@@ -97,6 +186,9 @@ pub struct Proc {
     child: Child,
     /// CPU seconds of incarnations already gone.
     cpu_s_past: f64,
+    /// What the current incarnation's threads waited for a CPU, and those gone before it.
+    waits: CpuWaits,
+    cpu_wait_s_past: Option<f64>,
     rss_peak_kib: u64,
     last: (f64, u64),
     /// The local TCP ports last found for the process with this pid (`tcp_ports`).
@@ -112,6 +204,8 @@ impl Proc {
             args,
             child,
             cpu_s_past: 0.0,
+            waits: CpuWaits::default(),
+            cpu_wait_s_past: None,
             rss_peak_kib: 0,
             last: (0.0, 0),
             ports: (0, Vec::new()),
@@ -155,6 +249,7 @@ impl Proc {
             self.last = now;
             self.rss_peak_kib = self.rss_peak_kib.max(now.1);
         }
+        self.waits.sample(self.pid());
     }
 
     pub fn signal(&self, signal: i32) {
@@ -167,6 +262,8 @@ impl Proc {
         self.sample();
         self.cpu_s_past += self.last.0;
         self.last = (0.0, 0);
+        self.cpu_wait_s_past = self.cpu_wait_s();
+        self.waits = CpuWaits::default();
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.child = Self::start(&self.args)?;
@@ -176,6 +273,19 @@ impl Proc {
     /// Total CPU seconds and peak RSS (KiB) over every incarnation.
     pub fn usage(&self) -> (f64, u64) {
         (self.cpu_s_past + self.last.0, self.rss_peak_kib)
+    }
+
+    /// Seconds its threads waited for a CPU over every incarnation (`CpuWaits`), and those of
+    /// its `SENDER_THREAD` (a `ferry lead`'s) in this one; `None` where not seen.
+    pub fn cpu_waits(&self) -> (Option<f64>, Option<f64>) {
+        (self.cpu_wait_s(), self.waits.thread_s(SENDER_THREAD))
+    }
+
+    fn cpu_wait_s(&self) -> Option<f64> {
+        match (self.cpu_wait_s_past, self.waits.total_s()) {
+            (Some(past), now) => Some(past + now.unwrap_or(0.0)),
+            (None, now) => now,
+        }
     }
 
     pub fn stop(&mut self) {
@@ -189,6 +299,51 @@ impl Proc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two threads that keep one CPU busy each wait for it about half the time: the waits read
+    /// from /proc count that, for each thread under its name, also for threads that started
+    /// after counting began. (The run delay is schedstat's second field, not the first, the
+    /// time on a CPU, which the spinners also have.)
+    #[test]
+    fn threads_that_share_one_cpu_are_seen_waiting_for_it() {
+        let pid = std::process::id();
+        let mut waits = CpuWaits::from_now(pid);
+        let busy_for = std::time::Duration::from_millis(300);
+        let spin = move || {
+            // SAFETY: cpu_set_t is a plain bit array; CPU_SET writes bit 0 of it.
+            let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            unsafe { libc::CPU_SET(0, &mut one) };
+            // SAFETY: a valid cpu_set_t of the size passed; pid 0 is this thread.
+            let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) };
+            assert_eq!(r, 0, "{}", io::Error::last_os_error());
+            let started = std::time::Instant::now();
+            while started.elapsed() < busy_for {
+                std::hint::spin_loop();
+            }
+        };
+        let spinners: Vec<_> = (0..2)
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("spinner{i}"))
+                    .spawn(spin)
+                    .unwrap()
+            })
+            .collect();
+        // Sampled while they run: once they end, /proc has no file left for them.
+        std::thread::sleep(busy_for * 2 / 3);
+        waits.sample(pid);
+        for s in spinners {
+            s.join().unwrap();
+        }
+        let spinner0 = waits.thread_s("spinner0").expect("spinner0 seen");
+        let spinner1 = waits.thread_s("spinner1").expect("spinner1 seen");
+        // Sampled at 200 ms of 300: together they had waited about 200 ms by then.
+        assert!(spinner0 + spinner1 > 0.05, "{spinner0} + {spinner1}");
+        assert!(waits.total_s().unwrap() >= spinner0 + spinner1);
+        assert_eq!(waits.thread_s("no such thread"), None);
+        assert_eq!(run_delay_ns("7 42 3\n"), Some(42));
+        assert_eq!(run_delay_ns(""), None);
+    }
 
     #[test]
     fn a_process_s_tcp_ports_are_those_of_the_sockets_it_holds() {

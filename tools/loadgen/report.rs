@@ -94,6 +94,11 @@ pub struct FaultSpan {
 pub struct Usage {
     pub name: String,
     pub cpu_s: f64,
+    /// How long its threads waited for a CPU (`procs::CpuWaits`); `None` without schedstats.
+    pub cpu_wait_s: Option<f64>,
+    /// The leader's: how long of it its thread that sends to the followers waited
+    /// (`procs::SENDER_THREAD`); `None` for a follower, in raw mode, or without schedstats.
+    pub sender_cpu_wait_s: Option<f64>,
     pub rss_peak_kib: u64,
 }
 
@@ -259,19 +264,38 @@ fn quantiles_text(h: &Histogram<u64>, unit: &str) -> String {
 }
 
 fn usage_text(u: &Usage) -> String {
+    let waited = match (u.cpu_wait_s, u.sender_cpu_wait_s) {
+        (Some(all), Some(sender)) => format!(
+            ", waited {all:.2} s for a CPU ({sender:.2} s of it the thread sending to the \
+             followers)"
+        ),
+        (Some(all), None) => format!(", waited {all:.2} s for a CPU"),
+        (None, _) => String::new(),
+    };
     format!(
-        "{}: {:.2} CPU s, peak RSS {:.1} MiB",
+        "{}: {:.2} CPU s{waited}, peak RSS {:.1} MiB",
         u.name,
         u.cpu_s,
         u.rss_peak_kib as f64 / 1024.0
     )
 }
 
-fn usage_json(u: &Usage) -> String {
+/// A process's usage; `sender` for the leader's, which names its sending thread's wait too.
+fn usage_json(u: &Usage, sender: bool) -> String {
+    let sender = if sender {
+        format!(
+            ", \"sender_cpu_wait_s\": {}",
+            u.sender_cpu_wait_s
+                .map_or("null".into(), |v| format!("{v:.3}"))
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "{{\"name\": {}, \"cpu_s\": {:.3}, \"rss_peak_mib\": {:.1}}}",
+        "{{\"name\": {}, \"cpu_s\": {:.3}, \"cpu_wait_s\": {}{sender}, \"rss_peak_mib\": {:.1}}}",
         json_str(&u.name),
         u.cpu_s,
+        u.cpu_wait_s.map_or("null".into(), |v| format!("{v:.3}")),
         u.rss_peak_kib as f64 / 1024.0
     )
 }
@@ -592,13 +616,17 @@ impl Report {
             "  \"append_call_before_faults_ns\": {},",
             quantiles_json(&self.append_call_before_faults_ns)
         );
-        let _ = writeln!(s, "  \"leader\": {},", usage_json(&self.leader));
+        let _ = writeln!(s, "  \"leader\": {},", usage_json(&self.leader, true));
         let _ = writeln!(
             s,
             "  \"latency_queue_peak_mib\": {:.1},",
             self.latency_queue_peak_mib()
         );
-        let followers: Vec<String> = self.follower_usage.iter().map(usage_json).collect();
+        let followers: Vec<String> = self
+            .follower_usage
+            .iter()
+            .map(|u| usage_json(u, false))
+            .collect();
         let _ = writeln!(s, "  \"follower_usage\": [{}],", followers.join(", "));
         let round_trips: Vec<String> = self
             .follower_ack_latency_us

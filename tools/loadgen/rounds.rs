@@ -36,7 +36,7 @@ enum Figure {
     Ratio(&'static [&'static str], &'static [&'static str]),
 }
 
-const COLUMNS: [Column; 16] = [
+const COLUMNS: [Column; 17] = [
     Column {
         header: "msgs/s",
         key: "messages_per_s",
@@ -89,6 +89,12 @@ const COLUMNS: [Column; 16] = [
         header: "followers CPU s",
         key: "followers_cpu_s",
         figure: Figure::FollowersCpu,
+        decimals: 2,
+    },
+    Column {
+        header: "sender wait s",
+        key: "sender_cpu_wait_s",
+        figure: Figure::At(&["leader", "sender_cpu_wait_s"]),
         decimals: 2,
     },
     Column {
