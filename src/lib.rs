@@ -17,6 +17,7 @@ pub mod leader;
 pub mod leader_record;
 pub mod notify;
 pub mod paths;
+pub mod schedstat;
 pub mod session;
 pub mod status;
 pub mod watch;

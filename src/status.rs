@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 
 use crate::leader::FollowerInfo;
+use crate::schedstat::ThreadTimes;
 
 /// A leader's view of one follower.
 #[derive(Debug, Clone)]
@@ -73,6 +74,8 @@ pub enum Status {
         tcp_congestion: String,
         position: u64,
         followers: Vec<FollowerRow>,
+        /// The server thread's time on a CPU and waiting for one (`Leader::server_thread_times`).
+        server_thread: Option<ThreadTimes>,
     },
     Follower {
         engine: String,
@@ -121,7 +124,33 @@ impl Status {
                 tcp_congestion,
                 position,
                 followers,
+                server_thread,
             } => {
+                if let Some(t) = server_thread {
+                    let _ = writeln!(
+                        s,
+                        "# HELP ferry_leader_thread_cpu_seconds_total CPU time of the leader's server thread, which sends to every follower."
+                    );
+                    let _ = writeln!(s, "# TYPE ferry_leader_thread_cpu_seconds_total counter");
+                    let _ = writeln!(
+                        s,
+                        "ferry_leader_thread_cpu_seconds_total {:.6}",
+                        t.on_cpu.as_secs_f64()
+                    );
+                    let _ = writeln!(
+                        s,
+                        "# HELP ferry_leader_thread_cpu_wait_seconds_total Time the leader's server thread was runnable but waited for a CPU: payloads and acks wait with it."
+                    );
+                    let _ = writeln!(
+                        s,
+                        "# TYPE ferry_leader_thread_cpu_wait_seconds_total counter"
+                    );
+                    let _ = writeln!(
+                        s,
+                        "ferry_leader_thread_cpu_wait_seconds_total {:.6}",
+                        t.waiting.as_secs_f64()
+                    );
+                }
                 let _ = writeln!(
                     s,
                     "# HELP ferry_info The node's role, I/O engine and version; a leader's TCP congestion control."
@@ -298,10 +327,18 @@ impl Status {
                 tcp_congestion,
                 position,
                 followers,
+                server_thread,
             } => {
                 let rows: Vec<String> = followers.iter().map(follower_json).collect();
+                let thread = server_thread.map_or("null".into(), |t| {
+                    format!(
+                        "{{\"cpu_s\": {:.6}, \"cpu_wait_s\": {:.6}}}",
+                        t.on_cpu.as_secs_f64(),
+                        t.waiting.as_secs_f64()
+                    )
+                });
                 format!(
-                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"position\": {position}, \"followers\": [{}]}}\n",
+                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"position\": {position}, \"server_thread\": {thread}, \"followers\": [{}]}}\n",
                     json_str(engine),
                     json_str(env!("CARGO_PKG_VERSION")),
                     json_str(tcp_congestion),
@@ -448,6 +485,10 @@ mod tests {
                 files_sent: 2,
                 sync_bytes: Some((10, 100)),
             }],
+            server_thread: Some(ThreadTimes {
+                on_cpu: std::time::Duration::from_millis(2500),
+                waiting: std::time::Duration::from_millis(750),
+            }),
         }
     }
 
@@ -471,6 +512,14 @@ mod tests {
         );
         assert_eq!(find("ferry_follower_last_ack_seconds", None).value, 1.5);
         assert_eq!(find("ferry_follower_lag_seconds", None).value, 2.5);
+        assert_eq!(
+            find("ferry_leader_thread_cpu_seconds_total", None).value,
+            2.5
+        );
+        assert_eq!(
+            find("ferry_leader_thread_cpu_wait_seconds_total", None).value,
+            0.75
+        );
     }
 
     #[test]
@@ -481,6 +530,7 @@ mod tests {
             "\"position\": 1000",
             "\"state\": \"lagging\"",
             "\"synced\": 300",
+            "\"server_thread\": {\"cpu_s\": 2.500000, \"cpu_wait_s\": 0.750000}",
         ] {
             assert!(json.contains(needle), "{needle} in {json}");
         }

@@ -91,6 +91,16 @@ pub fn table(samples: &[Sample]) -> String {
         "leader ({engine} engine{congestion}), position {:.0}",
         value("ferry_position_bytes").unwrap_or(0.0)
     );
+    // What it sends with: a thread that waits for a CPU holds every follower's payloads and acks.
+    if let (Some(cpu_s), Some(wait_s)) = (
+        value("ferry_leader_thread_cpu_seconds_total"),
+        value("ferry_leader_thread_cpu_wait_seconds_total"),
+    ) {
+        let _ = writeln!(
+            out,
+            "server thread: {cpu_s:.2} s on a CPU, {wait_s:.2} s waiting for a CPU"
+        );
+    }
     // One row per follower id, filled from the samples that carry that id.
     #[derive(Default)]
     struct Row {

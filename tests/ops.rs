@@ -81,6 +81,73 @@ fn leader_and_follower_report_metrics_status_and_a_table() {
     assert!(ferry::http::get(&follower_http, "/nope").is_err());
 }
 
+/// Where acks wait on a machine short of CPUs: the leader's server thread (it sends to every
+/// follower) reports its CPU time and how long it was runnable but waited for a CPU. Here
+/// `ferry lead` shares its CPU with a thread that keeps it busy, so each time the server thread
+/// wakes to send it waits: the wait shows in `/metrics`, `/status` and the table.
+#[test]
+fn the_leader_reports_how_long_its_server_thread_waited_for_a_cpu() {
+    use std::os::unix::process::CommandExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn on_cpu_0() -> std::io::Result<()> {
+        // SAFETY: cpu_set_t is a plain bit array, all zeroes the empty set; CPU_SET writes bit
+        // 0 of it, and sched_setaffinity reads the set of the size passed, for this thread.
+        unsafe {
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut one);
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    for i in 0..8 {
+        write(&ld.join(format!("q/seg{i}")), &pattern(4 << 20, i as u8));
+    }
+    let busy = std::sync::Arc::new(AtomicBool::new(true));
+    let spinner = {
+        let busy = busy.clone();
+        std::thread::spawn(move || {
+            on_cpu_0().unwrap();
+            while busy.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    let mut cmd = lead_cmd(&env, &ld, "uring");
+    cmd.args(["--http", "127.0.0.1:0"]);
+    // SAFETY: between fork and exec only sched_setaffinity runs (async-signal-safe).
+    unsafe { cmd.pre_exec(on_cpu_0) };
+    let leader = Proc::spawn(cmd);
+    let http = http_addr(&leader);
+    let follower = Proc::spawn(follow_cmd(&env, &fd, listen_addr(&leader), "uring"));
+    wait_identical(&ld, &fd, Duration::from_secs(60));
+    busy.store(false, Ordering::Relaxed);
+    spinner.join().unwrap();
+
+    let metrics = ferry::http::get(&http, "/metrics").unwrap();
+    let samples = parse_prometheus(&metrics);
+    let value = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+            .value
+    };
+    let cpu_s = value("ferry_leader_thread_cpu_seconds_total");
+    let wait_s = value("ferry_leader_thread_cpu_wait_seconds_total");
+    assert!(cpu_s > 0.0, "{metrics}");
+    assert!(wait_s > 0.0, "{metrics}");
+    let json = status_until(&http, &["--json"], &["\"server_thread\": {\"cpu_s\": "]);
+    assert!(json.contains("\"cpu_wait_s\": "), "{json}");
+    status_until(&http, &[], &["server thread: ", " s waiting for a CPU"]);
+    drop(follower);
+}
+
 #[test]
 fn under_systemd_the_leader_reports_ready_and_feeds_the_watchdog() {
     let env = Env::new();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,8 @@ pub(super) struct Shared {
     /// Whether checkpoints need `checkpoint_flush` (`LeaderConfig::change_source_flushes`).
     pub(super) flush_needed: bool,
     pub(super) checkpoint_flush: Mutex<Option<CheckpointFlush>>,
+    /// The server thread's id, once it runs (0 before): what `/metrics` reads its times by.
+    pub(super) server_tid: AtomicU32,
 }
 
 impl Shared {

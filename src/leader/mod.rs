@@ -19,7 +19,7 @@ mod server;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -189,6 +189,7 @@ impl Leader {
             shutdown: Notify::new(),
             flush_needed: config.change_source_flushes,
             checkpoint_flush: Mutex::new(None),
+            server_tid: AtomicU32::new(0),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
@@ -197,6 +198,9 @@ impl Leader {
             std::thread::Builder::new()
                 .name(SERVER_THREAD_NAME.into())
                 .spawn(move || {
+                    shared
+                        .server_tid
+                        .store(crate::schedstat::current_tid(), Ordering::SeqCst);
                     engine::run(engine, move || {
                         serve(engine, config, shared, dir, ready_tx, instance)
                     })
@@ -357,6 +361,17 @@ impl Leader {
             tcp_congestion: self.tcp_congestion.clone(),
             position: self.position(),
             followers: self.followers().iter().map(Into::into).collect(),
+            server_thread: self.server_thread_times(),
+        }
+    }
+
+    /// The server thread's time on a CPU and waiting for one (`SERVER_THREAD_NAME`: it sends
+    /// to every follower, so while it waits, their payloads and acks do); `None` once it ended
+    /// or where the kernel keeps no schedstats.
+    pub fn server_thread_times(&self) -> Option<crate::schedstat::ThreadTimes> {
+        match self.shared.server_tid.load(Ordering::SeqCst) {
+            0 => None,
+            tid => crate::schedstat::of_thread(std::process::id(), tid),
         }
     }
 

@@ -44,23 +44,19 @@ fn threads_cpu_wait_ns(pid: u32) -> HashMap<u32, (String, u64)> {
             continue;
         };
         // A thread that ended meanwhile has no file left: it counts as of the last sample.
-        let Some(wait_ns) = std::fs::read_to_string(task.path().join("schedstat"))
+        let Some(times) = std::fs::read_to_string(task.path().join("schedstat"))
             .ok()
-            .and_then(|text| run_delay_ns(&text))
+            .and_then(|text| ferry::schedstat::parse(&text))
         else {
             continue;
         };
+        let wait_ns = u64::try_from(times.waiting.as_nanos()).unwrap_or(u64::MAX);
         let name = std::fs::read_to_string(task.path().join("comm"))
             .map(|n| n.trim_end().to_string())
             .unwrap_or_default();
         waits.insert(tid, (name, wait_ns));
     }
     waits
-}
-
-/// The run delay in a schedstat line, `<on-CPU ns> <waiting ns> <timeslices>`.
-fn run_delay_ns(schedstat: &str) -> Option<u64> {
-    schedstat.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// How long a process's threads waited for a CPU, from samples of /proc: each thread counts
@@ -302,8 +298,7 @@ mod tests {
 
     /// Two threads that keep one CPU busy each wait for it about half the time: the waits read
     /// from /proc count that, for each thread under its name, also for threads that started
-    /// after counting began. (The run delay is schedstat's second field, not the first, the
-    /// time on a CPU, which the spinners also have.)
+    /// after counting began.
     #[test]
     fn threads_that_share_one_cpu_are_seen_waiting_for_it() {
         let pid = std::process::id();
@@ -341,8 +336,6 @@ mod tests {
         assert!(spinner0 + spinner1 > 0.05, "{spinner0} + {spinner1}");
         assert!(waits.total_s().unwrap() >= spinner0 + spinner1);
         assert_eq!(waits.thread_s("no such thread"), None);
-        assert_eq!(run_delay_ns("7 42 3\n"), Some(42));
-        assert_eq!(run_delay_ns(""), None);
     }
 
     #[test]
