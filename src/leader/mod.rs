@@ -198,12 +198,14 @@ impl Leader {
             std::thread::Builder::new()
                 .name(SERVER_THREAD_NAME.into())
                 .spawn(move || {
-                    shared
-                        .server_tid
+                    let tid = shared.clone();
+                    tid.server_tid
                         .store(crate::schedstat::current_tid(), Ordering::SeqCst);
                     engine::run(engine, move || {
                         serve(engine, config, shared, dir, ready_tx, instance)
-                    })
+                    });
+                    // Its id may go to a thread of the embedder next.
+                    tid.server_tid.store(0, Ordering::SeqCst);
                 })?
         };
         let ready = match ready_rx.recv() {
