@@ -724,6 +724,24 @@ fn the_time_the_leaders_sending_thread_waited_for_a_cpu_is_reported() {
             sender_wait_s <= run_s + 0.5,
             "{mode}: {sender_wait_s} s in {run_s} s"
         );
+        // Placed in time too: each 100 ms sample says how long of it the thread waited, which
+        // adds up to no more than its wait over the whole run.
+        let per_sample_ms: Vec<f64> = report
+            .split("\"sender_cpu_wait_ms\": ")
+            .skip(1)
+            .map(|rest| {
+                let end = rest.find('}').unwrap();
+                rest[..end]
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{mode}: {rest}"))
+            })
+            .collect();
+        assert!(!per_sample_ms.is_empty(), "{mode}: no samples in\n{report}");
+        let sampled_s = per_sample_ms.iter().sum::<f64>() / 1e3;
+        assert!(
+            per_sample_ms.iter().all(|&ms| ms >= 0.0) && sampled_s <= sender_wait_s + 0.001,
+            "{mode}: {per_sample_ms:?} against {sender_wait_s} s"
+        );
         assert!(
             follower_wait_s > 0.0,
             "{mode}: follower waited {follower_wait_s} s\n{report}"

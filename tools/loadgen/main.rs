@@ -479,6 +479,16 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let self_cpu_s_at_start = procs::self_usage().0;
     // Its threads' waits for a CPU over the same span (sampled with the followers', below).
     let mut self_waits = procs::CpuWaits::from_now(std::process::id());
+    // The leader's sending thread's wait at the last sample, for each sample's share of it.
+    let sender_wait_s =
+        |lead_proc: &Option<procs::Proc>, self_waits: &procs::CpuWaits| match lead_proc {
+            Some(p) => p.cpu_waits().1,
+            None => self_waits.thread_s(procs::SENDER_THREAD),
+        };
+    if let Some(p) = lead_proc.as_mut() {
+        p.sample();
+    }
+    let mut sender_waited_s = sender_wait_s(&lead_proc, &self_waits);
     let started = Instant::now();
 
     // Confirmer: append-to-ack latency, without one waiter per message.
@@ -631,6 +641,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         if let Some(p) = lead_proc.as_mut() {
             p.sample();
         }
+        let waited_s = sender_wait_s(&lead_proc, &self_waits);
+        let sender_cpu_wait_ms = match (waited_s, sender_waited_s) {
+            (Some(now), Some(before)) => Some((now - before) * 1e3),
+            _ => None,
+        };
+        sender_waited_s = waited_s;
         let lag_bytes = match &fanout {
             Some(f) => f.lags(),
             None => leader_view::per_process(&connected, &ports),
@@ -640,6 +656,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             mb_per_s,
             lag_bytes: lag_bytes.clone(),
             in_fault: shared.in_fault.load(Ordering::Relaxed),
+            sender_cpu_wait_ms,
         });
         if now.duration_since(last_print) >= Duration::from_secs(1) {
             last_print = now;

@@ -18,6 +18,10 @@ pub struct Sample {
     pub lag_bytes: Vec<Option<u64>>,
     /// A fault (a killed, stopped or joining follower) was under way.
     pub in_fault: bool,
+    /// How long the leader's sending thread (`procs::SENDER_THREAD`) waited for a CPU since the
+    /// sample before: where it waits, the followers' payloads and acks do. `None` in raw mode
+    /// or without schedstats.
+    pub sender_cpu_wait_ms: Option<f64>,
 }
 
 /// A writer's `append()` calls over one `SAMPLE_INTERVAL`, ending at `t_s`.
@@ -691,11 +695,13 @@ impl Report {
                     .map(|l| l.map_or("null".into(), |v| v.to_string()))
                     .collect();
                 format!(
-                    "{{\"t_s\": {:.2}, \"mb_per_s\": {:.3}, \"lag_bytes\": [{}], \"in_fault\": {}}}",
+                    "{{\"t_s\": {:.2}, \"mb_per_s\": {:.3}, \"lag_bytes\": [{}], \"in_fault\": {}, \"sender_cpu_wait_ms\": {}}}",
                     x.t_s,
                     x.mb_per_s,
                     lags.join(", "),
-                    x.in_fault
+                    x.in_fault,
+                    x.sender_cpu_wait_ms
+                        .map_or("null".into(), |v| format!("{v:.3}"))
                 )
             })
             .collect();
@@ -812,7 +818,7 @@ impl Report {
         let x = |t: f64| LEFT + (W - LEFT - RIGHT) * t.clamp(0.0, t_max) / t_max;
         let t_step = time_step(t_max);
         let mut s = String::new();
-        let h_total = TOP + 4.0 * PANEL_H + 3.0 * GAP + 60.0;
+        let h_total = TOP + 5.0 * PANEL_H + 4.0 * GAP + 60.0;
         let _ = writeln!(
             s,
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h_total}\" font-family=\"sans-serif\" font-size=\"12\">"
@@ -1018,10 +1024,44 @@ impl Report {
         if self.ack_samples.is_empty() {
             empty(&mut s, top3, untimed);
         }
+        // Beneath the acks' p99, on the same time axis: where the sending thread waited for a
+        // CPU, acks came late (docs/PERFORMANCE.md, T3).
         let top4 = top3 + PANEL_H + GAP;
-        let ns_max = panel(
+        let wait_max = panel(
             &mut s,
             top4,
+            "the leader's thread sending to the followers: time it waited for a CPU in each 100 ms",
+            largest(
+                &mut self
+                    .samples
+                    .iter()
+                    .filter_map(|x| x.sender_cpu_wait_ms)
+                    .map(|ms| ms * 1e3),
+            ),
+            Unit::Us,
+        );
+        curve(
+            &mut s,
+            top4,
+            wait_max,
+            "#333",
+            &mut self
+                .samples
+                .iter()
+                .map(|p| (p.t_s, p.sender_cpu_wait_ms.map(|ms| ms * 1e3))),
+        );
+        if self.samples.iter().all(|x| x.sender_cpu_wait_ms.is_none()) {
+            let why = if self.mode == "raw" {
+                "no ferry leader in raw mode"
+            } else {
+                "not known: the kernel keeps no schedstats"
+            };
+            empty(&mut s, top4, why);
+        }
+        let top5 = top4 + PANEL_H + GAP;
+        let ns_max = panel(
+            &mut s,
+            top5,
             "the writers' append() call: p99 of each 100 ms",
             largest(
                 &mut self
@@ -1035,7 +1075,7 @@ impl Report {
         for (w, samples) in self.writer_samples.iter().enumerate() {
             curve(
                 &mut s,
-                top4,
+                top5,
                 ns_max,
                 match self.writer_samples.len() {
                     1 => "#333",
@@ -1047,13 +1087,13 @@ impl Report {
             );
         }
         if self.writer_samples.iter().all(Vec::is_empty) {
-            empty(&mut s, top4, untimed);
+            empty(&mut s, top5, untimed);
         }
         let _ = writeln!(
             s,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">time from the start of the run</text>",
             (LEFT + W - RIGHT) / 2.0,
-            top4 + PANEL_H + 40.0
+            top5 + PANEL_H + 40.0
         );
         s.push_str("</svg>\n");
         s
@@ -1165,7 +1205,8 @@ mod tests {
     }
 
     /// A report of `t_max_s` seconds, sampled every 100 ms at 100 MB/s with one follower
-    /// lagging by 60 MB at the end, its acks at 1.2 ms and the writer's calls at 450 ns.
+    /// lagging by 60 MB at the end, its acks at 1.2 ms, the writer's calls at 450 ns, and the
+    /// leader's sending thread waiting 25 ms of each 100 for a CPU.
     fn plotted(t_max_s: f64, faults: Vec<FaultSpan>) -> Report {
         let n = (t_max_s * 10.0).round() as usize;
         let t = |i: usize| (i + 1) as f64 / 10.0;
@@ -1194,6 +1235,7 @@ mod tests {
                     mb_per_s: 100.0,
                     lag_bytes: vec![Some(60_000_000 * i as u64 / n as u64)],
                     in_fault: false,
+                    sender_cpu_wait_ms: Some(25.0),
                 })
                 .collect(),
             writer_samples: vec![(0..n)
@@ -1240,9 +1282,21 @@ mod tests {
         for second in ["0 s", "1 s", "2 s", "3 s", "4 s"] {
             assert!(texts.contains(&second), "no {second} tick in {texts:?}");
         }
-        for label in ["100 MB/s", "60 MB", "1 ms", "400 ns"] {
+        for label in ["100 MB/s", "60 MB", "1 ms", "400 ns", "25 ms"] {
             assert!(texts.contains(&label), "no {label} on a scale in {texts:?}");
         }
+        assert!(
+            texts.contains(
+                &"the leader's thread sending to the followers: time it waited for a CPU in each \
+                  100 ms"
+            ),
+            "{texts:?}"
+        );
+        let json = plotted(0.2, Vec::new()).json();
+        assert!(
+            json.contains("\"in_fault\": false, \"sender_cpu_wait_ms\": 25.000}"),
+            "{json}"
+        );
     }
 
     #[test]
@@ -1325,14 +1379,20 @@ mod tests {
         report.mode = "write".into();
         report.ack_samples.clear();
         report.writer_samples.clear();
-        let texts = texts(&report.svg()).join("\n");
+        let written = texts(&report.svg()).join("\n");
         assert_eq!(
-            texts
+            written
                 .matches("nothing timed: write mode calls no append()")
                 .count(),
             2,
-            "{texts}"
+            "{written}"
         );
+        report.mode = "raw".into();
+        for sample in &mut report.samples {
+            sample.sender_cpu_wait_ms = None;
+        }
+        let raw = texts(&report.svg()).join("\n");
+        assert!(raw.contains("no ferry leader in raw mode"), "{raw}");
     }
 
     /// The summary says how long each fault took to be caught up, up to a screenful.
