@@ -671,7 +671,9 @@ fn leader_cpu_covers_the_run_not_loadgens_checksums() {
 /// On one CPU for everything (loadgen, its writer, the leader, the followers), the leader's
 /// sending thread has to wait for the CPU while the writer and the follower run: loadgen reports
 /// that wait, as part of what the leader's process and its follower waited, in the summary and
-/// the JSON report. (`--mode write` reads the same from `ferry lead`'s threads.)
+/// the JSON report, and per 100 ms sample; and how long its own confirmer waited, which every
+/// latency it measures includes. (`--mode write` reads the leader's from `ferry lead`'s
+/// threads.)
 #[test]
 fn the_time_the_leaders_sending_thread_waited_for_a_cpu_is_reported() {
     for mode in ["library", "write"] {
@@ -737,6 +739,19 @@ fn the_time_the_leaders_sending_thread_waited_for_a_cpu_is_reported() {
             })
             .collect();
         assert!(!per_sample_ms.is_empty(), "{mode}: no samples in\n{report}");
+        // loadgen's own confirmer shares the CPU too, and says so; write mode times no acks.
+        if mode == "library" {
+            let confirmer_wait_s = number_after(&report, "\"confirmer_cpu_wait_s\": ");
+            assert!(
+                confirmer_wait_s >= 0.0,
+                "{mode}: confirmer {confirmer_wait_s} s"
+            );
+        } else {
+            assert!(
+                report.contains("\"confirmer_cpu_wait_s\": null"),
+                "{report}"
+            );
+        }
         let sampled_s = per_sample_ms.iter().sum::<f64>() / 1e3;
         assert!(
             per_sample_ms.iter().all(|&ms| ms >= 0.0) && sampled_s <= sender_wait_s + 0.001,

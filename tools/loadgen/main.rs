@@ -51,6 +51,21 @@ use writer::{confirm, epoch, write_loop, Appended, Confirmed, Sink, WriterPlan};
 
 /// How often lag, throughput and process usage are sampled.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The thread that times each message from `append()` to acked (`writer::confirm`): its own
+/// waits for a CPU count in every latency it measures.
+const CONFIRMER_THREAD: &str = "confirmer";
+
+/// A thread named `name` (what /proc, `top -H` and loadgen's own `CpuWaits` call it).
+fn spawn_named<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"))
+}
 /// How long the followers get to hold everything after the writers stop.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the followers at the start get to connect and finish their initial sync (of
@@ -504,7 +519,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         (Some(leader), _) => {
             let durability = args.durability;
             let joined_at = joined_at.clone();
-            Some(std::thread::spawn(move || {
+            Some(spawn_named(CONFIRMER_THREAD, move || {
                 confirm(
                     |beyond, timeout| {
                         let joined = || joined_at.0.load(Ordering::Acquire);
@@ -523,7 +538,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 )
             }))
         }
-        (None, Some(fanout)) => Some(std::thread::spawn(move || {
+        (None, Some(fanout)) => Some(spawn_named(CONFIRMER_THREAD, move || {
             confirm(
                 |beyond, timeout| fanout.wait_received_beyond(beyond, timeout),
                 confirm_rx,
@@ -552,7 +567,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         // calls write(2).
         let mmap = library || (raw_mode && args.raw_writer == "mmap");
         let deadline = started + args.duration;
-        writer_threads.push(std::thread::spawn(move || {
+        writer_threads.push(spawn_named(&format!("writer{w}"), move || {
             write_loop(WriterPlan {
                 id: w,
                 dir,
@@ -906,6 +921,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         raw_acks: raw_mode.then_some(args.raw_acks),
         latency_queue_peak_bytes: confirmed.queue_peak_bytes,
         machine_cpu,
+        confirmer_cpu_wait_s: self_waits.thread_s(CONFIRMER_THREAD),
         free_page_reporting_order: machine::free_page_reporting_order(),
     };
     print!("{}", report.text());

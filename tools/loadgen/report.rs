@@ -157,6 +157,10 @@ pub struct Report {
     pub latency_queue_peak_bytes: u64,
     /// How the machine's CPU time split while the writers ran (`None` without /proc/stat).
     pub machine_cpu: Option<CpuSplit>,
+    /// How long loadgen's confirmer thread, which times each message to acked, waited for a
+    /// CPU over the run: a wait of its own adds to every latency it measures then. `None`
+    /// without schedstats.
+    pub confirmer_cpu_wait_s: Option<f64>,
     /// The order of the free blocks this VM hands back to its host, if it does
     /// (`machine::free_page_reporting_order`).
     pub free_page_reporting_order: Option<u32>,
@@ -543,6 +547,13 @@ impl Report {
                 }
             );
         }
+        if let Some(wait_s) = self.confirmer_cpu_wait_s {
+            let _ = writeln!(
+                s,
+                "  loadgen's confirmer, which times each ack, waited {wait_s:.2} s for a CPU \
+                 (while it waits, the acks it has yet to see look later than they came)"
+            );
+        }
         if let Some(order) = self.free_page_reporting_order {
             let _ = writeln!(
                 s,
@@ -654,6 +665,12 @@ impl Report {
                 "{{\"busy_percent\": {:.1}, \"idle_percent\": {:.1}, \"steal_percent\": {:.1}}}",
                 m.busy_percent, m.idle_percent, m.steal_percent
             ))
+        );
+        let _ = writeln!(
+            s,
+            "  \"confirmer_cpu_wait_s\": {},",
+            self.confirmer_cpu_wait_s
+                .map_or("null".into(), |v| format!("{v:.3}"))
         );
         let _ = writeln!(
             s,
@@ -1261,6 +1278,7 @@ mod tests {
             raw_acks: None,
             latency_queue_peak_bytes: 0,
             machine_cpu: None,
+            confirmer_cpu_wait_s: None,
             free_page_reporting_order: None,
         }
     }
