@@ -1,5 +1,6 @@
 //! The server thread: listening, accepting, and logging each follower's state changes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -101,13 +102,67 @@ pub(super) fn pacing_hint(congestion: &str, default_qdisc: Option<&str>) -> Opti
 
 /// How often the leader looks for followers whose state changed, to log it.
 const STATE_LOG_INTERVAL: Duration = Duration::from_millis(250);
+/// Over about how long the lagging line measures the server thread's wait for a CPU.
+const CPU_WAIT_WINDOW: Duration = Duration::from_secs(1);
+/// The share of that window from which the lagging line names the wait: a thread that shares
+/// its CPUs with others waits a few percent of the time anyway.
+const CPU_WAIT_NOTE_PERCENT: u128 = 10;
+
+/// The server thread's wait for a CPU (`schedstat`) as the state log samples it, over the last
+/// `CPU_WAIT_WINDOW` or so: while it waits, every follower's payloads and acks do, so a
+/// follower that lags then may be lagging for want of a CPU on the leader, not of network.
+#[derive(Default)]
+struct CpuWaitSamples {
+    samples: VecDeque<(Instant, Duration)>,
+}
+
+impl CpuWaitSamples {
+    /// The thread had waited `waited` in all at `at`.
+    fn push(&mut self, at: Instant, waited: Duration) {
+        self.samples.push_back((at, waited));
+        // The oldest kept is the newest at least CPU_WAIT_WINDOW before `at`.
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|(t, _)| at.saturating_duration_since(*t) >= CPU_WAIT_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// What the lagging line adds: how much of the span sampled the thread waited, if that is
+    /// at least `CPU_WAIT_NOTE_PERCENT` of it.
+    fn note(&self) -> Option<String> {
+        let (first, last) = (self.samples.front()?, self.samples.back()?);
+        let span = last.0.saturating_duration_since(first.0);
+        if span.is_zero() {
+            return None;
+        }
+        let waited = last.1.saturating_sub(first.1);
+        let percent = waited.as_micros() * 100 / span.as_micros();
+        (percent >= CPU_WAIT_NOTE_PERCENT).then(|| {
+            format!(
+                "; the leader's server thread waited {} ms of the last {} ms ({percent}%) for a \
+                 CPU, and every follower's payloads and acks with it",
+                waited.as_millis(),
+                span.as_millis()
+            )
+        })
+    }
+}
 
 /// Logs a line whenever a follower starts or stops lagging (or finishes its initial sync): what
 /// an operator acts on. Computed here rather than in the sessions, since a session blocked on a
 /// full socket reports nothing.
 async fn log_state_changes(shared: &Shared) {
+    // Runs on the server thread: its own wait for a CPU, for the lagging line.
+    let (pid, tid) = (std::process::id(), crate::schedstat::current_tid());
+    let mut cpu_waits = CpuWaitSamples::default();
     loop {
         tokio::time::sleep(STATE_LOG_INTERVAL).await;
+        if let Some(times) = crate::schedstat::of_thread(pid, tid) {
+            cpu_waits.push(Instant::now(), times.waiting);
+        }
         let (position, inbox_since) = shared.pending();
         let mut board = shared.board();
         let now = Instant::now();
@@ -126,12 +181,13 @@ async fn log_state_changes(shared: &Shared) {
             match (was, state) {
                 (_, FollowerState::Lagging) => tracing::warn!(
                     "follower #{id} ({peer}) is lagging: {lag_bytes} bytes behind at {}, last \
-                     ack {}",
+                     ack {}{}",
                     level.name(),
                     slot.view
                         .and_then(|v| v.last_ack_at)
                         .map(|t| format!("{} ms ago", now.saturating_duration_since(t).as_millis()))
-                        .unwrap_or_else(|| "never".into())
+                        .unwrap_or_else(|| "never".into()),
+                    cpu_waits.note().unwrap_or_default()
                 ),
                 (Some(FollowerState::Lagging), FollowerState::Streaming) => tracing::info!(
                     "follower #{id} ({peer}) caught up: streaming again ({lag_bytes} bytes behind)"
@@ -199,6 +255,43 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lagging line says how much of the last second the server thread waited for a CPU
+    /// when that is a good part of it (a machine short of CPUs delays every follower's payloads
+    /// and acks), and nothing when it is not, or when there is no second to compare with.
+    #[test]
+    fn the_lagging_line_names_the_server_threads_wait_for_a_cpu_when_it_was_long() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let waited = |ms: u64| Duration::from_millis(ms);
+        let mut samples = CpuWaitSamples::default();
+        assert_eq!(samples.note(), None);
+        samples.push(at(0), waited(100));
+        assert_eq!(samples.note(), None);
+        for (t, w) in [(250, 160), (500, 220), (750, 300), (1000, 400)] {
+            samples.push(at(t), waited(w));
+        }
+        let note = samples.note().unwrap_or_default();
+        assert!(
+            note.contains("waited 300 ms of the last 1000 ms (30%) for a CPU"),
+            "{note}"
+        );
+        // Older samples go: the next second is measured from 250 ms on.
+        samples.push(at(1250), waited(410));
+        assert!(
+            samples
+                .note()
+                .unwrap_or_default()
+                .contains("250 ms of the last 1000 ms"),
+            "{:?}",
+            samples.note()
+        );
+        // 5% is what a thread that shares its CPUs waits anyway: not worth a word.
+        let mut calm = CpuWaitSamples::default();
+        calm.push(at(0), waited(0));
+        calm.push(at(1000), waited(50));
+        assert_eq!(calm.note(), None);
+    }
 
     /// The bbr line is for a leader that likely paces in the kernel: bbr where new interfaces
     /// do not get fq (or that cannot be read); not for cubic, nor for bbr beside fq.
