@@ -135,11 +135,11 @@ impl CpuWaitSamples {
     fn note(&self) -> Option<String> {
         let (first, last) = (self.samples.front()?, self.samples.back()?);
         let span = last.0.saturating_duration_since(first.0);
-        if span.is_zero() {
+        if span < STATE_LOG_INTERVAL {
             return None;
         }
         let waited = last.1.saturating_sub(first.1);
-        let percent = waited.as_micros() * 100 / span.as_micros();
+        let percent = waited.as_micros() * 100 / span.as_micros().max(1);
         (percent >= CPU_WAIT_NOTE_PERCENT).then(|| {
             format!(
                 "; the leader's server thread waited {} ms of the last {} ms ({percent}%) for a \
