@@ -305,8 +305,9 @@ mod tests {
         let mut waits = CpuWaits::from_now(pid);
         let busy_for = std::time::Duration::from_millis(300);
         let spin = move || {
-            // SAFETY: cpu_set_t is a plain bit array; CPU_SET writes bit 0 of it.
+            // SAFETY: cpu_set_t is a plain bit array, all zeroes the empty set.
             let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: CPU_SET writes bit 0 of the set we own, which has room for it.
             unsafe { libc::CPU_SET(0, &mut one) };
             // SAFETY: a valid cpu_set_t of the size passed; pid 0 is this thread.
             let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) };
