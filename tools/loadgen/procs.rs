@@ -44,10 +44,7 @@ fn threads_cpu_wait_ns(pid: u32) -> HashMap<u32, (String, u64)> {
             continue;
         };
         // A thread that ended meanwhile has no file left: it counts as of the last sample.
-        let Some(times) = std::fs::read_to_string(task.path().join("schedstat"))
-            .ok()
-            .and_then(|text| ferry::schedstat::parse(&text))
-        else {
+        let Some(times) = ferry::schedstat::of_thread(pid, tid) else {
             continue;
         };
         let wait_ns = u64::try_from(times.waiting.as_nanos()).unwrap_or(u64::MAX);
@@ -305,13 +302,7 @@ mod tests {
         let mut waits = CpuWaits::from_now(pid);
         let busy_for = std::time::Duration::from_millis(300);
         let spin = move || {
-            // SAFETY: cpu_set_t is a plain bit array, all zeroes the empty set.
-            let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: CPU_SET writes bit 0 of the set we own, which has room for it.
-            unsafe { libc::CPU_SET(0, &mut one) };
-            // SAFETY: a valid cpu_set_t of the size passed; pid 0 is this thread.
-            let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) };
-            assert_eq!(r, 0, "{}", io::Error::last_os_error());
+            crate::cpus::pin_to(0).unwrap();
             let started = std::time::Instant::now();
             while started.elapsed() < busy_for {
                 std::hint::spin_loop();
