@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -147,6 +147,15 @@ impl Shared {
         // A panic while holding the lock leaves a consistent catalog (every update is one
         // assignment), so a poisoned lock is still usable.
         self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server thread's time on a CPU and waiting for one, by the id it stored as it
+    /// started; `None` before it started, once it ended, or without schedstats.
+    pub(super) fn server_thread_times(&self) -> Option<crate::schedstat::ThreadTimes> {
+        match self.server_tid.load(Ordering::SeqCst) {
+            0 => None,
+            tid => crate::schedstat::of_thread(std::process::id(), tid),
+        }
     }
 
     pub(super) fn board(&self) -> MutexGuard<'_, Board> {

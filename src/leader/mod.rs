@@ -371,10 +371,7 @@ impl Leader {
     /// to every follower, so while it waits, their payloads and acks do); `None` once it ended
     /// or where the kernel keeps no schedstats.
     pub fn server_thread_times(&self) -> Option<crate::schedstat::ThreadTimes> {
-        match self.shared.server_tid.load(Ordering::SeqCst) {
-            0 => None,
-            tid => crate::schedstat::of_thread(std::process::id(), tid),
-        }
+        self.shared.server_thread_times()
     }
 
     pub fn delete_file(&self, path: &str) -> Result<u64, ChangeError> {

@@ -155,12 +155,11 @@ impl CpuWaitSamples {
 /// an operator acts on. Computed here rather than in the sessions, since a session blocked on a
 /// full socket reports nothing.
 async fn log_state_changes(shared: &Shared) {
-    // Runs on the server thread: its own wait for a CPU, for the lagging line.
-    let (pid, tid) = (std::process::id(), crate::schedstat::current_tid());
+    // The server thread's wait for a CPU (this one's), for the lagging line.
     let mut cpu_waits = CpuWaitSamples::default();
     loop {
         tokio::time::sleep(STATE_LOG_INTERVAL).await;
-        if let Some(times) = crate::schedstat::of_thread(pid, tid) {
+        if let Some(times) = shared.server_thread_times() {
             cpu_waits.push(Instant::now(), times.waiting);
         }
         let (position, inbox_since) = shared.pending();
