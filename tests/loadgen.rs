@@ -1,6 +1,8 @@
 //! `loadgen` end to end, briefly: a writer, a follower killed and restarted under load, and the
 //! report files it promises.
 
+mod common;
+
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -691,18 +693,9 @@ fn the_time_the_leaders_sending_thread_waited_for_a_cpu_is_reported() {
             ])
             .arg("--dir")
             .arg(tmp.path().join("data"));
-        // SAFETY: between fork and exec only sched_setaffinity runs, which is async-signal-safe
-        // and touches nothing but the set on this stack.
-        unsafe {
-            cmd.pre_exec(|| {
-                let mut one: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(0, &mut one);
-                if libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // SAFETY: between fork and exec only sched_setaffinity runs (`on_cpu_0`), which is
+        // async-signal-safe and touches nothing but the set on its stack.
+        unsafe { cmd.pre_exec(common::on_cpu_0) };
         let report = run_reporting(
             &mut cmd,
             "s of it the thread sending to the followers",

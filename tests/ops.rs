@@ -90,19 +90,6 @@ fn the_leader_reports_how_long_its_server_thread_waited_for_a_cpu() {
     use std::os::unix::process::CommandExt;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    fn on_cpu_0() -> std::io::Result<()> {
-        // SAFETY: cpu_set_t is a plain bit array, all zeroes the empty set; CPU_SET writes bit
-        // 0 of it, and sched_setaffinity reads the set of the size passed, for this thread.
-        unsafe {
-            let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut one);
-            if libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-
     let env = Env::new();
     let (ld, fd) = (env.dir("leader"), env.dir("follower"));
     for i in 0..8 {

@@ -289,6 +289,22 @@ pub fn payload_bytes(out: &Output) -> u64 {
     before.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// Keeps the calling thread, and what it starts from then on, on CPU 0 only: a thread that
+/// must share it waits for it. Async-signal-safe, so it may also run in `Command::pre_exec`,
+/// putting a child and all its threads there.
+pub fn on_cpu_0() -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array, all zeroes the empty set; CPU_SET writes bit 0 of
+    // it, and sched_setaffinity reads the set of the size passed, for this thread.
+    unsafe {
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut one);
+        if libc::sched_setaffinity(0, std::mem::size_of_val(&one), &one) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 pub fn write(path: &Path, bytes: &[u8]) {
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p).unwrap();
