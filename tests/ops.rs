@@ -446,3 +446,84 @@ fn a_leader_waits_briefly_for_a_port_still_in_use_and_names_it_if_it_stays_so() 
     drop(taken);
     leader.wait_log("listening on", Duration::from_secs(10));
 }
+
+/// Where the host refuses io_uring (Docker's default seccomp profile does on many hosts),
+/// `ferry lead` and `ferry follow` started without `--io-engine` say why in a warning, run the
+/// fallback engine (as the start line and `/status` show) and replicate, the initial sync and
+/// streaming alike; asked for io_uring there, each refuses to start and names the cause.
+#[test]
+fn where_seccomp_refuses_io_uring_ferry_falls_back_and_says_why() {
+    use std::os::unix::process::CommandExt;
+
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(3 << 20, 7));
+    write(&ld.join("meta.json"), b"{\"v\":1}");
+    let refused = |cmd: &mut std::process::Command| {
+        // SAFETY: between fork and exec only prctl runs (async-signal-safe), on a filter
+        // built on the child's stack.
+        unsafe { cmd.pre_exec(refuse_io_uring) };
+    };
+    let mut cmd = ferry();
+    cmd.args(["lead", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&ld)
+        .arg("--secret-file")
+        .arg(&env.secret_file);
+    refused(&mut cmd);
+    let leader = Proc::spawn(cmd);
+    let because = "io_uring is not usable (io_uring_setup failed: Operation not permitted";
+    let warning = leader.wait_log(because, Duration::from_secs(20));
+    assert!(warning.contains("using the fallback engine"), "{warning}");
+    leader.wait_log("with the fallback engine", Duration::from_secs(20));
+    let http = http_addr(&leader);
+    status_until(&http, &["--json"], &["\"engine\": \"fallback\""]);
+
+    let mut cmd = ferry();
+    cmd.arg("follow")
+        .arg("--data-dir")
+        .arg(&fd)
+        .arg("--leader")
+        .arg(listen_addr(&leader).to_string())
+        .arg("--secret-file")
+        .arg(&env.secret_file);
+    refused(&mut cmd);
+    let follower = Proc::spawn(cmd);
+    follower.wait_log(because, Duration::from_secs(20));
+    follower.wait_log("with the fallback engine", Duration::from_secs(20));
+    wait_identical(&ld, &fd, Duration::from_secs(60));
+    // Streaming: an append and a rewrite reach the follower while both stay on the fallback.
+    let mut seg = std::fs::OpenOptions::new()
+        .append(true)
+        .open(ld.join("q/seg"))
+        .unwrap();
+    std::io::Write::write_all(&mut seg, &pattern(100_000, 8)).unwrap();
+    write(&ld.join("meta.json"), b"{\"v\":2}");
+    wait_identical(&ld, &fd, Duration::from_secs(60));
+    drop(follower);
+    drop(leader);
+
+    // Asked for io_uring where it is refused: no start, and the reason.
+    let (other, other_follower) = (env.dir("other"), env.dir("other-follower"));
+    let mut cmd = lead_cmd(&env, &other, "uring");
+    refused(&mut cmd);
+    let out = run_bounded(cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "--io-engine uring was asked for, but io_uring_setup failed: Operation not permitted"
+        ),
+        "{stderr}"
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = follow_cmd(&env, &other_follower, taken.local_addr().unwrap(), "uring");
+    refused(&mut cmd);
+    let out = run_bounded(cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--io-engine uring was asked for, but io_uring_setup failed"),
+        "{stderr}"
+    );
+}

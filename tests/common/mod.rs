@@ -305,6 +305,64 @@ pub fn on_cpu_0() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Refuses io_uring to the calling thread and what it starts from then on, as Docker's default
+/// seccomp profile does on many hosts: io_uring_setup, io_uring_enter and io_uring_register
+/// fail with EPERM, every other syscall runs. Async-signal-safe (two prctl calls on a filter
+/// built on the stack), so it may run in `Command::pre_exec`; the filter outlives the exec.
+pub fn refuse_io_uring() -> std::io::Result<()> {
+    // The syscall numbers are the same on every architecture (the unified table that io_uring
+    // was added to), so the filter needs no architecture check to do what it says.
+    fn statement(code: u32, k: u32) -> libc::sock_filter {
+        libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        }
+    }
+    fn is(nr: libc::c_long, jt: u8, jf: u8) -> libc::sock_filter {
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt,
+            jf,
+            k: nr as u32,
+        }
+    }
+    let mut program = [
+        // The syscall number: `nr` is at offset 0 of struct seccomp_data.
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        is(libc::SYS_io_uring_setup, 2, 0),
+        is(libc::SYS_io_uring_enter, 1, 0),
+        is(libc::SYS_io_uring_register, 0, 1),
+        statement(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let filter = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only. PR_SET_SECCOMP reads the `sock_fprog`
+    // passed by pointer and the `len` instructions it points to, both on this stack frame and
+    // alive across the call; the kernel copies the program, so nothing need outlive it.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &filter as *const libc::sock_fprog,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 pub fn write(path: &Path, bytes: &[u8]) {
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p).unwrap();
