@@ -401,11 +401,14 @@ impl Leading {
     }
 
     /// Reports every write made so far to the leader and stops watching (the writer has
-    /// stopped: a handoff's final drain).
-    async fn flush_watcher(&mut self) {
+    /// stopped: a handoff's final drain); an error when the watcher could not.
+    async fn flush_watcher(&mut self) -> anyhow::Result<()> {
         if let Some(w) = self.watcher.take() {
-            let _ = tokio::task::spawn_blocking(move || w.flush_and_stop()).await;
+            tokio::task::spawn_blocking(move || w.flush_and_stop())
+                .await?
+                .map_err(|why| anyhow::anyhow!("{why}"))?;
         }
+        Ok(())
     }
 
     /// Watches again after an aborted handoff.
@@ -431,11 +434,7 @@ impl Leading {
     async fn stop(mut self) {
         let watcher = self.watcher.take();
         let leader = self.leader;
-        let report_pending = move || {
-            if let Some(w) = watcher {
-                w.flush_and_stop();
-            }
-        };
+        let report_pending = move || watcher.map_or(true, |w| w.flush_and_stop().is_ok());
         let stopped = move || leader.stop_serving_with(report_pending, Settle::DoNotWait);
         let _ = tokio::task::spawn_blocking(stopped).await;
     }
@@ -699,6 +698,9 @@ async fn node_loop(
             if stopping() {
                 break Stepped::Leaving;
             }
+            if let Some(why) = leading.watcher.as_ref().and_then(|w| w.failure()) {
+                break Stepped::CannotWatch(why);
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
             if isr_at.elapsed() < ISR_INTERVAL {
                 continue;
@@ -783,6 +785,15 @@ async fn node_loop(
             Stepped::Fenced => tracing::warn!("lease lost: fenced, no longer leading"),
             Stepped::HandedOff => tracing::info!("handed off: no longer leading"),
             Stepped::Leaving => tracing::info!("leaving: no longer leading"),
+            Stepped::CannotWatch(why) => {
+                // As for a node elected that cannot lead: another node may see the whole dir.
+                tracing::error!(
+                    "cannot lead on: {why}; resigning so that another node can lead, and not \
+                     campaigning again for {} s",
+                    CANNOT_LEAD_BACKOFF.as_secs()
+                );
+                campaign_after = Some(tokio::time::Instant::now() + CANNOT_LEAD_BACKOFF);
+            }
         }
         set_role(&role, Role::Candidate);
         leading.stop().await;
@@ -852,6 +863,8 @@ enum Stepped {
     Fenced,
     HandedOff,
     Leaving,
+    /// The watcher stopped: it no longer sees every change (`Watcher::failure`).
+    CannotWatch(String),
 }
 
 /// Reads and deletes a pending handoff request (`PREFIX/handoff`): the target's node id, or
@@ -959,7 +972,7 @@ async fn handoff(ctx: HandoffCtx<'_>, leading: &mut Leading, request: &str) -> a
     tell(ctx.on_role, RoleEvent::Draining { to: target.clone() }).await;
     *ctx.writer_stopped = true;
     let before = leader.position();
-    leading.flush_watcher().await;
+    leading.flush_watcher().await?;
     let position = leader.position();
     if !wait(position, HANDOFF_DRAIN_TIMEOUT).await? {
         anyhow::bail!(

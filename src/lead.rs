@@ -65,11 +65,15 @@ pub fn run(
         .map_or(Duration::from_millis(500), |w| {
             w.min(Duration::from_millis(500))
         });
-    loop {
+    let failure = loop {
         if let Some(signal) = wait_signal(&signals, tick) {
             tracing::info!("signal {signal}: shutting down");
             notifier.status("shutting down");
-            break;
+            break None;
+        }
+        if let Some(why) = watched.failure() {
+            notifier.status("stopping: the watcher stopped");
+            break Some(why);
         }
         // The leader itself logs each follower's state changes.
         notifier.watchdog();
@@ -83,9 +87,13 @@ pub fn run(
             .filter(|f| f.lag.state != FollowerState::Disconnected)
             .count();
         notifier.status(&format!("{connected} followers, {lagging} lagging"));
-    }
+    };
     drop(_http);
     drop(leader);
     watched.stop();
-    Ok(())
+    match failure {
+        // Serving on would pass part of the data dir off as all of it.
+        Some(why) => anyhow::bail!("{why}: stopped serving"),
+        None => Ok(()),
+    }
 }

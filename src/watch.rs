@@ -22,6 +22,12 @@
 //! mmap must use the library API (`Leader::append`); an in-place overwrite that keeps the size
 //! within the filesystem's mtime granularity of an earlier write, and leaves the sampled bytes
 //! alone, can go unseen. On queue overflow the whole tree is rescanned and diffed.
+//!
+//! A directory that cannot be watched or listed, other than one gone or replaced meanwhile (the
+//! inotify watch limit reached, a descriptor limit, a permission), would hide every change
+//! under it, and its files would look deleted. So it is an error: at start `Watcher::start`
+//! fails; later the watcher stops and `Watcher::failure` says why, for its owner to stop
+//! serving (`ferry lead` exits, a node steps down).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -84,6 +90,8 @@ pub struct Watcher {
     rescan_on_stop: Arc<AtomicBool>,
     flusher: Flusher,
     thread: Option<JoinHandle<()>>,
+    /// Why the watcher's thread stopped on its own, once it has.
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 /// A non-blocking eventfd, which the watcher's thread polls to be stopped or asked to flush.
@@ -186,6 +194,11 @@ struct State {
     sink: Sink,
 }
 
+/// Whether `e` says the path is gone or no longer a directory: a change its own events report.
+fn is_gone(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
+}
+
 fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
@@ -234,17 +247,25 @@ impl Watcher {
                 },
             );
         }
-        state.add_tree("")?;
-        state.rescan();
+        state.rescan()?;
         let stop_fd = stop.as_raw_fd();
         let rescan_on_stop = Arc::new(AtomicBool::new(false));
         let rescan = rescan_on_stop.clone();
         let flusher = Flusher::new()?;
         let flushes = flusher.clone();
+        let failure = Arc::new(Mutex::new(None));
+        let failed = failure.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-watch".into())
             .spawn(move || {
-                state.run(stop_fd, &rescan, &flushes);
+                if let Err(e) = state.run(stop_fd, &rescan, &flushes) {
+                    let why = format!(
+                        "the watcher of {} stopped, so changes from then on go unseen: {e}",
+                        state.root.display()
+                    );
+                    tracing::error!("{why}");
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                }
                 flushes.answer(0, true);
             })?;
         Ok(Watcher {
@@ -252,7 +273,18 @@ impl Watcher {
             rescan_on_stop,
             flusher,
             thread: Some(thread),
+            failure,
         })
+    }
+
+    /// Why the watcher stopped on its own (a directory it could not watch or list, its inotify
+    /// fd failing), once it has: from then on it reports nothing, and its owner must stop
+    /// serving the data dir as if it were whole.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A handle that has this watcher report every change made up to now, from any thread.
@@ -267,10 +299,12 @@ impl Watcher {
 
     /// Reports every change made up to now, then stops: the thread handles the events already
     /// queued and compares the whole tree once more with what it reported. For a final drain,
-    /// once the writer has stopped.
-    pub fn flush_and_stop(mut self) {
+    /// once the writer has stopped. An error when it could not (it had stopped on its own, or
+    /// that last look failed): some change may be unreported.
+    pub fn flush_and_stop(mut self) -> Result<(), String> {
         self.rescan_on_stop.store(true, Ordering::SeqCst);
         self.shutdown();
+        self.failure().map_or(Ok(()), Err)
     }
 
     fn shutdown(&mut self) {
@@ -348,24 +382,57 @@ impl State {
         Ok(())
     }
 
-    /// Watches `rel` and every directory under it; returns the files found beneath it.
+    /// Why `dir` cannot be watched, for an operator: `e` from inotify_add_watch.
+    fn cannot_watch(&self, dir: &str, e: io::Error) -> io::Error {
+        let name = self.abs(dir);
+        if e.raw_os_error() != Some(libc::ENOSPC) {
+            return io::Error::new(e.kind(), format!("cannot watch {}: {e}", name.display()));
+        }
+        // The limit of this user namespace (in the initial one, fs.inotify.max_user_watches).
+        let limit = std::fs::read_to_string("/proc/sys/user/max_inotify_watches")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        let limit = limit.map_or_else(|| "unknown".to_string(), |n| n.to_string());
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot watch {}: the inotify watch limit is reached (max_user_watches is \
+                 {limit}, counted over every process of this user; ferry watches each directory \
+                 of the data dir and held {} watches): raise it, e.g. \
+                 `sysctl fs.inotify.max_user_watches=N` with N above the number of directories",
+                name.display(),
+                self.dirs.len()
+            ),
+        )
+    }
+
+    /// Watches `rel` and every directory under it; returns the files found beneath it. A
+    /// directory gone or replaced by a non-directory meanwhile is left out (its own events say
+    /// so); any other that cannot be watched or listed is an error, since every change under
+    /// it would go unseen and its files would look deleted.
     fn add_tree(&mut self, rel: &str) -> io::Result<Vec<RelPath>> {
         let mut files = Vec::new();
         let mut stack = vec![rel.to_string()];
         while let Some(dir) = stack.pop() {
             match self.add_watch(&dir) {
                 Ok(()) => {}
-                // Gone or replaced by a non-dir meanwhile: its own events will say so.
-                Err(e) if dir != rel || !rel.is_empty() => {
+                Err(e) if !dir.is_empty() && is_gone(&e) => {
                     tracing::debug!("not watching {dir:?}: {e}");
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.cannot_watch(&dir, e)),
             }
-            let Ok(entries) = std::fs::read_dir(self.abs(&dir)) else {
-                continue;
+            let name = self.abs(&dir);
+            let cannot_list = |e: io::Error| {
+                io::Error::new(e.kind(), format!("cannot list {}: {e}", name.display()))
             };
-            for entry in entries.flatten() {
+            let entries = match std::fs::read_dir(&name) {
+                Ok(entries) => entries,
+                Err(e) if !dir.is_empty() && is_gone(&e) => continue,
+                Err(e) => return Err(cannot_list(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(cannot_list)?;
                 let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                     tracing::warn!("skipping {:?}: the name is not UTF-8", entry.path());
                     continue;
@@ -381,7 +448,9 @@ impl State {
                             files.push(p);
                         }
                     }
-                    _ => {}
+                    Ok(_) => {}
+                    Err(e) if is_gone(&e) => {}
+                    Err(e) => return Err(cannot_list(e)),
                 }
             }
         }
@@ -481,15 +550,10 @@ impl State {
         meta
     }
 
-    /// Walks the whole tree (re-adding watches) and reports every difference.
-    fn rescan(&mut self) {
-        let found = match self.add_tree("") {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!("cannot rescan {}: {e}", self.root.display());
-                return;
-            }
-        };
+    /// Walks the whole tree (re-adding watches) and reports every difference; nothing when a
+    /// directory cannot be watched or listed (the error), rather than its files as deleted.
+    fn rescan(&mut self) -> io::Result<()> {
+        let found = self.add_tree("")?;
         let present: HashSet<RelPath> = found.iter().cloned().collect();
         let gone: Vec<RelPath> = self
             .files
@@ -504,9 +568,17 @@ impl State {
         for path in found {
             self.check(&path, Touched::default());
         }
+        Ok(())
     }
 
-    fn run(mut self, stop_fd: i32, rescan_on_stop: &AtomicBool, flusher: &Flusher) {
+    /// Handles events until stopped (`Ok`), or until it cannot go on seeing every change (the
+    /// error: it reports nothing more).
+    fn run(
+        &mut self,
+        stop_fd: i32,
+        rescan_on_stop: &AtomicBool,
+        flusher: &Flusher,
+    ) -> io::Result<()> {
         let mut buf = vec![0u8; EVENT_BUFFER_BYTES];
         loop {
             let mut fds = [
@@ -533,14 +605,16 @@ impl State {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                tracing::error!("inotify poll failed: {e}; the watcher stops");
-                return;
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("inotify poll failed: {e}"),
+                ));
             }
             if fds[1].revents != 0 {
                 if rescan_on_stop.load(Ordering::SeqCst) {
-                    self.rescan();
+                    self.rescan()?;
                 }
-                return;
+                return Ok(());
             }
             // Every flush asked for before this: its changes are in inotify's queue by now
             // (an event is queued before the write(2) returns), which is read to its end here.
@@ -557,7 +631,7 @@ impl State {
                 parse_events(&buf[..n as usize], &mut events);
             }
             if !events.is_empty() {
-                self.handle(events);
+                self.handle(events)?;
                 if flushed.is_none() {
                     std::thread::sleep(WATCH_BATCH_INTERVAL);
                 }
@@ -568,7 +642,7 @@ impl State {
         }
     }
 
-    fn handle(&mut self, events: Vec<(i32, u32, String)>) {
+    fn handle(&mut self, events: Vec<(i32, u32, String)>) -> io::Result<()> {
         let mut order: Vec<RelPath> = Vec::new();
         let mut touched: HashMap<RelPath, Touched> = HashMap::new();
         let mut overflow = false;
@@ -596,19 +670,14 @@ impl State {
                     self.forget_dir(&rel);
                 }
                 if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
-                    match self.add_tree(&rel) {
-                        Ok(files) => {
-                            for f in files {
-                                let found = Touched {
-                                    recreated: true,
-                                    in_place: false,
-                                };
-                                if touched.insert(f.clone(), found).is_none() {
-                                    order.push(f);
-                                }
-                            }
+                    for f in self.add_tree(&rel)? {
+                        let found = Touched {
+                            recreated: true,
+                            in_place: false,
+                        };
+                        if touched.insert(f.clone(), found).is_none() {
+                            order.push(f);
                         }
-                        Err(e) => tracing::warn!("cannot watch the new directory {rel:?}: {e}"),
                     }
                 }
                 continue;
@@ -634,13 +703,13 @@ impl State {
                 "inotify queue overflowed: events were dropped; rescanning {}",
                 self.root.display()
             );
-            self.rescan();
-            return;
+            return self.rescan();
         }
         for path in order {
             let t = touched.get(&path).copied().unwrap_or_default();
             self.check(&path, t);
         }
+        Ok(())
     }
 
     /// A directory was deleted or moved away: every file known under it is gone.
@@ -846,7 +915,7 @@ mod tests {
         append(&tmp.path().join("seg"), b"678");
         std::fs::write(tmp.path().join("new.json"), b"{}").unwrap();
         // No waiting: the events may still sit in inotify's queue or in the settle window.
-        w.flush_and_stop();
+        w.flush_and_stop().unwrap();
         let got: Vec<Change> = rx.try_iter().collect();
         assert!(
             got.iter()

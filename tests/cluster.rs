@@ -582,3 +582,50 @@ fn an_elected_node_that_cannot_listen_resigns_and_follows_the_next_leader() {
     );
     drop(etcd);
 }
+
+/// A leading node whose watcher stops (here the application creates directories past the
+/// inotify watch limit of the node's own user namespace) resigns at once rather than lead on
+/// blind to what is written under them; another node is elected, and this one follows it.
+#[test]
+fn a_leading_node_that_cannot_watch_a_new_directory_resigns_for_another() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let a_dir = env.dir("a");
+    for i in 0..5 {
+        write(&a_dir.join(format!("q{i}/seg")), &pattern(1000, i as u8));
+    }
+    // The root and 5 directories take 6 watches of the 20.
+    let advertise = format!("127.0.0.1:{}", free_port());
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "sh", "-c"])
+        .arg("echo 20 > /proc/sys/user/max_inotify_watches && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .env("RUST_LOG", "info")
+        .env_remove("FERRY_SECRET");
+    node_args(&mut cmd, &etcd.url, &a_dir, &advertise);
+    cmd.arg("--secret-file").arg(&env.secret_file);
+    let a = Proc::spawn(cmd);
+    a.wait_log("elected leader", Duration::from_secs(30));
+    let b = start_node(&env, &etcd.url, &env.dir("b"), free_port());
+    b.proc.wait_log(
+        &format!("following the leader at {advertise}"),
+        Duration::from_secs(20),
+    );
+    wait_identical(&a_dir, &b.dir, Duration::from_secs(20));
+
+    for i in 5..25 {
+        write(&a_dir.join(format!("q{i}/seg")), &pattern(1000, i as u8));
+    }
+    let line = a.wait_log("cannot lead on", Duration::from_secs(20));
+    assert!(
+        line.contains("the inotify watch limit is reached") && line.contains("resigning"),
+        "{line}"
+    );
+    b.proc.wait_log("elected leader", Duration::from_secs(20));
+    a.wait_log(
+        &format!("following the leader at {}", b.advertise),
+        Duration::from_secs(20),
+    );
+    drop(etcd);
+}

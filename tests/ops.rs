@@ -527,3 +527,94 @@ fn where_seccomp_refuses_io_uring_ferry_falls_back_and_says_why() {
         "{stderr}"
     );
 }
+
+/// `ferry lead` in a user namespace of its own whose inotify watch limit
+/// (`/proc/sys/user/max_inotify_watches`) is `limit`, so that nothing else here is limited.
+fn lead_with_watch_limit(env: &Env, dir: &std::path::Path, limit: u32) -> std::process::Command {
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "sh", "-c"])
+        .arg(format!(
+            "echo {limit} > /proc/sys/user/max_inotify_watches && exec \"$@\""
+        ))
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .args(["lead", "--listen", "127.0.0.1:0", "--io-engine", "fallback"])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--secret-file")
+        .arg(&env.secret_file)
+        .env("RUST_LOG", "info")
+        .env_remove("FERRY_SECRET");
+    cmd
+}
+
+/// A data dir of `dirs` directories with a file each.
+fn queue_dirs(root: &std::path::Path, from: usize, dirs: usize) {
+    for i in from..from + dirs {
+        write(&root.join(format!("q{i}/seg")), &pattern(1000 + i, i as u8));
+    }
+}
+
+/// `ferry lead` watches every directory of its data dir with inotify. Where the watch limit
+/// leaves some unwatched, it refuses to start and says which limit to raise, instead of
+/// serving part of the dir as if it were all of it (before, the directories past the limit were
+/// skipped without a word, and the files found in them at start were reported gone: a
+/// follower deleted them).
+#[test]
+fn a_leader_that_cannot_watch_every_directory_refuses_to_start_and_names_the_limit() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    queue_dirs(&ld, 0, 30);
+    let out = run_bounded(
+        lead_with_watch_limit(&env, &ld, 10),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it served:\n{stderr}");
+    assert!(
+        stderr.contains("the inotify watch limit is reached")
+            && stderr.contains("max_user_watches"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+}
+
+/// The same limit reached while serving, by directories the application creates: the leader
+/// says so and stops (exit non-zero) rather than go on without seeing what is written under
+/// them; the follower keeps every file it held.
+#[test]
+fn a_leader_that_cannot_watch_a_new_directory_stops_and_says_why() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    queue_dirs(&ld, 0, 30);
+    // The root and 30 directories take 31 watches.
+    let mut leader = Proc::spawn(lead_with_watch_limit(&env, &ld, 40));
+    let follower = Proc::spawn(follow_cmd(&env, &fd, listen_addr(&leader), "fallback"));
+    wait_identical(&ld, &fd, Duration::from_secs(30));
+    queue_dirs(&ld, 30, 12);
+    let line = leader.wait_log(
+        "the inotify watch limit is reached",
+        Duration::from_secs(20),
+    );
+    assert!(line.contains("cannot watch"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = leader.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the leader went on serving:\n{}",
+            leader.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "{}", leader.log_text());
+    // Its record could vouch for a file changed after the watcher stopped: none is written.
+    leader.wait_log("not recording instance", Duration::from_secs(1));
+    drop(follower);
+    for i in 0..30 {
+        let held = std::fs::read(fd.join(format!("q{i}/seg"))).unwrap();
+        assert_eq!(held, pattern(1000 + i, i as u8), "q{i}/seg");
+    }
+}

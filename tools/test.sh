@@ -11,6 +11,8 @@ command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v etcd >/dev/null || missing+=(etcd-server)
 # ip(8) for the partition test's network namespaces (it skips, saying so, without root).
 command -v ip >/dev/null || missing+=(iproute2)
+# unshare(1) for the inotify-limit tests, which give a leader a user namespace of its own.
+command -v unshare >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

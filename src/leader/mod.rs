@@ -528,7 +528,7 @@ impl Leader {
     /// just before it too, after waiting for them to settle, at most
     /// `LEADER_RECORD_SETTLE_MS` (`leader_record`).
     pub fn shutdown(self) {
-        self.stop_serving_with(|| {}, Settle::Wait);
+        self.stop_serving_with(|| true, Settle::Wait);
     }
 
     /// Stops serving and returns once the server thread is gone: no follower is served or
@@ -539,15 +539,18 @@ impl Leader {
     /// for files written within `LEADER_RECORD_SETTLE_MS` to settle, so those are not vouched
     /// for (`shutdown` waits).
     pub fn stop_serving(&self) {
-        self.stop_serving_with(|| {}, Settle::DoNotWait);
+        self.stop_serving_with(|| true, Settle::DoNotWait);
     }
 
     /// `stop_serving`, with `report_pending` reporting every change not reported yet (the
     /// watcher's last flush) once the files have been looked at for the record, before it is
     /// written: what changed before the look is then in the catalog the record keeps. With
     /// `Settle::Wait`, files changed less than `LEADER_RECORD_SETTLE_MS` before the look are
-    /// waited for and looked at again, so the record can vouch for them.
-    pub fn stop_serving_with(&self, report_pending: impl FnOnce(), settle: Settle) {
+    /// waited for and looked at again, so the record can vouch for them. `report_pending`
+    /// returns false when it could not report every change (a watcher that had stopped on its
+    /// own): then no record is written, since it could vouch for a file changed behind the
+    /// catalog, and the next start resumes from the last checkpoint, if any.
+    pub fn stop_serving_with(&self, report_pending: impl FnOnce() -> bool, settle: Settle) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.shutdown.notify_waiters();
         self.shared.acked.notify_all();
@@ -585,7 +588,14 @@ impl Leader {
             std::thread::sleep(wait);
             look = leader_record::look(&self.dir, &paths);
         }
-        report_pending();
+        if !report_pending() {
+            tracing::warn!(
+                "not recording instance {} for the next start: some changes may not have \
+                 been reported; the next start resumes from the last checkpoint, if any",
+                hex(&self.instance)
+            );
+            return;
+        }
         let catalog = catalog_copy(&self.shared).snapshot();
         // Read after the copy: at or above every birth in it.
         let position = self.shared.lock().catalog.position();
@@ -692,18 +702,24 @@ impl WatchedLeader {
         Ok(WatchedLeader { leader, watcher })
     }
 
+    /// Why the watcher stopped on its own, once it has (`Watcher::failure`): it no longer sees
+    /// every change, and the leader should stop.
+    pub fn failure(&self) -> Option<String> {
+        self.watcher.failure()
+    }
+
     /// Stops serving, then watching: the watcher reports what it has not yet after the files
     /// are looked at for the leader's record.
     pub fn stop(self) {
         let watcher = self.watcher;
         self.leader
-            .stop_serving_with(move || watcher.flush_and_stop(), Settle::Wait);
+            .stop_serving_with(move || watcher.flush_and_stop().is_ok(), Settle::Wait);
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        self.stop_serving_with(|| {}, Settle::Wait);
+        self.stop_serving_with(|| true, Settle::Wait);
     }
 }
 
