@@ -146,8 +146,16 @@ fn scan_root(root: &Path) -> io::Result<Vec<FileMeta>> {
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((abs, rel)) = stack.pop() {
-        for entry in std::fs::read_dir(&abs)? {
-            let entry = entry?;
+        let cannot_list =
+            |e: io::Error| io::Error::new(e.kind(), format!("cannot list {}: {e}", abs.display()));
+        let entries = match std::fs::read_dir(&abs) {
+            Ok(entries) => entries,
+            // A subdirectory deleted meanwhile: nothing of it to scan.
+            Err(e) if !rel.is_empty() && e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(cannot_list(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(cannot_list)?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else {
                 tracing::warn!("skipping {:?}: the name is not UTF-8", entry.path());

@@ -457,16 +457,30 @@ impl State {
         Ok(files)
     }
 
+    /// `path` is no longer a file: reported removed if it was known.
+    fn removed(&mut self, path: &RelPath) {
+        if self.files.remove(path).is_some() {
+            self.emit(Change::Removed { path: path.clone() });
+        }
+    }
+
     /// Stats `path` and reports how it differs from what was last seen.
-    fn check(&mut self, path: &RelPath, touched: Touched) {
-        let mut meta = match std::fs::symlink_metadata(self.abs(path.as_str())) {
-            Ok(m) if m.is_file() => m,
-            _ => {
-                if self.files.remove(path).is_some() {
-                    self.emit(Change::Removed { path: path.clone() });
-                }
-                return;
+    fn check(&mut self, path: &RelPath, touched: Touched) -> io::Result<()> {
+        let name = self.abs(path.as_str());
+        let meta = match std::fs::symlink_metadata(&name) {
+            Ok(m) if m.is_file() => Some(m),
+            // Not a file any more, or gone: removed. A stat that fails for another reason says
+            // nothing of the file, which followers would delete if it were taken for removed.
+            Ok(_) => None,
+            Err(e) if is_gone(&e) => None,
+            Err(e) => {
+                let why = format!("cannot look at {}: {e}", name.display());
+                return Err(io::Error::new(e.kind(), why));
             }
+        };
+        let Some(mut meta) = meta else {
+            self.removed(path);
+            return Ok(());
         };
         let old = self.files.get(path).cloned();
         if let Some(old) = &old {
@@ -532,6 +546,7 @@ impl State {
             );
             self.emit(change);
         }
+        Ok(())
     }
 
     /// A write(2) sets the mtime before the new size, so a stat in the middle of an append sees
@@ -566,7 +581,7 @@ impl State {
             self.emit(Change::Removed { path });
         }
         for path in found {
-            self.check(&path, Touched::default());
+            self.check(&path, Touched::default())?;
         }
         Ok(())
     }
@@ -707,7 +722,7 @@ impl State {
         }
         for path in order {
             let t = touched.get(&path).copied().unwrap_or_default();
-            self.check(&path, t);
+            self.check(&path, t)?;
         }
         Ok(())
     }

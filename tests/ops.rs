@@ -597,18 +597,7 @@ fn a_leader_that_cannot_watch_a_new_directory_stops_and_says_why() {
         Duration::from_secs(20),
     );
     assert!(line.contains("cannot watch"), "{line}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = leader.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the leader went on serving:\n{}",
-            leader.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_within(&mut leader, Duration::from_secs(20));
     assert!(!status.success(), "{}", leader.log_text());
     // Its record could vouch for a file changed after the watcher stopped: none is written.
     leader.wait_log("not recording instance", Duration::from_secs(1));
@@ -617,4 +606,94 @@ fn a_leader_that_cannot_watch_a_new_directory_stops_and_says_why() {
         let held = std::fs::read(fd.join(format!("q{i}/seg"))).unwrap();
         assert_eq!(held, pattern(1000 + i, i as u8), "q{i}/seg");
     }
+}
+
+/// The same for a directory the leader may not read (here `ferry lead` runs as nobody beside a
+/// directory only root may list): at start it refuses to start, and while serving it stops,
+/// naming the directory and the cause either way, rather than serve the data dir without it.
+#[test]
+fn a_leader_that_may_not_read_a_directory_refuses_to_serve_and_names_it() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: running as another user needs root");
+        return;
+    }
+    let env = Env::new();
+    let ld = env.dir("leader");
+    queue_dirs(&ld, 0, 3);
+    let private = ld.join("q1");
+    let nobody = 65534;
+    for path in [env.tmp.path(), &env.secret_file] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for entry in walk_all(&ld) {
+        std::os::unix::fs::chown(&entry, Some(nobody), Some(nobody)).unwrap();
+    }
+    std::os::unix::fs::chown(&private, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = lead_cmd(&env, &ld, "fallback");
+    cmd.uid(nobody).gid(nobody);
+    let out = run_bounded(cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it served:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: Permission denied", private.display())),
+        "{stderr}"
+    );
+
+    // Made while it serves: the watcher stops, naming it, and so does the leader.
+    std::fs::remove_dir_all(&private).unwrap();
+    let mut cmd = lead_cmd(&env, &ld, "fallback");
+    cmd.uid(nobody).gid(nobody);
+    let mut leader = Proc::spawn(cmd);
+    listen_addr(&leader);
+    // Made private as it is made: a moment readable would let the watcher in.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .unwrap();
+    let line = leader.wait_log("the watcher of", Duration::from_secs(20));
+    assert!(
+        line.contains(&format!(
+            "cannot watch {}: Permission denied",
+            private.display()
+        )),
+        "{line}"
+    );
+    let status = exit_within(&mut leader, Duration::from_secs(20));
+    assert!(!status.success(), "{}", leader.log_text());
+}
+
+/// How `proc` exited, which it must within `timeout`.
+fn exit_within(proc: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {timeout:?}:\n{}",
+            proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `root` and everything under it.
+fn walk_all(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if out[i].is_dir() {
+            for entry in std::fs::read_dir(&out[i]).unwrap() {
+                out.push(entry.unwrap().path());
+            }
+        }
+        i += 1;
+    }
+    out
 }
