@@ -219,7 +219,16 @@ impl Watcher {
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EMFILE) {
+                let why = format!(
+                    "{e}: the inotify instance limit (sysctl fs.inotify.max_user_instances, \
+                     counted over every process of this user) or this process's descriptor \
+                     limit is reached"
+                );
+                return Err(io::Error::new(e.kind(), why));
+            }
+            return Err(e);
         }
         // SAFETY: inotify_init1 returned a new fd owned by nobody else.
         let inotify = unsafe { OwnedFd::from_raw_fd(fd) };

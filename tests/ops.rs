@@ -531,10 +531,20 @@ fn where_seccomp_refuses_io_uring_ferry_falls_back_and_says_why() {
 /// `ferry lead` in a user namespace of its own whose inotify watch limit
 /// (`/proc/sys/user/max_inotify_watches`) is `limit`, so that nothing else here is limited.
 fn lead_with_watch_limit(env: &Env, dir: &std::path::Path, limit: u32) -> std::process::Command {
+    lead_with_inotify_limit(env, dir, "max_inotify_watches", limit)
+}
+
+/// `ferry lead` in a user namespace of its own whose `/proc/sys/user/{name}` is `limit`.
+fn lead_with_inotify_limit(
+    env: &Env,
+    dir: &std::path::Path,
+    name: &str,
+    limit: u32,
+) -> std::process::Command {
     let mut cmd = std::process::Command::new("unshare");
     cmd.args(["--user", "--map-root-user", "sh", "-c"])
         .arg(format!(
-            "echo {limit} > /proc/sys/user/max_inotify_watches && exec \"$@\""
+            "echo {limit} > /proc/sys/user/{name} && exec \"$@\""
         ))
         .arg("sh")
         .arg(env!("CARGO_BIN_EXE_ferry"))
@@ -577,6 +587,22 @@ fn a_leader_that_cannot_watch_every_directory_refuses_to_start_and_names_the_lim
         "{stderr}"
     );
     assert!(!stderr.contains("listening on"), "{stderr}");
+}
+
+/// The other inotify limit, on instances (one per `ferry lead`), named likewise.
+#[test]
+fn a_leader_that_cannot_have_an_inotify_instance_names_the_limit() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    queue_dirs(&ld, 0, 1);
+    let cmd = lead_with_inotify_limit(&env, &ld, "max_inotify_instances", 0);
+    let out = run_bounded(cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it served:\n{stderr}");
+    assert!(
+        stderr.contains("the inotify instance limit (sysctl fs.inotify.max_user_instances"),
+        "{stderr}"
+    );
 }
 
 /// The same limit reached while serving, by directories the application creates: the leader
