@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub on_leader_lost: Option<String>,
     /// Serve /metrics and /status here (the role they report follows the election).
     pub http: Option<SocketAddr>,
+    /// Follow into a data dir that holds files but was never ferry's (`FollowConfig::adopt`).
+    pub adopt: bool,
 }
 
 /// What the node is doing now, for its `--http` endpoints.
@@ -114,6 +116,7 @@ impl FollowerRun {
             status: status.clone(),
             stop: stop.clone(),
             node_id: Some(config.advertise.clone()),
+            adopt: config.adopt,
         };
         let thread = std::thread::spawn(move || {
             if let Err(e) = crate::follower::run(follow) {

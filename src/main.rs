@@ -125,6 +125,11 @@ enum Command {
         /// Exit 0 once DIR matches the leader's index as of the connection (a one-shot sync).
         #[arg(long, env = "FERRY_ONCE")]
         once: bool,
+        /// Take over DIR though it holds files and was never a ferry data dir (no DIR/.ferry/),
+        /// e.g. a copy seeded from the leader's data: files the leader lacks are deleted.
+        /// Without it such a DIR is refused; an empty or new DIR, or one ferry manages, is not.
+        #[arg(long, env = "FERRY_ADOPT")]
+        adopt: bool,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
         #[arg(long, value_name = "uring|fallback", env = "FERRY_IO_ENGINE")]
         io_engine: Option<EngineKind>,
@@ -177,6 +182,10 @@ enum Command {
         /// leads again it resumes its instance (see `ferry lead --help`). 0: only when it stops.
         #[arg(long, value_name = "MS", default_value_t = ferry::leader_record::LEADER_RECORD_INTERVAL_MS, env = "FERRY_RECORD_INTERVAL_MS")]
         record_interval_ms: u64,
+        /// Follow into DIR though it holds files and was never a ferry data dir (see `ferry
+        /// follow --help`); without it such a node leads when elected but does not follow.
+        #[arg(long, env = "FERRY_ADOPT")]
+        adopt: bool,
     },
     /// Move leadership of a `ferry node` cluster to another node with zero loss: the leader
     /// waits until the target holds everything synced, runs its on-leader-lost hook (the
@@ -375,6 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret,
             durability,
             once,
+            adopt,
             io_engine,
             http,
         } => {
@@ -419,6 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 status,
                 stop,
                 node_id: None,
+                adopt,
             };
             let report = ferry::follower::run(config)?;
             if let Some(signal) = stopped_by.get() {
@@ -463,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             secret_from_etcd,
             tcp_congestion,
             record_interval_ms,
+            adopt,
         } => {
             let secret = if secret_from_etcd {
                 ferry::cluster::secret_from_etcd(&etcd, &prefix)?
@@ -483,6 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 on_leader_elected,
                 on_leader_lost,
                 http,
+                adopt,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -158,6 +158,30 @@ fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
+/// A file (anything but a directory) under `root` when `root` holds some and has no `.ferry/`:
+/// a directory ferry never managed, which following would make an exact copy of the leader's,
+/// deleting what the leader lacks. `None` when `root` is missing, empty of files, or ferry's.
+pub fn unmanaged_file(root: &Path) -> io::Result<Option<PathBuf>> {
+    if !root.exists() || root.join(STATE_DIR_NAME).exists() {
+        return Ok(None);
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let cannot_list =
+            |e: io::Error| io::Error::new(e.kind(), format!("cannot list {}: {e}", dir.display()));
+        for entry in std::fs::read_dir(&dir).map_err(cannot_list)? {
+            let entry = entry.map_err(cannot_list)?;
+            // file_type does not follow a symlink: a link is content too.
+            if entry.file_type().map_err(cannot_list)?.is_dir() {
+                stack.push(entry.path());
+            } else {
+                return Ok(Some(entry.path()));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn with_path(e: io::Error, rel: &str) -> io::Error {
     if is_escape(&e) {
         return e;

@@ -185,6 +185,9 @@ fn the_secret_can_live_in_etcd_and_a_diverged_copy_is_cut_back_with_a_log_line()
     let seg = pattern(150, 3);
     write(&b_dir.join("seg"), &seg[..100]);
     write(&a_dir.join("seg"), &seg);
+    // As a former leader's: ferry's own dir is there (a leader makes it), so A follows into
+    // its copy without --adopt.
+    std::fs::create_dir_all(a_dir.join(".ferry")).unwrap();
     let (b, _) = spawn(&b_dir);
     b.wait_log("elected leader", Duration::from_secs(30));
     b.wait_log("shared secret created in etcd", Duration::from_secs(5));
@@ -420,6 +423,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         on_leader_elected: None,
         on_leader_lost: None,
         http: None,
+        adopt: false,
     };
     let (events, roles) = mpsc::channel();
     let node = EmbeddedNode::start(
@@ -627,5 +631,41 @@ fn a_leading_node_that_cannot_watch_a_new_directory_resigns_for_another() {
         &format!("following the leader at {}", b.advertise),
         Duration::from_secs(20),
     );
+    drop(etcd);
+}
+
+/// A node started on a directory of files that ferry never managed (no `.ferry/`), whose
+/// cluster already has another leader, does not follow into it: following would delete every
+/// file that leader lacks (the broker's own data, when a cluster is set up on a node that has
+/// it and another node wins the first election). It says so, naming `--adopt`, and keeps the
+/// files; with `--adopt` it follows.
+#[test]
+fn a_node_does_not_follow_into_a_directory_of_other_files_unless_told_to() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let leader = start_node(&env, &etcd.url, &env.dir("a"), free_port());
+    leader
+        .proc
+        .wait_log("elected leader", Duration::from_secs(30));
+    write(&leader.dir.join("q/seg"), &pattern(10_000, 1));
+
+    let b_dir = env.dir("b");
+    write(&b_dir.join("q/own-data"), b"the broker's data on this node");
+    let b = start_node(&env, &etcd.url, &b_dir, free_port());
+    let line = b
+        .proc
+        .wait_log("following stopped", Duration::from_secs(20));
+    assert!(line.contains("--adopt"), "{line}");
+    assert_eq!(
+        std::fs::read(b_dir.join("q/own-data")).unwrap(),
+        b"the broker's data on this node"
+    );
+    drop(b);
+
+    let advertise = format!("127.0.0.1:{}", free_port());
+    let mut cmd = node_cmd(&etcd.url, &b_dir, &advertise);
+    cmd.args(["--adopt", "--secret-file"]).arg(&env.secret_file);
+    let _b = Proc::spawn(cmd);
+    wait_same_files(&leader.dir, &b_dir, Duration::from_secs(20));
     drop(etcd);
 }

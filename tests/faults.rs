@@ -736,12 +736,13 @@ fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
     const KEY: u64 = 77;
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    // Every node starts with the same 1 MiB segment: positions then map to its length.
+    // Every node starts with the same 1 MiB segment: positions then map to its length. A copy
+    // seeded so is one that ferry never managed: --adopt lets the followers take theirs over.
     let mut nodes: Vec<Node> = (0..3)
         .map(|i| {
             let dir = env.dir(&format!("n{i}"));
             write(&dir.join("q/seg"), &content(KEY, 0, MIB));
-            start_node(&env, &etcd.url, &dir, free_port())
+            start_node_with(&env, &etcd.url, &dir, free_port(), &["--adopt"])
         })
         .collect();
     let mut all: Vec<String> = nodes.iter().map(|n| n.advertise.clone()).collect();

@@ -509,7 +509,11 @@ fn follower_refuses_to_write_through_a_symlink_pointing_outside_its_dir() {
     write(&ld.join("evil/x.seg"), b"payload");
     std::os::unix::fs::symlink(&outside, fd.join("evil")).unwrap();
     let leader = start_leader(&env, &ld, "fallback");
-    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    // A dir with content that ferry never managed is not followed into without --adopt (tested
+    // below); here it is, to meet the link.
+    let mut cmd = follow_cmd(&env, &fd, leader.addr, "fallback");
+    cmd.args(["--once", "--adopt"]);
+    let out = run_bounded(cmd, Duration::from_secs(60));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("escapes the data dir"), "{stderr}");
@@ -545,6 +549,8 @@ fn a_synced_follower_makes_what_an_earlier_run_left_durable_before_it_acks() {
     let follower = disk.path().join("follower");
     let held = follower.join("q/seg.0");
     write(&held, &bytes);
+    // An earlier run's dir: ferry's own dir is there.
+    std::fs::create_dir_all(follower.join(".ferry")).unwrap();
     match dirty_pages(&held) {
         Some(n) if n > 0 => {}
         other => {
@@ -565,4 +571,50 @@ fn a_synced_follower_makes_what_an_earlier_run_left_durable_before_it_acks() {
         Some(0),
         "acked as synced with pages of it still dirty"
     );
+}
+
+/// A directory that holds files but was never a ferry data dir (no `.ferry/`) is not taken over
+/// by accident: following makes it an exact copy of the leader's and deletes every file the
+/// leader lacks, so `ferry follow` refuses, naming such a file and `--adopt`, and leaves the
+/// directory as it was. With `--adopt` (a copy seeded by other means) it becomes the leader's
+/// copy, and from then on ferry manages it: a file the leader lacks goes without asking.
+#[test]
+fn a_follower_does_not_take_over_a_directory_of_other_files_unless_told_to() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(10_000, 1));
+    write(&fd.join("notes/precious.txt"), b"not the leader's");
+    let leader = start_leader(&env, &ld, "fallback");
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}", fd.join("notes/precious.txt").display()))
+            && stderr.contains("--adopt"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(fd.join("notes/precious.txt")).unwrap(),
+        b"not the leader's"
+    );
+    assert!(!fd.join(".ferry").exists(), "nothing was written");
+
+    let mut cmd = follow_cmd(&env, &fd, leader.addr, "fallback");
+    cmd.args(["--once", "--adopt"]);
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree_difference(&ld, &fd), None);
+
+    write(&fd.join("stray"), b"left by hand");
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree_difference(&ld, &fd), None);
 }

@@ -72,6 +72,9 @@ pub struct FollowConfig {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// Named to the leader in NODE_ID (`ferry node` uses its advertised address).
     pub node_id: Option<String>,
+    /// Take over a data dir that holds files but was never ferry's (no `.ferry/`): without
+    /// it, `run` refuses such a dir (`paths::unmanaged_file`), whose files it would delete.
+    pub adopt: bool,
 }
 
 /// What one connection achieved.
@@ -119,6 +122,21 @@ impl FollowError {
 
 /// Follows the leader until stopped (or, with `once`, until the initial sync is durable).
 pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
+    if !config.adopt {
+        if let Some(file) = crate::paths::unmanaged_file(&config.data_dir)? {
+            let why = format!(
+                "{} holds files (such as {}) but has never been a ferry data dir (it has no \
+                 {}/): following makes it an exact copy of the leader's and deletes every file \
+                 the leader lacks. Follow into an empty or new directory, or pass --adopt \
+                 (FollowConfig::adopt) to take this one over, e.g. a copy seeded from the \
+                 leader's data: then only what differs travels",
+                config.data_dir.display(),
+                file.display(),
+                crate::paths::STATE_DIR_NAME
+            );
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, why).into());
+        }
+    }
     let dir = Arc::new(DataDir::open(&config.data_dir)?);
     dir.clear_temps()?;
     if config.durability == Durability::Synced {

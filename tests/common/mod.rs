@@ -487,10 +487,16 @@ pub struct Node {
 }
 
 pub fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
+    start_node_with(env, etcd, dir, port, &[])
+}
+
+/// `start_node` with more flags.
+pub fn start_node_with(env: &Env, etcd: &str, dir: &Path, port: u16, flags: &[&str]) -> Node {
     let advertise = format!("127.0.0.1:{port}");
     let mut cmd = node_cmd(etcd, dir, &advertise);
     cmd.args(["--http", "127.0.0.1:0", "--secret-file"])
-        .arg(&env.secret_file);
+        .arg(&env.secret_file)
+        .args(flags);
     Node {
         proc: Proc::spawn(cmd),
         dir: dir.to_path_buf(),
