@@ -131,6 +131,9 @@ pub enum ErrorCode {
     BadPath,
     Io,
     Shutdown,
+    /// The sender will not go on with what it was sent (a follower's copy that an empty index
+    /// would wipe), and may connect again later.
+    Declined,
     Unknown(u16),
 }
 
@@ -145,6 +148,7 @@ impl ErrorCode {
             ErrorCode::BadPath => 6,
             ErrorCode::Io => 7,
             ErrorCode::Shutdown => 8,
+            ErrorCode::Declined => 9,
             ErrorCode::Unknown(v) => v,
         }
     }
@@ -159,6 +163,7 @@ impl ErrorCode {
             6 => ErrorCode::BadPath,
             7 => ErrorCode::Io,
             8 => ErrorCode::Shutdown,
+            9 => ErrorCode::Declined,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -787,6 +792,27 @@ mod tests {
 
     fn path(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn error_codes_have_the_numbers_of_the_spec() {
+        use ErrorCode::*;
+        let spec = [
+            (BadMagic, 1),
+            (VersionMismatch, 2),
+            (AuthFailed, 3),
+            (Limit, 4),
+            (BadFrame, 5),
+            (BadPath, 6),
+            (Io, 7),
+            (Shutdown, 8),
+            (Declined, 9),
+        ];
+        for (code, number) in spec {
+            assert_eq!(code.to_u16(), number, "{code:?}");
+            assert_eq!(ErrorCode::from_u16(number), code);
+        }
+        assert_eq!(ErrorCode::from_u16(10), Unknown(10));
     }
 
     fn roundtrip(f: &Frame) -> Frame {

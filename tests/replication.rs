@@ -618,3 +618,41 @@ fn a_follower_does_not_take_over_a_directory_of_other_files_unless_told_to() {
     );
     assert_eq!(tree_difference(&ld, &fd), None);
 }
+
+/// A leader whose data dir is empty (its disk not mounted, a wrong --data-dir) would have every
+/// follower delete its whole copy at connect. A follower that holds files declines such an
+/// index: `--once` exits non-zero saying why, the leader logs the follower's reason, and the
+/// copy stays. A follower that keeps running tries again with backoff, and follows once the
+/// leader has files again (the disk mounted).
+#[test]
+fn a_follower_does_not_wipe_its_copy_to_match_an_empty_leader() {
+    let env = Env::new();
+    let (ld, fd, empty) = (env.dir("leader"), env.dir("follower"), env.dir("unmounted"));
+    write(&ld.join("q/seg"), &pattern(10_000, 1));
+    write(&ld.join("meta.json"), b"{}");
+    let first = start_leader(&env, &ld, "fallback");
+    let out = follow_once(&env, &fd, first.addr, "fallback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(first);
+
+    let leader = start_leader(&env, &empty, "fallback");
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the leader's data dir is empty")
+            && stderr.contains("would delete all 2 files"),
+        "{stderr}"
+    );
+    leader.proc.wait_log("declined", Duration::from_secs(10));
+    assert_eq!(tree_difference(&ld, &fd), None, "the copy was touched");
+
+    let follower = Proc::spawn(follow_cmd(&env, &fd, leader.addr, "fallback"));
+    follower.wait_log("the leader's data dir is empty", Duration::from_secs(10));
+    write(&empty.join("q/seg"), &pattern(20_000, 2));
+    wait_same_files(&empty, &fd, Duration::from_secs(30));
+}

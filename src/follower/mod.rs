@@ -442,6 +442,9 @@ impl Ctx<'_> {
             };
             match action {
                 FollowerAction::Inventory { index, instance } => {
+                    if index.is_empty() {
+                        self.decline_an_empty_index()?;
+                    }
                     self.report.index_files = index.len();
                     self.held.instance = instance;
                     self.held.index = index.iter().map(|(p, _)| p.clone()).collect();
@@ -550,6 +553,25 @@ impl Ctx<'_> {
     /// Sends HAVE entries for every file here, digests from the cache where the file is
     /// unchanged, each as soon as it is known (the leader hashes its side of it meanwhile),
     /// then HAVE_END; returns the length of each file.
+    /// An empty index would delete every file of this copy: what a leader whose disk is not
+    /// mounted asks for. Declined (`docs/PROTOCOL.md`, *Sequence*) when the copy holds files;
+    /// the connection ends, and a later one follows once the leader has files again.
+    fn decline_an_empty_index(&self) -> Result<(), FollowError> {
+        let held = crate::index::scan(self.dir.as_ref())?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let bytes: u64 = held.iter().map(|m| m.len_bytes).sum();
+        Err(FollowError::Session(SessionError::Declined(format!(
+            "the leader's data dir is empty, and following it would delete all {} files ({bytes} \
+             bytes) of this copy in {}: not following. If the leader's disk is not mounted or its \
+             --data-dir is wrong, fix that (this follower tries again meanwhile); if its data is \
+             gone on purpose, empty this copy's directory",
+            held.len(),
+            self.dir.root().display()
+        ))))
+    }
+
     async fn send_inventory(
         &mut self,
         index: Vec<(RelPath, Cut)>,

@@ -30,6 +30,9 @@ pub enum SessionError {
     /// A path from the peer would escape the data dir (reported as BAD_PATH).
     #[error("{0}")]
     BadPath(String),
+    /// What the peer sent will not be applied, for the reason given (reported as DECLINED).
+    #[error("{0}")]
+    Declined(String),
     #[error("the peer reported an error ({}): {message}", code_name(*.code))]
     Peer { code: ErrorCode, message: String },
 }
@@ -43,6 +46,7 @@ impl SessionError {
             SessionError::Limit(_) => ErrorCode::Limit,
             SessionError::Io(_) => ErrorCode::Io,
             SessionError::BadPath(_) => ErrorCode::BadPath,
+            SessionError::Declined(_) => ErrorCode::Declined,
             SessionError::Peer { code, .. } => *code,
         }
     }
@@ -65,6 +69,7 @@ pub fn code_name(code: ErrorCode) -> String {
         ErrorCode::BadPath => "bad path".into(),
         ErrorCode::Io => "I/O error".into(),
         ErrorCode::Shutdown => "shutting down".into(),
+        ErrorCode::Declined => "declined".into(),
         ErrorCode::Unknown(v) => format!("code {v}"),
     }
 }
