@@ -392,6 +392,7 @@ impl Leading {
             lc.tcp_congestion = c.tcp_congestion.clone();
             lc.change_source_flushes = feed == Feed::Watch;
             lc.record_interval = c.record_interval;
+            lc.role = format!("ferry node {}, leading", c.advertise);
             let (leader, known) = crate::leader::start_scanned(lc)?;
             let watcher = match feed {
                 Feed::Watch => Some(crate::leader::watch(&leader, known)?),

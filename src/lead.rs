@@ -41,6 +41,7 @@ pub fn run(
     config.ack_timeout = Duration::from_millis(ack_timeout_ms);
     config.tcp_congestion = tcp_congestion;
     config.record_interval = Duration::from_millis(record_interval_ms);
+    config.role = "ferry lead".to_string();
     let watched = WatchedLeader::start(config)?;
     let leader = watched.leader.clone();
     let _http = match http {

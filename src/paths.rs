@@ -158,6 +158,70 @@ fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
+/// The file in `.ferry/` whose lock says which process leads or follows the data dir.
+pub const LOCK_FILE_NAME: &str = "lock";
+/// How long `DirLock::acquire` waits for a lock held by another process before it gives up: a
+/// process killed a moment ago may still be exiting.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// The one ferry process that leads or follows a data dir holds this: an exclusive flock(2) on
+/// `DIR/.ferry/lock`, which names it ("pid N, ROLE"). A second one on the same dir (a follower
+/// aimed at a leader's dir, two followers writing one copy) is refused, naming the first.
+/// Released when dropped, and by the kernel when the process dies.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock of `dir` for `role` (e.g. "ferry follow"), waiting up to `LOCK_WAIT`
+    /// for another process to let go.
+    pub fn acquire(dir: &DataDir, role: &str) -> io::Result<DirLock> {
+        use std::os::unix::fs::FileExt;
+        let path = dir.state_path(LOCK_FILE_NAME);
+        let context =
+            |e: io::Error| io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(context)?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock takes an fd we own, open for the call, and flags; no memory.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(context(e));
+            }
+            if std::time::Instant::now() >= deadline {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => "which has not said who it is",
+                    named => named,
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use by another ferry process ({holder}): one process leads or \
+                         follows a data dir at a time",
+                        dir.root().display()
+                    ),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let me = format!("pid {}, {role}\n", std::process::id());
+        file.set_len(0).map_err(context)?;
+        file.write_all_at(me.as_bytes(), 0).map_err(context)?;
+        Ok(DirLock { _file: file })
+    }
+}
+
 /// A file (anything but a directory) under `root` when `root` holds some and has no `.ferry/`:
 /// a directory ferry never managed, which following would make an exact copy of the leader's,
 /// deleting what the leader lacks. `None` when `root` is missing, empty of files, or ferry's.

@@ -656,3 +656,44 @@ fn a_follower_does_not_wipe_its_copy_to_match_an_empty_leader() {
     write(&empty.join("q/seg"), &pattern(20_000, 2));
     wait_same_files(&empty, &fd, Duration::from_secs(30));
 }
+
+/// One ferry process per data dir: a follower started on a directory that a leader serves, or
+/// that another follower writes, is refused at once, naming the process that has it, and
+/// nothing of that directory is touched (a follower would make a leader's dir a copy of another
+/// leader's). The lock goes with its process: after a SIGKILL the next one starts.
+#[test]
+fn a_data_dir_in_use_by_another_ferry_process_is_refused_naming_it() {
+    let env = Env::new();
+    let (ld, other, fd) = (env.dir("leader"), env.dir("other"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(10_000, 1));
+    write(&other.join("q/seg"), &pattern(5_000, 2));
+    let leader = start_leader(&env, &ld, "fallback");
+    let other_leader = start_leader(&env, &other, "fallback");
+
+    let out = follow_once(&env, &ld, other_leader.addr, "fallback");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let holder = format!("pid {}, ferry lead", leader.proc.child.id());
+    assert!(
+        stderr.contains("is in use by another ferry process") && stderr.contains(&holder),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(ld.join("q/seg")).unwrap(), pattern(10_000, 1));
+
+    let mut first = Proc::spawn(follow_cmd(&env, &fd, leader.addr, "fallback"));
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+    let out = follow_once(&env, &fd, other_leader.addr, "fallback");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let holder = format!("pid {}, ferry follow", first.child.id());
+    assert!(stderr.contains(&holder), "{stderr}");
+
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

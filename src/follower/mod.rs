@@ -138,6 +138,12 @@ pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
         }
     }
     let dir = Arc::new(DataDir::open(&config.data_dir)?);
+    let role = match &config.node_id {
+        Some(id) => format!("ferry node {id}, following"),
+        None => "ferry follow".to_string(),
+    };
+    // Held until this returns; before the temp files go, which could be another's in flight.
+    let _lock = crate::paths::DirLock::acquire(&dir, &role)?;
     dir.clear_temps()?;
     if config.durability == Durability::Synced {
         // A sync round makes durable what this process wrote, and the directories whose

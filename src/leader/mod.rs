@@ -33,7 +33,7 @@ use crate::frame::{Durability, InstanceId};
 use crate::index::{hex, scan};
 use crate::lag::{LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
 use crate::leader_record::{self, LEADER_RECORD_INTERVAL_MS, LEADER_RECORD_SETTLE_MS};
-use crate::paths::{DataDir, PathError, RelPath};
+use crate::paths::{DataDir, DirLock, PathError, RelPath};
 use crate::watch::{Change, Watcher};
 
 use checkpoint::{Checkpoints, WATCHER_FLUSH_TIMEOUT};
@@ -66,6 +66,9 @@ pub struct LeaderConfig {
     /// watcher): a checkpoint is written only once that source has reported every change made
     /// before it (`Leader::set_checkpoint_flush`), so none before the source is attached.
     pub change_source_flushes: bool,
+    /// Who holds the data dir while this leader serves it, as another ferry process refused it
+    /// is told (`paths::DirLock`): "ferry lead", "ferry node ADDR, leading", or the embedder's.
+    pub role: String,
 }
 
 /// Has a change source report every change made up to now to the leader; false if it cannot
@@ -87,6 +90,7 @@ impl LeaderConfig {
             tcp_congestion: None,
             record_interval: Duration::from_millis(LEADER_RECORD_INTERVAL_MS),
             change_source_flushes: false,
+            role: "an embedded ferry leader".to_string(),
         }
     }
 }
@@ -130,6 +134,9 @@ pub struct Leader {
     record_written: AtomicBool,
     /// The thread writing the record while serving (`checkpoint`), until the stop.
     checkpoints: Mutex<Option<Checkpoints>>,
+    /// The data dir's lock, from the start until the first stop has written the record: then a
+    /// follower in this process (a node stepping down) may take the dir.
+    lock: Mutex<Option<DirLock>>,
 }
 
 impl Leader {
@@ -141,6 +148,8 @@ impl Leader {
     /// (`leader_record`).
     pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
         let dir = Arc::new(DataDir::open(&config.data_dir)?);
+        // Before the record is taken and the temp files go: another process may be serving.
+        let lock = DirLock::acquire(&dir, &config.role)?;
         dir.clear_temps()?;
         let engine = engine::choose(config.engine)?;
         let congestion_asked = config.tcp_congestion.is_some();
@@ -262,6 +271,7 @@ impl Leader {
             instance,
             record_written: AtomicBool::new(false),
             checkpoints: Mutex::new(checkpoints),
+            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -551,6 +561,12 @@ impl Leader {
     /// own): then no record is written, since it could vouch for a file changed behind the
     /// catalog, and the next start resumes from the last checkpoint, if any.
     pub fn stop_serving_with(&self, report_pending: impl FnOnce() -> bool, settle: Settle) {
+        self.stop_and_record(report_pending, settle);
+        drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// `stop_serving_with` but for the lock, which it lets go of once this is done.
+    fn stop_and_record(&self, report_pending: impl FnOnce() -> bool, settle: Settle) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.shutdown.notify_waiters();
         self.shared.acked.notify_all();
