@@ -36,6 +36,15 @@ pub fn run(
         http,
     } = settings;
     let signals = block_termination_signals()?;
+    // Serving a directory made here would be serving nothing: followers would delete their
+    // copies to match (or decline to, if they hold files). The application makes its dir.
+    if !data_dir.is_dir() {
+        anyhow::bail!(
+            "{} does not exist (or is not a directory): check --data-dir, and that its disk is \
+             mounted",
+            data_dir.display()
+        );
+    }
     let mut config = LeaderConfig::new(&data_dir, listen, secret);
     config.engine = engine;
     config.ack_timeout = Duration::from_millis(ack_timeout_ms);

@@ -723,3 +723,30 @@ fn walk_all(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `ferry lead` serves a directory that exists: a mistyped --data-dir, or a mount point whose
+/// disk is gone with its directory, is an error naming it, and nothing is created there (an
+/// empty dir served would have followers delete their copies). An existing empty dir is served
+/// (a broker's first start), with a warning that says what followers will make of it.
+#[test]
+fn a_leader_refuses_a_missing_data_dir_and_warns_of_an_empty_one() {
+    let env = Env::new();
+    let missing = env.tmp.path().join("no-such-dir");
+    let out = run_bounded(
+        lead_cmd(&env, &missing, "fallback"),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} does not exist", missing.display())),
+        "{stderr}"
+    );
+    assert!(!missing.exists(), "the leader made the directory");
+
+    let empty = env.dir("empty");
+    let leader = Proc::spawn(lead_cmd(&env, &empty, "fallback"));
+    let line = leader.wait_log("is empty", Duration::from_secs(20));
+    assert!(line.contains("not mounted"), "{line}");
+    listen_addr(&leader);
+}

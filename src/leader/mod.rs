@@ -680,6 +680,13 @@ pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
         files.iter().map(|m| m.len_bytes).sum::<u64>(),
         data_dir.display()
     );
+    if files.is_empty() {
+        tracing::warn!(
+            "{} is empty: if its disk is not mounted, or it is not the application's data dir, \
+             followers that hold copies will decline to follow until it has files",
+            data_dir.display()
+        );
+    }
     let leader = Arc::new(Leader::start(
         config,
         files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
