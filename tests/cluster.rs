@@ -600,13 +600,7 @@ fn a_leading_node_that_cannot_watch_a_new_directory_resigns_for_another() {
     }
     // The root and 5 directories take 6 watches of the 20.
     let advertise = format!("127.0.0.1:{}", free_port());
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--user", "--map-root-user", "sh", "-c"])
-        .arg("echo 20 > /proc/sys/user/max_inotify_watches && exec \"$@\"")
-        .arg("sh")
-        .arg(env!("CARGO_BIN_EXE_ferry"))
-        .env("RUST_LOG", "info")
-        .env_remove("FERRY_SECRET");
+    let mut cmd = ferry_with_user_limit("max_inotify_watches", 20);
     node_args(&mut cmd, &etcd.url, &a_dir, &advertise);
     cmd.arg("--secret-file").arg(&env.secret_file);
     let a = Proc::spawn(cmd);

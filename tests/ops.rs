@@ -541,20 +541,12 @@ fn lead_with_inotify_limit(
     name: &str,
     limit: u32,
 ) -> std::process::Command {
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--user", "--map-root-user", "sh", "-c"])
-        .arg(format!(
-            "echo {limit} > /proc/sys/user/{name} && exec \"$@\""
-        ))
-        .arg("sh")
-        .arg(env!("CARGO_BIN_EXE_ferry"))
-        .args(["lead", "--listen", "127.0.0.1:0", "--io-engine", "fallback"])
+    let mut cmd = ferry_with_user_limit(name, limit);
+    cmd.args(["lead", "--listen", "127.0.0.1:0", "--io-engine", "fallback"])
         .arg("--data-dir")
         .arg(dir)
         .arg("--secret-file")
-        .arg(&env.secret_file)
-        .env("RUST_LOG", "info")
-        .env_remove("FERRY_SECRET");
+        .arg(&env.secret_file);
     cmd
 }
 

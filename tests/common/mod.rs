@@ -18,6 +18,22 @@ pub fn ferry() -> Command {
     cmd
 }
 
+/// `ferry` (the caller adds its arguments) in a user namespace of its own, as root there,
+/// whose `/proc/sys/user/{name}` limit (e.g. max_inotify_watches) is `limit`: only this process
+/// is limited, not the machine's other users of the same uid. Needs unshare(1) (util-linux).
+pub fn ferry_with_user_limit(name: &str, limit: u32) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "sh", "-c"])
+        .arg(format!(
+            "echo {limit} > /proc/sys/user/{name} && exec \"$@\""
+        ))
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .env("RUST_LOG", "info")
+        .env_remove("FERRY_SECRET");
+    cmd
+}
+
 pub struct Env {
     pub tmp: tempfile::TempDir,
     pub secret_file: PathBuf,
