@@ -656,10 +656,7 @@ fn a_node_does_not_follow_into_a_directory_of_other_files_unless_told_to() {
     );
     drop(b);
 
-    let advertise = format!("127.0.0.1:{}", free_port());
-    let mut cmd = node_cmd(&etcd.url, &b_dir, &advertise);
-    cmd.args(["--adopt", "--secret-file"]).arg(&env.secret_file);
-    let _b = Proc::spawn(cmd);
+    let _b = start_node_with(&env, &etcd.url, &b_dir, free_port(), &["--adopt"]);
     wait_same_files(&leader.dir, &b_dir, Duration::from_secs(20));
     drop(etcd);
 }
