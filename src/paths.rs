@@ -544,6 +544,21 @@ impl DataDir {
             .map_err(|e| with_path(e, rel.as_str()))
     }
 
+    /// Whether the data dir's filesystem keeps its files in memory only (tmpfs, ramfs): there a
+    /// sync makes nothing survive a power loss or a reboot.
+    pub fn in_memory(&self) -> io::Result<bool> {
+        // SAFETY: struct statfs is plain integers, for which all zeroes is a valid value.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs on the root dir's fd, which this DataDir owns and keeps open, writing
+        // into `st`, which lives across the call.
+        if unsafe { libc::fstatfs(self.root_fd().as_raw_fd(), &mut st) } != 0 {
+            return Err(with_path(io::Error::last_os_error(), "."));
+        }
+        // RAMFS_MAGIC of linux/magic.h, which the libc crate lacks.
+        const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+        Ok(matches!(st.f_type, libc::TMPFS_MAGIC | RAMFS_MAGIC))
+    }
+
     /// Makes everything written to the data dir's filesystem durable, syncfs(2): what an earlier
     /// process left in the page cache (a follower killed before its last sync round), which a
     /// new one holds and acks without having written it.

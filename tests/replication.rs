@@ -697,3 +697,46 @@ fn a_data_dir_in_use_by_another_ferry_process_is_refused_naming_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whether `dir` is on tmpfs (in RAM).
+fn on_tmpfs(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: struct statfs is plain integers, for which all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs reads the NUL-terminated path and writes the struct we own; both live
+    // across the call.
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    st.f_type == libc::TMPFS_MAGIC
+}
+
+/// An ack at `synced` says the bytes survive a power loss. A follower whose copy is on tmpfs
+/// cannot give that, so it says at start what its acks at `synced` mean there; on a disk it
+/// says nothing of the kind.
+#[test]
+fn a_synced_follower_in_ram_says_what_its_acks_mean() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("q/seg"), &pattern(1000, 1));
+    let leader = start_leader(&env, &ld, "fallback");
+    let Ok(ram) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("SKIPPED: no /dev/shm here");
+        return;
+    };
+    assert!(on_tmpfs(ram.path()));
+    let out = follow_once(&env, ram.path(), leader.addr, "fallback");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("is in memory (tmpfs)") && stderr.contains("power loss"),
+        "{stderr}"
+    );
+
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    if !on_tmpfs(disk.path()) {
+        let out = follow_once(&env, disk.path(), leader.addr, "fallback");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("is in memory"), "{stderr}");
+    }
+}

@@ -145,6 +145,14 @@ pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
     // Held until this returns; before the temp files go, which could be another's in flight.
     let _lock = crate::paths::DirLock::acquire(&dir, &role)?;
     dir.clear_temps()?;
+    if config.durability == Durability::Synced && dir.in_memory()? {
+        tracing::warn!(
+            "{} is in memory (tmpfs): acks at synced will mean the bytes are in this machine's \
+             memory, which a reboot or a power loss loses; put the copy on a disk for synced to \
+             mean durable",
+            dir.root().display()
+        );
+    }
     if config.durability == Durability::Synced {
         // A sync round makes durable what this process wrote, and the directories whose
         // entries it changed; what an earlier one left unsynced is made durable here, once,
