@@ -244,8 +244,20 @@ fn read_secret(args: &SecretArgs) -> anyhow::Result<Secret> {
             "no secret: pass --secret-file FILE or set FERRY_SECRET (leader and followers must share it)"
         ),
     };
-    Secret::new(bytes).map_err(|e| anyhow::anyhow!("{e}"))
+    let len = bytes.len();
+    let secret = Secret::new(bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if len < SECRET_BYTES_MIN_ADVISED {
+        tracing::warn!(
+            "the shared secret is {len} bytes: anyone who sees one handshake on the network can \
+             try secrets this short offline against it; use {SECRET_BYTES_MIN_ADVISED} random \
+             bytes or more (e.g. `head -c 32 /dev/urandom | base64 > FILE`)"
+        );
+    }
+    Ok(secret)
 }
+
+/// Below this many bytes the secret is warned about (docs/SECURITY.md, threat model).
+const SECRET_BYTES_MIN_ADVISED: usize = 16;
 
 /// Tells systemd (when it runs us) that the follower is ready once its first sync is applied,
 /// and keeps its watchdog fed while the follower's state can be read.

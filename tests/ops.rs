@@ -742,3 +742,31 @@ fn a_leader_refuses_a_missing_data_dir_and_warns_of_an_empty_one() {
     assert!(line.contains("not mounted"), "{line}");
     listen_addr(&leader);
 }
+
+/// The handshake's tags are over nonces anyone watching the network sees, so a short secret
+/// can be guessed offline from one handshake: ferry says so when the secret is under 16 bytes,
+/// and not for a longer one.
+#[test]
+fn a_short_secret_is_warned_about() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let short = env.tmp.path().join("short-secret");
+    std::fs::write(&short, "abc\n").unwrap();
+    let mut cmd = ferry();
+    cmd.args(["lead", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&ld)
+        .arg("--secret-file")
+        .arg(&short);
+    let leader = Proc::spawn(cmd);
+    let line = leader.wait_log("the shared secret is 3 bytes", Duration::from_secs(20));
+    assert!(line.contains("offline") && line.contains("16"), "{line}");
+    drop(leader);
+
+    let leader = Proc::spawn(lead_cmd(&env, &ld, "fallback"));
+    listen_addr(&leader);
+    assert!(
+        !leader.log_text().contains("the shared secret is"),
+        "{}",
+        leader.log_text()
+    );
+}
