@@ -19,7 +19,8 @@ const MESSAGE_BYTES: u64 = 1024;
 const SEGMENT_BYTES: u64 = 512 * 1024 * 1024 * 1024;
 
 fn leader(dir: &Path) -> Leader {
-    let secret = Secret::new(b"bench".to_vec()).expect("a constant, non-empty secret");
+    let secret =
+        Secret::new(b"bench-shared-secret".to_vec()).expect("a constant, non-empty secret");
     let config = LeaderConfig::new(dir, "127.0.0.1:0".parse().expect("an address"), secret);
     let leader = Leader::start(config, Vec::new()).expect("the leader starts");
     let seg = std::fs::File::create(dir.join("seg")).expect("create the segment");
@@ -53,7 +54,7 @@ fn follower(leader: &Leader, dir: &Path, secret_file: &Path, stop: bool) -> Chil
 fn appends(c: &mut Criterion) {
     let tmp = tempfile::tempdir().expect("a temp dir");
     let secret_file = tmp.path().join("secret");
-    std::fs::write(&secret_file, "bench").expect("write the secret");
+    std::fs::write(&secret_file, "bench-shared-secret").expect("write the secret");
     let mut group = c.benchmark_group("append_1KiB");
     group.throughput(Throughput::Elements(1));
 

@@ -35,7 +35,7 @@ use ferry::leader::{Leader, LeaderConfig};
 const BIG_BYTES: u64 = 256 * 1024 * 1024;
 const SMALL_BYTES: u64 = 64 * 1024 * 1024;
 const PIPE_BYTES: usize = 1024 * 1024;
-const SECRET: &str = "bench-secret";
+const SECRET: &str = "bench-shared-secret";
 
 /// The TCP congestion control asked for in FERRY_BENCH_TCP_CONGESTION, if any.
 fn congestion() -> Option<String> {

@@ -14,7 +14,7 @@ work = tempfile.mkdtemp(prefix="ferry-mixed-", dir="/var/tmp")
 leader, follower, secret = f"{work}/leader", f"{work}/follower", f"{work}/secret"
 os.makedirs(leader)
 with open(secret, "w") as f:
-    f.write("mixed-workload\n")
+    f.write("mixed-workload-secret\n")
 lead = subprocess.Popen([FERRY, "lead", "--data-dir", leader, "--listen", "127.0.0.1:0",
                          "--secret-file", secret], stderr=subprocess.PIPE, text=True)
 addr = None

@@ -379,7 +379,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         cpus::keep_off(cpu)?;
     }
     let secret_file = made.secret.clone();
-    std::fs::write(&secret_file, "loadgen-secret")?;
+    std::fs::write(&secret_file, "loadgen-shared-secret")?;
     let library = args.mode == "library";
     let preloaded = match args.join_follower.or(args.raw_join) {
         Some(mib) => preload(&leader_dir, mib)?,
@@ -399,7 +399,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let (leader, mut lead_proc, addr, view) = if raw_mode {
         (None, None, "127.0.0.1:0".parse()?, None)
     } else if library {
-        let secret = Secret::new(b"loadgen-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let secret =
+            Secret::new(b"loadgen-shared-secret".to_vec()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut config = LeaderConfig::new(&leader_dir, "127.0.0.1:0".parse()?, secret);
         config.engine = args.io_engine;
         config.tcp_congestion = args.tcp_congestion.clone();
