@@ -158,6 +158,35 @@ fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
+/// The nearest directory above `root` (symlinks resolved) that is a ferry data dir, one with a
+/// `.ferry/tmp/`; `root` need not exist yet.
+pub fn enclosing_data_dir(root: &Path) -> io::Result<Option<PathBuf>> {
+    let mut probe = std::path::absolute(root)?;
+    // The nearest one that exists; when that is above `root`, it is itself a candidate.
+    let mut above = false;
+    while !probe.exists() {
+        if !probe.pop() {
+            return Ok(None);
+        }
+        above = true;
+    }
+    let real = probe.canonicalize()?;
+    let mut dir = if above {
+        Some(real.as_path())
+    } else {
+        real.parent()
+    };
+    while let Some(d) = dir {
+        // `.ferry/tmp/`, which every data dir has from its first open: a `.ferry/` of another
+        // program (say a config dir in a home directory) is not taken for one.
+        if d.join(STATE_DIR_NAME).join(TEMP_DIR_NAME).is_dir() {
+            return Ok(Some(d.to_path_buf()));
+        }
+        dir = d.parent();
+    }
+    Ok(None)
+}
+
 /// The file in `.ferry/` whose lock says which process leads or follows the data dir.
 pub const LOCK_FILE_NAME: &str = "lock";
 /// How long `DirLock::acquire` waits for a lock held by another process before it gives up: a
@@ -254,8 +283,21 @@ fn with_path(e: io::Error, rel: &str) -> io::Error {
 }
 
 impl DataDir {
-    /// Opens `root` (created if missing) and its `.ferry/` and `.ferry/tmp/` dirs.
+    /// Opens `root` (created if missing) and its `.ferry/` and `.ferry/tmp/` dirs. A `root`
+    /// inside another ferry data dir is an error (`enclosing_data_dir`), before anything is made.
     pub fn open(root: &Path) -> io::Result<DataDir> {
+        if let Some(outer) = enclosing_data_dir(root)? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is inside {}, itself a ferry data dir (it has {STATE_DIR_NAME}/): each \
+                     would replicate the other's files, the leader's copy growing into itself; \
+                     use a directory outside it",
+                    root.display(),
+                    outer.display()
+                ),
+            ));
+        }
         std::fs::create_dir_all(root.join(STATE_DIR_NAME).join(TEMP_DIR_NAME)).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot create {}: {e}", root.display()))
         })?;
@@ -644,6 +686,28 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_data_dir_is_found_above_a_path_by_its_state_dir_and_another_programs_is_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outer = tmp.path().join("outer");
+        DataDir::open(&outer).unwrap();
+        let real = outer.canonicalize().unwrap();
+        for inner in ["a", "a/b/c"] {
+            let found = enclosing_data_dir(&outer.join(inner)).unwrap();
+            assert_eq!(found.as_deref(), Some(real.as_path()), "{inner}");
+        }
+        assert_eq!(enclosing_data_dir(&outer).unwrap(), None, "not itself");
+        assert!(DataDir::open(&outer.join("a")).is_err());
+        // A sibling, and a dir under another program's .ferry/ (no tmp/ in it).
+        assert_eq!(
+            enclosing_data_dir(&tmp.path().join("beside")).unwrap(),
+            None
+        );
+        let home = tmp.path().join("home");
+        std::fs::create_dir_all(home.join(".ferry")).unwrap();
+        assert_eq!(enclosing_data_dir(&home.join("data")).unwrap(), None);
     }
 
     #[test]

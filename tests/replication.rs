@@ -740,3 +740,40 @@ fn a_synced_follower_in_ram_says_what_its_acks_mean() {
         assert!(!stderr.contains("is in memory"), "{stderr}");
     }
 }
+
+/// A data dir inside another one (a follower's copy made under the leader's dir on the same
+/// machine, or the other way round) would have each replicate the other: the leader ships the
+/// copy's files back into itself, growing until the disk is full. Each start refuses a dir
+/// with a ferry data dir above it, naming both; siblings are fine.
+#[test]
+fn a_data_dir_inside_another_is_refused() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("q/seg"), &pattern(1000, 1));
+    let leader = start_leader(&env, &ld, "fallback");
+    let nested = ld.join("replica");
+    let out = follow_once(&env, &nested, leader.addr, "fallback");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("is inside {}", ld.display())),
+        "{stderr}"
+    );
+    assert!(!nested.exists(), "the nested copy was made");
+
+    let fd = env.dir("follower");
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inner = fd.join("q");
+    let out = run_bounded(lead_cmd(&env, &inner, "fallback"), Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("is inside {}", fd.display())),
+        "{stderr}"
+    );
+}
