@@ -224,6 +224,18 @@ impl DirLock {
                 break;
             }
             let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::ENOSYS)
+            ) {
+                // A filesystem without flock (some network or FUSE ones): serve, and say what
+                // is not guarded.
+                tracing::warn!(
+                    "cannot lock {}: {e}; nothing stops a second ferry process on this data dir",
+                    path.display()
+                );
+                return Ok(DirLock { _file: file });
+            }
             if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(context(e));
             }

@@ -777,3 +777,28 @@ fn a_data_dir_inside_another_is_refused() {
         "{stderr}"
     );
 }
+
+/// Where the data dir's filesystem has no flock (some network and FUSE ones answer ENOLCK), the
+/// follower still runs, and says what is not guarded.
+#[test]
+fn a_data_dir_that_cannot_be_locked_is_served_with_a_warning() {
+    use std::os::unix::process::CommandExt;
+
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(1000, 1));
+    let leader = start_leader(&env, &ld, "fallback");
+    let mut cmd = follow_cmd(&env, &fd, leader.addr, "fallback");
+    cmd.arg("--once");
+    // SAFETY: between fork and exec only prctl runs (async-signal-safe), on a filter built on
+    // the child's stack.
+    unsafe { cmd.pre_exec(|| refuse_syscalls(&[libc::SYS_flock], libc::ENOLCK)) };
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("nothing stops a second ferry process on this data dir"),
+        "{stderr}"
+    );
+    assert_eq!(tree_difference(&ld, &fd), None);
+}

@@ -323,11 +323,22 @@ pub fn on_cpu_0() -> std::io::Result<()> {
 
 /// Refuses io_uring to the calling thread and what it starts from then on, as Docker's default
 /// seccomp profile does on many hosts: io_uring_setup, io_uring_enter and io_uring_register
-/// fail with EPERM, every other syscall runs. Async-signal-safe (two prctl calls on a filter
-/// built on the stack), so it may run in `Command::pre_exec`; the filter outlives the exec.
+/// fail with EPERM, every other syscall runs. For `Command::pre_exec` (see `refuse_syscalls`).
 pub fn refuse_io_uring() -> std::io::Result<()> {
-    // The syscall numbers are the same on every architecture (the unified table that io_uring
-    // was added to), so the filter needs no architecture check to do what it says.
+    const IO_URING: [libc::c_long; 3] = [
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+    ];
+    refuse_syscalls(&IO_URING, libc::EPERM)
+}
+
+/// Makes the syscalls `nrs` (at most `REFUSED_SYSCALLS_MAX`) fail with `errno` for the calling
+/// thread and what it starts from then on; every other syscall runs. Async-signal-safe (two
+/// prctl calls on a filter built on the stack), so it may run in `Command::pre_exec`; the
+/// filter outlives the exec. The numbers are this build's architecture's, and the filter does
+/// not check the architecture: ferry makes no syscall of another ABI.
+pub fn refuse_syscalls(nrs: &[libc::c_long], errno: i32) -> std::io::Result<()> {
     fn statement(code: u32, k: u32) -> libc::sock_filter {
         libc::sock_filter {
             code: code as u16,
@@ -336,28 +347,29 @@ pub fn refuse_io_uring() -> std::io::Result<()> {
             k,
         }
     }
-    fn is(nr: libc::c_long, jt: u8, jf: u8) -> libc::sock_filter {
-        libc::sock_filter {
+    let n = nrs.len();
+    assert!((1..=REFUSED_SYSCALLS_MAX).contains(&n));
+    let allow = statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW);
+    let mut program = [allow; REFUSED_SYSCALLS_MAX + 3];
+    // The syscall number: `nr` is at offset 0 of struct seccomp_data.
+    program[0] = statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0);
+    for (k, nr) in nrs.iter().enumerate() {
+        // On a match, jump over the checks left to the ERRNO return; after the last check
+        // without one, over that return to ALLOW.
+        program[1 + k] = libc::sock_filter {
             code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            jt,
-            jf,
-            k: nr as u32,
-        }
+            jt: (n - 1 - k) as u8,
+            jf: u8::from(k == n - 1),
+            k: *nr as u32,
+        };
     }
-    let mut program = [
-        // The syscall number: `nr` is at offset 0 of struct seccomp_data.
-        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
-        is(libc::SYS_io_uring_setup, 2, 0),
-        is(libc::SYS_io_uring_enter, 1, 0),
-        is(libc::SYS_io_uring_register, 0, 1),
-        statement(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        ),
-        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-    ];
+    program[1 + n] = statement(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ERRNO | errno as u32,
+    );
+    program[2 + n] = allow;
     let filter = libc::sock_fprog {
-        len: program.len() as libc::c_ushort,
+        len: (n + 3) as libc::c_ushort,
         filter: program.as_mut_ptr(),
     };
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only. PR_SET_SECCOMP reads the `sock_fprog`
@@ -378,6 +390,9 @@ pub fn refuse_io_uring() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// How many syscalls `refuse_syscalls` takes at once.
+pub const REFUSED_SYSCALLS_MAX: usize = 4;
 
 pub fn write(path: &Path, bytes: &[u8]) {
     if let Some(p) = path.parent() {
