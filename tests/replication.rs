@@ -586,12 +586,12 @@ fn a_follower_does_not_take_over_a_directory_of_other_files_unless_told_to() {
     write(&fd.join("notes/precious.txt"), b"not the leader's");
     let leader = start_leader(&env, &ld, "fallback");
     let out = follow_once(&env, &fd, leader.addr, "fallback");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("{}", fd.join("notes/precious.txt").display()))
-            && stderr.contains("--adopt"),
-        "{stderr}"
+    failed_saying(
+        &out,
+        &[
+            &format!("{}", fd.join("notes/precious.txt").display()),
+            "--adopt",
+        ],
     );
     assert_eq!(
         std::fs::read(fd.join("notes/precious.txt")).unwrap(),
@@ -641,12 +641,9 @@ fn a_follower_does_not_wipe_its_copy_to_match_an_empty_leader() {
 
     let leader = start_leader(&env, &empty, "fallback");
     let out = follow_once(&env, &fd, leader.addr, "fallback");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("the leader's data dir is empty")
-            && stderr.contains("would delete all 2 files"),
-        "{stderr}"
+    failed_saying(
+        &out,
+        &["the leader's data dir is empty", "would delete all 2 files"],
     );
     leader.proc.wait_log("declined", Duration::from_secs(10));
     assert_eq!(tree_difference(&ld, &fd), None, "the copy was touched");
@@ -671,22 +668,15 @@ fn a_data_dir_in_use_by_another_ferry_process_is_refused_naming_it() {
     let other_leader = start_leader(&env, &other, "fallback");
 
     let out = follow_once(&env, &ld, other_leader.addr, "fallback");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
     let holder = format!("pid {}, ferry lead", leader.proc.child.id());
-    assert!(
-        stderr.contains("is in use by another ferry process") && stderr.contains(&holder),
-        "{stderr}"
-    );
+    failed_saying(&out, &["is in use by another ferry process", &holder]);
     assert_eq!(std::fs::read(ld.join("q/seg")).unwrap(), pattern(10_000, 1));
 
     let mut first = Proc::spawn(follow_cmd(&env, &fd, leader.addr, "fallback"));
     wait_identical(&ld, &fd, Duration::from_secs(20));
     let out = follow_once(&env, &fd, other_leader.addr, "fallback");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
     let holder = format!("pid {}, ferry follow", first.child.id());
-    assert!(stderr.contains(&holder), "{stderr}");
+    failed_saying(&out, &[&holder]);
 
     first.child.kill().unwrap();
     first.child.wait().unwrap();
@@ -753,12 +743,7 @@ fn a_data_dir_inside_another_is_refused() {
     let leader = start_leader(&env, &ld, "fallback");
     let nested = ld.join("replica");
     let out = follow_once(&env, &nested, leader.addr, "fallback");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("is inside {}", ld.display())),
-        "{stderr}"
-    );
+    failed_saying(&out, &[&format!("is inside {}", ld.display())]);
     assert!(!nested.exists(), "the nested copy was made");
 
     let fd = env.dir("follower");
@@ -770,12 +755,7 @@ fn a_data_dir_inside_another_is_refused() {
     );
     let inner = fd.join("q");
     let out = run_bounded(lead_cmd(&env, &inner, "fallback"), Duration::from_secs(20));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("is inside {}", fd.display())),
-        "{stderr}"
-    );
+    failed_saying(&out, &[&format!("is inside {}", fd.display())]);
 }
 
 /// Where the data dir's filesystem has no flock (some network and FUSE ones answer ENOLCK), the

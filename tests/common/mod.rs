@@ -229,6 +229,17 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
     out
 }
 
+/// Asserts that `out` is of a process that failed and whose stderr holds each of `needles`;
+/// returns that stderr.
+pub fn failed_saying(out: &Output, needles: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "it succeeded:\n{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
+    }
+    stderr
+}
+
 /// Sends `signal` (SIGSTOP, SIGCONT) to this test's child process `child`.
 pub fn signal(child: &Child, signal: libc::c_int) {
     // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid is of a child
