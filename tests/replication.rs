@@ -688,16 +688,10 @@ fn a_data_dir_in_use_by_another_ferry_process_is_refused_naming_it() {
     );
 }
 
-/// Whether `dir` is on tmpfs (in RAM).
-fn on_tmpfs(dir: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    // SAFETY: struct statfs is plain integers, for which all zeroes is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs reads the NUL-terminated path and writes the struct we own; both live
-    // across the call.
-    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
-    st.f_type == libc::TMPFS_MAGIC
+/// Whether `dir` is in memory (tmpfs, ramfs), as ferry tells it.
+fn in_memory(dir: &std::path::Path) -> bool {
+    let dir = ferry::paths::DataDir::open_existing(dir).unwrap();
+    dir.in_memory().unwrap()
 }
 
 /// An ack at `synced` says the bytes survive a power loss. A follower whose copy is on tmpfs
@@ -713,7 +707,7 @@ fn a_synced_follower_in_ram_says_what_its_acks_mean() {
         eprintln!("SKIPPED: no /dev/shm here");
         return;
     };
-    assert!(on_tmpfs(ram.path()));
+    assert!(in_memory(ram.path()));
     let out = follow_once(&env, ram.path(), leader.addr, "fallback");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -723,7 +717,7 @@ fn a_synced_follower_in_ram_says_what_its_acks_mean() {
     );
 
     let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    if !on_tmpfs(disk.path()) {
+    if !in_memory(disk.path()) {
         let out = follow_once(&env, disk.path(), leader.addr, "fallback");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
