@@ -146,8 +146,7 @@ fn scan_root(root: &Path) -> io::Result<Vec<FileMeta>> {
     let mut out = Vec::new();
     let mut stack = vec![(root.to_path_buf(), String::new())];
     while let Some((abs, rel)) = stack.pop() {
-        let cannot_list =
-            |e: io::Error| io::Error::new(e.kind(), format!("cannot list {}: {e}", abs.display()));
+        let cannot_list = |e| crate::paths::cannot_list(&abs, e);
         let entries = match std::fs::read_dir(&abs) {
             Ok(entries) => entries,
             // A subdirectory deleted meanwhile: nothing of it to scan.

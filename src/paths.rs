@@ -263,6 +263,12 @@ impl DirLock {
     }
 }
 
+/// `e`, from listing the directory `dir`, naming it: the scan's, the watcher's and
+/// `unmanaged_file`'s walks report it alike.
+pub fn cannot_list(dir: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot list {}: {e}", dir.display()))
+}
+
 /// A file (anything but a directory) under `root` when `root` holds some and has no `.ferry/`:
 /// a directory ferry never managed, which following would make an exact copy of the leader's,
 /// deleting what the leader lacks. `None` when `root` is missing, empty of files, or ferry's.
@@ -272,8 +278,7 @@ pub fn unmanaged_file(root: &Path) -> io::Result<Option<PathBuf>> {
     }
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let cannot_list =
-            |e: io::Error| io::Error::new(e.kind(), format!("cannot list {}: {e}", dir.display()));
+        let cannot_list = |e| cannot_list(&dir, e);
         for entry in std::fs::read_dir(&dir).map_err(cannot_list)? {
             let entry = entry.map_err(cannot_list)?;
             // file_type does not follow a symlink: a link is content too.

@@ -432,9 +432,7 @@ impl State {
                 Err(e) => return Err(self.cannot_watch(&dir, e)),
             }
             let name = self.abs(&dir);
-            let cannot_list = |e: io::Error| {
-                io::Error::new(e.kind(), format!("cannot list {}: {e}", name.display()))
-            };
+            let cannot_list = |e| crate::paths::cannot_list(&name, e);
             let entries = match std::fs::read_dir(&name) {
                 Ok(entries) => entries,
                 Err(e) if !dir.is_empty() && is_gone(&e) => continue,
