@@ -7,7 +7,9 @@
 //! etcd) it is fenced: it stops leading at once, runs the on-leader-lost hook, and campaigns
 //! again as a follower.
 //!
-//! Only members of the in-sync replica set (kept by the leader at `PREFIX/isr`) campaign.
+//! Only members of the in-sync replica set (kept by the leader at `PREFIX/isr`) campaign, and a
+//! node whose data dir holds no files waits `NodeConfig::empty_wait` first, so that one that
+//! holds data is elected before it (a cluster set up on the node that has the broker's data).
 //! `ferry handoff` moves leadership with zero loss (see `handoff`), and `Node` runs the same
 //! election inside an embedding broker, telling it its role through `RoleEvent`s.
 
@@ -31,6 +33,9 @@ use crate::status::FollowerSelf;
 /// Lease time-to-live by default: a dead leader is replaced within about this long.
 pub const LEASE_TTL_S_DEFAULT: i64 = 2;
 
+/// How long a node whose data dir holds no files waits before it campaigns, by default.
+pub const EMPTY_WAIT_S_DEFAULT: u64 = 5;
+
 #[derive(Clone)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
@@ -52,6 +57,10 @@ pub struct NodeConfig {
     pub http: Option<SocketAddr>,
     /// Follow into a data dir that holds files but was never ferry's (`FollowConfig::adopt`).
     pub adopt: bool,
+    /// While the data dir holds no files, wait this long after joining the election before
+    /// campaigning (following any leader meanwhile), so that a node that holds data is elected
+    /// first: an empty leader would leave that data on a node that cannot follow it.
+    pub empty_wait: Duration,
 }
 
 /// What the node is doing now, for its `--http` endpoints.
@@ -566,13 +575,15 @@ async fn node_loop(
         > = None;
         let mut leader_key: Option<Vec<u8>> = None;
         let mut isr_excluded_logged = false;
+        let mut empty_wait = EmptyWait::new(config.empty_wait);
         let elected = loop {
             if lease_lost.load(Ordering::SeqCst) || stopping() {
                 break false;
             }
             let isr = read_isr(&mut client, &keys.isr).await;
             let eligible = may_campaign(&isr, &config.advertise);
-            let held_back = campaign_after.is_some_and(|t| tokio::time::Instant::now() < t);
+            let held_back = campaign_after.is_some_and(|t| tokio::time::Instant::now() < t)
+                || (campaign.is_none() && empty_wait.holds_back(&config.data_dir));
             match (&campaign, eligible) {
                 (None, true) if held_back => {}
                 (None, true) => {
@@ -812,6 +823,49 @@ async fn node_loop(
     }
     tracing::info!("left the cluster");
     Ok(())
+}
+
+/// A node's wait, on joining the election, while its data dir holds no files: without it, a
+/// cluster set up on the node that has the broker's data elects whichever node campaigns first,
+/// and an empty one leaves that data on a node that cannot follow it (`--adopt` aside, which
+/// would delete it). A node that holds files does not wait; one that gets files meanwhile (by
+/// following a leader) stops waiting.
+struct EmptyWait {
+    until: tokio::time::Instant,
+    wait: Duration,
+    logged: bool,
+}
+
+impl EmptyWait {
+    fn new(wait: Duration) -> EmptyWait {
+        EmptyWait {
+            until: tokio::time::Instant::now() + wait,
+            wait,
+            logged: false,
+        }
+    }
+
+    /// Whether the node should not campaign yet. Looks at the data dir only while waiting; a
+    /// dir it cannot list counts as holding files (leading it will say what is wrong).
+    fn holds_back(&mut self, data_dir: &std::path::Path) -> bool {
+        if tokio::time::Instant::now() >= self.until {
+            return false;
+        }
+        if !matches!(crate::paths::first_file(data_dir), Ok(None)) {
+            self.until = tokio::time::Instant::now();
+            return false;
+        }
+        if !self.logged {
+            self.logged = true;
+            tracing::info!(
+                "{} holds no files: waiting {} ms before campaigning, so that a node that holds \
+                 data is elected first (following any leader meanwhile; --empty-wait)",
+                data_dir.display(),
+                self.wait.as_millis()
+            );
+        }
+        true
+    }
 }
 
 /// Runs a leader's etcd call for at most `limit`, and not past the moment its lease is lost

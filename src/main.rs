@@ -186,6 +186,11 @@ enum Command {
         /// follow --help`); without it such a node leads when elected but does not follow.
         #[arg(long, env = "FERRY_ADOPT")]
         adopt: bool,
+        /// While DIR holds no files, wait this long after joining the election before
+        /// campaigning (following any leader meanwhile), so that a node that holds data, such
+        /// as the broker's when a cluster is set up, is elected first. 0: campaign at once.
+        #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster::EMPTY_WAIT_S_DEFAULT, env = "FERRY_EMPTY_WAIT")]
+        empty_wait: u64,
     },
     /// Move leadership of a `ferry node` cluster to another node with zero loss: the leader
     /// waits until the target holds everything synced, runs its on-leader-lost hook (the
@@ -487,6 +492,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tcp_congestion,
             record_interval_ms,
             adopt,
+            empty_wait,
         } => {
             let secret = if secret_from_etcd {
                 ferry::cluster::secret_from_etcd(&etcd, &prefix)?
@@ -508,6 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 on_leader_lost,
                 http,
                 adopt,
+                empty_wait: std::time::Duration::from_secs(empty_wait),
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -264,7 +264,7 @@ impl DirLock {
 }
 
 /// `e`, from listing the directory `dir`, naming it: the scan's, the watcher's and
-/// `unmanaged_file`'s walks report it alike.
+/// `first_file`'s walks report it alike.
 pub fn cannot_list(dir: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("cannot list {}: {e}", dir.display()))
 }
@@ -273,7 +273,16 @@ pub fn cannot_list(dir: &Path, e: io::Error) -> io::Error {
 /// a directory ferry never managed, which following would make an exact copy of the leader's,
 /// deleting what the leader lacks. `None` when `root` is missing, empty of files, or ferry's.
 pub fn unmanaged_file(root: &Path) -> io::Result<Option<PathBuf>> {
-    if !root.exists() || root.join(STATE_DIR_NAME).exists() {
+    if root.join(STATE_DIR_NAME).exists() {
+        return Ok(None);
+    }
+    first_file(root)
+}
+
+/// Some file (anything but a directory) under `root`, outside its `.ferry/`; `None` when
+/// `root` is missing or holds none. Stops at the first it finds.
+pub fn first_file(root: &Path) -> io::Result<Option<PathBuf>> {
+    if !root.exists() {
         return Ok(None);
     }
     let mut stack = vec![root.to_path_buf()];
@@ -282,10 +291,11 @@ pub fn unmanaged_file(root: &Path) -> io::Result<Option<PathBuf>> {
         for entry in std::fs::read_dir(&dir).map_err(cannot_list)? {
             let entry = entry.map_err(cannot_list)?;
             // file_type does not follow a symlink: a link is content too.
-            if entry.file_type().map_err(cannot_list)?.is_dir() {
-                stack.push(entry.path());
-            } else {
+            if !entry.file_type().map_err(cannot_list)?.is_dir() {
                 return Ok(Some(entry.path()));
+            }
+            if dir != root || entry.file_name() != STATE_DIR_NAME {
+                stack.push(entry.path());
             }
         }
     }
@@ -725,6 +735,26 @@ mod tests {
         let home = tmp.path().join("home");
         std::fs::create_dir_all(home.join(".ferry")).unwrap();
         assert_eq!(enclosing_data_dir(&home.join("data")).unwrap(), None);
+    }
+
+    #[test]
+    fn a_data_dir_holds_files_only_outside_its_state_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("d");
+        assert_eq!(first_file(&root).unwrap(), None, "missing");
+        let dir = DataDir::open(&root).unwrap();
+        std::fs::write(dir.state_path("leader"), b"record").unwrap();
+        std::fs::create_dir_all(root.join("q/empty")).unwrap();
+        assert_eq!(first_file(&root).unwrap(), None, "only .ferry/ and dirs");
+        std::fs::create_dir_all(root.join("q/sub/.ferry")).unwrap();
+        std::fs::write(root.join("q/sub/.ferry/x"), b"data").unwrap();
+        let found = first_file(&root).unwrap();
+        assert_eq!(
+            found,
+            Some(root.join("q/sub/.ferry/x")),
+            "a nested .ferry is data"
+        );
+        assert_eq!(unmanaged_file(&root).unwrap(), None, "ferry's dir");
     }
 
     #[test]

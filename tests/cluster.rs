@@ -424,6 +424,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         on_leader_lost: None,
         http: None,
         adopt: false,
+        empty_wait: std::time::Duration::from_secs(ferry::cluster::EMPTY_WAIT_S_DEFAULT),
     };
     let (events, roles) = mpsc::channel();
     let node = EmbeddedNode::start(
@@ -658,5 +659,38 @@ fn a_node_does_not_follow_into_a_directory_of_other_files_unless_told_to() {
 
     let _b = start_node_with(&env, &etcd.url, &b_dir, free_port(), &["--adopt"]);
     wait_same_files(&leader.dir, &b_dir, Duration::from_secs(20));
+    drop(etcd);
+}
+
+/// Setting a cluster up on the node that holds the broker's data: a node with an empty data
+/// dir that joins the new cluster first does not win its first election, which would leave the
+/// data on a node that cannot follow (or, with `--adopt`, delete it). It says that it waits,
+/// the node that holds files is elected though it joined later, and the empty one follows it.
+#[test]
+fn an_empty_node_lets_a_node_that_holds_data_win_a_new_clusters_first_election() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let empty = start_node(&env, &etcd.url, &env.dir("empty"), free_port());
+    let line = empty
+        .proc
+        .wait_log("holds no files", Duration::from_secs(20));
+    assert!(line.contains("before campaigning"), "{line}");
+
+    let data_dir = env.dir("data");
+    write(&data_dir.join("q/seg"), &pattern(100_000, 7));
+    write(&data_dir.join("meta.json"), b"{\"queues\":[\"q\"]}");
+    let data = start_node(&env, &etcd.url, &data_dir, free_port());
+    data.proc
+        .wait_log("elected leader", Duration::from_secs(20));
+    empty.proc.wait_log(
+        &format!("following the leader at {}", data.advertise),
+        Duration::from_secs(20),
+    );
+    wait_identical(&data_dir, &empty.dir, Duration::from_secs(20));
+    assert!(
+        !empty.proc.log_text().contains("elected leader"),
+        "the empty node led: {}",
+        empty.proc.log_text()
+    );
     drop(etcd);
 }
