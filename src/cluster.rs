@@ -285,7 +285,8 @@ impl Node {
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()?;
-                    runtime.block_on(node_loop(config, feed, on_role, stop))
+                    let role = Arc::new(Mutex::new(Role::Candidate));
+                    runtime.block_on(node_loop(config, feed, on_role, stop, role))
                 })?
         };
         Ok(Node {
@@ -315,9 +316,6 @@ impl Drop for Node {
     }
 }
 
-/// `ferry node`: runs until SIGTERM or SIGINT (then leaves the cluster cleanly), running the
-/// configured hooks on role changes. The lost hook runs when a handoff starts its final drain
-/// (the application must stop writing) and when leadership is lost otherwise.
 /// What a node can check before it joins: leading may come hours later, and a congestion
 /// control this kernel cannot use is refused now rather than then.
 fn check_settings(config: &NodeConfig) -> io::Result<()> {
@@ -327,6 +325,10 @@ fn check_settings(config: &NodeConfig) -> io::Result<()> {
     }
 }
 
+/// `ferry node`: runs until SIGTERM or SIGINT (then leaves the cluster cleanly), running the
+/// configured hooks on role changes, and telling systemd what it does when it runs the node
+/// (`notify_systemd`). The lost hook runs when a handoff starts its final drain (the
+/// application must stop writing) and when leadership is lost otherwise.
 pub fn run(config: NodeConfig) -> anyhow::Result<()> {
     check_settings(&config)?;
     let (elected, lost) = (
@@ -369,10 +371,60 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
                 stop.store(true, Ordering::SeqCst);
             })
         };
-        let result = node_loop(config, Feed::Watch, on_role, stop).await;
+        let role: SharedRole = Arc::new(Mutex::new(Role::Candidate));
+        let systemd = tokio::spawn(notify_systemd(role.clone(), stop.clone()));
+        let result = node_loop(config, Feed::Watch, on_role, stop, role).await;
         signals.abort();
+        systemd.abort();
         result
     })
+}
+
+/// Tells systemd, when it runs the node as a `Type=notify` service, that the node is ready once
+/// it serves as the leader or holds the files of the leader it follows (its first sync
+/// applied), and what it does (`STATUS=`). It feeds the watchdog from the node's own runtime,
+/// so a runtime that stops turning stops feeding it. Not for an embedded `Node`: the broker
+/// around it speaks to systemd for itself.
+async fn notify_systemd(role: SharedRole, stop: Arc<AtomicBool>) {
+    let notifier = crate::notify::Notifier::from_env();
+    let tick = notifier
+        .watchdog_interval()
+        .map_or(Duration::from_millis(500), |w| {
+            w.min(Duration::from_millis(500))
+        });
+    let mut ready = false;
+    loop {
+        let now = role.lock().map(|r| r.clone()).unwrap_or(Role::Candidate);
+        let (status, serving) = match now {
+            Role::Leading(leader) => (
+                format!(
+                    "leading on {}: {}",
+                    leader.local_addr(),
+                    crate::notify::followers_status(&leader)
+                ),
+                true,
+            ),
+            Role::Following(me) => {
+                let me = me.lock().map(|m| m.clone()).unwrap_or_default();
+                if me.sync_done {
+                    (format!("following {}, in sync", me.leader), true)
+                } else {
+                    (format!("following {}: syncing", me.leader), false)
+                }
+            }
+            Role::Candidate => ("no leader to follow yet".to_string(), false),
+        };
+        if stop.load(Ordering::SeqCst) {
+            notifier.status("leaving the cluster");
+        } else if serving && !ready {
+            ready = true;
+            notifier.ready(&status);
+        } else {
+            notifier.status(&status);
+        }
+        notifier.watchdog();
+        tokio::time::sleep(tick).await;
+    }
 }
 
 /// Runs the role callback on a blocking thread and waits for it.
@@ -510,11 +562,11 @@ async fn node_loop(
     feed: Feed,
     on_role: RoleCallback,
     stop: Arc<AtomicBool>,
+    role: SharedRole,
 ) -> anyhow::Result<()> {
     let keys = Keys::new(&config.prefix);
     let on_role = Arc::new(Mutex::new(on_role));
     let mut following: Option<FollowerRun> = None;
-    let role: SharedRole = Arc::new(Mutex::new(Role::Candidate));
     let _http = match config.http {
         Some(addr) => {
             let role = role.clone();

@@ -1,12 +1,12 @@
-//! `--config FILE`: every flag of `lead` and `follow` may also come from a TOML file. Flags win
-//! over `FERRY_*` environment variables, which win over the file; a key the file has that no
-//! subcommand knows is an error naming the key and its line.
+//! `--config FILE`: every flag of `lead`, `follow` and `node` may also come from a TOML file.
+//! Flags win over `FERRY_*` environment variables, which win over the file; a key the file has
+//! that no subcommand knows is an error naming the key and its line.
 //!
 //! The file is read before clap parses anything, and each setting not given as a flag or
 //! through the environment is appended to the command line as `--key value`; clap then parses
 //! as usual, so one set of rules (types, ranges, help) covers all three sources. The TOML subset
 //! read is what a flat config needs: `key = "string" | integer | true | false`, comments, and
-//! `[lead]` / `[follow]` sections for settings of one subcommand only.
+//! `[lead]` / `[follow]` / `[node]` sections for settings of one subcommand only.
 
 use std::ffi::OsString;
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use ferry::auth::Secret;
 use ferry::engine::EngineKind;
-use ferry::lag::FollowerState;
 use ferry::leader::{LeaderConfig, WatchedLeader};
 
 use crate::signals::{block_termination_signals, wait_signal};
@@ -87,16 +86,7 @@ pub fn run(
         }
         // The leader itself logs each follower's state changes.
         notifier.watchdog();
-        let followers = leader.followers();
-        let lagging = followers
-            .iter()
-            .filter(|f| f.lag.state == FollowerState::Lagging)
-            .count();
-        let connected = followers
-            .iter()
-            .filter(|f| f.lag.state != FollowerState::Disconnected)
-            .count();
-        notifier.status(&format!("{connected} followers, {lagging} lagging"));
+        notifier.status(&ferry::notify::followers_status(&leader));
     };
     drop(_http);
     drop(leader);

@@ -32,8 +32,8 @@ use ferry::frame::Durability;
         Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 struct Cli {
-    /// Read settings from this TOML file (`key = value`, `[lead]`/`[follow]` sections); flags
-    /// and FERRY_* environment variables win over it. FERRY_CONFIG may name it instead.
+    /// Read settings from this TOML file (`key = value`, `[lead]`/`[follow]`/`[node]` sections);
+    /// flags and FERRY_* environment variables win over it. FERRY_CONFIG may name it instead.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]

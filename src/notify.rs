@@ -68,3 +68,18 @@ impl Notifier {
         }
     }
 }
+
+/// What a leader tells `systemctl status` of its followers.
+pub fn followers_status(leader: &crate::leader::Leader) -> String {
+    use crate::lag::FollowerState;
+    let followers = leader.followers();
+    let lagging = followers
+        .iter()
+        .filter(|f| f.lag.state == FollowerState::Lagging)
+        .count();
+    let connected = followers
+        .iter()
+        .filter(|f| f.lag.state != FollowerState::Disconnected)
+        .count();
+    format!("{connected} followers, {lagging} lagging")
+}

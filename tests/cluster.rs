@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -692,5 +693,60 @@ fn an_empty_node_lets_a_node_that_holds_data_win_a_new_clusters_first_election()
         "the empty node led: {}",
         empty.proc.log_text()
     );
+    drop(etcd);
+}
+
+/// `ferry node` as a `Type=notify` systemd service: a leading node is ready once it serves, a
+/// following one once it holds the leader's files (its first sync applied), and both feed the
+/// watchdog.
+#[test]
+fn under_systemd_a_node_reports_ready_once_it_serves_or_holds_the_leaders_files() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let start = |name: &str, systemd: &NotifySocket| {
+        let dir = env.dir(name);
+        let advertise = format!("127.0.0.1:{}", free_port());
+        let mut cmd = node_cmd(&etcd.url, &dir, &advertise);
+        cmd.arg("--secret-file").arg(&env.secret_file);
+        systemd.configure(&mut cmd);
+        (Proc::spawn(cmd), dir, advertise)
+    };
+    let a_systemd = NotifySocket::bind(&env, "a.sock");
+    let a_dir = env.dir("a");
+    write(&a_dir.join("q/seg"), &pattern(2_000_000, 4));
+    let (_a, _, a_advertise) = start("a", &a_systemd);
+    let ready = a_systemd.wait_for("READY=1");
+    assert!(
+        ready.contains(&format!("STATUS=leading on {a_advertise}")),
+        "{ready}"
+    );
+    a_systemd.wait_for("WATCHDOG=1");
+
+    // B cannot follow while something else holds its data dir (the test, by ferry's own lock):
+    // it is not ready then, whatever else it does.
+    let b_systemd = NotifySocket::bind(&env, "b.sock");
+    let b_dir = env.dir("b");
+    std::fs::create_dir_all(b_dir.join(".ferry")).unwrap();
+    let lock = std::fs::File::create(b_dir.join(".ferry/lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns, open for the call.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let (b, _, _) = start("b", &b_systemd);
+    b.wait_log("is in use by another", Duration::from_secs(20));
+    let syncing = b_systemd.wait_for("STATUS=following");
+    assert!(
+        !syncing.contains("READY=1"),
+        "ready without the files: {syncing}"
+    );
+    drop(lock);
+    let ready = b_systemd.wait_for("READY=1");
+    assert!(
+        tree_difference(&a_dir, &b_dir).is_none(),
+        "ready before it held the files"
+    );
+    assert!(
+        ready.contains(&format!("STATUS=following {a_advertise}")),
+        "{ready}"
+    );
+    b_systemd.wait_for("WATCHDOG=1");
     drop(etcd);
 }

@@ -138,29 +138,35 @@ fn the_leader_reports_how_long_its_server_thread_waited_for_a_cpu() {
 #[test]
 fn under_systemd_the_leader_reports_ready_and_feeds_the_watchdog() {
     let env = Env::new();
-    let socket_path = env.tmp.path().join("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
+    let systemd = NotifySocket::bind(&env, "notify.sock");
     let mut cmd = ferry();
     cmd.args(["lead", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(env.dir("leader"))
         .arg("--secret-file")
-        .arg(&env.secret_file)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "400000");
+        .arg(&env.secret_file);
+    systemd.configure(&mut cmd);
     let _leader = Proc::spawn(cmd);
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 512];
-    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
-        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
-    {
-        let n = socket.recv(&mut buf).expect("a notification within 20 s");
-        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
-    }
-    let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+    let ready = systemd.wait_for("READY=1");
     assert!(ready.contains("STATUS=leading"), "{ready}");
+    systemd.wait_for("WATCHDOG=1");
+}
+
+/// The example an operator copies to /etc/ferry names only settings each subcommand knows.
+#[test]
+fn the_example_config_in_contrib_is_accepted_by_every_subcommand() {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ferry.toml");
+    for sub in ["lead", "follow", "node"] {
+        let out = ferry()
+            .args([sub, "--help", "--config"])
+            .arg(&example)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ferry {sub}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

@@ -547,6 +547,44 @@ pub fn start_node_with(env: &Env, etcd: &str, dir: &Path, port: u16, flags: &[&s
     }
 }
 
+/// The socket systemd gives a `Type=notify` service (`NOTIFY_SOCKET`), here a test's own.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+}
+
+impl NotifySocket {
+    pub fn bind(env: &Env, name: &str) -> NotifySocket {
+        let path = env.tmp.path().join(name);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        NotifySocket { path, socket }
+    }
+
+    /// Sets the variables systemd sets for a unit with a watchdog of `WatchdogSec=0.4`.
+    pub fn configure(&self, cmd: &mut Command) {
+        cmd.env("NOTIFY_SOCKET", &self.path)
+            .env("WATCHDOG_USEC", "400000");
+    }
+
+    /// The next message that contains `needle`, reading (up to 30 s each) past any other.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let mut buf = [0u8; 512];
+        loop {
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no notification with {needle:?}: {e}"));
+            let message = String::from_utf8_lossy(&buf[..n]).to_string();
+            if message.contains(needle) {
+                return message;
+            }
+        }
+    }
+}
+
 /// The value of `key` in etcd, if it is set and etcd answers.
 pub fn read_key(etcd: &str, key: &str) -> Option<String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
