@@ -27,7 +27,9 @@
 //! inotify watch limit reached, a descriptor limit, a permission), would hide every change
 //! under it, and its files would look deleted. So it is an error: at start `Watcher::start`
 //! fails; later the watcher stops and `Watcher::failure` says why, for its owner to stop
-//! serving (`ferry lead` exits, a node steps down).
+//! serving (`ferry lead` exits, a node steps down). So is the root itself moved away, deleted,
+//! unmounted or hidden under a mount (`State::check_root`): the watches stay on the old
+//! directory, and the files written at its path from then on would go unseen.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -55,6 +57,9 @@ const EVENT_BUFFER_BYTES: usize = 64 * 1024;
 /// wake-up, a stat and two samples read for every few.
 const WATCH_BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_micros(200);
 const EVENT_HEADER_BYTES: usize = 16;
+/// How often the watcher looks at what the root's path names, to see the root replaced
+/// there without an event on the root itself (a mount over it, its parent renamed).
+const ROOT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -188,6 +193,8 @@ impl Flusher {
 
 struct State {
     root: PathBuf,
+    /// The root's device and inode as the watcher started: what its path must still name.
+    root_id: (u64, u64),
     inotify: OwnedFd,
     dirs: HashMap<i32, String>,
     files: HashMap<RelPath, Seen>,
@@ -233,8 +240,10 @@ impl Watcher {
         // SAFETY: inotify_init1 returned a new fd owned by nobody else.
         let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
         let stop = new_eventfd()?;
+        let root_meta = std::fs::metadata(root)?;
         let mut state = State {
             root: root.to_path_buf(),
+            root_id: (root_meta.dev(), root_meta.ino()),
             inotify,
             dirs: HashMap::new(),
             files: HashMap::new(),
@@ -379,6 +388,7 @@ impl State {
             | libc::IN_MOVED_TO
             | libc::IN_ATTRIB
             | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF
             | libc::IN_ONLYDIR
             | libc::IN_DONT_FOLLOW
             | libc::IN_EXCL_UNLINK;
@@ -602,7 +612,12 @@ impl State {
         flusher: &Flusher,
     ) -> io::Result<()> {
         let mut buf = vec![0u8; EVENT_BUFFER_BYTES];
+        let mut root_checked = Instant::now();
         loop {
+            if root_checked.elapsed() >= ROOT_CHECK_INTERVAL {
+                self.check_root()?;
+                root_checked = Instant::now();
+            }
             let mut fds = [
                 libc::pollfd {
                     fd: self.inotify.as_raw_fd(),
@@ -620,8 +635,9 @@ impl State {
                     revents: 0,
                 },
             ];
+            let timeout_ms = ROOT_CHECK_INTERVAL.as_millis() as libc::c_int;
             // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout_ms) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -677,11 +693,29 @@ impl State {
                 self.dirs.remove(&wd);
                 continue;
             }
+            if mask & libc::IN_UNMOUNT != 0 {
+                return Err(io::Error::other(format!(
+                    "the filesystem of {} was unmounted",
+                    self.root.display()
+                )));
+            }
             let Some(dir) = self.dirs.get(&wd).cloned() else {
                 continue;
             };
             if name.is_empty() {
-                continue; // an event on the directory itself
+                if dir.is_empty() && mask & (libc::IN_MOVE_SELF | libc::IN_DELETE_SELF) != 0 {
+                    let what = if mask & libc::IN_MOVE_SELF != 0 {
+                        "moved away (renamed)"
+                    } else {
+                        "deleted"
+                    };
+                    return Err(io::Error::other(format!(
+                        "{} was {what} while served: a directory at that path now is not the \
+                         one served; start ferry on it again",
+                        self.root.display()
+                    )));
+                }
+                continue; // another event on a directory itself
             }
             if dir.is_empty() && name == STATE_DIR_NAME {
                 continue;
@@ -732,6 +766,25 @@ impl State {
             self.check(&path, t)?;
         }
         Ok(())
+    }
+
+    /// Whether the root's path still names the directory watched. Not when another directory
+    /// or a mount is there now, or nothing is: what is written at that path would go unseen.
+    /// A path that cannot be looked at for another reason (a permission changed) is let be.
+    fn check_root(&self) -> io::Result<()> {
+        let now = match std::fs::metadata(&self.root) {
+            Ok(meta) => Some((meta.dev(), meta.ino())),
+            Err(e) if is_gone(&e) => None,
+            Err(_) => return Ok(()),
+        };
+        if now == Some(self.root_id) {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "{} is no longer the directory served: it was moved or deleted, or another \
+             directory or a mount is at that path now; start ferry on it again",
+            self.root.display()
+        )))
     }
 
     /// A directory was deleted or moved away: every file known under it is gone.

@@ -678,6 +678,75 @@ fn a_leader_that_may_not_read_a_directory_refuses_to_serve_and_names_it() {
     assert!(!status.success(), "{}", leader.log_text());
 }
 
+/// A data dir moved away while it is served (`mv DIR DIR.old` and a new DIR made, as a broker
+/// reset may do): the leader would go on serving the old directory and never see a file of the
+/// new one, while its followers looked in sync. It stops, naming the move, and exits non-zero
+/// (a service manager starts it again on the new DIR); the follower keeps every file.
+#[test]
+fn a_leader_whose_data_dir_is_moved_away_stops_and_says_why() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(10_000, 1));
+    let mut leader = start_leader(&env, &ld, "fallback");
+    let follower = Proc::spawn(follow_cmd(&env, &fd, leader.addr, "fallback"));
+    wait_identical(&ld, &fd, Duration::from_secs(30));
+    let old = env.tmp.path().join("leader.old");
+    std::fs::rename(&ld, &old).unwrap();
+    write(&ld.join("q/seg"), &pattern(500, 2));
+    let line = leader
+        .proc
+        .wait_log("the watcher of", Duration::from_secs(20));
+    assert!(line.contains("was moved away"), "{line}");
+    let status = exit_within(&mut leader.proc, Duration::from_secs(20));
+    assert!(!status.success(), "{}", leader.proc.log_text());
+    drop(follower);
+    assert_eq!(std::fs::read(fd.join("q/seg")).unwrap(), pattern(10_000, 1));
+}
+
+/// The same for a filesystem mounted over the data dir while it is served (here a tmpfs; as
+/// well a data disk mounted late, over the directory the leader started on): nothing in the
+/// old directory tells, so the leader looks at what its path names every second.
+#[test]
+fn a_leader_whose_data_dir_is_mounted_over_stops_and_says_why() {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting needs root");
+        return;
+    }
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("q/seg"), &pattern(10_000, 1));
+    let mut leader = start_leader(&env, &ld, "fallback");
+    let _mounted = Mount::tmpfs(&ld);
+    let line = leader
+        .proc
+        .wait_log("the watcher of", Duration::from_secs(20));
+    assert!(line.contains("is no longer the directory served"), "{line}");
+    let status = exit_within(&mut leader.proc, Duration::from_secs(20));
+    assert!(!status.success(), "{}", leader.proc.log_text());
+}
+
+/// A tmpfs mounted at a path, unmounted when dropped (a failed test leaves no mount behind).
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &std::path::Path) -> Mount {
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount {}", at.display());
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// How `proc` exited, which it must within `timeout`.
 fn exit_within(proc: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
