@@ -263,6 +263,34 @@ impl DirLock {
     }
 }
 
+/// How often a leader's watcher and a follower look at what their data dir's path names
+/// (`still_at`): a directory renamed away, or hidden under a mount, would otherwise be served
+/// or written on as if it were still there.
+pub const ROOT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `path` still names the directory of device and inode `id`: not when it was moved
+/// or deleted, or another directory or a mount is at that path now. A path that cannot be
+/// looked at for another reason (a permission changed on the way) is let be.
+pub fn still_at(path: &Path, id: (u64, u64)) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let now = match std::fs::metadata(path) {
+        Ok(meta) => Some((meta.dev(), meta.ino())),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => None,
+        Err(_) => return Ok(()),
+    };
+    if now == Some(id) {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "{} is no longer the directory ferry started on: it was moved or deleted, or another \
+             directory or a mount is at that path now; start ferry on it again",
+            path.display()
+        ),
+    ))
+}
+
 /// `e`, from listing the directory `dir`, naming it: the scan's, the watcher's and
 /// `first_file`'s walks report it alike.
 pub fn cannot_list(dir: &Path, e: io::Error) -> io::Error {
@@ -355,6 +383,18 @@ impl DataDir {
 
     pub fn root_fd(&self) -> BorrowedFd<'_> {
         self.root_fd.as_fd()
+    }
+
+    /// Whether the root's path still names the directory this `DataDir` has open (`still_at`).
+    pub fn check_root(&self) -> io::Result<()> {
+        // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on the root dir's fd, which this DataDir owns and keeps open, writing
+        // into `st`, which lives across the call.
+        if unsafe { libc::fstat(self.root_fd().as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        still_at(&self.root, (st.st_dev, st.st_ino))
     }
 
     /// openat2(2) of `rel` beneath `dirfd`, refusing symlinks that lead outside.

@@ -28,8 +28,9 @@
 //! under it, and its files would look deleted. So it is an error: at start `Watcher::start`
 //! fails; later the watcher stops and `Watcher::failure` says why, for its owner to stop
 //! serving (`ferry lead` exits, a node steps down). So is the root itself moved away, deleted,
-//! unmounted or hidden under a mount (`State::check_root`): the watches stay on the old
-//! directory, and the files written at its path from then on would go unseen.
+//! unmounted or hidden under a mount (its own events, and `paths::still_at` every
+//! `ROOT_CHECK_INTERVAL`): the watches stay on the old directory, and the files written at its
+//! path from then on would go unseen.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -43,7 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::index::mtime_ns;
-use crate::paths::{RelPath, STATE_DIR_NAME};
+use crate::paths::{RelPath, ROOT_CHECK_INTERVAL, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
 const SAMPLE_BYTES: usize = 64;
@@ -57,9 +58,6 @@ const EVENT_BUFFER_BYTES: usize = 64 * 1024;
 /// wake-up, a stat and two samples read for every few.
 const WATCH_BATCH_INTERVAL: std::time::Duration = std::time::Duration::from_micros(200);
 const EVENT_HEADER_BYTES: usize = 16;
-/// How often the watcher looks at what the root's path names, to see the root replaced
-/// there without an event on the root itself (a mount over it, its parent renamed).
-const ROOT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -615,7 +613,7 @@ impl State {
         let mut root_checked = Instant::now();
         loop {
             if root_checked.elapsed() >= ROOT_CHECK_INTERVAL {
-                self.check_root()?;
+                crate::paths::still_at(&self.root, self.root_id)?;
                 root_checked = Instant::now();
             }
             let mut fds = [
@@ -766,25 +764,6 @@ impl State {
             self.check(&path, t)?;
         }
         Ok(())
-    }
-
-    /// Whether the root's path still names the directory watched. Not when another directory
-    /// or a mount is there now, or nothing is: what is written at that path would go unseen.
-    /// A path that cannot be looked at for another reason (a permission changed) is let be.
-    fn check_root(&self) -> io::Result<()> {
-        let now = match std::fs::metadata(&self.root) {
-            Ok(meta) => Some((meta.dev(), meta.ino())),
-            Err(e) if is_gone(&e) => None,
-            Err(_) => return Ok(()),
-        };
-        if now == Some(self.root_id) {
-            return Ok(());
-        }
-        Err(io::Error::other(format!(
-            "{} is no longer the directory served: it was moved or deleted, or another \
-             directory or a mount is at that path now; start ferry on it again",
-            self.root.display()
-        )))
     }
 
     /// A directory was deleted or moved away: every file known under it is gone.

@@ -721,9 +721,55 @@ fn a_leader_whose_data_dir_is_mounted_over_stops_and_says_why() {
     let line = leader
         .proc
         .wait_log("the watcher of", Duration::from_secs(20));
-    assert!(line.contains("is no longer the directory served"), "{line}");
+    assert!(
+        line.contains("is no longer the directory ferry started on"),
+        "{line}"
+    );
     let status = exit_within(&mut leader.proc, Duration::from_secs(20));
     assert!(!status.success(), "{}", leader.proc.log_text());
+}
+
+/// A follower's data dir mounted over while it follows (a data disk mounted after ferry
+/// started, a unit without `RequiresMountsFor=`): its writes and acks would go on into the
+/// hidden directory, and a node elected later would serve what the mount holds. It stops,
+/// naming the cause, and exits non-zero.
+#[test]
+fn a_follower_whose_data_dir_is_mounted_over_stops_and_says_why() {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting needs root");
+        return;
+    }
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(10_000, 1));
+    let leader = start_leader(&env, &ld, "fallback");
+    let mut follower = Proc::spawn(follow_cmd(&env, &fd, leader.addr, "fallback"));
+    wait_identical(&ld, &fd, Duration::from_secs(30));
+    let _mounted = Mount::tmpfs(&fd);
+    // The application goes on appending: the follower looks at its path as it applies them.
+    let mut seg = std::fs::OpenOptions::new()
+        .append(true)
+        .open(ld.join("q/seg"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = follower.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{}", follower.log_text());
+        std::io::Write::write_all(&mut seg, &pattern(1000, 3)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{}", follower.log_text());
+    let log = follower.log_text();
+    assert!(
+        log.contains(&format!(
+            "{} is no longer the directory ferry started on",
+            fd.display()
+        )),
+        "{log}"
+    );
 }
 
 /// A tmpfs mounted at a path, unmounted when dropped (a failed test leaves no mount behind).

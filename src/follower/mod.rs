@@ -97,6 +97,10 @@ pub enum FollowError {
     Session(SessionError),
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// The data dir's path no longer names the directory being written (`DataDir::check_root`):
+    /// following on would write, and ack, into a directory nobody will find there.
+    #[error(transparent)]
+    DirGone(io::Error),
 }
 
 impl FollowError {
@@ -201,7 +205,7 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
         }
         match result {
             Ok(report) if config.once => return Ok(report),
-            Err(e @ FollowError::Refused(_)) => return Err(e),
+            Err(e @ (FollowError::Refused(_) | FollowError::DirGone(_))) => return Err(e),
             Err(e) if config.once => return Err(e),
             Ok(_) => tracing::warn!("the leader closed the connection; reconnecting"),
             Err(e) => tracing::warn!("{e}; reconnecting in {} ms", backoff.as_millis()),
@@ -310,6 +314,7 @@ async fn follow_once(
         progress: None,
         report: SyncReport::default(),
         started: Instant::now(),
+        root_checked: Instant::now(),
     };
     let result = ctx.run().await;
     // However the connection ended, what was applied after its last MARK is recorded.
@@ -367,6 +372,8 @@ struct Ctx<'a> {
     progress: Option<progress::Progress>,
     report: SyncReport,
     started: Instant,
+    /// When the data dir's path was last checked (`DataDir::check_root`), at a MARK.
+    root_checked: Instant,
 }
 
 impl Ctx<'_> {
@@ -532,6 +539,10 @@ impl Ctx<'_> {
                     sync_done,
                     position,
                 } => {
+                    if self.root_checked.elapsed() >= crate::paths::ROOT_CHECK_INTERVAL {
+                        self.dir.check_root().map_err(FollowError::DirGone)?;
+                        self.root_checked = Instant::now();
+                    }
                     // Every write before this MARK has completed (see `receive`).
                     self.session.borrow_mut().written(position);
                     self.held.on_mark(self.dir, position, sync_done);
