@@ -511,6 +511,8 @@ struct Keys {
     isr: String,
     handoff: String,
     handoff_result: String,
+    /// `PREFIX/nodes/`: each running node's id, claimed under its lease (`claim_node_id`).
+    nodes: String,
 }
 
 impl Keys {
@@ -520,7 +522,72 @@ impl Keys {
             isr: format!("{prefix}/isr"),
             handoff: format!("{prefix}/handoff"),
             handoff_result: format!("{prefix}/handoff-result"),
+            nodes: format!("{prefix}/nodes/"),
         }
+    }
+}
+
+/// Claims `PREFIX/nodes/ID` under this node's lease, so that no two running nodes share an id
+/// (two started with one `--advertise`, a config copied from host to host): the leader would
+/// take either for the other, and the in-sync replica set, which names nodes by id, would vouch
+/// for one that never synced. The key of an earlier run of this node (killed, its lease not
+/// yet lapsed) goes within the lease TTL, so a claim waits that long before it fails.
+/// Ok(Err(why)) when another node holds the id; Err when etcd does not answer.
+async fn claim_node_id(
+    client: &mut Client,
+    keys: &Keys,
+    config: &NodeConfig,
+    lease: i64,
+) -> Result<Result<(), String>, etcd_client::Error> {
+    use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+    let key = format!("{}{}", keys.nodes, config.advertise);
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let me = format!("pid {} on {}", std::process::id(), hostname.trim());
+    let lapse = Duration::from_secs(u64::try_from(config.lease_ttl_s).unwrap_or(0) * 2 + 1);
+    let deadline = tokio::time::Instant::now() + lapse;
+    let mut waiting_logged = false;
+    loop {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                me.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let resp = client.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(Ok(()));
+        }
+        let holder = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            })
+            .unwrap_or_else(|| "a node".into());
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Err(format!(
+                "node id {} is in use by another node ({holder}; etcd key {key}): each node of \
+                 a cluster needs its own --advertise, the address the others reach it at. Is \
+                 this node's configuration a copy of another's?",
+                config.advertise
+            )));
+        }
+        if !waiting_logged {
+            waiting_logged = true;
+            tracing::info!(
+                "node id {} is held by {holder}: waiting up to {} ms for it to go (an earlier \
+                 run of this node whose lease has not lapsed yet)",
+                config.advertise,
+                lapse.as_millis()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -588,6 +655,8 @@ async fn node_loop(
     let mut etcd_backoff = ETCD_RETRY_MIN;
     // Set when this node could not lead: no campaign before then.
     let mut campaign_after: Option<tokio::time::Instant> = None;
+    // Why the node stops on its own, if it does.
+    let mut failed: Option<anyhow::Error> = None;
     while !stopping() {
         // etcd unreachable (not started yet, partitioned): keep following whoever we followed,
         // and retry. Without etcd no node can be elected, so none may lead.
@@ -613,6 +682,22 @@ async fn node_loop(
                 continue;
             }
         };
+        match claim_node_id(&mut client, &keys, &config, lease).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                keepalive.abort();
+                revoke(&mut client, lease, config.lease_ttl_s).await;
+                failed = Some(anyhow::anyhow!(why));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("cannot claim this node's id in etcd: {e}; retrying");
+                keepalive.abort();
+                revoke(&mut client, lease, config.lease_ttl_s).await;
+                crate::follower::sleep_unless_stopped(etcd_backoff, &stop).await;
+                continue;
+            }
+        }
         tracing::info!(
             "node {} joined the election {} (lease ttl {} s)",
             config.advertise,
@@ -873,8 +958,13 @@ async fn node_loop(
     if let Some(f) = following.take() {
         tokio::task::spawn_blocking(move || f.stop()).await.ok();
     }
-    tracing::info!("left the cluster");
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("left the cluster");
+            Ok(())
+        }
+    }
 }
 
 /// A node's wait, on joining the election, while its data dir holds no files: without it, a

@@ -750,3 +750,66 @@ fn under_systemd_a_node_reports_ready_once_it_serves_or_holds_the_leaders_files(
     b_systemd.wait_for("WATCHDOG=1");
     drop(etcd);
 }
+
+/// Two nodes started with one `--advertise` (a config file copied from host to host) would
+/// share a node id: the leader would take either for the other, the in-sync replica set
+/// would vouch for both, and one that never synced could be elected. The second refuses to
+/// join, naming the id and the process that holds it, and exits non-zero; the first leads on.
+#[test]
+fn a_second_node_with_the_same_advertised_id_refuses_to_join() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let a_dir = env.dir("a");
+    write(&a_dir.join("q/seg"), &pattern(1000, 1));
+    let a = start_node(&env, &etcd.url, &a_dir, free_port());
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let mut cmd = ferry();
+    cmd.args([
+        "node",
+        "--lease-ttl",
+        "2",
+        "--io-engine",
+        "fallback",
+        "--etcd",
+    ])
+    .arg(&etcd.url)
+    .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+    .args(["--advertise", &a.advertise])
+    .arg("--data-dir")
+    .arg(env.dir("b"))
+    .arg("--secret-file")
+    .arg(&env.secret_file);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    failed_saying(
+        &out,
+        &[
+            &format!("node id {} is in use by another node", a.advertise),
+            &format!("pid {}", a.proc.child.id()),
+            "--advertise",
+        ],
+    );
+    let mut a = a;
+    assert!(
+        a.proc.child.try_wait().unwrap().is_none(),
+        "the first node stopped"
+    );
+    assert!(
+        !a.proc.log_text().contains("no longer leading"),
+        "{}",
+        a.proc.log_text()
+    );
+
+    // The same node killed and started again at once (a service manager's restart) finds its
+    // id held by its own earlier run until that lease lapses, and then joins.
+    signal(&a.proc.child, libc::SIGKILL);
+    let _ = a.proc.child.wait();
+    let port: u16 = a.advertise.rsplit(':').next().unwrap().parse().unwrap();
+    let again = start_node(&env, &etcd.url, &a_dir, port);
+    again
+        .proc
+        .wait_log("waiting up to", Duration::from_secs(20));
+    again
+        .proc
+        .wait_log("elected leader", Duration::from_secs(30));
+    drop(etcd);
+}
