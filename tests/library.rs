@@ -565,3 +565,36 @@ fn a_checkpoint_that_cannot_be_written_deletes_the_record_and_acks_go_on() {
         record_position(&ld).is_some_and(|p| p >= position + (1 << 40))
     });
 }
+
+/// Connections that have not authenticated (a port scanner, a health check, a peer that sent
+/// only a preamble) are nobody's follower: they are not listed, and the writer's changes are
+/// not queued for them, while a real follower beside them is listed and acks.
+#[test]
+fn connections_that_have_not_authenticated_are_not_followers() {
+    use std::io::Write;
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let leader = start(&ld, "fallback");
+    let mut strangers: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(leader.local_addr()).unwrap())
+        .collect();
+    for s in &mut strangers[..10] {
+        s.write_all(&ferry::frame::Preamble::ours().encode())
+            .unwrap();
+    }
+    let mut offset = 0;
+    publish(&leader, &ld, "seg.0", &mut offset, 100);
+    let _follower = start_follower(
+        &env,
+        &env.dir("f"),
+        leader.local_addr(),
+        "fallback",
+        "written",
+    );
+    let position = publish(&leader, &ld, "seg.0", &mut offset, 100);
+    acked_written(&leader, position);
+    // Each stranger's connection has been served since before the follower's: one that were
+    // a follower would be listed by now, as it is.
+    assert_eq!(leader.followers().len(), 1, "{:?}", leader.followers());
+    drop(strangers);
+}

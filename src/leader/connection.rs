@@ -61,11 +61,18 @@ pub(super) struct ConnCtx {
 }
 
 impl ConnCtx {
-    /// A new connection: its report slot and its inbox. Returns its id and what wakes it.
-    pub(super) fn register(&self, peer: SocketAddr) -> (u64, Arc<Notify>) {
+    /// A new connection's id, for its log lines from the start.
+    pub(super) fn next_id(&self) -> u64 {
         let mut board = self.shared.board();
         let id = board.next_id;
         board.next_id += 1;
+        id
+    }
+
+    /// An authenticating connection becomes a follower: its report slot and its inbox, which the
+    /// writers fill from now on. Returns what wakes it.
+    fn register(&self, id: u64, peer: SocketAddr) -> Arc<Notify> {
+        let mut board = self.shared.board();
         board.slots.insert(
             id,
             Slot {
@@ -92,7 +99,7 @@ impl ConnCtx {
                 wake_wanted: true,
             },
         );
-        (id, wake)
+        wake
     }
 
     fn set_sending(&self, id: u64, since: Option<Instant>) {
@@ -134,12 +141,19 @@ pub(super) enum ServeError {
     Io(#[from] io::Error),
 }
 
+/// Serves connection `id` from `peer`: its handshake, then, once it may authenticate, as a
+/// follower. Its slot and inbox are made only then (`ConnCtx::register`): a connection that
+/// says nothing, or never authenticates, is not listed, and the writers' changes are not
+/// queued for it: before, each looked at its inbox as a follower does, and 500 of them cost a
+/// leader 18x its CPU without them (`tools/idle-cost.sh`; README, Performance).
+/// The caller unregisters `id` once this returns.
 pub(super) async fn serve_follower(
     ctx: &ConnCtx,
     id: u64,
-    wake: &Notify,
+    peer: SocketAddr,
     conn: Rc<Conn>,
 ) -> Result<(), ServeError> {
+    let connected_at = Instant::now();
     let mut session = LeaderSession::new(
         ctx.secret.clone(),
         random_nonce()?,
@@ -148,7 +162,20 @@ pub(super) async fn serve_follower(
     );
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
     let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));
-    let result = drive(ctx, id, &conn, &mut session, wake, &mut input_rx).await;
+    let result = match handshake(ctx, &conn, &mut session, &mut input_rx, connected_at).await {
+        Ok(Some(input)) => {
+            let wake = ctx.register(id, peer);
+            let io = Io {
+                conn: &conn,
+                input_rx: &mut input_rx,
+                input,
+                connected_at,
+            };
+            drive(ctx, id, io, &mut session, &wake).await
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
     reader.abort();
     if let Err(ServeError::Session(e)) = &result {
         // Tell the follower why, best effort: the connection is closing anyway.
@@ -159,6 +186,66 @@ pub(super) async fn serve_follower(
         }
     }
     result
+}
+
+/// The handshake, before the connection is anyone's follower: the session is fed with an
+/// empty catalog until its input may authenticate it (`LeaderSession::may_authenticate`).
+/// Returns that input, not yet fed; `None` when the peer closed first or the leader stops.
+async fn handshake(
+    ctx: &ConnCtx,
+    conn: &Conn,
+    session: &mut LeaderSession,
+    input_rx: &mut mpsc::Receiver<io::Result<Vec<u8>>>,
+    connected_at: Instant,
+) -> Result<Option<Vec<u8>>, ServeError> {
+    let nothing = Catalog::new([]);
+    let deadline = tokio::time::Instant::from_std(
+        connected_at + Duration::from_millis(crate::frame::HANDSHAKE_TIMEOUT_MS),
+    );
+    let mut input = Vec::new();
+    loop {
+        if session.has_output() {
+            let (r, _) = conn.write_all(session.take_output()).await;
+            r?;
+        }
+        if session.may_authenticate(&input) {
+            return Ok(Some(input));
+        }
+        if !input.is_empty() {
+            let n = session.handle_input(&input, &nothing, Instant::now())?;
+            input.drain(..n);
+            if n > 0 {
+                continue;
+            }
+        }
+        if ctx.shared.stopping.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        tokio::select! {
+            chunk = input_rx.recv() => {
+                let mut eof = false;
+                take_input(chunk, &mut input, &mut eof)?;
+                if eof {
+                    return Ok(None);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                session.check_handshake_deadline(connected_at, Instant::now())?;
+            }
+            _ = ctx.shared.shutdown.notified() => {}
+            // notify_waiters() wakes only tasks already waiting: re-check the flag now and then.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// A connection's socket as `drive` gets it from the handshake: the socket, its reader's
+/// chunks, the input not yet fed to the session, and when the peer connected.
+struct Io<'a> {
+    conn: &'a Conn,
+    input_rx: &'a mut mpsc::Receiver<io::Result<Vec<u8>>>,
+    input: Vec<u8>,
+    connected_at: Instant,
 }
 
 async fn read_loop(conn: Rc<Conn>, tx: mpsc::Sender<io::Result<Vec<u8>>>) {
@@ -237,16 +324,19 @@ fn record_unreported(ctx: &ConnCtx, id: u64, path: &RelPath, catalog: &Catalog) 
 async fn drive(
     ctx: &ConnCtx,
     id: u64,
-    conn: &Conn,
+    io: Io<'_>,
     session: &mut LeaderSession,
     wake: &Notify,
-    input_rx: &mut mpsc::Receiver<io::Result<Vec<u8>>>,
 ) -> Result<(), ServeError> {
-    let mut input: Vec<u8> = Vec::new();
+    let Io {
+        conn,
+        input_rx,
+        mut input,
+        connected_at,
+    } = io;
     let mut files = OpenFiles::new();
     let mut eof = false;
     let mut reporter = Reporter::default();
-    let connected_at = Instant::now();
     let mut sync_started: Option<Instant> = None;
     // A payload sits in the socket with MORE set, waiting for what follows it.
     let mut corked = false;

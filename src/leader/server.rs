@@ -239,9 +239,9 @@ async fn accept_loop(
         };
         tokio::task::spawn_local(async move {
             let conn = Rc::new(conn);
-            let (id, wake) = ctx.register(peer);
+            let id = ctx.next_id();
             tracing::info!("follower #{id} connected from {peer}");
-            match serve_follower(&ctx, id, &wake, conn.clone()).await {
+            match serve_follower(&ctx, id, peer, conn.clone()).await {
                 Ok(()) => tracing::info!("follower #{id} ({peer}) disconnected"),
                 Err(e) => tracing::warn!("follower #{id} ({peer}): {e}"),
             }

@@ -751,6 +751,24 @@ impl LeaderSession {
         }
     }
 
+    /// Whether feeding `input` may authenticate the peer, which sends it the index: where the
+    /// session awaits the preamble or AUTH, whether `input` holds a valid preamble (if one is
+    /// awaited) and a whole frame after it (or bytes that cannot begin one); true once past the
+    /// handshake. Until then the shell feeds the session with an empty catalog, and joins the
+    /// writers' changes and copies the catalog only when this says so: a connection that never
+    /// authenticates costs the writers nothing.
+    pub fn may_authenticate(&self, input: &[u8]) -> bool {
+        let rest = match self.phase {
+            LeaderPhase::AwaitPreamble => match take_preamble(input) {
+                Ok(Some(_)) => &input[PREAMBLE_BYTES..],
+                Ok(None) | Err(_) => return false,
+            },
+            LeaderPhase::AwaitAuth => input,
+            _ => return true,
+        };
+        !matches!(Frame::decode(rest), Ok(None))
+    }
+
     /// Ends a session that has not authenticated `HANDSHAKE_TIMEOUT_MS` after `connected_at`
     /// (an ERROR naming the limit is queued). Only unauthenticated peers are timed: a follower
     /// hashing a large inventory may take as long as it needs.

@@ -222,6 +222,14 @@ impl Sim {
     /// Moves the handshake along, a leader turn then a follower turn, until `done`.
     fn handshake_until(&mut self, done: impl Fn(&Sim) -> bool) {
         while !done(self) {
+            // The shell's rule: until the input may authenticate, the session sees no catalog.
+            if !self.leader.may_authenticate(&self.to_leader) {
+                let n = self
+                    .leader
+                    .handle_input(&self.to_leader, &Catalog::new([]), self.now)
+                    .unwrap();
+                self.to_leader.drain(..n);
+            }
             let n = self
                 .leader
                 .handle_input(&self.to_leader, &self.catalog, self.now)
@@ -1620,4 +1628,39 @@ fn without_the_held_capability_there_is_no_instance_and_have_held_is_a_bad_frame
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::BadFrame);
     assert!(err.to_string().contains("HELD capability"), "{err}");
+}
+
+/// The shell copies the catalog for a connection, and joins the writers' changes, only when
+/// its input may authenticate it: a whole AUTH after a valid preamble. Before that, a peer that
+/// sends nothing, part of a frame or a bad preamble is fed with no catalog.
+#[test]
+fn a_connection_may_authenticate_only_with_a_whole_auth_after_a_valid_preamble() {
+    let secret = Secret::new(b"0123456789abcdef".to_vec()).unwrap();
+    let mut leader = LeaderSession::new(secret, [7; 32], Duration::from_secs(1), INSTANCE);
+    let preamble = Preamble::ours().encode();
+    let mut auth = Vec::new();
+    Frame::Auth {
+        follower_nonce: [1; 32],
+        follower_mac: [2; 32],
+    }
+    .encode(&mut auth);
+    let with_auth: Vec<u8> = preamble.iter().chain(&auth).copied().collect();
+    assert!(!leader.may_authenticate(&[]));
+    assert!(!leader.may_authenticate(&preamble));
+    assert!(!leader.may_authenticate(&with_auth[..with_auth.len() - 1]));
+    assert!(leader.may_authenticate(&with_auth));
+    let mut bad = with_auth.clone();
+    bad[0] ^= 0xff;
+    assert!(
+        !leader.may_authenticate(&bad),
+        "a bad preamble fails without the catalog"
+    );
+    // Past the preamble, the AUTH alone.
+    let n = leader
+        .handle_input(&preamble, &Catalog::new([]), Instant::now())
+        .unwrap();
+    assert_eq!(n, preamble.len());
+    assert_eq!(leader.phase(), LeaderPhase::AwaitAuth);
+    assert!(!leader.may_authenticate(&auth[..3]));
+    assert!(leader.may_authenticate(&auth));
 }
