@@ -587,10 +587,16 @@ impl LeaderShell {
             self.check_closed();
             return false;
         }
-        match self
-            .session
-            .handle_input(&self.inbuf, &self.catalog, self.now)
-        {
+        // The shell's rule: no catalog until the input may authenticate (an index sent from
+        // the empty one would tell the follower to delete everything).
+        let may_authenticate = self.session.may_authenticate(&self.inbuf);
+        let nothing = Catalog::new([]);
+        let catalog = if may_authenticate {
+            &self.catalog
+        } else {
+            &nothing
+        };
+        match self.session.handle_input(&self.inbuf, catalog, self.now) {
             Ok(n) => {
                 assert!(
                     n <= self.inbuf.len(),
@@ -599,6 +605,10 @@ impl LeaderShell {
                 );
                 self.consumed.extend(self.inbuf.drain(..n));
                 let rank = leader_rank(self.session.phase());
+                assert!(
+                    may_authenticate || rank < leader_rank(LeaderPhase::AwaitInventory),
+                    "authenticated on input that may_authenticate said could not"
+                );
                 assert!(rank >= self.rank, "leader phase went back");
                 assert_ne!(
                     self.session.phase(),
