@@ -151,6 +151,27 @@ fn under_systemd_the_leader_reports_ready_and_feeds_the_watchdog() {
     systemd.wait_for("WATCHDOG=1");
 }
 
+/// A TCP health check on the replication port (connect, then close) is nobody's follower: the
+/// leader's log has no line for it at `info`, while a follower is logged as it authenticates.
+#[test]
+fn a_health_check_on_the_replication_port_leaves_no_line_in_the_log() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("seg"), &pattern(1000, 1));
+    let leader = start_leader(&env, &ld, "fallback");
+    let check = std::net::TcpStream::connect(leader.addr).unwrap();
+    let check_addr = check.local_addr().unwrap().to_string();
+    drop(check);
+    let _follower = Proc::spawn(follow_cmd(&env, &fd, leader.addr, "fallback"));
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+    // The health check's connection was accepted and closed before the follower's.
+    leader
+        .proc
+        .wait_log(" connected from 127.0.0.1:", Duration::from_secs(20));
+    let log = leader.proc.log_text();
+    assert!(!log.contains(&check_addr), "{check_addr}: {log}");
+}
+
 /// The example an operator copies to /etc/ferry names only settings each subcommand knows.
 #[test]
 fn the_example_config_in_contrib_is_accepted_by_every_subcommand() {

@@ -146,13 +146,14 @@ pub(super) enum ServeError {
 /// says nothing, or never authenticates, is not listed, and the writers' changes are not
 /// queued for it: before, each looked at its inbox as a follower does, and 500 of them cost a
 /// leader 18x its CPU without them (`tools/idle-cost.sh`; README, Performance).
-/// The caller unregisters `id` once this returns.
+/// The caller unregisters `id` once this returns. Ok(false): the peer closed (or the leader
+/// stopped) before it authenticated, which is not worth a line at `info` (a health check).
 pub(super) async fn serve_follower(
     ctx: &ConnCtx,
     id: u64,
     peer: SocketAddr,
     conn: Rc<Conn>,
-) -> Result<(), ServeError> {
+) -> Result<bool, ServeError> {
     let connected_at = Instant::now();
     let mut session = LeaderSession::new(
         ctx.secret.clone(),
@@ -169,11 +170,12 @@ pub(super) async fn serve_follower(
                 conn: &conn,
                 input_rx: &mut input_rx,
                 input,
+                peer,
                 connected_at,
             };
-            drive(ctx, id, io, &mut session, &wake).await
+            drive(ctx, id, io, &mut session, &wake).await.map(|()| true)
         }
-        Ok(None) => Ok(()),
+        Ok(None) => Ok(false),
         Err(e) => Err(e),
     };
     reader.abort();
@@ -203,10 +205,22 @@ async fn handshake(
         connected_at + Duration::from_millis(crate::frame::HANDSHAKE_TIMEOUT_MS),
     );
     let mut input = Vec::new();
+    // A peer that goes before it sent a byte (a TCP health check) may reset the connection as
+    // our preamble reaches it: that is a close, not an error.
+    let gone_silent = |e: &io::Error, session: &LeaderSession, input: &[u8]| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        ) && session.phase() == LeaderPhase::AwaitPreamble
+            && input.is_empty()
+    };
     loop {
         if session.has_output() {
             let (r, _) = conn.write_all(session.take_output()).await;
-            r?;
+            match r {
+                Err(e) if gone_silent(&e, session, &input) => return Ok(None),
+                r => r?,
+            }
         }
         if session.may_authenticate(&input) {
             return Ok(Some(input));
@@ -223,6 +237,11 @@ async fn handshake(
         }
         tokio::select! {
             chunk = input_rx.recv() => {
+                if let Some(Err(e)) = &chunk {
+                    if gone_silent(e, session, &input) {
+                        return Ok(None);
+                    }
+                }
                 let mut eof = false;
                 take_input(chunk, &mut input, &mut eof)?;
                 if eof {
@@ -245,6 +264,7 @@ struct Io<'a> {
     conn: &'a Conn,
     input_rx: &'a mut mpsc::Receiver<io::Result<Vec<u8>>>,
     input: Vec<u8>,
+    peer: SocketAddr,
     connected_at: Instant,
 }
 
@@ -332,8 +352,10 @@ async fn drive(
         conn,
         input_rx,
         mut input,
+        peer,
         connected_at,
     } = io;
+    let mut announced = false;
     let mut files = OpenFiles::new();
     let mut eof = false;
     let mut reporter = Reporter::default();
@@ -394,6 +416,14 @@ async fn drive(
         if had_input {
             let n = session.handle_input(&input, &catalog, now)?;
             input.drain(..n);
+            let handshaking = matches!(
+                session.phase(),
+                LeaderPhase::AwaitPreamble | LeaderPhase::AwaitAuth | LeaderPhase::Closed
+            );
+            if !announced && !handshaking {
+                announced = true;
+                tracing::info!("follower #{id} connected from {peer}");
+            }
         }
         for (path, since) in changed.drain(..) {
             // A deleted or replaced file's old inode is not kept open here: its disk space (a

@@ -240,9 +240,13 @@ async fn accept_loop(
         tokio::task::spawn_local(async move {
             let conn = Rc::new(conn);
             let id = ctx.next_id();
-            tracing::info!("follower #{id} connected from {peer}");
+            // "follower #N connected" once it authenticates: a TCP health check is no follower.
+            tracing::debug!("connection #{id} from {peer}");
             match serve_follower(&ctx, id, peer, conn.clone()).await {
-                Ok(()) => tracing::info!("follower #{id} ({peer}) disconnected"),
+                Ok(true) => tracing::info!("follower #{id} ({peer}) disconnected"),
+                Ok(false) => {
+                    tracing::debug!("connection #{id} from {peer} closed before authenticating")
+                }
                 Err(e) => tracing::warn!("follower #{id} ({peer}): {e}"),
             }
             conn.shutdown();
