@@ -650,9 +650,7 @@ fn a_leader_that_may_not_read_a_directory_refuses_to_serve_and_names_it() {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     use std::os::unix::process::CommandExt;
 
-    // SAFETY: geteuid takes nothing and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: running as another user needs root");
+    if !running_as_root("running as another user needs root") {
         return;
     }
     let env = Env::new();
@@ -729,9 +727,7 @@ fn a_leader_whose_data_dir_is_moved_away_stops_and_says_why() {
 /// old directory tells, so the leader looks at what its path names every second.
 #[test]
 fn a_leader_whose_data_dir_is_mounted_over_stops_and_says_why() {
-    // SAFETY: geteuid takes nothing and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: mounting needs root");
+    if !running_as_root("mounting needs root") {
         return;
     }
     let env = Env::new();
@@ -756,9 +752,7 @@ fn a_leader_whose_data_dir_is_mounted_over_stops_and_says_why() {
 /// naming the cause, and exits non-zero.
 #[test]
 fn a_follower_whose_data_dir_is_mounted_over_stops_and_says_why() {
-    // SAFETY: geteuid takes nothing and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: mounting needs root");
+    if !running_as_root("mounting needs root") {
         return;
     }
     let env = Env::new();
@@ -791,6 +785,16 @@ fn a_follower_whose_data_dir_is_mounted_over_stops_and_says_why() {
         )),
         "{log}"
     );
+}
+
+/// Whether this test runs as root; if not, says that it is skipped, and why (`needs`).
+fn running_as_root(needs: &str) -> bool {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED: {needs}");
+    }
+    root
 }
 
 /// A tmpfs mounted at a path, unmounted when dropped (a failed test leaves no mount behind).
