@@ -238,6 +238,21 @@ async fn write_isr(
     Ok(client.txn(txn).await?.succeeded())
 }
 
+/// Sets `PREFIX/data` (`cluster_held_data`), guarded as `write_isr` is by our election key.
+async fn mark_data(
+    client: &mut Client,
+    leader_key: &[u8],
+    me: &str,
+    keys: &Keys,
+) -> Result<bool, etcd_client::Error> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let value = format!("{me}, whose data dir held files");
+    let txn = Txn::new()
+        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
+        .and_then([TxnOp::put(keys.data.clone(), value, None)]);
+    Ok(client.txn(txn).await?.succeeded())
+}
+
 /// What a node tells its embedder (or `ferry node`'s hooks) about its role. Called on a
 /// blocking thread, never on the node's own: a slow callback delays the role change it answers,
 /// not the lease keepalives.
@@ -513,6 +528,9 @@ struct Keys {
     handoff_result: String,
     /// `PREFIX/nodes/`: each running node's id, claimed under its lease (`claim_node_id`).
     nodes: String,
+    /// `PREFIX/data`: set by a leader whose data dir held files; from then on a node whose own
+    /// holds none does not campaign (`cluster_held_data`).
+    data: String,
 }
 
 impl Keys {
@@ -523,7 +541,23 @@ impl Keys {
             handoff: format!("{prefix}/handoff"),
             handoff_result: format!("{prefix}/handoff-result"),
             nodes: format!("{prefix}/nodes/"),
+            data: format!("{prefix}/data"),
         }
+    }
+}
+
+/// Who set `PREFIX/data` (a leader whose data dir held files), if anyone did: then this
+/// cluster has held data, and a node whose data dir holds none has lost its copy (a replaced
+/// or unmounted disk). Were it elected, the others would decline to follow its empty dir
+/// until its application wrote anew, and then delete what they hold. "unknown" when etcd does
+/// not answer: not campaigning is the safe side then.
+async fn cluster_held_data(client: &mut Client, keys: &Keys) -> Option<String> {
+    match client.get(keys.data.clone(), None).await {
+        Ok(resp) => resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+        Err(_) => Some("unknown (etcd did not answer)".into()),
     }
 }
 
@@ -713,13 +747,33 @@ async fn node_loop(
         let mut leader_key: Option<Vec<u8>> = None;
         let mut isr_excluded_logged = false;
         let mut empty_wait = EmptyWait::new(config.empty_wait);
+        let mut lost_data_logged = false;
         let elected = loop {
             if lease_lost.load(Ordering::SeqCst) || stopping() {
                 break false;
             }
             let isr = read_isr(&mut client, &keys.isr).await;
             let eligible = may_campaign(&isr, &config.advertise);
+            let empty = campaign.is_none()
+                && eligible
+                && matches!(crate::paths::first_file(&config.data_dir), Ok(None));
+            let lost_data = match empty {
+                true => cluster_held_data(&mut client, &keys).await,
+                false => None,
+            };
+            if let (Some(by), false) = (&lost_data, lost_data_logged) {
+                lost_data_logged = true;
+                tracing::warn!(
+                    "{} holds no files, but this cluster has held data ({} set by {by}): not \
+                     campaigning, since leading would replace the cluster's data with nothing \
+                     (a replaced or unmounted disk?); following whoever leads. If the data is \
+                     gone on purpose, delete that key",
+                    config.data_dir.display(),
+                    keys.data
+                );
+            }
             let held_back = campaign_after.is_some_and(|t| tokio::time::Instant::now() < t)
+                || lost_data.is_some()
                 || (campaign.is_none() && empty_wait.holds_back(&config.data_dir));
             match (&campaign, eligible) {
                 (None, true) if held_back => {}
@@ -839,6 +893,8 @@ async fn node_loop(
         // Meanwhile keep the ISR in etcd, written only while our election key stands, and
         // answer handoff requests.
         let mut isr_written: Option<Vec<String>> = None;
+        // Whether `PREFIX/data` is known set (`cluster_held_data`).
+        let mut data_marked = false;
         // Every etcd call in this loop goes through `bounded` (see there), for at most as long
         // as a keepalive may take.
         let etcd_call_timeout = ttl_third(config.lease_ttl_s);
@@ -900,6 +956,17 @@ async fn node_loop(
                         isr_written = None;
                         continue;
                     }
+                }
+            }
+            if !data_marked
+                && matches!(
+                    crate::paths::first_file(leading.leader.data_dir().root()),
+                    Ok(Some(_))
+                )
+            {
+                let mark = mark_data(&mut client, &key, &config.advertise, &keys);
+                if let Some(Ok(true)) = bounded(&lease_lost, etcd_call_timeout, mark).await {
+                    data_marked = true;
                 }
             }
             let mut isr: Vec<String> = leading

@@ -813,3 +813,56 @@ fn a_second_node_with_the_same_advertised_id_refuses_to_join() {
         .wait_log("elected leader", Duration::from_secs(30));
     drop(etcd);
 }
+
+/// A node of a cluster that has held data comes back with an empty data dir (its disk
+/// replaced, or not mounted) while the leader is down. It is in the in-sync replica set, but
+/// elected it would serve nothing: the others would decline to follow until its application
+/// wrote anew, and then delete what they hold. It says so and does not campaign; the node with
+/// the data, back, is elected, and the empty one gets the data from it.
+#[test]
+fn a_node_that_lost_its_data_does_not_lead_a_cluster_that_held_data() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
+    let (a_port, b_port) = (free_port(), free_port());
+    let mut a = start_node(&env, &etcd.url, &a_dir, a_port);
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let b = start_node(&env, &etcd.url, &b_dir, b_port);
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let both = {
+        let mut v = [a.advertise.clone(), b.advertise.clone()];
+        v.sort();
+        v.join(",")
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the ISR holding both nodes",
+        || read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str()),
+    );
+    wait_until(Duration::from_secs(20), "ferry/data set", || {
+        read_key(&etcd.url, "ferry/data").is_some()
+    });
+
+    // The leader dies; B's disk is replaced.
+    drop(b);
+    signal(&a.proc.child, libc::SIGKILL);
+    let _ = a.proc.child.wait();
+    std::fs::remove_dir_all(&b_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let b = start_node(&env, &etcd.url, &b_dir, b_port);
+    let line = b
+        .proc
+        .wait_log("but this cluster has held data", Duration::from_secs(30));
+    assert!(line.contains("not campaigning"), "{line}");
+
+    let a = start_node(&env, &etcd.url, &a_dir, a_port);
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    assert!(
+        !b.proc.log_text().contains("elected leader"),
+        "{}",
+        b.proc.log_text()
+    );
+    drop(etcd);
+}
