@@ -757,9 +757,10 @@ async fn node_loop(
             let empty = campaign.is_none()
                 && eligible
                 && matches!(crate::paths::first_file(&config.data_dir), Ok(None));
-            let lost_data = match empty {
-                true => cluster_held_data(&mut client, &keys).await,
-                false => None,
+            let lost_data = if empty {
+                cluster_held_data(&mut client, &keys).await
+            } else {
+                None
             };
             if let (Some(by), false) = (&lost_data, lost_data_logged) {
                 lost_data_logged = true;

@@ -252,8 +252,9 @@ async fn handshake(
                 session.check_handshake_deadline(connected_at, Instant::now())?;
             }
             _ = ctx.shared.shutdown.notified() => {}
-            // notify_waiters() wakes only tasks already waiting: re-check the flag now and then.
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            // notify_waiters() wakes only tasks already waiting: re-check the flag now and
+            // then (rarely: hundreds of strangers may be waiting here).
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
