@@ -28,6 +28,13 @@ fn wait_leader(nodes: &[&Node], timeout: Duration) -> usize {
     }
 }
 
+/// The in-sync replica set of these node ids as the leader writes it at `PREFIX/isr`.
+fn isr_of(ids: &[&str]) -> String {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids.join(",")
+}
+
 #[test]
 fn a_killed_leader_is_replaced_and_every_node_converges() {
     let env = Env::new();
@@ -447,11 +454,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         Duration::from_secs(20),
     );
     // Both in the in-sync replica set: the other node may take over.
-    let both = {
-        let mut v = [format!("127.0.0.1:{port}"), other.advertise.clone()];
-        v.sort();
-        v.join(",")
-    };
+    let both = isr_of(&[&format!("127.0.0.1:{port}"), &other.advertise]);
     wait_until(
         Duration::from_secs(20),
         "the ISR holding both nodes",
@@ -830,11 +833,7 @@ fn a_node_that_lost_its_data_does_not_lead_a_cluster_that_held_data() {
     a.proc.wait_log("elected leader", Duration::from_secs(30));
     let b = start_node(&env, &etcd.url, &b_dir, b_port);
     wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
-    let both = {
-        let mut v = [a.advertise.clone(), b.advertise.clone()];
-        v.sort();
-        v.join(",")
-    };
+    let both = isr_of(&[&a.advertise, &b.advertise]);
     wait_until(
         Duration::from_secs(20),
         "the ISR holding both nodes",
