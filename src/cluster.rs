@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub prefix: String,
     pub lease_ttl_s: i64,
     pub secret: Secret,
+    /// While leading, also accept followers with this secret (`LeaderConfig::previous_secret`).
+    pub previous_secret: Option<Secret>,
     pub engine: Option<EngineKind>,
     /// The TCP congestion control to lead with (`LeaderConfig::tcp_congestion`).
     pub tcp_congestion: Option<String>,
@@ -464,6 +466,7 @@ impl Leading {
         let c = config.clone();
         let started = tokio::task::spawn_blocking(move || -> std::io::Result<Leading> {
             let mut lc = LeaderConfig::new(&c.data_dir, c.listen, c.secret.clone());
+            lc.previous_secret = c.previous_secret.clone();
             lc.engine = c.engine;
             lc.tcp_congestion = c.tcp_congestion.clone();
             lc.change_source_flushes = feed == Feed::Watch;

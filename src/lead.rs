@@ -14,6 +14,7 @@ use crate::signals::{block_termination_signals, wait_signal};
 
 /// `ferry lead`'s settings beyond where and what to serve.
 pub struct Settings {
+    pub previous_secret: Option<Secret>,
     pub engine: Option<EngineKind>,
     pub ack_timeout_ms: u64,
     pub tcp_congestion: Option<String>,
@@ -28,6 +29,7 @@ pub fn run(
     settings: Settings,
 ) -> anyhow::Result<()> {
     let Settings {
+        previous_secret,
         engine,
         ack_timeout_ms,
         tcp_congestion,
@@ -45,6 +47,7 @@ pub fn run(
         );
     }
     let mut config = LeaderConfig::new(&data_dir, listen, secret);
+    config.previous_secret = previous_secret;
     config.engine = engine;
     config.ack_timeout = Duration::from_millis(ack_timeout_ms);
     config.tcp_congestion = tcp_congestion;

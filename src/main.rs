@@ -81,6 +81,11 @@ enum Command {
         listen: std::net::SocketAddr,
         #[command(flatten)]
         secret: SecretArgs,
+        /// During a rotation of the shared secret: also accept followers that authenticate
+        /// with the secret in this file (the one being replaced), warning about each. Remove it
+        /// once every follower holds the new one (README, Troubleshooting).
+        #[arg(long, value_name = "FILE", env = "FERRY_PREVIOUS_SECRET_FILE")]
+        previous_secret_file: Option<PathBuf>,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
         #[arg(long, value_name = "uring|fallback", env = "FERRY_IO_ENGINE")]
         io_engine: Option<EngineKind>,
@@ -156,6 +161,11 @@ enum Command {
         lease_ttl: i64,
         #[command(flatten)]
         secret: SecretArgs,
+        /// During a rotation of the shared secret: also accept followers that authenticate
+        /// with the secret in this file (the one being replaced), warning about each. Remove it
+        /// once every follower holds the new one (README, Troubleshooting).
+        #[arg(long, value_name = "FILE", env = "FERRY_PREVIOUS_SECRET_FILE")]
+        previous_secret_file: Option<PathBuf>,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
         #[arg(long, value_name = "uring|fallback", env = "FERRY_IO_ENGINE")]
         io_engine: Option<EngineKind>,
@@ -236,19 +246,34 @@ enum Command {
 
 fn read_secret(args: &SecretArgs) -> anyhow::Result<Secret> {
     let bytes = match (&args.secret_file, std::env::var_os("FERRY_SECRET")) {
-        (Some(path), _) => {
-            let mut bytes = std::fs::read(path)
-                .with_context(|| format!("cannot read the secret file {}", path.display()))?;
-            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                bytes.pop();
-            }
-            bytes
-        }
+        (Some(path), _) => read_secret_file(path)?,
         (None, Some(value)) => value.into_encoded_bytes(),
         (None, None) => bail!(
             "no secret: pass --secret-file FILE or set FERRY_SECRET (leader and followers must share it)"
         ),
     };
+    secret_of(bytes)
+}
+
+/// The secret in `path`, a trailing newline dropped.
+fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+/// `--previous-secret-file`'s secret, if given.
+fn read_previous_secret(path: &Option<PathBuf>) -> anyhow::Result<Option<Secret>> {
+    path.as_deref()
+        .map(|p| read_secret_file(p).and_then(secret_of))
+        .transpose()
+}
+
+/// A secret from its bytes, warned about when short.
+fn secret_of(bytes: Vec<u8>) -> anyhow::Result<Secret> {
     let len = bytes.len();
     let secret = Secret::new(bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
     if len < SECRET_BYTES_MIN_ADVISED {
@@ -378,6 +403,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             listen,
             secret,
+            previous_secret_file,
             io_engine,
             ack_timeout_ms,
             tcp_congestion,
@@ -386,6 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let secret = read_secret(&secret)?;
             let settings = lead::Settings {
+                previous_secret: read_previous_secret(&previous_secret_file)?,
                 engine: io_engine,
                 ack_timeout_ms,
                 tcp_congestion,
@@ -484,6 +511,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             advertise,
             lease_ttl,
             secret,
+            previous_secret_file,
             io_engine,
             on_leader_elected,
             on_leader_lost,
@@ -507,6 +535,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 prefix,
                 lease_ttl_s: lease_ttl,
                 secret,
+                previous_secret: read_previous_secret(&previous_secret_file)?,
                 engine: io_engine,
                 tcp_congestion,
                 record_interval: std::time::Duration::from_millis(record_interval_ms),

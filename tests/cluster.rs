@@ -425,6 +425,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         prefix: "ferry".into(),
         lease_ttl_s: 2,
         secret,
+        previous_secret: None,
         engine: Some(ferry::engine::EngineKind::Fallback),
         tcp_congestion: None,
         record_interval: std::time::Duration::from_secs(10),

@@ -486,6 +486,68 @@ fn wrong_secret_exits_nonzero_naming_the_cause_and_the_leader_keeps_serving() {
     }
 }
 
+/// Rotating the shared secret without stopping replication: the leader is given the new
+/// secret and, with `--previous-secret-file`, the old one. A follower that still holds the old
+/// one syncs (and the leader names it, so that the operator knows who is left), one with the
+/// new one syncs, and one with neither is refused.
+#[test]
+fn a_leader_in_a_secret_rotation_serves_followers_with_the_old_or_the_new_secret() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    nested_tree(&ld);
+    let new_secret = env.tmp.path().join("new-secret");
+    std::fs::write(&new_secret, "the new secret, rotated in today\n").unwrap();
+    let mut cmd = ferry();
+    cmd.args([
+        "lead",
+        "--listen",
+        "127.0.0.1:0",
+        "--io-engine",
+        "fallback",
+        "--data-dir",
+    ])
+    .arg(&ld)
+    .arg("--secret-file")
+    .arg(&new_secret)
+    .arg("--previous-secret-file")
+    .arg(&env.secret_file);
+    let leader = Proc::spawn(cmd);
+    let addr = listen_addr(&leader);
+    let follow = |dir: &std::path::Path, secret: &std::path::Path| {
+        let mut cmd = ferry();
+        cmd.args(["follow", "--once", "--io-engine", "fallback", "--leader"])
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--secret-file")
+            .arg(secret);
+        run_bounded(cmd, Duration::from_secs(30))
+    };
+    let (old_dir, new_dir) = (env.dir("old"), env.dir("new"));
+    let out = follow(&old_dir, &env.secret_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(checksum(&ld), checksum(&old_dir));
+    leader.wait_log(
+        "authenticated with the previous secret",
+        Duration::from_secs(5),
+    );
+    let out = follow(&new_dir, &new_secret);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(checksum(&ld), checksum(&new_dir));
+    let other = env.tmp.path().join("other-secret");
+    std::fs::write(&other, "neither the old nor the new one").unwrap();
+    let out = follow(&env.dir("other"), &other);
+    failed_saying(&out, &["wrong secret"]);
+}
+
 #[test]
 fn missing_secret_is_refused_before_starting() {
     let env = Env::new();

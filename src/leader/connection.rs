@@ -54,6 +54,7 @@ pub(super) struct ConnCtx {
     pub(super) shared: Arc<Shared>,
     pub(super) dir: Arc<DataDir>,
     pub(super) secret: Secret,
+    pub(super) previous_secret: Option<Secret>,
     pub(super) ack_timeout: Duration,
     /// The leader's digest cache; taken by a connection while it hashes (`None` meanwhile).
     pub(super) digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
@@ -160,7 +161,8 @@ pub(super) async fn serve_follower(
         random_nonce()?,
         ctx.ack_timeout,
         ctx.instance,
-    );
+    )
+    .with_previous_secret(ctx.previous_secret.clone());
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
     let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));
     let result = match handshake(ctx, &conn, &mut session, &mut input_rx, connected_at).await {
@@ -424,6 +426,13 @@ async fn drive(
             if !announced && !handshaking {
                 announced = true;
                 tracing::info!("follower #{id} connected from {peer}");
+                if session.used_previous_secret() {
+                    tracing::warn!(
+                        "follower #{id} ({peer}) authenticated with the previous secret \
+                         (--previous-secret-file): give it the current one before the \
+                         rotation ends"
+                    );
+                }
             }
         }
         for (path, since) in changed.drain(..) {

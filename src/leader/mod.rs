@@ -51,6 +51,9 @@ pub struct LeaderConfig {
     pub data_dir: std::path::PathBuf,
     pub listen: SocketAddr,
     pub secret: Secret,
+    /// During a rotation of the shared secret, the one followers may still hold: accepted as
+    /// well, with a warning per follower that uses it (`docs/PROTOCOL.md`, AUTH).
+    pub previous_secret: Option<Secret>,
     /// `None`: io_uring when it works here, else the fallback with a warning.
     pub engine: Option<EngineKind>,
     pub ack_timeout: Duration,
@@ -85,6 +88,7 @@ impl LeaderConfig {
             data_dir: data_dir.into(),
             listen,
             secret,
+            previous_secret: None,
             engine: None,
             ack_timeout: Duration::from_millis(ACK_TIMEOUT_MS_DEFAULT),
             tcp_congestion: None,

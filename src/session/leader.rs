@@ -159,6 +159,10 @@ const MARKERS_MAX: usize = 1024;
 
 pub struct LeaderSession {
     secret: Secret,
+    /// During a rotation, the secret followers may still hold (`with_previous_secret`).
+    previous_secret: Option<Secret>,
+    /// The follower authenticated with `previous_secret`.
+    used_previous_secret: bool,
     leader_nonce: Nonce,
     /// This leader's instance id, sent in INSTANCE and checked in HAVE_HELD.
     instance: InstanceId,
@@ -239,6 +243,8 @@ impl LeaderSession {
         Frame::Challenge { leader_nonce }.encode(&mut out);
         LeaderSession {
             secret,
+            previous_secret: None,
+            used_previous_secret: false,
             leader_nonce,
             instance,
             held_in_use: false,
@@ -281,6 +287,18 @@ impl LeaderSession {
     /// leader's record (`docs/PROTOCOL.md`, *The leader's record*), which every MARK of the
     /// instance must stay under. A MARK due above it is sent at it (claiming less), and the
     /// rest once the ceiling is raised. `u64::MAX` (the start) is no ceiling.
+    /// Also accepts followers that authenticate with `previous` (a secret being rotated out):
+    /// `docs/PROTOCOL.md`, AUTH.
+    pub fn with_previous_secret(mut self, previous: Option<Secret>) -> LeaderSession {
+        self.previous_secret = previous;
+        self
+    }
+
+    /// Whether the follower authenticated with the previous secret, not the current one.
+    pub fn used_previous_secret(&self) -> bool {
+        self.used_previous_secret
+    }
+
     pub fn set_mark_ceiling(&mut self, position: u64) {
         self.mark_ceiling = position;
     }
@@ -422,15 +440,26 @@ impl LeaderSession {
                     follower_mac,
                 },
             ) => {
-                let expected = self
-                    .secret
-                    .follower_tag(&self.leader_nonce, &follower_nonce);
-                if !tags_equal(&expected, &follower_mac) {
-                    return Err(SessionError::AuthFailed(
-                        "wrong secret: the follower's HMAC does not match ours".into(),
-                    ));
-                }
-                let leader_mac = self.secret.leader_tag(&self.leader_nonce, &follower_nonce);
+                let nonces = (&self.leader_nonce, &follower_nonce);
+                let current =
+                    tags_equal(&self.secret.follower_tag(nonces.0, nonces.1), &follower_mac);
+                // Both tags computed and compared whenever there are two secrets: the time
+                // taken does not tell which one matched.
+                let previous = self
+                    .previous_secret
+                    .as_ref()
+                    .filter(|p| tags_equal(&p.follower_tag(nonces.0, nonces.1), &follower_mac));
+                let secret = match (current, previous) {
+                    (true, _) => &self.secret,
+                    (false, Some(previous)) => previous,
+                    (false, None) => {
+                        return Err(SessionError::AuthFailed(
+                            "wrong secret: the follower's HMAC does not match ours".into(),
+                        ))
+                    }
+                };
+                let leader_mac = secret.leader_tag(nonces.0, nonces.1);
+                self.used_previous_secret = !current;
                 Frame::Welcome { leader_mac }.encode(&mut self.out);
                 if self.held_in_use {
                     Frame::Instance {

@@ -1664,3 +1664,47 @@ fn a_connection_may_authenticate_only_with_a_whole_auth_after_a_valid_preamble()
     assert!(!leader.may_authenticate(&auth[..3]));
     assert!(leader.may_authenticate(&auth));
 }
+
+/// During a rotation the leader also holds the previous secret: a follower with either
+/// authenticates, and gets a WELCOME it can check with its own; the session says which one
+/// was used; a follower with any other secret is refused as before.
+#[test]
+fn a_leader_in_a_rotation_accepts_the_current_and_the_previous_secret() {
+    let current = Secret::new(b"the new secret, 32 bytes or so..".to_vec()).unwrap();
+    let previous = Secret::new(b"the old secret, 32 bytes or so..".to_vec()).unwrap();
+    let other = Secret::new(b"somebody else's secret, whatever".to_vec()).unwrap();
+    for (follower_secret, outcome) in [
+        (&current, Some(false)),
+        (&previous, Some(true)),
+        (&other, None),
+    ] {
+        let mut leader =
+            LeaderSession::new(current.clone(), [7; 32], Duration::from_secs(1), INSTANCE)
+                .with_previous_secret(Some(previous.clone()));
+        let mut input = Preamble::ours().encode().to_vec();
+        Frame::Auth {
+            follower_nonce: [9; 32],
+            follower_mac: follower_secret.follower_tag(&[7; 32], &[9; 32]),
+        }
+        .encode(&mut input);
+        let result = leader.handle_input(&input, &Catalog::new([]), Instant::now());
+        match outcome {
+            Some(used_previous) => {
+                assert!(result.is_ok(), "{result:?}");
+                assert_eq!(leader.used_previous_secret(), used_previous);
+                let out = leader.take_output();
+                let rest = &out[crate::frame::PREAMBLE_BYTES..];
+                let (_challenge, used) = Frame::decode(rest).unwrap().unwrap();
+                let (welcome, _) = Frame::decode(&rest[used..]).unwrap().unwrap();
+                let Frame::Welcome { leader_mac } = welcome else {
+                    panic!("not a WELCOME: {welcome:?}");
+                };
+                assert_eq!(leader_mac, follower_secret.leader_tag(&[7; 32], &[9; 32]));
+            }
+            None => assert!(
+                matches!(result, Err(SessionError::AuthFailed(_))),
+                "{result:?}"
+            ),
+        }
+    }
+}
