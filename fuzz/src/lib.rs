@@ -43,6 +43,17 @@ pub fn secret() -> Secret {
     Secret::new(SECRET.to_vec()).unwrap()
 }
 
+/// The leader's second secret, as during a rotation (`--previous-secret-file`).
+pub fn previous_secret() -> Secret {
+    Secret::new(b"a previous secret, rotated out".to_vec()).unwrap()
+}
+
+/// A leader session as the shell makes one: in a rotation, holding two secrets.
+fn leader_session() -> LeaderSession {
+    LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT, LEADER_INSTANCE)
+        .with_previous_secret(Some(previous_secret()))
+}
+
 pub fn p(s: &str) -> RelPath {
     RelPath::new(s).unwrap()
 }
@@ -463,7 +474,7 @@ impl LeaderShell {
     /// The connection ends and a new one begins: a new session of the same leader instance,
     /// on the same catalog and files.
     pub fn reconnect(&mut self) {
-        self.session = LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT, LEADER_INSTANCE);
+        self.session = leader_session();
         // The shell hands each session the reservation of the record on disk.
         if let Some((_, reserved)) = &self.checkpoint {
             self.session.set_mark_ceiling(*reserved);
@@ -569,7 +580,7 @@ impl LeaderShell {
         LeaderShell {
             catalog,
             files,
-            session: LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT, LEADER_INSTANCE),
+            session: leader_session(),
             now,
             inbuf: Vec::new(),
             error: None,
@@ -680,9 +691,10 @@ impl LeaderShell {
         else {
             panic!("leader authenticated without an AUTH frame first: {frames:?}")
         };
-        let expected = secret().follower_tag(&LEADER_NONCE, follower_nonce);
+        let under =
+            |s: Secret| tags_equal(&s.follower_tag(&LEADER_NONCE, follower_nonce), follower_mac);
         assert!(
-            tags_equal(&expected, follower_mac),
+            under(secret()) || under(previous_secret()),
             "leader accepted a wrong MAC"
         );
     }
