@@ -283,10 +283,6 @@ impl LeaderSession {
         }
     }
 
-    /// No MARK from now on claims a position above `position`: the reservation of the
-    /// leader's record (`docs/PROTOCOL.md`, *The leader's record*), which every MARK of the
-    /// instance must stay under. A MARK due above it is sent at it (claiming less), and the
-    /// rest once the ceiling is raised. `u64::MAX` (the start) is no ceiling.
     /// Also accepts followers that authenticate with `previous` (a secret being rotated out):
     /// `docs/PROTOCOL.md`, AUTH.
     pub fn with_previous_secret(mut self, previous: Option<Secret>) -> LeaderSession {
@@ -299,6 +295,10 @@ impl LeaderSession {
         self.used_previous_secret
     }
 
+    /// No MARK from now on claims a position above `position`: the reservation of the
+    /// leader's record (`docs/PROTOCOL.md`, *The leader's record*), which every MARK of the
+    /// instance must stay under. A MARK due above it is sent at it (claiming less), and the
+    /// rest once the ceiling is raised. `u64::MAX` (the start) is no ceiling.
     pub fn set_mark_ceiling(&mut self, position: u64) {
         self.mark_ceiling = position;
     }
