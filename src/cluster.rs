@@ -404,11 +404,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
 /// around it speaks to systemd for itself.
 async fn notify_systemd(role: SharedRole, stop: Arc<AtomicBool>) {
     let notifier = crate::notify::Notifier::from_env();
-    let tick = notifier
-        .watchdog_interval()
-        .map_or(Duration::from_millis(500), |w| {
-            w.min(Duration::from_millis(500))
-        });
+    let tick = notifier.tick();
     let mut ready = false;
     loop {
         let now = role.lock().map(|r| r.clone()).unwrap_or(Role::Candidate);

@@ -72,11 +72,7 @@ pub fn run(
         data_dir.display(),
         leader.local_addr()
     ));
-    let tick = notifier
-        .watchdog_interval()
-        .map_or(Duration::from_millis(500), |w| {
-            w.min(Duration::from_millis(500))
-        });
+    let tick = notifier.tick();
     let failure = loop {
         if let Some(signal) = wait_signal(&signals, tick) {
             tracing::info!("signal {signal}: shutting down");

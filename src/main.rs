@@ -293,11 +293,7 @@ const SECRET_BYTES_MIN_ADVISED: usize = 16;
 /// and keeps its watchdog fed while the follower's state can be read.
 fn spawn_follower_notifier(status: std::sync::Arc<std::sync::Mutex<ferry::status::FollowerSelf>>) {
     let notifier = ferry::notify::Notifier::from_env();
-    let tick = notifier
-        .watchdog_interval()
-        .map_or(std::time::Duration::from_millis(500), |w| {
-            w.min(std::time::Duration::from_millis(500))
-        });
+    let tick = notifier.tick();
     let _ = std::thread::Builder::new()
         .name("ferry-notify".into())
         .spawn(move || {

@@ -62,6 +62,13 @@ impl Notifier {
         self.watchdog.map(|d| d / 2)
     }
 
+    /// How often a notifying loop turns: every `watchdog_interval`, and at least every 500 ms
+    /// so that `STATUS=` stays current without a watchdog.
+    pub fn tick(&self) -> Duration {
+        let most = Duration::from_millis(500);
+        self.watchdog_interval().map_or(most, |w| w.min(most))
+    }
+
     pub fn watchdog(&self) {
         if self.watchdog.is_some() {
             let _ = self.send("WATCHDOG=1");
