@@ -753,10 +753,12 @@ async fn node_loop(
             }
             let isr = read_isr(&mut client, &keys.isr).await;
             let eligible = may_campaign(&isr, &config.advertise);
+            // Looked at once a turn, and only when it decides something: a data dir it cannot
+            // list counts as holding files (leading it will say what is wrong).
             let empty = campaign.is_none()
-                && eligible
+                && (eligible || empty_wait.waiting())
                 && matches!(crate::paths::first_file(&config.data_dir), Ok(None));
-            let lost_data = if empty {
+            let lost_data = if empty && eligible {
                 cluster_held_data(&mut client, &keys).await
             } else {
                 None
@@ -774,7 +776,7 @@ async fn node_loop(
             }
             let held_back = campaign_after.is_some_and(|t| tokio::time::Instant::now() < t)
                 || lost_data.is_some()
-                || (campaign.is_none() && empty_wait.holds_back(&config.data_dir));
+                || (campaign.is_none() && empty_wait.holds_back(empty, &config.data_dir));
             match (&campaign, eligible) {
                 (None, true) if held_back => {}
                 (None, true) => {
@@ -1054,13 +1056,18 @@ impl EmptyWait {
         }
     }
 
-    /// Whether the node should not campaign yet. Looks at the data dir only while waiting; a
-    /// dir it cannot list counts as holding files (leading it will say what is wrong).
-    fn holds_back(&mut self, data_dir: &std::path::Path) -> bool {
-        if tokio::time::Instant::now() >= self.until {
+    /// Whether the wait is still on (it ends early once the data dir holds files).
+    fn waiting(&self) -> bool {
+        tokio::time::Instant::now() < self.until
+    }
+
+    /// Whether the node should not campaign yet, its data dir (`data_dir`, named in the log)
+    /// holding no files or not (`empty`).
+    fn holds_back(&mut self, empty: bool, data_dir: &std::path::Path) -> bool {
+        if !self.waiting() {
             return false;
         }
-        if !matches!(crate::paths::first_file(data_dir), Ok(None)) {
+        if !empty {
             self.until = tokio::time::Instant::now();
             return false;
         }
