@@ -567,8 +567,10 @@ fn a_checkpoint_that_cannot_be_written_deletes_the_record_and_acks_go_on() {
 }
 
 /// Connections that have not authenticated (a port scanner, a health check, a peer that sent
-/// only a preamble) are nobody's follower: they are not listed, and the writer's changes are
-/// not queued for them, while a real follower beside them is listed and acks.
+/// only a preamble) are nobody's follower: they are not listed, while a real follower beside
+/// them is listed and acks. (That the writers' changes are not queued for them is not visible
+/// here: `tools/idle-cost.sh` measures what they cost, and `LeaderSession::may_authenticate`,
+/// which the shell waits for, has its own unit test and fuzz check.)
 #[test]
 fn connections_that_have_not_authenticated_are_not_followers() {
     use std::io::Write;
