@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::Context;
 use etcd_client::Client;
 
 use crate::auth::Secret;
@@ -166,6 +165,31 @@ fn run_hook(hook: &Option<String>, what: &str) {
     }
 }
 
+/// What went wrong in a call to etcd, in one line: the innermost error (a refused connection,
+/// not the layers of the gRPC client around it), or the message etcd itself answered with.
+pub(crate) fn etcd_cause(e: &etcd_client::Error) -> String {
+    let mut inner: &dyn std::error::Error = match e {
+        etcd_client::Error::GRpcStatus(status) => match std::error::Error::source(status) {
+            Some(source) => source,
+            None => return format!("etcd answered: {}", status.message()),
+        },
+        other => other,
+    };
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    inner.to_string()
+}
+
+/// "cannot reach etcd at URLS: CAUSE" (`etcd_cause`), for the commands that give up on it.
+pub(crate) fn etcd_unreachable(etcd: &[String], e: etcd_client::Error) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot reach etcd at {}: {}",
+        etcd.join(","),
+        etcd_cause(&e)
+    )
+}
+
 /// The cluster's shared secret, kept in etcd at `PREFIX/secret`: created at random, atomically,
 /// by whichever node comes first (a transaction that puts it only if the key does not exist),
 /// then read by every node. Anyone who can read that key can join the cluster: protect etcd.
@@ -177,15 +201,22 @@ pub fn secret_from_etcd(etcd: &[String], prefix: &str) -> anyhow::Result<Secret>
     runtime.block_on(async {
         let mut client = Client::connect(etcd, None)
             .await
-            .with_context(|| format!("cannot reach etcd at {}", etcd.join(",")))?;
+            .map_err(|e| etcd_unreachable(etcd, e))?;
         let key = format!("{prefix}/secret");
         let nonce = crate::auth::random_nonce()?;
         let fresh: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), fresh, None)]);
-        let created = client.txn(txn).await?.succeeded();
-        let got = client.get(key.clone(), None).await?;
+        let created = client
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_unreachable(etcd, e))?
+            .succeeded();
+        let got = client
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| etcd_unreachable(etcd, e))?;
         let value = got
             .kvs()
             .first()
@@ -520,20 +551,20 @@ impl Leading {
 }
 
 /// The etcd keys of one cluster.
-struct Keys {
-    election: String,
-    isr: String,
-    handoff: String,
-    handoff_result: String,
+pub(crate) struct Keys {
+    pub(crate) election: String,
+    pub(crate) isr: String,
+    pub(crate) handoff: String,
+    pub(crate) handoff_result: String,
     /// `PREFIX/nodes/`: each running node's id, claimed under its lease (`claim_node_id`).
-    nodes: String,
+    pub(crate) nodes: String,
     /// `PREFIX/data`: set by a leader whose data dir held files; from then on a node whose own
     /// holds none does not campaign (`cluster_held_data`).
-    data: String,
+    pub(crate) data: String,
 }
 
 impl Keys {
-    fn new(prefix: &str) -> Keys {
+    pub(crate) fn new(prefix: &str) -> Keys {
         Keys {
             election: format!("{prefix}/leader"),
             isr: format!("{prefix}/isr"),
@@ -707,7 +738,8 @@ async fn node_loop(
                 tracing::warn!(
                     "cannot reach etcd at {}: {}; retrying in {} ms",
                     config.etcd.join(","),
-                    e.root_cause(),
+                    e.downcast_ref::<etcd_client::Error>()
+                        .map_or_else(|| e.root_cause().to_string(), etcd_cause),
                     etcd_backoff.as_millis()
                 );
                 crate::follower::sleep_unless_stopped(etcd_backoff, &stop).await;
@@ -1307,16 +1339,11 @@ pub fn request_handoff(
         let keys = Keys::new(prefix);
         let mut client = Client::connect(etcd, None)
             .await
-            .with_context(|| format!("cannot reach etcd at {}", etcd.join(",")))?;
+            .map_err(|e| etcd_unreachable(etcd, e))?;
         let Some(current) = current_leader(&mut client, &keys).await else {
             // Tell "etcd unreachable" from "no leader".
             if let Err(e) = client.get(keys.election.clone(), None).await {
-                let e = anyhow::Error::from(e);
-                anyhow::bail!(
-                    "cannot reach etcd at {}: {}",
-                    etcd.join(","),
-                    e.root_cause()
-                );
+                return Err(etcd_unreachable(etcd, e));
             }
             anyhow::bail!("no leader at {}: nothing to hand off", keys.election);
         };
@@ -1324,10 +1351,14 @@ pub fn request_handoff(
             anyhow::bail!("{current} already leads");
         }
         let started = std::time::Instant::now();
-        client.delete(keys.handoff_result.clone(), None).await?;
+        client
+            .delete(keys.handoff_result.clone(), None)
+            .await
+            .map_err(|e| etcd_unreachable(etcd, e))?;
         client
             .put(keys.handoff.clone(), to.unwrap_or("*"), None)
-            .await?;
+            .await
+            .map_err(|e| etcd_unreachable(etcd, e))?;
         let deadline = started + timeout;
         let mut outcome: Option<String> = None;
         loop {
@@ -1343,7 +1374,10 @@ pub fn request_handoff(
                 );
             }
             if outcome.is_none() {
-                let resp = client.get(keys.handoff_result.clone(), None).await?;
+                let resp = client
+                    .get(keys.handoff_result.clone(), None)
+                    .await
+                    .map_err(|e| etcd_unreachable(etcd, e))?;
                 outcome = resp
                     .kvs()
                     .first()

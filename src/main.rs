@@ -1,4 +1,5 @@
-//! The `ferry` command line: `lead`, `follow`, `checksum` and `demo`.
+//! The `ferry` command line: `lead`, `follow`, `node`, `handoff`, `cluster`, `status`,
+//! `checksum` and `demo`.
 //!
 //! Each subcommand is a thin layer over the library: it parses flags, reads the secret, sets up
 //! logging, and maps errors to one clear message and a non-zero exit.
@@ -48,20 +49,39 @@ struct SecretArgs {
     secret_file: Option<PathBuf>,
 }
 
-/// Where a cluster lives: the etcd endpoints and its key prefix (`node` and `handoff`).
+/// Where a cluster lives: the etcd endpoints and its key prefix (`node`, `handoff`, `cluster`;
+/// global so that `ferry cluster status --etcd URL` takes them after its action).
 #[derive(clap::Args, Clone)]
 struct EtcdArgs {
     /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379).
     #[arg(
         long,
+        global = true,
         value_name = "URL[,URL...]",
         env = "FERRY_ETCD",
         value_delimiter = ','
     )]
     etcd: Vec<String>,
     /// Key prefix in etcd; nodes with the same prefix form one cluster.
-    #[arg(long, default_value = "ferry", env = "FERRY_PREFIX")]
+    #[arg(long, global = true, default_value = "ferry", env = "FERRY_PREFIX")]
     prefix: String,
+}
+
+/// What `ferry cluster` does.
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Who leads, the in-sync replica set (the nodes that may be elected), whether the cluster
+    /// has held data, and each node that runs or campaigns, read from etcd.
+    Status {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// With every node stopped: forget the in-sync replica set, the mark that the cluster has
+    /// held data, and any pending handoff, so the first node started leads whatever its data
+    /// dir holds. Refused while any node runs. For a cluster whose node with the data cannot
+    /// lead (README, Troubleshooting).
+    Reset,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +235,13 @@ enum Command {
         /// Give up (and leave the leader leading) after this many seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 90)]
         timeout: u64,
+    },
+    /// See a `ferry node` cluster in etcd (who leads, who may, who runs), or reset who may lead.
+    Cluster {
+        #[command(flatten)]
+        cluster: EtcdArgs,
+        #[command(subcommand)]
+        action: ClusterAction,
     },
     /// Show a leader's followers (or a follower's own state), from its --http endpoint.
     Status {
@@ -559,6 +586,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                  serving {} ms after the request",
                 report.from, report.to, report.pause_ms, report.to, report.serving_after_ms
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster {
+            cluster: EtcdArgs { etcd, prefix },
+            action,
+        } => {
+            match action {
+                ClusterAction::Status { json } => {
+                    let view = ferry::cluster_admin::inspect(&etcd, &prefix)?;
+                    print!("{}", if json { view.json() } else { view.table() });
+                }
+                ClusterAction::Reset => {
+                    let report = ferry::cluster_admin::reset(&etcd, &prefix)?;
+                    if report.deleted.is_empty() {
+                        println!("cluster {prefix}: nothing to reset");
+                    }
+                    for (key, value) in &report.deleted {
+                        println!("deleted {key} (was {value:?})");
+                    }
+                    if !report.deleted.is_empty() {
+                        println!(
+                            "The first node to campaign now leads whatever its data dir holds: \
+                             start the node with the data first, the others after it."
+                        );
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { url, json, watch } => {

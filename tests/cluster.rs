@@ -521,20 +521,22 @@ fn a_node_started_before_etcd_says_so_and_is_elected_once_etcd_is_up() {
             && line.contains("retrying in"),
         "{line}"
     );
-    let out = run_bounded(
-        {
-            let mut cmd = ferry();
-            cmd.args(["handoff", "--etcd", &url]);
-            cmd
-        },
-        Duration::from_secs(30),
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&format!("cannot reach etcd at {url}: ")),
-        "{err}"
-    );
+    // The operator's commands say it too, in one line naming the cause.
+    for args in [
+        &["handoff"][..],
+        &["cluster", "status"],
+        &["cluster", "reset"],
+    ] {
+        let mut cmd = ferry();
+        cmd.args(args).args(["--etcd", &url]);
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        failed_saying(
+            &out,
+            &[&format!(
+                "cannot reach etcd at {url}: Connection refused (os error 111)\n"
+            )],
+        );
+    }
     let _etcd = start_etcd_on(&env.dir("etcd"), etcd_port);
     node.proc
         .wait_log("elected leader", Duration::from_secs(30));
@@ -864,5 +866,186 @@ fn a_node_that_lost_its_data_does_not_lead_a_cluster_that_held_data() {
         "{}",
         b.proc.log_text()
     );
+    drop(etcd);
+}
+
+/// `ferry cluster ARGS --etcd ETCD`, bounded.
+fn cluster(etcd: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = ferry();
+    cmd.arg("cluster").args(args).args(["--etcd", etcd]);
+    run_bounded(cmd, Duration::from_secs(30))
+}
+
+/// `cluster` that must succeed; its stdout.
+fn cluster_ok(etcd: &str, args: &[&str]) -> String {
+    let out = cluster(etcd, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The columns after the node id in `ferry cluster status`'s row for `id`.
+fn status_row(status: &str, id: &str) -> Vec<String> {
+    let row = status
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .unwrap_or_else(|| panic!("no row for {id} in:\n{status}"));
+    row.split_whitespace().skip(1).map(str::to_string).collect()
+}
+
+/// Stops a node as a service manager does (SIGTERM): it leaves, revoking its lease.
+fn stop_node(node: &mut Node) {
+    signal(&node.proc.child, libc::SIGTERM);
+    let status = node.proc.child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", node.proc.log_text());
+}
+
+/// `ferry cluster status` tells an operator from etcd alone who leads, which nodes are in the
+/// in-sync replica set (those that may be elected), whether the cluster has held data, and
+/// which nodes run and campaign; `--json` says the same for a script. Once every node is
+/// stopped, `ferry cluster reset` forgets the set and the data mark.
+#[test]
+fn cluster_status_shows_who_leads_who_may_lead_and_who_runs() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (a_dir, b_dir, c_dir) = (env.dir("a"), env.dir("b"), env.dir("c"));
+    write(&a_dir.join("q/seg"), &pattern(100_000, 3));
+    let mut a = start_node(&env, &etcd.url, &a_dir, free_port());
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let mut b = start_node(&env, &etcd.url, &b_dir, free_port());
+    // C holds files ferry never managed and has no --adopt: it runs, but neither follows nor
+    // joins the in-sync replica set.
+    write(&c_dir.join("own"), b"another broker's data");
+    let mut c = start_node(&env, &etcd.url, &c_dir, free_port());
+    c.proc
+        .wait_log("following stopped", Duration::from_secs(20));
+    let both = isr_of(&[&a.advertise, &b.advertise]);
+    wait_until(Duration::from_secs(20), "the ISR holding A and B", || {
+        read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str())
+    });
+    wait_until(Duration::from_secs(20), "ferry/data set", || {
+        read_key(&etcd.url, "ferry/data").is_some()
+    });
+    // B campaigns once its sync is done and it is in the set; C, which campaigned while the
+    // cluster had no set yet, withdraws once the leader writes one without it, and rejoins.
+    let rows = |status: &str| {
+        (status.lines().any(|l| l.starts_with(&c.advertise))).then(|| {
+            (
+                status_row(status, &b.advertise)[..3].join(" "),
+                status_row(status, &c.advertise)[..3].join(" "),
+            )
+        })
+    };
+    let settled = Some(("no yes yes".to_string(), "no no no".to_string()));
+    wait_until(Duration::from_secs(20), "B queued, C running", || {
+        rows(&cluster_ok(&etcd.url, &["status"])) == settled
+    });
+
+    let status = cluster_ok(&etcd.url, &["status"]);
+    assert_eq!(rows(&status), settled, "{status}");
+    assert!(
+        status.contains(&format!("leader: {}", a.advertise)),
+        "{status}"
+    );
+    assert!(status.contains(&format!("in sync: {both}")), "{status}");
+    assert!(
+        status.contains(&format!("held data: yes (set by {})", a.advertise)),
+        "{status}"
+    );
+    // NODE  LEADS  IN-SYNC  CAMPAIGNING  PROCESS
+    let a_row = status_row(&status, &a.advertise);
+    assert_eq!(a_row[..3], ["yes", "yes", "yes"], "{status}");
+    assert!(
+        status.contains(&format!("pid {}", a.proc.child.id())),
+        "{status}"
+    );
+    let json = cluster_ok(&etcd.url, &["status", "--json"]);
+    for needle in [
+        format!("\"leader\":\"{}\"", a.advertise),
+        format!("\"held_data_set_by\":\"{}\"", a.advertise),
+        format!(
+            "{{\"id\":\"{}\",\"running\":true,\"process\":\"pid {}",
+            c.advertise,
+            c.proc.child.id()
+        ),
+        format!("\"id\":\"{}\",\"running\":true,", b.advertise),
+    ] {
+        assert!(json.contains(&needle), "no {needle} in {json}");
+    }
+
+    // Stopped, the nodes leave the listing; the set and the mark stay until a reset.
+    stop_node(&mut c);
+    stop_node(&mut b);
+    stop_node(&mut a);
+    let status = cluster_ok(&etcd.url, &["status"]);
+    assert!(status.contains("leader: none"), "{status}");
+    assert_eq!(
+        status_row(&status, &a.advertise),
+        ["no", "yes", "no", "(not", "running)"],
+        "{status}"
+    );
+    assert!(
+        !status.lines().any(|l| l.starts_with(&c.advertise)),
+        "{status}"
+    );
+    let reset = cluster_ok(&etcd.url, &["reset"]);
+    assert!(reset.contains("ferry/data"), "{reset}");
+    assert_eq!(read_key(&etcd.url, "ferry/data"), None);
+    assert_eq!(read_key(&etcd.url, "ferry/isr"), None);
+    let status = cluster_ok(&etcd.url, &["status"]);
+    assert!(status.contains("held data: no"), "{status}");
+    drop(etcd);
+}
+
+/// The node that holds a new cluster's data joined after the empty nodes' `--empty-wait`: an
+/// empty node leads, and the in-sync replica set it wrote keeps the data node from leading.
+/// `ferry cluster reset` refuses while any node runs (a node that joined after it could lead
+/// whatever it holds); once every node is stopped it clears the set, and the data node,
+/// started first, is elected, its data intact, and the empty one gets the data from it.
+#[test]
+fn cluster_reset_lets_a_late_data_node_lead_once_every_node_is_stopped() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (e_dir, d_dir) = (env.dir("empty"), env.dir("data"));
+    let (e_port, d_port) = (free_port(), free_port());
+    let mut e = start_node_with(&env, &etcd.url, &e_dir, e_port, &["--empty-wait", "0"]);
+    e.proc.wait_log("elected leader", Duration::from_secs(30));
+    wait_until(Duration::from_secs(20), "the ISR holding E", || {
+        read_key(&etcd.url, "ferry/isr").as_deref() == Some(e.advertise.as_str())
+    });
+    let seg = pattern(300_000, 9);
+    write(&d_dir.join("q/seg"), &seg);
+    let mut d = start_node(&env, &etcd.url, &d_dir, d_port);
+    d.proc
+        .wait_log("following stopped", Duration::from_secs(20));
+    let status = cluster_ok(&etcd.url, &["status"]);
+    assert_eq!(
+        status_row(&status, &d.advertise)[..3],
+        ["no", "no", "no"],
+        "{status}"
+    );
+
+    let refused = cluster(&etcd.url, &["reset"]);
+    failed_saying(&refused, &["refusing", &e.advertise, &d.advertise]);
+    assert_eq!(
+        read_key(&etcd.url, "ferry/isr").as_deref(),
+        Some(e.advertise.as_str())
+    );
+
+    stop_node(&mut d);
+    stop_node(&mut e);
+    let reset = cluster_ok(&etcd.url, &["reset"]);
+    assert!(reset.contains("ferry/isr"), "{reset}");
+    assert_eq!(read_key(&etcd.url, "ferry/isr"), None);
+
+    let d = start_node(&env, &etcd.url, &d_dir, d_port);
+    d.proc.wait_log("elected leader", Duration::from_secs(30));
+    let _e = start_node(&env, &etcd.url, &e_dir, e_port);
+    wait_identical(&d_dir, &e_dir, Duration::from_secs(30));
+    assert_eq!(std::fs::read(d_dir.join("q/seg")).unwrap(), seg);
     drop(etcd);
 }

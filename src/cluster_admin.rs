@@ -1,0 +1,440 @@
+//! What an operator asks of a `ferry node` cluster from outside, through etcd alone:
+//! `ferry cluster status`, who leads, who may lead and who runs (`inspect`), and `ferry cluster
+//! reset`, which forgets what decides who may lead, only while no node runs (`reset`).
+//!
+//! Both read the keys `cluster` keeps (`cluster::Keys`) in one transaction, so what they see is
+//! one revision of etcd, never half of a change.
+
+use std::fmt::Write as _;
+
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse,
+};
+
+use crate::cluster::{etcd_unreachable, Keys};
+use crate::status::json_str;
+
+/// A cluster as etcd holds it.
+pub struct ClusterView {
+    pub prefix: String,
+    /// The node holding the election (its `--advertise` address), if any.
+    pub leader: Option<String>,
+    /// `PREFIX/isr`, the nodes that may campaign; `None` when never written (a new cluster, or
+    /// one reset): then any node may.
+    pub isr: Option<Vec<String>>,
+    /// The node that set `PREFIX/data` (its data dir held files): from then on a node whose data
+    /// dir holds none does not campaign.
+    pub held_data_set_by: Option<String>,
+    /// A pending `ferry handoff` request: the target's id, or `*` (the most caught-up one).
+    pub handoff: Option<String>,
+    /// Every node running, in the set, or campaigning, sorted by id.
+    pub nodes: Vec<NodeView>,
+}
+
+/// One node as etcd knows it.
+pub struct NodeView {
+    pub id: String,
+    /// It holds `PREFIX/nodes/ID` under its lease: it runs (or was killed less than its lease
+    /// TTL ago).
+    pub running: bool,
+    /// `pid N on HOST`, as the node wrote it when it joined.
+    pub process: Option<String>,
+    pub leads: bool,
+    pub in_isr: bool,
+    /// It has a key in the election: it leads or is queued to.
+    pub campaigning: bool,
+}
+
+fn text(kv: &KeyValue) -> String {
+    String::from_utf8_lossy(kv.value()).into_owned()
+}
+
+fn key_text(kv: &KeyValue) -> String {
+    String::from_utf8_lossy(kv.key()).into_owned()
+}
+
+/// The key-values of the `i`th response of a transaction of gets.
+fn kvs_of(responses: &[TxnOpResponse], i: usize) -> Vec<KeyValue> {
+    match responses.get(i) {
+        Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
+        _ => Vec::new(),
+    }
+}
+
+/// The election's candidates, first the one that holds it (the lowest create revision: how the
+/// etcd election API decides).
+fn election_options() -> GetOptions {
+    GetOptions::new().with_prefix().with_sort(
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    )
+}
+
+/// The election's keys are `PREFIX/leader/LEASE`; `Keys::election` is their common name.
+fn candidates_prefix(keys: &Keys) -> String {
+    format!("{}/", keys.election)
+}
+
+/// The node id in `PREFIX/data`'s value (`ID, whose data dir held files`).
+fn data_setter(value: &str) -> String {
+    value.split(", ").next().unwrap_or(value).to_string()
+}
+
+/// How long a command waits for etcd to answer before it says it cannot reach it.
+const ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn connect(etcd: &[String]) -> anyhow::Result<Client> {
+    anyhow::ensure!(
+        !etcd.is_empty(),
+        "no etcd endpoints: pass --etcd URL[,URL...] (or set FERRY_ETCD)"
+    );
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(ETCD_TIMEOUT)
+        .with_timeout(ETCD_TIMEOUT);
+    Client::connect(etcd, Some(options))
+        .await
+        .map_err(|e| etcd_unreachable(etcd, e))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The cluster sharing `prefix` in the etcd at `etcd`, read in one transaction.
+pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
+    runtime()?.block_on(async {
+        let keys = Keys::new(prefix);
+        let mut client = connect(etcd).await?;
+        let txn = Txn::new().and_then([
+            TxnOp::get(candidates_prefix(&keys), Some(election_options())),
+            TxnOp::get(keys.isr.clone(), None),
+            TxnOp::get(keys.data.clone(), None),
+            TxnOp::get(keys.handoff.clone(), None),
+            TxnOp::get(keys.nodes.clone(), Some(GetOptions::new().with_prefix())),
+        ]);
+        let resp = client
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_unreachable(etcd, e))?;
+        let responses = resp.op_responses();
+        let candidates: Vec<String> = kvs_of(&responses, 0).iter().map(text).collect();
+        let isr = kvs_of(&responses, 1).first().map(|kv| {
+            text(kv)
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        });
+        let held_data_set_by = kvs_of(&responses, 2)
+            .first()
+            .map(|kv| data_setter(&text(kv)));
+        let handoff = kvs_of(&responses, 3).first().map(text);
+        let running: Vec<(String, String)> = kvs_of(&responses, 4)
+            .iter()
+            .map(|kv| {
+                let id = key_text(kv)
+                    .strip_prefix(&keys.nodes)
+                    .unwrap_or_default()
+                    .to_string();
+                (id, text(kv))
+            })
+            .collect();
+        let leader = candidates.first().cloned();
+        let mut ids: Vec<String> = running.iter().map(|(id, _)| id.clone()).collect();
+        ids.extend(isr.iter().flatten().cloned());
+        ids.extend(candidates.iter().cloned());
+        ids.sort();
+        ids.dedup();
+        let nodes = ids
+            .into_iter()
+            .map(|id| {
+                let process = running
+                    .iter()
+                    .find(|(r, _)| *r == id)
+                    .map(|(_, p)| p.clone());
+                NodeView {
+                    running: process.is_some(),
+                    process,
+                    leads: leader.as_deref() == Some(id.as_str()),
+                    in_isr: isr.iter().flatten().any(|m| *m == id),
+                    campaigning: candidates.contains(&id),
+                    id,
+                }
+            })
+            .collect();
+        Ok(ClusterView {
+            prefix: prefix.to_string(),
+            leader,
+            isr,
+            held_data_set_by,
+            handoff,
+            nodes,
+        })
+    })
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+impl ClusterView {
+    /// What `ferry cluster status` prints: the cluster's facts, a row per node, and a note
+    /// where they explain why no node leads.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "cluster: {}", self.prefix);
+        let _ = writeln!(out, "leader: {}", self.leader.as_deref().unwrap_or("none"));
+        let isr = match &self.isr {
+            None => "not written (a new or reset cluster: any node may lead)".to_string(),
+            Some(members) if members.is_empty() => "none".to_string(),
+            Some(members) => members.join(","),
+        };
+        let _ = writeln!(out, "in sync: {isr}");
+        let held = match &self.held_data_set_by {
+            Some(by) => format!("yes (set by {by}): a node with an empty data dir does not lead"),
+            None => "no".to_string(),
+        };
+        let _ = writeln!(out, "held data: {held}");
+        if let Some(to) = &self.handoff {
+            let to = if to == "*" {
+                "the most caught-up follower"
+            } else {
+                to
+            };
+            let _ = writeln!(out, "handoff: requested, to {to}");
+        }
+        let width = self
+            .nodes
+            .iter()
+            .map(|n| n.id.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let _ = writeln!(
+            out,
+            "\n{:width$}  LEADS  IN-SYNC  CAMPAIGNING  PROCESS",
+            "NODE"
+        );
+        for n in &self.nodes {
+            let _ = writeln!(
+                out,
+                "{:width$}  {:5}  {:7}  {:11}  {}",
+                n.id,
+                yes_no(n.leads),
+                yes_no(n.in_isr),
+                yes_no(n.campaigning),
+                n.process.as_deref().unwrap_or("(not running)")
+            );
+        }
+        if let Some(note) = self.note() {
+            let _ = writeln!(out, "\n{note}");
+        }
+        out
+    }
+
+    /// Why no node leads, where the facts say.
+    fn note(&self) -> Option<String> {
+        if self.leader.is_some() {
+            return None;
+        }
+        let running = self.nodes.iter().filter(|n| n.running).count();
+        if running == 0 {
+            return Some("No node runs.".into());
+        }
+        if let Some(isr) = &self.isr {
+            if !self.nodes.iter().any(|n| n.running && n.in_isr) {
+                return Some(format!(
+                    "No node of the in-sync set ({}) runs, and only those campaign: start \
+                     one. If none of them will come back, stop every node, run `ferry cluster \
+                     reset`, and start the node with the newest data first.",
+                    isr.join(",")
+                ));
+            }
+        }
+        if !self.nodes.iter().any(|n| n.campaigning) {
+            return Some(
+                "No running node campaigns: one outside the in-sync set does not, nor one whose \
+                 data dir holds no files in a cluster that has held data, and an empty one \
+                 waits --empty-wait first. Their logs say which."
+                    .into(),
+            );
+        }
+        None
+    }
+
+    /// `ferry cluster status --json`.
+    pub fn json(&self) -> String {
+        let opt = |v: &Option<String>| v.as_deref().map_or("null".to_string(), json_str);
+        let isr = match &self.isr {
+            None => "null".to_string(),
+            Some(m) => format!(
+                "[{}]",
+                m.iter().map(|s| json_str(s)).collect::<Vec<_>>().join(",")
+            ),
+        };
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{{\"id\":{},\"running\":{},\"process\":{},\"leads\":{},\"in_isr\":{},\
+                     \"campaigning\":{}}}",
+                    json_str(&n.id),
+                    n.running,
+                    opt(&n.process),
+                    n.leads,
+                    n.in_isr,
+                    n.campaigning
+                )
+            })
+            .collect();
+        format!(
+            "{{\"prefix\":{},\"leader\":{},\"isr\":{isr},\"held_data_set_by\":{},\"handoff\":{},\
+             \"nodes\":[{}]}}\n",
+            json_str(&self.prefix),
+            opt(&self.leader),
+            opt(&self.held_data_set_by),
+            opt(&self.handoff),
+            nodes.join(",")
+        )
+    }
+}
+
+/// What `reset` deleted: each key with the value it had.
+pub struct ResetReport {
+    pub deleted: Vec<(String, String)>,
+}
+
+/// Deletes what decides who may lead: the in-sync replica set (`PREFIX/isr`), the mark that
+/// the cluster has held data (`PREFIX/data`), and a pending handoff request. Then the first
+/// node to campaign leads whatever its data dir holds, so this is refused while any node runs
+/// or campaigns: the check and the deletes are one transaction, so a node that joins a moment
+/// later sees the cluster either before or after it, never between.
+pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
+    runtime()?.block_on(async {
+        let keys = Keys::new(prefix);
+        let mut client = connect(etcd).await?;
+        let prev = || Some(DeleteOptions::new().with_prev_key());
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(keys.nodes.clone(), CompareOp::Equal, 0).with_prefix(),
+                Compare::create_revision(candidates_prefix(&keys), CompareOp::Equal, 0)
+                    .with_prefix(),
+            ])
+            .and_then([
+                TxnOp::delete(keys.isr.clone(), prev()),
+                TxnOp::delete(keys.data.clone(), prev()),
+                TxnOp::delete(keys.handoff.clone(), prev()),
+                TxnOp::delete(keys.handoff_result.clone(), prev()),
+            ])
+            .or_else([
+                TxnOp::get(keys.nodes.clone(), Some(GetOptions::new().with_prefix())),
+                TxnOp::get(candidates_prefix(&keys), Some(election_options())),
+            ]);
+        let resp = client
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_unreachable(etcd, e))?;
+        let responses = resp.op_responses();
+        if !resp.succeeded() {
+            let mut running: Vec<String> = kvs_of(&responses, 0)
+                .iter()
+                .map(|kv| {
+                    let id = key_text(kv);
+                    let id = id.strip_prefix(&keys.nodes).unwrap_or(&id);
+                    format!("{id} ({})", text(kv))
+                })
+                .collect();
+            for candidate in kvs_of(&responses, 1).iter().map(text) {
+                if !running
+                    .iter()
+                    .any(|r| r.starts_with(&format!("{candidate} (")))
+                {
+                    running.push(candidate);
+                }
+            }
+            anyhow::bail!(
+                "refusing to reset cluster {prefix} while {} node(s) run: {}. After a reset the \
+                 first node to campaign leads whatever its data dir holds, so stop every node \
+                 first (a node killed a moment ago keeps its key until its lease TTL lapses)",
+                running.len(),
+                running.join(", ")
+            );
+        }
+        let deleted = responses
+            .iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Delete(d) => d.prev_kvs().first().map(|kv| (key_text(kv), text(kv))),
+                _ => None,
+            })
+            .collect();
+        Ok(ResetReport { deleted })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, running: bool, in_isr: bool, campaigning: bool) -> NodeView {
+        NodeView {
+            id: id.into(),
+            running,
+            process: running.then(|| format!("pid 1 on {id}")),
+            leads: false,
+            in_isr,
+            campaigning,
+        }
+    }
+
+    fn view(isr: Option<&[&str]>, nodes: Vec<NodeView>) -> ClusterView {
+        ClusterView {
+            prefix: "ferry".into(),
+            leader: None,
+            isr: isr.map(|m| m.iter().map(|s| s.to_string()).collect()),
+            held_data_set_by: None,
+            handoff: None,
+            nodes,
+        }
+    }
+
+    #[test]
+    fn the_note_says_why_no_node_leads() {
+        let v = view(
+            Some(&["a"]),
+            vec![node("a", false, true, false), node("b", true, false, false)],
+        );
+        let note = v.note().unwrap();
+        assert!(
+            note.contains("No node of the in-sync set (a) runs"),
+            "{note}"
+        );
+        let v = view(
+            Some(&["a", "b"]),
+            vec![node("a", true, true, false), node("b", true, true, false)],
+        );
+        assert!(v.note().unwrap().contains("No running node campaigns"));
+        let v = view(None, vec![node("a", true, false, true)]);
+        assert_eq!(v.note(), None);
+        let v = view(None, vec![]);
+        assert_eq!(v.note().as_deref(), Some("No node runs."));
+    }
+
+    #[test]
+    fn json_is_one_object_with_every_node() {
+        let mut v = view(None, vec![node("a:1", true, false, true)]);
+        v.held_data_set_by = Some("a:1".into());
+        assert_eq!(
+            v.json(),
+            "{\"prefix\":\"ferry\",\"leader\":null,\"isr\":null,\"held_data_set_by\":\"a:1\",\
+             \"handoff\":null,\"nodes\":[{\"id\":\"a:1\",\"running\":true,\"process\":\"pid 1 \
+             on a:1\",\"leads\":false,\"in_isr\":false,\"campaigning\":true}]}\n"
+        );
+    }
+}
