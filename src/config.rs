@@ -6,7 +6,9 @@
 //! through the environment is appended to the command line as `--key value`; clap then parses
 //! as usual, so one set of rules (types, ranges, help) covers all three sources. The TOML subset
 //! read is what a flat config needs: `key = "string" | integer | true | false`, comments, and
-//! `[lead]` / `[follow]` / `[node]` sections for settings of one subcommand only.
+//! `[lead]` / `[follow]` / `[node]` sections for settings of one subcommand only. A subcommand
+//! that acts on what another runs (`handoff` and `cluster` on a node's cluster) borrows that
+//! one's section: of it, and of the keys outside any section, the keys it knows itself.
 
 use std::ffi::OsString;
 
@@ -125,10 +127,12 @@ fn config_path(args: &[OsString]) -> Option<OsString> {
 }
 
 /// `args` with the config file's settings appended where no flag or variable gives them.
-/// `known(sub)` lists the long flag names of a subcommand (`None`: no such subcommand).
+/// `subcommands` name the file's sections; `borrowers` pairs each other subcommand that reads
+/// the file with the section it reads. `known(sub)` lists the long flag names of a subcommand.
 pub fn apply(
     args: Vec<OsString>,
     subcommands: &[&str],
+    borrowers: &[(&str, &str)],
     known: impl Fn(&str) -> Vec<String>,
 ) -> anyhow::Result<Vec<OsString>> {
     let Some(path) = config_path(&args) else {
@@ -137,12 +141,18 @@ pub fn apply(
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read the config file {}", path.to_string_lossy()))?;
     let entries = parse(&text).with_context(|| format!("in {}", path.to_string_lossy()))?;
+    let section_of = |a: &str| {
+        subcommands
+            .iter()
+            .find(|s| **s == a)
+            .or_else(|| borrowers.iter().find(|(b, _)| *b == a).map(|(_, s)| s))
+            .map(|s| s.to_string())
+    };
     let sub = args
         .iter()
         .skip(1)
         .filter_map(|a| a.to_str())
-        .find(|a| subcommands.contains(a))
-        .map(str::to_string);
+        .find_map(|a| Some((a.to_string(), section_of(a)?)));
     let mut out = args.clone();
     for e in entries {
         let where_ = format!("{}, line {}", path.to_string_lossy(), e.line);
@@ -161,8 +171,10 @@ pub fn apply(
         if !valid_somewhere {
             bail!("{where_}: unknown key `{}`", e.key);
         }
-        let Some(sub) = &sub else { continue };
-        if !applies_to.contains(&sub.as_str()) || !known(sub).contains(&e.key) {
+        let Some((sub, section)) = &sub else {
+            continue;
+        };
+        if !applies_to.contains(&section.as_str()) || !known(sub).contains(&e.key) {
             continue;
         }
         let flag = format!("--{}", e.key);
@@ -198,6 +210,7 @@ mod tests {
         match sub {
             "lead" => vec!["data-dir".into(), "listen".into(), "http".into()],
             "follow" => vec!["data-dir".into(), "leader".into(), "once".into()],
+            "peek" => vec!["leader".into(), "json".into()],
             _ => vec![],
         }
     }
@@ -209,10 +222,12 @@ mod tests {
         let mut argv: Vec<OsString> = args.iter().map(OsString::from).collect();
         argv.push("--config".into());
         argv.push(path.into());
-        Ok(apply(argv, &["lead", "follow"], known)?
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect())
+        Ok(
+            apply(argv, &["lead", "follow"], &[("peek", "follow")], known)?
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        )
     }
 
     #[test]
@@ -224,6 +239,16 @@ mod tests {
         .unwrap();
         let tail = &out[6..];
         assert_eq!(tail, ["--data-dir", "/d", "--once"], "{out:?}");
+    }
+
+    #[test]
+    fn a_borrower_takes_what_it_knows_of_its_lenders_section_and_no_other() {
+        let file = "data_dir = \"/d\"\n[follow]\nleader = \"follow:2\"\nonce = true\n\
+                    [lead]\nlisten = \"x\"\n";
+        let out = run(&["ferry", "peek", "status"], file).unwrap();
+        assert_eq!(out[5..], ["--leader", "follow:2"], "{out:?}");
+        let out = run(&["ferry", "peek"], "leader = \"top:1\"\n").unwrap();
+        assert_eq!(out[4..], ["--leader", "top:1"], "{out:?}");
     }
 
     #[test]

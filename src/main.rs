@@ -33,8 +33,9 @@ use ferry::frame::Durability;
         Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 struct Cli {
-    /// Read settings from this TOML file (`key = value`, `[lead]`/`[follow]`/`[node]` sections);
-    /// flags and FERRY_* environment variables win over it. FERRY_CONFIG may name it instead.
+    /// Read settings from this TOML file (`key = value`, `[lead]`/`[follow]`/`[node]` sections;
+    /// `handoff` and `cluster` read `[node]`'s etcd and prefix); flags and FERRY_* environment
+    /// variables win over it. FERRY_CONFIG may name it instead.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -402,7 +403,9 @@ fn main() -> ExitCode {
             })
             .unwrap_or_default()
     };
-    let args = match config::apply(args, &["lead", "follow", "node"], known) {
+    // `handoff` and `cluster` act on a node's cluster: they read its section (etcd, prefix).
+    let borrowers = [("handoff", "node"), ("cluster", "node")];
+    let args = match config::apply(args, &["lead", "follow", "node"], &borrowers, known) {
         Ok(args) => args,
         Err(e) => {
             eprintln!("ferry: error: {e:#}");

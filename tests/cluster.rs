@@ -977,6 +977,28 @@ fn cluster_status_shows_who_leads_who_may_lead_and_who_runs() {
         assert!(json.contains(&needle), "no {needle} in {json}");
     }
 
+    // On a node's host the operator names the node's config file instead: the cluster's
+    // commands take etcd and the prefix from its [node] section.
+    let config = env.tmp.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[node]\netcd = \"{}\"\nlisten = \"127.0.0.1:1\"\n",
+            a_dir.display(),
+            etcd.url
+        ),
+    )
+    .unwrap();
+    let mut cmd = ferry();
+    cmd.args(["cluster", "status", "--config"]).arg(&config);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("leader: {}", a.advertise)),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Stopped, the nodes leave the listing; the set and the mark stay until a reset.
     stop_node(&mut c);
     stop_node(&mut b);

@@ -176,7 +176,7 @@ fn a_health_check_on_the_replication_port_leaves_no_line_in_the_log() {
 #[test]
 fn the_example_config_in_contrib_is_accepted_by_every_subcommand() {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ferry.toml");
-    for sub in ["lead", "follow", "node"] {
+    for sub in ["lead", "follow", "node", "handoff", "cluster"] {
         let out = ferry()
             .args([sub, "--help", "--config"])
             .arg(&example)
