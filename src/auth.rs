@@ -67,6 +67,13 @@ pub fn random_nonce() -> std::io::Result<Nonce> {
     Ok(nonce)
 }
 
+/// A data dir's lineage id, from the kernel's CSPRNG.
+pub fn random_lineage() -> std::io::Result<crate::frame::LineageId> {
+    let mut id = [0u8; crate::frame::LINEAGE_ID_BYTES];
+    fill_random(&mut id)?;
+    Ok(id)
+}
+
 /// A leader's instance id, from the kernel's CSPRNG.
 pub fn random_instance() -> std::io::Result<crate::frame::InstanceId> {
     let mut id = [0u8; crate::frame::INSTANCE_ID_BYTES];

@@ -16,8 +16,11 @@ pub const CAPABILITY_HELD: u32 = 0x1;
 /// Capability bit: with `HELD`, each file's birth in the index (INDEX_BORN), so the follower
 /// hashes what the leader would refuse as held (`docs/PROTOCOL.md`, *Held records*).
 pub const CAPABILITY_BIRTHS: u32 = 0x2;
+/// Capability bit: the leader names its data dir's lineage (LINEAGE), and a follower holding a
+/// copy of another declines (`docs/PROTOCOL.md`, *Lineage*).
+pub const CAPABILITY_LINEAGE: u32 = 0x4;
 /// Capability bits this build understands and offers.
-pub const CAPABILITIES: u32 = CAPABILITY_HELD | CAPABILITY_BIRTHS;
+pub const CAPABILITIES: u32 = CAPABILITY_HELD | CAPABILITY_BIRTHS | CAPABILITY_LINEAGE;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
@@ -28,6 +31,8 @@ pub const MAC_BYTES: usize = 32;
 pub const DIGEST_BYTES: usize = 20;
 /// A leader's instance id (INSTANCE, HAVE_HELD).
 pub const INSTANCE_ID_BYTES: usize = 16;
+/// A data dir's lineage id (LINEAGE).
+pub const LINEAGE_ID_BYTES: usize = 16;
 /// Length of the `body_len` field that opens every frame.
 pub const FRAME_LEN_FIELD_BYTES: usize = 4;
 /// The leader sends a MARK at least this often when it has nothing else to send.
@@ -49,12 +54,15 @@ pub type Mac = [u8; MAC_BYTES];
 pub type Digest = [u8; DIGEST_BYTES];
 /// Drawn at random when a leader starts: its positions mean something only within it.
 pub type InstanceId = [u8; INSTANCE_ID_BYTES];
+/// Drawn at random by the first leader of a data dir, and kept by every copy made from it.
+pub type LineageId = [u8; LINEAGE_ID_BYTES];
 
 const T_CHALLENGE: u8 = 0x01;
 const T_AUTH: u8 = 0x02;
 const T_WELCOME: u8 = 0x03;
 const T_ERROR: u8 = 0x04;
 const T_INSTANCE: u8 = 0x05;
+const T_LINEAGE: u8 = 0x06;
 const T_INDEX: u8 = 0x10;
 const T_INDEX_END: u8 = 0x11;
 const T_HAVE: u8 = 0x12;
@@ -219,6 +227,7 @@ impl FrameError {
 pub struct InUse {
     pub held: bool,
     pub births: bool,
+    pub lineage: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +252,7 @@ impl Preamble {
         InUse {
             held,
             births: held && both & CAPABILITY_BIRTHS != 0,
+            lineage: both & CAPABILITY_LINEAGE != 0,
         }
     }
 
@@ -287,6 +297,9 @@ pub enum Frame {
     },
     Instance {
         instance: InstanceId,
+    },
+    Lineage {
+        lineage: LineageId,
     },
     Index {
         len_bytes: u64,
@@ -358,6 +371,7 @@ impl Frame {
             Frame::Welcome { .. } => "WELCOME",
             Frame::Error { .. } => "ERROR",
             Frame::Instance { .. } => "INSTANCE",
+            Frame::Lineage { .. } => "LINEAGE",
             Frame::Index { .. } => "INDEX",
             Frame::IndexBorn { .. } => "INDEX_BORN",
             Frame::IndexEnd { .. } => "INDEX_END",
@@ -418,6 +432,10 @@ impl Frame {
             Frame::Instance { instance } => {
                 out.push(T_INSTANCE);
                 out.extend_from_slice(instance);
+            }
+            Frame::Lineage { lineage } => {
+                out.push(T_LINEAGE);
+                out.extend_from_slice(lineage);
             }
             Frame::Index { len_bytes, path } => {
                 out.push(T_INDEX);
@@ -567,6 +585,7 @@ fn type_name(t: u8) -> Result<&'static str, FrameError> {
         T_WELCOME => "WELCOME",
         T_ERROR => "ERROR",
         T_INSTANCE => "INSTANCE",
+        T_LINEAGE => "LINEAGE",
         T_INDEX => "INDEX",
         T_INDEX_BORN => "INDEX_BORN",
         T_INDEX_END => "INDEX_END",
@@ -611,6 +630,9 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
         }
         T_INSTANCE => Frame::Instance {
             instance: r.array()?,
+        },
+        T_LINEAGE => Frame::Lineage {
+            lineage: r.array()?,
         },
         T_INDEX => Frame::Index {
             len_bytes: r.u64()?,
@@ -878,6 +900,24 @@ mod tests {
     }
 
     #[test]
+    fn lineage_and_its_capability_bit_match_the_spec() {
+        let lineage = Preamble {
+            version: 1,
+            capabilities: CAPABILITY_LINEAGE,
+        };
+        assert_eq!(&lineage.encode()[12..16], &[4, 0, 0, 0], "LINEAGE is bit 2");
+        let mut buf = Vec::new();
+        Frame::Lineage { lineage: [5; 16] }.encode(&mut buf);
+        let mut want = vec![17, 0, 0, 0, 0x06];
+        want.extend_from_slice(&[5; 16]);
+        assert_eq!(buf, want);
+        assert_eq!(
+            Frame::decode(&buf).unwrap(),
+            Some((Frame::Lineage { lineage: [5; 16] }, 21))
+        );
+    }
+
+    #[test]
     fn index_born_and_the_births_bit_match_the_spec() {
         let births = Preamble {
             version: 1,
@@ -1023,6 +1063,7 @@ mod tests {
             }),
             "[a-z0-9.:]{1,64}".prop_map(|id| Frame::NodeId { id }),
             any::<[u8; 16]>().prop_map(|instance| Frame::Instance { instance }),
+            any::<[u8; 16]>().prop_map(|lineage| Frame::Lineage { lineage }),
             (any::<u64>(), any::<u64>(), any::<[u8; 16]>(), arb_path()).prop_map(
                 |(l, p, i, path)| Frame::HaveHeld {
                     len_bytes: l,

@@ -16,6 +16,7 @@ pub mod index;
 pub mod lag;
 pub mod leader;
 pub mod leader_record;
+pub mod lineage;
 pub mod notify;
 pub mod paths;
 pub mod schedstat;

@@ -152,8 +152,10 @@ enum Command {
         #[arg(long, env = "FERRY_ONCE")]
         once: bool,
         /// Take over DIR though it holds files and was never a ferry data dir (no DIR/.ferry/),
-        /// e.g. a copy seeded from the leader's data: files the leader lacks are deleted.
-        /// Without it such a DIR is refused; an empty or new DIR, or one ferry manages, is not.
+        /// e.g. a copy seeded from the leader's data, or though its files were copied from
+        /// another data dir than the leader's (another lineage): files the leader lacks are
+        /// deleted. Without it such a DIR is refused; an empty or new DIR, or a copy of this
+        /// leader's, is not.
         #[arg(long, env = "FERRY_ADOPT")]
         adopt: bool,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).

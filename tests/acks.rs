@@ -62,6 +62,7 @@ impl HandLeader {
                 [7; 32],
                 Duration::from_secs(10),
                 [7; 16],
+                [8; 16],
             ),
             catalog: Catalog::new([(seg.clone(), 0)]),
             files: HashMap::from([(seg.clone(), Vec::new())]),

@@ -685,7 +685,7 @@ fn a_follower_does_not_take_over_a_directory_of_other_files_unless_told_to() {
 /// follower delete its whole copy at connect. A follower that holds files declines such an
 /// index: `--once` exits non-zero saying why, the leader logs the follower's reason, and the
 /// copy stays. A follower that keeps running tries again with backoff, and follows once the
-/// leader has files again (the disk mounted).
+/// leader serves its files again (the disk mounted, the leader started on it).
 #[test]
 fn a_follower_does_not_wipe_its_copy_to_match_an_empty_leader() {
     let env = Env::new();
@@ -712,8 +712,97 @@ fn a_follower_does_not_wipe_its_copy_to_match_an_empty_leader() {
 
     let follower = Proc::spawn(follow_cmd(&env, &fd, leader.addr, "fallback"));
     follower.wait_log("the leader's data dir is empty", Duration::from_secs(10));
-    write(&empty.join("q/seg"), &pattern(20_000, 2));
-    wait_same_files(&empty, &fd, Duration::from_secs(30));
+    // The disk is mounted, written to meanwhile, and the leader started on it again, at the
+    // same address: the follower follows it.
+    let addr = leader.addr;
+    drop(leader);
+    write(&ld.join("q/seg"), &pattern(20_000, 2));
+    let mut again = ferry();
+    again
+        .args([
+            "lead",
+            "--io-engine",
+            "fallback",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(&ld)
+        .arg("--secret-file")
+        .arg(&env.secret_file);
+    let _again = Proc::spawn(again);
+    wait_same_files(&ld, &fd, Duration::from_secs(30));
+}
+
+/// A follower pointed at the wrong leader (a mistyped address, another cluster's leader with
+/// the same secret) would make its copy an exact copy of that leader's data dir, deleting what
+/// it held. Each data dir has a lineage that its copies carry: the follower declines a leader
+/// of another, `--once` exits non-zero saying so and naming both, the leader logs the reason,
+/// and the copy stays. It follows its own leader again as before; told to adopt the other's
+/// data (`--adopt`), it becomes a copy of it, and from then on of that lineage.
+#[test]
+fn a_follower_does_not_replace_its_copy_with_another_data_dirs() {
+    let env = Env::new();
+    let (ld, other, fd) = (env.dir("leader"), env.dir("other"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(10_000, 1));
+    write(&ld.join("meta.json"), b"{}");
+    write(&other.join("q/seg"), &pattern(7_000, 2));
+    let leader = start_leader(&env, &ld, "fallback");
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lineage = std::fs::read_to_string(ld.join(".ferry/lineage")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(fd.join(".ferry/lineage")).unwrap(),
+        lineage,
+        "the copy carries its leader's lineage"
+    );
+
+    let wrong = start_leader(&env, &other, "fallback");
+    let theirs = std::fs::read_to_string(other.join(".ferry/lineage")).unwrap();
+    let out = follow_once(&env, &fd, wrong.addr, "fallback");
+    failed_saying(
+        &out,
+        &[
+            &format!("the leader at {} serves another data dir", wrong.addr),
+            theirs.trim(),
+            lineage.trim(),
+            "--adopt",
+        ],
+    );
+    wrong.proc.wait_log("declined", Duration::from_secs(10));
+    assert_eq!(tree_difference(&ld, &fd), None, "the copy was touched");
+
+    write(&ld.join("q/seg2"), &pattern(3_000, 3));
+    let out = follow_once(&env, &fd, leader.addr, "fallback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree_difference(&ld, &fd), None);
+
+    let mut adopt = follow_cmd(&env, &fd, wrong.addr, "fallback");
+    adopt.arg("--once").arg("--adopt");
+    let out = run_bounded(adopt, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("adopting the data dir of the leader"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tree_difference(&other, &fd), None);
+    assert_eq!(
+        std::fs::read_to_string(fd.join(".ferry/lineage")).unwrap(),
+        theirs
+    );
 }
 
 /// One ferry process per data dir: a follower started on a directory that a leader serves, or

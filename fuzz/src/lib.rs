@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ferry::auth::{tags_equal, Secret};
 use ferry::catalog::{Catalog, Kept};
 use ferry::frame::{
-    Digest, Durability, ErrorCode, Frame, InstanceId, Nonce, Preamble, CAPABILITIES,
+    Digest, Durability, ErrorCode, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
     MAX_DATA_BYTES, PREAMBLE_BYTES, PROTOCOL_VERSION,
 };
 use ferry::paths::{PathError, RelPath};
@@ -29,6 +29,7 @@ use sha1::{Digest as _, Sha1};
 pub const SECRET: &[u8] = b"ferry-fuzz-secret";
 pub const LEADER_NONCE: Nonce = [0x4c; 32];
 pub const LEADER_INSTANCE: InstanceId = [0x49; 16];
+pub const LEADER_LINEAGE: LineageId = [0x4e; 16];
 pub const FOLLOWER_NONCE: Nonce = [0x46; 32];
 /// The follower's node id in the harnesses that send one.
 pub const NODE_ID: &str = "fuzz-node-1";
@@ -50,8 +51,14 @@ pub fn previous_secret() -> Secret {
 
 /// A leader session as the shell makes one: in a rotation, holding two secrets.
 fn leader_session() -> LeaderSession {
-    LeaderSession::new(secret(), LEADER_NONCE, ACK_TIMEOUT, LEADER_INSTANCE)
-        .with_previous_secret(Some(previous_secret()))
+    LeaderSession::new(
+        secret(),
+        LEADER_NONCE,
+        ACK_TIMEOUT,
+        LEADER_INSTANCE,
+        LEADER_LINEAGE,
+    )
+    .with_previous_secret(Some(previous_secret()))
 }
 
 pub fn p(s: &str) -> RelPath {
@@ -157,6 +164,7 @@ pub struct WireChecker {
     listed: u64,
     node_id_sent: bool,
     instance_sent: bool,
+    lineage_sent: bool,
     mark_last: Option<u64>,
     ack_last: [u64; 3],
     /// Whole-file transfers begun and not committed: bytes of TEMP DATA sent into each.
@@ -185,6 +193,7 @@ impl WireChecker {
             listed: 0,
             node_id_sent: false,
             instance_sent: false,
+            lineage_sent: false,
             mark_last: None,
             ack_last: [0; 3],
             wholes: HashMap::new(),
@@ -283,8 +292,15 @@ impl WireChecker {
             (Side::Leader, S::Welcome, Frame::Welcome { .. }) => self.phase = S::Listing,
             (Side::Leader, S::Listing, Frame::Instance { .. }) => {
                 assert!(!self.instance_sent, "INSTANCE sent twice");
+                assert!(!self.lineage_sent, "INSTANCE after LINEAGE");
                 assert_eq!(self.listed, 0, "INSTANCE after INDEX");
                 self.instance_sent = true;
+            }
+            (Side::Leader, S::Listing, Frame::Lineage { lineage }) => {
+                assert!(!self.lineage_sent, "LINEAGE sent twice");
+                assert_eq!(self.listed, 0, "LINEAGE after INDEX");
+                assert_eq!(*lineage, LEADER_LINEAGE, "not the leader's lineage");
+                self.lineage_sent = true;
             }
             (Side::Leader, S::Listing, Frame::Index { .. } | Frame::IndexBorn { .. }) => {
                 self.listed += 1
@@ -1106,8 +1122,15 @@ impl FollowerShell {
         match action {
             // A file the held record saw as it is now, after a MARK of this leader instance,
             // is reported as held (when the contents are exact); every other by digest.
-            FollowerAction::Inventory { index, instance } => {
+            FollowerAction::Inventory {
+                index,
+                instance,
+                lineage,
+            } => {
                 assert_eq!(self.session.phase(), FollowerPhase::AwaitInventory);
+                // The session passes on what the leader sent; the shell's check of it against
+                // the copy's own lineage is the integration tests' (it reads the disk).
+                let _ = lineage;
                 self.index = index.iter().map(|(p, _)| p.clone()).collect();
                 let cuts: HashMap<_, _> = index.into_iter().collect();
                 self.held.retain(|p, _| cuts.contains_key(p));

@@ -38,7 +38,9 @@ use tokio::sync::Notify;
 use crate::auth::{random_nonce, Secret};
 use crate::engine::receive::{self, is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
-use crate::frame::{Durability, ErrorCode, FrameError, InstanceId, LEADER_SILENCE_TIMEOUT_MS};
+use crate::frame::{
+    Durability, ErrorCode, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
+};
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
 use crate::session::follower::{Cut, FollowerAction, FollowerSession, HaveEntry, HaveProof};
@@ -72,8 +74,10 @@ pub struct FollowConfig {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// Named to the leader in NODE_ID (`ferry node` uses its advertised address).
     pub node_id: Option<String>,
-    /// Take over a data dir that holds files but was never ferry's (no `.ferry/`): without
-    /// it, `run` refuses such a dir (`paths::unmanaged_file`), whose files it would delete.
+    /// Take over a data dir that holds files but was never ferry's (no `.ferry/`), or whose
+    /// files were copied from another data dir than the leader's (`lineage`): without it, `run`
+    /// refuses the first (`paths::unmanaged_file`) and declines the second, whose files it
+    /// would delete.
     pub adopt: bool,
 }
 
@@ -462,9 +466,16 @@ impl Ctx<'_> {
                 return Ok(());
             };
             match action {
-                FollowerAction::Inventory { index, instance } => {
+                FollowerAction::Inventory {
+                    index,
+                    instance,
+                    lineage,
+                } => {
                     if index.is_empty() {
                         self.decline_an_empty_index()?;
+                    }
+                    if let Some(lineage) = lineage {
+                        self.take_lineage(lineage)?;
                     }
                     self.report.index_files = index.len();
                     self.held.instance = instance;
@@ -595,6 +606,42 @@ impl Ctx<'_> {
             held.len(),
             self.dir.root().display()
         ))))
+    }
+
+    /// Whether this copy may become one of the leader's data dir, whose lineage is `theirs`
+    /// (`docs/PROTOCOL.md`, *Lineage*): it may unless it holds files copied from another data
+    /// dir (its recorded lineage is another) and was not told to adopt the leader's. Records the
+    /// leader's lineage before any file changes, so a copy carries the lineage it is made from.
+    fn take_lineage(&self, theirs: LineageId) -> Result<(), FollowError> {
+        let ours = crate::lineage::read(self.dir)?;
+        if ours == Some(theirs) {
+            return Ok(());
+        }
+        if let Some(ours) = ours {
+            let held = crate::index::scan(self.dir.as_ref())?;
+            if !held.is_empty() && !self.config.adopt {
+                let bytes: u64 = held.iter().map(|m| m.len_bytes).sum();
+                return Err(FollowError::Session(SessionError::Declined(format!(
+                    "the leader at {} serves another data dir (lineage {}) than the one the {}                      files ({bytes} bytes) in {} were copied from (lineage {}), and following                      it would replace them with its files: not following. Check the leader's                      address (and that clusters do not share a secret). If this copy is to                      become the leader's (its data dir lost .ferry/, or it was set up anew),                      pass --adopt (FollowConfig::adopt) or empty this directory",
+                    self.config.leader,
+                    crate::index::hex(&theirs),
+                    held.len(),
+                    self.dir.root().display(),
+                    crate::index::hex(&ours),
+                ))));
+            }
+            if !held.is_empty() {
+                tracing::warn!(
+                    "adopting the data dir of the leader at {} (lineage {}): the files in {}                      were copied from another (lineage {}), and become copies of its files",
+                    self.config.leader,
+                    crate::index::hex(&theirs),
+                    self.dir.root().display(),
+                    crate::index::hex(&ours)
+                );
+            }
+        }
+        crate::lineage::write(self.dir, &theirs)?;
+        Ok(())
     }
 
     async fn send_inventory(

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::auth::{random_nonce, Secret};
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{Conn, FineTimer};
-use crate::frame::{ErrorCode, Frame, InstanceId, VANISHED_HOLD_TIMEOUT_MS};
+use crate::frame::{ErrorCode, Frame, InstanceId, LineageId, VANISHED_HOLD_TIMEOUT_MS};
 use crate::index::DigestCache;
 use crate::lag::LagSnapshot;
 use crate::paths::{DataDir, RelPath};
@@ -59,6 +59,7 @@ pub(super) struct ConnCtx {
     /// The leader's digest cache; taken by a connection while it hashes (`None` meanwhile).
     pub(super) digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
     pub(super) instance: InstanceId,
+    pub(super) lineage: LineageId,
 }
 
 impl ConnCtx {
@@ -161,6 +162,7 @@ pub(super) async fn serve_follower(
         random_nonce()?,
         ctx.ack_timeout,
         ctx.instance,
+        ctx.lineage,
     )
     .with_previous_secret(ctx.previous_secret.clone());
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);

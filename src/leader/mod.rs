@@ -155,6 +155,7 @@ impl Leader {
         // Before the record is taken and the temp files go: another process may be serving.
         let lock = DirLock::acquire(&dir, &config.role)?;
         dir.clear_temps()?;
+        let lineage = crate::lineage::of_leader(&dir)?;
         let engine = engine::choose(config.engine)?;
         let congestion_asked = config.tcp_congestion.is_some();
         let record_interval = config.record_interval;
@@ -215,7 +216,7 @@ impl Leader {
                     tid.server_tid
                         .store(crate::schedstat::current_tid(), Ordering::SeqCst);
                     engine::run(engine, move || {
-                        serve(engine, config, shared, dir, ready_tx, instance)
+                        serve(engine, config, shared, dir, ready_tx, (instance, lineage))
                     });
                     // Its id may go to a thread of the embedder next.
                     tid.server_tid.store(0, Ordering::SeqCst);

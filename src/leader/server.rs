@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{EngineKind, Listener};
-use crate::frame::{Durability, InstanceId};
+use crate::frame::{Durability, InstanceId, LineageId};
 use crate::index::DigestCache;
 use crate::lag::FollowerState;
 use crate::paths::DataDir;
@@ -24,7 +24,7 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
     ready: std::sync::mpsc::Sender<io::Result<(SocketAddr, String)>>,
-    instance: InstanceId,
+    (instance, lineage): (InstanceId, LineageId),
 ) {
     let listener = match bind_waiting(engine, config.listen, config.tcp_congestion.as_deref()) {
         Ok(l) => l,
@@ -44,7 +44,14 @@ pub(super) async fn serve(
     let digests = Rc::new(std::cell::RefCell::new(Some(DigestCache::load(&dir))));
     // The accept loop is never cancelled while serving: an io_uring accept dropped mid-flight
     // would lose the connection it completes with.
-    let accept_loop = accept_loop(listener, config, shared.clone(), dir, digests, instance);
+    let accept_loop = accept_loop(
+        listener,
+        config,
+        shared.clone(),
+        dir,
+        digests,
+        (instance, lineage),
+    );
     tokio::select! {
         _ = accept_loop => {}
         _ = log_state_changes(&shared) => {}
@@ -217,7 +224,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
     digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
-    instance: InstanceId,
+    (instance, lineage): (InstanceId, LineageId),
 ) {
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -237,6 +244,7 @@ async fn accept_loop(
             ack_timeout: config.ack_timeout,
             digests: digests.clone(),
             instance,
+            lineage,
         };
         tokio::task::spawn_local(async move {
             let conn = Rc::new(conn);

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, MAX_INVENTORY_FILES,
-    MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES, PROTOCOL_VERSION,
+    Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
+    MAX_INVENTORY_FILES, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES, PROTOCOL_VERSION,
 };
 use crate::paths::RelPath;
 
@@ -40,10 +40,12 @@ pub enum FollowerAction {
     /// The leader's index arrived (each path with what the index says of it): scan the data
     /// dir and call `inventory`. `instance`: the leader's, when `HELD` is in use (files the held
     /// record vouches for from this instance may be reported as held instead of by digest,
-    /// where `Cut::admits_held`).
+    /// where `Cut::admits_held`). `lineage`: that of the leader's data dir, when `LINEAGE` is in
+    /// use: a copy of another declines (`docs/PROTOCOL.md`, *Lineage*).
     Inventory {
         index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
+        lineage: Option<LineageId>,
     },
     /// The next `len_bytes` on the wire go to `path` at `offset` (into its temp file if `temp`).
     Write {
@@ -141,6 +143,10 @@ pub struct FollowerSession {
     births_in_use: bool,
     /// The leader's instance, from INSTANCE.
     instance: Option<InstanceId>,
+    /// Both offered `LINEAGE`.
+    lineage_in_use: bool,
+    /// The leader's data dir's lineage, from LINEAGE.
+    lineage: Option<LineageId>,
 }
 
 impl FollowerSession {
@@ -176,6 +182,8 @@ impl FollowerSession {
             held_in_use: false,
             births_in_use: false,
             instance: None,
+            lineage_in_use: false,
+            lineage: None,
         }
     }
 
@@ -241,6 +249,7 @@ impl FollowerSession {
                 Some(peer) => {
                     let in_use = peer.in_use(self.offered);
                     (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
+                    self.lineage_in_use = in_use.lineage;
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }
@@ -297,6 +306,12 @@ impl FollowerSession {
                 self.instance = Some(instance);
                 None
             }
+            (P::AwaitIndex, Frame::Lineage { lineage })
+                if self.lineage_in_use && self.lineage.is_none() && self.index.is_empty() =>
+            {
+                self.lineage = Some(lineage);
+                None
+            }
             (P::AwaitIndex, Frame::Index { len_bytes, path }) => {
                 if self.births_in_use {
                     return Err(SessionError::OutOfOrder {
@@ -338,10 +353,19 @@ impl FollowerSession {
                         ),
                     });
                 }
+                if self.lineage_in_use && self.lineage.is_none() {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "INDEX_END",
+                        why: "the LINEAGE capability is in use on this connection, and no \
+                              LINEAGE came before the index"
+                            .into(),
+                    });
+                }
                 self.phase = P::AwaitInventory;
                 Some(FollowerAction::Inventory {
                     index: std::mem::take(&mut self.index),
                     instance: self.instance,
+                    lineage: self.lineage,
                 })
             }
             (

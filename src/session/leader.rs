@@ -27,9 +27,9 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, Nonce, Preamble, CAPABILITIES, HANDSHAKE_TIMEOUT_MS,
-    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES, PREAMBLE_BYTES,
-    VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
+    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES,
+    PREAMBLE_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -166,8 +166,12 @@ pub struct LeaderSession {
     leader_nonce: Nonce,
     /// This leader's instance id, sent in INSTANCE and checked in HAVE_HELD.
     instance: InstanceId,
+    /// The data dir's lineage, sent in LINEAGE.
+    lineage: LineageId,
     /// Both preambles offered `HELD`.
     held_in_use: bool,
+    /// Both offered `LINEAGE`.
+    lineage_in_use: bool,
     /// Both offered `BIRTHS` as well as `HELD`: the index goes as INDEX_BORN.
     births_in_use: bool,
     inventory_report: InventoryReport,
@@ -238,6 +242,7 @@ impl LeaderSession {
         leader_nonce: Nonce,
         ack_timeout: Duration,
         instance: InstanceId,
+        lineage: LineageId,
     ) -> LeaderSession {
         let mut out = Preamble::ours().encode().to_vec();
         Frame::Challenge { leader_nonce }.encode(&mut out);
@@ -247,7 +252,9 @@ impl LeaderSession {
             used_previous_secret: false,
             leader_nonce,
             instance,
+            lineage,
             held_in_use: false,
+            lineage_in_use: false,
             births_in_use: false,
             inventory_report: InventoryReport::default(),
             phase: LeaderPhase::AwaitPreamble,
@@ -408,6 +415,7 @@ impl LeaderSession {
                 Some(peer) => {
                     let in_use = peer.in_use(CAPABILITIES);
                     (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
+                    self.lineage_in_use = in_use.lineage;
                     consumed = PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
@@ -464,6 +472,12 @@ impl LeaderSession {
                 if self.held_in_use {
                     Frame::Instance {
                         instance: self.instance,
+                    }
+                    .encode(&mut self.out);
+                }
+                if self.lineage_in_use {
+                    Frame::Lineage {
+                        lineage: self.lineage,
                     }
                     .encode(&mut self.out);
                 }

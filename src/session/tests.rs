@@ -12,8 +12,9 @@ use super::SessionError;
 use crate::auth::Secret;
 use crate::catalog::Catalog;
 use crate::frame::{
-    Digest, Durability, ErrorCode, Frame, InstanceId, Preamble, CAPABILITY_BIRTHS, CAPABILITY_HELD,
-    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, ErrorCode, Frame, InstanceId, LineageId, Preamble, CAPABILITIES,
+    CAPABILITY_BIRTHS, CAPABILITY_HELD, CAPABILITY_LINEAGE, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES,
+    VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
 use crate::paths::{PathError, RelPath};
@@ -30,6 +31,7 @@ type Files = HashMap<RelPath, Vec<u8>>;
 
 /// The simulated leader's instance id.
 const INSTANCE: InstanceId = [5; 16];
+const LINEAGE: LineageId = [6; 16];
 
 /// A MARK's position and what the follower held of a file when it read it (`None`: absent).
 type CopyAtMark = (u64, Option<Vec<u8>>);
@@ -81,7 +83,13 @@ impl Sim {
         Sim {
             catalog,
             leader_files,
-            leader: LeaderSession::new(secret_l, [7; 32], Duration::from_millis(1000), INSTANCE),
+            leader: LeaderSession::new(
+                secret_l,
+                [7; 32],
+                Duration::from_millis(1000),
+                INSTANCE,
+                LINEAGE,
+            ),
             follower_files,
             follower_temps: HashMap::new(),
             follower: FollowerSession::new(secret_f, [9; 32], Durability::Synced),
@@ -268,8 +276,13 @@ impl Sim {
 
     fn apply(&mut self, action: FollowerAction) {
         match action {
-            FollowerAction::Inventory { index, instance } => {
+            FollowerAction::Inventory {
+                index,
+                instance,
+                lineage,
+            } => {
                 assert_eq!(instance, Some(INSTANCE), "HELD is in use between these two");
+                assert!(lineage.is_none() || lineage == Some(LINEAGE), "{lineage:?}");
                 let cuts: HashMap<_, _> = index.into_iter().collect();
                 let mut haves: Vec<HaveEntry> = self
                     .follower_files
@@ -1426,7 +1439,13 @@ fn a_held_copy_of_a_file_born_since_is_compared_by_digest_and_gets_only_its_tail
 /// with, and every frame it sent after its preamble.
 fn leader_after_auth(catalog: &Catalog, capabilities: u32) -> (LeaderSession, Vec<Frame>) {
     let secret = Secret::new(b"s3cret".to_vec()).unwrap();
-    let mut leader = LeaderSession::new(secret.clone(), [7; 32], Duration::from_secs(1), INSTANCE);
+    let mut leader = LeaderSession::new(
+        secret.clone(),
+        [7; 32],
+        Duration::from_secs(1),
+        INSTANCE,
+        LINEAGE,
+    );
     let mut input = Preamble {
         version: 1,
         capabilities,
@@ -1468,6 +1487,16 @@ fn follower_given_index(
     theirs: u32,
     index: Frame,
 ) -> Result<FollowerAction, SessionError> {
+    follower_given(ours, theirs, &[index, Frame::IndexEnd { count: 1 }])
+}
+
+/// What a follower whose preamble offers `ours` makes of a leader offering `theirs` that
+/// sends `frames` after WELCOME: the first action, or the error.
+fn follower_given(
+    ours: u32,
+    theirs: u32,
+    frames: &[Frame],
+) -> Result<FollowerAction, SessionError> {
     let secret = Secret::new(b"s3cret".to_vec()).unwrap();
     let mut follower =
         FollowerSession::new(secret.clone(), [9; 32], Durability::Written).offering(ours);
@@ -1485,8 +1514,9 @@ fn follower_given_index(
         leader_mac: secret.leader_tag(&[7; 32], &[9; 32]),
     }
     .encode(&mut input);
-    index.encode(&mut input);
-    Frame::IndexEnd { count: 1 }.encode(&mut input);
+    for frame in frames {
+        frame.encode(&mut input);
+    }
     let mut rest = &input[..];
     loop {
         let (n, action) = follower.handle_input(rest)?;
@@ -1558,6 +1588,63 @@ fn the_index_carries_births_only_when_both_sides_offer_them() {
         err.to_string().contains("BIRTHS capability is not in use"),
         "{err}"
     );
+}
+
+/// With LINEAGE offered by both, the leader names its data dir's lineage before the index, and
+/// the follower hands it to its shell with the index (which declines a copy of another data
+/// dir); an index without it, or a second LINEAGE, is refused by name. With an older peer on
+/// either side, there is none and nothing is required.
+#[test]
+fn the_leader_names_its_lineage_before_the_index_when_both_sides_offer_it() {
+    let lineage = Frame::Lineage { lineage: LINEAGE };
+    let index = Frame::Index {
+        len_bytes: 6,
+        path: p("a"),
+    };
+    let end = Frame::IndexEnd { count: 1 };
+    let all = CAPABILITY_LINEAGE;
+    let FollowerAction::Inventory { lineage: got, .. } =
+        follower_given(all, all, &[lineage.clone(), index.clone(), end.clone()]).unwrap()
+    else {
+        panic!("no inventory")
+    };
+    assert_eq!(got, Some(LINEAGE));
+    for (ours, theirs) in [(all, 0), (0, all)] {
+        let FollowerAction::Inventory { lineage: got, .. } =
+            follower_given(ours, theirs, &[index.clone(), end.clone()]).unwrap()
+        else {
+            panic!("no inventory")
+        };
+        assert_eq!(got, None);
+    }
+
+    let err = follower_given(all, all, &[index.clone(), end.clone()]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame);
+    assert!(err.to_string().contains("no LINEAGE came before"), "{err}");
+    let twice = [lineage.clone(), lineage.clone(), index.clone(), end.clone()];
+    let err = follower_given(all, all, &twice).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame);
+    let err = follower_given(0, all, &[lineage, index, end]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame, "LINEAGE not in use");
+
+    // The leader's side: LINEAGE after WELCOME, only to a follower that offers it.
+    for (offered, sent) in [
+        (CAPABILITIES, true),
+        (CAPABILITY_HELD | CAPABILITY_BIRTHS, false),
+    ] {
+        let (_, frames) = leader_after_auth(&Catalog::new([(p("a"), 4)]), offered);
+        let at = frames
+            .iter()
+            .position(|f| matches!(f, Frame::Lineage { .. }));
+        assert_eq!(at.is_some(), sent, "{offered}");
+        if let Some(at) = at {
+            assert_eq!(frames[at], Frame::Lineage { lineage: LINEAGE });
+            assert!(
+                matches!(frames[at - 1], Frame::Instance { .. }),
+                "{frames:?}"
+            );
+        }
+    }
 }
 
 /// What a held record cannot vouch for: another leader instance's positions, a position this
@@ -1636,7 +1723,7 @@ fn without_the_held_capability_there_is_no_instance_and_have_held_is_a_bad_frame
 #[test]
 fn a_connection_may_authenticate_only_with_a_whole_auth_after_a_valid_preamble() {
     let secret = Secret::new(b"0123456789abcdef".to_vec()).unwrap();
-    let mut leader = LeaderSession::new(secret, [7; 32], Duration::from_secs(1), INSTANCE);
+    let mut leader = LeaderSession::new(secret, [7; 32], Duration::from_secs(1), INSTANCE, LINEAGE);
     let preamble = Preamble::ours().encode();
     let mut auth = Vec::new();
     Frame::Auth {
@@ -1678,9 +1765,14 @@ fn a_leader_in_a_rotation_accepts_the_current_and_the_previous_secret() {
         (&previous, Some(true)),
         (&other, None),
     ] {
-        let mut leader =
-            LeaderSession::new(current.clone(), [7; 32], Duration::from_secs(1), INSTANCE)
-                .with_previous_secret(Some(previous.clone()));
+        let mut leader = LeaderSession::new(
+            current.clone(),
+            [7; 32],
+            Duration::from_secs(1),
+            INSTANCE,
+            LINEAGE,
+        )
+        .with_previous_secret(Some(previous.clone()));
         let mut input = Preamble::ours().encode().to_vec();
         Frame::Auth {
             follower_nonce: [9; 32],

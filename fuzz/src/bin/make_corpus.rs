@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ferry::frame::{Durability, ErrorCode, Frame, Preamble, KEEPALIVE_INTERVAL_MS, PREAMBLE_BYTES};
 use ferry_fuzz::{
     follower_files, leader_files, p, pattern, secret, FollowerShell, LeaderShell, FOLLOWER_NONCE,
-    LEADER_INSTANCE, LEADER_NONCE,
+    LEADER_INSTANCE, LEADER_LINEAGE, LEADER_NONCE,
 };
 
 struct Recording {
@@ -172,6 +172,9 @@ fn main() {
         Frame::IndexEnd { count: 1 },
         Frame::Instance {
             instance: LEADER_INSTANCE,
+        },
+        Frame::Lineage {
+            lineage: LEADER_LINEAGE,
         },
         Frame::HaveHeld {
             len_bytes: 100,
