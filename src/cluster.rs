@@ -617,6 +617,9 @@ pub(crate) struct Keys {
     /// `PREFIX/data`: set by a leader whose data dir held files; from then on a node whose own
     /// holds none does not campaign (`cluster_held_data`).
     pub(crate) data: String,
+    /// `PREFIX/lineage`: the lineage of the cluster's data, set by its first leader; every
+    /// later leader serves it (`take_cluster_lineage`).
+    pub(crate) lineage: String,
 }
 
 impl Keys {
@@ -628,6 +631,7 @@ impl Keys {
             handoff_result: format!("{prefix}/handoff-result"),
             nodes: format!("{prefix}/nodes/"),
             data: format!("{prefix}/data"),
+            lineage: format!("{prefix}/lineage"),
         }
     }
 }
@@ -645,6 +649,80 @@ async fn cluster_held_data(client: &mut Client, keys: &Keys) -> Option<String> {
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
         Err(_) => Some("unknown (etcd did not answer)".into()),
     }
+}
+
+/// The lineage of the cluster's data (`PREFIX/lineage`, set by its first leader), if set.
+async fn cluster_lineage(
+    client: &mut Client,
+    keys: &Keys,
+) -> anyhow::Result<Option<crate::frame::LineageId>> {
+    let resp = client
+        .get(keys.lineage.clone(), None)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {}", keys.lineage, etcd_cause(&e)))?;
+    let Some(kv) = resp.kvs().first() else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(kv.value()).into_owned();
+    crate::lineage::parse(&text)
+        .map(Some)
+        .ok_or_else(|| anyhow::anyhow!("{} holds {text:?}, not a lineage id", keys.lineage))
+}
+
+/// Before this node leads: the lineage it will serve must be the cluster's (`cluster_lineage`),
+/// the one its followers' copies carry. A data dir with none recorded (a copy made by a build
+/// before lineages, as in a rolling upgrade) takes the cluster's: served under a new one, its
+/// followers would decline it. One that holds another lineage is not the cluster's data
+/// (another cluster's copy, a prefix two clusters share): an error, and the node does not lead.
+fn take_cluster_lineage(
+    data_dir: &std::path::Path,
+    cluster: &crate::frame::LineageId,
+    key: &str,
+) -> anyhow::Result<()> {
+    let dir = crate::paths::DataDir::open(data_dir)?;
+    let theirs = crate::index::hex(cluster);
+    match crate::lineage::read(&dir)? {
+        Some(ours) if ours == *cluster => {}
+        None => {
+            crate::lineage::write(&dir, cluster)?;
+            tracing::info!(
+                "{} had no lineage recorded: took the cluster's, {theirs} ({key})",
+                data_dir.display()
+            );
+        }
+        Some(ours) => anyhow::bail!(
+            "{} holds a copy of another data dir (lineage {}) than this cluster's (lineage \
+             {theirs}, {key}): its followers would decline it. Is --data-dir or --prefix wrong? \
+             If this dir's data is to be the cluster's, stop every node and run `ferry cluster \
+             reset`",
+            data_dir.display(),
+            crate::index::hex(&ours)
+        ),
+    }
+    Ok(())
+}
+
+/// Sets `PREFIX/lineage` to the lineage this leader serves if no leader has yet, guarded as
+/// `write_isr` is by our election key. Ok(()) once etcd answered either way.
+async fn mark_lineage(
+    client: &mut Client,
+    leader_key: &[u8],
+    me: &str,
+    keys: &Keys,
+    lineage: &crate::frame::LineageId,
+) -> Result<(), etcd_client::Error> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let txn = Txn::new()
+        .when([
+            Compare::value(leader_key.to_vec(), CompareOp::Equal, me),
+            Compare::create_revision(keys.lineage.clone(), CompareOp::Equal, 0),
+        ])
+        .and_then([TxnOp::put(
+            keys.lineage.clone(),
+            crate::index::hex(lineage),
+            None,
+        )]);
+    client.txn(txn).await.map(|_| ())
 }
 
 /// Claims `PREFIX/nodes/ID` under this node's lease, so that no two running nodes share an id
@@ -979,7 +1057,35 @@ async fn node_loop(
             config.listen,
             config.advertise
         );
-        let mut leading = match Leading::start(&config, feed).await {
+        let lineage = bounded(
+            &lease_lost,
+            ttl_third(config.lease_ttl_s),
+            cluster_lineage(&mut client, &keys),
+        )
+        .await
+        .unwrap_or_else(|| {
+            Err(anyhow::anyhow!(
+                "{} unread: etcd did not answer, or the lease was lost",
+                keys.lineage
+            ))
+        });
+        let started = match lineage {
+            Ok(Some(cluster)) => {
+                let (root, key) = (config.data_dir.clone(), keys.lineage.clone());
+                match tokio::task::spawn_blocking(move || {
+                    take_cluster_lineage(&root, &cluster, &key)
+                })
+                .await
+                {
+                    Ok(Ok(())) => Leading::start(&config, feed).await,
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Ok(None) => Leading::start(&config, feed).await,
+            Err(e) => Err(e),
+        };
+        let mut leading = match started {
             Ok(leading) => leading,
             Err(e) => {
                 // Exiting would leave our election key in place until the lease lapsed, and
@@ -1003,6 +1109,8 @@ async fn node_loop(
         let mut isr_written: Option<Vec<String>> = None;
         // Whether `PREFIX/data` is known set (`cluster_held_data`).
         let mut data_marked = false;
+        // Whether `PREFIX/lineage` is known set (`mark_lineage`).
+        let mut lineage_marked = false;
         // Every etcd call in this loop goes through `bounded` (see there), for at most as long
         // as a keepalive may take.
         let etcd_call_timeout = ttl_third(config.lease_ttl_s);
@@ -1065,6 +1173,14 @@ async fn node_loop(
                         continue;
                     }
                 }
+            }
+            if !lineage_marked {
+                let lineage = leading.leader.lineage();
+                let mark = mark_lineage(&mut client, &key, &config.advertise, &keys, &lineage);
+                lineage_marked = matches!(
+                    bounded(&lease_lost, etcd_call_timeout, mark).await,
+                    Some(Ok(()))
+                );
             }
             if !data_marked
                 && matches!(
@@ -1497,6 +1613,27 @@ async fn current_leader(client: &mut Client, keys: &Keys) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_takes_the_clusters_lineage_into_a_dir_without_one_and_refuses_another() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::paths::DataDir::open(tmp.path()).unwrap();
+        let (cluster, other) = ([1u8; 16], [2u8; 16]);
+        take_cluster_lineage(tmp.path(), &cluster, "ferry/lineage").unwrap();
+        assert_eq!(crate::lineage::read(&dir).unwrap(), Some(cluster));
+        take_cluster_lineage(tmp.path(), &cluster, "ferry/lineage").unwrap();
+        crate::lineage::write(&dir, &other).unwrap();
+        let e = take_cluster_lineage(tmp.path(), &cluster, "ferry/lineage").unwrap_err();
+        assert!(
+            format!("{e}").contains("holds a copy of another data dir"),
+            "{e}"
+        );
+        assert_eq!(
+            crate::lineage::read(&dir).unwrap(),
+            Some(other),
+            "left as it was"
+        );
+    }
 
     #[test]
     fn a_refusal_that_repeats_is_an_error_once_a_minute_with_its_count() {

@@ -27,6 +27,8 @@ pub struct ClusterView {
     pub held_data_set_by: Option<String>,
     /// A pending `ferry handoff` request: the target's id, or `*` (the most caught-up one).
     pub handoff: Option<String>,
+    /// `PREFIX/lineage`, the lineage of the cluster's data (hex), set by its first leader.
+    pub lineage: Option<String>,
     /// Every node running, in the set, or campaigning, sorted by id.
     pub nodes: Vec<NodeView>,
 }
@@ -113,12 +115,14 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             TxnOp::get(keys.data.clone(), None),
             TxnOp::get(keys.handoff.clone(), None),
             TxnOp::get(keys.nodes.clone(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(keys.lineage.clone(), None),
         ]);
         let resp = client
             .txn(txn)
             .await
             .map_err(|e| etcd_unreachable(etcd, e))?;
         let responses = resp.op_responses();
+        let lineage = kvs_of(&responses, 5).first().map(text);
         let candidates: Vec<String> = kvs_of(&responses, 0).iter().map(text).collect();
         let isr = kvs_of(&responses, 1).first().map(|kv| {
             text(kv)
@@ -170,6 +174,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             isr,
             held_data_set_by,
             handoff,
+            lineage,
             nodes,
         })
     })
@@ -201,6 +206,11 @@ impl ClusterView {
             None => "no".to_string(),
         };
         let _ = writeln!(out, "held data: {held}");
+        let lineage = self
+            .lineage
+            .as_deref()
+            .unwrap_or("none yet (set by the first leader)");
+        let _ = writeln!(out, "lineage: {lineage}");
         if let Some(to) = &self.handoff {
             let to = if to == "*" {
                 "the most caught-up follower"
@@ -296,11 +306,12 @@ impl ClusterView {
             .collect();
         format!(
             "{{\"prefix\":{},\"leader\":{},\"isr\":{isr},\"held_data_set_by\":{},\"handoff\":{},\
-             \"nodes\":[{}]}}\n",
+             \"lineage\":{},\"nodes\":[{}]}}\n",
             json_str(&self.prefix),
             opt(&self.leader),
             opt(&self.held_data_set_by),
             opt(&self.handoff),
+            opt(&self.lineage),
             nodes.join(",")
         )
     }
@@ -312,10 +323,11 @@ pub struct ResetReport {
 }
 
 /// Deletes what decides who may lead: the in-sync replica set (`PREFIX/isr`), the mark that
-/// the cluster has held data (`PREFIX/data`), and a pending handoff request. Then the first
-/// node to campaign leads whatever its data dir holds, so this is refused while any node runs
-/// or campaigns: the check and the deletes are one transaction, so a node that joins a moment
-/// later sees the cluster either before or after it, never between.
+/// the cluster has held data (`PREFIX/data`), the lineage of its data (`PREFIX/lineage`), and a
+/// pending handoff request. Then the first node to campaign leads whatever its data dir holds,
+/// so this is refused while any node runs or campaigns: the check and the deletes are one
+/// transaction, so a node that joins a moment later sees the cluster either before or after it,
+/// never between.
 pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
     runtime()?.block_on(async {
         let keys = Keys::new(prefix);
@@ -330,6 +342,7 @@ pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
             .and_then([
                 TxnOp::delete(keys.isr.clone(), prev()),
                 TxnOp::delete(keys.data.clone(), prev()),
+                TxnOp::delete(keys.lineage.clone(), prev()),
                 TxnOp::delete(keys.handoff.clone(), prev()),
                 TxnOp::delete(keys.handoff_result.clone(), prev()),
             ])
@@ -400,6 +413,7 @@ mod tests {
             isr: isr.map(|m| m.iter().map(|s| s.to_string()).collect()),
             held_data_set_by: None,
             handoff: None,
+            lineage: None,
             nodes,
         }
     }
@@ -433,7 +447,7 @@ mod tests {
         assert_eq!(
             v.json(),
             "{\"prefix\":\"ferry\",\"leader\":null,\"isr\":null,\"held_data_set_by\":\"a:1\",\
-             \"handoff\":null,\"nodes\":[{\"id\":\"a:1\",\"running\":true,\"process\":\"pid 1 \
+             \"handoff\":null,\"lineage\":null,\"nodes\":[{\"id\":\"a:1\",\"running\":true,\"process\":\"pid 1 \
              on a:1\",\"leads\":false,\"in_isr\":false,\"campaigning\":true}]}\n"
         );
     }

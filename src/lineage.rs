@@ -34,7 +34,8 @@ pub fn read(dir: &DataDir) -> io::Result<Option<LineageId>> {
     })
 }
 
-fn parse(text: &str) -> Option<LineageId> {
+/// A lineage id from its hex form (`hex`), if `text` is one.
+pub fn parse(text: &str) -> Option<LineageId> {
     if text.len() != 2 * LINEAGE_ID_BYTES || !text.is_ascii() {
         return None;
     }

@@ -1086,3 +1086,53 @@ fn cluster_reset_lets_a_late_data_node_lead_once_every_node_is_stopped() {
     assert_eq!(std::fs::read(d_dir.join("q/seg")).unwrap(), seg);
     drop(etcd);
 }
+
+/// A cluster's data has one lineage, which its nodes' copies carry. A node whose copy has none
+/// recorded (made by a build before lineages, as in a rolling upgrade) is elected: it serves the
+/// cluster's lineage, kept in etcd, not a new one, so the node that holds the cluster's lineage
+/// follows it instead of declining its data. `ferry cluster status` names the lineage, and
+/// `ferry cluster reset` forgets it with the rest.
+#[test]
+fn a_node_without_a_recorded_lineage_leads_with_the_clusters() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
+    let (a_port, b_port) = (free_port(), free_port());
+    let mut a = start_node(&env, &etcd.url, &a_dir, a_port);
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let mut b = start_node(&env, &etcd.url, &b_dir, b_port);
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let both = isr_of(&[&a.advertise, &b.advertise]);
+    wait_until(Duration::from_secs(20), "the ISR holding both", || {
+        read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str())
+    });
+    let lineage = std::fs::read_to_string(a_dir.join(".ferry/lineage")).unwrap();
+    assert_eq!(
+        read_key(&etcd.url, "ferry/lineage").as_deref(),
+        Some(lineage.trim())
+    );
+    let status = cluster_ok(&etcd.url, &["status"]);
+    assert!(
+        status.contains(&format!("lineage: {}", lineage.trim())),
+        "{status}"
+    );
+
+    stop_node(&mut b);
+    stop_node(&mut a);
+    std::fs::remove_file(b_dir.join(".ferry/lineage")).unwrap();
+    let mut b = start_node(&env, &etcd.url, &b_dir, b_port);
+    b.proc.wait_log("elected leader", Duration::from_secs(30));
+    let mut a = start_node(&env, &etcd.url, &a_dir, a_port);
+    write(&b_dir.join("q/seg2"), &pattern(5_000, 6));
+    wait_identical(&b_dir, &a_dir, Duration::from_secs(30));
+    assert_eq!(
+        std::fs::read_to_string(b_dir.join(".ferry/lineage")).unwrap(),
+        lineage
+    );
+    stop_node(&mut a);
+    stop_node(&mut b);
+    cluster_ok(&etcd.url, &["reset"]);
+    assert_eq!(read_key(&etcd.url, "ferry/lineage"), None);
+    drop(etcd);
+}

@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use crate::auth::{random_instance, Secret};
 use crate::catalog::Catalog;
 use crate::engine::{self, EngineKind};
-use crate::frame::{Durability, InstanceId};
+use crate::frame::{Durability, InstanceId, LineageId};
 use crate::index::{hex, scan};
 use crate::lag::{LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
 use crate::leader_record::{self, LEADER_RECORD_INTERVAL_MS, LEADER_RECORD_SETTLE_MS};
@@ -134,6 +134,8 @@ pub struct Leader {
     /// Positions mean something only within this instance (held records): drawn at start, or
     /// resumed from the last graceful stop's record.
     instance: InstanceId,
+    /// The data dir's lineage, which every session names to its follower (`crate::lineage`).
+    lineage: LineageId,
     /// The record for the next start is written (by the first stop).
     record_written: AtomicBool,
     /// The thread writing the record while serving (`checkpoint`), until the stop.
@@ -274,6 +276,7 @@ impl Leader {
             tcp_congestion,
             thread: Mutex::new(Some(thread)),
             instance,
+            lineage,
             record_written: AtomicBool::new(false),
             checkpoints: Mutex::new(checkpoints),
             lock: Mutex::new(Some(lock)),
@@ -295,6 +298,11 @@ impl Leader {
 
     pub fn data_dir(&self) -> &DataDir {
         &self.dir
+    }
+
+    /// The data dir's lineage, as this leader serves it (`docs/PROTOCOL.md`, *Lineage*).
+    pub fn lineage(&self) -> LineageId {
+        self.lineage
     }
 
     /// The current replication position (what `wait_for` compares against).
