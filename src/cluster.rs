@@ -27,6 +27,7 @@ use crate::auth::Secret;
 use crate::engine::EngineKind;
 use crate::frame::Durability;
 use crate::leader::{Leader, LeaderConfig, Settle};
+use crate::log_repeats::Repeats;
 use crate::status::FollowerSelf;
 
 /// Lease time-to-live by default: a dead leader is replaced within about this long.
@@ -108,59 +109,8 @@ struct FollowerRun {
 /// address) is started again while the same leader holds the election.
 const FOLLOWER_RESTART_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How often a refusal that repeats word for word at every restart is logged as an error again.
-const REPEATED_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
-
-/// Why the node's followers gave up, so that a node left misconfigured (a wrong secret, a data
-/// dir of other files without `--adopt`) says why once, and then once a minute with a count,
-/// not at every restart: the retries between are logged at debug.
-#[derive(Default)]
-struct Refusals {
-    /// The last refusal, when it was logged as an error, and how often it came since.
-    last: Option<(String, std::time::Instant, u32)>,
-    /// The last refusal was a repeat, logged at debug: so is the restart that follows it.
-    quiet: bool,
-}
-
-impl Refusals {
-    /// The line to log as an error for `message`, or `None` when it repeats the last one
-    /// within `REPEATED_REFUSAL_LOG_INTERVAL` (log it at debug).
-    fn report(&mut self, message: &str, now: std::time::Instant) -> Option<String> {
-        match &mut self.last {
-            Some((last, at, repeats))
-                if last == message && now.duration_since(*at) < REPEATED_REFUSAL_LOG_INTERVAL =>
-            {
-                *repeats += 1;
-                self.quiet = true;
-                None
-            }
-            Some((last, at, repeats)) if last == message => {
-                let line = format!(
-                    "{message} (again; {} times in the last {} s, retrying every {} s)",
-                    *repeats + 1,
-                    now.duration_since(*at).as_secs(),
-                    FOLLOWER_RESTART_INTERVAL.as_secs()
-                );
-                (*at, *repeats) = (now, 0);
-                self.quiet = false;
-                Some(line)
-            }
-            _ => {
-                self.last = Some((message.to_string(), now, 0));
-                self.quiet = false;
-                Some(message.to_string())
-            }
-        }
-    }
-
-    /// A new leader: whatever it refuses is news.
-    fn forget(&mut self) {
-        *self = Refusals::default();
-    }
-}
-
 impl FollowerRun {
-    fn start(config: &NodeConfig, leader: String, refusals: Arc<Mutex<Refusals>>) -> FollowerRun {
+    fn start(config: &NodeConfig, leader: String, refusals: Arc<Mutex<Repeats>>) -> FollowerRun {
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Mutex::new(FollowerSelf {
             leader: leader.clone(),
@@ -184,7 +134,10 @@ impl FollowerRun {
                 let message = format!("following stopped: {e}");
                 let mut refusals = refusals.lock().unwrap_or_else(|p| p.into_inner());
                 match refusals.report(&message, std::time::Instant::now()) {
-                    Some(line) => tracing::error!("{line}"),
+                    Some(line) => tracing::error!(
+                        "{line}; retrying every {} s",
+                        FOLLOWER_RESTART_INTERVAL.as_secs()
+                    ),
                     None => tracing::debug!("{message}"),
                 }
             }
@@ -832,7 +785,8 @@ async fn node_loop(
     let keys = Keys::new(&config.prefix);
     let on_role = Arc::new(Mutex::new(on_role));
     let mut following: Option<FollowerRun> = None;
-    let refusals = Arc::new(Mutex::new(Refusals::default()));
+    // Why the node's followers gave up: said once, then once a minute (`log_repeats`).
+    let refusals = Arc::new(Mutex::new(Repeats::default()));
     let _http = match config.http {
         Some(addr) => {
             let role = role.clone();
@@ -1011,7 +965,7 @@ async fn node_loop(
                         if !same {
                             refusals.forget();
                         }
-                        refusals.quiet
+                        refusals.quiet()
                     };
                     match (retry, quiet) {
                         (true, true) => tracing::debug!(
@@ -1632,45 +1586,6 @@ mod tests {
             crate::lineage::read(&dir).unwrap(),
             Some(other),
             "left as it was"
-        );
-    }
-
-    #[test]
-    fn a_refusal_that_repeats_is_an_error_once_a_minute_with_its_count() {
-        let t0 = std::time::Instant::now();
-        let mut r = Refusals::default();
-        assert_eq!(
-            r.report("wrong secret", t0).as_deref(),
-            Some("wrong secret")
-        );
-        assert!(!r.quiet);
-        for i in 1..30 {
-            assert_eq!(
-                r.report("wrong secret", t0 + Duration::from_secs(2 * i)),
-                None
-            );
-            assert!(r.quiet);
-        }
-        let again = r
-            .report("wrong secret", t0 + Duration::from_secs(61))
-            .unwrap();
-        assert_eq!(
-            again,
-            "wrong secret (again; 30 times in the last 61 s, retrying every 2 s)"
-        );
-        assert!(!r.quiet);
-        assert_eq!(r.report("wrong secret", t0 + Duration::from_secs(63)), None);
-        // Another cause is news at once, and so is anything after a new leader.
-        assert_eq!(
-            r.report("declined", t0 + Duration::from_secs(64))
-                .as_deref(),
-            Some("declined")
-        );
-        r.forget();
-        assert_eq!(
-            r.report("declined", t0 + Duration::from_secs(65))
-                .as_deref(),
-            Some("declined")
         );
     }
 }

@@ -17,6 +17,7 @@ pub mod lag;
 pub mod leader;
 pub mod leader_record;
 pub mod lineage;
+pub mod log_repeats;
 pub mod notify;
 pub mod paths;
 pub mod schedstat;

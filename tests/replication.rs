@@ -927,3 +927,26 @@ fn a_data_dir_that_cannot_be_locked_is_served_with_a_warning() {
     );
     assert_eq!(tree_difference(&ld, &fd), None);
 }
+
+/// A follower whose leader is down (or declines it) retries with backoff for as long as that
+/// lasts. It says why once, as a warning; the retries that fail the same way are logged at
+/// debug (and as a warning again once a minute, with a count, which this test does not wait
+/// for), so an outage of hours does not bury the rest of its log under one line.
+#[test]
+fn a_follower_retrying_a_leader_that_is_down_warns_once_not_at_every_retry() {
+    let env = Env::new();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = follow_cmd(&env, &env.dir("f"), addr, "fallback");
+    cmd.env("RUST_LOG", "info,ferry::follower=debug");
+    let follower = Proc::spawn(cmd);
+    wait_until(Duration::from_secs(20), "three failed attempts", || {
+        follower.log_text().matches("Connection refused").count() >= 3
+    });
+    let log = follower.log_text();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Connection refused"))
+        .collect();
+    assert!(refused[0].contains("WARN"), "{log}");
+    assert!(refused[1..].iter().all(|l| l.contains("DEBUG")), "{log}");
+}

@@ -193,6 +193,8 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let cache = Rc::new(RefCell::new(Some(DigestCache::load(&dir))));
     let held = Arc::new(Mutex::new(HeldRecord::load(&dir)));
+    // Why attempts fail: said once, then once a minute while it repeats (`log_repeats`).
+    let mut repeats = crate::log_repeats::Repeats::default();
     loop {
         if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(SyncReport::default());
@@ -207,15 +209,27 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
             // Asked to stop (a signal, or a node about to lead): however the connection ended.
             return Ok(result.unwrap_or_default());
         }
+        // An attempt that lasted was a connection that worked: how it ended is news.
+        if started.elapsed() > RECONNECT_BACKOFF_MAX {
+            backoff = RECONNECT_BACKOFF_MIN;
+            repeats.forget();
+        }
         match result {
             Ok(report) if config.once => return Ok(report),
             Err(e @ (FollowError::Refused(_) | FollowError::DirGone(_))) => return Err(e),
             Err(e) if config.once => return Err(e),
             Ok(_) => tracing::warn!("the leader closed the connection; reconnecting"),
-            Err(e) => tracing::warn!("{e}; reconnecting in {} ms", backoff.as_millis()),
-        }
-        if started.elapsed() > RECONNECT_BACKOFF_MAX {
-            backoff = RECONNECT_BACKOFF_MIN;
+            Err(e) => {
+                let message = e.to_string();
+                match repeats.report(&message, Instant::now()) {
+                    Some(line) => {
+                        tracing::warn!("{line}; reconnecting in {} ms", backoff.as_millis())
+                    }
+                    None => {
+                        tracing::debug!("{message}; reconnecting in {} ms", backoff.as_millis())
+                    }
+                }
+            }
         }
         sleep_unless_stopped(backoff, &config.stop).await;
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
