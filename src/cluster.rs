@@ -625,8 +625,9 @@ async fn cluster_lineage(
 /// Before this node leads: the lineage it will serve must be the cluster's (`cluster_lineage`),
 /// the one its followers' copies carry. A data dir with none recorded (a copy made by a build
 /// before lineages, as in a rolling upgrade) takes the cluster's: served under a new one, its
-/// followers would decline it. One that holds another lineage is not the cluster's data
-/// (another cluster's copy, a prefix two clusters share): an error, and the node does not lead.
+/// followers would decline it, and so does one that holds no file. One that holds files of
+/// another lineage is not the cluster's data (another cluster's copy, a prefix two clusters
+/// share): an error, and the node does not lead.
 fn take_cluster_lineage(
     data_dir: &std::path::Path,
     cluster: &crate::frame::LineageId,
@@ -634,8 +635,11 @@ fn take_cluster_lineage(
 ) -> anyhow::Result<()> {
     let dir = crate::paths::DataDir::open(data_dir)?;
     let theirs = crate::index::hex(cluster);
+    let holds_files = !matches!(crate::paths::first_file(data_dir), Ok(None));
     match crate::lineage::read(&dir)? {
         Some(ours) if ours == *cluster => {}
+        // A dir that holds no file is a copy of nothing yet, whatever it recorded.
+        Some(_) if !holds_files => crate::lineage::write(&dir, cluster)?,
         None => {
             crate::lineage::write(&dir, cluster)?;
             tracing::info!(
@@ -1576,6 +1580,14 @@ mod tests {
         take_cluster_lineage(tmp.path(), &cluster, "ferry/lineage").unwrap();
         assert_eq!(crate::lineage::read(&dir).unwrap(), Some(cluster));
         take_cluster_lineage(tmp.path(), &cluster, "ferry/lineage").unwrap();
+        crate::lineage::write(&dir, &other).unwrap();
+        take_cluster_lineage(tmp.path(), &cluster, "ferry/lineage").unwrap();
+        assert_eq!(
+            crate::lineage::read(&dir).unwrap(),
+            Some(cluster),
+            "an empty dir"
+        );
+        std::fs::write(tmp.path().join("seg"), b"data").unwrap();
         crate::lineage::write(&dir, &other).unwrap();
         let e = take_cluster_lineage(tmp.path(), &cluster, "ferry/lineage").unwrap_err();
         assert!(

@@ -36,7 +36,7 @@ pub fn read(dir: &DataDir) -> io::Result<Option<LineageId>> {
 
 /// A lineage id from its hex form (`hex`), if `text` is one.
 pub fn parse(text: &str) -> Option<LineageId> {
-    if text.len() != 2 * LINEAGE_ID_BYTES || !text.is_ascii() {
+    if text.len() != 2 * LINEAGE_ID_BYTES || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut id = [0u8; LINEAGE_ID_BYTES];
@@ -94,6 +94,11 @@ mod tests {
         assert_eq!(text, format!("{}\n", hex(&id)));
         write(&dir, &[0xab; LINEAGE_ID_BYTES]).unwrap();
         assert_eq!(read(&dir).unwrap(), Some([0xab; LINEAGE_ID_BYTES]));
+        assert_eq!(
+            parse(&"+a".repeat(LINEAGE_ID_BYTES)),
+            None,
+            "a sign is no digit"
+        );
         std::fs::write(tmp.path().join(".ferry/lineage"), "not hex\n").unwrap();
         let e = read(&dir).unwrap_err();
         assert!(e.to_string().contains("does not hold a lineage id"), "{e}");
