@@ -285,9 +285,8 @@ fn handoff(etcd: &str, to: Option<&str>) -> std::process::Output {
     run_bounded(cmd, Duration::from_secs(90))
 }
 
-/// `ferry handoff` that must succeed; its stdout.
-fn handoff_ok(etcd: &str, to: Option<&str>) -> String {
-    let out = handoff(etcd, to);
+/// The stdout of a command that must have succeeded.
+fn stdout_of_success(out: std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -297,7 +296,12 @@ fn handoff_ok(etcd: &str, to: Option<&str>) -> String {
     stdout
 }
 
-/// The value at `key` in etcd, read with the same client the nodes use.
+/// `ferry handoff` that must succeed; its stdout.
+fn handoff_ok(etcd: &str, to: Option<&str>) -> String {
+    stdout_of_success(handoff(etcd, to))
+}
+
+/// How many times the node logged being elected.
 fn elections_won(n: &Node) -> usize {
     n.proc.log_text().matches("elected leader").count()
 }
@@ -835,6 +839,24 @@ fn a_second_node_with_the_same_advertised_id_refuses_to_join() {
     drop(etcd);
 }
 
+/// A cluster of two nodes: A, whose data dir holds a segment, leads; B follows it, holds the
+/// same files, and both are in the in-sync replica set.
+fn a_leads_b_in_sync(env: &Env, etcd: &str) -> (Node, Node) {
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
+    let a = start_node(env, etcd, &a_dir, free_port());
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let b = start_node(env, etcd, &b_dir, free_port());
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let both = isr_of(&[&a.advertise, &b.advertise]);
+    wait_until(
+        Duration::from_secs(20),
+        "the ISR holding both nodes",
+        || read_key(etcd, "ferry/isr").as_deref() == Some(both.as_str()),
+    );
+    (a, b)
+}
+
 /// A node of a cluster that has held data comes back with an empty data dir (its disk
 /// replaced, or not mounted) while the leader is down. It is in the in-sync replica set, but
 /// elected it would serve nothing: the others would decline to follow until its application
@@ -844,19 +866,8 @@ fn a_second_node_with_the_same_advertised_id_refuses_to_join() {
 fn a_node_that_lost_its_data_does_not_lead_a_cluster_that_held_data() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
-    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
-    let (a_port, b_port) = (free_port(), free_port());
-    let mut a = start_node(&env, &etcd.url, &a_dir, a_port);
-    a.proc.wait_log("elected leader", Duration::from_secs(30));
-    let b = start_node(&env, &etcd.url, &b_dir, b_port);
-    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
-    let both = isr_of(&[&a.advertise, &b.advertise]);
-    wait_until(
-        Duration::from_secs(20),
-        "the ISR holding both nodes",
-        || read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str()),
-    );
+    let (mut a, b) = a_leads_b_in_sync(&env, &etcd.url);
+    let (a_dir, b_dir, a_port, b_port) = (a.dir.clone(), b.dir.clone(), a.port, b.port);
     wait_until(Duration::from_secs(20), "ferry/data set", || {
         read_key(&etcd.url, "ferry/data").is_some()
     });
@@ -893,14 +904,7 @@ fn cluster(etcd: &str, args: &[&str]) -> std::process::Output {
 
 /// `cluster` that must succeed; its stdout.
 fn cluster_ok(etcd: &str, args: &[&str]) -> String {
-    let out = cluster(etcd, args);
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    stdout_of_success(cluster(etcd, args))
 }
 
 /// The columns after the node id in `ferry cluster status`'s row for `id`.
@@ -1096,17 +1100,8 @@ fn cluster_reset_lets_a_late_data_node_lead_once_every_node_is_stopped() {
 fn a_node_without_a_recorded_lineage_leads_with_the_clusters() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
-    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
-    let (a_port, b_port) = (free_port(), free_port());
-    let mut a = start_node(&env, &etcd.url, &a_dir, a_port);
-    a.proc.wait_log("elected leader", Duration::from_secs(30));
-    let mut b = start_node(&env, &etcd.url, &b_dir, b_port);
-    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
-    let both = isr_of(&[&a.advertise, &b.advertise]);
-    wait_until(Duration::from_secs(20), "the ISR holding both", || {
-        read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str())
-    });
+    let (mut a, mut b) = a_leads_b_in_sync(&env, &etcd.url);
+    let (a_dir, b_dir, a_port, b_port) = (a.dir.clone(), b.dir.clone(), a.port, b.port);
     let lineage = std::fs::read_to_string(a_dir.join(".ferry/lineage")).unwrap();
     assert_eq!(
         read_key(&etcd.url, "ferry/lineage").as_deref(),

@@ -693,12 +693,7 @@ fn a_follower_does_not_wipe_its_copy_to_match_an_empty_leader() {
     write(&ld.join("q/seg"), &pattern(10_000, 1));
     write(&ld.join("meta.json"), b"{}");
     let first = start_leader(&env, &ld, "fallback");
-    let out = follow_once(&env, &fd, first.addr, "fallback");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    follow_once_ok(&env, &fd, first.addr, "fallback");
     drop(first);
 
     let leader = start_leader(&env, &empty, "fallback");
@@ -748,12 +743,7 @@ fn a_follower_does_not_replace_its_copy_with_another_data_dirs() {
     write(&ld.join("meta.json"), b"{}");
     write(&other.join("q/seg"), &pattern(7_000, 2));
     let leader = start_leader(&env, &ld, "fallback");
-    let out = follow_once(&env, &fd, leader.addr, "fallback");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    follow_once_ok(&env, &fd, leader.addr, "fallback");
     let lineage = std::fs::read_to_string(ld.join(".ferry/lineage")).unwrap();
     assert_eq!(
         std::fs::read_to_string(fd.join(".ferry/lineage")).unwrap(),
@@ -777,12 +767,7 @@ fn a_follower_does_not_replace_its_copy_with_another_data_dirs() {
     assert_eq!(tree_difference(&ld, &fd), None, "the copy was touched");
 
     write(&ld.join("q/seg2"), &pattern(3_000, 3));
-    let out = follow_once(&env, &fd, leader.addr, "fallback");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    follow_once_ok(&env, &fd, leader.addr, "fallback");
     assert_eq!(tree_difference(&ld, &fd), None);
 
     let mut adopt = follow_cmd(&env, &fd, wrong.addr, "fallback");

@@ -204,6 +204,17 @@ pub fn follow_once(env: &Env, dir: &Path, addr: SocketAddr, engine: &str) -> Out
     run_bounded(cmd, Duration::from_secs(60))
 }
 
+/// `follow_once` that must succeed; its output.
+pub fn follow_once_ok(env: &Env, dir: &Path, addr: SocketAddr, engine: &str) -> Output {
+    let out = follow_once(env, dir, addr, engine);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Output {
     let child = cmd
         .stdout(Stdio::piped())
