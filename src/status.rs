@@ -64,6 +64,8 @@ pub struct FollowerSelf {
     pub payload_bytes_received: u64,
     pub connects: u64,
     pub last_error: Option<String>,
+    /// The lineage this copy records (hex), once known (`crate::lineage`).
+    pub lineage: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +78,8 @@ pub enum Status {
         followers: Vec<FollowerRow>,
         /// The server thread's time on a CPU and waiting for one (`Leader::server_thread_times`).
         server_thread: Option<ThreadTimes>,
+        /// The data dir's lineage (hex), which the leader serves (`crate::lineage`).
+        lineage: String,
     },
     Follower {
         engine: String,
@@ -125,6 +129,7 @@ impl Status {
                 position,
                 followers,
                 server_thread,
+                lineage,
             } => {
                 if let Some(t) = server_thread {
                     let _ = writeln!(
@@ -153,14 +158,15 @@ impl Status {
                 }
                 let _ = writeln!(
                     s,
-                    "# HELP ferry_info The node's role, I/O engine and version; a leader's TCP congestion control."
+                    "# HELP ferry_info The node's role, I/O engine, version and data dir lineage; a leader's TCP congestion control."
                 );
                 let _ = writeln!(s, "# TYPE ferry_info gauge");
                 let _ = writeln!(
                     s,
-                    "ferry_info{{role=\"leader\",engine=\"{}\",version=\"{version}\",tcp_congestion=\"{}\"}} 1",
+                    "ferry_info{{role=\"leader\",engine=\"{}\",version=\"{version}\",tcp_congestion=\"{}\",lineage=\"{}\"}} 1",
                     label(engine),
-                    label(tcp_congestion)
+                    label(tcp_congestion),
+                    label(lineage)
                 );
                 let _ = writeln!(
                     s,
@@ -272,15 +278,16 @@ impl Status {
             Status::Follower { engine, me } => {
                 let _ = writeln!(
                     s,
-                    "# HELP ferry_info The node's role, I/O engine and version."
+                    "# HELP ferry_info The node's role, I/O engine, version and the lineage its copy records (empty until known)."
                 );
                 let _ = writeln!(s, "# TYPE ferry_info gauge");
                 let _ = writeln!(
                     s,
-                    "ferry_info{{role=\"follower\",engine=\"{}\",version=\"{version}\",leader=\"{}\",durability=\"{}\"}} 1",
+                    "ferry_info{{role=\"follower\",engine=\"{}\",version=\"{version}\",leader=\"{}\",durability=\"{}\",lineage=\"{}\"}} 1",
                     label(engine),
                     label(&me.leader),
-                    label(&me.durability)
+                    label(&me.durability),
+                    label(me.lineage.as_deref().unwrap_or(""))
                 );
                 let _ = writeln!(s, "# HELP ferry_connected 1 while connected to the leader.");
                 let _ = writeln!(s, "# TYPE ferry_connected gauge");
@@ -328,6 +335,7 @@ impl Status {
                 position,
                 followers,
                 server_thread,
+                lineage,
             } => {
                 let rows: Vec<String> = followers.iter().map(follower_json).collect();
                 let thread = server_thread.map_or("null".into(), |t| {
@@ -338,15 +346,16 @@ impl Status {
                     )
                 });
                 format!(
-                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"position\": {position}, \"server_thread\": {thread}, \"followers\": [{}]}}\n",
+                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"lineage\": {}, \"position\": {position}, \"server_thread\": {thread}, \"followers\": [{}]}}\n",
                     json_str(engine),
                     json_str(env!("CARGO_PKG_VERSION")),
                     json_str(tcp_congestion),
+                    json_str(lineage),
                     rows.join(", ")
                 )
             }
             Status::Follower { engine, me } => format!(
-                "{{\"role\": \"follower\", \"engine\": {}, \"version\": {}, \"leader\": {}, \"connected\": {}, \"durability\": {}, \"sync_done\": {}, \"watermarks\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"payload_bytes_received\": {}, \"connects\": {}, \"last_error\": {}}}\n",
+                "{{\"role\": \"follower\", \"engine\": {}, \"version\": {}, \"leader\": {}, \"connected\": {}, \"durability\": {}, \"sync_done\": {}, \"watermarks\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"payload_bytes_received\": {}, \"connects\": {}, \"last_error\": {}, \"lineage\": {}}}\n",
                 json_str(engine),
                 json_str(env!("CARGO_PKG_VERSION")),
                 json_str(&me.leader),
@@ -358,7 +367,8 @@ impl Status {
                 me.watermarks[2],
                 me.payload_bytes_received,
                 me.connects,
-                me.last_error.as_deref().map_or("null".into(), json_str)
+                me.last_error.as_deref().map_or("null".into(), json_str),
+                me.lineage.as_deref().map_or("null".into(), json_str)
             ),
         }
     }
@@ -489,6 +499,7 @@ mod tests {
                 on_cpu: std::time::Duration::from_millis(2500),
                 waiting: std::time::Duration::from_millis(750),
             }),
+            lineage: "5aae7870c08f6f8ed9ea4ac952c1a86f".into(),
         }
     }
 
@@ -520,6 +531,10 @@ mod tests {
             find("ferry_leader_thread_cpu_wait_seconds_total", None).value,
             0.75
         );
+        assert_eq!(
+            find("ferry_info", None).label("lineage"),
+            Some("5aae7870c08f6f8ed9ea4ac952c1a86f")
+        );
     }
 
     #[test]
@@ -531,6 +546,7 @@ mod tests {
             "\"state\": \"lagging\"",
             "\"synced\": 300",
             "\"server_thread\": {\"cpu_s\": 2.500000, \"cpu_wait_s\": 0.750000}",
+            "\"lineage\": \"5aae7870c08f6f8ed9ea4ac952c1a86f\"",
         ] {
             assert!(json.contains(needle), "{needle} in {json}");
         }

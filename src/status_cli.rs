@@ -53,9 +53,14 @@ pub fn table(samples: &[Sample]) -> String {
     if role == "follower" {
         let leader = info.and_then(|i| i.label("leader")).unwrap_or("?");
         let durability = info.and_then(|i| i.label("durability")).unwrap_or("?");
+        // A follower older than the label, or one that has not learnt it yet, shows none.
+        let lineage = info
+            .and_then(|i| i.label("lineage"))
+            .filter(|l| !l.is_empty())
+            .map_or(String::new(), |l| format!(", lineage {l}"));
         let _ = writeln!(
             out,
-            "follower of {leader} ({engine} engine), acking at {durability}"
+            "follower of {leader} ({engine} engine), acking at {durability}{lineage}"
         );
         let _ = writeln!(
             out,
@@ -86,9 +91,12 @@ pub fn table(samples: &[Sample]) -> String {
     let congestion = info
         .and_then(|i| i.label("tcp_congestion"))
         .map_or(String::new(), |c| format!(", TCP {c}"));
+    let lineage = info
+        .and_then(|i| i.label("lineage"))
+        .map_or(String::new(), |l| format!(", lineage {l}"));
     let _ = writeln!(
         out,
-        "leader ({engine} engine{congestion}), position {:.0}",
+        "leader ({engine} engine{congestion}{lineage}), position {:.0}",
         value("ferry_position_bytes").unwrap_or(0.0)
     );
     // What it sends with: a thread that waits for a CPU holds every follower's payloads and acks.

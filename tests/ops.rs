@@ -70,14 +70,31 @@ fn leader_and_follower_report_metrics_status_and_a_table() {
     assert!(samples
         .iter()
         .any(|s| s.name == "ferry_info" && s.label("engine").is_some()));
+    // Which data dir it serves: its lineage, in all three.
+    let lineage = std::fs::read_to_string(ld.join(".ferry/lineage")).unwrap();
+    let lineage = lineage.trim();
+    assert!(table.contains(&format!("lineage {lineage}")), "{table}");
+    assert!(
+        json.contains(&format!("\"lineage\": \"{lineage}\"")),
+        "{json}"
+    );
+    assert!(samples
+        .iter()
+        .any(|s| s.name == "ferry_info" && s.label("lineage") == Some(lineage)));
 
-    // The follower's own view.
+    // The follower's own view, with the lineage its copy records.
     let mine = status_until(
         &follower_http,
         &[],
         &["connected: yes", "initial sync done: yes"],
     );
     assert!(mine.contains("written: position 100000"), "{mine}");
+    assert!(mine.contains(&format!("lineage {lineage}")), "{mine}");
+    let json = ferry::http::get(&follower_http, "/status").unwrap();
+    assert!(
+        json.contains(&format!("\"lineage\": \"{lineage}\"")),
+        "{json}"
+    );
     assert!(ferry::http::get(&follower_http, "/nope").is_err());
 }
 
@@ -396,7 +413,7 @@ fn the_leader_reports_the_congestion_control_it_sends_with() {
     );
     let http = http_addr(&leader);
     status_until(&http, &["--json"], &["\"tcp_congestion\": \"reno\""]);
-    status_until(&http, &[], &["leader (fallback engine, TCP reno)"]);
+    status_until(&http, &[], &["leader (fallback engine, TCP reno, lineage "]);
     let metrics = ferry::http::get(&http, "/metrics").unwrap();
     assert!(
         parse_prometheus(&metrics)

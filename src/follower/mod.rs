@@ -153,6 +153,10 @@ pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
     // Held until this returns; before the temp files go, which could be another's in flight.
     let _lock = crate::paths::DirLock::acquire(&dir, &role)?;
     dir.clear_temps()?;
+    let recorded = crate::lineage::read(&dir)?;
+    if let Ok(mut st) = config.status.lock() {
+        st.lineage = recorded.map(|id| crate::index::hex(&id));
+    }
     if config.durability == Durability::Synced && dir.in_memory()? {
         tracing::warn!(
             "{} is in memory (tmpfs): acks at synced will mean the bytes are in this machine's \
@@ -655,6 +659,9 @@ impl Ctx<'_> {
             }
         }
         crate::lineage::write(self.dir, &theirs)?;
+        if let Ok(mut st) = self.config.status.lock() {
+            st.lineage = Some(crate::index::hex(&theirs));
+        }
         Ok(())
     }
 

@@ -387,6 +387,7 @@ impl Leader {
             position: self.position(),
             followers: self.followers().iter().map(Into::into).collect(),
             server_thread: self.server_thread_times(),
+            lineage: hex(&self.lineage),
         }
     }
 
