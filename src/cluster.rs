@@ -791,6 +791,8 @@ async fn node_loop(
     let mut following: Option<FollowerRun> = None;
     // Why the node's followers gave up: said once, then once a minute (`log_repeats`).
     let refusals = Arc::new(Mutex::new(Repeats::default()));
+    // Why an elected node could not lead: the same, once a minute.
+    let mut cannot_lead = Repeats::default();
     let _http = match config.http {
         Some(addr) => {
             let role = role.clone();
@@ -1048,11 +1050,15 @@ async fn node_loop(
             Err(e) => {
                 // Exiting would leave our election key in place until the lease lapsed, and
                 // nobody would lead meanwhile.
-                tracing::error!(
-                    "elected, but cannot lead: {e:#}; resigning so that another node can lead, \
-                     and not campaigning again for {} s",
-                    CANNOT_LEAD_BACKOFF.as_secs()
-                );
+                let why = format!("{e:#}");
+                match cannot_lead.report(&why, std::time::Instant::now()) {
+                    Some(why) => tracing::error!(
+                        "elected, but cannot lead: {why}; resigning so that another node can \
+                         lead, and not campaigning again for {} s",
+                        CANNOT_LEAD_BACKOFF.as_secs()
+                    ),
+                    None => tracing::debug!("elected, but cannot lead: {why}; resigning"),
+                }
                 keepalive.abort();
                 revoke(&mut client, lease, config.lease_ttl_s).await;
                 campaign_after = Some(tokio::time::Instant::now() + CANNOT_LEAD_BACKOFF);
