@@ -921,12 +921,19 @@ async fn node_loop(
                     isr_excluded_logged = true;
                 }
                 (Some(_), false) => {
-                    // Queued as a candidate but no longer in sync: withdraw (revoking the lease
-                    // removes the candidacy) and join again.
+                    // Queued as a candidate but no longer in sync: withdraw, keeping the lease
+                    // (and with it the node id).
                     tracing::info!(
                         "dropped from the in-sync replica set: withdrawing from the election"
                     );
-                    break false;
+                    if let Some(task) = campaign.take() {
+                        task.abort();
+                    }
+                    let key = format!("{}/{lease:x}", keys.election).into_bytes();
+                    if !withdraw(&mut client, &lease_lost, config.lease_ttl_s, key).await {
+                        break false;
+                    }
+                    continue;
                 }
                 _ => {}
             }
@@ -942,7 +949,19 @@ async fn node_loop(
                                     "won the election outside the in-sync replica set {isr:?}: \
                                      resigning"
                                 );
-                                break false;
+                                campaign = None;
+                                let key = resp.leader().map(|l| l.key().to_vec());
+                                let resigned = match key {
+                                    Some(key) => {
+                                        withdraw(&mut client, &lease_lost, config.lease_ttl_s, key)
+                                            .await
+                                    }
+                                    None => false,
+                                };
+                                if !resigned {
+                                    break false;
+                                }
+                                continue;
                             }
                             leader_key = resp.leader().map(|l| l.key().to_vec());
                             break true;
@@ -1288,6 +1307,24 @@ async fn bounded<T>(
         () = lapsed => None,
         () = tokio::time::sleep(limit) => None,
     }
+}
+
+/// Withdraws this node's candidacy, or resigns the election it won: deletes its key in the
+/// election (`PREFIX/leader/LEASE`), keeping the lease, and with it the node id claimed under
+/// it (`claim_node_id`), so that no other node can take the id meanwhile and `ferry cluster
+/// status` goes on listing the node. `false` when etcd did not answer in time: then the caller
+/// revokes the lease, which removes the key too.
+async fn withdraw(
+    client: &mut Client,
+    lease_lost: &AtomicBool,
+    lease_ttl_s: i64,
+    key: Vec<u8>,
+) -> bool {
+    let delete = client.delete(key, None);
+    matches!(
+        bounded(lease_lost, ttl_third(lease_ttl_s), delete).await,
+        Some(Ok(_))
+    )
 }
 
 /// A third of a lease's TTL (at least 100 ms): how often the lease is kept alive, and so how

@@ -1149,3 +1149,62 @@ fn a_node_without_a_recorded_lineage_leads_with_the_clusters() {
     assert_eq!(read_key(&etcd.url, "ferry/lineage"), None);
     drop(etcd);
 }
+
+/// When the key at `key` in etcd was created (its create revision), if it exists.
+fn created_at(etcd: &str, key: &str) -> Option<i64> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
+        let resp = client.get(key, None).await.ok()?;
+        Some(resp.kvs().first()?.create_revision())
+    })
+}
+
+/// A queued node dropped from the in-sync replica set (here by a handoff to another node, which
+/// names its target alone) leaves the election but stays joined: its node id stays claimed
+/// under the same lease throughout, so no other node can take the id meanwhile, and `ferry
+/// cluster status` never loses it. Once back in the set it campaigns again.
+#[test]
+fn a_node_dropped_from_the_set_withdraws_but_keeps_its_id() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (_a, b) = a_leads_b_in_sync(&env, &etcd.url);
+    let c = start_node(&env, &etcd.url, &env.dir("c"), free_port());
+    let queued = |node: &Node| {
+        let status = cluster_ok(&etcd.url, &["status"]);
+        status.lines().any(|l| l.starts_with(&node.advertise))
+            && status_row(&status, &node.advertise)[1..3] == ["yes", "yes"]
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "B and C in sync and queued",
+        || queued(&b) && queued(&c),
+    );
+    let b_key = format!("ferry/nodes/{}", b.advertise);
+    let before = created_at(&etcd.url, &b_key);
+    assert!(before.is_some());
+
+    // B, queued behind A, either withdraws once the set names C alone, or wins as A resigns
+    // and resigns in turn: either way it leaves the election, not the cluster.
+    handoff_ok(&etcd.url, Some(&c.advertise));
+    wait_until(Duration::from_secs(30), "B out of the election", || {
+        let log = b.proc.log_text();
+        log.contains("withdrawing from the election")
+            || log.contains("won the election outside the in-sync replica set")
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "B in sync with C and queued again",
+        || queued(&b),
+    );
+    assert_eq!(created_at(&etcd.url, &b_key), before, "B's id was let go");
+    assert!(
+        !b.proc.log_text().contains("joining the election again"),
+        "{}",
+        b.proc.log_text()
+    );
+    drop(etcd);
+}
