@@ -968,7 +968,7 @@ fn cluster_status_shows_who_leads_who_may_lead_and_who_runs() {
         read_key(&etcd.url, "ferry/data").is_some()
     });
     // B campaigns once its sync is done and it is in the set; C, which campaigned while the
-    // cluster had no set yet, withdraws once the leader writes one without it, and rejoins.
+    // cluster had no set yet, withdraws once the leader writes one without it.
     let rows = |status: &str| {
         (status.lines().any(|l| l.starts_with(&c.advertise))).then(|| {
             (
