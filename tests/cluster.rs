@@ -1152,15 +1152,7 @@ fn a_node_without_a_recorded_lineage_leads_with_the_clusters() {
 
 /// When the key at `key` in etcd was created (its create revision), if it exists.
 fn created_at(etcd: &str, key: &str) -> Option<i64> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
-        let resp = client.get(key, None).await.ok()?;
-        Some(resp.kvs().first()?.create_revision())
-    })
+    etcd_get(etcd, key).map(|kv| kv.create_revision())
 }
 
 /// A queued node dropped from the in-sync replica set (here by a handoff to another node, which

@@ -596,8 +596,8 @@ impl NotifySocket {
     }
 }
 
-/// The value of `key` in etcd, if it is set and etcd answers.
-pub fn read_key(etcd: &str, key: &str) -> Option<String> {
+/// The key-value at `key` in etcd, if it is set and etcd answers.
+pub fn etcd_get(etcd: &str, key: &str) -> Option<etcd_client::KeyValue> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -605,9 +605,13 @@ pub fn read_key(etcd: &str, key: &str) -> Option<String> {
     runtime.block_on(async {
         let mut client = etcd_client::Client::connect([etcd], None).await.ok()?;
         let resp = client.get(key, None).await.ok()?;
-        let kv = resp.kvs().first()?;
-        kv.value_str().ok().map(str::to_string)
+        resp.kvs().first().cloned()
     })
+}
+
+/// The value of `key` in etcd, if it is set and etcd answers.
+pub fn read_key(etcd: &str, key: &str) -> Option<String> {
+    etcd_get(etcd, key)?.value_str().ok().map(str::to_string)
 }
 
 /// A port for a process the test starts later (a node's --listen, etcd's ports). Taken below
