@@ -280,6 +280,14 @@ async fn write_isr(
     Ok(client.txn(txn).await?.succeeded())
 }
 
+/// What `mark_data` says after the node id in `PREFIX/data`'s value.
+const DATA_MARK_REASON: &str = ", whose data dir held files";
+
+/// The node that set `PREFIX/data`, from the key's value (`mark_data`).
+pub(crate) fn data_marked_by(value: &str) -> &str {
+    value.strip_suffix(DATA_MARK_REASON).unwrap_or(value)
+}
+
 /// Sets `PREFIX/data` (`cluster_held_data`), guarded as `write_isr` is by our election key.
 async fn mark_data(
     client: &mut Client,
@@ -288,7 +296,7 @@ async fn mark_data(
     keys: &Keys,
 ) -> Result<bool, etcd_client::Error> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    let value = format!("{me}, whose data dir held files");
+    let value = format!("{me}{DATA_MARK_REASON}");
     let txn = Txn::new()
         .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
         .and_then([TxnOp::put(keys.data.clone(), value, None)]);
@@ -586,6 +594,17 @@ impl Keys {
             data: format!("{prefix}/data"),
             lineage: format!("{prefix}/lineage"),
         }
+    }
+
+    /// The prefix of the election's keys, one per candidate (`PREFIX/leader/`).
+    pub(crate) fn candidates(&self) -> String {
+        format!("{}/", self.election)
+    }
+
+    /// The election's key of the candidate campaigning with `lease`: the etcd election API
+    /// names it `PREFIX/leader/LEASE` (the lease in lowercase hex).
+    fn candidate(&self, lease: i64) -> Vec<u8> {
+        format!("{}{lease:x}", self.candidates()).into_bytes()
     }
 }
 
@@ -929,7 +948,7 @@ async fn node_loop(
                     if let Some(task) = campaign.take() {
                         task.abort();
                     }
-                    let key = format!("{}/{lease:x}", keys.election).into_bytes();
+                    let key = keys.candidate(lease);
                     if !withdraw(&mut client, &lease_lost, config.lease_ttl_s, key).await {
                         break false;
                     }

@@ -11,7 +11,7 @@ use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse,
 };
 
-use crate::cluster::{etcd_unreachable, Keys};
+use crate::cluster::{data_marked_by, etcd_unreachable, Keys};
 use crate::status::json_str;
 
 /// A cluster as etcd holds it.
@@ -72,16 +72,6 @@ fn election_options() -> GetOptions {
     )
 }
 
-/// The election's keys are `PREFIX/leader/LEASE`; `Keys::election` is their common name.
-fn candidates_prefix(keys: &Keys) -> String {
-    format!("{}/", keys.election)
-}
-
-/// The node id in `PREFIX/data`'s value (`ID, whose data dir held files`).
-fn data_setter(value: &str) -> String {
-    value.split(", ").next().unwrap_or(value).to_string()
-}
-
 /// How long a command waits for etcd to answer before it says it cannot reach it.
 const ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -110,7 +100,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
         let keys = Keys::new(prefix);
         let mut client = connect(etcd).await?;
         let txn = Txn::new().and_then([
-            TxnOp::get(candidates_prefix(&keys), Some(election_options())),
+            TxnOp::get(keys.candidates(), Some(election_options())),
             TxnOp::get(keys.isr.clone(), None),
             TxnOp::get(keys.data.clone(), None),
             TxnOp::get(keys.handoff.clone(), None),
@@ -133,7 +123,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
         });
         let held_data_set_by = kvs_of(&responses, 2)
             .first()
-            .map(|kv| data_setter(&text(kv)));
+            .map(|kv| data_marked_by(&text(kv)).to_string());
         let handoff = kvs_of(&responses, 3).first().map(text);
         let running: Vec<(String, String)> = kvs_of(&responses, 4)
             .iter()
@@ -336,8 +326,7 @@ pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
         let txn = Txn::new()
             .when([
                 Compare::create_revision(keys.nodes.clone(), CompareOp::Equal, 0).with_prefix(),
-                Compare::create_revision(candidates_prefix(&keys), CompareOp::Equal, 0)
-                    .with_prefix(),
+                Compare::create_revision(keys.candidates(), CompareOp::Equal, 0).with_prefix(),
             ])
             .and_then([
                 TxnOp::delete(keys.isr.clone(), prev()),
@@ -348,7 +337,7 @@ pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
             ])
             .or_else([
                 TxnOp::get(keys.nodes.clone(), Some(GetOptions::new().with_prefix())),
-                TxnOp::get(candidates_prefix(&keys), Some(election_options())),
+                TxnOp::get(keys.candidates(), Some(election_options())),
             ]);
         let resp = client
             .txn(txn)
