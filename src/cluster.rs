@@ -199,18 +199,39 @@ pub(crate) fn etcd_unreachable(etcd: &[String], e: etcd_client::Error) -> anyhow
     )
 }
 
+/// How long a one-shot command (`ferry handoff`, `ferry cluster`, reading the secret from etcd)
+/// waits for etcd to answer before it says it cannot reach it.
+const COMMAND_ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The runtime a one-shot command runs its etcd calls on.
+pub(crate) fn command_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// A client for a one-shot command: no endpoints is an error saying how to give them, and
+/// etcd that does not answer within `COMMAND_ETCD_TIMEOUT` is unreachable (`etcd_unreachable`).
+pub(crate) async fn command_client(etcd: &[String]) -> anyhow::Result<Client> {
+    anyhow::ensure!(
+        !etcd.is_empty(),
+        "no etcd endpoints: pass --etcd URL[,URL...] (or set FERRY_ETCD)"
+    );
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(COMMAND_ETCD_TIMEOUT)
+        .with_timeout(COMMAND_ETCD_TIMEOUT);
+    Client::connect(etcd, Some(options))
+        .await
+        .map_err(|e| etcd_unreachable(etcd, e))
+}
+
 /// The cluster's shared secret, kept in etcd at `PREFIX/secret`: created at random, atomically,
 /// by whichever node comes first (a transaction that puts it only if the key does not exist),
 /// then read by every node. Anyone who can read that key can join the cluster: protect etcd.
 pub fn secret_from_etcd(etcd: &[String], prefix: &str) -> anyhow::Result<Secret> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let mut client = Client::connect(etcd, None)
-            .await
-            .map_err(|e| etcd_unreachable(etcd, e))?;
+    command_runtime()?.block_on(async {
+        let mut client = command_client(etcd).await?;
         let key = format!("{prefix}/secret");
         let nonce = crate::auth::random_nonce()?;
         let fresh: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
@@ -1542,14 +1563,9 @@ pub fn request_handoff(
     to: Option<&str>,
     timeout: Duration,
 ) -> anyhow::Result<HandoffReport> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
+    command_runtime()?.block_on(async {
         let keys = Keys::new(prefix);
-        let mut client = Client::connect(etcd, None)
-            .await
-            .map_err(|e| etcd_unreachable(etcd, e))?;
+        let mut client = command_client(etcd).await?;
         let Some(current) = current_leader(&mut client, &keys).await else {
             // Tell "etcd unreachable" from "no leader".
             if let Err(e) = client.get(keys.election.clone(), None).await {

@@ -8,10 +8,10 @@
 use std::fmt::Write as _;
 
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse,
+    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse,
 };
 
-use crate::cluster::{data_marked_by, etcd_unreachable, Keys};
+use crate::cluster::{command_client, command_runtime, data_marked_by, etcd_unreachable, Keys};
 use crate::status::json_str;
 
 /// A cluster as etcd holds it.
@@ -72,33 +72,11 @@ fn election_options() -> GetOptions {
     )
 }
 
-/// How long a command waits for etcd to answer before it says it cannot reach it.
-const ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-async fn connect(etcd: &[String]) -> anyhow::Result<Client> {
-    anyhow::ensure!(
-        !etcd.is_empty(),
-        "no etcd endpoints: pass --etcd URL[,URL...] (or set FERRY_ETCD)"
-    );
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(ETCD_TIMEOUT)
-        .with_timeout(ETCD_TIMEOUT);
-    Client::connect(etcd, Some(options))
-        .await
-        .map_err(|e| etcd_unreachable(etcd, e))
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
-}
-
 /// The cluster sharing `prefix` in the etcd at `etcd`, read in one transaction.
 pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
-    runtime()?.block_on(async {
+    command_runtime()?.block_on(async {
         let keys = Keys::new(prefix);
-        let mut client = connect(etcd).await?;
+        let mut client = command_client(etcd).await?;
         let txn = Txn::new().and_then([
             TxnOp::get(keys.candidates(), Some(election_options())),
             TxnOp::get(keys.isr.clone(), None),
@@ -319,9 +297,9 @@ pub struct ResetReport {
 /// transaction, so a node that joins a moment later sees the cluster either before or after it,
 /// never between.
 pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
-    runtime()?.block_on(async {
+    command_runtime()?.block_on(async {
         let keys = Keys::new(prefix);
-        let mut client = connect(etcd).await?;
+        let mut client = command_client(etcd).await?;
         let prev = || Some(DeleteOptions::new().with_prev_key());
         let txn = Txn::new()
             .when([
