@@ -675,11 +675,12 @@ fn take_cluster_lineage(
 ) -> anyhow::Result<()> {
     let dir = crate::paths::DataDir::open(data_dir)?;
     let theirs = crate::index::hex(cluster);
-    let holds_files = !matches!(crate::paths::first_file(data_dir), Ok(None));
+    // Looked at only when the lineage differs: a dir that holds no file is a copy of nothing
+    // yet, whatever it recorded.
+    let holds_files = || !matches!(crate::paths::first_file(data_dir), Ok(None));
     match crate::lineage::read(&dir)? {
         Some(ours) if ours == *cluster => {}
-        // A dir that holds no file is a copy of nothing yet, whatever it recorded.
-        Some(_) if !holds_files => crate::lineage::write(&dir, cluster)?,
+        Some(_) if !holds_files() => crate::lineage::write(&dir, cluster)?,
         None => {
             crate::lineage::write(&dir, cluster)?;
             tracing::info!(
@@ -936,7 +937,7 @@ async fn node_loop(
                     "{} holds no files, but this cluster has held data ({} set by {by}): not \
                      campaigning, since leading would replace the cluster's data with nothing \
                      (a replaced or unmounted disk?); following whoever leads. If the data is \
-                     gone on purpose, delete that key",
+                     gone on purpose, stop every node and run `ferry cluster reset`",
                     config.data_dir.display(),
                     keys.data
                 );
