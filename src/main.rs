@@ -72,15 +72,15 @@ struct EtcdArgs {
 #[derive(Subcommand)]
 enum ClusterAction {
     /// Who leads, the in-sync replica set (the nodes that may be elected), whether the cluster
-    /// has held data, and each node that runs or campaigns, read from etcd.
+    /// has held data, its lineage, and each node that runs or campaigns, read from etcd.
     Status {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// With every node stopped: forget the in-sync replica set, the mark that the cluster has
-    /// held data, and any pending handoff, so the first node started leads whatever its data
-    /// dir holds. Refused while any node runs. For a cluster whose node with the data cannot
+    /// held data, its lineage and any pending handoff, so the first node started leads whatever
+    /// its data dir holds. Refused while any node runs. For a cluster whose node with the data cannot
     /// lead (README, Troubleshooting).
     Reset,
 }
@@ -604,13 +604,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 ClusterAction::Reset => {
                     let report = ferry::cluster_admin::reset(&etcd, &prefix)?;
-                    if report.deleted.is_empty() {
-                        println!("cluster {prefix}: nothing to reset");
-                    }
                     for (key, value) in &report.deleted {
                         println!("deleted {key} (was {value:?})");
                     }
-                    if !report.deleted.is_empty() {
+                    if report.deleted.is_empty() {
+                        println!("cluster {prefix}: nothing to reset");
+                    } else {
                         println!(
                             "The first node to campaign now leads whatever its data dir holds: \
                              start the node with the data first, the others after it."
