@@ -754,7 +754,7 @@ fn a_follower_does_not_replace_its_copy_with_another_data_dirs() {
     let wrong = start_leader(&env, &other, "fallback");
     let theirs = std::fs::read_to_string(other.join(".ferry/lineage")).unwrap();
     let out = follow_once(&env, &fd, wrong.addr, "fallback");
-    failed_saying(
+    let said = failed_saying(
         &out,
         &[
             &format!("the leader at {} serves another data dir", wrong.addr),
@@ -762,6 +762,15 @@ fn a_follower_does_not_replace_its_copy_with_another_data_dirs() {
             lineage.trim(),
             "--adopt",
         ],
+    );
+    let decline = said
+        .lines()
+        .find(|l| l.contains("serves another data dir"))
+        .unwrap_or_default();
+    let message = &decline[decline.find("the leader at").unwrap_or(0)..];
+    assert!(
+        !message.contains("  "),
+        "a run of spaces in the message: {message}"
     );
     wrong.proc.wait_log("declined", Duration::from_secs(10));
     assert_eq!(tree_difference(&ld, &fd), None, "the copy was touched");
@@ -778,10 +787,15 @@ fn a_follower_does_not_replace_its_copy_with_another_data_dirs() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let adopting = stderr
+        .lines()
+        .find(|l| l.contains("adopting the data dir of the leader"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let message = &adopting[adopting.find("adopting").unwrap_or(0)..];
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("adopting the data dir of the leader"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !message.contains("  "),
+        "a run of spaces in the line: {message}"
     );
     assert_eq!(tree_difference(&other, &fd), None);
     assert_eq!(

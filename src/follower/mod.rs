@@ -640,7 +640,12 @@ impl Ctx<'_> {
             if !held.is_empty() && !self.config.adopt {
                 let bytes: u64 = held.iter().map(|m| m.len_bytes).sum();
                 return Err(FollowError::Session(SessionError::Declined(format!(
-                    "the leader at {} serves another data dir (lineage {}) than the one the {}                      files ({bytes} bytes) in {} were copied from (lineage {}), and following                      it would replace them with its files: not following. Check the leader's                      address (and that clusters do not share a secret). If this copy is to                      become the leader's (its data dir lost .ferry/, or it was set up anew),                      pass --adopt (FollowConfig::adopt) or empty this directory",
+                    "the leader at {} serves another data dir (lineage {}) than the one the {} \
+                     files ({bytes} bytes) in {} were copied from (lineage {}), and following it \
+                     would replace them with its files: not following. Check the leader's \
+                     address (and that clusters do not share a secret). If this copy is to \
+                     become the leader's (its data dir lost .ferry/, or it was set up anew), \
+                     pass --adopt (FollowConfig::adopt) or empty this directory",
                     self.config.leader,
                     crate::index::hex(&theirs),
                     held.len(),
@@ -650,7 +655,8 @@ impl Ctx<'_> {
             }
             if !held.is_empty() {
                 tracing::warn!(
-                    "adopting the data dir of the leader at {} (lineage {}): the files in {}                      were copied from another (lineage {}), and become copies of its files",
+                    "adopting the data dir of the leader at {} (lineage {}): the files in {} \
+                     were copied from another (lineage {}), and become copies of its files",
                     self.config.leader,
                     crate::index::hex(&theirs),
                     self.dir.root().display(),
