@@ -611,19 +611,25 @@ impl Ctx<'_> {
     /// mounted asks for. Declined (`docs/PROTOCOL.md`, *Sequence*) when the copy holds files;
     /// the connection ends, and a later one follows once the leader has files again.
     fn decline_an_empty_index(&self) -> Result<(), FollowError> {
-        let held = crate::index::scan(self.dir.as_ref())?;
-        if held.is_empty() {
+        let Some((files, bytes)) = self.holds()? else {
             return Ok(());
-        }
-        let bytes: u64 = held.iter().map(|m| m.len_bytes).sum();
+        };
         Err(FollowError::Session(SessionError::Declined(format!(
             "the leader's data dir is empty, and following it would delete all {} files ({bytes} \
              bytes) of this copy in {}: not following. If the leader's disk is not mounted or its \
              --data-dir is wrong, fix that (this follower tries again meanwhile); if its data is \
              gone on purpose, empty this copy's directory",
-            held.len(),
+            files,
             self.dir.root().display()
         ))))
+    }
+
+    /// The files this copy holds and their bytes, `None` when it holds none: what a refusal
+    /// to follow would otherwise delete.
+    fn holds(&self) -> io::Result<Option<(usize, u64)>> {
+        let held = crate::index::scan(self.dir.as_ref())?;
+        let bytes = held.iter().map(|m| m.len_bytes).sum();
+        Ok((!held.is_empty()).then_some((held.len(), bytes)))
     }
 
     /// Whether this copy may become one of the leader's data dir, whose lineage is `theirs`
@@ -636,9 +642,8 @@ impl Ctx<'_> {
             return Ok(());
         }
         if let Some(ours) = ours {
-            let held = crate::index::scan(self.dir.as_ref())?;
-            if !held.is_empty() && !self.config.adopt {
-                let bytes: u64 = held.iter().map(|m| m.len_bytes).sum();
+            let held = self.holds()?;
+            if let (Some((files, bytes)), false) = (held, self.config.adopt) {
                 return Err(FollowError::Session(SessionError::Declined(format!(
                     "the leader at {} serves another data dir (lineage {}) than the one the {} \
                      files ({bytes} bytes) in {} were copied from (lineage {}), and following it \
@@ -648,12 +653,12 @@ impl Ctx<'_> {
                      pass --adopt (FollowConfig::adopt) or empty this directory",
                     self.config.leader,
                     crate::index::hex(&theirs),
-                    held.len(),
+                    files,
                     self.dir.root().display(),
                     crate::index::hex(&ours),
                 ))));
             }
-            if !held.is_empty() {
+            if held.is_some() {
                 tracing::warn!(
                     "adopting the data dir of the leader at {} (lineage {}): the files in {} \
                      were copied from another (lineage {}), and become copies of its files",
