@@ -4,6 +4,8 @@
 //! says which side made it, so a tag cannot be replayed in the other direction or another session.
 //! The secret itself never crosses the wire, and tags are compared in constant time.
 
+use std::sync::{Arc, Mutex};
+
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
@@ -12,8 +14,9 @@ use crate::frame::{Mac, Nonce, NONCE_BYTES};
 const FOLLOWER_LABEL: &[u8] = b"ferry-auth-v1 follower";
 const LEADER_LABEL: &[u8] = b"ferry-auth-v1 leader";
 
-/// The shared secret. Its bytes are never logged or sent.
-#[derive(Clone)]
+/// The shared secret. Its bytes are never logged or sent. (Equality compares two secrets this
+/// process holds, as a rotation replaces one: never a peer's tag, which `tags_equal` compares.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Vec<u8>);
 
 impl Secret {
@@ -41,6 +44,48 @@ impl Secret {
 
     pub fn leader_tag(&self, leader_nonce: &Nonce, follower_nonce: &Nonce) -> Mac {
         self.tag(LEADER_LABEL, leader_nonce, follower_nonce)
+    }
+}
+
+/// The secrets a leader accepts: the current one and, during a rotation, the previous one. A
+/// follower authenticates with `current`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Secrets {
+    pub current: Secret,
+    pub previous: Option<Secret>,
+}
+
+impl Secrets {
+    /// One secret, no rotation under way.
+    pub fn one(current: Secret) -> Secrets {
+        Secrets {
+            current,
+            previous: None,
+        }
+    }
+}
+
+/// `Secrets` that may change while in use (a rotation through etcd, `cluster`'s secret poll):
+/// each connection takes them as it connects. Clones share them.
+#[derive(Clone, Debug)]
+pub struct SharedSecrets(Arc<Mutex<Secrets>>);
+
+impl SharedSecrets {
+    pub fn new(secrets: Secrets) -> SharedSecrets {
+        SharedSecrets(Arc::new(Mutex::new(secrets)))
+    }
+
+    pub fn get(&self) -> Secrets {
+        // Replaced whole by one assignment: a poisoned lock still holds a consistent value.
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces them; whether that changed them.
+    pub fn set(&self, secrets: Secrets) -> bool {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *held != secrets;
+        *held = secrets;
+        changed
     }
 }
 

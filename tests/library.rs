@@ -600,3 +600,71 @@ fn connections_that_have_not_authenticated_are_not_followers() {
     assert_eq!(leader.followers().len(), 1, "{:?}", leader.followers());
     drop(strangers);
 }
+
+/// A broker rotates the shared secret without a restart: `set_secrets` with the new one and
+/// the old one as previous keeps its follower on the old one streaming and lets one with the new
+/// one join; without the old one, the follower still on it is closed, told why, and the old
+/// secret no longer gets in.
+#[test]
+fn an_embedded_leader_rotates_its_secret_and_cuts_off_a_follower_on_the_old_one() {
+    use ferry::auth::Secrets;
+    let env = Env::new();
+    let dir = env.dir("leader");
+    let leader = start(&dir, "fallback");
+    let mut offset = 0;
+    let position = publish(&leader, &dir, "seg", &mut offset, 4);
+    let on_old = start_follower(
+        &env,
+        &env.dir("old"),
+        leader.local_addr(),
+        "fallback",
+        "written",
+    );
+    acked_written(&leader, position);
+
+    let old = Secret::new(SECRET.as_bytes().to_vec()).unwrap();
+    let new_text = "the rotated-in secret for this test";
+    let new = Secret::new(new_text.as_bytes().to_vec()).unwrap();
+    leader.set_secrets(Secrets {
+        current: new.clone(),
+        previous: Some(old),
+    });
+    let new_file = env.dir("keys").join("new");
+    write(&new_file, new_text.as_bytes());
+    let follow_with = |name: &str, secret_file: &Path| {
+        let mut cmd = ferry();
+        cmd.args(["follow", "--once", "--io-engine", "fallback"])
+            .arg("--leader")
+            .arg(leader.local_addr().to_string())
+            .arg("--data-dir")
+            .arg(env.dir(name))
+            .arg("--secret-file")
+            .arg(secret_file);
+        run_bounded(cmd, Duration::from_secs(60))
+    };
+    let out = follow_with("new", &new_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The follower on the old secret still streams.
+    let position = publish(&leader, &dir, "seg", &mut offset, 4);
+    acked_written(&leader, position);
+
+    leader.set_secrets(Secrets::one(new));
+    let mut on_old = on_old;
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(10),
+        "the old secret's follower to exit",
+        || {
+            status = on_old.child.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    assert!(!status.unwrap().success(), "{}", on_old.log_text());
+    on_old.wait_log("rotated out", Duration::from_secs(5));
+    let out = follow_with("old-again", &env.secret_file);
+    failed_saying(&out, &["wrong secret"]);
+}

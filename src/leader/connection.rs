@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::auth::{random_nonce, Secret};
+use crate::auth::random_nonce;
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{Conn, FineTimer};
 use crate::frame::{ErrorCode, Frame, InstanceId, LineageId, VANISHED_HOLD_TIMEOUT_MS};
@@ -53,8 +53,6 @@ const OPEN_FILES_PER_CONNECTION_MAX: usize = 256;
 pub(super) struct ConnCtx {
     pub(super) shared: Arc<Shared>,
     pub(super) dir: Arc<DataDir>,
-    pub(super) secret: Secret,
-    pub(super) previous_secret: Option<Secret>,
     pub(super) ack_timeout: Duration,
     /// The leader's digest cache; taken by a connection while it hashes (`None` meanwhile).
     pub(super) digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
@@ -157,14 +155,15 @@ pub(super) async fn serve_follower(
     conn: Rc<Conn>,
 ) -> Result<bool, ServeError> {
     let connected_at = Instant::now();
+    let (secrets, secrets_seen) = ctx.shared.secrets();
     let mut session = LeaderSession::new(
-        ctx.secret.clone(),
+        secrets.current,
         random_nonce()?,
         ctx.ack_timeout,
         ctx.instance,
         ctx.lineage,
     )
-    .with_previous_secret(ctx.previous_secret.clone());
+    .with_previous_secret(secrets.previous);
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
     let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));
     let result = match handshake(ctx, &conn, &mut session, &mut input_rx, connected_at).await {
@@ -177,7 +176,9 @@ pub(super) async fn serve_follower(
                 peer,
                 connected_at,
             };
-            drive(ctx, id, io, &mut session, &wake).await.map(|()| true)
+            drive(ctx, id, io, (&mut session, secrets_seen), &wake)
+                .await
+                .map(|()| true)
         }
         Ok(None) => Ok(false),
         Err(e) => Err(e),
@@ -350,7 +351,7 @@ async fn drive(
     ctx: &ConnCtx,
     id: u64,
     io: Io<'_>,
-    session: &mut LeaderSession,
+    (session, mut secrets_seen): (&mut LeaderSession, u64),
     wake: &Notify,
 ) -> Result<(), ServeError> {
     let Io {
@@ -397,6 +398,12 @@ async fn drive(
         }
         let now = Instant::now();
         session.check_handshake_deadline(connected_at, now)?;
+        // The leader's secrets changed (a rotation) since the session last took them.
+        if ctx.shared.secrets_changes.load(Ordering::SeqCst) != secrets_seen {
+            let (secrets, seen) = ctx.shared.secrets();
+            secrets_seen = seen;
+            session.set_secrets(secrets.current, secrets.previous)?;
+        }
         let had_input = !input.is_empty();
         let rate = poll_rate(session.sync_done_sent());
         if look_due(changes_seen_at, inbox_seen_at, now, rate) {
@@ -431,8 +438,8 @@ async fn drive(
                 if session.used_previous_secret() {
                     tracing::warn!(
                         "follower #{id} ({peer}) authenticated with the previous secret \
-                         (--previous-secret-file): give it the current one before the \
-                         rotation ends"
+                         (--previous-secret-file, or PREFIX/secret-previous in etcd): give it \
+                         the current one before the rotation ends"
                     );
                 }
             }

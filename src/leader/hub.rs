@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::auth::Secrets;
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::frame::Durability;
 use crate::lag::{FollowerState, LagSnapshot, LagView};
@@ -140,6 +141,11 @@ pub(super) struct Shared {
     pub(super) checkpoint_flush: Mutex<Option<CheckpointFlush>>,
     /// The server thread's id, once it runs (0 before): what `/metrics` reads its times by.
     pub(super) server_tid: AtomicU32,
+    /// The secrets a connection authenticates under (`Leader::set_secrets`).
+    pub(super) secrets: Mutex<Secrets>,
+    /// How many times `secrets` changed: a session compares it at every turn, and ends once
+    /// the leader no longer holds the secret its follower authenticated with.
+    pub(super) secrets_changes: AtomicU64,
 }
 
 impl Shared {
@@ -156,6 +162,13 @@ impl Shared {
             0 => None,
             tid => crate::schedstat::of_thread(std::process::id(), tid),
         }
+    }
+
+    /// The secrets now, and the `secrets_changes` they are as of.
+    pub(super) fn secrets(&self) -> (Secrets, u64) {
+        // Replaced whole by one assignment: a poisoned lock still holds a consistent value.
+        let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        (secrets.clone(), self.secrets_changes.load(Ordering::SeqCst))
     }
 
     pub(super) fn board(&self) -> MutexGuard<'_, Board> {

@@ -19,14 +19,14 @@ mod server;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::auth::{random_instance, Secret};
+use crate::auth::{random_instance, Secret, Secrets};
 use crate::catalog::Catalog;
 use crate::engine::{self, EngineKind};
 use crate::frame::{Durability, InstanceId, LineageId};
@@ -206,6 +206,11 @@ impl Leader {
             flush_needed: config.change_source_flushes,
             checkpoint_flush: Mutex::new(None),
             server_tid: AtomicU32::new(0),
+            secrets: Mutex::new(Secrets {
+                current: config.secret.clone(),
+                previous: config.previous_secret.clone(),
+            }),
+            secrets_changes: AtomicU64::new(0),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
@@ -303,6 +308,30 @@ impl Leader {
     /// The data dir's lineage, as this leader serves it (`docs/PROTOCOL.md`, *Lineage*).
     pub fn lineage(&self) -> LineageId {
         self.lineage
+    }
+
+    /// Replaces the secrets followers authenticate with (`LeaderConfig::secret` and
+    /// `previous_secret` at start): a rotation, `docs/PROTOCOL.md` (AUTH). A connection made from
+    /// now on is checked against these; one whose follower authenticated with a secret not
+    /// among them is closed with ERROR `AUTH_FAILED` within a moment.
+    pub fn set_secrets(&self, secrets: Secrets) {
+        {
+            let mut held = self
+                .shared
+                .secrets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if *held == secrets {
+                return;
+            }
+            *held = secrets;
+            // Under the lock: a session that reads the count reads these secrets or newer.
+            self.shared.secrets_changes.fetch_add(1, Ordering::SeqCst);
+        }
+        // Every session looks now rather than at its next timeout.
+        for inbox in self.shared.lock().inboxes.values() {
+            inbox.wake.notify_one();
+        }
     }
 
     /// The current replication position (what `wait_for` compares against).

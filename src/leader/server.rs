@@ -239,8 +239,6 @@ async fn accept_loop(
         let ctx = ConnCtx {
             shared: shared.clone(),
             dir: dir.clone(),
-            secret: config.secret.clone(),
-            previous_secret: config.previous_secret.clone(),
             ack_timeout: config.ack_timeout,
             digests: digests.clone(),
             instance,

@@ -163,6 +163,9 @@ pub struct LeaderSession {
     previous_secret: Option<Secret>,
     /// The follower authenticated with `previous_secret`.
     used_previous_secret: bool,
+    /// The secret the follower authenticated with, once it has: it stays connected only while
+    /// the leader holds that secret (`set_secrets`).
+    authenticated_with: Option<Secret>,
     leader_nonce: Nonce,
     /// This leader's instance id, sent in INSTANCE and checked in HAVE_HELD.
     instance: InstanceId,
@@ -250,6 +253,7 @@ impl LeaderSession {
             secret,
             previous_secret: None,
             used_previous_secret: false,
+            authenticated_with: None,
             leader_nonce,
             instance,
             lineage,
@@ -295,6 +299,29 @@ impl LeaderSession {
     pub fn with_previous_secret(mut self, previous: Option<Secret>) -> LeaderSession {
         self.previous_secret = previous;
         self
+    }
+
+    /// The leader's secrets changed while this session runs (a rotation: `docs/PROTOCOL.md`,
+    /// AUTH). Before AUTH, the follower is checked against these; after, an error once they no
+    /// longer hold the secret it authenticated with (the caller ends the session with it).
+    pub fn set_secrets(
+        &mut self,
+        current: Secret,
+        previous: Option<Secret>,
+    ) -> Result<(), SessionError> {
+        if let Some(used) = &self.authenticated_with {
+            if *used != current && previous.as_ref() != Some(used) {
+                return Err(SessionError::AuthFailed(
+                    "the secret this follower authenticated with was rotated out: the leader \
+                     no longer accepts it"
+                        .into(),
+                ));
+            }
+            self.used_previous_secret = *used != current;
+        }
+        self.secret = current;
+        self.previous_secret = previous;
+        Ok(())
     }
 
     /// Whether the follower authenticated with the previous secret, not the current one.
@@ -468,6 +495,7 @@ impl LeaderSession {
                 };
                 let leader_mac = secret.leader_tag(nonces.0, nonces.1);
                 self.used_previous_secret = !current;
+                self.authenticated_with = Some(secret.clone());
                 Frame::Welcome { leader_mac }.encode(&mut self.out);
                 if self.held_in_use {
                     Frame::Instance {

@@ -1800,3 +1800,73 @@ fn a_leader_in_a_rotation_accepts_the_current_and_the_previous_secret() {
         }
     }
 }
+
+/// A leader's secrets change while it runs (a rotation through etcd). A session not yet
+/// authenticated checks AUTH against the new ones; one that authenticated with a secret the
+/// leader still holds, as the previous one, goes on; once the leader no longer holds it, the
+/// session ends with ERROR `AUTH_FAILED` saying why.
+#[test]
+fn a_leader_cuts_off_a_follower_whose_secret_was_rotated_out() {
+    let old = Secret::new(b"the old secret, 32 bytes or so..".to_vec()).unwrap();
+    let new = Secret::new(b"the new secret, 32 bytes or so..".to_vec()).unwrap();
+    let auth_with = |secret: &Secret| {
+        let mut input = Preamble::ours().encode().to_vec();
+        Frame::Auth {
+            follower_nonce: [9; 32],
+            follower_mac: secret.follower_tag(&[7; 32], &[9; 32]),
+        }
+        .encode(&mut input);
+        input
+    };
+    let session = || {
+        LeaderSession::new(
+            old.clone(),
+            [7; 32],
+            Duration::from_secs(1),
+            INSTANCE,
+            LINEAGE,
+        )
+    };
+
+    let mut leader = session();
+    let input = auth_with(&old);
+    leader
+        .handle_input(&input, &Catalog::new([]), Instant::now())
+        .unwrap();
+    leader.take_output();
+    // The rotation starts: the old secret is the previous one, still held.
+    leader.set_secrets(new.clone(), Some(old.clone())).unwrap();
+    assert!(!leader.has_output());
+    // It ends.
+    let e = leader.set_secrets(new.clone(), None).unwrap_err();
+    assert!(
+        matches!(&e, SessionError::AuthFailed(m) if m.contains("rotated out")),
+        "{e:?}"
+    );
+    leader.fail(&e);
+    let out = leader.take_output();
+    let (frame, _) = Frame::decode(&out).unwrap().unwrap();
+    assert!(
+        matches!(
+            frame,
+            Frame::Error {
+                code: ErrorCode::AuthFailed,
+                ..
+            }
+        ),
+        "{frame:?}"
+    );
+
+    // Before AUTH arrives, the new secrets are the ones it is checked against.
+    let mut leader = session();
+    leader.set_secrets(new.clone(), None).unwrap();
+    let result = leader.handle_input(&auth_with(&old), &Catalog::new([]), Instant::now());
+    assert!(
+        matches!(result, Err(SessionError::AuthFailed(_))),
+        "{result:?}"
+    );
+    let mut leader = session();
+    leader.set_secrets(new.clone(), None).unwrap();
+    let result = leader.handle_input(&auth_with(&new), &Catalog::new([]), Instant::now());
+    assert!(result.is_ok(), "{result:?}");
+}
