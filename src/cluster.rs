@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use etcd_client::Client;
 
-use crate::auth::Secret;
+use crate::auth::{Secret, Secrets, SharedSecrets};
+use crate::cluster_secret::SecretPoll;
 use crate::engine::EngineKind;
 use crate::frame::Durability;
 use crate::leader::{Leader, LeaderConfig, Settle};
@@ -48,6 +49,9 @@ pub struct NodeConfig {
     pub secret: Secret,
     /// While leading, also accept followers with this secret (`LeaderConfig::previous_secret`).
     pub previous_secret: Option<Secret>,
+    /// The secrets are kept in etcd (`--secret-from-etcd`): `secret` and `previous_secret` are
+    /// what it read at start, and it takes their changes while it runs (`cluster_secret`).
+    pub secret_from_etcd: bool,
     pub engine: Option<EngineKind>,
     /// The TCP congestion control to lead with (`LeaderConfig::tcp_congestion`).
     pub tcp_congestion: Option<String>,
@@ -110,7 +114,12 @@ struct FollowerRun {
 const FOLLOWER_RESTART_INTERVAL: Duration = Duration::from_secs(2);
 
 impl FollowerRun {
-    fn start(config: &NodeConfig, leader: String, refusals: Arc<Mutex<Repeats>>) -> FollowerRun {
+    fn start(
+        config: &NodeConfig,
+        secrets: &SharedSecrets,
+        leader: String,
+        refusals: Arc<Mutex<Repeats>>,
+    ) -> FollowerRun {
         let stop = Arc::new(AtomicBool::new(false));
         let status = Arc::new(Mutex::new(FollowerSelf {
             leader: leader.clone(),
@@ -120,7 +129,7 @@ impl FollowerRun {
         let follow = crate::follower::FollowConfig {
             data_dir: config.data_dir.clone(),
             leader: leader.clone(),
-            secret: config.secret.clone(),
+            secret: secrets.clone(),
             durability: Durability::Synced,
             once: false,
             engine: config.engine,
@@ -223,41 +232,6 @@ pub(crate) async fn command_client(etcd: &[String]) -> anyhow::Result<Client> {
     Client::connect(etcd, Some(options))
         .await
         .map_err(|e| etcd_unreachable(etcd, e))
-}
-
-/// The cluster's shared secret, kept in etcd at `PREFIX/secret`: created at random, atomically,
-/// by whichever node comes first (a transaction that puts it only if the key does not exist),
-/// then read by every node. Anyone who can read that key can join the cluster: protect etcd.
-pub fn secret_from_etcd(etcd: &[String], prefix: &str) -> anyhow::Result<Secret> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    command_runtime()?.block_on(async {
-        let mut client = command_client(etcd).await?;
-        let key = format!("{prefix}/secret");
-        let nonce = crate::auth::random_nonce()?;
-        let fresh: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-        let txn = Txn::new()
-            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), fresh, None)]);
-        let created = client
-            .txn(txn)
-            .await
-            .map_err(|e| etcd_unreachable(etcd, e))?
-            .succeeded();
-        let got = client
-            .get(key.clone(), None)
-            .await
-            .map_err(|e| etcd_unreachable(etcd, e))?;
-        let value = got
-            .kvs()
-            .first()
-            .map(|kv| kv.value().to_vec())
-            .ok_or_else(|| anyhow::anyhow!("{key} vanished from etcd right after being set"))?;
-        tracing::info!(
-            "shared secret {} etcd at {key}",
-            if created { "created in" } else { "read from" }
-        );
-        Secret::new(value).map_err(|e| anyhow::anyhow!("the secret at {key}: {e}"))
-    })
 }
 
 /// How often a leader refreshes the in-sync replica set in etcd (when it changed).
@@ -527,11 +501,11 @@ struct Leading {
 }
 
 impl Leading {
-    async fn start(config: &NodeConfig, feed: Feed) -> anyhow::Result<Leading> {
+    async fn start(config: &NodeConfig, feed: Feed, secrets: Secrets) -> anyhow::Result<Leading> {
         let c = config.clone();
         let started = tokio::task::spawn_blocking(move || -> std::io::Result<Leading> {
-            let mut lc = LeaderConfig::new(&c.data_dir, c.listen, c.secret.clone());
-            lc.previous_secret = c.previous_secret.clone();
+            let mut lc = LeaderConfig::new(&c.data_dir, c.listen, secrets.current);
+            lc.previous_secret = secrets.previous;
             lc.engine = c.engine;
             lc.tcp_congestion = c.tcp_congestion.clone();
             lc.change_source_flushes = feed == Feed::Watch;
@@ -602,6 +576,10 @@ pub(crate) struct Keys {
     /// `PREFIX/lineage`: the lineage of the cluster's data, set by its first leader; every
     /// later leader serves it (`take_cluster_lineage`).
     pub(crate) lineage: String,
+    /// `PREFIX/secret`, the shared secret with `--secret-from-etcd` (`cluster_secret`).
+    pub(crate) secret: String,
+    /// `PREFIX/secret-previous`: the secret being rotated out, while a rotation is in progress.
+    pub(crate) secret_previous: String,
 }
 
 impl Keys {
@@ -614,7 +592,15 @@ impl Keys {
             nodes: format!("{prefix}/nodes/"),
             data: format!("{prefix}/data"),
             lineage: format!("{prefix}/lineage"),
+            secret: format!("{prefix}/secret"),
+            secret_previous: format!("{prefix}/secret-previous"),
         }
+    }
+
+    /// `PREFIX/secret-taken/ID`: the revision of `PREFIX/secret` node ID holds, under its lease
+    /// (with an empty `id`, the prefix of them all).
+    pub(crate) fn secret_taken(&self, id: &str) -> String {
+        format!("{}-taken/{id}", self.secret)
     }
 
     /// The prefix of the election's keys, one per candidate (`PREFIX/leader/`).
@@ -828,6 +814,13 @@ async fn node_loop(
     role: SharedRole,
 ) -> anyhow::Result<()> {
     let keys = Keys::new(&config.prefix);
+    let secrets = SharedSecrets::new(Secrets {
+        current: config.secret.clone(),
+        previous: config.previous_secret.clone(),
+    });
+    let mut secret_poll = config
+        .secret_from_etcd
+        .then(|| SecretPoll::new(secrets.clone()));
     let on_role = Arc::new(Mutex::new(on_role));
     let mut following: Option<FollowerRun> = None;
     // Why the node's followers gave up: said once, then once a minute (`log_repeats`).
@@ -1015,6 +1008,10 @@ async fn node_loop(
             } else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            if let Some(poll) = secret_poll.as_mut() {
+                poll.look(&mut client, &keys, &config.advertise, lease)
+                    .await;
+            }
             let current = current_leader(&mut client, &keys).await;
             if let Some(current) = current.filter(|c| *c != config.advertise) {
                 let same = following.as_ref().map(|f| &f.leader) == Some(&current);
@@ -1047,7 +1044,8 @@ async fn node_loop(
                     } else {
                         tracing::info!("following the leader at {current}");
                     }
-                    let run = FollowerRun::start(&config, current.clone(), refusals.clone());
+                    let run =
+                        FollowerRun::start(&config, &secrets, current.clone(), refusals.clone());
                     set_role(&role, Role::Following(run.status.clone()));
                     following = Some(run);
                     tell(&on_role, RoleEvent::Following { leader: current }).await;
@@ -1097,12 +1095,12 @@ async fn node_loop(
                 })
                 .await
                 {
-                    Ok(Ok(())) => Leading::start(&config, feed).await,
+                    Ok(Ok(())) => Leading::start(&config, feed, secrets.get()).await,
                     Ok(Err(e)) => Err(e),
                     Err(e) => Err(e.into()),
                 }
             }
-            Ok(None) => Leading::start(&config, feed).await,
+            Ok(None) => Leading::start(&config, feed, secrets.get()).await,
             Err(e) => Err(e),
         };
         let mut leading = match started {
@@ -1150,6 +1148,15 @@ async fn node_loop(
                 break Stepped::CannotWatch(why);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(poll) = secret_poll.as_mut() {
+                let look = poll.look(&mut client, &keys, &config.advertise, lease);
+                if bounded(&lease_lost, etcd_call_timeout, look)
+                    .await
+                    .is_some()
+                {
+                    leading.leader.set_secrets(poll.secrets.get());
+                }
+            }
             if isr_at.elapsed() < ISR_INTERVAL {
                 continue;
             }

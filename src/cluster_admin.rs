@@ -29,6 +29,10 @@ pub struct ClusterView {
     pub handoff: Option<String>,
     /// `PREFIX/lineage`, the lineage of the cluster's data (hex), set by its first leader.
     pub lineage: Option<String>,
+    /// The shared secret is kept in etcd (`PREFIX/secret`, `ferry node --secret-from-etcd`).
+    pub secret_in_etcd: bool,
+    /// A rotation of it is in progress (`PREFIX/secret-previous` is set: still accepted).
+    pub secret_rotating: bool,
     /// Every node running, in the set, or campaigning, sorted by id.
     pub nodes: Vec<NodeView>,
 }
@@ -84,6 +88,15 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             TxnOp::get(keys.handoff.clone(), None),
             TxnOp::get(keys.nodes.clone(), Some(GetOptions::new().with_prefix())),
             TxnOp::get(keys.lineage.clone(), None),
+            // Whether the secret's keys exist: never their values.
+            TxnOp::get(
+                keys.secret.clone(),
+                Some(GetOptions::new().with_keys_only()),
+            ),
+            TxnOp::get(
+                keys.secret_previous.clone(),
+                Some(GetOptions::new().with_keys_only()),
+            ),
         ]);
         let resp = client
             .txn(txn)
@@ -91,6 +104,8 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             .map_err(|e| etcd_unreachable(etcd, e))?;
         let responses = resp.op_responses();
         let lineage = kvs_of(&responses, 5).first().map(text);
+        let secret_in_etcd = !kvs_of(&responses, 6).is_empty();
+        let secret_rotating = !kvs_of(&responses, 7).is_empty();
         let candidates: Vec<String> = kvs_of(&responses, 0).iter().map(text).collect();
         let isr = kvs_of(&responses, 1).first().map(|kv| {
             text(kv)
@@ -143,6 +158,8 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             held_data_set_by,
             handoff,
             lineage,
+            secret_in_etcd,
+            secret_rotating,
             nodes,
         })
     })
@@ -179,6 +196,15 @@ impl ClusterView {
             .as_deref()
             .unwrap_or("none yet (set by the first leader)");
         let _ = writeln!(out, "lineage: {lineage}");
+        let secret = match (self.secret_in_etcd, self.secret_rotating) {
+            (false, _) => "not in etcd (the nodes are given theirs)",
+            (true, false) => "in etcd",
+            (true, true) => {
+                "in etcd, a rotation in progress: the previous one is accepted until `ferry \
+                 cluster rotate-secret --finish`"
+            }
+        };
+        let _ = writeln!(out, "secret: {secret}");
         if let Some(to) = &self.handoff {
             let to = if to == "*" {
                 "the most caught-up follower"
@@ -274,12 +300,14 @@ impl ClusterView {
             .collect();
         format!(
             "{{\"prefix\":{},\"leader\":{},\"isr\":{isr},\"held_data_set_by\":{},\"handoff\":{},\
-             \"lineage\":{},\"nodes\":[{}]}}\n",
+             \"lineage\":{},\"secret_in_etcd\":{},\"secret_rotating\":{},\"nodes\":[{}]}}\n",
             json_str(&self.prefix),
             opt(&self.leader),
             opt(&self.held_data_set_by),
             opt(&self.handoff),
             opt(&self.lineage),
+            self.secret_in_etcd,
+            self.secret_rotating,
             nodes.join(",")
         )
     }
@@ -381,6 +409,8 @@ mod tests {
             held_data_set_by: None,
             handoff: None,
             lineage: None,
+            secret_in_etcd: false,
+            secret_rotating: false,
             nodes,
         }
     }
@@ -414,7 +444,8 @@ mod tests {
         assert_eq!(
             v.json(),
             "{\"prefix\":\"ferry\",\"leader\":null,\"isr\":null,\"held_data_set_by\":\"a:1\",\
-             \"handoff\":null,\"lineage\":null,\"nodes\":[{\"id\":\"a:1\",\"running\":true,\"process\":\"pid 1 \
+             \"handoff\":null,\"lineage\":null,\"secret_in_etcd\":false,\"secret_rotating\":false,\
+             \"nodes\":[{\"id\":\"a:1\",\"running\":true,\"process\":\"pid 1 \
              on a:1\",\"leads\":false,\"in_isr\":false,\"campaigning\":true}]}\n"
         );
     }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod catalog;
 pub mod cluster;
 pub mod cluster_admin;
+pub mod cluster_secret;
 pub mod engine;
 pub mod follower;
 pub mod frame;

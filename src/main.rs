@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
-use ferry::auth::Secret;
+use ferry::auth::{Secret, Secrets, SharedSecrets};
 use ferry::engine::EngineKind;
 use ferry::frame::Durability;
 
@@ -83,6 +83,19 @@ enum ClusterAction {
     /// its data dir holds. Refused while any node runs. For a cluster whose node with the data cannot
     /// lead (README, Troubleshooting).
     Reset,
+    /// Replace the shared secret kept in etcd (`ferry node --secret-from-etcd`) with a new
+    /// random one, with no node restarted: the old one moves to PREFIX/secret-previous, still
+    /// accepted, and the command waits until every running node holds the new one. Give it to
+    /// any follower outside the cluster, then run this with --finish.
+    RotateSecret {
+        /// End the rotation: once every running node holds the new secret, stop accepting the
+        /// old one (leaders close the connections made with it).
+        #[arg(long)]
+        finish: bool,
+        /// How long to wait for every running node to hold the new secret.
+        #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster_secret::ROTATION_WAIT_S_DEFAULT)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,8 +217,13 @@ enum Command {
         #[arg(long, value_name = "ADDR", env = "FERRY_HTTP")]
         http: Option<std::net::SocketAddr>,
         /// Keep the shared secret in etcd at PREFIX/secret (created at random by the first node)
-        /// instead of --secret-file / FERRY_SECRET.
-        #[arg(long, env = "FERRY_SECRET_FROM_ETCD")]
+        /// instead of --secret-file / FERRY_SECRET; `ferry cluster rotate-secret` replaces it
+        /// while the node runs.
+        #[arg(
+            long,
+            env = "FERRY_SECRET_FROM_ETCD",
+            conflicts_with = "previous_secret_file"
+        )]
         secret_from_etcd: bool,
         /// TCP congestion control to lead with (e.g. cubic); by default the system's. Checked
         /// at start (see `ferry lead --help`).
@@ -494,7 +512,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = ferry::follower::FollowConfig {
                 data_dir,
                 leader,
-                secret,
+                secret: SharedSecrets::new(Secrets::one(secret)),
                 durability,
                 once,
                 engine: io_engine,
@@ -550,10 +568,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             adopt,
             empty_wait,
         } => {
-            let secret = if secret_from_etcd {
-                ferry::cluster::secret_from_etcd(&etcd, &prefix)?
+            let secrets = if secret_from_etcd {
+                ferry::cluster_secret::read_at_start(&etcd, &prefix)?
             } else {
-                read_secret(&secret)?
+                Secrets {
+                    current: read_secret(&secret)?,
+                    previous: read_previous_secret(&previous_secret_file)?,
+                }
             };
             ferry::cluster::run(ferry::cluster::NodeConfig {
                 data_dir,
@@ -562,8 +583,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 advertise,
                 prefix,
                 lease_ttl_s: lease_ttl,
-                secret,
-                previous_secret: read_previous_secret(&previous_secret_file)?,
+                secret: secrets.current,
+                previous_secret: secrets.previous,
+                secret_from_etcd,
                 engine: io_engine,
                 tcp_congestion,
                 record_interval: std::time::Duration::from_millis(record_interval_ms),
@@ -601,6 +623,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ClusterAction::Status { json } => {
                     let view = ferry::cluster_admin::inspect(&etcd, &prefix)?;
                     print!("{}", if json { view.json() } else { view.table() });
+                }
+                ClusterAction::RotateSecret { finish, timeout } => {
+                    let timeout = std::time::Duration::from_secs(timeout);
+                    let (secret, previous) = (
+                        format!("{prefix}/secret"),
+                        format!("{prefix}/secret-previous"),
+                    );
+                    if finish {
+                        if ferry::cluster_secret::finish(&etcd, &prefix, timeout)? {
+                            println!(
+                                "deleted {previous}: the rotation is finished. Leaders accept \
+                                 only the secret at {secret} now, and close the connections \
+                                 made with the old one"
+                            );
+                        } else {
+                            println!("no rotation in progress ({previous} is not set)");
+                        }
+                    } else {
+                        let nodes = ferry::cluster_secret::rotate(&etcd, &prefix, timeout)?;
+                        println!(
+                            "a new secret is at {secret}; the old one, at {previous}, is still \
+                             accepted. {nodes} of {nodes} running nodes hold it. Give it to any \
+                             follower outside the cluster (--secret-file), then run `ferry \
+                             cluster rotate-secret --finish`"
+                        );
+                    }
                 }
                 ClusterAction::Reset => {
                     let report = ferry::cluster_admin::reset(&etcd, &prefix)?;

@@ -430,6 +430,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
         lease_ttl_s: 2,
         secret,
         previous_secret: None,
+        secret_from_etcd: false,
         engine: Some(ferry::engine::EngineKind::Fallback),
         tcp_congestion: None,
         record_interval: std::time::Duration::from_secs(10),
@@ -1198,5 +1199,175 @@ fn a_node_dropped_from_the_set_withdraws_but_keeps_its_id() {
         "{}",
         b.proc.log_text()
     );
+    drop(etcd);
+}
+
+/// `ferry follow --once` of `dir` from the leader at `leader` with the secret in `secret_file`.
+fn follow_once_with_secret(dir: &Path, leader: &str, secret_file: &Path) -> std::process::Output {
+    let mut cmd = ferry();
+    cmd.args([
+        "follow",
+        "--once",
+        "--io-engine",
+        "fallback",
+        "--leader",
+        leader,
+    ])
+    .arg("--data-dir")
+    .arg(dir)
+    .arg("--secret-file")
+    .arg(secret_file);
+    run_bounded(cmd, Duration::from_secs(60))
+}
+
+/// A cluster that keeps its shared secret in etcd rotates it with no node restarted. After
+/// `ferry cluster rotate-secret` every node holds the new secret and the leader accepts both;
+/// after `--finish` only the new one: a follower outside the cluster still connected with the
+/// old one is cut off, saying why, while the nodes, which reconnect with the new one, go on
+/// replicating.
+#[test]
+fn a_secret_kept_in_etcd_is_rotated_with_no_node_restarted() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let spawn = |dir: &Path| {
+        let port = free_port();
+        let advertise = format!("127.0.0.1:{port}");
+        let mut cmd = node_cmd(&etcd.url, dir, &advertise);
+        cmd.arg("--secret-from-etcd");
+        Node {
+            proc: Proc::spawn(cmd),
+            dir: dir.to_path_buf(),
+            port,
+            advertise,
+        }
+    };
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &pattern(100_000, 7));
+    let a = spawn(&a_dir);
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let b = spawn(&b_dir);
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let old = read_key(&etcd.url, "ferry/secret").expect("the secret in etcd");
+    let keys = env.dir("keys");
+    let old_file = keys.join("old");
+    write(&old_file, old.as_bytes());
+    // A follower outside the cluster, given the secret as a file, connected throughout.
+    let outside_dir = env.dir("outside");
+    let mut cmd = ferry();
+    cmd.args([
+        "follow",
+        "--io-engine",
+        "fallback",
+        "--leader",
+        &a.advertise,
+    ])
+    .arg("--data-dir")
+    .arg(&outside_dir)
+    .arg("--secret-file")
+    .arg(&old_file);
+    let mut outside = Proc::spawn(cmd);
+    wait_identical(&a_dir, &outside_dir, Duration::from_secs(20));
+
+    let said = cluster_ok(&etcd.url, &["rotate-secret"]);
+    assert!(said.contains("2 of 2 running nodes hold it"), "{said}");
+    let new = read_key(&etcd.url, "ferry/secret").expect("the new secret");
+    assert_ne!(new, old);
+    assert_eq!(
+        read_key(&etcd.url, "ferry/secret-previous").as_deref(),
+        Some(old.as_str())
+    );
+    for node in [&a, &b] {
+        node.proc
+            .wait_log("shared secret rotated", Duration::from_secs(5));
+    }
+    // Meanwhile the leader accepts either secret.
+    let new_file = keys.join("new");
+    write(&new_file, new.as_bytes());
+    for (name, file) in [("with-old", &old_file), ("with-new", &new_file)] {
+        let out = follow_once_with_secret(&env.dir(name), &a.advertise, file);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let status = cluster_ok(&etcd.url, &["status"]);
+    assert!(
+        status.contains("secret: in etcd, a rotation in progress"),
+        "{status}"
+    );
+    assert!(!status.contains(&old) && !status.contains(&new), "{status}");
+    let json = cluster_ok(&etcd.url, &["status", "--json"]);
+    assert!(
+        json.contains(r#""secret_in_etcd":true,"secret_rotating":true"#),
+        "{json}"
+    );
+    // One rotation at a time.
+    let out = cluster(&etcd.url, &["rotate-secret"]);
+    failed_saying(&out, &["in progress", "--finish"]);
+
+    let b_lines = b.proc.log_len();
+    let said = cluster_ok(&etcd.url, &["rotate-secret", "--finish"]);
+    assert!(said.contains("deleted ferry/secret-previous"), "{said}");
+    assert_eq!(read_key(&etcd.url, "ferry/secret-previous"), None);
+    let json = cluster_ok(&etcd.url, &["status", "--json"]);
+    assert!(
+        json.contains(r#""secret_in_etcd":true,"secret_rotating":false"#),
+        "{json}"
+    );
+    // The follower still on the old secret is cut off, and told why.
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(10),
+        "the old secret's follower to exit",
+        || {
+            status = outside.child.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    assert!(!status.unwrap().success(), "{}", outside.log_text());
+    outside.wait_log("rotated out", Duration::from_secs(5));
+    let out = follow_once_with_secret(&env.dir("old-again"), &a.advertise, &old_file);
+    failed_saying(&out, &["wrong secret"]);
+    // The nodes go on: B reconnects with the new secret at once, and gets what is written now.
+    write(&a_dir.join("q/seg2"), &pattern(50_000, 8));
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let since: Vec<String> = b.proc.log.lock().unwrap()[b_lines..].to_vec();
+    assert!(
+        !since.iter().any(|l| l.contains("following stopped")),
+        "B gave up on the leader:\n{}",
+        since.join("\n")
+    );
+    drop(etcd);
+}
+
+/// A rotation does not end while a running node does not hold the new secret (here, one given
+/// its own with --secret-file): finishing would cut it off. Both steps say which node.
+#[test]
+fn a_rotation_waits_for_every_running_node_and_names_one_that_does_not_take_the_secret() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let a_dir = env.dir("a");
+    write(&a_dir.join("q/seg"), &pattern(10_000, 9));
+    let port = free_port();
+    let a_id = format!("127.0.0.1:{port}");
+    let mut cmd = node_cmd(&etcd.url, &a_dir, &a_id);
+    cmd.arg("--secret-from-etcd");
+    let a = Proc::spawn(cmd);
+    a.wait_log("elected leader", Duration::from_secs(30));
+    let b = start_node(&env, &etcd.url, &env.dir("b"), free_port());
+    b.proc
+        .wait_log("joined the election", Duration::from_secs(30));
+
+    let out = cluster(&etcd.url, &["rotate-secret", "--timeout", "2"]);
+    let said = failed_saying(&out, &["1 of 2 running nodes do not hold", &b.advertise]);
+    assert!(!said.contains(&a_id), "{said}");
+    let out = cluster(&etcd.url, &["rotate-secret", "--finish", "--timeout", "1"]);
+    failed_saying(&out, &[&b.advertise, "still accepted"]);
+    assert!(read_key(&etcd.url, "ferry/secret-previous").is_some());
+    // B killed: the rotation ends once its node key lapses with its lease (2 s).
+    drop(b);
+    let said = cluster_ok(&etcd.url, &["rotate-secret", "--finish", "--timeout", "10"]);
+    assert!(said.contains("deleted ferry/secret-previous"), "{said}");
     drop(etcd);
 }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::auth::{random_nonce, Secret};
+use crate::auth::{random_nonce, Secret, SharedSecrets};
 use crate::engine::receive::{self, is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{
@@ -63,7 +63,9 @@ pub struct FollowConfig {
     pub data_dir: std::path::PathBuf,
     /// host:port of the leader.
     pub leader: String,
-    pub secret: Secret,
+    /// What it authenticates with: the current secret as each connection starts (a node's
+    /// change during a rotation through etcd).
+    pub secret: SharedSecrets,
     pub durability: Durability,
     /// Exit once the data dir matches the leader's index as of the connection.
     pub once: bool,
@@ -204,7 +206,8 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
             return Ok(SyncReport::default());
         }
         let started = Instant::now();
-        let result = follow_once(&config, &dir, &cache, &held).await;
+        let secret = config.secret.get().current;
+        let result = follow_once(&config, &secret, &dir, &cache, &held).await;
         if let Ok(mut st) = config.status.lock() {
             st.connected = false;
             st.last_error = result.as_ref().err().map(|e| e.to_string());
@@ -220,6 +223,15 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
         }
         match result {
             Ok(report) if config.once => return Ok(report),
+            // Refused, and given another secret since this connection began: a rotation, in
+            // which the leader no longer accepts the old one. Try the new one at once.
+            Err(FollowError::Refused(e)) if config.secret.get().current != secret => {
+                tracing::info!(
+                    "{e}; this follower has been given a new shared secret since it connected: \
+                     reconnecting with it"
+                );
+                continue;
+            }
             Err(e @ (FollowError::Refused(_) | FollowError::DirGone(_))) => return Err(e),
             Err(e) if config.once => return Err(e),
             Ok(_) => tracing::warn!("the leader closed the connection; reconnecting"),
@@ -273,6 +285,7 @@ async fn resolve(leader: &str) -> io::Result<SocketAddr> {
 /// One connection, from connect to its end.
 async fn follow_once(
     config: &FollowConfig,
+    secret: &Secret,
     dir: &Arc<DataDir>,
     cache: &Rc<RefCell<Option<DigestCache>>>,
     held: &Arc<Mutex<HeldRecord>>,
@@ -293,7 +306,7 @@ async fn follow_once(
         st.watermarks = [0; 3];
     }
     let session = Rc::new(RefCell::new(FollowerSession::with_node_id(
-        config.secret.clone(),
+        secret.clone(),
         random_nonce()?,
         config.durability,
         config.node_id.clone(),
