@@ -1154,7 +1154,7 @@ async fn node_loop(
                     .await
                     .is_some()
                 {
-                    leading.leader.set_secrets(poll.secrets.get());
+                    let _ = leading.leader.set_secrets(poll.secrets.get());
                 }
             }
             if isr_at.elapsed() < ISR_INTERVAL {

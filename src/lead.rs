@@ -6,15 +6,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::auth::Secret;
+use ferry::auth::Secrets;
 use ferry::engine::EngineKind;
-use ferry::leader::{LeaderConfig, WatchedLeader};
+use ferry::leader::{Leader, LeaderConfig, WatchedLeader};
 
-use crate::signals::{block_termination_signals, wait_signal};
+use crate::signals::{block_signals, wait_signal};
+use crate::SecretSource;
 
 /// `ferry lead`'s settings beyond where and what to serve.
 pub struct Settings {
-    pub previous_secret: Option<Secret>,
+    /// Where the secrets came from: read again on SIGHUP.
+    pub secrets: SecretSource,
     pub engine: Option<EngineKind>,
     pub ack_timeout_ms: u64,
     pub tcp_congestion: Option<String>,
@@ -25,18 +27,18 @@ pub struct Settings {
 pub fn run(
     data_dir: PathBuf,
     listen: SocketAddr,
-    secret: Secret,
+    secrets: Secrets,
     settings: Settings,
 ) -> anyhow::Result<()> {
     let Settings {
-        previous_secret,
+        secrets: source,
         engine,
         ack_timeout_ms,
         tcp_congestion,
         record_interval_ms,
         http,
     } = settings;
-    let signals = block_termination_signals()?;
+    let signals = block_signals()?;
     // Serving a directory made here would be serving nothing: followers would delete their
     // copies to match (or decline to, if they hold files). The application makes its dir.
     if !data_dir.is_dir() {
@@ -46,8 +48,8 @@ pub fn run(
             data_dir.display()
         );
     }
-    let mut config = LeaderConfig::new(&data_dir, listen, secret);
-    config.previous_secret = previous_secret;
+    let mut config = LeaderConfig::new(&data_dir, listen, secrets.current);
+    config.previous_secret = secrets.previous;
     config.engine = engine;
     config.ack_timeout = Duration::from_millis(ack_timeout_ms);
     config.tcp_congestion = tcp_congestion;
@@ -75,6 +77,10 @@ pub fn run(
     let tick = notifier.tick();
     let failure = loop {
         if let Some(signal) = wait_signal(&signals, tick) {
+            if signal == libc::SIGHUP {
+                reload_secrets(&leader, &source);
+                continue;
+            }
             tracing::info!("signal {signal}: shutting down");
             notifier.status("shutting down");
             break None;
@@ -94,5 +100,29 @@ pub fn run(
         // Serving on would pass part of the data dir off as all of it.
         Some(why) => anyhow::bail!("{why}: stopped serving"),
         None => Ok(()),
+    }
+}
+
+/// SIGHUP: the secrets read again and given to the leader (a rotation with no restart: README,
+/// Troubleshooting). A read that fails keeps the secrets held.
+fn reload_secrets(leader: &Leader, source: &SecretSource) {
+    if let Some(why) = source.fixed() {
+        tracing::warn!("SIGHUP: {why}");
+    }
+    match source.read() {
+        Ok(secrets) => {
+            let rotating = secrets.previous.is_some();
+            let changed = leader.set_secrets(secrets);
+            tracing::info!(
+                "SIGHUP: shared secrets read again{}: {}",
+                if changed { "" } else { ", unchanged" },
+                if rotating {
+                    "the current one, and a previous one accepted too"
+                } else {
+                    "only the current one accepted (a connection made with another is closed)"
+                }
+            );
+        }
+        Err(e) => tracing::error!("SIGHUP: cannot read the secrets again: {e:#}; keeping them"),
     }
 }

@@ -105,7 +105,8 @@ enum Command {
     /// On SIGTERM or SIGINT it stops and writes DIR/.ferry/leader, from which the next `ferry
     /// lead` on DIR (same boot) resumes: followers then hash none of the files unchanged since.
     /// While serving it rewrites that record every --record-interval-ms, so a crash or SIGKILL
-    /// leaves one too (followers then hash what changed since it).
+    /// leaves one too (followers then hash what changed since it). On SIGHUP it reads
+    /// --secret-file and --previous-secret-file again (a rotation with no restart).
     Lead {
         /// The data directory to replicate.
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -117,7 +118,8 @@ enum Command {
         secret: SecretArgs,
         /// During a rotation of the shared secret: also accept followers that authenticate
         /// with the secret in this file (the one being replaced), warning about each. Remove it
-        /// once every follower holds the new one (README, Troubleshooting).
+        /// once every follower holds the new one (README, Troubleshooting); a file that does
+        /// not exist holds none.
         #[arg(long, value_name = "FILE", env = "FERRY_PREVIOUS_SECRET_FILE")]
         previous_secret_file: Option<PathBuf>,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
@@ -144,6 +146,7 @@ enum Command {
     ///
     /// SIGTERM or SIGINT stops it in order: it notes in DIR/.ferry/held what it holds, so its
     /// restart hashes none of it, and exits 0 (non-zero with --once, which did not finish).
+    /// SIGHUP reads --secret-file again, for its next connection.
     Follow {
         /// Where the copy lives. Files the leader lacks are removed (never DIR/.ferry/).
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -199,7 +202,8 @@ enum Command {
         secret: SecretArgs,
         /// During a rotation of the shared secret: also accept followers that authenticate
         /// with the secret in this file (the one being replaced), warning about each. Remove it
-        /// once every follower holds the new one (README, Troubleshooting).
+        /// once every follower holds the new one (README, Troubleshooting); a file that does
+        /// not exist holds none.
         #[arg(long, value_name = "FILE", env = "FERRY_PREVIOUS_SECRET_FILE")]
         previous_secret_file: Option<PathBuf>,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
@@ -257,7 +261,8 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 90)]
         timeout: u64,
     },
-    /// See a `ferry node` cluster in etcd (who leads, who may, who runs), or reset who may lead.
+    /// See a `ferry node` cluster in etcd (who leads, who may, who runs), reset who may lead, or
+    /// rotate the shared secret kept there.
     Cluster {
         #[command(flatten)]
         cluster: EtcdArgs,
@@ -313,11 +318,43 @@ fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// `--previous-secret-file`'s secret, if given.
+/// `--previous-secret-file`'s secret: none if not given, or if the file does not exist (a
+/// rotation ended: the file removed and the process reloaded).
 fn read_previous_secret(path: &Option<PathBuf>) -> anyhow::Result<Option<Secret>> {
-    path.as_deref()
-        .map(|p| read_secret_file(p).and_then(secret_of))
-        .transpose()
+    let Some(path) = path.as_deref() else {
+        return Ok(None);
+    };
+    if !path.exists() {
+        tracing::info!(
+            "no previous secret: {} does not exist (only the current one is accepted)",
+            path.display()
+        );
+        return Ok(None);
+    }
+    read_secret_file(path).and_then(secret_of).map(Some)
+}
+
+/// Where a leader's or follower's secrets come from, read again on SIGHUP.
+pub(crate) struct SecretSource {
+    secret: SecretArgs,
+    previous_file: Option<PathBuf>,
+}
+
+impl SecretSource {
+    pub(crate) fn read(&self) -> anyhow::Result<Secrets> {
+        Ok(Secrets {
+            current: read_secret(&self.secret)?,
+            previous: read_previous_secret(&self.previous_file)?,
+        })
+    }
+
+    /// Why a reload cannot change the secret, if it cannot: it comes from the environment.
+    pub(crate) fn fixed(&self) -> Option<&'static str> {
+        self.secret.secret_file.is_none().then_some(
+            "the secret comes from FERRY_SECRET, which cannot change while ferry runs: give it \
+             as --secret-file to rotate it without a restart",
+        )
+    }
 }
 
 /// A secret from its bytes, warned about when short.
@@ -367,6 +404,7 @@ fn spawn_follower_notifier(status: std::sync::Arc<std::sync::Mutex<ferry::status
 fn stop_on_signal(
     signals: libc::sigset_t,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    (source, secrets): (SecretSource, SharedSecrets),
 ) -> std::io::Result<std::sync::Arc<std::sync::OnceLock<i32>>> {
     let got = std::sync::Arc::new(std::sync::OnceLock::new());
     let seen = got.clone();
@@ -376,6 +414,10 @@ fn stop_on_signal(
             if let Some(signal) =
                 signals::wait_signal(&signals, std::time::Duration::from_secs(3600))
             {
+                if signal == libc::SIGHUP {
+                    reload_follower_secret(&source, &secrets);
+                    continue;
+                }
                 tracing::info!("signal {signal}: stopping");
                 let _ = seen.set(signal);
                 stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -383,6 +425,23 @@ fn stop_on_signal(
             }
         })?;
     Ok(got)
+}
+
+/// SIGHUP to `ferry follow`: its secret read again, for its next connection (a rotation; the
+/// leader closes a connection made with a secret it rotated out, and the follower then
+/// reconnects at once with the new one).
+fn reload_follower_secret(source: &SecretSource, secrets: &SharedSecrets) {
+    if let Some(why) = source.fixed() {
+        tracing::warn!("SIGHUP: {why}");
+        return;
+    }
+    match read_secret(&source.secret).map(|s| secrets.set(Secrets::one(s))) {
+        Ok(true) => tracing::info!(
+            "SIGHUP: a new shared secret read: the next connection authenticates with it"
+        ),
+        Ok(false) => tracing::info!("SIGHUP: the shared secret is unchanged"),
+        Err(e) => tracing::error!("SIGHUP: cannot read the secret again: {e:#}; keeping it"),
+    }
 }
 
 fn init_logging() {
@@ -456,16 +515,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             record_interval_ms,
             http,
         } => {
-            let secret = read_secret(&secret)?;
+            let source = SecretSource {
+                secret,
+                previous_file: previous_secret_file,
+            };
+            let secrets = source.read()?;
             let settings = lead::Settings {
-                previous_secret: read_previous_secret(&previous_secret_file)?,
+                secrets: source,
                 engine: io_engine,
                 ack_timeout_ms,
                 tcp_congestion,
                 record_interval_ms,
                 http,
             };
-            lead::run(data_dir, listen, secret, settings)?;
+            lead::run(data_dir, listen, secrets, settings)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Follow {
@@ -479,8 +542,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http,
         } => {
             // Before any thread starts, so that every thread inherits the mask.
-            let signals = signals::block_termination_signals()?;
-            let secret = read_secret(&secret)?;
+            let signals = signals::block_signals()?;
+            let source = SecretSource {
+                secret,
+                previous_file: None,
+            };
+            let secrets = SharedSecrets::new(Secrets::one(read_secret(&source.secret)?));
             let status = std::sync::Arc::new(std::sync::Mutex::new(ferry::status::FollowerSelf {
                 leader: leader.clone(),
                 durability: durability.name().to_string(),
@@ -508,11 +575,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             spawn_follower_notifier(status.clone());
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let stopped_by = stop_on_signal(signals, stop.clone())?;
+            let stopped_by = stop_on_signal(signals, stop.clone(), (source, secrets.clone()))?;
             let config = ferry::follower::FollowConfig {
                 data_dir,
                 leader,
-                secret: SharedSecrets::new(Secrets::one(secret)),
+                secret: secrets,
                 durability,
                 once,
                 engine: io_engine,

@@ -1,12 +1,13 @@
 //! SIGINT and SIGTERM for `ferry lead` and `ferry follow`: blocked in every thread and waited
 //! for on one, so that a stop is an orderly end (the leader's record, the follower's held
-//! record), never a kill in the middle of a write.
+//! record), never a kill in the middle of a write. SIGHUP, waited for the same way, reads the
+//! shared secret again (a rotation with no restart; `systemctl reload`).
 
 use std::time::Duration;
 
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts), so they can be
-/// waited for with sigtimedwait instead of killing the process mid-write.
-pub fn block_termination_signals() -> std::io::Result<libc::sigset_t> {
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts), so they can
+/// be waited for with sigtimedwait instead of killing the process mid-write.
+pub fn block_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it before any other use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame; the calls only write into it and
@@ -15,6 +16,7 @@ pub fn block_termination_signals() -> std::io::Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if rc != 0 {

@@ -915,3 +915,108 @@ fn a_short_secret_is_warned_about() {
         leader.log_text()
     );
 }
+
+/// The shared secret of `ferry lead` and `ferry follow` is rotated with no restart: each reads
+/// its secret files again on SIGHUP (as `systemctl reload` sends it). The leader given the new
+/// secret and the old one as previous accepts both; the follower given the new one keeps its
+/// connection; once the leader's previous-secret file is gone and it is reloaded again, it
+/// closes that connection, made with the old secret, and the follower reconnects at once with
+/// the new one and goes on. The old secret no longer gets in.
+#[test]
+fn lead_and_follow_read_their_secrets_again_on_sighup() {
+    let env = Env::new();
+    let (dir, copy) = (env.dir("leader"), env.dir("copy"));
+    write(&dir.join("seg"), &pattern(20_000, 1));
+    let keys = env.dir("keys");
+    let (secret, previous, follower_secret) = (
+        keys.join("secret"),
+        keys.join("previous"),
+        keys.join("follower"),
+    );
+    let old = "the secret before the rotation";
+    let new = "the secret after the rotation!";
+    write(&secret, old.as_bytes());
+    write(&follower_secret, old.as_bytes());
+    let mut cmd = ferry();
+    cmd.args(["lead", "--listen", "127.0.0.1:0", "--io-engine", "fallback"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--secret-file")
+        .arg(&secret)
+        .arg("--previous-secret-file")
+        .arg(&previous);
+    let mut leader = Proc::spawn(cmd);
+    let addr = listen_addr(&leader);
+    let mut cmd = ferry();
+    cmd.args([
+        "follow",
+        "--io-engine",
+        "fallback",
+        "--leader",
+        &addr.to_string(),
+    ])
+    .arg("--data-dir")
+    .arg(&copy)
+    .arg("--secret-file")
+    .arg(&follower_secret);
+    let follower = Proc::spawn(cmd);
+    wait_identical(&dir, &copy, Duration::from_secs(20));
+
+    // The rotation starts: the leader holds both.
+    write(&secret, new.as_bytes());
+    write(&previous, old.as_bytes());
+    let from = leader.log_len();
+    signal(&leader.child, libc::SIGHUP);
+    leader.wait_log_since(from, "a previous one accepted too", Duration::from_secs(10));
+    write(&follower_secret, new.as_bytes());
+    let from_f = follower.log_len();
+    signal(&follower.child, libc::SIGHUP);
+    follower.wait_log_since(from_f, "new shared secret read", Duration::from_secs(10));
+    for (name, text) in [("with-old", old), ("with-new", new)] {
+        let file = keys.join(name);
+        write(&file, text.as_bytes());
+        let out = follow_once_with(&env.dir(name), addr, &file);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // It ends.
+    std::fs::remove_file(&previous).unwrap();
+    let from = leader.log_len();
+    signal(&leader.child, libc::SIGHUP);
+    leader.wait_log_since(
+        from,
+        "only the current one accepted",
+        Duration::from_secs(10),
+    );
+    follower.wait_log_since(from_f, "reconnecting with it", Duration::from_secs(10));
+    write(&dir.join("seg2"), &pattern(30_000, 2));
+    wait_identical(&dir, &copy, Duration::from_secs(20));
+    let out = follow_once_with(&env.dir("old-again"), addr, &keys.join("with-old"));
+    failed_saying(&out, &["wrong secret"]);
+    // Neither stopped on SIGHUP.
+    assert!(
+        leader.child.try_wait().unwrap().is_none(),
+        "{}",
+        leader.log_text()
+    );
+}
+
+/// `ferry follow --once` with the secret in `secret_file`.
+fn follow_once_with(
+    dir: &std::path::Path,
+    leader: std::net::SocketAddr,
+    secret_file: &std::path::Path,
+) -> std::process::Output {
+    let mut cmd = ferry();
+    cmd.args(["follow", "--once", "--io-engine", "fallback"])
+        .args(["--leader", &leader.to_string()])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--secret-file")
+        .arg(secret_file);
+    run_bounded(cmd, Duration::from_secs(60))
+}

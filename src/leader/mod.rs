@@ -313,8 +313,8 @@ impl Leader {
     /// Replaces the secrets followers authenticate with (`LeaderConfig::secret` and
     /// `previous_secret` at start): a rotation, `docs/PROTOCOL.md` (AUTH). A connection made from
     /// now on is checked against these; one whose follower authenticated with a secret not
-    /// among them is closed with ERROR `AUTH_FAILED` within a moment.
-    pub fn set_secrets(&self, secrets: Secrets) {
+    /// among them is closed with ERROR `AUTH_FAILED` within a moment. Whether they changed.
+    pub fn set_secrets(&self, secrets: Secrets) -> bool {
         {
             let mut held = self
                 .shared
@@ -322,7 +322,7 @@ impl Leader {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if *held == secrets {
-                return;
+                return false;
             }
             *held = secrets;
             // Under the lock: a session that reads the count reads these secrets or newer.
@@ -332,6 +332,7 @@ impl Leader {
         for inbox in self.shared.lock().inboxes.values() {
             inbox.wake.notify_one();
         }
+        true
     }
 
     /// The current replication position (what `wait_for` compares against).
