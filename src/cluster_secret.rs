@@ -288,6 +288,28 @@ async fn wait_taken(
     }
 }
 
+/// Runs `txn`, guarded by the secret read before it: an error if the guard failed (the secret
+/// changed meanwhile, `doing` what).
+async fn guarded(
+    client: &mut Client,
+    etcd: &[String],
+    keys: &Keys,
+    txn: Txn,
+    doing: &str,
+) -> anyhow::Result<()> {
+    let resp = client
+        .txn(txn)
+        .await
+        .map_err(|e| etcd_unreachable(etcd, e))?;
+    anyhow::ensure!(
+        resp.succeeded(),
+        "{} changed while {doing} (another rotation?): nothing done; look with `ferry cluster \
+         status` and run this again",
+        keys.secret
+    );
+    Ok(())
+}
+
 /// `ferry cluster rotate-secret`: a new random secret at `PREFIX/secret`, the old one moved to
 /// `PREFIX/secret-previous`, in one transaction; then waits up to `timeout` for every running
 /// node to hold it. Returns how many do.
@@ -327,16 +349,7 @@ pub fn rotate(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Resul
                 TxnOp::put(keys.secret_previous.clone(), current.value().to_vec(), None),
                 TxnOp::put(keys.secret.clone(), fresh_secret()?, None),
             ]);
-        let resp = client
-            .txn(txn)
-            .await
-            .map_err(|e| etcd_unreachable(etcd, e))?;
-        anyhow::ensure!(
-            resp.succeeded(),
-            "{} changed while rotating it (another rotation?): nothing done; look with `ferry \
-             cluster status` and run this again",
-            keys.secret
-        );
+        guarded(&mut client, etcd, &keys, txn, "rotating it").await?;
         Ok(wait_taken(&mut client, etcd, &keys, timeout).await?.running)
     })
 }
@@ -364,16 +377,7 @@ pub fn finish(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Resul
                 taken.revision,
             )])
             .and_then([TxnOp::delete(keys.secret_previous.clone(), None)]);
-        let resp = client
-            .txn(txn)
-            .await
-            .map_err(|e| etcd_unreachable(etcd, e))?;
-        anyhow::ensure!(
-            resp.succeeded(),
-            "{} changed while finishing the rotation (another rotation?): nothing done; look \
-             with `ferry cluster status` and run this again",
-            keys.secret
-        );
+        guarded(&mut client, etcd, &keys, txn, "finishing the rotation").await?;
         Ok(true)
     })
 }

@@ -1202,24 +1202,6 @@ fn a_node_dropped_from_the_set_withdraws_but_keeps_its_id() {
     drop(etcd);
 }
 
-/// `ferry follow --once` of `dir` from the leader at `leader` with the secret in `secret_file`.
-fn follow_once_with_secret(dir: &Path, leader: &str, secret_file: &Path) -> std::process::Output {
-    let mut cmd = ferry();
-    cmd.args([
-        "follow",
-        "--once",
-        "--io-engine",
-        "fallback",
-        "--leader",
-        leader,
-    ])
-    .arg("--data-dir")
-    .arg(dir)
-    .arg("--secret-file")
-    .arg(secret_file);
-    run_bounded(cmd, Duration::from_secs(60))
-}
-
 /// A cluster that keeps its shared secret in etcd rotates it with no node restarted. After
 /// `ferry cluster rotate-secret` every node holds the new secret and the leader accepts both;
 /// after `--finish` only the new one: a follower outside the cluster still connected with the
@@ -1253,18 +1235,7 @@ fn a_secret_kept_in_etcd_is_rotated_with_no_node_restarted() {
     write(&old_file, old.as_bytes());
     // A follower outside the cluster, given the secret as a file, connected throughout.
     let outside_dir = env.dir("outside");
-    let mut cmd = ferry();
-    cmd.args([
-        "follow",
-        "--io-engine",
-        "fallback",
-        "--leader",
-        &a.advertise,
-    ])
-    .arg("--data-dir")
-    .arg(&outside_dir)
-    .arg("--secret-file")
-    .arg(&old_file);
+    let cmd = follow_with_secret_cmd(&outside_dir, &a.advertise, &old_file);
     let mut outside = Proc::spawn(cmd);
     wait_identical(&a_dir, &outside_dir, Duration::from_secs(20));
 
@@ -1316,16 +1287,8 @@ fn a_secret_kept_in_etcd_is_rotated_with_no_node_restarted() {
         "{json}"
     );
     // The follower still on the old secret is cut off, and told why.
-    let mut status = None;
-    wait_until(
-        Duration::from_secs(10),
-        "the old secret's follower to exit",
-        || {
-            status = outside.child.try_wait().unwrap();
-            status.is_some()
-        },
-    );
-    assert!(!status.unwrap().success(), "{}", outside.log_text());
+    let status = exit_within(&mut outside, Duration::from_secs(10));
+    assert!(!status.success(), "{}", outside.log_text());
     outside.wait_log("rotated out", Duration::from_secs(5));
     let out = follow_once_with_secret(&env.dir("old-again"), &a.advertise, &old_file);
     failed_saying(&out, &["wrong secret"]);

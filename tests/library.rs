@@ -631,18 +631,8 @@ fn an_embedded_leader_rotates_its_secret_and_cuts_off_a_follower_on_the_old_one(
     });
     let new_file = env.dir("keys").join("new");
     write(&new_file, new_text.as_bytes());
-    let follow_with = |name: &str, secret_file: &Path| {
-        let mut cmd = ferry();
-        cmd.args(["follow", "--once", "--io-engine", "fallback"])
-            .arg("--leader")
-            .arg(leader.local_addr().to_string())
-            .arg("--data-dir")
-            .arg(env.dir(name))
-            .arg("--secret-file")
-            .arg(secret_file);
-        run_bounded(cmd, Duration::from_secs(60))
-    };
-    let out = follow_with("new", &new_file);
+    let addr = leader.local_addr().to_string();
+    let out = follow_once_with_secret(&env.dir("new"), &addr, &new_file);
     assert!(
         out.status.success(),
         "{}",
@@ -654,17 +644,9 @@ fn an_embedded_leader_rotates_its_secret_and_cuts_off_a_follower_on_the_old_one(
 
     leader.set_secrets(Secrets::one(new));
     let mut on_old = on_old;
-    let mut status = None;
-    wait_until(
-        Duration::from_secs(10),
-        "the old secret's follower to exit",
-        || {
-            status = on_old.child.try_wait().unwrap();
-            status.is_some()
-        },
-    );
-    assert!(!status.unwrap().success(), "{}", on_old.log_text());
+    let status = exit_within(&mut on_old, Duration::from_secs(10));
+    assert!(!status.success(), "{}", on_old.log_text());
     on_old.wait_log("rotated out", Duration::from_secs(5));
-    let out = follow_with("old-again", &env.secret_file);
+    let out = follow_once_with_secret(&env.dir("old-again"), &addr, &env.secret_file);
     failed_saying(&out, &["wrong secret"]);
 }

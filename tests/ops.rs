@@ -835,22 +835,6 @@ impl Drop for Mount {
     }
 }
 
-/// How `proc` exited, which it must within `timeout`.
-fn exit_within(proc: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = proc.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running after {timeout:?}:\n{}",
-            proc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `root` and everything under it.
 fn walk_all(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = vec![root.to_path_buf()];
@@ -947,18 +931,7 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
         .arg(&previous);
     let mut leader = Proc::spawn(cmd);
     let addr = listen_addr(&leader);
-    let mut cmd = ferry();
-    cmd.args([
-        "follow",
-        "--io-engine",
-        "fallback",
-        "--leader",
-        &addr.to_string(),
-    ])
-    .arg("--data-dir")
-    .arg(&copy)
-    .arg("--secret-file")
-    .arg(&follower_secret);
+    let cmd = follow_with_secret_cmd(&copy, &addr.to_string(), &follower_secret);
     let follower = Proc::spawn(cmd);
     wait_identical(&dir, &copy, Duration::from_secs(20));
 
@@ -975,7 +948,7 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
     for (name, text) in [("with-old", old), ("with-new", new)] {
         let file = keys.join(name);
         write(&file, text.as_bytes());
-        let out = follow_once_with(&env.dir(name), addr, &file);
+        let out = follow_once_with_secret(&env.dir(name), &addr.to_string(), &file);
         assert!(
             out.status.success(),
             "{name}: {}",
@@ -995,7 +968,11 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
     follower.wait_log_since(from_f, "reconnecting with it", Duration::from_secs(10));
     write(&dir.join("seg2"), &pattern(30_000, 2));
     wait_identical(&dir, &copy, Duration::from_secs(20));
-    let out = follow_once_with(&env.dir("old-again"), addr, &keys.join("with-old"));
+    let out = follow_once_with_secret(
+        &env.dir("old-again"),
+        &addr.to_string(),
+        &keys.join("with-old"),
+    );
     failed_saying(&out, &["wrong secret"]);
     // Neither stopped on SIGHUP.
     assert!(
@@ -1003,20 +980,4 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
         "{}",
         leader.log_text()
     );
-}
-
-/// `ferry follow --once` with the secret in `secret_file`.
-fn follow_once_with(
-    dir: &std::path::Path,
-    leader: std::net::SocketAddr,
-    secret_file: &std::path::Path,
-) -> std::process::Output {
-    let mut cmd = ferry();
-    cmd.args(["follow", "--once", "--io-engine", "fallback"])
-        .args(["--leader", &leader.to_string()])
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("--secret-file")
-        .arg(secret_file);
-    run_bounded(cmd, Duration::from_secs(60))
 }

@@ -723,3 +723,38 @@ pub fn held_len(follower_dir: &Path, path: &str) -> Option<u64> {
         .find(|f: &[&str; 7]| f[6] == path)
         .and_then(|f| f[3].parse().ok())
 }
+
+/// `ferry follow` of `dir` from the leader at `leader` with the secret in `secret_file`
+/// (fallback engine).
+pub fn follow_with_secret_cmd(dir: &Path, leader: &str, secret_file: &Path) -> Command {
+    let mut cmd = ferry();
+    cmd.args(["follow", "--io-engine", "fallback", "--leader", leader])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--secret-file")
+        .arg(secret_file);
+    cmd
+}
+
+/// `follow_with_secret_cmd` with `--once`, bounded by a 60 s watchdog.
+pub fn follow_once_with_secret(dir: &Path, leader: &str, secret_file: &Path) -> Output {
+    let mut cmd = follow_with_secret_cmd(dir, leader, secret_file);
+    cmd.arg("--once");
+    run_bounded(cmd, Duration::from_secs(60))
+}
+
+/// Waits up to `timeout` for `proc` to exit; its status.
+pub fn exit_within(proc: &mut Proc, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {timeout:?}:\n{}",
+            proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
