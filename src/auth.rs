@@ -65,6 +65,22 @@ impl Secrets {
     }
 }
 
+impl Secrets {
+    /// What a process logs having read its secrets again (SIGHUP): whether they changed, and
+    /// what it now accepts.
+    pub fn reloaded(&self, changed: bool) -> String {
+        format!(
+            "shared secrets read again{}: {}",
+            if changed { "" } else { ", unchanged" },
+            if self.previous.is_some() {
+                "the current one, and a previous one accepted too"
+            } else {
+                "only the current one accepted (a connection made with another is closed)"
+            }
+        )
+    }
+}
+
 /// `Secrets` that may change while in use (a rotation through etcd, `cluster`'s secret poll):
 /// each connection takes them as it connects. Clones share them.
 #[derive(Clone, Debug)]

@@ -346,7 +346,8 @@ impl Node {
                         .enable_all()
                         .build()?;
                     let role = Arc::new(Mutex::new(Role::Candidate));
-                    runtime.block_on(node_loop(config, feed, on_role, stop, role))
+                    let secrets = initial_secrets(&config);
+                    runtime.block_on(node_loop(config, feed, on_role, stop, (role, secrets)))
                 })?
         };
         Ok(Node {
@@ -385,11 +386,34 @@ fn check_settings(config: &NodeConfig) -> io::Result<()> {
     }
 }
 
+/// Reads a node's secrets again (from its files): `run`'s answer to SIGHUP.
+pub type SecretReload = Box<dyn Fn() -> anyhow::Result<Secrets> + Send>;
+
+/// SIGHUP: the secrets read again (`None`: they are kept in etcd) and shared with the node's
+/// follower and leader. A read that fails keeps the secrets held.
+fn reload_secrets(reload: Option<&SecretReload>, secrets: &SharedSecrets) {
+    let Some(reload) = reload else {
+        tracing::warn!(
+            "SIGHUP: this node's secret is kept in etcd (--secret-from-etcd), which it reads \
+             every second: rotate it with `ferry cluster rotate-secret`"
+        );
+        return;
+    };
+    match reload() {
+        Ok(read) => {
+            let changed = secrets.set(read.clone());
+            tracing::info!("SIGHUP: {}", read.reloaded(changed));
+        }
+        Err(e) => tracing::error!("SIGHUP: cannot read the secrets again: {e:#}; keeping them"),
+    }
+}
+
 /// `ferry node`: runs until SIGTERM or SIGINT (then leaves the cluster cleanly), running the
 /// configured hooks on role changes, and telling systemd what it does when it runs the node
 /// (`notify_systemd`). The lost hook runs when a handoff starts its final drain (the
-/// application must stop writing) and when leadership is lost otherwise.
-pub fn run(config: NodeConfig) -> anyhow::Result<()> {
+/// application must stop writing) and when leadership is lost otherwise. SIGHUP reads the
+/// secrets again with `reload` (a rotation with no restart).
+pub fn run(config: NodeConfig, reload: Option<SecretReload>) -> anyhow::Result<()> {
     check_settings(&config)?;
     let (elected, lost) = (
         config.on_leader_elected.clone(),
@@ -412,20 +436,25 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let stop = Arc::new(AtomicBool::new(false));
+    let secrets = initial_secrets(&config);
     runtime.block_on(async {
         let signals = {
-            let stop = stop.clone();
+            let (stop, secrets) = (stop.clone(), secrets.clone());
             tokio::spawn(async move {
                 use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut term), Ok(mut int)) = (
+                let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
                     signal(SignalKind::terminate()),
                     signal(SignalKind::interrupt()),
+                    signal(SignalKind::hangup()),
                 ) else {
                     return;
                 };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => break,
+                        _ = int.recv() => break,
+                        _ = hup.recv() => reload_secrets(reload.as_ref(), &secrets),
+                    }
                 }
                 tracing::info!("signal received: leaving the cluster");
                 stop.store(true, Ordering::SeqCst);
@@ -433,7 +462,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
         };
         let role: SharedRole = Arc::new(Mutex::new(Role::Candidate));
         let systemd = tokio::spawn(notify_systemd(role.clone(), stop.clone()));
-        let result = node_loop(config, Feed::Watch, on_role, stop, role).await;
+        let result = node_loop(config, Feed::Watch, on_role, stop, (role, secrets)).await;
         signals.abort();
         systemd.abort();
         result
@@ -806,18 +835,23 @@ async fn keep_lease(
     Ok((lease, lost, task))
 }
 
+/// The secrets a node starts with (`NodeConfig::secret`, `previous_secret`), shared with
+/// whatever changes them while it runs: its etcd poll, or SIGHUP (`run`).
+fn initial_secrets(config: &NodeConfig) -> SharedSecrets {
+    SharedSecrets::new(Secrets {
+        current: config.secret.clone(),
+        previous: config.previous_secret.clone(),
+    })
+}
+
 async fn node_loop(
     config: NodeConfig,
     feed: Feed,
     on_role: RoleCallback,
     stop: Arc<AtomicBool>,
-    role: SharedRole,
+    (role, secrets): (SharedRole, SharedSecrets),
 ) -> anyhow::Result<()> {
     let keys = Keys::new(&config.prefix);
-    let secrets = SharedSecrets::new(Secrets {
-        current: config.secret.clone(),
-        previous: config.previous_secret.clone(),
-    });
     let mut secret_poll = config
         .secret_from_etcd
         .then(|| SecretPoll::new(secrets.clone()));
@@ -1150,13 +1184,10 @@ async fn node_loop(
             tokio::time::sleep(Duration::from_millis(50)).await;
             if let Some(poll) = secret_poll.as_mut() {
                 let look = poll.look(&mut client, &keys, &config.advertise, lease);
-                if bounded(&lease_lost, etcd_call_timeout, look)
-                    .await
-                    .is_some()
-                {
-                    let _ = leading.leader.set_secrets(poll.secrets.get());
-                }
+                bounded(&lease_lost, etcd_call_timeout, look).await;
             }
+            // What the poll or a SIGHUP changed (a no-op when nothing did).
+            let _ = leading.leader.set_secrets(secrets.get());
             if isr_at.elapsed() < ISR_INTERVAL {
                 continue;
             }

@@ -111,17 +111,8 @@ fn reload_secrets(leader: &Leader, source: &SecretSource) {
     }
     match source.read() {
         Ok(secrets) => {
-            let rotating = secrets.previous.is_some();
-            let changed = leader.set_secrets(secrets);
-            tracing::info!(
-                "SIGHUP: shared secrets read again{}: {}",
-                if changed { "" } else { ", unchanged" },
-                if rotating {
-                    "the current one, and a previous one accepted too"
-                } else {
-                    "only the current one accepted (a connection made with another is closed)"
-                }
-            );
+            let changed = leader.set_secrets(secrets.clone());
+            tracing::info!("SIGHUP: {}", secrets.reloaded(changed));
         }
         Err(e) => tracing::error!("SIGHUP: cannot read the secrets again: {e:#}; keeping them"),
     }

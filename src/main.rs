@@ -182,6 +182,9 @@ enum Command {
         http: Option<std::net::SocketAddr>,
     },
     /// Join a cluster of nodes that elect a leader through etcd: lead when elected, else follow.
+    ///
+    /// SIGTERM or SIGINT leaves the cluster (resigning at once if it leads). SIGHUP reads
+    /// --secret-file and --previous-secret-file again (a rotation with no restart).
     Node {
         /// The data directory.
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -635,15 +638,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             adopt,
             empty_wait,
         } => {
-            let secrets = if secret_from_etcd {
-                ferry::cluster_secret::read_at_start(&etcd, &prefix)?
+            let (secrets, reload) = if secret_from_etcd {
+                (ferry::cluster_secret::read_at_start(&etcd, &prefix)?, None)
             } else {
-                Secrets {
-                    current: read_secret(&secret)?,
-                    previous: read_previous_secret(&previous_secret_file)?,
-                }
+                let source = SecretSource {
+                    secret,
+                    previous_file: previous_secret_file,
+                };
+                let secrets = source.read()?;
+                let reload: ferry::cluster::SecretReload = Box::new(move || {
+                    if let Some(why) = source.fixed() {
+                        tracing::warn!("SIGHUP: {why}");
+                    }
+                    source.read()
+                });
+                (secrets, Some(reload))
             };
-            ferry::cluster::run(ferry::cluster::NodeConfig {
+            let config = ferry::cluster::NodeConfig {
                 data_dir,
                 etcd,
                 listen,
@@ -661,7 +672,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 http,
                 adopt,
                 empty_wait: std::time::Duration::from_secs(empty_wait),
-            })?;
+            };
+            ferry::cluster::run(config, reload)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Handoff {

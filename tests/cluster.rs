@@ -1334,3 +1334,73 @@ fn a_rotation_waits_for_every_running_node_and_names_one_that_does_not_take_the_
     assert!(said.contains("deleted ferry/secret-previous"), "{said}");
     drop(etcd);
 }
+
+/// A cluster whose nodes are given their secret as files rotates it with no node restarted:
+/// each node reads its files again on SIGHUP. In three reloads of every node (the new secret as
+/// the previous one; then the two swapped; then no previous one) no connection is refused, and
+/// after the last one the old secret no longer gets in, while the nodes go on replicating.
+#[test]
+fn nodes_read_their_secret_files_again_on_sighup() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let keys = env.dir("keys");
+    let old = "the secret before the rotation";
+    let new = "the secret after the rotation!";
+    let spawn = |name: &str, dir: &Path| {
+        let (secret, previous) = (keys.join(name), keys.join(format!("{name}-previous")));
+        write(&secret, old.as_bytes());
+        let port = free_port();
+        let advertise = format!("127.0.0.1:{port}");
+        let mut cmd = node_cmd(&etcd.url, dir, &advertise);
+        cmd.arg("--secret-file")
+            .arg(&secret)
+            .arg("--previous-secret-file")
+            .arg(&previous);
+        let node = Node {
+            proc: Proc::spawn(cmd),
+            dir: dir.to_path_buf(),
+            port,
+            advertise,
+        };
+        (node, secret, previous)
+    };
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &pattern(50_000, 4));
+    let a = spawn("a", &a_dir);
+    a.0.proc.wait_log("elected leader", Duration::from_secs(30));
+    let b = spawn("b", &b_dir);
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let b_lines = b.0.proc.log_len();
+    let reload_both = |current: &str, previous: Option<&str>, needle: &str| {
+        for (node, secret, previous_file) in [&a, &b] {
+            write(secret, current.as_bytes());
+            match previous {
+                Some(p) => write(previous_file, p.as_bytes()),
+                None => std::fs::remove_file(previous_file).unwrap(),
+            }
+            let from = node.proc.log_len();
+            signal(&node.proc.child, libc::SIGHUP);
+            node.proc
+                .wait_log_since(from, needle, Duration::from_secs(10));
+        }
+    };
+    reload_both(old, Some(new), "a previous one accepted too");
+    reload_both(new, Some(old), "a previous one accepted too");
+    reload_both(new, None, "only the current one accepted");
+    // B's connection, made with the old secret, was closed; it reconnected with the new one.
+    b.0.proc
+        .wait_log_since(b_lines, "reconnecting with it", Duration::from_secs(10));
+    write(&a_dir.join("q/seg2"), &pattern(30_000, 5));
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let since: Vec<String> = b.0.proc.log.lock().unwrap()[b_lines..].to_vec();
+    assert!(
+        !since.iter().any(|l| l.contains("following stopped")),
+        "B was refused:\n{}",
+        since.join("\n")
+    );
+    let old_file = keys.join("old");
+    write(&old_file, old.as_bytes());
+    let out = follow_once_with_secret(&env.dir("old"), &a.0.advertise, &old_file);
+    failed_saying(&out, &["wrong secret"]);
+    drop(etcd);
+}
