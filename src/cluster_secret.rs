@@ -120,36 +120,29 @@ impl SecretPoll {
         }
     }
 
-    /// Reads the keys if `SECRET_POLL_INTERVAL` has passed; takes what changed, and reports
-    /// the revision held under `lease`. Whether it looked: then a leading node gives its leader
-    /// `secrets` (a no-op when they did not change). etcd errors wait for the next look: the
-    /// node's loop notices etcd going.
-    pub(crate) async fn look(
-        &mut self,
-        client: &mut Client,
-        keys: &Keys,
-        me: &str,
-        lease: i64,
-    ) -> bool {
+    /// Reads the keys if `SECRET_POLL_INTERVAL` has passed; takes what changed into `secrets`
+    /// (a leading node gives them to its leader), and reports the revision held under `lease`.
+    /// etcd errors wait for the next look: the node's loop notices etcd going.
+    pub(crate) async fn look(&mut self, client: &mut Client, keys: &Keys, me: &str, lease: i64) {
         let now = Instant::now();
         if self
             .looked_at
             .is_some_and(|at| now.duration_since(at) < SECRET_POLL_INTERVAL)
         {
-            return false;
+            return;
         }
         self.looked_at = Some(now);
         let (current, previous) = match read(client, keys).await {
             Ok(kvs) => kvs,
             Err(e) => {
                 tracing::debug!("cannot read the shared secret's keys: {e}");
-                return true;
+                return;
             }
         };
         let read = match &current {
             None => Err(format!(
-                "{} is gone from etcd: keeping the secret held (put it back, or start every \
-                 node once so that one creates another)",
+                "{} is gone from etcd: keeping the secret held until one is there again (a \
+                 node that starts now puts a new one there, which every node then takes)",
                 keys.secret
             )),
             Some(current) => match (secret_of(current), previous.as_ref().map(secret_of)) {
@@ -168,7 +161,7 @@ impl SecretPoll {
                     tracing::error!("{why}");
                     self.unusable_logged = Some(why);
                 }
-                return true;
+                return;
             }
         };
         self.unusable_logged = None;
@@ -178,9 +171,13 @@ impl SecretPoll {
         if before.current != secrets.current {
             tracing::info!(
                 "shared secret rotated: {} is new (revision {revision}); this node's \
-                 connections use it from now on, and while it leads it accepts the previous one \
-                 too until the rotation ends",
-                keys.secret
+                 connections use it from now on, and while it leads it accepts {}",
+                keys.secret,
+                if secrets.previous.is_some() {
+                    "the previous one too until the rotation ends"
+                } else {
+                    "only it"
+                }
             );
         } else if changed && secrets.previous.is_none() {
             tracing::info!(
@@ -200,7 +197,6 @@ impl SecretPoll {
                 Err(e) => tracing::debug!("cannot report the secret held: {e}"),
             }
         }
-        true
     }
 }
 

@@ -106,10 +106,7 @@ pub fn run(
 /// SIGHUP: the secrets read again and given to the leader (a rotation with no restart: README,
 /// Troubleshooting). A read that fails keeps the secrets held.
 fn reload_secrets(leader: &Leader, source: &SecretSource) {
-    if let Some(why) = source.fixed() {
-        tracing::warn!("SIGHUP: {why}");
-    }
-    match source.read() {
+    match source.reread() {
         Ok(secrets) => {
             let changed = leader.set_secrets(secrets.clone());
             tracing::info!("SIGHUP: {}", secrets.reloaded(changed));

@@ -351,12 +351,16 @@ impl SecretSource {
         })
     }
 
-    /// Why a reload cannot change the secret, if it cannot: it comes from the environment.
-    pub(crate) fn fixed(&self) -> Option<&'static str> {
-        self.secret.secret_file.is_none().then_some(
-            "the secret comes from FERRY_SECRET, which cannot change while ferry runs: give it \
-             as --secret-file to rotate it without a restart",
-        )
+    /// `read` on SIGHUP: warns first where the current secret cannot change (it comes from
+    /// FERRY_SECRET, which a running process cannot be given anew).
+    pub(crate) fn reread(&self) -> anyhow::Result<Secrets> {
+        if self.secret.secret_file.is_none() {
+            tracing::warn!(
+                "SIGHUP: the secret comes from FERRY_SECRET, which cannot change while ferry \
+                 runs: give it as --secret-file to rotate it without a restart"
+            );
+        }
+        self.read()
     }
 }
 
@@ -434,11 +438,10 @@ fn stop_on_signal(
 /// leader closes a connection made with a secret it rotated out, and the follower then
 /// reconnects at once with the new one).
 fn reload_follower_secret(source: &SecretSource, secrets: &SharedSecrets) {
-    if let Some(why) = source.fixed() {
-        tracing::warn!("SIGHUP: {why}");
-        return;
-    }
-    match read_secret(&source.secret).map(|s| secrets.set(Secrets::one(s))) {
+    match source
+        .reread()
+        .map(|s| secrets.set(Secrets::one(s.current)))
+    {
         Ok(true) => tracing::info!(
             "SIGHUP: a new shared secret read: the next connection authenticates with it"
         ),
@@ -646,12 +649,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     previous_file: previous_secret_file,
                 };
                 let secrets = source.read()?;
-                let reload: ferry::cluster::SecretReload = Box::new(move || {
-                    if let Some(why) = source.fixed() {
-                        tracing::warn!("SIGHUP: {why}");
-                    }
-                    source.read()
-                });
+                let reload: ferry::cluster::SecretReload = Box::new(move || source.reread());
                 (secrets, Some(reload))
             };
             let config = ferry::cluster::NodeConfig {

@@ -63,8 +63,8 @@ pub struct FollowConfig {
     pub data_dir: std::path::PathBuf,
     /// host:port of the leader.
     pub leader: String,
-    /// What it authenticates with: the current secret as each connection starts (a node's
-    /// change during a rotation through etcd).
+    /// What it authenticates with: the current secret as each connection starts (changed
+    /// while it runs by SIGHUP, or by a node's rotation through etcd).
     pub secret: SharedSecrets,
     pub durability: Durability,
     /// Exit once the data dir matches the leader's index as of the connection.
