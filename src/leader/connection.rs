@@ -399,7 +399,7 @@ async fn drive(
         let now = Instant::now();
         session.check_handshake_deadline(connected_at, now)?;
         // The leader's secrets changed (a rotation) since the session last took them.
-        if ctx.shared.secrets_changes.load(Ordering::SeqCst) != secrets_seen {
+        if ctx.shared.secrets_changes.0.load(Ordering::SeqCst) != secrets_seen {
             let (secrets, seen) = ctx.shared.secrets();
             secrets_seen = seen;
             session.set_secrets(secrets.current, secrets.previous)?;

@@ -144,9 +144,16 @@ pub(super) struct Shared {
     /// The secrets a connection authenticates under (`Leader::set_secrets`).
     pub(super) secrets: Mutex<Secrets>,
     /// How many times `secrets` changed: a session compares it at every turn, and ends once
-    /// the leader no longer holds the secret its follower authenticated with.
-    pub(super) secrets_changes: AtomicU64,
+    /// the leader no longer holds the secret its follower authenticated with. On lines of its
+    /// own: read at every turn of every session, it must not share a line with what the writer
+    /// writes at every `append` (the hub's lock), which that read would pull away from it.
+    pub(super) secrets_changes: OwnLines<AtomicU64>,
 }
+
+/// A value alone on its cache lines: 128 bytes, as the CPU's prefetcher fetches 64-byte lines
+/// in pairs. Reading it never takes a line another thread writes.
+#[repr(align(128))]
+pub(super) struct OwnLines<T>(pub(super) T);
 
 impl Shared {
     pub(super) fn lock(&self) -> MutexGuard<'_, Hub> {
@@ -168,7 +175,10 @@ impl Shared {
     pub(super) fn secrets(&self) -> (Secrets, u64) {
         // Replaced whole by one assignment: a poisoned lock still holds a consistent value.
         let secrets = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
-        (secrets.clone(), self.secrets_changes.load(Ordering::SeqCst))
+        (
+            secrets.clone(),
+            self.secrets_changes.0.load(Ordering::SeqCst),
+        )
     }
 
     pub(super) fn board(&self) -> MutexGuard<'_, Board> {

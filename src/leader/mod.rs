@@ -37,7 +37,7 @@ use crate::paths::{DataDir, DirLock, PathError, RelPath};
 use crate::watch::{Change, Watcher};
 
 use checkpoint::{Checkpoints, WATCHER_FLUSH_TIMEOUT};
-use hub::{acked_in, catalog_copy, catalog_paths, Board, Hub, Shared, Wanted};
+use hub::{acked_in, catalog_copy, catalog_paths, Board, Hub, OwnLines, Shared, Wanted};
 pub use server::LISTEN_RETRY_MS;
 use server::{pacing_hint, serve};
 
@@ -210,7 +210,7 @@ impl Leader {
                 current: config.secret.clone(),
                 previous: config.previous_secret.clone(),
             }),
-            secrets_changes: AtomicU64::new(0),
+            secrets_changes: OwnLines(AtomicU64::new(0)),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
@@ -326,7 +326,7 @@ impl Leader {
             }
             *held = secrets;
             // Under the lock: a session that reads the count reads these secrets or newer.
-            self.shared.secrets_changes.fetch_add(1, Ordering::SeqCst);
+            self.shared.secrets_changes.0.fetch_add(1, Ordering::SeqCst);
         }
         // Every session looks now rather than at its next timeout.
         for inbox in self.shared.lock().inboxes.values() {
