@@ -331,14 +331,16 @@ pub enum Feed {
 pub struct Node {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
+    secrets: SharedSecrets,
 }
 
 impl Node {
     pub fn start(config: NodeConfig, feed: Feed, on_role: RoleCallback) -> io::Result<Node> {
         check_settings(&config)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let secrets = initial_secrets(&config);
         let thread = {
-            let stop = stop.clone();
+            let (stop, secrets) = (stop.clone(), secrets.clone());
             std::thread::Builder::new()
                 .name("ferry-node".into())
                 .spawn(move || {
@@ -346,14 +348,22 @@ impl Node {
                         .enable_all()
                         .build()?;
                     let role = Arc::new(Mutex::new(Role::Candidate));
-                    let secrets = initial_secrets(&config);
                     runtime.block_on(node_loop(config, feed, on_role, stop, (role, secrets)))
                 })?
         };
         Ok(Node {
             stop,
             thread: Some(thread),
+            secrets,
         })
+    }
+
+    /// Replaces the secrets this node authenticates with when it follows (from its next
+    /// connection) and accepts when it leads (within 50 ms; `Leader::set_secrets`): a rotation
+    /// with no restart. With `NodeConfig::secret_from_etcd`, etcd's replace them at its next
+    /// look. Whether they changed.
+    pub fn set_secrets(&self, secrets: Secrets) -> bool {
+        self.secrets.set(secrets)
     }
 
     /// Leaves the cluster: stops leading or following and revokes the lease. Returns the

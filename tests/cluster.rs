@@ -1404,3 +1404,71 @@ fn nodes_read_their_secret_files_again_on_sighup() {
     failed_saying(&out, &["wrong secret"]);
     drop(etcd);
 }
+
+/// A broker embedding a node rotates the shared secret with no restart (`Node::set_secrets`):
+/// its leader then closes a connection made with the old secret, and accepts the new one.
+#[test]
+fn an_embedded_node_takes_new_secrets_while_it_leads() {
+    use ferry::auth::{Secret, Secrets};
+    use ferry::cluster::{Feed, Node as EmbeddedNode, NodeConfig, RoleEvent};
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let port = free_port();
+    let advertise = format!("127.0.0.1:{port}");
+    let config = NodeConfig {
+        data_dir: env.dir("embedded"),
+        etcd: vec![etcd.url.clone()],
+        listen: advertise.parse().unwrap(),
+        advertise: advertise.clone(),
+        prefix: "ferry".into(),
+        lease_ttl_s: 2,
+        secret: Secret::new(SECRET.as_bytes().to_vec()).unwrap(),
+        previous_secret: None,
+        secret_from_etcd: false,
+        engine: Some(ferry::engine::EngineKind::Fallback),
+        tcp_congestion: None,
+        record_interval: Duration::from_secs(10),
+        on_leader_elected: None,
+        on_leader_lost: None,
+        http: None,
+        adopt: false,
+        empty_wait: Duration::from_secs(0),
+    };
+    let (events, roles) = std::sync::mpsc::channel();
+    let node = EmbeddedNode::start(
+        config,
+        Feed::Library,
+        Box::new(move |e| {
+            let _ = events.send(e);
+        }),
+    )
+    .unwrap();
+    assert!(matches!(
+        roles.recv_timeout(Duration::from_secs(30)).unwrap(),
+        RoleEvent::Elected(_)
+    ));
+    let mut on_old = Proc::spawn(follow_with_secret_cmd(
+        &env.dir("old"),
+        &advertise,
+        &env.secret_file,
+    ));
+    on_old.wait_log("connected to the leader", Duration::from_secs(20));
+
+    let new_text = "the embedder's rotated-in secret";
+    assert!(node.set_secrets(Secrets::one(
+        Secret::new(new_text.as_bytes().to_vec()).unwrap()
+    )));
+    let status = exit_within(&mut on_old, Duration::from_secs(10));
+    assert!(!status.success(), "{}", on_old.log_text());
+    on_old.wait_log("rotated out", Duration::from_secs(5));
+    let new_file = env.dir("keys").join("new");
+    write(&new_file, new_text.as_bytes());
+    let out = follow_once_with_secret(&env.dir("new"), &advertise, &new_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.leave().unwrap();
+    drop(etcd);
+}
