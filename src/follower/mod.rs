@@ -43,7 +43,9 @@ use crate::frame::{
 };
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
-use crate::session::follower::{Cut, FollowerAction, FollowerSession, HaveEntry, HaveProof};
+use crate::session::follower::{
+    Cut, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
+};
 use crate::session::SessionError;
 use crate::status::FollowerSelf;
 use apply::{disk_error, Apply};
@@ -99,6 +101,10 @@ pub enum FollowError {
     /// The leader refused us, or we refused it, for a reason a retry will not fix.
     #[error(transparent)]
     Refused(SessionError),
+    /// The leader no longer accepts the secret this connection authenticated with (a
+    /// rotation ended): a refusal, unless the follower has been given another secret since.
+    #[error(transparent)]
+    SecretRevoked(SessionError),
     #[error(transparent)]
     Session(SessionError),
     #[error(transparent)]
@@ -110,7 +116,11 @@ pub enum FollowError {
 }
 
 impl FollowError {
-    fn from_session(e: SessionError) -> FollowError {
+    /// `authenticated`: the session was past the handshake when `e` came.
+    fn from_session(e: SessionError, authenticated: bool) -> FollowError {
+        if authenticated && wrong_secret(&e) {
+            return FollowError::SecretRevoked(e);
+        }
         let fatal = match &e {
             SessionError::AuthFailed(_) => true,
             SessionError::Frame(
@@ -201,12 +211,19 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
     let held = Arc::new(Mutex::new(HeldRecord::load(&dir)));
     // Why attempts fail: said once, then once a minute while it repeats (`log_repeats`).
     let mut repeats = crate::log_repeats::Repeats::default();
+    // The next attempt authenticates with the previous secret (`wrong_secret_in_rotation`).
+    let mut with_previous = false;
     loop {
         if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(SyncReport::default());
         }
         let started = Instant::now();
-        let secret = config.secret.get().current;
+        let secrets = config.secret.get();
+        let tried_previous = std::mem::take(&mut with_previous);
+        let secret = match (&secrets.previous, tried_previous) {
+            (Some(previous), true) => previous.clone(),
+            _ => secrets.current.clone(),
+        };
         let result = follow_once(&config, &secret, &dir, &cache, &held).await;
         if let Ok(mut st) = config.status.lock() {
             st.connected = false;
@@ -223,13 +240,27 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
         }
         match result {
             Ok(report) if config.once => return Ok(report),
-            // Refused, and given another secret since this connection began: a rotation, in
-            // which the leader no longer accepts the old one. Try the new one at once.
-            Err(FollowError::Refused(e)) if config.secret.get().current != secret => {
+            // The leader no longer accepts the secret this connection authenticated with, and
+            // the follower holds another: a rotation ended. Try the current one at once.
+            Err(FollowError::SecretRevoked(e)) if config.secret.get().current != secret => {
                 tracing::info!(
-                    "{e}; this follower has been given a new shared secret since it connected: \
-                     reconnecting with it"
+                    "{e}; this follower holds a newer shared secret than the one it connected \
+                     with: reconnecting with it"
                 );
+                continue;
+            }
+            Err(FollowError::SecretRevoked(e)) => return Err(FollowError::Refused(e)),
+            // Refused the current secret while it holds a previous one: a rotation that the
+            // leader has not taken yet (its reload comes later, or an older build leads). The
+            // previous one is still good until the rotation ends.
+            Err(FollowError::Refused(e))
+                if !tried_previous && secrets.previous.is_some() && wrong_secret(&e) =>
+            {
+                tracing::info!(
+                    "{e}; the leader does not hold the new shared secret yet: trying its \
+                     previous secret (a rotation is in progress)"
+                );
+                with_previous = true;
                 continue;
             }
             Err(e @ (FollowError::Refused(_) | FollowError::DirGone(_))) => return Err(e),
@@ -250,6 +281,17 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
         sleep_unless_stopped(backoff, &config.stop).await;
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
+}
+
+/// The leader refused the secret this follower authenticated with.
+fn wrong_secret(e: &SessionError) -> bool {
+    matches!(
+        e,
+        SessionError::Peer {
+            code: ErrorCode::AuthFailed,
+            ..
+        }
+    )
 }
 
 /// Resolves once `stop` is set.
@@ -355,7 +397,9 @@ async fn follow_once(
     // However the connection ended, what was applied after its last MARK is recorded.
     ctx.held.finish(dir).await;
     let mut told = false;
-    if let Err(FollowError::Session(e) | FollowError::Refused(e)) = &result {
+    if let Err(FollowError::Session(e) | FollowError::Refused(e) | FollowError::SecretRevoked(e)) =
+        &result
+    {
         // Tell the leader why we are leaving (nothing is sent back for its own ERROR).
         let mut s = session.borrow_mut();
         s.fail(e);
@@ -490,8 +534,14 @@ impl Ctx<'_> {
     /// Parses and applies every complete frame in `input`, in order.
     async fn process(&mut self, input: &mut Input) -> Result<(), FollowError> {
         loop {
+            let authenticated = !matches!(
+                self.session.borrow().phase(),
+                FollowerPhase::AwaitPreamble
+                    | FollowerPhase::AwaitChallenge
+                    | FollowerPhase::AwaitWelcome
+            );
             let parsed = self.session.borrow_mut().handle_input(input.unread());
-            let (n, action) = parsed.map_err(FollowError::from_session)?;
+            let (n, action) = parsed.map_err(|e| FollowError::from_session(e, authenticated))?;
             input.consume(n);
             let Some(action) = action else {
                 return Ok(());
