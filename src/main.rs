@@ -203,10 +203,11 @@ enum Command {
         lease_ttl: i64,
         #[command(flatten)]
         secret: SecretArgs,
-        /// During a rotation of the shared secret: also accept followers that authenticate
-        /// with the secret in this file (the one being replaced), warning about each. Remove it
-        /// once every follower holds the new one (README, Troubleshooting); a file that does
-        /// not exist holds none.
+        /// During a rotation of the shared secret: the secret in this file (the one being
+        /// replaced) is also accepted while leading, with a warning for each follower using
+        /// it, and used to follow a leader that refuses the current one (not reloaded yet).
+        /// Remove it once every node holds the new one (README, Troubleshooting); a file that
+        /// does not exist holds none.
         #[arg(long, value_name = "FILE", env = "FERRY_PREVIOUS_SECRET_FILE")]
         previous_secret_file: Option<PathBuf>,
         /// I/O engine; by default io_uring when it works here, else the fallback (logged).
