@@ -28,6 +28,11 @@ impl Secret {
         Ok(Secret(bytes))
     }
 
+    /// Its bytes: for a store that keeps it (etcd's `PREFIX/secret`), never for a log or a peer.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn tag(&self, label: &[u8], leader_nonce: &Nonce, follower_nonce: &Nonce) -> Mac {
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else {
             unreachable!("HMAC accepts keys of any length")

@@ -306,10 +306,15 @@ async fn guarded(
     Ok(())
 }
 
-/// `ferry cluster rotate-secret`: a new random secret at `PREFIX/secret`, the old one moved to
-/// `PREFIX/secret-previous`, in one transaction; then waits up to `timeout` for every running
-/// node to hold it. Returns how many do.
-pub fn rotate(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Result<usize> {
+/// `ferry cluster rotate-secret`: a new secret at `PREFIX/secret` (`chosen`, or else drawn at
+/// random), the old one moved to `PREFIX/secret-previous`, in one transaction; then waits up to
+/// `timeout` for every running node to hold it. Returns how many do.
+pub fn rotate(
+    etcd: &[String],
+    prefix: &str,
+    chosen: Option<Secret>,
+    timeout: Duration,
+) -> anyhow::Result<usize> {
     command_runtime()?.block_on(async {
         let keys = Keys::new(prefix);
         let mut client = command_client(etcd).await?;
@@ -330,6 +335,15 @@ pub fn rotate(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Resul
                 keys.secret_previous
             );
         }
+        let new = match chosen {
+            Some(secret) => secret.bytes().to_vec(),
+            None => fresh_secret()?.into_bytes(),
+        };
+        anyhow::ensure!(
+            new != current.value(),
+            "the new secret is the one at {} already: nothing to rotate",
+            keys.secret
+        );
         // Guarded by the secret read and the absence of a previous one: two rotations at once
         // would otherwise drop the first's old secret while a node may still hold it.
         let txn = Txn::new()
@@ -343,7 +357,7 @@ pub fn rotate(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Resul
             ])
             .and_then([
                 TxnOp::put(keys.secret_previous.clone(), current.value().to_vec(), None),
-                TxnOp::put(keys.secret.clone(), fresh_secret()?, None),
+                TxnOp::put(keys.secret.clone(), new, None),
             ]);
         guarded(&mut client, etcd, &keys, txn, "rotating it").await?;
         Ok(wait_taken(&mut client, etcd, &keys, timeout).await?.running)

@@ -95,6 +95,11 @@ enum ClusterAction {
         /// How long to wait for every running node to hold the new secret.
         #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster_secret::ROTATION_WAIT_S_DEFAULT)]
         timeout: u64,
+        /// Rotate to the secret in this file (trailing newline ignored, as `ferry follow
+        /// --secret-file` reads it) instead of a random one: the file to give to followers
+        /// outside the cluster.
+        #[arg(long, value_name = "FILE", conflicts_with = "finish")]
+        secret_file: Option<PathBuf>,
     },
 }
 
@@ -702,7 +707,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let view = ferry::cluster_admin::inspect(&etcd, &prefix)?;
                     print!("{}", if json { view.json() } else { view.table() });
                 }
-                ClusterAction::RotateSecret { finish, timeout } => {
+                ClusterAction::RotateSecret {
+                    finish,
+                    timeout,
+                    secret_file,
+                } => {
                     let timeout = std::time::Duration::from_secs(timeout);
                     let (secret, previous) = (
                         format!("{prefix}/secret"),
@@ -719,7 +728,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             println!("no rotation in progress ({previous} is not set)");
                         }
                     } else {
-                        let nodes = ferry::cluster_secret::rotate(&etcd, &prefix, timeout)?;
+                        let chosen = secret_file
+                            .as_deref()
+                            .map(|f| read_secret_file(f).and_then(secret_of))
+                            .transpose()?;
+                        let nodes = ferry::cluster_secret::rotate(&etcd, &prefix, chosen, timeout)?;
                         println!(
                             "a new secret is at {secret}; the old one, at {previous}, is still \
                              accepted. {nodes} of {nodes} running nodes hold it. Give it to any \

@@ -1305,7 +1305,8 @@ fn a_secret_kept_in_etcd_is_rotated_with_no_node_restarted() {
 }
 
 /// A rotation does not end while a running node does not hold the new secret (here, one given
-/// its own with --secret-file): finishing would cut it off. Both steps say which node.
+/// its own with --secret-file): finishing would cut it off. Both steps say which node. The new
+/// secret may be one the operator chose (`--secret-file`), to give to followers outside.
 #[test]
 fn a_rotation_waits_for_every_running_node_and_names_one_that_does_not_take_the_secret() {
     let env = Env::new();
@@ -1322,9 +1323,18 @@ fn a_rotation_waits_for_every_running_node_and_names_one_that_does_not_take_the_
     b.proc
         .wait_log("joined the election", Duration::from_secs(30));
 
-    let out = cluster(&etcd.url, &["rotate-secret", "--timeout", "2"]);
+    // The new secret chosen by the operator, from a file, rather than drawn at random.
+    let chosen = env.dir("keys").join("chosen");
+    write(&chosen, b"a secret the operator chose and gave out\n");
+    let mut args = vec!["rotate-secret", "--timeout", "2", "--secret-file"];
+    args.push(chosen.to_str().unwrap());
+    let out = cluster(&etcd.url, &args);
     let said = failed_saying(&out, &["1 of 2 running nodes do not hold", &b.advertise]);
     assert!(!said.contains(&a_id), "{said}");
+    assert_eq!(
+        read_key(&etcd.url, "ferry/secret").as_deref(),
+        Some("a secret the operator chose and gave out")
+    );
     let out = cluster(&etcd.url, &["rotate-secret", "--finish", "--timeout", "1"]);
     failed_saying(&out, &[&b.advertise, "still accepted"]);
     assert!(read_key(&etcd.url, "ferry/secret-previous").is_some());
