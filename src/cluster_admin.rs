@@ -59,8 +59,17 @@ fn key_text(kv: &KeyValue) -> String {
     String::from_utf8_lossy(kv.key()).into_owned()
 }
 
+/// The part of `kv`'s key after `prefix` (a node id under `PREFIX/nodes/`), or the whole key.
+pub(crate) fn id_under(kv: &KeyValue, prefix: &str) -> String {
+    let key = key_text(kv);
+    match key.strip_prefix(prefix) {
+        Some(id) => id.to_string(),
+        None => key,
+    }
+}
+
 /// The key-values of the `i`th response of a transaction of gets.
-fn kvs_of(responses: &[TxnOpResponse], i: usize) -> Vec<KeyValue> {
+pub(crate) fn kvs_of(responses: &[TxnOpResponse], i: usize) -> Vec<KeyValue> {
     match responses.get(i) {
         Some(TxnOpResponse::Get(get)) => get.kvs().to_vec(),
         _ => Vec::new(),
@@ -120,13 +129,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
         let handoff = kvs_of(&responses, 3).first().map(text);
         let running: Vec<(String, String)> = kvs_of(&responses, 4)
             .iter()
-            .map(|kv| {
-                let id = key_text(kv)
-                    .strip_prefix(&keys.nodes)
-                    .unwrap_or_default()
-                    .to_string();
-                (id, text(kv))
-            })
+            .map(|kv| (id_under(kv, &keys.nodes), text(kv)))
             .collect();
         let leader = candidates.first().cloned();
         let mut ids: Vec<String> = running.iter().map(|(id, _)| id.clone()).collect();
@@ -353,11 +356,7 @@ pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
         if !resp.succeeded() {
             let mut running: Vec<String> = kvs_of(&responses, 0)
                 .iter()
-                .map(|kv| {
-                    let id = key_text(kv);
-                    let id = id.strip_prefix(&keys.nodes).unwrap_or(&id);
-                    format!("{id} ({})", text(kv))
-                })
+                .map(|kv| format!("{} ({})", id_under(kv, &keys.nodes), text(kv)))
                 .collect();
             for candidate in kvs_of(&responses, 1).iter().map(text) {
                 if !running

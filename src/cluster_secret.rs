@@ -17,6 +17,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, 
 
 use crate::auth::{Secret, Secrets};
 use crate::cluster::{command_client, command_runtime, etcd_unreachable, Keys};
+use crate::cluster_admin::{id_under, kvs_of};
 
 /// How often a node reads the secret's keys.
 pub const SECRET_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -37,12 +38,17 @@ fn secret_of(kv: &KeyValue) -> anyhow::Result<Secret> {
         .map_err(|e| anyhow::anyhow!("the secret at {}: {e}", String::from_utf8_lossy(kv.key())))
 }
 
+/// The secrets in `PREFIX/secret` and, during a rotation, `PREFIX/secret-previous`.
+fn secrets_of(current: &KeyValue, previous: Option<&KeyValue>) -> anyhow::Result<Secrets> {
+    Ok(Secrets {
+        current: secret_of(current)?,
+        previous: previous.map(secret_of).transpose()?,
+    })
+}
+
 /// The first key-value of the `i`th response of a transaction of gets.
 fn kv_of(responses: &[etcd_client::TxnOpResponse], i: usize) -> Option<KeyValue> {
-    match responses.get(i) {
-        Some(etcd_client::TxnOpResponse::Get(get)) => get.kvs().first().cloned(),
-        _ => None,
-    }
+    kvs_of(responses, i).into_iter().next()
 }
 
 /// `PREFIX/secret` and `PREFIX/secret-previous`, read in one transaction.
@@ -91,17 +97,14 @@ pub fn read_at_start(etcd: &[String], prefix: &str) -> anyhow::Result<Secrets> {
                 ""
             }
         );
-        Ok(Secrets {
-            current: secret_of(&current)?,
-            previous: previous.as_ref().map(secret_of).transpose()?,
-        })
+        secrets_of(&current, previous.as_ref())
     })
 }
 
 /// A running node's look at the secret's keys, every `SECRET_POLL_INTERVAL`.
 pub(crate) struct SecretPoll {
     /// What the node's follower takes at each connection, and its leader is given.
-    pub(crate) secrets: crate::auth::SharedSecrets,
+    secrets: crate::auth::SharedSecrets,
     looked_at: Option<Instant>,
     /// The mod revision of `PREFIX/secret` reported at `PREFIX/secret-taken/ID`, and the lease
     /// it was put under (a new lease, after the node rejoined, needs it put again).
@@ -145,14 +148,8 @@ impl SecretPoll {
                  node that starts now puts a new one there, which every node then takes)",
                 keys.secret
             )),
-            Some(current) => match (secret_of(current), previous.as_ref().map(secret_of)) {
-                (Ok(current), None) => Ok(Secrets::one(current)),
-                (Ok(current), Some(Ok(previous))) => Ok(Secrets {
-                    current,
-                    previous: Some(previous),
-                }),
-                (Err(e), _) | (_, Some(Err(e))) => Err(format!("{e:#}: keeping the secrets held")),
-            },
+            Some(current) => secrets_of(current, previous.as_ref())
+                .map_err(|e| format!("{e:#}: keeping the secrets held")),
         };
         let secrets = match read {
             Ok(secrets) => secrets,
@@ -218,18 +215,8 @@ async fn taken(client: &mut Client, keys: &Keys) -> Result<Taken, etcd_client::E
     ]);
     let resp = client.txn(txn).await?;
     let responses = resp.op_responses();
-    let kvs = |i: usize| match responses.get(i) {
-        Some(etcd_client::TxnOpResponse::Get(get)) => get.kvs().to_vec(),
-        _ => Vec::new(),
-    };
     let revision = kv_of(&responses, 0).map_or(0, |kv| kv.mod_revision());
-    let id_under = |kv: &KeyValue, prefix: &str| {
-        String::from_utf8_lossy(kv.key())
-            .strip_prefix(prefix)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let holding: Vec<String> = kvs(2)
+    let holding: Vec<String> = kvs_of(&responses, 2)
         .iter()
         .filter(|kv| {
             std::str::from_utf8(kv.value())
@@ -239,7 +226,10 @@ async fn taken(client: &mut Client, keys: &Keys) -> Result<Taken, etcd_client::E
         })
         .map(|kv| id_under(kv, &keys.secret_taken("")))
         .collect();
-    let running: Vec<String> = kvs(1).iter().map(|kv| id_under(kv, &keys.nodes)).collect();
+    let running: Vec<String> = kvs_of(&responses, 1)
+        .iter()
+        .map(|kv| id_under(kv, &keys.nodes))
+        .collect();
     let lagging = running
         .iter()
         .filter(|id| !holding.contains(id))
