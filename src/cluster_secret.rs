@@ -298,13 +298,13 @@ async fn guarded(
 
 /// `ferry cluster rotate-secret`: a new secret at `PREFIX/secret` (`chosen`, or else drawn at
 /// random), the old one moved to `PREFIX/secret-previous`, in one transaction; then waits up to
-/// `timeout` for every running node to hold it. Returns how many do.
+/// `timeout` for every running node to hold it. Returns what to tell the operator.
 pub fn rotate(
     etcd: &[String],
     prefix: &str,
     chosen: Option<Secret>,
     timeout: Duration,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<String> {
     command_runtime()?.block_on(async {
         let keys = Keys::new(prefix);
         let mut client = command_client(etcd).await?;
@@ -350,14 +350,20 @@ pub fn rotate(
                 TxnOp::put(keys.secret.clone(), new, None),
             ]);
         guarded(&mut client, etcd, &keys, txn, "rotating it").await?;
-        Ok(wait_taken(&mut client, etcd, &keys, timeout).await?.running)
+        let nodes = wait_taken(&mut client, etcd, &keys, timeout).await?.running;
+        Ok(format!(
+            "a new secret is at {}; the old one, at {}, is still accepted. {nodes} of {nodes} \
+             running nodes hold it. Give it to any follower outside the cluster \
+             (--secret-file), then run `ferry cluster rotate-secret --finish`",
+            keys.secret, keys.secret_previous
+        ))
     })
 }
 
 /// `ferry cluster rotate-secret --finish`: once every running node holds the current secret
-/// (waiting up to `timeout`), deletes `PREFIX/secret-previous`. Whether a rotation was in
-/// progress.
-pub fn finish(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Result<bool> {
+/// (waiting up to `timeout`), deletes `PREFIX/secret-previous`. Returns what to tell the
+/// operator (whether a rotation was in progress).
+pub fn finish(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Result<String> {
     command_runtime()?.block_on(async {
         let keys = Keys::new(prefix);
         let mut client = command_client(etcd).await?;
@@ -365,7 +371,10 @@ pub fn finish(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Resul
             .await
             .map_err(|e| etcd_unreachable(etcd, e))?;
         if previous.is_none() {
-            return Ok(false);
+            return Ok(format!(
+                "no rotation in progress ({} is not set)",
+                keys.secret_previous
+            ));
         }
         let taken = wait_taken(&mut client, etcd, &keys, timeout).await?;
         // Guarded by the secret the nodes were seen to hold: a rotation begun meanwhile has a
@@ -378,6 +387,10 @@ pub fn finish(etcd: &[String], prefix: &str, timeout: Duration) -> anyhow::Resul
             )])
             .and_then([TxnOp::delete(keys.secret_previous.clone(), None)]);
         guarded(&mut client, etcd, &keys, txn, "finishing the rotation").await?;
-        Ok(true)
+        Ok(format!(
+            "deleted {}: the rotation is finished. Leaders accept only the secret at {} now, and \
+             close the connections made with the old one",
+            keys.secret_previous, keys.secret
+        ))
     })
 }

@@ -713,33 +713,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     secret_file,
                 } => {
                     let timeout = std::time::Duration::from_secs(timeout);
-                    let (secret, previous) = (
-                        format!("{prefix}/secret"),
-                        format!("{prefix}/secret-previous"),
-                    );
-                    if finish {
-                        if ferry::cluster_secret::finish(&etcd, &prefix, timeout)? {
-                            println!(
-                                "deleted {previous}: the rotation is finished. Leaders accept \
-                                 only the secret at {secret} now, and close the connections \
-                                 made with the old one"
-                            );
-                        } else {
-                            println!("no rotation in progress ({previous} is not set)");
-                        }
+                    let said = if finish {
+                        ferry::cluster_secret::finish(&etcd, &prefix, timeout)?
                     } else {
                         let chosen = secret_file
                             .as_deref()
                             .map(|f| read_secret_file(f).and_then(secret_of))
                             .transpose()?;
-                        let nodes = ferry::cluster_secret::rotate(&etcd, &prefix, chosen, timeout)?;
-                        println!(
-                            "a new secret is at {secret}; the old one, at {previous}, is still \
-                             accepted. {nodes} of {nodes} running nodes hold it. Give it to any \
-                             follower outside the cluster (--secret-file), then run `ferry \
-                             cluster rotate-secret --finish`"
-                        );
-                    }
+                        ferry::cluster_secret::rotate(&etcd, &prefix, chosen, timeout)?
+                    };
+                    println!("{said}");
                 }
                 ClusterAction::Reset => {
                     let report = ferry::cluster_admin::reset(&etcd, &prefix)?;
