@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::auth::Secrets;
 use ferry::engine::EngineKind;
 use ferry::leader::{Leader, LeaderConfig, WatchedLeader};
 
@@ -15,7 +14,7 @@ use crate::SecretSource;
 
 /// `ferry lead`'s settings beyond where and what to serve.
 pub struct Settings {
-    /// Where the secrets came from: read again on SIGHUP.
+    /// Where the secrets come from: read at start and again on SIGHUP.
     pub secrets: SecretSource,
     pub engine: Option<EngineKind>,
     pub ack_timeout_ms: u64,
@@ -24,12 +23,7 @@ pub struct Settings {
     pub http: Option<SocketAddr>,
 }
 
-pub fn run(
-    data_dir: PathBuf,
-    listen: SocketAddr,
-    secrets: Secrets,
-    settings: Settings,
-) -> anyhow::Result<()> {
+pub fn run(data_dir: PathBuf, listen: SocketAddr, settings: Settings) -> anyhow::Result<()> {
     let Settings {
         secrets: source,
         engine,
@@ -38,6 +32,7 @@ pub fn run(
         record_interval_ms,
         http,
     } = settings;
+    let secrets = source.read()?;
     let signals = block_signals()?;
     // Serving a directory made here would be serving nothing: followers would delete their
     // copies to match (or decline to, if they hold files). The application makes its dir.

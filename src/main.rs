@@ -527,20 +527,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             record_interval_ms,
             http,
         } => {
-            let source = SecretSource {
-                secret,
-                previous_file: previous_secret_file,
-            };
-            let secrets = source.read()?;
             let settings = lead::Settings {
-                secrets: source,
+                secrets: SecretSource {
+                    secret,
+                    previous_file: previous_secret_file,
+                },
                 engine: io_engine,
                 ack_timeout_ms,
                 tcp_congestion,
                 record_interval_ms,
                 http,
             };
-            lead::run(data_dir, listen, secrets, settings)?;
+            lead::run(data_dir, listen, settings)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Follow {
