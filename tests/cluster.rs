@@ -1211,18 +1211,7 @@ fn a_node_dropped_from_the_set_withdraws_but_keeps_its_id() {
 fn a_secret_kept_in_etcd_is_rotated_with_no_node_restarted() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let spawn = |dir: &Path| {
-        let port = free_port();
-        let advertise = format!("127.0.0.1:{port}");
-        let mut cmd = node_cmd(&etcd.url, dir, &advertise);
-        cmd.arg("--secret-from-etcd");
-        Node {
-            proc: Proc::spawn(cmd),
-            dir: dir.to_path_buf(),
-            port,
-            advertise,
-        }
-    };
+    let spawn = |dir: &Path| spawn_node(&etcd.url, dir, free_port(), ["--secret-from-etcd"]);
     let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
     write(&a_dir.join("q/seg"), &pattern(100_000, 7));
     let a = spawn(&a_dir);
@@ -1313,12 +1302,9 @@ fn a_rotation_waits_for_every_running_node_and_names_one_that_does_not_take_the_
     let etcd = start_etcd(&env.dir("etcd"));
     let a_dir = env.dir("a");
     write(&a_dir.join("q/seg"), &pattern(10_000, 9));
-    let port = free_port();
-    let a_id = format!("127.0.0.1:{port}");
-    let mut cmd = node_cmd(&etcd.url, &a_dir, &a_id);
-    cmd.arg("--secret-from-etcd");
-    let a = Proc::spawn(cmd);
-    a.wait_log("elected leader", Duration::from_secs(30));
+    let a = spawn_node(&etcd.url, &a_dir, free_port(), ["--secret-from-etcd"]);
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let a_id = a.advertise.clone();
     let b = start_node(&env, &etcd.url, &env.dir("b"), free_port());
     b.proc
         .wait_log("joined the election", Duration::from_secs(30));
@@ -1359,19 +1345,13 @@ fn nodes_read_their_secret_files_again_on_sighup() {
     let spawn = |name: &str, dir: &Path| {
         let (secret, previous) = (keys.join(name), keys.join(format!("{name}-previous")));
         write(&secret, old.as_bytes());
-        let port = free_port();
-        let advertise = format!("127.0.0.1:{port}");
-        let mut cmd = node_cmd(&etcd.url, dir, &advertise);
-        cmd.arg("--secret-file")
-            .arg(&secret)
-            .arg("--previous-secret-file")
-            .arg(&previous);
-        let node = Node {
-            proc: Proc::spawn(cmd),
-            dir: dir.to_path_buf(),
-            port,
-            advertise,
-        };
+        let args = [
+            "--secret-file".as_ref(),
+            secret.as_os_str(),
+            "--previous-secret-file".as_ref(),
+            previous.as_os_str(),
+        ];
+        let node = spawn_node(&etcd.url, dir, free_port(), args);
         (node, secret, previous)
     };
     let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
@@ -1498,13 +1478,13 @@ fn a_node_ahead_in_a_rotation_follows_with_its_previous_secret() {
     let a = start_node(&env, &etcd.url, &a_dir, free_port());
     a.proc.wait_log("elected leader", Duration::from_secs(30));
     let b_dir = env.dir("b");
-    let b_id = format!("127.0.0.1:{}", free_port());
-    let mut cmd = node_cmd(&etcd.url, &b_dir, &b_id);
-    cmd.arg("--secret-file")
-        .arg(&new_file)
-        .arg("--previous-secret-file")
-        .arg(&env.secret_file); // the old one, which A holds
-    let b = Proc::spawn(cmd);
+    let args = [
+        "--secret-file".as_ref(),
+        new_file.as_os_str(),
+        "--previous-secret-file".as_ref(),
+        env.secret_file.as_os_str(), // the old one, which A holds
+    ];
+    let b = spawn_node(&etcd.url, &b_dir, free_port(), args).proc;
     b.wait_log("trying its previous secret", Duration::from_secs(20));
     wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
     // The leader takes the new secret alone: it closes B's connection, made with the old one,

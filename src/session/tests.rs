@@ -1752,6 +1752,18 @@ fn a_connection_may_authenticate_only_with_a_whole_auth_after_a_valid_preamble()
     assert!(leader.may_authenticate(&auth));
 }
 
+/// What a follower sends a leader whose nonce is `[7; 32]` to authenticate with `secret`: our
+/// preamble and AUTH (its nonce `[9; 32]`).
+fn preamble_and_auth(secret: &Secret) -> Vec<u8> {
+    let mut input = Preamble::ours().encode().to_vec();
+    Frame::Auth {
+        follower_nonce: [9; 32],
+        follower_mac: secret.follower_tag(&[7; 32], &[9; 32]),
+    }
+    .encode(&mut input);
+    input
+}
+
 /// During a rotation the leader also holds the previous secret: a follower with either
 /// authenticates, and gets a WELCOME it can check with its own; the session says which one
 /// was used; a follower with any other secret is refused as before.
@@ -1773,12 +1785,7 @@ fn a_leader_in_a_rotation_accepts_the_current_and_the_previous_secret() {
             LINEAGE,
         )
         .with_previous_secret(Some(previous.clone()));
-        let mut input = Preamble::ours().encode().to_vec();
-        Frame::Auth {
-            follower_nonce: [9; 32],
-            follower_mac: follower_secret.follower_tag(&[7; 32], &[9; 32]),
-        }
-        .encode(&mut input);
+        let input = preamble_and_auth(follower_secret);
         let result = leader.handle_input(&input, &Catalog::new([]), Instant::now());
         match outcome {
             Some(used_previous) => {
@@ -1809,15 +1816,6 @@ fn a_leader_in_a_rotation_accepts_the_current_and_the_previous_secret() {
 fn a_leader_cuts_off_a_follower_whose_secret_was_rotated_out() {
     let old = Secret::new(b"the old secret, 32 bytes or so..".to_vec()).unwrap();
     let new = Secret::new(b"the new secret, 32 bytes or so..".to_vec()).unwrap();
-    let auth_with = |secret: &Secret| {
-        let mut input = Preamble::ours().encode().to_vec();
-        Frame::Auth {
-            follower_nonce: [9; 32],
-            follower_mac: secret.follower_tag(&[7; 32], &[9; 32]),
-        }
-        .encode(&mut input);
-        input
-    };
     let session = || {
         LeaderSession::new(
             old.clone(),
@@ -1829,7 +1827,7 @@ fn a_leader_cuts_off_a_follower_whose_secret_was_rotated_out() {
     };
 
     let mut leader = session();
-    let input = auth_with(&old);
+    let input = preamble_and_auth(&old);
     leader
         .handle_input(&input, &Catalog::new([]), Instant::now())
         .unwrap();
@@ -1860,13 +1858,13 @@ fn a_leader_cuts_off_a_follower_whose_secret_was_rotated_out() {
     // Before AUTH arrives, the new secrets are the ones it is checked against.
     let mut leader = session();
     leader.set_secrets(new.clone(), None).unwrap();
-    let result = leader.handle_input(&auth_with(&old), &Catalog::new([]), Instant::now());
+    let result = leader.handle_input(&preamble_and_auth(&old), &Catalog::new([]), Instant::now());
     assert!(
         matches!(result, Err(SessionError::AuthFailed(_))),
         "{result:?}"
     );
     let mut leader = session();
     leader.set_secrets(new.clone(), None).unwrap();
-    let result = leader.handle_input(&auth_with(&new), &Catalog::new([]), Instant::now());
+    let result = leader.handle_input(&preamble_and_auth(&new), &Catalog::new([]), Instant::now());
     assert!(result.is_ok(), "{result:?}");
 }

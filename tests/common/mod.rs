@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -545,11 +546,25 @@ pub fn start_node(env: &Env, etcd: &str, dir: &Path, port: u16) -> Node {
 
 /// `start_node` with more flags.
 pub fn start_node_with(env: &Env, etcd: &str, dir: &Path, port: u16, flags: &[&str]) -> Node {
+    let mut args: Vec<&OsStr> = ["--http", "127.0.0.1:0", "--secret-file"]
+        .map(OsStr::new)
+        .to_vec();
+    args.push(env.secret_file.as_os_str());
+    args.extend(flags.iter().map(OsStr::new));
+    spawn_node(etcd, dir, port, args)
+}
+
+/// A `ferry node` of a test cluster on 127.0.0.1:`port` (`node_cmd`'s settings) with `args`
+/// added: where its secret comes from is the caller's to give.
+pub fn spawn_node<S: AsRef<OsStr>>(
+    etcd: &str,
+    dir: &Path,
+    port: u16,
+    args: impl IntoIterator<Item = S>,
+) -> Node {
     let advertise = format!("127.0.0.1:{port}");
     let mut cmd = node_cmd(etcd, dir, &advertise);
-    cmd.args(["--http", "127.0.0.1:0", "--secret-file"])
-        .arg(&env.secret_file)
-        .args(flags);
+    cmd.args(args);
     Node {
         proc: Proc::spawn(cmd),
         dir: dir.to_path_buf(),
