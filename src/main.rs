@@ -151,7 +151,7 @@ enum Command {
     ///
     /// SIGTERM or SIGINT stops it in order: it notes in DIR/.ferry/held what it holds, so its
     /// restart hashes none of it, and exits 0 (non-zero with --once, which did not finish).
-    /// SIGHUP reads --secret-file again, for its next connection.
+    /// SIGHUP reads --secret-file and --previous-secret-file again, for its next connection.
     Follow {
         /// Where the copy lives. Files the leader lacks are removed (never DIR/.ferry/).
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -161,6 +161,12 @@ enum Command {
         leader: String,
         #[command(flatten)]
         secret: SecretArgs,
+        /// During a rotation of the shared secret: the secret being replaced, with which this
+        /// follower authenticates when the leader refuses the current one (it has not taken the
+        /// new one yet), so the two may be reloaded in either order. Remove it once the
+        /// rotation is over (README, Troubleshooting); a file that does not exist holds none.
+        #[arg(long, value_name = "FILE", env = "FERRY_PREVIOUS_SECRET_FILE")]
+        previous_secret_file: Option<PathBuf>,
         /// What must hold before this follower acks: received, written (page cache) or synced (fdatasync).
         #[arg(
             long,
@@ -444,15 +450,23 @@ fn stop_on_signal(
 /// leader closes a connection made with a secret it rotated out, and the follower then
 /// reconnects at once with the new one).
 fn reload_follower_secret(source: &SecretSource, secrets: &SharedSecrets) {
-    match source
-        .reread()
-        .map(|s| secrets.set(Secrets::one(s.current)))
-    {
-        Ok(true) => tracing::info!(
-            "SIGHUP: a new shared secret read: the next connection authenticates with it"
-        ),
-        Ok(false) => tracing::info!("SIGHUP: the shared secret is unchanged"),
-        Err(e) => tracing::error!("SIGHUP: cannot read the secret again: {e:#}; keeping it"),
+    match source.reread() {
+        Ok(read) => {
+            let previous = if read.previous.is_some() {
+                "; a previous one too, tried if the leader refuses the current one (a rotation)"
+            } else {
+                ""
+            };
+            if secrets.set(read) {
+                tracing::info!(
+                    "SIGHUP: a new shared secret read: the next connection authenticates with \
+                     it{previous}"
+                );
+            } else {
+                tracing::info!("SIGHUP: the shared secrets are unchanged{previous}");
+            }
+        }
+        Err(e) => tracing::error!("SIGHUP: cannot read the secrets again: {e:#}; keeping them"),
     }
 }
 
@@ -545,6 +559,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             leader,
             secret,
+            previous_secret_file,
             durability,
             once,
             adopt,
@@ -555,9 +570,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let signals = signals::block_signals()?;
             let source = SecretSource {
                 secret,
-                previous_file: None,
+                previous_file: previous_secret_file,
             };
-            let secrets = SharedSecrets::new(Secrets::one(read_secret(&source.secret)?));
+            let secrets = SharedSecrets::new(source.read()?);
             let status = std::sync::Arc::new(std::sync::Mutex::new(ferry::status::FollowerSelf {
                 leader: leader.clone(),
                 durability: durability.name().to_string(),

@@ -981,3 +981,83 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
         leader.log_text()
     );
 }
+
+/// An outside follower reloaded with the new secret before its leader, the old one kept as its
+/// previous (`--previous-secret-file`), goes on following whatever the order of the reloads:
+/// refused with the new secret on a reconnect, it authenticates with its previous one.
+#[test]
+fn a_follower_reloaded_before_its_leader_follows_with_its_previous_secret() {
+    let env = Env::new();
+    let (dir, copy) = (env.dir("leader"), env.dir("copy"));
+    write(&dir.join("seg"), &pattern(20_000, 1));
+    let keys = env.dir("keys");
+    let (secret, previous) = (keys.join("secret"), keys.join("previous"));
+    let (follower_secret, follower_previous) = (keys.join("follower"), keys.join("f-previous"));
+    let old = "the secret before the rotation";
+    let new = "the secret after the rotation!";
+    write(&secret, old.as_bytes());
+    write(&follower_secret, old.as_bytes());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let lead = || {
+        let mut cmd = ferry();
+        cmd.args(["lead", "--io-engine", "fallback", "--listen", &addr])
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--secret-file")
+            .arg(&secret)
+            .arg("--previous-secret-file")
+            .arg(&previous);
+        let leader = Proc::spawn(cmd);
+        leader.wait_log("listening", Duration::from_secs(20));
+        leader
+    };
+    let mut leader = lead();
+    let mut cmd = follow_with_secret_cmd(&copy, &addr, &follower_secret);
+    cmd.arg("--previous-secret-file").arg(&follower_previous);
+    let mut follower = Proc::spawn(cmd);
+    wait_identical(&dir, &copy, Duration::from_secs(20));
+
+    // The follower takes the new secret first, the old one as its previous.
+    write(&follower_secret, new.as_bytes());
+    write(&follower_previous, old.as_bytes());
+    let from_f = follower.log_len();
+    signal(&follower.child, libc::SIGHUP);
+    follower.wait_log_since(from_f, "new shared secret read", Duration::from_secs(10));
+    // Its connection ends before the leader is reloaded (here a restart, on the old secret):
+    // refused with the new secret, it follows with the old one.
+    signal(&leader.child, libc::SIGTERM);
+    assert!(exit_within(&mut leader, Duration::from_secs(20)).success());
+    leader = lead();
+    follower.wait_log_since(
+        from_f,
+        "trying its previous secret",
+        Duration::from_secs(20),
+    );
+    write(&dir.join("seg2"), &pattern(30_000, 2));
+    wait_identical(&dir, &copy, Duration::from_secs(20));
+
+    // The leader's rotation, started and ended: cut off on the old secret, the follower
+    // reconnects at once with the new one.
+    write(&secret, new.as_bytes());
+    write(&previous, old.as_bytes());
+    let from = leader.log_len();
+    signal(&leader.child, libc::SIGHUP);
+    leader.wait_log_since(from, "a previous one accepted too", Duration::from_secs(10));
+    std::fs::remove_file(&previous).unwrap();
+    let from = leader.log_len();
+    let from_f = follower.log_len();
+    signal(&leader.child, libc::SIGHUP);
+    leader.wait_log_since(
+        from,
+        "only the current one accepted",
+        Duration::from_secs(10),
+    );
+    follower.wait_log_since(from_f, "reconnecting with it", Duration::from_secs(10));
+    write(&dir.join("seg3"), &pattern(40_000, 3));
+    wait_identical(&dir, &copy, Duration::from_secs(20));
+    assert!(
+        follower.child.try_wait().unwrap().is_none(),
+        "{}",
+        follower.log_text()
+    );
+}

@@ -211,7 +211,8 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
     let held = Arc::new(Mutex::new(HeldRecord::load(&dir)));
     // Why attempts fail: said once, then once a minute while it repeats (`log_repeats`).
     let mut repeats = crate::log_repeats::Repeats::default();
-    // The next attempt authenticates with the previous secret (`wrong_secret_in_rotation`).
+    // The next attempt authenticates with the previous secret (refused with the current one in
+    // a rotation: the `Refused` arm below).
     let mut with_previous = false;
     loop {
         if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
