@@ -13,14 +13,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use sha1::{Digest as _, Sha1};
 
 pub use crate::frame::Digest;
-use crate::paths::{DataDir, RelPath, STATE_DIR_NAME};
+use crate::paths::{DataDir, RelPath, StateSync, STATE_DIR_NAME};
 
 /// Bytes read per pread while hashing.
 const HASH_CHUNK_BYTES: usize = 1024 * 1024;
@@ -284,7 +284,8 @@ impl DigestCache {
         Some(entries)
     }
 
-    /// Writes the cache atomically (temp file, fsync, rename).
+    /// Writes the cache, whole (`StateSync::Whole`: after a crash the old cache or the new one,
+    /// either of which serves; a lost save costs only a rehash).
     pub fn save(&self, dir: &DataDir) -> io::Result<()> {
         let mut text = String::from(CACHE_HEADER);
         text.push('\n');
@@ -304,12 +305,7 @@ impl DigestCache {
                 path
             ));
         }
-        let final_path = dir.state_path(CACHE_FILE_NAME);
-        let tmp_path = dir.state_path(&format!("{CACHE_FILE_NAME}.tmp"));
-        let mut f = File::create(&tmp_path)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_data()?;
-        std::fs::rename(&tmp_path, &final_path)
+        dir.replace_state_file(CACHE_FILE_NAME, text.as_bytes(), StateSync::Whole)
     }
 
     /// SHA-1 of the first `len_bytes` of `meta.path`, from the cache when the file is unchanged.

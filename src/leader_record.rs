@@ -14,14 +14,13 @@
 //! made before it and reported only after, leaves the stamp as it was.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::catalog::{CatalogEntry, Kept};
 use crate::frame::InstanceId;
 use crate::index::{boot_id, from_hex, hex, Stamp};
-use crate::paths::{DataDir, RelPath};
+use crate::paths::{DataDir, RelPath, StateSync};
 
 /// How much older than the record a file's ctime must be for a resumed instance to vouch for it.
 pub const LEADER_RECORD_SETTLE_MS: u64 = 1000;
@@ -117,8 +116,8 @@ pub fn look<'a>(dir: &DataDir, paths: impl IntoIterator<Item = &'a RelPath>) -> 
 }
 
 /// Writes the record of instance `instance` stopped at `position` with `catalog`, each file as
-/// `look` saw it (files it did not see are left out). A temp file renamed over the old one; no
-/// fsync: after a reboot the record is ignored.
+/// `look` saw it (files it did not see are left out). `StateSync::Volatile`: after a reboot the
+/// record is ignored.
 pub fn save(
     dir: &DataDir,
     instance: &InstanceId,
@@ -149,9 +148,7 @@ pub fn save(
             entry.born_at, entry.len_bytes
         ));
     }
-    let tmp = dir.state_path(&format!("{FILE_NAME}.tmp"));
-    File::create(&tmp)?.write_all(text.as_bytes())?;
-    std::fs::rename(&tmp, dir.state_path(FILE_NAME))
+    dir.replace_state_file(FILE_NAME, text.as_bytes(), StateSync::Volatile)
 }
 
 /// Deletes the record (there being none is no error): what a checkpoint that could not be

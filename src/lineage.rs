@@ -3,11 +3,11 @@
 //! changes a file. A follower can then tell a copy of another data dir (pointed at the wrong
 //! leader) from a stale copy of this one, and declines to replace the first.
 
-use std::io::{self, Write};
+use std::io;
 
 use crate::frame::{LineageId, LINEAGE_ID_BYTES};
 use crate::index::hex;
-use crate::paths::DataDir;
+use crate::paths::{DataDir, StateSync};
 
 /// `DIR/.ferry/lineage`: the id as lowercase hex and a newline.
 pub const FILE_NAME: &str = "lineage";
@@ -46,20 +46,12 @@ pub fn parse(text: &str) -> Option<LineageId> {
     Some(id)
 }
 
-/// Records `id` as `dir`'s lineage, durably: a temp file synced and renamed over the old one,
-/// then the directory synced, so a crash leaves the old lineage or the new, and a power loss
-/// after a leader served under a lineage cannot make it draw another.
+/// Records `id` as `dir`'s lineage, durably (`StateSync::Durable`): a crash leaves the old
+/// lineage or the new, and a power loss after a leader served under a lineage cannot make it
+/// draw another.
 pub fn write(dir: &DataDir, id: &LineageId) -> io::Result<()> {
-    let path = dir.state_path(FILE_NAME);
-    let tmp = dir.state_path(&format!("{FILE_NAME}.tmp"));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(format!("{}\n", hex(id)).as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir.state_path(""))?.sync_all()
-    })();
-    result.map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display())))
+    let text = format!("{}\n", hex(id));
+    dir.replace_state_file(FILE_NAME, text.as_bytes(), StateSync::Durable)
 }
 
 /// The lineage a leader of `dir` serves: the one recorded, or a new one drawn and recorded (a

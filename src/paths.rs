@@ -736,6 +736,48 @@ impl DataDir {
     pub fn state_path(&self, name: &str) -> PathBuf {
         self.root.join(STATE_DIR_NAME).join(name)
     }
+
+    /// Replaces `DIR/.ferry/<name>` with `bytes`: written to `<name>.tmp` and renamed over it,
+    /// so a reader, or a restart after the process died, finds the old file or the new one,
+    /// never a part. `sync` says what a crash of the machine leaves. The one way ferry writes
+    /// its state files (the lineage, the leader's and the held record, the digest cache).
+    pub fn replace_state_file(&self, name: &str, bytes: &[u8], sync: StateSync) -> io::Result<()> {
+        use std::io::Write;
+        let path = self.state_path(name);
+        let tmp = self.state_path(&format!("{name}.tmp"));
+        let result = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(bytes)?;
+            match sync {
+                StateSync::Volatile => {}
+                StateSync::Whole => file.sync_data()?,
+                StateSync::Durable => file.sync_all()?,
+            }
+            std::fs::rename(&tmp, &path)?;
+            if sync == StateSync::Durable {
+                File::open(self.state_path(""))?.sync_all()?;
+            }
+            Ok(())
+        })();
+        result.map_err(|e: io::Error| {
+            io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()))
+        })
+    }
+}
+
+/// What a crash of the machine (a power loss, a kernel panic) leaves of a state file that
+/// `DataDir::replace_state_file` wrote. A crash of the process alone leaves the new file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateSync {
+    /// Nothing synced: the file may be old, new, empty or gone. For records that name the boot
+    /// they were written in and are ignored after a reboot.
+    Volatile,
+    /// The data synced before the rename: the old file or the new one, whole (the rename may
+    /// not have reached the disk). For a cache, which either serves.
+    Whole,
+    /// `Whole`, and the directory synced after the rename: once written, the new file stays.
+    /// For what must never go back (the lineage).
+    Durable,
 }
 
 /// A data dir in a new temp dir, for unit tests (the temp dir goes when the first is dropped).
@@ -919,6 +961,33 @@ mod tests {
             std::fs::read_dir(outside.path()).unwrap().count(),
             1,
             "nothing created outside"
+        );
+    }
+
+    #[test]
+    fn a_state_file_is_replaced_whole_and_a_failure_names_it() {
+        let (_tmp, dir) = temp_data_dir();
+        for (sync, text) in [
+            (StateSync::Volatile, "first"),
+            (StateSync::Whole, "second, longer"),
+            (StateSync::Durable, "3rd"),
+        ] {
+            dir.replace_state_file("record", text.as_bytes(), sync)
+                .unwrap();
+            let read = std::fs::read_to_string(dir.state_path("record")).unwrap();
+            assert_eq!(read, text, "{sync:?}");
+            assert!(!dir.state_path("record.tmp").exists(), "{sync:?}");
+        }
+        // A state dir that is gone: the error says which file could not be written.
+        std::fs::remove_dir_all(dir.state_path("")).unwrap();
+        let e = dir
+            .replace_state_file("record", b"x", StateSync::Durable)
+            .unwrap_err();
+        let path = dir.state_path("record");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot write {}: ", path.display())),
+            "{e}"
         );
     }
 

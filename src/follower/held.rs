@@ -18,12 +18,12 @@
 //! torn by a crash is ignored; a lost one leaves an older line, whose stamp no longer matches.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
 
 use crate::frame::InstanceId;
 use crate::index::{boot_id, from_hex, hex, Stamp, BOOT_ID_PATH};
-use crate::paths::{DataDir, RelPath};
+use crate::paths::{DataDir, RelPath, StateSync};
 
 /// How often a streaming follower records the files it changed (at a MARK, at most this often).
 pub const HELD_CHECKPOINT_INTERVAL_MS: u64 = 1000;
@@ -147,8 +147,8 @@ impl HeldRecord {
     }
 
     /// Saves what was looked at since the last save: appended to the journal, or the whole
-    /// record rewritten (a temp file renamed over the old one, so a crash leaves one or the
-    /// other whole). No fsync: after a reboot the record is ignored anyway.
+    /// record rewritten (`DataDir::replace_state_file`, `StateSync::Volatile`: after a reboot the
+    /// record is ignored anyway).
     pub fn save(&mut self, dir: &DataDir) -> io::Result<()> {
         let Some(boot) = &self.boot_id else {
             return Ok(());
@@ -162,10 +162,14 @@ impl HeldRecord {
                 for path in &unsaved {
                     self.push_line(&mut text, path);
                 }
+                let path = dir.state_path(FILE_NAME);
                 let appended = OpenOptions::new()
                     .append(true)
-                    .open(dir.state_path(FILE_NAME))
-                    .and_then(|mut f| f.write_all(text.as_bytes()));
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(text.as_bytes()))
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot write {}: {e}", path.display()))
+                    });
                 if let Err(e) = appended {
                     // Rewritten whole next time: what this append lost is in the entries.
                     self.journal_lines = None;
@@ -180,9 +184,7 @@ impl HeldRecord {
                 for path in &paths {
                     self.push_line(&mut text, path);
                 }
-                let tmp_path = dir.state_path(&format!("{FILE_NAME}.tmp"));
-                File::create(&tmp_path)?.write_all(text.as_bytes())?;
-                std::fs::rename(&tmp_path, dir.state_path(FILE_NAME))?;
+                dir.replace_state_file(FILE_NAME, text.as_bytes(), StateSync::Volatile)?;
                 self.journal_lines = Some(paths.len());
             }
         }
@@ -200,9 +202,8 @@ impl HeldRecord {
             Err(e) if !self.save_failing => {
                 self.save_failing = true;
                 tracing::warn!(
-                    "cannot save the held record {}: {e}; until it can be, a restart hashes what \
-                     changed since it was last saved",
-                    dir.state_path(FILE_NAME).display()
+                    "cannot save the held record: {e}; until it can be, a restart hashes what \
+                     changed since it was last saved"
                 );
             }
             Err(_) => {}
