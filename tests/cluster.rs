@@ -1368,10 +1368,7 @@ fn nodes_read_their_secret_files_again_on_sighup() {
                 Some(p) => write(previous_file, p.as_bytes()),
                 None => std::fs::remove_file(previous_file).unwrap(),
             }
-            let from = node.proc.log_len();
-            signal(&node.proc.child, libc::SIGHUP);
-            node.proc
-                .wait_log_since(from, needle, Duration::from_secs(10));
+            node.proc.reload(needle);
         }
     };
     reload_both(new, Some(old), "a previous one accepted too");
@@ -1490,13 +1487,7 @@ fn a_node_ahead_in_a_rotation_follows_with_its_previous_secret() {
     // The leader takes the new secret alone: it closes B's connection, made with the old one,
     // and B reconnects at once with the new one.
     write(&env.secret_file, b"the secret after the rotation!");
-    let from = a.proc.log_len();
-    signal(&a.proc.child, libc::SIGHUP);
-    a.proc.wait_log_since(
-        from,
-        "only the current one accepted",
-        Duration::from_secs(10),
-    );
+    a.proc.reload("only the current one accepted");
     b.wait_log("reconnecting with it", Duration::from_secs(10));
     write(&a_dir.join("q/seg2"), &pattern(20_000, 7));
     wait_identical(&a_dir, &b_dir, Duration::from_secs(20));

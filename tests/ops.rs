@@ -938,13 +938,10 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
     // The rotation starts: the leader holds both.
     write(&secret, new.as_bytes());
     write(&previous, old.as_bytes());
-    let from = leader.log_len();
-    signal(&leader.child, libc::SIGHUP);
-    leader.wait_log_since(from, "a previous one accepted too", Duration::from_secs(10));
+    leader.reload("a previous one accepted too");
     write(&follower_secret, new.as_bytes());
     let from_f = follower.log_len();
-    signal(&follower.child, libc::SIGHUP);
-    follower.wait_log_since(from_f, "new shared secret read", Duration::from_secs(10));
+    follower.reload("new shared secret read");
     for (name, text) in [("with-old", old), ("with-new", new)] {
         let file = keys.join(name);
         write(&file, text.as_bytes());
@@ -958,13 +955,7 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
 
     // It ends.
     std::fs::remove_file(&previous).unwrap();
-    let from = leader.log_len();
-    signal(&leader.child, libc::SIGHUP);
-    leader.wait_log_since(
-        from,
-        "only the current one accepted",
-        Duration::from_secs(10),
-    );
+    leader.reload("only the current one accepted");
     follower.wait_log_since(from_f, "reconnecting with it", Duration::from_secs(10));
     write(&dir.join("seg2"), &pattern(30_000, 2));
     wait_identical(&dir, &copy, Duration::from_secs(20));
@@ -1021,8 +1012,7 @@ fn a_follower_reloaded_before_its_leader_follows_with_its_previous_secret() {
     write(&follower_secret, new.as_bytes());
     write(&follower_previous, old.as_bytes());
     let from_f = follower.log_len();
-    signal(&follower.child, libc::SIGHUP);
-    follower.wait_log_since(from_f, "new shared secret read", Duration::from_secs(10));
+    follower.reload("new shared secret read");
     // Its connection ends before the leader is reloaded (here a restart, on the old secret):
     // refused with the new secret, it follows with the old one.
     signal(&leader.child, libc::SIGTERM);
@@ -1040,18 +1030,10 @@ fn a_follower_reloaded_before_its_leader_follows_with_its_previous_secret() {
     // reconnects at once with the new one.
     write(&secret, new.as_bytes());
     write(&previous, old.as_bytes());
-    let from = leader.log_len();
-    signal(&leader.child, libc::SIGHUP);
-    leader.wait_log_since(from, "a previous one accepted too", Duration::from_secs(10));
+    leader.reload("a previous one accepted too");
     std::fs::remove_file(&previous).unwrap();
-    let from = leader.log_len();
     let from_f = follower.log_len();
-    signal(&leader.child, libc::SIGHUP);
-    leader.wait_log_since(
-        from,
-        "only the current one accepted",
-        Duration::from_secs(10),
-    );
+    leader.reload("only the current one accepted");
     follower.wait_log_since(from_f, "reconnecting with it", Duration::from_secs(10));
     write(&dir.join("seg3"), &pattern(40_000, 3));
     wait_identical(&dir, &copy, Duration::from_secs(20));

@@ -124,6 +124,14 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+
+    /// Sends SIGHUP (a reload) and waits up to 10 s for a line containing `needle` logged
+    /// after it.
+    pub fn reload(&self, needle: &str) -> String {
+        let from = self.log_len();
+        signal(&self.child, libc::SIGHUP);
+        self.wait_log_since(from, needle, Duration::from_secs(10))
+    }
 }
 
 impl Drop for Proc {
