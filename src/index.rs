@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use sha1::{Digest as _, Sha1};
 
@@ -26,6 +27,57 @@ use crate::paths::{DataDir, RelPath, StateSync, STATE_DIR_NAME};
 const HASH_CHUNK_BYTES: usize = 1024 * 1024;
 const CACHE_FILE_NAME: &str = "digests";
 const CACHE_HEADER: &str = "ferry-digests-v1";
+
+/// How often a long inventory says how far its hashing has got (`HashProgress`).
+pub const HASH_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Bytes as an operator reads them: kB, MB or GB (powers of ten), as the logs give rates.
+pub fn human_bytes(bytes: f64) -> String {
+    if bytes >= 1e9 {
+        format!("{:.2} GB", bytes / 1e9)
+    } else if bytes >= 1e6 {
+        format!("{:.1} MB", bytes / 1e6)
+    } else {
+        format!("{:.0} kB", bytes / 1e3)
+    }
+}
+
+/// What a long run of hashing (a follower's inventory after a new leader, or after files
+/// changed behind ferry's back) says while it runs: nothing for `HASH_PROGRESS_INTERVAL`, then
+/// a line at most that often, so an operator can tell a follower that hashes from one that hangs.
+#[derive(Debug)]
+pub struct HashProgress {
+    files_total: usize,
+    started: Instant,
+    said_at: Instant,
+}
+
+impl HashProgress {
+    pub fn new(files_total: usize, now: Instant) -> HashProgress {
+        HashProgress {
+            files_total,
+            started: now,
+            said_at: now,
+        }
+    }
+
+    /// The line to log at `now`, if one is due: `files_done` of the files looked at,
+    /// `hashed_bytes` hashed so far (cache misses).
+    pub fn line(&mut self, now: Instant, files_done: usize, hashed_bytes: u64) -> Option<String> {
+        if now.duration_since(self.said_at) < HASH_PROGRESS_INTERVAL {
+            return None;
+        }
+        self.said_at = now;
+        let elapsed_s = now.duration_since(self.started).as_secs_f64().max(1e-3);
+        Some(format!(
+            "{files_done} of {} files looked at, {} hashed in {elapsed_s:.0} s ({}/s): a file \
+             changed since its digest was taken is hashed, here and on the leader",
+            self.files_total,
+            human_bytes(hashed_bytes as f64),
+            human_bytes(hashed_bytes as f64 / elapsed_s)
+        ))
+    }
+}
 
 /// Lowercase hex, two digits a byte (digests here, instance ids in the held record).
 pub fn hex(bytes: &[u8]) -> String {
@@ -381,6 +433,31 @@ pub fn checksum_dir(dir: &Path) -> io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_inventory_says_how_far_it_has_got_every_interval_and_a_short_one_says_nothing() {
+        let t0 = Instant::now();
+        let mut progress = HashProgress::new(400, t0);
+        let just_before = t0 + HASH_PROGRESS_INTERVAL - Duration::from_millis(1);
+        assert_eq!(progress.line(just_before, 399, 5_000_000_000), None);
+        let line = progress
+            .line(t0 + HASH_PROGRESS_INTERVAL, 100, 14_700_000_000)
+            .unwrap();
+        assert!(
+            line.starts_with("100 of 400 files looked at, 14.70 GB hashed in 10 s (1.47 GB/s)"),
+            "{line}"
+        );
+        // Not again until a whole interval later.
+        let later = t0 + HASH_PROGRESS_INTERVAL * 2 - Duration::from_millis(1);
+        assert_eq!(progress.line(later, 200, 20_000_000_000), None);
+        let line = progress
+            .line(t0 + HASH_PROGRESS_INTERVAL * 2, 250, 20_000_000_000)
+            .unwrap();
+        assert!(
+            line.starts_with("250 of 400 files looked at, 20.00 GB hashed in 20 s"),
+            "{line}"
+        );
+    }
 
     use crate::paths::temp_data_dir as setup;
 

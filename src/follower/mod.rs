@@ -807,7 +807,16 @@ fn build_inventory(
 ) -> io::Result<()> {
     let hashed_before = cache.hashed_bytes();
     let (mut files, mut held_files, mut born_since) = (0u64, 0u64, 0u64);
-    for meta in scan(dir)? {
+    let metas = scan(dir)?;
+    let mut progress = crate::index::HashProgress::new(metas.len(), Instant::now());
+    for meta in metas {
+        if let Some(line) = progress.line(
+            Instant::now(),
+            files as usize,
+            cache.hashed_bytes() - hashed_before,
+        ) {
+            tracing::info!("inventory: {line}");
+        }
         files += 1;
         let proof = match cuts.get(&meta.path) {
             None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),

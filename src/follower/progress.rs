@@ -8,6 +8,8 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
+use crate::index::human_bytes;
+
 const REDRAW_INTERVAL: Duration = Duration::from_millis(100);
 const LOG_INTERVAL: Duration = Duration::from_secs(5);
 const BAR_WIDTH: usize = 30;
@@ -19,16 +21,6 @@ pub struct Progress {
     bytes_received: u64,
     started: Instant,
     shown_at: Option<Instant>,
-}
-
-fn human(bytes: f64) -> String {
-    if bytes >= 1e9 {
-        format!("{:.2} GB", bytes / 1e9)
-    } else if bytes >= 1e6 {
-        format!("{:.1} MB", bytes / 1e6)
-    } else {
-        format!("{:.0} kB", bytes / 1e3)
-    }
 }
 
 impl Progress {
@@ -60,9 +52,9 @@ impl Progress {
         format!(
             "{:>3}%  {} of ~{}  {}/s  ETA {eta}  ({} files in the index)",
             (fraction * 100.0) as u32,
-            human(self.bytes_received as f64),
-            human(self.bytes_expected as f64),
-            human(rate),
+            human_bytes(self.bytes_received as f64),
+            human_bytes(self.bytes_expected as f64),
+            human_bytes(rate),
             self.files_total
         )
     }
