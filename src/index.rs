@@ -434,6 +434,8 @@ pub fn checksum_dir(dir: &Path) -> io::Result<Vec<String>> {
 mod tests {
     use super::*;
 
+    use crate::paths::temp_data_dir as setup;
+
     #[test]
     fn a_long_inventory_says_how_far_it_has_got_every_interval_and_a_short_one_says_nothing() {
         let t0 = Instant::now();
@@ -458,8 +460,6 @@ mod tests {
             "{line}"
         );
     }
-
-    use crate::paths::temp_data_dir as setup;
 
     #[test]
     fn scan_is_sorted_recursive_and_skips_state_and_symlinks() {

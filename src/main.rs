@@ -446,24 +446,26 @@ fn stop_on_signal(
     Ok(got)
 }
 
-/// SIGHUP to `ferry follow`: its secret read again, for its next connection (a rotation; the
+/// SIGHUP to `ferry follow`: its secrets read again, for its next connection (a rotation; the
 /// leader closes a connection made with a secret it rotated out, and the follower then
-/// reconnects at once with the new one).
+/// reconnects at once with the new one; refused with the current one, it tries the previous).
 fn reload_follower_secret(source: &SecretSource, secrets: &SharedSecrets) {
     match source.reread() {
         Ok(read) => {
             let previous = if read.previous.is_some() {
                 "; a previous one too, tried if the leader refuses the current one (a rotation)"
             } else {
-                ""
+                "; no previous one"
             };
-            if secrets.set(read) {
+            let new_current = secrets.get().current != read.current;
+            secrets.set(read);
+            if new_current {
                 tracing::info!(
                     "SIGHUP: a new shared secret read: the next connection authenticates with \
                      it{previous}"
                 );
             } else {
-                tracing::info!("SIGHUP: the shared secrets are unchanged{previous}");
+                tracing::info!("SIGHUP: the shared secret is unchanged{previous}");
             }
         }
         Err(e) => tracing::error!("SIGHUP: cannot read the secrets again: {e:#}; keeping them"),
