@@ -55,6 +55,11 @@ fn appends(c: &mut Criterion) {
     let tmp = tempfile::tempdir().expect("a temp dir");
     let secret_file = tmp.path().join("secret");
     std::fs::write(&secret_file, "bench-shared-secret").expect("write the secret");
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod the secret");
     let mut group = c.benchmark_group("append_1KiB");
     group.throughput(Throughput::Elements(1));
 

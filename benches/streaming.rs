@@ -265,6 +265,11 @@ fn benches(c: &mut Criterion) {
     let tmp = tempfile::tempdir_in("/var/tmp").expect("tempdir");
     let secret_file = tmp.path().join("secret");
     std::fs::write(&secret_file, SECRET).expect("secret file");
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod the secret");
     let src = tmp.path().join("src.bin");
     write_file(&src, BIG_BYTES);
     // Written back now, untimed, rather than by the kernel's flusher 30 s on, in some row.

@@ -36,7 +36,17 @@ pub fn run(seconds: u64, engine: Option<EngineKind>) -> anyhow::Result<ExitCode>
     let leader_dir = tmp.path().join("leader");
     let secret_bytes = b"ferry-demo-secret".to_vec();
     let secret_file = tmp.path().join("secret");
-    std::fs::write(&secret_file, &secret_bytes)?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Readable by its owner only, as a secret file should be (ferry warns otherwise).
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret_file)?;
+        file.write_all(&secret_bytes)?;
+    }
     let secret = Secret::new(secret_bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut config = LeaderConfig::new(&leader_dir, "127.0.0.1:0".parse()?, secret);
     config.engine = engine;

@@ -323,10 +323,26 @@ fn read_secret(args: &SecretArgs) -> anyhow::Result<Secret> {
     secret_of(bytes)
 }
 
-/// The secret in `path`, a trailing newline dropped.
+/// The secret in `path`, a trailing newline dropped; warned about when every user of the
+/// machine may read or change the file.
 fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::PermissionsExt;
     let mut bytes = std::fs::read(path)
         .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot stat the secret file {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o006 != 0 {
+        tracing::warn!(
+            "the secret file {} may be read or changed by every user of this machine (mode \
+             {:o}), any of whom can then join as a follower or pose as the leader: `chmod 600 \
+             {}` (or 640, with a group of its own)",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        );
+    }
     while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         bytes.pop();
     }

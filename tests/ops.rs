@@ -900,6 +900,43 @@ fn a_short_secret_is_warned_about() {
     );
 }
 
+/// A secret file that every user of the machine may read (or change) lets any of them join as
+/// a follower or pose as the leader: ferry names the file and the fix, and says nothing for a
+/// file only its owner (and group) may read.
+#[test]
+fn a_secret_file_every_user_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let ld = env.dir("leader");
+    let secret = env.tmp.path().join("open-secret");
+    std::fs::write(&secret, "a secret of more than sixteen bytes\n").unwrap();
+    for (mode, warned) in [(0o644, true), (0o640, false)] {
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cmd = ferry();
+        cmd.args(["lead", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&ld)
+            .arg("--secret-file")
+            .arg(&secret);
+        let leader = Proc::spawn(cmd);
+        listen_addr(&leader);
+        let log = leader.log_text();
+        let line = log.lines().find(|l| l.contains("every user"));
+        match (line, warned) {
+            (Some(line), true) => assert!(
+                line.contains(&secret.display().to_string())
+                    && line.contains("644")
+                    && line.contains("chmod 600"),
+                "{line}"
+            ),
+            (None, false) => {}
+            _ => panic!(
+                "mode {mode:o}: warned {}, expected {warned}:\n{log}",
+                !warned
+            ),
+        }
+    }
+}
+
 /// The shared secret of `ferry lead` and `ferry follow` is rotated with no restart: each reads
 /// its secret files again on SIGHUP (as `systemctl reload` sends it). The leader given the new
 /// secret and the old one as previous accepts both; the follower given the new one keeps its

@@ -21,7 +21,7 @@ mkdir -p "$work/src/queues"
 for i in $(seq 1 $files); do
   head -c $((total_mib * 1024 * 1024 / files)) /dev/urandom > "$work/src/queues/$(printf %08d "$i").seg"
 done
-echo tools-shared-secret > "$work/secret"
+echo tools-shared-secret > "$work/secret" && chmod 600 "$work/secret"
 now() { date +%s.%N; }
 
 # rsync daemon serving the same directory.

@@ -16,7 +16,7 @@ n=${1:-500}
 rounds=${2:-2}
 base=$(mktemp -d "${DIR:-/dev/shm}/ferry-idle.XXXXXX")
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$base"' EXIT
-head -c 32 /dev/urandom | base64 > "$base/secret"
+head -c 32 /dev/urandom | base64 > "$base/secret" && chmod 600 "$base/secret"
 
 # One run with $1 strangers: prints the leader's CPU seconds over the 8 s of appends.
 run() {

@@ -13,7 +13,7 @@ seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
 work = tempfile.mkdtemp(prefix="ferry-mixed-", dir="/var/tmp")
 leader, follower, secret = f"{work}/leader", f"{work}/follower", f"{work}/secret"
 os.makedirs(leader)
-with open(secret, "w") as f:
+with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
     f.write("mixed-workload-secret\n")
 lead = subprocess.Popen([FERRY, "lead", "--data-dir", leader, "--listen", "127.0.0.1:0",
                          "--secret-file", secret], stderr=subprocess.PIPE, text=True)

@@ -40,7 +40,7 @@ mkdir -p "$work/src/queues" "$work/dst"
 for i in $(seq 1 $((total_mib / segment_mib))); do
   head -c $((segment_mib * 1024 * 1024)) /dev/urandom > "$work/src/queues/$(printf %08d "$i").seg"
 done
-echo tools-shared-secret > "$work/secret"
+echo tools-shared-secret > "$work/secret" && chmod 600 "$work/secret"
 
 # Starts `ferry lead` and waits until it listens (its log from line $1); sets listen_s to how
 # long that took.

@@ -45,6 +45,12 @@ impl Env {
         let tmp = tempfile::tempdir().unwrap();
         let secret_file = tmp.path().join("secret");
         std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        // Its owner's only, as ferry asks of a secret file.
+        std::fs::set_permissions(
+            &secret_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         Env { tmp, secret_file }
     }
 

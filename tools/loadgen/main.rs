@@ -380,6 +380,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let secret_file = made.secret.clone();
     std::fs::write(&secret_file, "loadgen-shared-secret")?;
+    // Its owner's only, as ferry asks of a secret file.
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let library = args.mode == "library";
     let preloaded = match args.join_follower.or(args.raw_join) {
         Some(mib) => preload(&leader_dir, mib)?,
