@@ -357,7 +357,7 @@ fn read_previous_secret(path: &Option<PathBuf>) -> anyhow::Result<Option<Secret>
     };
     if !path.exists() {
         tracing::info!(
-            "no previous secret: {} does not exist (only the current one is accepted)",
+            "no previous secret: {} does not exist (only the current one is used)",
             path.display()
         );
         return Ok(None);
