@@ -42,39 +42,53 @@ pub fn human_bytes(bytes: f64) -> String {
     }
 }
 
-/// What a long run of hashing (a follower's inventory after a new leader, or after files
-/// changed behind ferry's back) says while it runs: nothing for `HASH_PROGRESS_INTERVAL`, then
-/// a line at most that often, so an operator can tell a follower that hashes from one that hangs.
+/// What a long run of hashing says while it runs (a follower's inventory after a new leader, or
+/// the leader's side of it): nothing for `HASH_PROGRESS_INTERVAL`, then a line at most that
+/// often, so an operator can tell a side that hashes from one that hangs.
 #[derive(Debug)]
 pub struct HashProgress {
-    files_total: usize,
+    /// The files there are to look at, when known.
+    files_total: Option<usize>,
+    files_done: usize,
+    hashed_bytes: u64,
     started: Instant,
     said_at: Instant,
 }
 
 impl HashProgress {
-    pub fn new(files_total: usize, now: Instant) -> HashProgress {
+    pub fn new(files_total: Option<usize>, now: Instant) -> HashProgress {
         HashProgress {
             files_total,
+            files_done: 0,
+            hashed_bytes: 0,
             started: now,
             said_at: now,
         }
     }
 
-    /// The line to log at `now`, if one is due: `files_done` of the files looked at,
-    /// `hashed_bytes` hashed so far (cache misses).
-    pub fn line(&mut self, now: Instant, files_done: usize, hashed_bytes: u64) -> Option<String> {
+    /// One more file looked at, which cost `hashed_bytes` (0 when its digest was cached); the
+    /// line to log at `now`, if one is due.
+    pub fn looked_at(&mut self, now: Instant, hashed_bytes: u64) -> Option<String> {
+        self.files_done += 1;
+        self.hashed_bytes += hashed_bytes;
         if now.duration_since(self.said_at) < HASH_PROGRESS_INTERVAL {
             return None;
         }
         self.said_at = now;
         let elapsed_s = now.duration_since(self.started).as_secs_f64().max(1e-3);
+        let of = self
+            .files_total
+            .map(|t| format!(" of {t}"))
+            .unwrap_or_default();
+        let noun = match self.files_total.unwrap_or(self.files_done) {
+            1 => "file",
+            _ => "files",
+        };
         Some(format!(
-            "{files_done} of {} files looked at, {} hashed in {elapsed_s:.0} s ({}/s): a file \
-             changed since its digest was taken is hashed, here and on the leader",
-            self.files_total,
-            human_bytes(hashed_bytes as f64),
-            human_bytes(hashed_bytes as f64 / elapsed_s)
+            "{}{of} {noun} looked at, {} hashed in {elapsed_s:.0} s ({}/s)",
+            self.files_done,
+            human_bytes(self.hashed_bytes as f64),
+            human_bytes(self.hashed_bytes as f64 / elapsed_s)
         ))
     }
 }
@@ -437,28 +451,36 @@ mod tests {
     use crate::paths::temp_data_dir as setup;
 
     #[test]
-    fn a_long_inventory_says_how_far_it_has_got_every_interval_and_a_short_one_says_nothing() {
+    fn a_long_hash_says_how_far_it_has_got_every_interval_and_a_short_one_says_nothing() {
         let t0 = Instant::now();
-        let mut progress = HashProgress::new(400, t0);
+        let mut progress = HashProgress::new(Some(400), t0);
         let just_before = t0 + HASH_PROGRESS_INTERVAL - Duration::from_millis(1);
-        assert_eq!(progress.line(just_before, 399, 5_000_000_000), None);
+        for _ in 0..99 {
+            assert_eq!(progress.looked_at(just_before, 50_000_000), None);
+        }
         let line = progress
-            .line(t0 + HASH_PROGRESS_INTERVAL, 100, 14_700_000_000)
+            .looked_at(t0 + HASH_PROGRESS_INTERVAL, 9_750_000_000)
             .unwrap();
-        assert!(
-            line.starts_with("100 of 400 files looked at, 14.70 GB hashed in 10 s (1.47 GB/s)"),
-            "{line}"
+        assert_eq!(
+            line,
+            "100 of 400 files looked at, 14.70 GB hashed in 10 s (1.47 GB/s)"
         );
-        // Not again until a whole interval later.
+        // Not again until a whole interval later; a file found in the cache costs nothing.
         let later = t0 + HASH_PROGRESS_INTERVAL * 2 - Duration::from_millis(1);
-        assert_eq!(progress.line(later, 200, 20_000_000_000), None);
+        assert_eq!(progress.looked_at(later, 0), None);
         let line = progress
-            .line(t0 + HASH_PROGRESS_INTERVAL * 2, 250, 20_000_000_000)
+            .looked_at(t0 + HASH_PROGRESS_INTERVAL * 2, 5_300_000_000)
             .unwrap();
-        assert!(
-            line.starts_with("250 of 400 files looked at, 20.00 GB hashed in 20 s"),
-            "{line}"
+        assert_eq!(
+            line,
+            "102 of 400 files looked at, 20.00 GB hashed in 20 s (1.00 GB/s)"
         );
+        // With no total known (a leader hashing as a follower's HAVEs arrive).
+        let mut progress = HashProgress::new(None, t0);
+        let line = progress
+            .looked_at(t0 + HASH_PROGRESS_INTERVAL, 2_000_000)
+            .unwrap();
+        assert_eq!(line, "1 file looked at, 2.0 MB hashed in 10 s (200 kB/s)");
     }
 
     #[test]

@@ -808,15 +808,9 @@ fn build_inventory(
     let hashed_before = cache.hashed_bytes();
     let (mut files, mut held_files, mut born_since) = (0u64, 0u64, 0u64);
     let metas = scan(dir)?;
-    let mut progress = crate::index::HashProgress::new(metas.len(), Instant::now());
+    let mut progress = crate::index::HashProgress::new(Some(metas.len()), Instant::now());
     for meta in metas {
-        if let Some(line) = progress.line(
-            Instant::now(),
-            files as usize,
-            cache.hashed_bytes() - hashed_before,
-        ) {
-            tracing::info!("inventory: {line}");
-        }
+        let hashed_so_far = cache.hashed_bytes();
         files += 1;
         let proof = match cuts.get(&meta.path) {
             None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
@@ -843,6 +837,13 @@ fn build_inventory(
             len_bytes: meta.len_bytes,
             proof,
         });
+        let hashed = cache.hashed_bytes() - hashed_so_far;
+        if let Some(line) = progress.looked_at(Instant::now(), hashed) {
+            tracing::info!(
+                "inventory: {line}; a file changed since its digest was taken is hashed, here \
+                 and on the leader"
+            );
+        }
     }
     tracing::info!(
         "inventory: {files} files, {held_files} held since an earlier connection to this leader, \

@@ -16,7 +16,7 @@ use crate::auth::random_nonce;
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{Conn, FineTimer};
 use crate::frame::{ErrorCode, Frame, InstanceId, LineageId, VANISHED_HOLD_TIMEOUT_MS};
-use crate::index::DigestCache;
+use crate::index::{DigestCache, HashProgress};
 use crate::lag::LagSnapshot;
 use crate::paths::{DataDir, RelPath};
 use crate::session::leader::{LeaderPhase, LeaderSession, Transmit};
@@ -366,6 +366,8 @@ async fn drive(
     let mut eof = false;
     let mut reporter = Reporter::default();
     let mut sync_started: Option<Instant> = None;
+    // How far hashing this follower's inventory has got (a long one says so as it goes).
+    let mut hashing: Option<HashProgress> = None;
     // A payload sits in the socket with MORE set, waiting for what follows it.
     let mut corked = false;
     // The session plans from its own copy of the catalog, brought up to date with the changes
@@ -474,7 +476,12 @@ async fn drive(
         if let Some(requests) = session.digest_requests() {
             // Saved once the inventory is all in (no more batches come), not per batch.
             let save = session.phase() == LeaderPhase::AwaitDigests;
-            let results = hash_prefixes(ctx, requests, save).await;
+            let progress = hashing
+                .take()
+                .unwrap_or_else(|| HashProgress::new(None, Instant::now()));
+            let label = format!("follower #{id} ({peer})");
+            let (results, progress) = hash_prefixes(ctx, requests, save, (progress, label)).await;
+            hashing = Some(progress);
             session.digests_ready(results);
             if let (None, Some((_, planned))) = (sync_started, session.sync_progress()) {
                 let r = session.inventory_report();
@@ -844,12 +851,14 @@ impl Reporter {
     }
 }
 
-/// Hashes the prefixes a follower's inventory asks for, off the runtime thread.
+/// Hashes the prefixes a follower's inventory asks for, off the runtime thread, saying how far
+/// it has got when that takes long (`progress`, for the follower `label` names).
 async fn hash_prefixes(
     ctx: &ConnCtx,
     requests: Vec<crate::session::leader::DigestRequest>,
     save: bool,
-) -> Vec<(RelPath, Option<crate::frame::Digest>)> {
+    (mut progress, label): (HashProgress, String),
+) -> (Vec<(RelPath, Option<crate::frame::Digest>)>, HashProgress) {
     // One connection hashes at a time with the shared cache; others wait their turn.
     let mut cache = loop {
         if let Some(c) = ctx.digests.borrow_mut().take() {
@@ -863,9 +872,17 @@ async fn hash_prefixes(
         let results: Vec<_> = requests
             .into_iter()
             .map(|r| {
+                let hashed_so_far = cache.hashed_bytes();
                 let digest = cache.digest_path_prefix(&dir, &r.path, r.len_bytes);
                 if let Err(e) = &digest {
                     tracing::warn!("cannot hash {}: {e}", r.path);
+                }
+                let hashed = cache.hashed_bytes() - hashed_so_far;
+                if let Some(line) = progress.looked_at(Instant::now(), hashed) {
+                    tracing::info!(
+                        "{label}: its inventory compared by digest: {line}; a file changed \
+                         since its digest was taken is hashed, here and on the follower"
+                    );
                 }
                 (r.path, digest.ok())
             })
@@ -875,19 +892,20 @@ async fn hash_prefixes(
                 tracing::warn!("cannot save the digest cache: {e}");
             }
         }
-        (results, cache)
+        (results, cache, progress)
     })
     .await;
     match joined {
-        Ok((results, cache)) => {
+        Ok((results, cache, progress)) => {
             *ctx.digests.borrow_mut() = Some(cache);
-            results
+            (results, progress)
         }
         Err(e) => {
             // Every copy then compares as different, and is re-sent whole.
             tracing::error!("hashing task failed: {e}");
             *ctx.digests.borrow_mut() = Some(DigestCache::load(&ctx.dir));
-            paths.into_iter().map(|p| (p, None)).collect()
+            let results = paths.into_iter().map(|p| (p, None)).collect();
+            (results, HashProgress::new(None, Instant::now()))
         }
     }
 }
