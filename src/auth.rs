@@ -68,9 +68,7 @@ impl Secrets {
             previous: None,
         }
     }
-}
 
-impl Secrets {
     /// What a process logs having read its secrets again (SIGHUP): whether they changed, and
     /// what it now accepts.
     pub fn reloaded(&self, changed: bool) -> String {

@@ -326,13 +326,14 @@ fn read_secret(args: &SecretArgs) -> anyhow::Result<Secret> {
 /// The secret in `path`, a trailing newline dropped; warned about when every user of the
 /// machine may read or change the file.
 fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    let mut bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
-    let mode = std::fs::metadata(path)
-        .with_context(|| format!("cannot stat the secret file {}", path.display()))?
-        .permissions()
-        .mode();
+    let cannot = || format!("cannot read the secret file {}", path.display());
+    // One open for the bytes and the mode: the file read is the file whose mode is judged.
+    let mut file = std::fs::File::open(path).with_context(cannot)?;
+    let mode = file.metadata().with_context(cannot)?.permissions().mode();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).with_context(cannot)?;
     if mode & 0o006 != 0 {
         tracing::warn!(
             "the secret file {} may be read or changed by every user of this machine (mode \
