@@ -881,12 +881,7 @@ fn a_short_secret_is_warned_about() {
     let ld = env.dir("leader");
     let short = env.tmp.path().join("short-secret");
     std::fs::write(&short, "abc\n").unwrap();
-    let mut cmd = ferry();
-    cmd.args(["lead", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&ld)
-        .arg("--secret-file")
-        .arg(&short);
-    let leader = Proc::spawn(cmd);
+    let leader = Proc::spawn(lead_with_secret_cmd(&ld, "127.0.0.1:0", &short));
     let line = leader.wait_log("the shared secret is 3 bytes", Duration::from_secs(20));
     assert!(line.contains("offline") && line.contains("16"), "{line}");
     drop(leader);
@@ -912,12 +907,7 @@ fn a_secret_file_every_user_can_read_is_warned_about() {
     std::fs::write(&secret, "a secret of more than sixteen bytes\n").unwrap();
     for (mode, warned) in [(0o644, true), (0o640, false)] {
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
-        let mut cmd = ferry();
-        cmd.args(["lead", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&ld)
-            .arg("--secret-file")
-            .arg(&secret);
-        let leader = Proc::spawn(cmd);
+        let leader = Proc::spawn(lead_with_secret_cmd(&ld, "127.0.0.1:0", &secret));
         listen_addr(&leader);
         let log = leader.log_text();
         let line = log.lines().find(|l| l.contains("every user"));
@@ -958,14 +948,8 @@ fn lead_and_follow_read_their_secrets_again_on_sighup() {
     let new = "the secret after the rotation!";
     write(&secret, old.as_bytes());
     write(&follower_secret, old.as_bytes());
-    let mut cmd = ferry();
-    cmd.args(["lead", "--listen", "127.0.0.1:0", "--io-engine", "fallback"])
-        .arg("--data-dir")
-        .arg(&dir)
-        .arg("--secret-file")
-        .arg(&secret)
-        .arg("--previous-secret-file")
-        .arg(&previous);
+    let mut cmd = lead_with_secret_cmd(&dir, "127.0.0.1:0", &secret);
+    cmd.arg("--previous-secret-file").arg(&previous);
     let mut leader = Proc::spawn(cmd);
     let addr = listen_addr(&leader);
     let cmd = follow_with_secret_cmd(&copy, &addr.to_string(), &follower_secret);
@@ -1027,14 +1011,8 @@ fn a_follower_reloaded_before_its_leader_follows_with_its_previous_secret() {
     write(&follower_secret, old.as_bytes());
     let addr = format!("127.0.0.1:{}", free_port());
     let lead = || {
-        let mut cmd = ferry();
-        cmd.args(["lead", "--io-engine", "fallback", "--listen", &addr])
-            .arg("--data-dir")
-            .arg(&dir)
-            .arg("--secret-file")
-            .arg(&secret)
-            .arg("--previous-secret-file")
-            .arg(&previous);
+        let mut cmd = lead_with_secret_cmd(&dir, &addr, &secret);
+        cmd.arg("--previous-secret-file").arg(&previous);
         let leader = Proc::spawn(cmd);
         leader.wait_log("listening", Duration::from_secs(20));
         leader

@@ -497,20 +497,8 @@ fn a_leader_in_a_secret_rotation_serves_followers_with_the_old_or_the_new_secret
     nested_tree(&ld);
     let new_secret = env.tmp.path().join("new-secret");
     std::fs::write(&new_secret, "the new secret, rotated in today\n").unwrap();
-    let mut cmd = ferry();
-    cmd.args([
-        "lead",
-        "--listen",
-        "127.0.0.1:0",
-        "--io-engine",
-        "fallback",
-        "--data-dir",
-    ])
-    .arg(&ld)
-    .arg("--secret-file")
-    .arg(&new_secret)
-    .arg("--previous-secret-file")
-    .arg(&env.secret_file);
+    let mut cmd = lead_with_secret_cmd(&ld, "127.0.0.1:0", &new_secret);
+    cmd.arg("--previous-secret-file").arg(&env.secret_file);
     let leader = Proc::spawn(cmd);
     let addr = listen_addr(&leader);
     let follow = |dir: &std::path::Path, secret: &std::path::Path| {

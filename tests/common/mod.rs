@@ -753,6 +753,18 @@ pub fn held_len(follower_dir: &Path, path: &str) -> Option<u64> {
         .and_then(|f| f[3].parse().ok())
 }
 
+/// `ferry lead` of `dir` on `listen` with the secret in `secret_file` (fallback engine); the
+/// caller may add flags (`--previous-secret-file`).
+pub fn lead_with_secret_cmd(dir: &Path, listen: &str, secret_file: &Path) -> Command {
+    let mut cmd = ferry();
+    cmd.args(["lead", "--io-engine", "fallback", "--listen", listen])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--secret-file")
+        .arg(secret_file);
+    cmd
+}
+
 /// `ferry follow` of `dir` from the leader at `leader` with the secret in `secret_file`
 /// (fallback engine).
 pub fn follow_with_secret_cmd(dir: &Path, leader: &str, secret_file: &Path) -> Command {
