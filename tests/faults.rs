@@ -1,9 +1,9 @@
 //! Fault injection against real `ferry` processes (issue 6): a follower killed with SIGKILL at
 //! random points of its sync, a follower whose disk fills, a cluster leader killed under load, a
-//! leader partitioned from etcd and its followers by network namespaces, and a leader that goes
-//! silent in the middle of a payload. Random choices come from one seed, printed
-//! (`FERRY_FAULT_SEED` replays another); tests that need root (tmpfs, namespaces) say why they
-//! skip without it.
+//! leader partitioned from etcd and its followers by network namespaces, a leader that goes
+//! silent in the middle of a payload, and a leader and follower restarted at random while the
+//! broker writes on. Random choices come from one seed, printed (`FERRY_FAULT_SEED` replays
+//! another); tests that need root (tmpfs, namespaces) say why they skip without it.
 //!
 //! What a follower may show under a file's real name, from how it writes (src/follower/apply.rs
 //! and the session): a file it lacks, or whose copy does not match, arrives whole in
@@ -1224,4 +1224,272 @@ fn a_follower_whose_leader_goes_silent_mid_payload_gives_up_and_reconnects() {
             });
         }
     });
+}
+
+/// What the broker of `restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs`
+/// writes: in each of a few queues, a segment appended to and rolled at `SEGMENT_BYTES`, the
+/// oldest retired beyond sixteen, now and then its tail cut back and written again (a torn tail
+/// recovered after a crash), and a small state file rewritten whole.
+struct Broker {
+    rng: Rng,
+    /// Per queue: the number of its oldest segment, of its active one, and the active one's
+    /// length.
+    queues: Vec<(u64, u64, u64)>,
+    /// The queues written to now, a bit per queue, set by the test as it goes. A queue left
+    /// alone for a while has settled files for a leader's record to vouch for, which change
+    /// once it is written to again (while the leader is down, say).
+    busy: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Which queues the broker writes to next.
+#[derive(Clone, Copy)]
+enum Next {
+    /// One or two at random.
+    Any,
+    /// Those it left alone so far: their files have settled, so a leader's record may vouch
+    /// for them, and now they change.
+    Quiet,
+    /// The same: files a follower changed after the leader's last checkpoint change again.
+    Same,
+}
+
+impl Broker {
+    const QUEUES: usize = 3;
+    const SEGMENT_BYTES: u64 = 256 * 1024;
+    const SEGMENTS_KEPT: u64 = 16;
+
+    fn new(seed: u64) -> Broker {
+        Broker {
+            rng: Rng(seed),
+            queues: vec![(0, 0, 0); Self::QUEUES],
+            busy: std::sync::Arc::new(((1 << Self::QUEUES) - 1).into()),
+        }
+    }
+
+    /// Sets the queues written to from now on, and returns them (for the log).
+    fn set_busy(busy: &std::sync::atomic::AtomicU64, next: Next, rng: &mut Rng) -> Vec<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let all = (1 << Self::QUEUES) - 1;
+        let now = busy.load(Relaxed);
+        let mask = match next {
+            Next::Quiet if now != all => all & !now,
+            Next::Same => now,
+            // One or two of them.
+            _ => match all
+                & !(1 << rng.below(Self::QUEUES as u64))
+                & !(1 << rng.below(Self::QUEUES as u64))
+            {
+                0 => 1,
+                some => some,
+            },
+        };
+        busy.store(mask, Relaxed);
+        (0..Self::QUEUES).filter(|q| mask & (1 << q) != 0).collect()
+    }
+
+    fn segment(ld: &Path, q: usize, n: u64) -> PathBuf {
+        ld.join(format!("q{q}/{n:08}.seg"))
+    }
+
+    /// One write of the broker's, chosen at random.
+    fn write_once(&mut self, ld: &Path, scratch: &Path) {
+        use std::os::unix::fs::FileExt as _;
+        let mask = self.busy.load(std::sync::atomic::Ordering::Relaxed);
+        let busy: Vec<usize> = (0..Self::QUEUES).filter(|q| mask & (1 << q) != 0).collect();
+        let q = busy[self.rng.below(busy.len() as u64) as usize];
+        let (oldest, active, len) = self.queues[q];
+        let path = Self::segment(ld, q, active);
+        match self.rng.below(100) {
+            0..=84 => {
+                let more = 1 + self.rng.below(8 * 1024);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                f.write_all(&content(self.rng.next(), 0, more)).unwrap();
+                let len = len + more;
+                if len < Self::SEGMENT_BYTES {
+                    self.queues[q] = (oldest, active, len);
+                    return;
+                }
+                // Rolled: the next segment is created by its first append.
+                let mut oldest = oldest;
+                if active + 1 - oldest >= Self::SEGMENTS_KEPT {
+                    std::fs::remove_file(Self::segment(ld, q, oldest)).unwrap();
+                    oldest += 1;
+                }
+                self.queues[q] = (oldest, active + 1, 0);
+            }
+            85..=92 => {
+                let tmp = scratch.join("state.json.tmp");
+                let n = 20 + self.rng.below(2000);
+                std::fs::write(&tmp, content(self.rng.next(), 0, n)).unwrap();
+                std::fs::create_dir_all(ld.join(format!("q{q}"))).unwrap();
+                std::fs::rename(&tmp, ld.join(format!("q{q}/state.json"))).unwrap();
+            }
+            _ if len > 0 => {
+                // Cut back, then written past where it was with other bytes.
+                let cut = 1 + self.rng.below(len.min(16 * 1024));
+                let more = cut + 1 + self.rng.below(8 * 1024);
+                let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                f.set_len(len - cut).unwrap();
+                f.write_all_at(&content(self.rng.next(), 0, more), len - cut)
+                    .unwrap();
+                self.queues[q] = (oldest, active, len - cut + more);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Counts what runs of `ferry lead` logged that the restart test needs to have happened:
+/// instances resumed with files vouched for, and files a follower held that it accepted.
+#[derive(Default, Debug)]
+struct Resumed {
+    instances: usize,
+    vouched: u64,
+    held: u64,
+}
+
+impl Resumed {
+    fn count(&mut self, log: &str) {
+        for line in log.lines() {
+            if line.contains("from its record: ") || line.contains(" held since an earlier") {
+                eprintln!("  {line}");
+            }
+            if let Some(rest) = line.split("from its record: ").nth(1) {
+                self.instances += 1;
+                self.vouched += rest.split(' ').next().unwrap().parse::<u64>().unwrap();
+            }
+            // The leader's word on what it accepted.
+            if let Some(rest) = line.split("; its inventory: ").nth(1) {
+                self.held += rest.split(' ').next().unwrap().parse::<u64>().unwrap();
+            }
+        }
+    }
+}
+
+/// The held records and the leader's record let a follower keep a copy without hashing it,
+/// and a restarted leader vouch for files it did not see change. The broker never stops
+/// writing for ferry, so restarts land anywhere: mid-append, mid-rewrite, during the leader's
+/// graceful stop, with changes made while the leader is down. Each round stops one or both
+/// processes (SIGKILL or SIGTERM) at a random moment and starts them again; then the broker
+/// pauses, and the follower's copy must become byte-identical to the leader's dir. A file
+/// wrongly taken as held or vouched for would differ for good: nothing sends it again.
+#[test]
+fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const ROUNDS: usize = 12;
+    let mut rng = Rng(seed());
+    let env = Env::new();
+    let (ld, fd, scratch) = (env.dir("leader"), env.dir("follower"), env.dir("scratch"));
+    let mut broker = Broker::new(rng.next());
+    for _ in 0..4000 {
+        broker.write_once(&ld, &scratch);
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let engine = |rng: &mut Rng| ENGINES[rng.below(2) as usize];
+    let lead = |engine: &str| {
+        let mut cmd = ferry();
+        cmd.args(["lead", "--io-engine", engine, "--listen", &listen])
+            .args(["--record-interval-ms", "200", "--data-dir"])
+            .arg(&ld)
+            .arg("--secret-file")
+            .arg(&env.secret_file);
+        let proc = Proc::spawn(cmd);
+        proc.wait_log("listening on ", Duration::from_secs(20));
+        proc
+    };
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let follow = |engine: &str| start_follower(&env, &fd, addr, engine, "written");
+    let stop = |proc: Proc, how: libc::c_int, seen: &mut Resumed| {
+        let mut proc = proc;
+        signal(&proc.child, how);
+        let status = proc.child.wait().unwrap();
+        assert!(
+            how == libc::SIGKILL || status.success(),
+            "stopped by signal {how}: {status}\n{}",
+            proc.log_text()
+        );
+        seen.count(&proc.log_text());
+    };
+
+    let mut seen = Resumed::default();
+    let mut leader = Some(lead(engine(&mut rng)));
+    let mut follower = Some(follow(engine(&mut rng)));
+    for round in 0..ROUNDS {
+        /// Stops the broker when the round ends, by a panic too (the scope waits for it).
+        struct Pause<'a>(&'a AtomicBool);
+        impl Drop for Pause<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let busy = broker.busy.clone();
+        let before = Broker::set_busy(&busy, Next::Any, &mut rng);
+        let writing = AtomicBool::new(true);
+        let what = std::thread::scope(|s| {
+            let (broker, writing) = (&mut broker, &writing);
+            let (ld, scratch) = (&ld, &scratch);
+            s.spawn(move || {
+                while writing.load(Ordering::Relaxed) {
+                    broker.write_once(ld, scratch);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            let _pause = Pause(writing);
+            // Long enough for the quiet queues' files to settle (LEADER_RECORD_SETTLE_MS).
+            std::thread::sleep(Duration::from_millis(1000 + rng.below(600)));
+            let (leader_how, follower_how) = match rng.below(7) {
+                0 => (None, Some(libc::SIGKILL)),
+                1 => (None, Some(libc::SIGTERM)),
+                // Twice as likely: a leader resumed from its last checkpoint, with a follower
+                // that holds changes made after it.
+                2 | 3 => (Some(libc::SIGKILL), None),
+                4 => (Some(libc::SIGTERM), None),
+                5 => (Some(libc::SIGKILL), Some(libc::SIGKILL)),
+                _ => (Some(libc::SIGTERM), Some(libc::SIGTERM)),
+            };
+            if let Some(how) = follower_how {
+                stop(follower.take().unwrap(), how, &mut seen);
+            }
+            if let Some(how) = leader_how {
+                stop(leader.take().unwrap(), how, &mut seen);
+            }
+            // The broker goes on while they are down.
+            let next = [Next::Any, Next::Quiet, Next::Same][rng.below(3) as usize];
+            let after = Broker::set_busy(&busy, next, &mut rng);
+            std::thread::sleep(Duration::from_millis(rng.below(600)));
+            if leader.is_none() {
+                leader = Some(lead(engine(&mut rng)));
+            }
+            if follower.is_none() {
+                follower = Some(follow(engine(&mut rng)));
+            }
+            std::thread::sleep(Duration::from_millis(rng.below(600)));
+            let name = |how: Option<libc::c_int>| match how {
+                Some(libc::SIGKILL) => "SIGKILL",
+                Some(_) => "SIGTERM",
+                None => "-",
+            };
+            format!(
+                "leader {}, follower {}; queues {before:?} written, then {after:?}",
+                name(leader_how),
+                name(follower_how)
+            )
+        });
+        eprintln!("round {round:2}: {what}");
+        wait_identical(&ld, &fd, Duration::from_secs(60));
+    }
+    for proc in [leader.take(), follower.take()].into_iter().flatten() {
+        stop(proc, libc::SIGTERM, &mut seen);
+    }
+    eprintln!("{seen:?}");
+    assert!(
+        seen.instances >= 2 && seen.vouched > 0 && seen.held > 0,
+        "too few restarts resumed an instance or held a file for the test to mean anything: \
+         {seen:?}"
+    );
 }

@@ -715,8 +715,6 @@ pub fn start_etcd_at(dir: &Path, ips: &[&str], client: u16) -> Etcd {
     }
 }
 
-/// The length the follower's held record (`.ferry/held`, a journal whose later lines stand)
-/// notes for `path`, if it notes it.
 /// When the leader's record in `leader_dir` was taken (its look at the files), if there is one.
 pub fn record_taken_ns(leader_dir: &Path) -> Option<i64> {
     let text = std::fs::read_to_string(leader_dir.join(".ferry/leader")).ok()?;
@@ -744,6 +742,8 @@ pub fn newest_ctime_ns(dir: &Path) -> i64 {
     newest
 }
 
+/// The length the follower's held record (`.ferry/held`, a journal whose later lines stand)
+/// notes for `path`, if it notes it.
 pub fn held_len(follower_dir: &Path, path: &str) -> Option<u64> {
     let text = std::fs::read_to_string(follower_dir.join(".ferry/held")).ok()?;
     text.lines()
