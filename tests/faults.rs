@@ -1229,7 +1229,8 @@ fn a_follower_whose_leader_goes_silent_mid_payload_gives_up_and_reconnects() {
 /// What the broker of `restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs`
 /// writes: in each of a few queues, a segment appended to and rolled at `SEGMENT_BYTES`, the
 /// oldest retired beyond sixteen, now and then its tail cut back and written again (a torn tail
-/// recovered after a crash), and a small state file rewritten whole.
+/// recovered after a crash), and a small state file rewritten whole; once in a while the whole
+/// queue is deleted and begins again.
 struct Broker {
     rng: Rng,
     /// Per queue: the number of its oldest segment, of its active one, and the active one's
@@ -1299,8 +1300,8 @@ impl Broker {
         let q = busy[self.rng.below(busy.len() as u64) as usize];
         let (oldest, active, len) = self.queues[q];
         let path = Self::segment(ld, q, active);
-        match self.rng.below(100) {
-            0..=84 => {
+        match self.rng.below(1000) {
+            0..=849 => {
                 let more = 1 + self.rng.below(8 * 1024);
                 std::fs::create_dir_all(path.parent().unwrap()).unwrap();
                 let mut f = std::fs::OpenOptions::new()
@@ -1322,12 +1323,18 @@ impl Broker {
                 }
                 self.queues[q] = (oldest, active + 1, 0);
             }
-            85..=92 => {
+            850..=929 => {
                 let tmp = scratch.join("state.json.tmp");
                 let n = 20 + self.rng.below(2000);
                 std::fs::write(&tmp, content(self.rng.next(), 0, n)).unwrap();
                 std::fs::create_dir_all(ld.join(format!("q{q}"))).unwrap();
                 std::fs::rename(&tmp, ld.join(format!("q{q}/state.json"))).unwrap();
+            }
+            999 => {
+                // The queue is deleted, and starts again from segment 0: names its earlier
+                // segments had, with other bytes.
+                std::fs::remove_dir_all(ld.join(format!("q{q}"))).unwrap();
+                self.queues[q] = (0, 0, 0);
             }
             _ if len > 0 => {
                 // Cut back, then written past where it was with other bytes.
@@ -1375,9 +1382,10 @@ impl Resumed {
 /// and a restarted leader vouch for files it did not see change. The broker never stops
 /// writing for ferry, so restarts land anywhere: mid-append, mid-rewrite, during the leader's
 /// graceful stop, with changes made while the leader is down. Each round stops one or both
-/// processes (SIGKILL or SIGTERM) at a random moment and starts them again; then the broker
-/// pauses, and the follower's copy must become byte-identical to the leader's dir. A file
-/// wrongly taken as held or vouched for would differ for good: nothing sends it again.
+/// processes (SIGKILL or SIGTERM) at a random moment and starts them again (each start with an
+/// engine and, for the follower, a durability chosen at random); then the broker pauses, and
+/// the follower's copy must become byte-identical to the leader's dir. A file wrongly taken as
+/// held or vouched for would differ for good: nothing sends it again.
 #[test]
 fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1403,7 +1411,10 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
         proc
     };
     let addr: std::net::SocketAddr = listen.parse().unwrap();
-    let follow = |engine: &str| start_follower(&env, &fd, addr, engine, "written");
+    let follow = |rng: &mut Rng| {
+        let durability = ["received", "written", "synced"][rng.below(3) as usize];
+        start_follower(&env, &fd, addr, engine(rng), durability)
+    };
     let stop = |proc: Proc, how: libc::c_int, seen: &mut Resumed| {
         let mut proc = proc;
         signal(&proc.child, how);
@@ -1418,7 +1429,7 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
 
     let mut seen = Resumed::default();
     let mut leader = Some(lead(engine(&mut rng)));
-    let mut follower = Some(follow(engine(&mut rng)));
+    let mut follower = Some(follow(&mut rng));
     for round in 0..ROUNDS {
         /// Stops the broker when the round ends, by a panic too (the scope waits for it).
         struct Pause<'a>(&'a AtomicBool);
@@ -1466,7 +1477,7 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
                 leader = Some(lead(engine(&mut rng)));
             }
             if follower.is_none() {
-                follower = Some(follow(engine(&mut rng)));
+                follower = Some(follow(&mut rng));
             }
             std::thread::sleep(Duration::from_millis(rng.below(600)));
             let name = |how: Option<libc::c_int>| match how {
