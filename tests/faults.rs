@@ -1504,3 +1504,185 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
          {seen:?}"
     );
 }
+
+/// The application beside a cluster's leader: appends `content(key, ..)` to `seg` from `from`
+/// in 16 KiB writes until its node's lost hook asks it to stop (the `stop` marker: it then
+/// creates `stopped`, which the hook waits for) or `dead` says its host died. Returns the
+/// file's length after its last write.
+fn cluster_app(
+    seg: PathBuf,
+    key: u64,
+    (stop, stopped): (PathBuf, PathBuf),
+    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        let mut at = f.metadata().unwrap().len();
+        while !dead.load(std::sync::atomic::Ordering::SeqCst) && !stop.exists() {
+            f.write_all(&content(key, at, 16 * 1024)).unwrap();
+            at += 16 * 1024;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if stop.exists() {
+            std::fs::write(&stopped, b"").unwrap();
+        }
+        at
+    })
+}
+
+/// Leadership moved again and again at random while the application writes at the leader:
+/// a handoff to a node chosen at random, the leader SIGKILLed or stopped with SIGTERM (it
+/// leaves the cluster), or a follower SIGKILLed; each stopped node is started again. Every
+/// round, the segment on the node that leads next is a prefix of what the application wrote
+/// (never other bytes), all of it after a handoff, and every node converges on it.
+#[test]
+fn leadership_moved_at_random_under_load_never_shows_other_bytes_and_nodes_converge() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const ROUNDS: usize = 8;
+    const KEY: u64 = 78;
+    let mut rng = Rng(seed());
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let marker = |i: usize, what: &str| env.tmp.path().join(format!("n{i}.{what}"));
+    let start = |i: usize, port: u16| {
+        let dir = env.dir(&format!("n{i}"));
+        // The application stops writing when told, and the hook returns once it has.
+        let hook = format!(
+            "touch {} && while [ ! -e {} ]; do sleep 0.01; done",
+            marker(i, "stop").display(),
+            marker(i, "stopped").display()
+        );
+        let secret = env.secret_file.to_str().unwrap();
+        spawn_node(
+            &etcd.url,
+            &dir,
+            port,
+            ["--secret-file", secret, "--on-leader-lost", &hook],
+        )
+    };
+    // Every node starts with the same segment (and takes the others' over: --adopt is not
+    // needed, each is empty but node 0).
+    write(&env.dir("n0").join("q/seg"), &content(KEY, 0, 64 * 1024));
+    let mut nodes: Vec<Node> = (0..3).map(|i| start(i, free_port())).collect();
+    let mut marks = vec![0; 3];
+    let elected = |nodes: &[Node], marks: &[usize], of: &[usize]| -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let won: Vec<usize> = of
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    nodes[i].proc.log.lock().unwrap()[marks[i]..]
+                        .iter()
+                        .any(|l| l.contains("elected leader"))
+                })
+                .collect();
+            assert!(won.len() < 2, "two leaders: {won:?}");
+            if let Some(&i) = won.first() {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no leader elected within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut leader = elected(&nodes, &marks, &[0, 1, 2]);
+    for round in 0..ROUNDS {
+        // Ready: every node in the ISR, so any may take over, and a copy of the leader's files.
+        let mut all: Vec<String> = nodes.iter().map(|n| n.advertise.clone()).collect();
+        all.sort();
+        nodes[leader].proc.wait_log_since(
+            marks[leader],
+            &format!("in-sync replica set: {}", all.join(",")),
+            Duration::from_secs(30),
+        );
+        for i in (0..3).filter(|&i| i != leader) {
+            wait_same_files(&nodes[leader].dir, &nodes[i].dir, Duration::from_secs(30));
+        }
+        let seg = nodes[leader].dir.join("q/seg");
+        for what in ["stop", "stopped"] {
+            let _ = std::fs::remove_file(marker(leader, what));
+        }
+        let dead = Arc::new(AtomicBool::new(false));
+        let app = cluster_app(
+            seg.clone(),
+            KEY,
+            (marker(leader, "stop"), marker(leader, "stopped")),
+            dead.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+        marks = nodes.iter().map(|n| n.proc.log_len()).collect();
+        let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        let other = others[rng.below(2) as usize];
+        let (what, next, whole) = match rng.below(4) {
+            0 => {
+                let out = run_bounded(
+                    {
+                        let mut cmd = ferry();
+                        cmd.args(["handoff", "--etcd", &etcd.url, "--timeout", "60"])
+                            .args(["--to", &nodes[other].advertise]);
+                        cmd
+                    },
+                    Duration::from_secs(90),
+                );
+                assert!(
+                    out.status.success(),
+                    "round {round}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                ("handoff", elected(&nodes, &marks, &[other]), true)
+            }
+            1 | 2 => {
+                let how = if rng.below(2) == 0 {
+                    libc::SIGKILL
+                } else {
+                    libc::SIGTERM
+                };
+                signal(&nodes[leader].proc.child, how);
+                let status = nodes[leader].proc.child.wait().unwrap();
+                dead.store(true, Ordering::SeqCst);
+                assert!(how == libc::SIGKILL || status.success(), "{status}");
+                let next = elected(&nodes, &marks, &others);
+                let port = nodes[leader].port;
+                nodes[leader] = start(leader, port);
+                marks[leader] = 0;
+                let what = if how == libc::SIGKILL {
+                    "leader SIGKILLed"
+                } else {
+                    "leader stopped"
+                };
+                (what, next, false)
+            }
+            _ => {
+                nodes[other].proc.child.kill().unwrap();
+                nodes[other].proc.child.wait().unwrap();
+                std::thread::sleep(Duration::from_millis(rng.below(1000)));
+                let port = nodes[other].port;
+                nodes[other] = start(other, port);
+                marks[other] = 0;
+                std::thread::sleep(Duration::from_millis(rng.below(1000)));
+                dead.store(true, Ordering::SeqCst);
+                ("follower SIGKILLed", leader, true)
+            }
+        };
+        let written = app.join().unwrap();
+        let theirs = std::fs::read(nodes[next].dir.join("q/seg")).unwrap();
+        eprintln!(
+            "round {round}: {what}: {written} bytes written on node {leader}, node {next} leads \
+             with {}",
+            theirs.len()
+        );
+        assert!(
+            theirs[..] == content(KEY, 0, theirs.len() as u64)[..],
+            "round {round}: node {next}'s segment is not a prefix of what was written"
+        );
+        if whole {
+            assert_eq!(theirs.len() as u64, written, "round {round}: bytes lost");
+        }
+        leader = next;
+    }
+    for i in (0..3).filter(|&i| i != leader) {
+        wait_same_files(&nodes[leader].dir, &nodes[i].dir, Duration::from_secs(30));
+    }
+    drop(etcd);
+}
