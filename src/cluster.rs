@@ -10,7 +10,8 @@
 //! Only members of the in-sync replica set (kept by the leader at `PREFIX/isr`) campaign, and a
 //! node whose data dir holds no files waits `NodeConfig::empty_wait` first, so that one that
 //! holds data is elected before it (a cluster set up on the node that has the broker's data).
-//! `ferry handoff` moves leadership with zero loss (see `handoff`), and `Node` runs the same
+//! `ferry handoff` moves leadership with zero loss (see `handoff`), as does a leader that leaves
+//! (SIGTERM, `Node::leave`) when a follower can take over in time; `Node` runs the same
 //! election inside an embedding broker, telling it its role through `RoleEvent`s.
 
 use std::io;
@@ -305,8 +306,9 @@ pub enum RoleEvent {
     /// Elected and serving followers. With `Feed::Library` the embedder now writes and reports
     /// its writes to this leader (`append`, `replace_file`, ...).
     Elected(Arc<Leader>),
-    /// A handoff to node `to` starts its final drain: stop writing before returning. What was
-    /// written until then reaches `to` before this node resigns.
+    /// A handoff to node `to` starts its final drain (asked for with `ferry handoff`, or this
+    /// node leaving): stop writing before returning. What was written until then reaches `to`
+    /// before this node resigns.
     Draining { to: String },
     /// No longer leading: fenced, handed off, or leaving. The `Arc<Leader>` given at election
     /// no longer serves anyone.
@@ -326,8 +328,9 @@ pub enum Feed {
     Library,
 }
 
-/// A node running on its own thread, for embedders: `leave` stops it (resigning at once if it
-/// leads, so another node takes over without waiting for the lease to lapse).
+/// A node running on its own thread, for embedders: `leave` stops it (if it leads, handing off
+/// first when it can, then resigning at once, so another node takes over without waiting for
+/// the lease to lapse).
 pub struct Node {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
@@ -366,8 +369,9 @@ impl Node {
         self.secrets.set(secrets)
     }
 
-    /// Leaves the cluster: stops leading or following and revokes the lease. Returns the
-    /// error that stopped the node early, if one did.
+    /// Leaves the cluster: stops following, or hands off (`RoleEvent::Draining`, within
+    /// `LEAVE_HANDOFF_TIMEOUTS`, else without) and stops leading; then revokes the lease.
+    /// Returns the error that stopped the node early, if one did.
     pub fn leave(mut self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::SeqCst);
         match self.thread.take().map(|t| t.join()) {
@@ -418,10 +422,11 @@ fn reload_secrets(reload: Option<&SecretReload>, secrets: &SharedSecrets) {
     }
 }
 
-/// `ferry node`: runs until SIGTERM or SIGINT (then leaves the cluster cleanly), running the
-/// configured hooks on role changes, and telling systemd what it does when it runs the node
-/// (`notify_systemd`). The lost hook runs when a handoff starts its final drain (the
-/// application must stop writing) and when leadership is lost otherwise. SIGHUP reads the
+/// `ferry node`: runs until SIGTERM or SIGINT (then leaves the cluster as `Node::leave` does),
+/// running the configured hooks on role changes, and telling systemd what it does when it runs
+/// the node (`notify_systemd`). The lost hook runs when a handoff (asked for, or on leaving)
+/// starts its final drain (the application must stop writing) and when leadership is lost
+/// otherwise. SIGHUP reads the
 /// secrets again with `reload` (a rotation with no restart).
 pub fn run(config: NodeConfig, reload: Option<SecretReload>) -> anyhow::Result<()> {
     check_settings(&config)?;
@@ -1186,7 +1191,31 @@ async fn node_loop(
                 break Stepped::Fenced;
             }
             if stopping() {
-                break Stepped::Leaving;
+                // A controlled stop: hand off to the most caught-up follower first, so that
+                // what the application wrote before it was told to stop is not lost.
+                let Some(key) = leader_key.clone() else {
+                    break Stepped::Leaving;
+                };
+                let mut writer_stopped = false;
+                let ctx = HandoffCtx {
+                    client: &mut client,
+                    keys: &keys,
+                    leader_key: &key,
+                    me: &config.advertise,
+                    on_role: &on_role,
+                    lease_lost: &lease_lost,
+                    writer_stopped: &mut writer_stopped,
+                };
+                match handoff(ctx, &mut leading, "*", LEAVE_HANDOFF_TIMEOUTS).await {
+                    Ok(()) => break Stepped::HandedOff,
+                    Err(e) => {
+                        tracing::warn!(
+                            "leaving without a handoff: {e}; what was written here since the \
+                             followers' last acks is on this node only"
+                        );
+                        break Stepped::Leaving;
+                    }
+                }
             }
             if let Some(why) = leading.watcher.as_ref().and_then(|w| w.failure()) {
                 break Stepped::CannotWatch(why);
@@ -1223,7 +1252,7 @@ async fn node_loop(
                     lease_lost: &lease_lost,
                     writer_stopped: &mut writer_stopped,
                 };
-                match handoff(ctx, &mut leading, &request).await {
+                match handoff(ctx, &mut leading, &request, HANDOFF_TIMEOUTS).await {
                     Ok(()) => break Stepped::HandedOff,
                     Err(e) => {
                         tracing::warn!("handoff failed, still leading: {e}");
@@ -1462,10 +1491,26 @@ async fn take_handoff_request(client: &mut Client, keys: &Keys) -> Option<String
     Some(value)
 }
 
-/// How long a handoff waits for its target to catch up, first while the writer runs, then
+/// How long a handoff waits for its target to catch up: first while the writer runs, then
 /// during the final drain with the writer stopped.
-const HANDOFF_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
-const HANDOFF_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+#[derive(Clone, Copy)]
+struct HandoffTimeouts {
+    catch_up: Duration,
+    drain: Duration,
+}
+
+/// A handoff asked for (`ferry handoff`).
+const HANDOFF_TIMEOUTS: HandoffTimeouts = HandoffTimeouts {
+    catch_up: Duration::from_secs(30),
+    drain: Duration::from_secs(30),
+};
+
+/// The handoff of a leader leaving (SIGTERM, `Node::leave`): shorter, so that a stop is not
+/// held up long by a follower that lags; past them it leaves without one.
+const LEAVE_HANDOFF_TIMEOUTS: HandoffTimeouts = HandoffTimeouts {
+    catch_up: Duration::from_secs(10),
+    drain: Duration::from_secs(10),
+};
 
 struct HandoffCtx<'a> {
     client: &'a mut Client,
@@ -1483,7 +1528,12 @@ struct HandoffCtx<'a> {
 /// waits for the rest (the final drain), then names the target alone as the ISR and records
 /// the outcome, in one transaction guarded by our election key. The caller then resigns.
 /// On error, nothing was resigned; if the writer was stopped, the caller resumes it.
-async fn handoff(ctx: HandoffCtx<'_>, leading: &mut Leading, request: &str) -> anyhow::Result<()> {
+async fn handoff(
+    ctx: HandoffCtx<'_>,
+    leading: &mut Leading,
+    request: &str,
+    timeouts: HandoffTimeouts,
+) -> anyhow::Result<()> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let leader = leading.leader.clone();
     let followers = leader.followers();
@@ -1513,14 +1563,15 @@ async fn handoff(ctx: HandoffCtx<'_>, leading: &mut Leading, request: &str) -> a
                 format!("{id} {}", f.lag.state.name())
             })
             .collect();
-        anyhow::bail!(
-            "no connected follower named {request} (followers: {})",
-            if states.is_empty() {
-                "none".to_string()
-            } else {
-                states.join(", ")
-            }
-        );
+        let states = if states.is_empty() {
+            "none".to_string()
+        } else {
+            states.join(", ")
+        };
+        if request == "*" {
+            anyhow::bail!("no connected follower to hand off to (followers: {states})");
+        }
+        anyhow::bail!("no connected follower named {request} (followers: {states})");
     };
     tracing::info!("handoff to {target} requested: waiting for it to catch up");
     // Waits in short slices so that a lease lost meanwhile stops the handoff (and the leading)
@@ -1547,10 +1598,10 @@ async fn handoff(ctx: HandoffCtx<'_>, leading: &mut Leading, request: &str) -> a
             Ok(false)
         }
     };
-    if !wait(leader.position(), HANDOFF_CATCH_UP_TIMEOUT).await? {
+    if !wait(leader.position(), timeouts.catch_up).await? {
         anyhow::bail!(
             "{target} did not catch up within {} s",
-            HANDOFF_CATCH_UP_TIMEOUT.as_secs()
+            timeouts.catch_up.as_secs()
         );
     }
     let paused_at = std::time::Instant::now();
@@ -1560,10 +1611,10 @@ async fn handoff(ctx: HandoffCtx<'_>, leading: &mut Leading, request: &str) -> a
     let before = leader.position();
     leading.flush_watcher().await?;
     let position = leader.position();
-    if !wait(position, HANDOFF_DRAIN_TIMEOUT).await? {
+    if !wait(position, timeouts.drain).await? {
         anyhow::bail!(
             "{target} did not sync the final drain within {} s",
-            HANDOFF_DRAIN_TIMEOUT.as_secs()
+            timeouts.drain.as_secs()
         );
     }
     let pause_ms = paused_at.elapsed().as_millis();

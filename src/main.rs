@@ -194,8 +194,10 @@ enum Command {
     },
     /// Join a cluster of nodes that elect a leader through etcd: lead when elected, else follow.
     ///
-    /// SIGTERM or SIGINT leaves the cluster (resigning at once if it leads). SIGHUP reads
-    /// --secret-file and --previous-secret-file again (a rotation with no restart).
+    /// SIGTERM or SIGINT leaves the cluster; a leader first hands off to its most caught-up
+    /// follower, as `ferry handoff` does (at most 10 s to catch up, 10 s to drain; else it
+    /// leaves without), then resigns at once. SIGHUP reads --secret-file and
+    /// --previous-secret-file again (a rotation with no restart).
     Node {
         /// The data directory.
         #[arg(long, value_name = "DIR", env = "FERRY_DATA_DIR")]
@@ -228,8 +230,8 @@ enum Command {
         #[arg(long, value_name = "CMD", env = "FERRY_ON_LEADER_ELECTED")]
         on_leader_elected: Option<String>,
         /// Shell command run when this node stops leading (fenced, lease lost, leaving), and
-        /// when a handoff starts its final drain: the application must have stopped writing
-        /// when it returns.
+        /// when a handoff (asked for, or on leaving) starts its final drain: the application
+        /// must have stopped writing when it returns.
         #[arg(long, value_name = "CMD", env = "FERRY_ON_LEADER_LOST")]
         on_leader_lost: Option<String>,
         /// Serve Prometheus metrics at http://ADDR/metrics and JSON at http://ADDR/status.

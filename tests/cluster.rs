@@ -414,7 +414,7 @@ fn handoff_moves_leadership_under_load_with_zero_loss_and_reports_the_pause() {
 }
 
 #[test]
-fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_once() {
+fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_off_at_once() {
     use ferry::cluster::{Feed, Node as EmbeddedNode, NodeConfig, RoleEvent};
     use std::sync::mpsc;
     let env = Env::new();
@@ -484,9 +484,14 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
     );
     assert_eq!(std::fs::read(other.dir.join("q/seg")).unwrap(), seg);
 
-    // Leaving revokes the lease: the other node leads well before a 2 s lease could lapse.
+    // Leaving hands off to the in-sync node first (the embedder is told to stop writing),
+    // then revokes the lease: the other node leads well before a 2 s lease could lapse.
     let left_at = Instant::now();
     let leave = std::thread::spawn(move || node.leave());
+    match roles.recv_timeout(Duration::from_secs(10)).unwrap() {
+        RoleEvent::Draining { to } => assert_eq!(to, other.advertise),
+        _ => panic!("leaving did not start with a handoff's drain"),
+    }
     assert!(matches!(
         roles.recv_timeout(Duration::from_secs(10)).unwrap(),
         RoleEvent::Lost
@@ -507,6 +512,18 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_over_at_
     assert!(
         took < Duration::from_millis(1500),
         "took {took:?}: as if the lease had to lapse"
+    );
+
+    // A leader with no follower to hand off to leaves at once, saying so.
+    let mut other = other;
+    signal(&other.proc.child, libc::SIGTERM);
+    assert!(other.proc.child.wait().unwrap().success());
+    let log = other.proc.log_text();
+    assert!(
+        log.contains(
+            "leaving without a handoff: no connected follower to hand off to (followers: none)"
+        ),
+        "{log}"
     );
     drop(etcd);
 }
