@@ -1196,6 +1196,7 @@ async fn node_loop(
                 let Some(key) = leader_key.clone() else {
                     break Stepped::Leaving;
                 };
+                tracing::info!("leaving: handing off to the most caught-up follower first");
                 let mut writer_stopped = false;
                 let ctx = HandoffCtx {
                     client: &mut client,
@@ -1573,7 +1574,7 @@ async fn handoff(
         }
         anyhow::bail!("no connected follower named {request} (followers: {states})");
     };
-    tracing::info!("handoff to {target} requested: waiting for it to catch up");
+    tracing::info!("handoff to {target}: waiting for it to catch up");
     // Waits in short slices so that a lease lost meanwhile stops the handoff (and the leading)
     // at once.
     let wait = |position: u64, timeout: Duration| {
