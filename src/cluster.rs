@@ -1197,17 +1197,9 @@ async fn node_loop(
                     break Stepped::Leaving;
                 };
                 tracing::info!("leaving: handing off to the most caught-up follower first");
-                let mut writer_stopped = false;
-                let ctx = HandoffCtx {
-                    client: &mut client,
-                    keys: &keys,
-                    leader_key: &key,
-                    me: &config.advertise,
-                    on_role: &on_role,
-                    lease_lost: &lease_lost,
-                    writer_stopped: &mut writer_stopped,
-                };
-                match handoff(ctx, &mut leading, "*", LEAVE_HANDOFF_TIMEOUTS).await {
+                let me = &config.advertise;
+                let mut ctx = HandoffCtx::new(&mut client, &keys, &key, me, &on_role, &lease_lost);
+                match handoff(&mut ctx, &mut leading, "*", LEAVE_HANDOFF_TIMEOUTS).await {
                     Ok(()) => break Stepped::HandedOff,
                     Err(e) => {
                         tracing::warn!(
@@ -1243,17 +1235,11 @@ async fn node_loop(
             .await
             .flatten();
             if let Some(request) = request {
-                let mut writer_stopped = false;
-                let ctx = HandoffCtx {
-                    client: &mut client,
-                    keys: &keys,
-                    leader_key: &key,
-                    me: &config.advertise,
-                    on_role: &on_role,
-                    lease_lost: &lease_lost,
-                    writer_stopped: &mut writer_stopped,
-                };
-                match handoff(ctx, &mut leading, &request, HANDOFF_TIMEOUTS).await {
+                let me = &config.advertise;
+                let mut ctx = HandoffCtx::new(&mut client, &keys, &key, me, &on_role, &lease_lost);
+                let outcome = handoff(&mut ctx, &mut leading, &request, HANDOFF_TIMEOUTS).await;
+                let writer_stopped = ctx.writer_stopped;
+                match outcome {
                     Ok(()) => break Stepped::HandedOff,
                     Err(e) => {
                         tracing::warn!("handoff failed, still leading: {e}");
@@ -1521,7 +1507,28 @@ struct HandoffCtx<'a> {
     on_role: &'a Arc<Mutex<RoleCallback>>,
     lease_lost: &'a Arc<AtomicBool>,
     /// Set once the writer was told to stop (`RoleEvent::Draining`).
-    writer_stopped: &'a mut bool,
+    writer_stopped: bool,
+}
+
+impl<'a> HandoffCtx<'a> {
+    fn new(
+        client: &'a mut Client,
+        keys: &'a Keys,
+        leader_key: &'a [u8],
+        me: &'a str,
+        on_role: &'a Arc<Mutex<RoleCallback>>,
+        lease_lost: &'a Arc<AtomicBool>,
+    ) -> HandoffCtx<'a> {
+        HandoffCtx {
+            client,
+            keys,
+            leader_key,
+            me,
+            on_role,
+            lease_lost,
+            writer_stopped: false,
+        }
+    }
 }
 
 /// Hands leadership to `request` (a node id or `*`): waits until the target holds everything
@@ -1530,7 +1537,7 @@ struct HandoffCtx<'a> {
 /// the outcome, in one transaction guarded by our election key. The caller then resigns.
 /// On error, nothing was resigned; if the writer was stopped, the caller resumes it.
 async fn handoff(
-    ctx: HandoffCtx<'_>,
+    ctx: &mut HandoffCtx<'_>,
     leading: &mut Leading,
     request: &str,
     timeouts: HandoffTimeouts,
@@ -1608,7 +1615,7 @@ async fn handoff(
     let paused_at = std::time::Instant::now();
     tracing::info!("handoff to {target}: stopping the writer for the final drain");
     tell(ctx.on_role, RoleEvent::Draining { to: target.clone() }).await;
-    *ctx.writer_stopped = true;
+    ctx.writer_stopped = true;
     let before = leader.position();
     leading.flush_watcher().await?;
     let position = leader.position();
