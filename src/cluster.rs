@@ -426,8 +426,7 @@ fn reload_secrets(reload: Option<&SecretReload>, secrets: &SharedSecrets) {
 /// running the configured hooks on role changes, and telling systemd what it does when it runs
 /// the node (`notify_systemd`). The lost hook runs when a handoff (asked for, or on leaving)
 /// starts its final drain (the application must stop writing) and when leadership is lost
-/// otherwise. SIGHUP reads the
-/// secrets again with `reload` (a rotation with no restart).
+/// otherwise. SIGHUP reads the secrets again with `reload` (a rotation with no restart).
 pub fn run(config: NodeConfig, reload: Option<SecretReload>) -> anyhow::Result<()> {
     check_settings(&config)?;
     let (elected, lost) = (
@@ -1535,7 +1534,8 @@ impl<'a> HandoffCtx<'a> {
 /// synced while the writer runs, asks the writer to stop (`RoleEvent::Draining`), ships and
 /// waits for the rest (the final drain), then names the target alone as the ISR and records
 /// the outcome, in one transaction guarded by our election key. The caller then resigns.
-/// On error, nothing was resigned; if the writer was stopped, the caller resumes it.
+/// On error, nothing was resigned; if the writer was stopped (`ctx.writer_stopped`), the
+/// caller resumes it, unless it is leaving anyway.
 async fn handoff(
     ctx: &mut HandoffCtx<'_>,
     leading: &mut Leading,
