@@ -1331,9 +1331,13 @@ impl Broker {
                 std::fs::rename(&tmp, ld.join(format!("q{q}/state.json"))).unwrap();
             }
             999 => {
-                // The queue is deleted, and starts again from segment 0: names its earlier
-                // segments had, with other bytes.
-                std::fs::remove_dir_all(ld.join(format!("q{q}"))).unwrap();
+                // The queue is deleted (unless it is already: nothing was written to it since),
+                // and starts again from segment 0: names its earlier segments had, with other
+                // bytes.
+                let dir = ld.join(format!("q{q}"));
+                if dir.exists() {
+                    std::fs::remove_dir_all(dir).unwrap();
+                }
                 self.queues[q] = (0, 0, 0);
             }
             _ if len > 0 => {
