@@ -1582,8 +1582,8 @@ async fn handoff(
         anyhow::bail!("no connected follower named {request} (followers: {states})");
     };
     tracing::info!("handoff to {target}: waiting for it to catch up");
-    // Waits in short slices so that a lease lost meanwhile stops the handoff (and the leading)
-    // at once.
+    // Waits in short slices so that a lease lost, or the target gone (stopped, killed, its
+    // connection dropped), stops the handoff at once rather than at its timeout.
     let wait = |position: u64, timeout: Duration| {
         let (leader, target) = (leader.clone(), target.clone());
         let lease_lost = ctx.lease_lost.clone();
@@ -1593,14 +1593,22 @@ async fn handoff(
                 if lease_lost.load(Ordering::SeqCst) {
                     return Err(anyhow::anyhow!("the lease was lost"));
                 }
-                let (leader, target) = (leader.clone(), target.clone());
-                let done = tokio::task::spawn_blocking(move || {
+                let (leader, id) = (leader.clone(), target.clone());
+                let (done, connected) = tokio::task::spawn_blocking(move || {
                     let slice = Duration::from_millis(100);
-                    leader.wait_node_acked(&target, position, Durability::Synced, slice)
+                    let done = leader.wait_node_acked(&id, position, Durability::Synced, slice);
+                    let connected = leader.followers().iter().any(|f| {
+                        f.node_id.as_deref() == Some(id.as_str())
+                            && f.lag.state != crate::lag::FollowerState::Disconnected
+                    });
+                    (done, connected)
                 })
                 .await?;
                 if done {
                     return Ok(true);
+                }
+                if !connected {
+                    return Err(anyhow::anyhow!("{target} disconnected"));
                 }
             }
             Ok(false)

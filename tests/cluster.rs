@@ -1515,3 +1515,41 @@ fn a_node_ahead_in_a_rotation_follows_with_its_previous_secret() {
     );
     drop(etcd);
 }
+
+/// A leader that leaves while its only follower lags starts a handoff to it and waits for it
+/// to catch up; when that follower dies meanwhile (a whole cluster being stopped), the leader
+/// gives up at once and leaves without a handoff, rather than waiting out its timeout.
+#[test]
+fn a_leaving_leader_gives_up_its_handoff_as_soon_as_the_target_is_gone() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (mut a, mut b) = a_leads_b_in_sync(&env, &etcd.url);
+    // b stops acking (connected, not reading), and a has more for it.
+    signal(&b.proc.child, libc::SIGSTOP);
+    write(&a.dir.join("q/more"), &pattern(100_000, 6));
+    std::thread::sleep(Duration::from_millis(300));
+    let mark = a.proc.log_len();
+    signal(&a.proc.child, libc::SIGTERM);
+    a.proc.wait_log_since(
+        mark,
+        &format!("handoff to {}: waiting for it to catch up", b.advertise),
+        Duration::from_secs(10),
+    );
+    let gone = Instant::now();
+    b.proc.child.kill().unwrap();
+    b.proc.child.wait().unwrap();
+    let line = a
+        .proc
+        .wait_log_since(mark, "leaving without a handoff", Duration::from_secs(20));
+    assert!(a.proc.child.wait().unwrap().success());
+    let took = gone.elapsed();
+    assert!(
+        line.contains(&format!("{} disconnected", b.advertise)),
+        "{line}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} after the target died"
+    );
+    drop(etcd);
+}
