@@ -28,7 +28,7 @@ use crate::auth::{Secret, Secrets, SharedSecrets};
 use crate::cluster_secret::SecretPoll;
 use crate::engine::EngineKind;
 use crate::frame::Durability;
-use crate::leader::{Leader, LeaderConfig, Settle};
+use crate::leader::{Leader, LeaderConfig, NodeAck, Settle};
 use crate::log_repeats::Repeats;
 use crate::status::FollowerSelf;
 
@@ -1594,21 +1594,15 @@ async fn handoff(
                     return Err(anyhow::anyhow!("the lease was lost"));
                 }
                 let (leader, id) = (leader.clone(), target.clone());
-                let (done, connected) = tokio::task::spawn_blocking(move || {
+                let acked = tokio::task::spawn_blocking(move || {
                     let slice = Duration::from_millis(100);
-                    let done = leader.wait_node_acked(&id, position, Durability::Synced, slice);
-                    let connected = leader.followers().iter().any(|f| {
-                        f.node_id.as_deref() == Some(id.as_str())
-                            && f.lag.state != crate::lag::FollowerState::Disconnected
-                    });
-                    (done, connected)
+                    leader.wait_node_acked(&id, position, Durability::Synced, slice)
                 })
                 .await?;
-                if done {
-                    return Ok(true);
-                }
-                if !connected {
-                    return Err(anyhow::anyhow!("{target} disconnected"));
+                match acked {
+                    NodeAck::Acked => return Ok(true),
+                    NodeAck::Behind => {}
+                    NodeAck::Gone => return Err(anyhow::anyhow!("{target} disconnected")),
                 }
             }
             Ok(false)

@@ -513,30 +513,36 @@ impl Leader {
     }
 
     /// Waits until the connected follower that named itself `node_id` acked `position` at
-    /// `durability`; false if `timeout` passed first. A handoff waits on its target this way.
+    /// `durability`, until `timeout` passes, or until no connection of that node is left. A
+    /// handoff waits on its target this way.
     pub fn wait_node_acked(
         &self,
         node_id: &str,
         position: u64,
         durability: Durability,
         timeout: Duration,
-    ) -> bool {
+    ) -> NodeAck {
         let deadline = Instant::now() + timeout;
         let mut board = self.shared.board();
         loop {
-            let acked = board
+            let mut connected = board
                 .slots
                 .values()
                 .filter(|s| s.disconnected_at.is_none() && s.node_id.as_deref() == Some(node_id))
+                .peekable();
+            if connected.peek().is_none() {
+                return NodeAck::Gone;
+            }
+            let acked = connected
                 .filter_map(|s| s.lag.as_ref())
                 .map(|lag| lag.acked[durability.index()])
                 .max();
             let now = Instant::now();
             if acked.is_some_and(|a| a >= position) {
-                return true;
+                return NodeAck::Acked;
             }
             if now >= deadline || self.is_stopped() {
-                return false;
+                return NodeAck::Behind;
             }
             // A node's acks are not what `Wanted` describes: any report wakes this one.
             board = self.shared.wait_acked(board, None, deadline - now);
@@ -788,6 +794,17 @@ impl Drop for Leader {
     fn drop(&mut self) {
         self.stop_serving_with(|| true, Settle::Wait);
     }
+}
+
+/// What `Leader::wait_node_acked` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAck {
+    /// The node acked the position.
+    Acked,
+    /// Connected, and short of the position when the timeout passed.
+    Behind,
+    /// No connection of that node is left (stopped, killed, its connection dropped).
+    Gone,
 }
 
 /// Whether a stop waits for files written just before it to settle, so that the leader's
