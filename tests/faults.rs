@@ -686,6 +686,17 @@ struct Appender {
 
 impl Appender {
     fn start(path: PathBuf, key: u64, from: u64) -> Appender {
+        Appender::spawn(path, key, from, None)
+    }
+
+    /// The application beside a cluster's leader: as `start`, and it also stops once its
+    /// node's lost hook asks (the `stop` marker exists), then creates `stopped`, which the hook
+    /// waits for.
+    fn until_told(path: PathBuf, key: u64, from: u64, told: (PathBuf, PathBuf)) -> Appender {
+        Appender::spawn(path, key, from, Some(told))
+    }
+
+    fn spawn(path: PathBuf, key: u64, from: u64, told: Option<(PathBuf, PathBuf)>) -> Appender {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let len = std::sync::Arc::new(AtomicU64::new(from));
@@ -696,11 +707,17 @@ impl Appender {
                 .open(&path)
                 .unwrap();
             let mut at = from;
-            while !s.load(Ordering::SeqCst) {
+            let told_to_stop = || told.as_ref().is_some_and(|(stop, _)| stop.exists());
+            while !s.load(Ordering::SeqCst) && !told_to_stop() {
                 f.write_all(&content(key, at, 16 * 1024)).unwrap();
                 at += 16 * 1024;
                 l.store(at, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(2));
+            }
+            if let Some((stop, stopped)) = &told {
+                if stop.exists() {
+                    std::fs::write(stopped, b"").unwrap();
+                }
             }
         });
         Appender {
@@ -708,6 +725,11 @@ impl Appender {
             len,
             thread: Some(thread),
         }
+    }
+
+    /// Stops writing at once (its host died), without waiting for the thread.
+    fn halt(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn len(&self) -> u64 {
@@ -1509,31 +1531,6 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
     );
 }
 
-/// The application beside a cluster's leader: appends `content(key, ..)` to `seg` from `from`
-/// in 16 KiB writes until its node's lost hook asks it to stop (the `stop` marker: it then
-/// creates `stopped`, which the hook waits for) or `dead` says its host died. Returns the
-/// file's length after its last write.
-fn cluster_app(
-    seg: PathBuf,
-    key: u64,
-    (stop, stopped): (PathBuf, PathBuf),
-    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
-        let mut at = f.metadata().unwrap().len();
-        while !dead.load(std::sync::atomic::Ordering::SeqCst) && !stop.exists() {
-            f.write_all(&content(key, at, 16 * 1024)).unwrap();
-            at += 16 * 1024;
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if stop.exists() {
-            std::fs::write(&stopped, b"").unwrap();
-        }
-        at
-    })
-}
-
 /// Leadership moved again and again at random while the application writes at the leader:
 /// a handoff to a node chosen at random, the leader SIGKILLed or stopped with SIGTERM (it
 /// leaves the cluster, handing off first), or a follower SIGKILLed; each stopped node is
@@ -1542,8 +1539,6 @@ fn cluster_app(
 /// node converges on it.
 #[test]
 fn leadership_moved_at_random_under_load_never_shows_other_bytes_and_nodes_converge() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     const ROUNDS: usize = 8;
     const KEY: u64 = 78;
     let mut rng = Rng(seed());
@@ -1608,12 +1603,11 @@ fn leadership_moved_at_random_under_load_never_shows_other_bytes_and_nodes_conve
         for what in ["stop", "stopped"] {
             let _ = std::fs::remove_file(marker(leader, what));
         }
-        let dead = Arc::new(AtomicBool::new(false));
-        let app = cluster_app(
+        let app = Appender::until_told(
             seg.clone(),
             KEY,
+            std::fs::metadata(&seg).unwrap().len(),
             (marker(leader, "stop"), marker(leader, "stopped")),
-            dead.clone(),
         );
         std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
         marks = nodes.iter().map(|n| n.proc.log_len()).collect();
@@ -1645,7 +1639,7 @@ fn leadership_moved_at_random_under_load_never_shows_other_bytes_and_nodes_conve
                 };
                 signal(&nodes[leader].proc.child, how);
                 let status = nodes[leader].proc.child.wait().unwrap();
-                dead.store(true, Ordering::SeqCst);
+                app.halt();
                 assert!(how == libc::SIGKILL || status.success(), "{status}");
                 let next = elected(&nodes, &marks, &others);
                 let port = nodes[leader].port;
@@ -1666,11 +1660,11 @@ fn leadership_moved_at_random_under_load_never_shows_other_bytes_and_nodes_conve
                 nodes[other] = start(other, port);
                 marks[other] = 0;
                 std::thread::sleep(Duration::from_millis(rng.below(1000)));
-                dead.store(true, Ordering::SeqCst);
+                app.halt();
                 ("follower SIGKILLed", leader, true)
             }
         };
-        let written = app.join().unwrap();
+        let written = app.stop();
         let theirs = std::fs::read(nodes[next].dir.join("q/seg")).unwrap();
         eprintln!(
             "round {round}: {what}: {written} bytes written on node {leader}, node {next} leads \
