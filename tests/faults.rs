@@ -1426,12 +1426,8 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
     let listen = format!("127.0.0.1:{}", free_port());
     let engine = |rng: &mut Rng| ENGINES[rng.below(2) as usize];
     let lead = |engine: &str| {
-        let mut cmd = ferry();
-        cmd.args(["lead", "--io-engine", engine, "--listen", &listen])
-            .args(["--record-interval-ms", "200", "--data-dir"])
-            .arg(&ld)
-            .arg("--secret-file")
-            .arg(&env.secret_file);
+        let mut cmd = lead_cmd_at(&env, &ld, engine, &listen);
+        cmd.args(["--record-interval-ms", "200"]);
         let proc = Proc::spawn(cmd);
         proc.wait_log("listening on ", Duration::from_secs(20));
         proc

@@ -302,13 +302,8 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_wha
         assert!(ld.join(".ferry/leader").exists(), "{engine}: no record");
         // A start that fails before serving anyone (its port taken) leaves the record.
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut cmd = ferry();
-        cmd.args(["lead", "--io-engine", engine, "--listen"])
-            .arg(taken.local_addr().unwrap().to_string())
-            .arg("--data-dir")
-            .arg(&ld)
-            .arg("--secret-file")
-            .arg(&env.secret_file);
+        let taken_addr = taken.local_addr().unwrap().to_string();
+        let cmd = lead_cmd_at(&env, &ld, engine, &taken_addr);
         let out = run_bounded(cmd, Duration::from_secs(20));
         assert!(!out.status.success(), "{engine}: listened on a taken port");
         assert!(ld.join(".ferry/leader").exists(), "{engine}: record lost");

@@ -154,12 +154,17 @@ pub struct LeaderProc {
 
 /// `ferry lead` on an ephemeral port of 127.0.0.1; the caller may add flags.
 pub fn lead_cmd(env: &Env, dir: &Path, engine: &str) -> Command {
+    lead_cmd_at(env, dir, engine, "127.0.0.1:0")
+}
+
+/// `lead_cmd` listening on `listen` (a leader restarted on the address its followers know).
+pub fn lead_cmd_at(env: &Env, dir: &Path, engine: &str, listen: &str) -> Command {
     let mut cmd = ferry();
     cmd.arg("lead")
         .arg("--data-dir")
         .arg(dir)
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--secret-file")
         .arg(&env.secret_file)
         .arg("--io-engine")
