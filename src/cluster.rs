@@ -38,6 +38,10 @@ pub const LEASE_TTL_S_DEFAULT: i64 = 2;
 /// How long a node whose data dir holds no files waits before it campaigns, by default.
 pub const EMPTY_WAIT_S_DEFAULT: u64 = 5;
 
+/// How long a leaving leader's handoff waits for its target, each of its two waits, by
+/// default (`NodeConfig::leave_handoff_timeout`). A handoff asked for waits `HANDOFF_TIMEOUTS`.
+pub const LEAVE_HANDOFF_TIMEOUT_S_DEFAULT: u64 = 10;
+
 #[derive(Clone)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
@@ -68,6 +72,10 @@ pub struct NodeConfig {
     /// campaigning (following any leader meanwhile), so that a node that holds data is elected
     /// first: an empty leader would leave that data on a node that cannot follow it.
     pub empty_wait: Duration,
+    /// How long the handoff of a leader leaving (SIGTERM, `Node::leave`) waits for its target,
+    /// each of its two waits: to catch up with the writer running, then to sync the final
+    /// drain. Past either it leaves without a handoff; zero leaves without one at once.
+    pub leave_handoff_timeout: Duration,
 }
 
 /// What the node is doing now, for its `--http` endpoints.
@@ -370,7 +378,7 @@ impl Node {
     }
 
     /// Leaves the cluster: stops following, or hands off (`RoleEvent::Draining`, within
-    /// `LEAVE_HANDOFF_TIMEOUTS`, else without) and stops leading; then revokes the lease.
+    /// `NodeConfig::leave_handoff_timeout`, else without) and stops leading; then revokes the lease.
     /// Returns the error that stopped the node early, if one did.
     pub fn leave(mut self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::SeqCst);
@@ -1195,10 +1203,23 @@ async fn node_loop(
                 let Some(key) = leader_key.clone() else {
                     break Stepped::Leaving;
                 };
+                let wait = config.leave_handoff_timeout;
+                if wait.is_zero() {
+                    tracing::warn!(
+                        "leaving without a handoff: turned off (--leave-handoff-timeout 0); \
+                         what was written here since the followers' last acks is on this node \
+                         only"
+                    );
+                    break Stepped::Leaving;
+                }
                 tracing::info!("leaving: handing off to the most caught-up follower first");
                 let me = &config.advertise;
                 let mut ctx = HandoffCtx::new(&mut client, &keys, &key, me, &on_role, &lease_lost);
-                match handoff(&mut ctx, &mut leading, "*", LEAVE_HANDOFF_TIMEOUTS).await {
+                let timeouts = HandoffTimeouts {
+                    catch_up: wait,
+                    drain: wait,
+                };
+                match handoff(&mut ctx, &mut leading, "*", timeouts).await {
                     Ok(()) => break Stepped::HandedOff,
                     Err(e) => {
                         tracing::warn!(
@@ -1491,13 +1512,6 @@ const HANDOFF_TIMEOUTS: HandoffTimeouts = HandoffTimeouts {
     drain: Duration::from_secs(30),
 };
 
-/// The handoff of a leader leaving (SIGTERM, `Node::leave`): shorter, so that a stop is not
-/// held up long by a follower that lags; past them it leaves without one.
-const LEAVE_HANDOFF_TIMEOUTS: HandoffTimeouts = HandoffTimeouts {
-    catch_up: Duration::from_secs(10),
-    drain: Duration::from_secs(10),
-};
-
 struct HandoffCtx<'a> {
     client: &'a mut Client,
     keys: &'a Keys,
@@ -1609,10 +1623,8 @@ async fn handoff(
         }
     };
     if !wait(leader.position(), timeouts.catch_up).await? {
-        anyhow::bail!(
-            "{target} did not catch up within {} s",
-            timeouts.catch_up.as_secs()
-        );
+        let within = seconds(timeouts.catch_up);
+        anyhow::bail!("{target} did not catch up within {within}");
     }
     let paused_at = std::time::Instant::now();
     tracing::info!("handoff to {target}: stopping the writer for the final drain");
@@ -1622,10 +1634,8 @@ async fn handoff(
     leading.flush_watcher().await?;
     let position = leader.position();
     if !wait(position, timeouts.drain).await? {
-        anyhow::bail!(
-            "{target} did not sync the final drain within {} s",
-            timeouts.drain.as_secs()
-        );
+        let within = seconds(timeouts.drain);
+        anyhow::bail!("{target} did not sync the final drain within {within}");
     }
     let pause_ms = paused_at.elapsed().as_millis();
     let outcome = format!(
@@ -1651,6 +1661,15 @@ async fn handoff(
          {position}); resigning"
     );
     Ok(())
+}
+
+/// `d` as a log line says it: whole seconds (what the flags take) or milliseconds.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
 }
 
 /// What `ferry handoff` reports.

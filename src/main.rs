@@ -195,8 +195,8 @@ enum Command {
     /// Join a cluster of nodes that elect a leader through etcd: lead when elected, else follow.
     ///
     /// SIGTERM or SIGINT leaves the cluster; a leader first hands off to its most caught-up
-    /// follower, as `ferry handoff` does (at most 10 s to catch up, 10 s to drain; else it
-    /// leaves without), then resigns at once. SIGHUP reads --secret-file and
+    /// follower, as `ferry handoff` does (at most --leave-handoff-timeout to catch up, as much
+    /// to drain; else it leaves without), then resigns at once. SIGHUP reads --secret-file and
     /// --previous-secret-file again (a rotation with no restart).
     Node {
         /// The data directory.
@@ -263,6 +263,12 @@ enum Command {
         /// as the broker's when a cluster is set up, is elected first. 0: campaign at once.
         #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster::EMPTY_WAIT_S_DEFAULT, env = "FERRY_EMPTY_WAIT")]
         empty_wait: u64,
+        /// On SIGTERM or SIGINT a leader hands off first (see above): how long it waits for
+        /// the target, each of two waits (to catch up, then to sync the final drain). Past
+        /// either it leaves without a handoff, and what was written since the followers' last
+        /// acks is on this node only. 0: leave at once, without one.
+        #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster::LEAVE_HANDOFF_TIMEOUT_S_DEFAULT, env = "FERRY_LEAVE_HANDOFF_TIMEOUT")]
+        leave_handoff_timeout: u64,
     },
     /// Move leadership of a `ferry node` cluster to another node with zero loss: the leader
     /// waits until the target holds everything synced, runs its on-leader-lost hook (the
@@ -680,6 +686,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             record_interval_ms,
             adopt,
             empty_wait,
+            leave_handoff_timeout,
         } => {
             let (secrets, reload) = if secret_from_etcd {
                 (ferry::cluster_secret::read_at_start(&etcd, &prefix)?, None)
@@ -710,6 +717,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 http,
                 adopt,
                 empty_wait: std::time::Duration::from_secs(empty_wait),
+                leave_handoff_timeout: std::time::Duration::from_secs(leave_handoff_timeout),
             };
             ferry::cluster::run(config, reload)?;
             Ok(ExitCode::SUCCESS)

@@ -439,6 +439,7 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_off_at_o
         http: None,
         adopt: false,
         empty_wait: std::time::Duration::from_secs(ferry::cluster::EMPTY_WAIT_S_DEFAULT),
+        leave_handoff_timeout: Duration::from_secs(ferry::cluster::LEAVE_HANDOFF_TIMEOUT_S_DEFAULT),
     };
     let (events, roles) = mpsc::channel();
     let node = EmbeddedNode::start(
@@ -1436,6 +1437,7 @@ fn an_embedded_node_takes_new_secrets_while_it_leads() {
         http: None,
         adopt: false,
         empty_wait: Duration::from_secs(0),
+        leave_handoff_timeout: Duration::from_secs(ferry::cluster::LEAVE_HANDOFF_TIMEOUT_S_DEFAULT),
     };
     let (events, roles) = std::sync::mpsc::channel();
     let node = EmbeddedNode::start(
@@ -1552,4 +1554,59 @@ fn a_leaving_leader_gives_up_its_handoff_as_soon_as_the_target_is_gone() {
         "took {took:?} after the target died"
     );
     drop(etcd);
+}
+
+/// An operator who would rather a stop be quick than lose nothing written since the last acks
+/// bounds the leave's handoff (`--leave-handoff-timeout`), or turns it off with 0.
+#[test]
+fn a_leaving_leader_waits_for_its_handoff_only_as_long_as_told() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
+    let no_handoff = ["--leave-handoff-timeout", "0"];
+    let mut a = start_node_with(&env, &etcd.url, &a_dir, free_port(), &no_handoff);
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let one_second = ["--leave-handoff-timeout", "1"];
+    let mut b = start_node_with(&env, &etcd.url, &b_dir, free_port(), &one_second);
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let both = isr_of(&[&a.advertise, &b.advertise]);
+    wait_until(Duration::from_secs(20), "the ISR holding both", || {
+        read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str())
+    });
+
+    // With 0, a leaves at once, without telling anyone to drain, and b leads.
+    let mark = a.proc.log_len();
+    signal(&a.proc.child, libc::SIGTERM);
+    let line = a
+        .proc
+        .wait_log_since(mark, "leaving without a handoff", Duration::from_secs(20));
+    assert!(a.proc.child.wait().unwrap().success());
+    assert!(line.contains("--leave-handoff-timeout 0"), "{line}");
+    let log = a.proc.log.lock().unwrap()[mark..].join("\n");
+    assert!(!log.contains("handoff to"), "{log}");
+    b.proc.wait_log("elected leader", Duration::from_secs(30));
+
+    // a follows; it stops acking (connected, not reading), and b has more for it: b waits
+    // 1 s, not the default 10.
+    let a = start_node(&env, &etcd.url, &a_dir, a.port);
+    a.proc
+        .wait_log("initial sync received", Duration::from_secs(30));
+    signal(&a.proc.child, libc::SIGSTOP);
+    write(&b_dir.join("q/more"), &pattern(100_000, 6));
+    let mark = b.proc.log_len();
+    let asked = Instant::now();
+    signal(&b.proc.child, libc::SIGTERM);
+    let line = b
+        .proc
+        .wait_log_since(mark, "leaving without a handoff", Duration::from_secs(20));
+    assert!(b.proc.child.wait().unwrap().success());
+    let took = asked.elapsed();
+    // Whether the watcher had recorded `more` when the leave began decides which wait it is.
+    assert!(line.contains("within 1 s"), "{line}");
+    assert!(
+        took < Duration::from_secs(8),
+        "took {took:?}, as if the default"
+    );
+    drop((a, etcd));
 }
