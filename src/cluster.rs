@@ -619,6 +619,9 @@ pub(crate) struct Keys {
     pub(crate) isr: String,
     pub(crate) handoff: String,
     pub(crate) handoff_result: String,
+    /// `PREFIX/handoff-cancel/`: under it, the revision of a request whose requester gave up
+    /// (`handoff_cancel`).
+    pub(crate) handoff_cancel: String,
     /// `PREFIX/nodes/`: each running node's id, claimed under its lease (`claim_node_id`).
     pub(crate) nodes: String,
     /// `PREFIX/data`: set by a leader whose data dir held files; from then on a node whose own
@@ -640,6 +643,7 @@ impl Keys {
             isr: format!("{prefix}/isr"),
             handoff: format!("{prefix}/handoff"),
             handoff_result: format!("{prefix}/handoff-result"),
+            handoff_cancel: format!("{prefix}/handoff-cancel/"),
             nodes: format!("{prefix}/nodes/"),
             data: format!("{prefix}/data"),
             lineage: format!("{prefix}/lineage"),
@@ -652,6 +656,13 @@ impl Keys {
     /// (with an empty `id`, the prefix of them all).
     pub(crate) fn secret_taken(&self, id: &str) -> String {
         format!("{}-taken/{id}", self.secret)
+    }
+
+    /// `PREFIX/handoff-cancel/REVISION`: put by a `ferry handoff` whose `--timeout` passed, for
+    /// its request (the revision at which it put `PREFIX/handoff`); while it exists, the
+    /// leader's handoff for that request cannot commit.
+    pub(crate) fn handoff_cancel(&self, request_revision: i64) -> String {
+        format!("{}{request_revision}", self.handoff_cancel)
     }
 
     /// The prefix of the election's keys, one per candidate (`PREFIX/leader/`).
@@ -1254,9 +1265,10 @@ async fn node_loop(
             )
             .await
             .flatten();
-            if let Some(request) = request {
+            if let Some((request, cancel_key)) = request {
                 let me = &config.advertise;
                 let mut ctx = HandoffCtx::new(&mut client, &keys, &key, me, &on_role, &lease_lost);
+                ctx.cancel_key = Some(cancel_key);
                 let outcome = handoff(&mut ctx, &mut leading, &request, HANDOFF_TIMEOUTS).await;
                 let writer_stopped = ctx.writer_stopped;
                 match outcome {
@@ -1490,12 +1502,15 @@ enum Stepped {
 }
 
 /// Reads and deletes a pending handoff request (`PREFIX/handoff`): the target's node id, or
-/// `*` for the most caught-up in-sync follower.
-async fn take_handoff_request(client: &mut Client, keys: &Keys) -> Option<String> {
+/// `*` for the most caught-up in-sync follower, and the key its requester puts if it gives up
+/// (`Keys::handoff_cancel`).
+async fn take_handoff_request(client: &mut Client, keys: &Keys) -> Option<(String, String)> {
     let resp = client.get(keys.handoff.clone(), None).await.ok()?;
-    let value = resp.kvs().first()?.value_str().ok()?.to_string();
+    let kv = resp.kvs().first()?;
+    let value = kv.value_str().ok()?.to_string();
+    let cancel = keys.handoff_cancel(kv.mod_revision());
     let _ = client.delete(keys.handoff.clone(), None).await;
-    Some(value)
+    Some((value, cancel))
 }
 
 /// How long a handoff waits for its target to catch up: first while the writer runs, then
@@ -1521,6 +1536,9 @@ struct HandoffCtx<'a> {
     lease_lost: &'a Arc<AtomicBool>,
     /// Set once the writer was told to stop (`RoleEvent::Draining`).
     writer_stopped: bool,
+    /// For a handoff asked for: the key whose existence says its requester gave up
+    /// (`Keys::handoff_cancel`).
+    cancel_key: Option<String>,
 }
 
 impl<'a> HandoffCtx<'a> {
@@ -1540,9 +1558,26 @@ impl<'a> HandoffCtx<'a> {
             on_role,
             lease_lost,
             writer_stopped: false,
+            cancel_key: None,
         }
     }
+
+    /// Whether the requester of this handoff gave up (`ferry handoff --timeout`), deleting
+    /// the mark it left if so: the handoff must then not happen.
+    async fn requester_gave_up(&mut self) -> anyhow::Result<bool> {
+        let Some(key) = self.cancel_key.clone() else {
+            return Ok(false);
+        };
+        let found = self.client.get(key.clone(), None).await?.count() > 0;
+        if found {
+            let _ = self.client.delete(key, None).await;
+        }
+        Ok(found)
+    }
 }
+
+/// Why a handoff whose requester gave up stops.
+const REQUESTER_GAVE_UP: &str = "its requester gave up (its --timeout passed)";
 
 /// Hands leadership to `request` (a node id or `*`): waits until the target holds everything
 /// synced while the writer runs, asks the writer to stop (`RoleEvent::Draining`), ships and
@@ -1626,6 +1661,9 @@ async fn handoff(
         let within = seconds(timeouts.catch_up);
         anyhow::bail!("{target} did not catch up within {within}");
     }
+    if ctx.requester_gave_up().await? {
+        anyhow::bail!("{REQUESTER_GAVE_UP}");
+    }
     let paused_at = std::time::Instant::now();
     tracing::info!("handoff to {target}: stopping the writer for the final drain");
     tell(ctx.on_role, RoleEvent::Draining { to: target.clone() }).await;
@@ -1643,17 +1681,24 @@ async fn handoff(
         ctx.me,
         position.saturating_sub(before)
     );
-    let txn = Txn::new()
-        .when([Compare::value(
-            ctx.leader_key.to_vec(),
-            CompareOp::Equal,
-            ctx.me,
-        )])
-        .and_then([
-            TxnOp::put(ctx.keys.isr.clone(), target.clone(), None),
-            TxnOp::put(ctx.keys.handoff_result.clone(), outcome.clone(), None),
-        ]);
+    // Guarded by our election key, and for a handoff asked for, by its requester not having
+    // given up: one that did told its operator that the leader keeps leading.
+    let mut guards = vec![Compare::value(
+        ctx.leader_key.to_vec(),
+        CompareOp::Equal,
+        ctx.me,
+    )];
+    if let Some(cancel) = &ctx.cancel_key {
+        guards.push(Compare::version(cancel.clone(), CompareOp::Equal, 0));
+    }
+    let txn = Txn::new().when(guards).and_then([
+        TxnOp::put(ctx.keys.isr.clone(), target.clone(), None),
+        TxnOp::put(ctx.keys.handoff_result.clone(), outcome.clone(), None),
+    ]);
     if !ctx.client.txn(txn).await?.succeeded() {
+        if ctx.requester_gave_up().await? {
+            anyhow::bail!("{REQUESTER_GAVE_UP}");
+        }
         anyhow::bail!("the election key is gone: not the leader any more");
     }
     tracing::info!(
@@ -1710,46 +1755,71 @@ pub fn request_handoff(
             .delete(keys.handoff_result.clone(), None)
             .await
             .map_err(|e| etcd_unreachable(etcd, e))?;
-        client
+        let put = client
             .put(keys.handoff.clone(), to.unwrap_or("*"), None)
             .await
             .map_err(|e| etcd_unreachable(etcd, e))?;
-        let deadline = started + timeout;
+        let request_revision = put.header().map_or(0, |h| h.revision());
+        let mut deadline = started + timeout;
+        let mut gave_up = false;
         let mut outcome: Option<String> = None;
         loop {
             if std::time::Instant::now() > deadline {
-                let _ = client.delete(keys.handoff.clone(), None).await;
-                anyhow::bail!(
-                    "no handoff within {} s ({})",
-                    timeout.as_secs(),
-                    match &outcome {
-                        Some(o) => format!("the leader reported: {o}"),
-                        None => format!("{current} did not answer"),
-                    }
-                );
-            }
-            if outcome.is_none() {
-                let resp = client
-                    .get(keys.handoff_result.clone(), None)
+                if gave_up {
+                    anyhow::bail!(
+                        "leadership is moving to {}, which did not serve within {} s more",
+                        outcome.as_deref().map_or("?", |o| field(o, "to")),
+                        SERVING_GRACE.as_secs()
+                    );
+                }
+                // A leader that took the request may still be waiting for its target: the
+                // mark below stops it from committing, so the leader keeps leading, as this
+                // says; unless it committed already, which the result then tells.
+                let untaken = client
+                    .delete(keys.handoff.clone(), None)
+                    .await
+                    .is_ok_and(|r| r.deleted() > 0);
+                // Under a lease, so that it does not stay behind: the leader's handoff can
+                // only commit while its own lease of a few seconds lives.
+                let lease = client
+                    .lease_grant(HANDOFF_CANCEL_TTL_S, None)
+                    .await
+                    .map_err(|e| etcd_unreachable(etcd, e))?
+                    .id();
+                let cancel = keys.handoff_cancel(request_revision);
+                let under_lease = etcd_client::PutOptions::new().with_lease(lease);
+                client
+                    .put(cancel, "gave up", Some(under_lease))
                     .await
                     .map_err(|e| etcd_unreachable(etcd, e))?;
-                outcome = resp
-                    .kvs()
-                    .first()
-                    .and_then(|kv| kv.value_str().ok())
-                    .map(str::to_string);
+                outcome = handoff_result(&mut client, &keys)
+                    .await
+                    .map_err(|e| etcd_unreachable(etcd, e))?;
+                if !outcome.as_deref().is_some_and(|o| o.starts_with("ok ")) {
+                    anyhow::bail!(
+                        "no handoff within {} s ({}); {current} keeps leading",
+                        timeout.as_secs(),
+                        match &outcome {
+                            Some(o) => format!("the leader reported: {o}"),
+                            None if untaken => format!("{current} did not take the request"),
+                            None => format!("{current} was still waiting for the target"),
+                        }
+                    );
+                }
+                // It committed before the mark: leadership moves; wait for the target.
+                gave_up = true;
+                deadline = std::time::Instant::now() + SERVING_GRACE;
+            }
+            if outcome.is_none() {
+                outcome = handoff_result(&mut client, &keys)
+                    .await
+                    .map_err(|e| etcd_unreachable(etcd, e))?;
                 if let Some(err) = outcome.as_deref().and_then(|o| o.strip_prefix("error ")) {
                     anyhow::bail!("{current} refused the handoff: {err}");
                 }
             }
             if let Some(o) = &outcome {
-                let field = |name: &str| {
-                    o.split(' ')
-                        .find_map(|f| f.strip_prefix(&format!("{name}=")[..]))
-                        .unwrap_or("")
-                        .to_string()
-                };
-                let target = field("to");
+                let target = field(o, "to").to_string();
                 // Done once the target holds the election and accepts replication connections
                 // (a node listens only while it leads).
                 if current_leader(&mut client, &keys).await.as_deref() == Some(target.as_str())
@@ -1758,9 +1828,9 @@ pub fn request_handoff(
                         .is_ok()
                 {
                     return Ok(HandoffReport {
-                        from: field("from"),
+                        from: field(o, "from").to_string(),
                         to: target,
-                        pause_ms: field("pause_ms").parse().unwrap_or(0),
+                        pause_ms: field(o, "pause_ms").parse().unwrap_or(0),
                         serving_after_ms: started.elapsed().as_millis() as u64,
                     });
                 }
@@ -1768,6 +1838,35 @@ pub fn request_handoff(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
+}
+
+/// How long the mark of a `ferry handoff` that gave up lives (`Keys::handoff_cancel`): more
+/// than a leader's handoff can take after it took the request (`HANDOFF_TIMEOUTS`).
+const HANDOFF_CANCEL_TTL_S: i64 = 600;
+
+/// How long `ferry handoff` waits for the target to serve when the leader committed the
+/// handoff just as the requester's `--timeout` passed.
+const SERVING_GRACE: Duration = Duration::from_secs(10);
+
+/// `PREFIX/handoff-result`, if set: `ok from=.. to=.. ...` or `error WHY`.
+async fn handoff_result(
+    client: &mut Client,
+    keys: &Keys,
+) -> Result<Option<String>, etcd_client::Error> {
+    let resp = client.get(keys.handoff_result.clone(), None).await?;
+    Ok(resp
+        .kvs()
+        .first()
+        .and_then(|kv| kv.value_str().ok())
+        .map(str::to_string))
+}
+
+/// The value of `name=` in a handoff result (empty if absent).
+fn field<'a>(result: &'a str, name: &str) -> &'a str {
+    result
+        .split(' ')
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or("")
 }
 
 async fn current_leader(client: &mut Client, keys: &Keys) -> Option<String> {

@@ -280,7 +280,9 @@ enum Command {
         /// that has synced the most.
         #[arg(long, value_name = "NODE_ID")]
         to: Option<String>,
-        /// Give up (and leave the leader leading) after this many seconds.
+        /// Give up after this many seconds, and leave the leader leading: a leader still
+        /// waiting for the target (at most 30 s to catch up, 30 s to drain) does not hand off
+        /// later.
         #[arg(long, value_name = "SECONDS", default_value_t = 90)]
         timeout: u64,
     },

@@ -1610,3 +1610,46 @@ fn a_leaving_leader_waits_for_its_handoff_only_as_long_as_told() {
     );
     drop((a, etcd));
 }
+
+/// `ferry handoff --timeout` promises to leave the leader leading when it gives up. A leader
+/// that took the request and still waits for its target then must not hand off later, once
+/// the target has caught up: the operator was told it did not happen.
+#[test]
+fn a_handoff_whose_requester_gave_up_does_not_happen_later() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (a, b) = a_leads_b_in_sync(&env, &etcd.url);
+    // b lags (connected, not reading), so a waits for it to catch up.
+    signal(&b.proc.child, libc::SIGSTOP);
+    write(&a.dir.join("q/more"), &pattern(100_000, 6));
+    let mark = a.proc.log_len();
+    let mut cmd = ferry();
+    cmd.args(["handoff", "--etcd", &etcd.url, "--timeout", "4"])
+        .args(["--to", &b.advertise]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no handoff within 4 s"), "{err}");
+    assert!(err.contains("was still waiting for the target"), "{err}");
+    assert!(err.contains("keeps leading"), "{err}");
+    a.proc.wait_log_since(
+        mark,
+        &format!("handoff to {}: waiting for it to catch up", b.advertise),
+        Duration::from_secs(10),
+    );
+
+    // b catches up now; a gives the handoff up instead of resigning.
+    signal(&b.proc.child, libc::SIGCONT);
+    let mut ended = String::new();
+    wait_until(Duration::from_secs(60), "a's handoff to end", || {
+        let log = a.proc.log.lock().unwrap()[mark..].join("\n");
+        let end = log
+            .lines()
+            .find(|l| l.contains("resigning") || l.contains("handoff failed, still leading"));
+        ended = end.unwrap_or_default().to_string();
+        end.is_some()
+    });
+    assert!(ended.contains("its requester gave up"), "{ended}");
+    assert_eq!(wait_leader(&[&a, &b], Duration::from_secs(10)), 0);
+    drop(etcd);
+}
