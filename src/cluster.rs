@@ -1269,15 +1269,24 @@ async fn node_loop(
                 let me = &config.advertise;
                 let mut ctx = HandoffCtx::new(&mut client, &keys, &key, me, &on_role, &lease_lost);
                 ctx.cancel_key = Some(cancel_key);
+                ctx.stop = Some((stop.clone(), config.leave_handoff_timeout));
                 let outcome = handoff(&mut ctx, &mut leading, &request, HANDOFF_TIMEOUTS).await;
                 let writer_stopped = ctx.writer_stopped;
                 match outcome {
                     Ok(()) => break Stepped::HandedOff,
                     Err(e) => {
-                        tracing::warn!("handoff failed, still leading: {e}");
                         let _ = client
                             .put(keys.handoff_result.clone(), format!("error {e}"), None)
                             .await;
+                        if stopping() {
+                            // Told to stop meanwhile: this was the leave's handoff too.
+                            tracing::warn!(
+                                "leaving without a handoff: {e}; what was written here since \
+                                 the followers' last acks is on this node only"
+                            );
+                            break Stepped::Leaving;
+                        }
+                        tracing::warn!("handoff failed, still leading: {e}");
                         if lease_lost.load(Ordering::SeqCst) {
                             break Stepped::Fenced;
                         }
@@ -1539,6 +1548,10 @@ struct HandoffCtx<'a> {
     /// For a handoff asked for: the key whose existence says its requester gave up
     /// (`Keys::handoff_cancel`).
     cancel_key: Option<String>,
+    /// For a handoff asked for: the node's stop flag, and how long a leave's handoff may wait
+    /// (`NodeConfig::leave_handoff_timeout`). Once told to stop, the handoff waits no longer
+    /// than that from then on.
+    stop: Option<(Arc<AtomicBool>, Duration)>,
 }
 
 impl<'a> HandoffCtx<'a> {
@@ -1559,6 +1572,7 @@ impl<'a> HandoffCtx<'a> {
             lease_lost,
             writer_stopped: false,
             cancel_key: None,
+            stop: None,
         }
     }
 
@@ -1575,6 +1589,9 @@ impl<'a> HandoffCtx<'a> {
         Ok(found)
     }
 }
+
+/// Why an asked handoff stops when the node is told to stop meanwhile.
+const TOLD_TO_STOP: &str = "told to stop during the handoff";
 
 /// Why a handoff whose requester gave up stops.
 const REQUESTER_GAVE_UP: &str = "its requester gave up (its --timeout passed)";
@@ -1633,14 +1650,31 @@ async fn handoff(
     tracing::info!("handoff to {target}: waiting for it to catch up");
     // Waits in short slices so that a lease lost, or the target gone (stopped, killed, its
     // connection dropped), stops the handoff at once rather than at its timeout.
+    // When the node was first seen told to stop (an asked handoff only).
+    let stop_seen = Arc::new(std::sync::OnceLock::new());
+    let (lease_lost, stop) = (ctx.lease_lost.clone(), ctx.stop.clone());
     let wait = |position: u64, timeout: Duration| {
         let (leader, target) = (leader.clone(), target.clone());
-        let lease_lost = ctx.lease_lost.clone();
+        let lease_lost = lease_lost.clone();
+        let (stop, stop_seen) = (stop.clone(), stop_seen.clone());
         async move {
             let deadline = std::time::Instant::now() + timeout;
             while std::time::Instant::now() < deadline {
                 if lease_lost.load(Ordering::SeqCst) {
                     return Err(anyhow::anyhow!("the lease was lost"));
+                }
+                if let Some((flag, leave_timeout)) = &stop {
+                    if flag.load(Ordering::SeqCst) {
+                        let seen: &std::time::Instant =
+                            stop_seen.get_or_init(std::time::Instant::now);
+                        if seen.elapsed() >= *leave_timeout {
+                            let within = seconds(*leave_timeout);
+                            return Err(anyhow::anyhow!(
+                                "{TOLD_TO_STOP}, and {target} was not ready within {within} \
+                                 (--leave-handoff-timeout)"
+                            ));
+                        }
+                    }
                 }
                 let (leader, id) = (leader.clone(), target.clone());
                 let acked = tokio::task::spawn_blocking(move || {

@@ -266,7 +266,8 @@ enum Command {
         /// On SIGTERM or SIGINT a leader hands off first (see above): how long it waits for
         /// the target, each of two waits (to catch up, then to sync the final drain). Past
         /// either it leaves without a handoff, and what was written since the followers' last
-        /// acks is on this node only. 0: leave at once, without one.
+        /// acks is on this node only. 0: leave at once, without one. A handoff asked for
+        /// (`ferry handoff`) that is under way when the stop comes gets as long from then.
         #[arg(long, value_name = "SECONDS", default_value_t = ferry::cluster::LEAVE_HANDOFF_TIMEOUT_S_DEFAULT, env = "FERRY_LEAVE_HANDOFF_TIMEOUT")]
         leave_handoff_timeout: u64,
     },

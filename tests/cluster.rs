@@ -1653,3 +1653,53 @@ fn a_handoff_whose_requester_gave_up_does_not_happen_later() {
     assert_eq!(wait_leader(&[&a, &b], Duration::from_secs(10)), 0);
     drop(etcd);
 }
+
+/// A stop that comes while an asked handoff waits for a lagging target: the node leaves within
+/// its leave's bound (`--leave-handoff-timeout`), not the asked handoff's 30 s, and tries no
+/// second handoff after it.
+#[test]
+fn a_stop_during_an_asked_handoff_waits_only_as_long_as_a_leave_would() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
+    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
+    let one_second = ["--leave-handoff-timeout", "1"];
+    let mut a = start_node_with(&env, &etcd.url, &a_dir, free_port(), &one_second);
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let b = start_node(&env, &etcd.url, &b_dir, free_port());
+    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    signal(&b.proc.child, libc::SIGSTOP);
+    write(&a_dir.join("q/more"), &pattern(100_000, 6));
+    let mark = a.proc.log_len();
+    let requester = {
+        let (etcd, to) = (etcd.url.clone(), b.advertise.clone());
+        std::thread::spawn(move || {
+            let mut cmd = ferry();
+            cmd.args(["handoff", "--etcd", &etcd, "--timeout", "60", "--to", &to]);
+            run_bounded(cmd, Duration::from_secs(90))
+        })
+    };
+    a.proc.wait_log_since(
+        mark,
+        &format!("handoff to {}: waiting for it to catch up", b.advertise),
+        Duration::from_secs(10),
+    );
+    let asked = Instant::now();
+    signal(&a.proc.child, libc::SIGTERM);
+    let line = a
+        .proc
+        .wait_log_since(mark, "leaving without a handoff", Duration::from_secs(60));
+    assert!(a.proc.child.wait().unwrap().success());
+    let took = asked.elapsed();
+    assert!(line.contains("told to stop"), "{line}");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    let log = a.proc.log.lock().unwrap()[mark..].join("\n");
+    assert_eq!(
+        log.matches("waiting for it to catch up").count(),
+        1,
+        "{log}"
+    );
+    let out = requester.join().unwrap();
+    assert!(!out.status.success());
+    drop((b, etcd));
+}
