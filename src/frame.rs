@@ -19,8 +19,13 @@ pub const CAPABILITY_BIRTHS: u32 = 0x2;
 /// Capability bit: the leader names its data dir's lineage (LINEAGE), and a follower holding a
 /// copy of another declines (`docs/PROTOCOL.md`, *Lineage*).
 pub const CAPABILITY_LINEAGE: u32 = 0x4;
+/// Capability bit: with `HELD` and `BIRTHS`, the birth of each generation shipped whole or
+/// created (BORN), so that a handoff's target can go on with the instance (`docs/PROTOCOL.md`,
+/// *Across a handoff*).
+pub const CAPABILITY_BORN: u32 = 0x8;
 /// Capability bits this build understands and offers.
-pub const CAPABILITIES: u32 = CAPABILITY_HELD | CAPABILITY_BIRTHS | CAPABILITY_LINEAGE;
+pub const CAPABILITIES: u32 =
+    CAPABILITY_HELD | CAPABILITY_BIRTHS | CAPABILITY_LINEAGE | CAPABILITY_BORN;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
@@ -77,6 +82,7 @@ const T_ACK: u8 = 0x30;
 const T_NODE_ID: u8 = 0x14;
 const T_HAVE_HELD: u8 = 0x15;
 const T_INDEX_BORN: u8 = 0x16;
+const T_BORN: u8 = 0x26;
 
 const DATA_FLAG_TEMP: u8 = 0x01;
 const MARK_FLAG_SYNC_DONE: u8 = 0x01;
@@ -228,6 +234,8 @@ pub struct InUse {
     pub held: bool,
     pub births: bool,
     pub lineage: bool,
+    /// BORN frames: only with `HELD` and `BIRTHS`.
+    pub born: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,10 +257,12 @@ impl Preamble {
     pub fn in_use(&self, offered: u32) -> InUse {
         let both = self.capabilities & offered & CAPABILITIES;
         let held = both & CAPABILITY_HELD != 0;
+        let births = held && both & CAPABILITY_BIRTHS != 0;
         InUse {
             held,
-            births: held && both & CAPABILITY_BIRTHS != 0,
+            births,
             lineage: both & CAPABILITY_LINEAGE != 0,
+            born: births && both & CAPABILITY_BORN != 0,
         }
     }
 
@@ -352,6 +362,11 @@ pub enum Frame {
     Delete {
         path: RelPath,
     },
+    /// The birth of the generation of `path` about to be shipped (`BORN`).
+    Born {
+        born_at: u64,
+        path: RelPath,
+    },
     Mark {
         position: u64,
         sync_done: bool,
@@ -384,6 +399,7 @@ impl Frame {
             Frame::CommitWhole { .. } => "COMMIT_WHOLE",
             Frame::Truncate { .. } => "TRUNCATE",
             Frame::Delete { .. } => "DELETE",
+            Frame::Born { .. } => "BORN",
             Frame::Mark { .. } => "MARK",
             Frame::Ack { .. } => "ACK",
         }
@@ -519,6 +535,11 @@ impl Frame {
                 out.push(T_DELETE);
                 put_path(out, path);
             }
+            Frame::Born { born_at, path } => {
+                out.push(T_BORN);
+                out.extend_from_slice(&born_at.to_le_bytes());
+                put_path(out, path);
+            }
             Frame::Mark {
                 position,
                 sync_done,
@@ -598,6 +619,7 @@ fn type_name(t: u8) -> Result<&'static str, FrameError> {
         T_COMMIT_WHOLE => "COMMIT_WHOLE",
         T_TRUNCATE => "TRUNCATE",
         T_DELETE => "DELETE",
+        T_BORN => "BORN",
         T_MARK => "MARK",
         T_ACK => "ACK",
         other => return Err(FrameError::UnknownType(other)),
@@ -707,6 +729,10 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
             path: r.path()?,
         },
         T_DELETE => Frame::Delete { path: r.path()? },
+        T_BORN => Frame::Born {
+            born_at: r.u64()?,
+            path: r.path()?,
+        },
         T_MARK => {
             let position = r.u64()?;
             let flags = r.u8()?;
@@ -946,6 +972,41 @@ mod tests {
     }
 
     #[test]
+    fn born_and_its_bit_match_the_spec() {
+        let born = Preamble {
+            version: 1,
+            capabilities: CAPABILITY_BORN,
+        };
+        assert_eq!(&born.encode()[12..16], &[8, 0, 0, 0], "BORN is bit 3");
+        let needs = |capabilities| Preamble {
+            version: 1,
+            capabilities,
+        };
+        assert!(needs(CAPABILITIES).in_use(CAPABILITIES).born);
+        for without in [CAPABILITY_HELD, CAPABILITY_BIRTHS, CAPABILITY_BORN] {
+            let theirs = needs(CAPABILITIES & !without);
+            assert!(!theirs.in_use(CAPABILITIES).born, "without {without:#x}");
+        }
+        let mut buf = Vec::new();
+        Frame::Born {
+            born_at: 0x0304,
+            path: path("ab"),
+        }
+        .encode(&mut buf);
+        let want = [
+            13, 0, 0, 0,    // body_len = 11 + path_len
+            0x26, // type
+            0x04, 0x03, 0, 0, 0, 0, 0, 0, // born_at
+            2, 0, b'a', b'b',
+        ];
+        assert_eq!(buf, want);
+        assert_eq!(
+            roundtrip(&Frame::decode(&buf).unwrap().unwrap().0).name(),
+            "BORN"
+        );
+    }
+
+    #[test]
     fn preamble_layout_and_bad_magic() {
         let p = Preamble {
             version: 1,
@@ -1098,6 +1159,10 @@ mod tests {
                 path: p
             }),
             arb_path().prop_map(|p| Frame::Delete { path: p }),
+            (any::<u64>(), arb_path()).prop_map(|(b, p)| Frame::Born {
+                born_at: b,
+                path: p
+            }),
             (any::<u64>(), any::<bool>()).prop_map(|(p, s)| Frame::Mark {
                 position: p,
                 sync_done: s

@@ -18,8 +18,9 @@
 //! that position, or what the file became behind the catalog (`ferry_fuzz::Claims`); neither
 //! side fails; with `BIRTHS`, the leader refuses none of the follower's held claims; and once
 //! every change has been reported and both sides have settled, the follower's files equal the
-//! leader's, both are streaming, and the follower has acked the leader's position at every
-//! level.
+//! leader's, both are streaming, the follower has acked the leader's position at every level,
+//! and the birth it would keep with each copy for a handoff is never below the leader's (with
+//! `BORN`, exactly the leader's).
 #![no_main]
 
 use std::collections::{BTreeSet, HashSet};
@@ -595,6 +596,18 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(pair.follower.session.phase(), FollowerPhase::Streaming);
     let diff = files_diff(&pair.leader.files, &pair.follower.files);
     assert!(diff.is_empty(), "the follower's copy differs: {diff}");
+    // A handoff's target would go on with the births its held record keeps: never below the
+    // leader's (docs/PROTOCOL.md, *Across a handoff*), and with BORN exactly the leader's.
+    for path in pair.follower.files.keys() {
+        let Some(entry) = pair.leader.catalog.get(path) else {
+            continue;
+        };
+        let kept = pair.follower.births.get(path);
+        assert!(kept.is_none_or(|b| b >= entry.born_at), "{path}: {kept:?}");
+        if pair.births {
+            assert_eq!(kept, Some(entry.born_at), "{path}: the birth BORN gave");
+        }
+    }
     let position = pair.leader.catalog.position();
     assert_eq!(pair.leader.session.lag().acked(), [position; 3]);
 });

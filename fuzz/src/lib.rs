@@ -17,7 +17,7 @@ use ferry::frame::{
 };
 use ferry::paths::{PathError, RelPath};
 use ferry::session::follower::{
-    FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
+    Births, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
 };
 use ferry::session::leader::{LeaderPhase, LeaderSession, Transmit};
 use ferry::session::SessionError;
@@ -865,6 +865,9 @@ pub struct FollowerShell {
     pub held_sent: u64,
     /// The capabilities the session offers (`offering`).
     offered: u32,
+    /// What the held record would keep as each copy's birth, shown every action before it is
+    /// applied, as the real shell does.
+    pub births: Births,
 }
 
 impl FollowerShell {
@@ -897,6 +900,7 @@ impl FollowerShell {
             index: Vec::new(),
             held_sent: 0,
             offered: CAPABILITIES,
+            births: Births::default(),
         }
     }
 
@@ -1119,6 +1123,7 @@ impl FollowerShell {
     fn apply(&mut self, action: FollowerAction) -> Result<(), SessionError> {
         // A look begun at the last MARK sees the files as they are when this action comes.
         self.finish_look();
+        self.births.before(&action);
         match action {
             // A file the held record saw as it is now, after a MARK of this leader instance,
             // is reported as held (when the contents are exact); every other by digest.
@@ -1226,6 +1231,7 @@ impl FollowerShell {
                 }
                 self.changed(&path);
             }
+            FollowerAction::Born { .. } => {}
             FollowerAction::Delete { path } => {
                 // A DELETE also ends a whole-file transfer of the path (docs/PROTOCOL.md).
                 self.wholes.remove(&path);

@@ -184,7 +184,9 @@ impl Apply {
             }
             FollowerAction::Write { .. }
             | FollowerAction::Inventory { .. }
-            | FollowerAction::Mark { .. } => {}
+            | FollowerAction::Mark { .. }
+            // Only the held record's (`Births`).
+            | FollowerAction::Born { .. } => {}
         }
         Ok(())
     }

@@ -12,7 +12,7 @@
 //! position. `poll_ack` coalesces: one ACK at most per call, only when the level the follower
 //! acks at has advanced.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
@@ -72,11 +72,72 @@ pub enum FollowerAction {
     Delete {
         path: RelPath,
     },
+    /// The next generation of `path` to arrive (whole, or created by a DATA at offset 0) was
+    /// born at `born_at` (BORN): what the held record keeps with it.
+    Born {
+        path: RelPath,
+        born_at: u64,
+    },
     /// Everything up to `position` has been applied; `sync_done` ends the initial sync.
     Mark {
         position: u64,
         sync_done: bool,
     },
+}
+
+/// An upper bound on the birth of the generation each of the follower's copies holds, where it
+/// knows one (`docs/PROTOCOL.md`, *Across a handoff*): INDEX_BORN's for a file of the index,
+/// BORN's for a generation shipped whole or created since. The shell shows it each action
+/// before it applies it (`before`), so a birth asked for after a look at a file is never below
+/// that of what the look saw.
+#[derive(Debug, Default)]
+pub struct Births {
+    known: HashMap<RelPath, u64>,
+    /// Paths whose next generation BORN announced, until that generation lands.
+    announced: HashSet<RelPath>,
+}
+
+impl Births {
+    /// The birth recorded for `path`'s copy, if known.
+    pub fn get(&self, path: &RelPath) -> Option<u64> {
+        self.known.get(path).copied()
+    }
+
+    /// Takes in `action`, which the shell is about to apply.
+    pub fn before(&mut self, action: &FollowerAction) {
+        match action {
+            FollowerAction::Inventory { index, .. } => {
+                self.announced.clear();
+                self.known = index
+                    .iter()
+                    .filter_map(|(p, cut)| Some((p.clone(), cut.born_at?)))
+                    .collect();
+            }
+            FollowerAction::Born { path, born_at } => {
+                self.known.insert(path.clone(), *born_at);
+                self.announced.insert(path.clone());
+            }
+            // A new generation lands: its birth is known only if BORN announced it.
+            FollowerAction::CommitWhole { path, .. }
+            | FollowerAction::Write {
+                path,
+                temp: false,
+                offset: 0,
+                ..
+            } => self.landed(path),
+            FollowerAction::Delete { path } => {
+                self.known.remove(path);
+                self.announced.remove(path);
+            }
+            _ => {}
+        }
+    }
+
+    fn landed(&mut self, path: &RelPath) {
+        if !self.announced.remove(path) {
+            self.known.remove(path);
+        }
+    }
 }
 
 /// What the leader's index says of one file.
@@ -141,6 +202,8 @@ pub struct FollowerSession {
     held_in_use: bool,
     /// Both offered `BIRTHS` as well as `HELD`: the index comes as INDEX_BORN.
     births_in_use: bool,
+    /// Both offered `BORN` as well: generations shipped whole or created come with BORN.
+    born_in_use: bool,
     /// The leader's instance, from INSTANCE.
     instance: Option<InstanceId>,
     /// Both offered `LINEAGE`.
@@ -181,6 +244,7 @@ impl FollowerSession {
             offered: CAPABILITIES,
             held_in_use: false,
             births_in_use: false,
+            born_in_use: false,
             instance: None,
             lineage_in_use: false,
             lineage: None,
@@ -250,6 +314,7 @@ impl FollowerSession {
                     let in_use = peer.in_use(self.offered);
                     (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
                     self.lineage_in_use = in_use.lineage;
+                    self.born_in_use = in_use.born;
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }
@@ -415,6 +480,15 @@ impl FollowerSession {
                 // A whole-file transfer of `path` the leader gave up on ends here.
                 self.wholes.remove(&path);
                 Some(FollowerAction::Delete { path })
+            }
+            (P::Streaming, Frame::Born { born_at, path }) => {
+                if !self.born_in_use {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "BORN",
+                        why: "the BORN capability is not in use on this connection".into(),
+                    });
+                }
+                Some(FollowerAction::Born { path, born_at })
             }
             (
                 P::Streaming,

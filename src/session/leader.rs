@@ -177,6 +177,9 @@ pub struct LeaderSession {
     lineage_in_use: bool,
     /// Both offered `BIRTHS` as well as `HELD`: the index goes as INDEX_BORN.
     births_in_use: bool,
+    /// Both offered `BORN` as well: each generation shipped whole or created is announced
+    /// with BORN.
+    born_in_use: bool,
     inventory_report: InventoryReport,
     phase: LeaderPhase,
     out: Vec<u8>,
@@ -260,6 +263,7 @@ impl LeaderSession {
             held_in_use: false,
             lineage_in_use: false,
             births_in_use: false,
+            born_in_use: false,
             inventory_report: InventoryReport::default(),
             phase: LeaderPhase::AwaitPreamble,
             out,
@@ -443,6 +447,7 @@ impl LeaderSession {
                     let in_use = peer.in_use(CAPABILITIES);
                     (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
                     self.lineage_in_use = in_use.lineage;
+                    self.born_in_use = in_use.born;
                     consumed = PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
@@ -980,6 +985,8 @@ impl LeaderSession {
             // Born by an append, and the follower holds no copy: it goes as appends do, under
             // its real name (DATA creates it); see `docs/PROTOCOL.md`, *Sequence*.
             (Some(cur), None) if cur.born_by_append && cur.len_bytes > 0 => {
+                // The DATA that creates it comes next.
+                self.announce_birth(&path, cur.born_at);
                 self.job = Some(Job::Tail {
                     path,
                     generation: cur.generation,
@@ -1157,13 +1164,16 @@ impl LeaderSession {
             return;
         };
         let generation = *generation;
-        let len_bytes = match catalog.get(path) {
-            Some(cur) if cur.generation == generation => cur.len_bytes.min(file_len_bytes),
+        let (len_bytes, born_at) = match catalog.get(path) {
+            Some(cur) if cur.generation == generation => {
+                (cur.len_bytes.min(file_len_bytes), cur.born_at)
+            }
             _ => {
                 self.whole_unavailable(path);
                 return;
             }
         };
+        self.announce_birth(path, born_at);
         Frame::BeginWhole {
             len_bytes,
             path: path.clone(),
@@ -1175,6 +1185,17 @@ impl LeaderSession {
             offset: 0,
             len_bytes,
         });
+    }
+
+    /// BORN for the generation of `path` whose first frame comes next, when `BORN` is in use.
+    fn announce_birth(&mut self, path: &RelPath, born_at: u64) {
+        if self.born_in_use {
+            Frame::Born {
+                born_at,
+                path: path.clone(),
+            }
+            .encode(&mut self.out);
+        }
     }
 
     /// The file asked for by `Transmit::OpenWhole` is gone; its removal is (or will be) a change

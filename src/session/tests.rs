@@ -6,15 +6,17 @@ use std::time::{Duration, Instant};
 
 use sha1::{Digest as _, Sha1};
 
-use super::follower::{FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof};
+use super::follower::{
+    Births, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
+};
 use super::leader::{InventoryReport, LeaderPhase, LeaderSession, Transmit};
 use super::SessionError;
 use crate::auth::Secret;
 use crate::catalog::Catalog;
 use crate::frame::{
     Digest, Durability, ErrorCode, Frame, InstanceId, LineageId, Preamble, CAPABILITIES,
-    CAPABILITY_BIRTHS, CAPABILITY_HELD, CAPABILITY_LINEAGE, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES,
-    VANISHED_HOLD_TIMEOUT_MS,
+    CAPABILITY_BIRTHS, CAPABILITY_BORN, CAPABILITY_HELD, CAPABILITY_LINEAGE, KEEPALIVE_INTERVAL_MS,
+    MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
 use crate::paths::{PathError, RelPath};
@@ -65,6 +67,8 @@ struct Sim {
     leader_hashed: Vec<RelPath>,
     /// Every path a whole-file transfer began for, in order (BEGIN_WHOLE).
     begun_whole: Vec<RelPath>,
+    /// The births the follower's held record would keep, shown every action as the shell does.
+    births: Births,
 }
 
 impl Sim {
@@ -106,6 +110,7 @@ impl Sim {
             held_claims: HashMap::new(),
             leader_hashed: Vec::new(),
             begun_whole: Vec::new(),
+            births: Births::default(),
         }
     }
 
@@ -275,6 +280,7 @@ impl Sim {
     }
 
     fn apply(&mut self, action: FollowerAction) {
+        self.births.before(&action);
         match action {
             FollowerAction::Inventory {
                 index,
@@ -348,6 +354,7 @@ impl Sim {
                 self.follower_files.remove(&path);
                 self.follower_temps.remove(&path);
             }
+            FollowerAction::Born { .. } => {}
             FollowerAction::Mark {
                 position,
                 sync_done,
@@ -563,6 +570,43 @@ fn only_files_born_whole_or_empty_or_over_a_held_copy_go_whole() {
     assert_eq!(sim.run(), 4);
     sim.assert_in_sync();
     assert!(sim.begun_whole.is_empty());
+}
+
+/// With `BORN`, the follower knows the birth of every copy it holds as the leader's catalog
+/// gives it: from the index for a file it kept, from BORN for one shipped whole or created
+/// since. Without it, such a copy has none (`docs/PROTOCOL.md`, *Across a handoff*).
+#[test]
+fn the_follower_knows_the_birth_of_every_copy_it_holds() {
+    for born in [true, false] {
+        let leader = files(&[("old/seg.0", b"held"), ("state", b"1"), ("gone", b"x")]);
+        let mut sim = Sim::new(leader, files(&[("old/seg.0", b"he")]));
+        if !born {
+            sim.follower = std::mem::replace(
+                &mut sim.follower,
+                FollowerSession::new(
+                    Secret::new(b"x".to_vec()).unwrap(),
+                    [0; 32],
+                    Durability::Synced,
+                ),
+            )
+            .offering(CAPABILITIES & !CAPABILITY_BORN);
+        }
+        sim.run();
+        sim.append("q/seg.1", b"created by an append");
+        sim.replace("state", b"22");
+        sim.append("old/seg.0", b" and more");
+        sim.delete("gone");
+        sim.run();
+        sim.assert_in_sync();
+        assert!(sim.catalog.get(&p("q/seg.1")).unwrap().born_at > 0);
+        for path in sim.follower_files.keys() {
+            let catalog = sim.catalog.get(path).unwrap().born_at;
+            let kept = path.as_str() == "old/seg.0";
+            let want = (born || kept).then_some(catalog);
+            assert_eq!(sim.births.get(path), want, "{path} (BORN in use: {born})");
+        }
+        assert_eq!(sim.births.get(&p("gone")), None);
+    }
 }
 
 #[test]
