@@ -28,6 +28,7 @@ use crate::auth::{Secret, Secrets, SharedSecrets};
 use crate::cluster_secret::SecretPoll;
 use crate::engine::EngineKind;
 use crate::frame::Durability;
+use crate::index::hex;
 use crate::leader::{Leader, LeaderConfig, NodeAck, Settle};
 use crate::log_repeats::Repeats;
 use crate::status::FollowerSelf;
@@ -622,6 +623,10 @@ pub(crate) struct Keys {
     /// `PREFIX/handoff-cancel/`: under it, the revision of a request whose requester gave up
     /// (`handoff_cancel`).
     pub(crate) handoff_cancel: String,
+    /// `PREFIX/handoff-instance`: `TARGET INSTANCE POSITION`, put by a leader that handed off
+    /// and recorded no change after the final drain; the target, elected, takes it and goes on
+    /// with that instance (`pass_on_instance`, `take_passed_instance`).
+    pub(crate) handoff_instance: String,
     /// `PREFIX/nodes/`: each running node's id, claimed under its lease (`claim_node_id`).
     pub(crate) nodes: String,
     /// `PREFIX/data`: set by a leader whose data dir held files; from then on a node whose own
@@ -644,6 +649,7 @@ impl Keys {
             handoff: format!("{prefix}/handoff"),
             handoff_result: format!("{prefix}/handoff-result"),
             handoff_cancel: format!("{prefix}/handoff-cancel/"),
+            handoff_instance: format!("{prefix}/handoff-instance"),
             nodes: format!("{prefix}/nodes/"),
             data: format!("{prefix}/data"),
             lineage: format!("{prefix}/lineage"),
@@ -1154,6 +1160,19 @@ async fn node_loop(
                 keys.lineage
             ))
         });
+        if let Some(key) = &leader_key {
+            let me = &config.advertise;
+            let take = take_passed_instance(&mut client, &keys, (key, me), &config.data_dir);
+            if let Err(e) = bounded(&lease_lost, ttl_third(config.lease_ttl_s), take)
+                .await
+                .unwrap_or_else(|| Err(anyhow::anyhow!("etcd did not answer")))
+            {
+                tracing::warn!(
+                    "not going on with the instance the handoff passed on: {e:#}; a new one, and \
+                     followers hash what changed since their last inventory"
+                );
+            }
+        }
         let started = match lineage {
             Ok(Some(cluster)) => {
                 let (root, key) = (config.data_dir.clone(), keys.lineage.clone());
@@ -1231,7 +1250,7 @@ async fn node_loop(
                     drain: wait,
                 };
                 match handoff(&mut ctx, &mut leading, "*", timeouts).await {
-                    Ok(()) => break Stepped::HandedOff,
+                    Ok(handed) => break Stepped::HandedOff(handed),
                     Err(e) => {
                         tracing::warn!(
                             "leaving without a handoff: {e}; what was written here since the \
@@ -1273,7 +1292,7 @@ async fn node_loop(
                 let outcome = handoff(&mut ctx, &mut leading, &request, HANDOFF_TIMEOUTS).await;
                 let writer_stopped = ctx.writer_stopped;
                 match outcome {
-                    Ok(()) => break Stepped::HandedOff,
+                    Ok(handed) => break Stepped::HandedOff(handed),
                     Err(e) => {
                         let _ = client
                             .put(keys.handoff_result.clone(), format!("error {e}"), None)
@@ -1353,9 +1372,9 @@ async fn node_loop(
                 ),
             }
         };
-        match why {
+        match &why {
             Stepped::Fenced => tracing::warn!("lease lost: fenced, no longer leading"),
-            Stepped::HandedOff => tracing::info!("handed off: no longer leading"),
+            Stepped::HandedOff(_) => tracing::info!("handed off: no longer leading"),
             Stepped::Leaving => tracing::info!("leaving: no longer leading"),
             Stepped::CannotWatch(why) => {
                 // As for a node elected that cannot lead: another node may see the whole dir.
@@ -1368,7 +1387,19 @@ async fn node_loop(
             }
         }
         set_role(&role, Role::Candidate);
+        let leader = leading.leader.clone();
         leading.stop().await;
+        if let (Stepped::HandedOff(handed), Some(key)) = (&why, &leader_key) {
+            let me = &config.advertise;
+            if let Err(e) = pass_on_instance(&mut client, &keys, (key, me), &leader, handed).await {
+                tracing::warn!(
+                    "not passing instance {} on to {}: {e:#}; it starts a new one, and followers \
+                     hash what changed since their last inventory",
+                    hex(&leader.instance()),
+                    handed.target
+                );
+            }
+        }
         tell(&on_role, RoleEvent::Lost).await;
         keepalive.abort();
         // Revoking the lease deletes our election key at once: the next candidate need not wait
@@ -1504,7 +1535,7 @@ const ETCD_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Why a node stopped leading.
 enum Stepped {
     Fenced,
-    HandedOff,
+    HandedOff(HandedOff),
     Leaving,
     /// The watcher stopped: it no longer sees every change (`Watcher::failure`).
     CannotWatch(String),
@@ -1607,7 +1638,7 @@ async fn handoff(
     leading: &mut Leading,
     request: &str,
     timeouts: HandoffTimeouts,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<HandedOff> {
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let leader = leading.leader.clone();
     let followers = leader.followers();
@@ -1704,6 +1735,8 @@ async fn handoff(
     ctx.writer_stopped = true;
     let before = leader.position();
     leading.flush_watcher().await?;
+    // Every change made so far is reported: a file changed after this is not the catalog's.
+    let reported_ns = crate::leader_record::now_taken_ns();
     let position = leader.position();
     if !wait(position, timeouts.drain).await? {
         let within = seconds(timeouts.drain);
@@ -1739,7 +1772,146 @@ async fn handoff(
         "handoff to {target}: writer paused {pause_ms} ms for the final drain (position \
          {position}); resigning"
     );
+    Ok(HandedOff {
+        target,
+        position,
+        reported_ns,
+    })
+}
+
+/// After a handoff to `handed.target` went through and `leader` stopped serving: if it
+/// recorded no change after the final drain, the instance goes on at the target
+/// (`docs/PROTOCOL.md`, *Across a handoff*), so every follower's held record stays good. No
+/// session then sent a frame of a later change or a MARK above the drain's position. This
+/// node deletes its own record (the instance must not resume here too), records every file
+/// it holds as held at that position (it follows the target next), and puts
+/// `PREFIX/handoff-instance`, guarded by its election key, before it resigns.
+async fn pass_on_instance(
+    client: &mut Client,
+    keys: &Keys,
+    (leader_key, me): (&[u8], &str),
+    leader: &Arc<Leader>,
+    handed: &HandedOff,
+) -> anyhow::Result<()> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let (instance, position) = (leader.instance(), handed.position);
+    let (catalog, now) = leader.catalog_snapshot();
+    if now != position {
+        anyhow::bail!(
+            "changes were recorded after the final drain (position {position}, now {now})"
+        );
+    }
+    let root = leader.data_dir().root().to_path_buf();
+    let files = catalog.len();
+    let reported_ns = handed.reported_ns;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let dir = crate::paths::DataDir::open(&root)?;
+        crate::leader_record::remove(&dir)?;
+        let own = catalog
+            .into_iter()
+            .map(|(p, e)| (p, e.len_bytes, e.born_at));
+        let mut held = crate::follower::held::HeldRecord::load(&dir);
+        held.record_own(&dir, (instance, position), own, reported_ns);
+        held.save_or_warn(&dir);
+        Ok(())
+    })
+    .await??;
+    let value = format!("{} {} {position}", handed.target, hex(&instance));
+    let txn = Txn::new()
+        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
+        .and_then([TxnOp::put(keys.handoff_instance.clone(), value, None)]);
+    if !client.txn(txn).await?.succeeded() {
+        anyhow::bail!("the election key is gone: not the leader any more");
+    }
+    tracing::info!(
+        "passed instance {} on to {} at position {position}: its followers (this node too, \
+         {files} files) keep what their held records vouch for",
+        hex(&instance),
+        handed.target
+    );
     Ok(())
+}
+
+/// On being elected: takes (reads and deletes, guarded by our election key) what a leader
+/// that handed off to this node passed on (`pass_on_instance`), and turns this node's held
+/// record of that instance into a leader's record, which the start then resumes from: the
+/// files hold the old leader's as of `POSITION` (this node synced the final drain, and no
+/// change came after), each born at or before what the held record says (`POSITION` where it
+/// says nothing). Nothing when there is none, or it names another node.
+async fn take_passed_instance(
+    client: &mut Client,
+    keys: &Keys,
+    (leader_key, me): (&[u8], &str),
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let resp = client.get(keys.handoff_instance.clone(), None).await?;
+    let Some(kv) = resp.kvs().first() else {
+        return Ok(());
+    };
+    let value = kv.value_str()?.to_string();
+    let txn = Txn::new()
+        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
+        .and_then([TxnOp::delete(keys.handoff_instance.clone(), None)]);
+    if !client.txn(txn).await?.succeeded() {
+        anyhow::bail!("the election key is gone: not the leader any more");
+    }
+    let mut f = value.split(' ');
+    let (Some(target), Some(instance), Some(position), None) =
+        (f.next(), f.next(), f.next(), f.next())
+    else {
+        anyhow::bail!(
+            "{} holds {value:?}, not TARGET INSTANCE POSITION",
+            keys.handoff_instance
+        );
+    };
+    if target != me {
+        return Ok(()); // left from a handoff to another node, which never led after it
+    }
+    let instance: crate::frame::InstanceId = crate::index::from_hex(instance)
+        .ok_or_else(|| anyhow::anyhow!("{}: bad instance {instance:?}", keys.handoff_instance))?;
+    let position: u64 = position.parse()?;
+    let root = data_dir.to_path_buf();
+    let (held, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
+        let dir = crate::paths::DataDir::open(&root)?;
+        let record = crate::follower::held::HeldRecord::load(&dir);
+        let vouched = record.vouched(&instance);
+        let total = vouched.len();
+        let files: Vec<_> = vouched
+            .into_iter()
+            .filter_map(|v| {
+                let born_at = v.born_at.unwrap_or(position);
+                // A birth above the drain's position is no birth of what this node holds.
+                (born_at <= position).then(|| {
+                    let kept = crate::catalog::Kept {
+                        born_at,
+                        len_bytes: v.stamp.len_bytes,
+                    };
+                    (v.path, kept, v.stamp)
+                })
+            })
+            .collect();
+        let taken_ns = crate::leader_record::now_taken_ns();
+        let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
+        crate::leader_record::save_files(&dir, (&instance, position), taken_ns, refs)?;
+        Ok((files.len(), total))
+    })
+    .await??;
+    tracing::info!(
+        "going on with instance {} passed on by the handoff, from position {}: {held} of \
+         {total} files held",
+        hex(&instance),
+        position.saturating_add(1)
+    );
+    Ok(())
+}
+
+/// A handoff that went through: to whom, and the final drain's position.
+struct HandedOff {
+    target: String,
+    position: u64,
+    /// When every change made up to the final drain had been reported (wall clock, ns).
+    reported_ns: i64,
 }
 
 /// `d` as a log line says it: whole seconds (what the flags take) or milliseconds.

@@ -322,8 +322,8 @@ pub struct ResetReport {
 }
 
 /// Deletes what decides who may lead: the in-sync replica set (`PREFIX/isr`), the mark that
-/// the cluster has held data (`PREFIX/data`), the lineage of its data (`PREFIX/lineage`), and a
-/// pending handoff request. Then the first node to campaign leads whatever its data dir holds,
+/// the cluster has held data (`PREFIX/data`), the lineage of its data (`PREFIX/lineage`), a
+/// pending handoff request, and an instance a handoff passed on (`PREFIX/handoff-instance`). Then the first node to campaign leads whatever its data dir holds,
 /// so this is refused while any node runs or campaigns: the check and the deletes are one
 /// transaction, so a node that joins a moment later sees the cluster either before or after it,
 /// never between.
@@ -343,6 +343,7 @@ pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
                 TxnOp::delete(keys.lineage.clone(), prev()),
                 TxnOp::delete(keys.handoff.clone(), prev()),
                 TxnOp::delete(keys.handoff_result.clone(), prev()),
+                TxnOp::delete(keys.handoff_instance.clone(), prev()),
             ])
             .or_else([
                 TxnOp::get(keys.nodes.clone(), Some(GetOptions::new().with_prefix())),

@@ -125,6 +125,25 @@ pub fn save(
     catalog: &[(RelPath, CatalogEntry)],
     look: &Look,
 ) -> io::Result<()> {
+    let files = catalog.iter().filter_map(|(path, entry)| {
+        let kept = Kept {
+            born_at: entry.born_at,
+            len_bytes: entry.len_bytes,
+        };
+        Some((path, kept, *look.stamps.get(path)?))
+    });
+    save_files(dir, (instance, position), look.taken_ns, files)
+}
+
+/// Writes a record of instance `instance` at `position`, taken at `taken_ns`, of `files`: each
+/// with its length and birth, as seen with its stamp. A handoff's target writes one from its
+/// held record (`docs/PROTOCOL.md`, *Across a handoff*).
+pub fn save_files<'a>(
+    dir: &DataDir,
+    (instance, position): (&InstanceId, u64),
+    taken_ns: i64,
+    files: impl IntoIterator<Item = (&'a RelPath, Kept, Stamp)>,
+) -> io::Result<()> {
     let Some(boot) = boot_id() else {
         return Err(io::Error::other(format!(
             "cannot read {}",
@@ -132,23 +151,21 @@ pub fn save(
         )));
     };
     let mut text = format!(
-        "{HEADER}\nboot {boot}\ninstance {}\nposition {position}\ntaken_ns {}\n",
+        "{HEADER}\nboot {boot}\ninstance {}\nposition {position}\ntaken_ns {taken_ns}\n",
         hex(instance),
-        look.taken_ns
     );
-    for (path, entry) in catalog {
-        let Some(s) = look.stamps.get(path) else {
-            continue;
-        };
+    for (path, kept, s) in files {
         if path.as_str().contains('\n') {
             continue; // not representable in the line format; never vouched for
         }
-        text.push_str(&format!(
-            "{} {} {s} {path}\n",
-            entry.born_at, entry.len_bytes
-        ));
+        text.push_str(&format!("{} {} {s} {path}\n", kept.born_at, kept.len_bytes));
     }
     dir.replace_state_file(FILE_NAME, text.as_bytes(), StateSync::Volatile)
+}
+
+/// Now, as a record's `taken_ns`.
+pub fn now_taken_ns() -> i64 {
+    now_ns()
 }
 
 /// Deletes the record (there being none is no error): what a checkpoint that could not be

@@ -11,6 +11,11 @@
 //! The record vouches for the page cache, which a crash of the process keeps: it is written
 //! without fsync, and ignored after a reboot (it names the boot it was taken in).
 //!
+//! With each file it keeps the birth of the generation the copy holds, when the follower knows
+//! one: an upper bound, read after the look (the follower forgets a birth before it applies the
+//! change that begins a new generation). A handoff's target turns these into a leader's record
+//! (`docs/PROTOCOL.md`, *Across a handoff*); the follower's own inventory does not use them.
+//!
 //! It is a journal: a checkpoint appends a line per file it looked at (`- PATH` for one it
 //! forgot), and later lines stand over earlier ones. It is rewritten whole (a temp file renamed
 //! over it) at the first save of a process and once the journal holds more than twice as many
@@ -28,7 +33,9 @@ use crate::paths::{DataDir, RelPath, StateSync};
 /// How often a streaming follower records the files it changed (at a MARK, at most this often).
 pub const HELD_CHECKPOINT_INTERVAL_MS: u64 = 1000;
 const FILE_NAME: &str = "held";
-const HEADER: &str = "ferry-held-v1";
+const HEADER: &str = "ferry-held-v2";
+/// The header of records written before births were kept: read, with no births.
+const HEADER_V1: &str = "ferry-held-v1";
 /// Journal lines a rewrite may leave behind beyond twice the entries, before it rewrites.
 const JOURNAL_SLACK_LINES: usize = 1024;
 const FORGET: &str = "-";
@@ -37,7 +44,19 @@ const FORGET: &str = "-";
 struct Entry {
     instance: InstanceId,
     position: u64,
+    /// An upper bound on the birth of the generation the copy held when looked at.
+    born_at: Option<u64>,
     stamp: Stamp,
+}
+
+/// A file the record vouches for under one leader instance (`HeldRecord::vouched`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vouched {
+    pub path: RelPath,
+    /// The MARK position after which it was looked at.
+    pub position: u64,
+    pub born_at: Option<u64>,
+    pub stamp: Stamp,
 }
 
 #[derive(Debug, Default)]
@@ -101,9 +120,11 @@ impl HeldRecord {
 
     fn parse(text: &str) -> Option<(String, HashMap<RelPath, Entry>)> {
         let mut lines = text.lines();
-        if lines.next()? != HEADER {
-            return None;
-        }
+        let with_births = match lines.next()? {
+            HEADER => true,
+            HEADER_V1 => false,
+            _ => return None,
+        };
         let boot = lines.next()?.strip_prefix("boot ")?.to_string();
         let mut entries = HashMap::new();
         // A last line without its newline was torn by a crash mid-append: not part of it.
@@ -113,9 +134,16 @@ impl HeldRecord {
                 entries.remove(&RelPath::new(path).ok()?);
                 continue;
             }
-            let mut f = line.splitn(7, ' ');
+            let mut f = line.splitn(if with_births { 8 } else { 7 }, ' ');
             let instance = from_hex(f.next()?)?;
             let position = f.next()?.parse().ok()?;
+            let born_at = match with_births {
+                true => match f.next()? {
+                    FORGET => None,
+                    b => Some(b.parse().ok()?),
+                },
+                false => None,
+            };
             let stamp = Stamp::parse(&mut f)?;
             let path = RelPath::new(f.next()?).ok()?;
             entries.insert(
@@ -123,6 +151,7 @@ impl HeldRecord {
                 Entry {
                     instance,
                     position,
+                    born_at,
                     stamp,
                 },
             );
@@ -137,9 +166,10 @@ impl HeldRecord {
         }
         match self.entries.get(path) {
             Some(e) => text.push_str(&format!(
-                "{} {} {} {path}\n",
+                "{} {} {} {} {path}\n",
                 hex(&e.instance),
                 e.position,
+                e.born_at.map_or(FORGET.to_string(), |b| b.to_string()),
                 e.stamp
             )),
             None => text.push_str(&format!("{FORGET} {path}\n")),
@@ -218,15 +248,33 @@ impl HeldRecord {
         (e.instance == *instance && e.stamp == *stamp).then_some(e.position)
     }
 
+    /// Every file it vouches for under leader `instance`, as it was looked at.
+    pub fn vouched(&self, instance: &InstanceId) -> Vec<Vouched> {
+        if self.boot_id.is_none() {
+            return Vec::new();
+        }
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.instance == *instance)
+            .map(|(path, e)| Vouched {
+                path: path.clone(),
+                position: e.position,
+                born_at: e.born_at,
+                stamp: e.stamp,
+            })
+            .collect()
+    }
+
     /// Looks at each of `paths` now, every frame before a MARK at `position` of leader
-    /// `instance` having been applied, and records what it sees. A file that is gone, or
-    /// cannot be looked at, is forgotten (it will be hashed).
+    /// `instance` having been applied, and records what it sees, with the birth `born_at`
+    /// gives for it, asked after the look. A file that is gone, or cannot be looked at, is
+    /// forgotten (it will be hashed).
     pub fn record(
         &mut self,
         dir: &DataDir,
-        instance: InstanceId,
-        position: u64,
+        (instance, position): (InstanceId, u64),
         paths: impl IntoIterator<Item = RelPath>,
+        born_at: impl Fn(&RelPath) -> Option<u64>,
     ) {
         for path in paths {
             self.unsaved.push(path.clone());
@@ -235,6 +283,7 @@ impl HeldRecord {
                     let entry = Entry {
                         instance,
                         position,
+                        born_at: born_at(&path),
                         stamp,
                     };
                     self.entries.insert(path, entry);
@@ -246,6 +295,40 @@ impl HeldRecord {
                     if e.kind() != io::ErrorKind::NotFound {
                         tracing::warn!("cannot look at {path} for the held record: {e}");
                     }
+                    self.entries.remove(&path);
+                }
+            }
+        }
+    }
+
+    /// What a leader that handed off records of its own files, each with its catalog length
+    /// and birth, as held after a MARK at `position` of its `instance` (`docs/PROTOCOL.md`,
+    /// *Across a handoff*): a file is left out (forgotten) if it is shorter than the catalog
+    /// says, or changed after `recorded_ns` (when every change had been reported): a write the
+    /// catalog never saw, which the held record must not vouch for.
+    pub fn record_own(
+        &mut self,
+        dir: &DataDir,
+        (instance, position): (InstanceId, u64),
+        files: impl IntoIterator<Item = (RelPath, u64, u64)>,
+        recorded_ns: i64,
+    ) {
+        for (path, len_bytes, born_at) in files {
+            self.unsaved.push(path.clone());
+            match Stamp::look(dir, &path) {
+                Ok(Some(stamp))
+                    if stamp.len_bytes >= len_bytes && stamp.ctime_ns <= recorded_ns =>
+                {
+                    let born_at = Some(born_at);
+                    let entry = Entry {
+                        instance,
+                        position,
+                        born_at,
+                        stamp,
+                    };
+                    self.entries.insert(path, entry);
+                }
+                _ => {
                     self.entries.remove(&path);
                 }
             }
@@ -282,7 +365,7 @@ mod tests {
         let seg = RelPath::new("seg").unwrap();
         let (a, b) = ([1u8; 16], [2u8; 16]);
         let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
-        record.record(&dir, a, 500, [seg.clone()]);
+        record.record(&dir, (a, 500), [seg.clone()], |_| None);
         record.save(&dir).unwrap();
 
         let restarted = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
@@ -305,7 +388,7 @@ mod tests {
         std::fs::write(tmp.path().join("seg"), b"abc").unwrap();
         let seg = RelPath::new("seg").unwrap();
         let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
-        record.record(&dir, [1; 16], 3, [seg.clone()]);
+        record.record(&dir, ([1; 16], 3), [seg.clone()], |_| None);
         record.save(&dir).unwrap();
         let now = stamp_of(&tmp, "seg");
         let rebooted = HeldRecord::load_for_boot(&dir, Some("boot-2".into()));
@@ -333,14 +416,14 @@ mod tests {
             std::fs::write(tmp.path().join(n.as_str()), b"abc").unwrap();
         }
         let mut record = HeldRecord::load_for_boot(&dir, boot());
-        record.record(&dir, [1; 16], 3, names.clone());
+        record.record(&dir, ([1; 16], 3), names.clone(), |_| None);
         record.save(&dir).unwrap();
         let text = || std::fs::read_to_string(tmp.path().join(".ferry/held")).unwrap();
         assert_eq!(text().lines().count(), 2 + 3, "the first save rewrites");
 
         // f0 grows and is looked at again; f1 is no longer in the leader's index.
         std::fs::write(tmp.path().join("f0"), b"abcdef").unwrap();
-        record.record(&dir, [1; 16], 9, [names[0].clone()]);
+        record.record(&dir, ([1; 16], 9), [names[0].clone()], |_| None);
         record.retain(|p| p != &names[1]);
         record.save(&dir).unwrap();
         assert_eq!(text().lines().count(), 2 + 3 + 2, "two lines appended");
@@ -362,7 +445,7 @@ mod tests {
         let mut record = reloaded;
         record.save(&dir).unwrap();
         for _ in 0..(2 * 2 + JOURNAL_SLACK_LINES) {
-            record.record(&dir, [1; 16], 10, [names[2].clone()]);
+            record.record(&dir, ([1; 16], 10), [names[2].clone()], |_| None);
             record.save(&dir).unwrap();
         }
         assert!(text().lines().count() <= 2 + 2 + 2 * 2 + JOURNAL_SLACK_LINES);
@@ -374,16 +457,85 @@ mod tests {
     }
 
     #[test]
+    fn births_are_kept_with_the_files_and_a_record_from_before_them_still_vouches() {
+        let (tmp, dir) = setup();
+        for name in ["a", "b"] {
+            std::fs::write(tmp.path().join(name), b"abc").unwrap();
+        }
+        let [a, b] = ["a", "b"].map(|n| RelPath::new(n).unwrap());
+        let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
+        let born = |p: &RelPath| (p.as_str() == "a").then_some(7);
+        record.record(&dir, ([1; 16], 9), [a.clone(), b.clone()], born);
+        record.record(&dir, ([2; 16], 9), [], born);
+        record.save(&dir).unwrap();
+        let reloaded = HeldRecord::load_for_boot(&dir, Some("b".into()));
+        let mut vouched = reloaded.vouched(&[1; 16]);
+        vouched.sort_by(|x, y| x.path.cmp(&y.path));
+        let births: Vec<_> = vouched
+            .iter()
+            .map(|v| (v.path.as_str(), v.born_at))
+            .collect();
+        assert_eq!(births, [("a", Some(7)), ("b", None)]);
+        assert_eq!(vouched[0].stamp, stamp_of(&tmp, "a"));
+        assert!(reloaded.vouched(&[2; 16]).is_empty(), "another instance");
+
+        // Written by a build that kept no births: read, with none.
+        let text = std::fs::read_to_string(tmp.path().join(".ferry/held")).unwrap();
+        let v1: String = text
+            .replace("ferry-held-v2", "ferry-held-v1")
+            .lines()
+            .map(|l| {
+                let mut f: Vec<&str> = l.split(' ').collect();
+                if f.len() > 3 {
+                    f.remove(2);
+                }
+                format!("{}\n", f.join(" "))
+            })
+            .collect();
+        std::fs::write(tmp.path().join(".ferry/held"), v1).unwrap();
+        let old = HeldRecord::load_for_boot(&dir, Some("b".into()));
+        assert_eq!(old.held_at(&a, &[1; 16], &stamp_of(&tmp, "a")), Some(9));
+        assert!(old.vouched(&[1; 16]).iter().all(|v| v.born_at.is_none()));
+    }
+
+    #[test]
+    fn a_leader_handing_off_vouches_only_for_files_as_its_catalog_has_them() {
+        let (tmp, dir) = setup();
+        for name in ["kept", "short", "late"] {
+            std::fs::write(tmp.path().join(name), b"abcdef").unwrap();
+        }
+        let reported_ns = stamp_of(&tmp, "late").ctime_ns;
+        // Written after every change was reported: no catalog state.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(tmp.path().join("late"), b"abcdefgh").unwrap();
+        let [kept, short, late] = ["kept", "short", "late"].map(|n| RelPath::new(n).unwrap());
+        let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
+        let own = [
+            (kept.clone(), 6, 3),
+            (short.clone(), 9, 3),
+            (late.clone(), 6, 3),
+        ];
+        record.record_own(&dir, ([1; 16], 40), own, reported_ns);
+        let vouched: Vec<_> = record.vouched(&[1; 16]);
+        assert_eq!(vouched.len(), 1, "{vouched:?}");
+        assert_eq!((&vouched[0].path, vouched[0].born_at), (&kept, Some(3)));
+        assert_eq!(
+            record.held_at(&kept, &[1; 16], &stamp_of(&tmp, "kept")),
+            Some(40)
+        );
+    }
+
+    #[test]
     fn a_file_gone_when_looked_at_is_forgotten() {
         let (tmp, dir) = setup();
         std::fs::write(tmp.path().join("f"), b"abc").unwrap();
         let f = RelPath::new("f").unwrap();
         let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
-        record.record(&dir, [1; 16], 3, [f.clone()]);
+        record.record(&dir, ([1; 16], 3), [f.clone()], |_| None);
         let before = stamp_of(&tmp, "f");
         assert_eq!(record.held_at(&f, &[1; 16], &before), Some(3));
         std::fs::remove_file(tmp.path().join("f")).unwrap();
-        record.record(&dir, [1; 16], 9, [f.clone()]);
+        record.record(&dir, ([1; 16], 9), [f.clone()], |_| None);
         assert_eq!(record.held_at(&f, &[1; 16], &before), None);
     }
 }

@@ -14,7 +14,7 @@
 
 pub mod apply;
 mod dirty;
-mod held;
+pub(crate) mod held;
 mod input;
 mod outbox;
 mod progress;
@@ -44,7 +44,7 @@ use crate::frame::{
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
 use crate::session::follower::{
-    Cut, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
+    Births, Cut, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
 };
 use crate::session::SessionError;
 use crate::status::FollowerSelf;
@@ -382,6 +382,7 @@ async fn follow_once(
             mark_last: None,
             recorded_at: Instant::now(),
             recording: None,
+            births: Arc::default(),
         },
         apply: Apply::new(
             dir.clone(),
@@ -547,6 +548,8 @@ impl Ctx<'_> {
             let Some(action) = action else {
                 return Ok(());
             };
+            // Before the action changes a file: a look at it after sees its birth.
+            self.held.births_before(&action);
             match action {
                 FollowerAction::Inventory {
                     index,
@@ -875,9 +878,17 @@ struct Held {
     recorded_at: Instant,
     /// The record being updated on a blocking thread.
     recording: Option<tokio::task::JoinHandle<()>>,
+    /// What the held record keeps as each copy's birth: read by the recording thread after it
+    /// looks at a file (`Births`).
+    births: Arc<Mutex<Births>>,
 }
 
 impl Held {
+    fn births_before(&mut self, action: &FollowerAction) {
+        let mut births = self.births.lock().unwrap_or_else(|p| p.into_inner());
+        births.before(action);
+    }
+
     fn touched(&mut self, path: &RelPath) {
         if self.instance.is_some() && !self.touched.contains(path) {
             self.touched.insert(path.clone());
@@ -908,10 +919,14 @@ impl Held {
     fn start_recording(&mut self, dir: &Arc<DataDir>) -> Option<tokio::task::JoinHandle<()>> {
         let (instance, position) = (self.instance?, self.mark_last?);
         let paths = std::mem::take(&mut self.touched);
-        let (dir, record) = (dir.clone(), self.record.clone());
+        let (dir, record, births) = (dir.clone(), self.record.clone(), self.births.clone());
         Some(tokio::task::spawn_blocking(move || {
             let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
-            record.record(&dir, instance, position, paths);
+            let born_at = |p: &RelPath| {
+                let births = births.lock().unwrap_or_else(|p| p.into_inner());
+                births.get(p)
+            };
+            record.record(&dir, (instance, position), paths, born_at);
             record.save_or_warn(&dir);
         }))
     }

@@ -340,6 +340,18 @@ impl Leader {
         self.shared.lock().catalog.position()
     }
 
+    /// The instance whose positions these are (`docs/PROTOCOL.md`, *The leader's record*).
+    pub(crate) fn instance(&self) -> InstanceId {
+        self.instance
+    }
+
+    /// Every file of the catalog with its length and birth, and the position, read after:
+    /// at or above every birth.
+    pub(crate) fn catalog_snapshot(&self) -> (Vec<(RelPath, crate::catalog::CatalogEntry)>, u64) {
+        let catalog = catalog_copy(&self.shared).snapshot();
+        (catalog, self.position())
+    }
+
     /// A file the followers must hold, `len_bytes` long (its logical length: a preallocated
     /// segment may be longer on disk). Shipped whole unless it is already known at that length.
     pub fn register_file(&self, path: &str, len_bytes: u64) -> Result<u64, ChangeError> {

@@ -753,9 +753,9 @@ pub fn held_len(follower_dir: &Path, path: &str) -> Option<u64> {
     let text = std::fs::read_to_string(follower_dir.join(".ferry/held")).ok()?;
     text.lines()
         .rev()
-        .filter_map(|l| l.splitn(7, ' ').collect::<Vec<_>>().try_into().ok())
-        .find(|f: &[&str; 7]| f[6] == path)
-        .and_then(|f| f[3].parse().ok())
+        .filter_map(|l| l.splitn(8, ' ').collect::<Vec<_>>().try_into().ok())
+        .find(|f: &[&str; 8]| f[7] == path)
+        .and_then(|f| f[4].parse().ok())
 }
 
 /// `ferry lead` of `dir` on `listen` with the secret in `secret_file` (fallback engine); the
