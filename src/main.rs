@@ -274,6 +274,9 @@ enum Command {
     /// Move leadership of a `ferry node` cluster to another node with zero loss: the leader
     /// waits until the target holds everything synced, runs its on-leader-lost hook (the
     /// application stops writing), ships the rest, then resigns to the target.
+    ///
+    /// The target goes on with the leader's instance, so the other nodes, the old leader
+    /// among them, hash only the files written in the last second before it (README, Cluster).
     Handoff {
         #[command(flatten)]
         cluster: EtcdArgs,
