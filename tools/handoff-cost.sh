@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# What a handoff costs the other nodes, over loopback: etcd and three `ferry node`s on 127.0.0.1,
+# the first one's data dir holding TOTAL_MIB in segments of 8 MiB, every node in sync and its
+# files settled; then `ferry handoff` to the second. Prints, for the third node and for the old
+# leader (which follows the new one), how long after the handoff began its inventory was done
+# and its initial sync received (it acks again), and its inventory line: how many files it held
+# and how many bytes it hashed. FERRY_BIN= an older build (before the target went on with the
+# instance, c4ed672) shows what it was: every file hashed on both sides.
+#
+# usage: [DIR=/var/tmp] [FERRY_BIN=...] tools/handoff-cost.sh [TOTAL_MIB]   (default 1024)
+# Needs a release build (cargo build --release) and etcd (apt-get install etcd-server).
+set -euo pipefail
+total_mib=${1:-1024}
+segment_mib=8
+root=$(cd "$(dirname "$0")/.." && pwd)
+ferry="${FERRY_BIN:-$root/target/release/ferry}"
+[ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+command -v etcd >/dev/null || { echo "needs etcd (apt-get install etcd-server)" >&2; exit 1; }
+
+work=$(mktemp -d "${DIR:-/var/tmp}/ferry-handoff.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+etcd_port=$(port)
+peer_port=$(port)
+etcd_url="http://127.0.0.1:$etcd_port"
+etcd --name handoff-cost --data-dir "$work/etcd" \
+  --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+  --listen-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+  --initial-cluster "handoff-cost=http://127.0.0.1:$peer_port" >"$work/etcd.log" 2>&1 &
+pids+=($!)
+
+head -c 32 /dev/urandom | base64 >"$work/secret"
+chmod 600 "$work/secret"
+mkdir -p "$work/a/queues" "$work/b" "$work/c"
+for i in $(seq 1 $((total_mib / segment_mib))); do
+  head -c $((segment_mib << 20)) /dev/urandom >"$work/a/queues/seg.$i"
+done
+printf '{"segments": %d}\n' $((total_mib / segment_mib)) >"$work/a/queues/state.json"
+
+declare -A addr
+node() { # name
+  local p
+  p=$(port)
+  addr[$1]="127.0.0.1:$p"
+  "$ferry" node --data-dir "$work/$1" --etcd "$etcd_url" --listen "127.0.0.1:$p" \
+    --advertise "127.0.0.1:$p" --secret-file "$work/secret" >"$work/$1.log" 2>&1 &
+  pids+=($!)
+}
+wait_for() { # what seconds command...
+  local what=$1 deadline=$((SECONDS + $2))
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { echo "handoff-cost: no $what within the time" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+node a
+wait_for "leader" 30 grep -q "elected leader" "$work/a.log"
+node b
+node c
+in_sync() {
+  "$ferry" cluster status --etcd "$etcd_url" --json |
+    python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if len(s["isr"] or []) == 3 else 1)'
+}
+wait_for "in-sync replica set of three" 300 in_sync
+# Settled: a leader's record vouches for files unchanged for a second (LEADER_RECORD_SETTLE_MS).
+sleep 2
+
+mark_c=$(wc -l <"$work/c.log")
+mark_a=$(wc -l <"$work/a.log")
+started=$(date +%s.%N)
+"$ferry" handoff --etcd "$etcd_url" --to "${addr[b]}"
+echo "handoff-cost: $total_mib MiB in $((total_mib / segment_mib)) segments, $ferry"
+report() { # name log-mark
+  local log="$work/$1.log"
+  wait_for "initial sync on $1" 300 sh -c "tail -n +$(($2 + 1)) '$log' | grep -q 'initial sync received'"
+  tail -n +$(($2 + 1)) "$log" | python3 -c '
+import sys, datetime
+started = float(sys.argv[1])
+def at(line):
+    stamp = line.split()[0].rstrip("Z")
+    return datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc).timestamp()
+inventory = received = None
+for line in sys.stdin:
+    if inventory is None and "INFO inventory: " in line and "looked at" not in line:
+        inventory = line
+    if received is None and "initial sync received" in line:
+        received = line
+print("  %s: inventory done %.2f s and initial sync received %.2f s after the handoff began" %
+      (sys.argv[2], at(inventory) - started, at(received) - started))
+print("    " + inventory.split("INFO ", 1)[1].strip())
+' "$started" "$1"
+}
+report c "$mark_c"
+report a "$mark_a"
+grep -h "going on with instance\|resuming instance\|passed instance" "$work/b.log" "$work/a.log" |
+  sed 's/^[^ ]* *[A-Z]* /  /' || true
