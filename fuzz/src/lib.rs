@@ -366,6 +366,8 @@ impl WireChecker {
                 self.wholes.remove(path);
             }
             (Side::Leader, S::Streaming, Frame::Truncate { .. }) => {}
+            // Before a BEGIN_WHOLE or a DATA that creates a file (which may be taken back).
+            (Side::Leader, S::Streaming, Frame::Born { .. }) => {}
             (Side::Follower, S::First, Frame::Auth { .. }) => self.phase = S::Listing,
             (Side::Follower, S::Listing, Frame::NodeId { .. }) => {
                 assert!(!self.node_id_sent, "NODE_ID sent twice");
