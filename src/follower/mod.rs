@@ -549,7 +549,8 @@ impl Ctx<'_> {
                 return Ok(());
             };
             // Before the action changes a file: a look at it after sees its birth.
-            self.held.births_before(&action);
+            let born_in_use = self.session.borrow().born_in_use();
+            self.held.births_before(&action, born_in_use);
             match action {
                 FollowerAction::Inventory {
                     index,
@@ -884,9 +885,9 @@ struct Held {
 }
 
 impl Held {
-    fn births_before(&mut self, action: &FollowerAction) {
+    fn births_before(&mut self, action: &FollowerAction, born_in_use: bool) {
         let mut births = self.births.lock().unwrap_or_else(|p| p.into_inner());
-        births.before(action);
+        births.before(action, born_in_use);
     }
 
     fn touched(&mut self, path: &RelPath) {

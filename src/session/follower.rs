@@ -89,7 +89,9 @@ pub enum FollowerAction {
 /// knows one (`docs/PROTOCOL.md`, *Across a handoff*): INDEX_BORN's for a file of the index,
 /// BORN's for a generation shipped whole or created since. The shell shows it each action
 /// before it applies it (`before`), so a birth asked for after a look at a file is never below
-/// that of what the look saw.
+/// that of what the look saw. Without `BORN` in use, a copy sent whole or a DATA at offset 0
+/// (which may create a file) leaves its birth unknown; with it, every new generation is
+/// announced, and a DATA at offset 0 that was not is a tail of the copy the follower holds.
 #[derive(Debug, Default)]
 pub struct Births {
     known: HashMap<RelPath, u64>,
@@ -103,8 +105,9 @@ impl Births {
         self.known.get(path).copied()
     }
 
-    /// Takes in `action`, which the shell is about to apply.
-    pub fn before(&mut self, action: &FollowerAction) {
+    /// Takes in `action`, which the shell is about to apply, on a connection where `BORN` is
+    /// in use or not (`FollowerSession::born_in_use`).
+    pub fn before(&mut self, action: &FollowerAction, born_in_use: bool) {
         match action {
             FollowerAction::Inventory { index, .. } => {
                 self.announced.clear();
@@ -118,13 +121,13 @@ impl Births {
                 self.announced.insert(path.clone());
             }
             // A new generation lands: its birth is known only if BORN announced it.
-            FollowerAction::CommitWhole { path, .. }
-            | FollowerAction::Write {
+            FollowerAction::CommitWhole { path, .. } => self.landed(path),
+            FollowerAction::Write {
                 path,
                 temp: false,
                 offset: 0,
                 ..
-            } => self.landed(path),
+            } if !born_in_use || self.announced.contains(path) => self.landed(path),
             FollowerAction::Delete { path } => {
                 self.known.remove(path);
                 self.announced.remove(path);
@@ -249,6 +252,12 @@ impl FollowerSession {
             lineage_in_use: false,
             lineage: None,
         }
+    }
+
+    /// Whether both sides offered `BORN` (with `HELD` and `BIRTHS`): every generation shipped
+    /// whole or created comes with BORN (`Births`).
+    pub fn born_in_use(&self) -> bool {
+        self.born_in_use
     }
 
     /// Offers only those of `capabilities` this build has, as an older build would: for tests

@@ -280,7 +280,7 @@ impl Sim {
     }
 
     fn apply(&mut self, action: FollowerAction) {
-        self.births.before(&action);
+        self.births.before(&action, self.follower.born_in_use());
         match action {
             FollowerAction::Inventory {
                 index,
@@ -573,13 +573,20 @@ fn only_files_born_whole_or_empty_or_over_a_held_copy_go_whole() {
 }
 
 /// With `BORN`, the follower knows the birth of every copy it holds as the leader's catalog
-/// gives it: from the index for a file it kept, from BORN for one shipped whole or created
-/// since. Without it, such a copy has none (`docs/PROTOCOL.md`, *Across a handoff*).
+/// gives it: from the index for a file it kept (an empty copy growing from offset 0 too), from
+/// BORN for one shipped whole or created since. Without it, a copy sent whole or written at
+/// offset 0 since has none (`docs/PROTOCOL.md`, *Across a handoff*).
 #[test]
 fn the_follower_knows_the_birth_of_every_copy_it_holds() {
     for born in [true, false] {
-        let leader = files(&[("old/seg.0", b"held"), ("state", b"1"), ("gone", b"x")]);
-        let mut sim = Sim::new(leader, files(&[("old/seg.0", b"he")]));
+        let leader = files(&[
+            ("old/seg.0", b"held"),
+            ("old/empty", b""),
+            ("state", b"1"),
+            ("gone", b"x"),
+        ]);
+        let held = files(&[("old/seg.0", b"he"), ("old/empty", b"")]);
+        let mut sim = Sim::new(leader, held);
         if !born {
             sim.follower = std::mem::replace(
                 &mut sim.follower,
@@ -595,6 +602,7 @@ fn the_follower_knows_the_birth_of_every_copy_it_holds() {
         sim.append("q/seg.1", b"created by an append");
         sim.replace("state", b"22");
         sim.append("old/seg.0", b" and more");
+        sim.append("old/empty", b"grown from 0");
         sim.delete("gone");
         sim.run();
         sim.assert_in_sync();
