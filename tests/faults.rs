@@ -1625,7 +1625,14 @@ fn leadership_moved_at_random_under_load_never_shows_other_bytes_and_nodes_conve
                     "round {round}: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                ("handoff", elected(&nodes, &marks, &[other]), true)
+                let next = elected(&nodes, &marks, &[other]);
+                // The target goes on with the instance: followers keep their held records.
+                nodes[next].proc.wait_log_since(
+                    marks[next],
+                    "going on with instance",
+                    Duration::from_secs(10),
+                );
+                ("handoff", next, true)
             }
             1 | 2 => {
                 let how = if rng.below(2) == 0 {
