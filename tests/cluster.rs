@@ -1527,7 +1527,7 @@ fn a_leaving_leader_gives_up_its_handoff_as_soon_as_the_target_is_gone() {
     let etcd = start_etcd(&env.dir("etcd"));
     let (mut a, mut b) = a_leads_b_in_sync(&env, &etcd.url);
     // b stops acking (connected, not reading), and a has more for it.
-    signal(&b.proc.child, libc::SIGSTOP);
+    stop_process(&b.proc.child);
     write(&a.dir.join("q/more"), &pattern(100_000, 6));
     std::thread::sleep(Duration::from_millis(300));
     let mark = a.proc.log_len();
@@ -1592,7 +1592,7 @@ fn a_leaving_leader_waits_for_its_handoff_only_as_long_as_told() {
     let a = start_node(&env, &etcd.url, &a_dir, a.port);
     a.proc
         .wait_log("initial sync received", Duration::from_secs(30));
-    signal(&a.proc.child, libc::SIGSTOP);
+    stop_process(&a.proc.child);
     write(&b_dir.join("q/more"), &pattern(100_000, 6));
     let mark = b.proc.log_len();
     let asked = Instant::now();
@@ -1620,7 +1620,7 @@ fn a_handoff_whose_requester_gave_up_does_not_happen_later() {
     let etcd = start_etcd(&env.dir("etcd"));
     let (a, b) = a_leads_b_in_sync(&env, &etcd.url);
     // b lags (connected, not reading), so a waits for it to catch up.
-    signal(&b.proc.child, libc::SIGSTOP);
+    stop_process(&b.proc.child);
     write(&a.dir.join("q/more"), &pattern(100_000, 6));
     let mark = a.proc.log_len();
     let mut cmd = ferry();
@@ -1668,7 +1668,7 @@ fn a_stop_during_an_asked_handoff_waits_only_as_long_as_a_leave_would() {
     a.proc.wait_log("elected leader", Duration::from_secs(30));
     let b = start_node(&env, &etcd.url, &b_dir, free_port());
     wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
-    signal(&b.proc.child, libc::SIGSTOP);
+    stop_process(&b.proc.child);
     write(&a_dir.join("q/more"), &pattern(100_000, 6));
     let mark = a.proc.log_len();
     let requester = {

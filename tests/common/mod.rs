@@ -279,6 +279,20 @@ pub fn signal(child: &Child, signal: libc::c_int) {
     assert_eq!(rc, 0, "kill({}, {signal})", child.id());
 }
 
+/// SIGSTOP, and waits until the kernel shows the process stopped (`/proc/PID/stat`), so that
+/// what the caller does next happens while it cannot run: a thread busy in a syscall stops
+/// only when that returns.
+pub fn stop_process(child: &Child) {
+    signal(child, libc::SIGSTOP);
+    let stat = format!("/proc/{}/stat", child.id());
+    wait_until(Duration::from_secs(10), "the process stopped", || {
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        text.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+    });
+}
+
 pub fn start_follower(
     env: &Env,
     dir: &Path,
