@@ -272,32 +272,12 @@ impl HeldRecord {
     pub fn record(
         &mut self,
         dir: &DataDir,
-        (instance, position): (InstanceId, u64),
+        at: (InstanceId, u64),
         paths: impl IntoIterator<Item = RelPath>,
         born_at: impl Fn(&RelPath) -> Option<u64>,
     ) {
         for path in paths {
-            self.unsaved.push(path.clone());
-            match Stamp::look(dir, &path) {
-                Ok(Some(stamp)) => {
-                    let entry = Entry {
-                        instance,
-                        position,
-                        born_at: born_at(&path),
-                        stamp,
-                    };
-                    self.entries.insert(path, entry);
-                }
-                Ok(None) => {
-                    self.entries.remove(&path);
-                }
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        tracing::warn!("cannot look at {path} for the held record: {e}");
-                    }
-                    self.entries.remove(&path);
-                }
-            }
+            self.look_at(dir, at, path, |path, _| Some(born_at(path)));
         }
     }
 
@@ -309,30 +289,51 @@ impl HeldRecord {
     pub fn record_own(
         &mut self,
         dir: &DataDir,
-        (instance, position): (InstanceId, u64),
+        at: (InstanceId, u64),
         files: impl IntoIterator<Item = (RelPath, u64, u64)>,
         recorded_ns: i64,
     ) {
         for (path, len_bytes, born_at) in files {
-            self.unsaved.push(path.clone());
-            match Stamp::look(dir, &path) {
-                Ok(Some(stamp))
-                    if stamp.len_bytes >= len_bytes && stamp.ctime_ns <= recorded_ns =>
-                {
-                    let born_at = Some(born_at);
-                    let entry = Entry {
-                        instance,
-                        position,
-                        born_at,
-                        stamp,
-                    };
-                    self.entries.insert(path, entry);
-                }
-                _ => {
-                    self.entries.remove(&path);
-                }
-            }
+            self.look_at(dir, at, path, |_, stamp| {
+                let as_recorded = stamp.len_bytes >= len_bytes && stamp.ctime_ns <= recorded_ns;
+                as_recorded.then_some(Some(born_at))
+            });
         }
+    }
+
+    /// Looks at `path` and records what it sees under `instance` and `position`, with the birth
+    /// `vouch` gives once it has seen the file; forgets the file when `vouch` says `None`, or
+    /// when it is gone or cannot be looked at.
+    fn look_at(
+        &mut self,
+        dir: &DataDir,
+        (instance, position): (InstanceId, u64),
+        path: RelPath,
+        vouch: impl FnOnce(&RelPath, &Stamp) -> Option<Option<u64>>,
+    ) {
+        self.unsaved.push(path.clone());
+        let seen = match Stamp::look(dir, &path) {
+            Ok(seen) => seen,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!("cannot look at {path} for the held record: {e}");
+                }
+                None
+            }
+        };
+        let entry = seen.and_then(|stamp| {
+            let born_at = vouch(&path, &stamp)?;
+            Some(Entry {
+                instance,
+                position,
+                born_at,
+                stamp,
+            })
+        });
+        match entry {
+            Some(entry) => self.entries.insert(path, entry),
+            None => self.entries.remove(&path),
+        };
     }
 
     /// Forgets every file for which `keep` is false (in the file at the next save).
