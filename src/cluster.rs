@@ -269,8 +269,31 @@ async fn read_isr(client: &mut Client, key: &str) -> Option<Vec<String>> {
     )
 }
 
-/// Writes the ISR in a transaction guarded by our election key still holding our address, so a
-/// deposed leader (its key gone with its lease) cannot write it. Ok(false): the guard failed.
+/// The guard of a leader's writes to etcd: our election key still holds our address, so a
+/// deposed leader (its key gone with its lease) cannot write.
+fn while_leading(leader_key: &[u8], me: &str) -> etcd_client::Compare {
+    use etcd_client::{Compare, CompareOp};
+    Compare::value(leader_key.to_vec(), CompareOp::Equal, me)
+}
+
+/// Why a write guarded by `while_leading` did not happen.
+const NOT_LEADING: &str = "the election key is gone: not the leader any more";
+
+/// Puts `key` = `value`, guarded by `while_leading`. Ok(false): the guard failed.
+async fn put_while_leading(
+    client: &mut Client,
+    (leader_key, me): (&[u8], &str),
+    key: String,
+    value: String,
+) -> Result<bool, etcd_client::Error> {
+    use etcd_client::{Txn, TxnOp};
+    let txn = Txn::new()
+        .when([while_leading(leader_key, me)])
+        .and_then([TxnOp::put(key, value, None)]);
+    Ok(client.txn(txn).await?.succeeded())
+}
+
+/// Writes the ISR, guarded by our election key (`while_leading`). Ok(false): the guard failed.
 async fn write_isr(
     client: &mut Client,
     leader_key: &[u8],
@@ -278,11 +301,7 @@ async fn write_isr(
     isr_key: &str,
     isr: &[String],
 ) -> Result<bool, etcd_client::Error> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-    let txn = Txn::new()
-        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
-        .and_then([TxnOp::put(isr_key, isr.join(","), None)]);
-    Ok(client.txn(txn).await?.succeeded())
+    put_while_leading(client, (leader_key, me), isr_key.into(), isr.join(",")).await
 }
 
 /// What `mark_data` says after the node id in `PREFIX/data`'s value.
@@ -300,12 +319,8 @@ async fn mark_data(
     me: &str,
     keys: &Keys,
 ) -> Result<bool, etcd_client::Error> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let value = format!("{me}{DATA_MARK_REASON}");
-    let txn = Txn::new()
-        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
-        .and_then([TxnOp::put(keys.data.clone(), value, None)]);
-    Ok(client.txn(txn).await?.succeeded())
+    put_while_leading(client, (leader_key, me), keys.data.clone(), value).await
 }
 
 /// What a node tells its embedder (or `ferry node`'s hooks) about its role. Called on a
@@ -766,7 +781,7 @@ async fn mark_lineage(
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let txn = Txn::new()
         .when([
-            Compare::value(leader_key.to_vec(), CompareOp::Equal, me),
+            while_leading(leader_key, me),
             Compare::create_revision(keys.lineage.clone(), CompareOp::Equal, 0),
         ])
         .and_then([TxnOp::put(
@@ -1362,7 +1377,7 @@ async fn node_loop(
                     isr_written = Some(isr);
                 }
                 Some(Ok(false)) => {
-                    tracing::warn!("the election key is gone: not the leader any more");
+                    tracing::warn!("{NOT_LEADING}");
                     break Stepped::Fenced;
                 }
                 Some(Err(e)) => tracing::warn!("cannot write the in-sync replica set: {e}"),
@@ -1750,11 +1765,7 @@ async fn handoff(
     );
     // Guarded by our election key, and for a handoff asked for, by its requester not having
     // given up: one that did told its operator that the leader keeps leading.
-    let mut guards = vec![Compare::value(
-        ctx.leader_key.to_vec(),
-        CompareOp::Equal,
-        ctx.me,
-    )];
+    let mut guards = vec![while_leading(ctx.leader_key, ctx.me)];
     if let Some(cancel) = &ctx.cancel_key {
         guards.push(Compare::version(cancel.clone(), CompareOp::Equal, 0));
     }
@@ -1766,7 +1777,7 @@ async fn handoff(
         if ctx.requester_gave_up().await? {
             anyhow::bail!("{REQUESTER_GAVE_UP}");
         }
-        anyhow::bail!("the election key is gone: not the leader any more");
+        anyhow::bail!("{NOT_LEADING}");
     }
     tracing::info!(
         "handoff to {target}: writer paused {pause_ms} ms for the final drain (position \
@@ -1793,7 +1804,6 @@ async fn pass_on_instance(
     leader: &Arc<Leader>,
     handed: &HandedOff,
 ) -> anyhow::Result<()> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let (instance, position) = (leader.instance(), handed.position);
     let (catalog, now) = leader.catalog_snapshot();
     if now != position {
@@ -1817,11 +1827,9 @@ async fn pass_on_instance(
     })
     .await??;
     let value = format!("{} {} {position}", handed.target, hex(&instance));
-    let txn = Txn::new()
-        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
-        .and_then([TxnOp::put(keys.handoff_instance.clone(), value, None)]);
-    if !client.txn(txn).await?.succeeded() {
-        anyhow::bail!("the election key is gone: not the leader any more");
+    let key = keys.handoff_instance.clone();
+    if !put_while_leading(client, (leader_key, me), key, value).await? {
+        anyhow::bail!("{NOT_LEADING}");
     }
     tracing::info!(
         "passed instance {} on to {} at position {position}: its followers (this node too, \
@@ -1844,17 +1852,17 @@ async fn take_passed_instance(
     (leader_key, me): (&[u8], &str),
     data_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    use etcd_client::{Txn, TxnOp};
     let resp = client.get(keys.handoff_instance.clone(), None).await?;
     let Some(kv) = resp.kvs().first() else {
         return Ok(());
     };
     let value = kv.value_str()?.to_string();
     let txn = Txn::new()
-        .when([Compare::value(leader_key.to_vec(), CompareOp::Equal, me)])
+        .when([while_leading(leader_key, me)])
         .and_then([TxnOp::delete(keys.handoff_instance.clone(), None)]);
     if !client.txn(txn).await?.succeeded() {
-        anyhow::bail!("the election key is gone: not the leader any more");
+        anyhow::bail!("{NOT_LEADING}");
     }
     let mut f = value.split(' ');
     let (Some(target), Some(instance), Some(position), None) =
