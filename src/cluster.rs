@@ -1250,11 +1250,7 @@ async fn node_loop(
                 };
                 let wait = config.leave_handoff_timeout;
                 if wait.is_zero() {
-                    tracing::warn!(
-                        "leaving without a handoff: turned off (--leave-handoff-timeout 0); \
-                         what was written here since the followers' last acks is on this node \
-                         only"
-                    );
+                    leaving_without_handoff("turned off (--leave-handoff-timeout 0)");
                     break Stepped::Leaving;
                 }
                 tracing::info!("leaving: handing off to the most caught-up follower first");
@@ -1267,10 +1263,7 @@ async fn node_loop(
                 match handoff(&mut ctx, &mut leading, "*", timeouts).await {
                     Ok(handed) => break Stepped::HandedOff(handed),
                     Err(e) => {
-                        tracing::warn!(
-                            "leaving without a handoff: {e}; what was written here since the \
-                             followers' last acks is on this node only"
-                        );
+                        leaving_without_handoff(e);
                         break Stepped::Leaving;
                     }
                 }
@@ -1314,10 +1307,7 @@ async fn node_loop(
                             .await;
                         if stopping() {
                             // Told to stop meanwhile: this was the leave's handoff too.
-                            tracing::warn!(
-                                "leaving without a handoff: {e}; what was written here since \
-                                 the followers' last acks is on this node only"
-                            );
+                            leaving_without_handoff(e);
                             break Stepped::Leaving;
                         }
                         tracing::warn!("handoff failed, still leading: {e}");
@@ -1634,6 +1624,14 @@ impl<'a> HandoffCtx<'a> {
         }
         Ok(found)
     }
+}
+
+/// What a leader leaving with no handoff says, and what it costs.
+fn leaving_without_handoff(why: impl std::fmt::Display) {
+    tracing::warn!(
+        "leaving without a handoff: {why}; what was written here since the followers' last acks \
+         is on this node only"
+    );
 }
 
 /// Why an asked handoff stops when the node is told to stop meanwhile.
