@@ -1749,7 +1749,7 @@ async fn handoff(
     let before = leader.position();
     leading.flush_watcher().await?;
     // Every change made so far is reported: a file changed after this is not the catalog's.
-    let reported_ns = crate::leader_record::now_taken_ns();
+    let reported_ns = crate::leader_record::now_ns();
     let position = leader.position();
     if !wait(position, timeouts.drain).await? {
         let within = seconds(timeouts.drain);
@@ -1897,7 +1897,7 @@ async fn take_passed_instance(
                 })
             })
             .collect();
-        let taken_ns = crate::leader_record::now_taken_ns();
+        let taken_ns = crate::leader_record::now_ns();
         let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
         crate::leader_record::save_files(&dir, (&instance, position), taken_ns, refs)?;
         Ok((files.len(), total))

@@ -68,7 +68,8 @@ impl Resumed {
     }
 }
 
-fn now_ns() -> i64 {
+/// Now, in ns since the epoch: a record's `taken_ns`, and what stamps' ctimes compare with.
+pub fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -161,11 +162,6 @@ pub fn save_files<'a>(
         text.push_str(&format!("{} {} {s} {path}\n", kept.born_at, kept.len_bytes));
     }
     dir.replace_state_file(FILE_NAME, text.as_bytes(), StateSync::Volatile)
-}
-
-/// Now, as a record's `taken_ns`.
-pub fn now_taken_ns() -> i64 {
-    now_ns()
 }
 
 /// Deletes the record (there being none is no error): what a checkpoint that could not be
