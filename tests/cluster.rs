@@ -879,11 +879,21 @@ fn a_second_node_with_the_same_advertised_id_refuses_to_join() {
 /// A cluster of two nodes: A, whose data dir holds a segment, leads; B follows it, holds the
 /// same files, and both are in the in-sync replica set.
 fn a_leads_b_in_sync(env: &Env, etcd: &str) -> (Node, Node) {
+    a_leads_b_in_sync_with(env, etcd, &[], &[])
+}
+
+/// `a_leads_b_in_sync`, each node started with more flags.
+fn a_leads_b_in_sync_with(
+    env: &Env,
+    etcd: &str,
+    a_flags: &[&str],
+    b_flags: &[&str],
+) -> (Node, Node) {
     let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
     write(&a_dir.join("q/seg"), &pattern(100_000, 5));
-    let a = start_node(env, etcd, &a_dir, free_port());
+    let a = start_node_with(env, etcd, &a_dir, free_port(), a_flags);
     a.proc.wait_log("elected leader", Duration::from_secs(30));
-    let b = start_node(env, etcd, &b_dir, free_port());
+    let b = start_node_with(env, etcd, &b_dir, free_port(), b_flags);
     wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
     let both = isr_of(&[&a.advertise, &b.advertise]);
     wait_until(
@@ -1562,18 +1572,10 @@ fn a_leaving_leader_gives_up_its_handoff_as_soon_as_the_target_is_gone() {
 fn a_leaving_leader_waits_for_its_handoff_only_as_long_as_told() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
-    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
     let no_handoff = ["--leave-handoff-timeout", "0"];
-    let mut a = start_node_with(&env, &etcd.url, &a_dir, free_port(), &no_handoff);
-    a.proc.wait_log("elected leader", Duration::from_secs(30));
     let one_second = ["--leave-handoff-timeout", "1"];
-    let mut b = start_node_with(&env, &etcd.url, &b_dir, free_port(), &one_second);
-    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
-    let both = isr_of(&[&a.advertise, &b.advertise]);
-    wait_until(Duration::from_secs(20), "the ISR holding both", || {
-        read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str())
-    });
+    let (mut a, mut b) = a_leads_b_in_sync_with(&env, &etcd.url, &no_handoff, &one_second);
+    let (a_dir, b_dir) = (a.dir.clone(), b.dir.clone());
 
     // With 0, a leaves at once, without telling anyone to drain, and b leads.
     let mark = a.proc.log_len();
@@ -1661,13 +1663,9 @@ fn a_handoff_whose_requester_gave_up_does_not_happen_later() {
 fn a_stop_during_an_asked_handoff_waits_only_as_long_as_a_leave_would() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let (a_dir, b_dir) = (env.dir("a"), env.dir("b"));
-    write(&a_dir.join("q/seg"), &pattern(100_000, 5));
     let one_second = ["--leave-handoff-timeout", "1"];
-    let mut a = start_node_with(&env, &etcd.url, &a_dir, free_port(), &one_second);
-    a.proc.wait_log("elected leader", Duration::from_secs(30));
-    let b = start_node(&env, &etcd.url, &b_dir, free_port());
-    wait_identical(&a_dir, &b_dir, Duration::from_secs(20));
+    let (mut a, b) = a_leads_b_in_sync_with(&env, &etcd.url, &one_second, &[]);
+    let a_dir = a.dir.clone();
     stop_process(&b.proc.child);
     write(&a_dir.join("q/more"), &pattern(100_000, 6));
     let mark = a.proc.log_len();
