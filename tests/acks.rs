@@ -223,7 +223,7 @@ fn a_follower_stopped_inside_a_payload_takes_the_rest_on_resume() {
                 .is_some_and(|(_, f)| f.starts_with('S'));
             len == sent_bytes as u64 && sleeping
         });
-        signal(&follower.child, libc::SIGSTOP);
+        stop_process(&follower.child);
         leader.stream.write_all(rest).unwrap();
         std::thread::sleep(Duration::from_millis(
             ferry::frame::LEADER_SILENCE_TIMEOUT_MS + 1500,

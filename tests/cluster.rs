@@ -225,7 +225,7 @@ fn the_leader_keeps_the_in_sync_replica_set_in_etcd_and_drops_a_stopped_follower
     );
     // Stop one follower: the leader marks it lagging and the ISR shrinks without it.
     let stopped = (0..3).find(|&i| i != leader).unwrap();
-    signal(&nodes[stopped].proc.child, libc::SIGSTOP);
+    stop_process(&nodes[stopped].proc.child);
     write(&nodes[leader].dir.join("seg"), &pattern(10_000, 4));
     let mut rest: Vec<String> = all
         .iter()

@@ -170,7 +170,7 @@ fn a_stopped_follower_is_marked_lagging_and_holds_back_neither_writer_nor_others
     assert!(leader.wait_for(position, Durability::Synced, 2, Duration::from_secs(20)));
 
     // SIGSTOP the first follower: it stops reading, acking, everything.
-    signal(&stalled.child, libc::SIGSTOP);
+    stop_process(&stalled.child);
     // The writer keeps going (about 40 MiB, far beyond any socket buffer) ...
     let position = publish(&leader, &ld, "seg.0", &mut offset, 40_000);
     // ... and the healthy follower confirms all of it while the other is stopped.
@@ -210,7 +210,7 @@ fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
         let (leader, follower, ld, mut offset) = with_a_follower_in_sync(&env, engine, 10);
         let id = leader.followers()[0].id;
 
-        signal(&follower.child, libc::SIGSTOP);
+        stop_process(&follower.child);
         publish(&leader, &ld, "seg.0", &mut offset, 100);
         // Stopped beyond the timeout: on resume, the follower's timer has run out.
         std::thread::sleep(Duration::from_millis(

@@ -337,7 +337,7 @@ fn the_leader_logs_a_follower_that_starts_lagging_and_one_that_catches_up() {
     leader
         .proc
         .wait_log("is in sync: streaming", Duration::from_secs(20));
-    signal(&follower.child, libc::SIGSTOP);
+    stop_process(&follower.child);
     write(&ld.join("seg2"), &pattern(100_000, 2));
     let line = leader.proc.wait_log("is lagging", Duration::from_secs(20));
     assert!(line.contains("bytes behind at written, last ack"), "{line}");

@@ -258,7 +258,7 @@ fn a_one_shot_sync_stopped_by_sigterm_exits_nonzero_naming_the_signal() {
     let (ld, fd) = (env.dir("leader"), env.dir("follower"));
     nested_tree(&ld);
     let leader = start_leader(&env, &ld, "fallback");
-    signal(&leader.proc.child, libc::SIGSTOP);
+    stop_process(&leader.proc.child);
     let mut cmd = follow_cmd(&env, &fd, leader.addr, "fallback");
     cmd.arg("--once");
     let mut follower = Proc::spawn(cmd);
