@@ -114,6 +114,12 @@ impl Sim {
         }
     }
 
+    /// The same pair, its follower offering only `capabilities` (as an older build would).
+    fn follower_offering(mut self, capabilities: u32) -> Sim {
+        self.follower = self.follower.offering(capabilities);
+        self
+    }
+
     /// Applies `change` to the catalog and tells the session, as the leader's writer does.
     fn record<T>(
         &mut self,
@@ -588,15 +594,7 @@ fn the_follower_knows_the_birth_of_every_copy_it_holds() {
         let held = files(&[("old/seg.0", b"he"), ("old/empty", b"")]);
         let mut sim = Sim::new(leader, held);
         if !born {
-            sim.follower = std::mem::replace(
-                &mut sim.follower,
-                FollowerSession::new(
-                    Secret::new(b"x".to_vec()).unwrap(),
-                    [0; 32],
-                    Durability::Synced,
-                ),
-            )
-            .offering(CAPABILITIES & !CAPABILITY_BORN);
+            sim = sim.follower_offering(CAPABILITIES & !CAPABILITY_BORN);
         }
         sim.run();
         sim.append("q/seg.1", b"created by an append");
