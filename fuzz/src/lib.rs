@@ -1125,7 +1125,10 @@ impl FollowerShell {
     fn apply(&mut self, action: FollowerAction) -> Result<(), SessionError> {
         // A look begun at the last MARK sees the files as they are when this action comes.
         self.finish_look();
-        self.births.before(&action, self.session.born_in_use());
+        // As the real shell: only the actions `Births::concerns`.
+        if Births::concerns(&action) {
+            self.births.before(&action, self.session.born_in_use());
+        }
         match action {
             // A file the held record saw as it is now, after a MARK of this leader instance,
             // is reported as held (when the contents are exact); every other by digest.

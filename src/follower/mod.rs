@@ -548,9 +548,12 @@ impl Ctx<'_> {
             let Some(action) = action else {
                 return Ok(());
             };
-            // Before the action changes a file: a look at it after sees its birth.
-            let born_in_use = self.session.borrow().born_in_use();
-            self.held.births_before(&action, born_in_use);
+            // Before the action changes a file: a look at it after sees its birth. (Not for
+            // every payload frame: the lock is for the few actions that matter.)
+            if Births::concerns(&action) {
+                let born_in_use = self.session.borrow().born_in_use();
+                self.held.births_before(&action, born_in_use);
+            }
             match action {
                 FollowerAction::Inventory {
                     index,

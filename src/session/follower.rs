@@ -105,6 +105,24 @@ impl Births {
         self.known.get(path).copied()
     }
 
+    /// Whether `action` can change what `before` keeps. Most actions cannot (payloads past
+    /// offset 0, MARKs), and a shell that shares `Births` behind a lock need not take it for
+    /// those.
+    pub fn concerns(action: &FollowerAction) -> bool {
+        matches!(
+            action,
+            FollowerAction::Inventory { .. }
+                | FollowerAction::Born { .. }
+                | FollowerAction::CommitWhole { .. }
+                | FollowerAction::Delete { .. }
+                | FollowerAction::Write {
+                    temp: false,
+                    offset: 0,
+                    ..
+                }
+        )
+    }
+
     /// Takes in `action`, which the shell is about to apply, on a connection where `BORN` is
     /// in use or not (`FollowerSession::born_in_use`).
     pub fn before(&mut self, action: &FollowerAction, born_in_use: bool) {

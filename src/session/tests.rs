@@ -286,7 +286,10 @@ impl Sim {
     }
 
     fn apply(&mut self, action: FollowerAction) {
-        self.births.before(&action, self.follower.born_in_use());
+        // As the shell: only the actions `Births::concerns`.
+        if Births::concerns(&action) {
+            self.births.before(&action, self.follower.born_in_use());
+        }
         match action {
             FollowerAction::Inventory {
                 index,
