@@ -674,9 +674,7 @@ impl Leader {
             );
             return;
         }
-        let catalog = catalog_copy(&self.shared).snapshot();
-        // Read after the copy: at or above every birth in it.
-        let position = self.shared.lock().catalog.position();
+        let (catalog, position) = self.catalog_snapshot();
         match leader_record::save(&self.dir, &self.instance, position, &catalog, &look) {
             Ok(()) => tracing::info!(
                 "recorded instance {} at position {position} ({} files) for the next start",
