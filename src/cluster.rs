@@ -1862,21 +1862,18 @@ async fn take_passed_instance(
     if !client.txn(txn).await?.succeeded() {
         anyhow::bail!("{NOT_LEADING}");
     }
-    let mut f = value.split(' ');
-    let (Some(target), Some(instance), Some(position), None) =
-        (f.next(), f.next(), f.next(), f.next())
-    else {
+    let Some(passed) = crate::cluster_admin::PassedInstance::parse(&value) else {
         anyhow::bail!(
             "{} holds {value:?}, not TARGET INSTANCE POSITION",
             keys.handoff_instance
         );
     };
-    if target != me {
+    if passed.to != me {
         return Ok(()); // left from a handoff to another node, which never led after it
     }
+    let (instance, position) = (passed.instance.as_str(), passed.position);
     let instance: crate::frame::InstanceId = crate::index::from_hex(instance)
         .ok_or_else(|| anyhow::anyhow!("{}: bad instance {instance:?}", keys.handoff_instance))?;
-    let position: u64 = position.parse()?;
     let root = data_dir.to_path_buf();
     let (held, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
         let dir = crate::paths::DataDir::open(&root)?;

@@ -27,6 +27,9 @@ pub struct ClusterView {
     pub held_data_set_by: Option<String>,
     /// A pending `ferry handoff` request: the target's id, or `*` (the most caught-up one).
     pub handoff: Option<String>,
+    /// `PREFIX/handoff-instance`: an instance a handoff passed on, which its target has not
+    /// taken yet (it takes it when elected and goes on with it).
+    pub passed_instance: Option<PassedInstance>,
     /// `PREFIX/lineage`, the lineage of the cluster's data (hex), set by its first leader.
     pub lineage: Option<String>,
     /// The shared secret is kept in etcd (`PREFIX/secret`, `ferry node --secret-from-etcd`).
@@ -35,6 +38,32 @@ pub struct ClusterView {
     pub secret_rotating: bool,
     /// Every node running, in the set, or campaigning, sorted by id.
     pub nodes: Vec<NodeView>,
+}
+
+/// What a leader that handed off passed on (`PREFIX/handoff-instance`, `TARGET INSTANCE
+/// POSITION`): its target goes on with `instance` from `position + 1` once elected.
+pub struct PassedInstance {
+    pub to: String,
+    /// The instance, in hex.
+    pub instance: String,
+    pub position: u64,
+}
+
+impl PassedInstance {
+    /// The key's value as `cluster::pass_on_instance` writes it; `None` if it is not that.
+    pub(crate) fn parse(value: &str) -> Option<PassedInstance> {
+        let mut f = value.split(' ');
+        let (Some(to), Some(instance), Some(position), None) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            return None;
+        };
+        Some(PassedInstance {
+            to: to.to_string(),
+            instance: instance.to_string(),
+            position: position.parse().ok()?,
+        })
+    }
 }
 
 /// One node as etcd knows it.
@@ -106,6 +135,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
                 keys.secret_previous.clone(),
                 Some(GetOptions::new().with_keys_only()),
             ),
+            TxnOp::get(keys.handoff_instance.clone(), None),
         ]);
         let resp = client
             .txn(txn)
@@ -115,6 +145,16 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
         let lineage = kvs_of(&responses, 5).first().map(text);
         let secret_in_etcd = !kvs_of(&responses, 6).is_empty();
         let secret_rotating = !kvs_of(&responses, 7).is_empty();
+        let passed_instance = kvs_of(&responses, 8).first().map(text).and_then(|value| {
+            let parsed = PassedInstance::parse(&value);
+            if parsed.is_none() {
+                tracing::warn!(
+                    "{} holds {value:?}, not TARGET INSTANCE POSITION: not shown",
+                    keys.handoff_instance
+                );
+            }
+            parsed
+        });
         let candidates: Vec<String> = kvs_of(&responses, 0).iter().map(text).collect();
         let isr = kvs_of(&responses, 1).first().map(|kv| {
             text(kv)
@@ -160,6 +200,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             isr,
             held_data_set_by,
             handoff,
+            passed_instance,
             lineage,
             secret_in_etcd,
             secret_rotating,
@@ -215,6 +256,14 @@ impl ClusterView {
                 to
             };
             let _ = writeln!(out, "handoff: requested, to {to}");
+        }
+        if let Some(p) = &self.passed_instance {
+            let _ = writeln!(
+                out,
+                "handoff: instance {} passed on to {} at position {}, for it to go on with once \
+                 elected",
+                p.instance, p.to, p.position
+            );
         }
         let width = self
             .nodes
@@ -301,9 +350,21 @@ impl ClusterView {
                 )
             })
             .collect();
+        let passed = self
+            .passed_instance
+            .as_ref()
+            .map_or("null".to_string(), |p| {
+                format!(
+                    "{{\"to\":{},\"instance\":{},\"position\":{}}}",
+                    json_str(&p.to),
+                    json_str(&p.instance),
+                    p.position
+                )
+            });
         format!(
             "{{\"prefix\":{},\"leader\":{},\"isr\":{isr},\"held_data_set_by\":{},\"handoff\":{},\
-             \"lineage\":{},\"secret_in_etcd\":{},\"secret_rotating\":{},\"nodes\":[{}]}}\n",
+             \"passed_instance\":{passed},\"lineage\":{},\"secret_in_etcd\":{},\
+             \"secret_rotating\":{},\"nodes\":[{}]}}\n",
             json_str(&self.prefix),
             opt(&self.leader),
             opt(&self.held_data_set_by),
@@ -323,8 +384,8 @@ pub struct ResetReport {
 
 /// Deletes what decides who may lead: the in-sync replica set (`PREFIX/isr`), the mark that
 /// the cluster has held data (`PREFIX/data`), the lineage of its data (`PREFIX/lineage`), a
-/// pending handoff request, and an instance a handoff passed on (`PREFIX/handoff-instance`). Then the first node to campaign leads whatever its data dir holds,
-/// so this is refused while any node runs or campaigns: the check and the deletes are one
+/// pending handoff request, and an instance a handoff passed on (`PREFIX/handoff-instance`).
+/// Then the first node to campaign leads whatever its data dir holds, so this is refused while any node runs or campaigns: the check and the deletes are one
 /// transaction, so a node that joins a moment later sees the cluster either before or after it,
 /// never between.
 pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
@@ -408,6 +469,7 @@ mod tests {
             isr: isr.map(|m| m.iter().map(|s| s.to_string()).collect()),
             held_data_set_by: None,
             handoff: None,
+            passed_instance: None,
             lineage: None,
             secret_in_etcd: false,
             secret_rotating: false,
@@ -444,7 +506,8 @@ mod tests {
         assert_eq!(
             v.json(),
             "{\"prefix\":\"ferry\",\"leader\":null,\"isr\":null,\"held_data_set_by\":\"a:1\",\
-             \"handoff\":null,\"lineage\":null,\"secret_in_etcd\":false,\"secret_rotating\":false,\
+             \"handoff\":null,\"passed_instance\":null,\"lineage\":null,\"secret_in_etcd\":false,\
+             \"secret_rotating\":false,\
              \"nodes\":[{\"id\":\"a:1\",\"running\":true,\"process\":\"pid 1 \
              on a:1\",\"leads\":false,\"in_isr\":false,\"campaigning\":true}]}\n"
         );

@@ -1080,12 +1080,36 @@ fn cluster_status_shows_who_leads_who_may_lead_and_who_runs() {
         !status.lines().any(|l| l.starts_with(&c.advertise)),
         "{status}"
     );
+    // An instance a handoff passed on to a node that has not led since (as a leader that
+    // handed off to B leaves it, B stopped before its election): status names it, and the
+    // reset forgets it, since B would otherwise go on with it whenever it next leads.
+    let passed = format!("{} 00112233445566778899aabbccddeeff 1300011", b.advertise);
+    etcd_put(&etcd.url, "ferry/handoff-instance", &passed);
+    let status = cluster_ok(&etcd.url, &["status"]);
+    let line = format!(
+        "handoff: instance 00112233445566778899aabbccddeeff passed on to {} at position \
+         1300011, for it to go on with once elected",
+        b.advertise
+    );
+    assert!(status.contains(&line), "{status}");
+    let json = cluster_ok(&etcd.url, &["status", "--json"]);
+    let needle = format!(
+        "\"passed_instance\":{{\"to\":\"{}\",\"instance\":\"00112233445566778899aabbccddeeff\",\
+         \"position\":1300011}}",
+        b.advertise
+    );
+    assert!(json.contains(&needle), "no {needle} in {json}");
     let reset = cluster_ok(&etcd.url, &["reset"]);
     assert!(reset.contains("ferry/data"), "{reset}");
+    assert!(reset.contains("ferry/handoff-instance"), "{reset}");
     assert_eq!(read_key(&etcd.url, "ferry/data"), None);
     assert_eq!(read_key(&etcd.url, "ferry/isr"), None);
+    assert_eq!(read_key(&etcd.url, "ferry/handoff-instance"), None);
     let status = cluster_ok(&etcd.url, &["status"]);
     assert!(status.contains("held data: no"), "{status}");
+    assert!(!status.contains("passed on"), "{status}");
+    let json = cluster_ok(&etcd.url, &["status", "--json"]);
+    assert!(json.contains("\"passed_instance\":null"), "{json}");
     drop(etcd);
 }
 

@@ -657,6 +657,18 @@ pub fn etcd_get(etcd: &str, key: &str) -> Option<etcd_client::KeyValue> {
     })
 }
 
+/// Sets `key` to `value` in etcd, as a node would.
+pub fn etcd_put(etcd: &str, key: &str, value: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd], None).await.unwrap();
+        client.put(key, value, None).await.unwrap();
+    });
+}
+
 /// The value of `key` in etcd, if it is set and etcd answers.
 pub fn read_key(etcd: &str, key: &str) -> Option<String> {
     etcd_get(etcd, key)?.value_str().ok().map(str::to_string)
