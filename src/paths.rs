@@ -136,6 +136,35 @@ pub fn is_escape(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<EscapeError>())
 }
 
+/// Opens a file with `open`, which a cache of open files (`cached`, holding `kept` files) saves
+/// reopening: if the process holds as many files open as it may (EMFILE, or ENFILE for the
+/// whole system), the cache is emptied and the open tried once more. So a limit below the
+/// cache's size slows a leader or follower down rather than failing it; the first time, a
+/// warning says so.
+pub fn open_making_room<T>(
+    kept: usize,
+    cached: impl FnOnce(),
+    open: impl Fn() -> io::Result<T>,
+) -> io::Result<T> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    match open() {
+        Err(e) if matches!(os_error(&e), Some(libc::EMFILE | libc::ENFILE)) => {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the limit of open files is reached ({e}): closing the {kept} files kept \
+                     open to read or write without reopening, and reopening each as needed \
+                     (slower). Raise the limit (`ulimit -n`, systemd's LimitNOFILE=); only \
+                     logged once"
+                );
+            }
+            cached();
+            open()
+        }
+        r => r,
+    }
+}
+
 /// The directories (relative to the data dir's root, `""` for the root itself) whose entries a
 /// change created, renamed or removed: the ones an fsync must reach for the change to survive a
 /// power loss.
@@ -334,7 +363,37 @@ fn with_path(e: io::Error, rel: &str) -> io::Error {
     if is_escape(&e) {
         return e;
     }
-    io::Error::new(e.kind(), format!("{rel}: {e}"))
+    let kind = e.kind();
+    let rel = rel.to_string();
+    io::Error::new(kind, AtPath { rel, source: e })
+}
+
+/// An I/O error on a path of the data dir: shown as `path: error`, keeping the error itself
+/// (`os_error`).
+#[derive(Debug)]
+struct AtPath {
+    rel: String,
+    source: io::Error,
+}
+
+impl std::fmt::Display for AtPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.rel, self.source)
+    }
+}
+
+impl std::error::Error for AtPath {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The OS's error number behind `e`, which `with_path` keeps.
+fn os_error(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        let at = e.get_ref()?.downcast_ref::<AtPath>()?;
+        at.source.raw_os_error()
+    })
 }
 
 impl DataDir {
@@ -681,33 +740,35 @@ impl DataDir {
 
     /// Makes durable the data of `files` (fdatasync) and the entries of `dirs` (fsync; "" is
     /// the root). A path gone since (deleted or renamed over later) is skipped: its directory's
-    /// sync records that.
+    /// sync records that. One file is open at a time, however many there are: a round may
+    /// follow the initial sync of more files than the process may hold open.
     pub fn sync_paths<'a>(
         &self,
         files: impl IntoIterator<Item = &'a RelPath>,
         dirs: impl IntoIterator<Item = &'a str>,
     ) -> io::Result<()> {
         let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
-        let mut open = Vec::new();
-        for rel in files {
+        let files: Vec<&RelPath> = files.into_iter().collect();
+        // Start writeback of every file before waiting on any, so the disk sees them all at
+        // once rather than one file after another. It goes on once the fd is closed.
+        for rel in &files {
             match self.open_read(rel) {
-                Ok(f) => {
-                    // Start writeback of every file before waiting on any, so the disk sees
-                    // them all at once rather than one file after another.
-                    // SAFETY: sync_file_range on an fd we own; offset 0 and length 0 mean the
-                    // whole file, and the flag only starts writeback. A failure is harmless:
-                    // the fdatasync below reports what matters.
-                    unsafe {
-                        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-                    }
-                    open.push((rel, f));
-                }
+                // SAFETY: sync_file_range on an fd we own; offset 0 and length 0 mean the
+                // whole file, and the flag only starts writeback. A failure is harmless: the
+                // fdatasync below reports what matters.
+                Ok(f) => unsafe {
+                    libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                },
                 Err(e) if gone(&e) => {}
                 Err(e) => return Err(e),
             }
         }
-        for (rel, f) in open {
-            f.sync_data().map_err(|e| with_path(e, rel.as_str()))?;
+        for rel in files {
+            match self.open_read(rel) {
+                Ok(f) => f.sync_data().map_err(|e| with_path(e, rel.as_str()))?,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
         for rel_dir in dirs {
             let name = if rel_dir.is_empty() { "." } else { rel_dir };

@@ -127,6 +127,68 @@ fn append(path: &std::path::Path, bytes: &[u8]) {
 /// changed while it was down travels. A file the leader rewrote meanwhile is hashed (the index
 /// says it began anew since the follower's record) and sent whole; a copy changed on the
 /// follower's disk behind ferry's back is hashed and repaired.
+/// A data dir of more files than a process may hold open (a broker with many queues, each with
+/// its segments) is served, copied, synced and streamed: neither side needs every file open at
+/// once. Both processes run under a limit of 128 open files, at `synced`, where the follower
+/// makes every file it wrote durable before it acks: 600 files copied whole, then an append to
+/// each, which the follower writes under the file's real name.
+#[test]
+fn a_dir_of_more_files_than_the_open_file_limit_is_copied_synced_and_streamed() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let (leader_dir, follower_dir) = (env.dir("leader"), env.dir("follower"));
+    let path = |i: usize| leader_dir.join(format!("q{}/seg.{i}", i % 7));
+    for i in 0..600 {
+        write(&path(i), &pattern(1000 + i, i as u8));
+    }
+    let warning = "the limit of open files is reached";
+    for engine in ENGINES {
+        let mut cmd = lead_cmd(&env, &leader_dir, engine);
+        // SAFETY: limit_open_files is async-signal-safe (one setrlimit).
+        unsafe { cmd.pre_exec(|| limit_open_files(128)) };
+        let leader = Proc::spawn(cmd);
+        let addr = listen_addr(&leader);
+        let follow = || {
+            let mut cmd = follow_cmd(&env, &follower_dir, addr, engine);
+            cmd.args(["--durability", "synced"]);
+            // SAFETY: as above.
+            unsafe { cmd.pre_exec(|| limit_open_files(128)) };
+            cmd
+        };
+        let mut once = follow();
+        once.arg("--once");
+        let out = run_bounded(once, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{engine}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(checksum(&leader_dir), checksum(&follower_dir), "{engine}");
+
+        let follower = Proc::spawn(follow());
+        follower.wait_log("initial sync received", Duration::from_secs(30));
+        for i in 0..600 {
+            append(&path(i), &pattern(100, 7));
+        }
+        wait_identical(&leader_dir, &follower_dir, Duration::from_secs(60));
+        // Each side says once that it met the limit, and what to raise; nothing else failed for
+        // it (EMFILE shows in that line only).
+        for (side, log) in [
+            ("leader", leader.log_text()),
+            ("follower", follower.log_text()),
+        ] {
+            assert_eq!(log.matches(warning).count(), 1, "{engine} {side}: {log}");
+            assert_eq!(
+                log.matches("(os error 24)").count(),
+                1,
+                "{engine} {side}: {log}"
+            );
+        }
+        drop((leader, follower));
+        std::fs::remove_dir_all(&follower_dir).unwrap();
+    }
+}
+
 #[test]
 fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
     let seg = "queues/q1/segments/00000002.seg";

@@ -75,10 +75,11 @@ impl Apply {
             if self.open.len() >= OPEN_FILES_MAX {
                 self.open.clear();
             }
-            let (file, changed) = self
-                .dir
-                .open_write(path)
-                .map_err(|e| disk_error("write", path, e))?;
+            let (open, dir) = (&mut self.open, &self.dir);
+            let kept = open.len();
+            let (file, changed) =
+                crate::paths::open_making_room(kept, || open.clear(), || dir.open_write(path))
+                    .map_err(|e| disk_error("write", path, e))?;
             self.dirty.borrow_mut().dirs_changed(changed);
             self.open.insert(path.clone(), file);
         }

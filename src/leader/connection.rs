@@ -508,11 +508,13 @@ async fn drive(
         }
         match transmit {
             Some(Transmit::OpenWhole { path, generation }) => {
-                match ctx
-                    .dir
-                    .open_read(&path)
-                    .and_then(|f| Ok((f.metadata()?.len(), f)))
-                {
+                let kept = files.len();
+                let opened = crate::paths::open_making_room(
+                    kept,
+                    || files.clear(),
+                    || ctx.dir.open_read(&path),
+                );
+                match opened.and_then(|f| Ok((f.metadata()?.len(), f))) {
                     Ok((len, file)) => {
                         session.begin_whole(&path, len, &catalog);
                         keep_open(&mut files, path, generation, file);
@@ -739,7 +741,10 @@ fn payload_available(
         "a payload of {path} planned for a generation the catalog has moved past"
     );
     if !matches!(files.get(path), Some((g, _)) if *g == generation) {
-        match ctx.dir.open_read(path) {
+        let kept = files.len();
+        let opened =
+            crate::paths::open_making_room(kept, || files.clear(), || ctx.dir.open_read(path));
+        match opened {
             Ok(file) => keep_open(files, path.clone(), generation, file),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(SessionError::Io(format!("cannot read {path}: {e}")).into()),

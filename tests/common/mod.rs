@@ -377,6 +377,21 @@ pub fn on_cpu_0() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Lowers the calling process's limit of open files (RLIMIT_NOFILE, soft and hard) to `files`,
+/// for what it execs next. Async-signal-safe (one setrlimit), so it may run in
+/// `Command::pre_exec`.
+pub fn limit_open_files(files: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: files,
+        rlim_max: files,
+    };
+    // SAFETY: setrlimit reads the struct passed, which lives on this stack for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Refuses io_uring to the calling thread and what it starts from then on, as Docker's default
 /// seccomp profile does on many hosts: io_uring_setup, io_uring_enter and io_uring_register
 /// fail with EPERM, every other syscall runs. For `Command::pre_exec` (see `refuse_syscalls`).
