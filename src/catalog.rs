@@ -74,6 +74,8 @@ pub struct Catalog {
     position: u64,
     generation_next: u64,
     id_next: FileId,
+    /// Changes made so far (`changes`).
+    changes: u64,
 }
 
 /// Files taken from a catalog by `take_part`, under the writers' lock, for `add_part` to copy
@@ -161,6 +163,13 @@ impl Catalog {
         self.position
     }
 
+    /// How many changes (`append`, `replace`, `delete` of a file it has) this catalog took: the
+    /// same number later means the same catalog, even where the position did not move (an
+    /// append of no bytes). A detached copy counts none of its own.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
     pub fn get(&self, path: &RelPath) -> Option<CatalogEntry> {
         self.files.get(path).map(|s| s.entry)
     }
@@ -219,6 +228,7 @@ impl Catalog {
             }
         };
         self.position += len_bytes;
+        self.changes += 1;
         Ok(change)
     }
 
@@ -250,6 +260,7 @@ impl Catalog {
         };
         let since = self.position;
         self.position += len_bytes.max(1);
+        self.changes += 1;
         Ok(FileChange {
             id,
             entry: Some(entry),
@@ -267,6 +278,7 @@ impl Catalog {
         self.paths.remove(&slot.id);
         let since = self.position;
         self.position += 1;
+        self.changes += 1;
         Ok(Some(FileChange {
             id: slot.id,
             entry: None,
@@ -512,6 +524,19 @@ mod tests {
         assert_eq!((c.position(), born(&c, "seg")), (106, 7));
         c.replace("new", 2).unwrap();
         assert_eq!(born(&c, "new"), 108);
+    }
+
+    #[test]
+    fn every_change_is_counted_even_one_that_leaves_the_position() {
+        let mut c = Catalog::new([(p("a"), 10)]);
+        assert_eq!(c.changes(), 0, "the files it starts with are no change");
+        c.append("a", 10, 0).unwrap();
+        assert_eq!((c.changes(), c.position()), (1, 10), "no bytes, yet a change");
+        c.replace("a", 3).unwrap();
+        c.delete("a").unwrap();
+        c.delete("a").unwrap();
+        assert_eq!(c.changes(), 3, "deleting what is not there changes nothing");
+        assert_eq!(c.detached().changes(), 0, "a copy counts none of its own");
     }
 
     #[test]

@@ -91,6 +91,22 @@ impl Look {
         (wait_ns > 0).then(|| Duration::from_nanos(wait_ns as u64).min(at_most))
     }
 
+    /// What it saw of `path`, if it looked at it and found a file.
+    pub fn stamp(&self, path: &RelPath) -> Option<Stamp> {
+        self.stamps.get(path).copied()
+    }
+
+    /// When it began looking (ns since the epoch).
+    pub fn taken_ns(&self) -> i64 {
+        self.taken_ns
+    }
+
+    /// Whether `stamp`, as it saw it, had not changed for `LEADER_RECORD_SETTLE_MS`: a record
+    /// taken then or later vouches for it.
+    pub fn settled(&self, stamp: &Stamp) -> bool {
+        stamp.ctime_ns <= settled_before(self.taken_ns)
+    }
+
     /// Files it saw changed within `LEADER_RECORD_SETTLE_MS` before it.
     pub fn unsettled(&self) -> usize {
         let settled_before = settled_before(self.taken_ns);

@@ -68,6 +68,16 @@ pub struct FollowerSelf {
     pub lineage: Option<String>,
 }
 
+/// What a leader's checkpoints of its record did so far (`docs/PROTOCOL.md`, *The leader's
+/// record*): each round looks only at the files changed since the record on disk, and writes
+/// none when nothing changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointCounters {
+    pub rounds: u64,
+    pub writes: u64,
+    pub files_looked: u64,
+}
+
 #[derive(Debug, Clone)]
 pub enum Status {
     Leader {
@@ -80,6 +90,8 @@ pub enum Status {
         server_thread: Option<ThreadTimes>,
         /// The data dir's lineage (hex), which the leader serves (`crate::lineage`).
         lineage: String,
+        /// What the checkpoints of the leader's record did so far.
+        checkpoints: CheckpointCounters,
     },
     Follower {
         engine: String,
@@ -130,7 +142,30 @@ impl Status {
                 followers,
                 server_thread,
                 lineage,
+                checkpoints,
             } => {
+                let counters = [
+                    (
+                        "ferry_leader_checkpoints_total",
+                        "Checkpoints of the leader's record: rounds.",
+                        checkpoints.rounds,
+                    ),
+                    (
+                        "ferry_leader_checkpoint_writes_total",
+                        "Checkpoints that wrote the record (the rest found nothing changed).",
+                        checkpoints.writes,
+                    ),
+                    (
+                        "ferry_leader_checkpoint_files_looked_total",
+                        "Files the checkpoints looked at (stat): those changed since the record on disk.",
+                        checkpoints.files_looked,
+                    ),
+                ];
+                for (name, help, value) in counters {
+                    let _ = writeln!(s, "# HELP {name} {help}");
+                    let _ = writeln!(s, "# TYPE {name} counter");
+                    let _ = writeln!(s, "{name} {value}");
+                }
                 if let Some(t) = server_thread {
                     let _ = writeln!(
                         s,
@@ -336,8 +371,13 @@ impl Status {
                 followers,
                 server_thread,
                 lineage,
+                checkpoints,
             } => {
                 let rows: Vec<String> = followers.iter().map(follower_json).collect();
+                let checkpoints = format!(
+                    "{{\"rounds\": {}, \"writes\": {}, \"files_looked\": {}}}",
+                    checkpoints.rounds, checkpoints.writes, checkpoints.files_looked
+                );
                 let thread = server_thread.map_or("null".into(), |t| {
                     format!(
                         "{{\"cpu_s\": {:.6}, \"cpu_wait_s\": {:.6}}}",
@@ -346,7 +386,7 @@ impl Status {
                     )
                 });
                 format!(
-                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"lineage\": {}, \"position\": {position}, \"server_thread\": {thread}, \"followers\": [{}]}}\n",
+                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"lineage\": {}, \"position\": {position}, \"server_thread\": {thread}, \"checkpoints\": {checkpoints}, \"followers\": [{}]}}\n",
                     json_str(engine),
                     json_str(env!("CARGO_PKG_VERSION")),
                     json_str(tcp_congestion),
@@ -500,6 +540,11 @@ mod tests {
                 waiting: std::time::Duration::from_millis(750),
             }),
             lineage: "5aae7870c08f6f8ed9ea4ac952c1a86f".into(),
+            checkpoints: CheckpointCounters {
+                rounds: 12,
+                writes: 3,
+                files_looked: 40,
+            },
         }
     }
 
@@ -531,6 +576,15 @@ mod tests {
             find("ferry_leader_thread_cpu_wait_seconds_total", None).value,
             0.75
         );
+        assert_eq!(find("ferry_leader_checkpoints_total", None).value, 12.0);
+        assert_eq!(
+            find("ferry_leader_checkpoint_writes_total", None).value,
+            3.0
+        );
+        assert_eq!(
+            find("ferry_leader_checkpoint_files_looked_total", None).value,
+            40.0
+        );
         assert_eq!(
             find("ferry_info", None).label("lineage"),
             Some("5aae7870c08f6f8ed9ea4ac952c1a86f")
@@ -547,6 +601,7 @@ mod tests {
             "\"synced\": 300",
             "\"server_thread\": {\"cpu_s\": 2.500000, \"cpu_wait_s\": 0.750000}",
             "\"lineage\": \"5aae7870c08f6f8ed9ea4ac952c1a86f\"",
+            "\"checkpoints\": {\"rounds\": 12, \"writes\": 3, \"files_looked\": 40}",
         ] {
             assert!(json.contains(needle), "{needle} in {json}");
         }

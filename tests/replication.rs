@@ -452,6 +452,81 @@ fn a_killed_leader_resumes_from_its_last_checkpoint_so_followers_hash_only_what_
     }
 }
 
+/// The leader's checkpoint counters from its `/metrics`: rounds, records written, files looked
+/// at.
+fn checkpoint_counters(http: &str) -> [u64; 3] {
+    let text = ferry::http::get(http, "/metrics").unwrap_or_default();
+    let samples = ferry::status::parse_prometheus(&text);
+    let value = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name)
+            .map_or(0, |s| s.value as u64)
+    };
+    [
+        value("ferry_leader_checkpoints_total"),
+        value("ferry_leader_checkpoint_writes_total"),
+        value("ferry_leader_checkpoint_files_looked_total"),
+    ]
+}
+
+/// Waits until 10 checkpoint rounds in a row looked at no file and wrote nothing (what changed
+/// has settled); the counters then.
+fn checkpoints_at_rest(http: &str) -> [u64; 3] {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = checkpoint_counters(http);
+        wait_until(Duration::from_secs(10), "10 checkpoint rounds", || {
+            checkpoint_counters(http)[0] >= before[0] + 10
+        });
+        let after = checkpoint_counters(http);
+        if after[1..] == before[1..] {
+            return after;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every 10 checkpoints look and write again: {before:?} then {after:?}"
+        );
+    }
+}
+
+/// A serving leader's checkpoints look again only at the files that changed since the last one
+/// (or that had changed too recently then to be vouched for), and write nothing when nothing
+/// changed: an idle leader of many files does no work at every interval, where it looked at
+/// every file and wrote the whole record. What it vouches for is unchanged: after a SIGKILL the
+/// next start vouches for every file, the one appended to since included.
+#[test]
+fn checkpoints_look_again_only_at_files_that_changed() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    for i in 0..200 {
+        write(&ld.join(format!("q/seg.{i}")), &pattern(1000, i as u8));
+    }
+    let flags = ["--record-interval-ms", "20", "--http", "127.0.0.1:0"];
+    let leader = start_leader_with(&env, &ld, "fallback", &flags);
+    let http = http_addr(&leader.proc);
+    let rest = checkpoints_at_rest(&http);
+    assert!(rest[2] >= 200, "every file looked at once: {rest:?}");
+
+    append(&ld.join("q/seg.7"), &pattern(500, 1));
+    wait_until(Duration::from_secs(10), "a record with the append", || {
+        checkpoint_counters(&http)[1] > rest[1]
+    });
+    let again = checkpoints_at_rest(&http);
+    let rounds = again[0] - rest[0];
+    assert!(
+        again[2] - rest[2] <= rounds,
+        "at most the appended file looked at each round: {rest:?} then {again:?}"
+    );
+    drop(leader);
+
+    let leader = start_leader(&env, &ld, "fallback");
+    let line = leader
+        .proc
+        .wait_log("resuming instance", Duration::from_secs(10));
+    assert!(line.contains("200 of 200 files vouched for"), "{line}");
+}
+
 /// `follow --once` until the leader's watcher has recorded the append (it is asynchronous).
 fn wait_for_payload(
     env: &Env,

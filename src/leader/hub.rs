@@ -148,6 +148,28 @@ pub(super) struct Shared {
     /// own: read at every turn of every session, it must not share a line with what the writer
     /// writes at every `append` (the hub's lock), which that read would pull away from it.
     pub(super) secrets_changes: OwnLines<AtomicU64>,
+    /// What the checkpoints did so far (`/metrics`).
+    pub(super) checkpoint_counts: CheckpointCounts,
+}
+
+/// What a leader's checkpoints did so far: rounds, records written, files looked at. A round
+/// looks only at the files that changed since the record on disk, and writes none when nothing
+/// did (`checkpoint`).
+#[derive(Default)]
+pub(super) struct CheckpointCounts {
+    pub(super) rounds: AtomicU64,
+    pub(super) writes: AtomicU64,
+    pub(super) files_looked: AtomicU64,
+}
+
+impl CheckpointCounts {
+    pub(super) fn read(&self) -> crate::status::CheckpointCounters {
+        crate::status::CheckpointCounters {
+            rounds: self.rounds.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            files_looked: self.files_looked.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A value alone on its cache lines: 128 bytes, as the CPU's prefetcher fetches 64-byte lines

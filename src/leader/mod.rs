@@ -211,6 +211,7 @@ impl Leader {
                 previous: config.previous_secret.clone(),
             }),
             secrets_changes: OwnLines(AtomicU64::new(0)),
+            checkpoint_counts: Default::default(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
@@ -430,6 +431,7 @@ impl Leader {
             followers: self.followers().iter().map(Into::into).collect(),
             server_thread: self.server_thread_times(),
             lineage: hex(&self.lineage),
+            checkpoints: self.shared.checkpoint_counts.read(),
         }
     }
 
