@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # What a handoff costs the other nodes, over loopback: etcd and three `ferry node`s on 127.0.0.1,
-# the first one's data dir holding TOTAL_MIB in segments of 8 MiB, every node in sync and its
-# files settled; then `ferry handoff` to the second. Prints, for the third node and for the old
+# the first one's data dir holding TOTAL_MIB in segments of SEGMENT_KIB (8 MiB by default; make
+# it small for many files), every node in sync; then `ferry handoff` to the second. Prints, for the third node and for the old
 # leader (which follows the new one), how long after the handoff began its inventory was done
 # and its initial sync received (it acks again), and its inventory line: how many files it held
 # and how many bytes it hashed. FERRY_BIN= an older build (before the target went on with the
-# instance, c4ed672) shows what it was: every file hashed on both sides.
+# instance, c4ed672) shows what it was: every file hashed on both sides. Then the steps of the
+# handoff that look at every file, each with its time after the handoff began: the old leader
+# passing the instance on, the target taking it and resuming it.
 #
-# usage: [DIR=/var/tmp] [FERRY_BIN=...] tools/handoff-cost.sh [TOTAL_MIB]   (default 1024)
+# usage: [DIR=/var/tmp] [FERRY_BIN=...] [SEGMENT_KIB=8192] tools/handoff-cost.sh [TOTAL_MIB]
+#        (TOTAL_MIB 1024 by default)
 # Needs a release build (cargo build --release) and etcd (apt-get install etcd-server).
 set -euo pipefail
 total_mib=${1:-1024}
-segment_mib=8
+segment_kib=${SEGMENT_KIB:-8192}
+segments=$((total_mib * 1024 / segment_kib))
 root=$(cd "$(dirname "$0")/.." && pwd)
 ferry="${FERRY_BIN:-$root/target/release/ferry}"
 [ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
@@ -40,10 +44,14 @@ pids+=($!)
 head -c 32 /dev/urandom | base64 >"$work/secret"
 chmod 600 "$work/secret"
 mkdir -p "$work/a/queues" "$work/b" "$work/c"
-for i in $(seq 1 $((total_mib / segment_mib))); do
-  head -c $((segment_mib << 20)) /dev/urandom >"$work/a/queues/seg.$i"
-done
-printf '{"segments": %d}\n' $((total_mib / segment_mib)) >"$work/a/queues/state.json"
+python3 - "$work/a/queues" "$segments" "$segment_kib" <<'PY'
+import os, sys
+out, n, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(1, n + 1):
+    with open(f"{out}/seg.{i}", "wb") as f:
+        f.write(os.urandom(kib * 1024))
+PY
+printf '{"segments": %d}\n' "$segments" >"$work/a/queues/state.json"
 
 declare -A addr
 node() { # name
@@ -71,14 +79,12 @@ in_sync() {
     python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if len(s["isr"] or []) == 3 else 1)'
 }
 wait_for "in-sync replica set of three" 300 in_sync
-# Settled: a leader's record vouches for files unchanged for a second (LEADER_RECORD_SETTLE_MS).
-sleep 2
 
 mark_c=$(wc -l <"$work/c.log")
 mark_a=$(wc -l <"$work/a.log")
 started=$(date +%s.%N)
 "$ferry" handoff --etcd "$etcd_url" --to "${addr[b]}"
-echo "handoff-cost: $total_mib MiB in $((total_mib / segment_mib)) segments, $ferry"
+echo "handoff-cost: $total_mib MiB in $segments segments of $segment_kib KiB, $ferry"
 report() { # name log-mark
   local log="$work/$1.log"
   wait_for "initial sync on $1" 300 sh -c "tail -n +$(($2 + 1)) '$log' | grep -q 'initial sync received'"
@@ -101,5 +107,13 @@ print("    " + inventory.split("INFO ", 1)[1].strip())
 }
 report c "$mark_c"
 report a "$mark_a"
-grep -h "going on with instance\|resuming instance\|passed instance" "$work/b.log" "$work/a.log" |
-  sed 's/^[^ ]* *[A-Z]* /  /' || true
+steps="resigning\|going on with instance\|resuming instance\|passed instance\|elected leader"
+{ tail -n +$((mark_a + 1)) "$work/a.log"; cat "$work/b.log"; } | grep -h "$steps" | python3 -c '
+import sys, datetime
+started = float(sys.argv[1])
+for line in sys.stdin:
+    stamp, rest = line.split(None, 1)
+    t = datetime.datetime.fromisoformat(stamp.rstrip("Z")).replace(tzinfo=datetime.timezone.utc)
+    if t.timestamp() >= started:
+        print("  %.3f s: %s" % (t.timestamp() - started, rest.split(None, 1)[1].strip()[:150]))
+' "$started" || true
