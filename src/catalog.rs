@@ -531,7 +531,11 @@ mod tests {
         let mut c = Catalog::new([(p("a"), 10)]);
         assert_eq!(c.changes(), 0, "the files it starts with are no change");
         c.append("a", 10, 0).unwrap();
-        assert_eq!((c.changes(), c.position()), (1, 10), "no bytes, yet a change");
+        assert_eq!(
+            (c.changes(), c.position()),
+            (1, 10),
+            "no bytes, yet a change"
+        );
         c.replace("a", 3).unwrap();
         c.delete("a").unwrap();
         c.delete("a").unwrap();

@@ -1394,15 +1394,17 @@ async fn node_loop(
         set_role(&role, Role::Candidate);
         let leader = leading.leader.clone();
         leading.stop().await;
+        let mut own_files = None;
         if let (Stepped::HandedOff(handed), Some(key)) = (&why, &leader_key) {
             let me = &config.advertise;
-            if let Err(e) = pass_on_instance(&mut client, &keys, (key, me), &leader, handed).await {
-                tracing::warn!(
+            match pass_on_instance(&mut client, &keys, (key, me), &leader, handed).await {
+                Ok(own) => own_files = Some(own),
+                Err(e) => tracing::warn!(
                     "not passing instance {} on to {}: {e:#}; it starts a new one, and followers \
                      hash what changed since their last inventory",
                     hex(&leader.instance()),
                     handed.target
-                );
+                ),
             }
         }
         tell(&on_role, RoleEvent::Lost).await;
@@ -1410,6 +1412,9 @@ async fn node_loop(
         // Revoking the lease deletes our election key at once: the next candidate need not wait
         // for it to lapse. (A fenced node's lease may be gone already; the error is moot.)
         revoke(&mut client, lease, config.lease_ttl_s).await;
+        if let Some(own) = own_files {
+            own.record().await;
+        }
     }
     if let Some(f) = following.take() {
         tokio::task::spawn_blocking(move || f.stop()).await.ok();
@@ -1792,16 +1797,17 @@ async fn handoff(
 /// recorded no change after the final drain, the instance goes on at the target
 /// (`docs/PROTOCOL.md`, *Across a handoff*), so every follower's held record stays good. No
 /// session then sent a frame of a later change or a MARK above the drain's position. This
-/// node deletes its own record (the instance must not resume here too), records every file
-/// it holds as held at that position (it follows the target next), and puts
-/// `PREFIX/handoff-instance`, guarded by its election key, before it resigns.
+/// node deletes its own record (the instance must not resume here too) and puts
+/// `PREFIX/handoff-instance`, guarded by its election key, before it resigns; what it returns
+/// records its own files as held at that position (`OwnFiles::record`, after resigning: the
+/// look at every file need not keep the cluster without a leader).
 async fn pass_on_instance(
     client: &mut Client,
     keys: &Keys,
     (leader_key, me): (&[u8], &str),
     leader: &Arc<Leader>,
     handed: &HandedOff,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<OwnFiles> {
     let (instance, position) = (leader.instance(), handed.position);
     let (catalog, now) = leader.catalog_snapshot();
     if now != position {
@@ -1811,17 +1817,10 @@ async fn pass_on_instance(
     }
     let root = leader.data_dir().root().to_path_buf();
     let files = catalog.len();
-    let reported_ns = handed.reported_ns;
+    let removing = root.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let dir = crate::paths::DataDir::open(&root)?;
-        crate::leader_record::remove(&dir)?;
-        let own = catalog
-            .into_iter()
-            .map(|(p, e)| (p, e.len_bytes, e.born_at));
-        let mut held = crate::follower::held::HeldRecord::load(&dir);
-        held.record_own(&dir, (instance, position), own, reported_ns);
-        held.save_or_warn(&dir);
-        Ok(())
+        let dir = crate::paths::DataDir::open(&removing)?;
+        Ok(crate::leader_record::remove(&dir)?)
     })
     .await??;
     let value = format!("{} {} {position}", handed.target, hex(&instance));
@@ -1835,7 +1834,48 @@ async fn pass_on_instance(
         hex(&instance),
         handed.target
     );
-    Ok(())
+    Ok(OwnFiles {
+        root,
+        at: (instance, position),
+        catalog,
+        reported_ns: handed.reported_ns,
+    })
+}
+
+/// The files of a leader that passed its instance on, to record in its own held record as held
+/// at the final drain's position: it follows the target next, and its inventory then vouches
+/// for them.
+struct OwnFiles {
+    root: std::path::PathBuf,
+    at: (crate::frame::InstanceId, u64),
+    catalog: Vec<(crate::paths::RelPath, crate::catalog::CatalogEntry)>,
+    /// When every change made up to the final drain had been reported (`HandedOff`).
+    reported_ns: i64,
+}
+
+impl OwnFiles {
+    /// Records them, each as it is now unless shorter than the catalog says or changed since
+    /// every change was reported (`HeldRecord::record_own`). Before this node follows anyone.
+    async fn record(self) {
+        let recorded = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let dir = crate::paths::DataDir::open(&self.root)?;
+            let own = self
+                .catalog
+                .into_iter()
+                .map(|(p, e)| (p, e.len_bytes, e.born_at));
+            let mut held = crate::follower::held::HeldRecord::load(&dir);
+            held.record_own(&dir, self.at, own, self.reported_ns);
+            held.save_or_warn(&dir);
+            Ok(())
+        })
+        .await;
+        if let Err(e) = recorded.map_err(anyhow::Error::from).and_then(|r| r) {
+            tracing::warn!(
+                "cannot record this node's files as held: {e:#}; following the new leader, it \
+                 hashes what changed since its last inventory"
+            );
+        }
+    }
 }
 
 /// On being elected: takes (reads and deletes, guarded by our election key) what a leader
