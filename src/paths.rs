@@ -750,23 +750,31 @@ impl DataDir {
         let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         let files: Vec<&RelPath> = files.into_iter().collect();
         // Start writeback of every file before waiting on any, so the disk sees them all at
-        // once rather than one file after another. It goes on once the fd is closed.
+        // once rather than one file after another. It goes on once the fd is closed. A file
+        // that cannot be opened here is left to the loop after.
         for rel in &files {
-            match self.open_read(rel) {
+            if let Ok(f) = self.open_read(rel) {
                 // SAFETY: sync_file_range on an fd we own; offset 0 and length 0 mean the
                 // whole file, and the flag only starts writeback. A failure is harmless: the
                 // fdatasync below reports what matters.
-                Ok(f) => unsafe {
+                unsafe {
                     libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-                },
-                Err(e) if gone(&e) => {}
-                Err(e) => return Err(e),
+                }
             }
         }
+        // Other tasks of the process hold files open too (the caches of files being written):
+        // with no descriptor left for one more, syncfs(2) of the filesystem makes it durable
+        // instead, with everything else written to that filesystem.
+        let mut out_of_fds = false;
+        let mut no_fd_left = |e: &io::Error| {
+            let none = matches!(os_error(e), Some(libc::EMFILE | libc::ENFILE));
+            out_of_fds |= none;
+            none
+        };
         for rel in files {
             match self.open_read(rel) {
                 Ok(f) => f.sync_data().map_err(|e| with_path(e, rel.as_str()))?,
-                Err(e) if gone(&e) => {}
+                Err(e) if gone(&e) || no_fd_left(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -774,9 +782,12 @@ impl DataDir {
             let name = if rel_dir.is_empty() { "." } else { rel_dir };
             match DataDir::openat2(self.root_fd(), name, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
                 Ok(fd) => File::from(fd).sync_all().map_err(|e| with_path(e, name))?,
-                Err(e) if gone(&e) => {}
+                Err(e) if gone(&e) || no_fd_left(&e) => {}
                 Err(e) => return Err(with_path(e, name)),
             }
+        }
+        if out_of_fds {
+            self.sync_filesystem()?;
         }
         Ok(())
     }
@@ -853,6 +864,50 @@ pub(crate) fn temp_data_dir() -> (tempfile::TempDir, DataDir) {
 mod tests {
     use super::*;
     use std::io::Read;
+
+    /// A sync round that finds no descriptor left for a file (the follower's caches hold them
+    /// all) still makes it durable, with syncfs(2), rather than failing the round. Run in a
+    /// child process of this test binary, which takes every descriptor its own lowered limit
+    /// allows before the sync.
+    #[test]
+    fn a_sync_with_no_descriptor_left_syncs_the_filesystem_instead() {
+        const CHILD: &str = "FERRY_TEST_NO_DESCRIPTOR_LEFT";
+        let name = "paths::tests::a_sync_with_no_descriptor_left_syncs_the_filesystem_instead";
+        if std::env::var_os(CHILD).is_none() {
+            let exe = std::env::current_exe().unwrap();
+            let out = std::process::Command::new(exe)
+                .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{said}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(said.contains("1 passed"), "the child ran the test: {said}");
+            return;
+        }
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let file = RelPath::new("q/seg").unwrap();
+        dir.open_write(&file).unwrap().0.write_all(b"x").unwrap();
+        let limit = libc::rlimit {
+            rlim_cur: 64,
+            rlim_max: 64,
+        };
+        // SAFETY: setrlimit reads the struct passed, alive for the call; this process is the
+        // child, which runs this one test.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let mut taken = Vec::new();
+        while let Ok(f) = File::open("/dev/null") {
+            taken.push(f);
+        }
+        dir.sync_paths([&file], ["q"]).unwrap();
+        drop(taken);
+    }
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
