@@ -620,11 +620,14 @@ impl Leading {
     /// Stops serving; a watcher still running reports what it has not yet once the files are
     /// looked at for the leader's record. Without waiting for files just written to settle:
     /// the lost hook and the lease's revocation, which let the next leader in, come after.
-    async fn stop(mut self) {
+    /// After a handoff at `handed_off_at`, no record if nothing changed since
+    /// (`Settle::HandedOffAt`).
+    async fn stop(mut self, handed_off_at: Option<u64>) {
         let watcher = self.watcher.take();
         let leader = self.leader;
         let report_pending = move || watcher.map_or(true, |w| w.flush_and_stop().is_ok());
-        let stopped = move || leader.stop_serving_with(report_pending, Settle::DoNotWait);
+        let settle = handed_off_at.map_or(Settle::DoNotWait, Settle::HandedOffAt);
+        let stopped = move || leader.stop_serving_with(report_pending, settle);
         let _ = tokio::task::spawn_blocking(stopped).await;
     }
 }
@@ -1393,7 +1396,11 @@ async fn node_loop(
         }
         set_role(&role, Role::Candidate);
         let leader = leading.leader.clone();
-        leading.stop().await;
+        let handed_off_at = match &why {
+            Stepped::HandedOff(handed) => Some(handed.position),
+            _ => None,
+        };
+        leading.stop(handed_off_at).await;
         let mut own_files = None;
         if let (Stepped::HandedOff(handed), Some(key)) = (&why, &leader_key) {
             let me = &config.advertise;

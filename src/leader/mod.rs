@@ -650,6 +650,10 @@ impl Leader {
             report_pending();
             return;
         }
+        if settle == Settle::HandedOffAt(self.position()) {
+            report_pending();
+            return;
+        }
         // No session is left, so no MARK beyond the position the record names was sent. (If
         // this record cannot be written, the last checkpoint stays: its reservation is above
         // every MARK too.)
@@ -827,4 +831,9 @@ pub enum Settle {
     Wait,
     /// A prompt one (a fenced or departing node): those files go whole after the next start.
     DoNotWait,
+    /// A prompt one after a handoff at the final drain's position, given: if the position is
+    /// still that, no record at all, since the instance goes on at the target and must not
+    /// resume here too (`cluster`'s `pass_on_instance` deletes the last checkpoint); else as
+    /// `DoNotWait`. Not looking at every file spares the cluster that long without a leader.
+    HandedOffAt(u64),
 }
