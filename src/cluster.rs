@@ -394,8 +394,8 @@ impl Node {
     }
 
     /// Leaves the cluster: stops following, or hands off (`RoleEvent::Draining`, within
-    /// `NodeConfig::leave_handoff_timeout`, else without) and stops leading; then revokes the lease.
-    /// Returns the error that stopped the node early, if one did.
+    /// `NodeConfig::leave_handoff_timeout`, else without) and stops leading; then revokes the
+    /// lease. Returns the error that stopped the node early, if one did.
     pub fn leave(mut self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::SeqCst);
         match self.thread.take().map(|t| t.join()) {

@@ -385,9 +385,9 @@ pub struct ResetReport {
 /// Deletes what decides who may lead: the in-sync replica set (`PREFIX/isr`), the mark that
 /// the cluster has held data (`PREFIX/data`), the lineage of its data (`PREFIX/lineage`), a
 /// pending handoff request, and an instance a handoff passed on (`PREFIX/handoff-instance`).
-/// Then the first node to campaign leads whatever its data dir holds, so this is refused while any node runs or campaigns: the check and the deletes are one
-/// transaction, so a node that joins a moment later sees the cluster either before or after it,
-/// never between.
+/// Then the first node to campaign leads whatever its data dir holds, so this is refused while
+/// any node runs or campaigns: the check and the deletes are one transaction, so a node that
+/// joins a moment later sees the cluster either before or after it, never between.
 pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
     command_runtime()?.block_on(async {
         let keys = Keys::new(prefix);
