@@ -46,6 +46,16 @@ pub struct Kept {
     pub born_at: u64,
 }
 
+impl Kept {
+    /// What a record keeps of a catalog's `entry`.
+    pub fn of(entry: &CatalogEntry) -> Kept {
+        Kept {
+            len_bytes: entry.len_bytes,
+            born_at: entry.born_at,
+        }
+    }
+}
+
 /// A file's number in a catalog: given when its path first appears (or appears again after a
 /// delete), never reused, the same in every copy of that catalog.
 pub type FileId = u64;

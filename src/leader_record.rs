@@ -142,13 +142,9 @@ pub fn save(
     catalog: &[(RelPath, CatalogEntry)],
     look: &Look,
 ) -> io::Result<()> {
-    let files = catalog.iter().filter_map(|(path, entry)| {
-        let kept = Kept {
-            born_at: entry.born_at,
-            len_bytes: entry.len_bytes,
-        };
-        Some((path, kept, *look.stamps.get(path)?))
-    });
+    let files = catalog
+        .iter()
+        .filter_map(|(path, entry)| Some((path, Kept::of(entry), look.stamp(path)?)));
     save_files(dir, (instance, position), look.taken_ns, files)
 }
 

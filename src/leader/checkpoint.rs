@@ -191,13 +191,9 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, on_disk: &m
         hub.mark_ceiling = hub.mark_ceiling.min(reserved);
         (reserved, ceiling.is_none())
     };
-    let lines = files.iter().map(|(path, r)| {
-        let kept = Kept {
-            born_at: r.entry.born_at,
-            len_bytes: r.entry.len_bytes,
-        };
-        (path, kept, r.stamp)
-    });
+    let lines = files
+        .iter()
+        .map(|(path, r)| (path, Kept::of(&r.entry), r.stamp));
     let saved = leader_record::save_files(dir, (instance, reserved), look.taken_ns(), lines);
     let mut hub = shared.lock();
     match saved {
