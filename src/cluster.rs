@@ -1946,8 +1946,7 @@ async fn take_passed_instance(
         // were changed only by its own writes as a follower, and each of those changes the size
         // (DATA past the end, TRUNCATE) or the inode (COMMIT_WHOLE), as its held record relies
         // on: so a segment written just before the handoff is vouched for too.
-        let settle_ns = crate::leader_record::LEADER_RECORD_SETTLE_MS as i64 * 1_000_000;
-        let taken_ns = crate::leader_record::now_ns().saturating_add(settle_ns);
+        let taken_ns = crate::leader_record::settled_by_now_ns();
         let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
         crate::leader_record::save_files(&dir, (&instance, position), taken_ns, refs)?;
         Ok((files.len(), total))

@@ -109,17 +109,21 @@ impl Look {
 
     /// Files it saw changed within `LEADER_RECORD_SETTLE_MS` before it.
     pub fn unsettled(&self) -> usize {
-        let settled_before = settled_before(self.taken_ns);
-        self.stamps
-            .values()
-            .filter(|s| s.ctime_ns > settled_before)
-            .count()
+        self.stamps.values().filter(|s| !self.settled(s)).count()
     }
 }
 
+const SETTLE_NS: i64 = LEADER_RECORD_SETTLE_MS as i64 * 1_000_000;
+
 /// The newest ctime a record taken at `taken_ns` vouches for.
 fn settled_before(taken_ns: i64) -> i64 {
-    taken_ns.saturating_sub(LEADER_RECORD_SETTLE_MS as i64 * 1_000_000)
+    taken_ns.saturating_sub(SETTLE_NS)
+}
+
+/// A `taken_ns` under which every file changed up to now counts as settled: for a record whose
+/// files can have changed only in ways their stamps show (a handoff's target's, `cluster`).
+pub fn settled_by_now_ns() -> i64 {
+    now_ns().saturating_add(SETTLE_NS)
 }
 
 /// Looks at each of `paths` now (the time taken first, so nothing looked at is newer).
