@@ -1830,7 +1830,12 @@ async fn pass_on_instance(
         Ok(crate::leader_record::remove(&dir)?)
     })
     .await??;
-    let value = format!("{} {} {position}", handed.target, hex(&instance));
+    let value = crate::cluster_admin::PassedInstance {
+        to: handed.target.clone(),
+        instance: hex(&instance),
+        position,
+    }
+    .to_string();
     let key = keys.handoff_instance.clone();
     if !put_while_leading(client, (leader_key, me), key, value).await? {
         anyhow::bail!("{NOT_LEADING}");

@@ -49,8 +49,15 @@ pub struct PassedInstance {
     pub position: u64,
 }
 
+/// The key's value, as `parse` reads it.
+impl std::fmt::Display for PassedInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.to, self.instance, self.position)
+    }
+}
+
 impl PassedInstance {
-    /// The key's value as `cluster::pass_on_instance` writes it; `None` if it is not that.
+    /// The key's value as `Display` writes it; `None` if it is not that.
     pub(crate) fn parse(value: &str) -> Option<PassedInstance> {
         let mut f = value.split(' ');
         let (Some(to), Some(instance), Some(position), None) =
@@ -497,6 +504,26 @@ mod tests {
         assert_eq!(v.note(), None);
         let v = view(None, vec![]);
         assert_eq!(v.note().as_deref(), Some("No node runs."));
+    }
+
+    #[test]
+    fn a_passed_instance_reads_back_as_written() {
+        let passed = PassedInstance {
+            to: "10.0.0.2:7070".into(),
+            instance: "00112233445566778899aabbccddeeff".into(),
+            position: 1300011,
+        };
+        let value = passed.to_string();
+        assert_eq!(
+            value,
+            "10.0.0.2:7070 00112233445566778899aabbccddeeff 1300011"
+        );
+        let back = PassedInstance::parse(&value).unwrap();
+        assert_eq!(
+            (back.to, back.instance, back.position),
+            (passed.to, passed.instance, passed.position)
+        );
+        assert!(PassedInstance::parse("10.0.0.2:7070 00112233 12 extra").is_none());
     }
 
     #[test]
