@@ -74,6 +74,8 @@ pub struct FileChange {
 struct Slot {
     id: FileId,
     entry: CatalogEntry,
+    /// In `Catalog::listed` (false in a detached copy).
+    listed: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -84,8 +86,11 @@ pub struct Catalog {
     position: u64,
     generation_next: u64,
     id_next: FileId,
-    /// Changes made so far (`changes`).
-    changes: u64,
+    /// The files changed since the last `take_listed`, each once, while a reader takes them
+    /// (`start_listing`): the checkpoint thread, every few seconds. Marking a file is one flag
+    /// in the entry the change writes anyway, where a list of changes would copy the entry
+    /// at every change, as each session's inbox does.
+    listed: Option<Vec<FileId>>,
 }
 
 /// Files taken from a catalog by `take_part`, under the writers' lock, for `add_part` to copy
@@ -165,19 +170,72 @@ impl Catalog {
         let id = self.id_next;
         self.id_next += 1;
         self.paths.insert(id, path.clone());
-        self.files.insert(path, Slot { id, entry });
+        let listed = match self.listed.as_mut() {
+            Some(list) => {
+                list.push(id);
+                true
+            }
+            None => false,
+        };
+        self.files.insert(path, Slot { id, entry, listed });
         id
+    }
+
+    /// From now on, lists every file changed (appended to, replaced, created or deleted), for
+    /// `take_listed`.
+    pub fn start_listing(&mut self) {
+        self.stop_listing();
+        self.listed = Some(Vec::new());
+    }
+
+    /// Lists nothing more, and forgets what it listed.
+    pub fn stop_listing(&mut self) {
+        for id in self.listed.take().unwrap_or_default() {
+            self.unlist(id);
+        }
+    }
+
+    /// Takes into `into` (emptied first) at most `max_files` of the files changed since they
+    /// were last taken (or since `start_listing`), each as it is now: its entry, or `None` once
+    /// deleted, with `since` the position now. Returns whether more are left. A detached copy
+    /// brought up to date with them (`apply`) is this catalog as to those files.
+    pub fn take_listed(&mut self, max_files: usize, into: &mut Vec<FileChange>) -> bool {
+        into.clear();
+        let Some(list) = self.listed.as_mut() else {
+            return false;
+        };
+        let taken = list.split_off(list.len().saturating_sub(max_files));
+        let more = !list.is_empty();
+        for id in taken {
+            let entry = self.unlist(id);
+            into.push(FileChange {
+                id,
+                entry,
+                since: self.position,
+            });
+        }
+        more
+    }
+
+    /// Clears the mark of a listed file; its entry, if it is still there.
+    fn unlist(&mut self, id: FileId) -> Option<CatalogEntry> {
+        let slot = self.files.get_mut(self.paths.get(&id)?)?;
+        slot.listed = false;
+        Some(slot.entry)
+    }
+
+    /// Lists a changed file, unless it is listed already.
+    fn list(listed: &mut Option<Vec<FileId>>, slot: &mut Slot) {
+        if !slot.listed {
+            if let Some(list) = listed.as_mut() {
+                list.push(slot.id);
+                slot.listed = true;
+            }
+        }
     }
 
     pub fn position(&self) -> u64 {
         self.position
-    }
-
-    /// How many changes (`append`, `replace`, `delete` of a file it has) this catalog took: the
-    /// same number later means the same catalog, even where the position did not move (an
-    /// append of no bytes). A detached copy counts none of its own.
-    pub fn changes(&self) -> u64 {
-        self.changes
     }
 
     pub fn get(&self, path: &RelPath) -> Option<CatalogEntry> {
@@ -215,6 +273,7 @@ impl Catalog {
         let change = match self.files.get_mut(path) {
             Some(slot) => {
                 slot.entry.len_bytes = slot.entry.len_bytes.max(end);
+                Catalog::list(&mut self.listed, slot);
                 FileChange {
                     id: slot.id,
                     entry: Some(slot.entry),
@@ -238,7 +297,6 @@ impl Catalog {
             }
         };
         self.position += len_bytes;
-        self.changes += 1;
         Ok(change)
     }
 
@@ -255,6 +313,7 @@ impl Catalog {
                     born_at,
                     born_by_append: false,
                 };
+                Catalog::list(&mut self.listed, slot);
                 (slot.id, slot.entry)
             }
             None => {
@@ -270,7 +329,6 @@ impl Catalog {
         };
         let since = self.position;
         self.position += len_bytes.max(1);
-        self.changes += 1;
         Ok(FileChange {
             id,
             entry: Some(entry),
@@ -286,9 +344,13 @@ impl Catalog {
             return Ok(None);
         };
         self.paths.remove(&slot.id);
+        if !slot.listed {
+            if let Some(list) = self.listed.as_mut() {
+                list.push(slot.id);
+            }
+        }
         let since = self.position;
         self.position += 1;
-        self.changes += 1;
         Ok(Some(FileChange {
             id: slot.id,
             entry: None,
@@ -363,6 +425,10 @@ impl Catalog {
     /// Adds a file to a detached copy under the source's id. An older file at this path, whose
     /// delete the copy has not seen yet, goes now (and its delete will find nothing).
     fn insert_detached(&mut self, path: RelPath, slot: Slot) {
+        let slot = Slot {
+            listed: false,
+            ..slot
+        };
         if let Some(old) = self.files.insert(path.clone(), slot) {
             if old.id != slot.id {
                 self.paths.remove(&old.id);
@@ -396,6 +462,7 @@ impl Catalog {
                         let slot = Slot {
                             id: change.id,
                             entry,
+                            listed: false,
                         };
                         self.insert_detached(path.clone(), slot);
                         changed.push((path, change.since));
@@ -537,23 +604,6 @@ mod tests {
     }
 
     #[test]
-    fn every_change_is_counted_even_one_that_leaves_the_position() {
-        let mut c = Catalog::new([(p("a"), 10)]);
-        assert_eq!(c.changes(), 0, "the files it starts with are no change");
-        c.append("a", 10, 0).unwrap();
-        assert_eq!(
-            (c.changes(), c.position()),
-            (1, 10),
-            "no bytes, yet a change"
-        );
-        c.replace("a", 3).unwrap();
-        c.delete("a").unwrap();
-        c.delete("a").unwrap();
-        assert_eq!(c.changes(), 3, "deleting what is not there changes nothing");
-        assert_eq!(c.detached().changes(), 0, "a copy counts none of its own");
-    }
-
-    #[test]
     fn position_counts_changed_bytes_and_replace_bumps_generation() {
         let mut c = Catalog::new([(p("a"), 10), (p("b"), 5)]);
         assert_eq!(c.position(), 15);
@@ -676,6 +726,89 @@ mod tests {
         // Files created and deleted, over and over, leave no ids behind in either.
         assert_eq!(copy.paths.len(), copy.files.len());
         assert_eq!(writer.catalog.paths.len(), writer.catalog.files.len());
+    }
+
+    /// Takes what `source` listed into `copy`, `max_files` at a time, as the checkpoint
+    /// thread does; returns the paths reported changed, sorted.
+    fn take_listed(source: &mut Catalog, copy: &mut Catalog, max_files: usize) -> Vec<RelPath> {
+        let (mut taken, mut changed) = (Vec::new(), Vec::new());
+        loop {
+            let more = source.take_listed(max_files, &mut taken);
+            copy.apply(source, &taken, source.position(), &mut changed);
+            if !more {
+                break;
+            }
+        }
+        let mut paths: Vec<RelPath> = changed.into_iter().map(|(path, _)| path).collect();
+        paths.sort();
+        paths
+    }
+
+    #[test]
+    fn a_copy_kept_in_step_by_what_its_source_lists_equals_it() {
+        let names = ["a", "b", "dir/c", "dir/d", "e", "f", "g"];
+        let mut writer = Writer {
+            catalog: Catalog::new([(p("a"), 10), (p("b"), 5)]),
+            list: ChangeList::default(),
+        };
+        writer.catalog.start_listing();
+        let mut copy = writer.catalog.detached();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for step in 0..20_000u64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let path = names[(seed % names.len() as u64) as usize];
+            writer.change(seed >> 8, path);
+            if (seed >> 32) % 50 == 0 || step == 19_999 {
+                let parts_of = 1 + (seed >> 40) as usize % 3;
+                take_listed(&mut writer.catalog, &mut copy, parts_of);
+                assert_eq!(copy.snapshot(), writer.catalog.snapshot(), "step {step}");
+                assert_eq!(copy.position(), writer.catalog.position());
+                let listed = writer.catalog.listed.as_ref().map(Vec::len);
+                assert_eq!(listed, Some(0), "all taken");
+                assert!(writer.catalog.files.values().all(|s| !s.listed));
+            }
+        }
+        assert_eq!(copy.paths.len(), copy.files.len());
+    }
+
+    #[test]
+    fn a_catalog_lists_each_changed_file_once_while_listing() {
+        let mut c = Catalog::new([(p("a"), 10), (p("b"), 5), (p("c"), 1)]);
+        let mut copy = c.detached();
+        c.append("a", 10, 1).unwrap();
+        assert_eq!(c.listed, None, "nothing listed before start_listing");
+        assert!(take_listed(&mut c, &mut copy, 10).is_empty());
+        c.start_listing();
+        for len in 0..100 {
+            c.append("a", 11, len).unwrap();
+        }
+        c.replace("b", 3).unwrap();
+        c.append("new", 0, 4).unwrap();
+        c.delete("c").unwrap();
+        c.delete("c").unwrap();
+        assert_eq!(c.listed.as_ref().map(Vec::len), Some(4), "each file once");
+        assert_eq!(
+            take_listed(&mut c, &mut copy, 1),
+            [p("a"), p("b"), p("c"), p("new")]
+        );
+        assert_eq!(copy.snapshot(), c.snapshot());
+        assert!(take_listed(&mut c, &mut copy, 10).is_empty(), "taken once");
+        // Deleted and created again: both files listed, the copy holds the new one.
+        c.delete("a").unwrap();
+        c.append("a", 0, 2).unwrap();
+        assert_eq!(take_listed(&mut c, &mut copy, 10), [p("a"), p("a")]);
+        assert_eq!(copy.snapshot(), c.snapshot());
+        // Stopped, then started again: what it listed before is forgotten, and a file listed
+        // then is listed again by its next change.
+        c.append("b", 3, 1).unwrap();
+        c.stop_listing();
+        c.append("new", 4, 1).unwrap();
+        c.start_listing();
+        c.append("b", 4, 1).unwrap();
+        assert_eq!(take_listed(&mut c, &mut copy, 10), [p("b")]);
+        assert_eq!(copy.get(&p("b")), c.get(&p("b")));
     }
 
     #[test]

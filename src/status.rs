@@ -76,6 +76,7 @@ pub struct CheckpointCounters {
     pub rounds: u64,
     pub writes: u64,
     pub files_looked: u64,
+    pub entries_taken: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +160,11 @@ impl Status {
                         "ferry_leader_checkpoint_files_looked_total",
                         "Files the checkpoints looked at (stat): those changed since the record on disk.",
                         checkpoints.files_looked,
+                    ),
+                    (
+                        "ferry_leader_checkpoint_entries_taken_total",
+                        "Catalog entries the checkpoints took from the writers' catalog: every file's at start, then the changed ones.",
+                        checkpoints.entries_taken,
                     ),
                 ];
                 for (name, help, value) in counters {
@@ -375,8 +381,11 @@ impl Status {
             } => {
                 let rows: Vec<String> = followers.iter().map(follower_json).collect();
                 let checkpoints = format!(
-                    "{{\"rounds\": {}, \"writes\": {}, \"files_looked\": {}}}",
-                    checkpoints.rounds, checkpoints.writes, checkpoints.files_looked
+                    "{{\"rounds\": {}, \"writes\": {}, \"files_looked\": {}, \"entries_taken\": {}}}",
+                    checkpoints.rounds,
+                    checkpoints.writes,
+                    checkpoints.files_looked,
+                    checkpoints.entries_taken
                 );
                 let thread = server_thread.map_or("null".into(), |t| {
                     format!(
@@ -544,6 +553,7 @@ mod tests {
                 rounds: 12,
                 writes: 3,
                 files_looked: 40,
+                entries_taken: 250,
             },
         }
     }
@@ -586,6 +596,10 @@ mod tests {
             40.0
         );
         assert_eq!(
+            find("ferry_leader_checkpoint_entries_taken_total", None).value,
+            250.0
+        );
+        assert_eq!(
             find("ferry_info", None).label("lineage"),
             Some("5aae7870c08f6f8ed9ea4ac952c1a86f")
         );
@@ -601,7 +615,8 @@ mod tests {
             "\"synced\": 300",
             "\"server_thread\": {\"cpu_s\": 2.500000, \"cpu_wait_s\": 0.750000}",
             "\"lineage\": \"5aae7870c08f6f8ed9ea4ac952c1a86f\"",
-            "\"checkpoints\": {\"rounds\": 12, \"writes\": 3, \"files_looked\": 40}",
+            "\"checkpoints\": {\"rounds\": 12, \"writes\": 3, \"files_looked\": 40, \
+             \"entries_taken\": 250}",
         ] {
             assert!(json.contains(needle), "{needle} in {json}");
         }

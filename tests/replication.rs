@@ -454,7 +454,7 @@ fn a_killed_leader_resumes_from_its_last_checkpoint_so_followers_hash_only_what_
 
 /// The leader's checkpoint counters from its `/metrics`: rounds, records written, files looked
 /// at.
-fn checkpoint_counters(http: &str) -> [u64; 3] {
+fn checkpoint_counters(http: &str) -> [u64; 4] {
     let text = ferry::http::get(http, "/metrics").unwrap_or_default();
     let samples = ferry::status::parse_prometheus(&text);
     let value = |name: &str| {
@@ -467,12 +467,13 @@ fn checkpoint_counters(http: &str) -> [u64; 3] {
         value("ferry_leader_checkpoints_total"),
         value("ferry_leader_checkpoint_writes_total"),
         value("ferry_leader_checkpoint_files_looked_total"),
+        value("ferry_leader_checkpoint_entries_taken_total"),
     ]
 }
 
 /// Waits until 10 checkpoint rounds in a row looked at no file and wrote nothing (what changed
 /// has settled); the counters then.
-fn checkpoints_at_rest(http: &str) -> [u64; 3] {
+fn checkpoints_at_rest(http: &str) -> [u64; 4] {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let before = checkpoint_counters(http);
@@ -493,8 +494,10 @@ fn checkpoints_at_rest(http: &str) -> [u64; 3] {
 /// A serving leader's checkpoints look again only at the files that changed since the last one
 /// (or that had changed too recently then to be vouched for), and write nothing when nothing
 /// changed: an idle leader of many files does no work at every interval, where it looked at
-/// every file and wrote the whole record. What it vouches for is unchanged: after a SIGKILL the
-/// next start vouches for every file, the one appended to since included.
+/// every file and wrote the whole record. They take from the writers' catalog only the entries
+/// that changed, where each round that wrote copied the whole catalog twice. What it vouches
+/// for is unchanged: after a SIGKILL the next start vouches for every file, the one appended to
+/// since included.
 #[test]
 fn checkpoints_look_again_only_at_files_that_changed() {
     let env = Env::new();
@@ -507,6 +510,7 @@ fn checkpoints_look_again_only_at_files_that_changed() {
     let http = http_addr(&leader.proc);
     let rest = checkpoints_at_rest(&http);
     assert!(rest[2] >= 200, "every file looked at once: {rest:?}");
+    assert!(rest[3] >= 200, "every file's entry taken once: {rest:?}");
 
     append(&ld.join("q/seg.7"), &pattern(500, 1));
     wait_until(Duration::from_secs(10), "a record with the append", || {
@@ -517,6 +521,10 @@ fn checkpoints_look_again_only_at_files_that_changed() {
     assert!(
         again[2] - rest[2] <= rounds,
         "at most the appended file looked at each round: {rest:?} then {again:?}"
+    );
+    assert!(
+        again[3] - rest[3] <= rounds,
+        "at most the appended file's entry taken each round: {rest:?} then {again:?}"
     );
     drop(leader);
 

@@ -1,20 +1,20 @@
 //! The leader's record, rewritten while it serves (the `ferry-record` thread), so that a
 //! leader that dies is resumed above every MARK it sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::catalog::{CatalogEntry, Kept};
+use crate::catalog::{Catalog, CatalogEntry, FileChange, Kept};
 use crate::frame::InstanceId;
 use crate::index::{hex, Stamp};
-use crate::leader_record::{self, LEADER_POSITION_RESERVE};
+use crate::leader_record::{self, Look, LEADER_POSITION_RESERVE};
 use crate::paths::{DataDir, RelPath};
 
-use super::hub::{catalog_copy, Shared};
+use super::hub::{catalog_copy, Shared, CATALOG_COPY_FILES_PER_LOCK};
 
 /// How long a checkpoint waits for the watcher to report what it has queued.
 pub(super) const WATCHER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,6 +24,7 @@ pub(super) const WATCHER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) struct Checkpoints {
     stop: std::sync::mpsc::Sender<()>,
     thread: JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 impl Checkpoints {
@@ -35,19 +36,25 @@ impl Checkpoints {
         interval: Duration,
     ) -> io::Result<Checkpoints> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ferry-record".into())
             .spawn(move || {
-                let mut on_disk = OnDisk::default();
+                let shared = for_thread;
+                let mut rounds = Rounds::start(&shared);
                 loop {
-                    checkpoint(&shared, &dir, &instance, &mut on_disk);
+                    checkpoint(&shared, &dir, &instance, &mut rounds);
                     let asked = stopped.recv_timeout(interval);
                     if asked == Err(std::sync::mpsc::RecvTimeoutError::Disconnected) {
                         return;
                     }
                 }
             })?;
-        Ok(Checkpoints { stop, thread })
+        Ok(Checkpoints {
+            stop,
+            thread,
+            shared,
+        })
     }
 
     /// Asks for a checkpoint now, rather than at the end of the interval.
@@ -58,39 +65,129 @@ impl Checkpoints {
     pub(super) fn stop(self) {
         drop(self.stop);
         let _ = self.thread.join();
+        self.shared.lock().catalog.stop_listing();
     }
 }
 
-/// What the record on disk, written by the last checkpoint, says of each file: the catalog's
+/// What the record on disk, written by the last checkpoint, says of a file: the catalog's
 /// entry with the stamp a look saw, settled when seen (unchanged for `LEADER_RECORD_SETTLE_MS`
 /// before that look) or not.
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Recorded {
     entry: CatalogEntry,
     stamp: Stamp,
     settled: bool,
 }
 
-/// What the checkpoints keep between rounds: the record on disk, if the last round wrote it.
-#[derive(Default)]
-struct OnDisk {
+/// What the checkpoints keep between rounds: their own copy of the writers' catalog, kept in
+/// step with the files the writers list as changed (`Catalog::start_listing`), and the record
+/// on disk, if the last round wrote it.
+struct Rounds {
+    /// The writers' catalog as of the last round's changes (`Catalog::detached`).
+    catalog: Catalog,
+    /// What the record on disk holds, file by file (meaningless while `reserved` is `None`).
     files: HashMap<RelPath, Recorded>,
+    /// The reservation of the record on disk, if the last round wrote one.
     reserved: Option<u64>,
-    /// The catalog's `changes` when the catalog it records was taken.
-    changes: Option<u64>,
-    /// Every stamp in it had settled: none needs a look again.
-    all_settled: bool,
+    /// The files whose line the next record must make again: changed since the record on disk,
+    /// not settled when looked at, or left out of it. Empty: a new record would say the same.
+    stale: HashSet<RelPath>,
+    /// Buffers for the changes taken from the writers.
+    changes: Vec<FileChange>,
+    changed: Vec<(RelPath, u64)>,
 }
 
-impl OnDisk {
-    /// The stamp the record on disk holds for `path` at `entry`, if a later record may vouch
-    /// for the file with it without looking again: the catalog's entry is the one recorded (no
-    /// change reported since; within a generation a file only grows), and the stamp had
-    /// settled when seen. A later change to the file then changes its stamp (a ctime at least
-    /// `LEADER_RECORD_SETTLE_MS` newer), so the next start, finding it as recorded, finds it
-    /// as that look did.
-    fn still_good(&self, path: &RelPath, entry: &CatalogEntry) -> Option<Stamp> {
-        let r = self.files.get(path)?;
-        (r.settled && r.entry == *entry).then_some(r.stamp)
+impl Rounds {
+    /// Has the writers list the files they change, then copies their catalog (a part per hold
+    /// of their lock: a file changed meanwhile is in both the copy and the list, which `apply`
+    /// allows). Every file is stale: the first round looks at each.
+    fn start(shared: &Shared) -> Rounds {
+        shared.lock().catalog.start_listing();
+        let catalog = catalog_copy(shared);
+        shared
+            .checkpoint_counts
+            .entries_taken
+            .fetch_add(catalog.len() as u64, Ordering::Relaxed);
+        let mut rounds = Rounds {
+            catalog,
+            files: HashMap::new(),
+            reserved: None,
+            stale: HashSet::new(),
+            changes: Vec::new(),
+            changed: Vec::new(),
+        };
+        rounds.forget_record();
+        rounds
+    }
+
+    /// Whether the record on disk says what a new one would: no file stale, and the position
+    /// where it was (the reservation is above it by `LEADER_POSITION_RESERVE`).
+    fn record_current(&self) -> bool {
+        self.stale.is_empty()
+            && self.reserved.is_some_and(|reserved| {
+                self.catalog
+                    .position()
+                    .saturating_add(LEADER_POSITION_RESERVE)
+                    <= reserved
+            })
+    }
+
+    /// As if no record were on disk: every file stale.
+    fn forget_record(&mut self) {
+        self.files.clear();
+        self.reserved = None;
+        self.stale = self
+            .catalog
+            .snapshot()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+    }
+
+    /// Brings the catalog up to date with the files the writers changed since the last call
+    /// (`Catalog::take_listed`, a part per hold of their lock); those files become stale.
+    /// Returns them.
+    fn take_changes(&mut self, shared: &Shared) -> &[(RelPath, u64)] {
+        self.changed.clear();
+        loop {
+            let mut hub = shared.lock();
+            let more = hub
+                .catalog
+                .take_listed(CATALOG_COPY_FILES_PER_LOCK, &mut self.changes);
+            let position = hub.catalog.position();
+            self.catalog
+                .apply(&hub.catalog, &self.changes, position, &mut self.changed);
+            drop(hub);
+            if !more {
+                break;
+            }
+        }
+        shared
+            .checkpoint_counts
+            .entries_taken
+            .fetch_add(self.changed.len() as u64, Ordering::Relaxed);
+        self.stale
+            .extend(self.changed.iter().map(|(path, _)| path.clone()));
+        &self.changed
+    }
+
+    /// The line of `path` in the next record, from its catalog `entry` and what this round's
+    /// `look` saw: that stamp if it looked, else the one on disk if still good (the entry is
+    /// the one recorded: no change reported since, and within a generation a file only grows;
+    /// and the stamp had settled when seen, so a later change to the file changes it, with a
+    /// ctime at least `LEADER_RECORD_SETTLE_MS` newer, and the next start, finding it as
+    /// recorded, finds it as that look did). `None`: left out of this record.
+    fn line(&self, path: &RelPath, entry: CatalogEntry, look: &Look) -> Option<Recorded> {
+        if let Some(stamp) = look.stamp(path) {
+            let settled = look.settled(&stamp);
+            return Some(Recorded {
+                entry,
+                stamp,
+                settled,
+            });
+        }
+        let on_disk = self.files.get(path)?;
+        (on_disk.settled && on_disk.entry == entry).then_some(*on_disk)
     }
 }
 
@@ -99,10 +196,11 @@ impl OnDisk {
 /// the next checkpoint, so that a successor of a leader that died resumes above every MARK it
 /// sent. A record that cannot be written is deleted, lest it promise less than MARKs send.
 ///
-/// Only the files whose entry changed since the record on disk, or whose stamp had not settled
-/// then, are looked at again (`OnDisk::still_good`), and nothing is written when nothing
-/// changed: an idle leader of many files does no work at each interval.
-fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, on_disk: &mut OnDisk) {
+/// A round takes from the writers only the entries changed since the last one, looks again
+/// only at the stale files (changed since the record on disk, or not settled then), and writes
+/// nothing when none is: an idle leader of many files does no work at each interval, and a busy
+/// one looks at and takes what changed (the record itself is still written whole).
+fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mut Rounds) {
     let counts = &shared.checkpoint_counts;
     counts.rounds.fetch_add(1, Ordering::Relaxed);
     let flush = shared
@@ -124,54 +222,51 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, on_disk: &m
         }
         flushed
     };
-    // No change reported since the catalog the record on disk took, and every file in it
-    // settled: a new record would say the same.
-    if let (Some(changes), true) = (on_disk.changes, on_disk.all_settled) {
+    rounds.take_changes(shared);
+    if rounds.record_current() {
+        // Nothing changed that the writers have handed over: has the change source anything
+        // more to report?
         if !flushed() {
             return;
         }
-        if shared.lock().catalog.changes() == changes {
+        rounds.take_changes(shared);
+        if rounds.record_current() {
             return;
         }
     }
-    let before = catalog_copy(shared).snapshot();
-    let to_look: Vec<&RelPath> = before
+    let to_look: Vec<&RelPath> = rounds
+        .stale
         .iter()
-        .filter(|(path, entry)| on_disk.still_good(path, entry).is_none())
-        .map(|(path, _)| path)
+        .filter(|path| rounds.catalog.get(path).is_some())
         .collect();
     counts
         .files_looked
         .fetch_add(to_look.len() as u64, Ordering::Relaxed);
-    let looked_at_none = to_look.is_empty();
     let look = leader_record::look(dir, to_look);
-    // What changed before the look must be in the catalog taken next (as at a stop).
+    // What changed before the look must be in the catalog the record takes (as at a stop).
     if !flushed() {
         return;
     }
-    let changes = shared.lock().catalog.changes();
     // Each entry is taken after the look (what changed it since changed the file's stamp) and
-    // before the reservation (so every birth is at or below it). A file changed between the
-    // two catalogs, and not looked at, is left out until the next round.
-    let catalog = catalog_copy(shared).snapshot();
-    let files: Vec<(RelPath, Recorded)> = catalog
-        .into_iter()
-        .filter_map(|(path, entry)| {
-            let (stamp, settled) = match look.stamp(&path) {
-                Some(stamp) => (stamp, look.settled(&stamp)),
-                None => (on_disk.still_good(&path, &entry)?, true),
-            };
-            Some((
-                path,
-                Recorded {
-                    entry,
-                    stamp,
-                    settled,
-                },
-            ))
-        })
+    // before the reservation (so every birth is at or below it). A file changed since the look
+    // stays stale, to be looked at again next round.
+    let changed_since_look: HashSet<RelPath> = rounds
+        .take_changes(shared)
+        .iter()
+        .map(|(path, _)| path.clone())
         .collect();
-    let unchanged = looked_at_none && files.len() == on_disk.files.len();
+    let stale: Vec<RelPath> = rounds.stale.iter().cloned().collect();
+    let mut lines: Vec<(RelPath, Option<Recorded>)> = Vec::with_capacity(stale.len());
+    for path in stale {
+        let line = rounds
+            .catalog
+            .get(&path)
+            .and_then(|entry| rounds.line(&path, entry, &look));
+        lines.push((path, line));
+    }
+    let unchanged = lines
+        .iter()
+        .all(|(path, line)| rounds.files.get(path).copied() == *line);
     let (reserved, first) = {
         let mut hub = shared.lock();
         // The reservation of the record on disk, if there is one: the ceiling.
@@ -181,17 +276,31 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, on_disk: &m
             .position()
             .saturating_add(LEADER_POSITION_RESERVE)
             .max(ceiling.unwrap_or(0));
-        // The record on disk says all this already: every file kept its stamp, the same
-        // files, the same reservation.
-        if unchanged && on_disk.reserved == Some(reserved) {
-            on_disk.changes = Some(changes);
-            return;
+        if !(unchanged && rounds.reserved == Some(reserved)) {
+            // Every MARK so far is at or below the position; from now on, at or below
+            // `reserved`.
+            hub.mark_ceiling = hub.mark_ceiling.min(reserved);
         }
-        // Every MARK so far is at or below the position; from now on, at or below `reserved`.
-        hub.mark_ceiling = hub.mark_ceiling.min(reserved);
         (reserved, ceiling.is_none())
     };
-    let lines = files
+    // What the next record is to make again: what this one could not vouch for yet.
+    for (path, line) in lines {
+        let settled = line.is_some_and(|l| l.settled);
+        match line {
+            Some(line) => rounds.files.insert(path.clone(), line),
+            None => rounds.files.remove(&path),
+        };
+        if settled && !changed_since_look.contains(&path) || rounds.catalog.get(&path).is_none() {
+            rounds.stale.remove(&path);
+        }
+    }
+    // The record on disk says all this already: every file kept its line, the same
+    // reservation.
+    if unchanged && rounds.reserved == Some(reserved) {
+        return;
+    }
+    let lines = rounds
+        .files
         .iter()
         .map(|(path, r)| (path, Kept::of(&r.entry), r.stamp));
     let saved = leader_record::save_files(dir, (instance, reserved), look.taken_ns(), lines);
@@ -200,23 +309,18 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, on_disk: &m
         Ok(()) => {
             counts.writes.fetch_add(1, Ordering::Relaxed);
             hub.mark_ceiling = reserved;
+            rounds.reserved = Some(reserved);
             if first {
                 tracing::info!(
                     "recorded instance {} ({} files), and again every checkpoint, so that if \
                      this leader dies the next one resumes it",
                     hex(instance),
-                    files.len()
+                    rounds.files.len()
                 );
             }
-            *on_disk = OnDisk {
-                all_settled: files.iter().all(|(_, r)| r.settled),
-                files: files.into_iter().collect(),
-                reserved: Some(reserved),
-                changes: Some(changes),
-            };
         }
         Err(e) => {
-            *on_disk = OnDisk::default();
+            rounds.forget_record();
             match leader_record::remove(dir) {
                 Ok(()) => {
                     hub.mark_ceiling = u64::MAX;

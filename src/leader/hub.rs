@@ -18,8 +18,9 @@ use crate::paths::{PathError, RelPath};
 use super::{ChangeError, CheckpointFlush};
 
 /// A connecting follower's session takes the catalog this many files per hold of the writers'
-/// lock (`cargo bench --bench protocol -- catalog` measures one hold).
-const CATALOG_COPY_FILES_PER_LOCK: usize = 256;
+/// lock (`cargo bench --bench protocol -- catalog` measures one hold), and the checkpoint
+/// thread the files listed as changed.
+pub(super) const CATALOG_COPY_FILES_PER_LOCK: usize = 256;
 
 /// A connected follower's files changed since its session last looked: all the writer touches
 /// per follower.
@@ -160,6 +161,7 @@ pub(super) struct CheckpointCounts {
     pub(super) rounds: AtomicU64,
     pub(super) writes: AtomicU64,
     pub(super) files_looked: AtomicU64,
+    pub(super) entries_taken: AtomicU64,
 }
 
 impl CheckpointCounts {
@@ -168,6 +170,7 @@ impl CheckpointCounts {
             rounds: self.rounds.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             files_looked: self.files_looked.load(Ordering::Relaxed),
+            entries_taken: self.entries_taken.load(Ordering::Relaxed),
         }
     }
 }
@@ -209,7 +212,10 @@ impl Shared {
     }
 
     /// Applies `change` to the catalog and puts what it changed into every follower's inbox.
-    /// Returns the position after it.
+    /// Returns the position after it. Inlined into each `append` and the like: when it was not
+    /// (once the catalog listed changes), the writer's call took 3 to 4 ns more of about 30
+    /// (`cargo bench --bench append -- no_follower`).
+    #[inline]
     pub(super) fn record(
         &self,
         change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, PathError>,
