@@ -39,7 +39,7 @@ pids+=($!)
 "$ferry" lead ${ENGINE:+--io-engine $ENGINE} --data-dir "$work/src" --listen 127.0.0.1:18731 --secret-file "$work/secret" \
   2> "$work/lead.log" &
 pids+=($!)
-for _ in $(seq 100); do grep -q "listening on" "$work/lead.log" && break; sleep 0.1; done
+for _ in $(seq 100); do grep -qs "listening on" "$work/lead.log" && break; sleep 0.1; done
 # Warm the leader's page cache the same way for both (the files were just written).
 cat "$work"/src/queues/* > /dev/null
 

@@ -41,7 +41,7 @@ run() { # what: idle or busy
     --secret-file "$base/secret" 2>"$base/lead.log" &
   pid=$!
   for _ in $(seq 600); do
-    grep -q "recorded instance" "$base/lead.log" && break
+    grep -qs "recorded instance" "$base/lead.log" && break
     sleep 0.1
   done
   http=$(grep -o 'metrics on http://[0-9.:]*' "$base/lead.log" | sed 's|metrics on http://||')

@@ -50,7 +50,7 @@ start_leader() {
   "$ferry" lead ${ENGINE:+--io-engine $ENGINE} --data-dir "$work/src" --listen 127.0.0.1:18741 \
     --secret-file "$work/secret" 2>> "$work/lead.log" &
   lead_pid=$!
-  until grep -q "listening on" <(tail -n +"$1" "$work/lead.log"); do
+  until grep -q "listening on" <(tail -n +"$1" "$work/lead.log" 2>/dev/null); do
     kill -0 "$lead_pid" 2>/dev/null || { tail -n 3 "$work/lead.log" >&2; exit 1; }
     sleep 0.01
   done
