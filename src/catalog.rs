@@ -697,6 +697,27 @@ mod tests {
         changed.into_iter().map(|(path, _)| path).collect()
     }
 
+    /// Runs a fixed sequence of 20,000 appends, replaces and deletes (xorshift) on `names`,
+    /// including a delete and a new file at the same path between two looks, and calls `look`
+    /// with the step's number and seed now and then, and after the last step.
+    fn run_script(
+        writer: &mut Writer,
+        names: &[&str],
+        mut look: impl FnMut(&mut Writer, u64, u64),
+    ) {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for step in 0..20_000u64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let path = names[(seed % names.len() as u64) as usize];
+            writer.change(seed >> 8, path);
+            if (seed >> 32) % 50 == 0 || step == 19_999 {
+                look(writer, step, seed);
+            }
+        }
+    }
+
     #[test]
     fn a_detached_copy_kept_in_step_by_the_change_list_equals_the_source() {
         let names = ["a", "b", "dir/c", "dir/d", "e"];
@@ -705,24 +726,14 @@ mod tests {
             list: ChangeList::default(),
         };
         let mut copy = writer.catalog.detached();
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        for step in 0..20_000u64 {
-            // xorshift: a fixed sequence of appends, replaces and deletes (including a
-            // delete and a new file at the same path between two looks).
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let path = names[(seed % names.len() as u64) as usize];
-            writer.change(seed >> 8, path);
-            if (seed >> 32) % 50 == 0 || step == 19_999 {
-                let changed = look(&mut writer, &mut copy);
-                assert_eq!(copy.snapshot(), writer.catalog.snapshot(), "step {step}");
-                assert_eq!(copy.position(), writer.catalog.position());
-                for path in &changed {
-                    assert!(names.contains(&path.as_str()));
-                }
+        run_script(&mut writer, &names, |writer, step, _| {
+            let changed = look(writer, &mut copy);
+            assert_eq!(copy.snapshot(), writer.catalog.snapshot(), "step {step}");
+            assert_eq!(copy.position(), writer.catalog.position());
+            for path in &changed {
+                assert!(names.contains(&path.as_str()));
             }
-        }
+        });
         // Files created and deleted, over and over, leave no ids behind in either.
         assert_eq!(copy.paths.len(), copy.files.len());
         assert_eq!(writer.catalog.paths.len(), writer.catalog.files.len());
@@ -753,23 +764,15 @@ mod tests {
         };
         writer.catalog.start_listing();
         let mut copy = writer.catalog.detached();
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        for step in 0..20_000u64 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let path = names[(seed % names.len() as u64) as usize];
-            writer.change(seed >> 8, path);
-            if (seed >> 32) % 50 == 0 || step == 19_999 {
-                let parts_of = 1 + (seed >> 40) as usize % 3;
-                take_listed(&mut writer.catalog, &mut copy, parts_of);
-                assert_eq!(copy.snapshot(), writer.catalog.snapshot(), "step {step}");
-                assert_eq!(copy.position(), writer.catalog.position());
-                let listed = writer.catalog.listed.as_ref().map(Vec::len);
-                assert_eq!(listed, Some(0), "all taken");
-                assert!(writer.catalog.files.values().all(|s| !s.listed));
-            }
-        }
+        run_script(&mut writer, &names, |writer, step, seed| {
+            let parts_of = 1 + (seed >> 40) as usize % 3;
+            take_listed(&mut writer.catalog, &mut copy, parts_of);
+            assert_eq!(copy.snapshot(), writer.catalog.snapshot(), "step {step}");
+            assert_eq!(copy.position(), writer.catalog.position());
+            let listed = writer.catalog.listed.as_ref().map(Vec::len);
+            assert_eq!(listed, Some(0), "all taken");
+            assert!(writer.catalog.files.values().all(|s| !s.listed));
+        });
         assert_eq!(copy.paths.len(), copy.files.len());
     }
 
