@@ -1,6 +1,7 @@
 //! The protocol core's costs, without I/O: encoding and decoding the frames on the hot path
 //! (DATA headers and ACKs), the lag tracker's updates, building an index with digests, and what
-//! a connecting follower's session copies of the catalog (under the writers' lock, then not).
+//! a connecting follower's session copies of the catalog (under the writers' lock, then not),
+//! and what the checkpoint thread takes of it under that lock.
 //!
 //! `cargo bench --bench protocol`
 
@@ -119,7 +120,8 @@ fn index(c: &mut Criterion) {
 
 /// A connecting follower's session takes the writer's catalog 256 files per hold of the writers'
 /// lock (an `append` waits meanwhile), against cloning it all at once (as it did before), and
-/// the whole detached copy (made outside the lock).
+/// the whole detached copy (made outside the lock); the checkpoint thread takes 256 changed
+/// files per hold.
 fn catalog_copy(c: &mut Criterion) {
     let files = 100_000u64;
     let catalog = Catalog::new((0..files).map(|i| {
@@ -137,6 +139,49 @@ fn catalog_copy(c: &mut Criterion) {
             },
             BatchSize::SmallInput,
         )
+    });
+    // The checkpoint thread takes the files changed since its last round, 256 per hold
+    // (`Catalog::take_listed`), and brings its own copy up to date outside the lock: here 256
+    // files appended to in turn, each hold timed alone, and the copy's update.
+    let mut listing = catalog.clone();
+    listing.start_listing();
+    let mut copy = listing.detached();
+    let (mut taken, mut changed) = (Vec::new(), Vec::new());
+    let mut next_file = 0u64;
+    let mut change_256 = |listing: &mut Catalog| {
+        for _ in 0..256 {
+            let path = format!("queues/q{}/segments/{next_file:020}.seg", next_file % 100);
+            let _ = listing.append(&path, 8 << 20, 1);
+            next_file = (next_file + 1) % files;
+        }
+    };
+    group.bench_function("take_listed_256_files_one_lock_hold", |b| {
+        b.iter_custom(|iters| {
+            let mut held = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                change_256(&mut listing);
+                let started = std::time::Instant::now();
+                listing.take_listed(256, &mut taken);
+                held += started.elapsed();
+                changed.clear();
+                copy.apply(&listing, &taken, listing.position(), &mut changed);
+            }
+            held
+        })
+    });
+    group.bench_function("apply_256_listed_files_outside_the_lock", |b| {
+        b.iter_custom(|iters| {
+            let mut applying = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                change_256(&mut listing);
+                listing.take_listed(256, &mut taken);
+                changed.clear();
+                let started = std::time::Instant::now();
+                copy.apply_with(|_| None, &taken, listing.position(), &mut changed);
+                applying += started.elapsed();
+            }
+            applying
+        })
     });
     group.bench_function("clone_all_at_once", |b| b.iter(|| catalog.clone()));
     group.bench_function("copy_all_100k_files", |b| b.iter(|| catalog.detached()));

@@ -449,6 +449,34 @@ impl Catalog {
         position: u64,
         changed: &mut Vec<(RelPath, u64)>,
     ) {
+        self.apply_with(|id| source.path_unshared(id), changes, position, changed);
+    }
+
+    /// The ids among `changes` of the files `apply_with` will ask the path of: those this copy
+    /// does not hold, not deleted.
+    pub fn new_ids<'a>(&'a self, changes: &'a [FileChange]) -> impl Iterator<Item = FileId> + 'a {
+        changes
+            .iter()
+            .filter(|c| c.entry.is_some() && !self.paths.contains_key(&c.id))
+            .map(|c| c.id)
+    }
+
+    /// The path of file `id`, in an allocation of its own.
+    pub fn path_unshared(&self, id: FileId) -> Option<RelPath> {
+        self.paths.get(&id).map(RelPath::unshared)
+    }
+
+    /// `apply`, with the path of each file new to this copy from `path_of` (`None`: the file is
+    /// gone from the source, and its delete is yet to come): for a reader that takes the
+    /// changes under the writers' lock and applies them outside it, asking the source only for
+    /// the paths of `new_ids` (a path never changes under one id).
+    pub fn apply_with(
+        &mut self,
+        mut path_of: impl FnMut(FileId) -> Option<RelPath>,
+        changes: &[FileChange],
+        position: u64,
+        changed: &mut Vec<(RelPath, u64)>,
+    ) {
         for change in changes {
             match change.entry {
                 Some(entry) => {
@@ -457,8 +485,7 @@ impl Catalog {
                             slot.entry = entry;
                         }
                         changed.push((path.clone(), change.since));
-                    } else if let Some(path) = source.paths.get(&change.id) {
-                        let path = path.unshared();
+                    } else if let Some(path) = path_of(change.id) {
                         let slot = Slot {
                             id: change.id,
                             entry,
@@ -740,12 +767,28 @@ mod tests {
     }
 
     /// Takes what `source` listed into `copy`, `max_files` at a time, as the checkpoint
-    /// thread does; returns the paths reported changed, sorted.
-    fn take_listed(source: &mut Catalog, copy: &mut Catalog, max_files: usize) -> Vec<RelPath> {
+    /// thread does (the entries in one hold of the lock, the paths of new files in another, and
+    /// `between` the two of the first part, what the writer changes meanwhile); returns the
+    /// paths reported changed, sorted.
+    fn take_listed_with(
+        source: &mut Catalog,
+        copy: &mut Catalog,
+        max_files: usize,
+        between: impl FnOnce(&mut Catalog),
+    ) -> Vec<RelPath> {
         let (mut taken, mut changed) = (Vec::new(), Vec::new());
+        let mut between = Some(between);
         loop {
             let more = source.take_listed(max_files, &mut taken);
-            copy.apply(source, &taken, source.position(), &mut changed);
+            let position = source.position();
+            if let Some(between) = between.take() {
+                between(source);
+            }
+            let mut paths: HashMap<FileId, RelPath> = copy
+                .new_ids(&taken)
+                .filter_map(|id| Some((id, source.path_unshared(id)?)))
+                .collect();
+            copy.apply_with(|id| paths.remove(&id), &taken, position, &mut changed);
             if !more {
                 break;
             }
@@ -753,6 +796,10 @@ mod tests {
         let mut paths: Vec<RelPath> = changed.into_iter().map(|(path, _)| path).collect();
         paths.sort();
         paths
+    }
+
+    fn take_listed(source: &mut Catalog, copy: &mut Catalog, max_files: usize) -> Vec<RelPath> {
+        take_listed_with(source, copy, max_files, |_| {})
     }
 
     #[test]
@@ -766,6 +813,14 @@ mod tests {
         let mut copy = writer.catalog.detached();
         run_script(&mut writer, &names, |writer, step, seed| {
             let parts_of = 1 + (seed >> 40) as usize % 3;
+            // Between taking the entries and the paths: a new file, or a file gone.
+            let meanwhile = |c: &mut Catalog| match seed >> 44 & 3 {
+                0 => drop(c.append(names[(seed >> 46) as usize % names.len()], 0, 1)),
+                1 => drop(c.delete(names[(seed >> 46) as usize % names.len()])),
+                _ => {}
+            };
+            take_listed_with(&mut writer.catalog, &mut copy, parts_of, meanwhile);
+            // What changed meanwhile is listed: the next take brings the copy level.
             take_listed(&mut writer.catalog, &mut copy, parts_of);
             assert_eq!(copy.snapshot(), writer.catalog.snapshot(), "step {step}");
             assert_eq!(copy.position(), writer.catalog.position());

@@ -8,13 +8,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::catalog::{Catalog, CatalogEntry, FileChange, Kept};
+use crate::catalog::{Catalog, CatalogEntry, FileChange, FileId, Kept};
 use crate::frame::InstanceId;
 use crate::index::{hex, Stamp};
 use crate::leader_record::{self, Look, LEADER_POSITION_RESERVE};
 use crate::paths::{DataDir, RelPath};
 
-use super::hub::{catalog_copy, Shared, CATALOG_COPY_FILES_PER_LOCK};
+use super::hub::{catalog_copy, Shared};
+
+/// How many changed files a checkpoint takes from the writers' catalog per hold of their lock,
+/// which holds up an `append` as long (`cargo bench --bench protocol -- catalog`).
+const CHECKPOINT_FILES_PER_LOCK: usize = 256;
 
 /// How long a checkpoint waits for the watcher to report what it has queued.
 pub(super) const WATCHER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,20 +148,37 @@ impl Rounds {
             .collect();
     }
 
-    /// Brings the catalog up to date with the files the writers changed since the last call
-    /// (`Catalog::take_listed`, a part per hold of their lock); those files become stale.
-    /// Returns them.
+    /// Brings the catalog up to date with the files the writers changed since the last call;
+    /// those files become stale. Returns them. Under the writers' lock it only takes their
+    /// entries (`Catalog::take_listed`, `CHECKPOINT_FILES_PER_LOCK` a hold) and, in another
+    /// hold, the paths of the files new to its copy; it applies them outside it
+    /// (`cargo bench --bench protocol -- catalog` measures a hold).
     fn take_changes(&mut self, shared: &Shared) -> &[(RelPath, u64)] {
         self.changed.clear();
         loop {
-            let mut hub = shared.lock();
-            let more = hub
-                .catalog
-                .take_listed(CATALOG_COPY_FILES_PER_LOCK, &mut self.changes);
-            let position = hub.catalog.position();
-            self.catalog
-                .apply(&hub.catalog, &self.changes, position, &mut self.changed);
-            drop(hub);
+            let (more, position) = {
+                let mut hub = shared.lock();
+                let more = hub
+                    .catalog
+                    .take_listed(CHECKPOINT_FILES_PER_LOCK, &mut self.changes);
+                (more, hub.catalog.position())
+            };
+            let mut paths: HashMap<FileId, RelPath> = HashMap::new();
+            let new: Vec<FileId> = self.catalog.new_ids(&self.changes).collect();
+            if !new.is_empty() {
+                let hub = shared.lock();
+                for id in new {
+                    if let Some(path) = hub.catalog.path_unshared(id) {
+                        paths.insert(id, path);
+                    }
+                }
+            }
+            self.catalog.apply_with(
+                |id| paths.remove(&id),
+                &self.changes,
+                position,
+                &mut self.changed,
+            );
             if !more {
                 break;
             }

@@ -18,9 +18,8 @@ use crate::paths::{PathError, RelPath};
 use super::{ChangeError, CheckpointFlush};
 
 /// A connecting follower's session takes the catalog this many files per hold of the writers'
-/// lock (`cargo bench --bench protocol -- catalog` measures one hold), and the checkpoint
-/// thread the files listed as changed.
-pub(super) const CATALOG_COPY_FILES_PER_LOCK: usize = 256;
+/// lock (`cargo bench --bench protocol -- catalog` measures one hold).
+const CATALOG_COPY_FILES_PER_LOCK: usize = 256;
 
 /// A connected follower's files changed since its session last looked: all the writer touches
 /// per follower.
