@@ -177,7 +177,8 @@ fn catalog_copy(c: &mut Criterion) {
                 listing.take_listed(256, &mut taken);
                 changed.clear();
                 let started = std::time::Instant::now();
-                copy.apply_with(|_| None, &taken, listing.position(), &mut changed);
+                // Every file is the copy's already: no path asked of the source.
+                copy.apply(&listing, &taken, listing.position(), &mut changed);
                 applying += started.elapsed();
             }
             applying

@@ -452,13 +452,39 @@ impl Catalog {
         self.apply_with(|id| source.path_unshared(id), changes, position, changed);
     }
 
-    /// The ids among `changes` of the files `apply_with` will ask the path of: those this copy
-    /// does not hold, not deleted.
-    pub fn new_ids<'a>(&'a self, changes: &'a [FileChange]) -> impl Iterator<Item = FileId> + 'a {
-        changes
-            .iter()
-            .filter(|c| c.entry.is_some() && !self.paths.contains_key(&c.id))
-            .map(|c| c.id)
+    /// Brings this detached copy up to date with the files its source listed as changed
+    /// (`start_listing`), `max_files` at a time, for a reader that holds the writers' lock
+    /// only to take them: `take` calls the source's `take_listed` with the arguments given and
+    /// returns what it returned with the source's position then (one hold); `paths_of` returns
+    /// the source's `path_unshared` of each id given, those of the files new to this copy
+    /// (another hold, only when there are some). The rest is done outside the lock. A file gone
+    /// between the two holds is left out: its delete is listed for the next take. The paths
+    /// changed are pushed to `changed`, as `apply` does; `taken` is a buffer.
+    pub fn apply_listed_in_parts(
+        &mut self,
+        max_files: usize,
+        mut take: impl FnMut(usize, &mut Vec<FileChange>) -> (bool, u64),
+        mut paths_of: impl FnMut(&[FileId]) -> HashMap<FileId, RelPath>,
+        taken: &mut Vec<FileChange>,
+        changed: &mut Vec<(RelPath, u64)>,
+    ) {
+        loop {
+            let (more, position) = take(max_files, taken);
+            let new: Vec<FileId> = taken
+                .iter()
+                .filter(|c| c.entry.is_some() && !self.paths.contains_key(&c.id))
+                .map(|c| c.id)
+                .collect();
+            let mut paths = if new.is_empty() {
+                HashMap::new()
+            } else {
+                paths_of(&new)
+            };
+            self.apply_with(|id| paths.remove(&id), taken, position, changed);
+            if !more {
+                return;
+            }
+        }
     }
 
     /// The path of file `id`, in an allocation of its own.
@@ -467,10 +493,8 @@ impl Catalog {
     }
 
     /// `apply`, with the path of each file new to this copy from `path_of` (`None`: the file is
-    /// gone from the source, and its delete is yet to come): for a reader that takes the
-    /// changes under the writers' lock and applies them outside it, asking the source only for
-    /// the paths of `new_ids` (a path never changes under one id).
-    pub fn apply_with(
+    /// gone from the source, and its delete is yet to come; a path never changes under one id).
+    fn apply_with(
         &mut self,
         mut path_of: impl FnMut(FileId) -> Option<RelPath>,
         changes: &[FileChange],
@@ -767,32 +791,38 @@ mod tests {
     }
 
     /// Takes what `source` listed into `copy`, `max_files` at a time, as the checkpoint
-    /// thread does (the entries in one hold of the lock, the paths of new files in another, and
-    /// `between` the two of the first part, what the writer changes meanwhile); returns the
-    /// paths reported changed, sorted.
+    /// thread does (`apply_listed_in_parts`), with `between` run right after the first part is
+    /// taken: what the writer changes before the paths are asked for. Returns the paths
+    /// reported changed, sorted.
     fn take_listed_with(
         source: &mut Catalog,
         copy: &mut Catalog,
         max_files: usize,
         between: impl FnOnce(&mut Catalog),
     ) -> Vec<RelPath> {
-        let (mut taken, mut changed) = (Vec::new(), Vec::new());
+        let source = std::cell::RefCell::new(source);
         let mut between = Some(between);
-        loop {
-            let more = source.take_listed(max_files, &mut taken);
-            let position = source.position();
-            if let Some(between) = between.take() {
-                between(source);
-            }
-            let mut paths: HashMap<FileId, RelPath> = copy
-                .new_ids(&taken)
-                .filter_map(|id| Some((id, source.path_unshared(id)?)))
-                .collect();
-            copy.apply_with(|id| paths.remove(&id), &taken, position, &mut changed);
-            if !more {
-                break;
-            }
-        }
+        let (mut taken, mut changed) = (Vec::new(), Vec::new());
+        copy.apply_listed_in_parts(
+            max_files,
+            |max_files, into| {
+                let mut source = source.borrow_mut();
+                let more = source.take_listed(max_files, into);
+                let position = source.position();
+                if let Some(between) = between.take() {
+                    between(&mut source);
+                }
+                (more, position)
+            },
+            |ids| {
+                let source = source.borrow();
+                ids.iter()
+                    .filter_map(|&id| Some((id, source.path_unshared(id)?)))
+                    .collect()
+            },
+            &mut taken,
+            &mut changed,
+        );
         let mut paths: Vec<RelPath> = changed.into_iter().map(|(path, _)| path).collect();
         paths.sort();
         paths

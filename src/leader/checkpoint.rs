@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::catalog::{Catalog, CatalogEntry, FileChange, FileId, Kept};
+use crate::catalog::{Catalog, CatalogEntry, FileChange, Kept};
 use crate::frame::InstanceId;
 use crate::index::{hex, Stamp};
 use crate::leader_record::{self, Look, LEADER_POSITION_RESERVE};
@@ -150,39 +150,27 @@ impl Rounds {
 
     /// Brings the catalog up to date with the files the writers changed since the last call;
     /// those files become stale. Returns them. Under the writers' lock it only takes their
-    /// entries (`Catalog::take_listed`, `CHECKPOINT_FILES_PER_LOCK` a hold) and, in another
-    /// hold, the paths of the files new to its copy; it applies them outside it
-    /// (`cargo bench --bench protocol -- catalog` measures a hold).
+    /// entries (`CHECKPOINT_FILES_PER_LOCK` a hold) and, in another hold, the paths of the files
+    /// new to its copy (`Catalog::apply_listed_in_parts`; `cargo bench --bench protocol --
+    /// catalog` measures a hold).
     fn take_changes(&mut self, shared: &Shared) -> &[(RelPath, u64)] {
         self.changed.clear();
-        loop {
-            let (more, position) = {
+        self.catalog.apply_listed_in_parts(
+            CHECKPOINT_FILES_PER_LOCK,
+            |max_files, into| {
                 let mut hub = shared.lock();
-                let more = hub
-                    .catalog
-                    .take_listed(CHECKPOINT_FILES_PER_LOCK, &mut self.changes);
+                let more = hub.catalog.take_listed(max_files, into);
                 (more, hub.catalog.position())
-            };
-            let mut paths: HashMap<FileId, RelPath> = HashMap::new();
-            let new: Vec<FileId> = self.catalog.new_ids(&self.changes).collect();
-            if !new.is_empty() {
+            },
+            |ids| {
                 let hub = shared.lock();
-                for id in new {
-                    if let Some(path) = hub.catalog.path_unshared(id) {
-                        paths.insert(id, path);
-                    }
-                }
-            }
-            self.catalog.apply_with(
-                |id| paths.remove(&id),
-                &self.changes,
-                position,
-                &mut self.changed,
-            );
-            if !more {
-                break;
-            }
-        }
+                ids.iter()
+                    .filter_map(|&id| Some((id, hub.catalog.path_unshared(id)?)))
+                    .collect()
+            },
+            &mut self.changes,
+            &mut self.changed,
+        );
         shared
             .checkpoint_counts
             .entries_taken
@@ -276,19 +264,22 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mu
         .iter()
         .map(|(path, _)| path.clone())
         .collect();
-    let stale: Vec<RelPath> = rounds.stale.iter().cloned().collect();
-    let mut lines: Vec<(RelPath, Option<Recorded>)> = Vec::with_capacity(stale.len());
-    for path in stale {
-        let line = rounds
-            .catalog
-            .get(&path)
-            .and_then(|entry| rounds.line(&path, entry, &look));
-        lines.push((path, line));
-    }
+    // Each stale file's line, and whether it stays stale: still in the catalog, and not
+    // settled when looked at or changed since.
+    let lines: Vec<(RelPath, Option<Recorded>, bool)> = rounds
+        .stale
+        .iter()
+        .map(|path| {
+            let entry = rounds.catalog.get(path);
+            let line = entry.and_then(|entry| rounds.line(path, entry, &look));
+            let done = line.is_some_and(|l| l.settled) && !changed_since_look.contains(path);
+            (path.clone(), line, entry.is_some() && !done)
+        })
+        .collect();
     let unchanged = lines
         .iter()
-        .all(|(path, line)| rounds.files.get(path).copied() == *line);
-    let (reserved, first) = {
+        .all(|(path, line, _)| rounds.files.get(path).copied() == *line);
+    let (reserved, first, already_on_disk) = {
         let mut hub = shared.lock();
         // The reservation of the record on disk, if there is one: the ceiling.
         let ceiling = (hub.mark_ceiling != u64::MAX).then_some(hub.mark_ceiling);
@@ -297,27 +288,27 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mu
             .position()
             .saturating_add(LEADER_POSITION_RESERVE)
             .max(ceiling.unwrap_or(0));
-        if !(unchanged && rounds.reserved == Some(reserved)) {
+        // The record on disk says all this already: every file kept its line, the same
+        // reservation.
+        let already_on_disk = unchanged && rounds.reserved == Some(reserved);
+        if !already_on_disk {
             // Every MARK so far is at or below the position; from now on, at or below
             // `reserved`.
             hub.mark_ceiling = hub.mark_ceiling.min(reserved);
         }
-        (reserved, ceiling.is_none())
+        (reserved, ceiling.is_none(), already_on_disk)
     };
     // What the next record is to make again: what this one could not vouch for yet.
-    for (path, line) in lines {
-        let settled = line.is_some_and(|l| l.settled);
-        match line {
-            Some(line) => rounds.files.insert(path.clone(), line),
-            None => rounds.files.remove(&path),
-        };
-        if settled && !changed_since_look.contains(&path) || rounds.catalog.get(&path).is_none() {
+    for (path, line, stays_stale) in lines {
+        if !stays_stale {
             rounds.stale.remove(&path);
         }
+        match line {
+            Some(line) => rounds.files.insert(path, line),
+            None => rounds.files.remove(&path),
+        };
     }
-    // The record on disk says all this already: every file kept its line, the same
-    // reservation.
-    if unchanged && rounds.reserved == Some(reserved) {
+    if already_on_disk {
         return;
     }
     let lines = rounds
