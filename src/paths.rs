@@ -620,8 +620,8 @@ impl DataDir {
     }
 
     /// Renames a complete temp file over `rel` (atomically replacing any old copy); returns
-    /// the directories whose entries that changed.
-    pub fn commit_temp(&self, temp: TempFile, rel: &RelPath) -> io::Result<DirsChanged> {
+    /// the directories whose entries that changed. The temp file stays open until dropped.
+    pub fn commit_temp(&self, temp: &TempFile, rel: &RelPath) -> io::Result<DirsChanged> {
         let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
         let mut changed = Vec::new();
         let parent = self
@@ -1044,7 +1044,7 @@ mod tests {
         let t = dir.create_temp(&p("a/b/f")).unwrap();
         use std::io::Write;
         (&t.file).write_all(b"new!").unwrap();
-        dir.commit_temp(t, &p("a/b/f")).unwrap();
+        dir.commit_temp(&t, &p("a/b/f")).unwrap();
         assert_eq!(std::fs::read(tmp.path().join("a/b/f")).unwrap(), b"new!");
         assert_eq!(
             std::fs::read_dir(tmp.path().join(".ferry/tmp"))
@@ -1067,7 +1067,7 @@ mod tests {
         for e in [
             dir.open_write(&p("evil/x")).unwrap_err(),
             dir.open_read(&p("evil/secret")).unwrap_err(),
-            dir.commit_temp(dir.create_temp(&p("x")).unwrap(), &p("evil/x"))
+            dir.commit_temp(&dir.create_temp(&p("x")).unwrap(), &p("evil/x"))
                 .unwrap_err(),
         ] {
             assert!(is_escape(&e), "{e}");

@@ -75,11 +75,9 @@ impl Apply {
             if self.open.len() >= OPEN_FILES_MAX {
                 self.open.clear();
             }
-            let (open, dir) = (&mut self.open, &self.dir);
-            let kept = open.len();
-            let (file, changed) =
-                crate::paths::open_making_room(kept, || open.clear(), || dir.open_write(path))
-                    .map_err(|e| disk_error("write", path, e))?;
+            let (file, changed) = self
+                .making_room(|dir| dir.open_write(path))
+                .map_err(|e| disk_error("write", path, e))?;
             self.dirty.borrow_mut().dirs_changed(changed);
             self.open.insert(path.clone(), file);
         }
@@ -89,6 +87,14 @@ impl Apply {
                 "{path} vanished from the open-file cache"
             ))),
         }
+    }
+
+    /// Calls `open` on the data dir, which opens a file or a directory, through
+    /// `paths::open_making_room`: with no descriptor left in the process, the cache of files
+    /// open for writing is emptied and `open` called once more.
+    fn making_room<T>(&mut self, open: impl Fn(&DataDir) -> io::Result<T>) -> io::Result<T> {
+        let (cache, dir) = (&mut self.open, &self.dir);
+        crate::paths::open_making_room(cache.len(), || cache.clear(), || open(dir))
     }
 
     /// Removes an abandoned temp copy of `path`. A failure only leaves a stray file in
@@ -104,8 +110,7 @@ impl Apply {
         match action {
             FollowerAction::BeginWhole { path, .. } => {
                 let temp = self
-                    .dir
-                    .create_temp(&path)
+                    .making_room(|dir| dir.create_temp(&path))
                     .map_err(|e| disk_error("create a temp file for", &path, e))?;
                 // A transfer of the same file started over: the earlier copy is not needed.
                 if let Some(old) = self.temps.insert(path.clone(), temp) {
@@ -144,9 +149,9 @@ impl Apply {
                 }
                 self.open.remove(&path);
                 let changed = self
-                    .dir
-                    .commit_temp(temp, &path)
+                    .making_room(|dir| dir.commit_temp(&temp, &path))
                     .map_err(|e| disk_error("rename into place", &path, e))?;
+                drop(temp);
                 let mut dirty = self.dirty.borrow_mut();
                 dirty.file(&path);
                 dirty.dirs_changed(changed);
@@ -163,8 +168,7 @@ impl Apply {
                         );
                     }
                 }
-                self.dir
-                    .truncate(&path, len_bytes)
+                self.making_room(|dir| dir.truncate(&path, len_bytes))
                     .map_err(|e| disk_error("truncate", &path, e))?;
                 self.dirty.borrow_mut().file(&path);
             }
@@ -178,8 +182,7 @@ impl Apply {
                     self.discard(temp, &path);
                 }
                 let changed = self
-                    .dir
-                    .remove(&path)
+                    .making_room(|dir| dir.remove(&path))
                     .map_err(|e| disk_error("delete", &path, e))?;
                 self.dirty.borrow_mut().dirs_changed(changed);
             }
