@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# What a data dir of many files costs a serving `ferry lead` with no follower, where nothing
-# else would: its checkpoints of the leader's record (every 10 s). FILES files of 4 KiB in one
-# directory; the leader started, its first record written, then over SECONDS:
+# What a data dir of many files costs a `ferry lead` with no follower, where nothing else would:
+# its start, and its checkpoints of the leader's record (every 10 s). FILES files of 4 KiB in
+# one directory. First its start, twice:
+#   fresh    no leader's record: how long from the launch until it logs `listening on` (its
+#            watcher started) and until its first record is written, and the CPU seconds of
+#            the process by then;
+#   resumed  the same, the record of the graceful stop of the run before in place.
+# Then, each leader started and its first record written, over SECONDS (0: only the above):
 #   idle   the CPU seconds of the whole leader process, nothing written;
 #   busy   the CPU seconds of its checkpoint thread (ferry-record) while an application appends
 #          4 KiB to each of 4 files every 10 ms (the watcher's own work is not counted).
@@ -72,6 +77,41 @@ PY
   echo "many-files-cost: $files files, $what, $seconds s: $(echo "scale=2; ($after - $before) / $hz" |
     bc) CPU s ($( [ "$what" = busy ] && echo "ferry-record thread" || echo "leader process")); $counters"
 }
+# Seconds from $1 (date +%s.%N) to the first line of log $2 that contains $3.
+since() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import sys, datetime
+t0, log, what = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+for line in open(log):
+    if what in line:
+        stamp = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00"))
+        print(f"{stamp.timestamp() - t0:.3f}")
+        break
+PY
+}
+
+start() { # what: fresh or resumed
+  local what=$1 pid t0 cpu
+  [ "$what" = fresh ] && rm -f "$base/l/.ferry/leader"
+  t0=$(date +%s.%N)
+  "$ferry" lead --data-dir "$base/l" --listen 127.0.0.1:0 --secret-file "$base/secret" \
+    2>"$base/lead.log" &
+  pid=$!
+  for _ in $(seq 6000); do
+    grep -qs "recorded instance" "$base/lead.log" && break
+    sleep 0.01
+  done
+  cpu=$(ticks "/proc/$pid/stat")
+  kill "$pid" # a graceful stop: it writes the record the resumed start takes
+  wait "$pid" 2>/dev/null || true
+  echo "many-files-cost: $files files, start $what: listening $(since "$t0" "$base/lead.log" \
+    "listening on") s, first record $(since "$t0" "$base/lead.log" "recorded instance") s after \
+the launch; $(echo "scale=2; $cpu / $hz" | bc) CPU s by then (leader process)"
+}
+
 echo "many-files-cost: $ferry"
+start fresh
+start resumed
+[ "$seconds" = 0 ] && exit 0
 run idle
 run busy
