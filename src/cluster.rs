@@ -575,13 +575,14 @@ impl Leading {
             lc.previous_secret = secrets.previous;
             lc.engine = c.engine;
             lc.tcp_congestion = c.tcp_congestion.clone();
-            lc.change_source_flushes = feed == Feed::Watch;
             lc.record_interval = c.record_interval;
             lc.role = format!("ferry node {}, leading", c.advertise);
-            let (leader, known) = crate::leader::start_scanned(lc)?;
-            let watcher = match feed {
-                Feed::Watch => Some(crate::leader::watch(&leader, known)?),
-                Feed::Library => None,
+            let (leader, watcher) = match feed {
+                Feed::Watch => {
+                    let (leader, watcher) = crate::leader::start_watched(lc)?;
+                    (leader, Some(watcher))
+                }
+                Feed::Library => (crate::leader::start_scanned(lc)?.0, None),
             };
             Ok(Leading { leader, watcher })
         })

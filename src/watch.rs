@@ -3,8 +3,10 @@
 //!
 //! Every directory under the root is watched (new subdirectories as they appear, their existing
 //! content reported at once so nothing created before the watch is missed), except ferry's own
-//! `.ferry/` and symlinks, which are never followed. Events are read in batches, deduplicated per
-//! path, and each touched file is stat'ed once and compared with what was last reported:
+//! `.ferry/` and symlinks, which are never followed. A leader starts from the watcher's own look
+//! at every file, taken once the watches are in place (`Watcher::prepare`), so a change made
+//! during its start is an event. Events are read in batches, deduplicated per path, and each
+//! touched file is stat'ed once and compared with what was last reported:
 //!
 //! - it grew, and the bytes just before the old end and at the start are unchanged: `Grew`
 //!   (an append: only the new range ships);
@@ -43,7 +45,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::index::mtime_ns;
+use crate::index::{ctime_ns, mtime_ns, FileMeta};
 use crate::paths::{RelPath, ROOT_CHECK_INTERVAL, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
@@ -204,6 +206,17 @@ fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
+/// The first `SAMPLE_BYTES` of `file` and those before `len_bytes` (fewer when it is
+/// shorter): `None` when they cannot be read (it is shorter than `len_bytes` now).
+fn read_samples(file: &File, len_bytes: u64) -> Option<(Vec<u8>, Vec<u8>)> {
+    let n = (len_bytes as usize).min(SAMPLE_BYTES);
+    let mut head = vec![0u8; n];
+    let mut tail = vec![0u8; n];
+    file.read_exact_at(&mut head, 0).ok()?;
+    file.read_exact_at(&mut tail, len_bytes - n as u64).ok()?;
+    Some((head, tail))
+}
+
 fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
@@ -212,15 +225,20 @@ fn join(dir: &str, name: &str) -> String {
     }
 }
 
+/// A watcher whose watches are in place and which has looked at every file under its root,
+/// not reporting yet (`Watcher::prepare`): its owner starts serving `files`, then `start`s it.
+pub struct Prepared {
+    state: State,
+    stop: OwnedFd,
+    /// What the look found, sorted by path.
+    files: Vec<FileMeta>,
+}
+
 impl Watcher {
-    /// Watches `root`. `known` is what the caller already has (path -> (len_bytes, mtime_ns)),
-    /// e.g. from its initial scan; anything that differs from it by the time the watches are
-    /// in place is reported at once.
-    pub fn start(
-        root: &Path,
-        known: HashMap<RelPath, (u64, i64)>,
-        sink: Sink,
-    ) -> io::Result<Watcher> {
+    /// Watches every directory under `root`, then looks at every file in them: what a leader
+    /// starts from (`Prepared::files`), one look at each file, the watcher's own. Every change
+    /// made from the watches on is reported once the watcher is started.
+    pub fn prepare(root: &Path) -> io::Result<Prepared> {
         // SAFETY: plain syscall; the result is checked.
         let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
         if fd < 0 {
@@ -245,52 +263,38 @@ impl Watcher {
             inotify,
             dirs: HashMap::new(),
             files: HashMap::new(),
-            sink,
+            // Nothing is reported before `start`, which gives the sink.
+            sink: Box::new(|_| {}),
         };
-        // What the caller knows, without samples: a later growth is checked against the
-        // file's current bytes, taken now.
-        for (path, (len_bytes, mtime_ns)) in known {
-            let (head, tail) = state.samples(&path, len_bytes);
-            let ino = std::fs::symlink_metadata(state.abs(path.as_str())).map_or(0, |m| m.ino());
-            state.files.insert(
-                path,
-                Seen {
-                    len_bytes,
-                    mtime_ns,
-                    ino,
-                    head,
-                    tail,
-                },
-            );
+        let mut files = Vec::new();
+        for path in state.add_tree("")? {
+            if let Some((seen, ctime_ns)) = state.look(&path)? {
+                files.push(FileMeta {
+                    path: path.clone(),
+                    len_bytes: seen.len_bytes,
+                    mtime_ns: seen.mtime_ns,
+                    ctime_ns,
+                    ino: seen.ino,
+                });
+                state.files.insert(path, seen);
+            }
         }
-        state.rescan()?;
-        let stop_fd = stop.as_raw_fd();
-        let rescan_on_stop = Arc::new(AtomicBool::new(false));
-        let rescan = rescan_on_stop.clone();
-        let flusher = Flusher::new()?;
-        let flushes = flusher.clone();
-        let failure = Arc::new(Mutex::new(None));
-        let failed = failure.clone();
-        let thread = std::thread::Builder::new()
-            .name("ferry-watch".into())
-            .spawn(move || {
-                if let Err(e) = state.run(stop_fd, &rescan, &flushes) {
-                    let why = format!(
-                        "the watcher of {} stopped, so changes from then on go unseen: {e}",
-                        state.root.display()
-                    );
-                    tracing::error!("{why}");
-                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                }
-                flushes.answer(0, true);
-            })?;
-        Ok(Watcher {
-            stop,
-            rescan_on_stop,
-            flusher,
-            thread: Some(thread),
-            failure,
-        })
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Prepared { state, stop, files })
+    }
+
+    /// Watches `root`. `known` is what the caller already has (path -> (len_bytes, mtime_ns)),
+    /// e.g. from its initial scan; anything that differs from it by the time the watches are
+    /// in place is reported at once.
+    pub fn start(
+        root: &Path,
+        known: HashMap<RelPath, (u64, i64)>,
+        sink: Sink,
+    ) -> io::Result<Watcher> {
+        let mut prepared = Watcher::prepare(root)?;
+        prepared.state.sink = sink;
+        prepared.report_differences_from(known);
+        prepared.run()
     }
 
     /// Why the watcher stopped on its own (a directory it could not watch or list, its inotify
@@ -331,6 +335,88 @@ impl Watcher {
     }
 }
 
+impl Prepared {
+    /// Every file found under the root, sorted by path, as the watcher looked at it.
+    pub fn files(&self) -> Vec<FileMeta> {
+        self.files.clone()
+    }
+
+    /// Starts reporting to `sink`: every change made since the look at each file.
+    pub fn start(mut self, sink: Sink) -> io::Result<Watcher> {
+        self.state.sink = sink;
+        self.run()
+    }
+
+    /// Reports how what the look found differs from `known` (path -> (len_bytes, mtime_ns)),
+    /// as a look at each file after an event would: gone, new (found, its origin unknown),
+    /// longer (an append), shorter or with another mtime (rewritten).
+    fn report_differences_from(&mut self, mut known: HashMap<RelPath, (u64, i64)>) {
+        let mut changes = Vec::new();
+        for found in &self.files {
+            let path = found.path.clone();
+            let change = match known.remove(&found.path) {
+                None => Some(Change::Rewritten {
+                    path,
+                    len_bytes: found.len_bytes,
+                }),
+                Some((len_bytes, _)) if found.len_bytes > len_bytes => Some(Change::Grew {
+                    path,
+                    from_bytes: len_bytes,
+                    to_bytes: found.len_bytes,
+                }),
+                Some((len_bytes, mtime_ns))
+                    if found.len_bytes < len_bytes || found.mtime_ns != mtime_ns =>
+                {
+                    Some(Change::Rewritten {
+                        path,
+                        len_bytes: found.len_bytes,
+                    })
+                }
+                Some(_) => None,
+            };
+            changes.extend(change);
+        }
+        changes.extend(known.into_keys().map(|path| Change::Removed { path }));
+        for change in changes {
+            self.state.emit(change);
+        }
+    }
+
+    /// Starts the watcher's thread.
+    fn run(self) -> io::Result<Watcher> {
+        let Prepared {
+            mut state, stop, ..
+        } = self;
+        let stop_fd = stop.as_raw_fd();
+        let rescan_on_stop = Arc::new(AtomicBool::new(false));
+        let rescan = rescan_on_stop.clone();
+        let flusher = Flusher::new()?;
+        let flushes = flusher.clone();
+        let failure = Arc::new(Mutex::new(None));
+        let failed = failure.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferry-watch".into())
+            .spawn(move || {
+                if let Err(e) = state.run(stop_fd, &rescan, &flushes) {
+                    let why = format!(
+                        "the watcher of {} stopped, so changes from then on go unseen: {e}",
+                        state.root.display()
+                    );
+                    tracing::error!("{why}");
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                }
+                flushes.answer(0, true);
+            })?;
+        Ok(Watcher {
+            stop,
+            rescan_on_stop,
+            flusher,
+            thread: Some(thread),
+            failure,
+        })
+    }
+}
+
 impl Drop for Watcher {
     fn drop(&mut self) {
         self.shutdown();
@@ -360,19 +446,53 @@ impl State {
         }
     }
 
-    fn samples(&self, path: &RelPath, len_bytes: u64) -> (Vec<u8>, Vec<u8>) {
-        let Ok(file) = File::open(self.abs(path.as_str())) else {
-            return (Vec::new(), Vec::new());
+    /// `path` as it is now, with its samples, and its ctime: `None` when it is no longer a
+    /// file. One open, one fstat, the samples read, one close: a look at every file is what a
+    /// leader's start costs per file. A file that cannot be opened (its mode) is stat'ed
+    /// instead and has no samples, as `samples` gives it none.
+    fn look(&self, path: &RelPath) -> io::Result<Option<(Seen, i64)>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = self.abs(path.as_str());
+        let cannot_look = |e: io::Error| {
+            let why = format!("cannot look at {}: {e}", name.display());
+            io::Error::new(e.kind(), why)
         };
-        let n = (len_bytes as usize).min(SAMPLE_BYTES);
-        let mut head = vec![0u8; n];
-        let mut tail = vec![0u8; n];
-        if file.read_exact_at(&mut head, 0).is_err()
-            || file.read_exact_at(&mut tail, len_bytes - n as u64).is_err()
-        {
-            return (Vec::new(), Vec::new());
+        // O_NOFOLLOW: a symlink put in its place is not a file (ELOOP); O_NONBLOCK: nor does
+        // a FIFO put there hold the open up.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&name);
+        let (meta, file) = match opened {
+            Ok(file) => (file.metadata().map_err(cannot_look)?, Some(file)),
+            Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+            Err(_) => match std::fs::symlink_metadata(&name) {
+                Ok(meta) => (meta, None),
+                Err(e) if is_gone(&e) => return Ok(None),
+                Err(e) => return Err(cannot_look(e)),
+            },
+        };
+        if !meta.is_file() {
+            return Ok(None);
         }
-        (head, tail)
+        let (head, tail) = file
+            .and_then(|f| read_samples(&f, meta.len()))
+            .unwrap_or_default();
+        let seen = Seen {
+            len_bytes: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+            ino: meta.ino(),
+            head,
+            tail,
+        };
+        Ok(Some((seen, ctime_ns(&meta))))
+    }
+
+    fn samples(&self, path: &RelPath, len_bytes: u64) -> (Vec<u8>, Vec<u8>) {
+        File::open(self.abs(path.as_str()))
+            .ok()
+            .and_then(|file| read_samples(&file, len_bytes))
+            .unwrap_or_default()
     }
 
     fn add_watch(&mut self, rel: &str) -> io::Result<()> {
@@ -458,11 +578,11 @@ impl State {
                 let child = join(&dir, &name);
                 match entry.file_type() {
                     Ok(t) if t.is_dir() => stack.push(child),
-                    Ok(t) if t.is_file() => {
-                        if let Ok(p) = RelPath::new(&child) {
-                            files.push(p);
-                        }
-                    }
+                    Ok(t) if t.is_file() => match RelPath::new(&child) {
+                        Ok(p) => files.push(p),
+                        // As a scan does (`index::scan`): never replicated, so said.
+                        Err(e) => tracing::warn!("skipping {child:?}: {e}"),
+                    },
                     Ok(_) => {}
                     Err(e) if is_gone(&e) => {}
                     Err(e) => return Err(cannot_list(e)),
@@ -1182,19 +1302,82 @@ mod tests {
         w.stop();
     }
 
+    /// A leader starts serving what a prepared watcher looked at; started, the watcher reports
+    /// every change made since that look (here while the leader would be starting), and
+    /// nothing from before it.
+    #[test]
+    fn a_prepared_watcher_lists_every_file_and_reports_what_changed_after_its_look() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::write(root.join("seg"), b"12345").unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/meta.json"), b"{}").unwrap();
+        std::fs::create_dir(root.join(STATE_DIR_NAME)).unwrap();
+        std::fs::write(root.join(STATE_DIR_NAME).join("lock"), b"").unwrap();
+        std::os::unix::fs::symlink("seg", root.join("link")).unwrap();
+        let prepared = Watcher::prepare(root).unwrap();
+        let as_found = |name: &str| {
+            let m = std::fs::symlink_metadata(root.join(name)).unwrap();
+            crate::index::FileMeta {
+                path: p(name),
+                len_bytes: m.len(),
+                mtime_ns: mtime_ns(&m),
+                ctime_ns: crate::index::ctime_ns(&m),
+                ino: m.ino(),
+            }
+        };
+        assert_eq!(
+            prepared.files(),
+            vec![as_found("d/meta.json"), as_found("seg")]
+        );
+        append(&root.join("seg"), b"678");
+        std::fs::write(root.join("new"), b"abc").unwrap();
+        let (tx, rx) = channel();
+        let w = prepared
+            .start(Box::new(move |c| {
+                let _ = tx.send(c);
+            }))
+            .unwrap();
+        assert!(w.flusher().flush(Duration::from_secs(10)));
+        let got: Vec<Change> = rx.try_iter().collect();
+        let grew = Change::Grew {
+            path: p("seg"),
+            from_bytes: 5,
+            to_bytes: 8,
+        };
+        assert!(got.contains(&grew), "{got:?}");
+        assert!(
+            got.iter().all(|c| c == &grew
+                || (matches!(c, Change::Grew { path, .. } if path.as_str() == "new")
+                    && len_after(c) <= Some(3))),
+            "{got:?}"
+        );
+        assert!(got.iter().any(|c| len_after(c) == Some(3)), "{got:?}");
+        w.stop();
+    }
+
     #[test]
     fn changes_between_the_scan_and_the_start_are_reported() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("a"), b"1").unwrap();
-        let k = known(tmp.path(), &["a"]);
+        std::fs::write(tmp.path().join("c"), b"1").unwrap();
+        std::fs::write(tmp.path().join("same"), b"1").unwrap();
+        let k = known(tmp.path(), &["a", "c", "same"]);
         std::fs::write(tmp.path().join("b"), b"22").unwrap();
         std::fs::remove_file(tmp.path().join("a")).unwrap();
+        append(&tmp.path().join("c"), b"23");
         let (w, rx) = watch(tmp.path(), k);
-        let mut got = vec![next(&rx), next(&rx)];
+        assert!(w.flusher().flush(Duration::from_secs(10)));
+        let mut got: Vec<Change> = rx.try_iter().collect();
         got.sort_by_key(|c| format!("{c:?}"));
         assert_eq!(
             got,
             vec![
+                Change::Grew {
+                    path: p("c"),
+                    from_bytes: 1,
+                    to_bytes: 3
+                },
                 Change::Removed { path: p("a") },
                 Change::Rewritten {
                     path: p("b"),

@@ -740,6 +740,26 @@ pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
         io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
     })?;
     let known = known_of(&files);
+    Ok((start_with(config, files)?, known))
+}
+
+/// Watches the data dir, and starts a leader with every file the watcher found registered,
+/// fed every change it sees from then on: one look at each file for both.
+pub fn start_watched(mut config: LeaderConfig) -> io::Result<(Arc<Leader>, Watcher)> {
+    config.change_source_flushes = true;
+    let data_dir = DataDir::open(&config.data_dir)?.root().to_path_buf();
+    let prepared = Watcher::prepare(&data_dir).map_err(|e| cannot_watch(&data_dir, e))?;
+    let leader = start_with(config, prepared.files())?;
+    let watcher = prepared
+        .start(sink_of(&leader))
+        .map_err(|e| cannot_watch(&data_dir, e))?;
+    set_watcher_flush(&leader, &watcher);
+    Ok((leader, watcher))
+}
+
+/// Starts a leader with `files` registered, said in the log.
+fn start_with(config: LeaderConfig, files: Vec<crate::index::FileMeta>) -> io::Result<Arc<Leader>> {
+    let data_dir = &config.data_dir;
     tracing::info!(
         "{} files, {} bytes in {}",
         files.len(),
@@ -753,41 +773,48 @@ pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
             data_dir.display()
         );
     }
-    let leader = Arc::new(Leader::start(
+    Ok(Arc::new(Leader::start(
         config,
         files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
-    )?);
-    Ok((leader, known))
+    )?))
+}
+
+fn cannot_watch(data_dir: &std::path::Path, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("cannot watch {} with inotify: {e}", data_dir.display()),
+    )
+}
+
+/// What feeds `leader` the watcher's changes.
+fn sink_of(leader: &Arc<Leader>) -> crate::watch::Sink {
+    let leader = leader.clone();
+    Box::new(move |change: Change| {
+        if let Err(e) = leader.apply(&change) {
+            tracing::warn!("ignoring {change:?}: {e}");
+        }
+    })
+}
+
+/// A checkpoint of `leader`'s record has `watcher` report every change made before it.
+fn set_watcher_flush(leader: &Leader, watcher: &Watcher) {
+    let flusher = watcher.flusher();
+    leader.set_checkpoint_flush(Arc::new(move || flusher.flush(WATCHER_FLUSH_TIMEOUT)));
 }
 
 /// Feeds `leader` every change inotify sees in its data dir from now on (`known` being what
 /// the leader already has).
 pub fn watch(leader: &Arc<Leader>, known: Known) -> io::Result<Watcher> {
     let data_dir = leader.data_dir().root().to_path_buf();
-    let sink = {
-        let leader = leader.clone();
-        Box::new(move |change: Change| {
-            if let Err(e) = leader.apply(&change) {
-                tracing::warn!("ignoring {change:?}: {e}");
-            }
-        })
-    };
-    let watcher = Watcher::start(&data_dir, known, sink).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot watch {} with inotify: {e}", data_dir.display()),
-        )
-    })?;
-    let flusher = watcher.flusher();
-    leader.set_checkpoint_flush(Arc::new(move || flusher.flush(WATCHER_FLUSH_TIMEOUT)));
+    let watcher = Watcher::start(&data_dir, known, sink_of(leader))
+        .map_err(|e| cannot_watch(&data_dir, e))?;
+    set_watcher_flush(leader, &watcher);
     Ok(watcher)
 }
 
 impl WatchedLeader {
-    pub fn start(mut config: LeaderConfig) -> io::Result<WatchedLeader> {
-        config.change_source_flushes = true;
-        let (leader, known) = start_scanned(config)?;
-        let watcher = watch(&leader, known)?;
+    pub fn start(config: LeaderConfig) -> io::Result<WatchedLeader> {
+        let (leader, watcher) = start_watched(config)?;
         Ok(WatchedLeader { leader, watcher })
     }
 
