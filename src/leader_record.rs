@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::catalog::{CatalogEntry, Kept};
 use crate::frame::InstanceId;
-use crate::index::{boot_id, from_hex, hex, Stamp};
+use crate::index::{boot_id, from_hex, hex, FileMeta, Stamp};
 use crate::paths::{DataDir, RelPath, StateSync};
 
 /// How much older than the record a file's ctime must be for a resumed instance to vouch for it.
@@ -238,12 +238,18 @@ fn parse(text: &str) -> Option<Parsed> {
 }
 
 /// The record left by the last stop or checkpoint, deleted here so that it is used once; `None`
-/// (and the reason logged) when there is none to resume from.
-pub fn take(dir: &DataDir) -> Option<Resumed> {
-    take_for_boot(dir, boot_id())
+/// (and the reason logged) when there is none to resume from. Each file is vouched for while
+/// it is as the record says: in `looked` (sorted by path), the look the leader's catalog is
+/// built from, taken with the change source already watching; without one, looked at now.
+pub fn take(dir: &DataDir, looked: Option<&[FileMeta]>) -> Option<Resumed> {
+    take_for_boot(dir, boot_id(), looked)
 }
 
-fn take_for_boot(dir: &DataDir, boot: Option<String>) -> Option<Resumed> {
+fn take_for_boot(
+    dir: &DataDir,
+    boot: Option<String>,
+    looked: Option<&[FileMeta]>,
+) -> Option<Resumed> {
     let path = dir.state_path(FILE_NAME);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -283,7 +289,14 @@ fn take_for_boot(dir: &DataDir, boot: Option<String>) -> Option<Resumed> {
         .entries
         .into_iter()
         .filter(|(path, _, stamp)| {
-            stamp.ctime_ns <= settled_before && stamp_of(dir, path).as_ref() == Some(stamp)
+            let now = match looked {
+                Some(files) => files
+                    .binary_search_by(|m| m.path.cmp(path))
+                    .ok()
+                    .map(|i| Stamp::of_meta(&files[i])),
+                None => stamp_of(dir, path),
+            };
+            stamp.ctime_ns <= settled_before && now.as_ref() == Some(stamp)
         })
         .map(|(path, kept, _)| (path, kept))
         .collect();
@@ -301,6 +314,7 @@ mod tests {
     use super::*;
 
     use crate::paths::temp_data_dir as setup;
+    use std::os::unix::fs::MetadataExt;
 
     fn entry(len_bytes: u64, born_at: u64) -> CatalogEntry {
         CatalogEntry {
@@ -333,7 +347,7 @@ mod tests {
         // Replaced by a rename since the stop: another inode.
         std::fs::write(tmp.path().join("b.new"), b"WORLD!").unwrap();
         std::fs::rename(tmp.path().join("b.new"), tmp.path().join("b")).unwrap();
-        let resumed = take_for_boot(&dir, boot_id()).unwrap();
+        let resumed = take_for_boot(&dir, boot_id(), None).unwrap();
         assert_eq!(resumed.instance, [7; 16]);
         assert_eq!(resumed.last_position, 20);
         assert_eq!(
@@ -346,15 +360,46 @@ mod tests {
         assert_eq!(resumed.kept.get(&b), None, "rewritten since the stop");
         assert_eq!(resumed.not_kept, 1);
         assert!(
-            take_for_boot(&dir, boot_id()).is_none(),
+            take_for_boot(&dir, boot_id(), None).is_none(),
             "used once: deleted when taken"
         );
         resumed.put_back(&dir);
-        let again = take_for_boot(&dir, boot_id()).unwrap();
+        let again = take_for_boot(&dir, boot_id(), None).unwrap();
         assert_eq!(
             (again.instance, again.kept),
             (resumed.instance, resumed.kept)
         );
+    }
+
+    /// A leader started from a look at its files (the watcher's, a scan's) compares the record
+    /// with that look, which its catalog was built from, not with the files as they are later.
+    #[test]
+    fn a_record_is_compared_with_the_look_the_leader_starts_from() {
+        let (tmp, dir, [a, b]) = saved(2000);
+        let meta = |path: &RelPath| {
+            let m = std::fs::symlink_metadata(tmp.path().join(path.as_str())).unwrap();
+            crate::index::FileMeta {
+                path: path.clone(),
+                len_bytes: m.len(),
+                mtime_ns: crate::index::mtime_ns(&m),
+                ctime_ns: crate::index::ctime_ns(&m),
+                ino: m.ino(),
+            }
+        };
+        // "a" looked at as the record says; "b" changed between the record and the look (it is
+        // as the record says again by the time the record is taken).
+        let b_changed = crate::index::FileMeta {
+            len_bytes: 7,
+            ..meta(&b)
+        };
+        let looked = [meta(&a), b_changed];
+        let resumed = take_for_boot(&dir, boot_id(), Some(&looked)).unwrap();
+        assert_eq!(resumed.kept.keys().collect::<Vec<_>>(), vec![&a]);
+        resumed.put_back(&dir);
+        // "a" not in the look (gone by then).
+        let looked = [meta(&b)];
+        let resumed = take_for_boot(&dir, boot_id(), Some(&looked)).unwrap();
+        assert_eq!(resumed.kept.keys().collect::<Vec<_>>(), vec![&b]);
     }
 
     #[test]
@@ -375,7 +420,7 @@ mod tests {
     #[test]
     fn a_file_changed_too_close_to_the_stop_is_not_vouched_for() {
         let (_tmp, dir, [a, _]) = saved(LEADER_RECORD_SETTLE_MS as i64 / 2);
-        let resumed = take_for_boot(&dir, boot_id()).unwrap();
+        let resumed = take_for_boot(&dir, boot_id(), None).unwrap();
         assert_eq!(resumed.kept.get(&a), None);
         assert_eq!(resumed.not_kept, 2);
     }
@@ -383,7 +428,7 @@ mod tests {
     #[test]
     fn a_record_from_another_boot_or_a_corrupt_one_resumes_nothing() {
         let (tmp, dir, _) = saved(2000);
-        assert!(take_for_boot(&dir, Some("another-boot".into())).is_none());
+        assert!(take_for_boot(&dir, Some("another-boot".into()), None).is_none());
         assert!(!tmp.path().join(".ferry/leader").exists(), "still used up");
 
         let (tmp, dir, _) = saved(2000);
@@ -392,8 +437,8 @@ mod tests {
         let bad = text.replace("\n5 5 ", "\n21 5 ");
         assert_ne!(bad, text);
         std::fs::write(tmp.path().join(".ferry/leader"), bad).unwrap();
-        assert!(take_for_boot(&dir, boot_id()).is_none());
+        assert!(take_for_boot(&dir, boot_id(), None).is_none());
         std::fs::write(tmp.path().join(".ferry/leader"), &text[..text.len() - 1]).unwrap();
-        assert!(take_for_boot(&dir, boot_id()).is_none(), "torn");
+        assert!(take_for_boot(&dir, boot_id(), None).is_none(), "torn");
     }
 }

@@ -153,6 +153,28 @@ impl Leader {
     /// unchanged since the record keep what followers' held records know of them
     /// (`leader_record`).
     pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
+        Leader::start_from(config, files, None)
+    }
+
+    /// `start` with the files a look found (a scan's, the watcher's), sorted by path: the
+    /// leader's record is compared with that look, which the catalog is built from, instead of
+    /// each file being looked at again.
+    pub(crate) fn start_looked(
+        config: LeaderConfig,
+        files: &[crate::index::FileMeta],
+    ) -> io::Result<Leader> {
+        let listed = files
+            .iter()
+            .map(|m| (m.path.clone(), m.len_bytes))
+            .collect();
+        Leader::start_from(config, listed, Some(files))
+    }
+
+    fn start_from(
+        config: LeaderConfig,
+        files: Vec<(RelPath, u64)>,
+        looked: Option<&[crate::index::FileMeta]>,
+    ) -> io::Result<Leader> {
         let dir = Arc::new(DataDir::open(&config.data_dir)?);
         // Before the record is taken and the temp files go: another process may be serving.
         let lock = DirLock::acquire(&dir, &config.role)?;
@@ -161,7 +183,7 @@ impl Leader {
         let engine = engine::choose(config.engine)?;
         let congestion_asked = config.tcp_congestion.is_some();
         let record_interval = config.record_interval;
-        let resumed = leader_record::take(&dir);
+        let resumed = leader_record::take(&dir, looked);
         let (catalog, instance) = match &resumed {
             Some(r) => {
                 tracing::info!(
@@ -773,10 +795,7 @@ fn start_with(config: LeaderConfig, files: Vec<crate::index::FileMeta>) -> io::R
             data_dir.display()
         );
     }
-    Ok(Arc::new(Leader::start(
-        config,
-        files.into_iter().map(|m| (m.path, m.len_bytes)).collect(),
-    )?))
+    Ok(Arc::new(Leader::start_looked(config, &files)?))
 }
 
 fn cannot_watch(data_dir: &std::path::Path, e: io::Error) -> io::Error {
