@@ -50,6 +50,10 @@ use crate::paths::{RelPath, ROOT_CHECK_INTERVAL, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
 const SAMPLE_BYTES: usize = 64;
+/// Threads at most that look at the files at a leader's start (`Watcher::prepare`), and how
+/// many files it takes to start more than one.
+const LOOK_THREADS_MAX: usize = 4;
+const LOOK_PARALLEL_MIN_FILES: usize = 4096;
 /// How long a file that looks overwritten in place is watched for an append in flight.
 const SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 /// Bytes read from the inotify fd at once.
@@ -206,6 +210,78 @@ fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
+/// `path` under `root` as it is now, with its samples, and its ctime: `None` when it is no
+/// longer a file. One open, one fstat, the samples read, one close: a look at every file is
+/// what a leader's start costs per file. A file that cannot be opened (its mode) is stat'ed
+/// instead and has no samples, as `samples` gives it none.
+fn look(root: &Path, path: &RelPath) -> io::Result<Option<(Seen, i64)>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = root.join(path.as_str());
+    let cannot_look = |e: io::Error| {
+        let why = format!("cannot look at {}: {e}", name.display());
+        io::Error::new(e.kind(), why)
+    };
+    // O_NOFOLLOW: a symlink put in its place is not a file (ELOOP); O_NONBLOCK: nor does
+    // a FIFO put there hold the open up.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&name);
+    let (meta, file) = match opened {
+        Ok(file) => (file.metadata().map_err(cannot_look)?, Some(file)),
+        Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(_) => match std::fs::symlink_metadata(&name) {
+            Ok(meta) => (meta, None),
+            Err(e) if is_gone(&e) => return Ok(None),
+            Err(e) => return Err(cannot_look(e)),
+        },
+    };
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let (head, tail) = file
+        .and_then(|f| read_samples(&f, meta.len()))
+        .unwrap_or_default();
+    let seen = Seen {
+        len_bytes: meta.len(),
+        mtime_ns: mtime_ns(&meta),
+        ino: meta.ino(),
+        head,
+        tail,
+    };
+    Ok(Some((seen, ctime_ns(&meta))))
+}
+
+/// `look` at each of `paths`, on up to `LOOK_THREADS_MAX` threads (one below
+/// `LOOK_PARALLEL_MIN_FILES` files): the files found, in the order of `paths`, or the first
+/// error.
+fn look_all(root: &Path, paths: Vec<RelPath>) -> io::Result<Vec<(RelPath, Seen, i64)>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(LOOK_THREADS_MAX);
+    let threads = if paths.len() < LOOK_PARALLEL_MIN_FILES {
+        1
+    } else {
+        threads
+    };
+    let chunk = paths.len().div_ceil(threads).max(1);
+    let looks: Vec<Vec<Option<(Seen, i64)>>> = std::thread::scope(|scope| {
+        let parts: Vec<_> = paths
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|p| look(root, p)).collect()))
+            .collect();
+        parts
+            .into_iter()
+            .map(|part| part.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<io::Result<_>>()
+    })?;
+    Ok(paths
+        .into_iter()
+        .zip(looks.into_iter().flatten())
+        .filter_map(|(path, look)| look.map(|(seen, ctime_ns)| (path, seen, ctime_ns)))
+        .collect())
+}
+
 /// The first `SAMPLE_BYTES` of `file` and those before `len_bytes` (fewer when it is
 /// shorter): `None` when they cannot be read (it is shorter than `len_bytes` now).
 fn read_samples(file: &File, len_bytes: u64) -> Option<(Vec<u8>, Vec<u8>)> {
@@ -266,18 +342,18 @@ impl Watcher {
             // Nothing is reported before `start`, which gives the sink.
             sink: Box::new(|_| {}),
         };
-        let mut files = Vec::new();
-        for path in state.add_tree("")? {
-            if let Some((seen, ctime_ns)) = state.look(&path)? {
-                files.push(FileMeta {
-                    path: path.clone(),
-                    len_bytes: seen.len_bytes,
-                    mtime_ns: seen.mtime_ns,
-                    ctime_ns,
-                    ino: seen.ino,
-                });
-                state.files.insert(path, seen);
-            }
+        let found = state.add_tree("")?;
+        let mut files = Vec::with_capacity(found.len());
+        state.files.reserve(found.len());
+        for (path, seen, ctime_ns) in look_all(root, found)? {
+            files.push(FileMeta {
+                path: path.clone(),
+                len_bytes: seen.len_bytes,
+                mtime_ns: seen.mtime_ns,
+                ctime_ns,
+                ino: seen.ino,
+            });
+            state.files.insert(path, seen);
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Prepared { state, stop, files })
@@ -444,48 +520,6 @@ impl State {
         } else {
             self.root.join(rel)
         }
-    }
-
-    /// `path` as it is now, with its samples, and its ctime: `None` when it is no longer a
-    /// file. One open, one fstat, the samples read, one close: a look at every file is what a
-    /// leader's start costs per file. A file that cannot be opened (its mode) is stat'ed
-    /// instead and has no samples, as `samples` gives it none.
-    fn look(&self, path: &RelPath) -> io::Result<Option<(Seen, i64)>> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let name = self.abs(path.as_str());
-        let cannot_look = |e: io::Error| {
-            let why = format!("cannot look at {}: {e}", name.display());
-            io::Error::new(e.kind(), why)
-        };
-        // O_NOFOLLOW: a symlink put in its place is not a file (ELOOP); O_NONBLOCK: nor does
-        // a FIFO put there hold the open up.
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&name);
-        let (meta, file) = match opened {
-            Ok(file) => (file.metadata().map_err(cannot_look)?, Some(file)),
-            Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
-            Err(_) => match std::fs::symlink_metadata(&name) {
-                Ok(meta) => (meta, None),
-                Err(e) if is_gone(&e) => return Ok(None),
-                Err(e) => return Err(cannot_look(e)),
-            },
-        };
-        if !meta.is_file() {
-            return Ok(None);
-        }
-        let (head, tail) = file
-            .and_then(|f| read_samples(&f, meta.len()))
-            .unwrap_or_default();
-        let seen = Seen {
-            len_bytes: meta.len(),
-            mtime_ns: mtime_ns(&meta),
-            ino: meta.ino(),
-            head,
-            tail,
-        };
-        Ok(Some((seen, ctime_ns(&meta))))
     }
 
     fn samples(&self, path: &RelPath, len_bytes: u64) -> (Vec<u8>, Vec<u8>) {
@@ -1353,6 +1387,66 @@ mod tests {
             "{got:?}"
         );
         assert!(got.iter().any(|c| len_after(c) == Some(3)), "{got:?}");
+        w.stop();
+    }
+
+    /// Past `LOOK_PARALLEL_MIN_FILES` the files are looked at on several threads: each is
+    /// listed as it is, and its samples are its own (an append is one, a longer rewrite is not).
+    #[test]
+    fn a_prepared_watcher_of_many_files_looks_at_each_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let count = LOOK_PARALLEL_MIN_FILES + 7;
+        let name = |i: usize| format!("q{}/s.{i:05}", i % 3);
+        for q in 0..3 {
+            std::fs::create_dir(root.join(format!("q{q}"))).unwrap();
+        }
+        for i in 0..count {
+            std::fs::write(root.join(name(i)), vec![(i % 251) as u8; 1 + i % 300]).unwrap();
+        }
+        let prepared = Watcher::prepare(root).unwrap();
+        let files = prepared.files();
+        let mut names: Vec<String> = (0..count).map(name).collect();
+        names.sort();
+        assert_eq!(
+            files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+            names
+        );
+        for f in &files {
+            let m = std::fs::symlink_metadata(root.join(f.path.as_str())).unwrap();
+            assert_eq!(
+                (f.len_bytes, f.ino),
+                (m.len(), m.ino()),
+                "{}",
+                f.path.as_str()
+            );
+        }
+        let (first, last) = (name(0), name(count - 1));
+        let last_len = std::fs::metadata(root.join(&last)).unwrap().len();
+        append(&root.join(&last), b"more");
+        std::fs::write(root.join(&first), b"another, longer content").unwrap();
+        let (tx, rx) = channel();
+        let w = prepared
+            .start(Box::new(move |c| {
+                let _ = tx.send(c);
+            }))
+            .unwrap();
+        assert!(w.flusher().flush(Duration::from_secs(10)));
+        let got: Vec<Change> = rx.try_iter().collect();
+        assert!(
+            got.contains(&Change::Grew {
+                path: p(&last),
+                from_bytes: last_len,
+                to_bytes: last_len + 4
+            }),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|c| matches!(c, Change::Rewritten { path, len_bytes: 23 }
+                if path.as_str() == first)),
+            "{got:?}"
+        );
         w.stop();
     }
 
