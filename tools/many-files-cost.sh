@@ -5,7 +5,8 @@
 #   fresh    no leader's record: how long from the launch until it logs `listening on` (its
 #            watcher started) and until its first record is written, and the CPU seconds of
 #            the process by then;
-#   resumed  the same, the record of the graceful stop of the run before in place.
+#   resumed  the same, the record of the graceful stop of the run before in place;
+#            each line also says how long that graceful stop (SIGTERM, the record written) took.
 # Then, each leader started and its first record written, over SECONDS (0: only the above):
 #   idle   the CPU seconds of the whole leader process, nothing written;
 #   busy   the CPU seconds of its checkpoint thread (ferry-record) while an application appends
@@ -91,7 +92,7 @@ PY
 }
 
 start() { # what: fresh or resumed
-  local what=$1 pid t0 cpu
+  local what=$1 pid t0 t1 cpu
   [ "$what" = fresh ] && rm -f "$base/l/.ferry/leader"
   t0=$(date +%s.%N)
   "$ferry" lead --data-dir "$base/l" --listen 127.0.0.1:0 --secret-file "$base/secret" \
@@ -102,11 +103,13 @@ start() { # what: fresh or resumed
     sleep 0.01
   done
   cpu=$(ticks "/proc/$pid/stat")
+  t1=$(date +%s.%N)
   kill "$pid" # a graceful stop: it writes the record the resumed start takes
   wait "$pid" 2>/dev/null || true
   echo "many-files-cost: $files files, start $what: listening $(since "$t0" "$base/lead.log" \
     "listening on") s, first record $(since "$t0" "$base/lead.log" "recorded instance") s after \
-the launch; $(echo "scale=2; $cpu / $hz" | bc) CPU s by then (leader process)"
+the launch; $(echo "scale=2; $cpu / $hz" | bc) CPU s by then (leader process); then stopped \
+$(echo "scale=3; ($(date +%s.%N) - $t1) / 1" | bc) s after SIGTERM"
 }
 
 echo "many-files-cost: $ferry"
