@@ -30,6 +30,10 @@ const CACHE_HEADER: &str = "ferry-digests-v1";
 
 /// How often a long inventory says how far its hashing has got (`HashProgress`).
 pub const HASH_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// Threads at most that look at a data dir's files at once (`look_each`), and how many files it
+/// takes to start more than one.
+const LOOK_THREADS_MAX: usize = 4;
+pub const LOOK_PARALLEL_MIN_FILES: usize = 4096;
 
 /// Bytes as an operator reads them: kB, MB or GB (powers of ten), as the logs give rates.
 pub fn human_bytes(bytes: f64) -> String {
@@ -190,6 +194,33 @@ impl std::fmt::Display for Stamp {
         } = self;
         write!(f, "{ino} {len_bytes} {mtime_ns} {ctime_ns}")
     }
+}
+
+/// `look` at each of `files`, in their order, on up to `LOOK_THREADS_MAX` threads (one below
+/// `LOOK_PARALLEL_MIN_FILES` files): a look at every file of a data dir (an open and an fstat
+/// or more each) is what a leader's start and stop cost per file, and it is independent per file.
+pub fn look_each<T: Sync, R: Send>(files: &[T], look: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = if files.len() < LOOK_PARALLEL_MIN_FILES {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(LOOK_THREADS_MAX)
+    };
+    if threads == 1 {
+        return files.iter().map(look).collect();
+    }
+    let look = &look;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = files
+            .chunks(files.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || part.iter().map(look).collect::<Vec<R>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| part.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
@@ -449,6 +480,29 @@ mod tests {
     use super::*;
 
     use crate::paths::temp_data_dir as setup;
+
+    /// Looked at on several threads or one, each file's look comes back in the files' order.
+    #[test]
+    fn each_look_comes_back_in_the_order_of_its_file() {
+        for count in [
+            0,
+            3,
+            LOOK_PARALLEL_MIN_FILES - 1,
+            3 * LOOK_PARALLEL_MIN_FILES + 1,
+        ] {
+            let files: Vec<u64> = (0..count as u64).collect();
+            let looks = look_each(&files, |f| (*f, std::thread::current().id()));
+            assert_eq!(
+                looks.iter().map(|(f, _)| *f).collect::<Vec<_>>(),
+                files,
+                "{count}"
+            );
+            let threads: std::collections::HashSet<_> = looks.iter().map(|(_, t)| *t).collect();
+            let parallel = count >= LOOK_PARALLEL_MIN_FILES
+                && std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
+            assert_eq!(threads.len() > 1, parallel, "{count}");
+        }
+    }
 
     #[test]
     fn a_long_hash_says_how_far_it_has_got_every_interval_and_a_short_one_says_nothing() {

@@ -130,9 +130,12 @@ pub fn settled_by_now_ns() -> i64 {
 /// Looks at each of `paths` now (the time taken first, so nothing looked at is newer).
 pub fn look<'a>(dir: &DataDir, paths: impl IntoIterator<Item = &'a RelPath>) -> Look {
     let taken_ns = now_ns();
+    let paths: Vec<&RelPath> = paths.into_iter().collect();
+    let stamps = crate::index::look_each(&paths, |p| stamp_of(dir, p));
     let stamps = paths
         .into_iter()
-        .filter_map(|p| Some((p.clone(), stamp_of(dir, p)?)))
+        .zip(stamps)
+        .filter_map(|(p, stamp)| Some((p.clone(), stamp?)))
         .collect();
     Look { stamps, taken_ns }
 }

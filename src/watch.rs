@@ -50,10 +50,6 @@ use crate::paths::{RelPath, ROOT_CHECK_INTERVAL, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
 const SAMPLE_BYTES: usize = 64;
-/// Threads at most that look at the files at a leader's start (`Watcher::prepare`), and how
-/// many files it takes to start more than one.
-const LOOK_THREADS_MAX: usize = 4;
-const LOOK_PARALLEL_MIN_FILES: usize = 4096;
 /// How long a file that looks overwritten in place is watched for an append in flight.
 const SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 /// Bytes read from the inotify fd at once.
@@ -252,36 +248,6 @@ fn look(root: &Path, path: &RelPath) -> io::Result<Option<(Seen, i64)>> {
     Ok(Some((seen, ctime_ns(&meta))))
 }
 
-/// `look` at each of `paths`, on up to `LOOK_THREADS_MAX` threads (one below
-/// `LOOK_PARALLEL_MIN_FILES` files): the files found, in the order of `paths`, or the first
-/// error.
-fn look_all(root: &Path, paths: Vec<RelPath>) -> io::Result<Vec<(RelPath, Seen, i64)>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(LOOK_THREADS_MAX);
-    let threads = if paths.len() < LOOK_PARALLEL_MIN_FILES {
-        1
-    } else {
-        threads
-    };
-    let chunk = paths.len().div_ceil(threads).max(1);
-    let looks: Vec<Vec<Option<(Seen, i64)>>> = std::thread::scope(|scope| {
-        let parts: Vec<_> = paths
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(|p| look(root, p)).collect()))
-            .collect();
-        parts
-            .into_iter()
-            .map(|part| part.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect::<io::Result<_>>()
-    })?;
-    Ok(paths
-        .into_iter()
-        .zip(looks.into_iter().flatten())
-        .filter_map(|(path, look)| look.map(|(seen, ctime_ns)| (path, seen, ctime_ns)))
-        .collect())
-}
-
 /// The first `SAMPLE_BYTES` of `file` and those before `len_bytes` (fewer when it is
 /// shorter): `None` when they cannot be read (it is shorter than `len_bytes` now).
 fn read_samples(file: &File, len_bytes: u64) -> Option<(Vec<u8>, Vec<u8>)> {
@@ -345,7 +311,11 @@ impl Watcher {
         let found = state.add_tree("")?;
         let mut files = Vec::with_capacity(found.len());
         state.files.reserve(found.len());
-        for (path, seen, ctime_ns) in look_all(root, found)? {
+        let looks = crate::index::look_each(&found, |path| look(root, path));
+        for (path, look) in found.into_iter().zip(looks) {
+            let Some((seen, ctime_ns)) = look? else {
+                continue;
+            };
             files.push(FileMeta {
                 path: path.clone(),
                 len_bytes: seen.len_bytes,
@@ -413,8 +383,8 @@ impl Watcher {
 
 impl Prepared {
     /// Every file found under the root, sorted by path, as the watcher looked at it.
-    pub fn files(&self) -> Vec<FileMeta> {
-        self.files.clone()
+    pub fn files(&self) -> &[FileMeta] {
+        &self.files
     }
 
     /// Starts reporting to `sink`: every change made since the look at each file.
@@ -1360,10 +1330,7 @@ mod tests {
                 ino: m.ino(),
             }
         };
-        assert_eq!(
-            prepared.files(),
-            vec![as_found("d/meta.json"), as_found("seg")]
-        );
+        assert_eq!(prepared.files(), [as_found("d/meta.json"), as_found("seg")]);
         append(&root.join("seg"), b"678");
         std::fs::write(root.join("new"), b"abc").unwrap();
         let (tx, rx) = channel();
@@ -1396,7 +1363,7 @@ mod tests {
     fn a_prepared_watcher_of_many_files_looks_at_each_as_it_is() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let count = LOOK_PARALLEL_MIN_FILES + 7;
+        let count = crate::index::LOOK_PARALLEL_MIN_FILES + 7;
         let name = |i: usize| format!("q{}/s.{i:05}", i % 3);
         for q in 0..3 {
             std::fs::create_dir(root.join(format!("q{q}"))).unwrap();
@@ -1412,7 +1379,7 @@ mod tests {
             files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
             names
         );
-        for f in &files {
+        for f in files {
             let m = std::fs::symlink_metadata(root.join(f.path.as_str())).unwrap();
             assert_eq!(
                 (f.len_bytes, f.ino),

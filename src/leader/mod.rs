@@ -762,7 +762,7 @@ pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
         io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
     })?;
     let known = known_of(&files);
-    Ok((start_with(config, files)?, known))
+    Ok((start_with(config, &files)?, known))
 }
 
 /// Watches the data dir, and starts a leader with every file the watcher found registered,
@@ -780,7 +780,7 @@ pub fn start_watched(mut config: LeaderConfig) -> io::Result<(Arc<Leader>, Watch
 }
 
 /// Starts a leader with `files` registered, said in the log.
-fn start_with(config: LeaderConfig, files: Vec<crate::index::FileMeta>) -> io::Result<Arc<Leader>> {
+fn start_with(config: LeaderConfig, files: &[crate::index::FileMeta]) -> io::Result<Arc<Leader>> {
     let data_dir = &config.data_dir;
     tracing::info!(
         "{} files, {} bytes in {}",
@@ -795,7 +795,7 @@ fn start_with(config: LeaderConfig, files: Vec<crate::index::FileMeta>) -> io::R
             data_dir.display()
         );
     }
-    Ok(Arc::new(Leader::start_looked(config, &files)?))
+    Ok(Arc::new(Leader::start_looked(config, files)?))
 }
 
 fn cannot_watch(data_dir: &std::path::Path, e: io::Error) -> io::Error {
