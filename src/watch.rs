@@ -605,8 +605,19 @@ impl State {
 
     /// Stats `path` and reports how it differs from what was last seen.
     fn check(&mut self, path: &RelPath, touched: Touched) -> io::Result<()> {
+        let stat = std::fs::symlink_metadata(self.abs(path.as_str()));
+        self.check_stat(path, touched, stat)
+    }
+
+    /// `check`, with the stat of `path` taken.
+    fn check_stat(
+        &mut self,
+        path: &RelPath,
+        touched: Touched,
+        stat: io::Result<std::fs::Metadata>,
+    ) -> io::Result<()> {
         let name = self.abs(path.as_str());
-        let meta = match std::fs::symlink_metadata(&name) {
+        let meta = match stat {
             Ok(m) if m.is_file() => Some(m),
             // Not a file any more, or gone: removed. A stat that fails for another reason says
             // nothing of the file, which followers would delete if it were taken for removed.
@@ -719,8 +730,14 @@ impl State {
             self.files.remove(&path);
             self.emit(Change::Removed { path });
         }
-        for path in found {
-            self.check(&path, Touched::default())?;
+        // The stats first, on several threads when there are many (`index::look_each`): at a
+        // stop, and after an overflow, the tree may be the whole data dir.
+        let root = self.root.clone();
+        let stats = crate::index::look_each(&found, |path| {
+            std::fs::symlink_metadata(root.join(path.as_str()))
+        });
+        for (path, stat) in found.iter().zip(stats) {
+            self.check_stat(path, Touched::default(), stat)?;
         }
         Ok(())
     }
@@ -1415,6 +1432,55 @@ mod tests {
             "{got:?}"
         );
         w.stop();
+    }
+
+    /// A rescan (at a stop, after an overflow) of a tree past `LOOK_PARALLEL_MIN_FILES`, whose
+    /// stats are taken on several threads, reports exactly where the files differ from what was
+    /// seen of them.
+    #[test]
+    fn a_rescan_of_many_files_reports_what_differs_from_what_was_seen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let count = crate::index::LOOK_PARALLEL_MIN_FILES + 7;
+        let name = |i: usize| format!("q{}/s.{i:05}", i % 3);
+        for q in 0..3 {
+            std::fs::create_dir(root.join(format!("q{q}"))).unwrap();
+        }
+        for i in 0..count {
+            std::fs::write(root.join(name(i)), vec![7u8; 1 + i % 300]).unwrap();
+        }
+        let mut prepared = Watcher::prepare(root).unwrap();
+        let (tx, rx) = channel();
+        prepared.state.sink = Box::new(move |c| {
+            let _ = tx.send(c);
+        });
+        let (first, last) = (p(&name(0)), p(&name(count - 1)));
+        // What the watcher saw, made to differ from the files: one never seen, one seen with
+        // another mtime (overwritten in place, as through a mmap), one seen and gone since.
+        let files = &mut prepared.state.files;
+        files.remove(&first);
+        let seen_last = files.get_mut(&last).unwrap();
+        seen_last.mtime_ns -= 1;
+        let gone = seen_last.clone();
+        files.insert(p("q0/gone"), gone);
+        prepared.state.rescan().unwrap();
+        let mut got: Vec<Change> = rx.try_iter().collect();
+        got.sort_by_key(|c| format!("{c:?}"));
+        let len_bytes = |path: &RelPath| std::fs::metadata(root.join(path.as_str())).unwrap().len();
+        assert_eq!(
+            got,
+            vec![
+                Change::Removed { path: p("q0/gone") },
+                Change::Rewritten {
+                    path: first.clone(),
+                    len_bytes: len_bytes(&first)
+                },
+                Change::Rewritten {
+                    path: last.clone(),
+                    len_bytes: len_bytes(&last)
+                },
+            ]
+        );
     }
 
     #[test]
