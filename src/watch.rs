@@ -970,11 +970,33 @@ mod tests {
     }
 
     fn watch(root: &Path, known: HashMap<RelPath, (u64, i64)>) -> (Watcher, Receiver<Change>) {
+        let (sink, rx) = to_channel();
+        (Watcher::start(root, known, sink).unwrap(), rx)
+    }
+
+    /// A sink that sends each change to the receiver.
+    fn to_channel() -> (Sink, Receiver<Change>) {
         let (tx, rx) = channel();
         let sink: Sink = Box::new(move |c| {
             let _ = tx.send(c);
         });
-        (Watcher::start(root, known, sink).unwrap(), rx)
+        (sink, rx)
+    }
+
+    /// `LOOK_PARALLEL_MIN_FILES` files and 7 more, so that they are looked at on several
+    /// threads, in three directories, file `i` of `1 + i % 300` bytes `byte(i)`: their names,
+    /// `i` at `i`.
+    fn many_files(root: &Path, byte: impl Fn(usize) -> u8) -> Vec<String> {
+        let names: Vec<String> = (0..crate::index::LOOK_PARALLEL_MIN_FILES + 7)
+            .map(|i| format!("q{}/s.{i:05}", i % 3))
+            .collect();
+        for q in 0..3 {
+            std::fs::create_dir(root.join(format!("q{q}"))).unwrap();
+        }
+        for (i, name) in names.iter().enumerate() {
+            std::fs::write(root.join(name), vec![byte(i); 1 + i % 300]).unwrap();
+        }
+        names
     }
 
     fn append(path: &Path, bytes: &[u8]) {
@@ -1350,12 +1372,8 @@ mod tests {
         assert_eq!(prepared.files(), [as_found("d/meta.json"), as_found("seg")]);
         append(&root.join("seg"), b"678");
         std::fs::write(root.join("new"), b"abc").unwrap();
-        let (tx, rx) = channel();
-        let w = prepared
-            .start(Box::new(move |c| {
-                let _ = tx.send(c);
-            }))
-            .unwrap();
+        let (sink, rx) = to_channel();
+        let w = prepared.start(sink).unwrap();
         assert!(w.flusher().flush(Duration::from_secs(10)));
         let got: Vec<Change> = rx.try_iter().collect();
         let grew = Change::Grew {
@@ -1380,21 +1398,14 @@ mod tests {
     fn a_prepared_watcher_of_many_files_looks_at_each_as_it_is() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let count = crate::index::LOOK_PARALLEL_MIN_FILES + 7;
-        let name = |i: usize| format!("q{}/s.{i:05}", i % 3);
-        for q in 0..3 {
-            std::fs::create_dir(root.join(format!("q{q}"))).unwrap();
-        }
-        for i in 0..count {
-            std::fs::write(root.join(name(i)), vec![(i % 251) as u8; 1 + i % 300]).unwrap();
-        }
+        let names = many_files(root, |i| (i % 251) as u8);
         let prepared = Watcher::prepare(root).unwrap();
         let files = prepared.files();
-        let mut names: Vec<String> = (0..count).map(name).collect();
-        names.sort();
+        let mut sorted = names.clone();
+        sorted.sort();
         assert_eq!(
             files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
-            names
+            sorted
         );
         for f in files {
             let m = std::fs::symlink_metadata(root.join(f.path.as_str())).unwrap();
@@ -1405,21 +1416,17 @@ mod tests {
                 f.path.as_str()
             );
         }
-        let (first, last) = (name(0), name(count - 1));
-        let last_len = std::fs::metadata(root.join(&last)).unwrap().len();
-        append(&root.join(&last), b"more");
-        std::fs::write(root.join(&first), b"another, longer content").unwrap();
-        let (tx, rx) = channel();
-        let w = prepared
-            .start(Box::new(move |c| {
-                let _ = tx.send(c);
-            }))
-            .unwrap();
+        let (first, last) = (&names[0], &names[names.len() - 1]);
+        let last_len = std::fs::metadata(root.join(last)).unwrap().len();
+        append(&root.join(last), b"more");
+        std::fs::write(root.join(first), b"another, longer content").unwrap();
+        let (sink, rx) = to_channel();
+        let w = prepared.start(sink).unwrap();
         assert!(w.flusher().flush(Duration::from_secs(10)));
         let got: Vec<Change> = rx.try_iter().collect();
         assert!(
             got.contains(&Change::Grew {
-                path: p(&last),
+                path: p(last),
                 from_bytes: last_len,
                 to_bytes: last_len + 4
             }),
@@ -1441,20 +1448,11 @@ mod tests {
     fn a_rescan_of_many_files_reports_what_differs_from_what_was_seen() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let count = crate::index::LOOK_PARALLEL_MIN_FILES + 7;
-        let name = |i: usize| format!("q{}/s.{i:05}", i % 3);
-        for q in 0..3 {
-            std::fs::create_dir(root.join(format!("q{q}"))).unwrap();
-        }
-        for i in 0..count {
-            std::fs::write(root.join(name(i)), vec![7u8; 1 + i % 300]).unwrap();
-        }
+        let names = many_files(root, |_| 7);
         let mut prepared = Watcher::prepare(root).unwrap();
-        let (tx, rx) = channel();
-        prepared.state.sink = Box::new(move |c| {
-            let _ = tx.send(c);
-        });
-        let (first, last) = (p(&name(0)), p(&name(count - 1)));
+        let (sink, rx) = to_channel();
+        prepared.state.sink = sink;
+        let (first, last) = (p(&names[0]), p(&names[names.len() - 1]));
         // What the watcher saw, made to differ from the files: one never seen, one seen with
         // another mtime (overwritten in place, as through a mmap), one seen and gone since.
         let files = &mut prepared.state.files;
