@@ -582,7 +582,7 @@ impl Leading {
                     let (leader, watcher) = crate::leader::start_watched(lc)?;
                     (leader, Some(watcher))
                 }
-                Feed::Library => (crate::leader::start_scanned(lc)?.0, None),
+                Feed::Library => (crate::leader::start_scanned(lc)?, None),
             };
             Ok(Leading { leader, watcher })
         })

@@ -756,13 +756,12 @@ pub fn known_of(files: &[crate::index::FileMeta]) -> Known {
 }
 
 /// Scans the data dir and starts a leader with every file found registered.
-pub fn start_scanned(config: LeaderConfig) -> io::Result<(Arc<Leader>, Known)> {
+pub fn start_scanned(config: LeaderConfig) -> io::Result<Arc<Leader>> {
     let data_dir = config.data_dir.clone();
     let files = scan(&DataDir::open(&data_dir)?).map_err(|e| {
         io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
     })?;
-    let known = known_of(&files);
-    Ok((start_with(config, &files)?, known))
+    start_with(config, &files)
 }
 
 /// Watches the data dir, and starts a leader with every file the watcher found registered,
