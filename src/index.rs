@@ -123,6 +123,19 @@ pub struct FileMeta {
     pub ino: u64,
 }
 
+impl FileMeta {
+    /// `path` as `meta`, a stat of it, shows it.
+    pub fn of(path: RelPath, meta: &std::fs::Metadata) -> FileMeta {
+        FileMeta {
+            path,
+            len_bytes: meta.len(),
+            mtime_ns: mtime_ns(meta),
+            ctime_ns: ctime_ns(meta),
+            ino: meta.ino(),
+        }
+    }
+}
+
 /// A file's mtime in nanoseconds since the epoch, as the digest cache and the watcher compare it.
 pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
@@ -275,13 +288,7 @@ fn scan_root(root: &Path) -> io::Result<Vec<FileMeta>> {
                 stack.push((entry.path(), child_rel));
             } else if meta.is_file() {
                 match RelPath::new(&child_rel) {
-                    Ok(path) => out.push(FileMeta {
-                        path,
-                        len_bytes: meta.len(),
-                        mtime_ns: mtime_ns(&meta),
-                        ctime_ns: ctime_ns(&meta),
-                        ino: meta.ino(),
-                    }),
+                    Ok(path) => out.push(FileMeta::of(path, &meta)),
                     Err(e) => tracing::warn!("skipping {child_rel:?}: {e}"),
                 }
             }

@@ -317,7 +317,6 @@ mod tests {
     use super::*;
 
     use crate::paths::temp_data_dir as setup;
-    use std::os::unix::fs::MetadataExt;
 
     fn entry(len_bytes: u64, born_at: u64) -> CatalogEntry {
         CatalogEntry {
@@ -381,17 +380,11 @@ mod tests {
         let (tmp, dir, [a, b]) = saved(2000);
         let meta = |path: &RelPath| {
             let m = std::fs::symlink_metadata(tmp.path().join(path.as_str())).unwrap();
-            crate::index::FileMeta {
-                path: path.clone(),
-                len_bytes: m.len(),
-                mtime_ns: crate::index::mtime_ns(&m),
-                ctime_ns: crate::index::ctime_ns(&m),
-                ino: m.ino(),
-            }
+            FileMeta::of(path.clone(), &m)
         };
         // "a" looked at as the record says; "b" changed between the record and the look (it is
         // as the record says again by the time the record is taken).
-        let b_changed = crate::index::FileMeta {
+        let b_changed = FileMeta {
             len_bytes: 7,
             ..meta(&b)
         };

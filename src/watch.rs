@@ -45,7 +45,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::index::{ctime_ns, mtime_ns, FileMeta};
+use crate::index::{mtime_ns, FileMeta};
 use crate::paths::{RelPath, ROOT_CHECK_INTERVAL, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
@@ -206,11 +206,11 @@ fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
-/// `path` under `root` as it is now, with its samples, and its ctime: `None` when it is no
-/// longer a file. One open, one fstat, the samples read, one close: a look at every file is
-/// what a leader's start costs per file. A file that cannot be opened (its mode) is stat'ed
-/// instead and has no samples, as `samples` gives it none.
-fn look(root: &Path, path: &RelPath) -> io::Result<Option<(Seen, i64)>> {
+/// `path` under `root` as it is now (its stat, and what the watcher keeps of it with its
+/// samples): `None` when it is no longer a file. One open, one fstat, the samples read, one
+/// close: a look at every file is what a leader's start costs per file. A file that cannot be
+/// opened (its mode) is stat'ed instead and has no samples, as `samples` gives it none.
+fn look(root: &Path, path: &RelPath) -> io::Result<Option<(std::fs::Metadata, Seen)>> {
     use std::os::unix::fs::OpenOptionsExt;
     let name = root.join(path.as_str());
     let cannot_look = |e: io::Error| {
@@ -245,7 +245,7 @@ fn look(root: &Path, path: &RelPath) -> io::Result<Option<(Seen, i64)>> {
         head,
         tail,
     };
-    Ok(Some((seen, ctime_ns(&meta))))
+    Ok(Some((meta, seen)))
 }
 
 /// The first `SAMPLE_BYTES` of `file` and those before `len_bytes` (fewer when it is
@@ -313,17 +313,10 @@ impl Watcher {
         state.files.reserve(found.len());
         let looks = crate::index::look_each(&found, |path| look(root, path));
         for (path, look) in found.into_iter().zip(looks) {
-            let Some((seen, ctime_ns)) = look? else {
-                continue;
-            };
-            files.push(FileMeta {
-                path: path.clone(),
-                len_bytes: seen.len_bytes,
-                mtime_ns: seen.mtime_ns,
-                ctime_ns,
-                ino: seen.ino,
-            });
-            state.files.insert(path, seen);
+            if let Some((meta, seen)) = look? {
+                files.push(FileMeta::of(path.clone(), &meta));
+                state.files.insert(path, seen);
+            }
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Prepared { state, stop, files })
@@ -1360,14 +1353,10 @@ mod tests {
         std::os::unix::fs::symlink("seg", root.join("link")).unwrap();
         let prepared = Watcher::prepare(root).unwrap();
         let as_found = |name: &str| {
-            let m = std::fs::symlink_metadata(root.join(name)).unwrap();
-            crate::index::FileMeta {
-                path: p(name),
-                len_bytes: m.len(),
-                mtime_ns: mtime_ns(&m),
-                ctime_ns: crate::index::ctime_ns(&m),
-                ino: m.ino(),
-            }
+            FileMeta::of(
+                p(name),
+                &std::fs::symlink_metadata(root.join(name)).unwrap(),
+            )
         };
         assert_eq!(prepared.files(), [as_found("d/meta.json"), as_found("seg")]);
         append(&root.join("seg"), b"678");
