@@ -1764,6 +1764,10 @@ async fn handoff(
     // Every change made so far is reported: a file changed after this is not the catalog's.
     let reported_ns = crate::leader_record::now_ns();
     let position = leader.position();
+    tracing::info!(
+        "handoff to {target}: every write so far reported; waiting for it to sync the final \
+         drain (position {position})"
+    );
     if !wait(position, timeouts.drain).await? {
         let within = seconds(timeouts.drain);
         anyhow::bail!("{target} did not sync the final drain within {within}");
