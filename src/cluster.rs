@@ -565,6 +565,9 @@ async fn tell(on_role: &Arc<Mutex<RoleCallback>>, event: RoleEvent) {
 struct Leading {
     leader: Arc<Leader>,
     watcher: Option<crate::watch::Watcher>,
+    /// The watcher a handoff's final drain stopped, while the handoff goes on: if it fails,
+    /// the next watcher takes up from what this one reported (`rewatch`).
+    stopped_watcher: Option<crate::watch::Stopped>,
 }
 
 impl Leading {
@@ -584,7 +587,11 @@ impl Leading {
                 }
                 Feed::Library => (crate::leader::start_scanned(lc)?, None),
             };
-            Ok(Leading { leader, watcher })
+            Ok(Leading {
+                leader,
+                watcher,
+                stopped_watcher: None,
+            })
         })
         .await??;
         Ok(started)
@@ -594,26 +601,27 @@ impl Leading {
     /// stopped: a handoff's final drain); an error when the watcher could not.
     async fn flush_watcher(&mut self) -> anyhow::Result<()> {
         if let Some(w) = self.watcher.take() {
-            tokio::task::spawn_blocking(move || w.flush_and_stop())
-                .await?
-                .map_err(|why| anyhow::anyhow!("{why}"))?;
+            let stopped = tokio::task::spawn_blocking(move || w.flush_and_stop()).await?;
+            let failure = stopped.failure().map(str::to_string);
+            self.stopped_watcher = Some(stopped);
+            if let Some(why) = failure {
+                anyhow::bail!("{why}");
+            }
         }
         Ok(())
     }
 
-    /// Watches again after an aborted handoff.
-    async fn rewatch(&mut self, feed: Feed) -> std::io::Result<()> {
-        if feed != Feed::Watch || self.watcher.is_some() {
+    /// Watches again after an aborted handoff, if its final drain stopped the watcher: every
+    /// change made since (the writer was told to stop, not made to) is reported first.
+    async fn rewatch(&mut self) -> std::io::Result<()> {
+        let Some(stopped) = self.stopped_watcher.take() else {
             return Ok(());
-        }
+        };
         let leader = self.leader.clone();
-        let watcher = tokio::task::spawn_blocking(move || {
-            let dir = crate::paths::DataDir::open(leader.data_dir().root())?;
-            let known = crate::leader::known_of(&crate::index::scan(&dir)?);
-            crate::leader::watch(&leader, known)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        let watcher =
+            tokio::task::spawn_blocking(move || crate::leader::watch_again(&leader, stopped))
+                .await
+                .map_err(std::io::Error::other)??;
         self.watcher = Some(watcher);
         Ok(())
     }
@@ -626,7 +634,8 @@ impl Leading {
     async fn stop(mut self, handed_off_at: Option<u64>) {
         let watcher = self.watcher.take();
         let leader = self.leader;
-        let report_pending = move || watcher.map_or(true, |w| w.flush_and_stop().is_ok());
+        let report_pending =
+            move || watcher.map_or(true, |w| w.flush_and_stop().failure().is_none());
         let settle = handed_off_at.map_or(Settle::DoNotWait, Settle::HandedOffAt);
         let stopped = move || leader.stop_serving_with(report_pending, settle);
         let _ = tokio::task::spawn_blocking(stopped).await;
@@ -1318,7 +1327,7 @@ async fn node_loop(
                         if lease_lost.load(Ordering::SeqCst) {
                             break Stepped::Fenced;
                         }
-                        if let Err(e) = leading.rewatch(feed).await {
+                        if let Err(e) = leading.rewatch().await {
                             tracing::error!("cannot watch the data dir again: {e}");
                             break Stepped::Leaving;
                         }

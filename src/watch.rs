@@ -27,7 +27,7 @@
 //!
 //! A directory that cannot be watched or listed, other than one gone or replaced meanwhile (the
 //! inotify watch limit reached, a descriptor limit, a permission), would hide every change
-//! under it, and its files would look deleted. So it is an error: at start `Watcher::start`
+//! under it, and its files would look deleted. So it is an error: at start `Watcher::prepare`
 //! fails; later the watcher stops and `Watcher::failure` says why, for its owner to stop
 //! serving (`ferry lead` exits, a node steps down). So is the root itself moved away, deleted,
 //! unmounted or hidden under a mount (its own events, and `paths::still_at` every
@@ -94,9 +94,29 @@ pub struct Watcher {
     /// Set before signalling `stop`: rescan the whole tree once more before exiting.
     rescan_on_stop: Arc<AtomicBool>,
     flusher: Flusher,
-    thread: Option<JoinHandle<()>>,
+    /// Ends with what was last reported of each file.
+    thread: Option<JoinHandle<HashMap<RelPath, Seen>>>,
     /// Why the watcher's thread stopped on its own, once it has.
     failure: Arc<Mutex<Option<String>>>,
+    /// The root's device and inode as the watcher started: what its path must still name.
+    root_id: (u64, u64),
+}
+
+/// A watcher stopped by `Watcher::flush_and_stop`: why a change may have gone unreported, if
+/// one may have, and what it reported of each file, from which `Watcher::resume` takes up.
+pub struct Stopped {
+    root_id: (u64, u64),
+    /// `None` when its thread ended without it (a panic).
+    reported: Option<HashMap<RelPath, Seen>>,
+    failure: Option<String>,
+}
+
+impl Stopped {
+    /// Why a change made before the stop may have gone unreported (the watcher had stopped on
+    /// its own, or its last look failed), if one may have.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
 }
 
 /// A non-blocking eventfd, which the watcher's thread polls to be stopped or asked to flush.
@@ -201,6 +221,42 @@ struct State {
     sink: Sink,
 }
 
+impl State {
+    /// The state of a watcher of `root` (device and inode `root_id`) that watches nothing yet,
+    /// `files` what was reported of each file so far.
+    fn new(
+        root: &Path,
+        root_id: (u64, u64),
+        files: HashMap<RelPath, Seen>,
+        sink: Sink,
+    ) -> io::Result<State> {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EMFILE) {
+                let why = format!(
+                    "{e}: the inotify instance limit (sysctl fs.inotify.max_user_instances, \
+                     counted over every process of this user) or this process's descriptor \
+                     limit is reached"
+                );
+                return Err(io::Error::new(e.kind(), why));
+            }
+            return Err(e);
+        }
+        // SAFETY: inotify_init1 returned a new fd owned by nobody else.
+        let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(State {
+            root: root.to_path_buf(),
+            root_id,
+            inotify,
+            dirs: HashMap::new(),
+            files,
+            sink,
+        })
+    }
+}
+
 /// Whether `e` says the path is gone or no longer a directory: a change its own events report.
 fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
@@ -271,7 +327,6 @@ fn join(dir: &str, name: &str) -> String {
 /// not reporting yet (`Watcher::prepare`): its owner starts serving `files`, then `start`s it.
 pub struct Prepared {
     state: State,
-    stop: OwnedFd,
     /// What the look found, sorted by path.
     files: Vec<FileMeta>,
 }
@@ -281,33 +336,10 @@ impl Watcher {
     /// starts from (`Prepared::files`), one look at each file, the watcher's own. Every change
     /// made from the watches on is reported once the watcher is started.
     pub fn prepare(root: &Path) -> io::Result<Prepared> {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EMFILE) {
-                let why = format!(
-                    "{e}: the inotify instance limit (sysctl fs.inotify.max_user_instances, \
-                     counted over every process of this user) or this process's descriptor \
-                     limit is reached"
-                );
-                return Err(io::Error::new(e.kind(), why));
-            }
-            return Err(e);
-        }
-        // SAFETY: inotify_init1 returned a new fd owned by nobody else.
-        let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
-        let stop = new_eventfd()?;
         let root_meta = std::fs::metadata(root)?;
-        let mut state = State {
-            root: root.to_path_buf(),
-            root_id: (root_meta.dev(), root_meta.ino()),
-            inotify,
-            dirs: HashMap::new(),
-            files: HashMap::new(),
-            // Nothing is reported before `start`, which gives the sink.
-            sink: Box::new(|_| {}),
-        };
+        let root_id = (root_meta.dev(), root_meta.ino());
+        // Nothing is reported before `start`, which gives the sink.
+        let mut state = State::new(root, root_id, HashMap::new(), Box::new(|_| {}))?;
         let found = state.add_tree("")?;
         let mut files = Vec::with_capacity(found.len());
         state.files.reserve(found.len());
@@ -319,21 +351,29 @@ impl Watcher {
             }
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Prepared { state, stop, files })
+        Ok(Prepared { state, files })
     }
 
-    /// Watches `root`. `known` is what the caller already has (path -> (len_bytes, mtime_ns)),
-    /// e.g. from its initial scan; anything that differs from it by the time the watches are
-    /// in place is reported at once.
-    pub fn start(
-        root: &Path,
-        known: HashMap<RelPath, (u64, i64)>,
-        sink: Sink,
-    ) -> io::Result<Watcher> {
-        let mut prepared = Watcher::prepare(root)?;
-        prepared.state.sink = sink;
-        prepared.report_differences_from(known);
-        prepared.run()
+    /// Watches `root` again after `stopped`, its watcher until then (a handoff that failed
+    /// after its final drain stopped the watcher): reports to `sink` at once how each file
+    /// differs from what that watcher reported (a stat of each, compared as after an event),
+    /// then every change from the watches on. An error when the root is no longer the
+    /// directory `stopped` watched, or `stopped` has no account of what it reported.
+    pub fn resume(root: &Path, stopped: Stopped, sink: Sink) -> io::Result<Watcher> {
+        let Some(reported) = stopped.reported else {
+            return Err(io::Error::other(format!(
+                "the watcher of {} ended without saying what it had reported",
+                root.display()
+            )));
+        };
+        crate::paths::still_at(root, stopped.root_id)?;
+        let mut state = State::new(root, stopped.root_id, reported, sink)?;
+        state.rescan()?;
+        Prepared {
+            state,
+            files: Vec::new(),
+        }
+        .run()
     }
 
     /// Why the watcher stopped on its own (a directory it could not watch or list, its inotify
@@ -358,19 +398,27 @@ impl Watcher {
 
     /// Reports every change made up to now, then stops: the thread handles the events already
     /// queued and compares the whole tree once more with what it reported. For a final drain,
-    /// once the writer has stopped. An error when it could not (it had stopped on its own, or
-    /// that last look failed): some change may be unreported.
-    pub fn flush_and_stop(mut self) -> Result<(), String> {
+    /// once the writer has stopped. `Stopped::failure` says when it could not (it had stopped
+    /// on its own, or that last look failed): some change may be unreported.
+    pub fn flush_and_stop(mut self) -> Stopped {
         self.rescan_on_stop.store(true, Ordering::SeqCst);
-        self.shutdown();
-        self.failure().map_or(Ok(()), Err)
+        let reported = self.shutdown();
+        let failure = self.failure().or_else(|| {
+            reported.is_none().then(|| {
+                "the watcher's thread panicked, so a change may have gone unreported".to_string()
+            })
+        });
+        Stopped {
+            root_id: self.root_id,
+            reported,
+            failure,
+        }
     }
 
-    fn shutdown(&mut self) {
+    /// Stops the thread; what it last reported of each file, if it ended without a panic.
+    fn shutdown(&mut self) -> Option<HashMap<RelPath, Seen>> {
         wake(&self.stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.take()?.join().ok()
     }
 }
 
@@ -386,47 +434,12 @@ impl Prepared {
         self.run()
     }
 
-    /// Reports how what the look found differs from `known` (path -> (len_bytes, mtime_ns)),
-    /// as a look at each file after an event would: gone, new (found, its origin unknown),
-    /// longer (an append), shorter or with another mtime (rewritten).
-    fn report_differences_from(&mut self, mut known: HashMap<RelPath, (u64, i64)>) {
-        let mut changes = Vec::new();
-        for found in &self.files {
-            let path = found.path.clone();
-            let change = match known.remove(&found.path) {
-                None => Some(Change::Rewritten {
-                    path,
-                    len_bytes: found.len_bytes,
-                }),
-                Some((len_bytes, _)) if found.len_bytes > len_bytes => Some(Change::Grew {
-                    path,
-                    from_bytes: len_bytes,
-                    to_bytes: found.len_bytes,
-                }),
-                Some((len_bytes, mtime_ns))
-                    if found.len_bytes < len_bytes || found.mtime_ns != mtime_ns =>
-                {
-                    Some(Change::Rewritten {
-                        path,
-                        len_bytes: found.len_bytes,
-                    })
-                }
-                Some(_) => None,
-            };
-            changes.extend(change);
-        }
-        changes.extend(known.into_keys().map(|path| Change::Removed { path }));
-        for change in changes {
-            self.state.emit(change);
-        }
-    }
-
     /// Starts the watcher's thread.
     fn run(self) -> io::Result<Watcher> {
-        let Prepared {
-            mut state, stop, ..
-        } = self;
+        let Prepared { mut state, .. } = self;
+        let stop = new_eventfd()?;
         let stop_fd = stop.as_raw_fd();
+        let root_id = state.root_id;
         let rescan_on_stop = Arc::new(AtomicBool::new(false));
         let rescan = rescan_on_stop.clone();
         let flusher = Flusher::new()?;
@@ -445,6 +458,7 @@ impl Prepared {
                     *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                 }
                 flushes.answer(0, true);
+                state.files
             })?;
         Ok(Watcher {
             stop,
@@ -452,6 +466,7 @@ impl Prepared {
             flusher,
             thread: Some(thread),
             failure,
+            root_id,
         })
     }
 }
@@ -962,9 +977,10 @@ mod tests {
         RelPath::new(s).unwrap()
     }
 
-    fn watch(root: &Path, known: HashMap<RelPath, (u64, i64)>) -> (Watcher, Receiver<Change>) {
+    /// A watcher of `root` started as a leader's is: its look, then its changes from the look on.
+    fn watch(root: &Path) -> (Watcher, Receiver<Change>) {
         let (sink, rx) = to_channel();
-        (Watcher::start(root, known, sink).unwrap(), rx)
+        (Watcher::prepare(root).unwrap().start(sink).unwrap(), rx)
     }
 
     /// A sink that sends each change to the receiver.
@@ -1047,16 +1063,6 @@ mod tests {
         }
     }
 
-    fn known(root: &Path, names: &[&str]) -> HashMap<RelPath, (u64, i64)> {
-        names
-            .iter()
-            .map(|n| {
-                let m = std::fs::metadata(root.join(n)).unwrap();
-                (p(n), (m.len(), mtime_ns(&m)))
-            })
-            .collect()
-    }
-
     /// A writer's rapid appends to one file come out as a few contiguous `Grew`s, not one per
     /// wake-up: the watcher rests WATCH_BATCH_INTERVAL after each batch, and inotify merges
     /// the repeated events meanwhile.
@@ -1064,7 +1070,7 @@ mod tests {
     fn rapid_appends_are_reported_in_few_contiguous_growths() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("seg"), b"").unwrap();
-        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        let (w, rx) = watch(tmp.path());
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(tmp.path().join("seg"))
@@ -1104,7 +1110,7 @@ mod tests {
     fn an_append_is_reported_as_growth_with_exact_offsets() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
-        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        let (w, rx) = watch(tmp.path());
         append(&tmp.path().join("seg"), b"678");
         assert_eq!(
             next(&rx),
@@ -1121,11 +1127,11 @@ mod tests {
     fn flush_and_stop_reports_a_write_made_just_before_it() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
-        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        let (w, rx) = watch(tmp.path());
         append(&tmp.path().join("seg"), b"678");
         std::fs::write(tmp.path().join("new.json"), b"{}").unwrap();
         // No waiting: the events may still sit in inotify's queue or in the settle window.
-        w.flush_and_stop().unwrap();
+        assert_eq!(w.flush_and_stop().failure(), None);
         let got: Vec<Change> = rx.try_iter().collect();
         assert!(
             got.iter()
@@ -1147,7 +1153,7 @@ mod tests {
     fn a_flush_reports_what_was_written_before_it_and_the_watcher_goes_on() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("seg"), b"12345").unwrap();
-        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        let (w, rx) = watch(tmp.path());
         let flusher = w.flusher();
         let timeout = std::time::Duration::from_secs(10);
         for (round, more) in [b"678", b"9ab"].iter().enumerate() {
@@ -1181,7 +1187,7 @@ mod tests {
     #[test]
     fn a_file_in_a_new_nested_directory_is_seen_then_its_appends() {
         let tmp = tempfile::tempdir().unwrap();
-        let (w, rx) = watch(tmp.path(), HashMap::new());
+        let (w, rx) = watch(tmp.path());
         std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
         std::fs::write(tmp.path().join("a/b/c.seg"), b"xy").unwrap();
         created(&rx, "a/b/c.seg", 2, true);
@@ -1203,7 +1209,7 @@ mod tests {
     fn a_file_created_in_place_grows_from_nothing_and_one_renamed_in_is_rewritten() {
         let tmp = tempfile::tempdir().unwrap();
         let elsewhere = tempfile::tempdir_in(tmp.path().parent().unwrap()).unwrap();
-        let (w, rx) = watch(tmp.path(), HashMap::new());
+        let (w, rx) = watch(tmp.path());
         std::fs::write(tmp.path().join("seg.1"), b"0123").unwrap();
         created(&rx, "seg.1", 4, false);
         std::fs::write(elsewhere.path().join("meta.json"), b"{\"v\":1}").unwrap();
@@ -1235,7 +1241,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("meta.json"), b"{\"v\":1}").unwrap();
         std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
-        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["meta.json", "seg"]));
+        let (w, rx) = watch(tmp.path());
         std::fs::write(tmp.path().join("meta.tmp"), b"{\"v\":22}").unwrap();
         created(&rx, "meta.tmp", 8, false);
         std::fs::rename(tmp.path().join("meta.tmp"), tmp.path().join("meta.json")).unwrap();
@@ -1275,7 +1281,7 @@ mod tests {
     fn truncate_then_a_longer_rewrite_is_not_taken_for_an_append() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("f"), b"old content").unwrap();
-        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["f"]));
+        let (w, rx) = watch(tmp.path());
         // Truncate and rewrite in one go, as `echo ... > f` does.
         std::fs::write(tmp.path().join("f"), b"brand new, longer content").unwrap();
         let mut got = vec![next(&rx)];
@@ -1310,7 +1316,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(tmp.path().join(".ferry")).unwrap();
         std::fs::write(tmp.path().join("seg"), b"").unwrap();
-        let (w, rx) = watch(tmp.path(), known(tmp.path(), &["seg"]));
+        let (w, rx) = watch(tmp.path());
         std::fs::write(tmp.path().join(".ferry/digests"), b"x").unwrap();
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -1470,20 +1476,46 @@ mod tests {
         );
     }
 
+    /// Sets the mtime of `path` a second past what it was: a rewrite the watcher must tell from
+    /// the write before it, whatever the clock's granularity.
+    fn a_second_later(path: &Path) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        let was = f.metadata().unwrap().modified().unwrap();
+        f.set_modified(was + Duration::from_secs(1)).unwrap();
+    }
+
+    /// A watcher resumed after another stopped (a handoff that failed in its final drain)
+    /// reports every change made while none ran, compared with what the stopped one reported:
+    /// a file made, one removed, one grown, one rewritten longer (its samples differ: not an
+    /// append), one rewritten at the same length; not one left as it was. Then every change from
+    /// its watches on.
     #[test]
-    fn changes_between_the_scan_and_the_start_are_reported() {
+    fn a_resumed_watcher_reports_what_changed_while_none_ran() {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("a"), b"1").unwrap();
-        std::fs::write(tmp.path().join("c"), b"1").unwrap();
-        std::fs::write(tmp.path().join("same"), b"1").unwrap();
-        let k = known(tmp.path(), &["a", "c", "same"]);
+        for name in ["a", "c", "same", "longer"] {
+            std::fs::write(tmp.path().join(name), b"1").unwrap();
+        }
+        std::fs::write(tmp.path().join("meta.json"), b"{\"v\":1}").unwrap();
+        let (w, rx) = watch(tmp.path());
+        let stopped = w.flush_and_stop();
+        assert_eq!(stopped.failure(), None);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![]);
+
         std::fs::write(tmp.path().join("b"), b"22").unwrap();
         std::fs::remove_file(tmp.path().join("a")).unwrap();
         append(&tmp.path().join("c"), b"23");
-        let (w, rx) = watch(tmp.path(), k);
+        std::fs::write(tmp.path().join("longer"), b"2345").unwrap();
+        std::fs::write(tmp.path().join("meta.json"), b"{\"v\":2}").unwrap();
+        a_second_later(&tmp.path().join("meta.json"));
+        let (sink, rx) = to_channel();
+        let w = Watcher::resume(tmp.path(), stopped, sink).unwrap();
         assert!(w.flusher().flush(Duration::from_secs(10)));
         let mut got: Vec<Change> = rx.try_iter().collect();
         got.sort_by_key(|c| format!("{c:?}"));
+        let rewritten = |path: &str, len_bytes| Change::Rewritten {
+            path: p(path),
+            len_bytes,
+        };
         assert_eq!(
             got,
             vec![
@@ -1493,12 +1525,42 @@ mod tests {
                     to_bytes: 3
                 },
                 Change::Removed { path: p("a") },
-                Change::Rewritten {
-                    path: p("b"),
-                    len_bytes: 2
-                }
+                rewritten("b", 2),
+                rewritten("longer", 4),
+                rewritten("meta.json", 7),
             ]
         );
+        append(&tmp.path().join("c"), b"4");
+        assert_eq!(
+            next(&rx),
+            Change::Grew {
+                path: p("c"),
+                from_bytes: 3,
+                to_bytes: 4
+            }
+        );
         w.stop();
+    }
+
+    /// The directory at the root's path replaced while no watcher ran: a resumed watcher would
+    /// watch another directory than the one its leader serves, so it refuses to.
+    #[test]
+    fn a_watcher_is_not_resumed_on_another_directory_at_its_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        std::fs::create_dir(&root).unwrap();
+        let (w, _rx) = watch(&root);
+        let stopped = w.flush_and_stop();
+        std::fs::rename(&root, tmp.path().join("moved")).unwrap();
+        std::fs::create_dir(&root).unwrap();
+        let (sink, _rx) = to_channel();
+        let err = Watcher::resume(&root, stopped, sink)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("is no longer the directory ferry started on"),
+            "{err}"
+        );
     }
 }

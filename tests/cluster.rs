@@ -1680,6 +1680,67 @@ fn a_handoff_whose_requester_gave_up_does_not_happen_later() {
     drop(etcd);
 }
 
+/// A handoff that fails in its final drain leaves the leader leading, and watching again. An
+/// application that went on writing after the on-leader-lost hook (it was told to stop) made
+/// changes no watcher saw: the leader must still learn of them, and its followers get them.
+#[test]
+fn after_a_failed_handoff_the_leader_reports_what_was_written_while_it_was_not_watching() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let b_pid = env.dir("pids").join("b");
+    let a_dir = env.dir("a");
+    // At the drain, b stops acking, and a has one more file for it: the drain cannot finish.
+    let hook = format!(
+        "kill -STOP $(cat {}) && printf drained > {}",
+        b_pid.display(),
+        a_dir.join("q/drained").display()
+    );
+    let (a, b) = a_leads_b_in_sync_with(&env, &etcd.url, &["--on-leader-lost", &hook], &[]);
+    write(&a.dir.join("meta.json"), b"{\"version\": 1}");
+    write(&a.dir.join("q/old"), &pattern(5_000, 7));
+    wait_same_files(&a.dir, &b.dir, Duration::from_secs(20));
+    write(&b_pid, b.proc.child.id().to_string().as_bytes());
+
+    let mark = a.proc.log_len();
+    let requester = {
+        let (etcd, to) = (etcd.url.clone(), b.advertise.clone());
+        std::thread::spawn(move || {
+            let mut cmd = ferry();
+            cmd.args(["handoff", "--etcd", &etcd, "--timeout", "60", "--to", &to]);
+            run_bounded(cmd, Duration::from_secs(90))
+        })
+    };
+    a.proc.wait_log_since(
+        mark,
+        "every write so far reported; waiting for it to sync the final drain",
+        Duration::from_secs(30),
+    );
+    // The application writes on: a file made, one rewritten at the same length, one deleted.
+    write(&a.dir.join("q/late"), &pattern(3_000, 8));
+    write(&a.dir.join("meta.json"), b"{\"version\": 2}");
+    std::fs::remove_file(a.dir.join("q/old")).unwrap();
+    let mut b = b;
+    b.proc.child.kill().unwrap();
+    b.proc.child.wait().unwrap();
+    let failed = a.proc.wait_log_since(
+        mark,
+        "handoff failed, still leading",
+        Duration::from_secs(20),
+    );
+    assert!(failed.contains("disconnected"), "{failed}");
+    let out = requester.join().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+
+    // b, back, follows a and gets every file as it is now; and what is written from now on.
+    write(&a.dir.join("q/after"), &pattern(4_000, 9));
+    let b = start_node(&env, &etcd.url, &b.dir, b.port);
+    wait_same_files(&a.dir, &b.dir, Duration::from_secs(30));
+    assert_eq!(wait_leader(&[&a, &b], Duration::from_secs(10)), 0);
+    let log = a.proc.log.lock().unwrap()[mark..].join("\n");
+    assert!(!log.contains("cannot watch the data dir again"), "{log}");
+    drop(etcd);
+}
+
 /// A stop that comes while an asked handoff waits for a lagging target: the node leaves within
 /// its leave's bound (`--leave-handoff-timeout`), not the asked handoff's 30 s, and tries no
 /// second handoff after it.

@@ -744,17 +744,6 @@ pub struct WatchedLeader {
     watcher: Watcher,
 }
 
-/// What a scan found: path -> (length in bytes, mtime in ns), the watcher's starting point.
-pub type Known = HashMap<RelPath, (u64, i64)>;
-
-/// What the watcher needs of a scan: each file's length and mtime.
-pub fn known_of(files: &[crate::index::FileMeta]) -> Known {
-    files
-        .iter()
-        .map(|m| (m.path.clone(), (m.len_bytes, m.mtime_ns)))
-        .collect()
-}
-
 /// Scans the data dir and starts a leader with every file found registered.
 pub fn start_scanned(config: LeaderConfig) -> io::Result<Arc<Leader>> {
     let data_dir = config.data_dir.clone();
@@ -820,11 +809,11 @@ fn set_watcher_flush(leader: &Leader, watcher: &Watcher) {
     leader.set_checkpoint_flush(Arc::new(move || flusher.flush(WATCHER_FLUSH_TIMEOUT)));
 }
 
-/// Feeds `leader` every change inotify sees in its data dir from now on (`known` being what
-/// the leader already has).
-pub fn watch(leader: &Arc<Leader>, known: Known) -> io::Result<Watcher> {
+/// Feeds `leader` every change inotify sees in its data dir again, after `stopped`, its
+/// watcher until then: first every change that one did not report (`Watcher::resume`).
+pub fn watch_again(leader: &Arc<Leader>, stopped: crate::watch::Stopped) -> io::Result<Watcher> {
     let data_dir = leader.data_dir().root().to_path_buf();
-    let watcher = Watcher::start(&data_dir, known, sink_of(leader))
+    let watcher = Watcher::resume(&data_dir, stopped, sink_of(leader))
         .map_err(|e| cannot_watch(&data_dir, e))?;
     set_watcher_flush(leader, &watcher);
     Ok(watcher)
@@ -846,8 +835,10 @@ impl WatchedLeader {
     /// are looked at for the leader's record.
     pub fn stop(self) {
         let watcher = self.watcher;
-        self.leader
-            .stop_serving_with(move || watcher.flush_and_stop().is_ok(), Settle::Wait);
+        self.leader.stop_serving_with(
+            move || watcher.flush_and_stop().failure().is_none(),
+            Settle::Wait,
+        );
     }
 }
 
