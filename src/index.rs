@@ -220,20 +220,7 @@ pub fn look_each<T: Sync, R: Send>(files: &[T], look: impl Fn(&T) -> R + Sync) -
             .map_or(1, |n| n.get())
             .min(LOOK_THREADS_MAX)
     };
-    if threads == 1 {
-        return files.iter().map(look).collect();
-    }
-    let look = &look;
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = files
-            .chunks(files.len().div_ceil(threads))
-            .map(|part| scope.spawn(move || part.iter().map(look).collect::<Vec<R>>()))
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|part| part.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
+    crate::threads::each_on(files, threads, look)
 }
 
 pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";

@@ -24,4 +24,5 @@ pub mod paths;
 pub mod schedstat;
 pub mod session;
 pub mod status;
+pub mod threads;
 pub mod watch;

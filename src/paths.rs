@@ -18,6 +18,21 @@ pub const MAX_PATH_LEN_BYTES: usize = 4096;
 /// ferry's own state: `DIR/.ferry/`, never replicated, never deleted by a sync.
 pub const STATE_DIR_NAME: &str = ".ferry";
 const TEMP_DIR_NAME: &str = "tmp";
+/// A sync round of at least this many files (`DataDir::sync_paths`) fdatasyncs them on
+/// `SYNC_THREADS_MAX` threads: a follower's initial sync of many small files paid a wait for
+/// the disk per file, one after another.
+pub const SYNC_PARALLEL_MIN_FILES: usize = 16;
+const SYNC_THREADS_MAX: usize = 8;
+
+/// What became of one file of a sync round (`DataDir::sync_paths`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileSynced {
+    Synced,
+    /// Deleted or renamed over since: its directory's sync records that.
+    Gone,
+    /// It could not be opened for want of a descriptor: a syncfs(2) makes it durable.
+    NoDescriptorLeft,
+}
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PathError {
@@ -740,8 +755,9 @@ impl DataDir {
 
     /// Makes durable the data of `files` (fdatasync) and the entries of `dirs` (fsync; "" is
     /// the root). A path gone since (deleted or renamed over later) is skipped: its directory's
-    /// sync records that. One file is open at a time, however many there are: a round may
-    /// follow the initial sync of more files than the process may hold open.
+    /// sync records that. One file is open at a time on each of at most `SYNC_THREADS_MAX`
+    /// threads, however many there are: a round may follow the initial sync of more files than
+    /// the process may hold open.
     pub fn sync_paths<'a>(
         &self,
         files: impl IntoIterator<Item = &'a RelPath>,
@@ -765,24 +781,34 @@ impl DataDir {
         // Other tasks of the process hold files open too (the caches of files being written):
         // with no descriptor left for one more, syncfs(2) of the filesystem makes it durable
         // instead, with everything else written to that filesystem.
-        let mut out_of_fds = false;
-        let mut no_fd_left = |e: &io::Error| {
-            let none = matches!(os_error(e), Some(libc::EMFILE | libc::ENFILE));
-            out_of_fds |= none;
-            none
+        let no_fd_left = |e: &io::Error| matches!(os_error(e), Some(libc::EMFILE | libc::ENFILE));
+        // Many files on several threads: each fdatasync mostly waits for the disk, and those
+        // in flight at once share the filesystem's journal commits and the disk's cache
+        // flushes, where one after another each waits for its own.
+        let threads = if files.len() < SYNC_PARALLEL_MIN_FILES {
+            1
+        } else {
+            SYNC_THREADS_MAX
         };
-        for rel in files {
-            match self.open_read(rel) {
-                Ok(f) => f.sync_data().map_err(|e| with_path(e, rel.as_str()))?,
-                Err(e) if gone(&e) || no_fd_left(&e) => {}
-                Err(e) => return Err(e),
-            }
+        let synced = crate::threads::each_on(&files, threads, |rel| match self.open_read(rel) {
+            Ok(f) => f
+                .sync_data()
+                .map(|()| FileSynced::Synced)
+                .map_err(|e| with_path(e, rel.as_str())),
+            Err(e) if gone(&e) => Ok(FileSynced::Gone),
+            Err(e) if no_fd_left(&e) => Ok(FileSynced::NoDescriptorLeft),
+            Err(e) => Err(e),
+        });
+        let mut out_of_fds = false;
+        for file in synced {
+            out_of_fds |= file? == FileSynced::NoDescriptorLeft;
         }
         for rel_dir in dirs {
             let name = if rel_dir.is_empty() { "." } else { rel_dir };
             match DataDir::openat2(self.root_fd(), name, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
                 Ok(fd) => File::from(fd).sync_all().map_err(|e| with_path(e, name))?,
-                Err(e) if gone(&e) || no_fd_left(&e) => {}
+                Err(e) if gone(&e) => {}
+                Err(e) if no_fd_left(&e) => out_of_fds = true,
                 Err(e) => return Err(with_path(e, name)),
             }
         }
@@ -892,8 +918,13 @@ mod tests {
         use std::io::Write;
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::open(tmp.path()).unwrap();
-        let file = RelPath::new("q/seg").unwrap();
-        dir.open_write(&file).unwrap().0.write_all(b"x").unwrap();
+        // One file, synced on this thread, and a round of many, on several.
+        let files: Vec<RelPath> = (0..SYNC_PARALLEL_MIN_FILES)
+            .map(|i| RelPath::new(&format!("q/seg.{i}")).unwrap())
+            .collect();
+        for file in &files {
+            dir.open_write(file).unwrap().0.write_all(b"x").unwrap();
+        }
         let limit = libc::rlimit {
             rlim_cur: 64,
             rlim_max: 64,
@@ -905,8 +936,52 @@ mod tests {
         while let Ok(f) = File::open("/dev/null") {
             taken.push(f);
         }
-        dir.sync_paths([&file], ["q"]).unwrap();
+        dir.sync_paths(&files[..1], ["q"]).unwrap();
+        dir.sync_paths(&files, ["q"]).unwrap();
         drop(taken);
+    }
+
+    /// `SYNC_PARALLEL_MIN_FILES` files of a data dir, `q/f.0` on, one byte each.
+    fn files_to_sync(dir: &DataDir) -> Vec<RelPath> {
+        use std::io::Write;
+        let files: Vec<RelPath> = (0..SYNC_PARALLEL_MIN_FILES)
+            .map(|i| p(&format!("q/f.{i}")))
+            .collect();
+        for file in &files {
+            dir.open_write(file).unwrap().0.write_all(b"x").unwrap();
+        }
+        files
+    }
+
+    /// A round of many files, synced on several threads: files deleted since they were written
+    /// are skipped, the rest synced.
+    #[test]
+    fn a_sync_of_many_files_skips_those_deleted_since() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let files = files_to_sync(&dir);
+        for gone in [&files[0], &files[files.len() / 2], &files[files.len() - 1]] {
+            dir.remove(gone).unwrap();
+        }
+        dir.sync_paths(&files, ["q"]).unwrap();
+    }
+
+    /// A file of a round of many that cannot be synced (here, replaced by a symlink out of the
+    /// data dir) fails the round, naming it, whichever thread met it.
+    #[test]
+    fn a_sync_of_many_files_fails_naming_a_file_it_could_not_sync() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let files = files_to_sync(&dir);
+        for bad in [files.len() - 1, files.len() / 2, 0] {
+            let name = tmp.path().join(files[bad].as_str());
+            std::fs::remove_file(&name).unwrap();
+            std::os::unix::fs::symlink("/etc/hostname", &name).unwrap();
+            let err = dir.sync_paths(&files, ["q"]).unwrap_err().to_string();
+            assert!(err.contains(files[bad].as_str()), "{err}");
+            std::fs::remove_file(&name).unwrap();
+            std::fs::write(&name, b"x").unwrap();
+        }
     }
 
     fn p(s: &str) -> RelPath {

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Full sync of a directory of 16 files into an empty follower dir over loopback:
+# Full sync of a directory of FILES files (16 by default) into an empty follower dir over loopback:
 # `ferry follow --once` against an rsync daemon, measured in the same run on the same files,
 # reported as a ratio (these machines are shared and noisy; absolute figures drift).
 #
-# usage: [ENGINE=uring|fallback] [REPS=3] tools/compare-rsync.sh [TOTAL_MIB]   (default 2048: 16 files of 128 MiB)
-# Needs a release build (cargo build --release) and rsync (installed with apt-get when missing).
+# usage: [ENGINE=uring|fallback] [REPS=3] [FILES=16] tools/compare-rsync.sh [TOTAL_MIB]
+#        (default 2048: 16 files of 128 MiB; FILES=100000 and 400 MiB: 100,000 files of 4 KiB)
+# FERRY_BIN= another build runs the same, for a comparison: interleave them.
+# Needs a release build (cargo build --release), python3, and rsync (installed with apt-get when
+# missing).
 set -euo pipefail
 total_mib=${1:-2048}
-files=16
+files=${FILES:-16}
 root=$(cd "$(dirname "$0")/.." && pwd)
 ferry="${FERRY_BIN:-$root/target/release/ferry}"
 [ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
@@ -18,9 +21,13 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 mkdir -p "$work/src/queues"
-for i in $(seq 1 $files); do
-  head -c $((total_mib * 1024 * 1024 / files)) /dev/urandom > "$work/src/queues/$(printf %08d "$i").seg"
-done
+python3 - "$work/src/queues" "$files" $((total_mib * 1024 * 1024 / files)) <<'PY'
+import os, sys
+out, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(1, n + 1):
+    with open(f"{out}/{i:08d}.seg", "wb") as f:
+        f.write(os.urandom(size))
+PY
 echo tools-shared-secret > "$work/secret" && chmod 600 "$work/secret"
 now() { date +%s.%N; }
 
@@ -41,7 +48,7 @@ pids+=($!)
 pids+=($!)
 for _ in $(seq 100); do grep -qs "listening on" "$work/lead.log" && break; sleep 0.1; done
 # Warm the leader's page cache the same way for both (the files were just written).
-cat "$work"/src/queues/* > /dev/null
+find "$work/src/queues" -type f -exec cat {} + > /dev/null
 
 run_rsync() {
   rm -rf "$work/dst"; mkdir "$work/dst"; sync
