@@ -369,11 +369,7 @@ impl Watcher {
         crate::paths::still_at(root, stopped.root_id)?;
         let mut state = State::new(root, stopped.root_id, reported, sink)?;
         state.rescan()?;
-        Prepared {
-            state,
-            files: Vec::new(),
-        }
-        .run()
+        Watcher::spawn(state)
     }
 
     /// Why the watcher stopped on its own (a directory it could not watch or list, its inotify
@@ -431,12 +427,13 @@ impl Prepared {
     /// Starts reporting to `sink`: every change made since the look at each file.
     pub fn start(mut self, sink: Sink) -> io::Result<Watcher> {
         self.state.sink = sink;
-        self.run()
+        Watcher::spawn(self.state)
     }
+}
 
-    /// Starts the watcher's thread.
-    fn run(self) -> io::Result<Watcher> {
-        let Prepared { mut state, .. } = self;
+impl Watcher {
+    /// Starts a watcher's thread, which reports what `state`'s watches see.
+    fn spawn(mut state: State) -> io::Result<Watcher> {
         let stop = new_eventfd()?;
         let stop_fd = stop.as_raw_fd();
         let root_id = state.root_id;
