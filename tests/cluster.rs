@@ -285,6 +285,12 @@ fn handoff(etcd: &str, to: Option<&str>) -> std::process::Output {
     run_bounded(cmd, Duration::from_secs(90))
 }
 
+/// `handoff` to `to` on a thread of its own, for a test that acts while the leader hands off.
+fn handoff_in_background(etcd: &str, to: &str) -> std::thread::JoinHandle<std::process::Output> {
+    let (etcd, to) = (etcd.to_string(), to.to_string());
+    std::thread::spawn(move || handoff(&etcd, Some(&to)))
+}
+
 /// The stdout of a command that must have succeeded.
 fn stdout_of_success(out: std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -1702,14 +1708,7 @@ fn after_a_failed_handoff_the_leader_reports_what_was_written_while_it_was_not_w
     write(&b_pid, b.proc.child.id().to_string().as_bytes());
 
     let mark = a.proc.log_len();
-    let requester = {
-        let (etcd, to) = (etcd.url.clone(), b.advertise.clone());
-        std::thread::spawn(move || {
-            let mut cmd = ferry();
-            cmd.args(["handoff", "--etcd", &etcd, "--timeout", "60", "--to", &to]);
-            run_bounded(cmd, Duration::from_secs(90))
-        })
-    };
+    let requester = handoff_in_background(&etcd.url, &b.advertise);
     a.proc.wait_log_since(
         mark,
         "every write so far reported; waiting for it to sync the final drain",
@@ -1754,14 +1753,7 @@ fn a_stop_during_an_asked_handoff_waits_only_as_long_as_a_leave_would() {
     stop_process(&b.proc.child);
     write(&a_dir.join("q/more"), &pattern(100_000, 6));
     let mark = a.proc.log_len();
-    let requester = {
-        let (etcd, to) = (etcd.url.clone(), b.advertise.clone());
-        std::thread::spawn(move || {
-            let mut cmd = ferry();
-            cmd.args(["handoff", "--etcd", &etcd, "--timeout", "60", "--to", &to]);
-            run_bounded(cmd, Duration::from_secs(90))
-        })
-    };
+    let requester = handoff_in_background(&etcd.url, &b.advertise);
     a.proc.wait_log_since(
         mark,
         &format!("handoff to {}: waiting for it to catch up", b.advertise),
