@@ -196,6 +196,9 @@ pub struct DataDir {
     root: PathBuf,
     root_fd: OwnedFd,
     temp_seq: AtomicU64,
+    /// `.ferry/tmp/`, opened beneath the root at its first use: every whole file a follower
+    /// receives is made and renamed from there.
+    temp_dir_fd: std::sync::OnceLock<OwnedFd>,
 }
 
 fn cstring(s: &str) -> io::Result<CString> {
@@ -448,6 +451,7 @@ impl DataDir {
             root: root.to_path_buf(),
             root_fd: OwnedFd::from(dir),
             temp_seq: AtomicU64::new(0),
+            temp_dir_fd: std::sync::OnceLock::new(),
         })
     }
 
@@ -554,7 +558,11 @@ impl DataDir {
     fn parent_fd(&self, rel: &RelPath, changed: Option<&mut Vec<String>>) -> io::Result<OwnedFd> {
         match (rel.parent(), changed) {
             (None, _) => self.open_dir_beneath("."),
-            (Some(p), Some(changed)) => self.make_dirs(p, changed),
+            // Most often the directory is there (a queue's next segment): one open.
+            (Some(p), Some(changed)) => match self.open_dir_beneath(p) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => self.make_dirs(p, changed),
+                opened => opened,
+            },
             (Some(p), None) => self.open_dir_beneath(p),
         }
     }
@@ -611,6 +619,15 @@ impl DataDir {
         format!("{STATE_DIR_NAME}/{TEMP_DIR_NAME}")
     }
 
+    /// `.ferry/tmp/`, opened once.
+    fn temp_dir(&self) -> io::Result<BorrowedFd<'_>> {
+        if let Some(fd) = self.temp_dir_fd.get() {
+            return Ok(fd.as_fd());
+        }
+        let fd = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        Ok(self.temp_dir_fd.get_or_init(|| fd).as_fd())
+    }
+
     /// A new, empty temp file for a whole-file transfer of `rel`.
     pub fn create_temp(&self, rel: &RelPath) -> io::Result<TempFile> {
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
@@ -621,9 +638,8 @@ impl DataDir {
             .take(64)
             .collect();
         let name = format!("{}-{seq}-{stem}", std::process::id());
-        let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
         let fd = DataDir::openat2(
-            tmp.as_fd(),
+            self.temp_dir()?,
             &name,
             libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
             0o644,
@@ -637,7 +653,7 @@ impl DataDir {
     /// Renames a complete temp file over `rel` (atomically replacing any old copy); returns
     /// the directories whose entries that changed. The temp file stays open until dropped.
     pub fn commit_temp(&self, temp: &TempFile, rel: &RelPath) -> io::Result<DirsChanged> {
-        let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        let tmp = self.temp_dir()?;
         let mut changed = Vec::new();
         let parent = self
             .parent_fd(rel, Some(&mut changed))
@@ -664,7 +680,7 @@ impl DataDir {
     /// Removes a temp file that will never be committed (a whole-file transfer the leader gave
     /// up on or started over), so abandoned transfers do not pile up in `.ferry/tmp/`.
     pub fn discard_temp(&self, temp: TempFile) -> io::Result<()> {
-        let tmp = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        let tmp = self.temp_dir()?;
         let name = cstring(&temp.name)?;
         drop(temp.file);
         // SAFETY: unlinkat on an open dir fd with a NUL-terminated single component (a name
@@ -1107,6 +1123,24 @@ mod tests {
         assert_eq!(dir.open_write(&p("q/2/seg.0")).unwrap().1, ["q", "q/2"]);
         assert!(dir.open_write(&p("q/1/seg.0")).unwrap().1.is_empty());
         assert_eq!(dir.open_write(&p("top")).unwrap().1, [""]);
+        assert!(tmp.path().join("q/2/seg.0").is_file());
+    }
+
+    /// A whole file received is renamed into its directory, made with its missing ancestors:
+    /// the directories whose entries that changed are named, for the sync that follows.
+    #[test]
+    fn commit_temp_names_the_dirs_whose_entries_it_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let commit = |rel: &str| {
+            let t = dir.create_temp(&p(rel)).unwrap();
+            dir.commit_temp(&t, &p(rel)).unwrap()
+        };
+        assert_eq!(commit("q/1/seg.0"), ["", "q", "q/1"]);
+        assert_eq!(commit("q/1/seg.1"), ["q/1"]);
+        assert_eq!(commit("q/2/seg.0"), ["q", "q/2"]);
+        assert_eq!(commit("q/1/seg.0"), ["q/1"]);
+        assert_eq!(commit("top"), [""]);
         assert!(tmp.path().join("q/2/seg.0").is_file());
     }
 
