@@ -5,7 +5,8 @@
 #
 # usage: [ENGINE=uring|fallback] [REPS=3] [FILES=16] tools/compare-rsync.sh [TOTAL_MIB]
 #        (default 2048: 16 files of 128 MiB; FILES=100000 and 400 MiB: 100,000 files of 4 KiB)
-# FERRY_BIN= another build runs the same, for a comparison: interleave them.
+# FERRY_BIN= another build runs the same, for a comparison: interleave them. DEST= where the
+# copies go (default: beside the source, on the same disk; /dev/shm leaves the disk out).
 # Needs a release build (cargo build --release), python3, and rsync (installed with apt-get when
 # missing).
 set -euo pipefail
@@ -17,8 +18,10 @@ ferry="${FERRY_BIN:-$root/target/release/ferry}"
 for tool in rsync bc; do command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }; done
 
 work=$(mktemp -d /var/tmp/ferry-vs-rsync.XXXXXX)
+dst=$work/dst
+[ -z "${DEST:-}" ] || dst=$(mktemp -d "$DEST/ferry-vs-rsync-dst.XXXXXX")
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work" "$dst"; }
 trap cleanup EXIT
 mkdir -p "$work/src/queues"
 python3 - "$work/src/queues" "$files" $((total_mib * 1024 * 1024 / files)) <<'PY'
@@ -51,15 +54,15 @@ for _ in $(seq 100); do grep -qs "listening on" "$work/lead.log" && break; sleep
 find "$work/src/queues" -type f -exec cat {} + > /dev/null
 
 run_rsync() {
-  rm -rf "$work/dst"; mkdir "$work/dst"; sync
+  rm -rf "$dst"; mkdir "$dst"; sync
   local t0; t0=$(now)
-  rsync -a --exclude .ferry "rsync://127.0.0.1:18730/src/" "$work/dst/"
+  rsync -a --exclude .ferry "rsync://127.0.0.1:18730/src/" "$dst/"
   echo "$(now) - $t0" | bc
 }
 run_ferry() {
-  rm -rf "$work/dst"; mkdir "$work/dst"; sync
+  rm -rf "$dst"; mkdir "$dst"; sync
   local t0; t0=$(now)
-  "$ferry" follow --once --data-dir "$work/dst" --leader 127.0.0.1:18731 --secret-file "$work/secret" \
+  "$ferry" follow --once --data-dir "$dst" --leader 127.0.0.1:18731 --secret-file "$work/secret" \
     --durability "$1" ${ENGINE:+--io-engine $ENGINE} > /dev/null 2>> "$work/follow.log"
   echo "$(now) - $t0" | bc
 }
