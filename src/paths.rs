@@ -931,16 +931,10 @@ mod tests {
             assert!(said.contains("1 passed"), "the child ran the test: {said}");
             return;
         }
-        use std::io::Write;
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::open(tmp.path()).unwrap();
         // One file, synced on this thread, and a round of many, on several.
-        let files: Vec<RelPath> = (0..SYNC_PARALLEL_MIN_FILES)
-            .map(|i| RelPath::new(&format!("q/seg.{i}")).unwrap())
-            .collect();
-        for file in &files {
-            dir.open_write(file).unwrap().0.write_all(b"x").unwrap();
-        }
+        let files = files_to_sync(&dir);
         let limit = libc::rlimit {
             rlim_cur: 64,
             rlim_max: 64,
