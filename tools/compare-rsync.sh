@@ -81,5 +81,5 @@ written_s=$(best < "$work/t.written")
 synced_s=$(best < "$work/t.synced")
 printf 'full sync of %d MiB in %d files over loopback, best of %d interleaved runs each\n' "$total_mib" "$files" "$reps"
 printf '  rsync daemon:                         %6.2f s\n' "$rsync_best"
-printf '  ferry follow --once --durability written: %6.2f s   %.2fx faster than rsync\n' "$written_s" "$(echo "$rsync_best / $written_s" | bc -l)"
-printf '  ferry follow --once --durability synced:  %6.2f s   %.2fx faster than rsync (fdatasync included)\n' "$synced_s" "$(echo "$rsync_best / $synced_s" | bc -l)"
+printf '  ferry follow --once --durability written: %6.2f s   %.2fx as fast as rsync\n' "$written_s" "$(echo "$rsync_best / $written_s" | bc -l)"
+printf '  ferry follow --once --durability synced:  %6.2f s   %.2fx as fast as rsync (fdatasync included)\n' "$synced_s" "$(echo "$rsync_best / $synced_s" | bc -l)"
