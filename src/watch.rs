@@ -89,6 +89,19 @@ struct Seen {
     tail: Vec<u8>,
 }
 
+impl Seen {
+    /// A file as `meta`, a stat of it, shows it, with its samples (`read_samples`).
+    fn of(meta: &std::fs::Metadata, (head, tail): (Vec<u8>, Vec<u8>)) -> Seen {
+        Seen {
+            len_bytes: meta.len(),
+            mtime_ns: mtime_ns(meta),
+            ino: meta.ino(),
+            head,
+            tail,
+        }
+    }
+}
+
 pub struct Watcher {
     stop: OwnedFd,
     /// Set before signalling `stop`: rescan the whole tree once more before exiting.
@@ -291,16 +304,10 @@ fn look(root: &Path, path: &RelPath) -> io::Result<Option<(std::fs::Metadata, Se
     if !meta.is_file() {
         return Ok(None);
     }
-    let (head, tail) = file
+    let samples = file
         .and_then(|f| read_samples(&f, meta.len()))
         .unwrap_or_default();
-    let seen = Seen {
-        len_bytes: meta.len(),
-        mtime_ns: mtime_ns(&meta),
-        ino: meta.ino(),
-        head,
-        tail,
-    };
+    let seen = Seen::of(&meta, samples);
     Ok(Some((meta, seen)))
 }
 
@@ -688,17 +695,8 @@ impl State {
             Some(_) => None,
         };
         if let Some(change) = change {
-            let (head, tail) = self.samples(path, len_bytes);
-            self.files.insert(
-                path.clone(),
-                Seen {
-                    len_bytes,
-                    mtime_ns: mtime,
-                    ino: meta.ino(),
-                    head,
-                    tail,
-                },
-            );
+            let samples = self.samples(path, len_bytes);
+            self.files.insert(path.clone(), Seen::of(&meta, samples));
             self.emit(change);
         }
         Ok(())
