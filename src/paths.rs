@@ -615,16 +615,12 @@ impl DataDir {
         Ok((File::from(fd), changed))
     }
 
-    fn temp_dir_rel() -> String {
-        format!("{STATE_DIR_NAME}/{TEMP_DIR_NAME}")
-    }
-
     /// `.ferry/tmp/`, opened once.
     fn temp_dir(&self) -> io::Result<BorrowedFd<'_>> {
         if let Some(fd) = self.temp_dir_fd.get() {
             return Ok(fd.as_fd());
         }
-        let fd = self.open_dir_beneath(&DataDir::temp_dir_rel())?;
+        let fd = self.open_dir_beneath(&format!("{STATE_DIR_NAME}/{TEMP_DIR_NAME}"))?;
         Ok(self.temp_dir_fd.get_or_init(|| fd).as_fd())
     }
 
