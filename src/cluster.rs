@@ -1771,7 +1771,7 @@ async fn handoff(
     let before = leader.position();
     leading.flush_watcher().await?;
     // Every change made so far is reported: a file changed after this is not the catalog's.
-    let reported_ns = crate::leader_record::now_ns();
+    let reported_ns = crate::index::now_ns();
     let position = leader.position();
     tracing::info!(
         "handoff to {target}: every write so far reported; waiting for it to sync the final \

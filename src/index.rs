@@ -123,6 +123,15 @@ pub struct FileMeta {
     pub ino: u64,
 }
 
+/// Every file a look at each found (sorted by path), and when that look began: what a leader
+/// starts from (the watcher's look, or a scan).
+#[derive(Clone, Copy)]
+pub struct Looked<'a> {
+    pub files: &'a [FileMeta],
+    /// `now_ns` before the first file was looked at: no stat of the look is older.
+    pub began_ns: i64,
+}
+
 impl FileMeta {
     /// `path` as `meta`, a stat of it, shows it.
     pub fn of(path: RelPath, meta: &std::fs::Metadata) -> FileMeta {
@@ -141,6 +150,13 @@ pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.mtime()
         .saturating_mul(1_000_000_000)
         .saturating_add(meta.mtime_nsec())
+}
+
+/// Now, in nanoseconds since the epoch: what a look began at, to compare with ctimes.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// A file's ctime in nanoseconds since the epoch.

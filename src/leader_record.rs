@@ -16,11 +16,11 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::catalog::{CatalogEntry, Kept};
 use crate::frame::InstanceId;
-use crate::index::{boot_id, from_hex, hex, FileMeta, Stamp};
+use crate::index::{boot_id, from_hex, hex, now_ns, FileMeta, Looked, Stamp};
 use crate::paths::{DataDir, RelPath, StateSync};
 
 /// How much older than the record a file's ctime must be for a resumed instance to vouch for it.
@@ -69,19 +69,26 @@ impl Resumed {
     }
 }
 
-/// Now, in ns since the epoch: a record's `taken_ns`, and what stamps' ctimes compare with.
-pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-}
-
 /// `path` as it is now, if it is a regular file that can be looked at.
 fn stamp_of(dir: &DataDir, path: &RelPath) -> Option<Stamp> {
     Stamp::look(dir, path).ok().flatten()
 }
 
 impl Look {
+    /// What `looked` saw of each file, as if this look had: a leader's first checkpoint vouches
+    /// for the files its start looked at, when they had settled then, without looking again.
+    pub fn of_looked(looked: Looked) -> Look {
+        let stamps = looked
+            .files
+            .iter()
+            .map(|m| (m.path.clone(), Stamp::of_meta(m)))
+            .collect();
+        Look {
+            stamps,
+            taken_ns: looked.began_ns,
+        }
+    }
+
     /// How long until every file it saw will have been unchanged for
     /// `LEADER_RECORD_SETTLE_MS`, if some changed more recently than that: a stop that waits
     /// so long and looks again can vouch for the files written just before it.

@@ -45,7 +45,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::index::{mtime_ns, FileMeta};
+use crate::index::{mtime_ns, FileMeta, Looked};
 use crate::paths::{RelPath, ROOT_CHECK_INTERVAL, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
@@ -336,6 +336,8 @@ pub struct Prepared {
     state: State,
     /// What the look found, sorted by path.
     files: Vec<FileMeta>,
+    /// When the look began (`index::now_ns`).
+    began_ns: i64,
 }
 
 impl Watcher {
@@ -348,6 +350,7 @@ impl Watcher {
         // Nothing is reported before `start`, which gives the sink.
         let mut state = State::new(root, root_id, HashMap::new(), Box::new(|_| {}))?;
         let found = state.add_tree("")?;
+        let began_ns = crate::index::now_ns();
         let mut files = Vec::with_capacity(found.len());
         state.files.reserve(found.len());
         let looks = crate::index::look_each(&found, |path| look(root, path));
@@ -358,7 +361,11 @@ impl Watcher {
             }
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Prepared { state, files })
+        Ok(Prepared {
+            state,
+            files,
+            began_ns,
+        })
     }
 
     /// Watches `root` again after `stopped`, its watcher until then (a handoff that failed
@@ -426,9 +433,13 @@ impl Watcher {
 }
 
 impl Prepared {
-    /// Every file found under the root, sorted by path, as the watcher looked at it.
-    pub fn files(&self) -> &[FileMeta] {
-        &self.files
+    /// Every file found under the root, sorted by path, as the watcher looked at it, and when
+    /// it began looking.
+    pub fn looked(&self) -> Looked<'_> {
+        Looked {
+            files: &self.files,
+            began_ns: self.began_ns,
+        }
     }
 
     /// Starts reporting to `sink`: every change made since the look at each file.
@@ -1359,7 +1370,10 @@ mod tests {
                 &std::fs::symlink_metadata(root.join(name)).unwrap(),
             )
         };
-        assert_eq!(prepared.files(), [as_found("d/meta.json"), as_found("seg")]);
+        assert_eq!(
+            prepared.looked().files,
+            [as_found("d/meta.json"), as_found("seg")]
+        );
         append(&root.join("seg"), b"678");
         std::fs::write(root.join("new"), b"abc").unwrap();
         let (sink, rx) = to_channel();
@@ -1390,7 +1404,7 @@ mod tests {
         let root = tmp.path();
         let names = many_files(root, |i| (i % 251) as u8);
         let prepared = Watcher::prepare(root).unwrap();
-        let files = prepared.files();
+        let files = prepared.looked().files;
         let mut sorted = names.clone();
         sorted.sort();
         assert_eq!(

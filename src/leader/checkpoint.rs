@@ -32,20 +32,24 @@ pub(super) struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// Writes the record at once, then every `interval`, until stopped.
+    /// Writes the record at once, then every `interval`, until stopped. `seen_at_start`: the
+    /// look the writers' catalog was built from, if it was, for the first record to vouch for
+    /// the files that had settled by then. Before the catalog changes (the leader is handed
+    /// out), since the writers list the files they change from now on.
     pub(super) fn start(
         shared: Arc<Shared>,
         dir: Arc<DataDir>,
-        instance: InstanceId,
-        interval: Duration,
+        (instance, interval): (InstanceId, Duration),
+        seen_at_start: Option<Look>,
     ) -> io::Result<Checkpoints> {
+        shared.lock().catalog.start_listing();
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let for_thread = shared.clone();
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("ferry-record".into())
             .spawn(move || {
                 let shared = for_thread;
-                let mut rounds = Rounds::start(&shared);
+                let mut rounds = Rounds::start(&shared, seen_at_start);
                 loop {
                     checkpoint(&shared, &dir, &instance, &mut rounds);
                     let asked = stopped.recv_timeout(interval);
@@ -53,7 +57,14 @@ impl Checkpoints {
                         return;
                     }
                 }
-            })?;
+            });
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(e) => {
+                shared.lock().catalog.stop_listing();
+                return Err(e);
+            }
+        };
         Ok(Checkpoints {
             stop,
             thread,
@@ -102,11 +113,13 @@ struct Rounds {
 }
 
 impl Rounds {
-    /// Has the writers list the files they change, then copies their catalog (a part per hold
-    /// of their lock: a file changed meanwhile is in both the copy and the list, which `apply`
-    /// allows). Every file is stale: the first round looks at each.
-    fn start(shared: &Shared) -> Rounds {
-        shared.lock().catalog.start_listing();
+    /// Copies the writers' catalog, once they list the files they change (a part per hold of
+    /// their lock: a file changed meanwhile is in both the copy and the list, which `apply`
+    /// allows). Each file is stale, for the first round to look at, but those `seen_at_start`
+    /// saw settled: that look's stamp and the copy's entry are their line, as a round's look
+    /// and the entries taken after it would be (the catalog was built from that look, and each
+    /// change made since it is listed, so its file will be stale).
+    fn start(shared: &Shared, seen_at_start: Option<Look>) -> Rounds {
         let catalog = catalog_copy(shared);
         shared
             .checkpoint_counts
@@ -121,6 +134,29 @@ impl Rounds {
             changed: Vec::new(),
         };
         rounds.forget_record();
+        let Some(look) = seen_at_start else {
+            return rounds;
+        };
+        let Rounds {
+            catalog,
+            files,
+            stale,
+            ..
+        } = &mut rounds;
+        stale.retain(|path| {
+            let stamp = look.stamp(path).filter(|s| look.settled(s));
+            let Some((entry, stamp)) = catalog.get(path).zip(stamp) else {
+                return true;
+            };
+            let settled = true;
+            let line = Recorded {
+                entry,
+                stamp,
+                settled,
+            };
+            files.insert(path.clone(), line);
+            false
+        });
         rounds
     }
 

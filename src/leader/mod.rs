@@ -30,7 +30,7 @@ use crate::auth::{random_instance, Secret, Secrets};
 use crate::catalog::Catalog;
 use crate::engine::{self, EngineKind};
 use crate::frame::{Durability, InstanceId, LineageId};
-use crate::index::{hex, scan};
+use crate::index::{hex, now_ns, scan, Looked};
 use crate::lag::{LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
 use crate::leader_record::{self, LEADER_RECORD_INTERVAL_MS, LEADER_RECORD_SETTLE_MS};
 use crate::paths::{DataDir, DirLock, PathError, RelPath};
@@ -156,24 +156,23 @@ impl Leader {
         Leader::start_from(config, files, None)
     }
 
-    /// `start` with the files a look found (a scan's, the watcher's), sorted by path: the
-    /// leader's record is compared with that look, which the catalog is built from, instead of
-    /// each file being looked at again.
-    pub(crate) fn start_looked(
-        config: LeaderConfig,
-        files: &[crate::index::FileMeta],
-    ) -> io::Result<Leader> {
-        let listed = files
+    /// `start` with the files a look found (a scan's, the watcher's): the leader's record is
+    /// compared with that look, which the catalog is built from, and the first checkpoint
+    /// vouches for the files that had settled by then, instead of each file being looked at
+    /// again for either.
+    pub(crate) fn start_looked(config: LeaderConfig, looked: Looked) -> io::Result<Leader> {
+        let listed = looked
+            .files
             .iter()
             .map(|m| (m.path.clone(), m.len_bytes))
             .collect();
-        Leader::start_from(config, listed, Some(files))
+        Leader::start_from(config, listed, Some(looked))
     }
 
     fn start_from(
         config: LeaderConfig,
         files: Vec<(RelPath, u64)>,
-        looked: Option<&[crate::index::FileMeta]>,
+        looked: Option<Looked>,
     ) -> io::Result<Leader> {
         let dir = Arc::new(DataDir::open(&config.data_dir)?);
         // Before the record is taken and the temp files go: another process may be serving.
@@ -183,7 +182,7 @@ impl Leader {
         let engine = engine::choose(config.engine)?;
         let congestion_asked = config.tcp_congestion.is_some();
         let record_interval = config.record_interval;
-        let resumed = leader_record::take(&dir, looked);
+        let resumed = leader_record::take(&dir, looked.map(|l| l.files));
         let (catalog, instance) = match &resumed {
             Some(r) => {
                 tracing::info!(
@@ -285,7 +284,8 @@ impl Leader {
             None
         } else {
             let (shared, dir) = (shared.clone(), dir.clone());
-            match Checkpoints::start(shared, dir, instance, record_interval) {
+            let seen_at_start = looked.map(leader_record::Look::of_looked);
+            match Checkpoints::start(shared, dir, (instance, record_interval), seen_at_start) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(
@@ -747,10 +747,12 @@ pub struct WatchedLeader {
 /// Scans the data dir and starts a leader with every file found registered.
 pub fn start_scanned(config: LeaderConfig) -> io::Result<Arc<Leader>> {
     let data_dir = config.data_dir.clone();
+    let began_ns = now_ns();
     let files = scan(&DataDir::open(&data_dir)?).map_err(|e| {
         io::Error::new(e.kind(), format!("cannot scan {}: {e}", data_dir.display()))
     })?;
-    start_with(config, &files)
+    let files = &files;
+    start_with(config, Looked { files, began_ns })
 }
 
 /// Watches the data dir, and starts a leader with every file the watcher found registered,
@@ -759,7 +761,7 @@ pub fn start_watched(mut config: LeaderConfig) -> io::Result<(Arc<Leader>, Watch
     config.change_source_flushes = true;
     let data_dir = DataDir::open(&config.data_dir)?.root().to_path_buf();
     let prepared = Watcher::prepare(&data_dir).map_err(|e| cannot_watch(&data_dir, e))?;
-    let leader = start_with(config, prepared.files())?;
+    let leader = start_with(config, prepared.looked())?;
     let watcher = prepared
         .start(sink_of(&leader))
         .map_err(|e| cannot_watch(&data_dir, e))?;
@@ -768,8 +770,8 @@ pub fn start_watched(mut config: LeaderConfig) -> io::Result<(Arc<Leader>, Watch
 }
 
 /// Starts a leader with `files` registered, said in the log.
-fn start_with(config: LeaderConfig, files: &[crate::index::FileMeta]) -> io::Result<Arc<Leader>> {
-    let data_dir = &config.data_dir;
+fn start_with(config: LeaderConfig, looked: Looked) -> io::Result<Arc<Leader>> {
+    let (data_dir, files) = (&config.data_dir, looked.files);
     tracing::info!(
         "{} files, {} bytes in {}",
         files.len(),
@@ -783,7 +785,7 @@ fn start_with(config: LeaderConfig, files: &[crate::index::FileMeta]) -> io::Res
             data_dir.display()
         );
     }
-    Ok(Arc::new(Leader::start_looked(config, files)?))
+    Ok(Arc::new(Leader::start_looked(config, looked)?))
 }
 
 fn cannot_watch(data_dir: &std::path::Path, e: io::Error) -> io::Error {
