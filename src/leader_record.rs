@@ -4,10 +4,11 @@
 //! leader on the same data dir, in the same boot, resumes its instance, even after a crash, and
 //! its followers' held records stay good for every file that did not change in between.
 //!
-//! A stop looks at every file in the catalog (`look`; again, once they have settled, if some
-//! changed less than `LEADER_RECORD_SETTLE_MS` before), has the change sources report what they
-//! have not yet (`ferry lead`'s watcher), then writes the catalog's length and birth of each file
-//! with what the look saw (`save`). A start reads the record and deletes it before serving anyone
+//! A stop looks at the files changed since the last checkpoint, or at every file in the catalog
+//! without checkpoints (`look`; again, once they have settled, if some changed less than
+//! `LEADER_RECORD_SETTLE_MS` before), has the change sources report what they have not yet
+//! (`ferry lead`'s watcher), then writes the catalog's length and birth of each file with the
+//! stamp a look saw (`save_files`). A start reads the record and deletes it before serving anyone
 //! (`take`): a record is good once, for the run right after the one that wrote it. It keeps a
 //! file's birth only if the file is as the look saw it and had not changed for
 //! `LEADER_RECORD_SETTLE_MS` before it: a change in the same clock tick as the look, or one
@@ -18,7 +19,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::time::Duration;
 
-use crate::catalog::{CatalogEntry, Kept};
+use crate::catalog::Kept;
 use crate::frame::InstanceId;
 use crate::index::{boot_id, from_hex, hex, now_ns, FileMeta, Looked, Stamp};
 use crate::paths::{DataDir, RelPath, StateSync};
@@ -115,6 +116,11 @@ impl Look {
         stamp.ctime_ns <= settled_before(self.taken_ns)
     }
 
+    /// How many files it saw.
+    pub fn files_seen(&self) -> usize {
+        self.stamps.len()
+    }
+
     /// Files it saw changed within `LEADER_RECORD_SETTLE_MS` before it.
     pub fn unsettled(&self) -> usize {
         self.stamps.values().filter(|s| !self.settled(s)).count()
@@ -145,22 +151,6 @@ pub fn look<'a>(dir: &DataDir, paths: impl IntoIterator<Item = &'a RelPath>) -> 
         .filter_map(|(p, stamp)| Some((p.clone(), stamp?)))
         .collect();
     Look { stamps, taken_ns }
-}
-
-/// Writes the record of instance `instance` stopped at `position` with `catalog`, each file as
-/// `look` saw it (files it did not see are left out). `StateSync::Volatile`: after a reboot the
-/// record is ignored.
-pub fn save(
-    dir: &DataDir,
-    instance: &InstanceId,
-    position: u64,
-    catalog: &[(RelPath, CatalogEntry)],
-    look: &Look,
-) -> io::Result<()> {
-    let files = catalog
-        .iter()
-        .filter_map(|(path, entry)| Some((path, Kept::of(entry), look.stamp(path)?)));
-    save_files(dir, (instance, position), look.taken_ns, files)
 }
 
 /// Writes a record of instance `instance` at `position`, taken at `taken_ns`, of `files`: each
@@ -322,6 +312,7 @@ fn take_for_boot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::CatalogEntry;
 
     use crate::paths::temp_data_dir as setup;
 
@@ -346,7 +337,10 @@ mod tests {
             (paths[0].clone(), entry(5, 5)),
             (paths[1].clone(), entry(6, 0)),
         ];
-        save(&dir, &[7; 16], 20, &catalog, &look).unwrap();
+        let lines = catalog
+            .iter()
+            .map(|(path, entry)| (path, Kept::of(entry), look.stamp(path).unwrap()));
+        save_files(&dir, (&[7; 16], 20), look.taken_ns, lines).unwrap();
         (tmp, dir, paths)
     }
 

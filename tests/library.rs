@@ -4,15 +4,18 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use ferry::auth::Secret;
 use ferry::frame::Durability;
 use ferry::lag::FollowerState;
-use ferry::leader::{Leader, LeaderConfig};
+use ferry::leader::{Leader, LeaderConfig, Settle};
+use ferry::paths::RelPath;
 
 /// The leaders' ack timeout here: a follower is lagging once something waited longer.
 const ACK_TIMEOUT_MS: u64 = 300;
@@ -649,4 +652,66 @@ fn an_embedded_leader_rotates_its_secret_and_cuts_off_a_follower_on_the_old_one(
     on_old.wait_log("rotated out", Duration::from_secs(5));
     let out = follow_once_with_secret(&env.dir("old-again"), &addr, &env.secret_file);
     failed_saying(&out, &["wrong secret"]);
+}
+
+/// A stop has the change source report what it holds (the flush a checkpoint calls) before it
+/// looks at the files changed since the last checkpoint: a file changed right before the stop,
+/// not reported yet, is looked at (once settled) and vouched for as it is, where the record
+/// named it as the checkpoint had seen it, which the next start would not vouch for.
+#[test]
+fn a_stop_looks_at_a_file_changed_right_before_it_once_the_change_source_reports_it() {
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("seg"), &pattern(1000, 1));
+    let settled_ns = newest_ctime_ns(&ld) + 1_100_000_000;
+    wait_until(Duration::from_secs(5), "the file settled", || {
+        now_ns() > settled_ns
+    });
+    let mut config = config(&ld, "fallback");
+    config.record_interval = Duration::from_secs(3600);
+    let leader =
+        Arc::new(Leader::start(config, vec![(RelPath::new("seg").unwrap(), 1000)]).unwrap());
+    let checkpoints = |leader: &Leader| match leader.status() {
+        ferry::status::Status::Leader { checkpoints, .. } => checkpoints,
+        other => panic!("{other:?}"),
+    };
+    wait_until(Duration::from_secs(10), "the first record", || {
+        checkpoints(&leader).writes == 1
+    });
+
+    // The change source: an application's bytes not reported yet, reported when flushed.
+    let pending = Arc::new(Mutex::new(None::<u64>));
+    let flushes = Arc::new(AtomicUsize::new(0));
+    let source = (Arc::downgrade(&leader), pending.clone(), flushes.clone());
+    leader.set_checkpoint_flush(Arc::new(move || {
+        let (leader, pending, flushes) = &source;
+        if let (Some(leader), Some(n)) = (leader.upgrade(), pending.lock().unwrap().take()) {
+            leader.append("seg", 1000, n).unwrap();
+        }
+        flushes.fetch_add(1, Ordering::SeqCst);
+        true
+    }));
+    // The checkpoint it asks for finds nothing to write; none follows within the interval.
+    wait_until(Duration::from_secs(10), "a checkpoint's flush", || {
+        flushes.load(Ordering::SeqCst) == 1
+    });
+    append(&ld.join("seg"), &pattern(500, 2));
+    *pending.lock().unwrap() = Some(500);
+    leader.stop_serving_with(|| true, Settle::Wait);
+    assert_eq!(
+        checkpoints(&leader).writes,
+        1,
+        "no checkpoint took the change"
+    );
+
+    let record = std::fs::read_to_string(ld.join(".ferry/leader")).unwrap();
+    let meta = std::fs::metadata(ld.join("seg")).unwrap();
+    let line = record.lines().find(|l| l.ends_with(" seg")).unwrap_or("");
+    let stamp = format!(
+        "1500 {} 1500 {} {} seg",
+        meta.ino(),
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        meta.ctime() * 1_000_000_000 + meta.ctime_nsec()
+    );
+    assert!(line.ends_with(&stamp), "{line:?} in:\n{record}");
 }

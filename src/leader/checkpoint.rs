@@ -1,5 +1,6 @@
 //! The leader's record, rewritten while it serves (the `ferry-record` thread), so that a
-//! leader that dies is resumed above every MARK it sent.
+//! leader that dies is resumed above every MARK it sent, and written once more at its stop
+//! (`record_stop`), each time looking only at the files changed since the last.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -11,10 +12,11 @@ use std::time::Duration;
 use crate::catalog::{Catalog, CatalogEntry, FileChange, Kept};
 use crate::frame::InstanceId;
 use crate::index::{hex, Stamp};
-use crate::leader_record::{self, Look, LEADER_POSITION_RESERVE};
+use crate::leader_record::{self, Look, LEADER_POSITION_RESERVE, LEADER_RECORD_SETTLE_MS};
 use crate::paths::{DataDir, RelPath};
 
 use super::hub::{catalog_copy, Shared};
+use super::CheckpointFlush;
 
 /// How many changed files a checkpoint takes from the writers' catalog per hold of their lock,
 /// which holds up an `append` as long (`cargo bench --bench protocol -- catalog`).
@@ -27,8 +29,7 @@ pub(super) const WATCHER_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// stops it (closing).
 pub(super) struct Checkpoints {
     stop: std::sync::mpsc::Sender<()>,
-    thread: JoinHandle<()>,
-    shared: Arc<Shared>,
+    thread: JoinHandle<Rounds>,
 }
 
 impl Checkpoints {
@@ -54,7 +55,7 @@ impl Checkpoints {
                     checkpoint(&shared, &dir, &instance, &mut rounds);
                     let asked = stopped.recv_timeout(interval);
                     if asked == Err(std::sync::mpsc::RecvTimeoutError::Disconnected) {
-                        return;
+                        return rounds;
                     }
                 }
             });
@@ -65,11 +66,7 @@ impl Checkpoints {
                 return Err(e);
             }
         };
-        Ok(Checkpoints {
-            stop,
-            thread,
-            shared,
-        })
+        Ok(Checkpoints { stop, thread })
     }
 
     /// Asks for a checkpoint now, rather than at the end of the interval.
@@ -77,10 +74,92 @@ impl Checkpoints {
         let _ = self.stop.send(());
     }
 
-    pub(super) fn stop(self) {
+    /// Stops the thread: what its rounds know of the record on disk, for the stop's
+    /// (`record_stop`), unless it panicked. The writers go on listing their changes until
+    /// `record_stop` (or `stop_listing`) ends it.
+    pub(super) fn stop(self) -> Option<Rounds> {
         drop(self.stop);
-        let _ = self.thread.join();
-        self.shared.lock().catalog.stop_listing();
+        self.thread.join().ok()
+    }
+}
+
+/// The writers no longer list the files they change (no checkpoint will take them).
+pub(super) fn stop_listing(shared: &Shared) {
+    shared.lock().catalog.stop_listing();
+}
+
+/// Writes the record of a stop (`Leader::stop_serving_with`), once no session is left: the
+/// catalog's position, which every MARK sent is at or below, and the files as a checkpoint round
+/// makes them, looking only at the stale files of `rounds` (the checkpoints' own, at their
+/// stop), or at every file without them (checkpoints off, or their thread panicked). With
+/// `wait`, files changed less than `LEADER_RECORD_SETTLE_MS` before that look are waited for
+/// and looked at again, so the record can vouch for them. `report_pending` reports every change
+/// not reported yet, after the look; false: some may not have been, so no record is written
+/// (the last checkpoint, if any, stays). Then the writers stop listing their changes.
+pub(super) fn record_stop(
+    shared: &Shared,
+    dir: &DataDir,
+    (instance, rounds): (&InstanceId, Option<Rounds>),
+    wait: bool,
+    report_pending: impl FnOnce() -> bool,
+) {
+    let mut rounds = rounds.unwrap_or_else(|| {
+        shared.lock().catalog.start_listing();
+        Rounds::start(shared, None)
+    });
+    // The change source reports what it holds, so that the look takes in a file changed right
+    // before the stop (else left out of the record: its line on disk no longer matches its
+    // entry). Not a promise, which `report_pending` makes after the look.
+    if let Some(flush) = change_source_flush(shared) {
+        flush();
+    }
+    rounds.take_changes(shared);
+    let mut look = rounds.look_at_stale(shared, dir);
+    if let Some(wait_for) = look.unsettled_for().filter(|_| wait) {
+        // Files written in the last second would not be vouched for (the settle rule), and
+        // the files a broker wrote last are its active segments: worth the wait.
+        tracing::info!(
+            "waiting {} ms before recording instance {} for the next start: {} files changed \
+             less than {LEADER_RECORD_SETTLE_MS} ms ago",
+            wait_for.as_millis(),
+            hex(instance),
+            look.unsettled()
+        );
+        std::thread::sleep(wait_for);
+        rounds.take_changes(shared);
+        look = rounds.look_at_stale(shared, dir);
+    }
+    if !report_pending() {
+        stop_listing(shared);
+        tracing::warn!(
+            "not recording instance {} for the next start: some changes may not have been \
+             reported; the next start resumes from the last checkpoint, if any",
+            hex(instance)
+        );
+        return;
+    }
+    rounds.renew_lines(shared, &look);
+    let position = rounds.catalog.position();
+    let saved =
+        leader_record::save_files(dir, (instance, position), look.taken_ns(), rounds.lines());
+    stop_listing(shared);
+    let (files, looked) = (rounds.files.len(), look.files_seen());
+    match saved {
+        Ok(()) if looked < files => tracing::info!(
+            "recorded instance {} at position {position} ({files} files, {looked} of them \
+             looked at now, the rest as a checkpoint saw them) for the next start",
+            hex(instance),
+        ),
+        Ok(()) => tracing::info!(
+            "recorded instance {} at position {position} ({files} files, each looked at now) \
+             for the next start",
+            hex(instance),
+        ),
+        Err(e) => tracing::warn!(
+            "cannot write the leader's record: {e}; the next start resumes from the last \
+             checkpoint, if any, else draws a new instance, and its followers hash what \
+             changed since their last inventory"
+        ),
     }
 }
 
@@ -97,7 +176,7 @@ struct Recorded {
 /// What the checkpoints keep between rounds: their own copy of the writers' catalog, kept in
 /// step with the files the writers list as changed (`Catalog::start_listing`), and the record
 /// on disk, if the last round wrote it.
-struct Rounds {
+pub(super) struct Rounds {
     /// The writers' catalog as of the last round's changes (`Catalog::detached`).
     catalog: Catalog,
     /// What the record on disk holds, file by file (meaningless while `reserved` is `None`).
@@ -216,6 +295,62 @@ impl Rounds {
         &self.changed
     }
 
+    /// Looks at the stale files still in the catalog (counted in `files_looked`).
+    fn look_at_stale(&self, shared: &Shared, dir: &DataDir) -> Look {
+        let to_look: Vec<&RelPath> = self
+            .stale
+            .iter()
+            .filter(|path| self.catalog.get(path).is_some())
+            .collect();
+        shared
+            .checkpoint_counts
+            .files_looked
+            .fetch_add(to_look.len() as u64, Ordering::Relaxed);
+        leader_record::look(dir, to_look)
+    }
+
+    /// Takes the changes made since `look`, which came after it (the change source having
+    /// reported everything made before it), and makes each stale file's line of the next record
+    /// from `look` and its entry taken now (what changed it since changed the file's stamp): a
+    /// file stays stale if it is still in the catalog and was not settled when looked at, or
+    /// changed since. Whether every line is the one the record on disk has.
+    fn renew_lines(&mut self, shared: &Shared, look: &Look) -> bool {
+        let changed_since_look: HashSet<RelPath> = self
+            .take_changes(shared)
+            .iter()
+            .map(|(path, _)| path.clone())
+            .collect();
+        let lines: Vec<(RelPath, Option<Recorded>, bool)> = self
+            .stale
+            .iter()
+            .map(|path| {
+                let entry = self.catalog.get(path);
+                let line = entry.and_then(|entry| self.line(path, entry, look));
+                let done = line.is_some_and(|l| l.settled) && !changed_since_look.contains(path);
+                (path.clone(), line, entry.is_some() && !done)
+            })
+            .collect();
+        let mut unchanged = true;
+        for (path, line, stays_stale) in lines {
+            if !stays_stale {
+                self.stale.remove(&path);
+            }
+            let before = match line {
+                Some(line) => self.files.insert(path, line),
+                None => self.files.remove(&path),
+            };
+            unchanged &= before == line;
+        }
+        unchanged
+    }
+
+    /// The record's lines: each file with its catalog entry and stamp.
+    fn lines(&self) -> impl Iterator<Item = (&RelPath, Kept, Stamp)> {
+        self.files
+            .iter()
+            .map(|(path, r)| (path, Kept::of(&r.entry), r.stamp))
+    }
+
     /// The line of `path` in the next record, from its catalog `entry` and what this round's
     /// `look` saw: that stamp if it looked, else the one on disk if still good (the entry is
     /// the one recorded: no change reported since, and within a generation a file only grows;
@@ -236,6 +371,13 @@ impl Rounds {
     }
 }
 
+/// What has the change source report every change made up to now, once it is set
+/// (`Leader::set_checkpoint_flush`).
+fn change_source_flush(shared: &Shared) -> Option<CheckpointFlush> {
+    let flush = shared.checkpoint_flush.lock();
+    flush.unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 /// Writes the leader's record while it serves (`docs/PROTOCOL.md`, *The leader's record*): the
 /// files as a look sees them, and as position a reservation that no MARK passes from now until
 /// the next checkpoint, so that a successor of a leader that died resumes above every MARK it
@@ -248,11 +390,7 @@ impl Rounds {
 fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mut Rounds) {
     let counts = &shared.checkpoint_counts;
     counts.rounds.fetch_add(1, Ordering::Relaxed);
-    let flush = shared
-        .checkpoint_flush
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let flush = change_source_flush(shared);
     if flush.is_none() && shared.flush_needed {
         return; // the change source cannot say yet that it reported everything: nothing to write
     }
@@ -279,42 +417,14 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mu
             return;
         }
     }
-    let to_look: Vec<&RelPath> = rounds
-        .stale
-        .iter()
-        .filter(|path| rounds.catalog.get(path).is_some())
-        .collect();
-    counts
-        .files_looked
-        .fetch_add(to_look.len() as u64, Ordering::Relaxed);
-    let look = leader_record::look(dir, to_look);
+    let look = rounds.look_at_stale(shared, dir);
     // What changed before the look must be in the catalog the record takes (as at a stop).
     if !flushed() {
         return;
     }
-    // Each entry is taken after the look (what changed it since changed the file's stamp) and
-    // before the reservation (so every birth is at or below it). A file changed since the look
-    // stays stale, to be looked at again next round.
-    let changed_since_look: HashSet<RelPath> = rounds
-        .take_changes(shared)
-        .iter()
-        .map(|(path, _)| path.clone())
-        .collect();
-    // Each stale file's line, and whether it stays stale: still in the catalog, and not
-    // settled when looked at or changed since.
-    let lines: Vec<(RelPath, Option<Recorded>, bool)> = rounds
-        .stale
-        .iter()
-        .map(|path| {
-            let entry = rounds.catalog.get(path);
-            let line = entry.and_then(|entry| rounds.line(path, entry, &look));
-            let done = line.is_some_and(|l| l.settled) && !changed_since_look.contains(path);
-            (path.clone(), line, entry.is_some() && !done)
-        })
-        .collect();
-    let unchanged = lines
-        .iter()
-        .all(|(path, line, _)| rounds.files.get(path).copied() == *line);
+    // Each entry is taken after the look and before the reservation (so every birth is at or
+    // below it). A file changed since the look stays stale, to be looked at again next round.
+    let unchanged = rounds.renew_lines(shared, &look);
     let (reserved, first, already_on_disk) = {
         let mut hub = shared.lock();
         // The reservation of the record on disk, if there is one: the ceiling.
@@ -334,24 +444,11 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mu
         }
         (reserved, ceiling.is_none(), already_on_disk)
     };
-    // What the next record is to make again: what this one could not vouch for yet.
-    for (path, line, stays_stale) in lines {
-        if !stays_stale {
-            rounds.stale.remove(&path);
-        }
-        match line {
-            Some(line) => rounds.files.insert(path, line),
-            None => rounds.files.remove(&path),
-        };
-    }
     if already_on_disk {
         return;
     }
-    let lines = rounds
-        .files
-        .iter()
-        .map(|(path, r)| (path, Kept::of(&r.entry), r.stamp));
-    let saved = leader_record::save_files(dir, (instance, reserved), look.taken_ns(), lines);
+    let saved =
+        leader_record::save_files(dir, (instance, reserved), look.taken_ns(), rounds.lines());
     let mut hub = shared.lock();
     match saved {
         Ok(()) => {

@@ -13,7 +13,7 @@ use crate::auth::Secrets;
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::frame::Durability;
 use crate::lag::{FollowerState, LagSnapshot, LagView};
-use crate::paths::{PathError, RelPath};
+use crate::paths::PathError;
 
 use super::{ChangeError, CheckpointFlush};
 
@@ -274,12 +274,6 @@ pub(super) fn catalog_copy(shared: &Shared) -> Catalog {
     Catalog::detached_in_parts(CATALOG_COPY_FILES_PER_LOCK, |from_id, max_files, part| {
         shared.lock().catalog.take_part(from_id, max_files, part)
     })
-}
-
-/// The paths of every file in the catalog.
-pub(super) fn catalog_paths(shared: &Shared) -> Vec<RelPath> {
-    let copy = catalog_copy(shared);
-    copy.snapshot().into_iter().map(|(p, _)| p).collect()
 }
 
 /// The position acked at `durability` by the `min_followers`-th best connected follower

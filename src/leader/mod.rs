@@ -37,7 +37,7 @@ use crate::paths::{DataDir, DirLock, PathError, RelPath};
 use crate::watch::{Change, Watcher};
 
 use checkpoint::{Checkpoints, WATCHER_FLUSH_TIMEOUT};
-use hub::{acked_in, catalog_copy, catalog_paths, Board, Hub, OwnLines, Shared, Wanted};
+use hub::{acked_in, catalog_copy, Board, Hub, OwnLines, Shared, Wanted};
 pub use server::LISTEN_RETRY_MS;
 use server::{pacing_hint, serve};
 
@@ -665,55 +665,19 @@ impl Leader {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(c) = checkpoints {
-            c.stop();
-        }
-        if self.record_written.swap(true, Ordering::SeqCst) {
-            report_pending();
-            return;
-        }
-        if settle == Settle::HandedOffAt(self.position()) {
+        let rounds = checkpoints.and_then(Checkpoints::stop);
+        let recorded = self.record_written.swap(true, Ordering::SeqCst);
+        if recorded || settle == Settle::HandedOffAt(self.position()) {
+            checkpoint::stop_listing(&self.shared);
             report_pending();
             return;
         }
         // No session is left, so no MARK beyond the position the record names was sent. (If
         // this record cannot be written, the last checkpoint stays: its reservation is above
         // every MARK too.)
-        let paths = catalog_paths(&self.shared);
-        let mut look = leader_record::look(&self.dir, &paths);
-        if let Some(wait) = look.unsettled_for().filter(|_| settle == Settle::Wait) {
-            // Files written in the last second would not be vouched for (the settle rule),
-            // and the files a broker wrote last are its active segments: worth the wait.
-            tracing::info!(
-                "waiting {} ms before recording instance {} for the next start: {} files \
-                 changed less than {LEADER_RECORD_SETTLE_MS} ms ago",
-                wait.as_millis(),
-                hex(&self.instance),
-                look.unsettled()
-            );
-            std::thread::sleep(wait);
-            look = leader_record::look(&self.dir, &paths);
-        }
-        if !report_pending() {
-            tracing::warn!(
-                "not recording instance {} for the next start: some changes may not have \
-                 been reported; the next start resumes from the last checkpoint, if any",
-                hex(&self.instance)
-            );
-            return;
-        }
-        let (catalog, position) = self.catalog_snapshot();
-        match leader_record::save(&self.dir, &self.instance, position, &catalog, &look) {
-            Ok(()) => tracing::info!(
-                "recorded instance {} at position {position} ({} files) for the next start",
-                hex(&self.instance),
-                catalog.len()
-            ),
-            Err(e) => tracing::warn!(
-                "cannot write the leader's record: {e}; the next start draws a new instance, and \
-                 its followers hash what changed since their last inventory"
-            ),
-        }
+        let wait = settle == Settle::Wait;
+        let (shared, instance) = (&self.shared, &self.instance);
+        checkpoint::record_stop(shared, &self.dir, (instance, rounds), wait, report_pending);
     }
 
     /// Sets what a checkpoint of the leader's record calls first, to have the change source

@@ -769,6 +769,19 @@ pub fn record_taken_ns(leader_dir: &Path) -> Option<i64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// Appends `bytes` to the file at `path`, as an application writes.
+pub fn append(path: &Path, bytes: &[u8]) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    file.write_all(bytes).unwrap();
+}
+
+/// Now, in ns since the epoch, as file ctimes are.
+pub fn now_ns() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| d.as_nanos() as i64)
+}
+
 /// The newest ctime of the files under `dir` (ferry's state left out), in ns.
 pub fn newest_ctime_ns(dir: &Path) -> i64 {
     use std::os::unix::fs::MetadataExt;
