@@ -564,10 +564,32 @@ async fn tell(on_role: &Arc<Mutex<RoleCallback>>, event: RoleEvent) {
 /// This node's leader while it leads: the server, and the watcher feeding it (Feed::Watch).
 struct Leading {
     leader: Arc<Leader>,
-    watcher: Option<crate::watch::Watcher>,
-    /// The watcher a handoff's final drain stopped, while the handoff goes on: if it fails,
+    watching: Watching,
+}
+
+/// Whether ferry's watcher feeds a leading node's leader the changes to its data dir.
+enum Watching {
+    /// No: the embedder does (`Feed::Library`), or a watcher could not be started again.
+    No,
+    /// Yes.
+    Yes(crate::watch::Watcher),
+    /// No longer: a handoff's final drain stopped it, and the handoff goes on. If it fails,
     /// the next watcher takes up from what this one reported (`rewatch`).
-    stopped_watcher: Option<crate::watch::Stopped>,
+    Drained(crate::watch::Stopped),
+}
+
+impl Watching {
+    fn take(&mut self) -> Watching {
+        std::mem::replace(self, Watching::No)
+    }
+
+    /// The watcher, while it runs.
+    fn watcher(self) -> Option<crate::watch::Watcher> {
+        match self {
+            Watching::Yes(watcher) => Some(watcher),
+            Watching::No | Watching::Drained(_) => None,
+        }
+    }
 }
 
 impl Leading {
@@ -580,18 +602,14 @@ impl Leading {
             lc.tcp_congestion = c.tcp_congestion.clone();
             lc.record_interval = c.record_interval;
             lc.role = format!("ferry node {}, leading", c.advertise);
-            let (leader, watcher) = match feed {
+            let (leader, watching) = match feed {
                 Feed::Watch => {
                     let (leader, watcher) = crate::leader::start_watched(lc)?;
-                    (leader, Some(watcher))
+                    (leader, Watching::Yes(watcher))
                 }
-                Feed::Library => (crate::leader::start_scanned(lc)?, None),
+                Feed::Library => (crate::leader::start_scanned(lc)?, Watching::No),
             };
-            Ok(Leading {
-                leader,
-                watcher,
-                stopped_watcher: None,
-            })
+            Ok(Leading { leader, watching })
         })
         .await??;
         Ok(started)
@@ -600,13 +618,18 @@ impl Leading {
     /// Reports every write made so far to the leader and stops watching (the writer has
     /// stopped: a handoff's final drain); an error when the watcher could not.
     async fn flush_watcher(&mut self) -> anyhow::Result<()> {
-        if let Some(w) = self.watcher.take() {
-            let stopped = tokio::task::spawn_blocking(move || w.flush_and_stop()).await?;
-            let failure = stopped.failure().map(str::to_string);
-            self.stopped_watcher = Some(stopped);
-            if let Some(why) = failure {
-                anyhow::bail!("{why}");
+        let watcher = match self.watching.take() {
+            Watching::Yes(watcher) => watcher,
+            not => {
+                self.watching = not;
+                return Ok(());
             }
+        };
+        let stopped = tokio::task::spawn_blocking(move || watcher.flush_and_stop()).await?;
+        let failure = stopped.failure().map(str::to_string);
+        self.watching = Watching::Drained(stopped);
+        if let Some(why) = failure {
+            anyhow::bail!("{why}");
         }
         Ok(())
     }
@@ -614,15 +637,19 @@ impl Leading {
     /// Watches again after an aborted handoff, if its final drain stopped the watcher: every
     /// change made since (the writer was told to stop, not made to) is reported first.
     async fn rewatch(&mut self) -> std::io::Result<()> {
-        let Some(stopped) = self.stopped_watcher.take() else {
-            return Ok(());
+        let stopped = match self.watching.take() {
+            Watching::Drained(stopped) => stopped,
+            not => {
+                self.watching = not;
+                return Ok(());
+            }
         };
         let leader = self.leader.clone();
         let watcher =
             tokio::task::spawn_blocking(move || crate::leader::watch_again(&leader, stopped))
                 .await
                 .map_err(std::io::Error::other)??;
-        self.watcher = Some(watcher);
+        self.watching = Watching::Yes(watcher);
         Ok(())
     }
 
@@ -631,8 +658,8 @@ impl Leading {
     /// the lost hook and the lease's revocation, which let the next leader in, come after.
     /// After a handoff at `handed_off_at`, no record if nothing changed since
     /// (`Settle::HandedOffAt`).
-    async fn stop(mut self, handed_off_at: Option<u64>) {
-        let watcher = self.watcher.take();
+    async fn stop(self, handed_off_at: Option<u64>) {
+        let watcher = self.watching.watcher();
         let leader = self.leader;
         let report_pending =
             move || watcher.map_or(true, |w| w.flush_and_stop().failure().is_none());
@@ -1281,7 +1308,11 @@ async fn node_loop(
                     }
                 }
             }
-            if let Some(why) = leading.watcher.as_ref().and_then(|w| w.failure()) {
+            let failure = match &leading.watching {
+                Watching::Yes(watcher) => watcher.failure(),
+                Watching::No | Watching::Drained(_) => None,
+            };
+            if let Some(why) = failure {
                 break Stepped::CannotWatch(why);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

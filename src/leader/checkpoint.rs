@@ -179,7 +179,9 @@ struct Recorded {
 pub(super) struct Rounds {
     /// The writers' catalog as of the last round's changes (`Catalog::detached`).
     catalog: Catalog,
-    /// What the record on disk holds, file by file (meaningless while `reserved` is `None`).
+    /// Each file's line as the last round made it (or the start's look, before one did): what
+    /// the record on disk holds, once `reserved` is set, and what the next record or the stop's
+    /// carries over for a file not stale.
     files: HashMap<RelPath, Recorded>,
     /// The reservation of the record on disk, if the last round wrote one.
     reserved: Option<u64>,
