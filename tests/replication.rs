@@ -365,9 +365,7 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_wha
         write(&ld.join("meta.json"), b"{\"version\":2}");
         append(&ld.join(seg), &pattern(700, 12));
         let leader = start_leader_with(&env, &ld, engine, &["--record-interval-ms", "0"]);
-        let line = leader
-            .proc
-            .wait_log("resuming instance", Duration::from_secs(10));
+        let line = resuming_line(&leader);
         assert!(
             line.contains("3 of 5 files vouched for"),
             "{engine}: {line}"
@@ -420,9 +418,7 @@ fn a_killed_leader_resumes_from_its_last_checkpoint_so_followers_hash_only_what_
 
         append(&ld.join(seg), &pattern(700, 12));
         let leader = start_leader(&env, &ld, engine);
-        let line = leader
-            .proc
-            .wait_log("resuming instance", Duration::from_secs(10));
+        let line = resuming_line(&leader);
         assert!(
             line.contains("4 of 5 files vouched for"),
             "{engine}: {line}"
@@ -493,9 +489,7 @@ fn checkpoints_at_rest(http: &str) -> [u64; 4] {
 fn checkpoints_look_again_only_at_files_that_changed() {
     let env = Env::new();
     let ld = env.dir("leader");
-    for i in 0..200 {
-        write(&ld.join(format!("q/seg.{i}")), &pattern(1000, i as u8));
-    }
+    write_segments(&ld, 200);
     let flags = ["--record-interval-ms", "20", "--http", "127.0.0.1:0"];
     let leader = start_leader_with(&env, &ld, "fallback", &flags);
     let http = http_addr(&leader.proc);
@@ -520,10 +514,21 @@ fn checkpoints_look_again_only_at_files_that_changed() {
     drop(leader);
 
     let leader = start_leader(&env, &ld, "fallback");
-    let line = leader
-        .proc
-        .wait_log("resuming instance", Duration::from_secs(10));
+    let line = resuming_line(&leader);
     assert!(line.contains("200 of 200 files vouched for"), "{line}");
+}
+
+/// `count` files of 1000 bytes in `dir`/q, `seg.0` and up.
+fn write_segments(dir: &std::path::Path, count: usize) {
+    for i in 0..count {
+        write(&dir.join(format!("q/seg.{i}")), &pattern(1000, i as u8));
+    }
+}
+
+/// The line in which `leader` says it resumes an instance, and of how many files it vouches.
+fn resuming_line(leader: &LeaderProc) -> String {
+    let wait = Duration::from_secs(10);
+    leader.proc.wait_log("resuming instance", wait)
 }
 
 /// A leader's first checkpoint vouches for the files its start looked at (the watcher's look,
@@ -537,9 +542,7 @@ fn checkpoints_look_again_only_at_files_that_changed() {
 fn a_leaders_first_checkpoint_and_its_stop_look_again_only_at_what_changed_since_its_start() {
     let env = Env::new();
     let ld = env.dir("leader");
-    for i in 0..200 {
-        write(&ld.join(format!("q/seg.{i}")), &pattern(1000, i as u8));
-    }
+    write_segments(&ld, 200);
     // Settled at the start's look: unchanged for LEADER_RECORD_SETTLE_MS before it.
     let settled_ns = newest_ctime_ns(&ld) + 1_100_000_000;
     wait_until(Duration::from_secs(5), "the files settled", || {
@@ -555,9 +558,7 @@ fn a_leaders_first_checkpoint_and_its_stop_look_again_only_at_what_changed_since
 
     append(&ld.join("q/seg.7"), &pattern(500, 1));
     let leader = start_leader(&env, &ld, "fallback");
-    let line = leader
-        .proc
-        .wait_log("resuming instance", Duration::from_secs(10));
+    let line = resuming_line(&leader);
     assert!(line.contains("199 of 200 files vouched for"), "{line}");
     drop(leader);
 
@@ -577,9 +578,7 @@ fn a_leaders_first_checkpoint_and_its_stop_look_again_only_at_what_changed_since
         "{line}"
     );
     let leader = start_leader(&env, &ld, "fallback");
-    let line = leader
-        .proc
-        .wait_log("resuming instance", Duration::from_secs(10));
+    let line = resuming_line(&leader);
     assert!(line.contains("200 of 200 files vouched for"), "{line}");
 }
 
