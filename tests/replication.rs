@@ -122,7 +122,8 @@ fn restarted_follower_resumes_without_resending_unchanged_bytes() {
 /// its segments) is served, copied, synced and streamed: neither side needs every file open at
 /// once. Both processes run under a limit of 128 open files, at `synced`, where the follower
 /// makes every file it wrote durable before it acks: 600 files copied whole, then an append to
-/// each, which the follower writes under the file's real name.
+/// each, which the follower writes under the file's real name. The leader empties its caches
+/// when it meets the limit; the follower keeps fewer files open than the limit from the start.
 #[test]
 fn a_dir_of_more_files_than_the_open_file_limit_is_copied_synced_and_streamed() {
     use std::os::unix::process::CommandExt;
@@ -162,19 +163,18 @@ fn a_dir_of_more_files_than_the_open_file_limit_is_copied_synced_and_streamed() 
             append(&path(i), &pattern(100, 7));
         }
         wait_identical(&leader_dir, &follower_dir, Duration::from_secs(60));
-        // Each side says once that it met the limit, and what to raise; nothing else failed for
-        // it (EMFILE shows in that line only).
-        for (side, log) in [
-            ("leader", leader.log_text()),
-            ("follower", follower.log_text()),
-        ] {
-            assert_eq!(log.matches(warning).count(), 1, "{engine} {side}: {log}");
-            assert_eq!(
-                log.matches("(os error 24)").count(),
-                1,
-                "{engine} {side}: {log}"
-            );
-        }
+        // The leader says once that it met the limit, and what to raise; nothing else failed
+        // for it (EMFILE shows in that line only).
+        let log = leader.log_text();
+        assert_eq!(log.matches(warning).count(), 1, "{engine} leader: {log}");
+        assert_eq!(log.matches("(os error 24)").count(), 1, "{engine}: {log}");
+        // The follower keeps at most half its limit open for writing, and says so once: it
+        // never meets the limit, which would fail whatever else opens a file then (its held
+        // record's save did, now and then).
+        let log = follower.log_text();
+        let kept = "(128) leaves room to keep 64 files open for writing, not 256";
+        assert_eq!(log.matches(kept).count(), 1, "{engine} follower: {log}");
+        assert_eq!(log.matches("os error 24").count(), 0, "{engine}: {log}");
         drop((leader, follower));
         std::fs::remove_dir_all(&follower_dir).unwrap();
     }

@@ -18,12 +18,15 @@ use crate::paths::{DataDir, RelPath, TempFile};
 use crate::session::follower::FollowerAction;
 use crate::session::SessionError;
 
-/// Open files kept per connection.
+/// Open files kept per connection, where the limit of open files allows
+/// (`paths::files_kept_open_max`).
 const OPEN_FILES_MAX: usize = 256;
 
 pub struct Apply {
     dir: Arc<DataDir>,
     open: HashMap<RelPath, File>,
+    /// How many files `open` holds at most.
+    open_max: usize,
     temps: HashMap<RelPath, TempFile>,
     /// What the next sync round must make durable (shared with the sync task).
     dirty: Rc<RefCell<Dirty>>,
@@ -47,6 +50,7 @@ impl Apply {
         Apply {
             dir,
             open: HashMap::new(),
+            open_max: crate::paths::files_kept_open_max(OPEN_FILES_MAX),
             temps: HashMap::new(),
             dirty,
             sync_before_commit,
@@ -72,7 +76,7 @@ impl Apply {
             };
         }
         if !self.open.contains_key(path) {
-            if self.open.len() >= OPEN_FILES_MAX {
+            if self.open.len() >= self.open_max {
                 self.open.clear();
             }
             let (file, changed) = self
