@@ -537,11 +537,7 @@ fn where_seccomp_refuses_io_uring_ferry_falls_back_and_says_why() {
     follower.wait_log("with the fallback engine", Duration::from_secs(20));
     wait_identical(&ld, &fd, Duration::from_secs(60));
     // Streaming: an append and a rewrite reach the follower while both stay on the fallback.
-    let mut seg = std::fs::OpenOptions::new()
-        .append(true)
-        .open(ld.join("q/seg"))
-        .unwrap();
-    std::io::Write::write_all(&mut seg, &pattern(100_000, 8)).unwrap();
+    append(&ld.join("q/seg"), &pattern(100_000, 8));
     write(&ld.join("meta.json"), b"{\"v\":2}");
     wait_identical(&ld, &fd, Duration::from_secs(60));
     drop(follower);

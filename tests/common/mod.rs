@@ -776,12 +776,6 @@ pub fn append(path: &Path, bytes: &[u8]) {
     file.write_all(bytes).unwrap();
 }
 
-/// Now, in ns since the epoch, as file ctimes are.
-pub fn now_ns() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since.map_or(0, |d| d.as_nanos() as i64)
-}
-
 /// The newest ctime of the files under `dir` (ferry's state left out), in ns.
 pub fn newest_ctime_ns(dir: &Path) -> i64 {
     use std::os::unix::fs::MetadataExt;
