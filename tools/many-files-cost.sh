@@ -92,7 +92,7 @@ PY
 }
 
 start() { # what: fresh or resumed
-  local what=$1 pid t0 t1 cpu
+  local what=$1 pid t0 t1 t2 cpu
   [ "$what" = fresh ] && rm -f "$base/l/.ferry/leader"
   t0=$(date +%s.%N)
   "$ferry" lead --data-dir "$base/l" --listen 127.0.0.1:0 --secret-file "$base/secret" \
@@ -106,10 +106,11 @@ start() { # what: fresh or resumed
   t1=$(date +%s.%N)
   kill "$pid" # a graceful stop: it writes the record the resumed start takes
   wait "$pid" 2>/dev/null || true
+  t2=$(date +%s.%N) # now, not in the line below, where the two `since` run before it
   echo "many-files-cost: $files files, start $what: listening $(since "$t0" "$base/lead.log" \
     "listening on") s, first record $(since "$t0" "$base/lead.log" "recorded instance") s after \
 the launch; $(echo "scale=2; $cpu / $hz" | bc) CPU s by then (leader process); then stopped \
-$(echo "scale=3; ($(date +%s.%N) - $t1) / 1" | bc) s after SIGTERM"
+$(echo "scale=3; ($t2 - $t1) / 1" | bc) s after SIGTERM"
 }
 
 echo "many-files-cost: $ferry"
