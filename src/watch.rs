@@ -50,6 +50,10 @@ use crate::paths::{RelPath, ROOT_CHECK_INTERVAL, STATE_DIR_NAME};
 
 /// Bytes compared at the start and before the old end of a file that grew.
 const SAMPLE_BYTES: usize = 64;
+const _: () = assert!(
+    SAMPLE_BYTES <= u8::MAX as usize,
+    "Samples::len counts them in a u8"
+);
 /// How long a file that looks overwritten in place is watched for an append in flight.
 const SETTLE_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 /// Bytes read from the inotify fd at once.
@@ -79,25 +83,45 @@ pub enum Change {
 
 pub type Sink = Box<dyn FnMut(Change) + Send>;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
     len_bytes: u64,
     mtime_ns: i64,
     /// Inode number: a rename-over gives the path a new one, even at the same size and mtime.
     ino: u64,
-    head: Vec<u8>,
-    tail: Vec<u8>,
+    samples: Samples,
 }
 
 impl Seen {
     /// A file as `meta`, a stat of it, shows it, with its samples (`read_samples`).
-    fn of(meta: &std::fs::Metadata, (head, tail): (Vec<u8>, Vec<u8>)) -> Seen {
+    fn of(meta: &std::fs::Metadata, samples: Samples) -> Seen {
         Seen {
             len_bytes: meta.len(),
             mtime_ns: mtime_ns(meta),
             ino: meta.ino(),
-            head,
-            tail,
+            samples,
+        }
+    }
+}
+
+/// A file's first `SAMPLE_BYTES` and the `SAMPLE_BYTES` before a length (fewer when it is
+/// shorter): whether it grew by an append or was rewritten. Kept inline, not on the heap: a
+/// watcher holds one for every file of the data dir. None read (a file that cannot be opened,
+/// or shorter than the length by the time it was read) is the default, all zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Samples {
+    /// How many bytes of each are read; the rest stays zero.
+    len: u8,
+    head: [u8; SAMPLE_BYTES],
+    tail: [u8; SAMPLE_BYTES],
+}
+
+impl Default for Samples {
+    fn default() -> Samples {
+        Samples {
+            len: 0,
+            head: [0; SAMPLE_BYTES],
+            tail: [0; SAMPLE_BYTES],
         }
     }
 }
@@ -313,13 +337,16 @@ fn look(root: &Path, path: &RelPath) -> io::Result<Option<(std::fs::Metadata, Se
 
 /// The first `SAMPLE_BYTES` of `file` and those before `len_bytes` (fewer when it is
 /// shorter): `None` when they cannot be read (it is shorter than `len_bytes` now).
-fn read_samples(file: &File, len_bytes: u64) -> Option<(Vec<u8>, Vec<u8>)> {
-    let n = (len_bytes as usize).min(SAMPLE_BYTES);
-    let mut head = vec![0u8; n];
-    let mut tail = vec![0u8; n];
-    file.read_exact_at(&mut head, 0).ok()?;
-    file.read_exact_at(&mut tail, len_bytes - n as u64).ok()?;
-    Some((head, tail))
+fn read_samples(file: &File, len_bytes: u64) -> Option<Samples> {
+    let n = len_bytes.min(SAMPLE_BYTES as u64) as usize;
+    let mut samples = Samples {
+        len: n as u8,
+        ..Samples::default()
+    };
+    file.read_exact_at(&mut samples.head[..n], 0).ok()?;
+    file.read_exact_at(&mut samples.tail[..n], len_bytes - n as u64)
+        .ok()?;
+    Some(samples)
 }
 
 fn join(dir: &str, name: &str) -> String {
@@ -515,7 +542,7 @@ impl State {
         }
     }
 
-    fn samples(&self, path: &RelPath, len_bytes: u64) -> (Vec<u8>, Vec<u8>) {
+    fn samples(&self, path: &RelPath, len_bytes: u64) -> Samples {
         File::open(self.abs(path.as_str()))
             .ok()
             .and_then(|file| read_samples(&file, len_bytes))
@@ -639,7 +666,6 @@ impl State {
         touched: Touched,
         stat: io::Result<std::fs::Metadata>,
     ) -> io::Result<()> {
-        let name = self.abs(path.as_str());
         let meta = match stat {
             Ok(m) if m.is_file() => Some(m),
             // Not a file any more, or gone: removed. A stat that fails for another reason says
@@ -647,6 +673,7 @@ impl State {
             Ok(_) => None,
             Err(e) if is_gone(&e) => None,
             Err(e) => {
+                let name = self.abs(path.as_str());
                 let why = format!("cannot look at {}: {e}", name.display());
                 return Err(io::Error::new(e.kind(), why));
             }
@@ -655,7 +682,7 @@ impl State {
             self.removed(path);
             return Ok(());
         };
-        let old = self.files.get(path).cloned();
+        let old = self.files.get(path).copied();
         if let Some(old) = &old {
             let same_file = !touched.recreated || old.ino == meta.ino();
             if same_file && meta.len() == old.len_bytes && mtime_ns(&meta) != old.mtime_ns {
@@ -683,8 +710,7 @@ impl State {
                 len_bytes,
             }),
             Some(old) if len_bytes > old.len_bytes => {
-                let (head, tail) = self.samples(path, old.len_bytes);
-                if head == old.head && tail == old.tail {
+                if self.samples(path, old.len_bytes) == old.samples {
                     Some(Change::Grew {
                         path: path.clone(),
                         from_bytes: old.len_bytes,
@@ -733,16 +759,22 @@ impl State {
     /// directory cannot be watched or listed (the error), rather than its files as deleted.
     fn rescan(&mut self) -> io::Result<()> {
         let found = self.add_tree("")?;
-        let present: HashSet<RelPath> = found.iter().cloned().collect();
-        let gone: Vec<RelPath> = self
-            .files
-            .keys()
-            .filter(|p| !present.contains(*p))
-            .cloned()
-            .collect();
-        for path in gone {
-            self.files.remove(&path);
-            self.emit(Change::Removed { path });
+        // A file known and not found is gone, reported before what was found (a file replaced
+        // by a directory of the same name goes before the files in it come). Mostly none is:
+        // every known file was found, and no set of the found is needed to tell.
+        let known_found = found.iter().filter(|p| self.files.contains_key(*p)).count();
+        if known_found < self.files.len() {
+            let present: HashSet<&RelPath> = found.iter().collect();
+            let gone: Vec<RelPath> = self
+                .files
+                .keys()
+                .filter(|p| !present.contains(p))
+                .cloned()
+                .collect();
+            for path in gone {
+                self.files.remove(&path);
+                self.emit(Change::Removed { path });
+            }
         }
         // The stats first, on several threads when there are many (`index::look_each`): at a
         // stop, and after an overflow, the tree may be the whole data dir.
@@ -1463,7 +1495,7 @@ mod tests {
         files.remove(&first);
         let seen_last = files.get_mut(&last).unwrap();
         seen_last.mtime_ns -= 1;
-        let gone = seen_last.clone();
+        let gone = *seen_last;
         files.insert(p("q0/gone"), gone);
         prepared.state.rescan().unwrap();
         let mut got: Vec<Change> = rx.try_iter().collect();
