@@ -14,6 +14,7 @@ pub mod follower;
 pub mod frame;
 pub mod http;
 pub mod index;
+pub mod kept_open;
 pub mod lag;
 pub mod leader;
 pub mod leader_record;

@@ -180,34 +180,6 @@ pub fn open_making_room<T>(
     }
 }
 
-/// How many files a cache may keep open, `wanted` unless the process's limit of open files
-/// (its soft RLIMIT_NOFILE) is under twice that: then half the limit, so that a full cache leaves
-/// the descriptors everything else needs (a connection, a state file's save, the sync threads),
-/// which a cache holding all of them would fail with EMFILE. Said once, when it lowers it.
-pub fn files_kept_open_max(wanted: usize) -> usize {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    // SAFETY: rlimit is plain data, which getrlimit only writes.
-    let limit = unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0).then_some(lim.rlim_cur)
-    };
-    let half = limit.map_or(usize::MAX, |l| usize::try_from(l / 2).unwrap_or(usize::MAX));
-    if half >= wanted {
-        return wanted;
-    }
-    let kept = half.max(1);
-    if !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            "the limit of open files ({}) leaves room to keep {kept} files open for writing, \
-             not {wanted}: the others are reopened as needed (slower). Raise the limit \
-             (`ulimit -n`, systemd's LimitNOFILE=); only logged once",
-            limit.unwrap_or(0)
-        );
-    }
-    kept
-}
-
 /// The directories (relative to the data dir's root, `""` for the root itself) whose entries a
 /// change created, renamed or removed: the ones an fsync must reach for the change to survive a
 /// power loss.

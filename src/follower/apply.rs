@@ -14,19 +14,17 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::Dirty;
+use crate::kept_open::KeptOpen;
 use crate::paths::{DataDir, RelPath, TempFile};
 use crate::session::follower::FollowerAction;
 use crate::session::SessionError;
 
-/// Open files kept per connection, where the limit of open files allows
-/// (`paths::files_kept_open_max`).
+/// Open files kept per connection, where the limit of open files allows (`kept_open`).
 const OPEN_FILES_MAX: usize = 256;
 
 pub struct Apply {
     dir: Arc<DataDir>,
-    open: HashMap<RelPath, File>,
-    /// How many files `open` holds at most.
-    open_max: usize,
+    open: KeptOpen<File>,
     temps: HashMap<RelPath, TempFile>,
     /// What the next sync round must make durable (shared with the sync task).
     dirty: Rc<RefCell<Dirty>>,
@@ -49,8 +47,7 @@ impl Apply {
     pub fn new(dir: Arc<DataDir>, dirty: Rc<RefCell<Dirty>>, sync_before_commit: bool) -> Apply {
         Apply {
             dir,
-            open: HashMap::new(),
-            open_max: crate::paths::files_kept_open_max(OPEN_FILES_MAX),
+            open: KeptOpen::new(OPEN_FILES_MAX),
             temps: HashMap::new(),
             dirty,
             sync_before_commit,
@@ -75,10 +72,7 @@ impl Apply {
                 None => Err(SessionError::Io(format!("no temp file open for {path}"))),
             };
         }
-        if !self.open.contains_key(path) {
-            if self.open.len() >= self.open_max {
-                self.open.clear();
-            }
+        if self.open.get(path).is_none() {
             let (file, changed) = self
                 .making_room(|dir| dir.open_write(path))
                 .map_err(|e| disk_error("write", path, e))?;

@@ -1,7 +1,6 @@
 //! One follower's connection: the task that drives its `LeaderSession`, the task that reads its
 //! socket, and when the session looks at its inbox.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
@@ -47,7 +46,8 @@ const INBOX_POLL_INTERVAL_SYNCING: Duration = Duration::from_millis(5);
 /// `INBOX_POLL_IDLE_MAX` for a connection sending its initial sync: longer than its look
 /// interval, or finding nothing new at one look would make the writer wake it again.
 const INBOX_POLL_IDLE_MAX_SYNCING: Duration = Duration::from_millis(25);
-/// Open files kept per connection for shipping payloads.
+/// Open files kept per connection for shipping payloads, where the limit of open files allows
+/// (`kept_open`).
 const OPEN_FILES_PER_CONNECTION_MAX: usize = 256;
 
 pub(super) struct ConnCtx {
@@ -362,7 +362,7 @@ async fn drive(
         connected_at,
     } = io;
     let mut announced = false;
-    let mut files = OpenFiles::new();
+    let mut files = OpenFiles::new(OPEN_FILES_PER_CONNECTION_MAX);
     let mut eof = false;
     let mut reporter = Reporter::default();
     let mut sync_started: Option<Instant> = None;
@@ -517,7 +517,7 @@ async fn drive(
                 match opened.and_then(|f| Ok((f.metadata()?.len(), f))) {
                     Ok((len, file)) => {
                         session.begin_whole(&path, len, &catalog);
-                        keep_open(&mut files, path, generation, file);
+                        files.insert(path, (generation, file));
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         tracing::info!(
@@ -714,14 +714,7 @@ fn next_look_in(inbox_seen_at: Option<Instant>, now: Instant, rate: PollRate) ->
 }
 
 /// The files a connection keeps open to ship payloads from: path -> (generation, file).
-type OpenFiles = HashMap<RelPath, (u64, File)>;
-
-fn keep_open(files: &mut OpenFiles, path: RelPath, generation: u64, file: File) {
-    if files.len() >= OPEN_FILES_PER_CONNECTION_MAX {
-        files.clear();
-    }
-    files.insert(path, (generation, file));
-}
+type OpenFiles = crate::kept_open::KeptOpen<(u64, File)>;
 
 /// Whether `path` at `generation` still holds the bytes up to `end`, opening it if needed
 /// (then it is in `files`). Not when the file is gone or shorter. The session asks only for
@@ -745,7 +738,7 @@ fn payload_available(
         let opened =
             crate::paths::open_making_room(kept, || files.clear(), || ctx.dir.open_read(path));
         match opened {
-            Ok(file) => keep_open(files, path.clone(), generation, file),
+            Ok(file) => files.insert(path.clone(), (generation, file)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(SessionError::Io(format!("cannot read {path}: {e}")).into()),
         }
