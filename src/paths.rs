@@ -649,6 +649,31 @@ impl DataDir {
     /// Renames a complete temp file over `rel` (atomically replacing any old copy); returns
     /// the directories whose entries that changed. The temp file stays open until dropped.
     pub fn commit_temp(&self, temp: &TempFile, rel: &RelPath) -> io::Result<DirsChanged> {
+        self.rename_temp(temp, rel, 0)
+    }
+
+    /// `commit_temp` where nothing is at `rel` yet; `None` (the temp file left as it was) when
+    /// something is, or when the filesystem cannot rename without replacing (no
+    /// `RENAME_NOREPLACE`): then the caller looks at what is there and `commit_temp`s. A full
+    /// sync of new files so spares a look at each name before its rename.
+    pub fn commit_temp_if_new(
+        &self,
+        temp: &TempFile,
+        rel: &RelPath,
+    ) -> io::Result<Option<DirsChanged>> {
+        match self.rename_temp(temp, rel, libc::RENAME_NOREPLACE) {
+            Ok(changed) => Ok(Some(changed)),
+            Err(e) if matches!(os_error(&e), Some(libc::EEXIST | libc::EINVAL)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn rename_temp(
+        &self,
+        temp: &TempFile,
+        rel: &RelPath,
+        flags: libc::c_uint,
+    ) -> io::Result<DirsChanged> {
         let tmp = self.temp_dir()?;
         let mut changed = Vec::new();
         let parent = self
@@ -659,11 +684,12 @@ impl DataDir {
         // SAFETY: both dir fds are open; both names are NUL-terminated single components, so
         // the rename stays within dirs already resolved beneath root.
         let rc = unsafe {
-            libc::renameat(
+            libc::renameat2(
                 tmp.as_raw_fd(),
                 from.as_ptr(),
                 parent.as_raw_fd(),
                 to.as_ptr(),
+                flags,
             )
         };
         if rc != 0 {
@@ -1154,6 +1180,29 @@ mod tests {
         dir.remove(&p("a/b/f")).unwrap();
         assert!(!tmp.path().join("a").exists(), "empty parents are pruned");
         dir.remove(&p("never/there")).unwrap();
+    }
+
+    /// A whole file received under a new name is renamed into place at once; over a name
+    /// taken, nothing happens, so that the caller can look at the copy it replaces first.
+    #[test]
+    fn commit_temp_if_new_renames_only_where_nothing_is() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        let t = dir.create_temp(&p("q/f")).unwrap();
+        (&t.file).write_all(b"first").unwrap();
+        assert_eq!(
+            dir.commit_temp_if_new(&t, &p("q/f")).unwrap(),
+            Some(vec!["".to_string(), "q".to_string()])
+        );
+        let t = dir.create_temp(&p("q/f")).unwrap();
+        (&t.file).write_all(b"second").unwrap();
+        assert_eq!(dir.commit_temp_if_new(&t, &p("q/f")).unwrap(), None);
+        assert_eq!(std::fs::read(tmp.path().join("q/f")).unwrap(), b"first");
+        assert_eq!(dir.commit_temp(&t, &p("q/f")).unwrap(), ["q"]);
+        assert_eq!(std::fs::read(tmp.path().join("q/f")).unwrap(), b"second");
+        let temps = std::fs::read_dir(tmp.path().join(".ferry/tmp")).unwrap();
+        assert_eq!(temps.count(), 0);
     }
 
     #[test]

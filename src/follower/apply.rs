@@ -103,6 +103,32 @@ impl Apply {
         }
     }
 
+    /// Renames `temp`, a complete copy of `path` (`len_bytes`), over the copy held: synced
+    /// first on a `synced` follower. Only over a copy held: a new name holds nothing that was
+    /// acked, and syncing each new file here would stall the stream (a full sync would wait
+    /// for the disk file by file instead of once at the end).
+    fn replace_held(
+        &mut self,
+        temp: &TempFile,
+        path: &RelPath,
+        len_bytes: u64,
+    ) -> Result<crate::paths::DirsChanged, SessionError> {
+        let held = self.dir.open_read(path).and_then(|f| f.metadata()).ok();
+        if let Some(held) = &held {
+            tracing::info!(
+                "replacing {path} ({} bytes) with the leader's copy ({len_bytes} bytes)",
+                held.len()
+            );
+        }
+        if self.sync_before_commit && held.is_some() {
+            temp.file
+                .sync_data()
+                .map_err(|e| disk_error("sync the temp file of", path, e))?;
+        }
+        self.making_room(|dir| dir.commit_temp(temp, path))
+            .map_err(|e| disk_error("rename into place", path, e))
+    }
+
     /// Applies every action but `Write` (payload), `Inventory` and `Mark` (the driver's).
     pub fn apply(&mut self, action: FollowerAction) -> Result<(), SessionError> {
         match action {
@@ -130,25 +156,14 @@ impl Apply {
                         why: format!("{path}: the temp file holds {have} bytes, BEGIN_WHOLE said {len_bytes}"),
                     });
                 }
-                let held = self.dir.open_read(&path).and_then(|f| f.metadata()).ok();
-                if let Some(held) = &held {
-                    tracing::info!(
-                        "replacing {path} ({} bytes) with the leader's copy ({len_bytes} bytes)",
-                        held.len()
-                    );
-                }
-                // Only over an existing copy: a new name holds nothing that was acked, and
-                // syncing each new file here would stall the stream (a full sync would wait for
-                // the disk file by file instead of once at the end).
-                if self.sync_before_commit && held.is_some() {
-                    temp.file
-                        .sync_data()
-                        .map_err(|e| disk_error("sync the temp file of", &path, e))?;
-                }
                 self.open.remove(&path);
-                let changed = self
-                    .making_room(|dir| dir.commit_temp(&temp, &path))
+                let committed = self
+                    .making_room(|dir| dir.commit_temp_if_new(&temp, &path))
                     .map_err(|e| disk_error("rename into place", &path, e))?;
+                let changed = match committed {
+                    Some(changed) => changed,
+                    None => self.replace_held(&temp, &path, len_bytes)?,
+                };
                 drop(temp);
                 let mut dirty = self.dirty.borrow_mut();
                 dirty.file(&path);
