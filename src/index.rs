@@ -99,7 +99,13 @@ impl HashProgress {
 
 /// Lowercase hex, two digits a byte (digests here, instance ids in the held record).
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        text.push(char::from(DIGITS[usize::from(b >> 4)]));
+        text.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    text
 }
 
 /// The `N` bytes written by `hex`; `None` unless `s` is exactly that.
@@ -492,6 +498,14 @@ mod tests {
     use crate::paths::temp_data_dir as setup;
 
     /// Looked at on several threads or one, each file's look comes back in the files' order.
+    #[test]
+    fn hex_writes_two_lowercase_digits_a_byte_and_from_hex_reads_them_back() {
+        let bytes = [0x00, 0x0f, 0xa5, 0xff, 0x10];
+        assert_eq!(hex(&bytes), "000fa5ff10");
+        assert_eq!(from_hex::<5>("000fa5ff10"), Some(bytes));
+        assert_eq!(hex(&[]), "");
+    }
+
     #[test]
     fn each_look_comes_back_in_the_order_of_its_file() {
         for count in [

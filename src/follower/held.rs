@@ -23,6 +23,7 @@
 //! torn by a crash is ignored; a lost one leaves an older line, whose stamp no longer matches.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 
@@ -164,16 +165,17 @@ impl HeldRecord {
         if path.as_str().contains('\n') {
             return; // not representable in the line format; never vouched for
         }
-        match self.entries.get(path) {
-            Some(e) => text.push_str(&format!(
-                "{} {} {} {} {path}\n",
-                hex(&e.instance),
-                e.position,
-                e.born_at.map_or(FORGET.to_string(), |b| b.to_string()),
-                e.stamp
-            )),
-            None => text.push_str(&format!("{FORGET} {path}\n")),
-        }
+        // Into `text` (writing to a String cannot fail), not a String of each line's own.
+        let Some(e) = self.entries.get(path) else {
+            let _ = writeln!(text, "{FORGET} {path}");
+            return;
+        };
+        let _ = write!(text, "{} {} ", hex(&e.instance), e.position);
+        let _ = match e.born_at {
+            Some(born_at) => write!(text, "{born_at}"),
+            None => write!(text, "{FORGET}"),
+        };
+        let _ = writeln!(text, " {} {path}", e.stamp);
     }
 
     /// Saves what was looked at since the last save: appended to the journal, or the whole
@@ -276,8 +278,10 @@ impl HeldRecord {
         paths: impl IntoIterator<Item = RelPath>,
         born_at: impl Fn(&RelPath) -> Option<u64>,
     ) {
-        for path in paths {
-            self.look_at(dir, at, path, |path, _| Some(born_at(path)));
+        let paths: Vec<RelPath> = paths.into_iter().collect();
+        let seen = look_each(dir, &paths);
+        for (path, seen) in paths.into_iter().zip(seen) {
+            self.take_look(at, path, seen, |path, _| Some(born_at(path)));
         }
     }
 
@@ -293,26 +297,29 @@ impl HeldRecord {
         files: impl IntoIterator<Item = (RelPath, u64, u64)>,
         recorded_ns: i64,
     ) {
-        for (path, len_bytes, born_at) in files {
-            self.look_at(dir, at, path, |_, stamp| {
+        let files: Vec<(RelPath, u64, u64)> = files.into_iter().collect();
+        let paths: Vec<RelPath> = files.iter().map(|(path, ..)| path.clone()).collect();
+        let seen = look_each(dir, &paths);
+        for ((path, len_bytes, born_at), seen) in files.into_iter().zip(seen) {
+            self.take_look(at, path, seen, |_, stamp| {
                 let as_recorded = stamp.len_bytes >= len_bytes && stamp.ctime_ns <= recorded_ns;
                 as_recorded.then_some(Some(born_at))
             });
         }
     }
 
-    /// Looks at `path` and records what it sees under `instance` and `position`, with the birth
-    /// `vouch` gives once it has seen the file; forgets the file when `vouch` says `None`, or
-    /// when it is gone or cannot be looked at.
-    fn look_at(
+    /// Records what a look at `path` saw (`seen`) under `instance` and `position`, with the
+    /// birth `vouch` gives once it has seen the file; forgets the file when `vouch` says
+    /// `None`, or when it is gone or could not be looked at.
+    fn take_look(
         &mut self,
-        dir: &DataDir,
         (instance, position): (InstanceId, u64),
         path: RelPath,
+        seen: io::Result<Option<Stamp>>,
         vouch: impl FnOnce(&RelPath, &Stamp) -> Option<Option<u64>>,
     ) {
         self.unsaved.push(path.clone());
-        let seen = match Stamp::look(dir, &path) {
+        let seen = match seen {
             Ok(seen) => seen,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -347,6 +354,12 @@ impl HeldRecord {
             kept
         });
     }
+}
+
+/// A look at each of `paths` (`Stamp::look`), on several threads when there are many
+/// (`index::look_each`): the initial sync's last MARK records every file of the data dir.
+fn look_each(dir: &DataDir, paths: &[RelPath]) -> Vec<io::Result<Option<Stamp>>> {
+    crate::index::look_each(paths, |path| Stamp::look(dir, path))
 }
 
 #[cfg(test)]
