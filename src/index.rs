@@ -497,7 +497,6 @@ mod tests {
 
     use crate::paths::temp_data_dir as setup;
 
-    /// Looked at on several threads or one, each file's look comes back in the files' order.
     #[test]
     fn hex_writes_two_lowercase_digits_a_byte_and_from_hex_reads_them_back() {
         let bytes = [0x00, 0x0f, 0xa5, 0xff, 0x10];
@@ -506,6 +505,7 @@ mod tests {
         assert_eq!(hex(&[]), "");
     }
 
+    /// Looked at on several threads or one, each file's look comes back in the files' order.
     #[test]
     fn each_look_comes_back_in_the_order_of_its_file() {
         for count in [

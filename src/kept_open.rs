@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use crate::paths::RelPath;
 
 /// The files every cache of a process keeps open, and how many they may.
-pub struct Pool {
+struct Pool {
     held: AtomicUsize,
     /// Half the process's limit of open files, as it was at the first file kept.
     share: OnceLock<Share>,

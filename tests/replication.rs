@@ -122,15 +122,16 @@ fn restarted_follower_resumes_without_resending_unchanged_bytes() {
 /// its segments) is served, copied, synced and streamed: neither side needs every file open at
 /// once. Both processes run under a limit of 128 open files, at `synced`, where the follower
 /// makes every file it wrote durable before it acks: 600 files copied whole, then an append to
-/// each, which the follower writes under the file's real name. Each keeps at most half its
-/// limit open in its caches of files, and so never meets the limit, which would fail whatever
-/// else opens a file then (the follower's held record's save did, now and then; a leader's
-/// checkpoint, its watcher's look).
+/// each, which two followers at once write under the file's real name. Each process keeps at
+/// most half its limit open in its caches of files (the leader's two connections together), and
+/// so never meets the limit, which would fail whatever else opens a file then (the follower's
+/// held record's save did, now and then; a leader's checkpoint, its watcher's look).
 #[test]
 fn a_dir_of_more_files_than_the_open_file_limit_is_copied_synced_and_streamed() {
     use std::os::unix::process::CommandExt;
     let env = Env::new();
     let (leader_dir, follower_dir) = (env.dir("leader"), env.dir("follower"));
+    let second_dir = env.dir("second");
     let path = |i: usize| leader_dir.join(format!("q{}/seg.{i}", i % 7));
     for i in 0..600 {
         write(&path(i), &pattern(1000 + i, i as u8));
@@ -142,14 +143,14 @@ fn a_dir_of_more_files_than_the_open_file_limit_is_copied_synced_and_streamed() 
         unsafe { cmd.pre_exec(|| limit_open_files(128)) };
         let leader = Proc::spawn(cmd);
         let addr = listen_addr(&leader);
-        let follow = || {
-            let mut cmd = follow_cmd(&env, &follower_dir, addr, engine);
+        let follow_into = |dir: &std::path::Path| {
+            let mut cmd = follow_cmd(&env, dir, addr, engine);
             cmd.args(["--durability", "synced"]);
             // SAFETY: as above.
             unsafe { cmd.pre_exec(|| limit_open_files(128)) };
             cmd
         };
-        let mut once = follow();
+        let mut once = follow_into(&follower_dir);
         once.arg("--once");
         let out = run_bounded(once, Duration::from_secs(60));
         assert!(
@@ -159,15 +160,24 @@ fn a_dir_of_more_files_than_the_open_file_limit_is_copied_synced_and_streamed() 
         );
         assert_eq!(checksum(&leader_dir), checksum(&follower_dir), "{engine}");
 
-        let follower = Proc::spawn(follow());
-        follower.wait_log("initial sync received", Duration::from_secs(30));
+        let follower = Proc::spawn(follow_into(&follower_dir));
+        let second = Proc::spawn(follow_into(&second_dir));
+        for f in [&follower, &second] {
+            f.wait_log("initial sync received", Duration::from_secs(30));
+        }
         for i in 0..600 {
             append(&path(i), &pattern(100, 7));
         }
         wait_identical(&leader_dir, &follower_dir, Duration::from_secs(60));
+        wait_identical(&leader_dir, &second_dir, Duration::from_secs(60));
         // Each says once how many files the limit leaves it room to keep open, and what to
-        // raise; neither met the limit.
-        for (who, proc) in [("leader", &leader), ("follower", &follower)] {
+        // raise; none met the limit.
+        let procs = [
+            ("leader", &leader),
+            ("follower", &follower),
+            ("second", &second),
+        ];
+        for (who, proc) in procs {
             let log = proc.log_text();
             assert_eq!(log.matches(kept).count(), 1, "{engine} {who}: {log}");
             assert_eq!(
@@ -176,8 +186,9 @@ fn a_dir_of_more_files_than_the_open_file_limit_is_copied_synced_and_streamed() 
                 "{engine} {who}: {log}"
             );
         }
-        drop((leader, follower));
+        drop((leader, follower, second));
         std::fs::remove_dir_all(&follower_dir).unwrap();
+        std::fs::remove_dir_all(&second_dir).unwrap();
     }
 }
 
