@@ -278,8 +278,10 @@ impl HeldRecord {
         paths: impl IntoIterator<Item = RelPath>,
         born_at: impl Fn(&RelPath) -> Option<u64>,
     ) {
+        // On several threads when there are many (`index::look_each`): the initial sync's last
+        // MARK records every file of the data dir.
         let paths: Vec<RelPath> = paths.into_iter().collect();
-        let seen = look_each(dir, &paths);
+        let seen = crate::index::look_each(&paths, |path| Stamp::look(dir, path));
         for (path, seen) in paths.into_iter().zip(seen) {
             self.take_look(at, path, seen, |path, _| Some(born_at(path)));
         }
@@ -298,8 +300,7 @@ impl HeldRecord {
         recorded_ns: i64,
     ) {
         let files: Vec<(RelPath, u64, u64)> = files.into_iter().collect();
-        let paths: Vec<RelPath> = files.iter().map(|(path, ..)| path.clone()).collect();
-        let seen = look_each(dir, &paths);
+        let seen = crate::index::look_each(&files, |(path, ..)| Stamp::look(dir, path));
         for ((path, len_bytes, born_at), seen) in files.into_iter().zip(seen) {
             self.take_look(at, path, seen, |_, stamp| {
                 let as_recorded = stamp.len_bytes >= len_bytes && stamp.ctime_ns <= recorded_ns;
@@ -354,12 +355,6 @@ impl HeldRecord {
             kept
         });
     }
-}
-
-/// A look at each of `paths` (`Stamp::look`), on several threads when there are many
-/// (`index::look_each`): the initial sync's last MARK records every file of the data dir.
-fn look_each(dir: &DataDir, paths: &[RelPath]) -> Vec<io::Result<Option<Stamp>>> {
-    crate::index::look_each(paths, |path| Stamp::look(dir, path))
 }
 
 #[cfg(test)]
