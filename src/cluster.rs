@@ -1311,7 +1311,8 @@ async fn node_loop(
             let failure = match &leading.watching {
                 Watching::Yes(watcher) => watcher.failure(),
                 Watching::No | Watching::Drained(_) => None,
-            };
+            }
+            .or_else(|| leading.leader.failure());
             if let Some(why) = failure {
                 break Stepped::CannotWatch(why);
             }
@@ -1595,7 +1596,8 @@ enum Stepped {
     Fenced,
     HandedOff(HandedOff),
     Leaving,
-    /// The watcher stopped: it no longer sees every change (`Watcher::failure`).
+    /// The watcher stopped: it no longer sees every change (`Watcher::failure`); or, fed by
+    /// the embedder, the leader found its data dir's path no longer names it (`Leader::failure`).
     CannotWatch(String),
 }
 

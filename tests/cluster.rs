@@ -419,43 +419,55 @@ fn handoff_moves_leadership_under_load_with_zero_loss_and_reports_the_pause() {
     drop(etcd);
 }
 
-#[test]
-fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_off_at_once() {
-    use ferry::cluster::{Feed, Node as EmbeddedNode, NodeConfig, RoleEvent};
-    use std::sync::mpsc;
-    let env = Env::new();
-    let etcd = start_etcd(&env.dir("etcd"));
-    let secret = ferry::auth::Secret::new(SECRET.as_bytes().to_vec()).unwrap();
-    let port = free_port();
-    let config = NodeConfig {
+/// The config of a node a test embeds (`Feed::Library`: the test writes and reports), on the
+/// dir `embedded`, listening on 127.0.0.1:`port`.
+fn embedded_node_config(env: &Env, etcd: &str, port: u16) -> ferry::cluster::NodeConfig {
+    let advertise = format!("127.0.0.1:{port}");
+    ferry::cluster::NodeConfig {
         data_dir: env.dir("embedded"),
-        etcd: vec![etcd.url.clone()],
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        advertise: format!("127.0.0.1:{port}"),
+        etcd: vec![etcd.to_string()],
+        listen: advertise.parse().unwrap(),
+        advertise,
         prefix: "ferry".into(),
         lease_ttl_s: 2,
-        secret,
+        secret: ferry::auth::Secret::new(SECRET.as_bytes().to_vec()).unwrap(),
         previous_secret: None,
         secret_from_etcd: false,
         engine: Some(ferry::engine::EngineKind::Fallback),
         tcp_congestion: None,
-        record_interval: std::time::Duration::from_secs(10),
+        record_interval: Duration::from_secs(10),
         on_leader_elected: None,
         on_leader_lost: None,
         http: None,
         adopt: false,
-        empty_wait: std::time::Duration::from_secs(ferry::cluster::EMPTY_WAIT_S_DEFAULT),
+        empty_wait: Duration::from_secs(ferry::cluster::EMPTY_WAIT_S_DEFAULT),
         leave_handoff_timeout: Duration::from_secs(ferry::cluster::LEAVE_HANDOFF_TIMEOUT_S_DEFAULT),
-    };
-    let (events, roles) = mpsc::channel();
-    let node = EmbeddedNode::start(
-        config,
-        Feed::Library,
-        Box::new(move |e| {
-            let _ = events.send(e);
-        }),
-    )
-    .unwrap();
+    }
+}
+
+/// Starts an embedded node fed by the test; its role events arrive on the receiver.
+fn start_embedded_node(
+    config: ferry::cluster::NodeConfig,
+) -> (
+    ferry::cluster::Node,
+    std::sync::mpsc::Receiver<ferry::cluster::RoleEvent>,
+) {
+    let (events, roles) = std::sync::mpsc::channel();
+    let on_role = Box::new(move |e| {
+        let _ = events.send(e);
+    });
+    let node = ferry::cluster::Node::start(config, ferry::cluster::Feed::Library, on_role).unwrap();
+    (node, roles)
+}
+
+#[test]
+fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_off_at_once() {
+    use ferry::cluster::RoleEvent;
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let port = free_port();
+    let config = embedded_node_config(&env, &etcd.url, port);
+    let (node, roles) = start_embedded_node(config);
     // Alone in the cluster, it is elected and gets the leader to report its writes to.
     let leader = match roles.recv_timeout(Duration::from_secs(30)).unwrap() {
         RoleEvent::Elected(leader) => leader,
@@ -1454,40 +1466,14 @@ fn nodes_read_their_secret_files_again_on_sighup() {
 #[test]
 fn an_embedded_node_takes_new_secrets_while_it_leads() {
     use ferry::auth::{Secret, Secrets};
-    use ferry::cluster::{Feed, Node as EmbeddedNode, NodeConfig, RoleEvent};
+    use ferry::cluster::RoleEvent;
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
     let port = free_port();
     let advertise = format!("127.0.0.1:{port}");
-    let config = NodeConfig {
-        data_dir: env.dir("embedded"),
-        etcd: vec![etcd.url.clone()],
-        listen: advertise.parse().unwrap(),
-        advertise: advertise.clone(),
-        prefix: "ferry".into(),
-        lease_ttl_s: 2,
-        secret: Secret::new(SECRET.as_bytes().to_vec()).unwrap(),
-        previous_secret: None,
-        secret_from_etcd: false,
-        engine: Some(ferry::engine::EngineKind::Fallback),
-        tcp_congestion: None,
-        record_interval: Duration::from_secs(10),
-        on_leader_elected: None,
-        on_leader_lost: None,
-        http: None,
-        adopt: false,
-        empty_wait: Duration::from_secs(0),
-        leave_handoff_timeout: Duration::from_secs(ferry::cluster::LEAVE_HANDOFF_TIMEOUT_S_DEFAULT),
-    };
-    let (events, roles) = std::sync::mpsc::channel();
-    let node = EmbeddedNode::start(
-        config,
-        Feed::Library,
-        Box::new(move |e| {
-            let _ = events.send(e);
-        }),
-    )
-    .unwrap();
+    let mut config = embedded_node_config(&env, &etcd.url, port);
+    config.empty_wait = Duration::from_secs(0);
+    let (node, roles) = start_embedded_node(config);
     assert!(matches!(
         roles.recv_timeout(Duration::from_secs(30)).unwrap(),
         RoleEvent::Elected(_)
@@ -1514,6 +1500,43 @@ fn an_embedded_node_takes_new_secrets_while_it_leads() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    node.leave().unwrap();
+    drop(etcd);
+}
+
+/// A broker's data dir moved away while its embedded node leads (`mv DIR DIR.old` and a new DIR
+/// made; or a disk mounted over it): its leader stops serving, saying why, and the node resigns
+/// (the embedder is told it lost the lead), as a `ferry node` whose watcher stops does, rather
+/// than hold the lead over a directory the broker no longer writes.
+#[test]
+fn an_embedded_leading_node_whose_data_dir_is_moved_away_resigns() {
+    use ferry::cluster::RoleEvent;
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let config = embedded_node_config(&env, &etcd.url, free_port());
+    let dir = config.data_dir.clone();
+    write(&dir.join("q/seg"), &pattern(1000, 1));
+    let (node, roles) = start_embedded_node(config);
+    let leader = match roles.recv_timeout(Duration::from_secs(30)).unwrap() {
+        RoleEvent::Elected(leader) => leader,
+        _ => panic!("the first role event is not Elected"),
+    };
+    std::fs::rename(&dir, env.tmp.path().join("embedded.old")).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    assert!(
+        matches!(
+            roles.recv_timeout(Duration::from_secs(20)),
+            Ok(RoleEvent::Lost)
+        ),
+        "the node did not give up the lead within 20 s: {:?}",
+        leader.failure()
+    );
+    let why = leader.failure().unwrap_or_default();
+    let cause = format!(
+        "{} is no longer the directory ferry started on",
+        dir.display()
+    );
+    assert!(why.contains(&cause), "{why:?}");
     node.leave().unwrap();
     drop(etcd);
 }

@@ -234,6 +234,42 @@ fn a_follower_stopped_longer_than_the_silence_timeout_keeps_its_connection() {
     }
 }
 
+/// A broker's data dir moved away while its embedded leader serves it (`mv DIR DIR.old` and a
+/// new DIR made, as a reset may do; or a disk mounted over it): the leader would go on reading
+/// the old directory while the broker writes into the new one, and its followers would never
+/// get a file of it. It stops serving within seconds, saying why (`Leader::failure`), so publish
+/// confirms fail at once rather than at their timeouts; the follower keeps every file it had.
+#[test]
+fn an_embedded_leader_whose_data_dir_is_moved_away_stops_serving_and_says_why() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let (leader, follower, ld, offset) = with_a_follower_in_sync(&env, engine, 10);
+        assert_eq!(leader.failure(), None);
+        let old = env.tmp.path().join("leader.old");
+        std::fs::rename(&ld, &old).unwrap();
+        std::fs::create_dir(&ld).unwrap();
+        let position = publish(&leader, &ld, "seg.1", &mut 0, 1);
+        wait_until(
+            Duration::from_secs(20),
+            "the leader stopped serving",
+            || leader.is_stopped(),
+        );
+        let why = leader.failure().unwrap_or_default();
+        let cause = format!(
+            "{} is no longer the directory ferry started on",
+            ld.display()
+        );
+        assert!(why.contains(&cause), "{engine}: {why:?}");
+        let asked = Instant::now();
+        assert!(!leader.wait_for(position, Durability::Written, 1, Duration::from_secs(10)));
+        assert!(asked.elapsed() < Duration::from_secs(1), "{engine}");
+        drop(follower);
+        let copy = std::fs::read(env.tmp.path().join("f/seg.0")).unwrap();
+        assert_eq!(copy, std::fs::read(old.join("seg.0")).unwrap(), "{engine}");
+        assert_eq!(copy.len() as u64, offset, "{engine}");
+    }
+}
+
 /// A lone small append (a broker's one message in a quiet moment) is shipped at once: the
 /// leader holds a payload back only while something else is about to follow it in the same
 /// segment, never until the next keepalive.

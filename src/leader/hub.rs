@@ -150,6 +150,8 @@ pub(super) struct Shared {
     pub(super) secrets_changes: OwnLines<AtomicU64>,
     /// What the checkpoints did so far (`/metrics`).
     pub(super) checkpoint_counts: CheckpointCounts,
+    /// Why the leader stopped serving on its own (`Leader::failure`), once it has.
+    pub(super) failure: Mutex<Option<String>>,
 }
 
 /// What a leader's checkpoints did so far: rounds, records written, files looked at. A round
@@ -203,6 +205,18 @@ impl Shared {
             secrets.clone(),
             self.secrets_changes.0.load(Ordering::SeqCst),
         )
+    }
+
+    /// Stops serving on the leader's own account, for `why`: as `Leader::stop_serving` begins,
+    /// with `why` kept for `Leader::failure`. (The rest of a stop, the record, is left to the
+    /// embedder's stop.)
+    pub(super) fn fail(&self, why: String) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.stopping.store(true, Ordering::SeqCst);
+        self.shutdown.notify_waiters();
+        // Under the board's lock: a waiter between its look at `stopping` and its wait holds it.
+        let _board = self.board();
+        self.acked.notify_all();
     }
 
     pub(super) fn board(&self) -> MutexGuard<'_, Board> {

@@ -67,7 +67,10 @@ pub struct LeaderConfig {
     pub record_interval: Duration,
     /// The leader is fed by a change source that reports changes late (`ferry lead`'s
     /// watcher): a checkpoint is written only once that source has reported every change made
-    /// before it (`Leader::set_checkpoint_flush`), so none before the source is attached.
+    /// before it (`Leader::set_checkpoint_flush`), so none before the source is attached. That
+    /// source also looks at what the data dir's path names, and fails when it is no longer the
+    /// directory served (the watcher does); without one the leader looks itself
+    /// (`Leader::failure`).
     pub change_source_flushes: bool,
     /// Who holds the data dir while this leader serves it, as another ferry process refused it
     /// is told (`paths::DirLock`): "ferry lead", "ferry node ADDR, leading", or the embedder's.
@@ -233,6 +236,7 @@ impl Leader {
             }),
             secrets_changes: OwnLines(AtomicU64::new(0)),
             checkpoint_counts: Default::default(),
+            failure: Mutex::new(None),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
@@ -695,9 +699,22 @@ impl Leader {
         }
     }
 
-    /// Whether `stop_serving` (or shutdown) ran.
+    /// Whether `stop_serving` (or shutdown) ran, or the leader stopped on its own (`failure`).
     pub fn is_stopped(&self) -> bool {
         self.shared.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Why the leader stopped serving on its own, once it has: its data dir's path no longer
+    /// names the directory it serves (moved away, deleted, unmounted, or mounted over: a leader
+    /// no watcher feeds looks every `paths::ROOT_CHECK_INTERVAL`). Files written at that path
+    /// from then on would reach no follower. Changes are still accepted and shipped to no one;
+    /// start a leader on the path again.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

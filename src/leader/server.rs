@@ -12,7 +12,7 @@ use crate::engine::{EngineKind, Listener};
 use crate::frame::{Durability, InstanceId, LineageId};
 use crate::index::DigestCache;
 use crate::lag::FollowerState;
-use crate::paths::DataDir;
+use crate::paths::{DataDir, ROOT_CHECK_INTERVAL};
 
 use super::connection::{serve_follower, ConnCtx};
 use super::hub::Shared;
@@ -42,6 +42,8 @@ pub(super) async fn serve(
         .unwrap_or_else(|e| format!("unknown ({e})"));
     let _ = ready.send(listener.local_addr().map(|addr| (addr, congestion)));
     let digests = Rc::new(std::cell::RefCell::new(Some(DigestCache::load(&dir))));
+    let root_watched_here = !config.change_source_flushes;
+    let root = dir.clone();
     // The accept loop is never cancelled while serving: an io_uring accept dropped mid-flight
     // would lose the connection it completes with.
     let accept_loop = accept_loop(
@@ -56,6 +58,24 @@ pub(super) async fn serve(
         _ = accept_loop => {}
         _ = log_state_changes(&shared) => {}
         _ = stopping(&shared) => {}
+        _ = watch_root(&shared, &root), if root_watched_here => {}
+    }
+}
+
+/// Looks every `ROOT_CHECK_INTERVAL` at what the data dir's path names (`DataDir::check_root`),
+/// for a leader no watcher feeds (the watcher looks itself). Moved away, deleted, unmounted or
+/// mounted over, the path no longer leads to the directory this leader reads, and the
+/// application's files written there would reach no follower while they looked in sync. Returns
+/// once that happened and the leader stopped serving, saying why (`Leader::failure`).
+async fn watch_root(shared: &Shared, dir: &DataDir) {
+    loop {
+        tokio::time::sleep(ROOT_CHECK_INTERVAL).await;
+        if let Err(e) = dir.check_root() {
+            let why = format!("the leader's data dir: {e}");
+            tracing::error!("{why}: stopped serving");
+            shared.fail(why);
+            return;
+        }
     }
 }
 
