@@ -3,7 +3,8 @@
 //! beneath the data dir) per append; keeping every file open would run into the limit of open
 //! files of a data dir of many. So each cache keeps at most its own maximum, and all of a
 //! process's caches together at most half its limit of open files (its soft RLIMIT_NOFILE,
-//! read at the first cache's first file): the other half stays for everything else that opens
+//! read at the first cache's first file and again whenever the share is taken, so a limit an
+//! embedder raises later counts): the other half stays for everything else that opens
 //! a file (the connections' sockets, the watcher's looks, a checkpoint's or a held record's
 //! save, the sync threads), which a full cache would otherwise fail with EMFILE. A cache that
 //! the process's share keeps from growing closes one of its own files for each it opens; one
@@ -14,61 +15,96 @@
 //! limit, and then the cache is emptied and the open tried again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::paths::RelPath;
 
 /// The files every cache of a process keeps open, and how many they may.
 struct Pool {
     held: AtomicUsize,
-    /// Half the process's limit of open files, as it was at the first file kept.
-    share: OnceLock<Share>,
+    /// Half the process's soft limit of open files as last read (0: not read yet). Read at the
+    /// first file kept, and again whenever the share is taken: an embedder that raises its
+    /// limit after its leader started gets the larger share.
+    files_max: AtomicUsize,
+    /// The soft limit `files_max` is half of, for the warning (0: unknown).
+    limit: AtomicU64,
+    /// How the limit is read: the process's soft RLIMIT_NOFILE, `None` when it cannot be read
+    /// (then the share read before stays; with none, caches are bounded only by their own).
+    read_limit: fn() -> Option<u64>,
     warned: AtomicBool,
 }
 
 /// The process's pool, which every cache draws from.
-static PROCESS: Pool = Pool::new();
+static PROCESS: Pool = Pool::new(|| open_files_limit().map(|l| l.rlim_cur));
 
-#[derive(Debug, Clone, Copy)]
-struct Share {
-    /// The soft limit of open files; `None` when getrlimit failed (no share then).
-    limit: Option<u64>,
-    /// Files every cache together keeps open at most.
-    files_max: usize,
+/// The process's limit of open files (RLIMIT_NOFILE), `None` when getrlimit fails.
+fn open_files_limit() -> Option<libc::rlimit> {
+    // SAFETY: rlimit is plain data, which getrlimit only writes; `lim` lives across the call.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0).then_some(lim)
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, as `ferry`'s processes do at start: a
+/// leader holds a socket per follower (and per stray connection) plus files, and 1024, a common
+/// soft default, is easy to reach.
+pub fn raise_open_files_limit() {
+    if let Some(mut lim) = open_files_limit().filter(|l| l.rlim_cur < l.rlim_max) {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit only reads `lim`, a valid rlimit that lives across the call.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
 }
 
 impl Pool {
-    const fn new() -> Pool {
+    const fn new(read_limit: fn() -> Option<u64>) -> Pool {
         Pool {
             held: AtomicUsize::new(0),
-            share: OnceLock::new(),
+            files_max: AtomicUsize::new(0),
+            limit: AtomicU64::new(0),
+            read_limit,
             warned: AtomicBool::new(false),
         }
     }
 
-    fn share(&self) -> Share {
-        *self.share.get_or_init(|| {
-            // SAFETY: rlimit is plain data, which getrlimit only writes.
-            let limit = unsafe {
-                let mut lim: libc::rlimit = std::mem::zeroed();
-                (libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0).then_some(lim.rlim_cur)
-            };
-            let files_max = limit.map_or(usize::MAX, |l| {
-                usize::try_from(l / 2).unwrap_or(usize::MAX).max(1)
-            });
-            Share { limit, files_max }
-        })
+    /// Reads the limit again and returns the share it leaves (the one read before when it
+    /// cannot be read; unbounded when none ever was).
+    fn read_share(&self) -> usize {
+        match (self.read_limit)() {
+            Some(limit) => {
+                let files_max = usize::try_from(limit / 2).unwrap_or(usize::MAX).max(1);
+                self.limit.store(limit, Ordering::Relaxed);
+                self.files_max.store(files_max, Ordering::Relaxed);
+                files_max
+            }
+            None => match self.files_max.load(Ordering::Relaxed) {
+                0 => usize::MAX,
+                files_max => files_max,
+            },
+        }
     }
 
-    /// Takes one file of the share, if one is left.
-    fn try_take(&self) -> bool {
-        let files_max = self.share().files_max;
+    fn take_within(&self, files_max: usize) -> bool {
         self.held
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
                 (held < files_max).then_some(held + 1)
             })
             .is_ok()
+    }
+
+    /// Takes one file of the share, if one is left. At the share, the limit is read again
+    /// first (a system call for each file opened there: far less than the open it goes with).
+    fn try_take(&self) -> bool {
+        let files_max = match self.files_max.load(Ordering::Relaxed) {
+            0 => self.read_share(),
+            files_max => files_max,
+        };
+        if self.take_within(files_max) {
+            return true;
+        }
+        let now = self.read_share();
+        now != files_max && self.take_within(now)
     }
 
     fn take_over(&self) {
@@ -84,13 +120,13 @@ impl Pool {
         if self.warned.swap(true, Ordering::Relaxed) {
             return;
         }
-        let Share { limit, files_max } = self.share();
+        let limit = self.limit.load(Ordering::Relaxed);
+        let files_max = self.files_max.load(Ordering::Relaxed);
         tracing::warn!(
-            "the limit of open files ({}) leaves room to keep {files_max} files open (half of \
+            "the limit of open files ({limit}) leaves room to keep {files_max} files open (half of \
              it) to read from or write into, where each connection would keep up to \
              {cache_files_max}: the others are reopened as needed (slower). Raise the limit \
-             (`ulimit -n`, systemd's LimitNOFILE=); only logged once",
-            limit.unwrap_or(0)
+             (`ulimit -n`, systemd's LimitNOFILE=); only logged once"
         );
     }
 }
@@ -177,13 +213,11 @@ impl<V> Drop for KeptOpen<V> {
 mod tests {
     use super::*;
 
+    /// A pool whose share is `files_max`, and whose limit cannot be read again.
     fn pool(files_max: usize) -> &'static Pool {
-        let pool: &'static Pool = Box::leak(Box::new(Pool::new()));
-        let share = Share {
-            limit: Some(2 * files_max as u64),
-            files_max,
-        };
-        assert!(pool.share.set(share).is_ok());
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(|| None)));
+        pool.limit.store(2 * files_max as u64, Ordering::Relaxed);
+        pool.files_max.store(files_max, Ordering::Relaxed);
         pool
     }
 
@@ -223,6 +257,35 @@ mod tests {
         assert_eq!((b.len(), held(pool)), (2, 2));
         b.clear();
         assert_eq!(held(pool), 0);
+    }
+
+    /// The limit `raised_pool` reads: only that test's.
+    static RAISED_LIMIT: AtomicU64 = AtomicU64::new(8);
+
+    #[test]
+    fn a_limit_raised_after_the_first_file_kept_widens_the_share_once_it_is_reached() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(|| {
+            Some(RAISED_LIMIT.load(Ordering::Relaxed))
+        })));
+        let mut c = KeptOpen::in_pool(256, pool);
+        for i in 0..5 {
+            c.insert(p(i), i);
+        }
+        assert_eq!((c.len(), held(pool)), (4, 4));
+        RAISED_LIMIT.store(20, Ordering::Relaxed);
+        for i in 5..20 {
+            c.insert(p(i), i);
+        }
+        assert_eq!((c.len(), held(pool)), (10, 10));
+        // Lowered, it holds the caches to the new share as they open more.
+        RAISED_LIMIT.store(12, Ordering::Relaxed);
+        c.insert(p(20), 20);
+        assert_eq!((c.len(), held(pool)), (10, 10));
+        c.clear();
+        for i in 0..10 {
+            c.insert(p(i), i);
+        }
+        assert_eq!((c.len(), held(pool)), (6, 6));
     }
 
     #[test]

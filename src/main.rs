@@ -514,21 +514,8 @@ fn init_logging() {
         .init();
 }
 
-/// Raises the soft limit on open files to the hard limit: a leader holds a socket per follower
-/// (and per stray connection) plus files, and 1024, a common soft default, is easy to reach.
-fn raise_open_files_limit() {
-    // SAFETY: rlimit is plain data; getrlimit and setrlimit only read and write it.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    raise_open_files_limit();
+    ferry::kept_open::raise_open_files_limit();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let command = <Cli as clap::CommandFactory>::command();
     let known = |sub: &str| -> Vec<String> {
