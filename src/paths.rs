@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub const MAX_PATH_LEN_BYTES: usize = 4096;
@@ -377,6 +377,41 @@ pub fn first_file(root: &Path) -> io::Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// A file refused O_NOATIME (EPERM: this process neither owns it nor may act as its owner,
+/// CAP_FOWNER), and was opened without it: from then on every file is.
+static NOATIME_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// `open` with O_NOATIME among `open`'s flags where it is allowed, for a file opened to read.
+/// Replication reads the application's files, and under `relatime` (the default mount option)
+/// each read after a write would update the file's access time: an access that is not the
+/// application's, and on ext4 a journalled write of the inode at every round of a segment
+/// appended to. The flag is allowed to the file's owner and to root; once a file refuses it, a
+/// process that owns none would meet that at every open, so files are opened without it.
+pub fn open_noatime<T>(open: impl Fn(i32) -> io::Result<T>) -> io::Result<T> {
+    open_noatime_unless(&NOATIME_REFUSED, open)
+}
+
+fn open_noatime_unless<T>(
+    refused: &AtomicBool,
+    open: impl Fn(i32) -> io::Result<T>,
+) -> io::Result<T> {
+    if refused.load(Ordering::Relaxed) {
+        return open(0);
+    }
+    match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let opened = open(0)?;
+            if !refused.swap(true, Ordering::Relaxed) {
+                tracing::debug!(
+                    "reading without O_NOATIME from now on: a file refused it (this process is                      not its owner and lacks CAP_FOWNER), so reads after writes update access                      times"
+                );
+            }
+            Ok(opened)
+        }
+        opened => opened,
+    }
+}
+
 fn with_path(e: io::Error, rel: &str) -> io::Error {
     if is_escape(&e) {
         return e;
@@ -567,9 +602,11 @@ impl DataDir {
         }
     }
 
+    /// Opens `rel` to read, with O_NOATIME where allowed (`open_noatime`).
     pub fn open_read(&self, rel: &RelPath) -> io::Result<File> {
-        let fd = DataDir::openat2(self.root_fd(), rel.as_str(), libc::O_RDONLY, 0)
-            .map_err(|e| with_path(e, rel.as_str()))?;
+        let open =
+            |noatime| DataDir::openat2(self.root_fd(), rel.as_str(), libc::O_RDONLY | noatime, 0);
+        let fd = open_noatime(open).map_err(|e| with_path(e, rel.as_str()))?;
         Ok(File::from(fd))
     }
 
@@ -1180,6 +1217,32 @@ mod tests {
         dir.remove(&p("a/b/f")).unwrap();
         assert!(!tmp.path().join("a").exists(), "empty parents are pruned");
         dir.remove(&p("never/there")).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_refuses_o_noatime_is_opened_without_it_and_so_is_every_file_after() {
+        let refused = AtomicBool::new(false);
+        let asked = std::sync::Mutex::new(Vec::new());
+        let open = |flags: i32| {
+            asked.lock().unwrap().push(flags);
+            if flags & libc::O_NOATIME != 0 {
+                Err(io::Error::from_raw_os_error(libc::EPERM))
+            } else {
+                Ok(flags)
+            }
+        };
+        assert_eq!(open_noatime_unless(&refused, open).unwrap(), 0);
+        assert_eq!(open_noatime_unless(&refused, open).unwrap(), 0);
+        assert_eq!(*asked.lock().unwrap(), vec![libc::O_NOATIME, 0, 0]);
+        // Another error is the open's own: returned, and the flag still asked for next time.
+        let refused = AtomicBool::new(false);
+        let missing = |_| Err::<i32, _>(io::Error::from_raw_os_error(libc::ENOENT));
+        let e = open_noatime_unless(&refused, missing).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert!(!refused.load(Ordering::Relaxed));
+        // Allowed: asked for once, kept.
+        let noatime = open_noatime_unless(&refused, Ok::<i32, io::Error>).unwrap();
+        assert_eq!(noatime, libc::O_NOATIME);
     }
 
     /// A whole file received under a new name is renamed into place at once; over a name

@@ -311,11 +311,13 @@ fn look(root: &Path, path: &RelPath) -> io::Result<Option<(std::fs::Metadata, Se
         io::Error::new(e.kind(), why)
     };
     // O_NOFOLLOW: a symlink put in its place is not a file (ELOOP); O_NONBLOCK: nor does
-    // a FIFO put there hold the open up.
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&name);
+    // a FIFO put there hold the open up. O_NOATIME where allowed (`paths::open_noatime`).
+    let opened = crate::paths::open_noatime(|noatime| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | noatime)
+            .open(&name)
+    });
     let (meta, file) = match opened {
         Ok(file) => (file.metadata().map_err(cannot_look)?, Some(file)),
         Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
@@ -543,10 +545,17 @@ impl State {
     }
 
     fn samples(&self, path: &RelPath, len_bytes: u64) -> Samples {
-        File::open(self.abs(path.as_str()))
-            .ok()
-            .and_then(|file| read_samples(&file, len_bytes))
-            .unwrap_or_default()
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = self.abs(path.as_str());
+        crate::paths::open_noatime(|noatime| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(noatime)
+                .open(&name)
+        })
+        .ok()
+        .and_then(|file| read_samples(&file, len_bytes))
+        .unwrap_or_default()
     }
 
     fn add_watch(&mut self, rel: &str) -> io::Result<()> {

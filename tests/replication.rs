@@ -661,6 +661,64 @@ fn streaming_replicates_appends_replaces_truncates_deletes_and_new_dirs() {
     }
 }
 
+/// A file's access time as of now, in ns.
+fn atime_ns(path: &std::path::Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    meta.atime() * 1_000_000_000 + meta.atime_nsec()
+}
+
+/// Sets `path`'s access time a minute back (its modification time stays): older than that, so a
+/// read under `relatime` (the default mount option) would update it.
+fn age_atime(path: &std::path::Path) -> i64 {
+    let back = std::time::SystemTime::now() - Duration::from_secs(60);
+    let times = std::fs::FileTimes::new().set_accessed(back);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_times(times)
+        .unwrap();
+    atime_ns(path)
+}
+
+/// Replicating the application's files is no access of the application's: the leader (and a
+/// follower hashing its copies) reads with O_NOATIME, allowed to the files' owner and to root,
+/// so their access times stay as they were. Under `relatime` a read after a write would update
+/// it, which on ext4 is a journalled write of the inode at every round of a segment appended to.
+#[test]
+fn serving_files_leaves_their_access_times_alone() {
+    let env = Env::new();
+    // Whether a read updates an access time here at all (not on a `noatime` mount).
+    let probe = env.dir("probe").join("f");
+    write(&probe, b"probe");
+    let aged = age_atime(&probe);
+    std::fs::read(&probe).unwrap();
+    if atime_ns(&probe) == aged {
+        eprintln!("a read does not update access times on this filesystem: nothing to test");
+        return;
+    }
+    for engine in ENGINES {
+        let (ld, fd) = (
+            env.dir(&format!("leader-{engine}")),
+            env.dir(&format!("f-{engine}")),
+        );
+        let seg = ld.join("q/seg");
+        write(&seg, &pattern(100_000, 1));
+        let aged = age_atime(&seg);
+        let leader = start_leader(&env, &ld, engine);
+        let _follower = start_follower(&env, &fd, leader.addr, engine, "written");
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        append(&seg, &pattern(5000, 2));
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        assert_eq!(
+            atime_ns(&seg),
+            aged,
+            "{engine}: the leader's read changed it"
+        );
+    }
+}
+
 #[test]
 fn wrong_secret_exits_nonzero_naming_the_cause_and_the_leader_keeps_serving() {
     for engine in ENGINES {
