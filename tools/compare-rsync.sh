@@ -15,7 +15,8 @@ files=${FILES:-16}
 root=$(cd "$(dirname "$0")/.." && pwd)
 ferry="${FERRY_BIN:-$root/target/release/ferry}"
 [ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
-for tool in rsync bc; do command -v $tool >/dev/null || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }; done
+source "$root/tools/install-missing.sh"
+install_missing rsync:rsync bc:bc
 
 work=$(mktemp -d /var/tmp/ferry-vs-rsync.XXXXXX)
 dst=$work/dst

@@ -14,16 +14,8 @@ cd "$(dirname "$0")/.."
 
 targets=(frame_decode leader_handshake follower_handshake session_pair)
 
-missing=()
-command -v c++ >/dev/null || missing+=(g++)
-command -v protoc >/dev/null || missing+=(protobuf-compiler)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "installing ${missing[*]}" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source tools/install-missing.sh
+install_missing c++:g++ protoc:protobuf-compiler
 
 triple="$(rustc -vV | sed -n 's/^host: //p')"
 target_dir="${CARGO_TARGET_DIR:-fuzz/target}"

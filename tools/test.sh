@@ -6,22 +6,10 @@
 # (Debian); tools/fuzz.sh, run last, installs a C++ compiler for libFuzzer if there is none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-command -v protoc >/dev/null || missing+=(protobuf-compiler)
-command -v etcd >/dev/null || missing+=(etcd-server)
-# ip(8) for the partition test's network namespaces (it skips, saying so, without root).
-command -v ip >/dev/null || missing+=(iproute2)
+source tools/install-missing.sh
+# ip(8) for the partition test's network namespaces (it skips, saying so, without root);
 # unshare(1) for the inotify-limit tests, which give a leader a user namespace of its own.
-command -v unshare >/dev/null || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "installing ${missing[*]}" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-  # Debian starts etcd as a service on install; the tests run their own.
-  $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
-fi
+install_missing protoc:protobuf-compiler etcd:etcd-server ip:iproute2 unshare:util-linux
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
