@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(held(pool), 0);
     }
 
-    /// The limit `raised_pool` reads: only that test's.
+    /// The limit the pool of the test below reads: only that test's.
     static RAISED_LIMIT: AtomicU64 = AtomicU64::new(8);
 
     #[test]
