@@ -213,9 +213,9 @@ fn parse(text: &str) -> Option<Parsed> {
     let instance = from_hex(field("instance")?)?;
     let position = field("position")?.parse().ok()?;
     let taken_ns = field("taken_ns")?.parse().ok()?;
-    let mut entries = Vec::new();
+    let mut entries = Vec::with_capacity(text.matches('\n').count().saturating_sub(5));
     for line in lines {
-        let mut f = line.splitn(7, ' ');
+        let mut f = crate::index::fields(line, 7);
         let kept = Kept {
             born_at: f.next()?.parse().ok()?,
             len_bytes: f.next()?.parse().ok()?,

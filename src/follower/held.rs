@@ -127,15 +127,15 @@ impl HeldRecord {
             _ => return None,
         };
         let boot = lines.next()?.strip_prefix("boot ")?.to_string();
-        let mut entries = HashMap::new();
         // A last line without its newline was torn by a crash mid-append: not part of it.
         let whole = text.matches('\n').count().saturating_sub(2);
+        let mut entries = HashMap::with_capacity(whole);
         for line in lines.take(whole) {
             if let Some(path) = line.strip_prefix(FORGET).and_then(|l| l.strip_prefix(' ')) {
                 entries.remove(&RelPath::new(path).ok()?);
                 continue;
             }
-            let mut f = line.splitn(if with_births { 8 } else { 7 }, ' ');
+            let mut f = crate::index::fields(line, if with_births { 8 } else { 7 });
             let instance = from_hex(f.next()?)?;
             let position = f.next()?.parse().ok()?;
             let born_at = match with_births {
