@@ -212,9 +212,17 @@ impl Shared {
     /// embedder's stop.)
     pub(super) fn fail(&self, why: String) {
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.begin_stop();
+    }
+
+    /// What every stop begins with: the flag set, the server and the sessions told, and every
+    /// thread waiting for acks woken to see it.
+    pub(super) fn begin_stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.shutdown.notify_waiters();
-        // Under the board's lock: a waiter between its look at `stopping` and its wait holds it.
+        // Under the board's lock: a waiter (`Leader::wait_until`) looks at `stopping` and then
+        // waits while holding it, so the notice cannot fall between the two and be lost, the
+        // waiter then sleeping on to its timeout.
         let _board = self.board();
         self.acked.notify_all();
     }

@@ -657,9 +657,7 @@ impl Leader {
 
     /// `stop_serving_with` but for the lock, which it lets go of once this is done.
     fn stop_and_record(&self, report_pending: impl FnOnce() -> bool, settle: Settle) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        self.shared.shutdown.notify_waiters();
-        self.shared.acked.notify_all();
+        self.shared.begin_stop();
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = thread {
             let _ = t.join();
