@@ -403,7 +403,9 @@ fn open_noatime_unless<T>(
             let opened = open(0)?;
             if !refused.swap(true, Ordering::Relaxed) {
                 tracing::debug!(
-                    "reading without O_NOATIME from now on: a file refused it (this process is                      not its owner and lacks CAP_FOWNER), so reads after writes update access                      times"
+                    "reading without O_NOATIME from now on: a file refused it (this process is \
+                     not its owner and lacks CAP_FOWNER), so reads after writes update access \
+                     times"
                 );
             }
             Ok(opened)
