@@ -22,11 +22,9 @@ use crate::paths::RelPath;
 /// The files every cache of a process keeps open, and how many they may.
 struct Pool {
     held: AtomicUsize,
-    /// Half the process's soft limit of open files as last read (0: not read yet). Read at the
-    /// first file kept, and again whenever the share is taken: an embedder that raises its
-    /// limit after its leader started gets the larger share.
-    files_max: AtomicUsize,
-    /// The soft limit `files_max` is half of, for the warning (0: unknown).
+    /// The process's soft limit of open files as last read (0: never read), whose half is the
+    /// share (`share_of`). Read at the first file kept, and again whenever the share is taken:
+    /// an embedder that raises its limit after its leader started gets the larger share.
     limit: AtomicU64,
     /// How the limit is read: the process's soft RLIMIT_NOFILE, `None` when it cannot be read
     /// (then the share read before stays; with none, caches are bounded only by their own).
@@ -57,11 +55,19 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// Files every cache of a process together may keep open under a soft limit of `limit`: half of
+/// it, at least 1; unbounded when the limit was never read (0).
+fn share_of(limit: u64) -> usize {
+    match limit {
+        0 => usize::MAX,
+        limit => usize::try_from(limit / 2).unwrap_or(usize::MAX).max(1),
+    }
+}
+
 impl Pool {
     const fn new(read_limit: fn() -> Option<u64>) -> Pool {
         Pool {
             held: AtomicUsize::new(0),
-            files_max: AtomicUsize::new(0),
             limit: AtomicU64::new(0),
             read_limit,
             warned: AtomicBool::new(false),
@@ -71,18 +77,11 @@ impl Pool {
     /// Reads the limit again and returns the share it leaves (the one read before when it
     /// cannot be read; unbounded when none ever was).
     fn read_share(&self) -> usize {
-        match (self.read_limit)() {
-            Some(limit) => {
-                let files_max = usize::try_from(limit / 2).unwrap_or(usize::MAX).max(1);
-                self.limit.store(limit, Ordering::Relaxed);
-                self.files_max.store(files_max, Ordering::Relaxed);
-                files_max
-            }
-            None => match self.files_max.load(Ordering::Relaxed) {
-                0 => usize::MAX,
-                files_max => files_max,
-            },
+        if let Some(limit) = (self.read_limit)() {
+            // At least 1: 0 stands for never read.
+            self.limit.store(limit.max(1), Ordering::Relaxed);
         }
+        share_of(self.limit.load(Ordering::Relaxed))
     }
 
     fn take_within(&self, files_max: usize) -> bool {
@@ -96,9 +95,9 @@ impl Pool {
     /// Takes one file of the share, if one is left. At the share, the limit is read again
     /// first (a system call for each file opened there: far less than the open it goes with).
     fn try_take(&self) -> bool {
-        let files_max = match self.files_max.load(Ordering::Relaxed) {
+        let files_max = match self.limit.load(Ordering::Relaxed) {
             0 => self.read_share(),
-            files_max => files_max,
+            limit => share_of(limit),
         };
         if self.take_within(files_max) {
             return true;
@@ -121,7 +120,7 @@ impl Pool {
             return;
         }
         let limit = self.limit.load(Ordering::Relaxed);
-        let files_max = self.files_max.load(Ordering::Relaxed);
+        let files_max = share_of(limit);
         tracing::warn!(
             "the limit of open files ({limit}) leaves room to keep {files_max} files open (half of \
              it) to read from or write into, where each connection would keep up to \
@@ -217,7 +216,6 @@ mod tests {
     fn pool(files_max: usize) -> &'static Pool {
         let pool: &'static Pool = Box::leak(Box::new(Pool::new(|| None)));
         pool.limit.store(2 * files_max as u64, Ordering::Relaxed);
-        pool.files_max.store(files_max, Ordering::Relaxed);
         pool
     }
 
