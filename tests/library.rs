@@ -260,6 +260,14 @@ fn an_embedded_leader_whose_data_dir_is_moved_away_stops_serving_and_says_why() 
             ld.display()
         );
         assert!(why.contains(&cause), "{engine}: {why:?}");
+        // The broker's next write is refused, for the same reason: it reaches no follower.
+        let refused = leader
+            .append("seg.1", 1024, 1024)
+            .map_err(|e| e.to_string());
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains(&cause)),
+            "{engine}: {refused:?}"
+        );
         let asked = Instant::now();
         assert!(!leader.wait_for(position, Durability::Written, 1, Duration::from_secs(10)));
         assert!(asked.elapsed() < Duration::from_secs(1), "{engine}");
@@ -267,6 +275,29 @@ fn an_embedded_leader_whose_data_dir_is_moved_away_stops_serving_and_says_why() 
         let copy = std::fs::read(env.tmp.path().join("f/seg.0")).unwrap();
         assert_eq!(copy, std::fs::read(old.join("seg.0")).unwrap(), "{engine}");
         assert_eq!(copy.len() as u64, offset, "{engine}");
+    }
+}
+
+/// Once stopped, a leader refuses the broker's changes and says so, rather than taking them
+/// and shipping them to no one: a broker still writing (a node that lost its leadership before
+/// its embedder heard) learns from its next `append` that the write is not replicated.
+#[test]
+fn a_stopped_leader_refuses_changes_and_says_why() {
+    let env = Env::new();
+    let (leader, _follower, ld, offset) = with_a_follower_in_sync(&env, "fallback", 2);
+    write(&ld.join("meta.json"), b"{}");
+    leader.stop_serving();
+    let refusals = [
+        leader.append("seg.0", offset, 1024),
+        leader.replace_file("meta.json"),
+        leader.register_file("meta.json", 2),
+        leader.delete_file("seg.0"),
+    ];
+    for refused in refusals.map(|r| r.map_err(|e| e.to_string())) {
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("stopped")),
+            "{refused:?}"
+        );
     }
 }
 

@@ -82,6 +82,10 @@ pub(super) struct Hub {
     /// wrote (`checkpoint`), `u64::MAX` while there is none on disk; while a checkpoint is
     /// written, the lower of that and the new one. Sessions take it with their inbox.
     pub(super) mark_ceiling: u64,
+    /// Why changes are refused (`ChangeError::Stopped`), once they are: the leader stopped on
+    /// its own (`Shared::fail`), or its stop finished. Here, beside the catalog, the writer's
+    /// look at it costs no cache line it does not take anyway.
+    pub(super) refusing: Option<String>,
 }
 
 /// What the sessions report. The writer never takes this lock, so a session publishing its
@@ -211,8 +215,18 @@ impl Shared {
     /// with `why` kept for `Leader::failure`. (The rest of a stop, the record, is left to the
     /// embedder's stop.)
     pub(super) fn fail(&self, why: String) {
+        self.refuse_changes(|| why.clone());
         *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         self.begin_stop();
+    }
+
+    /// Refuses every change from now on (`Hub::refusing`), for `why`, unless already refusing
+    /// for another reason.
+    pub(super) fn refuse_changes(&self, why: impl FnOnce() -> String) {
+        let mut hub = self.lock();
+        if hub.refusing.is_none() {
+            hub.refusing = Some(why());
+        }
     }
 
     /// What every stop begins with: the flag set, the server and the sessions told, and every
@@ -243,6 +257,9 @@ impl Shared {
     ) -> Result<u64, ChangeError> {
         let mut hub = self.lock();
         let hub = &mut *hub;
+        if let Some(why) = &hub.refusing {
+            return Err(ChangeError::Stopped { why: why.clone() });
+        }
         let changed = change(&mut hub.catalog)?;
         let position = hub.catalog.position();
         let Some(changed) = changed else {

@@ -123,7 +123,16 @@ pub enum ChangeError {
     Path(#[from] PathError),
     #[error("cannot stat {path}: {source}")]
     Stat { path: String, source: io::Error },
+    /// The leader no longer serves followers (`Leader::is_stopped`), so the change would reach
+    /// none: it is refused. Its bytes stay on disk, for the next leader's start to find.
+    #[error("this leader stopped serving, so no follower would get the change: {why}")]
+    Stopped { why: String },
 }
+
+/// Why a leader stopped by its embedder (or by its node, once no longer leading) refuses
+/// changes: `ChangeError::Stopped`. A leader that stopped on its own gives its `failure`.
+const STOPPED_BY_EMBEDDER: &str =
+    "it was stopped (stop_serving or shutdown, or by its node, which no longer leads)";
 
 /// The running leader: the change API for the writer, and a server thread for the followers.
 pub struct Leader {
@@ -217,6 +226,7 @@ impl Leader {
                 catalog,
                 inboxes: HashMap::new(),
                 mark_ceiling: u64::MAX,
+                refusing: None,
             }),
             board: Mutex::new(Board {
                 slots: HashMap::new(),
@@ -405,7 +415,8 @@ impl Leader {
     /// place is reported with `replace_file`, which ships it whole. A path new to the leader is
     /// created by its first append, and reaches the followers as appends do, under its real
     /// name from its first byte: report a file that must never show there in part (a JSON
-    /// file) with `replace_file`.
+    /// file) with `replace_file`. Like every change, refused once the leader stopped
+    /// (`ChangeError::Stopped`).
     pub fn append(&self, path: &str, offset: u64, length: u64) -> Result<u64, ChangeError> {
         // A path the catalog knows is not checked again (nor copied).
         self.shared
@@ -632,9 +643,10 @@ impl Leader {
     }
 
     /// Stops serving and returns once the server thread is gone: no follower is served or
-    /// heard from afterwards, and `wait_for` and friends answer at once. Changes recorded
-    /// after it are kept but shipped to no one. Through `&self` because a fenced node must stop
-    /// even while its embedder still holds the `Arc<Leader>` it was given. The first stop
+    /// heard from afterwards, and `wait_for` and friends answer at once. Changes reported
+    /// once it returned are refused (`ChangeError::Stopped`); those the change source's flush
+    /// reports during it are taken, for the record. Through `&self` because a fenced node must
+    /// stop even while its embedder still holds the `Arc<Leader>` it was given. The first stop
     /// writes the record the next start resumes from (`leader_record`); this one does not wait
     /// for files written within `LEADER_RECORD_SETTLE_MS` to settle, so those are not vouched
     /// for (`shutdown` waits).
@@ -652,6 +664,10 @@ impl Leader {
     /// catalog, and the next start resumes from the last checkpoint, if any.
     pub fn stop_serving_with(&self, report_pending: impl FnOnce() -> bool, settle: Settle) {
         self.stop_and_record(report_pending, settle);
+        // Only now: the stop's own flush (`report_pending`, a checkpoint's) reports changes
+        // the record must keep.
+        self.shared
+            .refuse_changes(|| STOPPED_BY_EMBEDDER.to_string());
         drop(self.lock.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 
@@ -705,8 +721,8 @@ impl Leader {
     /// Why the leader stopped serving on its own, once it has: its data dir's path no longer
     /// names the directory it serves (moved away, deleted, unmounted, or mounted over: a leader
     /// no watcher feeds looks every `paths::ROOT_CHECK_INTERVAL`). Files written at that path
-    /// from then on would reach no follower. Changes are still accepted and shipped to no one;
-    /// start a leader on the path again.
+    /// from then on would reach no follower, and changes are refused (`ChangeError::Stopped`,
+    /// with this reason). Start a leader on the path again.
     pub fn failure(&self) -> Option<String> {
         self.shared
             .failure
