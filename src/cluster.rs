@@ -335,7 +335,8 @@ pub enum RoleEvent {
     /// before this node resigns.
     Draining { to: String },
     /// No longer leading: fenced, handed off, or leaving. The `Arc<Leader>` given at election
-    /// no longer serves anyone.
+    /// no longer serves anyone, and refuses changes (`ChangeError::Stopped`) from its stop,
+    /// which comes just before this.
     Lost,
     /// Following the leader whose replication address is `leader`.
     Following { leader: String },

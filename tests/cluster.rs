@@ -519,6 +519,14 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_off_at_o
         leader.is_stopped(),
         "the embedder's leader still serves after Lost"
     );
+    // A write the broker reports anyway is refused, not taken and shipped to no one.
+    let late = leader
+        .append("q/seg", seg.len() as u64, 1)
+        .map_err(|e| e.to_string());
+    assert!(
+        late.as_ref().is_err_and(|e| e.contains("stopped")),
+        "{late:?}"
+    );
     leave.join().unwrap().unwrap();
     other
         .proc
