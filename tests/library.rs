@@ -291,6 +291,9 @@ fn a_stopped_leader_refuses_changes_and_says_why() {
         leader.append("seg.0", offset, 1024),
         leader.replace_file("meta.json"),
         leader.register_file("meta.json", 2),
+        // Known at that length already: nothing would change, and still it is said.
+        leader.register_file("seg.0", offset),
+        leader.replace_file("gone.json"),
         leader.delete_file("seg.0"),
     ];
     for refused in refusals.map(|r| r.map_err(|e| e.to_string())) {

@@ -88,6 +88,17 @@ pub(super) struct Hub {
     pub(super) refusing: Option<String>,
 }
 
+impl Hub {
+    /// `ChangeError::Stopped` once changes are refused (`refusing`).
+    #[inline]
+    pub(super) fn refused(&self) -> Result<(), ChangeError> {
+        match &self.refusing {
+            Some(why) => Err(ChangeError::Stopped { why: why.clone() }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What the sessions report. The writer never takes this lock, so a session publishing its
 /// acks, or a broker waiting for them, never makes an `append` wait.
 pub(super) struct Board {
@@ -257,9 +268,7 @@ impl Shared {
     ) -> Result<u64, ChangeError> {
         let mut hub = self.lock();
         let hub = &mut *hub;
-        if let Some(why) = &hub.refusing {
-            return Err(ChangeError::Stopped { why: why.clone() });
-        }
+        hub.refused()?;
         let changed = change(&mut hub.catalog)?;
         let position = hub.catalog.position();
         let Some(changed) = changed else {

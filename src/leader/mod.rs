@@ -395,6 +395,7 @@ impl Leader {
         let path = RelPath::new(path)?;
         {
             let hub = self.shared.lock();
+            hub.refused()?;
             if hub
                 .catalog
                 .get(&path)
@@ -426,6 +427,8 @@ impl Leader {
     /// `path` was rewritten as a whole (e.g. a JSON file renamed over); its size is taken now.
     pub fn replace_file(&self, path: &str) -> Result<u64, ChangeError> {
         let rel = RelPath::new(path)?;
+        // Before the stat: a stopped leader says so, not that the file cannot be stat'ed.
+        self.shared.lock().refused()?;
         let len_bytes = self
             .dir
             .open_read(&rel)
