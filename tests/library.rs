@@ -298,7 +298,9 @@ fn a_stopped_leader_refuses_changes_and_says_why() {
     ];
     for refused in refusals.map(|r| r.map_err(|e| e.to_string())) {
         assert!(
-            refused.as_ref().is_err_and(|e| e.contains("stopped")),
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("it was stopped")),
             "{refused:?}"
         );
     }

@@ -124,7 +124,8 @@ pub enum ChangeError {
     #[error("cannot stat {path}: {source}")]
     Stat { path: String, source: io::Error },
     /// The leader no longer serves followers (`Leader::is_stopped`), so the change would reach
-    /// none: it is refused. Its bytes stay on disk, for the next leader's start to find.
+    /// none: it is refused. What the application wrote stays in its files, and a leader started
+    /// on the dir again ships it.
     #[error("this leader stopped serving, so no follower would get the change: {why}")]
     Stopped { why: String },
 }
