@@ -32,6 +32,10 @@ pub const LEADER_RECORD_INTERVAL_MS: u64 = 10_000;
 /// How far above its position a checkpoint reserves positions: until the next checkpoint, no
 /// MARK of the instance goes above the reservation, which the record names as its position.
 pub const LEADER_POSITION_RESERVE: u64 = 1 << 40;
+/// A record naming a position above this starts a new instance rather than resume: so near
+/// `MAX_POSITION` (only lengths reported wrong get there) the resumed instance would soon
+/// refuse every change.
+const RESUMED_POSITION_MAX: u64 = crate::frame::MAX_POSITION / 2;
 const FILE_NAME: &str = "leader";
 const HEADER: &str = "ferry-leader-v1";
 
@@ -283,6 +287,16 @@ fn take_for_boot(
         );
         return None;
     }
+    if record.position > RESUMED_POSITION_MAX {
+        tracing::warn!(
+            "the leader's record {} names position {}, past {RESUMED_POSITION_MAX} (half of \
+             MAX_POSITION; lengths reported wrong took it there): a new instance, whose \
+             positions start again",
+            path.display(),
+            record.position
+        );
+        return None;
+    }
     let settled_before = settled_before(record.taken_ns);
     let total = record.entries.len();
     let mut entries = record.entries;
@@ -425,6 +439,26 @@ mod tests {
         let resumed = take_for_boot(&dir, boot_id(), None).unwrap();
         assert_eq!(resumed.kept.get(&a), None);
         assert_eq!(resumed.not_kept, 2);
+    }
+
+    /// A position that lengths reported wrong took near `MAX_POSITION` would leave a resumed
+    /// instance refusing every change: such a record starts a new instance instead.
+    #[test]
+    fn a_record_whose_position_is_past_half_of_max_position_resumes_nothing() {
+        for (position, resumes) in [
+            (RESUMED_POSITION_MAX, true),
+            (RESUMED_POSITION_MAX + 1, false),
+        ] {
+            let (tmp, dir) = setup();
+            std::fs::write(tmp.path().join("a"), b"hello").unwrap();
+            let a = RelPath::new("a").unwrap();
+            let mut look = look(&dir, std::slice::from_ref(&a));
+            look.taken_ns += 2_000_000_000;
+            let lines = [(&a, Kept::of(&entry(5, 5)), look.stamp(&a).unwrap())];
+            save_files(&dir, (&[7; 16], position), look.taken_ns, lines).unwrap();
+            let resumed = take_for_boot(&dir, boot_id(), None);
+            assert_eq!(resumed.is_some(), resumes, "{position}");
+        }
     }
 
     #[test]

@@ -306,6 +306,68 @@ fn a_stopped_leader_refuses_changes_and_says_why() {
     }
 }
 
+/// A length reported wrong (a broker's bug: a negative number cast, an offset added twice) is
+/// refused with an error naming the limit, and the position does not move: a position that
+/// wrapped past 2^64 would fall below what followers acked, and `wait_for` would confirm
+/// bytes no follower has.
+#[test]
+fn a_change_of_an_impossible_length_is_refused_and_the_position_stays() {
+    use ferry::frame::MAX_POSITION;
+    let env = Env::new();
+    let ld = env.dir("leader");
+    write(&ld.join("seg"), &pattern(1000, 1));
+    // The files a leader starts with are held to the same limits.
+    for files in [
+        vec![(RelPath::new("seg").unwrap(), u64::MAX)],
+        vec![
+            (RelPath::new("seg").unwrap(), MAX_POSITION),
+            (RelPath::new("other").unwrap(), 1),
+        ],
+    ] {
+        let refused = Leader::start(config(&ld, "fallback"), files).map(|_| ());
+        let refused = refused.map_err(|e| (e.kind(), e.to_string()));
+        assert!(
+            refused.as_ref().is_err_and(|(kind, e)| {
+                *kind == std::io::ErrorKind::InvalidInput
+                    && (e.contains("largest file") || e.contains("MAX_POSITION"))
+            }),
+            "{refused:?}"
+        );
+    }
+    let leader = start(&ld, "fallback");
+    leader.append("seg", 0, 1000).unwrap();
+    let before = leader.position();
+    let refused = |r: Result<u64, ferry::leader::ChangeError>| r.map_err(|e| e.to_string());
+    // Ends above the largest file Linux allows.
+    for r in [
+        leader.append("seg", 1000, u64::MAX),
+        leader.append("seg", MAX_POSITION, 1),
+        leader.register_file("new", MAX_POSITION + 1),
+    ] {
+        let r = refused(r);
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("largest file")),
+            "{r:?}"
+        );
+    }
+    assert_eq!(leader.position(), before);
+    // Within a file's size each, but past MAX_POSITION together.
+    leader.append("seg", 0, MAX_POSITION - before).unwrap();
+    assert_eq!(leader.position(), MAX_POSITION);
+    for r in [
+        leader.append("seg", 1000, 1),
+        leader.register_file("other", 1),
+        leader.delete_file("seg"),
+    ] {
+        let r = refused(r);
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("MAX_POSITION")),
+            "{r:?}"
+        );
+    }
+    assert_eq!(leader.position(), MAX_POSITION);
+}
+
 /// A lone small append (a broker's one message in a quiet moment) is shipped at once: the
 /// leader holds a payload back only while something else is about to follow it in the same
 /// segment, never until the next keepalive.

@@ -10,12 +10,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ferry::auth::{tags_equal, Secret};
-use ferry::catalog::{Catalog, Kept};
+use ferry::catalog::{Catalog, CatalogError, Kept};
 use ferry::frame::{
     Digest, Durability, ErrorCode, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
     MAX_DATA_BYTES, PREAMBLE_BYTES, PROTOCOL_VERSION,
 };
-use ferry::paths::{PathError, RelPath};
+use ferry::paths::RelPath;
 use ferry::session::follower::{
     Births, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
 };
@@ -572,7 +572,7 @@ impl LeaderShell {
     pub fn record<T>(
         &mut self,
         path: RelPath,
-        change: impl FnOnce(&mut Catalog, &str) -> Result<T, PathError>,
+        change: impl FnOnce(&mut Catalog, &str) -> Result<T, CatalogError>,
     ) -> Option<u64> {
         let since = self.catalog.position();
         change(&mut self.catalog, path.as_str()).expect("a RelPath passes the catalog's check");

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::auth::Secrets;
-use crate::catalog::{Catalog, ChangeList, FileChange};
+use crate::catalog::{Catalog, CatalogError, ChangeList, FileChange};
 use crate::frame::Durability;
 use crate::lag::{FollowerState, LagSnapshot, LagView};
-use crate::paths::PathError;
 
 use super::{ChangeError, CheckpointFlush};
 
@@ -265,7 +264,7 @@ impl Shared {
     #[inline]
     pub(super) fn record(
         &self,
-        change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, PathError>,
+        change: impl FnOnce(&mut Catalog) -> Result<Option<FileChange>, CatalogError>,
     ) -> Result<u64, ChangeError> {
         let mut hub = self.lock();
         let hub = &mut *hub;

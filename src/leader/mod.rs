@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::auth::{random_instance, Secret, Secrets};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogError};
 use crate::engine::{self, EngineKind};
 use crate::frame::{Durability, InstanceId, LineageId};
 use crate::index::{hex, now_ns, scan, Looked};
@@ -128,6 +128,25 @@ pub enum ChangeError {
     /// on the dir again ships it.
     #[error("this leader stopped serving, so no follower would get the change: {why}")]
     Stopped { why: String },
+    /// The change says a file ends above the largest file Linux allows
+    /// (`catalog::MAX_FILE_BYTES`), or it would take the position past `frame::MAX_POSITION`:
+    /// a length reported wrong. Refused, and nothing changed.
+    #[error("{0}")]
+    Length(String),
+}
+
+impl From<CatalogError> for ChangeError {
+    // Out of the writer's way (`CatalogError`, on what its size costs an `append`).
+    #[cold]
+    #[inline(never)]
+    fn from(e: CatalogError) -> ChangeError {
+        match e {
+            CatalogError::Path(e) => ChangeError::Path(e),
+            CatalogError::TooLong(why) | CatalogError::PositionExhausted(why) => {
+                ChangeError::Length(why.into())
+            }
+        }
+    }
 }
 
 /// Why a leader stopped by its embedder (or by its node, once no longer leading) refuses
@@ -164,8 +183,12 @@ impl Leader {
     /// After a stop in the same boot, or a run that died once it had written its record (every
     /// `config.record_interval` while serving), it resumes that run's instance, and the files
     /// unchanged since the record keep what followers' held records know of them
-    /// (`leader_record`).
+    /// (`leader_record`). A length in `files` above the largest file Linux allows, or lengths
+    /// that together pass `frame::MAX_POSITION`, fail it with `InvalidInput`.
     pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
+        // The embedder's lengths, held to the limits its later changes are (`ChangeError::Length`).
+        crate::catalog::check_start(&files)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Leader::start_from(config, files, None)
     }
 

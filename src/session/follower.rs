@@ -18,7 +18,7 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::frame::{
     Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
-    MAX_INVENTORY_FILES, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES, PROTOCOL_VERSION,
+    MAX_INVENTORY_FILES, MAX_POSITION, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES, PROTOCOL_VERSION,
 };
 use crate::paths::RelPath;
 
@@ -524,6 +524,11 @@ impl FollowerSession {
                     sync_done,
                 },
             ) => {
+                if position > MAX_POSITION {
+                    return Err(SessionError::Limit(format!(
+                        "MARK position {position} is above MAX_POSITION ({MAX_POSITION})"
+                    )));
+                }
                 if position < self.mark_last {
                     return Err(SessionError::OutOfOrder {
                         frame: "MARK",

@@ -19,7 +19,7 @@ use crate::frame::{
     MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
-use crate::paths::{PathError, RelPath};
+use crate::paths::RelPath;
 
 fn p(s: &str) -> RelPath {
     RelPath::new(s).unwrap()
@@ -124,7 +124,7 @@ impl Sim {
     fn record<T>(
         &mut self,
         path: RelPath,
-        change: impl FnOnce(&mut Catalog, &str) -> Result<T, PathError>,
+        change: impl FnOnce(&mut Catalog, &str) -> Result<T, crate::catalog::CatalogError>,
     ) {
         let since = self.catalog.position();
         change(&mut self.catalog, path.as_str()).expect("a RelPath passes the catalog's check");
@@ -924,6 +924,23 @@ fn an_ack_beyond_the_last_mark_is_refused() {
         sim.leader_error,
         Some(SessionError::OutOfOrder { frame: "ACK", .. })
     ));
+}
+
+#[test]
+fn a_mark_above_max_position_is_refused_by_the_follower_with_limit() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+    sim.run();
+    Frame::Mark {
+        position: crate::frame::MAX_POSITION + 1,
+        sync_done: false,
+    }
+    .encode(&mut sim.to_follower);
+    sim.step_follower();
+    assert!(
+        matches!(&sim.follower_error, Some(SessionError::Limit(why)) if why.contains("MAX_POSITION")),
+        "{:?}",
+        sim.follower_error
+    );
 }
 
 #[test]
