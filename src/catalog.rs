@@ -48,14 +48,19 @@ pub enum CatalogError {
 fn position_after(path: &str, position: u64, added: u64) -> Result<u64, CatalogError> {
     match position.checked_add(added) {
         Some(after) if after <= MAX_POSITION => Ok(after),
-        _ => Err(CatalogError::PositionExhausted(
-            format!(
-                "{path}: the change adds {added} to the position {position}, which would pass \
-                 MAX_POSITION ({MAX_POSITION}): lengths reported wrong?"
-            )
-            .into(),
-        )),
+        _ => Err(past_max_position(path, position, added)),
     }
+}
+
+/// The refusal of a change to `path` that adds `added` to `position`, past `MAX_POSITION`.
+fn past_max_position(path: &str, position: u64, added: u64) -> CatalogError {
+    CatalogError::PositionExhausted(
+        format!(
+            "{path}: the change adds {added} to the position {position}, which would pass \
+             MAX_POSITION ({MAX_POSITION}): lengths reported wrong?"
+        )
+        .into(),
+    )
 }
 
 /// `Err` unless `files` (path and length, what a catalog starts with: `Catalog::new`) are each
@@ -326,16 +331,14 @@ impl Catalog {
         all
     }
 
-    /// Why an append of `len_bytes` at `offset` of `path` is refused (it is).
+    /// Why an append of `len_bytes` at `offset` of `path` is refused (it is): past a file's
+    /// limit, or else past the position's.
     #[cold]
     #[inline(never)]
     fn refusal(&self, path: &str, offset: u64, len_bytes: u64) -> CatalogError {
         match within_a_file(path, offset, len_bytes) {
             Err(e) => e,
-            Ok(_) => match self.may_add(path, len_bytes) {
-                Err(e) => e,
-                Ok(()) => unreachable!("an append within both limits is not refused"),
-            },
+            Ok(_) => past_max_position(path, self.position, len_bytes),
         }
     }
 

@@ -186,7 +186,7 @@ impl Leader {
     /// (`leader_record`). A length in `files` above the largest file Linux allows, or lengths
     /// that together pass `frame::MAX_POSITION`, fail it with `InvalidInput`.
     pub fn start(config: LeaderConfig, files: Vec<(RelPath, u64)>) -> io::Result<Leader> {
-        // The embedder's lengths, held to the limits its later changes are (`ChangeError::Length`).
+        // The embedder's lengths, held to its later changes' limits (`ChangeError::Length`).
         crate::catalog::check_start(&files)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Leader::start_from(config, files, None)
