@@ -17,12 +17,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::frame::MAX_POSITION;
+use crate::frame::{MAX_FILE_BYTES, MAX_POSITION};
 use crate::paths::{PathError, RelPath};
 
-/// The largest file Linux allows (an `off_t`, 2^63 - 1 bytes): a change that says a file ends
-/// above it was reported wrong.
-pub const MAX_FILE_BYTES: u64 = i64::MAX as u64;
 const _: () = assert!(
     MAX_FILE_BYTES == MAX_POSITION,
     "Catalog::append's test relies on it"

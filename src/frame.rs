@@ -31,6 +31,10 @@ pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
 pub const MAX_INVENTORY_FILES: u64 = 1_000_000;
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+/// The largest file Linux allows (an `off_t`, 2^63 - 1 bytes): a follower rejects a DATA ending
+/// above it, or a BEGIN_WHOLE or TRUNCATE to a length above it, and a leader refuses a change
+/// that says a file ends above it (`catalog::CatalogError`).
+pub const MAX_FILE_BYTES: u64 = i64::MAX as u64;
 /// No position goes above this (2^63 - 1): a follower rejects a MARK above it, and a leader
 /// refuses a change that would take its position past it (`catalog::CatalogError`), so
 /// positions never wrap and a reservation above one (`LEADER_POSITION_RESERVE`) fits in 64 bits.

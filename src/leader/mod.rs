@@ -129,7 +129,7 @@ pub enum ChangeError {
     #[error("this leader stopped serving, so no follower would get the change: {why}")]
     Stopped { why: String },
     /// The change says a file ends above the largest file Linux allows
-    /// (`catalog::MAX_FILE_BYTES`), or it would take the position past `frame::MAX_POSITION`:
+    /// (`frame::MAX_FILE_BYTES`), or it would take the position past `frame::MAX_POSITION`:
     /// a length reported wrong. Refused, and nothing changed.
     #[error("{0}")]
     Length(String),

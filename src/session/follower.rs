@@ -18,7 +18,8 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::frame::{
     Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
-    MAX_INVENTORY_FILES, MAX_POSITION, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES, PROTOCOL_VERSION,
+    MAX_FILE_BYTES, MAX_INVENTORY_FILES, MAX_POSITION, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES,
+    PROTOCOL_VERSION,
 };
 use crate::paths::RelPath;
 
@@ -469,6 +470,15 @@ impl FollowerSession {
                     path,
                 },
             ) => {
+                if offset
+                    .checked_add(u64::from(data_len))
+                    .map_or(true, |end| end > MAX_FILE_BYTES)
+                {
+                    return Err(SessionError::Limit(format!(
+                        "DATA for {path} at offset {offset}, {data_len} bytes, ends above \
+                         MAX_FILE_BYTES ({MAX_FILE_BYTES})"
+                    )));
+                }
                 if temp && !self.wholes.contains_key(&path) {
                     return Err(SessionError::OutOfOrder {
                         frame: "DATA",
@@ -483,6 +493,7 @@ impl FollowerSession {
                 })
             }
             (P::Streaming, Frame::BeginWhole { len_bytes, path }) => {
+                beyond_max_file_bytes("BEGIN_WHOLE", &path, len_bytes)?;
                 if !self.wholes.contains_key(&path) && self.wholes.len() >= MAX_WHOLE_IN_FLIGHT {
                     return Err(SessionError::Limit(format!(
                         "more than MAX_WHOLE_IN_FLIGHT ({MAX_WHOLE_IN_FLIGHT}) whole-file transfers open"
@@ -501,6 +512,7 @@ impl FollowerSession {
                 Some(FollowerAction::CommitWhole { path, len_bytes })
             }
             (P::Streaming, Frame::Truncate { len_bytes, path }) => {
+                beyond_max_file_bytes("TRUNCATE", &path, len_bytes)?;
                 Some(FollowerAction::Truncate { path, len_bytes })
             }
             (P::Streaming, Frame::Delete { path }) => {
@@ -680,4 +692,14 @@ impl FollowerSession {
         self.sync_done_position
             .is_some_and(|p| self.watermarks[self.durability.index()] >= p)
     }
+}
+
+/// `LIMIT` for a `frame` setting `path` to `len_bytes`, above the largest file Linux allows.
+fn beyond_max_file_bytes(frame: &str, path: &RelPath, len_bytes: u64) -> Result<(), SessionError> {
+    if len_bytes > MAX_FILE_BYTES {
+        return Err(SessionError::Limit(format!(
+            "{frame} of {path} to {len_bytes} bytes, above MAX_FILE_BYTES ({MAX_FILE_BYTES})"
+        )));
+    }
+    Ok(())
 }

@@ -943,6 +943,48 @@ fn a_mark_above_max_position_is_refused_by_the_follower_with_limit() {
     );
 }
 
+/// A file offset or length above the largest file Linux allows is the leader's error, named
+/// as such (`LIMIT`), not a disk error from the follower's write.
+#[test]
+fn a_file_range_above_max_file_bytes_is_refused_by_the_follower_with_limit() {
+    use crate::frame::MAX_FILE_BYTES;
+    let frames = [
+        Frame::Data {
+            temp: false,
+            offset: MAX_FILE_BYTES,
+            data_len: 1,
+            path: p("a"),
+        },
+        // (A range past 2^64 the frame decoder refuses first: BAD_FRAME, "overflows".)
+        Frame::Data {
+            temp: false,
+            offset: MAX_FILE_BYTES - 1,
+            data_len: 2,
+            path: p("a"),
+        },
+        Frame::BeginWhole {
+            len_bytes: MAX_FILE_BYTES + 1,
+            path: p("b"),
+        },
+        Frame::Truncate {
+            len_bytes: MAX_FILE_BYTES + 1,
+            path: p("a"),
+        },
+    ];
+    for frame in frames {
+        let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
+        sim.run();
+        let name = frame.name();
+        frame.encode(&mut sim.to_follower);
+        sim.step_follower();
+        assert!(
+            matches!(&sim.follower_error, Some(SessionError::Limit(why)) if why.contains("MAX_FILE_BYTES")),
+            "{name}: {:?}",
+            sim.follower_error
+        );
+    }
+}
+
 #[test]
 fn temp_data_without_begin_whole_is_refused_by_the_follower() {
     let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
