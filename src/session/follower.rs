@@ -470,15 +470,9 @@ impl FollowerSession {
                     path,
                 },
             ) => {
-                if offset
-                    .checked_add(u64::from(data_len))
-                    .map_or(true, |end| end > MAX_FILE_BYTES)
-                {
-                    return Err(SessionError::Limit(format!(
-                        "DATA for {path} at offset {offset}, {data_len} bytes, ends above \
-                         MAX_FILE_BYTES ({MAX_FILE_BYTES})"
-                    )));
-                }
+                // The decoder refused a range past 2^64 already; saturating, it stays refused.
+                let end = offset.saturating_add(u64::from(data_len));
+                beyond_max_file_bytes("DATA", &path, end)?;
                 if temp && !self.wholes.contains_key(&path) {
                     return Err(SessionError::OutOfOrder {
                         frame: "DATA",
@@ -694,7 +688,8 @@ impl FollowerSession {
     }
 }
 
-/// `LIMIT` for a `frame` setting `path` to `len_bytes`, above the largest file Linux allows.
+/// `LIMIT` for a `frame` taking `path` to `len_bytes` (a length, or where a DATA ends), above
+/// the largest file Linux allows.
 fn beyond_max_file_bytes(frame: &str, path: &RelPath, len_bytes: u64) -> Result<(), SessionError> {
     if len_bytes > MAX_FILE_BYTES {
         return Err(SessionError::Limit(format!(

@@ -926,21 +926,28 @@ fn an_ack_beyond_the_last_mark_is_refused() {
     ));
 }
 
-#[test]
-fn a_mark_above_max_position_is_refused_by_the_follower_with_limit() {
+/// A follower that has synced gets `frame`, and must refuse it with `LIMIT` naming `limit`.
+#[track_caller]
+fn follower_refuses_with_limit(frame: Frame, limit: &str) {
     let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
     sim.run();
-    Frame::Mark {
-        position: crate::frame::MAX_POSITION + 1,
-        sync_done: false,
-    }
-    .encode(&mut sim.to_follower);
+    let name = frame.name();
+    frame.encode(&mut sim.to_follower);
     sim.step_follower();
     assert!(
-        matches!(&sim.follower_error, Some(SessionError::Limit(why)) if why.contains("MAX_POSITION")),
-        "{:?}",
+        matches!(&sim.follower_error, Some(SessionError::Limit(why)) if why.contains(limit)),
+        "{name}: {:?}",
         sim.follower_error
     );
+}
+
+#[test]
+fn a_mark_above_max_position_is_refused_by_the_follower_with_limit() {
+    let mark = Frame::Mark {
+        position: crate::frame::MAX_POSITION + 1,
+        sync_done: false,
+    };
+    follower_refuses_with_limit(mark, "MAX_POSITION");
 }
 
 /// A file offset or length above the largest file Linux allows is the leader's error, named
@@ -972,16 +979,7 @@ fn a_file_range_above_max_file_bytes_is_refused_by_the_follower_with_limit() {
         },
     ];
     for frame in frames {
-        let mut sim = Sim::new(files(&[("a", b"1")]), Files::new());
-        sim.run();
-        let name = frame.name();
-        frame.encode(&mut sim.to_follower);
-        sim.step_follower();
-        assert!(
-            matches!(&sim.follower_error, Some(SessionError::Limit(why)) if why.contains("MAX_FILE_BYTES")),
-            "{name}: {:?}",
-            sim.follower_error
-        );
+        follower_refuses_with_limit(frame, "MAX_FILE_BYTES");
     }
 }
 
