@@ -2001,7 +2001,7 @@ async fn take_passed_instance(
         // on: so a segment written just before the handoff is vouched for too.
         let taken_ns = crate::leader_record::settled_by_now_ns();
         let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
-        crate::leader_record::save_files(&dir, (&instance, position), taken_ns, refs)?;
+        crate::leader_record::save_files(&dir, (&instance, None, position), taken_ns, refs)?;
         Ok((files.len(), total))
     })
     .await??;

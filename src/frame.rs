@@ -23,9 +23,13 @@ pub const CAPABILITY_LINEAGE: u32 = 0x4;
 /// created (BORN), so that a handoff's target can go on with the instance (`docs/PROTOCOL.md`,
 /// *Across a handoff*).
 pub const CAPABILITY_BORN: u32 = 0x8;
+/// Capability bit: with `HELD`, a leader whose instance goes on from a dead leader's names it
+/// (FORK_OF), and the follower reports as held what it holds under that instance up to the
+/// fork (`docs/PROTOCOL.md`, *After a failover*).
+pub const CAPABILITY_FORK: u32 = 0x10;
 /// Capability bits this build understands and offers.
 pub const CAPABILITIES: u32 =
-    CAPABILITY_HELD | CAPABILITY_BIRTHS | CAPABILITY_LINEAGE | CAPABILITY_BORN;
+    CAPABILITY_HELD | CAPABILITY_BIRTHS | CAPABILITY_LINEAGE | CAPABILITY_BORN | CAPABILITY_FORK;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
@@ -67,6 +71,13 @@ pub type Mac = [u8; MAC_BYTES];
 pub type Digest = [u8; DIGEST_BYTES];
 /// Drawn at random when a leader starts: its positions mean something only within it.
 pub type InstanceId = [u8; INSTANCE_ID_BYTES];
+/// A leader's instance that goes on from another's (FORK_OF): it shares `from`'s history up to
+/// a MARK at `position` (`docs/PROTOCOL.md`, *After a failover*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fork {
+    pub from: InstanceId,
+    pub position: u64,
+}
 /// Drawn at random by the first leader of a data dir, and kept by every copy made from it.
 pub type LineageId = [u8; LINEAGE_ID_BYTES];
 
@@ -76,6 +87,7 @@ const T_WELCOME: u8 = 0x03;
 const T_ERROR: u8 = 0x04;
 const T_INSTANCE: u8 = 0x05;
 const T_LINEAGE: u8 = 0x06;
+const T_FORK_OF: u8 = 0x07;
 const T_INDEX: u8 = 0x10;
 const T_INDEX_END: u8 = 0x11;
 const T_HAVE: u8 = 0x12;
@@ -244,6 +256,8 @@ pub struct InUse {
     pub lineage: bool,
     /// BORN frames: only with `HELD` and `BIRTHS`.
     pub born: bool,
+    /// FORK_OF: only with `HELD`.
+    pub fork: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +285,7 @@ impl Preamble {
             births,
             lineage: both & CAPABILITY_LINEAGE != 0,
             born: births && both & CAPABILITY_BORN != 0,
+            fork: held && both & CAPABILITY_FORK != 0,
         }
     }
 
@@ -318,6 +333,12 @@ pub enum Frame {
     },
     Lineage {
         lineage: LineageId,
+    },
+    /// The leader's instance goes on from `instance`, sharing its history up to a MARK at
+    /// `position` (`FORK`).
+    ForkOf {
+        instance: InstanceId,
+        position: u64,
     },
     Index {
         len_bytes: u64,
@@ -395,6 +416,7 @@ impl Frame {
             Frame::Error { .. } => "ERROR",
             Frame::Instance { .. } => "INSTANCE",
             Frame::Lineage { .. } => "LINEAGE",
+            Frame::ForkOf { .. } => "FORK_OF",
             Frame::Index { .. } => "INDEX",
             Frame::IndexBorn { .. } => "INDEX_BORN",
             Frame::IndexEnd { .. } => "INDEX_END",
@@ -460,6 +482,11 @@ impl Frame {
             Frame::Lineage { lineage } => {
                 out.push(T_LINEAGE);
                 out.extend_from_slice(lineage);
+            }
+            Frame::ForkOf { instance, position } => {
+                out.push(T_FORK_OF);
+                out.extend_from_slice(instance);
+                out.extend_from_slice(&position.to_le_bytes());
             }
             Frame::Index { len_bytes, path } => {
                 out.push(T_INDEX);
@@ -615,6 +642,7 @@ fn type_name(t: u8) -> Result<&'static str, FrameError> {
         T_ERROR => "ERROR",
         T_INSTANCE => "INSTANCE",
         T_LINEAGE => "LINEAGE",
+        T_FORK_OF => "FORK_OF",
         T_INDEX => "INDEX",
         T_INDEX_BORN => "INDEX_BORN",
         T_INDEX_END => "INDEX_END",
@@ -663,6 +691,10 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
         },
         T_LINEAGE => Frame::Lineage {
             lineage: r.array()?,
+        },
+        T_FORK_OF => Frame::ForkOf {
+            instance: r.array()?,
+            position: r.u64()?,
         },
         T_INDEX => Frame::Index {
             len_bytes: r.u64()?,
@@ -902,6 +934,34 @@ mod tests {
     }
 
     #[test]
+    fn fork_of_and_its_capability_bit_match_the_spec() {
+        let fork = Preamble {
+            version: 1,
+            capabilities: CAPABILITY_FORK,
+        };
+        assert_eq!(&fork.encode()[12..16], &[0x10, 0, 0, 0], "FORK is bit 4");
+        let mut buf = Vec::new();
+        Frame::ForkOf {
+            instance: [7; 16],
+            position: 0x0102,
+        }
+        .encode(&mut buf);
+        let mut want = vec![25, 0, 0, 0, 0x07];
+        want.extend_from_slice(&[7; 16]);
+        want.extend_from_slice(&[0x02, 0x01, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(buf, want);
+        let (decoded, used) = Frame::decode(&buf).unwrap().unwrap();
+        assert_eq!(used, buf.len());
+        assert_eq!(
+            decoded,
+            Frame::ForkOf {
+                instance: [7; 16],
+                position: 0x0102
+            }
+        );
+    }
+
+    #[test]
     fn held_frames_and_the_capability_bit_match_the_spec() {
         let held = Preamble {
             version: 1,
@@ -1133,6 +1193,8 @@ mod tests {
             "[a-z0-9.:]{1,64}".prop_map(|id| Frame::NodeId { id }),
             any::<[u8; 16]>().prop_map(|instance| Frame::Instance { instance }),
             any::<[u8; 16]>().prop_map(|lineage| Frame::Lineage { lineage }),
+            (any::<[u8; 16]>(), any::<u64>())
+                .prop_map(|(instance, position)| Frame::ForkOf { instance, position }),
             (any::<u64>(), any::<u64>(), any::<[u8; 16]>(), arb_path()).prop_map(
                 |(l, p, i, path)| Frame::HaveHeld {
                     len_bytes: l,

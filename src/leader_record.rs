@@ -20,7 +20,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::catalog::Kept;
-use crate::frame::InstanceId;
+use crate::frame::{Fork, InstanceId};
 use crate::index::{boot_id, from_hex, hex, now_ns, FileMeta, Looked, Stamp};
 use crate::paths::{DataDir, RelPath, StateSync};
 
@@ -36,8 +36,10 @@ pub const LEADER_POSITION_RESERVE: u64 = 1 << 40;
 /// `MAX_POSITION` (only lengths reported wrong get there) the resumed instance would soon
 /// refuse every change.
 const RESUMED_POSITION_MAX: u64 = crate::frame::MAX_POSITION / 2;
-const FILE_NAME: &str = "leader";
+pub(crate) const FILE_NAME: &str = "leader";
 const HEADER: &str = "ferry-leader-v1";
+/// The optional line after `taken_ns` naming what the instance goes on from: `fork FROM P`.
+const FORK: &str = "fork";
 
 /// What a stop (or a checkpoint) saw of its files, and when it began looking.
 pub struct Look {
@@ -49,6 +51,9 @@ pub struct Look {
 #[derive(Debug)]
 pub struct Resumed {
     pub instance: InstanceId,
+    /// What the instance goes on from, when it is a fork of a dead leader's (`docs/PROTOCOL.md`,
+    /// *After a failover*).
+    pub fork: Option<Fork>,
     /// At or above every MARK of the instance: its position at a stop, the reservation of a
     /// checkpoint.
     pub last_position: u64,
@@ -157,12 +162,13 @@ pub fn look<'a>(dir: &DataDir, paths: impl IntoIterator<Item = &'a RelPath>) -> 
     Look { stamps, taken_ns }
 }
 
-/// Writes a record of instance `instance` at `position`, taken at `taken_ns`, of `files`: each
-/// with its length and birth, as seen with its stamp. A handoff's target writes one from its
-/// held record (`docs/PROTOCOL.md`, *Across a handoff*).
+/// Writes a record of instance `instance` (going on from `fork`, if one) at `position`, taken
+/// at `taken_ns`, of `files`: each with its length and birth, as seen with its stamp. A
+/// handoff's target, and a leader elected after a failover, write one from their held records
+/// (`docs/PROTOCOL.md`, *Across a handoff*, *After a failover*).
 pub fn save_files<'a>(
     dir: &DataDir,
-    (instance, position): (&InstanceId, u64),
+    (instance, fork, position): (&InstanceId, Option<&Fork>, u64),
     taken_ns: i64,
     files: impl IntoIterator<Item = (&'a RelPath, Kept, Stamp)>,
 ) -> io::Result<()> {
@@ -176,6 +182,9 @@ pub fn save_files<'a>(
         "{HEADER}\nboot {boot}\ninstance {}\nposition {position}\ntaken_ns {taken_ns}\n",
         hex(instance),
     );
+    if let Some(fork) = fork {
+        let _ = writeln!(text, "{FORK} {} {}", hex(&fork.from), fork.position);
+    }
     for (path, kept, s) in files {
         if path.as_str().contains('\n') {
             continue; // not representable in the line format; never vouched for
@@ -198,6 +207,7 @@ pub fn remove(dir: &DataDir) -> io::Result<()> {
 struct Parsed {
     boot: String,
     instance: InstanceId,
+    fork: Option<Fork>,
     position: u64,
     taken_ns: i64,
     entries: Vec<(RelPath, Kept, Stamp)>,
@@ -218,6 +228,19 @@ fn parse(text: &str) -> Option<Parsed> {
     let position = field("position")?.parse().ok()?;
     let taken_ns = field("taken_ns")?.parse().ok()?;
     let mut entries = Vec::with_capacity(text.matches('\n').count().saturating_sub(5));
+    let mut lines = lines.peekable();
+    let fork_line = lines.next_if(|l| l.starts_with(FORK));
+    let fork = match fork_line
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .as_deref()
+    {
+        None => None,
+        Some([FORK, from, position]) => Some(Fork {
+            from: from_hex(from)?,
+            position: position.parse().ok()?,
+        }),
+        Some(_) => return None,
+    };
     for line in lines {
         let mut f = crate::index::fields(line, 7);
         let kept = Kept {
@@ -235,6 +258,7 @@ fn parse(text: &str) -> Option<Parsed> {
     Some(Parsed {
         boot,
         instance,
+        fork,
         position,
         taken_ns,
         entries,
@@ -321,6 +345,7 @@ fn take_for_boot(
         .collect();
     Some(Resumed {
         instance: record.instance,
+        fork: record.fork,
         last_position: record.position,
         not_kept: total - kept.len(),
         kept,
@@ -359,7 +384,7 @@ mod tests {
         let lines = catalog
             .iter()
             .map(|(path, entry)| (path, Kept::of(entry), look.stamp(path).unwrap()));
-        save_files(&dir, (&[7; 16], 20), look.taken_ns, lines).unwrap();
+        save_files(&dir, (&[7; 16], None, 20), look.taken_ns, lines).unwrap();
         (tmp, dir, paths)
     }
 
@@ -391,6 +416,45 @@ mod tests {
             (again.instance, again.kept),
             (resumed.instance, resumed.kept)
         );
+    }
+
+    /// A forked instance's record names what it goes on from, and a start resumes the fork with
+    /// the instance (a restarted leader still tells followers); a fork line that does not say
+    /// `fork FROM P` makes the record corrupt.
+    #[test]
+    fn a_fork_is_kept_in_the_record_with_its_instance() {
+        let (tmp, dir) = setup();
+        std::fs::write(tmp.path().join("a"), b"hello").unwrap();
+        let a = RelPath::new("a").unwrap();
+        let mut look = look(&dir, std::slice::from_ref(&a));
+        look.taken_ns += 2000 * 1_000_000;
+        let fork = Fork {
+            from: [6; 16],
+            position: 20,
+        };
+        let line = (&a, Kept::of(&entry(5, 5)), look.stamp(&a).unwrap());
+        save_files(&dir, (&[7; 16], Some(&fork), 20), look.taken_ns, [line]).unwrap();
+        let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).unwrap();
+        let fork_line = format!(
+            "\ntaken_ns {}\nfork {} 20\n",
+            look.taken_ns,
+            "06".repeat(16)
+        );
+        assert!(text.contains(&fork_line), "{text}");
+        let resumed = take_for_boot(&dir, boot_id(), None).unwrap();
+        assert_eq!((resumed.instance, resumed.fork), ([7; 16], Some(fork)));
+        assert_eq!(resumed.kept.len(), 1);
+
+        for bad in [
+            "fork 0606 20",
+            "fork x",
+            &format!("fork {} -1", "06".repeat(16)),
+        ] {
+            let corrupt = text.replace(&fork_line[fork_line.find("fork").unwrap()..], "");
+            let corrupt = corrupt.replacen("\n5 ", &format!("\n{bad}\n5 "), 1);
+            std::fs::write(dir.state_path(FILE_NAME), &corrupt).unwrap();
+            assert!(take_for_boot(&dir, boot_id(), None).is_none(), "{corrupt}");
+        }
     }
 
     /// A leader started from a look at its files (the watcher's, a scan's) compares the record
@@ -455,7 +519,7 @@ mod tests {
             let mut look = look(&dir, std::slice::from_ref(&a));
             look.taken_ns += 2_000_000_000;
             let lines = [(&a, Kept::of(&entry(5, 5)), look.stamp(&a).unwrap())];
-            save_files(&dir, (&[7; 16], position), look.taken_ns, lines).unwrap();
+            save_files(&dir, (&[7; 16], None, position), look.taken_ns, lines).unwrap();
             let resumed = take_for_boot(&dir, boot_id(), None);
             assert_eq!(resumed.is_some(), resumes, "{position}");
         }

@@ -27,13 +27,13 @@ use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 
-use crate::frame::InstanceId;
+use crate::frame::{Fork, InstanceId};
 use crate::index::{boot_id, from_hex, hex, Stamp, BOOT_ID_PATH};
 use crate::paths::{DataDir, RelPath, StateSync};
 
 /// How often a streaming follower records the files it changed (at a MARK, at most this often).
 pub const HELD_CHECKPOINT_INTERVAL_MS: u64 = 1000;
-const FILE_NAME: &str = "held";
+pub(crate) const FILE_NAME: &str = "held";
 const HEADER: &str = "ferry-held-v2";
 /// The header of records written before births were kept: read, with no births.
 const HEADER_V1: &str = "ferry-held-v1";
@@ -243,11 +243,19 @@ impl HeldRecord {
     }
 
     /// The MARK position after which `path` was last seen as it is now (`stamp`), if that
-    /// look was under leader `instance` in this boot.
-    pub fn held_at(&self, path: &RelPath, instance: &InstanceId, stamp: &Stamp) -> Option<u64> {
+    /// look was under leader `instance` in this boot, or under the instance it goes on from
+    /// (`fork`) after a MARK at or below the fork's position (`docs/PROTOCOL.md`, *After a
+    /// failover*).
+    pub fn held_at(
+        &self,
+        path: &RelPath,
+        (instance, fork): (&InstanceId, Option<&Fork>),
+        stamp: &Stamp,
+    ) -> Option<u64> {
         self.boot_id.as_ref()?;
         let e = self.entries.get(path)?;
-        (e.instance == *instance && e.stamp == *stamp).then_some(e.position)
+        let shared_history = fork.is_some_and(|f| e.instance == f.from && e.position <= f.position);
+        ((e.instance == *instance || shared_history) && e.stamp == *stamp).then_some(e.position)
     }
 
     /// Every file it vouches for under leader `instance`, as it was looked at.
@@ -367,6 +375,43 @@ mod tests {
         Stamp::of(&std::fs::metadata(tmp.path().join(name)).unwrap())
     }
 
+    /// After a failover the new leader's instance goes on from the dead one's up to the MARK it
+    /// had synced: a file held under that instance counts as held under the new one when it
+    /// was looked at after a MARK at or below the fork, never above it (what the dead leader
+    /// did after the fork the new leader never saw), and never under a third instance.
+    #[test]
+    fn a_file_held_under_the_instance_a_fork_goes_on_from_counts_up_to_the_fork() {
+        let (tmp, dir) = setup();
+        let names: Vec<RelPath> = ["low", "at", "above"]
+            .iter()
+            .map(|n| {
+                std::fs::write(tmp.path().join(n), n.as_bytes()).unwrap();
+                RelPath::new(n).unwrap()
+            })
+            .collect();
+        let (dead, new, other) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
+        for (path, position) in names.iter().zip([400, 500, 501]) {
+            record.record(&dir, (dead, position), [path.clone()], |_| None);
+        }
+        let fork = Fork {
+            from: dead,
+            position: 500,
+        };
+        let held = |path: &RelPath, vouching| {
+            record.held_at(path, vouching, &stamp_of(&tmp, path.as_str()))
+        };
+        assert_eq!(held(&names[0], (&new, Some(&fork))), Some(400));
+        assert_eq!(held(&names[1], (&new, Some(&fork))), Some(500));
+        assert_eq!(held(&names[2], (&new, Some(&fork))), None, "above the fork");
+        assert_eq!(held(&names[0], (&new, None)), None, "no fork named");
+        let elsewhere = Fork {
+            from: other,
+            ..fork
+        };
+        assert_eq!(held(&names[0], (&new, Some(&elsewhere))), None);
+    }
+
     #[test]
     fn a_recorded_file_is_held_across_a_restart_until_it_changes() {
         let (tmp, dir) = setup();
@@ -379,16 +424,19 @@ mod tests {
 
         let restarted = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
         let now = stamp_of(&tmp, "seg");
-        assert_eq!(restarted.held_at(&seg, &a, &now), Some(500));
+        assert_eq!(restarted.held_at(&seg, (&a, None), &now), Some(500));
         assert_eq!(
-            restarted.held_at(&seg, &b, &now),
+            restarted.held_at(&seg, (&b, None), &now),
             None,
             "another leader instance"
         );
 
         // Rewritten at the same size behind ferry's back: the ctime (and mtime) moved.
         std::fs::write(tmp.path().join("seg"), vec![8u8; 1000]).unwrap();
-        assert_eq!(restarted.held_at(&seg, &a, &stamp_of(&tmp, "seg")), None);
+        assert_eq!(
+            restarted.held_at(&seg, (&a, None), &stamp_of(&tmp, "seg")),
+            None
+        );
     }
 
     #[test]
@@ -401,9 +449,9 @@ mod tests {
         record.save(&dir).unwrap();
         let now = stamp_of(&tmp, "seg");
         let rebooted = HeldRecord::load_for_boot(&dir, Some("boot-2".into()));
-        assert_eq!(rebooted.held_at(&seg, &[1; 16], &now), None);
+        assert_eq!(rebooted.held_at(&seg, (&[1; 16], None), &now), None);
         let unknown_boot = HeldRecord::load_for_boot(&dir, None);
-        assert_eq!(unknown_boot.held_at(&seg, &[1; 16], &now), None);
+        assert_eq!(unknown_boot.held_at(&seg, (&[1; 16], None), &now), None);
 
         std::fs::write(
             tmp.path().join(".ferry/held"),
@@ -411,7 +459,7 @@ mod tests {
         )
         .unwrap();
         let corrupt = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
-        assert_eq!(corrupt.held_at(&seg, &[1; 16], &now), None);
+        assert_eq!(corrupt.held_at(&seg, (&[1; 16], None), &now), None);
     }
 
     #[test]
@@ -446,9 +494,18 @@ mod tests {
         f.write_all(b"0101").unwrap();
         let reloaded = HeldRecord::load_for_boot(&dir, boot());
         let stamp = |n: &str| stamp_of(&tmp, n);
-        assert_eq!(reloaded.held_at(&names[0], &[1; 16], &stamp("f0")), Some(9));
-        assert_eq!(reloaded.held_at(&names[1], &[1; 16], &stamp("f1")), None);
-        assert_eq!(reloaded.held_at(&names[2], &[1; 16], &stamp("f2")), Some(3));
+        assert_eq!(
+            reloaded.held_at(&names[0], (&[1; 16], None), &stamp("f0")),
+            Some(9)
+        );
+        assert_eq!(
+            reloaded.held_at(&names[1], (&[1; 16], None), &stamp("f1")),
+            None
+        );
+        assert_eq!(
+            reloaded.held_at(&names[2], (&[1; 16], None), &stamp("f2")),
+            Some(3)
+        );
 
         // Many more looks than files: rewritten whole.
         let mut record = reloaded;
@@ -460,7 +517,7 @@ mod tests {
         assert!(text().lines().count() <= 2 + 2 + 2 * 2 + JOURNAL_SLACK_LINES);
         let reloaded = HeldRecord::load_for_boot(&dir, boot());
         assert_eq!(
-            reloaded.held_at(&names[2], &[1; 16], &stamp("f2")),
+            reloaded.held_at(&names[2], (&[1; 16], None), &stamp("f2")),
             Some(10)
         );
     }
@@ -503,7 +560,10 @@ mod tests {
             .collect();
         std::fs::write(tmp.path().join(".ferry/held"), v1).unwrap();
         let old = HeldRecord::load_for_boot(&dir, Some("b".into()));
-        assert_eq!(old.held_at(&a, &[1; 16], &stamp_of(&tmp, "a")), Some(9));
+        assert_eq!(
+            old.held_at(&a, (&[1; 16], None), &stamp_of(&tmp, "a")),
+            Some(9)
+        );
         assert!(old.vouched(&[1; 16]).iter().all(|v| v.born_at.is_none()));
     }
 
@@ -529,7 +589,7 @@ mod tests {
         assert_eq!(vouched.len(), 1, "{vouched:?}");
         assert_eq!((&vouched[0].path, vouched[0].born_at), (&kept, Some(3)));
         assert_eq!(
-            record.held_at(&kept, &[1; 16], &stamp_of(&tmp, "kept")),
+            record.held_at(&kept, (&[1; 16], None), &stamp_of(&tmp, "kept")),
             Some(40)
         );
     }
@@ -542,9 +602,9 @@ mod tests {
         let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
         record.record(&dir, ([1; 16], 3), [f.clone()], |_| None);
         let before = stamp_of(&tmp, "f");
-        assert_eq!(record.held_at(&f, &[1; 16], &before), Some(3));
+        assert_eq!(record.held_at(&f, (&[1; 16], None), &before), Some(3));
         std::fs::remove_file(tmp.path().join("f")).unwrap();
         record.record(&dir, ([1; 16], 9), [f.clone()], |_| None);
-        assert_eq!(record.held_at(&f, &[1; 16], &before), None);
+        assert_eq!(record.held_at(&f, (&[1; 16], None), &before), None);
     }
 }

@@ -39,7 +39,7 @@ use crate::auth::{random_nonce, Secret, SharedSecrets};
 use crate::engine::receive::{self, is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::frame::{
-    Durability, ErrorCode, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
+    Durability, ErrorCode, Fork, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
 };
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
@@ -558,6 +558,7 @@ impl Ctx<'_> {
                 FollowerAction::Inventory {
                     index,
                     instance,
+                    fork,
                     lineage,
                 } => {
                     if index.is_empty() {
@@ -573,7 +574,7 @@ impl Ctx<'_> {
                         .iter()
                         .map(|(p, cut)| (p.clone(), cut.len_bytes))
                         .collect();
-                    let lengths = self.send_inventory(index, instance).await?;
+                    let lengths = self.send_inventory(index, instance, fork).await?;
                     let expected: u64 = cuts
                         .iter()
                         .map(|(p, cut)| {
@@ -751,6 +752,7 @@ impl Ctx<'_> {
         &mut self,
         index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
+        fork: Option<Fork>,
     ) -> Result<HashMap<RelPath, u64>, FollowError> {
         let Some(mut cache) = self.cache.borrow_mut().take() else {
             return Err(io::Error::other("digest cache in use").into());
@@ -761,7 +763,7 @@ impl Ctx<'_> {
         let hashing = tokio::task::spawn_blocking(move || {
             let cuts: HashMap<RelPath, Cut> = index.into_iter().collect();
             let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
-            let held = instance.map(|i| (&mut *record, i));
+            let held = instance.map(|i| (&mut *record, i, fork));
             let result = build_inventory(&dir, &mut cache, held, &cuts, |have| {
                 // The receiver outlives this task unless the connection failed.
                 let _ = tx.send(have);
@@ -802,13 +804,13 @@ fn write_error(e: io::Error, path: &RelPath) -> FollowError {
 }
 
 /// Scans the data dir and passes each file's HAVE entry to `emit` as soon as it is known:
-/// held, when `held` (the record and the leader's instance) vouches for the file as it is now
-/// and the leader would accept that (`Cut::admits_held`), else by its digest; then saves the
-/// cache.
+/// held, when `held` (the record, the leader's instance and what that instance goes on from)
+/// vouches for the file as it is now and the leader would accept that (`Cut::admits_held`),
+/// else by its digest; then saves the cache.
 fn build_inventory(
     dir: &DataDir,
     cache: &mut DigestCache,
-    mut held: Option<(&mut HeldRecord, InstanceId)>,
+    mut held: Option<(&mut HeldRecord, InstanceId, Option<Fork>)>,
     cuts: &HashMap<RelPath, Cut>,
     mut emit: impl FnMut(HaveEntry),
 ) -> io::Result<()> {
@@ -822,8 +824,9 @@ fn build_inventory(
         let proof = match cuts.get(&meta.path) {
             None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
             Some(cut) => {
-                let held_at = held.as_ref().and_then(|(record, instance)| {
-                    record.held_at(&meta.path, instance, &Stamp::of_meta(&meta))
+                let held_at = held.as_ref().and_then(|(record, instance, fork)| {
+                    let vouching = (instance, fork.as_ref());
+                    record.held_at(&meta.path, vouching, &Stamp::of_meta(&meta))
                 });
                 match held_at {
                     Some(position) if cut.admits_held(meta.len_bytes, position) => {
@@ -861,7 +864,7 @@ fn build_inventory(
     if let Err(e) = cache.save(dir) {
         tracing::warn!("cannot save the digest cache: {e}");
     }
-    if let Some((record, _)) = &mut held {
+    if let Some((record, _, _)) = &mut held {
         record.retain(|p| cuts.contains_key(p));
     }
     Ok(())

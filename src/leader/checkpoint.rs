@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::Instance;
 use crate::catalog::{Catalog, CatalogEntry, FileChange, Kept};
-use crate::frame::InstanceId;
 use crate::index::{hex, Stamp};
 use crate::leader_record::{self, Look, LEADER_POSITION_RESERVE, LEADER_RECORD_SETTLE_MS};
 use crate::paths::{DataDir, RelPath};
@@ -40,7 +40,7 @@ impl Checkpoints {
     pub(super) fn start(
         shared: Arc<Shared>,
         dir: Arc<DataDir>,
-        (instance, interval): (InstanceId, Duration),
+        (instance, interval): (Instance, Duration),
         seen_at_start: Option<Look>,
     ) -> io::Result<Checkpoints> {
         shared.lock().catalog.start_listing();
@@ -99,7 +99,7 @@ pub(super) fn stop_listing(shared: &Shared) {
 pub(super) fn record_stop(
     shared: &Shared,
     dir: &DataDir,
-    (instance, rounds): (&InstanceId, Option<Rounds>),
+    (instance, rounds): (&Instance, Option<Rounds>),
     wait: bool,
     report_pending: impl FnOnce() -> bool,
 ) {
@@ -122,7 +122,7 @@ pub(super) fn record_stop(
             "waiting {} ms before recording instance {} for the next start: {} files changed \
              less than {LEADER_RECORD_SETTLE_MS} ms ago",
             wait_for.as_millis(),
-            hex(instance),
+            hex(&instance.id),
             look.unsettled()
         );
         std::thread::sleep(wait_for);
@@ -134,26 +134,26 @@ pub(super) fn record_stop(
         tracing::warn!(
             "not recording instance {} for the next start: some changes may not have been \
              reported; the next start resumes from the last checkpoint, if any",
-            hex(instance)
+            hex(&instance.id)
         );
         return;
     }
     rounds.renew_lines(shared, &look);
     let position = rounds.catalog.position();
-    let saved =
-        leader_record::save_files(dir, (instance, position), look.taken_ns(), rounds.lines());
+    let of = (&instance.id, instance.fork.as_ref(), position);
+    let saved = leader_record::save_files(dir, of, look.taken_ns(), rounds.lines());
     stop_listing(shared);
     let (files, looked) = (rounds.files.len(), look.files_seen());
     match saved {
         Ok(()) if looked < files => tracing::info!(
             "recorded instance {} at position {position} ({files} files, {looked} of them \
              looked at now, the rest as a checkpoint saw them) for the next start",
-            hex(instance),
+            hex(&instance.id),
         ),
         Ok(()) => tracing::info!(
             "recorded instance {} at position {position} ({files} files, each looked at now) \
              for the next start",
-            hex(instance),
+            hex(&instance.id),
         ),
         Err(e) => tracing::warn!(
             "cannot write the leader's record: {e}; the next start resumes from the last \
@@ -389,7 +389,7 @@ fn change_source_flush(shared: &Shared) -> Option<CheckpointFlush> {
 /// only at the stale files (changed since the record on disk, or not settled then), and writes
 /// nothing when none is: an idle leader of many files does no work at each interval, and a busy
 /// one looks at and takes what changed (the record itself is still written whole).
-fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mut Rounds) {
+fn checkpoint(shared: &Shared, dir: &DataDir, instance: &Instance, rounds: &mut Rounds) {
     let counts = &shared.checkpoint_counts;
     counts.rounds.fetch_add(1, Ordering::Relaxed);
     let flush = change_source_flush(shared);
@@ -449,8 +449,8 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mu
     if already_on_disk {
         return;
     }
-    let saved =
-        leader_record::save_files(dir, (instance, reserved), look.taken_ns(), rounds.lines());
+    let of = (&instance.id, instance.fork.as_ref(), reserved);
+    let saved = leader_record::save_files(dir, of, look.taken_ns(), rounds.lines());
     let mut hub = shared.lock();
     match saved {
         Ok(()) => {
@@ -461,7 +461,7 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &InstanceId, rounds: &mu
                 tracing::info!(
                     "recorded instance {} ({} files), and again every checkpoint, so that if \
                      this leader dies the next one resumes it",
-                    hex(instance),
+                    hex(&instance.id),
                     rounds.files.len()
                 );
             }

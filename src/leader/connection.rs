@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::auth::random_nonce;
 use crate::catalog::{Catalog, ChangeList, FileChange};
 use crate::engine::{Conn, FineTimer};
-use crate::frame::{ErrorCode, Frame, InstanceId, LineageId, VANISHED_HOLD_TIMEOUT_MS};
+use crate::frame::{ErrorCode, Frame, LineageId, VANISHED_HOLD_TIMEOUT_MS};
 use crate::index::{DigestCache, HashProgress};
 use crate::lag::LagSnapshot;
 use crate::paths::{DataDir, RelPath};
@@ -56,7 +56,7 @@ pub(super) struct ConnCtx {
     pub(super) ack_timeout: Duration,
     /// The leader's digest cache; taken by a connection while it hashes (`None` meanwhile).
     pub(super) digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
-    pub(super) instance: InstanceId,
+    pub(super) instance: super::Instance,
     pub(super) lineage: LineageId,
 }
 
@@ -160,9 +160,10 @@ pub(super) async fn serve_follower(
         secrets.current,
         random_nonce()?,
         ctx.ack_timeout,
-        ctx.instance,
+        ctx.instance.id,
         ctx.lineage,
     )
+    .with_fork(ctx.instance.fork)
     .with_previous_secret(secrets.previous);
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
     let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));

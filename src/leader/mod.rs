@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use crate::auth::{random_instance, Secret, Secrets};
 use crate::catalog::{Catalog, CatalogError};
 use crate::engine::{self, EngineKind};
-use crate::frame::{Durability, InstanceId, LineageId};
+use crate::frame::{Durability, Fork, InstanceId, LineageId};
 use crate::index::{hex, now_ns, scan, Looked};
 use crate::lag::{LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
 use crate::leader_record::{self, LEADER_RECORD_INTERVAL_MS, LEADER_RECORD_SETTLE_MS};
@@ -155,6 +155,15 @@ const STOPPED_BY_EMBEDDER: &str =
     "it was stopped (stop_serving or shutdown, or by its node, which no longer leads)";
 
 /// The running leader: the change API for the writer, and a server thread for the followers.
+/// The instance a leader serves: its id, and what it goes on from when it is a fork of a dead
+/// leader's (`docs/PROTOCOL.md`, *After a failover*), which every session names to its follower
+/// and every record keeps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Instance {
+    pub(crate) id: InstanceId,
+    pub(crate) fork: Option<Fork>,
+}
+
 pub struct Leader {
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
@@ -165,7 +174,7 @@ pub struct Leader {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Positions mean something only within this instance (held records): drawn at start, or
     /// resumed from the last graceful stop's record.
-    instance: InstanceId,
+    instance: Instance,
     /// The data dir's lineage, which every session names to its follower (`crate::lineage`).
     lineage: LineageId,
     /// The record for the next start is written (by the first stop).
@@ -219,7 +228,7 @@ impl Leader {
         let congestion_asked = config.tcp_congestion.is_some();
         let record_interval = config.record_interval;
         let resumed = leader_record::take(&dir, looked.map(|l| l.files));
-        let (catalog, instance) = match &resumed {
+        let (catalog, instance, fork) = match &resumed {
             Some(r) => {
                 tracing::info!(
                     "resuming instance {} from its record: {} of {} files vouched for (the \
@@ -230,9 +239,19 @@ impl Leader {
                     r.kept.len() + r.not_kept,
                     r.last_position.saturating_add(1)
                 );
+                if let Some(fork) = &r.fork {
+                    tracing::info!(
+                        "instance {} goes on from instance {} up to position {} (a failover): \
+                         followers' files held under that one up to there count as held",
+                        hex(&r.instance),
+                        hex(&fork.from),
+                        fork.position
+                    );
+                }
                 (
                     Catalog::resumed(files, r.last_position, &r.kept),
                     r.instance,
+                    r.fork,
                 )
             }
             None => {
@@ -242,9 +261,10 @@ impl Leader {
                         format!("cannot draw the leader's instance id: {e}"),
                     )
                 })?;
-                (Catalog::new(files), instance)
+                (Catalog::new(files), instance, None)
             }
         };
+        let instance = Instance { id: instance, fork };
         let shared = Arc::new(Shared {
             hub: Mutex::new(Hub {
                 catalog,
@@ -403,7 +423,7 @@ impl Leader {
 
     /// The instance whose positions these are (`docs/PROTOCOL.md`, *The leader's record*).
     pub(crate) fn instance(&self) -> InstanceId {
-        self.instance
+        self.instance.id
     }
 
     /// Every file of the catalog with its length and birth, and the position, read after:

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{EngineKind, Listener};
-use crate::frame::{Durability, InstanceId, LineageId};
+use crate::frame::{Durability, LineageId};
 use crate::index::DigestCache;
 use crate::lag::FollowerState;
 use crate::paths::{DataDir, ROOT_CHECK_INTERVAL};
@@ -24,7 +24,7 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
     ready: std::sync::mpsc::Sender<io::Result<(SocketAddr, String)>>,
-    (instance, lineage): (InstanceId, LineageId),
+    (instance, lineage): (super::Instance, LineageId),
 ) {
     let listener = match bind_waiting(engine, config.listen, config.tcp_congestion.as_deref()) {
         Ok(l) => l,
@@ -244,7 +244,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
     digests: Rc<std::cell::RefCell<Option<DigestCache>>>,
-    (instance, lineage): (InstanceId, LineageId),
+    (instance, lineage): (super::Instance, LineageId),
 ) {
     loop {
         let (conn, peer) = match listener.accept().await {

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
+    Digest, Durability, Fork, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
     MAX_FILE_BYTES, MAX_INVENTORY_FILES, MAX_POSITION, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES,
     PROTOCOL_VERSION,
 };
@@ -46,6 +46,9 @@ pub enum FollowerAction {
     Inventory {
         index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
+        /// With `instance`: the instance it goes on from, when the leader sent FORK_OF (files
+        /// held under that one up to its position count as held under `instance`).
+        fork: Option<Fork>,
         lineage: Option<LineageId>,
     },
     /// The next `len_bytes` on the wire go to `path` at `offset` (into its temp file if `temp`).
@@ -228,6 +231,10 @@ pub struct FollowerSession {
     born_in_use: bool,
     /// The leader's instance, from INSTANCE.
     instance: Option<InstanceId>,
+    /// Both offered `FORK` as well as `HELD`.
+    fork_in_use: bool,
+    /// What the leader's instance goes on from, from FORK_OF.
+    fork: Option<Fork>,
     /// Both offered `LINEAGE`.
     lineage_in_use: bool,
     /// The leader's data dir's lineage, from LINEAGE.
@@ -268,6 +275,8 @@ impl FollowerSession {
             births_in_use: false,
             born_in_use: false,
             instance: None,
+            fork_in_use: false,
+            fork: None,
             lineage_in_use: false,
             lineage: None,
         }
@@ -343,6 +352,7 @@ impl FollowerSession {
                     (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
                     self.lineage_in_use = in_use.lineage;
                     self.born_in_use = in_use.born;
+                    self.fork_in_use = in_use.fork;
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }
@@ -397,6 +407,23 @@ impl FollowerSession {
                 if self.held_in_use && self.instance.is_none() && self.index.is_empty() =>
             {
                 self.instance = Some(instance);
+                None
+            }
+            (P::AwaitIndex, Frame::ForkOf { instance, position })
+                if self.fork_in_use
+                    && self.instance.is_some()
+                    && self.fork.is_none()
+                    && self.index.is_empty() =>
+            {
+                if position > MAX_POSITION {
+                    return Err(SessionError::Limit(format!(
+                        "FORK_OF position {position} is above MAX_POSITION ({MAX_POSITION})"
+                    )));
+                }
+                self.fork = Some(Fork {
+                    from: instance,
+                    position,
+                });
                 None
             }
             (P::AwaitIndex, Frame::Lineage { lineage })
@@ -458,6 +485,7 @@ impl FollowerSession {
                 Some(FollowerAction::Inventory {
                     index: std::mem::take(&mut self.index),
                     instance: self.instance,
+                    fork: self.fork,
                     lineage: self.lineage,
                 })
             }

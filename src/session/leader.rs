@@ -27,7 +27,7 @@ use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
 use crate::frame::{
-    Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
+    Digest, Durability, Fork, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
     HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES,
     PREAMBLE_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
@@ -171,6 +171,10 @@ pub struct LeaderSession {
     instance: InstanceId,
     /// The data dir's lineage, sent in LINEAGE.
     lineage: LineageId,
+    /// What this leader's instance goes on from, sent in FORK_OF (`with_fork`).
+    fork: Option<Fork>,
+    /// Both offered `FORK` as well as `HELD`.
+    fork_in_use: bool,
     /// Both preambles offered `HELD`.
     held_in_use: bool,
     /// Both offered `LINEAGE`.
@@ -260,6 +264,8 @@ impl LeaderSession {
             leader_nonce,
             instance,
             lineage,
+            fork: None,
+            fork_in_use: false,
             held_in_use: false,
             lineage_in_use: false,
             births_in_use: false,
@@ -302,6 +308,13 @@ impl LeaderSession {
     /// `docs/PROTOCOL.md`, AUTH.
     pub fn with_previous_secret(mut self, previous: Option<Secret>) -> LeaderSession {
         self.previous_secret = previous;
+        self
+    }
+
+    /// This leader's instance goes on from `fork` (`docs/PROTOCOL.md`, *After a failover*): a
+    /// follower offering `FORK` is told so in FORK_OF.
+    pub fn with_fork(mut self, fork: Option<Fork>) -> LeaderSession {
+        self.fork = fork;
         self
     }
 
@@ -448,6 +461,7 @@ impl LeaderSession {
                     (self.held_in_use, self.births_in_use) = (in_use.held, in_use.births);
                     self.lineage_in_use = in_use.lineage;
                     self.born_in_use = in_use.born;
+                    self.fork_in_use = in_use.fork;
                     consumed = PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
@@ -505,6 +519,13 @@ impl LeaderSession {
                 if self.held_in_use {
                     Frame::Instance {
                         instance: self.instance,
+                    }
+                    .encode(&mut self.out);
+                }
+                if let Some(fork) = self.fork.filter(|_| self.fork_in_use) {
+                    Frame::ForkOf {
+                        instance: fork.from,
+                        position: fork.position,
                     }
                     .encode(&mut self.out);
                 }

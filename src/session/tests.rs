@@ -14,9 +14,9 @@ use super::SessionError;
 use crate::auth::Secret;
 use crate::catalog::Catalog;
 use crate::frame::{
-    Digest, Durability, ErrorCode, Frame, InstanceId, LineageId, Preamble, CAPABILITIES,
-    CAPABILITY_BIRTHS, CAPABILITY_BORN, CAPABILITY_HELD, CAPABILITY_LINEAGE, KEEPALIVE_INTERVAL_MS,
-    MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, ErrorCode, Fork, Frame, InstanceId, LineageId, Preamble, CAPABILITIES,
+    CAPABILITY_BIRTHS, CAPABILITY_BORN, CAPABILITY_FORK, CAPABILITY_HELD, CAPABILITY_LINEAGE,
+    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
 use crate::paths::RelPath;
@@ -294,8 +294,10 @@ impl Sim {
             FollowerAction::Inventory {
                 index,
                 instance,
+                fork,
                 lineage,
             } => {
+                assert_eq!(fork, None, "this leader's instance is no fork");
                 assert_eq!(instance, Some(INSTANCE), "HELD is in use between these two");
                 assert!(lineage.is_none() || lineage == Some(LINEAGE), "{lineage:?}");
                 let cuts: HashMap<_, _> = index.into_iter().collect();
@@ -1548,6 +1550,15 @@ fn a_held_copy_of_a_file_born_since_is_compared_by_digest_and_gets_only_its_tail
 /// A leader session that a follower whose preamble offers `capabilities` has authenticated
 /// with, and every frame it sent after its preamble.
 fn leader_after_auth(catalog: &Catalog, capabilities: u32) -> (LeaderSession, Vec<Frame>) {
+    leader_after_auth_with(catalog, capabilities, None)
+}
+
+/// `leader_after_auth`, of a leader whose instance goes on from `fork`.
+fn leader_after_auth_with(
+    catalog: &Catalog,
+    capabilities: u32,
+    fork: Option<Fork>,
+) -> (LeaderSession, Vec<Frame>) {
     let secret = Secret::new(b"s3cret".to_vec()).unwrap();
     let mut leader = LeaderSession::new(
         secret.clone(),
@@ -1555,7 +1566,8 @@ fn leader_after_auth(catalog: &Catalog, capabilities: u32) -> (LeaderSession, Ve
         Duration::from_secs(1),
         INSTANCE,
         LINEAGE,
-    );
+    )
+    .with_fork(fork);
     let mut input = Preamble {
         version: 1,
         capabilities,
@@ -1755,6 +1767,97 @@ fn the_leader_names_its_lineage_before_the_index_when_both_sides_offer_it() {
             );
         }
     }
+}
+
+/// A leader whose instance goes on from a dead leader's (a failover) names that instance and
+/// the fork's position in FORK_OF, right after INSTANCE, to a follower that offers `FORK`; the
+/// follower hands both to its shell with the index, which counts its files held under that
+/// instance up to the position as held under this one. Nothing of it reaches an older
+/// follower, and the follower refuses one out of place or past `MAX_POSITION`.
+#[test]
+fn a_forked_instance_is_named_after_instance_to_a_follower_that_offers_fork() {
+    let fork = Fork {
+        from: [6; 16],
+        position: 1234,
+    };
+    let catalog = Catalog::new([(p("a"), 4)]);
+    for (offered, sent) in [
+        (CAPABILITIES, true),
+        (CAPABILITIES & !CAPABILITY_FORK, false),
+        (CAPABILITY_FORK, false),
+    ] {
+        let (_, frames) = leader_after_auth_with(&catalog, offered, Some(fork));
+        let at = frames
+            .iter()
+            .position(|f| matches!(f, Frame::ForkOf { .. }));
+        assert_eq!(at.is_some(), sent, "{offered}");
+        if let Some(at) = at {
+            let want = Frame::ForkOf {
+                instance: fork.from,
+                position: fork.position,
+            };
+            assert_eq!(frames[at], want);
+            assert!(
+                matches!(frames[at - 1], Frame::Instance { .. }),
+                "{frames:?}"
+            );
+        }
+    }
+    let (_, frames) = leader_after_auth_with(&catalog, CAPABILITIES, None);
+    assert!(
+        !frames.iter().any(|f| matches!(f, Frame::ForkOf { .. })),
+        "no fork, no FORK_OF: {frames:?}"
+    );
+
+    let held = CAPABILITY_HELD | CAPABILITY_FORK;
+    let instance = Frame::Instance { instance: INSTANCE };
+    let fork_of = |position| Frame::ForkOf {
+        instance: fork.from,
+        position,
+    };
+    let index = Frame::Index {
+        len_bytes: 4,
+        path: p("a"),
+    };
+    let end = Frame::IndexEnd { count: 1 };
+    let inventory = |frames: &[Frame]| match follower_given(held, held, frames) {
+        Ok(FollowerAction::Inventory {
+            instance: got,
+            fork: forked,
+            ..
+        }) => Ok((got, forked)),
+        Ok(other) => panic!("{other:?}"),
+        Err(e) => Err(e),
+    };
+    let frames = [instance.clone(), fork_of(1234), index.clone(), end.clone()];
+    assert_eq!(inventory(&frames).unwrap(), (Some(INSTANCE), Some(fork)));
+    let frames = [instance.clone(), index.clone(), end.clone()];
+    assert_eq!(inventory(&frames).unwrap(), (Some(INSTANCE), None));
+
+    let max = crate::frame::MAX_POSITION;
+    let frames = [
+        instance.clone(),
+        fork_of(max + 1),
+        index.clone(),
+        end.clone(),
+    ];
+    let err = inventory(&frames).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Limit, "{err}");
+    assert!(err.to_string().contains("MAX_POSITION"), "{err}");
+    for (why, frames) in [
+        ("before INSTANCE", vec![fork_of(1), instance.clone()]),
+        ("twice", vec![instance.clone(), fork_of(1), fork_of(1)]),
+        (
+            "after the index began",
+            vec![instance.clone(), index.clone(), fork_of(1)],
+        ),
+    ] {
+        let err = inventory(&frames).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadFrame, "{why}: {err}");
+    }
+    let not_in_use = [instance, fork_of(1), index, end];
+    let err = follower_given(CAPABILITY_HELD, held, &not_in_use).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame, "FORK not in use: {err}");
 }
 
 /// What a held record cannot vouch for: another leader instance's positions, a position this
