@@ -1229,6 +1229,15 @@ async fn node_loop(
                 );
             }
         }
+        let root = config.data_dir.clone();
+        match tokio::task::spawn_blocking(move || fork_after_failover(&root)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                "cannot go on from the instance this node followed: {e:#}; a new one, and \
+                 followers hash what changed since their last inventory"
+            ),
+            Err(e) => tracing::warn!("cannot go on from the instance this node followed: {e}"),
+        }
         let started = match lineage {
             Ok(Some(cluster)) => {
                 let (root, key) = (config.data_dir.clone(), keys.lineage.clone());
@@ -1978,31 +1987,12 @@ async fn take_passed_instance(
     let (held, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
         let dir = crate::paths::DataDir::open(&root)?;
         let record = crate::follower::held::HeldRecord::load(&dir);
-        let vouched = record.vouched(&instance);
-        let total = vouched.len();
-        let files: Vec<_> = vouched
-            .into_iter()
-            .filter_map(|v| {
-                let born_at = v.born_at.unwrap_or(position);
-                // A birth above the drain's position is no birth of what this node holds.
-                (born_at <= position).then(|| {
-                    let kept = crate::catalog::Kept {
-                        born_at,
-                        len_bytes: v.stamp.len_bytes,
-                    };
-                    (v.path, kept, v.stamp)
-                })
-            })
-            .collect();
-        // Dated as if every file had settled. The settle rule is for a write the stamp does not
-        // show: an application's, in place, in the clock tick of the look. This node's copies
-        // were changed only by its own writes as a follower, and each of those changes the size
-        // (DATA past the end, TRUNCATE) or the inode (COMMIT_WHOLE), as its held record relies
-        // on: so a segment written just before the handoff is vouched for too.
-        let taken_ns = crate::leader_record::settled_by_now_ns();
-        let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
-        crate::leader_record::save_files(&dir, (&instance, None, position), taken_ns, refs)?;
-        Ok((files.len(), total))
+        Ok(record_from_held(
+            &dir,
+            &record,
+            (instance, None),
+            (&instance, position),
+        )?)
     })
     .await??;
     tracing::info!(
@@ -2010,6 +2000,79 @@ async fn take_passed_instance(
          {total} files held",
         hex(&instance),
         position.saturating_add(1)
+    );
+    Ok(())
+}
+
+/// Writes a leader's record of instance `id` (going on from `fork`, if one) at `position` from
+/// this node's held record of instance `from` (`docs/PROTOCOL.md`, *Across a handoff*, *After a
+/// failover*): each file it holds under `from`, with the size and stamp seen then and the birth
+/// recorded with it (`position` where none was; one above `position` is no birth of what this
+/// node holds, and the file is left out). Returns the files written, and those held under `from`.
+fn record_from_held(
+    dir: &crate::paths::DataDir,
+    record: &crate::follower::held::HeldRecord,
+    (id, fork): (crate::frame::InstanceId, Option<&crate::frame::Fork>),
+    (from, position): (&crate::frame::InstanceId, u64),
+) -> std::io::Result<(usize, usize)> {
+    let vouched = record.vouched(from);
+    let total = vouched.len();
+    let files: Vec<_> = vouched
+        .into_iter()
+        .filter_map(|v| {
+            let born_at = v.born_at.unwrap_or(position);
+            (born_at <= position).then(|| {
+                let kept = crate::catalog::Kept {
+                    born_at,
+                    len_bytes: v.stamp.len_bytes,
+                };
+                (v.path, kept, v.stamp)
+            })
+        })
+        .collect();
+    // Dated as if every file had settled. The settle rule is for a write the stamp does not
+    // show: an application's, in place, in the clock tick of the look. This node's copies were
+    // changed only by its own writes as a follower, and each of those changes the size (DATA past
+    // the end, TRUNCATE) or the inode (COMMIT_WHOLE), as its held record relies on: so a segment
+    // written just before the handoff or the failover is vouched for too.
+    let taken_ns = crate::leader_record::settled_by_now_ns();
+    let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
+    crate::leader_record::save_files(dir, (&id, fork, position), taken_ns, refs)?;
+    Ok((files.len(), total))
+}
+
+/// On being elected with no instance passed on (a failover, or a cluster's first start): when
+/// this node followed since it last led (its held record written after its own leader's
+/// record, or no such record), its instance goes on from the one it followed, up to the last
+/// MARK it synced (`docs/PROTOCOL.md`, *After a failover*): a new instance, and a leader's
+/// record of it that the start resumes, so that followers' files held under that instance up to
+/// there count as held. Nothing when it holds nothing.
+fn fork_after_failover(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let dir = crate::paths::DataDir::open(data_dir)?;
+    let written_at = |name| std::fs::metadata(dir.state_path(name)).and_then(|m| m.modified());
+    let Ok(held_at) = written_at(crate::follower::held::FILE_NAME) else {
+        return Ok(());
+    };
+    if written_at(crate::leader_record::FILE_NAME).is_ok_and(|led_at| led_at >= held_at) {
+        return Ok(()); // it led since it last followed: its own record is the newer
+    }
+    let record = crate::follower::held::HeldRecord::load(&dir);
+    let Some(fork) = record.fork_point() else {
+        return Ok(());
+    };
+    let id = crate::auth::random_instance()?;
+    let (held, total) = record_from_held(
+        &dir,
+        &record,
+        (id, Some(&fork)),
+        (&fork.from, fork.position),
+    )?;
+    tracing::info!(
+        "forking instance {} from instance {} at position {} (the last this node synced; a \
+         failover): {held} of {total} files held",
+        hex(&id),
+        hex(&fork.from),
+        fork.position
     );
     Ok(())
 }

@@ -1891,3 +1891,62 @@ fn after_a_handoff_followers_keep_what_their_held_records_vouch_for() {
     }
     drop((a, b, c, etcd));
 }
+
+/// After a failover (the leader killed) the new leader's instance goes on from the dead one's,
+/// up to the last MARK the new leader had synced (`docs/PROTOCOL.md`, *After a failover*): a
+/// follower that comes back hashes only what its held record cannot vouch for against the new
+/// leader, where before it hashed every file changed since its last inventory. A copy of a
+/// generation the new leader no longer holds is still replaced.
+#[test]
+fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_fork() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| env.dir(n)).collect();
+    for i in 0..6 {
+        write(&dirs[0].join(format!("q/seg.{i}")), &pattern(200_000, i));
+    }
+    write(&dirs[0].join("q/state.json"), b"{\"head\": 6}");
+    let mut a = start_node(&env, &etcd.url, &dirs[0], free_port());
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let (b, mut c) = (
+        start_node(&env, &etcd.url, &dirs[1], free_port()),
+        start_node(&env, &etcd.url, &dirs[2], free_port()),
+    );
+    for d in &dirs[1..] {
+        wait_identical(&dirs[0], d, Duration::from_secs(20));
+    }
+    // c stops, holding every file; the state file is then rewritten and a segment written,
+    // which b gets before the leader dies.
+    stop_node(&mut c);
+    let state = dirs[0].join("q/state.json");
+    write(&dirs[0].join("q/state.new"), b"{\"head\": 7}");
+    std::fs::rename(dirs[0].join("q/state.new"), &state).unwrap();
+    write(&dirs[0].join("q/active"), &pattern(100_000, 9));
+    wait_identical(&dirs[0], &dirs[1], Duration::from_secs(20));
+
+    let mark = b.proc.log_len();
+    a.proc.child.kill().unwrap();
+    let _ = a.proc.child.wait();
+    let line = b
+        .proc
+        .wait_log_since(mark, "forking instance", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert_eq!(count_before(&line, " of "), 8, "{line}");
+    let line = b
+        .proc
+        .wait_log_since(mark, "resuming instance", Duration::from_secs(20));
+    assert_eq!(count_before(&line, " of "), 8, "{line}");
+
+    let c = start_node(&env, &etcd.url, &dirs[2], c.port);
+    let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert_eq!(count_before(&line, "held since"), 6, "{line}");
+    assert!(count_before(&line, "bytes hashed") <= 11, "{line}");
+    write(&dirs[1].join("q/after"), &pattern(10_000, 3));
+    wait_identical(&dirs[1], &dirs[2], Duration::from_secs(20));
+    assert_eq!(
+        std::fs::read(dirs[2].join("q/state.json")).unwrap(),
+        b"{\"head\": 7}"
+    );
+    drop((b, c, etcd));
+}

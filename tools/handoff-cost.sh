@@ -8,8 +8,12 @@
 # instance, c4ed672) shows what it was: every file hashed on both sides. Then the steps of the
 # handoff that look at every file, each with its time after the handoff began: the old leader
 # passing the instance on, the target taking it and resuming it.
+# With FAILOVER=1, the leader is killed with SIGKILL instead (a failover: either other node may
+# be elected); the times are from the kill, for the node that is not elected, and the steps are
+# the new leader's (forking the instance, resuming it). FERRY_BIN= a build before the fork
+# (session 50, 2026-12-07) shows every file hashed on both sides.
 #
-# usage: [DIR=/var/tmp] [FERRY_BIN=...] [SEGMENT_KIB=8192] tools/handoff-cost.sh [TOTAL_MIB]
+# usage: [DIR=/var/tmp] [FERRY_BIN=...] [SEGMENT_KIB=8192] [FAILOVER=1] tools/handoff-cost.sh [TOTAL_MIB]
 #        (TOTAL_MIB 1024 by default)
 # Needs a release build (cargo build --release) and etcd (apt-get install etcd-server).
 set -euo pipefail
@@ -81,10 +85,17 @@ in_sync() {
 wait_for "in-sync replica set of three" 300 in_sync
 
 mark_c=$(wc -l <"$work/c.log")
+mark_b=$(wc -l <"$work/b.log")
 mark_a=$(wc -l <"$work/a.log")
 started=$(date +%s.%N)
-"$ferry" handoff --etcd "$etcd_url" --to "${addr[b]}"
-echo "handoff-cost: $total_mib MiB in $segments segments of $segment_kib KiB, $ferry"
+if [ "${FAILOVER:-0}" = 1 ]; then
+  kill -KILL "${pids[1]}"
+  echo "handoff-cost: failover (SIGKILL of the leader), $total_mib MiB in $segments segments of" \
+    "$segment_kib KiB, $ferry"
+else
+  "$ferry" handoff --etcd "$etcd_url" --to "${addr[b]}"
+  echo "handoff-cost: $total_mib MiB in $segments segments of $segment_kib KiB, $ferry"
+fi
 report() { # name log-mark
   local log="$work/$1.log"
   wait_for "initial sync on $1" 300 sh -c "tail -n +$(($2 + 1)) '$log' | grep -q 'initial sync received'"
@@ -100,15 +111,31 @@ for line in sys.stdin:
         inventory = line
     if received is None and "initial sync received" in line:
         received = line
-print("  %s: inventory done %.2f s and initial sync received %.2f s after the handoff began" %
-      (sys.argv[2], at(inventory) - started, at(received) - started))
+print("  %s: inventory done %.2f s and initial sync received %.2f s after the %s began" %
+      (sys.argv[2], at(inventory) - started, at(received) - started, sys.argv[3]))
 print("    " + inventory.split("INFO ", 1)[1].strip())
-' "$started" "$1"
+' "$started" "$1" "$what"
 }
-report c "$mark_c"
-report a "$mark_a"
-steps="resigning\|going on with instance\|resuming instance\|passed instance\|elected leader"
-{ tail -n +$((mark_a + 1)) "$work/a.log"; cat "$work/b.log"; } | grep -h "$steps" | python3 -c '
+if [ "${FAILOVER:-0}" = 1 ]; then
+  what=failover
+  # Whichever of b and c is elected, the other follows it.
+  wait_for "a new leader" 60 grep -q "elected leader" "$work/b.log" "$work/c.log"
+  if grep -q "elected leader" "$work/b.log"; then
+    new=b follower=c mark=$mark_c
+  else
+    new=c follower=b mark=$mark_b
+  fi
+  report "$follower" "$mark"
+  steps="forking instance\|resuming instance\|elected leader"
+  logs=("$work/$new.log")
+else
+  what=handoff
+  report c "$mark_c"
+  report a "$mark_a"
+  steps="resigning\|going on with instance\|resuming instance\|passed instance\|elected leader"
+  logs=("$work/a.log" "$work/b.log")
+fi
+cat "${logs[@]}" | grep -h "$steps" | python3 -c '
 import sys, datetime
 started = float(sys.argv[1])
 for line in sys.stdin:

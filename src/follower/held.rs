@@ -258,6 +258,24 @@ impl HeldRecord {
         ((e.instance == *instance || shared_history) && e.stamp == *stamp).then_some(e.position)
     }
 
+    /// What a leader elected after a failover goes on from (`docs/PROTOCOL.md`, *After a
+    /// failover*): the instance it vouches for the most files under, and the highest MARK
+    /// position it recorded under it. `None` when it vouches for nothing.
+    pub fn fork_point(&self) -> Option<Fork> {
+        self.boot_id.as_ref()?;
+        let mut by_instance: HashMap<InstanceId, (usize, u64)> = HashMap::new();
+        for e in self.entries.values() {
+            let (files, position) = by_instance.entry(e.instance).or_default();
+            *files += 1;
+            *position = (*position).max(e.position);
+        }
+        // Ties go to the higher position, then the instance id: the same record, the same answer.
+        let (from, (_, position)) = by_instance
+            .into_iter()
+            .max_by_key(|&(instance, (files, position))| (files, position, instance))?;
+        Some(Fork { from, position })
+    }
+
     /// Every file it vouches for under leader `instance`, as it was looked at.
     pub fn vouched(&self, instance: &InstanceId) -> Vec<Vouched> {
         if self.boot_id.is_none() {
@@ -410,6 +428,40 @@ mod tests {
             ..fork
         };
         assert_eq!(held(&names[0], (&new, Some(&elsewhere))), None);
+    }
+
+    /// The instance a new leader forks from is the one its record vouches for the most files
+    /// under, at the highest MARK recorded under it: the one it followed last, through its end.
+    #[test]
+    fn a_fork_goes_on_from_the_instance_holding_the_most_files_at_its_last_mark() {
+        let (tmp, dir) = setup();
+        let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
+        assert_eq!(record.fork_point(), None, "nothing held");
+        let (old, last) = ([1u8; 16], [2u8; 16]);
+        for (i, (instance, position)) in [(old, 900), (last, 300), (last, 700), (last, 20)]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("f{i}");
+            std::fs::write(tmp.path().join(&name), b"x").unwrap();
+            record.record(
+                &dir,
+                (instance, position),
+                [RelPath::new(&name).unwrap()],
+                |_| None,
+            );
+        }
+        let want = Fork {
+            from: last,
+            position: 700,
+        };
+        assert_eq!(record.fork_point(), Some(want));
+        let rebooted = HeldRecord::load_for_boot(&dir, None);
+        assert_eq!(
+            rebooted.fork_point(),
+            None,
+            "a record not of this boot holds nothing"
+        );
     }
 
     #[test]
