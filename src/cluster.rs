@@ -2255,6 +2255,59 @@ async fn current_leader(client: &mut Client, keys: &Keys) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Elected after a failover, a node that followed since it last led forks the instance it
+    /// followed: a leader's record of a new instance naming that one and the last MARK it
+    /// synced, vouching for the files it holds. One that led since it last followed resumes its
+    /// own record instead, and one that holds nothing writes none.
+    #[test]
+    fn a_node_forks_the_instance_it_followed_unless_it_led_since() {
+        use crate::follower::held::HeldRecord;
+        use crate::frame::Fork;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::paths::DataDir::open(tmp.path()).unwrap();
+        std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
+        let seg = crate::paths::RelPath::new("seg").unwrap();
+        fork_after_failover(tmp.path()).unwrap();
+        assert!(
+            crate::leader_record::take(&dir, None).is_none(),
+            "nothing held: no record"
+        );
+
+        let followed = [1u8; 16];
+        let mut held = HeldRecord::load(&dir);
+        held.record(&dir, (followed, 700), [seg.clone()], |_| Some(3));
+        held.save(&dir).unwrap();
+        fork_after_failover(tmp.path()).unwrap();
+        let resumed = crate::leader_record::take(&dir, None).unwrap();
+        let fork = Fork {
+            from: followed,
+            position: 700,
+        };
+        assert_eq!(resumed.fork, Some(fork));
+        assert_ne!(resumed.instance, followed, "a new instance");
+        assert_eq!(resumed.last_position, 700);
+        let kept = crate::catalog::Kept {
+            born_at: 3,
+            len_bytes: 10,
+        };
+        assert_eq!(resumed.kept.get(&seg), Some(&kept));
+
+        // It leads, and its own record is written after its held record: that one it resumes.
+        let a_while_ago = std::time::SystemTime::now() - Duration::from_secs(10);
+        let held_file = std::fs::File::options()
+            .write(true)
+            .open(dir.state_path("held"));
+        held_file.unwrap().set_modified(a_while_ago).unwrap();
+        let own = [9u8; 16];
+        let stamp = crate::index::Stamp::look(&dir, &seg).unwrap().unwrap();
+        let line = (&seg, kept, stamp);
+        let taken_ns = crate::leader_record::settled_by_now_ns();
+        crate::leader_record::save_files(&dir, (&own, None, 900), taken_ns, [line]).unwrap();
+        fork_after_failover(tmp.path()).unwrap();
+        let resumed = crate::leader_record::take(&dir, None).unwrap();
+        assert_eq!((resumed.instance, resumed.fork), (own, None));
+    }
+
     #[test]
     fn a_leader_takes_the_clusters_lineage_into_a_dir_without_one_and_refuses_another() {
         let tmp = tempfile::tempdir().unwrap();
