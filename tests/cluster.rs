@@ -1822,6 +1822,42 @@ fn count_before(line: &str, what: &str) -> u64 {
         .unwrap_or_else(|| panic!("a number before {what:?} in {line}"))
 }
 
+/// Nodes a (leading), b and c, all in sync on 6 segments and a state file, every node in the
+/// in-sync set; then c stops, and while it is down the state file is rewritten (renamed into
+/// place, as long as before: c's copy, which its held record vouches for, is of a generation no
+/// longer the leader's) and a segment is written, which b gets. Returns the dirs and the nodes,
+/// c stopped.
+fn a_leads_while_c_misses_a_rewrite(env: &Env, etcd: &str) -> (Vec<PathBuf>, Node, Node, Node) {
+    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| env.dir(n)).collect();
+    for i in 0..6 {
+        write(&dirs[0].join(format!("q/seg.{i}")), &pattern(200_000, i));
+    }
+    write(&dirs[0].join("q/state.json"), b"{\"head\": 6}");
+    let a = start_node(env, etcd, &dirs[0], free_port());
+    a.proc.wait_log("elected leader", Duration::from_secs(30));
+    let (b, mut c) = (
+        start_node(env, etcd, &dirs[1], free_port()),
+        start_node(env, etcd, &dirs[2], free_port()),
+    );
+    let all = isr_of(&[&a.advertise, &b.advertise, &c.advertise]);
+    wait_until(Duration::from_secs(30), "the ISR holding all three", || {
+        read_key(etcd, "ferry/isr").as_deref() == Some(all.as_str())
+    });
+    for d in &dirs[1..] {
+        wait_identical(&dirs[0], d, Duration::from_secs(20));
+    }
+    stop_node(&mut c);
+    let state = dirs[0].join("q/state.json");
+    write(&dirs[0].join("q/state.new"), b"{\"head\": 7}");
+    std::fs::rename(dirs[0].join("q/state.new"), &state).unwrap();
+    // A segment written right before the handoff or the failover, as a busy broker's active
+    // ones are: b vouches for it too as it leads, since only its own writes as a follower
+    // changed its copies, and each of those changes the size or the inode.
+    write(&dirs[0].join("q/active"), &pattern(100_000, 9));
+    wait_identical(&dirs[0], &dirs[1], Duration::from_secs(20));
+    (dirs, a, b, c)
+}
+
 /// After a handoff the new leader goes on with the old one's instance, so the followers' held
 /// records stay good: neither a follower nor the old leader, following the new one, hashes the
 /// files that did not change, where before both hashed everything changed since their last
@@ -1831,35 +1867,7 @@ fn count_before(line: &str, what: &str) -> u64 {
 fn after_a_handoff_followers_keep_what_their_held_records_vouch_for() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| env.dir(n)).collect();
-    for i in 0..6 {
-        write(&dirs[0].join(format!("q/seg.{i}")), &pattern(200_000, i));
-    }
-    write(&dirs[0].join("q/state.json"), b"{\"head\": 6}");
-    let a = start_node(&env, &etcd.url, &dirs[0], free_port());
-    a.proc.wait_log("elected leader", Duration::from_secs(30));
-    let (b, mut c) = (
-        start_node(&env, &etcd.url, &dirs[1], free_port()),
-        start_node(&env, &etcd.url, &dirs[2], free_port()),
-    );
-    let all = isr_of(&[&a.advertise, &b.advertise, &c.advertise]);
-    wait_until(Duration::from_secs(30), "the ISR holding all three", || {
-        read_key(&etcd.url, "ferry/isr").as_deref() == Some(all.as_str())
-    });
-    for d in &dirs[1..] {
-        wait_identical(&dirs[0], d, Duration::from_secs(20));
-    }
-    // c stops; the state file is rewritten (renamed into place, as long as before): c's copy,
-    // which its held record vouches for, is of a generation no longer the leader's.
-    stop_node(&mut c);
-    let state = dirs[0].join("q/state.json");
-    write(&dirs[0].join("q/state.new"), b"{\"head\": 7}");
-    std::fs::rename(dirs[0].join("q/state.new"), &state).unwrap();
-    // A segment written right before the handoff, as a busy broker's active ones are: the
-    // target vouches for it too, since only its own writes as a follower changed its copies,
-    // and each of those changes the size or the inode.
-    write(&dirs[0].join("q/active"), &pattern(100_000, 9));
-    wait_identical(&dirs[0], &dirs[1], Duration::from_secs(20));
+    let (dirs, a, b, c) = a_leads_while_c_misses_a_rewrite(&env, &etcd.url);
     let marks: Vec<usize> = [&a, &b].iter().map(|n| n.proc.log_len()).collect();
     handoff_ok(&etcd.url, Some(&b.advertise));
 
@@ -1901,29 +1909,8 @@ fn after_a_handoff_followers_keep_what_their_held_records_vouch_for() {
 fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_fork() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| env.dir(n)).collect();
-    for i in 0..6 {
-        write(&dirs[0].join(format!("q/seg.{i}")), &pattern(200_000, i));
-    }
-    write(&dirs[0].join("q/state.json"), b"{\"head\": 6}");
-    let mut a = start_node(&env, &etcd.url, &dirs[0], free_port());
-    a.proc.wait_log("elected leader", Duration::from_secs(30));
-    let (b, mut c) = (
-        start_node(&env, &etcd.url, &dirs[1], free_port()),
-        start_node(&env, &etcd.url, &dirs[2], free_port()),
-    );
-    for d in &dirs[1..] {
-        wait_identical(&dirs[0], d, Duration::from_secs(20));
-    }
-    // c stops, holding every file; the state file is then rewritten and a segment written,
-    // which b gets before the leader dies.
-    stop_node(&mut c);
-    let state = dirs[0].join("q/state.json");
-    write(&dirs[0].join("q/state.new"), b"{\"head\": 7}");
-    std::fs::rename(dirs[0].join("q/state.new"), &state).unwrap();
-    write(&dirs[0].join("q/active"), &pattern(100_000, 9));
-    wait_identical(&dirs[0], &dirs[1], Duration::from_secs(20));
-
+    // b, the only node of the in-sync set left running once a dies, is elected.
+    let (dirs, mut a, b, c) = a_leads_while_c_misses_a_rewrite(&env, &etcd.url);
     let mark = b.proc.log_len();
     a.proc.child.kill().unwrap();
     let _ = a.proc.child.wait();
