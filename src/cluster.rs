@@ -2068,8 +2068,8 @@ fn fork_after_failover(data_dir: &std::path::Path) -> anyhow::Result<()> {
         (&fork.from, fork.position),
     )?;
     tracing::info!(
-        "forking instance {} from instance {} at position {} (the last this node synced; a \
-         failover): {held} of {total} files held",
+        "forking instance {} from instance {} at position {}, the last this node synced \
+         (elected with no instance passed on: a failover): {held} of {total} files held",
         hex(&id),
         hex(&fork.from),
         fork.position

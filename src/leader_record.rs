@@ -241,6 +241,10 @@ fn parse(text: &str) -> Option<Parsed> {
         }),
         Some(_) => return None,
     };
+    // The fork's position is where the instance began: never above a position it reached.
+    if fork.is_some_and(|f| f.position > position) {
+        return None;
+    }
     for line in lines {
         let mut f = crate::index::fields(line, 7);
         let kept = Kept {
@@ -449,6 +453,7 @@ mod tests {
             "fork 0606 20",
             "fork x",
             &format!("fork {} -1", "06".repeat(16)),
+            &format!("fork {} 21", "06".repeat(16)),
         ] {
             let corrupt = text.replace(&fork_line[fork_line.find("fork").unwrap()..], "");
             let corrupt = corrupt.replacen("\n5 ", &format!("\n{bad}\n5 "), 1);
