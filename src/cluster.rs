@@ -2037,7 +2037,8 @@ fn record_from_held(
     // written just before the handoff or the failover is vouched for too.
     let taken_ns = crate::leader_record::settled_by_now_ns();
     let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
-    crate::leader_record::save_files(dir, (&id, fork, position), taken_ns, refs)?;
+    let at = (position, position); // its files are the old leader's at `position`
+    crate::leader_record::save_files(dir, (&id, fork), at, taken_ns, refs)?;
     Ok((files.len(), total))
 }
 
@@ -2302,7 +2303,8 @@ mod tests {
         let stamp = crate::index::Stamp::look(&dir, &seg).unwrap().unwrap();
         let line = (&seg, kept, stamp);
         let taken_ns = crate::leader_record::settled_by_now_ns();
-        crate::leader_record::save_files(&dir, (&own, None, 900), taken_ns, [line]).unwrap();
+        let at = (900, 900);
+        crate::leader_record::save_files(&dir, (&own, None), at, taken_ns, [line]).unwrap();
         fork_after_failover(tmp.path()).unwrap();
         let resumed = crate::leader_record::take(&dir, None).unwrap();
         assert_eq!((resumed.instance, resumed.fork), (own, None));

@@ -40,6 +40,8 @@ pub(crate) const FILE_NAME: &str = "leader";
 const HEADER: &str = "ferry-leader-v1";
 /// The optional line after `taken_ns` naming what the instance goes on from: `fork FROM P`.
 const FORK: &str = "fork";
+/// The optional line after `fork` naming the catalog's position when the record took it.
+const CATALOG_POSITION: &str = "catalog_position";
 
 /// What a stop (or a checkpoint) saw of its files, and when it began looking.
 pub struct Look {
@@ -168,7 +170,8 @@ pub fn look<'a>(dir: &DataDir, paths: impl IntoIterator<Item = &'a RelPath>) -> 
 /// (`docs/PROTOCOL.md`, *Across a handoff*, *After a failover*).
 pub fn save_files<'a>(
     dir: &DataDir,
-    (instance, fork, position): (&InstanceId, Option<&Fork>, u64),
+    (instance, fork): (&InstanceId, Option<&Fork>),
+    (position, catalog_position): (u64, u64),
     taken_ns: i64,
     files: impl IntoIterator<Item = (&'a RelPath, Kept, Stamp)>,
 ) -> io::Result<()> {
@@ -185,6 +188,7 @@ pub fn save_files<'a>(
     if let Some(fork) = fork {
         let _ = writeln!(text, "{FORK} {} {}", hex(&fork.from), fork.position);
     }
+    let _ = writeln!(text, "{CATALOG_POSITION} {catalog_position}");
     for (path, kept, s) in files {
         if path.as_str().contains('\n') {
             continue; // not representable in the line format; never vouched for
@@ -193,6 +197,51 @@ pub fn save_files<'a>(
         let _ = writeln!(text, "{} {} {s} {path}", kept.born_at, kept.len_bytes);
     }
     dir.replace_state_file(FILE_NAME, text.as_bytes(), StateSync::Volatile)
+}
+
+/// What a leader that died holds by its own last record, once it follows (`docs/PROTOCOL.md`,
+/// *After a failover*): the record's instance and catalog position `C`, and each file the record
+/// saw that is still as it saw it, had settled then, and is of the length recorded, with its
+/// birth. The record is read, not taken.
+#[derive(Debug)]
+pub struct OwnClaims {
+    pub instance: InstanceId,
+    pub catalog_position: u64,
+    pub files: Vec<(RelPath, u64, Stamp)>,
+}
+
+/// The record's `OwnClaims`; `None` without a record of this boot that names its catalog
+/// position.
+pub fn own_claims(dir: &DataDir) -> Option<OwnClaims> {
+    own_claims_for_boot(dir, boot_id())
+}
+
+fn own_claims_for_boot(dir: &DataDir, boot: Option<String>) -> Option<OwnClaims> {
+    let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).ok()?;
+    let record = parse(&text)?;
+    if boot.as_deref() != Some(record.boot.as_str()) {
+        return None;
+    }
+    let catalog_position = record.catalog_position?;
+    let settled_before = settled_before(record.taken_ns);
+    let files = record
+        .entries
+        .into_iter()
+        .filter(|(path, kept, stamp)| {
+            // Of the length recorded: no byte on disk that the catalog had not recorded by then
+            // (a preallocated segment, an append not yet reported), which the new leader lacks.
+            stamp.ctime_ns <= settled_before
+                && stamp.len_bytes == kept.len_bytes
+                && kept.born_at <= catalog_position
+                && stamp_of(dir, path).as_ref() == Some(stamp)
+        })
+        .map(|(path, kept, stamp)| (path, kept.born_at, stamp))
+        .collect();
+    Some(OwnClaims {
+        instance: record.instance,
+        catalog_position,
+        files,
+    })
 }
 
 /// Deletes the record (there being none is no error): what a checkpoint that could not be
@@ -209,6 +258,9 @@ struct Parsed {
     instance: InstanceId,
     fork: Option<Fork>,
     position: u64,
+    /// The catalog's position when the record took it, if the record says (`None`: an older
+    /// build's).
+    catalog_position: Option<u64>,
     taken_ns: i64,
     entries: Vec<(RelPath, Kept, Stamp)>,
 }
@@ -245,6 +297,18 @@ fn parse(text: &str) -> Option<Parsed> {
     if fork.is_some_and(|f| f.position > position) {
         return None;
     }
+    let catalog_position = match lines.next_if(|l| l.starts_with(CATALOG_POSITION)) {
+        None => None,
+        Some(line) => {
+            let c: u64 = line
+                .strip_prefix(CATALOG_POSITION)?
+                .strip_prefix(' ')?
+                .parse()
+                .ok()?;
+            (c <= position).then_some(c)?;
+            Some(c)
+        }
+    };
     for line in lines {
         let mut f = crate::index::fields(line, 7);
         let kept = Kept {
@@ -264,6 +328,7 @@ fn parse(text: &str) -> Option<Parsed> {
         instance,
         fork,
         position,
+        catalog_position,
         taken_ns,
         entries,
     })
@@ -388,7 +453,7 @@ mod tests {
         let lines = catalog
             .iter()
             .map(|(path, entry)| (path, Kept::of(entry), look.stamp(path).unwrap()));
-        save_files(&dir, (&[7; 16], None, 20), look.taken_ns, lines).unwrap();
+        save_files(&dir, (&[7; 16], None), (20, 20), look.taken_ns, lines).unwrap();
         (tmp, dir, paths)
     }
 
@@ -437,7 +502,14 @@ mod tests {
             position: 20,
         };
         let line = (&a, Kept::of(&entry(5, 5)), look.stamp(&a).unwrap());
-        save_files(&dir, (&[7; 16], Some(&fork), 20), look.taken_ns, [line]).unwrap();
+        save_files(
+            &dir,
+            (&[7; 16], Some(&fork)),
+            (20, 20),
+            look.taken_ns,
+            [line],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).unwrap();
         let fork_line = format!(
             "\ntaken_ns {}\nfork {} 20\n",
@@ -449,17 +521,68 @@ mod tests {
         assert_eq!((resumed.instance, resumed.fork), ([7; 16], Some(fork)));
         assert_eq!(resumed.kept.len(), 1);
 
+        // In the fork line's place (before `catalog_position`), each of these is corrupt.
+        let at = &fork_line[fork_line.find("fork").unwrap()..];
         for bad in [
             "fork 0606 20",
             "fork x",
             &format!("fork {} -1", "06".repeat(16)),
             &format!("fork {} 21", "06".repeat(16)),
+            "catalog_position 21",
+            "catalog_position x",
         ] {
-            let corrupt = text.replace(&fork_line[fork_line.find("fork").unwrap()..], "");
-            let corrupt = corrupt.replacen("\n5 ", &format!("\n{bad}\n5 "), 1);
+            let corrupt = text.replace(at, &format!("{bad}\n"));
             std::fs::write(dir.state_path(FILE_NAME), &corrupt).unwrap();
             assert!(take_for_boot(&dir, boot_id(), None).is_none(), "{corrupt}");
         }
+    }
+
+    /// A leader that died and follows next holds, by its own last record (read, not taken), the
+    /// files that record saw as they still are, settled then, of the length it recorded, at the
+    /// catalog position it names; a file longer on disk than recorded (a preallocated segment)
+    /// is not held, nor one changed since; a record of an older build, which names no catalog
+    /// position, holds nothing.
+    #[test]
+    fn a_dead_leader_s_own_record_holds_its_settled_files_of_the_recorded_length() {
+        let (tmp, dir) = setup();
+        let names = ["kept", "preallocated", "changed"];
+        for n in names {
+            std::fs::write(tmp.path().join(n), b"0123456789").unwrap();
+        }
+        let paths: Vec<RelPath> = names.iter().map(|n| RelPath::new(n).unwrap()).collect();
+        let mut look = look(&dir, &paths);
+        let lines: Vec<_> = paths
+            .iter()
+            .zip([10, 4, 10])
+            .map(|(p, len)| (p, Kept::of(&entry(len, 3)), look.stamp(p).unwrap()))
+            .collect();
+        // Written right before the record: not settled, nothing held.
+        let at = (1 << 40, 500);
+        save_files(&dir, (&[7; 16], None), at, look.taken_ns, lines.clone()).unwrap();
+        let claims = own_claims_for_boot(&dir, boot_id()).unwrap();
+        assert!(claims.files.is_empty(), "{claims:?}");
+        look.taken_ns += 2000 * 1_000_000;
+        save_files(&dir, (&[7; 16], None), at, look.taken_ns, lines).unwrap();
+        std::fs::write(tmp.path().join("changed"), b"0123456789x").unwrap();
+        let claims = own_claims_for_boot(&dir, boot_id()).unwrap();
+        assert_eq!((claims.instance, claims.catalog_position), ([7; 16], 500));
+        let held: Vec<&str> = claims.files.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(held, ["kept"]);
+        assert_eq!(claims.files[0].1, 3, "with its birth");
+        assert!(dir.state_path(FILE_NAME).exists(), "read, not taken");
+        assert!(own_claims_for_boot(&dir, Some("another boot".into())).is_none());
+
+        let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).unwrap();
+        let older = text.replace("catalog_position 500\n", "");
+        std::fs::write(dir.state_path(FILE_NAME), older).unwrap();
+        assert!(
+            own_claims_for_boot(&dir, boot_id()).is_none(),
+            "no catalog position"
+        );
+        assert!(
+            take_for_boot(&dir, boot_id(), None).is_some(),
+            "still a record to resume"
+        );
     }
 
     /// A leader started from a look at its files (the watcher's, a scan's) compares the record
@@ -524,7 +647,14 @@ mod tests {
             let mut look = look(&dir, std::slice::from_ref(&a));
             look.taken_ns += 2_000_000_000;
             let lines = [(&a, Kept::of(&entry(5, 5)), look.stamp(&a).unwrap())];
-            save_files(&dir, (&[7; 16], None, position), look.taken_ns, lines).unwrap();
+            save_files(
+                &dir,
+                (&[7; 16], None),
+                (position, position),
+                look.taken_ns,
+                lines,
+            )
+            .unwrap();
             let resumed = take_for_boot(&dir, boot_id(), None);
             assert_eq!(resumed.is_some(), resumes, "{position}");
         }

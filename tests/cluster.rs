@@ -1826,14 +1826,18 @@ fn count_before(line: &str, what: &str) -> u64 {
 /// in-sync set; then c stops, and while it is down the state file is rewritten (renamed into
 /// place, as long as before: c's copy, which its held record vouches for, is of a generation no
 /// longer the leader's) and a segment is written, which b gets. Returns the dirs and the nodes,
-/// c stopped.
-fn a_leads_while_c_misses_a_rewrite(env: &Env, etcd: &str) -> (Vec<PathBuf>, Node, Node, Node) {
+/// c stopped. `a_flags`: more flags for a.
+fn a_leads_while_c_misses_a_rewrite(
+    env: &Env,
+    etcd: &str,
+    a_flags: &[&str],
+) -> (Vec<PathBuf>, Node, Node, Node) {
     let dirs: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| env.dir(n)).collect();
     for i in 0..6 {
         write(&dirs[0].join(format!("q/seg.{i}")), &pattern(200_000, i));
     }
     write(&dirs[0].join("q/state.json"), b"{\"head\": 6}");
-    let a = start_node(env, etcd, &dirs[0], free_port());
+    let a = start_node_with(env, etcd, &dirs[0], free_port(), a_flags);
     a.proc.wait_log("elected leader", Duration::from_secs(30));
     let (b, mut c) = (
         start_node(env, etcd, &dirs[1], free_port()),
@@ -1867,7 +1871,7 @@ fn a_leads_while_c_misses_a_rewrite(env: &Env, etcd: &str) -> (Vec<PathBuf>, Nod
 fn after_a_handoff_followers_keep_what_their_held_records_vouch_for() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
-    let (dirs, a, b, c) = a_leads_while_c_misses_a_rewrite(&env, &etcd.url);
+    let (dirs, a, b, c) = a_leads_while_c_misses_a_rewrite(&env, &etcd.url, &[]);
     let marks: Vec<usize> = [&a, &b].iter().map(|n| n.proc.log_len()).collect();
     handoff_ok(&etcd.url, Some(&b.advertise));
 
@@ -1904,13 +1908,22 @@ fn after_a_handoff_followers_keep_what_their_held_records_vouch_for() {
 /// up to the last MARK the new leader had synced (`docs/PROTOCOL.md`, *After a failover*): a
 /// follower that comes back hashes only what its held record cannot vouch for against the new
 /// leader, where before it hashed every file changed since its last inventory. A copy of a
-/// generation the new leader no longer holds is still replaced.
+/// generation the new leader no longer holds is still replaced. The dead leader, started again,
+/// holds what its own last checkpoint vouched for, where before it hashed every file it had
+/// written since it last followed.
 #[test]
 fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_fork() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
     // b, the only node of the in-sync set left running once a dies, is elected.
-    let (dirs, mut a, b, c) = a_leads_while_c_misses_a_rewrite(&env, &etcd.url);
+    let frequent = ["--record-interval-ms", "200"];
+    let (dirs, mut a, b, c) = a_leads_while_c_misses_a_rewrite(&env, &etcd.url, &frequent);
+    // a's last checkpoint vouches for every file: taken once each had settled.
+    wait_until(
+        Duration::from_secs(20),
+        "a checkpoint after every file settled",
+        || checkpoint_taken_ns(&dirs[0]) > newest_ctime_ns(&dirs[0].join("q")) + 1_000_000_000,
+    );
     let mark = b.proc.log_len();
     a.proc.child.kill().unwrap();
     let _ = a.proc.child.wait();
@@ -1929,11 +1942,40 @@ fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_f
     eprintln!("{line}");
     assert_eq!(count_before(&line, "held since"), 6, "{line}");
     assert!(count_before(&line, "bytes hashed") <= 11, "{line}");
+
+    let a = start_node(&env, &etcd.url, &dirs[0], a.port);
+    let line = a.proc.wait_log("inventory: ", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert_eq!(count_before(&line, "held since"), 8, "{line}");
+    assert_eq!(count_before(&line, "bytes hashed"), 0, "{line}");
     write(&dirs[1].join("q/after"), &pattern(10_000, 3));
     wait_identical(&dirs[1], &dirs[2], Duration::from_secs(20));
+    wait_identical(&dirs[1], &dirs[0], Duration::from_secs(20));
     assert_eq!(
         std::fs::read(dirs[2].join("q/state.json")).unwrap(),
         b"{\"head\": 7}"
     );
-    drop((b, c, etcd));
+    drop((a, b, c, etcd));
+}
+
+/// `taken_ns` of the leader's record in `dir` (0 without one).
+fn checkpoint_taken_ns(dir: &Path) -> i64 {
+    let text = std::fs::read_to_string(dir.join(".ferry/leader")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("taken_ns "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The newest ctime (ns since the epoch) of the files in `dir`.
+fn newest_ctime_ns(dir: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let m = e.unwrap().metadata().unwrap();
+            m.ctime() * 1_000_000_000 + m.ctime_nsec()
+        })
+        .max()
+        .unwrap()
 }

@@ -71,6 +71,9 @@ pub struct HeldRecord {
     unsaved: Vec<RelPath>,
     /// Entry lines in the file on disk, once this process has rewritten it (`None` before).
     journal_lines: Option<usize>,
+    /// What this dir's own leader's record vouches for, when it led and died
+    /// (`load_with_own_record`): looked up after `entries`, never saved.
+    led: HashMap<RelPath, Entry>,
 }
 
 impl HeldRecord {
@@ -80,6 +83,33 @@ impl HeldRecord {
         HeldRecord::load_for_boot(dir, boot_id())
     }
 
+    /// `load`, for a follower: with what the dir's own leader's record vouches for, when this
+    /// dir led and its leader died (`leader_record::own_claims`; `docs/PROTOCOL.md`, *After a
+    /// failover*), each file as held after a MARK at the record's catalog position.
+    pub fn load_with_own_record(dir: &DataDir) -> HeldRecord {
+        let mut record = HeldRecord::load(dir);
+        if record.boot_id.is_none() {
+            return record;
+        }
+        if let Some(own) = crate::leader_record::own_claims(dir) {
+            let position = own.catalog_position;
+            record.led = own
+                .files
+                .into_iter()
+                .map(|(path, born_at, stamp)| {
+                    let entry = Entry {
+                        instance: own.instance,
+                        position,
+                        born_at: Some(born_at),
+                        stamp,
+                    };
+                    (path, entry)
+                })
+                .collect();
+        }
+        record
+    }
+
     fn load_for_boot(dir: &DataDir, boot_id: Option<String>) -> HeldRecord {
         let mut record = HeldRecord {
             entries: HashMap::new(),
@@ -87,6 +117,7 @@ impl HeldRecord {
             save_failing: false,
             unsaved: Vec::new(),
             journal_lines: None,
+            led: HashMap::new(),
         };
         let Some(boot) = &record.boot_id else {
             tracing::warn!(
@@ -253,9 +284,14 @@ impl HeldRecord {
         stamp: &Stamp,
     ) -> Option<u64> {
         self.boot_id.as_ref()?;
-        let e = self.entries.get(path)?;
-        let shared_history = fork.is_some_and(|f| e.instance == f.from && e.position <= f.position);
-        ((e.instance == *instance || shared_history) && e.stamp == *stamp).then_some(e.position)
+        let holds = |e: &&Entry| {
+            let shared_history =
+                fork.is_some_and(|f| e.instance == f.from && e.position <= f.position);
+            (e.instance == *instance || shared_history) && e.stamp == *stamp
+        };
+        let own = self.entries.get(path).filter(holds);
+        own.or_else(|| self.led.get(path).filter(holds))
+            .map(|e| e.position)
     }
 
     /// What a leader elected after a failover goes on from (`docs/PROTOCOL.md`, *After a
@@ -428,6 +464,54 @@ mod tests {
             ..fork
         };
         assert_eq!(held(&names[0], (&new, Some(&elsewhere))), None);
+    }
+
+    /// A leader that died and follows next holds what its own last record vouches for, at the
+    /// record's catalog position, under the record's instance: through a fork from that
+    /// instance only where the fork is at or above that position. Its own held entries, where
+    /// they hold, come first.
+    #[test]
+    fn a_dead_leader_following_holds_what_its_own_record_vouches_for_up_to_the_fork() {
+        let (tmp, dir) = setup();
+        std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
+        let seg = RelPath::new("seg").unwrap();
+        let stamp = stamp_of(&tmp, "seg");
+        let kept = crate::catalog::Kept {
+            born_at: 3,
+            len_bytes: 10,
+        };
+        let (led, new) = ([1u8; 16], [2u8; 16]);
+        let settled = crate::leader_record::settled_by_now_ns();
+        let at = (1 << 40, 500);
+        crate::leader_record::save_files(&dir, (&led, None), at, settled, [(&seg, kept, stamp)])
+            .unwrap();
+        let record = HeldRecord::load_with_own_record(&dir);
+        let fork = |position| Fork {
+            from: led,
+            position,
+        };
+        assert_eq!(
+            record.held_at(&seg, (&new, Some(&fork(500))), &stamp),
+            Some(500)
+        );
+        assert_eq!(record.held_at(&seg, (&new, Some(&fork(499))), &stamp), None);
+        assert_eq!(record.held_at(&seg, (&led, None), &stamp), Some(500));
+        assert_eq!(record.held_at(&seg, (&new, None), &stamp), None);
+        assert_eq!(
+            HeldRecord::load(&dir).held_at(&seg, (&led, None), &stamp),
+            None
+        );
+        assert!(
+            record.vouched(&led).is_empty(),
+            "not as a follower's look: never saved"
+        );
+
+        let mut record = record;
+        record.record(&dir, (new, 900), [seg.clone()], |_| None);
+        assert_eq!(
+            record.held_at(&seg, (&new, Some(&fork(500))), &stamp),
+            Some(900)
+        );
     }
 
     /// The instance a new leader forks from is the one its record vouches for the most files

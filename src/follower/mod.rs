@@ -208,7 +208,7 @@ pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
 async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncReport, FollowError> {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let cache = Rc::new(RefCell::new(Some(DigestCache::load(&dir))));
-    let held = Arc::new(Mutex::new(HeldRecord::load(&dir)));
+    let held = Arc::new(Mutex::new(HeldRecord::load_with_own_record(&dir)));
     // Why attempts fail: said once, then once a minute while it repeats (`log_repeats`).
     let mut repeats = crate::log_repeats::Repeats::default();
     // The next attempt authenticates with the previous secret (refused with the current one in

@@ -140,8 +140,9 @@ pub(super) fn record_stop(
     }
     rounds.renew_lines(shared, &look);
     let position = rounds.catalog.position();
-    let of = (&instance.id, instance.fork.as_ref(), position);
-    let saved = leader_record::save_files(dir, of, look.taken_ns(), rounds.lines());
+    let of = (&instance.id, instance.fork.as_ref());
+    let at = (position, position);
+    let saved = leader_record::save_files(dir, of, at, look.taken_ns(), rounds.lines());
     stop_listing(shared);
     let (files, looked) = (rounds.files.len(), look.files_seen());
     match saved {
@@ -427,13 +428,12 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &Instance, rounds: &mut 
     // Each entry is taken after the look and before the reservation (so every birth is at or
     // below it). A file changed since the look stays stale, to be looked at again next round.
     let unchanged = rounds.renew_lines(shared, &look);
-    let (reserved, first, already_on_disk) = {
+    let (reserved, catalog_position, first, already_on_disk) = {
         let mut hub = shared.lock();
         // The reservation of the record on disk, if there is one: the ceiling.
         let ceiling = (hub.mark_ceiling != u64::MAX).then_some(hub.mark_ceiling);
-        let reserved = hub
-            .catalog
-            .position()
+        let catalog_position = hub.catalog.position();
+        let reserved = catalog_position
             .saturating_add(LEADER_POSITION_RESERVE)
             .max(ceiling.unwrap_or(0));
         // The record on disk says all this already: every file kept its line, the same
@@ -444,13 +444,19 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &Instance, rounds: &mut 
             // `reserved`.
             hub.mark_ceiling = hub.mark_ceiling.min(reserved);
         }
-        (reserved, ceiling.is_none(), already_on_disk)
+        (
+            reserved,
+            catalog_position,
+            ceiling.is_none(),
+            already_on_disk,
+        )
     };
     if already_on_disk {
         return;
     }
-    let of = (&instance.id, instance.fork.as_ref(), reserved);
-    let saved = leader_record::save_files(dir, of, look.taken_ns(), rounds.lines());
+    let of = (&instance.id, instance.fork.as_ref());
+    let at = (reserved, catalog_position);
+    let saved = leader_record::save_files(dir, of, at, look.taken_ns(), rounds.lines());
     let mut hub = shared.lock();
     match saved {
         Ok(()) => {
