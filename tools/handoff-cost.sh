@@ -10,7 +10,8 @@
 # passing the instance on, the target taking it and resuming it.
 # With FAILOVER=1, the leader is killed with SIGKILL instead (a failover: either other node may
 # be elected); the times are from the kill, for the node that is not elected, and the steps are
-# the new leader's (forking the instance, resuming it). FERRY_BIN= a build before the fork
+# the new leader's (forking the instance, resuming it); then the killed leader is started again
+# and its own inventory is reported, from its restart. FERRY_BIN= a build before the fork
 # (session 50, 2026-12-07) shows every file hashed on both sides.
 #
 # usage: [DIR=/var/tmp] [FERRY_BIN=...] [SEGMENT_KIB=8192] [FAILOVER=1] tools/handoff-cost.sh [TOTAL_MIB]
@@ -126,6 +127,12 @@ if [ "${FAILOVER:-0}" = 1 ]; then
     new=c follower=b mark=$mark_b
   fi
   report "$follower" "$mark"
+  # The killed leader, started again (its log begins anew), follows the new one.
+  killed=$started
+  started=$(date +%s.%N) what="restart of the killed leader"
+  node a
+  report a 0
+  started=$killed # the new leader's steps, from the kill
   steps="forking instance\|resuming instance\|elected leader"
   logs=("$work/$new.log")
 else
