@@ -13,8 +13,12 @@
 //!
 //! With each file it keeps the birth of the generation the copy holds, when the follower knows
 //! one: an upper bound, read after the look (the follower forgets a birth before it applies the
-//! change that begins a new generation). A handoff's target turns these into a leader's record
-//! (`docs/PROTOCOL.md`, *Across a handoff*); the follower's own inventory does not use them.
+//! change that begins a new generation). A handoff's target, and a node elected after a
+//! failover, turn these into a leader's record (`docs/PROTOCOL.md`, *Across a handoff*, *After a
+//! failover*); the follower's own inventory does not use them. After a failover, the inventory
+//! also counts as held what the record holds under the instance the new leader's goes on from,
+//! up to the fork, and, where this dir led and its leader died, what that leader's own record
+//! vouches for (`load_with_own_record`).
 //!
 //! It is a journal: a checkpoint appends a line per file it looked at (`- PATH` for one it
 //! forgot), and later lines stand over earlier ones. It is rewritten whole (a temp file renamed
