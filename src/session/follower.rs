@@ -415,11 +415,7 @@ impl FollowerSession {
                     && self.fork.is_none()
                     && self.index.is_empty() =>
             {
-                if position > MAX_POSITION {
-                    return Err(SessionError::Limit(format!(
-                        "FORK_OF position {position} is above MAX_POSITION ({MAX_POSITION})"
-                    )));
-                }
+                beyond_max_position("FORK_OF", position)?;
                 self.fork = Some(Fork {
                     from: instance,
                     position,
@@ -558,11 +554,7 @@ impl FollowerSession {
                     sync_done,
                 },
             ) => {
-                if position > MAX_POSITION {
-                    return Err(SessionError::Limit(format!(
-                        "MARK position {position} is above MAX_POSITION ({MAX_POSITION})"
-                    )));
-                }
+                beyond_max_position("MARK", position)?;
                 if position < self.mark_last {
                     return Err(SessionError::OutOfOrder {
                         frame: "MARK",
@@ -714,6 +706,16 @@ impl FollowerSession {
         self.sync_done_position
             .is_some_and(|p| self.watermarks[self.durability.index()] >= p)
     }
+}
+
+/// `LIMIT` for a `frame` naming a `position` above `MAX_POSITION`.
+fn beyond_max_position(frame: &str, position: u64) -> Result<(), SessionError> {
+    if position > MAX_POSITION {
+        return Err(SessionError::Limit(format!(
+            "{frame} position {position} is above MAX_POSITION ({MAX_POSITION})"
+        )));
+    }
+    Ok(())
 }
 
 /// `LIMIT` for a `frame` taking `path` to `len_bytes` (a length, or where a DATA ends), above
