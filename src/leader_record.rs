@@ -140,6 +140,13 @@ impl Look {
 
 const SETTLE_NS: i64 = LEADER_RECORD_SETTLE_MS as i64 * 1_000_000;
 
+/// Whether a file a record saw as `recorded` is, as `now`, still so, and had settled by the
+/// record (its ctime at or before `settled_before`): what a resumed instance keeps a birth for,
+/// and what a dead leader following next holds.
+fn still_as_recorded(recorded: &Stamp, now: Option<Stamp>, settled_before: i64) -> bool {
+    recorded.ctime_ns <= settled_before && now.as_ref() == Some(recorded)
+}
+
 /// The newest ctime a record taken at `taken_ns` vouches for.
 fn settled_before(taken_ns: i64) -> i64 {
     taken_ns.saturating_sub(SETTLE_NS)
@@ -210,16 +217,12 @@ pub struct OwnClaims {
     pub files: Vec<(RelPath, u64, Stamp)>,
 }
 
-/// The record's `OwnClaims`; `None` without a record of this boot that names its catalog
-/// position.
-pub fn own_claims(dir: &DataDir) -> Option<OwnClaims> {
-    own_claims_for_boot(dir, boot_id())
-}
-
-fn own_claims_for_boot(dir: &DataDir, boot: Option<String>) -> Option<OwnClaims> {
+/// The record's `OwnClaims`; `None` without a record of this boot (`boot`, as the caller read
+/// it) that names its catalog position.
+pub fn own_claims(dir: &DataDir, boot: &str) -> Option<OwnClaims> {
     let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).ok()?;
     let record = parse(&text)?;
-    if boot.as_deref() != Some(record.boot.as_str()) {
+    if record.boot != boot {
         return None;
     }
     let catalog_position = record.catalog_position?;
@@ -230,10 +233,9 @@ fn own_claims_for_boot(dir: &DataDir, boot: Option<String>) -> Option<OwnClaims>
         .filter(|(path, kept, stamp)| {
             // Of the length recorded: no byte on disk that the catalog had not recorded by then
             // (a preallocated segment, an append not yet reported), which the new leader lacks.
-            stamp.ctime_ns <= settled_before
-                && stamp.len_bytes == kept.len_bytes
+            stamp.len_bytes == kept.len_bytes
                 && kept.born_at <= catalog_position
-                && stamp_of(dir, path).as_ref() == Some(stamp)
+                && still_as_recorded(stamp, stamp_of(dir, path), settled_before)
         })
         .map(|(path, kept, stamp)| (path, kept.born_at, stamp))
         .collect();
@@ -305,7 +307,10 @@ fn parse(text: &str) -> Option<Parsed> {
                 .strip_prefix(' ')?
                 .parse()
                 .ok()?;
-            (c <= position).then_some(c)?;
+            if c > position {
+                // Taken at or below the position (a stop's) or reservation the record names.
+                return None;
+            }
             Some(c)
         }
     };
@@ -408,7 +413,7 @@ fn take_for_boot(
                     .map(|i| Stamp::of_meta(&files[i])),
                 None => stamp_of(dir, path),
             };
-            stamp.ctime_ns <= settled_before && now.as_ref() == Some(stamp)
+            still_as_recorded(stamp, now, settled_before)
         })
         .map(|(path, kept, _)| (path, kept))
         .collect();
@@ -559,24 +564,24 @@ mod tests {
         // Written right before the record: not settled, nothing held.
         let at = (1 << 40, 500);
         save_files(&dir, (&[7; 16], None), at, look.taken_ns, lines.clone()).unwrap();
-        let claims = own_claims_for_boot(&dir, boot_id()).unwrap();
+        let claims = own_claims(&dir, &boot_id().unwrap()).unwrap();
         assert!(claims.files.is_empty(), "{claims:?}");
         look.taken_ns += 2000 * 1_000_000;
         save_files(&dir, (&[7; 16], None), at, look.taken_ns, lines).unwrap();
         std::fs::write(tmp.path().join("changed"), b"0123456789x").unwrap();
-        let claims = own_claims_for_boot(&dir, boot_id()).unwrap();
+        let claims = own_claims(&dir, &boot_id().unwrap()).unwrap();
         assert_eq!((claims.instance, claims.catalog_position), ([7; 16], 500));
         let held: Vec<&str> = claims.files.iter().map(|(p, _, _)| p.as_str()).collect();
         assert_eq!(held, ["kept"]);
         assert_eq!(claims.files[0].1, 3, "with its birth");
         assert!(dir.state_path(FILE_NAME).exists(), "read, not taken");
-        assert!(own_claims_for_boot(&dir, Some("another boot".into())).is_none());
+        assert!(own_claims(&dir, "another boot").is_none());
 
         let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).unwrap();
         let older = text.replace("catalog_position 500\n", "");
         std::fs::write(dir.state_path(FILE_NAME), older).unwrap();
         assert!(
-            own_claims_for_boot(&dir, boot_id()).is_none(),
+            own_claims(&dir, &boot_id().unwrap()).is_none(),
             "no catalog position"
         );
         assert!(

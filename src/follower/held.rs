@@ -92,10 +92,10 @@ impl HeldRecord {
     /// failover*), each file as held after a MARK at the record's catalog position.
     pub fn load_with_own_record(dir: &DataDir) -> HeldRecord {
         let mut record = HeldRecord::load(dir);
-        if record.boot_id.is_none() {
+        let Some(boot) = &record.boot_id else {
             return record;
-        }
-        if let Some(own) = crate::leader_record::own_claims(dir) {
+        };
+        if let Some(own) = crate::leader_record::own_claims(dir, boot) {
             let position = own.catalog_position;
             record.led = own
                 .files
