@@ -282,14 +282,28 @@ const NOT_LEADING: &str = "the election key is gone: not the leader any more";
 /// Puts `key` = `value`, guarded by `while_leading`. Ok(false): the guard failed.
 async fn put_while_leading(
     client: &mut Client,
-    (leader_key, me): (&[u8], &str),
+    who: (&[u8], &str),
     key: String,
     value: String,
 ) -> Result<bool, etcd_client::Error> {
+    puts_while_leading(client, who, vec![(key, value)]).await
+}
+
+/// Puts each key with its value in one transaction, guarded by our election key
+/// (`while_leading`). Ok(false): the guard failed, and none was put.
+async fn puts_while_leading(
+    client: &mut Client,
+    (leader_key, me): (&[u8], &str),
+    puts: Vec<(String, String)>,
+) -> Result<bool, etcd_client::Error> {
     use etcd_client::{Txn, TxnOp};
+    let puts: Vec<TxnOp> = puts
+        .into_iter()
+        .map(|(key, value)| TxnOp::put(key, value, None))
+        .collect();
     let txn = Txn::new()
         .when([while_leading(leader_key, me)])
-        .and_then([TxnOp::put(key, value, None)]);
+        .and_then(puts);
     Ok(client.txn(txn).await?.succeeded())
 }
 
@@ -683,6 +697,9 @@ pub(crate) struct Keys {
     /// and recorded no change after the final drain; the target, elected, takes it and goes on
     /// with that instance (`pass_on_instance`, `take_passed_instance`).
     pub(crate) handoff_instance: String,
+    /// `PREFIX/handoff-fork`: `INSTANCE FROM POSITION`, put with `handoff_instance` when the
+    /// instance passed on is a fork; the target goes on with the fork too.
+    pub(crate) handoff_fork: String,
     /// `PREFIX/nodes/`: each running node's id, claimed under its lease (`claim_node_id`).
     pub(crate) nodes: String,
     /// `PREFIX/data`: set by a leader whose data dir held files; from then on a node whose own
@@ -706,6 +723,7 @@ impl Keys {
             handoff_result: format!("{prefix}/handoff-result"),
             handoff_cancel: format!("{prefix}/handoff-cancel/"),
             handoff_instance: format!("{prefix}/handoff-instance"),
+            handoff_fork: format!("{prefix}/handoff-fork"),
             nodes: format!("{prefix}/nodes/"),
             data: format!("{prefix}/data"),
             lineage: format!("{prefix}/lineage"),
@@ -1893,14 +1911,24 @@ async fn pass_on_instance(
         position,
     }
     .to_string();
-    let key = keys.handoff_instance.clone();
-    if !put_while_leading(client, (leader_key, me), key, value).await? {
+    let mut puts = vec![(keys.handoff_instance.clone(), value)];
+    let fork = leader.fork();
+    if let Some(fork) = &fork {
+        let value = crate::cluster_admin::PassedFork {
+            instance: hex(&instance),
+            from: hex(&fork.from),
+            position: fork.position,
+        };
+        puts.push((keys.handoff_fork.clone(), value.to_string()));
+    }
+    if !puts_while_leading(client, (leader_key, me), puts).await? {
         anyhow::bail!("{NOT_LEADING}");
     }
     tracing::info!(
-        "passed instance {} on to {} at position {position}: its followers (this node too, \
+        "passed instance {}{} on to {} at position {position}: its followers (this node too, \
          {files} files) keep what their held records vouch for",
         hex(&instance),
+        fork_text(fork.as_ref()),
         handed.target
     );
     Ok(OwnFiles {
@@ -1960,14 +1988,23 @@ async fn take_passed_instance(
     data_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     use etcd_client::{Txn, TxnOp};
-    let resp = client.get(keys.handoff_instance.clone(), None).await?;
-    let Some(kv) = resp.kvs().first() else {
+    let read = Txn::new().and_then([
+        TxnOp::get(keys.handoff_instance.clone(), None),
+        TxnOp::get(keys.handoff_fork.clone(), None),
+    ]);
+    let responses = client.txn(read).await?.op_responses();
+    let value_of = |i| {
+        let kvs = crate::cluster_admin::kvs_of(&responses, i);
+        kvs.first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+    };
+    let (Some(value), fork_value) = (value_of(0), value_of(1)) else {
         return Ok(());
     };
-    let value = kv.value_str()?.to_string();
-    let txn = Txn::new()
-        .when([while_leading(leader_key, me)])
-        .and_then([TxnOp::delete(keys.handoff_instance.clone(), None)]);
+    let txn = Txn::new().when([while_leading(leader_key, me)]).and_then([
+        TxnOp::delete(keys.handoff_instance.clone(), None),
+        TxnOp::delete(keys.handoff_fork.clone(), None),
+    ]);
     if !client.txn(txn).await?.succeeded() {
         anyhow::bail!("{NOT_LEADING}");
     }
@@ -1983,6 +2020,17 @@ async fn take_passed_instance(
     let (instance, position) = (passed.instance.as_str(), passed.position);
     let instance: crate::frame::InstanceId = crate::index::from_hex(instance)
         .ok_or_else(|| anyhow::anyhow!("{}: bad instance {instance:?}", keys.handoff_instance))?;
+    let fork = fork_value.and_then(|value| {
+        let fork = passed_fork(&value, (&instance, position));
+        if let Err(why) = &fork {
+            tracing::warn!(
+                "{} holds {value:?}: {why}; going on with the instance without it (followers \
+                 hash the files they recorded under the instance it went on from)",
+                keys.handoff_fork
+            );
+        }
+        fork.ok().flatten()
+    });
     let root = data_dir.to_path_buf();
     let (held, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
         let dir = crate::paths::DataDir::open(&root)?;
@@ -1990,18 +2038,61 @@ async fn take_passed_instance(
         Ok(record_from_held(
             &dir,
             &record,
-            (instance, None),
+            (instance, fork.as_ref()),
             (&instance, position),
         )?)
     })
     .await??;
     tracing::info!(
-        "going on with instance {} passed on by the handoff, from position {}: {held} of \
+        "going on with instance {}{} passed on by the handoff, from position {}: {held} of \
          {total} files held",
         hex(&instance),
+        fork_text(fork.as_ref()),
         position.saturating_add(1)
     );
     Ok(())
+}
+
+/// The fork of `instance`, passed on at `position`, that `PREFIX/handoff-fork`'s `value` names
+/// (`docs/PROTOCOL.md`, *Across a handoff*): `Ok(None)` when it names another instance (left
+/// from an earlier handoff), `Err` why it cannot be taken.
+fn passed_fork(
+    value: &str,
+    (instance, position): (&crate::frame::InstanceId, u64),
+) -> Result<Option<crate::frame::Fork>, String> {
+    let Some(passed) = crate::cluster_admin::PassedFork::parse(value) else {
+        return Err("not INSTANCE FROM POSITION".to_string());
+    };
+    let (Some(of), Some(from)) = (
+        crate::index::from_hex(&passed.instance),
+        crate::index::from_hex(&passed.from),
+    ) else {
+        return Err("not INSTANCE FROM POSITION, each instance in hex".to_string());
+    };
+    if of != *instance {
+        return Ok(None);
+    }
+    if passed.position > position {
+        return Err(format!(
+            "a fork at position {} above the instance's own, {position}",
+            passed.position
+        ));
+    }
+    Ok(Some(crate::frame::Fork {
+        from,
+        position: passed.position,
+    }))
+}
+
+/// ` (a fork of instance FROM at position P)`, or nothing: for log lines naming an instance.
+fn fork_text(fork: Option<&crate::frame::Fork>) -> String {
+    fork.map_or(String::new(), |f| {
+        format!(
+            " (a fork of instance {} at position {})",
+            hex(&f.from),
+            f.position
+        )
+    })
 }
 
 /// Writes a leader's record of instance `id` (going on from `fork`, if one) at `position` from
@@ -2254,6 +2345,37 @@ async fn current_leader(client: &mut Client, keys: &Keys) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    /// A target takes the fork passed on with its instance, and only with it: one naming
+    /// another instance is left from an earlier handoff; one above the instance's position, or
+    /// not of the key's form, is refused, and the instance goes on without a fork.
+    #[test]
+    fn a_target_takes_the_fork_passed_on_only_with_its_own_instance() {
+        use super::passed_fork;
+        use crate::frame::Fork;
+        let (ours, from) = ([0x11; 16], [0x22; 16]);
+        let value = |of: &[u8; 16], q: u64| format!("{} {} {q}", super::hex(of), super::hex(&from));
+        assert_eq!(
+            passed_fork(&value(&ours, 900), (&ours, 1000)),
+            Ok(Some(Fork {
+                from,
+                position: 900
+            }))
+        );
+        assert_eq!(
+            passed_fork(&value(&ours, 1000), (&ours, 1000)).map(|f| f.map(|f| f.position)),
+            Ok(Some(1000))
+        );
+        assert_eq!(
+            passed_fork(&value(&[0x33; 16], 900), (&ours, 1000)),
+            Ok(None)
+        );
+        let above = passed_fork(&value(&ours, 1001), (&ours, 1000)).unwrap_err();
+        assert!(above.contains("above the instance's own, 1000"), "{above}");
+        for bad in ["", "11 22 3", &format!("{} 900", super::hex(&ours))] {
+            assert!(passed_fork(bad, (&ours, 1000)).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     /// Elected after a failover, a node that followed since it last led forks the instance it

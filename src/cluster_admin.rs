@@ -30,6 +30,9 @@ pub struct ClusterView {
     /// `PREFIX/handoff-instance`: an instance a handoff passed on, which its target has not
     /// taken yet (it takes it when elected and goes on with it).
     pub passed_instance: Option<PassedInstance>,
+    /// `PREFIX/handoff-fork`, where it names the instance passed on: the fork that instance
+    /// is, which its target goes on with too.
+    pub passed_fork: Option<PassedFork>,
     /// `PREFIX/lineage`, the lineage of the cluster's data (hex), set by its first leader.
     pub lineage: Option<String>,
     /// The shared secret is kept in etcd (`PREFIX/secret`, `ferry node --secret-from-etcd`).
@@ -68,6 +71,41 @@ impl PassedInstance {
         Some(PassedInstance {
             to: to.to_string(),
             instance: instance.to_string(),
+            position: position.parse().ok()?,
+        })
+    }
+}
+
+/// What a leader that handed off a forked instance passed on besides (`PREFIX/handoff-fork`,
+/// `INSTANCE FROM POSITION`): `instance` goes on from instance `from` up to a MARK at
+/// `position` (`docs/PROTOCOL.md`, *Across a handoff*, *After a failover*).
+pub struct PassedFork {
+    /// The instance, in hex.
+    pub instance: String,
+    /// The instance it goes on from, in hex.
+    pub from: String,
+    pub position: u64,
+}
+
+/// The key's value, as `parse` reads it.
+impl std::fmt::Display for PassedFork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.instance, self.from, self.position)
+    }
+}
+
+impl PassedFork {
+    /// The key's value as `Display` writes it; `None` if it is not that.
+    pub(crate) fn parse(value: &str) -> Option<PassedFork> {
+        let mut f = value.split(' ');
+        let (Some(instance), Some(from), Some(position), None) =
+            (f.next(), f.next(), f.next(), f.next())
+        else {
+            return None;
+        };
+        Some(PassedFork {
+            instance: instance.to_string(),
+            from: from.to_string(),
             position: position.parse().ok()?,
         })
     }
@@ -143,6 +181,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
                 Some(GetOptions::new().with_keys_only()),
             ),
             TxnOp::get(keys.handoff_instance.clone(), None),
+            TxnOp::get(keys.handoff_fork.clone(), None),
         ]);
         let resp = client
             .txn(txn)
@@ -162,6 +201,15 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             }
             parsed
         });
+        // Left from an earlier handoff where it names another instance: not shown.
+        let passed_fork = kvs_of(&responses, 9)
+            .first()
+            .and_then(|kv| PassedFork::parse(&text(kv)))
+            .filter(|f| {
+                passed_instance
+                    .as_ref()
+                    .is_some_and(|p| p.instance == f.instance)
+            });
         let candidates: Vec<String> = kvs_of(&responses, 0).iter().map(text).collect();
         let isr = kvs_of(&responses, 1).first().map(|kv| {
             text(kv)
@@ -208,6 +256,7 @@ pub fn inspect(etcd: &[String], prefix: &str) -> anyhow::Result<ClusterView> {
             held_data_set_by,
             handoff,
             passed_instance,
+            passed_fork,
             lineage,
             secret_in_etcd,
             secret_rotating,
@@ -265,10 +314,16 @@ impl ClusterView {
             let _ = writeln!(out, "handoff: requested, to {to}");
         }
         if let Some(p) = &self.passed_instance {
+            let fork = self.passed_fork.as_ref().map_or(String::new(), |f| {
+                format!(
+                    " (a fork of instance {} at position {})",
+                    f.from, f.position
+                )
+            });
             let _ = writeln!(
                 out,
-                "handoff: instance {} passed on to {} at position {}, for it to go on with once \
-                 elected",
+                "handoff: instance {}{fork} passed on to {} at position {}, for it to go on with \
+                 once elected",
                 p.instance, p.to, p.position
             );
         }
@@ -361,8 +416,15 @@ impl ClusterView {
             .passed_instance
             .as_ref()
             .map_or("null".to_string(), |p| {
+                let fork = self.passed_fork.as_ref().map_or("null".to_string(), |f| {
+                    format!(
+                        "{{\"from\":{},\"position\":{}}}",
+                        json_str(&f.from),
+                        f.position
+                    )
+                });
                 format!(
-                    "{{\"to\":{},\"instance\":{},\"position\":{}}}",
+                    "{{\"to\":{},\"instance\":{},\"position\":{},\"fork\":{fork}}}",
                     json_str(&p.to),
                     json_str(&p.instance),
                     p.position
@@ -412,6 +474,7 @@ pub fn reset(etcd: &[String], prefix: &str) -> anyhow::Result<ResetReport> {
                 TxnOp::delete(keys.handoff.clone(), prev()),
                 TxnOp::delete(keys.handoff_result.clone(), prev()),
                 TxnOp::delete(keys.handoff_instance.clone(), prev()),
+                TxnOp::delete(keys.handoff_fork.clone(), prev()),
             ])
             .or_else([
                 TxnOp::get(keys.nodes.clone(), Some(GetOptions::new().with_prefix())),
@@ -477,6 +540,7 @@ mod tests {
             held_data_set_by: None,
             handoff: None,
             passed_instance: None,
+            passed_fork: None,
             lineage: None,
             secret_in_etcd: false,
             secret_rotating: false,
@@ -524,6 +588,27 @@ mod tests {
             (passed.to, passed.instance, passed.position)
         );
         assert!(PassedInstance::parse("10.0.0.2:7070 00112233 12 extra").is_none());
+    }
+
+    #[test]
+    fn a_passed_fork_reads_back_as_written() {
+        let passed = PassedFork {
+            instance: "00112233445566778899aabbccddeeff".into(),
+            from: "ffeeddccbbaa99887766554433221100".into(),
+            position: 900,
+        };
+        let value = passed.to_string();
+        assert_eq!(
+            value,
+            "00112233445566778899aabbccddeeff ffeeddccbbaa99887766554433221100 900"
+        );
+        let back = PassedFork::parse(&value).unwrap();
+        assert_eq!(
+            (back.instance, back.from, back.position),
+            (passed.instance, passed.from, passed.position)
+        );
+        assert!(PassedFork::parse("00 11 12 extra").is_none());
+        assert!(PassedFork::parse("00 11 twelve").is_none());
     }
 
     #[test]

@@ -1108,29 +1108,36 @@ fn cluster_status_shows_who_leads_who_may_lead_and_who_runs() {
     );
     // An instance a handoff passed on to a node that has not led since (as a leader that
     // handed off to B leaves it, B stopped before its election): status names it, and the
-    // reset forgets it, since B would otherwise go on with it whenever it next leads.
+    // reset forgets it, since B would otherwise go on with it whenever it next leads. So with
+    // the fork that instance is, which B would go on with too.
     let passed = format!("{} 00112233445566778899aabbccddeeff 1300011", b.advertise);
     etcd_put(&etcd.url, "ferry/handoff-instance", &passed);
+    let fork = "00112233445566778899aabbccddeeff ffeeddccbbaa99887766554433221100 900";
+    etcd_put(&etcd.url, "ferry/handoff-fork", fork);
     let status = cluster_ok(&etcd.url, &["status"]);
     let line = format!(
-        "handoff: instance 00112233445566778899aabbccddeeff passed on to {} at position \
-         1300011, for it to go on with once elected",
+        "handoff: instance 00112233445566778899aabbccddeeff (a fork of instance \
+         ffeeddccbbaa99887766554433221100 at position 900) passed on to {} at position 1300011, \
+         for it to go on with once elected",
         b.advertise
     );
     assert!(status.contains(&line), "{status}");
     let json = cluster_ok(&etcd.url, &["status", "--json"]);
     let needle = format!(
         "\"passed_instance\":{{\"to\":\"{}\",\"instance\":\"00112233445566778899aabbccddeeff\",\
-         \"position\":1300011}}",
+         \"position\":1300011,\"fork\":{{\"from\":\"ffeeddccbbaa99887766554433221100\",\
+         \"position\":900}}}}",
         b.advertise
     );
     assert!(json.contains(&needle), "no {needle} in {json}");
     let reset = cluster_ok(&etcd.url, &["reset"]);
     assert!(reset.contains("ferry/data"), "{reset}");
     assert!(reset.contains("ferry/handoff-instance"), "{reset}");
+    assert!(reset.contains("ferry/handoff-fork"), "{reset}");
     assert_eq!(read_key(&etcd.url, "ferry/data"), None);
     assert_eq!(read_key(&etcd.url, "ferry/isr"), None);
     assert_eq!(read_key(&etcd.url, "ferry/handoff-instance"), None);
+    assert_eq!(read_key(&etcd.url, "ferry/handoff-fork"), None);
     let status = cluster_ok(&etcd.url, &["status"]);
     assert!(status.contains("held data: no"), "{status}");
     assert!(!status.contains("passed on"), "{status}");
@@ -1916,27 +1923,7 @@ fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_f
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
     // b, the only node of the in-sync set left running once a dies, is elected.
-    let frequent = ["--record-interval-ms", "200"];
-    let (dirs, mut a, b, c) = a_leads_while_c_misses_a_rewrite(&env, &etcd.url, &frequent);
-    // a's last checkpoint vouches for every file: taken once each had settled.
-    wait_until(
-        Duration::from_secs(20),
-        "a checkpoint after every file settled",
-        || checkpoint_taken_ns(&dirs[0]) > newest_ctime_ns(&dirs[0].join("q")) + 1_000_000_000,
-    );
-    let mark = b.proc.log_len();
-    a.proc.child.kill().unwrap();
-    let _ = a.proc.child.wait();
-    let line = b
-        .proc
-        .wait_log_since(mark, "forking instance", Duration::from_secs(30));
-    eprintln!("{line}");
-    assert_eq!(count_before(&line, " of "), 8, "{line}");
-    let line = b
-        .proc
-        .wait_log_since(mark, "resuming instance", Duration::from_secs(20));
-    assert_eq!(count_before(&line, " of "), 8, "{line}");
-
+    let (dirs, a, b, c) = a_dies_and_b_forks(&env, &etcd.url);
     let c = start_node(&env, &etcd.url, &dirs[2], c.port);
     let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
     eprintln!("{line}");
@@ -1955,6 +1942,69 @@ fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_f
         std::fs::read(dirs[2].join("q/state.json")).unwrap(),
         b"{\"head\": 7}"
     );
+    drop((a, b, c, etcd));
+}
+
+/// `a_leads_while_c_misses_a_rewrite`, then a is killed once its last checkpoint vouches for
+/// every file, and b, elected, forks a's instance and leads: 8 of 8 files held. Returns a and c
+/// stopped.
+fn a_dies_and_b_forks(env: &Env, etcd: &str) -> (Vec<PathBuf>, Node, Node, Node) {
+    // b, the only node of the in-sync set left running once a dies, is elected.
+    let frequent = ["--record-interval-ms", "200"];
+    let (dirs, mut a, b, c) = a_leads_while_c_misses_a_rewrite(env, etcd, &frequent);
+    // a's last checkpoint vouches for every file: taken once each had settled.
+    wait_until(
+        Duration::from_secs(20),
+        "a checkpoint after every file settled",
+        || checkpoint_taken_ns(&dirs[0]) > newest_ctime_ns(&dirs[0].join("q")) + 1_000_000_000,
+    );
+    let mark = b.proc.log_len();
+    a.proc.child.kill().unwrap();
+    let _ = a.proc.child.wait();
+    let line = b
+        .proc
+        .wait_log_since(mark, "forking instance", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert_eq!(count_before(&line, " of "), 8, "{line}");
+    let line = b
+        .proc
+        .wait_log_since(mark, "resuming instance", Duration::from_secs(20));
+    assert_eq!(count_before(&line, " of "), 8, "{line}");
+    (dirs, a, b, c)
+}
+
+/// A handoff after a failover passes the fork on with the instance (`docs/PROTOCOL.md`, *Across
+/// a handoff*): a follower that missed both still holds what its held record vouches for up to
+/// the fork, where before the target led the instance without it and the follower hashed every
+/// file it had recorded under the dead leader's instance.
+#[test]
+fn a_handoff_after_a_failover_passes_the_fork_on() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (dirs, a, b, c) = a_dies_and_b_forks(&env, &etcd.url);
+    let a = start_node(&env, &etcd.url, &dirs[0], a.port);
+    let both = isr_of(&[&a.advertise, &b.advertise]);
+    wait_until(Duration::from_secs(30), "a back in the ISR", || {
+        read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str())
+    });
+    let mark = a.proc.log_len();
+    handoff_ok(&etcd.url, Some(&a.advertise));
+    let line = a
+        .proc
+        .wait_log_since(mark, "going on with instance", Duration::from_secs(20));
+    eprintln!("{line}");
+    assert!(line.contains("a fork of instance"), "{line}");
+    assert_eq!(read_key(&etcd.url, "ferry/handoff-fork"), None);
+
+    let c = start_node(&env, &etcd.url, &dirs[2], c.port);
+    let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert_eq!(count_before(&line, "held since"), 6, "{line}");
+    assert!(count_before(&line, "bytes hashed") <= 11, "{line}");
+    write(&dirs[0].join("q/after"), &pattern(10_000, 3));
+    for d in [&dirs[1], &dirs[2]] {
+        wait_identical(&dirs[0], d, Duration::from_secs(20));
+    }
     drop((a, b, c, etcd));
 }
 

@@ -426,6 +426,12 @@ impl Leader {
         self.instance.id
     }
 
+    /// The instance it goes on from, if its instance is a fork (`docs/PROTOCOL.md`, *After a
+    /// failover*).
+    pub(crate) fn fork(&self) -> Option<Fork> {
+        self.instance.fork
+    }
+
     /// Every file of the catalog with its length and birth, and the position, read after:
     /// at or above every birth.
     pub(crate) fn catalog_snapshot(&self) -> (Vec<(RelPath, crate::catalog::CatalogEntry)>, u64) {
