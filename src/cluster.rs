@@ -2035,11 +2035,12 @@ async fn take_passed_instance(
     let (held, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
         let dir = crate::paths::DataDir::open(&root)?;
         let record = crate::follower::held::HeldRecord::load(&dir);
-        Ok(record_from_held(
+        Ok(crate::promote::record_from_held(
             &dir,
             &record,
             (instance, fork.as_ref()),
             (&instance, position),
+            crate::promote::Settled::ByNow,
         )?)
     })
     .await??;
@@ -2095,76 +2096,24 @@ fn fork_text(fork: Option<&crate::frame::Fork>) -> String {
     })
 }
 
-/// Writes a leader's record of instance `id` (going on from `fork`, if one) at `position` from
-/// this node's held record of instance `from` (`docs/PROTOCOL.md`, *Across a handoff*, *After a
-/// failover*): each file it holds under `from`, with the size and stamp seen then and the birth
-/// recorded with it (`position` where none was; one above `position` is no birth of what this
-/// node holds, and the file is left out). Returns the files written, and those held under `from`.
-fn record_from_held(
-    dir: &crate::paths::DataDir,
-    record: &crate::follower::held::HeldRecord,
-    (id, fork): (crate::frame::InstanceId, Option<&crate::frame::Fork>),
-    (from, position): (&crate::frame::InstanceId, u64),
-) -> std::io::Result<(usize, usize)> {
-    let vouched = record.vouched(from);
-    let total = vouched.len();
-    let files: Vec<_> = vouched
-        .into_iter()
-        .filter_map(|v| {
-            let born_at = v.born_at.unwrap_or(position);
-            (born_at <= position).then(|| {
-                let kept = crate::catalog::Kept {
-                    born_at,
-                    len_bytes: v.stamp.len_bytes,
-                };
-                (v.path, kept, v.stamp)
-            })
-        })
-        .collect();
-    // Dated as if every file had settled. The settle rule is for a write the stamp does not
-    // show: an application's, in place, in the clock tick of the look. This node's copies were
-    // changed only by its own writes as a follower, and each of those changes the size (DATA past
-    // the end, TRUNCATE) or the inode (COMMIT_WHOLE), as its held record relies on: so a segment
-    // written just before the handoff or the failover is vouched for too.
-    let taken_ns = crate::leader_record::settled_by_now_ns();
-    let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
-    let at = (position, position); // its files are the old leader's at `position`
-    crate::leader_record::save_files(dir, (&id, fork), at, taken_ns, refs)?;
-    Ok((files.len(), total))
-}
-
 /// On being elected with no instance passed on (a failover, or a cluster's first start): when
-/// this node followed since it last led (its held record written after its own leader's
-/// record, or no such record), its instance goes on from the one it followed, up to the last
-/// MARK it synced (`docs/PROTOCOL.md`, *After a failover*): a new instance, and a leader's
-/// record of it that the start resumes, so that followers' files held under that instance up to
-/// there count as held. Nothing when it holds nothing.
+/// this node followed since it last led, its instance goes on from the one it followed
+/// (`promote::fork_if_followed`), every file it holds counting as settled: its application is
+/// told it leads only once the leader started. Nothing when it led since, or holds nothing.
 fn fork_after_failover(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let dir = crate::paths::DataDir::open(data_dir)?;
-    let written_at = |name| std::fs::metadata(dir.state_path(name)).and_then(|m| m.modified());
-    let Ok(held_at) = written_at(crate::follower::held::FILE_NAME) else {
+    let Some(forked) = crate::promote::fork_if_followed(&dir, crate::promote::Settled::ByNow)?
+    else {
         return Ok(());
     };
-    if written_at(crate::leader_record::FILE_NAME).is_ok_and(|led_at| led_at >= held_at) {
-        return Ok(()); // it led since it last followed: its own record is the newer
-    }
-    let record = crate::follower::held::HeldRecord::load(&dir);
-    let Some(fork) = record.fork_point() else {
-        return Ok(());
-    };
-    let id = crate::auth::random_instance()?;
-    let (held, total) = record_from_held(
-        &dir,
-        &record,
-        (id, Some(&fork)),
-        (&fork.from, fork.position),
-    )?;
     tracing::info!(
         "forking instance {} from instance {} at position {}, the last this node synced \
-         (elected with no instance passed on: a failover): {held} of {total} files held",
-        hex(&id),
-        hex(&fork.from),
-        fork.position
+         (elected with no instance passed on: a failover): {} of {} files held",
+        hex(&forked.id),
+        hex(&forked.fork.from),
+        forked.fork.position,
+        forked.held,
+        forked.total
     );
     Ok(())
 }
@@ -2345,15 +2294,16 @@ async fn current_leader(client: &mut Client, keys: &Keys) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// A target takes the fork passed on with its instance, and only with it: one naming
     /// another instance is left from an earlier handoff; one above the instance's position, or
     /// not of the key's form, is refused, and the instance goes on without a fork.
     #[test]
     fn a_target_takes_the_fork_passed_on_only_with_its_own_instance() {
-        use super::passed_fork;
         use crate::frame::Fork;
         let (ours, from) = ([0x11; 16], [0x22; 16]);
-        let value = |of: &[u8; 16], q: u64| format!("{} {} {q}", super::hex(of), super::hex(&from));
+        let value = |of: &[u8; 16], q: u64| format!("{} {} {q}", hex(of), hex(&from));
         assert_eq!(
             passed_fork(&value(&ours, 900), (&ours, 1000)),
             Ok(Some(Fork {
@@ -2371,65 +2321,9 @@ mod tests {
         );
         let above = passed_fork(&value(&ours, 1001), (&ours, 1000)).unwrap_err();
         assert!(above.contains("above the instance's own, 1000"), "{above}");
-        for bad in ["", "11 22 3", &format!("{} 900", super::hex(&ours))] {
+        for bad in ["", "11 22 3", &format!("{} 900", hex(&ours))] {
             assert!(passed_fork(bad, (&ours, 1000)).is_err(), "{bad:?}");
         }
-    }
-
-    use super::*;
-
-    /// Elected after a failover, a node that followed since it last led forks the instance it
-    /// followed: a leader's record of a new instance naming that one and the last MARK it
-    /// synced, vouching for the files it holds. One that led since it last followed resumes its
-    /// own record instead, and one that holds nothing writes none.
-    #[test]
-    fn a_node_forks_the_instance_it_followed_unless_it_led_since() {
-        use crate::follower::held::HeldRecord;
-        use crate::frame::Fork;
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = crate::paths::DataDir::open(tmp.path()).unwrap();
-        std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
-        let seg = crate::paths::RelPath::new("seg").unwrap();
-        fork_after_failover(tmp.path()).unwrap();
-        assert!(
-            crate::leader_record::take(&dir, None).is_none(),
-            "nothing held: no record"
-        );
-
-        let followed = [1u8; 16];
-        let mut held = HeldRecord::load(&dir);
-        held.record(&dir, (followed, 700), [seg.clone()], |_| Some(3));
-        held.save(&dir).unwrap();
-        fork_after_failover(tmp.path()).unwrap();
-        let resumed = crate::leader_record::take(&dir, None).unwrap();
-        let fork = Fork {
-            from: followed,
-            position: 700,
-        };
-        assert_eq!(resumed.fork, Some(fork));
-        assert_ne!(resumed.instance, followed, "a new instance");
-        assert_eq!(resumed.last_position, 700);
-        let kept = crate::catalog::Kept {
-            born_at: 3,
-            len_bytes: 10,
-        };
-        assert_eq!(resumed.kept.get(&seg), Some(&kept));
-
-        // It leads, and its own record is written after its held record: that one it resumes.
-        let a_while_ago = std::time::SystemTime::now() - Duration::from_secs(10);
-        let held_file = std::fs::File::options()
-            .write(true)
-            .open(dir.state_path("held"));
-        held_file.unwrap().set_modified(a_while_ago).unwrap();
-        let own = [9u8; 16];
-        let stamp = crate::index::Stamp::look(&dir, &seg).unwrap().unwrap();
-        let line = (&seg, kept, stamp);
-        let taken_ns = crate::leader_record::settled_by_now_ns();
-        let at = (900, 900);
-        crate::leader_record::save_files(&dir, (&own, None), at, taken_ns, [line]).unwrap();
-        fork_after_failover(tmp.path()).unwrap();
-        let resumed = crate::leader_record::take(&dir, None).unwrap();
-        assert_eq!((resumed.instance, resumed.fork), (own, None));
     }
 
     #[test]

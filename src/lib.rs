@@ -22,6 +22,7 @@ pub mod lineage;
 pub mod log_repeats;
 pub mod notify;
 pub mod paths;
+pub(crate) mod promote;
 pub mod schedstat;
 pub mod session;
 pub mod status;

@@ -1956,7 +1956,7 @@ fn a_dies_and_b_forks(env: &Env, etcd: &str) -> (Vec<PathBuf>, Node, Node, Node)
     wait_until(
         Duration::from_secs(20),
         "a checkpoint after every file settled",
-        || checkpoint_taken_ns(&dirs[0]) > newest_ctime_ns(&dirs[0].join("q")) + 1_000_000_000,
+        || record_taken_ns(&dirs[0]).unwrap_or(0) > newest_ctime_ns(&dirs[0]) + 1_000_000_000,
     );
     let mark = b.proc.log_len();
     a.proc.child.kill().unwrap();
@@ -2006,26 +2006,4 @@ fn a_handoff_after_a_failover_passes_the_fork_on() {
         wait_identical(&dirs[0], d, Duration::from_secs(20));
     }
     drop((a, b, c, etcd));
-}
-
-/// `taken_ns` of the leader's record in `dir` (0 without one).
-fn checkpoint_taken_ns(dir: &Path) -> i64 {
-    let text = std::fs::read_to_string(dir.join(".ferry/leader")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("taken_ns "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The newest ctime (ns since the epoch) of the files in `dir`.
-fn newest_ctime_ns(dir: &Path) -> i64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let m = e.unwrap().metadata().unwrap();
-            m.ctime() * 1_000_000_000 + m.ctime_nsec()
-        })
-        .max()
-        .unwrap()
 }

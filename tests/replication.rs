@@ -451,6 +451,58 @@ fn a_killed_leader_resumes_from_its_last_checkpoint_so_followers_hash_only_what_
     }
 }
 
+/// A follower promoted by hand (`ferry lead` on its data dir, the leader it followed dead) goes
+/// on from the instance it followed, up to the last MARK it synced (`docs/PROTOCOL.md`, *After
+/// a failover*): another follower of the dead leader then hashes only the file rewritten while it
+/// was away, where before it hashed every file.
+#[test]
+fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
+    let engine = ENGINES[1];
+    let env = Env::new();
+    let (ld, bd, cd) = (env.dir("leader"), env.dir("b"), env.dir("c"));
+    for i in 0..6 {
+        write(&ld.join(format!("q/seg.{i}")), &pattern(200_000, i));
+    }
+    write(&ld.join("q/state.json"), b"{\"head\": 6}");
+    let mut leader = start_leader(&env, &ld, engine);
+    let mut b = start_follower(&env, &bd, leader.addr, engine, "written");
+    let mut c = start_follower(&env, &cd, leader.addr, engine, "written");
+    for d in [&bd, &cd] {
+        wait_identical(&ld, d, Duration::from_secs(20));
+    }
+    // b's copies have settled by the time it stops following (an application may write into
+    // the dir once b stopped: a leader's record vouches only for files settled by then).
+    let settled_ns = newest_ctime_ns(&bd) + 1_000_000_000;
+    signal(&c.child, libc::SIGTERM);
+    assert!(c.child.wait().unwrap().success());
+    write(&ld.join("q/state.new"), b"{\"head\": 7}");
+    std::fs::rename(ld.join("q/state.new"), ld.join("q/state.json")).unwrap();
+    wait_identical(&ld, &bd, Duration::from_secs(20));
+    leader.proc.child.kill().unwrap();
+    let _ = leader.proc.child.wait();
+    wait_until(Duration::from_secs(10), "b's segments settled", || {
+        ferry::index::now_ns() > settled_ns
+    });
+    signal(&b.child, libc::SIGTERM);
+    assert!(b.child.wait().unwrap().success());
+
+    let promoted = start_leader(&env, &bd, engine);
+    let line = promoted
+        .proc
+        .wait_log("forking instance", Duration::from_secs(20));
+    assert!(line.contains("7 of 7 files held"), "{line}");
+    let _c = resume(
+        (&env, &bd, &cd, engine),
+        (&promoted, 0),
+        "7 files, 6 held since an earlier connection to this leader, 11 bytes hashed",
+        (6, 0, 1, 11),
+    );
+    assert_eq!(
+        std::fs::read(cd.join("q/state.json")).unwrap(),
+        b"{\"head\": 7}"
+    );
+}
+
 /// The leader's checkpoint counters from its `/metrics`: rounds, records written, files looked
 /// at.
 fn checkpoint_counters(http: &str) -> [u64; 4] {

@@ -13,12 +13,14 @@
 //!
 //! With each file it keeps the birth of the generation the copy holds, when the follower knows
 //! one: an upper bound, read after the look (the follower forgets a birth before it applies the
-//! change that begins a new generation). A handoff's target, and a node elected after a
-//! failover, turn these into a leader's record (`docs/PROTOCOL.md`, *Across a handoff*, *After a
-//! failover*); the follower's own inventory does not use them. After a failover, the inventory
-//! also counts as held what the record holds under the instance the new leader's goes on from,
-//! up to the fork, and, where this dir led and its leader died, what that leader's own record
-//! vouches for (`load_with_own_record`).
+//! change that begins a new generation). A handoff's target, a node elected after a failover and
+//! a leader started on a follower's dir turn these into a leader's record (`promote`;
+//! `docs/PROTOCOL.md`, *Across a handoff*, *After a failover*); the follower's own inventory does
+//! not use them. A follower that stops dates the record's file then (`date_stop`): the dir had
+//! no other writer until then. After a failover, the inventory also counts as held what the
+//! record holds under the instance the new leader's goes on from, up to the fork, and, where
+//! this dir led and its leader died, what that leader's own record vouches for
+//! (`load_with_own_record`).
 //!
 //! It is a journal: a checkpoint appends a line per file it looked at (`- PATH` for one it
 //! forgot), and later lines stand over earlier ones. It is rewritten whole (a temp file renamed
@@ -258,6 +260,26 @@ impl HeldRecord {
         Ok(())
     }
 
+    /// Dates the record's file now, leaving it as it is: a follower that stops was its dir's
+    /// only writer up to now, which a leader started on the dir later dates its fork by
+    /// (`promote::Settled::AtHeldSave`: files settled by then are vouched for). Nothing when
+    /// there is no record.
+    pub fn date_stop(dir: &DataDir) {
+        let path = dir.state_path(FILE_NAME);
+        let dated = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| touch_mtime(&f));
+        match dated {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => tracing::debug!(
+                "cannot date {} at this follower's stop: {e}; a leader started on this dir \
+                 vouches only for the files settled by its last save",
+                path.display()
+            ),
+            _ => {}
+        }
+    }
+
     /// Saves the record, saying so when saving fails and when it works again.
     pub fn save_or_warn(&mut self, dir: &DataDir) {
         match self.save(dir) {
@@ -420,6 +442,31 @@ impl HeldRecord {
             }
             kept
         });
+    }
+}
+
+/// Sets `file`'s mtime to now as the kernel dates a write (its coarse clock, `UTIME_NOW`), not
+/// to a time read here: compared with the mtime of a leader's record written a moment later
+/// (`promote::fork_if_followed`), this one is then never the newer.
+fn touch_mtime(file: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+    ];
+    // SAFETY: futimens reads two timespecs from `times`, an array of two that outlives the
+    // call, and takes a descriptor `file` keeps open for the whole call; it writes no memory.
+    let rc = unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

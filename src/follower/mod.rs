@@ -206,9 +206,21 @@ pub fn run(config: FollowConfig) -> Result<SyncReport, FollowError> {
 }
 
 async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncReport, FollowError> {
+    let result = follow_until_done(config, &dir).await;
+    // However it ends (asked to stop, one sync done, refused), this follower was its dir's
+    // only writer up to now: a leader started on the dir later vouches for the files that had
+    // settled by then (`promote`), rather than by the held record's last save.
+    HeldRecord::date_stop(&dir);
+    result
+}
+
+async fn follow_until_done(
+    config: FollowConfig,
+    dir: &Arc<DataDir>,
+) -> Result<SyncReport, FollowError> {
     let mut backoff = RECONNECT_BACKOFF_MIN;
-    let cache = Rc::new(RefCell::new(Some(DigestCache::load(&dir))));
-    let held = Arc::new(Mutex::new(HeldRecord::load_with_own_record(&dir)));
+    let cache = Rc::new(RefCell::new(Some(DigestCache::load(dir))));
+    let held = Arc::new(Mutex::new(HeldRecord::load_with_own_record(dir)));
     // Why attempts fail: said once, then once a minute while it repeats (`log_repeats`).
     let mut repeats = crate::log_repeats::Repeats::default();
     // The next attempt authenticates with the previous secret (refused with the current one in
@@ -225,7 +237,7 @@ async fn follow_loop(config: FollowConfig, dir: Arc<DataDir>) -> Result<SyncRepo
             (Some(previous), true) => previous.clone(),
             _ => secrets.current.clone(),
         };
-        let result = follow_once(&config, &secret, &dir, &cache, &held).await;
+        let result = follow_once(&config, &secret, dir, &cache, &held).await;
         if let Ok(mut st) = config.status.lock() {
             st.connected = false;
             st.last_error = result.as_ref().err().map(|e| e.to_string());

@@ -227,6 +227,7 @@ impl Leader {
         let engine = engine::choose(config.engine)?;
         let congestion_asked = config.tcp_congestion.is_some();
         let record_interval = config.record_interval;
+        fork_if_followed(&dir);
         let resumed = leader_record::take(&dir, looked.map(|l| l.files));
         let (catalog, instance, fork) = match &resumed {
             Some(r) => {
@@ -782,6 +783,31 @@ impl Leader {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+/// A dir that followed since it last led (`ferry lead` on a former follower's dir, the leader it
+/// followed gone) goes on from the instance it followed (`promote`), so that the followers of
+/// that leader keep what their held records vouch for. An application may have written into
+/// the dir since its follower stopped: only the files settled by the held record's last save
+/// are vouched for. A `ferry node` forked already, at its election, and has the newer record.
+fn fork_if_followed(dir: &DataDir) {
+    match crate::promote::fork_if_followed(dir, crate::promote::Settled::AtHeldSave) {
+        Ok(None) => {}
+        Ok(Some(forked)) => tracing::info!(
+            "forking instance {} from instance {} at position {}, the last this data dir synced \
+             as a follower (its held record is newer than any leader's record of it): {} of {} \
+             files held",
+            hex(&forked.id),
+            hex(&forked.fork.from),
+            forked.fork.position,
+            forked.held,
+            forked.total
+        ),
+        Err(e) => tracing::warn!(
+            "cannot go on from the instance this data dir followed: {e}; a new one, and \
+             followers hash what changed since their last inventory"
+        ),
     }
 }
 

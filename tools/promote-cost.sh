@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# What promoting a follower by hand costs the other follower, over loopback, without etcd:
+# `ferry lead` on a data dir holding TOTAL_MIB in segments of SEGMENT_KIB (8 MiB by default),
+# two `ferry follow`ers b and c in sync; then the leader is killed (SIGKILL), b's follower is
+# stopped (SIGTERM) and `ferry lead` started on b's dir, and c's follower is started again
+# against it. Prints how long after b's `ferry lead` started c's inventory was done and its
+# initial sync received, and its inventory line: how many files it held and how many bytes it
+# hashed; then b's own steps (forking the instance it followed, resuming it, listening).
+# FERRY_BIN= a build before a leader's start forked the instance its dir followed (session 51,
+# 2026-12-07) shows every file hashed on both sides.
+#
+# usage: [DIR=/var/tmp] [FERRY_BIN=...] [SEGMENT_KIB=8192] tools/promote-cost.sh [TOTAL_MIB]
+#        (TOTAL_MIB 1024 by default)
+# Needs a release build (cargo build --release).
+set -euo pipefail
+total_mib=${1:-1024}
+segment_kib=${SEGMENT_KIB:-8192}
+segments=$((total_mib * 1024 / segment_kib))
+root=$(cd "$(dirname "$0")/.." && pwd)
+ferry="${FERRY_BIN:-$root/target/release/ferry}"
+[ -x "$ferry" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+
+work=$(mktemp -d "${DIR:-/var/tmp}/ferry-promote.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+head -c 32 /dev/urandom | base64 >"$work/secret"
+chmod 600 "$work/secret"
+mkdir -p "$work/a/queues" "$work/b" "$work/c"
+python3 - "$work/a/queues" "$segments" "$segment_kib" <<'PY'
+import os, sys
+out, n, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(1, n + 1):
+    with open(f"{out}/seg.{i}", "wb") as f:
+        f.write(os.urandom(kib * 1024))
+PY
+printf '{"segments": %d}\n' "$segments" >"$work/a/queues/state.json"
+
+wait_for() { # what seconds command...
+  local what=$1 deadline=$((SECONDS + $2))
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { echo "promote-cost: no $what within the time" >&2; exit 1; }
+    sleep 0.05
+  done
+}
+lead() { # name
+  "$ferry" lead --data-dir "$work/$1" --listen 127.0.0.1:0 --secret-file "$work/secret" \
+    >"$work/$1.lead.log" 2>&1 &
+  pids+=($!)
+  lead_pid=$!
+  wait_for "listening leader on $1" 60 grep -q "listening on " "$work/$1.lead.log"
+  leader_addr=$(grep -o "listening on [0-9.:]*" "$work/$1.lead.log" | head -1 | cut -d' ' -f3)
+}
+follow() { # name log
+  "$ferry" follow --data-dir "$work/$1" --leader "$leader_addr" --secret-file "$work/secret" \
+    >"$work/$2" 2>&1 &
+  pids+=($!)
+  follow_pid=$!
+}
+synced() { grep -q "initial sync received" "$work/$1"; }
+
+lead a
+killed_leader=$lead_pid
+follow b b.log
+b_pid=$follow_pid
+follow c c.log
+c_pid=$follow_pid
+wait_for "initial sync on b" 300 synced b.log
+wait_for "initial sync on c" 300 synced c.log
+# b's copies settle before b stops following (a leader started on b's dir vouches only for the
+# files a second older than b's stop; an operator takes longer than that).
+sleep 1.5
+kill -KILL "$killed_leader"
+kill -TERM "$b_pid" "$c_pid"
+wait "$killed_leader" "$b_pid" "$c_pid" 2>/dev/null || true
+
+echo "promote-cost: $total_mib MiB in $segments segments of $segment_kib KiB, $ferry"
+started=$(date +%s.%N)
+lead b
+follow c c.again.log
+wait_for "initial sync on c" 300 synced c.again.log
+python3 - "$started" "$work/c.again.log" "$work/b.lead.log" <<'PY'
+import sys, datetime
+started = float(sys.argv[1])
+def at(line):
+    stamp = line.split()[0].rstrip("Z")
+    return datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc).timestamp()
+inventory = received = None
+for line in open(sys.argv[2]):
+    if inventory is None and "INFO inventory: " in line and "looked at" not in line:
+        inventory = line
+    if received is None and "initial sync received" in line:
+        received = line
+print("  c: inventory done %.2f s and initial sync received %.2f s after b's `ferry lead` began"
+      % (at(inventory) - started, at(received) - started))
+print("    " + inventory.split("INFO ", 1)[1].strip())
+for line in open(sys.argv[3]):
+    if any(s in line for s in ("forking instance", "resuming instance", "listening on")):
+        print("  b %.3f s: %s" % (at(line) - started, line.split("INFO ", 1)[1].strip()[:150]))
+PY
