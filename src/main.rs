@@ -110,7 +110,10 @@ enum Command {
     /// On SIGTERM or SIGINT it stops and writes DIR/.ferry/leader, from which the next `ferry
     /// lead` on DIR (same boot) resumes: followers then hash none of the files unchanged since.
     /// While serving it rewrites that record every --record-interval-ms, so a crash or SIGKILL
-    /// leaves one too (followers then hash what changed since it). On SIGHUP it reads
+    /// leaves one too (followers then hash what changed since it). Started on a follower's DIR
+    /// (a promotion by hand, its leader gone; stop `ferry follow` first), it goes on from the
+    /// instance that follower followed, so the other followers keep what they held up to the
+    /// last MARK it synced instead of hashing it (README, Initial sync). On SIGHUP it reads
     /// --secret-file and --previous-secret-file again (a rotation with no restart).
     Lead {
         /// The data directory to replicate.

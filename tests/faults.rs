@@ -1289,6 +1289,30 @@ impl Broker {
         }
     }
 
+    /// Takes up writing in `dir`, a copy of the dir it wrote in (a follower's, promoted):
+    /// each queue's oldest and active segments and the active one's length as they are there.
+    fn on(&mut self, dir: &Path) {
+        for (q, queue) in self.queues.iter_mut().enumerate() {
+            let numbers: Vec<u64> = std::fs::read_dir(dir.join(format!("q{q}")))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.ok()?.file_name().into_string().ok()?;
+                    name.strip_suffix(".seg")?.parse().ok()
+                })
+                .collect();
+            *queue = match (numbers.iter().min(), numbers.iter().max()) {
+                (Some(&oldest), Some(&active)) => {
+                    let len = std::fs::metadata(Self::segment(dir, q, active))
+                        .unwrap()
+                        .len();
+                    (oldest, active, len)
+                }
+                _ => (0, 0, 0),
+            };
+        }
+    }
+
     /// Sets the queues written to from now on, and returns them (for the log).
     fn set_busy(busy: &std::sync::atomic::AtomicU64, next: Next, rng: &mut Rng) -> Vec<usize> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -1340,7 +1364,11 @@ impl Broker {
                 // Rolled: the next segment is created by its first append.
                 let mut oldest = oldest;
                 if active + 1 - oldest >= Self::SEGMENTS_KEPT {
-                    std::fs::remove_file(Self::segment(ld, q, oldest)).unwrap();
+                    // Gone already where the model was taken from a follower's copy (`on`).
+                    let removed = std::fs::remove_file(Self::segment(ld, q, oldest));
+                    if let Err(e) = removed {
+                        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+                    }
                     oldest += 1;
                 }
                 self.queues[q] = (oldest, active + 1, 0);
@@ -1524,6 +1552,147 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
         seen.instances >= 2 && seen.vouched > 0 && seen.held > 0,
         "too few restarts resumed an instance or held a file for the test to mean anything: \
          {seen:?}"
+    );
+}
+
+/// A follower promoted by hand, again and again, while the broker writes: each round kills the
+/// leader (SIGKILL, mid-write), stops one follower (SIGKILL or SIGTERM), lets the broker write
+/// into that follower's dir for a moment or not (an application may start before ferry does),
+/// starts `ferry lead` on it, and points the other follower and the dead leader's dir at it.
+/// The promoted dir forks the instance it followed, the other follower and the dead leader keep
+/// what their held records (and the dead leader's own record) vouch for, and every copy must
+/// become byte-identical to the new leader's dir: a file wrongly taken as held would differ for
+/// good.
+#[test]
+fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const ROUNDS: usize = 8;
+    let mut rng = Rng(seed());
+    let env = Env::new();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| env.dir(&format!("n{i}"))).collect();
+    let scratch = env.dir("scratch");
+    let listens: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let mut broker = Broker::new(rng.next());
+    for _ in 0..4000 {
+        broker.write_once(&dirs[0], &scratch);
+    }
+    let engine = |rng: &mut Rng| ENGINES[rng.below(2) as usize];
+    let lead = |i: usize, engine: &str| {
+        let mut cmd = lead_cmd_at(&env, &dirs[i], engine, &listens[i]);
+        cmd.args(["--record-interval-ms", "200"]);
+        let proc = Proc::spawn(cmd);
+        proc.wait_log("listening on ", Duration::from_secs(20));
+        proc
+    };
+    let follow = |i: usize, leader: usize, rng: &mut Rng| {
+        let durability = ["received", "written", "synced"][rng.below(3) as usize];
+        let addr = listens[leader].parse().unwrap();
+        start_follower(&env, &dirs[i], addr, engine(rng), durability)
+    };
+    let stop = |proc: Proc, how: libc::c_int, seen: &mut Resumed| {
+        let mut proc = proc;
+        signal(&proc.child, how);
+        let status = proc.child.wait().unwrap();
+        assert!(
+            how == libc::SIGKILL || status.success(),
+            "stopped by signal {how}: {status}\n{}",
+            proc.log_text()
+        );
+        seen.count(&proc.log_text());
+        proc.log_text().matches("forking instance").count()
+    };
+    /// Stops the broker when dropped, by a panic too (the scope waits for its thread).
+    struct Pause<'a>(&'a AtomicBool);
+    impl Drop for Pause<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
+
+    let (mut seen, mut forks) = (Resumed::default(), 0);
+    let mut leader = 0;
+    let mut lead_proc = lead(leader, engine(&mut rng));
+    let mut followers: Vec<(usize, Proc)> = (1..3).map(|i| (i, follow(i, 0, &mut rng))).collect();
+    for (i, _) in &followers {
+        wait_identical(&dirs[0], &dirs[*i], Duration::from_secs(60));
+    }
+    for round in 0..ROUNDS {
+        let busy = broker.busy.clone();
+        Broker::set_busy(&busy, Next::Any, &mut rng);
+        let on = AtomicBool::new(true);
+        std::thread::scope(|s| {
+            let (broker, on, dir, scratch) = (&mut broker, &on, &dirs[leader], &scratch);
+            s.spawn(move || {
+                while on.load(Ordering::Relaxed) {
+                    broker.write_once(dir, scratch);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            let _pause = Pause(on);
+            // Long enough for the quiet queues' files to settle (LEADER_RECORD_SETTLE_MS).
+            std::thread::sleep(Duration::from_millis(1000 + rng.below(600)));
+            // The leader's host dies, the broker with it.
+            lead_proc.child.kill().unwrap();
+            let _ = lead_proc.child.wait();
+        });
+        seen.count(&lead_proc.log_text());
+        forks += lead_proc.log_text().matches("forking instance").count();
+        let picked = rng.below(2) as usize;
+        let (promoted, promoted_proc) = followers.remove(picked);
+        let how = [libc::SIGKILL, libc::SIGTERM][rng.below(2) as usize];
+        forks += stop(promoted_proc, how, &mut seen);
+        let (other, other_proc) = followers.remove(0);
+        let other_how = [libc::SIGKILL, libc::SIGTERM][rng.below(2) as usize];
+        forks += stop(other_proc, other_how, &mut seen);
+        broker.on(&dirs[promoted]);
+        let early_ms = [0, rng.below(300)][rng.below(2) as usize];
+        let next = [Next::Any, Next::Quiet, Next::Same][rng.below(3) as usize];
+        Broker::set_busy(&busy, next, &mut rng);
+        let on = AtomicBool::new(true);
+        std::thread::scope(|s| {
+            let (broker, on, dir, scratch) = (&mut broker, &on, &dirs[promoted], &scratch);
+            s.spawn(move || {
+                while on.load(Ordering::Relaxed) {
+                    broker.write_once(dir, scratch);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            let _pause = Pause(on);
+            std::thread::sleep(Duration::from_millis(early_ms));
+            lead_proc = lead(promoted, engine(&mut rng));
+            followers = [other, leader]
+                .into_iter()
+                .map(|i| (i, follow(i, promoted, &mut rng)))
+                .collect();
+            std::thread::sleep(Duration::from_millis(300 + rng.below(600)));
+        });
+        let name = |how| match how {
+            libc::SIGKILL => "SIGKILL",
+            _ => "SIGTERM",
+        };
+        eprintln!(
+            "round {round:2}: node {leader} killed; node {promoted} (follower stopped by {}) \
+             leads, the broker writing there {early_ms} ms before it started; node {other} \
+             (stopped by {}) and node {leader} follow it",
+            name(how),
+            name(other_how),
+        );
+        leader = promoted;
+        for (i, _) in &followers {
+            wait_identical(&dirs[leader], &dirs[*i], Duration::from_secs(60));
+        }
+    }
+    for (_, proc) in followers {
+        stop(proc, libc::SIGTERM, &mut seen);
+    }
+    forks += stop(lead_proc, libc::SIGTERM, &mut seen);
+    eprintln!("{seen:?}, {forks} forks");
+    assert!(
+        forks >= ROUNDS / 2 && seen.held > 0,
+        "too few promotions forked or held a file for the test to mean anything: {seen:?}, \
+         {forks} forks"
     );
 }
 

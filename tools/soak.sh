@@ -5,7 +5,9 @@
 #                            (held records, the leader's record); about 30 s a seed
 #   leadership_moved_...     handoffs, kills and stops of a 3-node cluster under load (needs
 #                            etcd, as cargo test does); about 20 s a seed
-# usage: tools/soak.sh [SEEDS] [FIRST_SEED] [TEST_FILTER]   (defaults: 20, 1, both tests)
+#   promotions_by_hand_...   the leader killed and a follower's dir led by `ferry lead`, again
+#                            and again, while a broker writes; about 20 s a seed
+# usage: tools/soak.sh [SEEDS] [FIRST_SEED] [TEST_FILTER]   (defaults: 20, 1, all three tests)
 # Each run's output goes to target/soak/<test>-<seed>.log; it prints one line per seed and exits
 # non-zero if any failed, naming the seeds (FERRY_FAULT_SEED=N cargo test --release --test
 # faults TEST replays one).
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 seeds="${1:-20}"
 first="${2:-1}"
 filters=("${3:-restarts_at_random}")
-[ -n "${3:-}" ] || filters+=(leadership_moved)
+[ -n "${3:-}" ] || filters+=(leadership_moved promotions_by_hand)
 
 bin="$(cargo test --release --locked --test faults --no-run --message-format=json 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*faults-[^"]*\)".*/\1/p' | tail -1)"
