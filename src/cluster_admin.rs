@@ -62,12 +62,7 @@ impl std::fmt::Display for PassedInstance {
 impl PassedInstance {
     /// The key's value as `Display` writes it; `None` if it is not that.
     pub(crate) fn parse(value: &str) -> Option<PassedInstance> {
-        let mut f = value.split(' ');
-        let (Some(to), Some(instance), Some(position), None) =
-            (f.next(), f.next(), f.next(), f.next())
-        else {
-            return None;
-        };
+        let (to, instance, position) = three_fields(value)?;
         Some(PassedInstance {
             to: to.to_string(),
             instance: instance.to_string(),
@@ -97,17 +92,22 @@ impl std::fmt::Display for PassedFork {
 impl PassedFork {
     /// The key's value as `Display` writes it; `None` if it is not that.
     pub(crate) fn parse(value: &str) -> Option<PassedFork> {
-        let mut f = value.split(' ');
-        let (Some(instance), Some(from), Some(position), None) =
-            (f.next(), f.next(), f.next(), f.next())
-        else {
-            return None;
-        };
+        let (instance, from, position) = three_fields(value)?;
         Some(PassedFork {
             instance: instance.to_string(),
             from: from.to_string(),
             position: position.parse().ok()?,
         })
+    }
+}
+
+/// The three fields of a value of the form `A B C` (one space between each); `None` if it has
+/// another number of them.
+fn three_fields(value: &str) -> Option<(&str, &str, &str)> {
+    let mut f = value.split(' ');
+    match (f.next(), f.next(), f.next(), f.next()) {
+        (Some(a), Some(b), Some(c), None) => Some((a, b, c)),
+        _ => None,
     }
 }
 

@@ -1924,11 +1924,7 @@ fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_f
     let etcd = start_etcd(&env.dir("etcd"));
     // b, the only node of the in-sync set left running once a dies, is elected.
     let (dirs, a, b, c) = a_dies_and_b_forks(&env, &etcd.url);
-    let c = start_node(&env, &etcd.url, &dirs[2], c.port);
-    let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
-    eprintln!("{line}");
-    assert_eq!(count_before(&line, "held since"), 6, "{line}");
-    assert!(count_before(&line, "bytes hashed") <= 11, "{line}");
+    let c = c_comes_back_holding_all_but_the_rewrite(&env, &etcd.url, &dirs, c);
 
     let a = start_node(&env, &etcd.url, &dirs[0], a.port);
     let line = a.proc.wait_log("inventory: ", Duration::from_secs(30));
@@ -1973,6 +1969,22 @@ fn a_dies_and_b_forks(env: &Env, etcd: &str) -> (Vec<PathBuf>, Node, Node, Node)
     (dirs, a, b, c)
 }
 
+/// c (of `a_leads_while_c_misses_a_rewrite`), started again: it holds 6 of its 7 files, and
+/// hashes only its copy of the file rewritten while it was away.
+fn c_comes_back_holding_all_but_the_rewrite(
+    env: &Env,
+    etcd: &str,
+    dirs: &[PathBuf],
+    c: Node,
+) -> Node {
+    let c = start_node(env, etcd, &dirs[2], c.port);
+    let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert_eq!(count_before(&line, "held since"), 6, "{line}");
+    assert!(count_before(&line, "bytes hashed") <= 11, "{line}");
+    c
+}
+
 /// A handoff after a failover passes the fork on with the instance (`docs/PROTOCOL.md`, *Across
 /// a handoff*): a follower that missed both still holds what its held record vouches for up to
 /// the fork, where before the target led the instance without it and the follower hashed every
@@ -1996,11 +2008,7 @@ fn a_handoff_after_a_failover_passes_the_fork_on() {
     assert!(line.contains("a fork of instance"), "{line}");
     assert_eq!(read_key(&etcd.url, "ferry/handoff-fork"), None);
 
-    let c = start_node(&env, &etcd.url, &dirs[2], c.port);
-    let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
-    eprintln!("{line}");
-    assert_eq!(count_before(&line, "held since"), 6, "{line}");
-    assert!(count_before(&line, "bytes hashed") <= 11, "{line}");
+    let c = c_comes_back_holding_all_but_the_rewrite(&env, &etcd.url, &dirs, c);
     write(&dirs[0].join("q/after"), &pattern(10_000, 3));
     for d in [&dirs[1], &dirs[2]] {
         wait_identical(&dirs[0], d, Duration::from_secs(20));

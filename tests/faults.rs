@@ -1289,6 +1289,30 @@ impl Broker {
         }
     }
 
+    /// Writes into `dir` on a thread of its own while `during` runs, and stops once it
+    /// returned (or panicked).
+    fn write_while<R>(&mut self, (dir, scratch): (&Path, &Path), during: impl FnOnce() -> R) -> R {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        struct Pause<'a>(&'a AtomicBool);
+        impl Drop for Pause<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let on = AtomicBool::new(true);
+        std::thread::scope(|s| {
+            let on = &on;
+            s.spawn(move || {
+                while on.load(Ordering::Relaxed) {
+                    self.write_once(dir, scratch);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            let _pause = Pause(on);
+            during()
+        })
+    }
+
     /// Takes up writing in `dir`, a copy of the dir it wrote in (a follower's, promoted):
     /// each queue's oldest and active segments and the active one's length as they are there.
     fn on(&mut self, dir: &Path) {
@@ -1415,6 +1439,20 @@ struct Resumed {
 }
 
 impl Resumed {
+    /// Stops `proc` with signal `how` (it must exit cleanly unless SIGKILLed) and counts what
+    /// it logged; returns its log.
+    fn stop(&mut self, mut proc: Proc, how: libc::c_int) -> String {
+        signal(&proc.child, how);
+        let status = proc.child.wait().unwrap();
+        let log = proc.log_text();
+        assert!(
+            how == libc::SIGKILL || status.success(),
+            "stopped by signal {how}: {status}\n{log}"
+        );
+        self.count(&log);
+        log
+    }
+
     fn count(&mut self, log: &str) {
         for line in log.lines() {
             if line.contains("from its record: ") || line.contains(" held since an earlier") {
@@ -1442,7 +1480,6 @@ impl Resumed {
 /// held or vouched for would differ for good: nothing sends it again.
 #[test]
 fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     const ROUNDS: usize = 12;
     let mut rng = Rng(seed());
     let env = Env::new();
@@ -1466,41 +1503,17 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
         start_follower(&env, &fd, addr, engine(rng), durability)
     };
     let stop = |proc: Proc, how: libc::c_int, seen: &mut Resumed| {
-        let mut proc = proc;
-        signal(&proc.child, how);
-        let status = proc.child.wait().unwrap();
-        assert!(
-            how == libc::SIGKILL || status.success(),
-            "stopped by signal {how}: {status}\n{}",
-            proc.log_text()
-        );
-        seen.count(&proc.log_text());
+        seen.stop(proc, how);
     };
 
     let mut seen = Resumed::default();
     let mut leader = Some(lead(engine(&mut rng)));
     let mut follower = Some(follow(&mut rng));
     for round in 0..ROUNDS {
-        /// Stops the broker when the round ends, by a panic too (the scope waits for it).
-        struct Pause<'a>(&'a AtomicBool);
-        impl Drop for Pause<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Relaxed);
-            }
-        }
         let busy = broker.busy.clone();
         let before = Broker::set_busy(&busy, Next::Any, &mut rng);
-        let writing = AtomicBool::new(true);
-        let what = std::thread::scope(|s| {
-            let (broker, writing) = (&mut broker, &writing);
-            let (ld, scratch) = (&ld, &scratch);
-            s.spawn(move || {
-                while writing.load(Ordering::Relaxed) {
-                    broker.write_once(ld, scratch);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            });
-            let _pause = Pause(writing);
+        // The broker writes until the round ends.
+        let what = broker.write_while((&ld, &scratch), || {
             // Long enough for the quiet queues' files to settle (LEADER_RECORD_SETTLE_MS).
             std::thread::sleep(Duration::from_millis(1000 + rng.below(600)));
             let (leader_how, follower_how) = match rng.below(7) {
@@ -1565,7 +1578,6 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
 /// good.
 #[test]
 fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     const ROUNDS: usize = 8;
     let mut rng = Rng(seed());
     let env = Env::new();
@@ -1592,25 +1604,8 @@ fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_
         start_follower(&env, &dirs[i], addr, engine(rng), durability)
     };
     let stop = |proc: Proc, how: libc::c_int, seen: &mut Resumed| {
-        let mut proc = proc;
-        signal(&proc.child, how);
-        let status = proc.child.wait().unwrap();
-        assert!(
-            how == libc::SIGKILL || status.success(),
-            "stopped by signal {how}: {status}\n{}",
-            proc.log_text()
-        );
-        seen.count(&proc.log_text());
-        proc.log_text().matches("forking instance").count()
+        seen.stop(proc, how).matches("forking instance").count()
     };
-    /// Stops the broker when dropped, by a panic too (the scope waits for its thread).
-    struct Pause<'a>(&'a AtomicBool);
-    impl Drop for Pause<'_> {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::Relaxed);
-        }
-    }
-
     let (mut seen, mut forks) = (Resumed::default(), 0);
     let mut leader = 0;
     let mut lead_proc = lead(leader, engine(&mut rng));
@@ -1621,16 +1616,7 @@ fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_
     for round in 0..ROUNDS {
         let busy = broker.busy.clone();
         Broker::set_busy(&busy, Next::Any, &mut rng);
-        let on = AtomicBool::new(true);
-        std::thread::scope(|s| {
-            let (broker, on, dir, scratch) = (&mut broker, &on, &dirs[leader], &scratch);
-            s.spawn(move || {
-                while on.load(Ordering::Relaxed) {
-                    broker.write_once(dir, scratch);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            });
-            let _pause = Pause(on);
+        broker.write_while((&dirs[leader], &scratch), || {
             // Long enough for the quiet queues' files to settle (LEADER_RECORD_SETTLE_MS).
             std::thread::sleep(Duration::from_millis(1000 + rng.below(600)));
             // The leader's host dies, the broker with it.
@@ -1650,16 +1636,7 @@ fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_
         let early_ms = [0, rng.below(300)][rng.below(2) as usize];
         let next = [Next::Any, Next::Quiet, Next::Same][rng.below(3) as usize];
         Broker::set_busy(&busy, next, &mut rng);
-        let on = AtomicBool::new(true);
-        std::thread::scope(|s| {
-            let (broker, on, dir, scratch) = (&mut broker, &on, &dirs[promoted], &scratch);
-            s.spawn(move || {
-                while on.load(Ordering::Relaxed) {
-                    broker.write_once(dir, scratch);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            });
-            let _pause = Pause(on);
+        broker.write_while((&dirs[promoted], &scratch), || {
             std::thread::sleep(Duration::from_millis(early_ms));
             lead_proc = lead(promoted, engine(&mut rng));
             followers = [other, leader]

@@ -18,6 +18,8 @@
 #        (TOTAL_MIB 1024 by default)
 # Needs a release build (cargo build --release) and etcd (apt-get install etcd-server).
 set -euo pipefail
+tool=handoff-cost
+source "$(dirname "$0")/cost-lib.sh"
 total_mib=${1:-1024}
 segment_kib=${SEGMENT_KIB:-8192}
 segments=$((total_mib * 1024 / segment_kib))
@@ -46,17 +48,9 @@ etcd --name handoff-cost --data-dir "$work/etcd" \
   --initial-cluster "handoff-cost=http://127.0.0.1:$peer_port" >"$work/etcd.log" 2>&1 &
 pids+=($!)
 
-head -c 32 /dev/urandom | base64 >"$work/secret"
-chmod 600 "$work/secret"
-mkdir -p "$work/a/queues" "$work/b" "$work/c"
-python3 - "$work/a/queues" "$segments" "$segment_kib" <<'PY'
-import os, sys
-out, n, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for i in range(1, n + 1):
-    with open(f"{out}/seg.{i}", "wb") as f:
-        f.write(os.urandom(kib * 1024))
-PY
-printf '{"segments": %d}\n' "$segments" >"$work/a/queues/state.json"
+secret_in "$work"
+mkdir -p "$work/b" "$work/c"
+segments_in "$work/a/queues" "$segments" "$segment_kib"
 
 declare -A addr
 node() { # name
@@ -66,14 +60,6 @@ node() { # name
   "$ferry" node --data-dir "$work/$1" --etcd "$etcd_url" --listen "127.0.0.1:$p" \
     --advertise "127.0.0.1:$p" --secret-file "$work/secret" >"$work/$1.log" 2>&1 &
   pids+=($!)
-}
-wait_for() { # what seconds command...
-  local what=$1 deadline=$((SECONDS + $2))
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || { echo "handoff-cost: no $what within the time" >&2; exit 1; }
-    sleep 0.1
-  done
 }
 node a
 wait_for "leader" 30 grep -q "elected leader" "$work/a.log"
@@ -100,22 +86,7 @@ fi
 report() { # name log-mark
   local log="$work/$1.log"
   wait_for "initial sync on $1" 300 sh -c "tail -n +$(($2 + 1)) '$log' | grep -q 'initial sync received'"
-  tail -n +$(($2 + 1)) "$log" | python3 -c '
-import sys, datetime
-started = float(sys.argv[1])
-def at(line):
-    stamp = line.split()[0].rstrip("Z")
-    return datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc).timestamp()
-inventory = received = None
-for line in sys.stdin:
-    if inventory is None and "INFO inventory: " in line and "looked at" not in line:
-        inventory = line
-    if received is None and "initial sync received" in line:
-        received = line
-print("  %s: inventory done %.2f s and initial sync received %.2f s after the %s began" %
-      (sys.argv[2], at(inventory) - started, at(received) - started, sys.argv[3]))
-print("    " + inventory.split("INFO ", 1)[1].strip())
-' "$started" "$1" "$what"
+  tail -n +$(($2 + 1)) "$log" | inventory_report "$started" "$1" "$what"
 }
 if [ "${FAILOVER:-0}" = 1 ]; then
   what=failover
@@ -142,12 +113,4 @@ else
   steps="resigning\|going on with instance\|resuming instance\|passed instance\|elected leader"
   logs=("$work/a.log" "$work/b.log")
 fi
-cat "${logs[@]}" | grep -h "$steps" | python3 -c '
-import sys, datetime
-started = float(sys.argv[1])
-for line in sys.stdin:
-    stamp, rest = line.split(None, 1)
-    t = datetime.datetime.fromisoformat(stamp.rstrip("Z")).replace(tzinfo=datetime.timezone.utc)
-    if t.timestamp() >= started:
-        print("  %.3f s: %s" % (t.timestamp() - started, rest.split(None, 1)[1].strip()[:150]))
-' "$started" || true
+cat "${logs[@]}" | grep -h "$steps" | steps_report "$started" || true

@@ -13,6 +13,8 @@
 #        (TOTAL_MIB 1024 by default)
 # Needs a release build (cargo build --release).
 set -euo pipefail
+tool=promote-cost
+source "$(dirname "$0")/cost-lib.sh"
 total_mib=${1:-1024}
 segment_kib=${SEGMENT_KIB:-8192}
 segments=$((total_mib * 1024 / segment_kib))
@@ -29,26 +31,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-head -c 32 /dev/urandom | base64 >"$work/secret"
-chmod 600 "$work/secret"
-mkdir -p "$work/a/queues" "$work/b" "$work/c"
-python3 - "$work/a/queues" "$segments" "$segment_kib" <<'PY'
-import os, sys
-out, n, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for i in range(1, n + 1):
-    with open(f"{out}/seg.{i}", "wb") as f:
-        f.write(os.urandom(kib * 1024))
-PY
-printf '{"segments": %d}\n' "$segments" >"$work/a/queues/state.json"
+secret_in "$work"
+mkdir -p "$work/b" "$work/c"
+segments_in "$work/a/queues" "$segments" "$segment_kib"
 
-wait_for() { # what seconds command...
-  local what=$1 deadline=$((SECONDS + $2))
-  shift 2
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || { echo "promote-cost: no $what within the time" >&2; exit 1; }
-    sleep 0.05
-  done
-}
 lead() { # name
   "$ferry" lead --data-dir "$work/$1" --listen 127.0.0.1:0 --secret-file "$work/secret" \
     >"$work/$1.lead.log" 2>&1 &
@@ -85,22 +71,7 @@ started=$(date +%s.%N)
 lead b
 follow c c.again.log
 wait_for "initial sync on c" 300 synced c.again.log
-python3 - "$started" "$work/c.again.log" "$work/b.lead.log" <<'PY'
-import sys, datetime
-started = float(sys.argv[1])
-def at(line):
-    stamp = line.split()[0].rstrip("Z")
-    return datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc).timestamp()
-inventory = received = None
-for line in open(sys.argv[2]):
-    if inventory is None and "INFO inventory: " in line and "looked at" not in line:
-        inventory = line
-    if received is None and "initial sync received" in line:
-        received = line
-print("  c: inventory done %.2f s and initial sync received %.2f s after b's `ferry lead` began"
-      % (at(inventory) - started, at(received) - started))
-print("    " + inventory.split("INFO ", 1)[1].strip())
-for line in open(sys.argv[3]):
-    if any(s in line for s in ("forking instance", "resuming instance", "listening on")):
-        print("  b %.3f s: %s" % (at(line) - started, line.split("INFO ", 1)[1].strip()[:150]))
-PY
+inventory_report "$started" c "\`ferry lead\` on b" <"$work/c.again.log"
+echo "  b's steps:"
+grep -h "forking instance\|resuming instance\|listening on" "$work/b.lead.log" |
+  steps_report "$started" || true
