@@ -789,8 +789,9 @@ impl Leader {
 /// A dir that followed since it last led (`ferry lead` on a former follower's dir, the leader it
 /// followed gone) goes on from the instance it followed (`promote`), so that the followers of
 /// that leader keep what their held records vouch for. An application may have written into
-/// the dir since its follower stopped: only the files settled by the held record's last save
-/// are vouched for. A `ferry node` forked already, at its election, and has the newer record.
+/// the dir since its follower stopped: only the files settled by then (the held record's mtime,
+/// which the follower set as it stopped) are vouched for. A `ferry node` forked already, at its
+/// election, and has the newer record.
 fn fork_if_followed(dir: &DataDir) {
     match crate::promote::fork_if_followed(dir, crate::promote::Settled::AtHeldSave) {
         Ok(None) => {}
