@@ -91,6 +91,12 @@ pub enum Status {
         server_thread: Option<ThreadTimes>,
         /// The data dir's lineage (hex), which the leader serves (`crate::lineage`).
         lineage: String,
+        /// The leader's instance (hex): followers' held records count only under it.
+        instance: String,
+        /// The instance it goes on from (hex) and the fork's position, if it is a fork
+        /// (`docs/PROTOCOL.md`, *After a failover*): held records under that one count too, up
+        /// to there.
+        fork: Option<(String, u64)>,
         /// What the checkpoints of the leader's record did so far.
         checkpoints: CheckpointCounters,
     },
@@ -143,6 +149,8 @@ impl Status {
                 followers,
                 server_thread,
                 lineage,
+                instance,
+                fork,
                 checkpoints,
             } => {
                 let counters = [
@@ -199,15 +207,19 @@ impl Status {
                 }
                 let _ = writeln!(
                     s,
-                    "# HELP ferry_info The node's role, I/O engine, version and data dir lineage; a leader's TCP congestion control."
+                    "# HELP ferry_info The node's role, I/O engine, version and data dir lineage; a leader's TCP congestion control, instance, and the instance and position it forks from."
                 );
                 let _ = writeln!(s, "# TYPE ferry_info gauge");
+                let fork = fork.as_ref().map_or(String::new(), |(from, at)| {
+                    format!(",fork_from=\"{}\",fork_position=\"{at}\"", label(from))
+                });
                 let _ = writeln!(
                     s,
-                    "ferry_info{{role=\"leader\",engine=\"{}\",version=\"{version}\",tcp_congestion=\"{}\",lineage=\"{}\"}} 1",
+                    "ferry_info{{role=\"leader\",engine=\"{}\",version=\"{version}\",tcp_congestion=\"{}\",lineage=\"{}\",instance=\"{}\"{fork}}} 1",
                     label(engine),
                     label(tcp_congestion),
-                    label(lineage)
+                    label(lineage),
+                    label(instance)
                 );
                 let _ = writeln!(
                     s,
@@ -377,9 +389,14 @@ impl Status {
                 followers,
                 server_thread,
                 lineage,
+                instance,
+                fork,
                 checkpoints,
             } => {
                 let rows: Vec<String> = followers.iter().map(follower_json).collect();
+                let fork = fork.as_ref().map_or("null".into(), |(from, at)| {
+                    format!("{{\"from\": {}, \"position\": {at}}}", json_str(from))
+                });
                 let checkpoints = format!(
                     "{{\"rounds\": {}, \"writes\": {}, \"files_looked\": {}, \"entries_taken\": {}}}",
                     checkpoints.rounds,
@@ -395,11 +412,12 @@ impl Status {
                     )
                 });
                 format!(
-                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"lineage\": {}, \"position\": {position}, \"server_thread\": {thread}, \"checkpoints\": {checkpoints}, \"followers\": [{}]}}\n",
+                    "{{\"role\": \"leader\", \"engine\": {}, \"version\": {}, \"tcp_congestion\": {}, \"lineage\": {}, \"instance\": {}, \"fork\": {fork}, \"position\": {position}, \"server_thread\": {thread}, \"checkpoints\": {checkpoints}, \"followers\": [{}]}}\n",
                     json_str(engine),
                     json_str(env!("CARGO_PKG_VERSION")),
                     json_str(tcp_congestion),
                     json_str(lineage),
+                    json_str(instance),
                     rows.join(", ")
                 )
             }
@@ -549,6 +567,8 @@ mod tests {
                 waiting: std::time::Duration::from_millis(750),
             }),
             lineage: "5aae7870c08f6f8ed9ea4ac952c1a86f".into(),
+            instance: "00112233445566778899aabbccddeeff".into(),
+            fork: Some(("ffeeddccbbaa99887766554433221100".into(), 900)),
             checkpoints: CheckpointCounters {
                 rounds: 12,
                 writes: 3,
@@ -599,10 +619,20 @@ mod tests {
             find("ferry_leader_checkpoint_entries_taken_total", None).value,
             250.0
         );
+        let info = find("ferry_info", None);
         assert_eq!(
-            find("ferry_info", None).label("lineage"),
+            info.label("lineage"),
             Some("5aae7870c08f6f8ed9ea4ac952c1a86f")
         );
+        assert_eq!(
+            info.label("instance"),
+            Some("00112233445566778899aabbccddeeff")
+        );
+        assert_eq!(
+            info.label("fork_from"),
+            Some("ffeeddccbbaa99887766554433221100")
+        );
+        assert_eq!(info.label("fork_position"), Some("900"));
     }
 
     #[test]
@@ -615,6 +645,8 @@ mod tests {
             "\"synced\": 300",
             "\"server_thread\": {\"cpu_s\": 2.500000, \"cpu_wait_s\": 0.750000}",
             "\"lineage\": \"5aae7870c08f6f8ed9ea4ac952c1a86f\"",
+            "\"instance\": \"00112233445566778899aabbccddeeff\", \"fork\": {\"from\": \
+             \"ffeeddccbbaa99887766554433221100\", \"position\": 900}",
             "\"checkpoints\": {\"rounds\": 12, \"writes\": 3, \"files_looked\": 40, \
              \"entries_taken\": 250}",
         ] {

@@ -94,9 +94,16 @@ pub fn table(samples: &[Sample]) -> String {
     let lineage = info
         .and_then(|i| i.label("lineage"))
         .map_or(String::new(), |l| format!(", lineage {l}"));
+    let instance = info
+        .and_then(|i| i.label("instance"))
+        .map_or(String::new(), |l| format!(", instance {l}"));
+    let fork = match info.map(|i| (i.label("fork_from"), i.label("fork_position"))) {
+        Some((Some(from), Some(at))) => format!(" (a fork of instance {from} at position {at})"),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "leader ({engine} engine{congestion}{lineage}), position {:.0}",
+        "leader ({engine} engine{congestion}{lineage}{instance}{fork}), position {:.0}",
         value("ferry_position_bytes").unwrap_or(0.0)
     );
     // What it sends with: a thread that waits for a CPU holds every follower's payloads and acks.

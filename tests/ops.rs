@@ -81,6 +81,15 @@ fn leader_and_follower_report_metrics_status_and_a_table() {
     assert!(samples
         .iter()
         .any(|s| s.name == "ferry_info" && s.label("lineage") == Some(lineage)));
+    // And its instance, a fresh one here (no fork).
+    let info = samples.iter().find(|s| s.name == "ferry_info").unwrap();
+    let instance = info
+        .label("instance")
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(instance.len(), 32, "{metrics}");
+    assert!(table.contains(&format!("instance {instance})")), "{table}");
+    let no_fork = format!("\"instance\": \"{instance}\", \"fork\": null");
+    assert!(json.contains(&no_fork), "{json}");
 
     // The follower's own view, with the lineage its copy records.
     let mine = status_until(

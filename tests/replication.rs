@@ -486,11 +486,25 @@ fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
     signal(&b.child, libc::SIGTERM);
     assert!(b.child.wait().unwrap().success());
 
-    let promoted = start_leader(&env, &bd, engine);
+    let promoted = start_leader_with(&env, &bd, engine, &["--http", "127.0.0.1:0"]);
     let line = promoted
         .proc
         .wait_log("forking instance", Duration::from_secs(20));
     assert!(line.contains("7 of 7 files held"), "{line}");
+    // `ferry status` names the instance and the fork.
+    // "forking instance NEW from instance OLD at position P, ..."
+    let mut words = line.split("forking instance ").nth(1).unwrap().split(' ');
+    let new = words.next().unwrap();
+    let old = words.nth(2).unwrap();
+    let at = words.nth(2).unwrap().trim_end_matches(',');
+    let shown = format!("instance {new} (a fork of instance {old} at position {at})");
+    let out = ferry()
+        .arg("status")
+        .arg(http_addr(&promoted.proc))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&shown), "no {shown:?} in {table}");
     let _c = resume(
         (&env, &bd, &cd, engine),
         (&promoted, 0),

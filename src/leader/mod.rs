@@ -117,7 +117,10 @@ pub struct FollowerInfo {
     pub sync_bytes: Option<(u64, u64)>,
 }
 
+/// Why a change (`append`, `replace_file`, ...) was refused. More reasons may come in later
+/// versions: a `match` on it needs a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChangeError {
     #[error(transparent)]
     Path(#[from] PathError),
@@ -522,6 +525,8 @@ impl Leader {
             followers: self.followers().iter().map(Into::into).collect(),
             server_thread: self.server_thread_times(),
             lineage: hex(&self.lineage),
+            instance: hex(&self.instance.id),
+            fork: self.instance.fork.map(|f| (hex(&f.from), f.position)),
             checkpoints: self.shared.checkpoint_counts.read(),
         }
     }
