@@ -22,10 +22,12 @@ pub(crate) enum Settled {
     /// application is told it leads only once the leader started: a segment written just
     /// before the handoff or the failover is vouched for too.
     ByNow,
-    /// Those whose ctime is `LEADER_RECORD_SETTLE_MS` older than the held record's last save:
-    /// an application may have written since the follower stopped (a leader started by hand or
-    /// by an embedder), so the record vouches only for what a record taken then could, as any
-    /// leader's record does. A file the follower changed in its last second is hashed.
+    /// Those whose ctime is `LEADER_RECORD_SETTLE_MS` older than the held record's mtime, which
+    /// the follower set as it stopped (`HeldRecord::date_stop`; else its last save): an
+    /// application may have written since (a leader started by hand or by an embedder), so the
+    /// record vouches only for what a record taken then could, as any leader's record does. A
+    /// file the follower changed in its last second is hashed. An mtime in the future (a clock
+    /// set back, a file touched by hand) counts as now.
     AtHeldSave,
 }
 
@@ -59,7 +61,7 @@ pub(crate) fn record_from_held(
     let taken_ns = match settled {
         Settled::ByNow => crate::leader_record::settled_by_now_ns(),
         Settled::AtHeldSave => written_at(dir, crate::follower::held::FILE_NAME)
-            .map(ns_since_epoch)
+            .map(|t| ns_since_epoch(t).min(crate::index::now_ns()))
             .ok_or_else(|| io::Error::other("the held record's time of writing is unknown"))?,
     };
     let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
@@ -223,34 +225,43 @@ mod tests {
 
     /// Where an application may have written since the follower stopped (a leader's start), a
     /// fork vouches only for the files whose ctime is `LEADER_RECORD_SETTLE_MS` older than the
-    /// held record's last save; at a node's election, for every file.
+    /// held record's mtime, and an mtime in the future counts as now; at a node's election, for
+    /// every file.
     #[test]
-    fn a_fork_at_a_leader_s_start_vouches_only_for_files_settled_by_the_held_record() {
+    fn a_fork_at_a_leader_s_start_vouches_only_for_files_settled_by_the_follower_s_stop() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::open(tmp.path()).unwrap();
         let (old, new) = (RelPath::new("old").unwrap(), RelPath::new("new").unwrap());
         std::fs::write(tmp.path().join("old"), b"settled").unwrap();
-        let old_ctime_ns = ctime_ns(&tmp.path().join("old"));
-        // A later clock tick than the old file's.
-        std::fs::write(tmp.path().join("new"), b"written last").unwrap();
-        while ctime_ns(&tmp.path().join("new")) <= old_ctime_ns {
-            std::fs::write(tmp.path().join("new"), b"written last").unwrap();
+        let settle_ns = crate::leader_record::LEADER_RECORD_SETTLE_MS as i64 * 1_000_000;
+        // The clock passes the old file's settling (and the coarse clock's lag behind it).
+        let settled_at_ns = ctime_ns(&tmp.path().join("old")) + settle_ns + 100_000_000;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while crate::index::now_ns() < settled_at_ns {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clock stands still"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let new_ctime_ns = ctime_ns(&tmp.path().join("new"));
-        for (settled, kept) in [(Settled::AtHeldSave, 1), (Settled::ByNow, 2)] {
+        std::fs::write(tmp.path().join("new"), b"written last").unwrap();
+        let future = SystemTime::now() + Duration::from_secs(3600);
+        for (settled, dated, kept) in [
+            (Settled::AtHeldSave, None, 1),
+            (Settled::AtHeldSave, Some(future), 1),
+            (Settled::ByNow, None, 2),
+        ] {
             let mut held = HeldRecord::load(&dir);
             let paths = [old.clone(), new.clone()];
             held.record(&dir, ([1u8; 16], 700), paths, |_| None);
             held.save(&dir).unwrap();
-            // Saved just under a second after the new file's change: the old one's is older.
-            let saved_ns =
-                new_ctime_ns + crate::leader_record::LEADER_RECORD_SETTLE_MS as i64 * 1_000_000 - 1;
-            let saved = SystemTime::UNIX_EPOCH + Duration::from_nanos(saved_ns as u64);
-            set_written_at(&dir, crate::follower::held::FILE_NAME, saved);
+            if let Some(t) = dated {
+                set_written_at(&dir, crate::follower::held::FILE_NAME, t);
+            }
             let forked = fork_if_followed(&dir, settled).unwrap().unwrap();
             assert_eq!((forked.held, forked.total), (2, 2), "{settled:?}");
             let resumed = crate::leader_record::take(&dir, None).unwrap();
-            assert_eq!(resumed.kept.len(), kept, "{settled:?}");
+            assert_eq!(resumed.kept.len(), kept, "{settled:?} {dated:?}");
             assert!(resumed.kept.contains_key(&old), "{settled:?}");
         }
     }
