@@ -1995,8 +1995,7 @@ async fn take_passed_instance(
     let responses = client.txn(read).await?.op_responses();
     let value_of = |i| {
         let kvs = crate::cluster_admin::kvs_of(&responses, i);
-        kvs.first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        kvs.first().map(crate::cluster_admin::text)
     };
     let (Some(value), fork_value) = (value_of(0), value_of(1)) else {
         return Ok(());
@@ -2040,7 +2039,7 @@ async fn take_passed_instance(
             &record,
             (instance, fork.as_ref()),
             (&instance, position),
-            crate::promote::Settled::ByNow,
+            crate::leader_record::settled_by_now_ns(),
         )?)
     })
     .await??;
@@ -2106,15 +2105,7 @@ fn fork_after_failover(data_dir: &std::path::Path) -> anyhow::Result<()> {
     else {
         return Ok(());
     };
-    tracing::info!(
-        "forking instance {} from instance {} at position {}, the last this node synced \
-         (elected with no instance passed on: a failover): {} of {} files held",
-        hex(&forked.id),
-        hex(&forked.fork.from),
-        forked.fork.position,
-        forked.held,
-        forked.total
-    );
+    forked.log("this node synced (elected with no instance passed on: a failover)");
     Ok(())
 }
 

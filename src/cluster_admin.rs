@@ -125,7 +125,8 @@ pub struct NodeView {
     pub campaigning: bool,
 }
 
-fn text(kv: &KeyValue) -> String {
+/// A key-value's value as text (invalid UTF-8 replaced).
+pub(crate) fn text(kv: &KeyValue) -> String {
     String::from_utf8_lossy(kv.value()).into_owned()
 }
 

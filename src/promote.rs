@@ -31,17 +31,27 @@ pub(crate) enum Settled {
     AtHeldSave,
 }
 
+impl Settled {
+    /// The `taken_ns` of a record from a held record written at `held_at`.
+    pub(crate) fn taken_ns(self, held_at: SystemTime) -> i64 {
+        match self {
+            Settled::ByNow => crate::leader_record::settled_by_now_ns(),
+            Settled::AtHeldSave => ns_since_epoch(held_at).min(crate::index::now_ns()),
+        }
+    }
+}
+
 /// Writes a leader's record of instance `id` (going on from `fork`, if one) at `position` from
 /// this dir's held record of instance `from`: each file it holds under `from`, with the size
 /// and stamp seen then and the birth recorded with it (`position` where none was; one above
 /// `position` is no birth of what this dir holds, and the file is left out). Returns the files
-/// written, and those held under `from`.
+/// written, and those held under `from`. Dated `taken_ns` (`Settled::taken_ns`).
 pub(crate) fn record_from_held(
     dir: &DataDir,
     record: &HeldRecord,
     (id, fork): (InstanceId, Option<&Fork>),
     (from, position): (&InstanceId, u64),
-    settled: Settled,
+    taken_ns: i64,
 ) -> io::Result<(usize, usize)> {
     let vouched = record.vouched(from);
     let total = vouched.len();
@@ -58,12 +68,6 @@ pub(crate) fn record_from_held(
             })
         })
         .collect();
-    let taken_ns = match settled {
-        Settled::ByNow => crate::leader_record::settled_by_now_ns(),
-        Settled::AtHeldSave => written_at(dir, crate::follower::held::FILE_NAME)
-            .map(|t| ns_since_epoch(t).min(crate::index::now_ns()))
-            .ok_or_else(|| io::Error::other("the held record's time of writing is unknown"))?,
-    };
     let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
     let at = (position, position); // its files are the old leader's at `position`
     crate::leader_record::save_files(dir, (&id, fork), at, taken_ns, refs)?;
@@ -99,13 +103,29 @@ pub(crate) fn fork_if_followed(dir: &DataDir, settled: Settled) -> io::Result<Op
     };
     let id = crate::auth::random_instance()?;
     let at = (&fork.from, fork.position);
-    let (held, total) = record_from_held(dir, &record, (id, Some(&fork)), at, settled)?;
+    let taken_ns = settled.taken_ns(held_at);
+    let (held, total) = record_from_held(dir, &record, (id, Some(&fork)), at, taken_ns)?;
     Ok(Some(Forked {
         id,
         fork,
         held,
         total,
     }))
+}
+
+impl Forked {
+    /// Logs the fork: `synced` says whose last MARK its position is, and why it forked.
+    pub(crate) fn log(&self, synced: &str) {
+        tracing::info!(
+            "forking instance {} from instance {} at position {}, the last {synced}: {} of {} \
+             files held",
+            crate::index::hex(&self.id),
+            crate::index::hex(&self.fork.from),
+            self.fork.position,
+            self.held,
+            self.total
+        );
+    }
 }
 
 /// When the state file `name` was last written, if there is one.

@@ -800,15 +800,9 @@ impl Leader {
 fn fork_if_followed(dir: &DataDir) {
     match crate::promote::fork_if_followed(dir, crate::promote::Settled::AtHeldSave) {
         Ok(None) => {}
-        Ok(Some(forked)) => tracing::info!(
-            "forking instance {} from instance {} at position {}, the last this data dir synced \
-             as a follower (its held record is newer than any leader's record of it): {} of {} \
-             files held",
-            hex(&forked.id),
-            hex(&forked.fork.from),
-            forked.fork.position,
-            forked.held,
-            forked.total
+        Ok(Some(forked)) => forked.log(
+            "this data dir synced as a follower (its held record is newer than any leader's \
+             record of it)",
         ),
         Err(e) => tracing::warn!(
             "cannot go on from the instance this data dir followed: {e}; a new one, and \
