@@ -27,6 +27,7 @@ use etcd_client::Client;
 use crate::auth::{Secret, Secrets, SharedSecrets};
 use crate::cluster_secret::SecretPoll;
 use crate::engine::EngineKind;
+use crate::fork_chain::ForkChain;
 use crate::frame::Durability;
 use crate::index::hex;
 use crate::leader::{Leader, LeaderConfig, NodeAck, Settle};
@@ -1912,12 +1913,16 @@ async fn pass_on_instance(
     }
     .to_string();
     let mut puts = vec![(keys.handoff_instance.clone(), value)];
-    let fork = leader.fork();
-    if let Some(fork) = &fork {
+    let forks = leader.forks().clone();
+    if let Some(fork) = forks.first() {
         let value = crate::cluster_admin::PassedFork {
             instance: hex(&instance),
             from: hex(&fork.from),
             position: fork.position,
+            earlier: forks.links()[1..]
+                .iter()
+                .map(|l| (hex(&l.from), l.position))
+                .collect(),
         };
         puts.push((keys.handoff_fork.clone(), value.to_string()));
     }
@@ -1928,7 +1933,7 @@ async fn pass_on_instance(
         "passed instance {}{} on to {} at position {position}: its followers (this node too, \
          {files} files) keep what their held records vouch for",
         hex(&instance),
-        fork_text(fork.as_ref()),
+        fork_text(&forks),
         handed.target
     );
     Ok(OwnFiles {
@@ -2019,25 +2024,26 @@ async fn take_passed_instance(
     let (instance, position) = (passed.instance.as_str(), passed.position);
     let instance: crate::frame::InstanceId = crate::index::from_hex(instance)
         .ok_or_else(|| anyhow::anyhow!("{}: bad instance {instance:?}", keys.handoff_instance))?;
-    let fork = fork_value.and_then(|value| {
-        let fork = passed_fork(&value, (&instance, position));
-        if let Err(why) = &fork {
+    let forks = fork_value.map_or_else(ForkChain::none, |value| {
+        let forks = passed_fork(&value, (&instance, position));
+        if let Err(why) = &forks {
             tracing::warn!(
                 "{} holds {value:?}: {why}; going on with the instance without it (followers \
-                 hash the files they recorded under the instance it went on from)",
+                 hash the files they recorded under the instances it went on from)",
                 keys.handoff_fork
             );
         }
-        fork.ok().flatten()
+        forks.unwrap_or_default()
     });
     let root = data_dir.to_path_buf();
+    let record_forks = forks.clone();
     let (held, total) = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, usize)> {
         let dir = crate::paths::DataDir::open(&root)?;
         let record = crate::follower::held::HeldRecord::load(&dir);
         Ok(crate::promote::record_from_held(
             &dir,
             &record,
-            (instance, fork.as_ref()),
+            (instance, &record_forks),
             (&instance, position),
             crate::leader_record::settled_by_now_ns(),
         )?)
@@ -2047,30 +2053,28 @@ async fn take_passed_instance(
         "going on with instance {}{} passed on by the handoff, from position {}: {held} of \
          {total} files held",
         hex(&instance),
-        fork_text(fork.as_ref()),
+        fork_text(&forks),
         position.saturating_add(1)
     );
     Ok(())
 }
 
-/// The fork of `instance`, passed on at `position`, that `PREFIX/handoff-fork`'s `value` names
-/// (`docs/PROTOCOL.md`, *Across a handoff*): `Ok(None)` when it names another instance (left
-/// from an earlier handoff), `Err` why it cannot be taken.
+/// The fork chain of `instance`, passed on at `position`, that `PREFIX/handoff-fork`'s `value`
+/// names (`docs/PROTOCOL.md`, *Across a handoff*, *After failovers in a row*): no links when it
+/// names another instance (left from an earlier handoff), `Err` why it cannot be taken.
 fn passed_fork(
     value: &str,
     (instance, position): (&crate::frame::InstanceId, u64),
-) -> Result<Option<crate::frame::Fork>, String> {
+) -> Result<ForkChain, String> {
+    const FORM: &str = "INSTANCE FROM POSITION, then FROM POSITION per earlier link";
     let Some(passed) = crate::cluster_admin::PassedFork::parse(value) else {
-        return Err("not INSTANCE FROM POSITION".to_string());
+        return Err(format!("not {FORM}"));
     };
-    let (Some(of), Some(from)) = (
-        crate::index::from_hex(&passed.instance),
-        crate::index::from_hex(&passed.from),
-    ) else {
-        return Err("not INSTANCE FROM POSITION, each instance in hex".to_string());
+    let Some(of) = crate::index::from_hex(&passed.instance) else {
+        return Err(format!("not {FORM}, each instance in hex"));
     };
     if of != *instance {
-        return Ok(None);
+        return Ok(ForkChain::none());
     }
     if passed.position > position {
         return Err(format!(
@@ -2078,21 +2082,28 @@ fn passed_fork(
             passed.position
         ));
     }
-    Ok(Some(crate::frame::Fork {
-        from,
-        position: passed.position,
-    }))
+    let first = std::iter::once((&passed.from, passed.position));
+    let links = first.chain(passed.earlier.iter().map(|(from, at)| (from, *at)));
+    let mut forks = ForkChain::none();
+    for (from, position) in links {
+        let Some(from) = crate::index::from_hex(from) else {
+            return Err(format!("not {FORM}, each instance in hex"));
+        };
+        let link = crate::frame::Fork { from, position };
+        if let Err(refused) = forks.push(link) {
+            return Err(format!("not a fork chain: {refused}"));
+        }
+    }
+    Ok(forks)
 }
 
-/// ` (a fork of instance FROM at position P)`, or nothing: for log lines naming an instance.
-fn fork_text(fork: Option<&crate::frame::Fork>) -> String {
-    fork.map_or(String::new(), |f| {
-        format!(
-            " (a fork of instance {} at position {})",
-            hex(&f.from),
-            f.position
-        )
-    })
+/// ` (a fork of instance FROM at position P, ...)`, or nothing: for log lines naming an
+/// instance.
+fn fork_text(forks: &ForkChain) -> String {
+    match forks.is_fork() {
+        true => format!(" ({})", forks.describe()),
+        false => String::new(),
+    }
 }
 
 /// On being elected with no instance passed on (a failover, or a cluster's first start): when
@@ -2287,32 +2298,40 @@ async fn current_leader(client: &mut Client, keys: &Keys) -> Option<String> {
 mod tests {
     use super::*;
 
-    /// A target takes the fork passed on with its instance, and only with it: one naming
-    /// another instance is left from an earlier handoff; one above the instance's position, or
-    /// not of the key's form, is refused, and the instance goes on without a fork.
+    /// A target takes the fork chain passed on with its instance, and only with it: one naming
+    /// another instance is left from an earlier handoff; one above the instance's position,
+    /// with a later link above the one before, or not of the key's form, is refused, and the
+    /// instance goes on without a fork.
     #[test]
     fn a_target_takes_the_fork_passed_on_only_with_its_own_instance() {
         use crate::frame::Fork;
-        let (ours, from) = ([0x11; 16], [0x22; 16]);
+        let (ours, from, older) = ([0x11; 16], [0x22; 16], [0x44; 16]);
         let value = |of: &[u8; 16], q: u64| format!("{} {} {q}", hex(of), hex(&from));
+        let link = |from, position| Fork { from, position };
         assert_eq!(
             passed_fork(&value(&ours, 900), (&ours, 1000)),
-            Ok(Some(Fork {
-                from,
-                position: 900
-            }))
+            Ok(ForkChain::of([link(from, 900)]).unwrap())
         );
+        let chained = format!("{} {} 800", value(&ours, 900), hex(&older));
         assert_eq!(
-            passed_fork(&value(&ours, 1000), (&ours, 1000)).map(|f| f.map(|f| f.position)),
+            passed_fork(&chained, (&ours, 1000)),
+            Ok(ForkChain::of([link(from, 900), link(older, 800)]).unwrap())
+        );
+        let rising = format!("{} {} 901", value(&ours, 900), hex(&older));
+        let err = passed_fork(&rising, (&ours, 1000)).unwrap_err();
+        assert!(err.contains("above the one before"), "{err}");
+        assert_eq!(
+            passed_fork(&value(&ours, 1000), (&ours, 1000)).map(|f| f.first().map(|f| f.position)),
             Ok(Some(1000))
         );
         assert_eq!(
             passed_fork(&value(&[0x33; 16], 900), (&ours, 1000)),
-            Ok(None)
+            Ok(ForkChain::none())
         );
         let above = passed_fork(&value(&ours, 1001), (&ours, 1000)).unwrap_err();
         assert!(above.contains("above the instance's own, 1000"), "{above}");
-        for bad in ["", "11 22 3", &format!("{} 900", hex(&ours))] {
+        let odd = format!("{} {}", value(&ours, 900), hex(&older));
+        for bad in ["", "11 22 3", &format!("{} 900", hex(&ours)), &odd] {
             assert!(passed_fork(bad, (&ours, 1000)).is_err(), "{bad:?}");
         }
     }

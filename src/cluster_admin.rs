@@ -72,32 +72,63 @@ impl PassedInstance {
 }
 
 /// What a leader that handed off a forked instance passed on besides (`PREFIX/handoff-fork`,
-/// `INSTANCE FROM POSITION`): `instance` goes on from instance `from` up to a MARK at
-/// `position` (`docs/PROTOCOL.md`, *Across a handoff*, *After a failover*).
+/// `INSTANCE FROM POSITION`, then `G Q` per later link of the fork's chain): `instance` goes on
+/// from instance `from` up to a MARK at `position`, and from each of `earlier` up to its
+/// position (`docs/PROTOCOL.md`, *Across a handoff*, *After failovers in a row*).
 pub struct PassedFork {
     /// The instance, in hex.
     pub instance: String,
     /// The instance it goes on from, in hex.
     pub from: String,
     pub position: u64,
+    /// The later links of the fork's chain: each an instance, in hex, and a position.
+    pub earlier: Vec<(String, u64)>,
 }
 
 /// The key's value, as `parse` reads it.
 impl std::fmt::Display for PassedFork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} {}", self.instance, self.from, self.position)
+        write!(f, "{} {} {}", self.instance, self.from, self.position)?;
+        for (from, position) in &self.earlier {
+            write!(f, " {from} {position}")?;
+        }
+        Ok(())
     }
 }
 
 impl PassedFork {
     /// The key's value as `Display` writes it; `None` if it is not that.
     pub(crate) fn parse(value: &str) -> Option<PassedFork> {
-        let (instance, from, position) = three_fields(value)?;
+        let mut words = value.split(' ');
+        let instance = words.next()?.to_string();
+        let mut links = Vec::new();
+        while let Some(from) = words.next() {
+            links.push((from.to_string(), words.next()?.parse().ok()?));
+        }
+        let mut links = links.into_iter();
+        let (from, position) = links.next()?;
         Some(PassedFork {
-            instance: instance.to_string(),
-            from: from.to_string(),
-            position: position.parse().ok()?,
+            instance,
+            from,
+            position,
+            earlier: links.collect(),
         })
+    }
+
+    /// ` (a fork of instance FROM at position P, itself a fork of ...)`: for the status.
+    fn describe(&self) -> String {
+        let mut text = format!(
+            " (a fork of instance {} at position {}",
+            self.from, self.position
+        );
+        for (from, position) in &self.earlier {
+            let _ = write!(
+                text,
+                ", itself a fork of instance {from} at position {position}"
+            );
+        }
+        text.push(')');
+        text
     }
 }
 
@@ -315,12 +346,10 @@ impl ClusterView {
             let _ = writeln!(out, "handoff: requested, to {to}");
         }
         if let Some(p) = &self.passed_instance {
-            let fork = self.passed_fork.as_ref().map_or(String::new(), |f| {
-                format!(
-                    " (a fork of instance {} at position {})",
-                    f.from, f.position
-                )
-            });
+            let fork = self
+                .passed_fork
+                .as_ref()
+                .map_or(String::new(), PassedFork::describe);
             let _ = writeln!(
                 out,
                 "handoff: instance {}{fork} passed on to {} at position {}, for it to go on with \
@@ -418,10 +447,18 @@ impl ClusterView {
             .as_ref()
             .map_or("null".to_string(), |p| {
                 let fork = self.passed_fork.as_ref().map_or("null".to_string(), |f| {
+                    let earlier: Vec<String> = f
+                        .earlier
+                        .iter()
+                        .map(|(from, at)| {
+                            format!("{{\"from\":{},\"position\":{at}}}", json_str(from))
+                        })
+                        .collect();
                     format!(
-                        "{{\"from\":{},\"position\":{}}}",
+                        "{{\"from\":{},\"position\":{},\"earlier\":[{}]}}",
                         json_str(&f.from),
-                        f.position
+                        f.position,
+                        earlier.join(",")
                     )
                 });
                 format!(
@@ -593,23 +630,38 @@ mod tests {
 
     #[test]
     fn a_passed_fork_reads_back_as_written() {
-        let passed = PassedFork {
+        let mut passed = PassedFork {
             instance: "00112233445566778899aabbccddeeff".into(),
             from: "ffeeddccbbaa99887766554433221100".into(),
             position: 900,
+            earlier: Vec::new(),
         };
         let value = passed.to_string();
         assert_eq!(
             value,
             "00112233445566778899aabbccddeeff ffeeddccbbaa99887766554433221100 900"
         );
-        let back = PassedFork::parse(&value).unwrap();
+        let fields = |p: &PassedFork| {
+            let (i, f) = (p.instance.clone(), p.from.clone());
+            (i, f, p.position, p.earlier.clone())
+        };
         assert_eq!(
-            (back.instance, back.from, back.position),
-            (passed.instance, passed.from, passed.position)
+            PassedFork::parse(&value).as_ref().map(fields),
+            Some(fields(&passed))
+        );
+        passed.earlier = vec![("aa".repeat(16), 700)];
+        let value = passed.to_string();
+        assert!(
+            value.ends_with(&format!(" 900 {} 700", "aa".repeat(16))),
+            "{value}"
+        );
+        assert_eq!(
+            PassedFork::parse(&value).as_ref().map(fields),
+            Some(fields(&passed))
         );
         assert!(PassedFork::parse("00 11 12 extra").is_none());
         assert!(PassedFork::parse("00 11 twelve").is_none());
+        assert!(PassedFork::parse("00").is_none());
     }
 
     #[test]

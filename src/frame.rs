@@ -27,9 +27,17 @@ pub const CAPABILITY_BORN: u32 = 0x8;
 /// (FORK_OF), and the follower reports as held what it holds under that instance up to the
 /// fork (`docs/PROTOCOL.md`, *After a failover*).
 pub const CAPABILITY_FORK: u32 = 0x10;
+/// Capability bit: with `FORK`, a FORK_OF per link of the leader's fork chain, so that a
+/// follower that missed failovers in a row still holds what it recorded before the first
+/// (`docs/PROTOCOL.md`, *After failovers in a row*).
+pub const CAPABILITY_FORK_CHAIN: u32 = 0x20;
 /// Capability bits this build understands and offers.
-pub const CAPABILITIES: u32 =
-    CAPABILITY_HELD | CAPABILITY_BIRTHS | CAPABILITY_LINEAGE | CAPABILITY_BORN | CAPABILITY_FORK;
+pub const CAPABILITIES: u32 = CAPABILITY_HELD
+    | CAPABILITY_BIRTHS
+    | CAPABILITY_LINEAGE
+    | CAPABILITY_BORN
+    | CAPABILITY_FORK
+    | CAPABILITY_FORK_CHAIN;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
@@ -50,6 +58,9 @@ pub const DIGEST_BYTES: usize = 20;
 pub const INSTANCE_ID_BYTES: usize = 16;
 /// A data dir's lineage id (LINEAGE).
 pub const LINEAGE_ID_BYTES: usize = 16;
+/// FORK_OF frames on one connection with `FORK_CHAIN` (one without), and the links a fork chain
+/// keeps (`fork_chain::ForkChain`).
+pub const MAX_FORK_CHAIN: usize = 8;
 /// Length of the `body_len` field that opens every frame.
 pub const FRAME_LEN_FIELD_BYTES: usize = 4;
 /// The leader sends a MARK at least this often when it has nothing else to send.
@@ -258,6 +269,8 @@ pub struct InUse {
     pub born: bool,
     /// FORK_OF: only with `HELD`.
     pub fork: bool,
+    /// A FORK_OF per link of a fork chain: only with `FORK`.
+    pub fork_chain: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,12 +293,14 @@ impl Preamble {
         let both = self.capabilities & offered & CAPABILITIES;
         let held = both & CAPABILITY_HELD != 0;
         let births = held && both & CAPABILITY_BIRTHS != 0;
+        let fork = held && both & CAPABILITY_FORK != 0;
         InUse {
             held,
             births,
             lineage: both & CAPABILITY_LINEAGE != 0,
             born: births && both & CAPABILITY_BORN != 0,
-            fork: held && both & CAPABILITY_FORK != 0,
+            fork,
+            fork_chain: fork && both & CAPABILITY_FORK_CHAIN != 0,
         }
     }
 
@@ -940,6 +955,27 @@ mod tests {
             capabilities: CAPABILITY_FORK,
         };
         assert_eq!(&fork.encode()[12..16], &[0x10, 0, 0, 0], "FORK is bit 4");
+        let chain = Preamble {
+            version: 1,
+            capabilities: CAPABILITY_FORK_CHAIN,
+        };
+        assert_eq!(
+            &chain.encode()[12..16],
+            &[0x20, 0, 0, 0],
+            "FORK_CHAIN is bit 5"
+        );
+        let offering = |capabilities| Preamble {
+            version: 1,
+            capabilities,
+        };
+        assert!(offering(CAPABILITIES).in_use(CAPABILITIES).fork_chain);
+        for without in [CAPABILITY_HELD, CAPABILITY_FORK, CAPABILITY_FORK_CHAIN] {
+            let theirs = offering(CAPABILITIES & !without);
+            assert!(
+                !theirs.in_use(CAPABILITIES).fork_chain,
+                "without {without:#x}"
+            );
+        }
         let mut buf = Vec::new();
         Frame::ForkOf {
             instance: [7; 16],

@@ -20,6 +20,7 @@ use std::io;
 use std::time::Duration;
 
 use crate::catalog::Kept;
+use crate::fork_chain::ForkChain;
 use crate::frame::{Fork, InstanceId};
 use crate::index::{boot_id, from_hex, hex, now_ns, FileMeta, Looked, Stamp};
 use crate::paths::{DataDir, RelPath, StateSync};
@@ -38,9 +39,11 @@ pub const LEADER_POSITION_RESERVE: u64 = 1 << 40;
 const RESUMED_POSITION_MAX: u64 = crate::frame::MAX_POSITION / 2;
 pub(crate) const FILE_NAME: &str = "leader";
 const HEADER: &str = "ferry-leader-v1";
-/// The optional line after `taken_ns` naming what the instance goes on from: `fork FROM P`.
+/// The optional lines after `taken_ns` naming what the instance goes on from: `fork FROM P`,
+/// one per link of its fork chain, in order.
 const FORK: &str = "fork";
-/// The optional line after `fork` naming the catalog's position when the record took it.
+/// The optional line after the `fork` lines naming the catalog's position when the record
+/// took it.
 const CATALOG_POSITION: &str = "catalog_position";
 
 /// What a stop (or a checkpoint) saw of its files, and when it began looking.
@@ -54,8 +57,8 @@ pub struct Look {
 pub struct Resumed {
     pub instance: InstanceId,
     /// What the instance goes on from, when it is a fork of a dead leader's (`docs/PROTOCOL.md`,
-    /// *After a failover*).
-    pub fork: Option<Fork>,
+    /// *After a failover*, *After failovers in a row*).
+    pub forks: ForkChain,
     /// At or above every MARK of the instance: its position at a stop, the reservation of a
     /// checkpoint.
     pub last_position: u64,
@@ -171,13 +174,13 @@ pub fn look<'a>(dir: &DataDir, paths: impl IntoIterator<Item = &'a RelPath>) -> 
     Look { stamps, taken_ns }
 }
 
-/// Writes a record of instance `instance` (going on from `fork`, if one) at `position`, taken
+/// Writes a record of instance `instance` (going on from `forks`) at `position`, taken
 /// at `taken_ns`, of `files`: each with its length and birth, as seen with its stamp. A
 /// handoff's target, and a leader elected after a failover, write one from their held records
 /// (`docs/PROTOCOL.md`, *Across a handoff*, *After a failover*).
 pub fn save_files<'a>(
     dir: &DataDir,
-    (instance, fork): (&InstanceId, Option<&Fork>),
+    (instance, forks): (&InstanceId, &ForkChain),
     (position, catalog_position): (u64, u64),
     taken_ns: i64,
     files: impl IntoIterator<Item = (&'a RelPath, Kept, Stamp)>,
@@ -192,8 +195,8 @@ pub fn save_files<'a>(
         "{HEADER}\nboot {boot}\ninstance {}\nposition {position}\ntaken_ns {taken_ns}\n",
         hex(instance),
     );
-    if let Some(fork) = fork {
-        let _ = writeln!(text, "{FORK} {} {}", hex(&fork.from), fork.position);
+    for link in forks.links() {
+        let _ = writeln!(text, "{FORK} {} {}", hex(&link.from), link.position);
     }
     let _ = writeln!(text, "{CATALOG_POSITION} {catalog_position}");
     for (path, kept, s) in files {
@@ -258,7 +261,7 @@ pub fn remove(dir: &DataDir) -> io::Result<()> {
 struct Parsed {
     boot: String,
     instance: InstanceId,
-    fork: Option<Fork>,
+    forks: ForkChain,
     position: u64,
     /// The catalog's position when the record took it, if the record says (`None`: an older
     /// build's).
@@ -283,20 +286,20 @@ fn parse(text: &str) -> Option<Parsed> {
     let taken_ns = field("taken_ns")?.parse().ok()?;
     let mut entries = Vec::with_capacity(text.matches('\n').count().saturating_sub(5));
     let mut lines = lines.peekable();
-    let fork_line = lines.next_if(|l| l.starts_with(FORK));
-    let fork = match fork_line
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .as_deref()
-    {
-        None => None,
-        Some([FORK, from, position]) => Some(Fork {
-            from: from_hex(from)?,
-            position: position.parse().ok()?,
-        }),
-        Some(_) => return None,
-    };
-    // The fork's position is where the instance began: never above a position it reached.
-    if fork.is_some_and(|f| f.position > position) {
+    let mut forks = ForkChain::none();
+    while let Some(line) = lines.next_if(|l| l.starts_with(FORK)) {
+        let link = match line.split(' ').collect::<Vec<_>>().as_slice() {
+            [FORK, from, position] => Fork {
+                from: from_hex(from)?,
+                position: position.parse().ok()?,
+            },
+            _ => return None,
+        };
+        forks.push(link).ok()?;
+    }
+    // The fork's position is where the instance began: never above a position it reached (and
+    // the chain's later links are no higher).
+    if forks.first().is_some_and(|f| f.position > position) {
         return None;
     }
     let catalog_position = match lines.next_if(|l| l.starts_with(CATALOG_POSITION)) {
@@ -331,7 +334,7 @@ fn parse(text: &str) -> Option<Parsed> {
     Some(Parsed {
         boot,
         instance,
-        fork,
+        forks,
         position,
         catalog_position,
         taken_ns,
@@ -419,7 +422,7 @@ fn take_for_boot(
         .collect();
     Some(Resumed {
         instance: record.instance,
-        fork: record.fork,
+        forks: record.forks,
         last_position: record.position,
         not_kept: total - kept.len(),
         kept,
@@ -458,7 +461,14 @@ mod tests {
         let lines = catalog
             .iter()
             .map(|(path, entry)| (path, Kept::of(entry), look.stamp(path).unwrap()));
-        save_files(&dir, (&[7; 16], None), (20, 20), look.taken_ns, lines).unwrap();
+        save_files(
+            &dir,
+            (&[7; 16], &ForkChain::none()),
+            (20, 20),
+            look.taken_ns,
+            lines,
+        )
+        .unwrap();
         (tmp, dir, paths)
     }
 
@@ -492,9 +502,10 @@ mod tests {
         );
     }
 
-    /// A forked instance's record names what it goes on from, and a start resumes the fork with
-    /// the instance (a restarted leader still tells followers); a fork line that does not say
-    /// `fork FROM P` makes the record corrupt.
+    /// A forked instance's record names what it goes on from, a line per link of its chain,
+    /// and a start resumes the chain with the instance (a restarted leader still tells
+    /// followers); a fork line that does not say `fork FROM P`, or whose position is above the
+    /// one before's, makes the record corrupt.
     #[test]
     fn a_fork_is_kept_in_the_record_with_its_instance() {
         let (tmp, dir) = setup();
@@ -502,37 +513,33 @@ mod tests {
         let a = RelPath::new("a").unwrap();
         let mut look = look(&dir, std::slice::from_ref(&a));
         look.taken_ns += 2000 * 1_000_000;
-        let fork = Fork {
-            from: [6; 16],
-            position: 20,
+        let link = |from: u8, position| Fork {
+            from: [from; 16],
+            position,
         };
+        let forks = ForkChain::of([link(6, 20), link(4, 12)]).unwrap();
         let line = (&a, Kept::of(&entry(5, 5)), look.stamp(&a).unwrap());
-        save_files(
-            &dir,
-            (&[7; 16], Some(&fork)),
-            (20, 20),
-            look.taken_ns,
-            [line],
-        )
-        .unwrap();
+        save_files(&dir, (&[7; 16], &forks), (20, 20), look.taken_ns, [line]).unwrap();
         let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).unwrap();
-        let fork_line = format!(
-            "\ntaken_ns {}\nfork {} 20\n",
+        let fork_lines = format!(
+            "\ntaken_ns {}\nfork {} 20\nfork {} 12\n",
             look.taken_ns,
-            "06".repeat(16)
+            "06".repeat(16),
+            "04".repeat(16)
         );
-        assert!(text.contains(&fork_line), "{text}");
+        assert!(text.contains(&fork_lines), "{text}");
         let resumed = take_for_boot(&dir, boot_id(), None).unwrap();
-        assert_eq!((resumed.instance, resumed.fork), ([7; 16], Some(fork)));
+        assert_eq!((resumed.instance, &resumed.forks), ([7; 16], &forks));
         assert_eq!(resumed.kept.len(), 1);
 
         // In the fork line's place (before `catalog_position`), each of these is corrupt.
-        let at = &fork_line[fork_line.find("fork").unwrap()..];
+        let at = &fork_lines[fork_lines.find("fork").unwrap()..];
         for bad in [
             "fork 0606 20",
             "fork x",
             &format!("fork {} -1", "06".repeat(16)),
             &format!("fork {} 21", "06".repeat(16)),
+            &format!("fork {} 20\nfork {} 21", "06".repeat(16), "04".repeat(16)),
             "catalog_position 21",
             "catalog_position x",
         ] {
@@ -563,11 +570,25 @@ mod tests {
             .collect();
         // Written right before the record: not settled, nothing held.
         let at = (1 << 40, 500);
-        save_files(&dir, (&[7; 16], None), at, look.taken_ns, lines.clone()).unwrap();
+        save_files(
+            &dir,
+            (&[7; 16], &ForkChain::none()),
+            at,
+            look.taken_ns,
+            lines.clone(),
+        )
+        .unwrap();
         let claims = own_claims(&dir, &boot_id().unwrap()).unwrap();
         assert!(claims.files.is_empty(), "{claims:?}");
         look.taken_ns += 2000 * 1_000_000;
-        save_files(&dir, (&[7; 16], None), at, look.taken_ns, lines).unwrap();
+        save_files(
+            &dir,
+            (&[7; 16], &ForkChain::none()),
+            at,
+            look.taken_ns,
+            lines,
+        )
+        .unwrap();
         std::fs::write(tmp.path().join("changed"), b"0123456789x").unwrap();
         let claims = own_claims(&dir, &boot_id().unwrap()).unwrap();
         assert_eq!((claims.instance, claims.catalog_position), ([7; 16], 500));
@@ -654,7 +675,7 @@ mod tests {
             let lines = [(&a, Kept::of(&entry(5, 5)), look.stamp(&a).unwrap())];
             save_files(
                 &dir,
-                (&[7; 16], None),
+                (&[7; 16], &ForkChain::none()),
                 (position, position),
                 look.taken_ns,
                 lines,

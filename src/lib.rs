@@ -11,6 +11,7 @@ pub mod cluster_admin;
 pub mod cluster_secret;
 pub mod engine;
 pub mod follower;
+pub mod fork_chain;
 pub mod frame;
 pub mod http;
 pub mod index;

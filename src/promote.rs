@@ -5,11 +5,14 @@
 //! led forks the instance it followed, at a node's election (`cluster`) and at any leader's
 //! start (`Leader::start`: `ferry lead` on a former follower's dir, an embedder's promotion).
 
+use std::fmt::Write as _;
 use std::io;
 use std::time::SystemTime;
 
 use crate::follower::held::HeldRecord;
-use crate::frame::{Fork, InstanceId};
+use crate::fork_chain::{ForkChain, ToldChains};
+use crate::frame::InstanceId;
+use crate::index::hex;
 use crate::paths::DataDir;
 
 /// Which files of a record written from a held record count as settled (the settle rule of
@@ -41,7 +44,7 @@ impl Settled {
     }
 }
 
-/// Writes a leader's record of instance `id` (going on from `fork`, if one) at `position` from
+/// Writes a leader's record of instance `id` (going on from `forks`) at `position` from
 /// this dir's held record of instance `from`: each file it holds under `from`, with the size
 /// and stamp seen then and the birth recorded with it (`position` where none was; one above
 /// `position` is no birth of what this dir holds, and the file is left out). Returns the files
@@ -49,7 +52,7 @@ impl Settled {
 pub(crate) fn record_from_held(
     dir: &DataDir,
     record: &HeldRecord,
-    (id, fork): (InstanceId, Option<&Fork>),
+    (id, forks): (InstanceId, &ForkChain),
     (from, position): (&InstanceId, u64),
     taken_ns: i64,
 ) -> io::Result<(usize, usize)> {
@@ -70,7 +73,7 @@ pub(crate) fn record_from_held(
         .collect();
     let refs = files.iter().map(|(p, k, s)| (p, *k, *s));
     let at = (position, position); // its files are the old leader's at `position`
-    crate::leader_record::save_files(dir, (&id, fork), at, taken_ns, refs)?;
+    crate::leader_record::save_files(dir, (&id, forks), at, taken_ns, refs)?;
     Ok((files.len(), total))
 }
 
@@ -79,17 +82,20 @@ pub(crate) fn record_from_held(
 pub(crate) struct Forked {
     /// The new instance.
     pub(crate) id: InstanceId,
-    pub(crate) fork: Fork,
-    /// Files written into the record, and those the held record names under `fork.from`.
+    /// What it goes on from: the instance followed, then that one's chain as this dir was told
+    /// it (`fork_chain::ToldChains`).
+    pub(crate) forks: ForkChain,
+    /// Files written into the record, and those the held record names under the first link.
     pub(crate) held: usize,
     pub(crate) total: usize,
 }
 
 /// When this dir followed since it last led (its held record written after its own leader's
 /// record, or no such record), its instance goes on from the one it followed, up to the last
-/// MARK it synced (`docs/PROTOCOL.md`, *After a failover*): a new instance, and a leader's
-/// record of it that the start resumes, so that followers' files held under that instance up
-/// to there count as held. `None` when it led since, or holds nothing.
+/// MARK it synced (`docs/PROTOCOL.md`, *After a failover*), and from what that one went on from
+/// (*After failovers in a row*): a new instance, and a leader's record of it that the start
+/// resumes, so that followers' files held under those instances up to there count as held.
+/// `None` when it led since, or holds nothing.
 pub(crate) fn fork_if_followed(dir: &DataDir, settled: Settled) -> io::Result<Option<Forked>> {
     let Some(held_at) = written_at(dir, crate::follower::held::FILE_NAME) else {
         return Ok(None);
@@ -102,12 +108,13 @@ pub(crate) fn fork_if_followed(dir: &DataDir, settled: Settled) -> io::Result<Op
         return Ok(None);
     };
     let id = crate::auth::random_instance()?;
+    let forks = ForkChain::forked(fork, &ToldChains::load(dir).chain_of(&fork.from));
     let at = (&fork.from, fork.position);
     let taken_ns = settled.taken_ns(held_at);
-    let (held, total) = record_from_held(dir, &record, (id, Some(&fork)), at, taken_ns)?;
+    let (held, total) = record_from_held(dir, &record, (id, &forks), at, taken_ns)?;
     Ok(Some(Forked {
         id,
-        fork,
+        forks,
         held,
         total,
     }))
@@ -116,12 +123,25 @@ pub(crate) fn fork_if_followed(dir: &DataDir, settled: Settled) -> io::Result<Op
 impl Forked {
     /// Logs the fork: `synced` says whose last MARK its position is, and why it forked.
     pub(crate) fn log(&self, synced: &str) {
+        let Some(fork) = self.forks.first() else {
+            return;
+        };
+        // The earlier links after the counts, which tests and operators read first.
+        let mut earlier = String::new();
+        for pair in self.forks.links().windows(2) {
+            let (newer, older) = (hex(&pair[0].from), hex(&pair[1].from));
+            let at = pair[1].position;
+            let _ = write!(
+                earlier,
+                "; instance {newer} goes on from instance {older} up to position {at}"
+            );
+        }
         tracing::info!(
             "forking instance {} from instance {} at position {}, the last {synced}: {} of {} \
-             files held",
-            crate::index::hex(&self.id),
-            crate::index::hex(&self.fork.from),
-            self.fork.position,
+             files held{earlier}",
+            hex(&self.id),
+            hex(&fork.from),
+            fork.position,
             self.held,
             self.total
         );
@@ -146,6 +166,7 @@ fn ns_since_epoch(t: SystemTime) -> i64 {
 mod tests {
     use super::*;
     use crate::catalog::Kept;
+    use crate::frame::Fork;
     use crate::paths::RelPath;
     use std::os::unix::fs::MetadataExt;
     use std::time::Duration;
@@ -183,13 +204,14 @@ mod tests {
         held.record(&dir, (followed, 700), [seg.clone()], |_| Some(3));
         held.save(&dir).unwrap();
         let forked = fork_if_followed(&dir, Settled::ByNow).unwrap().unwrap();
-        let fork = Fork {
+        let forks = ForkChain::of([Fork {
             from: followed,
             position: 700,
-        };
-        assert_eq!((forked.fork, forked.held, forked.total), (fork, 1, 1));
+        }])
+        .unwrap();
+        assert_eq!((&forked.forks, forked.held, forked.total), (&forks, 1, 1));
         let resumed = crate::leader_record::take(&dir, None).unwrap();
-        assert_eq!(resumed.fork, Some(fork));
+        assert_eq!(resumed.forks, forks);
         assert_eq!(resumed.instance, forked.id);
         assert_ne!(resumed.instance, followed, "a new instance");
         assert_eq!(resumed.last_position, 700);
@@ -207,10 +229,34 @@ mod tests {
         let line = (&seg, kept, stamp);
         let taken_ns = crate::leader_record::settled_by_now_ns();
         let at = (900, 900);
-        crate::leader_record::save_files(&dir, (&own, None), at, taken_ns, [line]).unwrap();
+        let none = ForkChain::none();
+        crate::leader_record::save_files(&dir, (&own, &none), at, taken_ns, [line]).unwrap();
         assert!(fork_if_followed(&dir, Settled::ByNow).unwrap().is_none());
         let resumed = crate::leader_record::take(&dir, None).unwrap();
-        assert_eq!((resumed.instance, resumed.fork), (own, None));
+        assert_eq!((resumed.instance, resumed.forks), (own, none));
+    }
+
+    /// A dir that followed a forked instance, and was told its chain, forks with that chain
+    /// behind its own link (`docs/PROTOCOL.md`, *After failovers in a row*): a follower that
+    /// missed both failovers still holds what it recorded before the first.
+    #[test]
+    fn a_dir_told_a_fork_chain_forks_with_that_chain_behind_its_own_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
+        let seg = RelPath::new("seg").unwrap();
+        let (followed, older, oldest) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        let link = |from, position| Fork { from, position };
+        let told = ForkChain::of([link(older, 800), link(oldest, 600)]).unwrap();
+        ToldChains::remember(&dir, followed, &told, |_| false).unwrap();
+        let mut held = HeldRecord::load(&dir);
+        held.record(&dir, (followed, 700), [seg.clone()], |_| Some(3));
+        held.save(&dir).unwrap();
+        let forked = fork_if_followed(&dir, Settled::ByNow).unwrap().unwrap();
+        let want = [link(followed, 700), link(older, 700), link(oldest, 600)];
+        assert_eq!(forked.forks.links(), want);
+        let resumed = crate::leader_record::take(&dir, None).unwrap();
+        assert_eq!((resumed.instance, resumed.forks), (forked.id, forked.forks));
     }
 
     /// A follower's stop dates its held record as the kernel dates a write, so a leader's
@@ -235,8 +281,14 @@ mod tests {
             };
             let taken_ns = crate::leader_record::settled_by_now_ns();
             let files = [(&seg, kept, stamp)];
-            crate::leader_record::save_files(&dir, (&own, None), (700, 700), taken_ns, files)
-                .unwrap();
+            crate::leader_record::save_files(
+                &dir,
+                (&own, &ForkChain::none()),
+                (700, 700),
+                taken_ns,
+                files,
+            )
+            .unwrap();
             assert!(fork_if_followed(&dir, Settled::AtHeldSave)
                 .unwrap()
                 .is_none());

@@ -93,10 +93,10 @@ pub enum Status {
         lineage: String,
         /// The leader's instance (hex): followers' held records count only under it.
         instance: String,
-        /// The instance it goes on from (hex) and the fork's position, if it is a fork
-        /// (`docs/PROTOCOL.md`, *After a failover*): held records under that one count too, up
-        /// to there.
-        fork: Option<(String, u64)>,
+        /// Its fork chain, empty when it is no fork: each instance it goes on from (hex) and up
+        /// to which position (`docs/PROTOCOL.md`, *After a failover*, *After failovers in a
+        /// row*): held records under those count too, up to there.
+        forks: Vec<(String, u64)>,
         /// What the checkpoints of the leader's record did so far.
         checkpoints: CheckpointCounters,
     },
@@ -150,7 +150,7 @@ impl Status {
                 server_thread,
                 lineage,
                 instance,
-                fork,
+                forks,
                 checkpoints,
             } => {
                 let counters = [
@@ -207,12 +207,19 @@ impl Status {
                 }
                 let _ = writeln!(
                     s,
-                    "# HELP ferry_info The node's role, I/O engine, version and data dir lineage; a leader's TCP congestion control, instance, and the instance and position it forks from."
+                    "# HELP ferry_info The node's role, I/O engine, version and data dir lineage; a leader's TCP congestion control, instance, the instance and position it forks from, and the earlier links of its fork chain (INSTANCE@POSITION, space-separated)."
                 );
                 let _ = writeln!(s, "# TYPE ferry_info gauge");
-                let fork = fork.as_ref().map_or(String::new(), |(from, at)| {
+                let mut fork = forks.first().map_or(String::new(), |(from, at)| {
                     format!(",fork_from=\"{}\",fork_position=\"{at}\"", label(from))
                 });
+                if forks.len() > 1 {
+                    let earlier: Vec<String> = forks[1..]
+                        .iter()
+                        .map(|(from, at)| format!("{from}@{at}"))
+                        .collect();
+                    let _ = write!(fork, ",fork_earlier=\"{}\"", label(&earlier.join(" ")));
+                }
                 let _ = writeln!(
                     s,
                     "ferry_info{{role=\"leader\",engine=\"{}\",version=\"{version}\",tcp_congestion=\"{}\",lineage=\"{}\",instance=\"{}\"{fork}}} 1",
@@ -390,12 +397,17 @@ impl Status {
                 server_thread,
                 lineage,
                 instance,
-                fork,
+                forks,
                 checkpoints,
             } => {
                 let rows: Vec<String> = followers.iter().map(follower_json).collect();
-                let fork = fork.as_ref().map_or("null".into(), |(from, at)| {
-                    format!("{{\"from\": {}, \"position\": {at}}}", json_str(from))
+                let link = |(from, at): &(String, u64)| {
+                    format!("{{\"from\": {}, \"position\": {at}", json_str(from))
+                };
+                let fork = forks.first().map_or("null".into(), |first| {
+                    let earlier: Vec<String> =
+                        forks[1..].iter().map(|l| format!("{}}}", link(l))).collect();
+                    format!("{}, \"earlier\": [{}]}}", link(first), earlier.join(", "))
                 });
                 let checkpoints = format!(
                     "{{\"rounds\": {}, \"writes\": {}, \"files_looked\": {}, \"entries_taken\": {}}}",
@@ -568,7 +580,10 @@ mod tests {
             }),
             lineage: "5aae7870c08f6f8ed9ea4ac952c1a86f".into(),
             instance: "00112233445566778899aabbccddeeff".into(),
-            fork: Some(("ffeeddccbbaa99887766554433221100".into(), 900)),
+            forks: vec![
+                ("ffeeddccbbaa99887766554433221100".into(), 900),
+                ("0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f".into(), 700),
+            ],
             checkpoints: CheckpointCounters {
                 rounds: 12,
                 writes: 3,
@@ -633,6 +648,10 @@ mod tests {
             Some("ffeeddccbbaa99887766554433221100")
         );
         assert_eq!(info.label("fork_position"), Some("900"));
+        assert_eq!(
+            info.label("fork_earlier"),
+            Some("0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f@700")
+        );
     }
 
     #[test]
@@ -646,7 +665,8 @@ mod tests {
             "\"server_thread\": {\"cpu_s\": 2.500000, \"cpu_wait_s\": 0.750000}",
             "\"lineage\": \"5aae7870c08f6f8ed9ea4ac952c1a86f\"",
             "\"instance\": \"00112233445566778899aabbccddeeff\", \"fork\": {\"from\": \
-             \"ffeeddccbbaa99887766554433221100\", \"position\": 900}",
+             \"ffeeddccbbaa99887766554433221100\", \"position\": 900, \"earlier\": [{\"from\": \
+             \"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f\", \"position\": 700}]}",
             "\"checkpoints\": {\"rounds\": 12, \"writes\": 3, \"files_looked\": 40, \
              \"entries_taken\": 250}",
         ] {

@@ -1112,12 +1112,14 @@ fn cluster_status_shows_who_leads_who_may_lead_and_who_runs() {
     // the fork that instance is, which B would go on with too.
     let passed = format!("{} 00112233445566778899aabbccddeeff 1300011", b.advertise);
     etcd_put(&etcd.url, "ferry/handoff-instance", &passed);
-    let fork = "00112233445566778899aabbccddeeff ffeeddccbbaa99887766554433221100 900";
+    let fork = "00112233445566778899aabbccddeeff ffeeddccbbaa99887766554433221100 900 \
+                0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f 700";
     etcd_put(&etcd.url, "ferry/handoff-fork", fork);
     let status = cluster_ok(&etcd.url, &["status"]);
     let line = format!(
         "handoff: instance 00112233445566778899aabbccddeeff (a fork of instance \
-         ffeeddccbbaa99887766554433221100 at position 900) passed on to {} at position 1300011, \
+         ffeeddccbbaa99887766554433221100 at position 900, itself a fork of instance \
+         0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f at position 700) passed on to {} at position 1300011, \
          for it to go on with once elected",
         b.advertise
     );
@@ -1126,7 +1128,8 @@ fn cluster_status_shows_who_leads_who_may_lead_and_who_runs() {
     let needle = format!(
         "\"passed_instance\":{{\"to\":\"{}\",\"instance\":\"00112233445566778899aabbccddeeff\",\
          \"position\":1300011,\"fork\":{{\"from\":\"ffeeddccbbaa99887766554433221100\",\
-         \"position\":900}}}}",
+         \"position\":900,\"earlier\":[{{\"from\":\"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f\",\
+         \"position\":700}}]}}}}",
         b.advertise
     );
     assert!(json.contains(&needle), "no {needle} in {json}");

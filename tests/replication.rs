@@ -498,23 +498,132 @@ fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
     let old = words.nth(2).unwrap();
     let at = words.nth(2).unwrap().trim_end_matches(',');
     let shown = format!("instance {new} (a fork of instance {old} at position {at})");
+    status_shows(&promoted, &shown);
+    let _c = back_holding_all_but_the_rewrite((&env, &bd, &cd, engine), &promoted);
+}
+
+/// `ferry status` of `leader` (started with `--http`) shows `shown`.
+fn status_shows(leader: &LeaderProc, shown: &str) {
     let out = ferry()
         .arg("status")
-        .arg(http_addr(&promoted.proc))
+        .arg(http_addr(&leader.proc))
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains(&shown), "no {shown:?} in {table}");
-    let _c = resume(
-        (&env, &bd, &cd, engine),
-        (&promoted, 0),
+    assert!(table.contains(shown), "no {shown:?} in {table}");
+}
+
+/// The follower of `fd`, stopped before `q/state.json` was rewritten and started again against
+/// `leader` (serving `ld`), holds its 6 other files and hashes only that one.
+fn back_holding_all_but_the_rewrite(
+    (env, ld, fd, engine): (&Env, &std::path::Path, &std::path::Path, &str),
+    leader: &LeaderProc,
+) -> Proc {
+    let follower = resume(
+        (env, ld, fd, engine),
+        (leader, 0),
         "7 files, 6 held since an earlier connection to this leader, 11 bytes hashed",
         (6, 0, 1, 11),
     );
-    assert_eq!(
-        std::fs::read(cd.join("q/state.json")).unwrap(),
-        b"{\"head\": 7}"
+    let state = std::fs::read(fd.join("q/state.json")).unwrap();
+    assert_eq!(state, b"{\"head\": 7}");
+    follower
+}
+
+/// After two promotions by hand in a row (the leader dies, b is led by hand and c follows it;
+/// then b dies, c is led by hand), a follower that missed both still holds what it recorded
+/// under the first leader (`docs/PROTOCOL.md`, *After failovers in a row*): c forks with b's
+/// chain behind its own link, and d hashes only the file rewritten while it was away, where a
+/// fork naming b's instance alone left it holding nothing.
+#[test]
+fn a_follower_that_missed_two_promotions_in_a_row_still_holds_its_files() {
+    let engine = ENGINES[1];
+    let env = Env::new();
+    let (ld, bd, cd, dd) = (env.dir("leader"), env.dir("b"), env.dir("c"), env.dir("d"));
+    for i in 0..6 {
+        write(&ld.join(format!("q/seg.{i}")), &pattern(200_000, i));
+    }
+    write(&ld.join("q/state.json"), b"{\"head\": 6}");
+    let mut leader = start_leader(&env, &ld, engine);
+    let followers: Vec<Proc> = [&bd, &cd, &dd]
+        .iter()
+        .map(|d| start_follower(&env, d, leader.addr, engine, "written"))
+        .collect();
+    let [mut b, mut c, mut d] = <[Proc; 3]>::try_from(followers).ok().unwrap();
+    for dir in [&bd, &cd, &dd] {
+        wait_identical(&ld, dir, Duration::from_secs(20));
+    }
+    signal(&d.child, libc::SIGTERM);
+    assert!(d.child.wait().unwrap().success());
+    write(&ld.join("q/state.new"), b"{\"head\": 7}");
+    std::fs::rename(ld.join("q/state.new"), ld.join("q/state.json")).unwrap();
+    for dir in [&bd, &cd] {
+        wait_identical(&ld, dir, Duration::from_secs(20));
+    }
+    leader.proc.child.kill().unwrap();
+    let _ = leader.proc.child.wait();
+
+    // b is led by hand once its copies settled; c follows it, holding every file.
+    wait_settled(&bd);
+    signal(&b.child, libc::SIGTERM);
+    assert!(b.child.wait().unwrap().success());
+    signal(&c.child, libc::SIGTERM);
+    assert!(c.child.wait().unwrap().success());
+    let mut promoted = start_leader(&env, &bd, engine);
+    let line = promoted
+        .proc
+        .wait_log("forking instance", Duration::from_secs(20));
+    assert!(line.contains("7 of 7 files held"), "{line}");
+    let mut c = resume(
+        (&env, &bd, &cd, engine),
+        (&promoted, 0),
+        "7 files, 7 held since an earlier connection to this leader, 0 bytes hashed",
+        (7, 0, 0, 0),
     );
+
+    // b dies too; c is led by hand, going on from b's instance and from what b's went on from.
+    promoted.proc.child.kill().unwrap();
+    let _ = promoted.proc.child.wait();
+    wait_settled(&cd);
+    signal(&c.child, libc::SIGTERM);
+    assert!(c.child.wait().unwrap().success());
+    let again = start_leader_with(&env, &cd, engine, &["--http", "127.0.0.1:0"]);
+    let line = again
+        .proc
+        .wait_log("forking instance", Duration::from_secs(20));
+    assert!(line.contains("7 of 7 files held; instance "), "{line}");
+    // "forking instance NEW from instance B at position P, ...; instance B goes on from
+    // instance A up to position Q": `ferry status` names both links.
+    let head: Vec<&str> = line
+        .split("forking instance ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .collect();
+    let tail: Vec<&str> = line
+        .rsplit("; instance ")
+        .next()
+        .unwrap()
+        .split(' ')
+        .collect();
+    let (new, b_instance, p) = (head[0], head[3], head[6].trim_end_matches(','));
+    assert_eq!(tail[0], b_instance, "{line}");
+    let (a_instance, q) = (tail[5], tail[9]);
+    let shown = format!(
+        "instance {new} (a fork of instance {b_instance} at position {p}, itself a fork of \
+         instance {a_instance} at position {q})"
+    );
+    status_shows(&again, &shown);
+    let _d = back_holding_all_but_the_rewrite((&env, &cd, &dd, engine), &again);
+}
+
+/// Waits until every file of `dir` changed at least `LEADER_RECORD_SETTLE_MS` ago: a leader
+/// started on a follower's dir vouches only for files settled by the follower's stop.
+fn wait_settled(dir: &std::path::Path) {
+    let settled_ns = newest_ctime_ns(dir) + 1_000_000_000;
+    wait_until(Duration::from_secs(10), "the copies settled", || {
+        ferry::index::now_ns() > settled_ns
+    });
 }
 
 /// The leader's checkpoint counters from its `/metrics`: rounds, records written, files looked

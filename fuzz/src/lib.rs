@@ -1135,10 +1135,10 @@ impl FollowerShell {
             FollowerAction::Inventory {
                 index,
                 instance,
-                fork,
+                forks,
                 lineage,
             } => {
-                assert_eq!(fork, None, "this leader's instance is no fork");
+                assert!(!forks.is_fork(), "this leader's instance is no fork");
                 assert_eq!(self.session.phase(), FollowerPhase::AwaitInventory);
                 // The session passes on what the leader sent; the shell's check of it against
                 // the copy's own lineage is the integration tests' (it reads the disk).

@@ -33,6 +33,7 @@ use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 
+use crate::fork_chain::ForkChain;
 use crate::frame::{Fork, InstanceId};
 use crate::index::{boot_id, from_hex, hex, Stamp, BOOT_ID_PATH};
 use crate::paths::{DataDir, RelPath, StateSync};
@@ -300,19 +301,18 @@ impl HeldRecord {
     }
 
     /// The MARK position after which `path` was last seen as it is now (`stamp`), if that
-    /// look was under leader `instance` in this boot, or under the instance it goes on from
-    /// (`fork`) after a MARK at or below the fork's position (`docs/PROTOCOL.md`, *After a
-    /// failover*).
+    /// look was under leader `instance` in this boot, or under an instance it goes on from
+    /// (a link of `forks`) after a MARK at or below that link's position (`docs/PROTOCOL.md`,
+    /// *After a failover*, *After failovers in a row*).
     pub fn held_at(
         &self,
         path: &RelPath,
-        (instance, fork): (&InstanceId, Option<&Fork>),
+        (instance, forks): (&InstanceId, &ForkChain),
         stamp: &Stamp,
     ) -> Option<u64> {
         self.boot_id.as_ref()?;
         let holds = |e: &&Entry| {
-            let shared_history =
-                fork.is_some_and(|f| e.instance == f.from && e.position <= f.position);
+            let shared_history = forks.shares(&e.instance, e.position);
             (e.instance == *instance || shared_history) && e.stamp == *stamp
         };
         let own = self.entries.get(path).filter(holds);
@@ -336,6 +336,11 @@ impl HeldRecord {
             .into_iter()
             .max_by_key(|&(instance, (files, position))| (files, position, instance))?;
         Some(Fork { from, position })
+    }
+
+    /// The leader instances it holds a file under.
+    pub fn instances(&self) -> std::collections::HashSet<InstanceId> {
+        self.entries.values().map(|e| e.instance).collect()
     }
 
     /// Every file it vouches for under leader `instance`, as it was looked at.
@@ -474,6 +479,10 @@ fn touch_mtime(file: &std::fs::File) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    fn one(link: Fork) -> ForkChain {
+        ForkChain::of([link]).unwrap()
+    }
+
     use crate::paths::temp_data_dir as setup;
 
     fn stamp_of(tmp: &tempfile::TempDir, name: &str) -> Stamp {
@@ -503,18 +512,47 @@ mod tests {
             from: dead,
             position: 500,
         };
-        let held = |path: &RelPath, vouching| {
+        let held = |path: &RelPath, vouching: (&InstanceId, &ForkChain)| {
             record.held_at(path, vouching, &stamp_of(&tmp, path.as_str()))
         };
-        assert_eq!(held(&names[0], (&new, Some(&fork))), Some(400));
-        assert_eq!(held(&names[1], (&new, Some(&fork))), Some(500));
-        assert_eq!(held(&names[2], (&new, Some(&fork))), None, "above the fork");
-        assert_eq!(held(&names[0], (&new, None)), None, "no fork named");
+        assert_eq!(held(&names[0], (&new, &one(fork))), Some(400));
+        assert_eq!(held(&names[1], (&new, &one(fork))), Some(500));
+        assert_eq!(held(&names[2], (&new, &one(fork))), None, "above the fork");
+        assert_eq!(
+            held(&names[0], (&new, &ForkChain::none())),
+            None,
+            "no fork named"
+        );
         let elsewhere = Fork {
             from: other,
             ..fork
         };
-        assert_eq!(held(&names[0], (&new, Some(&elsewhere))), None);
+        assert_eq!(held(&names[0], (&new, &one(elsewhere))), None);
+        // After failovers in a row: the new instance goes on from `other`, which went on from
+        // `dead` up to 500; a file held under `dead` counts up to the lower of the two forks.
+        let forked_from_other = |position| {
+            ForkChain::forked(
+                Fork {
+                    from: other,
+                    position,
+                },
+                &one(fork),
+            )
+        };
+        let chain = forked_from_other(900);
+        assert_eq!(held(&names[1], (&new, &chain)), Some(500));
+        assert_eq!(
+            held(&names[2], (&new, &chain)),
+            None,
+            "above the older fork"
+        );
+        let low = forked_from_other(450);
+        assert_eq!(held(&names[0], (&new, &low)), Some(400));
+        assert_eq!(
+            held(&names[1], (&new, &low)),
+            None,
+            "above where the newer fork saw it"
+        );
     }
 
     /// A leader that died and follows next holds what its own last record vouches for, at the
@@ -534,22 +572,34 @@ mod tests {
         let (led, new) = ([1u8; 16], [2u8; 16]);
         let settled = crate::leader_record::settled_by_now_ns();
         let at = (1 << 40, 500);
-        crate::leader_record::save_files(&dir, (&led, None), at, settled, [(&seg, kept, stamp)])
-            .unwrap();
+        crate::leader_record::save_files(
+            &dir,
+            (&led, &ForkChain::none()),
+            at,
+            settled,
+            [(&seg, kept, stamp)],
+        )
+        .unwrap();
         let record = HeldRecord::load_with_own_record(&dir);
         let fork = |position| Fork {
             from: led,
             position,
         };
         assert_eq!(
-            record.held_at(&seg, (&new, Some(&fork(500))), &stamp),
+            record.held_at(&seg, (&new, &one(fork(500))), &stamp),
             Some(500)
         );
-        assert_eq!(record.held_at(&seg, (&new, Some(&fork(499))), &stamp), None);
-        assert_eq!(record.held_at(&seg, (&led, None), &stamp), Some(500));
-        assert_eq!(record.held_at(&seg, (&new, None), &stamp), None);
+        assert_eq!(record.held_at(&seg, (&new, &one(fork(499))), &stamp), None);
         assert_eq!(
-            HeldRecord::load(&dir).held_at(&seg, (&led, None), &stamp),
+            record.held_at(&seg, (&led, &ForkChain::none()), &stamp),
+            Some(500)
+        );
+        assert_eq!(
+            record.held_at(&seg, (&new, &ForkChain::none()), &stamp),
+            None
+        );
+        assert_eq!(
+            HeldRecord::load(&dir).held_at(&seg, (&led, &ForkChain::none()), &stamp),
             None
         );
         assert!(
@@ -560,7 +610,7 @@ mod tests {
         let mut record = record;
         record.record(&dir, (new, 900), [seg.clone()], |_| None);
         assert_eq!(
-            record.held_at(&seg, (&new, Some(&fork(500))), &stamp),
+            record.held_at(&seg, (&new, &one(fork(500))), &stamp),
             Some(900)
         );
     }
@@ -611,9 +661,12 @@ mod tests {
 
         let restarted = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
         let now = stamp_of(&tmp, "seg");
-        assert_eq!(restarted.held_at(&seg, (&a, None), &now), Some(500));
         assert_eq!(
-            restarted.held_at(&seg, (&b, None), &now),
+            restarted.held_at(&seg, (&a, &ForkChain::none()), &now),
+            Some(500)
+        );
+        assert_eq!(
+            restarted.held_at(&seg, (&b, &ForkChain::none()), &now),
             None,
             "another leader instance"
         );
@@ -621,7 +674,7 @@ mod tests {
         // Rewritten at the same size behind ferry's back: the ctime (and mtime) moved.
         std::fs::write(tmp.path().join("seg"), vec![8u8; 1000]).unwrap();
         assert_eq!(
-            restarted.held_at(&seg, (&a, None), &stamp_of(&tmp, "seg")),
+            restarted.held_at(&seg, (&a, &ForkChain::none()), &stamp_of(&tmp, "seg")),
             None
         );
     }
@@ -636,9 +689,15 @@ mod tests {
         record.save(&dir).unwrap();
         let now = stamp_of(&tmp, "seg");
         let rebooted = HeldRecord::load_for_boot(&dir, Some("boot-2".into()));
-        assert_eq!(rebooted.held_at(&seg, (&[1; 16], None), &now), None);
+        assert_eq!(
+            rebooted.held_at(&seg, (&[1; 16], &ForkChain::none()), &now),
+            None
+        );
         let unknown_boot = HeldRecord::load_for_boot(&dir, None);
-        assert_eq!(unknown_boot.held_at(&seg, (&[1; 16], None), &now), None);
+        assert_eq!(
+            unknown_boot.held_at(&seg, (&[1; 16], &ForkChain::none()), &now),
+            None
+        );
 
         std::fs::write(
             tmp.path().join(".ferry/held"),
@@ -646,7 +705,10 @@ mod tests {
         )
         .unwrap();
         let corrupt = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
-        assert_eq!(corrupt.held_at(&seg, (&[1; 16], None), &now), None);
+        assert_eq!(
+            corrupt.held_at(&seg, (&[1; 16], &ForkChain::none()), &now),
+            None
+        );
     }
 
     #[test]
@@ -682,15 +744,15 @@ mod tests {
         let reloaded = HeldRecord::load_for_boot(&dir, boot());
         let stamp = |n: &str| stamp_of(&tmp, n);
         assert_eq!(
-            reloaded.held_at(&names[0], (&[1; 16], None), &stamp("f0")),
+            reloaded.held_at(&names[0], (&[1; 16], &ForkChain::none()), &stamp("f0")),
             Some(9)
         );
         assert_eq!(
-            reloaded.held_at(&names[1], (&[1; 16], None), &stamp("f1")),
+            reloaded.held_at(&names[1], (&[1; 16], &ForkChain::none()), &stamp("f1")),
             None
         );
         assert_eq!(
-            reloaded.held_at(&names[2], (&[1; 16], None), &stamp("f2")),
+            reloaded.held_at(&names[2], (&[1; 16], &ForkChain::none()), &stamp("f2")),
             Some(3)
         );
 
@@ -704,7 +766,7 @@ mod tests {
         assert!(text().lines().count() <= 2 + 2 + 2 * 2 + JOURNAL_SLACK_LINES);
         let reloaded = HeldRecord::load_for_boot(&dir, boot());
         assert_eq!(
-            reloaded.held_at(&names[2], (&[1; 16], None), &stamp("f2")),
+            reloaded.held_at(&names[2], (&[1; 16], &ForkChain::none()), &stamp("f2")),
             Some(10)
         );
     }
@@ -748,7 +810,7 @@ mod tests {
         std::fs::write(tmp.path().join(".ferry/held"), v1).unwrap();
         let old = HeldRecord::load_for_boot(&dir, Some("b".into()));
         assert_eq!(
-            old.held_at(&a, (&[1; 16], None), &stamp_of(&tmp, "a")),
+            old.held_at(&a, (&[1; 16], &ForkChain::none()), &stamp_of(&tmp, "a")),
             Some(9)
         );
         assert!(old.vouched(&[1; 16]).iter().all(|v| v.born_at.is_none()));
@@ -776,7 +838,11 @@ mod tests {
         assert_eq!(vouched.len(), 1, "{vouched:?}");
         assert_eq!((&vouched[0].path, vouched[0].born_at), (&kept, Some(3)));
         assert_eq!(
-            record.held_at(&kept, (&[1; 16], None), &stamp_of(&tmp, "kept")),
+            record.held_at(
+                &kept,
+                (&[1; 16], &ForkChain::none()),
+                &stamp_of(&tmp, "kept")
+            ),
             Some(40)
         );
     }
@@ -789,9 +855,15 @@ mod tests {
         let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
         record.record(&dir, ([1; 16], 3), [f.clone()], |_| None);
         let before = stamp_of(&tmp, "f");
-        assert_eq!(record.held_at(&f, (&[1; 16], None), &before), Some(3));
+        assert_eq!(
+            record.held_at(&f, (&[1; 16], &ForkChain::none()), &before),
+            Some(3)
+        );
         std::fs::remove_file(tmp.path().join("f")).unwrap();
         record.record(&dir, ([1; 16], 9), [f.clone()], |_| None);
-        assert_eq!(record.held_at(&f, (&[1; 16], None), &before), None);
+        assert_eq!(
+            record.held_at(&f, (&[1; 16], &ForkChain::none()), &before),
+            None
+        );
     }
 }

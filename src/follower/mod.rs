@@ -38,8 +38,9 @@ use tokio::sync::Notify;
 use crate::auth::{random_nonce, Secret, SharedSecrets};
 use crate::engine::receive::{self, is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
+use crate::fork_chain::{ForkChain, ToldChains};
 use crate::frame::{
-    Durability, ErrorCode, Fork, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
+    Durability, ErrorCode, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
 };
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
@@ -570,7 +571,7 @@ impl Ctx<'_> {
                 FollowerAction::Inventory {
                     index,
                     instance,
-                    fork,
+                    forks,
                     lineage,
                 } => {
                     if index.is_empty() {
@@ -586,7 +587,7 @@ impl Ctx<'_> {
                         .iter()
                         .map(|(p, cut)| (p.clone(), cut.len_bytes))
                         .collect();
-                    let lengths = self.send_inventory(index, instance, fork).await?;
+                    let lengths = self.send_inventory(index, instance, forks).await?;
                     let expected: u64 = cuts
                         .iter()
                         .map(|(p, cut)| {
@@ -764,7 +765,7 @@ impl Ctx<'_> {
         &mut self,
         index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
-        fork: Option<Fork>,
+        forks: ForkChain,
     ) -> Result<HashMap<RelPath, u64>, FollowError> {
         let Some(mut cache) = self.cache.borrow_mut().take() else {
             return Err(io::Error::other("digest cache in use").into());
@@ -775,7 +776,10 @@ impl Ctx<'_> {
         let hashing = tokio::task::spawn_blocking(move || {
             let cuts: HashMap<RelPath, Cut> = index.into_iter().collect();
             let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
-            let held = instance.map(|i| (&mut *record, i, fork));
+            if let Some(instance) = instance {
+                remember_chain(&dir, &record, instance, &forks);
+            }
+            let held = instance.map(|i| (&mut *record, i, &forks));
             let result = build_inventory(&dir, &mut cache, held, &cuts, |have| {
                 // The receiver outlives this task unless the connection failed.
                 let _ = tx.send(have);
@@ -815,6 +819,23 @@ fn write_error(e: io::Error, path: &RelPath) -> FollowError {
     }
 }
 
+/// Keeps the fork chain the leader of `instance` named (`ToldChains`), for a fork of this dir
+/// from that instance later (`docs/PROTOCOL.md`, *After failovers in a row*), with the chains
+/// of the instances the held record still names.
+fn remember_chain(dir: &DataDir, record: &HeldRecord, instance: InstanceId, forks: &ForkChain) {
+    if !forks.is_fork() {
+        return;
+    }
+    let named = record.instances();
+    if let Err(e) = ToldChains::remember(dir, instance, forks, |i| named.contains(i)) {
+        tracing::warn!(
+            "cannot keep the leader's fork chain ({}): {e}; if this dir leads next, its \
+             followers hash the files they recorded under its earlier instances",
+            forks.describe()
+        );
+    }
+}
+
 /// Scans the data dir and passes each file's HAVE entry to `emit` as soon as it is known:
 /// held, when `held` (the record, the leader's instance and what that instance goes on from)
 /// vouches for the file as it is now and the leader would accept that (`Cut::admits_held`),
@@ -822,7 +843,7 @@ fn write_error(e: io::Error, path: &RelPath) -> FollowError {
 fn build_inventory(
     dir: &DataDir,
     cache: &mut DigestCache,
-    mut held: Option<(&mut HeldRecord, InstanceId, Option<Fork>)>,
+    mut held: Option<(&mut HeldRecord, InstanceId, &ForkChain)>,
     cuts: &HashMap<RelPath, Cut>,
     mut emit: impl FnMut(HaveEntry),
 ) -> io::Result<()> {
@@ -836,8 +857,8 @@ fn build_inventory(
         let proof = match cuts.get(&meta.path) {
             None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
             Some(cut) => {
-                let held_at = held.as_ref().and_then(|(record, instance, fork)| {
-                    let vouching = (instance, fork.as_ref());
+                let held_at = held.as_ref().and_then(|(record, instance, forks)| {
+                    let vouching = (instance, *forks);
                     record.held_at(&meta.path, vouching, &Stamp::of_meta(&meta))
                 });
                 match held_at {

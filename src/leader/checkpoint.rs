@@ -140,7 +140,7 @@ pub(super) fn record_stop(
     }
     rounds.renew_lines(shared, &look);
     let position = rounds.catalog.position();
-    let of = (&instance.id, instance.fork.as_ref());
+    let of = (&instance.id, &instance.forks);
     let at = (position, position);
     let saved = leader_record::save_files(dir, of, at, look.taken_ns(), rounds.lines());
     stop_listing(shared);
@@ -454,7 +454,7 @@ fn checkpoint(shared: &Shared, dir: &DataDir, instance: &Instance, rounds: &mut 
     if already_on_disk {
         return;
     }
-    let of = (&instance.id, instance.fork.as_ref());
+    let of = (&instance.id, &instance.forks);
     let at = (reserved, catalog_position);
     let saved = leader_record::save_files(dir, of, at, look.taken_ns(), rounds.lines());
     let mut hub = shared.lock();

@@ -163,7 +163,7 @@ pub(super) async fn serve_follower(
         ctx.instance.id,
         ctx.lineage,
     )
-    .with_fork(ctx.instance.fork)
+    .with_forks(ctx.instance.forks.clone())
     .with_previous_secret(secrets.previous);
     let (input_tx, mut input_rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
     let reader = tokio::task::spawn_local(read_loop(conn.clone(), input_tx));

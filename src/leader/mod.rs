@@ -29,7 +29,8 @@ use tokio::sync::Notify;
 use crate::auth::{random_instance, Secret, Secrets};
 use crate::catalog::{Catalog, CatalogError};
 use crate::engine::{self, EngineKind};
-use crate::frame::{Durability, Fork, InstanceId, LineageId};
+use crate::fork_chain::ForkChain;
+use crate::frame::{Durability, InstanceId, LineageId};
 use crate::index::{hex, now_ns, scan, Looked};
 use crate::lag::{LagSnapshot, ACK_TIMEOUT_MS_DEFAULT};
 use crate::leader_record::{self, LEADER_RECORD_INTERVAL_MS, LEADER_RECORD_SETTLE_MS};
@@ -159,12 +160,12 @@ const STOPPED_BY_EMBEDDER: &str =
 
 /// The running leader: the change API for the writer, and a server thread for the followers.
 /// The instance a leader serves: its id, and what it goes on from when it is a fork of a dead
-/// leader's (`docs/PROTOCOL.md`, *After a failover*), which every session names to its follower
-/// and every record keeps.
-#[derive(Debug, Clone, Copy)]
+/// leader's (`docs/PROTOCOL.md`, *After a failover*, *After failovers in a row*), which every
+/// session names to its follower and every record keeps.
+#[derive(Debug, Clone)]
 pub(crate) struct Instance {
     pub(crate) id: InstanceId,
-    pub(crate) fork: Option<Fork>,
+    pub(crate) forks: ForkChain,
 }
 
 pub struct Leader {
@@ -232,7 +233,7 @@ impl Leader {
         let record_interval = config.record_interval;
         fork_if_followed(&dir);
         let resumed = leader_record::take(&dir, looked.map(|l| l.files));
-        let (catalog, instance, fork) = match &resumed {
+        let (catalog, instance, forks) = match &resumed {
             Some(r) => {
                 tracing::info!(
                     "resuming instance {} from its record: {} of {} files vouched for (the \
@@ -243,19 +244,18 @@ impl Leader {
                     r.kept.len() + r.not_kept,
                     r.last_position.saturating_add(1)
                 );
-                if let Some(fork) = &r.fork {
+                if r.forks.is_fork() {
                     tracing::info!(
-                        "instance {} goes on from instance {} up to position {} (a failover): \
-                         followers' files held under that one up to there count as held",
+                        "instance {} is {} (a failover): followers' files held under those up \
+                         to there count as held",
                         hex(&r.instance),
-                        hex(&fork.from),
-                        fork.position
+                        r.forks.describe()
                     );
                 }
                 (
                     Catalog::resumed(files, r.last_position, &r.kept),
                     r.instance,
-                    r.fork,
+                    r.forks.clone(),
                 )
             }
             None => {
@@ -265,10 +265,13 @@ impl Leader {
                         format!("cannot draw the leader's instance id: {e}"),
                     )
                 })?;
-                (Catalog::new(files), instance, None)
+                (Catalog::new(files), instance, ForkChain::none())
             }
         };
-        let instance = Instance { id: instance, fork };
+        let instance = Instance {
+            id: instance,
+            forks,
+        };
         let shared = Arc::new(Shared {
             hub: Mutex::new(Hub {
                 catalog,
@@ -300,6 +303,7 @@ impl Leader {
         let thread = {
             let shared = shared.clone();
             let dir = dir.clone();
+            let instance = instance.clone();
             std::thread::Builder::new()
                 .name(SERVER_THREAD_NAME.into())
                 .spawn(move || {
@@ -347,7 +351,8 @@ impl Leader {
         } else {
             let (shared, dir) = (shared.clone(), dir.clone());
             let seen_at_start = looked.map(leader_record::Look::of_looked);
-            match Checkpoints::start(shared, dir, (instance, record_interval), seen_at_start) {
+            let of = (instance.clone(), record_interval);
+            match Checkpoints::start(shared, dir, of, seen_at_start) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(
@@ -430,10 +435,10 @@ impl Leader {
         self.instance.id
     }
 
-    /// The instance it goes on from, if its instance is a fork (`docs/PROTOCOL.md`, *After a
-    /// failover*).
-    pub(crate) fn fork(&self) -> Option<Fork> {
-        self.instance.fork
+    /// What its instance goes on from, if it is a fork (`docs/PROTOCOL.md`, *After a
+    /// failover*, *After failovers in a row*).
+    pub(crate) fn forks(&self) -> &ForkChain {
+        &self.instance.forks
     }
 
     /// Every file of the catalog with its length and birth, and the position, read after:
@@ -526,7 +531,9 @@ impl Leader {
             server_thread: self.server_thread_times(),
             lineage: hex(&self.lineage),
             instance: hex(&self.instance.id),
-            fork: self.instance.fork.map(|f| (hex(&f.from), f.position)),
+            forks: (self.instance.forks.links().iter())
+                .map(|f| (hex(&f.from), f.position))
+                .collect(),
             checkpoints: self.shared.checkpoint_counts.read(),
         }
     }

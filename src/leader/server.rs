@@ -261,7 +261,7 @@ async fn accept_loop(
             dir: dir.clone(),
             ack_timeout: config.ack_timeout,
             digests: digests.clone(),
-            instance,
+            instance: instance.clone(),
             lineage,
         };
         tokio::task::spawn_local(async move {

@@ -16,10 +16,11 @@ use std::collections::{HashMap, HashSet};
 
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
+use crate::fork_chain::{ForkChain, LinkRefused};
 use crate::frame::{
     Digest, Durability, Fork, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
-    MAX_FILE_BYTES, MAX_INVENTORY_FILES, MAX_POSITION, MAX_WHOLE_IN_FLIGHT, PREAMBLE_BYTES,
-    PROTOCOL_VERSION,
+    MAX_FILE_BYTES, MAX_FORK_CHAIN, MAX_INVENTORY_FILES, MAX_POSITION, MAX_WHOLE_IN_FLIGHT,
+    PREAMBLE_BYTES, PROTOCOL_VERSION,
 };
 use crate::paths::RelPath;
 
@@ -46,9 +47,10 @@ pub enum FollowerAction {
     Inventory {
         index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
-        /// With `instance`: the instance it goes on from, when the leader sent FORK_OF (files
-        /// held under that one up to its position count as held under `instance`).
-        fork: Option<Fork>,
+        /// With `instance`: the chain of instances it goes on from, from the leader's FORK_OF
+        /// frames (files held under a link's instance up to its position count as held under
+        /// `instance`).
+        forks: ForkChain,
         lineage: Option<LineageId>,
     },
     /// The next `len_bytes` on the wire go to `path` at `offset` (into its temp file if `temp`).
@@ -233,8 +235,10 @@ pub struct FollowerSession {
     instance: Option<InstanceId>,
     /// Both offered `FORK` as well as `HELD`.
     fork_in_use: bool,
+    /// Both offered `FORK_CHAIN` as well: a FORK_OF per link.
+    fork_chain_in_use: bool,
     /// What the leader's instance goes on from, from FORK_OF.
-    fork: Option<Fork>,
+    forks: ForkChain,
     /// Both offered `LINEAGE`.
     lineage_in_use: bool,
     /// The leader's data dir's lineage, from LINEAGE.
@@ -276,7 +280,8 @@ impl FollowerSession {
             born_in_use: false,
             instance: None,
             fork_in_use: false,
-            fork: None,
+            fork_chain_in_use: false,
+            forks: ForkChain::none(),
             lineage_in_use: false,
             lineage: None,
         }
@@ -353,6 +358,7 @@ impl FollowerSession {
                     self.lineage_in_use = in_use.lineage;
                     self.born_in_use = in_use.born;
                     self.fork_in_use = in_use.fork;
+                    self.fork_chain_in_use = in_use.fork_chain;
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }
@@ -412,15 +418,31 @@ impl FollowerSession {
             (P::AwaitIndex, Frame::ForkOf { instance, position })
                 if self.fork_in_use
                     && self.instance.is_some()
-                    && self.fork.is_none()
+                    && (self.fork_chain_in_use || !self.forks.is_fork())
                     && self.index.is_empty() =>
             {
                 beyond_max_position("FORK_OF", position)?;
-                self.fork = Some(Fork {
+                let link = Fork {
                     from: instance,
                     position,
-                });
-                None
+                };
+                match self.forks.push(link) {
+                    Ok(()) => None,
+                    Err(LinkRefused::TooMany) => {
+                        return Err(SessionError::Limit(format!(
+                            "more than MAX_FORK_CHAIN ({MAX_FORK_CHAIN}) FORK_OF frames"
+                        )))
+                    }
+                    Err(LinkRefused::AboveTheOneBefore { before }) => {
+                        return Err(SessionError::OutOfOrder {
+                            frame: "FORK_OF",
+                            why: format!(
+                                "its position {position} is above the one before's, {before}: \
+                                 a fork chain's positions never rise"
+                            ),
+                        })
+                    }
+                }
             }
             (P::AwaitIndex, Frame::Lineage { lineage })
                 if self.lineage_in_use && self.lineage.is_none() && self.index.is_empty() =>
@@ -481,7 +503,7 @@ impl FollowerSession {
                 Some(FollowerAction::Inventory {
                     index: std::mem::take(&mut self.index),
                     instance: self.instance,
-                    fork: self.fork,
+                    forks: std::mem::take(&mut self.forks),
                     lineage: self.lineage,
                 })
             }

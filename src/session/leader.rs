@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
 use crate::catalog::{Catalog, CatalogEntry};
+use crate::fork_chain::ForkChain;
 use crate::frame::{
-    Digest, Durability, Fork, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
-    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_INVENTORY_FILES,
-    PREAMBLE_BYTES, VANISHED_HOLD_TIMEOUT_MS,
+    Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
+    HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_FORK_CHAIN,
+    MAX_INVENTORY_FILES, PREAMBLE_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -171,10 +172,12 @@ pub struct LeaderSession {
     instance: InstanceId,
     /// The data dir's lineage, sent in LINEAGE.
     lineage: LineageId,
-    /// What this leader's instance goes on from, sent in FORK_OF (`with_fork`).
-    fork: Option<Fork>,
+    /// What this leader's instance goes on from, sent in FORK_OF (`with_forks`).
+    forks: ForkChain,
     /// Both offered `FORK` as well as `HELD`.
     fork_in_use: bool,
+    /// Both offered `FORK_CHAIN` as well: a FORK_OF per link.
+    fork_chain_in_use: bool,
     /// Both preambles offered `HELD`.
     held_in_use: bool,
     /// Both offered `LINEAGE`.
@@ -264,8 +267,9 @@ impl LeaderSession {
             leader_nonce,
             instance,
             lineage,
-            fork: None,
+            forks: ForkChain::none(),
             fork_in_use: false,
+            fork_chain_in_use: false,
             held_in_use: false,
             lineage_in_use: false,
             births_in_use: false,
@@ -311,10 +315,11 @@ impl LeaderSession {
         self
     }
 
-    /// This leader's instance goes on from `fork` (`docs/PROTOCOL.md`, *After a failover*): a
-    /// follower offering `FORK` is told so in FORK_OF.
-    pub fn with_fork(mut self, fork: Option<Fork>) -> LeaderSession {
-        self.fork = fork;
+    /// This leader's instance goes on from the chain `forks` (`docs/PROTOCOL.md`, *After a
+    /// failover*, *After failovers in a row*): a follower offering `FORK` is told its first
+    /// link in FORK_OF, one offering `FORK_CHAIN` each link.
+    pub fn with_forks(mut self, forks: ForkChain) -> LeaderSession {
+        self.forks = forks;
         self
     }
 
@@ -462,6 +467,7 @@ impl LeaderSession {
                     self.lineage_in_use = in_use.lineage;
                     self.born_in_use = in_use.born;
                     self.fork_in_use = in_use.fork;
+                    self.fork_chain_in_use = in_use.fork_chain;
                     consumed = PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
@@ -522,10 +528,15 @@ impl LeaderSession {
                     }
                     .encode(&mut self.out);
                 }
-                if let Some(fork) = self.fork.filter(|_| self.fork_in_use) {
+                let links = match (self.fork_in_use, self.fork_chain_in_use) {
+                    (false, _) => 0,
+                    (true, false) => 1,
+                    (true, true) => MAX_FORK_CHAIN,
+                };
+                for link in self.forks.links().iter().take(links) {
                     Frame::ForkOf {
-                        instance: fork.from,
-                        position: fork.position,
+                        instance: link.from,
+                        position: link.position,
                     }
                     .encode(&mut self.out);
                 }

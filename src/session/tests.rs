@@ -13,10 +13,12 @@ use super::leader::{InventoryReport, LeaderPhase, LeaderSession, Transmit};
 use super::SessionError;
 use crate::auth::Secret;
 use crate::catalog::Catalog;
+use crate::fork_chain::ForkChain;
 use crate::frame::{
     Digest, Durability, ErrorCode, Fork, Frame, InstanceId, LineageId, Preamble, CAPABILITIES,
-    CAPABILITY_BIRTHS, CAPABILITY_BORN, CAPABILITY_FORK, CAPABILITY_HELD, CAPABILITY_LINEAGE,
-    KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, VANISHED_HOLD_TIMEOUT_MS,
+    CAPABILITY_BIRTHS, CAPABILITY_BORN, CAPABILITY_FORK, CAPABILITY_FORK_CHAIN, CAPABILITY_HELD,
+    CAPABILITY_LINEAGE, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_FORK_CHAIN,
+    VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
 use crate::paths::RelPath;
@@ -294,10 +296,10 @@ impl Sim {
             FollowerAction::Inventory {
                 index,
                 instance,
-                fork,
+                forks,
                 lineage,
             } => {
-                assert_eq!(fork, None, "this leader's instance is no fork");
+                assert!(!forks.is_fork(), "this leader's instance is no fork");
                 assert_eq!(instance, Some(INSTANCE), "HELD is in use between these two");
                 assert!(lineage.is_none() || lineage == Some(LINEAGE), "{lineage:?}");
                 let cuts: HashMap<_, _> = index.into_iter().collect();
@@ -1550,14 +1552,14 @@ fn a_held_copy_of_a_file_born_since_is_compared_by_digest_and_gets_only_its_tail
 /// A leader session that a follower whose preamble offers `capabilities` has authenticated
 /// with, and every frame it sent after its preamble.
 fn leader_after_auth(catalog: &Catalog, capabilities: u32) -> (LeaderSession, Vec<Frame>) {
-    leader_after_auth_with(catalog, capabilities, None)
+    leader_after_auth_with(catalog, capabilities, ForkChain::none())
 }
 
-/// `leader_after_auth`, of a leader whose instance goes on from `fork`.
+/// `leader_after_auth`, of a leader whose instance goes on from the chain `forks`.
 fn leader_after_auth_with(
     catalog: &Catalog,
     capabilities: u32,
-    fork: Option<Fork>,
+    forks: ForkChain,
 ) -> (LeaderSession, Vec<Frame>) {
     let secret = Secret::new(b"s3cret".to_vec()).unwrap();
     let mut leader = LeaderSession::new(
@@ -1567,7 +1569,7 @@ fn leader_after_auth_with(
         INSTANCE,
         LINEAGE,
     )
-    .with_fork(fork);
+    .with_forks(forks);
     let mut input = Preamble {
         version: 1,
         capabilities,
@@ -1786,7 +1788,8 @@ fn a_forked_instance_is_named_after_instance_to_a_follower_that_offers_fork() {
         (CAPABILITIES & !CAPABILITY_FORK, false),
         (CAPABILITY_FORK, false),
     ] {
-        let (_, frames) = leader_after_auth_with(&catalog, offered, Some(fork));
+        let forks = ForkChain::of([fork]).unwrap();
+        let (_, frames) = leader_after_auth_with(&catalog, offered, forks);
         let at = frames
             .iter()
             .position(|f| matches!(f, Frame::ForkOf { .. }));
@@ -1803,7 +1806,7 @@ fn a_forked_instance_is_named_after_instance_to_a_follower_that_offers_fork() {
             );
         }
     }
-    let (_, frames) = leader_after_auth_with(&catalog, CAPABILITIES, None);
+    let (_, frames) = leader_after_auth_with(&catalog, CAPABILITIES, ForkChain::none());
     assert!(
         !frames.iter().any(|f| matches!(f, Frame::ForkOf { .. })),
         "no fork, no FORK_OF: {frames:?}"
@@ -1823,9 +1826,9 @@ fn a_forked_instance_is_named_after_instance_to_a_follower_that_offers_fork() {
     let inventory = |frames: &[Frame]| match follower_given(held, held, frames) {
         Ok(FollowerAction::Inventory {
             instance: got,
-            fork: forked,
+            forks,
             ..
-        }) => Ok((got, forked)),
+        }) => Ok((got, forks.first().copied())),
         Ok(other) => panic!("{other:?}"),
         Err(e) => Err(e),
     };
@@ -1858,6 +1861,66 @@ fn a_forked_instance_is_named_after_instance_to_a_follower_that_offers_fork() {
     let not_in_use = [instance, fork_of(1), index, end];
     let err = follower_given(CAPABILITY_HELD, held, &not_in_use).unwrap_err();
     assert_eq!(err.code(), ErrorCode::BadFrame, "FORK not in use: {err}");
+}
+
+/// A leader whose instance is a fork of a fork names every link of its chain, in order, to a
+/// follower that offers `FORK_CHAIN` (the first link only to one offering `FORK` alone), and
+/// the follower hands the whole chain to its shell; it refuses a link whose position is above
+/// the one before's, and more than `MAX_FORK_CHAIN` links.
+#[test]
+fn a_fork_chain_is_named_link_by_link_to_a_follower_that_offers_fork_chain() {
+    let link = |from: u8, position| Fork {
+        from: [from; 16],
+        position,
+    };
+    let chain = ForkChain::of([link(6, 900), link(5, 500), link(4, 300)]).unwrap();
+    let catalog = Catalog::new([(p("a"), 4)]);
+    for (offered, links) in [
+        (CAPABILITIES, 3),
+        (CAPABILITIES & !CAPABILITY_FORK_CHAIN, 1),
+        (CAPABILITIES & !CAPABILITY_FORK, 0),
+    ] {
+        let (_, frames) = leader_after_auth_with(&catalog, offered, chain.clone());
+        let sent: Vec<Fork> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::ForkOf { instance, position } => Some(Fork {
+                    from: *instance,
+                    position: *position,
+                }),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, chain.links()[..links], "offering {offered:#x}");
+    }
+
+    let with_chain = CAPABILITY_HELD | CAPABILITY_FORK | CAPABILITY_FORK_CHAIN;
+    let given = |links: &[Fork]| {
+        let mut frames = vec![Frame::Instance { instance: INSTANCE }];
+        frames.extend(links.iter().map(|l| Frame::ForkOf {
+            instance: l.from,
+            position: l.position,
+        }));
+        frames.push(Frame::Index {
+            len_bytes: 4,
+            path: p("a"),
+        });
+        frames.push(Frame::IndexEnd { count: 1 });
+        match follower_given(with_chain, with_chain, &frames) {
+            Ok(FollowerAction::Inventory { forks, .. }) => Ok(forks),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        }
+    };
+    assert_eq!(given(chain.links()).unwrap(), chain);
+    let err = given(&[link(6, 900), link(5, 901)]).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::BadFrame, "{err}");
+    assert!(err.to_string().contains("never rise"), "{err}");
+    let too_long = vec![link(3, 7); MAX_FORK_CHAIN + 1];
+    assert_eq!(given(&too_long[..MAX_FORK_CHAIN]).unwrap().links().len(), 8);
+    let err = given(&too_long).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Limit, "{err}");
+    assert!(err.to_string().contains("MAX_FORK_CHAIN"), "{err}");
 }
 
 /// What a held record cannot vouch for: another leader instance's positions, a position this
