@@ -1569,13 +1569,14 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
 }
 
 /// A follower promoted by hand, again and again, while the broker writes: each round kills the
-/// leader (SIGKILL, mid-write), stops one follower (SIGKILL or SIGTERM), lets the broker write
-/// into that follower's dir for a moment or not (an application may start before ferry does),
-/// starts `ferry lead` on it, and points the other follower and the dead leader's dir at it.
-/// The promoted dir forks the instance it followed, the other follower and the dead leader keep
-/// what their held records (and the dead leader's own record) vouch for, and every copy must
-/// become byte-identical to the new leader's dir: a file wrongly taken as held would differ for
-/// good.
+/// leader (SIGKILL, mid-write), stops the followers (SIGKILL or SIGTERM), lets the broker write
+/// into one follower's dir for a moment or not (an application may start before ferry does),
+/// starts `ferry lead` on it, and points the other follower and the dead leader's dir at it; at
+/// random one of those sits the round out and follows only after the next promotion, having
+/// missed two failovers in a row (`docs/PROTOCOL.md`, *After failovers in a row*). The promoted
+/// dir forks the instance it followed, with that one's fork chain, the others keep what their
+/// held records (and a dead leader's own record) vouch for, and every copy must become
+/// byte-identical to the new leader's dir: a file wrongly taken as held would differ for good.
 #[test]
 fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() {
     const ROUNDS: usize = 8;
@@ -1606,13 +1607,19 @@ fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_
     let stop = |proc: Proc, how: libc::c_int, seen: &mut Resumed| {
         seen.stop(proc, how).matches("forking instance").count()
     };
-    let (mut seen, mut forks) = (Resumed::default(), 0);
+    let name = |how| match how {
+        libc::SIGKILL => "SIGKILL",
+        _ => "SIGTERM",
+    };
+    let (mut seen, mut forks, mut missed_two) = (Resumed::default(), 0, 0);
     let mut leader = 0;
     let mut lead_proc = lead(leader, engine(&mut rng));
     let mut followers: Vec<(usize, Proc)> = (1..3).map(|i| (i, follow(i, 0, &mut rng))).collect();
     for (i, _) in &followers {
         wait_identical(&dirs[0], &dirs[*i], Duration::from_secs(60));
     }
+    // The node that sat the last round out, if one did.
+    let mut away: Option<usize> = None;
     for round in 0..ROUNDS {
         let busy = broker.busy.clone();
         Broker::set_busy(&busy, Next::Any, &mut rng);
@@ -1625,36 +1632,49 @@ fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_
         });
         seen.count(&lead_proc.log_text());
         forks += lead_proc.log_text().matches("forking instance").count();
-        let picked = rng.below(2) as usize;
+        let picked = rng.below(followers.len() as u64) as usize;
         let (promoted, promoted_proc) = followers.remove(picked);
         let how = [libc::SIGKILL, libc::SIGTERM][rng.below(2) as usize];
         forks += stop(promoted_proc, how, &mut seen);
-        let (other, other_proc) = followers.remove(0);
-        let other_how = [libc::SIGKILL, libc::SIGTERM][rng.below(2) as usize];
-        forks += stop(other_proc, other_how, &mut seen);
+        let mut stopped = String::new();
+        for (other, other_proc) in followers.drain(..) {
+            let other_how = [libc::SIGKILL, libc::SIGTERM][rng.below(2) as usize];
+            forks += stop(other_proc, other_how, &mut seen);
+            stopped += &format!("; node {other} stopped by {}", name(other_how));
+        }
+        // Who follows the new leader: the other follower and the dead leader, one of which may
+        // sit this round out (not the last), and the node that sat the last one out.
+        let mut next: Vec<usize> = (0..3)
+            .filter(|&i| i != promoted && Some(i) != away)
+            .collect();
+        let returning = away.take();
+        if round + 1 < ROUNDS && rng.below(3) == 0 {
+            away = Some(next.remove(rng.below(next.len() as u64) as usize));
+        }
+        next.extend(returning);
+        missed_two += usize::from(returning.is_some());
         broker.on(&dirs[promoted]);
         let early_ms = [0, rng.below(300)][rng.below(2) as usize];
-        let next = [Next::Any, Next::Quiet, Next::Same][rng.below(3) as usize];
-        Broker::set_busy(&busy, next, &mut rng);
+        let busy_next = [Next::Any, Next::Quiet, Next::Same][rng.below(3) as usize];
+        Broker::set_busy(&busy, busy_next, &mut rng);
         broker.write_while((&dirs[promoted], &scratch), || {
             std::thread::sleep(Duration::from_millis(early_ms));
             lead_proc = lead(promoted, engine(&mut rng));
-            followers = [other, leader]
-                .into_iter()
-                .map(|i| (i, follow(i, promoted, &mut rng)))
+            followers = next
+                .iter()
+                .map(|&i| (i, follow(i, promoted, &mut rng)))
                 .collect();
             std::thread::sleep(Duration::from_millis(300 + rng.below(600)));
         });
-        let name = |how| match how {
-            libc::SIGKILL => "SIGKILL",
-            _ => "SIGTERM",
-        };
         eprintln!(
             "round {round:2}: node {leader} killed; node {promoted} (follower stopped by {}) \
-             leads, the broker writing there {early_ms} ms before it started; node {other} \
-             (stopped by {}) and node {leader} follow it",
+             leads, the broker writing there {early_ms} ms before it started{stopped}; following \
+             it: {next:?}{}{}",
             name(how),
-            name(other_how),
+            returning.map_or(String::new(), |i| format!(
+                " (node {i} after two failovers)"
+            )),
+            away.map_or(String::new(), |i| format!("; node {i} sits this round out")),
         );
         leader = promoted;
         for (i, _) in &followers {
@@ -1665,7 +1685,7 @@ fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_
         stop(proc, libc::SIGTERM, &mut seen);
     }
     forks += stop(lead_proc, libc::SIGTERM, &mut seen);
-    eprintln!("{seen:?}, {forks} forks");
+    eprintln!("{seen:?}, {forks} forks, {missed_two} nodes back after two failovers");
     assert!(
         forks >= ROUNDS / 2 && seen.held > 0,
         "too few promotions forked or held a file for the test to mean anything: {seen:?}, \
