@@ -1988,6 +1988,37 @@ fn c_comes_back_holding_all_but_the_rewrite(
     c
 }
 
+/// Two failovers in a row (a dies and b forks; a comes back, follows b, and then b dies and a
+/// forks): a node that missed both still holds what it recorded under a's first instance
+/// (`docs/PROTOCOL.md`, *After failovers in a row*), since a's fork names b's chain behind its
+/// own link; one naming b's instance alone left it hashing every file.
+#[test]
+fn a_node_that_missed_two_failovers_in_a_row_still_holds_its_files() {
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let (dirs, a, mut b, c) = a_dies_and_b_forks(&env, &etcd.url);
+    let a = start_node(&env, &etcd.url, &dirs[0], a.port);
+    let both = isr_of(&[&a.advertise, &b.advertise]);
+    a.proc
+        .wait_log("initial sync received", Duration::from_secs(30));
+    wait_until(Duration::from_secs(30), "a back in the ISR", || {
+        read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str())
+    });
+    let mark = a.proc.log_len();
+    b.proc.child.kill().unwrap();
+    let _ = b.proc.child.wait();
+    let line = a
+        .proc
+        .wait_log_since(mark, "forking instance", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert!(line.contains("; instance "), "the earlier link: {line}");
+
+    let c = c_comes_back_holding_all_but_the_rewrite(&env, &etcd.url, &dirs, c);
+    write(&dirs[0].join("q/after"), &pattern(10_000, 3));
+    wait_identical(&dirs[0], &dirs[2], Duration::from_secs(20));
+    drop((a, c, etcd));
+}
+
 /// A handoff after a failover passes the fork on with the instance (`docs/PROTOCOL.md`, *Across
 /// a handoff*): a follower that missed both still holds what its held record vouches for up to
 /// the fork, where before the target led the instance without it and the follower hashed every
