@@ -158,7 +158,6 @@ impl From<CatalogError> for ChangeError {
 const STOPPED_BY_EMBEDDER: &str =
     "it was stopped (stop_serving or shutdown, or by its node, which no longer leads)";
 
-/// The running leader: the change API for the writer, and a server thread for the followers.
 /// The instance a leader serves: its id, and what it goes on from when it is a fork of a dead
 /// leader's (`docs/PROTOCOL.md`, *After a failover*, *After failovers in a row*), which every
 /// session names to its follower and every record keeps.
@@ -168,6 +167,7 @@ pub(crate) struct Instance {
     pub(crate) forks: ForkChain,
 }
 
+/// The running leader: the change API for the writer, and a server thread for the followers.
 pub struct Leader {
     shared: Arc<Shared>,
     dir: Arc<DataDir>,
