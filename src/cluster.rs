@@ -351,7 +351,10 @@ pub enum RoleEvent {
     Draining { to: String },
     /// No longer leading: fenced, handed off, or leaving. The `Arc<Leader>` given at election
     /// no longer serves anyone, and refuses changes (`ChangeError::Stopped`) from its stop,
-    /// which comes just before this.
+    /// which comes just before this. From its return the data dir is a follower's: after a
+    /// handoff, a file preallocated beyond what was reported is cut to the reported length
+    /// (`docs/PROTOCOL.md`, *Across a handoff*), and the next leader's changes are applied to
+    /// the files; a mapping of one must not be touched past what was reported.
     Lost,
     /// Following the leader whose replication address is `leader`.
     Following { leader: String },

@@ -555,6 +555,65 @@ fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_off_at_o
     drop(etcd);
 }
 
+/// A broker's segment preallocated beyond what it reported (a segment it maps and fills) is
+/// cut to the reported length when its embedded leader hands off, and held when that node then
+/// follows the target, where before the target had it hashed on both sides and then cut it
+/// (`docs/PROTOCOL.md`, *Across a handoff*).
+#[test]
+fn an_embedded_leader_handing_off_cuts_its_preallocated_segment_and_holds_it() {
+    use ferry::cluster::RoleEvent;
+    use std::os::unix::fs::FileExt;
+    let env = Env::new();
+    let etcd = start_etcd(&env.dir("etcd"));
+    let port = free_port();
+    let (node, roles) = start_embedded_node(embedded_node_config(&env, &etcd.url, port));
+    let Ok(RoleEvent::Elected(leader)) = roles.recv_timeout(Duration::from_secs(30)) else {
+        panic!("the first role event is not Elected");
+    };
+    let other = start_node(&env, &etcd.url, &env.dir("other"), free_port());
+    let both = isr_of(&[&format!("127.0.0.1:{port}"), &other.advertise]);
+    wait_until(
+        Duration::from_secs(20),
+        "the ISR holding both nodes",
+        || read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str()),
+    );
+    // The broker preallocates a segment of 1 MiB, writes 100,000 bytes into it and reports them.
+    let seg = pattern(100_000, 5);
+    let path = env.dir("embedded").join("q/seg");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(1 << 20).unwrap();
+    file.write_all_at(&seg, 0).unwrap();
+    drop(file);
+    leader.register_file("q/seg", 0).unwrap();
+    let position = leader.append("q/seg", 0, seg.len() as u64).unwrap();
+    let synced = ferry::frame::Durability::Synced;
+    assert!(leader.wait_for(position, synced, 1, Duration::from_secs(20)));
+
+    let mark = other.proc.log_len();
+    handoff_ok(&etcd.url, Some(&other.advertise));
+    let following = loop {
+        match roles.recv_timeout(Duration::from_secs(30)).unwrap() {
+            RoleEvent::Following { leader } => break leader,
+            RoleEvent::Draining { .. } | RoleEvent::Lost => continue,
+            RoleEvent::Elected(_) => panic!("elected again"),
+        }
+    };
+    assert_eq!(following, other.advertise);
+    let line = other
+        .proc
+        .wait_log_since(mark, "files compared by digest", Duration::from_secs(30));
+    eprintln!("{line}");
+    assert!(line.contains("its inventory: 1 files held"), "{line}");
+    assert!(line.contains(" 0 files compared by digest"), "{line}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        seg,
+        "cut to what was reported"
+    );
+    drop((node, other, etcd));
+}
+
 #[test]
 fn a_node_started_before_etcd_says_so_and_is_elected_once_etcd_is_up() {
     let env = Env::new();

@@ -384,7 +384,9 @@ impl HeldRecord {
     /// and birth, as held after a MARK at `position` of its `instance` (`docs/PROTOCOL.md`,
     /// *Across a handoff*): a file is left out (forgotten) if it is shorter than the catalog
     /// says, or changed after `recorded_ns` (when every change had been reported): a write the
-    /// catalog never saw, which the held record must not vouch for.
+    /// catalog never saw, which the held record must not vouch for. A file longer than the
+    /// catalog says and not changed since (a segment preallocated beyond what its writer
+    /// reported) is cut to the catalog's length first: the target has none of those bytes.
     pub fn record_own(
         &mut self,
         dir: &DataDir,
@@ -393,10 +395,39 @@ impl HeldRecord {
         recorded_ns: i64,
     ) {
         let files: Vec<(RelPath, u64, u64)> = files.into_iter().collect();
-        let seen = crate::index::look_each(&files, |(path, ..)| Stamp::look(dir, path));
-        for ((path, len_bytes, born_at), seen) in files.into_iter().zip(seen) {
+        let mut seen = crate::index::look_each(&files, |(path, ..)| Stamp::look(dir, path));
+        let mut cut = vec![false; files.len()];
+        for (((path, len_bytes, _), seen), cut) in files.iter().zip(&mut seen).zip(&mut cut) {
+            let longer = |s: &Stamp| s.len_bytes > *len_bytes && s.ctime_ns <= recorded_ns;
+            if !matches!(seen, Ok(Some(stamp)) if longer(stamp)) {
+                continue;
+            }
+            *seen = dir
+                .truncate(path, *len_bytes)
+                .and_then(|()| Stamp::look(dir, path));
+            *cut = seen.is_ok();
+            if let Err(e) = seen {
+                tracing::warn!(
+                    "cannot cut {path} to the {len_bytes} bytes this leader's catalog recorded: \
+                     {e}; it is hashed when this node follows"
+                );
+                *seen = Ok(None);
+            }
+        }
+        let cuts = cut.iter().filter(|c| **c).count();
+        if cuts > 0 {
+            tracing::info!(
+                "cut {cuts} files longer on disk than this leader's catalog recorded \
+                 (preallocated, the rest never reported) to the catalog's lengths: the target \
+                 has none of those bytes"
+            );
+        }
+        for ((path, len_bytes, born_at), (seen, cut)) in
+            files.into_iter().zip(seen.into_iter().zip(cut))
+        {
             self.take_look(at, path, seen, |_, stamp| {
-                let as_recorded = stamp.len_bytes >= len_bytes && stamp.ctime_ns <= recorded_ns;
+                let as_recorded =
+                    stamp.len_bytes == len_bytes && (cut || stamp.ctime_ns <= recorded_ns);
                 as_recorded.then_some(Some(born_at))
             });
         }
@@ -816,34 +847,50 @@ mod tests {
         assert!(old.vouched(&[1; 16]).iter().all(|v| v.born_at.is_none()));
     }
 
+    /// A leader that handed off vouches for its files as its catalog has them: not one shorter
+    /// on disk, nor one changed after every change was reported (left as it is); one longer on
+    /// disk (a segment preallocated beyond what was reported) it cuts to the catalog's length
+    /// first, and vouches for as cut (`docs/PROTOCOL.md`, *Across a handoff*).
     #[test]
     fn a_leader_handing_off_vouches_only_for_files_as_its_catalog_has_them() {
         let (tmp, dir) = setup();
         for name in ["kept", "short", "late"] {
             std::fs::write(tmp.path().join(name), b"abcdef").unwrap();
         }
-        let reported_ns = stamp_of(&tmp, "late").ctime_ns;
+        std::fs::write(tmp.path().join("preallocated"), b"abcdef\0\0\0\0").unwrap();
+        let reported_ns = stamp_of(&tmp, "preallocated").ctime_ns;
         // Written after every change was reported: no catalog state.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(tmp.path().join("late"), b"abcdefgh").unwrap();
-        let [kept, short, late] = ["kept", "short", "late"].map(|n| RelPath::new(n).unwrap());
+        let names = ["kept", "short", "late", "preallocated"];
+        let [kept, short, late, preallocated] = names.map(|n| RelPath::new(n).unwrap());
         let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
         let own = [
             (kept.clone(), 6, 3),
             (short.clone(), 9, 3),
             (late.clone(), 6, 3),
+            (preallocated.clone(), 6, 4),
         ];
         record.record_own(&dir, ([1; 16], 40), own, reported_ns);
-        let vouched: Vec<_> = record.vouched(&[1; 16]);
-        assert_eq!(vouched.len(), 1, "{vouched:?}");
-        assert_eq!((&vouched[0].path, vouched[0].born_at), (&kept, Some(3)));
+        let mut vouched: Vec<_> = record.vouched(&[1; 16]);
+        vouched.sort_by(|a, b| a.path.cmp(&b.path));
+        let vouched: Vec<_> = vouched.iter().map(|v| (&v.path, v.born_at)).collect();
+        assert_eq!(vouched, [(&kept, Some(3)), (&preallocated, Some(4))]);
+        let held = |path: &RelPath| {
+            let stamp = stamp_of(&tmp, path.as_str());
+            record.held_at(path, (&[1; 16], &ForkChain::none()), &stamp)
+        };
+        assert_eq!((held(&kept), held(&preallocated)), (Some(40), Some(40)));
+        let read = |name: &str| std::fs::read(tmp.path().join(name)).unwrap();
         assert_eq!(
-            record.held_at(
-                &kept,
-                (&[1; 16], &ForkChain::none()),
-                &stamp_of(&tmp, "kept")
-            ),
-            Some(40)
+            read("preallocated"),
+            b"abcdef",
+            "cut to the catalog's length"
+        );
+        assert_eq!(
+            read("late"),
+            b"abcdefgh",
+            "a write the catalog never saw: left"
         );
     }
 
