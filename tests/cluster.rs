@@ -460,31 +460,46 @@ fn start_embedded_node(
     (node, roles)
 }
 
+/// An embedded node on 127.0.0.1:`port`, alone in the cluster, elected (its role events, and
+/// the leader to report its writes to), and a `ferry node` following it, both in the in-sync
+/// replica set: the other node may take over.
+fn embedded_leader_and_a_follower(
+    env: &Env,
+    etcd: &str,
+    port: u16,
+) -> (
+    ferry::cluster::Node,
+    std::sync::mpsc::Receiver<ferry::cluster::RoleEvent>,
+    std::sync::Arc<ferry::leader::Leader>,
+    Node,
+) {
+    let (node, roles) = start_embedded_node(embedded_node_config(env, etcd, port));
+    let Ok(ferry::cluster::RoleEvent::Elected(leader)) =
+        roles.recv_timeout(Duration::from_secs(30))
+    else {
+        panic!("the first role event is not Elected");
+    };
+    let other = start_node(env, etcd, &env.dir("other"), free_port());
+    other.proc.wait_log(
+        &format!("following the leader at 127.0.0.1:{port}"),
+        Duration::from_secs(20),
+    );
+    let both = isr_of(&[&format!("127.0.0.1:{port}"), &other.advertise]);
+    wait_until(
+        Duration::from_secs(20),
+        "the ISR holding both nodes",
+        || read_key(etcd, "ferry/isr").as_deref() == Some(both.as_str()),
+    );
+    (node, roles, leader, other)
+}
+
 #[test]
 fn an_embedded_node_learns_its_role_through_callbacks_and_leaving_hands_off_at_once() {
     use ferry::cluster::RoleEvent;
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
     let port = free_port();
-    let config = embedded_node_config(&env, &etcd.url, port);
-    let (node, roles) = start_embedded_node(config);
-    // Alone in the cluster, it is elected and gets the leader to report its writes to.
-    let leader = match roles.recv_timeout(Duration::from_secs(30)).unwrap() {
-        RoleEvent::Elected(leader) => leader,
-        _ => panic!("the first role event is not Elected"),
-    };
-    let other = start_node(&env, &etcd.url, &env.dir("other"), free_port());
-    other.proc.wait_log(
-        &format!("following the leader at 127.0.0.1:{port}"),
-        Duration::from_secs(20),
-    );
-    // Both in the in-sync replica set: the other node may take over.
-    let both = isr_of(&[&format!("127.0.0.1:{port}"), &other.advertise]);
-    wait_until(
-        Duration::from_secs(20),
-        "the ISR holding both nodes",
-        || read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str()),
-    );
+    let (node, roles, leader, other) = embedded_leader_and_a_follower(&env, &etcd.url, port);
     // The broker writes (no inotify here: Feed::Library) and tells the leader.
     let seg = pattern(100_000, 5);
     write(&env.dir("embedded").join("q/seg"), &seg);
@@ -566,17 +581,7 @@ fn an_embedded_leader_handing_off_cuts_its_preallocated_segment_and_holds_it() {
     let env = Env::new();
     let etcd = start_etcd(&env.dir("etcd"));
     let port = free_port();
-    let (node, roles) = start_embedded_node(embedded_node_config(&env, &etcd.url, port));
-    let Ok(RoleEvent::Elected(leader)) = roles.recv_timeout(Duration::from_secs(30)) else {
-        panic!("the first role event is not Elected");
-    };
-    let other = start_node(&env, &etcd.url, &env.dir("other"), free_port());
-    let both = isr_of(&[&format!("127.0.0.1:{port}"), &other.advertise]);
-    wait_until(
-        Duration::from_secs(20),
-        "the ISR holding both nodes",
-        || read_key(&etcd.url, "ferry/isr").as_deref() == Some(both.as_str()),
-    );
+    let (node, roles, leader, other) = embedded_leader_and_a_follower(&env, &etcd.url, port);
     // The broker preallocates a segment of 1 MiB, writes 100,000 bytes into it and reports them.
     let seg = pattern(100_000, 5);
     let path = env.dir("embedded").join("q/seg");
