@@ -574,12 +574,20 @@ fn a_follower_that_missed_two_promotions_in_a_row_still_holds_its_files() {
         .proc
         .wait_log("forking instance", Duration::from_secs(20));
     assert!(line.contains("7 of 7 files held"), "{line}");
-    let mut c = resume(
-        (&env, &bd, &cd, engine),
-        (&promoted, 0),
-        "7 files, 7 held since an earlier connection to this leader, 0 bytes hashed",
-        (7, 0, 0, 0),
-    );
+    // c holds its files (the rewritten one too, unless the dead leader's last MARK reached c
+    // and not b: what c recorded above the fork is hashed).
+    let mut c = start_follower(&env, &cd, promoted.addr, engine, "written");
+    wait_identical(&bd, &cd, Duration::from_secs(20));
+    let line = c.wait_log("inventory: ", Duration::from_secs(10));
+    let held: u64 = line
+        .split(" held since")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(line.contains("7 files, ") && held >= 6, "{line}");
+    // Its held record now names b's instance (and b's chain), as of the initial sync's MARK.
+    c.wait_log("initial sync received", Duration::from_secs(10));
 
     // b dies too; c is led by hand, going on from b's instance and from what b's went on from.
     promoted.proc.child.kill().unwrap();
