@@ -2085,19 +2085,9 @@ fn passed_fork(
             passed.position
         ));
     }
-    let first = std::iter::once((&passed.from, passed.position));
-    let links = first.chain(passed.earlier.iter().map(|(from, at)| (from, *at)));
-    let mut forks = ForkChain::none();
-    for (from, position) in links {
-        let Some(from) = crate::index::from_hex(from) else {
-            return Err(format!("not {FORM}, each instance in hex"));
-        };
-        let link = crate::frame::Fork { from, position };
-        if let Err(refused) = forks.push(link) {
-            return Err(format!("not a fork chain: {refused}"));
-        }
-    }
-    Ok(forks)
+    // The words after the instance: the links, which `PassedFork::parse` found in pairs.
+    ForkChain::from_words(value.split(' ').skip(1))
+        .map_err(|why| format!("not a fork chain: {why}"))
 }
 
 /// ` (a fork of instance FROM at position P, ...)`, or nothing: for log lines naming an

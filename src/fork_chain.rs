@@ -112,30 +112,20 @@ impl ForkChain {
             .any(|link| link.from == *instance && position <= link.position)
     }
 
-    /// The links as text: `FROM P` for each, space-separated (a handoff's `PREFIX/handoff-fork`
-    /// after its instance).
-    pub fn to_words(&self) -> String {
-        let mut text = String::new();
-        for link in &self.0 {
-            let space = if text.is_empty() { "" } else { " " };
-            let _ = write!(text, "{space}{} {}", hex(&link.from), link.position);
-        }
-        text
-    }
-
-    /// Reads `to_words`'s text back: `None` unless it is pairs of an instance and a position
-    /// forming a chain.
-    pub fn from_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Option<ForkChain> {
+    /// The chain that words `FROM P FROM P ...` name (a handoff's `PREFIX/handoff-fork` after
+    /// its instance), or why they name none: not pairs of an instance in hex and a position, or
+    /// a link refused (`push`).
+    pub fn from_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Result<ForkChain, String> {
+        const PAIRS: &str = "not pairs of an instance in hex and a position";
         let mut words = words.into_iter();
         let mut chain = ForkChain::none();
         while let Some(from) = words.next() {
-            let link = Fork {
-                from: from_hex(from)?,
-                position: words.next()?.parse().ok()?,
-            };
-            chain.push(link).ok()?;
+            let link = words.next().and_then(|position| parse_link(from, position));
+            chain
+                .push(link.ok_or(PAIRS)?)
+                .map_err(|refused| refused.to_string())?;
         }
-        Some(chain)
+        Ok(chain)
     }
 
     /// A text for people: `a fork of instance F at position P, itself a fork of ...`.
@@ -152,6 +142,15 @@ impl ForkChain {
         }
         text
     }
+}
+
+/// A link as text writes it (a leader's record, the told chains): the instance `from` in hex,
+/// and `position` in decimal.
+pub(crate) fn parse_link(from: &str, position: &str) -> Option<Fork> {
+    Some(Fork {
+        from: from_hex(from)?,
+        position: position.parse().ok()?,
+    })
 }
 
 /// The file of the chains a follower was told, in `DIR/.ferry/`.
@@ -197,7 +196,7 @@ impl ToldChains {
         for line in lines {
             let mut words = crate::index::fields(line, 3);
             let instance = from_hex(words.next()?)?;
-            let link = ForkChain::from_words(words)?.first().copied()?;
+            let link = parse_link(words.next()?, words.next()?)?;
             chains.entry(instance).or_default().push(link).ok()?;
         }
         Some(ToldChains { chains })
@@ -282,13 +281,25 @@ mod tests {
             assert_eq!(chain.push(link(2, 10)), Ok(()), "link {n}");
         }
         assert_eq!(chain.push(link(2, 1)), Err(LinkRefused::TooMany));
-        let words = chain.to_words();
-        assert_eq!(ForkChain::from_words(words.split(' ')), Some(chain));
-        for bad in ["01", "x 1", &format!("{} -1", hex(&[1; 16]))] {
-            assert_eq!(ForkChain::from_words(bad.split(' ')), None, "{bad}");
+        let words: Vec<String> = chain
+            .links()
+            .iter()
+            .map(|l| format!("{} {}", hex(&l.from), l.position))
+            .collect();
+        let words = words.join(" ");
+        assert_eq!(ForkChain::from_words(words.split(' ')), Ok(chain));
+        for bad in [
+            "01",
+            "x 1",
+            &format!("{} -1", hex(&[1; 16])),
+            &hex(&[1; 16]),
+        ] {
+            let err = ForkChain::from_words(bad.split(' ')).unwrap_err();
+            assert!(err.contains("not pairs"), "{bad}: {err}");
         }
         let rising = format!("{} 1 {} 2", hex(&[1; 16]), hex(&[2; 16]));
-        assert_eq!(ForkChain::from_words(rising.split(' ')), None);
+        let err = ForkChain::from_words(rising.split(' ')).unwrap_err();
+        assert!(err.contains("above the one before"), "{err}");
     }
 
     /// The chains a follower was told come back as written, for the instances kept; a file

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::catalog::Kept;
 use crate::fork_chain::ForkChain;
-use crate::frame::{Fork, InstanceId};
+use crate::frame::InstanceId;
 use crate::index::{boot_id, from_hex, hex, now_ns, FileMeta, Looked, Stamp};
 use crate::paths::{DataDir, RelPath, StateSync};
 
@@ -289,10 +289,7 @@ fn parse(text: &str) -> Option<Parsed> {
     let mut forks = ForkChain::none();
     while let Some(line) = lines.next_if(|l| l.starts_with(FORK)) {
         let link = match line.split(' ').collect::<Vec<_>>().as_slice() {
-            [FORK, from, position] => Fork {
-                from: from_hex(from)?,
-                position: position.parse().ok()?,
-            },
+            [FORK, from, position] => crate::fork_chain::parse_link(from, position)?,
             _ => return None,
         };
         forks.push(link).ok()?;
@@ -434,6 +431,7 @@ fn take_for_boot(
 mod tests {
     use super::*;
     use crate::catalog::CatalogEntry;
+    use crate::frame::Fork;
 
     use crate::paths::temp_data_dir as setup;
 
