@@ -117,18 +117,12 @@ impl PassedFork {
 
     /// ` (a fork of instance FROM at position P, itself a fork of ...)`: for the status.
     fn describe(&self) -> String {
-        let mut text = format!(
-            " (a fork of instance {} at position {}",
-            self.from, self.position
-        );
-        for (from, position) in &self.earlier {
-            let _ = write!(
-                text,
-                ", itself a fork of instance {from} at position {position}"
-            );
-        }
-        text.push(')');
-        text
+        let first = std::iter::once((&self.from, self.position));
+        let earlier = self.earlier.iter().map(|(from, at)| (from, *at));
+        format!(
+            " ({})",
+            crate::fork_chain::describe_links(first.chain(earlier))
+        )
     }
 }
 

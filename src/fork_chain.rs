@@ -130,18 +130,22 @@ impl ForkChain {
 
     /// A text for people: `a fork of instance F at position P, itself a fork of ...`.
     pub fn describe(&self) -> String {
-        let mut text = String::new();
-        for (n, link) in self.0.iter().enumerate() {
-            let lead = if n == 0 { "a fork" } else { ", itself a fork" };
-            let _ = write!(
-                text,
-                "{lead} of instance {} at position {}",
-                hex(&link.from),
-                link.position
-            );
-        }
-        text
+        describe_links(self.0.iter().map(|link| (hex(&link.from), link.position)))
     }
+}
+
+/// `a fork of instance F at position P, itself a fork of instance G at position Q, ...` of the
+/// links, each an instance and a position as text gives them (a chain, a `ferry_info`'s labels,
+/// an etcd value): the one wording of a chain for logs and status.
+pub fn describe_links<F: std::fmt::Display, P: std::fmt::Display>(
+    links: impl IntoIterator<Item = (F, P)>,
+) -> String {
+    let mut text = String::new();
+    for (n, (from, position)) in links.into_iter().enumerate() {
+        let lead = if n == 0 { "a fork" } else { ", itself a fork" };
+        let _ = write!(text, "{lead} of instance {from} at position {position}");
+    }
+    text
 }
 
 /// A link as text writes it (a leader's record, the told chains): the instance `from` in hex,

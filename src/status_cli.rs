@@ -99,13 +99,10 @@ pub fn table(samples: &[Sample]) -> String {
         .map_or(String::new(), |l| format!(", instance {l}"));
     let fork = match info.map(|i| (i.label("fork_from"), i.label("fork_position"))) {
         Some((Some(from), Some(at))) => {
-            let mut text = format!(" (a fork of instance {from} at position {at}");
             let earlier = info.and_then(|i| i.label("fork_earlier")).unwrap_or("");
-            for (from, at) in earlier.split(' ').filter_map(|l| l.split_once('@')) {
-                let _ = write!(text, ", itself a fork of instance {from} at position {at}");
-            }
-            text.push(')');
-            text
+            let earlier = earlier.split(' ').filter_map(|l| l.split_once('@'));
+            let links = std::iter::once((from, at)).chain(earlier);
+            format!(" ({})", ferry::fork_chain::describe_links(links))
         }
         _ => String::new(),
     };
