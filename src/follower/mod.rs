@@ -826,8 +826,10 @@ fn remember_chain(dir: &DataDir, record: &HeldRecord, instance: InstanceId, fork
     if !forks.is_fork() {
         return;
     }
-    let named = record.instances();
-    if let Err(e) = ToldChains::remember(dir, instance, forks, |i| named.contains(i)) {
+    // Built only if the file is written again (a chain it did not have), not at every inventory.
+    let named = std::cell::OnceCell::new();
+    let keep = |i: &InstanceId| named.get_or_init(|| record.instances()).contains(i);
+    if let Err(e) = ToldChains::remember(dir, instance, forks, keep) {
         tracing::warn!(
             "cannot keep the leader's fork chain ({}): {e}; if this dir leads next, its \
              followers hash the files they recorded under its earlier instances",
