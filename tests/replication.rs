@@ -465,7 +465,7 @@ fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
     }
     write(&ld.join("q/state.json"), b"{\"head\": 6}");
     let mut leader = start_leader(&env, &ld, engine);
-    let mut b = start_follower(&env, &bd, leader.addr, engine, "written");
+    let b = start_follower(&env, &bd, leader.addr, engine, "written");
     let mut c = start_follower(&env, &cd, leader.addr, engine, "written");
     for d in [&bd, &cd] {
         wait_identical(&ld, d, Duration::from_secs(20));
@@ -481,13 +481,7 @@ fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
     leader.proc.child.kill().unwrap();
     let _ = leader.proc.child.wait();
     wait_settled_since(newest_ns);
-    signal(&b.child, libc::SIGTERM);
-    assert!(b.child.wait().unwrap().success());
-
-    let promoted = start_leader_with(&env, &bd, engine, &["--http", "127.0.0.1:0"]);
-    let line = promoted
-        .proc
-        .wait_log("forking instance", Duration::from_secs(20));
+    let (promoted, line) = lead_by_hand(&env, &bd, engine, b);
     assert!(line.contains("7 of 7 files held"), "{line}");
     // `ferry status` names the instance and the fork.
     // "forking instance NEW from instance OLD at position P, ..."
@@ -498,6 +492,25 @@ fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
     let shown = format!("instance {new} (a fork of instance {old} at position {at})");
     status_shows(&promoted, &shown);
     let _c = back_holding_all_but_the_rewrite((&env, &bd, &cd, engine), &promoted);
+}
+
+/// Stops `follower` (SIGTERM: it exits 0, dating its held record) and leads its dir `dir` by
+/// hand (`ferry lead`, with `--http`): the leader, and the line it logged as it forked the
+/// instance the dir followed.
+fn lead_by_hand(
+    env: &Env,
+    dir: &std::path::Path,
+    engine: &str,
+    follower: Proc,
+) -> (LeaderProc, String) {
+    let mut follower = follower;
+    signal(&follower.child, libc::SIGTERM);
+    assert!(follower.child.wait().unwrap().success());
+    let leader = start_leader_with(env, dir, engine, &["--http", "127.0.0.1:0"]);
+    let line = leader
+        .proc
+        .wait_log("forking instance", Duration::from_secs(20));
+    (leader, line)
 }
 
 /// `ferry status` of `leader` (started with `--http`) shows `shown`.
@@ -547,7 +560,7 @@ fn a_follower_that_missed_two_promotions_in_a_row_still_holds_its_files() {
         .iter()
         .map(|d| start_follower(&env, d, leader.addr, engine, "written"))
         .collect();
-    let [mut b, mut c, mut d] = <[Proc; 3]>::try_from(followers).ok().unwrap();
+    let [b, mut c, mut d] = <[Proc; 3]>::try_from(followers).ok().unwrap();
     for dir in [&bd, &cd, &dd] {
         wait_identical(&ld, dir, Duration::from_secs(20));
     }
@@ -563,18 +576,13 @@ fn a_follower_that_missed_two_promotions_in_a_row_still_holds_its_files() {
 
     // b is led by hand once its copies settled; c follows it, holding every file.
     wait_settled(&bd);
-    signal(&b.child, libc::SIGTERM);
-    assert!(b.child.wait().unwrap().success());
     signal(&c.child, libc::SIGTERM);
     assert!(c.child.wait().unwrap().success());
-    let mut promoted = start_leader(&env, &bd, engine);
-    let line = promoted
-        .proc
-        .wait_log("forking instance", Duration::from_secs(20));
+    let (mut promoted, line) = lead_by_hand(&env, &bd, engine, b);
     assert!(line.contains("7 of 7 files held"), "{line}");
     // c holds its files (the rewritten one too, unless the dead leader's last MARK reached c
     // and not b: what c recorded above the fork is hashed).
-    let mut c = start_follower(&env, &cd, promoted.addr, engine, "written");
+    let c = start_follower(&env, &cd, promoted.addr, engine, "written");
     wait_identical(&bd, &cd, Duration::from_secs(20));
     let line = c.wait_log("inventory: ", Duration::from_secs(10));
     let held: u64 = line
@@ -591,12 +599,7 @@ fn a_follower_that_missed_two_promotions_in_a_row_still_holds_its_files() {
     promoted.proc.child.kill().unwrap();
     let _ = promoted.proc.child.wait();
     wait_settled(&cd);
-    signal(&c.child, libc::SIGTERM);
-    assert!(c.child.wait().unwrap().success());
-    let again = start_leader_with(&env, &cd, engine, &["--http", "127.0.0.1:0"]);
-    let line = again
-        .proc
-        .wait_log("forking instance", Duration::from_secs(20));
+    let (again, line) = lead_by_hand(&env, &cd, engine, c);
     assert!(line.contains("7 of 7 files held; instance "), "{line}");
     // "forking instance NEW from instance B at position P, ...; instance B goes on from
     // instance A up to position Q": `ferry status` names both links.
