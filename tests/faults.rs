@@ -803,9 +803,11 @@ fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
             assert!(Instant::now() < deadline, "{:?}", leader_view(&http));
             std::thread::sleep(Duration::from_millis(20));
         };
-        // Only appends to this one file change the position from here on.
+        // Only appends to this one file change the position from here on: a byte's offset in
+        // it is its position less `shift`. The shift is negative after a fork whose new leader
+        // held bytes past its last MARK: its positions go on from that MARK's.
         let start_len = std::fs::metadata(&seg).unwrap().len();
-        let base = position - start_len;
+        let shift = i128::from(position) - i128::from(start_len);
 
         // Under load: wait until both followers ack as synced 2 MiB more than they had, while
         // the ISR in etcd still holds every node. (A follower that falls behind by more than the
@@ -820,7 +822,7 @@ fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
                     && least >= position + 2 * MIB
                     && read_key(&etcd.url, "ferry/isr") == Some(all.join(","))
                 {
-                    break least - base;
+                    break u64::try_from(i128::from(least) - shift).unwrap();
                 }
             }
             assert!(Instant::now() < deadline, "{:?}", leader_view(&http));
@@ -885,7 +887,8 @@ fn a_cluster_leader_killed_under_load_loses_no_byte_acked_as_synced() {
         let killed = std::fs::read(&seg).unwrap();
         eprintln!(
             "round {round}: killed the leader with {written} bytes written, {acked} acked as \
-             synced by both followers; node {next} elected {:.2} s later holding {} bytes",
+             synced by both followers (positions {shift} from offsets); node {next} elected \
+             {:.2} s later holding {} bytes",
             failover.as_secs_f64(),
             theirs.len()
         );
