@@ -211,13 +211,14 @@ pub fn save_files<'a>(
 
 /// What a leader that died holds by its own last record, once it follows (`docs/PROTOCOL.md`,
 /// *After a failover*): the record's instance and catalog position `C`, and each file the record
-/// saw that is still as it saw it, had settled then, and is of the length recorded, with its
-/// birth. The record is read, not taken.
+/// saw that is still as it saw it, had settled then, and is at least as long as recorded, with
+/// its recorded length and birth (a longer file is held only once cut to that length). The
+/// record is read, not taken.
 #[derive(Debug)]
 pub struct OwnClaims {
     pub instance: InstanceId,
     pub catalog_position: u64,
-    pub files: Vec<(RelPath, u64, Stamp)>,
+    pub files: Vec<(RelPath, Kept, Stamp)>,
 }
 
 /// The record's `OwnClaims`; `None` without a record of this boot (`boot`, as the caller read
@@ -234,13 +235,12 @@ pub fn own_claims(dir: &DataDir, boot: &str) -> Option<OwnClaims> {
         .entries
         .into_iter()
         .filter(|(path, kept, stamp)| {
-            // Of the length recorded: no byte on disk that the catalog had not recorded by then
-            // (a preallocated segment, an append not yet reported), which the new leader lacks.
-            stamp.len_bytes == kept.len_bytes
+            // Bytes past the length recorded (a preallocated segment, an append not yet
+            // reported) are no part of the claim: the follower cuts them before it reports.
+            stamp.len_bytes >= kept.len_bytes
                 && kept.born_at <= catalog_position
                 && still_as_recorded(stamp, stamp_of(dir, path), settled_before)
         })
-        .map(|(path, kept, stamp)| (path, kept.born_at, stamp))
         .collect();
     Some(OwnClaims {
         instance: record.instance,
@@ -548,14 +548,14 @@ mod tests {
     }
 
     /// A leader that died and follows next holds, by its own last record (read, not taken), the
-    /// files that record saw as they still are, settled then, of the length it recorded, at the
-    /// catalog position it names; a file longer on disk than recorded (a preallocated segment)
-    /// is not held, nor one changed since; a record of an older build, which names no catalog
-    /// position, holds nothing.
+    /// files that record saw as they still are, settled then, up to the length it recorded, at
+    /// the catalog position it names: a file longer on disk than recorded (a preallocated
+    /// segment) with that length; not one shorter than recorded, nor one changed since; a record
+    /// of an older build, which names no catalog position, holds nothing.
     #[test]
-    fn a_dead_leader_s_own_record_holds_its_settled_files_of_the_recorded_length() {
+    fn a_dead_leader_s_own_record_holds_its_settled_files_up_to_the_recorded_length() {
         let (tmp, dir) = setup();
-        let names = ["kept", "preallocated", "changed"];
+        let names = ["kept", "preallocated", "shorter", "changed"];
         for n in names {
             std::fs::write(tmp.path().join(n), b"0123456789").unwrap();
         }
@@ -563,7 +563,7 @@ mod tests {
         let mut look = look(&dir, &paths);
         let lines: Vec<_> = paths
             .iter()
-            .zip([10, 4, 10])
+            .zip([10, 4, 12, 10])
             .map(|(p, len)| (p, Kept::of(&entry(len, 3)), look.stamp(p).unwrap()))
             .collect();
         // Written right before the record: not settled, nothing held.
@@ -590,9 +590,13 @@ mod tests {
         std::fs::write(tmp.path().join("changed"), b"0123456789x").unwrap();
         let claims = own_claims(&dir, &boot_id().unwrap()).unwrap();
         assert_eq!((claims.instance, claims.catalog_position), ([7; 16], 500));
-        let held: Vec<&str> = claims.files.iter().map(|(p, _, _)| p.as_str()).collect();
-        assert_eq!(held, ["kept"]);
-        assert_eq!(claims.files[0].1, 3, "with its birth");
+        let mut held: Vec<(&str, u64, u64)> = claims
+            .files
+            .iter()
+            .map(|(p, kept, _)| (p.as_str(), kept.len_bytes, kept.born_at))
+            .collect();
+        held.sort();
+        assert_eq!(held, [("kept", 10, 3), ("preallocated", 4, 3)]);
         assert!(dir.state_path(FILE_NAME).exists(), "read, not taken");
         assert!(own_claims(&dir, "another boot").is_none());
 

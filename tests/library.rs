@@ -664,6 +664,51 @@ fn a_broker_restarting_its_leader_resumes_the_instance_and_its_positions() {
     }
 }
 
+/// A broker's segment preallocated past what it reported, its leader stopped, its follower led
+/// by hand (`ferry lead` on the copy) and the broker's dir following that: the dir's own record
+/// vouches for the segment as its catalog had it (`docs/PROTOCOL.md`, *After a failover*), so
+/// the dir cuts its segment to the reported length and holds it, hashing nothing, where it
+/// hashed the reported prefix on both sides (and the new leader then cut it).
+#[test]
+fn a_dead_leaders_dir_following_cuts_its_preallocated_segment_and_holds_it() {
+    let engine = ENGINES[0];
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("f"));
+    let leader = start(&ld, engine);
+    let follower = start_follower(&env, &fd, leader.local_addr(), engine, "written");
+    std::fs::File::create(ld.join("seg.0"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut offset = 0;
+    let position = publish(&leader, &ld, "seg.0", &mut offset, 100);
+    acked_written(&leader, position);
+    // Settled by the stop's record: a file changed in the second before it is not vouched for.
+    let settled_ns = newest_ctime_ns(&ld) + 1_100_000_000;
+    wait_until(Duration::from_secs(10), "the segment settled", || {
+        ferry::index::now_ns() > settled_ns
+    });
+    leader.shutdown();
+
+    signal(&follower.child, libc::SIGTERM);
+    let mut follower = follower;
+    assert!(follower.child.wait().unwrap().success());
+    let new_leader = start_leader(&env, &fd, engine);
+    new_leader
+        .proc
+        .wait_log("forking instance", Duration::from_secs(20));
+    let out = follow_once_ok(&env, &ld, new_leader.addr, engine);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains(
+            "inventory: 1 files, 1 held since an earlier connection to this leader, 0 bytes hashed"
+        ),
+        "{log}"
+    );
+    assert_eq!(std::fs::metadata(ld.join("seg.0")).unwrap().len(), offset);
+    assert_eq!(checksum(&ld), checksum(&fd));
+}
+
 /// The position the leader's record in `dir` names, if there is one.
 fn record_position(dir: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(dir.join(".ferry/leader")).ok()?;

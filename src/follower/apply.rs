@@ -54,8 +54,9 @@ impl Apply {
         }
     }
 
-    /// A payload is about to be written into `path` (under its real name).
-    pub fn note_written(&mut self, path: &RelPath) {
+    /// `path` (under its real name) changes: a payload is about to be written into it, or the
+    /// inventory cut it to what its record vouches for. The next `synced` round makes it durable.
+    pub fn note_changed(&mut self, path: &RelPath) {
         self.dirty.borrow_mut().file(path);
     }
 

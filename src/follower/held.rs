@@ -57,6 +57,17 @@ struct Entry {
     stamp: Stamp,
 }
 
+/// A copy the record vouches for as held (`HeldRecord::held_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldCopy {
+    /// The MARK position after which it was looked at.
+    pub position: u64,
+    /// How much of it: its size, or less where this dir's own leader's record recorded less
+    /// (a segment preallocated past what was reported), which the copy must be cut to before
+    /// it is reported held.
+    pub len_bytes: u64,
+}
+
 /// A file the record vouches for under one leader instance (`HeldRecord::vouched`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vouched {
@@ -79,8 +90,9 @@ pub struct HeldRecord {
     /// Entry lines in the file on disk, once this process has rewritten it (`None` before).
     journal_lines: Option<usize>,
     /// What this dir's own leader's record vouches for, when it led and died
-    /// (`load_with_own_record`): looked up after `entries`, never saved.
-    led: HashMap<RelPath, Entry>,
+    /// (`load_with_own_record`), with the length it recorded: looked up after `entries`, never
+    /// saved.
+    led: HashMap<RelPath, (Entry, u64)>,
 }
 
 impl HeldRecord {
@@ -92,7 +104,8 @@ impl HeldRecord {
 
     /// `load`, for a follower: with what the dir's own leader's record vouches for, when this
     /// dir led and its leader died (`leader_record::own_claims`; `docs/PROTOCOL.md`, *After a
-    /// failover*), each file as held after a MARK at the record's catalog position.
+    /// failover*), each file as held after a MARK at the record's catalog position, up to the
+    /// length recorded.
     pub fn load_with_own_record(dir: &DataDir) -> HeldRecord {
         let mut record = HeldRecord::load(dir);
         let Some(boot) = &record.boot_id else {
@@ -103,14 +116,14 @@ impl HeldRecord {
             record.led = own
                 .files
                 .into_iter()
-                .map(|(path, born_at, stamp)| {
+                .map(|(path, kept, stamp)| {
                     let entry = Entry {
                         instance: own.instance,
                         position,
-                        born_at: Some(born_at),
+                        born_at: Some(kept.born_at),
                         stamp,
                     };
-                    (path, entry)
+                    (path, (entry, kept.len_bytes))
                 })
                 .collect();
         }
@@ -303,21 +316,28 @@ impl HeldRecord {
     /// The MARK position after which `path` was last seen as it is now (`stamp`), if that
     /// look was under leader `instance` in this boot, or under an instance it goes on from
     /// (a link of `forks`) after a MARK at or below that link's position (`docs/PROTOCOL.md`,
-    /// *After a failover*, *After failovers in a row*).
+    /// *After a failover*, *After failovers in a row*); and how much of it that look vouches
+    /// for.
     pub fn held_at(
         &self,
         path: &RelPath,
         (instance, forks): (&InstanceId, &ForkChain),
         stamp: &Stamp,
-    ) -> Option<u64> {
+    ) -> Option<HeldCopy> {
         self.boot_id.as_ref()?;
-        let holds = |e: &&Entry| {
+        let holds = |e: &Entry| {
             let shared_history = forks.shares(&e.instance, e.position);
             (e.instance == *instance || shared_history) && e.stamp == *stamp
         };
-        let own = self.entries.get(path).filter(holds);
-        own.or_else(|| self.led.get(path).filter(holds))
-            .map(|e| e.position)
+        let copy = |e: &Entry, len_bytes| HeldCopy {
+            position: e.position,
+            len_bytes,
+        };
+        let own = self.entries.get(path).filter(|e| holds(e));
+        own.map(|e| copy(e, stamp.len_bytes)).or_else(|| {
+            let (e, len_bytes) = self.led.get(path).filter(|(e, _)| holds(e))?;
+            Some(copy(e, *len_bytes))
+        })
     }
 
     /// What a leader elected after a failover goes on from (`docs/PROTOCOL.md`, *After a
@@ -516,6 +536,19 @@ mod tests {
 
     use crate::paths::temp_data_dir as setup;
 
+    impl HeldRecord {
+        /// `held_at`'s MARK position.
+        fn held_position(
+            &self,
+            path: &RelPath,
+            vouching: (&InstanceId, &ForkChain),
+            stamp: &Stamp,
+        ) -> Option<u64> {
+            self.held_at(path, vouching, stamp)
+                .map(|copy| copy.position)
+        }
+    }
+
     fn stamp_of(tmp: &tempfile::TempDir, name: &str) -> Stamp {
         Stamp::of(&std::fs::metadata(tmp.path().join(name)).unwrap())
     }
@@ -544,7 +577,7 @@ mod tests {
             position: 500,
         };
         let held = |path: &RelPath, vouching: (&InstanceId, &ForkChain)| {
-            record.held_at(path, vouching, &stamp_of(&tmp, path.as_str()))
+            record.held_position(path, vouching, &stamp_of(&tmp, path.as_str()))
         };
         assert_eq!(held(&names[0], (&new, &one(fork))), Some(400));
         assert_eq!(held(&names[1], (&new, &one(fork))), Some(500));
@@ -588,17 +621,19 @@ mod tests {
 
     /// A leader that died and follows next holds what its own last record vouches for, at the
     /// record's catalog position, under the record's instance: through a fork from that
-    /// instance only where the fork is at or above that position. Its own held entries, where
-    /// they hold, come first.
+    /// instance only where the fork is at or above that position; a file longer than recorded
+    /// (preallocated) up to the length recorded. Its own held entries, where they hold, come
+    /// first.
     #[test]
     fn a_dead_leader_following_holds_what_its_own_record_vouches_for_up_to_the_fork() {
         let (tmp, dir) = setup();
         std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
-        let seg = RelPath::new("seg").unwrap();
-        let stamp = stamp_of(&tmp, "seg");
-        let kept = crate::catalog::Kept {
+        std::fs::write(tmp.path().join("pre"), b"012345\0\0\0\0").unwrap();
+        let (seg, pre) = (RelPath::new("seg").unwrap(), RelPath::new("pre").unwrap());
+        let (stamp, pre_stamp) = (stamp_of(&tmp, "seg"), stamp_of(&tmp, "pre"));
+        let kept = |len_bytes| crate::catalog::Kept {
             born_at: 3,
-            len_bytes: 10,
+            len_bytes,
         };
         let (led, new) = ([1u8; 16], [2u8; 16]);
         let settled = crate::leader_record::settled_by_now_ns();
@@ -608,7 +643,7 @@ mod tests {
             (&led, &ForkChain::none()),
             at,
             settled,
-            [(&seg, kept, stamp)],
+            [(&seg, kept(10), stamp), (&pre, kept(6), pre_stamp)],
         )
         .unwrap();
         let record = HeldRecord::load_with_own_record(&dir);
@@ -616,21 +651,31 @@ mod tests {
             from: led,
             position,
         };
+        let copy = |len_bytes| HeldCopy {
+            position: 500,
+            len_bytes,
+        };
+        let vouching = (&new, &one(fork(500)));
+        assert_eq!(record.held_at(&seg, vouching, &stamp), Some(copy(10)));
+        assert_eq!(record.held_at(&pre, vouching, &pre_stamp), Some(copy(6)));
         assert_eq!(
-            record.held_at(&seg, (&new, &one(fork(500))), &stamp),
+            record.held_position(&seg, (&new, &one(fork(500))), &stamp),
             Some(500)
         );
-        assert_eq!(record.held_at(&seg, (&new, &one(fork(499))), &stamp), None);
         assert_eq!(
-            record.held_at(&seg, (&led, &ForkChain::none()), &stamp),
-            Some(500)
-        );
-        assert_eq!(
-            record.held_at(&seg, (&new, &ForkChain::none()), &stamp),
+            record.held_position(&seg, (&new, &one(fork(499))), &stamp),
             None
         );
         assert_eq!(
-            HeldRecord::load(&dir).held_at(&seg, (&led, &ForkChain::none()), &stamp),
+            record.held_position(&seg, (&led, &ForkChain::none()), &stamp),
+            Some(500)
+        );
+        assert_eq!(
+            record.held_position(&seg, (&new, &ForkChain::none()), &stamp),
+            None
+        );
+        assert_eq!(
+            HeldRecord::load(&dir).held_position(&seg, (&led, &ForkChain::none()), &stamp),
             None
         );
         assert!(
@@ -639,11 +684,16 @@ mod tests {
         );
 
         let mut record = record;
-        record.record(&dir, (new, 900), [seg.clone()], |_| None);
+        record.record(&dir, (new, 900), [seg.clone(), pre.clone()], |_| None);
         assert_eq!(
-            record.held_at(&seg, (&new, &one(fork(500))), &stamp),
+            record.held_position(&seg, (&new, &one(fork(500))), &stamp),
             Some(900)
         );
+        let own = HeldCopy {
+            position: 900,
+            len_bytes: 10,
+        };
+        assert_eq!(record.held_at(&pre, vouching, &pre_stamp), Some(own));
     }
 
     /// The instance a new leader forks from is the one its record vouches for the most files
@@ -693,11 +743,11 @@ mod tests {
         let restarted = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
         let now = stamp_of(&tmp, "seg");
         assert_eq!(
-            restarted.held_at(&seg, (&a, &ForkChain::none()), &now),
+            restarted.held_position(&seg, (&a, &ForkChain::none()), &now),
             Some(500)
         );
         assert_eq!(
-            restarted.held_at(&seg, (&b, &ForkChain::none()), &now),
+            restarted.held_position(&seg, (&b, &ForkChain::none()), &now),
             None,
             "another leader instance"
         );
@@ -705,7 +755,7 @@ mod tests {
         // Rewritten at the same size behind ferry's back: the ctime (and mtime) moved.
         std::fs::write(tmp.path().join("seg"), vec![8u8; 1000]).unwrap();
         assert_eq!(
-            restarted.held_at(&seg, (&a, &ForkChain::none()), &stamp_of(&tmp, "seg")),
+            restarted.held_position(&seg, (&a, &ForkChain::none()), &stamp_of(&tmp, "seg")),
             None
         );
     }
@@ -721,12 +771,12 @@ mod tests {
         let now = stamp_of(&tmp, "seg");
         let rebooted = HeldRecord::load_for_boot(&dir, Some("boot-2".into()));
         assert_eq!(
-            rebooted.held_at(&seg, (&[1; 16], &ForkChain::none()), &now),
+            rebooted.held_position(&seg, (&[1; 16], &ForkChain::none()), &now),
             None
         );
         let unknown_boot = HeldRecord::load_for_boot(&dir, None);
         assert_eq!(
-            unknown_boot.held_at(&seg, (&[1; 16], &ForkChain::none()), &now),
+            unknown_boot.held_position(&seg, (&[1; 16], &ForkChain::none()), &now),
             None
         );
 
@@ -737,7 +787,7 @@ mod tests {
         .unwrap();
         let corrupt = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
         assert_eq!(
-            corrupt.held_at(&seg, (&[1; 16], &ForkChain::none()), &now),
+            corrupt.held_position(&seg, (&[1; 16], &ForkChain::none()), &now),
             None
         );
     }
@@ -775,15 +825,15 @@ mod tests {
         let reloaded = HeldRecord::load_for_boot(&dir, boot());
         let stamp = |n: &str| stamp_of(&tmp, n);
         assert_eq!(
-            reloaded.held_at(&names[0], (&[1; 16], &ForkChain::none()), &stamp("f0")),
+            reloaded.held_position(&names[0], (&[1; 16], &ForkChain::none()), &stamp("f0")),
             Some(9)
         );
         assert_eq!(
-            reloaded.held_at(&names[1], (&[1; 16], &ForkChain::none()), &stamp("f1")),
+            reloaded.held_position(&names[1], (&[1; 16], &ForkChain::none()), &stamp("f1")),
             None
         );
         assert_eq!(
-            reloaded.held_at(&names[2], (&[1; 16], &ForkChain::none()), &stamp("f2")),
+            reloaded.held_position(&names[2], (&[1; 16], &ForkChain::none()), &stamp("f2")),
             Some(3)
         );
 
@@ -797,7 +847,7 @@ mod tests {
         assert!(text().lines().count() <= 2 + 2 + 2 * 2 + JOURNAL_SLACK_LINES);
         let reloaded = HeldRecord::load_for_boot(&dir, boot());
         assert_eq!(
-            reloaded.held_at(&names[2], (&[1; 16], &ForkChain::none()), &stamp("f2")),
+            reloaded.held_position(&names[2], (&[1; 16], &ForkChain::none()), &stamp("f2")),
             Some(10)
         );
     }
@@ -841,7 +891,7 @@ mod tests {
         std::fs::write(tmp.path().join(".ferry/held"), v1).unwrap();
         let old = HeldRecord::load_for_boot(&dir, Some("b".into()));
         assert_eq!(
-            old.held_at(&a, (&[1; 16], &ForkChain::none()), &stamp_of(&tmp, "a")),
+            old.held_position(&a, (&[1; 16], &ForkChain::none()), &stamp_of(&tmp, "a")),
             Some(9)
         );
         assert!(old.vouched(&[1; 16]).iter().all(|v| v.born_at.is_none()));
@@ -878,7 +928,7 @@ mod tests {
         assert_eq!(vouched, [(&kept, Some(3)), (&preallocated, Some(4))]);
         let held = |path: &RelPath| {
             let stamp = stamp_of(&tmp, path.as_str());
-            record.held_at(path, (&[1; 16], &ForkChain::none()), &stamp)
+            record.held_position(path, (&[1; 16], &ForkChain::none()), &stamp)
         };
         assert_eq!((held(&kept), held(&preallocated)), (Some(40), Some(40)));
         let read = |name: &str| std::fs::read(tmp.path().join(name)).unwrap();
@@ -903,13 +953,13 @@ mod tests {
         record.record(&dir, ([1; 16], 3), [f.clone()], |_| None);
         let before = stamp_of(&tmp, "f");
         assert_eq!(
-            record.held_at(&f, (&[1; 16], &ForkChain::none()), &before),
+            record.held_position(&f, (&[1; 16], &ForkChain::none()), &before),
             Some(3)
         );
         std::fs::remove_file(tmp.path().join("f")).unwrap();
         record.record(&dir, ([1; 16], 9), [f.clone()], |_| None);
         assert_eq!(
-            record.held_at(&f, (&[1; 16], &ForkChain::none()), &before),
+            record.held_position(&f, (&[1; 16], &ForkChain::none()), &before),
             None
         );
     }

@@ -42,7 +42,7 @@ use crate::fork_chain::{ForkChain, ToldChains};
 use crate::frame::{
     Durability, ErrorCode, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
 };
-use crate::index::{scan, DigestCache};
+use crate::index::{scan, DigestCache, FileMeta};
 use crate::paths::{DataDir, RelPath};
 use crate::session::follower::{
     Births, Cut, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
@@ -587,7 +587,10 @@ impl Ctx<'_> {
                         .iter()
                         .map(|(p, cut)| (p.clone(), cut.len_bytes))
                         .collect();
-                    let lengths = self.send_inventory(index, instance, forks).await?;
+                    let (lengths, cut) = self.send_inventory(index, instance, forks).await?;
+                    for path in &cut {
+                        self.apply.note_changed(path);
+                    }
                     let expected: u64 = cuts
                         .iter()
                         .map(|(p, cut)| {
@@ -604,7 +607,7 @@ impl Ctx<'_> {
                 } => {
                     let buffered = (len_bytes as usize).min(input.unread().len());
                     if !temp {
-                        self.apply.note_written(&path);
+                        self.apply.note_changed(&path);
                         self.held.touched(&path);
                     }
                     let file = self
@@ -766,7 +769,7 @@ impl Ctx<'_> {
         index: Vec<(RelPath, Cut)>,
         instance: Option<InstanceId>,
         forks: ForkChain,
-    ) -> Result<HashMap<RelPath, u64>, FollowError> {
+    ) -> Result<(HashMap<RelPath, u64>, Vec<RelPath>), FollowError> {
         let Some(mut cache) = self.cache.borrow_mut().take() else {
             return Err(io::Error::other("digest cache in use").into());
         };
@@ -802,10 +805,10 @@ impl Ctx<'_> {
             .await
             .map_err(|e| io::Error::other(format!("inventory task failed: {e}")))?;
         *self.cache.borrow_mut() = Some(cache);
-        result?;
+        let cut = result?;
         self.session.borrow_mut().inventory_end();
         self.send_output();
-        Ok(lengths)
+        Ok((lengths, cut))
     }
 }
 
@@ -841,36 +844,47 @@ fn remember_chain(dir: &DataDir, record: &HeldRecord, instance: InstanceId, fork
 /// Scans the data dir and passes each file's HAVE entry to `emit` as soon as it is known:
 /// held, when `held` (the record, the leader's instance and what that instance goes on from)
 /// vouches for the file as it is now and the leader would accept that (`Cut::admits_held`),
-/// else by its digest; then saves the cache.
+/// else by its digest; then saves the cache. Returns the files it cut to what the record
+/// vouches for (`HeldCopy::len_bytes`) before reporting them held.
 fn build_inventory(
     dir: &DataDir,
     cache: &mut DigestCache,
     mut held: Option<(&mut HeldRecord, InstanceId, &ForkChain)>,
     cuts: &HashMap<RelPath, Cut>,
     mut emit: impl FnMut(HaveEntry),
-) -> io::Result<()> {
+) -> io::Result<Vec<RelPath>> {
     let hashed_before = cache.hashed_bytes();
     let (mut files, mut held_files, mut born_since) = (0u64, 0u64, 0u64);
+    let (mut cut_files, mut cut_bytes) = (Vec::new(), 0u64);
     let metas = scan(dir)?;
     let mut progress = crate::index::HashProgress::new(Some(metas.len()), Instant::now());
     for meta in metas {
         let hashed_so_far = cache.hashed_bytes();
         files += 1;
+        let mut len_bytes = meta.len_bytes;
         let proof = match cuts.get(&meta.path) {
             None => HaveProof::Digest([0; crate::frame::DIGEST_BYTES]),
             Some(cut) => {
-                let held_at = held.as_ref().and_then(|(record, instance, forks)| {
+                let vouched = held.as_ref().and_then(|(record, instance, forks)| {
                     let vouching = (instance, *forks);
                     record.held_at(&meta.path, vouching, &Stamp::of_meta(&meta))
                 });
-                match held_at {
-                    Some(position) if cut.admits_held(meta.len_bytes, position) => {
+                let admitted = vouched.filter(|c| cut.admits_held(c.len_bytes, c.position));
+                match admitted.filter(|copy| cut_to_held(dir, &meta, copy.len_bytes)) {
+                    Some(copy) => {
                         held_files += 1;
-                        HaveProof::Held { position }
+                        if copy.len_bytes < meta.len_bytes {
+                            cut_bytes += meta.len_bytes - copy.len_bytes;
+                            cut_files.push(meta.path.clone());
+                            len_bytes = copy.len_bytes;
+                        }
+                        HaveProof::Held {
+                            position: copy.position,
+                        }
                     }
-                    other => {
+                    None => {
                         // Held, but the leader's copy began anew since (or is shorter).
-                        born_since += u64::from(other.is_some());
+                        born_since += u64::from(vouched.is_some() && admitted.is_none());
                         let prefix_bytes = meta.len_bytes.min(cut.len_bytes);
                         HaveProof::Digest(cache.digest_prefix(dir, &meta, prefix_bytes)?)
                     }
@@ -879,7 +893,7 @@ fn build_inventory(
         };
         emit(HaveEntry {
             path: meta.path,
-            len_bytes: meta.len_bytes,
+            len_bytes,
             proof,
         });
         let hashed = cache.hashed_bytes() - hashed_so_far;
@@ -902,7 +916,34 @@ fn build_inventory(
     if let Some((record, _, _)) = &mut held {
         record.retain(|p| cuts.contains_key(p));
     }
-    Ok(())
+    if !cut_files.is_empty() {
+        tracing::info!(
+            "inventory: cut {} files to the lengths this dir's own leader's record vouches for \
+             ({cut_bytes} bytes past them: preallocated, or never recorded by its catalog); \
+             the leader sends what it holds past them",
+            cut_files.len()
+        );
+    }
+    Ok(cut_files)
+}
+
+/// Cuts the copy `meta` to `len_bytes`, what its record vouches for, if it is longer; whether
+/// the copy is now that long (a cut that fails is said, and the file hashed).
+fn cut_to_held(dir: &DataDir, meta: &FileMeta, len_bytes: u64) -> bool {
+    if meta.len_bytes <= len_bytes {
+        return true;
+    }
+    match dir.truncate(&meta.path, len_bytes) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "cannot cut {} to the {len_bytes} bytes this dir's own leader's record vouches \
+                 for: {e}; it is hashed",
+                meta.path
+            );
+            false
+        }
+    }
 }
 
 /// The connection's side of the held record: which files changed since it was last written,
