@@ -1884,7 +1884,7 @@ fn a_stop_during_an_asked_handoff_waits_only_as_long_as_a_leave_would() {
     drop((b, etcd));
 }
 
-/// The number before `what` in `line` (`"7 held since"` -> 7).
+/// The number before `what` in `line` (`"7 held as"` -> 7).
 fn count_before(line: &str, what: &str) -> u64 {
     let head = &line[..line
         .find(what)
@@ -1965,12 +1965,12 @@ fn after_a_handoff_followers_keep_what_their_held_records_vouch_for() {
         .proc
         .wait_log_since(marks[0], "inventory: ", Duration::from_secs(30));
     eprintln!("{line}");
-    assert_eq!(count_before(&line, "held since"), 8, "{line}");
+    assert_eq!(count_before(&line, "held as"), 8, "{line}");
     assert_eq!(count_before(&line, "bytes hashed"), 0, "{line}");
     let c = start_node(&env, &etcd.url, &dirs[2], c.port);
     let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
     eprintln!("{line}");
-    assert!(count_before(&line, "held since") >= 6, "{line}");
+    assert!(count_before(&line, "held as") >= 6, "{line}");
     write(&dirs[1].join("q/after"), &pattern(10_000, 3));
     for d in [&dirs[0], &dirs[2]] {
         wait_identical(&dirs[1], d, Duration::from_secs(20));
@@ -1996,7 +1996,8 @@ fn after_a_failover_followers_keep_what_their_held_records_vouch_for_up_to_the_f
     let a = start_node(&env, &etcd.url, &dirs[0], a.port);
     let line = a.proc.wait_log("inventory: ", Duration::from_secs(30));
     eprintln!("{line}");
-    assert_eq!(count_before(&line, "held since"), 8, "{line}");
+    assert_eq!(count_before(&line, "held as"), 8, "{line}");
+    assert!(line.contains("(8 by its own record as leader)"), "{line}");
     assert_eq!(count_before(&line, "bytes hashed"), 0, "{line}");
     write(&dirs[1].join("q/after"), &pattern(10_000, 3));
     wait_identical(&dirs[1], &dirs[2], Duration::from_secs(20));
@@ -2047,7 +2048,7 @@ fn c_comes_back_holding_all_but_the_rewrite(
     let c = start_node(env, etcd, &dirs[2], c.port);
     let line = c.proc.wait_log("inventory: ", Duration::from_secs(30));
     eprintln!("{line}");
-    assert_eq!(count_before(&line, "held since"), 6, "{line}");
+    assert_eq!(count_before(&line, "held as"), 6, "{line}");
     assert!(count_before(&line, "bytes hashed") <= 11, "{line}");
     c
 }

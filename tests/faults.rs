@@ -1458,7 +1458,7 @@ impl Resumed {
 
     fn count(&mut self, log: &str) {
         for line in log.lines() {
-            if line.contains("from its record: ") || line.contains(" held since an earlier") {
+            if line.contains("from its record: ") || line.contains(" held as this dir recorded") {
                 eprintln!("  {line}");
             }
             if let Some(rest) = line.split("from its record: ").nth(1) {

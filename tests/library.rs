@@ -649,7 +649,7 @@ fn a_broker_restarting_its_leader_resumes_the_instance_and_its_positions() {
         let follower = start_follower(&env, &fd, leader.local_addr(), engine, "written");
         let line = follower.wait_log("inventory: ", Duration::from_secs(10));
         assert!(
-            line.contains("1 files, 1 held since an earlier connection to this leader, 0 bytes"),
+            line.contains("1 files, 1 held as this dir recorded them, 0 bytes"),
             "{engine}: {line}"
         );
         let position = publish(&leader, &ld, "seg.0", &mut offset, 10);
@@ -701,7 +701,8 @@ fn a_dead_leaders_dir_following_cuts_its_preallocated_segment_and_holds_it() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         log.contains(
-            "inventory: 1 files, 1 held since an earlier connection to this leader, 0 bytes hashed"
+            "inventory: 1 files, 1 held as this dir recorded them (1 by its own record as leader), \
+             0 bytes hashed"
         ),
         "{log}"
     );

@@ -229,7 +229,7 @@ fn a_killed_follower_resumes_from_its_held_record_without_hashing() {
         let _follower = resume(
             (&env, &ld, &fd, engine),
             (&leader, mark),
-            "5 files, 3 held since an earlier connection to this leader, 1247 bytes hashed \
+            "5 files, 3 held as this dir recorded them, 1247 bytes hashed \
              (1 files held but changed on the leader since",
             (3, 0, 2, 500 + 13 + 1234),
         );
@@ -272,8 +272,8 @@ fn resume(
         .proc
         .wait_log_since(mark, "initial sync started", Duration::from_secs(10));
     let says = format!(
-        "{held} files held since an earlier connection to this leader, {refused} held records \
-         refused (sent whole), {compared} files compared by digest"
+        "{held} files held as it recorded them, {refused} held records refused (sent whole), \
+         {compared} files compared by digest"
     );
     assert!(line.contains(&says), "{engine}: {line}");
     let sends = format!("{to_send} bytes to send");
@@ -309,7 +309,7 @@ fn a_follower_stopped_with_sigterm_exits_cleanly_and_its_restart_hashes_nothing(
         let _follower = resume(
             (&env, &ld, &fd, engine),
             (&leader, mark),
-            "5 files, 5 held since an earlier connection to this leader, 0 bytes hashed",
+            "5 files, 5 held as this dir recorded them, 0 bytes hashed",
             (5, 0, 0, 0),
         );
     }
@@ -388,7 +388,7 @@ fn a_gracefully_restarted_leader_resumes_its_instance_so_followers_hash_only_wha
         let follower = resume(
             (&env, &ld, &fd, engine),
             (&leader, 0),
-            "5 files, 3 held since an earlier connection to this leader, 71013 bytes hashed \
+            "5 files, 3 held as this dir recorded them, 71013 bytes hashed \
              (2 files held but changed on the leader since",
             (3, 0, 2, 13 + 300 + 700),
         );
@@ -444,7 +444,7 @@ fn a_killed_leader_resumes_from_its_last_checkpoint_so_followers_hash_only_what_
         let _follower = resume(
             (&env, &ld, &fd, engine),
             (&leader, 0),
-            "5 files, 4 held since an earlier connection to this leader, 71000 bytes hashed \
+            "5 files, 4 held as this dir recorded them, 71000 bytes hashed \
              (1 files held but changed on the leader since",
             (4, 0, 1, 700),
         );
@@ -533,7 +533,7 @@ fn back_holding_all_but_the_rewrite(
     let follower = resume(
         (env, ld, fd, engine),
         (leader, 0),
-        "7 files, 6 held since an earlier connection to this leader, 11 bytes hashed",
+        "7 files, 6 held as this dir recorded them, 11 bytes hashed",
         (6, 0, 1, 11),
     );
     let state = std::fs::read(fd.join("q/state.json")).unwrap();
@@ -586,7 +586,7 @@ fn a_follower_that_missed_two_promotions_in_a_row_still_holds_its_files() {
     wait_identical(&bd, &cd, Duration::from_secs(20));
     let line = c.wait_log("inventory: ", Duration::from_secs(10));
     let held: u64 = line
-        .split(" held since")
+        .split(" held as this dir")
         .next()
         .and_then(|head| head.rsplit(' ').next())
         .and_then(|n| n.parse().ok())

@@ -66,6 +66,9 @@ pub struct HeldCopy {
     /// (a segment preallocated past what was reported), which the copy must be cut to before
     /// it is reported held.
     pub len_bytes: u64,
+    /// Vouched for by this dir's own leader's record (it led, and follows now), not by a look
+    /// while following.
+    pub by_own_record: bool,
 }
 
 /// A file the record vouches for under one leader instance (`HeldRecord::vouched`).
@@ -329,14 +332,15 @@ impl HeldRecord {
             let shared_history = forks.shares(&e.instance, e.position);
             (e.instance == *instance || shared_history) && e.stamp == *stamp
         };
-        let copy = |e: &Entry, len_bytes| HeldCopy {
+        let copy = |e: &Entry, len_bytes, by_own_record| HeldCopy {
             position: e.position,
             len_bytes,
+            by_own_record,
         };
         let own = self.entries.get(path).filter(|e| holds(e));
-        own.map(|e| copy(e, stamp.len_bytes)).or_else(|| {
+        own.map(|e| copy(e, stamp.len_bytes, false)).or_else(|| {
             let (e, len_bytes) = self.led.get(path).filter(|(e, _)| holds(e))?;
-            Some(copy(e, *len_bytes))
+            Some(copy(e, *len_bytes, true))
         })
     }
 
@@ -654,6 +658,7 @@ mod tests {
         let copy = |len_bytes| HeldCopy {
             position: 500,
             len_bytes,
+            by_own_record: true,
         };
         let vouching = (&new, &one(fork(500)));
         assert_eq!(record.held_at(&seg, vouching, &stamp), Some(copy(10)));
@@ -692,6 +697,7 @@ mod tests {
         let own = HeldCopy {
             position: 900,
             len_bytes: 10,
+            by_own_record: false,
         };
         assert_eq!(record.held_at(&pre, vouching, &pre_stamp), Some(own));
     }

@@ -855,6 +855,7 @@ fn build_inventory(
 ) -> io::Result<Vec<RelPath>> {
     let hashed_before = cache.hashed_bytes();
     let (mut files, mut held_files, mut born_since) = (0u64, 0u64, 0u64);
+    let mut held_by_own_record = 0u64;
     let (mut cut_files, mut cut_bytes) = (Vec::new(), 0u64);
     let metas = scan(dir)?;
     let mut progress = crate::index::HashProgress::new(Some(metas.len()), Instant::now());
@@ -873,6 +874,7 @@ fn build_inventory(
                 match admitted.filter(|copy| cut_to_held(dir, &meta, copy.len_bytes)) {
                     Some(copy) => {
                         held_files += 1;
+                        held_by_own_record += u64::from(copy.by_own_record);
                         if copy.len_bytes < meta.len_bytes {
                             cut_bytes += meta.len_bytes - copy.len_bytes;
                             cut_files.push(meta.path.clone());
@@ -904,8 +906,13 @@ fn build_inventory(
             );
         }
     }
+    let by_own_record = if held_by_own_record > 0 {
+        format!(" ({held_by_own_record} by its own record as leader)")
+    } else {
+        String::new()
+    };
     tracing::info!(
-        "inventory: {files} files, {held_files} held since an earlier connection to this leader, \
+        "inventory: {files} files, {held_files} held as this dir recorded them{by_own_record}, \
          {} bytes hashed ({born_since} files held but changed on the leader since, so hashed)",
         cache.hashed_bytes() - hashed_before
     );

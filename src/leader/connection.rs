@@ -488,8 +488,8 @@ async fn drive(
                 let r = session.inventory_report();
                 tracing::info!(
                     "follower #{id}: initial sync started, {planned} bytes to send; its \
-                     inventory: {} files held since an earlier connection to this leader, {} \
-                     held records refused (sent whole), {} files compared by digest",
+                     inventory: {} files held as it recorded them, {} held records refused \
+                     (sent whole), {} files compared by digest",
                     r.held_accepted,
                     r.held_refused,
                     r.digests_compared
