@@ -344,6 +344,18 @@ impl HeldRecord {
         })
     }
 
+    /// `path` was cut to the length this dir's own leader's record vouches for (`HeldCopy`),
+    /// and is now as `stamp` says: the record vouches for it as cut for the rest of this
+    /// process (an inventory again, the connection having dropped), not for one started later
+    /// (the record on disk names the stamp before the cut).
+    pub fn cut_to_own_record(&mut self, path: &RelPath, stamp: Stamp) {
+        if let Some((entry, len_bytes)) = self.led.get_mut(path) {
+            if stamp.len_bytes == *len_bytes {
+                entry.stamp = stamp;
+            }
+        }
+    }
+
     /// What a leader elected after a failover goes on from (`docs/PROTOCOL.md`, *After a
     /// failover*): the instance it vouches for the most files under, and the highest MARK
     /// position it recorded under it. `None` when it vouches for nothing.

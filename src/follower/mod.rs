@@ -879,6 +879,10 @@ fn build_inventory(
                             cut_bytes += meta.len_bytes - copy.len_bytes;
                             cut_files.push(meta.path.clone());
                             len_bytes = copy.len_bytes;
+                            let now = Stamp::look(dir, &meta.path);
+                            if let (Some((record, _, _)), Ok(Some(stamp))) = (held.as_mut(), now) {
+                                record.cut_to_own_record(&meta.path, stamp);
+                            }
                         }
                         HaveProof::Held {
                             position: copy.position,
@@ -1081,5 +1085,59 @@ async fn sync_loop(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Kept;
+    use crate::frame::Fork;
+
+    /// A dead leader's dir cuts a copy longer than its own record's length to that length and
+    /// reports it held with it; an inventory again in the same process (the connection dropped
+    /// before the initial sync ended) still holds the cut copy, as the record vouches for it.
+    #[test]
+    fn a_copy_cut_to_its_own_records_length_stays_held_at_the_next_inventory() {
+        let (tmp, dir) = crate::paths::temp_data_dir();
+        std::fs::write(tmp.path().join("seg"), b"012345\0\0\0\0").unwrap();
+        let seg = RelPath::new("seg").unwrap();
+        let stamp = Stamp::look(&dir, &seg).unwrap().unwrap();
+        let (led, new) = ([1u8; 16], [2u8; 16]);
+        let kept = Kept {
+            born_at: 3,
+            len_bytes: 6,
+        };
+        let settled = crate::leader_record::settled_by_now_ns();
+        let at = (1 << 40, 500);
+        let own = (&led, &ForkChain::none());
+        crate::leader_record::save_files(&dir, own, at, settled, [(&seg, kept, stamp)]).unwrap();
+        let mut record = HeldRecord::load_with_own_record(&dir);
+        let forks = ForkChain::of([Fork {
+            from: led,
+            position: 500,
+        }])
+        .unwrap();
+        // The new leader's copy grew past the record's length since.
+        let leaders = Cut {
+            len_bytes: 9,
+            born_at: Some(3),
+        };
+        let cuts = HashMap::from([(seg.clone(), leaders)]);
+        let mut cache = DigestCache::load(&dir);
+        for round in 0..2 {
+            let mut haves = Vec::new();
+            let held = Some((&mut record, new, &forks));
+            let cut = build_inventory(&dir, &mut cache, held, &cuts, |h| haves.push(h)).unwrap();
+            let have = HaveEntry {
+                path: seg.clone(),
+                len_bytes: 6,
+                proof: HaveProof::Held { position: 500 },
+            };
+            assert_eq!(haves, [have], "round {round}");
+            assert_eq!(cut.len(), usize::from(round == 0), "round {round}");
+        }
+        assert_eq!(std::fs::read(tmp.path().join("seg")).unwrap(), b"012345");
+        assert_eq!(cache.hashed_bytes(), 0);
     }
 }
