@@ -1458,7 +1458,15 @@ impl Resumed {
 
     fn count(&mut self, log: &str) {
         for line in log.lines() {
-            if line.contains("from its record: ") || line.contains(" held as this dir recorded") {
+            if [
+                "from its record: ",
+                " held as this dir recorded",
+                "inventory: cut",
+                "forking instance",
+            ]
+            .iter()
+            .any(|said| line.contains(said))
+            {
                 eprintln!("  {line}");
             }
             if let Some(rest) = line.split("from its record: ").nth(1) {
@@ -1680,8 +1688,27 @@ fn promotions_by_hand_at_random_while_the_broker_writes_never_leave_a_copy_that_
             away.map_or(String::new(), |i| format!("; node {i} sits this round out")),
         );
         leader = promoted;
-        for (i, _) in &followers {
-            wait_identical(&dirs[leader], &dirs[*i], Duration::from_secs(60));
+        for (i, follower) in &followers {
+            let same = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                wait_identical(&dirs[leader], &dirs[*i], Duration::from_secs(60))
+            }));
+            if let Err(e) = same {
+                // What this test hunts is rare (CI once in session 53: an old segment differed
+                // for good): say whose copy differs, with what both processes logged and what
+                // their dirs' records held.
+                eprintln!(
+                    "node {i}'s copy differs from node {leader}'s; its log:\n{}\nthe leader's \
+                     log:\n{}",
+                    follower.log_text(),
+                    lead_proc.log_text()
+                );
+                for (node, name) in [(*i, "held"), (*i, "forks"), (leader, "leader")] {
+                    let path = dirs[node].join(".ferry").join(name);
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    eprintln!("node {node}'s .ferry/{name}:\n{text}");
+                }
+                std::panic::resume_unwind(e);
+            }
         }
     }
     for (_, proc) in followers {
