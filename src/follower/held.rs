@@ -344,16 +344,38 @@ impl HeldRecord {
         })
     }
 
-    /// `path` was cut to the length this dir's own leader's record vouches for (`HeldCopy`),
-    /// and is now as `stamp` says: the record vouches for it as cut for the rest of this
-    /// process (an inventory again, the connection having dropped), not for one started later
-    /// (the record on disk names the stamp before the cut).
-    pub fn cut_to_own_record(&mut self, path: &RelPath, stamp: Stamp) {
-        if let Some((entry, len_bytes)) = self.led.get_mut(path) {
-            if stamp.len_bytes == *len_bytes {
+    /// Cuts the copy `path`, now `len_bytes` long, to `copy`'s length where it is longer (a dead
+    /// leader's segment preallocated past what its own record recorded, `HeldCopy`), and
+    /// vouches for it as cut for the rest of this process (an inventory again, the connection
+    /// having dropped), not for one started later (the record on disk names the stamp before
+    /// the cut). The bytes cut off (0 for a copy of `copy`'s length); `None` when the cut
+    /// failed, which it says (the copy is then hashed).
+    pub fn cut_to_claim(
+        &mut self,
+        dir: &DataDir,
+        path: &RelPath,
+        len_bytes: u64,
+        copy: HeldCopy,
+    ) -> Option<u64> {
+        if len_bytes <= copy.len_bytes {
+            return Some(0);
+        }
+        if let Err(e) = dir.truncate(path, copy.len_bytes) {
+            tracing::warn!(
+                "cannot cut {path} to the {} bytes this dir's own leader's record vouches for: \
+                 {e}; it is hashed",
+                copy.len_bytes
+            );
+            return None;
+        }
+        if let (Some((entry, claimed)), Ok(Some(stamp))) =
+            (self.led.get_mut(path), Stamp::look(dir, path))
+        {
+            if stamp.len_bytes == *claimed {
                 entry.stamp = stamp;
             }
         }
+        Some(len_bytes - copy.len_bytes)
     }
 
     /// What a leader elected after a failover goes on from (`docs/PROTOCOL.md`, *After a

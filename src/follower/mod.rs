@@ -42,7 +42,7 @@ use crate::fork_chain::{ForkChain, ToldChains};
 use crate::frame::{
     Durability, ErrorCode, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
 };
-use crate::index::{scan, DigestCache, FileMeta};
+use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
 use crate::session::follower::{
     Births, Cut, FollowerAction, FollowerPhase, FollowerSession, HaveEntry, HaveProof,
@@ -845,7 +845,7 @@ fn remember_chain(dir: &DataDir, record: &HeldRecord, instance: InstanceId, fork
 /// held, when `held` (the record, the leader's instance and what that instance goes on from)
 /// vouches for the file as it is now and the leader would accept that (`Cut::admits_held`),
 /// else by its digest; then saves the cache. Returns the files it cut to what the record
-/// vouches for (`HeldCopy::len_bytes`) before reporting them held.
+/// vouches for (`HeldRecord::cut_to_claim`) before reporting them held.
 fn build_inventory(
     dir: &DataDir,
     cache: &mut DigestCache,
@@ -871,19 +871,20 @@ fn build_inventory(
                     record.held_at(&meta.path, vouching, &Stamp::of_meta(&meta))
                 });
                 let admitted = vouched.filter(|c| cut.admits_held(c.len_bytes, c.position));
-                match admitted.filter(|copy| cut_to_held(dir, &meta, copy.len_bytes)) {
-                    Some(copy) => {
+                // A copy longer than what vouches for it is cut to that first.
+                let cut_off = admitted.and_then(|copy| {
+                    let (record, _, _) = held.as_mut()?;
+                    record.cut_to_claim(dir, &meta.path, meta.len_bytes, copy)
+                });
+                match admitted.zip(cut_off) {
+                    Some((copy, cut_off)) => {
                         held_files += 1;
                         held_by_own_record += u64::from(copy.by_own_record);
-                        if copy.len_bytes < meta.len_bytes {
-                            cut_bytes += meta.len_bytes - copy.len_bytes;
+                        if cut_off > 0 {
+                            cut_bytes += cut_off;
                             cut_files.push(meta.path.clone());
-                            len_bytes = copy.len_bytes;
-                            let now = Stamp::look(dir, &meta.path);
-                            if let (Some((record, _, _)), Ok(Some(stamp))) = (held.as_mut(), now) {
-                                record.cut_to_own_record(&meta.path, stamp);
-                            }
                         }
+                        len_bytes = copy.len_bytes;
                         HaveProof::Held {
                             position: copy.position,
                         }
@@ -936,25 +937,6 @@ fn build_inventory(
         );
     }
     Ok(cut_files)
-}
-
-/// Cuts the copy `meta` to `len_bytes`, what its record vouches for, if it is longer; whether
-/// the copy is now that long (a cut that fails is said, and the file hashed).
-fn cut_to_held(dir: &DataDir, meta: &FileMeta, len_bytes: u64) -> bool {
-    if meta.len_bytes <= len_bytes {
-        return true;
-    }
-    match dir.truncate(&meta.path, len_bytes) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(
-                "cannot cut {} to the {len_bytes} bytes this dir's own leader's record vouches \
-                 for: {e}; it is hashed",
-                meta.path
-            );
-            false
-        }
-    }
 }
 
 /// The connection's side of the held record: which files changed since it was last written,
