@@ -684,19 +684,10 @@ fn a_dead_leaders_dir_following_cuts_its_preallocated_segment_and_holds_it() {
     let position = publish(&leader, &ld, "seg.0", &mut offset, 100);
     acked_written(&leader, position);
     // Settled by the stop's record: a file changed in the second before it is not vouched for.
-    let settled_ns = newest_ctime_ns(&ld) + 1_100_000_000;
-    wait_until(Duration::from_secs(10), "the segment settled", || {
-        ferry::index::now_ns() > settled_ns
-    });
+    wait_settled(&ld);
     leader.shutdown();
 
-    signal(&follower.child, libc::SIGTERM);
-    let mut follower = follower;
-    assert!(follower.child.wait().unwrap().success());
-    let new_leader = start_leader(&env, &fd, engine);
-    new_leader
-        .proc
-        .wait_log("forking instance", Duration::from_secs(20));
+    let (new_leader, _) = lead_by_hand(&env, &fd, engine, follower);
     let out = follow_once_ok(&env, &ld, new_leader.addr, engine);
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(

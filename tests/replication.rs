@@ -494,25 +494,6 @@ fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
     let _c = back_holding_all_but_the_rewrite((&env, &bd, &cd, engine), &promoted);
 }
 
-/// Stops `follower` (SIGTERM: it exits 0, dating its held record) and leads its dir `dir` by
-/// hand (`ferry lead`, with `--http`): the leader, and the line it logged as it forked the
-/// instance the dir followed.
-fn lead_by_hand(
-    env: &Env,
-    dir: &std::path::Path,
-    engine: &str,
-    follower: Proc,
-) -> (LeaderProc, String) {
-    let mut follower = follower;
-    signal(&follower.child, libc::SIGTERM);
-    assert!(follower.child.wait().unwrap().success());
-    let leader = start_leader_with(env, dir, engine, &["--http", "127.0.0.1:0"]);
-    let line = leader
-        .proc
-        .wait_log("forking instance", Duration::from_secs(20));
-    (leader, line)
-}
-
 /// `ferry status` of `leader` (started with `--http`) shows `shown`.
 fn status_shows(leader: &LeaderProc, shown: &str) {
     let out = ferry()
@@ -624,23 +605,6 @@ fn a_follower_that_missed_two_promotions_in_a_row_still_holds_its_files() {
     );
     status_shows(&again, &shown);
     let _d = back_holding_all_but_the_rewrite((&env, &cd, &dd, engine), &again);
-}
-
-/// Waits until every file of `dir` changed at least `LEADER_RECORD_SETTLE_MS` ago: a leader
-/// started on a follower's dir vouches only for files settled by the follower's stop.
-fn wait_settled(dir: &std::path::Path) {
-    wait_settled_since(newest_ctime_ns(dir));
-}
-
-/// Waits until a file changed at `ctime_ns` has settled by the time a follower stopped now: the
-/// stop is dated by the kernel's coarse clock, which may be a tick behind the one read here
-/// (a run under load saw the held record dated 1.1 ms before the time this waited for, and its
-/// newest file not vouched for), so 100 ms more than `LEADER_RECORD_SETTLE_MS`.
-fn wait_settled_since(ctime_ns: i64) {
-    let settled_ns = ctime_ns + 1_100_000_000;
-    wait_until(Duration::from_secs(10), "the copies settled", || {
-        ferry::index::now_ns() > settled_ns
-    });
 }
 
 /// The leader's checkpoint counters from its `/metrics`: rounds, records written, files looked

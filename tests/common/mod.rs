@@ -852,3 +852,34 @@ pub fn exit_within(proc: &mut Proc, timeout: Duration) -> std::process::ExitStat
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Stops `follower` (SIGTERM: it exits 0, dating its held record) and leads its dir `dir` by
+/// hand (`ferry lead`, with `--http`): the leader, and the line it logged as it forked the
+/// instance the dir followed.
+pub fn lead_by_hand(env: &Env, dir: &Path, engine: &str, follower: Proc) -> (LeaderProc, String) {
+    let mut follower = follower;
+    signal(&follower.child, libc::SIGTERM);
+    assert!(follower.child.wait().unwrap().success());
+    let leader = start_leader_with(env, dir, engine, &["--http", "127.0.0.1:0"]);
+    let line = leader
+        .proc
+        .wait_log("forking instance", Duration::from_secs(20));
+    (leader, line)
+}
+
+/// Waits until every file of `dir` changed at least `LEADER_RECORD_SETTLE_MS` ago: a leader
+/// started on a follower's dir vouches only for files settled by the follower's stop.
+pub fn wait_settled(dir: &Path) {
+    wait_settled_since(newest_ctime_ns(dir));
+}
+
+/// Waits until a file changed at `ctime_ns` has settled by the time a follower stopped now: the
+/// stop is dated by the kernel's coarse clock, which may be a tick behind the one read here
+/// (a run under load saw the held record dated 1.1 ms before the time this waited for, and its
+/// newest file not vouched for), so 100 ms more than `LEADER_RECORD_SETTLE_MS`.
+pub fn wait_settled_since(ctime_ns: i64) {
+    let settled_ns = ctime_ns + 1_100_000_000;
+    wait_until(Duration::from_secs(10), "the copies settled", || {
+        ferry::index::now_ns() > settled_ns
+    });
+}
