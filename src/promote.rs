@@ -201,7 +201,7 @@ mod tests {
 
         let followed = [1u8; 16];
         let mut held = HeldRecord::load(&dir);
-        held.record(&dir, (followed, 700), [seg.clone()], |_| Some(3));
+        held.record_as_is(&dir, (followed, 700), [seg.clone()], |_| Some(3));
         held.save(&dir).unwrap();
         let forked = fork_if_followed(&dir, Settled::ByNow).unwrap().unwrap();
         let forks = ForkChain::of([Fork {
@@ -250,7 +250,7 @@ mod tests {
         let told = ForkChain::of([link(older, 800), link(oldest, 600)]).unwrap();
         ToldChains::remember(&dir, followed, &told, |_| false).unwrap();
         let mut held = HeldRecord::load(&dir);
-        held.record(&dir, (followed, 700), [seg.clone()], |_| Some(3));
+        held.record_as_is(&dir, (followed, 700), [seg.clone()], |_| Some(3));
         held.save(&dir).unwrap();
         let forked = fork_if_followed(&dir, Settled::ByNow).unwrap().unwrap();
         let want = [link(followed, 700), link(older, 700), link(oldest, 600)];
@@ -269,7 +269,7 @@ mod tests {
         std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
         let seg = RelPath::new("seg").unwrap();
         let mut held = HeldRecord::load(&dir);
-        held.record(&dir, ([1u8; 16], 700), [seg.clone()], |_| None);
+        held.record_as_is(&dir, ([1u8; 16], 700), [seg.clone()], |_| None);
         held.save(&dir).unwrap();
         for _ in 0..20 {
             HeldRecord::date_stop(&dir);
@@ -325,7 +325,7 @@ mod tests {
         ] {
             let mut held = HeldRecord::load(&dir);
             let paths = [old.clone(), new.clone()];
-            held.record(&dir, ([1u8; 16], 700), paths, |_| None);
+            held.record_as_is(&dir, ([1u8; 16], 700), paths, |_| None);
             held.save(&dir).unwrap();
             if let Some(t) = dated {
                 set_written_at(&dir, crate::follower::held::FILE_NAME, t);

@@ -494,6 +494,148 @@ fn a_follower_promoted_by_hand_goes_on_from_the_instance_it_followed() {
     let _c = back_holding_all_but_the_rewrite((&env, &bd, &cd, engine), &promoted);
 }
 
+/// A follower whose connection to the leader ended after a DATA and before the MARK that
+/// covers it (the leader died between the two) holds bytes its last MARK does not: the old
+/// leader's, which a follower promoted by hand never had, and where its application then
+/// wrote others. Following the promoted one, it cuts its copy back to what it held at that
+/// MARK and is sent the rest (`docs/PROTOCOL.md`, *After a failover*), where it kept the old
+/// leader's bytes before, and its copy differed from the new leader's for good (as a
+/// randomized promotion test once found in CI).
+#[test]
+fn a_follower_holding_bytes_past_its_last_mark_cuts_them_when_its_leader_changes() {
+    let engine = ENGINES[1];
+    let env = Env::new();
+    let (ld, ad, bd) = (env.dir("leader"), env.dir("a"), env.dir("b"));
+    let seg = "q/seg.0";
+    write(&ld.join(seg), &pattern(100_000, 1));
+    write(&ld.join("q/state.json"), b"{\"head\": 1}");
+    let mut leader = start_leader(&env, &ld, engine);
+    let relay = RelayCuttingBeforeAMark::to(leader.addr);
+    let a = start_follower(&env, &ad, leader.addr, engine, "written");
+    let mut b = start_follower(&env, &bd, relay.addr, engine, "written");
+    for d in [&ad, &bd] {
+        wait_identical(&ld, d, Duration::from_secs(20));
+    }
+    // a stops with every file settled, so that its dir, led by hand, vouches for them.
+    wait_settled(&ad);
+    let mut a = a;
+    signal(&a.child, libc::SIGTERM);
+    assert!(a.child.wait().unwrap().success());
+    // The old leader's last append reaches b, and its MARK never does.
+    relay.arm();
+    append(&ld.join(seg), &pattern(5_000, 2));
+    wait_until(Duration::from_secs(10), "the relay cut b off", || {
+        relay.cut.load(std::sync::atomic::Ordering::SeqCst)
+    });
+    b.wait_log("reconnecting", Duration::from_secs(10));
+    signal(&b.child, libc::SIGTERM);
+    assert!(b.child.wait().unwrap().success());
+    // All of the append, or a part the watcher saw first: past what the MARK covers either way.
+    let past_mark = std::fs::metadata(bd.join(seg)).unwrap().len() - 100_000;
+    assert!(past_mark > 0, "b got none of the append");
+    leader.proc.child.kill().unwrap();
+    let _ = leader.proc.child.wait();
+
+    let promoted = start_leader_with(&env, &ad, engine, &[]);
+    let line = promoted
+        .proc
+        .wait_log("forking instance", Duration::from_secs(20));
+    assert!(line.contains("2 of 2 files held"), "{line}");
+    // The application writes on at the promoted dir: other bytes where b holds the old
+    // leader's.
+    append(&ad.join(seg), &pattern(8_000, 3));
+    let b = start_follower(&env, &bd, promoted.addr, engine, "written");
+    wait_identical(&ad, &bd, Duration::from_secs(20));
+    let cut = b.wait_log("inventory: cut", Duration::from_secs(10));
+    assert!(
+        cut.contains("cut 1 files to their lengths at the MARKs this dir recorded them after")
+            && cut.contains(&format!("({past_mark} bytes past them")),
+        "{cut}"
+    );
+    let line = b.wait_log("inventory: ", Duration::from_secs(10));
+    assert!(
+        line.contains("2 files, 2 held as this dir recorded them"),
+        "{line}"
+    );
+}
+
+/// A TCP relay between one follower and its leader that, once armed, cuts the connection
+/// before the first MARK the leader sends after a DATA, as a leader dying between the two
+/// would; then it accepts no more connections (the follower's reconnections are refused).
+struct RelayCuttingBeforeAMark {
+    addr: std::net::SocketAddr,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set once it cut the connection.
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RelayCuttingBeforeAMark {
+    fn to(leader: std::net::SocketAddr) -> RelayCuttingBeforeAMark {
+        use std::io::Read;
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (armed, cut) = (std::sync::Arc::default(), std::sync::Arc::default());
+        let relay = RelayCuttingBeforeAMark {
+            addr,
+            armed: std::sync::Arc::clone(&armed),
+            cut: std::sync::Arc::clone(&cut),
+        };
+        std::thread::spawn(move || {
+            let (follower, _) = listener.accept().unwrap();
+            drop(listener);
+            let upstream = TcpStream::connect(leader).unwrap();
+            let (mut to_leader, mut from_follower) =
+                (upstream.try_clone().unwrap(), follower.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut from_follower, &mut to_leader));
+            let (mut from_leader, mut to_follower) = (upstream, follower);
+            // The preamble (PREAMBLE_BYTES), then frames: body_len (u32 LE), then the body,
+            // whose first byte is the type; a DATA's payload follows, data_len (u32 LE at
+            // frame offset 14) bytes.
+            let mut preamble = [0u8; 16];
+            from_leader.read_exact(&mut preamble).unwrap();
+            to_follower.write_all(&preamble).unwrap();
+            let mut data_since_armed = false;
+            loop {
+                let mut len = [0u8; 4];
+                if from_leader.read_exact(&mut len).is_err() {
+                    return;
+                }
+                let mut frame = len.to_vec();
+                frame.resize(4 + u32::from_le_bytes(len) as usize, 0);
+                if from_leader.read_exact(&mut frame[4..]).is_err() {
+                    return;
+                }
+                let (kind, armed) = (frame[4], armed.load(SeqCst));
+                if kind == 0x20 {
+                    let data_len = u32::from_le_bytes(frame[14..18].try_into().unwrap());
+                    let body = frame.len();
+                    frame.resize(body + data_len as usize, 0);
+                    if from_leader.read_exact(&mut frame[body..]).is_err() {
+                        return;
+                    }
+                    data_since_armed |= armed;
+                }
+                if kind == 0x25 && data_since_armed {
+                    let _ = to_follower.shutdown(Shutdown::Both);
+                    let _ = from_leader.shutdown(Shutdown::Both);
+                    cut.store(true, SeqCst);
+                    return;
+                }
+                if to_follower.write_all(&frame).is_err() {
+                    return;
+                }
+            }
+        });
+        relay
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// `ferry status` of `leader` (started with `--http`) shows `shown`.
 fn status_shows(leader: &LeaderProc, shown: &str) {
     let out = ferry()

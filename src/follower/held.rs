@@ -41,7 +41,9 @@ use crate::paths::{DataDir, RelPath, StateSync};
 /// How often a streaming follower records the files it changed (at a MARK, at most this often).
 pub const HELD_CHECKPOINT_INTERVAL_MS: u64 = 1000;
 pub(crate) const FILE_NAME: &str = "held";
-const HEADER: &str = "ferry-held-v2";
+const HEADER: &str = "ferry-held-v3";
+/// The header of records written before marked lengths were kept: read, with none.
+const HEADER_V2: &str = "ferry-held-v2";
 /// The header of records written before births were kept: read, with no births.
 const HEADER_V1: &str = "ferry-held-v1";
 /// Journal lines a rewrite may leave behind beyond twice the entries, before it rewrites.
@@ -54,6 +56,9 @@ struct Entry {
     position: u64,
     /// An upper bound on the birth of the generation the copy held when looked at.
     born_at: Option<u64>,
+    /// The copy's length when the MARK at `position` was applied, or a lower bound on it (its
+    /// marked length): the look may come later and see bytes applied after that MARK.
+    marked_len: Option<u64>,
     stamp: Stamp,
 }
 
@@ -124,6 +129,7 @@ impl HeldRecord {
                         instance: own.instance,
                         position,
                         born_at: Some(kept.born_at),
+                        marked_len: Some(kept.len_bytes),
                         stamp,
                     };
                     (path, (entry, kept.len_bytes))
@@ -175,9 +181,10 @@ impl HeldRecord {
 
     fn parse(text: &str) -> Option<(String, HashMap<RelPath, Entry>)> {
         let mut lines = text.lines();
-        let with_births = match lines.next()? {
-            HEADER => true,
-            HEADER_V1 => false,
+        let (with_births, with_marked) = match lines.next()? {
+            HEADER => (true, true),
+            HEADER_V2 => (true, false),
+            HEADER_V1 => (false, false),
             _ => return None,
         };
         let boot = lines.next()?.strip_prefix("boot ")?.to_string();
@@ -189,16 +196,22 @@ impl HeldRecord {
                 entries.remove(&RelPath::new(path).ok()?);
                 continue;
             }
-            let mut f = crate::index::fields(line, if with_births { 8 } else { 7 });
+            let fields = 7 + usize::from(with_births) + usize::from(with_marked);
+            let mut f = crate::index::fields(line, fields);
             let instance = from_hex(f.next()?)?;
             let position = f.next()?.parse().ok()?;
-            let born_at = match with_births {
-                true => match f.next()? {
-                    FORGET => None,
-                    b => Some(b.parse().ok()?),
-                },
-                false => None,
+            // A field the record's version keeps: a number, or `-` for none.
+            let mut optional = |kept: bool| -> Option<Option<u64>> {
+                if !kept {
+                    return Some(None);
+                }
+                match f.next()? {
+                    FORGET => Some(None),
+                    n => Some(Some(n.parse().ok()?)),
+                }
             };
+            let born_at = optional(with_births)?;
+            let marked_len = optional(with_marked)?;
             let stamp = Stamp::parse(&mut f)?;
             let path = RelPath::new(f.next()?).ok()?;
             entries.insert(
@@ -207,6 +220,7 @@ impl HeldRecord {
                     instance,
                     position,
                     born_at,
+                    marked_len,
                     stamp,
                 },
             );
@@ -224,11 +238,13 @@ impl HeldRecord {
             let _ = writeln!(text, "{FORGET} {path}");
             return;
         };
-        let _ = write!(text, "{} {} ", hex(&e.instance), e.position);
-        let _ = match e.born_at {
-            Some(born_at) => write!(text, "{born_at}"),
-            None => write!(text, "{FORGET}"),
-        };
+        let _ = write!(text, "{} {}", hex(&e.instance), e.position);
+        for n in [e.born_at, e.marked_len] {
+            let _ = match n {
+                Some(n) => write!(text, " {n}"),
+                None => write!(text, " {FORGET}"),
+            };
+        }
         let _ = writeln!(text, " {} {path}", e.stamp);
     }
 
@@ -320,7 +336,9 @@ impl HeldRecord {
     /// look was under leader `instance` in this boot, or under an instance it goes on from
     /// (a link of `forks`) after a MARK at or below that link's position (`docs/PROTOCOL.md`,
     /// *After a failover*, *After failovers in a row*); and how much of it that look vouches
-    /// for.
+    /// for: all of it under `instance`, under a link only what the copy held at that MARK (its
+    /// marked length, and only with a birth at or below the MARK): what the look saw past it
+    /// may be what the dead leader sent after the fork, which the new leader never had.
     pub fn held_at(
         &self,
         path: &RelPath,
@@ -337,18 +355,26 @@ impl HeldRecord {
             len_bytes,
             by_own_record,
         };
-        let own = self.entries.get(path).filter(|e| holds(e));
-        own.map(|e| copy(e, stamp.len_bytes, false)).or_else(|| {
+        let own = self.entries.get(path).filter(|e| holds(e)).and_then(|e| {
+            if e.instance == *instance {
+                return Some(copy(e, stamp.len_bytes, false));
+            }
+            e.born_at.filter(|&born_at| born_at <= e.position)?;
+            Some(copy(e, e.marked_len?.min(stamp.len_bytes), false))
+        });
+        own.or_else(|| {
             let (e, len_bytes) = self.led.get(path).filter(|(e, _)| holds(e))?;
             Some(copy(e, *len_bytes, true))
         })
     }
 
     /// Cuts the copy `path`, now `len_bytes` long, to `copy`'s length where it is longer (a dead
-    /// leader's segment preallocated past what its own record recorded, `HeldCopy`), and
-    /// vouches for it as cut for the rest of this process (an inventory again, the connection
-    /// having dropped), not for one started later (the record on disk names the stamp before
-    /// the cut). The bytes cut off (0 for a copy of `copy`'s length); `None` when the cut
+    /// leader's segment preallocated past what its own record recorded, or bytes a follower
+    /// applied after the MARK it recorded a copy at, under an instance the leader's goes on
+    /// from: `HeldCopy`), and vouches for it as cut: in the entry that vouched for it (saved
+    /// with the next save), or, for what this dir's own leader's record vouched for, for the
+    /// rest of this process (an inventory again, the connection having dropped), not for one
+    /// started later. The bytes cut off (0 for a copy of `copy`'s length); `None` when the cut
     /// failed, which it says (the copy is then hashed).
     pub fn cut_to_claim(
         &mut self,
@@ -361,18 +387,26 @@ impl HeldRecord {
             return Some(0);
         }
         if let Err(e) = dir.truncate(path, copy.len_bytes) {
+            let whose = match copy.by_own_record {
+                true => "this dir's own leader's record vouches for",
+                false => "this dir held at the MARK it recorded it after",
+            };
             tracing::warn!(
-                "cannot cut {path} to the {} bytes this dir's own leader's record vouches for: \
-                 {e}; it is hashed",
+                "cannot cut {path} to the {} bytes {whose}: {e}; it is hashed",
                 copy.len_bytes
             );
             return None;
         }
-        if let (Some((entry, claimed)), Ok(Some(stamp))) =
-            (self.led.get_mut(path), Stamp::look(dir, path))
-        {
-            if stamp.len_bytes == *claimed {
+        if let Ok(Some(stamp)) = Stamp::look(dir, path) {
+            let entry = match copy.by_own_record {
+                true => self.led.get_mut(path).map(|(entry, _)| entry),
+                false => self.entries.get_mut(path),
+            };
+            if let Some(entry) = entry.filter(|_| stamp.len_bytes == copy.len_bytes) {
                 entry.stamp = stamp;
+                if !copy.by_own_record {
+                    self.unsaved.push(path.clone());
+                }
             }
         }
         Some(len_bytes - copy.len_bytes)
@@ -418,24 +452,46 @@ impl HeldRecord {
             .collect()
     }
 
-    /// Looks at each of `paths` now, every frame before a MARK at `position` of leader
+    /// Looks at each file of `marked` now, every frame before a MARK at `position` of leader
     /// `instance` having been applied, and records what it sees, with the birth `born_at`
-    /// gives for it, asked after the look. A file that is gone, or cannot be looked at, is
-    /// forgotten (it will be hashed).
+    /// gives for it, asked after the look, and its marked length: its length when that MARK
+    /// was applied, or a lower bound on it (the look may see more applied since). A file that
+    /// is gone, or cannot be looked at, is forgotten (it will be hashed).
     pub fn record(
+        &mut self,
+        dir: &DataDir,
+        at: (InstanceId, u64),
+        marked: impl IntoIterator<Item = (RelPath, u64)>,
+        born_at: impl Fn(&RelPath) -> Option<u64>,
+    ) {
+        // On several threads when there are many (`index::look_each`): the initial sync's last
+        // MARK records every file of the data dir.
+        let marked: Vec<(RelPath, u64)> = marked.into_iter().collect();
+        let seen = crate::index::look_each(&marked, |(path, _)| Stamp::look(dir, path));
+        for ((path, marked_len), seen) in marked.into_iter().zip(seen) {
+            self.take_look(at, path, seen, |path, _| {
+                Some((born_at(path), Some(marked_len)))
+            });
+        }
+    }
+
+    /// `record`, with each file's length now as its marked length: a look at the MARK itself.
+    #[cfg(test)]
+    pub(crate) fn record_as_is(
         &mut self,
         dir: &DataDir,
         at: (InstanceId, u64),
         paths: impl IntoIterator<Item = RelPath>,
         born_at: impl Fn(&RelPath) -> Option<u64>,
     ) {
-        // On several threads when there are many (`index::look_each`): the initial sync's last
-        // MARK records every file of the data dir.
-        let paths: Vec<RelPath> = paths.into_iter().collect();
-        let seen = crate::index::look_each(&paths, |path| Stamp::look(dir, path));
-        for (path, seen) in paths.into_iter().zip(seen) {
-            self.take_look(at, path, seen, |path, _| Some(born_at(path)));
-        }
+        let marked = paths.into_iter().map(|path| {
+            let len = Stamp::look(dir, &path)
+                .ok()
+                .flatten()
+                .map_or(0, |s| s.len_bytes);
+            (path, len)
+        });
+        self.record(dir, at, marked, born_at);
     }
 
     /// What a leader that handed off records of its own files, each with its catalog length
@@ -486,20 +542,20 @@ impl HeldRecord {
             self.take_look(at, path, seen, |_, stamp| {
                 let as_recorded =
                     stamp.len_bytes == len_bytes && (cut || stamp.ctime_ns <= recorded_ns);
-                as_recorded.then_some(Some(born_at))
+                as_recorded.then_some((Some(born_at), Some(len_bytes)))
             });
         }
     }
 
     /// Records what a look at `path` saw (`seen`) under `instance` and `position`, with the
-    /// birth `vouch` gives once it has seen the file; forgets the file when `vouch` says
-    /// `None`, or when it is gone or could not be looked at.
+    /// birth and marked length `vouch` gives once it has seen the file; forgets the file when
+    /// `vouch` says `None`, or when it is gone or could not be looked at.
     fn take_look(
         &mut self,
         (instance, position): (InstanceId, u64),
         path: RelPath,
         seen: io::Result<Option<Stamp>>,
-        vouch: impl FnOnce(&RelPath, &Stamp) -> Option<Option<u64>>,
+        vouch: impl FnOnce(&RelPath, &Stamp) -> Option<(Option<u64>, Option<u64>)>,
     ) {
         self.unsaved.push(path.clone());
         let seen = match seen {
@@ -512,11 +568,12 @@ impl HeldRecord {
             }
         };
         let entry = seen.and_then(|stamp| {
-            let born_at = vouch(&path, &stamp)?;
+            let (born_at, marked_len) = vouch(&path, &stamp)?;
             Some(Entry {
                 instance,
                 position,
                 born_at,
+                marked_len,
                 stamp,
             })
         });
@@ -608,7 +665,7 @@ mod tests {
         let (dead, new, other) = ([1u8; 16], [2u8; 16], [3u8; 16]);
         let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
         for (path, position) in names.iter().zip([400, 500, 501]) {
-            record.record(&dir, (dead, position), [path.clone()], |_| None);
+            record.record_as_is(&dir, (dead, position), [path.clone()], |_| Some(0));
         }
         let fork = Fork {
             from: dead,
@@ -655,6 +712,73 @@ mod tests {
             None,
             "above where the newer fork saw it"
         );
+    }
+
+    /// Under an instance the leader's goes on from, a copy counts only as it was when the MARK
+    /// it was recorded after was applied: its marked length, not what the look saw past it
+    /// (what the dead leader sent after that MARK, which the new leader may never have had),
+    /// and only with a birth at or below that MARK (a generation begun after it is not the
+    /// one the MARK saw). Under the recording instance itself, all of it.
+    #[test]
+    fn a_copy_held_under_an_instance_forked_from_counts_as_it_was_at_its_mark() {
+        let (tmp, dir) = setup();
+        let names: Vec<RelPath> = ["seg", "new-gen", "no-birth", "whole"]
+            .iter()
+            .map(|n| {
+                // Ten bytes on disk, six of them there when the MARK at 400 was applied.
+                std::fs::write(tmp.path().join(n), b"0123456789").unwrap();
+                RelPath::new(n).unwrap()
+            })
+            .collect();
+        let (dead, new) = ([1u8; 16], [2u8; 16]);
+        let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
+        let births = [Some(3), Some(401), None, Some(3)];
+        for (path, born_at) in names.iter().zip(births) {
+            let marked_len = if path.as_str() == "whole" { 10 } else { 6 };
+            record.record(&dir, (dead, 400), [(path.clone(), marked_len)], |_| born_at);
+        }
+        let fork = one(Fork {
+            from: dead,
+            position: 500,
+        });
+        let held = |record: &HeldRecord, path: &RelPath, vouching| {
+            let stamp = stamp_of(&tmp, path.as_str());
+            record.held_at(path, vouching, &stamp).map(|c| c.len_bytes)
+        };
+        assert_eq!(held(&record, &names[0], (&new, &fork)), Some(6));
+        assert_eq!(held(&record, &names[1], (&new, &fork)), None, "born after");
+        assert_eq!(held(&record, &names[2], (&new, &fork)), None, "no birth");
+        assert_eq!(held(&record, &names[3], (&new, &fork)), Some(10));
+        let none = ForkChain::none();
+        for path in &names {
+            assert_eq!(
+                held(&record, path, (&dead, &none)),
+                Some(10),
+                "{path} under its own"
+            );
+        }
+        // Saved and read back; a record of a build that kept no marked lengths holds nothing
+        // under a fork.
+        record.save(&dir).unwrap();
+        let reloaded = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
+        assert_eq!(held(&reloaded, &names[0], (&new, &fork)), Some(6));
+        let text = std::fs::read_to_string(dir.state_path(FILE_NAME)).unwrap();
+        let mut v2 = String::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.splitn(5, ' ').collect();
+            match f.len() {
+                5 => v2 += &format!("{} {} {} {}\n", f[0], f[1], f[2], f[4]),
+                _ => v2 += &format!("{}\n", line.replace("ferry-held-v3", "ferry-held-v2")),
+            }
+        }
+        std::fs::write(dir.state_path(FILE_NAME), v2).unwrap();
+        let old = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
+        assert_eq!(
+            held(&old, &names[0], (&new, &fork)),
+            None,
+            "no marked length"
+        );
+        assert_eq!(held(&old, &names[0], (&dead, &none)), Some(10));
     }
 
     /// A leader that died and follows next holds what its own last record vouches for, at the
@@ -723,7 +847,7 @@ mod tests {
         );
 
         let mut record = record;
-        record.record(&dir, (new, 900), [seg.clone(), pre.clone()], |_| None);
+        record.record_as_is(&dir, (new, 900), [seg.clone(), pre.clone()], |_| None);
         assert_eq!(
             record.held_position(&seg, (&new, &one(fork(500))), &stamp),
             Some(900)
@@ -750,7 +874,7 @@ mod tests {
         {
             let name = format!("f{i}");
             std::fs::write(tmp.path().join(&name), b"x").unwrap();
-            record.record(
+            record.record_as_is(
                 &dir,
                 (instance, position),
                 [RelPath::new(&name).unwrap()],
@@ -777,7 +901,7 @@ mod tests {
         let seg = RelPath::new("seg").unwrap();
         let (a, b) = ([1u8; 16], [2u8; 16]);
         let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
-        record.record(&dir, (a, 500), [seg.clone()], |_| None);
+        record.record_as_is(&dir, (a, 500), [seg.clone()], |_| None);
         record.save(&dir).unwrap();
 
         let restarted = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
@@ -806,7 +930,7 @@ mod tests {
         std::fs::write(tmp.path().join("seg"), b"abc").unwrap();
         let seg = RelPath::new("seg").unwrap();
         let mut record = HeldRecord::load_for_boot(&dir, Some("boot-1".into()));
-        record.record(&dir, ([1; 16], 3), [seg.clone()], |_| None);
+        record.record_as_is(&dir, ([1; 16], 3), [seg.clone()], |_| None);
         record.save(&dir).unwrap();
         let now = stamp_of(&tmp, "seg");
         let rebooted = HeldRecord::load_for_boot(&dir, Some("boot-2".into()));
@@ -843,14 +967,14 @@ mod tests {
             std::fs::write(tmp.path().join(n.as_str()), b"abc").unwrap();
         }
         let mut record = HeldRecord::load_for_boot(&dir, boot());
-        record.record(&dir, ([1; 16], 3), names.clone(), |_| None);
+        record.record_as_is(&dir, ([1; 16], 3), names.clone(), |_| None);
         record.save(&dir).unwrap();
         let text = || std::fs::read_to_string(tmp.path().join(".ferry/held")).unwrap();
         assert_eq!(text().lines().count(), 2 + 3, "the first save rewrites");
 
         // f0 grows and is looked at again; f1 is no longer in the leader's index.
         std::fs::write(tmp.path().join("f0"), b"abcdef").unwrap();
-        record.record(&dir, ([1; 16], 9), [names[0].clone()], |_| None);
+        record.record_as_is(&dir, ([1; 16], 9), [names[0].clone()], |_| None);
         record.retain(|p| p != &names[1]);
         record.save(&dir).unwrap();
         assert_eq!(text().lines().count(), 2 + 3 + 2, "two lines appended");
@@ -881,7 +1005,7 @@ mod tests {
         let mut record = reloaded;
         record.save(&dir).unwrap();
         for _ in 0..(2 * 2 + JOURNAL_SLACK_LINES) {
-            record.record(&dir, ([1; 16], 10), [names[2].clone()], |_| None);
+            record.record_as_is(&dir, ([1; 16], 10), [names[2].clone()], |_| None);
             record.save(&dir).unwrap();
         }
         assert!(text().lines().count() <= 2 + 2 + 2 * 2 + JOURNAL_SLACK_LINES);
@@ -901,8 +1025,8 @@ mod tests {
         let [a, b] = ["a", "b"].map(|n| RelPath::new(n).unwrap());
         let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
         let born = |p: &RelPath| (p.as_str() == "a").then_some(7);
-        record.record(&dir, ([1; 16], 9), [a.clone(), b.clone()], born);
-        record.record(&dir, ([2; 16], 9), [], born);
+        record.record_as_is(&dir, ([1; 16], 9), [a.clone(), b.clone()], born);
+        record.record_as_is(&dir, ([2; 16], 9), [], born);
         record.save(&dir).unwrap();
         let reloaded = HeldRecord::load_for_boot(&dir, Some("b".into()));
         let mut vouched = reloaded.vouched(&[1; 16]);
@@ -915,15 +1039,15 @@ mod tests {
         assert_eq!(vouched[0].stamp, stamp_of(&tmp, "a"));
         assert!(reloaded.vouched(&[2; 16]).is_empty(), "another instance");
 
-        // Written by a build that kept no births: read, with none.
+        // Written by a build that kept no births (nor marked lengths): read, with none.
         let text = std::fs::read_to_string(tmp.path().join(".ferry/held")).unwrap();
         let v1: String = text
-            .replace("ferry-held-v2", "ferry-held-v1")
+            .replace("ferry-held-v3", "ferry-held-v1")
             .lines()
             .map(|l| {
                 let mut f: Vec<&str> = l.split(' ').collect();
                 if f.len() > 3 {
-                    f.remove(2);
+                    f.drain(2..4);
                 }
                 format!("{}\n", f.join(" "))
             })
@@ -990,14 +1114,14 @@ mod tests {
         std::fs::write(tmp.path().join("f"), b"abc").unwrap();
         let f = RelPath::new("f").unwrap();
         let mut record = HeldRecord::load_for_boot(&dir, Some("b".into()));
-        record.record(&dir, ([1; 16], 3), [f.clone()], |_| None);
+        record.record_as_is(&dir, ([1; 16], 3), [f.clone()], |_| None);
         let before = stamp_of(&tmp, "f");
         assert_eq!(
             record.held_position(&f, (&[1; 16], &ForkChain::none()), &before),
             Some(3)
         );
         std::fs::remove_file(tmp.path().join("f")).unwrap();
-        record.record(&dir, ([1; 16], 9), [f.clone()], |_| None);
+        record.record_as_is(&dir, ([1; 16], 9), [f.clone()], |_| None);
         assert_eq!(
             record.held_position(&f, (&[1; 16], &ForkChain::none()), &before),
             None

@@ -25,7 +25,7 @@ use held::{HeldRecord, HELD_CHECKPOINT_INTERVAL_MS};
 use input::Input;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -387,16 +387,7 @@ async fn follow_once(
         outbox: &outbox,
         sync_wake: &sync_wake,
         cache,
-        held: Held {
-            record: held.clone(),
-            instance: None,
-            index: Vec::new(),
-            touched: HashSet::new(),
-            mark_last: None,
-            recorded_at: Instant::now(),
-            recording: None,
-            births: Arc::default(),
-        },
+        held: Held::new(held.clone()),
         apply: Apply::new(
             dir.clone(),
             dirty.clone(),
@@ -598,6 +589,7 @@ impl Ctx<'_> {
                         })
                         .sum();
                     self.progress = Some(progress::Progress::new(cuts.len(), expected));
+                    self.held.lengths = lengths;
                 }
                 FollowerAction::Write {
                     path,
@@ -608,7 +600,8 @@ impl Ctx<'_> {
                     let buffered = (len_bytes as usize).min(input.unread().len());
                     if !temp {
                         self.apply.note_changed(&path);
-                        self.held.touched(&path);
+                        let end = offset.saturating_add(len_bytes);
+                        self.held.changed(&path, |len| len.max(end));
                     }
                     let file = self
                         .apply
@@ -681,9 +674,11 @@ impl Ctx<'_> {
                 }
                 other => {
                     match &other {
-                        FollowerAction::CommitWhole { path, .. }
-                        | FollowerAction::Truncate { path, .. }
-                        | FollowerAction::Delete { path } => self.held.touched(path),
+                        FollowerAction::CommitWhole { path, len_bytes }
+                        | FollowerAction::Truncate { path, len_bytes } => {
+                            self.held.changed(path, |_| *len_bytes)
+                        }
+                        FollowerAction::Delete { path } => self.held.changed(path, |_| 0),
                         _ => {}
                     }
                     self.apply.apply(other).map_err(FollowError::Session)?
@@ -856,7 +851,8 @@ fn build_inventory(
     let hashed_before = cache.hashed_bytes();
     let (mut files, mut held_files, mut born_since) = (0u64, 0u64, 0u64);
     let mut held_by_own_record = 0u64;
-    let (mut cut_files, mut cut_bytes) = (Vec::new(), 0u64);
+    // Files cut, and the bytes cut off them: [to a length at a MARK, by the own record].
+    let (mut cut_files, mut cuts_by, mut cut_bytes_by) = (Vec::new(), [0u64; 2], [0u64; 2]);
     let metas = scan(dir)?;
     let mut progress = crate::index::HashProgress::new(Some(metas.len()), Instant::now());
     for meta in metas {
@@ -881,7 +877,8 @@ fn build_inventory(
                         held_files += 1;
                         held_by_own_record += u64::from(copy.by_own_record);
                         if cut_off > 0 {
-                            cut_bytes += cut_off;
+                            cuts_by[usize::from(copy.by_own_record)] += 1;
+                            cut_bytes_by[usize::from(copy.by_own_record)] += cut_off;
                             cut_files.push(meta.path.clone());
                         }
                         len_bytes = copy.len_bytes;
@@ -928,12 +925,23 @@ fn build_inventory(
     if let Some((record, _, _)) = &mut held {
         record.retain(|p| cuts.contains_key(p));
     }
-    if !cut_files.is_empty() {
+    if cuts_by[0] > 0 {
+        tracing::info!(
+            "inventory: cut {} files to their lengths at the MARKs this dir recorded them \
+             after, under an instance the leader's goes on from ({} bytes past them: what that \
+             instance's leader sent after those MARKs, which this leader may never have had); \
+             the leader sends what it holds past them",
+            cuts_by[0],
+            cut_bytes_by[0]
+        );
+    }
+    if cuts_by[1] > 0 {
         tracing::info!(
             "inventory: cut {} files to the lengths this dir's own leader's record vouches for \
-             ({cut_bytes} bytes past them: preallocated, or never recorded by its catalog); \
-             the leader sends what it holds past them",
-            cut_files.len()
+             ({} bytes past them: preallocated, or never recorded by its catalog); the leader \
+             sends what it holds past them",
+            cuts_by[1],
+            cut_bytes_by[1]
         );
     }
     Ok(cut_files)
@@ -947,8 +955,13 @@ struct Held {
     instance: Option<InstanceId>,
     /// The leader's index: every file in it is as the leader's once the initial sync is done.
     index: Vec<RelPath>,
+    /// Each copy's length after the frames applied so far: the inventory's, then each change's
+    /// (a DATA's end, or more). What its marked length is taken from.
+    lengths: HashMap<RelPath, u64>,
     /// Files written, replaced, truncated or deleted since the record last looked at them.
-    touched: HashSet<RelPath>,
+    touched: HashMap<RelPath, Touched>,
+    /// Files changed since the last MARK: their length is marked again at the next.
+    since_mark: Vec<RelPath>,
     /// The last MARK this connection applied.
     mark_last: Option<u64>,
     recorded_at: Instant,
@@ -960,28 +973,65 @@ struct Held {
 }
 
 impl Held {
+    fn new(record: Arc<Mutex<HeldRecord>>) -> Held {
+        Held {
+            record,
+            instance: None,
+            index: Vec::new(),
+            lengths: HashMap::new(),
+            touched: HashMap::new(),
+            since_mark: Vec::new(),
+            mark_last: None,
+            recorded_at: Instant::now(),
+            recording: None,
+            births: Arc::default(),
+        }
+    }
+
     fn births_before(&mut self, action: &FollowerAction, born_in_use: bool) {
         let mut births = self.births.lock().unwrap_or_else(|p| p.into_inner());
         births.before(action, born_in_use);
     }
 
-    fn touched(&mut self, path: &RelPath) {
-        if self.instance.is_some() && !self.touched.contains(path) {
-            self.touched.insert(path.clone());
+    /// `path` is about to change: its length becomes `len_after(its length now)` (a DATA's end
+    /// or more, a TRUNCATE's or COMMIT_WHOLE's length, 0 for a DELETE), and the record is to
+    /// look at it with its length at the last MARK.
+    fn changed(&mut self, path: &RelPath, len_after: impl FnOnce(u64) -> u64) {
+        if self.instance.is_none() {
+            return;
         }
+        let before = match self.lengths.get_mut(path) {
+            Some(len) => std::mem::replace(len, len_after(*len)),
+            None => {
+                self.lengths.insert(path.clone(), len_after(0));
+                0
+            }
+        };
+        match self.touched.get_mut(path) {
+            Some(Touched {
+                since_mark: true, ..
+            }) => return,
+            Some(touched) => touched.since_mark = true,
+            // Unchanged since the record last looked: as long at the last MARK as before this.
+            None => {
+                let touched = Touched {
+                    at_mark: before,
+                    since_mark: true,
+                };
+                self.touched.insert(path.clone(), touched);
+            }
+        }
+        self.since_mark.push(path.clone());
     }
 
     /// Every frame before a MARK at `position` has been applied. Records the files changed since
     /// the last time, at most every `HELD_CHECKPOINT_INTERVAL_MS`, and every file in the index
-    /// when the MARK ends the initial sync.
+    /// when the MARK ends the initial sync, each with its length now (its marked length).
     fn on_mark(&mut self, dir: &Arc<DataDir>, position: u64, sync_done: bool) {
         if self.instance.is_none() {
             return;
         }
-        self.mark_last = Some(position);
-        if sync_done {
-            self.touched.extend(std::mem::take(&mut self.index));
-        }
+        self.marked(position, sync_done);
         let busy = self.recording.as_ref().is_some_and(|t| !t.is_finished());
         let due = sync_done
             || self.recorded_at.elapsed() >= Duration::from_millis(HELD_CHECKPOINT_INTERVAL_MS);
@@ -992,9 +1042,39 @@ impl Held {
         self.recording = self.start_recording(dir);
     }
 
+    /// `on_mark`'s bookkeeping: each file changed since the last MARK is marked with its length
+    /// now, and at the end of the initial sync every file of the index is to be recorded.
+    fn marked(&mut self, position: u64, sync_done: bool) {
+        self.mark_last = Some(position);
+        for path in self.since_mark.drain(..) {
+            if let Some(touched) = self.touched.get_mut(&path) {
+                touched.at_mark = self.lengths.get(&path).copied().unwrap_or(0);
+                touched.since_mark = false;
+            }
+        }
+        if sync_done {
+            for path in std::mem::take(&mut self.index) {
+                let at_mark = self.lengths.get(&path).copied().unwrap_or(0);
+                let touched = Touched {
+                    at_mark,
+                    since_mark: false,
+                };
+                self.touched.entry(path).or_insert(touched);
+            }
+        }
+    }
+
+    /// The files to record at the last MARK, each with its length then; none are left to.
+    fn take_marked(&mut self) -> Vec<(RelPath, u64)> {
+        std::mem::take(&mut self.touched)
+            .into_iter()
+            .map(|(path, touched)| (path, touched.at_mark))
+            .collect()
+    }
+
     fn start_recording(&mut self, dir: &Arc<DataDir>) -> Option<tokio::task::JoinHandle<()>> {
         let (instance, position) = (self.instance?, self.mark_last?);
-        let paths = std::mem::take(&mut self.touched);
+        let marked = self.take_marked();
         let (dir, record, births) = (dir.clone(), self.record.clone(), self.births.clone());
         Some(tokio::task::spawn_blocking(move || {
             let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
@@ -1002,12 +1082,14 @@ impl Held {
                 let births = births.lock().unwrap_or_else(|p| p.into_inner());
                 births.get(p)
             };
-            record.record(&dir, (instance, position), paths, born_at);
+            record.record(&dir, (instance, position), marked, born_at);
             record.save_or_warn(&dir);
         }))
     }
 
-    /// The connection ended: records what changed since the last time (after its last MARK).
+    /// The connection ended: records what changed since the last time (after its last MARK,
+    /// each file with its length then: what the connection applied after it is not part of
+    /// the copy as of that MARK).
     async fn finish(&mut self, dir: &Arc<DataDir>) {
         if let Some(task) = self.recording.take() {
             let _ = task.await;
@@ -1019,6 +1101,15 @@ impl Held {
             let _ = task.await;
         }
     }
+}
+
+/// A file changed since the held record last looked at it.
+struct Touched {
+    /// Its length when the last MARK was applied (`Held::mark_last`): the marked length a look
+    /// records it with (`docs/PROTOCOL.md`, *Held records*).
+    at_mark: u64,
+    /// Changed since that MARK: `at_mark` is taken again at the next.
+    since_mark: bool,
 }
 
 /// Makes one round's dirty set durable, on a blocking thread.
@@ -1075,6 +1166,84 @@ mod tests {
     use super::*;
     use crate::catalog::Kept;
     use crate::frame::Fork;
+
+    /// What the held record is told a copy held at a MARK: its length when that MARK was
+    /// applied, not after the frames applied since (the look comes later, on another thread);
+    /// a file no frame changed, at the initial sync's end, with its length at the inventory;
+    /// a file first changed after the last MARK, with its length before.
+    #[test]
+    fn the_held_record_is_given_each_copys_length_at_the_mark() {
+        let mut held = Held::new(Arc::default());
+        held.instance = Some([1; 16]);
+        let [seg, idle, late] = ["seg", "idle", "late"].map(|n| RelPath::new(n).unwrap());
+        held.index = vec![seg.clone(), idle.clone(), late.clone()];
+        held.lengths = HashMap::from([(seg.clone(), 100), (idle.clone(), 7), (late.clone(), 80)]);
+        held.changed(&seg, |len| len.max(150));
+        held.marked(10, false);
+        held.changed(&seg, |len| len.max(120));
+        held.changed(&seg, |len| len.max(200));
+        held.marked(11, true);
+        held.changed(&seg, |len| len.max(300));
+        held.changed(&late, |_| 50);
+        let mut marked = held.take_marked();
+        marked.sort();
+        assert_eq!(marked, [(idle, 7), (late, 80), (seg.clone(), 200)]);
+        held.marked(12, false);
+        assert_eq!(
+            held.take_marked(),
+            [],
+            "nothing changed since the last take"
+        );
+        held.changed(&seg, |len| len.max(310));
+        held.marked(13, false);
+        assert_eq!(held.take_marked(), [(seg, 310)]);
+    }
+
+    /// A copy recorded under an instance the leader's goes on from, with bytes applied after
+    /// the MARK it was recorded after (what the dead leader sent past the new leader's fork),
+    /// is cut to its length at that MARK and reported held with it, and an inventory again
+    /// still holds the cut copy.
+    #[test]
+    fn a_copy_held_under_a_fork_is_cut_to_its_length_at_the_mark() {
+        let (tmp, dir) = crate::paths::temp_data_dir();
+        std::fs::write(tmp.path().join("seg"), b"0123456789").unwrap();
+        let seg = RelPath::new("seg").unwrap();
+        let (dead, new) = ([1u8; 16], [2u8; 16]);
+        let mut record = HeldRecord::load(&dir);
+        record.record(&dir, (dead, 400), [(seg.clone(), 6)], |_| Some(3));
+        let forks = ForkChain::of([Fork {
+            from: dead,
+            position: 500,
+        }])
+        .unwrap();
+        // The new leader's copy: its own application wrote past what it had of the dead one's.
+        let leaders = Cut {
+            len_bytes: 12,
+            born_at: Some(3),
+        };
+        let cuts = HashMap::from([(seg.clone(), leaders)]);
+        let mut cache = DigestCache::load(&dir);
+        for round in 0..2 {
+            let mut haves = Vec::new();
+            let held = Some((&mut record, new, &forks));
+            let cut = build_inventory(&dir, &mut cache, held, &cuts, |h| haves.push(h)).unwrap();
+            let have = HaveEntry {
+                path: seg.clone(),
+                len_bytes: 6,
+                proof: HaveProof::Held { position: 400 },
+            };
+            assert_eq!(haves, [have], "round {round}");
+            assert_eq!(cut.len(), usize::from(round == 0), "round {round}");
+        }
+        assert_eq!(std::fs::read(tmp.path().join("seg")).unwrap(), b"012345");
+        assert_eq!(cache.hashed_bytes(), 0);
+        // Saved as cut: a process started later holds it too.
+        record.save(&dir).unwrap();
+        let mut haves = Vec::new();
+        let held = Some((&mut HeldRecord::load(&dir), new, &forks));
+        build_inventory(&dir, &mut cache, held, &cuts, |h| haves.push(h)).unwrap();
+        assert_eq!(haves[0].proof, HaveProof::Held { position: 400 });
+    }
 
     /// A dead leader's dir cuts a copy longer than its own record's length to that length and
     /// reports it held with it; an inventory again in the same process (the connection dropped

@@ -796,14 +796,15 @@ pub fn newest_ctime_ns(dir: &Path) -> i64 {
 }
 
 /// The length the follower's held record (`.ferry/held`, a journal whose later lines stand)
-/// notes for `path`, if it notes it.
+/// notes for `path` (its stamp's size), if it notes it. A line: instance, position, birth,
+/// marked length, inode, size, mtime, ctime, path.
 pub fn held_len(follower_dir: &Path, path: &str) -> Option<u64> {
     let text = std::fs::read_to_string(follower_dir.join(".ferry/held")).ok()?;
     text.lines()
         .rev()
-        .filter_map(|l| l.splitn(8, ' ').collect::<Vec<_>>().try_into().ok())
-        .find(|f: &[&str; 8]| f[7] == path)
-        .and_then(|f| f[4].parse().ok())
+        .filter_map(|l| l.splitn(9, ' ').collect::<Vec<_>>().try_into().ok())
+        .find(|f: &[&str; 9]| f[8] == path)
+        .and_then(|f| f[5].parse().ok())
 }
 
 /// `ferry lead` of `dir` on `listen` with the secret in `secret_file` (fallback engine); the
