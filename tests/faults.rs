@@ -1439,6 +1439,9 @@ struct Resumed {
     instances: usize,
     vouched: u64,
     held: u64,
+    /// Copies a follower cut to their length at the MARK it recorded them after, held under an
+    /// instance the leader's goes on from (bytes it applied after that MARK).
+    cut_to_mark: u64,
 }
 
 impl Resumed {
@@ -1472,6 +1475,11 @@ impl Resumed {
             if let Some(rest) = line.split("from its record: ").nth(1) {
                 self.instances += 1;
                 self.vouched += rest.split(' ').next().unwrap().parse::<u64>().unwrap();
+            }
+            if let Some(rest) = line.split("inventory: cut ").nth(1) {
+                if rest.contains("to their lengths at the MARKs") {
+                    self.cut_to_mark += rest.split(' ').next().unwrap().parse::<u64>().unwrap();
+                }
             }
             // The leader's word on what it accepted.
             if let Some(rest) = line.split("; its inventory: ").nth(1) {
