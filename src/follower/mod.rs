@@ -1217,32 +1217,49 @@ mod tests {
         }])
         .unwrap();
         // The new leader's copy: its own application wrote past what it had of the dead one's.
-        let leaders = Cut {
-            len_bytes: 12,
-            born_at: Some(3),
-        };
-        let cuts = HashMap::from([(seg.clone(), leaders)]);
-        let mut cache = DigestCache::load(&dir);
-        for round in 0..2 {
-            let mut haves = Vec::new();
-            let held = Some((&mut record, new, &forks));
-            let cut = build_inventory(&dir, &mut cache, held, &cuts, |h| haves.push(h)).unwrap();
-            let have = HaveEntry {
-                path: seg.clone(),
-                len_bytes: 6,
-                proof: HaveProof::Held { position: 400 },
-            };
-            assert_eq!(haves, [have], "round {round}");
-            assert_eq!(cut.len(), usize::from(round == 0), "round {round}");
-        }
-        assert_eq!(std::fs::read(tmp.path().join("seg")).unwrap(), b"012345");
-        assert_eq!(cache.hashed_bytes(), 0);
+        let (mut cache, cuts) =
+            cut_to_six_and_held_twice(&tmp, &dir, (&mut record, &forks), 12, 400);
         // Saved as cut: a process started later holds it too.
         record.save(&dir).unwrap();
         let mut haves = Vec::new();
         let held = Some((&mut HeldRecord::load(&dir), new, &forks));
         build_inventory(&dir, &mut cache, held, &cuts, |h| haves.push(h)).unwrap();
         assert_eq!(haves[0].proof, HaveProof::Held { position: 400 });
+    }
+
+    /// Two inventories of `dir` for a leader of instance `[2; 16]` going on from `forks`, whose
+    /// copy of `seg` is `leaders_len` bytes long, born at 3: each reports `seg` held at
+    /// `position` with its first 6 bytes, the first one after cutting the copy to them, and
+    /// nothing is hashed. The digest cache and the leader's index, for more.
+    fn cut_to_six_and_held_twice(
+        tmp: &tempfile::TempDir,
+        dir: &DataDir,
+        (record, forks): (&mut HeldRecord, &ForkChain),
+        leaders_len: u64,
+        position: u64,
+    ) -> (DigestCache, HashMap<RelPath, Cut>) {
+        let seg = RelPath::new("seg").unwrap();
+        let leaders = Cut {
+            len_bytes: leaders_len,
+            born_at: Some(3),
+        };
+        let cuts = HashMap::from([(seg.clone(), leaders)]);
+        let mut cache = DigestCache::load(dir);
+        for round in 0..2 {
+            let mut haves = Vec::new();
+            let held = Some((&mut *record, [2u8; 16], forks));
+            let cut = build_inventory(dir, &mut cache, held, &cuts, |h| haves.push(h)).unwrap();
+            let have = HaveEntry {
+                path: seg.clone(),
+                len_bytes: 6,
+                proof: HaveProof::Held { position },
+            };
+            assert_eq!(haves, [have], "round {round}");
+            assert_eq!(cut.len(), usize::from(round == 0), "round {round}");
+        }
+        assert_eq!(std::fs::read(tmp.path().join("seg")).unwrap(), b"012345");
+        assert_eq!(cache.hashed_bytes(), 0);
+        (cache, cuts)
     }
 
     /// A dead leader's dir cuts a copy longer than its own record's length to that length and
@@ -1254,7 +1271,7 @@ mod tests {
         std::fs::write(tmp.path().join("seg"), b"012345\0\0\0\0").unwrap();
         let seg = RelPath::new("seg").unwrap();
         let stamp = Stamp::look(&dir, &seg).unwrap().unwrap();
-        let (led, new) = ([1u8; 16], [2u8; 16]);
+        let led = [1u8; 16];
         let kept = Kept {
             born_at: 3,
             len_bytes: 6,
@@ -1270,25 +1287,6 @@ mod tests {
         }])
         .unwrap();
         // The new leader's copy grew past the record's length since.
-        let leaders = Cut {
-            len_bytes: 9,
-            born_at: Some(3),
-        };
-        let cuts = HashMap::from([(seg.clone(), leaders)]);
-        let mut cache = DigestCache::load(&dir);
-        for round in 0..2 {
-            let mut haves = Vec::new();
-            let held = Some((&mut record, new, &forks));
-            let cut = build_inventory(&dir, &mut cache, held, &cuts, |h| haves.push(h)).unwrap();
-            let have = HaveEntry {
-                path: seg.clone(),
-                len_bytes: 6,
-                proof: HaveProof::Held { position: 500 },
-            };
-            assert_eq!(haves, [have], "round {round}");
-            assert_eq!(cut.len(), usize::from(round == 0), "round {round}");
-        }
-        assert_eq!(std::fs::read(tmp.path().join("seg")).unwrap(), b"012345");
-        assert_eq!(cache.hashed_bytes(), 0);
+        cut_to_six_and_held_twice(&tmp, &dir, (&mut record, &forks), 9, 500);
     }
 }
