@@ -834,10 +834,7 @@ fn a_stop_looks_at_a_file_changed_right_before_it_once_the_change_source_reports
     let env = Env::new();
     let ld = env.dir("leader");
     write(&ld.join("seg"), &pattern(1000, 1));
-    let settled_ns = newest_ctime_ns(&ld) + 1_100_000_000;
-    wait_until(Duration::from_secs(5), "the file settled", || {
-        ferry::index::now_ns() > settled_ns
-    });
+    wait_settled(&ld);
     let mut config = config(&ld, "fallback");
     config.record_interval = Duration::from_secs(3600);
     let leader =

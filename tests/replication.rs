@@ -854,10 +854,7 @@ fn a_leaders_first_checkpoint_and_its_stop_look_again_only_at_what_changed_since
     let ld = env.dir("leader");
     write_segments(&ld, 200);
     // Settled at the start's look: unchanged for LEADER_RECORD_SETTLE_MS before it.
-    let settled_ns = newest_ctime_ns(&ld) + 1_100_000_000;
-    wait_until(Duration::from_secs(5), "the files settled", || {
-        ferry::index::now_ns() > settled_ns
-    });
+    wait_settled(&ld);
     let flags = ["--record-interval-ms", "20", "--http", "127.0.0.1:0"];
     let leader = start_leader_with(&env, &ld, "fallback", &flags);
     let http = http_addr(&leader.proc);
