@@ -511,14 +511,13 @@ fn a_follower_holding_bytes_past_its_last_mark_cuts_them_when_its_leader_changes
     write(&ld.join("q/state.json"), b"{\"head\": 1}");
     let mut leader = start_leader(&env, &ld, engine);
     let relay = RelayCuttingBeforeAMark::to(leader.addr);
-    let a = start_follower(&env, &ad, leader.addr, engine, "written");
+    let mut a = start_follower(&env, &ad, leader.addr, engine, "written");
     let mut b = start_follower(&env, &bd, relay.addr, engine, "written");
     for d in [&ad, &bd] {
         wait_identical(&ld, d, Duration::from_secs(20));
     }
     // a stops with every file settled, so that its dir, led by hand, vouches for them.
     wait_settled(&ad);
-    let mut a = a;
     signal(&a.child, libc::SIGTERM);
     assert!(a.child.wait().unwrap().success());
     // The old leader's last append reaches b, and its MARK never does.
