@@ -601,7 +601,7 @@ impl Ctx<'_> {
                     if !temp {
                         self.apply.note_changed(&path);
                         let end = offset.saturating_add(len_bytes);
-                        self.held.changed(&path, |len| len.max(end));
+                        self.held.changed(&path, |len| Some(len.max(end)));
                     }
                     let file = self
                         .apply
@@ -676,9 +676,9 @@ impl Ctx<'_> {
                     match &other {
                         FollowerAction::CommitWhole { path, len_bytes }
                         | FollowerAction::Truncate { path, len_bytes } => {
-                            self.held.changed(path, |_| *len_bytes)
+                            self.held.changed(path, |_| Some(*len_bytes))
                         }
-                        FollowerAction::Delete { path } => self.held.changed(path, |_| 0),
+                        FollowerAction::Delete { path } => self.held.changed(path, |_| None),
                         _ => {}
                     }
                     self.apply.apply(other).map_err(FollowError::Session)?
@@ -956,7 +956,7 @@ struct Held {
     /// The leader's index: every file in it is as the leader's once the initial sync is done.
     index: Vec<RelPath>,
     /// Each copy's length after the frames applied so far: the inventory's, then each change's
-    /// (a DATA's end, or more). What its marked length is taken from.
+    /// (a DATA's end, or more); none for a file deleted. What its marked length is taken from.
     lengths: HashMap<RelPath, u64>,
     /// Files written, replaced, truncated or deleted since the record last looked at them.
     touched: HashMap<RelPath, Touched>,
@@ -994,16 +994,28 @@ impl Held {
     }
 
     /// `path` is about to change: its length becomes `len_after(its length now)` (a DATA's end
-    /// or more, a TRUNCATE's or COMMIT_WHOLE's length, 0 for a DELETE), and the record is to
-    /// look at it with its length at the last MARK.
-    fn changed(&mut self, path: &RelPath, len_after: impl FnOnce(u64) -> u64) {
+    /// or more, a TRUNCATE's or COMMIT_WHOLE's length; `None` for a DELETE, which forgets it,
+    /// so that a connection that sees segments come and go keeps no length for the gone), and
+    /// the record is to look at it with its length at the last MARK.
+    fn changed(&mut self, path: &RelPath, len_after: impl FnOnce(u64) -> Option<u64>) {
         if self.instance.is_none() {
             return;
         }
         let before = match self.lengths.get_mut(path) {
-            Some(len) => std::mem::replace(len, len_after(*len)),
+            Some(len) => {
+                let before = *len;
+                match len_after(before) {
+                    Some(after) => *len = after,
+                    None => {
+                        self.lengths.remove(path);
+                    }
+                }
+                before
+            }
             None => {
-                self.lengths.insert(path.clone(), len_after(0));
+                if let Some(after) = len_after(0) {
+                    self.lengths.insert(path.clone(), after);
+                }
                 0
             }
         };
@@ -1178,25 +1190,37 @@ mod tests {
         let [seg, idle, late] = ["seg", "idle", "late"].map(|n| RelPath::new(n).unwrap());
         held.index = vec![seg.clone(), idle.clone(), late.clone()];
         held.lengths = HashMap::from([(seg.clone(), 100), (idle.clone(), 7), (late.clone(), 80)]);
-        held.changed(&seg, |len| len.max(150));
+        let grows = |end: u64| move |len: u64| Some(len.max(end));
+        held.changed(&seg, grows(150));
         held.marked(10, false);
-        held.changed(&seg, |len| len.max(120));
-        held.changed(&seg, |len| len.max(200));
+        held.changed(&seg, grows(120));
+        held.changed(&seg, grows(200));
         held.marked(11, true);
-        held.changed(&seg, |len| len.max(300));
-        held.changed(&late, |_| 50);
+        held.changed(&seg, grows(300));
+        held.changed(&late, |_| Some(50));
         let mut marked = held.take_marked();
         marked.sort();
-        assert_eq!(marked, [(idle, 7), (late, 80), (seg.clone(), 200)]);
+        assert_eq!(marked, [(idle.clone(), 7), (late, 80), (seg.clone(), 200)]);
         held.marked(12, false);
         assert_eq!(
             held.take_marked(),
             [],
             "nothing changed since the last take"
         );
-        held.changed(&seg, |len| len.max(310));
+        held.changed(&seg, grows(310));
+        held.changed(&idle, |_| None);
         held.marked(13, false);
-        assert_eq!(held.take_marked(), [(seg, 310)]);
+        let mut marked = held.take_marked();
+        marked.sort();
+        assert_eq!(
+            marked,
+            [(idle.clone(), 0), (seg, 310)],
+            "a file deleted, looked at"
+        );
+        assert!(
+            !held.lengths.contains_key(&idle),
+            "no length kept for a file gone"
+        );
     }
 
     /// A copy recorded under an instance the leader's goes on from, with bytes applied after
