@@ -573,7 +573,10 @@ impl Ctx<'_> {
                     }
                     self.report.index_files = index.len();
                     self.held.instance = instance;
-                    self.held.index = index.iter().map(|(p, _)| p.clone()).collect();
+                    self.held.index = index
+                        .iter()
+                        .map(|(p, cut)| (p.clone(), cut.len_bytes))
+                        .collect();
                     let cuts: Vec<(RelPath, u64)> = index
                         .iter()
                         .map(|(p, cut)| (p.clone(), cut.len_bytes))
@@ -589,7 +592,6 @@ impl Ctx<'_> {
                         })
                         .sum();
                     self.progress = Some(progress::Progress::new(cuts.len(), expected));
-                    self.held.lengths = lengths;
                 }
                 FollowerAction::Write {
                     path,
@@ -600,8 +602,9 @@ impl Ctx<'_> {
                     let buffered = (len_bytes as usize).min(input.unread().len());
                     if !temp {
                         self.apply.note_changed(&path);
+                        // A DATA ships a tail: from the copy's length on (`offset` is it).
                         let end = offset.saturating_add(len_bytes);
-                        self.held.changed(&path, |len| Some(len.max(end)));
+                        self.held.changed(&path, offset, |len| len.max(end));
                     }
                     let file = self
                         .apply
@@ -676,9 +679,9 @@ impl Ctx<'_> {
                     match &other {
                         FollowerAction::CommitWhole { path, len_bytes }
                         | FollowerAction::Truncate { path, len_bytes } => {
-                            self.held.changed(path, |_| Some(*len_bytes))
+                            self.held.changed(path, 0, |_| *len_bytes)
                         }
-                        FollowerAction::Delete { path } => self.held.changed(path, |_| None),
+                        FollowerAction::Delete { path } => self.held.changed(path, 0, |_| 0),
                         _ => {}
                     }
                     self.apply.apply(other).map_err(FollowError::Session)?
@@ -953,11 +956,10 @@ struct Held {
     record: Arc<Mutex<HeldRecord>>,
     /// The leader's, when `HELD` is in use; nothing is recorded without it.
     instance: Option<InstanceId>,
-    /// The leader's index: every file in it is as the leader's once the initial sync is done.
-    index: Vec<RelPath>,
-    /// Each copy's length after the frames applied so far: the inventory's, then each change's
-    /// (a DATA's end, or more); none for a file deleted. What its marked length is taken from.
-    lengths: HashMap<RelPath, u64>,
+    /// The leader's index, with each file's length in it: every file in it is as the leader's
+    /// once the initial sync is done, and one no frame changed is that long (the leader sends
+    /// a copy of another length what it lacks, or cuts it).
+    index: Vec<(RelPath, u64)>,
     /// Files written, replaced, truncated or deleted since the record last looked at them.
     touched: HashMap<RelPath, Touched>,
     /// Files changed since the last MARK: their length is marked again at the next.
@@ -978,7 +980,6 @@ impl Held {
             record,
             instance: None,
             index: Vec::new(),
-            lengths: HashMap::new(),
             touched: HashMap::new(),
             since_mark: Vec::new(),
             mark_last: None,
@@ -994,40 +995,27 @@ impl Held {
     }
 
     /// `path` is about to change: its length becomes `len_after(its length now)` (a DATA's end
-    /// or more, a TRUNCATE's or COMMIT_WHOLE's length; `None` for a DELETE, which forgets it,
-    /// so that a connection that sees segments come and go keeps no length for the gone), and
-    /// the record is to look at it with its length at the last MARK.
-    fn changed(&mut self, path: &RelPath, len_after: impl FnOnce(u64) -> Option<u64>) {
+    /// or more, a TRUNCATE's or COMMIT_WHOLE's length, 0 for a DELETE), and the record is to
+    /// look at it with its length at the last MARK. `before`: its length now, or a lower bound
+    /// on it, for a file not changed since the record last looked (a DATA's offset; 0 where
+    /// the change does not tell). Only files changed since the record last looked are kept.
+    fn changed(&mut self, path: &RelPath, before: u64, len_after: impl FnOnce(u64) -> u64) {
         if self.instance.is_none() {
             return;
         }
-        let before = match self.lengths.get_mut(path) {
-            Some(len) => {
-                let before = *len;
-                match len_after(before) {
-                    Some(after) => *len = after,
-                    None => {
-                        self.lengths.remove(path);
-                    }
-                }
-                before
-            }
-            None => {
-                if let Some(after) = len_after(0) {
-                    self.lengths.insert(path.clone(), after);
-                }
-                0
-            }
-        };
         match self.touched.get_mut(path) {
-            Some(Touched {
-                since_mark: true, ..
-            }) => return,
-            Some(touched) => touched.since_mark = true,
+            Some(touched) => {
+                touched.now = len_after(touched.now);
+                if touched.since_mark {
+                    return;
+                }
+                touched.since_mark = true;
+            }
             // Unchanged since the record last looked: as long at the last MARK as before this.
             None => {
                 let touched = Touched {
                     at_mark: before,
+                    now: len_after(before),
                     since_mark: true,
                 };
                 self.touched.insert(path.clone(), touched);
@@ -1060,15 +1048,15 @@ impl Held {
         self.mark_last = Some(position);
         for path in self.since_mark.drain(..) {
             if let Some(touched) = self.touched.get_mut(&path) {
-                touched.at_mark = self.lengths.get(&path).copied().unwrap_or(0);
+                touched.at_mark = touched.now;
                 touched.since_mark = false;
             }
         }
         if sync_done {
-            for path in std::mem::take(&mut self.index) {
-                let at_mark = self.lengths.get(&path).copied().unwrap_or(0);
+            for (path, len) in std::mem::take(&mut self.index) {
                 let touched = Touched {
-                    at_mark,
+                    at_mark: len,
+                    now: len,
                     since_mark: false,
                 };
                 self.touched.entry(path).or_insert(touched);
@@ -1077,11 +1065,11 @@ impl Held {
     }
 
     /// The files to record at the last MARK, each with its length then; none are left to.
-    fn take_marked(&mut self) -> Vec<(RelPath, u64)> {
+    /// Taken as they are, for the recording thread to collect (one list of them at a time).
+    fn take_marked(&mut self) -> impl Iterator<Item = (RelPath, u64)> + Send + 'static {
         std::mem::take(&mut self.touched)
             .into_iter()
             .map(|(path, touched)| (path, touched.at_mark))
-            .collect()
     }
 
     fn start_recording(&mut self, dir: &Arc<DataDir>) -> Option<tokio::task::JoinHandle<()>> {
@@ -1120,6 +1108,8 @@ struct Touched {
     /// Its length when the last MARK was applied (`Held::mark_last`): the marked length a look
     /// records it with (`docs/PROTOCOL.md`, *Held records*).
     at_mark: u64,
+    /// Its length after the frames applied so far (a lower bound where `before` was one).
+    now: u64,
     /// Changed since that MARK: `at_mark` is taken again at the next.
     since_mark: bool,
 }
@@ -1181,46 +1171,48 @@ mod tests {
 
     /// What the held record is told a copy held at a MARK: its length when that MARK was
     /// applied, not after the frames applied since (the look comes later, on another thread);
-    /// a file no frame changed, at the initial sync's end, with its length at the inventory;
-    /// a file first changed after the last MARK, with its length before.
+    /// a file no frame changed, at the initial sync's end, with its length in the index; a file
+    /// first changed after the last MARK (a DATA, at its offset), with its length before; a
+    /// file deleted, with none. Nothing is kept of a file once recorded.
     #[test]
     fn the_held_record_is_given_each_copys_length_at_the_mark() {
         let mut held = Held::new(Arc::default());
         held.instance = Some([1; 16]);
         let [seg, idle, late] = ["seg", "idle", "late"].map(|n| RelPath::new(n).unwrap());
-        held.index = vec![seg.clone(), idle.clone(), late.clone()];
-        held.lengths = HashMap::from([(seg.clone(), 100), (idle.clone(), 7), (late.clone(), 80)]);
-        let grows = |end: u64| move |len: u64| Some(len.max(end));
-        held.changed(&seg, grows(150));
+        held.index = vec![(seg.clone(), 100), (idle.clone(), 7), (late.clone(), 80)];
+        // DATA frames: offset, then what the copy grows to.
+        let data = |held: &mut Held, offset: u64, end: u64| {
+            held.changed(&seg, offset, |len| len.max(end));
+        };
+        data(&mut held, 100, 150);
         held.marked(10, false);
-        held.changed(&seg, grows(120));
-        held.changed(&seg, grows(200));
+        data(&mut held, 150, 200);
         held.marked(11, true);
-        held.changed(&seg, grows(300));
-        held.changed(&late, |_| Some(50));
-        let mut marked = held.take_marked();
+        data(&mut held, 200, 300);
+        held.changed(&late, 0, |_| 50);
+        let mut marked: Vec<_> = held.take_marked().collect();
         marked.sort();
         assert_eq!(marked, [(idle.clone(), 7), (late, 80), (seg.clone(), 200)]);
         held.marked(12, false);
         assert_eq!(
-            held.take_marked(),
+            held.take_marked().collect::<Vec<_>>(),
             [],
             "nothing changed since the last take"
         );
-        held.changed(&seg, grows(310));
-        held.changed(&idle, |_| None);
+        data(&mut held, 300, 310);
+        held.changed(&idle, 0, |_| 0);
         held.marked(13, false);
-        let mut marked = held.take_marked();
+        let mut marked: Vec<_> = held.take_marked().collect();
         marked.sort();
         assert_eq!(
             marked,
-            [(idle.clone(), 0), (seg, 310)],
-            "a file deleted, looked at"
+            [(idle, 0), (seg.clone(), 310)],
+            "deleted: looked at, gone"
         );
-        assert!(
-            !held.lengths.contains_key(&idle),
-            "no length kept for a file gone"
-        );
+        // The connection ends after a DATA past its last MARK.
+        data(&mut held, 310, 400);
+        assert_eq!(held.take_marked().collect::<Vec<_>>(), [(seg, 310)]);
+        assert!(held.touched.is_empty(), "nothing kept once recorded");
     }
 
     /// A copy recorded under an instance the leader's goes on from, with bytes applied after
