@@ -98,9 +98,9 @@ pub struct HeldRecord {
     /// Entry lines in the file on disk, once this process has rewritten it (`None` before).
     journal_lines: Option<usize>,
     /// What this dir's own leader's record vouches for, when it led and died
-    /// (`load_with_own_record`), with the length it recorded: looked up after `entries`, never
-    /// saved.
-    led: HashMap<RelPath, (Entry, u64)>,
+    /// (`load_with_own_record`), the length it recorded as each entry's marked length: looked
+    /// up after `entries`, never saved.
+    led: HashMap<RelPath, Entry>,
 }
 
 impl HeldRecord {
@@ -132,7 +132,7 @@ impl HeldRecord {
                         marked_len: Some(kept.len_bytes),
                         stamp,
                     };
-                    (path, (entry, kept.len_bytes))
+                    (path, entry)
                 })
                 .collect();
         }
@@ -363,8 +363,8 @@ impl HeldRecord {
             Some(copy(e, e.marked_len?.min(stamp.len_bytes), false))
         });
         own.or_else(|| {
-            let (e, len_bytes) = self.led.get(path).filter(|(e, _)| holds(e))?;
-            Some(copy(e, *len_bytes, true))
+            let e = self.led.get(path).filter(|e| holds(e))?;
+            Some(copy(e, e.marked_len?, true))
         })
     }
 
@@ -399,7 +399,7 @@ impl HeldRecord {
         }
         if let Ok(Some(stamp)) = Stamp::look(dir, path) {
             let entry = match copy.by_own_record {
-                true => self.led.get_mut(path).map(|(entry, _)| entry),
+                true => self.led.get_mut(path),
                 false => self.entries.get_mut(path),
             };
             if let Some(entry) = entry.filter(|_| stamp.len_bytes == copy.len_bytes) {
