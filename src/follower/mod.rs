@@ -573,10 +573,6 @@ impl Ctx<'_> {
                     }
                     self.report.index_files = index.len();
                     self.held.instance = instance;
-                    self.held.index = index
-                        .iter()
-                        .map(|(p, cut)| (p.clone(), cut.len_bytes))
-                        .collect();
                     let cuts: Vec<(RelPath, u64)> = index
                         .iter()
                         .map(|(p, cut)| (p.clone(), cut.len_bytes))
@@ -592,6 +588,8 @@ impl Ctx<'_> {
                         })
                         .sum();
                     self.progress = Some(progress::Progress::new(cuts.len(), expected));
+                    // Marked at the initial sync's end with these lengths (`Held::marked`).
+                    self.held.index = cuts;
                 }
                 FollowerAction::Write {
                     path,
