@@ -1,8 +1,9 @@
 //! Fault injection against real `ferry` processes (issue 6): a follower killed with SIGKILL at
 //! random points of its sync, a follower whose disk fills, a cluster leader killed under load, a
 //! leader partitioned from etcd and its followers by network namespaces, a leader that goes
-//! silent in the middle of a payload, and a leader and follower restarted at random while the
-//! broker writes on. Random choices come from one seed, printed (`FERRY_FAULT_SEED` replays
+//! silent in the middle of a payload, a leader and follower restarted at random while the
+//! broker writes on, and a broker that embeds the leader (`embedding_broker`) killed at random.
+//! Random choices come from one seed, printed (`FERRY_FAULT_SEED` replays
 //! another); tests that need root (tmpfs, namespaces) say why they skip without it.
 //!
 //! What a follower may show under a file's real name, from how it writes (src/follower/apply.rs
@@ -17,6 +18,7 @@
 //! `check_not_torn` asserts exactly that.
 
 mod common;
+mod embedding_broker;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -1891,4 +1893,190 @@ fn leadership_moved_at_random_under_load_never_shows_other_bytes_and_nodes_conve
         wait_same_files(&nodes[leader].dir, &nodes[i].dir, Duration::from_secs(30));
     }
     drop(etcd);
+}
+
+/// The broker `an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs` runs as
+/// a child process: this test binary started again on this test alone.
+#[test]
+#[ignore = "a child process of an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs"]
+fn embedding_broker_process() {
+    embedding_broker::run();
+}
+
+/// Tells the embedding broker `proc` one command (`embedding_broker::run`).
+fn tell(proc: &mut Proc, command: &str) {
+    let stdin = proc.child.stdin.as_mut().unwrap();
+    stdin.write_all(format!("{command}\n").as_bytes()).unwrap();
+    stdin.flush().unwrap();
+}
+
+/// `None` once copy `fd` holds exactly what the broker's dir `ld` holds for its followers
+/// (`embedding_broker::broker_view`); else the first difference.
+fn copy_difference(ld: &Path, fd: &Path) -> Option<String> {
+    let want = embedding_broker::broker_view(ld);
+    let have: BTreeMap<String, Vec<u8>> = files(fd)
+        .into_iter()
+        .filter_map(|(rel, path)| Some((rel, std::fs::read(path).ok()?)))
+        .collect();
+    let only = |a: &BTreeMap<String, Vec<u8>>, b: &BTreeMap<String, Vec<u8>>| -> Vec<String> {
+        a.keys().filter(|k| !b.contains_key(*k)).cloned().collect()
+    };
+    let (missing, extra) = (only(&want, &have), only(&have, &want));
+    if !missing.is_empty() || !extra.is_empty() {
+        return Some(format!("missing {missing:?}, not the broker's {extra:?}"));
+    }
+    want.iter()
+        .find(|(rel, bytes)| have[*rel] != **bytes)
+        .map(|(rel, bytes)| {
+            let theirs = &have[rel];
+            format!(
+                "{rel}: the broker's {} bytes, the copy's {} (first difference at {})",
+                bytes.len(),
+                theirs.len(),
+                common_prefix(bytes, theirs)
+            )
+        })
+}
+
+/// The library as brokers embed it, killed with the broker: a broker writes messages through
+/// a shared mmap into segments preallocated to their full size, tells its leader with `append`
+/// after each, rolls and deletes segments and rewrites small state files
+/// (`embedding_broker`). Each round kills it with SIGKILL mid-write (or stops it in order) and
+/// starts it again, and it recovers its messages from its segments and starts its leader with
+/// those lengths, which resumes the instance of its last checkpoint; its two followers are
+/// killed or stopped at random too, with random engines and durabilities. Once the broker
+/// pauses, each copy must hold exactly what the broker's dir holds for followers: each
+/// segment's messages, never the zeros preallocated past them, and each state file whole. A
+/// copy wrongly taken as held, or a prefix shipped from a stale length, would differ for good.
+#[test]
+fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
+    const ROUNDS: usize = 10;
+    let mut rng = Rng(seed());
+    let env = Env::new();
+    let (ld, scratch) = (env.dir("broker"), env.dir("scratch"));
+    let fds = [env.dir("f0"), env.dir("f1")];
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let engine = |rng: &mut Rng| ENGINES[rng.below(2) as usize];
+    let start_broker = |rng: &mut Rng| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "embedding_broker_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(embedding_broker::ENV_DIR, &ld)
+        .env(embedding_broker::ENV_SCRATCH, &scratch)
+        .env(embedding_broker::ENV_LISTEN, &listen)
+        .env(embedding_broker::ENV_ENGINE, engine(rng))
+        .env(embedding_broker::ENV_SEED, rng.next().to_string())
+        .stdin(std::process::Stdio::piped());
+        let proc = Proc::spawn(cmd);
+        proc.wait_log(embedding_broker::SAID_LEADING, Duration::from_secs(30));
+        proc
+    };
+    let follow = |rng: &mut Rng, fd: &Path| {
+        let durability = ["received", "written", "synced"][rng.below(3) as usize];
+        start_follower(&env, fd, addr, engine(rng), durability)
+    };
+    // Stops the broker: SIGKILL, or in order (its leader writes its record and ends).
+    let stop_broker = |mut proc: Proc, kill: bool, seen: &mut Resumed| {
+        if kill {
+            seen.stop(proc, libc::SIGKILL);
+            return;
+        }
+        tell(&mut proc, "stop");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = proc.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the broker did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = proc.log_text();
+        assert!(status.success(), "{status}\n{log}");
+        seen.count(&log);
+    };
+
+    let mut seen = Resumed::default();
+    let mut broker = Some(start_broker(&mut rng));
+    let mut followers: Vec<Option<Proc>> =
+        fds.iter().map(|fd| Some(follow(&mut rng, fd))).collect();
+    for round in 0..ROUNDS {
+        std::thread::sleep(Duration::from_millis(600 + rng.below(800)));
+        let k = rng.below(2) as usize;
+        let either = |rng: &mut Rng| [libc::SIGKILL, libc::SIGTERM][rng.below(2) as usize];
+        // The broker writing on between the followers' stop and its own, for so long.
+        let mut gap_ms = 0;
+        let (broker_how, follower_how, whom) = match rng.below(10) {
+            0 | 1 => (Some(libc::SIGKILL), None, vec![]),
+            2 => (Some(libc::SIGTERM), None, vec![]),
+            3 => (None, Some(either(&mut rng)), vec![k]),
+            4 => (Some(libc::SIGKILL), Some(libc::SIGKILL), vec![k]),
+            5 => (Some(libc::SIGKILL), Some(libc::SIGTERM), vec![0, 1]),
+            // Changes the follower never saw, some of them after the broker's last
+            // checkpoint: what a checkpoint must not vouch for.
+            _ => {
+                gap_ms = rng.below(1500);
+                (Some(libc::SIGKILL), Some(either(&mut rng)), vec![k])
+            }
+        };
+        for &i in &whom {
+            seen.stop(followers[i].take().unwrap(), follower_how.unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(gap_ms));
+        if let Some(how) = broker_how {
+            stop_broker(broker.take().unwrap(), how == libc::SIGKILL, &mut seen);
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(500)));
+        if broker.is_none() {
+            broker = Some(start_broker(&mut rng));
+        }
+        for (i, fd) in fds.iter().enumerate() {
+            if followers[i].is_none() {
+                followers[i] = Some(follow(&mut rng, fd));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(800)));
+        let proc = broker.as_mut().unwrap();
+        let from = proc.log_len();
+        tell(proc, "pause");
+        proc.wait_log_since(from, embedding_broker::SAID_PAUSED, Duration::from_secs(30));
+        let name = |how: Option<libc::c_int>| match how {
+            Some(libc::SIGKILL) => "SIGKILL",
+            Some(_) => "stopped",
+            None => "-",
+        };
+        let paused = Instant::now();
+        for fd in &fds {
+            while let Some(diff) = copy_difference(&ld, fd) {
+                assert!(
+                    paused.elapsed() < Duration::from_secs(60),
+                    "round {round}: {} differs after 60 s: {diff}",
+                    fd.display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        eprintln!(
+            "round {round:2}: followers {whom:?} {}, then {gap_ms} ms later broker {}; copies \
+             as the broker's {:.1} s after it paused",
+            name(follower_how),
+            name(broker_how),
+            paused.elapsed().as_secs_f64()
+        );
+        tell(broker.as_mut().unwrap(), "resume");
+    }
+    for proc in followers.iter_mut().filter_map(Option::take) {
+        seen.stop(proc, libc::SIGTERM);
+    }
+    stop_broker(broker.take().unwrap(), false, &mut seen);
+    eprintln!("{seen:?}");
+    assert!(
+        seen.instances >= 2 && seen.vouched > 0 && seen.held > 0,
+        "too few restarts resumed an instance or held a file for the test to mean anything: \
+         {seen:?}"
+    );
 }

@@ -7,7 +7,9 @@
 #                            etcd, as cargo test does); about 20 s a seed
 #   promotions_by_hand_...   the leader killed and a follower's dir led by `ferry lead`, again
 #                            and again, while a broker writes; about 20 s a seed
-# usage: tools/soak.sh [SEEDS] [FIRST_SEED] [TEST_FILTER]   (defaults: 20, 1, all three tests)
+#   an_embedding_broker_...  a broker embedding the leader (mmap'd preallocated segments) killed
+#                            or stopped at random, and its followers too; about 25 s a seed
+# usage: tools/soak.sh [SEEDS] [FIRST_SEED] [TEST_FILTER]   (defaults: 20, 1, all four tests)
 # Each run's output goes to target/soak/<test>-<seed>.log; it prints one line per seed and exits
 # non-zero if any failed, naming the seeds (FERRY_FAULT_SEED=N cargo test --release --test
 # faults TEST replays one).
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/.."
 seeds="${1:-20}"
 first="${2:-1}"
 filters=("${3:-restarts_at_random}")
-[ -n "${3:-}" ] || filters+=(leadership_moved promotions_by_hand)
+[ -n "${3:-}" ] || filters+=(leadership_moved promotions_by_hand an_embedding_broker)
 
 bin="$(cargo test --release --locked --test faults --no-run --message-format=json 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*faults-[^"]*\)".*/\1/p' | tail -1)"
