@@ -338,6 +338,71 @@ fn a_one_shot_sync_stopped_by_sigterm_exits_nonzero_naming_the_signal() {
     );
 }
 
+/// The waits a follower logged before its attempts to reconnect (`reconnecting in N ms`), among
+/// its log lines after the first `from`.
+fn reconnect_waits_ms(follower: &Proc, from: usize) -> Vec<u64> {
+    follower.log.lock().unwrap()[from..]
+        .iter()
+        .filter_map(|l| {
+            l.split("reconnecting in ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A follower whose leader is gone tries again at most `RECONNECT_NO_LEADER_MAX_MS` (1 s)
+/// apart however long the leader stays away (an attempt that finds no leader listening costs
+/// a SYN), so it is back within about a second of a restarted leader, whose broker's confirms
+/// wait for it; and after a connection on which it came in sync, it tries again after the
+/// shortest wait, however short that connection was, so a leader restarted at once is
+/// followed again at once.
+#[test]
+fn a_follower_is_back_within_a_second_of_its_leader_however_long_it_was_away() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(64 * 1024, 3));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let lead = || {
+        let proc = Proc::spawn(lead_cmd_at(&env, &ld, "fallback", &listen));
+        proc.wait_log("listening on ", Duration::from_secs(20));
+        proc
+    };
+    let mut leader = lead();
+    let mut cmd = follow_cmd(&env, &fd, listen.parse().unwrap(), "fallback");
+    // Every failed attempt's wait, not only the first of a kind.
+    cmd.env("RUST_LOG", "info,ferry::follower=debug");
+    let follower = Proc::spawn(cmd);
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+
+    // Away for eight attempts: 0.1 s doubling would have reached 12.8 s.
+    let from = follower.log_len();
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+    wait_until(Duration::from_secs(30), "eight failed attempts", || {
+        reconnect_waits_ms(&follower, from).len() >= 8
+    });
+    let waits = reconnect_waits_ms(&follower, from);
+    assert!(waits.iter().all(|&ms| ms <= 1000), "{waits:?}");
+    let from = follower.log_len();
+    leader = lead();
+    follower.wait_log_since(from, "connected to the leader", Duration::from_secs(10));
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+
+    // Killed again right after the follower came in sync: a short connection that worked.
+    let from = follower.log_len();
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+    wait_until(Duration::from_secs(10), "a failed attempt", || {
+        !reconnect_waits_ms(&follower, from).is_empty()
+    });
+    let waits = reconnect_waits_ms(&follower, from);
+    assert_eq!(waits[0], 100, "{waits:?}");
+}
+
 /// A leader stopped with SIGTERM and started again on its data dir resumes its instance (its
 /// record, `.ferry/leader`): a follower that holds everything hashes only the files changed
 /// while the leader was down, which the resumed leader cannot vouch for. Of the files, one

@@ -54,8 +54,21 @@ use outbox::Outbox;
 
 /// Bytes read from the leader's socket per read (frames, and payload that came along).
 const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// The first wait before reconnecting; it doubles with each attempt that fails, and starts
+/// again from here after a connection that worked (see `RECONNECT_WORKED_AFTER`).
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest wait after an attempt that failed once connected: each such attempt costs the
+/// leader an index and this follower an inventory.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest wait after an attempt that found no leader listening, which costs a SYN: how
+/// late a follower may come back after its leader restarts (the broker's confirms may wait for
+/// it), however long the leader was away.
+const RECONNECT_NO_LEADER_MAX: Duration = Duration::from_secs(1);
+/// A connection that lasted this long worked, as did one on which the follower came in sync:
+/// the wait starts again from `RECONNECT_BACKOFF_MIN`, and how the connection ended is news.
+/// Only the first: an attempt that fails again before it is in sync (a disk full, the leader
+/// refusing what it sends) goes on doubling.
+const RECONNECT_WORKED_AFTER: Duration = Duration::from_secs(5);
 /// How long a follower that sent an ERROR waits for the leader to close before it does.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
 /// How often a sleeping follower looks at its stop flag.
@@ -110,6 +123,10 @@ pub enum FollowError {
     Session(SessionError),
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// No leader listening at the address (the connect failed): retried sooner than an
+    /// attempt that failed once connected (`RECONNECT_NO_LEADER_MAX`).
+    #[error(transparent)]
+    NoLeader(io::Error),
     /// The data dir's path no longer names the directory being written (`DataDir::check_root`):
     /// following on would write, and ack, into a directory nobody will find there.
     #[error(transparent)]
@@ -238,20 +255,29 @@ async fn follow_until_done(
             (Some(previous), true) => previous.clone(),
             _ => secrets.current.clone(),
         };
+        let connects_before = config.status.lock().map_or(0, |st| st.connects);
         let result = follow_once(&config, &secret, dir, &cache, &held).await;
-        if let Ok(mut st) = config.status.lock() {
-            st.connected = false;
-            st.last_error = result.as_ref().err().map(|e| e.to_string());
-        }
+        // This attempt connected (the count moved) and came in sync on that connection.
+        let came_in_sync = match config.status.lock() {
+            Ok(mut st) => {
+                st.connected = false;
+                st.last_error = result.as_ref().err().map(|e| e.to_string());
+                st.connects != connects_before && st.sync_done
+            }
+            Err(_) => false,
+        };
         if config.stop.load(std::sync::atomic::Ordering::SeqCst) {
             // Asked to stop (a signal, or a node about to lead): however the connection ended.
             return Ok(result.unwrap_or_default());
         }
-        // An attempt that lasted was a connection that worked: how it ended is news.
-        if started.elapsed() > RECONNECT_BACKOFF_MAX {
+        if came_in_sync || started.elapsed() > RECONNECT_WORKED_AFTER {
             backoff = RECONNECT_BACKOFF_MIN;
             repeats.forget();
         }
+        let wait = match result {
+            Err(FollowError::NoLeader(_)) => backoff.min(RECONNECT_NO_LEADER_MAX),
+            _ => backoff,
+        };
         match result {
             Ok(report) if config.once => return Ok(report),
             // The leader no longer accepts the secret this connection authenticated with, and
@@ -279,20 +305,21 @@ async fn follow_until_done(
             }
             Err(e @ (FollowError::Refused(_) | FollowError::DirGone(_))) => return Err(e),
             Err(e) if config.once => return Err(e),
-            Ok(_) => tracing::warn!("the leader closed the connection; reconnecting"),
+            Ok(_) => tracing::warn!(
+                "the leader closed the connection; reconnecting in {} ms",
+                wait.as_millis()
+            ),
             Err(e) => {
                 let message = e.to_string();
                 match repeats.report(&message, Instant::now()) {
-                    Some(line) => {
-                        tracing::warn!("{line}; reconnecting in {} ms", backoff.as_millis())
-                    }
+                    Some(line) => tracing::warn!("{line}; reconnecting in {} ms", wait.as_millis()),
                     None => {
-                        tracing::debug!("{message}; reconnecting in {} ms", backoff.as_millis())
+                        tracing::debug!("{message}; reconnecting in {} ms", wait.as_millis())
                     }
                 }
             }
         }
-        sleep_unless_stopped(backoff, &config.stop).await;
+        sleep_unless_stopped(wait, &config.stop).await;
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
 }
@@ -348,10 +375,10 @@ async fn follow_once(
 ) -> Result<SyncReport, FollowError> {
     let addr = resolve(&config.leader).await?;
     let conn = Rc::new(Conn::connect(addr).await.map_err(|e| {
-        io::Error::new(
+        FollowError::NoLeader(io::Error::new(
             e.kind(),
             format!("cannot connect to the leader at {addr}: {e}"),
-        )
+        ))
     })?);
     tracing::info!("connected to the leader at {addr}");
     if let Ok(mut st) = config.status.lock() {
