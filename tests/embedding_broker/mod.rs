@@ -110,7 +110,11 @@ impl Mapped {
             .truncate(false)
             .open(dir.join(rel))
             .unwrap();
-        file.set_len(SEGMENT_BYTES).unwrap();
+        // Preallocated once: setting the length again, even to the same, changes the file's
+        // mtime and ctime, and its leader's record could no longer vouch for it.
+        if file.metadata().unwrap().len() != SEGMENT_BYTES {
+            file.set_len(SEGMENT_BYTES).unwrap();
+        }
         // SAFETY: a fresh mapping (no address asked for) of SEGMENT_BYTES of a file just set to
         // that length; the file stays open beside it, and `Drop` unmaps it once. Only this
         // process's writer thread touches it.
