@@ -403,6 +403,79 @@ fn a_follower_is_back_within_a_second_of_its_leader_however_long_it_was_away() {
     assert_eq!(waits[0], 100, "{waits:?}");
 }
 
+/// A listening socket whose accept queue is full, so the kernel drops every SYN sent to it, as
+/// a leader's host that is gone without a reset does (its SYNs retried for about two minutes).
+struct Unanswered {
+    addr: std::net::SocketAddr,
+    _listener: std::net::TcpListener,
+    _queued: std::net::TcpStream,
+}
+
+fn unanswered() -> Unanswered {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) again on a listening socket this function owns, only to shrink its
+    // accept queue (to one connection, which `_queued` takes).
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let addr = listener.local_addr().unwrap();
+    let queued = std::net::TcpStream::connect(addr).unwrap();
+    Unanswered {
+        addr,
+        _listener: listener,
+        _queued: queued,
+    }
+}
+
+/// Waits up to `timeout` for `proc` to exit; its exit status and how long that took.
+fn exit_within(proc: &mut Proc, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+    let began = std::time::Instant::now();
+    loop {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            return (status, began.elapsed());
+        }
+        assert!(began.elapsed() < timeout, "still running after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A follower whose leader's host does not answer (gone without a reset: its SYNs dropped)
+/// gives up on the connect after `CONNECT_TIMEOUT_MS`, saying so, and tries again, so it
+/// follows within seconds of the leader's return rather than once the kernel's two minutes of
+/// SYN retries ran out; and a stop (SIGTERM; a node elected, which must take the dir) does not
+/// wait for a connect in flight.
+#[test]
+fn a_follower_whose_leader_does_not_answer_gives_up_on_the_connect_and_stops_at_once() {
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &pattern(4096, 5));
+    let hole = unanswered();
+    let addr = hole.addr;
+    let follower = start_follower(&env, &fd, addr, "fallback", "written");
+    let line = follower.wait_log("no answer within", Duration::from_secs(20));
+    assert!(
+        line.contains(&format!("cannot connect to the leader at {addr}")),
+        "{line}"
+    );
+    // The leader's host is back.
+    drop(hole);
+    let _leader = {
+        let proc = Proc::spawn(lead_cmd_at(&env, &ld, "fallback", &addr.to_string()));
+        proc.wait_log("listening on ", Duration::from_secs(20));
+        proc
+    };
+    wait_identical(&ld, &fd, Duration::from_secs(20));
+
+    let hole = unanswered();
+    let mut follower = start_follower(&env, &env.dir("g"), hole.addr, "fallback", "written");
+    follower.wait_log("following ", Duration::from_secs(20));
+    // Inside its first connect, which would take CONNECT_TIMEOUT_MS to give up.
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(&follower.child, libc::SIGTERM);
+    let (status, took) = exit_within(&mut follower, Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{}", follower.log_text());
+    assert!(took < Duration::from_secs(3), "the stop took {took:?}");
+}
+
 /// A leader stopped with SIGTERM and started again on its data dir resumes its instance (its
 /// record, `.ferry/leader`): a follower that holds everything hashes only the files changed
 /// while the leader was down, which the resumed leader cannot vouch for. Of the files, one

@@ -40,7 +40,8 @@ use crate::engine::receive::{self, is_write_failure, Receiver};
 use crate::engine::{self, Conn, EngineKind};
 use crate::fork_chain::{ForkChain, ToldChains};
 use crate::frame::{
-    Durability, ErrorCode, FrameError, InstanceId, LineageId, LEADER_SILENCE_TIMEOUT_MS,
+    Durability, ErrorCode, FrameError, InstanceId, LineageId, CONNECT_TIMEOUT_MS,
+    LEADER_SILENCE_TIMEOUT_MS,
 };
 use crate::index::{scan, DigestCache};
 use crate::paths::{DataDir, RelPath};
@@ -365,6 +366,26 @@ async fn resolve(leader: &str) -> io::Result<SocketAddr> {
     })
 }
 
+/// Connects to the leader at `leader`, giving up after `CONNECT_TIMEOUT_MS` without an answer.
+async fn connect(leader: &str) -> Result<(Conn, SocketAddr), FollowError> {
+    let addr = resolve(leader).await?;
+    let timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
+    let cannot = |kind, why: String| {
+        FollowError::NoLeader(io::Error::new(
+            kind,
+            format!("cannot connect to the leader at {addr}: {why}"),
+        ))
+    };
+    match tokio::time::timeout(timeout, Conn::connect(addr)).await {
+        Ok(Ok(conn)) => Ok((conn, addr)),
+        Ok(Err(e)) => Err(cannot(e.kind(), e.to_string())),
+        Err(_) => Err(cannot(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {CONNECT_TIMEOUT_MS} ms (CONNECT_TIMEOUT_MS)"),
+        )),
+    }
+}
+
 /// One connection, from connect to its end.
 async fn follow_once(
     config: &FollowConfig,
@@ -373,13 +394,12 @@ async fn follow_once(
     cache: &Rc<RefCell<Option<DigestCache>>>,
     held: &Arc<Mutex<HeldRecord>>,
 ) -> Result<SyncReport, FollowError> {
-    let addr = resolve(&config.leader).await?;
-    let conn = Rc::new(Conn::connect(addr).await.map_err(|e| {
-        FollowError::NoLeader(io::Error::new(
-            e.kind(),
-            format!("cannot connect to the leader at {addr}: {e}"),
-        ))
-    })?);
+    // A stop does not wait for a connect in flight (a node elected must take the dir).
+    let connected = tokio::select! {
+        connected = connect(&config.leader) => connected?,
+        () = stopped(&config.stop) => return Ok(SyncReport::default()),
+    };
+    let (conn, addr) = (Rc::new(connected.0), connected.1);
     tracing::info!("connected to the leader at {addr}");
     if let Ok(mut st) = config.status.lock() {
         st.connected = true;
