@@ -1987,14 +1987,7 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
             return;
         }
         tell(&mut proc, "stop");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = proc.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "the broker did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let (status, _) = proc.exit_within(Duration::from_secs(30));
         let log = proc.log_text();
         assert!(status.success(), "{status}\n{log}");
         seen.count(&log);

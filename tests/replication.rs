@@ -426,18 +426,6 @@ fn unanswered() -> Unanswered {
     }
 }
 
-/// Waits up to `timeout` for `proc` to exit; its exit status and how long that took.
-fn exit_within(proc: &mut Proc, timeout: Duration) -> (std::process::ExitStatus, Duration) {
-    let began = std::time::Instant::now();
-    loop {
-        if let Some(status) = proc.child.try_wait().unwrap() {
-            return (status, began.elapsed());
-        }
-        assert!(began.elapsed() < timeout, "still running after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// A follower whose leader's host does not answer (gone without a reset: its SYNs dropped)
 /// gives up on the connect after `CONNECT_TIMEOUT_MS`, saying so, and tries again, so it
 /// follows within seconds of the leader's return rather than once the kernel's two minutes of
@@ -471,7 +459,7 @@ fn a_follower_whose_leader_does_not_answer_gives_up_on_the_connect_and_stops_at_
     // Inside its first connect, which would take CONNECT_TIMEOUT_MS to give up.
     std::thread::sleep(Duration::from_millis(1000));
     signal(&follower.child, libc::SIGTERM);
-    let (status, took) = exit_within(&mut follower, Duration::from_secs(60));
+    let (status, took) = follower.exit_within(Duration::from_secs(60));
     assert!(status.success(), "{status}\n{}", follower.log_text());
     assert!(took < Duration::from_secs(3), "the stop took {took:?}");
 }

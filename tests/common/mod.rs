@@ -131,6 +131,23 @@ impl Proc {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit (failing past it); its exit status and how
+    /// long that took.
+    pub fn exit_within(&mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
+        let began = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, began.elapsed());
+            }
+            assert!(
+                began.elapsed() < timeout,
+                "still running after {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGHUP (a reload) and waits up to 10 s for a line containing `needle` logged
     /// after it.
     pub fn reload(&self, needle: &str) -> String {
