@@ -65,10 +65,11 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// late a follower may come back after its leader restarts (the broker's confirms may wait for
 /// it), however long the leader was away.
 const RECONNECT_NO_LEADER_MAX: Duration = Duration::from_secs(1);
-/// A connection that lasted this long worked, as did one on which the follower came in sync:
-/// the wait starts again from `RECONNECT_BACKOFF_MIN`, and how the connection ended is news.
-/// Only the first: an attempt that fails again before it is in sync (a disk full, the leader
-/// refusing what it sends) goes on doubling.
+/// A connection that lasted this long worked, as did one on which the follower came in sync and
+/// that the leader's going away ended (`leader_went_away`): the wait starts again from
+/// `RECONNECT_BACKOFF_MIN`, and how the connection ended is news. A connection that came in
+/// sync and then failed otherwise (a disk full, an ERROR from the leader) may fail so again at
+/// once: its wait goes on doubling.
 const RECONNECT_WORKED_AFTER: Duration = Duration::from_secs(5);
 /// How long a follower that sent an ERROR waits for the leader to close before it does.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
@@ -271,7 +272,8 @@ async fn follow_until_done(
             // Asked to stop (a signal, or a node about to lead): however the connection ended.
             return Ok(result.unwrap_or_default());
         }
-        if came_in_sync || started.elapsed() > RECONNECT_WORKED_AFTER {
+        if (came_in_sync && leader_went_away(&result)) || started.elapsed() > RECONNECT_WORKED_AFTER
+        {
             backoff = RECONNECT_BACKOFF_MIN;
             repeats.forget();
         }
@@ -322,6 +324,22 @@ async fn follow_until_done(
         }
         sleep_unless_stopped(wait, &config.stop).await;
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+}
+
+/// Whether a connection ended because the leader went away (it closed, stopped, died, or fell
+/// silent), which a restarted leader answers at once, rather than on a failure that may come
+/// back as soon as the follower does.
+fn leader_went_away(result: &Result<SyncReport, FollowError>) -> bool {
+    use io::ErrorKind::*;
+    match result {
+        Ok(_) => true,
+        Err(FollowError::Session(SessionError::Peer { code, .. })) => *code == ErrorCode::Shutdown,
+        Err(FollowError::Io(e)) => matches!(
+            e.kind(),
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | TimedOut
+        ),
+        Err(_) => false,
     }
 }
 
