@@ -70,6 +70,9 @@ pub const LEADER_SILENCE_TIMEOUT_MS: u64 = 5000;
 /// A follower whose TCP connect to its leader is not answered for this long gives up on it (a
 /// host gone without a reset: its SYNs dropped, which the kernel retries for minutes).
 pub const CONNECT_TIMEOUT_MS: u64 = 5000;
+/// A leader drops a follower's connection whose host has left its bytes unacknowledged, or its
+/// receive window shut, for this long (TCP_USER_TIMEOUT).
+pub const FOLLOWER_UNACKED_TIMEOUT_MS: u64 = 30_000;
 /// How long MARKs may repeat the last claim because bytes vanished from a file whose change
 /// nobody reported, before the leader records the file as it is on disk itself. `ferry lead`'s
 /// watcher reports such a change within milliseconds; a library user who cut a file back

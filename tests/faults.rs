@@ -954,15 +954,18 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 impl Netns {
     fn create() -> Result<Netns, String> {
+        // Tests of one process run at once: each namespace its own names and subnet.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
-        let subnet = format!("10.213.{}", pid % 250);
+        let subnet = format!("10.{}.{}", 213 + n % 40, pid % 250);
         let net = Netns {
-            name: format!("ferry-test-{pid}"),
-            host_if: format!("fy{pid}h"),
+            name: format!("ferry-test-{pid}-{n}"),
+            host_if: format!("fy{pid}h{n}"),
             host_ip: format!("{subnet}.1"),
             ns_ip: format!("{subnet}.2"),
         };
-        let ns_if = format!("fy{pid}n");
+        let ns_if = format!("fy{pid}n{n}");
         let (host_cidr, ns_cidr) = (format!("{}/30", net.host_ip), format!("{}/30", net.ns_ip));
         let name = net.name.as_str();
         ip(&["netns", "add", name])?;
@@ -2071,5 +2074,51 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
         seen.instances >= 2 && seen.vouched > 0 && seen.held > 0,
         "too few restarts resumed an instance or held a file for the test to mean anything: \
          {seen:?}"
+    );
+}
+
+/// A follower's host that drops off the network without a reset (its link cut: nothing it
+/// sends or acknowledges arrives) leaves the leader's followers within
+/// `FOLLOWER_UNACKED_TIMEOUT_MS` of its last acknowledgement, the leader saying why, where the
+/// kernel's retransmissions of the leader's keepalives would have kept it listed (and its
+/// connection's files open) for about 15 minutes.
+#[test]
+fn a_follower_whose_host_vanishes_leaves_the_leaders_followers_within_the_unacked_timeout() {
+    let net = match Netns::create() {
+        Ok(net) => net,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot build a network namespace ({why}); needs root and iproute2");
+            return;
+        }
+    };
+    let env = Env::new();
+    let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+    write(&ld.join("q/seg"), &content(7, 0, MIB));
+    let listen = format!("{}:{}", net.host_ip, free_port());
+    let leader = Proc::spawn(lead_cmd_at(&env, &ld, "fallback", &listen));
+    leader.wait_log("listening on ", Duration::from_secs(20));
+    // The follower's host is the namespace, reaching the leader over the veth.
+    let _follower = {
+        let mut cmd = net.exec(env!("CARGO_BIN_EXE_ferry"));
+        cmd.env("RUST_LOG", "info").env_remove("FERRY_SECRET");
+        cmd.args(["follow", "--leader", &listen, "--io-engine", "fallback"])
+            .arg("--data-dir")
+            .arg(&fd)
+            .arg("--secret-file")
+            .arg(&env.secret_file);
+        Proc::spawn(cmd)
+    };
+    leader.wait_log("is in sync: streaming", Duration::from_secs(30));
+    wait_same_files(&ld, &fd, Duration::from_secs(20));
+
+    let (mark, cut) = (leader.log_len(), Instant::now());
+    net.link(false);
+    let line = leader.wait_log_since(mark, "FOLLOWER_UNACKED_TIMEOUT_MS", Duration::from_secs(60));
+    let took = cut.elapsed();
+    assert!(line.contains("follower #"), "{line}");
+    eprintln!("{:.1} s after the cut: {line}", took.as_secs_f64());
+    assert!(
+        took < Duration::from_secs(50),
+        "dropped {took:?} after the cut"
     );
 }

@@ -274,6 +274,28 @@ pub(crate) fn splice_with(
     }
 }
 
+/// Sets an int-valued socket option; whether the kernel took it (the receive path's options
+/// are hints, which it may ignore; `Conn::drop_when_unacked`'s is not).
+pub(crate) fn set_int_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> bool {
+    // SAFETY: setsockopt reads one c_int from `value`, which outlives the call; the fd is an
+    // open socket borrowed for it.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
 /// Sets TCP_CONGESTION on `socket`; an algorithm this kernel lacks, or one an unprivileged
 /// process may not choose, is an error that names it and where to look.
 pub fn set_congestion(socket: &impl AsRawFd, name: &str) -> io::Result<()> {
@@ -400,6 +422,7 @@ impl Listener {
             }
         };
         conn.set_nodelay()?;
+        conn.drop_when_unacked()?;
         Ok((conn, peer))
     }
 }
@@ -440,6 +463,22 @@ impl Conn {
         let conn = Conn::fallback(tokio::net::TcpStream::connect(addr).await?);
         conn.set_nodelay()?;
         Ok(conn)
+    }
+
+    /// TCP_USER_TIMEOUT: the kernel ends the connection (ETIMEDOUT) once the peer's host has
+    /// left what was sent unacknowledged, or its receive window shut, for
+    /// `FOLLOWER_UNACKED_TIMEOUT_MS` (docs/PROTOCOL.md): a follower's host gone without a reset
+    /// leaves then, not after the kernel's quarter of an hour of retransmissions.
+    fn drop_when_unacked(&self) -> io::Result<()> {
+        let ms = crate::frame::FOLLOWER_UNACKED_TIMEOUT_MS as libc::c_int;
+        let fd = match &self.stream {
+            Stream::Uring(s) => s.as_raw_fd(),
+            Stream::Fallback(s) => s.as_raw_fd(),
+        };
+        match set_int_option(&fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms) {
+            true => Ok(()),
+            false => Err(io::Error::last_os_error()),
+        }
     }
 
     fn set_nodelay(&self) -> io::Result<()> {

@@ -173,29 +173,7 @@ fn bytes_waiting(socket: &impl AsRawFd) -> bool {
 fn ack_at_once(socket: &impl AsRawFd) {
     // Only a hint: a socket that refused it (none that TCP gives us would) still receives
     // every byte, with the ACKs at the kernel's pace.
-    let _ = set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
-}
-
-/// Sets an int-valued socket option; whether the kernel took it. The receive path's options
-/// are hints, which its callers may ignore.
-fn set_int_option(
-    socket: &impl AsRawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> bool {
-    // SAFETY: setsockopt reads one c_int from `value`, which outlives the call; the fd is an
-    // open socket borrowed for it.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    r == 0
+    let _ = super::set_int_option(socket, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
 }
 
 /// How many received bytes a socket must hold before a wait for readability ends
@@ -225,7 +203,7 @@ impl<'a> WakeThreshold<'a> {
             .max(1);
         // Only a hint, as `ack_at_once`: a socket that refused it wakes its reader for every
         // arrival, which costs wake-ups, not bytes. What is in effect is what `Drop` restores.
-        if set_int_option(self.socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, value) {
+        if super::set_int_option(self.socket, libc::SOL_SOCKET, libc::SO_RCVLOWAT, value) {
             self.bytes = bytes;
         }
     }

@@ -141,6 +141,14 @@ pub(super) enum ServeError {
     Io(#[from] io::Error),
 }
 
+impl ServeError {
+    /// The kernel ended the connection: the follower's host left what was sent unacknowledged
+    /// for `FOLLOWER_UNACKED_TIMEOUT_MS` (`engine::Conn::drop_when_unacked`).
+    pub(super) fn is_timed_out(&self) -> bool {
+        matches!(self, ServeError::Io(e) if e.kind() == io::ErrorKind::TimedOut)
+    }
+}
+
 /// Serves connection `id` from `peer`: its handshake, then, once it may authenticate, as a
 /// follower. Its slot and inbox are made only then (`ConnCtx::register`): a connection that
 /// says nothing, or never authenticates, is not listed, and the writers' changes are not

@@ -274,6 +274,11 @@ async fn accept_loop(
                 Ok(false) => {
                     tracing::debug!("connection #{id} from {peer} closed before authenticating")
                 }
+                Err(e) if e.is_timed_out() => tracing::warn!(
+                    "follower #{id} ({peer}): {e}: its host acknowledged nothing, or kept its \
+                     window shut, for {} ms (FOLLOWER_UNACKED_TIMEOUT_MS): dropped",
+                    crate::frame::FOLLOWER_UNACKED_TIMEOUT_MS
+                ),
                 Err(e) => tracing::warn!("follower #{id} ({peer}): {e}"),
             }
             conn.shutdown();
