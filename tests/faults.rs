@@ -988,6 +988,17 @@ impl Netns {
         Ok(net)
     }
 
+    /// `create`, or `None` having said why the test is skipped (it needs root and iproute2).
+    fn create_or_skip() -> Option<Netns> {
+        Netns::create()
+            .map_err(|why| {
+                eprintln!(
+                    "SKIPPED: cannot build a network namespace ({why}); needs root and iproute2"
+                )
+            })
+            .ok()
+    }
+
     /// A command run inside the namespace.
     fn exec(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");
@@ -1024,12 +1035,8 @@ impl Drop for Netns {
 
 #[test]
 fn a_leader_partitioned_from_etcd_and_its_followers_is_fenced_and_its_later_writes_never_count() {
-    let net = match Netns::create() {
-        Ok(net) => net,
-        Err(why) => {
-            eprintln!("SKIPPED: cannot build a network namespace ({why}); needs root and iproute2");
-            return;
-        }
+    let Some(net) = Netns::create_or_skip() else {
+        return;
     };
     let env = Env::new();
     let etcd = start_etcd_at(&env.dir("etcd"), &["127.0.0.1", &net.host_ip], free_port());
@@ -1464,6 +1471,17 @@ impl Resumed {
         log
     }
 
+    /// Fails the test unless restarts resumed an instance at least twice, vouching for files,
+    /// and followers held some: else it showed nothing about them.
+    fn assert_meaningful(&self) {
+        eprintln!("{self:?}");
+        assert!(
+            self.instances >= 2 && self.vouched > 0 && self.held > 0,
+            "too few restarts resumed an instance or held a file for the test to mean anything: \
+             {self:?}"
+        );
+    }
+
     fn count(&mut self, log: &str) {
         for line in log.lines() {
             if [
@@ -1584,12 +1602,7 @@ fn restarts_at_random_while_the_broker_writes_never_leave_a_copy_that_differs() 
     for proc in [leader.take(), follower.take()].into_iter().flatten() {
         stop(proc, libc::SIGTERM, &mut seen);
     }
-    eprintln!("{seen:?}");
-    assert!(
-        seen.instances >= 2 && seen.vouched > 0 && seen.held > 0,
-        "too few restarts resumed an instance or held a file for the test to mean anything: \
-         {seen:?}"
-    );
+    seen.assert_meaningful();
 }
 
 /// A follower promoted by hand, again and again, while the broker writes: each round kills the
@@ -2069,12 +2082,7 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
         seen.stop(proc, libc::SIGTERM);
     }
     stop_broker(broker.take().unwrap(), false, &mut seen);
-    eprintln!("{seen:?}");
-    assert!(
-        seen.instances >= 2 && seen.vouched > 0 && seen.held > 0,
-        "too few restarts resumed an instance or held a file for the test to mean anything: \
-         {seen:?}"
-    );
+    seen.assert_meaningful();
 }
 
 /// A follower's host that drops off the network without a reset (its link cut: nothing it
@@ -2084,12 +2092,8 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
 /// connection's files open) for about 15 minutes.
 #[test]
 fn a_follower_whose_host_vanishes_leaves_the_leaders_followers_within_the_unacked_timeout() {
-    let net = match Netns::create() {
-        Ok(net) => net,
-        Err(why) => {
-            eprintln!("SKIPPED: cannot build a network namespace ({why}); needs root and iproute2");
-            return;
-        }
+    let Some(net) = Netns::create_or_skip() else {
+        return;
     };
     let env = Env::new();
     let (ld, fd) = (env.dir("leader"), env.dir("follower"));
