@@ -1,6 +1,6 @@
-# Shared by tools/handoff-cost.sh and tools/promote-cost.sh (sourced): a leader's dir of random
-# segments, a secret, waiting for a log line, and the reports read from the nodes' logs. Set
-# $tool (the name messages begin with) before sourcing.
+# Shared by tools/handoff-cost.sh, tools/promote-cost.sh and tools/follower-sync-rss.sh
+# (sourced): a leader's dir of random segments, a secret, waiting for a log line, and the
+# reports read from the nodes' logs. Set $tool (the name messages begin with) before sourcing.
 
 secret_in() { # dir: a random shared secret in DIR/secret
   head -c 32 /dev/urandom | base64 >"$1/secret"

@@ -10,6 +10,8 @@
 # Needs a release build (cargo build --release), python3 and /usr/bin/time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tool=follower-sync-rss
+source tools/cost-lib.sh
 new=${FERRY_BIN:-target/release/ferry}
 [ -x "$new" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 files=${1:-100000}
@@ -25,7 +27,7 @@ for i in range(n):
     with open(f"{d}/f{i:06}", "wb") as f:
         f.write(b)
 PY
-head -c 32 /dev/urandom | base64 >"$base/secret" && chmod 600 "$base/secret"
+secret_in "$base"
 builds=()
 [ -n "${OLD:-}" ] && builds+=("old=$OLD")
 builds+=("this=$new")
@@ -36,9 +38,8 @@ for ((r = 1; r <= rounds; r++)); do
     "$bin" lead --data-dir "$base/l" --listen 127.0.0.1:0 --secret-file "$base/secret" \
       >"$base/lead.log" 2>&1 &
     lead=$!
-    until addr=$(grep -o 'listening on [0-9.:]*' "$base/lead.log" | head -1 | cut -d' ' -f3) && [ -n "$addr" ]; do
-      sleep 0.1
-    done
+    wait_for "listening leader" 60 grep -q 'listening on' "$base/lead.log"
+    addr=$(grep -o 'listening on [0-9.:]*' "$base/lead.log" | head -1 | cut -d' ' -f3)
     /usr/bin/time -f "$name round $r: follower peak RSS %M KiB, %e s, %U user + %S system CPU s" \
       "$bin" follow --once --data-dir "$base/f" --leader "$addr" --secret-file "$base/secret" \
       2>&1 >/dev/null | tail -1
