@@ -137,6 +137,26 @@ pub struct FileChange {
     pub since: u64,
 }
 
+/// A rename the catalog recorded (`Catalog::rename`): generation `from_generation` of `from`
+/// became generation `generation` of `to`, the same bytes. A session that sent its follower
+/// that generation of `from`, as long as it is in the catalog, may move the follower's copy
+/// rather than ship it again (`docs/PROTOCOL.md`, *Renames*).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub from: RelPath,
+    pub to: RelPath,
+    pub from_generation: u64,
+    pub generation: u64,
+}
+
+/// What `Catalog::rename` changed: `from` deleted, `to` a new generation, and the move.
+#[derive(Debug, Clone)]
+pub struct Renamed {
+    pub from: FileChange,
+    pub to: FileChange,
+    pub moved: Move,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     id: FileId,
@@ -454,6 +474,62 @@ impl Catalog {
         }))
     }
 
+    /// `from` was renamed to `to`, over any file there: `from` is gone, and `to` holds its bytes
+    /// as a new generation, born right after the rename and not by an append
+    /// (`docs/PROTOCOL.md`, *Renames*). The position grows by 1. `None`, and nothing changes,
+    /// when `from` is not in the catalog or is `to` (once both paths pass `RelPath::check`).
+    pub fn rename(&mut self, from: &str, to: &str) -> Result<Option<Renamed>, CatalogError> {
+        RelPath::check(from)?;
+        let to_path = RelPath::new(to)?;
+        if from == to || !self.files.contains_key(from) {
+            return Ok(None);
+        }
+        self.may_add(to, 1)?;
+        let Some((from_path, old)) = self.files.remove_entry(from) else {
+            return Ok(None);
+        };
+        self.paths.remove(&old.id);
+        if !old.listed {
+            if let Some(list) = self.listed.as_mut() {
+                list.push(old.id);
+            }
+        }
+        let since = self.position;
+        let entry = CatalogEntry {
+            len_bytes: old.entry.len_bytes,
+            generation: self.next_generation(),
+            born_at: born_at(since, 0),
+            born_by_append: false,
+        };
+        let to_id = match self.files.get_mut(to) {
+            Some(slot) => {
+                slot.entry = entry;
+                Catalog::list(&mut self.listed, slot);
+                slot.id
+            }
+            None => self.insert(to_path.clone(), entry),
+        };
+        self.position += 1;
+        Ok(Some(Renamed {
+            from: FileChange {
+                id: old.id,
+                entry: None,
+                since,
+            },
+            to: FileChange {
+                id: to_id,
+                entry: Some(entry),
+                since,
+            },
+            moved: Move {
+                from: from_path,
+                to: to_path,
+                from_generation: old.entry.generation,
+                generation: entry.generation,
+            },
+        }))
+    }
+
     /// A copy whose paths have their own allocations, for a session to keep in step with
     /// `apply`: nothing in it is shared memory the session's thread would write. It is read,
     /// never changed otherwise (it numbers no files of its own).
@@ -635,11 +711,16 @@ impl Catalog {
 #[derive(Debug, Default)]
 pub struct ChangeList {
     changes: Vec<FileChange>,
+    /// The renames among them, in order (`Catalog::rename`): few, and taken with the changes.
+    moves: Vec<Move>,
     /// The catalog's position after the last change pushed.
     position: u64,
     /// Merge when the list reaches this length (at least `CHANGE_LIST_COMPACT_AT`).
     compact_at: usize,
 }
+
+/// Renames a `ChangeList` keeps for a session that has not taken them (`ChangeList::push_move`).
+pub const MOVES_KEPT_MAX: usize = 4096;
 
 /// The length at which a `ChangeList` is first merged.
 pub const CHANGE_LIST_COMPACT_AT: usize = 64;
@@ -683,6 +764,23 @@ impl ChangeList {
         self.changes.push(change);
     }
 
+    /// A rename was made: its two changes are pushed as any change is, and the move with them.
+    /// At most `MOVES_KEPT_MAX` wait: past that the oldest half is dropped, and those files
+    /// ship whole, as without the move.
+    pub fn push_move(&mut self, moved: Move) {
+        if self.moves.len() >= MOVES_KEPT_MAX {
+            self.moves.drain(..MOVES_KEPT_MAX / 2);
+        }
+        self.moves.push(moved);
+    }
+
+    /// Hands every rename pushed since the last call to the caller in `into` (emptied first):
+    /// take them with the changes, under the same hold of the lock.
+    pub fn take_moves(&mut self, into: &mut Vec<Move>) {
+        into.clear();
+        std::mem::swap(&mut self.moves, into);
+    }
+
     /// Hands every change to the caller in `into` (emptied first), and keeps `into`'s buffer
     /// for the next ones. Returns the catalog's position after them (`None`: no change).
     pub fn take(&mut self, into: &mut Vec<FileChange>) -> Option<u64> {
@@ -702,6 +800,45 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_rename_moves_the_length_to_a_new_generation_born_after_it() {
+        let mut c = Catalog::new([(p("q/seg"), 10), (p("q/old"), 3)]);
+        let seg = c.get(&p("q/seg")).unwrap();
+        let r = c.rename("q/seg", "q/seg.deleted").unwrap().unwrap();
+        assert_eq!(c.position(), 14, "a rename adds 1");
+        assert_eq!(c.get(&p("q/seg")), None);
+        let moved = c.get(&p("q/seg.deleted")).unwrap();
+        assert_eq!(moved.len_bytes, 10);
+        assert_eq!(moved.born_at, 14, "born right after the rename");
+        assert!(
+            !moved.born_by_append,
+            "a follower without a copy gets it whole"
+        );
+        assert_ne!(moved.generation, seg.generation);
+        assert_eq!(
+            r.moved,
+            Move {
+                from: p("q/seg"),
+                to: p("q/seg.deleted"),
+                from_generation: seg.generation,
+                generation: moved.generation,
+            }
+        );
+        assert_eq!((r.from.entry, r.from.since), (None, 13));
+        assert_eq!((r.to.entry, r.to.since), (Some(moved), 13));
+        // Over a file: that path's id stays, with the new generation.
+        let old_id = c.replace("q/old", 3).unwrap().id;
+        let over = c.rename("q/seg.deleted", "q/old").unwrap().unwrap();
+        assert_eq!(over.to.id, old_id);
+        assert_eq!(c.get(&p("q/old")).unwrap().len_bytes, 10);
+        assert_eq!(c.len(), 1);
+        // Nothing to move: nothing changes.
+        assert!(c.rename("q/none", "q/x").unwrap().is_none());
+        assert!(c.rename("q/old", "q/old").unwrap().is_none());
+        assert!(c.rename("q/old", "../x").is_err());
+        assert_eq!(c.position(), 18);
     }
 
     #[test]

@@ -31,13 +31,17 @@ pub const CAPABILITY_FORK: u32 = 0x10;
 /// follower that missed failovers in a row still holds what it recorded before the first
 /// (`docs/PROTOCOL.md`, *After failovers in a row*).
 pub const CAPABILITY_FORK_CHAIN: u32 = 0x20;
+/// Capability bit: the leader may move a copy the follower holds to another path (RENAME)
+/// instead of shipping a renamed file again whole (`docs/PROTOCOL.md`, *Renames*).
+pub const CAPABILITY_RENAME: u32 = 0x40;
 /// Capability bits this build understands and offers.
 pub const CAPABILITIES: u32 = CAPABILITY_HELD
     | CAPABILITY_BIRTHS
     | CAPABILITY_LINEAGE
     | CAPABILITY_BORN
     | CAPABILITY_FORK
-    | CAPABILITY_FORK_CHAIN;
+    | CAPABILITY_FORK_CHAIN
+    | CAPABILITY_RENAME;
 pub const MAX_FRAME_BODY_BYTES: u32 = 8192;
 pub const MAX_DATA_BYTES: u32 = 4 * 1024 * 1024;
 pub const MAX_WHOLE_IN_FLIGHT: usize = 16;
@@ -120,6 +124,7 @@ const T_NODE_ID: u8 = 0x14;
 const T_HAVE_HELD: u8 = 0x15;
 const T_INDEX_BORN: u8 = 0x16;
 const T_BORN: u8 = 0x26;
+const T_RENAME: u8 = 0x27;
 
 const DATA_FLAG_TEMP: u8 = 0x01;
 const MARK_FLAG_SYNC_DONE: u8 = 0x01;
@@ -277,6 +282,8 @@ pub struct InUse {
     pub fork: bool,
     /// A FORK_OF per link of a fork chain: only with `FORK`.
     pub fork_chain: bool,
+    /// RENAME frames.
+    pub rename: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,6 +314,7 @@ impl Preamble {
             born: births && both & CAPABILITY_BORN != 0,
             fork,
             fork_chain: fork && both & CAPABILITY_FORK_CHAIN != 0,
+            rename: both & CAPABILITY_RENAME != 0,
         }
     }
 
@@ -412,6 +420,11 @@ pub enum Frame {
     Delete {
         path: RelPath,
     },
+    /// The follower's copy at `from` moves to `to` (`RENAME`).
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
     /// The birth of the generation of `path` about to be shipped (`BORN`).
     Born {
         born_at: u64,
@@ -450,6 +463,7 @@ impl Frame {
             Frame::CommitWhole { .. } => "COMMIT_WHOLE",
             Frame::Truncate { .. } => "TRUNCATE",
             Frame::Delete { .. } => "DELETE",
+            Frame::Rename { .. } => "RENAME",
             Frame::Born { .. } => "BORN",
             Frame::Mark { .. } => "MARK",
             Frame::Ack { .. } => "ACK",
@@ -591,6 +605,11 @@ impl Frame {
                 out.push(T_DELETE);
                 put_path(out, path);
             }
+            Frame::Rename { from, to } => {
+                out.push(T_RENAME);
+                put_path(out, from);
+                put_path(out, to);
+            }
             Frame::Born { born_at, path } => {
                 out.push(T_BORN);
                 out.extend_from_slice(&born_at.to_le_bytes());
@@ -676,6 +695,7 @@ fn type_name(t: u8) -> Result<&'static str, FrameError> {
         T_COMMIT_WHOLE => "COMMIT_WHOLE",
         T_TRUNCATE => "TRUNCATE",
         T_DELETE => "DELETE",
+        T_RENAME => "RENAME",
         T_BORN => "BORN",
         T_MARK => "MARK",
         T_ACK => "ACK",
@@ -790,6 +810,10 @@ fn decode_body(t: u8, mut r: Reader<'_>) -> Result<Frame, FrameError> {
             path: r.path()?,
         },
         T_DELETE => Frame::Delete { path: r.path()? },
+        T_RENAME => Frame::Rename {
+            from: r.path()?,
+            to: r.path()?,
+        },
         T_BORN => Frame::Born {
             born_at: r.u64()?,
             path: r.path()?,
@@ -952,6 +976,36 @@ mod tests {
                 2, 0, b'a', b'b'
             ]
         );
+    }
+
+    #[test]
+    fn rename_layout_and_its_capability_bit_match_the_spec() {
+        let mut buf = Vec::new();
+        Frame::Rename {
+            from: path("a/x"),
+            to: path("b"),
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            buf,
+            [
+                9, 0, 0, 0,    // body_len = 5 + from_len + to_len
+                0x27, // type
+                3, 0, b'a', b'/', b'x', // from
+                1, 0, b'b', // to
+            ]
+        );
+        let rename = Preamble {
+            version: 1,
+            capabilities: CAPABILITY_RENAME,
+        };
+        assert_eq!(
+            &rename.encode()[12..16],
+            &[0x40, 0, 0, 0],
+            "RENAME is bit 6"
+        );
+        assert!(rename.in_use(CAPABILITIES).rename);
+        assert!(!rename.in_use(CAPABILITIES & !CAPABILITY_RENAME).rename);
     }
 
     #[test]
@@ -1271,6 +1325,7 @@ mod tests {
                 path: p
             }),
             arb_path().prop_map(|p| Frame::Delete { path: p }),
+            (arb_path(), arb_path()).prop_map(|(from, to)| Frame::Rename { from, to }),
             (any::<u64>(), arb_path()).prop_map(|(b, p)| Frame::Born {
                 born_at: b,
                 path: p

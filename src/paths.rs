@@ -772,6 +772,69 @@ impl DataDir {
         } else {
             changed.push(rel.parent().unwrap_or("").to_string());
         }
+        self.prune_empty_parents(rel, &mut changed)?;
+        Ok(changed)
+    }
+
+    /// Renames the file `from` to `to` (over any file there, in one step), creating `to`'s
+    /// missing parent dirs and removing `from`'s parents left empty; returns the directories
+    /// whose entries that changed. `from` must be a regular file: anything else there (none, a
+    /// directory, a symlink) is an error naming it.
+    pub fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<DirsChanged> {
+        let mut changed = Vec::new();
+        let from_parent = self
+            .parent_fd(from, None)
+            .map_err(|e| with_path(e, from.as_str()))?;
+        let from_name = cstring(from.file_name())?;
+        // SAFETY: struct stat is plain integers, for which all zeroes is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatat on an open dir fd with a NUL-terminated single component, not
+        // following a symlink, into a stat buffer we own.
+        let rc = unsafe {
+            libc::fstatat(
+                from_parent.as_raw_fd(),
+                from_name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(with_path(io::Error::last_os_error(), from.as_str()));
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(with_path(
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+                from.as_str(),
+            ));
+        }
+        let to_parent = self
+            .parent_fd(to, Some(&mut changed))
+            .map_err(|e| with_path(e, to.as_str()))?;
+        let to_name = cstring(to.file_name())?;
+        // SAFETY: both dir fds are open; both names are NUL-terminated single components, so
+        // the rename stays within dirs already resolved beneath root.
+        let rc = unsafe {
+            libc::renameat2(
+                from_parent.as_raw_fd(),
+                from_name.as_ptr(),
+                to_parent.as_raw_fd(),
+                to_name.as_ptr(),
+                0,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(with_path(e, &format!("{from} -> {to}")));
+        }
+        changed.push(from.parent().unwrap_or("").to_string());
+        changed.push(to.parent().unwrap_or("").to_string());
+        self.prune_empty_parents(from, &mut changed)?;
+        Ok(changed)
+    }
+
+    /// Removes `rel`'s parent dirs, innermost first, while each is empty; notes in `changed`
+    /// the directory each was removed from.
+    fn prune_empty_parents(&self, rel: &RelPath, changed: &mut Vec<String>) -> io::Result<()> {
         let mut dir = rel.parent();
         while let Some(d) = dir {
             let (up, leaf) = match d.rsplit_once('/') {
@@ -793,7 +856,7 @@ impl DataDir {
             changed.push(up.unwrap_or("").to_string());
             dir = up;
         }
-        Ok(changed)
+        Ok(())
     }
 
     pub fn truncate(&self, rel: &RelPath, len_bytes: u64) -> io::Result<()> {
@@ -1249,6 +1312,40 @@ mod tests {
 
     /// A whole file received under a new name is renamed into place at once; over a name
     /// taken, nothing happens, so that the caller can look at the copy it replaces first.
+    #[test]
+    fn rename_moves_a_file_over_another_makes_and_prunes_dirs_and_refuses_a_non_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(tmp.path()).unwrap();
+        std::fs::create_dir_all(tmp.path().join("t-0")).unwrap();
+        std::fs::write(tmp.path().join("t-0/00.log"), b"segment").unwrap();
+        std::fs::write(tmp.path().join("over"), b"old").unwrap();
+        let changed = dir
+            .rename(&p("t-0/00.log"), &p("t-0.x-delete/00.log"))
+            .unwrap();
+        assert_eq!(
+            std::fs::read(tmp.path().join("t-0.x-delete/00.log")).unwrap(),
+            b"segment"
+        );
+        assert!(
+            !tmp.path().join("t-0").exists(),
+            "its empty parent is pruned"
+        );
+        for d in ["", "t-0", "t-0.x-delete"] {
+            assert!(changed.iter().any(|c| c == d), "{d:?} in {changed:?}");
+        }
+        dir.rename(&p("t-0.x-delete/00.log"), &p("over")).unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("over")).unwrap(), b"segment");
+        let gone = dir.rename(&p("none"), &p("x")).unwrap_err();
+        assert!(gone.to_string().contains("none"), "{gone}");
+        std::fs::create_dir(tmp.path().join("d")).unwrap();
+        let not_file = dir.rename(&p("d"), &p("x")).unwrap_err();
+        assert!(
+            not_file.to_string().contains("not a regular file"),
+            "{not_file}"
+        );
+        assert!(!tmp.path().join("x").exists());
+    }
+
     #[test]
     fn commit_temp_if_new_renames_only_where_nothing_is() {
         use std::io::Write;

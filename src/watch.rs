@@ -79,6 +79,15 @@ pub enum Change {
     Rewritten { path: RelPath, len_bytes: u64 },
     /// Deleted or moved away.
     Removed { path: RelPath },
+    /// Renamed from `from`, a file known at `len_bytes`, to `to` (over any file there), both
+    /// in the data dir: one rename (both halves seen, one right after the other), of the file
+    /// or of a directory above it. What it did since is reported after this, as a change of
+    /// `to`.
+    Renamed {
+        from: RelPath,
+        to: RelPath,
+        len_bytes: u64,
+    },
 }
 
 pub type Sink = Box<dyn FnMut(Change) + Send>;
@@ -688,7 +697,15 @@ impl State {
             }
         };
         let Some(mut meta) = meta else {
-            self.removed(path);
+            // Gone with its directory, which is no longer at its path either: that directory's
+            // own event, still to come, says whether the file was deleted (removed then) or
+            // moved with it (`moved`), which a removal here would make a new file to ship.
+            let parent_gone = path.parent().is_some_and(|parent| {
+                std::fs::symlink_metadata(self.abs(parent)).is_err_and(|e| is_gone(&e))
+            });
+            if !parent_gone {
+                self.removed(path);
+            }
             return Ok(());
         };
         let old = self.files.get(path).copied();
@@ -874,11 +891,18 @@ impl State {
         }
     }
 
-    fn handle(&mut self, events: Vec<(i32, u32, String)>) -> io::Result<()> {
+    fn handle(&mut self, events: Vec<Event>) -> io::Result<()> {
         let mut order: Vec<RelPath> = Vec::new();
         let mut touched: HashMap<RelPath, Touched> = HashMap::new();
         let mut overflow = false;
-        for (wd, mask, name) in events {
+        let mut events = events.into_iter().peekable();
+        while let Some(Event {
+            wd,
+            mask,
+            cookie,
+            name,
+        }) = events.next()
+        {
             if mask & libc::IN_Q_OVERFLOW != 0 {
                 overflow = true;
                 continue;
@@ -915,6 +939,20 @@ impl State {
                 continue;
             }
             let rel = join(&dir, &name);
+            if mask & libc::IN_MOVED_FROM != 0 {
+                // The other half of the rename, when it is the next event (as it mostly is:
+                // inotify queues the two one after the other). Otherwise the rename is what it
+                // was before: a removal here, and a new file or directory there.
+                let to = events.peek().and_then(|next| {
+                    let moved_here = next.mask & libc::IN_MOVED_TO != 0 && next.cookie == cookie;
+                    let to_dir = self.dirs.get(&next.wd).filter(|_| moved_here)?;
+                    let state_dir = to_dir.is_empty() && next.name == STATE_DIR_NAME;
+                    (!state_dir && !next.name.is_empty()).then(|| join(to_dir, &next.name))
+                });
+                if let Some(to) = to {
+                    self.moved(&rel, &to, mask & libc::IN_ISDIR != 0);
+                }
+            }
             if mask & libc::IN_ISDIR != 0 {
                 if mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
                     self.forget_dir(&rel);
@@ -962,6 +1000,40 @@ impl State {
         Ok(())
     }
 
+    /// `from` (a file, or a directory when `is_dir`) was renamed to `to`, in the data dir: what
+    /// was seen of each file moves with it, so that the events that follow compare the file
+    /// with itself, and each file known is reported `Renamed`. A file whose new path is not one
+    /// ferry replicates stays where it was seen, and is reported removed, as before.
+    fn moved(&mut self, from: &str, to: &str, is_dir: bool) {
+        let mut pairs: Vec<(RelPath, RelPath)> = Vec::new();
+        if is_dir {
+            let prefix = format!("{from}/");
+            let mut under: Vec<&RelPath> = (self.files.keys())
+                .filter(|p| p.as_str().starts_with(&prefix))
+                .collect();
+            under.sort();
+            for old in under {
+                if let Ok(new) = RelPath::new(&format!("{to}/{}", &old.as_str()[prefix.len()..])) {
+                    pairs.push((old.clone(), new));
+                }
+            }
+        } else if let (Ok(old), Ok(new)) = (RelPath::new(from), RelPath::new(to)) {
+            if self.files.contains_key(&old) {
+                pairs.push((old, new));
+            }
+        }
+        for (old, new) in pairs {
+            if let Some(seen) = self.files.remove(&old) {
+                self.files.insert(new.clone(), seen);
+                self.emit(Change::Renamed {
+                    from: old,
+                    to: new,
+                    len_bytes: seen.len_bytes,
+                });
+            }
+        }
+    }
+
     /// A directory was deleted or moved away: every file known under it is gone.
     fn forget_dir(&mut self, rel: &str) {
         let prefix = format!("{rel}/");
@@ -992,11 +1064,21 @@ impl State {
 }
 
 /// Parses `struct inotify_event` records: wd i32, mask u32, cookie u32, len u32, name[len].
-fn parse_events(mut buf: &[u8], out: &mut Vec<(i32, u32, String)>) {
+/// One inotify event: the watch it came on, its mask, the cookie that pairs the two halves of a
+/// rename, and the name in the watched directory (empty for the directory itself).
+struct Event {
+    wd: i32,
+    mask: u32,
+    cookie: u32,
+    name: String,
+}
+
+fn parse_events(mut buf: &[u8], out: &mut Vec<Event>) {
     while buf.len() >= EVENT_HEADER_BYTES {
         let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
         let wd = i32::from_ne_bytes(word(0));
         let mask = u32::from_ne_bytes(word(4));
+        let cookie = u32::from_ne_bytes(word(8));
         let len = u32::from_ne_bytes(word(12)) as usize;
         let Some(name_bytes) = buf.get(EVENT_HEADER_BYTES..EVENT_HEADER_BYTES + len) else {
             return;
@@ -1006,7 +1088,12 @@ fn parse_events(mut buf: &[u8], out: &mut Vec<(i32, u32, String)>) {
             .position(|&b| b == 0)
             .unwrap_or(name_bytes.len());
         match std::str::from_utf8(&name_bytes[..end]) {
-            Ok(name) => out.push((wd, mask, name.to_string())),
+            Ok(name) => out.push(Event {
+                wd,
+                mask,
+                cookie,
+                name: name.to_string(),
+            }),
             Err(_) => tracing::warn!("ignoring an event for a name that is not UTF-8"),
         }
         buf = &buf[EVENT_HEADER_BYTES + len..];
@@ -1073,7 +1160,9 @@ mod tests {
     fn len_after(c: &Change) -> Option<u64> {
         match c {
             Change::Grew { to_bytes, .. } => Some(*to_bytes),
-            Change::Rewritten { len_bytes, .. } => Some(*len_bytes),
+            Change::Rewritten { len_bytes, .. } | Change::Renamed { len_bytes, .. } => {
+                Some(*len_bytes)
+            }
             Change::Removed { .. } => None,
         }
     }
@@ -1093,7 +1182,7 @@ mod tests {
                     ..
                 } => q.as_str() == path,
                 Change::Rewritten { path: q, .. } => found_by_scan && q.as_str() == path,
-                Change::Grew { .. } | Change::Removed { .. } => false,
+                Change::Grew { .. } | Change::Removed { .. } | Change::Renamed { .. } => false,
             },
             "{first:?}"
         );
@@ -1283,6 +1372,87 @@ mod tests {
         w.stop();
     }
 
+    /// Both halves of a rename seen: the file known moves, a directory's files each move, and
+    /// what was done to a file since is a change of its new path; a file moved out of the data
+    /// dir is removed, one moved in is new.
+    #[test]
+    fn a_rename_within_the_data_dir_is_reported_as_one_and_its_files_move() {
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir_in(tmp.path().parent().unwrap()).unwrap();
+        std::fs::create_dir_all(tmp.path().join("t-0/sub")).unwrap();
+        std::fs::write(tmp.path().join("t-0/00.log"), b"0123456789").unwrap();
+        std::fs::write(tmp.path().join("t-0/sub/00.index"), b"abc").unwrap();
+        let (w, rx) = watch(tmp.path());
+        // A file renamed, then its directory right after (the file's new path gone before the
+        // watcher looks at it): each a rename.
+        let log = tmp.path().join("t-0/00.log");
+        std::fs::rename(&log, tmp.path().join("t-0/00.log.deleted")).unwrap();
+        std::fs::rename(tmp.path().join("t-0"), tmp.path().join("t-0.x-delete")).unwrap();
+        let mut got = vec![next(&rx), next(&rx), next(&rx)];
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            got,
+            [
+                Change::Renamed {
+                    from: p("t-0/00.log"),
+                    to: p("t-0/00.log.deleted"),
+                    len_bytes: 10
+                },
+                Change::Renamed {
+                    from: p("t-0/00.log.deleted"),
+                    to: p("t-0.x-delete/00.log.deleted"),
+                    len_bytes: 10
+                },
+                Change::Renamed {
+                    from: p("t-0/sub/00.index"),
+                    to: p("t-0.x-delete/sub/00.index"),
+                    len_bytes: 3
+                },
+            ]
+        );
+        // The moved directory is watched under its new name.
+        append(&tmp.path().join("t-0.x-delete/sub/00.index"), b"de");
+        assert_eq!(
+            next(&rx),
+            Change::Grew {
+                path: p("t-0.x-delete/sub/00.index"),
+                from_bytes: 3,
+                to_bytes: 5
+            }
+        );
+        let log = tmp.path().join("t-0.x-delete/00.log.deleted");
+        std::fs::rename(&log, tmp.path().join("00.log.deleted")).unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Renamed {
+                from: p("t-0.x-delete/00.log.deleted"),
+                to: p("00.log.deleted"),
+                len_bytes: 10
+            }
+        );
+        std::fs::rename(
+            tmp.path().join("00.log.deleted"),
+            elsewhere.path().join("out"),
+        )
+        .unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Removed {
+                path: p("00.log.deleted")
+            }
+        );
+        std::fs::rename(elsewhere.path().join("out"), tmp.path().join("back")).unwrap();
+        assert_eq!(
+            next(&rx),
+            Change::Rewritten {
+                path: p("back"),
+                len_bytes: 10
+            }
+        );
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        w.stop();
+    }
+
     #[test]
     fn rename_over_truncate_and_delete_are_reported() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1292,19 +1462,13 @@ mod tests {
         std::fs::write(tmp.path().join("meta.tmp"), b"{\"v\":22}").unwrap();
         created(&rx, "meta.tmp", 8, false);
         std::fs::rename(tmp.path().join("meta.tmp"), tmp.path().join("meta.json")).unwrap();
-        let mut got = vec![next(&rx), next(&rx)];
-        got.sort_by_key(|c| format!("{c:?}"));
         assert_eq!(
-            got,
-            vec![
-                Change::Removed {
-                    path: p("meta.tmp")
-                },
-                Change::Rewritten {
-                    path: p("meta.json"),
-                    len_bytes: 8
-                },
-            ]
+            next(&rx),
+            Change::Renamed {
+                from: p("meta.tmp"),
+                to: p("meta.json"),
+                len_bytes: 8
+            }
         );
         std::fs::OpenOptions::new()
             .write(true)
@@ -1351,7 +1515,7 @@ mod tests {
                     assert_eq!(*from_bytes, len_bytes, "{got:?}");
                     len_bytes = *to_bytes;
                 }
-                Change::Removed { .. } => panic!("{got:?}"),
+                Change::Removed { .. } | Change::Renamed { .. } => panic!("{got:?}"),
             }
         }
         assert!(!stale && len_bytes == 25, "{got:?}");

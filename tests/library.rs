@@ -883,3 +883,29 @@ fn a_stop_looks_at_a_file_changed_right_before_it_once_the_change_source_reports
     );
     assert!(line.ends_with(&stamp), "{line:?} in:\n{record}");
 }
+
+/// A broker that renames a segment (Kafka's `.deleted` before retention removes it) or a file
+/// over another tells the leader with `rename_file`: a follower holding the file moves its copy,
+/// and none of its bytes is sent again; the copies stay identical.
+#[test]
+fn a_renamed_file_reported_with_rename_file_is_moved_on_the_follower_not_sent_again() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let (leader, _follower, ld, _) = with_a_follower_in_sync(&env, engine, 2048);
+        let sent = |leader: &Leader| leader.followers()[0].payload_bytes_sent;
+        let before = sent(&leader);
+        std::fs::create_dir(ld.join("old")).unwrap();
+        std::fs::rename(ld.join("seg.0"), ld.join("old/seg.0.deleted")).unwrap();
+        let position = leader.rename_file("seg.0", "old/seg.0.deleted").unwrap();
+        acked_written(&leader, position);
+        assert_eq!(sent(&leader), before, "{engine}: renamed bytes sent again");
+        wait_identical(&ld, &env.tmp.path().join("f"), Duration::from_secs(10));
+        // A file the leader does not know is taken as replaced: shipped whole.
+        std::fs::write(ld.join("unknown.tmp"), b"{\"v\":1}").unwrap();
+        std::fs::rename(ld.join("unknown.tmp"), ld.join("state.json")).unwrap();
+        let position = leader.rename_file("unknown.tmp", "state.json").unwrap();
+        acked_written(&leader, position);
+        assert_eq!(sent(&leader), before + 7);
+        wait_identical(&ld, &env.tmp.path().join("f"), Duration::from_secs(10));
+    }
+}

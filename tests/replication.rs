@@ -1081,6 +1081,59 @@ fn streaming_replicates_appends_replaces_truncates_deletes_and_new_dirs() {
     }
 }
 
+/// What a follower's `--http` endpoint counts of the payload bytes it received.
+fn payload_bytes_received(http: &str) -> u64 {
+    let metrics = ferry::http::get(http, "/metrics").unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_payload_bytes_received_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap()
+}
+
+/// Renames in the leader's data dir (Kafka renames a segment to `.deleted` before retention
+/// removes it, and a partition's directory to `-delete`) move the followers' copies: none of
+/// the renamed bytes is received again, a synced follower's copies stay identical, and the
+/// renamed directory's later deletion leaves nothing behind.
+#[test]
+fn renames_in_the_leaders_dir_move_the_followers_copies_without_sending_them_again() {
+    for engine in ENGINES {
+        let env = Env::new();
+        let (ld, fd) = (env.dir("leader"), env.dir("follower"));
+        let seg = pattern(4 << 20, 3);
+        write(&ld.join("t-0/00.log"), &seg);
+        write(&ld.join("t-0/idx/01.index"), &seg[..1 << 20]);
+        write(&ld.join("meta.json"), b"{\"v\":1}");
+        let leader = start_leader(&env, &ld, engine);
+        let mut cmd = follow_cmd(&env, &fd, leader.addr, engine);
+        cmd.args(["--durability", "synced", "--http", "127.0.0.1:0"]);
+        let follower = Proc::spawn(cmd);
+        let http = http_addr(&follower);
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        let before = payload_bytes_received(&http);
+        std::fs::rename(ld.join("t-0/00.log"), ld.join("t-0/00.log.deleted")).unwrap();
+        std::fs::rename(ld.join("t-0"), ld.join("t-0.abc-delete")).unwrap();
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        let received = payload_bytes_received(&http) - before;
+        assert_eq!(received, 0, "{engine}: renamed bytes received again");
+        assert!(
+            !fd.join("t-0").exists(),
+            "{engine}: the old directory is left"
+        );
+        // Renamed over a file, then gone with its directory.
+        std::fs::rename(
+            ld.join("t-0.abc-delete/00.log.deleted"),
+            ld.join("meta.json"),
+        )
+        .unwrap();
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        assert_eq!(payload_bytes_received(&http) - before, 0, "{engine}");
+        std::fs::remove_dir_all(ld.join("t-0.abc-delete")).unwrap();
+        wait_identical(&ld, &fd, Duration::from_secs(20));
+        assert!(!fd.join("t-0.abc-delete").exists(), "{engine}");
+    }
+}
+
 /// A file's access time as of now, in ns.
 fn atime_ns(path: &std::path::Path) -> i64 {
     use std::os::unix::fs::MetadataExt;

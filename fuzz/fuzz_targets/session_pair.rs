@@ -1,6 +1,6 @@
 //! A real leader and a real follower, past a valid handshake, driven by a fuzzer-chosen script:
 //! steps of either side (the leader with a transmit budget, as a full socket would impose),
-//! changes on the leader (append, replace, truncate, delete; and rewrites or deletes of a file
+//! changes on the leader (append, replace, truncate, delete, rename; and rewrites or deletes of a file
 //! that the change source reports only later, so payload ranges vanish under the leader), time,
 //! bytes injected into either direction, raw or as well-formed frames, and reconnections (the
 //! connection dropped, or the follower killed; the leader restarted gracefully, resuming its
@@ -318,6 +318,25 @@ impl Pair {
         self.rewritten(&path, at);
     }
 
+    /// A rename on the leader's disk, then reported (`rename_file`). Not of a file changed
+    /// behind the catalog and not yet reported: the change source would report that change
+    /// under the new name, which this script does not model.
+    fn rename(&mut self, from: RelPath, to: RelPath) {
+        let behind = |p: &RelPath| self.unreported.contains(p);
+        if from == to || behind(&from) || behind(&to) {
+            return;
+        }
+        let Some(bytes) = self.leader.files.remove(&from) else {
+            return;
+        };
+        self.touched(&from);
+        self.touched(&to);
+        self.leader.files.insert(to.clone(), bytes);
+        let at = self.leader.record_rename(&from, &to);
+        self.rewritten(&from, at);
+        self.rewritten(&to, at);
+    }
+
     fn delete(&mut self, path: RelPath) {
         self.touched(&path);
         self.leader.files.remove(&path);
@@ -499,7 +518,7 @@ fuzz_target!(|data: &[u8]| {
         if ops > 512 {
             break;
         }
-        match op % 15 {
+        match op % 16 {
             0 => {
                 let n = usize::from(input.byte().unwrap_or(0));
                 let bytes = input.bytes(n).to_vec();
@@ -553,6 +572,11 @@ fuzz_target!(|data: &[u8]| {
                 pair.change_behind(path, None);
             }
             11 => pair.report(),
+            15 => {
+                let from = pair.path(input.byte().unwrap_or(0));
+                let to = pair.path(input.byte().unwrap_or(0));
+                pair.rename(from, to);
+            }
             12 => {
                 pair.frame_to_leader(&mut input);
                 pair.injected = true;

@@ -365,6 +365,10 @@ impl WireChecker {
             (Side::Leader, S::Streaming, Frame::Delete { path }) => {
                 self.wholes.remove(path);
             }
+            // A RENAME also ends a whole-file transfer of the path renamed to.
+            (Side::Leader, S::Streaming, Frame::Rename { to, .. }) => {
+                self.wholes.remove(to);
+            }
             (Side::Leader, S::Streaming, Frame::Truncate { .. }) => {}
             // Before a BEGIN_WHOLE or a DATA that creates a file (which may be taken back).
             (Side::Leader, S::Streaming, Frame::Born { .. }) => {}
@@ -579,6 +583,23 @@ impl LeaderShell {
         self.session.note_changed(path, since);
         let after = self.catalog.position();
         (after > since).then_some(after)
+    }
+
+    /// Records the rename of `from` to `to` (the files already moved), as the leader's
+    /// `rename_file` does: the move and both changes, or `to` replaced at its length where the
+    /// catalog holds no `from`. Returns the position after it.
+    pub fn record_rename(&mut self, from: &RelPath, to: &RelPath) -> Option<u64> {
+        let since = self.catalog.position();
+        let renamed = self.catalog.rename(from.as_str(), to.as_str());
+        match renamed.expect("RelPaths pass the catalog's check") {
+            Some(renamed) => {
+                self.session.note_moved(renamed.moved);
+                self.session.note_changed(from.clone(), since);
+                self.session.note_changed(to.clone(), since);
+                Some(self.catalog.position())
+            }
+            None => self.record_as_it_is(to.clone()),
+        }
     }
 
     /// Records `path` as its file is now, replaced at its length or deleted, as a change
@@ -1245,6 +1266,18 @@ impl FollowerShell {
                 self.temps.remove(&path);
                 self.files.remove(&path);
                 self.changed(&path);
+            }
+            FollowerAction::Rename { from, to } => {
+                // So does a RENAME, of the path renamed to.
+                self.wholes.remove(&to);
+                self.temps.remove(&to);
+                let Some(bytes) = self.files.remove(&from) else {
+                    // As `follower::apply` does.
+                    return Err(SessionError::Io(format!("cannot rename {from}: no such file")));
+                };
+                self.files.insert(to.clone(), bytes);
+                self.changed(&from);
+                self.changed(&to);
             }
             FollowerAction::Mark {
                 position,

@@ -200,6 +200,29 @@ impl Apply {
                     .map_err(|e| disk_error("delete", &path, e))?;
                 self.dirty.borrow_mut().dirs_changed(changed);
             }
+            FollowerAction::Rename { from, to } => {
+                if self.sync_before_commit {
+                    // A sync round taken before this rename names the file by its old path,
+                    // where it no longer is, and skips it: its data is made durable here.
+                    self.dir
+                        .open_read(&from)
+                        .and_then(|f| f.sync_data())
+                        .map_err(|e| disk_error("sync before renaming", &from, e))?;
+                }
+                self.open.remove(&from);
+                self.open.remove(&to);
+                // A whole-file transfer of `to` the leader gave up on ends here.
+                if let Some(temp) = self.temps.remove(&to) {
+                    self.discard(temp, &to);
+                }
+                let changed = self
+                    .making_room(|dir| dir.rename(&from, &to))
+                    .map_err(|e| disk_error(&format!("rename to {to}"), &from, e))?;
+                tracing::debug!("renamed {from} to {to}, as the leader did");
+                let mut dirty = self.dirty.borrow_mut();
+                dirty.renamed(&from, &to);
+                dirty.dirs_changed(changed);
+            }
             FollowerAction::Write { .. }
             | FollowerAction::Inventory { .. }
             | FollowerAction::Mark { .. }

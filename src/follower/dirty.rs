@@ -25,6 +25,13 @@ impl Dirty {
         }
     }
 
+    /// The file at `from` was renamed to `to`: if its data was to be synced, it is synced there.
+    pub fn renamed(&mut self, from: &RelPath, to: &RelPath) {
+        if self.files.remove(from) {
+            self.files.insert(to.clone());
+        }
+    }
+
     /// The entries of `dirs` changed (a file or directory in them created, renamed into place
     /// or deleted: `DataDir` says which).
     pub fn dirs_changed(&mut self, dirs: DirsChanged) {

@@ -745,6 +745,12 @@ impl Ctx<'_> {
                             self.held.changed(path, 0, |_| *len_bytes)
                         }
                         FollowerAction::Delete { path } => self.held.changed(path, 0, |_| 0),
+                        FollowerAction::Rename { from, to } => {
+                            let len = self.dir.open_read(from).and_then(|f| f.metadata());
+                            let len = len.map_or(0, |m| m.len());
+                            self.held.changed(from, 0, |_| 0);
+                            self.held.changed(to, 0, |_| len);
+                        }
                         _ => {}
                     }
                     self.apply.apply(other).map_err(FollowError::Session)?

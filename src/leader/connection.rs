@@ -387,6 +387,7 @@ async fn drive(
     let mut catalog = catalog_copy(&ctx.shared);
     let mut changes: Vec<FileChange> = Vec::new();
     let mut changed: Vec<(RelPath, u64)> = Vec::new();
+    let mut moves: Vec<crate::catalog::Move> = Vec::new();
     // When the inbox last had changes: until INBOX_POLL_IDLE_MAX after that, the session looks
     // at it every INBOX_POLL_INTERVAL, and the writer need not wake it (until the initial sync
     // is sent, the `_SYNCING` ones: `poll_rate`).
@@ -429,6 +430,7 @@ async fn drive(
                 if let Some(position) = inbox.changes.take(&mut changes) {
                     changes_seen_at = Some(now);
                     catalog.apply(&hub.catalog, &changes, position, &mut changed);
+                    inbox.changes.take_moves(&mut moves);
                 }
                 inbox.since = None;
                 // Set here, while the inbox is seen empty under the lock: a change from now on
@@ -454,6 +456,10 @@ async fn drive(
                     );
                 }
             }
+        }
+        // Before the changes they explain (`LeaderSession::note_moved`).
+        for moved in moves.drain(..) {
+            session.note_moved(moved);
         }
         for (path, since) in changed.drain(..) {
             // A deleted or replaced file's old inode is not kept open here: its disk space (a

@@ -288,6 +288,30 @@ impl Shared {
         Ok(position)
     }
 
+    /// `record` for a rename (`Catalog::rename`): both its changes and the move go to every
+    /// session at once. `Ok(None)`: the catalog holds no `from`, and nothing changed.
+    pub(super) fn record_rename(&self, from: &str, to: &str) -> Result<Option<u64>, ChangeError> {
+        let mut hub = self.lock();
+        let hub = &mut *hub;
+        hub.refused()?;
+        let Some(renamed) = hub.catalog.rename(from, to)? else {
+            return Ok(None);
+        };
+        let position = hub.catalog.position();
+        for inbox in hub.inboxes.values_mut() {
+            if inbox.changes.is_empty() {
+                inbox.since = Some(Instant::now());
+                if std::mem::take(&mut inbox.wake_wanted) {
+                    inbox.wake.notify_one();
+                }
+            }
+            inbox.changes.push(renamed.from, position);
+            inbox.changes.push(renamed.to, position);
+            inbox.changes.push_move(renamed.moved.clone());
+        }
+        Ok(Some(position))
+    }
+
     /// Waits (at most `timeout`) for a report that gives `wanted` (`None`: any report), or for
     /// a follower to disconnect or the leader to stop.
     pub(super) fn wait_acked<'a>(

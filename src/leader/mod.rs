@@ -506,6 +506,19 @@ impl Leader {
         self.shared.record(|c| c.replace(path, len_bytes).map(Some))
     }
 
+    /// `from` was renamed to `to` (over any file there), in the data dir: call after the
+    /// rename(2). Followers that hold all of `from` move their copy (RENAME) instead of getting
+    /// `to` again whole (`docs/PROTOCOL.md`, *Renames*); a follower that does not (behind, or
+    /// of a build without `RENAME`) gets `to` whole, as `replace_file` would ship it. A `from`
+    /// the leader does not know: `to` is taken as replaced (`replace_file`).
+    pub fn rename_file(&self, from: &str, to: &str) -> Result<u64, ChangeError> {
+        match self.shared.record_rename(from, to)? {
+            Some(position) => Ok(position),
+            None if from == to => Ok(self.position()),
+            None => self.replace_file(to),
+        }
+    }
+
     /// Records a change the inotify watcher saw.
     pub fn apply(&self, change: &Change) -> Result<u64, ChangeError> {
         match change {
@@ -518,6 +531,14 @@ impl Leader {
                 self.replace_file_with_len(path.as_str(), *len_bytes)
             }
             Change::Removed { path } => self.delete_file(path.as_str()),
+            Change::Renamed {
+                from,
+                to,
+                len_bytes,
+            } => match self.shared.record_rename(from.as_str(), to.as_str())? {
+                Some(position) => Ok(position),
+                None => self.replace_file_with_len(to.as_str(), *len_bytes),
+            },
         }
     }
 

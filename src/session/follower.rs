@@ -78,6 +78,12 @@ pub enum FollowerAction {
     Delete {
         path: RelPath,
     },
+    /// Rename the copy at `from` to `to` (over any file there), and drop the temp file of any
+    /// whole-file transfer of `to` in progress (RENAME).
+    Rename {
+        from: RelPath,
+        to: RelPath,
+    },
     /// The next generation of `path` to arrive (whole, or created by a DATA at offset 0) was
     /// born at `born_at` (BORN): what the held record keeps with it.
     Born {
@@ -121,6 +127,7 @@ impl Births {
                 | FollowerAction::Born { .. }
                 | FollowerAction::CommitWhole { .. }
                 | FollowerAction::Delete { .. }
+                | FollowerAction::Rename { .. }
                 | FollowerAction::Write {
                     temp: false,
                     offset: 0,
@@ -155,6 +162,13 @@ impl Births {
             FollowerAction::Delete { path } => {
                 self.known.remove(path);
                 self.announced.remove(path);
+            }
+            // The copy at `from` is gone; the one at `to` is a new generation, as one shipped
+            // whole is.
+            FollowerAction::Rename { from, to } => {
+                self.known.remove(from);
+                self.announced.remove(from);
+                self.landed(to);
             }
             _ => {}
         }
@@ -241,6 +255,8 @@ pub struct FollowerSession {
     forks: ForkChain,
     /// Both offered `LINEAGE`.
     lineage_in_use: bool,
+    /// Both offered `RENAME`.
+    rename_in_use: bool,
     /// The leader's data dir's lineage, from LINEAGE.
     lineage: Option<LineageId>,
 }
@@ -283,6 +299,7 @@ impl FollowerSession {
             fork_chain_in_use: false,
             forks: ForkChain::none(),
             lineage_in_use: false,
+            rename_in_use: false,
             lineage: None,
         }
     }
@@ -359,6 +376,7 @@ impl FollowerSession {
                     self.born_in_use = in_use.born;
                     self.fork_in_use = in_use.fork;
                     self.fork_chain_in_use = in_use.fork_chain;
+                    self.rename_in_use = in_use.rename;
                     consumed = PREAMBLE_BYTES;
                     self.phase = FollowerPhase::AwaitChallenge;
                 }
@@ -559,6 +577,17 @@ impl FollowerSession {
                 // A whole-file transfer of `path` the leader gave up on ends here.
                 self.wholes.remove(&path);
                 Some(FollowerAction::Delete { path })
+            }
+            (P::Streaming, Frame::Rename { from, to }) => {
+                if !self.rename_in_use {
+                    return Err(SessionError::OutOfOrder {
+                        frame: "RENAME",
+                        why: "the RENAME capability is not in use on this connection".into(),
+                    });
+                }
+                // A whole-file transfer of `to` the leader gave up on ends here.
+                self.wholes.remove(&to);
+                Some(FollowerAction::Rename { from, to })
             }
             (P::Streaming, Frame::Born { born_at, path }) => {
                 if !self.born_in_use {

@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use super::{queue_error, take_preamble, SessionError};
 use crate::auth::{tags_equal, Secret};
-use crate::catalog::{Catalog, CatalogEntry};
+use crate::catalog::{Catalog, CatalogEntry, Move};
 use crate::fork_chain::ForkChain;
 use crate::frame::{
     Digest, Durability, Frame, InstanceId, LineageId, Nonce, Preamble, CAPABILITIES,
     HANDSHAKE_TIMEOUT_MS, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_FORK_CHAIN,
-    MAX_INVENTORY_FILES, PREAMBLE_BYTES, VANISHED_HOLD_TIMEOUT_MS,
+    MAX_FRAME_BODY_BYTES, MAX_INVENTORY_FILES, PREAMBLE_BYTES, VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::LagTracker;
 use crate::paths::RelPath;
@@ -72,6 +72,10 @@ pub enum Transmit {
     /// Asked again after another timeout while the hold lasts.
     RecordUnreported { paths: Vec<RelPath> },
 }
+
+/// Moves a rename may wait on, one behind the other (`LeaderSession::try_move`): a chain of
+/// renames longer than this, or a cycle, ships the rest whole.
+const MOVE_CHAIN_MAX: usize = 8;
 
 /// The generation of a follower's copy that matches none of ours (catalog generations start at 1).
 const GENERATION_NONE: u64 = 0;
@@ -187,6 +191,13 @@ pub struct LeaderSession {
     /// Both offered `BORN` as well: each generation shipped whole or created is announced
     /// with BORN.
     born_in_use: bool,
+    /// RENAME frames (`docs/PROTOCOL.md`, *Renames*).
+    rename_in_use: bool,
+    /// Renames noted and not yet planned, by the path renamed to: each moves the follower's
+    /// copy instead of shipping the file whole, if it holds all of it when `to` is planned.
+    moves: HashMap<RelPath, Move>,
+    /// The same renames by the path renamed from, to move a copy before `from` is planned.
+    moves_by_from: HashMap<RelPath, RelPath>,
     inventory_report: InventoryReport,
     phase: LeaderPhase,
     out: Vec<u8>,
@@ -239,6 +250,8 @@ pub struct LeaderSession {
     bytes_payload_total: u64,
     /// Whole-file transfers committed.
     files_whole_total: u64,
+    /// Copies moved with RENAME instead of shipped.
+    files_renamed_total: u64,
     /// The initial sync's payload, as planned when the inventory was compared: (bytes
     /// already sent when it started, bytes it plans to send).
     sync_plan: Option<(u64, u64)>,
@@ -274,6 +287,9 @@ impl LeaderSession {
             lineage_in_use: false,
             births_in_use: false,
             born_in_use: false,
+            rename_in_use: false,
+            moves: HashMap::new(),
+            moves_by_from: HashMap::new(),
             inventory_report: InventoryReport::default(),
             phase: LeaderPhase::AwaitPreamble,
             out,
@@ -302,6 +318,7 @@ impl LeaderSession {
             lag: LagTracker::new(ack_timeout),
             bytes_payload_total: 0,
             files_whole_total: 0,
+            files_renamed_total: 0,
             sync_plan: None,
             data_header_at: 0,
             data_last_bytes: 0,
@@ -380,6 +397,11 @@ impl LeaderSession {
     /// Whole-file transfers committed on this connection.
     pub fn files_whole_total(&self) -> u64 {
         self.files_whole_total
+    }
+
+    /// Copies the follower moved (RENAME) instead of getting them whole, on this connection.
+    pub fn files_renamed_total(&self) -> u64 {
+        self.files_renamed_total
     }
 
     /// While the initial sync runs: (payload bytes sent for it, bytes planned). `None` before
@@ -468,6 +490,7 @@ impl LeaderSession {
                     self.born_in_use = in_use.born;
                     self.fork_in_use = in_use.fork;
                     self.fork_chain_in_use = in_use.fork_chain;
+                    self.rename_in_use = in_use.rename;
                     consumed = PREAMBLE_BYTES;
                     self.phase = LeaderPhase::AwaitAuth;
                 }
@@ -787,6 +810,37 @@ impl LeaderSession {
         }
     }
 
+    /// A rename the catalog passed to the next `poll_transmit` recorded (`Catalog::rename`), with
+    /// its two changes, which are noted too (`note_changed`). Ignored where `RENAME` is not in
+    /// use: `to` ships whole.
+    pub fn note_moved(&mut self, mut moved: Move) {
+        if !self.rename_in_use {
+            return;
+        }
+        // Renamed on before the follower was told: the follower's copy is still where the
+        // first rename found it (`.cleaned` to `.swap` to `.log`, one move).
+        if let Some(first) = self.take_move(&moved.from) {
+            if first.generation == moved.from_generation {
+                moved.from = first.from;
+                moved.from_generation = first.from_generation;
+            }
+        }
+        // A later rename of another file to the same path replaces this one's.
+        self.take_move(&moved.to);
+        self.moves_by_from
+            .insert(moved.from.clone(), moved.to.clone());
+        self.moves.insert(moved.to.clone(), moved);
+    }
+
+    /// The move noted to `to`, taken out of both maps.
+    fn take_move(&mut self, to: &RelPath) -> Option<Move> {
+        let moved = self.moves.remove(to)?;
+        if self.moves_by_from.get(&moved.from) == Some(to) {
+            self.moves_by_from.remove(&moved.from);
+        }
+        Some(moved)
+    }
+
     /// Paths changed and not yet shipped (for tests and metrics).
     pub fn dirty_files(&self) -> usize {
         self.dirty.len()
@@ -994,6 +1048,15 @@ impl LeaderSession {
 
     /// Compares what the follower holds of `path` with the catalog and plans the difference.
     fn plan_path(&mut self, path: RelPath, catalog: &Catalog) {
+        if !self.moves.is_empty() {
+            // The follower's copy at `path` moves before anything else changes it there.
+            if let Some(to) = self.moves_by_from.get(&path).cloned() {
+                self.try_move(&to, catalog, 0);
+            }
+            if self.moves.contains_key(&path) {
+                self.try_move(&path, catalog, 0);
+            }
+        }
         let current = catalog.get(&path);
         let sent = self.sent.get(&path).copied();
         match (current, sent) {
@@ -1033,6 +1096,57 @@ impl LeaderSession {
                 });
             }
         }
+    }
+
+    /// Sends the rename noted for `to`, if the follower holds all of the renamed generation at
+    /// its old path (as sent) and the catalog still holds that generation at `to` at the same
+    /// length (`docs/PROTOCOL.md`, *Renames*); else leaves `to` to be planned as any change. A
+    /// copy the follower holds at `to` that a move noted since goes elsewhere moves there first
+    /// (`depth`: how many such moves led here; a cycle ends at `MOVE_CHAIN_MAX`, its files
+    /// shipped whole).
+    fn try_move(&mut self, to: &RelPath, catalog: &Catalog, depth: usize) {
+        let Some(moved) = self.take_move(to) else {
+            return;
+        };
+        if self.movable(&moved, catalog).is_none() {
+            return;
+        }
+        if depth < MOVE_CHAIN_MAX {
+            if let Some(next) = self.moves_by_from.get(to).cloned() {
+                self.try_move(&next, catalog, depth + 1);
+            }
+        }
+        // Looked at again: in a cycle, the move just made replaced the copy at `from`.
+        let Some(cur) = self.movable(&moved, catalog) else {
+            return;
+        };
+        self.announce_birth(to, cur.born_at);
+        Frame::Rename {
+            from: moved.from.clone(),
+            to: to.clone(),
+        }
+        .encode(&mut self.out);
+        self.sent.remove(&moved.from);
+        let sent = Sent {
+            generation: cur.generation,
+            len_bytes: cur.len_bytes,
+        };
+        self.sent.insert(moved.to, sent);
+        self.files_renamed_total += 1;
+    }
+
+    /// The catalog's entry for `moved.to`, if a RENAME may make the follower's copy of it now:
+    /// the follower holds all of the renamed generation at `moved.from` (as sent), the catalog
+    /// holds the generation the rename made at `moved.to`, and the frame fits.
+    fn movable(&self, moved: &Move, catalog: &Catalog) -> Option<CatalogEntry> {
+        let cur = catalog.get(&moved.to)?;
+        let held = self.sent.get(&moved.from)?;
+        let all_of_it = held.generation == moved.from_generation && held.len_bytes == cur.len_bytes;
+        let body_bytes = 1 + 2 + moved.from.as_str().len() + 2 + moved.to.as_str().len();
+        let fits = body_bytes <= MAX_FRAME_BODY_BYTES as usize;
+        // Renamed away and back (`note_moved`): a new generation all the same, shipped whole.
+        let back = moved.from == moved.to;
+        (cur.generation == moved.generation && all_of_it && fits && !back).then_some(cur)
     }
 
     fn advance_job(&mut self, job: Job) -> Option<Transmit> {

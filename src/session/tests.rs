@@ -17,7 +17,7 @@ use crate::fork_chain::ForkChain;
 use crate::frame::{
     Digest, Durability, ErrorCode, Fork, Frame, InstanceId, LineageId, Preamble, CAPABILITIES,
     CAPABILITY_BIRTHS, CAPABILITY_BORN, CAPABILITY_FORK, CAPABILITY_FORK_CHAIN, CAPABILITY_HELD,
-    CAPABILITY_LINEAGE, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_FORK_CHAIN,
+    CAPABILITY_LINEAGE, CAPABILITY_RENAME, KEEPALIVE_INTERVAL_MS, MAX_DATA_BYTES, MAX_FORK_CHAIN,
     VANISHED_HOLD_TIMEOUT_MS,
 };
 use crate::lag::FollowerState;
@@ -69,6 +69,8 @@ struct Sim {
     leader_hashed: Vec<RelPath>,
     /// Every path a whole-file transfer began for, in order (BEGIN_WHOLE).
     begun_whole: Vec<RelPath>,
+    /// Every RENAME the follower applied, in order.
+    renamed: Vec<(RelPath, RelPath)>,
     /// The births the follower's held record would keep, shown every action as the shell does.
     births: Births,
 }
@@ -112,6 +114,7 @@ impl Sim {
             held_claims: HashMap::new(),
             leader_hashed: Vec::new(),
             begun_whole: Vec::new(),
+            renamed: Vec::new(),
             births: Births::default(),
         }
     }
@@ -156,6 +159,23 @@ impl Sim {
         let path = p(path);
         self.leader_files.remove(&path);
         self.record(path, |c, p| c.delete(p));
+    }
+
+    /// A rename on the leader, told to the session as the leader's writer does: the move, then
+    /// both changes.
+    fn rename(&mut self, from: &str, to: &str) {
+        let (from, to) = (p(from), p(to));
+        let bytes = self
+            .leader_files
+            .remove(&from)
+            .expect("renames a leader's file");
+        self.leader_files.insert(to.clone(), bytes);
+        let since = self.catalog.position();
+        let renamed = self.catalog.rename(from.as_str(), to.as_str()).unwrap();
+        let renamed = renamed.expect("the catalog holds it");
+        self.leader.note_moved(renamed.moved);
+        self.leader.note_changed(from, since);
+        self.leader.note_changed(to, since);
     }
 
     /// One turn of the leader: input, digests, transmits. Returns whether anything moved.
@@ -366,6 +386,13 @@ impl Sim {
             FollowerAction::Delete { path } => {
                 self.follower_files.remove(&path);
                 self.follower_temps.remove(&path);
+            }
+            FollowerAction::Rename { from, to } => {
+                self.renamed.push((from.clone(), to.clone()));
+                let bytes = self.follower_files.remove(&from);
+                let bytes = bytes.unwrap_or_else(|| panic!("RENAME of {from}, not held"));
+                self.follower_files.insert(to.clone(), bytes);
+                self.follower_temps.remove(&to);
             }
             FollowerAction::Born { .. } => {}
             FollowerAction::Mark {
@@ -2143,4 +2170,106 @@ fn a_leader_cuts_off_a_follower_whose_secret_was_rotated_out() {
     leader.set_secrets(new.clone(), None).unwrap();
     let result = leader.handle_input(&preamble_and_auth(&new), &Catalog::new([]), Instant::now());
     assert!(result.is_ok(), "{result:?}");
+}
+
+/// A file renamed on the leader (a segment renamed before its deletion, a directory renamed)
+/// is moved on the follower that holds all of it: no byte of it is sent again
+/// (`docs/PROTOCOL.md`, *Renames*); its new generation's birth comes first.
+#[test]
+fn a_renamed_file_the_follower_holds_moves_there_without_its_bytes() {
+    let seg = big(3 * MAX_DATA_BYTES as usize / 2, 7);
+    let mut sim = Sim::new(
+        files(&[("t-0/00.log", &seg), ("t-0/00.index", b"index")]),
+        Files::new(),
+    );
+    sim.run();
+    sim.begun_whole.clear();
+    sim.rename("t-0/00.log", "t-0/00.log.deleted");
+    sim.rename("t-0/00.index", "t-0.x-delete/00.index");
+    let sent = sim.run();
+    sim.assert_in_sync();
+    assert_eq!(sent, 0, "nothing shipped again");
+    assert_eq!(
+        sim.renamed,
+        [
+            (p("t-0/00.log"), p("t-0/00.log.deleted")),
+            (p("t-0/00.index"), p("t-0.x-delete/00.index"))
+        ]
+    );
+    assert_eq!(sim.leader.files_renamed_total(), 2);
+    assert!(sim.begun_whole.is_empty(), "{:?}", sim.begun_whole);
+    let moved = sim.catalog.get(&p("t-0/00.log.deleted")).unwrap();
+    assert_eq!(
+        sim.births.get(&p("t-0/00.log.deleted")),
+        Some(moved.born_at)
+    );
+    assert_eq!(sim.births.get(&p("t-0/00.log")), None);
+    // Over a file the follower holds: still nothing sent; and appends to it go on. (Appended
+    // before the follower heard of the rename, it would go whole: see the next test.)
+    sim.rename("t-0/00.log.deleted", "t-0.x-delete/00.index");
+    assert_eq!(sim.run(), 0);
+    sim.append("t-0.x-delete/00.index", b"more");
+    assert_eq!(sim.run(), 4);
+    sim.assert_in_sync();
+    let position = sim.catalog.position();
+    assert_eq!(sim.leader.lag().acked(), [position; 3]);
+}
+
+/// Where the follower holds the renamed file only in part (the leader's last bytes of it not
+/// sent before the rename), or its build does not know RENAME, the new name ships whole as
+/// before: never a prefix under the new name that the leader's file there never was.
+#[test]
+fn a_renamed_file_goes_whole_to_a_follower_that_lacks_some_of_it_or_rename() {
+    for (capabilities, held_in_part) in [
+        (CAPABILITIES, true),
+        (CAPABILITIES & !CAPABILITY_RENAME, false),
+    ] {
+        let mut sim = Sim::new(files(&[("state.json.tmp", b"{\"v\":")]), Files::new())
+            .follower_offering(capabilities);
+        sim.run();
+        sim.begun_whole.clear();
+        if held_in_part {
+            sim.append("state.json.tmp", b"1}");
+        }
+        sim.rename("state.json.tmp", "state.json");
+        let sent = sim.run();
+        sim.assert_in_sync();
+        let whole = sim.leader_files[&p("state.json")].len() as u64;
+        assert_eq!(sent, whole, "capabilities {capabilities:#x}");
+        assert_eq!(sim.begun_whole, [p("state.json")]);
+        assert!(sim.renamed.is_empty());
+    }
+}
+
+/// Renames in a row before the follower hears of them (a compaction's `.cleaned` to `.swap` to
+/// `.log`, while the old `.log` becomes `.deleted`) move each copy once, the old `.log` out of
+/// the way first; a swap of two names through a third ends in sync.
+#[test]
+fn renames_in_a_row_move_each_copy_once_and_a_swap_ends_in_sync() {
+    let mut sim = Sim::new(
+        files(&[("p/00.log", b"old segment"), ("p/00.cleaned", b"compacted")]),
+        Files::new(),
+    );
+    sim.run();
+    sim.rename("p/00.cleaned", "p/00.swap");
+    sim.rename("p/00.log", "p/00.log.deleted");
+    sim.rename("p/00.swap", "p/00.log");
+    assert_eq!(sim.run(), 0);
+    sim.assert_in_sync();
+    let mut renamed = sim.renamed.clone();
+    renamed.sort();
+    assert_eq!(
+        renamed,
+        [
+            (p("p/00.cleaned"), p("p/00.log")),
+            (p("p/00.log"), p("p/00.log.deleted"))
+        ]
+    );
+    // Whichever path is planned first, the old `.log` moves before the new one lands there.
+    assert_eq!(sim.renamed[0], (p("p/00.log"), p("p/00.log.deleted")));
+    sim.rename("p/00.log", "p/tmp");
+    sim.rename("p/00.log.deleted", "p/00.log");
+    sim.rename("p/tmp", "p/00.log.deleted");
+    sim.run();
+    sim.assert_in_sync();
 }
