@@ -276,6 +276,16 @@ impl Status {
                         "counter",
                         "File bytes shipped to the follower on this connection.",
                     ),
+                    (
+                        "ferry_follower_files_sent_total",
+                        "counter",
+                        "Files shipped whole to the follower on this connection.",
+                    ),
+                    (
+                        "ferry_follower_sync_bytes",
+                        "gauge",
+                        "While the follower's initial sync runs: bytes sent for it and planned.",
+                    ),
                 ];
                 for (name, kind, text) in help {
                     let _ = writeln!(s, "# HELP {name} {text}");
@@ -612,6 +622,19 @@ mod tests {
             Some("lagging")
         );
         assert_eq!(find("ferry_follower_last_ack_seconds", None).value, 1.5);
+        // Every per-follower metric the README lists is there.
+        assert_eq!(
+            find("ferry_follower_payload_bytes_sent_total", None).value,
+            12345.0
+        );
+        assert_eq!(find("ferry_follower_files_sent_total", None).value, 2.0);
+        let sync = |kind| {
+            let found = samples
+                .iter()
+                .find(|s| s.name == "ferry_follower_sync_bytes" && s.label("kind") == Some(kind));
+            found.map(|s| s.value)
+        };
+        assert_eq!((sync("sent"), sync("planned")), (Some(10.0), Some(100.0)));
         assert_eq!(find("ferry_follower_lag_seconds", None).value, 2.5);
         assert_eq!(
             find("ferry_leader_thread_cpu_seconds_total", None).value,
