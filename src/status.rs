@@ -25,6 +25,7 @@ pub struct FollowerRow {
     pub ack_latency_us: [u64; 3],
     pub payload_bytes_sent: u64,
     pub files_sent: u64,
+    pub files_renamed: u64,
     /// While its initial sync runs: (bytes sent for it, bytes planned).
     pub sync_bytes: Option<(u64, u64)>,
 }
@@ -47,6 +48,7 @@ impl From<&FollowerInfo> for FollowerRow {
             ],
             payload_bytes_sent: f.payload_bytes_sent,
             files_sent: f.files_sent,
+            files_renamed: f.files_renamed,
             sync_bytes: f.sync_bytes,
         }
     }
@@ -282,6 +284,11 @@ impl Status {
                         "Files shipped whole to the follower on this connection.",
                     ),
                     (
+                        "ferry_follower_files_renamed_total",
+                        "counter",
+                        "Files the follower moved (RENAME) instead of getting them whole, on this connection.",
+                    ),
+                    (
                         "ferry_follower_sync_bytes",
                         "gauge",
                         "While the follower's initial sync runs: bytes sent for it and planned.",
@@ -331,6 +338,9 @@ impl Status {
                             }
                             "ferry_follower_files_sent_total" => {
                                 let _ = writeln!(s, "{name}{{{l}}} {}", f.files_sent);
+                            }
+                            "ferry_follower_files_renamed_total" => {
+                                let _ = writeln!(s, "{name}{{{l}}} {}", f.files_renamed);
                             }
                             "ferry_follower_sync_bytes" => {
                                 if let Some((sent, planned)) = f.sync_bytes {
@@ -465,7 +475,7 @@ impl Status {
 
 pub fn follower_json(f: &FollowerRow) -> String {
     format!(
-        "{{\"id\": {}, \"peer\": {}, \"state\": {}, \"durability\": {}, \"acked\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"lag_bytes\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"last_ack_ms_ago\": {}, \"lag_ms\": {}, \"ack_latency_us\": {{\"p50\": {}, \"p99\": {}, \"p999\": {}}}, \"payload_bytes_sent\": {}, \"files_sent\": {}, \"sync_bytes\": {}}}",
+        "{{\"id\": {}, \"peer\": {}, \"state\": {}, \"durability\": {}, \"acked\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"lag_bytes\": {{\"received\": {}, \"written\": {}, \"synced\": {}}}, \"last_ack_ms_ago\": {}, \"lag_ms\": {}, \"ack_latency_us\": {{\"p50\": {}, \"p99\": {}, \"p999\": {}}}, \"payload_bytes_sent\": {}, \"files_sent\": {}, \"files_renamed\": {}, \"sync_bytes\": {}}}",
         f.id,
         json_str(&f.peer),
         json_str(&f.state),
@@ -483,6 +493,7 @@ pub fn follower_json(f: &FollowerRow) -> String {
         f.ack_latency_us[2],
         f.payload_bytes_sent,
         f.files_sent,
+        f.files_renamed,
         f.sync_bytes.map_or("null".into(), |(sent, planned)| format!(
             "{{\"sent\": {sent}, \"planned\": {planned}}}"
         ))
@@ -582,6 +593,7 @@ mod tests {
                 ack_latency_us: [100, 2000, 9000],
                 payload_bytes_sent: 12345,
                 files_sent: 2,
+                files_renamed: 4,
                 sync_bytes: Some((10, 100)),
             }],
             server_thread: Some(ThreadTimes {
@@ -628,6 +640,7 @@ mod tests {
             12345.0
         );
         assert_eq!(find("ferry_follower_files_sent_total", None).value, 2.0);
+        assert_eq!(find("ferry_follower_files_renamed_total", None).value, 4.0);
         let sync = |kind| {
             let found = samples
                 .iter()
@@ -685,6 +698,7 @@ mod tests {
             "\"position\": 1000",
             "\"state\": \"lagging\"",
             "\"synced\": 300",
+            "\"files_sent\": 2, \"files_renamed\": 4",
             "\"server_thread\": {\"cpu_s\": 2.500000, \"cpu_wait_s\": 0.750000}",
             "\"lineage\": \"5aae7870c08f6f8ed9ea4ac952c1a86f\"",
             "\"instance\": \"00112233445566778899aabbccddeeff\", \"fork\": {\"from\": \

@@ -1104,13 +1104,14 @@ fn renames_in_the_leaders_dir_move_the_followers_copies_without_sending_them_aga
         write(&ld.join("t-0/00.log"), &seg);
         write(&ld.join("t-0/idx/01.index"), &seg[..1 << 20]);
         write(&ld.join("meta.json"), b"{\"v\":1}");
-        let leader = start_leader(&env, &ld, engine);
+        let leader = start_leader_with(&env, &ld, engine, &["--http", "127.0.0.1:0"]);
         let mut cmd = follow_cmd(&env, &fd, leader.addr, engine);
         cmd.args(["--durability", "synced", "--http", "127.0.0.1:0"]);
         let follower = Proc::spawn(cmd);
         let http = http_addr(&follower);
         wait_identical(&ld, &fd, Duration::from_secs(20));
         let before = payload_bytes_received(&http);
+        let leader_http = http_addr(&leader.proc);
         std::fs::rename(ld.join("t-0/00.log"), ld.join("t-0/00.log.deleted")).unwrap();
         std::fs::rename(ld.join("t-0"), ld.join("t-0.abc-delete")).unwrap();
         wait_identical(&ld, &fd, Duration::from_secs(20));
@@ -1131,6 +1132,14 @@ fn renames_in_the_leaders_dir_move_the_followers_copies_without_sending_them_aga
         std::fs::remove_dir_all(ld.join("t-0.abc-delete")).unwrap();
         wait_identical(&ld, &fd, Duration::from_secs(20));
         assert!(!fd.join("t-0.abc-delete").exists(), "{engine}");
+        // The leader counts the copies moved: the index, and the segment twice over (once if
+        // the session heard of both its renames at once, which it joins into one).
+        let metrics = ferry::http::get(&leader_http, "/metrics").unwrap();
+        let renamed: Option<u64> = metrics
+            .lines()
+            .find(|l| l.starts_with("ferry_follower_files_renamed_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok());
+        assert!(matches!(renamed, Some(3 | 4)), "{engine}: {renamed:?}");
     }
 }
 

@@ -83,6 +83,7 @@ impl ConnCtx {
                 payload_bytes_sent: 0,
                 node_id: None,
                 files_sent: 0,
+                files_renamed: 0,
                 sync_bytes: None,
                 disconnected_at: None,
                 logged_state: None,
@@ -851,6 +852,7 @@ impl Reporter {
             }
             slot.payload_bytes_sent = session.bytes_payload_total();
             slot.files_sent = session.files_whole_total();
+            slot.files_renamed = session.files_renamed_total();
             if slot.node_id.is_none() {
                 slot.node_id = session.node_id().map(str::to_string);
             }

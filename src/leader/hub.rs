@@ -42,6 +42,7 @@ pub(super) struct Slot {
     pub(super) payload_bytes_sent: u64,
     pub(super) node_id: Option<String>,
     pub(super) files_sent: u64,
+    pub(super) files_renamed: u64,
     pub(super) sync_bytes: Option<(u64, u64)>,
     pub(super) disconnected_at: Option<Instant>,
     /// The state last logged for this follower (a line is logged when it changes).

@@ -114,6 +114,8 @@ pub struct FollowerInfo {
     pub payload_bytes_sent: u64,
     /// Whole-file transfers committed on this connection.
     pub files_sent: u64,
+    /// Copies the follower moved (RENAME) instead of getting them whole, on this connection.
+    pub files_renamed: u64,
     /// While its initial sync runs: (payload bytes sent for it, bytes planned).
     pub sync_bytes: Option<(u64, u64)>,
 }
@@ -606,6 +608,7 @@ impl Leader {
                     lag,
                     payload_bytes_sent: slot.payload_bytes_sent,
                     files_sent: slot.files_sent,
+                    files_renamed: slot.files_renamed,
                     sync_bytes: slot.sync_bytes,
                 })
             })
