@@ -1404,7 +1404,15 @@ impl Broker {
                 let mut oldest = oldest;
                 if active + 1 - oldest >= Self::SEGMENTS_KEPT {
                     // Gone already where the model was taken from a follower's copy (`on`).
-                    let removed = std::fs::remove_file(Self::segment(ld, q, oldest));
+                    // Half the time renamed first, as Kafka's retention does (`.deleted`).
+                    let mut gone = Self::segment(ld, q, oldest);
+                    if self.rng.below(2) == 0 {
+                        let deleted = gone.with_extension("seg.deleted");
+                        if std::fs::rename(&gone, &deleted).is_ok() {
+                            gone = deleted;
+                        }
+                    }
+                    let removed = std::fs::remove_file(gone);
                     if let Err(e) = removed {
                         assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
                     }
@@ -1423,8 +1431,14 @@ impl Broker {
                 // The queue is deleted (unless it is already: nothing was written to it since),
                 // and starts again from segment 0: names its earlier segments had, with other
                 // bytes.
-                let dir = ld.join(format!("q{q}"));
+                // Half the time renamed first, as Kafka deletes a partition (`-delete`).
+                let mut dir = ld.join(format!("q{q}"));
                 if dir.exists() {
+                    if self.rng.below(2) == 0 {
+                        let renamed = ld.join(format!("q{q}.x-delete"));
+                        std::fs::rename(&dir, &renamed).unwrap();
+                        dir = renamed;
+                    }
                     std::fs::remove_dir_all(dir).unwrap();
                 }
                 self.queues[q] = (0, 0, 0);
@@ -1963,7 +1977,9 @@ fn copy_difference(ld: &Path, fd: &Path) -> Option<String> {
 /// killed or stopped at random too, with random engines and durabilities. Once the broker
 /// pauses, each copy must hold exactly what the broker's dir holds for followers: each
 /// segment's messages, never the zeros preallocated past them, and each state file whole. A
-/// copy wrongly taken as held, or a prefix shipped from a stale length, would differ for good.
+/// copy wrongly taken as held, or a prefix shipped from a stale length, would differ for good;
+/// so would a copy moved by RENAME that was not all of the renamed file (retention renames
+/// segments `.deleted`, and state files are renamed into place: `embedding_broker`).
 #[test]
 fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
     const ROUNDS: usize = 10;
@@ -2010,6 +2026,8 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
     };
 
     let mut seen = Resumed::default();
+    // Copies the followers moved with RENAME (retention renaming segments `.deleted`).
+    let mut renamed_total = 0;
     let mut broker = Some(start_broker(&mut rng));
     let mut followers: Vec<Option<Proc>> =
         fds.iter().map(|fd| Some(follow(&mut rng, fd))).collect();
@@ -2052,7 +2070,14 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
         let proc = broker.as_mut().unwrap();
         let from = proc.log_len();
         tell(proc, "pause");
-        proc.wait_log_since(from, embedding_broker::SAID_PAUSED, Duration::from_secs(30));
+        let said =
+            proc.wait_log_since(from, embedding_broker::SAID_PAUSED, Duration::from_secs(30));
+        let moved: u64 = said
+            .rsplit(embedding_broker::SAID_RENAMED)
+            .next()
+            .and_then(|n| n.trim().trim_end_matches(')').parse().ok())
+            .unwrap_or_else(|| panic!("no count of moved copies in {said:?}"));
+        renamed_total += moved;
         let name = |how: Option<libc::c_int>| match how {
             Some(libc::SIGKILL) => "SIGKILL",
             Some(_) => "stopped",
@@ -2071,7 +2096,7 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
         }
         eprintln!(
             "round {round:2}: followers {whom:?} {}, then {gap_ms} ms later broker {}; copies \
-             as the broker's {:.1} s after it paused",
+             as the broker's {:.1} s after it paused; {moved} moved by RENAME",
             name(follower_how),
             name(broker_how),
             paused.elapsed().as_secs_f64()
@@ -2083,6 +2108,10 @@ fn an_embedding_broker_killed_at_random_never_leaves_a_copy_that_differs() {
     }
     stop_broker(broker.take().unwrap(), false, &mut seen);
     seen.assert_meaningful();
+    assert!(
+        renamed_total > 0,
+        "no copy was moved with RENAME: renames not tested"
+    );
 }
 
 /// A follower's host that drops off the network without a reset (its link cut: nothing it

@@ -1,7 +1,9 @@
 //! A broker that embeds ferry's leader, the way the library is meant to be used: it writes
 //! messages through a shared mmap into segments preallocated to their full size, tells the
 //! leader with `append` after each, rolls to a new segment when one is full and deletes its
-//! oldest (`delete_file`), and rewrites a small state file whole (`replace_file`). Killed, it
+//! oldest (`delete_file`, or first renamed `.deleted` as Kafka's retention does, `rename_file`),
+//! and rewrites a small state file whole (`replace_file`, or a temp file beside it reported as
+//! written and renamed over it, `rename_file`). Killed, it
 //! recovers as a broker does: it scans its segments for the messages written whole (a header
 //! stored last, with a checksum of the message) and starts its leader with those lengths.
 //!
@@ -32,6 +34,8 @@ pub const ENV_SCRATCH: &str = "FERRY_TEST_BROKER_SCRATCH";
 pub const ENV_LISTEN: &str = "FERRY_TEST_BROKER_LISTEN";
 pub const ENV_ENGINE: &str = "FERRY_TEST_BROKER_ENGINE";
 pub const ENV_SEED: &str = "FERRY_TEST_BROKER_SEED";
+/// Said after `SAID_PAUSED`, with the copies its followers' connections moved with RENAME.
+pub const SAID_RENAMED: &str = "copies moved on these connections:";
 /// Logged (stderr, as everything it says) once the leader serves, with the files it was
 /// started with.
 pub const SAID_LEADING: &str = "broker: leading";
@@ -72,7 +76,7 @@ pub fn logical_len(bytes: &[u8]) -> u64 {
 }
 
 fn is_segment(rel: &str) -> bool {
-    rel.ends_with(".seg")
+    rel.ends_with(".seg") || rel.ends_with(".seg.deleted")
 }
 
 /// What a broker's dir holds for its followers, by relative path: each segment's messages
@@ -177,6 +181,8 @@ struct Queue {
     oldest: u64,
     active: Mapped,
     number: u64,
+    /// The segment retention renamed `.deleted` (as Kafka does), deleted at the next roll.
+    deleted: Option<u64>,
 }
 
 fn segment_rel(q: usize, n: u64) -> String {
@@ -191,6 +197,13 @@ fn recover(dir: &Path) -> (Vec<Queue>, Vec<(String, u64)>) {
     let mut queues = Vec::new();
     for q in 0..QUEUES {
         std::fs::create_dir_all(dir.join(format!("q{q}"))).unwrap();
+        // What a retention or a state file rewrite left half done: finished now (not served).
+        for entry in std::fs::read_dir(dir.join(format!("q{q}"))).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if name.ends_with(".deleted") || name.ends_with(".tmp") {
+                std::fs::remove_file(dir.join(format!("q{q}/{name}"))).unwrap();
+            }
+        }
         let mut numbers: Vec<u64> = std::fs::read_dir(dir.join(format!("q{q}")))
             .unwrap()
             .filter_map(|e| {
@@ -226,6 +239,7 @@ fn recover(dir: &Path) -> (Vec<Queue>, Vec<(String, u64)>) {
             oldest,
             active,
             number,
+            deleted: None,
         });
     }
     (queues, files)
@@ -291,7 +305,8 @@ pub fn run() {
                 while !parked.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                eprintln!("{SAID_PAUSED}");
+                let renamed: u64 = leader.followers().iter().map(|f| f.files_renamed).sum();
+                eprintln!("{SAID_PAUSED} ({SAID_RENAMED} {renamed})");
             }
             "resume" => {
                 parked.store(false, Ordering::SeqCst);
@@ -332,11 +347,21 @@ fn write_once(
     if rng.below(100) < 3 {
         let len = 20 + rng.below(2000) as usize;
         let body: Vec<u8> = (0..len).map(|_| b'a' + rng.below(26) as u8).collect();
-        let tmp = scratch.join("state.json.tmp");
-        std::fs::write(&tmp, body).unwrap();
         let rel = format!("q{q}/state.json");
-        std::fs::rename(&tmp, dir.join(&rel)).unwrap();
-        leader.replace_file(&rel).unwrap();
+        if rng.below(2) == 0 {
+            let tmp = scratch.join("state.json.tmp");
+            std::fs::write(&tmp, body).unwrap();
+            std::fs::rename(&tmp, dir.join(&rel)).unwrap();
+            leader.replace_file(&rel).unwrap();
+        } else {
+            // Written beside it, reported as it is written, renamed over it: followers that
+            // hold all of the temp file move it (`rename_file`), the others get it whole.
+            let tmp_rel = format!("q{q}/state.json.tmp");
+            std::fs::write(dir.join(&tmp_rel), &body).unwrap();
+            leader.append(&tmp_rel, 0, body.len() as u64).unwrap();
+            std::fs::rename(dir.join(&tmp_rel), dir.join(&rel)).unwrap();
+            leader.rename_file(&tmp_rel, &rel).unwrap();
+        }
         return;
     }
     if rng.below(20_000) == 0 {
@@ -362,10 +387,23 @@ fn write_once(
             queue.number += 1;
             queue.active = Mapped::open(dir, &segment_rel(q, queue.number), 0);
             let written = queue.active.write(&payload).unwrap();
-            if queue.number - queue.oldest >= SEGMENTS_KEPT {
-                let rel = segment_rel(q, queue.oldest);
+            if let Some(n) = queue.deleted.take() {
+                let rel = format!("{}.deleted", segment_rel(q, n));
                 std::fs::remove_file(dir.join(&rel)).unwrap();
                 leader.delete_file(&rel).unwrap();
+            }
+            if queue.number - queue.oldest >= SEGMENTS_KEPT {
+                let rel = segment_rel(q, queue.oldest);
+                if rng.below(2) == 0 {
+                    std::fs::remove_file(dir.join(&rel)).unwrap();
+                    leader.delete_file(&rel).unwrap();
+                } else {
+                    // Renamed first, deleted at the next roll, as Kafka's retention does.
+                    let deleted = format!("{rel}.deleted");
+                    std::fs::rename(dir.join(&rel), dir.join(&deleted)).unwrap();
+                    leader.rename_file(&rel, &deleted).unwrap();
+                    queue.deleted = Some(queue.oldest);
+                }
                 queue.oldest += 1;
             }
             written
