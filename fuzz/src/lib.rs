@@ -1273,7 +1273,9 @@ impl FollowerShell {
                 self.temps.remove(&to);
                 let Some(bytes) = self.files.remove(&from) else {
                     // As `follower::apply` does.
-                    return Err(SessionError::Io(format!("cannot rename {from}: no such file")));
+                    return Err(SessionError::Io(format!(
+                        "cannot rename {from}: no such file"
+                    )));
                 };
                 self.files.insert(to.clone(), bytes);
                 self.changed(&from);
