@@ -823,8 +823,7 @@ impl DataDir {
             )
         };
         if rc != 0 {
-            let e = io::Error::last_os_error();
-            return Err(with_path(e, &format!("{from} -> {to}")));
+            return Err(with_path(io::Error::last_os_error(), to.as_str()));
         }
         changed.push(from.parent().unwrap_or("").to_string());
         changed.push(to.parent().unwrap_or("").to_string());
@@ -1379,6 +1378,11 @@ mod tests {
             dir.open_read(&p("evil/secret")).unwrap_err(),
             dir.commit_temp(&dir.create_temp(&p("x")).unwrap(), &p("evil/x"))
                 .unwrap_err(),
+            dir.rename(&p("evil/secret"), &p("x")).unwrap_err(),
+            {
+                std::fs::write(tmp.path().join("mine"), b"m").unwrap();
+                dir.rename(&p("mine"), &p("evil/x")).unwrap_err()
+            },
         ] {
             assert!(is_escape(&e), "{e}");
             assert!(e.to_string().contains("escapes the data dir"), "{e}");

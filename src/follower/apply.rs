@@ -217,7 +217,7 @@ impl Apply {
                 }
                 let changed = self
                     .making_room(|dir| dir.rename(&from, &to))
-                    .map_err(|e| disk_error(&format!("rename to {to}"), &from, e))?;
+                    .map_err(|e| disk_error(&format!("rename {from} to"), &to, e))?;
                 tracing::debug!("renamed {from} to {to}, as the leader did");
                 let mut dirty = self.dirty.borrow_mut();
                 dirty.renamed(&from, &to);
@@ -237,6 +237,38 @@ impl Apply {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    /// A RENAME moves the copy, and what the next synced round is to sync moves with it; one
+    /// of a file this copy does not hold is an I/O error naming it (the leader's view of the
+    /// copy is wrong: the next connection's inventory finds what it holds).
+    #[test]
+    fn a_rename_moves_the_copy_and_its_pending_sync_and_a_missing_one_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Arc::new(DataDir::open(tmp.path()).unwrap());
+        let mut apply = Apply::new(dir, Rc::default(), true);
+        let p = |s: &str| RelPath::new(s).unwrap();
+        apply
+            .file_for_write(&p("t-0/00.log"), false)
+            .unwrap()
+            .write_all_at(b"segment", 0)
+            .unwrap();
+        apply.note_changed(&p("t-0/00.log"));
+        let rename = |from: &str, to: &str| FollowerAction::Rename {
+            from: p(from),
+            to: p(to),
+        };
+        apply.apply(rename("t-0/00.log", "t-0.x/00.log")).unwrap();
+        assert_eq!(
+            std::fs::read(tmp.path().join("t-0.x/00.log")).unwrap(),
+            b"segment"
+        );
+        let round = apply.take_dirty();
+        assert_eq!(round.files(), ["t-0.x/00.log"]);
+        assert_eq!(round.dirs(), ["", "t-0", "t-0.x"]);
+        let err = apply.apply(rename("t-0/00.log", "b")).unwrap_err();
+        assert!(matches!(err, SessionError::Io(_)), "{err:?}");
+        assert!(err.to_string().contains("t-0/00.log"), "{err}");
+    }
 
     fn temp_files(root: &std::path::Path) -> usize {
         std::fs::read_dir(root.join(".ferry/tmp")).map_or(0, |d| d.count())

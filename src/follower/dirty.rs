@@ -53,6 +53,14 @@ impl Dirty {
         std::mem::take(self)
     }
 
+    /// The files noted, sorted.
+    #[cfg(test)]
+    pub fn files(&self) -> Vec<&str> {
+        let mut files: Vec<&str> = self.files.iter().map(RelPath::as_str).collect();
+        files.sort_unstable();
+        files
+    }
+
     /// The directories noted, sorted.
     #[cfg(test)]
     pub fn dirs(&self) -> Vec<&str> {

@@ -2273,3 +2273,31 @@ fn renames_in_a_row_move_each_copy_once_and_a_swap_ends_in_sync() {
     sim.run();
     sim.assert_in_sync();
 }
+
+/// A RENAME to a follower that did not offer `RENAME` (an older build would not know it) is out
+/// of order, naming the capability.
+#[test]
+fn a_rename_without_the_rename_capability_is_refused_by_the_follower() {
+    let mut sim = Sim::new(files(&[("a", b"1")]), Files::new())
+        .follower_offering(CAPABILITIES & !CAPABILITY_RENAME);
+    sim.run();
+    Frame::Rename {
+        from: p("a"),
+        to: p("b"),
+    }
+    .encode(&mut sim.to_follower);
+    sim.step_follower();
+    let err = sim.follower_error.expect("refused");
+    assert!(
+        matches!(
+            err,
+            SessionError::OutOfOrder {
+                frame: "RENAME",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("RENAME capability"), "{err}");
+    assert!(sim.renamed.is_empty());
+}
