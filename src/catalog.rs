@@ -268,6 +268,18 @@ impl Catalog {
         id
     }
 
+    /// Takes `path`'s file out of the catalog (its id too), listing it as changed.
+    fn remove_slot(&mut self, path: &str) -> Option<(RelPath, Slot)> {
+        let (path, slot) = self.files.remove_entry(path)?;
+        self.paths.remove(&slot.id);
+        if !slot.listed {
+            if let Some(list) = self.listed.as_mut() {
+                list.push(slot.id);
+            }
+        }
+        Some((path, slot))
+    }
+
     /// From now on, lists every file changed (appended to, replaced, created or deleted), for
     /// `take_listed`.
     pub fn start_listing(&mut self) {
@@ -455,16 +467,10 @@ impl Catalog {
         if self.files.contains_key(path) {
             self.may_add(path, 1)?;
         }
-        let Some(slot) = self.files.remove(path) else {
+        let Some((_, slot)) = self.remove_slot(path) else {
             RelPath::check(path)?;
             return Ok(None);
         };
-        self.paths.remove(&slot.id);
-        if !slot.listed {
-            if let Some(list) = self.listed.as_mut() {
-                list.push(slot.id);
-            }
-        }
         let since = self.position;
         self.position += 1;
         Ok(Some(FileChange {
@@ -485,15 +491,9 @@ impl Catalog {
             return Ok(None);
         }
         self.may_add(to, 1)?;
-        let Some((from_path, old)) = self.files.remove_entry(from) else {
+        let Some((from_path, old)) = self.remove_slot(from) else {
             return Ok(None);
         };
-        self.paths.remove(&old.id);
-        if !old.listed {
-            if let Some(list) = self.listed.as_mut() {
-                list.push(old.id);
-            }
-        }
         let since = self.position;
         let entry = CatalogEntry {
             len_bytes: old.entry.len_bytes,

@@ -713,29 +713,43 @@ impl DataDir {
         rel: &RelPath,
         flags: libc::c_uint,
     ) -> io::Result<DirsChanged> {
-        let tmp = self.temp_dir()?;
         let mut changed = Vec::new();
-        let parent = self
-            .parent_fd(rel, Some(&mut changed))
-            .map_err(|e| with_path(e, rel.as_str()))?;
-        let from = cstring(&temp.name)?;
-        let to = cstring(rel.file_name())?;
+        let name = cstring(&temp.name)?;
+        self.rename_into(self.temp_dir()?, &name, rel, flags, &mut changed)?;
+        Ok(changed)
+    }
+
+    /// Renames `name` in the open directory `dir` to `to`, with `renameat2`'s `flags`,
+    /// creating `to`'s missing parent dirs; notes in `changed` the directories whose entries
+    /// that changed on `to`'s side.
+    fn rename_into(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        to: &RelPath,
+        flags: libc::c_uint,
+        changed: &mut Vec<String>,
+    ) -> io::Result<()> {
+        let to_parent = self
+            .parent_fd(to, Some(changed))
+            .map_err(|e| with_path(e, to.as_str()))?;
+        let to_name = cstring(to.file_name())?;
         // SAFETY: both dir fds are open; both names are NUL-terminated single components, so
         // the rename stays within dirs already resolved beneath root.
         let rc = unsafe {
             libc::renameat2(
-                tmp.as_raw_fd(),
-                from.as_ptr(),
-                parent.as_raw_fd(),
-                to.as_ptr(),
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                to_parent.as_raw_fd(),
+                to_name.as_ptr(),
                 flags,
             )
         };
         if rc != 0 {
-            return Err(with_path(io::Error::last_os_error(), rel.as_str()));
+            return Err(with_path(io::Error::last_os_error(), to.as_str()));
         }
-        changed.push(rel.parent().unwrap_or("").to_string());
-        Ok(changed)
+        changed.push(to.parent().unwrap_or("").to_string());
+        Ok(())
     }
 
     /// Removes a temp file that will never be committed (a whole-file transfer the leader gave
@@ -807,26 +821,8 @@ impl DataDir {
                 from.as_str(),
             ));
         }
-        let to_parent = self
-            .parent_fd(to, Some(&mut changed))
-            .map_err(|e| with_path(e, to.as_str()))?;
-        let to_name = cstring(to.file_name())?;
-        // SAFETY: both dir fds are open; both names are NUL-terminated single components, so
-        // the rename stays within dirs already resolved beneath root.
-        let rc = unsafe {
-            libc::renameat2(
-                from_parent.as_raw_fd(),
-                from_name.as_ptr(),
-                to_parent.as_raw_fd(),
-                to_name.as_ptr(),
-                0,
-            )
-        };
-        if rc != 0 {
-            return Err(with_path(io::Error::last_os_error(), to.as_str()));
-        }
+        self.rename_into(from_parent.as_fd(), &from_name, to, 0, &mut changed)?;
         changed.push(from.parent().unwrap_or("").to_string());
-        changed.push(to.parent().unwrap_or("").to_string());
         self.prune_empty_parents(from, &mut changed)?;
         Ok(changed)
     }
