@@ -1063,7 +1063,6 @@ impl State {
     }
 }
 
-/// Parses `struct inotify_event` records: wd i32, mask u32, cookie u32, len u32, name[len].
 /// One inotify event: the watch it came on, its mask, the cookie that pairs the two halves of a
 /// rename, and the name in the watched directory (empty for the directory itself).
 struct Event {
@@ -1073,6 +1072,7 @@ struct Event {
     name: String,
 }
 
+/// Parses `struct inotify_event` records: wd i32, mask u32, cookie u32, len u32, name[len].
 fn parse_events(mut buf: &[u8], out: &mut Vec<Event>) {
     while buf.len() >= EVENT_HEADER_BYTES {
         let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
