@@ -32,6 +32,22 @@ pub(super) struct Inbox {
     pub(super) wake_wanted: bool,
 }
 
+impl Inbox {
+    /// `change` was made, leaving the catalog at `position`. Only the first change since the
+    /// session looked can wake it: the session learns of the others with that one (woken then,
+    /// or finding it at its next poll).
+    #[inline]
+    fn push(&mut self, change: FileChange, position: u64) {
+        if self.changes.is_empty() {
+            self.since = Some(Instant::now());
+            if std::mem::take(&mut self.wake_wanted) {
+                self.wake.notify_one();
+            }
+        }
+        self.changes.push(change, position);
+    }
+}
+
 /// What a session reports about its follower, for `followers()`, `wait_for` and the state log.
 pub(super) struct Slot {
     pub(super) peer: SocketAddr,
@@ -276,15 +292,7 @@ impl Shared {
             return Ok(position);
         };
         for inbox in hub.inboxes.values_mut() {
-            // Only the first change since the session looked can wake it: the session learns
-            // of the others with that one (woken then, or finding it at its next poll).
-            if inbox.changes.is_empty() {
-                inbox.since = Some(Instant::now());
-                if std::mem::take(&mut inbox.wake_wanted) {
-                    inbox.wake.notify_one();
-                }
-            }
-            inbox.changes.push(changed, position);
+            inbox.push(changed, position);
         }
         Ok(position)
     }
@@ -300,14 +308,8 @@ impl Shared {
         };
         let position = hub.catalog.position();
         for inbox in hub.inboxes.values_mut() {
-            if inbox.changes.is_empty() {
-                inbox.since = Some(Instant::now());
-                if std::mem::take(&mut inbox.wake_wanted) {
-                    inbox.wake.notify_one();
-                }
-            }
-            inbox.changes.push(renamed.from, position);
-            inbox.changes.push(renamed.to, position);
+            inbox.push(renamed.from, position);
+            inbox.push(renamed.to, position);
             inbox.changes.push_move(renamed.moved.clone());
         }
         Ok(Some(position))
