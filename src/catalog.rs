@@ -429,7 +429,26 @@ impl Catalog {
         within_a_file(path, 0, len_bytes)?;
         self.may_add(path, len_bytes.max(1))?;
         let born_at = born_at(self.position, len_bytes);
-        let (id, entry) = match self.files.get_mut(path) {
+        let (id, entry) = self.put_whole(path, len_bytes, born_at)?;
+        let since = self.position;
+        self.position += len_bytes.max(1);
+        Ok(FileChange {
+            id,
+            entry: Some(entry),
+            since,
+        })
+    }
+
+    /// A new generation of `path`, `len_bytes` long and born at `born_at`, not by an append,
+    /// over any file there (which keeps its id); a path new to the catalog once it passes
+    /// `RelPath::new`. The position is the caller's.
+    fn put_whole(
+        &mut self,
+        path: &str,
+        len_bytes: u64,
+        born_at: u64,
+    ) -> Result<(FileId, CatalogEntry), CatalogError> {
+        Ok(match self.files.get_mut(path) {
             Some(slot) => {
                 self.generation_next += 1;
                 slot.entry = CatalogEntry {
@@ -451,13 +470,6 @@ impl Catalog {
                 };
                 (self.insert(path, entry), entry)
             }
-        };
-        let since = self.position;
-        self.position += len_bytes.max(1);
-        Ok(FileChange {
-            id,
-            entry: Some(entry),
-            since,
         })
     }
 
@@ -495,20 +507,8 @@ impl Catalog {
             return Ok(None);
         };
         let since = self.position;
-        let entry = CatalogEntry {
-            len_bytes: old.entry.len_bytes,
-            generation: self.next_generation(),
-            born_at: born_at(since, 0),
-            born_by_append: false,
-        };
-        let to_id = match self.files.get_mut(to) {
-            Some(slot) => {
-                slot.entry = entry;
-                Catalog::list(&mut self.listed, slot);
-                slot.id
-            }
-            None => self.insert(to_path.clone(), entry),
-        };
+        // `to` passed `RelPath::new` above: this cannot fail with `from` already taken out.
+        let (to_id, entry) = self.put_whole(to, old.entry.len_bytes, born_at(since, 0))?;
         self.position += 1;
         Ok(Some(Renamed {
             from: FileChange {
